@@ -1,0 +1,45 @@
+"""resnext: build, train, evaluate, convert and run ResNeXt networks (Xie et al., CVPR 2017)."""
+
+from __future__ import annotations
+
+from resnext.models import (
+    ModelSpec,
+    ResNeXt,
+    build_model,
+    convert_block_form,
+    count,
+    create_model,
+    get_spec,
+    list_models,
+    solve_width,
+)
+
+__version__ = "0.1.0"
+
+# Inference pulls in the data and weights packages: import it only when first used.
+_LAZY = {"predict", "extract_features", "Predictor"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import resnext.inference as inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'resnext' has no attribute {name!r}")
+
+
+__all__ = [
+    "ModelSpec",
+    "Predictor",
+    "ResNeXt",
+    "__version__",
+    "build_model",
+    "convert_block_form",
+    "count",
+    "create_model",
+    "extract_features",
+    "get_spec",
+    "list_models",
+    "predict",
+    "solve_width",
+]

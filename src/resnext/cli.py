@@ -1,0 +1,43 @@
+"""The `resnext` command line: a thin dispatcher to the library's command modules."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from resnext.errors import ResNeXtError
+
+# Each module in resnext.commands defines `add_parser(subparsers)` and `run(args) -> int`.
+COMMANDS: tuple[str, ...] = ("list", "info", "convert", "eval", "predict", "export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with one sub-command per command module."""
+    parser = argparse.ArgumentParser(
+        prog="resnext", description="ResNeXt models: build, train, evaluate, convert, run."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"resnext.commands.{name}_cmd")
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ResNeXtError as exc:
+        print(f"resnext {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"resnext {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

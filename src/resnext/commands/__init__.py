@@ -1,0 +1,1 @@
+"""Sub-commands of the `resnext` CLI, one module each."""

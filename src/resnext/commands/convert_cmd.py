@@ -1,0 +1,52 @@
+"""`resnext convert SOURCE --model NAME --output FILE.safetensors`: any supported weights → native format."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+from pathlib import Path
+
+from resnext.errors import WeightsError
+
+
+def convert_weights(source: str, model_name: str, output: str | Path) -> Path:
+    """Load `source` (a file in any supported format or a weights tag) and save it natively."""
+    from resnext import __version__
+    from resnext.weights import build_with_weights, load_weights, save_weights
+
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise WeightsError(f"--output {output}: expected a path ending in .safetensors")
+    if output.exists():
+        raise WeightsError(f"--output {output}: exists already; remove it or choose another path")
+    loaded = load_weights(source, model_name=model_name)
+    model = build_with_weights(model_name, loaded)
+    return save_weights(
+        model,
+        output,
+        preprocessing=loaded.preprocessing,
+        class_names=loaded.class_names,
+        provenance={
+            "source": str(source),
+            "source_format": loaded.source_format,
+            "converted_by": f"resnext {__version__}",
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+        model_name=model_name,
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="convert weights of any supported format to native safetensors + JSON"
+    )
+    p.add_argument("source", help="weights file (.pth/.pyth/.pkl/.t7/.safetensors) or weights tag")
+    p.add_argument("--model", required=True, help="model name, e.g. resnext50_32x4d")
+    p.add_argument("--output", required=True, help="output path ending in .safetensors")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sidecar = convert_weights(args.source, args.model, args.output)
+    print(f"wrote {args.output} and {sidecar}")
+    return 0

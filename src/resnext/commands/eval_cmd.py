@@ -1,0 +1,138 @@
+"""`resnext eval`: accuracy of a model and weights on a dataset under a named test protocol."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from resnext.evaluate import (
+    PROTOCOLS,
+    DistContext,
+    LabelSubset,
+    Normalization,
+    build_report,
+    evaluate,
+    get_protocol,
+    init_from_env,
+    read_class_subset,
+    write_outputs,
+)
+from resnext.evaluate.data_source import open_dataset
+from resnext.inference.loading import load_model
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate top-1/top-5 accuracy (centre, 320, 10-crop or dense protocol)",
+        description="Evaluate a model on an ImageFolder or CIFAR dataset. Run under torchrun "
+        "to shard the images over processes; the numbers equal a single-process run.",
+    )
+    parser.add_argument("--weights", help="weights file, weights tag or `resnext train` checkpoint")
+    parser.add_argument(
+        "--data", required=True, help="ImageFolder folder, CIFAR folder/archive, or 'digits'"
+    )
+    parser.add_argument("--model", help="model name (default: the one the weights name)")
+    parser.add_argument("--protocol", default="center", choices=sorted(PROTOCOLS))
+    parser.add_argument("--resize", type=int, help="shorter side before cropping")
+    parser.add_argument("--crop", type=int, help="crop size")
+    parser.add_argument("--scales", help="dense protocol shorter sides, comma separated")
+    parser.add_argument("--flip", action="store_true", help="dense protocol: also score mirrors")
+    parser.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"))
+    parser.add_argument(
+        "--average",
+        choices=("softmax", "logits"),
+        help="combine views by mean softmax (default) or mean logits (fb.resnet.torch -tenCrop)",
+    )
+    parser.add_argument("--classes-subset", help="file of class indices to restrict scoring to")
+    parser.add_argument(
+        "--subset-labels",
+        default="model",
+        choices=("model", "position"),
+        help="dataset labels are model class indices (default) or positions in the subset",
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", help="folder for report.json, per_class.csv, confusion.png")
+    parser.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate as the arguments say; prints a summary (or the JSON report) on rank 0."""
+    joined = not (dist.is_available() and dist.is_initialized())
+    ctx = init_from_env()
+    try:
+        return _run(args, ctx)
+    finally:
+        # Leave a group we joined ourselves (torchrun); one the caller set up stays theirs.
+        if joined and ctx.enabled:
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, ctx: DistContext) -> int:
+    loaded = load_model(args.model, args.weights, device=args.device)
+    prep = loaded.preprocessing
+    protocol = get_protocol(
+        args.protocol,
+        resize=args.resize if args.resize is not None else _default(args.protocol, prep.resize),
+        crop=args.crop if args.crop is not None else _default(args.protocol, prep.crop),
+        interpolation=args.interpolation or prep.interpolation,
+        scales=tuple(int(s) for s in args.scales.split(",")) if args.scales else None,
+        flip=True if args.flip else None,
+        average=args.average,
+    )
+    dataset, description = open_dataset(args.data, image_size=prep.crop)
+    head = int(getattr(loaded.model, "num_classes", len(loaded.class_names)))
+    indices = read_class_subset(args.classes_subset) if args.classes_subset else None
+    subset = LabelSubset(indices, head, args.subset_labels) if indices is not None else None
+    result = evaluate(
+        loaded.model,
+        dataset,
+        protocol,
+        Normalization.from_preprocessing(prep),
+        num_classes=head,
+        subset=subset,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        progress=not args.no_progress and not args.json,
+        context=ctx,
+    )
+    if not ctx.is_main:
+        return 0
+    report = build_report(
+        result,
+        model=loaded.name,
+        weights=loaded.weights,
+        preprocessing={**prep.to_dict(), "weights_format": loaded.source_format},
+        dataset=description,
+        subset=indices,
+    )
+    if args.output:
+        names = loaded.class_names
+        scored = [names[i] for i in indices] if indices is not None else names
+        write_outputs(report, result, Path(args.output), scored)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(
+            f"{loaded.name} [{protocol.name}] on {description['images']} images: "
+            f"top-1 {100 * report['top1']:.2f}%  top-5 {100 * report['top5']:.2f}%  "
+            f"(errors {100 * report['top1_err']:.2f}% / {100 * report['top5_err']:.2f}%)"
+        )
+    return 0
+
+
+def _default(protocol: str, from_weights: int) -> int | None:
+    # The centre protocol follows the weights' own resize/crop; named variants keep theirs.
+    return from_weights if protocol == "center" else None

@@ -1,0 +1,82 @@
+"""The standard train/eval pipelines: ImageNet (fb.resnet.torch), CIFAR, digits, ten-crop."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from resnext.data.rng import RandomSource
+from resnext.data.stats import IMAGENET_MEAN, IMAGENET_STD
+from resnext.data.transforms import (
+    CenterCrop,
+    ColorJitter,
+    Compose,
+    Lighting,
+    Normalize,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    Resize,
+    TenCrop,
+    ToTensor,
+)
+
+
+def imagenet_train(
+    size: int = 224,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bicubic",
+    jitter: float = 0.4,
+    lighting_std: float = 0.1,
+    generator: RandomSource = None,
+) -> Compose:
+    """fb.resnet.torch: random-sized crop, flip, colour jitter, PCA lighting, normalise."""
+    return Compose(
+        [
+            RandomResizedCrop(size, interpolation=interpolation, generator=generator),
+            RandomHorizontalFlip(0.5, generator=generator),
+            ToTensor(),
+            ColorJitter(jitter, jitter, jitter, generator=generator),
+            Lighting(lighting_std, generator=generator),
+            Normalize(mean, std),
+        ]
+    )
+
+
+def imagenet_eval(
+    size: int = 224,
+    resize: int = 256,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bilinear",
+    antialias: bool = True,
+    ten_crop: bool = False,
+) -> Compose:
+    """Resize the shorter side to `resize`, centre-crop `size` (or ten-crop), normalise."""
+    head = [Resize(resize, interpolation, antialias)]
+    if ten_crop:
+        return Compose([*head, ToTensor(), Normalize(mean, std), TenCrop(size)])
+    return Compose([*head, CenterCrop(size), ToTensor(), Normalize(mean, std)])
+
+
+def cifar_train(
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    size: int = 32,
+    padding: int = 4,
+    flip: bool = True,
+    generator: RandomSource = None,
+) -> Compose:
+    """fb.resnet.torch CIFAR: normalise, then zero-pad by 4 and crop 32 at random, flip."""
+    steps = [ToTensor(), Normalize(mean, std), RandomCrop(size, padding, generator=generator)]
+    if flip:
+        steps.append(RandomHorizontalFlip(0.5, generator=generator))
+    return Compose(steps)
+
+
+def cifar_eval(mean: Sequence[float], std: Sequence[float]) -> Compose:
+    """To tensor and normalise."""
+    return Compose([ToTensor(), Normalize(mean, std)])

@@ -1,0 +1,87 @@
+"""Build datasets and their standard transforms by kind name: cifar10, cifar100, imagefolder, digits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from resnext.data.cifar import CIFARDataset
+from resnext.data.digits import DigitsDataset
+from resnext.data.folder import ImageFolderDataset
+from resnext.data.presets import cifar_eval, cifar_train, imagenet_eval, imagenet_train
+from resnext.data.rng import RandomSource
+from resnext.data.stats import dataset_stats
+from resnext.errors import ConfigError, DataError
+
+DATASET_KINDS = ("cifar10", "cifar100", "digits", "imagefolder")
+SPLITS = ("train", "val", "test")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "digits": 32, "imagefolder": 224}
+
+
+def _check(kind: str, split: str) -> None:
+    if kind not in DATASET_KINDS:
+        raise ConfigError(f"unknown dataset kind {kind!r}; allowed: {', '.join(DATASET_KINDS)}")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+
+
+def build_dataset(
+    kind: str,
+    root: str | Path | None,
+    split: str,
+    transform: Callable[[Any], Any] | None,
+    *,
+    image_size: int | None = None,
+    strict: bool = False,
+) -> Dataset:
+    """The `split` ('train', 'val' or 'test'; val and test are the same for CIFAR and digits)."""
+    _check(kind, split)
+    train = split == "train"
+    if kind == "digits":
+        return DigitsDataset(train, transform, size=image_size or DEFAULT_IMAGE_SIZE["digits"])
+    if root is None:
+        raise ConfigError(f"dataset kind {kind!r} needs a data root (a path); none was given")
+    if kind in ("cifar10", "cifar100"):
+        return CIFARDataset(root, train, transform, variant=kind)
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise DataError(
+            f"image folder split {folder} does not exist: expected {root}/{split}/<class>/<images>"
+        )
+    return ImageFolderDataset(folder, transform, strict=strict)
+
+
+def default_transforms(
+    kind: str,
+    split: str,
+    *,
+    image_size: int | None = None,
+    resize_size: int | None = None,
+    interpolation: str = "bilinear",
+    ten_crop: bool = False,
+    generator: RandomSource = None,
+) -> Callable[[Any], Any]:
+    """The standard train or eval pipeline for a dataset kind (normalised float CHW tensors)."""
+    _check(kind, split)
+    mean, std = dataset_stats(kind)
+    train = split == "train"
+    if kind == "imagefolder":
+        size = image_size or DEFAULT_IMAGE_SIZE[kind]
+        if train:
+            return imagenet_train(size, mean=mean, std=std, generator=generator)
+        resize = resize_size or round(size * 256 / 224)
+        return imagenet_eval(
+            size, resize, mean=mean, std=std, interpolation=interpolation, ten_crop=ten_crop
+        )
+    if not train:
+        return cifar_eval(mean, std)
+    size = image_size or DEFAULT_IMAGE_SIZE[kind]
+    if kind == "digits":  # mirrored digits are other symbols: no flip, a smaller shift
+        return cifar_train(
+            mean, std, size=size, padding=max(1, size // 16), flip=False, generator=generator
+        )
+    return cifar_train(mean, std, size=size, padding=4, generator=generator)

@@ -1,0 +1,145 @@
+"""Evaluation outputs: the JSON report, the per-class accuracy CSV and the confusion-matrix PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resnext.evaluate.runner import EvalResult
+
+
+def build_report(
+    result: EvalResult,
+    *,
+    model: str,
+    weights: str | None,
+    preprocessing: dict[str, Any],
+    dataset: dict[str, Any],
+    subset: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """The JSON-ready report: what was evaluated, how, on what, and the accuracies as fractions."""
+    c = result.counter
+    top1, top5 = c.accuracy(1), c.accuracy(5)
+    return {
+        "model": model,
+        "weights": weights,
+        "protocol": result.protocol.to_dict(),
+        "preprocessing": preprocessing,
+        "dataset": dataset,
+        "restricted_classes": list(subset) if subset is not None else None,
+        "counts": {
+            "images": c.total,
+            "scored_classes": c.num_classes,
+            "top1_correct": int(c.hits[0]),
+            "top5_correct": int(c.hits[1]),
+        },
+        "top1": top1,
+        "top5": top5,
+        "top1_err": 1.0 - top1,
+        "top5_err": 1.0 - top5,
+        "time": {
+            "seconds": result.seconds,
+            "images_per_second": c.total / result.seconds if result.seconds > 0 else None,
+        },
+        "world_size": result.world_size,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    # Write beside the target and rename, so a failure never leaves a half-written report.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def per_class_csv(result: EvalResult, class_names: Sequence[str] | None = None) -> str:
+    """CSV text: class index, name, images, correct, top-1 accuracy."""
+    rows = [["class", "name", "images", "top1_correct", "top1_accuracy"]]
+    for cls, total, correct in result.counter.per_class():
+        name = class_names[cls] if class_names is not None and cls < len(class_names) else ""
+        acc = f"{correct / total:.6f}" if total else ""
+        rows.append([str(cls), name, str(total), str(correct), acc])
+    lines: list[str] = []
+
+    class _Sink:
+        def write(self, s: str) -> None:
+            lines.append(s)
+
+    csv.writer(_Sink(), lineterminator="\n").writerows(rows)
+    return "".join(lines)
+
+
+def confusion_png(result: EvalResult, path: Path, title: str) -> str | None:
+    """Draw the confusion matrix with matplotlib; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    conf = result.counter.confusion.double()
+    rows = conf.sum(1, keepdim=True).clamp_min(1)
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    im = ax.imshow((conf / rows).numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="fraction of the true class")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return None
+
+
+def write_outputs(
+    report: dict[str, Any],
+    result: EvalResult,
+    output_dir: str | Path,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """Write report.json, per_class.csv and confusion.png into `output_dir`; returns their paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"per_class_csv": str(out / "per_class.csv"), "report": str(out / "report.json")}
+    _atomic_write(out / "per_class.csv", per_class_csv(result, class_names))
+    why_not = confusion_png(
+        result, out / "confusion.png", f"{report['model']} ({report['protocol']['name']})"
+    )
+    if why_not is None:
+        paths["confusion_png"] = str(out / "confusion.png")
+    report = {
+        **report,
+        "outputs": {
+            **paths,
+            "confusion_png": paths.get("confusion_png"),
+            "confusion_png_skipped": why_not,
+        },
+    }
+    _atomic_write(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return paths

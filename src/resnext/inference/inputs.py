@@ -1,0 +1,84 @@
+"""Accepted image inputs (paths, PIL images, HWC uint8 arrays, CHW float tensors) as RGB PIL images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from resnext.errors import ConfigError, DataError
+
+ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The RGB image stored at `path`; unreadable files end in a DataError naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"image {path}: not a readable image ({exc})") from exc
+
+
+def to_pil(item: ImageInput) -> Image.Image:
+    """One input as an RGB PIL image.
+
+    Tensors are CHW RGB with values in [0, 1]; they are rounded to 8 bits so every input kind goes
+    through the same PIL resize and gives the same prediction for the same picture.
+    """
+    if isinstance(item, (str, Path)):
+        return open_image(item)
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] not in (1, 3, 4):
+            raise ConfigError(
+                f"array image: expected HWC uint8 with 1, 3 or 4 channels, "
+                f"got {item.dtype} {item.shape}"
+            )
+        arr = item[:, :, 0] if item.shape[2] == 1 else item
+        return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
+    if isinstance(item, torch.Tensor):
+        if item.ndim != 3 or item.shape[0] not in (1, 3) or not item.is_floating_point():
+            raise ConfigError(
+                f"tensor image: expected CHW float with 1 or 3 channels, got "
+                f"{item.dtype} {tuple(item.shape)}"
+            )
+        x = item.detach().cpu().float()
+        if x.min() < 0 or x.max() > 1:
+            raise ConfigError("tensor image: expected values in [0, 1] (unnormalised RGB)")
+        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
+        arr = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return Image.fromarray(np.ascontiguousarray(arr))
+    raise ConfigError(
+        f"image input: expected a path, PIL image, HWC uint8 array or CHW float tensor, "
+        f"got {type(item).__name__}"
+    )
+
+
+def describe(item: ImageInput, index: int) -> str:
+    """A short label for an input in result listings: its path, or its kind and position."""
+    if isinstance(item, (str, Path)):
+        return str(item)
+    return f"<{type(item).__name__} #{index}>"
+
+
+def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Files as given; folders recursed (sorted) for image files."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            yield from sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            )
+        elif p.exists():
+            yield p
+        else:
+            raise DataError(f"{p}: no such file or folder")

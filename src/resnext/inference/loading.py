@@ -1,0 +1,128 @@
+"""Resolve a model name and a weights file (training checkpoint or any supported format) for inference."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnext.errors import CheckpointError, ConfigError, WeightsError
+from resnext.weights.preprocess import Preprocessing, imagenet
+
+
+def _dataset_preprocessing(kind: str, image_size: int) -> Preprocessing:
+    """What training fed the network: the data package's statistics for `kind` at `image_size`."""
+    from resnext.data.stats import dataset_stats
+
+    mean, std = dataset_stats(kind)
+    # Small-image datasets are used whole; ImageFolder crops keep the 256/224 ratio.
+    resize = image_size if kind in ("cifar10", "cifar100", "digits") else round(image_size * 8 / 7)
+    return Preprocessing(resize=resize, crop=image_size, mean=mean, std=std)
+
+
+@dataclass
+class LoadedModel:
+    """A network in eval mode with what is needed to feed it and name its outputs."""
+
+    model: nn.Module
+    name: str
+    weights: str | None
+    preprocessing: Preprocessing
+    class_names: tuple[str, ...]
+    source_format: str
+
+
+def default_preprocessing(model: nn.Module) -> Preprocessing:
+    """ImageNet 256/224 for ImageNet layouts, identity geometry at 32 px for CIFAR layouts."""
+    spec = getattr(model, "spec", None)
+    if getattr(spec, "stem", None) == "cifar":
+        return _dataset_preprocessing("cifar10", 32)
+    return imagenet()
+
+
+def _training_checkpoint(path: Path) -> dict[str, Any] | None:
+    # A `resnext train` checkpoint is a torch file holding {'model': state_dict, 'config': {...}}.
+    if path.suffix not in (".pt", ".pth", ".ckpt", ".tar"):
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict) and "config" in payload:
+        return payload
+    return None
+
+
+def _from_checkpoint(payload: dict[str, Any], path: Path, model_name: str | None) -> nn.Module:
+    from resnext.models import create_model
+
+    config = payload["config"]
+    model_cfg = config.get("model", {}) if isinstance(config, dict) else {}
+    name = model_name or model_cfg.get("name")
+    if not name:
+        raise CheckpointError(f"checkpoint {path}: its config names no model; pass --model")
+    state = payload["model"]
+    fc = state.get("fc.weight")
+    classes = int(fc.shape[0]) if isinstance(fc, torch.Tensor) else None
+    spec = dict(model_cfg.get("spec") or {})
+    model = create_model(name, num_classes=classes, **spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: does not fit model {name!r}: {exc}") from exc
+    model.resnext_name = name
+    data_cfg = config.get("data", {}) if isinstance(config, dict) else {}
+    if isinstance(data_cfg, dict) and data_cfg.get("kind"):
+        model.preprocessing = _dataset_preprocessing(
+            str(data_cfg["kind"]), int(data_cfg.get("image_size", 32))
+        )
+    return model
+
+
+def load_model(
+    model: str | None = None,
+    weights: str | Path | None = None,
+    *,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """The model `model` with `weights` (file or weights tag); the name may come from the weights."""
+    from resnext.models import create_model
+
+    fmt = "random-init"
+    net: nn.Module
+    if weights is None:
+        if model is None:
+            raise ConfigError("model: expected a model name when no weights are given")
+        warnings.warn(
+            f"{model}: no weights given, the network is randomly initialised", stacklevel=2
+        )
+        net, name = create_model(model, num_classes=num_classes), model
+    else:
+        path = Path(weights)
+        payload = _training_checkpoint(path) if path.is_file() else None
+        if payload is not None:
+            net = _from_checkpoint(payload, path, model)
+            name, fmt = net.resnext_name, "resnext_train_checkpoint"
+        else:
+            from resnext.weights import build_with_weights, load_weights
+
+            loaded = load_weights(weights, model_name=model)
+            name = model or loaded.model_name
+            if not name:
+                raise WeightsError(f"weights {weights}: they name no model; pass a model name")
+            net = build_with_weights(name, loaded, num_classes=num_classes)
+            fmt = loaded.source_format
+    prep = getattr(net, "preprocessing", None) or default_preprocessing(net)
+    head = getattr(net, "num_classes", 0) or 0
+    names = getattr(net, "class_names", None)
+    if names is None:
+        from resnext.inference.class_names import default_class_names
+
+        names = default_class_names(head)
+    net = net.to(device).eval()
+    return LoadedModel(net, name, str(weights) if weights else None, prep, tuple(names), fmt)

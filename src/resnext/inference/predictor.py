@@ -1,0 +1,151 @@
+"""Reusable inference: a Predictor built once from a model and weights, top-k predictions per image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from resnext.errors import ConfigError
+from resnext.evaluate.protocols import Protocol
+from resnext.evaluate.views import Normalization, ViewTransform
+from resnext.inference.inputs import ImageInput, describe, to_pil
+from resnext.inference.loading import LoadedModel, load_model
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The result for one image: the best class and the top-k lists (best first)."""
+
+    source: str
+    pred_label: int
+    pred_class: str
+    pred_score: float
+    topk_labels: list[int]
+    topk_classes: list[str]
+    topk_scores: list[float]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Embeddings of a batch: globally pooled features and each stage's feature map."""
+
+    pooled: torch.Tensor
+    stages: list[torch.Tensor]
+
+
+def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return list(images.unbind(0))
+    return [images]  # type: ignore[list-item]
+
+
+class Predictor:
+    """A model with its preprocessing and class names, ready to classify images in batches."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        weights: str | Path | None = None,
+        *,
+        loaded: LoadedModel | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.loaded = loaded or load_model(model, weights, device=self.device)
+        self.loaded.model.to(self.device).eval()
+        prep = self.loaded.preprocessing
+        protocol = Protocol(
+            "predict",
+            "center",
+            resize=prep.resize,
+            crop=prep.crop,
+            interpolation=prep.interpolation,
+        )
+        self.transform = ViewTransform(protocol, Normalization.from_preprocessing(prep))
+        self.batch_size = batch_size
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    def _batches(self, items: list[ImageInput]) -> list[torch.Tensor]:
+        out = []
+        for i in range(0, len(items), self.batch_size):
+            chunk = items[i : i + self.batch_size]
+            out.append(torch.stack([self.transform(to_pil(x)) for x in chunk]).to(self.device))  # type: ignore[misc]
+        return out
+
+    @torch.no_grad()
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], topk: int = 5
+    ) -> list[Prediction]:
+        """Predictions for each image, in input order."""
+        items = _as_list(images)
+        names = self.loaded.class_names
+        k = min(topk, len(names)) if topk >= 1 else 0
+        if k < 1:
+            raise ConfigError(f"topk: expected >= 1, got {topk}")
+        results: list[Prediction] = []
+        for batch in self._batches(items):
+            probs = F.softmax(self.model(batch).float(), dim=1)
+            scores, labels = probs.topk(k, dim=1)
+            for s, lab in zip(scores.tolist(), labels.tolist(), strict=True):
+                idx = len(results)
+                results.append(
+                    Prediction(
+                        source=describe(items[idx], idx),
+                        pred_label=lab[0],
+                        pred_class=names[lab[0]],
+                        pred_score=s[0],
+                        topk_labels=lab,
+                        topk_classes=[names[j] for j in lab],
+                        topk_scores=s,
+                    )
+                )
+        return results
+
+    @torch.no_grad()
+    def features(self, images: ImageInput | Sequence[ImageInput]) -> Features:
+        """Pooled embeddings (N, C) and the stage maps, for the images as preprocessed for prediction."""
+        pooled, stages = [], []
+        for batch in self._batches(_as_list(images)):
+            maps = self.model.forward_stages(batch)
+            stages.append(maps)
+            pooled.append(self.model.forward_head(maps[-1], pre_logits=True))
+        return Features(
+            pooled=torch.cat(pooled),
+            stages=[torch.cat([s[i] for s in stages]) for i in range(len(stages[0]))],
+        )
+
+
+def predict(
+    images: ImageInput | Sequence[ImageInput],
+    model: str | None = None,
+    weights: str | Path | None = None,
+    topk: int = 5,
+    device: str | torch.device = "cpu",
+) -> list[Prediction]:
+    """One-shot prediction (builds a Predictor; keep a Predictor to classify repeatedly)."""
+    return Predictor(model, weights, device=device)(images, topk=topk)
+
+
+def extract_features(
+    images: ImageInput | Sequence[ImageInput],
+    model: str | None = None,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> Features:
+    """Pooled embeddings and per-stage feature maps of `images`."""
+    return Predictor(model, weights, device=device).features(images)

@@ -1,0 +1,66 @@
+"""ResNeXt networks: spec, builder, block forms, named models, complexity accounting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from resnext.models.complexity import Complexity, count
+from resnext.models.forms import convert_block_form, grouped_state_dict
+from resnext.models.network import ResNeXt, build_model
+from resnext.models.registry import ModelEntry, Registry
+from resnext.models.solver import solve_width
+from resnext.models.spec import ModelSpec, cifar_spec, imagenet_spec
+from resnext.models.zoo import MODELS
+
+
+def get_spec(name: str, **overrides: Any) -> ModelSpec:
+    """The spec of a named model with fields replaced by `overrides`."""
+    spec = MODELS.get(name).spec
+    return spec.replace(**overrides) if overrides else spec
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    weights: str | Path | None = None,
+    **spec_overrides: Any,
+) -> ResNeXt:
+    """A network of a registered name (or mmpretrain alias), spec overridable.
+
+    `weights`: a weights-table tag (downloaded into the cache) or a file in any supported format
+    (torchvision/timm, mmpretrain, pycls, detectron2, Lua Torch .t7, native safetensors); the spec
+    then follows what the weights need (stride placement, number of classes).
+    """
+    if weights is not None:
+        from resnext.weights import build_with_weights  # the weights package builds on this one
+
+        return build_with_weights(name, weights, num_classes=num_classes, **spec_overrides)
+    if num_classes is not None:
+        spec_overrides["num_classes"] = num_classes
+    return build_model(get_spec(name, **spec_overrides))
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    return MODELS.names(pattern)
+
+
+__all__ = [
+    "MODELS",
+    "Complexity",
+    "ModelEntry",
+    "ModelSpec",
+    "Registry",
+    "ResNeXt",
+    "build_model",
+    "cifar_spec",
+    "convert_block_form",
+    "count",
+    "create_model",
+    "get_spec",
+    "grouped_state_dict",
+    "imagenet_spec",
+    "list_models",
+    "solve_width",
+]

@@ -1,0 +1,40 @@
+"""Conversion between the three equivalent block forms of Fig. 3 (a: summed paths, b: concatenation, c: groups)."""
+
+from __future__ import annotations
+
+import torch
+
+from resnext.errors import SpecError
+from resnext.models.network import ResNeXt, build_model
+from resnext.models.spec import BLOCK_FORMS
+
+
+def convert_block_form(model: ResNeXt, form: str) -> ResNeXt:
+    """A new network of the same spec in block form `form`, computing the same function as `model`.
+
+    Weights travel through the grouped layout: splitting the grouped 3×3 into its C groups, the first
+    1×1 into C slices of d output channels, and the last 1×1 into C slices of d input channels is exact
+    (footnote 3 of the paper), BN statistics split per channel.
+    """
+    if form not in BLOCK_FORMS:
+        raise SpecError(f"block_form: expected one of {', '.join(BLOCK_FORMS)}, got {form!r}")
+    if model.spec.preact:
+        raise SpecError("block_form: pre-activation networks exist only in form 'c'")
+    target = build_model(model.spec.replace(block_form=form))
+    param = next(model.parameters())
+    target.to(device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        for src_stage, dst_stage in zip(model.stages(), target.stages(), strict=True):
+            for src, dst in zip(src_stage, dst_stage, strict=True):
+                dst.load_grouped_state(src.grouped_state())
+        for name in ("conv1", "bn1", "fc"):
+            getattr(target, name).load_state_dict(getattr(model, name).state_dict())
+    target.train(model.training)
+    return target
+
+
+def grouped_state_dict(model: ResNeXt) -> dict[str, torch.Tensor]:
+    """The state dict of `model` in form (c) key names, whatever its block form."""
+    if model.spec.block_form == "c":
+        return dict(model.state_dict())
+    return dict(convert_block_form(model, "c").state_dict())

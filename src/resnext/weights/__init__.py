@@ -1,0 +1,64 @@
+"""Pretrained weights: the public checkpoint table, download cache, format converters, native format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from resnext.weights.download import default_cache_dir, download
+from resnext.weights.formats import convert_checkpoint, detect_format
+from resnext.weights.load import LoadReport, apply_weights, load_weights, read_weights_file
+from resnext.weights.loaded import LoadedWeights
+from resnext.weights.native import load_native, save_weights
+from resnext.weights.preprocess import Preprocessing
+from resnext.weights.table import WEIGHTS, Result, WeightsEntry, get_weights, list_weights
+
+
+def build_with_weights(
+    name: str,
+    weights: str | Path | LoadedWeights,
+    *,
+    num_classes: int | None = None,
+    **overrides: Any,
+) -> Any:
+    """Create model `name` with the spec the weights need (stride placement, classes) and load them.
+
+    `num_classes` different from the weights' keeps the backbone and starts a new classifier.
+    The model gets ``preprocessing`` and ``class_names`` attributes from the weights.
+    """
+    from resnext.models import create_model
+
+    loaded = (
+        weights if isinstance(weights, LoadedWeights) else load_weights(weights, model_name=name)
+    )
+    file_classes = loaded.num_classes
+    classes = num_classes if num_classes is not None else file_classes
+    spec_overrides = {**loaded.spec_overrides, **overrides}
+    model = create_model(name, num_classes=classes, **spec_overrides)
+    new_head = file_classes is None or (num_classes is not None and num_classes != file_classes)
+    apply_weights(model, loaded, strict=not new_head)
+    model.preprocessing = loaded.preprocessing
+    model.class_names = loaded.class_names if not new_head else None
+    return model
+
+
+__all__ = [
+    "WEIGHTS",
+    "LoadReport",
+    "LoadedWeights",
+    "Preprocessing",
+    "Result",
+    "WeightsEntry",
+    "apply_weights",
+    "build_with_weights",
+    "convert_checkpoint",
+    "default_cache_dir",
+    "detect_format",
+    "download",
+    "get_weights",
+    "list_weights",
+    "load_native",
+    "load_weights",
+    "read_weights_file",
+    "save_weights",
+]

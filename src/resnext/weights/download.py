@@ -1,0 +1,122 @@
+"""Download of weight files into a local cache: resumable, checksum-verified, atomic (urllib only)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+from resnext.errors import DownloadError
+
+_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """$RESNEXT_HOME, else $TORCH_HOME/resnext, else ~/.cache/torch/resnext."""
+    if os.environ.get("RESNEXT_HOME"):
+        return Path(os.environ["RESNEXT_HOME"])
+    if os.environ.get("TORCH_HOME"):
+        return Path(os.environ["TORCH_HOME"]) / "resnext"
+    return Path.home() / ".cache" / "torch" / "resnext"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_matches(path: Path, expected: str, kind: str) -> bool:
+    """Whether the file's sha256 equals `expected` (kind 'sha256') or starts with it ('prefix')."""
+    actual = sha256_file(path)
+    if kind == "sha256":
+        return actual == expected.lower()
+    if kind == "prefix":
+        return actual.startswith(expected.lower())
+    return True
+
+
+def download(
+    url: str,
+    *,
+    expected_hash: str = "",
+    hash_kind: str = "none",
+    cache_dir: str | Path | None = None,
+    filename: str | None = None,
+    timeout: float = 30.0,
+) -> Path:
+    """The cached path of `url`, downloading it first if needed.
+
+    A cached file with the right hash is used without network. The download goes to
+    ``<name>.part`` (resumed with an HTTP Range request when one exists), is hashed, and only then
+    renamed into place, so the cache never holds a partial or unverified file under the real name.
+    """
+    if hash_kind not in ("sha256", "prefix", "none"):
+        raise DownloadError(f"hash_kind: expected sha256, prefix or none, got {hash_kind!r}")
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = directory / (filename or url.rsplit("/", 1)[-1])
+    if target.exists():
+        if hash_matches(target, expected_hash, hash_kind):
+            return target
+        raise DownloadError(
+            f"cached file {target} does not match the published {_describe(expected_hash, hash_kind)}: "
+            "it is corrupt or a different file; delete it and download again"
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot create the weights cache folder {directory}: {exc}") from exc
+    part = target.with_name(target.name + ".part")
+    try:
+        _fetch(url, part, timeout)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DownloadError(
+            f"could not download {url} ({reason}). If this machine is offline, download the file "
+            f"elsewhere and put it at {target} (the partial download, if any, is kept at {part} and "
+            "will be resumed)"
+        ) from exc
+    if not hash_matches(part, expected_hash, hash_kind):
+        actual = sha256_file(part)
+        part.unlink()
+        raise DownloadError(
+            f"checksum mismatch for {url}: expected {_describe(expected_hash, hash_kind)}, got "
+            f"sha256 {actual}; the download was discarded and nothing was written to {target}"
+        )
+    if hash_kind == "none":
+        warnings.warn(
+            f"{url}: no hash is published for this file, so the download at {target} is unverified",
+            stacklevel=2,
+        )
+    os.replace(part, target)
+    return target
+
+
+def _describe(expected: str, kind: str) -> str:
+    return f"sha256 {expected}" if kind == "sha256" else f"sha256 prefix {expected}"
+
+
+def _fetch(url: str, part: Path, timeout: float) -> None:
+    """Append the rest of `url` to `part`, resuming from its current size when the server allows."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url)
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the part file is already complete
+            return
+        raise
+    with response:
+        # 206: the server honoured the range; 200: it sent the whole file, so start over.
+        mode = "ab" if have and response.status == 206 else "wb"
+        with open(part, mode) as f:
+            for block in iter(lambda: response.read(_CHUNK), b""):
+                f.write(block)

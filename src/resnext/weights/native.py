@@ -1,0 +1,216 @@
+"""Our native weights format: a safetensors file plus a JSON sidecar, both readable without this package.
+
+``NAME.safetensors`` holds the state dict (torchvision key names). ``NAME.json`` holds the model
+spec, preprocessing, class names, provenance, and the size and sha256 of the safetensors file, so a
+truncated or altered file is detected before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import itertools
+import json
+import math
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from resnext.errors import WeightsError
+from resnext.weights.loaded import LoadedWeights
+from resnext.weights.preprocess import Preprocessing
+
+FORMAT_NAME = "resnext-weights"
+FORMAT_VERSION = 1
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON sidecar beside a safetensors file (NAME.safetensors → NAME.json)."""
+    return Path(path).with_suffix(".json")
+
+
+def _package_version() -> str:
+    from resnext import __version__
+
+    return __version__
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_weights(
+    model: torch.nn.Module,
+    path: str | Path,
+    *,
+    preprocessing: Preprocessing | None,
+    class_names: Sequence[str] | None,
+    provenance: Mapping[str, Any],
+    model_name: str | None = None,
+) -> Path:
+    """Write `model`'s weights as PATH (.safetensors) and its JSON sidecar; returns the sidecar path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise WeightsError(f"{path}: native weights files end in .safetensors")
+    if not isinstance(provenance, Mapping) or "source" not in provenance:
+        raise WeightsError("provenance: expected a mapping with at least a 'source' entry")
+    spec = getattr(model, "spec", None)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    num_classes = getattr(model, "num_classes", None)
+    if class_names is not None and num_classes and len(class_names) != num_classes:
+        raise WeightsError(
+            f"class_names: {len(class_names)} names for a model with {num_classes} classes"
+        )
+    blob = st_save(state, metadata={"format": FORMAT_NAME})
+    sidecar = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tensors_file": path.name,
+        "size": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "model_name": model_name,
+        "spec": spec.to_dict() if spec is not None else None,
+        "preprocessing": preprocessing.to_dict() if preprocessing is not None else None,
+        "class_names": list(class_names) if class_names is not None else None,
+        "provenance": {
+            **dict(provenance),
+            "package_version": _package_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, blob)
+    side = sidecar_path(path)
+    _atomic_write(side, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    return side
+
+
+def check_safetensors(data: bytes, name: str) -> None:
+    """Refuse a safetensors buffer whose header is malformed or lies about tensor sizes/offsets."""
+    if len(data) < 8:
+        raise WeightsError(f"{name}: too short for a safetensors file ({len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise WeightsError(f"{name}: safetensors header claims {n} bytes, file has {len(data) - 8}")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{name}: safetensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise WeightsError(f"{name}: safetensors header is not a JSON object")
+    body = len(data) - 8 - n
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            nbytes = _DTYPE_BYTES[dtype] * math.prod(int(s) for s in shape)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{name}: tensor {key!r} has a malformed header entry") from exc
+        if any(int(s) < 0 for s in shape) or not 0 <= begin <= end <= body or end - begin != nbytes:
+            raise WeightsError(
+                f"{name}: tensor {key!r} ({dtype} {shape}) claims bytes {begin}..{end} but needs "
+                f"{nbytes} within a {body}-byte data section: the header is inconsistent"
+            )
+        spans.append((begin, end))
+    spans.sort()
+    for (_, end_a), (begin_b, _) in itertools.pairwise(spans):
+        if begin_b < end_a:
+            raise WeightsError(f"{name}: safetensors header has overlapping tensors")
+
+
+def read_safetensors(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """A validated safetensors file's tensors."""
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise WeightsError(f"cannot read {path}: {exc}") from exc
+    check_safetensors(data, str(path))
+    try:
+        return dict(st_load(data))
+    except Exception as exc:  # the library's own error type varies by version
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _read_sidecar(side: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(side.read_text())
+    except FileNotFoundError as exc:
+        raise WeightsError(f"{side}: the JSON sidecar of the native weights is missing") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{side}: not a readable JSON sidecar ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise WeightsError(f"{side}: not a {FORMAT_NAME} sidecar (missing 'format')")
+    for key in ("size", "sha256", "tensors_file"):
+        if key not in meta:
+            raise WeightsError(f"{side}: missing {key!r}")
+    return meta
+
+
+def load_native(path: str | Path) -> LoadedWeights:
+    """Read native weights (either file's path), checking size and sha256 before any tensor."""
+    path = Path(path)
+    side = path if path.suffix == ".json" else sidecar_path(path)
+    meta = _read_sidecar(side)
+    tensors = side.with_name(meta["tensors_file"])
+    try:
+        data = tensors.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"cannot read {tensors}: {exc}") from exc
+    if len(data) != meta["size"]:
+        raise WeightsError(
+            f"{tensors}: {len(data)} bytes, but its sidecar {side.name} records {meta['size']}: "
+            "the file is truncated or was replaced"
+        )
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise WeightsError(
+            f"{tensors}: sha256 differs from the one recorded in {side.name}: the file is corrupt"
+        )
+    state = read_safetensors(tensors, data)
+    spec = meta.get("spec")
+    overrides = {}
+    if isinstance(spec, dict) and "stride_in_1x1" in spec:
+        overrides["stride_in_1x1"] = spec["stride_in_1x1"]
+    prep = meta.get("preprocessing")
+    names = meta.get("class_names")
+    return LoadedWeights(
+        state_dict=state,
+        source_format="native",
+        source=str(tensors),
+        spec_overrides=overrides,
+        preprocessing=Preprocessing.from_dict(prep) if prep is not None else None,
+        class_names=tuple(names) if names is not None else None,
+        model_name=meta.get("model_name"),
+        spec=spec,
+        notes=(f"provenance: {json.dumps(meta.get('provenance'), sort_keys=True)}",),
+    )

@@ -1,0 +1,41 @@
+"""Shared pytest fixtures: the location of the real data in ../shared, skipped with a reason when absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+def _shared_path(*parts: str) -> Path:
+    path = SHARED_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (it ships beside the repo in CI)")
+    return path
+
+
+@pytest.fixture
+def cifar10_mini() -> Path:
+    """The extracted folder of ../shared/data/cifar10-mini (official CIFAR-10 python format)."""
+    return _shared_path("data", "cifar10-mini", "cifar-10-batches-py")
+
+
+@pytest.fixture
+def imagenet_sample() -> Path:
+    """The folder of ../shared/data/imagenet-sample (1,000 JPEGs, one per ImageNet class)."""
+    return _shared_path("data", "imagenet-sample")
+
+
+@pytest.fixture
+def t7_sample() -> Path:
+    """The folder of ../shared/data/t7-sample (a real Lua Torch7 file)."""
+    return _shared_path("data", "t7-sample")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed() -> None:
+    torch.manual_seed(0)

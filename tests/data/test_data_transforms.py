@@ -1,0 +1,163 @@
+"""Transforms: crop/flip statistics, hand-computed eval crops, lighting, jitter, ten-crop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnext.data.presets import cifar_train, imagenet_eval, imagenet_train
+from resnext.data.transforms import (
+    ColorJitter,
+    Lighting,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    Resize,
+    TenCrop,
+)
+from resnext.errors import ConfigError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _image(h: int, w: int, seed: int = 0) -> tuple[Image.Image, np.ndarray]:
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return Image.fromarray(arr), arr
+
+
+def test_random_resized_crop_statistics() -> None:
+    rrc = RandomResizedCrop(224, generator=torch.Generator().manual_seed(1))
+    width, height = 400, 400  # square: rejections of too-big crops do not bias the aspect
+    areas, log_aspects = [], []
+    for _ in range(3000):
+        left, top, w, h = rrc.get_params(width, height)
+        assert left >= 0 and left + w <= width and top >= 0 and top + h <= height
+        areas.append(w * h / (width * height))
+        log_aspects.append(math.log(w / h))
+    areas, log_aspects = np.array(areas), np.array(log_aspects)
+    # Rounding w and h to pixels moves the area by < 1 %; bounds 8-100 % and 3/4-4/3.
+    assert areas.min() >= 0.08 * 0.98 and areas.max() <= 1.0
+    assert areas.min() < 0.1 and areas.max() > 0.9
+    assert np.abs(log_aspects).max() <= math.log(4 / 3) + 0.02
+    # log-uniform aspect: symmetric in log space, and spread like U(-0.288, 0.288) (sd 0.166).
+    assert abs(log_aspects.mean()) < 0.02
+    assert 0.12 < log_aspects.std() < 0.18
+
+
+def test_random_resized_crop_fallback_is_centre_square() -> None:
+    rrc = RandomResizedCrop(8, generator=torch.Generator().manual_seed(0))
+    # A 1000x10 strip: even 8 % of its area at aspect 4/3 is 24 px tall, so all 10 tries fail.
+    assert rrc.get_params(1000, 10) == (495, 0, 10, 10)
+    img, arr = _image(10, 1000)
+    out = np.asarray(RandomResizedCrop(10, interpolation="nearest")(img))
+    np.testing.assert_array_equal(out, arr[:, 495:505])
+
+
+def test_flip_probability() -> None:
+    flip = RandomHorizontalFlip(0.5, generator=torch.Generator().manual_seed(3))
+    x = torch.arange(4.0).view(1, 1, 4)
+    flips = sum(bool(flip(x)[0, 0, 0] == 3) for _ in range(4000))
+    assert abs(flips - 2000) < 5 * math.sqrt(4000 * 0.25)  # binomial, 5 standard deviations
+    never = RandomHorizontalFlip(0.0)
+    assert all(torch.equal(never(x), x) for _ in range(50))
+
+
+def test_eval_is_hand_computed_centre_crop() -> None:
+    img, arr = _image(256, 300)  # shorter side already 256: resize is the identity
+    out = imagenet_eval(224, 256)(img)
+    # Centre crop: (300-224)/2 = 38 columns, (256-224)/2 = 16 rows on each side.
+    crop = arr[16:240, 38:262].astype(np.float64) / 255
+    expected = (crop - np.array(MEAN)) / np.array(STD)
+    assert out.shape == (3, 224, 224)
+    np.testing.assert_allclose(out.permute(1, 2, 0).numpy(), expected, atol=1e-5)
+
+
+def test_resize_shorter_side_and_options() -> None:
+    img, _ = _image(512, 600)
+    assert Resize(256)(img).size == (300, 256)  # 600 * 256 / 512 = 300
+    assert Resize(256, "bicubic")(img.rotate(90, expand=True)).size == (256, 300)
+    raw = Resize(256, "bilinear", antialias=False)(img)
+    assert isinstance(raw, torch.Tensor) and raw.shape == (3, 256, 300)
+    ten = imagenet_eval(224, 256, interpolation="nearest", antialias=False)(img)
+    assert ten.shape == (3, 224, 224)
+    with pytest.raises(ConfigError, match="interpolation"):
+        Resize(256, "lanczos-ish")
+
+
+def test_lighting_uses_the_eigen_decomposition() -> None:
+    # fb.resnet.torch datasets/imagenet.lua PCA values, written out here independently.
+    eigval = [0.2175, 0.0188, 0.0045]
+    eigvec = [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]
+    out = Lighting(0.1, generator=torch.Generator().manual_seed(7))(torch.zeros(3, 2, 2))
+    alpha = (torch.randn(3, generator=torch.Generator().manual_seed(7)) * 0.1).tolist()
+    for c in range(3):
+        shift = sum(eigvec[c][j] * alpha[j] * eigval[j] for j in range(3))
+        assert torch.allclose(out[c], torch.full((2, 2), shift), atol=1e-6)
+    custom = Lighting(1.0, eigval=[1, 0, 0], eigvec=[[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    shifted = custom(torch.zeros(3, 1, 1)).flatten()
+    assert shifted[1] == 0 and shifted[2] == 0 and shifted[0] != 0
+
+
+def test_color_jitter_blends() -> None:
+    gen = torch.Generator().manual_seed(0)
+    grey = torch.full((3, 4, 4), 0.5)
+    bright = ColorJitter(0.4, 0, 0, generator=gen)
+    scales = [float(bright(grey)[0, 0, 0] / 0.5) for _ in range(500)]
+    assert 0.6 <= min(scales) < 0.65 and 1.35 < max(scales) <= 1.4
+    assert torch.allclose(ColorJitter(0, 0, 0.4, generator=gen)(grey), grey)  # grey stays grey
+    x = torch.rand(3, 5, 5, generator=gen)
+    luma_mean = float((0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).mean())
+    out = ColorJitter(0, 0.4, 0, generator=gen)(x)
+    ratio = (out - luma_mean) / (x - luma_mean)  # one contrast factor for every pixel
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), atol=1e-4)
+
+
+def test_ten_crop_order_and_content() -> None:
+    x = torch.arange(3 * 4 * 5, dtype=torch.float32).view(3, 4, 5)
+    crops = TenCrop(3)(x)
+    assert crops.shape == (10, 3, 3, 3)
+    a = x.numpy()
+    m = a[:, :, ::-1]
+    expected = [
+        a[:, 1:4, 1:4], a[:, :3, :3], a[:, :3, 2:], a[:, 1:, :3], a[:, 1:, 2:],
+        m[:, 1:4, 1:4], m[:, :3, :3], m[:, :3, 2:], m[:, 1:, :3], m[:, 1:, 2:],
+    ]  # fmt: skip
+    for got, want in zip(crops.numpy(), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    img, _ = _image(300, 260)
+    assert imagenet_eval(224, 256, ten_crop=True)(img).shape == (10, 3, 224, 224)
+
+
+def test_random_crop_padding_and_offsets() -> None:
+    crop = RandomCrop(32, padding=4, generator=torch.Generator().manual_seed(0))
+    x = torch.ones(3, 32, 32)
+    zero_cols = set()
+    for _ in range(400):
+        out = crop(x)
+        assert out.shape == (3, 32, 32)
+        zero_cols.add(int((out[0, 16] == 0).sum()))
+    assert zero_cols == set(range(5))  # 0..4 zero columns: offsets cover the full padding
+
+
+def test_pipelines_are_deterministic_given_a_generator() -> None:
+    img, _ = _image(120, 160)
+    outs = [imagenet_train(64, generator=torch.Generator().manual_seed(9))(img) for _ in range(2)]
+    assert outs[0].shape == (3, 64, 64) and torch.equal(outs[0], outs[1])
+    np_outs = [imagenet_train(64, generator=np.random.default_rng(4))(img) for _ in range(2)]
+    assert torch.equal(np_outs[0], np_outs[1]) and not torch.equal(np_outs[0], outs[0])
+    small, _ = _image(32, 32)
+    c = cifar_train(MEAN, STD, generator=torch.Generator().manual_seed(1))(small)
+    assert c.shape == (3, 32, 32)
+
+
+def test_draft_size_keeps_the_smallest_crop_resolution() -> None:
+    rrc = RandomResizedCrop(224, generator=torch.Generator().manual_seed(2))
+    assert rrc.draft_size(500, 375) is None  # a typical ImageNet image: no reduction allowed
+    w, h = rrc.draft_size(4000, 3000)
+    assert w < 4000 and h < 3000
+    sides = [min(rrc.get_params(w, h)[2:]) for _ in range(3000)]
+    assert min(sides) >= 223  # even the smallest possible crop still has ~224 source pixels

@@ -1,0 +1,94 @@
+"""`resnext eval` end to end: a training checkpoint on an ImageFolder and on real CIFAR-10 data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from eval_helpers import random_images
+from PIL import Image
+
+import resnext
+from resnext.commands import eval_cmd
+from resnext.errors import DataError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    eval_cmd.add_parser(parser.add_subparsers())
+    return parser.parse_args(["eval", *argv])
+
+
+def _checkpoint(tmp_path: Path, classes: int, kind: str) -> tuple[Path, torch.nn.Module]:
+    model = resnext.create_model("resnext_tiny", num_classes=classes).eval()
+    path = tmp_path / "ckpt.pt"
+    config = {
+        "model": {"name": "resnext_tiny", "spec": {}},
+        "data": {"kind": kind, "image_size": 32},
+    }
+    torch.save({"model": model.state_dict(), "config": config, "epoch": 1}, path)
+    return path, model
+
+
+def _image_folder(tmp_path: Path) -> list[tuple[Path, int]]:
+    items = []
+    for i, img in enumerate(random_images(9, seed=41)):
+        label = i % 3
+        folder = tmp_path / "data" / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img{i}.png"
+        img.save(path)
+        items.append((path, label))
+    return items
+
+
+def test_eval_checkpoint_on_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    items = _image_folder(tmp_path)
+    ckpt, model = _checkpoint(tmp_path, 3, "imagefolder")
+    out = tmp_path / "out"
+    args = _parse(
+        ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json", "--output", str(out)]
+    )
+    assert eval_cmd.run(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    # Independent pipeline: shorter side 37 (= 32 * 8/7), centre 32 crop, ImageNet statistics.
+    hits = 0
+    for path, label in items:
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        size = (37, math.floor(37 * h / w)) if w <= h else (math.floor(37 * w / h), 37)
+        arr = np.asarray(img.resize(size, Image.Resampling.BILINEAR), dtype=np.float64) / 255
+        top, left = -(-(size[1] - 32) // 2), -(-(size[0] - 32) // 2)
+        arr = (arr[top : top + 32, left : left + 32] - IMAGENET_MEAN) / IMAGENET_STD
+        x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            hits += int(model(x).argmax(1).item() == label)
+    assert report["counts"]["images"] == 9
+    assert report["top1"] == pytest.approx(hits / 9)
+    assert report["dataset"]["kind"] == "imagefolder"
+    assert report["protocol"]["resize"] == 37 and report["protocol"]["crop"] == 32
+    assert (out / "report.json").is_file() and (out / "per_class.csv").is_file()
+
+
+def test_eval_detects_real_cifar(cifar10_mini: Path, tmp_path: Path, capsys) -> None:
+    ckpt, _ = _checkpoint(tmp_path, 10, "cifar10")
+    args = _parse(["--weights", str(ckpt), "--data", str(cifar10_mini.parent), "--json"])
+    assert eval_cmd.run(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dataset"]["kind"] == "cifar10"
+    assert report["counts"]["images"] == 509  # the test split of cifar10-mini (its SOURCE.md)
+    assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
+
+
+def test_eval_missing_data_is_a_data_error(tmp_path: Path) -> None:
+    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
+    with pytest.raises(DataError, match="nowhere"):
+        eval_cmd.run(_parse(["--weights", str(ckpt), "--data", str(tmp_path / "nowhere")]))

@@ -1,0 +1,145 @@
+"""Prediction on paths, PIL images, arrays and tensors; preprocessing and names from the weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import resnext
+from resnext.errors import ConfigError, DataError
+from resnext.inference import Predictor, extract_features, imagenet1k_wnids, predict
+from resnext.weights import Preprocessing, save_weights
+
+NAMES = ("ant", "bee", "cat", "dog", "eel")
+# Deliberately unusual preprocessing, so the test sees that the sidecar's settings are used.
+PREP = Preprocessing(resize=40, crop=36, mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7))
+
+
+@pytest.fixture
+def weights_file(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    model = resnext.create_model("resnext_tiny", num_classes=5).eval()
+    path = tmp_path / "tiny.safetensors"
+    save_weights(
+        model,
+        path,
+        preprocessing=PREP,
+        class_names=NAMES,
+        provenance={"source": "test"},
+        model_name="resnext_tiny",
+    )
+    return path, model
+
+
+def _images(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [rng.integers(0, 256, size=(44 + 3 * i, 50, 3), dtype=np.uint8) for i in range(n)]
+
+
+def _hand_logits(model: torch.nn.Module, arr: np.ndarray) -> torch.Tensor:
+    img = Image.fromarray(arr)
+    w, h = img.size  # 50 wide, >= 44 high: the width is the shorter side only when h > 50
+    size = (40, int(40 * h / w)) if w <= h else (int(40 * w / h), 40)
+    x = np.asarray(img.resize(size, Image.Resampling.BILINEAR), dtype=np.float64) / 255
+    top, left = -(-(size[1] - 36) // 2), -(-(size[0] - 36) // 2)
+    x = (x[top : top + 36, left : left + 36] - np.array(PREP.mean)) / np.array(PREP.std)
+    with torch.no_grad():
+        return model(torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1)[None])[0]
+
+
+def test_all_input_kinds_agree_with_hand_pipeline(weights_file, tmp_path: Path) -> None:
+    path, model = weights_file
+    arrays = _images(3)
+    files = []
+    for i, arr in enumerate(arrays):
+        files.append(tmp_path / f"im{i}.png")
+        Image.fromarray(arr).save(files[-1])
+    predictor = Predictor(weights=path, batch_size=2)
+    assert predictor.loaded.class_names == NAMES
+    assert predictor.loaded.preprocessing == PREP
+    kinds = {
+        "paths": [str(f) for f in files],
+        "pil": [Image.fromarray(a) for a in arrays],
+        "arrays": arrays,
+        "tensors": [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays],
+    }
+    results = {k: predictor(v, topk=3) for k, v in kinds.items()}
+    for i, arr in enumerate(arrays):
+        probs = torch.softmax(_hand_logits(model, arr), 0)
+        scores, labels = probs.topk(3)
+        for kind, preds in results.items():
+            pred = preds[i]
+            assert pred.topk_labels == labels.tolist(), kind
+            assert pred.pred_label == int(labels[0])
+            assert pred.pred_class == NAMES[int(labels[0])]
+            assert pred.pred_score == pytest.approx(float(scores[0]), abs=1e-5)
+            assert pred.topk_classes == [NAMES[j] for j in labels.tolist()]
+    assert results["paths"][0].source == str(files[0])
+
+
+def test_one_shot_predict_and_batched_tensor(weights_file) -> None:
+    path, _ = weights_file
+    batch = torch.rand(4, 3, 40, 40)
+    preds = predict(batch, weights=path, topk=2)
+    assert len(preds) == 4 and all(len(p.topk_scores) == 2 for p in preds)
+    assert all(p.topk_scores[0] >= p.topk_scores[1] for p in preds)
+
+
+def test_features_are_pooled_last_stage(weights_file) -> None:
+    path, model = weights_file
+    arrays = _images(2)
+    feats = extract_features(arrays, weights=path)
+    info = model.feature_info  # channels and stride of each stage, from the model itself
+    assert [f.shape[1] for f in feats.stages] == [i["num_chs"] for i in info]
+    assert [f.shape[-1] for f in feats.stages] == [-(-36 // i["reduction"]) for i in info]
+    torch.testing.assert_close(feats.pooled, feats.stages[-1].mean(dim=(2, 3)))
+    with torch.no_grad():
+        logits = model.fc(feats.pooled)
+    torch.testing.assert_close(logits[0], _hand_logits(model, arrays[0]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((4, 4, 3), dtype=np.float32), torch.zeros(4, 4), torch.full((3, 4, 4), 2.0), 3.5],
+)
+def test_bad_inputs_are_config_errors(weights_file, bad: object) -> None:
+    with pytest.raises(ConfigError):
+        Predictor(weights=weights_file[0])([bad])
+
+
+def test_missing_image_is_a_data_error(weights_file, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nope\.png"):
+        Predictor(weights=weights_file[0])([tmp_path / "nope.png"])
+
+
+def test_imagenet_names_follow_the_sorted_wnids(imagenet_sample: Path) -> None:
+    # The sample's files are named <wnid>_<name>; sorted, they are in ImageNet class order.
+    wnids = sorted({p.name.split("_", 1)[0] for p in imagenet_sample.glob("*.JPEG")})
+    assert len(wnids) == 1000
+    assert list(imagenet1k_wnids()) == wnids
+
+
+def test_predict_cli_recurses_folders(weights_file, tmp_path: Path, capsys) -> None:
+    from resnext.commands import predict_cmd
+
+    path, _ = weights_file
+    (tmp_path / "pics" / "deep").mkdir(parents=True)
+    for i, arr in enumerate(_images(3)):
+        Image.fromarray(arr).save(tmp_path / "pics" / ("deep" if i else "") / f"{i}.png")
+    (tmp_path / "pics" / "notes.txt").write_text("not an image")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    predict_cmd.add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["predict", str(tmp_path / "pics"), "--weights", str(path), "--json", "--topk", "2"]
+    )
+    assert predict_cmd.run(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3
+    assert {Path(r["source"]).name for r in lines} == {"0.png", "1.png", "2.png"}
+    assert all(r["pred_class"] in NAMES and len(r["topk_labels"]) == 2 for r in lines)

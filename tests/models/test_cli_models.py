@@ -1,0 +1,39 @@
+"""The `resnext list` and `resnext info` commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from resnext.cli import main
+
+
+def test_list_prints_params_and_flops(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "resnext50_32x4d"]) == 0
+    out = capsys.readouterr().out
+    assert "25,028,904" in out and "4.23" in out and "multiply-adds" in out
+
+
+def test_list_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "resnext29_*", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["resnext29_8x64d"]["template"] == "8x64d"
+
+
+def test_info_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "resnext50_32x4d"]) == 0
+    out = capsys.readouterr().out
+    assert "3x3,128,C=32" in out and "56x56" in out
+    assert main(["info", "resnext50_32x4d", "--json", "--input-size", "320"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["input_size"] == 320
+    assert info["stages"][0]["output_size"] == [80, 80]
+    # FLOPs scale with the pixel count: (320/224)^2 of the 224 value, up to the fc layer.
+    assert abs(info["gflops"] / 4.2305 - (320 / 224) ** 2) < 0.01
+
+
+def test_unknown_model_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "resnext50_32x5d"]) == 2
+    assert "resnext50_32x4d" in capsys.readouterr().err

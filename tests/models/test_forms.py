@@ -1,0 +1,67 @@
+"""Fig. 3: forms (a), (b) and (c) of a block are the same function (the paper's central equivalence)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resnext
+from resnext import convert_block_form
+from resnext.errors import SpecError
+
+
+def _randomise_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features, generator=gen) + 0.5
+            m.bias.data = torch.randn(m.num_features, generator=gen) * 0.2
+            m.running_mean = torch.randn(m.num_features, generator=gen) * 0.2
+            m.running_var = torch.rand(m.num_features, generator=gen) + 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"stride_in_1x1": True},
+        {"se_reduction": 4},
+        {"avg_down": True},
+        {"residual": False},
+    ],
+)
+@pytest.mark.parametrize("form", ["a", "b"])
+def test_forms_compute_the_same_function(form: str, overrides: dict) -> None:
+    gen = torch.Generator().manual_seed(1)
+    model = resnext.create_model(
+        "resnext_tiny_in", cardinality=4, base_width=3, depths=(2, 1, 1, 1), **overrides
+    )
+    _randomise_bn(model, gen)
+    model.eval()
+    other = convert_block_form(model, form).eval()
+    assert other.spec.block_form == form
+    assert type(other.layer1[0]).__name__ != type(model.layer1[0]).__name__
+    x = torch.randn(3, 3, 48, 48, generator=gen)
+    with torch.no_grad():
+        diff = (model(x) - other(x)).abs().max().item()
+        fdiff = (model.forward_features(x) - other.forward_features(x)).abs().max().item()
+    assert diff < 1e-4 and fdiff < 1e-4
+    # Same parameter count in every form (Fig. 3 forms are reformulations, not new models).
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in other.parameters())
+    # And back to (c) gives the original weights exactly.
+    back = convert_block_form(other, "c")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
+
+
+def test_form_a_really_has_separate_paths() -> None:
+    model = resnext.create_model("resnext_tiny", block_form="a")
+    block = model.layer1[0]
+    assert len(block.paths) == model.spec.cardinality
+    assert all(p.conv2.groups == 1 for p in block.paths)
+    grouped = resnext.create_model("resnext_tiny")
+    assert grouped.layer1[0].conv2.groups == grouped.spec.cardinality
+
+
+def test_preact_cannot_change_form() -> None:
+    with pytest.raises(SpecError, match="block_form"):
+        convert_block_form(resnext.create_model("resnext_tiny", preact=True), "a")

@@ -1,0 +1,88 @@
+"""The uniform model interface and the options: features, head, classifier reset, init, ablations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import resnext
+
+
+def test_features_head_and_reset() -> None:
+    model = resnext.create_model("resnext_tiny_in", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, model.num_features, 2, 2)
+    pooled = model.forward_head(feats, pre_logits=True)
+    assert torch.allclose(pooled, feats.mean((2, 3)))
+    assert torch.allclose(model.forward_head(feats), model(x))
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.spec.num_classes == 3
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+    with pytest.raises(ValueError, match="num_classes"):
+        model.reset_classifier(-2)
+
+
+def test_stage_strides_imagenet() -> None:
+    model = resnext.create_model("resnext_tiny_in").eval()
+    maps = model.forward_stages(torch.randn(1, 3, 128, 128))
+    assert [m.shape[-1] for m in maps] == [32, 16, 8, 4]  # strides 4/8/16/32
+
+
+def test_stride_placement() -> None:
+    default = resnext.create_model("resnext50_32x4d")
+    caffe = resnext.create_model("resnext50_32x4d", stride_in_1x1=True)
+    assert default.layer2[0].conv1.stride == (1, 1) and default.layer2[0].conv2.stride == (2, 2)
+    assert caffe.layer2[0].conv1.stride == (2, 2) and caffe.layer2[0].conv2.stride == (1, 1)
+
+
+def test_no_residual_has_no_shortcut() -> None:
+    model = resnext.create_model("resnext50_32x4d_noresidual")
+    assert not any("downsample" in k for k in model.state_dict())
+    block = model.layer1[1].eval()
+    x = torch.randn(1, 256, 8, 8)
+    with torch.no_grad():
+        expected = torch.relu(block.bn3(block.transform(x)))
+        assert torch.allclose(block(x), expected)
+
+
+def test_zero_init_last_bn_makes_blocks_identity() -> None:
+    model = resnext.create_model("resnext_tiny", zero_init_last_bn=True).eval()
+    block = model.layer1[0]
+    assert torch.count_nonzero(block.bn3.weight) == 0
+    x = torch.rand(1, block.geometry.in_ch, 8, 8)
+    with torch.no_grad():
+        # Zero residual branch: the block returns relu(shortcut(x)).
+        assert torch.allclose(block(x), torch.relu(block.downsample(x)))
+
+
+def test_he_initialisation_std() -> None:
+    # He et al. 2015 with fan-out: std = sqrt(2 / (k*k*out_channels)).
+    model = resnext.create_model("resnext50_32x4d")
+    w = model.layer3[0].conv2.weight
+    expected = math.sqrt(2.0 / (3 * 3 * w.shape[0]))
+    assert abs(w.std().item() / expected - 1) < 0.02
+    assert torch.all(model.layer3[0].bn2.weight == 1) and torch.all(model.layer3[0].bn2.bias == 0)
+
+
+def test_preact_block_order() -> None:
+    model = resnext.create_model("resnext_tiny", preact=True).eval()
+    block = model.layer2[0]
+    x = torch.randn(1, block.geometry.in_ch, 8, 8)
+    with torch.no_grad():
+        pre = torch.relu(block.bn1(x))
+        out = block.conv1(pre)
+        out = block.conv2(torch.relu(block.bn2(out)))
+        out = block.conv3(torch.relu(block.bn3(out)))
+        expected = out + block.downsample(pre)
+        assert torch.allclose(block(x), expected, atol=1e-6)
+    assert model.final_bn is not None
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_in_chans_option() -> None:
+    model = resnext.create_model("resnext_tiny", in_chans=1)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)

@@ -1,0 +1,161 @@
+"""The download cache against a local HTTP server (with Range support) and a closed port."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from resnext.errors import DownloadError
+from resnext.weights.download import default_cache_dir, download
+
+PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes
+
+
+class _Server:
+    """A thread serving files of one folder, honouring 'Range: bytes=N-', recording requests."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.requests: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                target = server.root / self.path.lstrip("/")
+                if not target.is_file():
+                    self.send_error(404)
+                    return
+                data = target.read_bytes()
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                if start >= len(data) and rng:
+                    self.send_error(416)
+                    return
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                self.wfile.write(data[start:])
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[_Server]:
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "w-1234.pth").write_bytes(PAYLOAD)
+    srv = _Server(root)
+    yield srv
+    srv.close()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_download_verifies_full_hash_and_then_uses_cache(server: _Server, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    path = download(
+        f"{server.url}/w-1234.pth", expected_hash=_sha(PAYLOAD), hash_kind="sha256", cache_dir=cache
+    )
+    assert path == cache / "w-1234.pth" and path.read_bytes() == PAYLOAD
+    assert not (cache / "w-1234.pth.part").exists()
+    server.close()  # a second call must not need the network at all
+    again = download("http://127.0.0.1:9/w-1234.pth", expected_hash=_sha(PAYLOAD)[:8],
+                     hash_kind="prefix", cache_dir=cache)  # fmt: skip
+    assert again == path
+    assert len(server.requests) == 1
+
+
+def test_download_resumes_a_partial_file(server: _Server, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "w-1234.pth.part").write_bytes(PAYLOAD[:40_000])
+    path = download(
+        f"{server.url}/w-1234.pth",
+        expected_hash=_sha(PAYLOAD)[:8],
+        hash_kind="prefix",
+        cache_dir=cache,
+    )
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests == [("/w-1234.pth", "bytes=40000-")]
+
+
+def test_checksum_mismatch_leaves_nothing_in_place(server: _Server, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError) as info:
+        download(
+            f"{server.url}/w-1234.pth",
+            expected_hash="deadbeef",
+            hash_kind="prefix",
+            cache_dir=cache,
+        )
+    msg = str(info.value)
+    assert "checksum mismatch" in msg and _sha(PAYLOAD) in msg
+    assert not (cache / "w-1234.pth").exists() and not (cache / "w-1234.pth.part").exists()
+
+
+def test_corrupt_cached_file_is_reported(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "w.pth").write_bytes(b"not the file")
+    with pytest.raises(DownloadError, match="does not match"):
+        download(
+            "http://127.0.0.1:9/w.pth",
+            expected_hash="00ff00ff",
+            hash_kind="prefix",
+            cache_dir=cache,
+        )
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_url_names_url_and_cache_path(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}/models/x-0123abcd.pth"
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError) as info:
+        download(url, expected_hash="0123abcd", hash_kind="prefix", cache_dir=cache, timeout=5)
+    msg = str(info.value)
+    assert url in msg and str(cache / "x-0123abcd.pth") in msg and "offline" in msg
+
+
+def test_unhashed_download_warns(server: _Server, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="unverified"):
+        path = download(f"{server.url}/w-1234.pth", cache_dir=tmp_path / "c")
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_default_cache_dir_follows_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RESNEXT_HOME", str(tmp_path / "a"))
+    assert default_cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("RESNEXT_HOME")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "t"))
+    assert default_cache_dir() == tmp_path / "t" / "resnext"
+    monkeypatch.delenv("TORCH_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    assert default_cache_dir() == tmp_path / "h" / ".cache" / "torch" / "resnext"

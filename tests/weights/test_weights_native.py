@@ -1,0 +1,107 @@
+"""The native format: safetensors + JSON sidecar, readable without this package, tamper-evident."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.numpy import load_file as np_load_file
+
+import resnext
+from resnext.errors import WeightsError
+from resnext.weights import build_with_weights, load_native, save_weights
+from resnext.weights.preprocess import Preprocessing
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+PREP = Preprocessing(
+    resize=36, crop=32, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)
+)
+
+
+def _saved(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    model = resnext.create_model("resnext_tiny", stride_in_1x1=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "tiny.safetensors"
+    names = [f"class{i}" for i in range(10)]
+    save_weights(model, path, preprocessing=PREP, class_names=names,
+                 provenance={"source": "unit test"}, model_name="resnext_tiny")  # fmt: skip
+    return model, path
+
+
+def test_round_trip_restores_model_and_metadata(tmp_path: Path) -> None:
+    model, path = _saved(tmp_path)
+    loaded = load_native(path)
+    assert loaded.source_format == "native" and loaded.preprocessing == PREP
+    assert loaded.class_names[7] == "class7" and loaded.model_name == "resnext_tiny"
+    assert loaded.spec_overrides == {"stride_in_1x1": True}
+    rebuilt = build_with_weights("resnext_tiny", path).eval()
+    assert rebuilt.spec.stride_in_1x1 is True and rebuilt.preprocessing == PREP
+    with torch.no_grad():
+        assert torch.equal(rebuilt(X), model(X))
+
+
+def test_files_are_readable_without_this_package(tmp_path: Path) -> None:
+    model, path = _saved(tmp_path)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    data = path.read_bytes()
+    assert sidecar["size"] == len(data) and sidecar["sha256"] == hashlib.sha256(data).hexdigest()
+    assert sidecar["spec"]["depths"] == [1, 1, 1] and sidecar["spec"]["stride_in_1x1"] is True
+    prov = sidecar["provenance"]
+    assert prov["source"] == "unit test" and prov["package_version"] == resnext.__version__
+    assert prov["date"].startswith("20")
+    arrays = np_load_file(str(path))
+    assert (arrays["fc.weight"] == model.fc.weight.detach().numpy()).all()
+
+
+def test_truncated_file_is_detected(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match="truncated") as info:
+        load_native(path)
+    assert str(path) in str(info.value)
+
+
+def test_bit_flip_is_detected(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256") as info:
+        load_native(path)
+    assert str(path) in str(info.value)
+
+
+def test_header_that_lies_about_sizes_is_refused(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["fc.weight"]["shape"] = [1000, 1000]  # claims 4 MB inside a few-kB file
+    new_header = json.dumps(header).encode()
+    forged = struct.pack("<Q", len(new_header)) + new_header + data[8 + n :]
+    path.write_bytes(forged)
+    side = path.with_suffix(".json")
+    meta = json.loads(
+        side.read_text()
+    )  # an attacker can also fix the sidecar: the header check holds
+    meta["size"], meta["sha256"] = len(forged), hashlib.sha256(forged).hexdigest()
+    side.write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="inconsistent") as info:
+        load_native(path)
+    assert "fc.weight" in str(info.value)
+
+
+def test_missing_sidecar_and_wrong_suffix(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(WeightsError, match="sidecar"):
+        load_native(path)
+    with pytest.raises(WeightsError, match=r"\.safetensors"):
+        save_weights(resnext.create_model("resnext_tiny"), tmp_path / "x.pt", preprocessing=None,
+                     class_names=None, provenance={"source": "t"})  # fmt: skip
