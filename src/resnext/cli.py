@@ -10,7 +10,17 @@ from collections.abc import Sequence
 from resnext.errors import ResNeXtError
 
 # Each module in resnext.commands defines `add_parser(subparsers)` and `run(args) -> int`.
-COMMANDS: tuple[str, ...] = ("list", "info", "convert", "eval", "predict", "export")
+COMMANDS: tuple[str, ...] = (
+    "list",
+    "info",
+    "train",
+    "demo",
+    "eval",
+    "predict",
+    "convert",
+    "export",
+    "bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from resnext.data.transforms import (
     CenterCrop,
     ColorJitter,
     Compose,
+    Cutout,
     Lighting,
     Normalize,
     RandomCrop,
@@ -68,12 +69,18 @@ def cifar_train(
     size: int = 32,
     padding: int = 4,
     flip: bool = True,
+    cutout: int = 0,
     generator: RandomSource = None,
 ) -> Compose:
-    """fb.resnet.torch CIFAR: normalise, then zero-pad by 4 and crop 32 at random, flip."""
+    """fb.resnet.torch CIFAR: normalise, then zero-pad by 4 and crop 32 at random, flip.
+
+    `cutout` > 0 adds a random zeroed square of that side (not in the paper's recipe).
+    """
     steps = [ToTensor(), Normalize(mean, std), RandomCrop(size, padding, generator=generator)]
     if flip:
         steps.append(RandomHorizontalFlip(0.5, generator=generator))
+    if cutout:
+        steps.append(Cutout(cutout, generator=generator))
     return Compose(steps)
 
 

@@ -63,6 +63,7 @@ def default_transforms(
     resize_size: int | None = None,
     interpolation: str = "bilinear",
     ten_crop: bool = False,
+    cutout: int = 0,
     generator: RandomSource = None,
 ) -> Callable[[Any], Any]:
     """The standard train or eval pipeline for a dataset kind (normalised float CHW tensors)."""
@@ -84,4 +85,4 @@ def default_transforms(
         return cifar_train(
             mean, std, size=size, padding=max(1, size // 16), flip=False, generator=generator
         )
-    return cifar_train(mean, std, size=size, padding=4, generator=generator)
+    return cifar_train(mean, std, size=size, padding=4, cutout=cutout, generator=generator)

@@ -189,6 +189,30 @@ class RandomCrop:
         return f"RandomCrop({self.size}, padding={self.padding})"
 
 
+class Cutout:
+    """Zero one `size`×`size` square at a random centre (DeVries & Taylor 2017); it may overhang.
+
+    Applied after normalisation, zero is the dataset mean: the square carries no information.
+    """
+
+    def __init__(self, size: int, generator: RandomSource = None) -> None:
+        if size < 1:
+            raise ValueError(f"Cutout size: expected an int >= 1, got {size!r}")
+        self.size, self.generator = size, generator
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        cy, cx = randint(self.generator, 0, h - 1), randint(self.generator, 0, w - 1)
+        half = self.size // 2
+        top, left = max(cy - half, 0), max(cx - half, 0)
+        out = img.clone()
+        out[..., top : cy - half + self.size, left : cx - half + self.size] = 0
+        return out
+
+    def __repr__(self) -> str:
+        return f"Cutout({self.size})"
+
+
 class ToTensor:
     """PIL RGB image to a float32 CHW tensor in [0, 1]."""
 

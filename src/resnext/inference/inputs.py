@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from resnext.data.images import load_rgb, to_rgb
 from resnext.errors import ConfigError, DataError
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
@@ -20,11 +21,9 @@ def open_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image {path}: no such file")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"image {path}: not a readable image ({exc})") from exc
+    # The training loader's decoder: the same pixels for 16-bit, palette and transparent images,
+    # and decompression bombs refused before decoding.
+    return load_rgb(path)
 
 
 def to_pil(item: ImageInput) -> Image.Image:
@@ -36,7 +35,7 @@ def to_pil(item: ImageInput) -> Image.Image:
     if isinstance(item, (str, Path)):
         return open_image(item)
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return to_rgb(item)
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] not in (1, 3, 4):
             raise ConfigError(

@@ -80,6 +80,11 @@ class ModelSpec:
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if self.bottleneck_widths is not None:
+            if not isinstance(self.bottleneck_widths, (tuple, list)):
+                raise SpecError(
+                    "bottleneck_widths: expected a tuple of grouped widths, one per stage, or None; "
+                    f"got {self.bottleneck_widths!r}"
+                )
             widths = tuple(self.bottleneck_widths)
             object.__setattr__(self, "bottleneck_widths", widths)
             if len(widths) != len(depths):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from resnext.errors import ResNeXtError, UnsafeFileError, WeightsError
+from resnext.io.zip_check import is_zip, zip_problem
 from resnext.weights.download import download
 from resnext.weights.errors import UnsafeWeightsError
 from resnext.weights.formats import convert_checkpoint
@@ -53,6 +54,14 @@ def _looks_like_t7(path: Path) -> bool:
 
 
 def _torch_load(path: Path) -> Any:
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: empty file (0 bytes); expected a PyTorch checkpoint")
+    if is_zip(path):
+        problem = zip_problem(path)
+        if problem is not None:
+            raise WeightsError(
+                f"{path}: not a readable PyTorch checkpoint: {problem}. Download or copy it again."
+            )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -66,8 +75,13 @@ def _torch_load(path: Path) -> Any:
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise WeightsError(
-            f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})"
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})"
         ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _read_pickle(path: Path) -> Any:
@@ -87,6 +101,16 @@ def _read_pickle(path: Path) -> Any:
 def read_weights_file(path: str | Path) -> LoadedWeights:
     """Read and convert one weights file; the format is recognised from its suffix and content."""
     path = Path(path)
+    try:
+        return _read_weights_file(path)
+    except WeightsError as exc:
+        if str(path) in str(exc):
+            raise
+        # Converters describe the content; the user also needs to know which file it was.
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def _read_weights_file(path: Path) -> LoadedWeights:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist or is not a file")
     if path.suffix in (".safetensors", ".json") and _is_native(path):

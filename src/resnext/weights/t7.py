@@ -119,7 +119,16 @@ class T7Reader:
                 raise WeightsError(f"{self.name}: negative table size {count} (corrupt file)")
             for _ in range(count):
                 key = self.read_object()
-                table[key if not isinstance(key, dict) else id(key)] = self.read_object()
+                value = self.read_object()
+                try:
+                    table[key if not isinstance(key, dict) else id(key)] = value
+                except TypeError:
+                    # Lua tables may be keyed by any object; a ResNeXt file only uses numbers
+                    # and strings, so an unhashable key (a tensor, a module) means corruption.
+                    raise WeightsError(
+                        f"{self.name}: table keyed by a {type(key).__name__} (corrupt file or "
+                        "not a network saved by Torch7's nn)"
+                    ) from None
             return table
         if tag == TORCH:
             index = self._int()

@@ -1,0 +1,68 @@
+"""bf16 vs fp32 top-1 agreement of the `optimize` fast path on the real ImageNet sample images.
+
+Usage: .venv/bin/python benchmarks/bench_bf16_agreement.py --root /work/shared/data/imagenet-sample
+       [--model resnext50_32x4d] [--weights FILE.safetensors] [--limit 1000]
+Without --weights the network keeps its random initialisation (no pretrained weights can be
+downloaded here); the record says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import resnext
+from resnext.data.images import load_rgb
+from resnext.data.presets import imagenet_eval
+from resnext.speed.data_bench import list_images
+from resnext.speed.fastpath import optimize
+from resnext.speed.provenance import write_results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--model", default="resnext50_32x4d")
+    parser.add_argument("--weights", type=Path, default=None)
+    parser.add_argument("--limit", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=25)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    model = resnext.create_model(args.model).eval()
+    if args.weights is not None:
+        model.load_state_dict(load_file(str(args.weights)))
+    files = list_images(args.root, args.limit)
+    transform = imagenet_eval()
+    example = torch.randn(args.batch, 3, 224, 224)
+    fp32 = optimize(model, torch.float32, backend="jit", example_input=example)
+    bf16 = optimize(model, torch.bfloat16, backend="jit", example_input=example)
+    agree, total, max_err, top5_overlap = 0, 0, 0.0, 0.0
+    for start in range(0, len(files), args.batch):
+        batch = torch.stack([transform(load_rgb(p)) for p in files[start : start + args.batch]])
+        with torch.no_grad():
+            a, b = fp32(batch), bf16(batch)
+        agree += int((a.argmax(1) == b.argmax(1)).sum())
+        total += len(batch)
+        max_err = max(max_err, float((a - b).abs().max() / a.abs().max()))
+        ta, tb = a.topk(5).indices, b.topk(5).indices
+        top5_overlap += sum(
+            len(set(x.tolist()) & set(y.tolist())) / 5 for x, y in zip(ta, tb, strict=True)
+        )
+    result = {
+        "images": total,
+        "top1_agreement": agree / total,
+        "top5_overlap": top5_overlap / total,
+        "max_rel_err": max_err,
+        "weights": str(args.weights) if args.weights else "random initialisation",
+    }
+    print(result)
+    config = {k: str(v) for k, v in vars(args).items()}
+    print(f"results: {write_results(args.out, 'bench-bf16-agreement', config, result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

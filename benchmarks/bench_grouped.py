@@ -1,0 +1,131 @@
+"""The grouped-conv tax: grouped 3×3 implementations vs a dense 3×3, per ResNeXt-50 stage shape.
+
+Usage: .venv/bin/python benchmarks/bench_grouped.py [--batch 16] [--rounds 5] [--dtypes fp32,bf16]
+Also profiles whole-model time per layer kind (grouped 3×3, 1×1, other) with forward hooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import resnext
+from resnext.speed import grouped
+from resnext.speed.fastpath import optimize
+from resnext.speed.measure import interleaved
+from resnext.speed.provenance import write_results
+
+# (channels, spatial size, stride) of conv2 in the first block of each ResNeXt-50 32x4d stage,
+# and of the later blocks (stride 1); the dense reference uses ResNet-50's conv2 widths.
+STAGES = [(128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1)]
+RESNET_WIDTH = {128: 64, 256: 128, 512: 256, 1024: 512}
+
+
+def layer_variants(c: int, size: int, stride: int, batch: int, dtype: torch.dtype, cl: bool):
+    groups = 32
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(batch, c, size, size).to(dtype).contiguous(memory_format=fmt)
+    w = torch.randn(c, c // groups, 3, 3).to(dtype)
+    flops = grouped.conv_flops(tuple(x.shape), w, stride)
+    rn = RESNET_WIDTH[c]
+    xd = torch.randn(batch, rn, size, size).to(dtype).contiguous(memory_format=fmt)
+    wd = torch.randn(rn, rn, 3, 3).to(dtype).contiguous(memory_format=fmt)
+    variants = {
+        "dense-resnet50-3x3": (lambda: torch.nn.functional.conv2d(xd, wd, padding=1), batch),
+        "grouped-native": (lambda: grouped.grouped_native(x, w, stride, groups), batch),
+        "grouped-bmm": (lambda: grouped.grouped_bmm(x, w, stride, groups), batch),
+    }
+    for pack in (2, 4, 8):
+        pw = grouped.block_diagonal_weight(w, groups, pack).contiguous(memory_format=fmt)
+        variants[f"packed-{pack}"] = (
+            lambda pw=pw, pack=pack: grouped.grouped_packed(x, pw, stride, groups, pack),
+            batch,
+        )
+    dense_flops = grouped.conv_flops(tuple(xd.shape), wd, 1)
+    flop_of = {k: flops for k in variants}
+    flop_of["dense-resnet50-3x3"] = dense_flops
+    return variants, flop_of
+
+
+def profile_layers(name: str, batch: int, dtype: torch.dtype) -> dict[str, float]:
+    """Seconds per image by layer kind in the eager fast path (BN folded, channels_last)."""
+    model = optimize(resnext.create_model(name), dtype, backend="none").model
+    totals: dict[str, float] = defaultdict(float)
+    starts: dict[int, float] = {}
+
+    def kind(m: nn.Conv2d) -> str:
+        if m.kernel_size == (3, 3) and m.groups > 1:
+            return "grouped 3x3"
+        if m.kernel_size == (3, 3):
+            return "dense 3x3"
+        return "1x1" if m.kernel_size == (1, 1) else "stem"
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(
+                lambda mod, inp: starts.__setitem__(id(mod), time.perf_counter())
+            )
+            m.register_forward_hook(
+                lambda mod, inp, out: totals.__setitem__(
+                    kind(mod), totals[kind(mod)] + time.perf_counter() - starts[id(mod)]
+                )
+            )
+    x = torch.randn(batch, 3, 224, 224).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model(x)
+        totals.clear()
+        start = time.perf_counter()
+        for _ in range(3):
+            model(x)
+        total = (time.perf_counter() - start) / 3
+    out = {k: v / 3 / batch for k, v in totals.items()}
+    out["everything else"] = total / batch - sum(out.values())
+    out["total"] = total / batch
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    results: dict[str, object] = {"layers": {}, "profile": {}}
+    for dname in args.dtypes.split(","):
+        dtype = dtypes[dname]
+        for c, size, stride in STAGES:
+            for cl in (False, True):
+                variants, flops = layer_variants(c, size, stride, args.batch, dtype, cl)
+                with torch.no_grad():
+                    timings = interleaved(variants, rounds=args.rounds, iters=3)
+                key = f"{dname}/c{c}/{size}x{size}/{'channels_last' if cl else 'nchw'}"
+                rows = {}
+                for v, t in timings.items():
+                    rows[v] = {"median_ms": 1e3 * t.median_s, "gflops": flops[v] / t.median_s / 1e9}
+                dense = rows["dense-resnet50-3x3"]["gflops"]
+                line = "  ".join(f"{v} {r['gflops']:.0f}" for v, r in rows.items())
+                print(
+                    f"{key:34s} GFLOP/s: {line}  (native/dense {rows['grouped-native']['gflops'] / dense:.2f})"
+                )
+                results["layers"][key] = rows
+        for name in ("resnext50_32x4d", "resnet50"):
+            prof = profile_layers(name, args.batch, dtype)
+            results["profile"][f"{dname}/{name}"] = {k: 1e3 * v for k, v in prof.items()}
+            print(
+                f"{dname}/{name} ms/img: "
+                + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in prof.items())
+            )
+    path = write_results(args.out, "bench-grouped", vars(args) | {"out": str(args.out)}, results)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""`resnext bench infer|train|data`: CPU speed benchmarks that write JSON results with provenance."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from resnext.speed.allocator import reexec_with_allocator
+from resnext.speed.provenance import write_results
+
+DEFAULT_OUT = Path("benchmarks/results")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    parser.add_argument(
+        "--allocator",
+        choices=("auto", "tcmalloc", "jemalloc", "none"),
+        default="auto",
+        help="re-exec once with this allocator preloaded (auto: tcmalloc, else jemalloc)",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `bench` and its three benchmarks."""
+    parser = subparsers.add_parser("bench", help="CPU speed benchmarks (inference, training, data)")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+
+    infer = sub.add_parser("infer", help="inference img/s: eager vs fast paths vs peers")
+    infer.add_argument("--models", default="resnext50_32x4d", help="comma-separated names")
+    infer.add_argument("--variants", default=None, help="comma-separated (default: main ones)")
+    infer.add_argument("--batch", type=int, default=16)
+    infer.add_argument("--image-size", type=int, default=224)
+    infer.add_argument("--iters", type=int, default=2, help="calls per round")
+    infer.add_argument("--latency-rounds", type=int, default=0, help="batch-1 latency rounds")
+    _common(infer)
+
+    train = sub.add_parser("train", help="training step img/s (channels_last, bf16, compile)")
+    train.add_argument("--models", default="resnext50_32x4d", help="comma-separated names")
+    train.add_argument("--variants", default=None, help="comma-separated (default: main ones)")
+    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--image-size", type=int, default=224)
+    train.add_argument("--iters", type=int, default=1, help="steps per round")
+    _common(train)
+
+    data = sub.add_parser("data", help="training-transform img/s per core vs plain Pillow")
+    data.add_argument("--root", type=Path, required=True, help="folder of JPEG images")
+    data.add_argument("--limit", type=int, default=200, help="images per round")
+    _common(data)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen benchmark, print a summary, write the JSON record."""
+    allocator = reexec_with_allocator(args.allocator)
+    print(f"allocator: {allocator or 'glibc'}")
+    if args.bench == "infer":
+        from resnext.speed import infer_bench as bench
+
+        config = bench.InferConfig(
+            models=bench.parse_list(args.models),
+            variants=bench.parse_list(args.variants, bench.VARIANTS)
+            if args.variants
+            else bench.DEFAULT_VARIANTS,
+            batch=args.batch,
+            image_size=args.image_size,
+            rounds=args.rounds,
+            iters=args.iters,
+            latency_rounds=args.latency_rounds,
+        )
+        result = bench.run_infer_bench(config)
+    elif args.bench == "train":
+        from resnext.speed import infer_bench
+        from resnext.speed import train_bench as bench
+
+        config = bench.TrainConfig(
+            models=infer_bench.parse_list(args.models),
+            variants=infer_bench.parse_list(args.variants, bench.VARIANTS)
+            if args.variants
+            else bench.DEFAULT_VARIANTS,
+            batch=args.batch,
+            image_size=args.image_size,
+            rounds=args.rounds,
+            iters=args.iters,
+        )
+        result = bench.run_train_bench(config)
+    else:
+        from resnext.speed import data_bench as bench
+
+        config = bench.DataConfig(root=args.root, limit=args.limit, rounds=args.rounds)
+        result = bench.run_data_bench(config)
+    print("\n".join(bench.summary_lines(result)))
+    record = {**dataclasses.asdict(config), "allocator": allocator or "glibc"}
+    path = write_results(args.out, f"bench-{args.bench}", record, result)
+    print(f"results: {path}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """`resnext bench ARGV...` without the full CLI (for the scripts in benchmarks/)."""
+    parser = argparse.ArgumentParser(prog="resnext")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *argv])
+    return args.func(args)

@@ -1,0 +1,50 @@
+"""`resnext demo`: train the embedded digits recipe for a few minutes and print the accuracy reached."""
+
+from __future__ import annotations
+
+import argparse
+
+from resnext.config import load_config
+from resnext.train import TrainResult, train
+
+
+def run_demo(output_dir: str = "runs/digits_demo", epochs: int | None = None) -> TrainResult:
+    """Train `digits_demo` (real handwritten digits, no download) into `output_dir`."""
+    overrides = [f"output_dir={output_dir}", "train.resume=never"]
+    if epochs is not None:
+        overrides.append(f"train.epochs={epochs}")
+    return train(load_config("digits_demo", overrides))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train a small ResNeXt on the embedded handwritten digits (a few minutes on CPU)",
+    )
+    p.add_argument("--output-dir", default="runs/digits_demo", help="run folder")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.epochs is not None and args.epochs < 1:
+        raise SystemExit(f"resnext demo: error: --epochs must be >= 1, got {args.epochs}")
+    result = run_demo(args.output_dir, args.epochs)
+    n_params = sum(v.numel() for k, v in _weights(result).items() if "running" not in k)
+    print(
+        f"digits test accuracy: {result.val_top1_acc:.2f}% top-1 "
+        f"({100 - result.final['val_top5_err']:.2f}% top-5) after {result.epochs_completed} epochs "
+        f"in {result.wall_time_s:.0f}s, model with {n_params:,} parameters; "
+        f"curves: {result.run_dir / 'curves.png'}"
+    )
+    return 0
+
+
+def _weights(result: TrainResult) -> dict:
+    from resnext.train import load_checkpoint
+
+    return {
+        k: v
+        for k, v in load_checkpoint(result.last_checkpoint)["model"].items()
+        if v.is_floating_point()
+    }

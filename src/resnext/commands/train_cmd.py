@@ -1,0 +1,49 @@
+"""`resnext train --config FILE_OR_NAME [key=value ...]`: train or resume a run from a recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+from resnext.config import list_recipes, load_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a TOML recipe (resumes automatically from the run folder)",
+        description="Train a model from a recipe. Recipes: " + ", ".join(list_recipes()),
+    )
+    p.add_argument(
+        "--config", required=True, help="recipe name (see above) or path to a .toml file"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. data.root=PATH output_dir=PATH epochs=N optim.lr=0.05",
+    )
+    p.add_argument(
+        "--resume", default=None, help="checkpoint to resume from ('never' to start over)"
+    )
+    p.add_argument("--output-dir", default=None, help="run folder (same as output_dir=PATH)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from resnext.train import train
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    result = train(cfg)
+    if result.final:
+        print(
+            f"done: {result.epochs_completed} epochs, val top-1 error "
+            f"{result.final['val_top1_err']:.2f}% (best {result.best_val_top1_err:.2f}% at epoch "
+            f"{result.best_epoch}), top-5 error {result.final['val_top5_err']:.2f}%; "
+            f"run folder {result.run_dir}"
+        )
+    return 0

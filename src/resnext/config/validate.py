@@ -1,0 +1,112 @@
+"""Range and consistency checks of a built Config: one ConfigError naming the key and the valid range."""
+
+from __future__ import annotations
+
+import math
+
+from resnext.config.schema import AMP_CHOICES, DATA_KINDS, SCHEDULES, Config
+from resnext.errors import ConfigError, ResNeXtError
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}: expected a value > 0, got {value!r}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """`cfg` itself when every field is in range; otherwise a ConfigError naming the first bad key."""
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name: expected a non-empty name without '/', got {cfg.name!r}")
+    d, o, s, t, f = cfg.data, cfg.optim, cfg.schedule, cfg.train, cfg.finetune
+    _choice("data.kind", d.kind, DATA_KINDS)
+    if d.kind in ("cifar10", "cifar100", "imagefolder") and not d.root:
+        raise ConfigError(f"data.root: expected the dataset folder for data.kind={d.kind!r}")
+    for key, value in (
+        ("data.batch_size", d.batch_size),
+        ("data.eval_batch_size", d.eval_batch_size),
+        ("data.image_size", d.image_size),
+        ("optim.base_batch", o.base_batch),
+        ("optim.accum_steps", o.accum_steps),
+        ("optim.base_lr", o.base_lr),
+        ("train.epochs", t.epochs),
+        ("train.log_every", t.log_every),
+    ):
+        _positive(key, value)
+    if o.lr is not None:
+        _positive("optim.lr", o.lr)
+    if d.batch_size % o.accum_steps:
+        raise ConfigError(
+            f"data.batch_size: expected a multiple of optim.accum_steps={o.accum_steps}, "
+            f"got {d.batch_size}"
+        )
+    for key, value in (
+        ("data.workers", d.workers),
+        ("data.cutout", d.cutout),
+        ("optim.momentum", o.momentum),
+        ("optim.weight_decay", o.weight_decay),
+        ("optim.grad_clip", o.grad_clip),
+        ("schedule.warmup_epochs", s.warmup_epochs),
+        ("schedule.min_lr", s.min_lr),
+        ("train.seed", t.seed),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.threads", t.threads),
+        ("finetune.num_classes", f.num_classes),
+        ("finetune.frozen_stages", f.frozen_stages),
+    ):
+        _non_negative(key, value)
+    if not 0 <= o.label_smoothing < 1:
+        raise ConfigError(
+            f"optim.label_smoothing: expected 0 <= value < 1, got {o.label_smoothing}"
+        )
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum: expected 0 <= value < 1, got {o.momentum}")
+    if o.nesterov and o.momentum == 0:
+        raise ConfigError("optim.nesterov: requires optim.momentum > 0")
+    _choice("schedule.kind", s.kind, SCHEDULES)
+    if not 0 < s.gamma <= 1:
+        raise ConfigError(f"schedule.gamma: expected 0 < value <= 1, got {s.gamma}")
+    if not 0 < s.warmup_start <= 1:
+        raise ConfigError(f"schedule.warmup_start: expected 0 < value <= 1, got {s.warmup_start}")
+    if any(m <= 0 for m in s.milestones) or list(s.milestones) != sorted(set(s.milestones)):
+        raise ConfigError(
+            f"schedule.milestones: expected strictly increasing epochs > 0, got {list(s.milestones)}"
+        )
+    _choice("train.amp", t.amp, AMP_CHOICES)
+    _choice("train.device", t.device.split(":")[0], ("auto", "cpu", "cuda"))
+    if t.resume not in ("auto", "never") and not t.resume.endswith((".pt", ".pth")):
+        raise ConfigError(
+            f"train.resume: expected 'auto', 'never' or a checkpoint path (.pt), got {t.resume!r}"
+        )
+    if any(math.isnan(v) for v in (o.base_lr, o.weight_decay)):
+        raise ConfigError("optim: NaN is not a valid value")
+    _check_model(cfg)
+    return cfg
+
+
+def _check_model(cfg: Config) -> None:
+    # Imported here: the model package is heavier than the config package needs at import time.
+    from resnext.models import get_spec
+
+    try:
+        get_spec(cfg.model.name, **cfg.model.spec)
+    except ResNeXtError as exc:
+        raise ConfigError(f"model: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.spec: {exc}") from exc
+    if cfg.finetune.frozen_stages:
+        stages = len(get_spec(cfg.model.name, **cfg.model.spec).depths)
+        if cfg.finetune.frozen_stages > stages:
+            raise ConfigError(
+                f"finetune.frozen_stages: expected 0..{stages} for {cfg.model.name}, "
+                f"got {cfg.finetune.frozen_stages}"
+            )

@@ -1,0 +1,1 @@
+"""Shipped training recipes (TOML), loadable by name with `resnext train --config NAME`."""

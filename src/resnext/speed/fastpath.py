@@ -1,0 +1,141 @@
+"""`optimize`: the CPU inference fast path (eval, BN folded, channels_last, bf16, compiled graph)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from resnext.errors import ConfigError
+from resnext.speed.capability import bf16_supported
+from resnext.speed.fold import fold_batchnorm
+
+BACKENDS = ("inductor", "jit", "none")
+
+
+class CastInput(nn.Module):
+    """Casts the input to the model's dtype and memory format; returns float32 outputs."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, channels_last: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype=self.dtype).contiguous(memory_format=self.memory_format)
+        return self.model(x).float()
+
+
+class FrozenInductor(nn.Module):
+    """A torch.compile'd module whose calls (and so its compilations) run with inductor freezing.
+
+    Freezing turns the parameters into constants, so inductor can pre-pack the convolution
+    weights for oneDNN; the flag is patched around each call instead of set process-wide.
+    """
+
+    def __init__(self, module: nn.Module, dynamic: bool | None = False) -> None:
+        super().__init__()
+        self.module = module
+        self.compiled = torch.compile(module, dynamic=dynamic)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return self.compiled(x)
+
+
+class TracedModule(nn.Module):
+    """A torch.jit.trace'd and frozen module (the TorchScript fast path)."""
+
+    def __init__(self, module: nn.Module, example: torch.Tensor) -> None:
+        super().__init__()
+        with torch.no_grad():
+            traced = torch.jit.trace(module, example, check_trace=False)
+            self.traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.traced(x)
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch.float32 / torch.bfloat16 from a dtype or its name ('fp32', 'bf16', 'float32' ...)."""
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16}
+    names["bfloat16"] = torch.bfloat16
+    if isinstance(dtype, str):
+        if dtype not in names:
+            raise ConfigError(f"dtype: expected one of {sorted(names)}, got {dtype!r}")
+        dtype = names[dtype]
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
+    return dtype
+
+
+def default_example(model: nn.Module, batch: int = 1) -> torch.Tensor:
+    """A random input of the model's natural size (from `model.spec` when it has one)."""
+    spec = getattr(model, "spec", None)
+    chans = getattr(spec, "in_chans", 3)
+    size = 32 if getattr(spec, "stem", "imagenet") == "cifar" else 224
+    return torch.randn(batch, chans, size, size)
+
+
+def optimize(
+    model: nn.Module,
+    dtype: torch.dtype | str = torch.float32,
+    *,
+    channels_last: bool = True,
+    fold_bn: bool = True,
+    backend: str = "inductor",
+    example_input: torch.Tensor | None = None,
+    warmup_shapes: Sequence[tuple[int, ...]] = (),
+) -> nn.Module:
+    """A module computing the same function as `model` (in eval mode), faster on CPU.
+
+    The model is copied (the original is left untouched), put in eval mode, its BNs are folded
+    into the preceding convolutions, it is moved to channels_last and `dtype` (bf16 only where
+    the CPU has native bf16, else fp32 with a warning) and compiled with `backend`: 'inductor'
+    (torch.compile with freezing), 'jit' (torch.jit.trace + freeze) or 'none'. The compiled
+    graph is built once on `example_input` (default: batch 1 at the model's natural size) and
+    on each shape of `warmup_shapes`; if compiling fails, the eager fast path is returned with
+    a warning. Inputs may be any float dtype and layout; outputs are float32.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    dtype = resolve_dtype(dtype)
+    if dtype == torch.bfloat16 and not bf16_supported():
+        warnings.warn(
+            "bf16 requested but this CPU has no native bf16 instructions; using float32",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        dtype = torch.float32
+    work = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
+    work.requires_grad_(False)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    work = work.to(dtype=dtype, memory_format=memory_format)
+    eager = CastInput(work, dtype, channels_last).eval()
+    if backend == "none":
+        return eager
+    example = default_example(model) if example_input is None else example_input
+    shapes = [tuple(example.shape), *(tuple(s) for s in warmup_shapes)]
+    try:
+        if backend == "jit":
+            fast: nn.Module = TracedModule(eager, example)
+        else:
+            fast = FrozenInductor(eager)
+        for shape in shapes:
+            fast(torch.randn(shape))
+    except Exception as exc:  # any compiler failure falls back to the (still faster) eager path
+        warnings.warn(
+            f"optimize: {backend} compilation failed ({type(exc).__name__}: {exc}); "
+            "using the eager fast path",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return eager
+    return fast.eval()

@@ -1,0 +1,99 @@
+"""Batch-norm folding: each BN that directly follows a convolution becomes that convolution's bias.
+
+The graph is read with torch.fx (to know which BN consumes which convolution's output and nothing
+else); the change is made in the module tree itself, so the folded model keeps its class and
+methods (``forward_features``, ``spec`` ...). A pre-activation BN (one that precedes its
+convolution) is left in place: it cannot be folded into the following convolution through a ReLU.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import fx, nn
+
+
+def fold_conv_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of one convolution equal to ``bn(conv(x))`` in eval mode."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"{bn}: a BN without running statistics cannot be folded")
+    # float64 so that folding adds no rounding beyond the final cast.
+    w = conv.weight.detach().double()
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(mean)
+    new_w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    new_b = (bias - mean) * scale + beta
+    return new_w.to(conv.weight.dtype), new_b.to(conv.weight.dtype)
+
+
+def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, BN name) for every BN whose only input is a convolution used by nothing else."""
+    graph = fx.Tracer().trace(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) or src.op != "call_module":
+            continue
+        conv = modules[src.target]
+        # Both modules must be called exactly once, the conv's output feeding only this BN.
+        foldable = (
+            isinstance(conv, nn.Conv2d)
+            and conv.padding_mode == "zeros"
+            and len(src.users) == 1
+            and calls[src.target] == 1
+            and calls[node.target] == 1
+            and len(node.args) == 1
+            and not node.kwargs
+        )
+        if foldable:
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """An eval-mode model (a copy unless `inplace`) with every conv→BN pair folded into the conv.
+
+    If the model cannot be traced by torch.fx, it is returned unfolded (eval mode) with a warning.
+    """
+    target = model if inplace else copy.deepcopy(model)
+    target.eval()
+    try:
+        pairs = find_conv_bn_pairs(target)
+    except Exception as exc:  # fx raises many kinds of errors on untraceable code
+        warnings.warn(
+            f"BN folding skipped: the model cannot be traced by torch.fx ({exc})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return target
+    for conv_name, bn_name in pairs:
+        conv = target.get_submodule(conv_name)
+        bn = target.get_submodule(bn_name)
+        weight, bias = fold_conv_bn_weights(conv, bn)
+        conv.weight = nn.Parameter(weight, requires_grad=False)
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+        _set_module(target, bn_name, nn.Identity())
+    return target
+
+
+def count_batchnorms(model: nn.Module) -> int:
+    """How many BatchNorm layers the model still contains."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

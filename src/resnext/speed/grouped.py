@@ -1,0 +1,56 @@
+"""Alternative implementations of the grouped 3×3 convolution, to measure the 'grouped-conv tax'.
+
+Each function computes exactly ``F.conv2d(x, w, stride=s, padding=1, groups=g)``; they differ in
+how the work is laid out for the CPU: one oneDNN grouped kernel, one batched matmul over groups
+after im2col, or dense convolutions over block-diagonal weights packing k groups per GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_native(x: torch.Tensor, w: torch.Tensor, stride: int, groups: int) -> torch.Tensor:
+    """The reference: torch's grouped convolution (oneDNN on CPU)."""
+    return F.conv2d(x, w, stride=stride, padding=1, groups=groups)
+
+
+def grouped_bmm(x: torch.Tensor, w: torch.Tensor, stride: int, groups: int) -> torch.Tensor:
+    """im2col (unfold) then one batched matmul with the groups as the batch dimension."""
+    n, _, h, wd = x.shape
+    out_ch, cg, k, _ = w.shape
+    cols = F.unfold(x, k, padding=1, stride=stride)  # (n, c*k*k, L), channel-major
+    length = cols.shape[-1]
+    cols = cols.view(n, groups, cg * k * k, length)
+    weight = w.view(groups, out_ch // groups, cg * k * k)
+    out = torch.matmul(weight.unsqueeze(0), cols)  # (n, g, out/g, L)
+    ho = (h + 2 - k) // stride + 1
+    wo = (wd + 2 - k) // stride + 1
+    return out.reshape(n, out_ch, ho, wo)
+
+
+def block_diagonal_weight(w: torch.Tensor, groups: int, pack: int) -> torch.Tensor:
+    """Weights of a conv with groups/pack groups equal to `w` with `groups` groups (zeros elsewhere)."""
+    out_ch, cg, k, k2 = w.shape
+    og = out_ch // groups
+    packed = w.new_zeros(out_ch, cg * pack, k, k2)
+    for g in range(groups):
+        slot = g % pack
+        packed[g * og : (g + 1) * og, slot * cg : (slot + 1) * cg] = w[g * og : (g + 1) * og]
+    return packed
+
+
+def grouped_packed(
+    x: torch.Tensor, packed_w: torch.Tensor, stride: int, groups: int, pack: int
+) -> torch.Tensor:
+    """A conv with groups/pack groups on block-diagonal weights: pack× the FLOPs, bigger GEMMs."""
+    return F.conv2d(x, packed_w, stride=stride, padding=1, groups=groups // pack)
+
+
+def conv_flops(x_shape: tuple[int, ...], w: torch.Tensor, stride: int) -> int:
+    """Multiply-adds ×2 of the true grouped convolution (zeros in packed weights not counted)."""
+    n, _, h, wd = x_shape
+    out_ch, cg, k, k2 = w.shape
+    ho, wo = (h + 2 - k) // stride + 1, (wd + 2 - k) // stride + 1
+    return 2 * n * out_ch * cg * k * k2 * ho * wo

@@ -1,0 +1,163 @@
+"""Inference benchmark: eager vs the `optimize` fast paths vs peer engines, interleaved rounds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+import resnext
+from resnext.errors import ConfigError
+from resnext.speed import peers
+from resnext.speed.allocator import loaded_allocator
+from resnext.speed.fastpath import optimize
+from resnext.speed.measure import interleaved, ratios
+
+VARIANTS = (
+    "eager",
+    "eager-fast-fp32",
+    "inductor-fp32",
+    "inductor-bf16",
+    "jit-fp32",
+    "jit-bf16",
+    "ort-fp32",
+    "openvino-fp32",
+    "openvino-bf16",
+)
+DEFAULT_VARIANTS = ("eager", "inductor-fp32", "inductor-bf16", "ort-fp32", "openvino-bf16")
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """What one inference benchmark run measures."""
+
+    models: tuple[str, ...] = ("resnext50_32x4d",)
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    batch: int = 16
+    image_size: int = 224
+    rounds: int = 5
+    iters: int = 2
+    latency_rounds: int = 0
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        if unknown:
+            raise ConfigError(f"variants: unknown {unknown}; expected some of {list(VARIANTS)}")
+        for field in ("batch", "image_size", "rounds", "iters"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"{field}: expected an integer >= 1")
+
+
+def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def build_runner(
+    variant: str, model: nn.Module, example: torch.Tensor
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+    """A callable computing `model` by `variant` (outputs as a float tensor), and its build time."""
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    kind, _, dtype = variant.rpartition("-")
+    if variant == "eager":
+        fn: Callable[[torch.Tensor], torch.Tensor] = model
+    elif kind in ("eager-fast", "inductor", "jit"):
+        backend = "none" if kind == "eager-fast" else kind
+        fn = optimize(model, dtype, backend=backend, example_input=example)
+    elif kind == "ort":
+        session = peers.onnxruntime_runner(model, example, threads)
+        fn = lambda x: torch.from_numpy(session(x.numpy())[0])  # noqa: E731
+    else:
+        request = peers.openvino_runner(model, example, threads, {"fp32": "f32"}.get(dtype, dtype))
+        fn = lambda x: torch.from_numpy(next(iter(request(x.numpy()).values())))  # noqa: E731
+    return fn, time.perf_counter() - start
+
+
+def _peer_missing(variant: str) -> str | None:
+    package = {"ort": "onnxruntime", "openvino": "openvino"}.get(variant.split("-")[0])
+    if package and not peers.available(package):
+        return f"{variant}: skipped, {package} is not installed"
+    if package == "openvino" and loaded_allocator() is not None:
+        # Measured: OpenVINO 2026.4 aborts ('free(): invalid pointer') under a preloaded allocator.
+        return f"{variant}: skipped, OpenVINO crashes with LD_PRELOAD; rerun with glibc malloc"
+    return None
+
+
+def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> dict[str, object]:
+    """Build every (model, variant), check outputs against eager, time them interleaved."""
+    config.validate()
+    x = torch.randn(config.batch, 3, config.image_size, config.image_size)
+    x1 = x[:1].clone()
+    runners: dict[str, tuple[Callable[[], object], int]] = {}
+    latency: dict[str, tuple[Callable[[], object], int]] = {}
+    info: dict[str, dict[str, object]] = {}
+    for name in config.models:
+        model = resnext.create_model(name).eval()
+        with torch.no_grad():
+            reference = model(x)
+        for variant in config.variants:
+            note = _peer_missing(variant)
+            if note:
+                log(note)
+                continue
+            key = f"{name}/{variant}"
+            try:
+                fn, build_s = build_runner(variant, model, x)
+            except Exception as exc:  # a broken peer must not end the whole run
+                log(f"{key}: skipped, build failed ({type(exc).__name__}: {exc})")
+                continue
+            with torch.no_grad():
+                out = fn(x).float()
+            err = ((out - reference).abs().max() / reference.abs().max()).item()
+            agree = (out.argmax(1) == reference.argmax(1)).float().mean().item()
+            info[key] = {"build_s": build_s, "max_rel_err": err, "argmax_agreement": agree}
+            log(f"{key}: built in {build_s:.1f} s, max rel err {err:.2e}")
+            runners[key] = (_torch_runner(fn, x), config.batch)
+            if config.latency_rounds and variant.startswith(("inductor", "jit", "eager")):
+                # Compiled variants specialise on shape: batch 1 gets its own build.
+                fn1 = fn if variant == "eager" else build_runner(variant, model, x1)[0]
+                latency[key] = (_torch_runner(fn1, x1), 1)
+    timings = interleaved(runners, rounds=config.rounds, iters=config.iters)
+    result: dict[str, object] = {
+        "throughput": {k: {**t.as_dict(), **info[k]} for k, t in timings.items()},
+        "ratio_to_first": ratios(timings, next(iter(timings))) if timings else {},
+    }
+    if latency:
+        lat = interleaved(latency, rounds=config.latency_rounds, iters=5)
+        result["latency_batch1"] = {k: t.as_dict() for k, t in lat.items()}
+    return result
+
+
+def summary_lines(result: dict[str, object]) -> list[str]:
+    """Human-readable lines: img/s, median ms, ratio to the first variant."""
+    lines = []
+    ratio = result["ratio_to_first"]
+    for key, row in result["throughput"].items():
+        lines.append(
+            f"{key:42s} {row['throughput']:7.1f} img/s  {row['median_ms']:8.1f} ms/batch  "
+            f"×{ratio[key]:.2f}  err {row['max_rel_err']:.1e}"
+        )
+    for key, row in result.get("latency_batch1", {}).items():
+        lines.append(f"{key:42s} batch-1 latency {row['median_ms']:.1f} ms")
+    return lines
+
+
+def config_dict(config: InferConfig) -> dict[str, object]:
+    return asdict(config)
+
+
+def parse_list(text: str, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
+    """A comma-separated list; with `allowed`, each item must be one of them."""
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    if allowed is not None:
+        bad = [s for s in items if s not in allowed]
+        if bad:
+            raise ConfigError(f"unknown {bad}; expected some of {list(allowed)}")
+    return items

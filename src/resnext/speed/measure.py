@@ -1,0 +1,73 @@
+"""Timing on a noisy shared machine: interleaved rounds over variants, medians and ratios."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Timing:
+    """Per-round seconds per call of one variant, with the batch size it processed."""
+
+    batch: int
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def throughput(self) -> float:
+        """Items per second at the median round."""
+        return self.batch / self.median_s
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "batch": self.batch,
+            "median_ms": 1e3 * self.median_s,
+            "min_ms": 1e3 * min(self.seconds),
+            "max_ms": 1e3 * max(self.seconds),
+            "throughput": self.throughput,
+            "rounds_ms": [1e3 * s for s in self.seconds],
+        }
+
+
+def time_call(fn: Callable[[], object], iters: int) -> float:
+    """Mean seconds per call of `fn` over `iters` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
+def interleaved(
+    variants: Mapping[str, tuple[Callable[[], object], int]],
+    *,
+    rounds: int,
+    iters: int,
+    warmup: int = 1,
+) -> dict[str, Timing]:
+    """Time each variant (a call and the batch it processes) in alternating rounds.
+
+    Rounds alternate between variants so that a burst of load from other processes hits all of
+    them alike; the median over rounds is then robust to the bursts.
+    """
+    if rounds < 1 or iters < 1:
+        raise ValueError(f"rounds and iters must be >= 1, got {rounds} and {iters}")
+    for fn, _ in variants.values():
+        for _ in range(warmup):
+            fn()
+    timings = {name: Timing(batch) for name, (_, batch) in variants.items()}
+    for _ in range(rounds):
+        for name, (fn, _) in variants.items():
+            timings[name].seconds.append(time_call(fn, iters))
+    return timings
+
+
+def ratios(timings: Mapping[str, Timing], reference: str) -> dict[str, float]:
+    """Throughput of each variant divided by that of `reference`."""
+    base = timings[reference].throughput
+    return {name: t.throughput / base for name, t in timings.items()}

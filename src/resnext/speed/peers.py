@@ -1,0 +1,50 @@
+"""Other CPU inference engines as benchmark peers (ONNX Runtime, OpenVINO), when installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+Runner = Callable[[np.ndarray], object]
+
+
+def available(name: str) -> bool:
+    """True when the peer's Python package can be imported."""
+    return importlib.util.find_spec(name) is not None
+
+
+def onnxruntime_runner(model: nn.Module, example: torch.Tensor, threads: int) -> Runner:
+    """An ONNX Runtime session of `model` (fp32, exported at the example's shape)."""
+    import onnxruntime as ort
+
+    path = Path(tempfile.mkdtemp(prefix="resnext-onnx-")) / "model.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model.eval(), (example,), str(path), input_names=["x"], dynamo=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle ORT threads would otherwise spin and steal the cores from the interleaved torch rounds.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})
+
+
+def openvino_runner(
+    model: nn.Module, example: torch.Tensor, threads: int, precision: str
+) -> Runner:
+    """An OpenVINO CPU model of `model` with inference precision 'f32' or 'bf16'."""
+    import openvino as ov
+
+    with torch.no_grad():
+        converted = ov.convert_model(model.eval(), example_input=example)
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads}
+    compiled = ov.Core().compile_model(converted, "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda x: request.infer([x])

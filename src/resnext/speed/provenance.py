@@ -1,0 +1,84 @@
+"""Run provenance for benchmarks: versions, git commit, machine, and the JSON results file."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from resnext.speed.allocator import loaded_allocator
+from resnext.speed.capability import cpu_capability
+
+_OPTIONAL = ("numpy", "pillow", "onnxruntime", "openvino", "onnx")
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The current commit hash (with '-dirty' when the tree has changes), or None outside git."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{rev}-dirty" if dirty else rev
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of python, torch and the optional packages the benchmarks may use."""
+    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in _OPTIONAL:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def machine() -> dict[str, object]:
+    """CPU model, core count, load average and allocator: what the numbers depend on."""
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "allocator": loaded_allocator() or "glibc",
+        **cpu_capability().as_dict(),
+    }
+
+
+def write_results(
+    out_dir: Path, kind: str, config: dict[str, object], results: dict[str, object]
+) -> Path:
+    """Write {config, results, versions, machine, commit, date} to out_dir/<kind>-<time>.json."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{kind}-{now:%Y%m%dT%H%M%SZ}.json"
+    record = {
+        "kind": kind,
+        "date": now.isoformat(timespec="seconds"),
+        "config": config,
+        "results": results,
+        "versions": versions(),
+        "machine": machine(),
+        "git_commit": git_commit(Path(__file__).resolve().parent),
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(path)  # never leave a half-written results file
+    return path

@@ -1,0 +1,124 @@
+"""Training-step benchmark: eager vs channels_last + bf16 autocast + torch.compile, with checkpointing."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import resnext
+from resnext.errors import ConfigError
+from resnext.speed.measure import interleaved, ratios
+
+VARIANTS = ("eager-fp32", "cl-bf16", "cl-bf16-compile", "cl-bf16-ckpt", "cl-fp32-compile")
+DEFAULT_VARIANTS = ("eager-fp32", "cl-bf16", "cl-bf16-compile")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What one training benchmark run measures."""
+
+    models: tuple[str, ...] = ("resnext50_32x4d",)
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    batch: int = 16
+    image_size: int = 224
+    rounds: int = 5
+    iters: int = 1
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        if unknown:
+            raise ConfigError(f"variants: unknown {unknown}; expected some of {list(VARIANTS)}")
+        for field in ("batch", "image_size", "rounds", "iters"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"{field}: expected an integer >= 1")
+
+
+class CheckpointedStages(nn.Module):
+    """Runs each stage under activation checkpointing: its activations are recomputed in backward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.forward_stem(x)
+        for stage in m.stages():
+            x = checkpoint(stage, x, use_reentrant=False)
+        if m.final_bn is not None:
+            x = m.relu(m.final_bn(x))
+        return m.forward_head(x)
+
+
+def make_step(
+    model: nn.Module, variant: str, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], float]:
+    """One SGD step (forward, cross-entropy, backward, update) of `model` done the `variant` way."""
+    channels_last = variant.startswith("cl-")
+    bf16 = "-bf16" in variant
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    net: nn.Module = CheckpointedStages(model) if variant.endswith("-ckpt") else model
+    if variant.endswith("-compile"):
+        net = torch.compile(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_train_bench(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, object]:
+    """Build every (model, variant) step, report img/s (interleaved) and peak memory growth."""
+    config.validate()
+    x = torch.randn(config.batch, 3, config.image_size, config.image_size)
+    steps: dict[str, tuple[Callable[[], object], int]] = {}
+    memory: dict[str, float] = {}
+    for name in config.models:
+        for variant in config.variants:
+            key = f"{name}/{variant}"
+            model = resnext.create_model(name).train()
+            y = torch.randint(0, model.num_classes, (config.batch,))
+            step = make_step(model, variant, x, y)
+            before = _peak_rss_mb()
+            step()  # first step: compilation and the variant's activation memory
+            step()
+            memory[key] = _peak_rss_mb() - before
+            log(f"{key}: ready, peak RSS grew {memory[key]:.0f} MB")
+            steps[key] = (step, config.batch)
+    timings = interleaved(steps, rounds=config.rounds, iters=config.iters, warmup=0)
+    return {
+        "throughput": {
+            k: {**t.as_dict(), "peak_rss_growth_mb": memory[k]} for k, t in timings.items()
+        },
+        "ratio_to_first": ratios(timings, next(iter(timings))),
+        "note": "peak RSS growth is process-wide and monotone: it is exact for the first "
+        "variant only and a lower bound on later ones; run a variant alone for its peak",
+    }
+
+
+def summary_lines(result: dict[str, object]) -> list[str]:
+    """Human-readable lines: img/s, median ms per step, ratio to the first variant."""
+    ratio = result["ratio_to_first"]
+    return [
+        f"{key:42s} {row['throughput']:6.1f} img/s  {row['median_ms']:8.1f} ms/step  "
+        f"×{ratio[key]:.2f}  peak RSS +{row['peak_rss_growth_mb']:.0f} MB"
+        for key, row in result["throughput"].items()
+    ]

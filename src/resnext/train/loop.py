@@ -1,0 +1,115 @@
+"""One training epoch: accumulate micro-batches, check the loss is finite, step, schedule, report."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from resnext.errors import TrainingError
+from resnext.train.distributed import all_reduce_sum
+from resnext.train.metrics import Meter
+from resnext.train.precision import autocast
+from resnext.train.progress import Progress
+
+
+@dataclass
+class StepContext:
+    """Everything one optimisation step needs, fixed for the run."""
+
+    model: nn.Module  # possibly DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    accum_steps: int
+    grad_clip: float
+    distributed: bool
+
+
+# Called after every optimiser step with (epoch, steps done in this epoch, global step, meter).
+StepHook = Callable[[int, int, int, Meter], None]
+
+
+def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
+    if distributed:
+        bad = all_reduce_sum(bad)
+    return bad.item() == 0
+
+
+def train_one_epoch(
+    ctx: StepContext,
+    loader: DataLoader,
+    *,
+    epoch: int,
+    start_step: int,
+    global_step: int,
+    meter: Meter,
+    progress: Progress,
+    on_step: StepHook | None = None,
+) -> int:
+    """Run the loader's remaining steps of `epoch`; return the global step count after it.
+
+    A non-finite loss stops before any weight changes, with a TrainingError naming the step.
+    """
+    memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    step = start_step
+    for images, target in loader:
+        images = images.to(ctx.device, non_blocking=True, memory_format=memory_format)
+        target = target.to(ctx.device, non_blocking=True)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        micro_images = images.chunk(ctx.accum_steps)
+        micro_targets = target.chunk(ctx.accum_steps)
+        for m, (x, y) in enumerate(zip(micro_images, micro_targets, strict=True)):
+            last = m == ctx.accum_steps - 1
+            # Gradients are all-reduced once per step, on the last micro-batch.
+            sync = (
+                ctx.model.no_sync()
+                if ctx.distributed and not last and hasattr(ctx.model, "no_sync")
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with autocast(ctx.amp_dtype, ctx.device):
+                    logits = ctx.model(x)
+                loss = ctx.criterion(logits.float(), y)
+                if not _all_finite(loss.detach(), ctx.distributed):
+                    raise TrainingError(
+                        f"non-finite loss ({float(loss.detach()):.4g}) at epoch {epoch + 1}, "
+                        f"step {step + 1} of the epoch (global step {global_step + 1}); "
+                        "stopped before updating the weights"
+                    )
+                scaled = loss / ctx.accum_steps
+                if ctx.scaler is not None:
+                    ctx.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            meter.add(float(loss.detach()), logits.detach(), y)
+        if ctx.grad_clip > 0:
+            if ctx.scaler is not None:
+                ctx.scaler.unscale_(ctx.optimizer)
+            torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.grad_clip)
+        if ctx.scaler is not None:
+            ctx.scaler.step(ctx.optimizer)
+            ctx.scaler.update()
+        else:
+            ctx.optimizer.step()
+        ctx.scheduler.step()
+        step += 1
+        global_step += 1
+        lr = ctx.optimizer.param_groups[0]["lr"]
+        mean_loss = meter.loss_sum / max(1, meter.count)
+        progress.update(images.shape[0], f"loss {mean_loss:.4f} lr {lr:.4g}")
+        if on_step is not None:
+            on_step(epoch, step, global_step, meter)
+    if not math.isfinite(meter.loss_sum):
+        raise TrainingError(f"non-finite running loss after epoch {epoch + 1}")
+    return global_step

@@ -1,0 +1,58 @@
+"""What produced a run: versions of Python, torch, numpy and resnext, the git commit, the machine."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import resnext
+
+
+def git_commit(path: Path | None = None) -> dict[str, Any]:
+    """The commit of the checkout holding the package (and whether it has local changes), if any."""
+    where = path or Path(resnext.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=where, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def collect(device: torch.device, world_size: int) -> dict[str, Any]:
+    """The provenance record of a run started now on `device` with `world_size` processes."""
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "argv": sys.argv,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "resnext": resnext.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "git": git_commit(),
+    }
+
+
+def save(record: dict[str, Any], run_dir: Path) -> Path:
+    """Write provenance.json into the run folder."""
+    path = run_dir / "provenance.json"
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path

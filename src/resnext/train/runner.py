@@ -1,0 +1,351 @@
+"""`train(config)`: the whole run, from datasets to the last checkpoint, logs and curve figure."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+
+from resnext.config import Config, save_config
+from resnext.errors import ConfigError
+from resnext.speed.allocator import keep_freed_memory
+from resnext.train import provenance
+from resnext.train.checkpoint import atomic_save
+from resnext.train.data_setup import build_splits, class_count, eval_loader, train_loader
+from resnext.train.distributed import DistInfo, barrier, init_distributed
+from resnext.train.evaluate import evaluate
+from resnext.train.finetune import frozen_modules
+from resnext.train.logs import MetricsLog
+from resnext.train.loop import StepContext, train_one_epoch
+from resnext.train.metrics import Meter
+from resnext.train.model_setup import build_network, place, wrap_distributed
+from resnext.train.optim import build_optimizer, build_scheduler, resolve_lr
+from resnext.train.plot import plot_curves
+from resnext.train.precision import make_scaler, resolve_amp
+from resnext.train.progress import Progress
+from resnext.train.state import Position, Trainables, make_payload, restore
+
+# Called after every optimiser step with (epoch, steps done in the epoch, global step).
+UserHook = Callable[[int, int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The outcome of a run: where it lives, how far it got, and its final and best errors (%)."""
+
+    run_dir: Path
+    epochs_completed: int
+    global_step: int
+    final: dict[str, Any]
+    best_val_top1_err: float
+    best_epoch: int
+    history: tuple[dict[str, Any], ...]
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    wall_time_s: float
+
+    @property
+    def val_top1_acc(self) -> float:
+        """Final top-1 accuracy on the validation split, in percent."""
+        return 100.0 - float(self.final.get("val_top1_err", 100.0))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so model initialisation is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _checkpoint_paths(run_dir: Path) -> tuple[Path, Path]:
+    folder = run_dir / "checkpoints"
+    return folder / "last.pt", folder / "best.pt"
+
+
+def _resume_path(cfg: Config, last: Path) -> Path | None:
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        return last if last.is_file() else None
+    return Path(cfg.train.resume)
+
+
+def _check_output_dir(run_dir: Path) -> None:
+    """Refuse, before anything is written, a run folder that cannot be created or written."""
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(
+            f"output_dir: {run_dir} cannot be created: {probe} exists and is not a folder"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output_dir: {probe} is not writable (needed for the run folder {run_dir})"
+        )
+
+
+def train(
+    config: Config,
+    *,
+    train_set: Dataset | None = None,
+    val_set: Dataset | None = None,
+    on_step: UserHook | None = None,
+) -> TrainResult:
+    """Train (or resume) the run `config` describes; datasets default to the config's data section."""
+    t_start = time.perf_counter()
+    cfg = config
+    info = init_distributed(cfg.train.device)
+    owns_group = info.distributed
+    try:
+        return _run(cfg, info, train_set, val_set, on_step, t_start)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(
+    cfg: Config,
+    info: DistInfo,
+    train_set: Dataset | None,
+    val_set: Dataset | None,
+    on_step: UserHook | None,
+    t_start: float,
+) -> TrainResult:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.keep_memory and info.device.type == "cpu":
+        keep_freed_memory()
+    run_dir = Path(cfg.resolved_output_dir())
+    last_path, best_path = _checkpoint_paths(run_dir)
+    if info.is_main:
+        _check_output_dir(run_dir)
+    if train_set is None or val_set is None:
+        splits = build_splits(cfg.data)
+        train_set = splits.train if train_set is None else train_set
+        val_set = splits.val if val_set is None else val_set
+    seed_everything(cfg.train.seed)
+    raw = build_network(cfg, class_count(train_set))
+    raw = place(raw, info.device, cfg.train.channels_last)
+    model = wrap_distributed(raw, info.device, info.world_size, cfg.train.sync_bn)
+    if cfg.train.sync_bn and info.world_size > 1:
+        raw = model.module  # the converted network (SyncBatchNorm layers) inside DDP
+    net: nn.Module = torch.compile(model) if cfg.train.compile else model
+
+    loader, sampler = train_loader(
+        train_set,
+        global_batch=cfg.data.batch_size,
+        seed=cfg.train.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        accum_steps=cfg.optim.accum_steps,
+        workers=cfg.data.workers,
+        pin_memory=cfg.data.pin_memory,
+    )
+    val_loader = eval_loader(
+        val_set,
+        batch_size=cfg.data.eval_batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        workers=cfg.data.workers,
+        pin_memory=cfg.data.pin_memory,
+    )
+    steps = sampler.steps_per_epoch
+    peak_lr = resolve_lr(cfg.optim, cfg.data.batch_size)
+    optimizer = build_optimizer(raw, cfg.optim, peak_lr)
+    scheduler = build_scheduler(optimizer, cfg.schedule, steps, cfg.train.epochs, peak_lr)
+    amp_dtype = resolve_amp(cfg.train.amp, info.device)
+    parts = Trainables(raw, optimizer, scheduler, make_scaler(amp_dtype, info.device))
+
+    resume_from = _resume_path(cfg, last_path)
+    pos = restore(resume_from, parts, info.device) if resume_from is not None else Position()
+    if info.is_main:
+        # Written only now that data, batch and resume point are known good: a run that cannot
+        # start leaves nothing behind.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir)
+        record = provenance.collect(info.device, info.world_size)
+        record["resumed_from"] = str(resume_from) if resume_from else None
+        record["resumed_at"] = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch}
+        record["peak_lr"] = peak_lr
+        record["amp_dtype"] = str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"
+        name = (
+            "provenance.json"
+            if resume_from is None
+            else f"provenance-resume-{pos.global_step}.json"
+        )
+        (run_dir / name).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    ctx = StepContext(
+        model=net,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=parts.scaler,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
+        device=info.device,
+        amp_dtype=amp_dtype,
+        channels_last=cfg.train.channels_last,
+        accum_steps=cfg.optim.accum_steps,
+        grad_clip=cfg.optim.grad_clip,
+        distributed=info.distributed,
+    )
+    log = MetricsLog(run_dir, pos.history, enabled=info.is_main)
+    epoch_start = [time.perf_counter()]
+    try:
+        while pos.epoch < cfg.train.epochs:
+            _train_epoch(cfg, info, ctx, parts, pos, loader, sampler, steps, on_step, epoch_start)
+            _end_epoch(cfg, info, ctx, parts, pos, val_loader, sampler, log, epoch_start)
+    finally:
+        log.close()
+    if info.is_main and pos.history:
+        plot_curves(pos.history, run_dir / "curves.png", title=f"{cfg.name} ({cfg.model.name})")
+    final = pos.history[-1] if pos.history else {}
+    result = TrainResult(
+        run_dir=run_dir,
+        epochs_completed=pos.epoch,
+        global_step=pos.global_step,
+        final=final,
+        best_val_top1_err=pos.best_top1_err,
+        best_epoch=pos.best_epoch,
+        history=tuple(pos.history),
+        last_checkpoint=last_path,
+        best_checkpoint=best_path if best_path.is_file() else None,
+        wall_time_s=time.perf_counter() - t_start,
+    )
+    if info.is_main:
+        summary = {
+            "epochs_completed": result.epochs_completed,
+            "global_step": result.global_step,
+            "final": final,
+            "best_val_top1_err": result.best_val_top1_err,
+            "best_epoch": result.best_epoch,
+            "wall_time_s": result.wall_time_s,
+        }
+        (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    barrier()
+    return result
+
+
+def _train_mode(net: nn.Module, raw: nn.Module, frozen_stages: int) -> None:
+    net.train()
+    for module in frozen_modules(raw, frozen_stages):
+        module.eval()
+
+
+def _train_epoch(
+    cfg: Config,
+    info: DistInfo,
+    ctx: StepContext,
+    parts: Trainables,
+    pos: Position,
+    loader: Any,
+    sampler: Any,
+    steps: int,
+    on_step: UserHook | None,
+    epoch_start: list[float],
+) -> None:
+    """Train the rest of epoch `pos.epoch`, saving a step checkpoint every `checkpoint_every` steps."""
+    _train_mode(ctx.model, parts.model, cfg.finetune.frozen_stages)
+    sampler.set_epoch(pos.epoch, pos.step_in_epoch)
+    epoch_start[0] = time.perf_counter()
+    last_path, _ = _checkpoint_paths(Path(cfg.resolved_output_dir()))
+    progress = Progress(
+        steps,
+        f"epoch {pos.epoch + 1}/{cfg.train.epochs}",
+        every=cfg.train.log_every,
+        enabled=info.is_main,
+        start=pos.step_in_epoch,
+    )
+
+    def after_step(epoch: int, step: int, global_step: int, meter: Meter) -> None:
+        pos.step_in_epoch, pos.global_step, pos.meter = step, global_step, meter
+        every = cfg.train.checkpoint_every
+        if every and global_step % every == 0 and step < steps and info.is_main:
+            seconds = pos.epoch_seconds + time.perf_counter() - epoch_start[0]
+            saved = Position(**{**pos.__dict__, "epoch_seconds": seconds})
+            atomic_save(make_payload(cfg, parts, saved, sampler.state_dict()), last_path)
+        if on_step is not None:
+            on_step(epoch, step, global_step)
+
+    train_one_epoch(
+        ctx,
+        loader,
+        epoch=pos.epoch,
+        start_step=pos.step_in_epoch,
+        global_step=pos.global_step,
+        meter=pos.meter,
+        progress=progress,
+        on_step=after_step,
+    )
+
+
+def _end_epoch(
+    cfg: Config,
+    info: DistInfo,
+    ctx: StepContext,
+    parts: Trainables,
+    pos: Position,
+    val_loader: Any,
+    sampler: Any,
+    log: MetricsLog,
+    epoch_start: list[float],
+) -> None:
+    """Evaluate, record the epoch, save `last` (and `best` when val top-1 error improved)."""
+    seconds = pos.epoch_seconds + time.perf_counter() - epoch_start[0]
+    train_meter = pos.meter.reduced(info.device)
+    record: dict[str, Any] = {"epoch": pos.epoch + 1, "global_step": pos.global_step}
+    record.update(train_meter.summary("train"))
+    if info.distributed:
+        # Each rank's BN running statistics saw only its own batches: evaluate, like the saved
+        # checkpoint, with rank 0's. The unwrapped network avoids DDP's per-forward collectives,
+        # which would hang when ranks hold different numbers of evaluation batches.
+        for buffer in parts.model.buffers():
+            dist.broadcast(buffer, src=0)
+    record.update(
+        evaluate(
+            parts.model,
+            val_loader,
+            info.device,
+            amp_dtype=ctx.amp_dtype,
+            channels_last=cfg.train.channels_last,
+            flip=cfg.train.eval_flip,
+        )
+    )
+    record["lr"] = ctx.optimizer.param_groups[0]["lr"]
+    record["images_per_s"] = train_meter.count / seconds if seconds > 0 else 0.0
+    record["epoch_time_s"] = seconds
+    pos.history.append(record)
+    pos.epoch += 1
+    pos.step_in_epoch = 0
+    pos.meter = Meter()
+    pos.epoch_seconds = 0.0
+    improved = record["val_top1_err"] < pos.best_top1_err
+    if improved:
+        pos.best_top1_err, pos.best_epoch = record["val_top1_err"], pos.epoch
+    if info.is_main:
+        last_path, best_path = _checkpoint_paths(Path(cfg.resolved_output_dir()))
+        sampler.set_epoch(pos.epoch, 0)
+        payload = make_payload(cfg, parts, pos, sampler.state_dict())
+        atomic_save(payload, last_path)
+        if improved:
+            atomic_save(payload, best_path)
+        log.write(record)
+        print(
+            f"epoch {pos.epoch}/{cfg.train.epochs}: train loss {record['train_loss']:.4f} "
+            f"top-1 err {record['train_top1_err']:.2f}% | val top-1 err {record['val_top1_err']:.2f}% "
+            f"top-5 err {record['val_top5_err']:.2f}% | {record['images_per_s']:.0f} img/s "
+            f"{seconds:.1f}s",
+            flush=True,
+        )
+    barrier()

@@ -1,0 +1,96 @@
+"""What a checkpoint holds, and how a run's objects are saved into and restored from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnext.config import Config, config_to_dict
+from resnext.errors import CheckpointError
+from resnext.train.checkpoint import capture_rng, load_checkpoint, restore_rng
+from resnext.train.metrics import Meter
+
+FORMAT = "resnext-train-checkpoint/1"
+
+
+@dataclass
+class Position:
+    """Where the run is: epoch in progress (0-based), steps done in it, steps done in all."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    meter: Meter = field(default_factory=Meter)
+    epoch_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_top1_err: float = float("inf")
+    best_epoch: int = 0
+
+
+@dataclass
+class Trainables:
+    """The objects whose state a checkpoint carries."""
+
+    model: nn.Module  # the unwrapped network
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+
+
+def make_payload(cfg: Config, parts: Trainables, pos: Position, sampler_state: dict) -> dict:
+    """The checkpoint dict of the run at `pos`."""
+    sched = parts.scheduler.state_dict()
+    # The schedule's shape comes from the config at load time (a resumed run may extend epochs).
+    sched["lr_lambdas"] = [None] * len(sched.get("lr_lambdas", []))
+    return {
+        "format": FORMAT,
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": sched,
+        "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+        "epoch": pos.epoch,
+        "step_in_epoch": pos.step_in_epoch,
+        "global_step": pos.global_step,
+        "meter": pos.meter.state_dict(),
+        "epoch_seconds": pos.epoch_seconds,
+        "history": pos.history,
+        "best": {"top1_err": pos.best_top1_err, "epoch": pos.best_epoch},
+        "rng": capture_rng(),
+        "sampler": sampler_state,
+        "config": config_to_dict(cfg),
+    }
+
+
+def restore(path: Path, parts: Trainables, device: torch.device) -> Position:
+    """Load a checkpoint into the run's objects and RNGs; return the position to continue from."""
+    ckpt = load_checkpoint(path, map_location=device)
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path}: format {ckpt.get('format')!r}, expected {FORMAT}"
+        )
+    try:
+        parts.model.load_state_dict(ckpt["model"])
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
+        parts.scheduler.load_state_dict(ckpt["scheduler"])
+        if parts.scaler is not None and ckpt["scaler"] is not None:
+            parts.scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: does not fit this run's model/optimizer ({exc})"
+        ) from exc
+    restore_rng(ckpt["rng"])
+    best = ckpt.get("best") or {}
+    return Position(
+        epoch=int(ckpt["epoch"]),
+        step_in_epoch=int(ckpt["step_in_epoch"]),
+        global_step=int(ckpt["global_step"]),
+        meter=Meter.from_state(ckpt.get("meter")),
+        epoch_seconds=float(ckpt.get("epoch_seconds", 0.0)),
+        history=list(ckpt.get("history", [])),
+        best_top1_err=float(best.get("top1_err", float("inf"))),
+        best_epoch=int(best.get("epoch", 0)),
+    )

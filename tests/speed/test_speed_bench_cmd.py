@@ -1,0 +1,84 @@
+"""`resnext bench infer|train|data`: each runs end to end on a tiny model and writes its record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from resnext.commands import bench_cmd
+from resnext.errors import ConfigError, DataError
+from resnext.speed.measure import Timing, interleaved, ratios
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_cmd.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv, "--allocator", "none"])
+
+
+def _record(out: Path) -> dict:
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1
+    return json.loads(files[0].read_text())
+
+
+def test_bench_infer_writes_results_with_provenance(tmp_path: Path) -> None:
+    args = _args(
+        ["infer", "--models", "resnext_tiny", "--variants", "eager,eager-fast-fp32",
+         "--batch", "2", "--image-size", "32", "--rounds", "2", "--iters", "1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert bench_cmd.run(args) == 0
+    record = _record(tmp_path)
+    rows = record["results"]["throughput"]
+    assert set(rows) == {"resnext_tiny/eager", "resnext_tiny/eager-fast-fp32"}
+    assert rows["resnext_tiny/eager-fast-fp32"]["max_rel_err"] < 1e-4
+    assert record["config"]["batch"] == 2
+    assert record["versions"]["torch"] and "git_commit" in record and "machine" in record
+
+
+def test_bench_train_runs_a_real_step(tmp_path: Path) -> None:
+    args = _args(
+        ["train", "--models", "resnext_tiny", "--variants", "eager-fp32,cl-bf16-ckpt",
+         "--batch", "2", "--image-size", "32", "--rounds", "1", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert bench_cmd.run(args) == 0
+    rows = _record(tmp_path)["results"]["throughput"]
+    assert all(row["throughput"] > 0 for row in rows.values())
+
+
+def test_bench_data_against_pillow(tmp_path: Path, imagenet_sample: Path) -> None:
+    args = _args(
+        ["data", "--root", str(imagenet_sample), "--limit", "3", "--rounds", "1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert bench_cmd.run(args) == 0
+    ratio = _record(tmp_path)["results"]["ratio_to_first"]
+    assert ratio["pillow-baseline"] == pytest.approx(1.0)
+
+
+def test_bad_inputs_are_project_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown"):
+        bench_cmd.run(_args(["infer", "--variants", "eager,tensorrt", "--out", str(tmp_path)]))
+    with pytest.raises(DataError, match=r"no \.JPEG"):
+        bench_cmd.run(_args(["data", "--root", str(tmp_path), "--out", str(tmp_path)]))
+    assert not list(tmp_path.glob("*.json"))  # nothing half-written
+
+
+def test_interleaved_median_and_ratios() -> None:
+    calls: list[str] = []
+    timings = interleaved(
+        {"a": (lambda: calls.append("a"), 4), "b": (lambda: calls.append("b"), 8)},
+        rounds=3,
+        iters=1,
+        warmup=0,
+    )
+    assert calls == ["a", "b"] * 3  # rounds alternate between variants
+    t = Timing(batch=10, seconds=[0.5, 0.1, 0.2])
+    assert t.median_s == 0.2 and t.throughput == pytest.approx(50.0)
+    fake = {"x": Timing(2, [1.0]), "y": Timing(2, [0.5])}
+    assert ratios(fake, "x") == {"x": 1.0, "y": 2.0}
+    assert set(timings) == {"a", "b"}

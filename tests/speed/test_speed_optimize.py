@@ -1,0 +1,127 @@
+"""optimize(): the fast path computes the same function as the plain eval-mode model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import resnext
+from resnext.errors import ConfigError
+from resnext.speed import fastpath as optimize_module
+from resnext.speed.capability import bf16_supported, cpu_capability
+from resnext.speed.fastpath import optimize
+
+_MAX_PARAMS = 10_000_000  # larger registry models take too long to build for a fast test
+
+
+def _param_count(name: str) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in resnext.create_model(name).parameters())
+
+
+def _small_input(model: nn.Module) -> torch.Tensor:
+    size = 32 if model.spec.stem == "cifar" else 64
+    return torch.randn(2, model.spec.in_chans, size, size)
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0.0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0.0, 0.1)
+
+
+def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", resnext.list_models())
+def test_fp32_same_function_every_registry_model(name: str) -> None:
+    if _param_count(name) > _MAX_PARAMS:
+        pytest.skip(f"{name}: over {_MAX_PARAMS:,} parameters, too slow to build in a fast test")
+    model = resnext.create_model(name).eval()
+    _randomize_bn(model)
+    x = _small_input(model)
+    with torch.no_grad():
+        expected = model(x)
+    fast = optimize(model, torch.float32, backend="none")
+    with torch.no_grad():
+        got = fast(torch.randn_like(x).copy_(x))
+    assert got.dtype == torch.float32
+    assert _rel_err(got, expected) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["jit", "inductor"])
+def test_compiled_backends_same_function(backend: str) -> None:
+    model = resnext.create_model("resnext_tiny").eval()
+    _randomize_bn(model)
+    x = torch.randn(3, 3, 32, 32)
+    fast = optimize(model, "fp32", backend=backend, example_input=x)
+    fresh = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert _rel_err(fast(fresh), model(fresh)) < 1e-4
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="this CPU has no native bf16")
+def test_bf16_agrees_with_fp32() -> None:
+    model = resnext.create_model("resnext_tiny_in").eval()
+    _randomize_bn(model)
+    x = torch.randn(8, 3, 64, 64)
+    fast = optimize(model, torch.bfloat16, backend="jit", example_input=x)
+    with torch.no_grad():
+        expected, got = model(x), fast(x)
+    # bf16 keeps 8 mantissa bits: a few per cent of the output range, far from fp32's 1e-6.
+    assert 0 < _rel_err(got, expected) < 0.05
+
+
+def test_original_model_untouched_and_bad_arguments() -> None:
+    model = resnext.create_model("resnext_tiny").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimize(model, backend="none")
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ConfigError, match="dtype"):
+        optimize(model, torch.float16)
+    with pytest.raises(ConfigError, match="backend"):
+        optimize(model, backend="tensorrt")
+
+
+def test_compile_failure_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_compiler(module: nn.Module, example: torch.Tensor) -> nn.Module:
+        raise RuntimeError("compiler broke")
+
+    # A compiler failure is simulated: the point is that optimize() still returns a working model.
+    monkeypatch.setattr(optimize_module, "TracedModule", broken_compiler)
+    model = resnext.create_model("resnext_tiny").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(RuntimeWarning, match="compiler broke"):
+        fast = optimize(model, backend="jit", example_input=x)
+    with torch.no_grad():
+        assert _rel_err(fast(x), model(x)) < 1e-4
+
+
+def test_capability_reports_threads() -> None:
+    cap = cpu_capability()
+    assert cap.threads == torch.get_num_threads()
+    assert set(cap.as_dict()) == {"mkldnn", "isa", "native_bf16", "amx", "threads"}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grouped_alternatives_equal_conv2d(stride: int) -> None:
+    from resnext.speed import grouped
+
+    x = torch.randn(2, 16, 9, 9)
+    w = torch.randn(16, 2, 3, 3)  # 8 groups of 2 channels
+    expected = torch.nn.functional.conv2d(x, w, stride=stride, padding=1, groups=8)
+    got = grouped.grouped_bmm(x, w, stride, 8)
+    assert torch.allclose(got, expected, atol=1e-4)
+    packed = grouped.block_diagonal_weight(w, 8, 4)
+    assert packed.shape == (16, 8, 3, 3)
+    assert torch.allclose(grouped.grouped_packed(x, packed, stride, 8, 4), expected, atol=1e-4)
+    # Hand count: 2 images × 16 outputs × 2 inputs × 9 taps × output pixels × 2.
+    side = 9 if stride == 1 else 5
+    assert grouped.conv_flops(tuple(x.shape), w, stride) == 2 * 2 * 16 * 2 * 9 * side * side

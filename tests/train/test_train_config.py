@@ -1,0 +1,115 @@
+"""Config pipeline: recipes load, overrides are typed, bad input is one ConfigError naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import tomllib
+
+from resnext.config import config_from_dict, list_recipes, load_config, save_config
+from resnext.errors import ConfigError
+from resnext.train import resolve_lr
+
+
+def test_shipped_recipes_load_and_accept_the_common_overrides(tmp_path):
+    assert {
+        "imagenet_resnext50_32x4d",
+        "cifar_resnext29_8x64d",
+        "cifar10_mini_cpu",
+        "digits_demo",
+    } <= set(list_recipes())
+    for name in list_recipes():
+        cfg = load_config(
+            name, [f"data.root={tmp_path}", f"output_dir={tmp_path / 'o'}", "epochs=2"]
+        )
+        assert cfg.train.epochs == 2
+        assert cfg.data.root == str(tmp_path)
+        assert cfg.output_dir == str(tmp_path / "o")
+
+
+def test_imagenet_recipe_is_the_papers():
+    # Xie et al. 2017, Sec. 4: batch 256, lr 0.1 /10 every 30 epochs, wd 1e-4, momentum 0.9.
+    cfg = load_config("imagenet_resnext50_32x4d")
+    assert cfg.data.batch_size == 256
+    assert resolve_lr(cfg.optim, cfg.data.batch_size) == pytest.approx(0.1)
+    assert cfg.schedule.milestones[:2] == (30, 60)
+    assert cfg.schedule.gamma == pytest.approx(0.1)
+    assert cfg.optim.weight_decay == pytest.approx(1e-4)
+    assert cfg.optim.momentum == pytest.approx(0.9)
+    # Sec. 5.3 CIFAR: batch 128, wd 5e-4, lr 0.1, /10 at 150 and 225 of 300 epochs.
+    cifar = load_config("cifar_resnext29_8x64d")
+    assert (cifar.data.batch_size, cifar.train.epochs, cifar.schedule.milestones) == (
+        128,
+        300,
+        (150, 225),
+    )
+    assert cifar.optim.weight_decay == pytest.approx(5e-4)
+
+
+def test_linear_lr_scaling_rule():
+    cfg = load_config("imagenet_resnext50_32x4d", ["data.batch_size=1024"])
+    assert resolve_lr(cfg.optim, 1024) == pytest.approx(0.4)  # 0.1 x 1024 / 256
+    explicit = load_config("imagenet_resnext50_32x4d", ["optim.lr=0.05"])
+    assert resolve_lr(explicit.optim, 1024) == pytest.approx(0.05)
+
+
+def test_overrides_are_parsed_by_field_type():
+    cfg = load_config(
+        "digits_demo",
+        [
+            "train.epochs=7",
+            "optim.nesterov=false",
+            "optim.weight_decay=2e-4",
+            "schedule.milestones=3,5",
+            "model.spec.cardinality=4",
+            "optim.lr=none",
+        ],
+    )
+    assert cfg.train.epochs == 7 and isinstance(cfg.train.epochs, int)
+    assert cfg.optim.nesterov is False
+    assert cfg.optim.weight_decay == pytest.approx(2e-4)
+    assert cfg.schedule.milestones == (3, 5)
+    assert cfg.model.spec == {"cardinality": 4}
+    assert cfg.optim.lr is None
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("optim.lrr=0.1", r"unknown config key optim\.lrr"),
+        ("bogus=1", r"unknown config key bogus"),
+        ("train.epochs=ten", r"train\.epochs: expected int"),
+        ("optim.lr=nan", r"optim\.lr: expected a finite float"),
+        ("optim.lr=-0.1", r"optim\.lr: expected a value > 0"),
+        ("data.batch_size=0", r"data\.batch_size: expected a value > 0"),
+        ("data.workers=-1", r"data\.workers: expected a value >= 0"),
+        ("train.channels_last=maybe", r"train\.channels_last: expected bool"),
+        ("schedule.kind=linear", r"schedule\.kind: expected one of step, cosine"),
+        ("model.name=resnext9000", r"model: "),
+        ("schedule.milestones=30,10", r"schedule\.milestones: expected strictly increasing"),
+        ("noequals", r"expected dotted\.key=value"),
+    ],
+)
+def test_bad_overrides_are_one_config_error_naming_the_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("digits_demo", [override])
+
+
+def test_wrong_type_in_file_and_unknown_recipe(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[optim]\nmomentum = "high"\n')
+    with pytest.raises(ConfigError, match=r"optim\.momentum: expected float, got str"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no shipped recipe"):
+        load_config("no_such_recipe")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[optim\nlr = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+
+
+def test_saved_config_reloads_to_the_same_config(tmp_path):
+    cfg = load_config("cifar10_mini_cpu", ["epochs=3", "model.spec.cardinality=4", "optim.lr=0.3"])
+    json_path, toml_path = save_config(cfg, tmp_path)
+    assert load_config(toml_path) == cfg
+    assert load_config(json_path) == cfg
+    assert config_from_dict(tomllib.loads(toml_path.read_text())) == cfg

@@ -1,0 +1,86 @@
+"""Failures keep what was written: a non-finite loss stops the run, a failed write keeps the old file."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from resnext.errors import CheckpointError, TrainingError
+from resnext.train import atomic_save, load_checkpoint, train
+from resnext.train import checkpoint as checkpoint_mod
+
+
+class _Corruptible(Dataset):
+    """Wraps a dataset; once `corrupt` is set, every image it returns is all NaN."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+        self.corrupt = False
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        x, y = self.base[index]
+        return (torch.full_like(x, float("nan")) if self.corrupt else x), y
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(
+    tmp_path, tiny_cfg, tiny_data
+):
+    cfg = tiny_cfg(tmp_path / "run", train={"epochs": 3, "checkpoint_every": 1})
+    data = _Corruptible(tiny_data(64))
+    seen = {}
+
+    def corrupt_after_step_7(epoch: int, step: int, global_step: int) -> None:
+        if global_step == 7:
+            seen["good"] = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+            data.corrupt = True
+
+    # 64 images / 16 = 4 steps per epoch: global step 8 is epoch 2, step 4.
+    with pytest.raises(TrainingError, match=r"epoch 2, step 4 of the epoch \(global step 8\)"):
+        train(cfg, train_set=data, val_set=tiny_data(40, seed=2), on_step=corrupt_after_step_7)
+    kept = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert kept["global_step"] == 7
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+    for key, value in seen["good"]["model"].items():
+        assert torch.equal(kept["model"][key], value), key
+
+
+def test_failed_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    first = {"model": {"w": torch.arange(4.0)}, "epoch": 1}
+    atomic_save(first, path)
+
+    def broken_save(obj, fh):
+        fh.write(b"PK\x03\x04 partial bytes")  # a zip header and then the writer dies
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_mod.torch, "save", broken_save)
+    with pytest.raises(CheckpointError, match="write failed"):
+        atomic_save({"model": {"w": torch.zeros(4)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    again = load_checkpoint(path)
+    assert again["epoch"] == 1
+    assert torch.equal(again["model"]["w"], torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"model": {"w": torch.ones(1000)}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    # weights_only loading: a pickled object other than tensors and plain containers is rejected.
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "hook": math.gcd}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)

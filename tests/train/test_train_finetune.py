@@ -1,0 +1,45 @@
+"""Fine-tuning: a trained checkpoint gets a new classifier; frozen stages keep their weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resnext.errors import WeightsError
+from resnext.train import load_checkpoint, train
+
+
+def test_finetune_replaces_head_and_keeps_frozen_stages(tmp_path, tiny_cfg, tiny_data):
+    source = train(
+        tiny_cfg(tmp_path / "source", train={"epochs": 1}),
+        train_set=tiny_data(48),
+        val_set=tiny_data(32, seed=2),
+    )
+    before = load_checkpoint(source.last_checkpoint)["model"]
+    assert before["fc.weight"].shape[0] == 4
+
+    cfg = tiny_cfg(
+        tmp_path / "ft",
+        model={"name": "resnext_tiny", "spec": {}},
+        train={"epochs": 1},
+        finetune={"source": str(source.last_checkpoint), "num_classes": 3, "frozen_stages": 1},
+    )
+    tuned = train(cfg, train_set=tiny_data(48, classes=3, seed=5), val_set=tiny_data(30, classes=3))
+    after = load_checkpoint(tuned.last_checkpoint)["model"]
+
+    assert after["fc.weight"].shape == (3, before["fc.weight"].shape[1])
+    assert after["fc.bias"].shape == (3,)
+    # Stem and stage 1 are frozen (weights and BN statistics); stage 2 and later are trained.
+    frozen = [k for k in before if k.startswith(("conv1.", "bn1.", "layer1."))]
+    assert frozen
+    for key in frozen:
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["layer2.0.conv1.weight"], before["layer2.0.conv1.weight"])
+
+
+def test_finetune_source_that_does_not_fit_is_a_weights_error(tmp_path, tiny_cfg, tiny_data):
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"conv1.weight": torch.zeros(1, 1, 1, 1)}, wrong)
+    cfg = tiny_cfg(tmp_path / "ft", finetune={"source": str(wrong), "num_classes": 4})
+    with pytest.raises(WeightsError, match="do not fit the model"):
+        train(cfg, train_set=tiny_data(32), val_set=tiny_data(16))

@@ -1,0 +1,80 @@
+"""Recipe options beyond the paper: cutout, test-time flip, typed spec overrides, kept memory."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from resnext.config import load_config
+from resnext.data.transforms import Cutout
+from resnext.errors import ConfigError
+from resnext.speed.allocator import keep_freed_memory
+from resnext.train.evaluate import evaluate
+
+
+def test_cutout_zeroes_one_square_of_the_given_side_at_most():
+    gen = torch.Generator().manual_seed(0)
+    cut = Cutout(8, generator=gen)
+    full_squares = 0
+    for _ in range(200):
+        out = cut(torch.ones(3, 32, 32))
+        zero = out[0] == 0
+        assert torch.equal(zero, out[1] == 0) and torch.equal(zero, out[2] == 0)
+        rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+        # The zeros form one solid axis-aligned rectangle no larger than 8 x 8.
+        h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert h <= 8 and w <= 8 and int(zero.sum()) == h * w
+        assert (out[:, ~zero] == 1).all()
+        full_squares += h * w == 64
+    assert full_squares > 100  # centres away from the border cut the whole square
+
+
+def test_cutout_in_the_cifar_recipe_and_its_validation(tmp_path):
+    cfg = load_config("cifar10_mini_cpu", [f"data.root={tmp_path}", "data.cutout=12"])
+    assert cfg.data.cutout == 12
+    with pytest.raises(ConfigError, match=r"data\.cutout"):
+        load_config("cifar10_mini_cpu", [f"data.root={tmp_path}", "data.cutout=-1"])
+
+
+class _LeftHeavy(nn.Module):
+    """Scores that change under a horizontal flip: class 0 likes a bright left half."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1]
+        left, right = x[..., : w // 2].mean((1, 2, 3)), x[..., w // 2 :].mean((1, 2, 3))
+        return torch.stack([4 * (left - right), torch.zeros_like(left)], 1)
+
+
+def test_flip_evaluation_averages_the_softmax_of_image_and_mirror():
+    x = torch.rand(6, 3, 4, 4)
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    model = _LeftHeavy()
+    plain = evaluate(model, loader, torch.device("cpu"))
+    flipped = evaluate(model, loader, torch.device("cpu"), flip=True)
+    # By hand: the mirror negates the class-0 logit d, so the averaged class-0 probability is
+    # (sigmoid(d) + sigmoid(-d)) / 2 = 0.5 for every image, and the loss is log 2.
+    d = 4 * (x[..., :2].mean((1, 2, 3)) - x[..., 2:].mean((1, 2, 3)))
+    expected_loss = math.log(2)
+    assert flipped["val_loss"] == pytest.approx(expected_loss, abs=1e-5)
+    assert not torch.allclose(d, torch.zeros_like(d))
+    assert plain["val_loss"] != pytest.approx(expected_loss, abs=1e-3)
+
+
+def test_model_spec_overrides_are_typed_by_the_spec_fields(tmp_path):
+    cfg = load_config(
+        "cifar10_mini_cpu",
+        [f"data.root={tmp_path}", "model.spec.depths=2,2,2", "model.spec.stride_in_1x1=true"],
+    )
+    assert cfg.model.spec["depths"] == (2, 2, 2)
+    assert cfg.model.spec["stride_in_1x1"] is True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_keep_freed_memory_is_accepted_by_glibc():
+    assert keep_freed_memory() is True

@@ -1,0 +1,83 @@
+"""What a run leaves in its folder: JSON-lines metrics, TensorBoard events, the curve PNG, provenance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from resnext.config import load_config
+from resnext.train import read_metrics, train
+from resnext.train.optim import LRFactor
+
+
+def test_run_folder_has_metrics_events_png_and_provenance(tmp_path, tiny_cfg, tiny_data, capsys):
+    cfg = tiny_cfg(tmp_path / "run", train={"epochs": 3, "log_every": 2})
+    result = train(cfg, train_set=tiny_data(64), val_set=tiny_data(40, seed=2))
+    run = tmp_path / "run"
+
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    keys = {"train_loss", "train_top1_err", "train_top5_err", "val_top1_err", "val_top5_err", "lr"}
+    assert keys | {"images_per_s", "epoch_time_s"} <= set(records[0])
+    for r in records:
+        assert 0.0 <= r["val_top5_err"] <= r["val_top1_err"] <= 100.0
+        assert r["images_per_s"] > 0
+    # The tiny data is learnable: the error falls below chance (75 % for 4 classes).
+    assert records[-1]["train_top1_err"] < 75.0
+
+    png = (run / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    val_err = events.Scalars("val/top1_err")
+    assert [e.step for e in val_err] == [1, 2, 3]
+    assert [e.value for e in val_err] == pytest.approx([r["val_top1_err"] for r in records])
+
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["torch"] == torch.__version__
+    assert "commit" in prov["git"]
+    assert load_config(run / "config.toml") == cfg
+    summary = json.loads((run / "result.json").read_text())
+    assert summary["final"]["val_top1_err"] == result.final["val_top1_err"]
+    # Not a terminal: plain progress lines with a rate and an ETA.
+    err = capsys.readouterr().err
+    assert "img/s eta" in err and "\r" not in err
+
+
+def test_lr_schedule_matches_hand_computed_values():
+    cfg = load_config("digits_demo", ["schedule.kind=step", "schedule.milestones=2,4", "epochs=6"])
+    step = LRFactor(cfg.schedule.__class__(kind="step", milestones=(2, 4)), 10, 6, 0.1)
+    assert [step(s) for s in (0, 19, 20, 39, 40, 59)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cos = LRFactor(
+        cfg.schedule.__class__(kind="cosine", warmup_epochs=1, warmup_start=0.1), 10, 5, 0.1
+    )
+    # Warmup 0.1 -> 1 over 10 steps, then half a cosine over the remaining 40.
+    assert cos(0) == pytest.approx(0.1)
+    assert cos(5) == pytest.approx(0.55)
+    assert cos(10) == pytest.approx(1.0)
+    assert cos(30) == pytest.approx(0.5)
+    assert cos(50) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_progress_bar_on_a_terminal_redraws_one_line_with_rate_and_eta():
+    import io
+
+    from resnext.train.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    bar = Progress(4, "epoch 1/1", stream=screen)
+    for _ in range(4):
+        bar.update(32, "loss 1.0")
+    text = screen.getvalue()
+    assert text.count("\r") == 4 and text.endswith("\n")
+    assert "[########################] 4/4" in text
+    assert "img/s eta 00:00" in text
