@@ -22,6 +22,9 @@ COMMANDS: tuple[str, ...] = (
     "bench",
 )
 
+# Commands that run networks over many batches.
+HEAVY_COMMANDS = frozenset({"train", "demo", "eval", "predict", "bench"})
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with one sub-command per command module."""
@@ -39,6 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command in HEAVY_COMMANDS:
+        # A console run owns its process: keep freed activation buffers instead of letting glibc
+        # unmap and page-fault them on every batch (the in-process form of preloading tcmalloc).
+        from resnext.speed.allocator import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except ResNeXtError as exc:

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from resnext.speed.allocator import reexec_with_allocator
+from resnext.speed.allocator import keep_freed_memory, reexec_with_allocator
 from resnext.speed.provenance import write_results
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -55,6 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the chosen benchmark, print a summary, write the JSON record."""
     allocator = reexec_with_allocator(args.allocator)
+    if allocator is None and args.allocator != "none" and keep_freed_memory():
+        allocator = "glibc, freed memory kept (mallopt)"
     print(f"allocator: {allocator or 'glibc'}")
     if args.bench == "infer":
         from resnext.speed import infer_bench as bench
