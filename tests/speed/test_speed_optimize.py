@@ -54,6 +54,38 @@ def test_fp32_same_function_every_registry_model(name: str) -> None:
     assert _rel_err(got, expected) < 1e-4
 
 
+# The large zoo models above are skipped; their building blocks are covered here at tiny width.
+OPTION_VARIANTS = {
+    "deep_stem_avg_down": {"stem": "deep", "avg_down": True},
+    "squeeze_excitation": {"se_reduction": 4},
+    "preactivation": {"stem": "cifar", "preact": True},
+    "no_residual": {"residual": False},
+    "stride_in_1x1": {"stride_in_1x1": True},
+    "form_a": {"block_form": "a"},
+    "form_b": {"block_form": "b"},
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTION_VARIANTS))
+def test_fp32_same_function_every_spec_option(option: str) -> None:
+    spec = resnext.ModelSpec(
+        depths=(1, 2),
+        cardinality=4,
+        base_width=2,
+        stem_width=8,
+        out_width=16,
+        num_classes=5,
+        **OPTION_VARIANTS[option],
+    )
+    model = resnext.build_model(spec).eval()
+    _randomize_bn(model)
+    x = _small_input(model)
+    with torch.no_grad():
+        expected = model(x)
+        got = optimize(model, torch.float32, backend="none")(x.clone())
+    assert _rel_err(got, expected) < 1e-4
+
+
 @pytest.mark.parametrize("backend", ["jit", "inductor"])
 def test_compiled_backends_same_function(backend: str) -> None:
     model = resnext.create_model("resnext_tiny").eval()
