@@ -36,6 +36,8 @@ class DataConfig:
     strict: bool = False
     # CIFAR only: side of a random square zeroed in each training image (0 = off).
     cutout: int = 0
+    # CIFAR only: TrivialAugment (one random operation of the wide space per training image).
+    trivial_augment: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class TrainConfig:
     keep_memory: bool = True
     # Validate on each image and its mirror image, scores averaged (test-time flip).
     eval_flip: bool = False
+    # Validate after every N-th epoch and after the last one (the test-time views cost time).
+    eval_every: int = 1
+    # Also validate on copies shifted diagonally by this many pixels each way (0 = off).
+    eval_shift: int = 0
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ def validate(cfg: Config) -> Config:
         ("optim.base_lr", o.base_lr),
         ("train.epochs", t.epochs),
         ("train.log_every", t.log_every),
+        ("train.eval_every", t.eval_every),
     ):
         _positive(key, value)
     if o.lr is not None:
@@ -60,6 +61,7 @@ def validate(cfg: Config) -> Config:
         ("train.seed", t.seed),
         ("train.checkpoint_every", t.checkpoint_every),
         ("train.threads", t.threads),
+        ("train.eval_shift", t.eval_shift),
         ("finetune.num_classes", f.num_classes),
         ("finetune.frozen_stages", f.frozen_stages),
     ):

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from resnext.data.functional import to_tensor
+from resnext.data.in_memory import InMemoryImages
 from resnext.errors import ConfigError, DataError
 from resnext.io.safe_pickle import safe_load
 from resnext.io.safe_tar import safe_extract
@@ -123,7 +122,7 @@ def _read_classes(path: Path, variant: str, label_kind: str) -> list[str]:
     return names
 
 
-class CIFARDataset(torch.utils.data.Dataset):
+class CIFARDataset(InMemoryImages):
     """CIFAR-10/100 images as (N, 32, 32, 3) uint8 with integer targets and class names."""
 
     def __init__(
@@ -156,13 +155,6 @@ class CIFARDataset(torch.utils.data.Dataset):
         self.data = np.ascontiguousarray(flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         self.targets = [t for p in parts for t in p[1]]
         self.train, self.transform = train, transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        img = Image.fromarray(self.data[index])
-        return (self.transform(img) if self.transform else to_tensor(img)), self.targets[index]
 
     def __repr__(self) -> str:
         split = "train" if self.train else "test"

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from resnext.data.functional import to_tensor
+from resnext.data.in_memory import InMemoryImages
 from resnext.errors import ConfigError, DataError
 
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
@@ -80,7 +79,7 @@ def upscale_digits(images: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-class DigitsDataset(torch.utils.data.Dataset):
+class DigitsDataset(InMemoryImages):
     """scikit-learn's handwritten digits as (size x size) RGB images, with a fixed stratified split."""
 
     def __init__(
@@ -100,13 +99,6 @@ class DigitsDataset(torch.utils.data.Dataset):
         self.targets = [int(t) for t in labels[self.indices]]
         self.classes = list(DIGITS_CLASSES)
         self.train, self.transform = train, transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        img = Image.fromarray(self.data[index])
-        return (self.transform(img) if self.transform else to_tensor(img)), self.targets[index]
 
     def __repr__(self) -> str:
         split = "train" if self.train else "test"

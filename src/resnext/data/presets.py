@@ -20,6 +20,7 @@ from resnext.data.transforms import (
     TenCrop,
     ToTensor,
 )
+from resnext.data.trivial_augment import TrivialAugment
 
 
 def imagenet_train(
@@ -70,13 +71,21 @@ def cifar_train(
     padding: int = 4,
     flip: bool = True,
     cutout: int = 0,
+    trivial_augment: bool = False,
     generator: RandomSource = None,
 ) -> Compose:
     """fb.resnet.torch CIFAR: normalise, then zero-pad by 4 and crop 32 at random, flip.
 
-    `cutout` > 0 adds a random zeroed square of that side (not in the paper's recipe).
+    Not in the paper's recipe: `trivial_augment` first applies one TrivialAugment operation to
+    the 8-bit image; `cutout` > 0 adds a random zeroed square of that side at the end.
     """
-    steps = [ToTensor(), Normalize(mean, std), RandomCrop(size, padding, generator=generator)]
+    head: list = [TrivialAugment(generator=generator)] if trivial_augment else []
+    steps = [
+        *head,
+        ToTensor(),
+        Normalize(mean, std),
+        RandomCrop(size, padding, generator=generator),
+    ]
     if flip:
         steps.append(RandomHorizontalFlip(0.5, generator=generator))
     if cutout:

@@ -64,6 +64,7 @@ def default_transforms(
     interpolation: str = "bilinear",
     ten_crop: bool = False,
     cutout: int = 0,
+    trivial_augment: bool = False,
     generator: RandomSource = None,
 ) -> Callable[[Any], Any]:
     """The standard train or eval pipeline for a dataset kind (normalised float CHW tensors)."""
@@ -85,4 +86,12 @@ def default_transforms(
         return cifar_train(
             mean, std, size=size, padding=max(1, size // 16), flip=False, generator=generator
         )
-    return cifar_train(mean, std, size=size, padding=4, cutout=cutout, generator=generator)
+    return cifar_train(
+        mean,
+        std,
+        size=size,
+        padding=4,
+        cutout=cutout,
+        trivial_augment=trivial_augment,
+        generator=generator,
+    )

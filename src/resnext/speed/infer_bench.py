@@ -14,7 +14,7 @@ from resnext.errors import ConfigError
 from resnext.speed import peers
 from resnext.speed.allocator import loaded_allocator
 from resnext.speed.fastpath import optimize
-from resnext.speed.measure import interleaved, ratios
+from resnext.speed.measure import interleaved, ratios, validate_bench_config
 
 VARIANTS = (
     "eager",
@@ -43,12 +43,7 @@ class InferConfig:
     latency_rounds: int = 0
 
     def validate(self) -> None:
-        unknown = sorted(set(self.variants) - set(VARIANTS))
-        if unknown:
-            raise ConfigError(f"variants: unknown {unknown}; expected some of {list(VARIANTS)}")
-        for field in ("batch", "image_size", "rounds", "iters"):
-            if getattr(self, field) < 1:
-                raise ConfigError(f"{field}: expected an integer >= 1")
+        validate_bench_config(self, VARIANTS)
 
 
 def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from resnext.errors import ConfigError
+
 
 @dataclass
 class Timing:
@@ -71,3 +73,13 @@ def ratios(timings: Mapping[str, Timing], reference: str) -> dict[str, float]:
     """Throughput of each variant divided by that of `reference`."""
     base = timings[reference].throughput
     return {name: t.throughput / base for name, t in timings.items()}
+
+
+def validate_bench_config(config: object, known_variants: tuple[str, ...]) -> None:
+    """Refuse unknown variants and sizes or counts below 1, naming the field."""
+    unknown = sorted(set(config.variants) - set(known_variants))  # type: ignore[attr-defined]
+    if unknown:
+        raise ConfigError(f"variants: unknown {unknown}; expected some of {list(known_variants)}")
+    for name in ("batch", "image_size", "rounds", "iters"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name}: expected an integer >= 1")

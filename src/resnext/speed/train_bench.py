@@ -11,8 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import resnext
-from resnext.errors import ConfigError
-from resnext.speed.measure import interleaved, ratios
+from resnext.speed.measure import interleaved, ratios, validate_bench_config
 
 VARIANTS = ("eager-fp32", "cl-bf16", "cl-bf16-compile", "cl-bf16-ckpt", "cl-fp32-compile")
 DEFAULT_VARIANTS = ("eager-fp32", "cl-bf16", "cl-bf16-compile")
@@ -30,12 +29,7 @@ class TrainConfig:
     iters: int = 1
 
     def validate(self) -> None:
-        unknown = sorted(set(self.variants) - set(VARIANTS))
-        if unknown:
-            raise ConfigError(f"variants: unknown {unknown}; expected some of {list(VARIANTS)}")
-        for field in ("batch", "image_size", "rounds", "iters"):
-            if getattr(self, field) < 1:
-                raise ConfigError(f"{field}: expected an integer >= 1")
+        validate_bench_config(self, VARIANTS)
 
 
 class CheckpointedStages(nn.Module):

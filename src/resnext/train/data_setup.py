@@ -35,7 +35,13 @@ def build_splits(data: DataConfig) -> Splits:
         data.kind,
         root,
         data.train_split,
-        default_transforms(data.kind, "train", image_size=data.image_size, cutout=data.cutout),
+        default_transforms(
+            data.kind,
+            "train",
+            image_size=data.image_size,
+            cutout=data.cutout,
+            trivial_augment=data.trivial_augment,
+        ),
         image_size=data.image_size,
         strict=data.strict,
     )

@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from resnext.train.metrics import Meter
 from resnext.train.precision import autocast
+
+
+def shifted(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """`images` (N, C, H, W) moved right by dx and down by dy pixels, zero where uncovered."""
+    h, w = images.shape[-2:]
+    p = max(abs(dx), abs(dy))
+    padded = F.pad(images, (p, p, p, p))
+    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
+
+def tta_views(images: torch.Tensor, *, flip: bool, shift: int) -> list[torch.Tensor]:
+    """The batch itself first, then its shifted copies, each followed by its mirror if `flip`."""
+    views = [images]
+    if shift:
+        views += [shifted(images, shift, shift), shifted(images, -shift, -shift)]
+    if flip:
+        views = [v for view in views for v in (view, view.flip(3))]
+    return views
 
 
 @torch.no_grad()
@@ -20,11 +39,16 @@ def evaluate(
     channels_last: bool = False,
     prefix: str = "val",
     flip: bool = False,
+    shift: int = 0,
 ) -> dict[str, float]:
     """`{prefix}_loss`, `{prefix}_top1_err`, `{prefix}_top5_err` (percent) over the whole loader.
 
-    `flip` averages the softmax scores of each image and its mirror image (test-time flip).
+    Test-time augmentation averages softmax scores over views: `flip` adds each view's mirror
+    image, `shift` > 0 adds copies moved by (+shift, +shift) and (-shift, -shift) pixels, the
+    uncovered border zero (the mean after normalisation), as the training crops do.
     """
+    if shift < 0:
+        raise ValueError(f"shift: expected >= 0 pixels, got {shift}")
     was_training = model.training
     model.eval()
     meter = Meter()
@@ -35,10 +59,13 @@ def evaluate(
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             target = target.to(device, non_blocking=True)
             with autocast(amp_dtype, device):
-                logits = model(images).float()
-                if flip:
-                    probs = (logits.softmax(1) + model(images.flip(3)).float().softmax(1)) / 2
-                    logits = probs.clamp_min(1e-12).log()
+                views = tta_views(images, flip=flip, shift=shift)
+                logits = model(views[0]).float()
+                if len(views) > 1:
+                    probs = logits.softmax(1)
+                    for view in views[1:]:
+                        probs = probs + model(view).float().softmax(1)
+                    logits = (probs / len(views)).clamp_min(1e-12).log()
             loss = criterion(logits, target)
             meter.add(float(loss), logits, target)
     finally:

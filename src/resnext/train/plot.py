@@ -18,7 +18,14 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     try:
         ax.plot(epochs, [r["train_top1_err"] for r in history], "--", color="C0", label="train")
-        ax.plot(epochs, [r["val_top1_err"] for r in history], "-", color="C0", label="val")
+        validated = [r for r in history if "val_top1_err" in r]
+        ax.plot(
+            [r["epoch"] for r in validated],
+            [r["val_top1_err"] for r in validated],
+            "-" if len(validated) > 1 else "o",
+            color="C0",
+            label="val",
+        )
         ax.set_xlabel("epochs")
         ax.set_ylabel("top-1 error (%)")
         ax.set_title(title)

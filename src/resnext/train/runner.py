@@ -312,16 +312,20 @@ def _end_epoch(
         # which would hang when ranks hold different numbers of evaluation batches.
         for buffer in parts.model.buffers():
             dist.broadcast(buffer, src=0)
-    record.update(
-        evaluate(
-            parts.model,
-            val_loader,
-            info.device,
-            amp_dtype=ctx.amp_dtype,
-            channels_last=cfg.train.channels_last,
-            flip=cfg.train.eval_flip,
+    done = pos.epoch + 1
+    validate = done % cfg.train.eval_every == 0 or done == cfg.train.epochs
+    if validate:
+        record.update(
+            evaluate(
+                parts.model,
+                val_loader,
+                info.device,
+                amp_dtype=ctx.amp_dtype,
+                channels_last=cfg.train.channels_last,
+                flip=cfg.train.eval_flip,
+                shift=cfg.train.eval_shift,
+            )
         )
-    )
     record["lr"] = ctx.optimizer.param_groups[0]["lr"]
     record["images_per_s"] = train_meter.count / seconds if seconds > 0 else 0.0
     record["epoch_time_s"] = seconds
@@ -330,7 +334,7 @@ def _end_epoch(
     pos.step_in_epoch = 0
     pos.meter = Meter()
     pos.epoch_seconds = 0.0
-    improved = record["val_top1_err"] < pos.best_top1_err
+    improved = validate and record["val_top1_err"] < pos.best_top1_err
     if improved:
         pos.best_top1_err, pos.best_epoch = record["val_top1_err"], pos.epoch
     if info.is_main:
@@ -341,11 +345,15 @@ def _end_epoch(
         if improved:
             atomic_save(payload, best_path)
         log.write(record)
+        val = (
+            f"val top-1 err {record['val_top1_err']:.2f}% top-5 err {record['val_top5_err']:.2f}%"
+            if validate
+            else "not validated"
+        )
         print(
             f"epoch {pos.epoch}/{cfg.train.epochs}: train loss {record['train_loss']:.4f} "
-            f"top-1 err {record['train_top1_err']:.2f}% | val top-1 err {record['val_top1_err']:.2f}% "
-            f"top-5 err {record['val_top5_err']:.2f}% | {record['images_per_s']:.0f} img/s "
-            f"{seconds:.1f}s",
+            f"top-1 err {record['train_top1_err']:.2f}% | {val} | "
+            f"{record['images_per_s']:.0f} img/s {seconds:.1f}s",
             flush=True,
         )
     barrier()
