@@ -22,8 +22,9 @@ COMMANDS: tuple[str, ...] = (
     "bench",
 )
 
-# Commands that run networks over many batches.
-HEAVY_COMMANDS = frozenset({"train", "demo", "eval", "predict", "bench"})
+# Commands that run networks over many batches and have no allocator setting of their own
+# (train and demo follow `train.keep_memory`, bench its `--allocator`).
+HEAVY_COMMANDS = frozenset({"eval", "predict"})
 
 
 def build_parser() -> argparse.ArgumentParser:

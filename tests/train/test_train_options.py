@@ -78,3 +78,30 @@ def test_model_spec_overrides_are_typed_by_the_spec_fields(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 def test_keep_freed_memory_is_accepted_by_glibc():
     assert keep_freed_memory() is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "kept_by_cli"),
+    [
+        (["train", "--config", "digits_demo", "train.keep_memory=false"], False),
+        (["demo"], False),
+        (["bench", "infer", "--allocator", "none"], False),
+        (["eval", "--data", "digits"], True),
+    ],
+)
+def test_console_commands_leave_the_allocator_to_their_own_setting(monkeypatch, argv, kept_by_cli):
+    # train/demo follow train.keep_memory and bench its --allocator: the console entry point must
+    # not switch glibc to kept memory behind their back; eval and predict have no setting.
+    import importlib
+
+    from resnext import cli
+    from resnext.speed import allocator
+
+    calls: list[str] = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("kept") or True)
+    monkeypatch.setattr(
+        importlib.import_module(f"resnext.commands.{argv[0]}_cmd"), "run", lambda args: 0
+    )
+    monkeypatch.setattr(sys, "argv", ["resnext", *argv])
+    assert cli.main() == 0
+    assert calls == (["kept"] if kept_by_cli else [])

@@ -306,15 +306,15 @@ def _end_epoch(
     train_meter = pos.meter.reduced(info.device)
     record: dict[str, Any] = {"epoch": pos.epoch + 1, "global_step": pos.global_step}
     record.update(train_meter.summary("train"))
-    if info.distributed:
-        # Each rank's BN running statistics saw only its own batches: evaluate, like the saved
-        # checkpoint, with rank 0's. The unwrapped network avoids DDP's per-forward collectives,
-        # which would hang when ranks hold different numbers of evaluation batches.
-        for buffer in parts.model.buffers():
-            dist.broadcast(buffer, src=0)
     done = pos.epoch + 1
     validate = done % cfg.train.eval_every == 0 or done == cfg.train.epochs
     if validate:
+        if info.distributed:
+            # Each rank's BN running statistics saw only its own batches: evaluate, like the saved
+            # checkpoint, with rank 0's. The unwrapped network avoids DDP's per-forward
+            # collectives, which would hang when ranks hold different numbers of eval batches.
+            for buffer in parts.model.buffers():
+                dist.broadcast(buffer, src=0)
         record.update(
             evaluate(
                 parts.model,
