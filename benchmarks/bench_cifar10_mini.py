@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from resnext.config import config_to_dict, load_config
-from resnext.models import count, get_spec
+from resnext.models import ModelSpec, count, get_spec
 from resnext.speed.provenance import write_results
 from resnext.train import train
 
@@ -28,21 +28,21 @@ DEFAULT_ROOT = HERE.parent.parent / "shared" / "data" / "cifar10-mini" / "cifar-
 
 def equal_complexity_resnet(name: str, spec_overrides: dict) -> tuple[dict, dict]:
     """Spec overrides of the C = 1 network whose multiply-adds best match the ResNeXt's."""
-    resnext = get_spec(name, **spec_overrides)
-    target = count(resnext).macs
-    best: tuple[float, int] | None = None
-    for width in range(1, 8 * resnext.base_width * resnext.cardinality):
-        macs = count(dataclasses.replace(resnext, cardinality=1, base_width=width)).macs
-        if best is None or abs(macs - target) < best[0]:
-            best = (abs(macs - target), width)
-    assert best is not None
-    resnet = {**spec_overrides, "cardinality": 1, "base_width": best[1]}
-    resnet_spec = dataclasses.replace(resnext, cardinality=1, base_width=best[1])
+    resnext_spec = get_spec(name, **spec_overrides)
+    resnext = count(resnext_spec)
+
+    def plain(width: int) -> ModelSpec:
+        return dataclasses.replace(resnext_spec, cardinality=1, base_width=width)
+
+    widths = range(1, 8 * resnext_spec.base_width * resnext_spec.cardinality)
+    width = min(widths, key=lambda w: abs(count(plain(w)).macs - resnext.macs))
+    resnet = count(plain(width))
+    overrides = {**spec_overrides, "cardinality": 1, "base_width": width}
     sizes = {
-        "resnext": {"params": count(resnext).params, "macs": target},
-        "resnet": {"params": count(resnet_spec).params, "macs": count(resnet_spec).macs},
+        "resnext": {"params": resnext.params, "macs": resnext.macs},
+        "resnet": {"params": resnet.params, "macs": resnet.macs},
     }
-    return resnet, sizes
+    return overrides, sizes
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
