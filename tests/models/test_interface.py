@@ -86,3 +86,18 @@ def test_preact_block_order() -> None:
 def test_in_chans_option() -> None:
     model = resnext.create_model("resnext_tiny", in_chans=1)
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_logit_scale_multiplies_the_classifier_output_only() -> None:
+    torch.manual_seed(0)
+    model = resnext.create_model("resnext_tiny", num_classes=4, logit_scale=0.125).eval()
+    plain = resnext.create_model("resnext_tiny", num_classes=4).eval()
+    # Same architecture and key names: a scale is not a parameter, so weights move freely.
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    pooled = model.forward_features(x).mean((2, 3))
+    by_hand = 0.125 * (pooled @ model.fc.weight.T + model.fc.bias)
+    assert torch.allclose(model(x), by_hand, atol=1e-6)
+    assert torch.allclose(plain(x), by_hand / 0.125, atol=1e-5)
+    model.reset_classifier(0)
+    assert torch.allclose(model(x), pooled, atol=1e-6)

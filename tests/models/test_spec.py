@@ -28,6 +28,11 @@ from resnext.errors import SpecError
         ({"residual": "yes"}, "residual"),
         ({"cardinality": 2.5}, "cardinality"),
         ({"se_reduction": 10_000}, "se_reduction"),
+        ({"logit_scale": 0.0}, "logit_scale"),
+        ({"logit_scale": -0.5}, "logit_scale"),
+        ({"logit_scale": float("nan")}, "logit_scale"),
+        ({"logit_scale": "0.1"}, "logit_scale"),
+        ({"logit_scale": True}, "logit_scale"),
     ],
 )
 def test_invalid_spec_names_field(fields: dict, named: str) -> None:

@@ -53,11 +53,14 @@ def test_bench_train_runs_a_real_step(tmp_path: Path) -> None:
 def test_bench_data_against_pillow(tmp_path: Path, imagenet_sample: Path) -> None:
     args = _args(
         ["data", "--root", str(imagenet_sample), "--limit", "3", "--rounds", "1",
-         "--out", str(tmp_path)]
+         "--workers", "0", "1", "--out", str(tmp_path)]
     )  # fmt: skip
     assert bench_cmd.run(args) == 0
-    ratio = _record(tmp_path)["results"]["ratio_to_first"]
-    assert ratio["pillow-baseline"] == pytest.approx(1.0)
+    results = _record(tmp_path)["results"]
+    assert results["ratio_to_first"]["pillow-baseline"] == pytest.approx(1.0)
+    assert {"resnext-planned", "resnext-planned-no-color"} <= set(results["ratio_to_first"])
+    assert set(results["loader_images_per_s"]) == {"0", "1"}
+    assert all(rate > 0 for rate in results["loader_images_per_s"].values())
 
 
 def test_bad_inputs_are_project_errors(tmp_path: Path) -> None:

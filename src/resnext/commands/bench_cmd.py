@@ -48,6 +48,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="training-transform img/s per core vs plain Pillow")
     data.add_argument("--root", type=Path, required=True, help="folder of JPEG images")
     data.add_argument("--limit", type=int, default=200, help="images per round")
+    data.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time a DataLoader of the planned pipeline with these worker counts",
+    )
     _common(data)
     parser.set_defaults(func=run)
 
@@ -91,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         from resnext.speed import data_bench as bench
 
-        config = bench.DataConfig(root=args.root, limit=args.limit, rounds=args.rounds)
+        config = bench.DataConfig(
+            root=args.root, limit=args.limit, rounds=args.rounds, workers=tuple(args.workers)
+        )
         result = bench.run_data_bench(config)
     print("\n".join(bench.summary_lines(result)))
     record = {**dataclasses.asdict(config), "allocator": allocator or "glibc"}

@@ -38,6 +38,9 @@ class DataConfig:
     cutout: int = 0
     # CIFAR only: TrivialAugment (one random operation of the wide space per training image).
     trivial_augment: bool = False
+    # imagefolder only: crops drawn from the JPEG header and decoded at the reduced scale they allow,
+    # uint8 batches; colour augmentation and normalisation then run on each batch, on the device.
+    planned: bool = False
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,11 @@ def validate(cfg: Config) -> Config:
         _positive(key, value)
     if o.lr is not None:
         _positive("optim.lr", o.lr)
+    if d.planned and d.kind != "imagefolder":
+        raise ConfigError(
+            f"data.planned: the planned uint8 pipeline reads image files (data.kind='imagefolder'); "
+            f"got data.kind={d.kind!r}"
+        )
     if d.batch_size % o.accum_steps:
         raise ConfigError(
             f"data.batch_size: expected a multiple of optim.accum_steps={o.accum_steps}, "

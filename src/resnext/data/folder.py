@@ -13,6 +13,7 @@ from PIL import Image
 
 from resnext.data.functional import to_tensor
 from resnext.data.images import load_rgb
+from resnext.data.planned import PlannedTransform, load_planned
 from resnext.errors import DataError
 
 logger = logging.getLogger("resnext.data")
@@ -135,6 +136,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for step in range(min(_MAX_REPLACEMENTS, len(self.samples))):
             i = (index + step) % len(self.samples)
             try:
+                if isinstance(self.transform, PlannedTransform):
+                    out = load_planned(
+                        self.samples[i][0],
+                        self.transform,
+                        use_draft=self.use_draft,
+                        max_pixels=self.max_pixels,
+                    )
+                    return out, self.samples[i][1]
                 img = self.load(i)
             except DataError as exc:
                 self._report(self.samples[i][0], exc)

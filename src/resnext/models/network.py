@@ -178,7 +178,12 @@ class ResNeXt(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool, then the classifier unless `pre_logits`."""
         x = torch.flatten(self.avgpool(x), 1)
-        return x if pre_logits else self.fc(x)
+        if pre_logits:
+            return x
+        x = self.fc(x)
+        # The scale belongs to the classifier; the Python check keeps default graphs multiply-free.
+        scale = self.spec.logit_scale
+        return x * scale if scale != 1.0 and self.num_classes > 0 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -50,6 +50,9 @@ class ModelSpec:
     se_reduction: int = 0
     num_classes: int = 1000
     in_chans: int = 3
+    # Fixed factor on the logits. Below 1 it slows the classifier's effective learning rate by its
+    # square: a wide network's first SGD steps at lr 0.1 otherwise blow its logits up (see docs).
+    logit_scale: float = 1.0
     # Free text kept with the spec (not part of the architecture); excluded from equality.
     description: str = field(default="", compare=False)
 
@@ -74,6 +77,12 @@ class ModelSpec:
         _check_int("num_classes", self.num_classes, 0)
         _check_int("in_chans", self.in_chans, 1)
         _check_int("se_reduction", self.se_reduction, 0)
+        scale = self.logit_scale
+        if _is_int(scale):
+            scale = float(scale)  # type: ignore[arg-type]
+            object.__setattr__(self, "logit_scale", scale)
+        if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
+            raise SpecError(f"logit_scale: expected a finite number > 0, got {scale!r}")
         _check_choice("stem", self.stem, STEMS)
         _check_choice("block_form", self.block_form, BLOCK_FORMS)
         for name in ("stride_in_1x1", "preact", "residual", "zero_init_last_bn", "avg_down"):

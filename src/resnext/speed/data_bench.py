@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +29,14 @@ class DataConfig:
     limit: int = 200
     rounds: int = 5
     size: int = 224
+    # Loader worker counts to time the planned pipeline with (empty: skip the loader part).
+    workers: tuple[int, ...] = ()
 
     def validate(self) -> None:
         if self.limit < 1 or self.rounds < 1:
             raise ConfigError("limit and rounds: expected integers >= 1")
+        if any(w < 0 for w in self.workers):
+            raise ConfigError(f"workers: expected counts >= 0, got {list(self.workers)}")
 
 
 def list_images(root: Path, limit: int) -> list[Path]:
@@ -88,6 +94,80 @@ def project_train_no_color(size: int, seed: int = 0) -> Callable[[Path], torch.T
     return lambda path: transform(load_rgb(path))
 
 
+def project_planned(
+    size: int, seed: int = 0, *, color: bool = True, batch: int = 32, decoder: str = "pillow"
+) -> Callable[[list[Path]], list[torch.Tensor]]:
+    """The planned path: crop drawn from the header, reduced-scale decode, one-pass crop/resize/flip to
+    uint8; then, per batch of `batch`, colour jitter + lighting (if `color`) and normalisation."""
+    from resnext.data.batch_ops import BatchPipeline
+    from resnext.data.planned import PlannedRandomResizedCrop, load_planned
+    from resnext.data.stats import IMAGENET_MEAN, IMAGENET_STD
+
+    transform = PlannedRandomResizedCrop(size, generator=torch.Generator().manual_seed(seed))
+    strength = 0.4 if color else 0.0
+    finish = BatchPipeline(
+        IMAGENET_MEAN, IMAGENET_STD, jitter=strength, lighting_std=0.1 if color else 0.0
+    )
+    gen = torch.Generator().manual_seed(seed)
+
+    def run(paths: list[Path]) -> list[torch.Tensor]:
+        out = []
+        for start in range(0, len(paths), batch):
+            chunk = paths[start : start + batch]
+            images = [load_planned(p, transform, decoder=decoder) for p in chunk]
+            out.append(finish(torch.stack(images), generator=gen))
+        return out
+
+    return run
+
+
+class _PlannedFiles(torch.utils.data.Dataset):
+    """A flat list of image files through a planned transform (uint8 HWC out)."""
+
+    def __init__(self, files: list[Path], size: int, decoder: str) -> None:
+        from resnext.data.planned import PlannedRandomResizedCrop
+
+        self.files, self.decoder = files, decoder
+        self.transform = PlannedRandomResizedCrop(size, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from resnext.data.planned import load_planned
+
+        return load_planned(self.files[index], self.transform, decoder=self.decoder)
+
+
+def loader_scaling(
+    files: list[Path], size: int, workers: tuple[int, ...], rounds: int, decoder: str = "auto"
+) -> dict[str, float]:
+    """Images/s through a DataLoader (batch 32, uint8) plus the batch stage, per worker count."""
+    from resnext.data.batch_ops import BatchPipeline
+    from resnext.data.loader import seed_worker
+    from resnext.data.stats import IMAGENET_MEAN, IMAGENET_STD
+
+    finish = BatchPipeline(IMAGENET_MEAN, IMAGENET_STD, jitter=0.4, lighting_std=0.1)
+    dataset = _PlannedFiles(files, size, decoder)
+    rates: dict[str, float] = {}
+    for n in workers:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=32,
+            num_workers=n,
+            worker_init_fn=seed_worker,
+            persistent_workers=n > 0,
+        )
+        best = 0.0
+        for _ in range(rounds + 1):  # the first pass starts the workers: not counted
+            start = time.perf_counter()
+            count = sum(finish(batch).shape[0] for batch in loader)
+            best = max(best, count / (time.perf_counter() - start))
+        rates[str(n)] = best if rounds else 0.0
+        del loader
+    return rates
+
+
 def run_data_bench(config: DataConfig, log: Callable[[str], None] = print) -> dict[str, object]:
     """Images per second on one core (torch limited to one thread) for each pipeline."""
     config.validate()
@@ -105,20 +185,42 @@ def run_data_bench(config: DataConfig, log: Callable[[str], None] = print) -> di
             shape = tuple(fn(files[0]).shape)
             log(f"{name}: output {shape}")
             runners[name] = ((lambda fn=fn: [fn(p) for p in files]), len(files))
+        # Batch-level pipelines: their per-batch colour work is inside the timed loop.
+        batched = {
+            "resnext-planned": project_planned(config.size),
+            "resnext-planned-no-color": project_planned(config.size, color=False),
+        }
+        if importlib.util.find_spec("simplejpeg") is not None:
+            batched["resnext-planned-simplejpeg"] = project_planned(
+                config.size, decoder="simplejpeg"
+            )
+        else:
+            log("simplejpeg not installed: resnext-planned-simplejpeg skipped")
+        for name, run in batched.items():
+            log(f"{name}: output {tuple(run(files[:2])[0].shape)} per batch of 2")
+            runners[name] = ((lambda run=run: run(files)), len(files))
         timings = interleaved(runners, rounds=config.rounds, iters=1)
     finally:
         torch.set_num_threads(threads)
-    return {
+    result: dict[str, object] = {
         "images_per_round": len(files),
         "throughput_per_core": {k: t.as_dict() for k, t in timings.items()},
         "ratio_to_first": ratios(timings, "pillow-baseline"),
     }
+    if config.workers:
+        result["loader_images_per_s"] = loader_scaling(
+            files, config.size, config.workers, config.rounds
+        )
+    return result
 
 
 def summary_lines(result: dict[str, object]) -> list[str]:
     """Human-readable lines: img/s per core and ratio to the Pillow baseline."""
     ratio = result["ratio_to_first"]
-    return [
+    lines = [
         f"{key:28s} {row['throughput']:7.1f} img/s/core  ×{ratio[key]:.2f}"
         for key, row in result["throughput_per_core"].items()
     ]
+    for n, rate in result.get("loader_images_per_s", {}).items():
+        lines.append(f"loader, planned + batch stage, {n} workers: {rate:7.1f} img/s")
+    return lines

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from resnext.config import DataConfig
@@ -20,6 +22,35 @@ class Splits:
     num_classes: int | None
 
 
+@dataclass(frozen=True)
+class BatchTransforms:
+    """What turns loader batches into model input on the device (None: the loader already did)."""
+
+    train: Callable[[torch.Tensor], torch.Tensor] | None = None
+    val: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def batch_transforms(data: DataConfig) -> BatchTransforms:
+    """The batch stage of the planned pipeline: jitter + lighting + normalise (train), normalise (val)."""
+    if not data.planned:
+        return BatchTransforms()
+    from resnext.data.batch_ops import BatchPipeline
+    from resnext.data.stats import dataset_stats
+
+    mean, std = dataset_stats(data.kind)
+    return BatchTransforms(
+        train=BatchPipeline(mean, std, jitter=0.4, lighting_std=0.1),
+        val=BatchPipeline(mean, std),
+    )
+
+
+def _planned_transforms(data: DataConfig) -> tuple[Callable, Callable]:
+    from resnext.data.planned import PlannedCenterCrop, PlannedRandomResizedCrop
+
+    size = data.image_size
+    return PlannedRandomResizedCrop(size), PlannedCenterCrop(size, round(size * 256 / 224))
+
+
 def class_count(dataset: Dataset) -> int | None:
     """len(dataset.classes) when the dataset names its classes."""
     classes = getattr(dataset, "classes", None)
@@ -31,27 +62,22 @@ def build_splits(data: DataConfig) -> Splits:
     from resnext.data import build_dataset, default_transforms
 
     root = data.root or None
-    train = build_dataset(
-        data.kind,
-        root,
-        data.train_split,
-        default_transforms(
+    if data.planned:
+        train_tf, val_tf = _planned_transforms(data)
+    else:
+        train_tf = default_transforms(
             data.kind,
             "train",
             image_size=data.image_size,
             cutout=data.cutout,
             trivial_augment=data.trivial_augment,
-        ),
-        image_size=data.image_size,
-        strict=data.strict,
+        )
+        val_tf = default_transforms(data.kind, "val", image_size=data.image_size)
+    train = build_dataset(
+        data.kind, root, data.train_split, train_tf, image_size=data.image_size, strict=data.strict
     )
     val = build_dataset(
-        data.kind,
-        root,
-        data.val_split,
-        default_transforms(data.kind, "val", image_size=data.image_size),
-        image_size=data.image_size,
-        strict=data.strict,
+        data.kind, root, data.val_split, val_tf, image_size=data.image_size, strict=data.strict
     )
     return Splits(train=train, val=val, num_classes=class_count(train))
 

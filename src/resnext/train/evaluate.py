@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from resnext.train.loop import to_model_input
 from resnext.train.metrics import Meter
 from resnext.train.precision import autocast
 
@@ -40,6 +43,7 @@ def evaluate(
     prefix: str = "val",
     flip: bool = False,
     shift: int = 0,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """`{prefix}_loss`, `{prefix}_top1_err`, `{prefix}_top5_err` (percent) over the whole loader.
 
@@ -56,7 +60,7 @@ def evaluate(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     try:
         for images, target in loader:
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            images = to_model_input(images, device, memory_format, batch_transform)
             target = target.to(device, non_blocking=True)
             with autocast(amp_dtype, device):
                 views = tta_views(images, flip=flip, shift=shift)

@@ -33,6 +33,20 @@ class StepContext:
     accum_steps: int
     grad_clip: float
     distributed: bool
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def to_model_input(
+    images: torch.Tensor,
+    device: torch.device,
+    memory_format: torch.memory_format,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """A loader batch on the device, through the batch stage when there is one, in `memory_format`."""
+    images = images.to(device, non_blocking=True)
+    if batch_transform is not None:
+        images = batch_transform(images)
+    return images.contiguous(memory_format=memory_format)
 
 
 # Called after every optimiser step with (epoch, steps done in this epoch, global step, meter).
@@ -64,7 +78,7 @@ def train_one_epoch(
     memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
     step = start_step
     for images, target in loader:
-        images = images.to(ctx.device, non_blocking=True, memory_format=memory_format)
+        images = to_model_input(images, ctx.device, memory_format, ctx.batch_transform)
         target = target.to(ctx.device, non_blocking=True)
         ctx.optimizer.zero_grad(set_to_none=True)
         micro_images = images.chunk(ctx.accum_steps)

@@ -22,7 +22,13 @@ from resnext.errors import ConfigError
 from resnext.speed.allocator import keep_freed_memory
 from resnext.train import provenance
 from resnext.train.checkpoint import atomic_save
-from resnext.train.data_setup import build_splits, class_count, eval_loader, train_loader
+from resnext.train.data_setup import (
+    batch_transforms,
+    build_splits,
+    class_count,
+    eval_loader,
+    train_loader,
+)
 from resnext.train.distributed import DistInfo, barrier, init_distributed
 from resnext.train.evaluate import evaluate
 from resnext.train.finetune import frozen_modules
@@ -187,6 +193,7 @@ def _run(
         )
         (run_dir / name).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
+    batches = batch_transforms(cfg.data)
     ctx = StepContext(
         model=net,
         optimizer=optimizer,
@@ -199,13 +206,16 @@ def _run(
         accum_steps=cfg.optim.accum_steps,
         grad_clip=cfg.optim.grad_clip,
         distributed=info.distributed,
+        batch_transform=batches.train,
     )
     log = MetricsLog(run_dir, pos.history, enabled=info.is_main)
     epoch_start = [time.perf_counter()]
     try:
         while pos.epoch < cfg.train.epochs:
             _train_epoch(cfg, info, ctx, parts, pos, loader, sampler, steps, on_step, epoch_start)
-            _end_epoch(cfg, info, ctx, parts, pos, val_loader, sampler, log, epoch_start)
+            _end_epoch(
+                cfg, info, ctx, parts, pos, (val_loader, batches.val), sampler, log, epoch_start
+            )
     finally:
         log.close()
     if info.is_main and pos.history:
@@ -296,7 +306,7 @@ def _end_epoch(
     ctx: StepContext,
     parts: Trainables,
     pos: Position,
-    val_loader: Any,
+    val: tuple[Any, Any],
     sampler: Any,
     log: MetricsLog,
     epoch_start: list[float],
@@ -315,6 +325,7 @@ def _end_epoch(
             # collectives, which would hang when ranks hold different numbers of eval batches.
             for buffer in parts.model.buffers():
                 dist.broadcast(buffer, src=0)
+        val_loader, val_transform = val
         record.update(
             evaluate(
                 parts.model,
@@ -324,6 +335,7 @@ def _end_epoch(
                 channels_last=cfg.train.channels_last,
                 flip=cfg.train.eval_flip,
                 shift=cfg.train.eval_shift,
+                batch_transform=val_transform,
             )
         )
     record["lr"] = ctx.optimizer.param_groups[0]["lr"]

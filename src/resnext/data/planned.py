@@ -1,0 +1,226 @@
+"""Crops planned from the image header: decode at the DCT scale the crop allows, then crop, resize and flip
+in one Pillow pass, with 8-bit HWC output (normalisation and colour augmentation follow on the batch).
+
+The geometry is exactly the standard pipeline's: the same random draws, in the same order, give the
+same crop box and flip as `RandomResizedCrop` + `RandomHorizontalFlip` (or `Resize` + `CenterCrop`);
+only the resampling is done once, from the JPEG's reduced-scale decode when that still has at least
+the output's resolution inside the crop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from resnext.data import functional as TF
+from resnext.data.images import load_rgb
+from resnext.data.rng import RandomSource, uniform
+from resnext.data.transforms import RandomResizedCrop, _pair
+from resnext.errors import ConfigError, DataError
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Where to cut (left, top, right, bottom in full-resolution pixels), whether to mirror, and the
+    smallest decoded (w, h) that keeps the crop at or above the output resolution (None: full size)."""
+
+    box: Box
+    flip: bool
+    draft: tuple[int, int] | None
+
+
+def _draft_for(box: Box, full: tuple[int, int], out: tuple[int, int]) -> tuple[int, int] | None:
+    """The decode size asked of Pillow: the image scaled so the crop is still >= the output size."""
+    crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+    factor = max(out[0] / crop_w, out[1] / crop_h)
+    if factor > 0.5:  # JPEG's DCT scaling halves at least; nothing to gain
+        return None
+    return math.ceil(full[0] * factor), math.ceil(full[1] * factor)
+
+
+def _to_hwc_uint8(img: Image.Image) -> torch.Tensor:
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+
+
+class PlannedTransform:
+    """Shared apply step: map the plan's box into the decoded image, resample once, flip, to uint8."""
+
+    size: tuple[int, int]
+    interpolation: str
+
+    def plan(self, width: int, height: int) -> CropPlan:
+        raise NotImplementedError
+
+    def apply(self, img: Image.Image, plan: CropPlan, full_size: tuple[int, int]) -> torch.Tensor:
+        """The (H, W, 3) uint8 crop of `img`, a decode of an image of `full_size` (maybe reduced)."""
+        sx, sy = img.size[0] / full_size[0], img.size[1] / full_size[1]
+        left, top, right, bottom = plan.box
+        box = (left * sx, top * sy, right * sx, bottom * sy)
+        out = img.resize(self.size, TF.pil_interpolation(self.interpolation), box=box)
+        if plan.flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return _to_hwc_uint8(out)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """Plan and apply on an already decoded image (no reduced decode)."""
+        if not isinstance(img, Image.Image):
+            raise TypeError(
+                f"{type(self).__name__}: expected a PIL image, got {type(img).__name__}"
+            )
+        return self.apply(img, self.plan(*img.size), img.size)
+
+
+class PlannedRandomResizedCrop(PlannedTransform):
+    """fb.resnet.torch's random-sized crop (area 8–100 %, aspect 3/4–4/3) and flip, planned before decode."""
+
+    def __init__(
+        self,
+        size: int | tuple[int, int],
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        interpolation: str = "bicubic",
+        flip: float = 0.5,
+        generator: RandomSource = None,
+    ) -> None:
+        if not 0.0 <= flip <= 1.0:
+            raise ConfigError(f"flip: expected a probability in [0, 1], got {flip!r}")
+        # The standard transform draws the boxes, so both pipelines share one sampling rule.
+        self.sampler = RandomResizedCrop(size, scale, ratio, interpolation, generator=generator)
+        self.size, self.interpolation = _pair(size), interpolation
+        self.flip, self.generator = flip, generator
+
+    @property
+    def generator(self) -> RandomSource:
+        return self._generator
+
+    @generator.setter
+    def generator(self, value: RandomSource) -> None:
+        # Worker seeding replaces `generator`; the box sampler must follow it.
+        self._generator = value
+        if hasattr(self, "sampler"):
+            self.sampler.generator = value
+
+    def plan(self, width: int, height: int) -> CropPlan:
+        left, top, w, h = self.sampler.get_params(width, height)
+        flip = self.flip > 0 and uniform(self.generator, 0.0, 1.0) < self.flip
+        box = (float(left), float(top), float(left + w), float(top + h))
+        return CropPlan(box, flip, _draft_for(box, (width, height), self.size))
+
+    def __repr__(self) -> str:
+        s = self.sampler
+        return (
+            f"PlannedRandomResizedCrop({self.size}, scale={s.scale}, ratio={s.ratio}, "
+            f"{self.interpolation}, flip={self.flip})"
+        )
+
+
+class PlannedCenterCrop(PlannedTransform):
+    """Resize the shorter side to `resize`, centre-crop `size`: one resampling of the matching box."""
+
+    def __init__(self, size: int, resize: int, interpolation: str = "bilinear") -> None:
+        if resize < size:
+            raise ConfigError(f"resize: expected >= the crop size {size}, got {resize}")
+        TF.pil_interpolation(interpolation)
+        self.size, self.resize, self.interpolation = (size, size), resize, interpolation
+
+    def plan(self, width: int, height: int) -> CropPlan:
+        rw, rh = TF.shorter_side_size(width, height, self.resize)
+        sx, sy = width / rw, height / rh
+        left, top = TF.center_crop_box(rw, rh, self.size[0], self.size[1])
+        box = (left * sx, top * sy, (left + self.size[0]) * sx, (top + self.size[1]) * sy)
+        return CropPlan(box, False, _draft_for(box, (width, height), self.size))
+
+    def __repr__(self) -> str:
+        return f"PlannedCenterCrop({self.size[0]}, resize={self.resize}, {self.interpolation})"
+
+
+JPEG_DECODERS = ("auto", "pillow", "simplejpeg")
+
+
+def _simplejpeg():  # type: ignore[no-untyped-def]
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
+
+
+def _load_with_simplejpeg(
+    path: Path, transform: PlannedTransform, use_draft: bool, max_pixels: int | None
+) -> torch.Tensor | None:
+    """libjpeg-turbo through simplejpeg; None when the file is not a plain RGB/grey JPEG."""
+    sj = _simplejpeg()
+    data = path.read_bytes()
+    if sj is None or not sj.is_jpeg(data):
+        return None
+    try:
+        height, width, colorspace, _ = sj.decode_jpeg_header(data)
+    except ValueError:
+        return None  # Pillow names the problem
+    if colorspace not in ("RGB", "YCbCr", "Gray"):
+        return None  # CMYK/YCCK: Pillow converts those
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit is not None and width * height > limit:
+        raise DataError(
+            f"{path}: {width}x{height} = {width * height} pixels exceeds the decompression-bomb "
+            f"limit of {limit} pixels; refused"
+        )
+    plan = transform.plan(width, height)
+    wanted = plan.draft if use_draft and plan.draft is not None else (0, 0)
+    try:
+        array = sj.decode_jpeg(data, "RGB", min_width=wanted[0], min_height=wanted[1])
+    except ValueError as exc:
+        raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
+    return transform.apply(Image.fromarray(array), plan, (width, height))
+
+
+def load_planned(
+    path: str | Path,
+    transform: PlannedTransform,
+    *,
+    use_draft: bool = True,
+    max_pixels: int | None = None,
+    decoder: str = "auto",
+) -> torch.Tensor:
+    """Plan from the file's header, decode (a JPEG at the plan's reduced scale), apply: uint8 HWC.
+
+    `decoder`: 'pillow', 'simplejpeg' (libjpeg-turbo's own API, ~1.6x Pillow's JPEG decode rate
+    here; needs the optional `simplejpeg` package) or 'auto' (simplejpeg when installed). Files
+    simplejpeg does not take (PNG, CMYK JPEG, ...) go through Pillow. Unreadable files raise
+    DataError, as `load_rgb`.
+    """
+    if decoder not in JPEG_DECODERS:
+        raise ConfigError(f"decoder: expected one of {', '.join(JPEG_DECODERS)}, got {decoder!r}")
+    if decoder == "simplejpeg" and _simplejpeg() is None:
+        raise ConfigError(
+            "decoder='simplejpeg' needs the simplejpeg package: pip install simplejpeg"
+        )
+    if decoder != "pillow":
+        try:
+            out = _load_with_simplejpeg(Path(path), transform, use_draft, max_pixels)
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found") from None
+        except OSError as exc:
+            raise DataError(f"{path}: unreadable ({exc})") from None
+        if out is not None:
+            return out
+    planned: list[tuple[CropPlan, tuple[int, int]]] = []
+
+    def hook(width: int, height: int) -> tuple[int, int] | None:
+        planned.append((transform.plan(width, height), (width, height)))
+        return planned[-1][0].draft if use_draft else None
+
+    img = load_rgb(path, draft=hook, max_pixels=max_pixels)
+    if not planned:  # load_rgb asks only JPEGs for a draft size: plan on the decoded image
+        return transform(img)
+    plan, full_size = planned[0]
+    return transform.apply(img, plan, full_size)
