@@ -45,6 +45,7 @@ VALID = {
     "se_reduction": st.integers(0, 4),
     "num_classes": st.integers(0, 5),
     "in_chans": st.integers(1, 4),
+    "logit_scale": st.floats(0.01, 4.0),
     "description": st.text(max_size=5),
 }
 assert set(VALID) == {f.name for f in dataclasses.fields(ModelSpec)}, "ModelSpec fields changed"

@@ -41,6 +41,10 @@ class DataConfig:
     # imagefolder only: crops drawn from the JPEG header and decoded at the reduced scale they allow,
     # uint8 batches; colour augmentation and normalisation then run on each batch, on the device.
     planned: bool = False
+    # Batch mixing with soft targets (0 = off): mixup's and CutMix's Beta(α, α) parameter; with both
+    # set, each batch uses one of the two with probability 1/2.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
 
 @dataclass(frozen=True)

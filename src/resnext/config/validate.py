@@ -58,6 +58,8 @@ def validate(cfg: Config) -> Config:
     for key, value in (
         ("data.workers", d.workers),
         ("data.cutout", d.cutout),
+        ("data.mixup_alpha", d.mixup_alpha),
+        ("data.cutmix_alpha", d.cutmix_alpha),
         ("optim.momentum", o.momentum),
         ("optim.weight_decay", o.weight_decay),
         ("optim.grad_clip", o.grad_clip),

@@ -34,6 +34,8 @@ class StepContext:
     grad_clip: float
     distributed: bool
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # (images, labels) -> (mixed images, soft targets); labels still score the training error.
+    mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def to_model_input(
@@ -80,10 +82,14 @@ def train_one_epoch(
     for images, target in loader:
         images = to_model_input(images, ctx.device, memory_format, ctx.batch_transform)
         target = target.to(ctx.device, non_blocking=True)
+        goal = target
+        if ctx.mixer is not None:
+            images, goal = ctx.mixer(images, target)
         ctx.optimizer.zero_grad(set_to_none=True)
         micro_images = images.chunk(ctx.accum_steps)
         micro_targets = target.chunk(ctx.accum_steps)
-        for m, (x, y) in enumerate(zip(micro_images, micro_targets, strict=True)):
+        micro_goals = goal.chunk(ctx.accum_steps)
+        for m, (x, y, g) in enumerate(zip(micro_images, micro_targets, micro_goals, strict=True)):
             last = m == ctx.accum_steps - 1
             # Gradients are all-reduced once per step, on the last micro-batch.
             sync = (
@@ -94,7 +100,7 @@ def train_one_epoch(
             with sync:
                 with autocast(ctx.amp_dtype, ctx.device):
                     logits = ctx.model(x)
-                loss = ctx.criterion(logits.float(), y)
+                loss = ctx.criterion(logits.float(), g)
                 if not _all_finite(loss.detach(), ctx.distributed):
                     raise TrainingError(
                         f"non-finite loss ({float(loss.detach()):.4g}) at epoch {epoch + 1}, "

@@ -35,6 +35,7 @@ from resnext.train.finetune import frozen_modules
 from resnext.train.logs import MetricsLog
 from resnext.train.loop import StepContext, train_one_epoch
 from resnext.train.metrics import Meter
+from resnext.train.mixing import BatchMixer
 from resnext.train.model_setup import build_network, place, wrap_distributed
 from resnext.train.optim import build_optimizer, build_scheduler, resolve_lr
 from resnext.train.plot import plot_curves
@@ -207,6 +208,7 @@ def _run(
         grad_clip=cfg.optim.grad_clip,
         distributed=info.distributed,
         batch_transform=batches.train,
+        mixer=_mixer(cfg, raw.num_classes),
     )
     log = MetricsLog(run_dir, pos.history, enabled=info.is_main)
     epoch_start = [time.perf_counter()]
@@ -245,6 +247,13 @@ def _run(
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier()
     return result
+
+
+def _mixer(cfg: Config, num_classes: int) -> BatchMixer | None:
+    d = cfg.data
+    if not (d.mixup_alpha or d.cutmix_alpha):
+        return None
+    return BatchMixer(num_classes, d.mixup_alpha, d.cutmix_alpha)
 
 
 def _train_mode(net: nn.Module, raw: nn.Module, frozen_stages: int) -> None:
