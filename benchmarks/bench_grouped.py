@@ -26,7 +26,9 @@ STAGES = [(128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1)]
 RESNET_WIDTH = {128: 64, 256: 128, 512: 256, 1024: 512}
 
 
-def layer_variants(c: int, size: int, stride: int, batch: int, dtype: torch.dtype, cl: bool):
+def layer_variants(
+    c: int, size: int, stride: int, batch: int, dtype: torch.dtype, cl: bool, compiled: bool
+):
     groups = 32
     fmt = torch.channels_last if cl else torch.contiguous_format
     x = torch.randn(batch, c, size, size).to(dtype).contiguous(memory_format=fmt)
@@ -46,6 +48,15 @@ def layer_variants(c: int, size: int, stride: int, batch: int, dtype: torch.dtyp
             lambda pw=pw, pack=pack: grouped.grouped_packed(x, pw, stride, groups, pack),
             batch,
         )
+    orders, rot = grouped.rotations(w, groups)
+    variants["depthwise-sum"] = (
+        lambda: grouped.grouped_depthwise_sum(x, orders, rot, stride),
+        batch,
+    )
+    if compiled:
+        torch._dynamo.reset()  # one compiled graph per shape; the recompile limit would stop at 8
+        shifted = torch.compile(grouped.grouped_shifted_sum, dynamic=False)
+        variants["shifted-sum-inductor"] = (lambda: shifted(x, orders, rot, stride), batch)
     dense_flops = grouped.conv_flops(tuple(xd.shape), wd, 1)
     flop_of = {k: flops for k in variants}
     flop_of["dense-resnet50-3x3"] = dense_flops
@@ -94,6 +105,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time the shifted-sum decomposition compiled by inductor (slow to compile)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -102,7 +118,9 @@ def main() -> int:
         dtype = dtypes[dname]
         for c, size, stride in STAGES:
             for cl in (False, True):
-                variants, flops = layer_variants(c, size, stride, args.batch, dtype, cl)
+                variants, flops = layer_variants(
+                    c, size, stride, args.batch, dtype, cl, args.compiled
+                )
                 with torch.no_grad():
                     timings = interleaved(variants, rounds=args.rounds, iters=3)
                 key = f"{dname}/c{c}/{size}x{size}/{'channels_last' if cl else 'nchw'}"

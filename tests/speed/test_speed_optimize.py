@@ -154,6 +154,13 @@ def test_grouped_alternatives_equal_conv2d(stride: int) -> None:
     packed = grouped.block_diagonal_weight(w, 8, 4)
     assert packed.shape == (16, 8, 3, 3)
     assert torch.allclose(grouped.grouped_packed(x, packed, stride, 8, 4), expected, atol=1e-4)
+    orders, weights = grouped.rotations(w, 8)
+    assert torch.allclose(
+        grouped.grouped_depthwise_sum(x, orders, weights, stride), expected, atol=1e-4
+    )
+    assert torch.allclose(
+        grouped.grouped_shifted_sum(x, orders, weights, stride), expected, atol=1e-4
+    )
     # Hand count: 2 images × 16 outputs × 2 inputs × 9 taps × output pixels × 2.
     side = 9 if stride == 1 else 5
     assert grouped.conv_flops(tuple(x.shape), w, stride) == 2 * 2 * 16 * 2 * 9 * side * side

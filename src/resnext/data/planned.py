@@ -159,9 +159,12 @@ def _load_with_simplejpeg(
 ) -> torch.Tensor | None:
     """libjpeg-turbo through simplejpeg; None when the file is not a plain RGB/grey JPEG."""
     sj = _simplejpeg()
-    data = path.read_bytes()
-    if sj is None or not sj.is_jpeg(data):
+    if sj is None:
         return None
+    with path.open("rb") as f:
+        if f.read(2) != b"\xff\xd8":  # JPEG's start-of-image marker: other files go to Pillow
+            return None
+        data = b"\xff\xd8" + f.read()
     try:
         height, width, colorspace, _ = sj.decode_jpeg_header(data)
     except ValueError:

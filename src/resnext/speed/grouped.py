@@ -2,7 +2,9 @@
 
 Each function computes exactly ``F.conv2d(x, w, stride=s, padding=1, groups=g)``; they differ in
 how the work is laid out for the CPU: one oneDNN grouped kernel, one batched matmul over groups
-after im2col, or dense convolutions over block-diagonal weights packing k groups per GEMM.
+after im2col, dense convolutions over block-diagonal weights packing k groups per GEMM, or sums of
+depthwise convolutions over channel-rotated inputs (eagerly, or as shifted multiply-adds that a
+compiler can fuse into one loop nest).
 """
 
 from __future__ import annotations
@@ -54,3 +56,55 @@ def conv_flops(x_shape: tuple[int, ...], w: torch.Tensor, stride: int) -> int:
     out_ch, cg, k, k2 = w.shape
     ho, wo = (h + 2 - k) // stride + 1, (wd + 2 - k) // stride + 1
     return 2 * n * out_ch * cg * k * k2 * ho * wo
+
+
+def rotations(w: torch.Tensor, groups: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Channel orders and depthwise weights of the diagonal decomposition of a grouped conv.
+
+    With k channels per group, output channel g·k + o is the sum over d < k of a depthwise filter
+    applied to input channel g·k + (o + d) mod k. Returns the k input orders and the (k, C, 3, 3)
+    depthwise weights, one per diagonal d.
+    """
+    out_ch, k = w.shape[0], w.shape[1]
+    if out_ch != k * groups:
+        raise ValueError(
+            f"w: expected {k * groups} output channels for {groups} groups, got {out_ch}"
+        )
+    idx = torch.arange(out_ch)
+    base, o = idx - idx % k, idx % k
+    orders = [base + (o + d) % k for d in range(k)]
+    weights = torch.stack([w[idx, (o + d) % k] for d in range(k)])
+    return orders, weights
+
+
+def grouped_depthwise_sum(
+    x: torch.Tensor, orders: list[torch.Tensor], weights: torch.Tensor, stride: int
+) -> torch.Tensor:
+    """The grouped conv as k depthwise convolutions of channel-rotated copies of `x`, summed."""
+    c = x.shape[1]
+    out = F.conv2d(x, weights[0].unsqueeze(1), stride=stride, padding=1, groups=c)
+    for d in range(1, len(orders)):
+        out = out + F.conv2d(
+            x[:, orders[d]], weights[d].unsqueeze(1), stride=stride, padding=1, groups=c
+        )
+    return out
+
+
+def grouped_shifted_sum(
+    x: torch.Tensor, orders: list[torch.Tensor], weights: torch.Tensor, stride: int
+) -> torch.Tensor:
+    """The same sum as 9·k shifted, rotated multiply-adds: no convolution calls, for torch.compile."""
+    c, h, w = x.shape[1:]
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    padded = F.pad(x, (1, 1, 1, 1))
+    out = None
+    for d, order in enumerate(orders):
+        rotated = padded[:, order]
+        for dy in range(3):
+            for dx in range(3):
+                window = rotated[
+                    :, :, dy : dy + stride * ho : stride, dx : dx + stride * wo : stride
+                ]
+                term = window * weights[d, :, dy, dx].view(1, c, 1, 1)
+                out = term if out is None else out + term
+    return out
