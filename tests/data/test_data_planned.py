@@ -140,6 +140,22 @@ def test_simplejpeg_and_pillow_decode_alike_and_fall_back(
         load_planned(tmp_path / "cut.jpg", PlannedCenterCrop(8, 8), decoder="simplejpeg")
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_images_over_the_pixel_limit_are_refused_before_decoding(
+    tmp_path: Path, decoder: str
+) -> None:
+    _photo(200, 150).save(tmp_path / "big.jpg", quality=90)
+    with pytest.raises(DataError, match=r"200x150 = 30000 pixels exceeds the decompression-bomb"):
+        load_planned(
+            tmp_path / "big.jpg", PlannedCenterCrop(8, 8), max_pixels=29_999, decoder=decoder
+        )
+    assert load_planned(tmp_path / "big.jpg", PlannedCenterCrop(8, 8), max_pixels=30_000).shape == (
+        8,
+        8,
+        3,
+    )
+
+
 def test_unknown_or_missing_decoder_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="decoder: expected one of auto, pillow, simplejpeg"):
         load_planned("x.jpg", PlannedCenterCrop(8, 8), decoder="turbo")

@@ -44,6 +44,16 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX
 
 
+def check_pixel_limit(path: str | Path, width: int, height: int, max_pixels: int | None) -> None:
+    """DataError if a width x height image exceeds `max_pixels` (default: Pillow's bomb limit)."""
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit is not None and width * height > limit:
+        raise DataError(
+            f"{path}: {width}x{height} = {width * height} pixels exceeds the decompression-bomb "
+            f"limit of {limit} pixels; refused"
+        )
+
+
 def load_rgb(
     path: str | Path,
     *,
@@ -58,17 +68,12 @@ def load_rgb(
     decompression-bomb limit) are refused before decoding. Any failure is a DataError.
     """
     path = Path(path)
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
-                if limit is not None and w * h > limit:
-                    raise DataError(
-                        f"{path}: {w}x{h} = {w * h} pixels exceeds the decompression-bomb limit "
-                        f"of {limit} pixels; refused"
-                    )
+                check_pixel_limit(path, w, h, max_pixels)
                 wanted = draft(w, h) if draft is not None and img.format == "JPEG" else None
                 if wanted is not None:
                     img.draft("RGB", wanted)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from resnext.data import functional as TF
-from resnext.data.images import load_rgb
+from resnext.data.images import check_pixel_limit, load_rgb
 from resnext.data.rng import RandomSource, uniform
 from resnext.data.transforms import RandomResizedCrop, _pair
 from resnext.errors import ConfigError, DataError
@@ -171,12 +171,7 @@ def _load_with_simplejpeg(
         return None  # Pillow names the problem
     if colorspace not in ("RGB", "YCbCr", "Gray"):
         return None  # CMYK/YCCK: Pillow converts those
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if limit is not None and width * height > limit:
-        raise DataError(
-            f"{path}: {width}x{height} = {width * height} pixels exceeds the decompression-bomb "
-            f"limit of {limit} pixels; refused"
-        )
+    check_pixel_limit(path, width, height, max_pixels)
     plan = transform.plan(width, height)
     wanted = plan.draft if use_draft and plan.draft is not None else (0, 0)
     try:

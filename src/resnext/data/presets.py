@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from resnext.data.batch_ops import BatchPipeline
 from resnext.data.rng import RandomSource
 from resnext.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from resnext.data.transforms import (
@@ -44,6 +45,21 @@ def imagenet_train(
             Normalize(mean, std),
         ]
     )
+
+
+def imagenet_batch(
+    train: bool,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    jitter: float = 0.4,
+    lighting_std: float = 0.1,
+) -> BatchPipeline:
+    """The planned pipeline's batch stage: `imagenet_train`'s colour jitter and lighting (when
+    training), then normalisation, on whole uint8 batches."""
+    if not train:
+        return BatchPipeline(mean, std)
+    return BatchPipeline(mean, std, jitter=jitter, lighting_std=lighting_std)
 
 
 def imagenet_eval(

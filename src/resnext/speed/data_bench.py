@@ -99,15 +99,11 @@ def project_planned(
 ) -> Callable[[list[Path]], list[torch.Tensor]]:
     """The planned path: crop drawn from the header, reduced-scale decode, one-pass crop/resize/flip to
     uint8; then, per batch of `batch`, colour jitter + lighting (if `color`) and normalisation."""
-    from resnext.data.batch_ops import BatchPipeline
     from resnext.data.planned import PlannedRandomResizedCrop, load_planned
-    from resnext.data.stats import IMAGENET_MEAN, IMAGENET_STD
+    from resnext.data.presets import imagenet_batch
 
     transform = PlannedRandomResizedCrop(size, generator=torch.Generator().manual_seed(seed))
-    strength = 0.4 if color else 0.0
-    finish = BatchPipeline(
-        IMAGENET_MEAN, IMAGENET_STD, jitter=strength, lighting_std=0.1 if color else 0.0
-    )
+    finish = imagenet_batch(train=color)
     gen = torch.Generator().manual_seed(seed)
 
     def run(paths: list[Path]) -> list[torch.Tensor]:
@@ -143,11 +139,10 @@ def loader_scaling(
     files: list[Path], size: int, workers: tuple[int, ...], rounds: int, decoder: str = "auto"
 ) -> dict[str, float]:
     """Images/s through a DataLoader (batch 32, uint8) plus the batch stage, per worker count."""
-    from resnext.data.batch_ops import BatchPipeline
     from resnext.data.loader import seed_worker
-    from resnext.data.stats import IMAGENET_MEAN, IMAGENET_STD
+    from resnext.data.presets import imagenet_batch
 
-    finish = BatchPipeline(IMAGENET_MEAN, IMAGENET_STD, jitter=0.4, lighting_std=0.1)
+    finish = imagenet_batch(train=True)
     dataset = _PlannedFiles(files, size, decoder)
     rates: dict[str, float] = {}
     for n in workers:

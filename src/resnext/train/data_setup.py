@@ -34,13 +34,13 @@ def batch_transforms(data: DataConfig) -> BatchTransforms:
     """The batch stage of the planned pipeline: jitter + lighting + normalise (train), normalise (val)."""
     if not data.planned:
         return BatchTransforms()
-    from resnext.data.batch_ops import BatchPipeline
+    from resnext.data.presets import imagenet_batch
     from resnext.data.stats import dataset_stats
 
     mean, std = dataset_stats(data.kind)
     return BatchTransforms(
-        train=BatchPipeline(mean, std, jitter=0.4, lighting_std=0.1),
-        val=BatchPipeline(mean, std),
+        train=imagenet_batch(True, mean=mean, std=std),
+        val=imagenet_batch(False, mean=mean, std=std),
     )
 
 

@@ -45,9 +45,9 @@ def to_model_input(
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
     """A loader batch on the device, through the batch stage when there is one, in `memory_format`."""
-    images = images.to(device, non_blocking=True)
-    if batch_transform is not None:
-        images = batch_transform(images)
+    if batch_transform is None:  # one transfer straight into the wanted layout
+        return images.to(device, non_blocking=True, memory_format=memory_format)
+    images = batch_transform(images.to(device, non_blocking=True))
     return images.contiguous(memory_format=memory_format)
 
 
