@@ -59,6 +59,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _models_and_variants(
+    args: argparse.Namespace, allowed: tuple[str, ...], default: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The --models list and the --variants list checked against `allowed` (default when absent)."""
+    from resnext.speed.infer_bench import parse_list
+
+    variants = parse_list(args.variants, allowed) if args.variants else default
+    return parse_list(args.models), variants
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the chosen benchmark, print a summary, write the JSON record."""
     allocator = reexec_with_allocator(args.allocator)
@@ -68,11 +78,10 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "infer":
         from resnext.speed import infer_bench as bench
 
+        models, variants = _models_and_variants(args, bench.VARIANTS, bench.DEFAULT_VARIANTS)
         config = bench.InferConfig(
-            models=bench.parse_list(args.models),
-            variants=bench.parse_list(args.variants, bench.VARIANTS)
-            if args.variants
-            else bench.DEFAULT_VARIANTS,
+            models=models,
+            variants=variants,
             batch=args.batch,
             image_size=args.image_size,
             rounds=args.rounds,
@@ -81,14 +90,12 @@ def run(args: argparse.Namespace) -> int:
         )
         result = bench.run_infer_bench(config)
     elif args.bench == "train":
-        from resnext.speed import infer_bench
         from resnext.speed import train_bench as bench
 
+        models, variants = _models_and_variants(args, bench.VARIANTS, bench.DEFAULT_VARIANTS)
         config = bench.TrainConfig(
-            models=infer_bench.parse_list(args.models),
-            variants=infer_bench.parse_list(args.variants, bench.VARIANTS)
-            if args.variants
-            else bench.DEFAULT_VARIANTS,
+            models=models,
+            variants=variants,
             batch=args.batch,
             image_size=args.image_size,
             rounds=args.rounds,
