@@ -1,7 +1,8 @@
 """The grouped-conv tax: grouped 3×3 implementations vs a dense 3×3, per ResNeXt-50 stage shape.
 
 Usage: .venv/bin/python benchmarks/bench_grouped.py [--batch 16] [--rounds 5] [--dtypes fp32,bf16]
-Also profiles whole-model time per layer kind (grouped 3×3, 1×1, other) with forward hooks.
+Also profiles whole-model time per layer kind (grouped 3×3, 1×1, other) with forward hooks,
+for ResNeXt-50 with oneDNN's grouped convolution and with our kernel (`grouped_kernel="on"`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 
 import resnext
-from resnext.speed import grouped
+from resnext.speed import grouped, grouped_kernel
 from resnext.speed.fastpath import optimize
+from resnext.speed.grouped_swap import FastGroupedConv3x3
 from resnext.speed.measure import interleaved
 from resnext.speed.provenance import write_results
 
@@ -42,6 +44,12 @@ def layer_variants(
         "grouped-native": (lambda: grouped.grouped_native(x, w, stride, groups), batch),
         "grouped-bmm": (lambda: grouped.grouped_bmm(x, w, stride, groups), batch),
     }
+    if cl and grouped_kernel.unavailable_reason(dtype) is None:
+        packed = grouped_kernel.pack_weights(w.float(), groups)
+        variants["grouped-ours"] = (
+            lambda: grouped_kernel.run_kernel(x, packed, None, groups, stride),
+            batch,
+        )
     for pack in (2, 4, 8):
         pw = grouped.block_diagonal_weight(w, groups, pack).contiguous(memory_format=fmt)
         variants[f"packed-{pack}"] = (
@@ -63,21 +71,23 @@ def layer_variants(
     return variants, flop_of
 
 
-def profile_layers(name: str, batch: int, dtype: torch.dtype) -> dict[str, float]:
+def profile_layers(
+    name: str, batch: int, dtype: torch.dtype, kernel: str = "off"
+) -> dict[str, float]:
     """Seconds per image by layer kind in the eager fast path (BN folded, channels_last)."""
-    model = optimize(resnext.create_model(name), dtype, backend="none").model
+    model = optimize(resnext.create_model(name), dtype, backend="none", grouped_kernel=kernel).model
     totals: dict[str, float] = defaultdict(float)
     starts: dict[int, float] = {}
 
-    def kind(m: nn.Conv2d) -> str:
-        if m.kernel_size == (3, 3) and m.groups > 1:
+    def kind(m: nn.Module) -> str:
+        if isinstance(m, FastGroupedConv3x3) or (m.kernel_size == (3, 3) and m.groups > 1):
             return "grouped 3x3"
         if m.kernel_size == (3, 3):
             return "dense 3x3"
         return "1x1" if m.kernel_size == (1, 1) else "stem"
 
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, FastGroupedConv3x3)):
             m.register_forward_pre_hook(
                 lambda mod, inp: starts.__setitem__(id(mod), time.perf_counter())
             )
@@ -133,11 +143,15 @@ def main() -> int:
                     f"{key:34s} GFLOP/s: {line}  (native/dense {rows['grouped-native']['gflops'] / dense:.2f})"
                 )
                 results["layers"][key] = rows
-        for name in ("resnext50_32x4d", "resnet50"):
-            prof = profile_layers(name, args.batch, dtype)
-            results["profile"][f"{dname}/{name}"] = {k: 1e3 * v for k, v in prof.items()}
+        profiles = [("resnext50_32x4d", "off"), ("resnet50", "off")]
+        if grouped_kernel.unavailable_reason(dtype) is None:
+            profiles.insert(1, ("resnext50_32x4d", "on"))
+        for name, kernel in profiles:
+            prof = profile_layers(name, args.batch, dtype, kernel)
+            label = f"{name}+kernel" if kernel == "on" else name
+            results["profile"][f"{dname}/{label}"] = {k: 1e3 * v for k, v in prof.items()}
             print(
-                f"{dname}/{name} ms/img: "
+                f"{dname}/{label} ms/img: "
                 + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in prof.items())
             )
     path = write_results(args.out, "bench-grouped", vars(args) | {"out": str(args.out)}, results)

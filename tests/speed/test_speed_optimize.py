@@ -11,6 +11,11 @@ from resnext.errors import ConfigError
 from resnext.speed import fastpath as optimize_module
 from resnext.speed.capability import bf16_supported, cpu_capability
 from resnext.speed.fastpath import optimize
+from resnext.speed.grouped_kernel import unavailable_reason
+
+# Where our grouped kernel can run, every grouped conv it takes is swapped in, so the same-function
+# tests cover it too; elsewhere they test oneDNN's path alone.
+KERNEL = "on" if unavailable_reason() is None else "off"
 
 _MAX_PARAMS = 10_000_000  # larger registry models take too long to build for a fast test
 
@@ -47,7 +52,7 @@ def test_fp32_same_function_every_registry_model(name: str) -> None:
     x = _small_input(model)
     with torch.no_grad():
         expected = model(x)
-    fast = optimize(model, torch.float32, backend="none")
+    fast = optimize(model, torch.float32, backend="none", grouped_kernel=KERNEL)
     with torch.no_grad():
         got = fast(torch.randn_like(x).copy_(x))
     assert got.dtype == torch.float32
@@ -82,7 +87,7 @@ def test_fp32_same_function_every_spec_option(option: str) -> None:
     x = _small_input(model)
     with torch.no_grad():
         expected = model(x)
-        got = optimize(model, torch.float32, backend="none")(x.clone())
+        got = optimize(model, torch.float32, backend="none", grouped_kernel=KERNEL)(x.clone())
     assert _rel_err(got, expected) < 1e-4
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -41,7 +42,7 @@ class CpuCapability:
 
 def cpu_capability() -> CpuCapability:
     """Probe torch and /proc/cpuinfo for oneDNN, the vector ISA and native bf16 support."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     mkldnn = bool(torch.backends.mkldnn.is_available())
     bf16_op = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     # oneDNN's own check when it exists, else the ISA flags (AVX512-BF16 or AMX-BF16).

@@ -12,8 +12,10 @@ from torch import nn
 from resnext.errors import ConfigError
 from resnext.speed.capability import bf16_supported
 from resnext.speed.fold import fold_batchnorm
+from resnext.speed.grouped_swap import MODES, swap_grouped_convs
 
 BACKENDS = ("inductor", "jit", "none")
+RECOMPILE_LIMIT = 256
 
 
 class CastInput(nn.Module):
@@ -45,7 +47,14 @@ class FrozenInductor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config
 
-        with torch.no_grad(), inductor_config.patch(freezing=True):
+        # Every optimize() call compiles the same forward code again (new module, new guards);
+        # dynamo's default limit of 8 versions per code object would silently fall back to eager
+        # after a few optimized models in one process.
+        with (
+            torch.no_grad(),
+            inductor_config.patch(freezing=True),
+            torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
+        ):
             return self.compiled(x)
 
 
@@ -93,6 +102,7 @@ def optimize(
     backend: str = "inductor",
     example_input: torch.Tensor | None = None,
     warmup_shapes: Sequence[tuple[int, ...]] = (),
+    grouped_kernel: str = "auto",
 ) -> nn.Module:
     """A module computing the same function as `model` (in eval mode), faster on CPU.
 
@@ -103,9 +113,16 @@ def optimize(
     graph is built once on `example_input` (default: batch 1 at the model's natural size) and
     on each shape of `warmup_shapes`; if compiling fails, the eager fast path is returned with
     a warning. Inputs may be any float dtype and layout; outputs are float32.
+
+    `grouped_kernel` ('auto', 'on', 'off') puts our AVX-512 grouped 3×3 kernel in place of
+    oneDNN's for the grouped convolutions (channels_last only): 'auto' times both on each layer at
+    the largest of the example and warm-up shapes and keeps the faster. Which layers got it is in
+    the returned module's `grouped_choices` (a list of `LayerChoice`).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if grouped_kernel not in MODES:
+        raise ConfigError(f"grouped_kernel: expected one of {MODES}, got {grouped_kernel!r}")
     dtype = resolve_dtype(dtype)
     if dtype == torch.bfloat16 and not bf16_supported():
         warnings.warn(
@@ -118,11 +135,19 @@ def optimize(
     work.requires_grad_(False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     work = work.to(dtype=dtype, memory_format=memory_format)
-    eager = CastInput(work, dtype, channels_last).eval()
-    if backend == "none":
-        return eager
     example = default_example(model) if example_input is None else example_input
     shapes = [tuple(example.shape), *(tuple(s) for s in warmup_shapes)]
+    choices = []
+    if channels_last:
+        largest = max(shapes, key=lambda shape: torch.Size(shape).numel())
+        probe = torch.randn(largest, dtype=dtype).contiguous(memory_format=memory_format)
+        choices = swap_grouped_convs(work, probe, mode=grouped_kernel)
+    elif grouped_kernel == "on":
+        raise ConfigError("grouped_kernel: 'on' needs channels_last=True")
+    eager = CastInput(work, dtype, channels_last).eval()
+    eager.grouped_choices = choices
+    if backend == "none":
+        return eager
     try:
         if backend == "jit":
             fast: nn.Module = TracedModule(eager, example)
@@ -138,4 +163,5 @@ def optimize(
             stacklevel=2,
         )
         return eager
+    fast.grouped_choices = choices
     return fast.eval()

@@ -62,7 +62,8 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at dotted path `name` inside `root`."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -90,7 +91,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         weight, bias = fold_conv_bn_weights(conv, bn)
         conv.weight = nn.Parameter(weight, requires_grad=False)
         conv.bias = nn.Parameter(bias, requires_grad=False)
-        _set_module(target, bn_name, nn.Identity())
+        set_module(target, bn_name, nn.Identity())
     return target
 
 

@@ -21,6 +21,8 @@ VARIANTS = (
     "eager-fast-fp32",
     "inductor-fp32",
     "inductor-bf16",
+    "inductor-onednn-fp32",
+    "inductor-onednn-bf16",
     "jit-fp32",
     "jit-bf16",
     "ort-fp32",
@@ -63,9 +65,11 @@ def build_runner(
     kind, _, dtype = variant.rpartition("-")
     if variant == "eager":
         fn: Callable[[torch.Tensor], torch.Tensor] = model
-    elif kind in ("eager-fast", "inductor", "jit"):
-        backend = "none" if kind == "eager-fast" else kind
-        fn = optimize(model, dtype, backend=backend, example_input=example)
+    elif kind in ("eager-fast", "inductor", "inductor-onednn", "jit"):
+        # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernel off)
+        backend = {"eager-fast": "none", "inductor-onednn": "inductor"}.get(kind, kind)
+        mode = "off" if kind == "inductor-onednn" else "auto"
+        fn = optimize(model, dtype, backend=backend, example_input=example, grouped_kernel=mode)
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)
         fn = lambda x: torch.from_numpy(session(x.numpy())[0])  # noqa: E731
@@ -113,6 +117,9 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
             err = ((out - reference).abs().max() / reference.abs().max()).item()
             agree = (out.argmax(1) == reference.argmax(1)).float().mean().item()
             info[key] = {"build_s": build_s, "max_rel_err": err, "argmax_agreement": agree}
+            swapped = [c.name for c in getattr(fn, "grouped_choices", []) if c.chosen != "native"]
+            if swapped:
+                info[key]["grouped_kernel_layers"] = swapped
             log(f"{key}: built in {build_s:.1f} s, max rel err {err:.2e}")
             runners[key] = (_torch_runner(fn, x), config.batch)
             if config.latency_rounds and variant.startswith(("inductor", "jit", "eager")):

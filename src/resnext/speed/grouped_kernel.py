@@ -1,0 +1,247 @@
+"""Our AVX-512 grouped 3×3 convolution: built from `kernels/grouped3x3.c` on first use, called via ctypes.
+
+The C source is compiled once per machine with the system C compiler into a cache folder
+(``$RESNEXT_KERNEL_CACHE``, else ``~/.cache/resnext/kernels``), named by the hash of the source,
+the flags and the compiler, and loaded with ctypes; nothing is downloaded. It runs on the OpenMP
+threads torch already uses (the library links the same ``libgomp.so.1``). The kernel is exposed as
+the torch operator ``torch.ops.resnext.grouped_conv3x3`` so that torch.compile and torch.jit treat
+it as one opaque call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from resnext.speed.capability import cpu_flags
+
+SOURCE = Path(__file__).with_name("kernels") / "grouped3x3.c"
+FLAGS = (
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mfma",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+)
+REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+SUPPORTED_CPG = (4, 8, 16, 32, 64)
+
+
+class KernelUnavailable(RuntimeError):
+    """The grouped-convolution kernel cannot run here (CPU, compiler or build), with the reason."""
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: $RESNEXT_KERNEL_CACHE, else ~/.cache/resnext/kernels."""
+    env = os.environ.get("RESNEXT_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "resnext" / "kernels"
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC", "cc")
+    path = shutil.which(cc)
+    if path is None:
+        raise KernelUnavailable(f"no C compiler: {cc!r} is not on PATH (set CC to one)")
+    return path
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile the kernel (if this source, these flags and this compiler have not been) and return the library path."""
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode()):
+        digest.update(part)
+    folder = cache_dir() if out_dir is None else out_dir
+    target = folder / f"grouped3x3-{digest.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KernelUnavailable(f"kernel cache folder {folder} cannot be created: {exc}") from exc
+    # Build under a private name and rename: a concurrent process never loads a half-written file.
+    tmp = folder / f".{target.name}.{os.getpid()}.tmp"
+    cmd = [cc, *FLAGS, str(SOURCE), "-o", str(tmp)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelUnavailable(f"compiling {SOURCE.name} failed: {exc}") from exc
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise KernelUnavailable(
+            f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr.strip()[-2000:]}"
+        )
+    os.replace(tmp, target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    missing = REQUIRED_FLAGS - cpu_flags()
+    if missing:
+        raise KernelUnavailable(f"this CPU lacks {sorted(missing)}")
+    lib = ctypes.CDLL(str(build()))
+    fn = lib.grouped3x3_nhwc
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 9
+    fn.restype = ctypes.c_int
+    lib.grouped3x3_supported.argtypes = [ctypes.c_int] * 3
+    lib.grouped3x3_supported.restype = ctypes.c_int
+    return lib
+
+
+def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
+    """None if the kernel can run here for `dtype`, else why not (one line)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"dtype {dtype} is not float32 or bfloat16"
+    if dtype == torch.bfloat16 and "avx512_bf16" not in cpu_flags():
+        return "this CPU lacks avx512_bf16"
+    try:
+        _library()
+    except KernelUnavailable as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
+def supports(channels: int, groups: int, stride: int) -> bool:
+    """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride."""
+    if groups < 1 or channels % groups:
+        return False
+    cpg = channels // groups
+    return channels % 16 == 0 and cpg in SUPPORTED_CPG and stride in (1, 2)
+
+
+def pack_weights(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The (C, C/groups, 3, 3) weight rearranged as the kernel reads it: fp32 [C/16][9][M][R][4][16].
+
+    For output block cb, lane l = 4b + i of diagonal j under block shuffle r holds the weight
+    from input lane 4·σ_r(b) + i (of input register m) to output lane 4b + (i − j) mod 4.
+    """
+    out_ch, cpg, kh, kw = weight.shape
+    if (kh, kw) != (3, 3) or out_ch != cpg * groups or not supports(out_ch, groups, 1):
+        raise ValueError(
+            f"weight: expected a (C, C/groups, 3, 3) grouped weight with C % 16 == 0 and "
+            f"C/groups in {SUPPORTED_CPG}, got shape {tuple(weight.shape)} with groups={groups}"
+        )
+    shuffles = 1 if cpg == 4 else 2 if cpg == 8 else 4
+    inputs = max(cpg // 16, 1)
+    cb = torch.arange(out_ch // 16).view(-1, 1, 1, 1, 1)
+    m = torch.arange(inputs).view(1, -1, 1, 1, 1)
+    r = torch.arange(shuffles).view(1, 1, -1, 1, 1)
+    j = torch.arange(4).view(1, 1, 1, -1, 1)
+    lane = torch.arange(16).view(1, 1, 1, 1, -1)
+    block, i = lane // 4, lane % 4
+    out_idx = cb * 16 + 4 * block + (i - j) % 4
+    sigma = block ^ r if shuffles == 2 else (block + r) % 4
+    in_lane = 4 * sigma + i
+    in_idx = m * 16 + in_lane if cpg >= 16 else in_lane % cpg
+    out_idx, in_idx = torch.broadcast_tensors(out_idx, in_idx)
+    taps = weight.detach().float().reshape(out_ch, cpg, 9)[out_idx, in_idx]
+    return taps.permute(0, 5, 1, 2, 3, 4).contiguous()
+
+
+def output_size(size: int, stride: int) -> int:
+    """Output height/width of a 3×3 convolution with padding 1."""
+    return (size - 1) // stride + 1
+
+
+def run_kernel(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool = False,
+) -> torch.Tensor:
+    """``conv2d(x, w, bias, stride, padding=1, groups)`` (then ReLU) with `packed` = pack_weights(w)."""
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+        raise ValueError(
+            f"x: expected a 4-d float32 or bfloat16 CPU tensor, got {tuple(x.shape)} "
+            f"{x.dtype} on {x.device}"
+        )
+    n, c, h, w = x.shape
+    if not supports(c, groups, stride):
+        raise ValueError(
+            f"x: {c} channels in {groups} groups with stride {stride} is not a shape the kernel "
+            f"takes (C % 16 == 0, C/groups in {SUPPORTED_CPG}, stride 1 or 2)"
+        )
+    want = packed_numel(c, groups)
+    if packed.dtype != torch.float32 or not packed.is_contiguous() or packed.numel() != want:
+        raise ValueError(
+            f"packed: expected a contiguous float32 tensor of {want} values from pack_weights, "
+            f"got {packed.dtype} with {packed.numel()}"
+        )
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != c):
+        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} with {bias.numel()}")
+    x = x.contiguous(memory_format=torch.channels_last)
+    ho, wo = output_size(h, stride), output_size(w, stride)
+    y = torch.empty((n, c, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
+    if n and ho and wo:
+        bias_c = None if bias is None else bias.contiguous()
+        rc = _library().grouped3x3_nhwc(
+            x.data_ptr(),
+            packed.data_ptr(),
+            None if bias_c is None else bias_c.data_ptr(),
+            y.data_ptr(),
+            int(x.dtype == torch.bfloat16),
+            n,
+            h,
+            w,
+            c,
+            c // groups,
+            stride,
+            int(relu),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise ValueError(f"grouped3x3 kernel refused shape {tuple(x.shape)}, groups={groups}")
+    return y
+
+
+def packed_numel(channels: int, groups: int) -> int:
+    """How many values pack_weights makes for this many channels and groups."""
+    cpg = channels // groups
+    shuffles = 1 if cpg == 4 else 2 if cpg == 8 else 4
+    return (channels // 16) * 9 * max(cpg // 16, 1) * shuffles * 4 * 16
+
+
+@torch.library.custom_op("resnext::grouped_conv3x3", mutates_args=())
+def grouped_conv3x3(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    """The kernel as a torch operator (see `run_kernel`)."""
+    return run_kernel(x, packed, bias, groups, stride, relu)
+
+
+@grouped_conv3x3.register_fake
+def _fake(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
+    n, c, h, w = x.shape
+    shape = (n, c, output_size(h, stride), output_size(w, stride))
+    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)

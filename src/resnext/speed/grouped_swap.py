@@ -1,0 +1,216 @@
+"""Swapping a model's grouped 3×3 convolutions for our kernel where it is faster (timed per layer)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from resnext.errors import ConfigError
+from resnext.speed import grouped_kernel
+from resnext.speed.fold import set_module
+
+MODES = ("auto", "on", "off")
+
+
+class FastGroupedConv3x3(nn.Module):
+    """A grouped 3×3 convolution (padding 1) computed by our AVX-512 kernel.
+
+    The packed fp32 weights and bias are plain attributes, not parameters or buffers: a later
+    ``.to(dtype)`` must not round them, and the kernel takes fp32 or bf16 activations with them.
+    """
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False) -> None:
+        super().__init__()
+        self.relu = relu
+        if not eligible(conv):
+            raise ValueError(
+                f"conv: expected a grouped 3×3 convolution the kernel takes, got {conv}"
+            )
+        self.groups = conv.groups
+        self.stride = conv.stride[0]
+        self.channels = conv.out_channels
+        self.packed = grouped_kernel.pack_weights(conv.weight, conv.groups)
+        self.bias = None if conv.bias is None else conv.bias.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.resnext.grouped_conv3x3(
+            x, self.packed, self.bias, self.groups, self.stride, self.relu
+        )
+
+    def extra_repr(self) -> str:
+        relu = ", relu=True" if self.relu else ""
+        return f"{self.channels}, {self.channels}, groups={self.groups}, stride={self.stride}{relu}"
+
+
+def eligible(module: nn.Module) -> bool:
+    """Whether `module` is a Conv2d our kernel computes exactly (3×3, padding 1, square stride)."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (3, 3)
+        and module.padding == (1, 1)
+        and module.dilation == (1, 1)
+        and module.padding_mode == "zeros"
+        and module.stride[0] == module.stride[1]
+        and module.in_channels == module.out_channels
+        and module.groups > 1
+        and grouped_kernel.supports(module.out_channels, module.groups, module.stride[0])
+    )
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """Which implementation one grouped convolution got, and the timings that decided it."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    native_ms: float
+    kernel_ms: float
+    chosen: str
+
+
+def _time_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(2):
+            fn(x)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(x)
+            best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def _input_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
+    shapes: dict[str, tuple] = {}
+    hooks = []
+    for name in names:
+
+        def hook(_module: nn.Module, args: tuple, name: str = name) -> None:
+            shapes[name] = tuple(args[0].shape)
+
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return shapes
+
+
+def swap_grouped_convs(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    repeats: int = 5,
+) -> list[LayerChoice]:
+    """Replace, in place, each grouped 3×3 conv of `model` by `FastGroupedConv3x3` where it pays.
+
+    `example` is an input as the model takes it (its dtype and memory format). 'auto' times both
+    implementations on each layer's real input shape and keeps the faster; 'on' swaps every layer
+    the kernel takes (a ConfigError if the kernel cannot run here); 'off' changes nothing.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"grouped_kernel: expected one of {MODES}, got {mode!r}")
+    if mode == "off":
+        return []
+    names = [name for name, module in model.named_modules() if eligible(module)]
+    if not names:
+        return []
+    reason = grouped_kernel.unavailable_reason(example.dtype)
+    if reason is not None:
+        if mode == "on":
+            raise ConfigError(f"grouped_kernel: 'on' but the kernel cannot run here: {reason}")
+        return []
+    shapes = _input_shapes(model, names, example)
+    choices = []
+    for name in names:
+        if name not in shapes:  # never called on this input
+            continue
+        conv = model.get_submodule(name)
+        fast = FastGroupedConv3x3(conv)
+        x = torch.randn(shapes[name], dtype=example.dtype).contiguous(
+            memory_format=torch.channels_last
+        )
+        native_ms = _time_ms(conv, x, repeats)
+        kernel_ms = _time_ms(fast, x, repeats)
+        use = mode == "on" or kernel_ms < native_ms
+        if use:
+            set_module(model, name, fast)
+            fused = fuse_following_relu(model, name)
+        choices.append(
+            LayerChoice(
+                name,
+                shapes[name],
+                native_ms,
+                kernel_ms,
+                ("kernel+relu" if fused else "kernel") if use else "native",
+            )
+        )
+    return choices
+
+
+class _KernelLeafTracer(fx.Tracer):
+    """An fx tracer that keeps our kernel modules as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FastGroupedConv3x3) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def fuse_following_relu(root: nn.Module, name: str) -> bool:
+    """Let the kernel at `name` apply the ReLU that follows it (through identities), if it can.
+
+    Saves a full pass over the activation. The parent module is traced with torch.fx and replaced
+    by the rewritten graph; if it cannot be traced, or anything but a ReLU (possibly after folded-BN
+    identities) consumes the convolution, nothing changes and False is returned.
+    """
+    parent_name, _, child = name.rpartition(".")
+    if not parent_name:
+        return False
+    parent = root.get_submodule(parent_name)
+    try:
+        graph = _KernelLeafTracer().trace(parent)
+    except Exception:  # fx raises many kinds of errors on untraceable code
+        return False
+    modules = dict(parent.named_modules())
+    conv_node = next((n for n in graph.nodes if n.op == "call_module" and n.target == child), None)
+    if conv_node is None:
+        return False
+    last, user = conv_node, _only_user(conv_node)
+    while (
+        user is not None
+        and user.op == "call_module"
+        and isinstance(modules.get(user.target), nn.Identity)
+    ):
+        last, user = user, _only_user(user)
+    is_relu = user is not None and (
+        (user.op == "call_module" and isinstance(modules.get(user.target), nn.ReLU))
+        or (user.op == "call_function" and user.target in (F.relu, torch.relu))
+    )
+    if not is_relu or len(user.args) != 1 or user.kwargs.get("inplace", False):
+        return False
+    user.replace_all_uses_with(last)
+    graph.erase_node(user)
+    modules[child].relu = True
+    set_module(root, parent_name, fx.GraphModule(parent, graph, parent.__class__.__name__))
+    return True
+
+
+def choices_as_dicts(choices: list[LayerChoice]) -> list[dict[str, object]]:
+    """The per-layer report as plain dicts (for JSON)."""
+    return [asdict(choice) for choice in choices]
+
+
+def reference(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """What a FastGroupedConv3x3 made from `conv` must compute (for tests and benchmarks)."""
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, 1, conv.groups)

@@ -1,0 +1,159 @@
+/* Grouped 3x3 convolution (padding 1, stride 1 or 2) on channels-last tensors, AVX-512.
+ *
+ * Why this kernel exists: oneDNN runs ResNeXt-50's stage-1 grouped 3x3 (4 channels per group)
+ * at about a sixth of its dense rate, because a group fills a quarter of a 16-lane register.
+ * Here a register holds 16 consecutive channels, viewed as four 4-lane blocks. A group's channel
+ * mixing is split two ways so that the inner loop is only fused multiply-adds:
+ *  - across blocks (groups of 8 or more channels), the input register is block-shuffled R times
+ *    (R = 1, 2 or 4), one in-register shuffle per input vector, so that every 4x4 block of the
+ *    group's weight matrix meets its input block in place;
+ *  - within a block, the 4x4 product is split into 4 diagonals: diagonal j multiplies input lane i
+ *    by the weight of output lane (i - j) mod 4. Each diagonal has its own accumulator, summed
+ *    over all taps and rotated into place once per output pixel.
+ * Groups wider than 16 channels read M = cpg / 16 input registers per 16 outputs.
+ *
+ * Layout: x[N][H][W][C] and y[N][Ho][Wo][C], both fp32 or both bf16; packed fp32 weights
+ * wp[C/16][9][M][R][4][16] (built by grouped_kernel.pack_weights); bias[C] fp32 or NULL.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+static inline __m512 load_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 mload_f32(__mmask16 m, const float *p) { return _mm512_maskz_loadu_ps(m, p); }
+static inline void store_f32(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline __m512 mload_bf16(__mmask16 m, const uint16_t *p) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+static inline void store_bf16(uint16_t *p, __m512 v) {
+  _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* The input register with its 4-lane blocks permuted so that block b holds block sigma_r(b). */
+static inline __m512 block_shuffle(__m512 v, int R, int r) {
+  if (R == 2) return _mm512_shuffle_f32x4(v, v, 0xB1); /* swap blocks within pairs */
+  if (r == 1) return _mm512_shuffle_f32x4(v, v, 0x39); /* rotate blocks by 1, 2, 3 */
+  if (r == 2) return _mm512_shuffle_f32x4(v, v, 0x4E);
+  return _mm512_shuffle_f32x4(v, v, 0x93);
+}
+
+#define DEFINE_KERNEL(NAME, T, MLOAD, STORE, R, M, P)                                             \
+  /* P output pixels of one 16-channel output block: all taps into 4 diagonal accumulators. */ \
+  static inline __attribute__((always_inline)) void NAME##_block(                              \
+      const T *xn, const float *wb, int H, int W, int C, int ib0, int oh, int iw0,                \
+      int s, int cols_ok, __m512 acc[P][4]) {                                                  \
+    for (int kh = 0; kh < 3; ++kh) {                                                           \
+      const int ih = oh * s - 1 + kh;                                                          \
+      if (ih < 0 || ih >= H) continue;                                                         \
+      const T *xrow = xn + (long)ih * W * C + ib0 * 16;                                        \
+      for (int kw = 0; kw < 3; ++kw) {                                                         \
+        _Pragma("GCC unroll 4") for (int e = 0; e < M; ++e) {                                  \
+          const float *wt = wb + ((kh * 3 + kw) * M + e) * R * 64;                             \
+          const T *xb = xrow + e * 16 + (long)(iw0 + kw) * C;                                  \
+          __m512 v[P];                                                                         \
+          _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {                               \
+            const int iw = iw0 + kw + p * s;                                                   \
+            /* columns outside the image read as zeros (a masked load never faults) */         \
+            const __mmask16 in = (cols_ok || (iw >= 0 && iw < W)) ? 0xFFFF : 0;                \
+            v[p] = MLOAD(in, xb + (long)p * s * C);                                            \
+          }                                                                                    \
+          _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {                                \
+            __m512 u[P];                                                                       \
+            _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p)                               \
+                u[p] = r ? block_shuffle(v[p], R, r) : v[p];                                   \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) {                              \
+              const __m512 wv = load_f32(wt + (r * 4 + j) * 16);                               \
+              _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p)                             \
+                  acc[p][j] = _mm512_fmadd_ps(u[p], wv, acc[p][j]);                            \
+            }                                                                                  \
+          }                                                                                    \
+        }                                                                                      \
+      }                                                                                        \
+    }                                                                                          \
+  }                                                                                            \
+  /* One output row (image n = r / Ho, row r % Ho), every channel. */                         \
+  static void NAME(const T *x, const float *wp, const float *bias, T *y, int H, int W, int C,  \
+                   int cpg, int Ho, int Wo, int s, int relu, long r) {                         \
+    const long n = r / Ho;                                                                     \
+    const int oh = (int)(r % Ho);                                                              \
+    const T *xn = x + n * (long)H * W * C;                                                     \
+    T *yr = y + r * (long)Wo * C;                                                              \
+    for (int ow0 = 0; ow0 < Wo; ow0 += P) {                                                    \
+      const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
+      const int iw0 = ow0 * s - 1;                                                             \
+      const int cols_ok = iw0 >= 0 && iw0 + 2 + (P - 1) * s < W;                               \
+      /* The bottom input row is new to this output row: fetch the next pixels' channels      \
+       * early, the strided per-block reads below defeat the hardware prefetcher. */          \
+      const int ihb = oh * s + 1, iwn = iw0 + P * s;                                           \
+      if (ihb < H)                                                                             \
+        for (int q = 0; q < P * s && iwn + q < W; ++q) {                                       \
+          const char *pf = (const char *)(xn + ((long)ihb * W + iwn + q) * C);                 \
+          for (long c = 0; c < (long)C * (long)sizeof(T); c += 64)                             \
+            _mm_prefetch(pf + c, _MM_HINT_T0);                                                 \
+        }                                                                                      \
+      for (int cb = 0; cb < C / 16; ++cb) {                                                    \
+        const int ib0 = cpg > 16 ? (cb / M) * M : cb;                                          \
+        const float *wb = wp + (long)cb * 9 * M * R * 64;                                      \
+        __m512 acc[P][4];                                                                      \
+        for (int p = 0; p < P; ++p)                                                            \
+          for (int j = 0; j < 4; ++j) acc[p][j] = _mm512_setzero_ps();                         \
+        if (cols_ok)                                                                           \
+          NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 1, acc);                              \
+        else                                                                                   \
+          NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 0, acc);                              \
+        const __m512 b = bias ? load_f32(bias + cb * 16) : _mm512_setzero_ps();                \
+        for (int p = 0; p < np; ++p) {                                                         \
+          /* out[4b + i] = sum_j acc[j][4b + (i + j) mod 4] */                                 \
+          __m512 o = _mm512_add_ps(b, acc[p][0]);                                              \
+          o = _mm512_add_ps(o, _mm512_permute_ps(acc[p][1], 0x39));                            \
+          o = _mm512_add_ps(o, _mm512_permute_ps(acc[p][2], 0x4E));                            \
+          o = _mm512_add_ps(o, _mm512_permute_ps(acc[p][3], 0x93));                            \
+          if (relu) o = _mm512_max_ps(o, _mm512_setzero_ps());                                 \
+          STORE(yr + (long)(ow0 + p) * C + cb * 16, o);                                        \
+        }                                                                                      \
+      }                                                                                        \
+    }                                                                                          \
+  }
+
+DEFINE_KERNEL(row_f32_c4, float, mload_f32, store_f32, 1, 1, 4)
+DEFINE_KERNEL(row_f32_c8, float, mload_f32, store_f32, 2, 1, 4)
+DEFINE_KERNEL(row_f32_c16, float, mload_f32, store_f32, 4, 1, 4)
+DEFINE_KERNEL(row_f32_c32, float, mload_f32, store_f32, 4, 2, 4)
+DEFINE_KERNEL(row_f32_c64, float, mload_f32, store_f32, 4, 4, 4)
+DEFINE_KERNEL(row_bf16_c4, uint16_t, mload_bf16, store_bf16, 1, 1, 4)
+DEFINE_KERNEL(row_bf16_c8, uint16_t, mload_bf16, store_bf16, 2, 1, 4)
+DEFINE_KERNEL(row_bf16_c16, uint16_t, mload_bf16, store_bf16, 4, 1, 4)
+DEFINE_KERNEL(row_bf16_c32, uint16_t, mload_bf16, store_bf16, 4, 2, 4)
+DEFINE_KERNEL(row_bf16_c64, uint16_t, mload_bf16, store_bf16, 4, 4, 4)
+
+typedef void (*row_fn)(const void *, const float *, const float *, void *, int, int, int, int,
+                       int, int, int, int, long);
+
+static row_fn pick(int cpg, int bf16) {
+  switch (cpg) {
+  case 4: return bf16 ? (row_fn)row_bf16_c4 : (row_fn)row_f32_c4;
+  case 8: return bf16 ? (row_fn)row_bf16_c8 : (row_fn)row_f32_c8;
+  case 16: return bf16 ? (row_fn)row_bf16_c16 : (row_fn)row_f32_c16;
+  case 32: return bf16 ? (row_fn)row_bf16_c32 : (row_fn)row_f32_c32;
+  case 64: return bf16 ? (row_fn)row_bf16_c64 : (row_fn)row_f32_c64;
+  default: return 0;
+  }
+}
+
+/* 1 if this kernel takes the shape: 16-channel blocks, 4, 8, 16, 32 or 64 channels per group,
+ * stride 1 or 2. */
+int grouped3x3_supported(int C, int cpg, int s) {
+  return C % 16 == 0 && pick(cpg, 0) != 0 && (s == 1 || s == 2);
+}
+
+/* y = conv(x) (+ bias, then ReLU if relu). Returns 0, or -1 for an unsupported shape. */
+int grouped3x3_nhwc(const void *x, const float *wp, const float *bias, void *y, int bf16,
+                    int N, int H, int W, int C, int cpg, int s, int relu, int threads) {
+  if (!grouped3x3_supported(C, cpg, s) || N < 0 || H < 1 || W < 1 || threads < 1) return -1;
+  const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
+  const long rows = (long)N * Ho;
+  const row_fn row = pick(cpg, bf16);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (long r = 0; r < rows; ++r) row(x, wp, bias, y, H, W, C, cpg, Ho, Wo, s, relu, r);
+  return 0;
+}

@@ -1,0 +1,185 @@
+"""Our AVX-512 grouped 3×3 kernel equals torch's convolution; its build, errors and model swap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resnext
+from resnext.errors import ConfigError
+from resnext.speed import grouped_kernel
+from resnext.speed.fastpath import optimize
+from resnext.speed.grouped_swap import FastGroupedConv3x3, fuse_following_relu, swap_grouped_convs
+
+REASON = grouped_kernel.unavailable_reason()
+needs_kernel = pytest.mark.skipif(
+    REASON is not None, reason=f"grouped kernel unavailable: {REASON}"
+)
+
+
+def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected).abs().max() / expected.abs().max()).item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("cpg", [4, 8, 16, 32, 64])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (7, 7), (9, 14), (15, 8)])
+def test_kernel_equals_conv2d(cpg: int, stride: int, size: tuple[int, int]) -> None:
+    groups = 32 if cpg <= 16 else 4
+    channels = cpg * groups
+    torch.manual_seed(cpg * 100 + stride * 10 + size[0])
+    x = torch.randn(2, channels, *size)
+    w = torch.randn(channels, cpg, 3, 3)
+    b = torch.randn(channels)
+    packed = grouped_kernel.pack_weights(w, groups)
+    for bias, relu in ((None, False), (b, True)):
+        got = grouped_kernel.run_kernel(x, packed, bias, groups, stride, relu)
+        expected = F.conv2d(x, w, bias, stride=stride, padding=1, groups=groups)
+        if relu:
+            expected = expected.relu()
+        assert got.shape == expected.shape
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert _rel_err(got, expected) < 1e-5
+
+
+@needs_kernel
+@pytest.mark.skipif(
+    grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
+    reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
+)
+@pytest.mark.parametrize("cpg", [4, 8, 32])
+def test_bf16_kernel_matches_fp32_of_the_same_inputs(cpg: int) -> None:
+    groups = 16
+    channels = cpg * groups
+    x = torch.randn(3, channels, 10, 9).to(torch.bfloat16)
+    w = torch.randn(channels, cpg, 3, 3)
+    got = grouped_kernel.run_kernel(x, grouped_kernel.pack_weights(w, groups), None, groups, 1)
+    assert got.dtype == torch.bfloat16
+    # The kernel accumulates in fp32 and rounds once: error of one bf16 rounding (2^-8).
+    expected = F.conv2d(x.float(), w, stride=1, padding=1, groups=groups)
+    assert _rel_err(got, expected) < 2**-7
+
+
+@needs_kernel
+def test_empty_batch_and_nchw_input() -> None:
+    w = torch.randn(64, 4, 3, 3)
+    packed = grouped_kernel.pack_weights(w, 16)
+    assert grouped_kernel.run_kernel(torch.randn(0, 64, 5, 5), packed, None, 16, 2).shape == (
+        0,
+        64,
+        3,
+        3,
+    )
+    x = torch.randn(1, 64, 6, 6)  # NCHW contiguous: converted, same result
+    expected = F.conv2d(x, w, padding=1, groups=16)
+    assert _rel_err(grouped_kernel.run_kernel(x, packed, None, 16, 1), expected) < 1e-5
+
+
+def test_bad_inputs_name_the_argument() -> None:
+    with pytest.raises(ValueError, match="weight"):
+        grouped_kernel.pack_weights(torch.randn(48, 3, 3, 3), 16)  # 3 channels per group
+    with pytest.raises(ValueError, match="weight"):
+        grouped_kernel.pack_weights(torch.randn(64, 4, 1, 1), 16)
+    packed = grouped_kernel.pack_weights(torch.randn(64, 4, 3, 3), 16)
+    with pytest.raises(ValueError, match="x"):
+        grouped_kernel.run_kernel(torch.randn(1, 64, 5, 5).double(), packed, None, 16, 1)
+    with pytest.raises(ValueError, match="x"):
+        grouped_kernel.run_kernel(torch.randn(1, 64, 5, 5), packed, None, 16, 3)
+    with pytest.raises(ValueError, match="packed"):
+        grouped_kernel.run_kernel(torch.randn(1, 64, 5, 5), packed[:-1], None, 16, 1)
+    with pytest.raises(ValueError, match="bias"):
+        grouped_kernel.run_kernel(torch.randn(1, 64, 5, 5), packed, torch.zeros(3), 16, 1)
+    assert not grouped_kernel.supports(48, 16, 1)
+    assert not grouped_kernel.supports(64, 16, 3)
+
+
+def test_build_is_cached_and_a_missing_compiler_is_named(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    with pytest.raises(grouped_kernel.KernelUnavailable, match="no-such-compiler-xyz"):
+        grouped_kernel.build(tmp_path)
+    monkeypatch.delenv("CC")
+    if grouped_kernel.unavailable_reason() is not None:
+        pytest.skip(f"grouped kernel unavailable: {REASON}")
+    first = grouped_kernel.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert grouped_kernel.build(tmp_path) == first
+    assert first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNEXT_KERNEL_CACHE", str(tmp_path / "k"))
+    assert grouped_kernel.cache_dir() == tmp_path / "k"
+
+
+class _Block(nn.Module):
+    """conv → identity (a folded BN) → shared ReLU, as in the Bottleneck."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2 = nn.Conv2d(64, 64, 3, padding=1, groups=16, bias=True)
+        self.bn2 = nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn2(self.conv2(x))) + 1.0
+
+
+@needs_kernel
+def test_swap_on_fuses_the_relu_and_keeps_the_function() -> None:
+    model = nn.Sequential(_Block()).eval()
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+    choices = swap_grouped_convs(model, x, mode="on")
+    assert [c.chosen for c in choices] == ["kernel+relu"]
+    assert isinstance(model[0].conv2, FastGroupedConv3x3) and model[0].conv2.relu
+    with torch.no_grad():
+        assert _rel_err(model(x), expected) < 1e-5
+
+
+@needs_kernel
+def test_relu_not_fused_when_the_conv_output_is_used_twice() -> None:
+    class TwoUses(_Block):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv2(x)
+            return self.relu(y) + y
+
+    model = nn.Sequential(TwoUses()).eval()
+    model[0].conv2 = FastGroupedConv3x3(model[0].conv2)
+    assert not fuse_following_relu(model, "0.conv2")
+    assert not model[0].conv2.relu
+
+
+def test_bad_mode_is_a_config_error() -> None:
+    model = resnext.create_model("resnext_tiny").eval()
+    with pytest.raises(ConfigError, match="grouped_kernel"):
+        optimize(model, backend="none", grouped_kernel="fast")
+    with pytest.raises(ConfigError, match="grouped_kernel"):
+        swap_grouped_convs(model, torch.randn(1, 3, 32, 32), mode="yes")
+
+
+@needs_kernel
+@pytest.mark.parametrize("backend", ["none", "jit", "inductor"])
+def test_optimize_with_the_kernel_same_function(backend: str) -> None:
+    torch.manual_seed(0)
+    # 64 channels per stage-1 group width 4 ×16 groups: the kernel takes every grouped conv.
+    spec = resnext.models.ModelSpec(
+        depths=(1, 1), stem="cifar", cardinality=16, base_width=4, num_classes=10
+    )
+    model = resnext.models.build_model(spec).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0.0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, "fp32", backend=backend, example_input=x, grouped_kernel="on")
+    assert [c.chosen for c in fast.grouped_choices] == ["kernel+relu"] * 2
+    fresh = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _rel_err(fast(fresh), model(fresh)) < 1e-4
