@@ -183,3 +183,46 @@ def test_optimize_with_the_kernel_same_function(backend: str) -> None:
     fresh = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert _rel_err(fast(fresh), model(fresh)) < 1e-4
+
+
+@needs_kernel
+@pytest.mark.skipif(
+    grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
+    reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
+)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(1, 1), (5, 8), (13, 7)])
+def test_bf16_pair_kernel_equals_conv2d(stride: int, size: tuple[int, int]) -> None:
+    groups, channels = 24, 96  # 4 channels per group, 3 blocks of 32 channels
+    x = torch.randn(2, channels, *size).to(torch.bfloat16)
+    w = torch.randn(channels, 4, 3, 3).to(torch.bfloat16).float()  # exactly representable
+    b = torch.randn(channels)
+    assert grouped_kernel.takes_pairs(channels, groups, torch.bfloat16)
+    packed = grouped_kernel.pack_weights(w, groups, pairs=True)
+    assert packed.dtype == torch.bfloat16
+    got = grouped_kernel.run_kernel(x, packed, b, groups, stride, relu=True)
+    expected = F.conv2d(x.float(), w, b, stride=stride, padding=1, groups=groups).relu()
+    assert got.shape == expected.shape
+    assert _rel_err(got, expected) < 2**-7
+    with pytest.raises(ValueError, match="packed"):  # pair weights with fp32 activations
+        grouped_kernel.run_kernel(x.float(), packed, b, groups, stride)
+    with pytest.raises(ValueError, match="weight"):  # 8 channels per group cannot be paired
+        grouped_kernel.pack_weights(torch.randn(64, 8, 3, 3), 8, pairs=True)
+
+
+@needs_kernel
+@pytest.mark.skipif(
+    grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
+    reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
+)
+def test_optimize_bf16_with_the_kernel_close_to_fp32() -> None:
+    torch.manual_seed(1)
+    spec = resnext.models.ModelSpec(
+        depths=(1, 1), stem="cifar", cardinality=8, base_width=4, num_classes=10
+    )  # stage 1: 32 channels, 4 per group (pair kernel); stage 2: 64, 8 per group
+    model = resnext.models.build_model(spec).eval()
+    x = torch.randn(4, 3, 32, 32)
+    fast = optimize(model, "bf16", backend="none", example_input=x, grouped_kernel="on")
+    assert [c.chosen for c in fast.grouped_choices] == ["kernel+relu"] * 2
+    with torch.no_grad():
+        assert _rel_err(fast(x), model(x)) < 3e-2

@@ -97,7 +97,7 @@ def _library() -> ctypes.CDLL:
         raise KernelUnavailable(f"this CPU lacks {sorted(missing)}")
     lib = ctypes.CDLL(str(build()))
     fn = lib.grouped3x3_nhwc
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 9
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
     fn.restype = ctypes.c_int
     lib.grouped3x3_supported.argtypes = [ctypes.c_int] * 3
     lib.grouped3x3_supported.restype = ctypes.c_int
@@ -125,11 +125,20 @@ def supports(channels: int, groups: int, stride: int) -> bool:
     return channels % 16 == 0 and cpg in SUPPORTED_CPG and stride in (1, 2)
 
 
-def pack_weights(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """The (C, C/groups, 3, 3) weight rearranged as the kernel reads it: fp32 [C/16][9][M][R][4][16].
+def takes_pairs(channels: int, groups: int, dtype: torch.dtype) -> bool:
+    """Whether bf16 activations of this shape use the pair-dot-product kernel (4 channels per
+    group, channels a multiple of 32), which needs its own weight packing."""
+    return dtype == torch.bfloat16 and channels % 32 == 0 and channels == 4 * groups
 
-    For output block cb, lane l = 4b + i of diagonal j under block shuffle r holds the weight
-    from input lane 4·σ_r(b) + i (of input register m) to output lane 4b + (i − j) mod 4.
+
+def pack_weights(weight: torch.Tensor, groups: int, pairs: bool = False) -> torch.Tensor:
+    """The (C, C/groups, 3, 3) weight rearranged as the kernel reads it.
+
+    Default: fp32 [C/16][9][M][R][4][16]; for output block cb, lane l = 4b + i of diagonal j under
+    block shuffle r holds the weight from input lane 4·σ_r(b) + i (of input register m) to
+    output lane 4b + (i − j) mod 4. With `pairs` (bf16 activations, 4 channels per group; see
+    `takes_pairs`): bf16 [C/32][9][4][32], where value 2l + k of output o's vector is the weight
+    from input channel 2l + k of the 32-channel block to output o of that channel's group.
     """
     out_ch, cpg, kh, kw = weight.shape
     if (kh, kw) != (3, 3) or out_ch != cpg * groups or not supports(out_ch, groups, 1):
@@ -137,6 +146,20 @@ def pack_weights(weight: torch.Tensor, groups: int) -> torch.Tensor:
             f"weight: expected a (C, C/groups, 3, 3) grouped weight with C % 16 == 0 and "
             f"C/groups in {SUPPORTED_CPG}, got shape {tuple(weight.shape)} with groups={groups}"
         )
+    if pairs:
+        if not takes_pairs(out_ch, groups, torch.bfloat16):
+            raise ValueError(
+                f"weight: pair packing needs 4 channels per group and C % 32 == 0, got shape "
+                f"{tuple(weight.shape)} with groups={groups}"
+            )
+        block = torch.arange(out_ch // 32).view(-1, 1, 1)
+        o = torch.arange(4).view(1, -1, 1)
+        q = torch.arange(32).view(1, 1, -1)
+        channel = block * 32 + q  # input channel of value q
+        out_idx = (channel // 4) * 4 + o
+        out_idx, in_idx = torch.broadcast_tensors(out_idx, channel % 4)
+        taps = weight.detach().float().reshape(out_ch, 4, 9)[out_idx, in_idx]  # (C/32, 4, 32, 9)
+        return taps.permute(0, 3, 1, 2).contiguous().to(torch.bfloat16)
     shuffles = 1 if cpg == 4 else 2 if cpg == 8 else 4
     inputs = max(cpg // 16, 1)
     cb = torch.arange(out_ch // 16).view(-1, 1, 1, 1, 1)
@@ -180,9 +203,19 @@ def run_kernel(
             f"takes (C % 16 == 0, C/groups in {SUPPORTED_CPG}, stride 1 or 2)"
         )
     want = packed_numel(c, groups)
-    if packed.dtype != torch.float32 or not packed.is_contiguous() or packed.numel() != want:
+    pairs = packed.dtype == torch.bfloat16
+    if pairs and not (x.dtype == torch.bfloat16 and takes_pairs(c, groups, x.dtype)):
         raise ValueError(
-            f"packed: expected a contiguous float32 tensor of {want} values from pack_weights, "
+            f"packed: pair-packed (bf16) weights need bf16 activations with 4 channels per group "
+            f"and C % 32 == 0, got {x.dtype} x with {c} channels in {groups} groups"
+        )
+    if (
+        packed.dtype not in (torch.float32, torch.bfloat16)
+        or not packed.is_contiguous()
+        or (packed.numel() != want)
+    ):
+        raise ValueError(
+            f"packed: expected a contiguous tensor of {want} values from pack_weights, "
             f"got {packed.dtype} with {packed.numel()}"
         )
     if bias is not None and (bias.dtype != torch.float32 or bias.numel() != c):
@@ -198,6 +231,7 @@ def run_kernel(
             None if bias_c is None else bias_c.data_ptr(),
             y.data_ptr(),
             int(x.dtype == torch.bfloat16),
+            int(pairs),
             n,
             h,
             w,
@@ -213,7 +247,7 @@ def run_kernel(
 
 
 def packed_numel(channels: int, groups: int) -> int:
-    """How many values pack_weights makes for this many channels and groups."""
+    """How many values pack_weights makes for this many channels and groups (either packing)."""
     cpg = channels // groups
     shuffles = 1 if cpg == 4 else 2 if cpg == 8 else 4
     return (channels // 16) * 9 * max(cpg // 16, 1) * shuffles * 4 * 16

@@ -20,11 +20,14 @@ MODES = ("auto", "on", "off")
 class FastGroupedConv3x3(nn.Module):
     """A grouped 3×3 convolution (padding 1) computed by our AVX-512 kernel.
 
-    The packed fp32 weights and bias are plain attributes, not parameters or buffers: a later
-    ``.to(dtype)`` must not round them, and the kernel takes fp32 or bf16 activations with them.
+    Built for one activation dtype (fp32 weights for fp32 activations and most bf16 shapes,
+    bf16 weight pairs for bf16 with 4 channels per group). The packed weights and bias are plain
+    attributes, not parameters or buffers, so that a later ``.to(dtype)`` leaves them as packed.
     """
 
-    def __init__(self, conv: nn.Conv2d, relu: bool = False) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, relu: bool = False, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.relu = relu
         if not eligible(conv):
@@ -34,7 +37,9 @@ class FastGroupedConv3x3(nn.Module):
         self.groups = conv.groups
         self.stride = conv.stride[0]
         self.channels = conv.out_channels
-        self.packed = grouped_kernel.pack_weights(conv.weight, conv.groups)
+        # bf16 activations with 4 channels per group run the pair-dot-product kernel.
+        pairs = grouped_kernel.takes_pairs(conv.out_channels, conv.groups, dtype)
+        self.packed = grouped_kernel.pack_weights(conv.weight, conv.groups, pairs)
         self.bias = None if conv.bias is None else conv.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +117,8 @@ def swap_grouped_convs(
 ) -> list[LayerChoice]:
     """Replace, in place, each grouped 3×3 conv of `model` by `FastGroupedConv3x3` where it pays.
 
-    `example` is an input as the model takes it (its dtype and memory format). 'auto' times both
+    `example` is an input as the model takes it (its dtype and memory format); the kernels are
+    built for its dtype. 'auto' times both
     implementations on each layer's real input shape and keeps the faster; 'on' swaps every layer
     the kernel takes (a ConfigError if the kernel cannot run here); 'off' changes nothing.
     """
@@ -134,7 +140,7 @@ def swap_grouped_convs(
         if name not in shapes:  # never called on this input
             continue
         conv = model.get_submodule(name)
-        fast = FastGroupedConv3x3(conv)
+        fast = FastGroupedConv3x3(conv, dtype=example.dtype)
         x = torch.randn(shapes[name], dtype=example.dtype).contiguous(
             memory_format=torch.channels_last
         )

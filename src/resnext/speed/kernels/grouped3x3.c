@@ -95,14 +95,16 @@ static inline __m512 block_shuffle(__m512 v, int R, int r) {
         const int ib0 = cpg > 16 ? (cb / M) * M : cb;                                          \
         const float *wb = wp + (long)cb * 9 * M * R * 64;                                      \
         __m512 acc[P][4];                                                                      \
-        for (int p = 0; p < P; ++p)                                                            \
-          for (int j = 0; j < 4; ++j) acc[p][j] = _mm512_setzero_ps();                         \
+        _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p)                                   \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[p][j] = _mm512_setzero_ps(); \
         if (cols_ok)                                                                           \
           NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 1, acc);                              \
         else                                                                                   \
           NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 0, acc);                              \
         const __m512 b = bias ? load_f32(bias + cb * 16) : _mm512_setzero_ps();                \
-        for (int p = 0; p < np; ++p) {                                                         \
+        /* fully unrolled (a runtime bound would keep acc in memory instead of registers) */   \
+        _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {                                 \
+          if (p >= np) continue;                                                               \
           /* out[4b + i] = sum_j acc[j][4b + (i + j) mod 4] */                                 \
           __m512 o = _mm512_add_ps(b, acc[p][0]);                                              \
           o = _mm512_add_ps(o, _mm512_permute_ps(acc[p][1], 0x39));                            \
@@ -126,6 +128,93 @@ DEFINE_KERNEL(row_bf16_c16, uint16_t, mload_bf16, store_bf16, 4, 1, 4)
 DEFINE_KERNEL(row_bf16_c32, uint16_t, mload_bf16, store_bf16, 4, 2, 4)
 DEFINE_KERNEL(row_bf16_c64, uint16_t, mload_bf16, store_bf16, 4, 4, 4)
 
+/* bf16 with 4 channels per group, using the AVX512-BF16 pair dot product (twice the FMA rate).
+ * A 32-channel input register is 16 pairs of channels; pair l belongs to group l / 2. For each
+ * output o of a group, accumulator o gets dot(pair l, weights of output o for that pair); at the
+ * end the two pairs of each group are summed and the four outputs interleaved into place.
+ * Packed weights: wq[C/32][9][4][32] bf16. */
+#define P16 6
+static inline __attribute__((always_inline)) void bf16dp_block(
+    const uint16_t *xn, const uint16_t *wb, int H, int W, int C, int cb, int oh, int iw0, int s,
+    int cols_ok, __m512 acc[P16][4]) {
+  for (int kh = 0; kh < 3; ++kh) {
+    const int ih = oh * s - 1 + kh;
+    if (ih < 0 || ih >= H) continue;
+    const uint16_t *xrow = xn + (long)ih * W * C + cb * 32;
+    for (int kw = 0; kw < 3; ++kw) {
+      const uint16_t *wt = wb + (kh * 3 + kw) * 4 * 32;
+      __m512bh wv[4];
+#pragma GCC unroll 4
+      for (int o = 0; o < 4; ++o) wv[o] = (__m512bh)_mm512_loadu_si512(wt + o * 32);
+      _Pragma("GCC unroll 16") for (int p = 0; p < P16; ++p) {
+        const int iw = iw0 + kw + p * s;
+        const __mmask32 in = (cols_ok || (iw >= 0 && iw < W)) ? 0xFFFFFFFFu : 0;
+        const __m512bh v = (__m512bh)_mm512_maskz_loadu_epi16(in, xrow + (long)(iw0 + kw + p * s) * C);
+        _Pragma("GCC unroll 4") for (int o = 0; o < 4; ++o) acc[p][o] = _mm512_dpbf16_ps(acc[p][o], v, wv[o]);
+      }
+    }
+  }
+}
+
+static void row_bf16dp_c4(const void *xv, const float *wpv, const float *bias, void *yv, int H,
+                          int W, int C, int cpg, int Ho, int Wo, int s, int relu, long r) {
+  (void)cpg;
+  const uint16_t *x = xv, *wq = (const uint16_t *)wpv;
+  uint16_t *y = yv;
+  const long n = r / Ho;
+  const int oh = (int)(r % Ho);
+  const uint16_t *xn = x + n * (long)H * W * C;
+  uint16_t *yr = y + r * (long)Wo * C;
+  /* even/odd lanes of two accumulators, interleaved: [a0 b0 a2 b2 ...] and [a1 b1 a3 b3 ...] */
+  const __m512i even = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  /* from m01 = [o0 o1 per group] and m23 = [o2 o3 per group]: groups 0-3 and groups 4-7 */
+  const __m512i lo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+  for (int ow0 = 0; ow0 < Wo; ow0 += P16) {
+    const int np = Wo - ow0 < P16 ? Wo - ow0 : P16;
+    const int iw0 = ow0 * s - 1;
+    const int cols_ok = iw0 >= 0 && iw0 + 2 + (P16 - 1) * s < W;
+    const int ihb = oh * s + 1, iwn = iw0 + P16 * s;
+    if (ihb < H)
+      for (int q = 0; q < P16 * s && iwn + q < W; ++q) {
+        const char *pf = (const char *)(xn + ((long)ihb * W + iwn + q) * C);
+        for (long c = 0; c < (long)C * 2; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
+      }
+    for (int cb = 0; cb < C / 32; ++cb) {
+      const uint16_t *wb = wq + (long)cb * 9 * 4 * 32;
+      __m512 acc[P16][4];
+#pragma GCC unroll 16
+      for (int p = 0; p < P16; ++p)
+#pragma GCC unroll 4
+        for (int o = 0; o < 4; ++o) acc[p][o] = _mm512_setzero_ps();
+      if (cols_ok)
+        bf16dp_block(xn, wb, H, W, C, cb, oh, iw0, s, 1, acc);
+      else
+        bf16dp_block(xn, wb, H, W, C, cb, oh, iw0, s, 0, acc);
+      const __m512 b0 = bias ? load_f32(bias + cb * 32) : _mm512_setzero_ps();
+      const __m512 b1 = bias ? load_f32(bias + cb * 32 + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+      for (int p = 0; p < P16; ++p) {
+        if (p >= np) continue;
+        const __m512 m01 = _mm512_add_ps(_mm512_permutex2var_ps(acc[p][0], even, acc[p][1]),
+                                         _mm512_permutex2var_ps(acc[p][0], odd, acc[p][1]));
+        const __m512 m23 = _mm512_add_ps(_mm512_permutex2var_ps(acc[p][2], even, acc[p][3]),
+                                         _mm512_permutex2var_ps(acc[p][2], odd, acc[p][3]));
+        __m512 o0 = _mm512_add_ps(b0, _mm512_permutex2var_ps(m01, lo, m23));
+        __m512 o1 = _mm512_add_ps(b1, _mm512_permutex2var_ps(m01, hi, m23));
+        if (relu) {
+          o0 = _mm512_max_ps(o0, _mm512_setzero_ps());
+          o1 = _mm512_max_ps(o1, _mm512_setzero_ps());
+        }
+        uint16_t *dst = yr + (long)(ow0 + p) * C + cb * 32;
+        store_bf16(dst, o0);
+        store_bf16(dst + 16, o1);
+      }
+    }
+  }
+}
+
 typedef void (*row_fn)(const void *, const float *, const float *, void *, int, int, int, int,
                        int, int, int, int, long);
 
@@ -146,13 +235,31 @@ int grouped3x3_supported(int C, int cpg, int s) {
   return C % 16 == 0 && pick(cpg, 0) != 0 && (s == 1 || s == 2);
 }
 
-/* y = conv(x) (+ bias, then ReLU if relu). Returns 0, or -1 for an unsupported shape. */
+/* 1 if the bf16 pair-dot-product kernel (packing 1) takes the shape: 4 channels per group,
+ * channels a multiple of 32. */
+int grouped3x3_pairs_supported(int C, int cpg, int s) {
+  return C % 32 == 0 && cpg == 4 && (s == 1 || s == 2);
+}
+
+/* y = conv(x) (+ bias, then ReLU if relu). packing 0: fp32 weights for the diagonal kernel
+ * (fp32 or bf16 activations); packing 1: bf16 weight pairs for the bf16 dot-product kernel.
+ * Returns 0, or -1 for an unsupported shape. */
 int grouped3x3_nhwc(const void *x, const float *wp, const float *bias, void *y, int bf16,
-                    int N, int H, int W, int C, int cpg, int s, int relu, int threads) {
-  if (!grouped3x3_supported(C, cpg, s) || N < 0 || H < 1 || W < 1 || threads < 1) return -1;
+                    int packing, int N, int H, int W, int C, int cpg, int s, int relu,
+                    int threads) {
+  if (N < 0 || H < 1 || W < 1 || threads < 1) return -1;
+  row_fn row;
+  if (packing == 1) {
+    if (!bf16 || !grouped3x3_pairs_supported(C, cpg, s)) return -1;
+    row = row_bf16dp_c4;
+  } else if (packing == 0) {
+    if (!grouped3x3_supported(C, cpg, s)) return -1;
+    row = pick(cpg, bf16);
+  } else {
+    return -1;
+  }
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
   const long rows = (long)N * Ho;
-  const row_fn row = pick(cpg, bf16);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (long r = 0; r < rows; ++r) row(x, wp, bias, y, H, W, C, cpg, Ho, Wo, s, relu, r);
   return 0;
