@@ -45,7 +45,8 @@ def layer_variants(
         "grouped-bmm": (lambda: grouped.grouped_bmm(x, w, stride, groups), batch),
     }
     if cl and grouped_kernel.unavailable_reason(dtype) is None:
-        packed = grouped_kernel.pack_weights(w.float(), groups)
+        pairs = grouped_kernel.takes_pairs(c, groups, dtype)  # bf16 pair kernel where it applies
+        packed = grouped_kernel.pack_weights(w.float(), groups, pairs)
         variants["grouped-ours"] = (
             lambda: grouped_kernel.run_kernel(x, packed, None, groups, stride),
             batch,
