@@ -123,7 +123,8 @@ def test_imagenet_names_follow_the_sorted_wnids(imagenet_sample: Path) -> None:
     assert list(imagenet1k_wnids()) == wnids
 
 
-def test_predict_cli_recurses_folders(weights_file, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("extra", [[], ["--optimize", "fp32"]])
+def test_predict_cli_recurses_folders(weights_file, tmp_path: Path, capsys, extra) -> None:
     from resnext.commands import predict_cmd
 
     path, _ = weights_file
@@ -136,10 +137,29 @@ def test_predict_cli_recurses_folders(weights_file, tmp_path: Path, capsys) -> N
     parser = argparse.ArgumentParser()
     predict_cmd.add_parser(parser.add_subparsers())
     args = parser.parse_args(
-        ["predict", str(tmp_path / "pics"), "--weights", str(path), "--json", "--topk", "2"]
+        ["predict", str(tmp_path / "pics"), "--weights", str(path), "--json", "--topk", "2", *extra]
     )
     assert predict_cmd.run(args) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 3
     assert {Path(r["source"]).name for r in lines} == {"0.png", "1.png", "2.png"}
     assert all(r["pred_class"] in NAMES and len(r["topk_labels"]) == 2 for r in lines)
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_optimized_predictor_agrees_with_hand_pipeline(weights_file, compile_: bool) -> None:
+    path, model = weights_file
+    arrays = _images(3)
+    predictor = Predictor(weights=path, batch_size=3, optimize="fp32", compile=compile_)
+    assert predictor.fast is not None
+    for arr, pred in zip(arrays, predictor(arrays, topk=3), strict=True):
+        scores, labels = torch.softmax(_hand_logits(model, arr), 0).topk(3)
+        assert pred.topk_labels == labels.tolist()
+        assert pred.pred_score == pytest.approx(float(scores[0]), abs=1e-5)
+
+
+def test_optimize_option_is_checked(weights_file) -> None:
+    with pytest.raises(ConfigError, match="optimize"):
+        Predictor(weights=weights_file[0], optimize="fp16")
+    with pytest.raises(ConfigError, match="optimize"):
+        Predictor(weights=weights_file[0], optimize="fp32", device="meta")

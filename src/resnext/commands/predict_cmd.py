@@ -24,6 +24,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--optimize",
+        choices=("off", "fp32", "bf16"),
+        default="off",
+        help="classify with the CPU fast path (resnext.optimize) in this precision",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="with --optimize: also compile it (inductor)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.set_defaults(func=run)
     return parser
@@ -34,7 +43,14 @@ def run(args: argparse.Namespace) -> int:
     files = list(expand_paths(args.paths))
     if not files:
         raise DataError(f"no image files under {', '.join(args.paths)}")
-    predictor = Predictor(args.model, args.weights, device=args.device, batch_size=args.batch_size)
+    predictor = Predictor(
+        args.model,
+        args.weights,
+        device=args.device,
+        batch_size=args.batch_size,
+        optimize=args.optimize,
+        compile=args.compile,
+    )
     for pred in predictor(files, topk=args.topk):
         if args.json:
             sys.stdout.write(json.dumps(pred.to_dict()) + "\n")

@@ -48,8 +48,16 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return [images]  # type: ignore[list-item]
 
 
+OPTIMIZE_CHOICES = ("off", "fp32", "bf16")
+
+
 class Predictor:
-    """A model with its preprocessing and class names, ready to classify images in batches."""
+    """A model with its preprocessing and class names, ready to classify images in batches.
+
+    `optimize='fp32'` or `'bf16'` classifies with `resnext.optimize`'s CPU fast path (BN folded,
+    channels-last, our grouped 3×3 kernel where faster; `compile=True` also compiles it with
+    inductor, worth it for many images); `features()` always uses the plain model.
+    """
 
     def __init__(
         self,
@@ -59,10 +67,19 @@ class Predictor:
         loaded: LoadedModel | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
+        optimize: str = "off",
+        compile: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
+        if optimize not in OPTIMIZE_CHOICES:
+            raise ConfigError(f"optimize: expected one of {OPTIMIZE_CHOICES}, got {optimize!r}")
         self.device = torch.device(device)
+        if optimize != "off" and self.device.type != "cpu":
+            raise ConfigError(
+                f"optimize: the fast path is for CPU inference, got device {self.device}; "
+                "use optimize='off'"
+            )
         self.loaded = loaded or load_model(model, weights, device=self.device)
         self.loaded.model.to(self.device).eval()
         prep = self.loaded.preprocessing
@@ -75,6 +92,18 @@ class Predictor:
         )
         self.transform = ViewTransform(protocol, Normalization.from_preprocessing(prep))
         self.batch_size = batch_size
+        self.fast: torch.nn.Module | None = None
+        if optimize != "off":
+            from resnext.speed.fastpath import optimize as make_fast  # torch.compile import is slow
+
+            chans = getattr(getattr(self.model, "spec", None), "in_chans", 3)
+            example = torch.zeros(batch_size, chans, prep.crop, prep.crop)
+            self.fast = make_fast(
+                self.model,
+                optimize,
+                backend="inductor" if compile else "none",
+                example_input=example,
+            )
 
     @property
     def model(self) -> torch.nn.Module:
@@ -99,7 +128,8 @@ class Predictor:
             raise ConfigError(f"topk: expected >= 1, got {topk}")
         results: list[Prediction] = []
         for batch in self._batches(items):
-            probs = F.softmax(self.model(batch).float(), dim=1)
+            net = self.fast if self.fast is not None else self.model
+            probs = F.softmax(net(batch).float(), dim=1)
             scores, labels = probs.topk(k, dim=1)
             for s, lab in zip(scores.tolist(), labels.tolist(), strict=True):
                 idx = len(results)
