@@ -16,6 +16,7 @@ from resnext.data import (
     ImageFolderDataset,
     RandomHorizontalFlip,
     RandomResizedCrop,
+    jpeg_crop,
 )
 from resnext.data import functional as TF
 from resnext.data.batch_ops import BatchPipeline
@@ -66,7 +67,15 @@ def test_planned_crop_flips_like_the_standard_pipeline() -> None:
 needs_simplejpeg = pytest.mark.skipif(
     importlib.util.find_spec("simplejpeg") is None, reason="simplejpeg is not installed"
 )
-DECODERS = ["pillow", pytest.param("simplejpeg", marks=needs_simplejpeg)]
+_CROP_REASON = jpeg_crop.unavailable_reason()
+needs_crop = pytest.mark.skipif(
+    _CROP_REASON is not None, reason=f"crop decoder unavailable: {_CROP_REASON}"
+)
+DECODERS = [
+    "pillow",
+    pytest.param("simplejpeg", marks=needs_simplejpeg),
+    pytest.param("crop", marks=needs_crop),
+]
 
 
 def _spy_on_reduced_decodes(decoder: str, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
@@ -80,6 +89,15 @@ def _spy_on_reduced_decodes(decoder: str, monkeypatch: pytest.MonkeyPatch) -> li
             return original(self, mode, size)
 
         monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
+    elif decoder == "crop":
+        original_region = jpeg_crop.decode_region
+
+        def region(data, denom, x0, y0, w, h, out=None):  # type: ignore[no-untyped-def]
+            if denom > 1:
+                asked.append((out.shape[1], out.shape[0]))
+            return original_region(data, denom, x0, y0, w, h, out)
+
+        monkeypatch.setattr(jpeg_crop, "decode_region", region)
     else:
         import simplejpeg
 
@@ -157,7 +175,9 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(
 
 
 def test_unknown_or_missing_decoder_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match="decoder: expected one of auto, pillow, simplejpeg"):
+    with pytest.raises(
+        ConfigError, match="decoder: expected one of auto, pillow, simplejpeg, crop"
+    ):
         load_planned("x.jpg", PlannedCenterCrop(8, 8), decoder="turbo")
     monkeypatch.setattr("resnext.data.planned._simplejpeg", lambda: None)
     with pytest.raises(ConfigError, match="pip install simplejpeg"):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnext
+from resnext import native
 from resnext.errors import ConfigError
 from resnext.speed import grouped_kernel
 from resnext.speed.fastpath import optimize
@@ -114,7 +115,7 @@ def test_build_is_cached_and_a_missing_compiler_is_named(
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RESNEXT_KERNEL_CACHE", str(tmp_path / "k"))
-    assert grouped_kernel.cache_dir() == tmp_path / "k"
+    assert native.cache_dir() == tmp_path / "k"
 
 
 class _Block(nn.Module):

@@ -143,7 +143,78 @@ class PlannedCenterCrop(PlannedTransform):
         return f"PlannedCenterCrop({self.size[0]}, resize={self.resize}, {self.interpolation})"
 
 
-JPEG_DECODERS = ("auto", "pillow", "simplejpeg")
+JPEG_DECODERS = ("auto", "pillow", "simplejpeg", "crop")
+# Pixels beyond the crop box that resampling may read: the widest Pillow filter (Lanczos) reaches
+# 3 input pixels per output pixel's scale, plus 2 for the crop decoder's uncertain last column.
+_FILTER_REACH, _EDGE = 3.0, 2
+
+
+def _region(box: Box, size: tuple[int, int], out: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Pixels (x0, y0, x1, y1) of an image of `size` that resampling `box` to `out` can read."""
+    left, top, right, bottom = box
+    reach = _FILTER_REACH * max(1.0, (right - left) / out[0], (bottom - top) / out[1])
+    margin = math.ceil(reach) + _EDGE
+    return (
+        max(0, math.floor(left) - margin),
+        max(0, math.floor(top) - margin),
+        min(size[0], math.ceil(right) + margin),
+        min(size[1], math.ceil(bottom) + margin),
+    )
+
+
+def _load_with_crop_decoder(
+    path: Path, transform: PlannedTransform, use_draft: bool, max_pixels: int | None
+) -> torch.Tensor | None:
+    """libjpeg decoding only the plan's region (`jpeg_crop`); None when the file is not a JPEG it
+    takes. Bit-identical to a full decode (at the same DCT scale) followed by `apply`."""
+    from resnext.data import jpeg_crop
+
+    with path.open("rb") as f:
+        if f.read(2) != b"\xff\xd8":  # JPEG's start-of-image marker: other files go to Pillow
+            return None
+        f.seek(0)
+        data = f.read()
+    try:
+        width, height, colorspace = jpeg_crop.read_header(data)
+    except jpeg_crop.CropDecodeFailed:
+        return None  # Pillow names the problem
+    if colorspace in (jpeg_crop.CMYK, jpeg_crop.YCCK):
+        return None  # Pillow converts those
+    check_pixel_limit(path, width, height, max_pixels)
+    plan = transform.plan(width, height)
+    denom = 1
+    if use_draft and plan.draft is not None:
+        # Pillow's draft rule (the largest power of 2 up to 8 that divides both sides at least
+        # that many times), so that this path decodes at the same scale as the Pillow path.
+        most = min(width // plan.draft[0], height // plan.draft[1])
+        denom = next((d for d in (8, 4, 2) if most >= d), 1)
+    scaled = (-(-width // denom), -(-height // denom))
+    sx, sy = scaled[0] / width, scaled[1] / height
+    left, top, right, bottom = plan.box
+    box = (left * sx, top * sy, right * sx, bottom * sy)
+    x0, y0, x1, y1 = _region(box, scaled, transform.size)
+    # The region is decoded in place inside a whole-image buffer, so that Pillow resamples the
+    # same coordinates as after a full decode (shifted coordinates round differently, by up to
+    # a few levels); the pixels outside the region are never read by the resampling filter.
+    canvas = np.empty((scaled[1], scaled[0], 3), dtype=np.uint8)
+    try:
+        jpeg_crop.decode_region(data, denom, x0, y0, x1 - x0, y1 - y0, out=canvas)
+    except jpeg_crop.CropDecodeFailed:
+        # libjpeg stops at any warning; Pillow decides (the plan is kept: no second random draw).
+        def keep_plan(_w: int, _h: int) -> tuple[int, int] | None:
+            return plan.draft if use_draft else None
+
+        img = load_rgb(path, draft=keep_plan, max_pixels=max_pixels)
+        return transform.apply(img, plan, (width, height))
+    return transform.apply(Image.fromarray(canvas), plan, (width, height))
+
+
+def _default_decoder() -> str:
+    from resnext.data import jpeg_crop
+
+    if jpeg_crop.unavailable_reason() is None:
+        return "crop"
+    return "simplejpeg" if _simplejpeg() is not None else "pillow"
 
 
 def _simplejpeg():  # type: ignore[no-untyped-def]
@@ -193,9 +264,11 @@ def load_planned(
     """Plan from the file's header, decode (a JPEG at the plan's reduced scale), apply: uint8 HWC.
 
     `decoder`: 'pillow', 'simplejpeg' (libjpeg-turbo's own API, ~1.1x Pillow's JPEG decode rate
-    on the ImageNet sample; needs the optional `simplejpeg` package) or 'auto' (simplejpeg when
-    installed). Files simplejpeg does not take (PNG, CMYK JPEG, ...) go through Pillow. Unreadable
-    files raise DataError, as `load_rgb`.
+    on the ImageNet sample; needs the optional `simplejpeg` package), 'crop' (our libjpeg decoder
+    of the crop's region only, `resnext.data.jpeg_crop`; needs a C compiler and jpeglib.h) or
+    'auto' (crop, else simplejpeg, else Pillow, by what this machine has). Files the chosen
+    decoder does not take (PNG, CMYK JPEG, ...) go through Pillow. Unreadable files raise
+    DataError, as `load_rgb`.
     """
     if decoder not in JPEG_DECODERS:
         raise ConfigError(f"decoder: expected one of {', '.join(JPEG_DECODERS)}, got {decoder!r}")
@@ -203,9 +276,18 @@ def load_planned(
         raise ConfigError(
             "decoder='simplejpeg' needs the simplejpeg package: pip install simplejpeg"
         )
+    if decoder == "crop":
+        from resnext.data import jpeg_crop
+
+        reason = jpeg_crop.unavailable_reason()
+        if reason is not None:
+            raise ConfigError(f"decoder='crop' cannot run here: {reason}")
+    if decoder == "auto":
+        decoder = _default_decoder()
     if decoder != "pillow":
+        load = _load_with_crop_decoder if decoder == "crop" else _load_with_simplejpeg
         try:
-            out = _load_with_simplejpeg(Path(path), transform, use_draft, max_pixels)
+            out = load(Path(path), transform, use_draft, max_pixels)
         except FileNotFoundError:
             raise DataError(f"{path}: file not found") from None
         except OSError as exc:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from resnext.data import jpeg_crop
 from resnext.errors import ConfigError, DataError
 from resnext.speed.measure import interleaved, ratios
 
@@ -191,6 +192,11 @@ def run_data_bench(config: DataConfig, log: Callable[[str], None] = print) -> di
             )
         else:
             log("simplejpeg not installed: resnext-planned-simplejpeg skipped")
+        crop_problem = jpeg_crop.unavailable_reason()
+        if crop_problem is None:
+            batched["resnext-planned-crop"] = project_planned(config.size, decoder="crop")
+        else:
+            log(f"crop decoder unavailable ({crop_problem}): resnext-planned-crop skipped")
         for name, run in batched.items():
             log(f"{name}: output {tuple(run(files[:2])[0].shape)} per batch of 2")
             runners[name] = ((lambda run=run: run(files)), len(files))

@@ -1,8 +1,7 @@
 """Our AVX-512 grouped 3×3 convolution: built from `kernels/grouped3x3.c` on first use, called via ctypes.
 
-The C source is compiled once per machine with the system C compiler into a cache folder
-(``$RESNEXT_KERNEL_CACHE``, else ``~/.cache/resnext/kernels``), named by the hash of the source,
-the flags and the compiler, and loaded with ctypes; nothing is downloaded. It runs on the OpenMP
+The C source is compiled once per machine with the system C compiler (`resnext.native`) and
+loaded with ctypes; nothing is downloaded. It runs on the OpenMP
 threads torch already uses (the library links the same ``libgomp.so.1``). The kernel is exposed as
 the torch operator ``torch.ops.resnext.grouped_conv3x3`` so that torch.compile and torch.jit treat
 it as one opaque call.
@@ -12,14 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import torch
 
+from resnext import native
+from resnext.native import NativeUnavailable
 from resnext.speed.capability import cpu_flags
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3.c"
@@ -31,63 +28,17 @@ FLAGS = (
     "-mavx512bf16",
     "-mfma",
     "-fopenmp",
-    "-shared",
-    "-fPIC",
 )
 REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
 SUPPORTED_CPG = (4, 8, 16, 32, 64)
 
 
-class KernelUnavailable(RuntimeError):
-    """The grouped-convolution kernel cannot run here (CPU, compiler or build), with the reason."""
-
-
-def cache_dir() -> Path:
-    """Where built kernels are kept: $RESNEXT_KERNEL_CACHE, else ~/.cache/resnext/kernels."""
-    env = os.environ.get("RESNEXT_KERNEL_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "resnext" / "kernels"
-
-
-def _compiler() -> str:
-    cc = os.environ.get("CC", "cc")
-    path = shutil.which(cc)
-    if path is None:
-        raise KernelUnavailable(f"no C compiler: {cc!r} is not on PATH (set CC to one)")
-    return path
+KernelUnavailable = NativeUnavailable  # the name this module's callers and tests use
 
 
 def build(out_dir: Path | None = None) -> Path:
-    """Compile the kernel (if this source, these flags and this compiler have not been) and return the library path."""
-    cc = _compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode()):
-        digest.update(part)
-    folder = cache_dir() if out_dir is None else out_dir
-    target = folder / f"grouped3x3-{digest.hexdigest()[:16]}.so"
-    if target.is_file():
-        return target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KernelUnavailable(f"kernel cache folder {folder} cannot be created: {exc}") from exc
-    # Build under a private name and rename: a concurrent process never loads a half-written file.
-    tmp = folder / f".{target.name}.{os.getpid()}.tmp"
-    cmd = [cc, *FLAGS, str(SOURCE), "-o", str(tmp)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KernelUnavailable(f"compiling {SOURCE.name} failed: {exc}") from exc
-    if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise KernelUnavailable(
-            f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr.strip()[-2000:]}"
-        )
-    os.replace(tmp, target)
-    return target
+    """Compile the kernel (unless this source, these flags and this compiler already were)."""
+    return native.build(SOURCE, FLAGS, out_dir=out_dir)
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,9 +61,15 @@ def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
         return f"dtype {dtype} is not float32 or bfloat16"
     if dtype == torch.bfloat16 and "avx512_bf16" not in cpu_flags():
         return "this CPU lacks avx512_bf16"
+    return _library_problem()
+
+
+@functools.lru_cache(maxsize=1)
+def _library_problem() -> str | None:
+    # Cached, failures included: a machine without a compiler must not retry on every layer.
     try:
         _library()
-    except KernelUnavailable as exc:
+    except (KernelUnavailable, OSError) as exc:
         return str(exc).splitlines()[0]
     return None
 

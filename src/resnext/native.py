@@ -1,0 +1,70 @@
+"""Building the project's small C libraries on first use: system compiler, hashed cache, ctypes.
+
+Nothing is downloaded: the C sources ship with the package and are compiled with ``$CC`` (else
+``cc``) into ``$RESNEXT_KERNEL_CACHE`` (else ``~/.cache/resnext/kernels``), one file per hash of
+source, flags and compiler version, written under a private name and renamed into place so that
+concurrent processes never load a half-written library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class NativeUnavailable(RuntimeError):
+    """A C library cannot be built or loaded here (no compiler, missing headers, ...), with why."""
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $RESNEXT_KERNEL_CACHE, else ~/.cache/resnext/kernels."""
+    env = os.environ.get("RESNEXT_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "resnext" / "kernels"
+
+
+def compiler() -> str:
+    """The C compiler's path ($CC, else cc), or NativeUnavailable naming what was looked for."""
+    cc = os.environ.get("CC", "cc")
+    path = shutil.which(cc)
+    if path is None:
+        raise NativeUnavailable(f"no C compiler: {cc!r} is not on PATH (set CC to one)")
+    return path
+
+
+def build(
+    source: Path, flags: Sequence[str], libs: Sequence[str] = (), out_dir: Path | None = None
+) -> Path:
+    """Compile `source` into a shared library (unless this source/flags/compiler already was)."""
+    cc = compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256()
+    for part in (source.read_bytes(), " ".join([*flags, *libs]).encode(), version.encode()):
+        digest.update(part)
+    folder = cache_dir() if out_dir is None else out_dir
+    target = folder / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NativeUnavailable(f"kernel cache folder {folder} cannot be created: {exc}") from exc
+    tmp = folder / f".{target.name}.{os.getpid()}.tmp"
+    cmd = [cc, *flags, "-shared", "-fPIC", str(source), "-o", str(tmp), *libs]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NativeUnavailable(f"compiling {source.name} failed: {exc}") from exc
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise NativeUnavailable(
+            f"compiling {source.name} failed ({' '.join(cmd)}):\n{done.stderr.strip()[-2000:]}"
+        )
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,147 @@
+"""Crop-region JPEG decoding: the region equals a full decode's, and the planned path is unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnext.data import jpeg_crop
+from resnext.data.planned import PlannedCenterCrop, PlannedRandomResizedCrop, load_planned
+from resnext.errors import ConfigError, DataError
+
+REASON = jpeg_crop.unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"crop decoder unavailable: {REASON}")
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 127 + 100 * np.sin(xx / 17.0) * np.cos(yy / 23.0)
+    g = 127 + 100 * np.cos((xx + 2 * yy) / 31.0)
+    b = 127 + 60 * np.sin(yy / 9.0) + rng.normal(0, 8, (height, width))
+    return Image.fromarray(np.clip(np.stack([r, g, b], -1), 0, 255).astype(np.uint8))
+
+
+KINDS = {  # JPEG flavours: chroma 4:2:0, 4:4:4, 4:2:2, greyscale, progressive
+    "420": {"quality": 90},
+    "444": {"quality": 90, "subsampling": 0},
+    "422": {"quality": 85, "subsampling": 1},
+    "grey": {"quality": 90, "mode": "L"},
+    "progressive": {"quality": 90, "progressive": True},
+}
+
+
+def _jpeg(tmp_path: Path, kind: str, size: tuple[int, int] = (203, 157)) -> Path:
+    options = dict(KINDS[kind])
+    img = _photo(*size)
+    if options.pop("mode", None) == "L":
+        img = img.convert("L")
+    path = tmp_path / f"{kind}.jpg"
+    img.save(path, **options)
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("denom", [1, 2, 4])
+def test_region_equals_the_full_decode_inside_its_edges(
+    tmp_path: Path, kind: str, denom: int
+) -> None:
+    data = _jpeg(tmp_path, kind).read_bytes()
+    width, height, _ = jpeg_crop.read_header(data)
+    assert (width, height) == (203, 157)
+    sw, sh = -(-width // denom), -(-height // denom)
+    full = jpeg_crop.decode_region(data, denom, 0, 0, sw, sh)
+    # Pillow decodes with the same library settings: the whole image is the same (denom 1).
+    if denom == 1:
+        pil = np.asarray(Image.open(tmp_path / f"{kind}.jpg").convert("RGB"))
+        assert np.array_equal(full, pil)
+    rng = np.random.default_rng(denom)
+    for _ in range(12):
+        w, h = int(rng.integers(1, sw + 1)), int(rng.integers(1, sh + 1))
+        x0, y0 = int(rng.integers(0, sw - w + 1)), int(rng.integers(0, sh - h + 1))
+        region = jpeg_crop.decode_region(data, denom, x0, y0, w, h)
+        # Columns at a region edge that is not the image's edge may differ (chroma upsampling).
+        lo = 0 if x0 == 0 else 2
+        hi = w if x0 + w == sw else w - 2
+        if hi > lo:
+            assert np.array_equal(region[:, lo:hi], full[y0 : y0 + h, x0 + lo : x0 + hi])
+
+
+def _transforms(seed: int) -> list:
+    return [
+        PlannedRandomResizedCrop(64, generator=torch.Generator().manual_seed(seed)),
+        PlannedRandomResizedCrop(
+            32, scale=(0.3, 1.0), generator=torch.Generator().manual_seed(seed)
+        ),
+        PlannedCenterCrop(48, 56),
+    ]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_planned_crop_decoder_is_bit_identical_to_the_pillow_path(
+    tmp_path: Path, kind: str
+) -> None:
+    path = _jpeg(tmp_path, kind, size=(420, 330))
+    for crop_t, pil_t in zip(_transforms(1), _transforms(1), strict=True):
+        for _ in range(8):
+            got = load_planned(path, crop_t, decoder="crop")
+            want = load_planned(path, pil_t, decoder="pillow")
+            assert torch.equal(got, want), (kind, crop_t)
+
+
+def test_bit_identical_on_real_imagenet_jpegs(imagenet_sample: Path) -> None:
+    files = sorted(imagenet_sample.glob("*.JPEG"))[:60]
+    assert files
+    for crop_t, pil_t in zip(_transforms(5), _transforms(5), strict=True):
+        for f in files:
+            assert torch.equal(
+                load_planned(f, crop_t, decoder="crop"), load_planned(f, pil_t, decoder="pillow")
+            ), f.name
+
+
+def test_files_it_does_not_take_go_to_pillow(tmp_path: Path) -> None:
+    _photo(200, 150).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    _photo(200, 150).save(tmp_path / "b.png")
+    good = _jpeg(tmp_path, "420").read_bytes()
+    # Two stray bytes before the end marker: libjpeg warns, Pillow decodes; same result.
+    (tmp_path / "stray.jpg").write_bytes(good[:-2] + b"\x00\x00" + good[-2:])
+    for name in ("cmyk.jpg", "b.png", "stray.jpg"):
+        t1, t2 = PlannedCenterCrop(96, 110), PlannedCenterCrop(96, 110)
+        got = load_planned(tmp_path / name, t1, decoder="crop")
+        assert torch.equal(got, load_planned(tmp_path / name, t2, decoder="pillow")), name
+
+
+def test_corrupt_and_missing_files_are_data_errors(tmp_path: Path) -> None:
+    good = _jpeg(tmp_path, "420").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(good[:500])
+    with pytest.raises(DataError, match=r"cut\.jpg"):
+        load_planned(tmp_path / "cut.jpg", PlannedCenterCrop(8, 8), decoder="crop")
+    (tmp_path / "header.jpg").write_bytes(good[:30])
+    with pytest.raises(DataError, match=r"header\.jpg"):
+        load_planned(tmp_path / "header.jpg", PlannedCenterCrop(8, 8), decoder="crop")
+    with pytest.raises(DataError, match="not-there"):
+        load_planned(tmp_path / "not-there.jpg", PlannedCenterCrop(8, 8), decoder="crop")
+
+
+def test_bad_regions_and_arguments(tmp_path: Path) -> None:
+    data = _jpeg(tmp_path, "420").read_bytes()
+    with pytest.raises(jpeg_crop.CropDecodeFailed, match="outside"):
+        jpeg_crop.decode_region(data, 1, 200, 0, 10, 10)
+    with pytest.raises(ValueError, match="denom"):
+        jpeg_crop.decode_region(data, 3, 0, 0, 10, 10)
+    with pytest.raises(ValueError, match="out"):
+        jpeg_crop.decode_region(data, 1, 0, 0, 10, 10, out=np.zeros((5, 5, 3), np.uint8))
+    with pytest.raises(jpeg_crop.CropDecodeFailed):
+        jpeg_crop.read_header(b"\xff\xd8 not a jpeg")
+
+
+def test_unavailable_decoder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(jpeg_crop, "unavailable_reason", lambda: "no C compiler")
+    with pytest.raises(ConfigError, match="no C compiler"):
+        load_planned("x.jpg", PlannedCenterCrop(8, 8), decoder="crop")
+    path = _jpeg(tmp_path, "420")  # 'auto' quietly uses another decoder
+    assert load_planned(path, PlannedCenterCrop(8, 8)).shape == (8, 8, 3)
