@@ -145,3 +145,32 @@ def test_unavailable_decoder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
         load_planned("x.jpg", PlannedCenterCrop(8, 8), decoder="crop")
     path = _jpeg(tmp_path, "420")  # 'auto' quietly uses another decoder
     assert load_planned(path, PlannedCenterCrop(8, 8)).shape == (8, 8, 3)
+
+
+def test_mutated_jpegs_never_crash_and_match_the_pillow_path(tmp_path: Path) -> None:
+    good = bytearray(_jpeg(tmp_path, "420", size=(180, 140)).read_bytes())
+    rng = np.random.default_rng(11)
+    outcomes = {"equal": 0, "error": 0}
+    for i in range(40):
+        data = bytearray(good)
+        if i % 4 == 0:
+            data = data[: int(rng.integers(2, len(data)))]  # truncated
+        else:
+            for pos in rng.integers(2, len(data), size=int(rng.integers(1, 6))):
+                data[pos] = int(rng.integers(0, 256))  # flipped bytes
+        path = tmp_path / f"m{i}.jpg"
+        path.write_bytes(bytes(data))
+        results = []
+        for decoder in ("crop", "pillow"):
+            t = PlannedRandomResizedCrop(48, generator=torch.Generator().manual_seed(i))
+            try:
+                results.append(load_planned(path, t, decoder=decoder))
+            except DataError as exc:
+                results.append(type(exc))
+        if isinstance(results[0], torch.Tensor) and isinstance(results[1], torch.Tensor):
+            assert torch.equal(results[0], results[1]), i
+            outcomes["equal"] += 1
+        else:
+            assert results[0] == results[1] == DataError, (i, results)
+            outcomes["error"] += 1
+    assert outcomes["equal"] and outcomes["error"]  # both kinds of outcome were exercised

@@ -174,6 +174,10 @@ def _load_with_crop_decoder(
             return None
         f.seek(0)
         data = f.read()
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        # No end-of-image marker: truncated (or trailing data). A crop that stops early would not
+        # notice what Pillow refuses, so Pillow decides, as for every other file.
+        return None
     try:
         width, height, colorspace = jpeg_crop.read_header(data)
     except jpeg_crop.CropDecodeFailed:
