@@ -43,15 +43,20 @@ static void copy_message(const struct error_state *err, char *msg, int msglen) {
   }
 }
 
+/* Route libjpeg's errors and warnings to `err` (the caller's setjmp catches them). */
+static void use_error_state(struct jpeg_decompress_struct *cinfo, struct error_state *err) {
+  cinfo->err = jpeg_std_error(&err->pub);
+  err->pub.error_exit = on_error;
+  err->pub.emit_message = on_message;
+  err->message[0] = 0;
+}
+
 /* Width, height and colour space (libjpeg's J_COLOR_SPACE) of a JPEG. 0, or -1 with msg. */
 int jpeg_crop_header(const unsigned char *data, unsigned long len, int *width, int *height,
                      int *colorspace, char *msg, int msglen) {
   struct jpeg_decompress_struct cinfo;
   struct error_state err;
-  cinfo.err = jpeg_std_error(&err.pub);
-  err.pub.error_exit = on_error;
-  err.pub.emit_message = on_message;
-  err.message[0] = 0;
+  use_error_state(&cinfo, &err);
   if (setjmp(err.jump)) {
     copy_message(&err, msg, msglen);
     jpeg_destroy_decompress(&cinfo);
@@ -76,10 +81,7 @@ int jpeg_crop_decode(const unsigned char *data, unsigned long len, int denom, in
   struct jpeg_decompress_struct cinfo;
   struct error_state err;
   unsigned char *volatile row = NULL;
-  cinfo.err = jpeg_std_error(&err.pub);
-  err.pub.error_exit = on_error;
-  err.pub.emit_message = on_message;
-  err.message[0] = 0;
+  use_error_state(&cinfo, &err);
   if (setjmp(err.jump)) {
     copy_message(&err, msg, msglen);
     jpeg_destroy_decompress(&cinfo);
