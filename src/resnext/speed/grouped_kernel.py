@@ -1,10 +1,10 @@
 """Our AVX-512 grouped 3×3 convolution: built from `kernels/grouped3x3.c` on first use, called via ctypes.
 
 The C source is compiled once per machine with the system C compiler (`resnext.native`) and
-loaded with ctypes; nothing is downloaded. It runs on the OpenMP
-threads torch already uses (the library links the same ``libgomp.so.1``). The kernel is exposed as
-the torch operator ``torch.ops.resnext.grouped_conv3x3`` so that torch.compile and torch.jit treat
-it as one opaque call.
+loaded with ctypes; nothing is downloaded. It runs on the OpenMP threads torch already uses (the
+library links ``libgomp.so.1``, which torch has loaded by then). The kernel is exposed as the
+torch operator ``torch.ops.resnext.grouped_conv3x3`` so that torch.compile and torch.jit treat it
+as one opaque call.
 """
 
 from __future__ import annotations
