@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resnext.data import jpeg_crop
+from resnext.data import jpeg_crop, resample
 from resnext.data.planned import PlannedCenterCrop, PlannedRandomResizedCrop, load_planned
 from resnext.errors import ConfigError, DataError
 
@@ -81,10 +81,16 @@ def _transforms(seed: int) -> list:
     ]
 
 
+def _pillow_resampling_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route the crop path's resampling through Pillow (as where our resampler cannot build)."""
+    monkeypatch.setattr(resample, "unavailable_reason", lambda: "disabled for this test")
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_planned_crop_decoder_is_bit_identical_to_the_pillow_path(
-    tmp_path: Path, kind: str
+def test_crop_decoder_with_pillow_resampling_is_bit_identical(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _pillow_resampling_only(monkeypatch)
     path = _jpeg(tmp_path, kind, size=(420, 330))
     for crop_t, pil_t in zip(_transforms(1), _transforms(1), strict=True):
         for _ in range(8):
@@ -93,7 +99,10 @@ def test_planned_crop_decoder_is_bit_identical_to_the_pillow_path(
             assert torch.equal(got, want), (kind, crop_t)
 
 
-def test_bit_identical_on_real_imagenet_jpegs(imagenet_sample: Path) -> None:
+def test_bit_identical_on_real_imagenet_jpegs(
+    imagenet_sample: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _pillow_resampling_only(monkeypatch)
     files = sorted(imagenet_sample.glob("*.JPEG"))[:60]
     assert files
     for crop_t, pil_t in zip(_transforms(5), _transforms(5), strict=True):
@@ -103,7 +112,27 @@ def test_bit_identical_on_real_imagenet_jpegs(imagenet_sample: Path) -> None:
             ), f.name
 
 
-def test_files_it_does_not_take_go_to_pillow(tmp_path: Path) -> None:
+def test_crop_path_with_our_resampler_differs_only_by_rounding(imagenet_sample: Path) -> None:
+    if resample.unavailable_reason() is not None:
+        pytest.skip(f"resampler unavailable: {resample.unavailable_reason()}")
+    files = sorted(imagenet_sample.glob("*.JPEG"))[:60]
+    for crop_t, pil_t in zip(_transforms(5), _transforms(5), strict=True):
+        identical, far, values = 0, 0, 0
+        for f in files:
+            got = load_planned(f, crop_t, decoder="crop").int()
+            diff = (got - load_planned(f, pil_t, decoder="pillow").int()).abs()
+            identical += int(diff.max() == 0)
+            far += int((diff > 2).sum())
+            values += diff.numel()
+        # The two passes' order is the only difference (each pass rounds to uint8).
+        assert identical >= len(files) // 4, crop_t
+        assert far / values < 1e-3, crop_t
+
+
+def test_files_it_does_not_take_go_to_pillow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _pillow_resampling_only(monkeypatch)
     _photo(200, 150).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
     _photo(200, 150).save(tmp_path / "b.png")
     good = _jpeg(tmp_path, "420").read_bytes()
@@ -147,7 +176,10 @@ def test_unavailable_decoder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert load_planned(path, PlannedCenterCrop(8, 8)).shape == (8, 8, 3)
 
 
-def test_mutated_jpegs_never_crash_and_match_the_pillow_path(tmp_path: Path) -> None:
+def test_mutated_jpegs_never_crash_and_match_the_pillow_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _pillow_resampling_only(monkeypatch)  # the decoder's behaviour is under test, not rounding
     good = bytearray(_jpeg(tmp_path, "420", size=(180, 140)).read_bytes())
     rng = np.random.default_rng(11)
     outcomes = {"equal": 0, "error": 0}

@@ -167,7 +167,7 @@ def _load_with_crop_decoder(
 ) -> torch.Tensor | None:
     """libjpeg decoding only the plan's region (`jpeg_crop`); None when the file is not a JPEG it
     takes. Bit-identical to a full decode (at the same DCT scale) followed by `apply`."""
-    from resnext.data import jpeg_crop
+    from resnext.data import jpeg_crop, resample
 
     with path.open("rb") as f:
         if f.read(2) != b"\xff\xd8":  # JPEG's start-of-image marker: other files go to Pillow
@@ -210,6 +210,13 @@ def _load_with_crop_decoder(
 
         img = load_rgb(path, draft=keep_plan, max_pixels=max_pixels)
         return transform.apply(img, plan, (width, height))
+    if transform.interpolation in resample.FILTERS and resample.unavailable_reason() is None:
+        # Pillow's arithmetic without its copy into an RGBX image and ~2.5x faster; the pass order
+        # can differ from Pillow 13's choice, changing the last bit of some pixels.
+        pixels = resample.resize_box(
+            canvas, box, transform.size, transform.interpolation, plan.flip
+        )
+        return torch.from_numpy(pixels)
     return transform.apply(Image.fromarray(canvas), plan, (width, height))
 
 
