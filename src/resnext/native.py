@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -68,3 +68,12 @@ def build(
         )
     os.replace(tmp, target)
     return target
+
+
+def problem(load: Callable[[], object]) -> str | None:
+    """None if `load()` (building and loading a library) works, else the first line of why not."""
+    try:
+        load()
+    except (NativeUnavailable, OSError) as exc:
+        return str(exc).splitlines()[0]
+    return None

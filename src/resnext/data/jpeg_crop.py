@@ -44,11 +44,7 @@ def _library() -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def unavailable_reason() -> str | None:
     """None if the crop decoder can run here, else why not (one line; decided once per process)."""
-    try:
-        _library()
-    except (native.NativeUnavailable, OSError) as exc:
-        return str(exc).splitlines()[0]
-    return None
+    return native.problem(_library)
 
 
 def read_header(data: bytes) -> tuple[int, int, int]:

@@ -39,11 +39,7 @@ def _library() -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def unavailable_reason() -> str | None:
     """None if the resampler can run here, else why not (one line; decided once per process)."""
-    try:
-        _library()
-    except (native.NativeUnavailable, OSError) as exc:
-        return str(exc).splitlines()[0]
-    return None
+    return native.problem(_library)
 
 
 def resize_box(

@@ -67,11 +67,7 @@ def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
 @functools.lru_cache(maxsize=1)
 def _library_problem() -> str | None:
     # Cached, failures included: a machine without a compiler must not retry on every layer.
-    try:
-        _library()
-    except (KernelUnavailable, OSError) as exc:
-        return str(exc).splitlines()[0]
-    return None
+    return native.problem(_library)
 
 
 def supports(channels: int, groups: int, stride: int) -> bool:
