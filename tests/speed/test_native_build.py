@@ -1,0 +1,44 @@
+"""Building the C parts on first use: cached by hash, and every failure a reason, never a crash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from resnext import native
+
+
+def _source(tmp_path: Path, body: str = "int answer(void) { return 42; }\n") -> Path:
+    path = tmp_path / "tiny.c"
+    path.write_text(body)
+    return path
+
+
+def test_build_caches_by_source_and_loads(tmp_path: Path) -> None:
+    if native.problem(native.compiler) is not None:
+        pytest.skip(f"no C compiler: {native.problem(native.compiler)}")
+    import ctypes
+
+    out = tmp_path / "cache"
+    first = native.build(_source(tmp_path), ("-O2",), out_dir=out)
+    assert ctypes.CDLL(str(first)).answer() == 42
+    assert native.build(_source(tmp_path), ("-O2",), out_dir=out) == first
+    changed = native.build(
+        _source(tmp_path, "int answer(void) { return 7; }\n"), ("-O2",), out_dir=out
+    )
+    assert changed != first and ctypes.CDLL(str(changed)).answer() == 7
+
+
+def test_failures_are_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    if native.problem(native.compiler) is None:
+        with pytest.raises(native.NativeUnavailable, match="a-file"):
+            native.build(_source(tmp_path), ("-O2",), out_dir=blocker / "cache")
+        with pytest.raises(native.NativeUnavailable, match=r"compiling tiny\.c failed"):
+            native.build(_source(tmp_path, "this is not C"), ("-O2",), out_dir=tmp_path / "c2")
+        assert list((tmp_path / "c2").iterdir()) == []  # no half-written library left
+    monkeypatch.setenv("CC", "no-such-cc-xyz")
+    reason = native.problem(lambda: native.build(_source(tmp_path), ("-O2",), out_dir=tmp_path))
+    assert reason is not None and "no-such-cc-xyz" in reason
