@@ -118,9 +118,9 @@ def swap_grouped_convs(
     """Replace, in place, each grouped 3×3 conv of `model` by `FastGroupedConv3x3` where it pays.
 
     `example` is an input as the model takes it (its dtype and memory format); the kernels are
-    built for its dtype. 'auto' times both
-    implementations on each layer's real input shape and keeps the faster; 'on' swaps every layer
-    the kernel takes (a ConfigError if the kernel cannot run here); 'off' changes nothing.
+    built for its dtype. 'auto' times both implementations on each layer's real input shape and
+    keeps the faster; 'on' swaps every layer the kernel takes (a ConfigError if the kernel cannot
+    run here); 'off' changes nothing.
     """
     if mode not in MODES:
         raise ConfigError(f"grouped_kernel: expected one of {MODES}, got {mode!r}")
@@ -147,6 +147,7 @@ def swap_grouped_convs(
         native_ms = _time_ms(conv, x, repeats)
         kernel_ms = _time_ms(fast, x, repeats)
         use = mode == "on" or kernel_ms < native_ms
+        fused = False
         if use:
             set_module(model, name, fast)
             fused = fuse_following_relu(model, name)
