@@ -50,8 +50,6 @@ def _library() -> ctypes.CDLL:
     fn = lib.grouped3x3_nhwc
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
     fn.restype = ctypes.c_int
-    lib.grouped3x3_supported.argtypes = [ctypes.c_int] * 3
-    lib.grouped3x3_supported.restype = ctypes.c_int
     return lib
 
 
@@ -76,6 +74,11 @@ def supports(channels: int, groups: int, stride: int) -> bool:
         return False
     cpg = channels // groups
     return channels % 16 == 0 and cpg in SUPPORTED_CPG and stride in (1, 2)
+
+
+def _layout(cpg: int) -> tuple[int, int]:
+    """(input registers per 16 outputs, block shuffles) of the diagonal kernel for `cpg`."""
+    return max(cpg // 16, 1), 1 if cpg == 4 else 2 if cpg == 8 else 4
 
 
 def takes_pairs(channels: int, groups: int, dtype: torch.dtype) -> bool:
@@ -113,8 +116,7 @@ def pack_weights(weight: torch.Tensor, groups: int, pairs: bool = False) -> torc
         out_idx, in_idx = torch.broadcast_tensors(out_idx, channel % 4)
         taps = weight.detach().float().reshape(out_ch, 4, 9)[out_idx, in_idx]  # (C/32, 4, 32, 9)
         return taps.permute(0, 3, 1, 2).contiguous().to(torch.bfloat16)
-    shuffles = 1 if cpg == 4 else 2 if cpg == 8 else 4
-    inputs = max(cpg // 16, 1)
+    inputs, shuffles = _layout(cpg)
     cb = torch.arange(out_ch // 16).view(-1, 1, 1, 1, 1)
     m = torch.arange(inputs).view(1, -1, 1, 1, 1)
     r = torch.arange(shuffles).view(1, 1, -1, 1, 1)
@@ -157,7 +159,7 @@ def run_kernel(
         )
     want = packed_numel(c, groups)
     pairs = packed.dtype == torch.bfloat16
-    if pairs and not (x.dtype == torch.bfloat16 and takes_pairs(c, groups, x.dtype)):
+    if pairs and not takes_pairs(c, groups, x.dtype):
         raise ValueError(
             f"packed: pair-packed (bf16) weights need bf16 activations with 4 channels per group "
             f"and C % 32 == 0, got {x.dtype} x with {c} channels in {groups} groups"
@@ -165,7 +167,7 @@ def run_kernel(
     if (
         packed.dtype not in (torch.float32, torch.bfloat16)
         or not packed.is_contiguous()
-        or (packed.numel() != want)
+        or packed.numel() != want
     ):
         raise ValueError(
             f"packed: expected a contiguous tensor of {want} values from pack_weights, "
@@ -201,9 +203,8 @@ def run_kernel(
 
 def packed_numel(channels: int, groups: int) -> int:
     """How many values pack_weights makes for this many channels and groups (either packing)."""
-    cpg = channels // groups
-    shuffles = 1 if cpg == 4 else 2 if cpg == 8 else 4
-    return (channels // 16) * 9 * max(cpg // 16, 1) * shuffles * 4 * 16
+    inputs, shuffles = _layout(channels // groups)
+    return (channels // 16) * 9 * inputs * shuffles * 4 * 16
 
 
 @torch.library.custom_op("resnext::grouped_conv3x3", mutates_args=())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -211,13 +211,3 @@ def fuse_following_relu(root: nn.Module, name: str) -> bool:
     modules[child].relu = True
     set_module(root, parent_name, fx.GraphModule(parent, graph, parent.__class__.__name__))
     return True
-
-
-def choices_as_dicts(choices: list[LayerChoice]) -> list[dict[str, object]]:
-    """The per-layer report as plain dicts (for JSON)."""
-    return [asdict(choice) for choice in choices]
-
-
-def reference(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """What a FastGroupedConv3x3 made from `conv` must compute (for tests and benchmarks)."""
-    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, 1, conv.groups)
