@@ -172,11 +172,9 @@ def _load_with_crop_decoder(
     (then the result is bit-identical to the Pillow path)."""
     from resnext.data import jpeg_crop, resample
 
-    with path.open("rb") as f:
-        if f.read(2) != b"\xff\xd8":  # JPEG's start-of-image marker: other files go to Pillow
-            return None
-        f.seek(0)
-        data = f.read()
+    data = _read_jpeg(path)
+    if data is None:
+        return None
     if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         # No end-of-image marker: truncated (or trailing data). A crop that stops early would not
         # notice what Pillow refuses, so Pillow decides, as for every other file.
@@ -200,7 +198,7 @@ def _load_with_crop_decoder(
     left, top, right, bottom = plan.box
     box = (left * sx, top * sy, right * sx, bottom * sy)
     x0, y0, x1, y1 = _region(box, scaled, transform.size)
-    # The region is decoded in place inside a whole-image buffer, so that Pillow resamples the
+    # The region is decoded in place inside a whole-image buffer, so that resampling sees the
     # same coordinates as after a full decode (shifted coordinates round differently, by up to
     # a few levels); the pixels outside the region are never read by the resampling filter.
     canvas = np.empty((scaled[1], scaled[0], 3), dtype=np.uint8)
@@ -221,6 +219,15 @@ def _load_with_crop_decoder(
         )
         return torch.from_numpy(pixels)
     return transform.apply(Image.fromarray(canvas), plan, (width, height))
+
+
+def _read_jpeg(path: Path) -> bytes | None:
+    """The file's bytes if it starts with JPEG's start-of-image marker, else None (for Pillow)."""
+    with path.open("rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return None
+        f.seek(0)
+        return f.read()
 
 
 def _default_decoder() -> str:
@@ -246,11 +253,9 @@ def _load_with_simplejpeg(
     sj = _simplejpeg()
     if sj is None:
         return None
-    with path.open("rb") as f:
-        if f.read(2) != b"\xff\xd8":  # JPEG's start-of-image marker: other files go to Pillow
-            return None
-        f.seek(0)
-        data = f.read()
+    data = _read_jpeg(path)
+    if data is None:
+        return None
     try:
         height, width, colorspace, _ = sj.decode_jpeg_header(data)
     except ValueError:
