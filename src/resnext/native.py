@@ -60,6 +60,7 @@ def build(
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
+        tmp.unlink(missing_ok=True)  # a killed compiler may leave part of a file
         raise NativeUnavailable(f"compiling {source.name} failed: {exc}") from exc
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
