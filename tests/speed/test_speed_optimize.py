@@ -169,3 +169,18 @@ def test_grouped_alternatives_equal_conv2d(stride: int) -> None:
     # Hand count: 2 images × 16 outputs × 2 inputs × 9 taps × output pixels × 2.
     side = 9 if stride == 1 else 5
     assert grouped.conv_flops(tuple(x.shape), w, stride) == 2 * 2 * 16 * 2 * 9 * side * side
+
+
+def test_many_optimized_models_in_one_process_all_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    # dynamo allows a fixed number of compiled versions per code object and silently runs
+    # eager beyond it; every optimize() compiles the same forward again.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = resnext.create_model("resnext_tiny").eval()
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(2):
+        before = counters["stats"]["unique_graphs"]
+        optimize(model, "fp32", backend="inductor", example_input=x, grouped_kernel="off")
+        assert counters["stats"]["unique_graphs"] == before + 1
