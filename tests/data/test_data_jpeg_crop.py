@@ -206,3 +206,25 @@ def test_mutated_jpegs_never_crash_and_match_the_pillow_path(
             assert results[0] == results[1] == DataError, (i, results)
             outcomes["error"] += 1
     assert outcomes["equal"] and outcomes["error"]  # both kinds of outcome were exercised
+
+
+def test_crop_path_breakdown_times_each_step_on_the_files_it_takes(tmp_path: Path) -> None:
+    from resnext.speed.data_bench import crop_path_breakdown
+
+    files = [_jpeg(tmp_path, kind, (320, 240)) for kind in ("420", "444", "grey")]
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (300, 200), (10, 200, 30, 5)).save(cmyk, quality=90)
+    result = crop_path_breakdown([*files, cmyk], size=64, rounds=1)
+    assert (result["images"], result["left_to_pillow"]) == (3, 1)
+    ms = result["ms_per_image"]
+    assert set(ms) == {
+        "read_file", "read_header", "entropy_to_crop_bottom", "region_decode", "full_decode",
+        "resample_bicubic", "batch_stage",
+    }  # fmt: skip
+    assert all(v > 0 for v in ms.values())
+    path = ms["read_file"] + ms["read_header"] + ms["region_decode"]
+    path += ms["resample_bicubic"] + ms["batch_stage"]
+    assert result["steps_sum_ms"] == pytest.approx(path)
+    assert result["ceiling_decode_only_img_per_s"] == pytest.approx(
+        1e3 / ms["entropy_to_crop_bottom"]
+    )

@@ -162,6 +162,35 @@ def _region(box: Box, size: tuple[int, int], out: tuple[int, int]) -> tuple[int,
     )
 
 
+@dataclass(frozen=True)
+class CropDecodeJob:
+    """What the crop decoder does for one plan: the DCT scale 1/denom, the decoded image's size,
+    the crop box in its coordinates and the pixel region (x0, y0, x1, y1) resampling reads."""
+
+    denom: int
+    scaled: tuple[int, int]
+    box: Box
+    region: tuple[int, int, int, int]
+
+
+def crop_decode_job(
+    plan: CropPlan, full: tuple[int, int], out: tuple[int, int], use_draft: bool = True
+) -> CropDecodeJob:
+    """The decode scale, box and region for `plan` on a JPEG of size `full` resampled to `out`."""
+    width, height = full
+    denom = 1
+    if use_draft and plan.draft is not None:
+        # Pillow's draft rule (the largest power of 2 up to 8 that divides both sides at least
+        # that many times), so that this path decodes at the same scale as the Pillow path.
+        most = min(width // plan.draft[0], height // plan.draft[1])
+        denom = next((d for d in (8, 4, 2) if most >= d), 1)
+    scaled = (-(-width // denom), -(-height // denom))
+    sx, sy = scaled[0] / width, scaled[1] / height
+    left, top, right, bottom = plan.box
+    box = (left * sx, top * sy, right * sx, bottom * sy)
+    return CropDecodeJob(denom, scaled, box, _region(box, scaled, out))
+
+
 def _load_with_crop_decoder(
     path: Path, transform: PlannedTransform, use_draft: bool, max_pixels: int | None
 ) -> torch.Tensor | None:
@@ -187,17 +216,9 @@ def _load_with_crop_decoder(
         return None  # Pillow converts those
     check_pixel_limit(path, width, height, max_pixels)
     plan = transform.plan(width, height)
-    denom = 1
-    if use_draft and plan.draft is not None:
-        # Pillow's draft rule (the largest power of 2 up to 8 that divides both sides at least
-        # that many times), so that this path decodes at the same scale as the Pillow path.
-        most = min(width // plan.draft[0], height // plan.draft[1])
-        denom = next((d for d in (8, 4, 2) if most >= d), 1)
-    scaled = (-(-width // denom), -(-height // denom))
-    sx, sy = scaled[0] / width, scaled[1] / height
-    left, top, right, bottom = plan.box
-    box = (left * sx, top * sy, right * sx, bottom * sy)
-    x0, y0, x1, y1 = _region(box, scaled, transform.size)
+    job = crop_decode_job(plan, (width, height), transform.size, use_draft)
+    denom, scaled, box = job.denom, job.scaled, job.box
+    x0, y0, x1, y1 = job.region
     # The region is decoded in place inside a whole-image buffer, so that resampling sees the
     # same coordinates as after a full decode (shifted coordinates round differently, by up to
     # a few levels); the pixels outside the region are never read by the resampling filter.

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from resnext.data import jpeg_crop
+from resnext.data.planned import CropDecodeJob
 from resnext.errors import ConfigError, DataError
-from resnext.speed.measure import interleaved, ratios
+from resnext.speed.measure import interleaved, ratios, time_call
 
 _MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -164,6 +165,133 @@ def loader_scaling(
     return rates
 
 
+@dataclass(frozen=True)
+class _CropJobData:
+    """One file's bytes, crop plan and decode job, fixed so every step is timed on the same work."""
+
+    data: bytes
+    flip: bool
+    job: CropDecodeJob
+
+
+def _crop_jobs(files: list[Path], size: int, seed: int) -> tuple[list[_CropJobData], int]:
+    """The crop decoder's job for each file it takes, and how many files it leaves to Pillow."""
+    from resnext.data.planned import PlannedRandomResizedCrop, crop_decode_job
+
+    transform = PlannedRandomResizedCrop(size, generator=torch.Generator().manual_seed(seed))
+    jobs, skipped = [], 0
+    for path in files:
+        data = path.read_bytes()
+        try:
+            width, height, colorspace = jpeg_crop.read_header(data)
+        except jpeg_crop.CropDecodeFailed:
+            skipped += 1
+            continue
+        if colorspace in (jpeg_crop.CMYK, jpeg_crop.YCCK):
+            skipped += 1
+            continue
+        plan = transform.plan(width, height)
+        job = crop_decode_job(plan, (width, height), transform.size)
+        jobs.append(_CropJobData(data, plan.flip, job))
+    return jobs, skipped
+
+
+def crop_path_breakdown(
+    files: list[Path], size: int, rounds: int, seed: int = 0
+) -> dict[str, object]:
+    """Milliseconds per image of each step of the crop-decoder path on one fixed set of crops, and
+    the floor under its decode: entropy-decoding the file down to the crop's last row.
+
+    A baseline JPEG's Huffman-coded data has no row index, so any exact decoder of a crop must
+    read every bit above the crop's bottom; that step alone (our decoder asked for one row at the
+    crop's bottom: libjpeg skips the rows above without inverse DCT) bounds what decoding can
+    reach. The steps are timed one at a time (best of `rounds`), not interleaved.
+    """
+    from resnext.data import resample
+    from resnext.data.presets import imagenet_batch
+
+    if jpeg_crop.unavailable_reason() is not None or resample.unavailable_reason() is not None:
+        reason = jpeg_crop.unavailable_reason() or resample.unavailable_reason()
+        raise ConfigError(f"crop path breakdown needs the crop decoder and resampler: {reason}")
+    jobs, skipped = _crop_jobs(files, size, seed)
+    if not jobs:
+        raise DataError("crop path breakdown: no file the crop decoder takes")
+    canvases = [np.empty((j.job.scaled[1], j.job.scaled[0], 3), np.uint8) for j in jobs]
+
+    def read() -> None:
+        for path in files:
+            path.read_bytes()
+
+    def header() -> None:
+        for j in jobs:
+            jpeg_crop.read_header(j.data)
+
+    def entropy_floor() -> None:
+        for j in jobs:
+            width = min(16, j.job.scaled[0])
+            jpeg_crop.decode_region(j.data, j.job.denom, 0, j.job.region[3] - 1, width, 1)
+
+    def region() -> None:
+        for j, canvas in zip(jobs, canvases, strict=True):
+            x0, y0, x1, y1 = j.job.region
+            jpeg_crop.decode_region(j.data, j.job.denom, x0, y0, x1 - x0, y1 - y0, out=canvas)
+
+    def full() -> None:
+        for j in jobs:
+            w, h = j.job.scaled
+            jpeg_crop.decode_region(j.data, j.job.denom, 0, 0, w, h)
+
+    region()  # the canvases hold the decoded regions for the resampling step
+
+    def resampling() -> None:
+        for j, canvas in zip(jobs, canvases, strict=True):
+            resample.resize_box(canvas, j.job.box, (size, size), "bicubic", j.flip)
+
+    finish = imagenet_batch(train=True)
+    batch = torch.from_numpy(
+        np.stack(
+            [
+                resample.resize_box(c, j.job.box, (size, size), "bicubic")
+                for j, c in zip(jobs[:32], canvases[:32], strict=True)
+            ]
+        )
+    )
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch_stage() -> None:
+        finish(batch, generator=gen)
+
+    steps = {
+        "read_file": (read, len(files)),
+        "read_header": (header, len(jobs)),
+        "entropy_to_crop_bottom": (entropy_floor, len(jobs)),
+        "region_decode": (region, len(jobs)),
+        "full_decode": (full, len(jobs)),
+        "resample_bicubic": (resampling, len(jobs)),
+        "batch_stage": (batch_stage, batch.shape[0]),
+    }
+    ms = {}
+    for name, (fn, count) in steps.items():
+        fn()
+        ms[name] = 1e3 * min(time_call(fn, 1) for _ in range(rounds)) / count
+    path_ms = (
+        ms["read_file"]
+        + ms["read_header"]
+        + ms["region_decode"]
+        + ms["resample_bicubic"]
+        + ms["batch_stage"]
+    )
+    return {
+        "images": len(jobs),
+        "left_to_pillow": skipped,
+        "ms_per_image": ms,
+        "steps_sum_ms": path_ms,
+        "ceiling_decode_only_img_per_s": 1e3 / ms["entropy_to_crop_bottom"],
+        "ceiling_other_steps_as_measured_img_per_s": 1e3
+        / (path_ms - ms["region_decode"] + ms["entropy_to_crop_bottom"]),
+    }
+
+
 def run_data_bench(config: DataConfig, log: Callable[[str], None] = print) -> dict[str, object]:
     """Images per second on one core (torch limited to one thread) for each pipeline."""
     config.validate()
@@ -201,6 +329,9 @@ def run_data_bench(config: DataConfig, log: Callable[[str], None] = print) -> di
             log(f"{name}: output {tuple(run(files[:2])[0].shape)} per batch of 2")
             runners[name] = ((lambda run=run: run(files)), len(files))
         timings = interleaved(runners, rounds=config.rounds, iters=1)
+        breakdown = None
+        if crop_problem is None:
+            breakdown = crop_path_breakdown(files, config.size, config.rounds)
     finally:
         torch.set_num_threads(threads)
     result: dict[str, object] = {
@@ -208,6 +339,8 @@ def run_data_bench(config: DataConfig, log: Callable[[str], None] = print) -> di
         "throughput_per_core": {k: t.as_dict() for k, t in timings.items()},
         "ratio_to_first": ratios(timings, "pillow-baseline"),
     }
+    if breakdown is not None:
+        result["crop_path_breakdown"] = breakdown
     if config.workers:
         result["loader_images_per_s"] = loader_scaling(
             files, config.size, config.workers, config.rounds
@@ -222,6 +355,15 @@ def summary_lines(result: dict[str, object]) -> list[str]:
         f"{key:28s} {row['throughput']:7.1f} img/s/core  ×{ratio[key]:.2f}"
         for key, row in result["throughput_per_core"].items()
     ]
+    breakdown = result.get("crop_path_breakdown")
+    if breakdown:
+        steps = ", ".join(f"{k} {v:.3f}" for k, v in breakdown["ms_per_image"].items())
+        lines.append(f"crop path, ms per image: {steps}")
+        lines.append(
+            "ceiling from entropy decoding alone: "
+            f"{breakdown['ceiling_decode_only_img_per_s']:.0f} img/s/core; with the other steps "
+            f"as measured: {breakdown['ceiling_other_steps_as_measured_img_per_s']:.0f}"
+        )
     for n, rate in result.get("loader_images_per_s", {}).items():
         lines.append(f"loader, planned + batch stage, {n} workers: {rate:7.1f} img/s")
     return lines
