@@ -217,7 +217,19 @@ def test_folder_dataset_yields_uint8_and_still_skips_bad_files(tmp_path: Path) -
     assert list(ds.bad_files) == [str(tmp_path / "b" / "broken.jpg")]
 
 
-def test_batch_pipeline_normalises_by_hand() -> None:
+@pytest.fixture(params=["C kernel", "torch"])
+def batch_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a batch-stage test through the C colour map and through the torch path."""
+    from resnext.data import batch_ops, colour_affine
+
+    if request.param == "torch":
+        monkeypatch.setattr(batch_ops, "_use_kernel", lambda _batch: False)
+    elif colour_affine.unavailable_reason() is not None:
+        pytest.skip(f"C colour map unavailable: {colour_affine.unavailable_reason()}")
+    return request.param
+
+
+def test_batch_pipeline_normalises_by_hand(batch_path: str) -> None:
     batch = torch.randint(0, 256, (3, 5, 7, 3), dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     out = BatchPipeline(mean, std)(batch)
@@ -226,7 +238,7 @@ def test_batch_pipeline_normalises_by_hand() -> None:
     assert np.allclose(out.permute(0, 2, 3, 1).numpy(), expected, atol=1e-5)
 
 
-def test_batch_jitter_on_grey_images_is_brightness_only() -> None:
+def test_batch_jitter_on_grey_images_is_brightness_only(batch_path: str) -> None:
     # For a grey image the saturation and contrast blends are identities (its grey image and its
     # mean are itself), so the output is v * alpha with alpha ~ U[0.6, 1.4] (fb.resnet.torch).
     v = 128
@@ -242,7 +254,7 @@ def test_batch_jitter_on_grey_images_is_brightness_only() -> None:
 
 
 def test_batch_jitter_equals_the_per_image_transform_for_the_same_draws(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, batch_path: str
 ) -> None:
     batch = torch.randint(0, 256, (6, 9, 11, 3), dtype=torch.uint8)
     pipeline = BatchPipeline((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), jitter=0.4)
@@ -262,7 +274,7 @@ def test_batch_jitter_equals_the_per_image_transform_for_the_same_draws(
         assert torch.allclose(out[i], expected, atol=1e-5)
 
 
-def test_batch_lighting_has_the_pca_covariance() -> None:
+def test_batch_lighting_has_the_pca_covariance(batch_path: str) -> None:
     n, std = 20000, 0.1
     batch = torch.zeros((n, 1, 1, 3), dtype=torch.uint8)
     out = BatchPipeline((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), lighting_std=std)(

@@ -34,6 +34,13 @@ def _as_nhwc(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
+def _use_kernel(nhwc: torch.Tensor) -> bool:
+    """Whether the C colour map (`colour_affine`) takes this batch and builds on this machine."""
+    from resnext.data import colour_affine
+
+    return colour_affine.takes(nhwc) and colour_affine.unavailable_reason() is None
+
+
 def _uniform(n: int, low: float, high: float, gen: torch.Generator | None, device) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=gen, device=device)
 
@@ -115,6 +122,14 @@ class BatchPipeline:
     ) -> torch.Tensor:
         """Normalised float (N, 3, H, W), contiguous: every image's colour map in one pass."""
         nhwc = _as_nhwc(batch)
+        if _use_kernel(nhwc):
+            from resnext.data import colour_affine
+
+            # The same map in one pass over the uint8 pixels (no float copy of the batch first).
+            n = nhwc.shape[0]
+            mean = colour_affine.channel_means(nhwc) / 255.0 if self.jitter else torch.zeros(n, 3)
+            matrix, shift = self.colour_maps(mean, generator)
+            return colour_affine.affine_planes(nhwc, matrix / 255.0, shift)
         n, h, w, _ = nhwc.shape
         x = nhwc.permute(0, 3, 1, 2).contiguous().to(torch.float32)
         mean = x.mean((2, 3)) / 255.0 if self.jitter else x.new_zeros(n, 3)
