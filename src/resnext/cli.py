@@ -20,6 +20,7 @@ COMMANDS: tuple[str, ...] = (
     "convert",
     "export",
     "bench",
+    "index_jpegs",
 )
 
 # Commands that run networks over many batches and have no allocator setting of their own

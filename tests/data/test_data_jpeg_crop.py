@@ -219,12 +219,14 @@ def test_crop_path_breakdown_times_each_step_on_the_files_it_takes(tmp_path: Pat
     ms = result["ms_per_image"]
     assert set(ms) == {
         "read_file", "read_header", "entropy_to_crop_bottom", "region_decode", "full_decode",
-        "resample_bicubic", "batch_stage",
+        "region_decode_restart_indexed", "resample_bicubic", "batch_stage",
     }  # fmt: skip
     assert all(v > 0 for v in ms.values())
     path = ms["read_file"] + ms["read_header"] + ms["region_decode"]
     path += ms["resample_bicubic"] + ms["batch_stage"]
     assert result["steps_sum_ms"] == pytest.approx(path)
+    restart = path - ms["region_decode"] + ms["region_decode_restart_indexed"]
+    assert result["steps_sum_restart_indexed_ms"] == pytest.approx(restart)
     assert result["ceiling_decode_only_img_per_s"] == pytest.approx(
         1e3 / ms["entropy_to_crop_bottom"]
     )

@@ -92,10 +92,10 @@ def _spy_on_reduced_decodes(decoder: str, monkeypatch: pytest.MonkeyPatch) -> li
     elif decoder == "crop":
         original_region = jpeg_crop.decode_region
 
-        def region(data, denom, x0, y0, w, h, out=None):  # type: ignore[no-untyped-def]
+        def region(data, denom, x0, y0, w, h, out=None, at=None):  # type: ignore[no-untyped-def]
             if denom > 1:
                 asked.append((out.shape[1], out.shape[0]))
-            return original_region(data, denom, x0, y0, w, h, out)
+            return original_region(data, denom, x0, y0, w, h, out, at)
 
         monkeypatch.setattr(jpeg_crop, "decode_region", region)
     else:

@@ -67,11 +67,13 @@ def decode_region(
     w: int,
     h: int,
     out: np.ndarray | None = None,
+    at: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """RGB uint8 pixels [x0, x0+w) × [y0, y0+h) of the image decoded at scale 1/denom.
 
-    Into a new (h, w, 3) array, or into `out[y0:y0+h, x0:x0+w]` when `out` (an (H, W, 3) uint8
-    C-contiguous array of the whole scaled image) is given; the rest of `out` is left as it was.
+    Into a new (h, w, 3) array, or into `out[y:y+h, x:x+w]` when `out` (an (H, W, 3) uint8
+    C-contiguous array) is given, (x, y) being `at` (default (x0, y0): `out` holds the whole
+    scaled image); the rest of `out` is left as it was.
     The region's edge columns can differ from a full decode's (chroma upsampling treats the
     region's edge as the image's), so callers ask for a margin beyond what they read.
     """
@@ -88,10 +90,11 @@ def decode_region(
             or not out.flags.c_contiguous
         ):
             raise ValueError(f"out: expected a C-contiguous (H, W, 3) uint8 array, got {out.shape}")
-        if y0 + h > out.shape[0] or x0 + w > out.shape[1] or x0 < 0 or y0 < 0:
-            raise ValueError(f"out: region {x0},{y0} {w}x{h} does not fit {out.shape}")
+        ax, ay = (x0, y0) if at is None else at
+        if ay + h > out.shape[0] or ax + w > out.shape[1] or ax < 0 or ay < 0:
+            raise ValueError(f"out: region {ax},{ay} {w}x{h} does not fit {out.shape}")
         target, stride = out, out.shape[1] * 3
-        pointer = out.ctypes.data + y0 * stride + x0 * 3
+        pointer = out.ctypes.data + ay * stride + ax * 3
     msg = ctypes.create_string_buffer(_MSG)
     rc = _library().jpeg_crop_decode(
         data, len(data), denom, x0, y0, w, h, pointer, stride, msg, _MSG

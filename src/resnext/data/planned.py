@@ -164,10 +164,12 @@ def _region(box: Box, size: tuple[int, int], out: tuple[int, int]) -> tuple[int,
 
 @dataclass(frozen=True)
 class CropDecodeJob:
-    """What the crop decoder does for one plan: the DCT scale 1/denom, the decoded image's size,
-    the crop box in its coordinates and the pixel region (x0, y0, x1, y1) resampling reads."""
+    """What the crop decoder does for one plan: the DCT scale 1/denom, the image's full and
+    decoded sizes, the crop box in decoded coordinates and the pixel region (x0, y0, x1, y1) of
+    the decoded image that resampling reads."""
 
     denom: int
+    full: tuple[int, int]
     scaled: tuple[int, int]
     box: Box
     region: tuple[int, int, int, int]
@@ -188,7 +190,7 @@ def crop_decode_job(
     sx, sy = scaled[0] / width, scaled[1] / height
     left, top, right, bottom = plan.box
     box = (left * sx, top * sy, right * sx, bottom * sy)
-    return CropDecodeJob(denom, scaled, box, _region(box, scaled, out))
+    return CropDecodeJob(denom, full, scaled, box, _region(box, scaled, out))
 
 
 def _load_with_crop_decoder(
@@ -217,14 +219,13 @@ def _load_with_crop_decoder(
     check_pixel_limit(path, width, height, max_pixels)
     plan = transform.plan(width, height)
     job = crop_decode_job(plan, (width, height), transform.size, use_draft)
-    denom, scaled, box = job.denom, job.scaled, job.box
-    x0, y0, x1, y1 = job.region
+    scaled, box = job.scaled, job.box
     # The region is decoded in place inside a whole-image buffer, so that resampling sees the
     # same coordinates as after a full decode (shifted coordinates round differently, by up to
     # a few levels); the pixels outside the region are never read by the resampling filter.
     canvas = np.empty((scaled[1], scaled[0], 3), dtype=np.uint8)
     try:
-        jpeg_crop.decode_region(data, denom, x0, y0, x1 - x0, y1 - y0, out=canvas)
+        decode_job(data, job, canvas)
     except jpeg_crop.CropDecodeFailed:
         # libjpeg stops at any warning; Pillow decides (the plan is kept: no second random draw).
         def keep_plan(_w: int, _h: int) -> tuple[int, int] | None:
@@ -240,6 +241,27 @@ def _load_with_crop_decoder(
         )
         return torch.from_numpy(pixels)
     return transform.apply(Image.fromarray(canvas), plan, (width, height))
+
+
+def decode_job(data: bytes, job: CropDecodeJob, canvas: np.ndarray) -> None:
+    """Decode the job's region of the JPEG `data` into `canvas` (the whole scaled image's buffer,
+    other pixels left as they are). A file with row-aligned restart markers (`jpeg_restart`) is
+    first cut to the region's segments, so only those are entropy-decoded; same pixels either
+    way. Raises `jpeg_crop.CropDecodeFailed` when libjpeg refuses the data."""
+    from resnext.data import jpeg_crop, jpeg_restart
+
+    d = job.denom
+    x0, y0, x1, y1 = job.region
+    source, left, top = data, 0, 0
+    if jpeg_restart.unavailable_reason() is None:
+        full = (x0 * d, y0 * d, min(x1 * d, job.full[0]), min(y1 * d, job.full[1]))
+        # Chroma upsampling differs within a sample or two of a cut's edge: 2 samples at 1/d.
+        piece = jpeg_restart.cut(data, full, margin=4 * d)
+        if piece is not None:
+            source, left, top = piece.data, piece.left // d, piece.top // d
+    jpeg_crop.decode_region(
+        source, d, x0 - left, y0 - top, x1 - x0, y1 - y0, out=canvas, at=(x0, y0)
+    )
 
 
 def _read_jpeg(path: Path) -> bytes | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from resnext.data import jpeg_crop
+from resnext.data import jpeg_crop, jpeg_restart
 from resnext.data.planned import CropDecodeJob
 from resnext.errors import ConfigError, DataError
 from resnext.speed.measure import interleaved, ratios, time_call
@@ -172,12 +174,14 @@ class _CropJobData:
     data: bytes
     flip: bool
     job: CropDecodeJob
+    indexed: bytes | None  # the file with restart markers (jpeg_restart), where that builds
 
 
 def _crop_jobs(files: list[Path], size: int, seed: int) -> tuple[list[_CropJobData], int]:
     """The crop decoder's job for each file it takes, and how many files it leaves to Pillow."""
     from resnext.data.planned import PlannedRandomResizedCrop, crop_decode_job
 
+    restart = jpeg_restart.unavailable_reason() is None
     transform = PlannedRandomResizedCrop(size, generator=torch.Generator().manual_seed(seed))
     jobs, skipped = [], 0
     for path in files:
@@ -192,7 +196,8 @@ def _crop_jobs(files: list[Path], size: int, seed: int) -> tuple[list[_CropJobDa
             continue
         plan = transform.plan(width, height)
         job = crop_decode_job(plan, (width, height), transform.size)
-        jobs.append(_CropJobData(data, plan.flip, job))
+        indexed = jpeg_restart.add_restarts(data) if restart else None
+        jobs.append(_CropJobData(data, plan.flip, job, indexed))
     return jobs, skipped
 
 
@@ -208,6 +213,7 @@ def crop_path_breakdown(
     reach. The steps are timed one at a time (best of `rounds`), not interleaved.
     """
     from resnext.data import resample
+    from resnext.data.planned import decode_job
     from resnext.data.presets import imagenet_batch
 
     if jpeg_crop.unavailable_reason() is not None or resample.unavailable_reason() is not None:
@@ -233,8 +239,11 @@ def crop_path_breakdown(
 
     def region() -> None:
         for j, canvas in zip(jobs, canvases, strict=True):
-            x0, y0, x1, y1 = j.job.region
-            jpeg_crop.decode_region(j.data, j.job.denom, x0, y0, x1 - x0, y1 - y0, out=canvas)
+            decode_job(j.data, j.job, canvas)
+
+    def restart_region() -> None:
+        for j, canvas in zip(jobs, canvases, strict=True):
+            decode_job(j.indexed or j.data, j.job, canvas)
 
     def full() -> None:
         for j in jobs:
@@ -266,6 +275,7 @@ def crop_path_breakdown(
         "read_header": (header, len(jobs)),
         "entropy_to_crop_bottom": (entropy_floor, len(jobs)),
         "region_decode": (region, len(jobs)),
+        "region_decode_restart_indexed": (restart_region, len(jobs)),
         "full_decode": (full, len(jobs)),
         "resample_bicubic": (resampling, len(jobs)),
         "batch_stage": (batch_stage, batch.shape[0]),
@@ -281,21 +291,50 @@ def crop_path_breakdown(
         + ms["resample_bicubic"]
         + ms["batch_stage"]
     )
-    return {
-        "images": len(jobs),
-        "left_to_pillow": skipped,
+    result: dict[str, object] = {"images": len(jobs), "left_to_pillow": skipped}
+    if all(j.indexed is not None for j in jobs):
+        indexed_bytes = sum(len(j.indexed) for j in jobs)  # type: ignore[arg-type]
+        result["restart_indexed_size_ratio"] = indexed_bytes / sum(len(j.data) for j in jobs)
+    return result | {
         "ms_per_image": ms,
         "steps_sum_ms": path_ms,
         "ceiling_decode_only_img_per_s": 1e3 / ms["entropy_to_crop_bottom"],
         "ceiling_other_steps_as_measured_img_per_s": 1e3
         / (path_ms - ms["region_decode"] + ms["entropy_to_crop_bottom"]),
+        "steps_sum_restart_indexed_ms": path_ms
+        - ms["region_decode"]
+        + ms["region_decode_restart_indexed"],
     }
+
+
+def restart_indexed_copies(files: list[Path], folder: Path) -> list[Path]:
+    """`files` rewritten with restart markers (`jpeg_restart.add_restarts`) into `folder`; a file
+    libjpeg refuses is copied as it is (the loader then takes its usual path)."""
+    out = []
+    for i, path in enumerate(files):
+        data = path.read_bytes()
+        with contextlib.suppress(jpeg_restart.RestartRewriteFailed):
+            data = jpeg_restart.add_restarts(data)
+        target = folder / f"{i:06d}{path.suffix}"
+        target.write_bytes(data)
+        out.append(target)
+    return out
 
 
 def run_data_bench(config: DataConfig, log: Callable[[str], None] = print) -> dict[str, object]:
     """Images per second on one core (torch limited to one thread) for each pipeline."""
     config.validate()
     files = list_images(config.root, config.limit)
+    with contextlib.ExitStack() as stack:  # removes the restart-indexed copies at the end
+        return _run_data_bench(config, files, stack, log)
+
+
+def _run_data_bench(
+    config: DataConfig,
+    files: list[Path],
+    stack: contextlib.ExitStack,
+    log: Callable[[str], None],
+) -> dict[str, object]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -325,9 +364,18 @@ def run_data_bench(config: DataConfig, log: Callable[[str], None] = print) -> di
             batched["resnext-planned-crop"] = project_planned(config.size, decoder="crop")
         else:
             log(f"crop decoder unavailable ({crop_problem}): resnext-planned-crop skipped")
+        inputs = {name: files for name in batched}
+        if crop_problem is None and jpeg_restart.unavailable_reason() is None:
+            # The same files rewritten with restart markers (pixels unchanged), untimed.
+            scratch = tempfile.TemporaryDirectory(prefix="resnext-bench-restart-")
+            stack.callback(scratch.cleanup)
+            inputs["resnext-planned-crop-restart"] = restart_indexed_copies(
+                files, Path(scratch.name)
+            )
+            batched["resnext-planned-crop-restart"] = project_planned(config.size, decoder="crop")
         for name, run in batched.items():
-            log(f"{name}: output {tuple(run(files[:2])[0].shape)} per batch of 2")
-            runners[name] = ((lambda run=run: run(files)), len(files))
+            log(f"{name}: output {tuple(run(inputs[name][:2])[0].shape)} per batch of 2")
+            runners[name] = ((lambda run=run, f=inputs[name]: run(f)), len(files))
         timings = interleaved(runners, rounds=config.rounds, iters=1)
         breakdown = None
         if crop_problem is None:
@@ -345,6 +393,11 @@ def run_data_bench(config: DataConfig, log: Callable[[str], None] = print) -> di
         result["loader_images_per_s"] = loader_scaling(
             files, config.size, config.workers, config.rounds
         )
+        indexed = inputs.get("resnext-planned-crop-restart")
+        if indexed is not None:
+            result["loader_images_per_s_restart_indexed"] = loader_scaling(
+                indexed, config.size, config.workers, config.rounds
+            )
     return result
 
 
@@ -359,6 +412,10 @@ def summary_lines(result: dict[str, object]) -> list[str]:
     if breakdown:
         steps = ", ".join(f"{k} {v:.3f}" for k, v in breakdown["ms_per_image"].items())
         lines.append(f"crop path, ms per image: {steps}")
+        if "restart_indexed_size_ratio" in breakdown:
+            lines.append(
+                f"restart-indexed copies: {breakdown['restart_indexed_size_ratio']:.3f}x the bytes"
+            )
         lines.append(
             "ceiling from entropy decoding alone: "
             f"{breakdown['ceiling_decode_only_img_per_s']:.0f} img/s/core; with the other steps "
@@ -366,4 +423,6 @@ def summary_lines(result: dict[str, object]) -> list[str]:
         )
     for n, rate in result.get("loader_images_per_s", {}).items():
         lines.append(f"loader, planned + batch stage, {n} workers: {rate:7.1f} img/s")
+    for n, rate in result.get("loader_images_per_s_restart_indexed", {}).items():
+        lines.append(f"loader, same on restart-indexed copies, {n} workers: {rate:7.1f} img/s")
     return lines
