@@ -110,7 +110,7 @@ def cut(data: bytes, box: tuple[int, int, int, int], margin: int = 16) -> Cut | 
     )  # fmt: skip
     if rc != 0:
         return None
-    return Cut(out.raw[: size.value], left.value, top.value)
+    return Cut(ctypes.string_at(out, size.value), left.value, top.value)
 
 
 @dataclass

@@ -267,9 +267,8 @@ def decode_job(data: bytes, job: CropDecodeJob, canvas: np.ndarray) -> None:
 def _read_jpeg(path: Path) -> bytes | None:
     """The file's bytes if it starts with JPEG's start-of-image marker, else None (for Pillow)."""
     with path.open("rb") as f:
-        if f.read(2) != b"\xff\xd8":
+        if f.peek(2)[:2] != b"\xff\xd8":  # peek: the bytes stay in the buffer for read()
             return None
-        f.seek(0)
         return f.read()
 
 
