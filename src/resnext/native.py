@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -38,6 +39,12 @@ def compiler() -> str:
     return path
 
 
+def local_headers(source: Path) -> list[Path]:
+    """The files `source` includes with `#include "name"` from its own folder (one level)."""
+    names = re.findall(r'^\s*#\s*include\s*"([^"]+)"', source.read_text(), flags=re.MULTILINE)
+    return [source.parent / name for name in names if (source.parent / name).is_file()]
+
+
 def build(
     source: Path, flags: Sequence[str], libs: Sequence[str] = (), out_dir: Path | None = None
 ) -> Path:
@@ -47,6 +54,8 @@ def build(
     digest = hashlib.sha256()
     for part in (source.read_bytes(), " ".join([*flags, *libs]).encode(), version.encode()):
         digest.update(part)
+    for header in local_headers(source):  # a changed shared header must rebuild its users
+        digest.update(header.name.encode() + header.read_bytes())
     folder = cache_dir() if out_dir is None else out_dir
     target = folder / f"{source.stem}-{digest.hexdigest()[:16]}.so"
     if target.is_file():

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_helpers import JPEG_KINDS, jpeg_bytes, photo
 from PIL import Image
 
 from resnext.data import jpeg_crop, resample
@@ -17,31 +18,12 @@ REASON = jpeg_crop.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"crop decoder unavailable: {REASON}")
 
 
-def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    r = 127 + 100 * np.sin(xx / 17.0) * np.cos(yy / 23.0)
-    g = 127 + 100 * np.cos((xx + 2 * yy) / 31.0)
-    b = 127 + 60 * np.sin(yy / 9.0) + rng.normal(0, 8, (height, width))
-    return Image.fromarray(np.clip(np.stack([r, g, b], -1), 0, 255).astype(np.uint8))
-
-
-KINDS = {  # JPEG flavours: chroma 4:2:0, 4:4:4, 4:2:2, greyscale, progressive
-    "420": {"quality": 90},
-    "444": {"quality": 90, "subsampling": 0},
-    "422": {"quality": 85, "subsampling": 1},
-    "grey": {"quality": 90, "mode": "L"},
-    "progressive": {"quality": 90, "progressive": True},
-}
+KINDS = JPEG_KINDS
 
 
 def _jpeg(tmp_path: Path, kind: str, size: tuple[int, int] = (203, 157)) -> Path:
-    options = dict(KINDS[kind])
-    img = _photo(*size)
-    if options.pop("mode", None) == "L":
-        img = img.convert("L")
     path = tmp_path / f"{kind}.jpg"
-    img.save(path, **options)
+    path.write_bytes(jpeg_bytes(photo(*size), kind))
     return path
 
 
@@ -133,8 +115,8 @@ def test_files_it_does_not_take_go_to_pillow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _pillow_resampling_only(monkeypatch)
-    _photo(200, 150).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
-    _photo(200, 150).save(tmp_path / "b.png")
+    photo(200, 150).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    photo(200, 150).save(tmp_path / "b.png")
     good = _jpeg(tmp_path, "420").read_bytes()
     # Two stray bytes before the end marker: libjpeg warns, Pillow decodes; same result.
     (tmp_path / "stray.jpg").write_bytes(good[:-2] + b"\x00\x00" + good[-2:])

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_helpers import JPEG_KINDS, jpeg_bytes, photo
 from PIL import Image
 
 from resnext.data import jpeg_crop, jpeg_restart
@@ -17,32 +18,11 @@ from resnext.errors import ConfigError, DataError
 REASON = jpeg_restart.unavailable_reason() or jpeg_crop.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"restart cut unavailable: {REASON}")
 
-KINDS = {  # chroma 4:2:0, 4:4:4, 4:2:2, greyscale, progressive
-    "420": {"quality": 90},
-    "444": {"quality": 90, "subsampling": 0},
-    "422": {"quality": 85, "subsampling": 1},
-    "grey": {"quality": 90, "mode": "L"},
-    "progressive": {"quality": 90, "progressive": True},
-}
-
-
-def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    r = 127 + 100 * np.sin(xx / 13.0) * np.cos(yy / 19.0)
-    g = 127 + 100 * np.cos((xx + 2 * yy) / 29.0)
-    b = 127 + 60 * np.sin(yy / 7.0) + rng.normal(0, 10, (height, width))
-    return Image.fromarray(np.clip(np.stack([r, g, b], -1), 0, 255).astype(np.uint8))
+KINDS = JPEG_KINDS
 
 
 def _jpeg_bytes(kind: str, size: tuple[int, int] = (331, 217)) -> bytes:
-    options = dict(KINDS[kind])
-    img = _photo(*size)
-    if options.pop("mode", None) == "L":
-        img = img.convert("L")
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", **options)
-    return buf.getvalue()
+    return jpeg_bytes(photo(*size, periods=(13.0, 19.0, 29.0, 7.0), noise=10.0), kind)
 
 
 def _pixels(data: bytes) -> np.ndarray:

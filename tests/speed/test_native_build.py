@@ -42,3 +42,20 @@ def test_failures_are_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("CC", "no-such-cc-xyz")
     reason = native.problem(lambda: native.build(_source(tmp_path), ("-O2",), out_dir=tmp_path))
     assert reason is not None and "no-such-cc-xyz" in reason
+
+
+def test_a_changed_local_header_rebuilds(tmp_path: Path) -> None:
+    if native.problem(native.compiler) is not None:
+        pytest.skip(f"no C compiler: {native.problem(native.compiler)}")
+    import ctypes
+
+    header = tmp_path / "value.h"
+    header.write_text("#define VALUE 3\n")
+    source = _source(tmp_path, '#include "value.h"\nint answer(void) { return VALUE; }\n')
+    assert native.local_headers(source) == [header]
+    out = tmp_path / "cache"
+    first = native.build(source, ("-O2",), out_dir=out)
+    assert ctypes.CDLL(str(first)).answer() == 3
+    header.write_text("#define VALUE 5\n")
+    second = native.build(source, ("-O2",), out_dir=out)
+    assert second != first and ctypes.CDLL(str(second)).answer() == 5

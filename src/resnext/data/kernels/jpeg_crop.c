@@ -9,56 +9,19 @@
  * Every libjpeg error or warning (a warning means corrupt data) ends the call with a message;
  * the caller then falls back to the ordinary decoder, which names the problem.
  */
-#include <setjmp.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <jpeglib.h>
-
-struct error_state {
-  struct jpeg_error_mgr pub;
-  jmp_buf jump;
-  char message[JMSG_LENGTH_MAX];
-};
-
-static void on_error(j_common_ptr cinfo) {
-  struct error_state *err = (struct error_state *)cinfo->err;
-  (*cinfo->err->format_message)(cinfo, err->message);
-  longjmp(err->jump, 1);
-}
-
-static void on_message(j_common_ptr cinfo, int level) {
-  if (level < 0) { /* a warning: corrupt or truncated data */
-    struct error_state *err = (struct error_state *)cinfo->err;
-    (*cinfo->err->format_message)(cinfo, err->message);
-    longjmp(err->jump, 1);
-  }
-}
-
-static void copy_message(const struct error_state *err, char *msg, int msglen) {
-  if (msg && msglen > 0) {
-    strncpy(msg, err->message, (size_t)msglen - 1);
-    msg[msglen - 1] = 0;
-  }
-}
-
-/* Route libjpeg's errors and warnings to `err` (the caller's setjmp catches them). */
-static void use_error_state(struct jpeg_decompress_struct *cinfo, struct error_state *err) {
-  cinfo->err = jpeg_std_error(&err->pub);
-  err->pub.error_exit = on_error;
-  err->pub.emit_message = on_message;
-  err->message[0] = 0;
-}
+#include "jpeg_errors.h"
 
 /* Width, height and colour space (libjpeg's J_COLOR_SPACE) of a JPEG. 0, or -1 with msg. */
 int jpeg_crop_header(const unsigned char *data, unsigned long len, int *width, int *height,
                      int *colorspace, char *msg, int msglen) {
   struct jpeg_decompress_struct cinfo;
   struct error_state err;
-  use_error_state(&cinfo, &err);
+  cinfo.err = init_errors(&err);
   if (setjmp(err.jump)) {
-    copy_message(&err, msg, msglen);
+    copy_message(err.message, msg, msglen);
     jpeg_destroy_decompress(&cinfo);
     return -1;
   }
@@ -81,9 +44,9 @@ int jpeg_crop_decode(const unsigned char *data, unsigned long len, int denom, in
   struct jpeg_decompress_struct cinfo;
   struct error_state err;
   unsigned char *volatile row = NULL;
-  use_error_state(&cinfo, &err);
+  cinfo.err = init_errors(&err);
   if (setjmp(err.jump)) {
-    copy_message(&err, msg, msglen);
+    copy_message(err.message, msg, msglen);
     jpeg_destroy_decompress(&cinfo);
     free(row);
     return -1;

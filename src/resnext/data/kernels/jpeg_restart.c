@@ -13,47 +13,11 @@
  * coefficients are copied as they are, so a decode of the rewritten file is identical to a decode
  * of the original; Huffman tables are re-optimised, progressive files become baseline.
  */
-#include <setjmp.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <jpeglib.h>
-
-struct error_state {
-  struct jpeg_error_mgr pub;
-  jmp_buf jump;
-  char message[JMSG_LENGTH_MAX];
-};
-
-static void on_error(j_common_ptr cinfo) {
-  struct error_state *err = (struct error_state *)cinfo->err;
-  (*cinfo->err->format_message)(cinfo, err->message);
-  longjmp(err->jump, 1);
-}
-
-static void on_message(j_common_ptr cinfo, int level) {
-  if (level < 0) { /* a warning means corrupt data: refuse rather than rewrite it */
-    struct error_state *err = (struct error_state *)cinfo->err;
-    (*cinfo->err->format_message)(cinfo, err->message);
-    longjmp(err->jump, 1);
-  }
-}
-
-static void init_errors(struct error_state *err) {
-  jpeg_std_error(&err->pub);
-  err->pub.error_exit = on_error;
-  err->pub.emit_message = on_message;
-  err->message[0] = 0;
-}
-
-static void copy_message(const char *text, char *msg, int msglen) {
-  if (msg && msglen > 0) {
-    strncpy(msg, text, (size_t)msglen - 1);
-    msg[msglen - 1] = 0;
-  }
-}
+#include "jpeg_errors.h"
 
 /* The largest divisor of `mcus_per_row` that is at most `target` (so segments tile each row). */
 static int row_aligned_interval(int mcus_per_row, int target) {
@@ -75,8 +39,7 @@ int jpeg_add_restarts(const unsigned char *data, unsigned long len, int target,
   unsigned char *volatile buffer = NULL;
   unsigned long size = 0;
   volatile int have_dst = 0;
-  init_errors(&err);
-  src.err = &err.pub;
+  src.err = init_errors(&err);
   dst.err = &err.pub;
   *out = NULL;
   *outlen = 0;
