@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -165,3 +166,22 @@ def test_index_jpegs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert jpeg_restart.is_indexed((tmp_path / "dst" / "c" / "a.jpg").read_bytes())
     assert cli.main(["index-jpegs", str(src), str(src / "c" / "in")]) != 0
     assert "outside" in capsys.readouterr().err
+
+
+def test_cut_survives_mutated_headers_and_data() -> None:
+    # Random byte changes anywhere in an indexed file: a cut is either refused (None) or a
+    # well-formed JPEG that libjpeg decodes or refuses with a message; never a crash.
+    rewritten = jpeg_restart.add_restarts(_jpeg_bytes("420", (200, 120)))
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        mutated = bytearray(rewritten)
+        for pos in rng.integers(0, len(mutated), int(rng.integers(1, 4))):
+            mutated[pos] = int(rng.integers(0, 256))
+        piece = jpeg_restart.cut(bytes(mutated), (20, 30, 90, 70), margin=4)
+        if piece is None:
+            continue
+        assert piece.data[:2] == b"\xff\xd8" and piece.data[-2:] == b"\xff\xd9"
+        with contextlib.suppress(jpeg_crop.CropDecodeFailed):  # a refusal with a reason is fine
+            jpeg_crop.decode_region(piece.data, 1, 20 - piece.left, 30 - piece.top, 70, 40)
+    for end in range(0, 700, 7):  # every truncation of the header and the first segments
+        assert jpeg_restart.cut(rewritten[:end], (0, 0, 10, 10)) is None

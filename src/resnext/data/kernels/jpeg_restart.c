@@ -139,7 +139,7 @@ static int parse_layout(const unsigned char *data, long len, struct layout *out)
       if (length != 4) return 1;
       out->interval = be16(seg);
     } else if (marker == 0xDA) {
-      if (!have_sof || seg[0] != components) return 1; /* one scan with every component */
+      if (!have_sof || length < 3 || seg[0] != components) return 1; /* one scan, all components */
       out->entropy = i + 2 + length;
       break;
     } else if (marker == 0xD9) {
