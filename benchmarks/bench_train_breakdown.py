@@ -24,6 +24,7 @@ from torch import nn
 
 import resnext
 from resnext.speed.allocator import keep_freed_memory
+from resnext.speed.measure import time_call
 from resnext.speed.provenance import write_results
 
 MODELS = ("resnext50_32x4d", "resnet50")
@@ -70,13 +71,8 @@ def collect_convs(model: nn.Module, batch: int) -> tuple[Counter[ConvKey], dict[
 
 
 def best_ms(fn, rounds: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    fn()  # warm-up: oneDNN primitive creation, allocator
+    return 1e3 * min(time_call(fn, 1) for _ in range(rounds))
 
 
 def time_conv(key: ConvKey, kind: str, rounds: int) -> tuple[float, float]:

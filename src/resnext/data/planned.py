@@ -204,18 +204,10 @@ def _load_with_crop_decoder(
     from resnext.data import jpeg_crop, resample
 
     data = _read_jpeg(path)
-    if data is None:
+    size = None if data is None else crop_decodable_size(data)
+    if size is None:
         return None
-    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        # No end-of-image marker: truncated (or trailing data). A crop that stops early would not
-        # notice what Pillow refuses, so Pillow decides, as for every other file.
-        return None
-    try:
-        width, height, colorspace = jpeg_crop.read_header(data)
-    except jpeg_crop.CropDecodeFailed:
-        return None  # Pillow names the problem
-    if colorspace in (jpeg_crop.CMYK, jpeg_crop.YCCK):
-        return None  # Pillow converts those
+    width, height = size
     check_pixel_limit(path, width, height, max_pixels)
     plan = transform.plan(width, height)
     job = crop_decode_job(plan, (width, height), transform.size, use_draft)
@@ -241,6 +233,23 @@ def _load_with_crop_decoder(
         )
         return torch.from_numpy(pixels)
     return transform.apply(Image.fromarray(canvas), plan, (width, height))
+
+
+def crop_decodable_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the JPEG `data` if the crop decoder takes it, else None (Pillow's file)."""
+    from resnext.data import jpeg_crop
+
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        # No end-of-image marker: truncated (or trailing data). A crop that stops early would not
+        # notice what Pillow refuses, so Pillow decides, as for every other file.
+        return None
+    try:
+        width, height, colorspace = jpeg_crop.read_header(data)
+    except jpeg_crop.CropDecodeFailed:
+        return None  # Pillow names the problem
+    if colorspace in (jpeg_crop.CMYK, jpeg_crop.YCCK):
+        return None  # Pillow converts those
+    return width, height
 
 
 def decode_job(data: bytes, job: CropDecodeJob, canvas: np.ndarray) -> None:

@@ -179,26 +179,35 @@ class _CropJobData:
 
 def _crop_jobs(files: list[Path], size: int, seed: int) -> tuple[list[_CropJobData], int]:
     """The crop decoder's job for each file it takes, and how many files it leaves to Pillow."""
-    from resnext.data.planned import PlannedRandomResizedCrop, crop_decode_job
+    from resnext.data.planned import (
+        PlannedRandomResizedCrop,
+        crop_decodable_size,
+        crop_decode_job,
+    )
 
-    restart = jpeg_restart.unavailable_reason() is None
     transform = PlannedRandomResizedCrop(size, generator=torch.Generator().manual_seed(seed))
     jobs, skipped = [], 0
     for path in files:
         data = path.read_bytes()
-        try:
-            width, height, colorspace = jpeg_crop.read_header(data)
-        except jpeg_crop.CropDecodeFailed:
+        full = crop_decodable_size(data)
+        if full is None:
             skipped += 1
             continue
-        if colorspace in (jpeg_crop.CMYK, jpeg_crop.YCCK):
-            skipped += 1
-            continue
-        plan = transform.plan(width, height)
-        job = crop_decode_job(plan, (width, height), transform.size)
-        indexed = jpeg_restart.add_restarts(data) if restart else None
-        jobs.append(_CropJobData(data, plan.flip, job, indexed))
+        plan = transform.plan(*full)
+        job = crop_decode_job(plan, full, transform.size)
+        jobs.append(_CropJobData(data, plan.flip, job, _restart_indexed(data)))
     return jobs, skipped
+
+
+def _restart_indexed(data: bytes) -> bytes | None:
+    """`data` rewritten with restart markers, or None where that cannot be built or libjpeg
+    refuses the file (the loader then takes its usual path for it)."""
+    if jpeg_restart.unavailable_reason() is not None:
+        return None
+    try:
+        return jpeg_restart.add_restarts(data)
+    except jpeg_restart.RestartRewriteFailed:
+        return None
 
 
 def crop_path_breakdown(
@@ -313,10 +322,8 @@ def restart_indexed_copies(files: list[Path], folder: Path) -> list[Path]:
     out = []
     for i, path in enumerate(files):
         data = path.read_bytes()
-        with contextlib.suppress(jpeg_restart.RestartRewriteFailed):
-            data = jpeg_restart.add_restarts(data)
         target = folder / f"{i:06d}{path.suffix}"
-        target.write_bytes(data)
+        target.write_bytes(_restart_indexed(data) or data)
         out.append(target)
     return out
 
