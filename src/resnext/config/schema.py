@@ -84,6 +84,9 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = False
     compile: bool = False
+    # CPU training fast path: batch norm with its ReLU and residual add in our C kernels
+    # (channels-last fp32/bf16 tensors; other layers and devices keep torch's ops).
+    fused_bn: bool = False
     zero_init_residual: bool = False
     checkpoint_every: int = 0
     sync_bn: bool = False

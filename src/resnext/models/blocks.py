@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnext.models.layers import SqueezeExcite, conv1x1, conv3x3, make_shortcut
+from resnext.models.layers import SqueezeExcite, conv1x1, conv3x3, make_shortcut, norm_act
 
 
 class BlockGeometry:
@@ -65,12 +65,13 @@ class _PostActBlock(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn3(self.transform(x))
-        if self.se is not None:
-            out = self.se(out)
+        shortcut = None
         if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
+            shortcut = x if self.downsample is None else self.downsample(x)
+        if self.se is None:
+            return norm_act(self.bn3, self.relu, self.transform(x), shortcut)
+        out = self.se(self.bn3(self.transform(x)))
+        return self.relu(out if shortcut is None else out + shortcut)
 
     def _tail_state(self) -> dict[str, torch.Tensor]:
         state = {f"bn3.{k}": v for k, v in self.bn3.state_dict().items()}
@@ -104,8 +105,8 @@ class Bottleneck(_PostActBlock):
         self._build_tail()
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = norm_act(self.bn1, self.relu, self.conv1(x))
+        out = norm_act(self.bn2, self.relu, self.conv2(out))
         return self.conv3(out)
 
     def grouped_state(self) -> dict[str, torch.Tensor]:

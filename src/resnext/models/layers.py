@@ -18,6 +18,23 @@ def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Con
     )
 
 
+def norm_act(
+    bn: nn.Module, act: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """act(bn(x) [+ residual]); one fused call when `bn` computes that itself.
+
+    A norm layer that has a `forward_act(x, residual)` method (the training fast path's
+    `FusedBatchNorm2d`) is given the ReLU and the residual to apply in the same pass.
+    """
+    fused = getattr(bn, "forward_act", None)
+    if fused is not None and isinstance(act, nn.ReLU):
+        return fused(x, residual)
+    out = bn(x)
+    if residual is not None:
+        out = out + residual
+    return act(out)
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation gate (Hu et al.): channel weights from globally pooled features."""
 

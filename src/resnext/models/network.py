@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from resnext.models.blocks import BLOCKS, BlockGeometry, PreActBottleneck
-from resnext.models.layers import conv3x3
+from resnext.models.layers import conv3x3, norm_act
 from resnext.models.spec import ModelSpec
 
 
@@ -150,9 +150,8 @@ class ResNeXt(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn1(self.conv1(x))
-        if self._stem_act:
-            x = self.relu(x)
+        x = self.conv1(x)
+        x = norm_act(self.bn1, self.relu, x) if self._stem_act else self.bn1(x)
         return self.maxpool(x)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -11,9 +11,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import resnext
+from resnext.speed.fused_bn import use_fused_batchnorm
 from resnext.speed.measure import interleaved, ratios, validate_bench_config
 
-VARIANTS = ("eager-fp32", "cl-bf16", "cl-bf16-compile", "cl-bf16-ckpt", "cl-fp32-compile")
+VARIANTS = (
+    "eager-fp32",
+    "cl-bf16",
+    "cl-bf16-fused",
+    "cl-bf16-compile",
+    "cl-bf16-ckpt",
+    "cl-fp32-compile",
+)
 DEFAULT_VARIANTS = ("eager-fp32", "cl-bf16", "cl-bf16-compile")
 
 
@@ -58,6 +66,8 @@ def make_step(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    if variant.endswith("-fused"):
+        use_fused_batchnorm(model)
     net: nn.Module = CheckpointedStages(model) if variant.endswith("-ckpt") else model
     if variant.endswith("-compile"):
         net = torch.compile(net)

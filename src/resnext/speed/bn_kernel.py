@@ -1,0 +1,134 @@
+"""Training-mode batch norm + ReLU (+ residual) on channels-last tensors: `kernels/bn_act.c` via ctypes.
+
+Built on first use like the other C parts (`resnext.native`); runs on torch's OpenMP threads.
+Each function takes channels-last contiguous CPU tensors of one dtype (float32 or bfloat16) and
+per-channel float32 vectors; `FusedBatchNorm2d` (in `resnext.speed.fused_bn`) decides when they
+apply and falls back to torch otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from resnext import native
+from resnext.speed.capability import cpu_flags
+
+SOURCE = Path(__file__).with_name("kernels") / "bn_act.c"
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp")
+LIBS = ("-lm",)
+REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+MASK_NONE, MASK_FROM_X, MASK_FROM_Y = 0, 1, 2
+
+_P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    missing = REQUIRED_FLAGS - cpu_flags()
+    if missing:
+        raise native.NativeUnavailable(f"this CPU lacks {sorted(missing)}")
+    lib = ctypes.CDLL(str(native.build(SOURCE, FLAGS, LIBS)))
+    lib.bn_act_forward.argtypes = [_P, _P, _P, _I, _L, _L, _P, _P, _D, _I, _P, _P, _P, _I]
+    lib.bn_act_forward.restype = _I
+    lib.bn_act_backward.argtypes = [_P] * 5 + [_I, _L, _L] + [_P] * 4 + [_I, _P, _P, _I]
+    lib.bn_act_backward.restype = _I
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable_reason() -> str | None:
+    """None if the kernels can run here, else why not (one line; decided once per process)."""
+    return native.problem(_library)
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether `x` is a tensor the kernels read as it is: 4-d, CPU, fp32/bf16, channels-last dense."""
+    return (
+        x.dim() == 4
+        and x.device.type == "cpu"
+        and x.dtype in DTYPES
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and x.shape[0] * x.shape[2] * x.shape[3] > 1
+    )
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int]:
+    n, c, h, w = x.shape
+    return n * h * w, c
+
+
+def _vec(v: torch.Tensor | None) -> torch.Tensor | None:
+    return None if v is None else v.detach().to(torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(failed: int, what: str) -> None:
+    if failed:
+        raise MemoryError(f"bn_act.{what}: could not allocate its per-channel sums")
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(relu?(BN(x) [+ residual]) with batch statistics, mean, 1/std, biased variance).
+
+    The statistics are float32 vectors of shape (C,); the output is a new tensor like `x`.
+    """
+    rows, channels = _rows(x)
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    mean, invstd, var = torch.empty(3, channels, dtype=torch.float32)
+    weight, bias = _vec(weight), _vec(bias)
+    failed = _library().bn_act_forward(
+        x.data_ptr(), _ptr(residual), out.data_ptr(), DTYPES[x.dtype], rows, channels,
+        _ptr(weight), _ptr(bias), eps, int(relu),
+        mean.data_ptr(), invstd.data_ptr(), var.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(failed, "bn_act_forward")
+    return out, mean, invstd, var
+
+
+def backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    mask: int,
+    residual_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dweight, dbias, the residual's gradient) of `forward`, given the output gradient.
+
+    `mask` says where the ReLU's mask comes from (MASK_FROM_X, MASK_FROM_Y with `out`, or
+    MASK_NONE); the residual's gradient is the masked gradient (a new tensor) or `grad` itself.
+    """
+    rows, channels = _rows(x)
+    dx = torch.empty_like(x, memory_format=torch.channels_last)
+    masked = None
+    if residual_grad and mask != MASK_NONE:
+        masked = torch.empty_like(x, memory_format=torch.channels_last)
+    dweight = None if weight is None else torch.empty(channels, dtype=torch.float32)
+    dbias = None if bias is None else torch.empty(channels, dtype=torch.float32)
+    weight, bias = _vec(weight), _vec(bias)
+    failed = _library().bn_act_backward(
+        grad.data_ptr(), x.data_ptr(), _ptr(out), _ptr(masked), dx.data_ptr(), DTYPES[x.dtype],
+        rows, channels, _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(), mask,
+        _ptr(dweight), _ptr(dbias), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(failed, "bn_act_backward")
+    d_residual = (masked if masked is not None else grad) if residual_grad else None
+    return dx, dweight, dbias, d_residual
