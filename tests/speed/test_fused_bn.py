@@ -26,6 +26,23 @@ def _cl(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
+def _results(
+    out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, bn: nn.BatchNorm2d
+) -> dict[str, torch.Tensor]:
+    """The output, every gradient and the running statistics after one forward and backward."""
+    result = {
+        "out": out.detach(),
+        "dx": x.grad,
+        "dweight": bn.weight.grad,
+        "dbias": bn.bias.grad,
+        "running_mean": bn.running_mean,
+        "running_var": bn.running_var,
+    }
+    if residual is not None:
+        result["dresidual"] = residual.grad
+    return result
+
+
 def _reference(
     bn: nn.BatchNorm2d,
     x: torch.Tensor,
@@ -43,17 +60,7 @@ def _reference(
     if relu:
         out = torch.relu(out)
     out.backward(grad.double())
-    result = {
-        "out": out.detach(),
-        "dx": x64.grad,
-        "dweight": ref.weight.grad,
-        "dbias": ref.bias.grad,
-        "running_mean": ref.running_mean,
-        "running_var": ref.running_var,
-    }
-    if r64 is not None:
-        result["dresidual"] = r64.grad
-    return result
+    return _results(out, x64, r64, ref)
 
 
 def _fused(
@@ -70,17 +77,7 @@ def _fused(
     out = fused.forward_act(xg, rg, relu)
     assert out.dtype == x.dtype and out.is_contiguous(memory_format=torch.channels_last)
     out.backward(grad)
-    result = {
-        "out": out.detach(),
-        "dx": xg.grad,
-        "dweight": fused.weight.grad,
-        "dbias": fused.bias.grad,
-        "running_mean": fused.running_mean,
-        "running_var": fused.running_var,
-    }
-    if rg is not None:
-        result["dresidual"] = rg.grad
-    return result
+    return _results(out, xg, rg, fused)
 
 
 def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -205,6 +202,17 @@ def test_falls_back_to_torch_where_the_kernel_does_not_apply(
         expected = expected + residual
     torch.testing.assert_close(got, torch.relu(expected))
     torch.testing.assert_close(fused.running_mean, bn.running_mean)
+
+
+@needs_kernel
+def test_second_derivatives_are_refused_clearly() -> None:
+    bn = _bn(8, seed=13)
+    use_fused_batchnorm(bn)
+    x = _cl(torch.randn(2, 8, 4, 4), torch.float32).requires_grad_()
+    out = bn.forward_act(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable"):
+        grad.sum().backward()
 
 
 def test_norm_act_with_plain_modules_is_act_of_bn() -> None:

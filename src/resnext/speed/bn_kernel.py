@@ -53,6 +53,7 @@ def takes(x: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype in DTYPES
         and x.is_contiguous(memory_format=torch.channels_last)
+        and x.shape[1] > 0
         and x.shape[0] * x.shape[2] * x.shape[3] > 1
     )
 

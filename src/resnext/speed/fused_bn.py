@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from resnext.speed import bn_kernel
 
@@ -47,6 +48,7 @@ class _BatchNormAct(torch.autograd.Function):
         return out, mean, var
 
     @staticmethod
+    @once_differentiable  # a clear error for create_graph=True instead of wrong second derivatives
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *_: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:

@@ -125,35 +125,44 @@ static void reduce(const double *part, int threads, long channels, double *out_a
     }
 }
 
+/* Runs BODY (see CHANNEL_SUMS) over all rows on the caller's `threads` OpenMP threads and puts
+ * the two per-channel sums into OUT_A and OUT_B; FAILED is set to 1 if scratch memory could not
+ * be allocated (then nothing was summed), else 0. */
+#define PARALLEL_CHANNEL_SUMS(FAILED, ROWS, CHANNELS, OUT_A, OUT_B, BODY)                       \
+  {                                                                                            \
+    Scratch scratch;                                                                           \
+    (FAILED) = scratch_alloc(&scratch, threads, (CHANNELS));                                   \
+    if (!(FAILED)) {                                                                           \
+      _Pragma("omp parallel for schedule(static) num_threads(threads)")                        \
+      for (int t = 0; t < threads; ++t) {                                                      \
+        long begin, end;                                                                       \
+        rows_of((ROWS), threads, t, &begin, &end);                                             \
+        double *ta = scratch.totals + (2 * t) * (CHANNELS), *tb = ta + (CHANNELS);             \
+        CHANNEL_SUMS(begin, end, (CHANNELS), ta, tb, scratch.runs + 2 * t * scratch.padded,    \
+                     BODY)                                                                     \
+      }                                                                                        \
+      reduce(scratch.totals, threads, (CHANNELS), (OUT_A), (OUT_B));                           \
+    }                                                                                          \
+    scratch_free(&scratch);                                                                    \
+  }
+
 /* sum[c] = sum over rows of (x - pivot[c]), sumsq[c] = sum of its squares. Shifting by a value
  * of the channel (the caller passes the first row) keeps the variance free of cancellation. */
-static int bn_stats(const void *x, int dtype, long rows, long channels, const float *pivot, double *sum,
-             double *sumsq, int threads) {
-  Scratch scratch;
-  if (scratch_alloc(&scratch, threads, channels)) {
-    scratch_free(&scratch);
-    return 1;
-  }
-  const double *part = scratch.totals;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int t = 0; t < threads; ++t) {
-    long begin, end;
-    rows_of(rows, threads, t, &begin, &end);
-    double *ta = scratch.totals + (2 * t) * channels, *tb = ta + channels;
-    CHANNEL_SUMS(begin, end, channels, ta, tb, scratch.runs + 2 * t * scratch.padded, {
-      __m512 d = _mm512_sub_ps(load(x, dtype, at, m), _mm512_maskz_loadu_ps(m, pivot + c));
-      sa = _mm512_add_ps(sa, d);
-      sb = _mm512_fmadd_ps(d, d, sb);
-    })
-  }
-  reduce(part, threads, channels, sum, sumsq);
-  scratch_free(&scratch);
-  return 0;
+static int bn_stats(const void *x, int dtype, long rows, long channels, const float *pivot,
+                    double *sum, double *sumsq, int threads) {
+  int failed;
+  PARALLEL_CHANNEL_SUMS(failed, rows, channels, sum, sumsq, {
+    __m512 d = _mm512_sub_ps(load(x, dtype, at, m), _mm512_maskz_loadu_ps(m, pivot + c));
+    sa = _mm512_add_ps(sa, d);
+    sb = _mm512_fmadd_ps(d, d, sb);
+  })
+  return failed;
 }
 
 /* y = relu?(x * scale + shift [+ res]); res may be NULL. */
-static void bn_apply(const void *x, const void *res, void *y, int dtype, long rows, long channels,
-              const float *scale, const float *shift, int relu, int threads) {
+static void bn_apply(const void *x, const void *res, void *y, int dtype, long rows,
+                     long channels, const float *scale, const float *shift, int relu,
+                     int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (long r = 0; r < rows; ++r) {
     for (long c = 0; c < channels; c += 16) {
@@ -186,32 +195,19 @@ static inline __m512 masked(const void *g, const void *x, const void *y, int dty
 
 /* sum_g[c] = sum of the masked gradient gm, sum_gx[c] = sum of gm * (x - mean[c]); gm is also
  * written to gm_out when that is not NULL (it is the residual branch's gradient). */
-static int bn_grad_sums(const void *g, const void *x, const void *y, void *gm_out, int dtype, long rows,
-                 long channels, const float *scale, const float *shift, const float *mean,
-                 int mode, double *sum_g, double *sum_gx, int threads) {
-  Scratch scratch;
-  if (scratch_alloc(&scratch, threads, channels)) {
-    scratch_free(&scratch);
-    return 1;
-  }
-  const double *part = scratch.totals;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int t = 0; t < threads; ++t) {
-    long begin, end;
-    rows_of(rows, threads, t, &begin, &end);
-    double *ta = scratch.totals + (2 * t) * channels, *tb = ta + channels;
-    CHANNEL_SUMS(begin, end, channels, ta, tb, scratch.runs + 2 * t * scratch.padded, {
-      __m512 xv = load(x, dtype, at, m);
-      __m512 gm = masked(g, x, y, dtype, at, m, mode, _mm512_maskz_loadu_ps(m, scale + c),
-                         _mm512_maskz_loadu_ps(m, shift + c), xv);
-      if (gm_out) store(gm_out, dtype, at, m, gm);
-      sa = _mm512_add_ps(sa, gm);
-      sb = _mm512_fmadd_ps(gm, _mm512_sub_ps(xv, _mm512_maskz_loadu_ps(m, mean + c)), sb);
-    })
-  }
-  reduce(part, threads, channels, sum_g, sum_gx);
-  scratch_free(&scratch);
-  return 0;
+static int bn_grad_sums(const void *g, const void *x, const void *y, void *gm_out, int dtype,
+                        long rows, long channels, const float *scale, const float *shift,
+                        const float *mean, int mode, double *sum_g, double *sum_gx, int threads) {
+  int failed;
+  PARALLEL_CHANNEL_SUMS(failed, rows, channels, sum_g, sum_gx, {
+    __m512 xv = load(x, dtype, at, m);
+    __m512 gm = masked(g, x, y, dtype, at, m, mode, _mm512_maskz_loadu_ps(m, scale + c),
+                       _mm512_maskz_loadu_ps(m, shift + c), xv);
+    if (gm_out) store(gm_out, dtype, at, m, gm);
+    sa = _mm512_add_ps(sa, gm);
+    sb = _mm512_fmadd_ps(gm, _mm512_sub_ps(xv, _mm512_maskz_loadu_ps(m, mean + c)), sb);
+  })
+  return failed;
 }
 
 /* dx = a * gm + b * (x - mean) + k per channel (batch norm's input gradient in closed form). */
