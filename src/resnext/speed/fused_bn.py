@@ -57,9 +57,10 @@ class _BatchNormAct(torch.autograd.Function):
         dx, dweight, dbias, d_residual = bn_kernel.backward(
             grad, x, out, weight, bias, mean, invstd, ctx.mask, ctx.has_residual
         )
-        if dweight is not None and weight is not None:
+        # The kernel returns float32 parameter gradients exactly when the parameters exist.
+        if weight is not None:
             dweight = dweight.to(weight.dtype)
-        if dbias is not None and bias is not None:
+        if bias is not None:
             dbias = dbias.to(bias.dtype)
         return dx, dweight, dbias, d_residual, None, None
 
@@ -112,24 +113,24 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
 
 
+def _swap_class(model: nn.Module, old: type[nn.Module], new: type[nn.Module]) -> int:
+    """Give every module of exactly class `old` the class `new`, in place; how many changed."""
+    count = 0
+    for module in model.modules():
+        if type(module) is old:
+            module.__class__ = new
+            count += 1
+    return count
+
+
 def use_fused_batchnorm(model: nn.Module) -> int:
     """Make every plain `nn.BatchNorm2d` of `model` a `FusedBatchNorm2d`, in place; how many.
 
     Only the class changes: parameters, buffers, state-dict keys and optimizer references stay.
     """
-    count = 0
-    for module in model.modules():
-        if type(module) is nn.BatchNorm2d:
-            module.__class__ = FusedBatchNorm2d
-            count += 1
-    return count
+    return _swap_class(model, nn.BatchNorm2d, FusedBatchNorm2d)
 
 
 def use_plain_batchnorm(model: nn.Module) -> int:
     """Undo `use_fused_batchnorm`: every `FusedBatchNorm2d` becomes an `nn.BatchNorm2d` again."""
-    count = 0
-    for module in model.modules():
-        if type(module) is FusedBatchNorm2d:
-            module.__class__ = nn.BatchNorm2d
-            count += 1
-    return count
+    return _swap_class(model, FusedBatchNorm2d, nn.BatchNorm2d)

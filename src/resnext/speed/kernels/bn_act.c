@@ -179,8 +179,8 @@ static void bn_apply(const void *x, const void *res, void *y, int dtype, long ro
 
 /* The incoming gradient with the ReLU's mask applied: from x (the ReLU followed the norm
  * directly, so its input was x * scale + shift), from y (the saved output), or no mask. */
-static inline __m512 masked(const void *g, const void *x, const void *y, int dtype, long at,
-                            __mmask16 m, int mode, __m512 scale, __m512 shift, __m512 xv) {
+static inline __m512 masked(const void *g, const void *y, int dtype, long at, __mmask16 m,
+                            int mode, __m512 scale, __m512 shift, __m512 xv) {
   __m512 gv = load(g, dtype, at, m);
   __m512 zero = _mm512_setzero_ps();
   if (mode == MASK_FROM_X)
@@ -189,7 +189,6 @@ static inline __m512 masked(const void *g, const void *x, const void *y, int dty
                                gv);
   if (mode == MASK_FROM_Y)
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load(y, dtype, at, m), zero, _CMP_GT_OQ), gv);
-  (void)x;
   return gv;
 }
 
@@ -201,7 +200,7 @@ static int bn_grad_sums(const void *g, const void *x, const void *y, void *gm_ou
   int failed;
   PARALLEL_CHANNEL_SUMS(failed, rows, channels, sum_g, sum_gx, {
     __m512 xv = load(x, dtype, at, m);
-    __m512 gm = masked(g, x, y, dtype, at, m, mode, _mm512_maskz_loadu_ps(m, scale + c),
+    __m512 gm = masked(g, y, dtype, at, m, mode, _mm512_maskz_loadu_ps(m, scale + c),
                        _mm512_maskz_loadu_ps(m, shift + c), xv);
     if (gm_out) store(gm_out, dtype, at, m, gm);
     sa = _mm512_add_ps(sa, gm);
@@ -221,7 +220,7 @@ static void bn_grad_input(const void *g, const void *x, const void *y, void *dx,
       __mmask16 m = lanes(c, channels);
       long at = r * channels + c;
       __m512 xv = load(x, dtype, at, m);
-      __m512 gm = masked(g, x, y, dtype, at, m, mode, _mm512_maskz_loadu_ps(m, scale + c),
+      __m512 gm = masked(g, y, dtype, at, m, mode, _mm512_maskz_loadu_ps(m, scale + c),
                          _mm512_maskz_loadu_ps(m, shift + c), xv);
       /* b * (x - mean), not b * x + const: the latter cancels when |mean| >> std. */
       __m512 centred = _mm512_sub_ps(xv, _mm512_maskz_loadu_ps(m, mean + c));
