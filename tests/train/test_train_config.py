@@ -94,6 +94,19 @@ def test_bad_overrides_are_one_config_error_naming_the_key(override, pattern):
         load_config("digits_demo", [override])
 
 
+@pytest.mark.parametrize("key", ["fused_bn", "grouped_kernels"])
+def test_cpu_fast_path_kernels_need_channels_last_and_refuse_compile(key):
+    ok = load_config("digits_demo", [f"train.{key}=true", "train.channels_last=true"])
+    assert getattr(ok.train, key) is True
+    with pytest.raises(ConfigError, match=rf"train\.{key}: .*channels_last"):
+        load_config("digits_demo", [f"train.{key}=true", "train.channels_last=false"])
+    with pytest.raises(ConfigError, match=rf"train\.{key}: .*not both"):
+        load_config(
+            "digits_demo",
+            [f"train.{key}=true", "train.channels_last=true", "train.compile=true"],
+        )
+
+
 def test_wrong_type_in_file_and_unknown_recipe(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[optim]\nmomentum = "high"\n')

@@ -87,6 +87,9 @@ class TrainConfig:
     # CPU training fast path: batch norm with its ReLU and residual add in our C kernels
     # (channels-last fp32/bf16 tensors; other layers and devices keep torch's ops).
     fused_bn: bool = False
+    # CPU training fast path: grouped 3x3 convolutions with 4 or 8 channels per group use our
+    # C kernels for the forward, input gradient and weight gradient where they beat oneDNN.
+    grouped_kernels: bool = False
     zero_init_residual: bool = False
     checkpoint_every: int = 0
     sync_bn: bool = False

@@ -96,16 +96,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.resume: expected 'auto', 'never' or a checkpoint path (.pt), got {t.resume!r}"
         )
-    if t.fused_bn and t.compile:
-        raise ConfigError(
-            "train.fused_bn: the fused batch norm runs eagerly and torch.compile would bypass it; "
-            "set train.fused_bn or train.compile, not both"
-        )
-    if t.fused_bn and not t.channels_last:
-        raise ConfigError(
-            "train.fused_bn: the fused batch norm reads channels-last tensors; "
-            "set train.channels_last: true as well"
-        )
+    for key, what in (("fused_bn", "fused batch norm"), ("grouped_kernels", "grouped kernels")):
+        if getattr(t, key) and t.compile:
+            raise ConfigError(
+                f"train.{key}: the {what} run eagerly and torch.compile would bypass them; "
+                f"set train.{key} or train.compile, not both"
+            )
+        if getattr(t, key) and not t.channels_last:
+            raise ConfigError(
+                f"train.{key}: the {what} read channels-last tensors; "
+                "set train.channels_last: true as well"
+            )
     if any(math.isnan(v) for v in (o.base_lr, o.weight_decay)):
         raise ConfigError("optim: NaN is not a valid value")
     _check_model(cfg)

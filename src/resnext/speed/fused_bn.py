@@ -16,6 +16,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from resnext.speed import bn_kernel
+from resnext.speed.swap import swap_class
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -113,24 +114,14 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
 
 
-def _swap_class(model: nn.Module, old: type[nn.Module], new: type[nn.Module]) -> int:
-    """Give every module of exactly class `old` the class `new`, in place; how many changed."""
-    count = 0
-    for module in model.modules():
-        if type(module) is old:
-            module.__class__ = new
-            count += 1
-    return count
-
-
 def use_fused_batchnorm(model: nn.Module) -> int:
     """Make every plain `nn.BatchNorm2d` of `model` a `FusedBatchNorm2d`, in place; how many.
 
     Only the class changes: parameters, buffers, state-dict keys and optimizer references stay.
     """
-    return _swap_class(model, nn.BatchNorm2d, FusedBatchNorm2d)
+    return swap_class(model, nn.BatchNorm2d, FusedBatchNorm2d)
 
 
 def use_plain_batchnorm(model: nn.Module) -> int:
     """Undo `use_fused_batchnorm`: every `FusedBatchNorm2d` becomes an `nn.BatchNorm2d` again."""
-    return _swap_class(model, FusedBatchNorm2d, nn.BatchNorm2d)
+    return swap_class(model, FusedBatchNorm2d, nn.BatchNorm2d)

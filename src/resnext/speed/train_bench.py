@@ -12,12 +12,14 @@ from torch.utils.checkpoint import checkpoint
 
 import resnext
 from resnext.speed.fused_bn import use_fused_batchnorm
+from resnext.speed.grouped_train import use_grouped_kernels
 from resnext.speed.measure import interleaved, ratios, validate_bench_config
 
 VARIANTS = (
     "eager-fp32",
     "cl-bf16",
     "cl-bf16-fused",
+    "cl-bf16-fused-grouped",
     "cl-bf16-compile",
     "cl-bf16-ckpt",
     "cl-fp32-compile",
@@ -66,8 +68,10 @@ def make_step(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    if variant.endswith("-fused"):
+    if "-fused" in variant:
         use_fused_batchnorm(model)
+    if variant.endswith("-grouped"):
+        use_grouped_kernels(model)
     net: nn.Module = CheckpointedStages(model) if variant.endswith("-ckpt") else model
     if variant.endswith("-compile"):
         net = torch.compile(net)

@@ -21,6 +21,7 @@ from resnext.config import Config, save_config
 from resnext.errors import ConfigError
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fused_bn import use_fused_batchnorm
+from resnext.speed.grouped_train import use_grouped_kernels
 from resnext.train import provenance
 from resnext.train.checkpoint import atomic_save
 from resnext.train.data_setup import (
@@ -148,6 +149,8 @@ def _run(
     raw = place(raw, info.device, cfg.train.channels_last)
     if cfg.train.fused_bn:
         use_fused_batchnorm(raw)
+    if cfg.train.grouped_kernels:
+        use_grouped_kernels(raw)
     model = wrap_distributed(raw, info.device, info.world_size, cfg.train.sync_bn)
     if cfg.train.sync_bn and info.world_size > 1:
         raw = model.module  # the converted network (SyncBatchNorm layers) inside DDP

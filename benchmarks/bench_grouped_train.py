@@ -1,0 +1,114 @@
+"""The grouped 3×3 convolution's training ops, oneDNN vs our kernels, per ResNeXt-50 layer shape.
+
+Usage: .venv/bin/python benchmarks/bench_grouped_train.py [--batch 16] [--rounds 5] [--dtypes bf16,fp32]
+For each distinct conv2 shape of ResNeXt-50 32×4d (stride-1 blocks and each stage's stride-2
+first block): forward, input gradient and weight gradient, each timed with oneDNN (through
+`torch.ops.aten.convolution_backward`) and with our kernel where one exists, interleaved in one
+process; GFLOP/s and our ÷ oneDNN time. `resnext.speed.grouped_train` picks its kernels by this.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from resnext.speed import grouped_kernel, grouped_train, grouped_wgrad
+from resnext.speed.allocator import keep_freed_memory
+from resnext.speed.measure import interleaved
+from resnext.speed.provenance import write_results
+
+# (channels, input size, stride, how many of these layers ResNeXt-50 has): Table 1's conv2s.
+LAYERS = [
+    (128, 56, 1, 3),
+    (256, 56, 2, 1),
+    (256, 28, 1, 3),
+    (512, 28, 2, 1),
+    (512, 14, 1, 5),
+    (1024, 14, 2, 1),
+    (1024, 7, 1, 2),
+]
+GROUPS = 32
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def layer_ops(
+    c: int, size: int, stride: int, batch: int, dtype: torch.dtype
+) -> dict[str, Callable[[], object]]:
+    """Each training op of one layer, done by oneDNN and (where ours takes it) by our kernels."""
+    g = torch.Generator().manual_seed(c + size)
+    x = torch.randn(batch, c, size, size, generator=g).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, c // GROUPS, 3, 3, generator=g).to(dtype)
+    out = F.conv2d(x, w, None, stride, 1, 1, GROUPS)
+    gy = torch.randn(out.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def onednn(mask: list[bool]) -> Callable[[], object]:
+        args = (gy, x, w, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], GROUPS, mask)
+        return lambda: torch.ops.aten.convolution_backward(*args)
+
+    ops: dict[str, Callable[[], object]] = {
+        "forward/onednn": lambda: F.conv2d(x, w, None, stride, 1, 1, GROUPS),
+        "input_grad/onednn": onednn([True, False, False]),
+        "weight_grad/onednn": onednn([False, True, False]),
+    }
+    if grouped_kernel.unavailable_reason(dtype) is None:
+        wt = grouped_train.transposed_weight(w, GROUPS)
+        ops["forward/ours"] = lambda: grouped_train.our_kernel(x, w, GROUPS, stride)
+        if stride == 1:
+            ops["input_grad/ours"] = lambda: grouped_train.our_kernel(gy, wt, GROUPS, 1)
+    if grouped_wgrad.unavailable_reason() is None and grouped_wgrad.supports(c, GROUPS, stride):
+        ops["weight_grad/ours"] = lambda: grouped_wgrad.weight_grad(x, gy, GROUPS, stride)
+    return ops
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    keep_freed_memory()
+    results: dict[str, object] = {}
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        for c, size, stride, count in LAYERS:
+            ops = layer_ops(c, size, stride, args.batch, dtype)
+            timings = interleaved(
+                {k: (f, args.batch) for k, f in ops.items()}, rounds=args.rounds, iters=3
+            )
+            out_size = (size - 1) // stride + 1
+            gflop = 2 * args.batch * c * (c // GROUPS) * 9 * out_size**2 / 1e9
+            row: dict[str, object] = {"layers_in_resnext50": count, "gflop": gflop}
+            line = [f"{dname} C={c} {size}² s{stride} ×{count}:"]
+            for op in ("forward", "input_grad", "weight_grad"):
+                base = timings[f"{op}/onednn"].median_s
+                ours = timings.get(f"{op}/ours")
+                row[op] = {
+                    "onednn_ms": 1e3 * base,
+                    "onednn_gflops": gflop / base,
+                    "ours_ms": None if ours is None else 1e3 * ours.median_s,
+                    "ours_gflops": None if ours is None else gflop / ours.median_s,
+                    "onednn_over_ours": None if ours is None else base / ours.median_s,
+                }
+                mine = (
+                    "—"
+                    if ours is None
+                    else f"{1e3 * ours.median_s:.2f} ({base / ours.median_s:.2f}×)"
+                )
+                line.append(f"{op} {1e3 * base:.2f} / ours {mine}")
+            results[f"{dname}/{c}x{size}/s{stride}"] = row
+            print("  ".join(line), flush=True)
+    path = write_results(
+        args.out, "bench-grouped-train", vars(args) | {"out": str(args.out)}, results
+    )
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

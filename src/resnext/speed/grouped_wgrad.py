@@ -1,0 +1,77 @@
+"""The grouped 3×3 convolution's weight gradient: `kernels/grouped3x3_wgrad.c` via ctypes.
+
+Built on first use like the other C parts (`resnext.native`); runs on torch's OpenMP threads.
+Takes channels-last float32 or bfloat16 CPU tensors with 4 or 8 channels per group and returns
+the float32 gradient; `resnext.speed.grouped_train` decides when it applies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from resnext import native
+from resnext.speed.capability import cpu_flags
+
+SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_wgrad.c"
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp")
+REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+SUPPORTED_CPG = (4, 8)
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    missing = REQUIRED_FLAGS - cpu_flags()
+    if missing:
+        raise native.NativeUnavailable(f"this CPU lacks {sorted(missing)}")
+    lib = ctypes.CDLL(str(native.build(SOURCE, FLAGS)))
+    lib.grouped3x3_wgrad_nhwc.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 8
+    lib.grouped3x3_wgrad_nhwc.restype = ctypes.c_int
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable_reason() -> str | None:
+    """None if the kernel can run here, else why not (one line; decided once per process)."""
+    return native.problem(_library)
+
+
+def supports(channels: int, groups: int, stride: int) -> bool:
+    """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride."""
+    if groups < 1 or channels % groups:
+        return False
+    return channels % 16 == 0 and channels // groups in SUPPORTED_CPG and stride in (1, 2)
+
+
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
+    """float32 gradient of ``conv2d(x, w, stride=stride, padding=1, groups=groups)`` w.r.t. w."""
+    n, c, h, w = x.shape
+    if x.dtype not in DTYPES or grad.dtype != x.dtype or not supports(c, groups, stride):
+        raise ValueError(
+            f"x: expected float32/bfloat16 with C % 16 == 0, C/groups in {SUPPORTED_CPG}, stride "
+            f"1 or 2 and a gradient of the same dtype; got {tuple(x.shape)} {x.dtype}, "
+            f"groups={groups}, stride={stride}, gradient {grad.dtype}"
+        )
+    want = (n, c, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    if tuple(grad.shape) != want:
+        raise ValueError(
+            f"grad: expected shape {want} for x {tuple(x.shape)}, got {tuple(grad.shape)}"
+        )
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    dw = torch.empty(c, c // groups, 3, 3, dtype=torch.float32)
+    if n == 0 or h == 0 or w == 0:
+        return dw.zero_()
+    rc = _library().grouped3x3_wgrad_nhwc(
+        x.data_ptr(), grad.data_ptr(), dw.data_ptr(), DTYPES[x.dtype],
+        n, h, w, c, c // groups, stride, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == 2:
+        raise MemoryError("grouped3x3_wgrad: could not allocate the per-thread sums")
+    if rc != 0:
+        raise ValueError(f"grouped3x3_wgrad refused shape {tuple(x.shape)}, groups={groups}")
+    return dw

@@ -1,0 +1,25 @@
+"""In-place class swaps that give existing modules a fast-path subclass (and take it back)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+
+def swap_class(
+    model: nn.Module,
+    old: type[nn.Module],
+    new: type[nn.Module],
+    where: Callable[[nn.Module], bool] | None = None,
+) -> int:
+    """Give every module of exactly class `old` (for which `where` holds) the class `new`; how many.
+
+    Only the class changes: parameters, buffers, state-dict keys and optimizer references stay.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module) is old and (where is None or where(module)):
+            module.__class__ = new
+            count += 1
+    return count

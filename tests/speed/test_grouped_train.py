@@ -1,0 +1,199 @@
+"""The training fast path's grouped 3×3 convolution equals torch's, forward and both gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resnext
+from resnext.speed import grouped_kernel, grouped_train, grouped_wgrad
+from resnext.speed.grouped_train import (
+    TrainingGroupedConv2d,
+    transposed_weight,
+    use_grouped_kernels,
+    use_plain_grouped_conv,
+)
+
+REASON = grouped_wgrad.unavailable_reason() or grouped_kernel.unavailable_reason(torch.float32)
+needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"kernels unavailable: {REASON}")
+BF16_REASON = grouped_kernel.unavailable_reason(torch.bfloat16)
+
+# (batch, channels, groups, height, width, stride): 4 and 8 channels per group, odd and unequal
+# sizes so that every border case of the padding is met, batch 1 and several threads' rows.
+SHAPES = [
+    (2, 32, 8, 7, 5, 1),
+    (3, 64, 8, 8, 6, 2),
+    (1, 16, 4, 5, 5, 2),
+    (2, 32, 4, 9, 9, 1),
+    (2, 48, 12, 7, 7, 2),
+    (1, 128, 32, 6, 11, 1),
+]
+
+
+def _cl(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return t.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
+def _dtypes() -> list[torch.dtype]:
+    return [torch.float32] + ([torch.bfloat16] if BF16_REASON is None else [])
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", _dtypes())
+def test_weight_gradient_matches_torch_in_float64(shape, dtype) -> None:
+    n, c, groups, h, w, stride = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = _cl(torch.randn(n, c, h, w, generator=g), dtype)
+    weight = torch.randn(c, c // groups, 3, 3, generator=g, dtype=torch.float64)
+    out = F.conv2d(x.double(), weight, None, stride, 1, 1, groups)
+    grad = _cl(torch.randn(out.shape, generator=g), dtype)
+    # Reference: torch's own convolution backward on the same (rounded) values, in float64.
+    want = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), weight, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0],
+        groups, [False, True, False],
+    )[1]  # fmt: skip
+    got = grouped_wgrad.weight_grad(x, grad, groups, stride)
+    assert got.dtype == torch.float32 and got.shape == weight.shape
+    assert _rel(got, want) < 1e-5  # float32 sums of exact products
+
+
+def test_weight_gradient_refuses_what_it_does_not_take() -> None:
+    x = _cl(torch.randn(1, 32, 4, 4))
+    with pytest.raises(ValueError, match=r"x: expected .*C/groups in \(4, 8\)"):
+        grouped_wgrad.weight_grad(x, torch.randn(1, 32, 4, 4), groups=2, stride=1)
+    with pytest.raises(ValueError, match=r"x: expected .*gradient of the same dtype"):
+        grouped_wgrad.weight_grad(x, torch.randn(1, 32, 4, 4).double(), groups=8, stride=1)
+    with pytest.raises(ValueError, match=r"grad: expected shape \(1, 32, 2, 2\)"):
+        grouped_wgrad.weight_grad(x, torch.randn(1, 32, 4, 4), groups=8, stride=2)
+    with pytest.raises(ValueError, match=r"x: expected .*float32/bfloat16"):
+        grouped_wgrad.weight_grad(x.double(), torch.randn(1, 32, 4, 4).double(), 8, 1)
+
+
+def test_transposed_weight_maps_the_output_gradient_to_the_input_gradient() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 24, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(24, 4, 3, 3, generator=g, dtype=torch.float64)
+    out = F.conv2d(x, weight, None, 1, 1, 1, 6)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(grad)
+    via_transpose = F.conv2d(grad, transposed_weight(weight, 6), None, 1, 1, 1, 6)
+    torch.testing.assert_close(via_transpose, x.grad)
+
+
+def _step(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, amp: bool) -> dict:
+    x = x.detach().clone().requires_grad_()
+    conv.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = conv(x)
+    out.backward(grad.to(out.dtype))
+    return {"out": out.detach(), "dx": x.grad, "dweight": conv.weight.grad}
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("amp", [False, True] if BF16_REASON is None else [False])
+def test_module_forward_and_gradients_match_torch(shape, amp) -> None:
+    n, c, groups, h, w, stride = shape
+    torch.manual_seed(sum(shape))
+    plain = nn.Conv2d(c, c, 3, stride, 1, groups=groups, bias=False)
+    fast = copy.deepcopy(plain)
+    assert use_grouped_kernels(fast) == 1
+    x = _cl(torch.randn(n, c, h, w))
+    grad = _cl(torch.randn(n, c, (h - 1) // stride + 1, (w - 1) // stride + 1))
+    ref = _step(copy.deepcopy(plain).double(), x.double(), grad.double(), amp=False)
+    got = _step(fast, x, grad, amp)
+    assert got["dweight"].dtype == torch.float32  # the parameter's dtype, as with plain autocast
+    assert got["out"].dtype == (torch.bfloat16 if amp else torch.float32)
+    if not amp:
+        for key, want in ref.items():
+            assert _rel(got[key], want) < 2e-6, key
+        return
+    # bf16: the fast path must be as close to float64 as torch's own bf16 path is.
+    base = _step(plain, x, grad, amp)
+    for key, want in ref.items():
+        assert _rel(got[key], want) <= 1.5 * _rel(base[key], want) + 1e-3, key
+
+
+@needs_kernels
+def test_input_without_gradient_and_frozen_weight() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, 1, 1, groups=8, bias=False)
+    use_grouped_kernels(conv)
+    x = _cl(torch.randn(2, 32, 5, 5))
+    conv(x).sum().backward()  # x needs no gradient: only the weight's is computed
+    assert conv.weight.grad is not None
+    conv.weight.requires_grad_(False)
+    x.requires_grad_()
+    conv(x).sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+
+
+def _kernels_forbidden(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fast-path kernel was called")
+
+    monkeypatch.setattr(grouped_wgrad, "weight_grad", refuse)
+    monkeypatch.setattr(grouped_kernel, "run_kernel", refuse)
+
+
+@pytest.mark.parametrize("case", ["eval", "nchw", "float64", "tracing", "compiling"])
+def test_falls_back_to_plain_conv(case, monkeypatch) -> None:
+    torch.manual_seed(1)
+    plain = nn.Conv2d(32, 32, 3, 1, 1, groups=8, bias=False)
+    fast = copy.deepcopy(plain)
+    use_grouped_kernels(fast)
+    x = _cl(torch.randn(2, 32, 6, 6))
+    if case == "eval":
+        plain.eval(), fast.eval()
+    if case == "nchw":
+        x = x.contiguous()
+    if case == "float64":
+        plain.double(), fast.double()
+        x = x.double()
+    if case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    _kernels_forbidden(monkeypatch)
+    if case == "tracing":
+        fast = torch.jit.trace(fast, x, check_trace=False)
+    torch.testing.assert_close(fast(x), plain(x))
+    if case not in ("eval", "tracing"):
+        fast(x).sum().backward()  # the backward is torch's too
+
+
+def test_swap_takes_exactly_the_grouped_convs_it_can_run_and_keeps_keys() -> None:
+    model = resnext.create_model("resnext50_32x4d")
+    keys = list(model.state_dict())
+    # Table 1: 32 groups of 4 channels in stage 1 (3 blocks), of 8 in stage 2 (4 blocks); stages
+    # 3 and 4 have 16 and 32 channels per group, where oneDNN is the faster kernel.
+    assert use_grouped_kernels(model) == 3 + 4
+    swapped = [n for n, m in model.named_modules() if isinstance(m, TrainingGroupedConv2d)]
+    assert all(n.startswith(("layer1.", "layer2.")) and n.endswith("conv2") for n in swapped)
+    assert list(model.state_dict()) == keys
+    assert use_plain_grouped_conv(model) == 7
+    assert not any(isinstance(m, TrainingGroupedConv2d) for m in model.modules())
+    dense = nn.Conv2d(32, 32, 3, 1, 1, bias=False)
+    assert not grouped_train.takes_module(dense)
+
+
+@needs_kernels
+def test_network_training_step_matches_the_plain_step() -> None:
+    torch.manual_seed(2)
+    spec = resnext.create_model("resnext_tiny", cardinality=4, base_width=4, num_classes=4)
+    plain = spec.to(memory_format=torch.channels_last)
+    fast = copy.deepcopy(plain)
+    assert use_grouped_kernels(fast) == 2  # stage 1 (4 per group) and stage 2 (8 per group)
+    x = _cl(torch.randn(4, 3, 12, 12))
+    y = torch.tensor([0, 1, 2, 3])
+    for model in (plain, fast):
+        F.cross_entropy(model(x), y).backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), fast.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,0 +1,69 @@
+"""`train.fused_bn` and `train.grouped_kernels` train the same model as torch's own ops would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resnext.speed import bn_kernel, grouped_kernel, grouped_wgrad
+from resnext.train import train
+
+BN_REASON = bn_kernel.unavailable_reason()
+GROUPED_REASON = grouped_wgrad.unavailable_reason() or grouped_kernel.unavailable_reason()
+
+# (config key, module whose kernel calls are counted, its functions, why it cannot run here)
+CASES = [
+    pytest.param(
+        "fused_bn", bn_kernel, ("forward", "backward"),
+        marks=pytest.mark.skipif(BN_REASON is not None, reason=f"bn kernel: {BN_REASON}"),
+        id="fused_bn",
+    ),
+    pytest.param(
+        "grouped_kernels", grouped_wgrad, ("weight_grad",),
+        marks=pytest.mark.skipif(GROUPED_REASON is not None, reason=f"grouped: {GROUPED_REASON}"),
+        id="grouped_kernels",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "module", "names"), CASES)
+def test_fast_kernel_run_follows_the_plain_run(
+    key, module, names, tmp_path, tiny_cfg, tiny_data, monkeypatch
+) -> None:
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    results = {}
+    for fast in (False, True):
+        out = tmp_path / ("fast" if fast else "plain")
+        cfg = tiny_cfg(
+            out,
+            # 4 and 8 channels per group in stages 1 and 2: the grouped kernels' shapes.
+            model={"name": "resnext_tiny", "spec": {"num_classes": 4, "cardinality": 4}},
+            train={"epochs": 2, "channels_last": True, key: fast},
+        )
+        results[fast] = train(cfg, train_set=tiny_data(64), val_set=tiny_data(40, seed=2))
+        assert getattr(cfg.train, key) is fast
+        if not fast:
+            assert not any(calls.values())
+    assert all(calls.values()), calls  # the fast run used the kernels
+    plain, fast = results[False].final, results[True].final
+    assert set(plain) == set(fast)
+    for name, value in plain.items():
+        if name.endswith("loss"):
+            # Two epochs of float32 SGD from the same seed: rounding differences only.
+            assert fast[name] == pytest.approx(value, rel=1e-3), name
+    weights = {
+        name: torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+        for name in ("plain", "fast")
+    }
+    assert list(weights["plain"]) == list(weights["fast"])
+    for name, value in weights["plain"].items():
+        if value.dtype.is_floating_point:
+            torch.testing.assert_close(weights["fast"][name], value, rtol=1e-3, atol=1e-4)
