@@ -42,12 +42,15 @@ def test_bench_infer_writes_results_with_provenance(tmp_path: Path) -> None:
 
 def test_bench_train_runs_a_real_step(tmp_path: Path) -> None:
     args = _args(
-        ["train", "--models", "resnext_tiny", "--variants", "eager-fp32,cl-bf16-ckpt",
-         "--batch", "2", "--image-size", "32", "--rounds", "1", "--out", str(tmp_path)]
+        ["train", "--models", "resnext_tiny", "--variants",
+         "eager-fp32,cl-bf16-ckpt,cl-bf16-fused-grouped", "--batch", "2", "--image-size", "32",
+         "--rounds", "1", "--warmup-rounds", "1", "--out", str(tmp_path)]
     )  # fmt: skip
     assert bench_cmd.run(args) == 0
-    rows = _record(tmp_path)["results"]["throughput"]
-    assert all(row["throughput"] > 0 for row in rows.values())
+    record = _record(tmp_path)
+    rows = record["results"]["throughput"]
+    assert len(rows) == 3 and all(row["throughput"] > 0 for row in rows.values())
+    assert record["config"]["warmup_rounds"] == 1
 
 
 def test_bench_data_against_pillow(tmp_path: Path, imagenet_sample: Path) -> None:
@@ -66,6 +69,8 @@ def test_bench_data_against_pillow(tmp_path: Path, imagenet_sample: Path) -> Non
 def test_bad_inputs_are_project_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown"):
         bench_cmd.run(_args(["infer", "--variants", "eager,tensorrt", "--out", str(tmp_path)]))
+    with pytest.raises(ConfigError, match=r"warmup_rounds: expected an integer >= 0"):
+        bench_cmd.run(_args(["train", "--warmup-rounds", "-1", "--out", str(tmp_path)]))
     with pytest.raises(DataError, match=r"no \.JPEG"):
         bench_cmd.run(_args(["data", "--root", str(tmp_path), "--out", str(tmp_path)]))
     assert not list(tmp_path.glob("*.json"))  # nothing half-written

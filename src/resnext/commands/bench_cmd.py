@@ -43,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--batch", type=int, default=16)
     train.add_argument("--image-size", type=int, default=224)
     train.add_argument("--iters", type=int, default=1, help="steps per round")
+    train.add_argument(
+        "--warmup-rounds", type=int, default=3, help="interleaved rounds run first, not timed"
+    )
     _common(train)
 
     data = sub.add_parser("data", help="training-transform img/s per core vs plain Pillow")
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             rounds=args.rounds,
             iters=args.iters,
+            warmup_rounds=args.warmup_rounds,
         )
         result = bench.run_train_bench(config)
     else:

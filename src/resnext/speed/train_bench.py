@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import resnext
+from resnext.errors import ConfigError
 from resnext.speed.fused_bn import use_fused_batchnorm
 from resnext.speed.grouped_train import use_grouped_kernels
 from resnext.speed.measure import interleaved, ratios, validate_bench_config
@@ -37,9 +38,14 @@ class TrainConfig:
     image_size: int = 224
     rounds: int = 5
     iters: int = 1
+    # Untimed interleaved rounds first: a step's time drifts down over its first few steps in
+    # a process (memory still being mapped and reused), which would favour later variants.
+    warmup_rounds: int = 3
 
     def validate(self) -> None:
         validate_bench_config(self, VARIANTS)
+        if self.warmup_rounds < 0:
+            raise ConfigError("warmup_rounds: expected an integer >= 0")
 
 
 class CheckpointedStages(nn.Module):
@@ -111,6 +117,8 @@ def run_train_bench(config: TrainConfig, log: Callable[[str], None] = print) -> 
             memory[key] = _peak_rss_mb() - before
             log(f"{key}: ready, peak RSS grew {memory[key]:.0f} MB")
             steps[key] = (step, config.batch)
+    if config.warmup_rounds:
+        interleaved(steps, rounds=config.warmup_rounds, iters=config.iters, warmup=0)
     timings = interleaved(steps, rounds=config.rounds, iters=config.iters, warmup=0)
     return {
         "throughput": {
