@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from resnext.speed import grouped_kernel, grouped_wgrad
+from resnext.speed import grouped_kernel, grouped_swap, grouped_wgrad
 from resnext.speed.swap import swap_class
 
 
@@ -136,15 +136,8 @@ class TrainingGroupedConv2d(nn.Conv2d):
 def takes_module(conv: nn.Module) -> bool:
     """Whether `conv` is a grouped 3×3 convolution the training kernels take."""
     return (
-        isinstance(conv, nn.Conv2d)
-        and conv.kernel_size == (3, 3)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.padding_mode == "zeros"
+        grouped_swap.eligible(conv)  # the forward kernel's shapes: 3×3, padding 1, in = out, ...
         and conv.bias is None
-        and conv.in_channels == conv.out_channels
-        and conv.stride[0] == conv.stride[1]
-        and conv.groups > 1
         and grouped_wgrad.supports(conv.in_channels, conv.groups, conv.stride[0])
     )
 
