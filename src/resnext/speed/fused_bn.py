@@ -16,7 +16,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from resnext.speed import bn_kernel
-from resnext.speed.swap import swap_class
+from resnext.speed.swap import capturing_graph, swap_class
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -91,9 +91,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
     def _fusable(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         if (
             not self._uses_batch_stats()
-            or torch.jit.is_tracing()
-            or torch.jit.is_scripting()
-            or torch.compiler.is_compiling()
+            or capturing_graph()
             or not bn_kernel.takes(x)
             or bn_kernel.unavailable_reason() is not None
         ):

@@ -25,7 +25,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from resnext.speed import grouped_kernel, grouped_swap, grouped_wgrad
-from resnext.speed.swap import swap_class
+from resnext.speed.swap import capturing_graph, swap_class
 
 
 def transposed_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -114,9 +114,7 @@ class TrainingGroupedConv2d(nn.Conv2d):
     def _fast(self, x: torch.Tensor) -> bool:
         if (
             not self.training
-            or torch.jit.is_tracing()
-            or torch.jit.is_scripting()
-            or torch.compiler.is_compiling()
+            or capturing_graph()
             or not takes_module(self)
             or x.dim() != 4
             or x.device.type != "cpu"

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
+
+
+def capturing_graph() -> bool:
+    """Whether torch is tracing, scripting or compiling, where fast-path subclasses must act as
+    their plain class (their kernels are opaque ctypes calls that a captured graph cannot hold)."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 def swap_class(
