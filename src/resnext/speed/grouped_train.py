@@ -105,13 +105,14 @@ class TrainingGroupedConv2d(nn.Conv2d):
     """A grouped 3×3 Conv2d whose training forward and backward use our kernels where they win."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fast(x):
+        dtype = self._fast_dtype(x)
+        if dtype is None:
             return super().forward(x)
-        dtype = _compute_dtype(x)
         with torch.autocast("cpu", enabled=False):
             return _GroupedConv3x3.apply(x.to(dtype), self.weight, self.groups, self.stride[0])
 
-    def _fast(self, x: torch.Tensor) -> bool:
+    def _fast_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype the kernels compute `x` in (autocast's, else x's), or None for torch's path."""
         if (
             not self.training
             or capturing_graph()
@@ -121,14 +122,16 @@ class TrainingGroupedConv2d(nn.Conv2d):
             or x.shape[1] != self.in_channels
             or not x.is_contiguous(memory_format=torch.channels_last)
         ):
-            return False
+            return None
         dtype = _compute_dtype(x)
         if dtype not in grouped_wgrad.DTYPES or x.dtype not in grouped_wgrad.DTYPES:
-            return False
+            return None
         needs_forward_kernel = forward_kernel_wins(self.in_channels // self.groups, dtype)
-        return grouped_wgrad.unavailable_reason() is None and (
-            not needs_forward_kernel or grouped_kernel.unavailable_reason(dtype) is None
-        )
+        if grouped_wgrad.unavailable_reason() is not None or (
+            needs_forward_kernel and grouped_kernel.unavailable_reason(dtype) is not None
+        ):
+            return None
+        return dtype
 
 
 def takes_module(conv: nn.Module) -> bool:
