@@ -8,6 +8,7 @@ concurrent processes never load a half-written library.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
@@ -87,3 +88,19 @@ def problem(load: Callable[[], object]) -> str | None:
     except (NativeUnavailable, OSError) as exc:
         return str(exc).splitlines()[0]
     return None
+
+
+def load(
+    source: Path,
+    flags: Sequence[str],
+    libs: Sequence[str] = (),
+    cpu_needs: frozenset[str] = frozenset(),
+) -> ctypes.CDLL:
+    """Build `source` (see `build`) and load it, after checking this CPU has the `cpu_needs` flags."""
+    if cpu_needs:
+        from resnext.speed.capability import cpu_flags  # lazily: resnext.speed imports this module
+
+        missing = cpu_needs - cpu_flags()
+        if missing:
+            raise NativeUnavailable(f"this CPU lacks {sorted(missing)}")
+    return ctypes.CDLL(str(build(source, flags, libs)))

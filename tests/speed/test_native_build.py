@@ -59,3 +59,13 @@ def test_a_changed_local_header_rebuilds(tmp_path: Path) -> None:
     header.write_text("#define VALUE 5\n")
     second = native.build(source, ("-O2",), out_dir=out)
     assert second != first and ctypes.CDLL(str(second)).answer() == 5
+
+
+def test_load_checks_the_cpu_before_building(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RESNEXT_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(native.NativeUnavailable, match=r"this CPU lacks \['no-such-flag'\]"):
+        native.load(_source(tmp_path), ("-O2",), cpu_needs=frozenset({"no-such-flag"}))
+    assert not (tmp_path / "cache").exists()  # refused before compiling anything
+    if native.problem(native.compiler) is not None:
+        pytest.skip(f"no C compiler: {native.problem(native.compiler)}")
+    assert native.load(_source(tmp_path), ("-O2",)).answer() == 42

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.capability import cpu_flags
 
 SOURCE = Path(__file__).with_name("kernels") / "colour_affine.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
@@ -21,9 +20,7 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    if not {"avx2", "fma"} <= cpu_flags():
-        raise native.NativeUnavailable("this CPU lacks AVX2/FMA")
-    lib = ctypes.CDLL(str(native.build(SOURCE, FLAGS)))
+    lib = native.load(SOURCE, FLAGS, cpu_needs=frozenset({"avx2", "fma"}))
     lib.rgb_channel_sums.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
     lib.rgb_channel_sums.argtypes += [ctypes.c_void_p, ctypes.c_int]
     lib.rgb_channel_sums.restype = None

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from resnext import native
-from resnext.speed.capability import cpu_flags
 
 SOURCE = Path(__file__).with_name("kernels") / "resample.c"
 FLAGS = ("-O3", "-mavx2", "-mfma")
@@ -26,9 +25,7 @@ ORDERS = {"auto": -1, "horizontal-first": 0, "vertical-first": 1}
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    if not {"avx2", "fma"} <= cpu_flags():
-        raise native.NativeUnavailable("this CPU lacks AVX2/FMA")
-    lib = ctypes.CDLL(str(native.build(SOURCE, FLAGS, LIBS)))
+    lib = native.load(SOURCE, FLAGS, LIBS, cpu_needs=frozenset({"avx2", "fma"}))
     fn = lib.resample_rgb
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     fn.argtypes += [ctypes.c_float] * 4 + [ctypes.c_int] * 5 + [ctypes.c_void_p]

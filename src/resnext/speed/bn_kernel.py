@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.capability import cpu_flags
 
 SOURCE = Path(__file__).with_name("kernels") / "bn_act.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp")
 LIBS = ("-lm",)
-REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MASK_NONE, MASK_FROM_X, MASK_FROM_Y = 0, 1, 2
 
@@ -29,10 +28,7 @@ _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    missing = REQUIRED_FLAGS - cpu_flags()
-    if missing:
-        raise native.NativeUnavailable(f"this CPU lacks {sorted(missing)}")
-    lib = ctypes.CDLL(str(native.build(SOURCE, FLAGS, LIBS)))
+    lib = native.load(SOURCE, FLAGS, LIBS, cpu_needs=REQUIRED_FLAGS)
     lib.bn_act_forward.argtypes = [_P, _P, _P, _I, _L, _L, _P, _P, _D, _I, _P, _P, _P, _I]
     lib.bn_act_forward.restype = _I
     lib.bn_act_backward.argtypes = [_P] * 5 + [_I, _L, _L] + [_P] * 4 + [_I, _P, _P, _I]

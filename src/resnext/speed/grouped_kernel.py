@@ -29,7 +29,7 @@ FLAGS = (
     "-mfma",
     "-fopenmp",
 )
-REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 SUPPORTED_CPG = (4, 8, 16, 32, 64)
 
 
@@ -43,10 +43,7 @@ def build(out_dir: Path | None = None) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    missing = REQUIRED_FLAGS - cpu_flags()
-    if missing:
-        raise KernelUnavailable(f"this CPU lacks {sorted(missing)}")
-    lib = ctypes.CDLL(str(build()))
+    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
     fn = lib.grouped3x3_nhwc
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
     fn.restype = ctypes.c_int

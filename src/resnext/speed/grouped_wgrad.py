@@ -14,21 +14,17 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.capability import cpu_flags
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_wgrad.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp")
-REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 SUPPORTED_CPG = (4, 8)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    missing = REQUIRED_FLAGS - cpu_flags()
-    if missing:
-        raise native.NativeUnavailable(f"this CPU lacks {sorted(missing)}")
-    lib = ctypes.CDLL(str(native.build(SOURCE, FLAGS)))
+    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
     lib.grouped3x3_wgrad_nhwc.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 8
     lib.grouped3x3_wgrad_nhwc.restype = ctypes.c_int
     return lib
