@@ -28,7 +28,7 @@ class CropDecodeFailed(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(native.build(SOURCE, FLAGS, LIBS)))
+    lib = native.load(SOURCE, FLAGS, LIBS)
     lib.jpeg_crop_header.argtypes = (
         [ctypes.c_char_p, ctypes.c_ulong]
         + [ctypes.POINTER(ctypes.c_int)] * 3

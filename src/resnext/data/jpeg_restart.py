@@ -34,7 +34,7 @@ class RestartRewriteFailed(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(native.build(SOURCE, FLAGS, LIBS)))
+    lib = native.load(SOURCE, FLAGS, LIBS)
     lib.jpeg_add_restarts.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int]
     lib.jpeg_add_restarts.argtypes += [ctypes.POINTER(ctypes.c_void_p)]
     lib.jpeg_add_restarts.argtypes += [
