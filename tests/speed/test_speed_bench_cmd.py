@@ -43,7 +43,7 @@ def test_bench_infer_writes_results_with_provenance(tmp_path: Path) -> None:
 def test_bench_train_runs_a_real_step(tmp_path: Path) -> None:
     args = _args(
         ["train", "--models", "resnext_tiny", "--variants",
-         "eager-fp32,cl-bf16-ckpt,cl-bf16-fused-grouped", "--batch", "2", "--image-size", "32",
+         "eager-fp32,cl-bf16-ckpt,cl-bf16-fused-grouped-gemm", "--batch", "2", "--image-size", "32",
          "--rounds", "1", "--warmup-rounds", "1", "--out", str(tmp_path)]
     )  # fmt: skip
     assert bench_cmd.run(args) == 0

@@ -7,6 +7,13 @@ import math
 from resnext.config.schema import AMP_CHOICES, DATA_KINDS, SCHEDULES, Config
 from resnext.errors import ConfigError, ResNeXtError
 
+# The CPU training fast paths: eager-only kernels on channels-last tensors (key, what it is).
+FAST_PATH_KEYS = (
+    ("fused_bn", "fused batch norm"),
+    ("grouped_kernels", "grouped kernels"),
+    ("gemm_weight_grad", "GEMM weight gradients"),
+)
+
 
 def _positive(key: str, value: float) -> None:
     if not value > 0:
@@ -96,7 +103,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.resume: expected 'auto', 'never' or a checkpoint path (.pt), got {t.resume!r}"
         )
-    for key, what in (("fused_bn", "fused batch norm"), ("grouped_kernels", "grouped kernels")):
+    for key, what in FAST_PATH_KEYS:
         if getattr(t, key) and t.compile:
             raise ConfigError(
                 f"train.{key}: the {what} run eagerly and torch.compile would bypass them; "

@@ -11,16 +11,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import resnext
+from resnext.config import OptimConfig
 from resnext.errors import ConfigError
 from resnext.speed.fused_bn import use_fused_batchnorm
 from resnext.speed.grouped_train import use_grouped_kernels
 from resnext.speed.measure import interleaved, ratios, validate_bench_config
+from resnext.speed.pointwise_train import use_gemm_weight_grad
+from resnext.train.optim import build_optimizer
 
 VARIANTS = (
     "eager-fp32",
     "cl-bf16",
     "cl-bf16-fused",
     "cl-bf16-fused-grouped",
+    "cl-bf16-fused-grouped-gemm",
     "cl-bf16-compile",
     "cl-bf16-ckpt",
     "cl-fp32-compile",
@@ -76,12 +80,14 @@ def make_step(
         x = x.contiguous(memory_format=torch.channels_last)
     if "-fused" in variant:
         use_fused_batchnorm(model)
-    if variant.endswith("-grouped"):
+    if "-grouped" in variant:
         use_grouped_kernels(model)
+    if variant.endswith("-gemm"):
+        use_gemm_weight_grad(model)
     net: nn.Module = CheckpointedStages(model) if variant.endswith("-ckpt") else model
     if variant.endswith("-compile"):
         net = torch.compile(net)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    opt = build_optimizer(model, OptimConfig(weight_decay=1e-4), lr=0.01)  # as `resnext train`
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> float:

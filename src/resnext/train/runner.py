@@ -22,6 +22,7 @@ from resnext.errors import ConfigError
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fused_bn import use_fused_batchnorm
 from resnext.speed.grouped_train import use_grouped_kernels
+from resnext.speed.pointwise_train import use_gemm_weight_grad
 from resnext.train import provenance
 from resnext.train.checkpoint import atomic_save
 from resnext.train.data_setup import (
@@ -151,6 +152,8 @@ def _run(
         use_fused_batchnorm(raw)
     if cfg.train.grouped_kernels:
         use_grouped_kernels(raw)
+    if cfg.train.gemm_weight_grad:
+        use_gemm_weight_grad(raw)
     model = wrap_distributed(raw, info.device, info.world_size, cfg.train.sync_bn)
     if cfg.train.sync_bn and info.world_size > 1:
         raw = model.module  # the converted network (SyncBatchNorm layers) inside DDP

@@ -1,0 +1,156 @@
+"""The 1×1 convolutions' weight gradient (oneDNN vs one GEMM), and the SGD step (loop vs fused).
+
+Usage: .venv/bin/python benchmarks/bench_pointwise_train.py [--models resnext50_32x4d,resnet50]
+       [--batch 16] [--rounds 5] [--dtypes bf16,fp32]
+Part 1: every distinct 1×1 convolution of the models (found by running them once), its weight
+gradient timed with oneDNN (`torch.ops.aten.convolution_backward`) and as the GEMM of
+`resnext.speed.pointwise_train`, interleaved in one process. Each op cycles through 4 sets of
+tensors, so that like in a training step its operands are not all hot in cache.
+`pointwise_train.GEMM_MAX_ROWS` is set from this. Part 2: one SGD update (momentum, Nesterov,
+weight decay) of each model's parameters with torch's per-parameter loop, foreach and fused
+implementations; `resnext train` uses the fused one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import resnext
+from resnext.speed.allocator import keep_freed_memory
+from resnext.speed.measure import interleaved
+from resnext.speed.pointwise_train import GEMM_MAX_ROWS, gemm_weight_grad
+from resnext.speed.provenance import write_results
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SETS = 4
+
+
+def pointwise_shapes(name: str, batch: int) -> Counter[tuple[int, int, int, int]]:
+    """(C_in, C_out, input size, stride) of each 1×1 convolution of model `name`, with counts."""
+    model = resnext.create_model(name).eval()
+    shapes: Counter[tuple[int, int, int, int]] = Counter()
+
+    def record(conv: nn.Module, inputs: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
+        shapes[(conv.in_channels, conv.out_channels, inputs[0].shape[-1], conv.stride[0])] += 1
+
+    hooks = [
+        m.register_forward_hook(record)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+    ]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def weight_grad_ops(
+    cin: int, cout: int, size: int, stride: int, batch: int, dtype: torch.dtype
+) -> dict[str, Callable[[], object]]:
+    """The layer's weight gradient by oneDNN and by the GEMM, each cycling through SETS tensors."""
+    g = torch.Generator().manual_seed(cin * 7 + cout + size)
+    out = (size - 1) // stride + 1
+    cl = torch.channels_last
+    xs = [torch.randn(batch, cin, size, size, generator=g).to(dtype).contiguous(memory_format=cl)]
+    gs = [torch.randn(batch, cout, out, out, generator=g).to(dtype).contiguous(memory_format=cl)]
+    for _ in range(SETS - 1):
+        xs.append(xs[0].clone(memory_format=cl))
+        gs.append(gs[0].clone(memory_format=cl))
+    w = torch.randn(cout, cin, 1, 1, generator=g).to(dtype)
+    turn = {"onednn": 0, "gemm": 0}
+
+    def onednn() -> object:
+        i = turn["onednn"] = (turn["onednn"] + 1) % SETS
+        return torch.ops.aten.convolution_backward(
+            gs[i], xs[i], w, None, [stride] * 2, [0, 0], [1, 1], False, [0, 0], 1,
+            [False, True, False],
+        )  # fmt: skip
+
+    def gemm() -> object:
+        i = turn["gemm"] = (turn["gemm"] + 1) % SETS
+        return gemm_weight_grad(xs[i], gs[i], stride)
+
+    return {"onednn": onednn, "gemm": gemm}
+
+
+def sgd_ops(name: str) -> dict[str, Callable[[], object]]:
+    """One SGD update of model `name`'s parameters by each of torch's three implementations."""
+    ops = {}
+    for impl, kw in (
+        ("loop", {"foreach": False}),
+        ("foreach", {"foreach": True}),
+        ("fused", {"fused": True}),
+    ):
+        params = [p.detach().clone() for p in resnext.create_model(name).parameters()]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4, **kw)
+        ops[impl] = opt.step
+    return ops
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnext50_32x4d,resnet50")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    keep_freed_memory()
+    models = args.models.split(",")
+    shapes: Counter[tuple[int, int, int, int]] = Counter()
+    counts: dict[tuple[int, int, int, int], dict[str, int]] = {}
+    for name in models:
+        for shape, n in pointwise_shapes(name, args.batch).items():
+            shapes[shape] += n
+            counts.setdefault(shape, {})[name] = n
+    results: dict[str, object] = {"gemm_max_rows": GEMM_MAX_ROWS, "weight_grad": {}, "sgd": {}}
+    for dname in args.dtypes.split(","):
+        for shape in sorted(shapes, key=lambda s: (-s[2], s)):
+            cin, cout, size, stride = shape
+            ops = weight_grad_ops(cin, cout, size, stride, args.batch, DTYPES[dname])
+            t = interleaved(
+                {k: (f, args.batch) for k, f in ops.items()}, rounds=args.rounds, iters=SETS
+            )
+            out = (size - 1) // stride + 1
+            rows = args.batch * out * out
+            gflop = 2 * rows * cin * cout / 1e9
+            onednn, gemm = t["onednn"].median_s, t["gemm"].median_s
+            results["weight_grad"][f"{dname}/{cin}-{cout}/{size}/s{stride}"] = {
+                "rows": rows,
+                "layers": counts[shape],
+                "onednn_ms": 1e3 * onednn,
+                "gemm_ms": 1e3 * gemm,
+                "onednn_gflops": gflop / onednn,
+                "gemm_gflops": gflop / gemm,
+                "onednn_over_gemm": onednn / gemm,
+            }
+            print(
+                f"{dname} {cin}→{cout} {size}² s{stride} ({rows} rows, {counts[shape]}): "
+                f"oneDNN {1e3 * onednn:.2f} ms ({gflop / onednn:.0f} GFLOP/s), "
+                f"GEMM {1e3 * gemm:.2f} ms ({gflop / gemm:.0f}), ×{onednn / gemm:.2f}",
+                flush=True,
+            )
+    for name in models:
+        t = interleaved({k: (f, 1) for k, f in sgd_ops(name).items()}, rounds=args.rounds, iters=5)
+        results["sgd"][name] = {k: 1e3 * v.median_s for k, v in t.items()}
+        print(
+            f"SGD step {name}: " + ", ".join(f"{k} {1e3 * v.median_s:.2f} ms" for k, v in t.items())
+        )
+    path = write_results(
+        args.out, "bench-pointwise-train", vars(args) | {"out": str(args.out)}, results
+    )
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""The training fast path's 1×1 convolution: its weight gradient as one GEMM on small maps.
+
+For a 1×1 convolution on a channels-last tensor, the weight gradient is one matrix product,
+dW = Gᵀ·X, with the output gradient G viewed as (N·H·W) × C_out and the input X as
+(N·H·W) × C_in (subsampled first at stride 2). oneDNN's convolution weight gradient runs
+these shapes at 440–680 GFLOP/s in bf16 when the maps are small (stages 2–4 of an ImageNet
+network: few rows, large weight matrices), where `torch.mm` runs them at 690–860
+(benchmarks/bench_pointwise_train.py). `use_gemm_weight_grad(model)` turns each 1×1 `nn.Conv2d`
+without bias or groups into a `TrainingPointwiseConv2d` (same parameters and state-dict keys);
+in training mode, in bf16 (autocast's included), on channels-last CPU tensors with at most
+`GEMM_MAX_ROWS` rows, its backward takes the weight gradient from the GEMM and the input
+gradient from oneDNN. Everywhere else it is the plain `nn.Conv2d`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from resnext.speed.swap import capturing_graph, swap_class
+
+# Rows (N·H·W of the output) up to which the GEMM beat oneDNN's weight gradient in
+# bench_pointwise_train.py on the project's 2-core AVX-512 machine: in bf16 it won at 7², 14²
+# and 28² maps (batch 16: 784, 3,136 and 12,544 rows; 1.06–1.85×) and lost at 56² (50,176).
+GEMM_MAX_ROWS = 16384
+# float32 matrix products go through MKL, slower than oneDNN's convolution here.
+DTYPES = (torch.bfloat16,)
+
+
+def gemm_weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int) -> torch.Tensor:
+    """The weight gradient (C_out, C_in, 1, 1) of a bias-free 1×1 convolution, as one GEMM.
+
+    `x` is the convolution's input and `grad` the gradient of its output, both channels-last.
+    """
+    if stride != 1:
+        x = x[:, :, ::stride, ::stride]
+    rows_x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    rows_g = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
+    return (rows_g.t() @ rows_x)[:, :, None, None]
+
+
+class _PointwiseConv(torch.autograd.Function):
+    """conv2d(x, weight, stride) with a 1×1 weight; backward: oneDNN input grad, GEMM weight grad."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, stride: int
+    ) -> torch.Tensor:
+        w = weight.to(x.dtype)
+        ctx.stride, ctx.weight_dtype = stride, weight.dtype
+        ctx.save_for_backward(x, w)
+        return F.conv2d(x, w, None, stride).contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        want_x, want_w = ctx.needs_input_grad[:2]
+        dx = dw = None
+        if want_x:
+            stride = [ctx.stride] * 2
+            dx, _, _ = torch.ops.aten.convolution_backward(
+                grad, x, w, None, stride, [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
+            )
+        if want_w:
+            dw = gemm_weight_grad(x, grad, ctx.stride).to(ctx.weight_dtype)
+        return dx, dw, None
+
+
+class TrainingPointwiseConv2d(nn.Conv2d):
+    """A 1×1 Conv2d whose training weight gradient is one GEMM where that beats oneDNN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._gemm_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            return _PointwiseConv.apply(x.to(dtype), self.weight, self.stride[0])
+
+    def _gemm_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype the GEMM path computes `x` in (autocast's, else x's), or None for torch's."""
+        if (
+            not self.training
+            or capturing_graph()
+            or not self.weight.requires_grad
+            or x.dim() != 4
+            or x.device.type != "cpu"
+            or x.shape[1] != self.in_channels
+            or not x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return None
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        s = self.stride[0]
+        rows = x.shape[0] * ((x.shape[2] - 1) // s + 1) * ((x.shape[3] - 1) // s + 1)
+        if dtype not in DTYPES or not x.is_floating_point() or rows > GEMM_MAX_ROWS:
+            return None
+        return dtype
+
+
+def takes_module(conv: nn.Module) -> bool:
+    """Whether `conv` is a 1×1 convolution the GEMM weight gradient applies to."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (1, 1)
+        and conv.stride[0] == conv.stride[1]
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+        and conv.padding_mode == "zeros"
+    )
+
+
+def use_gemm_weight_grad(model: nn.Module) -> int:
+    """Make every 1×1 `nn.Conv2d` the GEMM applies to a `TrainingPointwiseConv2d`; how many."""
+    return swap_class(model, nn.Conv2d, TrainingPointwiseConv2d, takes_module)
+
+
+def use_plain_pointwise_conv(model: nn.Module) -> int:
+    """Undo `use_gemm_weight_grad`: every `TrainingPointwiseConv2d` becomes an `nn.Conv2d` again."""
+    return swap_class(model, TrainingPointwiseConv2d, nn.Conv2d)

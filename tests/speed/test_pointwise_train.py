@@ -1,0 +1,157 @@
+"""The training fast path's 1×1 convolution: the GEMM weight gradient equals torch's, and it is
+used only where it applies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resnext
+from resnext.speed import pointwise_train
+from resnext.speed.pointwise_train import (
+    GEMM_MAX_ROWS,
+    TrainingPointwiseConv2d,
+    gemm_weight_grad,
+    use_gemm_weight_grad,
+    use_plain_pointwise_conv,
+)
+
+# (batch, in channels, out channels, height, width, stride): odd and unequal sizes, batch 1.
+SHAPES = [(2, 16, 24, 7, 5, 1), (3, 8, 32, 9, 6, 2), (1, 32, 16, 5, 5, 2), (4, 24, 8, 3, 3, 1)]
+
+
+def _cl(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return t.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_weight_gradient_matches_torch_in_float64(shape, dtype) -> None:
+    n, cin, cout, h, w, stride = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = _cl(torch.randn(n, cin, h, w, generator=g), dtype)
+    weight = torch.randn(cout, cin, 1, 1, generator=g, dtype=torch.float64)
+    out = F.conv2d(x.double(), weight, None, stride)
+    grad = _cl(torch.randn(out.shape, generator=g), dtype)
+    # Reference: torch's own convolution backward on the same (rounded) values, in float64.
+    _, want, _ = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), weight, None, [stride] * 2, [0, 0], [1, 1], False, [0, 0], 1,
+        [False, True, False],
+    )  # fmt: skip
+    got = gemm_weight_grad(x, grad, stride)
+    assert got.shape == (cout, cin, 1, 1) and got.dtype == dtype
+    assert _rel(got, want) < (2e-6 if dtype == torch.float32 else 8e-3)
+
+
+def _pair(cin: int = 32, cout: int = 48, seed: int = 0) -> tuple[nn.Conv2d, nn.Conv2d]:
+    torch.manual_seed(seed)
+    plain = nn.Conv2d(cin, cout, 1, bias=False)
+    fast = copy.deepcopy(plain)
+    assert use_gemm_weight_grad(fast) == 1
+    return plain, fast
+
+
+def _grads(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        y = conv(x)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype)
+    y.backward(upstream.contiguous(memory_format=torch.channels_last))
+    out = (y.detach(), x.grad, conv.weight.grad)
+    conv.weight.grad = None
+    return out
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_module_under_bf16_autocast_is_as_close_to_float64_as_torch(stride, monkeypatch) -> None:
+    plain, fast = _pair()
+    plain.stride = fast.stride = (stride, stride)
+    calls = []
+    original = pointwise_train.gemm_weight_grad
+    monkeypatch.setattr(
+        pointwise_train, "gemm_weight_grad", lambda *a: calls.append(1) or original(*a)
+    )
+    x = _cl(torch.randn(4, 32, 9, 7, generator=torch.Generator().manual_seed(1)))
+    plain.train(), fast.train()
+    y_p, dx_p, dw_p = _grads(plain, x, torch.bfloat16)
+    y_f, dx_f, dw_f = _grads(fast, x, torch.bfloat16)
+    assert calls, "the GEMM path was not taken"
+    assert dw_f.dtype == torch.float32 and dx_f.dtype == torch.float32
+    # float64 reference on the bf16-rounded operands autocast computes with.
+    xr = x.to(torch.bfloat16).double().requires_grad_(True)
+    wr = plain.weight.detach().to(torch.bfloat16).double().requires_grad_(True)
+    y64 = F.conv2d(xr, wr, None, stride)
+    upstream = torch.randn(y64.shape, generator=torch.Generator().manual_seed(9))
+    y64.backward(upstream.to(torch.bfloat16).double())
+    for got, torch_bf16, want in (
+        (y_f, y_p, y64.detach()),
+        (dx_f, dx_p, xr.grad),
+        (dw_f, dw_p, wr.grad),
+    ):
+        assert _rel(got, want) <= max(1.5 * _rel(torch_bf16, want), 1e-3)
+
+
+@pytest.mark.parametrize("case", ["eval", "float32", "nchw", "too_many_rows", "frozen", "traced"])
+def test_falls_back_to_the_plain_conv_where_the_gemm_does_not_apply(case, monkeypatch) -> None:
+    def fail(*args):
+        raise AssertionError("the GEMM path was taken")
+
+    monkeypatch.setattr(pointwise_train, "gemm_weight_grad", fail)
+    plain, fast = _pair()
+    x = _cl(torch.randn(2, 32, 6, 6))
+    dtype: torch.dtype | None = torch.bfloat16
+    if case == "eval":
+        plain.eval(), fast.eval()
+    elif case == "float32":
+        dtype = None
+    elif case == "nchw":
+        x = x.contiguous()
+    elif case == "too_many_rows":
+        side = int((GEMM_MAX_ROWS // 2) ** 0.5) + 2  # batch 2: more rows than GEMM_MAX_ROWS
+        x = _cl(torch.randn(2, 32, side, side))
+    elif case == "frozen":
+        plain.weight.requires_grad_(False), fast.weight.requires_grad_(False)
+    if case == "traced":
+        # bf16 weights and input: outside tracing, the GEMM path would take them.
+        fast.to(torch.bfloat16), plain.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        traced = torch.jit.trace(fast, xb, check_trace=False)
+        assert "PythonOp" not in str(traced.graph)  # no custom autograd function was recorded
+        torch.testing.assert_close(traced(xb), plain(xb))
+        return
+    if case == "frozen":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(fast(x), plain(x))
+        return
+    for got, want in zip(_grads(fast, x, dtype), _grads(plain, x, dtype), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_resnext50_swaps_every_pointwise_conv_and_keeps_its_keys() -> None:
+    model = resnext.create_model("resnext50_32x4d")
+    keys = list(model.state_dict())
+    # Table 1: 3 + 4 + 6 + 3 = 16 blocks with two 1×1 convolutions each, and one projection
+    # shortcut (1×1) per stage.
+    assert use_gemm_weight_grad(model) == 16 * 2 + 4
+    assert list(model.state_dict()) == keys
+    assert sum(isinstance(m, TrainingPointwiseConv2d) for m in model.modules()) == 36
+    assert use_plain_pointwise_conv(model) == 36
+    assert not any(isinstance(m, TrainingPointwiseConv2d) for m in model.modules())
+
+
+def test_convs_the_gemm_does_not_take_are_left_alone() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 1, bias=True),  # bias
+        nn.Conv2d(8, 8, 1, groups=2, bias=False),  # grouped
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),  # 3×3
+        nn.Conv2d(8, 8, 1, padding=1, bias=False),  # padded
+    )
+    assert use_gemm_weight_grad(model) == 0
