@@ -1,7 +1,7 @@
 """The 1×1 convolutions' weight gradient (oneDNN vs one GEMM), and the SGD step (loop vs fused).
 
 Usage: .venv/bin/python benchmarks/bench_pointwise_train.py [--models resnext50_32x4d,resnet50]
-       [--batch 16] [--rounds 5] [--dtypes bf16,fp32]
+       [--batch 16] [--image-size 224] [--rounds 5] [--dtypes bf16,fp32]
 Part 1: every distinct 1×1 convolution of the models (found by running them once), its weight
 gradient timed with oneDNN (`torch.ops.aten.convolution_backward`) and as the GEMM of
 `resnext.speed.pointwise_train`, interleaved in one process. Each op cycles through 4 sets of
@@ -31,7 +31,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SETS = 4
 
 
-def pointwise_shapes(name: str, batch: int) -> Counter[tuple[int, int, int, int]]:
+def pointwise_shapes(name: str, image_size: int) -> Counter[tuple[int, int, int, int]]:
     """(C_in, C_out, input size, stride) of each 1×1 convolution of model `name`, with counts."""
     model = resnext.create_model(name).eval()
     shapes: Counter[tuple[int, int, int, int]] = Counter()
@@ -45,7 +45,7 @@ def pointwise_shapes(name: str, batch: int) -> Counter[tuple[int, int, int, int]
         if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
     ]
     with torch.no_grad():
-        model(torch.zeros(1, 3, 224, 224))
+        model(torch.zeros(1, 3, image_size, image_size))
     for h in hooks:
         h.remove()
     return shapes
@@ -100,6 +100,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnext50_32x4d,resnet50")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -109,7 +110,7 @@ def main() -> int:
     shapes: Counter[tuple[int, int, int, int]] = Counter()
     counts: dict[tuple[int, int, int, int], dict[str, int]] = {}
     for name in models:
-        for shape, n in pointwise_shapes(name, args.batch).items():
+        for shape, n in pointwise_shapes(name, args.image_size).items():
             shapes[shape] += n
             counts.setdefault(shape, {})[name] = n
     results: dict[str, object] = {"gemm_max_rows": GEMM_MAX_ROWS, "weight_grad": {}, "sgd": {}}
