@@ -25,7 +25,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from resnext.speed import grouped_kernel, grouped_swap, grouped_wgrad
-from resnext.speed.swap import capturing_graph, swap_class
+from resnext.speed.swap import swap_class, training_input_dtype
 
 
 def transposed_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -95,12 +95,6 @@ class _GroupedConv3x3(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
-    return x.dtype
-
-
 class TrainingGroupedConv2d(nn.Conv2d):
     """A grouped 3×3 Conv2d whose training forward and backward use our kernels where they win."""
 
@@ -113,17 +107,9 @@ class TrainingGroupedConv2d(nn.Conv2d):
 
     def _fast_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype the kernels compute `x` in (autocast's, else x's), or None for torch's path."""
-        if (
-            not self.training
-            or capturing_graph()
-            or not takes_module(self)
-            or x.dim() != 4
-            or x.device.type != "cpu"
-            or x.shape[1] != self.in_channels
-            or not x.is_contiguous(memory_format=torch.channels_last)
-        ):
+        dtype = training_input_dtype(self, x)
+        if dtype is None or not takes_module(self):
             return None
-        dtype = _compute_dtype(x)
         if dtype not in grouped_wgrad.DTYPES or x.dtype not in grouped_wgrad.DTYPES:
             return None
         needs_forward_kernel = forward_kernel_wins(self.in_channels // self.groups, dtype)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from resnext.speed.swap import capturing_graph, swap_class
+from resnext.speed.swap import swap_class, training_input_dtype
 
 # Rows (N·H·W of the output) up to which the GEMM beat oneDNN's weight gradient in
 # bench_pointwise_train.py on the project's 2-core AVX-512 machine: in bf16 it won at 7², 14²
@@ -84,17 +84,9 @@ class TrainingPointwiseConv2d(nn.Conv2d):
 
     def _gemm_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype the GEMM path computes `x` in (autocast's, else x's), or None for torch's."""
-        if (
-            not self.training
-            or capturing_graph()
-            or not self.weight.requires_grad
-            or x.dim() != 4
-            or x.device.type != "cpu"
-            or x.shape[1] != self.in_channels
-            or not x.is_contiguous(memory_format=torch.channels_last)
-        ):
+        dtype = training_input_dtype(self, x)
+        if dtype is None or not self.weight.requires_grad:
             return None
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         s = self.stride[0]
         rows = x.shape[0] * ((x.shape[2] - 1) // s + 1) * ((x.shape[3] - 1) // s + 1)
         if dtype not in DTYPES or not x.is_floating_point() or rows > GEMM_MAX_ROWS:

@@ -14,6 +14,22 @@ def capturing_graph() -> bool:
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
+def training_input_dtype(conv: nn.Conv2d, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a CPU training fast path computes `conv(x)` in (autocast's, else x's), or None
+    where the fast path must not run: eval mode, a captured graph, or `x` not a 4-D channels-last
+    CPU tensor with `conv`'s input channels."""
+    if (
+        not conv.training
+        or capturing_graph()
+        or x.dim() != 4
+        or x.device.type != "cpu"
+        or x.shape[1] != conv.in_channels
+        or not x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return None
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
 def swap_class(
     model: nn.Module,
     old: type[nn.Module],
