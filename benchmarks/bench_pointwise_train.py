@@ -82,13 +82,14 @@ def weight_grad_ops(
 
 def sgd_ops(name: str) -> dict[str, Callable[[], object]]:
     """One SGD update of model `name`'s parameters by each of torch's three implementations."""
+    model_params = list(resnext.create_model(name).parameters())
     ops = {}
     for impl, kw in (
         ("loop", {"foreach": False}),
         ("foreach", {"foreach": True}),
         ("fused", {"fused": True}),
     ):
-        params = [p.detach().clone() for p in resnext.create_model(name).parameters()]
+        params = [p.detach().clone() for p in model_params]  # each optimiser its own copy
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
         opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4, **kw)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from resnext.speed import grouped_kernel, grouped_swap, grouped_wgrad
-from resnext.speed.swap import swap_class, training_input_dtype
+from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
 
 def transposed_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -95,15 +95,11 @@ class _GroupedConv3x3(torch.autograd.Function):
         return dx, dw, None, None
 
 
-class TrainingGroupedConv2d(nn.Conv2d):
+class TrainingGroupedConv2d(TrainingFastConv2d):
     """A grouped 3×3 Conv2d whose training forward and backward use our kernels where they win."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._fast_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        with torch.autocast("cpu", enabled=False):
-            return _GroupedConv3x3.apply(x.to(dtype), self.weight, self.groups, self.stride[0])
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _GroupedConv3x3.apply(x, self.weight, self.groups, self.stride[0])
 
     def _fast_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype the kernels compute `x` in (autocast's, else x's), or None for torch's path."""

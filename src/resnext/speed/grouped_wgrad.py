@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from resnext import native
+from resnext.speed import grouped_kernel
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_wgrad.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp")
@@ -38,9 +39,8 @@ def unavailable_reason() -> str | None:
 
 def supports(channels: int, groups: int, stride: int) -> bool:
     """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride."""
-    if groups < 1 or channels % groups:
-        return False
-    return channels % 16 == 0 and channels // groups in SUPPORTED_CPG and stride in (1, 2)
+    # The forward kernel's shapes (16-channel registers, strides 1 and 2), fewer group widths.
+    return grouped_kernel.supports(channels, groups, stride) and channels // groups in SUPPORTED_CPG
 
 
 def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from resnext.speed.swap import swap_class, training_input_dtype
+from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
 # Rows (N·H·W of the output) up to which the GEMM beat oneDNN's weight gradient in
 # bench_pointwise_train.py on the project's 2-core AVX-512 machine: in bf16 it won at 7², 14²
@@ -72,17 +72,13 @@ class _PointwiseConv(torch.autograd.Function):
         return dx, dw, None
 
 
-class TrainingPointwiseConv2d(nn.Conv2d):
+class TrainingPointwiseConv2d(TrainingFastConv2d):
     """A 1×1 Conv2d whose training weight gradient is one GEMM where that beats oneDNN."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._gemm_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        with torch.autocast("cpu", enabled=False):
-            return _PointwiseConv.apply(x.to(dtype), self.weight, self.stride[0])
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _PointwiseConv.apply(x, self.weight, self.stride[0])
 
-    def _gemm_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+    def _fast_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype the GEMM path computes `x` in (autocast's, else x's), or None for torch's."""
         dtype = training_input_dtype(self, x)
         if dtype is None or not self.weight.requires_grad:

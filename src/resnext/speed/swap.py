@@ -30,6 +30,27 @@ def training_input_dtype(conv: nn.Conv2d, x: torch.Tensor) -> torch.dtype | None
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
+class TrainingFastConv2d(nn.Conv2d):
+    """A Conv2d that runs its subclass's fast autograd path in training where `_fast_dtype`
+    allows it, and is the plain `nn.Conv2d` everywhere else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._fast_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        # The fast path casts x and the weight itself; autocast must not cast them again.
+        with torch.autocast("cpu", enabled=False):
+            return self._fast_forward(x.to(dtype))
+
+    def _fast_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype the fast path computes `x` in, or None for the plain convolution."""
+        raise NotImplementedError
+
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of `x` (already in the compute dtype) by the fast path."""
+        raise NotImplementedError
+
+
 def swap_class(
     model: nn.Module,
     old: type[nn.Module],
