@@ -1,0 +1,213 @@
+"""Where a training step's time goes, operator by operator, against this machine's measured ceilings.
+
+`measure_step_ops` runs real training steps (`resnext bench train`'s variants) under an
+`OpTimer`, with the project's C kernels timed as spans; `by_kind` sums the operators into kinds
+(1×1 convolutions, grouped 3×3, batch norm, ...); `roofline` puts each kind next to what it would
+take at this machine's arithmetic peak or memory bandwidth, whichever binds, and so gives the
+fastest step this machine could run with the same operators.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import resnext
+from resnext.models.network import build_model
+from resnext.models.spec import ModelSpec
+from resnext.speed import bn_kernel, grouped_train, grouped_wgrad, pointwise_train
+from resnext.speed.op_times import Instrumented, OpTimer, OpTotals, instrument
+from resnext.speed.peak import Peaks
+from resnext.speed.train_bench import VARIANTS, make_step
+
+Shape = tuple[int, ...]
+
+
+def _grouped_forward_flop(args: tuple, out: torch.Tensor) -> int:
+    weight = args[1]  # (C_out, C_in / groups, 3, 3)
+    return 2 * out.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]
+
+
+def _grouped_wgrad_flop(args: tuple, out: torch.Tensor) -> int:
+    grad = args[1]  # dw has the weight's shape (C_out, C_in / groups, 3, 3)
+    return 2 * grad.numel() * out.shape[1] * out.shape[2] * out.shape[3]
+
+
+def _gemm_wgrad_flop(args: tuple, out: torch.Tensor) -> int:
+    x, grad = args[0], args[1]
+    rows = grad.numel() // grad.shape[1]  # output pixels: the stride-2 case reads fewer of x
+    return 2 * rows * x.shape[1] * grad.shape[1]
+
+
+KERNEL_SPANS = (
+    Instrumented(bn_kernel, "forward", "bn_act_forward"),
+    Instrumented(bn_kernel, "backward", "bn_act_backward"),
+    Instrumented(grouped_train, "our_kernel", "grouped_conv3x3 (ours)", _grouped_forward_flop),
+    Instrumented(grouped_wgrad, "weight_grad", "grouped_conv3x3_wgrad (ours)", _grouped_wgrad_flop),
+    Instrumented(pointwise_train, "gemm_weight_grad", "gemm_weight_grad (ours)", _gemm_wgrad_flop),
+)
+
+KINDS = (
+    "1x1 conv",
+    "1x1 weight grad (GEMM)",
+    "grouped 3x3 conv",
+    "dense 3x3 conv",
+    "stem conv",
+    "fc",
+    "batch norm + ReLU + add",
+    "SGD update",
+    "other",
+)
+COMPUTE_KINDS = KINDS[:6]  # bound by arithmetic; the rest by memory
+
+
+def _shapes(sig: str) -> list[Shape]:
+    return [tuple(int(d) for d in part.split(":")[0].split("x") if d) for part in sig.split()]
+
+
+def _conv_kind(x: Shape, weight: Shape) -> str:
+    if len(x) != 4 or len(weight) != 4:
+        return "other"
+    if weight[2:] == (1, 1):
+        return "1x1 conv"
+    if x[1] == 3:  # the image's three channels: the stem
+        return "stem conv"
+    return "grouped 3x3 conv" if x[1] != weight[1] else "dense 3x3 conv"
+
+
+def op_kind(label: str, sig: str) -> str:
+    """The kind of work one recorded operator is (one of KINDS), from its name and signature."""
+    shapes = _shapes(sig)
+    if label == "convolution" and len(shapes) >= 2:
+        return _conv_kind(shapes[0], shapes[1])
+    if label == "convolution_backward" and len(shapes) >= 3:
+        return _conv_kind(shapes[1], shapes[2])
+    if label.startswith("grouped_conv3x3"):
+        return "grouped 3x3 conv"
+    if label.startswith("gemm_weight_grad"):
+        return "1x1 weight grad (GEMM)"
+    if label in ("mm", "addmm"):  # the GEMM weight gradients are spans: these are the classifier
+        return "fc"
+    if label.startswith("bn_act"):
+        return "batch norm + ReLU + add"
+    if "sgd" in label:
+        return "SGD update"
+    return "other"
+
+
+@dataclass(frozen=True)
+class StepOps:
+    """One model's step under the timer: plain step time, timed step time, per-operator totals."""
+
+    model: str
+    variant: str
+    batch: int
+    steps: int
+    plain_ms: float  # median step without the timer
+    timed_ms: float  # mean step with the timer (its overhead included)
+    totals: dict[tuple[str, str], OpTotals]
+
+    def rows(self) -> list[dict[str, object]]:
+        """Every (operator, signature) with its kind and per-step ms, GFLOP and MB, slowest first."""
+        out = [
+            {
+                "op": label,
+                "signature": sig,
+                "kind": op_kind(label, sig),
+                "calls_per_step": t.calls / self.steps,
+                "ms_per_step": 1e3 * t.seconds / self.steps,
+                "gflop_per_step": t.flop / self.steps / 1e9,
+                "mb_per_step": t.nbytes / self.steps / 1e6,
+            }
+            for (label, sig), t in self.totals.items()
+        ]
+        return sorted(out, key=lambda r: -float(r["ms_per_step"]))
+
+
+def measure_step_ops(
+    model: str | ModelSpec,
+    variant: str = "cl-bf16-fused-grouped-gemm",
+    batch: int = 16,
+    image_size: int = 224,
+    steps: int = 3,
+    warmup: int = 4,
+    seed: int = 0,
+) -> StepOps:
+    """Time `steps` training steps of `model` (a registry name or a spec) done the `variant` way."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    if steps < 1 or warmup < 0 or batch < 1:
+        raise ValueError(
+            f"steps, warmup, batch: expected >= 1, >= 0, >= 1; got {steps, warmup, batch}"
+        )
+    torch.manual_seed(seed)
+    net = (resnext.create_model(model) if isinstance(model, str) else build_model(model)).train()
+    x = torch.randn(batch, 3, image_size, image_size)
+    y = torch.randint(0, net.num_classes, (batch,))
+    step: Callable[[], float] = make_step(net, variant, x, y)
+    for _ in range(warmup):
+        step()
+    plain = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        plain.append(time.perf_counter() - start)
+    timer = OpTimer()
+    with instrument(timer, KERNEL_SPANS):
+        start = time.perf_counter()
+        with timer:
+            for _ in range(steps):
+                step()
+        timed = (time.perf_counter() - start) / steps
+    name = model if isinstance(model, str) else "spec"
+    return StepOps(
+        name, variant, batch, steps, 1e3 * sorted(plain)[steps // 2], 1e3 * timed, timer.totals
+    )
+
+
+def _dtype(sig: str) -> torch.dtype:
+    return torch.bfloat16 if ":bf16" in sig else torch.float32
+
+
+def by_kind(result: StepOps, peaks: Peaks) -> dict[str, dict[str, float]]:
+    """Per kind: ms, GFLOP and MB per step, and the ms it would take at the machine's ceiling.
+
+    The ceiling of one operator is its FLOP at the arithmetic peak of its dtype for the compute
+    kinds, its bytes at the measured copy bandwidth for the rest.
+    """
+    kinds = {k: {"ms": 0.0, "gflop": 0.0, "mb": 0.0, "ceiling_ms": 0.0} for k in KINDS}
+    for (label, sig), t in result.totals.items():
+        kind = op_kind(label, sig)
+        row = kinds[kind]
+        row["ms"] += 1e3 * t.seconds / result.steps
+        row["gflop"] += t.flop / result.steps / 1e9
+        row["mb"] += t.nbytes / result.steps / 1e6
+        if kind in COMPUTE_KINDS:
+            bound = t.flop / (peaks.gflops(_dtype(sig)) * 1e9)
+        else:
+            bound = t.nbytes / (peaks.copy_gbps * 1e9)
+        row["ceiling_ms"] += 1e3 * bound / result.steps
+    return kinds
+
+
+def roofline(result: StepOps, peaks: Peaks) -> dict[str, float]:
+    """The step now and at the ceiling: measured ms (plain and summed over operators), ceiling img/s."""
+    kinds = by_kind(result, peaks)
+    summed = sum(k["ms"] for k in kinds.values())
+    ceiling = sum(k["ceiling_ms"] for k in kinds.values())
+    compute_at_peak = sum(
+        kinds[k]["ceiling_ms"] if k in COMPUTE_KINDS else kinds[k]["ms"] for k in KINDS
+    )
+    return {
+        "plain_step_ms": result.plain_ms,
+        "plain_img_per_s": 1e3 * result.batch / result.plain_ms,
+        "timed_step_ms": result.timed_ms,
+        "sum_of_ops_ms": summed,
+        "compute_at_peak_rest_as_measured_ms": compute_at_peak,
+        "compute_at_peak_rest_as_measured_img_per_s": 1e3 * result.batch / compute_at_peak,
+        "ceiling_ms": ceiling,
+        "ceiling_img_per_s": 1e3 * result.batch / ceiling,
+    }
