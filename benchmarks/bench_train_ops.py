@@ -66,7 +66,7 @@ def main() -> int:
             if row["ms"] == 0:
                 continue
             rate = (
-                f"{row['gflop'] / row['ms']:.0f} GFLOP/s"
+                f"{1e3 * row['gflop'] / row['ms']:.0f} GFLOP/s"
                 if row["gflop"]
                 else f"{row['mb'] / row['ms']:.1f} GB/s"
             )
