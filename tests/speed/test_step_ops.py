@@ -97,6 +97,7 @@ def test_a_real_steps_convolution_flop_is_three_forwards_less_the_stems_input_gr
     assert step.plain_ms > 0 and step.rows()[0]["ms_per_step"] >= step.rows()[-1]["ms_per_step"]
 
 
-def test_measure_step_ops_rejects_an_unknown_variant() -> None:
+@pytest.mark.parametrize("variant", ["cl-fp64", "cl-bf16-compile"])
+def test_measure_step_ops_rejects_variants_it_cannot_time(variant: str) -> None:
     with pytest.raises(ValueError, match="variant"):
-        measure_step_ops("resnext_tiny_in", "cl-fp64")
+        measure_step_ops("resnext_tiny_in", variant)

@@ -139,6 +139,11 @@ def measure_step_ops(
     """Time `steps` training steps of `model` (a registry name or a spec) done the `variant` way."""
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    if variant.endswith("-compile"):
+        raise ValueError(
+            f"variant: {variant!r} runs inductor's generated kernels, which the operator timer "
+            "cannot see; choose an eager variant"
+        )
     if steps < 1 or warmup < 0 or batch < 1:
         raise ValueError(
             f"steps, warmup, batch: expected >= 1, >= 0, >= 1; got {steps, warmup, batch}"
