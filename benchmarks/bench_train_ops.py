@@ -47,7 +47,8 @@ def main() -> int:
         step = measure_step_ops(
             name, args.variant, args.batch, args.image_size, args.steps, args.warmup
         )
-        kinds, summary = by_kind(step, peaks), roofline(step, peaks)
+        kinds = by_kind(step, peaks)
+        summary = roofline(step, kinds)
         results["models"][name] = {
             "summary": summary,
             "kinds": kinds,

@@ -61,7 +61,7 @@ def test_ceiling_is_flop_at_peak_for_compute_and_bytes_at_bandwidth_for_the_rest
     assert kinds["dense 3x3 conv"]["ceiling_ms"] == pytest.approx(10.0)
     assert kinds["batch norm + ReLU + add"]["ceiling_ms"] == pytest.approx(10.0)
     assert kinds["batch norm + ReLU + add"]["mb"] == pytest.approx(400.0)
-    summary = roofline(step, peaks)
+    summary = roofline(step, kinds)
     assert summary["sum_of_ops_ms"] == pytest.approx(105.0)
     assert summary["ceiling_ms"] == pytest.approx(40.0)
     assert summary["ceiling_img_per_s"] == pytest.approx(400.0)

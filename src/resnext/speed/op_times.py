@@ -1,7 +1,7 @@
 """Wall-clock time, FLOPs and bytes of every operator a step runs: a dispatch-mode timer, no profiler.
 
-`torch.profiler` inflated some of this project's kernels 2–6× (its bookkeeping around large
-allocations), so where a step's time goes is measured here with nothing but a clock read before
+`torch.profiler` reported some of this project's kernels at 5–6× their unprofiled time (ad hoc,
+docs/speed.md), so where a step's time goes is measured here with nothing but a clock read before
 and after each ATen operator (a few microseconds each), and around the project's own C kernels,
 which torch does not dispatch, through `instrument`. FLOPs come from torch's own formulas
 (`torch.utils.flop_counter`), except for a convolution's backward (see
@@ -152,10 +152,6 @@ class OpTimer(TorchDispatchMode):
             return result
 
         return wrapper
-
-    def clear(self) -> None:
-        """Forget everything recorded so far."""
-        self.totals.clear()
 
 
 @dataclass(frozen=True)

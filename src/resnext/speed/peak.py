@@ -82,7 +82,7 @@ def arithmetic_peak(
     iters = 10_000
     while True:  # grow the run until it is long enough to time
         start = time.perf_counter()
-        flop = lib.peak_run(kind, iters, threads, ctypes.byref(sink))
+        lib.peak_run(kind, iters, threads, ctypes.byref(sink))
         elapsed = time.perf_counter() - start
         if elapsed >= seconds / 4:
             break

@@ -9,7 +9,6 @@ fastest step this machine could run with the same operators.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import resnext
 from resnext.models.network import build_model
 from resnext.models.spec import ModelSpec
 from resnext.speed import bn_kernel, grouped_train, grouped_wgrad, pointwise_train
+from resnext.speed.measure import Timing, time_call
 from resnext.speed.op_times import Instrumented, OpTimer, OpTotals, instrument
 from resnext.speed.peak import Peaks
 from resnext.speed.train_bench import VARIANTS, make_step
@@ -26,14 +26,13 @@ from resnext.speed.train_bench import VARIANTS, make_step
 Shape = tuple[int, ...]
 
 
+# As in op_times.conv_backward_flop: each output value meets weight[0], C_in/groups × 3 × 3.
 def _grouped_forward_flop(args: tuple, out: torch.Tensor) -> int:
-    weight = args[1]  # (C_out, C_in / groups, 3, 3)
-    return 2 * out.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]
+    return 2 * out.numel() * args[1][0].numel()  # args: (x, weight, groups, stride)
 
 
 def _grouped_wgrad_flop(args: tuple, out: torch.Tensor) -> int:
-    grad = args[1]  # dw has the weight's shape (C_out, C_in / groups, 3, 3)
-    return 2 * grad.numel() * out.shape[1] * out.shape[2] * out.shape[3]
+    return 2 * args[1].numel() * out[0].numel()  # args: (x, grad, ...); out: dw
 
 
 def _gemm_wgrad_flop(args: tuple, out: torch.Tensor) -> int:
@@ -155,22 +154,12 @@ def measure_step_ops(
     step: Callable[[], float] = make_step(net, variant, x, y)
     for _ in range(warmup):
         step()
-    plain = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        plain.append(time.perf_counter() - start)
+    plain = Timing(batch, [time_call(step, 1) for _ in range(steps)])
     timer = OpTimer()
-    with instrument(timer, KERNEL_SPANS):
-        start = time.perf_counter()
-        with timer:
-            for _ in range(steps):
-                step()
-        timed = (time.perf_counter() - start) / steps
+    with instrument(timer, KERNEL_SPANS), timer:
+        timed = time_call(step, steps)
     name = model if isinstance(model, str) else "spec"
-    return StepOps(
-        name, variant, batch, steps, 1e3 * sorted(plain)[steps // 2], 1e3 * timed, timer.totals
-    )
+    return StepOps(name, variant, batch, steps, 1e3 * plain.median_s, 1e3 * timed, timer.totals)
 
 
 def _dtype(sig: str) -> torch.dtype:
@@ -198,9 +187,8 @@ def by_kind(result: StepOps, peaks: Peaks) -> dict[str, dict[str, float]]:
     return kinds
 
 
-def roofline(result: StepOps, peaks: Peaks) -> dict[str, float]:
-    """The step now and at the ceiling: measured ms (plain and summed over operators), ceiling img/s."""
-    kinds = by_kind(result, peaks)
+def roofline(result: StepOps, kinds: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The step now and at the ceiling (`kinds` from `by_kind`): measured ms, ceiling img/s."""
     summed = sum(k["ms"] for k in kinds.values())
     ceiling = sum(k["ceiling_ms"] for k in kinds.values())
     compute_at_peak = sum(
