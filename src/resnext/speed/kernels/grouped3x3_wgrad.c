@@ -53,6 +53,10 @@ static inline __m512 rotate8(__m512 v, int d) {
       const long n = row / Ho;                                                                  \
       const int oh = (int)(row % Ho);                                                           \
       const char *grow = gy + row * Wo * px;                                                    \
+      /* the next output row's gradient row and its new bottom input row (NULL past the end) */ \
+      const char *gnext = row + 1 < end ? grow + Wo * px : 0;                                   \
+      const int ihn = ((int)((row + 1) % Ho)) * s + 1;                                          \
+      const char *xnext = gnext && ihn < H ? x + (((row + 1) / Ho) * H + ihn) * W * px : 0;     \
       for (int kh = 0; kh < 3; ++kh) {                                                          \
         const int ih = oh * s - 1 + kh;                                                         \
         if (ih < 0 || ih >= H) continue;                                                        \
@@ -66,6 +70,13 @@ static inline __m512 rotate8(__m512 v, int d) {
           const long off = (long)cb * 16 * ELEM;                                                \
           for (int ow = 0; ow < Wo; ++ow) {                                                     \
             if (ow + 4 < Wo) _mm_prefetch(grow + (ow + 4) * px + off, _MM_HINT_T0);             \
+            if (kh == 0 && gnext) {                                                             \
+              _mm_prefetch(gnext + ow * px + off, _MM_HINT_T1);                                 \
+              /* at stride 2 two input rows are new, and a row has twice the columns */          \
+              for (int q = 0; xnext && q < s * s; ++q)                                          \
+                _mm_prefetch(xnext - (q / s) * W * px + ((long)ow * s + q % s) * px + off,      \
+                             _MM_HINT_T1);                                                      \
+            }                                                                                   \
             const __m512 g = MLOAD(0xFFFF, grow + ow * px + off);                               \
             __m512 xv[3];                                                                       \
             _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) {                            \
