@@ -50,6 +50,20 @@ def _dtypes() -> list[torch.dtype]:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", _dtypes())
 def test_weight_gradient_matches_torch_in_float64(shape, dtype) -> None:
+    _check_weight_gradient(shape, dtype)
+
+
+@needs_kernels
+@pytest.mark.skipif(BF16_REASON is not None, reason=f"no bf16 kernels: {BF16_REASON}")
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[1] % 32 == 0])
+def test_bf16_weight_gradient_without_the_pair_dot_product(shape, monkeypatch) -> None:
+    # These shapes take the AVX512-BF16 pair kernel here; CPUs without it run the widening one.
+    assert grouped_wgrad._has_bf16_dot()
+    monkeypatch.setattr(grouped_wgrad, "_has_bf16_dot", lambda: False)
+    _check_weight_gradient(shape, torch.bfloat16)
+
+
+def _check_weight_gradient(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     n, c, groups, h, w, stride = shape
     g = torch.Generator().manual_seed(sum(shape))
     x = _cl(torch.randn(n, c, h, w, generator=g), dtype)

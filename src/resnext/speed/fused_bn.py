@@ -46,12 +46,15 @@ class _BatchNormAct(torch.autograd.Function):
         saved_out = out if ctx.mask == bn_kernel.MASK_FROM_Y else None
         ctx.save_for_backward(x, saved_out, weight, bias, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
+        # mean and var get no gradient; without this autograd would make two zero tensors per call
+        # to stand for them. (Backward only runs when `out` has a gradient.)
+        ctx.set_materialize_grads(False)
         return out, mean, var
 
     @staticmethod
     @once_differentiable  # a clear error for create_graph=True instead of wrong second derivatives
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *_: torch.Tensor
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *_: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
         x, out, weight, bias, mean, invstd = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)

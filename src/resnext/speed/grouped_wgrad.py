@@ -2,7 +2,8 @@
 
 Built on first use like the other C parts (`resnext.native`); runs on torch's OpenMP threads.
 Takes channels-last float32 or bfloat16 CPU tensors with 4 or 8 channels per group and returns
-the float32 gradient; `resnext.speed.grouped_train` decides when it applies.
+the float32 gradient; `resnext.speed.grouped_train` decides when it applies. bf16 tensors with a
+multiple of 32 channels use AVX512-BF16's pair dot product where the CPU has it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import torch
 
 from resnext import native
 from resnext.speed import grouped_kernel
+from resnext.speed.capability import cpu_flags
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_wgrad.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp")
 REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 SUPPORTED_CPG = (4, 8)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -26,7 +28,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
     lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
-    lib.grouped3x3_wgrad_nhwc.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 8
+    lib.grouped3x3_wgrad_nhwc.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 9
     lib.grouped3x3_wgrad_nhwc.restype = ctypes.c_int
     return lib
 
@@ -35,6 +37,12 @@ def _library() -> ctypes.CDLL:
 def unavailable_reason() -> str | None:
     """None if the kernel can run here, else why not (one line; decided once per process)."""
     return native.problem(_library)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_bf16_dot() -> bool:
+    """Whether this CPU has AVX512-BF16's pair dot product (the bf16 kernel for C % 32 == 0)."""
+    return "avx512_bf16" in cpu_flags()
 
 
 def supports(channels: int, groups: int, stride: int) -> bool:
@@ -63,7 +71,7 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -
     if n == 0 or h == 0 or w == 0:
         return dw.zero_()
     rc = _library().grouped3x3_wgrad_nhwc(
-        x.data_ptr(), grad.data_ptr(), dw.data_ptr(), DTYPES[x.dtype],
+        x.data_ptr(), grad.data_ptr(), dw.data_ptr(), DTYPES[x.dtype], int(_has_bf16_dot()),
         n, h, w, c, c // groups, stride, torch.get_num_threads(),
     )  # fmt: skip
     if rc == 2:

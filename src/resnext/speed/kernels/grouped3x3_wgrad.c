@@ -104,6 +104,113 @@ DEFINE_WGRAD(wgrad_bf16_g4, 2, mload_bf16, 4, rotate4)
 DEFINE_WGRAD(wgrad_f32_g8, 4, mload_f32, 8, rotate8)
 DEFINE_WGRAD(wgrad_bf16_g8, 2, mload_bf16, 8, rotate8)
 
+/* bf16 with the AVX512-BF16 pair dot product, for C a multiple of 32 (twice the FMA rate, and
+ * no widening of the inputs). The sum runs over pixels, so the pairs are pairs of pixels: the
+ * 32 channels of two neighbouring output columns are interleaved with one 16-bit unpack, which
+ * puts channel pairs of 4 consecutive channels in each 128-bit lane, 8 channels apart between
+ * lanes. Unpack "lo" holds channels 8k..8k+3 of lane k, "hi" holds 8k+4..8k+7; a group of 4 sits
+ * in one lane of one half, a group of 8 in the same lane of both halves. Diagonal d multiplies
+ * input channel i of a group by gradient channel (i + d) mod G; the rotated gradient comes from
+ * one two-source permute of (lo, hi) with an index table made once per call. Each half keeps
+ * 3 * G accumulators; a second pixel past the row's end, or an input column outside the image,
+ * reads as zeros.
+ * Partial sums: part[C/32][3][3][G][2][16], lane m of half h being channel 8(m/4) + 4h + m%4. */
+static int pair_channel(int h, int m) { return 8 * (m / 4) + 4 * h + m % 4; }
+
+static void pair_index(int G, __m512i idx[8][2]) {
+  for (int d = 0; d < G; ++d)
+    for (int h = 0; h < 2; ++h) {
+      int at[16];
+      for (int m = 0; m < 16; ++m) {
+        const int ch = pair_channel(h, m), co = ch - ch % G + (ch % G + d) % G;
+        at[m] = 16 * ((co % 8) / 4) + 4 * (co / 8) + co % 4; /* where co sits in (lo, hi) */
+      }
+      idx[d][h] = _mm512_loadu_si512(at);
+    }
+}
+
+static inline __m512i pixel32(const char *p, int ok) {
+  return _mm512_maskz_loadu_epi16(ok ? 0xFFFFFFFFu : 0, p);
+}
+
+#define DEFINE_WGRAD_PAIRS(NAME, G)                                                              \
+  static void NAME(const char *x, const char *gy, float *part, int H, int W, int C, int s,      \
+                   int Ho, int Wo, long begin, long end) {                                      \
+    const long px = (long)C * 2;                                                                \
+    __m512i idx[8][2];                                                                          \
+    pair_index(G, idx);                                                                         \
+    for (long row = begin; row < end; ++row) {                                                  \
+      const long n = row / Ho;                                                                  \
+      const int oh = (int)(row % Ho);                                                           \
+      const char *grow = gy + row * Wo * px;                                                    \
+      const char *gnext = row + 1 < end ? grow + Wo * px : 0;                                   \
+      const int ihn = ((int)((row + 1) % Ho)) * s + 1;                                          \
+      const char *xnext = gnext && ihn < H ? x + (((row + 1) / Ho) * H + ihn) * W * px : 0;     \
+      for (int kh = 0; kh < 3; ++kh) {                                                          \
+        const int ih = oh * s - 1 + kh;                                                         \
+        if (ih < 0 || ih >= H) continue;                                                        \
+        const char *xrow = x + (n * H + ih) * W * px;                                           \
+        for (int cb = 0; cb < C / 32; ++cb) {                                                   \
+          const long off = (long)cb * 64;                                                       \
+          for (int h = 0; h < 2; ++h) {                                                         \
+            float *acc_at = part + ((long)cb * 9 + kh * 3) * G * 32 + h * 16;                   \
+            __m512 acc[3][G];                                                                   \
+            _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw)                              \
+                _Pragma("GCC unroll 8") for (int d = 0; d < G; ++d) acc[kw][d] =                \
+                    _mm512_loadu_ps(acc_at + (kw * G + d) * 32);                                \
+            __m512i carry = _mm512_setzero_si512();                                             \
+            for (int ow = 0; ow < Wo; ow += 2) {                                                \
+              const int two = ow + 1 < Wo;                                                      \
+              if (kh == 0 && h == 0 && gnext) {                                                 \
+                for (int q = 0; q < 2; ++q) _mm_prefetch(gnext + (ow + q) * px + off, _MM_HINT_T1); \
+                for (int q = 0; xnext && q < 2 * s * s; ++q)                                    \
+                  _mm_prefetch(xnext - (q / (2 * s)) * W * px +                                 \
+                                   ((long)ow * s + q % (2 * s)) * px + off, _MM_HINT_T1);       \
+              }                                                                                 \
+              const __m512i ga = pixel32(grow + ow * px + off, 1);                              \
+              const __m512i gb = pixel32(grow + (ow + 1) * px + off, two);                      \
+              __m512i glo, ghi;                                                                 \
+              if (G == 4) /* a group lies in one half: only that half is needed */              \
+                glo = ghi = h ? _mm512_unpackhi_epi16(ga, gb) : _mm512_unpacklo_epi16(ga, gb);  \
+              else {                                                                            \
+                glo = _mm512_unpacklo_epi16(ga, gb);                                            \
+                ghi = _mm512_unpackhi_epi16(ga, gb);                                            \
+              }                                                                                 \
+              __m512i xv[3];                                                                    \
+              _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) {                          \
+                /* at stride 1 the first pair is the previous step's last one */               \
+                if (kw == 0 && s == 1 && ow > 0 && two) {                                       \
+                  xv[0] = carry;                                                                \
+                  continue;                                                                     \
+                }                                                                               \
+                const int iw = ow * s - 1 + kw, jw = iw + s;                                    \
+                const __m512i xa = pixel32(xrow + (long)iw * px + off, iw >= 0 && iw < W);      \
+                const __m512i xb = pixel32(xrow + (long)jw * px + off, two && jw < W);          \
+                xv[kw] = h ? _mm512_unpackhi_epi16(xa, xb) : _mm512_unpacklo_epi16(xa, xb);     \
+              }                                                                                 \
+              carry = xv[2];                                                                    \
+              _Pragma("GCC unroll 8") for (int d = 0; d < G; ++d) {                             \
+                __m512i r;                                                                      \
+                if (G == 4) /* rotation within 128-bit lanes: the cheaper in-lane permute */    \
+                  r = d ? _mm512_castps_si512(rotate4(_mm512_castsi512_ps(glo), d)) : glo;      \
+                else                                                                            \
+                  r = _mm512_permutex2var_epi32(glo, idx[d][h], ghi);                           \
+                _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) acc[kw][d] =             \
+                    _mm512_dpbf16_ps(acc[kw][d], (__m512bh)r, (__m512bh)xv[kw]);                \
+              }                                                                                 \
+            }                                                                                   \
+            _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw)                              \
+                _Pragma("GCC unroll 8") for (int d = 0; d < G; ++d)                             \
+                    _mm512_storeu_ps(acc_at + (kw * G + d) * 32, acc[kw][d]);                   \
+          }                                                                                     \
+        }                                                                                       \
+      }                                                                                         \
+    }                                                                                           \
+  }
+
+DEFINE_WGRAD_PAIRS(wgrad_pairs_g4, 4)
+DEFINE_WGRAD_PAIRS(wgrad_pairs_g8, 8)
+
 typedef void (*wgrad_fn)(const char *, const char *, float *, int, int, int, int, int, int, long,
                          long);
 
@@ -113,15 +220,19 @@ int grouped3x3_wgrad_supported(int C, int cpg, int s) {
 
 /* dw (fp32, [C][cpg][3][3]) of the convolution that read x (N x H x W) and produced gy. Returns 0,
  * 1 for a shape it does not take, 2 if memory for the per-thread sums could not be allocated. */
-int grouped3x3_wgrad_nhwc(const void *x, const void *gy, float *dw, int bf16, int N, int H, int W,
-                          int C, int cpg, int s, int threads) {
+int grouped3x3_wgrad_nhwc(const void *x, const void *gy, float *dw, int bf16, int pairs, int N,
+                          int H, int W, int C, int cpg, int s, int threads) {
   if (!grouped3x3_wgrad_supported(C, cpg, s) || N < 0 || H < 1 || W < 1 || threads < 1) return 1;
+  pairs = pairs && bf16 && C % 32 == 0;
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
   const long per_thread = (long)C * 9 * cpg; /* C/16 blocks x 9 taps x cpg diagonals x 16 */
   float *part = (float *)calloc((size_t)threads * per_thread, sizeof(float));
   if (!part) return 2;
-  wgrad_fn fn = cpg == 4 ? (bf16 ? wgrad_bf16_g4 : wgrad_f32_g4)
-                         : (bf16 ? wgrad_bf16_g8 : wgrad_f32_g8);
+  wgrad_fn fn;
+  if (pairs)
+    fn = cpg == 4 ? wgrad_pairs_g4 : wgrad_pairs_g8;
+  else
+    fn = cpg == 4 ? (bf16 ? wgrad_bf16_g4 : wgrad_f32_g4) : (bf16 ? wgrad_bf16_g8 : wgrad_f32_g8);
   const long rows = (long)N * Ho;
 #pragma omp parallel num_threads(threads)
   {
@@ -131,13 +242,17 @@ int grouped3x3_wgrad_nhwc(const void *x, const void *gy, float *dw, int bf16, in
   }
   for (int t = 1; t < threads; ++t)
     for (long i = 0; i < per_thread; ++i) part[i] += part[t * per_thread + i];
-  /* part[cb][kh][kw][d][l]: output channel g + (i + d) mod cpg, input i, where l = g + i. */
-  for (int cb = 0; cb < C / 16; ++cb)
+  /* Diagonal d of input channel c (i = c mod cpg) is output channel c - i + (i + d) mod cpg.
+   * part[cb][tap][d][l] (16-channel blocks, c = 16 cb + l), or with pairs
+   * part[cb][tap][d][h][m] (32-channel blocks, c = 32 cb + pair_channel(h, m)). */
+  const int block = pairs ? 32 : 16;
+  for (int cb = 0; cb < C / block; ++cb)
     for (int tap = 0; tap < 9; ++tap)
       for (int d = 0; d < cpg; ++d)
-        for (int l = 0; l < 16; ++l) {
-          const int i = l % cpg, co = cb * 16 + (l - i) + (i + d) % cpg;
-          dw[((long)co * cpg + i) * 9 + tap] = part[(((long)cb * 9 + tap) * cpg + d) * 16 + l];
+        for (int l = 0; l < block; ++l) {
+          const int c = cb * block + (pairs ? pair_channel(l / 16, l % 16) : l);
+          const int i = c % cpg, co = c - i + (i + d) % cpg;
+          dw[((long)co * cpg + i) * 9 + tap] = part[(((long)cb * 9 + tap) * cpg + d) * block + l];
         }
   free(part);
   return 0;
