@@ -42,6 +42,32 @@ static inline __m512 rotate8(__m512 v, int d) {
   return _mm512_permutexvar_ps(_mm512_or_si512(start, within), v);
 }
 
+/* The rows the next output row (row + 1) reads first: its gradient row (*gnext) and its new bottom
+ * input row (*xnext; at stride 2 the row above it is new too). NULL where there is none in this
+ * thread's range. The per-block loops walk each row 16 or 32 channels at a time, a strided pattern
+ * the hardware prefetcher does not follow into DRAM, so the kernels prefetch these as they go. */
+static inline void next_rows(const char *x, const char *gy, long row, long end, int H, int W,
+                             int Ho, int Wo, int s, long px, const char **gnext,
+                             const char **xnext) {
+  *gnext = row + 1 < end ? gy + (row + 1) * Wo * px : 0;
+  const int ihn = ((int)((row + 1) % Ho)) * s + 1;
+  *xnext = *gnext && ihn < H ? x + (((row + 1) / Ho) * H + ihn) * W * px : 0;
+}
+
+/* Prefetch, at byte offset `off` of each pixel, output columns [ow, ow + cols) of the next
+ * gradient row and the input columns they read in the new input rows. */
+/* always inline: a call inside the kernels' loops would spill their accumulators */
+static inline __attribute__((always_inline)) void prefetch_next(const char *gnext,
+                                                                const char *xnext, int ow,
+                                                                int cols, int s, int W, long px,
+                                                                long off) {
+  if (!gnext) return;
+  for (int q = 0; q < cols; ++q) _mm_prefetch(gnext + (long)(ow + q) * px + off, _MM_HINT_T1);
+  for (int q = 0; xnext && q < cols * s * s; ++q)
+    _mm_prefetch(xnext - (q / (cols * s)) * W * px + ((long)ow * s + q % (cols * s)) * px + off,
+                 _MM_HINT_T1);
+}
+
 /* One thread's rows [begin, end) of the N*Ho output rows into part[C/16][3][3][G][16]. The loops
  * over taps and diagonals have constant bounds and are fully unrolled so that the 3*G
  * accumulators of one kernel row stay in registers. */
@@ -53,10 +79,8 @@ static inline __m512 rotate8(__m512 v, int d) {
       const long n = row / Ho;                                                                  \
       const int oh = (int)(row % Ho);                                                           \
       const char *grow = gy + row * Wo * px;                                                    \
-      /* the next output row's gradient row and its new bottom input row (NULL past the end) */ \
-      const char *gnext = row + 1 < end ? grow + Wo * px : 0;                                   \
-      const int ihn = ((int)((row + 1) % Ho)) * s + 1;                                          \
-      const char *xnext = gnext && ihn < H ? x + (((row + 1) / Ho) * H + ihn) * W * px : 0;     \
+      const char *gnext, *xnext;                                                                \
+      next_rows(x, gy, row, end, H, W, Ho, Wo, s, px, &gnext, &xnext);                          \
       for (int kh = 0; kh < 3; ++kh) {                                                          \
         const int ih = oh * s - 1 + kh;                                                         \
         if (ih < 0 || ih >= H) continue;                                                        \
@@ -70,13 +94,7 @@ static inline __m512 rotate8(__m512 v, int d) {
           const long off = (long)cb * 16 * ELEM;                                                \
           for (int ow = 0; ow < Wo; ++ow) {                                                     \
             if (ow + 4 < Wo) _mm_prefetch(grow + (ow + 4) * px + off, _MM_HINT_T0);             \
-            if (kh == 0 && gnext) {                                                             \
-              _mm_prefetch(gnext + ow * px + off, _MM_HINT_T1);                                 \
-              /* at stride 2 two input rows are new, and a row has twice the columns */          \
-              for (int q = 0; xnext && q < s * s; ++q)                                          \
-                _mm_prefetch(xnext - (q / s) * W * px + ((long)ow * s + q % s) * px + off,      \
-                             _MM_HINT_T1);                                                      \
-            }                                                                                   \
+            if (kh == 0) prefetch_next(gnext, xnext, ow, 1, s, W, px, off);                     \
             const __m512 g = MLOAD(0xFFFF, grow + ow * px + off);                               \
             __m512 xv[3];                                                                       \
             _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) {                            \
@@ -143,9 +161,8 @@ static inline __m512i pixel32(const char *p, int ok) {
       const long n = row / Ho;                                                                  \
       const int oh = (int)(row % Ho);                                                           \
       const char *grow = gy + row * Wo * px;                                                    \
-      const char *gnext = row + 1 < end ? grow + Wo * px : 0;                                   \
-      const int ihn = ((int)((row + 1) % Ho)) * s + 1;                                          \
-      const char *xnext = gnext && ihn < H ? x + (((row + 1) / Ho) * H + ihn) * W * px : 0;     \
+      const char *gnext, *xnext;                                                                \
+      next_rows(x, gy, row, end, H, W, Ho, Wo, s, px, &gnext, &xnext);                          \
       for (int kh = 0; kh < 3; ++kh) {                                                          \
         const int ih = oh * s - 1 + kh;                                                         \
         if (ih < 0 || ih >= H) continue;                                                        \
@@ -161,12 +178,7 @@ static inline __m512i pixel32(const char *p, int ok) {
             __m512i carry = _mm512_setzero_si512();                                             \
             for (int ow = 0; ow < Wo; ow += 2) {                                                \
               const int two = ow + 1 < Wo;                                                      \
-              if (kh == 0 && h == 0 && gnext) {                                                 \
-                for (int q = 0; q < 2; ++q) _mm_prefetch(gnext + (ow + q) * px + off, _MM_HINT_T1); \
-                for (int q = 0; xnext && q < 2 * s * s; ++q)                                    \
-                  _mm_prefetch(xnext - (q / (2 * s)) * W * px +                                 \
-                                   ((long)ow * s + q % (2 * s)) * px + off, _MM_HINT_T1);       \
-              }                                                                                 \
+              if (kh == 0 && h == 0) prefetch_next(gnext, xnext, ow, 2, s, W, px, off);         \
               const __m512i ga = pixel32(grow + ow * px + off, 1);                              \
               const __m512i gb = pixel32(grow + (ow + 1) * px + off, two);                      \
               __m512i glo, ghi;                                                                 \
