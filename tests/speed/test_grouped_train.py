@@ -58,8 +58,8 @@ def test_weight_gradient_matches_torch_in_float64(shape, dtype) -> None:
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s[1] % 32 == 0])
 def test_bf16_weight_gradient_without_the_pair_dot_product(shape, monkeypatch) -> None:
     # These shapes take the AVX512-BF16 pair kernel here; CPUs without it run the widening one.
-    assert grouped_wgrad._has_bf16_dot()
-    monkeypatch.setattr(grouped_wgrad, "_has_bf16_dot", lambda: False)
+    assert grouped_wgrad.has_avx512_bf16()
+    monkeypatch.setattr(grouped_wgrad, "has_avx512_bf16", lambda: False)
     _check_weight_gradient(shape, torch.bfloat16)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,12 @@ def cpu_flags() -> set[str]:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+@functools.lru_cache(maxsize=1)
+def has_avx512_bf16() -> bool:
+    """Whether the CPU has AVX512-BF16 (our C kernels' bf16 dot products); read once per process."""
+    return "avx512_bf16" in cpu_flags()
 
 
 @dataclass(frozen=True)

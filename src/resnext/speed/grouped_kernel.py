@@ -17,7 +17,7 @@ import torch
 
 from resnext import native
 from resnext.native import NativeUnavailable
-from resnext.speed.capability import cpu_flags
+from resnext.speed.capability import has_avx512_bf16
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3.c"
 FLAGS = (
@@ -54,7 +54,7 @@ def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
     """None if the kernel can run here for `dtype`, else why not (one line)."""
     if dtype not in (torch.float32, torch.bfloat16):
         return f"dtype {dtype} is not float32 or bfloat16"
-    if dtype == torch.bfloat16 and "avx512_bf16" not in cpu_flags():
+    if dtype == torch.bfloat16 and not has_avx512_bf16():
         return "this CPU lacks avx512_bf16"
     return _library_problem()
 

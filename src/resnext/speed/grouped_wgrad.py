@@ -16,7 +16,7 @@ import torch
 
 from resnext import native
 from resnext.speed import grouped_kernel
-from resnext.speed.capability import cpu_flags
+from resnext.speed.capability import has_avx512_bf16
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_wgrad.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp")
@@ -37,12 +37,6 @@ def _library() -> ctypes.CDLL:
 def unavailable_reason() -> str | None:
     """None if the kernel can run here, else why not (one line; decided once per process)."""
     return native.problem(_library)
-
-
-@functools.lru_cache(maxsize=1)
-def _has_bf16_dot() -> bool:
-    """Whether this CPU has AVX512-BF16's pair dot product (the bf16 kernel for C % 32 == 0)."""
-    return "avx512_bf16" in cpu_flags()
 
 
 def supports(channels: int, groups: int, stride: int) -> bool:
@@ -71,7 +65,7 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -
     if n == 0 or h == 0 or w == 0:
         return dw.zero_()
     rc = _library().grouped3x3_wgrad_nhwc(
-        x.data_ptr(), grad.data_ptr(), dw.data_ptr(), DTYPES[x.dtype], int(_has_bf16_dot()),
+        x.data_ptr(), grad.data_ptr(), dw.data_ptr(), DTYPES[x.dtype], int(has_avx512_bf16()),
         n, h, w, c, c // groups, stride, torch.get_num_threads(),
     )  # fmt: skip
     if rc == 2:

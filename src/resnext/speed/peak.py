@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.capability import cpu_flags
+from resnext.speed.capability import has_avx512_bf16
 
 SOURCE = Path(__file__).with_name("kernels") / "peak.c"
 FLAGS = ("-O3", "-mavx512f", "-fopenmp")
@@ -58,7 +58,7 @@ def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
     """None if the peak of `dtype` can be measured here, else why not (one line)."""
     if dtype not in KINDS:
         return f"dtype: expected float32 or bfloat16, got {dtype}"
-    if dtype == torch.bfloat16 and "avx512_bf16" not in cpu_flags():
+    if dtype == torch.bfloat16 and not has_avx512_bf16():
         return "this CPU lacks ['avx512_bf16']"
     return native.problem(_library)
 

@@ -128,19 +128,21 @@ DEFINE_WGRAD(wgrad_bf16_g8, 2, mload_bf16, 8, rotate8)
  * puts channel pairs of 4 consecutive channels in each 128-bit lane, 8 channels apart between
  * lanes. Unpack "lo" holds channels 8k..8k+3 of lane k, "hi" holds 8k+4..8k+7; a group of 4 sits
  * in one lane of one half, a group of 8 in the same lane of both halves. Diagonal d multiplies
- * input channel i of a group by gradient channel (i + d) mod G; the rotated gradient comes from
- * one two-source permute of (lo, hi) with an index table made once per call. Each half keeps
+ * input channel i of a group by gradient channel (i + d) mod G. With G = 4 the rotated gradient
+ * is an in-lane permute of one half; with G = 8 a two-source permute of (lo, hi) whose index
+ * table (pair_index8) is made once per call. Each half keeps
  * 3 * G accumulators; a second pixel past the row's end, or an input column outside the image,
  * reads as zeros.
  * Partial sums: part[C/32][3][3][G][2][16], lane m of half h being channel 8(m/4) + 4h + m%4. */
 static int pair_channel(int h, int m) { return 8 * (m / 4) + 4 * h + m % 4; }
 
-static void pair_index(int G, __m512i idx[8][2]) {
-  for (int d = 0; d < G; ++d)
+/* idx[d][h]: for lane m of half h, where gradient channel (i + d) mod 8 of its group sits. */
+static void pair_index8(__m512i idx[8][2]) {
+  for (int d = 0; d < 8; ++d)
     for (int h = 0; h < 2; ++h) {
       int at[16];
       for (int m = 0; m < 16; ++m) {
-        const int ch = pair_channel(h, m), co = ch - ch % G + (ch % G + d) % G;
+        const int ch = pair_channel(h, m), co = ch - ch % 8 + (ch % 8 + d) % 8;
         at[m] = 16 * ((co % 8) / 4) + 4 * (co / 8) + co % 4; /* where co sits in (lo, hi) */
       }
       idx[d][h] = _mm512_loadu_si512(at);
@@ -156,7 +158,7 @@ static inline __m512i pixel32(const char *p, int ok) {
                    int Ho, int Wo, long begin, long end) {                                      \
     const long px = (long)C * 2;                                                                \
     __m512i idx[8][2];                                                                          \
-    pair_index(G, idx);                                                                         \
+    if (G == 8) pair_index8(idx);                                                               \
     for (long row = begin; row < end; ++row) {                                                  \
       const long n = row / Ho;                                                                  \
       const int oh = (int)(row % Ho);                                                           \
