@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnext
-from resnext.speed import pointwise_train
+from resnext.speed import pointwise_gemm, pointwise_train
 from resnext.speed.pointwise_train import (
     GEMM_MAX_ROWS,
     TrainingPointwiseConv2d,
@@ -70,20 +70,33 @@ def _grads(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> tuple
     return out
 
 
+OUR_PRODUCT = pointwise_gemm.unavailable_reason() is None
+
+
 @pytest.mark.parametrize("stride", [1, 2])
-def test_module_under_bf16_autocast_is_as_close_to_float64_as_torch(stride, monkeypatch) -> None:
-    plain, fast = _pair()
+@pytest.mark.parametrize("channels", [(32, 48), (64, 128)])
+def test_module_under_bf16_autocast_is_as_close_to_float64_as_torch(
+    stride, channels, monkeypatch
+) -> None:
+    cin, cout = channels
+    plain, fast = _pair(cin, cout)
     plain.stride = fast.stride = (stride, stride)
-    calls = []
+    calls, products = [], []
     original = pointwise_train.gemm_weight_grad
     monkeypatch.setattr(
         pointwise_train, "gemm_weight_grad", lambda *a: calls.append(1) or original(*a)
     )
-    x = _cl(torch.randn(4, 32, 9, 7, generator=torch.Generator().manual_seed(1)))
+    product = pointwise_gemm.matmul_channels
+    monkeypatch.setattr(
+        pointwise_gemm, "matmul_channels", lambda *a: products.append(1) or product(*a)
+    )
+    x = _cl(torch.randn(4, cin, 9, 7, generator=torch.Generator().manual_seed(1)))
     plain.train(), fast.train()
     y_p, dx_p, dw_p = _grads(plain, x, torch.bfloat16)
     y_f, dx_f, dw_f = _grads(fast, x, torch.bfloat16)
     assert calls, "the GEMM path was not taken"
+    # Our product takes stride 1 with multiples of 64 channels: the forward and input gradient.
+    assert len(products) == (2 if OUR_PRODUCT and stride == 1 and cin % 64 == 0 else 0)
     assert dw_f.dtype == torch.float32 and dx_f.dtype == torch.float32
     # float64 reference on the bf16-rounded operands autocast computes with.
     xr = x.to(torch.bfloat16).double().requires_grad_(True)

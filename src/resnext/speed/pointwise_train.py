@@ -1,4 +1,4 @@
-"""The training fast path's 1×1 convolution: its weight gradient as one GEMM on small maps.
+"""The training fast path's 1×1 convolution: weight gradient as one GEMM, bf16 products of our own.
 
 For a 1×1 convolution on a channels-last tensor, the weight gradient is one matrix product,
 dW = Gᵀ·X, with the output gradient G viewed as (N·H·W) × C_out and the input X as
@@ -8,8 +8,11 @@ network: few rows, large weight matrices), where `torch.mm` runs them at 690–8
 (benchmarks/bench_pointwise_train.py). `use_gemm_weight_grad(model)` turns each 1×1 `nn.Conv2d`
 without bias or groups into a `TrainingPointwiseConv2d` (same parameters and state-dict keys);
 in training mode, in bf16 (autocast's included), on channels-last CPU tensors with at most
-`GEMM_MAX_ROWS` rows, its backward takes the weight gradient from the GEMM and the input
-gradient from oneDNN. Everywhere else it is the plain `nn.Conv2d`.
+`GEMM_MAX_ROWS` rows, its backward takes the weight gradient from the GEMM. The forward and the
+input gradient of a stride-1 layer with multiples of 64 channels come from our bf16 product
+(`resnext.speed.pointwise_gemm`, 1.02–1.26× oneDNN on these shapes, packing included:
+benchmarks/bench_pointwise_gemm.py), the others from oneDNN. Everywhere else it is the plain
+`nn.Conv2d`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from resnext.speed import pointwise_gemm
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
 # Rows (N·H·W of the output) up to which the GEMM beat oneDNN's weight gradient in
@@ -41,15 +45,33 @@ def gemm_weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int) -> torch.
     return (rows_g.t() @ rows_x)[:, :, None, None]
 
 
+def our_product_applies(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
+    """Whether `kernels/pointwise_gemm.c` computes this convolution and its input gradient."""
+    return (
+        stride == 1
+        and x.dtype == torch.bfloat16
+        and pointwise_gemm.takes(weight.shape[1], weight.shape[0])
+        and pointwise_gemm.unavailable_reason() is None
+    )
+
+
 class _PointwiseConv(torch.autograd.Function):
-    """conv2d(x, weight, stride) with a 1×1 weight; backward: oneDNN input grad, GEMM weight grad."""
+    """conv2d(x, weight, stride) with a 1×1 weight; backward: input grad by oneDNN or our product,
+    weight grad by one GEMM."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, stride: int
     ) -> torch.Tensor:
-        w = weight.to(x.dtype)
         ctx.stride, ctx.weight_dtype = stride, weight.dtype
+        ctx.ours = our_product_applies(x, weight, stride)
+        if ctx.ours:
+            # Both operands packed straight from the parameter (rounded to bf16 while packing):
+            # no bf16 copy of the weight is made or kept.
+            want_x = ctx.needs_input_grad[0]
+            ctx.save_for_backward(x, pointwise_gemm.pack_input_grad(weight) if want_x else None)
+            return pointwise_gemm.matmul_channels(x, pointwise_gemm.pack_forward(weight))
+        w = weight.to(x.dtype)
         ctx.save_for_backward(x, w)
         return F.conv2d(x, w, None, stride).contiguous(memory_format=torch.channels_last)
 
@@ -58,11 +80,13 @@ class _PointwiseConv(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        x, w = ctx.saved_tensors
+        x, w = ctx.saved_tensors  # w: the packed input-gradient operand where ctx.ours
         grad = grad.contiguous(memory_format=torch.channels_last)
         want_x, want_w = ctx.needs_input_grad[:2]
         dx = dw = None
-        if want_x:
+        if want_x and ctx.ours:
+            dx = pointwise_gemm.matmul_channels(grad.to(torch.bfloat16), w)
+        elif want_x:
             stride = [ctx.stride] * 2
             dx, _, _ = torch.ops.aten.convolution_backward(
                 grad, x, w, None, stride, [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]

@@ -17,7 +17,13 @@ import torch
 import resnext
 from resnext.models.network import build_model
 from resnext.models.spec import ModelSpec
-from resnext.speed import bn_kernel, grouped_train, grouped_wgrad, pointwise_train
+from resnext.speed import (
+    bn_kernel,
+    grouped_train,
+    grouped_wgrad,
+    pointwise_gemm,
+    pointwise_train,
+)
 from resnext.speed.measure import Timing, time_call
 from resnext.speed.op_times import Instrumented, OpTimer, OpTotals, instrument
 from resnext.speed.peak import Peaks
@@ -41,12 +47,22 @@ def _gemm_wgrad_flop(args: tuple, out: torch.Tensor) -> int:
     return 2 * rows * x.shape[1] * grad.shape[1]
 
 
+def _pointwise_product_flop(args: tuple, out: torch.Tensor) -> int:
+    x = args[0]  # args: (x, packed); out: (N, C, H, W)
+    return 2 * out.numel() * x.shape[1]
+
+
 KERNEL_SPANS = (
     Instrumented(bn_kernel, "forward", "bn_act_forward"),
     Instrumented(bn_kernel, "backward", "bn_act_backward"),
     Instrumented(grouped_train, "our_kernel", "grouped_conv3x3 (ours)", _grouped_forward_flop),
     Instrumented(grouped_wgrad, "weight_grad", "grouped_conv3x3_wgrad (ours)", _grouped_wgrad_flop),
     Instrumented(pointwise_train, "gemm_weight_grad", "gemm_weight_grad (ours)", _gemm_wgrad_flop),
+    Instrumented(
+        pointwise_gemm, "matmul_channels", "pointwise_gemm (ours)", _pointwise_product_flop
+    ),
+    Instrumented(pointwise_gemm, "pack_forward", "pointwise_gemm pack (ours)"),
+    Instrumented(pointwise_gemm, "pack_input_grad", "pointwise_gemm pack (ours)"),
 )
 
 KINDS = (
@@ -86,6 +102,8 @@ def op_kind(label: str, sig: str) -> str:
         return _conv_kind(shapes[1], shapes[2])
     if label.startswith("grouped_conv3x3"):
         return "grouped 3x3 conv"
+    if label.startswith("pointwise_gemm"):  # our 1×1 product and its weight packing
+        return "1x1 conv"
     if label.startswith("gemm_weight_grad"):
         return "1x1 weight grad (GEMM)"
     if label in ("mm", "addmm"):  # the GEMM weight gradients are spans: these are the classifier

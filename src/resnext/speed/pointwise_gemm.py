@@ -1,0 +1,136 @@
+"""bf16 1×1 convolutions as one matrix product: `kernels/pointwise_gemm.c` via ctypes.
+
+A stride-1 1×1 convolution of a channels-last tensor is the product of its (N·H·W) × C_in
+pixel rows with the weight matrix; its input gradient is the product of the output gradient's
+rows with the weight transposed. The kernel computes both in bf16 with float32 sums, from a
+weight packed into VDPBF16PS's operand layout (pairs of rows in one 32-bit word), and needs
+AVX512-BF16. Built on first use like the project's other C parts (`resnext.native`); runs on
+torch's OpenMP threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from resnext import native
+from resnext.speed.capability import has_avx512_bf16
+
+SOURCE = Path(__file__).with_name("kernels") / "pointwise_gemm.c"
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
+REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+COLUMN_BLOCK = 64  # the kernel's register tile is 64 output channels wide
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+    lib.pointwise_gemm_bf16.argtypes = [
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+        ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    for pack in (lib.pack_pairs_rows, lib.pack_pairs_cols):
+        pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 3
+    for fn in (lib.pointwise_gemm_bf16, lib.pack_pairs_rows, lib.pack_pairs_cols):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable_reason() -> str | None:
+    """None if the kernel can run here, else why not (one line; decided once per process)."""
+    if not has_avx512_bf16():
+        return "this CPU lacks avx512_bf16"
+    return native.problem(_library)
+
+
+def takes(in_channels: int, out_channels: int) -> bool:
+    """Whether the kernel computes a 1×1 convolution with these channels, forward and backward."""
+    # Output columns come in blocks of 64 (C_out forward, C_in for the input gradient); the
+    # reduction runs over pairs (C_in forward, C_out backward).
+    return in_channels % COLUMN_BLOCK == 0 and out_channels % COLUMN_BLOCK == 0
+
+
+WEIGHT_DTYPES = {torch.float32: 1, torch.bfloat16: 0}  # the packs' `f32` flag
+
+
+def _check_weight(weight: torch.Tensor) -> tuple[int, int]:
+    if weight.dtype not in WEIGHT_DTYPES or weight.dim() != 4 or weight.shape[2:] != (1, 1):
+        raise ValueError(
+            f"weight: expected a float32 or bfloat16 (C_out, C_in, 1, 1) tensor, got "
+            f"{tuple(weight.shape)} {weight.dtype}"
+        )
+    c_out, c_in = weight.shape[:2]
+    if not takes(c_in, c_out):
+        raise ValueError(
+            f"weight: expected channel counts that are multiples of {COLUMN_BLOCK}, got "
+            f"{c_out} out, {c_in} in"
+        )
+    return c_out, c_in
+
+
+def pack_forward(weight: torch.Tensor) -> torch.Tensor:
+    """The forward product's bf16 operand (C_in/2, C_out, 2) from a (C_out, C_in, 1, 1) weight.
+
+    A float32 weight is rounded to bf16 (to nearest even, as `Tensor.to` does) while packing.
+    """
+    c_out, c_in = _check_weight(weight)
+    w = weight.detach().reshape(c_out, c_in).contiguous()
+    packed = torch.empty(c_in // 2, c_out, 2, dtype=torch.bfloat16)
+    _library().pack_pairs_rows(
+        w.data_ptr(),
+        WEIGHT_DTYPES[w.dtype],
+        packed.data_ptr(),
+        c_out,
+        c_in,
+        torch.get_num_threads(),
+    )
+    return packed
+
+
+def pack_input_grad(weight: torch.Tensor) -> torch.Tensor:
+    """The input gradient's bf16 operand (C_out/2, C_in, 2) from a (C_out, C_in, 1, 1) weight."""
+    c_out, c_in = _check_weight(weight)
+    w = weight.detach().reshape(c_out, c_in).contiguous()
+    packed = torch.empty(c_out // 2, c_in, 2, dtype=torch.bfloat16)
+    _library().pack_pairs_cols(
+        w.data_ptr(),
+        WEIGHT_DTYPES[w.dtype],
+        packed.data_ptr(),
+        c_out,
+        c_in,
+        torch.get_num_threads(),
+    )
+    return packed
+
+
+def matmul_channels(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """y[n, :, h, w] = x[n, :, h, w] · B for every pixel, B the matrix `packed` holds; channels-last.
+
+    `x` is (N, K, H, W) bf16, `packed` is (K/2, C, 2) from `pack_forward` (K = C_in, C = C_out)
+    or `pack_input_grad` (K = C_out, C = C_in).
+    """
+    if x.dtype != torch.bfloat16 or x.dim() != 4 or x.device.type != "cpu":
+        raise ValueError(f"x: expected a 4-D bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype}")
+    n, k, h, w = x.shape
+    if packed.dim() != 3 or packed.shape[0] * 2 != k or packed.shape[2] != 2:
+        raise ValueError(
+            f"packed: expected ({k // 2}, C, 2) for x with {k} channels, got {tuple(packed.shape)}"
+        )
+    c = packed.shape[1]
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.empty(n, c, h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    rows = n * h * w
+    if rows == 0:
+        return y
+    rc = _library().pointwise_gemm_bf16(
+        x.data_ptr(), k, packed.data_ptr(), y.data_ptr(), c, rows, k, c, torch.get_num_threads()
+    )
+    if rc != 0:
+        raise ValueError(
+            f"pointwise_gemm refused x {tuple(x.shape)} with packed {tuple(packed.shape)}"
+        )
+    return y
