@@ -1,10 +1,11 @@
-"""bf16 1×1 convolutions, forward and input gradient: oneDNN vs our product (`kernels/pointwise_gemm.c`).
+"""bf16 1×1 convolutions, forward, input and weight gradient: oneDNN vs ours (`kernels/pointwise_gemm.c`).
 
 Usage: .venv/bin/python benchmarks/bench_pointwise_gemm.py [--models resnext50_32x4d,resnet50]
        [--batch 16] [--image-size 224] [--rounds 5]
 Every distinct stride-1 1×1 convolution of the models whose channels the product takes, timed
 the way a training step runs it, interleaved in one process: from the float32 parameter (oneDNN:
-cast to bf16, then `F.conv2d` / `convolution_backward`; ours: pack, then the product). Each op
+cast to bf16, then `F.conv2d` / `convolution_backward`; ours: pack, then the product). The weight
+gradient (float32 out) also by the one-GEMM path of `pointwise_train` (`torch.mm`). Each op
 cycles through 4 sets of activations, so that like in a training step its operands are not all
 hot in cache.
 """
@@ -23,6 +24,7 @@ from bench_pointwise_train import pointwise_shapes
 from resnext.speed import pointwise_gemm
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
+from resnext.speed.pointwise_train import gemm_weight_grad
 from resnext.speed.provenance import write_results
 
 SETS = 4
@@ -39,7 +41,8 @@ def layer_ops(cin: int, cout: int, size: int, batch: int) -> dict[str, Callable[
         xs.append(xs[0].clone(memory_format=cl))
         gs.append(gs[0].clone(memory_format=cl))
     weight = torch.randn(cout, cin, 1, 1, generator=g)
-    turn = dict.fromkeys(("fwd_onednn", "fwd_ours", "dx_onednn", "dx_ours"), 0)
+    names = ("fwd_onednn", "fwd_ours", "dx_onednn", "dx_ours", "dw_onednn", "dw_gemm", "dw_ours")
+    turn = dict.fromkeys(names, 0)
 
     def next_set(key: str) -> int:
         turn[key] = (turn[key] + 1) % SETS
@@ -63,12 +66,24 @@ def layer_ops(cin: int, cout: int, size: int, batch: int) -> dict[str, Callable[
         packed = pointwise_gemm.pack_input_grad(weight)
         return pointwise_gemm.matmul_channels(gs[next_set("dx_ours")], packed)
 
-    return {
-        "fwd_onednn": fwd_onednn,
-        "fwd_ours": fwd_ours,
-        "dx_onednn": dx_onednn,
-        "dx_ours": dx_ours,
-    }
+    def dw_onednn() -> object:
+        i = next_set("dw_onednn")
+        _, dw, _ = torch.ops.aten.convolution_backward(
+            gs[i], xs[i], weight.to(bf16), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [False, True, False],
+        )  # fmt: skip
+        return dw.float()
+
+    def dw_gemm() -> object:
+        i = next_set("dw_gemm")
+        return gemm_weight_grad(xs[i], gs[i], 1).float()
+
+    def dw_ours() -> object:
+        i = next_set("dw_ours")
+        return pointwise_gemm.weight_grad(xs[i], gs[i])
+
+    ops = (fwd_onednn, fwd_ours, dx_onednn, dx_ours, dw_onednn, dw_gemm, dw_ours)
+    return dict(zip(names, ops, strict=True))
 
 
 def main() -> int:
@@ -105,6 +120,8 @@ def main() -> int:
             "gflops": {k: gflop / (v / 1e3) for k, v in ms.items()},
             "fwd_onednn_over_ours": ms["fwd_onednn"] / ms["fwd_ours"],
             "dx_onednn_over_ours": ms["dx_onednn"] / ms["dx_ours"],
+            "dw_onednn_over_ours": ms["dw_onednn"] / ms["dw_ours"],
+            "dw_gemm_over_ours": ms["dw_gemm"] / ms["dw_ours"],
         }
         for name, n in counts[(cin, cout, size)].items():
             for k, v in ms.items():
@@ -115,7 +132,8 @@ def main() -> int:
             f"{ms['fwd_ours']:.2f} ({gflop / ms['fwd_ours'] * 1e3:.0f}), "
             f"×{ms['fwd_onednn'] / ms['fwd_ours']:.2f}; input gradient oneDNN "
             f"{ms['dx_onednn']:.2f} ms, ours {ms['dx_ours']:.2f}, "
-            f"×{ms['dx_onednn'] / ms['dx_ours']:.2f}",
+            f"×{ms['dx_onednn'] / ms['dx_ours']:.2f}; weight gradient oneDNN "
+            f"{ms['dw_onednn']:.2f} ms, GEMM {ms['dw_gemm']:.2f}, ours {ms['dw_ours']:.2f}",
             flush=True,
         )
     for key, v in sorted(totals.items()):

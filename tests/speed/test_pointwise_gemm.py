@@ -109,3 +109,55 @@ def test_bad_inputs_are_refused_by_name() -> None:
         pointwise_gemm.matmul_channels(torch.zeros(1, 128, 2, 2), packed)
     with pytest.raises(ValueError, match=r"packed: expected \(32, C, 2\)"):
         pointwise_gemm.matmul_channels(_cl(torch.zeros(1, 64, 2, 2)), packed)
+
+
+# (batch, in channels, out channels, height, width): an odd pixel count (a zero-padded last
+# pair), fewer pixels than threads, a partial 6-row tile of output channels, more pixels than one
+# 256-row block, no pixels.
+WGRAD_SHAPES = [
+    (1, 64, 6, 1, 1),
+    (1, 64, 7, 1, 3),
+    (2, 128, 64, 5, 7),
+    (3, 64, 130, 7, 7),
+    (2, 192, 96, 17, 19),
+    (0, 64, 64, 3, 3),
+]
+
+
+@pytest.mark.parametrize("shape", WGRAD_SHAPES)
+def test_weight_gradient_matches_float64(shape) -> None:
+    n, cin, cout, h, w = shape
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = _cl(torch.randn(n, cin, h, w, generator=g))
+    grad = _cl(torch.randn(n, cout, h, w, generator=g))
+    # Independent reference: the sum over pixels of outer products, in float64.
+    want = torch.einsum("nohw,nihw->oi", grad.double(), x.double())[:, :, None, None]
+    got = pointwise_gemm.weight_grad(x, grad)
+    assert got.shape == (cout, cin, 1, 1) and got.dtype == torch.float32
+    if n == 0:
+        assert torch.equal(got, torch.zeros_like(got))
+        return
+    # float32 sums of exact bf16 products: far tighter than a bf16 result
+    assert _rel(got, want) < 1e-5
+
+
+def test_weight_gradient_is_the_same_with_one_thread_or_two() -> None:
+    x = _cl(torch.randn(2, 64, 9, 9, generator=torch.Generator().manual_seed(7)))
+    grad = _cl(torch.randn(2, 64, 9, 9, generator=torch.Generator().manual_seed(8)))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = pointwise_gemm.weight_grad(x, grad)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(pointwise_gemm.weight_grad(x, grad), one, rtol=1e-5, atol=1e-4)
+
+
+def test_bad_weight_gradient_inputs_are_refused_by_name() -> None:
+    x = _cl(torch.zeros(1, 64, 3, 3))
+    with pytest.raises(ValueError, match="grad: expected a 4-D bfloat16"):
+        pointwise_gemm.weight_grad(x, torch.zeros(1, 64, 3, 3))
+    with pytest.raises(ValueError, match="x, grad: expected the same batch and map size"):
+        pointwise_gemm.weight_grad(x, _cl(torch.zeros(1, 64, 2, 3)))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pointwise_gemm.weight_grad(_cl(torch.zeros(1, 32, 3, 3)), _cl(torch.zeros(1, 64, 3, 3)))

@@ -168,3 +168,33 @@ def test_convs_the_gemm_does_not_take_are_left_alone() -> None:
         nn.Conv2d(8, 8, 1, padding=1, bias=False),  # padded
     )
     assert use_gemm_weight_grad(model) == 0
+
+
+@pytest.mark.skipif(not OUR_PRODUCT, reason="our 1×1 product is unavailable on this CPU")
+def test_large_maps_with_64_channel_multiples_run_all_three_ops_in_our_kernels(monkeypatch) -> None:
+    # More rows than GEMM_MAX_ROWS: before our kernels these layers were left to plain oneDNN.
+    plain, fast = _pair(64, 128, seed=4)
+    side = int(GEMM_MAX_ROWS**0.5) + 3
+    x = _cl(torch.randn(1, 64, side, side, generator=torch.Generator().manual_seed(2)))
+    seen = []
+    for name in ("matmul_channels", "weight_grad"):
+        fn = getattr(pointwise_gemm, name)
+        monkeypatch.setattr(
+            pointwise_gemm, name, lambda *a, _fn=fn, _name=name: seen.append(_name) or _fn(*a)
+        )
+    monkeypatch.setattr(pointwise_train, "gemm_weight_grad", None)  # must not be reached
+    plain.train(), fast.train()
+    y_p, dx_p, dw_p = _grads(plain, x, torch.bfloat16)
+    y_f, dx_f, dw_f = _grads(fast, x, torch.bfloat16)
+    assert sorted(seen) == ["matmul_channels", "matmul_channels", "weight_grad"]
+    xr = x.to(torch.bfloat16).double().requires_grad_(True)
+    wr = plain.weight.detach().to(torch.bfloat16).double().requires_grad_(True)
+    y64 = F.conv2d(xr, wr)
+    upstream = torch.randn(y64.shape, generator=torch.Generator().manual_seed(9))
+    y64.backward(upstream.to(torch.bfloat16).double())
+    for got, torch_bf16, want in (
+        (y_f, y_p, y64.detach()),
+        (dx_f, dx_p, xr.grad),
+        (dw_f, dw_p, wr.grad),
+    ):
+        assert _rel(got, want) <= max(1.5 * _rel(torch_bf16, want), 1e-3)

@@ -34,7 +34,13 @@ def _library() -> ctypes.CDLL:
     ]  # fmt: skip
     for pack in (lib.pack_pairs_rows, lib.pack_pairs_cols):
         pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 3
-    for fn in (lib.pointwise_gemm_bf16, lib.pack_pairs_rows, lib.pack_pairs_cols):
+    lib.pointwise_wgrad_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_int] * 3
+    for fn in (
+        lib.pointwise_gemm_bf16,
+        lib.pack_pairs_rows,
+        lib.pack_pairs_cols,
+        lib.pointwise_wgrad_bf16,
+    ):
         fn.restype = ctypes.c_int
     return lib
 
@@ -134,3 +140,35 @@ def matmul_channels(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
             f"pointwise_gemm refused x {tuple(x.shape)} with packed {tuple(packed.shape)}"
         )
     return y
+
+
+def weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """float32 (C_out, C_in, 1, 1) gradient of a stride-1 1×1 convolution's weight.
+
+    `x` (N, C_in, H, W) is the convolution's input (already subsampled for a strided one), `grad`
+    (N, C_out, H, W) its output's gradient, both bf16; C_in must be a multiple of 64.
+    """
+    for name, t in (("x", x), ("grad", grad)):
+        if t.dtype != torch.bfloat16 or t.dim() != 4 or t.device.type != "cpu":
+            raise ValueError(
+                f"{name}: expected a 4-D bfloat16 CPU tensor, got {tuple(t.shape)} {t.dtype}"
+            )
+    n, c_in, h, w = x.shape
+    if grad.shape[0] != n or grad.shape[2:] != x.shape[2:] or c_in % COLUMN_BLOCK:
+        raise ValueError(
+            f"x, grad: expected the same batch and map size and C_in a multiple of {COLUMN_BLOCK}, "
+            f"got x {tuple(x.shape)}, grad {tuple(grad.shape)}"
+        )
+    c_out = grad.shape[1]
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    dw = torch.empty(c_out, c_in, 1, 1, dtype=torch.float32)
+    rc = _library().pointwise_wgrad_bf16(
+        grad.data_ptr(), x.data_ptr(), dw.data_ptr(), n * h * w, c_out, c_in,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == 2:
+        raise MemoryError("pointwise_wgrad: could not allocate the per-thread buffers")
+    if rc != 0:
+        raise ValueError(f"pointwise_wgrad refused x {tuple(x.shape)}, grad {tuple(grad.shape)}")
+    return dw

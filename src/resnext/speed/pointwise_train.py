@@ -11,8 +11,9 @@ in training mode, in bf16 (autocast's included), on channels-last CPU tensors wi
 `GEMM_MAX_ROWS` rows, its backward takes the weight gradient from the GEMM. The forward and the
 input gradient of a stride-1 layer with multiples of 64 channels come from our bf16 product
 (`resnext.speed.pointwise_gemm`, 1.02–1.26× oneDNN on these shapes, packing included:
-benchmarks/bench_pointwise_gemm.py), the others from oneDNN. Everywhere else it is the plain
-`nn.Conv2d`.
+benchmarks/bench_pointwise_gemm.py), the others from oneDNN; with at least `OUR_WGRAD_MIN_ROWS`
+rows the weight gradient comes from our kernel too, and such layers take the fast path also
+above `GEMM_MAX_ROWS` (ResNeXt-50's 56² layers). Everywhere else it is the plain `nn.Conv2d`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dt
 # bench_pointwise_train.py on the project's 2-core AVX-512 machine: in bf16 it won at 7², 14²
 # and 28² maps (batch 16: 784, 3,136 and 12,544 rows; 1.06–1.85×) and lost at 56² (50,176).
 GEMM_MAX_ROWS = 16384
+# Rows from which our weight-gradient kernel (`pointwise_gemm.weight_grad`) beats both oneDNN and
+# `torch.mm` in bf16 (benchmarks/bench_pointwise_gemm.py: ~1.1× the GEMM at 28², ~1.2–1.4×
+# oneDNN at 56²; level or behind at 14² and 7²). With our product (stride 1, multiples of 64
+# channels) layers with more than GEMM_MAX_ROWS rows take the fast path too, all three ops ours.
+OUR_WGRAD_MIN_ROWS = 8192
 # float32 matrix products go through MKL, slower than oneDNN's convolution here.
 DTYPES = (torch.bfloat16,)
 
@@ -45,26 +51,39 @@ def gemm_weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int) -> torch.
     return (rows_g.t() @ rows_x)[:, :, None, None]
 
 
-def our_product_applies(x: torch.Tensor, weight: torch.Tensor, stride: int) -> bool:
+def our_product_applies(dtype: torch.dtype, weight: torch.Tensor, stride: int) -> bool:
     """Whether `kernels/pointwise_gemm.c` computes this convolution and its input gradient."""
     return (
         stride == 1
-        and x.dtype == torch.bfloat16
+        and dtype == torch.bfloat16
         and pointwise_gemm.takes(weight.shape[1], weight.shape[0])
         and pointwise_gemm.unavailable_reason() is None
     )
 
 
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int) -> torch.Tensor:
+    """The weight gradient (C_out, C_in, 1, 1): our kernel on large maps in bf16, else one GEMM."""
+    rows = grad.numel() // max(grad.shape[1], 1)
+    if (
+        rows >= OUR_WGRAD_MIN_ROWS
+        and x.dtype == torch.bfloat16
+        and x.shape[1] % pointwise_gemm.COLUMN_BLOCK == 0
+        and pointwise_gemm.unavailable_reason() is None
+    ):
+        return pointwise_gemm.weight_grad(x[:, :, ::stride, ::stride] if stride != 1 else x, grad)
+    return gemm_weight_grad(x, grad, stride)
+
+
 class _PointwiseConv(torch.autograd.Function):
-    """conv2d(x, weight, stride) with a 1×1 weight; backward: input grad by oneDNN or our product,
-    weight grad by one GEMM."""
+    """conv2d(x, weight, stride) with a 1×1 weight by our product or oneDNN; backward: input grad
+    likewise, weight grad by our kernel or one GEMM."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, stride: int
     ) -> torch.Tensor:
         ctx.stride, ctx.weight_dtype = stride, weight.dtype
-        ctx.ours = our_product_applies(x, weight, stride)
+        ctx.ours = our_product_applies(x.dtype, weight, stride)
         if ctx.ours:
             # Both operands packed straight from the parameter (rounded to bf16 while packing):
             # no bf16 copy of the weight is made or kept.
@@ -92,7 +111,7 @@ class _PointwiseConv(torch.autograd.Function):
                 grad, x, w, None, stride, [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
             )
         if want_w:
-            dw = gemm_weight_grad(x, grad, ctx.stride).to(ctx.weight_dtype)
+            dw = weight_grad(x, grad, ctx.stride).to(ctx.weight_dtype)
         return dx, dw, None
 
 
@@ -109,7 +128,9 @@ class TrainingPointwiseConv2d(TrainingFastConv2d):
             return None
         s = self.stride[0]
         rows = x.shape[0] * ((x.shape[2] - 1) // s + 1) * ((x.shape[3] - 1) // s + 1)
-        if dtype not in DTYPES or not x.is_floating_point() or rows > GEMM_MAX_ROWS:
+        if dtype not in DTYPES or not x.is_floating_point():
+            return None
+        if rows > GEMM_MAX_ROWS and not our_product_applies(dtype, self.weight, s):
             return None
         return dtype
 

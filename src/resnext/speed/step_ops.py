@@ -63,6 +63,7 @@ KERNEL_SPANS = (
     ),
     Instrumented(pointwise_gemm, "pack_forward", "pointwise_gemm pack (ours)"),
     Instrumented(pointwise_gemm, "pack_input_grad", "pointwise_gemm pack (ours)"),
+    Instrumented(pointwise_gemm, "weight_grad", "pointwise_wgrad (ours)", _gemm_wgrad_flop),
 )
 
 KINDS = (
@@ -104,7 +105,7 @@ def op_kind(label: str, sig: str) -> str:
         return "grouped 3x3 conv"
     if label.startswith("pointwise_gemm"):  # our 1×1 product and its weight packing
         return "1x1 conv"
-    if label.startswith("gemm_weight_grad"):
+    if label.startswith(("gemm_weight_grad", "pointwise_wgrad")):
         return "1x1 weight grad (GEMM)"
     if label in ("mm", "addmm"):  # the GEMM weight gradients are spans: these are the classifier
         return "fc"
