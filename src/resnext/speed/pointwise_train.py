@@ -31,8 +31,8 @@ from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dt
 # and 28² maps (batch 16: 784, 3,136 and 12,544 rows; 1.06–1.85×) and lost at 56² (50,176).
 GEMM_MAX_ROWS = 16384
 # Rows from which our weight-gradient kernel (`pointwise_gemm.weight_grad`) beats both oneDNN and
-# `torch.mm` in bf16 (benchmarks/bench_pointwise_gemm.py: ~1.1× the GEMM at 28², ~1.2–1.4×
-# oneDNN at 56²; level or behind at 14² and 7²). With our product (stride 1, multiples of 64
+# `torch.mm` in bf16 (benchmarks/bench_pointwise_gemm.py: 1.05–1.10× the GEMM at 28², 1.0–1.1×
+# oneDNN and 1.2–1.4× the GEMM at 56²; within ±5 % of the GEMM at 14² and 7²). With our product (stride 1, multiples of 64
 # channels) layers with more than GEMM_MAX_ROWS rows take the fast path too, all three ops ours.
 OUR_WGRAD_MIN_ROWS = 8192
 # float32 matrix products go through MKL, slower than oneDNN's convolution here.
