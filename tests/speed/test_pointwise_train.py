@@ -73,6 +73,20 @@ def _grads(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> tuple
 OUR_PRODUCT = pointwise_gemm.unavailable_reason() is None
 
 
+def _assert_as_close_to_float64_as_torch(
+    x: torch.Tensor, weight: torch.Tensor, stride: int, fast: tuple, plain: tuple
+) -> None:
+    """(output, input grad, weight grad) of the fast path within 1.5× torch's bf16 error (or 1e-3)
+    of float64 on the bf16-rounded operands autocast computes with; upstream as in `_grads`."""
+    xr = x.to(torch.bfloat16).double().requires_grad_(True)
+    wr = weight.detach().to(torch.bfloat16).double().requires_grad_(True)
+    y64 = F.conv2d(xr, wr, None, stride)
+    upstream = torch.randn(y64.shape, generator=torch.Generator().manual_seed(9))
+    y64.backward(upstream.to(torch.bfloat16).double())
+    for got, torch_bf16, want in zip(fast, plain, (y64.detach(), xr.grad, wr.grad), strict=True):
+        assert _rel(got, want) <= max(1.5 * _rel(torch_bf16, want), 1e-3)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels", [(32, 48), (64, 128)])
 def test_module_under_bf16_autocast_is_as_close_to_float64_as_torch(
@@ -98,18 +112,9 @@ def test_module_under_bf16_autocast_is_as_close_to_float64_as_torch(
     # Our product takes stride 1 with multiples of 64 channels: the forward and input gradient.
     assert len(products) == (2 if OUR_PRODUCT and stride == 1 and cin % 64 == 0 else 0)
     assert dw_f.dtype == torch.float32 and dx_f.dtype == torch.float32
-    # float64 reference on the bf16-rounded operands autocast computes with.
-    xr = x.to(torch.bfloat16).double().requires_grad_(True)
-    wr = plain.weight.detach().to(torch.bfloat16).double().requires_grad_(True)
-    y64 = F.conv2d(xr, wr, None, stride)
-    upstream = torch.randn(y64.shape, generator=torch.Generator().manual_seed(9))
-    y64.backward(upstream.to(torch.bfloat16).double())
-    for got, torch_bf16, want in (
-        (y_f, y_p, y64.detach()),
-        (dx_f, dx_p, xr.grad),
-        (dw_f, dw_p, wr.grad),
-    ):
-        assert _rel(got, want) <= max(1.5 * _rel(torch_bf16, want), 1e-3)
+    _assert_as_close_to_float64_as_torch(
+        x, plain.weight, stride, (y_f, dx_f, dw_f), (y_p, dx_p, dw_p)
+    )
 
 
 @pytest.mark.parametrize("case", ["eval", "float32", "nchw", "too_many_rows", "frozen", "traced"])
@@ -187,14 +192,4 @@ def test_large_maps_with_64_channel_multiples_run_all_three_ops_in_our_kernels(m
     y_p, dx_p, dw_p = _grads(plain, x, torch.bfloat16)
     y_f, dx_f, dw_f = _grads(fast, x, torch.bfloat16)
     assert sorted(seen) == ["matmul_channels", "matmul_channels", "weight_grad"]
-    xr = x.to(torch.bfloat16).double().requires_grad_(True)
-    wr = plain.weight.detach().to(torch.bfloat16).double().requires_grad_(True)
-    y64 = F.conv2d(xr, wr)
-    upstream = torch.randn(y64.shape, generator=torch.Generator().manual_seed(9))
-    y64.backward(upstream.to(torch.bfloat16).double())
-    for got, torch_bf16, want in (
-        (y_f, y_p, y64.detach()),
-        (dx_f, dx_p, xr.grad),
-        (dw_f, dw_p, wr.grad),
-    ):
-        assert _rel(got, want) <= max(1.5 * _rel(torch_bf16, want), 1e-3)
+    _assert_as_close_to_float64_as_torch(x, plain.weight, 1, (y_f, dx_f, dw_f), (y_p, dx_p, dw_p))

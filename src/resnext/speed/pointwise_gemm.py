@@ -78,39 +78,28 @@ def _check_weight(weight: torch.Tensor) -> tuple[int, int]:
     return c_out, c_in
 
 
+def _pack(weight: torch.Tensor, pairs_of_inputs: bool) -> torch.Tensor:
+    c_out, c_in = _check_weight(weight)
+    w = weight.detach().reshape(c_out, c_in).contiguous()
+    pairs, columns = (c_in // 2, c_out) if pairs_of_inputs else (c_out // 2, c_in)
+    packed = torch.empty(pairs, columns, 2, dtype=torch.bfloat16)
+    pack = _library().pack_pairs_rows if pairs_of_inputs else _library().pack_pairs_cols
+    flag = WEIGHT_DTYPES[w.dtype]
+    pack(w.data_ptr(), flag, packed.data_ptr(), c_out, c_in, torch.get_num_threads())
+    return packed
+
+
 def pack_forward(weight: torch.Tensor) -> torch.Tensor:
     """The forward product's bf16 operand (C_in/2, C_out, 2) from a (C_out, C_in, 1, 1) weight.
 
     A float32 weight is rounded to bf16 (to nearest even, as `Tensor.to` does) while packing.
     """
-    c_out, c_in = _check_weight(weight)
-    w = weight.detach().reshape(c_out, c_in).contiguous()
-    packed = torch.empty(c_in // 2, c_out, 2, dtype=torch.bfloat16)
-    _library().pack_pairs_rows(
-        w.data_ptr(),
-        WEIGHT_DTYPES[w.dtype],
-        packed.data_ptr(),
-        c_out,
-        c_in,
-        torch.get_num_threads(),
-    )
-    return packed
+    return _pack(weight, pairs_of_inputs=True)
 
 
 def pack_input_grad(weight: torch.Tensor) -> torch.Tensor:
     """The input gradient's bf16 operand (C_out/2, C_in, 2) from a (C_out, C_in, 1, 1) weight."""
-    c_out, c_in = _check_weight(weight)
-    w = weight.detach().reshape(c_out, c_in).contiguous()
-    packed = torch.empty(c_out // 2, c_in, 2, dtype=torch.bfloat16)
-    _library().pack_pairs_cols(
-        w.data_ptr(),
-        WEIGHT_DTYPES[w.dtype],
-        packed.data_ptr(),
-        c_out,
-        c_in,
-        torch.get_num_threads(),
-    )
-    return packed
+    return _pack(weight, pairs_of_inputs=False)
 
 
 def matmul_channels(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
