@@ -20,26 +20,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_pointwise_train import pointwise_shapes
+from bench_pointwise_train import SETS, pointwise_shapes, tensor_sets
 from resnext.speed import pointwise_gemm
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
 from resnext.speed.pointwise_train import gemm_weight_grad
 from resnext.speed.provenance import write_results
 
-SETS = 4
-
 
 def layer_ops(cin: int, cout: int, size: int, batch: int) -> dict[str, Callable[[], object]]:
-    """The layer's forward and input gradient by oneDNN and by our product, from a float32 weight."""
+    """The layer's three products by oneDNN, ours (and the GEMM's weight gradient), each from the
+    float32 weight and cycling through SETS activations."""
     g = torch.Generator().manual_seed(cin * 7 + cout + size)
-    cl = torch.channels_last
     bf16 = torch.bfloat16
-    xs = [torch.randn(batch, cin, size, size, generator=g).to(bf16).contiguous(memory_format=cl)]
-    gs = [torch.randn(batch, cout, size, size, generator=g).to(bf16).contiguous(memory_format=cl)]
-    for _ in range(SETS - 1):
-        xs.append(xs[0].clone(memory_format=cl))
-        gs.append(gs[0].clone(memory_format=cl))
+    xs = tensor_sets((batch, cin, size, size), bf16, g)
+    gs = tensor_sets((batch, cout, size, size), bf16, g)
     weight = torch.randn(cout, cin, 1, 1, generator=g)
     names = ("fwd_onednn", "fwd_ours", "dx_onednn", "dx_ours", "dw_onednn", "dw_gemm", "dw_ours")
     turn = dict.fromkeys(names, 0)

@@ -51,18 +51,24 @@ def pointwise_shapes(name: str, image_size: int) -> Counter[tuple[int, int, int,
     return shapes
 
 
+def tensor_sets(
+    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """SETS equal random channels-last tensors: an op cycling through them finds its operands
+    cold in cache, as in a training step, and every round computes the same thing."""
+    first = torch.randn(shape, generator=generator).to(dtype)
+    first = first.contiguous(memory_format=torch.channels_last)
+    return [first] + [first.clone(memory_format=torch.channels_last) for _ in range(SETS - 1)]
+
+
 def weight_grad_ops(
     cin: int, cout: int, size: int, stride: int, batch: int, dtype: torch.dtype
 ) -> dict[str, Callable[[], object]]:
     """The layer's weight gradient by oneDNN and by the GEMM, each cycling through SETS tensors."""
     g = torch.Generator().manual_seed(cin * 7 + cout + size)
     out = (size - 1) // stride + 1
-    cl = torch.channels_last
-    xs = [torch.randn(batch, cin, size, size, generator=g).to(dtype).contiguous(memory_format=cl)]
-    gs = [torch.randn(batch, cout, out, out, generator=g).to(dtype).contiguous(memory_format=cl)]
-    for _ in range(SETS - 1):
-        xs.append(xs[0].clone(memory_format=cl))
-        gs.append(gs[0].clone(memory_format=cl))
+    xs = tensor_sets((batch, cin, size, size), dtype, g)
+    gs = tensor_sets((batch, cout, out, out), dtype, g)
     w = torch.randn(cout, cin, 1, 1, generator=g).to(dtype)
     turn = {"onednn": 0, "gemm": 0}
 

@@ -90,8 +90,9 @@ class TrainConfig:
     # CPU training fast path: grouped 3x3 convolutions with 4 or 8 channels per group use our
     # C kernels for the forward, input gradient and weight gradient where they beat oneDNN.
     grouped_kernels: bool = False
-    # CPU training fast path: the weight gradient of bf16 1x1 convolutions on small maps as one
-    # matrix product, where torch.mm beats oneDNN's convolution backward.
+    # CPU training fast path: bf16 1x1 convolutions' forward, input and weight gradients in our
+    # AVX512-BF16 products, or the weight gradient on small maps as one torch.mm, where those
+    # beat oneDNN.
     gemm_weight_grad: bool = False
     zero_init_residual: bool = False
     checkpoint_every: int = 0

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.capability import has_avx512_bf16
 
 SOURCE = Path(__file__).with_name("kernels") / "pointwise_gemm.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
@@ -48,16 +47,26 @@ def _library() -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def unavailable_reason() -> str | None:
     """None if the kernel can run here, else why not (one line; decided once per process)."""
-    if not has_avx512_bf16():
-        return "this CPU lacks avx512_bf16"
-    return native.problem(_library)
+    return native.problem(_library)  # REQUIRED_FLAGS names avx512_bf16: checked before building
 
 
 def takes(in_channels: int, out_channels: int) -> bool:
     """Whether the kernel computes a 1×1 convolution with these channels, forward and backward."""
     # Output columns come in blocks of 64 (C_out forward, C_in for the input gradient); the
     # reduction runs over pairs (C_in forward, C_out backward).
-    return in_channels % COLUMN_BLOCK == 0 and out_channels % COLUMN_BLOCK == 0
+    return takes_weight_grad(in_channels) and out_channels % COLUMN_BLOCK == 0
+
+
+def takes_weight_grad(in_channels: int) -> bool:
+    """Whether `weight_grad` takes a 1×1 convolution with this many input channels (any output)."""
+    return in_channels % COLUMN_BLOCK == 0
+
+
+def _check_activation(name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.bfloat16 or t.dim() != 4 or t.device.type != "cpu":
+        raise ValueError(
+            f"{name}: expected a 4-D bfloat16 CPU tensor, got {tuple(t.shape)} {t.dtype}"
+        )
 
 
 WEIGHT_DTYPES = {torch.float32: 1, torch.bfloat16: 0}  # the packs' `f32` flag
@@ -108,8 +117,7 @@ def matmul_channels(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     `x` is (N, K, H, W) bf16, `packed` is (K/2, C, 2) from `pack_forward` (K = C_in, C = C_out)
     or `pack_input_grad` (K = C_out, C = C_in).
     """
-    if x.dtype != torch.bfloat16 or x.dim() != 4 or x.device.type != "cpu":
-        raise ValueError(f"x: expected a 4-D bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype}")
+    _check_activation("x", x)
     n, k, h, w = x.shape
     if packed.dim() != 3 or packed.shape[0] * 2 != k or packed.shape[2] != 2:
         raise ValueError(
@@ -137,13 +145,10 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     `x` (N, C_in, H, W) is the convolution's input (already subsampled for a strided one), `grad`
     (N, C_out, H, W) its output's gradient, both bf16; C_in must be a multiple of 64.
     """
-    for name, t in (("x", x), ("grad", grad)):
-        if t.dtype != torch.bfloat16 or t.dim() != 4 or t.device.type != "cpu":
-            raise ValueError(
-                f"{name}: expected a 4-D bfloat16 CPU tensor, got {tuple(t.shape)} {t.dtype}"
-            )
+    _check_activation("x", x)
+    _check_activation("grad", grad)
     n, c_in, h, w = x.shape
-    if grad.shape[0] != n or grad.shape[2:] != x.shape[2:] or c_in % COLUMN_BLOCK:
+    if grad.shape[0] != n or grad.shape[2:] != x.shape[2:] or not takes_weight_grad(c_in):
         raise ValueError(
             f"x, grad: expected the same batch and map size and C_in a multiple of {COLUMN_BLOCK}, "
             f"got x {tuple(x.shape)}, grad {tuple(grad.shape)}"

@@ -32,8 +32,9 @@ from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dt
 GEMM_MAX_ROWS = 16384
 # Rows from which our weight-gradient kernel (`pointwise_gemm.weight_grad`) beats both oneDNN and
 # `torch.mm` in bf16 (benchmarks/bench_pointwise_gemm.py: 1.05–1.10× the GEMM at 28², 1.0–1.1×
-# oneDNN and 1.2–1.4× the GEMM at 56²; within ±5 % of the GEMM at 14² and 7²). With our product (stride 1, multiples of 64
-# channels) layers with more than GEMM_MAX_ROWS rows take the fast path too, all three ops ours.
+# oneDNN and 1.2–1.4× the GEMM at 56²; within ±5 % of the GEMM at 14² and 7²). With our product
+# (stride 1, multiples of 64 channels) layers with more than GEMM_MAX_ROWS rows take the fast
+# path too, all three ops ours.
 OUR_WGRAD_MIN_ROWS = 8192
 # float32 matrix products go through MKL, slower than oneDNN's convolution here.
 DTYPES = (torch.bfloat16,)
@@ -67,10 +68,10 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int) -> torch.Tenso
     if (
         rows >= OUR_WGRAD_MIN_ROWS
         and x.dtype == torch.bfloat16
-        and x.shape[1] % pointwise_gemm.COLUMN_BLOCK == 0
+        and pointwise_gemm.takes_weight_grad(x.shape[1])
         and pointwise_gemm.unavailable_reason() is None
     ):
-        return pointwise_gemm.weight_grad(x[:, :, ::stride, ::stride] if stride != 1 else x, grad)
+        return pointwise_gemm.weight_grad(x[:, :, ::stride, ::stride], grad)
     return gemm_weight_grad(x, grad, stride)
 
 
@@ -104,7 +105,7 @@ class _PointwiseConv(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[:2]
         dx = dw = None
         if want_x and ctx.ours:
-            dx = pointwise_gemm.matmul_channels(grad.to(torch.bfloat16), w)
+            dx = pointwise_gemm.matmul_channels(grad, w)
         elif want_x:
             stride = [ctx.stride] * 2
             dx, _, _ = torch.ops.aten.convolution_backward(
@@ -116,13 +117,13 @@ class _PointwiseConv(torch.autograd.Function):
 
 
 class TrainingPointwiseConv2d(TrainingFastConv2d):
-    """A 1×1 Conv2d whose training weight gradient is one GEMM where that beats oneDNN."""
+    """A 1×1 Conv2d whose training products run in our kernels or one GEMM where those beat oneDNN."""
 
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         return _PointwiseConv.apply(x, self.weight, self.stride[0])
 
     def _fast_dtype(self, x: torch.Tensor) -> torch.dtype | None:
-        """The dtype the GEMM path computes `x` in (autocast's, else x's), or None for torch's."""
+        """The dtype the fast path computes `x` in (autocast's, else x's), or None for torch's."""
         dtype = training_input_dtype(self, x)
         if dtype is None or not self.weight.requires_grad:
             return None

@@ -13,10 +13,8 @@ from torch.utils.checkpoint import checkpoint
 import resnext
 from resnext.config import OptimConfig
 from resnext.errors import ConfigError
-from resnext.speed.fused_bn import use_fused_batchnorm
-from resnext.speed.grouped_train import use_grouped_kernels
 from resnext.speed.measure import interleaved, ratios, validate_bench_config
-from resnext.speed.pointwise_train import use_gemm_weight_grad
+from resnext.speed.train_paths import use_training_fast_paths
 from resnext.train.optim import build_optimizer
 
 VARIANTS = (
@@ -78,12 +76,12 @@ def make_step(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    if "-fused" in variant:
-        use_fused_batchnorm(model)
-    if "-grouped" in variant:
-        use_grouped_kernels(model)
-    if variant.endswith("-gemm"):
-        use_gemm_weight_grad(model)
+    use_training_fast_paths(
+        model,
+        fused_bn="-fused" in variant,
+        grouped_kernels="-grouped" in variant,
+        gemm_weight_grad=variant.endswith("-gemm"),
+    )
     net: nn.Module = CheckpointedStages(model) if variant.endswith("-ckpt") else model
     if variant.endswith("-compile"):
         net = torch.compile(net)

@@ -20,9 +20,7 @@ from torch.utils.data import Dataset
 from resnext.config import Config, save_config
 from resnext.errors import ConfigError
 from resnext.speed.allocator import keep_freed_memory
-from resnext.speed.fused_bn import use_fused_batchnorm
-from resnext.speed.grouped_train import use_grouped_kernels
-from resnext.speed.pointwise_train import use_gemm_weight_grad
+from resnext.speed.train_paths import use_training_fast_paths
 from resnext.train import provenance
 from resnext.train.checkpoint import atomic_save
 from resnext.train.data_setup import (
@@ -148,12 +146,12 @@ def _run(
     seed_everything(cfg.train.seed)
     raw = build_network(cfg, class_count(train_set))
     raw = place(raw, info.device, cfg.train.channels_last)
-    if cfg.train.fused_bn:
-        use_fused_batchnorm(raw)
-    if cfg.train.grouped_kernels:
-        use_grouped_kernels(raw)
-    if cfg.train.gemm_weight_grad:
-        use_gemm_weight_grad(raw)
+    use_training_fast_paths(
+        raw,
+        fused_bn=cfg.train.fused_bn,
+        grouped_kernels=cfg.train.grouped_kernels,
+        gemm_weight_grad=cfg.train.gemm_weight_grad,
+    )
     model = wrap_distributed(raw, info.device, info.world_size, cfg.train.sync_bn)
     if cfg.train.sync_bn and info.world_size > 1:
         raw = model.module  # the converted network (SyncBatchNorm layers) inside DDP

@@ -160,23 +160,28 @@ int pack_pairs_rows(const void *w, int f32, uint16_t *bp, int N, int K, int thre
   return 0;
 }
 
+/* 32 pairs (even lane i, odd lane i) of two rows' 32 bf16 values, stored as 64 values at out. */
+static inline void store_pairs(uint16_t *out, __m512i even, __m512i odd) {
+  /* word i of the first store: lane i of each row (0..15); of the second, lane 16 + i */
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40,
+                                      8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  _mm512_storeu_si512(out, _mm512_permutex2var_epi16(even, lo, odd));
+  _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(even, hi, odd));
+}
+
 /* bp[j][n] = (w[2j][n], w[2j+1][n]) from a row-major w[K][N] (float32 if f32, else bf16): the
  * input gradient's operand (the weight itself, K = output channels, N = input channels). Two
  * rows' 32 values interleave into 32 pairs: two stores per 32 columns. */
 int pack_pairs_cols(const void *w, int f32, uint16_t *bp, int K, int N, int threads) {
   if (N < 32 || N % 32 || K < 2 || K % 2 || threads < 1) return 1;
-  /* word i of the result: (even row's lane i, odd row's lane i), lanes 0..15 then 16..31 */
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40,
-                                      8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int j = 0; j < K / 2; j++) {
     uint16_t *out = bp + 2 * (long)j * N;
     for (int n = 0; n < N; n += 32) {
       const __m512i e = load32(w, (long)(2 * j) * N + n, f32);
       const __m512i o = load32(w, (long)(2 * j + 1) * N + n, f32);
-      _mm512_storeu_si512(out + 2 * n, _mm512_permutex2var_epi16(e, lo, o));
-      _mm512_storeu_si512(out + 2 * n + 32, _mm512_permutex2var_epi16(e, hi, o));
+      store_pairs(out + 2 * n, e, o);
     }
   }
   return 0;
@@ -186,19 +191,16 @@ int pack_pairs_cols(const void *w, int f32, uint16_t *bp, int K, int N, int thre
  * c < width (a multiple of 32); rows past `rows` and columns past `valid` are zeros. */
 static void interleave_rows(const uint16_t *src, long ld, int rows, int kp, int width, int valid,
                             uint16_t *dst) {
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40,
-                                      8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
   for (int j = 0; j < kp; j++) {
     const uint16_t *even = src + 2L * j * ld, *odd = even + ld;
     uint16_t *out = dst + 2L * j * width;
     for (int c = 0; c < width; c += 32) {
       const int left = valid - c;
       const __mmask32 m = left >= 32 ? 0xffffffffu : left <= 0 ? 0u : (1u << left) - 1;
-      const __m512i e = 2 * j < rows ? _mm512_maskz_loadu_epi16(m, even + c) : _mm512_setzero_si512();
-      const __m512i o = 2 * j + 1 < rows ? _mm512_maskz_loadu_epi16(m, odd + c) : _mm512_setzero_si512();
-      _mm512_storeu_si512(out + 2 * c, _mm512_permutex2var_epi16(e, lo, o));
-      _mm512_storeu_si512(out + 2 * c + 32, _mm512_permutex2var_epi16(e, hi, o));
+      const __m512i zero = _mm512_setzero_si512();
+      const __m512i e = 2 * j < rows ? _mm512_maskz_loadu_epi16(m, even + c) : zero;
+      const __m512i o = 2 * j + 1 < rows ? _mm512_maskz_loadu_epi16(m, odd + c) : zero;
+      store_pairs(out + 2 * c, e, o);
     }
   }
 }
@@ -225,7 +227,8 @@ int pointwise_wgrad_bf16(const uint16_t *g, const uint16_t *x, float *dw, long M
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     float *d = t == 0 ? dw : part + (t - 1) * size;
     const long pairs = (M + 1) / 2;
-    const long m_begin = 2 * (pairs * t / T), m_end = 2 * (pairs * (t + 1) / T) < M ? 2 * (pairs * (t + 1) / T) : M;
+    const long m_begin = 2 * (pairs * t / T), m_stop = 2 * (pairs * (t + 1) / T);
+    const long m_end = m_stop < M ? m_stop : M; /* an odd M: the last pair has one row */
     uint16_t *xp = aligned_alloc(64, sizeof(uint16_t) * KC * Cin);
     uint16_t *gp = aligned_alloc(64, sizeof(uint16_t) * KC * width);
     if (!xp || !gp) failed = 1;
@@ -262,7 +265,8 @@ int pointwise_wgrad_bf16(const uint16_t *g, const uint16_t *x, float *dw, long M
     free(gp);
 #pragma omp barrier
     /* each thread adds the other threads' sums into its share of dw */
-    const long begin = size * t / T / 16 * 16, end = t == T - 1 ? size : size * (t + 1) / T / 16 * 16;
+    const long begin = size * t / T / 16 * 16;
+    const long end = t == T - 1 ? size : size * (t + 1) / T / 16 * 16;
     for (int p = 0; !failed && p < T - 1; p++) {
       const float *q = part + p * size;
       long i = begin;
