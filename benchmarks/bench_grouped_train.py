@@ -1,10 +1,11 @@
-"""The grouped 3×3 convolution's training ops, oneDNN vs our kernels, per ResNeXt-50 layer shape.
+"""The grouped 3×3 convolution's training ops, every implementation the fast path chooses from,
+per ResNeXt-50 layer shape.
 
 Usage: .venv/bin/python benchmarks/bench_grouped_train.py [--batch 16] [--rounds 5] [--dtypes bf16,fp32]
 For each distinct conv2 shape of ResNeXt-50 32×4d (stride-1 blocks and each stage's stride-2
-first block): forward, input gradient and weight gradient, each timed with oneDNN (through
-`torch.ops.aten.convolution_backward`) and with our kernel where one exists, interleaved in one
-process; GFLOP/s and our ÷ oneDNN time. `resnext.speed.grouped_train` picks its kernels by this.
+first block): forward, input gradient and weight gradient, each timed with every candidate
+`resnext.speed.grouped_train` offers the chooser on this CPU (oneDNN, our widening kernels,
+our AVX512-BF16 pair kernels), interleaved in one process; GFLOP/s and oneDNN ÷ each.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from resnext.speed import grouped_kernel, grouped_train, grouped_wgrad
+from resnext.speed import grouped_train
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
 from resnext.speed.provenance import write_results
@@ -38,30 +39,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def layer_ops(
     c: int, size: int, stride: int, batch: int, dtype: torch.dtype
 ) -> dict[str, Callable[[], object]]:
-    """Each training op of one layer, done by oneDNN and (where ours takes it) by our kernels."""
+    """Each training op of one layer ("op/implementation"), as the fast path's chooser sees it."""
     g = torch.Generator().manual_seed(c + size)
     x = torch.randn(batch, c, size, size, generator=g).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(c, c // GROUPS, 3, 3, generator=g).to(dtype)
     out = F.conv2d(x, w, None, stride, 1, 1, GROUPS)
     gy = torch.randn(out.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-
-    def onednn(mask: list[bool]) -> Callable[[], object]:
-        args = (gy, x, w, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], GROUPS, mask)
-        return lambda: torch.ops.aten.convolution_backward(*args)
-
-    ops: dict[str, Callable[[], object]] = {
-        "forward/onednn": lambda: F.conv2d(x, w, None, stride, 1, 1, GROUPS),
-        "input_grad/onednn": onednn([True, False, False]),
-        "weight_grad/onednn": onednn([False, True, False]),
-    }
-    if grouped_kernel.unavailable_reason(dtype) is None:
-        wt = grouped_train.transposed_weight(w, GROUPS)
-        ops["forward/ours"] = lambda: grouped_train.our_kernel(x, w, GROUPS, stride)
-        if stride == 1:
-            ops["input_grad/ours"] = lambda: grouped_train.our_kernel(gy, wt, GROUPS, 1)
-    if grouped_wgrad.unavailable_reason() is None and grouped_wgrad.supports(c, GROUPS, stride):
-        ops["weight_grad/ours"] = lambda: grouped_wgrad.weight_grad(x, gy, GROUPS, stride)
+    ops: dict[str, Callable[[], object]] = {}
+    for op, candidates in (
+        ("forward", grouped_train.conv_candidates(x, w, GROUPS, stride)),
+        ("input_grad", grouped_train.input_grad_candidates(gy, x, w, GROUPS, stride)),
+        ("weight_grad", grouped_train.weight_grad_candidates(gy, x, w, GROUPS, stride)),
+    ):
+        ops.update({f"{op}/{name}": fn for name, fn in candidates.items()})
     return ops
 
 
@@ -87,20 +78,19 @@ def main() -> int:
             line = [f"{dname} C={c} {size}² s{stride} ×{count}:"]
             for op in ("forward", "input_grad", "weight_grad"):
                 base = timings[f"{op}/onednn"].median_s
-                ours = timings.get(f"{op}/ours")
-                row[op] = {
-                    "onednn_ms": 1e3 * base,
-                    "onednn_gflops": gflop / base,
-                    "ours_ms": None if ours is None else 1e3 * ours.median_s,
-                    "ours_gflops": None if ours is None else gflop / ours.median_s,
-                    "onednn_over_ours": None if ours is None else base / ours.median_s,
+                ms = {
+                    k.split("/", 1)[1]: 1e3 * t.median_s
+                    for k, t in timings.items()
+                    if k.startswith(op + "/")
                 }
-                mine = (
-                    "—"
-                    if ours is None
-                    else f"{1e3 * ours.median_s:.2f} ({base / ours.median_s:.2f}×)"
-                )
-                line.append(f"{op} {1e3 * base:.2f} / ours {mine}")
+                row[op] = {
+                    "ms": ms,
+                    "gflops": {name: gflop / (t / 1e3) for name, t in ms.items()},
+                    "onednn_over": {name: 1e3 * base / t for name, t in ms.items()},
+                    "fastest": min(ms, key=ms.__getitem__),
+                }
+                parts = [f"{name} {t:.2f}" for name, t in ms.items()]
+                line.append(f"{op}: " + " / ".join(parts))
             results[f"{dname}/{c}x{size}/s{stride}"] = row
             print("  ".join(line), flush=True)
     path = write_results(

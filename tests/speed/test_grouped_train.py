@@ -1,4 +1,5 @@
-"""The training fast path's grouped 3×3 convolution equals torch's, forward and both gradients."""
+"""The training fast path's grouped 3×3 convolution equals torch's, forward and both gradients, on
+every implementation the chooser can pick."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnext
-from resnext.speed import grouped_kernel, grouped_train, grouped_wgrad
+from resnext.speed import autotune, grouped_kernel, grouped_train, grouped_wgrad
 from resnext.speed.grouped_train import (
     TrainingGroupedConv2d,
     transposed_weight,
@@ -115,8 +116,11 @@ def _step(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, amp: bool) -> di
 @needs_kernels
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("amp", [False, True] if BF16_REASON is None else [False])
-def test_module_forward_and_gradients_match_torch(shape, amp) -> None:
+@pytest.mark.parametrize("path", ["ours", "ours-pairs", None])
+def test_module_forward_and_gradients_match_torch(shape, amp, path, monkeypatch) -> None:
     n, c, groups, h, w, stride = shape
+    if path == "ours-pairs" and not (amp and c % 32 == 0 and grouped_wgrad.has_avx512_bf16()):
+        pytest.skip("the pair kernels take bf16 with C % 32 == 0 on AVX512-BF16 CPUs")
     torch.manual_seed(sum(shape))
     plain = nn.Conv2d(c, c, 3, stride, 1, groups=groups, bias=False)
     fast = copy.deepcopy(plain)
@@ -124,7 +128,21 @@ def test_module_forward_and_gradients_match_torch(shape, amp) -> None:
     x = _cl(torch.randn(n, c, h, w))
     grad = _cl(torch.randn(n, c, (h - 1) // stride + 1, (w - 1) // stride + 1))
     ref = _step(copy.deepcopy(plain).double(), x.double(), grad.double(), amp=False)
-    got = _step(fast, x, grad, amp)
+    calls = []
+    for module, name in ((grouped_kernel, "run_kernel"), (grouped_wgrad, "weight_grad")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    if path is None:  # chosen by timing, as in training
+        monkeypatch.setattr(autotune, "CHOOSER", autotune.Chooser())
+        got = _step(fast, x, grad, amp)
+        assert len(autotune.decisions()) == 2 + (stride == 1)  # stride 2: input grad oneDNN only
+    else:
+        with autotune.CHOOSER.prefer(path):
+            got = _step(fast, x, grad, amp)
+        # The forward and the weight gradient are ours; the input gradient at stride 1 only
+        # (the pair forward takes 4 channels per group, the pair weight gradient 4 and 8).
+        forwards = 1 + (stride == 1) if path == "ours" or c == 4 * groups else 0
+        assert sorted(calls) == ["run_kernel"] * forwards + ["weight_grad"]
     assert got["dweight"].dtype == torch.float32  # the parameter's dtype, as with plain autocast
     assert got["out"].dtype == (torch.bfloat16 if amp else torch.float32)
     if not amp:

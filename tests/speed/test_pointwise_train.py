@@ -1,5 +1,5 @@
-"""The training fast path's 1×1 convolution: the GEMM weight gradient equals torch's, and it is
-used only where it applies."""
+"""The training fast path's 1×1 convolution: every implementation of each product is as close
+to float64 as torch's, the chooser picks among them, and the path is used only where it applies."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnext
-from resnext.speed import pointwise_gemm, pointwise_train
+from resnext.speed import autotune, pointwise_gemm, pointwise_train
 from resnext.speed.pointwise_train import (
-    GEMM_MAX_ROWS,
     TrainingPointwiseConv2d,
     gemm_weight_grad,
     use_gemm_weight_grad,
@@ -89,35 +88,67 @@ def _assert_as_close_to_float64_as_torch(
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels", [(32, 48), (64, 128)])
+@pytest.mark.parametrize("path", ["onednn", "gemm", "ours"])
 def test_module_under_bf16_autocast_is_as_close_to_float64_as_torch(
-    stride, channels, monkeypatch
+    stride, channels, path, monkeypatch
 ) -> None:
     cin, cout = channels
+    if path == "ours" and not OUR_PRODUCT:
+        pytest.skip(f"our 1×1 product is unavailable here: {pointwise_gemm.unavailable_reason()}")
     plain, fast = _pair(cin, cout)
     plain.stride = fast.stride = (stride, stride)
-    calls, products = [], []
-    original = pointwise_train.gemm_weight_grad
-    monkeypatch.setattr(
-        pointwise_train, "gemm_weight_grad", lambda *a: calls.append(1) or original(*a)
-    )
-    product = pointwise_gemm.matmul_channels
-    monkeypatch.setattr(
-        pointwise_gemm, "matmul_channels", lambda *a: products.append(1) or product(*a)
-    )
+    seen = []
+    for module, name in (
+        (pointwise_train, "gemm_weight_grad"),
+        (pointwise_gemm, "matmul_channels"),
+        (pointwise_gemm, "weight_grad"),
+    ):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _n=name: seen.append(_n) or _fn(*a))
     x = _cl(torch.randn(4, cin, 9, 7, generator=torch.Generator().manual_seed(1)))
     plain.train(), fast.train()
     y_p, dx_p, dw_p = _grads(plain, x, torch.bfloat16)
-    y_f, dx_f, dw_f = _grads(fast, x, torch.bfloat16)
-    assert calls, "the GEMM path was not taken"
-    # Our product takes stride 1 with multiples of 64 channels: the forward and input gradient.
-    assert len(products) == (2 if OUR_PRODUCT and stride == 1 and cin % 64 == 0 else 0)
-    assert dw_f.dtype == torch.float32 and dx_f.dtype == torch.float32
+    with autotune.CHOOSER.prefer(path):
+        y_f, dx_f, dw_f = _grads(fast, x, torch.bfloat16)
+    # Ops that do not offer the pinned path run oneDNN's: ours needs multiples of 64 channels,
+    # and its forward and input gradient stride 1.
+    ours_product = path == "ours" and stride == 1 and cin % 64 == 0
+    want = {
+        "onednn": [],
+        "gemm": ["gemm_weight_grad"],
+        "ours": (["matmul_channels"] * 2 if ours_product else [])
+        + (["weight_grad"] if cin % 64 == 0 else []),
+    }[path]
+    assert sorted(seen) == sorted(want)
+    assert dx_f.dtype == torch.float32 and dw_f.dtype == torch.float32
     _assert_as_close_to_float64_as_torch(
         x, plain.weight, stride, (y_f, dx_f, dw_f), (y_p, dx_p, dw_p)
     )
 
 
-@pytest.mark.parametrize("case", ["eval", "float32", "nchw", "too_many_rows", "frozen", "traced"])
+def test_the_chooser_times_every_product_once_per_shape() -> None:
+    plain, fast = _pair(64, 64, seed=3)
+    x = _cl(torch.randn(2, 64, 6, 5, generator=torch.Generator().manual_seed(5)))
+    chooser = autotune.Chooser()
+    fast.train()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autotune, "CHOOSER", chooser)
+        first = _grads(fast, x, torch.bfloat16)
+        second = _grads(fast, x, torch.bfloat16)
+    ops = sorted(d.op for d in chooser.decisions())
+    assert ops == ["conv1x1.forward", "conv1x1.input_grad", "conv1x1.weight_grad"]
+    names = {d.op: set(d.ms) for d in chooser.decisions()}
+    assert {"onednn", "gemm"} <= names["conv1x1.weight_grad"]
+    if OUR_PRODUCT:
+        assert names["conv1x1.forward"] == {"onednn", "ours"}
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same winner both times
+    _assert_as_close_to_float64_as_torch(
+        x, plain.weight, 1, first, _grads(plain, x, torch.bfloat16)
+    )
+
+
+@pytest.mark.parametrize("case", ["eval", "float32", "nchw", "frozen", "traced"])
 def test_falls_back_to_the_plain_conv_where_the_gemm_does_not_apply(case, monkeypatch) -> None:
     def fail(*args):
         raise AssertionError("the GEMM path was taken")
@@ -132,9 +163,6 @@ def test_falls_back_to_the_plain_conv_where_the_gemm_does_not_apply(case, monkey
         dtype = None
     elif case == "nchw":
         x = x.contiguous()
-    elif case == "too_many_rows":
-        side = int((GEMM_MAX_ROWS // 2) ** 0.5) + 2  # batch 2: more rows than GEMM_MAX_ROWS
-        x = _cl(torch.randn(2, 32, side, side))
     elif case == "frozen":
         plain.weight.requires_grad_(False), fast.weight.requires_grad_(False)
     if case == "traced":
@@ -173,23 +201,3 @@ def test_convs_the_gemm_does_not_take_are_left_alone() -> None:
         nn.Conv2d(8, 8, 1, padding=1, bias=False),  # padded
     )
     assert use_gemm_weight_grad(model) == 0
-
-
-@pytest.mark.skipif(not OUR_PRODUCT, reason="our 1×1 product is unavailable on this CPU")
-def test_large_maps_with_64_channel_multiples_run_all_three_ops_in_our_kernels(monkeypatch) -> None:
-    # More rows than GEMM_MAX_ROWS: before our kernels these layers were left to plain oneDNN.
-    plain, fast = _pair(64, 128, seed=4)
-    side = int(GEMM_MAX_ROWS**0.5) + 3
-    x = _cl(torch.randn(1, 64, side, side, generator=torch.Generator().manual_seed(2)))
-    seen = []
-    for name in ("matmul_channels", "weight_grad"):
-        fn = getattr(pointwise_gemm, name)
-        monkeypatch.setattr(
-            pointwise_gemm, name, lambda *a, _fn=fn, _name=name: seen.append(_name) or _fn(*a)
-        )
-    monkeypatch.setattr(pointwise_train, "gemm_weight_grad", None)  # must not be reached
-    plain.train(), fast.train()
-    y_p, dx_p, dw_p = _grads(plain, x, torch.bfloat16)
-    y_f, dx_f, dw_f = _grads(fast, x, torch.bfloat16)
-    assert sorted(seen) == ["matmul_channels", "matmul_channels", "weight_grad"]
-    _assert_as_close_to_float64_as_torch(x, plain.weight, 1, (y_f, dx_f, dw_f), (y_p, dx_p, dw_p))

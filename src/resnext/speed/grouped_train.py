@@ -1,30 +1,36 @@
-"""The training fast path's grouped 3×3 convolution: our kernels where they beat oneDNN.
+"""The training fast path's grouped 3×3 convolution: each product by the fastest of oneDNN and ours.
 
 `use_grouped_kernels(model)` turns each grouped 3×3 `nn.Conv2d` the kernels take (padding 1,
 no bias, 4 or 8 channels per group, stride 1 or 2) into a `TrainingGroupedConv2d` in place (same
 parameters and state-dict keys). In training mode on channels-last float32/bfloat16 CPU tensors
-(bf16 from autocast included) it runs:
+(bf16 from autocast included), each of its three products has these implementations:
 
-- the forward and, at stride 1, the input gradient with `kernels/grouped3x3.c` when a group has
-  4 channels (ResNeXt-50's stage 1; ~2.5× oneDNN), or 8 channels in float32 (~1.2–1.7×); the
-  input gradient of a stride-1 convolution is the convolution of the output gradient with each
-  group's weight matrix transposed and its taps flipped;
-- the weight gradient with `kernels/grouped3x3_wgrad.c` for 4 and 8 channels per group (1.5–4×
-  oneDNN); the float32 gradient is returned as it is, not rounded to bf16 first;
-- everything else with oneDNN, through `torch.ops.aten.convolution_backward`.
+- the forward: oneDNN, or `kernels/grouped3x3.c` (the diagonal kernel widening bf16 to float32
+  FMAs; for bf16 with 4 channels per group also the AVX512-BF16 pair dot-product kernel);
+- the input gradient at stride 1: oneDNN, or the same kernels applied to the output gradient
+  with each group's weight matrix transposed and its taps flipped (stride 2: oneDNN only);
+- the weight gradient: oneDNN, or `kernels/grouped3x3_wgrad.c` (widening, or pair dot products
+  for bf16 with a multiple of 32 channels); its float32 gradient is not rounded to bf16 first.
 
-Everywhere else (eval mode, other devices, layouts or dtypes, tracing, torch.compile, no kernel)
-it is the plain `nn.Conv2d`.
+Which wins depends on the CPU and the shape (on an AMD EPYC the pair kernels won stage 1 by
+2–5×; on an Intel Xeon, whose pair dot product runs at half its FMA rate, the widening kernels
+win there and oneDNN from 28² on: benchmarks/RESULTS.md), so each product is chosen per shape by
+timing the candidates on the first call (`resnext.speed.autotune`). Everywhere else (eval mode,
+other devices, layouts or dtypes, tracing, torch.compile, no kernel) it is the plain
+`nn.Conv2d`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from resnext.speed import grouped_kernel, grouped_swap, grouped_wgrad
+from resnext.speed import autotune, grouped_kernel, grouped_swap, grouped_wgrad
+from resnext.speed.capability import has_avx512_bf16
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
 
@@ -36,20 +42,84 @@ def transposed_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return per_group.transpose(1, 2).flip(-1, -2).reshape(c, cpg, 3, 3)
 
 
-def forward_kernel_wins(channels_per_group: int, dtype: torch.dtype) -> bool:
-    """Whether our forward kernel beats oneDNN's here (benchmarks/bench_grouped_train.py)."""
-    return channels_per_group == 4 or (channels_per_group == 8 and dtype == torch.float32)
-
-
-def our_kernel(x: torch.Tensor, weight: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
-    """conv2d(x, weight, stride, padding=1, groups) by `kernels/grouped3x3.c`, weights packed now."""
-    pairs = grouped_kernel.takes_pairs(x.shape[1], groups, x.dtype)
+def our_kernel(
+    x: torch.Tensor, weight: torch.Tensor, groups: int, stride: int, pairs: bool = False
+) -> torch.Tensor:
+    """conv2d(x, weight, stride, padding=1, groups) by `kernels/grouped3x3.c`, weights packed now;
+    `pairs` picks the AVX512-BF16 pair kernel (bf16, 4 channels per group)."""
     packed = grouped_kernel.pack_weights(weight, groups, pairs=pairs)
     return grouped_kernel.run_kernel(x, packed, None, groups, stride)
 
 
+def _pairs_apply(x: torch.Tensor, groups: int) -> bool:
+    return has_avx512_bf16() and grouped_kernel.takes_pairs(x.shape[1], groups, x.dtype)
+
+
+def _key(x: torch.Tensor, groups: int, stride: int) -> tuple:
+    return (tuple(x.shape), groups, stride, x.dtype)
+
+
+def conv_candidates(
+    x: torch.Tensor, w: torch.Tensor, groups: int, stride: int
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """Implementations of conv2d(x, w, stride, padding=1, groups), oneDNN's first."""
+    candidates = {
+        "onednn": lambda: F.conv2d(x, w, None, stride, 1, 1, groups).contiguous(
+            memory_format=torch.channels_last
+        )
+    }
+    if grouped_kernel.unavailable_reason(x.dtype) is None and grouped_kernel.supports(
+        x.shape[1], groups, stride
+    ):
+        candidates["ours"] = lambda: our_kernel(x, w, groups, stride)
+        if _pairs_apply(x, groups):
+            candidates["ours-pairs"] = lambda: our_kernel(x, w, groups, stride, pairs=True)
+    return candidates
+
+
+def input_grad_candidates(
+    grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, groups: int, stride: int
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """Implementations of the input gradient, oneDNN's first."""
+    candidates = {"onednn": lambda: _onednn_backward(grad, x, w, groups, stride, 0)}
+    if stride == 1:
+        # The stride-1 input gradient is a forward convolution of the output gradient.
+        for name, fn in conv_candidates(grad, transposed_weight(w, groups), groups, 1).items():
+            if name != "onednn":
+                candidates[name] = fn
+    return candidates
+
+
+def weight_grad_candidates(
+    grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, groups: int, stride: int
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """Implementations of the weight gradient, oneDNN's first."""
+    candidates = {"onednn": lambda: _onednn_backward(grad, x, w, groups, stride, 1)}
+    if grouped_wgrad.unavailable_reason() is None and grouped_wgrad.supports(
+        x.shape[1], groups, stride
+    ):
+        candidates["ours"] = lambda: grouped_wgrad.weight_grad(x, grad, groups, stride, False)
+        if grouped_wgrad.pairs_apply(x):
+            candidates["ours-pairs"] = lambda: grouped_wgrad.weight_grad(
+                x, grad, groups, stride, True
+            )
+    return candidates
+
+
+def _onednn_backward(
+    grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, groups: int, stride: int, which: int
+) -> torch.Tensor:
+    """oneDNN's input (which=0) or weight (which=1) gradient of the grouped convolution."""
+    mask = [which == 0, which == 1, False]
+    out = torch.ops.aten.convolution_backward(
+        grad, x, w, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], groups, mask
+    )
+    return out[which]
+
+
 class _GroupedConv3x3(torch.autograd.Function):
-    """conv2d(x, weight, stride, padding=1, groups) in `dtype` with the kernel split above."""
+    """conv2d(x, weight, stride, padding=1, groups) in x's dtype; each product by the
+    implementation that `autotune` found fastest for this shape."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -60,14 +130,10 @@ class _GroupedConv3x3(torch.autograd.Function):
         stride: int,
     ) -> torch.Tensor:
         w = weight.to(x.dtype)
-        ours = forward_kernel_wins(x.shape[1] // groups, x.dtype)
-        ctx.groups, ctx.stride, ctx.ours = groups, stride, ours
-        ctx.weight_dtype = weight.dtype
+        ctx.groups, ctx.stride, ctx.weight_dtype = groups, stride, weight.dtype
         ctx.save_for_backward(x, w)
-        if ours:
-            return our_kernel(x, w, groups, stride)
-        y = F.conv2d(x, w, None, stride, 1, 1, groups)
-        return y.contiguous(memory_format=torch.channels_last)
+        key = _key(x, groups, stride)
+        return autotune.run("grouped3x3.forward", key, conv_candidates(x, w, groups, stride))
 
     @staticmethod
     @once_differentiable
@@ -78,25 +144,19 @@ class _GroupedConv3x3(torch.autograd.Function):
         groups, stride = ctx.groups, ctx.stride
         grad = grad.contiguous(memory_format=torch.channels_last)
         want_x, want_w = ctx.needs_input_grad[:2]
-        ours_x = want_x and ctx.ours and stride == 1
-        ours_w = want_w and grouped_wgrad.supports(x.shape[1], groups, stride)
+        key = _key(x, groups, stride)
         dx = dw = None
-        if (want_x and not ours_x) or (want_w and not ours_w):
-            mask = [want_x and not ours_x, want_w and not ours_w, False]
-            dx, dw, _ = torch.ops.aten.convolution_backward(
-                grad, x, w, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], groups, mask
-            )
-        if ours_x:
-            dx = our_kernel(grad, transposed_weight(w, groups), groups, 1)
-        if ours_w:
-            dw = grouped_wgrad.weight_grad(x, grad, groups, stride)
-        if dw is not None:
-            dw = dw.to(ctx.weight_dtype)
+        if want_x:
+            candidates = input_grad_candidates(grad, x, w, groups, stride)
+            dx = autotune.run("grouped3x3.input_grad", key, candidates)
+        if want_w:
+            candidates = weight_grad_candidates(grad, x, w, groups, stride)
+            dw = autotune.run("grouped3x3.weight_grad", key, candidates).to(ctx.weight_dtype)
         return dx, dw, None, None
 
 
 class TrainingGroupedConv2d(TrainingFastConv2d):
-    """A grouped 3×3 Conv2d whose training forward and backward use our kernels where they win."""
+    """A grouped 3×3 Conv2d whose training products each run the fastest implementation for its shape."""
 
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         return _GroupedConv3x3.apply(x, self.weight, self.groups, self.stride[0])
@@ -108,10 +168,7 @@ class TrainingGroupedConv2d(TrainingFastConv2d):
             return None
         if dtype not in grouped_wgrad.DTYPES or x.dtype not in grouped_wgrad.DTYPES:
             return None
-        needs_forward_kernel = forward_kernel_wins(self.in_channels // self.groups, dtype)
-        if grouped_wgrad.unavailable_reason() is not None or (
-            needs_forward_kernel and grouped_kernel.unavailable_reason(dtype) is not None
-        ):
+        if grouped_wgrad.unavailable_reason() is not None or grouped_kernel.unavailable_reason():
             return None
         return dtype
 

@@ -45,8 +45,19 @@ def supports(channels: int, groups: int, stride: int) -> bool:
     return grouped_kernel.supports(channels, groups, stride) and channels // groups in SUPPORTED_CPG
 
 
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
-    """float32 gradient of ``conv2d(x, w, stride=stride, padding=1, groups=groups)`` w.r.t. w."""
+def pairs_apply(x: torch.Tensor) -> bool:
+    """Whether the AVX512-BF16 pair kernel can take input `x` (bf16, C % 32 == 0, CPU has it)."""
+    return x.dtype == torch.bfloat16 and x.shape[1] % 32 == 0 and has_avx512_bf16()
+
+
+def weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int, pairs: bool | None = None
+) -> torch.Tensor:
+    """float32 gradient of ``conv2d(x, w, stride=stride, padding=1, groups=groups)`` w.r.t. w.
+
+    `pairs`: use AVX512-BF16's pair dot product where it applies (`pairs_apply`); None: wherever
+    the CPU has it. False widens bf16 to float32 FMAs, on any AVX-512 CPU.
+    """
     n, c, h, w = x.shape
     if x.dtype not in DTYPES or grad.dtype != x.dtype or not supports(c, groups, stride):
         raise ValueError(
@@ -59,13 +70,14 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -
         raise ValueError(
             f"grad: expected shape {want} for x {tuple(x.shape)}, got {tuple(grad.shape)}"
         )
+    use_pairs = pairs_apply(x) if pairs is None else pairs and pairs_apply(x)
     x = x.contiguous(memory_format=torch.channels_last)
     grad = grad.contiguous(memory_format=torch.channels_last)
     dw = torch.empty(c, c // groups, 3, 3, dtype=torch.float32)
     if n == 0 or h == 0 or w == 0:
         return dw.zero_()
     rc = _library().grouped3x3_wgrad_nhwc(
-        x.data_ptr(), grad.data_ptr(), dw.data_ptr(), DTYPES[x.dtype], int(has_avx512_bf16()),
+        x.data_ptr(), grad.data_ptr(), dw.data_ptr(), DTYPES[x.dtype], int(use_pairs),
         n, h, w, c, c // groups, stride, torch.get_num_threads(),
     )  # fmt: skip
     if rc == 2:

@@ -1,42 +1,37 @@
-"""The training fast path's 1×1 convolution: weight gradient as one GEMM, bf16 products of our own.
+"""The training fast path's 1×1 convolution: each product by the fastest of oneDNN, one GEMM or ours.
 
-For a 1×1 convolution on a channels-last tensor, the weight gradient is one matrix product,
-dW = Gᵀ·X, with the output gradient G viewed as (N·H·W) × C_out and the input X as
-(N·H·W) × C_in (subsampled first at stride 2). oneDNN's convolution weight gradient runs
-these shapes at 440–680 GFLOP/s in bf16 when the maps are small (stages 2–4 of an ImageNet
-network: few rows, large weight matrices), where `torch.mm` runs them at 690–860
-(benchmarks/bench_pointwise_train.py). `use_gemm_weight_grad(model)` turns each 1×1 `nn.Conv2d`
-without bias or groups into a `TrainingPointwiseConv2d` (same parameters and state-dict keys);
-in training mode, in bf16 (autocast's included), on channels-last CPU tensors with at most
-`GEMM_MAX_ROWS` rows, its backward takes the weight gradient from the GEMM. The forward and the
-input gradient of a stride-1 layer with multiples of 64 channels come from our bf16 product
-(`resnext.speed.pointwise_gemm`, 1.02–1.26× oneDNN on these shapes, packing included:
-benchmarks/bench_pointwise_gemm.py), the others from oneDNN; with at least `OUR_WGRAD_MIN_ROWS`
-rows the weight gradient comes from our kernel too, and such layers take the fast path also
-above `GEMM_MAX_ROWS` (ResNeXt-50's 56² layers). Everywhere else it is the plain `nn.Conv2d`.
+A 1×1 convolution's three training products each have several exact implementations:
+- the forward: oneDNN's convolution, or, at stride 1 with multiples of 64 channels, our bf16
+  product (`resnext.speed.pointwise_gemm`, AVX512-BF16 pair dot products);
+- the input gradient: oneDNN's convolution backward, or our product with the weight transposed;
+- the weight gradient dW = Gᵀ·X, with the output gradient G viewed as (N·H·W) × C_out and the
+  input X as (N·H·W) × C_in (subsampled first at stride 2): oneDNN's convolution backward, one
+  `torch.mm`, or our kernel (pixel pairs, float32 sums; C_in a multiple of 64).
+
+Which is fastest depends on the CPU (on an AVX512-BF16 AMD EPYC ours won by 1.0–1.3× and the
+GEMM beat oneDNN on 28² maps and smaller; on an Intel Xeon with AMX oneDNN and the GEMM run
+5–10× faster than ours: benchmarks/RESULTS.md), so each product is chosen per shape by timing
+the candidates on the first call (`resnext.speed.autotune`). `use_gemm_weight_grad(model)`
+turns each 1×1 `nn.Conv2d` without bias or groups into a `TrainingPointwiseConv2d` (same
+parameters and state-dict keys); in training mode, in bf16 (autocast's included), on
+channels-last CPU tensors, its products are chosen that way. Everywhere else it is the plain
+`nn.Conv2d`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from resnext.speed import pointwise_gemm
+from resnext.speed import autotune, pointwise_gemm
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
-# Rows (N·H·W of the output) up to which the GEMM beat oneDNN's weight gradient in
-# bench_pointwise_train.py on the project's 2-core AVX-512 machine: in bf16 it won at 7², 14²
-# and 28² maps (batch 16: 784, 3,136 and 12,544 rows; 1.06–1.85×) and lost at 56² (50,176).
-GEMM_MAX_ROWS = 16384
-# Rows from which our weight-gradient kernel (`pointwise_gemm.weight_grad`) beats both oneDNN and
-# `torch.mm` in bf16 (benchmarks/bench_pointwise_gemm.py: 1.05–1.10× the GEMM at 28², 1.0–1.1×
-# oneDNN and 1.2–1.4× the GEMM at 56²; within ±5 % of the GEMM at 14² and 7²). With our product
-# (stride 1, multiples of 64 channels) layers with more than GEMM_MAX_ROWS rows take the fast
-# path too, all three ops ours.
-OUR_WGRAD_MIN_ROWS = 8192
-# float32 matrix products go through MKL, slower than oneDNN's convolution here.
+# Only bf16: in float32 the GEMM goes through MKL, slower than oneDNN's convolution on both
+# machines measured, and our product has no float32 version.
 DTYPES = (torch.bfloat16,)
 
 
@@ -62,62 +57,106 @@ def our_product_applies(dtype: torch.dtype, weight: torch.Tensor, stride: int) -
     )
 
 
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int) -> torch.Tensor:
-    """The weight gradient (C_out, C_in, 1, 1): our kernel on large maps in bf16, else one GEMM."""
-    rows = grad.numel() // max(grad.shape[1], 1)
-    if (
-        rows >= OUR_WGRAD_MIN_ROWS
-        and x.dtype == torch.bfloat16
+def our_weight_grad_applies(x: torch.Tensor) -> bool:
+    """Whether `pointwise_gemm.weight_grad` computes the weight gradient for input `x`."""
+    return (
+        x.dtype == torch.bfloat16
         and pointwise_gemm.takes_weight_grad(x.shape[1])
         and pointwise_gemm.unavailable_reason() is None
-    ):
-        return pointwise_gemm.weight_grad(x[:, :, ::stride, ::stride], grad)
-    return gemm_weight_grad(x, grad, stride)
+    )
+
+
+def _key(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple:
+    return (tuple(x.shape), tuple(weight.shape[:2]), stride, x.dtype)
+
+
+def _onednn_backward(
+    grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, which: int
+) -> torch.Tensor:
+    """oneDNN's input (which=0) or weight (which=1) gradient of conv2d(x, w, stride)."""
+    mask = [which == 0, which == 1, False]
+    out = torch.ops.aten.convolution_backward(
+        grad, x, w, None, [stride] * 2, [0, 0], [1, 1], False, [0, 0], 1, mask
+    )
+    return out[which]
+
+
+def forward_candidates(
+    x: torch.Tensor, weight: torch.Tensor, w: torch.Tensor, stride: int
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The forward's implementations (`w` is `weight` in x's dtype), oneDNN's first."""
+    candidates = {
+        "onednn": lambda: F.conv2d(x, w, None, stride).contiguous(memory_format=torch.channels_last)
+    }
+    if our_product_applies(x.dtype, weight, stride):
+        # Packed straight from the parameter, rounded to bf16 while packing.
+        candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
+            x, pointwise_gemm.pack_forward(weight)
+        )
+    return candidates
+
+
+def input_grad_candidates(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, w: torch.Tensor, stride: int
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The input gradient's implementations, oneDNN's first."""
+    candidates = {"onednn": lambda: _onednn_backward(grad, x, w, stride, 0)}
+    if our_product_applies(x.dtype, weight, stride):
+        candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
+            grad, pointwise_gemm.pack_input_grad(weight)
+        )
+    return candidates
+
+
+def weight_grad_candidates(
+    grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The weight gradient's implementations, oneDNN's first."""
+    candidates = {
+        "onednn": lambda: _onednn_backward(grad, x, w, stride, 1),
+        "gemm": lambda: gemm_weight_grad(x, grad, stride),
+    }
+    if our_weight_grad_applies(x):
+        candidates["ours"] = lambda: pointwise_gemm.weight_grad(x[:, :, ::stride, ::stride], grad)
+    return candidates
 
 
 class _PointwiseConv(torch.autograd.Function):
-    """conv2d(x, weight, stride) with a 1×1 weight by our product or oneDNN; backward: input grad
-    likewise, weight grad by our kernel or one GEMM."""
+    """conv2d(x, weight, stride) with a 1×1 weight; each product by the implementation that
+    `autotune` found fastest for this shape."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, stride: int
     ) -> torch.Tensor:
         ctx.stride, ctx.weight_dtype = stride, weight.dtype
-        ctx.ours = our_product_applies(x.dtype, weight, stride)
-        if ctx.ours:
-            # Both operands packed straight from the parameter (rounded to bf16 while packing):
-            # no bf16 copy of the weight is made or kept.
-            want_x = ctx.needs_input_grad[0]
-            ctx.save_for_backward(x, pointwise_gemm.pack_input_grad(weight) if want_x else None)
-            return pointwise_gemm.matmul_channels(x, pointwise_gemm.pack_forward(weight))
         w = weight.to(x.dtype)
-        ctx.save_for_backward(x, w)
-        return F.conv2d(x, w, None, stride).contiguous(memory_format=torch.channels_last)
+        ctx.save_for_backward(x, weight, w)
+        key = _key(x, weight, stride)
+        return autotune.run("conv1x1.forward", key, forward_candidates(x, weight, w, stride))
 
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        x, w = ctx.saved_tensors  # w: the packed input-gradient operand where ctx.ours
+        x, weight, w = ctx.saved_tensors
+        stride = ctx.stride
         grad = grad.contiguous(memory_format=torch.channels_last)
         want_x, want_w = ctx.needs_input_grad[:2]
+        key = _key(x, weight, stride)
         dx = dw = None
-        if want_x and ctx.ours:
-            dx = pointwise_gemm.matmul_channels(grad, w)
-        elif want_x:
-            stride = [ctx.stride] * 2
-            dx, _, _ = torch.ops.aten.convolution_backward(
-                grad, x, w, None, stride, [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
-            )
+        if want_x:
+            candidates = input_grad_candidates(grad, x, weight, w, stride)
+            dx = autotune.run("conv1x1.input_grad", key, candidates)
         if want_w:
-            dw = weight_grad(x, grad, ctx.stride).to(ctx.weight_dtype)
+            candidates = weight_grad_candidates(grad, x, w, stride)
+            dw = autotune.run("conv1x1.weight_grad", key, candidates).to(ctx.weight_dtype)
         return dx, dw, None
 
 
 class TrainingPointwiseConv2d(TrainingFastConv2d):
-    """A 1×1 Conv2d whose training products run in our kernels or one GEMM where those beat oneDNN."""
+    """A 1×1 Conv2d whose training products each run the fastest implementation for its shape."""
 
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         return _PointwiseConv.apply(x, self.weight, self.stride[0])
@@ -127,17 +166,13 @@ class TrainingPointwiseConv2d(TrainingFastConv2d):
         dtype = training_input_dtype(self, x)
         if dtype is None or not self.weight.requires_grad:
             return None
-        s = self.stride[0]
-        rows = x.shape[0] * ((x.shape[2] - 1) // s + 1) * ((x.shape[3] - 1) // s + 1)
         if dtype not in DTYPES or not x.is_floating_point():
-            return None
-        if rows > GEMM_MAX_ROWS and not our_product_applies(dtype, self.weight, s):
             return None
         return dtype
 
 
 def takes_module(conv: nn.Module) -> bool:
-    """Whether `conv` is a 1×1 convolution the GEMM weight gradient applies to."""
+    """Whether `conv` is a 1×1 convolution the training fast path takes."""
     return (
         isinstance(conv, nn.Conv2d)
         and conv.kernel_size == (1, 1)
@@ -151,7 +186,7 @@ def takes_module(conv: nn.Module) -> bool:
 
 
 def use_gemm_weight_grad(model: nn.Module) -> int:
-    """Make every 1×1 `nn.Conv2d` the GEMM applies to a `TrainingPointwiseConv2d`; how many."""
+    """Make every 1×1 `nn.Conv2d` the fast path takes a `TrainingPointwiseConv2d`; how many."""
     return swap_class(model, nn.Conv2d, TrainingPointwiseConv2d, takes_module)
 
 

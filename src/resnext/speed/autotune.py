@@ -1,0 +1,141 @@
+"""Per-shape choice between equivalent implementations of one training op, timed on this CPU.
+
+Which kernel is fastest depends on the CPU far more than on the shape. On an AMD EPYC with
+AVX512-BF16 and no AMX, our bf16 1×1 product beat oneDNN by 1.0–1.3×; on an Intel Xeon with
+AMX, oneDNN's bf16 1×1 convolutions run at ~1,900 GFLOP/s and ours, built on the same
+AVX512-BF16 pair dot product, at ~220 (benchmarks/RESULTS.md, "A second machine"). Rather than
+thresholds tuned on one machine, each training fast path names its candidates, reference first
+(oneDNN, what the plain layer runs), and `run` times them on the real operands the first time a
+shape is seen, then runs only the winner for that shape. A candidate replaces the reference only
+when it is at least `MARGIN` faster, so close calls stay with torch's own kernel and repeated
+processes on one machine decide alike.
+
+Every candidate computes the same function to float32 rounding (each is tested against float64
+elsewhere). `decisions()` lists what was chosen and the times behind it, for a run's records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+MARGIN = 0.05  # a challenger must take at most 95 % of the reference's time
+WARMUP = 1  # untimed calls of each candidate first (library loads, primitive creation, page faults)
+REPEATS = 3  # timed rounds, candidates alternating; each candidate's best round counts
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The implementation chosen for one op at one shape, and each candidate's best time."""
+
+    op: str
+    key: tuple
+    threads: int
+    winner: str
+    ms: dict[str, float]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "op": self.op,
+            "key": [str(k) for k in self.key],
+            "threads": self.threads,
+            "winner": self.winner,
+            "ms": {name: round(ms, 4) for name, ms in self.ms.items()},
+        }
+
+
+class Chooser:
+    """Times the candidates of an op the first time a key is seen and remembers the fastest."""
+
+    def __init__(
+        self,
+        *,
+        margin: float = MARGIN,
+        warmup: int = WARMUP,
+        repeats: int = REPEATS,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if not 0 <= margin < 1:
+            raise ValueError(f"margin: expected a fraction in [0, 1), got {margin}")
+        if warmup < 0 or repeats < 1:
+            raise ValueError(f"warmup/repeats: expected >= 0 and >= 1, got {warmup}/{repeats}")
+        self.margin, self.warmup, self.repeats, self._clock = margin, warmup, repeats, clock
+        self._decisions: dict[tuple, Decision] = {}
+        self._preferred: tuple[str, ...] = ()
+
+    def run(self, op: str, key: tuple, candidates: Mapping[str, Callable[[], T]]) -> T:
+        """The result of the fastest candidate for (op, key); the first candidate is the reference."""
+        if not candidates:
+            raise ValueError(f"{op}: no candidate implementation given")
+        if self._preferred:
+            # Pinned (tests): the first preferred name this op offers, else its reference.
+            chosen = next((n for n in self._preferred if n in candidates), next(iter(candidates)))
+            return candidates[chosen]()
+        names = list(candidates)
+        if len(names) == 1:
+            return candidates[names[0]]()
+        full_key = (op, key, torch.get_num_threads())
+        known = self._decisions.get(full_key)
+        if known is not None and known.winner in candidates:
+            return candidates[known.winner]()
+        return self._time_and_choose(op, key, full_key, candidates)
+
+    def _time_and_choose(
+        self, op: str, key: tuple, full_key: tuple, candidates: Mapping[str, Callable[[], T]]
+    ) -> T:
+        best = dict.fromkeys(candidates, math.inf)
+        results: dict[str, T] = {}
+        for round_ in range(self.warmup + self.repeats):
+            for name, fn in candidates.items():
+                start = self._clock()
+                results[name] = fn()
+                elapsed = self._clock() - start
+                if round_ >= self.warmup:
+                    best[name] = min(best[name], elapsed)
+        reference = next(iter(candidates))
+        winner = min(best, key=best.__getitem__)
+        if best[winner] > (1 - self.margin) * best[reference]:
+            winner = reference
+        self._decisions[full_key] = Decision(
+            op, key, full_key[2], winner, {n: 1e3 * s for n, s in best.items()}
+        )
+        return results[winner]
+
+    def decisions(self) -> list[Decision]:
+        """Every choice made so far, in the order the shapes were first seen."""
+        return list(self._decisions.values())
+
+    def clear(self) -> None:
+        """Forget every choice (the next call of each op times its candidates again)."""
+        self._decisions.clear()
+
+    @contextlib.contextmanager
+    def prefer(self, *names: str) -> Iterator[None]:
+        """Within the block, time nothing: each op runs the first of `names` it offers, else its
+        reference (tests use it to pin a path)."""
+        previous, self._preferred = self._preferred, names
+        try:
+            yield
+        finally:
+            self._preferred = previous
+
+
+CHOOSER = Chooser()  # the process-wide choices of the training fast paths
+
+
+def run(op: str, key: tuple, candidates: Mapping[str, Callable[[], T]]) -> T:
+    """`CHOOSER.run`: the fastest candidate's result for this op and key on this CPU."""
+    return CHOOSER.run(op, key, candidates)
+
+
+def decisions() -> list[Decision]:
+    """The process-wide choices made so far."""
+    return CHOOSER.decisions()
