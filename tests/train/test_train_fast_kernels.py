@@ -3,6 +3,8 @@ torch's own ops would."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -77,3 +79,22 @@ def test_fast_kernel_run_follows_the_plain_run(
     for name, value in weights["plain"].items():
         if value.dtype.is_floating_point:
             torch.testing.assert_close(weights["fast"][name], value, rtol=1e-3, atol=1e-4)
+
+
+def test_a_fast_run_records_what_the_chooser_picked(tmp_path, tiny_cfg, tiny_data, monkeypatch):
+    monkeypatch.setattr(autotune, "CHOOSER", autotune.Chooser())
+    cfg = tiny_cfg(
+        tmp_path / "run",
+        model={"name": "resnext_tiny", "spec": {"num_classes": 4, "cardinality": 4}},
+        train={"epochs": 1, "channels_last": True, "amp": "bfloat16", "gemm_weight_grad": True},
+    )
+    result = train(cfg, train_set=tiny_data(32), val_set=tiny_data(8, seed=2))
+    summary = json.loads((result.run_dir / "result.json").read_text())
+    choices = summary["fast_path_choices"]
+    ops = {c["op"] for c in choices}
+    # The weight gradient always has two candidates (oneDNN, the GEMM); the forward and input
+    # gradient have ours too where the CPU and the channel counts allow it.
+    assert "conv1x1.weight_grad" in ops
+    assert ops <= {"conv1x1.forward", "conv1x1.input_grad", "conv1x1.weight_grad"}
+    for choice in choices:
+        assert choice["winner"] in choice["ms"] and "onednn" in choice["ms"]

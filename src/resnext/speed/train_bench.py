@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 import resnext
 from resnext.config import OptimConfig
 from resnext.errors import ConfigError
+from resnext.speed import autotune
 from resnext.speed.measure import interleaved, ratios, validate_bench_config
 from resnext.speed.train_paths import use_training_fast_paths
 from resnext.train.optim import build_optimizer
@@ -129,6 +130,8 @@ def run_train_bench(config: TrainConfig, log: Callable[[str], None] = print) -> 
             k: {**t.as_dict(), "peak_rss_growth_mb": memory[k]} for k, t in timings.items()
         },
         "ratio_to_first": ratios(timings, next(iter(timings))),
+        # What the fast paths' chooser picked for each op and shape, and the times behind it.
+        "autotune": [d.as_dict() for d in autotune.decisions()],
         "note": "peak RSS growth is process-wide and monotone: it is exact for the first "
         "variant only and a lower bound on later ones; run a variant alone for its peak",
     }

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from resnext.config import Config, save_config
 from resnext.errors import ConfigError
+from resnext.speed import autotune
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.train_paths import use_training_fast_paths
 from resnext.train import provenance
@@ -251,6 +252,9 @@ def _run(
             "best_epoch": result.best_epoch,
             "wall_time_s": result.wall_time_s,
         }
+        if cfg.train.fused_bn or cfg.train.grouped_kernels or cfg.train.gemm_weight_grad:
+            # Which implementation each fast-path op ran at each shape: timing chose them.
+            summary["fast_path_choices"] = [d.as_dict() for d in autotune.decisions()]
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier()
     return result
