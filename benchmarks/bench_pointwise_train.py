@@ -6,7 +6,7 @@ Part 1: every distinct 1×1 convolution of the models (found by running them onc
 gradient timed with oneDNN (`torch.ops.aten.convolution_backward`) and as the GEMM of
 `resnext.speed.pointwise_train`, interleaved in one process. Each op cycles through 4 sets of
 tensors, so that like in a training step its operands are not all hot in cache.
-`pointwise_train.GEMM_MAX_ROWS` is set from this. Part 2: one SGD update (momentum, Nesterov,
+(The training fast path times these candidates itself at each shape: `resnext.speed.autotune`.) Part 2: one SGD update (momentum, Nesterov,
 weight decay) of each model's parameters with torch's per-parameter loop, foreach and fused
 implementations; `resnext train` uses the fused one.
 """
@@ -24,7 +24,7 @@ from torch import nn
 import resnext
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
-from resnext.speed.pointwise_train import GEMM_MAX_ROWS, gemm_weight_grad
+from resnext.speed.pointwise_train import gemm_weight_grad
 from resnext.speed.provenance import write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -120,7 +120,7 @@ def main() -> int:
         for shape, n in pointwise_shapes(name, args.image_size).items():
             shapes[shape] += n
             counts.setdefault(shape, {})[name] = n
-    results: dict[str, object] = {"gemm_max_rows": GEMM_MAX_ROWS, "weight_grad": {}, "sgd": {}}
+    results: dict[str, object] = {"weight_grad": {}, "sgd": {}}
     for dname in args.dtypes.split(","):
         for shape in sorted(shapes, key=lambda s: (-s[2], s)):
             cin, cout, size, stride = shape
