@@ -93,11 +93,18 @@ class Chooser:
     ) -> T:
         best = dict.fromkeys(candidates, math.inf)
         results: dict[str, T] = {}
-        for round_ in range(self.warmup + self.repeats):
+        rounds = self.warmup + self.repeats
+        for round_ in range(rounds):
             for name, fn in candidates.items():
                 start = self._clock()
-                results[name] = fn()
+                out = fn()
                 elapsed = self._clock() - start
+                if round_ == rounds - 1:
+                    results[name] = out
+                # Released at once otherwise: the next call can reuse its memory. Held outputs
+                # make every call fault in fresh pages, which cost a 56² map's oneDNN input
+                # gradient 50 ms instead of 3 in a process's first step.
+                del out
                 if round_ >= self.warmup:
                     best[name] = min(best[name], elapsed)
         reference = next(iter(candidates))
