@@ -138,9 +138,9 @@ def test_the_chooser_times_every_product_once_per_shape() -> None:
     ops = sorted(d.op for d in chooser.decisions())
     assert ops == ["conv1x1.forward", "conv1x1.input_grad", "conv1x1.weight_grad"]
     names = {d.op: set(d.ms) for d in chooser.decisions()}
-    assert {"onednn", "gemm"} <= names["conv1x1.weight_grad"]
-    if OUR_PRODUCT:
-        assert names["conv1x1.forward"] == {"onednn", "ours"}
+    ours = {"ours"} if OUR_PRODUCT else set()
+    for op in ("conv1x1.forward", "conv1x1.input_grad", "conv1x1.weight_grad"):
+        assert names[op] == {"onednn", "gemm"} | ours, op
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same winner both times
     _assert_as_close_to_float64_as_torch(
@@ -201,3 +201,72 @@ def test_convs_the_gemm_does_not_take_are_left_alone() -> None:
         nn.Conv2d(8, 8, 1, padding=1, bias=False),  # padded
     )
     assert use_gemm_weight_grad(model) == 0
+
+
+def _block_grads(block: nn.Module, x: torch.Tensor, seed: int = 7) -> tuple[torch.Tensor, ...]:
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=x.dtype != torch.float64):
+        y = block(x)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    y.backward(upstream.contiguous(memory_format=torch.channels_last))
+    grads = [x.grad] + [p.grad for p in block.parameters()]
+    block.zero_grad(set_to_none=True)
+    return (y.detach(), *grads)
+
+
+def _bottleneck() -> nn.Module:
+    from resnext.models.blocks import BlockGeometry, Bottleneck
+
+    torch.manual_seed(11)
+    geo = BlockGeometry(64, 64, 64, 4, 1, False)  # identity shortcut: in = out, stride 1
+    block = Bottleneck(geo, residual=True, avg_down=False, se_reduction=0)
+    for bn in (block.bn1, block.bn2, block.bn3):  # non-trivial affine parameters
+        nn.init.uniform_(bn.weight, 0.5, 1.5), nn.init.uniform_(bn.bias, -0.2, 0.2)
+    return block.to(memory_format=torch.channels_last).train()
+
+
+@pytest.mark.parametrize("path", ["onednn", "gemm"])
+def test_identity_block_sums_both_input_gradients_in_the_fork(path, monkeypatch) -> None:
+    plain = _bottleneck()
+    fast = copy.deepcopy(plain)
+    use_gemm_weight_grad(fast)
+    forks = []
+    fork = pointwise_train._PointwiseConvFork.apply
+    monkeypatch.setattr(
+        pointwise_train._PointwiseConvFork, "apply", lambda *a: forks.append(1) or fork(*a)
+    )
+    # bf16 activations, as the block gets them from the previous block under autocast.
+    x = _cl(torch.randn(2, 64, 7, 6, generator=torch.Generator().manual_seed(3)), torch.bfloat16)
+    want = _block_grads(copy.deepcopy(plain).double(), x.double())
+    base = _block_grads(plain, x)
+    with autotune.CHOOSER.prefer(path):
+        got = _block_grads(fast, x)
+    assert forks == [1]
+    # The input's gradient is the sum of the conv1 path's and the shortcut's: a fork that
+    # dropped either would be off by the whole of one of them.
+    for g, b, w in zip(got, base, want, strict=True):
+        assert _rel(g, w) <= max(1.5 * _rel(b, w), 2e-3)
+
+
+@pytest.mark.parametrize("case", ["eval", "stride", "float32_input", "frozen"])
+def test_fork_is_plain_where_it_does_not_apply(case, monkeypatch) -> None:
+    def fail(*args):
+        raise AssertionError("the fork's autograd function was used")
+
+    monkeypatch.setattr(pointwise_train._PointwiseConvFork, "apply", fail)
+    _, fast = _pair(64, 64)
+    x = _cl(torch.randn(2, 64, 6, 6), torch.bfloat16)
+    fast.train()
+    if case == "eval":
+        fast.eval()
+    elif case == "stride":
+        fast.stride = (2, 2)
+    elif case == "float32_input":
+        x = x.float()  # autocast would compute in bf16: the shortcut must keep x as it is
+    elif case == "frozen":
+        fast.weight.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, shortcut = fast.fork(x)
+        want = fast(x)
+    assert shortcut is x
+    torch.testing.assert_close(y, want)

@@ -104,8 +104,20 @@ class Bottleneck(_PostActBlock):
         self.conv3 = conv1x1(geo.width, geo.out_ch)
         self._build_tail()
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fork = getattr(self.conv1, "fork", None)
+        if fork is None or not self.residual or self.downsample is not None or self.se is not None:
+            return super().forward(x)
+        # A conv1 with `fork` (the training fast path) returns conv1(x) and x for the identity
+        # shortcut, and adds the two gradients of x itself, in one pass.
+        out, shortcut = fork(x)
+        return norm_act(self.bn3, self.relu, self._after_conv1(out), shortcut)
+
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        out = norm_act(self.bn1, self.relu, self.conv1(x))
+        return self._after_conv1(self.conv1(x))
+
+    def _after_conv1(self, out: torch.Tensor) -> torch.Tensor:
+        out = norm_act(self.bn1, self.relu, out)
         out = norm_act(self.bn2, self.relu, self.conv2(out))
         return self.conv3(out)
 

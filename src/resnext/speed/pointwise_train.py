@@ -70,6 +70,21 @@ def _key(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple:
     return (tuple(x.shape), tuple(weight.shape[:2]), stride, x.dtype)
 
 
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """The (N·H·W) × C pixel rows of a channels-last tensor, as a view."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def from_rows(r: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Pixel rows back as a channels-last (N, C, H, W) tensor with `like`'s batch and map size."""
+    n, _, h, w = like.shape
+    return r.view(n, h, w, r.shape[1]).permute(0, 3, 1, 2)
+
+
+def _matrix(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], w.shape[1])  # (C_out, C_in)
+
+
 def _onednn_backward(
     grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, which: int
 ) -> torch.Tensor:
@@ -88,6 +103,8 @@ def forward_candidates(
     candidates = {
         "onednn": lambda: F.conv2d(x, w, None, stride).contiguous(memory_format=torch.channels_last)
     }
+    if stride == 1:
+        candidates["gemm"] = lambda: from_rows(rows(x) @ _matrix(w).t(), x)
     if our_product_applies(x.dtype, weight, stride):
         # Packed straight from the parameter, rounded to bf16 while packing.
         candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
@@ -101,6 +118,8 @@ def input_grad_candidates(
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """The input gradient's implementations, oneDNN's first."""
     candidates = {"onednn": lambda: _onednn_backward(grad, x, w, stride, 0)}
+    if stride == 1:
+        candidates["gemm"] = lambda: from_rows(rows(grad) @ _matrix(w), x)
     if our_product_applies(x.dtype, weight, stride):
         candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
             grad, pointwise_gemm.pack_input_grad(weight)
@@ -119,6 +138,18 @@ def weight_grad_candidates(
     if our_weight_grad_applies(x):
         candidates["ours"] = lambda: pointwise_gemm.weight_grad(x[:, :, ::stride, ::stride], grad)
     return candidates
+
+
+def fork_input_grad_candidates(
+    grad: torch.Tensor, shortcut_grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The input gradient of a stride-1 1×1 convolution plus the gradient that reached its input
+    along an identity shortcut: oneDNN's then an addition (what autograd does for a tensor used
+    twice), or one GEMM that adds the product to the shortcut's gradient as it writes it."""
+    return {
+        "onednn": lambda: _onednn_backward(grad, x, w, 1, 0) + shortcut_grad,
+        "gemm": lambda: from_rows(torch.addmm(rows(shortcut_grad), rows(grad), _matrix(w)), x),
+    }
 
 
 class _PointwiseConv(torch.autograd.Function):
@@ -155,11 +186,64 @@ class _PointwiseConv(torch.autograd.Function):
         return dx, dw, None
 
 
+class _PointwiseConvFork(torch.autograd.Function):
+    """(conv2d(x, weight), x) for a stride-1 1×1 convolution whose input also feeds an identity
+    shortcut: both gradients of x arrive here and are summed inside the input gradient's GEMM,
+    instead of in a separate pass over the block's widest tensor."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.weight_dtype = weight.dtype
+        w = weight.to(x.dtype)
+        ctx.save_for_backward(x, weight, w)
+        key = _key(x, weight, 1)
+        y = autotune.run("conv1x1.forward", key, forward_candidates(x, weight, w, 1))
+        return y, x.view_as(x)  # a view: autograd hands its gradient to backward separately
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        grad: torch.Tensor | None,
+        shortcut_grad: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, weight, w = ctx.saved_tensors
+        want_x, want_w = ctx.needs_input_grad[:2]
+        key = _key(x, weight, 1)
+        if grad is None:  # only the shortcut was used
+            return shortcut_grad if want_x else None, None
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        dx = dw = None
+        if want_x and shortcut_grad is None:
+            dx = autotune.run(
+                "conv1x1.input_grad", key, input_grad_candidates(grad, x, weight, w, 1)
+            )
+        elif want_x:
+            shortcut_grad = shortcut_grad.contiguous(memory_format=torch.channels_last)
+            candidates = fork_input_grad_candidates(grad, shortcut_grad, x, w)
+            dx = autotune.run("conv1x1.input_grad+shortcut", key, candidates)
+        if want_w:
+            candidates = weight_grad_candidates(grad, x, w, 1)
+            dw = autotune.run("conv1x1.weight_grad", key, candidates).to(ctx.weight_dtype)
+        return dx, dw
+
+
 class TrainingPointwiseConv2d(TrainingFastConv2d):
     """A 1×1 Conv2d whose training products each run the fastest implementation for its shape."""
 
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         return _PointwiseConv.apply(x, self.weight, self.stride[0])
+
+    def fork(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(x), x) for a block whose identity shortcut also takes x: the fast path sums the
+        two gradients of x in one GEMM (`resnext.models.blocks` calls this where it exists)."""
+        dtype = self._fast_dtype(x)
+        if dtype is None or dtype != x.dtype or self.stride != (1, 1):
+            return self(x), x  # casting x here would change the shortcut's dtype too
+        with torch.autocast("cpu", enabled=False):
+            return _PointwiseConvFork.apply(x, self.weight)
 
     def _fast_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype the fast path computes `x` in (autocast's, else x's), or None for torch's."""
