@@ -94,7 +94,7 @@ def test_bad_overrides_are_one_config_error_naming_the_key(override, pattern):
         load_config("digits_demo", [override])
 
 
-@pytest.mark.parametrize("key", ["fused_bn", "grouped_kernels", "gemm_weight_grad"])
+@pytest.mark.parametrize("key", ["fused_bn", "grouped_kernels", "gemm_weight_grad", "fast_maxpool"])
 def test_cpu_fast_path_kernels_need_channels_last_and_refuse_compile(key):
     ok = load_config("digits_demo", [f"train.{key}=true", "train.channels_last=true"])
     assert getattr(ok.train, key) is True

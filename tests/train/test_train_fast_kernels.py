@@ -1,5 +1,5 @@
-"""`train.fused_bn`, `train.grouped_kernels` and `train.gemm_weight_grad` train the same model as
-torch's own ops would."""
+"""`train.fused_bn`, `train.grouped_kernels`, `train.gemm_weight_grad` and `train.fast_maxpool` train
+the same model as torch's own ops would."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 
-from resnext.speed import autotune, bn_kernel, grouped_kernel, grouped_wgrad, pointwise_train
+from resnext.speed import (
+    autotune,
+    bn_kernel,
+    grouped_kernel,
+    grouped_wgrad,
+    maxpool,
+    pointwise_train,
+)
 from resnext.train import train
 
 BN_REASON = bn_kernel.unavailable_reason()
@@ -32,6 +39,14 @@ CASES = [
         "gemm_weight_grad", pointwise_train, ("gemm_weight_grad",), "bfloat16", ("gemm",),
         id="gemm_weight_grad",
     ),
+    pytest.param(
+        "fast_maxpool", maxpool, ("forward", "backward"), "none", (),
+        marks=pytest.mark.skipif(
+            maxpool.unavailable_reason() is not None,
+            reason=f"max-pool kernel: {maxpool.unavailable_reason()}",
+        ),
+        id="fast_maxpool",
+    ),
 ]  # fmt: skip
 
 
@@ -49,12 +64,14 @@ def test_fast_kernel_run_follows_the_plain_run(
 
         monkeypatch.setattr(module, name, counted)
     results = {}
+    # The CIFAR-stem tiny model has no max pooling; its ImageNet-stem twin has the stem's.
+    name = "resnext_tiny_in" if key == "fast_maxpool" else "resnext_tiny"
     for fast in (False, True):
         out = tmp_path / ("fast" if fast else "plain")
         cfg = tiny_cfg(
             out,
             # 4 and 8 channels per group in stages 1 and 2: the grouped kernels' shapes.
-            model={"name": "resnext_tiny", "spec": {"num_classes": 4, "cardinality": 4}},
+            model={"name": name, "spec": {"num_classes": 4, "cardinality": 4}},
             train={"epochs": 2, "channels_last": True, "amp": amp, key: fast},
         )
         # The kernels under test pinned: which implementation wins a shape is timing's choice

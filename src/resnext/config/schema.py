@@ -90,10 +90,12 @@ class TrainConfig:
     # CPU training fast path: grouped 3x3 convolutions with 4 or 8 channels per group use our
     # C kernels for the forward, input gradient and weight gradient where they beat oneDNN.
     grouped_kernels: bool = False
-    # CPU training fast path: bf16 1x1 convolutions' forward, input and weight gradients in our
-    # AVX512-BF16 products, or the weight gradient on small maps as one torch.mm, where those
-    # beat oneDNN.
+    # CPU training fast path: bf16 1x1 convolutions' forward, input and weight gradients each
+    # by the fastest of oneDNN, one GEMM and our AVX512-BF16 product, timed per shape; an
+    # identity block's two input gradients are summed inside one GEMM.
     gemm_weight_grad: bool = False
+    # CPU training fast path: max pooling with one-byte argmax taps instead of int64 indices.
+    fast_maxpool: bool = False
     zero_init_residual: bool = False
     checkpoint_every: int = 0
     sync_bn: bool = False

@@ -12,6 +12,7 @@ FAST_PATH_KEYS = (
     ("fused_bn", "fused batch norm"),
     ("grouped_kernels", "grouped kernels"),
     ("gemm_weight_grad", "GEMM weight gradients"),
+    ("fast_maxpool", "fast max pooling"),
 )
 
 

@@ -85,6 +85,21 @@ def _matrix(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1])  # (C_out, C_in)
 
 
+def gemm_forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """conv2d(x, w) of a stride-1 1×1 convolution as one GEMM of x's pixel rows with wᵀ."""
+    return from_rows(rows(x) @ _matrix(w).t(), x)
+
+
+def gemm_input_grad(
+    grad: torch.Tensor, w: torch.Tensor, x: torch.Tensor, add: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The input gradient of a stride-1 1×1 convolution as one GEMM, grad's rows times w; with
+    `add` (a gradient of the same input from elsewhere) summed in by the GEMM as it writes."""
+    if add is None:
+        return from_rows(rows(grad) @ _matrix(w), x)
+    return from_rows(torch.addmm(rows(add), rows(grad), _matrix(w)), x)
+
+
 def _onednn_backward(
     grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, which: int
 ) -> torch.Tensor:
@@ -104,7 +119,7 @@ def forward_candidates(
         "onednn": lambda: F.conv2d(x, w, None, stride).contiguous(memory_format=torch.channels_last)
     }
     if stride == 1:
-        candidates["gemm"] = lambda: from_rows(rows(x) @ _matrix(w).t(), x)
+        candidates["gemm"] = lambda: gemm_forward(x, w)
     if our_product_applies(x.dtype, weight, stride):
         # Packed straight from the parameter, rounded to bf16 while packing.
         candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
@@ -119,7 +134,7 @@ def input_grad_candidates(
     """The input gradient's implementations, oneDNN's first."""
     candidates = {"onednn": lambda: _onednn_backward(grad, x, w, stride, 0)}
     if stride == 1:
-        candidates["gemm"] = lambda: from_rows(rows(grad) @ _matrix(w), x)
+        candidates["gemm"] = lambda: gemm_input_grad(grad, w, x)
     if our_product_applies(x.dtype, weight, stride):
         candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
             grad, pointwise_gemm.pack_input_grad(weight)
@@ -148,7 +163,7 @@ def fork_input_grad_candidates(
     twice), or one GEMM that adds the product to the shortcut's gradient as it writes it."""
     return {
         "onednn": lambda: _onednn_backward(grad, x, w, 1, 0) + shortcut_grad,
-        "gemm": lambda: from_rows(torch.addmm(rows(shortcut_grad), rows(grad), _matrix(w)), x),
+        "gemm": lambda: gemm_input_grad(grad, w, x, add=shortcut_grad),
     }
 
 

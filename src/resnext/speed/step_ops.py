@@ -21,6 +21,7 @@ from resnext.speed import (
     bn_kernel,
     grouped_train,
     grouped_wgrad,
+    maxpool,
     pointwise_gemm,
     pointwise_train,
 )
@@ -47,6 +48,10 @@ def _gemm_wgrad_flop(args: tuple, out: torch.Tensor) -> int:
     return 2 * rows * x.shape[1] * grad.shape[1]
 
 
+def _gemm_product_flop(args: tuple, out: torch.Tensor) -> int:
+    return 2 * out.numel() * args[1].shape[0 if out.shape[1] == args[1].shape[1] else 1]
+
+
 def _pointwise_product_flop(args: tuple, out: torch.Tensor) -> int:
     x = args[0]  # args: (x, packed); out: (N, C, H, W)
     return 2 * out.numel() * x.shape[1]
@@ -58,6 +63,10 @@ KERNEL_SPANS = (
     Instrumented(grouped_train, "our_kernel", "grouped_conv3x3 (ours)", _grouped_forward_flop),
     Instrumented(grouped_wgrad, "weight_grad", "grouped_conv3x3_wgrad (ours)", _grouped_wgrad_flop),
     Instrumented(pointwise_train, "gemm_weight_grad", "gemm_weight_grad (ours)", _gemm_wgrad_flop),
+    Instrumented(pointwise_train, "gemm_forward", "pointwise_gemm mm", _gemm_product_flop),
+    Instrumented(pointwise_train, "gemm_input_grad", "pointwise_gemm mm", _gemm_product_flop),
+    Instrumented(maxpool, "forward", "maxpool (ours)"),
+    Instrumented(maxpool, "backward", "maxpool_backward (ours)"),
     Instrumented(
         pointwise_gemm, "matmul_channels", "pointwise_gemm (ours)", _pointwise_product_flop
     ),

@@ -24,6 +24,7 @@ VARIANTS = (
     "cl-bf16-fused",
     "cl-bf16-fused-grouped",
     "cl-bf16-fused-grouped-gemm",
+    "cl-bf16-fused-grouped-gemm-pool",
     "cl-bf16-compile",
     "cl-bf16-ckpt",
     "cl-fp32-compile",
@@ -81,7 +82,8 @@ def make_step(
         model,
         fused_bn="-fused" in variant,
         grouped_kernels="-grouped" in variant,
-        gemm_weight_grad=variant.endswith("-gemm"),
+        gemm_weight_grad="-gemm" in variant,
+        fast_maxpool=variant.endswith("-pool"),
     )
     net: nn.Module = CheckpointedStages(model) if variant.endswith("-ckpt") else model
     if variant.endswith("-compile"):

@@ -6,11 +6,17 @@ from torch import nn
 
 from resnext.speed.fused_bn import use_fused_batchnorm
 from resnext.speed.grouped_train import use_grouped_kernels
+from resnext.speed.maxpool import use_fast_maxpool
 from resnext.speed.pointwise_train import use_gemm_weight_grad
 
 
 def use_training_fast_paths(
-    model: nn.Module, *, fused_bn: bool, grouped_kernels: bool, gemm_weight_grad: bool
+    model: nn.Module,
+    *,
+    fused_bn: bool,
+    grouped_kernels: bool,
+    gemm_weight_grad: bool,
+    fast_maxpool: bool = False,
 ) -> None:
     """Give `model`'s layers the chosen fast-path classes in place (`train.<name>` in a config)."""
     if fused_bn:
@@ -19,3 +25,5 @@ def use_training_fast_paths(
         use_grouped_kernels(model)
     if gemm_weight_grad:
         use_gemm_weight_grad(model)
+    if fast_maxpool:
+        use_fast_maxpool(model)

@@ -152,6 +152,7 @@ def _run(
         fused_bn=cfg.train.fused_bn,
         grouped_kernels=cfg.train.grouped_kernels,
         gemm_weight_grad=cfg.train.gemm_weight_grad,
+        fast_maxpool=cfg.train.fast_maxpool,
     )
     model = wrap_distributed(raw, info.device, info.world_size, cfg.train.sync_bn)
     if cfg.train.sync_bn and info.world_size > 1:
@@ -252,7 +253,7 @@ def _run(
             "best_epoch": result.best_epoch,
             "wall_time_s": result.wall_time_s,
         }
-        if cfg.train.fused_bn or cfg.train.grouped_kernels or cfg.train.gemm_weight_grad:
+        if cfg.train.grouped_kernels or cfg.train.gemm_weight_grad:
             # Which implementation each fast-path op ran at each shape: timing chose them.
             summary["fast_path_choices"] = [d.as_dict() for d in autotune.decisions()]
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
