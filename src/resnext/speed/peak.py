@@ -1,7 +1,8 @@
-"""This machine's measured ceilings: arithmetic peak (fp32 FMA, bf16 dot product) and memory bandwidth.
+"""This machine's measured ceilings: arithmetic peak (fp32 FMA, bf16 dot product, AMX bf16 tile
+product) and memory bandwidth.
 
-The arithmetic peak comes from `kernels/peak.c` (independent chains of one vector instruction
-per thread); the bandwidth from reading and copying a buffer much larger than the caches. They
+The arithmetic peak comes from `kernels/peak.c` (independent chains of one vector or tile
+instruction per thread); the bandwidth from reading and copying a buffer much larger than the caches. They
 are what a speed target is compared with: no convolution can run faster than the first, no
 memory-bound pass faster than the second.
 """
@@ -17,12 +18,13 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.capability import has_avx512_bf16
+from resnext.speed.capability import cpu_flags, has_avx512_bf16
 
 SOURCE = Path(__file__).with_name("kernels") / "peak.c"
 FLAGS = ("-O3", "-mavx512f", "-fopenmp")
 REQUIRED_FLAGS = frozenset({"avx512f"})
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
+AMX_KIND = 2  # peak_run's kind for AMX bf16 tile products
 BANDWIDTH_MB = 512  # well beyond any L3 of this class of machine
 
 
@@ -35,14 +37,18 @@ class Peaks:
     bf16_gflops: float | None  # None where the CPU has no AVX512-BF16
     read_gbps: float
     copy_gbps: float  # bytes read plus bytes written, per second
+    amx_bf16_gflops: float | None = None  # None where the CPU has no AMX-BF16 (or it is refused)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
     def gflops(self, dtype: torch.dtype) -> float:
-        """The arithmetic peak for convolutions in `dtype` (bf16 falls back to fp32 without it)."""
-        if dtype == torch.bfloat16 and self.bf16_gflops is not None:
-            return self.bf16_gflops
+        """The arithmetic peak for convolutions in `dtype`: bf16 the faster of AVX512-BF16 and AMX
+        (oneDNN uses AMX where the CPU has it), falling back to fp32 without either."""
+        if dtype == torch.bfloat16:
+            rates = [r for r in (self.bf16_gflops, self.amx_bf16_gflops) if r is not None]
+            if rates:
+                return max(rates)
         return self.fp32_gflops
 
 
@@ -78,11 +84,37 @@ def arithmetic_peak(
     threads = torch.get_num_threads() if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads: expected >= 1, got {threads}")
-    lib, kind, sink = _library(), KINDS[dtype], ctypes.c_double()
-    iters = 10_000
+    return _timed_peak(KINDS[dtype], threads, seconds)
+
+
+def amx_unavailable_reason() -> str | None:
+    """None if the AMX bf16 peak can be measured here, else why not (one line)."""
+    missing = {"amx_tile", "amx_bf16"} - cpu_flags()
+    if missing:
+        return f"this CPU lacks {sorted(missing)}"
+    return native.problem(_library)
+
+
+def amx_peak(threads: int | None = None, seconds: float = 0.2) -> float:
+    """GFLOP/s of `threads` threads doing only AMX bf16 tile products (TDPBF16PS); best of three."""
+    reason = amx_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"amx_peak: {reason}")
+    if seconds <= 0:
+        raise ValueError(f"seconds: expected > 0, got {seconds}")
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads < 1:
+        raise ValueError(f"threads: expected >= 1, got {threads}")
+    return _timed_peak(AMX_KIND, threads, seconds)
+
+
+def _timed_peak(kind: int, threads: int, seconds: float) -> float:
+    lib, sink = _library(), ctypes.c_double()
+    iters = 10_000 if kind != AMX_KIND else 100  # a tile product is 512 vector FMAs' work
     while True:  # grow the run until it is long enough to time
         start = time.perf_counter()
-        lib.peak_run(kind, iters, threads, ctypes.byref(sink))
+        if lib.peak_run(kind, iters, threads, ctypes.byref(sink)) < 0:
+            raise RuntimeError("the kernel refused the AMX tile state (arch_prctl failed)")
         elapsed = time.perf_counter() - start
         if elapsed >= seconds / 4:
             break
@@ -129,4 +161,11 @@ def measure_peaks(threads: int | None = None, seconds: float = 0.2) -> Peaks:
         read, copy = memory_bandwidth()
     finally:
         torch.set_num_threads(previous)
-    return Peaks(threads, arithmetic_peak(torch.float32, threads, seconds), bf16, read, copy)
+    amx = None
+    if amx_unavailable_reason() is None:
+        try:
+            amx = amx_peak(threads, seconds)
+        except RuntimeError:
+            amx = None  # the kernel refused the tile state: report none
+    fp32 = arithmetic_peak(torch.float32, threads, seconds)
+    return Peaks(threads, fp32, bf16, read, copy, amx)

@@ -156,7 +156,7 @@ class StepOps:
 
 def measure_step_ops(
     model: str | ModelSpec,
-    variant: str = "cl-bf16-fused-grouped-gemm",
+    variant: str = "cl-bf16-fused-grouped-gemm-pool",
     batch: int = 16,
     image_size: int = 224,
     steps: int = 3,

@@ -1,4 +1,5 @@
-/* This CPU's arithmetic peak: AVX-512 float32 FMAs and AVX512-BF16 pair dot products per second.
+/* This CPU's arithmetic peak: AVX-512 float32 FMAs, AVX512-BF16 pair dot products and AMX bf16
+ * tile products per second.
  *
  * Why: a speed target is only meaningful against what the machine can do at best. Each thread
  * runs ACC independent accumulator chains (more than an FMA's latency times its issue rate, so
@@ -6,10 +7,15 @@
  * the loop; the accumulators are summed into `sink` so the compiler cannot drop the work.
  *
  * Counting: one 512-bit FMA is 16 lanes x 2 = 32 FLOP; one VDPBF16PS is 16 lanes x 2 pairs x 2 =
- * 64 FLOP. The caller divides the returned FLOP count by the wall time it measures.
+ * 64 FLOP; one TDPBF16PS on full tiles is 16 x 16 outputs x 32 products x 2 = 16,384 FLOP. The
+ * caller divides the returned FLOP count by the wall time it measures.
  */
 #include <immintrin.h>
 #include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define ACC 24
 
@@ -45,17 +51,61 @@ __attribute__((target("avx512bf16,avx512f"))) static double dot_bf16_thread(long
   return (double)_mm512_reduce_add_ps(s);
 }
 
-/* kind 0: float32 FMA, 1: bf16 pair dot product. Returns the FLOP done by the threads that ran
- * (OpenMP may grant fewer than asked for). */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define AMX_ACC 4 /* accumulator tiles; tiles 4 and 5 are the two sources */
+
+typedef struct {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} TileConfig;
+
+/* Linux hands out the AMX tile state only on request, once per process. */
+static int amx_allowed(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+
+/* AMX_ACC independent chains of TDPBF16PS on full 16 x 64-byte tiles; -1 if AMX is refused. */
+__attribute__((target("amx-tile,amx-bf16"))) static double amx_bf16_thread(long iters) {
+  if (!amx_allowed()) return -1.0;
+  TileConfig cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < AMX_ACC + 2; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  uint16_t ones[16 * 32]; /* bf16 1.0: each output gains exactly 32 per product */
+  for (int i = 0; i < 16 * 32; i++) ones[i] = 0x3f80;
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (long k = 0; k < iters; k++) {
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 5);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  float out[16 * 16];
+  _tile_stored(0, out, 64);
+  _tile_release();
+  return (double)out[0];
+}
+
+/* kind 0: float32 FMA, 1: bf16 pair dot product, 2: AMX bf16 tile product. Returns the FLOP done
+ * by the threads that ran (OpenMP may grant fewer than asked for), or -1 if AMX was refused. */
 double peak_run(int kind, long iters, int threads, double *sink) {
   double total = 0.0;
-  int ran = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : total)
+  int ran = 0, refused = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total) reduction(| : refused)
   {
 #pragma omp single
     ran = omp_get_num_threads();
-    total += kind == 0 ? fma_thread(iters) : dot_bf16_thread(iters);
+    double r = kind == 0 ? fma_thread(iters) : kind == 1 ? dot_bf16_thread(iters) : amx_bf16_thread(iters);
+    if (r < 0) refused = 1; else total += r;
   }
   *sink = total;
+  if (refused) return -1.0;
+  if (kind == 2) return (double)iters * AMX_ACC * 16384.0 * ran;
   return (double)iters * ACC * (kind == 0 ? 32.0 : 64.0) * ran;
 }
