@@ -26,7 +26,7 @@ from resnext.speed.step_ops import KINDS, by_kind, measure_step_ops, roofline
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnext50_32x4d,resnet50")
-    parser.add_argument("--variant", default="cl-bf16-fused-grouped-gemm")
+    parser.add_argument("--variant", default="cl-bf16-fused-grouped-gemm-pool")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=3)
