@@ -16,7 +16,8 @@ from resnext.models import (
 
 __version__ = "0.1.0"
 
-# Inference pulls in the data and weights packages: import it only when first used.
+# Inference pulls in the data and weights packages, the fast path torch.compile's machinery:
+# import them only when first used.
 _LAZY = {"predict", "extract_features", "Predictor"}
 
 
@@ -25,6 +26,10 @@ def __getattr__(name: str) -> object:
         import resnext.inference as inference
 
         return getattr(inference, name)
+    if name == "optimize":
+        from resnext.speed.fastpath import optimize
+
+        return optimize
     raise AttributeError(f"module 'resnext' has no attribute {name!r}")
 
 
@@ -40,6 +45,7 @@ __all__ = [
     "extract_features",
     "get_spec",
     "list_models",
+    "optimize",
     "predict",
     "solve_width",
 ]

@@ -184,3 +184,11 @@ def test_many_optimized_models_in_one_process_all_compile(monkeypatch: pytest.Mo
         before = counters["stats"]["unique_graphs"]
         optimize(model, "fp32", backend="inductor", example_input=x, grouped_kernel="off")
         assert counters["stats"]["unique_graphs"] == before + 1
+
+
+def test_optimize_is_one_call_away_from_the_package() -> None:
+    # The interface: `resnext.optimize(model, dtype=...)`, without importing resnext.speed.
+    assert resnext.optimize is optimize
+    assert "optimize" in resnext.__all__
+    with pytest.raises(AttributeError, match="no attribute 'optimise'"):
+        _ = resnext.optimise
