@@ -21,6 +21,8 @@ VARIANTS = (
     "eager-fast-fp32",
     "inductor-fp32",
     "inductor-bf16",
+    "inductor-cpp-fp32",
+    "inductor-cpp-bf16",
     "inductor-onednn-fp32",
     "inductor-onednn-bf16",
     "jit-fp32",
@@ -65,11 +67,19 @@ def build_runner(
     kind, _, dtype = variant.rpartition("-")
     if variant == "eager":
         fn: Callable[[torch.Tensor], torch.Tensor] = model
-    elif kind in ("eager-fast", "inductor", "inductor-onednn", "jit"):
-        # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernel off)
-        backend = {"eager-fast": "none", "inductor-onednn": "inductor"}.get(kind, kind)
+    elif kind in ("eager-fast", "inductor", "inductor-onednn", "inductor-cpp", "jit"):
+        # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernel off);
+        # inductor-cpp: with inductor's C++ wrapper
+        backend = "none" if kind == "eager-fast" else kind.split("-")[0]
         mode = "off" if kind == "inductor-onednn" else "auto"
-        fn = optimize(model, dtype, backend=backend, example_input=example, grouped_kernel=mode)
+        fn = optimize(
+            model,
+            dtype,
+            backend=backend,
+            example_input=example,
+            grouped_kernel=mode,
+            cpp_wrapper=kind == "inductor-cpp",
+        )
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)
         fn = lambda x: torch.from_numpy(session(x.numpy())[0])  # noqa: E731
