@@ -21,8 +21,8 @@ VARIANTS = (
     "eager-fast-fp32",
     "inductor-fp32",
     "inductor-bf16",
-    "inductor-cpp-fp32",
-    "inductor-cpp-bf16",
+    "inductor-py-fp32",
+    "inductor-py-bf16",
     "inductor-onednn-fp32",
     "inductor-onednn-bf16",
     "jit-fp32",
@@ -67,9 +67,9 @@ def build_runner(
     kind, _, dtype = variant.rpartition("-")
     if variant == "eager":
         fn: Callable[[torch.Tensor], torch.Tensor] = model
-    elif kind in ("eager-fast", "inductor", "inductor-onednn", "inductor-cpp", "jit"):
+    elif kind in ("eager-fast", "inductor", "inductor-onednn", "inductor-py", "jit"):
         # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernel off);
-        # inductor-cpp: with inductor's C++ wrapper
+        # inductor-py: with inductor's Python wrapper instead of its C++ one
         backend = "none" if kind == "eager-fast" else kind.split("-")[0]
         mode = "off" if kind == "inductor-onednn" else "auto"
         fn = optimize(
@@ -78,7 +78,7 @@ def build_runner(
             backend=backend,
             example_input=example,
             grouped_kernel=mode,
-            cpp_wrapper=kind == "inductor-cpp",
+            cpp_wrapper=kind != "inductor-py",
         )
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)
