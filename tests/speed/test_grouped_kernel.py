@@ -227,3 +227,43 @@ def test_optimize_bf16_with_the_kernel_close_to_fp32() -> None:
     assert [c.chosen for c in fast.grouped_choices] == ["kernel+relu"] * 2
     with torch.no_grad():
         assert _rel_err(fast(x), model(x)) < 3e-2
+
+
+@needs_kernel
+@pytest.mark.skipif(
+    grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
+    reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
+)
+def test_inference_module_widening_and_pair_variants_both_equal_conv2d() -> None:
+    torch.manual_seed(3)
+    conv = nn.Conv2d(64, 64, 3, 1, 1, groups=16, bias=True)  # 4 channels per group
+    x = torch.randn(2, 64, 9, 7).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x.float(), conv.weight.detach().bfloat16().float(), conv.bias, 1, 1, 1, 16)
+    pair = FastGroupedConv3x3(conv, dtype=torch.bfloat16)
+    widening = FastGroupedConv3x3(conv, dtype=torch.bfloat16, pairs=False)
+    assert pair.pairs and not widening.pairs
+    assert not FastGroupedConv3x3(conv, dtype=torch.float32, pairs=True).pairs  # fp32: no pairs
+    with torch.no_grad():
+        for module in (pair, widening):
+            assert _rel_err(module(x), want) < 2**-7
+
+
+@needs_kernel
+@pytest.mark.skipif(
+    grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
+    reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
+)
+def test_auto_records_which_kernel_variant_it_swapped_in() -> None:
+    torch.manual_seed(4)
+    spec = resnext.models.ModelSpec(
+        depths=(1,), stem="cifar", cardinality=8, base_width=4, num_classes=10
+    )  # 32 channels, 4 per group: both variants apply
+    model = resnext.models.build_model(spec).eval()
+    x = torch.randn(8, 3, 32, 32)
+    fast = optimize(model, "bf16", backend="none", example_input=x)
+    (choice,) = fast.grouped_choices
+    if choice.chosen != "native":
+        swapped = next(m for m in fast.modules() if isinstance(m, FastGroupedConv3x3))
+        assert swapped.pairs == choice.pairs
+    with torch.no_grad():
+        assert _rel_err(fast(x), model(x)) < 3e-2

@@ -26,7 +26,11 @@ class FastGroupedConv3x3(nn.Module):
     """
 
     def __init__(
-        self, conv: nn.Conv2d, relu: bool = False, dtype: torch.dtype = torch.float32
+        self,
+        conv: nn.Conv2d,
+        relu: bool = False,
+        dtype: torch.dtype = torch.float32,
+        pairs: bool | None = None,
     ) -> None:
         super().__init__()
         self.relu = relu
@@ -37,9 +41,11 @@ class FastGroupedConv3x3(nn.Module):
         self.groups = conv.groups
         self.stride = conv.stride[0]
         self.channels = conv.out_channels
-        # bf16 activations with 4 channels per group run the pair-dot-product kernel.
-        pairs = grouped_kernel.takes_pairs(conv.out_channels, conv.groups, dtype)
-        self.packed = grouped_kernel.pack_weights(conv.weight, conv.groups, pairs)
+        # bf16 activations with 4 channels per group can run the pair-dot-product kernel (the
+        # default) or widen to float32 FMAs (pairs=False): which is faster depends on the CPU.
+        can_pair = grouped_kernel.takes_pairs(conv.out_channels, conv.groups, dtype)
+        self.pairs = can_pair if pairs is None else pairs and can_pair
+        self.packed = grouped_kernel.pack_weights(conv.weight, conv.groups, self.pairs)
         self.bias = None if conv.bias is None else conv.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +80,9 @@ class LayerChoice:
     name: str
     input_shape: tuple[int, ...]
     native_ms: float
-    kernel_ms: float
+    kernel_ms: float  # the faster of the kernel's variants
     chosen: str
+    pairs: bool = False  # the kernel variant timed fastest: AVX512-BF16 pairs, or widening
 
 
 def _time_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -> float:
@@ -146,6 +153,13 @@ def swap_grouped_convs(
         )
         native_ms = _time_ms(conv, x, repeats)
         kernel_ms = _time_ms(fast, x, repeats)
+        if fast.pairs and mode == "auto":
+            # The pair kernel is 4x slower per instruction on some CPUs (measured: an Intel Xeon
+            # with AMX, where the widening kernel ran stage 1 in 2.5 ms against 2.9).
+            widening = FastGroupedConv3x3(conv, dtype=example.dtype, pairs=False)
+            widening_ms = _time_ms(widening, x, repeats)
+            if widening_ms < kernel_ms:
+                fast, kernel_ms = widening, widening_ms
         use = mode == "on" or kernel_ms < native_ms
         fused = False
         if use:
@@ -158,6 +172,7 @@ def swap_grouped_convs(
                 native_ms,
                 kernel_ms,
                 ("kernel+relu" if fused else "kernel") if use else "native",
+                fast.pairs,
             )
         )
     return choices
