@@ -127,9 +127,12 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
             err = ((out - reference).abs().max() / reference.abs().max()).item()
             agree = (out.argmax(1) == reference.argmax(1)).float().mean().item()
             info[key] = {"build_s": build_s, "max_rel_err": err, "argmax_agreement": agree}
-            swapped = [c.name for c in getattr(fn, "grouped_choices", []) if c.chosen != "native"]
+            choices = getattr(fn, "grouped_choices", [])
+            swapped = [c.name for c in choices if c.chosen != "native"]
             if swapped:
                 info[key]["grouped_kernel_layers"] = swapped
+            if choices:  # each grouped layer's timings and the implementation it got
+                info[key]["grouped_choices"] = [asdict(c) for c in choices]
             log(f"{key}: built in {build_s:.1f} s, max rel err {err:.2e}")
             runners[key] = (_torch_runner(fn, x), config.batch)
             if config.latency_rounds and variant.startswith(("inductor", "jit", "eager")):
