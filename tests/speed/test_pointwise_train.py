@@ -214,11 +214,16 @@ def _block_grads(block: nn.Module, x: torch.Tensor, seed: int = 7) -> tuple[torc
     return (y.detach(), *grads)
 
 
-def _bottleneck() -> nn.Module:
+def _bottleneck(projection: bool = False) -> nn.Module:
     from resnext.models.blocks import BlockGeometry, Bottleneck
 
     torch.manual_seed(11)
-    geo = BlockGeometry(64, 64, 64, 4, 1, False)  # identity shortcut: in = out, stride 1
+    # identity shortcut (in = out, stride 1), or a stride-2 projection to 128 channels
+    geo = (
+        BlockGeometry(64, 64, 128, 4, 2, False)
+        if projection
+        else BlockGeometry(64, 64, 64, 4, 1, False)
+    )
     block = Bottleneck(geo, residual=True, avg_down=False, se_reduction=0)
     for bn in (block.bn1, block.bn2, block.bn3):  # non-trivial affine parameters
         nn.init.uniform_(bn.weight, 0.5, 1.5), nn.init.uniform_(bn.bias, -0.2, 0.2)
@@ -226,8 +231,9 @@ def _bottleneck() -> nn.Module:
 
 
 @pytest.mark.parametrize("path", ["onednn", "gemm"])
-def test_identity_block_sums_both_input_gradients_in_the_fork(path, monkeypatch) -> None:
-    plain = _bottleneck()
+@pytest.mark.parametrize("projection", [False, True])
+def test_block_sums_both_input_gradients_in_the_fork(path, projection, monkeypatch) -> None:
+    plain = _bottleneck(projection)
     fast = copy.deepcopy(plain)
     use_gemm_weight_grad(fast)
     forks = []

@@ -106,11 +106,12 @@ class Bottleneck(_PostActBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fork = getattr(self.conv1, "fork", None)
-        if fork is None or not self.residual or self.downsample is not None or self.se is not None:
+        if fork is None or not self.residual or self.se is not None:
             return super().forward(x)
-        # A conv1 with `fork` (the training fast path) returns conv1(x) and x for the identity
-        # shortcut, and adds the two gradients of x itself, in one pass.
-        out, shortcut = fork(x)
+        # A conv1 with `fork` (the training fast path) returns conv1(x) and x for the shortcut,
+        # and adds the two gradients of x itself, in one pass.
+        out, x = fork(x)
+        shortcut = x if self.downsample is None else self.downsample(x)
         return norm_act(self.bn3, self.relu, self._after_conv1(out), shortcut)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:

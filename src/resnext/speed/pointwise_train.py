@@ -159,7 +159,7 @@ def fork_input_grad_candidates(
     grad: torch.Tensor, shortcut_grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """The input gradient of a stride-1 1×1 convolution plus the gradient that reached its input
-    along an identity shortcut: oneDNN's then an addition (what autograd does for a tensor used
+    along the block's shortcut: oneDNN's then an addition (what autograd does for a tensor used
     twice), or one GEMM that adds the product to the shortcut's gradient as it writes it."""
     return {
         "onednn": lambda: _onednn_backward(grad, x, w, 1, 0) + shortcut_grad,
@@ -202,9 +202,9 @@ class _PointwiseConv(torch.autograd.Function):
 
 
 class _PointwiseConvFork(torch.autograd.Function):
-    """(conv2d(x, weight), x) for a stride-1 1×1 convolution whose input also feeds an identity
+    """(conv2d(x, weight), x) for a stride-1 1×1 convolution whose input also feeds the block's
     shortcut: both gradients of x arrive here and are summed inside the input gradient's GEMM,
-    instead of in a separate pass over the block's widest tensor."""
+    instead of in a separate pass over the block's input."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -252,8 +252,9 @@ class TrainingPointwiseConv2d(TrainingFastConv2d):
         return _PointwiseConv.apply(x, self.weight, self.stride[0])
 
     def fork(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(x), x) for a block whose identity shortcut also takes x: the fast path sums the
-        two gradients of x in one GEMM (`resnext.models.blocks` calls this where it exists)."""
+        """(self(x), x) for a block whose shortcut also takes x (as it is, or through a projection):
+        the fast path sums the two gradients of x in one GEMM (`resnext.models.blocks` calls this
+        where it exists)."""
         dtype = self._fast_dtype(x)
         if dtype is None or dtype != x.dtype or self.stride != (1, 1):
             return self(x), x  # casting x here would change the shortcut's dtype too
