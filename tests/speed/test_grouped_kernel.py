@@ -18,6 +18,10 @@ REASON = grouped_kernel.unavailable_reason()
 needs_kernel = pytest.mark.skipif(
     REASON is not None, reason=f"grouped kernel unavailable: {REASON}"
 )
+needs_bf16_kernel = pytest.mark.skipif(
+    grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
+    reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
+)
 
 
 def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -47,10 +51,7 @@ def test_kernel_equals_conv2d(cpg: int, stride: int, size: tuple[int, int]) -> N
 
 
 @needs_kernel
-@pytest.mark.skipif(
-    grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
-    reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
-)
+@needs_bf16_kernel
 @pytest.mark.parametrize("cpg", [4, 8, 32])
 def test_bf16_kernel_matches_fp32_of_the_same_inputs(cpg: int) -> None:
     groups = 16
@@ -187,10 +188,7 @@ def test_optimize_with_the_kernel_same_function(backend: str) -> None:
 
 
 @needs_kernel
-@pytest.mark.skipif(
-    grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
-    reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
-)
+@needs_bf16_kernel
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(1, 1), (5, 8), (13, 7)])
 def test_bf16_pair_kernel_equals_conv2d(stride: int, size: tuple[int, int]) -> None:
@@ -212,10 +210,7 @@ def test_bf16_pair_kernel_equals_conv2d(stride: int, size: tuple[int, int]) -> N
 
 
 @needs_kernel
-@pytest.mark.skipif(
-    grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
-    reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
-)
+@needs_bf16_kernel
 def test_optimize_bf16_with_the_kernel_close_to_fp32() -> None:
     torch.manual_seed(1)
     spec = resnext.models.ModelSpec(
@@ -230,10 +225,7 @@ def test_optimize_bf16_with_the_kernel_close_to_fp32() -> None:
 
 
 @needs_kernel
-@pytest.mark.skipif(
-    grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
-    reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
-)
+@needs_bf16_kernel
 def test_inference_module_widening_and_pair_variants_both_equal_conv2d() -> None:
     torch.manual_seed(3)
     conv = nn.Conv2d(64, 64, 3, 1, 1, groups=16, bias=True)  # 4 channels per group
@@ -249,10 +241,7 @@ def test_inference_module_widening_and_pair_variants_both_equal_conv2d() -> None
 
 
 @needs_kernel
-@pytest.mark.skipif(
-    grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
-    reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
-)
+@needs_bf16_kernel
 def test_auto_records_which_kernel_variant_it_swapped_in() -> None:
     torch.manual_seed(4)
     spec = resnext.models.ModelSpec(

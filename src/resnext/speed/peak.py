@@ -79,11 +79,6 @@ def arithmetic_peak(
     reason = unavailable_reason(dtype)
     if reason is not None:
         raise RuntimeError(f"arithmetic_peak({dtype}): {reason}")
-    if seconds <= 0:
-        raise ValueError(f"seconds: expected > 0, got {seconds}")
-    threads = torch.get_num_threads() if threads is None else threads
-    if threads < 1:
-        raise ValueError(f"threads: expected >= 1, got {threads}")
     return _timed_peak(KINDS[dtype], threads, seconds)
 
 
@@ -100,15 +95,16 @@ def amx_peak(threads: int | None = None, seconds: float = 0.2) -> float:
     reason = amx_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"amx_peak: {reason}")
+    return _timed_peak(AMX_KIND, threads, seconds)
+
+
+def _timed_peak(kind: int, threads: int | None, seconds: float) -> float:
+    """GFLOP/s of peak_run's `kind` on `threads` threads (default: torch's), best of three."""
     if seconds <= 0:
         raise ValueError(f"seconds: expected > 0, got {seconds}")
     threads = torch.get_num_threads() if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads: expected >= 1, got {threads}")
-    return _timed_peak(AMX_KIND, threads, seconds)
-
-
-def _timed_peak(kind: int, threads: int, seconds: float) -> float:
     lib, sink = _library(), ctypes.c_double()
     iters = 10_000 if kind != AMX_KIND else 100  # a tile product is 512 vector FMAs' work
     while True:  # grow the run until it is long enough to time

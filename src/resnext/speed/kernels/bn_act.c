@@ -20,6 +20,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "bf16_io.h"
+
 #define BLOCK 32 /* rows per float32 partial sum */
 #define AHEAD 2048 /* bytes to prefetch ahead of each load */
 
@@ -32,19 +34,7 @@ static inline __m512 load(const void *base, int dtype, long offset, __mmask16 m)
     return _mm512_maskz_loadu_ps(m, (const float *)base + offset);
   }
   _mm_prefetch((const char *)((const uint16_t *)base + offset) + AHEAD, _MM_HINT_T0);
-  __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + offset);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* Round to nearest even, as torch's float -> bfloat16 conversion does; NaN stays a quiet NaN. */
-static inline __m256i to_bf16(__m512 v) {
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  r = _mm512_srli_epi32(r, 16);
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
+  return widen_bf16(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + offset));
 }
 
 static inline void store(void *base, int dtype, long offset, __mmask16 m, __m512 v) {
@@ -52,11 +42,6 @@ static inline void store(void *base, int dtype, long offset, __mmask16 m, __m512
     _mm512_mask_storeu_ps((float *)base + offset, m, v);
   else
     _mm256_mask_storeu_epi16((uint16_t *)base + offset, m, to_bf16(v));
-}
-
-static inline __mmask16 lanes(long c, long channels) {
-  long left = channels - c;
-  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
 static void rows_of(long rows, int threads, int t, long *begin, long *end) {
