@@ -69,3 +69,25 @@ def test_load_checks_the_cpu_before_building(tmp_path: Path, monkeypatch) -> Non
     if native.problem(native.compiler) is not None:
         pytest.skip(f"no C compiler: {native.problem(native.compiler)}")
     assert native.load(_source(tmp_path), ("-O2",)).answer() == 42
+
+
+def test_every_kernel_source_and_header_ships_with_the_package() -> None:
+    # A kernel is compiled from the installed package on first use: a .c or .h file that the
+    # package data globs miss builds in a checkout and fails after `pip install`.
+    import fnmatch
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["resnext"]
+    package = root / "src" / "resnext"
+    kernels = [p for p in package.glob("**/kernels/*") if p.suffix in (".c", ".h")]
+    assert len(kernels) >= 10
+    for path in kernels:
+        rel = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not package data"
+    for source in (p for p in kernels if p.suffix == ".c"):
+        for header in native.local_headers(source):
+            assert header in kernels, f"{source.name} includes {header.name}, not shipped"
