@@ -35,18 +35,6 @@ from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dt
 DTYPES = (torch.bfloat16,)
 
 
-def gemm_weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int) -> torch.Tensor:
-    """The weight gradient (C_out, C_in, 1, 1) of a bias-free 1×1 convolution, as one GEMM.
-
-    `x` is the convolution's input and `grad` the gradient of its output, both channels-last.
-    """
-    if stride != 1:
-        x = x[:, :, ::stride, ::stride]
-    rows_x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    rows_g = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
-    return (rows_g.t() @ rows_x)[:, :, None, None]
-
-
 def our_product_applies(dtype: torch.dtype, weight: torch.Tensor, stride: int) -> bool:
     """Whether `kernels/pointwise_gemm.c` computes this convolution and its input gradient."""
     return (
@@ -71,8 +59,18 @@ def _key(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple:
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
-    """The (N·H·W) × C pixel rows of a channels-last tensor, as a view."""
+    """The (N·H·W) × C pixel rows of a channels-last tensor (a view where it is dense)."""
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def gemm_weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int) -> torch.Tensor:
+    """The weight gradient (C_out, C_in, 1, 1) of a bias-free 1×1 convolution, as one GEMM.
+
+    `x` is the convolution's input and `grad` the gradient of its output, both channels-last.
+    """
+    if stride != 1:
+        x = x[:, :, ::stride, ::stride]
+    return (rows(grad).t() @ rows(x))[:, :, None, None]
 
 
 def from_rows(r: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
