@@ -21,7 +21,7 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp")
 LIBS = ("-lm",)
 REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-MASK_NONE, MASK_FROM_X, MASK_FROM_Y = 0, 1, 2
+MASK_NONE, MASK_FROM_X, MASK_FROM_BITS = 0, 1, 2
 
 _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
 
@@ -29,7 +29,7 @@ _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
     lib = native.load(SOURCE, FLAGS, LIBS, cpu_needs=REQUIRED_FLAGS)
-    lib.bn_act_forward.argtypes = [_P, _P, _P, _I, _L, _L, _P, _P, _D, _I, _P, _P, _P, _I]
+    lib.bn_act_forward.argtypes = [_P, _P, _P, _I, _L, _L, _P, _P, _D, _I, _P, _P, _P, _I, _P]
     lib.bn_act_forward.restype = _I
     lib.bn_act_backward.argtypes = [_P] * 5 + [_I, _L, _L] + [_P] * 4 + [_I, _P, _P, _I]
     lib.bn_act_backward.restype = _I
@@ -79,28 +79,32 @@ def forward(
     eps: float,
     residual: torch.Tensor | None,
     relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(relu?(BN(x) [+ residual]) with batch statistics, mean, 1/std, biased variance).
+    want_bits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(relu?(BN(x) [+ residual]) with batch statistics, mean, 1/std, biased variance, bits).
 
-    The statistics are float32 vectors of shape (C,); the output is a new tensor like `x`.
+    The statistics are float32 vectors of shape (C,); the output is a new tensor like `x`. With
+    `want_bits` (and `relu`) `bits` is the mask output > 0 as one bit per value (an int16 tensor
+    of rows × ⌈C/16⌉ words) for `backward`'s MASK_FROM_BITS; else None.
     """
     rows, channels = _rows(x)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     mean, invstd, var = torch.empty(3, channels, dtype=torch.float32)
+    bits = torch.empty(rows, -(-channels // 16), dtype=torch.int16) if want_bits and relu else None
     weight, bias = _vec(weight), _vec(bias)
     failed = _library().bn_act_forward(
         x.data_ptr(), _ptr(residual), out.data_ptr(), DTYPES[x.dtype], rows, channels,
         _ptr(weight), _ptr(bias), eps, int(relu),
-        mean.data_ptr(), invstd.data_ptr(), var.data_ptr(), torch.get_num_threads(),
+        mean.data_ptr(), invstd.data_ptr(), var.data_ptr(), torch.get_num_threads(), _ptr(bits),
     )  # fmt: skip
     _check(failed, "bn_act_forward")
-    return out, mean, invstd, var
+    return out, mean, invstd, var, bits
 
 
 def backward(
     grad: torch.Tensor,
     x: torch.Tensor,
-    out: torch.Tensor | None,
+    bits: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     mean: torch.Tensor,
@@ -110,10 +114,13 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dweight, dbias, the residual's gradient) of `forward`, given the output gradient.
 
-    `mask` says where the ReLU's mask comes from (MASK_FROM_X, MASK_FROM_Y with `out`, or
-    MASK_NONE); the residual's gradient is the masked gradient (a new tensor) or `grad` itself.
+    `mask` says where the ReLU's mask comes from (MASK_FROM_X, MASK_FROM_BITS with the `bits`
+    `forward` returned, or MASK_NONE); the residual's gradient is the masked gradient (a new
+    tensor) or `grad` itself.
     """
     rows, channels = _rows(x)
+    if mask == MASK_FROM_BITS and (bits is None or tuple(bits.shape) != (rows, -(-channels // 16))):
+        raise ValueError(f"bits: expected the ({rows}, {-(-channels // 16)}) mask of forward")
     dx = torch.empty_like(x, memory_format=torch.channels_last)
     masked = None
     if residual_grad and mask != MASK_NONE:
@@ -122,7 +129,7 @@ def backward(
     dbias = None if bias is None else torch.empty(channels, dtype=torch.float32)
     weight, bias = _vec(weight), _vec(bias)
     failed = _library().bn_act_backward(
-        grad.data_ptr(), x.data_ptr(), _ptr(out), _ptr(masked), dx.data_ptr(), DTYPES[x.dtype],
+        grad.data_ptr(), x.data_ptr(), _ptr(bits), _ptr(masked), dx.data_ptr(), DTYPES[x.dtype],
         rows, channels, _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(), mask,
         _ptr(dweight), _ptr(dbias), torch.get_num_threads(),
     )  # fmt: skip

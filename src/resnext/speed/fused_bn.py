@@ -36,15 +36,18 @@ class _BatchNormAct(torch.autograd.Function):
         eps: float,
         relu: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, mean, invstd, var = bn_kernel.forward(x, weight, bias, eps, residual, relu)
-        # With a residual the ReLU's input is not recomputable from x alone: mask from the output.
+        # With a residual the ReLU's input is not recomputable from x alone: the forward saves
+        # its mask as bits (1/16 of the bytes of rereading a bf16 output in the backward).
+        with_bits = relu and residual is not None
+        out, mean, invstd, var, bits = bn_kernel.forward(
+            x, weight, bias, eps, residual, relu, want_bits=with_bits
+        )
         if not relu:
             ctx.mask = bn_kernel.MASK_NONE
         else:
-            ctx.mask = bn_kernel.MASK_FROM_Y if residual is not None else bn_kernel.MASK_FROM_X
+            ctx.mask = bn_kernel.MASK_FROM_BITS if with_bits else bn_kernel.MASK_FROM_X
         ctx.has_residual = residual is not None
-        saved_out = out if ctx.mask == bn_kernel.MASK_FROM_Y else None
-        ctx.save_for_backward(x, saved_out, weight, bias, mean, invstd)
+        ctx.save_for_backward(x, bits, weight, bias, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
         # mean and var get no gradient; without this autograd would make two zero tensors per call
         # to stand for them. (Backward only runs when `out` has a gradient.)
@@ -56,10 +59,10 @@ class _BatchNormAct(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *_: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        x, out, weight, bias, mean, invstd = ctx.saved_tensors
+        x, bits, weight, bias, mean, invstd = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
         dx, dweight, dbias, d_residual = bn_kernel.backward(
-            grad, x, out, weight, bias, mean, invstd, ctx.mask, ctx.has_residual
+            grad, x, bits, weight, bias, mean, invstd, ctx.mask, ctx.has_residual
         )
         # The kernel returns float32 parameter gradients exactly when the parameters exist.
         if weight is not None:

@@ -26,7 +26,10 @@
 #define AHEAD 2048 /* bytes to prefetch ahead of each load */
 
 enum { F32 = 0, BF16 = 1 };
-enum { MASK_NONE = 0, MASK_FROM_X = 1, MASK_FROM_Y = 2 };
+/* Where the backward takes the ReLU's mask from: none, the input x (the ReLU followed the norm
+ * directly), or the bits the forward saved (y > 0, one bit per value; with a residual the ReLU's
+ * input cannot be recomputed from x). */
+enum { MASK_NONE = 0, MASK_FROM_X = 1, MASK_FROM_BITS = 2 };
 
 static inline __m512 load(const void *base, int dtype, long offset, __mmask16 m) {
   if (dtype == F32) {
@@ -42,6 +45,20 @@ static inline void store(void *base, int dtype, long offset, __mmask16 m, __m512
     _mm512_mask_storeu_ps((float *)base + offset, m, v);
   else
     _mm256_mask_storeu_epi16((uint16_t *)base + offset, m, to_bf16(v));
+}
+
+/* Stores v like `store` and returns which stored values are > 0 (of lanes m): exactly the mask
+ * a ReLU's backward reads from its saved output, rounding to bf16 included. */
+static inline __mmask16 store_positive(void *base, int dtype, long offset, __mmask16 m, __m512 v) {
+  if (dtype == F32) {
+    _mm512_mask_storeu_ps((float *)base + offset, m, v);
+    return _mm512_mask_cmp_ps_mask(m, v, _mm512_setzero_ps(), _CMP_GT_OQ);
+  }
+  __m256i h = to_bf16(v);
+  _mm256_mask_storeu_epi16((uint16_t *)base + offset, m, h);
+  /* After the ReLU y is +0 or positive, never NaN (max returns its 0 for a NaN), so the signed
+   * 16-bit compare of the bf16 bits with 0 is y > 0. */
+  return _mm256_mask_cmpgt_epi16_mask(m, h, _mm256_setzero_si256());
 }
 
 static void rows_of(long rows, int threads, int t, long *begin, long *end) {
@@ -144,10 +161,12 @@ static int bn_stats(const void *x, int dtype, long rows, long channels, const fl
   return failed;
 }
 
-/* y = relu?(x * scale + shift [+ res]); res may be NULL. */
+/* y = relu?(x * scale + shift [+ res]); res may be NULL. With `bits` (and relu) the mask y > 0 is
+ * also written, one 16-bit word per 16-channel block of each row. */
 static void bn_apply(const void *x, const void *res, void *y, int dtype, long rows,
                      long channels, const float *scale, const float *shift, int relu,
-                     int threads) {
+                     uint16_t *bits, int threads) {
+  const long blocks = (channels + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (long r = 0; r < rows; ++r) {
     for (long c = 0; c < channels; c += 16) {
@@ -157,36 +176,40 @@ static void bn_apply(const void *x, const void *res, void *y, int dtype, long ro
                                  _mm512_maskz_loadu_ps(m, shift + c));
       if (res) v = _mm512_add_ps(v, load(res, dtype, at, m));
       if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
-      store(y, dtype, at, m, v);
+      if (bits)
+        bits[r * blocks + c / 16] = store_positive(y, dtype, at, m, v);
+      else
+        store(y, dtype, at, m, v);
     }
   }
 }
 
 /* The incoming gradient with the ReLU's mask applied: from x (the ReLU followed the norm
- * directly, so its input was x * scale + shift), from y (the saved output), or no mask. */
-static inline __m512 masked(const void *g, const void *y, int dtype, long at, __mmask16 m,
-                            int mode, __m512 scale, __m512 shift, __m512 xv) {
+ * directly, so its input was x * scale + shift), from the saved bits (word `bit_at`), or none. */
+static inline __m512 masked(const void *g, const uint16_t *bits, int dtype, long at, long bit_at,
+                            __mmask16 m, int mode, __m512 scale, __m512 shift, __m512 xv) {
   __m512 gv = load(g, dtype, at, m);
   __m512 zero = _mm512_setzero_ps();
   if (mode == MASK_FROM_X)
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_fmadd_ps(xv, scale, shift), zero,
                                                   _CMP_GT_OQ),
                                gv);
-  if (mode == MASK_FROM_Y)
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load(y, dtype, at, m), zero, _CMP_GT_OQ), gv);
+  if (mode == MASK_FROM_BITS) return _mm512_maskz_mov_ps(m & bits[bit_at], gv);
   return gv;
 }
 
 /* sum_g[c] = sum of the masked gradient gm, sum_gx[c] = sum of gm * (x - mean[c]); gm is also
  * written to gm_out when that is not NULL (it is the residual branch's gradient). */
-static int bn_grad_sums(const void *g, const void *x, const void *y, void *gm_out, int dtype,
-                        long rows, long channels, const float *scale, const float *shift,
-                        const float *mean, int mode, double *sum_g, double *sum_gx, int threads) {
+static int bn_grad_sums(const void *g, const void *x, const uint16_t *bits, void *gm_out,
+                        int dtype, long rows, long channels, const float *scale,
+                        const float *shift, const float *mean, int mode, double *sum_g,
+                        double *sum_gx, int threads) {
+  const long blocks = (channels + 15) / 16;
   int failed;
   PARALLEL_CHANNEL_SUMS(failed, rows, channels, sum_g, sum_gx, {
     __m512 xv = load(x, dtype, at, m);
-    __m512 gm = masked(g, y, dtype, at, m, mode, _mm512_maskz_loadu_ps(m, scale + c),
-                       _mm512_maskz_loadu_ps(m, shift + c), xv);
+    __m512 gm = masked(g, bits, dtype, at, r * blocks + c / 16, m, mode,
+                       _mm512_maskz_loadu_ps(m, scale + c), _mm512_maskz_loadu_ps(m, shift + c), xv);
     if (gm_out) store(gm_out, dtype, at, m, gm);
     sa = _mm512_add_ps(sa, gm);
     sb = _mm512_fmadd_ps(gm, _mm512_sub_ps(xv, _mm512_maskz_loadu_ps(m, mean + c)), sb);
@@ -195,18 +218,20 @@ static int bn_grad_sums(const void *g, const void *x, const void *y, void *gm_ou
 }
 
 /* dx = a * gm + b * (x - mean) + k per channel (batch norm's input gradient in closed form). */
-static void bn_grad_input(const void *g, const void *x, const void *y, void *dx, int dtype,
-                          long rows, long channels, const float *scale, const float *shift,
-                          const float *mean, int mode, const float *a, const float *b,
-                          const float *k, int threads) {
+static void bn_grad_input(const void *g, const void *x, const uint16_t *bits, void *dx,
+                          int dtype, long rows, long channels, const float *scale,
+                          const float *shift, const float *mean, int mode, const float *a,
+                          const float *b, const float *k, int threads) {
+  const long blocks = (channels + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (long r = 0; r < rows; ++r) {
     for (long c = 0; c < channels; c += 16) {
       __mmask16 m = lanes(c, channels);
       long at = r * channels + c;
       __m512 xv = load(x, dtype, at, m);
-      __m512 gm = masked(g, y, dtype, at, m, mode, _mm512_maskz_loadu_ps(m, scale + c),
-                         _mm512_maskz_loadu_ps(m, shift + c), xv);
+      __m512 gm = masked(g, bits, dtype, at, r * blocks + c / 16, m, mode,
+                         _mm512_maskz_loadu_ps(m, scale + c), _mm512_maskz_loadu_ps(m, shift + c),
+                         xv);
       /* b * (x - mean), not b * x + const: the latter cancels when |mean| >> std. */
       __m512 centred = _mm512_sub_ps(xv, _mm512_maskz_loadu_ps(m, mean + c));
       __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + c), gm,
@@ -235,11 +260,13 @@ static void scale_shift(const float *weight, const float *bias, const float *mea
 }
 
 /* The training forward: batch statistics of x, then y = relu?(BN(x) [+ res]). Writes the batch
- * mean, 1/sqrt(var + eps) and the biased variance per channel (for the running statistics).
+ * mean, 1/sqrt(var + eps) and the biased variance per channel (for the running statistics), and
+ * with `bits` (not NULL, relu set) the mask y > 0, rows x ceil(channels / 16) 16-bit words, for
+ * the backward (MASK_FROM_BITS): 1/16 of the bytes of rereading a bf16 y.
  * Returns 0, or 1 if memory for the per-thread sums could not be allocated. */
 int bn_act_forward(const void *x, const void *res, void *y, int dtype, long rows, long channels,
                    const float *weight, const float *bias, double eps, int relu, float *mean,
-                   float *invstd, float *var, int threads) {
+                   float *invstd, float *var, int threads, uint16_t *bits) {
   double *sums = (double *)malloc(2 * channels * sizeof(double));
   float *pivot = (float *)malloc(3 * channels * sizeof(float));
   int failed = !sums || !pivot;
@@ -256,7 +283,7 @@ int bn_act_forward(const void *x, const void *res, void *y, int dtype, long rows
         invstd[c] = (float)(1.0 / sqrt(v + eps));
       }
       scale_shift(weight, bias, mean, invstd, channels, scale, shift);
-      bn_apply(x, res, y, dtype, rows, channels, scale, shift, relu, threads);
+      bn_apply(x, res, y, dtype, rows, channels, scale, shift, relu, relu ? bits : NULL, threads);
     }
   }
   free(sums);
@@ -265,10 +292,11 @@ int bn_act_forward(const void *x, const void *res, void *y, int dtype, long rows
 }
 
 /* The backward of bn_act_forward given the output gradient g: dx, and dweight/dbias when those
- * pointers are not NULL. mode says where the ReLU's mask comes from; with gm (not NULL) the masked
- * gradient is also written there (it is the residual's gradient) and reread by the second pass.
- * With gm the mask must not be MASK_NONE. Returns 0, or 1 on a failed allocation. */
-int bn_act_backward(const void *g, const void *x, const void *y, void *gm, void *dx, int dtype,
+ * pointers are not NULL. mode says where the ReLU's mask comes from (MASK_FROM_BITS: `bits`, as
+ * the forward wrote them); with gm (not NULL) the masked gradient is also written there (it is
+ * the residual's gradient) and reread by the second pass. With gm the mask must not be
+ * MASK_NONE. Returns 0, or 1 on a failed allocation. */
+int bn_act_backward(const void *g, const void *x, const uint16_t *bits, void *gm, void *dx, int dtype,
                     long rows, long channels, const float *weight, const float *bias,
                     const float *mean, const float *invstd, int mode, float *dweight,
                     float *dbias, int threads) {
@@ -278,7 +306,7 @@ int bn_act_backward(const void *g, const void *x, const void *y, void *gm, void 
   if (!failed) {
     float *shift = scale + channels, *a = shift + channels, *b = a + channels, *k = b + channels;
     scale_shift(weight, bias, mean, invstd, channels, scale, shift);
-    failed = bn_grad_sums(g, x, y, gm, dtype, rows, channels, scale, shift, mean, mode, sums,
+    failed = bn_grad_sums(g, x, bits, gm, dtype, rows, channels, scale, shift, mean, mode, sums,
                           sums + channels, threads);
     if (!failed) {
       for (long c = 0; c < channels; ++c) {
@@ -291,10 +319,10 @@ int bn_act_backward(const void *g, const void *x, const void *y, void *gm, void 
         if (dbias) dbias[c] = (float)sum_g;
       }
       if (gm)
-        bn_grad_input(gm, x, y, dx, dtype, rows, channels, scale, shift, mean, MASK_NONE, a, b, k,
+        bn_grad_input(gm, x, bits, dx, dtype, rows, channels, scale, shift, mean, MASK_NONE, a, b, k,
                       threads);
       else
-        bn_grad_input(g, x, y, dx, dtype, rows, channels, scale, shift, mean, mode, a, b, k,
+        bn_grad_input(g, x, bits, dx, dtype, rows, channels, scale, shift, mean, mode, a, b, k,
                       threads);
     }
   }
