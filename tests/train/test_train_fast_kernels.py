@@ -157,8 +157,7 @@ def test_a_fast_run_records_what_the_chooser_picked(tmp_path, tiny_cfg, tiny_dat
         train={"epochs": 1, "channels_last": True, "amp": "bfloat16", "gemm_weight_grad": True},
     )
     result = train(cfg, train_set=tiny_data(32), val_set=tiny_data(8, seed=2))
-    summary = json.loads((result.run_dir / "result.json").read_text())
-    choices = summary["fast_path_choices"]
+    choices = json.loads((result.run_dir / "fast_path_choices.json").read_text())
     ops = {c["op"] for c in choices}
     # The weight gradient always has two candidates (oneDNN, the GEMM); the forward and input
     # gradient have ours too where the CPU and the channel counts allow it.

@@ -227,6 +227,8 @@ def _run(
             _end_epoch(
                 cfg, info, ctx, parts, pos, (val_loader, batches.val), sampler, log, epoch_start
             )
+            if info.is_main and (cfg.train.grouped_kernels or cfg.train.gemm_weight_grad):
+                _save_fast_path_choices(run_dir)
     finally:
         log.close()
     if info.is_main and pos.history:
@@ -253,12 +255,19 @@ def _run(
             "best_epoch": result.best_epoch,
             "wall_time_s": result.wall_time_s,
         }
-        if cfg.train.grouped_kernels or cfg.train.gemm_weight_grad:
-            # Which implementation each fast-path op ran at each shape: timing chose them.
-            summary["fast_path_choices"] = [d.as_dict() for d in autotune.decisions()]
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier()
     return result
+
+
+def _save_fast_path_choices(run_dir: Path) -> None:
+    """Write which implementation each fast-path op ran at each shape (timing chose them on this
+    CPU) to fast_path_choices.json, replaced whole after every epoch so a killed run keeps it."""
+    path = run_dir / "fast_path_choices.json"
+    tmp = path.with_suffix(".json.tmp")
+    choices = [d.as_dict() for d in autotune.decisions()]
+    tmp.write_text(json.dumps(choices, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _mixer(cfg: Config, num_classes: int) -> BatchMixer | None:
