@@ -1,6 +1,7 @@
 /* AVX-512 helpers shared by the kernels that stream float32 or bfloat16 activations: widening a
- * bf16 load to float32, rounding float32 to bf16 exactly as torch does, and the lane mask of a
- * channel block's tail. Header-only; each including kernel is built with AVX-512F/BW/VL. */
+ * bf16 load to float32, rounding float32 to bf16 exactly as torch does, storing either dtype, and
+ * the lane mask of a channel block's tail. Header-only; each including kernel is built with
+ * AVX-512F/BW/VL. */
 #ifndef RESNEXT_BF16_IO_H
 #define RESNEXT_BF16_IO_H
 
@@ -21,6 +22,16 @@ static inline __m256i to_bf16(__m512 v) {
   __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(r);
+}
+
+enum { F32 = 0, BF16 = 1 }; /* the kernels' dtype codes (float32, bfloat16 stored as uint16) */
+
+/* Store the lanes m of v at element `offset` of a float32 or bf16 (rounded as above) array. */
+static inline void store(void *base, int dtype, long offset, __mmask16 m, __m512 v) {
+  if (dtype == F32)
+    _mm512_mask_storeu_ps((float *)base + offset, m, v);
+  else
+    _mm256_mask_storeu_epi16((uint16_t *)base + offset, m, to_bf16(v));
 }
 
 /* Lanes of the 16-channel block starting at channel c that lie below `channels`. */

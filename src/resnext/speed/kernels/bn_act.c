@@ -25,7 +25,6 @@
 #define BLOCK 32 /* rows per float32 partial sum */
 #define AHEAD 2048 /* bytes to prefetch ahead of each load */
 
-enum { F32 = 0, BF16 = 1 };
 /* Where the backward takes the ReLU's mask from: none, the input x (the ReLU followed the norm
  * directly), or the bits the forward saved (y > 0, one bit per value; with a residual the ReLU's
  * input cannot be recomputed from x). */
@@ -40,12 +39,6 @@ static inline __m512 load(const void *base, int dtype, long offset, __mmask16 m)
   return widen_bf16(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + offset));
 }
 
-static inline void store(void *base, int dtype, long offset, __mmask16 m, __m512 v) {
-  if (dtype == F32)
-    _mm512_mask_storeu_ps((float *)base + offset, m, v);
-  else
-    _mm256_mask_storeu_epi16((uint16_t *)base + offset, m, to_bf16(v));
-}
 
 /* Stores v like `store` and returns which stored values are > 0 (of lanes m): exactly the mask
  * a ReLU's backward reads from its saved output, rounding to bf16 included. */

@@ -16,19 +16,12 @@
 
 #include "bf16_io.h"
 
-enum { F32 = 0, BF16 = 1 };
 
 static inline __m512 load16(const void *base, int dtype, long at, __mmask16 m) {
   if (dtype == F32) return _mm512_maskz_loadu_ps(m, (const float *)base + at);
   return widen_bf16(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + at));
 }
 
-static inline void store16(void *base, int dtype, long at, __mmask16 m, __m512 v) {
-  if (dtype == F32)
-    _mm512_mask_storeu_ps((float *)base + at, m, v);
-  else
-    _mm256_mask_storeu_epi16((uint16_t *)base + at, m, to_bf16(v));
-}
 
 static int shape_ok(int k, int s, int p) { return k >= 1 && k <= 15 && s >= 1 && p >= 0 && 2 * p <= k; }
 
@@ -61,7 +54,7 @@ int maxpool_forward(const void *x, void *y, uint8_t *idx, int dtype, int n, int 
           tap = _mm512_mask_mov_epi32(tap, take, _mm512_set1_epi32(kh * k + kw));
         }
       }
-      store16(y, dtype, r * c + ch, m, best);
+      store(y, dtype, r * c + ch, m, best);
       _mm_mask_storeu_epi8(idx + r * c + ch, m, _mm512_cvtepi32_epi8(tap));
     }
   }
@@ -107,7 +100,7 @@ int maxpool_backward(const void *gy, const uint8_t *idx, void *dx, int dtype, in
             sum = _mm512_mask_add_ps(sum, hit, sum, load16(gy, dtype, o, hit));
           }
         }
-        store16(dx, dtype, (r * w + iw) * c + ch, m, sum);
+        store(dx, dtype, (r * w + iw) * c + ch, m, sum);
       }
     }
   }
