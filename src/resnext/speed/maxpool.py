@@ -78,6 +78,23 @@ def output_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
+def _run(
+    name: str,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    dtype: torch.dtype,
+    dims: tuple[int, int, int, int],
+    window: tuple[int, int, int],
+) -> None:
+    """Call the C function `name` on three tensors, (N, H, W, C) of the input map and (k, s, p)."""
+    pointers = [t.data_ptr() for t in tensors]
+    rc = getattr(_library(), name)(
+        *pointers, DTYPES[dtype], *dims, *window, torch.get_num_threads()
+    )
+    if rc != 0:
+        k, s, p = window
+        raise ValueError(f"{name} refused window {k}, stride {s}, padding {p}")
+
+
 def forward(x: torch.Tensor, k: int, s: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(max_pool2d(x, k, s, p), the winning tap kh·k + kw of each output value as uint8)."""
     _check(x)
@@ -87,12 +104,7 @@ def forward(x: torch.Tensor, k: int, s: int, p: int) -> tuple[torch.Tensor, torc
         raise ValueError(f"x: a {h}×{w} map is smaller than the {k}×{k} window with padding {p}")
     y = torch.empty(n, c, ho, wo, dtype=x.dtype, memory_format=torch.channels_last)
     taps = torch.empty(n, c, ho, wo, dtype=torch.uint8, memory_format=torch.channels_last)
-    rc = _library().maxpool_forward(
-        x.data_ptr(), y.data_ptr(), taps.data_ptr(), DTYPES[x.dtype], n, h, w, c, k, s, p,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if rc != 0:
-        raise ValueError(f"maxpool_forward refused window {k}, stride {s}, padding {p}")
+    _run("maxpool_forward", (x, y, taps), x.dtype, (n, h, w, c), (k, s, p))
     return y, taps
 
 
@@ -112,12 +124,7 @@ def backward(
         raise ValueError(f"input_size: {h}×{w} does not pool to the gradient's {ho}×{wo}")
     taps = taps.contiguous(memory_format=torch.channels_last)
     dx = torch.empty(n, c, h, w, dtype=grad.dtype, memory_format=torch.channels_last)
-    rc = _library().maxpool_backward(
-        grad.data_ptr(), taps.data_ptr(), dx.data_ptr(), DTYPES[grad.dtype], n, h, w, c, k, s, p,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if rc != 0:
-        raise ValueError(f"maxpool_backward refused window {k}, stride {s}, padding {p}")
+    _run("maxpool_backward", (grad, taps, dx), grad.dtype, (n, h, w, c), (k, s, p))
     return dx
 
 

@@ -16,12 +16,10 @@
 
 #include "bf16_io.h"
 
-
 static inline __m512 load16(const void *base, int dtype, long at, __mmask16 m) {
   if (dtype == F32) return _mm512_maskz_loadu_ps(m, (const float *)base + at);
   return widen_bf16(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + at));
 }
-
 
 static int shape_ok(int k, int s, int p) { return k >= 1 && k <= 15 && s >= 1 && p >= 0 && 2 * p <= k; }
 
