@@ -88,7 +88,8 @@ class TrainConfig:
     # (channels-last fp32/bf16 tensors; other layers and devices keep torch's ops).
     fused_bn: bool = False
     # CPU training fast path: grouped 3x3 convolutions with 4 or 8 channels per group use our
-    # C kernels for the forward, input gradient and weight gradient where they beat oneDNN.
+    # C kernels for the forward, input gradient and weight gradient where they beat oneDNN
+    # (timed per shape on this CPU).
     grouped_kernels: bool = False
     # CPU training fast path: bf16 1x1 convolutions' forward, input and weight gradients each
     # by the fastest of oneDNN, one GEMM and our AVX512-BF16 product, timed per shape; an
