@@ -59,6 +59,11 @@ def _rows(x: torch.Tensor) -> tuple[int, int]:
     return n * h * w, c
 
 
+def mask_words(channels: int) -> int:
+    """16-bit words per row of the ReLU mask bits (one per 16-channel block)."""
+    return -(-channels // 16)
+
+
 def _vec(v: torch.Tensor | None) -> torch.Tensor | None:
     return None if v is None else v.detach().to(torch.float32).contiguous()
 
@@ -90,7 +95,9 @@ def forward(
     rows, channels = _rows(x)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     mean, invstd, var = torch.empty(3, channels, dtype=torch.float32)
-    bits = torch.empty(rows, -(-channels // 16), dtype=torch.int16) if want_bits and relu else None
+    bits = (
+        torch.empty(rows, mask_words(channels), dtype=torch.int16) if want_bits and relu else None
+    )
     weight, bias = _vec(weight), _vec(bias)
     failed = _library().bn_act_forward(
         x.data_ptr(), _ptr(residual), out.data_ptr(), DTYPES[x.dtype], rows, channels,
@@ -119,8 +126,9 @@ def backward(
     tensor) or `grad` itself.
     """
     rows, channels = _rows(x)
-    if mask == MASK_FROM_BITS and (bits is None or tuple(bits.shape) != (rows, -(-channels // 16))):
-        raise ValueError(f"bits: expected the ({rows}, {-(-channels // 16)}) mask of forward")
+    words = mask_words(channels)
+    if mask == MASK_FROM_BITS and (bits is None or tuple(bits.shape) != (rows, words)):
+        raise ValueError(f"bits: expected the ({rows}, {words}) mask of forward")
     dx = torch.empty_like(x, memory_format=torch.channels_last)
     masked = None
     if residual_grad and mask != MASK_NONE:

@@ -4,8 +4,9 @@
 15, padding at most half the window, no dilation, floor sizes) into a `TrainingMaxPool2d` in
 place. In training mode on channels-last float32/bfloat16 CPU tensors it pools with the kernel,
 saving the winning tap of each window in one byte instead of torch's int64 index; its backward
-has each input value gather the gradients of the windows that chose it, and writes it once. Everywhere else (eval
-mode, other devices, layouts or dtypes, tracing, torch.compile) it is the plain `nn.MaxPool2d`.
+has each input value gather the gradients of the windows that chose it, and writes it once.
+Everywhere else (eval mode, other devices, layouts or dtypes, tracing, torch.compile) it is the
+plain `nn.MaxPool2d`.
 """
 
 from __future__ import annotations

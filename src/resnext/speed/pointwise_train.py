@@ -165,6 +165,31 @@ def fork_input_grad_candidates(
     }
 
 
+def _forward(
+    ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, stride: int
+) -> torch.Tensor:
+    """The chosen forward; saves x, the parameter and its cast for the backward."""
+    ctx.weight_dtype = weight.dtype
+    w = weight.to(x.dtype)
+    ctx.save_for_backward(x, weight, w)
+    key = _key(x, weight, stride)
+    return autotune.run("conv1x1.forward", key, forward_candidates(x, weight, w, stride))
+
+
+def _weight_grad(
+    ctx: torch.autograd.function.FunctionCtx,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w: torch.Tensor,
+    stride: int,
+) -> torch.Tensor:
+    """The chosen weight gradient, in the parameter's dtype."""
+    candidates = weight_grad_candidates(grad, x, w, stride)
+    dw = autotune.run("conv1x1.weight_grad", _key(x, weight, stride), candidates)
+    return dw.to(ctx.weight_dtype)
+
+
 class _PointwiseConv(torch.autograd.Function):
     """conv2d(x, weight, stride) with a 1×1 weight; each product by the implementation that
     `autotune` found fastest for this shape."""
@@ -173,11 +198,8 @@ class _PointwiseConv(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, stride: int
     ) -> torch.Tensor:
-        ctx.stride, ctx.weight_dtype = stride, weight.dtype
-        w = weight.to(x.dtype)
-        ctx.save_for_backward(x, weight, w)
-        key = _key(x, weight, stride)
-        return autotune.run("conv1x1.forward", key, forward_candidates(x, weight, w, stride))
+        ctx.stride = stride
+        return _forward(ctx, x, weight, stride)
 
     @staticmethod
     @once_differentiable
@@ -188,14 +210,12 @@ class _PointwiseConv(torch.autograd.Function):
         stride = ctx.stride
         grad = grad.contiguous(memory_format=torch.channels_last)
         want_x, want_w = ctx.needs_input_grad[:2]
-        key = _key(x, weight, stride)
         dx = dw = None
         if want_x:
             candidates = input_grad_candidates(grad, x, weight, w, stride)
-            dx = autotune.run("conv1x1.input_grad", key, candidates)
+            dx = autotune.run("conv1x1.input_grad", _key(x, weight, stride), candidates)
         if want_w:
-            candidates = weight_grad_candidates(grad, x, w, stride)
-            dw = autotune.run("conv1x1.weight_grad", key, candidates).to(ctx.weight_dtype)
+            dw = _weight_grad(ctx, grad, x, weight, w, stride)
         return dx, dw, None
 
 
@@ -208,11 +228,7 @@ class _PointwiseConvFork(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.weight_dtype = weight.dtype
-        w = weight.to(x.dtype)
-        ctx.save_for_backward(x, weight, w)
-        key = _key(x, weight, 1)
-        y = autotune.run("conv1x1.forward", key, forward_candidates(x, weight, w, 1))
+        y = _forward(ctx, x, weight, 1)
         return y, x.view_as(x)  # a view: autograd hands its gradient to backward separately
 
     @staticmethod
@@ -238,8 +254,7 @@ class _PointwiseConvFork(torch.autograd.Function):
             candidates = fork_input_grad_candidates(grad, shortcut_grad, x, w)
             dx = autotune.run("conv1x1.input_grad+shortcut", key, candidates)
         if want_w:
-            candidates = weight_grad_candidates(grad, x, w, 1)
-            dw = autotune.run("conv1x1.weight_grad", key, candidates).to(ctx.weight_dtype)
+            dw = _weight_grad(ctx, grad, x, weight, w, 1)
         return dx, dw
 
 
