@@ -314,3 +314,23 @@ def test_config_rejects_fused_bn_with_compile_or_without_channels_last() -> None
     with pytest.raises(ConfigError, match="channels_last"):
         load_config("digits_demo", ["train.fused_bn=true", "train.channels_last=false"])
     assert load_config("digits_demo", on).train.fused_bn is True
+
+
+@needs_kernel
+def test_mask_bits_are_the_positive_outputs_and_a_wrong_mask_is_refused() -> None:
+    torch.manual_seed(5)
+    x = _cl(torch.randn(2, 40, 3, 5), torch.float32)
+    res = _cl(torch.randn(2, 40, 3, 5), torch.float32)
+    out, *_, bits = bn_kernel.forward(x, None, None, 1e-5, res, True, want_bits=True)
+    assert bits is not None and bits.shape == (30, bn_kernel.mask_words(40)) == (30, 3)
+    # Word w of row r holds channels 16w..16w+15 of that pixel, bit i for channel 16w + i.
+    words = bits.to(torch.int64) & 0xFFFF
+    unpacked = (words[:, :, None] >> torch.arange(16)) & 1
+    rows = out.permute(0, 2, 3, 1).reshape(30, 40)
+    assert torch.equal(unpacked.reshape(30, 48)[:, :40].bool(), rows > 0)
+    mean, invstd = torch.zeros(40), torch.ones(40)
+    for wrong in (None, bits[:, :2].contiguous()):
+        with pytest.raises(ValueError, match=r"bits: expected the \(30, 3\) mask of forward"):
+            bn_kernel.backward(
+                x, x, wrong, None, None, mean, invstd, bn_kernel.MASK_FROM_BITS, True
+            )
