@@ -232,9 +232,10 @@ def test_inference_module_widening_and_pair_variants_both_equal_conv2d() -> None
     x = torch.randn(2, 64, 9, 7).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     want = F.conv2d(x.float(), conv.weight.detach().bfloat16().float(), conv.bias, 1, 1, 1, 16)
     pair = FastGroupedConv3x3(conv, dtype=torch.bfloat16)
-    widening = FastGroupedConv3x3(conv, dtype=torch.bfloat16, pairs=False)
-    assert pair.pairs and not widening.pairs
-    assert not FastGroupedConv3x3(conv, dtype=torch.float32, pairs=True).pairs  # fp32: no pairs
+    widening = FastGroupedConv3x3(conv, dtype=torch.bfloat16, variant="widening")
+    assert pair.variant == "pairs" and widening.variant == "widening"
+    with pytest.raises(ValueError, match="variant"):  # fp32 activations have no pair kernel
+        FastGroupedConv3x3(conv, dtype=torch.float32, variant="pairs")
     with torch.no_grad():
         for module in (pair, widening):
             assert _rel_err(module(x), want) < 2**-7
@@ -253,6 +254,6 @@ def test_auto_records_which_kernel_variant_it_swapped_in() -> None:
     (choice,) = fast.grouped_choices
     if choice.chosen != "native":
         swapped = next(m for m in fast.modules() if isinstance(m, FastGroupedConv3x3))
-        assert swapped.pairs == choice.pairs
+        assert swapped.variant == choice.variant
     with torch.no_grad():
         assert _rel_err(fast(x), model(x)) < 3e-2

@@ -1,4 +1,4 @@
-"""Swapping a model's grouped 3×3 convolutions for our kernel where it is faster (timed per layer)."""
+"""Swapping a model's grouped 3×3 convolutions for our kernels where they are faster (timed per layer)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,24 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.errors import ConfigError
-from resnext.speed import grouped_kernel
+from resnext.speed import grouped_amx, grouped_kernel
+from resnext.speed.capability import has_avx512_bf16
 from resnext.speed.fold import set_module
 
 MODES = ("auto", "on", "off")
 
 
-class FastGroupedConv3x3(nn.Module):
-    """A grouped 3×3 convolution (padding 1) computed by our AVX-512 kernel.
+VARIANTS = ("widening", "pairs", "amx")
 
-    Built for one activation dtype (fp32 weights for fp32 activations and most bf16 shapes,
-    bf16 weight pairs for bf16 with 4 channels per group). The packed weights and bias are plain
-    attributes, not parameters or buffers, so that a later ``.to(dtype)`` leaves them as packed.
+
+class FastGroupedConv3x3(nn.Module):
+    """A grouped 3×3 convolution (padding 1) computed by one of our kernels.
+
+    Variants: 'widening' (`kernels/grouped3x3.c`, float32 FMAs; fp32 weights for fp32 or bf16
+    activations), 'pairs' (the same file's AVX512-BF16 pair kernel: bf16, 4 channels per group)
+    and 'amx' (`kernels/grouped3x3_amx.c`: bf16 on AMX tiles). The packed weights and bias are
+    plain attributes, not parameters or buffers, so that a later ``.to(dtype)`` leaves them as
+    packed.
     """
 
     def __init__(
@@ -30,7 +36,7 @@ class FastGroupedConv3x3(nn.Module):
         conv: nn.Conv2d,
         relu: bool = False,
         dtype: torch.dtype = torch.float32,
-        pairs: bool | None = None,
+        variant: str | None = None,
     ) -> None:
         super().__init__()
         self.relu = relu
@@ -41,21 +47,64 @@ class FastGroupedConv3x3(nn.Module):
         self.groups = conv.groups
         self.stride = conv.stride[0]
         self.channels = conv.out_channels
-        # bf16 activations with 4 channels per group can run the pair-dot-product kernel (the
-        # default) or widen to float32 FMAs (pairs=False): which is faster depends on the CPU.
         can_pair = grouped_kernel.takes_pairs(conv.out_channels, conv.groups, dtype)
-        self.pairs = can_pair if pairs is None else pairs and can_pair
-        self.packed = grouped_kernel.pack_weights(conv.weight, conv.groups, self.pairs)
+        if variant is None:  # the AVX-512 kernels' own default
+            variant = "pairs" if can_pair else "widening"
+        if variant not in variant_names(conv, dtype):
+            raise ValueError(
+                f"variant: expected one of {variant_names(conv, dtype)} for {conv} with {dtype} "
+                f"activations, got {variant!r}"
+            )
+        self.variant = variant
+        if variant == "amx":
+            self.packed = grouped_amx.pack_weights(conv.weight, conv.groups)
+        else:
+            self.packed = grouped_kernel.pack_weights(conv.weight, conv.groups, variant == "pairs")
         self.bias = None if conv.bias is None else conv.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.resnext.grouped_conv3x3(
-            x, self.packed, self.bias, self.groups, self.stride, self.relu
+        op = (
+            torch.ops.resnext.grouped_conv3x3_amx
+            if self.variant == "amx"
+            else torch.ops.resnext.grouped_conv3x3
         )
+        return op(x, self.packed, self.bias, self.groups, self.stride, self.relu)
 
     def extra_repr(self) -> str:
         relu = ", relu=True" if self.relu else ""
-        return f"{self.channels}, {self.channels}, groups={self.groups}, stride={self.stride}{relu}"
+        return (
+            f"{self.channels}, {self.channels}, groups={self.groups}, stride={self.stride}, "
+            f"variant={self.variant}{relu}"
+        )
+
+
+def variant_names(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[str, ...]:
+    """The kernel variants that take `conv` with `dtype` activations (shape and dtype only; whether
+    this CPU runs them is `unavailable_reason`'s question)."""
+    c, groups, stride = conv.out_channels, conv.groups, conv.stride[0]
+    names = []
+    if dtype in (torch.float32, torch.bfloat16) and grouped_kernel.supports(c, groups, stride):
+        names.append("widening")
+        if grouped_kernel.takes_pairs(c, groups, dtype):
+            names.append("pairs")
+    if dtype == torch.bfloat16 and grouped_amx.supports(c, groups, stride):
+        names.append("amx")
+    return tuple(names)
+
+
+def runnable_variants(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[str, ...]:
+    """The variants of `variant_names` that this CPU and its compiler can run."""
+    names = []
+    for name in variant_names(conv, dtype):
+        if name == "amx":
+            ok = grouped_amx.unavailable_reason(dtype) is None
+        elif name == "pairs":
+            ok = has_avx512_bf16() and grouped_kernel.unavailable_reason(dtype) is None
+        else:
+            ok = grouped_kernel.unavailable_reason(dtype) is None
+        if ok:
+            names.append(name)
+    return tuple(names)
 
 
 def eligible(module: nn.Module) -> bool:
@@ -69,7 +118,10 @@ def eligible(module: nn.Module) -> bool:
         and module.stride[0] == module.stride[1]
         and module.in_channels == module.out_channels
         and module.groups > 1
-        and grouped_kernel.supports(module.out_channels, module.groups, module.stride[0])
+        and (
+            grouped_kernel.supports(module.out_channels, module.groups, module.stride[0])
+            or grouped_amx.supports(module.out_channels, module.groups, module.stride[0])
+        )
     )
 
 
@@ -80,9 +132,9 @@ class LayerChoice:
     name: str
     input_shape: tuple[int, ...]
     native_ms: float
-    kernel_ms: float  # the faster of the kernel's variants
+    kernel_ms: float  # the fastest of the kernel's variants
     chosen: str
-    pairs: bool = False  # the kernel variant timed fastest: AVX512-BF16 pairs, or widening
+    variant: str = ""  # that variant: widening, pairs (AVX512-BF16) or amx
 
 
 def _time_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -> float:
@@ -125,9 +177,10 @@ def swap_grouped_convs(
     """Replace, in place, each grouped 3×3 conv of `model` by `FastGroupedConv3x3` where it pays.
 
     `example` is an input as the model takes it (its dtype and memory format); the kernels are
-    built for its dtype. 'auto' times both implementations on each layer's real input shape and
-    keeps the faster; 'on' swaps every layer the kernel takes (a ConfigError if the kernel cannot
-    run here); 'off' changes nothing.
+    built for its dtype. 'auto' times torch's convolution and each kernel variant this CPU runs
+    (`runnable_variants`) on each layer's real input shape and keeps the fastest; 'on' takes the
+    fastest variant on every layer one runs (a ConfigError if our kernels cannot run here at all);
+    'off' changes nothing.
     """
     if mode not in MODES:
         raise ConfigError(f"grouped_kernel: expected one of {MODES}, got {mode!r}")
@@ -147,19 +200,22 @@ def swap_grouped_convs(
         if name not in shapes:  # never called on this input
             continue
         conv = model.get_submodule(name)
-        fast = FastGroupedConv3x3(conv, dtype=example.dtype)
+        variants = runnable_variants(conv, example.dtype)
+        if not variants:  # a shape only the AMX kernel takes, on a CPU without AMX
+            continue
         x = torch.randn(shapes[name], dtype=example.dtype).contiguous(
             memory_format=torch.channels_last
         )
         native_ms = _time_ms(conv, x, repeats)
-        kernel_ms = _time_ms(fast, x, repeats)
-        if fast.pairs and mode == "auto":
-            # The pair kernel is 4x slower per instruction on some CPUs (measured: an Intel Xeon
-            # with AMX, where the widening kernel ran stage 1 in 2.5 ms against 2.9).
-            widening = FastGroupedConv3x3(conv, dtype=example.dtype, pairs=False)
-            widening_ms = _time_ms(widening, x, repeats)
-            if widening_ms < kernel_ms:
-                fast, kernel_ms = widening, widening_ms
+        # Which variant is fastest depends on the CPU (measured: the AVX512-BF16 pair kernel is
+        # 4x slower per instruction on an Intel Xeon with AMX, where the AMX kernel wins).
+        fast, kernel_ms = None, float("inf")
+        for variant in variants:
+            candidate = FastGroupedConv3x3(conv, dtype=example.dtype, variant=variant)
+            ms = _time_ms(candidate, x, repeats)
+            if ms < kernel_ms:
+                fast, kernel_ms = candidate, ms
+        assert fast is not None
         use = mode == "on" or kernel_ms < native_ms
         fused = False
         if use:
@@ -172,7 +228,7 @@ def swap_grouped_convs(
                 native_ms,
                 kernel_ms,
                 ("kernel+relu" if fused else "kernel") if use else "native",
-                fast.pairs,
+                fast.variant,
             )
         )
     return choices

@@ -6,7 +6,8 @@ parameters and state-dict keys). In training mode on channels-last float32/bfloa
 (bf16 from autocast included), each of its three products has these implementations:
 
 - the forward: oneDNN, or `kernels/grouped3x3.c` (the diagonal kernel widening bf16 to float32
-  FMAs; for bf16 with 4 channels per group also the AVX512-BF16 pair dot-product kernel);
+  FMAs; for bf16 with 4 channels per group also the AVX512-BF16 pair dot-product kernel), or for
+  bf16 on a CPU with AMX `kernels/grouped3x3_amx.c` (block-diagonal tile products);
 - the input gradient at stride 1: oneDNN, or the same kernels applied to the output gradient
   with each group's weight matrix transposed and its taps flipped (stride 2: oneDNN only);
 - the weight gradient: oneDNN, or `kernels/grouped3x3_wgrad.c` (widening, or pair dot products
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from resnext.speed import autotune, grouped_kernel, grouped_swap, grouped_wgrad
+from resnext.speed import autotune, grouped_amx, grouped_kernel, grouped_swap, grouped_wgrad
 from resnext.speed.capability import has_avx512_bf16
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
@@ -74,6 +75,12 @@ def conv_candidates(
         candidates["ours"] = lambda: our_kernel(x, w, groups, stride)
         if _pairs_apply(x, groups):
             candidates["ours-pairs"] = lambda: our_kernel(x, w, groups, stride, pairs=True)
+    if grouped_amx.unavailable_reason(x.dtype) is None and grouped_amx.supports(
+        x.shape[1], groups, stride
+    ):
+        candidates["ours-amx"] = lambda: grouped_amx.run_kernel(
+            x, grouped_amx.pack_weights(w, groups), None, groups, stride
+        )
     return candidates
 
 

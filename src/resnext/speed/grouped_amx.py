@@ -1,0 +1,219 @@
+"""Our AMX grouped 3×3 convolution for bf16 (`kernels/grouped3x3_amx.c`), built on first use.
+
+Grouped weights are packed into dense per-block matrices (block-diagonal for fewer than 16
+channels per group) so that Intel's AMX tile product can run them; see the C source for the
+scheme. Exposed as the torch operator ``torch.ops.resnext.grouped_conv3x3_amx`` so that
+torch.compile and torch.jit treat it as one opaque call. Runs only on CPUs with AMX-BF16 whose OS
+grants the tile state; `unavailable_reason` says why not elsewhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from resnext import native
+from resnext.speed.grouped_kernel import output_size
+
+SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_amx.c"
+FLAGS = (
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mamx-tile",
+    "-mamx-bf16",
+    "-fopenmp",
+)
+REQUIRED_FLAGS = frozenset(
+    {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"}
+)
+SMALL_CPG = (1, 2, 4, 8)  # groups packed block-diagonally, 16 channels per block
+MAX_CPG = 256
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile the kernel (unless this source, these flags and this compiler already were)."""
+    return native.build(SOURCE, FLAGS, out_dir=out_dir)
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+    lib.grouped3x3_amx.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 8
+    lib.grouped3x3_amx.restype = ctypes.c_int
+    lib.grouped3x3_amx_allowed.restype = ctypes.c_int
+    if not lib.grouped3x3_amx_allowed():
+        raise native.NativeUnavailable("the operating system refuses this process AMX tile state")
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _library_problem() -> str | None:
+    return native.problem(_library)
+
+
+def unavailable_reason(dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None if the kernel can run here for `dtype`, else why not (one line)."""
+    if dtype != torch.bfloat16:
+        return f"dtype {dtype} is not bfloat16 (the AMX kernel is bf16 only)"
+    return _library_problem()
+
+
+def block_channels(cpg: int) -> int:
+    """Channels per dense block: 16 for up to 8 channels per group, else one whole group."""
+    return 16 if cpg in SMALL_CPG else cpg
+
+
+def supports(channels: int, groups: int, stride: int) -> bool:
+    """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride."""
+    if groups < 1 or channels % groups:
+        return False
+    cpg = channels // groups
+    shape_ok = cpg in SMALL_CPG or (cpg % 16 == 0 and cpg <= MAX_CPG)
+    return shape_ok and channels % block_channels(cpg) == 0 and stride in (1, 2)
+
+
+def _k_steps(kc: int) -> int:
+    return 6 if kc == 16 else 9 * -(-kc // 32)
+
+
+def _step_rows(kc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each K step and each of its 32 rows: the tap (kh·3 + kw) and block input channel it
+    multiplies, −1 where the row is a zero (kw = 3 of a 16-channel block's tap pair, or channels
+    past kc). The order is the kernel's: kernel rows, then tap pairs / taps and 32-channel parts."""
+    k = torch.arange(32)
+    taps, chans = [], []
+    if kc == 16:
+        for kh in range(3):
+            for pair in range(2):
+                kw = 2 * pair + k // 16
+                taps.append(torch.where(kw < 3, kh * 3 + kw, -1))
+                chans.append(torch.where(kw < 3, k % 16, -1))
+    else:
+        for tap in range(9):
+            for part in range(-(-kc // 32)):
+                ci = 32 * part + k
+                taps.append(torch.where(ci < kc, torch.full_like(k, tap), -1))
+                chans.append(torch.where(ci < kc, ci, -1))
+    return torch.stack(taps), torch.stack(chans)
+
+
+def pack_weights(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The (C, C/groups, 3, 3) weight as the kernel reads it: bf16 [C/kc][kc/16][steps][16][16][2].
+
+    Block b's K step holds, for each of its 32 rows (a tap and an input channel of the block, see
+    `_step_rows`) and each output o of the block, the weight where input and output share a group
+    and 0 elsewhere; each step is stored with its K pairs interleaved per output (VNNI).
+    """
+    out_ch, cpg, kh, kw = weight.shape
+    if (kh, kw) != (3, 3) or out_ch != cpg * groups or not supports(out_ch, groups, 1):
+        raise ValueError(
+            f"weight: expected a (C, C/groups, 3, 3) grouped weight with C/groups in {SMALL_CPG} "
+            f"or a multiple of 16 up to {MAX_CPG}, got shape {tuple(weight.shape)} with "
+            f"groups={groups}"
+        )
+    kc = block_channels(cpg)
+    blocks, tiles = out_ch // kc, kc // 16
+    w = weight.detach().float().reshape(blocks, kc, cpg, 9)  # (block, output, input in group, tap)
+    taps, chans = _step_rows(kc)  # (steps, 32)
+    valid = taps >= 0
+    tap, ci = taps.clamp(min=0), chans.clamp(min=0)
+    o = torch.arange(kc)
+    same_group = (ci.unsqueeze(-1) // cpg) == (o // cpg)  # (steps, 32, kc)
+    # dense[b, step, row, o] = w[b, o, ci % cpg, tap] where the row is real and shares o's group
+    dense = w[:, :, ci % cpg, tap].permute(0, 2, 3, 1) * (same_group & valid.unsqueeze(-1))
+    steps = dense.shape[1]
+    vnni = dense.reshape(blocks, steps, 16, 2, tiles, 16).permute(0, 4, 1, 2, 5, 3)
+    return vnni.contiguous().to(torch.bfloat16)
+
+
+def packed_numel(channels: int, groups: int) -> int:
+    """How many bf16 values pack_weights makes for this many channels and groups."""
+    kc = block_channels(channels // groups)
+    return (channels // kc) * (kc // 16) * _k_steps(kc) * 512
+
+
+def run_kernel(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool = False,
+) -> torch.Tensor:
+    """``conv2d(x, w, bias, stride, padding=1, groups)`` (then ReLU) in bf16, with
+    `packed` = pack_weights(w); float32 accumulation, one rounding to bf16."""
+    if x.dim() != 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError(
+            f"x: expected a 4-d bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+    n, c, h, w = x.shape
+    if not supports(c, groups, stride):
+        raise ValueError(
+            f"x: {c} channels in {groups} groups with stride {stride} is not a shape the AMX "
+            f"kernel takes (C/groups in {SMALL_CPG} or a multiple of 16, stride 1 or 2)"
+        )
+    want = packed_numel(c, groups)
+    if packed.dtype != torch.bfloat16 or not packed.is_contiguous() or packed.numel() != want:
+        raise ValueError(
+            f"packed: expected a contiguous bf16 tensor of {want} values from pack_weights, "
+            f"got {packed.dtype} with {packed.numel()}"
+        )
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != c):
+        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} with {bias.numel()}")
+    x = x.contiguous(memory_format=torch.channels_last)
+    ho, wo = output_size(h, stride), output_size(w, stride)
+    y = torch.empty((n, c, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
+    if n and ho and wo:
+        bias_c = None if bias is None else bias.contiguous()
+        rc = _library().grouped3x3_amx(
+            x.data_ptr(),
+            packed.data_ptr(),
+            None if bias_c is None else bias_c.data_ptr(),
+            y.data_ptr(),
+            n,
+            h,
+            w,
+            c,
+            c // groups,
+            stride,
+            int(relu),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            why = {-2: "the OS refused AMX", -3: "no scratch memory"}.get(rc, "shape refused")
+            raise RuntimeError(f"grouped3x3_amx failed on {tuple(x.shape)}, groups={groups}: {why}")
+    return y
+
+
+@torch.library.custom_op("resnext::grouped_conv3x3_amx", mutates_args=())
+def grouped_conv3x3_amx(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    """The kernel as a torch operator (see `run_kernel`)."""
+    return run_kernel(x, packed, bias, groups, stride, relu)
+
+
+@grouped_conv3x3_amx.register_fake
+def _fake(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
+    n, c, h, w = x.shape
+    shape = (n, c, output_size(h, stride), output_size(w, stride))
+    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
