@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import resnext
-from resnext.speed import grouped, grouped_kernel
+from resnext.speed import grouped, grouped_amx, grouped_kernel
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_swap import FastGroupedConv3x3
 from resnext.speed.measure import interleaved
@@ -49,6 +49,12 @@ def layer_variants(
         packed = grouped_kernel.pack_weights(w.float(), groups, pairs)
         variants["grouped-ours"] = (
             lambda: grouped_kernel.run_kernel(x, packed, None, groups, stride),
+            batch,
+        )
+    if cl and grouped_amx.unavailable_reason(dtype) is None:
+        packed_amx = grouped_amx.pack_weights(w, groups)
+        variants["grouped-ours-amx"] = (
+            lambda: grouped_amx.run_kernel(x, packed_amx, None, groups, stride),
             batch,
         )
     for pack in (2, 4, 8):

@@ -5,7 +5,8 @@ Usage: .venv/bin/python benchmarks/bench_grouped_train.py [--batch 16] [--rounds
 For each distinct conv2 shape of ResNeXt-50 32×4d (stride-1 blocks and each stage's stride-2
 first block): forward, input gradient and weight gradient, each timed with every candidate
 `resnext.speed.grouped_train` offers the chooser on this CPU (oneDNN, our widening kernels,
-our AVX512-BF16 pair kernels), interleaved in one process; GFLOP/s and oneDNN ÷ each.
+our AVX512-BF16 pair kernels, our AMX kernel), interleaved in one process; GFLOP/s and oneDNN ÷
+each.
 """
 
 from __future__ import annotations

@@ -138,3 +138,11 @@ def test_training_forward_and_input_gradient_by_the_amx_kernel(
     y2.backward(grad)
     assert _rel_err(y1, y2.float()) < 2**-6
     assert _rel_err(x1.grad, x2.grad.float()) < 2**-6
+
+
+@needs_amx
+@pytest.mark.parametrize("channels,cpg", [(64, 1), (128, 4), (256, 8), (96, 48), (128, 64)])
+def test_c_packing_equals_the_index_reference(channels: int, cpg: int) -> None:
+    weight = torch.randn(channels, cpg, 3, 3)
+    reference = grouped_amx.pack_reference(weight.bfloat16().reshape(-1), channels, cpg)
+    assert torch.equal(grouped_amx.pack_weights(weight, channels // cpg), reference)

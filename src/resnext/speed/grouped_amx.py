@@ -47,6 +47,8 @@ def _library() -> ctypes.CDLL:
     lib.grouped3x3_amx.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 8
     lib.grouped3x3_amx.restype = ctypes.c_int
     lib.grouped3x3_amx_allowed.restype = ctypes.c_int
+    lib.grouped3x3_amx_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
+    lib.grouped3x3_amx_pack.restype = ctypes.c_int
     if not lib.grouped3x3_amx_allowed():
         raise native.NativeUnavailable("the operating system refuses this process AMX tile state")
     return lib
@@ -103,12 +105,32 @@ def _step_rows(kc: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(taps), torch.stack(chans)
 
 
+@functools.lru_cache(maxsize=64)
+def _pack_index(channels: int, cpg: int) -> torch.Tensor:
+    """For each packed value, its index in the flattened (C, cpg, 3, 3) weight, or C·cpg·9 (a zero
+    appended after it) where the packed weight is zero. Cached per shape: the training path packs
+    its bf16 weight on every call."""
+    kc = block_channels(cpg)
+    blocks, tiles = channels // kc, kc // 16
+    taps, chans = _step_rows(kc)  # (steps, 32)
+    steps = taps.shape[0]
+    b = torch.arange(blocks).view(-1, 1, 1, 1)
+    o = torch.arange(kc).view(1, 1, 1, -1)
+    tap, ci = taps.view(1, steps, 32, 1), chans.view(1, steps, 32, 1)
+    flat = ((b * kc + o) * cpg + ci % cpg) * 9 + tap  # (blocks, steps, 32, kc)
+    keep = (tap >= 0) & ((ci // cpg) == (o // cpg))  # a real row, input and output share a group
+    flat = torch.where(keep, flat, channels * cpg * 9)
+    vnni = flat.reshape(blocks, steps, 16, 2, tiles, 16).permute(0, 4, 1, 2, 5, 3)
+    return vnni.contiguous()
+
+
 def pack_weights(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """The (C, C/groups, 3, 3) weight as the kernel reads it: bf16 [C/kc][kc/16][steps][16][16][2].
 
     Block b's K step holds, for each of its 32 rows (a tap and an input channel of the block, see
-    `_step_rows`) and each output o of the block, the weight where input and output share a group
-    and 0 elsewhere; each step is stored with its K pairs interleaved per output (VNNI).
+    `_step_rows`) and each output o of the block, the weight (rounded to bf16) where input and
+    output share a group and 0 elsewhere; each step is stored with its K pairs interleaved per
+    output (VNNI).
     """
     out_ch, cpg, kh, kw = weight.shape
     if (kh, kw) != (3, 3) or out_ch != cpg * groups or not supports(out_ch, groups, 1):
@@ -117,19 +139,21 @@ def pack_weights(weight: torch.Tensor, groups: int) -> torch.Tensor:
             f"or a multiple of 16 up to {MAX_CPG}, got shape {tuple(weight.shape)} with "
             f"groups={groups}"
         )
-    kc = block_channels(cpg)
-    blocks, tiles = out_ch // kc, kc // 16
-    w = weight.detach().float().reshape(blocks, kc, cpg, 9)  # (block, output, input in group, tap)
-    taps, chans = _step_rows(kc)  # (steps, 32)
-    valid = taps >= 0
-    tap, ci = taps.clamp(min=0), chans.clamp(min=0)
-    o = torch.arange(kc)
-    same_group = (ci.unsqueeze(-1) // cpg) == (o // cpg)  # (steps, 32, kc)
-    # dense[b, step, row, o] = w[b, o, ci % cpg, tap] where the row is real and shares o's group
-    dense = w[:, :, ci % cpg, tap].permute(0, 2, 3, 1) * (same_group & valid.unsqueeze(-1))
-    steps = dense.shape[1]
-    vnni = dense.reshape(blocks, steps, 16, 2, tiles, 16).permute(0, 4, 1, 2, 5, 3)
-    return vnni.contiguous().to(torch.bfloat16)
+    flat = weight.detach().to(torch.bfloat16).reshape(-1)
+    if _library_problem() is None:  # the C loop: the training path packs on every call
+        packed = torch.empty(packed_numel(out_ch, groups), dtype=torch.bfloat16)
+        rc = _library().grouped3x3_amx_pack(
+            flat.contiguous().data_ptr(), packed.data_ptr(), out_ch, cpg, torch.get_num_threads()
+        )
+        if rc != 0:
+            raise RuntimeError(f"grouped3x3_amx_pack refused shape {tuple(weight.shape)}")
+        return packed.view(_pack_index(out_ch, cpg).shape)
+    return pack_reference(flat, out_ch, cpg)
+
+
+def pack_reference(flat_bf16: torch.Tensor, channels: int, cpg: int) -> torch.Tensor:
+    """`pack_weights` by one gather of the flattened bf16 weight (where the C loop is not built)."""
+    return torch.cat([flat_bf16, flat_bf16.new_zeros(1)])[_pack_index(channels, cpg)]
 
 
 def packed_numel(channels: int, groups: int) -> int:

@@ -250,3 +250,45 @@ int grouped3x3_amx(const uint16_t *x, const uint16_t *wp, const float *bias, uin
   }
   return failed ? -3 : 0;
 }
+
+/* The weight w[C][cpg][9] (bf16) in the kernel's packing (see grouped_amx.pack_weights, whose
+ * index construction is the reference this is tested against). Returns 0, or -1 for a shape the
+ * kernel does not take. */
+int grouped3x3_amx_pack(const uint16_t *w, uint16_t *out, int C, int cpg, int threads) {
+  const int kc = block_channels(cpg);
+  if (kc == 0 || C % kc || threads < 1) return -1;
+  const int tiles = kc / 16, steps = k_steps(kc), parts = (kc + 31) / 32;
+  /* per K step and row: the tap and block input channel (-1: a zero row), and the groups */
+  int tap_of[9 * 8 * 32], ci_of[9 * 8 * 32], group_of[256];
+  for (int step = 0; step < steps; ++step)
+    for (int row = 0; row < 32; ++row) {
+      int tap, ci;
+      if (kc == 16) { /* step = kh * 2 + tap pair; rows 0-15 tap 2j, 16-31 tap 2j+1 */
+        const int kw = 2 * (step % 2) + row / 16;
+        tap = kw < 3 ? (step / 2) * 3 + kw : -1, ci = row % 16;
+      } else { /* step = tap * parts + part */
+        tap = step / parts, ci = 32 * (step % parts) + row;
+        if (ci >= kc) tap = -1, ci = 0;
+      }
+      tap_of[step * 32 + row] = tap, ci_of[step * 32 + row] = ci;
+    }
+  for (int c = 0; c < kc; ++c) group_of[c] = c / cpg;
+  const long per_block = (long)tiles * steps * 512;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int b = 0; b < C / kc; ++b) {
+    uint16_t *dst = out + b * per_block;
+    for (int t = 0; t < tiles; ++t)
+      for (int step = 0; step < steps; ++step)
+        for (int row = 0; row < 32; ++row) {
+          const int tap = tap_of[step * 32 + row], ci = ci_of[step * 32 + row];
+          /* value (pair = row / 2, col, member = row % 2) of this step */
+          uint16_t *d = dst + ((long)t * steps + step) * 512 + (row / 2) * 32 + row % 2;
+          for (int col = 0; col < 16; ++col) {
+            const int o = 16 * t + col;
+            const int keep = tap >= 0 && group_of[ci] == group_of[o];
+            d[2 * col] = keep ? w[((long)(b * kc + o) * cpg + ci % cpg) * 9 + tap] : 0;
+          }
+        }
+  }
+  return 0;
+}
