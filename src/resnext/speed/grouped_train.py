@@ -52,6 +52,12 @@ def our_kernel(
     return grouped_kernel.run_kernel(x, packed, None, groups, stride)
 
 
+def amx_kernel(x: torch.Tensor, weight: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
+    """conv2d(x, weight, stride, padding=1, groups) in bf16 by `kernels/grouped3x3_amx.c`, weights
+    packed now."""
+    return grouped_amx.run_kernel(x, grouped_amx.pack_weights(weight, groups), None, groups, stride)
+
+
 def _pairs_apply(x: torch.Tensor, groups: int) -> bool:
     return has_avx512_bf16() and grouped_kernel.takes_pairs(x.shape[1], groups, x.dtype)
 
@@ -78,9 +84,7 @@ def conv_candidates(
     if grouped_amx.unavailable_reason(x.dtype) is None and grouped_amx.supports(
         x.shape[1], groups, stride
     ):
-        candidates["ours-amx"] = lambda: grouped_amx.run_kernel(
-            x, grouped_amx.pack_weights(w, groups), None, groups, stride
-        )
+        candidates["ours-amx"] = lambda: amx_kernel(x, w, groups, stride)
     return candidates
 
 

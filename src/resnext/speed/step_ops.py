@@ -61,6 +61,7 @@ KERNEL_SPANS = (
     Instrumented(bn_kernel, "forward", "bn_act_forward"),
     Instrumented(bn_kernel, "backward", "bn_act_backward"),
     Instrumented(grouped_train, "our_kernel", "grouped_conv3x3 (ours)", _grouped_forward_flop),
+    Instrumented(grouped_train, "amx_kernel", "grouped_conv3x3 (ours, AMX)", _grouped_forward_flop),
     Instrumented(grouped_wgrad, "weight_grad", "grouped_conv3x3_wgrad (ours)", _grouped_wgrad_flop),
     Instrumented(pointwise_train, "gemm_weight_grad", "gemm_weight_grad (ours)", _gemm_wgrad_flop),
     Instrumented(pointwise_train, "gemm_forward", "pointwise_gemm mm", _gemm_product_flop),
