@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.grouped_kernel import output_size
+from resnext.speed.grouped_kernel import check_bias, output_for
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_amx.c"
 FLAGS = (
@@ -188,12 +188,10 @@ def run_kernel(
             f"packed: expected a contiguous bf16 tensor of {want} values from pack_weights, "
             f"got {packed.dtype} with {packed.numel()}"
         )
-    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != c):
-        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} with {bias.numel()}")
+    check_bias(bias, c)
     x = x.contiguous(memory_format=torch.channels_last)
-    ho, wo = output_size(h, stride), output_size(w, stride)
-    y = torch.empty((n, c, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
-    if n and ho and wo:
+    y = output_for(x, stride)
+    if y.numel():
         bias_c = None if bias is None else bias.contiguous()
         rc = _library().grouped3x3_amx(
             x.data_ptr(),
@@ -238,6 +236,4 @@ def _fake(
     relu: bool,
 ) -> torch.Tensor:
     """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
-    n, c, h, w = x.shape
-    shape = (n, c, output_size(h, stride), output_size(w, stride))
-    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+    return output_for(x, stride)

@@ -134,6 +134,21 @@ def output_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
+def output_for(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """An uninitialised channels-last output of the 3×3 convolution of `x` (also for fake tensors)."""
+    n, c, h, w = x.shape
+    shape = (n, c, output_size(h, stride), output_size(w, stride))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def check_bias(bias: torch.Tensor | None, channels: int) -> None:
+    """A ValueError naming `bias` unless it is None or `channels` float32 values."""
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != channels):
+        raise ValueError(
+            f"bias: expected {channels} float32 values, got {bias.dtype} with {bias.numel()}"
+        )
+
+
 def run_kernel(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -170,12 +185,10 @@ def run_kernel(
             f"packed: expected a contiguous tensor of {want} values from pack_weights, "
             f"got {packed.dtype} with {packed.numel()}"
         )
-    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != c):
-        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} with {bias.numel()}")
+    check_bias(bias, c)
     x = x.contiguous(memory_format=torch.channels_last)
-    ho, wo = output_size(h, stride), output_size(w, stride)
-    y = torch.empty((n, c, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
-    if n and ho and wo:
+    y = output_for(x, stride)
+    if y.numel():
         bias_c = None if bias is None else bias.contiguous()
         rc = _library().grouped3x3_nhwc(
             x.data_ptr(),
@@ -227,6 +240,4 @@ def _fake(
     relu: bool,
 ) -> torch.Tensor:
     """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
-    n, c, h, w = x.shape
-    shape = (n, c, output_size(h, stride), output_size(w, stride))
-    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+    return output_for(x, stride)
