@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.grouped_kernel import check_bias, output_for
+from resnext.speed.grouped_kernel import check_bias, output_for, output_size
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_amx.c"
 FLAGS = (
@@ -47,6 +47,8 @@ def _library() -> ctypes.CDLL:
     lib.grouped3x3_amx.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 8
     lib.grouped3x3_amx.restype = ctypes.c_int
     lib.grouped3x3_amx_allowed.restype = ctypes.c_int
+    lib.pointwise_grouped3x3_amx.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 9
+    lib.pointwise_grouped3x3_amx.restype = ctypes.c_int
     lib.grouped3x3_amx_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
     lib.grouped3x3_amx_pack.restype = ctypes.c_int
     if not lib.grouped3x3_amx_allowed():
@@ -213,6 +215,105 @@ def run_kernel(
     return y
 
 
+def _pointwise_output(x: torch.Tensor, channels: int, stride: int) -> torch.Tensor:
+    """An uninitialised channels-last output of `channels` for the fused kernel on `x`."""
+    n, _, h, w = x.shape
+    shape = (n, channels, output_size(h, stride), output_size(w, stride))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def pack_pointwise(weight: torch.Tensor) -> torch.Tensor:
+    """A (C, Cin, 1, 1) convolution weight as the fused kernel reads it: bf16
+    [C/16][Cin/32][16][16][2] (16-output tile, 32-deep K step, K pair, output, pair member)."""
+    out_ch, in_ch = weight.shape[:2]
+    if weight.dim() != 4 or weight.shape[2:] != (1, 1) or out_ch % 16 or in_ch % 32:
+        raise ValueError(
+            f"pointwise weight: expected a (C, Cin, 1, 1) weight with C a multiple of 16 and Cin "
+            f"of 32, got shape {tuple(weight.shape)}"
+        )
+    w = weight.detach().to(torch.bfloat16).reshape(out_ch // 16, 16, in_ch // 32, 16, 2)
+    return w.permute(0, 2, 3, 1, 4).contiguous()
+
+
+def run_pointwise_kernel(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool = False,
+) -> torch.Tensor:
+    """``conv2d(relu(conv2d(x, w1, b1)), w, bias, stride, padding=1, groups)`` (then ReLU) in bf16
+    with `pointwise` = pack_pointwise(w1), `packed` = pack_weights(w): a bottleneck's 1×1 and
+    grouped 3×3 in one pass, the 1×1's output (rounded to bf16 as the unfused model rounds it)
+    kept in cache instead of memory."""
+    if x.dim() != 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError(
+            f"x: expected a 4-d bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+    n, cin, h, w = x.shape
+    c = pointwise.shape[0] * 16 if pointwise.dim() == 5 else -1
+    if (
+        pointwise.dtype != torch.bfloat16
+        or pointwise.dim() != 5
+        or pointwise.shape[1:] != (cin // 32, 16, 16, 2)
+        or cin % 32
+        or not pointwise.is_contiguous()
+    ):
+        raise ValueError(
+            f"pointwise: expected a contiguous bf16 pack_pointwise weight for {cin} input "
+            f"channels (a multiple of 32), got {pointwise.dtype} {tuple(pointwise.shape)}"
+        )
+    if not supports(c, groups, stride):
+        raise ValueError(
+            f"pointwise: {c} channels in {groups} groups with stride {stride} is not a shape the "
+            f"AMX kernel takes (C/groups in {SMALL_CPG} or a multiple of 16, stride 1 or 2)"
+        )
+    want = packed_numel(c, groups)
+    if packed.dtype != torch.bfloat16 or not packed.is_contiguous() or packed.numel() != want:
+        raise ValueError(
+            f"packed: expected a contiguous bf16 tensor of {want} values from pack_weights, "
+            f"got {packed.dtype} with {packed.numel()}"
+        )
+    if pointwise_bias.dtype != torch.float32 or pointwise_bias.numel() != c:
+        raise ValueError(
+            f"pointwise_bias: expected {c} float32 values, got {pointwise_bias.dtype} with "
+            f"{pointwise_bias.numel()}"
+        )
+    check_bias(bias, c)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = _pointwise_output(x, c, stride)
+    if y.numel():
+        b1 = pointwise_bias.contiguous()
+        bias_c = None if bias is None else bias.contiguous()
+        rc = _library().pointwise_grouped3x3_amx(
+            x.data_ptr(),
+            pointwise.data_ptr(),
+            b1.data_ptr(),
+            packed.data_ptr(),
+            None if bias_c is None else bias_c.data_ptr(),
+            y.data_ptr(),
+            n,
+            h,
+            w,
+            cin,
+            c,
+            c // groups,
+            stride,
+            int(relu),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            why = {-2: "the OS refused AMX", -3: "no scratch memory"}.get(rc, "shape refused")
+            raise RuntimeError(
+                f"pointwise_grouped3x3_amx failed on {tuple(x.shape)} → {c} channels, "
+                f"groups={groups}: {why}"
+            )
+    return y
+
+
 @torch.library.custom_op("resnext::grouped_conv3x3_amx", mutates_args=())
 def grouped_conv3x3_amx(
     x: torch.Tensor,
@@ -237,3 +338,33 @@ def _fake(
 ) -> torch.Tensor:
     """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
     return output_for(x, stride)
+
+
+@torch.library.custom_op("resnext::pointwise_grouped_conv3x3_amx", mutates_args=())
+def pointwise_grouped_conv3x3_amx(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    """The fused 1×1 + grouped 3×3 kernel as a torch operator (see `run_pointwise_kernel`)."""
+    return run_pointwise_kernel(x, pointwise, pointwise_bias, packed, bias, groups, stride, relu)
+
+
+@pointwise_grouped_conv3x3_amx.register_fake
+def _fake_pointwise(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
+    return _pointwise_output(x, pointwise.shape[0] * 16, stride)

@@ -195,26 +195,145 @@ __attribute__((target("amx-tile,amx-bf16"))) static void configure(void) {
 
 __attribute__((target("amx-tile"))) static void release(void) { _tile_release(); }
 
-/* y = conv(x) (+ bias, then ReLU if relu). Returns 0; -1 for a shape the kernel does not take,
- * -2 if the OS refuses AMX, -3 if scratch memory cannot be had. */
-int grouped3x3_amx(const uint16_t *x, const uint16_t *wp, const float *bias, uint16_t *y, int N,
-                   int H, int W, int C, int cpg, int s, int relu, int threads) {
+/* Where an item's grids get their interior from: x's own channels (the grouped convolution
+ * alone), or a 1x1 convolution of x (the fused pair: ReLU(conv1x1(x) + b1) rounded to bf16, the
+ * same rounding the unfused bf16 model makes, computed straight into the grids so that the
+ * 1x1's output never goes to memory). */
+typedef struct {
+  const uint16_t *w1; /* NULL: copy; else the packed 1x1 weight [C/16][Cin/32][16][16][2] */
+  const float *b1;    /* the 1x1's bias (C float32) */
+  int cin;            /* x's channels: C when copying, else the 1x1's input channels */
+} Source;
+
+/* A 32-pixel by 32-output block of the 1x1 product: accumulator 2i + j = pixels a[i] (16 rows,
+ * `cin` values apart) times 16-output weight tile j (b[j], NULL for none), for i < mt. Per K
+ * step two A and two B loads feed four tile products, and each tile is reloaded only after the
+ * products reading it are done. */
+__attribute__((target("amx-tile,amx-bf16"))) static void pointwise_products(
+    const uint16_t *const *a, int cin, int mt, const uint16_t *const *b) {
+  const long astride = (long)cin * 2;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int k = 0; k < cin / 32; ++k) {
+    _tile_loadd(6, b[0] + 512L * k, 64);
+    _tile_loadd(4, a[0] + 32L * k, astride);
+    _tile_dpbf16ps(0, 4, 6);
+    if (b[1]) {
+      _tile_loadd(7, b[1] + 512L * k, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (mt > 1) {
+      _tile_loadd(5, a[1] + 32L * k, astride);
+      _tile_dpbf16ps(2, 5, 6);
+      if (b[1]) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+/* Accumulator m (16 pixels from q of the image, 16 outputs) + bias, ReLU, rounded to bf16 into
+ * the grid's interior at channel `off` of grid `p` (pixels past the image are dropped). */
+__attribute__((target("amx-tile"))) static void store_pointwise(int m, float *acc,
+                                                                const float *bias, uint16_t *p,
+                                                                const Grid *g, long q, int off) {
+  switch (m) {
+  case 0: _tile_stored(0, acc, 64); break;
+  case 1: _tile_stored(1, acc, 64); break;
+  case 2: _tile_stored(2, acc, 64); break;
+  default: _tile_stored(3, acc, 64); break;
+  }
+  const __m512 b = _mm512_loadu_ps(bias);
+  const long hw = (long)g->H * g->W;
+  int ih = (int)(q / g->W), iw = (int)(q % g->W);
+  for (int r = 0; r < 16 && q + r < hw; ++r) {
+    const __m512 val = _mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(acc + r * 16), b),
+                                     _mm512_setzero_ps());
+    uint16_t *dst = p + ((long)(ih + 1) * g->Wp + iw + 1) * g->kc + off;
+    _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(val));
+    if (++iw == g->W) iw = 0, ++ih;
+  }
+}
+
+/* The grids of blocks b0 .. b0 + chunk - 1 of one image from the 1x1 convolution of its pixels,
+ * in 32-pixel by 32-output blocks. A last 16-pixel tile short of 16 pixels is read from `rest`
+ * (a zero-padded copy made once) so that no tile load leaves x. The loop order keeps the smaller
+ * operand in cache while the other streams: pixels outer when the chunk's 1x1 weight is smaller
+ * than the image, outputs outer otherwise. */
+static void fill_grids_pointwise(uint16_t *const *p, int chunk, const uint16_t *xn, const Grid *g,
+                                 int b0, const Source *src, uint16_t *rest, float *acc) {
+  const int kc = g->kc, cin = src->cin, tiles = chunk * kc / 16;
+  const long hw = (long)g->H * g->W, per_tile = (long)(cin / 32) * 512;
+  const uint16_t *w0 = src->w1 + (long)b0 * (kc / 16) * per_tile;
+  const float *bias0 = src->b1 + (long)b0 * kc;
+  const long full = hw / 16 * 16; /* pixels in whole 16-pixel tiles */
+  if (full < hw) {
+    memcpy(rest, xn + full * cin, (size_t)(hw - full) * cin * 2);
+    memset(rest + (hw - full) * cin, 0, (size_t)(16 - (hw - full)) * cin * 2);
+  }
+  const long qblocks = (hw + 31) / 32, tpairs = (tiles + 1) / 2;
+  const int pixels_outer = tiles * 16L <= hw;
+  const long outer = pixels_outer ? qblocks : tpairs, inner = pixels_outer ? tpairs : qblocks;
+  for (long i = 0; i < outer; ++i)
+    for (long j = 0; j < inner; ++j) {
+      const long q0 = 32 * (pixels_outer ? i : j), t0 = 2 * (pixels_outer ? j : i);
+      const int mt = hw - q0 > 16 ? 2 : 1, nt = tiles - t0 > 1 ? 2 : 1;
+      const uint16_t *a[2], *b[2];
+      for (int m = 0; m < 2; ++m) {
+        const long q = q0 + 16 * m;
+        a[m] = q + 16 <= hw ? xn + q * cin : rest;
+      }
+      b[0] = w0 + t0 * per_tile;
+      b[1] = nt > 1 ? b[0] + per_tile : NULL;
+      pointwise_products(a, cin, mt, b);
+      for (int m = 0; m < mt; ++m)
+        for (int n = 0; n < nt; ++n) {
+          const int ch = (int)(t0 + n) * 16; /* within the chunk */
+          store_pointwise(2 * m + n, acc, bias0 + ch, p[ch / kc], g, q0 + 16 * m, ch % kc);
+        }
+    }
+}
+
+#define MAX_CHUNK 128
+
+/* Blocks per item: copying, up to 64 channels (128 bytes of each pixel: whole cache lines, read
+ * once); from a 1x1, as many blocks as keep the grids within ~1 MB (each extra item re-reads the
+ * image's x), but enough items for every thread. A divisor of the block count either way. */
+static int chunk_blocks(const Grid *g, int blocks, int N, int threads, int pointwise) {
+  int chunk;
+  if (!pointwise) {
+    chunk = 64 / g->kc > 1 ? 64 / g->kc : 1;
+  } else {
+    const long grid_bytes = g->pixels * g->kc * 2;
+    chunk = (int)((1L << 20) / grid_bytes);
+    if (chunk < 1) chunk = 1;
+    while (chunk > 1 && (long)N * ((blocks + chunk - 1) / chunk) < threads) --chunk;
+  }
+  if (chunk > MAX_CHUNK) chunk = MAX_CHUNK;
+  if (chunk > blocks) chunk = blocks;
+  while (blocks % chunk) --chunk;
+  return chunk;
+}
+
+static int run(const uint16_t *x, const Source *src, const uint16_t *wp, const float *bias,
+               uint16_t *y, int N, int H, int W, int C, int cpg, int s, int relu, int threads) {
   if (N < 0 || H < 1 || W < 1 || threads < 1 || !grouped3x3_amx_supported(C, cpg, s)) return -1;
+  if (src->w1 && (src->cin < 32 || src->cin % 32)) return -1;
   if (!grouped3x3_amx_allowed()) return -2;
   const int kc = block_channels(cpg), nt = kc / 16, blocks = C / kc, steps = k_steps(kc);
   const Grid g = make_grid(H, W, C, kc, s);
-  /* blocks filled and computed together: up to 64 channels (128 bytes of each pixel) */
-  int chunk = 64 / kc > 1 ? 64 / kc : 1;
-  while (blocks % chunk) --chunk;
+  const int chunk = chunk_blocks(&g, blocks, N, threads, src->w1 != NULL);
   const long items = (long)N * (blocks / chunk);
   const size_t grid_bytes = ((size_t)g.pixels * kc * 2 + 63) / 64 * 64;
+  const size_t rest_bytes = src->w1 ? (size_t)16 * src->cin * 2 : 64;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
     uint16_t *grids = aligned_alloc(64, grid_bytes * chunk);
+    uint16_t *rest = aligned_alloc(64, rest_bytes);
     float *acc = aligned_alloc(64, 16 * 16 * sizeof(float));
-    uint16_t *p[64];
-    const int ok = grids && acc;
+    uint16_t *p[MAX_CHUNK];
+    const int ok = grids && rest && acc;
     if (ok) {
       memset(grids, 0, grid_bytes * chunk); /* the borders; items overwrite only the interiors */
       for (int c = 0; c < chunk; ++c) p[c] = grids + c * (grid_bytes / 2);
@@ -229,7 +348,11 @@ int grouped3x3_amx(const uint16_t *x, const uint16_t *wp, const float *bias, uin
       const long n = item / (blocks / chunk);
       const int b0 = (int)(item % (blocks / chunk)) * chunk;
       uint16_t *yn = y + n * (long)g.Ho * g.Wo * C;
-      fill_grids(p, chunk, x + n * (long)H * W * C, &g, b0);
+      const uint16_t *xn = x + n * (long)H * W * src->cin;
+      if (src->w1)
+        fill_grids_pointwise(p, chunk, xn, &g, b0, src, rest, acc);
+      else
+        fill_grids(p, chunk, xn, &g, b0);
       /* positions outer, blocks inner: each output pixel's chunk of channels is written while
        * its cache lines are still in L1 */
       for (long v0 = 0; v0 < g.virt; v0 += 16 * MT) {
@@ -246,9 +369,29 @@ int grouped3x3_amx(const uint16_t *x, const uint16_t *wp, const float *bias, uin
     }
     if (ok) release();
     free(grids);
+    free(rest);
     free(acc);
   }
   return failed ? -3 : 0;
+}
+
+/* y = conv(x) (+ bias, then ReLU if relu). Returns 0; -1 for a shape the kernel does not take,
+ * -2 if the OS refuses AMX, -3 if scratch memory cannot be had. */
+int grouped3x3_amx(const uint16_t *x, const uint16_t *wp, const float *bias, uint16_t *y, int N,
+                   int H, int W, int C, int cpg, int s, int relu, int threads) {
+  const Source src = {NULL, NULL, C};
+  return run(x, &src, wp, bias, y, N, H, W, C, cpg, s, relu, threads);
+}
+
+/* y = conv(ReLU(conv1x1(x) + b1)) (+ bias, then ReLU if relu): a bottleneck's first two
+ * convolutions in one pass, x with Cin channels (a multiple of 32), w1 packed by
+ * grouped_amx.pack_pointwise. Returns as grouped3x3_amx. */
+int pointwise_grouped3x3_amx(const uint16_t *x, const uint16_t *w1, const float *b1,
+                             const uint16_t *wp, const float *bias, uint16_t *y, int N, int H,
+                             int W, int Cin, int C, int cpg, int s, int relu, int threads) {
+  if (w1 == NULL || b1 == NULL) return -1;
+  const Source src = {w1, b1, Cin};
+  return run(x, &src, wp, bias, y, N, H, W, C, cpg, s, relu, threads);
 }
 
 /* The weight w[C][cpg][9] (bf16) in the kernel's packing (see grouped_amx.pack_weights, whose
