@@ -25,6 +25,7 @@ VARIANTS = (
     "inductor-py-bf16",
     "inductor-onednn-fp32",
     "inductor-onednn-bf16",
+    "inductor-unfused-bf16",
     "jit-fp32",
     "jit-bf16",
     "ort-fp32",
@@ -67,9 +68,17 @@ def build_runner(
     kind, _, dtype = variant.rpartition("-")
     if variant == "eager":
         fn: Callable[[torch.Tensor], torch.Tensor] = model
-    elif kind in ("eager-fast", "inductor", "inductor-onednn", "inductor-py", "jit"):
-        # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernel off);
-        # inductor-py: with inductor's Python wrapper instead of its C++ one
+    elif kind in (
+        "eager-fast",
+        "inductor",
+        "inductor-onednn",
+        "inductor-py",
+        "inductor-unfused",
+        "jit",
+    ):
+        # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernels off);
+        # inductor-py: with inductor's Python wrapper instead of its C++ one;
+        # inductor-unfused: our grouped kernels without the 1×1 fused into them
         backend = "none" if kind == "eager-fast" else kind.split("-")[0]
         mode = "off" if kind == "inductor-onednn" else "auto"
         fn = optimize(
@@ -79,6 +88,7 @@ def build_runner(
             example_input=example,
             grouped_kernel=mode,
             cpp_wrapper=kind != "inductor-py",
+            fuse_pointwise="off" if kind == "inductor-unfused" else "auto",
         )
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)
@@ -133,6 +143,9 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
                 info[key]["grouped_kernel_layers"] = swapped
             if choices:  # each grouped layer's timings and the implementation it got
                 info[key]["grouped_choices"] = [asdict(c) for c in choices]
+            fusions = getattr(fn, "fusion_choices", [])
+            if fusions:  # each 1×1 + grouped pair's timings, fused or separate
+                info[key]["fusion_choices"] = [asdict(c) for c in fusions]
             log(f"{key}: built in {build_s:.1f} s, max rel err {err:.2e}")
             runners[key] = (_torch_runner(fn, x), config.batch)
             if config.latency_rounds and variant.startswith(("inductor", "jit", "eager")):

@@ -1,0 +1,266 @@
+"""Fusing each bottleneck's first 1×1 convolution into the AMX grouped 3×3 that consumes it.
+
+On a machine bound by memory bandwidth, the 1×1's output (the bottleneck's width, twice
+ResNet-50's at every stage) is written by one kernel and read back by the next. The fused kernel
+(`grouped_amx.run_pointwise_kernel`) computes it per image into the zero-bordered grids the
+grouped kernel reads, so it never goes to memory. The pass runs after `swap_grouped_convs` on a
+BN-folded bf16 model, and times both ways per block: the unfused time is oneDNN's 1×1 with
+prepacked weights and a fused ReLU (what the frozen compiled graph runs) plus our grouped kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from resnext.errors import ConfigError
+from resnext.speed import grouped_amx
+from resnext.speed.fold import set_module
+from resnext.speed.grouped_swap import (
+    FastGroupedConv3x3,
+    LayerChoice,
+    _input_shapes,
+    _KernelLeafTracer,
+    _time_ms,
+)
+
+MODES = ("auto", "on", "off")
+
+
+class FusedPointwiseGrouped(nn.Module):
+    """``relu(conv1x1(x))`` then an AMX grouped 3×3 (`FastGroupedConv3x3`), in one kernel call.
+
+    Holds both packed weights as plain attributes (as `FastGroupedConv3x3` does) so that a later
+    ``.to(dtype)`` leaves them packed.
+    """
+
+    def __init__(self, pointwise: nn.Conv2d, grouped: FastGroupedConv3x3) -> None:
+        super().__init__()
+        if not fusable(pointwise, grouped):
+            raise ValueError(
+                f"pointwise: expected a 1×1 stride-1 convolution with a bias, a multiple of 32 "
+                f"inputs and the grouped AMX convolution's {grouped.channels} outputs, got "
+                f"{pointwise} before {grouped}"
+            )
+        self.in_channels = pointwise.in_channels
+        self.pointwise = grouped_amx.pack_pointwise(pointwise.weight)
+        assert pointwise.bias is not None  # fusable() checked it
+        self.pointwise_bias = pointwise.bias.detach().float().contiguous()
+        self.packed, self.bias = grouped.packed, grouped.bias
+        self.groups, self.stride, self.relu = grouped.groups, grouped.stride, grouped.relu
+        self.channels = grouped.channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.resnext.pointwise_grouped_conv3x3_amx(
+            x,
+            self.pointwise,
+            self.pointwise_bias,
+            self.packed,
+            self.bias,
+            self.groups,
+            self.stride,
+            self.relu,
+        )
+
+    def extra_repr(self) -> str:
+        relu = ", relu=True" if self.relu else ""
+        return (
+            f"{self.in_channels} → 1×1 → relu → {self.channels}, groups={self.groups}, "
+            f"stride={self.stride}{relu}"
+        )
+
+
+def fusable(pointwise: nn.Module, grouped: nn.Module) -> bool:
+    """Whether the fused kernel computes `grouped`(relu(`pointwise`(x))) for these two modules."""
+    return (
+        isinstance(grouped, FastGroupedConv3x3)
+        and grouped.variant == "amx"
+        and isinstance(pointwise, nn.Conv2d)
+        and pointwise.kernel_size == (1, 1)
+        and pointwise.stride == (1, 1)
+        and pointwise.padding == (0, 0)
+        and pointwise.dilation == (1, 1)
+        and pointwise.groups == 1
+        and pointwise.bias is not None
+        and pointwise.in_channels % 32 == 0
+        and pointwise.out_channels == grouped.channels
+    )
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One 1×1 → (identities) → ReLU → grouped chain inside a traced parent module."""
+
+    parent: str
+    pointwise: str  # child names within the parent
+    grouped: str
+
+
+class _FusionTracer(_KernelLeafTracer):
+    """Keeps our kernel modules, fused or not, as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FusedPointwiseGrouped) or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+def _single_input(node: fx.Node) -> fx.Node | None:
+    """The node's one tensor input, if it has exactly one argument and no keyword arguments."""
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return None
+    return node.args[0]
+
+
+def _chain_to_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
+    """From the grouped conv's input back to a 1×1 conv: [relu, identities..., conv], each used
+    only by the next, or None if the input is not such a chain."""
+    chain = []
+    src = _single_input(node)
+    seen_relu = False
+    while src is not None and len(src.users) == 1:
+        chain.append(src)
+        module = modules.get(src.target) if src.op == "call_module" else None
+        is_relu = isinstance(module, nn.ReLU) or (
+            src.op == "call_function" and src.target in (F.relu, torch.relu)
+        )
+        if is_relu and not seen_relu:
+            seen_relu = True
+        elif isinstance(module, nn.Identity):
+            pass
+        elif isinstance(module, nn.Conv2d) and seen_relu:
+            return chain
+        else:
+            return None
+        src = _single_input(src)
+    return None
+
+
+def _sites(model: nn.Module) -> list[_Site]:
+    sites = []
+    parents = {
+        name.rpartition(".")[0]
+        for name, module in model.named_modules()
+        if isinstance(module, FastGroupedConv3x3) and module.variant == "amx"
+    }
+    for parent_name in sorted(parents):
+        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            graph = _FusionTracer().trace(parent)
+        except Exception:  # fx raises many kinds of errors on untraceable code
+            continue
+        modules = dict(parent.named_modules())
+        calls: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        for node in graph.nodes:
+            grouped = modules.get(node.target) if node.op == "call_module" else None
+            if not isinstance(grouped, FastGroupedConv3x3):
+                continue
+            chain = _chain_to_pointwise(node, modules)
+            if chain is None:
+                continue
+            conv = chain[-1].target
+            if calls[conv] == 1 and fusable(modules[conv], grouped):
+                sites.append(_Site(parent_name, conv, node.target))
+    return sites
+
+
+def _fuse(model: nn.Module, site: _Site, fused: FusedPointwiseGrouped) -> None:
+    """Rewrite the parent's graph: the grouped node reads the 1×1's input; the chain is dropped."""
+    parent = model.get_submodule(site.parent) if site.parent else model
+    graph = _FusionTracer().trace(parent)
+    modules = dict(parent.named_modules())
+    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.grouped)
+    chain = _chain_to_pointwise(node, modules)
+    assert chain is not None and chain[-1].target == site.pointwise
+    node.args = (chain[-1].args[0],)
+    for dead in chain:  # the ReLU first: each is used only by the next node up the chain
+        graph.erase_node(dead)
+    rewritten = fx.GraphModule(parent, graph, parent.__class__.__name__)
+    set_module(rewritten, site.grouped, fused)
+    rewritten.delete_all_unused_submodules()
+    if site.parent:
+        set_module(model, site.parent, rewritten)
+    else:  # the sites were found inside child modules, never at the root; kept for safety
+        raise ConfigError("fuse_pointwise: cannot rewrite the root module in place")
+
+
+def _unfused_runner(
+    conv: nn.Conv2d, grouped: FastGroupedConv3x3
+) -> Callable[[torch.Tensor], object]:
+    """The 1×1 as the frozen compiled graph runs it (oneDNN, prepacked weight, ReLU fused), then
+    our grouped kernel; eager conv2d and relu where the prepacking op is missing."""
+    weight = conv.weight.detach().bfloat16().contiguous(memory_format=torch.channels_last)
+    assert conv.bias is not None
+    bias = conv.bias.detach().bfloat16()
+    try:
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, None
+        )
+
+        def pointwise(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, packed, bias, [0, 0], [1, 1], [1, 1], 1, "relu", [None], ""
+            )
+
+        pointwise(torch.zeros(1, conv.in_channels, 4, 4, dtype=torch.bfloat16))
+    except (AttributeError, RuntimeError, NotImplementedError):
+
+        def pointwise(x: torch.Tensor) -> torch.Tensor:
+            return F.relu(F.conv2d(x, weight, bias))
+
+    return lambda x: grouped(pointwise(x))
+
+
+def fuse_pointwise_convs(
+    model: nn.Module, example: torch.Tensor, *, mode: str = "auto", repeats: int = 5
+) -> list[LayerChoice]:
+    """Replace, in place, each 1×1 → ReLU → AMX grouped 3×3 chain by `FusedPointwiseGrouped`.
+
+    `example` is the model's input (bf16, channels_last). 'auto' times the chain both ways on its
+    real input shape and fuses where the fused kernel is faster; 'on' fuses every chain; 'off'
+    changes nothing. Each choice is returned as a `LayerChoice` named after the grouped conv
+    (native_ms: unfused, kernel_ms: fused, chosen 'fused' or 'separate').
+    """
+    if mode not in MODES:
+        raise ConfigError(f"fuse_pointwise: expected one of {MODES}, got {mode!r}")
+    if mode == "off" or example.dtype != torch.bfloat16:
+        return []
+    sites = _sites(model)
+    if not sites:
+        return []
+    names = [f"{s.parent}.{s.pointwise}" if s.parent else s.pointwise for s in sites]
+    shapes = _input_shapes(model, names, example)
+    choices = []
+    for site, name in zip(sites, names, strict=True):
+        if name not in shapes:
+            continue
+        conv = model.get_submodule(name)
+        grouped_name = f"{site.parent}.{site.grouped}" if site.parent else site.grouped
+        grouped = model.get_submodule(grouped_name)
+        fused = FusedPointwiseGrouped(conv, grouped)
+        x = torch.randn(shapes[name], dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last
+        )
+        separate_ms = _time_ms(_unfused_runner(conv, grouped), x, repeats)
+        fused_ms = _time_ms(fused, x, repeats)
+        use = mode == "on" or fused_ms < separate_ms
+        if use:
+            _fuse(model, site, fused)
+        choices.append(
+            LayerChoice(
+                grouped_name,
+                shapes[name],
+                separate_ms,
+                fused_ms,
+                "fused" if use else "separate",
+                "amx",
+            )
+        )
+    return choices
