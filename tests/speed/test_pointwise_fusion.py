@@ -141,6 +141,17 @@ def test_only_a_bias_carrying_stride_1_pointwise_before_an_amx_conv_is_fusable()
         FusedPointwiseGrouped(nn.Conv2d(48, 64, 1), grouped)
 
 
+@needs_amx
+def test_a_chain_in_the_root_module_is_left_as_it_is() -> None:
+    """Fusing rewrites a chain's parent module; the root has none, so its chain stays unfused."""
+    conv = nn.Conv2d(64, 64, 3, 1, 1, groups=16)
+    grouped = FastGroupedConv3x3(conv, dtype=torch.bfloat16, variant="amx")
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.ReLU(), grouped).bfloat16()
+    x = torch.randn(1, 64, 6, 6).bfloat16().contiguous(memory_format=torch.channels_last)
+    assert fuse_pointwise_convs(model, x, mode="on") == []
+    assert model[2] is grouped
+
+
 def _randomize_bn(model: nn.Module) -> None:
     gen = torch.Generator().manual_seed(3)
     for m in model.modules():

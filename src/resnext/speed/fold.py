@@ -31,13 +31,19 @@ def fold_conv_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Ten
     return new_w.to(conv.weight.dtype), new_b.to(conv.weight.dtype)
 
 
-def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv name, BN name) for every BN whose only input is a convolution used by nothing else."""
-    graph = fx.Tracer().trace(model)
+def module_call_counts(graph: fx.Graph) -> dict[str, int]:
+    """How many times the traced graph calls each submodule (by its qualified name)."""
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, BN name) for every BN whose only input is a convolution used by nothing else."""
+    graph = fx.Tracer().trace(model)
+    calls = module_call_counts(graph)
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.grouped_kernel import check_bias, output_for, output_size
+from resnext.speed.grouped_kernel import check_bias, output_for
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_amx.c"
 FLAGS = (
@@ -164,6 +164,37 @@ def packed_numel(channels: int, groups: int) -> int:
     return (channels // kc) * (kc // 16) * _k_steps(kc) * 512
 
 
+def _check_x(x: torch.Tensor) -> None:
+    """A ValueError naming `x` unless it is a 4-d bf16 CPU tensor."""
+    if x.dim() != 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError(
+            f"x: expected a 4-d bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+
+
+def _check_grouped(name: str, c: int, groups: int, stride: int, packed: torch.Tensor) -> None:
+    """ValueErrors unless the kernel takes `c` channels in `groups` at `stride` (blamed on the
+    argument `name` that gave c) and `packed` is pack_weights' output for them."""
+    if not supports(c, groups, stride):
+        raise ValueError(
+            f"{name}: {c} channels in {groups} groups with stride {stride} is not a shape the AMX "
+            f"kernel takes (C/groups in {SMALL_CPG} or a multiple of 16, stride 1 or 2)"
+        )
+    want = packed_numel(c, groups)
+    if packed.dtype != torch.bfloat16 or not packed.is_contiguous() or packed.numel() != want:
+        raise ValueError(
+            f"packed: expected a contiguous bf16 tensor of {want} values from pack_weights, "
+            f"got {packed.dtype} with {packed.numel()}"
+        )
+
+
+def _check_rc(rc: int, what: str) -> None:
+    """A RuntimeError saying why the C function refused `what` (its return code), unless 0."""
+    if rc != 0:
+        why = {-2: "the OS refused AMX", -3: "no scratch memory"}.get(rc, "shape refused")
+        raise RuntimeError(f"{what}: {why}")
+
+
 def run_kernel(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -174,22 +205,9 @@ def run_kernel(
 ) -> torch.Tensor:
     """``conv2d(x, w, bias, stride, padding=1, groups)`` (then ReLU) in bf16, with
     `packed` = pack_weights(w); float32 accumulation, one rounding to bf16."""
-    if x.dim() != 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
-        raise ValueError(
-            f"x: expected a 4-d bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}"
-        )
+    _check_x(x)
     n, c, h, w = x.shape
-    if not supports(c, groups, stride):
-        raise ValueError(
-            f"x: {c} channels in {groups} groups with stride {stride} is not a shape the AMX "
-            f"kernel takes (C/groups in {SMALL_CPG} or a multiple of 16, stride 1 or 2)"
-        )
-    want = packed_numel(c, groups)
-    if packed.dtype != torch.bfloat16 or not packed.is_contiguous() or packed.numel() != want:
-        raise ValueError(
-            f"packed: expected a contiguous bf16 tensor of {want} values from pack_weights, "
-            f"got {packed.dtype} with {packed.numel()}"
-        )
+    _check_grouped("x", c, groups, stride, packed)
     check_bias(bias, c)
     x = x.contiguous(memory_format=torch.channels_last)
     y = output_for(x, stride)
@@ -209,17 +227,8 @@ def run_kernel(
             int(relu),
             torch.get_num_threads(),
         )
-        if rc != 0:
-            why = {-2: "the OS refused AMX", -3: "no scratch memory"}.get(rc, "shape refused")
-            raise RuntimeError(f"grouped3x3_amx failed on {tuple(x.shape)}, groups={groups}: {why}")
+        _check_rc(rc, f"grouped3x3_amx failed on {tuple(x.shape)}, groups={groups}")
     return y
-
-
-def _pointwise_output(x: torch.Tensor, channels: int, stride: int) -> torch.Tensor:
-    """An uninitialised channels-last output of `channels` for the fused kernel on `x`."""
-    n, _, h, w = x.shape
-    shape = (n, channels, output_size(h, stride), output_size(w, stride))
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 def pack_pointwise(weight: torch.Tensor) -> torch.Tensor:
@@ -249,10 +258,7 @@ def run_pointwise_kernel(
     with `pointwise` = pack_pointwise(w1), `packed` = pack_weights(w): a bottleneck's 1×1 and
     grouped 3×3 in one pass, the 1×1's output (rounded to bf16 as the unfused model rounds it)
     kept in cache instead of memory."""
-    if x.dim() != 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
-        raise ValueError(
-            f"x: expected a 4-d bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}"
-        )
+    _check_x(x)
     n, cin, h, w = x.shape
     c = pointwise.shape[0] * 16 if pointwise.dim() == 5 else -1
     if (
@@ -266,17 +272,7 @@ def run_pointwise_kernel(
             f"pointwise: expected a contiguous bf16 pack_pointwise weight for {cin} input "
             f"channels (a multiple of 32), got {pointwise.dtype} {tuple(pointwise.shape)}"
         )
-    if not supports(c, groups, stride):
-        raise ValueError(
-            f"pointwise: {c} channels in {groups} groups with stride {stride} is not a shape the "
-            f"AMX kernel takes (C/groups in {SMALL_CPG} or a multiple of 16, stride 1 or 2)"
-        )
-    want = packed_numel(c, groups)
-    if packed.dtype != torch.bfloat16 or not packed.is_contiguous() or packed.numel() != want:
-        raise ValueError(
-            f"packed: expected a contiguous bf16 tensor of {want} values from pack_weights, "
-            f"got {packed.dtype} with {packed.numel()}"
-        )
+    _check_grouped("pointwise", c, groups, stride, packed)
     if pointwise_bias.dtype != torch.float32 or pointwise_bias.numel() != c:
         raise ValueError(
             f"pointwise_bias: expected {c} float32 values, got {pointwise_bias.dtype} with "
@@ -284,7 +280,7 @@ def run_pointwise_kernel(
         )
     check_bias(bias, c)
     x = x.contiguous(memory_format=torch.channels_last)
-    y = _pointwise_output(x, c, stride)
+    y = output_for(x, stride, c)
     if y.numel():
         b1 = pointwise_bias.contiguous()
         bias_c = None if bias is None else bias.contiguous()
@@ -305,12 +301,8 @@ def run_pointwise_kernel(
             int(relu),
             torch.get_num_threads(),
         )
-        if rc != 0:
-            why = {-2: "the OS refused AMX", -3: "no scratch memory"}.get(rc, "shape refused")
-            raise RuntimeError(
-                f"pointwise_grouped3x3_amx failed on {tuple(x.shape)} → {c} channels, "
-                f"groups={groups}: {why}"
-            )
+        what = f"pointwise_grouped3x3_amx failed on {tuple(x.shape)} → {c} channels"
+        _check_rc(rc, f"{what}, groups={groups}")
     return y
 
 
@@ -367,4 +359,4 @@ def _fake_pointwise(
     relu: bool,
 ) -> torch.Tensor:
     """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
-    return _pointwise_output(x, pointwise.shape[0] * 16, stride)
+    return output_for(x, stride, pointwise.shape[0] * 16)

@@ -134,10 +134,11 @@ def output_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
-def output_for(x: torch.Tensor, stride: int) -> torch.Tensor:
-    """An uninitialised channels-last output of the 3×3 convolution of `x` (also for fake tensors)."""
+def output_for(x: torch.Tensor, stride: int, channels: int | None = None) -> torch.Tensor:
+    """An uninitialised channels-last output of the 3×3 convolution of `x` (also for fake
+    tensors), with `channels` outputs where they differ from x's (a 1×1 fused in front)."""
     n, c, h, w = x.shape
-    shape = (n, c, output_size(h, stride), output_size(w, stride))
+    shape = (n, c if channels is None else channels, output_size(h, stride), output_size(w, stride))
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 

@@ -137,7 +137,8 @@ class LayerChoice:
     variant: str = ""  # that variant: widening, pairs (AVX512-BF16) or amx
 
 
-def _time_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -> float:
+def time_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -> float:
+    """The best of `repeats` timed calls of fn(x), in ms, after two untimed ones."""
     with torch.no_grad():
         for _ in range(2):
             fn(x)
@@ -149,7 +150,8 @@ def _time_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int
     return best * 1e3
 
 
-def _input_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
+def input_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
+    """The input shape each named submodule sees when `model` runs on `example`."""
     shapes: dict[str, tuple] = {}
     hooks = []
     for name in names:
@@ -194,7 +196,7 @@ def swap_grouped_convs(
         if mode == "on":
             raise ConfigError(f"grouped_kernel: 'on' but the kernel cannot run here: {reason}")
         return []
-    shapes = _input_shapes(model, names, example)
+    shapes = input_shapes(model, names, example)
     choices = []
     for name in names:
         if name not in shapes:  # never called on this input
@@ -206,13 +208,13 @@ def swap_grouped_convs(
         x = torch.randn(shapes[name], dtype=example.dtype).contiguous(
             memory_format=torch.channels_last
         )
-        native_ms = _time_ms(conv, x, repeats)
+        native_ms = time_ms(conv, x, repeats)
         # Which variant is fastest depends on the CPU (measured: the AVX512-BF16 pair kernel is
         # 4x slower per instruction on an Intel Xeon with AMX, where the AMX kernel wins).
         fast, kernel_ms = None, float("inf")
         for variant in variants:
             candidate = FastGroupedConv3x3(conv, dtype=example.dtype, variant=variant)
-            ms = _time_ms(candidate, x, repeats)
+            ms = time_ms(candidate, x, repeats)
             if ms < kernel_ms:
                 fast, kernel_ms = candidate, ms
         assert fast is not None
@@ -234,7 +236,7 @@ def swap_grouped_convs(
     return choices
 
 
-class _KernelLeafTracer(fx.Tracer):
+class KernelLeafTracer(fx.Tracer):
     """An fx tracer that keeps our kernel modules as single calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -257,7 +259,7 @@ def fuse_following_relu(root: nn.Module, name: str) -> bool:
         return False
     parent = root.get_submodule(parent_name)
     try:
-        graph = _KernelLeafTracer().trace(parent)
+        graph = KernelLeafTracer().trace(parent)
     except Exception:  # fx raises many kinds of errors on untraceable code
         return False
     modules = dict(parent.named_modules())

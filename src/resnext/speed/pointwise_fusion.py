@@ -19,13 +19,13 @@ from torch import fx, nn
 
 from resnext.errors import ConfigError
 from resnext.speed import grouped_amx
-from resnext.speed.fold import set_module
+from resnext.speed.fold import module_call_counts, set_module
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
+    KernelLeafTracer,
     LayerChoice,
-    _input_shapes,
-    _KernelLeafTracer,
-    _time_ms,
+    input_shapes,
+    time_ms,
 )
 
 MODES = ("auto", "on", "off")
@@ -100,7 +100,7 @@ class _Site:
     grouped: str
 
 
-class _FusionTracer(_KernelLeafTracer):
+class _FusionTracer(KernelLeafTracer):
     """Keeps our kernel modules, fused or not, as single calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -142,22 +142,20 @@ def _chain_to_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx
 
 def _sites(model: nn.Module) -> list[_Site]:
     sites = []
+    # A chain is rewritten by replacing its parent module, so the root itself is never one.
     parents = {
         name.rpartition(".")[0]
         for name, module in model.named_modules()
         if isinstance(module, FastGroupedConv3x3) and module.variant == "amx"
-    }
+    } - {""}
     for parent_name in sorted(parents):
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent = model.get_submodule(parent_name)
         try:
             graph = _FusionTracer().trace(parent)
         except Exception:  # fx raises many kinds of errors on untraceable code
             continue
         modules = dict(parent.named_modules())
-        calls: dict[str, int] = {}
-        for node in graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
+        calls = module_call_counts(graph)
         for node in graph.nodes:
             grouped = modules.get(node.target) if node.op == "call_module" else None
             if not isinstance(grouped, FastGroupedConv3x3):
@@ -173,7 +171,7 @@ def _sites(model: nn.Module) -> list[_Site]:
 
 def _fuse(model: nn.Module, site: _Site, fused: FusedPointwiseGrouped) -> None:
     """Rewrite the parent's graph: the grouped node reads the 1×1's input; the chain is dropped."""
-    parent = model.get_submodule(site.parent) if site.parent else model
+    parent = model.get_submodule(site.parent)
     graph = _FusionTracer().trace(parent)
     modules = dict(parent.named_modules())
     node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.grouped)
@@ -185,10 +183,7 @@ def _fuse(model: nn.Module, site: _Site, fused: FusedPointwiseGrouped) -> None:
     rewritten = fx.GraphModule(parent, graph, parent.__class__.__name__)
     set_module(rewritten, site.grouped, fused)
     rewritten.delete_all_unused_submodules()
-    if site.parent:
-        set_module(model, site.parent, rewritten)
-    else:  # the sites were found inside child modules, never at the root; kept for safety
-        raise ConfigError("fuse_pointwise: cannot rewrite the root module in place")
+    set_module(model, site.parent, rewritten)
 
 
 def _unfused_runner(
@@ -235,21 +230,21 @@ def fuse_pointwise_convs(
     sites = _sites(model)
     if not sites:
         return []
-    names = [f"{s.parent}.{s.pointwise}" if s.parent else s.pointwise for s in sites]
-    shapes = _input_shapes(model, names, example)
+    names = [f"{s.parent}.{s.pointwise}" for s in sites]
+    shapes = input_shapes(model, names, example)
     choices = []
     for site, name in zip(sites, names, strict=True):
         if name not in shapes:
             continue
         conv = model.get_submodule(name)
-        grouped_name = f"{site.parent}.{site.grouped}" if site.parent else site.grouped
+        grouped_name = f"{site.parent}.{site.grouped}"
         grouped = model.get_submodule(grouped_name)
         fused = FusedPointwiseGrouped(conv, grouped)
         x = torch.randn(shapes[name], dtype=torch.bfloat16).contiguous(
             memory_format=torch.channels_last
         )
-        separate_ms = _time_ms(_unfused_runner(conv, grouped), x, repeats)
-        fused_ms = _time_ms(fused, x, repeats)
+        separate_ms = time_ms(_unfused_runner(conv, grouped), x, repeats)
+        fused_ms = time_ms(fused, x, repeats)
         use = mode == "on" or fused_ms < separate_ms
         if use:
             _fuse(model, site, fused)
