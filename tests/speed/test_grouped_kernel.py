@@ -250,8 +250,10 @@ def test_auto_records_which_kernel_variant_it_swapped_in() -> None:
     )  # 32 channels, 4 per group: both variants apply
     model = resnext.models.build_model(spec).eval()
     x = torch.randn(8, 3, 32, 32)
-    # fusion off: a fused 1×1 would replace the swapped module this test looks for
-    fast = optimize(model, "bf16", backend="none", example_input=x, fuse_pointwise="off")
+    # fusions off: a fused 1×1 or block would replace the swapped module this test looks for
+    fast = optimize(
+        model, "bf16", backend="none", example_input=x, fuse_pointwise="off", fuse_block="off"
+    )
     (choice,) = fast.grouped_choices
     if choice.chosen != "native":
         swapped = next(m for m in fast.modules() if isinstance(m, FastGroupedConv3x3))

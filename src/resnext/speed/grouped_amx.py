@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.grouped_kernel import check_bias, output_for
+from resnext.speed.grouped_kernel import check_bias, output_for, output_size
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_amx.c"
 FLAGS = (
@@ -49,6 +49,8 @@ def _library() -> ctypes.CDLL:
     lib.grouped3x3_amx_allowed.restype = ctypes.c_int
     lib.pointwise_grouped3x3_amx.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 9
     lib.pointwise_grouped3x3_amx.restype = ctypes.c_int
+    lib.block_amx.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 9
+    lib.block_amx.restype = ctypes.c_int
     lib.grouped3x3_amx_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
     lib.grouped3x3_amx_pack.restype = ctypes.c_int
     if not lib.grouped3x3_amx_allowed():
@@ -244,6 +246,29 @@ def pack_pointwise(weight: torch.Tensor) -> torch.Tensor:
     return w.permute(0, 2, 3, 1, 4).contiguous()
 
 
+def _check_pointwise(name: str, packed: torch.Tensor, cin: int) -> int:
+    """The output channels of `packed`, a ValueError naming it unless it is pack_pointwise's
+    output for `cin` input channels."""
+    if (
+        packed.dtype != torch.bfloat16
+        or packed.dim() != 5
+        or packed.shape[1:] != (cin // 32, 16, 16, 2)
+        or cin % 32
+        or not packed.is_contiguous()
+    ):
+        raise ValueError(
+            f"{name}: expected a contiguous bf16 pack_pointwise weight for {cin} input "
+            f"channels (a multiple of 32), got {packed.dtype} {tuple(packed.shape)}"
+        )
+    return packed.shape[0] * 16
+
+
+def _check_floats(name: str, t: torch.Tensor, n: int) -> None:
+    """A ValueError naming `t` unless it holds `n` float32 values."""
+    if t.dtype != torch.float32 or t.numel() != n:
+        raise ValueError(f"{name}: expected {n} float32 values, got {t.dtype} with {t.numel()}")
+
+
 def run_pointwise_kernel(
     x: torch.Tensor,
     pointwise: torch.Tensor,
@@ -260,24 +285,9 @@ def run_pointwise_kernel(
     kept in cache instead of memory."""
     _check_x(x)
     n, cin, h, w = x.shape
-    c = pointwise.shape[0] * 16 if pointwise.dim() == 5 else -1
-    if (
-        pointwise.dtype != torch.bfloat16
-        or pointwise.dim() != 5
-        or pointwise.shape[1:] != (cin // 32, 16, 16, 2)
-        or cin % 32
-        or not pointwise.is_contiguous()
-    ):
-        raise ValueError(
-            f"pointwise: expected a contiguous bf16 pack_pointwise weight for {cin} input "
-            f"channels (a multiple of 32), got {pointwise.dtype} {tuple(pointwise.shape)}"
-        )
+    c = _check_pointwise("pointwise", pointwise, cin)
     _check_grouped("pointwise", c, groups, stride, packed)
-    if pointwise_bias.dtype != torch.float32 or pointwise_bias.numel() != c:
-        raise ValueError(
-            f"pointwise_bias: expected {c} float32 values, got {pointwise_bias.dtype} with "
-            f"{pointwise_bias.numel()}"
-        )
+    _check_floats("pointwise_bias", pointwise_bias, c)
     check_bias(bias, c)
     x = x.contiguous(memory_format=torch.channels_last)
     y = output_for(x, stride, c)
@@ -360,3 +370,168 @@ def _fake_pointwise(
 ) -> torch.Tensor:
     """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
     return output_for(x, stride, pointwise.shape[0] * 16)
+
+
+def run_block_kernel(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    stride: int,
+    tail: torch.Tensor,
+    tail_bias: torch.Tensor,
+    residual: torch.Tensor,
+    pointwise: torch.Tensor | None = None,
+    pointwise_bias: torch.Tensor | None = None,
+    in_place: bool = False,
+) -> torch.Tensor:
+    """The rest of a bottleneck in one pass, in bf16: ``relu(conv2d(g, w3, tail_bias) + residual)``
+    with ``g = relu(conv2d(s, w, bias, stride, padding=1, groups))`` and s = x, or, given
+    `pointwise` = pack_pointwise(w1), ``s = relu(conv2d(x, w1, pointwise_bias))`` (the whole
+    bottleneck). `packed` = pack_weights(w), `tail` = pack_pointwise(w3). Neither s nor g goes to
+    memory; each is rounded to bf16 where the unfused bf16 model rounds it.
+
+    `in_place` writes the result over `residual` (channels_last) and returns it: no new output
+    to fill, as oneDNN's 1×1 adds into its residual. `residual` may be `x` itself (an identity
+    shortcut); then each image is one work item, and x is overwritten.
+    """
+    _check_x(x)
+    n, cin, h, w = x.shape
+    if pointwise is None:
+        c = cin
+        if pointwise_bias is not None:
+            raise ValueError("pointwise_bias: given without a pointwise weight")
+    else:
+        c = _check_pointwise("pointwise", pointwise, cin)
+        if pointwise_bias is None:
+            raise ValueError(f"pointwise_bias: expected {c} float32 values, got None")
+        _check_floats("pointwise_bias", pointwise_bias, c)
+    _check_grouped("pointwise" if pointwise is not None else "x", c, groups, stride, packed)
+    _check_floats("bias", bias, c)
+    cout = _check_pointwise("tail", tail, c)
+    _check_floats("tail_bias", tail_bias, cout)
+    shape = (n, cout, output_size(h, stride), output_size(w, stride))
+    if tuple(residual.shape) != shape or residual.dtype != torch.bfloat16:
+        raise ValueError(
+            f"residual: expected a bf16 tensor of the output's shape {shape}, got "
+            f"{residual.dtype} {tuple(residual.shape)}"
+        )
+    same = residual is x or (
+        residual.data_ptr() == x.data_ptr()
+        and residual.shape == x.shape
+        and residual.stride() == x.stride()
+    )
+    if in_place and not residual.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(
+            f"residual: written in place, so it must be channels_last contiguous, got strides "
+            f"{residual.stride()}"
+        )
+    if in_place and not same and _overlap(residual, x):
+        raise ValueError("residual: written in place, so it must be x itself or not overlap it")
+    x = x.contiguous(memory_format=torch.channels_last)
+    residual = x if same else residual.contiguous(memory_format=torch.channels_last)
+    y = residual if in_place else output_for(x, stride, cout)
+    if y.numel():
+        b1 = None if pointwise_bias is None else pointwise_bias.contiguous()
+        rc = _library().block_amx(
+            x.data_ptr(),
+            None if pointwise is None else pointwise.data_ptr(),
+            None if b1 is None else b1.data_ptr(),
+            packed.data_ptr(),
+            bias.contiguous().data_ptr(),
+            tail.data_ptr(),
+            tail_bias.contiguous().data_ptr(),
+            residual.data_ptr(),
+            y.data_ptr(),
+            n,
+            h,
+            w,
+            cin,
+            c,
+            cout,
+            c // groups,
+            stride,
+            torch.get_num_threads(),
+        )
+        _check_rc(rc, f"block_amx failed on {tuple(x.shape)} → {c} → {cout} channels")
+    return y
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two tensors intersect."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = (
+        a0 + sum((s - 1) * st for s, st in zip(a.shape, a.stride(), strict=True)) * a.element_size()
+    )
+    b1 = (
+        b0 + sum((s - 1) * st for s, st in zip(b.shape, b.stride(), strict=True)) * b.element_size()
+    )
+    return a0 <= b1 and b0 <= a1
+
+
+@torch.library.custom_op("resnext::block_amx", mutates_args=())
+def block_amx(
+    x: torch.Tensor,
+    pointwise: torch.Tensor | None,
+    pointwise_bias: torch.Tensor | None,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    stride: int,
+    tail: torch.Tensor,
+    tail_bias: torch.Tensor,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    """The fused rest of a bottleneck as a torch operator (see `run_block_kernel`)."""
+    return run_block_kernel(
+        x, packed, bias, groups, stride, tail, tail_bias, residual, pointwise, pointwise_bias
+    )
+
+
+@block_amx.register_fake
+def _fake_block(
+    x: torch.Tensor,
+    pointwise: torch.Tensor | None,
+    pointwise_bias: torch.Tensor | None,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    stride: int,
+    tail: torch.Tensor,
+    tail_bias: torch.Tensor,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
+    return output_for(x, stride, tail.shape[0] * 16)
+
+
+@torch.library.custom_op("resnext::block_amx_", mutates_args=("residual",))
+def block_amx_(
+    residual: torch.Tensor,
+    x: torch.Tensor | None,
+    pointwise: torch.Tensor | None,
+    pointwise_bias: torch.Tensor | None,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    stride: int,
+    tail: torch.Tensor,
+    tail_bias: torch.Tensor,
+) -> None:
+    """The fused rest of a bottleneck written over `residual` (see `run_block_kernel`), for x, or
+    for `residual` itself where x is None (an identity shortcut: one tensor in, the same out)."""
+    run_block_kernel(
+        residual if x is None else x,
+        packed,
+        bias,
+        groups,
+        stride,
+        tail,
+        tail_bias,
+        residual,
+        pointwise,
+        pointwise_bias,
+        in_place=True,
+    )

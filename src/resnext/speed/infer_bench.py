@@ -26,6 +26,7 @@ VARIANTS = (
     "inductor-onednn-fp32",
     "inductor-onednn-bf16",
     "inductor-unfused-bf16",
+    "inductor-pointwise-bf16",
     "jit-fp32",
     "jit-bf16",
     "ort-fp32",
@@ -74,11 +75,13 @@ def build_runner(
         "inductor-onednn",
         "inductor-py",
         "inductor-unfused",
+        "inductor-pointwise",
         "jit",
     ):
         # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernels off);
         # inductor-py: with inductor's Python wrapper instead of its C++ one;
-        # inductor-unfused: our grouped kernels without the 1×1 fused into them
+        # inductor-unfused: our grouped kernels alone, nothing fused into them;
+        # inductor-pointwise: with the first 1×1 fused in, but not the rest of the block
         backend = "none" if kind == "eager-fast" else kind.split("-")[0]
         mode = "off" if kind == "inductor-onednn" else "auto"
         fn = optimize(
@@ -89,6 +92,7 @@ def build_runner(
             grouped_kernel=mode,
             cpp_wrapper=kind != "inductor-py",
             fuse_pointwise="off" if kind == "inductor-unfused" else "auto",
+            fuse_block="off" if kind in ("inductor-unfused", "inductor-pointwise") else "auto",
         )
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)
@@ -146,6 +150,9 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
             fusions = getattr(fn, "fusion_choices", [])
             if fusions:  # each 1×1 + grouped pair's timings, fused or separate
                 info[key]["fusion_choices"] = [asdict(c) for c in fusions]
+            blocks = getattr(fn, "block_choices", [])
+            if blocks:  # each block's timings with its rest in one kernel, or separate
+                info[key]["block_choices"] = [asdict(c) for c in blocks]
             log(f"{key}: built in {build_s:.1f} s, max rel err {err:.2e}")
             runners[key] = (_torch_runner(fn, x), config.batch)
             if config.latency_rounds and variant.startswith(("inductor", "jit", "eager")):

@@ -100,7 +100,7 @@ class _Site:
     grouped: str
 
 
-class _FusionTracer(KernelLeafTracer):
+class FusionTracer(KernelLeafTracer):
     """Keeps our kernel modules, fused or not, as single calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -109,26 +109,30 @@ class _FusionTracer(KernelLeafTracer):
         )
 
 
-def _single_input(node: fx.Node) -> fx.Node | None:
+def single_input(node: fx.Node) -> fx.Node | None:
     """The node's one tensor input, if it has exactly one argument and no keyword arguments."""
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return None
     return node.args[0]
 
 
+def is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether the node applies a ReLU (an nn.ReLU module or the relu function)."""
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), nn.ReLU)
+    return node.op == "call_function" and node.target in (F.relu, torch.relu)
+
+
 def _chain_to_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
     """From the grouped conv's input back to a 1×1 conv: [relu, identities..., conv], each used
     only by the next, or None if the input is not such a chain."""
     chain = []
-    src = _single_input(node)
+    src = single_input(node)
     seen_relu = False
     while src is not None and len(src.users) == 1:
         chain.append(src)
         module = modules.get(src.target) if src.op == "call_module" else None
-        is_relu = isinstance(module, nn.ReLU) or (
-            src.op == "call_function" and src.target in (F.relu, torch.relu)
-        )
-        if is_relu and not seen_relu:
+        if is_relu(src, modules) and not seen_relu:
             seen_relu = True
         elif isinstance(module, nn.Identity):
             pass
@@ -136,7 +140,7 @@ def _chain_to_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx
             return chain
         else:
             return None
-        src = _single_input(src)
+        src = single_input(src)
     return None
 
 
@@ -151,7 +155,7 @@ def _sites(model: nn.Module) -> list[_Site]:
     for parent_name in sorted(parents):
         parent = model.get_submodule(parent_name)
         try:
-            graph = _FusionTracer().trace(parent)
+            graph = FusionTracer().trace(parent)
         except Exception:  # fx raises many kinds of errors on untraceable code
             continue
         modules = dict(parent.named_modules())
@@ -172,7 +176,7 @@ def _sites(model: nn.Module) -> list[_Site]:
 def _fuse(model: nn.Module, site: _Site, fused: FusedPointwiseGrouped) -> None:
     """Rewrite the parent's graph: the grouped node reads the 1×1's input; the chain is dropped."""
     parent = model.get_submodule(site.parent)
-    graph = _FusionTracer().trace(parent)
+    graph = FusionTracer().trace(parent)
     modules = dict(parent.named_modules())
     node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.grouped)
     chain = _chain_to_pointwise(node, modules)

@@ -76,26 +76,45 @@ static inline __attribute__((always_inline)) void copy_channels(uint16_t *dst, c
     _mm256_storeu_si256((__m256i *)(dst + c), _mm256_loadu_si256((const __m256i *)(src + c)));
 }
 
-/* The grid of one image and block (see the top): P's interior from x; its border stays zero. */
+/* The grid of one image (or of a band of its output rows) and block (see the top). Grid row r
+ * holds input row row0 + r: zeros where that row is outside the image, and always zeros in the
+ * two border columns. A band of output rows oh0 .. oh0 + Ho - 1 needs input rows s * oh0 - 1 ..
+ * s * (oh0 + Ho - 1) + 1; the whole image is the band oh0 = 0. */
 typedef struct {
   int H, W, C, kc, s, Ho, Wo, Wv, Wp;
-  long virt;   /* Ho * Wv output positions */
-  long pixels; /* P's size in pixels, slack for the last tiles' reads included */
+  int row0;      /* the input row at grid row 0 */
+  int grid_rows; /* grid rows that hold input rows (or zeros for rows outside the image) */
+  long virt;     /* Ho * Wv output positions */
+  long pixels;   /* P's size in pixels, slack for the last tiles' reads included */
 } Grid;
 
-static Grid make_grid(int H, int W, int C, int kc, int s) {
+static Grid make_grid(int H, int W, int C, int kc, int s, int oh0, int rows) {
   Grid g;
   g.H = H, g.W = W, g.C = C, g.kc = kc, g.s = s;
-  g.Ho = (H - 1) / s + 1, g.Wo = (W - 1) / s + 1;
+  g.Ho = rows, g.Wo = (W - 1) / s + 1;
+  g.row0 = s * oh0 - 1, g.grid_rows = s * (rows - 1) + 3;
   g.Wp = W + 2;
   g.Wv = s == 1 ? g.Wp : (g.Wo + 15) / 16 * 16;
   g.virt = (long)g.Ho * g.Wv;
-  const long vmax = (g.virt + 16 * MT - 1) / (16 * MT) * (16 * MT);
+  /* one group of tiles more than the positions need: the block kernel's strips start their
+   * groups at any row */
+  const long vmax = (g.virt + 16 * MT - 1) / (16 * MT) * (16 * MT) + 16 * MT;
   /* the furthest read: the last position's tap (2, 3) (kw = 3 of a pair), 32 values */
   const long last = s * (((vmax - 1) / g.Wv) * (long)g.Wp + (vmax - 1) % g.Wv) + 2L * g.Wp + 3;
-  const long interior = (long)(H + 2) * g.Wp;
+  const long interior = (long)g.grid_rows * g.Wp;
   g.pixels = last + 2 > interior ? last + 2 : interior;
   return g;
+}
+
+/* Zero the grid rows whose input rows are outside the image (a buffer reused across bands may
+ * hold another band's rows there). */
+static void zero_outside(uint16_t *const *p, int chunk, const Grid *g) {
+  for (int r = 0; r < g->grid_rows; ++r) {
+    const int ih = g->row0 + r;
+    if (ih >= 0 && ih < g->H) continue;
+    for (int c = 0; c < chunk; ++c)
+      memset(p[c] + ((long)r * g->Wp + 1) * g->kc, 0, (size_t)g->W * g->kc * 2);
+  }
 }
 
 /* P pixel of output position v's tap (0, 0). */
@@ -107,9 +126,12 @@ static inline long grid_base(const Grid *g, long v) {
  * spans whole cache lines, which separate passes per block would each read again from memory). */
 static void fill_grids(uint16_t *const *p, int chunk, const uint16_t *xn, const Grid *g, int b0) {
   const int kc = g->kc;
-  for (int ih = 0; ih < g->H; ++ih) {
+  zero_outside(p, chunk, g);
+  const int first = g->row0 < 0 ? 0 : g->row0;
+  const int end = g->row0 + g->grid_rows < g->H ? g->row0 + g->grid_rows : g->H;
+  for (int ih = first; ih < end; ++ih) {
     const uint16_t *src = xn + (long)ih * g->W * g->C + (long)b0 * kc;
-    const long dst = ((long)(ih + 1) * g->Wp + 1) * kc;
+    const long dst = ((long)(ih - g->row0) * g->Wp + 1) * kc;
     for (int iw = 0; iw < g->W; ++iw)
       for (int c = 0; c < chunk; ++c)
         copy_channels(p[c] + dst + (long)iw * kc, src + (long)iw * g->C + c * kc, kc);
@@ -161,24 +183,29 @@ __attribute__((target("amx-tile,amx-bf16"))) static void products(const uint16_t
     }
 }
 
-/* Accumulator m (grid positions v..v+15 x 16 outputs, float32) + bias, ReLU if asked, rounded to
- * bf16 into the output pixels that exist (ow < Wo), channels c..c+15. */
-__attribute__((target("amx-tile"))) static void store_tile(int m, float *acc, const float *bias,
-                                                           int relu, uint16_t *yn, const Grid *g,
-                                                           long v, int c) {
+/* Accumulator m (16 rows of 16 float32) to acc. */
+__attribute__((target("amx-tile"))) static void tile_to(int m, float *acc) {
   switch (m) {
   case 0: _tile_stored(0, acc, 64); break;
   case 1: _tile_stored(1, acc, 64); break;
   case 2: _tile_stored(2, acc, 64); break;
   default: _tile_stored(3, acc, 64); break;
   }
+}
+
+/* Accumulator m (grid positions v..v+15 x 16 outputs, float32) + bias, ReLU if asked, rounded to
+ * bf16 into the output pixels that exist (ow < Wo) in output rows lo .. hi - 1, channels
+ * c..c+15; output row lo is out's first (rows of Wo pixels, C channels each). */
+static void store_tile(int m, float *acc, const float *bias, int relu, uint16_t *out,
+                       const Grid *g, long v, int c, int lo, int hi) {
+  tile_to(m, acc);
   const __m512 b = bias ? _mm512_loadu_ps(bias + c) : _mm512_setzero_ps();
   int oh = (int)(v / g->Wv), ow = (int)(v % g->Wv);
-  for (int r = 0; r < 16 && oh < g->Ho; ++r) {
-    if (ow < g->Wo) {
+  for (int r = 0; r < 16 && oh < hi; ++r) {
+    if (ow < g->Wo && oh >= lo) {
       __m512 val = _mm512_add_ps(_mm512_loadu_ps(acc + r * 16), b);
       if (relu) val = _mm512_max_ps(val, _mm512_setzero_ps());
-      uint16_t *dst = yn + ((long)oh * g->Wo + ow) * g->C + c;
+      uint16_t *dst = out + ((long)(oh - lo) * g->Wo + ow) * g->C + c;
       _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(val));
     }
     if (++ow == g->Wv) ow = 0, ++oh;
@@ -233,51 +260,48 @@ __attribute__((target("amx-tile,amx-bf16"))) static void pointwise_products(
 }
 
 /* Accumulator m (16 pixels from q of the image, 16 outputs) + bias, ReLU, rounded to bf16 into
- * the grid's interior at channel `off` of grid `p` (pixels past the image are dropped). */
-__attribute__((target("amx-tile"))) static void store_pointwise(int m, float *acc,
-                                                                const float *bias, uint16_t *p,
-                                                                const Grid *g, long q, int off) {
-  switch (m) {
-  case 0: _tile_stored(0, acc, 64); break;
-  case 1: _tile_stored(1, acc, 64); break;
-  case 2: _tile_stored(2, acc, 64); break;
-  default: _tile_stored(3, acc, 64); break;
-  }
+ * the grid's interior at channel `off` of grid `p` (pixels from qend on are dropped). */
+static void store_pointwise(int m, float *acc, const float *bias, uint16_t *p, const Grid *g,
+                            long q, long qend, int off) {
+  tile_to(m, acc);
   const __m512 b = _mm512_loadu_ps(bias);
-  const long hw = (long)g->H * g->W;
   int ih = (int)(q / g->W), iw = (int)(q % g->W);
-  for (int r = 0; r < 16 && q + r < hw; ++r) {
+  for (int r = 0; r < 16 && q + r < qend; ++r) {
     const __m512 val = _mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(acc + r * 16), b),
                                      _mm512_setzero_ps());
-    uint16_t *dst = p + ((long)(ih + 1) * g->Wp + iw + 1) * g->kc + off;
+    uint16_t *dst = p + ((long)(ih - g->row0) * g->Wp + iw + 1) * g->kc + off;
     _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(val));
     if (++iw == g->W) iw = 0, ++ih;
   }
 }
 
-/* The grids of blocks b0 .. b0 + chunk - 1 of one image from the 1x1 convolution of its pixels,
- * in 32-pixel by 32-output blocks. A last 16-pixel tile short of 16 pixels is read from `rest`
- * (a zero-padded copy made once) so that no tile load leaves x. The loop order keeps the smaller
- * operand in cache while the other streams: pixels outer when the chunk's 1x1 weight is smaller
- * than the image, outputs outer otherwise. */
+/* The grids of blocks b0 .. b0 + chunk - 1 of one image (its rows the grid holds) from the 1x1
+ * convolution of its pixels, in 32-pixel by 32-output blocks. A last 16-pixel tile running past
+ * the image is read from `rest` (a zero-padded copy made once) so that no tile load leaves x.
+ * The loop order keeps the smaller operand in cache while the other streams: pixels outer when
+ * the chunk's 1x1 weight is smaller than the pixels, outputs outer otherwise. */
 static void fill_grids_pointwise(uint16_t *const *p, int chunk, const uint16_t *xn, const Grid *g,
                                  int b0, const Source *src, uint16_t *rest, float *acc) {
   const int kc = g->kc, cin = src->cin, tiles = chunk * kc / 16;
   const long hw = (long)g->H * g->W, per_tile = (long)(cin / 32) * 512;
   const uint16_t *w0 = src->w1 + (long)b0 * (kc / 16) * per_tile;
   const float *bias0 = src->b1 + (long)b0 * kc;
-  const long full = hw / 16 * 16; /* pixels in whole 16-pixel tiles */
-  if (full < hw) {
-    memcpy(rest, xn + full * cin, (size_t)(hw - full) * cin * 2);
-    memset(rest + (hw - full) * cin, 0, (size_t)(16 - (hw - full)) * cin * 2);
+  zero_outside(p, chunk, g);
+  const int first = g->row0 < 0 ? 0 : g->row0;
+  const int end = g->row0 + g->grid_rows < g->H ? g->row0 + g->grid_rows : g->H;
+  const long qa = (long)first * g->W, qe = (long)end * g->W; /* the pixels the grid holds */
+  const long ql = qa + (qe - qa - 1) / 16 * 16;                /* the last tile's first pixel */
+  if (ql + 16 > hw) {
+    memcpy(rest, xn + ql * cin, (size_t)(hw - ql) * cin * 2);
+    memset(rest + (hw - ql) * cin, 0, (size_t)(16 - (hw - ql)) * cin * 2);
   }
-  const long qblocks = (hw + 31) / 32, tpairs = (tiles + 1) / 2;
-  const int pixels_outer = tiles * 16L <= hw;
+  const long qblocks = (qe - qa + 31) / 32, tpairs = (tiles + 1) / 2;
+  const int pixels_outer = tiles * 16L <= qe - qa;
   const long outer = pixels_outer ? qblocks : tpairs, inner = pixels_outer ? tpairs : qblocks;
   for (long i = 0; i < outer; ++i)
     for (long j = 0; j < inner; ++j) {
-      const long q0 = 32 * (pixels_outer ? i : j), t0 = 2 * (pixels_outer ? j : i);
-      const int mt = hw - q0 > 16 ? 2 : 1, nt = tiles - t0 > 1 ? 2 : 1;
+      const long q0 = qa + 32 * (pixels_outer ? i : j), t0 = 2 * (pixels_outer ? j : i);
+      const int mt = qe - q0 > 16 ? 2 : 1, nt = tiles - t0 > 1 ? 2 : 1;
       const uint16_t *a[2], *b[2];
       for (int m = 0; m < 2; ++m) {
         const long q = q0 + 16 * m;
@@ -289,7 +313,7 @@ static void fill_grids_pointwise(uint16_t *const *p, int chunk, const uint16_t *
       for (int m = 0; m < mt; ++m)
         for (int n = 0; n < nt; ++n) {
           const int ch = (int)(t0 + n) * 16; /* within the chunk */
-          store_pointwise(2 * m + n, acc, bias0 + ch, p[ch / kc], g, q0 + 16 * m, ch % kc);
+          store_pointwise(2 * m + n, acc, bias0 + ch, p[ch / kc], g, q0 + 16 * m, qe, ch % kc);
         }
     }
 }
@@ -321,7 +345,7 @@ static int run(const uint16_t *x, const Source *src, const uint16_t *wp, const f
   if (src->w1 && (src->cin < 32 || src->cin % 32)) return -1;
   if (!grouped3x3_amx_allowed()) return -2;
   const int kc = block_channels(cpg), nt = kc / 16, blocks = C / kc, steps = k_steps(kc);
-  const Grid g = make_grid(H, W, C, kc, s);
+  const Grid g = make_grid(H, W, C, kc, s, 0, (H - 1) / s + 1);
   const int chunk = chunk_blocks(&g, blocks, N, threads, src->w1 != NULL);
   const long items = (long)N * (blocks / chunk);
   const size_t grid_bytes = ((size_t)g.pixels * kc * 2 + 63) / 64 * 64;
@@ -363,7 +387,7 @@ static int run(const uint16_t *x, const Source *src, const uint16_t *wp, const f
             const int b = b0 + c;
             products(p[c], &g, v0, mt, wp + ((long)b * nt + t) * steps * 512);
             for (int m = 0; m < mt; ++m)
-              store_tile(m, acc, bias, relu, yn, &g, v0 + 16 * m, b * kc + t * 16);
+              store_tile(m, acc, bias, relu, yn, &g, v0 + 16 * m, b * kc + t * 16, 0, g.Ho);
           }
       }
     }
@@ -392,6 +416,157 @@ int pointwise_grouped3x3_amx(const uint16_t *x, const uint16_t *w1, const float 
   if (w1 == NULL || b1 == NULL) return -1;
   const Source src = {w1, b1, Cin};
   return run(x, &src, wp, bias, y, N, H, W, C, cpg, s, relu, threads);
+}
+
+/* Accumulator m (16 pixels x 16 outputs) + bias + the residual (bf16, `cout` values per pixel),
+ * ReLU, rounded to bf16 into y, for the first `rows` pixels. */
+static void store_residual(int m, float *acc, const float *bias, const uint16_t *res, uint16_t *y,
+                           int rows, int cout) {
+  tile_to(m, acc);
+  const __m512 b = _mm512_loadu_ps(bias);
+  for (int r = 0; r < rows; ++r) {
+    const __m256i rb = _mm256_loadu_si256((const __m256i *)(res + (long)r * cout));
+    const __m512 rv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rb), 16));
+    const __m512 val = _mm512_max_ps(
+        _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(acc + r * 16), b), rv), _mm512_setzero_ps());
+    _mm256_storeu_si256((__m256i *)(y + (long)r * cout), (__m256i)_mm512_cvtneps_pbh(val));
+  }
+}
+
+/* y = ReLU(z w3 + b3 + residual) for `pixels` rows of z (C values each; z holds them rounded up
+ * to 32 rows) into rows of y and residual (cout values each), in 32-pixel by 32-output blocks,
+ * with the loop order of fill_grids_pointwise. */
+static void block_tail(const uint16_t *z, long pixels, int C, const uint16_t *w3, const float *b3,
+                       const uint16_t *res, uint16_t *y, int cout, float *acc) {
+  const int tiles = cout / 16;
+  const long per_tile = (long)(C / 32) * 512;
+  const long qblocks = (pixels + 31) / 32, tpairs = (tiles + 1) / 2;
+  const int pixels_outer = tiles * 16L <= pixels;
+  const long outer = pixels_outer ? qblocks : tpairs, inner = pixels_outer ? tpairs : qblocks;
+  for (long i = 0; i < outer; ++i)
+    for (long j = 0; j < inner; ++j) {
+      const long q0 = 32 * (pixels_outer ? i : j), t0 = 2 * (pixels_outer ? j : i);
+      const int mt = pixels - q0 > 16 ? 2 : 1, nt = tiles - t0 > 1 ? 2 : 1;
+      const uint16_t *a[2] = {z + q0 * C, z + (q0 + 16) * C};
+      const uint16_t *b[2] = {w3 + t0 * per_tile, nt > 1 ? w3 + (t0 + 1) * per_tile : NULL};
+      pointwise_products(a, C, mt, b);
+      for (int m = 0; m < mt; ++m) {
+        const long q = q0 + 16 * m;
+        const int rows = pixels - q < 16 ? (int)(pixels - q) : 16;
+        for (int n = 0; n < nt; ++n) {
+          const long at = q * cout + (t0 + n) * 16;
+          store_residual(2 * m + n, acc, b3 + (t0 + n) * 16, res + at, y + at, rows, cout);
+        }
+      }
+    }
+}
+
+/* y = ReLU(conv1x1(g) + b3 + residual) with g = ReLU(grouped conv3x3 of the source + b2): a
+ * bottleneck from its grouped convolution on (the source being x itself or ReLU(conv1x1(x) + b1),
+ * see Source), the grouped output kept in cache instead of memory. An item is a band of one
+ * image's output rows with the grids of all its blocks (the 1x1 after needs every channel of a
+ * pixel), the bands as tall as keep those grids within ~1 MB yet enough items for every thread.
+ * Within a band, strips of output rows go through the grouped convolution into z, then z through
+ * the 1x1; a strip is sized so that re-reading the 1x1 weight per strip costs no more than
+ * re-reading z per 32 outputs. */
+static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, const float *b2,
+                     const uint16_t *w3, const float *b3, const uint16_t *res, uint16_t *y, int N,
+                     int H, int W, int C, int cout, int cpg, int s, int threads) {
+  if (N < 0 || H < 1 || W < 1 || threads < 1 || !grouped3x3_amx_supported(C, cpg, s)) return -1;
+  if (C % 32 || cout < 16 || cout % 16 || !w3 || !b3 || !res) return -1;
+  if (src->w1 ? src->cin < 32 || src->cin % 32 : src->cin != C) return -1;
+  const int kc = block_channels(cpg), nt = kc / 16, blocks = C / kc, steps = k_steps(kc);
+  if (blocks > MAX_CHUNK) return -1;
+  if (!grouped3x3_amx_allowed()) return -2;
+  if (N == 0) return 0;
+  const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
+  const Grid whole = make_grid(H, W, C, kc, s, 0, Ho);
+  int bands = (int)((whole.pixels * C * 2 + (1L << 20) - 1) >> 20);
+  if (bands < (threads + N - 1) / N) bands = (threads + N - 1) / N;
+  if (bands > Ho) bands = Ho;
+  /* Written over x (the identity shortcut, in place): a band would read halo rows of x that
+   * another band may already have overwritten, so an item is a whole image. */
+  if ((const uint16_t *)y == x) bands = 1;
+  const int band_rows = (Ho + bands - 1) / bands;
+  bands = (Ho + band_rows - 1) / band_rows;
+  const Grid tallest = make_grid(H, W, C, kc, s, 0, band_rows);
+  const size_t grid_bytes = ((size_t)tallest.pixels * kc * 2 + 63) / 64 * 64;
+  /* z's bytes: half the 1x1 weight's, at least 128 KB */
+  const long z_target = (long)C * cout > (1L << 17) ? (long)C * cout : (1L << 17);
+  int strip_rows = (int)(z_target / ((long)Wo * C * 2));
+  if (strip_rows < 1) strip_rows = 1;
+  if (strip_rows > band_rows) strip_rows = band_rows;
+  const size_t z_bytes = (size_t)(((long)strip_rows * Wo + 31) / 32 * 32) * C * 2;
+  const size_t rest_bytes = src->w1 ? (size_t)16 * src->cin * 2 : 64;
+  const long items = (long)N * bands;
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    uint16_t *grids = aligned_alloc(64, grid_bytes * blocks);
+    uint16_t *rest = aligned_alloc(64, rest_bytes);
+    uint16_t *z = aligned_alloc(64, z_bytes);
+    float *acc = aligned_alloc(64, 16 * 16 * sizeof(float));
+    uint16_t *p[MAX_CHUNK];
+    const int ok = grids && rest && z && acc;
+    if (ok) {
+      memset(grids, 0, grid_bytes * blocks);
+      memset(z, 0, z_bytes); /* rows past a strip's pixels are read (and their results dropped) */
+      for (int c = 0; c < blocks; ++c) p[c] = grids + c * (grid_bytes / 2);
+      configure();
+    } else {
+      failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (long item = 0; item < items; ++item) {
+      if (!ok) continue;
+      const long n = item / bands;
+      const int oh0 = (int)(item % bands) * band_rows;
+      const int rows = Ho - oh0 < band_rows ? Ho - oh0 : band_rows;
+      const Grid g = make_grid(H, W, C, kc, s, oh0, rows);
+      const uint16_t *xn = x + n * (long)H * W * src->cin;
+      if (src->w1)
+        fill_grids_pointwise(p, blocks, xn, &g, 0, src, rest, acc);
+      else
+        fill_grids(p, blocks, xn, &g, 0);
+      for (int sa = 0; sa < rows; sa += strip_rows) {
+        const int sb = rows - sa < strip_rows ? rows : sa + strip_rows;
+        const long vend = (long)sb * g.Wv;
+        for (long v0 = (long)sa * g.Wv; v0 < vend; v0 += 16 * MT) {
+          const long left = (vend - v0 + 15) / 16;
+          const int mt = left < MT ? (int)left : MT;
+          for (int b = 0; b < blocks; ++b)
+            for (int t = 0; t < nt; ++t) {
+              products(p[b], &g, v0, mt, wp + ((long)b * nt + t) * steps * 512);
+              for (int m = 0; m < mt; ++m)
+                store_tile(m, acc, b2, 1, z, &g, v0 + 16 * m, b * kc + t * 16, sa, sb);
+            }
+        }
+        const long at = (n * Ho + oh0 + sa) * (long)Wo * cout;
+        block_tail(z, (long)(sb - sa) * Wo, C, w3, b3, res + at, y + at, cout, acc);
+      }
+    }
+    if (ok) release();
+    free(grids);
+    free(rest);
+    free(z);
+    free(acc);
+  }
+  return failed ? -3 : 0;
+}
+
+/* y = ReLU(conv1x1(ReLU(conv3x3(s) + b2), w3) + b3 + residual), the rest of a bottleneck after
+ * its first 1x1, with s = x (w1 NULL; Cin = C) or s = ReLU(conv1x1(x, w1) + b1) (the whole
+ * bottleneck; Cin a multiple of 32). w1 and w3 are packed by grouped_amx.pack_pointwise, wp by
+ * pack_weights; residual and y are [N][Ho][Wo][Cout] bf16. y may be residual (each value is
+ * read just before it is overwritten), and residual may be x (with w1, Cin = Cout and s = 1), so
+ * also y = residual = x: the block in place. Returns as grouped3x3_amx. */
+int block_amx(const uint16_t *x, const uint16_t *w1, const float *b1, const uint16_t *wp,
+              const float *b2, const uint16_t *w3, const float *b3, const uint16_t *residual,
+              uint16_t *y, int N, int H, int W, int Cin, int C, int Cout, int cpg, int s,
+              int threads) {
+  if (w1 != NULL && b1 == NULL) return -1;
+  const Source src = {w1, b1, Cin};
+  return run_block(x, &src, wp, b2, w3, b3, residual, y, N, H, W, C, Cout, cpg, s, threads);
 }
 
 /* The weight w[C][cpg][9] (bf16) in the kernel's packing (see grouped_amx.pack_weights, whose

@@ -1,0 +1,389 @@
+"""Fusing the rest of each bottleneck (grouped 3×3, last 1×1, residual add, ReLU) into one kernel.
+
+After `fuse_pointwise_convs`, a bottleneck still writes its grouped convolution's output (the
+bottleneck width, twice ResNet-50's) to memory for the last 1×1 to read back, and oneDNN's 1×1
+then reads the residual and writes the block's output. The block kernel
+(`grouped_amx.run_block_kernel`) computes the last 1×1 on the grouped output while it is in
+cache, adds the residual and applies the ReLU in the same pass. The pass runs after the 1×1
+fusion, so a block's head is either the fused 1×1 + grouped module or the grouped module alone;
+it times each block both ways, the unfused way being the head followed by oneDNN's 1×1 with a
+prepacked weight and the add and ReLU fused into it (what the frozen compiled graph runs).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from resnext.errors import ConfigError
+from resnext.speed import grouped_amx
+from resnext.speed.fold import module_call_counts, set_module
+from resnext.speed.grouped_kernel import output_for
+from resnext.speed.grouped_swap import FastGroupedConv3x3, LayerChoice, input_shapes, time_ms
+from resnext.speed.pointwise_fusion import (
+    MODES,
+    FusedPointwiseGrouped,
+    FusionTracer,
+    is_relu,
+    single_input,
+)
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+class FusedBlock(nn.Module):
+    """``relu(tail(head(x)) + residual)`` in one kernel call, for an AMX grouped head (with or
+    without its 1×1 fused in front) that applies its ReLU, and a 1×1 `tail` convolution.
+
+    With `in_place` the result is written over `residual` (as oneDNN's 1×1 adds into its
+    residual), which must then be dead after this call: the fusion pass sets it only where the
+    graph shows that. Holds the packed weights as plain attributes (as `FastGroupedConv3x3`
+    does) so that a later ``.to(dtype)`` leaves them packed.
+    """
+
+    def __init__(
+        self,
+        head: FusedPointwiseGrouped | FastGroupedConv3x3,
+        tail: nn.Conv2d,
+        in_place: bool = False,
+    ) -> None:
+        super().__init__()
+        if not block_fusable(head, tail):
+            raise ValueError(
+                f"tail: expected a 1×1 stride-1 convolution with a bias and {head.channels} "
+                f"inputs (a multiple of 32), after an AMX grouped convolution with its ReLU, got "
+                f"{tail} after {head}"
+            )
+        fused_pointwise = isinstance(head, FusedPointwiseGrouped)
+        self.pointwise = head.pointwise if fused_pointwise else None
+        self.pointwise_bias = head.pointwise_bias if fused_pointwise else None
+        self.packed, self.bias = head.packed, head.bias
+        self.groups, self.stride, self.channels = head.groups, head.stride, head.channels
+        self.tail = grouped_amx.pack_pointwise(tail.weight)
+        assert tail.bias is not None  # block_fusable() checked it
+        self.tail_bias = tail.bias.detach().float().contiguous()
+        self.out_channels = tail.out_channels
+        self.in_place = in_place
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if self.in_place:
+            torch.ops.resnext.block_amx_(
+                residual,
+                None if x is residual else x,
+                self.pointwise,
+                self.pointwise_bias,
+                self.packed,
+                self.bias,
+                self.groups,
+                self.stride,
+                self.tail,
+                self.tail_bias,
+            )
+            return residual
+        return torch.ops.resnext.block_amx(
+            x,
+            self.pointwise,
+            self.pointwise_bias,
+            self.packed,
+            self.bias,
+            self.groups,
+            self.stride,
+            self.tail,
+            self.tail_bias,
+            residual,
+        )
+
+    def extra_repr(self) -> str:
+        head = "1×1 → relu → " if self.pointwise is not None else ""
+        return (
+            f"{head}grouped 3×3 ({self.channels}, groups={self.groups}, stride={self.stride}) → "
+            f"relu → 1×1 → {self.out_channels} → + residual → relu"
+            + (", in place" if self.in_place else "")
+        )
+
+
+def block_fusable(head: nn.Module, tail: nn.Module) -> bool:
+    """Whether the block kernel computes ``tail(head(x))`` for these two modules."""
+    amx_head = isinstance(head, FusedPointwiseGrouped) or (
+        isinstance(head, FastGroupedConv3x3) and head.variant == "amx"
+    )
+    return (
+        amx_head
+        and bool(head.relu)
+        and head.bias is not None
+        and isinstance(tail, nn.Conv2d)
+        and tail.kernel_size == (1, 1)
+        and tail.stride == (1, 1)
+        and tail.padding == (0, 0)
+        and tail.dilation == (1, 1)
+        and tail.groups == 1
+        and tail.bias is not None
+        and tail.in_channels == head.channels
+        and tail.in_channels % 32 == 0
+        and tail.out_channels % 16 == 0
+    )
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One head → (identities) → 1×1 → (identities) → add → ReLU chain in a traced parent."""
+
+    parent: str
+    head: str  # child names within the parent
+    tail: str
+    residual_is_input: bool  # the add's other operand is the head's own input
+    overwritable: bool  # the residual is dead after the add, so the block may write over it
+
+
+class BlockTracer(FusionTracer):
+    """Keeps our kernel modules, the fused blocks included, as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FusedBlock) or super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """The nodes after a head that the block kernel replaces, and the add's other operand."""
+
+    nodes: list[fx.Node]  # in graph order, the final ReLU last
+    tail: fx.Node
+    residual: fx.Node
+
+
+def _chain_after(head: fx.Node, modules: dict[str, nn.Module]) -> _Chain | None:
+    """From the head forward: identities, a Conv2d, identities, an add of one other tensor and a
+    ReLU, each the only user of the one before, or None if the head is not followed by that."""
+    nodes: list[fx.Node] = []
+    tail = None
+    node = head
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        module = modules.get(str(user.target)) if user.op == "call_module" else None
+        if isinstance(module, (nn.Identity, nn.Conv2d)) and single_input(user) is node:
+            if isinstance(module, nn.Conv2d):
+                if tail is not None:
+                    return None
+                tail = user
+            nodes.append(user)
+        elif tail is not None and user.op == "call_function" and user.target in _ADDS:
+            if user.kwargs or len(user.args) != 2 or list(user.args).count(node) != 1:
+                return None
+            residual = user.args[1] if user.args[0] is node else user.args[0]
+            if not isinstance(residual, fx.Node) or len(user.users) != 1:
+                return None
+            relu = next(iter(user.users))
+            if not is_relu(relu, modules) or single_input(relu) is not user:
+                return None
+            return _Chain([*nodes, user, relu], tail, residual)
+        else:
+            return None
+        node = user
+    return None
+
+
+def _is_head(module: nn.Module | None) -> bool:
+    return isinstance(module, FusedPointwiseGrouped) or (
+        isinstance(module, FastGroupedConv3x3) and module.variant == "amx"
+    )
+
+
+def _dead_after(residual: fx.Node, add: fx.Node) -> bool:
+    """Whether nothing in the graph reads `residual` after `add` (every other user comes first)."""
+    order = {node: i for i, node in enumerate(add.graph.nodes)}
+    return all(order[user] < order[add] for user in residual.users if user is not add)
+
+
+class _ParentTracer(BlockTracer):
+    """Traces the whole model with the given submodules as single calls."""
+
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaves or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+def _inputs_consumed(model: nn.Module, parents: set[str]) -> set[str]:
+    """The parents whose input the model uses only as that parent's input, and which is not the
+    model's own input (the caller's tensor): a parent may overwrite such an input. Empty where the
+    model does not trace."""
+    try:
+        graph = _ParentTracer(parents).trace(model)
+    except Exception:  # fx raises many kinds of errors on untraceable code
+        return set()
+    consumed = set()
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in parents and node.args:
+            arg = node.args[0]
+            if isinstance(arg, fx.Node) and arg.op != "placeholder" and len(arg.users) == 1:
+                consumed.add(str(node.target))
+    return consumed
+
+
+def _sites(model: nn.Module) -> list[_Site]:
+    sites = []
+    # A chain is rewritten by replacing its parent module, so the root itself is never one.
+    parents = {name.rpartition(".")[0] for name, m in model.named_modules() if _is_head(m)} - {""}
+    consumed = _inputs_consumed(model, parents)
+    for parent_name in sorted(parents):
+        parent = model.get_submodule(parent_name)
+        try:
+            graph = BlockTracer().trace(parent)
+        except Exception:  # fx raises many kinds of errors on untraceable code
+            continue
+        modules = dict(parent.named_modules())
+        calls = module_call_counts(graph)
+        for node in graph.nodes:
+            head = modules.get(str(node.target)) if node.op == "call_module" else None
+            if not _is_head(head) or single_input(node) is None:
+                continue
+            chain = _chain_after(node, modules)
+            if chain is None:
+                continue
+            tail_name = str(chain.tail.target)
+            once = calls[str(node.target)] == 1 and calls[tail_name] == 1
+            if once and block_fusable(head, modules[tail_name]):
+                same = chain.residual is node.args[0]
+                overwritable = _dead_after(chain.residual, chain.nodes[-2]) and (
+                    chain.residual.op != "placeholder" or parent_name in consumed
+                )
+                sites.append(_Site(parent_name, str(node.target), tail_name, same, overwritable))
+    return sites
+
+
+def _fuse(model: nn.Module, site: _Site, fused: FusedBlock) -> None:
+    """Rewrite the parent's graph: one call of `fused` on the head's input and the residual in
+    place of the head, the 1×1, the add and the ReLU."""
+    parent = model.get_submodule(site.parent)
+    graph = BlockTracer().trace(parent)
+    modules = dict(parent.named_modules())
+    head = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.head)
+    chain = _chain_after(head, modules)
+    assert chain is not None and chain.tail.target == site.tail
+    relu = chain.nodes[-1]
+    with graph.inserting_before(relu):
+        block = graph.call_module(site.head, (head.args[0], chain.residual))
+    relu.replace_all_uses_with(block)
+    for dead in reversed([head, *chain.nodes]):  # each is used only by the next one
+        graph.erase_node(dead)
+    rewritten = fx.GraphModule(parent, graph, parent.__class__.__name__)
+    set_module(rewritten, site.head, fused)
+    rewritten.delete_all_unused_submodules()
+    set_module(model, site.parent, rewritten)
+
+
+def _separate_runner(
+    head: nn.Module, tail: nn.Conv2d
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The head, then the 1×1 as the frozen compiled graph runs it (oneDNN, prepacked weight,
+    add and ReLU fused, written over the residual); eager conv2d, add and relu where the
+    prepacking op is missing."""
+    weight = tail.weight.detach().bfloat16().contiguous(memory_format=torch.channels_last)
+    assert tail.bias is not None
+    bias = tail.bias.detach().bfloat16()
+    try:
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, None
+        )
+
+        def last(g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                residual, g, packed, bias, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, "relu", [None], ""
+            )
+
+        # channels_last as the real inputs: in NCHW the op falls back to an add_relu without bf16
+        last(
+            _channels_last((1, tail.in_channels, 4, 4)),
+            _channels_last((1, tail.out_channels, 4, 4)),
+        )
+    except (AttributeError, RuntimeError, NotImplementedError):
+
+        def last(g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            return F.relu(F.conv2d(g, weight, bias) + residual)
+
+    return lambda x, residual: last(head(x), residual)
+
+
+def _channels_last(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(shape, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+
+def fuse_blocks(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    in_place: bool = True,
+    repeats: int = 5,
+) -> list[LayerChoice]:
+    """Replace, in place, each AMX grouped head → 1×1 → add → ReLU chain by `FusedBlock`.
+
+    Run after `fuse_pointwise_convs`. `example` is the model's input (bf16, channels_last).
+    'auto' times each chain on its real input shape unfused, fused, and fused writing over the
+    residual (where the graph shows the residual dead after the block), and keeps the fastest;
+    'on' fuses every chain (in place where allowed); 'off' changes nothing. Each choice is
+    returned as a `LayerChoice` named after the head (native_ms: unfused, kernel_ms: the faster
+    fused way, chosen 'fused' or 'separate', variant 'block' or 'block-in-place').
+
+    `in_place` False never writes over the residual: for graphs that a later pass may rewrite
+    without honouring the mutation (torch.jit.optimize_for_inference computes wrong results).
+    The timed inputs are overwritten in place by the in-place runs, so their values drift from
+    call to call; only the time is kept.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"fuse_block: expected one of {MODES}, got {mode!r}")
+    if mode == "off" or example.dtype != torch.bfloat16:
+        return []
+    sites = _sites(model)
+    if not sites:
+        return []
+    names = [f"{s.parent}.{s.head}" for s in sites]
+    shapes = input_shapes(model, names, example)
+    choices = []
+    for site, name in zip(sites, names, strict=True):
+        if name not in shapes:
+            continue
+        head = model.get_submodule(name)
+        tail = model.get_submodule(f"{site.parent}.{site.tail}")
+        if not in_place:
+            site = replace(site, overwritable=False)
+        choice, fused = _choose(site, name, head, tail, shapes[name], mode, repeats)
+        if choice.chosen == "fused":
+            _fuse(model, site, fused)
+        choices.append(choice)
+    return choices
+
+
+def _choose(
+    site: _Site,
+    name: str,
+    head: nn.Module,
+    tail: nn.Conv2d,
+    shape: tuple[int, ...],
+    mode: str,
+    repeats: int,
+) -> tuple[LayerChoice, FusedBlock]:
+    """The timings of one chain's ways and the fused module of the faster fused way."""
+    x = _channels_last(shape)
+    out = output_for(x, head.stride, tail.out_channels).shape
+    residual = x if site.residual_is_input and x.shape == out else _channels_last(tuple(out))
+    separate = _separate_runner(head, tail)
+    separate_ms = time_ms(lambda x: separate(x, residual), x, repeats)
+    timed = {}
+    for in_place in (False, True) if site.overwritable else (False,):
+        fused = FusedBlock(head, tail, in_place=in_place)
+        timed[in_place] = (time_ms(lambda x, f=fused: f(x, residual), x, repeats), fused)
+    in_place = min(timed, key=lambda k: timed[k][0]) if mode == "auto" else max(timed)
+    fused_ms, fused = timed[in_place]
+    chosen = "fused" if mode == "on" or fused_ms < separate_ms else "separate"
+    variant = "block-in-place" if in_place else "block"
+    return LayerChoice(name, shape, separate_ms, fused_ms, chosen, variant), fused

@@ -1,0 +1,320 @@
+"""The AMX block kernel (grouped 3×3 → 1×1 → + residual → ReLU, optionally with the first 1×1 in
+front) equals torch's convolutions of the same bf16 values; its errors and `optimize`'s pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resnext
+from resnext.errors import ConfigError
+from resnext.speed import grouped_amx
+from resnext.speed.block_fusion import FusedBlock, block_fusable, fuse_blocks
+from resnext.speed.fastpath import optimize
+from resnext.speed.grouped_swap import FastGroupedConv3x3
+from resnext.speed.pointwise_fusion import FusedPointwiseGrouped
+
+REASON = grouped_amx.unavailable_reason()
+needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailable: {REASON}")
+
+
+def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected).abs().max() / expected.abs().max()).item()
+
+
+def _bf16_nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.bfloat16().contiguous(memory_format=torch.channels_last)
+
+
+class _Block:
+    """Random bf16 weights of one bottleneck (the first 1×1 optional) and its float reference."""
+
+    def __init__(self, cin: int, c: int, cout: int, cpg: int, first: bool, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.groups = c // cpg
+        self.w1 = (
+            (torch.randn(c, cin, 1, 1, generator=gen) / cin**0.5).bfloat16() if first else None
+        )
+        self.b1 = torch.randn(c, generator=gen) * 0.1 if first else None
+        self.w2 = (torch.randn(c, cpg, 3, 3, generator=gen) / (9 * cpg) ** 0.5).bfloat16()
+        self.b2 = torch.randn(c, generator=gen) * 0.1
+        self.w3 = (torch.randn(cout, c, 1, 1, generator=gen) / c**0.5).bfloat16()
+        self.b3 = torch.randn(cout, generator=gen) * 0.1
+
+    def reference(self, x: torch.Tensor, residual: torch.Tensor, stride: int) -> torch.Tensor:
+        """float32 convolutions of exactly the bf16 values, each intermediate rounded to bf16
+        where the unfused bf16 model stores it."""
+        s = x
+        if self.w1 is not None:
+            s = F.relu(F.conv2d(x.float(), self.w1.float(), self.b1)).bfloat16()
+        g = F.conv2d(s.float(), self.w2.float(), self.b2, stride, 1, 1, self.groups)
+        g = F.relu(g).bfloat16()
+        return F.relu(F.conv2d(g.float(), self.w3.float(), self.b3) + residual.float())
+
+    def kernel(self, x: torch.Tensor, residual: torch.Tensor, stride: int) -> torch.Tensor:
+        first = self.w1 is not None
+        return grouped_amx.run_block_kernel(
+            x,
+            grouped_amx.pack_weights(self.w2, self.groups),
+            self.b2,
+            self.groups,
+            stride,
+            grouped_amx.pack_pointwise(self.w3),
+            self.b3,
+            residual,
+            grouped_amx.pack_pointwise(self.w1) if first else None,
+            self.b1 if first else None,
+        )
+
+
+def _check(block: _Block, n: int, cin: int, cout: int, size: tuple[int, int], stride: int):
+    gen = torch.Generator().manual_seed(n + cin + cout + stride)
+    x = _bf16_nhwc(torch.randn(n, cin, *size, generator=gen))
+    out_size = [(d - 1) // stride + 1 for d in size]
+    if cin == cout and stride == 1:
+        residual = x  # an identity shortcut: the same tensor as the input
+    else:
+        residual = _bf16_nhwc(torch.randn(n, cout, *out_size, generator=gen))
+    want = block.reference(x, residual, stride)
+    got = block.kernel(x, residual, stride)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    return _rel_err(got, want)
+
+
+@needs_amx
+@pytest.mark.parametrize("cpg", [1, 4, 8, 16, 32, 64])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (7, 7), (14, 17)])
+@pytest.mark.parametrize("first", [False, True], ids=["from-grouped", "whole-block"])
+def test_block_kernel_equals_the_convolutions(
+    cpg: int, stride: int, size: tuple[int, int], first: bool
+) -> None:
+    c = 2 * max(cpg, 16)
+    for cin, cout in ((c, 48), (96, 2 * c)):  # an odd count of 16-output tiles; a wide tail
+        if not first:
+            cin = c
+        block = _Block(cin, c, cout, cpg, first, seed=cpg + stride + cout)
+        assert _check(block, 2, cin, cout, size, stride) < 2**-7, (cin, cout)
+
+
+@needs_amx
+@pytest.mark.parametrize("n", [1, 16])
+def test_resnext50_block_shapes(n: int) -> None:
+    """Each stage's first block (stride 2 from stage 2, a projection shortcut) and a later one
+    (identity shortcut), whole-block: at batch 16 one band per image except where an image's
+    grids pass 1 MB; at batch 1 a band per thread at least."""
+    shapes = [
+        (256, 128, 256, 56, 1),
+        (256, 256, 512, 56, 2),
+        (512, 256, 512, 28, 1),
+        (1024, 512, 1024, 14, 1),
+        (1024, 1024, 2048, 14, 2),
+        (2048, 1024, 2048, 7, 1),
+    ]
+    for cin, c, cout, h, stride in shapes:
+        block = _Block(cin, c, cout, c // 32, True, seed=c + h)
+        assert _check(block, n, cin, cout, (h, h), stride) < 2**-7, (cin, c, h, stride)
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [3, 5])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bands_split_an_image_at_any_row(threads: int, stride: int) -> None:
+    """One image over more threads than rows divide evenly: bands of several output rows and a
+    shorter last one, each recomputing the 1×1 on its halo rows."""
+    block = _Block(64, 64, 64, 4, True, seed=threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert _check(block, 1, 64, 64, (13, 11), stride) < 2**-7
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_inputs_name_the_argument() -> None:
+    block = _Block(64, 32, 64, 4, True, seed=1)
+    x = _bf16_nhwc(torch.randn(1, 64, 5, 5))
+    packed = grouped_amx.pack_weights(block.w2, 8)
+    tail = grouped_amx.pack_pointwise(block.w3)
+    w1 = grouped_amx.pack_pointwise(block.w1)
+
+    def run(**changes):
+        args = dict(
+            x=x,
+            packed=packed,
+            bias=block.b2,
+            groups=8,
+            stride=1,
+            tail=tail,
+            tail_bias=block.b3,
+            residual=x,
+            pointwise=w1,
+            pointwise_bias=block.b1,
+        )
+        args.update(changes)
+        return grouped_amx.run_block_kernel(**args)
+
+    with pytest.raises(ValueError, match="residual: expected a bf16 tensor of the output's shape"):
+        run(residual=x[:, :, :4])
+    with pytest.raises(ValueError, match="residual"):
+        run(residual=x.float())
+    with pytest.raises(ValueError, match="tail: expected"):
+        run(tail=grouped_amx.pack_pointwise(torch.randn(64, 64, 1, 1)))  # 64 inputs, not 32
+    with pytest.raises(ValueError, match="tail_bias"):
+        run(tail_bias=torch.zeros(63))
+    with pytest.raises(ValueError, match="bias"):
+        run(bias=torch.zeros(31))
+    with pytest.raises(ValueError, match="pointwise_bias"):
+        run(pointwise_bias=None)
+    with pytest.raises(ValueError, match="pointwise_bias: given without"):
+        run(pointwise=None, x=_bf16_nhwc(torch.randn(1, 32, 5, 5)))
+    with pytest.raises(ValueError, match="x: expected a 4-d bfloat16"):
+        run(x=x.float())
+
+
+def _amx(channels: int, groups: int, relu: bool = True) -> FastGroupedConv3x3:
+    conv = nn.Conv2d(channels, channels, 3, 1, 1, groups=groups)
+    return FastGroupedConv3x3(conv, dtype=torch.bfloat16, variant="amx", relu=relu)
+
+
+@needs_amx
+def test_only_a_bias_carrying_1x1_after_an_amx_head_with_its_relu_is_fusable() -> None:
+    head = _amx(64, 16)
+    assert block_fusable(head, nn.Conv2d(64, 256, 1))
+    assert block_fusable(FusedPointwiseGrouped(nn.Conv2d(256, 64, 1), head), nn.Conv2d(64, 256, 1))
+    assert not block_fusable(head, nn.Conv2d(64, 256, 1, bias=False))  # BN not folded in
+    assert not block_fusable(head, nn.Conv2d(64, 256, 1, stride=2))
+    assert not block_fusable(head, nn.Conv2d(64, 256, 3, padding=1))
+    assert not block_fusable(head, nn.Conv2d(64, 40, 1))  # not a multiple of 16 outputs
+    assert not block_fusable(_amx(64, 16, relu=False), nn.Conv2d(64, 256, 1))
+    assert not block_fusable(_amx(48, 12), nn.Conv2d(48, 64, 1))  # 48: not a multiple of 32
+    with pytest.raises(ValueError, match="tail"):
+        FusedBlock(head, nn.Conv2d(64, 40, 1))
+
+
+class _Residual(nn.Module):
+    """A bottleneck's rest as plain modules: head → 1×1 → + x → ReLU (or without the add)."""
+
+    def __init__(self, head: nn.Module, add: bool = True) -> None:
+        super().__init__()
+        self.head, self.conv3, self.relu, self.add = head, nn.Conv2d(64, 64, 1), nn.ReLU(), add
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv3(self.head(x))
+        return self.relu(out + x if self.add else out)
+
+
+@needs_amx
+def test_only_a_chain_ending_in_an_add_and_relu_inside_a_submodule_is_fused() -> None:
+    x = _bf16_nhwc(torch.randn(1, 64, 6, 6))
+    model = nn.Sequential(_Residual(_amx(64, 16)), _Residual(_amx(64, 16), add=False)).bfloat16()
+    with torch.no_grad():
+        want = model(x)
+    choices = fuse_blocks(model, x, mode="on")
+    assert [c.name for c in choices] == ["0.head"]
+    assert choices[0].variant == "block"  # its residual is the model's input: not overwritten
+    assert isinstance(model[0].get_submodule("head"), FusedBlock)
+    assert isinstance(model[1].head, FastGroupedConv3x3)  # no residual add: left as it is
+    with torch.no_grad():
+        assert _rel_err(model(x), want.float()) < 2**-7
+    root = _Residual(_amx(64, 16)).bfloat16()  # the chain's parent is the root: never rewritten
+    assert fuse_blocks(root, x, mode="on") == []
+
+
+class _ReadsInputAgain(_Residual):
+    """A residual chain whose input is read again after the add."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv3(self.head(x)) + x) * x
+
+
+class _KeepsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _ReadsInputAgain(_amx(64, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x * 1.0)  # the block's input is not the model's own
+
+
+@needs_amx
+def test_a_residual_read_after_the_block_is_not_overwritten() -> None:
+    x = _bf16_nhwc(torch.randn(1, 64, 6, 6))
+    model = _KeepsInput().bfloat16()
+    with torch.no_grad():
+        want = model(x).float()
+    choices = fuse_blocks(model, x, mode="on")
+    assert [(c.name, c.variant) for c in choices] == [("block.head", "block")]
+    with torch.no_grad():
+        assert _rel_err(model(x), want) < 2**-6
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0.0, 0.1, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+            m.bias.data.normal_(0.0, 0.1, generator=gen)
+
+
+@needs_amx
+@pytest.mark.parametrize("name,size", [("resnext50_32x4d", 64), ("resnext29_4x16d", 32)])
+def test_optimize_fuses_every_block_and_computes_the_same_function(name: str, size: int) -> None:
+    torch.manual_seed(8)
+    model = resnext.create_model(name).eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, size, size)
+    plain = optimize(model, "bf16", backend="none", example_input=x, fuse_block="off")
+    fused = optimize(model, "bf16", backend="none", example_input=x, fuse_block="on")
+    # variants are chosen by timing in each optimize() call, so count the fused model's own
+    amx_layers = [c for c in fused.grouped_choices if c.variant == "amx" and c.chosen != "native"]
+    assert plain.block_choices == []
+    assert len(fused.block_choices) == len(amx_layers) > 0
+    # every block's residual is dead after it (the model traces), so each writes over it
+    assert all(c.chosen == "fused" and c.variant == "block-in-place" for c in fused.block_choices)
+    assert sum(isinstance(m, FusedBlock) for m in fused.modules()) == len(amx_layers)
+    fresh = torch.randn(4, 3, size, size)
+    mine = _bf16_nhwc(fresh)  # already the fast path's dtype and layout: passed on as it is
+    before = mine.clone()
+    with torch.no_grad():
+        want, unfused, got = model(fresh), plain(fresh), fused(fresh)
+        fused(mine)
+    assert torch.equal(mine, before)  # the caller's tensor is never written over
+    # the same bf16 roundings less one per block: as close to the unfused path as that is to fp32
+    assert _rel_err(got, unfused) < 0.02
+    assert _rel_err(got, want) < 0.05
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.75
+
+
+@needs_amx
+@pytest.mark.parametrize("backend", ["inductor", "jit"])
+def test_fused_blocks_compile(backend: str) -> None:
+    torch.manual_seed(9)
+    model = resnext.create_model("resnext29_4x16d").eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, "bf16", backend=backend, example_input=x, fuse_block="on")
+    assert fast.block_choices and all(c.chosen == "fused" for c in fast.block_choices)
+    # optimize_for_inference (jit) would lose the in-place write: jit blocks write a new output
+    variant = "block" if backend == "jit" else "block-in-place"
+    assert all(c.variant == variant for c in fast.block_choices)
+    fresh = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _rel_err(fast(fresh), model(fresh)) < 0.05
+
+
+def test_block_fusion_modes() -> None:
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.ReLU())
+    x = torch.randn(1, 64, 4, 4).bfloat16()
+    assert fuse_blocks(model, x, mode="off") == []
+    assert fuse_blocks(model, x, mode="auto") == []  # no AMX grouped head to fuse
+    assert fuse_blocks(model, x.float(), mode="on") == []  # fp32: the kernel is bf16 only
+    with pytest.raises(ConfigError, match="fuse_block"):
+        fuse_blocks(model, x, mode="always")
+    with pytest.raises(ConfigError, match="fuse_block"):
+        optimize(model, "bf16", backend="none", fuse_block="yes")
