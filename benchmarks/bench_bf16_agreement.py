@@ -1,9 +1,11 @@
 """bf16 vs fp32 top-1 agreement of the `optimize` fast path on the real ImageNet sample images.
 
 Usage: .venv/bin/python benchmarks/bench_bf16_agreement.py --root /work/shared/data/imagenet-sample
-       [--model resnext50_32x4d] [--weights FILE.safetensors] [--limit 1000]
-Without --weights the network keeps its random initialisation (no pretrained weights can be
-downloaded here); the record says which.
+       [--model resnext50_32x4d] [--weights FILE.safetensors] [--limit 1000] [--seed 0]
+       [--fuse-block auto|on|off]
+Without --weights the network keeps its random initialisation from --seed (no pretrained weights
+can be downloaded here); the record says which. A random network's logits are nearly tied, so its
+agreement depends on the draw: compare settings (e.g. --fuse-block) on the same seed.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ def main() -> int:
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fuse-block", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    torch.manual_seed(args.seed)
     model = resnext.create_model(args.model).eval()
     if args.weights is not None:
         model.load_state_dict(load_file(str(args.weights)))
@@ -38,7 +43,9 @@ def main() -> int:
     transform = imagenet_eval()
     example = torch.randn(args.batch, 3, 224, 224)
     fp32 = optimize(model, torch.float32, backend="jit", example_input=example)
-    bf16 = optimize(model, torch.bfloat16, backend="jit", example_input=example)
+    bf16 = optimize(
+        model, torch.bfloat16, backend="jit", example_input=example, fuse_block=args.fuse_block
+    )
     agree, total, max_err, top5_overlap = 0, 0, 0.0, 0.0
     for start in range(0, len(files), args.batch):
         batch = torch.stack([transform(load_rgb(p)) for p in files[start : start + args.batch]])
@@ -56,7 +63,10 @@ def main() -> int:
         "top1_agreement": agree / total,
         "top5_overlap": top5_overlap / total,
         "max_rel_err": max_err,
-        "weights": str(args.weights) if args.weights else "random initialisation",
+        "weights": str(args.weights)
+        if args.weights
+        else f"random initialisation, seed {args.seed}",
+        "block_choices": [c.chosen for c in getattr(bf16, "block_choices", [])],
     }
     print(result)
     config = {k: str(v) for k, v in vars(args).items()}
