@@ -10,9 +10,14 @@ from torch import nn
 import resnext
 from resnext import native
 from resnext.errors import ConfigError
-from resnext.speed import grouped_kernel
+from resnext.speed import grouped_amx, grouped_kernel
 from resnext.speed.fastpath import optimize
-from resnext.speed.grouped_swap import FastGroupedConv3x3, fuse_following_relu, swap_grouped_convs
+from resnext.speed.grouped_swap import (
+    FastGroupedConv3x3,
+    amx_form,
+    fuse_following_relu,
+    swap_grouped_convs,
+)
 
 REASON = grouped_kernel.unavailable_reason()
 needs_kernel = pytest.mark.skipif(
@@ -260,3 +265,22 @@ def test_auto_records_which_kernel_variant_it_swapped_in() -> None:
         assert swapped.variant == choice.variant
     with torch.no_grad():
         assert _rel_err(fast(x), model(x)) < 3e-2
+
+
+@pytest.mark.skipif(
+    grouped_amx.unavailable_reason() is not None, reason="needs the AMX grouped kernel"
+)
+def test_every_swapped_layer_has_an_amx_form_for_the_fusion_passes() -> None:
+    """Whichever variant wins a layer (at stage 1, batch 1 the AVX-512 one has), its AMX form is
+    at hand for the fused kernels, with the winner's ReLU flag, and is not a child module."""
+    block = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1, groups=32), nn.ReLU())
+    model = nn.Sequential(block).eval().bfloat16()
+    x = torch.randn(1, 128, 56, 56).bfloat16().contiguous(memory_format=torch.channels_last)
+    (choice,) = swap_grouped_convs(model, x, mode="on")
+    chosen = model.get_submodule("0.0")
+    amx = amx_form(chosen)
+    assert amx is not None and amx.variant == "amx" and amx.relu == chosen.relu
+    assert (amx is chosen) == (choice.variant == "amx")
+    assert all(m.variant == choice.variant for m in model.modules() if hasattr(m, "variant"))
+    with torch.no_grad():
+        assert _rel_err(amx(x), chosen(x)) < 2**-7

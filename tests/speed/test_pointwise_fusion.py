@@ -177,7 +177,8 @@ def test_optimize_fuses_every_block_and_computes_the_same_function(name: str, si
         model, "bf16", backend="none", example_input=x, fuse_pointwise="on", fuse_block="off"
     )
     # variants are chosen by timing in each optimize() call, so count the fused model's own
-    amx_layers = [c for c in fused.grouped_choices if c.variant == "amx" and c.chosen != "native"]
+    # (each layer our kernel took has an AMX form on this CPU, chosen or kept beside the winner)
+    amx_layers = [c for c in fused.grouped_choices if c.chosen != "native"]
     assert unfused.fusion_choices == []
     assert len(fused.fusion_choices) == len(amx_layers) > 0
     assert all(c.chosen == "fused" for c in fused.fusion_choices)

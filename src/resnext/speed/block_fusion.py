@@ -24,7 +24,13 @@ from resnext.errors import ConfigError
 from resnext.speed import grouped_amx
 from resnext.speed.fold import module_call_counts, set_module
 from resnext.speed.grouped_kernel import output_for
-from resnext.speed.grouped_swap import FastGroupedConv3x3, LayerChoice, input_shapes, time_ms
+from resnext.speed.grouped_swap import (
+    FastGroupedConv3x3,
+    LayerChoice,
+    amx_form,
+    input_shapes,
+    time_ms,
+)
 from resnext.speed.pointwise_fusion import (
     MODES,
     FusedPointwiseGrouped,
@@ -187,10 +193,9 @@ def _chain_after(head: fx.Node, modules: dict[str, nn.Module]) -> _Chain | None:
     return None
 
 
-def _is_head(module: nn.Module | None) -> bool:
-    return isinstance(module, FusedPointwiseGrouped) or (
-        isinstance(module, FastGroupedConv3x3) and module.variant == "amx"
-    )
+def _amx_head(module: nn.Module | None) -> FusedPointwiseGrouped | FastGroupedConv3x3 | None:
+    """The head the block kernel would run for `module` (its AMX form), or None."""
+    return module if isinstance(module, FusedPointwiseGrouped) else amx_form(module)
 
 
 def _dead_after(residual: fx.Node, add: fx.Node) -> bool:
@@ -232,7 +237,7 @@ def _inputs_consumed(model: nn.Module, parents: set[str]) -> set[str]:
 def _sites(model: nn.Module) -> list[_Site]:
     sites = []
     # A chain is rewritten by replacing its parent module, so the root itself is never one.
-    parents = {name.rpartition(".")[0] for name, m in model.named_modules() if _is_head(m)} - {""}
+    parents = {n.rpartition(".")[0] for n, m in model.named_modules() if _amx_head(m)} - {""}
     consumed = _inputs_consumed(model, parents)
     for parent_name in sorted(parents):
         parent = model.get_submodule(parent_name)
@@ -243,8 +248,8 @@ def _sites(model: nn.Module) -> list[_Site]:
         modules = dict(parent.named_modules())
         calls = module_call_counts(graph)
         for node in graph.nodes:
-            head = modules.get(str(node.target)) if node.op == "call_module" else None
-            if not _is_head(head) or single_input(node) is None:
+            head = _amx_head(modules.get(str(node.target)) if node.op == "call_module" else None)
+            if head is None or single_input(node) is None:
                 continue
             chain = _chain_after(node, modules)
             if chain is None:
@@ -378,9 +383,11 @@ def _choose(
     residual = x if site.residual_is_input and x.shape == out else _channels_last(tuple(out))
     separate = _separate_runner(head, tail)
     separate_ms = time_ms(lambda x: separate(x, residual), x, repeats)
+    amx = _amx_head(head)
+    assert amx is not None  # _sites checked it
     timed = {}
     for in_place in (False, True) if site.overwritable else (False,):
-        fused = FusedBlock(head, tail, in_place=in_place)
+        fused = FusedBlock(amx, tail, in_place=in_place)
         timed[in_place] = (time_ms(lambda x, f=fused: f(x, residual), x, repeats), fused)
     in_place = min(timed, key=lambda k: timed[k][0]) if mode == "auto" else max(timed)
     fused_ms, fused = timed[in_place]

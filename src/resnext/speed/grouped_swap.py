@@ -211,13 +211,20 @@ def swap_grouped_convs(
         native_ms = time_ms(conv, x, repeats)
         # Which variant is fastest depends on the CPU (measured: the AVX512-BF16 pair kernel is
         # 4x slower per instruction on an Intel Xeon with AMX, where the AMX kernel wins).
-        fast, kernel_ms = None, float("inf")
+        fast, kernel_ms, amx = None, float("inf"), None
         for variant in variants:
             candidate = FastGroupedConv3x3(conv, dtype=example.dtype, variant=variant)
             ms = time_ms(candidate, x, repeats)
             if ms < kernel_ms:
                 fast, kernel_ms = candidate, ms
+            if variant == "amx":
+                amx = candidate
         assert fast is not None
+        if amx is not None and fast is not amx:
+            # Kept for the fusion passes: a fused kernel built on the AMX form can beat this
+            # variant plus the 1×1s around it (measured: stage 1 at batch 1, where the AVX-512
+            # kernel wins alone). A plain attribute, not a submodule, so that no pass sees it.
+            object.__setattr__(fast, "amx_alternative", amx)
         use = mode == "on" or kernel_ms < native_ms
         fused = False
         if use:
@@ -234,6 +241,19 @@ def swap_grouped_convs(
             )
         )
     return choices
+
+
+def amx_form(module: nn.Module | None) -> FastGroupedConv3x3 | None:
+    """`module` as our AMX grouped kernel: itself if it is one, else the AMX form that
+    `swap_grouped_convs` kept beside a faster variant (given the module's ReLU flag), else None."""
+    if not isinstance(module, FastGroupedConv3x3):
+        return None
+    if module.variant == "amx":
+        return module
+    alternative = getattr(module, "amx_alternative", None)
+    if alternative is not None:
+        alternative.relu = module.relu  # fuse_following_relu set the flag on the chosen form
+    return alternative
 
 
 class KernelLeafTracer(fx.Tracer):

@@ -24,6 +24,7 @@ from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
     KernelLeafTracer,
     LayerChoice,
+    amx_form,
     input_shapes,
     time_ms,
 )
@@ -74,7 +75,7 @@ class FusedPointwiseGrouped(nn.Module):
         )
 
 
-def fusable(pointwise: nn.Module, grouped: nn.Module) -> bool:
+def fusable(pointwise: nn.Module, grouped: nn.Module | None) -> bool:
     """Whether the fused kernel computes `grouped`(relu(`pointwise`(x))) for these two modules."""
     return (
         isinstance(grouped, FastGroupedConv3x3)
@@ -150,7 +151,7 @@ def _sites(model: nn.Module) -> list[_Site]:
     parents = {
         name.rpartition(".")[0]
         for name, module in model.named_modules()
-        if isinstance(module, FastGroupedConv3x3) and module.variant == "amx"
+        if amx_form(module) is not None
     } - {""}
     for parent_name in sorted(parents):
         parent = model.get_submodule(parent_name)
@@ -168,7 +169,7 @@ def _sites(model: nn.Module) -> list[_Site]:
             if chain is None:
                 continue
             conv = chain[-1].target
-            if calls[conv] == 1 and fusable(modules[conv], grouped):
+            if calls[conv] == 1 and fusable(modules[conv], amx_form(grouped)):
                 sites.append(_Site(parent_name, conv, node.target))
     return sites
 
@@ -243,7 +244,9 @@ def fuse_pointwise_convs(
         conv = model.get_submodule(name)
         grouped_name = f"{site.parent}.{site.grouped}"
         grouped = model.get_submodule(grouped_name)
-        fused = FusedPointwiseGrouped(conv, grouped)
+        amx = amx_form(grouped)
+        assert amx is not None  # _sites checked it
+        fused = FusedPointwiseGrouped(conv, amx)
         x = torch.randn(shapes[name], dtype=torch.bfloat16).contiguous(
             memory_format=torch.channels_last
         )

@@ -106,15 +106,36 @@ static Grid make_grid(int H, int W, int C, int kc, int s, int oh0, int rows) {
   return g;
 }
 
-/* Zero the grid rows whose input rows are outside the image (a buffer reused across bands may
- * hold another band's rows there). */
-static void zero_outside(uint16_t *const *p, int chunk, const Grid *g) {
-  for (int r = 0; r < g->grid_rows; ++r) {
+/* Zero what the products read but filling from x does not write: the border columns, the first
+ * pixel past the last row (a 16-channel block's tap pair reads it, times a zero weight, which
+ * must not meet a NaN), and the rows outside the image. The buffers are reused across items and
+ * calls, so whatever a previous shape left there is overwritten. */
+static void zero_padding(uint16_t *const *p, int chunk, const Grid *g) {
+  const size_t px = (size_t)g->kc * 2;
+  for (int r = 0; r <= g->grid_rows; ++r) {
+    const long first = (long)r * g->Wp, last = first + g->Wp - 1;
     const int ih = g->row0 + r;
-    if (ih >= 0 && ih < g->H) continue;
-    for (int c = 0; c < chunk; ++c)
-      memset(p[c] + ((long)r * g->Wp + 1) * g->kc, 0, (size_t)g->W * g->kc * 2);
+    const int outside = r < g->grid_rows && (ih < 0 || ih >= g->H);
+    for (int c = 0; c < chunk; ++c) {
+      if (first < g->pixels) memset(p[c] + first * g->kc, 0, px);
+      if (r < g->grid_rows) memset(p[c] + last * g->kc, 0, px);
+      if (outside) memset(p[c] + (first + 1) * g->kc, 0, (size_t)g->W * px);
+    }
   }
+}
+
+/* This thread's scratch buffer `slot`, at least `bytes` long, 64-byte aligned (NULL if memory
+ * runs out). Kept across calls (OpenMP threads live as long as the process) and grown when a
+ * call needs more: a call neither allocates nor zeroes its grids whole. */
+static void *scratch(int slot, size_t bytes) {
+  static __thread void *buffer[4];
+  static __thread size_t size[4];
+  if (size[slot] < bytes) {
+    free(buffer[slot]);
+    buffer[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    size[slot] = buffer[slot] ? bytes : 0;
+  }
+  return buffer[slot];
 }
 
 /* P pixel of output position v's tap (0, 0). */
@@ -126,7 +147,7 @@ static inline long grid_base(const Grid *g, long v) {
  * spans whole cache lines, which separate passes per block would each read again from memory). */
 static void fill_grids(uint16_t *const *p, int chunk, const uint16_t *xn, const Grid *g, int b0) {
   const int kc = g->kc;
-  zero_outside(p, chunk, g);
+  zero_padding(p, chunk, g);
   const int first = g->row0 < 0 ? 0 : g->row0;
   const int end = g->row0 + g->grid_rows < g->H ? g->row0 + g->grid_rows : g->H;
   for (int ih = first; ih < end; ++ih) {
@@ -286,7 +307,7 @@ static void fill_grids_pointwise(uint16_t *const *p, int chunk, const uint16_t *
   const long hw = (long)g->H * g->W, per_tile = (long)(cin / 32) * 512;
   const uint16_t *w0 = src->w1 + (long)b0 * (kc / 16) * per_tile;
   const float *bias0 = src->b1 + (long)b0 * kc;
-  zero_outside(p, chunk, g);
+  zero_padding(p, chunk, g);
   const int first = g->row0 < 0 ? 0 : g->row0;
   const int end = g->row0 + g->grid_rows < g->H ? g->row0 + g->grid_rows : g->H;
   const long qa = (long)first * g->W, qe = (long)end * g->W; /* the pixels the grid holds */
@@ -353,13 +374,12 @@ static int run(const uint16_t *x, const Source *src, const uint16_t *wp, const f
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
-    uint16_t *grids = aligned_alloc(64, grid_bytes * chunk);
-    uint16_t *rest = aligned_alloc(64, rest_bytes);
-    float *acc = aligned_alloc(64, 16 * 16 * sizeof(float));
+    uint16_t *grids = scratch(0, grid_bytes * chunk);
+    uint16_t *rest = scratch(1, rest_bytes);
+    float *acc = scratch(2, 16 * 16 * sizeof(float));
     uint16_t *p[MAX_CHUNK];
     const int ok = grids && rest && acc;
     if (ok) {
-      memset(grids, 0, grid_bytes * chunk); /* the borders; items overwrite only the interiors */
       for (int c = 0; c < chunk; ++c) p[c] = grids + c * (grid_bytes / 2);
       configure();
     } else {
@@ -392,9 +412,6 @@ static int run(const uint16_t *x, const Source *src, const uint16_t *wp, const f
       }
     }
     if (ok) release();
-    free(grids);
-    free(rest);
-    free(acc);
   }
   return failed ? -3 : 0;
 }
@@ -502,15 +519,14 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
-    uint16_t *grids = aligned_alloc(64, grid_bytes * blocks);
-    uint16_t *rest = aligned_alloc(64, rest_bytes);
-    uint16_t *z = aligned_alloc(64, z_bytes);
-    float *acc = aligned_alloc(64, 16 * 16 * sizeof(float));
+    uint16_t *grids = scratch(0, grid_bytes * blocks);
+    uint16_t *rest = scratch(1, rest_bytes);
+    float *acc = scratch(2, 16 * 16 * sizeof(float));
+    /* rows past a strip's pixels are read too: whatever they hold, their results are dropped */
+    uint16_t *z = scratch(3, z_bytes);
     uint16_t *p[MAX_CHUNK];
     const int ok = grids && rest && z && acc;
     if (ok) {
-      memset(grids, 0, grid_bytes * blocks);
-      memset(z, 0, z_bytes); /* rows past a strip's pixels are read (and their results dropped) */
       for (int c = 0; c < blocks; ++c) p[c] = grids + c * (grid_bytes / 2);
       configure();
     } else {
@@ -546,10 +562,6 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
       }
     }
     if (ok) release();
-    free(grids);
-    free(rest);
-    free(z);
-    free(acc);
   }
   return failed ? -3 : 0;
 }
