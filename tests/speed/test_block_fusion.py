@@ -354,3 +354,23 @@ def test_scratch_kept_across_calls_leaves_no_trace(kernel: str) -> None:
     got = run(x, x)
     assert torch.isfinite(got.float()).all()
     assert _rel_err(got, want(x, x)) < 2**-7
+
+
+@needs_amx
+def test_the_operators_refuse_an_input_that_needs_a_gradient() -> None:
+    """Inference kernels without a gradient: an error, not a silently missing gradient."""
+    block = _Block(64, 64, 64, 4, False, seed=2)
+    x = _bf16_nhwc(torch.randn(1, 64, 5, 5)).requires_grad_()
+    packed = grouped_amx.pack_weights(block.w2, block.groups)
+    tail = grouped_amx.pack_pointwise(block.w3)
+    with pytest.raises(ValueError, match="requires one"):
+        torch.ops.resnext.grouped_conv3x3_amx(x, packed, block.b2, block.groups, 1, True)
+    with pytest.raises(ValueError, match="requires one"):
+        torch.ops.resnext.block_amx(
+            x.detach(), None, None, packed, block.b2, block.groups, 1, tail, block.b3, x
+        )
+    with torch.no_grad():  # fine without grad mode
+        got = torch.ops.resnext.block_amx(
+            x, None, None, packed, block.b2, block.groups, 1, tail, block.b3, x
+        )
+    assert _rel_err(got, block.reference(x.detach(), x.detach(), 1)) < 2**-7

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from resnext import native
+from resnext.speed import operators
 from resnext.speed.grouped_kernel import check_bias, output_for, output_size
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_amx.c"
@@ -166,12 +167,14 @@ def packed_numel(channels: int, groups: int) -> int:
     return (channels // kc) * (kc // 16) * _k_steps(kc) * 512
 
 
-def _check_x(x: torch.Tensor) -> None:
-    """A ValueError naming `x` unless it is a 4-d bf16 CPU tensor."""
+def _check_x(x: torch.Tensor, *more: torch.Tensor | None) -> None:
+    """A ValueError naming `x` unless it is a 4-d bf16 CPU tensor, or if it or one of `more`
+    needs a gradient (the kernels have none)."""
     if x.dim() != 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
         raise ValueError(
             f"x: expected a 4-d bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}"
         )
+    operators.check_no_grad("the AMX kernel", x, *more)
 
 
 def _check_grouped(name: str, c: int, groups: int, stride: int, packed: torch.Tensor) -> None:
@@ -316,62 +319,6 @@ def run_pointwise_kernel(
     return y
 
 
-@torch.library.custom_op("resnext::grouped_conv3x3_amx", mutates_args=())
-def grouped_conv3x3_amx(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    stride: int,
-    relu: bool,
-) -> torch.Tensor:
-    """The kernel as a torch operator (see `run_kernel`)."""
-    return run_kernel(x, packed, bias, groups, stride, relu)
-
-
-@grouped_conv3x3_amx.register_fake
-def _fake(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    stride: int,
-    relu: bool,
-) -> torch.Tensor:
-    """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
-    return output_for(x, stride)
-
-
-@torch.library.custom_op("resnext::pointwise_grouped_conv3x3_amx", mutates_args=())
-def pointwise_grouped_conv3x3_amx(
-    x: torch.Tensor,
-    pointwise: torch.Tensor,
-    pointwise_bias: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    stride: int,
-    relu: bool,
-) -> torch.Tensor:
-    """The fused 1×1 + grouped 3×3 kernel as a torch operator (see `run_pointwise_kernel`)."""
-    return run_pointwise_kernel(x, pointwise, pointwise_bias, packed, bias, groups, stride, relu)
-
-
-@pointwise_grouped_conv3x3_amx.register_fake
-def _fake_pointwise(
-    x: torch.Tensor,
-    pointwise: torch.Tensor,
-    pointwise_bias: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    stride: int,
-    relu: bool,
-) -> torch.Tensor:
-    """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
-    return output_for(x, stride, pointwise.shape[0] * 16)
-
-
 def run_block_kernel(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -395,7 +342,7 @@ def run_block_kernel(
     to fill, as oneDNN's 1×1 adds into its residual. `residual` may be `x` itself (an identity
     shortcut); then each image is one work item, and x is overwritten.
     """
-    _check_x(x)
+    _check_x(x, residual)
     n, cin, h, w = x.shape
     if pointwise is None:
         c = cin
@@ -471,8 +418,35 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 <= b1 and b0 <= a1
 
 
-@torch.library.custom_op("resnext::block_amx", mutates_args=())
-def block_amx(
+# The kernels as torch operators (torch.ops.resnext.*), each with a fake that gives the output's
+# shape, dtype and layout without running the kernel (for torch.compile).
+
+
+def _fake_grouped(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    return output_for(x, stride)
+
+
+def _fake_pointwise(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    return output_for(x, stride, pointwise.shape[0] * 16)
+
+
+def _block(
     x: torch.Tensor,
     pointwise: torch.Tensor | None,
     pointwise_bias: torch.Tensor | None,
@@ -484,13 +458,11 @@ def block_amx(
     tail_bias: torch.Tensor,
     residual: torch.Tensor,
 ) -> torch.Tensor:
-    """The fused rest of a bottleneck as a torch operator (see `run_block_kernel`)."""
     return run_block_kernel(
         x, packed, bias, groups, stride, tail, tail_bias, residual, pointwise, pointwise_bias
     )
 
 
-@block_amx.register_fake
 def _fake_block(
     x: torch.Tensor,
     pointwise: torch.Tensor | None,
@@ -503,12 +475,10 @@ def _fake_block(
     tail_bias: torch.Tensor,
     residual: torch.Tensor,
 ) -> torch.Tensor:
-    """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
     return output_for(x, stride, tail.shape[0] * 16)
 
 
-@torch.library.custom_op("resnext::block_amx_", mutates_args=("residual",))
-def block_amx_(
+def _block_in_place(
     residual: torch.Tensor,
     x: torch.Tensor | None,
     pointwise: torch.Tensor | None,
@@ -520,8 +490,8 @@ def block_amx_(
     tail: torch.Tensor,
     tail_bias: torch.Tensor,
 ) -> None:
-    """The fused rest of a bottleneck written over `residual` (see `run_block_kernel`), for x, or
-    for `residual` itself where x is None (an identity shortcut: one tensor in, the same out)."""
+    """The block written over `residual`, for x, or for `residual` itself where x is None (an
+    identity shortcut: one tensor in, the same out)."""
     run_block_kernel(
         residual if x is None else x,
         packed,
@@ -535,3 +505,44 @@ def block_amx_(
         pointwise_bias,
         in_place=True,
     )
+
+
+def _fake_block_in_place(
+    residual: torch.Tensor,
+    x: torch.Tensor | None,
+    pointwise: torch.Tensor | None,
+    pointwise_bias: torch.Tensor | None,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    stride: int,
+    tail: torch.Tensor,
+    tail_bias: torch.Tensor,
+) -> None:
+    return None
+
+
+operators.define(
+    "grouped_conv3x3_amx(Tensor x, Tensor packed, Tensor? bias, int groups, int stride, "
+    "bool relu) -> Tensor",
+    run_kernel,
+    _fake_grouped,
+)
+operators.define(
+    "pointwise_grouped_conv3x3_amx(Tensor x, Tensor pointwise, Tensor pointwise_bias, "
+    "Tensor packed, Tensor? bias, int groups, int stride, bool relu) -> Tensor",
+    run_pointwise_kernel,
+    _fake_pointwise,
+)
+operators.define(
+    "block_amx(Tensor x, Tensor? pointwise, Tensor? pointwise_bias, Tensor packed, Tensor bias, "
+    "int groups, int stride, Tensor tail, Tensor tail_bias, Tensor residual) -> Tensor",
+    _block,
+    _fake_block,
+)
+operators.define(
+    "block_amx_(Tensor(a!) residual, Tensor? x, Tensor? pointwise, Tensor? pointwise_bias, "
+    "Tensor packed, Tensor bias, int groups, int stride, Tensor tail, Tensor tail_bias) -> ()",
+    _block_in_place,
+    _fake_block_in_place,
+)

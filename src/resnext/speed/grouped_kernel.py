@@ -17,6 +17,7 @@ import torch
 
 from resnext import native
 from resnext.native import NativeUnavailable
+from resnext.speed import operators
 from resnext.speed.capability import has_avx512_bf16
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3.c"
@@ -164,6 +165,7 @@ def run_kernel(
             f"x: expected a 4-d float32 or bfloat16 CPU tensor, got {tuple(x.shape)} "
             f"{x.dtype} on {x.device}"
         )
+    operators.check_no_grad("the grouped kernel", x)
     n, c, h, w = x.shape
     if not supports(c, groups, stride):
         raise ValueError(
@@ -218,20 +220,6 @@ def packed_numel(channels: int, groups: int) -> int:
     return (channels // 16) * 9 * inputs * shuffles * 4 * 16
 
 
-@torch.library.custom_op("resnext::grouped_conv3x3", mutates_args=())
-def grouped_conv3x3(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    stride: int,
-    relu: bool,
-) -> torch.Tensor:
-    """The kernel as a torch operator (see `run_kernel`)."""
-    return run_kernel(x, packed, bias, groups, stride, relu)
-
-
-@grouped_conv3x3.register_fake
 def _fake(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -242,3 +230,12 @@ def _fake(
 ) -> torch.Tensor:
     """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
     return output_for(x, stride)
+
+
+# The kernel as the operator torch.ops.resnext.grouped_conv3x3 (see `run_kernel`).
+operators.define(
+    "grouped_conv3x3(Tensor x, Tensor packed, Tensor? bias, int groups, int stride, bool relu)"
+    " -> Tensor",
+    run_kernel,
+    _fake,
+)

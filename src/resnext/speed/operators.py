@@ -1,0 +1,40 @@
+"""Our kernels as torch operators (namespace ``resnext``), registered with the least overhead.
+
+Why not ``torch.library.custom_op``: its Python-level autograd and in-place wrappers run on
+every call, measured on the Intel machine at 32 vs 22 µs a call for a functional operator and
+70 vs 23 µs for one that writes in place (`benchmarks/RESULTS.md`, stop 22), which is most of a
+small block's time at batch 1. These operators are inference kernels: each gets only a CPU
+implementation and a fake (shape-only) one for torch.compile; none has a gradient, so each
+refuses (`check_no_grad`) an input that would need one rather than leave it silently without.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+NAMESPACE = "resnext"
+_LIBRARY = torch.library.Library(NAMESPACE, "DEF")
+
+
+def define(schema: str, impl: Callable[..., object], fake: Callable[..., object]) -> None:
+    """Define ``resnext::<schema>``, computed by `impl` on CPU tensors and shaped by `fake`.
+
+    `schema` is the operator's signature in torch's schema language, its name first, e.g.
+    ``"grouped(Tensor x, int groups) -> Tensor"``; arguments an operator writes are marked
+    ``Tensor(a!)`` so that torch.compile keeps the write.
+    """
+    name = schema.split("(", 1)[0]
+    _LIBRARY.define(schema)
+    _LIBRARY.impl(name, impl, "CPU")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIBRARY)
+
+
+def check_no_grad(name: str, *tensors: torch.Tensor | None) -> None:
+    """A ValueError naming the operator if grad mode is on and an input requires a gradient."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError(
+            f"{name}: an inference kernel without a gradient got an input that requires one; "
+            "call it under torch.no_grad() or torch.inference_mode()"
+        )
