@@ -53,7 +53,9 @@ class _Block:
         g = F.relu(g).bfloat16()
         return F.relu(F.conv2d(g.float(), self.w3.float(), self.b3) + residual.float())
 
-    def kernel(self, x: torch.Tensor, residual: torch.Tensor, stride: int) -> torch.Tensor:
+    def kernel(
+        self, x: torch.Tensor, residual: torch.Tensor, stride: int, in_place: bool = False
+    ) -> torch.Tensor:
         first = self.w1 is not None
         return grouped_amx.run_block_kernel(
             x,
@@ -66,10 +68,19 @@ class _Block:
             residual,
             grouped_amx.pack_pointwise(self.w1) if first else None,
             self.b1 if first else None,
+            in_place=in_place,
         )
 
 
-def _check(block: _Block, n: int, cin: int, cout: int, size: tuple[int, int], stride: int):
+def _check(
+    block: _Block,
+    n: int,
+    cin: int,
+    cout: int,
+    size: tuple[int, int],
+    stride: int,
+    in_place: bool = False,
+):
     gen = torch.Generator().manual_seed(n + cin + cout + stride)
     x = _bf16_nhwc(torch.randn(n, cin, *size, generator=gen))
     out_size = [(d - 1) // stride + 1 for d in size]
@@ -78,7 +89,9 @@ def _check(block: _Block, n: int, cin: int, cout: int, size: tuple[int, int], st
     else:
         residual = _bf16_nhwc(torch.randn(n, cout, *out_size, generator=gen))
     want = block.reference(x, residual, stride)
-    got = block.kernel(x, residual, stride)
+    got = block.kernel(x, residual, stride, in_place)
+    if in_place:
+        assert got.data_ptr() == residual.data_ptr()
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     assert got.is_contiguous(memory_format=torch.channels_last)
     return _rel_err(got, want)
@@ -102,10 +115,13 @@ def test_block_kernel_equals_the_convolutions(
 
 @needs_amx
 @pytest.mark.parametrize("n", [1, 16])
-def test_resnext50_block_shapes(n: int) -> None:
+@pytest.mark.parametrize("in_place", [False, True])
+def test_resnext50_block_shapes(n: int, in_place: bool) -> None:
     """Each stage's first block (stride 2 from stage 2, a projection shortcut) and a later one
     (identity shortcut), whole-block: at batch 16 one band per image except where an image's
-    grids pass 1 MB; at batch 1 a band per thread at least."""
+    grids pass 1 MB; at batch 1 a band per thread at least (stages 1-2) or the channels split
+    between the threads (stages 3-4, where the weights outweigh the image); in place, the
+    identity blocks overwrite their own input."""
     shapes = [
         (256, 128, 256, 56, 1),
         (256, 256, 512, 56, 2),
@@ -116,7 +132,8 @@ def test_resnext50_block_shapes(n: int) -> None:
     ]
     for cin, c, cout, h, stride in shapes:
         block = _Block(cin, c, cout, c // 32, True, seed=c + h)
-        assert _check(block, n, cin, cout, (h, h), stride) < 2**-7, (cin, c, h, stride)
+        err = _check(block, n, cin, cout, (h, h), stride, in_place)
+        assert err < 2**-7, (cin, c, h, stride)
 
 
 @needs_amx
@@ -130,6 +147,28 @@ def test_bands_split_an_image_at_any_row(threads: int, stride: int) -> None:
     torch.set_num_threads(threads)
     try:
         assert _check(block, 1, 64, 64, (13, 11), stride) < 2**-7
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("first", [False, True], ids=["from-grouped", "whole-block"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_channels_split_between_threads_for_one_image(
+    threads: int, first: bool, in_place: bool
+) -> None:
+    """One image whose weights outweigh it: units of 32 channels, then pairs of output tiles,
+    spread over the threads (3: uneven shares); cin = cout, so in place it overwrites x."""
+    cin, c, cout = 512, 256, 512
+    block = _Block(cin if first else c, c, cout, 8, first, seed=threads + first)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for stride in (1, 2):
+            size = (5, 6)
+            err = _check(block, 1, cin if first else c, cout, size, stride, in_place)
+            assert err < 2**-7, stride
     finally:
         torch.set_num_threads(before)
 

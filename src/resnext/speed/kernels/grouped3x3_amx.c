@@ -451,10 +451,10 @@ static void store_residual(int m, float *acc, const float *bias, const uint16_t 
 }
 
 /* y = ReLU(z w3 + b3 + residual) for `pixels` rows of z (C values each; z holds them rounded up
- * to 32 rows) into rows of y and residual (cout values each), in 32-pixel by 32-output blocks,
- * with the loop order of fill_grids_pointwise. */
+ * to 32 rows) and `cout` outputs into rows of y and residual (`stride` values apart), in
+ * 32-pixel by 32-output blocks, with the loop order of fill_grids_pointwise. */
 static void block_tail(const uint16_t *z, long pixels, int C, const uint16_t *w3, const float *b3,
-                       const uint16_t *res, uint16_t *y, int cout, float *acc) {
+                       const uint16_t *res, uint16_t *y, int cout, int stride, float *acc) {
   const int tiles = cout / 16;
   const long per_tile = (long)(C / 32) * 512;
   const long qblocks = (pixels + 31) / 32, tpairs = (tiles + 1) / 2;
@@ -471,11 +471,82 @@ static void block_tail(const uint16_t *z, long pixels, int C, const uint16_t *w3
         const long q = q0 + 16 * m;
         const int rows = pixels - q < 16 ? (int)(pixels - q) : 16;
         for (int n = 0; n < nt; ++n) {
-          const long at = q * cout + (t0 + n) * 16;
-          store_residual(2 * m + n, acc, b3 + (t0 + n) * 16, res + at, y + at, rows, cout);
+          const long at = q * stride + (t0 + n) * 16;
+          store_residual(2 * m + n, acc, b3 + (t0 + n) * 16, res + at, y + at, rows, stride);
         }
       }
     }
+}
+
+/* run_block for few images and large weights (batch 1 at stages 3-4): bands would each read
+ * every weight, so the threads split the channels instead, one image at a time. First each takes
+ * units of 32 channels (the first 1x1 and the grouped convolution are block-local) into z, the
+ * grouped output of the whole image; then, after the barrier, pairs of 16-output tiles of the
+ * last 1x1. Each weight is read by one thread, and x is read only before any output is written,
+ * so y may be x. */
+static int run_block_split(const uint16_t *x, const Source *src, const uint16_t *wp,
+                           const float *b2, const uint16_t *w3, const float *b3,
+                           const uint16_t *res, uint16_t *y, int N, int H, int W, int C, int cout,
+                           int cpg, int s, int threads) {
+  const int kc = block_channels(cpg), nt = kc / 16, steps = k_steps(kc);
+  const int per_unit = kc >= 32 ? 1 : 32 / kc, units = C / kc / per_unit;
+  const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
+  const Grid g = make_grid(H, W, C, kc, s, 0, Ho);
+  const size_t grid_bytes = ((size_t)g.pixels * kc * 2 + 63) / 64 * 64;
+  const long pixels = (long)Ho * Wo, pairs = (cout / 16 + 1) / 2;
+  const size_t rest_bytes = src->w1 ? (size_t)16 * src->cin * 2 : 64;
+  /* the calling thread's buffer, shared by all (the others' slot 3 is never used here) */
+  uint16_t *z = scratch(3, (size_t)((pixels + 31) / 32 * 32) * C * 2);
+  if (!z) return -3;
+  int failed = 0;
+  for (long n = 0; n < N; ++n) {
+    const uint16_t *xn = x + n * (long)H * W * src->cin;
+    const long at = n * pixels * cout;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+      uint16_t *grids = scratch(0, grid_bytes * per_unit);
+      uint16_t *rest = scratch(1, rest_bytes);
+      float *acc = scratch(2, 16 * 16 * sizeof(float));
+      uint16_t *p[MAX_CHUNK];
+      const int ok = grids && rest && acc;
+      if (ok) {
+        for (int c = 0; c < per_unit; ++c) p[c] = grids + c * (grid_bytes / 2);
+        configure();
+      } else {
+        failed = 1;
+      }
+#pragma omp for schedule(static)
+      for (int unit = 0; unit < units; ++unit) {
+        if (!ok) continue;
+        const int b0 = unit * per_unit;
+        if (src->w1)
+          fill_grids_pointwise(p, per_unit, xn, &g, b0, src, rest, acc);
+        else
+          fill_grids(p, per_unit, xn, &g, b0);
+        for (long v0 = 0; v0 < g.virt; v0 += 16 * MT) {
+          const long left = (g.virt - v0 + 15) / 16;
+          const int mt = left < MT ? (int)left : MT;
+          for (int c = 0; c < per_unit; ++c)
+            for (int t = 0; t < nt; ++t) {
+              const int b = b0 + c;
+              products(p[c], &g, v0, mt, wp + ((long)b * nt + t) * steps * 512);
+              for (int m = 0; m < mt; ++m)
+                store_tile(m, acc, b2, 1, z, &g, v0 + 16 * m, b * kc + t * 16, 0, Ho);
+            }
+        }
+      }
+      /* the loop's barrier: z is whole, and x has been read for the last time */
+#pragma omp for schedule(static)
+      for (long pair = 0; pair < pairs; ++pair) {
+        if (!ok) continue;
+        const int c0 = (int)pair * 32, outs = cout - c0 < 32 ? cout - c0 : 32;
+        block_tail(z, pixels, C, w3 + (long)pair * 2 * (C / 32) * 512, b3 + c0, res + at + c0,
+                   y + at + c0, outs, cout, acc);
+      }
+      if (ok) release();
+    }
+  }
+  return failed ? -3 : 0;
 }
 
 /* y = ReLU(conv1x1(g) + b3 + residual) with g = ReLU(grouped conv3x3 of the source + b2): a
@@ -497,6 +568,10 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
   if (!grouped3x3_amx_allowed()) return -2;
   if (N == 0) return 0;
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
+  const long weight_bytes = ((long)C * cout + (src->w1 ? (long)src->cin * C : 0)) * 2;
+  const long image_bytes = ((long)H * W * src->cin + (long)Ho * Wo * cout) * 2;
+  if (N < threads && weight_bytes > image_bytes)
+    return run_block_split(x, src, wp, b2, w3, b3, res, y, N, H, W, C, cout, cpg, s, threads);
   const Grid whole = make_grid(H, W, C, kc, s, 0, Ho);
   int bands = (int)((whole.pixels * C * 2 + (1L << 20) - 1) >> 20);
   if (bands < (threads + N - 1) / N) bands = (threads + N - 1) / N;
@@ -558,7 +633,7 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
             }
         }
         const long at = (n * Ho + oh0 + sa) * (long)Wo * cout;
-        block_tail(z, (long)(sb - sa) * Wo, C, w3, b3, res + at, y + at, cout, acc);
+        block_tail(z, (long)(sb - sa) * Wo, C, w3, b3, res + at, y + at, cout, cout, acc);
       }
     }
     if (ok) release();
