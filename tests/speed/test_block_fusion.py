@@ -413,3 +413,30 @@ def test_the_operators_refuse_an_input_that_needs_a_gradient() -> None:
             x, None, None, packed, block.b2, block.groups, 1, tail, block.b3, x
         )
     assert _rel_err(got, block.reference(x.detach(), x.detach(), 1)) < 2**-7
+
+
+class _TwoCalls(nn.Module):
+    """One block called twice: its first input is used only there, its second also after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Residual(_amx(64, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 1.0
+        z = self.block(y)
+        w = z * 1.0
+        return self.block(w) + w
+
+
+@needs_amx
+def test_a_block_called_twice_overwrites_its_input_only_if_every_call_allows_it() -> None:
+    x = _bf16_nhwc(torch.randn(1, 64, 6, 6))
+    model = _TwoCalls().bfloat16()
+    with torch.no_grad():
+        want = model(x).float()
+    # the second call's input is read again after it, so neither call may write over its input
+    choices = fuse_blocks(model, x, mode="on")
+    assert all(c.variant != "block-in-place" for c in choices)
+    with torch.no_grad():
+        assert _rel_err(model(x), want) < 2**-6

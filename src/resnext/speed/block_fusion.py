@@ -225,13 +225,13 @@ def _inputs_consumed(model: nn.Module, parents: set[str]) -> set[str]:
         graph = _ParentTracer(parents).trace(model)
     except Exception:  # fx raises many kinds of errors on untraceable code
         return set()
-    consumed = set()
+    consumed: dict[str, bool] = {}  # a parent called more than once must qualify at every call
     for node in graph.nodes:
-        if node.op == "call_module" and node.target in parents and node.args:
-            arg = node.args[0]
-            if isinstance(arg, fx.Node) and arg.op != "placeholder" and len(arg.users) == 1:
-                consumed.add(str(node.target))
-    return consumed
+        if node.op == "call_module" and node.target in parents:
+            arg = node.args[0] if node.args else None
+            ok = isinstance(arg, fx.Node) and arg.op != "placeholder" and len(arg.users) == 1
+            consumed[str(node.target)] = consumed.get(str(node.target), True) and ok
+    return {name for name, ok in consumed.items() if ok}
 
 
 def _sites(model: nn.Module) -> list[_Site]:
