@@ -238,6 +238,10 @@ __attribute__((target("amx-tile,amx-bf16"))) static void configure(void) {
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  /* GCC does not see that ldtilecfg reads the whole struct: once this function was inlined into
+   * another, it dropped the row and column stores as dead (all tiles then 0 x 0, and the first
+   * tile instruction faulted). The barrier makes every byte of cfg live. */
+  __asm__ volatile("" : : "m"(cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
