@@ -345,6 +345,56 @@ static void fill_grids_pointwise(uint16_t *const *p, int chunk, const uint16_t *
 
 #define MAX_CHUNK 128
 
+/* One thread's buffers for a call: the grids of `chunk` blocks, the 1x1's last-tile copy and
+ * the accumulator read-back (see scratch). */
+typedef struct {
+  uint16_t *p[MAX_CHUNK]; /* the grids */
+  uint16_t *rest;
+  float *acc;
+} Work;
+
+/* This thread's Work for grids of grid_bytes each (a multiple of 64), with AMX configured;
+ * 0 if memory runs out. */
+static int take_work(Work *w, int chunk, size_t grid_bytes, const Source *src) {
+  uint16_t *grids = scratch(0, grid_bytes * chunk);
+  w->rest = scratch(1, src->w1 ? (size_t)16 * src->cin * 2 : 64);
+  w->acc = scratch(2, 16 * 16 * sizeof(float));
+  if (!grids || !w->rest || !w->acc) return 0;
+  for (int c = 0; c < chunk; ++c) w->p[c] = grids + c * (grid_bytes / 2);
+  configure();
+  return 1;
+}
+
+/* The grids of blocks b0 .. b0 + chunk - 1 of image xn, from the source. */
+static void fill(Work *w, int chunk, const uint16_t *xn, const Grid *g, int b0,
+                 const Source *src) {
+  if (src->w1)
+    fill_grids_pointwise(w->p, chunk, xn, g, b0, src, w->rest, w->acc);
+  else
+    fill_grids(w->p, chunk, xn, g, b0);
+}
+
+/* The grouped convolution of blocks b0 .. b0 + chunk - 1 at grid positions v_begin .. v_end - 1,
+ * + bias (ReLU if relu), into output rows lo .. hi - 1 of out (see store_tile). Positions outer,
+ * blocks inner: each output pixel's chunk of channels is written while its cache lines are
+ * still in L1. */
+static void grouped_rows(Work *w, int chunk, const Grid *g, int b0, const uint16_t *wp,
+                         const float *bias, int relu, uint16_t *out, long v_begin, long v_end,
+                         int lo, int hi) {
+  const int kc = g->kc, nt = kc / 16, steps = k_steps(kc);
+  for (long v0 = v_begin; v0 < v_end; v0 += 16 * MT) {
+    const long left = (v_end - v0 + 15) / 16;
+    const int mt = left < MT ? (int)left : MT;
+    for (int c = 0; c < chunk; ++c)
+      for (int t = 0; t < nt; ++t) {
+        const int b = b0 + c;
+        products(w->p[c], g, v0, mt, wp + ((long)b * nt + t) * steps * 512);
+        for (int m = 0; m < mt; ++m)
+          store_tile(m, w->acc, bias, relu, out, g, v0 + 16 * m, b * kc + t * 16, lo, hi);
+      }
+  }
+}
+
 /* Blocks per item: copying, up to 64 channels (128 bytes of each pixel: whole cache lines, read
  * once); from a 1x1, as many blocks as keep the grids within ~1 MB (each extra item re-reads the
  * image's x), but enough items for every thread. A divisor of the block count either way. */
@@ -369,51 +419,26 @@ static int run(const uint16_t *x, const Source *src, const uint16_t *wp, const f
   if (N < 0 || H < 1 || W < 1 || threads < 1 || !grouped3x3_amx_supported(C, cpg, s)) return -1;
   if (src->w1 && (src->cin < 32 || src->cin % 32)) return -1;
   if (!grouped3x3_amx_allowed()) return -2;
-  const int kc = block_channels(cpg), nt = kc / 16, blocks = C / kc, steps = k_steps(kc);
+  const int kc = block_channels(cpg), blocks = C / kc;
   const Grid g = make_grid(H, W, C, kc, s, 0, (H - 1) / s + 1);
   const int chunk = chunk_blocks(&g, blocks, N, threads, src->w1 != NULL);
   const long items = (long)N * (blocks / chunk);
   const size_t grid_bytes = ((size_t)g.pixels * kc * 2 + 63) / 64 * 64;
-  const size_t rest_bytes = src->w1 ? (size_t)16 * src->cin * 2 : 64;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
-    uint16_t *grids = scratch(0, grid_bytes * chunk);
-    uint16_t *rest = scratch(1, rest_bytes);
-    float *acc = scratch(2, 16 * 16 * sizeof(float));
-    uint16_t *p[MAX_CHUNK];
-    const int ok = grids && rest && acc;
-    if (ok) {
-      for (int c = 0; c < chunk; ++c) p[c] = grids + c * (grid_bytes / 2);
-      configure();
-    } else {
-      failed = 1;
-    }
+    Work w;
+    const int ok = take_work(&w, chunk, grid_bytes, src);
+    failed = !ok;
     /* every thread reaches the work-sharing loop (a thread without scratch skips its share) */
 #pragma omp for schedule(static)
     for (long item = 0; item < items; ++item) {
       if (!ok) continue;
       const long n = item / (blocks / chunk);
       const int b0 = (int)(item % (blocks / chunk)) * chunk;
-      uint16_t *yn = y + n * (long)g.Ho * g.Wo * C;
-      const uint16_t *xn = x + n * (long)H * W * src->cin;
-      if (src->w1)
-        fill_grids_pointwise(p, chunk, xn, &g, b0, src, rest, acc);
-      else
-        fill_grids(p, chunk, xn, &g, b0);
-      /* positions outer, blocks inner: each output pixel's chunk of channels is written while
-       * its cache lines are still in L1 */
-      for (long v0 = 0; v0 < g.virt; v0 += 16 * MT) {
-        const long left = (g.virt - v0 + 15) / 16;
-        const int mt = left < MT ? (int)left : MT;
-        for (int c = 0; c < chunk; ++c)
-          for (int t = 0; t < nt; ++t) {
-            const int b = b0 + c;
-            products(p[c], &g, v0, mt, wp + ((long)b * nt + t) * steps * 512);
-            for (int m = 0; m < mt; ++m)
-              store_tile(m, acc, bias, relu, yn, &g, v0 + 16 * m, b * kc + t * 16, 0, g.Ho);
-          }
-      }
+      fill(&w, chunk, x + n * (long)H * W * src->cin, &g, b0, src);
+      grouped_rows(&w, chunk, &g, b0, wp, bias, relu, y + n * (long)g.Ho * g.Wo * C, 0, g.virt,
+                   0, g.Ho);
     }
     if (ok) release();
   }
@@ -492,13 +517,12 @@ static int run_block_split(const uint16_t *x, const Source *src, const uint16_t 
                            const float *b2, const uint16_t *w3, const float *b3,
                            const uint16_t *res, uint16_t *y, int N, int H, int W, int C, int cout,
                            int cpg, int s, int threads) {
-  const int kc = block_channels(cpg), nt = kc / 16, steps = k_steps(kc);
+  const int kc = block_channels(cpg);
   const int per_unit = kc >= 32 ? 1 : 32 / kc, units = C / kc / per_unit;
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
   const Grid g = make_grid(H, W, C, kc, s, 0, Ho);
   const size_t grid_bytes = ((size_t)g.pixels * kc * 2 + 63) / 64 * 64;
   const long pixels = (long)Ho * Wo, pairs = (cout / 16 + 1) / 2;
-  const size_t rest_bytes = src->w1 ? (size_t)16 * src->cin * 2 : 64;
   /* the calling thread's buffer, shared by all (the others' slot 3 is never used here) */
   uint16_t *z = scratch(3, (size_t)((pixels + 31) / 32 * 32) * C * 2);
   if (!z) return -3;
@@ -508,36 +532,15 @@ static int run_block_split(const uint16_t *x, const Source *src, const uint16_t 
     const long at = n * pixels * cout;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-      uint16_t *grids = scratch(0, grid_bytes * per_unit);
-      uint16_t *rest = scratch(1, rest_bytes);
-      float *acc = scratch(2, 16 * 16 * sizeof(float));
-      uint16_t *p[MAX_CHUNK];
-      const int ok = grids && rest && acc;
-      if (ok) {
-        for (int c = 0; c < per_unit; ++c) p[c] = grids + c * (grid_bytes / 2);
-        configure();
-      } else {
-        failed = 1;
-      }
+      Work w;
+      const int ok = take_work(&w, per_unit, grid_bytes, src);
+      failed = !ok;
 #pragma omp for schedule(static)
       for (int unit = 0; unit < units; ++unit) {
         if (!ok) continue;
         const int b0 = unit * per_unit;
-        if (src->w1)
-          fill_grids_pointwise(p, per_unit, xn, &g, b0, src, rest, acc);
-        else
-          fill_grids(p, per_unit, xn, &g, b0);
-        for (long v0 = 0; v0 < g.virt; v0 += 16 * MT) {
-          const long left = (g.virt - v0 + 15) / 16;
-          const int mt = left < MT ? (int)left : MT;
-          for (int c = 0; c < per_unit; ++c)
-            for (int t = 0; t < nt; ++t) {
-              const int b = b0 + c;
-              products(p[c], &g, v0, mt, wp + ((long)b * nt + t) * steps * 512);
-              for (int m = 0; m < mt; ++m)
-                store_tile(m, acc, b2, 1, z, &g, v0 + 16 * m, b * kc + t * 16, 0, Ho);
-            }
-        }
+        fill(&w, per_unit, xn, &g, b0, src);
+        grouped_rows(&w, per_unit, &g, b0, wp, b2, 1, z, 0, g.virt, 0, Ho);
       }
       /* the loop's barrier: z is whole, and x has been read for the last time */
 #pragma omp for schedule(static)
@@ -545,7 +548,7 @@ static int run_block_split(const uint16_t *x, const Source *src, const uint16_t 
         if (!ok) continue;
         const int c0 = (int)pair * 32, outs = cout - c0 < 32 ? cout - c0 : 32;
         block_tail(z, pixels, C, w3 + (long)pair * 2 * (C / 32) * 512, b3 + c0, res + at + c0,
-                   y + at + c0, outs, cout, acc);
+                   y + at + c0, outs, cout, w.acc);
       }
       if (ok) release();
     }
@@ -567,7 +570,7 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
   if (N < 0 || H < 1 || W < 1 || threads < 1 || !grouped3x3_amx_supported(C, cpg, s)) return -1;
   if (C % 32 || cout < 16 || cout % 16 || !w3 || !b3 || !res) return -1;
   if (src->w1 ? src->cin < 32 || src->cin % 32 : src->cin != C) return -1;
-  const int kc = block_channels(cpg), nt = kc / 16, blocks = C / kc, steps = k_steps(kc);
+  const int kc = block_channels(cpg), blocks = C / kc;
   if (blocks > MAX_CHUNK) return -1;
   if (!grouped3x3_amx_allowed()) return -2;
   if (N == 0) return 0;
@@ -593,24 +596,15 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
   if (strip_rows < 1) strip_rows = 1;
   if (strip_rows > band_rows) strip_rows = band_rows;
   const size_t z_bytes = (size_t)(((long)strip_rows * Wo + 31) / 32 * 32) * C * 2;
-  const size_t rest_bytes = src->w1 ? (size_t)16 * src->cin * 2 : 64;
   const long items = (long)N * bands;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
-    uint16_t *grids = scratch(0, grid_bytes * blocks);
-    uint16_t *rest = scratch(1, rest_bytes);
-    float *acc = scratch(2, 16 * 16 * sizeof(float));
+    Work w;
     /* rows past a strip's pixels are read too: whatever they hold, their results are dropped */
     uint16_t *z = scratch(3, z_bytes);
-    uint16_t *p[MAX_CHUNK];
-    const int ok = grids && rest && z && acc;
-    if (ok) {
-      for (int c = 0; c < blocks; ++c) p[c] = grids + c * (grid_bytes / 2);
-      configure();
-    } else {
-      failed = 1;
-    }
+    const int ok = z && take_work(&w, blocks, grid_bytes, src);
+    failed = !ok;
 #pragma omp for schedule(static)
     for (long item = 0; item < items; ++item) {
       if (!ok) continue;
@@ -618,26 +612,12 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
       const int oh0 = (int)(item % bands) * band_rows;
       const int rows = Ho - oh0 < band_rows ? Ho - oh0 : band_rows;
       const Grid g = make_grid(H, W, C, kc, s, oh0, rows);
-      const uint16_t *xn = x + n * (long)H * W * src->cin;
-      if (src->w1)
-        fill_grids_pointwise(p, blocks, xn, &g, 0, src, rest, acc);
-      else
-        fill_grids(p, blocks, xn, &g, 0);
+      fill(&w, blocks, x + n * (long)H * W * src->cin, &g, 0, src);
       for (int sa = 0; sa < rows; sa += strip_rows) {
         const int sb = rows - sa < strip_rows ? rows : sa + strip_rows;
-        const long vend = (long)sb * g.Wv;
-        for (long v0 = (long)sa * g.Wv; v0 < vend; v0 += 16 * MT) {
-          const long left = (vend - v0 + 15) / 16;
-          const int mt = left < MT ? (int)left : MT;
-          for (int b = 0; b < blocks; ++b)
-            for (int t = 0; t < nt; ++t) {
-              products(p[b], &g, v0, mt, wp + ((long)b * nt + t) * steps * 512);
-              for (int m = 0; m < mt; ++m)
-                store_tile(m, acc, b2, 1, z, &g, v0 + 16 * m, b * kc + t * 16, sa, sb);
-            }
-        }
+        grouped_rows(&w, blocks, &g, 0, wp, b2, 1, z, (long)sa * g.Wv, (long)sb * g.Wv, sa, sb);
         const long at = (n * Ho + oh0 + sa) * (long)Wo * cout;
-        block_tail(z, (long)(sb - sa) * Wo, C, w3, b3, res + at, y + at, cout, cout, acc);
+        block_tail(z, (long)(sb - sa) * Wo, C, w3, b3, res + at, y + at, cout, cout, w.acc);
       }
     }
     if (ok) release();
