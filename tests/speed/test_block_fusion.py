@@ -406,12 +406,10 @@ def test_the_operators_refuse_an_input_that_needs_a_gradient() -> None:
         torch.ops.resnext.grouped_conv3x3_amx(x, packed, block.b2, block.groups, 1, True)
     with pytest.raises(ValueError, match="requires one"):
         torch.ops.resnext.block_amx(
-            x.detach(), None, None, packed, block.b2, block.groups, 1, tail, block.b3, x
+            x.detach(), packed, block.b2, block.groups, 1, tail, block.b3, x
         )
     with torch.no_grad():  # fine without grad mode
-        got = torch.ops.resnext.block_amx(
-            x, None, None, packed, block.b2, block.groups, 1, tail, block.b3, x
-        )
+        got = torch.ops.resnext.block_amx(x, packed, block.b2, block.groups, 1, tail, block.b3, x)
     assert _rel_err(got, block.reference(x.detach(), x.detach(), 1)) < 2**-7
 
 

@@ -77,24 +77,7 @@ class FusedBlock(nn.Module):
         self.in_place = in_place
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if self.in_place:
-            torch.ops.resnext.block_amx_(
-                residual,
-                None if x is residual else x,
-                self.pointwise,
-                self.pointwise_bias,
-                self.packed,
-                self.bias,
-                self.groups,
-                self.stride,
-                self.tail,
-                self.tail_bias,
-            )
-            return residual
-        return torch.ops.resnext.block_amx(
-            x,
-            self.pointwise,
-            self.pointwise_bias,
+        args = (
             self.packed,
             self.bias,
             self.groups,
@@ -102,7 +85,13 @@ class FusedBlock(nn.Module):
             self.tail,
             self.tail_bias,
             residual,
+            self.pointwise,
+            self.pointwise_bias,
         )
+        if self.in_place:
+            torch.ops.resnext.block_amx_(None if x is residual else x, *args)
+            return residual
+        return torch.ops.resnext.block_amx(x, *args)
 
     def extra_repr(self) -> str:
         head = "1×1 → relu → " if self.pointwise is not None else ""

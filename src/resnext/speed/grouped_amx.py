@@ -446,27 +446,8 @@ def _fake_pointwise(
     return output_for(x, stride, pointwise.shape[0] * 16)
 
 
-def _block(
-    x: torch.Tensor,
-    pointwise: torch.Tensor | None,
-    pointwise_bias: torch.Tensor | None,
-    packed: torch.Tensor,
-    bias: torch.Tensor,
-    groups: int,
-    stride: int,
-    tail: torch.Tensor,
-    tail_bias: torch.Tensor,
-    residual: torch.Tensor,
-) -> torch.Tensor:
-    return run_block_kernel(
-        x, packed, bias, groups, stride, tail, tail_bias, residual, pointwise, pointwise_bias
-    )
-
-
 def _fake_block(
     x: torch.Tensor,
-    pointwise: torch.Tensor | None,
-    pointwise_bias: torch.Tensor | None,
     packed: torch.Tensor,
     bias: torch.Tensor,
     groups: int,
@@ -474,24 +455,26 @@ def _fake_block(
     tail: torch.Tensor,
     tail_bias: torch.Tensor,
     residual: torch.Tensor,
+    pointwise: torch.Tensor | None = None,
+    pointwise_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return output_for(x, stride, tail.shape[0] * 16)
 
 
 def _block_in_place(
-    residual: torch.Tensor,
     x: torch.Tensor | None,
-    pointwise: torch.Tensor | None,
-    pointwise_bias: torch.Tensor | None,
     packed: torch.Tensor,
     bias: torch.Tensor,
     groups: int,
     stride: int,
     tail: torch.Tensor,
     tail_bias: torch.Tensor,
+    residual: torch.Tensor,
+    pointwise: torch.Tensor | None = None,
+    pointwise_bias: torch.Tensor | None = None,
 ) -> None:
-    """The block written over `residual`, for x, or for `residual` itself where x is None (an
-    identity shortcut: one tensor in, the same out)."""
+    """`run_block_kernel` written over `residual`, for x, or for `residual` itself where x is
+    None (an identity shortcut: one tensor in, the same out)."""
     run_block_kernel(
         residual if x is None else x,
         packed,
@@ -508,16 +491,16 @@ def _block_in_place(
 
 
 def _fake_block_in_place(
-    residual: torch.Tensor,
     x: torch.Tensor | None,
-    pointwise: torch.Tensor | None,
-    pointwise_bias: torch.Tensor | None,
     packed: torch.Tensor,
     bias: torch.Tensor,
     groups: int,
     stride: int,
     tail: torch.Tensor,
     tail_bias: torch.Tensor,
+    residual: torch.Tensor,
+    pointwise: torch.Tensor | None = None,
+    pointwise_bias: torch.Tensor | None = None,
 ) -> None:
     return None
 
@@ -534,15 +517,18 @@ operators.define(
     run_pointwise_kernel,
     _fake_pointwise,
 )
+# The block operators take run_block_kernel's arguments in its order.
+_BLOCK_ARGS = (
+    "Tensor packed, Tensor bias, int groups, int stride, Tensor tail, Tensor tail_bias, "
+    "{residual} residual, Tensor? pointwise=None, Tensor? pointwise_bias=None"
+)
 operators.define(
-    "block_amx(Tensor x, Tensor? pointwise, Tensor? pointwise_bias, Tensor packed, Tensor bias, "
-    "int groups, int stride, Tensor tail, Tensor tail_bias, Tensor residual) -> Tensor",
-    _block,
+    f"block_amx(Tensor x, {_BLOCK_ARGS.format(residual='Tensor')}) -> Tensor",
+    run_block_kernel,
     _fake_block,
 )
 operators.define(
-    "block_amx_(Tensor(a!) residual, Tensor? x, Tensor? pointwise, Tensor? pointwise_bias, "
-    "Tensor packed, Tensor bias, int groups, int stride, Tensor tail, Tensor tail_bias) -> ()",
+    f"block_amx_(Tensor? x, {_BLOCK_ARGS.format(residual='Tensor(a!)')}) -> ()",
     _block_in_place,
     _fake_block_in_place,
 )
