@@ -36,6 +36,7 @@ from resnext.speed.pointwise_fusion import (
     FusedPointwiseGrouped,
     FusionTracer,
     is_relu,
+    onednn_1x1,
     single_input,
 )
 
@@ -280,30 +281,27 @@ def _separate_runner(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The head, then the 1×1 as the frozen compiled graph runs it (oneDNN, prepacked weight,
     add and ReLU fused, written over the residual); eager conv2d, add and relu where the
-    prepacking op is missing."""
-    weight = tail.weight.detach().bfloat16().contiguous(memory_format=torch.channels_last)
-    assert tail.bias is not None
-    bias = tail.bias.detach().bfloat16()
-    try:
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, None
+    prepacked op is missing."""
+    weight, bias, packed = onednn_1x1(tail)
+
+    def eager(g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.conv2d(g, weight, bias) + residual)
+
+    def fused(g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, g, packed, bias, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, "relu", [None], ""
         )
 
-        def last(g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkldnn._convolution_pointwise_.binary(
-                residual, g, packed, bias, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, "relu", [None], ""
-            )
-
-        # channels_last as the real inputs: in NCHW the op falls back to an add_relu without bf16
-        last(
-            _channels_last((1, tail.in_channels, 4, 4)),
-            _channels_last((1, tail.out_channels, 4, 4)),
-        )
-    except (AttributeError, RuntimeError, NotImplementedError):
-
-        def last(g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-            return F.relu(F.conv2d(g, weight, bias) + residual)
-
+    last = eager
+    if packed is not None:
+        try:
+            # channels_last as the real inputs: in NCHW the op falls back to an add_relu
+            # without bf16
+            probe = _channels_last((1, tail.out_channels, 4, 4))
+            fused(_channels_last((1, tail.in_channels, 4, 4)), probe)
+            last = fused
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass
     return lambda x, residual: last(head(x), residual)
 
 
@@ -374,12 +372,13 @@ def _choose(
     separate_ms = time_ms(lambda x: separate(x, residual), x, repeats)
     amx = _amx_head(head)
     assert amx is not None  # _sites checked it
+    fused = FusedBlock(amx, tail)
     timed = {}
     for in_place in (False, True) if site.overwritable else (False,):
-        fused = FusedBlock(amx, tail, in_place=in_place)
-        timed[in_place] = (time_ms(lambda x, f=fused: f(x, residual), x, repeats), fused)
-    in_place = min(timed, key=lambda k: timed[k][0]) if mode == "auto" else max(timed)
-    fused_ms, fused = timed[in_place]
+        fused.in_place = in_place
+        timed[in_place] = time_ms(lambda x: fused(x, residual), x, repeats)
+    in_place = min(timed, key=timed.__getitem__) if mode == "auto" else max(timed)
+    fused.in_place, fused_ms = in_place, timed[in_place]
     chosen = "fused" if mode == "on" or fused_ms < separate_ms else "separate"
     variant = "block-in-place" if in_place else "block"
     return LayerChoice(name, shape, separate_ms, fused_ms, chosen, variant), fused

@@ -230,6 +230,8 @@ def swap_grouped_convs(
         if use:
             set_module(model, name, fast)
             fused = fuse_following_relu(model, name)
+            if amx is not None:
+                amx.relu = fast.relu  # the AMX form kept beside it applies the same ReLU
         choices.append(
             LayerChoice(
                 name,
@@ -245,15 +247,10 @@ def swap_grouped_convs(
 
 def amx_form(module: nn.Module | None) -> FastGroupedConv3x3 | None:
     """`module` as our AMX grouped kernel: itself if it is one, else the AMX form that
-    `swap_grouped_convs` kept beside a faster variant (given the module's ReLU flag), else None."""
+    `swap_grouped_convs` kept beside a faster variant (with the same ReLU flag), else None."""
     if not isinstance(module, FastGroupedConv3x3):
         return None
-    if module.variant == "amx":
-        return module
-    alternative = getattr(module, "amx_alternative", None)
-    if alternative is not None:
-        alternative.relu = module.relu  # fuse_following_relu set the flag on the chosen form
-    return alternative
+    return module if module.variant == "amx" else getattr(module, "amx_alternative", None)
 
 
 class KernelLeafTracer(fx.Tracer):

@@ -191,11 +191,10 @@ def _fuse(model: nn.Module, site: _Site, fused: FusedPointwiseGrouped) -> None:
     set_module(model, site.parent, rewritten)
 
 
-def _unfused_runner(
-    conv: nn.Conv2d, grouped: FastGroupedConv3x3
-) -> Callable[[torch.Tensor], object]:
-    """The 1×1 as the frozen compiled graph runs it (oneDNN, prepacked weight, ReLU fused), then
-    our grouped kernel; eager conv2d and relu where the prepacking op is missing."""
+def onednn_1x1(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A bias-carrying 1×1's weight (bf16, channels_last) and bias (bf16), and the weight as the
+    frozen compiled graph hands it to oneDNN's fused ops (prepacked), or None where torch lacks
+    the prepacking op."""
     weight = conv.weight.detach().bfloat16().contiguous(memory_format=torch.channels_last)
     assert conv.bias is not None
     bias = conv.bias.detach().bfloat16()
@@ -203,18 +202,33 @@ def _unfused_runner(
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
             weight.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, None
         )
-
-        def pointwise(x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, packed, bias, [0, 0], [1, 1], [1, 1], 1, "relu", [None], ""
-            )
-
-        pointwise(torch.zeros(1, conv.in_channels, 4, 4, dtype=torch.bfloat16))
     except (AttributeError, RuntimeError, NotImplementedError):
+        packed = None
+    return weight, bias, packed
 
-        def pointwise(x: torch.Tensor) -> torch.Tensor:
-            return F.relu(F.conv2d(x, weight, bias))
 
+def _unfused_runner(
+    conv: nn.Conv2d, grouped: FastGroupedConv3x3
+) -> Callable[[torch.Tensor], object]:
+    """The 1×1 as the frozen compiled graph runs it (oneDNN, prepacked weight, ReLU fused), then
+    our grouped kernel; eager conv2d and relu where the prepacked op is missing."""
+    weight, bias, packed = onednn_1x1(conv)
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.conv2d(x, weight, bias))
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, bias, [0, 0], [1, 1], [1, 1], 1, "relu", [None], ""
+        )
+
+    pointwise = eager
+    if packed is not None:
+        try:
+            fused(torch.zeros(1, conv.in_channels, 4, 4, dtype=torch.bfloat16))
+            pointwise = fused
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass
     return lambda x: grouped(pointwise(x))
 
 
