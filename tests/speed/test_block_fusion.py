@@ -3,6 +3,9 @@ front) equals torch's convolutions of the same bf16 values; its errors and `opti
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,6 +139,17 @@ def test_resnext50_block_shapes(n: int, in_place: bool) -> None:
         assert err < 2**-7, (cin, c, h, stride)
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch (and so the kernels) on `n` threads for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @needs_amx
 @pytest.mark.parametrize("threads", [3, 5])
 @pytest.mark.parametrize("stride", [1, 2])
@@ -143,12 +157,8 @@ def test_bands_split_an_image_at_any_row(threads: int, stride: int) -> None:
     """One image over more threads than rows divide evenly: bands of several output rows and a
     shorter last one, each recomputing the 1×1 on its halo rows."""
     block = _Block(64, 64, 64, 4, True, seed=threads)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         assert _check(block, 1, 64, 64, (13, 11), stride) < 2**-7
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_amx
@@ -162,15 +172,10 @@ def test_channels_split_between_threads_for_one_image(
     spread over the threads (3: uneven shares); cin = cout, so in place it overwrites x."""
     cin, c, cout = 512, 256, 512
     block = _Block(cin if first else c, c, cout, 8, first, seed=threads + first)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         for stride in (1, 2):
-            size = (5, 6)
-            err = _check(block, 1, cin if first else c, cout, size, stride, in_place)
+            err = _check(block, 1, cin if first else c, cout, (5, 6), stride, in_place)
             assert err < 2**-7, stride
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_bad_inputs_name_the_argument() -> None:
@@ -291,22 +296,14 @@ def test_a_residual_read_after_the_block_is_not_overwritten() -> None:
         assert _rel_err(model(x), want) < 2**-6
 
 
-def _randomize_bn(model: nn.Module) -> None:
-    gen = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0.0, 0.1, generator=gen)
-            m.running_var.uniform_(0.5, 2.0, generator=gen)
-            m.weight.data.uniform_(0.5, 1.5, generator=gen)
-            m.bias.data.normal_(0.0, 0.1, generator=gen)
-
-
 @needs_amx
 @pytest.mark.parametrize("name,size", [("resnext50_32x4d", 64), ("resnext29_4x16d", 32)])
-def test_optimize_fuses_every_block_and_computes_the_same_function(name: str, size: int) -> None:
+def test_optimize_fuses_every_block_and_computes_the_same_function(
+    name: str, size: int, randomize_bn: Callable[[nn.Module], None]
+) -> None:
     torch.manual_seed(8)
     model = resnext.create_model(name).eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, size, size)
     plain = optimize(model, "bf16", backend="none", example_input=x, fuse_block="off")
     fused = optimize(model, "bf16", backend="none", example_input=x, fuse_block="on")
@@ -333,10 +330,10 @@ def test_optimize_fuses_every_block_and_computes_the_same_function(name: str, si
 
 @needs_amx
 @pytest.mark.parametrize("backend", ["inductor", "jit"])
-def test_fused_blocks_compile(backend: str) -> None:
+def test_fused_blocks_compile(backend: str, randomize_bn: Callable[[nn.Module], None]) -> None:
     torch.manual_seed(9)
     model = resnext.create_model("resnext29_4x16d").eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, 32, 32)
     fast = optimize(model, "bf16", backend=backend, example_input=x, fuse_block="on")
     assert fast.block_choices and all(c.chosen == "fused" for c in fast.block_choices)

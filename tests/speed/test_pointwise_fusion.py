@@ -3,6 +3,8 @@ its packing, errors, and `optimize`'s fusion pass."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,22 +154,14 @@ def test_a_chain_in_the_root_module_is_left_as_it_is() -> None:
     assert model[2] is grouped
 
 
-def _randomize_bn(model: nn.Module) -> None:
-    gen = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0.0, 0.1, generator=gen)
-            m.running_var.uniform_(0.5, 2.0, generator=gen)
-            m.weight.data.uniform_(0.5, 1.5, generator=gen)
-            m.bias.data.normal_(0.0, 0.1, generator=gen)
-
-
 @needs_amx
 @pytest.mark.parametrize("name,size", [("resnext50_32x4d", 64), ("resnext29_4x16d", 32)])
-def test_optimize_fuses_every_block_and_computes_the_same_function(name: str, size: int) -> None:
+def test_optimize_fuses_every_block_and_computes_the_same_function(
+    name: str, size: int, randomize_bn: Callable[[nn.Module], None]
+) -> None:
     torch.manual_seed(8)
     model = resnext.create_model(name).eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, size, size)
     # block fusion off: it would replace the fused modules this test counts
     unfused = optimize(
@@ -194,10 +188,10 @@ def test_optimize_fuses_every_block_and_computes_the_same_function(name: str, si
 
 
 @needs_amx
-def test_fused_model_compiles_with_inductor() -> None:
+def test_fused_model_compiles_with_inductor(randomize_bn: Callable[[nn.Module], None]) -> None:
     torch.manual_seed(9)
     model = resnext.create_model("resnext29_4x16d").eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, 32, 32)
     fast = optimize(model, "bf16", example_input=x, fuse_pointwise="on")
     assert fast.fusion_choices and all(c.chosen == "fused" for c in fast.fusion_choices)

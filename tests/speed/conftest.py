@@ -1,0 +1,26 @@
+"""Fixtures shared by the speed tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    """Non-trivial, seeded BN statistics and affines, so that folding them changes the convs."""
+    gen = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0.0, 0.1, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+            m.bias.data.normal_(0.0, 0.1, generator=gen)
+
+
+@pytest.fixture
+def randomize_bn() -> Callable[[nn.Module], None]:
+    """Sets a model's BNs to seeded non-trivial values (see `_randomize_bn`)."""
+    return _randomize_bn
