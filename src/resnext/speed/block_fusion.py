@@ -40,7 +40,7 @@ from resnext.speed.pointwise_fusion import (
     single_input,
 )
 
-_ADDS = (operator.add, operator.iadd, torch.add)
+ADDS = (operator.add, operator.iadd, torch.add)
 
 
 class FusedBlock(nn.Module):
@@ -167,7 +167,7 @@ def _chain_after(head: fx.Node, modules: dict[str, nn.Module]) -> _Chain | None:
                     return None
                 tail = user
             nodes.append(user)
-        elif tail is not None and user.op == "call_function" and user.target in _ADDS:
+        elif tail is not None and user.op == "call_function" and user.target in ADDS:
             if user.kwargs or len(user.args) != 2 or list(user.args).count(node) != 1:
                 return None
             residual = user.args[1] if user.args[0] is node else user.args[0]
@@ -188,7 +188,7 @@ def _amx_head(module: nn.Module | None) -> FusedPointwiseGrouped | FastGroupedCo
     return module if isinstance(module, FusedPointwiseGrouped) else amx_form(module)
 
 
-def _dead_after(residual: fx.Node, add: fx.Node) -> bool:
+def dead_after(residual: fx.Node, add: fx.Node) -> bool:
     """Whether nothing in the graph reads `residual` after `add` (every other user comes first)."""
     order = {node: i for i, node in enumerate(add.graph.nodes)}
     return all(order[user] < order[add] for user in residual.users if user is not add)
@@ -207,7 +207,7 @@ class _ParentTracer(BlockTracer):
         )
 
 
-def _inputs_consumed(model: nn.Module, parents: set[str]) -> set[str]:
+def inputs_consumed(model: nn.Module, parents: set[str]) -> set[str]:
     """The parents whose input the model uses only as that parent's input, and which is not the
     model's own input (the caller's tensor): a parent may overwrite such an input. Empty where the
     model does not trace."""
@@ -228,7 +228,7 @@ def _sites(model: nn.Module) -> list[_Site]:
     sites = []
     # A chain is rewritten by replacing its parent module, so the root itself is never one.
     parents = {n.rpartition(".")[0] for n, m in model.named_modules() if _amx_head(m)} - {""}
-    consumed = _inputs_consumed(model, parents)
+    consumed = inputs_consumed(model, parents)
     for parent_name in sorted(parents):
         parent = model.get_submodule(parent_name)
         try:
@@ -248,7 +248,7 @@ def _sites(model: nn.Module) -> list[_Site]:
             once = calls[str(node.target)] == 1 and calls[tail_name] == 1
             if once and block_fusable(head, modules[tail_name]):
                 same = chain.residual is node.args[0]
-                overwritable = _dead_after(chain.residual, chain.nodes[-2]) and (
+                overwritable = dead_after(chain.residual, chain.nodes[-2]) and (
                     chain.residual.op != "placeholder" or parent_name in consumed
                 )
                 sites.append(_Site(parent_name, str(node.target), tail_name, same, overwritable))

@@ -373,7 +373,7 @@ def run_block_kernel(
             f"residual: written in place, so it must be channels_last contiguous, got strides "
             f"{residual.stride()}"
         )
-    if in_place and not same and _overlap(residual, x):
+    if in_place and not same and overlap(residual, x):
         raise ValueError("residual: written in place, so it must be x itself or not overlap it")
     x = x.contiguous(memory_format=torch.channels_last)
     residual = x if same else residual.contiguous(memory_format=torch.channels_last)
@@ -404,7 +404,7 @@ def run_block_kernel(
     return y
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the memory spans of two tensors intersect."""
     if a.numel() == 0 or b.numel() == 0:
         return False

@@ -25,27 +25,15 @@
  * grouped_amx.pack_weights as bf16 [C/kc][kc/16][steps][16][16][2] (block, 16-output tile,
  * 32-deep K step, K pair, output, pair member: AMX's VNNI layout); bias[C] float32 or NULL.
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
+#include "amx_tiles.h"
+
 #define MT 4 /* 16-pixel tiles per pass over the weights: accumulators 0-3 */
 
-typedef struct {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-} TileConfig;
-
-/* Linux hands out the AMX tile state only on request (once per process; later calls are no-ops). */
-int grouped3x3_amx_allowed(void) {
-  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
+int grouped3x3_amx_allowed(void) { return amx_request(); }
 
 /* Channels in a block, or 0 if the kernel does not take this many channels per group. */
 static int block_channels(int cpg) {
@@ -232,20 +220,6 @@ static void store_tile(int m, float *acc, const float *bias, int relu, uint16_t 
     if (++ow == g->Wv) ow = 0, ++oh;
   }
 }
-
-__attribute__((target("amx-tile,amx-bf16"))) static void configure(void) {
-  TileConfig cfg __attribute__((aligned(64)));
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  /* GCC does not see that ldtilecfg reads the whole struct: once this function was inlined into
-   * another, it dropped the row and column stores as dead (all tiles then 0 x 0, and the first
-   * tile instruction faulted). The barrier makes every byte of cfg live. */
-  __asm__ volatile("" : : "m"(cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
-__attribute__((target("amx-tile"))) static void release(void) { _tile_release(); }
 
 /* Where an item's grids get their interior from: x's own channels (the grouped convolution
  * alone), or a 1x1 convolution of x (the fused pair: ReLU(conv1x1(x) + b1) rounded to bf16, the

@@ -1,0 +1,304 @@
+"""Putting our AMX bf16×3 kernel in place of oneDNN's float32 1×1 convolutions, where faster.
+
+On the Intel Xeon with AMX, ResNeXt-50's float32 inference is bound by float32 FMAs, and 95 % of
+its FLOPs are 1×1 convolutions. `pointwise_x3` computes those on the tile unit as three bf16
+products per float32 product (~1e-5 of each product, `kernels/pointwise_x3_amx.c`). This pass
+runs on a BN-folded float32 channels_last model: it times each 1×1 convolution both ways with
+what follows it (a ReLU, or a residual add and a ReLU, which the kernel applies in its store; in
+the frozen compiled graph oneDNN fuses them the same way), and swaps where ours is faster. Where
+the graph shows the residual dead after the add, the kernel writes over it, as oneDNN's 1×1 adds
+into its residual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from resnext.errors import ConfigError
+from resnext.speed import pointwise_x3
+from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
+from resnext.speed.fold import module_call_counts, set_module
+from resnext.speed.grouped_swap import KernelLeafTracer, LayerChoice, input_shapes, time_ms
+from resnext.speed.pointwise_fusion import MODES, is_relu, single_input
+
+
+class PointwiseX3Conv(nn.Module):
+    """A float32 1×1 convolution with its bias, then optionally a residual add and a ReLU,
+    computed by `pointwise_x3` (AMX, three bf16 products per float32 product).
+
+    With `in_place` the result is written over the residual, which must then be dead after this
+    call (the pass sets it only where the graph shows that). The packed weight and bias are plain
+    attributes, as in `FastGroupedConv3x3`, so that a later ``.to(dtype)`` leaves them packed.
+    """
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, in_place: bool = False) -> None:
+        super().__init__()
+        if not eligible(conv):
+            raise ValueError(
+                "conv: expected a float32 1×1 convolution (groups 1, no padding, stride 1 or 2, "
+                f"inputs a multiple of 32, outputs of 16), got {conv}"
+            )
+        self.packed = pointwise_x3.pack(conv.weight)
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.bias = bias.detach().float().contiguous()
+        self.stride = conv.stride[0]
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.relu, self.in_place = relu, in_place
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.in_place and residual is not None:
+            torch.ops.resnext.pointwise_x3_(
+                x, self.packed, self.bias, self.stride, self.relu, residual
+            )
+            return residual
+        return torch.ops.resnext.pointwise_x3(
+            x, self.packed, self.bias, self.stride, self.relu, residual
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, bf16x3"
+            + (", relu" if self.relu else "")
+            + (", in place" if self.in_place else "")
+        )
+
+
+def eligible(module: nn.Module) -> bool:
+    """Whether `module` is a float32 Conv2d the kernel computes (1×1, groups 1, no padding)."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.weight.dtype == torch.float32
+        and module.kernel_size == (1, 1)
+        and module.padding == (0, 0)
+        and module.dilation == (1, 1)
+        and module.groups == 1
+        and module.stride[0] == module.stride[1]
+        and pointwise_x3.supports(module.in_channels, module.out_channels, module.stride[0])
+    )
+
+
+class X3Tracer(KernelLeafTracer):
+    """Keeps our kernel modules, these included, as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, PointwiseX3Conv) or super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass(frozen=True)
+class _Epilogue:
+    """What follows a 1×1 in its parent's graph that the kernel can apply in its store."""
+
+    nodes: list[fx.Node]  # identities, then [add,] ReLU; empty where nothing is fused
+    residual: fx.Node | None  # the add's other operand
+    overwritable: bool  # the residual is dead after the add: the kernel may write over it
+
+
+def _epilogue(conv: fx.Node, modules: dict[str, nn.Module], consumed: bool) -> _Epilogue:
+    """The identities, add and ReLU after `conv` (each the only user of the one before) that the
+    kernel applies: a ReLU, or an add of one other tensor and a ReLU; nothing otherwise.
+    `consumed`: the parent's input is used by nothing outside it (see `inputs_consumed`)."""
+    nodes: list[fx.Node] = []
+    node = conv
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_module" and isinstance(modules.get(str(user.target)), nn.Identity):
+            nodes.append(user)
+        elif is_relu(user, modules) and single_input(user) is node:
+            return _Epilogue([*nodes, user], None, False)
+        elif user.op == "call_function" and user.target in ADDS:
+            if user.kwargs or len(user.args) != 2 or list(user.args).count(node) != 1:
+                break
+            residual = user.args[1] if user.args[0] is node else user.args[0]
+            if not isinstance(residual, fx.Node) or len(user.users) != 1:
+                break
+            relu = next(iter(user.users))
+            if not is_relu(relu, modules) or single_input(relu) is not user:
+                break
+            overwritable = dead_after(residual, user) and (residual.op != "placeholder" or consumed)
+            return _Epilogue([*nodes, user, relu], residual, overwritable)
+        else:
+            break
+        node = user
+    return _Epilogue([], None, False)
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One eligible 1×1, called once in its parent, and the epilogue found after it."""
+
+    name: str
+    parent: str
+    child: str
+    relu: bool
+    residual: bool
+    overwritable: bool
+
+
+def _sites(model: nn.Module) -> list[_Site]:
+    """Each eligible 1×1 once, with its parent: the outermost traceable module whose own graph
+    calls it (a block, for the 1×1 in its shortcut's Sequential), and the epilogue found there.
+    Where two 1×1s end in one add (a block's last 1×1 and its projection shortcut), the later in
+    the graph (the last 1×1, so that it may write over the shortcut) applies it."""
+    names = [n for n, m in model.named_modules() if eligible(m) and "." in n]
+    parents = sorted({n.rpartition(".")[0] for n in names})
+    # a parent's callers first: a block's graph is traced through its shortcut's Sequential
+    parents = sorted(parents, key=lambda p: (p.count("."), p))
+    consumed = inputs_consumed(model, set(parents))
+    sites: dict[str, _Site] = {}
+    for parent_name in parents:
+        parent = model.get_submodule(parent_name)
+        try:
+            graph = X3Tracer().trace(parent)
+        except Exception:  # fx raises many kinds of errors on untraceable code
+            continue
+        modules = dict(parent.named_modules())
+        calls = module_call_counts(graph)
+        found: list[tuple[fx.Node, _Epilogue]] = []
+        for node in graph.nodes:
+            module = modules.get(str(node.target)) if node.op == "call_module" else None
+            full = f"{parent_name}.{node.target}"
+            if (
+                full in sites
+                or not eligible(module)
+                or calls[str(node.target)] != 1
+                or single_input(node) is None
+            ):
+                continue
+            found.append((node, _epilogue(node, modules, parent_name in consumed)))
+        claimed: set[fx.Node] = set()
+        for node, epi in reversed(found):  # the later 1×1 takes a shared add
+            if epi.residual is not None and epi.nodes[-2] in claimed:
+                epi = _Epilogue([], None, False)
+            claimed.update(epi.nodes)
+            sites[f"{parent_name}.{node.target}"] = _Site(
+                f"{parent_name}.{node.target}",
+                parent_name,
+                str(node.target),
+                bool(epi.nodes),
+                epi.residual is not None,
+                epi.overwritable,
+            )
+    return sorted(sites.values(), key=lambda site: names.index(site.name))
+
+
+def _rewrite(model: nn.Module, site: _Site, fast: PointwiseX3Conv) -> None:
+    """Put `fast` in the parent's graph in place of the 1×1 and the epilogue it applies."""
+    parent = model.get_submodule(site.parent)
+    graph = X3Tracer().trace(parent)
+    modules = dict(parent.named_modules())
+    conv = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.child)
+    epi = _epilogue(conv, modules, consumed=False)
+    if site.relu:  # else the 1×1 alone, whatever follows it (another 1×1 applies that add)
+        assert bool(epi.nodes) and (epi.residual is not None) == site.residual, site
+        last = epi.nodes[-1]
+        args = (conv.args[0],) if epi.residual is None else (conv.args[0], epi.residual)
+        with graph.inserting_before(last):
+            call = graph.call_module(site.child, args)
+        last.replace_all_uses_with(call)
+        for dead in reversed([conv, *epi.nodes]):  # each is used only by the next one
+            graph.erase_node(dead)
+    rewritten = fx.GraphModule(parent, graph, parent.__class__.__name__)
+    set_module(rewritten, site.child, fast)
+    rewritten.delete_all_unused_submodules()
+    set_module(model, site.parent, rewritten)
+
+
+def _onednn_runner(
+    conv: nn.Conv2d, relu: bool, residual: bool
+) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """The 1×1 and its epilogue as the frozen compiled graph runs them: oneDNN with a prepacked
+    weight, the ReLU (or the add and ReLU, written over the residual) fused; eager ops where the
+    prepacked op is missing."""
+    weight = conv.weight.detach().contiguous(memory_format=torch.channels_last)
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+    stride = list(conv.stride)
+
+    def eager(x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
+        y = F.conv2d(x, weight, bias, conv.stride)
+        if res is not None:
+            y = y + res
+        return F.relu(y) if relu else y
+
+    try:
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to_mkldnn(), [0, 0], stride, [1, 1], 1, None
+        )
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return eager
+
+    def onednn(x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
+        if res is not None:
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                res, x, packed, bias, [0, 0], stride, [1, 1], 1, "add", 1.0, "relu", [None], ""
+            )
+        unary = "relu" if relu else "none"
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, bias, [0, 0], stride, [1, 1], 1, unary, [None], ""
+        )
+
+    try:
+        probe = torch.randn(1, conv.in_channels, 4, 4).contiguous(memory_format=torch.channels_last)
+        out = F.conv2d(probe, weight, bias, conv.stride)
+        onednn(probe, out.clone() if residual else None)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return eager
+    return onednn
+
+
+def swap_pointwise_x3(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    in_place: bool = True,
+    repeats: int = 5,
+) -> list[LayerChoice]:
+    """Replace, in place, the float32 1×1 convolutions of `model` by `PointwiseX3Conv`.
+
+    `example` is the model's input (float32, channels_last). 'auto' times each 1×1 with its
+    epilogue both ways on its real input shape and keeps the faster; 'on' swaps every one (a
+    ConfigError if the kernel cannot run here); 'off' changes nothing. Each choice is returned as
+    a `LayerChoice` (native_ms: oneDNN, kernel_ms: ours, chosen 'kernel' or 'native', variant
+    'bf16x3' plus '+relu', '+add+relu' and ', in place' for what the kernel applies). `in_place`
+    False never writes over a residual (for torch.jit, whose optimize_for_inference does not
+    honour an operator's in-place write). The timed residuals are overwritten by the in-place
+    runs, so their values drift from call to call; only the time is kept.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"pointwise_x3: expected one of {MODES}, got {mode!r}")
+    if mode == "off" or example.dtype != torch.float32:
+        return []
+    reason = pointwise_x3.unavailable_reason()
+    if reason is not None:
+        if mode == "on":
+            raise ConfigError(f"pointwise_x3: 'on' but the kernel cannot run here: {reason}")
+        return []
+    sites = _sites(model)
+    shapes = input_shapes(model, [s.name for s in sites], example)
+    choices = []
+    for site in sites:
+        if site.name not in shapes:  # never called on this input
+            continue
+        conv = model.get_submodule(site.name)
+        overwrite = in_place and site.overwritable
+        fast = PointwiseX3Conv(conv, relu=site.relu, in_place=overwrite)
+        x = torch.randn(shapes[site.name]).contiguous(memory_format=torch.channels_last)
+        res = fast(x) if site.residual else None  # the output's shape and layout
+        native = _onednn_runner(conv, site.relu, site.residual)
+        native_ms = time_ms(lambda x, f=native, r=res: f(x, r), x, repeats)
+        kernel_ms = time_ms(lambda x, f=fast, r=res: f(x, r), x, repeats)
+        use = mode == "on" or kernel_ms < native_ms
+        if use:
+            _rewrite(model, site, fast)
+        epilogue = ("+add+relu" if site.residual else "+relu") if site.relu else ""
+        variant = "bf16x3" + epilogue + (", in place" if overwrite else "")
+        chosen = "kernel" if use else "native"
+        choices.append(
+            LayerChoice(site.name, shapes[site.name], native_ms, kernel_ms, chosen, variant)
+        )
+    return choices
