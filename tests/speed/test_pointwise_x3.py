@@ -313,3 +313,19 @@ def test_pass_modes() -> None:
     if REASON is not None:
         with pytest.raises(ConfigError, match="cannot run here"):
             swap_pointwise_x3(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU()), x, mode="on")
+
+
+@needs_amx
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_a_1x1_without_bias_is_timed_and_swapped_like_any_other(mode: str) -> None:
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1, bias=False), nn.ReLU())).eval()
+    x = _nhwc(torch.randn(2, 64, 6, 6))
+    with torch.no_grad():
+        want = model(x)
+    (choice,) = swap_pointwise_x3(model, x, mode=mode)
+    assert choice.name == "0.0" and choice.native_ms > 0 and choice.kernel_ms > 0
+    assert choice.variant == "bf16x3+relu"
+    assert isinstance(model[0].get_submodule("0"), PointwiseX3Conv) == (choice.chosen == "kernel")
+    with torch.no_grad():
+        assert _rel_err(model(x), want) < 1e-5

@@ -13,7 +13,7 @@ prepacked weight and the add and ReLU fused into it (what the frozen compiled gr
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -277,12 +277,12 @@ def _fuse(model: nn.Module, site: _Site, fused: FusedBlock) -> None:
 
 
 def _separate_runner(
-    head: nn.Module, tail: nn.Conv2d
+    head: nn.Module, tail: nn.Conv2d, tail_input: Sequence[int]
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The head, then the 1×1 as the frozen compiled graph runs it (oneDNN, prepacked weight,
     add and ReLU fused, written over the residual); eager conv2d, add and relu where the
     prepacked op is missing."""
-    weight, bias, packed = onednn_1x1(tail)
+    weight, bias, packed = onednn_1x1(tail, input_size=tail_input)
 
     def eager(g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return F.relu(F.conv2d(g, weight, bias) + residual)
@@ -368,7 +368,8 @@ def _choose(
     x = _channels_last(shape)
     out = output_for(x, head.stride, tail.out_channels).shape
     residual = x if site.residual_is_input and x.shape == out else _channels_last(tuple(out))
-    separate = _separate_runner(head, tail)
+    tail_input = (out[0], tail.in_channels, out[2], out[3])
+    separate = _separate_runner(head, tail, tail_input)
     separate_ms = time_ms(lambda x: separate(x, residual), x, repeats)
     amx = _amx_head(head)
     assert amx is not None  # _sites checked it

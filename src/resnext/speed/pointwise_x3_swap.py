@@ -12,7 +12,7 @@ into its residual.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,7 @@ from resnext.speed import pointwise_x3
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.fold import module_call_counts, set_module
 from resnext.speed.grouped_swap import KernelLeafTracer, LayerChoice, input_shapes, time_ms
-from resnext.speed.pointwise_fusion import MODES, is_relu, single_input
+from resnext.speed.pointwise_fusion import MODES, is_relu, onednn_1x1, single_input
 
 
 class PointwiseX3Conv(nn.Module):
@@ -209,13 +209,19 @@ def _rewrite(model: nn.Module, site: _Site, fast: PointwiseX3Conv) -> None:
 
 
 def _onednn_runner(
-    conv: nn.Conv2d, relu: bool, residual: bool
+    conv: nn.Conv2d, relu: bool, input_size: Sequence[int]
 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """The 1×1 and its epilogue as the frozen compiled graph runs them: oneDNN with a prepacked
-    weight, the ReLU (or the add and ReLU, written over the residual) fused; eager ops where the
-    prepacked op is missing."""
-    weight = conv.weight.detach().contiguous(memory_format=torch.channels_last)
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+    """The 1×1 and its epilogue as the frozen compiled graph runs them: oneDNN with the weight
+    prepacked for this input size, the ReLU (or the add and ReLU, written over the residual)
+    fused; eager ops where the prepacked op is missing."""
+    if conv.bias is None:  # onednn_1x1 takes a bias-carrying conv; folded BNs give every conv one
+        with_bias = nn.Conv2d(conv.in_channels, conv.out_channels, 1, conv.stride)
+        with_bias.weight.data, with_bias.bias.data = (
+            conv.weight.detach(),
+            torch.zeros_like(with_bias.bias),
+        )
+        conv = with_bias
+    weight, bias, packed = onednn_1x1(conv, torch.float32, input_size)
     stride = list(conv.stride)
 
     def eager(x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
@@ -223,13 +229,6 @@ def _onednn_runner(
         if res is not None:
             y = y + res
         return F.relu(y) if relu else y
-
-    try:
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.to_mkldnn(), [0, 0], stride, [1, 1], 1, None
-        )
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return eager
 
     def onednn(x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
         if res is not None:
@@ -241,10 +240,13 @@ def _onednn_runner(
             x, packed, bias, [0, 0], stride, [1, 1], 1, unary, [None], ""
         )
 
+    if packed is None:
+        return eager
     try:
-        probe = torch.randn(1, conv.in_channels, 4, 4).contiguous(memory_format=torch.channels_last)
-        out = F.conv2d(probe, weight, bias, conv.stride)
-        onednn(probe, out.clone() if residual else None)
+        probe = torch.randn(*input_size).contiguous(memory_format=torch.channels_last)
+        out = onednn(probe, None)
+        if relu:
+            onednn(probe, out.clone())
     except (AttributeError, RuntimeError, NotImplementedError):
         return eager
     return onednn
@@ -289,7 +291,7 @@ def swap_pointwise_x3(
         fast = PointwiseX3Conv(conv, relu=site.relu, in_place=overwrite)
         x = torch.randn(shapes[site.name]).contiguous(memory_format=torch.channels_last)
         res = fast(x) if site.residual else None  # the output's shape and layout
-        native = _onednn_runner(conv, site.relu, site.residual)
+        native = _onednn_runner(conv, site.relu, shapes[site.name])
         native_ms = time_ms(lambda x, f=native, r=res: f(x, r), x, repeats)
         kernel_ms = time_ms(lambda x, f=fast, r=res: f(x, r), x, repeats)
         use = mode == "on" or kernel_ms < native_ms
