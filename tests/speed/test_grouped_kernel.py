@@ -10,10 +10,11 @@ from torch import nn
 import resnext
 from resnext import native
 from resnext.errors import ConfigError
-from resnext.speed import grouped_amx, grouped_kernel
+from resnext.speed import grouped_amx, grouped_kernel, grouped_swap
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
+    NativeGroupedConv3x3,
     amx_form,
     fuse_following_relu,
     swap_grouped_convs,
@@ -284,3 +285,30 @@ def test_every_swapped_layer_has_an_amx_form_for_the_fusion_passes() -> None:
     assert all(m.variant == choice.variant for m in model.modules() if hasattr(m, "variant"))
     with torch.no_grad():
         assert _rel_err(amx(x), chosen(x)) < 2**-7
+
+
+@pytest.mark.skipif(
+    grouped_amx.unavailable_reason() is not None, reason="needs the AMX grouped kernel"
+)
+def test_where_onednn_wins_alone_its_conv_is_kept_with_an_amx_form_beside_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # oneDNN made to win every timing: the layer stays oneDNN's, in a form the fusion passes see
+    monkeypatch.setattr(
+        grouped_swap, "time_ms", lambda fn, x, repeats: 0.0 if isinstance(fn, nn.Conv2d) else 1.0
+    )
+    block = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1, groups=32), nn.ReLU())
+    model = nn.Sequential(block).eval().bfloat16()
+    x = torch.randn(2, 128, 9, 9).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model(x)
+    (choice,) = swap_grouped_convs(model, x, mode="auto")
+    assert choice.chosen == "native"
+    kept = model.get_submodule("0.0")
+    assert isinstance(kept, NativeGroupedConv3x3) and kept.relu  # the ReLU moved in
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    amx = amx_form(kept)
+    assert amx is not None and amx.variant == "amx" and amx.relu
+    with torch.no_grad():
+        assert torch.equal(model(x), want)  # exactly the convolution it was
+        assert _rel_err(amx(x), want) < 2**-7

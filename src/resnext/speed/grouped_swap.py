@@ -78,6 +78,26 @@ class FastGroupedConv3x3(nn.Module):
         )
 
 
+class NativeGroupedConv3x3(FastGroupedConv3x3):
+    """torch's (oneDNN's) grouped 3×3, kept where it beats our kernels alone but an AMX form
+    exists (`amx_alternative`): in this form the fusion passes still time the AMX form fused with
+    the 1×1s around it against it. Computes exactly the convolution it replaces (its ReLU too,
+    once `fuse_following_relu` has moved that in); the weight is a plain attribute as the packed
+    ones are."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False) -> None:
+        nn.Module.__init__(self)
+        self.relu = relu
+        self.groups, self.stride, self.channels = conv.groups, conv.stride[0], conv.out_channels
+        self.variant = "native"
+        self.weight = conv.weight.detach()
+        self.bias = None if conv.bias is None else conv.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight, self.bias, self.stride, 1, 1, self.groups)
+        return F.relu(y) if self.relu else y
+
+
 def variant_names(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[str, ...]:
     """The kernel variants that take `conv` with `dtype` activations (shape and dtype only; whether
     this CPU runs them is `unavailable_reason`'s question)."""
@@ -232,6 +252,14 @@ def swap_grouped_convs(
             fused = fuse_following_relu(model, name)
             if amx is not None:
                 amx.relu = fast.relu  # the AMX form kept beside it applies the same ReLU
+        elif amx is not None:
+            # oneDNN wins alone, but the AMX form fused with the 1×1s around it may still win
+            # (measured: stage 3 at batch 16 lost its blocks' fusion when oneDNN won by a hair)
+            native = NativeGroupedConv3x3(conv)
+            object.__setattr__(native, "amx_alternative", amx)
+            set_module(model, name, native)
+            fuse_following_relu(model, name)
+            amx.relu = native.relu
         choices.append(
             LayerChoice(
                 name,
