@@ -10,14 +10,14 @@ import resnext
 from resnext.errors import ConfigError
 from resnext.speed import fastpath as optimize_module
 from resnext.speed.capability import bf16_supported, cpu_capability
+from resnext.speed.conv_x3 import unavailable_reason as x3_unavailable_reason
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_kernel import unavailable_reason
-from resnext.speed.pointwise_x3 import unavailable_reason as x3_unavailable_reason
 
 # Where our grouped kernel can run, every grouped conv it takes is swapped in, so the same-function
 # tests cover it too; elsewhere they test oneDNN's path alone.
 KERNEL = "on" if unavailable_reason() is None else "off"
-# Likewise our AMX bf16×3 1×1 kernel, on CPUs with AMX.
+# Likewise our AMX bf16×3 convolution kernel, on CPUs with AMX.
 X3 = "on" if x3_unavailable_reason() is None else "off"
 
 _MAX_PARAMS = 10_000_000  # larger registry models take too long to build for a fast test
@@ -55,7 +55,7 @@ def test_fp32_same_function_every_registry_model(name: str) -> None:
     x = _small_input(model)
     with torch.no_grad():
         expected = model(x)
-    fast = optimize(model, torch.float32, backend="none", grouped_kernel=KERNEL, pointwise_x3=X3)
+    fast = optimize(model, torch.float32, backend="none", grouped_kernel=KERNEL, conv_x3=X3)
     with torch.no_grad():
         got = fast(torch.randn_like(x).copy_(x))
     assert got.dtype == torch.float32

@@ -12,10 +12,10 @@ from torch import nn
 from resnext.errors import ConfigError
 from resnext.speed.block_fusion import fuse_blocks
 from resnext.speed.capability import bf16_supported
+from resnext.speed.conv_x3_swap import swap_convs_x3
 from resnext.speed.fold import fold_batchnorm
 from resnext.speed.grouped_swap import MODES, swap_grouped_convs
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
-from resnext.speed.pointwise_x3_swap import swap_pointwise_x3
 
 BACKENDS = ("inductor", "jit", "none")
 RECOMPILE_LIMIT = 256
@@ -112,7 +112,7 @@ def optimize(
     cpp_wrapper: bool = True,
     fuse_pointwise: str = "auto",
     fuse_block: str = "auto",
-    pointwise_x3: str = "auto",
+    conv_x3: str = "auto",
 ) -> nn.Module:
     """A module computing the same function as `model` (in eval mode), faster on CPU.
 
@@ -140,12 +140,12 @@ def optimize(
     residual dead after the block (and the backend is not 'jit'), the block writes over it, as
     oneDNN's 1×1 adds into its residual. Timings: `block_choices`.
 
-    `pointwise_x3` ('auto', 'on', 'off'; float32 on CPUs with AMX) computes the 1×1
-    convolutions, with the ReLU or residual add and ReLU after them, on the AMX tile unit as three
-    bf16 products per float32 product (`resnext.speed.pointwise_x3`): float32 to ~1e-5 of each
-    product instead of float32 FMA rounding, at 1.5–3.5× oneDNN's float32 speed on the Intel Xeon
-    it was measured on. 'auto' times each layer both ways; 'off' keeps IEEE float32 FMA arithmetic
-    throughout. Timings: `pointwise_x3_choices`.
+    `conv_x3` ('auto', 'on', 'off'; float32 on CPUs with AMX) computes the dense convolutions
+    (the 1×1s, the stem, dense 3×3s), with the ReLU or residual add and ReLU after them, on the
+    AMX tile unit as three bf16 products per float32 product (`resnext.speed.conv_x3`): float32
+    to ~1e-5 of each product instead of float32 FMA rounding, at 1.3–2.5× oneDNN's float32 speed
+    on the Intel Xeon it was measured on. 'auto' times each layer both ways; 'off' keeps float32
+    FMA arithmetic throughout. Timings: `conv_x3_choices`.
 
     `cpp_wrapper` (inductor only) has inductor call its kernels from generated C++ instead of
     Python: less overhead per call, for ~5 s more compiling. Measured side by side on the Intel
@@ -160,8 +160,8 @@ def optimize(
         raise ConfigError(f"fuse_pointwise: expected one of {MODES}, got {fuse_pointwise!r}")
     if fuse_block not in MODES:
         raise ConfigError(f"fuse_block: expected one of {MODES}, got {fuse_block!r}")
-    if pointwise_x3 not in MODES:
-        raise ConfigError(f"pointwise_x3: expected one of {MODES}, got {pointwise_x3!r}")
+    if conv_x3 not in MODES:
+        raise ConfigError(f"conv_x3: expected one of {MODES}, got {conv_x3!r}")
     dtype = resolve_dtype(dtype)
     if dtype == torch.bfloat16 and not bf16_supported():
         warnings.warn(
@@ -184,12 +184,12 @@ def optimize(
         fusions = fuse_pointwise_convs(work, probe, mode=fuse_pointwise)
         # torch.jit.optimize_for_inference does not honour an operator's in-place write
         blocks = fuse_blocks(work, probe, mode=fuse_block, in_place=backend != "jit")
-        x3 = swap_pointwise_x3(work, probe, mode=pointwise_x3, in_place=backend != "jit")
+        x3 = swap_convs_x3(work, probe, mode=conv_x3, in_place=backend != "jit")
     elif grouped_kernel == "on":
         raise ConfigError("grouped_kernel: 'on' needs channels_last=True")
     eager = CastInput(work, dtype, channels_last).eval()
     eager.grouped_choices, eager.fusion_choices, eager.block_choices = choices, fusions, blocks
-    eager.pointwise_x3_choices = x3
+    eager.conv_x3_choices = x3
     if backend == "none":
         return eager
     try:
@@ -208,5 +208,5 @@ def optimize(
         )
         return eager
     fast.grouped_choices, fast.fusion_choices, fast.block_choices = choices, fusions, blocks
-    fast.pointwise_x3_choices = x3
+    fast.conv_x3_choices = x3
     return fast.eval()

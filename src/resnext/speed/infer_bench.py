@@ -84,7 +84,7 @@ def build_runner(
         # inductor-py: with inductor's Python wrapper instead of its C++ one;
         # inductor-unfused: our grouped kernels alone, nothing fused into them;
         # inductor-pointwise: with the first 1×1 fused in, but not the rest of the block;
-        # inductor-strict: float32 FMAs throughout (our AMX bf16×3 1×1 kernel off)
+        # inductor-strict: float32 FMAs throughout (our AMX bf16×3 convolutions off)
         backend = "none" if kind == "eager-fast" else kind.split("-")[0]
         mode = "off" if kind == "inductor-onednn" else "auto"
         fn = optimize(
@@ -96,7 +96,7 @@ def build_runner(
             cpp_wrapper=kind != "inductor-py",
             fuse_pointwise="off" if kind == "inductor-unfused" else "auto",
             fuse_block="off" if kind in ("inductor-unfused", "inductor-pointwise") else "auto",
-            pointwise_x3="off" if kind == "inductor-strict" else "auto",
+            conv_x3="off" if kind == "inductor-strict" else "auto",
         )
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)
@@ -157,9 +157,9 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
             blocks = getattr(fn, "block_choices", [])
             if blocks:  # each block's timings with its rest in one kernel, or separate
                 info[key]["block_choices"] = [asdict(c) for c in blocks]
-            x3 = getattr(fn, "pointwise_x3_choices", [])
-            if x3:  # each float32 1×1's timings, our bf16×3 kernel or oneDNN
-                info[key]["pointwise_x3_choices"] = [asdict(c) for c in x3]
+            x3 = getattr(fn, "conv_x3_choices", [])
+            if x3:  # each float32 convolution's timings, our bf16×3 kernel or oneDNN
+                info[key]["conv_x3_choices"] = [asdict(c) for c in x3]
             log(f"{key}: built in {build_s:.1f} s, max rel err {err:.2e}")
             runners[key] = (_torch_runner(fn, x), config.batch)
             if config.latency_rounds and variant.startswith(("inductor", "jit", "eager")):

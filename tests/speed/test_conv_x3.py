@@ -1,4 +1,4 @@
-"""The AMX bf16×3 float32 1×1 kernel keeps float32 accuracy (a bound derived from the split, not
+"""The AMX bf16×3 float32 convolution keeps float32 accuracy (a bound derived from the split, not
 from the code), its errors, and `optimize`'s pass that swaps it in."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import pointwise_x3
+from resnext.speed import conv_x3
+from resnext.speed.conv_x3_swap import ConvX3, eligible, swap_convs_x3
 from resnext.speed.fastpath import optimize
-from resnext.speed.pointwise_x3_swap import PointwiseX3Conv, eligible, swap_pointwise_x3
 
-REASON = pointwise_x3.unavailable_reason()
+REASON = conv_x3.unavailable_reason()
 needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailable: {REASON}")
 
 
@@ -44,62 +44,70 @@ def test_split_keeps_16_bits_of_each_value() -> None:
     # <= 2^-16 |t|, over values spanning float32's normal range
     gen = torch.Generator().manual_seed(0)
     t = torch.randn(100_000, generator=gen) * torch.exp2(torch.randint(-100, 100, (100_000,)))
-    hi, lo = pointwise_x3.split_bf16(t)
+    hi, lo = conv_x3.split_bf16(t)
     assert torch.equal(hi, t.to(torch.bfloat16))  # hi is torch's own bf16 rounding
     rest = (t.double() - hi.double() - lo.double()).abs()
     assert bool((rest <= 2.0**-16 * t.double().abs()).all())
     assert rest.max() > 0  # the low part does not hold everything: the bound is not vacuous
 
 
-def _case(n: int, k: int, c: int, h: int, w: int, stride: int, seed: int) -> tuple:
+def _case(
+    n: int, k: int, c: int, h: int, w: int, stride: int, seed: int, kernel: int = 1, pad: int = 0
+) -> tuple:
     gen = torch.Generator().manual_seed(seed)
     x = _nhwc(torch.randn(n, k, h, w, generator=gen))
-    weight = torch.randn(c, k, 1, 1, generator=gen) / k**0.5
+    weight = torch.randn(c, k, kernel, kernel, generator=gen) / (k * kernel * kernel) ** 0.5
     bias = torch.randn(c, generator=gen)
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    ho, wo = ((d + 2 * pad - kernel) // stride + 1 for d in (h, w))
     residual = _nhwc(torch.randn(n, c, ho, wo, generator=gen))
     return x, weight, bias, residual
 
 
-def _bound(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+def _bound(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int = 0) -> torch.Tensor:
     """Each output's error bound: the three kept products err by at most 3·2^-16 of |x w| (the
     dropped lo·lo and the two splits' remainders), plus float32 accumulation of K terms."""
-    k = x.shape[1]
-    size = F.conv2d(x.double().abs(), weight.double().abs(), stride=stride)
-    return (3 * 2.0**-16 + k * 2.0**-23) * size + 1e-6
+    depth = weight[0].numel()
+    size = F.conv2d(x.double().abs(), weight.double().abs(), stride=stride, padding=pad)
+    return (3 * 2.0**-16 + depth * 2.0**-23) * size + 1e-6
 
 
 @needs_amx
 @pytest.mark.parametrize(
-    "n,k,c,h,w,stride",
+    "n,k,c,h,w,stride,kernel,pad",
     [
-        (1, 32, 16, 1, 1, 1),  # one pixel, one K step, one output tile
-        (2, 64, 48, 9, 7, 1),  # pixels not a multiple of 32, an odd number of output tiles
-        (3, 96, 80, 11, 13, 2),  # stride 2 on odd sizes
-        (1, 2048, 1024, 3, 5, 1),  # weights over 1 MB: outputs in chunks
-        (2, 1024, 2048, 6, 6, 2),  # ResNeXt-50's stage-4 projection shortcut, chunked
-        (4, 256, 128, 8, 8, 1),  # ResNeXt-50's stage-1 first 1×1 shape
+        (1, 32, 16, 1, 1, 1, 1, 0),  # one pixel, one K step, one output tile
+        (2, 64, 48, 9, 7, 1, 1, 0),  # pixels not a multiple of 32, an odd number of output tiles
+        (3, 96, 80, 11, 13, 2, 1, 0),  # stride 2 on odd sizes
+        (1, 2048, 1024, 3, 5, 1, 1, 0),  # weights over 1 MB: outputs in chunks
+        (2, 1024, 2048, 6, 6, 2, 1, 0),  # ResNeXt-50's stage-4 projection shortcut, chunked
+        (4, 256, 128, 8, 8, 1, 1, 0),  # ResNeXt-50's stage-1 first 1×1 shape
+        (2, 3, 64, 23, 19, 2, 7, 3),  # the 7×7 stem: 147-deep patches padded to 160
+        (2, 64, 64, 9, 10, 1, 3, 1),  # a dense 3×3 (ResNet), patches past every border
+        (1, 48, 32, 7, 8, 2, 3, 1),  # stride 2, inputs not a multiple of 32
+        (1, 5, 16, 4, 3, 1, 3, 0),  # no padding, output smaller than the input
+        (1, 8, 16, 2, 9, 3, 5, 4),  # padding wider than the image: whole patch rows zero
     ],
 )
 @pytest.mark.parametrize("epilogue", ["none", "relu", "add+relu"])
 def test_kernel_keeps_float32_accuracy(
-    n: int, k: int, c: int, h: int, w: int, stride: int, epilogue: str
+    n: int, k: int, c: int, h: int, w: int, stride: int, kernel: int, pad: int, epilogue: str
 ) -> None:
-    x, weight, bias, residual = _case(n, k, c, h, w, stride, seed=k + c + h)
+    x, weight, bias, residual = _case(n, k, c, h, w, stride, k + c + h, kernel, pad)
     relu = epilogue != "none"
     res = residual if epilogue == "add+relu" else None
-    got = pointwise_x3.run(x, pointwise_x3.pack(weight), bias, stride, relu, res)
-    exact = F.conv2d(x.double(), weight.double(), bias.double(), stride)
+    got = conv_x3.run(x, conv_x3.pack(weight), bias, kernel, stride, pad, relu, res)
+    exact = F.conv2d(x.double(), weight.double(), bias.double(), stride, pad)
     if res is not None:
         exact = exact + res.double()
     if relu:
         exact = F.relu(exact)
     assert got.dtype == torch.float32 and got.shape == exact.shape
     assert got.is_contiguous(memory_format=torch.channels_last)
-    bound = _bound(x, weight, stride)
+    bound = _bound(x, weight, stride, pad)
     assert bool(((got.double() - exact).abs() <= bound).all())
     # and it is float32-class: a single bf16 product would be ~2^-8 off, 2^8 times the bound
-    one_pass = F.conv2d(x.bfloat16().double(), weight.bfloat16().double(), bias.double(), stride)
+    xb, wb = x.bfloat16().double(), weight.bfloat16().double()
+    one_pass = F.conv2d(xb, wb, bias.double(), stride, pad)
     if res is None and not relu:
         assert (one_pass - exact).abs().max() > 20 * (got.double() - exact).abs().max()
 
@@ -108,78 +116,96 @@ def test_kernel_keeps_float32_accuracy(
 def test_each_thread_count_gives_the_same_bits() -> None:
     # every output is one thread's, in one order: splitting the items differently changes nothing
     x, weight, bias, residual = _case(3, 512, 1024, 7, 9, 1, seed=5)
-    packed = pointwise_x3.pack(weight)
+    packed = conv_x3.pack(weight)
     outs = []
     for threads in (1, 2, 3):
         with _threads(threads):
-            outs.append(pointwise_x3.run(x, packed, bias, 1, True, residual))
+            outs.append(conv_x3.run(x, packed, bias, 1, 1, 0, True, residual))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 @needs_amx
 def test_in_place_writes_the_same_values_over_the_residual() -> None:
     x, weight, bias, residual = _case(2, 128, 64, 5, 6, 1, seed=6)
-    packed = pointwise_x3.pack(weight)
-    want = pointwise_x3.run(x, packed, bias, 1, True, residual)
+    packed = conv_x3.pack(weight)
+    want = conv_x3.run(x, packed, bias, 1, 1, 0, True, residual)
     target = residual.clone()
-    torch.ops.resnext.pointwise_x3_(x, packed, bias, 1, True, target)
+    torch.ops.resnext.conv_x3_(x, packed, bias, 1, 1, 0, True, target)
     assert torch.equal(target, want)
-    assert torch.equal(torch.ops.resnext.pointwise_x3(x, packed, bias, 1, True, residual), want)
+    assert torch.equal(torch.ops.resnext.conv_x3(x, packed, bias, 1, 1, 0, True, residual), want)
 
 
 @needs_amx
 def test_buffers_kept_across_calls_leave_no_trace() -> None:
     # a call on NaNs with more channels fills every thread's buffers with NaN first
     nan = _nhwc(torch.full((2, 512, 9, 9), float("nan")))
-    wide = pointwise_x3.pack(torch.randn(64, 512, 1, 1))
-    assert torch.isnan(pointwise_x3.run(nan, wide, torch.zeros(64))).all()
+    wide = conv_x3.pack(torch.randn(64, 512, 1, 1))
+    assert torch.isnan(conv_x3.run(nan, wide, torch.zeros(64))).all()
     x, weight, bias, _ = _case(1, 64, 32, 3, 3, 1, seed=7)  # 9 pixels: most rows of a tile unused
-    got = pointwise_x3.run(x, pointwise_x3.pack(weight), bias)
+    got = conv_x3.run(x, conv_x3.pack(weight), bias)
     exact = F.conv2d(x.double(), weight.double(), bias.double())
     assert bool(((got.double() - exact).abs() <= _bound(x, weight, 1)).all())
+    # a 3×3 on 3 channels: 27-value patches padded to 32 in a buffer the NaN call filled
+    nan3 = _nhwc(torch.full((2, 64, 9, 9), float("nan")))
+    wide3 = conv_x3.pack(torch.randn(64, 64, 3, 3))
+    assert torch.isnan(conv_x3.run(nan3, wide3, torch.zeros(64), 3, 1, 0)).all()  # no padding
+    x, weight, bias, _ = _case(1, 3, 16, 5, 5, 1, seed=8, kernel=3, pad=1)
+    got = conv_x3.run(x, conv_x3.pack(weight), bias, 3, 1, 1)
+    exact = F.conv2d(x.double(), weight.double(), bias.double(), 1, 1)
+    assert bool(((got.double() - exact).abs() <= _bound(x, weight, 1, 1)).all())
 
 
 @needs_amx
 def test_bad_inputs_name_the_argument() -> None:
     x, weight, bias, residual = _case(1, 64, 32, 4, 4, 1, seed=8)
-    packed = pointwise_x3.pack(weight)
+    packed = conv_x3.pack(weight)
     with pytest.raises(ValueError, match="x: expected a 4-d float32"):
-        pointwise_x3.run(x.bfloat16(), packed, bias)
+        conv_x3.run(x.bfloat16(), packed, bias)
     with pytest.raises(ValueError, match=r"packed: expected .* 128 input channels"):
-        pointwise_x3.run(_nhwc(torch.randn(1, 128, 4, 4)), packed, bias)
+        conv_x3.run(_nhwc(torch.randn(1, 128, 4, 4)), packed, bias)
     with pytest.raises(ValueError, match="bias: expected 32 float32"):
-        pointwise_x3.run(x, packed, bias[:16])
-    with pytest.raises(ValueError, match="stride: expected 1 or 2"):
-        pointwise_x3.run(x, packed, bias, 3)
+        conv_x3.run(x, packed, bias[:16])
+    with pytest.raises(ValueError, match=r"packed: expected .* a 3×3 kernel"):
+        conv_x3.run(x, packed, bias, 3)
+    with pytest.raises(ValueError, match="kernel, stride, padding: expected a supported"):
+        conv_x3.run(x, packed, bias, 1, 1, 1)  # a padded 1×1
+    with pytest.raises(ValueError, match="x: 4×4 is smaller than the 7×7 kernel"):
+        conv_x3.run(x, conv_x3.pack(torch.randn(16, 64, 7, 7)), torch.zeros(16), 7)
     with pytest.raises(ValueError, match="residual: expected shape"):
-        pointwise_x3.run(x, packed, bias, 2, True, residual)
+        conv_x3.run(x, packed, bias, 1, 2, 0, True, residual)
     with pytest.raises(ValueError, match="residual: writing in place needs a channels_last"):
-        pointwise_x3.run(x, packed, bias, 1, True, residual.contiguous(), in_place=True)
+        conv_x3.run(x, packed, bias, 1, 1, 0, True, residual.contiguous(), in_place=True)
     shared = _nhwc(torch.randn(1, 64, 4, 4))
-    square = pointwise_x3.pack(torch.randn(64, 64, 1, 1))
+    square = conv_x3.pack(torch.randn(64, 64, 1, 1))
     with pytest.raises(ValueError, match="must not share memory with x"):
-        pointwise_x3.run(shared, square, torch.zeros(64), 1, True, shared, in_place=True)
-    with pytest.raises(ValueError, match="weight: expected a \\(C, K, 1, 1\\)"):
-        pointwise_x3.pack(torch.randn(32, 64, 3, 3))
+        conv_x3.run(shared, square, torch.zeros(64), 1, 1, 0, True, shared, in_place=True)
+    with pytest.raises(ValueError, match="weight: expected a \\(C, Cin, k, k\\)"):
+        conv_x3.pack(torch.randn(32, 64, 3, 1))
     with pytest.raises(ValueError, match="weight: expected"):
-        pointwise_x3.pack(torch.randn(24, 64, 1, 1))  # outputs not a multiple of 16
+        conv_x3.pack(torch.randn(24, 64, 1, 1))  # outputs not a multiple of 16
+    with pytest.raises(ValueError, match="weight: expected"):
+        conv_x3.pack(torch.randn(32, 48, 1, 1))  # a 1×1 reads whole 32-channel steps
     needs_grad = x.clone().requires_grad_()
-    with pytest.raises(ValueError, match="pointwise_x3: an inference kernel"):
-        torch.ops.resnext.pointwise_x3(needs_grad, packed, bias, 1, False, None)
+    with pytest.raises(ValueError, match="conv_x3: an inference kernel"):
+        torch.ops.resnext.conv_x3(needs_grad, packed, bias, 1, 1, 0, False, None)
 
 
-def test_only_float32_1x1_convs_the_kernel_takes_are_eligible() -> None:
+def test_only_float32_convs_the_kernel_takes_are_eligible() -> None:
     assert eligible(nn.Conv2d(64, 32, 1))
     assert eligible(nn.Conv2d(64, 32, 1, stride=2, bias=False))
+    assert eligible(nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False))  # the stem
+    assert eligible(nn.Conv2d(64, 64, 3, padding=1))  # a dense 3×3
     assert not eligible(nn.Conv2d(64, 32, 1).bfloat16())
-    assert not eligible(nn.Conv2d(64, 32, 3, padding=1))
-    assert not eligible(nn.Conv2d(64, 32, 1, groups=2))
-    assert not eligible(nn.Conv2d(48, 32, 1))  # inputs not a multiple of 32
+    assert not eligible(nn.Conv2d(64, 64, 3, padding=1, groups=2))
+    assert not eligible(nn.Conv2d(48, 32, 1))  # a 1×1's inputs not a multiple of 32
     assert not eligible(nn.Conv2d(64, 24, 1))  # outputs not a multiple of 16
-    assert not eligible(nn.Conv2d(64, 32, 1, stride=3))
     assert not eligible(nn.Conv2d(64, 32, 1, padding=1))
-    with pytest.raises(ValueError, match="conv: expected a float32 1×1"):
-        PointwiseX3Conv(nn.Conv2d(64, 32, 3))
+    assert not eligible(nn.Conv2d(64, 32, (3, 1), padding=1))
+    assert not eligible(nn.Conv2d(64, 32, 3, padding=1, dilation=2))
+    assert not eligible(nn.Conv2d(64, 32, 3, padding="same"))
+    assert not eligible(nn.Conv2d(64, 32, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="conv: expected a float32 convolution"):
+        ConvX3(nn.Conv2d(64, 32, 3, groups=2))
 
 
 class _Bottleneck(nn.Module):
@@ -218,9 +244,10 @@ def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() 
     x = _nhwc(torch.randn(2, 3, 8, 8))
     with torch.no_grad():
         want = model(x)
-    choices = swap_pointwise_x3(model, x, mode="on")
+    choices = swap_convs_x3(model, x, mode="on")
     got = {c.name: c.variant for c in choices}
     assert got == {
+        "stem": "bf16x3",  # the model's own child: swapped alone
         "blocks.0.downsample.0": "bf16x3",  # its add is the later 1×1's
         "blocks.0.conv1": "bf16x3+relu",
         "blocks.0.conv3": "bf16x3+add+relu, in place",  # over the projection's output
@@ -230,8 +257,8 @@ def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() 
         "blocks.2.conv1": "bf16x3+relu",
         "blocks.2.conv3": "bf16x3+add+relu, in place",
     }
-    assert sum(isinstance(m, PointwiseX3Conv) for m in model.modules()) == 8
-    assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in model.modules())
+    assert sum(isinstance(m, ConvX3) for m in model.modules()) == 9
+    assert not any(isinstance(m, nn.Conv2d) for m in model.modules())
     before = x.clone()
     with torch.no_grad():
         assert _rel_err(model(x), want) < 1e-5
@@ -263,7 +290,7 @@ def test_a_residual_read_after_the_add_or_the_callers_tensor_is_not_overwritten(
         model.eval()
         with torch.no_grad():
             want = model(x)
-        choices = swap_pointwise_x3(model, x, mode="on")
+        choices = swap_convs_x3(model, x, mode="on")
         assert [c.variant for c in choices if c.name.endswith("conv3")] == [variant]
         before = x.clone()
         with torch.no_grad():
@@ -272,25 +299,26 @@ def test_a_residual_read_after_the_add_or_the_callers_tensor_is_not_overwritten(
 
 
 @needs_amx
-@pytest.mark.parametrize("name,size", [("resnext50_32x4d", 64), ("resnext29_4x16d", 32)])
+@pytest.mark.parametrize(
+    "name,size",
+    [("resnext50_32x4d", 64), ("resnext29_4x16d", 32), ("resnet29_1x64d", 32)],  # dense 3×3s
+)
 @pytest.mark.parametrize("backend", ["none", "inductor", "jit"])
-def test_optimize_swaps_every_1x1_and_computes_the_same_function(
+def test_optimize_swaps_every_dense_conv_and_computes_the_same_function(
     name: str, size: int, backend: str, randomize_bn: Callable[[nn.Module], None]
 ) -> None:
-    if backend != "none" and name == "resnext50_32x4d":
-        pytest.skip("compiling ResNeXt-50 takes too long for a fast test; ResNeXt-29 compiles")
+    if backend != "none" and name != "resnext29_4x16d":
+        pytest.skip("compiling every model takes too long for a fast test; ResNeXt-29 compiles")
     torch.manual_seed(11)
     model = resnext.create_model(name).eval()
     randomize_bn(model)
     x = torch.randn(2, 3, size, size)
-    fast = optimize(model, "fp32", backend=backend, example_input=x, pointwise_x3="on")
-    ones = [
-        n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
-    ]
-    assert sorted(c.name for c in fast.pointwise_x3_choices) == sorted(ones)
-    in_place = [c for c in fast.pointwise_x3_choices if c.variant.endswith("in place")]
+    fast = optimize(model, "fp32", backend=backend, example_input=x, conv_x3="on")
+    dense = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    assert sorted(c.name for c in fast.conv_x3_choices) == sorted(dense)  # the stem too
+    in_place = [c for c in fast.conv_x3_choices if c.variant.endswith("in place")]
     # every block's last 1×1 writes over its shortcut, except under jit
-    blocks = [c for c in fast.pointwise_x3_choices if c.name.endswith("conv3")]
+    blocks = [c for c in fast.conv_x3_choices if c.name.endswith("conv3")]
     assert len(in_place) == (0 if backend == "jit" else len(blocks))
     fresh = torch.randn(3, 3, size, size)
     mine = _nhwc(fresh.clone())  # already float32 channels_last: handed on as it is
@@ -304,15 +332,15 @@ def test_optimize_swaps_every_1x1_and_computes_the_same_function(
 def test_pass_modes() -> None:
     model = nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU())
     x = torch.randn(1, 64, 4, 4)
-    assert swap_pointwise_x3(model, x, mode="off") == []
-    assert swap_pointwise_x3(model, x.bfloat16(), mode="on") == []  # float32 only
-    with pytest.raises(ConfigError, match="pointwise_x3"):
-        swap_pointwise_x3(model, x, mode="always")
-    with pytest.raises(ConfigError, match="pointwise_x3"):
-        optimize(model, "fp32", backend="none", pointwise_x3="yes")
+    assert swap_convs_x3(model, x, mode="off") == []
+    assert swap_convs_x3(model, x.bfloat16(), mode="on") == []  # float32 only
+    with pytest.raises(ConfigError, match="conv_x3"):
+        swap_convs_x3(model, x, mode="always")
+    with pytest.raises(ConfigError, match="conv_x3"):
+        optimize(model, "fp32", backend="none", conv_x3="yes")
     if REASON is not None:
         with pytest.raises(ConfigError, match="cannot run here"):
-            swap_pointwise_x3(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU()), x, mode="on")
+            swap_convs_x3(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU()), x, mode="on")
 
 
 @needs_amx
@@ -323,9 +351,9 @@ def test_a_1x1_without_bias_is_timed_and_swapped_like_any_other(mode: str) -> No
     x = _nhwc(torch.randn(2, 64, 6, 6))
     with torch.no_grad():
         want = model(x)
-    (choice,) = swap_pointwise_x3(model, x, mode=mode)
+    (choice,) = swap_convs_x3(model, x, mode=mode)
     assert choice.name == "0.0" and choice.native_ms > 0 and choice.kernel_ms > 0
     assert choice.variant == "bf16x3+relu"
-    assert isinstance(model[0].get_submodule("0"), PointwiseX3Conv) == (choice.chosen == "kernel")
+    assert isinstance(model[0].get_submodule("0"), ConvX3) == (choice.chosen == "kernel")
     with torch.no_grad():
         assert _rel_err(model(x), want) < 1e-5

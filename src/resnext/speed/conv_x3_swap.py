@@ -1,13 +1,15 @@
-"""Putting our AMX bf16×3 kernel in place of oneDNN's float32 1×1 convolutions, where faster.
+"""Putting our AMX bf16×3 kernel in place of oneDNN's float32 convolutions, where faster.
 
-On the Intel Xeon with AMX, ResNeXt-50's float32 inference is bound by float32 FMAs, and 95 % of
-its FLOPs are 1×1 convolutions. `pointwise_x3` computes those on the tile unit as three bf16
-products per float32 product (~1e-5 of each product, `kernels/pointwise_x3_amx.c`). This pass
-runs on a BN-folded float32 channels_last model: it times each 1×1 convolution both ways with
-what follows it (a ReLU, or a residual add and a ReLU, which the kernel applies in its store; in
-the frozen compiled graph oneDNN fuses them the same way), and swaps where ours is faster. Where
-the graph shows the residual dead after the add, the kernel writes over it, as oneDNN's 1×1 adds
-into its residual.
+On the Intel Xeon with AMX, float32 inference is bound by float32 FMAs; 95 % of ResNeXt-50's
+FLOPs are 1×1 convolutions, and its 7×7 stem and ResNet-50's dense 3×3s are the rest of the
+dense ones. `conv_x3` computes them on the tile unit as three bf16 products per float32 product
+(~1e-5 of each product, `kernels/conv_x3_amx.c`). This pass runs on a BN-folded float32
+channels_last model: it times each such convolution both ways with what follows it (a ReLU, or
+a residual add and a ReLU, which the kernel applies in its store; in the frozen compiled graph
+oneDNN fuses them the same way), and swaps where ours is faster. Where the graph shows the
+residual dead after the add, the kernel writes over it, as oneDNN's 1×1 adds into its residual.
+A convolution that is a child of the model itself (torchvision's stem) is swapped alone, its
+ReLU left to the compiler: the pass rewrites a parent's graph, never the model's own.
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.errors import ConfigError
-from resnext.speed import pointwise_x3
+from resnext.speed import conv_x3
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.fold import module_call_counts, set_module
 from resnext.speed.grouped_swap import KernelLeafTracer, LayerChoice, input_shapes, time_ms
-from resnext.speed.pointwise_fusion import MODES, is_relu, onednn_1x1, single_input
+from resnext.speed.pointwise_fusion import MODES, is_relu, single_input
 
 
-class PointwiseX3Conv(nn.Module):
-    """A float32 1×1 convolution with its bias, then optionally a residual add and a ReLU,
-    computed by `pointwise_x3` (AMX, three bf16 products per float32 product).
+class ConvX3(nn.Module):
+    """A float32 convolution (groups 1) with its bias, then optionally a residual add and a ReLU,
+    computed by `conv_x3` (AMX, three bf16 products per float32 product).
 
     With `in_place` the result is written over the residual, which must then be dead after this
     call (the pass sets it only where the graph shows that). The packed weight and bias are plain
@@ -40,45 +42,52 @@ class PointwiseX3Conv(nn.Module):
         super().__init__()
         if not eligible(conv):
             raise ValueError(
-                "conv: expected a float32 1×1 convolution (groups 1, no padding, stride 1 or 2, "
-                f"inputs a multiple of 32, outputs of 16), got {conv}"
+                "conv: expected a float32 convolution the kernel takes (groups 1, square kernel, "
+                "stride and zero padding, outputs a multiple of 16, inputs of 32 for a 1×1), got "
+                f"{conv}"
             )
-        self.packed = pointwise_x3.pack(conv.weight)
+        self.packed = conv_x3.pack(conv.weight)
         bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
         self.bias = bias.detach().float().contiguous()
-        self.stride = conv.stride[0]
+        self.kernel, self.stride, self.padding = (
+            conv.kernel_size[0],
+            conv.stride[0],
+            conv.padding[0],
+        )
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.relu, self.in_place = relu, in_place
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        args = (x, self.packed, self.bias, self.kernel, self.stride, self.padding, self.relu)
         if self.in_place and residual is not None:
-            torch.ops.resnext.pointwise_x3_(
-                x, self.packed, self.bias, self.stride, self.relu, residual
-            )
+            torch.ops.resnext.conv_x3_(*args, residual)
             return residual
-        return torch.ops.resnext.pointwise_x3(
-            x, self.packed, self.bias, self.stride, self.relu, residual
-        )
+        return torch.ops.resnext.conv_x3(*args, residual)
 
     def extra_repr(self) -> str:
+        k = self.kernel
         return (
-            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, bf16x3"
+            f"{self.in_channels}, {self.out_channels}, kernel_size=({k}, {k}), "
+            f"stride={self.stride}, padding={self.padding}, bf16x3"
             + (", relu" if self.relu else "")
             + (", in place" if self.in_place else "")
         )
 
 
 def eligible(module: nn.Module) -> bool:
-    """Whether `module` is a float32 Conv2d the kernel computes (1×1, groups 1, no padding)."""
+    """Whether `module` is a float32 Conv2d the kernel computes (groups 1, square, zero padding)."""
+    if not isinstance(module, nn.Conv2d) or module.weight.dtype != torch.float32:
+        return False
+    k, s, p = module.kernel_size, module.stride, module.padding
     return (
-        isinstance(module, nn.Conv2d)
-        and module.weight.dtype == torch.float32
-        and module.kernel_size == (1, 1)
-        and module.padding == (0, 0)
+        isinstance(p, tuple)  # not 'same' or 'valid'
+        and k[0] == k[1]
+        and s[0] == s[1]
+        and p[0] == p[1]
         and module.dilation == (1, 1)
         and module.groups == 1
-        and module.stride[0] == module.stride[1]
-        and pointwise_x3.supports(module.in_channels, module.out_channels, module.stride[0])
+        and module.padding_mode == "zeros"
+        and conv_x3.supports(module.in_channels, module.out_channels, k[0], s[0], p[0])
     )
 
 
@@ -86,12 +95,12 @@ class X3Tracer(KernelLeafTracer):
     """Keeps our kernel modules, these included, as single calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, PointwiseX3Conv) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, ConvX3) or super().is_leaf_module(m, module_qualified_name)
 
 
 @dataclass(frozen=True)
 class _Epilogue:
-    """What follows a 1×1 in its parent's graph that the kernel can apply in its store."""
+    """What follows a convolution in its parent's graph that the kernel can apply in its store."""
 
     nodes: list[fx.Node]  # identities, then [add,] ReLU; empty where nothing is fused
     residual: fx.Node | None  # the add's other operand
@@ -129,7 +138,8 @@ def _epilogue(conv: fx.Node, modules: dict[str, nn.Module], consumed: bool) -> _
 
 @dataclass(frozen=True)
 class _Site:
-    """One eligible 1×1, called once in its parent, and the epilogue found after it."""
+    """One eligible convolution, called once in its parent, and the epilogue found after it (none
+    for a child of the model itself: parent '')."""
 
     name: str
     parent: str
@@ -140,12 +150,12 @@ class _Site:
 
 
 def _sites(model: nn.Module) -> list[_Site]:
-    """Each eligible 1×1 once, with its parent: the outermost traceable module whose own graph
-    calls it (a block, for the 1×1 in its shortcut's Sequential), and the epilogue found there.
-    Where two 1×1s end in one add (a block's last 1×1 and its projection shortcut), the later in
-    the graph (the last 1×1, so that it may write over the shortcut) applies it."""
-    names = [n for n, m in model.named_modules() if eligible(m) and "." in n]
-    parents = sorted({n.rpartition(".")[0] for n in names})
+    """Each eligible convolution once, with its parent: the outermost traceable module whose own
+    graph calls it (a block, for the 1×1 in its shortcut's Sequential), and the epilogue found
+    there. Where two end in one add (a block's last 1×1 and its projection shortcut), the later
+    in the graph (the last 1×1, so that it may write over the shortcut) applies it."""
+    names = [n for n, m in model.named_modules() if eligible(m)]
+    parents = sorted({n.rpartition(".")[0] for n in names} - {""})
     # a parent's callers first: a block's graph is traced through its shortcut's Sequential
     parents = sorted(parents, key=lambda p: (p.count("."), p))
     consumed = inputs_consumed(model, set(parents))
@@ -183,17 +193,24 @@ def _sites(model: nn.Module) -> list[_Site]:
                 epi.residual is not None,
                 epi.overwritable,
             )
+    for name in names:
+        if "." not in name:  # the model's own child: swapped alone
+            sites[name] = _Site(name, "", name, False, False, False)
     return sorted(sites.values(), key=lambda site: names.index(site.name))
 
 
-def _rewrite(model: nn.Module, site: _Site, fast: PointwiseX3Conv) -> None:
-    """Put `fast` in the parent's graph in place of the 1×1 and the epilogue it applies."""
+def _rewrite(model: nn.Module, site: _Site, fast: ConvX3) -> None:
+    """Put `fast` in the parent's graph in place of the convolution and the epilogue it applies
+    (the model's own child: in its place alone)."""
+    if not site.parent:
+        set_module(model, site.name, fast)
+        return
     parent = model.get_submodule(site.parent)
     graph = X3Tracer().trace(parent)
     modules = dict(parent.named_modules())
     conv = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.child)
     epi = _epilogue(conv, modules, consumed=False)
-    if site.relu:  # else the 1×1 alone, whatever follows it (another 1×1 applies that add)
+    if site.relu:  # else the conv alone, whatever follows it (another 1×1 applies that add)
         assert bool(epi.nodes) and (epi.residual is not None) == site.residual, site
         last = epi.nodes[-1]
         args = (conv.args[0],) if epi.residual is None else (conv.args[0], epi.residual)
@@ -211,21 +228,16 @@ def _rewrite(model: nn.Module, site: _Site, fast: PointwiseX3Conv) -> None:
 def _onednn_runner(
     conv: nn.Conv2d, relu: bool, input_size: Sequence[int]
 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """The 1×1 and its epilogue as the frozen compiled graph runs them: oneDNN with the weight
-    prepacked for this input size, the ReLU (or the add and ReLU, written over the residual)
-    fused; eager ops where the prepacked op is missing."""
-    if conv.bias is None:  # onednn_1x1 takes a bias-carrying conv; folded BNs give every conv one
-        with_bias = nn.Conv2d(conv.in_channels, conv.out_channels, 1, conv.stride)
-        with_bias.weight.data, with_bias.bias.data = (
-            conv.weight.detach(),
-            torch.zeros_like(with_bias.bias),
-        )
-        conv = with_bias
-    weight, bias, packed = onednn_1x1(conv, torch.float32, input_size)
-    stride = list(conv.stride)
+    """The convolution and its epilogue as the frozen compiled graph runs them: oneDNN with the
+    weight prepacked for this input size (as inductor packs it), the ReLU (or the add and ReLU,
+    written over the residual) fused; eager ops where the prepacked op is missing."""
+    weight = conv.weight.detach().contiguous(memory_format=torch.channels_last)
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+    padding, stride = list(conv.padding), list(conv.stride)
+    geometry = (padding, stride, [1, 1], 1)
 
     def eager(x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
-        y = F.conv2d(x, weight, bias, conv.stride)
+        y = F.conv2d(x, weight, bias, conv.stride, conv.padding)
         if res is not None:
             y = y + res
         return F.relu(y) if relu else y
@@ -233,16 +245,17 @@ def _onednn_runner(
     def onednn(x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
         if res is not None:
             return torch.ops.mkldnn._convolution_pointwise_.binary(
-                res, x, packed, bias, [0, 0], stride, [1, 1], 1, "add", 1.0, "relu", [None], ""
+                res, x, packed, bias, *geometry, "add", 1.0, "relu", [None], ""
             )
         unary = "relu" if relu else "none"
         return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, bias, [0, 0], stride, [1, 1], 1, unary, [None], ""
+            x, packed, bias, *geometry, unary, [None], ""
         )
 
-    if packed is None:
-        return eager
     try:
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to_mkldnn(), padding, stride, [1, 1], 1, list(input_size)
+        )
         probe = torch.randn(*input_size).contiguous(memory_format=torch.channels_last)
         out = onednn(probe, None)
         if relu:
@@ -252,7 +265,7 @@ def _onednn_runner(
     return onednn
 
 
-def swap_pointwise_x3(
+def swap_convs_x3(
     model: nn.Module,
     example: torch.Tensor,
     *,
@@ -260,10 +273,10 @@ def swap_pointwise_x3(
     in_place: bool = True,
     repeats: int = 5,
 ) -> list[LayerChoice]:
-    """Replace, in place, the float32 1×1 convolutions of `model` by `PointwiseX3Conv`.
+    """Replace, in place, the float32 convolutions of `model` the kernel takes by `ConvX3`.
 
-    `example` is the model's input (float32, channels_last). 'auto' times each 1×1 with its
-    epilogue both ways on its real input shape and keeps the faster; 'on' swaps every one (a
+    `example` is the model's input (float32, channels_last). 'auto' times each convolution with
+    its epilogue both ways on its real input shape and keeps the faster; 'on' swaps every one (a
     ConfigError if the kernel cannot run here); 'off' changes nothing. Each choice is returned as
     a `LayerChoice` (native_ms: oneDNN, kernel_ms: ours, chosen 'kernel' or 'native', variant
     'bf16x3' plus '+relu', '+add+relu' and ', in place' for what the kernel applies). `in_place`
@@ -272,13 +285,13 @@ def swap_pointwise_x3(
     runs, so their values drift from call to call; only the time is kept.
     """
     if mode not in MODES:
-        raise ConfigError(f"pointwise_x3: expected one of {MODES}, got {mode!r}")
+        raise ConfigError(f"conv_x3: expected one of {MODES}, got {mode!r}")
     if mode == "off" or example.dtype != torch.float32:
         return []
-    reason = pointwise_x3.unavailable_reason()
+    reason = conv_x3.unavailable_reason()
     if reason is not None:
         if mode == "on":
-            raise ConfigError(f"pointwise_x3: 'on' but the kernel cannot run here: {reason}")
+            raise ConfigError(f"conv_x3: 'on' but the kernel cannot run here: {reason}")
         return []
     sites = _sites(model)
     shapes = input_shapes(model, [s.name for s in sites], example)
@@ -288,7 +301,7 @@ def swap_pointwise_x3(
             continue
         conv = model.get_submodule(site.name)
         overwrite = in_place and site.overwritable
-        fast = PointwiseX3Conv(conv, relu=site.relu, in_place=overwrite)
+        fast = ConvX3(conv, relu=site.relu, in_place=overwrite)
         x = torch.randn(shapes[site.name]).contiguous(memory_format=torch.channels_last)
         res = fast(x) if site.residual else None  # the output's shape and layout
         native = _onednn_runner(conv, site.relu, shapes[site.name])

@@ -1,4 +1,4 @@
-/* float32 1x1 convolution of channels-last tensors on AMX tiles, as three bf16 products.
+/* float32 convolution (groups 1) of channels-last tensors on AMX tiles, as three bf16 products.
  *
  * Why: on the Intel Xeon this was written on, float32 FMAs peak at ~490 GFLOP/s over two cores
  * while the AMX tile product (bf16 inputs, float32 accumulation) peaks at ~7,700. A float32
@@ -9,8 +9,12 @@
  * products per float32 product, still ~5x the FMA rate, and the error of each product stays
  * within ~3 2^-16 of its size (within 1e-5 of it in practice, errors of random sign).
  *
- * The product: y[p][o] = sum_k x[pixel(p)][k] w[o][k] + bias[o] (+ residual[p][o]) (ReLU), with
- * output pixel p = (n, oh, ow) reading input pixel (n, s oh, s ow) (stride s = 1 or 2).
+ * The product: y[p][o] = sum_k patch(p)[k] w[o][k] + bias[o] (+ residual[p][o]) (ReLU). Output
+ * pixel p = (n, oh, ow) reads the kernel x kernel patch of input pixels from (n, s oh - pad,
+ * s ow - pad), zeros outside the image, as one row of K values (kernel rows, columns, channels;
+ * K = kernel^2 Cin rounded up to 32 with zeros). A 1x1 convolution's patch is the input pixel
+ * itself, read in place; a larger kernel's (the 7x7 stem, a dense 3x3) is gathered into a
+ * row first.
  *
  * Work: items of 32 output pixels (two 16-row A tiles) by a chunk of the outputs, the chunk as
  * wide as keeps its weights (hi and lo, 4 bytes a value) within ~1 MB of L2, so that a layer
@@ -19,12 +23,12 @@
  * are split into hi and lo tile rows in a buffer (the strided reads of a stride-2 layer gathered
  * there), then run 2 pixel tiles x 2 output tiles per pass over K. Each thread has two such
  * buffers and splits the next item's pixels in slices between the tile products of this one,
- * which run on asynchronously: measured on the Xeon, splitting item by item instead was 4-15 %
+ * which run on asynchronously: measured on the Xeon, splitting item by item instead was 5-22 %
  * slower, and larger items (64-256 pixels) were no faster.
  *
- * Layout: x[N][H][W][K], residual and y [N][Ho][Wo][C] float32; weights packed by
- * pointwise_x3.pack as bf16 [C/16][K/32][2][16][16][2] (output tile, 32-deep K step, hi then
- * lo, K pair, output, pair member: AMX's VNNI layout); bias[C] float32.
+ * Layout: x[N][H][W][Cin], residual and y [N][Ho][Wo][C] float32; weights packed by
+ * conv_x3.pack as bf16 [C/16][K/32][2][16][16][2] (output tile, 32-deep K step, hi then lo,
+ * K pair, output, pair member: AMX's VNNI layout); bias[C] float32.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -37,7 +41,7 @@
 #define ROWS 32 /* output pixels per item: two 16-row A tiles */
 #define CHUNK_BYTES (1L << 20)
 
-int pointwise_x3_allowed(void) { return amx_request(); }
+int conv_x3_allowed(void) { return amx_request(); }
 
 /* This thread's buffer, at least `bytes` long, 64-byte aligned, kept across calls (NULL if
  * memory runs out). */
@@ -78,33 +82,88 @@ __attribute__((target("avx512f,avx512bw"))) static inline void split32(const flo
 
 typedef struct {
   const float *x;
-  int H, W, K, s, Ho, Wo;
+  int H, W, Cin, kernel, s, pad, Ho, Wo;
+  int K;  /* the product's depth: kernel^2 Cin rounded up to a multiple of 32 */
   long M; /* output pixels: N Ho Wo */
 } Pixels;
 
-/* Input pixel of output pixel p. */
-static inline const float *pixel(const Pixels *px, long p) {
-  const long hw = (long)px->Ho * px->Wo, n = p / hw, rem = p % hw;
-  const int oh = (int)(rem / px->Wo), ow = (int)(rem % px->Wo);
-  return px->x + (((n * px->H) + (long)px->s * oh) * px->W + (long)px->s * ow) * px->K;
+/* Output pixel p's place: image n, output row and column. */
+typedef struct {
+  long n;
+  int oh, ow;
+} Place;
+
+static inline Place place(const Pixels *px, long p) {
+  const long hw = (long)px->Ho * px->Wo, rem = p % hw;
+  Place at = {p / hw, (int)(rem / px->Wo), (int)(rem % px->Wo)};
+  return at;
+}
+
+/* The next output pixel's place (rows run on into the next image). */
+static inline void advance(const Pixels *px, Place *at) {
+  if (++at->ow == px->Wo) {
+    at->ow = 0;
+    if (++at->oh == px->Ho) at->oh = 0, ++at->n;
+  }
+}
+
+/* n floats from src to dst, in masked vector moves (a patch row is a few dozen floats). */
+__attribute__((target("avx512f"))) static inline void copy_floats(float *dst, const float *src,
+                                                                   int n) {
+  for (; n >= 16; n -= 16, src += 16, dst += 16) _mm512_storeu_ps(dst, _mm512_loadu_ps(src));
+  if (n > 0) {
+    const __mmask16 m = (__mmask16)((1u << n) - 1);
+    _mm512_mask_storeu_ps(dst, m, _mm512_maskz_loadu_ps(m, src));
+  }
+}
+
+/* The patch of the output pixel at `at` as one row of K floats (kernel rows, then columns, then
+ * channels: pack's order), zeros where it reaches past the image and past kernel^2 Cin. */
+static void gather_patch(const Pixels *px, Place at, float *row) {
+  const int ih0 = px->s * at.oh - px->pad, iw0 = px->s * at.ow - px->pad;
+  const int k = px->kernel, c = px->Cin, span = k * c;
+  const int lo = iw0 < 0 ? -iw0 : 0, hi = iw0 + k > px->W ? px->W - iw0 : k; /* columns inside */
+  for (int i = 0; i < k; ++i) {
+    float *dst = row + (long)i * span;
+    const int ih = ih0 + i;
+    if (ih < 0 || ih >= px->H || hi <= lo) {
+      memset(dst, 0, (size_t)span * 4);
+      continue;
+    }
+    if (lo > 0) memset(dst, 0, (size_t)lo * c * 4);
+    if (hi < k) memset(dst + (long)hi * c, 0, (size_t)(k - hi) * c * 4);
+    copy_floats(dst + (long)lo * c, px->x + ((at.n * px->H + ih) * px->W + iw0 + lo) * c,
+                (hi - lo) * c);
+  }
+  if (k * span < px->K) memset(row + (long)k * span, 0, (size_t)(px->K - k * span) * 4);
 }
 
 /* Rows r0 .. r1 - 1 of the item of output pixels from p0, split into hi and lo, each
  * [K/32][32 rows][32] bf16, so that a K step of 16 rows is one tile load of stride 64 bytes;
- * rows past the last pixel are zeros. */
-static void split_rows(const Pixels *px, long p0, int r0, int r1, uint16_t *hi, uint16_t *lo) {
+ * rows past the last pixel are zeros. A 1x1 convolution's row is the input pixel itself; a
+ * larger kernel's is its patch, gathered into `patch` (K floats) first. */
+static void split_rows(const Pixels *px, long p0, int r0, int r1, uint16_t *hi, uint16_t *lo,
+                       float *patch) {
   const int K = px->K;
-  for (int r = r0; r < r1; ++r) {
-    const long at = r * 32L;
+  Place at = place(px, p0 + r0);
+  for (int r = r0; r < r1; ++r, advance(px, &at)) {
+    const long row = r * 32L;
     if (p0 + r >= px->M) {
       for (int k = 0; k < K; k += 32) {
-        memset(hi + at + (long)k * ROWS, 0, 64);
-        memset(lo + at + (long)k * ROWS, 0, 64);
+        memset(hi + row + (long)k * ROWS, 0, 64);
+        memset(lo + row + (long)k * ROWS, 0, 64);
       }
       continue;
     }
-    const float *src = pixel(px, p0 + r);
-    for (int k = 0; k < K; k += 32) split32(src + k, hi + at + (long)k * ROWS, lo + at + (long)k * ROWS);
+    const float *src = patch;
+    if (px->kernel == 1) {
+      const long ih = (long)px->s * at.oh, iw = (long)px->s * at.ow;
+      src = px->x + ((at.n * px->H + ih) * px->W + iw) * K;
+    } else {
+      gather_patch(px, at, patch);
+    }
+    for (int k = 0; k < K; k += 32)
+      split32(src + k, hi + row + (long)k * ROWS, lo + row + (long)k * ROWS);
   }
 }
 
@@ -178,17 +237,22 @@ static int chunk_tiles(int K, int C) {
   return (int)t;
 }
 
-/* y = ReLU?(conv1x1(x, stride s) + bias (+ residual)). residual may be y itself (the result
- * written over it: each element is read before it is written, by the same thread). Returns 0,
- * -1 for an unsupported shape, -2 if memory runs out. */
-int pointwise_x3_amx(const float *x, const uint16_t *wp, const float *bias, const float *res,
-                     float *y, int N, int H, int W, int K, int C, int s, int relu, int threads) {
-  if (N < 0 || H < 1 || W < 1 || K < 32 || K % 32 || C < 16 || C % 16 || (s != 1 && s != 2) ||
-      threads < 1)
+/* y = ReLU?(conv(x, kernel x kernel, stride s, zero padding pad) + bias (+ residual)). The
+ * residual may be y itself (the result written over it: each element is read before it is
+ * written, by the same thread). Returns 0, -1 for an unsupported shape, -2 if memory runs out. */
+int conv_x3_amx(const float *x, const uint16_t *wp, const float *bias, const float *res,
+                float *y, int N, int H, int W, int Cin, int C, int kernel, int s, int pad,
+                int relu, int threads) {
+  const int depth = kernel * kernel * Cin;
+  if (N < 0 || H < 1 || W < 1 || Cin < 1 || C < 16 || C % 16 || kernel < 1 || s < 1 || pad < 0 ||
+      pad >= kernel || threads < 1 || (kernel == 1 && (Cin % 32 || pad)) ||
+      H + 2 * pad < kernel || W + 2 * pad < kernel)
     return -1;
-  Pixels px = {x, H, W, K, s, (H - 1) / s + 1, (W - 1) / s + 1, 0};
+  Pixels px = {x, H, W, Cin, kernel, s, pad, 0, 0, (depth + 31) / 32 * 32, 0};
+  px.Ho = (H + 2 * pad - kernel) / s + 1, px.Wo = (W + 2 * pad - kernel) / s + 1;
   px.M = (long)N * px.Ho * px.Wo;
   if (px.M == 0) return 0;
+  const int K = px.K;
   const int tiles = C / 16, per_chunk = chunk_tiles(K, C), steps = K / 32;
   const long blocks = (px.M + ROWS - 1) / ROWS, chunks = (tiles + per_chunk - 1) / per_chunk;
   const long items = blocks * chunks, tile_values = (long)steps * 1024; /* hi + lo per tile */
@@ -197,15 +261,15 @@ int pointwise_x3_amx(const float *x, const uint16_t *wp, const float *bias, cons
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
     /* two items' hi and lo: the next item is split while the tile unit works on this one */
-    uint16_t *buf = scratch((size_t)A * 4 * 2 + 16 * 16 * sizeof(float));
+    uint16_t *buf = scratch((size_t)A * 4 * 2 + (16 * 16 + (size_t)K) * sizeof(float));
     const int nth = omp_get_num_threads(), me = omp_get_thread_num();
     const long first = items * me / nth, end = items * (me + 1) / nth;
     if (!buf) {
       failed = 1;
     } else if (first < end) {
-      float *acc = (float *)(buf + 4 * A);
+      float *acc = (float *)(buf + 4 * A), *patch = acc + 16 * 16;
       configure();
-      split_rows(&px, (first % blocks) * ROWS, 0, ROWS, buf, buf + A);
+      split_rows(&px, (first % blocks) * ROWS, 0, ROWS, buf, buf + A, patch);
       for (long item = first; item < end; ++item) {
         uint16_t *hi = buf + ((item - first) & 1) * 2 * A, *lo = hi + A;
         uint16_t *nhi = buf + ((item - first + 1) & 1) * 2 * A, *nlo = nhi + A;
@@ -220,7 +284,8 @@ int pointwise_x3_amx(const float *x, const uint16_t *wp, const float *bias, cons
           products(hi, lo, b0, b1, steps);
           /* the tile products run on while the core splits a share of the next item's rows */
           if (item + 1 < end)
-            split_rows(&px, np0, ROWS * unit / units, ROWS * (unit + 1) / units, nhi, nlo);
+            split_rows(&px, np0, ROWS * unit / units, ROWS * (unit + 1) / units, nhi, nlo,
+                       patch);
           for (int m = 0; m < 2; ++m)
             for (int i = 0; i <= two; ++i)
               store(2 * m + i, acc, bias, res, y, p0 + 16 * m, px.M, C, (t + i) * 16, relu);

@@ -1,0 +1,250 @@
+"""Our float32 convolution on AMX tiles as three bf16 products (`kernels/conv_x3_amx.c`).
+
+Each float32 operand is split into a bf16 high part and a bf16 low part; the product keeps
+hi·hi + hi·lo + lo·hi with float32 accumulation, which is float32 accuracy to ~1e-5 of each
+product (the C source derives the bound) at the AMX tile rate, ~5× the float32 FMA rate of the
+Intel Xeon it was written on. Takes square kernels with groups 1: 1×1 convolutions read their
+input pixels in place, larger ones (the 7×7 stem, dense 3×3s) gather each output pixel's patch.
+Exposed as ``torch.ops.resnext.conv_x3`` (a new output) and ``torch.ops.resnext.conv_x3_``
+(written over the residual). Runs only on CPUs with AMX-BF16 whose OS grants the tile state;
+`unavailable_reason` says why not elsewhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from resnext import native
+from resnext.speed import operators
+from resnext.speed.grouped_amx import FLAGS, REQUIRED_FLAGS, overlap
+
+SOURCE = Path(__file__).with_name("kernels") / "conv_x3_amx.c"
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile the kernel (unless this source, these flags and this compiler already were)."""
+    return native.build(SOURCE, FLAGS, out_dir=out_dir)
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+    lib.conv_x3_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10
+    lib.conv_x3_amx.restype = ctypes.c_int
+    lib.conv_x3_allowed.restype = ctypes.c_int
+    if not lib.conv_x3_allowed():
+        raise native.NativeUnavailable("the operating system refuses this process AMX tile state")
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _library_problem() -> str | None:
+    return native.problem(_library)
+
+
+def unavailable_reason() -> str | None:
+    """None if the kernel can run here, else why not (one line)."""
+    return _library_problem()
+
+
+def depth(in_channels: int, kernel: int) -> int:
+    """The product's depth K: a patch's kernel²·in_channels values, rounded up to 32."""
+    return -(-kernel * kernel * in_channels // 32) * 32
+
+
+def supports(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int) -> bool:
+    """Whether the kernel takes a square convolution of this shape (groups 1, zero padding)."""
+    shape_ok = (
+        in_channels >= 1
+        and out_channels >= 16
+        and out_channels % 16 == 0
+        and kernel >= 1
+        and stride >= 1
+        and 0 <= padding < kernel
+    )
+    if kernel == 1:  # read in place: whole 32-channel K steps
+        return shape_ok and in_channels % 32 == 0 and padding == 0
+    return shape_ok
+
+
+def split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 `t` as bf16 (hi, lo) with hi = bf16(t) and lo = bf16(t − hi), each rounded to
+    nearest even, as the kernel splits its inputs."""
+    hi = t.float().to(torch.bfloat16)
+    return hi, (t.float() - hi.float()).to(torch.bfloat16)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A (C, Cin, k, k) float32 weight as the kernel reads it: bf16 [C/16][K/32][2][16][16][2]
+    (16-output tile, 32-deep K step, hi then lo, K pair, output, pair member), K running over
+    kernel rows, columns and input channels, zero past k²·Cin."""
+    if (
+        weight.dim() != 4
+        or weight.shape[2] != weight.shape[3]
+        or not supports(weight.shape[1], weight.shape[0], weight.shape[2], 1, 0)
+    ):
+        raise ValueError(
+            "weight: expected a (C, Cin, k, k) weight with C a multiple of 16 (and Cin of 32 "
+            f"for k = 1), got shape {tuple(weight.shape)}"
+        )
+    out_ch, in_ch, k, _ = weight.shape
+    flat = weight.detach().float().permute(0, 2, 3, 1).reshape(out_ch, k * k * in_ch)
+    flat = torch.nn.functional.pad(flat, (0, depth(in_ch, k) - k * k * in_ch))
+    parts = []
+    for part in split_bf16(flat):
+        w = part.reshape(out_ch // 16, 16, -1, 16, 2)
+        parts.append(w.permute(0, 2, 3, 1, 4))  # (tile, step, pair, output, member)
+    return torch.stack(parts, dim=2).contiguous()
+
+
+def _check_packed(packed: torch.Tensor, in_ch: int, kernel: int) -> int:
+    """The output channels of `packed`, a ValueError naming it unless it is `pack`'s output for
+    `in_ch` input channels and this kernel size."""
+    steps = depth(in_ch, kernel) // 32
+    if (
+        packed.dtype != torch.bfloat16
+        or packed.dim() != 6
+        or packed.shape[1:] != (steps, 2, 16, 16, 2)
+        or not packed.is_contiguous()
+    ):
+        raise ValueError(
+            f"packed: expected a contiguous bf16 conv_x3.pack weight for {in_ch} input channels "
+            f"and a {kernel}×{kernel} kernel ({steps} K steps), got {packed.dtype} "
+            f"{tuple(packed.shape)}"
+        )
+    return packed.shape[0] * 16
+
+
+def _check_float_nhwc(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
+    if t.dtype != torch.float32 or t.dim() != 4 or t.device.type != "cpu":
+        raise ValueError(
+            f"{name}: expected a 4-d float32 CPU tensor, got {t.dtype} {tuple(t.shape)} on "
+            f"{t.device}"
+        )
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+
+def output_shape(
+    x_shape: tuple[int, ...], out_channels: int, kernel: int, stride: int, padding: int
+) -> tuple[int, int, int, int]:
+    """The convolution's output shape (N, C, Ho, Wo)."""
+    n, _, h, w = x_shape
+    size = [(d + 2 * padding - kernel) // stride + 1 for d in (h, w)]
+    return (n, out_channels, size[0], size[1])
+
+
+def run(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    kernel: int = 1,
+    stride: int = 1,
+    padding: int = 0,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+    in_place: bool = False,
+) -> torch.Tensor:
+    """``relu?(conv2d(x, w, bias, stride, padding) + residual)`` in float32 with `packed` =
+    pack(w), written over `residual` (channels_last, which is then returned) if `in_place`."""
+    operators.check_no_grad("conv_x3", x, residual)
+    _check_float_nhwc("x", x)
+    n, cin, h, w = x.shape
+    c = _check_packed(packed, cin, kernel)
+    if not supports(cin, c, kernel, stride, padding):
+        raise ValueError(
+            f"kernel, stride, padding: expected a supported convolution, got {kernel}×{kernel}, "
+            f"stride {stride}, padding {padding} on {cin} input channels"
+        )
+    if h + 2 * padding < kernel or w + 2 * padding < kernel:
+        raise ValueError(f"x: {h}×{w} is smaller than the {kernel}×{kernel} kernel")
+    if bias.dtype != torch.float32 or bias.numel() != c:
+        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} {bias.numel()}")
+    expected = output_shape(tuple(x.shape), c, kernel, stride, padding)
+    if residual is not None:
+        _check_float_nhwc("residual", residual, expected)
+    if in_place:
+        if residual is None or not residual.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError("residual: writing in place needs a channels_last residual")
+        if overlap(x, residual):
+            raise ValueError("residual: must not share memory with x when written in place")
+        y = residual
+    else:
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+        y = torch.empty(expected, dtype=torch.float32, memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if y.numel():
+        rc = _library().conv_x3_amx(
+            x.data_ptr(),
+            packed.data_ptr(),
+            bias.contiguous().data_ptr(),
+            None if residual is None else residual.data_ptr(),
+            y.data_ptr(),
+            n,
+            h,
+            w,
+            cin,
+            c,
+            kernel,
+            stride,
+            padding,
+            int(relu),
+            torch.get_num_threads(),
+        )
+        if rc == -2:
+            raise MemoryError("conv_x3_amx: out of memory for its per-thread buffers")
+        if rc != 0:
+            raise RuntimeError(
+                f"conv_x3_amx refused {tuple(x.shape)} → {c}, {kernel}×{kernel}, stride {stride}"
+            )
+    return y
+
+
+def _in_place(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    kernel: int,
+    stride: int,
+    padding: int,
+    relu: bool,
+    residual: torch.Tensor,
+) -> None:
+    run(x, packed, bias, kernel, stride, padding, relu, residual, in_place=True)
+
+
+def _fake(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    kernel: int,
+    stride: int,
+    padding: int,
+    relu: bool,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    shape = output_shape(tuple(x.shape), packed.shape[0] * 16, kernel, stride, padding)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def _fake_in_place(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    kernel: int,
+    stride: int,
+    padding: int,
+    relu: bool,
+    residual: torch.Tensor,
+) -> None:
+    return None
+
+
+_ARGS = "Tensor x, Tensor packed, Tensor bias, int kernel, int stride, int padding, bool relu"
+operators.define(f"conv_x3({_ARGS}, Tensor? residual) -> Tensor", run, _fake)
+operators.define(f"conv_x3_({_ARGS}, Tensor(a!) residual) -> ()", _in_place, _fake_in_place)
