@@ -1,5 +1,8 @@
 """bf16 vs fp32 top-1 agreement of the `optimize` fast path on the real ImageNet sample images.
 
+Also the float32 fast path (with its bf16×3 convolutions where the CPU has AMX) against the
+plain eval-mode model in float32: their top-1 agreement and largest relative difference.
+
 Usage: .venv/bin/python benchmarks/bench_bf16_agreement.py --root /work/shared/data/imagenet-sample
        [--model resnext50_32x4d] [--weights FILE.safetensors] [--limit 1000] [--seed 0]
        [--fuse-block auto|on|off]
@@ -47,10 +50,13 @@ def main() -> int:
         model, torch.bfloat16, backend="jit", example_input=example, fuse_block=args.fuse_block
     )
     agree, total, max_err, top5_overlap = 0, 0, 0.0, 0.0
+    plain_agree, plain_err = 0, 0.0
     for start in range(0, len(files), args.batch):
         batch = torch.stack([transform(load_rgb(p)) for p in files[start : start + args.batch]])
         with torch.no_grad():
-            a, b = fp32(batch), bf16(batch)
+            a, b, plain = fp32(batch), bf16(batch), model(batch)
+        plain_agree += int((a.argmax(1) == plain.argmax(1)).sum())
+        plain_err = max(plain_err, float((a - plain).abs().max() / plain.abs().max()))
         agree += int((a.argmax(1) == b.argmax(1)).sum())
         total += len(batch)
         max_err = max(max_err, float((a - b).abs().max() / a.abs().max()))
@@ -63,6 +69,11 @@ def main() -> int:
         "top1_agreement": agree / total,
         "top5_overlap": top5_overlap / total,
         "max_rel_err": max_err,
+        "fp32_fast_vs_plain_top1_agreement": plain_agree / total,
+        "fp32_fast_vs_plain_max_rel_err": plain_err,
+        "fp32_conv_x3_layers": sum(
+            c.chosen == "kernel" for c in getattr(fp32, "conv_x3_choices", [])
+        ),
         "weights": str(args.weights)
         if args.weights
         else f"random initialisation, seed {args.seed}",
