@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
@@ -24,3 +26,20 @@ def _randomize_bn(model: nn.Module) -> None:
 def randomize_bn() -> Callable[[nn.Module], None]:
     """Sets a model's BNs to seeded non-trivial values (see `_randomize_bn`)."""
     return _randomize_bn
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch (and so our kernels, which take torch's thread count) on `n` threads for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def on_threads() -> Callable[[int], AbstractContextManager[None]]:
+    """``with on_threads(n):`` runs the block on n threads, then restores the count."""
+    return _threads

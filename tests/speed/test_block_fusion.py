@@ -3,8 +3,8 @@ front) equals torch's convolutions of the same bf16 values; its errors and `opti
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
@@ -139,25 +139,16 @@ def test_resnext50_block_shapes(n: int, in_place: bool) -> None:
         assert err < 2**-7, (cin, c, h, stride)
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """torch (and so the kernels) on `n` threads for the block."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @needs_amx
 @pytest.mark.parametrize("threads", [3, 5])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_bands_split_an_image_at_any_row(threads: int, stride: int) -> None:
+def test_bands_split_an_image_at_any_row(
+    threads: int, stride: int, on_threads: Callable[[int], AbstractContextManager[None]]
+) -> None:
     """One image over more threads than rows divide evenly: bands of several output rows and a
     shorter last one, each recomputing the 1×1 on its halo rows."""
     block = _Block(64, 64, 64, 4, True, seed=threads)
-    with _threads(threads):
+    with on_threads(threads):
         assert _check(block, 1, 64, 64, (13, 11), stride) < 2**-7
 
 
@@ -166,13 +157,16 @@ def test_bands_split_an_image_at_any_row(threads: int, stride: int) -> None:
 @pytest.mark.parametrize("first", [False, True], ids=["from-grouped", "whole-block"])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_channels_split_between_threads_for_one_image(
-    threads: int, first: bool, in_place: bool
+    threads: int,
+    first: bool,
+    in_place: bool,
+    on_threads: Callable[[int], AbstractContextManager[None]],
 ) -> None:
     """One image whose weights outweigh it: units of 32 channels, then pairs of output tiles,
     spread over the threads (3: uneven shares); cin = cout, so in place it overwrites x."""
     cin, c, cout = 512, 256, 512
     block = _Block(cin if first else c, c, cout, 8, first, seed=threads + first)
-    with _threads(threads):
+    with on_threads(threads):
         for stride in (1, 2):
             err = _check(block, 1, cin if first else c, cout, (5, 6), stride, in_place)
             assert err < 2**-7, stride

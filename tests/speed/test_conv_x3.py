@@ -3,8 +3,8 @@ from the code), its errors, and `optimize`'s pass that swaps it in."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
@@ -27,16 +27,6 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 
 def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected.double()).abs().max() / expected.abs().max()).item()
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_split_keeps_16_bits_of_each_value() -> None:
@@ -113,13 +103,15 @@ def test_kernel_keeps_float32_accuracy(
 
 
 @needs_amx
-def test_each_thread_count_gives_the_same_bits() -> None:
+def test_each_thread_count_gives_the_same_bits(
+    on_threads: Callable[[int], AbstractContextManager[None]],
+) -> None:
     # every output is one thread's, in one order: splitting the items differently changes nothing
     x, weight, bias, residual = _case(3, 512, 1024, 7, 9, 1, seed=5)
     packed = conv_x3.pack(weight)
     outs = []
     for threads in (1, 2, 3):
-        with _threads(threads):
+        with on_threads(threads):
             outs.append(conv_x3.run(x, packed, bias, 1, 1, 0, True, residual))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 

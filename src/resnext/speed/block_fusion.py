@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from resnext.errors import ConfigError
 from resnext.speed import grouped_amx
-from resnext.speed.fold import module_call_counts, set_module
+from resnext.speed.fold import install_graph, module_call_counts
 from resnext.speed.grouped_kernel import output_for
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
@@ -270,10 +270,7 @@ def _fuse(model: nn.Module, site: _Site, fused: FusedBlock) -> None:
     relu.replace_all_uses_with(block)
     for dead in reversed([head, *chain.nodes]):  # each is used only by the next one
         graph.erase_node(dead)
-    rewritten = fx.GraphModule(parent, graph, parent.__class__.__name__)
-    set_module(rewritten, site.head, fused)
-    rewritten.delete_all_unused_submodules()
-    set_module(model, site.parent, rewritten)
+    install_graph(model, site.parent, graph, site.head, fused)
 
 
 def _separate_runner(

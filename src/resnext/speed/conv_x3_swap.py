@@ -24,7 +24,7 @@ from torch import fx, nn
 from resnext.errors import ConfigError
 from resnext.speed import conv_x3
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
-from resnext.speed.fold import module_call_counts, set_module
+from resnext.speed.fold import install_graph, module_call_counts, set_module
 from resnext.speed.grouped_swap import KernelLeafTracer, LayerChoice, input_shapes, time_ms
 from resnext.speed.pointwise_fusion import MODES, is_relu, single_input
 
@@ -219,10 +219,7 @@ def _rewrite(model: nn.Module, site: _Site, fast: ConvX3) -> None:
         last.replace_all_uses_with(call)
         for dead in reversed([conv, *epi.nodes]):  # each is used only by the next one
             graph.erase_node(dead)
-    rewritten = fx.GraphModule(parent, graph, parent.__class__.__name__)
-    set_module(rewritten, site.child, fast)
-    rewritten.delete_all_unused_submodules()
-    set_module(model, site.parent, rewritten)
+    install_graph(model, site.parent, graph, site.child, fast)
 
 
 def _onednn_runner(

@@ -75,6 +75,18 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def install_graph(
+    model: nn.Module, parent_name: str, graph: fx.Graph, child: str, module: nn.Module
+) -> None:
+    """Replace the submodule `parent_name` of `model` by its rewritten `graph`, with `module` at
+    `child` (the call the rewrite put in) and the submodules the graph no longer calls dropped."""
+    parent = model.get_submodule(parent_name)
+    rewritten = fx.GraphModule(parent, graph, parent.__class__.__name__)
+    set_module(rewritten, child, module)
+    rewritten.delete_all_unused_submodules()
+    set_module(model, parent_name, rewritten)
+
+
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """An eval-mode model (a copy unless `inplace`) with every conv→BN pair folded into the conv.
 

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from resnext.errors import ConfigError
 from resnext.speed import grouped_amx
-from resnext.speed.fold import module_call_counts, set_module
+from resnext.speed.fold import install_graph, module_call_counts
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
     KernelLeafTracer,
@@ -185,10 +185,7 @@ def _fuse(model: nn.Module, site: _Site, fused: FusedPointwiseGrouped) -> None:
     node.args = (chain[-1].args[0],)
     for dead in chain:  # the ReLU first: each is used only by the next node up the chain
         graph.erase_node(dead)
-    rewritten = fx.GraphModule(parent, graph, parent.__class__.__name__)
-    set_module(rewritten, site.grouped, fused)
-    rewritten.delete_all_unused_submodules()
-    set_module(model, site.parent, rewritten)
+    install_graph(model, site.parent, graph, site.grouped, fused)
 
 
 def onednn_1x1(

@@ -38,4 +38,14 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void configure(void) 
 
 __attribute__((target("amx-tile"))) static inline void release(void) { _tile_release(); }
 
+/* Accumulator tile m (0-3: 16 rows of 16 float32) to acc. */
+__attribute__((target("amx-tile"))) static inline void tile_to(int m, float *acc) {
+  switch (m) {
+  case 0: _tile_stored(0, acc, 64); break;
+  case 1: _tile_stored(1, acc, 64); break;
+  case 2: _tile_stored(2, acc, 64); break;
+  default: _tile_stored(3, acc, 64); break;
+  }
+}
+
 #endif

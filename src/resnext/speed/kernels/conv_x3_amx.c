@@ -203,15 +203,6 @@ __attribute__((target("amx-tile,amx-bf16"))) static void products(const uint16_t
   }
 }
 
-__attribute__((target("amx-tile"))) static void tile_to(int m, float *acc) {
-  switch (m) {
-  case 0: _tile_stored(0, acc, 64); break;
-  case 1: _tile_stored(1, acc, 64); break;
-  case 2: _tile_stored(2, acc, 64); break;
-  default: _tile_stored(3, acc, 64); break;
-  }
-}
-
 /* Accumulator m (pixels p .. p + 15, outputs c .. c + 15) + bias (+ residual), ReLU if asked,
  * into y (rows from M on dropped). */
 __attribute__((target("avx512f"))) static void store(int m, float *acc, const float *bias,

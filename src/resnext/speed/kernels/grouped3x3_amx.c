@@ -192,16 +192,6 @@ __attribute__((target("amx-tile,amx-bf16"))) static void products(const uint16_t
     }
 }
 
-/* Accumulator m (16 rows of 16 float32) to acc. */
-__attribute__((target("amx-tile"))) static void tile_to(int m, float *acc) {
-  switch (m) {
-  case 0: _tile_stored(0, acc, 64); break;
-  case 1: _tile_stored(1, acc, 64); break;
-  case 2: _tile_stored(2, acc, 64); break;
-  default: _tile_stored(3, acc, 64); break;
-  }
-}
-
 /* Accumulator m (grid positions v..v+15 x 16 outputs, float32) + bias, ReLU if asked, rounded to
  * bf16 into the output pixels that exist (ow < Wo) in output rows lo .. hi - 1, channels
  * c..c+15; output row lo is out's first (rows of Wo pixels, C channels each). */
