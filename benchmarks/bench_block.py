@@ -18,7 +18,7 @@ import torch
 
 from resnext.speed import grouped_amx
 from resnext.speed.measure import interleaved
-from resnext.speed.pointwise_fusion import onednn_1x1
+from resnext.speed.pointwise_fusion import onednn_weights
 from resnext.speed.provenance import write_results
 
 # (input channels, width, output channels, input size, stride) of ResNeXt-50 32×4d blocks
@@ -51,7 +51,7 @@ def block_variants(cin: int, c: int, cout: int, size: int, stride: int, batch: i
     tail, b3 = grouped_amx.pack_pointwise(w3), torch.randn(cout) * 0.1
     conv3 = torch.nn.Conv2d(c, cout, 1)
     conv3.weight.data, conv3.bias.data = w3, b3
-    _, b3_bf16, onednn = onednn_1x1(conv3)  # as the compiled graph hands it to oneDNN
+    _, b3_bf16, onednn = onednn_weights(conv3)  # as the compiled graph hands it to oneDNN
     # overwritten in place by the in-place ways: values drift, only the time counts
     residual = x if identity else _nhwc(batch, cout, out, out)
 

@@ -36,7 +36,7 @@ from resnext.speed.pointwise_fusion import (
     FusedPointwiseGrouped,
     FusionTracer,
     is_relu,
-    onednn_1x1,
+    onednn_weights,
     single_input,
 )
 
@@ -279,7 +279,7 @@ def _separate_runner(
     """The head, then the 1×1 as the frozen compiled graph runs it (oneDNN, prepacked weight,
     add and ReLU fused, written over the residual); eager conv2d, add and relu where the
     prepacked op is missing."""
-    weight, bias, packed = onednn_1x1(tail, input_size=tail_input)
+    weight, bias, packed = onednn_weights(tail, input_size=tail_input)
 
     def eager(g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return F.relu(F.conv2d(g, weight, bias) + residual)

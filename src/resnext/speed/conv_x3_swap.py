@@ -26,7 +26,7 @@ from resnext.speed import conv_x3
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.fold import install_graph, module_call_counts, set_module
 from resnext.speed.grouped_swap import KernelLeafTracer, LayerChoice, input_shapes, time_ms
-from resnext.speed.pointwise_fusion import MODES, is_relu, single_input
+from resnext.speed.pointwise_fusion import MODES, is_relu, onednn_weights, single_input
 
 
 class ConvX3(nn.Module):
@@ -196,7 +196,8 @@ def _sites(model: nn.Module) -> list[_Site]:
     for name in names:
         if "." not in name:  # the model's own child: swapped alone
             sites[name] = _Site(name, "", name, False, False, False)
-    return sorted(sites.values(), key=lambda site: names.index(site.name))
+    order = {name: i for i, name in enumerate(names)}
+    return sorted(sites.values(), key=lambda site: order[site.name])
 
 
 def _rewrite(model: nn.Module, site: _Site, fast: ConvX3) -> None:
@@ -228,10 +229,8 @@ def _onednn_runner(
     """The convolution and its epilogue as the frozen compiled graph runs them: oneDNN with the
     weight prepacked for this input size (as inductor packs it), the ReLU (or the add and ReLU,
     written over the residual) fused; eager ops where the prepacked op is missing."""
-    weight = conv.weight.detach().contiguous(memory_format=torch.channels_last)
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
-    padding, stride = list(conv.padding), list(conv.stride)
-    geometry = (padding, stride, [1, 1], 1)
+    weight, bias, packed = onednn_weights(conv, torch.float32, input_size)
+    geometry = (list(conv.padding), list(conv.stride), [1, 1], 1)
 
     def eager(x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
         y = F.conv2d(x, weight, bias, conv.stride, conv.padding)
@@ -249,10 +248,9 @@ def _onednn_runner(
             x, packed, bias, *geometry, unary, [None], ""
         )
 
+    if packed is None:
+        return eager
     try:
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.to_mkldnn(), padding, stride, [1, 1], 1, list(input_size)
-        )
         probe = torch.randn(*input_size).contiguous(memory_format=torch.channels_last)
         out = onednn(probe, None)
         if relu:
@@ -300,7 +298,14 @@ def swap_convs_x3(
         overwrite = in_place and site.overwritable
         fast = ConvX3(conv, relu=site.relu, in_place=overwrite)
         x = torch.randn(shapes[site.name]).contiguous(memory_format=torch.channels_last)
-        res = fast(x) if site.residual else None  # the output's shape and layout
+        out = conv_x3.output_shape(
+            x.shape, fast.out_channels, fast.kernel, fast.stride, fast.padding
+        )
+        res = (
+            torch.randn(out).contiguous(memory_format=torch.channels_last)
+            if site.residual
+            else None
+        )
         native = _onednn_runner(conv, site.relu, shapes[site.name])
         native_ms = time_ms(lambda x, f=native, r=res: f(x, r), x, repeats)
         kernel_ms = time_ms(lambda x, f=fast, r=res: f(x, r), x, repeats)

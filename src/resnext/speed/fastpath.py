@@ -143,7 +143,7 @@ def optimize(
     `conv_x3` ('auto', 'on', 'off'; float32 on CPUs with AMX) computes the dense convolutions
     (the 1×1s, the stem, dense 3×3s), with the ReLU or residual add and ReLU after them, on the
     AMX tile unit as three bf16 products per float32 product (`resnext.speed.conv_x3`): float32
-    to ~1e-5 of each product instead of float32 FMA rounding, at 1.3–2.5× oneDNN's float32 speed
+    to ~1e-5 of each product instead of float32 FMA rounding, at up to 2.9× oneDNN's float32 speed
     on the Intel Xeon it was measured on. 'auto' times each layer both ways; 'off' keeps float32
     FMA arithmetic throughout. Timings: `conv_x3_choices`.
 

@@ -188,27 +188,26 @@ def _fuse(model: nn.Module, site: _Site, fused: FusedPointwiseGrouped) -> None:
     install_graph(model, site.parent, graph, site.grouped, fused)
 
 
-def onednn_1x1(
+def onednn_weights(
     conv: nn.Conv2d,
     dtype: torch.dtype = torch.bfloat16,
     input_size: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A bias-carrying 1×1's weight (`dtype`, channels_last) and bias (`dtype`), and the weight as
-    the frozen compiled graph hands it to oneDNN's fused ops (prepacked for inputs of
-    `input_size`, as inductor packs it), or None where torch lacks the prepacking op. Without the
-    input size oneDNN may pick another algorithm: measured, float32 1024→512 at 14² and batch 1
-    took 14–19 ms instead of 0.8–1.0."""
+    """A groups-1 convolution's weight (`dtype`, channels_last) and bias (`dtype`; zeros where it
+    has none), and the weight as the frozen compiled graph hands it to oneDNN's fused ops
+    (prepacked for its padding, stride and inputs of `input_size`, as inductor packs it), or None
+    where torch lacks the prepacking op. Without the input size oneDNN may pick another
+    algorithm: measured, float32 1024→512 at 14² and batch 1 took 14–19 ms instead of 0.8–1.0."""
     weight = conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
-    assert conv.bias is not None
-    bias = conv.bias.detach().to(dtype)
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
     size = None if input_size is None else list(input_size)
     try:
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.to_mkldnn(), [0, 0], list(conv.stride), [1, 1], 1, size
+            weight.to_mkldnn(), list(conv.padding), list(conv.stride), [1, 1], 1, size
         )
     except (AttributeError, RuntimeError, NotImplementedError):
         packed = None
-    return weight, bias, packed
+    return weight, bias.to(dtype), packed
 
 
 def _unfused_runner(
@@ -216,7 +215,7 @@ def _unfused_runner(
 ) -> Callable[[torch.Tensor], object]:
     """The 1×1 as the frozen compiled graph runs it (oneDNN, prepacked weight, ReLU fused), then
     our grouped kernel; eager conv2d and relu where the prepacked op is missing."""
-    weight, bias, packed = onednn_1x1(conv, input_size=input_size)
+    weight, bias, packed = onednn_weights(conv, input_size=input_size)
 
     def eager(x: torch.Tensor) -> torch.Tensor:
         return F.relu(F.conv2d(x, weight, bias))

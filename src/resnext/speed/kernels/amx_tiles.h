@@ -1,11 +1,12 @@
-/* AMX tile set-up shared by the project's AMX kernels: the OS permission request and one tile
- * configuration (all eight tiles 16 rows of 64 bytes: 16 x 32 bf16 operands, 16 x 16 float32
- * accumulators). */
+/* What the project's AMX kernels share: the OS permission request, one tile configuration (all
+ * eight tiles 16 rows of 64 bytes: 16 x 32 bf16 operands, 16 x 16 float32 accumulators), the
+ * accumulator read-back and per-thread scratch buffers kept across calls. */
 #ifndef RESNEXT_AMX_TILES_H
 #define RESNEXT_AMX_TILES_H
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -37,6 +38,22 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void configure(void) 
 }
 
 __attribute__((target("amx-tile"))) static inline void release(void) { _tile_release(); }
+
+#define SCRATCH_SLOTS 4
+
+/* This thread's scratch buffer `slot` (< SCRATCH_SLOTS), at least `bytes` long, 64-byte aligned
+ * (NULL if memory runs out). Kept across calls (OpenMP threads live as long as the process) and
+ * grown when a call needs more: a call neither allocates nor zeroes its buffers whole. */
+static inline void *scratch(int slot, size_t bytes) {
+  static __thread void *buffer[SCRATCH_SLOTS];
+  static __thread size_t size[SCRATCH_SLOTS];
+  if (size[slot] < bytes) {
+    free(buffer[slot]);
+    buffer[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    size[slot] = buffer[slot] ? bytes : 0;
+  }
+  return buffer[slot];
+}
 
 /* Accumulator tile m (0-3: 16 rows of 16 float32) to acc. */
 __attribute__((target("amx-tile"))) static inline void tile_to(int m, float *acc) {

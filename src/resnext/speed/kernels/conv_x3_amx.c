@@ -43,19 +43,6 @@
 
 int conv_x3_allowed(void) { return amx_request(); }
 
-/* This thread's buffer, at least `bytes` long, 64-byte aligned, kept across calls (NULL if
- * memory runs out). */
-static void *scratch(size_t bytes) {
-  static __thread void *buffer;
-  static __thread size_t size;
-  if (size < bytes) {
-    free(buffer);
-    buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    size = buffer ? bytes : 0;
-  }
-  return buffer;
-}
-
 /* a rounded to bf16 (nearest, ties to even), as float32: the top 16 bits kept. Integer
  * arithmetic: this machine's AVX512-BF16 conversions are several times slower. */
 __attribute__((target("avx512f"))) static inline __m512i round_bf16(__m512i bits) {
@@ -252,7 +239,7 @@ int conv_x3_amx(const float *x, const uint16_t *wp, const float *bias, const flo
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
     /* two items' hi and lo: the next item is split while the tile unit works on this one */
-    uint16_t *buf = scratch((size_t)A * 4 * 2 + (16 * 16 + (size_t)K) * sizeof(float));
+    uint16_t *buf = scratch(0, (size_t)A * 4 * 2 + (16 * 16 + (size_t)K) * sizeof(float));
     const int nth = omp_get_num_threads(), me = omp_get_thread_num();
     const long first = items * me / nth, end = items * (me + 1) / nth;
     if (!buf) {

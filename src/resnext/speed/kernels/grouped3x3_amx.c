@@ -112,20 +112,6 @@ static void zero_padding(uint16_t *const *p, int chunk, const Grid *g) {
   }
 }
 
-/* This thread's scratch buffer `slot`, at least `bytes` long, 64-byte aligned (NULL if memory
- * runs out). Kept across calls (OpenMP threads live as long as the process) and grown when a
- * call needs more: a call neither allocates nor zeroes its grids whole. */
-static void *scratch(int slot, size_t bytes) {
-  static __thread void *buffer[4];
-  static __thread size_t size[4];
-  if (size[slot] < bytes) {
-    free(buffer[slot]);
-    buffer[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    size[slot] = buffer[slot] ? bytes : 0;
-  }
-  return buffer[slot];
-}
-
 /* P pixel of output position v's tap (0, 0). */
 static inline long grid_base(const Grid *g, long v) {
   return g->s * ((v / g->Wv) * (long)g->Wp + v % g->Wv);
