@@ -68,11 +68,13 @@ def _bound(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int = 0) -> 
         (1, 32, 16, 1, 1, 1, 1, 0),  # one pixel, one K step, one output tile
         (2, 64, 48, 9, 7, 1, 1, 0),  # pixels not a multiple of 32, an odd number of output tiles
         (3, 96, 80, 11, 13, 2, 1, 0),  # stride 2 on odd sizes
-        (1, 2048, 1024, 3, 5, 1, 1, 0),  # weights over 1 MB: outputs in chunks
+        (1, 2048, 1024, 3, 5, 1, 1, 0),  # 8 output chunks: pixels split once, shared
+        (1, 1024, 512, 3, 5, 1, 1, 0),  # 2 output chunks: pixels split per item
         (2, 1024, 2048, 6, 6, 2, 1, 0),  # ResNeXt-50's stage-4 projection shortcut, chunked
         (4, 256, 128, 8, 8, 1, 1, 0),  # ResNeXt-50's stage-1 first 1×1 shape
         (2, 3, 64, 23, 19, 2, 7, 3),  # the 7×7 stem: 147-deep patches padded to 160
         (2, 64, 64, 9, 10, 1, 3, 1),  # a dense 3×3 (ResNet), patches past every border
+        (1, 512, 160, 5, 6, 1, 3, 1),  # a wide 3×3: 4 chunks, patches gathered once, shared
         (1, 48, 32, 7, 8, 2, 3, 1),  # stride 2, inputs not a multiple of 32
         (1, 5, 16, 4, 3, 1, 3, 0),  # no padding, output smaller than the input
         (1, 8, 16, 2, 9, 3, 5, 4),  # padding wider than the image: whole patch rows zero
@@ -103,11 +105,12 @@ def test_kernel_keeps_float32_accuracy(
 
 
 @needs_amx
+@pytest.mark.parametrize("k,c", [(512, 1024), (2048, 512)])  # 2 chunks; 4 (pixels split shared)
 def test_each_thread_count_gives_the_same_bits(
-    on_threads: Callable[[int], AbstractContextManager[None]],
+    k: int, c: int, on_threads: Callable[[int], AbstractContextManager[None]]
 ) -> None:
     # every output is one thread's, in one order: splitting the items differently changes nothing
-    x, weight, bias, residual = _case(3, 512, 1024, 7, 9, 1, seed=5)
+    x, weight, bias, residual = _case(3, k, c, 7, 9, 1, seed=5)
     packed = conv_x3.pack(weight)
     outs = []
     for threads in (1, 2, 3):
