@@ -10,6 +10,7 @@ import pytest
 
 from resnext.commands import bench_cmd
 from resnext.errors import ConfigError, DataError
+from resnext.speed import peers
 from resnext.speed.measure import Timing, interleaved, ratios
 
 
@@ -38,6 +39,21 @@ def test_bench_infer_writes_results_with_provenance(tmp_path: Path) -> None:
     assert rows["resnext_tiny/eager-fast-fp32"]["max_rel_err"] < 1e-4
     assert record["config"]["batch"] == 2
     assert record["versions"]["torch"] and "git_commit" in record and "machine" in record
+
+
+def test_bench_infer_times_batch_1_for_every_variant(tmp_path: Path) -> None:
+    # ONNX Runtime where installed (OpenVINO, loaded into the test process, made a later training
+    # test crash)
+    variants = "eager,eager-fast-fp32" + (",ort-fp32" if peers.available("onnxruntime") else "")
+    args = _args(
+        ["infer", "--models", "resnext_tiny", "--variants", variants, "--batch", "2",
+         "--image-size", "32", "--rounds", "1", "--iters", "1", "--latency-rounds", "1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert bench_cmd.run(args) == 0
+    latency = _record(tmp_path)["results"]["latency_batch1"]
+    assert set(latency) == {f"resnext_tiny/{v}" for v in variants.split(",")}
+    assert all(row["median_ms"] > 0 for row in latency.values())
 
 
 def test_bench_train_runs_a_real_step(tmp_path: Path) -> None:

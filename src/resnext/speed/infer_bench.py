@@ -162,8 +162,8 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
                 info[key]["conv_x3_choices"] = [asdict(c) for c in x3]
             log(f"{key}: built in {build_s:.1f} s, max rel err {err:.2e}")
             runners[key] = (_torch_runner(fn, x), config.batch)
-            if config.latency_rounds and variant.startswith(("inductor", "jit", "eager")):
-                # Compiled variants specialise on shape: batch 1 gets its own build.
+            if config.latency_rounds:
+                # Compiled variants and peers specialise on shape: batch 1 gets its own build.
                 fn1 = fn if variant == "eager" else build_runner(variant, model, x1)[0]
                 latency[key] = (_torch_runner(fn1, x1), 1)
     timings = interleaved(runners, rounds=config.rounds, iters=config.iters)
