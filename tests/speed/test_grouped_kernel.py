@@ -295,7 +295,9 @@ def test_where_onednn_wins_alone_its_conv_is_kept_with_an_amx_form_beside_it(
 ) -> None:
     # oneDNN made to win every timing: the layer stays oneDNN's, in a form the fusion passes see
     monkeypatch.setattr(
-        grouped_swap, "time_ms", lambda fn, x, repeats: 0.0 if isinstance(fn, nn.Conv2d) else 1.0
+        grouped_swap,
+        "time_each_ms",
+        lambda fns, x, repeats: [0.0 if isinstance(fn, nn.Conv2d) else 1.0 for fn in fns],
     )
     block = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1, groups=32), nn.ReLU())
     model = nn.Sequential(block).eval().bfloat16()
@@ -312,3 +314,25 @@ def test_where_onednn_wins_alone_its_conv_is_kept_with_an_amx_form_beside_it(
     with torch.no_grad():
         assert torch.equal(model(x), want)  # exactly the convolution it was
         assert _rel_err(amx(x), want) < 2**-7
+
+
+def test_the_choosers_time_their_ways_in_turns_and_keep_each_ones_best(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a clock that jumps 10 s while way "a" runs its second timed call: a slow moment of the
+    # machine. Each way's best call is kept, so the jump decides nothing.
+    log: list[str] = []
+    now = [0.0]
+    durations = {"a": 0.003, "b": 0.002}
+
+    def way(name: str):  # type: ignore[no-untyped-def]
+        def run(x: torch.Tensor) -> None:
+            log.append(name)
+            now[0] += durations[name] + (10.0 if log.count("a") == 4 else 0.0)
+
+        return run
+
+    monkeypatch.setattr(grouped_swap.time, "perf_counter", lambda: now[0])
+    a_ms, b_ms = grouped_swap.time_each_ms([way("a"), way("b")], torch.zeros(1), repeats=3)
+    assert log == ["a", "a", "b", "b"] + ["a", "b"] * 3  # two untimed calls each, then turns
+    assert a_ms == pytest.approx(3.0) and b_ms == pytest.approx(2.0)

@@ -29,7 +29,7 @@ from resnext.speed.grouped_swap import (
     LayerChoice,
     amx_form,
     input_shapes,
-    time_ms,
+    time_each_ms,
 )
 from resnext.speed.pointwise_fusion import (
     MODES,
@@ -367,14 +367,22 @@ def _choose(
     residual = x if site.residual_is_input and x.shape == out else _channels_last(tuple(out))
     tail_input = (out[0], tail.in_channels, out[2], out[3])
     separate = _separate_runner(head, tail, tail_input)
-    separate_ms = time_ms(lambda x: separate(x, residual), x, repeats)
     amx = _amx_head(head)
     assert amx is not None  # _sites checked it
     fused = FusedBlock(amx, tail)
-    timed = {}
-    for in_place in (False, True) if site.overwritable else (False,):
-        fused.in_place = in_place
-        timed[in_place] = time_ms(lambda x: fused(x, residual), x, repeats)
+
+    def fused_run(in_place: bool) -> Callable[[torch.Tensor], object]:
+        def run(x: torch.Tensor) -> object:
+            fused.in_place = in_place
+            return fused(x, residual)
+
+        return run
+
+    ways = (False, True) if site.overwritable else (False,)
+    separate_ms, *times = time_each_ms(
+        [lambda x: separate(x, residual), *(fused_run(w) for w in ways)], x, repeats
+    )
+    timed = dict(zip(ways, times, strict=True))
     in_place = min(timed, key=timed.__getitem__) if mode == "auto" else max(timed)
     fused.in_place, fused_ms = in_place, timed[in_place]
     chosen = "fused" if mode == "on" or fused_ms < separate_ms else "separate"

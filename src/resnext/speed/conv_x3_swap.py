@@ -25,7 +25,7 @@ from resnext.errors import ConfigError
 from resnext.speed import conv_x3
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.fold import install_graph, module_call_counts, set_module
-from resnext.speed.grouped_swap import KernelLeafTracer, LayerChoice, input_shapes, time_ms
+from resnext.speed.grouped_swap import KernelLeafTracer, LayerChoice, input_shapes, time_each_ms
 from resnext.speed.pointwise_fusion import MODES, is_relu, onednn_weights, single_input
 
 
@@ -307,8 +307,9 @@ def swap_convs_x3(
             else None
         )
         native = _onednn_runner(conv, site.relu, shapes[site.name])
-        native_ms = time_ms(lambda x, f=native, r=res: f(x, r), x, repeats)
-        kernel_ms = time_ms(lambda x, f=fast, r=res: f(x, r), x, repeats)
+        native_ms, kernel_ms = time_each_ms(
+            [lambda x, f=native, r=res: f(x, r), lambda x, f=fast, r=res: f(x, r)], x, repeats
+        )
         use = mode == "on" or kernel_ms < native_ms
         if use:
             _rewrite(model, site, fast)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -157,17 +157,23 @@ class LayerChoice:
     variant: str = ""  # that variant: widening, pairs (AVX512-BF16) or amx
 
 
-def time_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -> float:
-    """The best of `repeats` timed calls of fn(x), in ms, after two untimed ones."""
+def time_each_ms(
+    fns: Sequence[Callable[[torch.Tensor], object]], x: torch.Tensor, repeats: int
+) -> list[float]:
+    """The best of `repeats` timed calls of each fn(x), in ms, after two untimed ones each; the
+    ways take turns, so that a slow moment of the machine (which moves by tens of per cent
+    within seconds) falls on all of them instead of deciding which one wins."""
+    best = [float("inf")] * len(fns)
     with torch.no_grad():
-        for _ in range(2):
+        for fn in fns:
             fn(x)
-        best = float("inf")
+            fn(x)
         for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x)
-            best = min(best, time.perf_counter() - start)
-    return best * 1e3
+            for i, fn in enumerate(fns):
+                start = time.perf_counter()
+                fn(x)
+                best[i] = min(best[i], time.perf_counter() - start)
+    return [b * 1e3 for b in best]
 
 
 def input_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
@@ -228,18 +234,13 @@ def swap_grouped_convs(
         x = torch.randn(shapes[name], dtype=example.dtype).contiguous(
             memory_format=torch.channels_last
         )
-        native_ms = time_ms(conv, x, repeats)
         # Which variant is fastest depends on the CPU (measured: the AVX512-BF16 pair kernel is
         # 4x slower per instruction on an Intel Xeon with AMX, where the AMX kernel wins).
-        fast, kernel_ms, amx = None, float("inf"), None
-        for variant in variants:
-            candidate = FastGroupedConv3x3(conv, dtype=example.dtype, variant=variant)
-            ms = time_ms(candidate, x, repeats)
-            if ms < kernel_ms:
-                fast, kernel_ms = candidate, ms
-            if variant == "amx":
-                amx = candidate
-        assert fast is not None
+        candidates = [FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants]
+        native_ms, *times = time_each_ms([conv, *candidates], x, repeats)
+        kernel_ms = min(times)
+        fast = candidates[times.index(kernel_ms)]
+        amx = candidates[variants.index("amx")] if "amx" in variants else None
         if amx is not None and fast is not amx:
             # Kept for the fusion passes: a fused kernel built on the AMX form can beat this
             # variant plus the 1×1s around it (measured: stage 1 at batch 1, where the AVX-512

@@ -26,7 +26,7 @@ from resnext.speed.grouped_swap import (
     LayerChoice,
     amx_form,
     input_shapes,
-    time_ms,
+    time_each_ms,
 )
 
 MODES = ("auto", "on", "off")
@@ -267,8 +267,9 @@ def fuse_pointwise_convs(
         x = torch.randn(shapes[name], dtype=torch.bfloat16).contiguous(
             memory_format=torch.channels_last
         )
-        separate_ms = time_ms(_unfused_runner(conv, grouped, x.shape), x, repeats)
-        fused_ms = time_ms(fused, x, repeats)
+        separate_ms, fused_ms = time_each_ms(
+            [_unfused_runner(conv, grouped, x.shape), fused], x, repeats
+        )
         use = mode == "on" or fused_ms < separate_ms
         if use:
             _fuse(model, site, fused)
