@@ -18,6 +18,7 @@ from resnext.speed.block_fusion import FusedBlock, block_fusable, fuse_blocks
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_swap import FastGroupedConv3x3
 from resnext.speed.pointwise_fusion import FusedPointwiseGrouped
+from resnext.speed.shortcut_fusion import ShortcutBlock
 
 REASON = grouped_amx.unavailable_reason()
 needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailable: {REASON}")
@@ -305,10 +306,18 @@ def test_optimize_fuses_every_block_and_computes_the_same_function(
     # variant, or beside oneDNN's conv where that won alone), so every block is a candidate
     amx_layers = fused.grouped_choices
     assert plain.block_choices == []
-    assert len(fused.block_choices) == len(amx_layers) > 0
+    blocks = [c for c in fused.block_choices if c.variant != "block+shortcut"]
+    shortcuts = [c for c in fused.block_choices if c.variant == "block+shortcut"]
+    assert len(blocks) == len(amx_layers) > 0
     # every block's residual is dead after it (the model traces), so each writes over it
-    assert all(c.chosen == "fused" and c.variant == "block-in-place" for c in fused.block_choices)
-    assert sum(isinstance(m, FusedBlock) for m in fused.modules()) == len(amx_layers)
+    assert all(c.chosen == "fused" and c.variant == "block-in-place" for c in blocks)
+    # then each stage's first block takes its projection shortcut in too (all have one here)
+    projections = [n for n, m in model.named_modules() if n.endswith("downsample.0")]
+    assert len(shortcuts) == len(projections) > 0 and all(c.chosen == "fused" for c in shortcuts)
+    assert sum(isinstance(m, ShortcutBlock) for m in fused.modules()) == len(projections)
+    assert sum(isinstance(m, FusedBlock) for m in fused.modules()) == len(amx_layers) - len(
+        projections
+    )
     fresh = torch.randn(4, 3, size, size)
     mine = _bf16_nhwc(fresh)  # already the fast path's dtype and layout: passed on as it is
     before = mine.clone()
@@ -333,7 +342,7 @@ def test_fused_blocks_compile(backend: str, randomize_bn: Callable[[nn.Module], 
     assert fast.block_choices and all(c.chosen == "fused" for c in fast.block_choices)
     # optimize_for_inference (jit) would lose the in-place write: jit blocks write a new output
     variant = "block" if backend == "jit" else "block-in-place"
-    assert all(c.variant == variant for c in fast.block_choices)
+    assert {c.variant for c in fast.block_choices} == {variant, "block+shortcut"}
     fresh = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert _rel_err(fast(fresh), model(fresh)) < 0.05

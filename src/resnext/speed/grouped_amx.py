@@ -52,6 +52,8 @@ def _library() -> ctypes.CDLL:
     lib.pointwise_grouped3x3_amx.restype = ctypes.c_int
     lib.block_amx.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 9
     lib.block_amx.restype = ctypes.c_int
+    lib.block_amx_shortcut.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 9
+    lib.block_amx_shortcut.restype = ctypes.c_int
     lib.grouped3x3_amx_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
     lib.grouped3x3_amx_pack.restype = ctypes.c_int
     if not lib.grouped3x3_amx_allowed():
@@ -404,6 +406,64 @@ def run_block_kernel(
     return y
 
 
+def run_shortcut_block_kernel(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    stride: int,
+    tail: torch.Tensor,
+    shortcut: torch.Tensor,
+    tail_bias: torch.Tensor,
+) -> torch.Tensor:
+    """A whole bottleneck with a projection shortcut in one pass, in bf16:
+    ``relu(conv2d(g, w3) + conv2d(x, wsc, stride) + tail_bias)`` with
+    ``g = relu(conv2d(s, w, bias, stride, padding=1, groups))``,
+    ``s = relu(conv2d(x, w1, pointwise_bias))``, `pointwise` = pack_pointwise(w1), `packed` =
+    pack_weights(w), `tail` = pack_pointwise(w3), `shortcut` = pack_pointwise(wsc) and
+    `tail_bias` the sum of the two 1×1s' biases. The shortcut's products are accumulated onto the
+    last 1×1's, so neither its output nor a residual goes to memory."""
+    _check_x(x)
+    n, cin, h, w = x.shape
+    c = _check_pointwise("pointwise", pointwise, cin)
+    _check_floats("pointwise_bias", pointwise_bias, c)
+    _check_grouped("pointwise", c, groups, stride, packed)
+    _check_floats("bias", bias, c)
+    cout = _check_pointwise("tail", tail, c)
+    if _check_pointwise("shortcut", shortcut, cin) != cout:
+        raise ValueError(
+            f"shortcut: expected {cout} outputs like the tail, got {shortcut.shape[0] * 16}"
+        )
+    _check_floats("tail_bias", tail_bias, cout)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = output_for(x, stride, cout)
+    if y.numel():
+        rc = _library().block_amx_shortcut(
+            x.data_ptr(),
+            pointwise.data_ptr(),
+            pointwise_bias.contiguous().data_ptr(),
+            packed.data_ptr(),
+            bias.contiguous().data_ptr(),
+            tail.data_ptr(),
+            tail_bias.contiguous().data_ptr(),
+            shortcut.data_ptr(),
+            y.data_ptr(),
+            n,
+            h,
+            w,
+            cin,
+            c,
+            cout,
+            c // groups,
+            stride,
+            torch.get_num_threads(),
+        )
+        _check_rc(rc, f"block_amx_shortcut failed on {tuple(x.shape)} → {c} → {cout} channels")
+    return y
+
+
 def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the memory spans of two tensors intersect."""
     if a.numel() == 0 or b.numel() == 0:
@@ -531,4 +591,27 @@ operators.define(
     f"block_amx_(Tensor? x, {_BLOCK_ARGS.format(residual='Tensor(a!)')}) -> ()",
     _block_in_place,
     _fake_block_in_place,
+)
+
+
+def _fake_shortcut_block(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    stride: int,
+    tail: torch.Tensor,
+    shortcut: torch.Tensor,
+    tail_bias: torch.Tensor,
+) -> torch.Tensor:
+    return output_for(x, stride, tail.shape[0] * 16)
+
+
+operators.define(
+    "block_amx_shortcut(Tensor x, Tensor pointwise, Tensor pointwise_bias, Tensor packed, "
+    "Tensor bias, int groups, int stride, Tensor tail, Tensor shortcut, Tensor tail_bias) -> Tensor",
+    run_shortcut_block_kernel,
+    _fake_shortcut_block,
 )

@@ -39,7 +39,7 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void configure(void) 
 
 __attribute__((target("amx-tile"))) static inline void release(void) { _tile_release(); }
 
-#define SCRATCH_SLOTS 4
+#define SCRATCH_SLOTS 5
 
 /* This thread's scratch buffer `slot` (< SCRATCH_SLOTS), at least `bytes` long, 64-byte aligned
  * (NULL if memory runs out). Kept across calls (OpenMP threads live as long as the process) and

@@ -212,12 +212,14 @@ typedef struct {
  * step two A and two B loads feed four tile products, and each tile is reloaded only after the
  * products reading it are done. */
 __attribute__((target("amx-tile,amx-bf16"))) static void pointwise_products(
-    const uint16_t *const *a, int cin, int mt, const uint16_t *const *b) {
+    const uint16_t *const *a, int cin, int mt, const uint16_t *const *b, int zero) {
   const long astride = (long)cin * 2;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  if (zero) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   for (int k = 0; k < cin / 32; ++k) {
     _tile_loadd(6, b[0] + 512L * k, 64);
     _tile_loadd(4, a[0] + 32L * k, astride);
@@ -284,7 +286,7 @@ static void fill_grids_pointwise(uint16_t *const *p, int chunk, const uint16_t *
       }
       b[0] = w0 + t0 * per_tile;
       b[1] = nt > 1 ? b[0] + per_tile : NULL;
-      pointwise_products(a, cin, mt, b);
+      pointwise_products(a, cin, mt, b, 1);
       for (int m = 0; m < mt; ++m)
         for (int n = 0; n < nt; ++n) {
           const int ch = (int)(t0 + n) * 16; /* within the chunk */
@@ -414,14 +416,15 @@ int pointwise_grouped3x3_amx(const uint16_t *x, const uint16_t *w1, const float 
   return run(x, &src, wp, bias, y, N, H, W, C, cpg, s, relu, threads);
 }
 
-/* Accumulator m (16 pixels x 16 outputs) + bias + the residual (bf16, `cout` values per pixel),
- * ReLU, rounded to bf16 into y, for the first `rows` pixels. */
+/* Accumulator m (16 pixels x 16 outputs) + bias + the residual (bf16, `cout` values per pixel;
+ * none where res is NULL), ReLU, rounded to bf16 into y, for the first `rows` pixels. */
 static void store_residual(int m, float *acc, const float *bias, const uint16_t *res, uint16_t *y,
                            int rows, int cout) {
   tile_to(m, acc);
   const __m512 b = _mm512_loadu_ps(bias);
   for (int r = 0; r < rows; ++r) {
-    const __m256i rb = _mm256_loadu_si256((const __m256i *)(res + (long)r * cout));
+    const __m256i rb =
+        res ? _mm256_loadu_si256((const __m256i *)(res + (long)r * cout)) : _mm256_setzero_si256();
     const __m512 rv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rb), 16));
     const __m512 val = _mm512_max_ps(
         _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(acc + r * 16), b), rv), _mm512_setzero_ps());
@@ -429,11 +432,21 @@ static void store_residual(int m, float *acc, const float *bias, const uint16_t 
   }
 }
 
+/* A projection shortcut computed in the block's last 1x1: its packed weight ([Cout/16][cin/32]
+ * [16][16][2], as w3) and its input's channels; its bias is in b3. */
+typedef struct {
+  const uint16_t *w;
+  int cin;
+} Shortcut;
+
 /* y = ReLU(z w3 + b3 + residual) for `pixels` rows of z (C values each; z holds them rounded up
  * to 32 rows) and `cout` outputs into rows of y and residual (`stride` values apart), in
- * 32-pixel by 32-output blocks, with the loop order of fill_grids_pointwise. */
+ * 32-pixel by 32-output blocks, with the loop order of fill_grids_pointwise. With a shortcut,
+ * y = ReLU(z w3 + xs wsc + b3): xs holds the shortcut's input for the same pixels (sc->cin
+ * values each, as many rows as z), its products accumulated onto the last 1x1's, res unused. */
 static void block_tail(const uint16_t *z, long pixels, int C, const uint16_t *w3, const float *b3,
-                       const uint16_t *res, uint16_t *y, int cout, int stride, float *acc) {
+                       const uint16_t *res, uint16_t *y, int cout, int stride, float *acc,
+                       const uint16_t *xs, const Shortcut *sc, const uint16_t *wsc) {
   const int tiles = cout / 16;
   const long per_tile = (long)(C / 32) * 512;
   const long qblocks = (pixels + 31) / 32, tpairs = (tiles + 1) / 2;
@@ -445,16 +458,36 @@ static void block_tail(const uint16_t *z, long pixels, int C, const uint16_t *w3
       const int mt = pixels - q0 > 16 ? 2 : 1, nt = tiles - t0 > 1 ? 2 : 1;
       const uint16_t *a[2] = {z + q0 * C, z + (q0 + 16) * C};
       const uint16_t *b[2] = {w3 + t0 * per_tile, nt > 1 ? w3 + (t0 + 1) * per_tile : NULL};
-      pointwise_products(a, C, mt, b);
+      pointwise_products(a, C, mt, b, 1);
+      if (sc) {
+        const long sc_tile = (long)(sc->cin / 32) * 512;
+        const uint16_t *ax[2] = {xs + q0 * sc->cin, xs + (q0 + 16) * sc->cin};
+        const uint16_t *bx[2] = {wsc + t0 * sc_tile, nt > 1 ? wsc + (t0 + 1) * sc_tile : NULL};
+        pointwise_products(ax, sc->cin, mt, bx, 0);
+      }
       for (int m = 0; m < mt; ++m) {
         const long q = q0 + 16 * m;
         const int rows = pixels - q < 16 ? (int)(pixels - q) : 16;
         for (int n = 0; n < nt; ++n) {
           const long at = q * stride + (t0 + n) * 16;
-          store_residual(2 * m + n, acc, b3 + (t0 + n) * 16, res + at, y + at, rows, stride);
+          store_residual(2 * m + n, acc, b3 + (t0 + n) * 16, sc ? NULL : res + at, y + at, rows,
+                         stride);
         }
       }
     }
+}
+
+/* The shortcut's input for output pixels q = 0 .. pixels - 1 from output row oh0 of image xn
+ * (input pixel (s oh, s ow), sc->cin channels) as rows of xs, zeros up to the next 32 rows. */
+static void gather_shortcut(const uint16_t *xn, int W, int s, int Wo, int oh0, long pixels,
+                            const Shortcut *sc, uint16_t *xs) {
+  const int cin = sc->cin;
+  for (long q = 0; q < pixels; ++q) {
+    const long oh = oh0 + q / Wo, ow = q % Wo;
+    memcpy(xs + q * cin, xn + (s * oh * W + s * ow) * cin, (size_t)cin * 2);
+  }
+  const long rounded = (pixels + 31) / 32 * 32;
+  memset(xs + pixels * cin, 0, (size_t)(rounded - pixels) * cin * 2);
 }
 
 /* run_block for few images and large weights (batch 1 at stages 3-4): bands would each read
@@ -466,7 +499,7 @@ static void block_tail(const uint16_t *z, long pixels, int C, const uint16_t *w3
 static int run_block_split(const uint16_t *x, const Source *src, const uint16_t *wp,
                            const float *b2, const uint16_t *w3, const float *b3,
                            const uint16_t *res, uint16_t *y, int N, int H, int W, int C, int cout,
-                           int cpg, int s, int threads) {
+                           int cpg, int s, int threads, const Shortcut *sc) {
   const int kc = block_channels(cpg);
   const int per_unit = kc >= 32 ? 1 : 32 / kc, units = C / kc / per_unit;
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
@@ -475,7 +508,8 @@ static int run_block_split(const uint16_t *x, const Source *src, const uint16_t 
   const long pixels = (long)Ho * Wo, pairs = (cout / 16 + 1) / 2;
   /* the calling thread's buffer, shared by all (the others' slot 3 is never used here) */
   uint16_t *z = scratch(3, (size_t)((pixels + 31) / 32 * 32) * C * 2);
-  if (!z) return -3;
+  uint16_t *xs = sc ? scratch(4, (size_t)((pixels + 31) / 32 * 32) * sc->cin * 2) : NULL;
+  if (!z || (sc && !xs)) return -3;
   int failed = 0;
   for (long n = 0; n < N; ++n) {
     const uint16_t *xn = x + n * (long)H * W * src->cin;
@@ -485,6 +519,10 @@ static int run_block_split(const uint16_t *x, const Source *src, const uint16_t 
       Work w;
       const int ok = take_work(&w, per_unit, grid_bytes, src);
       failed = !ok;
+      if (sc) {
+#pragma omp single
+        gather_shortcut(xn, W, s, Wo, 0, pixels, sc, xs);
+      }
 #pragma omp for schedule(static)
       for (int unit = 0; unit < units; ++unit) {
         if (!ok) continue;
@@ -497,8 +535,9 @@ static int run_block_split(const uint16_t *x, const Source *src, const uint16_t 
       for (long pair = 0; pair < pairs; ++pair) {
         if (!ok) continue;
         const int c0 = (int)pair * 32, outs = cout - c0 < 32 ? cout - c0 : 32;
-        block_tail(z, pixels, C, w3 + (long)pair * 2 * (C / 32) * 512, b3 + c0, res + at + c0,
-                   y + at + c0, outs, cout, w.acc);
+        const uint16_t *wsc = sc ? sc->w + (long)pair * 2 * (sc->cin / 32) * 512 : NULL;
+        block_tail(z, pixels, C, w3 + (long)pair * 2 * (C / 32) * 512, b3 + c0,
+                   sc ? NULL : res + at + c0, y + at + c0, outs, cout, w.acc, xs, sc, wsc);
       }
       if (ok) release();
     }
@@ -516,19 +555,23 @@ static int run_block_split(const uint16_t *x, const Source *src, const uint16_t 
  * re-reading z per 32 outputs. */
 static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, const float *b2,
                      const uint16_t *w3, const float *b3, const uint16_t *res, uint16_t *y, int N,
-                     int H, int W, int C, int cout, int cpg, int s, int threads) {
+                     int H, int W, int C, int cout, int cpg, int s, int threads,
+                     const Shortcut *sc) {
   if (N < 0 || H < 1 || W < 1 || threads < 1 || !grouped3x3_amx_supported(C, cpg, s)) return -1;
-  if (C % 32 || cout < 16 || cout % 16 || !w3 || !b3 || !res) return -1;
+  if (C % 32 || cout < 16 || cout % 16 || !w3 || !b3 || !(sc ? sc->w != NULL : res != NULL))
+    return -1;
+  if (sc && (!src->w1 || sc->cin != src->cin || (const uint16_t *)y == x)) return -1;
   if (src->w1 ? src->cin < 32 || src->cin % 32 : src->cin != C) return -1;
   const int kc = block_channels(cpg), blocks = C / kc;
   if (blocks > MAX_CHUNK) return -1;
   if (!grouped3x3_amx_allowed()) return -2;
   if (N == 0) return 0;
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
-  const long weight_bytes = ((long)C * cout + (src->w1 ? (long)src->cin * C : 0)) * 2;
+  const long weight_bytes =
+      ((long)C * cout + (src->w1 ? (long)src->cin * C : 0) + (sc ? (long)sc->cin * cout : 0)) * 2;
   const long image_bytes = ((long)H * W * src->cin + (long)Ho * Wo * cout) * 2;
   if (N < threads && weight_bytes > image_bytes)
-    return run_block_split(x, src, wp, b2, w3, b3, res, y, N, H, W, C, cout, cpg, s, threads);
+    return run_block_split(x, src, wp, b2, w3, b3, res, y, N, H, W, C, cout, cpg, s, threads, sc);
   const Grid whole = make_grid(H, W, C, kc, s, 0, Ho);
   int bands = (int)((whole.pixels * C * 2 + (1L << 20) - 1) >> 20);
   if (bands < (threads + N - 1) / N) bands = (threads + N - 1) / N;
@@ -546,14 +589,15 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
   if (strip_rows < 1) strip_rows = 1;
   if (strip_rows > band_rows) strip_rows = band_rows;
   const size_t z_bytes = (size_t)(((long)strip_rows * Wo + 31) / 32 * 32) * C * 2;
+  const size_t xs_bytes = sc ? (size_t)(((long)strip_rows * Wo + 31) / 32 * 32) * sc->cin * 2 : 64;
   const long items = (long)N * bands;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
     Work w;
     /* rows past a strip's pixels are read too: whatever they hold, their results are dropped */
-    uint16_t *z = scratch(3, z_bytes);
-    const int ok = z && take_work(&w, blocks, grid_bytes, src);
+    uint16_t *z = scratch(3, z_bytes), *xs = scratch(4, xs_bytes);
+    const int ok = z && xs && take_work(&w, blocks, grid_bytes, src);
     failed = !ok;
 #pragma omp for schedule(static)
     for (long item = 0; item < items; ++item) {
@@ -562,12 +606,15 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
       const int oh0 = (int)(item % bands) * band_rows;
       const int rows = Ho - oh0 < band_rows ? Ho - oh0 : band_rows;
       const Grid g = make_grid(H, W, C, kc, s, oh0, rows);
-      fill(&w, blocks, x + n * (long)H * W * src->cin, &g, 0, src);
+      const uint16_t *xn = x + n * (long)H * W * src->cin;
+      fill(&w, blocks, xn, &g, 0, src);
       for (int sa = 0; sa < rows; sa += strip_rows) {
         const int sb = rows - sa < strip_rows ? rows : sa + strip_rows;
         grouped_rows(&w, blocks, &g, 0, wp, b2, 1, z, (long)sa * g.Wv, (long)sb * g.Wv, sa, sb);
-        const long at = (n * Ho + oh0 + sa) * (long)Wo * cout;
-        block_tail(z, (long)(sb - sa) * Wo, C, w3, b3, res + at, y + at, cout, cout, w.acc);
+        const long at = (n * Ho + oh0 + sa) * (long)Wo * cout, pixels = (long)(sb - sa) * Wo;
+        if (sc) gather_shortcut(xn, W, s, Wo, oh0 + sa, pixels, sc, xs);
+        block_tail(z, pixels, C, w3, b3, sc ? NULL : res + at, y + at, cout, cout, w.acc, xs,
+                   sc, sc ? sc->w : NULL);
       }
     }
     if (ok) release();
@@ -587,7 +634,22 @@ int block_amx(const uint16_t *x, const uint16_t *w1, const float *b1, const uint
               int threads) {
   if (w1 != NULL && b1 == NULL) return -1;
   const Source src = {w1, b1, Cin};
-  return run_block(x, &src, wp, b2, w3, b3, residual, y, N, H, W, C, Cout, cpg, s, threads);
+  return run_block(x, &src, wp, b2, w3, b3, residual, y, N, H, W, C, Cout, cpg, s, threads, NULL);
+}
+
+/* y = ReLU(conv1x1(ReLU(conv3x3(s) + b2), w3) + conv1x1(x at stride s, wsc) + b3) with
+ * s = ReLU(conv1x1(x, w1) + b1): a whole bottleneck with a projection shortcut (stride s, no
+ * padding) whose products are accumulated onto the last 1x1's (so that neither the shortcut's
+ * output nor a residual goes to memory). wsc is packed like w3 ([Cout/16][Cin/32]...), b3 holds
+ * both 1x1s' biases summed; y must not be x. Returns as grouped3x3_amx. */
+int block_amx_shortcut(const uint16_t *x, const uint16_t *w1, const float *b1, const uint16_t *wp,
+                       const float *b2, const uint16_t *w3, const float *b3, const uint16_t *wsc,
+                       uint16_t *y, int N, int H, int W, int Cin, int C, int Cout, int cpg, int s,
+                       int threads) {
+  if (w1 == NULL || b1 == NULL || wsc == NULL) return -1;
+  const Source src = {w1, b1, Cin};
+  const Shortcut sc = {wsc, Cin};
+  return run_block(x, &src, wp, b2, w3, b3, NULL, y, N, H, W, C, Cout, cpg, s, threads, &sc);
 }
 
 /* The weight w[C][cpg][9] (bf16) in the kernel's packing (see grouped_amx.pack_weights, whose

@@ -1,0 +1,231 @@
+"""Fusing a bottleneck's projection shortcut into its block kernel.
+
+A block that changes width or resolution adds a 1×1 projection of its input (torchvision's
+`downsample`) instead of the input itself. After `fuse_blocks`, oneDNN computes that projection
+into a new tensor, which the block kernel then reads back as its residual and writes over. Both
+the projection and the block's last 1×1 are 1×1 convolutions summed into one output, so the block
+kernel can accumulate the projection's products onto the last 1×1's (`grouped_amx`'s
+`block_amx_shortcut`): the shortcut's output never goes to memory, and one call replaces two. The
+pass times each such block both ways on its real input shape and fuses where that is faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from resnext.errors import ConfigError
+from resnext.speed import grouped_amx
+from resnext.speed.block_fusion import BlockTracer, FusedBlock
+from resnext.speed.fold import install_graph, module_call_counts
+from resnext.speed.grouped_swap import MODES, LayerChoice, input_shapes, time_each_ms
+from resnext.speed.pointwise_fusion import onednn_weights, single_input
+
+
+class ShortcutBlock(nn.Module):
+    """``relu(tail(head(x)) + shortcut(x))`` in one kernel call: a whole-bottleneck `FusedBlock`
+    (its first 1×1 fused in) and the 1×1 projection `shortcut` of the block's input, whose
+    products the kernel accumulates onto the last 1×1's."""
+
+    def __init__(self, block: FusedBlock, shortcut: nn.Conv2d) -> None:
+        super().__init__()
+        if not shortcut_fusable(block, shortcut):
+            raise ValueError(
+                f"shortcut: expected a 1×1 convolution with a bias, stride {block.stride}, "
+                f"{block.out_channels} outputs and inputs a multiple of 32, beside a whole-"
+                f"bottleneck block, got {shortcut} beside {block}"
+            )
+        assert block.pointwise is not None and block.pointwise_bias is not None
+        assert shortcut.bias is not None  # shortcut_fusable() checked them
+        self.pointwise, self.pointwise_bias = block.pointwise, block.pointwise_bias
+        self.packed, self.bias = block.packed, block.bias
+        self.groups, self.stride, self.channels = block.groups, block.stride, block.channels
+        self.tail, self.out_channels = block.tail, block.out_channels
+        self.shortcut = grouped_amx.pack_pointwise(shortcut.weight)
+        # one bias for the two 1×1s, both summed into the same output
+        self.tail_bias = (block.tail_bias + shortcut.bias.detach().float()).contiguous()
+        self.in_channels = shortcut.in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.resnext.block_amx_shortcut(
+            x,
+            self.pointwise,
+            self.pointwise_bias,
+            self.packed,
+            self.bias,
+            self.groups,
+            self.stride,
+            self.tail,
+            self.shortcut,
+            self.tail_bias,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"1×1 → relu → grouped 3×3 ({self.channels}, groups={self.groups}, "
+            f"stride={self.stride}) → relu → 1×1 → {self.out_channels} → + 1×1 shortcut of the "
+            f"input ({self.in_channels} → {self.out_channels}) → relu"
+        )
+
+
+def shortcut_fusable(block: nn.Module, conv: nn.Module) -> bool:
+    """Whether the shortcut kernel computes `block` with `conv` as its projection shortcut."""
+    return (
+        isinstance(block, FusedBlock)
+        and block.pointwise is not None
+        and isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (block.stride, block.stride)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is not None
+        and conv.in_channels % 32 == 0
+        and conv.out_channels == block.out_channels
+    )
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A fused block whose residual is a 1×1 projection of the block's own input."""
+
+    parent: str
+    block: str  # child names within the parent
+    shortcut: str
+
+
+def _shortcut_chain(block: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
+    """The nodes that compute the block's residual from its input (a Conv2d, then identities),
+    each used only by the next, in graph order; None if the residual is anything else."""
+    if len(block.args) != 2 or block.kwargs or not all(isinstance(a, fx.Node) for a in block.args):
+        return None
+    x, node = block.args
+    chain: list[fx.Node] = []
+    while True:
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(module, (nn.Identity, nn.Conv2d)) or len(node.users) != 1:
+            return None
+        chain.insert(0, node)
+        if isinstance(module, nn.Conv2d):
+            return chain if single_input(node) is x else None
+        node = single_input(node)
+        if node is None:
+            return None
+
+
+def _sites(model: nn.Module) -> list[_Site]:
+    sites = []
+    parents = {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, FusedBlock)}
+    for parent_name in sorted(parents - {""}):
+        parent = model.get_submodule(parent_name)
+        try:
+            graph = BlockTracer().trace(parent)
+        except Exception:  # fx raises many kinds of errors on untraceable code
+            continue
+        modules = dict(parent.named_modules())
+        calls = module_call_counts(graph)
+        for node in graph.nodes:
+            block = modules.get(str(node.target)) if node.op == "call_module" else None
+            if not isinstance(block, FusedBlock):
+                continue
+            chain = _shortcut_chain(node, modules)
+            if chain is None:
+                continue
+            conv = str(chain[0].target)
+            once = calls[str(node.target)] == 1 and calls[conv] == 1
+            if once and shortcut_fusable(block, modules[conv]):
+                sites.append(_Site(parent_name, str(node.target), conv))
+    return sites
+
+
+def _fuse(model: nn.Module, site: _Site, fused: ShortcutBlock) -> None:
+    """Rewrite the parent's graph: one call of `fused` on the block's input in place of the
+    projection and the block."""
+    parent = model.get_submodule(site.parent)
+    graph = BlockTracer().trace(parent)
+    modules = dict(parent.named_modules())
+    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.block)
+    chain = _shortcut_chain(node, modules)
+    assert chain is not None and chain[0].target == site.shortcut
+    with graph.inserting_before(node):
+        call = graph.call_module(site.block, (node.args[0],))
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+    for dead in reversed(chain):  # each is used only by the next one
+        graph.erase_node(dead)
+    install_graph(model, site.parent, graph, site.block, fused)
+
+
+def _separate_runner(
+    block: FusedBlock, conv: nn.Conv2d, input_size: Sequence[int]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The projection as the frozen compiled graph runs it (oneDNN, prepacked weight, into a new
+    tensor), then the fused block on it; eager conv2d where the prepacked op is missing."""
+    weight, bias, packed = onednn_weights(conv, input_size=input_size)
+    stride = list(conv.stride)
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(x, weight, bias, stride).contiguous(
+            memory_format=torch.channels_last
+        )
+
+    def onednn(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, bias, [0, 0], stride, [1, 1], 1, "none", [None], ""
+        )
+
+    project = eager
+    if packed is not None:
+        try:
+            probe = torch.zeros(1, conv.in_channels, 4, 4, dtype=torch.bfloat16)
+            onednn(probe.contiguous(memory_format=torch.channels_last))
+            project = onednn
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass
+    return lambda x: block(x, project(x))
+
+
+def fuse_shortcuts(
+    model: nn.Module, example: torch.Tensor, *, mode: str = "auto", repeats: int = 5
+) -> list[LayerChoice]:
+    """Replace, in place, each projection → `FusedBlock` pair by a `ShortcutBlock`.
+
+    Run after `fuse_blocks`. `example` is the model's input (bf16, channels_last). 'auto' times
+    each pair on its real input shape both ways (in turns) and fuses where that is faster; 'on'
+    fuses every pair; 'off' changes nothing. Each choice is returned as a `LayerChoice` named
+    after the block (native_ms: projection then block, kernel_ms: one call, chosen 'fused' or
+    'separate', variant 'block+shortcut').
+    """
+    if mode not in MODES:
+        raise ConfigError(f"fuse_block: expected one of {MODES}, got {mode!r}")
+    if mode == "off" or example.dtype != torch.bfloat16:
+        return []
+    sites = _sites(model)
+    if not sites:
+        return []
+    names = [f"{s.parent}.{s.block}" for s in sites]
+    shapes = input_shapes(model, names, example)
+    choices = []
+    for site, name in zip(sites, names, strict=True):
+        if name not in shapes:
+            continue
+        block = model.get_submodule(name)
+        conv = model.get_submodule(f"{site.parent}.{site.shortcut}")
+        fused = ShortcutBlock(block, conv)
+        x = torch.randn(shapes[name], dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last
+        )
+        separate_ms, fused_ms = time_each_ms(
+            [_separate_runner(block, conv, x.shape), fused], x, repeats
+        )
+        use = mode == "on" or fused_ms < separate_ms
+        if use:
+            _fuse(model, site, fused)
+        chosen = "fused" if use else "separate"
+        choices.append(
+            LayerChoice(name, tuple(x.shape), separate_ms, fused_ms, chosen, "block+shortcut")
+        )
+    return choices
