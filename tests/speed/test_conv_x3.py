@@ -16,6 +16,7 @@ from resnext.errors import ConfigError
 from resnext.speed import conv_x3
 from resnext.speed.conv_x3_swap import ConvX3, eligible, swap_convs_x3
 from resnext.speed.fastpath import optimize
+from resnext.speed.shortcut_fusion import ShortcutConvX3, fuse_x3_shortcuts
 
 REASON = conv_x3.unavailable_reason()
 needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailable: {REASON}")
@@ -102,6 +103,43 @@ def test_kernel_keeps_float32_accuracy(
     one_pass = F.conv2d(xb, wb, bias.double(), stride, pad)
     if res is None and not relu:
         assert (one_pass - exact).abs().max() > 20 * (got.double() - exact).abs().max()
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "n,c,k,cout,h,w,stride",
+    [
+        (2, 32, 64, 48, 5, 7, 1),  # stage 1's shape in small: a stride-1 projection
+        (3, 64, 32, 16, 9, 11, 2),  # stride 2 from odd sizes
+        (1, 512, 512, 1024, 14, 14, 2),  # ResNeXt-50 stage 3: 2 output chunks
+        (1, 1024, 1024, 2048, 14, 14, 2),  # stage 4: 8 chunks, pixels split once, shared
+    ],
+)
+def test_a_last_1x1_and_its_projection_shortcut_as_one_product(
+    n: int, c: int, k: int, cout: int, h: int, w: int, stride: int
+) -> None:
+    gen = torch.Generator().manual_seed(n + c + k + stride)
+    x = _nhwc(torch.randn(n, k, h, w, generator=gen))  # the block's input
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    g = _nhwc(torch.relu(torch.randn(n, c, ho, wo, generator=gen)))  # the grouped output
+    w3 = torch.randn(cout, c, 1, 1, generator=gen) / c**0.5
+    wsc = torch.randn(cout, k, 1, 1, generator=gen) / k**0.5
+    b3, bsc = torch.randn(cout, generator=gen), torch.randn(cout, generator=gen)
+    packed = conv_x3.pack(torch.cat([w3, wsc], dim=1))
+    got = conv_x3.run_with_shortcut(g, packed, b3 + bsc, x, stride)
+    assert got.shape == (n, cout, ho, wo) and got.is_contiguous(memory_format=torch.channels_last)
+    exact = F.relu(
+        F.conv2d(g.double(), w3.double(), b3.double())
+        + F.conv2d(x.double(), wsc.double(), bsc.double(), stride)
+    )
+    bound = _bound(g, w3, 1) + _bound(x, wsc, stride)
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    with pytest.raises(ValueError, match="shortcut: expected"):
+        conv_x3.run_with_shortcut(g, packed, b3 + bsc, x[:, :, :-2], stride + 1)
+    with pytest.raises(ValueError, match="packed"):
+        conv_x3.run_with_shortcut(g, conv_x3.pack(w3), b3 + bsc, x, stride)
+    with pytest.raises(ValueError, match="bias"):
+        conv_x3.run_with_shortcut(g, packed, b3[:-1], x, stride)
 
 
 @needs_amx
@@ -310,11 +348,18 @@ def test_optimize_swaps_every_dense_conv_and_computes_the_same_function(
     x = torch.randn(2, 3, size, size)
     fast = optimize(model, "fp32", backend=backend, example_input=x, conv_x3="on")
     dense = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
-    assert sorted(c.name for c in fast.conv_x3_choices) == sorted(dense)  # the stem too
-    in_place = [c for c in fast.conv_x3_choices if c.variant.endswith("in place")]
+    layers = [c for c in fast.conv_x3_choices if c.variant != "bf16x3+shortcut"]
+    assert sorted(c.name for c in layers) == sorted(dense)  # the stem too
+    in_place = [c for c in layers if c.variant.endswith("in place")]
     # every block's last 1×1 writes over its shortcut, except under jit
-    blocks = [c for c in fast.conv_x3_choices if c.name.endswith("conv3")]
+    blocks = [c for c in layers if c.name.endswith("conv3")]
     assert len(in_place) == (0 if backend == "jit" else len(blocks))
+    # then each projection shortcut joins its block's last 1×1 in one product
+    projections = [n for n in dense if n.endswith("downsample.0")]
+    joined = [c for c in fast.conv_x3_choices if c.variant == "bf16x3+shortcut"]
+    assert len(joined) == len(projections) > 0 and all(c.chosen == "fused" for c in joined)
+    if backend != "jit":  # a traced module no longer shows its Python submodules
+        assert sum(isinstance(m, ShortcutConvX3) for m in fast.modules()) == len(projections)
     fresh = torch.randn(3, 3, size, size)
     mine = _nhwc(fresh.clone())  # already float32 channels_last: handed on as it is
     with torch.no_grad():
@@ -329,6 +374,10 @@ def test_pass_modes() -> None:
     x = torch.randn(1, 64, 4, 4)
     assert swap_convs_x3(model, x, mode="off") == []
     assert swap_convs_x3(model, x.bfloat16(), mode="on") == []  # float32 only
+    assert fuse_x3_shortcuts(model, x, mode="off") == []
+    assert fuse_x3_shortcuts(model, x, mode="on") == []  # no ConvX3 pair to join
+    with pytest.raises(ConfigError, match="conv_x3"):
+        fuse_x3_shortcuts(model, x, mode="always")
     with pytest.raises(ConfigError, match="conv_x3"):
         swap_convs_x3(model, x, mode="always")
     with pytest.raises(ConfigError, match="conv_x3"):

@@ -35,6 +35,8 @@ def _library() -> ctypes.CDLL:
     lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
     lib.conv_x3_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10
     lib.conv_x3_amx.restype = ctypes.c_int
+    lib.conv_x3_amx_shortcut.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 11
+    lib.conv_x3_amx_shortcut.restype = ctypes.c_int
     lib.conv_x3_allowed.restype = ctypes.c_int
     if not lib.conv_x3_allowed():
         raise native.NativeUnavailable("the operating system refuses this process AMX tile state")
@@ -205,6 +207,70 @@ def run(
     return y
 
 
+def run_with_shortcut(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    shortcut: torch.Tensor,
+    shortcut_stride: int,
+    relu: bool = True,
+) -> torch.Tensor:
+    """``relu?(conv2d(x, w) + conv2d(shortcut, wsc, stride=shortcut_stride) + bias)`` in float32:
+    a block's last 1×1 and its 1×1 projection shortcut as one product, with `packed` =
+    pack(torch.cat([w, wsc], 1)) (x's channels first) and `bias` the two biases summed. The
+    projection's output never goes to memory."""
+    operators.check_no_grad("conv_x3", x, shortcut)
+    _check_float_nhwc("x", x)
+    _check_float_nhwc("shortcut", shortcut)
+    n, cin, h, w = x.shape
+    c2, h2, w2 = shortcut.shape[1:]
+    if cin % 32 or c2 % 32:
+        raise ValueError(
+            f"x, shortcut: expected channels that are multiples of 32, got {cin} and {c2}"
+        )
+    c = _check_packed(packed, cin + c2, 1)
+    if c % 16:
+        raise ValueError(f"packed: expected outputs a multiple of 16, got {c}")
+    if (
+        shortcut_stride < 1
+        or shortcut.shape[0] != n
+        or output_shape(tuple(shortcut.shape), c, 1, shortcut_stride, 0)[2:] != (h, w)
+    ):
+        raise ValueError(
+            f"shortcut: expected {n} images whose 1×1 projection at stride {shortcut_stride} is "
+            f"{h}×{w}, got {tuple(shortcut.shape)}"
+        )
+    if bias.dtype != torch.float32 or bias.numel() != c:
+        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} {bias.numel()}")
+    x = x.contiguous(memory_format=torch.channels_last)
+    shortcut = shortcut.contiguous(memory_format=torch.channels_last)
+    y = torch.empty((n, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    if y.numel():
+        rc = _library().conv_x3_amx_shortcut(
+            x.data_ptr(),
+            packed.data_ptr(),
+            bias.contiguous().data_ptr(),
+            shortcut.data_ptr(),
+            y.data_ptr(),
+            n,
+            h,
+            w,
+            cin,
+            c,
+            h2,
+            w2,
+            c2,
+            shortcut_stride,
+            int(relu),
+            torch.get_num_threads(),
+        )
+        if rc == -2:
+            raise MemoryError("conv_x3_amx_shortcut: out of memory for its per-thread buffers")
+        if rc != 0:
+            raise RuntimeError(f"conv_x3_amx_shortcut refused {tuple(x.shape)} → {c}")
+    return y
+
+
 def _in_place(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -248,3 +314,23 @@ def _fake_in_place(
 _ARGS = "Tensor x, Tensor packed, Tensor bias, int kernel, int stride, int padding, bool relu"
 operators.define(f"conv_x3({_ARGS}, Tensor? residual) -> Tensor", run, _fake)
 operators.define(f"conv_x3_({_ARGS}, Tensor(a!) residual) -> ()", _in_place, _fake_in_place)
+
+
+def _fake_shortcut(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    shortcut: torch.Tensor,
+    shortcut_stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    shape = (x.shape[0], packed.shape[0] * 16, x.shape[2], x.shape[3])
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+operators.define(
+    "conv_x3_shortcut(Tensor x, Tensor packed, Tensor bias, Tensor shortcut, int shortcut_stride, "
+    "bool relu) -> Tensor",
+    run_with_shortcut,
+    _fake_shortcut,
+)

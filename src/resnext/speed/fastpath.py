@@ -16,7 +16,7 @@ from resnext.speed.conv_x3_swap import swap_convs_x3
 from resnext.speed.fold import fold_batchnorm
 from resnext.speed.grouped_swap import MODES, swap_grouped_convs
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
-from resnext.speed.shortcut_fusion import fuse_shortcuts
+from resnext.speed.shortcut_fusion import fuse_shortcuts, fuse_x3_shortcuts
 
 BACKENDS = ("inductor", "jit", "none")
 RECOMPILE_LIMIT = 256
@@ -148,7 +148,8 @@ def optimize(
     AMX tile unit as three bf16 products per float32 product (`resnext.speed.conv_x3`): float32
     to ~1e-5 of each product instead of float32 FMA rounding, at up to 2.9× oneDNN's float32 speed
     on the Intel Xeon it was measured on. 'auto' times each layer both ways; 'off' keeps float32
-    FMA arithmetic throughout. Timings: `conv_x3_choices`.
+    FMA arithmetic throughout. A block's last 1×1 and its 1×1 projection shortcut, both on this
+    kernel, then become one product where that is faster. Timings: `conv_x3_choices`.
 
     `cpp_wrapper` (inductor only) has inductor call its kernels from generated C++ instead of
     Python: less overhead per call, for ~5 s more compiling. Measured side by side on the Intel
@@ -189,6 +190,7 @@ def optimize(
         blocks = fuse_blocks(work, probe, mode=fuse_block, in_place=backend != "jit")
         blocks += fuse_shortcuts(work, probe, mode=fuse_block)
         x3 = swap_convs_x3(work, probe, mode=conv_x3, in_place=backend != "jit")
+        x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3)
     elif grouped_kernel == "on":
         raise ConfigError("grouped_kernel: 'on' needs channels_last=True")
     eager = CastInput(work, dtype, channels_last).eval()

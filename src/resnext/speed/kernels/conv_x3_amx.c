@@ -73,8 +73,12 @@ __attribute__((target("avx512f,avx512bw"))) static inline void split32(const flo
 typedef struct {
   const float *x;
   int H, W, Cin, kernel, s, pad, Ho, Wo;
-  int K;  /* the product's depth: kernel^2 Cin rounded up to a multiple of 32 */
+  int K;  /* the product's depth: kernel^2 Cin rounded up to a multiple of 32, + C2 */
   long M; /* output pixels: N Ho Wo */
+  /* a second 1x1 input whose products add to the first's (a projection shortcut): x2[N][H2][W2]
+   * [C2] read at stride s2, its values after x's in each row of K; C2 = 0 for none */
+  const float *x2;
+  int H2, W2, C2, s2;
 } Pixels;
 
 /* Output pixel p's place: image n, output row and column. */
@@ -146,14 +150,22 @@ static void split_rows(const Pixels *px, long p0, int r0, int r1, uint16_t *hi, 
       continue;
     }
     const float *src = patch;
+    int first = K; /* values of the row read from src */
     if (px->kernel == 1) {
       const long ih = (long)px->s * at.oh, iw = (long)px->s * at.ow;
-      src = px->x + ((at.n * px->H + ih) * px->W + iw) * K;
+      src = px->x + ((at.n * px->H + ih) * px->W + iw) * px->Cin;
+      first = px->Cin;
     } else {
       gather_patch(px, at, patch);
     }
-    for (int k = 0; k < K; k += 32)
+    for (int k = 0; k < first; k += 32)
       split32(src + k, hi + row + (long)k * ROWS, lo + row + (long)k * ROWS);
+    if (px->C2) {
+      const long ih = (long)px->s2 * at.oh, iw = (long)px->s2 * at.ow;
+      const float *src2 = px->x2 + ((at.n * px->H2 + ih) * px->W2 + iw) * px->C2;
+      for (int k = 0; k < px->C2; k += 32)
+        split32(src2 + k, hi + row + (long)(first + k) * ROWS, lo + row + (long)(first + k) * ROWS);
+    }
   }
 }
 
@@ -218,20 +230,9 @@ static int chunk_tiles(int K, int C) {
   return (int)t;
 }
 
-/* y = ReLU?(conv(x, kernel x kernel, stride s, zero padding pad) + bias (+ residual)). The
- * residual may be y itself (the result written over it: each element is read before it is
- * written, by the same thread). Returns 0, -1 for an unsupported shape, -2 if memory runs out. */
-int conv_x3_amx(const float *x, const uint16_t *wp, const float *bias, const float *res,
-                float *y, int N, int H, int W, int Cin, int C, int kernel, int s, int pad,
-                int relu, int threads) {
-  const int depth = kernel * kernel * Cin;
-  if (N < 0 || H < 1 || W < 1 || Cin < 1 || C < 16 || C % 16 || kernel < 1 || s < 1 || pad < 0 ||
-      pad >= kernel || threads < 1 || (kernel == 1 && (Cin % 32 || pad)) ||
-      H + 2 * pad < kernel || W + 2 * pad < kernel)
-    return -1;
-  Pixels px = {x, H, W, Cin, kernel, s, pad, 0, 0, (depth + 31) / 32 * 32, 0};
-  px.Ho = (H + 2 * pad - kernel) / s + 1, px.Wo = (W + 2 * pad - kernel) / s + 1;
-  px.M = (long)N * px.Ho * px.Wo;
+/* The convolution of the pixels px into y (see conv_x3_amx). */
+static int run(Pixels px, const uint16_t *wp, const float *bias, const float *res, float *y,
+               int C, int relu, int threads) {
   if (px.M == 0) return 0;
   const int K = px.K;
   const int tiles = C / 16, per_chunk = chunk_tiles(K, C), steps = K / 32;
@@ -289,4 +290,36 @@ int conv_x3_amx(const float *x, const uint16_t *wp, const float *bias, const flo
     }
   }
   return failed ? -2 : 0;
+}
+
+/* y = ReLU?(conv(x, kernel x kernel, stride s, zero padding pad) + bias (+ residual)). The
+ * residual may be y itself (the result written over it: each element is read before it is
+ * written, by the same thread). Returns 0, -1 for an unsupported shape, -2 if memory runs out. */
+int conv_x3_amx(const float *x, const uint16_t *wp, const float *bias, const float *res,
+                float *y, int N, int H, int W, int Cin, int C, int kernel, int s, int pad,
+                int relu, int threads) {
+  const int depth = kernel * kernel * Cin;
+  if (N < 0 || H < 1 || W < 1 || Cin < 1 || C < 16 || C % 16 || kernel < 1 || s < 1 || pad < 0 ||
+      pad >= kernel || threads < 1 || (kernel == 1 && (Cin % 32 || pad)) ||
+      H + 2 * pad < kernel || W + 2 * pad < kernel)
+    return -1;
+  Pixels px = {x, H, W, Cin, kernel, s, pad, 0, 0, (depth + 31) / 32 * 32, 0, NULL, 0, 0, 0, 1};
+  px.Ho = (H + 2 * pad - kernel) / s + 1, px.Wo = (W + 2 * pad - kernel) / s + 1;
+  px.M = (long)N * px.Ho * px.Wo;
+  return run(px, wp, bias, res, y, C, relu, threads);
+}
+
+/* y = ReLU?(conv1x1(x) + conv1x1(x2 at stride s2) + bias): a block's last 1x1 and its projection
+ * shortcut in one product of depth Cin + C2 (wp packs the two weights side by side, x's first),
+ * the shortcut's output never in memory. x is [N][H][W][Cin], x2 [N][H2][W2][C2] with the
+ * projection's output H x W; Cin and C2 multiples of 32. Returns as conv_x3_amx. */
+int conv_x3_amx_shortcut(const float *x, const uint16_t *wp, const float *bias, const float *x2,
+                         float *y, int N, int H, int W, int Cin, int C, int H2, int W2, int C2,
+                         int s2, int relu, int threads) {
+  if (N < 0 || H < 1 || W < 1 || Cin < 32 || Cin % 32 || C < 16 || C % 16 || C2 < 32 ||
+      C2 % 32 || s2 < 1 || threads < 1 || (H2 - 1) / s2 + 1 != H || (W2 - 1) / s2 + 1 != W ||
+      H2 < 1 || W2 < 1)
+    return -1;
+  Pixels px = {x, H, W, Cin, 1, 1, 0, H, W, Cin + C2, (long)N * H * W, x2, H2, W2, C2, s2};
+  return run(px, wp, bias, NULL, y, C, relu, threads);
 }
