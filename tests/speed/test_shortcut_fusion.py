@@ -44,37 +44,48 @@ class _Bottleneck:
         self.w3, self.b3 = weight(cout, c, 1, 1), torch.randn(cout, generator=gen) * 0.1
         self.wsc, self.bsc = weight(cout, cin, 1, 1), torch.randn(cout, generator=gen) * 0.1
 
+    def first(self, x: torch.Tensor) -> torch.Tensor:
+        """The first 1×1 and its ReLU, rounded to bf16 where the model stores it."""
+        return F.relu(F.conv2d(x.float(), self.w1.float(), self.b1)).bfloat16()
+
     def reference(self, x: torch.Tensor, stride: int) -> torch.Tensor:
         """float32 convolutions of exactly the bf16 values, the two intermediates rounded to bf16
         where the model stores them; the shortcut's output is not (it never leaves the kernel)."""
-        s = F.relu(F.conv2d(x.float(), self.w1.float(), self.b1)).bfloat16()
+        s = self.first(x)
         g = F.conv2d(s.float(), self.w2.float(), self.b2, stride, 1, 1, self.groups)
         g = F.relu(g).bfloat16()
         shortcut = F.conv2d(x.float(), self.wsc.float(), self.bsc, stride)
         return F.relu(F.conv2d(g.float(), self.w3.float(), self.b3) + shortcut)
 
-    def kernel(self, x: torch.Tensor, stride: int, **changes: object) -> torch.Tensor:
+    def kernel(
+        self, x: torch.Tensor, stride: int, whole: bool = True, **changes: object
+    ) -> torch.Tensor:
+        """The kernel on x: the whole block, or (not `whole`) from the first 1×1's output, which
+        the caller computed, with x still the shortcut's input."""
         args: dict[str, object] = dict(
-            x=x,
-            pointwise=grouped_amx.pack_pointwise(self.w1),
-            pointwise_bias=self.b1,
+            x=x if whole else self.first(x).contiguous(memory_format=torch.channels_last),
             packed=grouped_amx.pack_weights(self.w2, self.groups),
             bias=self.b2,
             groups=self.groups,
             stride=stride,
             tail=grouped_amx.pack_pointwise(self.w3),
-            shortcut=grouped_amx.pack_pointwise(self.wsc),
             tail_bias=self.b3 + self.bsc,
+            shortcut=grouped_amx.pack_pointwise(self.wsc),
+            shortcut_input=x,
+            pointwise=grouped_amx.pack_pointwise(self.w1) if whole else None,
+            pointwise_bias=self.b1 if whole else None,
         )
         args.update(changes)
         return grouped_amx.run_shortcut_block_kernel(**args)  # type: ignore[arg-type]
 
 
-def _err(block: _Bottleneck, n: int, size: tuple[int, int], stride: int) -> float:
+def _err(
+    block: _Bottleneck, n: int, size: tuple[int, int], stride: int, whole: bool = True
+) -> float:
     cin = block.w1.shape[1]
     x = _nhwc(torch.randn(n, cin, *size, generator=torch.Generator().manual_seed(n + cin)))
     want = block.reference(x, stride)
-    got = block.kernel(x, stride)
+    got = block.kernel(x, stride, whole)
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     assert got.is_contiguous(memory_format=torch.channels_last)
     return ((got.float() - want).abs().max() / want.abs().max()).item()
@@ -84,14 +95,17 @@ def _err(block: _Bottleneck, n: int, size: tuple[int, int], stride: int) -> floa
 @pytest.mark.parametrize("cpg", [4, 16, 32])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(1, 1), (5, 3), (7, 7), (14, 17)])
-def test_kernel_equals_the_convolutions(cpg: int, stride: int, size: tuple[int, int]) -> None:
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-block", "from-grouped"])
+def test_kernel_equals_the_convolutions(
+    cpg: int, stride: int, size: tuple[int, int], whole: bool
+) -> None:
     c = 2 * max(cpg, 16)
     for cin, cout in ((32, 48), (96, 2 * c)):  # an odd count of 16-output tiles; a wide tail
         block = _Bottleneck(cin, c, cout, cpg, seed=cpg + stride + cout)
         # bands of rows (2 images), and the threads splitting the channels of one image whose
         # weights outweigh it
         for n in (2, 1):
-            assert _err(block, n, size, stride) < 2**-7, (cin, cout, n)
+            assert _err(block, n, size, stride, whole) < 2**-7, (cin, cout, n)
 
 
 @needs_amx
@@ -133,6 +147,10 @@ def test_bad_inputs_name_the_argument() -> None:
         block.kernel(x, 1, tail_bias=torch.zeros(63))
     with pytest.raises(ValueError, match="x: expected a 4-d bfloat16"):
         block.kernel(x.float(), 1)
+    with pytest.raises(ValueError, match="shortcut_input: expected 1 images of 5×5"):
+        block.kernel(x, 1, shortcut_input=x[:, :, :4])
+    with pytest.raises(ValueError, match="shortcut_input: expected a 4-d bf16"):
+        block.kernel(x, 1, shortcut_input=x.float())
 
 
 class _Projected(nn.Module):
@@ -154,20 +172,24 @@ class _Projected(nn.Module):
         return (out, shortcut) if self.leak else out
 
 
-def _fused_model(leak: bool) -> tuple[nn.Module, torch.Tensor]:
+def _fused_model(leak: bool, pointwise: str = "on") -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 64, 1), _Projected(leak)).eval().bfloat16()
     model = model.to(memory_format=torch.channels_last)
     x = _nhwc(torch.randn(2, 3, 9, 9))
     swap_grouped_convs(model, x, mode="on")
-    fuse_pointwise_convs(model, x, mode="on")
+    fuse_pointwise_convs(model, x, mode=pointwise)
     fuse_blocks(model, x, mode="on")
     return model, x
 
 
 @needs_amx
-def test_the_pass_fuses_a_projection_used_only_by_its_block() -> None:
-    model, x = _fused_model(leak=False)
+@pytest.mark.parametrize("pointwise", ["on", "off"], ids=["whole-block", "from-grouped"])
+def test_the_pass_fuses_a_projection_used_only_by_its_block(pointwise: str) -> None:
+    # from-grouped: oneDNN computes the first 1×1, and the projection reads the block's input,
+    # not the kernel's
+    model, x = _fused_model(leak=False, pointwise=pointwise)
+    assert (model.get_submodule("1.conv2").pointwise is None) == (pointwise == "off")
     with torch.no_grad():
         want = model(x).float()
     choices = fuse_shortcuts(model, x, mode="on")

@@ -52,7 +52,7 @@ def _library() -> ctypes.CDLL:
     lib.pointwise_grouped3x3_amx.restype = ctypes.c_int
     lib.block_amx.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 9
     lib.block_amx.restype = ctypes.c_int
-    lib.block_amx_shortcut.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 9
+    lib.block_amx_shortcut.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 10
     lib.block_amx_shortcut.restype = ctypes.c_int
     lib.grouped3x3_amx_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
     lib.grouped3x3_amx_pack.restype = ctypes.c_int
@@ -408,47 +408,69 @@ def run_block_kernel(
 
 def run_shortcut_block_kernel(
     x: torch.Tensor,
-    pointwise: torch.Tensor,
-    pointwise_bias: torch.Tensor,
     packed: torch.Tensor,
     bias: torch.Tensor,
     groups: int,
     stride: int,
     tail: torch.Tensor,
-    shortcut: torch.Tensor,
     tail_bias: torch.Tensor,
+    shortcut: torch.Tensor,
+    shortcut_input: torch.Tensor,
+    pointwise: torch.Tensor | None = None,
+    pointwise_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A whole bottleneck with a projection shortcut in one pass, in bf16:
-    ``relu(conv2d(g, w3) + conv2d(x, wsc, stride) + tail_bias)`` with
-    ``g = relu(conv2d(s, w, bias, stride, padding=1, groups))``,
-    ``s = relu(conv2d(x, w1, pointwise_bias))``, `pointwise` = pack_pointwise(w1), `packed` =
-    pack_weights(w), `tail` = pack_pointwise(w3), `shortcut` = pack_pointwise(wsc) and
-    `tail_bias` the sum of the two 1×1s' biases. The shortcut's products are accumulated onto the
-    last 1×1's, so neither its output nor a residual goes to memory."""
-    _check_x(x)
+    """A bottleneck with a projection shortcut in one pass, in bf16:
+    ``relu(conv2d(g, w3) + conv2d(shortcut_input, wsc, stride) + tail_bias)`` with g as in
+    `run_block_kernel` (from x, or from the first 1×1 of x given `pointwise`), `shortcut` =
+    pack_pointwise(wsc) and `tail_bias` the two 1×1s' biases summed. `shortcut_input` is the
+    block's input: x itself where the first 1×1 is fused in, else the tensor that 1×1 read (same
+    height and width as x). The shortcut's products are accumulated onto the last 1×1's, so
+    neither its output nor a residual goes to memory."""
+    _check_x(x, shortcut_input)
     n, cin, h, w = x.shape
-    c = _check_pointwise("pointwise", pointwise, cin)
-    _check_floats("pointwise_bias", pointwise_bias, c)
-    _check_grouped("pointwise", c, groups, stride, packed)
+    if pointwise is None:
+        c = cin
+        if pointwise_bias is not None:
+            raise ValueError("pointwise_bias: given without a pointwise weight")
+    else:
+        c = _check_pointwise("pointwise", pointwise, cin)
+        if pointwise_bias is None:
+            raise ValueError(f"pointwise_bias: expected {c} float32 values, got None")
+        _check_floats("pointwise_bias", pointwise_bias, c)
+    _check_grouped("pointwise" if pointwise is not None else "x", c, groups, stride, packed)
     _check_floats("bias", bias, c)
     cout = _check_pointwise("tail", tail, c)
-    if _check_pointwise("shortcut", shortcut, cin) != cout:
+    _check_floats("tail_bias", tail_bias, cout)
+    if shortcut_input.dim() != 4 or shortcut_input.dtype != torch.bfloat16:
+        raise ValueError(
+            f"shortcut_input: expected a 4-d bf16 tensor, got {shortcut_input.dtype} "
+            f"{tuple(shortcut_input.shape)}"
+        )
+    csc = shortcut_input.shape[1]
+    if (shortcut_input.shape[0], *shortcut_input.shape[2:]) != (n, h, w):
+        raise ValueError(
+            f"shortcut_input: expected {n} images of {h}×{w} like x, got "
+            f"{tuple(shortcut_input.shape)}"
+        )
+    if _check_pointwise("shortcut", shortcut, csc) != cout:
         raise ValueError(
             f"shortcut: expected {cout} outputs like the tail, got {shortcut.shape[0] * 16}"
         )
-    _check_floats("tail_bias", tail_bias, cout)
     x = x.contiguous(memory_format=torch.channels_last)
+    shortcut_input = shortcut_input.contiguous(memory_format=torch.channels_last)
     y = output_for(x, stride, cout)
     if y.numel():
+        b1 = None if pointwise_bias is None else pointwise_bias.contiguous()
         rc = _library().block_amx_shortcut(
             x.data_ptr(),
-            pointwise.data_ptr(),
-            pointwise_bias.contiguous().data_ptr(),
+            None if pointwise is None else pointwise.data_ptr(),
+            None if b1 is None else b1.data_ptr(),
             packed.data_ptr(),
             bias.contiguous().data_ptr(),
             tail.data_ptr(),
             tail_bias.contiguous().data_ptr(),
             shortcut.data_ptr(),
+            shortcut_input.data_ptr(),
             y.data_ptr(),
             n,
             h,
@@ -456,6 +478,7 @@ def run_shortcut_block_kernel(
             cin,
             c,
             cout,
+            csc,
             c // groups,
             stride,
             torch.get_num_threads(),
@@ -596,22 +619,24 @@ operators.define(
 
 def _fake_shortcut_block(
     x: torch.Tensor,
-    pointwise: torch.Tensor,
-    pointwise_bias: torch.Tensor,
     packed: torch.Tensor,
     bias: torch.Tensor,
     groups: int,
     stride: int,
     tail: torch.Tensor,
-    shortcut: torch.Tensor,
     tail_bias: torch.Tensor,
+    shortcut: torch.Tensor,
+    shortcut_input: torch.Tensor,
+    pointwise: torch.Tensor | None = None,
+    pointwise_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return output_for(x, stride, tail.shape[0] * 16)
 
 
 operators.define(
-    "block_amx_shortcut(Tensor x, Tensor pointwise, Tensor pointwise_bias, Tensor packed, "
-    "Tensor bias, int groups, int stride, Tensor tail, Tensor shortcut, Tensor tail_bias) -> Tensor",
+    "block_amx_shortcut(Tensor x, Tensor packed, Tensor bias, int groups, int stride, "
+    "Tensor tail, Tensor tail_bias, Tensor shortcut, Tensor shortcut_input, "
+    "Tensor? pointwise=None, Tensor? pointwise_bias=None) -> Tensor",
     run_shortcut_block_kernel,
     _fake_shortcut_block,
 )

@@ -29,20 +29,19 @@ from resnext.speed.pointwise_fusion import onednn_weights, single_input
 
 
 class ShortcutBlock(nn.Module):
-    """``relu(tail(head(x)) + shortcut(x))`` in one kernel call: a whole-bottleneck `FusedBlock`
-    (its first 1×1 fused in) and the 1×1 projection `shortcut` of the block's input, whose
-    products the kernel accumulates onto the last 1×1's."""
+    """``relu(tail(head(x)) + shortcut(b))`` in one kernel call: a `FusedBlock` and the 1×1
+    projection `shortcut` of the block's input b (x itself where the block's first 1×1 is fused
+    in, else what that 1×1 read), whose products the kernel accumulates onto the last 1×1's."""
 
     def __init__(self, block: FusedBlock, shortcut: nn.Conv2d) -> None:
         super().__init__()
         if not shortcut_fusable(block, shortcut):
             raise ValueError(
                 f"shortcut: expected a 1×1 convolution with a bias, stride {block.stride}, "
-                f"{block.out_channels} outputs and inputs a multiple of 32, beside a whole-"
-                f"bottleneck block, got {shortcut} beside {block}"
+                f"{block.out_channels} outputs and inputs a multiple of 32, beside a fused "
+                f"block, got {shortcut} beside {block}"
             )
-        assert block.pointwise is not None and block.pointwise_bias is not None
-        assert shortcut.bias is not None  # shortcut_fusable() checked them
+        assert shortcut.bias is not None  # shortcut_fusable() checked it
         self.pointwise, self.pointwise_bias = block.pointwise, block.pointwise_bias
         self.packed, self.bias = block.packed, block.bias
         self.groups, self.stride, self.channels = block.groups, block.stride, block.channels
@@ -52,23 +51,25 @@ class ShortcutBlock(nn.Module):
         self.tail_bias = (block.tail_bias + shortcut.bias.detach().float()).contiguous()
         self.in_channels = shortcut.in_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shortcut_input: torch.Tensor) -> torch.Tensor:
         return torch.ops.resnext.block_amx_shortcut(
             x,
-            self.pointwise,
-            self.pointwise_bias,
             self.packed,
             self.bias,
             self.groups,
             self.stride,
             self.tail,
-            self.shortcut,
             self.tail_bias,
+            self.shortcut,
+            shortcut_input,
+            self.pointwise,
+            self.pointwise_bias,
         )
 
     def extra_repr(self) -> str:
+        head = "1×1 → relu → " if self.pointwise is not None else ""
         return (
-            f"1×1 → relu → grouped 3×3 ({self.channels}, groups={self.groups}, "
+            f"{head}grouped 3×3 ({self.channels}, groups={self.groups}, "
             f"stride={self.stride}) → relu → 1×1 → {self.out_channels} → + 1×1 shortcut of the "
             f"input ({self.in_channels} → {self.out_channels}) → relu"
         )
@@ -78,7 +79,6 @@ def shortcut_fusable(block: nn.Module, conv: nn.Module) -> bool:
     """Whether the shortcut kernel computes `block` with `conv` as its projection shortcut."""
     return (
         isinstance(block, FusedBlock)
-        and block.pointwise is not None
         and isinstance(conv, nn.Conv2d)
         and conv.kernel_size == (1, 1)
         and conv.stride == (block.stride, block.stride)
@@ -93,7 +93,7 @@ def shortcut_fusable(block: nn.Module, conv: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class _Site:
-    """A fused block whose residual is a 1×1 projection of the block's own input."""
+    """A fused block whose residual is a 1×1 projection (of the block's input)."""
 
     parent: str
     block: str  # child names within the parent
@@ -101,22 +101,15 @@ class _Site:
 
 
 def _shortcut_chain(block: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
-    """The nodes that compute the block's residual from its input (a Conv2d, then identities),
-    each used only by the next, in graph order; None if the residual is anything else."""
+    """The nodes that compute the block's residual from one input (a Conv2d, then identities),
+    each used only by the next, in graph order; None if the residual is anything else. Where the
+    block's first 1×1 is fused in, that input must be the block's own."""
     if len(block.args) != 2 or block.kwargs or not all(isinstance(a, fx.Node) for a in block.args):
         return None
-    x, node = block.args
-    chain: list[fx.Node] = []
-    while True:
-        module = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(module, (nn.Identity, nn.Conv2d)) or len(node.users) != 1:
-            return None
-        chain.insert(0, node)
-        if isinstance(module, nn.Conv2d):
-            return chain if single_input(node) is x else None
-        node = single_input(node)
-        if node is None:
-            return None
+    x, residual = block.args
+    chain = _projection_chain(residual, modules, nn.Conv2d)
+    whole = modules[str(block.target)].pointwise is not None
+    return chain if chain is not None and (single_input(chain[0]) is x or not whole) else None
 
 
 def _sites(model: nn.Module) -> list[_Site]:
@@ -154,7 +147,7 @@ def _fuse(model: nn.Module, site: _Site, fused: ShortcutBlock) -> None:
     chain = _shortcut_chain(node, modules)
     assert chain is not None and chain[0].target == site.shortcut
     with graph.inserting_before(node):
-        call = graph.call_module(site.block, (node.args[0],))
+        call = graph.call_module(site.block, (node.args[0], chain[0].args[0]))
     node.replace_all_uses_with(call)
     graph.erase_node(node)
     for dead in reversed(chain):  # each is used only by the next one
@@ -164,9 +157,10 @@ def _fuse(model: nn.Module, site: _Site, fused: ShortcutBlock) -> None:
 
 def _separate_runner(
     block: FusedBlock, conv: nn.Conv2d, input_size: Sequence[int]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The projection as the frozen compiled graph runs it (oneDNN, prepacked weight, into a new
-    tensor), then the fused block on it; eager conv2d where the prepacked op is missing."""
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Called with (x, shortcut input): the projection as the frozen compiled graph runs it
+    (oneDNN, prepacked weight, into a new tensor), then the fused block on it; eager conv2d
+    where the prepacked op is missing."""
     weight, bias, packed = onednn_weights(conv, input_size=input_size)
     stride = list(conv.stride)
 
@@ -188,7 +182,7 @@ def _separate_runner(
             project = onednn
         except (AttributeError, RuntimeError, NotImplementedError):
             pass
-    return lambda x: block(x, project(x))
+    return lambda x, b: block(x, project(b))
 
 
 def fuse_shortcuts(
@@ -210,19 +204,28 @@ def fuse_shortcuts(
     if not sites:
         return []
     names = [f"{s.parent}.{s.block}" for s in sites]
-    shapes = input_shapes(model, names, example)
+    projections = [f"{s.parent}.{s.shortcut}" for s in sites]
+    shapes = input_shapes(model, names + projections, example)
     choices = []
-    for site, name in zip(sites, names, strict=True):
-        if name not in shapes:
+    for site, name, projection in zip(sites, names, projections, strict=True):
+        if name not in shapes or projection not in shapes:
+            continue
+        (n, _, h, w), (nb, _, hb, wb) = shapes[name], shapes[projection]
+        if (n, h, w) != (nb, hb, wb):  # the kernel reads both at the same pixels
             continue
         block = model.get_submodule(name)
-        conv = model.get_submodule(f"{site.parent}.{site.shortcut}")
+        conv = model.get_submodule(projection)
         fused = ShortcutBlock(block, conv)
-        x = torch.randn(shapes[name], dtype=torch.bfloat16).contiguous(
-            memory_format=torch.channels_last
-        )
+        x = _bf16(shapes[name])
+        b = x if block.pointwise is not None else _bf16(shapes[projection])
+        separate = _separate_runner(block, conv, b.shape)
         separate_ms, fused_ms = time_each_ms(
-            [_separate_runner(block, conv, x.shape), fused], x, repeats
+            [
+                lambda x, b=b, separate=separate: separate(x, b),
+                lambda x, b=b, fused=fused: fused(x, b),
+            ],
+            x,
+            repeats,
         )
         use = mode == "on" or fused_ms < separate_ms
         if use:
@@ -232,6 +235,12 @@ def fuse_shortcuts(
             LayerChoice(name, tuple(x.shape), separate_ms, fused_ms, chosen, "block+shortcut")
         )
     return choices
+
+
+def _bf16(shape: Sequence[int]) -> torch.Tensor:
+    return torch.randn(tuple(shape), dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 class ShortcutConvX3(nn.Module):
@@ -303,7 +312,7 @@ def _x3_sites(model: nn.Module) -> list[_X3Site]:
             last = modules.get(str(node.target)) if node.op == "call_module" else None
             if not isinstance(last, ConvX3) or len(node.args) != 2:
                 continue
-            chain = _projection_chain(node.args[1], modules)
+            chain = _projection_chain(node.args[1], modules, ConvX3)
             if chain is None:
                 continue
             conv = str(chain[0].target)
@@ -313,16 +322,18 @@ def _x3_sites(model: nn.Module) -> list[_X3Site]:
     return sites
 
 
-def _projection_chain(node: object, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
-    """The nodes that compute `node` from one input: a ConvX3, then identities, each used only by
-    the next; None if it is anything else."""
+def _projection_chain(
+    node: object, modules: dict[str, nn.Module], conv_type: type[nn.Module]
+) -> list[fx.Node] | None:
+    """The nodes that compute `node` from one input: a `conv_type` module, then identities, each
+    used only by the next, in graph order; None if it is anything else."""
     chain: list[fx.Node] = []
     while isinstance(node, fx.Node):
         module = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(module, (nn.Identity, ConvX3)) or len(node.users) != 1:
+        if not isinstance(module, (nn.Identity, conv_type)) or len(node.users) != 1:
             return None
         chain.insert(0, node)
-        if isinstance(module, ConvX3):
+        if isinstance(module, conv_type):
             return chain if single_input(node) is not None else None
         node = single_input(node)
     return None
@@ -333,7 +344,7 @@ def _x3_fuse(model: nn.Module, site: _X3Site, fused: ShortcutConvX3) -> None:
     graph = X3Tracer().trace(parent)
     modules = dict(parent.named_modules())
     node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.last)
-    chain = _projection_chain(node.args[1], modules)
+    chain = _projection_chain(node.args[1], modules, ConvX3)
     assert chain is not None and chain[0].target == site.shortcut
     with graph.inserting_before(node):
         call = graph.call_module(site.last, (node.args[0], chain[0].args[0]))

@@ -433,9 +433,11 @@ static void store_residual(int m, float *acc, const float *bias, const uint16_t 
 }
 
 /* A projection shortcut computed in the block's last 1x1: its packed weight ([Cout/16][cin/32]
- * [16][16][2], as w3) and its input's channels; its bias is in b3. */
+ * [16][16][2], as w3), its input x[N][H][W][cin] (the block's input: the kernel's own x where
+ * the first 1x1 is fused in, else the tensor that 1x1 read) and that input's channels; its bias
+ * is in b3. */
 typedef struct {
-  const uint16_t *w;
+  const uint16_t *w, *x;
   int cin;
 } Shortcut;
 
@@ -477,11 +479,12 @@ static void block_tail(const uint16_t *z, long pixels, int C, const uint16_t *w3
     }
 }
 
-/* The shortcut's input for output pixels q = 0 .. pixels - 1 from output row oh0 of image xn
+/* The shortcut's input for output pixels q = 0 .. pixels - 1 from output row oh0 of image n
  * (input pixel (s oh, s ow), sc->cin channels) as rows of xs, zeros up to the next 32 rows. */
-static void gather_shortcut(const uint16_t *xn, int W, int s, int Wo, int oh0, long pixels,
+static void gather_shortcut(long n, int H, int W, int s, int Wo, int oh0, long pixels,
                             const Shortcut *sc, uint16_t *xs) {
   const int cin = sc->cin;
+  const uint16_t *xn = sc->x + n * H * W * cin;
   for (long q = 0; q < pixels; ++q) {
     const long oh = oh0 + q / Wo, ow = q % Wo;
     memcpy(xs + q * cin, xn + (s * oh * W + s * ow) * cin, (size_t)cin * 2);
@@ -521,7 +524,7 @@ static int run_block_split(const uint16_t *x, const Source *src, const uint16_t 
       failed = !ok;
       if (sc) {
 #pragma omp single
-        gather_shortcut(xn, W, s, Wo, 0, pixels, sc, xs);
+        gather_shortcut(n, H, W, s, Wo, 0, pixels, sc, xs);
       }
 #pragma omp for schedule(static)
       for (int unit = 0; unit < units; ++unit) {
@@ -560,7 +563,9 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
   if (N < 0 || H < 1 || W < 1 || threads < 1 || !grouped3x3_amx_supported(C, cpg, s)) return -1;
   if (C % 32 || cout < 16 || cout % 16 || !w3 || !b3 || !(sc ? sc->w != NULL : res != NULL))
     return -1;
-  if (sc && (!src->w1 || sc->cin != src->cin || (const uint16_t *)y == x)) return -1;
+  if (sc && (!sc->x || sc->cin < 32 || sc->cin % 32 || (const uint16_t *)y == x ||
+             y == sc->x))
+    return -1;
   if (src->w1 ? src->cin < 32 || src->cin % 32 : src->cin != C) return -1;
   const int kc = block_channels(cpg), blocks = C / kc;
   if (blocks > MAX_CHUNK) return -1;
@@ -612,7 +617,7 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
         const int sb = rows - sa < strip_rows ? rows : sa + strip_rows;
         grouped_rows(&w, blocks, &g, 0, wp, b2, 1, z, (long)sa * g.Wv, (long)sb * g.Wv, sa, sb);
         const long at = (n * Ho + oh0 + sa) * (long)Wo * cout, pixels = (long)(sb - sa) * Wo;
-        if (sc) gather_shortcut(xn, W, s, Wo, oh0 + sa, pixels, sc, xs);
+        if (sc) gather_shortcut(n, H, W, s, Wo, oh0 + sa, pixels, sc, xs);
         block_tail(z, pixels, C, w3, b3, sc ? NULL : res + at, y + at, cout, cout, w.acc, xs,
                    sc, sc ? sc->w : NULL);
       }
@@ -637,18 +642,19 @@ int block_amx(const uint16_t *x, const uint16_t *w1, const float *b1, const uint
   return run_block(x, &src, wp, b2, w3, b3, residual, y, N, H, W, C, Cout, cpg, s, threads, NULL);
 }
 
-/* y = ReLU(conv1x1(ReLU(conv3x3(s) + b2), w3) + conv1x1(x at stride s, wsc) + b3) with
- * s = ReLU(conv1x1(x, w1) + b1): a whole bottleneck with a projection shortcut (stride s, no
- * padding) whose products are accumulated onto the last 1x1's (so that neither the shortcut's
- * output nor a residual goes to memory). wsc is packed like w3 ([Cout/16][Cin/32]...), b3 holds
- * both 1x1s' biases summed; y must not be x. Returns as grouped3x3_amx. */
+/* y = ReLU(conv1x1(ReLU(conv3x3(s) + b2), w3) + conv1x1(xsc at stride s, wsc) + b3) with s = x
+ * (w1 NULL; Cin = C) or s = ReLU(conv1x1(x, w1) + b1): a bottleneck with a projection shortcut
+ * (stride s, no padding) of its input xsc ([N][H][W][Csc], Csc a multiple of 32; x itself where
+ * w1 is given), the shortcut's products accumulated onto the last 1x1's so that neither its
+ * output nor a residual goes to memory. wsc is packed like w3 ([Cout/16][Csc/32]...), b3 holds
+ * both 1x1s' biases summed; y must be neither x nor xsc. Returns as grouped3x3_amx. */
 int block_amx_shortcut(const uint16_t *x, const uint16_t *w1, const float *b1, const uint16_t *wp,
                        const float *b2, const uint16_t *w3, const float *b3, const uint16_t *wsc,
-                       uint16_t *y, int N, int H, int W, int Cin, int C, int Cout, int cpg, int s,
-                       int threads) {
-  if (w1 == NULL || b1 == NULL || wsc == NULL) return -1;
+                       const uint16_t *xsc, uint16_t *y, int N, int H, int W, int Cin, int C,
+                       int Cout, int Csc, int cpg, int s, int threads) {
+  if ((w1 != NULL && b1 == NULL) || wsc == NULL || xsc == NULL) return -1;
   const Source src = {w1, b1, Cin};
-  const Shortcut sc = {wsc, Cin};
+  const Shortcut sc = {wsc, xsc, Csc};
   return run_block(x, &src, wp, b2, w3, b3, NULL, y, N, H, W, C, Cout, cpg, s, threads, &sc);
 }
 
