@@ -321,6 +321,35 @@ def run_pointwise_kernel(
     return y
 
 
+def _check_block(
+    cin: int,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    stride: int,
+    tail: torch.Tensor,
+    tail_bias: torch.Tensor,
+    pointwise: torch.Tensor | None,
+    pointwise_bias: torch.Tensor | None,
+) -> tuple[int, int]:
+    """(grouped channels, output channels) of a block kernel's weights for `cin` input channels,
+    a ValueError naming the first argument that does not fit."""
+    if pointwise is None:
+        c = cin
+        if pointwise_bias is not None:
+            raise ValueError("pointwise_bias: given without a pointwise weight")
+    else:
+        c = _check_pointwise("pointwise", pointwise, cin)
+        if pointwise_bias is None:
+            raise ValueError(f"pointwise_bias: expected {c} float32 values, got None")
+        _check_floats("pointwise_bias", pointwise_bias, c)
+    _check_grouped("pointwise" if pointwise is not None else "x", c, groups, stride, packed)
+    _check_floats("bias", bias, c)
+    cout = _check_pointwise("tail", tail, c)
+    _check_floats("tail_bias", tail_bias, cout)
+    return c, cout
+
+
 def run_block_kernel(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -346,19 +375,9 @@ def run_block_kernel(
     """
     _check_x(x, residual)
     n, cin, h, w = x.shape
-    if pointwise is None:
-        c = cin
-        if pointwise_bias is not None:
-            raise ValueError("pointwise_bias: given without a pointwise weight")
-    else:
-        c = _check_pointwise("pointwise", pointwise, cin)
-        if pointwise_bias is None:
-            raise ValueError(f"pointwise_bias: expected {c} float32 values, got None")
-        _check_floats("pointwise_bias", pointwise_bias, c)
-    _check_grouped("pointwise" if pointwise is not None else "x", c, groups, stride, packed)
-    _check_floats("bias", bias, c)
-    cout = _check_pointwise("tail", tail, c)
-    _check_floats("tail_bias", tail_bias, cout)
+    c, cout = _check_block(
+        cin, packed, bias, groups, stride, tail, tail_bias, pointwise, pointwise_bias
+    )
     shape = (n, cout, output_size(h, stride), output_size(w, stride))
     if tuple(residual.shape) != shape or residual.dtype != torch.bfloat16:
         raise ValueError(
@@ -428,19 +447,9 @@ def run_shortcut_block_kernel(
     neither its output nor a residual goes to memory."""
     _check_x(x, shortcut_input)
     n, cin, h, w = x.shape
-    if pointwise is None:
-        c = cin
-        if pointwise_bias is not None:
-            raise ValueError("pointwise_bias: given without a pointwise weight")
-    else:
-        c = _check_pointwise("pointwise", pointwise, cin)
-        if pointwise_bias is None:
-            raise ValueError(f"pointwise_bias: expected {c} float32 values, got None")
-        _check_floats("pointwise_bias", pointwise_bias, c)
-    _check_grouped("pointwise" if pointwise is not None else "x", c, groups, stride, packed)
-    _check_floats("bias", bias, c)
-    cout = _check_pointwise("tail", tail, c)
-    _check_floats("tail_bias", tail_bias, cout)
+    c, cout = _check_block(
+        cin, packed, bias, groups, stride, tail, tail_bias, pointwise, pointwise_bias
+    )
     if shortcut_input.dim() != 4 or shortcut_input.dtype != torch.bfloat16:
         raise ValueError(
             f"shortcut_input: expected a 4-d bf16 tensor, got {shortcut_input.dtype} "

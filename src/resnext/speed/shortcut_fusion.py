@@ -93,71 +93,156 @@ def shortcut_fusable(block: nn.Module, conv: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class _Site:
-    """A fused block whose residual is a 1×1 projection (of the block's input)."""
+    """A module (`main`) whose residual is a 1×1 projection (`shortcut`), children of `parent`."""
 
     parent: str
-    block: str  # child names within the parent
+    main: str
     shortcut: str
 
 
-def _shortcut_chain(block: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
-    """The nodes that compute the block's residual from one input (a Conv2d, then identities),
-    each used only by the next, in graph order; None if the residual is anything else. Where the
-    block's first 1×1 is fused in, that input must be the block's own."""
-    if len(block.args) != 2 or block.kwargs or not all(isinstance(a, fx.Node) for a in block.args):
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What one of the two passes looks for: the module that adds the residual, how to trace its
+    parent, the projection's module type, whether the two are fusable, and whether the kernel
+    takes their input shapes (main's, the projection's)."""
+
+    tracer: type[fx.Tracer]
+    main: type[nn.Module]
+    projection: type[nn.Module]
+    fusable: Callable[[nn.Module, nn.Module], bool]
+    fits: Callable[[Shape, Shape, nn.Module], bool]
+
+
+def _projection_chain(
+    node: object, modules: dict[str, nn.Module], kind: _Kind
+) -> list[fx.Node] | None:
+    """The nodes that compute `node` from one input: a projection module, then identities, each
+    used only by the next, in graph order; None if it is anything else."""
+    chain: list[fx.Node] = []
+    while isinstance(node, fx.Node):
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(module, (nn.Identity, kind.projection)) or len(node.users) != 1:
+            return None
+        chain.insert(0, node)
+        if isinstance(module, kind.projection):
+            return chain if single_input(node) is not None else None
+        node = single_input(node)
+    return None
+
+
+def _shortcut_chain(
+    node: fx.Node, modules: dict[str, nn.Module], kind: _Kind
+) -> list[fx.Node] | None:
+    """The projection chain of a (main input, residual) call. Where a block's first 1×1 is
+    fused in (`pointwise`), the projection must read the block's own input."""
+    if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
         return None
-    x, residual = block.args
-    chain = _projection_chain(residual, modules, nn.Conv2d)
-    whole = modules[str(block.target)].pointwise is not None
-    return chain if chain is not None and (single_input(chain[0]) is x or not whole) else None
+    chain = _projection_chain(node.args[1], modules, kind)
+    whole = getattr(modules[str(node.target)], "pointwise", None) is not None
+    if chain is None or (whole and single_input(chain[0]) is not node.args[0]):
+        return None
+    return chain
 
 
-def _sites(model: nn.Module) -> list[_Site]:
+def _sites(model: nn.Module, kind: _Kind) -> list[_Site]:
     sites = []
-    parents = {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, FusedBlock)}
+    parents = {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, kind.main)}
     for parent_name in sorted(parents - {""}):
         parent = model.get_submodule(parent_name)
         try:
-            graph = BlockTracer().trace(parent)
+            graph = kind.tracer().trace(parent)
         except Exception:  # fx raises many kinds of errors on untraceable code
             continue
         modules = dict(parent.named_modules())
         calls = module_call_counts(graph)
         for node in graph.nodes:
-            block = modules.get(str(node.target)) if node.op == "call_module" else None
-            if not isinstance(block, FusedBlock):
+            main = modules.get(str(node.target)) if node.op == "call_module" else None
+            if not isinstance(main, kind.main):
                 continue
-            chain = _shortcut_chain(node, modules)
+            chain = _shortcut_chain(node, modules, kind)
             if chain is None:
                 continue
             conv = str(chain[0].target)
             once = calls[str(node.target)] == 1 and calls[conv] == 1
-            if once and shortcut_fusable(block, modules[conv]):
+            if once and kind.fusable(main, modules[conv]):
                 sites.append(_Site(parent_name, str(node.target), conv))
     return sites
 
 
-def _fuse(model: nn.Module, site: _Site, fused: ShortcutBlock) -> None:
-    """Rewrite the parent's graph: one call of `fused` on the block's input in place of the
-    projection and the block."""
+def _fuse(model: nn.Module, site: _Site, fused: nn.Module, kind: _Kind) -> None:
+    """Rewrite the parent's graph: one call of `fused` on the main module's input and the
+    projection's input in place of the projection (and what follows it) and the main module."""
     parent = model.get_submodule(site.parent)
-    graph = BlockTracer().trace(parent)
+    graph = kind.tracer().trace(parent)
     modules = dict(parent.named_modules())
-    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.block)
-    chain = _shortcut_chain(node, modules)
+    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.main)
+    chain = _shortcut_chain(node, modules, kind)
     assert chain is not None and chain[0].target == site.shortcut
     with graph.inserting_before(node):
-        call = graph.call_module(site.block, (node.args[0], chain[0].args[0]))
+        call = graph.call_module(site.main, (node.args[0], chain[0].args[0]))
     node.replace_all_uses_with(call)
     graph.erase_node(node)
     for dead in reversed(chain):  # each is used only by the next one
         graph.erase_node(dead)
-    install_graph(model, site.parent, graph, site.block, fused)
+    install_graph(model, site.parent, graph, site.main, fused)
 
 
-def _separate_runner(
-    block: FusedBlock, conv: nn.Conv2d, input_size: Sequence[int]
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+Runner = Callable[[torch.Tensor, torch.Tensor], object]
+
+
+def _run_pass(
+    model: nn.Module,
+    example: torch.Tensor,
+    mode: str,
+    repeats: int,
+    kind: _Kind,
+    ways: Callable[[nn.Module, nn.Module, Shape], tuple[Runner, nn.Module]],
+    variant: str,
+) -> list[LayerChoice]:
+    """Each site timed both ways on random inputs of its real shapes (in turns) and fused where
+    that is faster (or always, 'on'). `ways(main, projection, projection input shape)` gives the
+    separate way and the fused module, each called with (main input, projection input)."""
+    sites = _sites(model, kind)
+    if not sites:
+        return []
+    names = [f"{s.parent}.{s.main}" for s in sites]
+    projections = [f"{s.parent}.{s.shortcut}" for s in sites]
+    shapes = input_shapes(model, names + projections, example)
+    choices = []
+    for site, name, projection in zip(sites, names, projections, strict=True):
+        if name not in shapes or projection not in shapes:
+            continue
+        main, conv = model.get_submodule(name), model.get_submodule(projection)
+        if not kind.fits(shapes[name], shapes[projection], conv):
+            continue
+        separate, fused = ways(main, conv, shapes[projection])
+        x = _random(shapes[name], example.dtype)
+        same = getattr(main, "pointwise", None) is not None  # one input, read twice
+        b = x if same else _random(shapes[projection], example.dtype)
+        separate_ms, fused_ms = time_each_ms(
+            [
+                lambda x, b=b, separate=separate: separate(x, b),
+                lambda x, b=b, fused=fused: fused(x, b),
+            ],
+            x,
+            repeats,
+        )
+        use = mode == "on" or fused_ms < separate_ms
+        if use:
+            _fuse(model, site, fused, kind)
+        chosen = "fused" if use else "separate"
+        choices.append(LayerChoice(name, tuple(x.shape), separate_ms, fused_ms, chosen, variant))
+    return choices
+
+
+def _random(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(tuple(shape), dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _separate_runner(block: FusedBlock, conv: nn.Conv2d, input_size: Shape) -> Runner:
     """Called with (x, shortcut input): the projection as the frozen compiled graph runs it
     (oneDNN, prepacked weight, into a new tensor), then the fused block on it; eager conv2d
     where the prepacked op is missing."""
@@ -185,6 +270,14 @@ def _separate_runner(
     return lambda x, b: block(x, project(b))
 
 
+def _same_pixels(main: Shape, projection: Shape, conv: nn.Module) -> bool:
+    """The block kernel reads the projection's input at its own input's pixels."""
+    return (main[0], *main[2:]) == (projection[0], *projection[2:])
+
+
+_BLOCKS = _Kind(BlockTracer, FusedBlock, nn.Conv2d, shortcut_fusable, _same_pixels)
+
+
 def fuse_shortcuts(
     model: nn.Module, example: torch.Tensor, *, mode: str = "auto", repeats: int = 5
 ) -> list[LayerChoice]:
@@ -200,47 +293,12 @@ def fuse_shortcuts(
         raise ConfigError(f"fuse_block: expected one of {MODES}, got {mode!r}")
     if mode == "off" or example.dtype != torch.bfloat16:
         return []
-    sites = _sites(model)
-    if not sites:
-        return []
-    names = [f"{s.parent}.{s.block}" for s in sites]
-    projections = [f"{s.parent}.{s.shortcut}" for s in sites]
-    shapes = input_shapes(model, names + projections, example)
-    choices = []
-    for site, name, projection in zip(sites, names, projections, strict=True):
-        if name not in shapes or projection not in shapes:
-            continue
-        (n, _, h, w), (nb, _, hb, wb) = shapes[name], shapes[projection]
-        if (n, h, w) != (nb, hb, wb):  # the kernel reads both at the same pixels
-            continue
-        block = model.get_submodule(name)
-        conv = model.get_submodule(projection)
-        fused = ShortcutBlock(block, conv)
-        x = _bf16(shapes[name])
-        b = x if block.pointwise is not None else _bf16(shapes[projection])
-        separate = _separate_runner(block, conv, b.shape)
-        separate_ms, fused_ms = time_each_ms(
-            [
-                lambda x, b=b, separate=separate: separate(x, b),
-                lambda x, b=b, fused=fused: fused(x, b),
-            ],
-            x,
-            repeats,
-        )
-        use = mode == "on" or fused_ms < separate_ms
-        if use:
-            _fuse(model, site, fused)
-        chosen = "fused" if use else "separate"
-        choices.append(
-            LayerChoice(name, tuple(x.shape), separate_ms, fused_ms, chosen, "block+shortcut")
-        )
-    return choices
 
+    def ways(block: nn.Module, conv: nn.Module, size: Shape) -> tuple[Runner, nn.Module]:
+        assert isinstance(block, FusedBlock) and isinstance(conv, nn.Conv2d)
+        return _separate_runner(block, conv, size), ShortcutBlock(block, conv)
 
-def _bf16(shape: Sequence[int]) -> torch.Tensor:
-    return torch.randn(tuple(shape), dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last
-    )
+    return _run_pass(model, example, mode, repeats, _BLOCKS, ways, "block+shortcut")
 
 
 class ShortcutConvX3(nn.Module):
@@ -288,71 +346,13 @@ def x3_shortcut_fusable(last: nn.Module, shortcut: nn.Module) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class _X3Site:
-    """A float32 last 1×1 whose residual is a 1×1 projection, both on our kernel."""
-
-    parent: str
-    last: str  # child names within the parent
-    shortcut: str
+def _strided_pixels(main: Shape, projection: Shape, conv: nn.Module) -> bool:
+    """The last 1×1's input pixels are the projection's outputs."""
+    s = conv.stride
+    return (main[0], *main[2:]) == (projection[0], *((d - 1) // s + 1 for d in projection[2:]))
 
 
-def _x3_sites(model: nn.Module) -> list[_X3Site]:
-    sites = []
-    parents = {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, ConvX3)}
-    for parent_name in sorted(parents - {""}):
-        parent = model.get_submodule(parent_name)
-        try:
-            graph = X3Tracer().trace(parent)
-        except Exception:  # fx raises many kinds of errors on untraceable code
-            continue
-        modules = dict(parent.named_modules())
-        calls = module_call_counts(graph)
-        for node in graph.nodes:
-            last = modules.get(str(node.target)) if node.op == "call_module" else None
-            if not isinstance(last, ConvX3) or len(node.args) != 2:
-                continue
-            chain = _projection_chain(node.args[1], modules, ConvX3)
-            if chain is None:
-                continue
-            conv = str(chain[0].target)
-            once = calls[str(node.target)] == 1 and calls[conv] == 1
-            if once and x3_shortcut_fusable(last, modules[conv]):
-                sites.append(_X3Site(parent_name, str(node.target), conv))
-    return sites
-
-
-def _projection_chain(
-    node: object, modules: dict[str, nn.Module], conv_type: type[nn.Module]
-) -> list[fx.Node] | None:
-    """The nodes that compute `node` from one input: a `conv_type` module, then identities, each
-    used only by the next, in graph order; None if it is anything else."""
-    chain: list[fx.Node] = []
-    while isinstance(node, fx.Node):
-        module = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(module, (nn.Identity, conv_type)) or len(node.users) != 1:
-            return None
-        chain.insert(0, node)
-        if isinstance(module, conv_type):
-            return chain if single_input(node) is not None else None
-        node = single_input(node)
-    return None
-
-
-def _x3_fuse(model: nn.Module, site: _X3Site, fused: ShortcutConvX3) -> None:
-    parent = model.get_submodule(site.parent)
-    graph = X3Tracer().trace(parent)
-    modules = dict(parent.named_modules())
-    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.last)
-    chain = _projection_chain(node.args[1], modules, ConvX3)
-    assert chain is not None and chain[0].target == site.shortcut
-    with graph.inserting_before(node):
-        call = graph.call_module(site.last, (node.args[0], chain[0].args[0]))
-    node.replace_all_uses_with(call)
-    graph.erase_node(node)
-    for dead in reversed(chain):  # each is used only by the next one
-        graph.erase_node(dead)
-    install_graph(model, site.parent, graph, site.last, fused)
+_X3 = _Kind(X3Tracer, ConvX3, ConvX3, x3_shortcut_fusable, _strided_pixels)
 
 
 def fuse_x3_shortcuts(
@@ -370,33 +370,9 @@ def fuse_x3_shortcuts(
         raise ConfigError(f"conv_x3: expected one of {MODES}, got {mode!r}")
     if mode == "off" or example.dtype != torch.float32:
         return []
-    sites = _x3_sites(model)
-    if not sites:
-        return []
-    names = [f"{s.parent}.{s.last}" for s in sites]
-    projections = [f"{s.parent}.{s.shortcut}" for s in sites]
-    shapes = input_shapes(model, names + projections, example)
-    choices = []
-    for site, name, projection in zip(sites, names, projections, strict=True):
-        if name not in shapes or projection not in shapes:
-            continue
-        last, shortcut = model.get_submodule(name), model.get_submodule(projection)
-        fused = ShortcutConvX3(last, shortcut)
-        g = torch.randn(shapes[name]).contiguous(memory_format=torch.channels_last)
-        x = torch.randn(shapes[projection]).contiguous(memory_format=torch.channels_last)
-        separate_ms, fused_ms = time_each_ms(
-            [
-                lambda g, x=x, last=last, shortcut=shortcut: last(g, shortcut(x)),
-                lambda g, x=x, fused=fused: fused(g, x),
-            ],
-            g,
-            repeats,
-        )
-        use = mode == "on" or fused_ms < separate_ms
-        if use:
-            _x3_fuse(model, site, fused)
-        chosen = "fused" if use else "separate"
-        choices.append(
-            LayerChoice(name, tuple(g.shape), separate_ms, fused_ms, chosen, "bf16x3+shortcut")
-        )
-    return choices
+
+    def ways(last: nn.Module, shortcut: nn.Module, size: Shape) -> tuple[Runner, nn.Module]:
+        assert isinstance(last, ConvX3) and isinstance(shortcut, ConvX3)
+        return (lambda g, x: last(g, shortcut(x))), ShortcutConvX3(last, shortcut)
+
+    return _run_pass(model, example, mode, repeats, _X3, ways, "bf16x3+shortcut")
