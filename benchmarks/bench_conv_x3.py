@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from resnext.speed import conv_x3
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
+from resnext.speed.pointwise_fusion import onednn_weights
 from resnext.speed.provenance import write_results
 
 # (input channels, output channels, input size, kernel, stride, padding)
@@ -41,13 +43,11 @@ SHAPES = [
 ]
 
 
-def _prepacked(
-    weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int, input_size: list[int]
-):
+def _prepacked(conv: nn.Conv2d, dtype: torch.dtype, input_size: list[int]):
     """oneDNN's convolution + ReLU with the weight prepacked for it (for inputs of `input_size`,
-    as inductor packs it), in `weight`'s dtype."""
-    geometry = ([padding, padding], [stride, stride], [1, 1], 1)
-    packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), *geometry, input_size)
+    as inductor packs it), in `dtype`."""
+    _, bias, packed = onednn_weights(conv, dtype, input_size)
+    geometry = (list(conv.padding), list(conv.stride), [1, 1], 1)
     return lambda x: torch.ops.mkldnn._convolution_pointwise(
         x, packed, bias, *geometry, "relu", [None], ""
     )
@@ -66,8 +66,10 @@ def shape_variants(
     )
     bias = torch.randn(cout, generator=gen) * 0.1
     ours_packed = conv_x3.pack(weight)
-    onednn = _prepacked(weight, bias, stride, padding, list(x.shape))
-    onednn_bf16 = _prepacked(weight.bfloat16(), bias.bfloat16(), stride, padding, list(x.shape))
+    conv = nn.Conv2d(cin, cout, kernel, stride, padding)
+    conv.weight.data, conv.bias.data = weight, bias
+    onednn = _prepacked(conv, torch.float32, list(x.shape))
+    onednn_bf16 = _prepacked(conv, torch.bfloat16, list(x.shape))
     xb = x.bfloat16()
     exact = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride, padding))
 

@@ -35,6 +35,7 @@ from resnext.speed.pointwise_fusion import (
     MODES,
     FusedPointwiseGrouped,
     FusionTracer,
+    amx_1x1,
     is_relu,
     onednn_weights,
     single_input,
@@ -112,16 +113,8 @@ def block_fusable(head: nn.Module, tail: nn.Module) -> bool:
         amx_head
         and bool(head.relu)
         and head.bias is not None
-        and isinstance(tail, nn.Conv2d)
-        and tail.kernel_size == (1, 1)
-        and tail.stride == (1, 1)
-        and tail.padding == (0, 0)
-        and tail.dilation == (1, 1)
-        and tail.groups == 1
-        and tail.bias is not None
+        and amx_1x1(tail)
         and tail.in_channels == head.channels
-        and tail.in_channels % 32 == 0
-        and tail.out_channels % 16 == 0
     )
 
 

@@ -131,6 +131,19 @@ def _check_float_nhwc(name: str, t: torch.Tensor, shape: tuple[int, ...] | None 
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
 
 
+def _check_bias(bias: torch.Tensor, c: int) -> None:
+    if bias.dtype != torch.float32 or bias.numel() != c:
+        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} {bias.numel()}")
+
+
+def _check_rc(rc: int, function: str, what: str) -> None:
+    """The C function's refusal (its return code, unless 0) as a MemoryError or RuntimeError."""
+    if rc == -2:
+        raise MemoryError(f"{function}: out of memory for its per-thread buffers")
+    if rc != 0:
+        raise RuntimeError(f"{function} refused {what}")
+
+
 def output_shape(
     x_shape: tuple[int, ...], out_channels: int, kernel: int, stride: int, padding: int
 ) -> tuple[int, int, int, int]:
@@ -164,8 +177,7 @@ def run(
         )
     if h + 2 * padding < kernel or w + 2 * padding < kernel:
         raise ValueError(f"x: {h}×{w} is smaller than the {kernel}×{kernel} kernel")
-    if bias.dtype != torch.float32 or bias.numel() != c:
-        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} {bias.numel()}")
+    _check_bias(bias, c)
     expected = output_shape(tuple(x.shape), c, kernel, stride, padding)
     if residual is not None:
         _check_float_nhwc("residual", residual, expected)
@@ -198,12 +210,7 @@ def run(
             int(relu),
             torch.get_num_threads(),
         )
-        if rc == -2:
-            raise MemoryError("conv_x3_amx: out of memory for its per-thread buffers")
-        if rc != 0:
-            raise RuntimeError(
-                f"conv_x3_amx refused {tuple(x.shape)} → {c}, {kernel}×{kernel}, stride {stride}"
-            )
+        _check_rc(rc, "conv_x3_amx", f"{tuple(x.shape)} → {c}, {kernel}×{kernel}, stride {stride}")
     return y
 
 
@@ -229,8 +236,6 @@ def run_with_shortcut(
             f"x, shortcut: expected channels that are multiples of 32, got {cin} and {c2}"
         )
     c = _check_packed(packed, cin + c2, 1)
-    if c % 16:
-        raise ValueError(f"packed: expected outputs a multiple of 16, got {c}")
     if (
         shortcut_stride < 1
         or shortcut.shape[0] != n
@@ -240,8 +245,7 @@ def run_with_shortcut(
             f"shortcut: expected {n} images whose 1×1 projection at stride {shortcut_stride} is "
             f"{h}×{w}, got {tuple(shortcut.shape)}"
         )
-    if bias.dtype != torch.float32 or bias.numel() != c:
-        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} {bias.numel()}")
+    _check_bias(bias, c)
     x = x.contiguous(memory_format=torch.channels_last)
     shortcut = shortcut.contiguous(memory_format=torch.channels_last)
     y = torch.empty((n, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
@@ -264,10 +268,7 @@ def run_with_shortcut(
             int(relu),
             torch.get_num_threads(),
         )
-        if rc == -2:
-            raise MemoryError("conv_x3_amx_shortcut: out of memory for its per-thread buffers")
-        if rc != 0:
-            raise RuntimeError(f"conv_x3_amx_shortcut refused {tuple(x.shape)} → {c}")
+        _check_rc(rc, "conv_x3_amx_shortcut", f"{tuple(x.shape)} → {c}")
     return y
 
 

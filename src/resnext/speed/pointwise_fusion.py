@@ -75,19 +75,29 @@ class FusedPointwiseGrouped(nn.Module):
         )
 
 
+def amx_1x1(conv: nn.Module, stride: int = 1) -> bool:
+    """Whether `conv` is a 1×1 convolution at `stride` that the AMX kernels compute from
+    `grouped_amx.pack_pointwise` (groups 1, no padding, a bias, inputs a multiple of 32 and
+    outputs of 16)."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (stride, stride)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is not None
+        and conv.in_channels % 32 == 0
+        and conv.out_channels % 16 == 0
+    )
+
+
 def fusable(pointwise: nn.Module, grouped: nn.Module | None) -> bool:
     """Whether the fused kernel computes `grouped`(relu(`pointwise`(x))) for these two modules."""
     return (
         isinstance(grouped, FastGroupedConv3x3)
         and grouped.variant == "amx"
-        and isinstance(pointwise, nn.Conv2d)
-        and pointwise.kernel_size == (1, 1)
-        and pointwise.stride == (1, 1)
-        and pointwise.padding == (0, 0)
-        and pointwise.dilation == (1, 1)
-        and pointwise.groups == 1
-        and pointwise.bias is not None
-        and pointwise.in_channels % 32 == 0
+        and amx_1x1(pointwise)
         and pointwise.out_channels == grouped.channels
     )
 

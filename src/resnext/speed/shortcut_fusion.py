@@ -25,7 +25,7 @@ from resnext.speed.block_fusion import BlockTracer, FusedBlock
 from resnext.speed.conv_x3_swap import ConvX3, X3Tracer
 from resnext.speed.fold import install_graph, module_call_counts
 from resnext.speed.grouped_swap import MODES, LayerChoice, input_shapes, time_each_ms
-from resnext.speed.pointwise_fusion import onednn_weights, single_input
+from resnext.speed.pointwise_fusion import amx_1x1, onednn_weights, single_input
 
 
 class ShortcutBlock(nn.Module):
@@ -79,14 +79,7 @@ def shortcut_fusable(block: nn.Module, conv: nn.Module) -> bool:
     """Whether the shortcut kernel computes `block` with `conv` as its projection shortcut."""
     return (
         isinstance(block, FusedBlock)
-        and isinstance(conv, nn.Conv2d)
-        and conv.kernel_size == (1, 1)
-        and conv.stride == (block.stride, block.stride)
-        and conv.padding == (0, 0)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.bias is not None
-        and conv.in_channels % 32 == 0
+        and amx_1x1(conv, block.stride)
         and conv.out_channels == block.out_channels
     )
 
