@@ -28,6 +28,8 @@ VARIANTS = (
     "inductor-unfused-bf16",
     "inductor-pointwise-bf16",
     "inductor-strict-fp32",
+    "inductor-nostem-fp32",
+    "inductor-nostem-bf16",
     "jit-fp32",
     "jit-bf16",
     "ort-fp32",
@@ -78,13 +80,15 @@ def build_runner(
         "inductor-unfused",
         "inductor-pointwise",
         "inductor-strict",
+        "inductor-nostem",
         "jit",
     ):
         # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernels off);
         # inductor-py: with inductor's Python wrapper instead of its C++ one;
         # inductor-unfused: our grouped kernels alone, nothing fused into them;
         # inductor-pointwise: with the first 1×1 fused in, but not the rest of the block;
-        # inductor-strict: float32 FMAs throughout (our AMX bf16×3 convolutions off)
+        # inductor-strict: float32 FMAs throughout (our AMX bf16×3 convolutions off);
+        # inductor-nostem: the stem's convolution and pooling apart (the fused stem off)
         backend = "none" if kind == "eager-fast" else kind.split("-")[0]
         mode = "off" if kind == "inductor-onednn" else "auto"
         fn = optimize(
@@ -97,6 +101,7 @@ def build_runner(
             fuse_pointwise="off" if kind == "inductor-unfused" else "auto",
             fuse_block="off" if kind in ("inductor-unfused", "inductor-pointwise") else "auto",
             conv_x3="off" if kind == "inductor-strict" else "auto",
+            fuse_stem="off" if kind in ("inductor-strict", "inductor-nostem") else "auto",
         )
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)
@@ -160,6 +165,9 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
             x3 = getattr(fn, "conv_x3_choices", [])
             if x3:  # each float32 convolution's timings, our bf16×3 kernel or oneDNN
                 info[key]["conv_x3_choices"] = [asdict(c) for c in x3]
+            stems = getattr(fn, "stem_choices", [])
+            if stems:  # the stem's timings, fused into one kernel or apart
+                info[key]["stem_choices"] = [asdict(c) for c in stems]
             log(f"{key}: built in {build_s:.1f} s, max rel err {err:.2e}")
             runners[key] = (_torch_runner(fn, x), config.batch)
             if config.latency_rounds:

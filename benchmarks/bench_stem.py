@@ -1,0 +1,140 @@
+"""The ImageNet stem (7×7/2 conv, ReLU, 3×3/2 max pooling) in one kernel against apart, ResNeXt-50.
+
+Usage: .venv/bin/python benchmarks/bench_stem.py [--batches 1,16] [--repeats 20]
+       [--dtypes bf16,fp32]
+For each dtype and batch, ResNeXt-50's folded stem (random weights, 224² inputs, channels_last)
+is timed in turns, `--repeats` calls each (best call kept), in these ways:
+  - onednn+pool: oneDNN's convolution with the weight prepacked and the ReLU fused (as the
+    frozen compiled graph runs it), then the pooling compiled by inductor (as the graph runs it);
+  - x3+pool (float32): our bf16×3 convolution (`conv_x3`) with the ReLU, then the same pooling;
+  - fused: `resnext.speed.stem`, the three in one kernel;
+  - onednn alone: the convolution without the pooling, for scale.
+Then the whole network: one `optimize(..., backend="none", fuse_stem="on")` build, and a copy of
+it whose stem is put back apart (the folded conv1, the ReLU and nn.MaxPool2d), each compiled
+with inductor (frozen, C++ wrapper) and timed in turns: every other kernel choice is the same in
+both, so the difference is the stem's alone (separate `optimize` builds time their choices
+anew, and those differ by more than the stem's share). Needs a CPU with AMX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resnext
+from resnext.speed import conv_x3, stem
+from resnext.speed.allocator import keep_freed_memory
+from resnext.speed.conv_x3_swap import ConvX3
+from resnext.speed.fastpath import FrozenInductor, optimize
+from resnext.speed.fold import fold_batchnorm
+from resnext.speed.grouped_swap import time_each_ms
+from resnext.speed.pointwise_fusion import onednn_weights
+from resnext.speed.provenance import write_results
+
+
+class _Pool(nn.Module):
+    """The stem's max pooling, to be compiled as the graph compiles it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, *stem.POOL)
+
+
+def _ways(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, object]:
+    _, bias, packed = onednn_weights(conv, x.dtype, input_size=list(x.shape))
+    pad, stride = list(conv.padding), list(conv.stride)
+
+    def onednn(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, bias, pad, stride, [1, 1], 1, "relu", [None], ""
+        )
+
+    pool = FrozenInductor(_Pool(), cpp_wrapper=True)
+    with torch.no_grad():
+        pool(onednn(x))  # compile for this shape first
+    ways: dict[str, object] = {"onednn+pool": lambda x: pool(onednn(x))}
+    if x.dtype == torch.float32:
+        x3 = ConvX3(conv, relu=True)
+        ways["x3+pool"] = lambda x: pool(x3(x))
+    fused = stem.pack(conv.weight)
+    fused_bias = conv.bias.detach().float()
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    ways["fused"] = lambda x: stem.run(x, fused, fused_bias, k, s, p)
+    ways["onednn alone"] = onednn
+    return ways
+
+
+def _whole(model: nn.Module, dtype: str, batch: int, repeats: int) -> dict[str, float]:
+    """ResNeXt-50 compiled with the stem fused and with it apart, all else the same (ms)."""
+    x = torch.randn(batch, 3, 224, 224)
+    fused = optimize(model, dtype, backend="none", example_input=x, fuse_stem="on")
+    apart = copy.deepcopy(fused)
+    plain = fold_batchnorm(model).to(
+        dtype=apart.dtype, memory_format=torch.channels_last
+    )  # the stem as the model has it, BN folded
+    apart.model.conv1, apart.model.bn1, apart.model.maxpool = (
+        plain.conv1,
+        nn.Identity(),
+        plain.maxpool,
+    )
+    runs = [FrozenInductor(m, cpp_wrapper=True) for m in (apart, fused)]
+    with torch.no_grad():
+        for run in runs:
+            run(x)
+    times = time_each_ms(runs, x, repeats)
+    return {"apart": times[0], "fused": times[1]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    wanted = args.dtypes.split(",")
+    if unknown := [d for d in wanted if d not in dtypes]:
+        parser.error(f"--dtypes: expected names from {sorted(dtypes)}, got {unknown}")
+    reason = stem.unavailable_reason() or conv_x3.unavailable_reason()
+    if reason is not None:
+        print(f"skipped: the AMX kernels cannot run here ({reason})")
+        return 0
+    keep_freed_memory()  # as `resnext bench` runs: no page faults on each new output
+    torch.manual_seed(0)
+    model = resnext.create_model("resnext50_32x4d").eval()
+    folded = fold_batchnorm(model)
+    results: dict[str, object] = {}
+    for name in wanted:
+        conv = copy.deepcopy(folded.conv1).to(dtypes[name])
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(batch, 3, 224, 224, dtype=dtypes[name])
+            x = x.contiguous(memory_format=torch.channels_last)
+            ways = _ways(conv, x)
+            times = time_each_ms(list(ways.values()), x, args.repeats)
+            row = dict(zip(ways, times, strict=True))
+            results[f"{name}/batch{batch}"] = row
+            apart = min(v for k, v in row.items() if k.endswith("+pool"))
+            print(
+                f"{name} batch {batch}: "
+                + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items())
+                + f"; fused ÷ fastest apart ×{row['fused'] / apart:.3f}"
+            )
+        for batch in (int(b) for b in args.batches.split(",")):
+            row = _whole(model, name, batch, max(5, args.repeats // 2))
+            results[f"{name}/batch{batch}/resnext50_32x4d"] = row
+            print(
+                f"{name} batch {batch} ResNeXt-50 compiled: stem apart {row['apart']:.2f} ms, "
+                f"fused {row['fused']:.2f} ms (×{row['fused'] / row['apart']:.3f})"
+            )
+    config = {k: str(v) for k, v in vars(args).items()}
+    print(f"results: {write_results(args.out, 'bench-stem', config, results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
