@@ -7,7 +7,8 @@ is timed in turns, `--repeats` calls each (best call kept), in these ways:
   - onednn+pool: oneDNN's convolution with the weight prepacked and the ReLU fused (as the
     frozen compiled graph runs it), then the pooling compiled by inductor (as the graph runs it);
   - x3+pool (float32): our bf16×3 convolution (`conv_x3`) with the ReLU, then the same pooling;
-  - fused: `resnext.speed.stem`, the three in one kernel;
+  - fused: `resnext.speed.stem`, the three in one kernel, on the same input (the model's dtype,
+    channels_last), and on the float32 NCHW image the network hands it (no cast before it);
   - onednn alone: the convolution without the pooling, for scale.
 Then the whole network: one `optimize(..., backend="none", fuse_stem="on")` build, and a copy of
 it whose stem is put back apart (the folded conv1, the ReLU and nn.MaxPool2d), each compiled
@@ -64,6 +65,10 @@ def _ways(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, object]:
     fused_bias = conv.bias.detach().float()
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     ways["fused"] = lambda x: stem.run(x, fused, fused_bias, k, s, p)
+    # the network hands the fused stem the caller's float32 NCHW image, without a cast first
+    image = x.float().contiguous()
+    bf16 = x.dtype == torch.bfloat16
+    ways["fused, float32 NCHW image"] = lambda x: stem.run(image, fused, fused_bias, k, s, p, bf16)
     ways["onednn alone"] = onednn
     return ways
 

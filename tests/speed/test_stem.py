@@ -114,6 +114,32 @@ def test_buffers_kept_across_calls_leave_no_trace(dtype: torch.dtype) -> None:
     assert bool(((got.double() - exact).abs() <= _bound(x, weight, exact, 2, 3)).all())
 
 
+@needs_amx
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize(
+    "cin,w",
+    [(3, 50), (3, 13), (5, 21)],  # RGB with 16-pixel runs and a tail; RGB under 16; 5 planes
+)
+def test_every_input_dtype_and_layout_gives_the_same_bits(bf16: bool, cin: int, w: int) -> None:
+    # the kernel converts each value as it reads it, rounding as torch's own cast does: an
+    # image handed over as it is gives exactly the output of the image cast first
+    gen = torch.Generator().manual_seed(cin * w)
+    image = torch.randn(2, cin, 19, w, generator=gen)
+    weight = torch.randn(32, cin, 7, 7, generator=gen)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    packed, bias = stem.pack(weight.to(dtype)), torch.randn(32, generator=gen)
+    want = stem.run(_nhwc(image.to(dtype)), packed, bias, 7, 2, 3)
+    assert want.dtype == dtype
+    strided = image.transpose(2, 3).contiguous().transpose(2, 3)  # neither layout: copied first
+    for form in (image, _nhwc(image), strided):
+        assert torch.equal(stem.run(form, packed, bias, 7, 2, 3, bf16), want)
+    # a bf16 image: for bf16 products the same bits; for float32 ones, its exact float32 values
+    rounded = image.bfloat16()
+    want = stem.run(_nhwc(rounded.to(dtype)), packed, bias, 7, 2, 3)
+    for form in (rounded, _nhwc(rounded)):
+        assert torch.equal(stem.run(form, packed, bias, 7, 2, 3, bf16), want)
+
+
 def test_pack_lays_out_each_kernel_row_in_whole_k_steps() -> None:
     # 7 columns × 3 channels = 21 values per kernel row, zero-filled to one 32-deep step
     weight = torch.arange(64 * 3 * 7 * 7, dtype=torch.float32).reshape(64, 3, 7, 7)
@@ -150,7 +176,7 @@ def test_bad_inputs_name_the_argument() -> None:
     with pytest.raises(ValueError, match="weight: expected a \\(C, Cin, k, k\\)"):
         stem.pack(torch.randn(48, 3, 7, 7))  # outputs not a multiple of 32
     with pytest.raises(ValueError, match="stem: an inference kernel"):
-        torch.ops.resnext.stem(x.clone().requires_grad_(), packed, bias, 7, 2, 3)
+        torch.ops.resnext.stem(x.clone().requires_grad_(), packed, bias, 7, 2, 3, False)
 
 
 def test_only_convolutions_the_kernel_takes_are_eligible() -> None:
@@ -203,6 +229,11 @@ def test_optimize_fuses_the_stem_and_computes_the_same_function(dtype: str) -> N
         want, got = model(x), fast(x)
         rel = ((got - want).abs().max() / want.abs().max()).item()
         assert rel < (1e-4 if dtype == "fp32" else 5e-2)
+        # the image goes to the fused stem as it is, in any float dtype and layout
+        mine = x.clone()
+        assert torch.equal(fast(_nhwc(x)), got) and torch.equal(fast(x.double()), got)
+        fast(mine)
+        assert torch.equal(mine, x)
 
 
 @needs_amx

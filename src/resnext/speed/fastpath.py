@@ -24,7 +24,11 @@ RECOMPILE_LIMIT = 256
 
 
 class CastInput(nn.Module):
-    """Casts the input to the model's dtype and memory format; returns float32 outputs."""
+    """Casts the input to the model's dtype and memory format; returns float32 outputs.
+
+    A model whose first layer reads float32 and bf16 input in either layout itself (a fused
+    stem, `reads_any_input`) gets the input as it is (other dtypes as float32): the layer
+    converts each value once as it reads it, where a cast would be a pass of its own."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, channels_last: bool) -> None:
         super().__init__()
@@ -33,7 +37,11 @@ class CastInput(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(dtype=self.dtype).contiguous(memory_format=self.memory_format)
+        if getattr(getattr(self.model, "conv1", None), "reads_any_input", False):
+            if x.dtype not in (torch.float32, torch.bfloat16):
+                x = x.float()
+        else:
+            x = x.to(dtype=self.dtype).contiguous(memory_format=self.memory_format)
         return self.model(x).float()
 
 

@@ -32,7 +32,7 @@ def build(out_dir: Path | None = None) -> Path:
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
     lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
-    lib.stem_amx.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
+    lib.stem_amx.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 12
     lib.stem_amx.restype = ctypes.c_int
     lib.stem_amx_allowed.restype = ctypes.c_int
     if not lib.stem_amx_allowed():
@@ -125,9 +125,12 @@ def run(
     kernel: int,
     stride: int,
     padding: int,
+    bf16: bool | None = None,
 ) -> torch.Tensor:
     """``max_pool2d(relu(conv2d(x, w, bias, stride, padding)), 3, 2, 1)`` with `packed` =
-    pack(w), for bf16 or float32 `x` (the output's dtype; channels_last)."""
+    pack(w), channels_last, in bf16 (`bf16`, one product per step) or float32 (bf16×3);
+    `bf16` None follows x's dtype. x may be bf16 or float32, NCHW or channels_last, whatever
+    the output's dtype: the kernel converts each input value once as it reads it."""
     operators.check_no_grad("stem", x)
     if x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 4 or x.device.type != "cpu":
         raise ValueError(
@@ -145,16 +148,23 @@ def run(
     if h + 2 * padding < kernel or w + 2 * padding < kernel:
         raise ValueError(f"x: {h}×{w} is smaller than the {kernel}×{kernel} kernel")
     _check_bias(bias, c)
-    x = x.contiguous(memory_format=torch.channels_last)
+    if bf16 is None:
+        bf16 = x.dtype == torch.bfloat16
+    nchw = x.is_contiguous()
+    if not nchw:
+        x = x.contiguous(memory_format=torch.channels_last)
     shape = output_shape(tuple(x.shape), c, kernel, stride, padding)
-    y = torch.empty(shape, dtype=x.dtype, memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    y = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
     if y.numel():
         rc = _library().stem_amx(
             x.data_ptr(),
             packed.data_ptr(),
             bias.contiguous().data_ptr(),
             y.data_ptr(),
+            int(bf16),
             int(x.dtype == torch.bfloat16),
+            int(nchw),
             n,
             h,
             w,
@@ -176,13 +186,16 @@ def _fake(
     kernel: int,
     stride: int,
     padding: int,
+    bf16: bool,
 ) -> torch.Tensor:
     shape = output_shape(tuple(x.shape), packed.shape[0] * 16, kernel, stride, padding)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
 
 
 operators.define(
-    "stem(Tensor x, Tensor packed, Tensor bias, int kernel, int stride, int padding) -> Tensor",
+    "stem(Tensor x, Tensor packed, Tensor bias, int kernel, int stride, int padding, bool bf16) "
+    "-> Tensor",
     run,
     _fake,
 )

@@ -30,10 +30,15 @@ from resnext.speed.pointwise_fusion import onednn_weights
 
 
 class FusedStem(nn.Module):
-    """``max_pool2d(relu(conv(x)), 3, 2, 1)`` in one call of `stem.run` (bf16 or float32).
+    """``max_pool2d(relu(conv(x)), 3, 2, 1)`` in one call of `stem.run`, in the convolution's
+    dtype (bf16, or float32 as bf16×3).
 
-    The packed weight and bias are plain attributes, as in `FastGroupedConv3x3`, so that a later
-    ``.to(dtype)`` leaves them packed."""
+    It reads float32 or bf16 input in NCHW or channels_last layout alike (`reads_any_input`),
+    so the fast path hands it the caller's image without a cast. The packed weight and bias are
+    plain attributes, as in `FastGroupedConv3x3`, so that a later ``.to(dtype)`` leaves them
+    packed."""
+
+    reads_any_input = True
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
@@ -51,17 +56,19 @@ class FusedStem(nn.Module):
             conv.padding[0],
         )
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.bf16 = conv.weight.dtype == torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.resnext.stem(
-            x, self.packed, self.bias, self.kernel, self.stride, self.padding
+            x, self.packed, self.bias, self.kernel, self.stride, self.padding, self.bf16
         )
 
     def extra_repr(self) -> str:
         k = self.kernel
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size=({k}, {k}), "
-            f"stride={self.stride}, padding={self.padding} → relu → max_pool(3, 2, 1)"
+            f"stride={self.stride}, padding={self.padding} → relu → max_pool(3, 2, 1), "
+            + ("bf16" if self.bf16 else "bf16x3")
         )
 
 

@@ -28,7 +28,9 @@
  * 2 r0 - 1, which the band above also computed (at batch 1, where images are split into bands;
  * not at batch 16).
  *
- * Layout: x[N][H][W][Cin] (bf16 as uint16, or float32), y[N][Hp][Wp][C] likewise; weights packed
+ * Layout: x[N][H][W][Cin] or [N][Cin][H][W], bf16 (as uint16) or float32, whatever the products'
+ * dtype (so a float32 NCHW image needs no cast or layout pass before the network); y[N][Hp][Wp][C]
+ * in the products' dtype; weights packed
  * by stem.pack: bf16 [C/16][k steps][2][16][16][2] (output tile, K step, hi then lo, K pair,
  * output, pair member), of which bf16 inputs use the hi half; bias[C] float32.
  */
@@ -46,7 +48,9 @@ int stem_amx_allowed(void) { return amx_request(); }
 
 typedef struct {
   const void *x;
-  int bf16; /* x and y are bf16 (else float32) */
+  int bf16;    /* products and y in bf16 (else float32: bf16x3) */
+  int in_bf16; /* x is bf16 (else float32) */
+  int nchw;    /* x is [N][Cin][H][W] (else [N][H][W][Cin]) */
   int N, H, W, Cin, k, s, pad, C;
   int Hc, Wc; /* the convolution's output size */
   int Hp, Wp; /* the pooled output's size */
@@ -60,7 +64,8 @@ __attribute__((target("avx512f"))) static inline __m512i round_bf16(__m512i bits
   return _mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u));
 }
 
-/* 32 float32 values to bf16 hi and lo halves (hi = bf16(a), lo = bf16(a - hi)). */
+/* 32 float32 values to bf16 hi and, unless lo is NULL, lo halves (hi = bf16(a), lo = bf16(a -
+ * hi)). */
 __attribute__((target("avx512f,avx512bw"))) static inline void split32(const float *a,
                                                                         uint16_t *hi,
                                                                         uint16_t *lo) {
@@ -69,51 +74,118 @@ __attribute__((target("avx512f,avx512bw"))) static inline void split32(const flo
       17, 15, 13, 11, 9, 7, 5, 3, 1);
   const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16);
   const __m512i h0 = round_bf16(_mm512_castps_si512(a0)), h1 = round_bf16(_mm512_castps_si512(a1));
+  _mm512_storeu_si512(hi, _mm512_permutex2var_epi16(h0, odd_words, h1));
+  if (!lo) return;
   const __m512i l0 = round_bf16(_mm512_castps_si512(_mm512_sub_ps(a0, _mm512_castsi512_ps(h0))));
   const __m512i l1 = round_bf16(_mm512_castps_si512(_mm512_sub_ps(a1, _mm512_castsi512_ps(h1))));
-  _mm512_storeu_si512(hi, _mm512_permutex2var_epi16(h0, odd_words, h1));
   _mm512_storeu_si512(lo, _mm512_permutex2var_epi16(l0, odd_words, l1));
 }
 
-/* The rows a band reads, zero-padded: padded row ih - row0 holds input row ih from column
- * -pad on, zeros around the image; for float32 input split into bf16 hi and lo rows (each input
- * value split once, not once per patch it falls in). */
+/* The rows a band reads, zero-padded, channels-last: padded row ih - row0 holds input row ih
+ * from column -pad on, zeros around the image, in bf16; for float32 products split into hi and
+ * lo rows (each input value split once, not once per patch it falls in). */
 typedef struct {
   uint16_t *hi, *lo;
   int row0;      /* the input row of padded row 0 */
   long row_vals; /* values per padded row */
 } Padded;
 
-/* n float32 values to bf16 hi and lo (any n: the last partial chunk through a zeroed copy). */
+/* n float32 values to bf16 hi and (unless NULL) lo; any n, the last partial chunk through a
+ * zeroed copy. */
 __attribute__((target("avx512f,avx512bw"))) static void split_values(const float *src, long n,
                                                                      uint16_t *hi, uint16_t *lo) {
   long i = 0;
-  for (; i + 32 <= n; i += 32) split32(src + i, hi + i, lo + i);
+  for (; i + 32 <= n; i += 32) split32(src + i, hi + i, lo ? lo + i : NULL);
   if (i < n) {
     float tail[32] = {0};
     uint16_t th[32], tl[32];
     memcpy(tail, src + i, (size_t)(n - i) * 4);
-    split32(tail, th, tl);
+    split32(tail, th, lo ? tl : NULL);
     memcpy(hi + i, th, (size_t)(n - i) * 2);
-    memcpy(lo + i, tl, (size_t)(n - i) * 2);
+    if (lo) memcpy(lo + i, tl, (size_t)(n - i) * 2);
   }
 }
 
-/* Input rows first .. last of image n into `pd` (see Padded). */
-static void fill_rows(const Stem *st, long n, int first, int last, const Padded *pd) {
+static inline float bf16_value(uint16_t v) {
+  union {
+    uint32_t bits;
+    float value;
+  } u = {(uint32_t)v << 16};
+  return u.value;
+}
+
+/* Pixels 0 .. 16 m - 1 (the whole 16s in W) of a row of 3 float32 planes (`plane` values apart)
+ * interleaved into dst as RGB triples, in two lane permutes per 16 values; returns 16 m. */
+__attribute__((target("avx512f"))) static int interleave3(const float *x, long plane, int W,
+                                                           float *dst) {
+  int first[48], second[48]; /* per output value: index into (r, g), then into ((r, g), b) */
+  for (int p = 0; p < 48; ++p) {
+    const int pixel = p / 3, channel = p % 3, lane = p % 16;
+    first[p] = channel == 1 ? 16 + pixel % 16 : pixel % 16;
+    second[p] = channel == 2 ? 16 + pixel % 16 : lane;
+  }
+  /* output vector j holds pixels 16 j / 3 .. : its pixels' indices relative to its own 16 */
+  __m512i idx1[3], idx2[3];
+  for (int j = 0; j < 3; ++j) {
+    idx1[j] = _mm512_loadu_si512(first + 16 * j);
+    idx2[j] = _mm512_loadu_si512(second + 16 * j);
+  }
+  int w = 0;
+  for (; w + 16 <= W; w += 16) {
+    const __m512 r = _mm512_loadu_ps(x + w), g = _mm512_loadu_ps(x + plane + w);
+    const __m512 b = _mm512_loadu_ps(x + 2 * plane + w);
+    for (int j = 0; j < 3; ++j) {
+      const __m512 rg = _mm512_permutex2var_ps(r, idx1[j], g);
+      _mm512_storeu_ps(dst + 3L * w + 16 * j, _mm512_permutex2var_ps(rg, idx2[j], b));
+    }
+  }
+  return w;
+}
+
+/* Input row ih of image n as W Cin float32 values, channels-last: x itself where it is float32
+ * channels-last, else gathered (from the channel planes of an NCHW x) and widened into tmp. */
+static const float *row_values(const Stem *st, long n, int ih, float *tmp) {
+  const int W = st->W, Cin = st->Cin;
+  if (!st->nchw) {
+    const long at = (n * st->H + ih) * (long)W * Cin;
+    if (!st->in_bf16) return (const float *)st->x + at;
+    const uint16_t *x = (const uint16_t *)st->x + at;
+    for (long i = 0; i < (long)W * Cin; ++i) tmp[i] = bf16_value(x[i]);
+    return tmp;
+  }
+  int w0 = 0;
+  if (Cin == 3 && !st->in_bf16) { /* an RGB float32 image: 16 pixels of 3 planes at a time */
+    const long plane = (long)st->H * W, at = (n * 3 * st->H + ih) * (long)W;
+    w0 = interleave3((const float *)st->x + at, plane, W, tmp);
+  }
+  for (int c = 0; c < Cin; ++c) {
+    const long at = ((n * Cin + c) * st->H + ih) * (long)W;
+    if (st->in_bf16) {
+      const uint16_t *x = (const uint16_t *)st->x + at;
+      for (int w = w0; w < W; ++w) tmp[(long)w * Cin + c] = bf16_value(x[w]);
+    } else {
+      const float *x = (const float *)st->x + at;
+      for (int w = w0; w < W; ++w) tmp[(long)w * Cin + c] = x[w];
+    }
+  }
+  return tmp;
+}
+
+/* Input rows first .. last of image n into `pd` (see Padded); tmp holds W Cin floats. */
+static void fill_rows(const Stem *st, long n, int first, int last, const Padded *pd, float *tmp) {
   const long lead = (long)st->pad * st->Cin, vals = (long)st->W * st->Cin;
+  const size_t tail = (size_t)(pd->row_vals - lead - vals) * 2;
   for (int ih = first; ih <= last; ++ih) {
     const long at = (ih - pd->row0) * pd->row_vals;
-    const long src = (n * st->H + ih) * vals;
-    memset(pd->hi + at, 0, (size_t)lead * 2);
-    memset(pd->hi + at + lead + vals, 0, (size_t)(pd->row_vals - lead - vals) * 2);
-    if (st->bf16) {
-      memcpy(pd->hi + at + lead, (const uint16_t *)st->x + src, (size_t)vals * 2);
-    } else {
-      memset(pd->lo + at, 0, (size_t)lead * 2);
-      memset(pd->lo + at + lead + vals, 0, (size_t)(pd->row_vals - lead - vals) * 2);
-      split_values((const float *)st->x + src, vals, pd->hi + at + lead, pd->lo + at + lead);
+    uint16_t *hi = pd->hi + at, *lo = pd->lo ? pd->lo + at : NULL;
+    memset(hi, 0, (size_t)lead * 2);
+    memset(hi + lead + vals, 0, tail);
+    if (lo) memset(lo, 0, (size_t)lead * 2), memset(lo + lead + vals, 0, tail);
+    if (st->bf16 && st->in_bf16 && !st->nchw) { /* already what the products read */
+      memcpy(hi + lead, (const uint16_t *)st->x + (n * st->H + ih) * vals, (size_t)vals * 2);
+      continue;
     }
+    split_values(row_values(st, n, ih, tmp), vals, hi + lead, lo ? lo + lead : NULL);
   }
 }
 
@@ -234,14 +306,14 @@ __attribute__((target("avx512f,avx512bw"))) static void pool_row(const Stem *st,
  * convolution row computed once into the ring (slot oh % 3), each pooled row once its window's
  * last row is there. */
 static void run_band(const Stem *st, const uint16_t *wp, const float *bias, long n, int r0, int r1,
-                     void *y, float *ring, long ring_row, Padded *pd) {
+                     void *y, float *ring, long ring_row, Padded *pd, float *tmp) {
   const int c0 = 2 * r0 - 1 < 0 ? 0 : 2 * r0 - 1;
   const int c1 = 2 * r1 - 1 < st->Hc ? 2 * r1 - 1 : st->Hc - 1; /* convolution rows c0 .. c1 */
   int first = st->s * c0 - st->pad, last = st->s * c1 - st->pad + st->k - 1;
   if (first < 0) first = 0;
   if (last > st->H - 1) last = st->H - 1;
   pd->row0 = first;
-  fill_rows(st, n, first, last, pd);
+  fill_rows(st, n, first, last, pd, tmp);
   int next = c0; /* the next convolution row to compute */
   for (int r = r0; r < r1; ++r) {
     const int end = 2 * r + 1 < st->Hc ? 2 * r + 1 : st->Hc - 1;
@@ -257,12 +329,12 @@ static void run_band(const Stem *st, const uint16_t *wp, const float *bias, long
 
 /* y = maxpool3x3/2(ReLU(conv(x, k x k, stride s, zero padding pad) + bias)), see the top.
  * Returns 0, -1 for an unsupported shape, -2 if memory runs out. */
-int stem_amx(const void *x, const uint16_t *wp, const float *bias, void *y, int bf16, int N,
-             int H, int W, int Cin, int C, int k, int s, int pad, int threads) {
+int stem_amx(const void *x, const uint16_t *wp, const float *bias, void *y, int bf16, int in_bf16,
+             int nchw, int N, int H, int W, int Cin, int C, int k, int s, int pad, int threads) {
   if (N < 0 || H < 1 || W < 1 || Cin < 1 || C < 32 || C % 32 || k < 1 || s < 1 || pad < 0 ||
       pad >= k || threads < 1 || H + 2 * pad < k || W + 2 * pad < k)
     return -1;
-  Stem st = {x, bf16 != 0, N, H, W, Cin, k, s, pad, C, 0, 0, 0, 0, 0};
+  Stem st = {x, bf16 != 0, in_bf16 != 0, nchw != 0, N, H, W, Cin, k, s, pad, C, 0, 0, 0, 0, 0};
   st.Hc = (H + 2 * pad - k) / s + 1, st.Wc = (W + 2 * pad - k) / s + 1;
   st.Hp = (st.Hc - 1) / 2 + 1, st.Wp = (st.Wc - 1) / 2 + 1;
   st.spr = (k * Cin + 31) / 32;
@@ -278,7 +350,8 @@ int stem_amx(const void *x, const uint16_t *wp, const float *bias, void *y, int 
   const long image_end = (long)(pad + W) * Cin;
   const long vals = (row_vals > image_end ? row_vals : (image_end + 31) / 32 * 32) + 32;
   const size_t pad_bytes = (size_t)H * vals * 2;
-  const size_t bytes = 3 * ring_row * 4 + (st.bf16 ? 1 : 2) * pad_bytes + 64;
+  const size_t tmp_bytes = ((size_t)W * Cin * 4 + 63) / 64 * 64;
+  const size_t bytes = 3 * ring_row * 4 + (st.bf16 ? 1 : 2) * pad_bytes + tmp_bytes + 64;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
@@ -290,11 +363,12 @@ int stem_amx(const void *x, const uint16_t *wp, const float *bias, void *y, int 
       float *ring = (float *)buf;
       Padded pd = {(uint16_t *)(buf + 3 * ring_row * 4), NULL, 0, vals};
       if (!st.bf16) pd.lo = pd.hi + pad_bytes / 2;
+      float *tmp = (float *)(buf + 3 * ring_row * 4 + (st.bf16 ? 1 : 2) * pad_bytes);
       configure();
       for (long item = first; item < end; ++item) {
         const long n = item / bands, b = item % bands;
         const int r0 = (int)(st.Hp * b / bands), r1 = (int)(st.Hp * (b + 1) / bands);
-        run_band(&st, wp, bias, n, r0, r1, y, ring, ring_row, &pd);
+        run_band(&st, wp, bias, n, r0, r1, y, ring, ring_row, &pd, tmp);
       }
       release();
     }
