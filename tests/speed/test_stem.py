@@ -263,3 +263,23 @@ def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fuse_stem(model, x, mode="auto") == [] and isinstance(model.conv1, nn.Conv2d)
     with pytest.raises(ConfigError, match=r"fuse_stem: 'on' but the kernel cannot run here"):
         fuse_stem(model, x, mode="on")
+
+
+@needs_amx
+@pytest.mark.parametrize("backend,dtype", [("inductor", "bf16"), ("jit", "fp32")])
+def test_the_fused_stem_compiles_and_traces(backend: str, dtype: str) -> None:
+    # the operator's fake (shape-only) kernel under inductor, and the traced call under jit
+    model = _small_model()
+    x = torch.randn(2, 3, 48, 40)
+    fast = optimize(model, dtype, backend=backend, example_input=x, fuse_stem="on")
+    assert [c.chosen for c in fast.stem_choices] == ["fused"]
+    eager = optimize(model, dtype, backend="none", example_input=x, fuse_stem="on")
+    with torch.no_grad():
+        want, got = model(x), fast(x)
+        assert ((got - want).abs().max() / want.abs().max()).item() < (
+            1e-4 if dtype == "fp32" else 5e-2
+        )
+        # the same kernels: the compiled module agrees with the eager fast path closely
+        assert ((got - eager(x)).abs().max() / want.abs().max()).item() < (
+            1e-5 if dtype == "fp32" else 2e-2
+        )
