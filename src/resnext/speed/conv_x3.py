@@ -20,7 +20,7 @@ import torch
 
 from resnext import native
 from resnext.speed import operators
-from resnext.speed.grouped_amx import FLAGS, REQUIRED_FLAGS, overlap
+from resnext.speed.grouped_amx import FLAGS, load_amx, overlap
 
 SOURCE = Path(__file__).with_name("kernels") / "conv_x3_amx.c"
 
@@ -32,14 +32,11 @@ def build(out_dir: Path | None = None) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+    lib = load_amx(SOURCE, "conv_x3_allowed")
     lib.conv_x3_amx.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10
     lib.conv_x3_amx.restype = ctypes.c_int
     lib.conv_x3_amx_shortcut.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 11
     lib.conv_x3_amx_shortcut.restype = ctypes.c_int
-    lib.conv_x3_allowed.restype = ctypes.c_int
-    if not lib.conv_x3_allowed():
-        raise native.NativeUnavailable("the operating system refuses this process AMX tile state")
     return lib
 
 
@@ -95,10 +92,16 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
         )
     out_ch, in_ch, k, _ = weight.shape
     flat = weight.detach().float().permute(0, 2, 3, 1).reshape(out_ch, k * k * in_ch)
-    flat = torch.nn.functional.pad(flat, (0, depth(in_ch, k) - k * k * in_ch))
+    return tiles(torch.nn.functional.pad(flat, (0, depth(in_ch, k) - k * k * in_ch)))
+
+
+def tiles(flat: torch.Tensor) -> torch.Tensor:
+    """A (C, K) float32 matrix (C a multiple of 16, K of 32) as AMX B tiles, split into bf16 hi
+    and lo: [C/16][K/32][2][16][16][2] (16-output tile, 32-deep K step, hi then lo, K pair,
+    output, pair member)."""
     parts = []
     for part in split_bf16(flat):
-        w = part.reshape(out_ch // 16, 16, -1, 16, 2)
+        w = part.reshape(flat.shape[0] // 16, 16, -1, 16, 2)
         parts.append(w.permute(0, 2, 3, 1, 4))  # (tile, step, pair, output, member)
     return torch.stack(parts, dim=2).contiguous()
 
@@ -131,12 +134,13 @@ def _check_float_nhwc(name: str, t: torch.Tensor, shape: tuple[int, ...] | None 
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
 
 
-def _check_bias(bias: torch.Tensor, c: int) -> None:
+def check_bias(bias: torch.Tensor, c: int) -> None:
+    """A ValueError naming `bias` unless it holds `c` float32 values."""
     if bias.dtype != torch.float32 or bias.numel() != c:
         raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} {bias.numel()}")
 
 
-def _check_rc(rc: int, function: str, what: str) -> None:
+def check_rc(rc: int, function: str, what: str) -> None:
     """The C function's refusal (its return code, unless 0) as a MemoryError or RuntimeError."""
     if rc == -2:
         raise MemoryError(f"{function}: out of memory for its per-thread buffers")
@@ -177,7 +181,7 @@ def run(
         )
     if h + 2 * padding < kernel or w + 2 * padding < kernel:
         raise ValueError(f"x: {h}×{w} is smaller than the {kernel}×{kernel} kernel")
-    _check_bias(bias, c)
+    check_bias(bias, c)
     expected = output_shape(tuple(x.shape), c, kernel, stride, padding)
     if residual is not None:
         _check_float_nhwc("residual", residual, expected)
@@ -210,7 +214,7 @@ def run(
             int(relu),
             torch.get_num_threads(),
         )
-        _check_rc(rc, "conv_x3_amx", f"{tuple(x.shape)} → {c}, {kernel}×{kernel}, stride {stride}")
+        check_rc(rc, "conv_x3_amx", f"{tuple(x.shape)} → {c}, {kernel}×{kernel}, stride {stride}")
     return y
 
 
@@ -245,7 +249,7 @@ def run_with_shortcut(
             f"shortcut: expected {n} images whose 1×1 projection at stride {shortcut_stride} is "
             f"{h}×{w}, got {tuple(shortcut.shape)}"
         )
-    _check_bias(bias, c)
+    check_bias(bias, c)
     x = x.contiguous(memory_format=torch.channels_last)
     shortcut = shortcut.contiguous(memory_format=torch.channels_last)
     y = torch.empty((n, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
@@ -268,7 +272,7 @@ def run_with_shortcut(
             int(relu),
             torch.get_num_threads(),
         )
-        _check_rc(rc, "conv_x3_amx_shortcut", f"{tuple(x.shape)} → {c}")
+        check_rc(rc, "conv_x3_amx_shortcut", f"{tuple(x.shape)} → {c}")
     return y
 
 

@@ -42,12 +42,23 @@ def build(out_dir: Path | None = None) -> Path:
     return native.build(SOURCE, FLAGS, out_dir=out_dir)
 
 
+def load_amx(source: Path, allowed: str) -> ctypes.CDLL:
+    """Build and load one of the AMX kernels' libraries (`FLAGS`, on CPUs with
+    `REQUIRED_FLAGS`), or NativeUnavailable where the operating system refuses this process the
+    tile state (the library's `allowed` function asks for it and returns 0)."""
+    lib = native.load(source, FLAGS, cpu_needs=REQUIRED_FLAGS)
+    check = getattr(lib, allowed)
+    check.restype = ctypes.c_int
+    if not check():
+        raise native.NativeUnavailable("the operating system refuses this process AMX tile state")
+    return lib
+
+
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+    lib = load_amx(SOURCE, "grouped3x3_amx_allowed")
     lib.grouped3x3_amx.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 8
     lib.grouped3x3_amx.restype = ctypes.c_int
-    lib.grouped3x3_amx_allowed.restype = ctypes.c_int
     lib.pointwise_grouped3x3_amx.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 9
     lib.pointwise_grouped3x3_amx.restype = ctypes.c_int
     lib.block_amx.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 9
@@ -56,8 +67,6 @@ def _library() -> ctypes.CDLL:
     lib.block_amx_shortcut.restype = ctypes.c_int
     lib.grouped3x3_amx_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
     lib.grouped3x3_amx_pack.restype = ctypes.c_int
-    if not lib.grouped3x3_amx_allowed():
-        raise native.NativeUnavailable("the operating system refuses this process AMX tile state")
     return lib
 
 

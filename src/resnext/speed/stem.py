@@ -17,8 +17,8 @@ import torch
 
 from resnext import native
 from resnext.speed import operators
-from resnext.speed.conv_x3 import _check_bias, _check_rc, split_bf16
-from resnext.speed.grouped_amx import FLAGS, REQUIRED_FLAGS
+from resnext.speed.conv_x3 import check_bias, check_rc, tiles
+from resnext.speed.grouped_amx import FLAGS, load_amx
 
 SOURCE = Path(__file__).with_name("kernels") / "stem_amx.c"
 POOL = (3, 2, 1)  # the max pooling the kernel applies: window, stride, padding
@@ -31,12 +31,9 @@ def build(out_dir: Path | None = None) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+    lib = load_amx(SOURCE, "stem_amx_allowed")
     lib.stem_amx.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 12
     lib.stem_amx.restype = ctypes.c_int
-    lib.stem_amx_allowed.restype = ctypes.c_int
-    if not lib.stem_amx_allowed():
-        raise native.NativeUnavailable("the operating system refuses this process AMX tile state")
     return lib
 
 
@@ -71,7 +68,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     """A (C, Cin, k, k) weight as the kernel reads it: bf16 [C/16][k·steps][2][16][16][2]
     (16-output tile, 32-deep K step, hi then lo, K pair, output, pair member). Kernel row i's
     steps cover its k·Cin values (columns, then channels) and zeros up to a multiple of 32; the
-    hi and lo halves are split as `conv_x3.split_bf16` does (lo is zero for a bf16 weight)."""
+    hi and lo halves as `conv_x3.tiles` splits them (lo is zero for a bf16 weight)."""
     if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[0] % 32:
         raise ValueError(
             "weight: expected a (C, Cin, k, k) weight with C a multiple of 32, got shape "
@@ -80,12 +77,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     out_ch, in_ch, k, _ = weight.shape
     per_row = row_steps(in_ch, k) * 32
     rows = weight.detach().float().permute(0, 2, 3, 1).reshape(out_ch, k, k * in_ch)
-    flat = torch.nn.functional.pad(rows, (0, per_row - k * in_ch)).reshape(out_ch, -1)
-    parts = []
-    for part in split_bf16(flat):
-        w = part.reshape(out_ch // 16, 16, -1, 16, 2)
-        parts.append(w.permute(0, 2, 3, 1, 4))  # (tile, step, pair, output, member)
-    return torch.stack(parts, dim=2).contiguous()
+    return tiles(torch.nn.functional.pad(rows, (0, per_row - k * in_ch)).reshape(out_ch, -1))
 
 
 def _check_packed(packed: torch.Tensor, in_ch: int, kernel: int) -> int:
@@ -147,7 +139,7 @@ def run(
         )
     if h + 2 * padding < kernel or w + 2 * padding < kernel:
         raise ValueError(f"x: {h}×{w} is smaller than the {kernel}×{kernel} kernel")
-    _check_bias(bias, c)
+    check_bias(bias, c)
     if bf16 is None:
         bf16 = x.dtype == torch.bfloat16
     nchw = x.is_contiguous()
@@ -175,7 +167,7 @@ def run(
             padding,
             torch.get_num_threads(),
         )
-        _check_rc(rc, "stem_amx", f"{tuple(x.shape)} → {c}, {kernel}×{kernel}, stride {stride}")
+        check_rc(rc, "stem_amx", f"{tuple(x.shape)} → {c}, {kernel}×{kernel}, stride {stride}")
     return y
 
 
