@@ -34,7 +34,7 @@ from resnext.speed.conv_x3_swap import ConvX3
 from resnext.speed.fastpath import FrozenInductor, optimize
 from resnext.speed.fold import fold_batchnorm
 from resnext.speed.grouped_swap import time_each_ms
-from resnext.speed.pointwise_fusion import onednn_weights
+from resnext.speed.pointwise_fusion import onednn_conv
 from resnext.speed.provenance import write_results
 
 
@@ -46,13 +46,7 @@ class _Pool(nn.Module):
 
 
 def _ways(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, object]:
-    _, bias, packed = onednn_weights(conv, x.dtype, input_size=list(x.shape))
-    pad, stride = list(conv.padding), list(conv.stride)
-
-    def onednn(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, bias, pad, stride, [1, 1], 1, "relu", [None], ""
-        )
+    onednn = onednn_conv(conv, list(x.shape), relu=True, dtype=x.dtype)
 
     pool = FrozenInductor(_Pool(), cpp_wrapper=True)
     with torch.no_grad():

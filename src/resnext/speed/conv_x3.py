@@ -134,6 +134,12 @@ def _check_float_nhwc(name: str, t: torch.Tensor, shape: tuple[int, ...] | None 
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
 
 
+def check_fits(h: int, w: int, kernel: int, padding: int) -> None:
+    """A ValueError naming x unless its padded h × w holds the kernel at least once."""
+    if h + 2 * padding < kernel or w + 2 * padding < kernel:
+        raise ValueError(f"x: {h}×{w} is smaller than the {kernel}×{kernel} kernel")
+
+
 def check_bias(bias: torch.Tensor, c: int) -> None:
     """A ValueError naming `bias` unless it holds `c` float32 values."""
     if bias.dtype != torch.float32 or bias.numel() != c:
@@ -179,8 +185,7 @@ def run(
             f"kernel, stride, padding: expected a supported convolution, got {kernel}×{kernel}, "
             f"stride {stride}, padding {padding} on {cin} input channels"
         )
-    if h + 2 * padding < kernel or w + 2 * padding < kernel:
-        raise ValueError(f"x: {h}×{w} is smaller than the {kernel}×{kernel} kernel")
+    check_fits(h, w, kernel, padding)
     check_bias(bias, c)
     expected = output_shape(tuple(x.shape), c, kernel, stride, padding)
     if residual is not None:

@@ -47,13 +47,10 @@ class ConvX3(nn.Module):
                 f"{conv}"
             )
         self.packed = conv_x3.pack(conv.weight)
-        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
-        self.bias = bias.detach().float().contiguous()
-        self.kernel, self.stride, self.padding = (
-            conv.kernel_size[0],
-            conv.stride[0],
-            conv.padding[0],
-        )
+        self.bias = float_bias(conv)
+        geometry = square_geometry(conv)
+        assert geometry is not None  # eligible() checked it
+        self.kernel, self.stride, self.padding = geometry
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.relu, self.in_place = relu, in_place
 
@@ -74,12 +71,14 @@ class ConvX3(nn.Module):
         )
 
 
-def eligible(module: nn.Module) -> bool:
-    """Whether `module` is a float32 Conv2d the kernel computes (groups 1, square, zero padding)."""
-    if not isinstance(module, nn.Conv2d) or module.weight.dtype != torch.float32:
-        return False
+def square_geometry(module: nn.Module) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) of a Conv2d with groups 1, a square kernel, equal strides and
+    zero padding on both axes and no dilation (what the AMX convolution kernels take), else
+    None."""
+    if not isinstance(module, nn.Conv2d):
+        return None
     k, s, p = module.kernel_size, module.stride, module.padding
-    return (
+    if (
         isinstance(p, tuple)  # not 'same' or 'valid'
         and k[0] == k[1]
         and s[0] == s[1]
@@ -87,7 +86,24 @@ def eligible(module: nn.Module) -> bool:
         and module.dilation == (1, 1)
         and module.groups == 1
         and module.padding_mode == "zeros"
-        and conv_x3.supports(module.in_channels, module.out_channels, k[0], s[0], p[0])
+    ):
+        return k[0], s[0], p[0]
+    return None
+
+
+def float_bias(conv: nn.Conv2d) -> torch.Tensor:
+    """The convolution's bias as a contiguous float32 tensor (zeros where it has none)."""
+    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+    return bias.detach().float().contiguous()
+
+
+def eligible(module: nn.Module) -> bool:
+    """Whether `module` is a float32 Conv2d the kernel computes (groups 1, square, zero padding)."""
+    geometry = square_geometry(module)
+    return (
+        geometry is not None
+        and module.weight.dtype == torch.float32
+        and conv_x3.supports(module.in_channels, module.out_channels, *geometry)
     )
 
 

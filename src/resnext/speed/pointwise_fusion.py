@@ -220,28 +220,45 @@ def onednn_weights(
     return weight, bias.to(dtype), packed
 
 
+def onednn_conv(
+    conv: nn.Conv2d,
+    input_size: Sequence[int],
+    *,
+    relu: bool,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A groups-1 convolution (then its ReLU, if `relu`) as the frozen compiled graph runs it,
+    for the choosers to time: oneDNN's fused op on the weight prepacked for inputs of
+    `input_size` (`onednn_weights`), into a new channels_last tensor; eager conv2d where that op
+    is missing or refuses a probe."""
+    weight, bias, packed = onednn_weights(conv, dtype, input_size=input_size)
+    stride, padding = list(conv.stride), list(conv.padding)
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, weight, bias, stride, padding)
+        return (F.relu(y) if relu else y).contiguous(memory_format=torch.channels_last)
+
+    def onednn(x: torch.Tensor) -> torch.Tensor:
+        attr = "relu" if relu else "none"
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, bias, padding, stride, [1, 1], 1, attr, [None], ""
+        )
+
+    if packed is None:
+        return eager
+    try:
+        probe = torch.zeros(1, conv.in_channels, *conv.kernel_size, dtype=dtype)
+        onednn(probe.contiguous(memory_format=torch.channels_last))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return eager
+    return onednn
+
+
 def _unfused_runner(
     conv: nn.Conv2d, grouped: FastGroupedConv3x3, input_size: Sequence[int]
 ) -> Callable[[torch.Tensor], object]:
-    """The 1×1 as the frozen compiled graph runs it (oneDNN, prepacked weight, ReLU fused), then
-    our grouped kernel; eager conv2d and relu where the prepacked op is missing."""
-    weight, bias, packed = onednn_weights(conv, input_size=input_size)
-
-    def eager(x: torch.Tensor) -> torch.Tensor:
-        return F.relu(F.conv2d(x, weight, bias))
-
-    def fused(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, bias, [0, 0], [1, 1], [1, 1], 1, "relu", [None], ""
-        )
-
-    pointwise = eager
-    if packed is not None:
-        try:
-            fused(torch.zeros(1, conv.in_channels, 4, 4, dtype=torch.bfloat16))
-            pointwise = fused
-        except (AttributeError, RuntimeError, NotImplementedError):
-            pass
+    """The 1×1 and its ReLU as the frozen compiled graph runs them, then our grouped kernel."""
+    pointwise = onednn_conv(conv, input_size, relu=True)
     return lambda x: grouped(pointwise(x))
 
 

@@ -25,7 +25,7 @@ from resnext.speed.block_fusion import BlockTracer, FusedBlock
 from resnext.speed.conv_x3_swap import ConvX3, X3Tracer
 from resnext.speed.fold import install_graph, module_call_counts
 from resnext.speed.grouped_swap import MODES, LayerChoice, input_shapes, time_each_ms
-from resnext.speed.pointwise_fusion import amx_1x1, onednn_weights, single_input
+from resnext.speed.pointwise_fusion import amx_1x1, onednn_conv, single_input
 
 
 class ShortcutBlock(nn.Module):
@@ -237,29 +237,8 @@ def _random(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
 
 def _separate_runner(block: FusedBlock, conv: nn.Conv2d, input_size: Shape) -> Runner:
     """Called with (x, shortcut input): the projection as the frozen compiled graph runs it
-    (oneDNN, prepacked weight, into a new tensor), then the fused block on it; eager conv2d
-    where the prepacked op is missing."""
-    weight, bias, packed = onednn_weights(conv, input_size=input_size)
-    stride = list(conv.stride)
-
-    def eager(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(x, weight, bias, stride).contiguous(
-            memory_format=torch.channels_last
-        )
-
-    def onednn(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, bias, [0, 0], stride, [1, 1], 1, "none", [None], ""
-        )
-
-    project = eager
-    if packed is not None:
-        try:
-            probe = torch.zeros(1, conv.in_channels, 4, 4, dtype=torch.bfloat16)
-            onednn(probe.contiguous(memory_format=torch.channels_last))
-            project = onednn
-        except (AttributeError, RuntimeError, NotImplementedError):
-            pass
+    (`onednn_conv`: oneDNN, prepacked weight, into a new tensor), then the fused block on it."""
+    project = onednn_conv(conv, input_size, relu=False)
     return lambda x, b: block(x, project(b))
 
 

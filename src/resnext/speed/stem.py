@@ -17,7 +17,8 @@ import torch
 
 from resnext import native
 from resnext.speed import operators
-from resnext.speed.conv_x3 import check_bias, check_rc, tiles
+from resnext.speed.conv_x3 import check_bias, check_fits, check_rc, tiles
+from resnext.speed.conv_x3 import output_shape as conv_output_shape
 from resnext.speed.grouped_amx import FLAGS, load_amx
 
 SOURCE = Path(__file__).with_name("kernels") / "stem_amx.c"
@@ -103,10 +104,9 @@ def output_shape(
     x_shape: tuple[int, ...], out_channels: int, kernel: int, stride: int, padding: int
 ) -> tuple[int, int, int, int]:
     """(N, C, Hp, Wp): the convolution's output size, then the 3×3/2 pooling's (padding 1)."""
-    n, _, h, w = x_shape
+    n, _, h, w = conv_output_shape(x_shape, out_channels, kernel, stride, padding)
     window, pool_stride, pool_pad = POOL
-    conv = [(d + 2 * padding - kernel) // stride + 1 for d in (h, w)]
-    pooled = [(d + 2 * pool_pad - window) // pool_stride + 1 for d in conv]
+    pooled = [(d + 2 * pool_pad - window) // pool_stride + 1 for d in (h, w)]
     return (n, out_channels, pooled[0], pooled[1])
 
 
@@ -137,8 +137,7 @@ def run(
             f"32, 0 <= padding < kernel), got {kernel}×{kernel}, stride {stride}, padding "
             f"{padding}, {c} outputs"
         )
-    if h + 2 * padding < kernel or w + 2 * padding < kernel:
-        raise ValueError(f"x: {h}×{w} is smaller than the {kernel}×{kernel} kernel")
+    check_fits(h, w, kernel, padding)
     check_bias(bias, c)
     if bf16 is None:
         bf16 = x.dtype == torch.bfloat16

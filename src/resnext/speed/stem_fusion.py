@@ -23,10 +23,10 @@ from torch import nn
 from resnext.errors import ConfigError
 from resnext.models.network import ResNeXt
 from resnext.speed import conv_x3, maxpool, stem
-from resnext.speed.conv_x3_swap import ConvX3
+from resnext.speed.conv_x3_swap import ConvX3, float_bias, square_geometry
 from resnext.speed.conv_x3_swap import eligible as x3_eligible
 from resnext.speed.grouped_swap import MODES, LayerChoice, input_shapes, time_each_ms
-from resnext.speed.pointwise_fusion import onednn_weights
+from resnext.speed.pointwise_fusion import onednn_conv
 
 
 class FusedStem(nn.Module):
@@ -48,13 +48,10 @@ class FusedStem(nn.Module):
                 f"kernel size and outputs a multiple of 32, got {conv}"
             )
         self.packed = stem.pack(conv.weight)
-        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
-        self.bias = bias.detach().float().contiguous()
-        self.kernel, self.stride, self.padding = (
-            conv.kernel_size[0],
-            conv.stride[0],
-            conv.padding[0],
-        )
+        self.bias = float_bias(conv)
+        geometry = square_geometry(conv)
+        assert geometry is not None  # eligible() checked it
+        self.kernel, self.stride, self.padding = geometry
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.bf16 = conv.weight.dtype == torch.bfloat16
 
@@ -87,18 +84,11 @@ class ReluApplied(nn.Module):
 
 def eligible(conv: nn.Module) -> bool:
     """Whether `conv` is a convolution the stem kernel computes."""
-    if not isinstance(conv, nn.Conv2d) or conv.weight.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    k, s, p = conv.kernel_size, conv.stride, conv.padding
+    geometry = square_geometry(conv)
     return (
-        isinstance(p, tuple)  # not 'same' or 'valid'
-        and k[0] == k[1]
-        and s[0] == s[1]
-        and p[0] == p[1]
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
-        and stem.supports(conv.in_channels, conv.out_channels, k[0], s[0], p[0])
+        geometry is not None
+        and conv.weight.dtype in (torch.float32, torch.bfloat16)
+        and stem.supports(conv.in_channels, conv.out_channels, *geometry)
     )
 
 
@@ -130,28 +120,9 @@ Runner = Callable[[torch.Tensor], object]
 
 def _convolution_ways(conv: nn.Conv2d, input_size: tuple[int, ...]) -> list[Runner]:
     """The stem's convolution and ReLU as the compiled graph could run them: oneDNN with the
-    weight prepacked and the ReLU fused (eager conv2d where that op is missing), and in float32
-    also our bf16×3 kernel."""
+    weight prepacked and the ReLU fused (`onednn_conv`), and in float32 also our bf16×3 kernel."""
     dtype = conv.weight.dtype
-    weight, bias, packed = onednn_weights(conv, dtype, input_size=input_size)
-    stride, padding = list(conv.stride), list(conv.padding)
-
-    def eager(x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(torch.nn.functional.conv2d(x, weight, bias, stride, padding))
-
-    def onednn(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, bias, padding, stride, [1, 1], 1, "relu", [None], ""
-        )
-
-    ways: list[Runner] = [eager]
-    if packed is not None:
-        try:
-            probe = torch.zeros(1, conv.in_channels, *conv.kernel_size, dtype=dtype)
-            onednn(probe.contiguous(memory_format=torch.channels_last))
-            ways = [onednn]
-        except (AttributeError, RuntimeError, NotImplementedError):
-            pass
+    ways: list[Runner] = [onednn_conv(conv, input_size, relu=True, dtype=dtype)]
     if dtype == torch.float32 and conv_x3.unavailable_reason() is None and x3_eligible(conv):
         ways.append(ConvX3(conv, relu=True))
     return ways

@@ -91,21 +91,24 @@ static inline float bf16_value(uint16_t v) {
   return u.value;
 }
 
+/* Lane indices of the two permutes, for output value p = 16 j + lane (pixel p / 3, channel
+ * p % 3): the first picks r (pixel % 16) or g (16 + pixel % 16) into (r, g), the second keeps
+ * (r, g)'s lane or picks b (16 + pixel % 16). Constants, so that no row recomputes them. */
+static const int RG[48] = {0,  16, 0,  1,  17, 1,  2,  18, 2,  3,  19, 3,  4,  20, 4,  5,
+                           21, 5,  6,  22, 6,  7,  23, 7,  8,  24, 8,  9,  25, 9,  10, 26,
+                           10, 11, 27, 11, 12, 28, 12, 13, 29, 13, 14, 30, 14, 15, 31, 15};
+static const int RGB[48] = {0,  1,  16, 3,  4,  17, 6,  7,  18, 9,  10, 19, 12, 13, 20, 15,
+                            0,  21, 2,  3,  22, 5,  6,  23, 8,  9,  24, 11, 12, 25, 14, 15,
+                            26, 1,  2,  27, 4,  5,  28, 7,  8,  29, 10, 11, 30, 13, 14, 31};
+
 /* Pixels 0 .. 16 m - 1 (the whole 16s in W) of a row of 3 float32 planes (`plane` values apart)
  * interleaved into dst as RGB triples, in two lane permutes per 16 values; returns 16 m. */
 __attribute__((target("avx512f"))) static int interleave3(const float *x, long plane, int W,
                                                            float *dst) {
-  int first[48], second[48]; /* per output value: index into (r, g), then into ((r, g), b) */
-  for (int p = 0; p < 48; ++p) {
-    const int pixel = p / 3, channel = p % 3, lane = p % 16;
-    first[p] = channel == 1 ? 16 + pixel % 16 : pixel % 16;
-    second[p] = channel == 2 ? 16 + pixel % 16 : lane;
-  }
-  /* output vector j holds pixels 16 j / 3 .. : its pixels' indices relative to its own 16 */
   __m512i idx1[3], idx2[3];
   for (int j = 0; j < 3; ++j) {
-    idx1[j] = _mm512_loadu_si512(first + 16 * j);
-    idx2[j] = _mm512_loadu_si512(second + 16 * j);
+    idx1[j] = _mm512_loadu_si512(RG + 16 * j);
+    idx2[j] = _mm512_loadu_si512(RGB + 16 * j);
   }
   int w = 0;
   for (; w + 16 <= W; w += 16) {
