@@ -18,7 +18,8 @@ from resnext.speed.fused_bn import FusedBatchNorm2d, use_fused_batchnorm, use_pl
 REASON = bn_kernel.unavailable_reason()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"bn kernel unavailable: {REASON}")
 
-SHAPES = [(4, 64, 8, 8), (2, 40, 5, 7), (3, 1000, 1, 2), (1, 17, 3, 3)]
+# channel counts that take every chunk of the sums (128 + 64 + 16 + a tail), rows past a block
+SHAPES = [(4, 64, 8, 8), (2, 40, 5, 7), (3, 1000, 1, 2), (1, 17, 3, 3), (2, 216, 9, 11)]
 MODES = [(False, True), (True, True), (False, False), (True, False)]  # (residual, relu)
 
 
