@@ -11,7 +11,9 @@ parameters and state-dict keys). In training mode on channels-last float32/bfloa
 - the input gradient at stride 1: oneDNN, or the same kernels applied to the output gradient
   with each group's weight matrix transposed and its taps flipped (stride 2: oneDNN only);
 - the weight gradient: oneDNN, or `kernels/grouped3x3_wgrad.c` (widening, or pair dot products
-  for bf16 with a multiple of 32 channels); its float32 gradient is not rounded to bf16 first.
+  for bf16 with a multiple of 32 channels), or for bf16 on a CPU with AMX
+  `kernels/grouped3x3_wgrad_amx.c` (`resnext.speed.grouped_wgrad_amx`: tile products over the
+  positions, block-diagonal); its float32 gradient is not rounded to bf16 first.
 
 Which wins depends on the CPU and the shape (on an AMD EPYC the pair kernels won stage 1 by
 2–5×; on an Intel Xeon, whose pair dot product runs at half its FMA rate, the widening kernels
@@ -30,7 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from resnext.speed import autotune, grouped_amx, grouped_kernel, grouped_swap, grouped_wgrad
+from resnext.speed import (
+    autotune,
+    grouped_amx,
+    grouped_kernel,
+    grouped_swap,
+    grouped_wgrad,
+    grouped_wgrad_amx,
+)
 from resnext.speed.capability import has_avx512_bf16
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
@@ -114,6 +123,10 @@ def weight_grad_candidates(
             candidates["ours-pairs"] = lambda: grouped_wgrad.weight_grad(
                 x, grad, groups, stride, True
             )
+    if grouped_wgrad_amx.unavailable_reason() is None and grouped_wgrad_amx.supports(
+        x, groups, stride
+    ):
+        candidates["ours-amx"] = lambda: grouped_wgrad_amx.weight_grad(x, grad, groups, stride)
     return candidates
 
 

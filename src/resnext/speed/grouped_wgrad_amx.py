@@ -1,0 +1,78 @@
+"""The grouped 3×3 convolution's weight gradient on AMX tiles (`kernels/grouped3x3_wgrad_amx.c`).
+
+For bf16 channels-last tensors with 1-8 channels per group (the block-diagonal scheme of
+`resnext.speed.grouped_amx`) or a multiple of 16, strides 1 and 2; returns the float32 gradient.
+`resnext.speed.grouped_train` offers it to the training chooser next to the AVX-512 kernels of
+`resnext.speed.grouped_wgrad`. Runs only where the CPU has AMX-BF16 and the OS grants the tile
+state; `unavailable_reason` says why not elsewhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from resnext import native
+from resnext.speed.grouped_amx import load_amx
+
+SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_wgrad_amx.c"
+SMALL_CPG = (1, 2, 4, 8)  # groups packed 16 channels to a tile
+MAX_CPG = 256
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    lib = load_amx(SOURCE, "grouped3x3_wgrad_amx_allowed")
+    lib.grouped3x3_wgrad_amx.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7
+    lib.grouped3x3_wgrad_amx.restype = ctypes.c_int
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable_reason() -> str | None:
+    """None if the kernel can run here, else why not (one line; decided once per process)."""
+    return native.problem(_library)
+
+
+def supports(x: torch.Tensor, groups: int, stride: int) -> bool:
+    """Whether the kernel takes input `x` (N, C, H, W) of a 3×3 conv with these groups and stride."""
+    channels = x.shape[1]
+    if x.dtype != torch.bfloat16 or groups < 1 or channels % groups or channels % 16:
+        return False
+    cpg = channels // groups
+    return (cpg in SMALL_CPG or (cpg % 16 == 0 and cpg <= MAX_CPG)) and stride in (1, 2)
+
+
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
+    """float32 gradient of ``conv2d(x, w, stride=stride, padding=1, groups=groups)`` w.r.t. w,
+    given the output gradient `grad`."""
+    n, c, h, w = x.shape
+    if not supports(x, groups, stride) or grad.dtype != torch.bfloat16:
+        raise ValueError(
+            f"x: expected bfloat16 with C % 16 == 0, C/groups in {SMALL_CPG} or a multiple of 16 "
+            f"up to {MAX_CPG}, stride 1 or 2 "
+            f"and a bfloat16 gradient; got {tuple(x.shape)} {x.dtype}, groups={groups}, "
+            f"stride={stride}, gradient {grad.dtype}"
+        )
+    want = (n, c, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    if tuple(grad.shape) != want:
+        raise ValueError(
+            f"grad: expected shape {want} for x {tuple(x.shape)}, got {tuple(grad.shape)}"
+        )
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    dw = torch.empty(c, c // groups, 3, 3, dtype=torch.float32)
+    if n == 0 or h == 0 or w == 0:
+        return dw.zero_()
+    rc = _library().grouped3x3_wgrad_amx(
+        x.data_ptr(), grad.data_ptr(), dw.data_ptr(), n, h, w, c, c // groups, stride,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == -3:
+        raise MemoryError("grouped3x3_wgrad_amx: could not allocate its sums and buffers")
+    if rc != 0:
+        raise ValueError(f"grouped3x3_wgrad_amx refused shape {tuple(x.shape)}, groups={groups}")
+    return dw
