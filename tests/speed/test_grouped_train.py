@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnext
-from resnext.speed import autotune, grouped_kernel, grouped_train, grouped_wgrad
+from resnext.speed import (
+    autotune,
+    grouped_amx,
+    grouped_kernel,
+    grouped_train,
+    grouped_wgrad,
+    grouped_wgrad_amx,
+)
 from resnext.speed.grouped_train import (
     TrainingGroupedConv2d,
     transposed_weight,
@@ -22,6 +29,7 @@ from resnext.speed.grouped_train import (
 REASON = grouped_wgrad.unavailable_reason() or grouped_kernel.unavailable_reason(torch.float32)
 needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"kernels unavailable: {REASON}")
 BF16_REASON = grouped_kernel.unavailable_reason(torch.bfloat16)
+AMX = grouped_amx.unavailable_reason() is None and grouped_wgrad_amx.unavailable_reason() is None
 
 # (batch, channels, groups, height, width, stride): 4 and 8 channels per group, odd and unequal
 # sizes so that every border case of the padding is met, batch 1 and several threads' rows.
@@ -205,12 +213,15 @@ def test_swap_takes_exactly_the_grouped_convs_it_can_run_and_keeps_keys() -> Non
     model = resnext.create_model("resnext50_32x4d")
     keys = list(model.state_dict())
     # Table 1: 32 groups of 4 channels in stage 1 (3 blocks), of 8 in stage 2 (4 blocks); stages
-    # 3 and 4 have 16 and 32 channels per group, where oneDNN is the faster kernel.
-    assert use_grouped_kernels(model) == 3 + 4
+    # 3 and 4 (6 and 3 blocks) have 16 and 32 channels per group, which only the AMX kernels take.
+    stages = ("layer1.", "layer2.", "layer3.", "layer4.") if AMX else ("layer1.", "layer2.")
+    count = 3 + 4 + (6 + 3 if AMX else 0)
+    assert use_grouped_kernels(model) == count
     swapped = [n for n, m in model.named_modules() if isinstance(m, TrainingGroupedConv2d)]
-    assert all(n.startswith(("layer1.", "layer2.")) and n.endswith("conv2") for n in swapped)
+    assert all(n.startswith(stages) and n.endswith("conv2") for n in swapped)
+    assert {n.split(".")[0] + "." for n in swapped} == set(stages)
     assert list(model.state_dict()) == keys
-    assert use_plain_grouped_conv(model) == 7
+    assert use_plain_grouped_conv(model) == count
     assert not any(isinstance(m, TrainingGroupedConv2d) for m in model.modules())
     dense = nn.Conv2d(32, 32, 3, 1, 1, bias=False)
     assert not grouped_train.takes_module(dense)
@@ -222,7 +233,8 @@ def test_network_training_step_matches_the_plain_step() -> None:
     spec = resnext.create_model("resnext_tiny", cardinality=4, base_width=4, num_classes=4)
     plain = spec.to(memory_format=torch.channels_last)
     fast = copy.deepcopy(plain)
-    assert use_grouped_kernels(fast) == 2  # stage 1 (4 per group) and stage 2 (8 per group)
+    # stages 1 and 2 (4 per group), and with AMX stage 3 (16 per group: torch's conv in float32)
+    assert use_grouped_kernels(fast) == 2 + AMX
     x = _cl(torch.randn(4, 3, 12, 12))
     y = torch.tensor([0, 1, 2, 3])
     for model in (plain, fast):

@@ -118,3 +118,33 @@ def test_offered_to_the_chooser() -> None:
     torch.testing.assert_close(
         candidates["ours-amx"](), candidates["onednn"]().float(), rtol=8e-3, atol=1e-3
     )
+
+
+@needs_amx
+@pytest.mark.parametrize("cpg", [16, 32])
+def test_wide_groups_are_taken_in_bf16_only(cpg: int, monkeypatch) -> None:
+    torch.manual_seed(cpg)
+    plain = nn.Conv2d(64, 64, 3, 1, 1, groups=64 // cpg, bias=False)
+    fast = copy.deepcopy(plain)
+    assert use_grouped_kernels(fast) == 1  # only the AMX kernels take these groups
+    x = torch.randn(2, 64, 7, 7).contiguous(memory_format=torch.channels_last)
+    calls = []
+    fn = grouped_wgrad_amx.weight_grad
+    monkeypatch.setattr(grouped_wgrad_amx, "weight_grad", lambda *a: calls.append(1) or fn(*a))
+    fast(x).square().sum().backward()  # float32: torch's convolution, not the bf16 kernels
+    assert calls == []
+    torch.testing.assert_close(fast.weight.grad, _float_grad(plain, x), rtol=1e-5, atol=1e-5)
+    fast.weight.grad = None
+    with autotune.CHOOSER.prefer("ours-amx"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fast(x)
+        out.float().square().sum().backward()
+    assert calls == [1]
+    want = _float_grad(copy.deepcopy(plain).double(), x.double())
+    assert float((fast.weight.grad.double() - want).abs().max() / want.abs().max()) < 3e-2
+
+
+def _float_grad(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    conv.weight.grad = None
+    conv(x).square().sum().backward()
+    return conv.weight.grad

@@ -1,7 +1,8 @@
 """The training fast path's grouped 3×3 convolution: each product by the fastest of oneDNN and ours.
 
 `use_grouped_kernels(model)` turns each grouped 3×3 `nn.Conv2d` the kernels take (padding 1,
-no bias, 4 or 8 channels per group, stride 1 or 2) into a `TrainingGroupedConv2d` in place (same
+no bias, 4 or 8 channels per group, stride 1 or 2; on a CPU with AMX also 16 or more channels
+per group, for bf16 only) into a `TrainingGroupedConv2d` in place (same
 parameters and state-dict keys). In training mode on channels-last float32/bfloat16 CPU tensors
 (bf16 from autocast included), each of its three products has these implementations:
 
@@ -123,8 +124,10 @@ def weight_grad_candidates(
             candidates["ours-pairs"] = lambda: grouped_wgrad.weight_grad(
                 x, grad, groups, stride, True
             )
-    if grouped_wgrad_amx.unavailable_reason() is None and grouped_wgrad_amx.supports(
-        x, groups, stride
+    if (
+        x.dtype == torch.bfloat16
+        and grouped_wgrad_amx.unavailable_reason() is None
+        and grouped_wgrad_amx.supports(x.shape[1], groups, stride)
     ):
         candidates["ours-amx"] = lambda: grouped_wgrad_amx.weight_grad(x, grad, groups, stride)
     return candidates
@@ -194,15 +197,33 @@ class TrainingGroupedConv2d(TrainingFastConv2d):
             return None
         if grouped_wgrad.unavailable_reason() is not None or grouped_kernel.unavailable_reason():
             return None
+        if dtype != torch.bfloat16 and not _avx512_takes(self):
+            return None  # only the bf16 AMX kernels take its groups: torch's convolution
         return dtype
 
 
+def _avx512_takes(conv: nn.Conv2d) -> bool:
+    return grouped_wgrad.supports(conv.in_channels, conv.groups, conv.stride[0])
+
+
+def _amx_takes(conv: nn.Conv2d) -> bool:
+    """Whether the AMX kernels take every product of `conv` (bf16 only)."""
+    shape = (conv.in_channels, conv.groups, conv.stride[0])
+    return (
+        grouped_amx.unavailable_reason() is None
+        and grouped_wgrad_amx.unavailable_reason() is None
+        and grouped_amx.supports(*shape)
+        and grouped_wgrad_amx.supports(*shape)
+    )
+
+
 def takes_module(conv: nn.Module) -> bool:
-    """Whether `conv` is a grouped 3×3 convolution the training kernels take."""
+    """Whether `conv` is a grouped 3×3 convolution the training kernels take: 4 or 8 channels per
+    group (the AVX-512 kernels), or on a CPU with AMX also wider groups (the AMX kernels, bf16)."""
     return (
         grouped_swap.eligible(conv)  # the forward kernel's shapes: 3×3, padding 1, in = out, ...
         and conv.bias is None
-        and grouped_wgrad.supports(conv.in_channels, conv.groups, conv.stride[0])
+        and (_avx512_takes(conv) or _amx_takes(conv))
     )
 
 

@@ -37,10 +37,9 @@ def unavailable_reason() -> str | None:
     return native.problem(_library)
 
 
-def supports(x: torch.Tensor, groups: int, stride: int) -> bool:
-    """Whether the kernel takes input `x` (N, C, H, W) of a 3×3 conv with these groups and stride."""
-    channels = x.shape[1]
-    if x.dtype != torch.bfloat16 or groups < 1 or channels % groups or channels % 16:
+def supports(channels: int, groups: int, stride: int) -> bool:
+    """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride."""
+    if groups < 1 or channels % groups or channels % 16:
         return False
     cpg = channels // groups
     return (cpg in SMALL_CPG or (cpg % 16 == 0 and cpg <= MAX_CPG)) and stride in (1, 2)
@@ -50,7 +49,8 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -
     """float32 gradient of ``conv2d(x, w, stride=stride, padding=1, groups=groups)`` w.r.t. w,
     given the output gradient `grad`."""
     n, c, h, w = x.shape
-    if not supports(x, groups, stride) or grad.dtype != torch.bfloat16:
+    ok = x.dtype == grad.dtype == torch.bfloat16 and supports(c, groups, stride)
+    if not ok:
         raise ValueError(
             f"x: expected bfloat16 with C % 16 == 0, C/groups in {SMALL_CPG} or a multiple of 16 "
             f"up to {MAX_CPG}, stride 1 or 2 "
