@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnext
-from resnext.speed import autotune, pointwise_gemm, pointwise_train
+from resnext.speed import autotune, pointwise_gemm, pointwise_train, pointwise_wgrad_amx
 from resnext.speed.pointwise_train import (
     TrainingPointwiseConv2d,
     gemm_weight_grad,
@@ -139,8 +139,10 @@ def test_the_chooser_times_every_product_once_per_shape() -> None:
     assert ops == ["conv1x1.forward", "conv1x1.input_grad", "conv1x1.weight_grad"]
     names = {d.op: set(d.ms) for d in chooser.decisions()}
     ours = {"ours"} if OUR_PRODUCT else set()
-    for op in ("conv1x1.forward", "conv1x1.input_grad", "conv1x1.weight_grad"):
+    amx = {"ours-amx"} if pointwise_wgrad_amx.unavailable_reason() is None else set()
+    for op in ("conv1x1.forward", "conv1x1.input_grad"):
         assert names[op] == {"onednn", "gemm"} | ours, op
+    assert names["conv1x1.weight_grad"] == {"onednn", "gemm"} | ours | amx
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same winner both times
     _assert_as_close_to_float64_as_torch(

@@ -6,7 +6,8 @@ A 1×1 convolution's three training products each have several exact implementat
 - the input gradient: oneDNN's convolution backward, or our product with the weight transposed;
 - the weight gradient dW = Gᵀ·X, with the output gradient G viewed as (N·H·W) × C_out and the
   input X as (N·H·W) × C_in (subsampled first at stride 2): oneDNN's convolution backward, one
-  `torch.mm`, or our kernel (pixel pairs, float32 sums; C_in a multiple of 64).
+  `torch.mm`, our kernel (pixel pairs, float32 sums; C_in a multiple of 64), or on a CPU with
+  AMX our tile kernel (`resnext.speed.pointwise_wgrad_amx`, float32 sums).
 
 Which is fastest depends on the CPU (on an AVX512-BF16 AMD EPYC ours won by 1.0–1.3× and the
 GEMM beat oneDNN on 28² maps and smaller; on an Intel Xeon with AMX oneDNN and the GEMM run
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from resnext.speed import autotune, pointwise_gemm
+from resnext.speed import autotune, pointwise_gemm, pointwise_wgrad_amx
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
 # Only bf16: in float32 the GEMM goes through MKL, slower than oneDNN's convolution on both
@@ -150,6 +151,8 @@ def weight_grad_candidates(
     }
     if our_weight_grad_applies(x):
         candidates["ours"] = lambda: pointwise_gemm.weight_grad(x[:, :, ::stride, ::stride], grad)
+    if pointwise_wgrad_amx.unavailable_reason() is None and pointwise_wgrad_amx.applies(x, grad):
+        candidates["ours-amx"] = lambda: pointwise_wgrad_amx.weight_grad(x, grad, stride)
     return candidates
 
 

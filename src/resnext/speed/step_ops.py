@@ -21,9 +21,11 @@ from resnext.speed import (
     bn_kernel,
     grouped_train,
     grouped_wgrad,
+    grouped_wgrad_amx,
     maxpool,
     pointwise_gemm,
     pointwise_train,
+    pointwise_wgrad_amx,
 )
 from resnext.speed.measure import Timing, time_call
 from resnext.speed.op_times import Instrumented, OpTimer, OpTotals, instrument
@@ -74,6 +76,12 @@ KERNEL_SPANS = (
     Instrumented(pointwise_gemm, "pack_forward", "pointwise_gemm pack (ours)"),
     Instrumented(pointwise_gemm, "pack_input_grad", "pointwise_gemm pack (ours)"),
     Instrumented(pointwise_gemm, "weight_grad", "pointwise_wgrad (ours)", _gemm_wgrad_flop),
+    Instrumented(
+        grouped_wgrad_amx, "weight_grad", "grouped_conv3x3_wgrad (ours, AMX)", _grouped_wgrad_flop
+    ),
+    Instrumented(
+        pointwise_wgrad_amx, "weight_grad", "pointwise_wgrad (ours, AMX)", _gemm_wgrad_flop
+    ),
 )
 
 KINDS = (
