@@ -1,10 +1,11 @@
-"""The 1×1 convolutions' weight gradient (oneDNN vs one GEMM), and the SGD step (loop vs fused).
+"""The 1×1 convolutions' weight gradient (oneDNN, one GEMM, AMX), and the SGD step (loop vs fused).
 
 Usage: .venv/bin/python benchmarks/bench_pointwise_train.py [--models resnext50_32x4d,resnet50]
        [--batch 16] [--image-size 224] [--rounds 5] [--dtypes bf16,fp32]
 Part 1: every distinct 1×1 convolution of the models (found by running them once), its weight
-gradient timed with oneDNN (`torch.ops.aten.convolution_backward`) and as the GEMM of
-`resnext.speed.pointwise_train`, interleaved in one process. Each op cycles through 4 sets of
+gradient timed with oneDNN (`torch.ops.aten.convolution_backward`), as the GEMM of
+`resnext.speed.pointwise_train` and, in bf16 on a CPU with AMX, by our tile kernel
+(`resnext.speed.pointwise_wgrad_amx`), interleaved in one process. Each op cycles through 4 sets of
 tensors, so that like in a training step its operands are not all hot in cache.
 (The training fast path times these candidates itself at each shape: `resnext.speed.autotune`.) Part 2: one SGD update (momentum, Nesterov,
 weight decay) of each model's parameters with torch's per-parameter loop, foreach and fused
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 import resnext
+from resnext.speed import pointwise_wgrad_amx
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
 from resnext.speed.pointwise_train import gemm_weight_grad
@@ -64,13 +66,14 @@ def tensor_sets(
 def weight_grad_ops(
     cin: int, cout: int, size: int, stride: int, batch: int, dtype: torch.dtype
 ) -> dict[str, Callable[[], object]]:
-    """The layer's weight gradient by oneDNN and by the GEMM, each cycling through SETS tensors."""
+    """The layer's weight gradient by oneDNN, by the GEMM and (bf16, AMX) by our tile kernel, each
+    cycling through SETS tensors."""
     g = torch.Generator().manual_seed(cin * 7 + cout + size)
     out = (size - 1) // stride + 1
     xs = tensor_sets((batch, cin, size, size), dtype, g)
     gs = tensor_sets((batch, cout, out, out), dtype, g)
     w = torch.randn(cout, cin, 1, 1, generator=g).to(dtype)
-    turn = {"onednn": 0, "gemm": 0}
+    turn = {"onednn": 0, "gemm": 0, "amx": 0}
 
     def onednn() -> object:
         i = turn["onednn"] = (turn["onednn"] + 1) % SETS
@@ -83,7 +86,16 @@ def weight_grad_ops(
         i = turn["gemm"] = (turn["gemm"] + 1) % SETS
         return gemm_weight_grad(xs[i], gs[i], stride)
 
-    return {"onednn": onednn, "gemm": gemm}
+    def amx() -> object:
+        i = turn["amx"] = (turn["amx"] + 1) % SETS
+        return pointwise_wgrad_amx.weight_grad(xs[i], gs[i], stride)
+
+    ops = {"onednn": onednn, "gemm": gemm}
+    if pointwise_wgrad_amx.unavailable_reason() is None and pointwise_wgrad_amx.applies(
+        xs[0], gs[0]
+    ):
+        ops["amx"] = amx
+    return ops
 
 
 def sgd_ops(name: str) -> dict[str, Callable[[], object]]:
@@ -132,7 +144,7 @@ def main() -> int:
             rows = args.batch * out * out
             gflop = 2 * rows * cin * cout / 1e9
             onednn, gemm = t["onednn"].median_s, t["gemm"].median_s
-            results["weight_grad"][f"{dname}/{cin}-{cout}/{size}/s{stride}"] = {
+            record = {
                 "rows": rows,
                 "layers": counts[shape],
                 "onednn_ms": 1e3 * onednn,
@@ -141,12 +153,23 @@ def main() -> int:
                 "gemm_gflops": gflop / gemm,
                 "onednn_over_gemm": onednn / gemm,
             }
-            print(
+            line = (
                 f"{dname} {cin}→{cout} {size}² s{stride} ({rows} rows, {counts[shape]}): "
                 f"oneDNN {1e3 * onednn:.2f} ms ({gflop / onednn:.0f} GFLOP/s), "
-                f"GEMM {1e3 * gemm:.2f} ms ({gflop / gemm:.0f}), ×{onednn / gemm:.2f}",
-                flush=True,
+                f"GEMM {1e3 * gemm:.2f} ms ({gflop / gemm:.0f}), ×{onednn / gemm:.2f}"
             )
+            if "amx" in t:
+                amx = t["amx"].median_s
+                record |= {
+                    "amx_ms": 1e3 * amx,
+                    "amx_gflops": gflop / amx,
+                    "best_other_over_amx": min(onednn, gemm) / amx,
+                }
+                line += (
+                    f", AMX {1e3 * amx:.2f} ms ({gflop / amx:.0f}), ×{min(onednn, gemm) / amx:.2f}"
+                )
+            results["weight_grad"][f"{dname}/{cin}-{cout}/{size}/s{stride}"] = record
+            print(line, flush=True)
     for name in models:
         t = interleaved({k: (f, 1) for k, f in sgd_ops(name).items()}, rounds=args.rounds, iters=5)
         results["sgd"][name] = {k: 1e3 * v.median_s for k, v in t.items()}
