@@ -10,7 +10,9 @@ parameters and state-dict keys). In training mode on channels-last float32/bfloa
   FMAs; for bf16 with 4 channels per group also the AVX512-BF16 pair dot-product kernel), or for
   bf16 on a CPU with AMX `kernels/grouped3x3_amx.c` (block-diagonal tile products);
 - the input gradient at stride 1: oneDNN, or the same kernels applied to the output gradient
-  with each group's weight matrix transposed and its taps flipped (stride 2: oneDNN only);
+  with each group's weight matrix transposed and its taps flipped; at stride 2 oneDNN, or for
+  bf16 on a CPU with AMX four such convolutions, one per pixel parity
+  (`resnext.speed.grouped_dgrad_amx`);
 - the weight gradient: oneDNN, or `kernels/grouped3x3_wgrad.c` (widening, or pair dot products
   for bf16 with a multiple of 32 channels), or for bf16 on a CPU with AMX
   `kernels/grouped3x3_wgrad_amx.c` (`resnext.speed.grouped_wgrad_amx`: tile products over the
@@ -36,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from resnext.speed import (
     autotune,
     grouped_amx,
+    grouped_dgrad_amx,
     grouped_kernel,
     grouped_swap,
     grouped_wgrad,
@@ -108,6 +111,14 @@ def input_grad_candidates(
         for name, fn in conv_candidates(grad, transposed_weight(w, groups), groups, 1).items():
             if name != "onednn":
                 candidates[name] = fn
+    elif (
+        grad.dtype == torch.bfloat16
+        and grouped_dgrad_amx.unavailable_reason() is None
+        and grouped_dgrad_amx.supports(x.shape[1], groups)
+    ):
+        # Stride 2: four stride-1 convolutions of the output gradient, one per pixel parity.
+        size = (x.shape[2], x.shape[3])
+        candidates["ours-amx"] = lambda: grouped_dgrad_amx.input_grad(grad, w, groups, size)
     return candidates
 
 

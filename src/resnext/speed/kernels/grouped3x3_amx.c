@@ -139,12 +139,15 @@ static void fill_grids(uint16_t *const *p, int chunk, const uint16_t *xn, const 
     _tile_dpbf16ps(M, A_TILE, B_TILE);                                                          \
   }
 
-/* Accumulators 0..mt-1 = grid positions v0 + 16 m .. (16 each) times one 16-output tile's weight.
- * A tiles alternate between 4 and 6 and B tiles between 5 and 7 so that a load never waits on
- * the product still reading its tile. */
+/* Accumulators 0..mt-1 = grid positions v0 + 16 m .. (16 each) times one 16-output tile's weight
+ * wb. With live NULL, wb holds every K step; else only the steps with live[step] set, one after
+ * the other (the others hold only zero weights and are skipped). A tiles alternate between 4 and
+ * 6 and B tiles between 5 and 7 so that a load never waits on the product still reading its
+ * tile. */
 __attribute__((target("amx-tile,amx-bf16"))) static void products(const uint16_t *p,
                                                                    const Grid *g, long v0, int mt,
-                                                                   const uint16_t *wb) {
+                                                                   const uint16_t *wb,
+                                                                   const uint8_t *live) {
   const int kc = g->kc;
   const long astride = (long)g->s * kc * 2; /* bytes from one output position to the next */
   long base[MT]; /* values from P's start to each tile's first position's tap (0, 0) */
@@ -154,15 +157,17 @@ __attribute__((target("amx-tile,amx-bf16"))) static void products(const uint16_t
   _tile_zero(2);
   _tile_zero(3);
   const int subs = kc == 16 ? 2 : 3 * ((kc + 31) / 32); /* K steps per kernel row */
-  int step = 0;
+  int step = 0, packed = 0;
   for (int kh = 0; kh < 3; ++kh)
     for (int j = 0; j < subs; ++j, ++step) {
+      if (live && !live[step]) continue;
+      const int at = live ? packed++ : step;
       /* kc == 16: taps (kh, 2j) and (kh, 2j + 1); else tap (kh, kw) channels 32 c .. */
       const long offset = kc == 16 ? (long)(kh * g->Wp + 2 * j) * 16
                                    : (long)(kh * g->Wp + j / ((kc + 31) / 32)) * kc +
                                          32 * (j % ((kc + 31) / 32));
-      const uint16_t *b = wb + (long)step * 512;
-      if (step & 1) {
+      const uint16_t *b = wb + (long)at * 512;
+      if (at & 1) {
         _tile_loadd(7, b, 64);
         DOT(0, 4, 7)
         DOT(1, 6, 7)
@@ -340,7 +345,7 @@ static void grouped_rows(Work *w, int chunk, const Grid *g, int b0, const uint16
     for (int c = 0; c < chunk; ++c)
       for (int t = 0; t < nt; ++t) {
         const int b = b0 + c;
-        products(w->p[c], g, v0, mt, wp + ((long)b * nt + t) * steps * 512);
+        products(w->p[c], g, v0, mt, wp + ((long)b * nt + t) * steps * 512, NULL);
         for (int m = 0; m < mt; ++m)
           store_tile(m, w->acc, bias, relu, out, g, v0 + 16 * m, b * kc + t * 16, lo, hi);
       }
@@ -403,6 +408,81 @@ int grouped3x3_amx(const uint16_t *x, const uint16_t *wp, const float *bias, uin
                    int H, int W, int C, int cpg, int s, int relu, int threads) {
   const Source src = {NULL, NULL, C};
   return run(x, &src, wp, bias, y, N, H, W, C, cpg, s, relu, threads);
+}
+
+/* Accumulator m (grid positions v..v+15 of dy's grid x 16 channels from c) rounded to bf16 into
+ * the pixels (2 oh + ph, 2 ow + pw) of dx (H x W, C channels) that exist. */
+static void store_phase(int m, float *acc, uint16_t *dx, const Grid *g, long v, int c, int ph,
+                        int pw, int H, int W) {
+  tile_to(m, acc);
+  int oh = (int)(v / g->Wv), ow = (int)(v % g->Wv);
+  for (int r = 0; r < 16 && oh < g->Ho; ++r) {
+    const int ih = 2 * oh + ph, iw = 2 * ow + pw;
+    if (ow < g->Wo && ih < H && iw < W) {
+      uint16_t *dst = dx + ((long)ih * W + iw) * g->C + c;
+      _mm256_storeu_si256((__m256i *)dst,
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + r * 16)));
+    }
+    if (++ow == g->Wv) ow = 0, ++oh;
+  }
+}
+
+/* dx (bf16 [N][H][W][C]) = the input gradient of a stride-2 grouped 3x3 convolution (padding 1)
+ * from its output gradient dy ([N][Ho][Wo][C]). The pixels of dx of one row and column parity
+ * (ph, pw) are a stride-1 convolution of dy with 1, 2 or 4 of the weight's taps (phase q = 2 ph +
+ * pw); live + q * steps says which K steps of pack_weights' layout hold any of them, and wp holds
+ * the phases one after the other, each [C / kc][kc / 16][its live steps][16][16][2] (packed by
+ * grouped_dgrad_amx.pack_phases). dy's grids are filled once per item for the four phases, whose
+ * live steps add up to 9 of the 24 of four whole convolutions. Returns as grouped3x3_amx. */
+int grouped3x3_amx_dgrad_s2(const uint16_t *dy, const uint16_t *wp, const uint8_t *live,
+                            uint16_t *dx, int N, int H, int W, int C, int cpg, int threads) {
+  if (N < 0 || H < 1 || W < 1 || threads < 1 || !grouped3x3_amx_supported(C, cpg, 1)) return -1;
+  if (!grouped3x3_amx_allowed()) return -2;
+  const int kc = block_channels(cpg), blocks = C / kc, nt = kc / 16, steps = k_steps(kc);
+  const int Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
+  const Grid g = make_grid(Ho, Wo, C, kc, 1, 0, Ho);
+  const Source src = {NULL, NULL, C};
+  const int chunk = chunk_blocks(&g, blocks, N, threads, 0);
+  const long items = (long)N * (blocks / chunk);
+  long start[4], count[4]; /* each phase's first packed value and live steps */
+  long at = 0;
+  for (int q = 0; q < 4; ++q) {
+    count[q] = 0;
+    for (int k = 0; k < steps; ++k) count[q] += live[q * steps + k] != 0;
+    start[q] = at;
+    at += (long)blocks * nt * count[q] * 512;
+  }
+  const size_t grid_bytes = ((size_t)g.pixels * kc * 2 + 63) / 64 * 64;
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    Work w;
+    const int ok = take_work(&w, chunk, grid_bytes, &src);
+    failed = !ok;
+#pragma omp for schedule(static)
+    for (long item = 0; item < items; ++item) {
+      if (!ok) continue;
+      const long n = item / (blocks / chunk);
+      const int b0 = (int)(item % (blocks / chunk)) * chunk;
+      fill(&w, chunk, dy + n * (long)Ho * Wo * C, &g, b0, &src);
+      uint16_t *dxn = dx + n * (long)H * W * C;
+      for (int q = 0; q < 4; ++q)
+        for (long v0 = 0; v0 < g.virt; v0 += 16 * MT) {
+          const long left = (g.virt - v0 + 15) / 16;
+          const int mt = left < MT ? (int)left : MT;
+          for (int c = 0; c < chunk; ++c)
+            for (int t = 0; t < nt; ++t) {
+              const int b = b0 + c;
+              products(w.p[c], &g, v0, mt, wp + start[q] + ((long)b * nt + t) * count[q] * 512,
+                       live + q * steps);
+              for (int m = 0; m < mt; ++m)
+                store_phase(m, w.acc, dxn, &g, v0 + 16 * m, b * kc + t * 16, q / 2, q % 2, H, W);
+            }
+        }
+    }
+    if (ok) release();
+  }
+  return failed ? -3 : 0;
 }
 
 /* y = conv(ReLU(conv1x1(x) + b1)) (+ bias, then ReLU if relu): a bottleneck's first two
