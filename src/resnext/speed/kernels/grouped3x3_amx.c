@@ -371,8 +371,58 @@ static int chunk_blocks(const Grid *g, int blocks, int N, int threads, int point
   return chunk;
 }
 
+/* Accumulator m (grid positions v..v+15 of dy's grid x 16 channels from c) rounded to bf16 into
+ * the pixels (2 oh + ph, 2 ow + pw) of dx (H x W, C channels) that exist. */
+static void store_phase(int m, float *acc, uint16_t *dx, const Grid *g, long v, int c, int ph,
+                        int pw, int H, int W) {
+  tile_to(m, acc);
+  int oh = (int)(v / g->Wv), ow = (int)(v % g->Wv);
+  for (int r = 0; r < 16 && oh < g->Ho; ++r) {
+    const int ih = 2 * oh + ph, iw = 2 * ow + pw;
+    if (ow < g->Wo && ih < H && iw < W) {
+      uint16_t *dst = dx + ((long)ih * W + iw) * g->C + c;
+      _mm256_storeu_si256((__m256i *)dst,
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + r * 16)));
+    }
+    if (++ow == g->Wv) ow = 0, ++oh;
+  }
+}
+
+/* The four phases of a stride-2 input gradient (see grouped3x3_amx_dgrad_s2): phase q's packed
+ * weight starts at wp + start[q] and holds count[q] live steps per tile, live + q * steps marks
+ * them among the steps; the output is dx, H x W pixels. */
+typedef struct {
+  const uint8_t *live;
+  long start[4], count[4];
+  int H, W;
+} Phases;
+
+/* grouped_rows for the four phases of the input gradient: every grid position of dy's grid,
+ * phase after phase, each accumulator stored to dx's pixels of that phase's parity. */
+static void phase_rows(Work *w, int chunk, const Grid *g, int b0, const uint16_t *wp,
+                       const Phases *ph, uint16_t *dxn) {
+  const int kc = g->kc, nt = kc / 16, steps = k_steps(kc);
+  for (int q = 0; q < 4; ++q)
+    for (long v0 = 0; v0 < g->virt; v0 += 16 * MT) {
+      const long left = (g->virt - v0 + 15) / 16;
+      const int mt = left < MT ? (int)left : MT;
+      for (int c = 0; c < chunk; ++c)
+        for (int t = 0; t < nt; ++t) {
+          const int b = b0 + c;
+          const uint16_t *wb = wp + ph->start[q] + ((long)b * nt + t) * ph->count[q] * 512;
+          products(w->p[c], g, v0, mt, wb, ph->live + q * steps);
+          for (int m = 0; m < mt; ++m)
+            store_phase(m, w->acc, dxn, g, v0 + 16 * m, b * kc + t * 16, q / 2, q % 2, ph->H,
+                        ph->W);
+        }
+    }
+}
+
+/* y = conv(source of x) over the items (image, chunk of blocks); with ph (s = 1), y is instead
+ * the stride-2 input gradient whose output gradient x is (see Phases). */
 static int run(const uint16_t *x, const Source *src, const uint16_t *wp, const float *bias,
-               uint16_t *y, int N, int H, int W, int C, int cpg, int s, int relu, int threads) {
+               uint16_t *y, int N, int H, int W, int C, int cpg, int s, int relu, int threads,
+               const Phases *ph) {
   if (N < 0 || H < 1 || W < 1 || threads < 1 || !grouped3x3_amx_supported(C, cpg, s)) return -1;
   if (src->w1 && (src->cin < 32 || src->cin % 32)) return -1;
   if (!grouped3x3_amx_allowed()) return -2;
@@ -394,8 +444,11 @@ static int run(const uint16_t *x, const Source *src, const uint16_t *wp, const f
       const long n = item / (blocks / chunk);
       const int b0 = (int)(item % (blocks / chunk)) * chunk;
       fill(&w, chunk, x + n * (long)H * W * src->cin, &g, b0, src);
-      grouped_rows(&w, chunk, &g, b0, wp, bias, relu, y + n * (long)g.Ho * g.Wo * C, 0, g.virt,
-                   0, g.Ho);
+      if (ph)
+        phase_rows(&w, chunk, &g, b0, wp, ph, y + n * (long)ph->H * ph->W * C);
+      else
+        grouped_rows(&w, chunk, &g, b0, wp, bias, relu, y + n * (long)g.Ho * g.Wo * C, 0,
+                     g.virt, 0, g.Ho);
     }
     if (ok) release();
   }
@@ -407,24 +460,7 @@ static int run(const uint16_t *x, const Source *src, const uint16_t *wp, const f
 int grouped3x3_amx(const uint16_t *x, const uint16_t *wp, const float *bias, uint16_t *y, int N,
                    int H, int W, int C, int cpg, int s, int relu, int threads) {
   const Source src = {NULL, NULL, C};
-  return run(x, &src, wp, bias, y, N, H, W, C, cpg, s, relu, threads);
-}
-
-/* Accumulator m (grid positions v..v+15 of dy's grid x 16 channels from c) rounded to bf16 into
- * the pixels (2 oh + ph, 2 ow + pw) of dx (H x W, C channels) that exist. */
-static void store_phase(int m, float *acc, uint16_t *dx, const Grid *g, long v, int c, int ph,
-                        int pw, int H, int W) {
-  tile_to(m, acc);
-  int oh = (int)(v / g->Wv), ow = (int)(v % g->Wv);
-  for (int r = 0; r < 16 && oh < g->Ho; ++r) {
-    const int ih = 2 * oh + ph, iw = 2 * ow + pw;
-    if (ow < g->Wo && ih < H && iw < W) {
-      uint16_t *dst = dx + ((long)ih * W + iw) * g->C + c;
-      _mm256_storeu_si256((__m256i *)dst,
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + r * 16)));
-    }
-    if (++ow == g->Wv) ow = 0, ++oh;
-  }
+  return run(x, &src, wp, bias, y, N, H, W, C, cpg, s, relu, threads, NULL);
 }
 
 /* dx (bf16 [N][H][W][C]) = the input gradient of a stride-2 grouped 3x3 convolution (padding 1)
@@ -436,53 +472,18 @@ static void store_phase(int m, float *acc, uint16_t *dx, const Grid *g, long v, 
  * live steps add up to 9 of the 24 of four whole convolutions. Returns as grouped3x3_amx. */
 int grouped3x3_amx_dgrad_s2(const uint16_t *dy, const uint16_t *wp, const uint8_t *live,
                             uint16_t *dx, int N, int H, int W, int C, int cpg, int threads) {
-  if (N < 0 || H < 1 || W < 1 || threads < 1 || !grouped3x3_amx_supported(C, cpg, 1)) return -1;
-  if (!grouped3x3_amx_allowed()) return -2;
+  if (H < 1 || W < 1 || !grouped3x3_amx_supported(C, cpg, 1)) return -1;
   const int kc = block_channels(cpg), blocks = C / kc, nt = kc / 16, steps = k_steps(kc);
-  const int Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
-  const Grid g = make_grid(Ho, Wo, C, kc, 1, 0, Ho);
-  const Source src = {NULL, NULL, C};
-  const int chunk = chunk_blocks(&g, blocks, N, threads, 0);
-  const long items = (long)N * (blocks / chunk);
-  long start[4], count[4]; /* each phase's first packed value and live steps */
+  Phases ph = {live, {0}, {0}, H, W};
   long at = 0;
   for (int q = 0; q < 4; ++q) {
-    count[q] = 0;
-    for (int k = 0; k < steps; ++k) count[q] += live[q * steps + k] != 0;
-    start[q] = at;
-    at += (long)blocks * nt * count[q] * 512;
+    for (int k = 0; k < steps; ++k) ph.count[q] += live[q * steps + k] != 0;
+    ph.start[q] = at;
+    at += (long)blocks * nt * ph.count[q] * 512;
   }
-  const size_t grid_bytes = ((size_t)g.pixels * kc * 2 + 63) / 64 * 64;
-  int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-  {
-    Work w;
-    const int ok = take_work(&w, chunk, grid_bytes, &src);
-    failed = !ok;
-#pragma omp for schedule(static)
-    for (long item = 0; item < items; ++item) {
-      if (!ok) continue;
-      const long n = item / (blocks / chunk);
-      const int b0 = (int)(item % (blocks / chunk)) * chunk;
-      fill(&w, chunk, dy + n * (long)Ho * Wo * C, &g, b0, &src);
-      uint16_t *dxn = dx + n * (long)H * W * C;
-      for (int q = 0; q < 4; ++q)
-        for (long v0 = 0; v0 < g.virt; v0 += 16 * MT) {
-          const long left = (g.virt - v0 + 15) / 16;
-          const int mt = left < MT ? (int)left : MT;
-          for (int c = 0; c < chunk; ++c)
-            for (int t = 0; t < nt; ++t) {
-              const int b = b0 + c;
-              products(w.p[c], &g, v0, mt, wp + start[q] + ((long)b * nt + t) * count[q] * 512,
-                       live + q * steps);
-              for (int m = 0; m < mt; ++m)
-                store_phase(m, w.acc, dxn, &g, v0 + 16 * m, b * kc + t * 16, q / 2, q % 2, H, W);
-            }
-        }
-    }
-    if (ok) release();
-  }
-  return failed ? -3 : 0;
+  const Source src = {NULL, NULL, C};
+  return run(dy, &src, wp, NULL, dx, N, (H - 1) / 2 + 1, (W - 1) / 2 + 1, C, cpg, 1, 0, threads,
+             &ph);
 }
 
 /* y = conv(ReLU(conv1x1(x) + b1)) (+ bias, then ReLU if relu): a bottleneck's first two
@@ -493,7 +494,7 @@ int pointwise_grouped3x3_amx(const uint16_t *x, const uint16_t *w1, const float 
                              int W, int Cin, int C, int cpg, int s, int relu, int threads) {
   if (w1 == NULL || b1 == NULL) return -1;
   const Source src = {w1, b1, Cin};
-  return run(x, &src, wp, bias, y, N, H, W, C, cpg, s, relu, threads);
+  return run(x, &src, wp, bias, y, N, H, W, C, cpg, s, relu, threads, NULL);
 }
 
 /* Accumulator m (16 pixels x 16 outputs) + bias + the residual (bf16, `cout` values per pixel;

@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "amx_tiles.h"
+#include "bf16_transpose.h"
 
 int grouped3x3_wgrad_amx_allowed(void) { return amx_request(); }
 
@@ -57,33 +58,6 @@ static Geometry geometry(int H, int W, int C, int s) {
   const long writes = (long)g.Rq * g.Wq + 16;
   g.len = ((reads > writes ? reads : writes) + 31) / 32 * 32;
   return g;
-}
-
-/* 16 rows of 16 bf16 (r[k] = pixel k's 16 channels) transposed in place: r[c] = channel c of the
- * 16 pixels. Interleaves of 16, 32 and 64 bits within 128-bit lanes, then the lanes swapped. */
-static inline void transpose16(__m256i r[16]) {
-  __m256i t[16], u[16];
-  for (int k = 0; k < 8; ++k) {
-    t[2 * k] = _mm256_unpacklo_epi16(r[2 * k], r[2 * k + 1]);
-    t[2 * k + 1] = _mm256_unpackhi_epi16(r[2 * k], r[2 * k + 1]);
-  }
-  for (int q = 0; q < 4; ++q) { /* rows 4q .. 4q + 3 */
-    u[4 * q] = _mm256_unpacklo_epi32(t[4 * q], t[4 * q + 2]);
-    u[4 * q + 1] = _mm256_unpackhi_epi32(t[4 * q], t[4 * q + 2]);
-    u[4 * q + 2] = _mm256_unpacklo_epi32(t[4 * q + 1], t[4 * q + 3]);
-    u[4 * q + 3] = _mm256_unpackhi_epi32(t[4 * q + 1], t[4 * q + 3]);
-  }
-  /* u[4q + j] holds, for rows 4q .. 4q + 3, columns 2j, 2j + 1 (lane 0) and 2j + 8, 2j + 9 */
-  for (int h = 0; h < 2; ++h) /* rows 8h .. 8h + 7 */
-    for (int j = 0; j < 4; ++j) {
-      t[8 * h + 2 * j] = _mm256_unpacklo_epi64(u[8 * h + j], u[8 * h + 4 + j]);
-      t[8 * h + 2 * j + 1] = _mm256_unpackhi_epi64(u[8 * h + j], u[8 * h + 4 + j]);
-    }
-  /* t[8h + c] holds rows 8h .. 8h + 7 of column c (lane 0) and of column c + 8 (lane 1) */
-  for (int c = 0; c < 8; ++c) {
-    r[c] = _mm256_permute2x128_si256(t[c], t[8 + c], 0x20);
-    r[c + 8] = _mm256_permute2x128_si256(t[c], t[8 + c], 0x31);
-  }
 }
 
 /* Bytes of one tile's planes (a) and of its pairs (bv). */
@@ -136,8 +110,6 @@ static void fill_planes(uint16_t *a, const uint16_t *xn, const Geometry *g, int 
  * bv + u * pair_bytes / 2 holds [v / 2][o][v % 2] for output position v = oh * Wq + ow, zero
  * where ow >= Wo or oh >= Ho, for steps * 32 positions. */
 static void fill_pairs(uint16_t *bv, const uint16_t *gn, const Geometry *g, int t0, int ct) {
-  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                       39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const long total = g->steps * 32;
   int oh = 0, ow = 0;
   const long tile = pair_bytes(g) / 2;
@@ -152,10 +124,7 @@ static void fill_pairs(uint16_t *bv, const uint16_t *gn, const Geometry *g, int 
       for (int m = 0; m < 2; ++m)
         p[m] = px[m] ? _mm256_loadu_si256((const __m256i *)(px[m] + u * 16))
                      : _mm256_setzero_si256();
-      /* words 0-15 of the first operand are p[0], words 32-47 (of the pair) are p[1] */
-      const __m512i pair = _mm512_permutex2var_epi16(_mm512_castsi256_si512(p[0]), idx,
-                                                     _mm512_castsi256_si512(p[1]));
-      _mm512_storeu_si512(bv + u * tile + v * 16, pair);
+      _mm512_storeu_si512(bv + u * tile + v * 16, pair_rows(p[0], p[1]));
     }
   }
 }

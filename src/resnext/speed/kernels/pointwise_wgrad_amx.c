@@ -5,10 +5,10 @@
  * Why: the depth of this product is the pixels, the slow axis of channels-last tensors. torch.mm
  * on a transposed view ran ResNeXt-50's and ResNet-50's at 750-1,400 GFLOP/s on the Intel Xeon
  * this was written on, 13-24 % of its tile rate, while reading the operands took a third to a
- * fifteenth of its time. Here each chunk of KC rows is repacked in cache as the tiles want it:
- *  - a transposed ([m][KC]: a tile of 16 m by 32 rows is one strided load), 16 x 16 at a time;
- *  - b as AMX's pairs of rows ([n tile][KC / 2][16][2]);
- * then every 32 x 32 block of out takes KC / 32 steps of 2 A and 2 B loads and 4 tile products,
+ * fifteenth of its time. Here each chunk of kc rows is repacked in cache as the tiles want it:
+ *  - a transposed ([m][kc]: a tile of 16 m by 32 rows is one strided load), 16 x 16 at a time;
+ *  - b as AMX's pairs of rows ([n tile][kc / 2][16][2]);
+ * then every 32 x 32 block of out takes kc / 32 steps of 2 A and 2 B loads and 4 tile products,
  * its 4 accumulators loaded from and stored to out around them.
  *
  * Threads: with many rows each thread takes a range of rows and all of out into sums of its own,
@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "amx_tiles.h"
+#include "bf16_transpose.h"
 
 #define PACKED_BYTES (192L << 10) /* a chunk's packed rows, both operands */
 #define MIN_KC 256                 /* rows per chunk at least */
@@ -29,30 +30,6 @@
 #define PANEL_BYTES (256L << 10)   /* packed b of one panel of n tiles */
 
 int pointwise_wgrad_amx_allowed(void) { return amx_request(); }
-
-/* 16 rows of 16 bf16 transposed in place (see grouped3x3_wgrad_amx.c, the same scheme). */
-static inline void transpose16(__m256i r[16]) {
-  __m256i t[16], u[16];
-  for (int k = 0; k < 8; ++k) {
-    t[2 * k] = _mm256_unpacklo_epi16(r[2 * k], r[2 * k + 1]);
-    t[2 * k + 1] = _mm256_unpackhi_epi16(r[2 * k], r[2 * k + 1]);
-  }
-  for (int q = 0; q < 4; ++q) {
-    u[4 * q] = _mm256_unpacklo_epi32(t[4 * q], t[4 * q + 2]);
-    u[4 * q + 1] = _mm256_unpackhi_epi32(t[4 * q], t[4 * q + 2]);
-    u[4 * q + 2] = _mm256_unpacklo_epi32(t[4 * q + 1], t[4 * q + 3]);
-    u[4 * q + 3] = _mm256_unpackhi_epi32(t[4 * q + 1], t[4 * q + 3]);
-  }
-  for (int h = 0; h < 2; ++h)
-    for (int j = 0; j < 4; ++j) {
-      t[8 * h + 2 * j] = _mm256_unpacklo_epi64(u[8 * h + j], u[8 * h + 4 + j]);
-      t[8 * h + 2 * j + 1] = _mm256_unpackhi_epi64(u[8 * h + j], u[8 * h + 4 + j]);
-    }
-  for (int c = 0; c < 8; ++c) {
-    r[c] = _mm256_permute2x128_si256(t[c], t[8 + c], 0x20);
-    r[c + 8] = _mm256_permute2x128_si256(t[c], t[8 + c], 0x31);
-  }
-}
 
 /* Rows p0 .. p0 + rows - 1 (rows <= kc) of a (M columns) transposed into ap[M][kc], zeros past
  * `rows`. */
@@ -73,17 +50,14 @@ static void pack_a(uint16_t *ap, const uint16_t *a, long p0, int rows, int M, in
  * bp[(t - t0) * kc / 2 + k / 2][16][2], zeros past `rows`. */
 static void pack_b(uint16_t *bp, const uint16_t *b, long p0, int rows, int N, int t0, int t1,
                    int kc) {
-  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                       39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   for (int k = 0; k < kc; k += 2) {
     const uint16_t *r0 = k < rows ? b + (p0 + k) * N : NULL;
     const uint16_t *r1 = k + 1 < rows ? b + (p0 + k + 1) * N : NULL;
     for (int t = t0; t < t1; ++t) {
-      const __m256i v0 = r0 ? _mm256_loadu_si256((const __m256i *)(r0 + t * 16)) : _mm256_setzero_si256();
-      const __m256i v1 = r1 ? _mm256_loadu_si256((const __m256i *)(r1 + t * 16)) : _mm256_setzero_si256();
-      const __m512i pair = _mm512_permutex2var_epi16(_mm512_castsi256_si512(v0), idx,
-                                                     _mm512_castsi256_si512(v1));
-      _mm512_storeu_si512(bp + ((long)(t - t0) * (kc / 2) + k / 2) * 32, pair);
+      const __m256i zero = _mm256_setzero_si256();
+      const __m256i v0 = r0 ? _mm256_loadu_si256((const __m256i *)(r0 + t * 16)) : zero;
+      const __m256i v1 = r1 ? _mm256_loadu_si256((const __m256i *)(r1 + t * 16)) : zero;
+      _mm512_storeu_si512(bp + ((long)(t - t0) * (kc / 2) + k / 2) * 32, pair_rows(v0, v1));
     }
   }
 }
