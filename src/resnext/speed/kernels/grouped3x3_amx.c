@@ -144,10 +144,8 @@ static void fill_grids(uint16_t *const *p, int chunk, const uint16_t *xn, const 
  * the other (the others hold only zero weights and are skipped). A tiles alternate between 4 and
  * 6 and B tiles between 5 and 7 so that a load never waits on the product still reading its
  * tile. */
-__attribute__((target("amx-tile,amx-bf16"))) static void products(const uint16_t *p,
-                                                                   const Grid *g, long v0, int mt,
-                                                                   const uint16_t *wb,
-                                                                   const uint8_t *live) {
+__attribute__((target("amx-tile,amx-bf16"), always_inline)) static inline void products_of(
+    const uint16_t *p, const Grid *g, long v0, int mt, const uint16_t *wb, const uint8_t *live) {
   const int kc = g->kc;
   const long astride = (long)g->s * kc * 2; /* bytes from one output position to the next */
   long base[MT]; /* values from P's start to each tile's first position's tap (0, 0) */
@@ -181,6 +179,20 @@ __attribute__((target("amx-tile,amx-bf16"))) static void products(const uint16_t
         DOT(3, 6, 5)
       }
     }
+}
+
+/* products_of every K step: inlined with live NULL, so that no step test is left in the loop
+ * (the test measured 5-20 % slower grouped convolutions). */
+__attribute__((target("amx-tile,amx-bf16"))) static void products(const uint16_t *p,
+                                                                   const Grid *g, long v0, int mt,
+                                                                   const uint16_t *wb) {
+  products_of(p, g, v0, mt, wb, NULL);
+}
+
+/* products_of the live steps only (the stride-2 input gradient's phases). */
+__attribute__((target("amx-tile,amx-bf16"))) static void products_live(
+    const uint16_t *p, const Grid *g, long v0, int mt, const uint16_t *wb, const uint8_t *live) {
+  products_of(p, g, v0, mt, wb, live);
 }
 
 /* Accumulator m (grid positions v..v+15 x 16 outputs, float32) + bias, ReLU if asked, rounded to
@@ -345,7 +357,7 @@ static void grouped_rows(Work *w, int chunk, const Grid *g, int b0, const uint16
     for (int c = 0; c < chunk; ++c)
       for (int t = 0; t < nt; ++t) {
         const int b = b0 + c;
-        products(w->p[c], g, v0, mt, wp + ((long)b * nt + t) * steps * 512, NULL);
+        products(w->p[c], g, v0, mt, wp + ((long)b * nt + t) * steps * 512);
         for (int m = 0; m < mt; ++m)
           store_tile(m, w->acc, bias, relu, out, g, v0 + 16 * m, b * kc + t * 16, lo, hi);
       }
@@ -410,7 +422,7 @@ static void phase_rows(Work *w, int chunk, const Grid *g, int b0, const uint16_t
         for (int t = 0; t < nt; ++t) {
           const int b = b0 + c;
           const uint16_t *wb = wp + ph->start[q] + ((long)b * nt + t) * ph->count[q] * 512;
-          products(w->p[c], g, v0, mt, wb, ph->live + q * steps);
+          products_live(w->p[c], g, v0, mt, wb, ph->live + q * steps);
           for (int m = 0; m < mt; ++m)
             store_phase(m, w->acc, dxn, g, v0 + 16 * m, b * kc + t * 16, q / 2, q % 2, ph->H,
                         ph->W);
