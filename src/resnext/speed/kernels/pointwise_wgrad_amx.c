@@ -26,7 +26,9 @@
 
 #define PACKED_BYTES (192L << 10) /* a chunk's packed rows, both operands */
 #define MIN_KC 256                 /* rows per chunk at least */
-#define OUT_BYTES (512L << 10)     /* out (float32) larger than this: one chunk per range */
+#define OUT_BYTES (512L << 10)     /* out (float32) larger than this: longer chunks */
+#define WHOLE_BYTES (8L << 20)     /* then a range packed whole up to this */
+#define LARGE_PACKED (2L << 20)    /* and beyond it, chunks of this */
 #define PANEL_BYTES (256L << 10)   /* packed b of one panel of n tiles */
 
 int pointwise_wgrad_amx_allowed(void) { return amx_request(); }
@@ -99,13 +101,17 @@ __attribute__((target("amx-tile,amx-bf16"))) static void block(const uint16_t *a
 }
 
 /* Rows per chunk for a range of `rows` rows, M rows of out and `cols` columns of it. Each chunk
- * loads and stores every block of out once, so where out is larger than L2 wants the whole range
- * is one chunk; else as many rows as keep the packed chunk within PACKED_BYTES, at least MIN_KC.
+ * loads and stores every block of out once. Where out is small, as many rows as keep the packed
+ * chunk within PACKED_BYTES (at least MIN_KC); where it is larger than L2 wants, more: the whole
+ * range with few rows (`few`, the threads splitting out's columns) or up to WHOLE_BYTES packed,
+ * else chunks within LARGE_PACKED (ResNeXt-50's 512 -> 512 at 28^2: 0.75x the time of one chunk,
+ * whose packed 13 MB went through L3 once per panel; its 14^2 layers: slower in such chunks).
  * A multiple of 32, no more than the rows rounded up. */
-static int chunk_rows(long rows, int M, int cols) {
+static int chunk_rows(long rows, int M, int cols, int few) {
   const long need = (rows + 31) / 32 * 32;
-  if ((long)M * cols * 4 > OUT_BYTES) return (int)need;
-  long kc = PACKED_BYTES / ((long)(M + cols) * 2) / 32 * 32;
+  const int large = (long)M * cols * 4 > OUT_BYTES;
+  if (large && (few || need * (M + cols) * 2 <= WHOLE_BYTES)) return (int)need;
+  long kc = (large ? LARGE_PACKED : PACKED_BYTES) / ((long)(M + cols) * 2) / 32 * 32;
   if (kc < MIN_KC) kc = MIN_KC;
   return (int)(kc < need ? kc : need);
 }
@@ -167,7 +173,7 @@ int pointwise_wgrad_amx(const uint16_t *a, const uint16_t *b, float *out, long P
       const int per = (tiles + parts - 1) / parts;
       t0 = per * t < tiles ? per * t : tiles, t1 = t0 + per < tiles ? t0 + per : tiles;
     }
-    const int kc = chunk_rows(p1 - p0, M, (t1 - t0) * 16);
+    const int kc = chunk_rows(p1 - p0, M, (t1 - t0) * 16, !split_rows);
     uint16_t *ap = scratch(0, (size_t)M * kc * 2);
     uint16_t *bp = scratch(1, (size_t)(t1 - t0 > 0 ? t1 - t0 : 1) * 16 * kc * 2);
     failed = !ap || !bp;
