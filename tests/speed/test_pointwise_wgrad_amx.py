@@ -14,7 +14,8 @@ needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailab
 # (batch, C_in, C_out, height, width, stride): both threading modes (rows split: many pixels and
 # a small gradient; output columns split: few pixels, a large one), pixel counts that leave a
 # partial chunk, a partial 32-row step and an odd row, one column of 16-wide tiles, stride 2,
-# a chunk of rows longer than one minimum chunk, and the panels over either operand.
+# a chunk of rows longer than one minimum chunk, the panels over either operand, and (one thread)
+# large sums over so many rows that they go in 2 MB chunks, the last one partial and odd.
 SHAPES = [
     (2, 32, 48, 5, 7, 1),
     (3, 64, 16, 9, 9, 2),
@@ -25,6 +26,7 @@ SHAPES = [
     (4, 2048, 1024, 3, 3, 1),
     (8, 64, 32, 23, 23, 1),
     (2, 512, 1024, 14, 14, 1),
+    (5, 512, 512, 27, 31, 1),
 ]
 
 
