@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
 
 import resnext
 from resnext.models.complexity import count
+from resnext.speed import autotune
 from resnext.speed.op_times import OpTotals
 from resnext.speed.peak import Peaks
 from resnext.speed.step_ops import StepOps, by_kind, measure_step_ops, op_kind, roofline
@@ -70,13 +72,21 @@ def test_ceiling_is_flop_at_peak_for_compute_and_bytes_at_bandwidth_for_the_rest
     assert summary["plain_img_per_s"] == pytest.approx(16 / 0.110)
 
 
-def test_a_real_steps_convolution_flop_is_three_forwards_less_the_stems_input_grad() -> None:
+# Every kernel must be counted, whichever the chooser takes: pinned to oneDNN, to our AMX kernels
+# where they run (else the reference), or chosen by timing.
+@pytest.mark.parametrize("pinned", [(), ("onednn",), ("ours-amx", "ours", "gemm")])
+def test_a_real_steps_convolution_flop_is_three_forwards_less_the_stems_input_grad(
+    pinned: tuple[str, ...],
+) -> None:
     # 16 channels in 4 groups of 4 at stage 1: the shapes our grouped kernels take.
     spec = dataclasses.replace(
         resnext.create_model("resnext_tiny_in").spec, cardinality=4, base_width=4
     )
     batch, size = 2, 64
-    step = measure_step_ops(spec, "cl-bf16-fused-grouped-gemm", batch, size, steps=1, warmup=1)
+    with contextlib.ExitStack() as stack:
+        if pinned:
+            stack.enter_context(autotune.CHOOSER.prefer(*pinned))
+        step = measure_step_ops(spec, "cl-bf16-fused-grouped-gemm", batch, size, steps=1, warmup=1)
     kinds = by_kind(step, Peaks(2, 500.0, 1000.0, 40.0, 40.0))
     model = resnext.create_model("resnext_tiny_in")
     fc = model.fc.in_features * model.fc.out_features + model.fc.out_features

@@ -19,6 +19,7 @@ from resnext.models.network import build_model
 from resnext.models.spec import ModelSpec
 from resnext.speed import (
     bn_kernel,
+    grouped_dgrad_amx,
     grouped_train,
     grouped_wgrad,
     grouped_wgrad_amx,
@@ -38,6 +39,10 @@ Shape = tuple[int, ...]
 # As in op_times.conv_backward_flop: each output value meets weight[0], C_in/groups × 3 × 3.
 def _grouped_forward_flop(args: tuple, out: torch.Tensor) -> int:
     return 2 * out.numel() * args[1][0].numel()  # args: (x, weight, groups, stride)
+
+
+def _grouped_dgrad_flop(args: tuple, out: torch.Tensor) -> int:
+    return 2 * args[0].numel() * args[1][0].numel()  # args: (grad, weight, groups, input size)
 
 
 def _grouped_wgrad_flop(args: tuple, out: torch.Tensor) -> int:
@@ -78,6 +83,9 @@ KERNEL_SPANS = (
     Instrumented(pointwise_gemm, "weight_grad", "pointwise_wgrad (ours)", _gemm_wgrad_flop),
     Instrumented(
         grouped_wgrad_amx, "weight_grad", "grouped_conv3x3_wgrad (ours, AMX)", _grouped_wgrad_flop
+    ),
+    Instrumented(
+        grouped_dgrad_amx, "input_grad", "grouped_conv3x3_dgrad (ours, AMX)", _grouped_dgrad_flop
     ),
     Instrumented(
         pointwise_wgrad_amx, "weight_grad", "pointwise_wgrad (ours, AMX)", _gemm_wgrad_flop
