@@ -45,6 +45,17 @@ def test_the_fastest_candidate_wins_and_is_remembered() -> None:
     assert decision.ms == {"ref": 1000.0, "fast": 500.0, "slow": 2000.0}
 
 
+def test_excluded_candidates_never_run_and_the_reference_cannot_be_excluded() -> None:
+    clock, calls = FakeClock(), {}
+    exclude = {("op", "fast"), ("op", "ref"), ("other", "slow")}
+    chooser = Chooser(clock=clock, warmup=1, repeats=2, exclude=exclude)
+    costs = {"ref": 1.0, "fast": 0.5, "slow": 0.8}
+    assert chooser.run("op", (1,), _candidates(clock, costs, calls)) == "slow"
+    assert "fast" not in calls and calls["ref"] == 3  # excluded for "op" only: never called
+    assert chooser.run("other", (1,), _candidates(clock, costs, calls)) == "fast"
+    assert set(chooser.decisions()[0].ms) == {"ref", "slow"}
+
+
 def test_the_reference_stays_unless_beaten_by_the_margin() -> None:
     clock, calls = FakeClock(), {}
     chooser = Chooser(clock=clock, margin=0.05)

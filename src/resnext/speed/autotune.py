@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -62,12 +62,16 @@ class Chooser:
         warmup: int = WARMUP,
         repeats: int = REPEATS,
         clock: Callable[[], float] = time.perf_counter,
+        exclude: Collection[tuple[str, str]] = (),
     ) -> None:
         if not 0 <= margin < 1:
             raise ValueError(f"margin: expected a fraction in [0, 1), got {margin}")
         if warmup < 0 or repeats < 1:
             raise ValueError(f"warmup/repeats: expected >= 0 and >= 1, got {warmup}/{repeats}")
         self.margin, self.warmup, self.repeats, self._clock = margin, warmup, repeats, clock
+        # (op, candidate) pairs this chooser never runs: benchmarks compare steps with and
+        # without a kernel in one process this way; an op's reference cannot be excluded.
+        self._exclude = frozenset(exclude)
         self._decisions: dict[tuple, Decision] = {}
         self._preferred: tuple[str, ...] = ()
 
@@ -75,6 +79,13 @@ class Chooser:
         """The result of the fastest candidate for (op, key); the first candidate is the reference."""
         if not candidates:
             raise ValueError(f"{op}: no candidate implementation given")
+        if self._exclude:
+            reference = next(iter(candidates))
+            candidates = {
+                n: f
+                for n, f in candidates.items()
+                if n == reference or (op, n) not in self._exclude
+            }
         if self._preferred:
             # Pinned (tests): the first preferred name this op offers, else its reference.
             chosen = next((n for n in self._preferred if n in candidates), next(iter(candidates)))

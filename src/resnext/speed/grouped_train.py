@@ -118,7 +118,7 @@ def input_grad_candidates(
     ):
         # Stride 2: four stride-1 convolutions of the output gradient, one per pixel parity.
         size = (x.shape[2], x.shape[3])
-        candidates["ours-amx"] = lambda: grouped_dgrad_amx.input_grad(grad, w, groups, size)
+        candidates["ours-amx-phases"] = lambda: grouped_dgrad_amx.input_grad(grad, w, groups, size)
     return candidates
 
 

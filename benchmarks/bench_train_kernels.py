@@ -1,0 +1,123 @@
+"""The training step with and without our AMX gradient kernels, side by side in one process.
+
+Usage: .venv/bin/python benchmarks/bench_train_kernels.py [--models resnext50_32x4d,resnet50]
+       [--batch 16] [--image-size 224] [--rounds 12]
+Each model's fast training step (`cl-bf16-fused-grouped-gemm-pool`, random data) is built once
+per arm from the same weights; each arm has its own kernel chooser (`resnext.speed.autotune`),
+which never runs the kernels the arm leaves out:
+  - none: without the AMX grouped weight gradient, the AMX 1×1 weight gradient and the AMX
+    stride-2 grouped input gradient (what the chooser offered before them);
+  - wgrads: with the two weight gradients;
+  - all: with all three.
+The arms' steps then alternate, in one order on even rounds and the reverse on odd ones, so that
+this machine's drifts of speed (tens of per cent within minutes) fall on all of them alike; the
+median and best step of each arm and their ratios to `none` are reported. Separate processes
+(`resnext bench train`) cannot resolve differences of a few per cent here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import resnext
+from resnext.speed import autotune
+from resnext.speed.allocator import keep_freed_memory
+from resnext.speed.provenance import write_results
+from resnext.speed.train_bench import make_step
+
+VARIANT = "cl-bf16-fused-grouped-gemm-pool"
+KERNELS = {
+    "grouped-wgrad": ("grouped3x3.weight_grad", "ours-amx"),
+    "pointwise-wgrad": ("conv1x1.weight_grad", "ours-amx"),
+    "grouped-dgrad-s2": ("grouped3x3.input_grad", "ours-amx-phases"),
+}
+ARMS = {
+    "none": (),
+    "wgrads": ("grouped-wgrad", "pointwise-wgrad"),
+    "all": tuple(KERNELS),
+}
+
+
+def _chooser(kept: tuple[str, ...]) -> autotune.Chooser:
+    """A chooser that never runs the kernels of KERNELS not in `kept`."""
+    return autotune.Chooser(exclude=[op for name, op in KERNELS.items() if name not in kept])
+
+
+def run_arms(name: str, batch: int, image_size: int, rounds: int) -> dict[str, dict[str, object]]:
+    """Median and best step time of each arm of model `name`, in alternating rounds."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size)
+    y = torch.randint(0, 10, (batch,))
+    base = resnext.create_model(name).train()
+    arms = {
+        arm: (make_step(copy.deepcopy(base), VARIANT, x, y), _chooser(kept))
+        for arm, kept in ARMS.items()
+    }
+    previous = autotune.CHOOSER
+
+    def step(arm: str) -> float:
+        fn, chooser = arms[arm]
+        autotune.CHOOSER = chooser
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    try:
+        for arm in arms:  # first steps: the choosers time their candidates
+            step(arm)
+            step(arm)
+        order = list(arms)
+        for r in range(rounds):
+            for arm in order if r % 2 == 0 else order[::-1]:
+                times[arm].append(step(arm))
+    finally:
+        autotune.CHOOSER = previous
+    median0, best0 = statistics.median(times["none"]), min(times["none"])
+    results = {}
+    for arm, seconds in times.items():
+        median, best = statistics.median(seconds), min(seconds)
+        results[arm] = {
+            "median_ms": 1e3 * median,
+            "min_ms": 1e3 * best,
+            "img_per_s": batch / median,
+            "median_over_none": median / median0,
+            "min_over_none": best / best0,
+            "rounds_ms": [1e3 * s for s in seconds],
+            "choices": [d.as_dict() for d in arms[arm][1].decisions()],
+        }
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnext50_32x4d,resnet50")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    keep_freed_memory()  # as the CLI does: otherwise every step page-faults its activations
+    results = {}
+    for name in args.models.split(","):
+        results[name] = run_arms(name, args.batch, args.image_size, args.rounds)
+        for arm, r in results[name].items():
+            print(
+                f"{name} {arm:7s}: median {r['median_ms']:.1f} ms ({r['img_per_s']:.1f} img/s), "
+                f"best {r['min_ms']:.1f}; ÷ none {r['median_over_none']:.3f} (best "
+                f"{r['min_over_none']:.3f})",
+                flush=True,
+            )
+    config = vars(args) | {"out": str(args.out), "variant": VARIANT, "arms": ARMS}
+    print(f"results: {write_results(args.out, 'bench-train-kernels', config, results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
