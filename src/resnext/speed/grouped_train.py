@@ -218,13 +218,12 @@ def _avx512_takes(conv: nn.Conv2d) -> bool:
 
 
 def _amx_takes(conv: nn.Conv2d) -> bool:
-    """Whether the AMX kernels take every product of `conv` (bf16 only)."""
-    shape = (conv.in_channels, conv.groups, conv.stride[0])
+    """Whether the AMX kernels take every product of `conv` (bf16 only; the weight gradient's
+    kernel takes the forward's shapes)."""
     return (
         grouped_amx.unavailable_reason() is None
         and grouped_wgrad_amx.unavailable_reason() is None
-        and grouped_amx.supports(*shape)
-        and grouped_wgrad_amx.supports(*shape)
+        and grouped_amx.supports(conv.in_channels, conv.groups, conv.stride[0])
     )
 
 

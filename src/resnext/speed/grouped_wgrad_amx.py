@@ -16,16 +16,14 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.grouped_amx import load_amx
+from resnext.speed import grouped_amx
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_wgrad_amx.c"
-SMALL_CPG = (1, 2, 4, 8)  # groups packed 16 channels to a tile
-MAX_CPG = 256
 
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    lib = load_amx(SOURCE, "grouped3x3_wgrad_amx_allowed")
+    lib = grouped_amx.load_amx(SOURCE, "grouped3x3_wgrad_amx_allowed")
     lib.grouped3x3_wgrad_amx.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7
     lib.grouped3x3_wgrad_amx.restype = ctypes.c_int
     return lib
@@ -38,11 +36,9 @@ def unavailable_reason() -> str | None:
 
 
 def supports(channels: int, groups: int, stride: int) -> bool:
-    """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride."""
-    if groups < 1 or channels % groups or channels % 16:
-        return False
-    cpg = channels // groups
-    return (cpg in SMALL_CPG or (cpg % 16 == 0 and cpg <= MAX_CPG)) and stride in (1, 2)
+    """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride:
+    the shapes of the forward AMX kernel, whose channel blocks it shares."""
+    return grouped_amx.supports(channels, groups, stride)
 
 
 def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
@@ -52,8 +48,8 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -
     ok = x.dtype == grad.dtype == torch.bfloat16 and supports(c, groups, stride)
     if not ok:
         raise ValueError(
-            f"x: expected bfloat16 with C % 16 == 0, C/groups in {SMALL_CPG} or a multiple of 16 "
-            f"up to {MAX_CPG}, stride 1 or 2 "
+            f"x: expected bfloat16 with C % 16 == 0, C/groups in {grouped_amx.SMALL_CPG} or a "
+            f"multiple of 16 up to {grouped_amx.MAX_CPG}, stride 1 or 2 "
             f"and a bfloat16 gradient; got {tuple(x.shape)} {x.dtype}, groups={groups}, "
             f"stride={stride}, gradient {grad.dtype}"
         )
