@@ -100,7 +100,7 @@ def _k_steps(kc: int) -> int:
     return 6 if kc == 16 else 9 * -(-kc // 32)
 
 
-def _step_rows(kc: int) -> tuple[torch.Tensor, torch.Tensor]:
+def step_rows(kc: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each K step and each of its 32 rows: the tap (kh·3 + kw) and block input channel it
     multiplies, −1 where the row is a zero (kw = 3 of a 16-channel block's tap pair, or channels
     past kc). The order is the kernel's: kernel rows, then tap pairs / taps and 32-channel parts."""
@@ -122,13 +122,13 @@ def _step_rows(kc: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
-def _pack_index(channels: int, cpg: int) -> torch.Tensor:
+def pack_index(channels: int, cpg: int) -> torch.Tensor:
     """For each packed value, its index in the flattened (C, cpg, 3, 3) weight, or C·cpg·9 (a zero
     appended after it) where the packed weight is zero. Cached per shape: the training path packs
     its bf16 weight on every call."""
     kc = block_channels(cpg)
     blocks, tiles = channels // kc, kc // 16
-    taps, chans = _step_rows(kc)  # (steps, 32)
+    taps, chans = step_rows(kc)  # (steps, 32)
     steps = taps.shape[0]
     b = torch.arange(blocks).view(-1, 1, 1, 1)
     o = torch.arange(kc).view(1, 1, 1, -1)
@@ -144,7 +144,7 @@ def pack_weights(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """The (C, C/groups, 3, 3) weight as the kernel reads it: bf16 [C/kc][kc/16][steps][16][16][2].
 
     Block b's K step holds, for each of its 32 rows (a tap and an input channel of the block, see
-    `_step_rows`) and each output o of the block, the weight (rounded to bf16) where input and
+    `step_rows`) and each output o of the block, the weight (rounded to bf16) where input and
     output share a group and 0 elsewhere; each step is stored with its K pairs interleaved per
     output (VNNI).
     """
@@ -163,13 +163,13 @@ def pack_weights(weight: torch.Tensor, groups: int) -> torch.Tensor:
         )
         if rc != 0:
             raise RuntimeError(f"grouped3x3_amx_pack refused shape {tuple(weight.shape)}")
-        return packed.view(_pack_index(out_ch, cpg).shape)
+        return packed.view(pack_index(out_ch, cpg).shape)
     return pack_reference(flat, out_ch, cpg)
 
 
 def pack_reference(flat_bf16: torch.Tensor, channels: int, cpg: int) -> torch.Tensor:
     """`pack_weights` by one gather of the flattened bf16 weight (where the C loop is not built)."""
-    return torch.cat([flat_bf16, flat_bf16.new_zeros(1)])[_pack_index(channels, cpg)]
+    return torch.cat([flat_bf16, flat_bf16.new_zeros(1)])[pack_index(channels, cpg)]
 
 
 def packed_numel(channels: int, groups: int) -> int:
@@ -204,7 +204,7 @@ def _check_grouped(name: str, c: int, groups: int, stride: int, packed: torch.Te
         )
 
 
-def _check_rc(rc: int, what: str) -> None:
+def check_rc(rc: int, what: str) -> None:
     """A RuntimeError saying why the C function refused `what` (its return code), unless 0."""
     if rc != 0:
         why = {-2: "the OS refused AMX", -3: "no scratch memory"}.get(rc, "shape refused")
@@ -243,7 +243,7 @@ def run_kernel(
             int(relu),
             torch.get_num_threads(),
         )
-        _check_rc(rc, f"grouped3x3_amx failed on {tuple(x.shape)}, groups={groups}")
+        check_rc(rc, f"grouped3x3_amx failed on {tuple(x.shape)}, groups={groups}")
     return y
 
 
@@ -326,7 +326,7 @@ def run_pointwise_kernel(
             torch.get_num_threads(),
         )
         what = f"pointwise_grouped3x3_amx failed on {tuple(x.shape)} → {c} channels"
-        _check_rc(rc, f"{what}, groups={groups}")
+        check_rc(rc, f"{what}, groups={groups}")
     return y
 
 
@@ -430,7 +430,7 @@ def run_block_kernel(
             stride,
             torch.get_num_threads(),
         )
-        _check_rc(rc, f"block_amx failed on {tuple(x.shape)} → {c} → {cout} channels")
+        check_rc(rc, f"block_amx failed on {tuple(x.shape)} → {c} → {cout} channels")
     return y
 
 
@@ -501,7 +501,7 @@ def run_shortcut_block_kernel(
             stride,
             torch.get_num_threads(),
         )
-        _check_rc(rc, f"block_amx_shortcut failed on {tuple(x.shape)} → {c} → {cout} channels")
+        check_rc(rc, f"block_amx_shortcut failed on {tuple(x.shape)} → {c} → {cout} channels")
     return y
 
 

@@ -64,7 +64,7 @@ def phase_weights(weight: torch.Tensor, groups: int) -> list[torch.Tensor]:
 @functools.lru_cache(maxsize=16)
 def live_steps(channels: int, groups: int) -> torch.Tensor:
     """(4, steps) uint8: which K steps of each phase's packed weight hold any of its taps."""
-    taps, _ = grouped_amx._step_rows(grouped_amx.block_channels(channels // groups))
+    taps, _ = grouped_amx.step_rows(grouped_amx.block_channels(channels // groups))
     live = []
     for ph in (0, 1):
         for pw in (0, 1):
@@ -85,7 +85,7 @@ def _phase_index(channels: int, groups: int) -> torch.Tensor:
     parts = []
     for q, w in enumerate(phase_weights(ids, groups)):
         flat = torch.cat([w.reshape(-1), w.new_zeros(1)])
-        packed = flat[grouped_amx._pack_index(channels, cpg)]  # (blocks, tiles, steps, 16, 16, 2)
+        packed = flat[grouped_amx.pack_index(channels, cpg)]  # (blocks, tiles, steps, 16, 16, 2)
         parts.append(packed[:, :, live[q]].reshape(-1))
     index = torch.cat(parts).long() - 1
     return torch.where(index < 0, n, index)
@@ -128,7 +128,5 @@ def input_grad(
             grad.data_ptr(), packed.data_ptr(), live.data_ptr(), dx.data_ptr(),
             n, h, w, c, c // groups, torch.get_num_threads(),
         )  # fmt: skip
-        if rc != 0:
-            why = {-2: "the OS refused AMX", -3: "no scratch memory"}.get(rc, "shape refused")
-            raise RuntimeError(f"grouped3x3_amx_dgrad_s2 on {tuple(grad.shape)}: {why}")
+        grouped_amx.check_rc(rc, f"grouped3x3_amx_dgrad_s2 on {tuple(grad.shape)}")
     return dx
