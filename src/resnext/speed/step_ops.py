@@ -106,6 +106,23 @@ KINDS = (
 COMPUTE_KINDS = KINDS[:6]  # bound by arithmetic; the rest by memory
 
 
+# PyTorch's own batch norm and ReLU, forward and backward: what a step runs where our kernel
+# (`bn_kernel`) does not, e.g. on CPUs without AVX-512.
+_TORCH_BN_ACT = frozenset(
+    {
+        "native_batch_norm",
+        "native_batch_norm_backward",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training",
+        "_native_batch_norm_legit_functional",
+        "batch_norm_backward",
+        "relu",
+        "relu_",
+        "threshold_backward",
+    }
+)
+
+
 def _shapes(sig: str) -> list[Shape]:
     return [tuple(int(d) for d in part.split(":")[0].split("x") if d) for part in sig.split()]
 
@@ -135,7 +152,9 @@ def op_kind(label: str, sig: str) -> str:
         return "1x1 weight grad (GEMM)"
     if label in ("mm", "addmm"):  # the GEMM weight gradients are spans: these are the classifier
         return "fc"
-    if label.startswith("bn_act"):
+    if label.startswith("bn_act") or label in _TORCH_BN_ACT:
+        return "batch norm + ReLU + add"
+    if label in ("add", "add_") and shapes and len(shapes[0]) == 4:  # the residual add
         return "batch norm + ReLU + add"
     if "sgd" in label:
         return "SGD update"
