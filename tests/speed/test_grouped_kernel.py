@@ -1,4 +1,4 @@
-"""Our AVX-512 grouped 3×3 kernel equals torch's convolution; its build, errors and model swap."""
+"""Our grouped 3×3 kernel (both builds) equals torch's convolution; its build, errors and model swap."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import resnext
 from resnext import native
 from resnext.errors import ConfigError
 from resnext.speed import grouped_amx, grouped_kernel, grouped_swap
+from resnext.speed.capability import cpu_flags
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
@@ -34,11 +35,39 @@ def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.float() - expected).abs().max() / expected.abs().max()).item()
 
 
-@needs_kernel
+@pytest.fixture(params=[grouped_kernel.AVX512, grouped_kernel.AVX2], ids=lambda isa: isa.name)
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> grouped_kernel.Isa:
+    """Each build this CPU runs, made the module's (an AVX-512 CPU also runs the AVX2 build)."""
+    build: grouped_kernel.Isa = request.param
+    missing = build.required - cpu_flags()
+    if missing:
+        pytest.skip(f"the {build.name} build needs {sorted(missing)}")
+    monkeypatch.setattr(grouped_kernel, "ISA", build)
+    problem = grouped_kernel.unavailable_reason()
+    if problem is not None:
+        pytest.skip(f"grouped kernel unavailable: {problem}")
+    return build
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}, "avx512"),
+        ({"avx2", "fma", "avx512f"}, "avx2"),  # AVX-512 without BW/VL: the AVX2 build
+        ({"avx2", "fma"}, "avx2"),
+        ({"sse4_2"}, "avx512"),  # neither: the AVX-512 build, which names what is missing
+    ],
+)
+def test_the_widest_build_the_cpu_runs_is_chosen(flags: set[str], expected: str) -> None:
+    assert grouped_kernel.choose_isa(flags).name == expected
+
+
 @pytest.mark.parametrize("cpg", [4, 8, 16, 32, 64])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(1, 1), (2, 3), (7, 7), (9, 14), (15, 8)])
-def test_kernel_equals_conv2d(cpg: int, stride: int, size: tuple[int, int]) -> None:
+def test_kernel_equals_conv2d(
+    isa: grouped_kernel.Isa, cpg: int, stride: int, size: tuple[int, int]
+) -> None:
     groups = 32 if cpg <= 16 else 4
     channels = cpg * groups
     torch.manual_seed(cpg * 100 + stride * 10 + size[0])
@@ -71,8 +100,7 @@ def test_bf16_kernel_matches_fp32_of_the_same_inputs(cpg: int) -> None:
     assert _rel_err(got, expected) < 2**-7
 
 
-@needs_kernel
-def test_empty_batch_and_nchw_input() -> None:
+def test_empty_batch_and_nchw_input(isa: grouped_kernel.Isa) -> None:
     w = torch.randn(64, 4, 3, 3)
     packed = grouped_kernel.pack_weights(w, 16)
     assert grouped_kernel.run_kernel(torch.randn(0, 64, 5, 5), packed, None, 16, 2).shape == (
@@ -86,7 +114,7 @@ def test_empty_batch_and_nchw_input() -> None:
     assert _rel_err(grouped_kernel.run_kernel(x, packed, None, 16, 1), expected) < 1e-5
 
 
-def test_bad_inputs_name_the_argument() -> None:
+def test_bad_inputs_name_the_argument(isa: grouped_kernel.Isa) -> None:
     with pytest.raises(ValueError, match="weight"):
         grouped_kernel.pack_weights(torch.randn(48, 3, 3, 3), 16)  # 3 channels per group
     with pytest.raises(ValueError, match="weight"):
@@ -102,6 +130,25 @@ def test_bad_inputs_name_the_argument() -> None:
         grouped_kernel.run_kernel(torch.randn(1, 64, 5, 5), packed, torch.zeros(3), 16, 1)
     assert not grouped_kernel.supports(48, 16, 1)
     assert not grouped_kernel.supports(64, 16, 3)
+    assert grouped_kernel.supports(24, 6, 1) == (isa.lanes == 8)  # 4 per group, 3 × 8 channels
+
+
+def test_the_avx2_build_takes_channels_in_blocks_of_8(isa: grouped_kernel.Isa) -> None:
+    if isa.lanes != 8:
+        pytest.skip("the AVX-512 build takes blocks of 16 channels")
+    for channels, groups in ((24, 6), (40, 5), (24, 3)):  # 4 and 8 per group, odd block counts
+        x = torch.randn(2, channels, 9, 7)
+        w = torch.randn(channels, channels // groups, 3, 3)
+        got = grouped_kernel.run_kernel(x, grouped_kernel.pack_weights(w, groups), None, groups, 2)
+        expected = F.conv2d(x, w, stride=2, padding=1, groups=groups)
+        assert _rel_err(got, expected) < 1e-5
+
+
+def test_the_avx2_build_refuses_bf16(isa: grouped_kernel.Isa) -> None:
+    if isa.bf16:
+        pytest.skip("the AVX-512 build takes bf16")
+    assert "float32 only" in str(grouped_kernel.unavailable_reason(torch.bfloat16))
+    assert not grouped_kernel.takes_pairs(64, 16, torch.bfloat16)
 
 
 def test_build_is_cached_and_a_missing_compiler_is_named(

@@ -1,16 +1,21 @@
-"""Our AVX-512 grouped 3×3 convolution: built from `kernels/grouped3x3.c` on first use, called via ctypes.
+"""Our grouped 3×3 convolution (AVX-512, or AVX2 + FMA): built from `kernels/` on first use, called via ctypes.
 
 The C source is compiled once per machine with the system C compiler (`resnext.native`) and
 loaded with ctypes; nothing is downloaded. It runs on the OpenMP threads torch already uses (the
 library links ``libgomp.so.1``, which torch has loaded by then). The kernel is exposed as the
 torch operator ``torch.ops.resnext.grouped_conv3x3`` so that torch.compile and torch.jit treat it
 as one opaque call.
+
+Two builds of one scheme: `grouped3x3.c` on 16-lane AVX-512 registers (float32 and bf16), and
+`grouped3x3_avx2.c` on 8-lane AVX2 registers (float32) for CPUs without AVX-512. `ISA` is the one
+this CPU runs; the weight packing follows its register width (`Isa.lanes`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,20 +23,54 @@ import torch
 from resnext import native
 from resnext.native import NativeUnavailable
 from resnext.speed import operators
-from resnext.speed.capability import has_avx512_bf16
+from resnext.speed.capability import cpu_flags, has_avx512_bf16
 
-SOURCE = Path(__file__).with_name("kernels") / "grouped3x3.c"
-FLAGS = (
-    "-O3",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512bf16",
-    "-mfma",
-    "-fopenmp",
-)
-REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
+KERNELS = Path(__file__).with_name("kernels")
 SUPPORTED_CPG = (4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One build of the kernel: its source, compiler flags, the CPU flags it needs, its lanes."""
+
+    name: str
+    source: Path
+    flags: tuple[str, ...]
+    required: frozenset[str]
+    lanes: int  # float32 lanes of a register: the packing's channel block
+    bf16: bool  # whether it takes bf16 activations (with the CPU's avx512_bf16)
+
+
+AVX512 = Isa(
+    "avx512",
+    KERNELS / "grouped3x3.c",
+    ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"),
+    frozenset({"avx512f", "avx512bw", "avx512vl"}),
+    16,
+    True,
+)
+AVX2 = Isa(
+    "avx2",
+    KERNELS / "grouped3x3_avx2.c",
+    ("-O3", "-mavx2", "-mfma", "-fopenmp"),
+    frozenset({"avx2", "fma"}),
+    8,
+    False,
+)
+
+
+def choose_isa(flags: set[str]) -> Isa:
+    """The widest build a CPU with these flags runs (AVX-512 where it has neither, which then
+    reports what it lacks)."""
+    if AVX512.required <= flags or not AVX2.required <= flags:
+        return AVX512
+    return AVX2
+
+
+ISA = choose_isa(cpu_flags())  # this CPU's build; fixed for the process
+SOURCE = ISA.source
+FLAGS = ISA.flags
+REQUIRED_FLAGS = ISA.required
 
 
 KernelUnavailable = NativeUnavailable  # the name this module's callers and tests use
@@ -39,31 +78,37 @@ KernelUnavailable = NativeUnavailable  # the name this module's callers and test
 
 def build(out_dir: Path | None = None) -> Path:
     """Compile the kernel (unless this source, these flags and this compiler already were)."""
-    return native.build(SOURCE, FLAGS, out_dir=out_dir)
+    return native.build(ISA.source, ISA.flags, out_dir=out_dir)
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL:
-    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+@functools.cache
+def _library_for(isa: Isa) -> ctypes.CDLL:
+    lib = native.load(isa.source, isa.flags, cpu_needs=isa.required)
     fn = lib.grouped3x3_nhwc
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
     fn.restype = ctypes.c_int
     return lib
 
 
+def _library() -> ctypes.CDLL:
+    return _library_for(ISA)
+
+
 def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
     """None if the kernel can run here for `dtype`, else why not (one line)."""
     if dtype not in (torch.float32, torch.bfloat16):
         return f"dtype {dtype} is not float32 or bfloat16"
+    if dtype == torch.bfloat16 and not ISA.bf16:
+        return f"the {ISA.name} build of the kernel takes float32 only"
     if dtype == torch.bfloat16 and not has_avx512_bf16():
         return "this CPU lacks avx512_bf16"
-    return _library_problem()
+    return _library_problem(ISA)
 
 
-@functools.lru_cache(maxsize=1)
-def _library_problem() -> str | None:
+@functools.cache
+def _library_problem(isa: Isa) -> str | None:
     # Cached, failures included: a machine without a compiler must not retry on every layer.
-    return native.problem(_library)
+    return native.problem(lambda: _library_for(isa))
 
 
 def supports(channels: int, groups: int, stride: int) -> bool:
@@ -71,34 +116,34 @@ def supports(channels: int, groups: int, stride: int) -> bool:
     if groups < 1 or channels % groups:
         return False
     cpg = channels // groups
-    return channels % 16 == 0 and cpg in SUPPORTED_CPG and stride in (1, 2)
+    return channels % ISA.lanes == 0 and cpg in SUPPORTED_CPG and stride in (1, 2)
 
 
-def _layout(cpg: int) -> tuple[int, int]:
-    """(input registers per 16 outputs, block shuffles) of the diagonal kernel for `cpg`."""
-    return max(cpg // 16, 1), 1 if cpg == 4 else 2 if cpg == 8 else 4
+def _layout(cpg: int, lanes: int) -> tuple[int, int]:
+    """(input registers per `lanes` outputs, block shuffles) of the diagonal kernel for `cpg`."""
+    return max(cpg // lanes, 1), min(cpg // 4, lanes // 4)
 
 
 def takes_pairs(channels: int, groups: int, dtype: torch.dtype) -> bool:
     """Whether bf16 activations of this shape use the pair-dot-product kernel (4 channels per
     group, channels a multiple of 32), which needs its own weight packing."""
-    return dtype == torch.bfloat16 and channels % 32 == 0 and channels == 4 * groups
+    return ISA.bf16 and dtype == torch.bfloat16 and channels % 32 == 0 and channels == 4 * groups
 
 
 def pack_weights(weight: torch.Tensor, groups: int, pairs: bool = False) -> torch.Tensor:
     """The (C, C/groups, 3, 3) weight rearranged as the kernel reads it.
 
-    Default: fp32 [C/16][9][M][R][4][16]; for output block cb, lane l = 4b + i of diagonal j under
-    block shuffle r holds the weight from input lane 4·σ_r(b) + i (of input register m) to
-    output lane 4b + (i − j) mod 4. With `pairs` (bf16 activations, 4 channels per group; see
+    Default: fp32 [C/L][9][M][R][4][L] for this CPU's build's L lanes (`ISA.lanes`: 16 or 8);
+    for output block cb, lane l = 4b + i of diagonal j under block shuffle r holds the weight
+    from input lane 4·σ_r(b) + i (of input register m) to output lane 4b + (i − j) mod 4. With `pairs` (bf16 activations, 4 channels per group; see
     `takes_pairs`): bf16 [C/32][9][4][32], where value 2l + k of output o's vector is the weight
     from input channel 2l + k of the 32-channel block to output o of that channel's group.
     """
     out_ch, cpg, kh, kw = weight.shape
     if (kh, kw) != (3, 3) or out_ch != cpg * groups or not supports(out_ch, groups, 1):
         raise ValueError(
-            f"weight: expected a (C, C/groups, 3, 3) grouped weight with C % 16 == 0 and "
-            f"C/groups in {SUPPORTED_CPG}, got shape {tuple(weight.shape)} with groups={groups}"
+            f"weight: expected a (C, C/groups, 3, 3) grouped weight with C % {ISA.lanes} == 0 "
+            f"and C/groups in {SUPPORTED_CPG}, got shape {tuple(weight.shape)} with groups={groups}"
         )
     if pairs:
         if not takes_pairs(out_ch, groups, torch.bfloat16):
@@ -114,17 +159,19 @@ def pack_weights(weight: torch.Tensor, groups: int, pairs: bool = False) -> torc
         out_idx, in_idx = torch.broadcast_tensors(out_idx, channel % 4)
         taps = weight.detach().float().reshape(out_ch, 4, 9)[out_idx, in_idx]  # (C/32, 4, 32, 9)
         return taps.permute(0, 3, 1, 2).contiguous().to(torch.bfloat16)
-    inputs, shuffles = _layout(cpg)
-    cb = torch.arange(out_ch // 16).view(-1, 1, 1, 1, 1)
+    lanes = ISA.lanes
+    inputs, shuffles = _layout(cpg, lanes)
+    cb = torch.arange(out_ch // lanes).view(-1, 1, 1, 1, 1)
     m = torch.arange(inputs).view(1, -1, 1, 1, 1)
     r = torch.arange(shuffles).view(1, 1, -1, 1, 1)
     j = torch.arange(4).view(1, 1, 1, -1, 1)
-    lane = torch.arange(16).view(1, 1, 1, 1, -1)
+    lane = torch.arange(lanes).view(1, 1, 1, 1, -1)
     block, i = lane // 4, lane % 4
-    out_idx = cb * 16 + 4 * block + (i - j) % 4
+    out_idx = cb * lanes + 4 * block + (i - j) % 4
+    # the shuffles: swap blocks within pairs (R = 2), else rotate the 4 blocks by r
     sigma = block ^ r if shuffles == 2 else (block + r) % 4
     in_lane = 4 * sigma + i
-    in_idx = m * 16 + in_lane if cpg >= 16 else in_lane % cpg
+    in_idx = m * lanes + in_lane if cpg >= lanes else in_lane % cpg
     out_idx, in_idx = torch.broadcast_tensors(out_idx, in_idx)
     taps = weight.detach().float().reshape(out_ch, cpg, 9)[out_idx, in_idx]
     return taps.permute(0, 5, 1, 2, 3, 4).contiguous()
@@ -170,7 +217,7 @@ def run_kernel(
     if not supports(c, groups, stride):
         raise ValueError(
             f"x: {c} channels in {groups} groups with stride {stride} is not a shape the kernel "
-            f"takes (C % 16 == 0, C/groups in {SUPPORTED_CPG}, stride 1 or 2)"
+            f"takes (C % {ISA.lanes} == 0, C/groups in {SUPPORTED_CPG}, stride 1 or 2)"
         )
     want = packed_numel(c, groups)
     pairs = packed.dtype == torch.bfloat16
@@ -216,8 +263,8 @@ def run_kernel(
 
 def packed_numel(channels: int, groups: int) -> int:
     """How many values pack_weights makes for this many channels and groups (either packing)."""
-    inputs, shuffles = _layout(channels // groups)
-    return (channels // 16) * 9 * inputs * shuffles * 4 * 16
+    inputs, shuffles = _layout(channels // groups, ISA.lanes)
+    return (channels // ISA.lanes) * 9 * inputs * shuffles * 4 * ISA.lanes
 
 
 def _fake(
