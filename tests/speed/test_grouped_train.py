@@ -20,6 +20,7 @@ from resnext.speed import (
     grouped_wgrad,
     grouped_wgrad_amx,
 )
+from resnext.speed.capability import cpu_flags
 from resnext.speed.grouped_train import (
     TrainingGroupedConv2d,
     transposed_weight,
@@ -99,8 +100,23 @@ def test_weight_gradient_refuses_what_it_does_not_take() -> None:
         grouped_wgrad.weight_grad(x, torch.randn(1, 32, 4, 4).double(), groups=8, stride=1)
     with pytest.raises(ValueError, match=r"grad: expected shape \(1, 32, 2, 2\)"):
         grouped_wgrad.weight_grad(x, torch.randn(1, 32, 4, 4), groups=8, stride=2)
-    with pytest.raises(ValueError, match=r"x: expected .*float32/bfloat16"):
+    with pytest.raises(ValueError, match=r"x: expected float32.*got \(1, 32, 4, 4\) torch.float64"):
         grouped_wgrad.weight_grad(x.double(), torch.randn(1, 32, 4, 4).double(), 8, 1)
+
+
+AVX2_MISSING = grouped_kernel.AVX2.required - cpu_flags()
+
+
+@pytest.mark.skipif(bool(AVX2_MISSING), reason=f"the AVX2 build needs {sorted(AVX2_MISSING)}")
+@pytest.mark.parametrize("shape", [*SHAPES, (2, 24, 6, 5, 7, 1), (1, 40, 5, 6, 6, 2)])
+def test_the_avx2_build_of_the_weight_gradient(shape, monkeypatch) -> None:
+    # Also on AVX-512 CPUs, which run it where made the module's build; 24 and 40 channels are
+    # blocks of 8 that only this build takes.
+    monkeypatch.setattr(grouped_kernel, "ISA", grouped_kernel.AVX2)
+    if grouped_wgrad.unavailable_reason() is not None:
+        pytest.skip(f"AVX2 weight gradient unavailable: {grouped_wgrad.unavailable_reason()}")
+    _check_weight_gradient(shape, torch.float32)
+    assert "float32 only" in str(grouped_wgrad.unavailable_reason(torch.bfloat16))
 
 
 def test_transposed_weight_maps_the_output_gradient_to_the_input_gradient() -> None:

@@ -127,7 +127,7 @@ def weight_grad_candidates(
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """Implementations of the weight gradient, oneDNN's first."""
     candidates = {"onednn": lambda: _onednn_backward(grad, x, w, groups, stride, 1)}
-    if grouped_wgrad.unavailable_reason() is None and grouped_wgrad.supports(
+    if grouped_wgrad.unavailable_reason(x.dtype) is None and grouped_wgrad.supports(
         x.shape[1], groups, stride
     ):
         candidates["ours"] = lambda: grouped_wgrad.weight_grad(x, grad, groups, stride, False)
@@ -206,7 +206,10 @@ class TrainingGroupedConv2d(TrainingFastConv2d):
             return None
         if dtype not in grouped_wgrad.DTYPES or x.dtype not in grouped_wgrad.DTYPES:
             return None
-        if grouped_wgrad.unavailable_reason() is not None or grouped_kernel.unavailable_reason():
+        if (
+            grouped_wgrad.unavailable_reason(dtype) is not None
+            or grouped_kernel.unavailable_reason(dtype) is not None
+        ):
             return None
         if dtype != torch.bfloat16 and not _avx512_takes(self):
             return None  # only the bf16 AMX kernels take its groups: torch's convolution

@@ -1,9 +1,11 @@
-"""The grouped 3×3 convolution's weight gradient: `kernels/grouped3x3_wgrad.c` via ctypes.
+"""The grouped 3×3 convolution's weight gradient: `kernels/grouped3x3_wgrad*.c` via ctypes.
 
 Built on first use like the other C parts (`resnext.native`); runs on torch's OpenMP threads.
 Takes channels-last float32 or bfloat16 CPU tensors with 4 or 8 channels per group and returns
 the float32 gradient; `resnext.speed.grouped_train` decides when it applies. bf16 tensors with a
-multiple of 32 channels use AVX512-BF16's pair dot product where the CPU has it.
+multiple of 32 channels use AVX512-BF16's pair dot product where the CPU has it. Like the
+forward kernel it has an AVX-512 build and an AVX2 one (float32 only); it runs the build of the
+forward kernel's `grouped_kernel.ISA`, whose channel blocks it shares.
 """
 
 from __future__ import annotations
@@ -18,30 +20,47 @@ from resnext import native
 from resnext.speed import grouped_kernel
 from resnext.speed.capability import has_avx512_bf16
 
-SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_wgrad.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp")
-REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
+KERNELS = Path(__file__).with_name("kernels")
+# The source and flags of each build, by the forward kernel's ISA name.
+BUILDS = {
+    "avx512": (KERNELS / "grouped3x3_wgrad.c", grouped_kernel.AVX512.flags),
+    "avx2": (KERNELS / "grouped3x3_wgrad_avx2.c", grouped_kernel.AVX2.flags),
+}
 SUPPORTED_CPG = (4, 8)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL:
-    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+@functools.cache
+def _library_for(isa: grouped_kernel.Isa) -> ctypes.CDLL:
+    source, flags = BUILDS[isa.name]
+    lib = native.load(source, flags, cpu_needs=isa.required)
     lib.grouped3x3_wgrad_nhwc.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 9
     lib.grouped3x3_wgrad_nhwc.restype = ctypes.c_int
     return lib
 
 
-@functools.lru_cache(maxsize=1)
-def unavailable_reason() -> str | None:
-    """None if the kernel can run here, else why not (one line; decided once per process)."""
-    return native.problem(_library)
+def _library() -> ctypes.CDLL:
+    return _library_for(grouped_kernel.ISA)
+
+
+@functools.cache
+def _library_problem(isa: grouped_kernel.Isa) -> str | None:
+    return native.problem(lambda: _library_for(isa))
+
+
+def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
+    """None if the kernel can run here for `dtype`, else why not (one line; builds decided once
+    per process)."""
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is not float32 or bfloat16"
+    if dtype == torch.bfloat16 and not grouped_kernel.ISA.bf16:
+        return f"the {grouped_kernel.ISA.name} build of the kernel takes float32 only"
+    return _library_problem(grouped_kernel.ISA)
 
 
 def supports(channels: int, groups: int, stride: int) -> bool:
     """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride."""
-    # The forward kernel's shapes (16-channel registers, strides 1 and 2), fewer group widths.
+    # The forward kernel's shapes (its channel blocks, strides 1 and 2), fewer group widths.
     return grouped_kernel.supports(channels, groups, stride) and channels // groups in SUPPORTED_CPG
 
 
@@ -59,11 +78,17 @@ def weight_grad(
     the CPU has it. False widens bf16 to float32 FMAs, on any AVX-512 CPU.
     """
     n, c, h, w = x.shape
-    if x.dtype not in DTYPES or grad.dtype != x.dtype or not supports(c, groups, stride):
+    dtypes = "float32/bfloat16" if grouped_kernel.ISA.bf16 else "float32"
+    if (
+        x.dtype not in DTYPES
+        or unavailable_reason(x.dtype) is not None
+        or grad.dtype != x.dtype
+        or not supports(c, groups, stride)
+    ):
         raise ValueError(
-            f"x: expected float32/bfloat16 with C % 16 == 0, C/groups in {SUPPORTED_CPG}, stride "
-            f"1 or 2 and a gradient of the same dtype; got {tuple(x.shape)} {x.dtype}, "
-            f"groups={groups}, stride={stride}, gradient {grad.dtype}"
+            f"x: expected {dtypes} with C % {grouped_kernel.ISA.lanes} == 0, C/groups in "
+            f"{SUPPORTED_CPG}, stride 1 or 2 and a gradient of the same dtype; got "
+            f"{tuple(x.shape)} {x.dtype}, groups={groups}, stride={stride}, gradient {grad.dtype}"
         )
     want = (n, c, (h - 1) // stride + 1, (w - 1) // stride + 1)
     if tuple(grad.shape) != want:

@@ -1,0 +1,123 @@
+/* Weight gradient of a grouped 3x3 convolution (padding 1, stride 1 or 2), channels-last float32,
+ * AVX2 + FMA: the AVX-512 kernel's scheme (grouped3x3_wgrad.c) on 8-lane registers.
+ *
+ *   dw[co][ci][kh][kw] = sum over n, oh, ow of gy[n][oh][ow][co] * x[n][oh*s-1+kh][ow*s-1+kw][ci]
+ *
+ * with co and ci in the same group of G = 4 or 8 channels. A register holds 8 consecutive
+ * channels (two groups of 4, or one of 8). The G x G products of a group are split into G
+ * diagonals: diagonal d multiplies input lane i of a group by the gradient lane (i + d) mod G of
+ * the same group, so each (tap, diagonal) pair is one accumulator fed by plain fused
+ * multiply-adds. With 16 registers a pass keeps the 3 taps of one kernel row for 4 diagonals (12
+ * accumulators); G = 8 takes two passes over the row. Threads take whole output rows and keep
+ * private sums in the diagonal layout; they are added and scattered to dw at the end.
+ *
+ * Layout: x[N][H][W][C] and gy[N][Ho][Wo][C] float32; dw[C][G][3][3] float32.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdlib.h>
+
+/* Lane l = g + i (group start g) takes lane g + (i + d) mod G. */
+static inline __m256 rotate(__m256 v, int G, int d) {
+  if (G == 4) {
+    if (d == 1) return _mm256_permute_ps(v, 0x39);
+    if (d == 2) return _mm256_permute_ps(v, 0x4E);
+    return _mm256_permute_ps(v, 0x93);
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_permutevar8x32_ps(v, _mm256_and_si256(_mm256_add_epi32(lane, _mm256_set1_epi32(d)),
+                                                      _mm256_set1_epi32(7)));
+}
+
+/* One thread's rows [begin, end) of the N*Ho output rows into part[C/8][3][3][G][8]. The loops
+ * over taps and diagonals have constant bounds and are fully unrolled so that the accumulators
+ * stay in registers. */
+#define DEFINE_WGRAD(NAME, G)                                                                     \
+  static void NAME(const float *x, const float *gy, float *part, int H, int W, int C, int s,    \
+                   int Ho, int Wo, long begin, long end) {                                      \
+    for (long row = begin; row < end; ++row) {                                                  \
+      const long n = row / Ho;                                                                  \
+      const int oh = (int)(row % Ho);                                                           \
+      const float *grow = gy + row * Wo * C;                                                    \
+      for (int kh = 0; kh < 3; ++kh) {                                                          \
+        const int ih = oh * s - 1 + kh;                                                         \
+        if (ih < 0 || ih >= H) continue;                                                        \
+        const float *xrow = x + (n * H + ih) * (long)W * C;                                     \
+        for (int cb = 0; cb < C / 8; ++cb) {                                                    \
+          _Pragma("GCC unroll 2") for (int d0 = 0; d0 < G; d0 += 4) {                           \
+            float *acc_at = part + (((long)cb * 3 + kh) * 3) * G * 8;                           \
+            __m256 acc[3][4];                                                                   \
+            _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw)                              \
+                _Pragma("GCC unroll 4") for (int d = 0; d < 4; ++d) acc[kw][d] =                \
+                    _mm256_loadu_ps(acc_at + (kw * G + d0 + d) * 8);                            \
+            const long off = (long)cb * 8;                                                      \
+            for (int ow = 0; ow < Wo; ++ow) {                                                   \
+              if (ow + 4 < Wo) _mm_prefetch((const char *)(grow + (ow + 4) * (long)C + off),    \
+                                            _MM_HINT_T0);                                       \
+              const __m256 g = _mm256_loadu_ps(grow + ow * (long)C + off);                      \
+              __m256 xv[3];                                                                     \
+              _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) {                          \
+                const int iw = ow * s - 1 + kw;                                                 \
+                /* columns outside the image read as zeros */                                   \
+                xv[kw] = (iw >= 0 && iw < W) ? _mm256_loadu_ps(xrow + (long)iw * C + off)        \
+                                             : _mm256_setzero_ps();                             \
+              }                                                                                 \
+              _Pragma("GCC unroll 4") for (int d = 0; d < 4; ++d) {                             \
+                const __m256 r = d0 + d ? rotate(g, G, d0 + d) : g;                             \
+                _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) acc[kw][d] =             \
+                    _mm256_fmadd_ps(r, xv[kw], acc[kw][d]);                                     \
+              }                                                                                 \
+            }                                                                                   \
+            _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw)                              \
+                _Pragma("GCC unroll 4") for (int d = 0; d < 4; ++d)                             \
+                    _mm256_storeu_ps(acc_at + (kw * G + d0 + d) * 8, acc[kw][d]);               \
+          }                                                                                     \
+        }                                                                                       \
+      }                                                                                         \
+    }                                                                                           \
+  }
+
+DEFINE_WGRAD(wgrad_g4, 4)
+DEFINE_WGRAD(wgrad_g8, 8)
+
+typedef void (*wgrad_fn)(const float *, const float *, float *, int, int, int, int, int, int, long,
+                         long);
+
+int grouped3x3_wgrad_supported(int C, int cpg, int s) {
+  return C > 0 && C % 8 == 0 && (cpg == 4 || cpg == 8) && (s == 1 || s == 2);
+}
+
+/* dw (fp32, [C][cpg][3][3]) of the convolution that read x (N x H x W) and produced gy, float32
+ * only: the same entry point as the AVX-512 kernel's, refusing bf16 and pairs. Returns 0, 1 for
+ * a shape or dtype it does not take, 2 if memory for the per-thread sums could not be allocated. */
+int grouped3x3_wgrad_nhwc(const void *x, const void *gy, float *dw, int bf16, int pairs, int N,
+                          int H, int W, int C, int cpg, int s, int threads) {
+  if (!grouped3x3_wgrad_supported(C, cpg, s) || N < 0 || H < 1 || W < 1 || threads < 1) return 1;
+  if (bf16 || pairs) return 1;
+  const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
+  const long per_thread = (long)C * 9 * cpg; /* C/8 blocks x 9 taps x cpg diagonals x 8 */
+  float *part = (float *)calloc((size_t)threads * per_thread, sizeof(float));
+  if (!part) return 2;
+  const wgrad_fn fn = cpg == 4 ? wgrad_g4 : wgrad_g8;
+  const long rows = (long)N * Ho;
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), used = omp_get_num_threads();
+    const long begin = rows * t / used, end = rows * (t + 1) / used;
+    fn((const float *)x, (const float *)gy, part + t * per_thread, H, W, C, s, Ho, Wo, begin,
+       end);
+  }
+  for (int t = 1; t < threads; ++t)
+    for (long i = 0; i < per_thread; ++i) part[i] += part[t * per_thread + i];
+  /* Diagonal d of input channel c (i = c mod cpg) is output channel c - i + (i + d) mod cpg;
+   * part[cb][tap][d][l] with c = 8 cb + l. */
+  for (int cb = 0; cb < C / 8; ++cb)
+    for (int tap = 0; tap < 9; ++tap)
+      for (int d = 0; d < cpg; ++d)
+        for (int l = 0; l < 8; ++l) {
+          const int c = cb * 8 + l, i = c % cpg, co = c - i + (i + d) % cpg;
+          dw[((long)co * cpg + i) * 9 + tap] = part[(((long)cb * 9 + tap) * cpg + d) * 8 + l];
+        }
+  free(part);
+  return 0;
+}
