@@ -29,17 +29,25 @@ def _run(kind: int, iters: int, threads: int) -> tuple[float, float]:
     return flop, sink.value
 
 
+# (kind, accumulator chains, float32 lanes): the AVX-512 and the AVX2 float32 kernels of peak.c
+FP32_KINDS = [(0, ACC, LANES), (peak.AVX2_FP32_KIND, 12, 8)]
+
+
 @needs_kernel
-def test_fp32_kernel_does_iters_fmas_on_every_chain() -> None:
+@pytest.mark.parametrize(("kind", "chains", "lanes"), FP32_KINDS, ids=["avx512", "avx2"])
+def test_fp32_kernel_does_iters_fmas_on_every_chain(kind: int, chains: int, lanes: int) -> None:
+    missing = peak.KIND_NEEDS[kind] - peak.cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {sorted(missing)}")
     iters = 1000
-    flop, sink = _run(0, iters, 1)
-    assert flop == iters * ACC * LANES * 2
+    flop, sink = _run(kind, iters, 1)
+    assert flop == iters * chains * lanes * 2
     # Chain i starts at i and takes acc*a + b each round, one rounding per FMA (float32).
-    acc = np.arange(ACC, dtype=np.float64)
+    acc = np.arange(chains, dtype=np.float64)
     a, b = np.float64(np.float32(0.999999)), np.float64(np.float32(1e-7))
     for _ in range(iters):
         acc = (acc * a + b).astype(np.float32).astype(np.float64)
-    assert sink == pytest.approx(LANES * acc.sum(), rel=1e-6)
+    assert sink == pytest.approx(lanes * acc.sum(), rel=1e-6)
 
 
 @needs_bf16
@@ -84,8 +92,9 @@ def test_amx_peak_is_not_beaten_by_a_bf16_matrix_product() -> None:
 
 @needs_kernel
 def test_flop_count_follows_the_threads_that_ran() -> None:
-    flop1, sink1 = _run(0, 100, 1)
-    flop2, sink2 = _run(0, 100, 2)
+    kind = peak._kind(torch.float32)  # this CPU's float32 kernel
+    flop1, sink1 = _run(kind, 100, 1)
+    flop2, sink2 = _run(kind, 100, 2)
     ran = round(flop2 / flop1)
     assert ran in (1, 2)  # OpenMP may grant fewer threads than asked
     assert sink2 == pytest.approx(ran * sink1)

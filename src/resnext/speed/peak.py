@@ -1,5 +1,5 @@
-"""This machine's measured ceilings: arithmetic peak (fp32 FMA, bf16 dot product, AMX bf16 tile
-product) and memory bandwidth.
+"""This machine's measured ceilings: arithmetic peak (fp32 FMA on AVX-512 or AVX2, bf16 dot
+product, AMX bf16 tile product) and memory bandwidth.
 
 The arithmetic peak comes from `kernels/peak.c` (independent chains of one vector or tile
 instruction per thread); the bandwidth from reading and copying a buffer much larger than the caches. They
@@ -21,10 +21,17 @@ from resnext import native
 from resnext.speed.capability import cpu_flags, has_avx512_bf16
 
 SOURCE = Path(__file__).with_name("kernels") / "peak.c"
-FLAGS = ("-O3", "-mavx512f", "-fopenmp")
-REQUIRED_FLAGS = frozenset({"avx512f"})
+FLAGS = ("-O3", "-fopenmp")  # each function of the source names the ISA it needs
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
 AMX_KIND = 2  # peak_run's kind for AMX bf16 tile products
+AVX2_FP32_KIND = 3  # float32 FMAs on 256-bit registers, for CPUs without AVX-512
+# The CPU flags each of peak_run's kinds needs.
+KIND_NEEDS = {
+    0: frozenset({"avx512f"}),
+    1: frozenset({"avx512f", "avx512_bf16"}),
+    AMX_KIND: frozenset({"amx_tile", "amx_bf16"}),
+    AVX2_FP32_KIND: frozenset({"avx2", "fma"}),
+}
 BANDWIDTH_MB = 512  # well beyond any L3 of this class of machine
 
 
@@ -54,10 +61,17 @@ class Peaks:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+    lib = native.load(SOURCE, FLAGS)
     lib.peak_run.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_int, ctypes.c_void_p]
     lib.peak_run.restype = ctypes.c_double
     return lib
+
+
+def _kind(dtype: torch.dtype) -> int:
+    """peak_run's kind for `dtype` on this CPU: float32 on AVX-512 where it has it, else AVX2."""
+    if dtype == torch.float32 and not KIND_NEEDS[0] <= cpu_flags():
+        return AVX2_FP32_KIND
+    return KINDS[dtype]
 
 
 def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
@@ -66,6 +80,9 @@ def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
         return f"dtype: expected float32 or bfloat16, got {dtype}"
     if dtype == torch.bfloat16 and not has_avx512_bf16():
         return "this CPU lacks ['avx512_bf16']"
+    missing = KIND_NEEDS[_kind(dtype)] - cpu_flags()
+    if missing:
+        return f"this CPU lacks {sorted(missing)}"
     return native.problem(_library)
 
 
@@ -79,12 +96,12 @@ def arithmetic_peak(
     reason = unavailable_reason(dtype)
     if reason is not None:
         raise RuntimeError(f"arithmetic_peak({dtype}): {reason}")
-    return _timed_peak(KINDS[dtype], threads, seconds)
+    return _timed_peak(_kind(dtype), threads, seconds)
 
 
 def amx_unavailable_reason() -> str | None:
     """None if the AMX bf16 peak can be measured here, else why not (one line)."""
-    missing = {"amx_tile", "amx_bf16"} - cpu_flags()
+    missing = KIND_NEEDS[AMX_KIND] - cpu_flags()
     if missing:
         return f"this CPU lacks {sorted(missing)}"
     return native.problem(_library)

@@ -1,14 +1,17 @@
-/* This CPU's arithmetic peak: AVX-512 float32 FMAs, AVX512-BF16 pair dot products and AMX bf16
- * tile products per second.
+/* This CPU's arithmetic peak: AVX-512 (or, without it, AVX2) float32 FMAs, AVX512-BF16 pair dot
+ * products and AMX bf16 tile products per second.
  *
  * Why: a speed target is only meaningful against what the machine can do at best. Each thread
  * runs ACC independent accumulator chains (more than an FMA's latency times its issue rate, so
  * the units never wait on a result) for `iters` rounds with nothing but the one instruction in
  * the loop; the accumulators are summed into `sink` so the compiler cannot drop the work.
  *
- * Counting: one 512-bit FMA is 16 lanes x 2 = 32 FLOP; one VDPBF16PS is 16 lanes x 2 pairs x 2 =
- * 64 FLOP; one TDPBF16PS on full tiles is 16 x 16 outputs x 32 products x 2 = 16,384 FLOP. The
- * caller divides the returned FLOP count by the wall time it measures.
+ * Counting: one 512-bit FMA is 16 lanes x 2 = 32 FLOP, one 256-bit FMA 16; one VDPBF16PS is 16
+ * lanes x 2 pairs x 2 = 64 FLOP; one TDPBF16PS on full tiles is 16 x 16 outputs x 32 products x 2
+ * = 16,384 FLOP. The caller divides the returned FLOP count by the wall time it measures.
+ *
+ * The library is compiled for no particular ISA; each function names the instructions it needs,
+ * so that it loads on any x86-64 CPU and the caller runs only the kinds this CPU has.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -18,8 +21,9 @@
 #include <unistd.h>
 
 #define ACC 24
+#define ACC256 12 /* of AVX2's 16 registers, beside the two operands */
 
-static double fma_thread(long iters) {
+__attribute__((target("avx512f"))) static double fma_thread(long iters) {
   __m512 acc[ACC];
   const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
 #pragma GCC unroll 24
@@ -32,6 +36,25 @@ static double fma_thread(long iters) {
 #pragma GCC unroll 24
   for (int i = 1; i < ACC; i++) s = _mm512_add_ps(s, acc[i]);
   return (double)_mm512_reduce_add_ps(s);
+}
+
+__attribute__((target("avx2,fma"))) static double fma256_thread(long iters) {
+  __m256 acc[ACC256];
+  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+#pragma GCC unroll 12
+  for (int i = 0; i < ACC256; i++) acc[i] = _mm256_set1_ps((float)i);
+  for (long k = 0; k < iters; k++) {
+#pragma GCC unroll 12
+    for (int i = 0; i < ACC256; i++) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+  }
+  __m256 s = acc[0];
+#pragma GCC unroll 12
+  for (int i = 1; i < ACC256; i++) s = _mm256_add_ps(s, acc[i]);
+  float lanes[8];
+  _mm256_storeu_ps(lanes, s);
+  double total = 0.0;
+  for (int i = 0; i < 8; i++) total += lanes[i];
+  return total;
 }
 
 /* Compiled for AVX512-BF16 alone, so the library loads on AVX-512 CPUs without it. */
@@ -92,8 +115,9 @@ __attribute__((target("amx-tile,amx-bf16"))) static double amx_bf16_thread(long 
   return (double)out[0];
 }
 
-/* kind 0: float32 FMA, 1: bf16 pair dot product, 2: AMX bf16 tile product. Returns the FLOP done
- * by the threads that ran (OpenMP may grant fewer than asked for), or -1 if AMX was refused. */
+/* kind 0: float32 FMA (AVX-512), 1: bf16 pair dot product, 2: AMX bf16 tile product, 3: float32
+ * FMA (AVX2). Returns the FLOP done by the threads that ran (OpenMP may grant fewer than asked
+ * for), or -1 if AMX was refused. */
 double peak_run(int kind, long iters, int threads, double *sink) {
   double total = 0.0;
   int ran = 0, refused = 0;
@@ -101,11 +125,15 @@ double peak_run(int kind, long iters, int threads, double *sink) {
   {
 #pragma omp single
     ran = omp_get_num_threads();
-    double r = kind == 0 ? fma_thread(iters) : kind == 1 ? dot_bf16_thread(iters) : amx_bf16_thread(iters);
+    double r = kind == 0   ? fma_thread(iters)
+               : kind == 1 ? dot_bf16_thread(iters)
+               : kind == 3 ? fma256_thread(iters)
+                           : amx_bf16_thread(iters);
     if (r < 0) refused = 1; else total += r;
   }
   *sink = total;
   if (refused) return -1.0;
   if (kind == 2) return (double)iters * AMX_ACC * 16384.0 * ran;
+  if (kind == 3) return (double)iters * ACC256 * 16.0 * ran;
   return (double)iters * ACC * (kind == 0 ? 32.0 : 64.0) * ran;
 }
