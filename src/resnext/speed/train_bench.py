@@ -29,6 +29,7 @@ VARIANTS = (
     "cl-bf16-ckpt",
     "cl-fp32",  # float32 variants: for CPUs without native bf16 (e.g. AVX2-only ones)
     "cl-fp32-grouped",
+    "cl-fp32-fused-grouped",
     "cl-fp32-fused-grouped-gemm-pool",
     "cl-fp32-compile",
 )
