@@ -146,3 +146,19 @@ def test_c_packing_equals_the_index_reference(channels: int, cpg: int) -> None:
     weight = torch.randn(channels, cpg, 3, 3)
     reference = grouped_amx.pack_reference(weight.bfloat16().reshape(-1), channels, cpg)
     assert torch.equal(grouped_amx.pack_weights(weight, channels // cpg), reference)
+
+
+@pytest.mark.parametrize(
+    ("rc", "error", "says"),
+    [
+        (-3, MemoryError, "could not allocate its scratch memory"),
+        (-2, RuntimeError, "the OS refused the AMX tile state"),
+        (-1, RuntimeError, r"shape refused \(code -1\)"),
+    ],
+)
+def test_each_return_code_of_the_amx_kernels_is_its_own_error(
+    rc: int, error: type[Exception], says: str
+) -> None:
+    grouped_amx.check_rc(0, "nothing wrong")  # 0: no error
+    with pytest.raises(error, match=f"^kernel on \\(2, 3\\): {says}$"):
+        grouped_amx.check_rc(rc, "kernel on (2, 3)")

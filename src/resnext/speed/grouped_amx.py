@@ -205,10 +205,15 @@ def _check_grouped(name: str, c: int, groups: int, stride: int, packed: torch.Te
 
 
 def check_rc(rc: int, what: str) -> None:
-    """A RuntimeError saying why the C function refused `what` (its return code), unless 0."""
-    if rc != 0:
-        why = {-2: "the OS refused AMX", -3: "no scratch memory"}.get(rc, "shape refused")
-        raise RuntimeError(f"{what}: {why}")
+    """Nothing for 0, else the error an AMX C function's return code means for `what`: −3 a
+    MemoryError (its scratch could not be allocated), −2 a RuntimeError (the OS refused the AMX
+    tile state), anything else a RuntimeError (a shape the Python side should have refused)."""
+    if rc == 0:
+        return
+    if rc == -3:
+        raise MemoryError(f"{what}: could not allocate its scratch memory")
+    why = "the OS refused the AMX tile state" if rc == -2 else f"shape refused (code {rc})"
+    raise RuntimeError(f"{what}: {why}")
 
 
 def run_kernel(

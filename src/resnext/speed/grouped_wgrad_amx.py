@@ -67,8 +67,5 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -
         x.data_ptr(), grad.data_ptr(), dw.data_ptr(), n, h, w, c, c // groups, stride,
         torch.get_num_threads(),
     )  # fmt: skip
-    if rc == -3:
-        raise MemoryError("grouped3x3_wgrad_amx: could not allocate its sums and buffers")
-    if rc != 0:
-        raise ValueError(f"grouped3x3_wgrad_amx refused shape {tuple(x.shape)}, groups={groups}")
+    grouped_amx.check_rc(rc, f"grouped3x3_wgrad_amx on {tuple(x.shape)}, groups={groups}")
     return dw

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed.grouped_amx import load_amx
+from resnext.speed.grouped_amx import check_rc, load_amx
 
 SOURCE = Path(__file__).with_name("kernels") / "pointwise_wgrad_amx.c"
 
@@ -74,8 +74,5 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int = 1) -> torch.T
         a.data_ptr(), b.data_ptr(), out.data_ptr(), a.shape[0], a.shape[1], b.shape[1],
         torch.get_num_threads(),
     )  # fmt: skip
-    if rc == -3:
-        raise MemoryError("pointwise_wgrad_amx: could not allocate its sums and buffers")
-    if rc != 0:
-        raise ValueError(f"pointwise_wgrad_amx refused rows {tuple(a.shape)} and {tuple(b.shape)}")
+    check_rc(rc, f"pointwise_wgrad_amx on rows {tuple(a.shape)} and {tuple(b.shape)}")
     return out[:, :, None, None]
