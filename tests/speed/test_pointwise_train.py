@@ -126,6 +126,25 @@ def test_module_under_bf16_autocast_is_as_close_to_float64_as_torch(
     )
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("path", ["onednn", "gemm"])
+def test_module_in_float32_equals_torch(stride: int, path: str, monkeypatch) -> None:
+    plain, fast = _pair(32, 48, seed=4)
+    plain.stride = fast.stride = (stride, stride)
+    seen = []
+    fn = pointwise_train.gemm_weight_grad
+    monkeypatch.setattr(pointwise_train, "gemm_weight_grad", lambda *a: seen.append(1) or fn(*a))
+    x = _cl(torch.randn(3, 32, 7, 9, generator=torch.Generator().manual_seed(2)))
+    plain.train(), fast.train()
+    want = _grads(plain, x, None)
+    with autotune.CHOOSER.prefer(path):
+        got = _grads(fast, x, None)
+    assert len(seen) == (path == "gemm")  # the float32 weight gradient took the pinned path
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_the_chooser_times_every_product_once_per_shape() -> None:
     plain, fast = _pair(64, 64, seed=3)
     x = _cl(torch.randn(2, 64, 6, 5, generator=torch.Generator().manual_seed(5)))
@@ -150,7 +169,7 @@ def test_the_chooser_times_every_product_once_per_shape() -> None:
     )
 
 
-@pytest.mark.parametrize("case", ["eval", "float32", "nchw", "frozen", "traced"])
+@pytest.mark.parametrize("case", ["eval", "float64", "nchw", "frozen", "traced"])
 def test_falls_back_to_the_plain_conv_where_the_gemm_does_not_apply(case, monkeypatch) -> None:
     def fail(*args):
         raise AssertionError("the GEMM path was taken")
@@ -161,8 +180,9 @@ def test_falls_back_to_the_plain_conv_where_the_gemm_does_not_apply(case, monkey
     dtype: torch.dtype | None = torch.bfloat16
     if case == "eval":
         plain.eval(), fast.eval()
-    elif case == "float32":
-        dtype = None
+    elif case == "float64":
+        plain.double(), fast.double()
+        x, dtype = x.double(), None
     elif case == "nchw":
         x = x.contiguous()
     elif case == "frozen":

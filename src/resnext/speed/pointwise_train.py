@@ -14,8 +14,8 @@ GEMM beat oneDNN on 28² maps and smaller; on an Intel Xeon with AMX oneDNN and 
 5–10× faster than ours: benchmarks/RESULTS.md), so each product is chosen per shape by timing
 the candidates on the first call (`resnext.speed.autotune`). `use_gemm_weight_grad(model)`
 turns each 1×1 `nn.Conv2d` without bias or groups into a `TrainingPointwiseConv2d` (same
-parameters and state-dict keys); in training mode, in bf16 (autocast's included), on
-channels-last CPU tensors, its products are chosen that way. Everywhere else it is the plain
+parameters and state-dict keys); in training mode, in bf16 (autocast's included) or float32,
+on channels-last CPU tensors, its products are chosen that way. Everywhere else it is the plain
 `nn.Conv2d`.
 """
 
@@ -31,9 +31,10 @@ from torch.autograd.function import once_differentiable
 from resnext.speed import autotune, pointwise_gemm, pointwise_wgrad_amx
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
-# Only bf16: in float32 the GEMM goes through MKL, slower than oneDNN's convolution on both
-# machines measured, and our product has no float32 version.
-DTYPES = (torch.bfloat16,)
+# bf16, and float32 where only oneDNN and the GEMM compete (our products are bf16): MKL's float32
+# GEMM lost to oneDNN on the AVX-512 machines, where the chooser keeps oneDNN, and won 12 of
+# ResNeXt-50's 16 weight gradients on an AVX2-only AMD EPYC (up to 1.7x; RESULTS.md, stop 27).
+DTYPES = (torch.bfloat16, torch.float32)
 
 
 def our_product_applies(dtype: torch.dtype, weight: torch.Tensor, stride: int) -> bool:

@@ -30,6 +30,7 @@ VARIANTS = (
     "cl-fp32",  # float32 variants: for CPUs without native bf16 (e.g. AVX2-only ones)
     "cl-fp32-grouped",
     "cl-fp32-fused-grouped",
+    "cl-fp32-grouped-gemm",
     "cl-fp32-fused-grouped-gemm-pool",
     "cl-fp32-compile",
 )
