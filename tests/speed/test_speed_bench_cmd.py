@@ -10,7 +10,7 @@ import pytest
 
 from resnext.commands import bench_cmd
 from resnext.errors import ConfigError, DataError
-from resnext.speed import peers
+from resnext.speed import infer_bench, peers, train_bench
 from resnext.speed.measure import Timing, interleaved, ratios
 
 
@@ -106,3 +106,12 @@ def test_interleaved_median_and_ratios() -> None:
     fake = {"x": Timing(2, [1.0]), "y": Timing(2, [0.5])}
     assert ratios(fake, "x") == {"x": 1.0, "y": 2.0}
     assert set(timings) == {"a", "b"}
+
+
+@pytest.mark.parametrize("bench", [infer_bench, train_bench])
+def test_default_variants_run_no_bf16_where_the_cpu_only_emulates_it(bench) -> None:
+    for native in (True, False):
+        chosen = bench.default_variants(native)
+        assert set(chosen) <= set(bench.VARIANTS)
+        assert any("bf16" in v for v in chosen) == native
+    assert any("fp32" in v for v in bench.default_variants(False))

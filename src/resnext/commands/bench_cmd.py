@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from resnext.speed.allocator import keep_freed_memory, reexec_with_allocator
+from resnext.speed.capability import bf16_supported
 from resnext.speed.provenance import write_results
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -30,7 +31,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     infer = sub.add_parser("infer", help="inference img/s: eager vs fast paths vs peers")
     infer.add_argument("--models", default="resnext50_32x4d", help="comma-separated names")
-    infer.add_argument("--variants", default=None, help="comma-separated (default: main ones)")
+    infer.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated (default: main ones; float32 ones without native bf16)",
+    )
     infer.add_argument("--batch", type=int, default=16)
     infer.add_argument("--image-size", type=int, default=224)
     infer.add_argument("--iters", type=int, default=2, help="calls per round")
@@ -39,7 +44,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     train = sub.add_parser("train", help="training step img/s (channels_last, bf16, compile)")
     train.add_argument("--models", default="resnext50_32x4d", help="comma-separated names")
-    train.add_argument("--variants", default=None, help="comma-separated (default: main ones)")
+    train.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated (default: main ones; float32 ones without native bf16)",
+    )
     train.add_argument("--batch", type=int, default=16)
     train.add_argument("--image-size", type=int, default=224)
     train.add_argument("--iters", type=int, default=1, help="steps per round")
@@ -81,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "infer":
         from resnext.speed import infer_bench as bench
 
-        models, variants = _models_and_variants(args, bench.VARIANTS, bench.DEFAULT_VARIANTS)
+        default = bench.default_variants(bf16_supported())
+        models, variants = _models_and_variants(args, bench.VARIANTS, default)
         config = bench.InferConfig(
             models=models,
             variants=variants,
@@ -95,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.bench == "train":
         from resnext.speed import train_bench as bench
 
-        models, variants = _models_and_variants(args, bench.VARIANTS, bench.DEFAULT_VARIANTS)
+        default = bench.default_variants(bf16_supported())
+        models, variants = _models_and_variants(args, bench.VARIANTS, default)
         config = bench.TrainConfig(
             models=models,
             variants=variants,

@@ -37,6 +37,19 @@ VARIANTS = (
     "openvino-bf16",
 )
 DEFAULT_VARIANTS = ("eager", "inductor-fp32", "inductor-bf16", "ort-fp32", "openvino-bf16")
+# Where the CPU has no native bf16 (`optimize` would run the bf16 variant in float32 anyway).
+FP32_DEFAULT_VARIANTS = (
+    "eager",
+    "inductor-fp32",
+    "inductor-onednn-fp32",
+    "ort-fp32",
+    "openvino-fp32",
+)
+
+
+def default_variants(native_bf16: bool) -> tuple[str, ...]:
+    """The variants `bench infer` runs when none are named, for a CPU with or without native bf16."""
+    return DEFAULT_VARIANTS if native_bf16 else FP32_DEFAULT_VARIANTS
 
 
 @dataclass(frozen=True)

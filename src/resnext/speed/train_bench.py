@@ -35,6 +35,13 @@ VARIANTS = (
     "cl-fp32-compile",
 )
 DEFAULT_VARIANTS = ("eager-fp32", "cl-bf16", "cl-bf16-compile")
+# Where the CPU has no native bf16 (bf16 autocast is emulated there, several times slower).
+FP32_DEFAULT_VARIANTS = ("eager-fp32", "cl-fp32", "cl-fp32-grouped-gemm")
+
+
+def default_variants(native_bf16: bool) -> tuple[str, ...]:
+    """The variants `bench train` runs when none are named, for a CPU with or without native bf16."""
+    return DEFAULT_VARIANTS if native_bf16 else FP32_DEFAULT_VARIANTS
 
 
 @dataclass(frozen=True)
