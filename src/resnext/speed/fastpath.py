@@ -135,7 +135,7 @@ def optimize(
     on each shape of `warmup_shapes`; if compiling fails, the eager fast path is returned with
     a warning. Inputs may be any float dtype and layout; outputs are float32.
 
-    `grouped_kernel` ('auto', 'on', 'off') puts our AVX-512 grouped 3×3 kernel in place of
+    `grouped_kernel` ('auto', 'on', 'off') puts our grouped 3×3 kernel (AVX-512, or AVX2) in place of
     oneDNN's for the grouped convolutions (channels_last only): 'auto' times both on each layer at
     the largest of the example and warm-up shapes and keeps the faster. Which layers got it is in
     the returned module's `grouped_choices` (a list of `LayerChoice`).

@@ -232,7 +232,8 @@ def _amx_takes(conv: nn.Conv2d) -> bool:
 
 def takes_module(conv: nn.Module) -> bool:
     """Whether `conv` is a grouped 3×3 convolution the training kernels take: 4 or 8 channels per
-    group (the AVX-512 kernels), or on a CPU with AMX also wider groups (the AMX kernels, bf16)."""
+    group (the AVX-512 kernels, or their AVX2 builds in float32), or on a CPU with AMX also wider
+    groups (the AMX kernels, bf16)."""
     return (
         grouped_swap.eligible(conv)  # the forward kernel's shapes: 3×3, padding 1, in = out, ...
         and conv.bias is None
