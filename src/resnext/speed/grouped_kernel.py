@@ -68,9 +68,6 @@ def choose_isa(flags: set[str]) -> Isa:
 
 
 ISA = choose_isa(cpu_flags())  # this CPU's build; fixed for the process
-SOURCE = ISA.source
-FLAGS = ISA.flags
-REQUIRED_FLAGS = ISA.required
 
 
 KernelUnavailable = NativeUnavailable  # the name this module's callers and tests use

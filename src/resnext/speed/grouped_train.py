@@ -211,12 +211,13 @@ class TrainingGroupedConv2d(TrainingFastConv2d):
             or grouped_kernel.unavailable_reason(dtype) is not None
         ):
             return None
-        if dtype != torch.bfloat16 and not _avx512_takes(self):
+        if dtype != torch.bfloat16 and not _vector_takes(self):
             return None  # only the bf16 AMX kernels take its groups: torch's convolution
         return dtype
 
 
-def _avx512_takes(conv: nn.Conv2d) -> bool:
+def _vector_takes(conv: nn.Conv2d) -> bool:
+    """Whether the vector kernels (AVX-512, or their AVX2 builds) take every product of `conv`."""
     return grouped_wgrad.supports(conv.in_channels, conv.groups, conv.stride[0])
 
 
@@ -237,7 +238,7 @@ def takes_module(conv: nn.Module) -> bool:
     return (
         grouped_swap.eligible(conv)  # the forward kernel's shapes: 3×3, padding 1, in = out, ...
         and conv.bias is None
-        and (_avx512_takes(conv) or _amx_takes(conv))
+        and (_vector_takes(conv) or _amx_takes(conv))
     )
 
 

@@ -64,6 +64,18 @@ def supports(channels: int, groups: int, stride: int) -> bool:
     return grouped_kernel.supports(channels, groups, stride) and channels // groups in SUPPORTED_CPG
 
 
+def check_output_grad(x: torch.Tensor, grad: torch.Tensor, stride: int) -> None:
+    """A ValueError naming `grad` unless its shape is the output of a padding-1 3×3 convolution
+    of `x` at `stride` (channels in = out)."""
+    n, c, h, w = x.shape
+    size = grouped_kernel.output_size
+    want = (n, c, size(h, stride), size(w, stride))
+    if tuple(grad.shape) != want:
+        raise ValueError(
+            f"grad: expected shape {want} for x {tuple(x.shape)}, got {tuple(grad.shape)}"
+        )
+
+
 def pairs_apply(x: torch.Tensor) -> bool:
     """Whether the AVX512-BF16 pair kernel can take input `x` (bf16, C % 32 == 0, CPU has it)."""
     return x.dtype == torch.bfloat16 and x.shape[1] % 32 == 0 and has_avx512_bf16()
@@ -78,10 +90,12 @@ def weight_grad(
     the CPU has it. False widens bf16 to float32 FMAs, on any AVX-512 CPU.
     """
     n, c, h, w = x.shape
+    # bf16 only on a build that takes it (a library that fails to build is `_library()`'s to say)
     dtypes = "float32/bfloat16" if grouped_kernel.ISA.bf16 else "float32"
+    unsupported_bf16 = x.dtype == torch.bfloat16 and not grouped_kernel.ISA.bf16
     if (
         x.dtype not in DTYPES
-        or unavailable_reason(x.dtype) is not None
+        or unsupported_bf16
         or grad.dtype != x.dtype
         or not supports(c, groups, stride)
     ):
@@ -90,11 +104,7 @@ def weight_grad(
             f"{SUPPORTED_CPG}, stride 1 or 2 and a gradient of the same dtype; got "
             f"{tuple(x.shape)} {x.dtype}, groups={groups}, stride={stride}, gradient {grad.dtype}"
         )
-    want = (n, c, (h - 1) // stride + 1, (w - 1) // stride + 1)
-    if tuple(grad.shape) != want:
-        raise ValueError(
-            f"grad: expected shape {want} for x {tuple(x.shape)}, got {tuple(grad.shape)}"
-        )
+    check_output_grad(x, grad, stride)
     use_pairs = pairs_apply(x) if pairs is None else pairs and pairs_apply(x)
     x = x.contiguous(memory_format=torch.channels_last)
     grad = grad.contiguous(memory_format=torch.channels_last)

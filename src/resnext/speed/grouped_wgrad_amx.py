@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed import grouped_amx
+from resnext.speed import grouped_amx, grouped_wgrad
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_wgrad_amx.c"
 
@@ -53,11 +53,7 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, stride: int) -
             f"and a bfloat16 gradient; got {tuple(x.shape)} {x.dtype}, groups={groups}, "
             f"stride={stride}, gradient {grad.dtype}"
         )
-    want = (n, c, (h - 1) // stride + 1, (w - 1) // stride + 1)
-    if tuple(grad.shape) != want:
-        raise ValueError(
-            f"grad: expected shape {want} for x {tuple(x.shape)}, got {tuple(grad.shape)}"
-        )
+    grouped_wgrad.check_output_grad(x, grad, stride)
     x = x.contiguous(memory_format=torch.channels_last)
     grad = grad.contiguous(memory_format=torch.channels_last)
     dw = torch.empty(c, c // groups, 3, 3, dtype=torch.float32)
