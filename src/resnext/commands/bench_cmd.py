@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from types import ModuleType
 
 from resnext.speed.allocator import keep_freed_memory, reexec_with_allocator
 from resnext.speed.capability import bf16_supported
@@ -71,6 +72,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def default_variants(bench: ModuleType, native_bf16: bool) -> tuple[str, ...]:
+    """The variants `bench` (infer_bench or train_bench) runs when none are named: its float32
+    ones on a CPU without native bf16, where the bf16 ones would measure emulation."""
+    return bench.DEFAULT_VARIANTS if native_bf16 else bench.FP32_DEFAULT_VARIANTS
+
+
 def _models_and_variants(
     args: argparse.Namespace, allowed: tuple[str, ...], default: tuple[str, ...]
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -90,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "infer":
         from resnext.speed import infer_bench as bench
 
-        default = bench.default_variants(bf16_supported())
+        default = default_variants(bench, bf16_supported())
         models, variants = _models_and_variants(args, bench.VARIANTS, default)
         config = bench.InferConfig(
             models=models,
@@ -105,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.bench == "train":
         from resnext.speed import train_bench as bench
 
-        default = bench.default_variants(bf16_supported())
+        default = default_variants(bench, bf16_supported())
         models, variants = _models_and_variants(args, bench.VARIANTS, default)
         config = bench.TrainConfig(
             models=models,

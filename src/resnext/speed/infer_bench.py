@@ -47,11 +47,6 @@ FP32_DEFAULT_VARIANTS = (
 )
 
 
-def default_variants(native_bf16: bool) -> tuple[str, ...]:
-    """The variants `bench infer` runs when none are named, for a CPU with or without native bf16."""
-    return DEFAULT_VARIANTS if native_bf16 else FP32_DEFAULT_VARIANTS
-
-
 @dataclass(frozen=True)
 class InferConfig:
     """What one inference benchmark run measures."""

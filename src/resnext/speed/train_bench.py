@@ -39,11 +39,6 @@ DEFAULT_VARIANTS = ("eager-fp32", "cl-bf16", "cl-bf16-compile")
 FP32_DEFAULT_VARIANTS = ("eager-fp32", "cl-fp32", "cl-fp32-grouped-gemm")
 
 
-def default_variants(native_bf16: bool) -> tuple[str, ...]:
-    """The variants `bench train` runs when none are named, for a CPU with or without native bf16."""
-    return DEFAULT_VARIANTS if native_bf16 else FP32_DEFAULT_VARIANTS
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """What one training benchmark run measures."""
