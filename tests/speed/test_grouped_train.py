@@ -117,6 +117,9 @@ def test_the_avx2_build_of_the_weight_gradient(shape, monkeypatch) -> None:
         pytest.skip(f"AVX2 weight gradient unavailable: {grouped_wgrad.unavailable_reason()}")
     _check_weight_gradient(shape, torch.float32)
     assert "float32 only" in str(grouped_wgrad.unavailable_reason(torch.bfloat16))
+    x = _cl(torch.randn(1, 32, 4, 4), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"x: expected float32 with C % 8 == 0"):
+        grouped_wgrad.weight_grad(x, x, groups=8, stride=1)
 
 
 def test_transposed_weight_maps_the_output_gradient_to_the_input_gradient() -> None:
