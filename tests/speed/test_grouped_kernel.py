@@ -149,6 +149,12 @@ def test_the_avx2_build_refuses_bf16(isa: grouped_kernel.Isa) -> None:
         pytest.skip("the AVX-512 build takes bf16")
     assert "float32 only" in str(grouped_kernel.unavailable_reason(torch.bfloat16))
     assert not grouped_kernel.takes_pairs(64, 16, torch.bfloat16)
+    packed = grouped_kernel.pack_weights(torch.randn(64, 4, 3, 3), 16)
+    x = torch.randn(1, 64, 5, 5).to(torch.bfloat16)
+    with pytest.raises(
+        ValueError, match=r"x: expected a 4-d float32 CPU tensor \(the avx2 build\)"
+    ):
+        grouped_kernel.run_kernel(x, packed, None, 16, 1)
 
 
 def test_build_is_cached_and_a_missing_compiler_is_named(

@@ -204,10 +204,12 @@ def run_kernel(
     relu: bool = False,
 ) -> torch.Tensor:
     """``conv2d(x, w, bias, stride, padding=1, groups)`` (then ReLU) with `packed` = pack_weights(w)."""
-    if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+    dtypes = (torch.float32, torch.bfloat16) if ISA.bf16 else (torch.float32,)
+    if x.dim() != 4 or x.dtype not in dtypes or x.device.type != "cpu":
+        names = " or ".join(str(t).removeprefix("torch.") for t in dtypes)
         raise ValueError(
-            f"x: expected a 4-d float32 or bfloat16 CPU tensor, got {tuple(x.shape)} "
-            f"{x.dtype} on {x.device}"
+            f"x: expected a 4-d {names} CPU tensor (the {ISA.name} build), got "
+            f"{tuple(x.shape)} {x.dtype} on {x.device}"
         )
     operators.check_no_grad("the grouped kernel", x)
     n, c, h, w = x.shape
