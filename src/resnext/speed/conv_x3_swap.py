@@ -1,15 +1,18 @@
-"""Putting our AMX bf16×3 kernel in place of oneDNN's float32 convolutions, where faster.
+"""Putting our float32 dense-convolution kernels in place of oneDNN's, where faster.
 
-On the Intel Xeon with AMX, float32 inference is bound by float32 FMAs; 95 % of ResNeXt-50's
-FLOPs are 1×1 convolutions, and its 7×7 stem and ResNet-50's dense 3×3s are the rest of the
-dense ones. `conv_x3` computes them on the tile unit as three bf16 products per float32 product
-(~1e-5 of each product, `kernels/conv_x3_amx.c`). This pass runs on a BN-folded float32
-channels_last model: it times each such convolution both ways with what follows it (a ReLU, or
-a residual add and a ReLU, which the kernel applies in its store; in the frozen compiled graph
-oneDNN fuses them the same way), and swaps where ours is faster. Where the graph shows the
-residual dead after the add, the kernel writes over it, as oneDNN's 1×1 adds into its residual.
-A convolution that is a child of the model itself (torchvision's stem) is swapped alone, its
-ReLU left to the compiler: the pass rewrites a parent's graph, never the model's own.
+Two kernels take float32 convolutions with groups 1. On the Intel Xeon with AMX, float32
+inference is bound by float32 FMAs; 95 % of ResNeXt-50's FLOPs are 1×1 convolutions, and its
+7×7 stem and ResNet-50's dense 3×3s are the rest of the dense ones. `conv_x3` computes them on
+the tile unit as three bf16 products per float32 product (~1e-5 of each product,
+`kernels/conv_x3_amx.c`). On CPUs with AVX2 FMAs and no AMX, `pointwise_fma` computes the 1×1s
+with register tiles oneDNN's float32 convolution did not match on the AMD Zen 3 it was written
+on (`kernels/pointwise_fma.c`). This pass runs on a BN-folded float32 channels_last model: it
+times each convolution a kernel takes both ways with what follows it (a ReLU, or a residual add
+and a ReLU, which the kernels apply in their store; in the frozen compiled graph oneDNN fuses
+them the same way), and swaps where ours is faster. Where the graph shows the residual dead
+after the add, the kernel writes over it, as oneDNN's 1×1 adds into its residual. A convolution
+that is a child of the model itself (torchvision's stem) is swapped alone, its ReLU left to the
+compiler: the pass rewrites a parent's graph, never the model's own.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.errors import ConfigError
-from resnext.speed import conv_x3
+from resnext.speed import conv_x3, pointwise_fma
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.fold import install_graph, module_call_counts, set_module
 from resnext.speed.grouped_swap import KernelLeafTracer, LayerChoice, input_shapes, time_each_ms
@@ -71,6 +74,42 @@ class ConvX3(nn.Module):
         )
 
 
+class FmaConv1x1(nn.Module):
+    """A float32 1×1 convolution with its bias, then optionally a residual add and a ReLU,
+    computed by `pointwise_fma` (256-bit FMAs).
+
+    With `in_place` the result is written over the residual, which must then be dead after this
+    call (the pass sets it only where the graph shows that). The packed weight and bias are plain
+    attributes, as in `ConvX3`.
+    """
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, in_place: bool = False) -> None:
+        super().__init__()
+        if not fma_eligible(conv):
+            raise ValueError(
+                "conv: expected a float32 1×1 convolution the kernel takes (groups 1, no "
+                f"padding, outputs a multiple of 16), got {conv}"
+            )
+        self.packed = pointwise_fma.pack(conv.weight)
+        self.bias = float_bias(conv)
+        self.stride = conv.stride[0]
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.relu, self.in_place = relu, in_place
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        args = (x, self.packed, self.bias, self.stride, self.relu)
+        if self.in_place and residual is not None:
+            torch.ops.resnext.pointwise_fma_(*args, residual)
+            return residual
+        return torch.ops.resnext.pointwise_fma(*args, residual)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), stride={self.stride}, "
+            "fma" + (", relu" if self.relu else "") + (", in place" if self.in_place else "")
+        )
+
+
 def square_geometry(module: nn.Module) -> tuple[int, int, int] | None:
     """(kernel, stride, padding) of a Conv2d with groups 1, a square kernel, equal strides and
     zero padding on both axes and no dilation (what the AMX convolution kernels take), else
@@ -98,7 +137,7 @@ def float_bias(conv: nn.Conv2d) -> torch.Tensor:
 
 
 def eligible(module: nn.Module) -> bool:
-    """Whether `module` is a float32 Conv2d the kernel computes (groups 1, square, zero padding)."""
+    """Whether `module` is a float32 Conv2d `conv_x3` computes (groups 1, square, zero padding)."""
     geometry = square_geometry(module)
     return (
         geometry is not None
@@ -107,11 +146,40 @@ def eligible(module: nn.Module) -> bool:
     )
 
 
+def fma_eligible(module: nn.Module) -> bool:
+    """Whether `module` is a float32 Conv2d `pointwise_fma` computes (1×1, groups 1, no padding)."""
+    geometry = square_geometry(module)
+    return (
+        geometry is not None
+        and module.weight.dtype == torch.float32
+        and pointwise_fma.supports(module.in_channels, module.out_channels, *geometry)
+    )
+
+
+@dataclass(frozen=True)
+class DenseKernel:
+    """One of our float32 dense-convolution kernels, as the pass swaps it in."""
+
+    option: str  # the `optimize` option that controls it, for messages
+    variant: str  # the `LayerChoice.variant` its choices start with
+    eligible: Callable[[nn.Module], bool]
+    module: Callable[[nn.Conv2d, bool, bool], nn.Module]  # (conv, relu, in_place)
+    unavailable_reason: Callable[[], str | None]
+
+
+X3 = DenseKernel("conv_x3", "bf16x3", eligible, ConvX3, lambda: conv_x3.unavailable_reason())
+FMA = DenseKernel(
+    "pointwise_fma", "fma", fma_eligible, FmaConv1x1, lambda: pointwise_fma.unavailable_reason()
+)
+
+
 class X3Tracer(KernelLeafTracer):
     """Keeps our kernel modules, these included, as single calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, ConvX3) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (ConvX3, FmaConv1x1)) or super().is_leaf_module(
+            m, module_qualified_name
+        )
 
 
 @dataclass(frozen=True)
@@ -165,8 +233,8 @@ class _Site:
     overwritable: bool
 
 
-def _sites(model: nn.Module) -> list[_Site]:
-    """Each eligible convolution once, with its parent: the outermost traceable module whose own
+def _sites(model: nn.Module, eligible: Callable[[nn.Module], bool]) -> list[_Site]:
+    """Each convolution `eligible` accepts once, with its parent: the outermost traceable module whose own
     graph calls it (a block, for the 1×1 in its shortcut's Sequential), and the epilogue found
     there. Where two end in one add (a block's last 1×1 and its projection shortcut), the later
     in the graph (the last 1×1, so that it may write over the shortcut) applies it."""
@@ -216,7 +284,7 @@ def _sites(model: nn.Module) -> list[_Site]:
     return sorted(sites.values(), key=lambda site: order[site.name])
 
 
-def _rewrite(model: nn.Module, site: _Site, fast: ConvX3) -> None:
+def _rewrite(model: nn.Module, site: _Site, fast: nn.Module) -> None:
     """Put `fast` in the parent's graph in place of the convolution and the epilogue it applies
     (the model's own child: in its place alone)."""
     if not site.parent:
@@ -284,7 +352,7 @@ def swap_convs_x3(
     in_place: bool = True,
     repeats: int = 5,
 ) -> list[LayerChoice]:
-    """Replace, in place, the float32 convolutions of `model` the kernel takes by `ConvX3`.
+    """Replace, in place, the float32 convolutions of `model` `conv_x3` takes by `ConvX3`.
 
     `example` is the model's input (float32, channels_last). 'auto' times each convolution with
     its epilogue both ways on its real input shape and keeps the faster; 'on' swaps every one (a
@@ -295,16 +363,43 @@ def swap_convs_x3(
     honour an operator's in-place write). The timed residuals are overwritten by the in-place
     runs, so their values drift from call to call; only the time is kept.
     """
+    return swap_dense_convs(model, example, X3, mode=mode, in_place=in_place, repeats=repeats)
+
+
+def swap_convs_fma(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    in_place: bool = True,
+    repeats: int = 5,
+) -> list[LayerChoice]:
+    """Replace, in place, the float32 1×1 convolutions of `model` that `pointwise_fma` takes by
+    `FmaConv1x1`; as `swap_convs_x3` otherwise (variant 'fma…'). Run after `swap_convs_x3`, so
+    that on a CPU with AMX the 1×1s it took stay with it."""
+    return swap_dense_convs(model, example, FMA, mode=mode, in_place=in_place, repeats=repeats)
+
+
+def swap_dense_convs(
+    model: nn.Module,
+    example: torch.Tensor,
+    kernel: DenseKernel,
+    *,
+    mode: str = "auto",
+    in_place: bool = True,
+    repeats: int = 5,
+) -> list[LayerChoice]:
+    """The pass for one kernel (`X3` or `FMA`): see `swap_convs_x3`."""
     if mode not in MODES:
-        raise ConfigError(f"conv_x3: expected one of {MODES}, got {mode!r}")
+        raise ConfigError(f"{kernel.option}: expected one of {MODES}, got {mode!r}")
     if mode == "off" or example.dtype != torch.float32:
         return []
-    reason = conv_x3.unavailable_reason()
+    reason = kernel.unavailable_reason()
     if reason is not None:
         if mode == "on":
-            raise ConfigError(f"conv_x3: 'on' but the kernel cannot run here: {reason}")
+            raise ConfigError(f"{kernel.option}: 'on' but the kernel cannot run here: {reason}")
         return []
-    sites = _sites(model)
+    sites = _sites(model, kernel.eligible)
     shapes = input_shapes(model, [s.name for s in sites], example)
     choices = []
     for site in sites:
@@ -312,11 +407,11 @@ def swap_convs_x3(
             continue
         conv = model.get_submodule(site.name)
         overwrite = in_place and site.overwritable
-        fast = ConvX3(conv, relu=site.relu, in_place=overwrite)
+        fast = kernel.module(conv, site.relu, overwrite)
         x = torch.randn(shapes[site.name]).contiguous(memory_format=torch.channels_last)
-        out = conv_x3.output_shape(
-            x.shape, fast.out_channels, fast.kernel, fast.stride, fast.padding
-        )
+        geometry = square_geometry(conv)
+        assert geometry is not None  # eligible() checked it
+        out = conv_x3.output_shape(x.shape, conv.out_channels, *geometry)
         res = (
             torch.randn(out).contiguous(memory_format=torch.channels_last)
             if site.residual
@@ -330,7 +425,7 @@ def swap_convs_x3(
         if use:
             _rewrite(model, site, fast)
         epilogue = ("+add+relu" if site.residual else "+relu") if site.relu else ""
-        variant = "bf16x3" + epilogue + (", in place" if overwrite else "")
+        variant = kernel.variant + epilogue + (", in place" if overwrite else "")
         chosen = "kernel" if use else "native"
         choices.append(
             LayerChoice(site.name, shapes[site.name], native_ms, kernel_ms, chosen, variant)

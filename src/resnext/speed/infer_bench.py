@@ -30,6 +30,7 @@ VARIANTS = (
     "inductor-strict-fp32",
     "inductor-nostem-fp32",
     "inductor-nostem-bf16",
+    "inductor-nofma-fp32",
     "jit-fp32",
     "jit-bf16",
     "ort-fp32",
@@ -42,6 +43,7 @@ FP32_DEFAULT_VARIANTS = (
     "eager",
     "inductor-fp32",
     "inductor-onednn-fp32",
+    "inductor-nofma-fp32",
     "ort-fp32",
     "openvino-fp32",
 )
@@ -89,6 +91,7 @@ def build_runner(
         "inductor-pointwise",
         "inductor-strict",
         "inductor-nostem",
+        "inductor-nofma",
         "jit",
     ):
         # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernels off);
@@ -96,7 +99,8 @@ def build_runner(
         # inductor-unfused: our grouped kernels alone, nothing fused into them;
         # inductor-pointwise: with the first 1×1 fused in, but not the rest of the block;
         # inductor-strict: float32 FMAs throughout (our AMX bf16×3 convolutions off);
-        # inductor-nostem: the stem's convolution and pooling apart (the fused stem off)
+        # inductor-nostem: the stem's convolution and pooling apart (the fused stem off);
+        # inductor-nofma: oneDNN for the 1×1s our AVX2 FMA kernel would take (pointwise_fma off)
         backend = "none" if kind == "eager-fast" else kind.split("-")[0]
         mode = "off" if kind == "inductor-onednn" else "auto"
         fn = optimize(
@@ -110,6 +114,7 @@ def build_runner(
             fuse_block="off" if kind in ("inductor-unfused", "inductor-pointwise") else "auto",
             conv_x3="off" if kind == "inductor-strict" else "auto",
             fuse_stem="off" if kind in ("inductor-strict", "inductor-nostem") else "auto",
+            pointwise_fma="off" if kind == "inductor-nofma" else "auto",
         )
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)
@@ -173,6 +178,9 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
             x3 = getattr(fn, "conv_x3_choices", [])
             if x3:  # each float32 convolution's timings, our bf16×3 kernel or oneDNN
                 info[key]["conv_x3_choices"] = [asdict(c) for c in x3]
+            pointwise = getattr(fn, "pointwise_choices", [])
+            if pointwise:  # each float32 1×1's timings, our FMA kernel or oneDNN
+                info[key]["pointwise_choices"] = [asdict(c) for c in pointwise]
             stems = getattr(fn, "stem_choices", [])
             if stems:  # the stem's timings, fused into one kernel or apart
                 info[key]["stem_choices"] = [asdict(c) for c in stems]

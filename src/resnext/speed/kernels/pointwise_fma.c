@@ -1,0 +1,120 @@
+/* Float32 1×1 convolution of a channels-last tensor with 256-bit FMAs (AVX2), with its bias and
+ * optionally a residual add and a ReLU applied in the same pass.
+ *
+ * Channels-last, a 1×1 convolution is a matrix product: each output pixel's C_out values are
+ * the input pixel's C_in values times the (C_out × C_in) weight. The weight is packed into
+ * panels of 16 output channels, each a C_in × 16 row-major block (`pointwise_fma.pack`), so that
+ * one input channel's 16 weights are two adjacent 8-lane vectors. A register tile is 6 output
+ * pixels × 16 output channels: 12 accumulators, two weight vectors and one broadcast input value
+ * in 15 of the 16 registers; each input channel costs 12 FMAs, 2 vector loads and 6 broadcasts.
+ *
+ * Blocking, chosen by timing on an AMD Zen 3 (2 cores, 32 KB L1, 512 KB L2): the input channels
+ * are taken 256 at a time, so that a panel's slice (16 KB) stays in L1 while 4 tiles (24 pixels)
+ * pass over it, and 8 panels' slices (128 KB) stay in L2 while those 24 pixels' rows are read
+ * once per panel. Partial sums go to the output between slices; the first slice starts from the
+ * bias (and the residual, which is why the output may be the residual itself: each tile reads
+ * its residual before it writes there), the last applies the ReLU.
+ *
+ * A stride s > 1 reads every s-th pixel of every s-th row (a projection shortcut): each tile
+ * computes its 6 pixels' addresses, so strided rows cost nothing extra.
+ */
+#include <immintrin.h>
+#include <omp.h>
+
+enum { TILE_ROWS = 6, PANEL = 16, K_SLICE = 256, TILES_PER_BLOCK = 4, PANELS_PER_BLOCK = 8 };
+
+/* 6 pixels (rows `a[0..5]`, rows past `rows` repeat the last and are not stored) × 16 outputs
+ * over `kc` input channels of the panel slice `b` (kc × 16). */
+static void tile(const float *const a[TILE_ROWS], int rows, const float *b, long kc, float *y,
+                 long ldy, int first, int last, const float *bias, const float *res, int relu) {
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  /* Named registers, not an array: GCC keeps an array of vectors on the stack. */
+#define INIT(r)                                                                    \
+  if (r >= rows) {                                                                 \
+    c##r##0 = _mm256_setzero_ps();                                                 \
+    c##r##1 = _mm256_setzero_ps();                                                 \
+  } else if (first) {                                                              \
+    c##r##0 = _mm256_loadu_ps(bias);                                               \
+    c##r##1 = _mm256_loadu_ps(bias + 8);                                           \
+    if (res) {                                                                     \
+      c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(res + r * ldy));            \
+      c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(res + r * ldy + 8));        \
+    }                                                                              \
+  } else {                                                                         \
+    c##r##0 = _mm256_loadu_ps(y + r * ldy);                                        \
+    c##r##1 = _mm256_loadu_ps(y + r * ldy + 8);                                    \
+  }
+  INIT(0) INIT(1) INIT(2) INIT(3) INIT(4) INIT(5)
+#undef INIT
+  for (long p = 0; p < kc; p++) {
+    __m256 b0 = _mm256_loadu_ps(b + p * PANEL), b1 = _mm256_loadu_ps(b + p * PANEL + 8);
+#define STEP(r)                                                                    \
+  {                                                                                \
+    __m256 v = _mm256_broadcast_ss(a##r + p);                                      \
+    c##r##0 = _mm256_fmadd_ps(v, b0, c##r##0);                                     \
+    c##r##1 = _mm256_fmadd_ps(v, b1, c##r##1);                                     \
+  }
+    STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5)
+#undef STEP
+  }
+  __m256 zero = _mm256_setzero_ps();
+#define STORE(r)                                                                   \
+  if (r < rows) {                                                                  \
+    if (last && relu) {                                                            \
+      c##r##0 = _mm256_max_ps(c##r##0, zero);                                      \
+      c##r##1 = _mm256_max_ps(c##r##1, zero);                                      \
+    }                                                                              \
+    _mm256_storeu_ps(y + r * ldy, c##r##0);                                        \
+    _mm256_storeu_ps(y + r * ldy + 8, c##r##1);                                    \
+  }
+  STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+#undef STORE
+}
+
+/* y = relu?(x ⊛ w + bias + residual) for x (n, h, w, cin) channels-last, y and residual
+ * (n, ho, wo, cout), ho = (h − 1) / stride + 1. `packed` is (cout / 16, cin, 16); `residual`
+ * may be NULL or y itself. Returns 0, or −1 for a refused shape. */
+int pointwise_fma(const float *x, const float *packed, const float *bias, const float *residual,
+                  float *y, int n, int h, int w, int cin, int cout, int stride, int relu,
+                  int threads) {
+  if (n < 1 || h < 1 || w < 1 || cin < 1 || cout < PANEL || cout % PANEL || stride < 1 ||
+      threads < 1)
+    return -1;
+  const long ho = (h - 1) / stride + 1, wo = (w - 1) / stride + 1;
+  const long pixels = (long)n * ho * wo, block_rows = (long)TILE_ROWS * TILES_PER_BLOCK;
+  const long row_blocks = (pixels + block_rows - 1) / block_rows;
+  const long panels = cout / PANEL;
+  const long panel_blocks = (panels + PANELS_PER_BLOCK - 1) / PANELS_PER_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (long item = 0; item < row_blocks * panel_blocks; item++) {
+    const long r0 = item % row_blocks * block_rows;
+    const long r1 = r0 + block_rows < pixels ? r0 + block_rows : pixels;
+    const long j0 = item / row_blocks * PANELS_PER_BLOCK;
+    const long j1 = j0 + PANELS_PER_BLOCK < panels ? j0 + PANELS_PER_BLOCK : panels;
+    const float *rows[TILES_PER_BLOCK][TILE_ROWS];
+    for (long r = r0; r < r1; r++) {
+      const long img = r / (ho * wo), i = r / wo % ho, j = r % wo;
+      rows[(r - r0) / TILE_ROWS][(r - r0) % TILE_ROWS] =
+          x + ((img * h + i * stride) * w + j * stride) * cin;
+    }
+    for (long r = r1; r < r0 + block_rows; r++)  /* a short last tile repeats its last pixel */
+      rows[(r - r0) / TILE_ROWS][(r - r0) % TILE_ROWS] = rows[(r1 - 1 - r0) / TILE_ROWS][(r1 - 1 - r0) % TILE_ROWS];
+    for (long k0 = 0; k0 < cin; k0 += K_SLICE) {
+      const long kc = cin - k0 < K_SLICE ? cin - k0 : K_SLICE;
+      const float *slice[TILES_PER_BLOCK][TILE_ROWS];
+      for (int t = 0; t < TILES_PER_BLOCK; t++)
+        for (int r = 0; r < TILE_ROWS; r++) slice[t][r] = rows[t][r] + k0;
+      for (long p = j0; p < j1; p++) {
+        const float *b = packed + (p * cin + k0) * PANEL;
+        for (long r = r0, t = 0; r < r1; r += TILE_ROWS, t++) {
+          const int count = r1 - r < TILE_ROWS ? (int)(r1 - r) : TILE_ROWS;
+          const long at = r * cout + p * PANEL;
+          tile(slice[t], count, b, kc, y + at, cout, k0 == 0, k0 + kc == cin, bias + p * PANEL,
+               residual ? residual + at : 0, relu);
+        }
+      }
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,201 @@
+"""Our float32 1×1 convolution with 256-bit FMAs (`kernels/pointwise_fma.c`, AVX2) via ctypes.
+
+A 1×1 convolution of a channels-last tensor is one matrix product of its pixels with the weight;
+the kernel computes it from a weight packed in panels of 16 output channels, adds the bias and
+optionally a residual, applies an optional ReLU, and takes a stride (a projection shortcut)
+by reading every s-th pixel. The residual may be the output itself (`in_place`), as oneDNN's
+1×1 adds into its residual in the frozen graph. Exposed as ``torch.ops.resnext.pointwise_fma``
+and ``torch.ops.resnext.pointwise_fma_`` (written over the residual). Needs AVX2 and FMA; built
+on first use like the project's other C parts (`resnext.native`), on torch's OpenMP threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from resnext import native
+from resnext.speed import operators
+from resnext.speed.grouped_amx import overlap
+
+SOURCE = Path(__file__).with_name("kernels") / "pointwise_fma.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+REQUIRED_FLAGS = frozenset({"avx2", "fma"})
+PANEL = 16  # output channels per packed panel
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile the kernel (unless this source, these flags and this compiler already were)."""
+    return native.build(SOURCE, FLAGS, out_dir=out_dir)
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+    lib.pointwise_fma.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8
+    lib.pointwise_fma.restype = ctypes.c_int
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _library_problem() -> str | None:
+    return native.problem(_library)
+
+
+def unavailable_reason() -> str | None:
+    """None if the kernel can run here, else why not (one line)."""
+    return _library_problem()
+
+
+def supports(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int) -> bool:
+    """Whether the kernel takes this convolution (groups 1): 1×1, no padding, any stride, output
+    channels a multiple of 16."""
+    return (
+        kernel == 1
+        and padding == 0
+        and stride >= 1
+        and in_channels >= 1
+        and out_channels >= PANEL
+        and out_channels % PANEL == 0
+    )
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A (C, Cin, 1, 1) weight as the kernel reads it: float32 (C/16, Cin, 16), each panel's 16
+    output channels adjacent for every input channel."""
+    if weight.dim() != 4 or weight.shape[2:] != (1, 1) or weight.shape[0] % PANEL:
+        raise ValueError(
+            f"weight: expected a (C, Cin, 1, 1) weight with C a multiple of {PANEL}, got shape "
+            f"{tuple(weight.shape)}"
+        )
+    out_ch, in_ch = weight.shape[:2]
+    panels = weight.detach().float().reshape(out_ch // PANEL, PANEL, in_ch)
+    return panels.transpose(1, 2).contiguous()
+
+
+def _check_float_nhwc(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
+    if t.dtype != torch.float32 or t.dim() != 4 or t.device.type != "cpu":
+        raise ValueError(
+            f"{name}: expected a 4-d float32 CPU tensor, got {t.dtype} {tuple(t.shape)} on "
+            f"{t.device}"
+        )
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_packed(packed: torch.Tensor, in_ch: int) -> int:
+    """The output channels of `packed`, a ValueError naming it unless it is `pack`'s output for
+    `in_ch` input channels."""
+    if (
+        packed.dtype != torch.float32
+        or packed.dim() != 3
+        or packed.shape[1:] != (in_ch, PANEL)
+        or not packed.is_contiguous()
+    ):
+        raise ValueError(
+            f"packed: expected a contiguous float32 pointwise_fma.pack weight for {in_ch} input "
+            f"channels, got {packed.dtype} {tuple(packed.shape)}"
+        )
+    return packed.shape[0] * PANEL
+
+
+def output_shape(x_shape: tuple[int, ...], out_channels: int, stride: int) -> tuple[int, ...]:
+    """The convolution's output shape (N, C, Ho, Wo)."""
+    n, _, h, w = x_shape
+    return (n, out_channels, (h - 1) // stride + 1, (w - 1) // stride + 1)
+
+
+def run(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int = 1,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+    in_place: bool = False,
+) -> torch.Tensor:
+    """``relu?(conv2d(x, w, bias, stride) + residual)`` in float32 for a 1×1 weight `w` with
+    `packed` = pack(w), written over `residual` (channels_last, then returned) if `in_place`."""
+    operators.check_no_grad("pointwise_fma", x, residual)
+    _check_float_nhwc("x", x)
+    n, cin, h, w = x.shape
+    c = _check_packed(packed, cin)
+    if stride < 1:
+        raise ValueError(f"stride: expected a positive integer, got {stride}")
+    if bias.dtype != torch.float32 or bias.numel() != c:
+        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} {bias.numel()}")
+    expected = output_shape(tuple(x.shape), c, stride)
+    if residual is not None:
+        _check_float_nhwc("residual", residual, expected)
+    if in_place:
+        if residual is None or not residual.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError("residual: writing in place needs a channels_last residual")
+        if overlap(x, residual):
+            raise ValueError("residual: must not share memory with x when written in place")
+        y = residual
+    else:
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+        y = torch.empty(expected, dtype=torch.float32, memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if y.numel():
+        rc = _library().pointwise_fma(
+            x.data_ptr(),
+            packed.data_ptr(),
+            bias.contiguous().data_ptr(),
+            None if residual is None else residual.data_ptr(),
+            y.data_ptr(),
+            n,
+            h,
+            w,
+            cin,
+            c,
+            stride,
+            int(relu),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"pointwise_fma refused {tuple(x.shape)} → {c}, stride {stride}")
+    return y
+
+
+def _in_place(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int,
+    relu: bool,
+    residual: torch.Tensor,
+) -> None:
+    run(x, packed, bias, stride, relu, residual, in_place=True)
+
+
+def _fake(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int,
+    relu: bool,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    shape = output_shape(tuple(x.shape), packed.shape[0] * PANEL, stride)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def _fake_in_place(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int,
+    relu: bool,
+    residual: torch.Tensor,
+) -> None:
+    return None
+
+
+_ARGS = "Tensor x, Tensor packed, Tensor bias, int stride, bool relu"
+operators.define(f"pointwise_fma({_ARGS}, Tensor? residual) -> Tensor", run, _fake)
+operators.define(f"pointwise_fma_({_ARGS}, Tensor(a!) residual) -> ()", _in_place, _fake_in_place)

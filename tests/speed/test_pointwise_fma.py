@@ -1,0 +1,267 @@
+"""Our float32 1×1 convolution on AVX2 FMAs: float32 accuracy (a bound from the arithmetic, not
+the code), its errors, and `optimize`'s pass that swaps it in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resnext
+from resnext.errors import ConfigError
+from resnext.speed import pointwise_fma
+from resnext.speed.conv_x3_swap import FmaConv1x1, fma_eligible, swap_convs_fma
+from resnext.speed.fastpath import optimize
+
+REASON = pointwise_fma.unavailable_reason()
+needs_fma = pytest.mark.skipif(REASON is not None, reason=f"FMA kernel unavailable: {REASON}")
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected.double()).abs().max() / expected.abs().max()).item()
+
+
+def _bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None, s: int):
+    """Each output's error bound in float32 arithmetic: a sum of K products, the bias and the
+    residual, each rounding step at most 2^-24 of the running magnitude, which never exceeds
+    the sum of the magnitudes (Higham's bound for recursive summation, with FMAs)."""
+    mags = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), stride=s)
+    if r is not None:
+        mags = mags + r.double().abs()
+    return (w.shape[1] + 3) * 2.0**-24 * mags
+
+
+CASES = [
+    # n, cin, cout, h, w, stride, relu, residual, in_place
+    (1, 3, 16, 1, 1, 1, False, False, False),  # one pixel: a tile of 1 row
+    (2, 7, 48, 5, 9, 1, True, False, False),  # 90 pixels: a short last block and tile
+    (2, 300, 32, 13, 11, 2, False, True, False),  # 2 input slices, the last short; stride 2
+    (3, 520, 272, 7, 7, 1, True, True, True),  # 3 slices; 17 panels: a short panel block
+    (1, 64, 256, 9, 10, 3, True, False, False),  # stride 3, odd sizes
+    (2, 256, 128, 12, 12, 1, False, True, True),  # exactly one slice, whole blocks of 24
+]
+
+
+@needs_fma
+@pytest.mark.parametrize("n,cin,cout,h,w,stride,relu,residual,in_place", CASES)
+def test_matches_float64_within_the_float32_summation_bound(
+    n: int,
+    cin: int,
+    cout: int,
+    h: int,
+    w: int,
+    stride: int,
+    relu: bool,
+    residual: bool,
+    in_place: bool,
+) -> None:
+    gen = torch.Generator().manual_seed(cin * cout + h)
+    x = _nhwc(torch.randn(n, cin, h, w, generator=gen))
+    weight = torch.randn(cout, cin, 1, 1, generator=gen)
+    bias = torch.randn(cout, generator=gen)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride)
+    res = _nhwc(torch.randn(want.shape, generator=gen)) if residual else None
+    bound = _bound(x, weight, bias, res, stride)
+    if res is not None:
+        want = want + res.double()
+    if relu:
+        want = want.relu()  # 1-Lipschitz: the bound holds after it
+    given = None if res is None else res.clone()
+    got = pointwise_fma.run(x, pointwise_fma.pack(weight), bias, stride, relu, given, in_place)
+    assert got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert bool(((got.double() - want).abs() <= bound).all())
+    if in_place:
+        assert got.data_ptr() == given.data_ptr()  # written over the residual it was given
+    elif res is not None:
+        assert torch.equal(given, res)  # the residual left as it was
+
+
+def test_pack_puts_each_panels_16_outputs_side_by_side() -> None:
+    weight = torch.arange(32 * 3, dtype=torch.float32).reshape(32, 3, 1, 1)
+    packed = pointwise_fma.pack(weight)
+    assert packed.shape == (2, 3, 16)
+    for panel in range(2):
+        for k in range(3):
+            for c in range(16):
+                assert packed[panel, k, c] == weight[panel * 16 + c, k, 0, 0]
+
+
+@needs_fma
+def test_the_operators_compute_it_under_torch_compile() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = _nhwc(torch.randn(2, 32, 6, 6, generator=gen))
+    weight = torch.randn(64, 32, 1, 1, generator=gen)
+    bias = torch.randn(64, generator=gen)
+    packed = pointwise_fma.pack(weight)
+    residual = _nhwc(torch.randn(2, 64, 6, 6, generator=gen))
+
+    def f(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return torch.ops.resnext.pointwise_fma(x * 2, packed, bias, 1, True, r) + 1
+
+    want = (F.conv2d(x.double() * 2, weight.double(), bias.double()) + residual).relu() + 1
+    with torch.no_grad():
+        got = torch.compile(f, backend="inductor", fullgraph=True)(x, residual)
+    assert _rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: {**a, "x": a["x"].double()}, "x: expected a 4-d float32 CPU tensor"),
+        (lambda a: {**a, "x": a["x"][0]}, "x: expected a 4-d float32 CPU tensor"),
+        (lambda a: {**a, "packed": a["packed"][:, :16]}, "packed: expected a contiguous float32"),
+        (lambda a: {**a, "packed": a["packed"].double()}, "packed: expected a contiguous float32"),
+        (lambda a: {**a, "bias": a["bias"][:8]}, "bias: expected 32 float32 values"),
+        (lambda a: {**a, "stride": 0}, "stride: expected a positive integer"),
+        (lambda a: {**a, "residual": a["residual"][:, :, :2]}, r"residual: expected shape"),
+        (lambda a: {**a, "in_place": True, "residual": None}, "residual: writing in place needs"),
+        (lambda a: {**a, "in_place": True, "residual": a["x"][:, :32]}, "must not share memory"),
+    ],
+)
+def test_bad_inputs_are_refused_by_name(change: Callable[[dict], dict], message: str) -> None:
+    args = {
+        "x": _nhwc(torch.randn(1, 32, 3, 3)),
+        "packed": pointwise_fma.pack(torch.randn(32, 32, 1, 1)),
+        "bias": torch.zeros(32),
+        "stride": 1,
+        "relu": False,
+        "residual": _nhwc(torch.randn(1, 32, 3, 3)),
+        "in_place": False,
+    }
+    with pytest.raises(ValueError, match=message):
+        pointwise_fma.run(**change(args))
+
+
+def test_pack_refuses_what_is_not_a_1x1_with_whole_panels() -> None:
+    for shape in ((24, 8, 1, 1), (32, 8, 3, 3), (32, 8)):
+        with pytest.raises(ValueError, match="weight: expected a \\(C, Cin, 1, 1\\) weight"):
+            pointwise_fma.pack(torch.randn(shape))
+
+
+def test_an_input_that_needs_a_gradient_is_refused() -> None:
+    x = torch.randn(1, 32, 2, 2, requires_grad=True)
+    packed = pointwise_fma.pack(torch.randn(16, 32, 1, 1))
+    with pytest.raises(ValueError, match="pointwise_fma: an inference kernel without a gradient"):
+        pointwise_fma.run(x, packed, torch.zeros(16))
+
+
+def test_only_float32_1x1s_with_whole_panels_are_eligible() -> None:
+    assert fma_eligible(nn.Conv2d(64, 32, 1))
+    assert fma_eligible(nn.Conv2d(3, 16, 1, stride=2, bias=False))  # any input count, a stride
+    assert not fma_eligible(nn.Conv2d(64, 32, 1).bfloat16())
+    assert not fma_eligible(nn.Conv2d(64, 24, 1))  # outputs not a multiple of 16
+    assert not fma_eligible(nn.Conv2d(64, 32, 3, padding=1))
+    assert not fma_eligible(nn.Conv2d(64, 32, 1, padding=1))
+    assert not fma_eligible(nn.Conv2d(64, 32, 1, groups=2))
+    with pytest.raises(ValueError, match="conv: expected a float32 1×1 convolution"):
+        FmaConv1x1(nn.Conv2d(64, 32, 3))
+
+
+class _Bottleneck(nn.Module):
+    """1×1 → ReLU → 1×1 → identity → + shortcut → ReLU, the shortcut a projection or x."""
+
+    def __init__(self, cin: int, width: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1)
+        self.conv3 = nn.Conv2d(width, cout, 1, stride=stride)
+        self.bn3 = nn.Identity()
+        self.relu = nn.ReLU()
+        project = stride != 1 or cin != cout
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride)) if project else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.bn3(self.conv3(self.relu(self.conv1(x)))) + shortcut)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)  # not a 1×1: left to oneDNN
+        self.blocks = nn.Sequential(
+            _Bottleneck(64, 32, 128, 1), _Bottleneck(128, 32, 128, 1), _Bottleneck(128, 64, 256, 2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+@needs_fma
+def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() -> None:
+    torch.manual_seed(10)
+    model = _Net().eval()
+    x = _nhwc(torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        want = model(x)
+    choices = swap_convs_fma(model, x, mode="on")
+    assert {c.name: c.variant for c in choices} == {
+        "blocks.0.downsample.0": "fma",  # its add is the later 1×1's
+        "blocks.0.conv1": "fma+relu",
+        "blocks.0.conv3": "fma+add+relu, in place",  # over the projection's output
+        "blocks.1.conv1": "fma+relu",
+        "blocks.1.conv3": "fma+add+relu, in place",  # over x: read by conv1 before, then dead
+        "blocks.2.downsample.0": "fma",
+        "blocks.2.conv1": "fma+relu",
+        "blocks.2.conv3": "fma+add+relu, in place",
+    }
+    assert sum(isinstance(m, FmaConv1x1) for m in model.modules()) == 8
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)] == ["stem"]
+    before = x.clone()
+    with torch.no_grad():
+        assert _rel_err(model(x), want) < 1e-5
+    assert torch.equal(x, before)
+
+
+@needs_fma
+@pytest.mark.parametrize("backend", ["none", "inductor", "jit"])
+def test_optimize_swaps_every_1x1_and_computes_the_same_function(
+    backend: str, randomize_bn: Callable[[nn.Module], None]
+) -> None:
+    torch.manual_seed(11)
+    model = resnext.create_model("resnext29_4x16d").eval()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, "fp32", backend=backend, example_input=x, pointwise_fma="on")
+    ones = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+    ]
+    assert sorted(c.name for c in fast.pointwise_choices) == sorted(ones)
+    assert all(c.chosen == "kernel" for c in fast.pointwise_choices)
+    in_place = [c for c in fast.pointwise_choices if c.variant.endswith("in place")]
+    blocks = [c for c in fast.pointwise_choices if c.name.endswith("conv3")]
+    assert len(in_place) == (0 if backend == "jit" else len(blocks))
+    fresh = torch.randn(3, 3, 32, 32)
+    mine = _nhwc(fresh.clone())
+    with torch.no_grad():
+        want, got = model(fresh), fast(fresh)
+        fast(mine)
+    assert torch.equal(mine, _nhwc(fresh))  # the caller's tensor is never written over
+    assert _rel_err(got, want) < 1e-4
+
+
+def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU())).eval()
+    x = _nhwc(torch.randn(1, 64, 4, 4))
+    assert swap_convs_fma(model, x, mode="off") == []
+    assert swap_convs_fma(model, x.bfloat16(), mode="on") == []  # float32 only
+    with pytest.raises(ConfigError, match="pointwise_fma: expected one of"):
+        swap_convs_fma(model, x, mode="always")
+    with pytest.raises(ConfigError, match="pointwise_fma: expected one of"):
+        optimize(model, "fp32", backend="none", pointwise_fma="yes")
+    # as on a CPU without AVX2: oneDNN's path stays, silently, unless 'on' asks for ours
+    monkeypatch.setattr(pointwise_fma, "unavailable_reason", lambda: "this CPU lacks ['avx2']")
+    assert swap_convs_fma(model, x, mode="auto") == []
+    assert isinstance(model[0][0], nn.Conv2d)
+    with pytest.raises(ConfigError, match=r"pointwise_fma: 'on' but .* cannot run here: .*avx2"):
+        swap_convs_fma(model, x, mode="on")
+    assert optimize(model, "fp32", backend="none", example_input=x).pointwise_choices == []
