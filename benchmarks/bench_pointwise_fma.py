@@ -1,0 +1,136 @@
+"""Float32 1×1 convolutions: oneDNN (as the frozen graph runs it) vs our AVX2 FMA kernel.
+
+Usage: .venv/bin/python benchmarks/bench_pointwise_fma.py [--batch 16] [--rounds 7]
+           [--models resnext50_32x4d,resnet50] [--blockings "K_SLICE=128;TILES_PER_BLOCK=2"]
+
+Every distinct 1×1 convolution of the models (input shape, outputs, stride, taken from the
+models themselves) is timed both ways with its ReLU, interleaved, and weighted by how often
+each model has it: the models' whole 1×1 time a batch, oneDNN's against ours. `--blockings`
+adds builds of the kernel with other blocking constants (`;`-separated builds, each a
+`,`-separated list of NAME=VALUE compiler defines), to rerun the choice the kernel's comment
+records on another CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import resnext
+from resnext import native
+from resnext.speed import pointwise_fma
+from resnext.speed.conv_x3_swap import _onednn_runner, fma_eligible
+from resnext.speed.fold import fold_batchnorm
+from resnext.speed.grouped_swap import input_shapes
+from resnext.speed.measure import interleaved
+from resnext.speed.provenance import write_results
+
+Shape = tuple[int, int, int, int, int, int]  # batch, in, out, height, width, stride
+
+
+def model_shapes(name: str, batch: int) -> Counter[Shape]:
+    """How many of each 1×1 convolution shape the kernel takes `name` has at 224²."""
+    model = fold_batchnorm(resnext.create_model(name).eval())
+    names = [n for n, m in model.named_modules() if fma_eligible(m)]
+    seen = input_shapes(model, names, torch.randn(batch, 3, 224, 224))
+    counts: Counter[Shape] = Counter()
+    for layer, (n, c, h, w) in seen.items():
+        conv = model.get_submodule(layer)
+        counts[(n, c, conv.out_channels, h, w, conv.stride[0])] += 1
+    return counts
+
+
+def build_variant(defines: list[str]) -> ctypes.CDLL:
+    """The kernel compiled with these extra `-D` defines (the default blocking for none)."""
+    lib = ctypes.CDLL(str(native.build(pointwise_fma.SOURCE, (*pointwise_fma.FLAGS, *defines))))
+    lib.pointwise_fma.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8
+    lib.pointwise_fma.restype = ctypes.c_int
+    return lib
+
+
+def shape_variants(shape: Shape, builds: dict[str, ctypes.CDLL]) -> dict[str, tuple]:
+    """oneDNN and each build of ours on one shape, as `interleaved` takes them."""
+    n, cin, cout, h, w, stride = shape
+    conv = nn.Conv2d(cin, cout, 1, stride=stride).eval().requires_grad_(False)
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
+    onednn = _onednn_runner(conv, True, tuple(x.shape))
+    packed = pointwise_fma.pack(conv.weight)
+    bias = conv.bias.detach().contiguous()
+    y = torch.empty(pointwise_fma.output_shape(tuple(x.shape), cout, stride))
+    y = y.contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    variants: dict[str, tuple] = {"onednn": (lambda: onednn(x, None), n)}
+    keep = (x, packed, bias, y)  # the calls below see only their addresses: keep them alive
+    for label, lib in builds.items():
+        args = (x.data_ptr(), packed.data_ptr(), bias.data_ptr(), None, y.data_ptr())
+        dims = (n, h, w, cin, cout, stride, 1, threads)
+        variants[label] = (
+            lambda lib=lib, args=args, dims=dims, keep=keep: lib.pointwise_fma(*args, *dims),
+            n,
+        )
+    return variants
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--models", default="resnext50_32x4d,resnet50")
+    parser.add_argument("--blockings", default="", help="extra builds: 'A=1,B=2;C=3'")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    reason = pointwise_fma.unavailable_reason()
+    if reason is not None:
+        print(f"the kernel cannot run here: {reason}")
+        return 1
+    builds = {"ours": build_variant([])}
+    for spec in filter(None, args.blockings.split(";")):
+        builds[spec] = build_variant([f"-D{d}" for d in spec.split(",")])
+    per_model = {name: model_shapes(name, args.batch) for name in args.models.split(",")}
+    shapes = sorted({s for counts in per_model.values() for s in counts}, key=lambda s: s[1:])
+    layers: dict[str, dict[str, dict[str, float]]] = {}
+    for shape in shapes:
+        _, cin, cout, h, w, stride = shape
+        flops = 2 * shape[0] * cin * cout * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+        with torch.no_grad():
+            timings = interleaved(shape_variants(shape, builds), rounds=args.rounds, iters=3)
+        key = f"{cin}->{cout} {h}x{w} s{stride}"
+        layers[key] = {
+            v: {"median_ms": 1e3 * t.median_s, "gflops": flops / t.median_s / 1e9}
+            for v, t in timings.items()
+        }
+        base = layers[key]["onednn"]["median_ms"]
+        row = "  ".join(
+            f"{v} {r['median_ms']:.2f} ms ({r['gflops']:.0f} GFLOP/s, {base / r['median_ms']:.2f}×)"
+            for v, r in layers[key].items()
+        )
+        print(f"{key:22s} {row}", flush=True)
+    totals: dict[str, dict[str, float]] = {}
+    for name, counts in per_model.items():
+        totals[name] = {
+            v: sum(
+                layers[f"{s[1]}->{s[2]} {s[3]}x{s[4]} s{s[5]}"][v]["median_ms"] * k
+                for s, k in counts.items()
+            )
+            for v in ("onednn", *builds)
+        }
+        base = totals[name]["onednn"]
+        print(
+            f"{name}: its {sum(counts.values())} 1×1s a batch: "
+            + ", ".join(f"{v} {ms:.1f} ms ({base / ms:.3f}×)" for v, ms in totals[name].items())
+        )
+    config = vars(args) | {"out": str(args.out)}
+    path = write_results(
+        args.out, "bench-pointwise-fma", config, {"layers": layers, "totals": totals}
+    )
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
