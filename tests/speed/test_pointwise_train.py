@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnext
-from resnext.speed import autotune, pointwise_gemm, pointwise_train, pointwise_wgrad_amx
+from resnext.speed import (
+    autotune,
+    pointwise_fma,
+    pointwise_gemm,
+    pointwise_train,
+    pointwise_wgrad_amx,
+)
 from resnext.speed.pointwise_train import (
     TrainingPointwiseConv2d,
     gemm_weight_grad,
@@ -126,20 +132,29 @@ def test_module_under_bf16_autocast_is_as_close_to_float64_as_torch(
     )
 
 
+FMA = pointwise_fma.unavailable_reason()
+
+
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("path", ["onednn", "gemm"])
+@pytest.mark.parametrize("path", ["onednn", "gemm", "ours-fma"])
 def test_module_in_float32_equals_torch(stride: int, path: str, monkeypatch) -> None:
+    if path == "ours-fma" and FMA is not None:
+        pytest.skip(f"our FMA product is unavailable here: {FMA}")
     plain, fast = _pair(32, 48, seed=4)
     plain.stride = fast.stride = (stride, stride)
-    seen = []
+    seen, fma = [], []
     fn = pointwise_train.gemm_weight_grad
     monkeypatch.setattr(pointwise_train, "gemm_weight_grad", lambda *a: seen.append(1) or fn(*a))
+    product = pointwise_train.fma_product
+    monkeypatch.setattr(pointwise_train, "fma_product", lambda *a: fma.append(1) or product(*a))
     x = _cl(torch.randn(3, 32, 7, 9, generator=torch.Generator().manual_seed(2)))
     plain.train(), fast.train()
     want = _grads(plain, x, None)
     with autotune.CHOOSER.prefer(path):
         got = _grads(fast, x, None)
     assert len(seen) == (path == "gemm")  # the float32 weight gradient took the pinned path
+    # ours: the forward at any stride, the input gradient (a product with wᵀ) at stride 1
+    assert len(fma) == (0 if path != "ours-fma" else 2 if stride == 1 else 1)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -227,7 +242,7 @@ def test_convs_the_gemm_does_not_take_are_left_alone() -> None:
 
 def _block_grads(block: nn.Module, x: torch.Tensor, seed: int = 7) -> tuple[torch.Tensor, ...]:
     x = x.detach().clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=x.dtype != torch.float64):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=x.dtype == torch.bfloat16):
         y = block(x)
     upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
     y.backward(upstream.contiguous(memory_format=torch.channels_last))
@@ -298,3 +313,27 @@ def test_fork_is_plain_where_it_does_not_apply(case, monkeypatch) -> None:
         want = fast(x)
     assert shortcut is x
     torch.testing.assert_close(y, want)
+
+
+@pytest.mark.skipif(FMA is not None, reason=f"our FMA product is unavailable here: {FMA}")
+def test_float32_block_sums_the_shortcuts_gradient_inside_our_fma_product(monkeypatch) -> None:
+    plain = _bottleneck(projection=False).double()
+    fast = copy.deepcopy(plain).float()
+    use_gemm_weight_grad(fast)
+    adds = []
+    product = pointwise_train.fma_product
+    monkeypatch.setattr(
+        pointwise_train,
+        "fma_product",
+        lambda x, w, s, add=None: adds.append(add is not None) or product(x, w, s, add),
+    )
+    x = torch.randn(2, 64, 7, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = _block_grads(plain, _cl(x, torch.float64))
+    with autotune.CHOOSER.prefer("ours-fma"):
+        got = _block_grads(fast, _cl(x))
+    # conv1 (the fork) and conv3 forward and input gradients; one input gradient adds the
+    # shortcut's gradient as it writes, which a dropped term would leave off by all of it
+    assert sorted(adds) == [False, False, False, True]
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        assert _rel(g, w) < 1e-5

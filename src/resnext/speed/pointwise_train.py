@@ -2,8 +2,10 @@
 
 A 1×1 convolution's three training products each have several exact implementations:
 - the forward: oneDNN's convolution, or, at stride 1 with multiples of 64 channels, our bf16
-  product (`resnext.speed.pointwise_gemm`, AVX512-BF16 pair dot products);
-- the input gradient: oneDNN's convolution backward, or our product with the weight transposed;
+  product (`resnext.speed.pointwise_gemm`, AVX512-BF16 pair dot products), or in float32 our
+  AVX2 FMA product (`resnext.speed.pointwise_fma`, outputs a multiple of 16, any stride);
+- the input gradient: oneDNN's convolution backward, or our product with the weight transposed
+  (in float32 the FMA product, at stride 1 with inputs a multiple of 16);
 - the weight gradient dW = Gᵀ·X, with the output gradient G viewed as (N·H·W) × C_out and the
   input X as (N·H·W) × C_in (subsampled first at stride 2): oneDNN's convolution backward, one
   `torch.mm`, our kernel (pixel pairs, float32 sums; C_in a multiple of 64), or on a CPU with
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from resnext.speed import autotune, pointwise_gemm, pointwise_wgrad_amx
+from resnext.speed import autotune, pointwise_fma, pointwise_gemm, pointwise_wgrad_amx
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
 # bf16, and float32 where only oneDNN and the GEMM compete (our products are bf16): MKL's float32
@@ -45,6 +47,25 @@ def our_product_applies(dtype: torch.dtype, weight: torch.Tensor, stride: int) -
         and pointwise_gemm.takes(weight.shape[1], weight.shape[0])
         and pointwise_gemm.unavailable_reason() is None
     )
+
+
+def fma_product_applies(dtype: torch.dtype, out_channels: int) -> bool:
+    """Whether `kernels/pointwise_fma.c` computes a float32 product with this many outputs."""
+    return (
+        dtype == torch.float32
+        and out_channels % pointwise_fma.PANEL == 0
+        and pointwise_fma.unavailable_reason() is None
+    )
+
+
+def fma_product(
+    x: torch.Tensor, w: torch.Tensor, stride: int, add: torch.Tensor | None = None
+) -> torch.Tensor:
+    """conv2d(x, w, stride) (+ `add`) of a bias-free float32 1×1 weight `w` (C_out, C_in, 1, 1)
+    by our FMA kernel, `add` summed in as it writes; the weight is packed on every call, as it
+    changes every step."""
+    bias = torch.zeros(w.shape[0])
+    return pointwise_fma.run(x, pointwise_fma.pack(w), bias, stride, residual=add)
 
 
 def our_weight_grad_applies(x: torch.Tensor) -> bool:
@@ -125,6 +146,8 @@ def forward_candidates(
         candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
             x, pointwise_gemm.pack_forward(weight)
         )
+    if fma_product_applies(x.dtype, w.shape[0]):
+        candidates["ours-fma"] = lambda: fma_product(x, w, stride)
     return candidates
 
 
@@ -139,6 +162,8 @@ def input_grad_candidates(
         candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
             grad, pointwise_gemm.pack_input_grad(weight)
         )
+    if stride == 1 and fma_product_applies(grad.dtype, w.shape[1]):
+        candidates["ours-fma"] = lambda: fma_product(grad, w.transpose(0, 1), 1)
     return candidates
 
 
@@ -163,10 +188,13 @@ def fork_input_grad_candidates(
     """The input gradient of a stride-1 1×1 convolution plus the gradient that reached its input
     along the block's shortcut: oneDNN's then an addition (what autograd does for a tensor used
     twice), or one GEMM that adds the product to the shortcut's gradient as it writes it."""
-    return {
+    candidates = {
         "onednn": lambda: _onednn_backward(grad, x, w, 1, 0) + shortcut_grad,
         "gemm": lambda: gemm_input_grad(grad, w, x, add=shortcut_grad),
     }
+    if fma_product_applies(grad.dtype, w.shape[1]):
+        candidates["ours-fma"] = lambda: fma_product(grad, w.transpose(0, 1), 1, shortcut_grad)
+    return candidates
 
 
 def _forward(
