@@ -4,8 +4,10 @@ Usage: .venv/bin/python benchmarks/bench_pointwise_fma.py [--batch 16] [--rounds
            [--models resnext50_32x4d,resnet50] [--blockings "K_SLICE=128;TILES_PER_BLOCK=2"]
 
 Every distinct 1×1 convolution of the models (input shape, outputs, stride, taken from the
-models themselves) is timed both ways with its ReLU, interleaved, and weighted by how often
-each model has it: the models' whole 1×1 time a batch, oneDNN's against ours. `--blockings`
+models themselves) is timed both ways with what follows it in the frozen graph, interleaved: a
+block's last 1×1 with the residual add and ReLU written over the residual, the others with a
+ReLU into a new output (a projection shortcut has none, timed with one all the same). Weighted
+by how often each model has each: the models' whole 1×1 time a batch, oneDNN's against ours. `--blockings`
 adds builds of the kernel with other blocking constants (`;`-separated builds, each a
 `,`-separated list of NAME=VALUE compiler defines), to rerun the choice the kernel's comment
 records on another CPU.
@@ -24,13 +26,15 @@ from torch import nn
 import resnext
 from resnext import native
 from resnext.speed import pointwise_fma
+from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.conv_x3_swap import _onednn_runner, fma_eligible
 from resnext.speed.fold import fold_batchnorm
 from resnext.speed.grouped_swap import input_shapes
 from resnext.speed.measure import interleaved
 from resnext.speed.provenance import write_results
 
-Shape = tuple[int, int, int, int, int, int]  # batch, in, out, height, width, stride
+# batch, in, out, height, width, stride, and whether the residual add comes after
+Shape = tuple[int, int, int, int, int, int, bool]
 
 
 def model_shapes(name: str, batch: int) -> Counter[Shape]:
@@ -41,8 +45,14 @@ def model_shapes(name: str, batch: int) -> Counter[Shape]:
     counts: Counter[Shape] = Counter()
     for layer, (n, c, h, w) in seen.items():
         conv = model.get_submodule(layer)
-        counts[(n, c, conv.out_channels, h, w, conv.stride[0])] += 1
+        add = layer.endswith("conv3")  # a bottleneck's last 1×1
+        counts[(n, c, conv.out_channels, h, w, conv.stride[0], add)] += 1
     return counts
+
+
+def label(shape: Shape) -> str:
+    _, cin, cout, h, w, stride, add = shape
+    return f"{cin}->{cout} {h}x{w} s{stride} {'+add+relu' if add else '+relu'}"
 
 
 def build_variant(defines: list[str]) -> ctypes.CDLL:
@@ -55,24 +65,29 @@ def build_variant(defines: list[str]) -> ctypes.CDLL:
 
 def shape_variants(shape: Shape, builds: dict[str, ctypes.CDLL]) -> dict[str, tuple]:
     """oneDNN and each build of ours on one shape, as `interleaved` takes them."""
-    n, cin, cout, h, w, stride = shape
+    n, cin, cout, h, w, stride, add = shape
     conv = nn.Conv2d(cin, cout, 1, stride=stride).eval().requires_grad_(False)
     x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
     onednn = _onednn_runner(conv, True, tuple(x.shape))
     packed = pointwise_fma.pack(conv.weight)
     bias = conv.bias.detach().contiguous()
-    y = torch.empty(pointwise_fma.output_shape(tuple(x.shape), cout, stride))
-    y = y.contiguous(memory_format=torch.channels_last)
+    out = pointwise_fma.output_shape(tuple(x.shape), cout, stride)
+    # written over in place, as in the graph: its values drift from call to call
+    res = torch.randn(out).contiguous(memory_format=torch.channels_last) if add else None
     threads = torch.get_num_threads()
-    variants: dict[str, tuple] = {"onednn": (lambda: onednn(x, None), n)}
-    keep = (x, packed, bias, y)  # the calls below see only their addresses: keep them alive
-    for label, lib in builds.items():
-        args = (x.data_ptr(), packed.data_ptr(), bias.data_ptr(), None, y.data_ptr())
-        dims = (n, h, w, cin, cout, stride, 1, threads)
-        variants[label] = (
-            lambda lib=lib, args=args, dims=dims, keep=keep: lib.pointwise_fma(*args, *dims),
-            n,
-        )
+    variants: dict[str, tuple] = {"onednn": (lambda: onednn(x, res), n)}
+    for name, lib in builds.items():
+
+        def ours(lib: ctypes.CDLL = lib) -> torch.Tensor:
+            # a new output each call, as oneDNN's and the operator's, unless written in place
+            y = torch.empty(out, memory_format=torch.channels_last) if res is None else res
+            args = (x.data_ptr(), packed.data_ptr(), bias.data_ptr(), None, y.data_ptr())
+            if res is not None:
+                args = (*args[:3], y.data_ptr(), y.data_ptr())
+            lib.pointwise_fma(*args, n, h, w, cin, cout, stride, 1, threads)
+            return y
+
+        variants[name] = (ours, n)
     return variants
 
 
@@ -84,6 +99,10 @@ def main() -> int:
     parser.add_argument("--blockings", default="", help="extra builds: 'A=1,B=2;C=3'")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    # as `resnext bench` runs: without it every new output is a fresh mmap, page-faulted in
+    # by whichever kernel writes it first, which is most of a 56² layer's time in both ways
+    kept = keep_freed_memory()
+    print(f"allocator: glibc, freed memory {'kept' if kept else 'returned (not glibc?)'}")
     reason = pointwise_fma.unavailable_reason()
     if reason is not None:
         print(f"the kernel cannot run here: {reason}")
@@ -95,11 +114,11 @@ def main() -> int:
     shapes = sorted({s for counts in per_model.values() for s in counts}, key=lambda s: s[1:])
     layers: dict[str, dict[str, dict[str, float]]] = {}
     for shape in shapes:
-        _, cin, cout, h, w, stride = shape
-        flops = 2 * shape[0] * cin * cout * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+        n, cin, cout, h, w, stride, _ = shape
+        flops = 2 * n * cin * cout * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
         with torch.no_grad():
             timings = interleaved(shape_variants(shape, builds), rounds=args.rounds, iters=3)
-        key = f"{cin}->{cout} {h}x{w} s{stride}"
+        key = label(shape)
         layers[key] = {
             v: {"median_ms": 1e3 * t.median_s, "gflops": flops / t.median_s / 1e9}
             for v, t in timings.items()
@@ -109,14 +128,11 @@ def main() -> int:
             f"{v} {r['median_ms']:.2f} ms ({r['gflops']:.0f} GFLOP/s, {base / r['median_ms']:.2f}×)"
             for v, r in layers[key].items()
         )
-        print(f"{key:22s} {row}", flush=True)
+        print(f"{key:32s} {row}", flush=True)
     totals: dict[str, dict[str, float]] = {}
     for name, counts in per_model.items():
         totals[name] = {
-            v: sum(
-                layers[f"{s[1]}->{s[2]} {s[3]}x{s[4]} s{s[5]}"][v]["median_ms"] * k
-                for s, k in counts.items()
-            )
+            v: sum(layers[label(s)][v]["median_ms"] * k for s, k in counts.items())
             for v in ("onednn", *builds)
         }
         base = totals[name]["onednn"]

@@ -124,16 +124,6 @@ def _check_packed(packed: torch.Tensor, in_ch: int, kernel: int) -> int:
     return packed.shape[0] * 16
 
 
-def _check_float_nhwc(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
-    if t.dtype != torch.float32 or t.dim() != 4 or t.device.type != "cpu":
-        raise ValueError(
-            f"{name}: expected a 4-d float32 CPU tensor, got {t.dtype} {tuple(t.shape)} on "
-            f"{t.device}"
-        )
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-
-
 def check_fits(h: int, w: int, kernel: int, padding: int) -> None:
     """A ValueError naming x unless its padded h × w holds the kernel at least once."""
     if h + 2 * padding < kernel or w + 2 * padding < kernel:
@@ -177,7 +167,7 @@ def run(
     """``relu?(conv2d(x, w, bias, stride, padding) + residual)`` in float32 with `packed` =
     pack(w), written over `residual` (channels_last, which is then returned) if `in_place`."""
     operators.check_no_grad("conv_x3", x, residual)
-    _check_float_nhwc("x", x)
+    operators.check_float32_4d("x", x)
     n, cin, h, w = x.shape
     c = _check_packed(packed, cin, kernel)
     if not supports(cin, c, kernel, stride, padding):
@@ -189,7 +179,7 @@ def run(
     check_bias(bias, c)
     expected = output_shape(tuple(x.shape), c, kernel, stride, padding)
     if residual is not None:
-        _check_float_nhwc("residual", residual, expected)
+        operators.check_float32_4d("residual", residual, expected)
     if in_place:
         if residual is None or not residual.is_contiguous(memory_format=torch.channels_last):
             raise ValueError("residual: writing in place needs a channels_last residual")
@@ -236,8 +226,8 @@ def run_with_shortcut(
     pack(torch.cat([w, wsc], 1)) (x's channels first) and `bias` the two biases summed. The
     projection's output never goes to memory."""
     operators.check_no_grad("conv_x3", x, shortcut)
-    _check_float_nhwc("x", x)
-    _check_float_nhwc("shortcut", shortcut)
+    operators.check_float32_4d("x", x)
+    operators.check_float32_4d("shortcut", shortcut)
     n, cin, h, w = x.shape
     c2, h2, w2 = shortcut.shape[1:]
     if cin % 32 or c2 % 32:

@@ -38,3 +38,14 @@ def check_no_grad(name: str, *tensors: torch.Tensor | None) -> None:
             f"{name}: an inference kernel without a gradient got an input that requires one; "
             "call it under torch.no_grad() or torch.inference_mode()"
         )
+
+
+def check_float32_4d(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
+    """A ValueError naming `name` unless `t` is a 4-d float32 CPU tensor (of `shape`, if given)."""
+    if t.dtype != torch.float32 or t.dim() != 4 or t.device.type != "cpu":
+        raise ValueError(
+            f"{name}: expected a 4-d float32 CPU tensor, got {t.dtype} {tuple(t.shape)} on "
+            f"{t.device}"
+        )
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")

@@ -76,16 +76,6 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return panels.transpose(1, 2).contiguous()
 
 
-def _check_float_nhwc(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
-    if t.dtype != torch.float32 or t.dim() != 4 or t.device.type != "cpu":
-        raise ValueError(
-            f"{name}: expected a 4-d float32 CPU tensor, got {t.dtype} {tuple(t.shape)} on "
-            f"{t.device}"
-        )
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-
-
 def _check_packed(packed: torch.Tensor, in_ch: int) -> int:
     """The output channels of `packed`, a ValueError naming it unless it is `pack`'s output for
     `in_ch` input channels."""
@@ -120,7 +110,7 @@ def run(
     """``relu?(conv2d(x, w, bias, stride) + residual)`` in float32 for a 1×1 weight `w` with
     `packed` = pack(w), written over `residual` (channels_last, then returned) if `in_place`."""
     operators.check_no_grad("pointwise_fma", x, residual)
-    _check_float_nhwc("x", x)
+    operators.check_float32_4d("x", x)
     n, cin, h, w = x.shape
     c = _check_packed(packed, cin)
     if stride < 1:
@@ -129,7 +119,7 @@ def run(
         raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} {bias.numel()}")
     expected = output_shape(tuple(x.shape), c, stride)
     if residual is not None:
-        _check_float_nhwc("residual", residual, expected)
+        operators.check_float32_4d("residual", residual, expected)
     if in_place:
         if residual is None or not residual.is_contiguous(memory_format=torch.channels_last):
             raise ValueError("residual: writing in place needs a channels_last residual")
