@@ -9,13 +9,13 @@ are printed and written to benchmarks/results/allocator-<time>.json with provena
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import bench_args
 from resnext.speed.provenance import write_results
 
 HERE = Path(__file__).resolve().parent
@@ -60,11 +60,8 @@ def measure(model: str, batch: int, dtype: str, cl: bool, keep: bool) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_args.parser(__doc__, batch=128, rounds=3)
     parser.add_argument("--model", default="resnext29_4x16d")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
     settings = [("fp32", False), ("fp32", True), ("bf16", True)]
     results = {}

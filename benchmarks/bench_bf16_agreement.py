@@ -13,12 +13,12 @@ agreement depends on the draw: compare settings (e.g. --fuse-block) on the same 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+import bench_args
 import resnext
 from resnext.data.images import load_rgb
 from resnext.data.presets import imagenet_eval
@@ -28,15 +28,13 @@ from resnext.speed.provenance import write_results
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_args.parser(__doc__, batch=25)
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--model", default="resnext50_32x4d")
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fuse-block", choices=("auto", "on", "off"), default="auto")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model = resnext.create_model(args.model).eval()

@@ -11,12 +11,12 @@ cannot download.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+import bench_args
 from resnext.config.io import config_from_dict, read_file
 from resnext.data import build_dataset, default_transforms
 from resnext.inference.loading import load_model
@@ -35,11 +35,9 @@ def _splits(run: Path) -> dict[str, object]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_args.parser(__doc__, batch=128)
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--checkpoint", default="best.pt")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     model = load_model(weights=args.run / "checkpoints" / args.checkpoint).model.eval()
     splits = _splits(args.run)

@@ -10,12 +10,11 @@ alone, through `run_block_kernel`'s checks, and through each operator. Needs a C
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 
+import bench_args
 from resnext.speed import grouped_amx
 from resnext.speed.measure import interleaved
 from resnext.speed.pointwise_fusion import onednn_weights
@@ -113,11 +112,8 @@ def call_overhead(calls: int) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser = bench_args.parser(__doc__, batch=16, rounds=9)
     parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     reason = grouped_amx.unavailable_reason()
     if reason is not None:

@@ -10,13 +10,13 @@ provenance to benchmarks/results/cifar10-mini-<time>.json. Run folders go to --r
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
 import sys
 from pathlib import Path
 
+import bench_args
 from resnext.config import config_to_dict, load_config
 from resnext.models import ModelSpec, count, get_spec
 from resnext.speed.provenance import write_results
@@ -50,13 +50,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_args.parser(__doc__)
     parser.add_argument("--recipe", default="cifar10_mini_cpu")
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="cifar-10-batches-py folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=["resnext", "resnet"])
     parser.add_argument("--runs", default="runs/bench-cifar10-mini", help="run folders")
-    parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     args = parser.parse_args(argv)
     if not Path(args.root).is_dir():

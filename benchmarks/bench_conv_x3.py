@@ -10,13 +10,11 @@ the output's largest value. Needs a CPU with AMX.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bench_args
 from resnext.speed import conv_x3
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
@@ -89,10 +87,7 @@ def shape_variants(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser = bench_args.parser(__doc__, batch=16, rounds=9)
     args = parser.parse_args()
     reason = conv_x3.unavailable_reason()
     if reason is not None:

@@ -7,14 +7,13 @@ for ResNeXt-50 with oneDNN's grouped convolution and with our kernel (`grouped_k
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch import nn
 
+import bench_args
 import resnext
 from resnext.speed import grouped, grouped_amx, grouped_kernel
 from resnext.speed.fastpath import optimize
@@ -118,16 +117,12 @@ def profile_layers(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser = bench_args.parser(__doc__, batch=16, rounds=5, dtypes="fp32,bf16")
     parser.add_argument(
         "--compiled",
         action="store_true",
         help="also time the shifted-sum decomposition compiled by inductor (slow to compile)",
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     results: dict[str, object] = {"layers": {}, "profile": {}}
@@ -161,7 +156,7 @@ def main() -> int:
                 f"{dname}/{label} ms/img: "
                 + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in prof.items())
             )
-    path = write_results(args.out, "bench-grouped", vars(args) | {"out": str(args.out)}, results)
+    path = write_results(args.out, "bench-grouped", vars(args), results)
     print(f"results: {path}")
     return 0
 

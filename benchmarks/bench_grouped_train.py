@@ -11,13 +11,12 @@ each.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import bench_args
 from resnext.speed import grouped_train
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
@@ -58,11 +57,7 @@ def layer_ops(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser = bench_args.parser(__doc__, batch=16, rounds=5, dtypes="bf16,fp32")
     args = parser.parse_args()
     keep_freed_memory()
     results: dict[str, object] = {}
@@ -94,9 +89,7 @@ def main() -> int:
                 line.append(f"{op}: " + " / ".join(parts))
             results[f"{dname}/{c}x{size}/s{stride}"] = row
             print("  ".join(line), flush=True)
-    path = write_results(
-        args.out, "bench-grouped-train", vars(args) | {"out": str(args.out)}, results
-    )
+    path = write_results(args.out, "bench-grouped-train", vars(args), results)
     print(f"results: {path}")
     return 0
 

@@ -15,14 +15,13 @@ records on another CPU.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch import nn
 
+import bench_args
 import resnext
 from resnext import native
 from resnext.speed import pointwise_fma
@@ -92,12 +91,8 @@ def shape_variants(shape: Shape, builds: dict[str, ctypes.CDLL]) -> dict[str, tu
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--models", default="resnext50_32x4d,resnet50")
+    parser = bench_args.parser(__doc__, batch=16, rounds=7, models="resnext50_32x4d,resnet50")
     parser.add_argument("--blockings", default="", help="extra builds: 'A=1,B=2;C=3'")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     # as `resnext bench` runs: without it every new output is a fresh mmap, page-faulted in
     # by whichever kernel writes it first, which is most of a 56² layer's time in both ways
@@ -140,7 +135,7 @@ def main() -> int:
             f"{name}: its {sum(counts.values())} 1×1s a batch: "
             + ", ".join(f"{v} {ms:.1f} ms ({base / ms:.3f}×)" for v, ms in totals[name].items())
         )
-    config = vars(args) | {"out": str(args.out)}
+    config = vars(args)
     path = write_results(
         args.out, "bench-pointwise-fma", config, {"layers": layers, "totals": totals}
     )

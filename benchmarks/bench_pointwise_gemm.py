@@ -12,14 +12,13 @@ hot in cache.
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import bench_args
 from bench_pointwise_train import SETS, pointwise_shapes, tensor_sets
 from resnext.speed import pointwise_gemm
 from resnext.speed.allocator import keep_freed_memory
@@ -82,12 +81,9 @@ def layer_ops(cin: int, cout: int, size: int, batch: int) -> dict[str, Callable[
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnext50_32x4d,resnet50")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser = bench_args.parser(
+        __doc__, models="resnext50_32x4d,resnet50", batch=16, image_size=224, rounds=5
+    )
     args = parser.parse_args()
     problem = pointwise_gemm.unavailable_reason()
     if problem is not None:
@@ -136,7 +132,7 @@ def main() -> int:
     path = write_results(
         args.out,
         "bench-pointwise-gemm",
-        vars(args) | {"out": str(args.out)},
+        vars(args),
         {"layers": results, "summed_ms": dict(totals)},
     )
     print(f"results: {path}")

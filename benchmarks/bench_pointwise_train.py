@@ -14,14 +14,13 @@ implementations; `resnext train` uses the fused one.
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
+import bench_args
 import resnext
 from resnext.speed import pointwise_wgrad_amx
 from resnext.speed.allocator import keep_freed_memory
@@ -116,13 +115,14 @@ def sgd_ops(name: str) -> dict[str, Callable[[], object]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnext50_32x4d,resnet50")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser = bench_args.parser(
+        __doc__,
+        models="resnext50_32x4d,resnet50",
+        batch=16,
+        image_size=224,
+        rounds=5,
+        dtypes="bf16,fp32",
+    )
     args = parser.parse_args()
     keep_freed_memory()
     models = args.models.split(",")
@@ -176,9 +176,7 @@ def main() -> int:
         print(
             f"SGD step {name}: " + ", ".join(f"{k} {1e3 * v.median_s:.2f} ms" for k, v in t.items())
         )
-    path = write_results(
-        args.out, "bench-pointwise-train", vars(args) | {"out": str(args.out)}, results
-    )
+    path = write_results(args.out, "bench-pointwise-train", vars(args), results)
     print(f"results: {path}")
     return 0
 

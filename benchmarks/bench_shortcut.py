@@ -13,12 +13,11 @@ float32: our projection, then the last 1×1 adding it in place) and as one call
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
+import bench_args
 import resnext
 from resnext.speed import conv_x3, grouped_amx
 from resnext.speed.allocator import keep_freed_memory
@@ -47,11 +46,8 @@ def _choices(dtype: torch.dtype, batch: int, repeats: int) -> list[LayerChoice]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
+    parser = bench_args.parser(__doc__, batch=16, dtypes="bf16,fp32")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     wanted = args.dtypes.split(",")

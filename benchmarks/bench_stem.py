@@ -19,14 +19,13 @@ anew, and those differ by more than the stem's share). Needs a CPU with AMX.
 
 from __future__ import annotations
 
-import argparse
 import copy
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bench_args
 import resnext
 from resnext.speed import conv_x3, stem
 from resnext.speed.allocator import keep_freed_memory
@@ -89,11 +88,9 @@ def _whole(model: nn.Module, dtype: str, batch: int, repeats: int) -> dict[str, 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_args.parser(__doc__, dtypes="bf16,fp32")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     wanted = args.dtypes.split(",")

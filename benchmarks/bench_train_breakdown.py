@@ -13,15 +13,14 @@ pooling, loss, optimizer) is the step minus the convolutions.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bench_args
 import resnext
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import time_call
@@ -136,10 +135,7 @@ def phase_split(models: dict[str, nn.Module], batch: int, rounds: int) -> dict[s
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser = bench_args.parser(__doc__, batch=16, rounds=5)
     args = parser.parse_args()
     print(f"allocator: glibc with freed memory kept: {keep_freed_memory()}")
     models = {name: resnext.create_model(name) for name in MODELS}
@@ -175,7 +171,7 @@ def main() -> int:
     x_step, r_step = (phases[m]["step"] for m in MODELS)
     results["step_ratio"] = x_step / r_step
     print(f"ResNeXt-50 / ResNet-50 step time: {x_step / r_step:.3f}")
-    path = write_results(args.out, "bench-train-breakdown", vars(args) | {"out": str(args.out)},
+    path = write_results(args.out, "bench-train-breakdown", vars(args),
                          results)  # fmt: skip
     print(f"results: {path}")
     return 0

@@ -17,14 +17,13 @@ median and best step of each arm and their ratios to `none` are reported. Separa
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+import bench_args
 import resnext
 from resnext.speed import autotune
 from resnext.speed.allocator import keep_freed_memory
@@ -96,12 +95,9 @@ def run_arms(name: str, batch: int, image_size: int, rounds: int) -> dict[str, d
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnext50_32x4d,resnet50")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser = bench_args.parser(
+        __doc__, models="resnext50_32x4d,resnet50", batch=16, image_size=224, rounds=12
+    )
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does: otherwise every step page-faults its activations
     results = {}

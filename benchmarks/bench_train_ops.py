@@ -14,9 +14,7 @@ bandwidth. Their sum is the fastest step this machine could run with these opera
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
+import bench_args
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.peak import measure_peaks
 from resnext.speed.provenance import write_results
@@ -24,15 +22,11 @@ from resnext.speed.step_ops import KINDS, by_kind, measure_step_ops, roofline
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnext50_32x4d,resnet50")
+    parser = bench_args.parser(__doc__, models="resnext50_32x4d,resnet50", batch=16, image_size=224)
     parser.add_argument("--variant", default="cl-bf16-fused-grouped-gemm-pool")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--top", type=int, default=25, help="slowest operators kept per model")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does: otherwise every step page-faults its activations
     peaks = measure_peaks()
@@ -83,7 +77,7 @@ def main() -> int:
             f"its ceiling: {summary['ceiling_ms']:.1f} ms ({summary['ceiling_img_per_s']:.1f} img/s)",
             flush=True,
         )
-    config = vars(args) | {"out": str(args.out)}
+    config = vars(args)
     path = write_results(args.out, "bench-train-ops", config, results)
     print(f"results: {path}")
     return 0

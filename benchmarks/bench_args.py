@@ -1,0 +1,34 @@
+"""The command-line options the benchmark scripts share, each defined once."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"  # where every script writes its JSON
+
+
+def parser(
+    doc: str | None,
+    *,
+    models: str | None = None,
+    batch: int | None = None,
+    image_size: int | None = None,
+    rounds: int | None = None,
+    dtypes: str | None = None,
+) -> argparse.ArgumentParser:
+    """A parser described by the first line of the script's docstring `doc`, with `--out` and
+    each shared option whose default is given here (None leaves the option out)."""
+    out = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    if models is not None:
+        out.add_argument("--models", default=models, help="registry names, comma-separated")
+    if batch is not None:
+        out.add_argument("--batch", type=int, default=batch)
+    if image_size is not None:
+        out.add_argument("--image-size", type=int, default=image_size)
+    if rounds is not None:
+        out.add_argument("--rounds", type=int, default=rounds, help="interleaved timing rounds")
+    if dtypes is not None:
+        out.add_argument("--dtypes", default=dtypes, help="fp32 and/or bf16, comma-separated")
+    out.add_argument("--out", type=Path, default=RESULTS, help="folder for the results JSON")
+    return out
