@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager
 import pytest
 import torch
 import torch.nn.functional as F
+from block_nets import Bottleneck, Net
 from torch import nn
 
 import resnext
@@ -241,39 +242,10 @@ def test_only_float32_convs_the_kernel_takes_are_eligible() -> None:
         ConvX3(nn.Conv2d(64, 32, 3, groups=2))
 
 
-class _Bottleneck(nn.Module):
-    """1×1 → ReLU → 1×1 → identity → + shortcut → ReLU, the shortcut a projection or x."""
-
-    def __init__(self, cin: int, width: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 1)
-        self.conv3 = nn.Conv2d(width, cout, 1, stride=stride)
-        self.bn3 = nn.Identity()
-        self.relu = nn.ReLU()
-        project = stride != 1 or cin != cout
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride)) if project else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(self.bn3(self.conv3(self.relu(self.conv1(x)))) + shortcut)
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 64, 3, padding=1)
-        self.blocks = nn.Sequential(
-            _Bottleneck(64, 32, 128, 1), _Bottleneck(128, 32, 128, 1), _Bottleneck(128, 64, 256, 2)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x))
-
-
 @needs_amx
 def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() -> None:
     torch.manual_seed(10)
-    model = _Net().eval()
+    model = Net().eval()
     x = _nhwc(torch.randn(2, 3, 8, 8))
     with torch.no_grad():
         want = model(x)
@@ -298,7 +270,7 @@ def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() 
     assert torch.equal(x, before)
 
 
-class _ReadsShortcutAgain(_Bottleneck):
+class _ReadsShortcutAgain(Bottleneck):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.conv3(self.relu(self.conv1(x))) + x) * x
 
@@ -317,8 +289,8 @@ def test_a_residual_read_after_the_add_or_the_callers_tensor_is_not_overwritten(
     x = _nhwc(torch.randn(1, 64, 5, 5))
     for model, variant in (
         (_Wrap(_ReadsShortcutAgain(64, 32, 64, 1)), "bf16x3+add+relu"),
-        (_Wrap(_Bottleneck(64, 32, 64, 1)), "bf16x3+add+relu, in place"),
-        (nn.Sequential(_Bottleneck(64, 32, 64, 1)), "bf16x3+add+relu"),  # x is the caller's
+        (_Wrap(Bottleneck(64, 32, 64, 1)), "bf16x3+add+relu, in place"),
+        (nn.Sequential(Bottleneck(64, 32, 64, 1)), "bf16x3+add+relu"),  # x is the caller's
     ):
         model.eval()
         with torch.no_grad():

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from block_nets import Net
 from torch import nn
 
 import resnext
@@ -165,39 +166,10 @@ def test_only_float32_1x1s_with_whole_panels_are_eligible() -> None:
         FmaConv1x1(nn.Conv2d(64, 32, 3))
 
 
-class _Bottleneck(nn.Module):
-    """1×1 → ReLU → 1×1 → identity → + shortcut → ReLU, the shortcut a projection or x."""
-
-    def __init__(self, cin: int, width: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 1)
-        self.conv3 = nn.Conv2d(width, cout, 1, stride=stride)
-        self.bn3 = nn.Identity()
-        self.relu = nn.ReLU()
-        project = stride != 1 or cin != cout
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride)) if project else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(self.bn3(self.conv3(self.relu(self.conv1(x)))) + shortcut)
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 64, 3, padding=1)  # not a 1×1: left to oneDNN
-        self.blocks = nn.Sequential(
-            _Bottleneck(64, 32, 128, 1), _Bottleneck(128, 32, 128, 1), _Bottleneck(128, 64, 256, 2)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x))
-
-
 @needs_fma
 def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() -> None:
     torch.manual_seed(10)
-    model = _Net().eval()
+    model = Net().eval()
     x = _nhwc(torch.randn(2, 3, 8, 8))
     with torch.no_grad():
         want = model(x)

@@ -20,7 +20,8 @@ import torch
 
 from resnext import native
 from resnext.speed import operators
-from resnext.speed.grouped_amx import FLAGS, load_amx, overlap
+from resnext.speed.grouped_amx import FLAGS, load_amx
+from resnext.speed.operators import check_bias
 
 SOURCE = Path(__file__).with_name("kernels") / "conv_x3_amx.c"
 
@@ -130,12 +131,6 @@ def check_fits(h: int, w: int, kernel: int, padding: int) -> None:
         raise ValueError(f"x: {h}×{w} is smaller than the {kernel}×{kernel} kernel")
 
 
-def check_bias(bias: torch.Tensor, c: int) -> None:
-    """A ValueError naming `bias` unless it holds `c` float32 values."""
-    if bias.dtype != torch.float32 or bias.numel() != c:
-        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} {bias.numel()}")
-
-
 def check_rc(rc: int, function: str, what: str) -> None:
     """The C function's refusal (its return code, unless 0) as a MemoryError or RuntimeError."""
     if rc == -2:
@@ -178,18 +173,7 @@ def run(
     check_fits(h, w, kernel, padding)
     check_bias(bias, c)
     expected = output_shape(tuple(x.shape), c, kernel, stride, padding)
-    if residual is not None:
-        operators.check_float32_4d("residual", residual, expected)
-    if in_place:
-        if residual is None or not residual.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError("residual: writing in place needs a channels_last residual")
-        if overlap(x, residual):
-            raise ValueError("residual: must not share memory with x when written in place")
-        y = residual
-    else:
-        if residual is not None:
-            residual = residual.contiguous(memory_format=torch.channels_last)
-        y = torch.empty(expected, dtype=torch.float32, memory_format=torch.channels_last)
+    y, residual = operators.float32_output(x, expected, residual, in_place)
     x = x.contiguous(memory_format=torch.channels_last)
     if y.numel():
         rc = _library().conv_x3_amx(

@@ -18,6 +18,7 @@ import torch
 from resnext import native
 from resnext.speed import operators
 from resnext.speed.grouped_kernel import check_bias, output_for, output_size
+from resnext.speed.operators import overlap
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_amx.c"
 FLAGS = (
@@ -508,20 +509,6 @@ def run_shortcut_block_kernel(
         )
         check_rc(rc, f"block_amx_shortcut failed on {tuple(x.shape)} → {c} → {cout} channels")
     return y
-
-
-def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory spans of two tensors intersect."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1 = (
-        a0 + sum((s - 1) * st for s, st in zip(a.shape, a.stride(), strict=True)) * a.element_size()
-    )
-    b1 = (
-        b0 + sum((s - 1) * st for s, st in zip(b.shape, b.stride(), strict=True)) * b.element_size()
-    )
-    return a0 <= b1 and b0 <= a1
 
 
 # The kernels as torch operators (torch.ops.resnext.*), each with a fake that gives the output's

@@ -24,6 +24,7 @@ from resnext import native
 from resnext.native import NativeUnavailable
 from resnext.speed import operators
 from resnext.speed.capability import cpu_flags, has_avx512_bf16
+from resnext.speed.operators import check_bias
 
 KERNELS = Path(__file__).with_name("kernels")
 SUPPORTED_CPG = (4, 8, 16, 32, 64)
@@ -185,14 +186,6 @@ def output_for(x: torch.Tensor, stride: int, channels: int | None = None) -> tor
     n, c, h, w = x.shape
     shape = (n, c if channels is None else channels, output_size(h, stride), output_size(w, stride))
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-
-
-def check_bias(bias: torch.Tensor | None, channels: int) -> None:
-    """A ValueError naming `bias` unless it is None or `channels` float32 values."""
-    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != channels):
-        raise ValueError(
-            f"bias: expected {channels} float32 values, got {bias.dtype} with {bias.numel()}"
-        )
 
 
 def run_kernel(

@@ -49,3 +49,44 @@ def check_float32_4d(name: str, t: torch.Tensor, shape: tuple[int, ...] | None =
         )
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+
+def check_bias(bias: torch.Tensor | None, channels: int) -> None:
+    """A ValueError naming `bias` unless it is None or `channels` float32 values."""
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() != channels):
+        raise ValueError(
+            f"bias: expected {channels} float32 values, got {bias.dtype} with {bias.numel()}"
+        )
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two tensors intersect."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = (
+        a0 + sum((s - 1) * st for s, st in zip(a.shape, a.stride(), strict=True)) * a.element_size()
+    )
+    b1 = (
+        b0 + sum((s - 1) * st for s, st in zip(b.shape, b.stride(), strict=True)) * b.element_size()
+    )
+    return a0 <= b1 and b0 <= a1
+
+
+def float32_output(
+    x: torch.Tensor, shape: tuple[int, ...], residual: torch.Tensor | None, in_place: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(output, residual) for a float32 kernel whose output has `shape` and may add `residual`:
+    with `in_place` the residual itself (refused, by name, unless it is channels_last and
+    apart from `x`), else a new channels-last tensor and the residual made channels-last."""
+    if residual is not None:
+        check_float32_4d("residual", residual, shape)
+    if in_place:
+        if residual is None or not residual.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError("residual: writing in place needs a channels_last residual")
+        if overlap(x, residual):
+            raise ValueError("residual: must not share memory with x when written in place")
+        return residual, residual
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    return torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last), residual

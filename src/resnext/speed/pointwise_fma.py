@@ -19,7 +19,6 @@ import torch
 
 from resnext import native
 from resnext.speed import operators
-from resnext.speed.grouped_amx import overlap
 
 SOURCE = Path(__file__).with_name("kernels") / "pointwise_fma.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
@@ -115,21 +114,11 @@ def run(
     c = _check_packed(packed, cin)
     if stride < 1:
         raise ValueError(f"stride: expected a positive integer, got {stride}")
-    if bias.dtype != torch.float32 or bias.numel() != c:
-        raise ValueError(f"bias: expected {c} float32 values, got {bias.dtype} {bias.numel()}")
+    if bias is None:
+        raise ValueError(f"bias: expected {c} float32 values, got None")
+    operators.check_bias(bias, c)
     expected = output_shape(tuple(x.shape), c, stride)
-    if residual is not None:
-        operators.check_float32_4d("residual", residual, expected)
-    if in_place:
-        if residual is None or not residual.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError("residual: writing in place needs a channels_last residual")
-        if overlap(x, residual):
-            raise ValueError("residual: must not share memory with x when written in place")
-        y = residual
-    else:
-        if residual is not None:
-            residual = residual.contiguous(memory_format=torch.channels_last)
-        y = torch.empty(expected, dtype=torch.float32, memory_format=torch.channels_last)
+    y, residual = operators.float32_output(x, expected, residual, in_place)
     x = x.contiguous(memory_format=torch.channels_last)
     if y.numel():
         rc = _library().pointwise_fma(
