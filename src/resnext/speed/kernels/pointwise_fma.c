@@ -15,6 +15,10 @@
  * bias (and the residual, which is why the output may be the residual itself: each tile reads
  * its residual before it writes there), the last applies the ReLU.
  *
+ * The first tile over each weight slice prefetches the next slice into L2, one cache line per
+ * input channel: measured 10–25 % off a batch-1 layer whose weights start in memory, nothing
+ * at batch 16.
+ *
  * A stride s > 1 reads every s-th pixel of every s-th row (a projection shortcut): each tile
  * computes its 6 pixels' addresses, so strided rows cost nothing extra.
  */
@@ -35,7 +39,8 @@ enum { TILE_ROWS = 6, PANEL = 16 };
 /* 6 pixels (rows `a[0..5]`, rows past `rows` repeat the last and are not stored) × 16 outputs
  * over `kc` input channels of the panel slice `b` (kc × 16). */
 static void tile(const float *const a[TILE_ROWS], int rows, const float *b, long kc, float *y,
-                 long ldy, int first, int last, const float *bias, const float *res, int relu) {
+                 long ldy, int first, int last, const float *bias, const float *res, int relu,
+                 const float *next) {
   const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
   __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
   /* Named registers, not an array: GCC keeps an array of vectors on the stack. */
@@ -58,6 +63,7 @@ static void tile(const float *const a[TILE_ROWS], int rows, const float *b, long
 #undef INIT
 #pragma GCC unroll 4 /* measured: 3-4 % over the compiler's own choice */
   for (long p = 0; p < kc; p++) {
+    if (next) _mm_prefetch((const char *)(next + p * PANEL), _MM_HINT_T1);
     __m256 b0 = _mm256_loadu_ps(b + p * PANEL), b1 = _mm256_loadu_ps(b + p * PANEL + 8);
 #define STEP(r)                                                                    \
   {                                                                                \
@@ -117,11 +123,17 @@ int pointwise_fma(const float *x, const float *packed, const float *bias, const 
         for (int r = 0; r < TILE_ROWS; r++) slice[t][r] = rows[t][r] + k0;
       for (long p = j0; p < j1; p++) {
         const float *b = packed + (p * cin + k0) * PANEL;
+        /* The next slice this block reads (the next panel's, or the first panel's next one),
+         * fetched into L2 while the first tile runs over this one: with few pixels (batch 1)
+         * the weights come cold from memory and each is used by few tiles. */
+        const float *next = p + 1 < j1          ? b + cin * PANEL
+                            : k0 + K_SLICE < cin ? packed + (j0 * cin + k0 + K_SLICE) * PANEL
+                                                 : 0;
         for (long r = r0, t = 0; r < r1; r += TILE_ROWS, t++) {
           const int count = r1 - r < TILE_ROWS ? (int)(r1 - r) : TILE_ROWS;
           const long at = r * cout + p * PANEL;
           tile(slice[t], count, b, kc, y + at, cout, k0 == 0, k0 + kc == cin, bias + p * PANEL,
-               residual ? residual + at : 0, relu);
+               residual ? residual + at : 0, relu, t == 0 ? next : 0);
         }
       }
     }
