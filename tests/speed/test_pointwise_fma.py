@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from block_nets import Net
+from block_nets import Bottleneck, Net
 from torch import nn
 
 import resnext
@@ -237,3 +237,32 @@ def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"pointwise_fma: 'on' but .* cannot run here: .*avx2"):
         swap_convs_fma(model, x, mode="on")
     assert optimize(model, "fp32", backend="none", example_input=x).pointwise_choices == []
+
+
+@needs_fma
+def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resnext.speed.conv_x3_swap as swap
+
+    calls = []
+
+    def alternating(fns, x, repeats):  # a machine whose noise flips the winner every time
+        calls.append(len(fns))
+        return [1.0, 2.0] if len(calls) % 2 else [2.0, 1.0]
+
+    monkeypatch.setattr(swap, "time_each_ms", alternating)
+    torch.manual_seed(13)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), *(Bottleneck(64, 32, 64, 1) for _ in range(3))
+    ).eval()
+    x = _nhwc(torch.randn(1, 3, 6, 6))
+    with torch.no_grad():
+        want = model(x)
+    choices = swap_convs_fma(model, x, mode="auto")
+    assert len(choices) == 6  # conv1 and conv3 of each block
+    kinds = {(c.input_shape, c.variant) for c in choices}
+    assert len(calls) == len(kinds) < len(choices)
+    for kind in kinds:
+        twins = [c for c in choices if (c.input_shape, c.variant) == kind]
+        assert len({(c.chosen, c.native_ms, c.kernel_ms) for c in twins}) == 1, twins
+    with torch.no_grad():
+        assert _rel_err(model(x), want) < 1e-5
