@@ -389,3 +389,20 @@ def test_the_choosers_time_their_ways_in_turns_and_keep_each_ones_best(
     a_ms, b_ms = grouped_swap.time_each_ms([way("a"), way("b")], torch.zeros(1), repeats=3)
     assert log == ["a", "a", "b", "b"] + ["a", "b"] * 3  # two untimed calls each, then turns
     assert a_ms == pytest.approx(3.0) and b_ms == pytest.approx(2.0)
+    # `before` (cache eviction) runs before every timed call, and its time is not counted
+    log.clear()
+
+    def before() -> None:
+        log.append("evict")
+        now[0] += 5.0
+
+    a_ms, b_ms = grouped_swap.time_each_ms([way("a"), way("b")], torch.zeros(1), 2, before)
+    assert log == ["a", "a", "b", "b"] + ["evict", "a", "evict", "b"] * 2
+    assert a_ms == pytest.approx(3.0) and b_ms == pytest.approx(2.0)
+
+
+def test_evicting_writes_a_buffer_larger_than_a_last_level_cache() -> None:
+    grouped_swap.evict_caches()
+    buffer = grouped_swap._sweep_buffer()
+    assert buffer.numel() * buffer.element_size() >= 32 * 2**20  # an EPYC CCX's L3: 32 MB
+    assert bool((buffer == 1.0).all())

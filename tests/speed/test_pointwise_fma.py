@@ -245,7 +245,7 @@ def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.Monk
 
     calls = []
 
-    def alternating(fns, x, repeats):  # a machine whose noise flips the winner every time
+    def alternating(fns, x, repeats, before=None):  # noise that flips the winner every time
         calls.append(len(fns))
         return [1.0, 2.0] if len(calls) % 2 else [2.0, 1.0]
 

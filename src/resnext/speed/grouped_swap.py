@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -158,11 +159,16 @@ class LayerChoice:
 
 
 def time_each_ms(
-    fns: Sequence[Callable[[torch.Tensor], object]], x: torch.Tensor, repeats: int
+    fns: Sequence[Callable[[torch.Tensor], object]],
+    x: torch.Tensor,
+    repeats: int,
+    before: Callable[[], object] | None = None,
 ) -> list[float]:
     """The best of `repeats` timed calls of each fn(x), in ms, after two untimed ones each; the
     ways take turns, so that a slow moment of the machine (which moves by tens of per cent
-    within seconds) falls on all of them instead of deciding which one wins."""
+    within seconds) falls on all of them instead of deciding which one wins. `before`, if
+    given, runs untimed before each timed call (`evict_caches`: time a layer as a whole
+    network runs it, its weights not left in cache by the call before)."""
     best = [float("inf")] * len(fns)
     with torch.no_grad():
         for fn in fns:
@@ -170,10 +176,25 @@ def time_each_ms(
             fn(x)
         for _ in range(repeats):
             for i, fn in enumerate(fns):
+                if before is not None:
+                    before()
                 start = time.perf_counter()
                 fn(x)
                 best[i] = min(best[i], time.perf_counter() - start)
     return [b * 1e3 for b in best]
+
+
+EVICT_BYTES = 64 * 2**20  # more than the last-level cache of the CPUs this was measured on
+
+
+@functools.lru_cache(maxsize=1)
+def _sweep_buffer() -> torch.Tensor:
+    return torch.empty(EVICT_BYTES // 4)
+
+
+def evict_caches() -> None:
+    """Write a buffer larger than the caches, pushing out what earlier calls left there."""
+    _sweep_buffer().fill_(1.0)
 
 
 def input_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
