@@ -250,6 +250,7 @@ def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.Monk
         return [1.0, 2.0] if len(calls) % 2 else [2.0, 1.0]
 
     monkeypatch.setattr(swap, "time_each_ms", alternating)
+    monkeypatch.setattr(swap, "cpu_flags", lambda: {"avx2", "fma"})  # where 'auto' times it
     torch.manual_seed(13)
     model = nn.Sequential(
         nn.Conv2d(3, 64, 3, padding=1), *(Bottleneck(64, 32, 64, 1) for _ in range(3))
@@ -266,3 +267,20 @@ def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.Monk
         assert len({(c.chosen, c.native_ms, c.kernel_ms) for c in twins}) == 1, twins
     with torch.no_grad():
         assert _rel_err(model(x), want) < 1e-5
+
+
+@needs_fma
+def test_auto_leaves_the_1x1s_to_onednn_on_a_cpu_with_avx512(monkeypatch) -> None:
+    import resnext.speed.conv_x3_swap as swap
+
+    def never(*args, **kwargs):
+        raise AssertionError("nothing should be timed")
+
+    monkeypatch.setattr(swap, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(swap, "time_each_ms", never)
+    model = Net().eval()
+    x = _nhwc(torch.randn(1, 3, 6, 6))
+    assert swap_convs_fma(model, x, mode="auto") == []
+    assert not any(isinstance(m, FmaConv1x1) for m in model.modules())
+    monkeypatch.setattr(swap, "time_each_ms", lambda fns, x, repeats, before=None: [1.0, 2.0])
+    assert len(swap_convs_fma(model, x, mode="on")) == 8  # asked for: swapped all the same

@@ -27,6 +27,7 @@ from torch import fx, nn
 from resnext.errors import ConfigError
 from resnext.speed import conv_x3, pointwise_fma
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
+from resnext.speed.capability import cpu_flags
 from resnext.speed.fold import install_graph, module_call_counts, set_module
 from resnext.speed.grouped_swap import (
     KernelLeafTracer,
@@ -382,7 +383,13 @@ def swap_convs_fma(
 ) -> list[LayerChoice]:
     """Replace, in place, the float32 1×1 convolutions of `model` that `pointwise_fma` takes by
     `FmaConv1x1`; as `swap_convs_x3` otherwise (variant 'fma…'). Run after `swap_convs_x3`, so
-    that on a CPU with AMX the 1×1s it took stay with it."""
+    that on a CPU with AMX the 1×1s it took stay with it.
+
+    'auto' times nothing, and changes nothing, on a CPU with AVX-512: there oneDNN's float32
+    1×1s use 16-lane FMAs against our 8, and on the AVX2-only CPU the kernel was written on it
+    was level with oneDNN overall, so timing it would only lengthen `optimize`."""
+    if mode == "auto" and "avx512f" in cpu_flags():
+        return []
     return swap_dense_convs(model, example, FMA, mode=mode, in_place=in_place, repeats=repeats)
 
 
