@@ -406,3 +406,6 @@ def test_evicting_writes_a_buffer_larger_than_a_last_level_cache() -> None:
     buffer = grouped_swap._sweep_buffer()
     assert buffer.numel() * buffer.element_size() >= 32 * 2**20  # an EPYC CCX's L3: 32 MB
     assert bool((buffer == 1.0).all())
+    grouped_swap.release_eviction_buffer()  # freed: the next sweep allocates a new one
+    assert grouped_swap._sweep_buffer() is not buffer
+    grouped_swap.release_eviction_buffer()

@@ -34,6 +34,7 @@ from resnext.speed.grouped_swap import (
     LayerChoice,
     evict_caches,
     input_shapes,
+    release_eviction_buffer,
     time_each_ms,
 )
 from resnext.speed.pointwise_fusion import MODES, is_relu, onednn_weights, single_input
@@ -459,4 +460,5 @@ def swap_dense_convs(
         choices.append(
             LayerChoice(site.name, shapes[site.name], native_ms, kernel_ms, chosen, variant)
         )
+    release_eviction_buffer()
     return choices

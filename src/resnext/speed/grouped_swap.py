@@ -193,8 +193,14 @@ def _sweep_buffer() -> torch.Tensor:
 
 
 def evict_caches() -> None:
-    """Write a buffer larger than the caches, pushing out what earlier calls left there."""
+    """Write a buffer larger than the caches, pushing out what earlier calls left there (the
+    buffer is kept for the next call until `release_eviction_buffer`)."""
     _sweep_buffer().fill_(1.0)
+
+
+def release_eviction_buffer() -> None:
+    """Free `evict_caches`'s buffer (a pass that timed with it calls this when done)."""
+    _sweep_buffer.cache_clear()
 
 
 def input_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
