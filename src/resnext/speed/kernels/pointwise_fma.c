@@ -108,19 +108,17 @@ int pointwise_fma(const float *x, const float *packed, const float *bias, const 
     const long r1 = r0 + block_rows < pixels ? r0 + block_rows : pixels;
     const long j0 = item / row_blocks * PANELS_PER_BLOCK;
     const long j1 = j0 + PANELS_PER_BLOCK < panels ? j0 + PANELS_PER_BLOCK : panels;
-    const float *rows[TILES_PER_BLOCK][TILE_ROWS];
+    const float *rows[TILES_PER_BLOCK * TILE_ROWS]; /* each pixel's input channels */
     for (long r = r0; r < r1; r++) {
       const long img = r / (ho * wo), i = r / wo % ho, j = r % wo;
-      rows[(r - r0) / TILE_ROWS][(r - r0) % TILE_ROWS] =
-          x + ((img * h + i * stride) * w + j * stride) * cin;
+      rows[r - r0] = x + ((img * h + i * stride) * w + j * stride) * cin;
     }
-    for (long r = r1; r < r0 + block_rows; r++)  /* a short last tile repeats its last pixel */
-      rows[(r - r0) / TILE_ROWS][(r - r0) % TILE_ROWS] = rows[(r1 - 1 - r0) / TILE_ROWS][(r1 - 1 - r0) % TILE_ROWS];
+    for (long r = r1; r < r0 + block_rows; r++) /* a short last tile repeats its last pixel */
+      rows[r - r0] = rows[r1 - 1 - r0];
     for (long k0 = 0; k0 < cin; k0 += K_SLICE) {
       const long kc = cin - k0 < K_SLICE ? cin - k0 : K_SLICE;
-      const float *slice[TILES_PER_BLOCK][TILE_ROWS];
-      for (int t = 0; t < TILES_PER_BLOCK; t++)
-        for (int r = 0; r < TILE_ROWS; r++) slice[t][r] = rows[t][r] + k0;
+      const float *slice[TILES_PER_BLOCK * TILE_ROWS];
+      for (int r = 0; r < TILES_PER_BLOCK * TILE_ROWS; r++) slice[r] = rows[r] + k0;
       for (long p = j0; p < j1; p++) {
         const float *b = packed + (p * cin + k0) * PANEL;
         /* The next slice this block reads (the next panel's, or the first panel's next one),
@@ -132,7 +130,7 @@ int pointwise_fma(const float *x, const float *packed, const float *bias, const 
         for (long r = r0, t = 0; r < r1; r += TILE_ROWS, t++) {
           const int count = r1 - r < TILE_ROWS ? (int)(r1 - r) : TILE_ROWS;
           const long at = r * cout + p * PANEL;
-          tile(slice[t], count, b, kc, y + at, cout, k0 == 0, k0 + kc == cin, bias + p * PANEL,
+          tile(slice + t * TILE_ROWS, count, b, kc, y + at, cout, k0 == 0, k0 + kc == cin, bias + p * PANEL,
                residual ? residual + at : 0, relu, t == 0 ? next : 0);
         }
       }
