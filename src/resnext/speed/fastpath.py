@@ -171,7 +171,8 @@ def optimize(
     convolutions that `conv_x3` left to oneDNN, with the ReLU or residual add and ReLU after
     them, in our register-tiled FMA kernel (`resnext.speed.pointwise_fma`), written where
     oneDNN's float32 1×1s ran at 70–85 % of the FMA peak on an AVX2-only AMD Zen 3. 'auto' times
-    each layer both ways and keeps the faster. Timings: `pointwise_choices`.
+    each layer both ways with the caches cold, as in the network, and keeps the faster; on a CPU
+    with AVX-512 it leaves the 1×1s to oneDNN untimed. Timings: `pointwise_choices`.
 
     `cpp_wrapper` (inductor only) has inductor call its kernels from generated C++ instead of
     Python: less overhead per call, for ~5 s more compiling. Measured side by side on the Intel
