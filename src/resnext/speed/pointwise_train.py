@@ -33,9 +33,9 @@ from torch.autograd.function import once_differentiable
 from resnext.speed import autotune, pointwise_fma, pointwise_gemm, pointwise_wgrad_amx
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
-# bf16, and float32 where only oneDNN and the GEMM compete (our products are bf16): MKL's float32
-# GEMM lost to oneDNN on the AVX-512 machines, where the chooser keeps oneDNN, and won 12 of
-# ResNeXt-50's 16 weight gradients on an AVX2-only AMD EPYC (up to 1.7x; RESULTS.md, stop 27).
+# bf16, and float32, where oneDNN, the GEMM and our FMA product compete: MKL's float32 GEMM lost
+# to oneDNN on the AVX-512 machines, where the chooser keeps oneDNN, and won 12 of ResNeXt-50's
+# 16 weight gradients on an AVX2-only AMD EPYC (up to 1.7x; RESULTS.md, stop 27).
 DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -49,11 +49,11 @@ def our_product_applies(dtype: torch.dtype, weight: torch.Tensor, stride: int) -
     )
 
 
-def fma_product_applies(dtype: torch.dtype, out_channels: int) -> bool:
-    """Whether `kernels/pointwise_fma.c` computes a float32 product with this many outputs."""
+def fma_product_applies(dtype: torch.dtype, w: torch.Tensor, stride: int) -> bool:
+    """Whether `kernels/pointwise_fma.c` computes the float32 product with 1×1 weight `w`."""
     return (
         dtype == torch.float32
-        and out_channels % pointwise_fma.PANEL == 0
+        and pointwise_fma.supports(w.shape[1], w.shape[0], 1, stride, 0)
         and pointwise_fma.unavailable_reason() is None
     )
 
@@ -146,7 +146,7 @@ def forward_candidates(
         candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
             x, pointwise_gemm.pack_forward(weight)
         )
-    if fma_product_applies(x.dtype, w.shape[0]):
+    if fma_product_applies(x.dtype, w, stride):
         candidates["ours-fma"] = lambda: fma_product(x, w, stride)
     return candidates
 
@@ -162,7 +162,7 @@ def input_grad_candidates(
         candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
             grad, pointwise_gemm.pack_input_grad(weight)
         )
-    if stride == 1 and fma_product_applies(grad.dtype, w.shape[1]):
+    if stride == 1 and fma_product_applies(grad.dtype, w.transpose(0, 1), 1):
         candidates["ours-fma"] = lambda: fma_product(grad, w.transpose(0, 1), 1)
     return candidates
 
@@ -192,7 +192,7 @@ def fork_input_grad_candidates(
         "onednn": lambda: _onednn_backward(grad, x, w, 1, 0) + shortcut_grad,
         "gemm": lambda: gemm_input_grad(grad, w, x, add=shortcut_grad),
     }
-    if fma_product_applies(grad.dtype, w.shape[1]):
+    if fma_product_applies(grad.dtype, w.transpose(0, 1), 1):
         candidates["ours-fma"] = lambda: fma_product(grad, w.transpose(0, 1), 1, shortcut_grad)
     return candidates
 
