@@ -23,7 +23,6 @@ from torch import nn
 
 import bench_args
 import resnext
-from resnext import native
 from resnext.speed import pointwise_fma
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.conv_x3_swap import _onednn_runner, fma_eligible
@@ -52,14 +51,6 @@ def model_shapes(name: str, batch: int) -> Counter[Shape]:
 def label(shape: Shape) -> str:
     _, cin, cout, h, w, stride, add = shape
     return f"{cin}->{cout} {h}x{w} s{stride} {'+add+relu' if add else '+relu'}"
-
-
-def build_variant(defines: list[str]) -> ctypes.CDLL:
-    """The kernel compiled with these extra `-D` defines (the default blocking for none)."""
-    lib = ctypes.CDLL(str(native.build(pointwise_fma.SOURCE, (*pointwise_fma.FLAGS, *defines))))
-    lib.pointwise_fma.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8
-    lib.pointwise_fma.restype = ctypes.c_int
-    return lib
 
 
 def shape_variants(shape: Shape, builds: dict[str, ctypes.CDLL]) -> dict[str, tuple]:
@@ -102,9 +93,9 @@ def main() -> int:
     if reason is not None:
         print(f"the kernel cannot run here: {reason}")
         return 1
-    builds = {"ours": build_variant([])}
+    builds = {"ours": pointwise_fma.load()}
     for spec in filter(None, args.blockings.split(";")):
-        builds[spec] = build_variant([f"-D{d}" for d in spec.split(",")])
+        builds[spec] = pointwise_fma.load(tuple(f"-D{d}" for d in spec.split(",")))
     per_model = {name: model_shapes(name, args.batch) for name in args.models.split(",")}
     shapes = sorted({s for counts in per_model.values() for s in counts}, key=lambda s: s[1:])
     layers: dict[str, dict[str, dict[str, float]]] = {}

@@ -31,12 +31,18 @@ def build(out_dir: Path | None = None) -> Path:
     return native.build(SOURCE, FLAGS, out_dir=out_dir)
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL:
-    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+def load(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The kernel built (with extra `-D` compiler defines: other blocking constants, for
+    `benchmarks/bench_pointwise_fma.py`) and loaded, its function's C signature declared."""
+    lib = native.load(SOURCE, (*FLAGS, *defines), cpu_needs=REQUIRED_FLAGS)
     lib.pointwise_fma.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8
     lib.pointwise_fma.restype = ctypes.c_int
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    return load()
 
 
 @functools.lru_cache(maxsize=1)
