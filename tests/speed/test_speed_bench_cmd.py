@@ -115,3 +115,19 @@ def test_default_variants_run_no_bf16_where_the_cpu_only_emulates_it(bench) -> N
         assert set(chosen) <= set(bench.VARIANTS)
         assert any("bf16" in v for v in chosen) == native
     assert any("fp32" in v for v in bench_cmd.default_variants(bench, False))
+
+
+def test_git_commit_outside_git_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from resnext.speed.provenance import git_commit
+
+    monkeypatch.delenv("RESNEXT_GIT_COMMIT", raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above
+    assert git_commit(tmp_path) is None
+    monkeypatch.setenv("RESNEXT_GIT_COMMIT", "0123abc")
+    assert git_commit(tmp_path) == "0123abc"
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / ".git").exists():  # inside a clone, git's own answer wins over the variable
+        inside = git_commit(repo)
+        assert inside is not None and inside.split("-")[0] != "0123abc"

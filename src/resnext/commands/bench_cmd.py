@@ -1,12 +1,14 @@
-"""`resnext bench infer|train|data`: CPU speed benchmarks that write JSON results with provenance."""
+"""`resnext bench infer|train|data|gpu`: speed benchmarks that write JSON results with provenance."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from types import ModuleType
 
+from resnext.errors import ResNeXtError
 from resnext.speed.allocator import keep_freed_memory, reexec_with_allocator
 from resnext.speed.capability import bf16_supported
 from resnext.speed.provenance import write_results
@@ -26,8 +28,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `bench` and its three benchmarks."""
-    parser = subparsers.add_parser("bench", help="CPU speed benchmarks (inference, training, data)")
+    """Register `bench` and its four benchmarks."""
+    parser = subparsers.add_parser(
+        "bench", help="speed benchmarks (CPU inference, training, data; GPU against timm)"
+    )
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
     infer = sub.add_parser("infer", help="inference img/s: eager vs fast paths vs peers")
@@ -69,6 +73,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also time a DataLoader of the planned pipeline with these worker counts",
     )
     _common(data)
+
+    gpu = sub.add_parser("gpu", help="GPU inference and training img/s, ours vs timm/torchvision")
+    gpu.add_argument("--models", default="resnext50_32x4d,resnet50", help="comma-separated")
+    gpu.add_argument("--variants", default=None, help="comma-separated (default: main ones)")
+    gpu.add_argument("--batch", type=int, default=256)
+    gpu.add_argument("--image-size", type=int, default=224)
+    gpu.add_argument("--iters", type=int, default=10, help="calls per round")
+    gpu.add_argument("--device", default="cuda", help="cuda, cuda:N (cpu: a smoke run)")
+    _common(gpu)
     parser.set_defaults(func=run)
 
 
@@ -124,6 +137,20 @@ def run(args: argparse.Namespace) -> int:
             warmup_rounds=args.warmup_rounds,
         )
         result = bench.run_train_bench(config)
+    elif args.bench == "gpu":
+        from resnext.speed import gpu_bench as bench
+
+        models, variants = _models_and_variants(args, bench.VARIANTS, bench.DEFAULT_VARIANTS)
+        config = bench.GpuBenchConfig(
+            models=models,
+            variants=variants,
+            batch=args.batch,
+            image_size=args.image_size,
+            rounds=args.rounds,
+            iters=args.iters,
+            device=args.device,
+        )
+        result = bench.run_gpu_bench(config)
     else:
         from resnext.speed import data_bench as bench
 
@@ -143,4 +170,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="resnext")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *argv])
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ResNeXtError as exc:
+        print(f"resnext bench {args.bench}: error: {exc}", file=sys.stderr)
+        return 2

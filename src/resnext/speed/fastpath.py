@@ -1,4 +1,6 @@
-"""`optimize`: the CPU inference fast path (eval, BN folded, channels_last, bf16, compiled graph)."""
+"""`optimize`: the inference fast path (eval, BN folded, channels_last, bf16, compiled graph).
+
+On CPU it also swaps in our kernels where they time faster; on a GPU it is the generic part."""
 
 from __future__ import annotations
 
@@ -24,16 +26,23 @@ RECOMPILE_LIMIT = 256
 
 
 class CastInput(nn.Module):
-    """Casts the input to the model's dtype and memory format; returns float32 outputs.
+    """Moves the input to the model's device, dtype and memory format; returns float32 outputs.
 
     A model whose first layer reads float32 and bf16 input in either layout itself (a fused
-    stem, `reads_any_input`) gets the input as it is (other dtypes as float32): the layer
-    converts each value once as it reads it, where a cast would be a pass of its own."""
+    stem, `reads_any_input`, CPU only) gets the input as it is (other dtypes as float32): the
+    layer converts each value once as it reads it, where a cast would be a pass of its own."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, channels_last: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype,
+        channels_last: bool,
+        device: torch.device | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
+        self.device = device or torch.device("cpu")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +50,7 @@ class CastInput(nn.Module):
             if x.dtype not in (torch.float32, torch.bfloat16):
                 x = x.float()
         else:
-            x = x.to(dtype=self.dtype).contiguous(memory_format=self.memory_format)
+            x = x.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
         return self.model(x).float()
 
 
@@ -109,6 +118,22 @@ def default_example(model: nn.Module, batch: int = 1) -> torch.Tensor:
     return torch.randn(batch, chans, size, size)
 
 
+def model_device(model: nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """`device` if given, else where the model's first parameter or buffer lives (CPU if none)."""
+    if device is not None:
+        return torch.device(device)
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def bf16_runs_on(device: torch.device) -> bool:
+    """Whether bf16 convolutions run natively on `device` (native bf16 CPU, or a CUDA GPU with it)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bf16_supported()
+
+
 def optimize(
     model: nn.Module,
     dtype: torch.dtype | str = torch.float32,
@@ -125,8 +150,9 @@ def optimize(
     conv_x3: str = "auto",
     fuse_stem: str = "auto",
     pointwise_fma: str = "auto",
+    device: torch.device | str | None = None,
 ) -> nn.Module:
-    """A module computing the same function as `model` (in eval mode), faster on CPU.
+    """A module computing the same function as `model` (in eval mode), faster.
 
     The model is copied (the original is left untouched), put in eval mode, its BNs are folded
     into the preceding convolutions, it is moved to channels_last and `dtype` (bf16 only where
@@ -178,6 +204,11 @@ def optimize(
     Python: less overhead per call, for ~5 s more compiling. Measured side by side on the Intel
     machine it cut ResNeXt-50's batch-1 latency by 3–9 % and raised batch-16 throughput by 1–2 %
     (benchmarks/RESULTS.md, stop 19); False gives the Python wrapper.
+
+    `device` (default: where the model is) places the result; on a GPU only the generic steps
+    apply (BN folding, channels_last, `dtype`, the compiled graph, with inductor's Python
+    wrapper): the kernel options are CPU kernels, so their 'auto' does nothing there and 'on'
+    is refused. The returned module moves its input to the device.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -194,21 +225,34 @@ def optimize(
     if pointwise_fma not in MODES:
         raise ConfigError(f"pointwise_fma: expected one of {MODES}, got {pointwise_fma!r}")
     dtype = resolve_dtype(dtype)
-    if dtype == torch.bfloat16 and not bf16_supported():
+    target = model_device(model, device)
+    on_cpu = target.type == "cpu"
+    if dtype == torch.bfloat16 and not bf16_runs_on(target):
         warnings.warn(
-            "bf16 requested but this CPU has no native bf16 instructions; using float32",
+            f"bf16 requested but {target.type} has no native bf16 arithmetic; using float32",
             RuntimeWarning,
             stacklevel=2,
         )
         dtype = torch.float32
+    kernels = {
+        "grouped_kernel": grouped_kernel,
+        "fuse_pointwise": fuse_pointwise,
+        "fuse_block": fuse_block,
+        "conv_x3": conv_x3,
+        "fuse_stem": fuse_stem,
+        "pointwise_fma": pointwise_fma,
+    }
+    for name, mode in kernels.items():
+        if mode == "on" and not on_cpu:
+            raise ConfigError(f"{name}: 'on' is a CPU kernel; {target} takes 'auto' or 'off'")
     work = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
     work.requires_grad_(False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    work = work.to(dtype=dtype, memory_format=memory_format)
+    work = work.to(device=target, dtype=dtype, memory_format=memory_format)
     example = default_example(model) if example_input is None else example_input
     shapes = [tuple(example.shape), *(tuple(s) for s in warmup_shapes)]
     choices, fusions, blocks, x3, stems, fma = [], [], [], [], [], []
-    if channels_last:
+    if channels_last and on_cpu:
         largest = max(shapes, key=lambda shape: torch.Size(shape).numel())
         probe = torch.randn(largest, dtype=dtype).contiguous(memory_format=memory_format)
         # first: in float32 it weighs the fused stem against conv_x3's convolution too
@@ -223,7 +267,7 @@ def optimize(
         fma = swap_convs_fma(work, probe, mode=pointwise_fma, in_place=backend != "jit")
     elif grouped_kernel == "on":
         raise ConfigError("grouped_kernel: 'on' needs channels_last=True")
-    eager = CastInput(work, dtype, channels_last).eval()
+    eager = CastInput(work, dtype, channels_last, target).eval()
     eager.grouped_choices, eager.fusion_choices, eager.block_choices = choices, fusions, blocks
     eager.conv_x3_choices, eager.stem_choices, eager.pointwise_choices = x3, stems, fma
     if backend == "none":
@@ -232,9 +276,9 @@ def optimize(
         if backend == "jit":
             fast: nn.Module = TracedModule(eager, example)
         else:
-            fast = FrozenInductor(eager, cpp_wrapper=cpp_wrapper)
+            fast = FrozenInductor(eager, cpp_wrapper=cpp_wrapper and on_cpu)
         for shape in shapes:
-            fast(torch.randn(shape))
+            fast(torch.randn(shape, device=target))
     except Exception as exc:  # any compiler failure falls back to the (still faster) eager path
         warnings.warn(
             f"optimize: {backend} compilation failed ({type(exc).__name__}: {exc}); "

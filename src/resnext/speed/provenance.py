@@ -15,11 +15,13 @@ import torch
 from resnext.speed.allocator import loaded_allocator
 from resnext.speed.capability import cpu_capability
 
-_OPTIONAL = ("numpy", "pillow", "onnxruntime", "openvino", "onnx")
+_OPTIONAL = ("numpy", "pillow", "onnxruntime", "openvino", "onnx", "timm", "torchvision")
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
-    """The current commit hash (with '-dirty' when the tree has changes), or None outside git."""
+    """The current commit hash (with '-dirty' when the tree has changes); outside git, the
+    `RESNEXT_GIT_COMMIT` environment variable (set where a copy of the tree runs without its
+    .git, e.g. a lent GPU machine), else None."""
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
@@ -28,7 +30,7 @@ def git_commit(cwd: Path | None = None) -> str | None:
             ["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("RESNEXT_GIT_COMMIT") or None
     return f"{rev}-dirty" if dirty else rev
 
 
@@ -59,7 +61,18 @@ def machine() -> dict[str, object]:
         "load_average": os.getloadavg(),
         "allocator": loaded_allocator() or "glibc",
         **cpu_capability().as_dict(),
+        "gpus": _gpus(),
     }
+
+
+def _gpus() -> list[str]:
+    """The CUDA devices torch sees (name and memory), without initialising CUDA where it has none."""
+    if not torch.cuda.is_available():
+        return []
+    return [
+        f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+        for props in map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))
+    ]
 
 
 def write_results(
