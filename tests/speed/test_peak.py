@@ -102,15 +102,18 @@ def test_flop_count_follows_the_threads_that_ran() -> None:
 
 @needs_kernel
 def test_peak_is_positive_and_not_beaten_by_a_dense_convolution() -> None:
-    peak_fp32 = peak.arithmetic_peak(torch.float32, seconds=0.05)
-    assert peak_fp32 > 0
     x = torch.randn(8, 256, 28, 28).contiguous(memory_format=torch.channels_last)
     w = torch.randn(256, 256, 1, 1).contiguous(memory_format=torch.channels_last)
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        torch.nn.functional.conv2d(x, w)
-        best = min(best, time.perf_counter() - start)
+    best, peak_fp32 = float("inf"), 0.0
+    # Both the best of several tries, taken in turns: a slow moment of a shared machine during
+    # one peak measurement must not pass for the instruction's rate.
+    for _ in range(4):
+        peak_fp32 = max(peak_fp32, peak.arithmetic_peak(torch.float32, seconds=0.05))
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.nn.functional.conv2d(x, w)
+            best = min(best, time.perf_counter() - start)
+    assert peak_fp32 > 0
     conv_rate = 2 * 8 * 28 * 28 * 256 * 256 / best / 1e9
     # No real kernel runs faster than the instruction peak (margin for clock changes).
     assert conv_rate <= 1.25 * peak_fp32
