@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import rel_err
 from torch import nn
 
 import resnext
@@ -22,10 +23,6 @@ from resnext.speed.shortcut_fusion import ShortcutBlock
 
 REASON = grouped_amx.unavailable_reason()
 needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailable: {REASON}")
-
-
-def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got.float() - expected).abs().max() / expected.abs().max()).item()
 
 
 def _bf16_nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -98,7 +95,7 @@ def _check(
         assert got.data_ptr() == residual.data_ptr()
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     assert got.is_contiguous(memory_format=torch.channels_last)
-    return _rel_err(got, want)
+    return rel_err(got, want)
 
 
 @needs_amx
@@ -258,7 +255,7 @@ def test_only_a_chain_ending_in_an_add_and_relu_inside_a_submodule_is_fused() ->
     assert isinstance(model[0].get_submodule("head"), FusedBlock)
     assert isinstance(model[1].head, FastGroupedConv3x3)  # no residual add: left as it is
     with torch.no_grad():
-        assert _rel_err(model(x), want.float()) < 2**-7
+        assert rel_err(model(x), want.float()) < 2**-7
     root = _Residual(_amx(64, 16)).bfloat16()  # the chain's parent is the root: never rewritten
     assert fuse_blocks(root, x, mode="on") == []
 
@@ -288,7 +285,7 @@ def test_a_residual_read_after_the_block_is_not_overwritten() -> None:
     choices = fuse_blocks(model, x, mode="on")
     assert [(c.name, c.variant) for c in choices] == [("block.head", "block")]
     with torch.no_grad():
-        assert _rel_err(model(x), want) < 2**-6
+        assert rel_err(model(x), want) < 2**-6
 
 
 @needs_amx
@@ -326,8 +323,8 @@ def test_optimize_fuses_every_block_and_computes_the_same_function(
         fused(mine)
     assert torch.equal(mine, before)  # the caller's tensor is never written over
     # the same bf16 roundings less one per block: as close to the unfused path as that is to fp32
-    assert _rel_err(got, unfused) < 0.02
-    assert _rel_err(got, want) < 0.05
+    assert rel_err(got, unfused) < 0.02
+    assert rel_err(got, want) < 0.05
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.75
 
 
@@ -345,7 +342,7 @@ def test_fused_blocks_compile(backend: str, randomize_bn: Callable[[nn.Module], 
     assert {c.variant for c in fast.block_choices} == {variant, "block+shortcut"}
     fresh = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert _rel_err(fast(fresh), model(fresh)) < 0.05
+        assert rel_err(fast(fresh), model(fresh)) < 0.05
 
 
 def test_block_fusion_modes() -> None:
@@ -392,7 +389,7 @@ def test_scratch_kept_across_calls_leaves_no_trace(kernel: str) -> None:
     x = _bf16_nhwc(torch.randn(2, 64, 7, 5))
     got = run(x, x)
     assert torch.isfinite(got.float()).all()
-    assert _rel_err(got, want(x, x)) < 2**-7
+    assert rel_err(got, want(x, x)) < 2**-7
 
 
 @needs_amx
@@ -410,7 +407,7 @@ def test_the_operators_refuse_an_input_that_needs_a_gradient() -> None:
         )
     with torch.no_grad():  # fine without grad mode
         got = torch.ops.resnext.block_amx(x, packed, block.b2, block.groups, 1, tail, block.b3, x)
-    assert _rel_err(got, block.reference(x.detach(), x.detach(), 1)) < 2**-7
+    assert rel_err(got, block.reference(x.detach(), x.detach(), 1)) < 2**-7
 
 
 class _TwoCalls(nn.Module):
@@ -437,4 +434,4 @@ def test_a_block_called_twice_overwrites_its_input_only_if_every_call_allows_it(
     choices = fuse_blocks(model, x, mode="on")
     assert all(c.variant != "block-in-place" for c in choices)
     with torch.no_grad():
-        assert _rel_err(model(x), want) < 2**-6
+        assert rel_err(model(x), want) < 2**-6

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from block_nets import Bottleneck, Net
+from tensor_checks import nhwc, rel_err
 from torch import nn
 
 import resnext
@@ -21,14 +22,6 @@ from resnext.speed.shortcut_fusion import ShortcutConvX3, fuse_x3_shortcuts
 
 REASON = conv_x3.unavailable_reason()
 needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailable: {REASON}")
-
-
-def _nhwc(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last)
-
-
-def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got.double() - expected.double()).abs().max() / expected.abs().max()).item()
 
 
 def test_split_keeps_16_bits_of_each_value() -> None:
@@ -47,11 +40,11 @@ def _case(
     n: int, k: int, c: int, h: int, w: int, stride: int, seed: int, kernel: int = 1, pad: int = 0
 ) -> tuple:
     gen = torch.Generator().manual_seed(seed)
-    x = _nhwc(torch.randn(n, k, h, w, generator=gen))
+    x = nhwc(torch.randn(n, k, h, w, generator=gen))
     weight = torch.randn(c, k, kernel, kernel, generator=gen) / (k * kernel * kernel) ** 0.5
     bias = torch.randn(c, generator=gen)
     ho, wo = ((d + 2 * pad - kernel) // stride + 1 for d in (h, w))
-    residual = _nhwc(torch.randn(n, c, ho, wo, generator=gen))
+    residual = nhwc(torch.randn(n, c, ho, wo, generator=gen))
     return x, weight, bias, residual
 
 
@@ -120,9 +113,9 @@ def test_a_last_1x1_and_its_projection_shortcut_as_one_product(
     n: int, c: int, k: int, cout: int, h: int, w: int, stride: int
 ) -> None:
     gen = torch.Generator().manual_seed(n + c + k + stride)
-    x = _nhwc(torch.randn(n, k, h, w, generator=gen))  # the block's input
+    x = nhwc(torch.randn(n, k, h, w, generator=gen))  # the block's input
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    g = _nhwc(torch.relu(torch.randn(n, c, ho, wo, generator=gen)))  # the grouped output
+    g = nhwc(torch.relu(torch.randn(n, c, ho, wo, generator=gen)))  # the grouped output
     w3 = torch.randn(cout, c, 1, 1, generator=gen) / c**0.5
     wsc = torch.randn(cout, k, 1, 1, generator=gen) / k**0.5
     b3, bsc = torch.randn(cout, generator=gen), torch.randn(cout, generator=gen)
@@ -172,7 +165,7 @@ def test_in_place_writes_the_same_values_over_the_residual() -> None:
 @needs_amx
 def test_buffers_kept_across_calls_leave_no_trace() -> None:
     # a call on NaNs with more channels fills every thread's buffers with NaN first
-    nan = _nhwc(torch.full((2, 512, 9, 9), float("nan")))
+    nan = nhwc(torch.full((2, 512, 9, 9), float("nan")))
     wide = conv_x3.pack(torch.randn(64, 512, 1, 1))
     assert torch.isnan(conv_x3.run(nan, wide, torch.zeros(64))).all()
     x, weight, bias, _ = _case(1, 64, 32, 3, 3, 1, seed=7)  # 9 pixels: most rows of a tile unused
@@ -180,7 +173,7 @@ def test_buffers_kept_across_calls_leave_no_trace() -> None:
     exact = F.conv2d(x.double(), weight.double(), bias.double())
     assert bool(((got.double() - exact).abs() <= _bound(x, weight, 1)).all())
     # a 3×3 on 3 channels: 27-value patches padded to 32 in a buffer the NaN call filled
-    nan3 = _nhwc(torch.full((2, 64, 9, 9), float("nan")))
+    nan3 = nhwc(torch.full((2, 64, 9, 9), float("nan")))
     wide3 = conv_x3.pack(torch.randn(64, 64, 3, 3))
     assert torch.isnan(conv_x3.run(nan3, wide3, torch.zeros(64), 3, 1, 0)).all()  # no padding
     x, weight, bias, _ = _case(1, 3, 16, 5, 5, 1, seed=8, kernel=3, pad=1)
@@ -196,7 +189,7 @@ def test_bad_inputs_name_the_argument() -> None:
     with pytest.raises(ValueError, match="x: expected a 4-d float32"):
         conv_x3.run(x.bfloat16(), packed, bias)
     with pytest.raises(ValueError, match=r"packed: expected .* 128 input channels"):
-        conv_x3.run(_nhwc(torch.randn(1, 128, 4, 4)), packed, bias)
+        conv_x3.run(nhwc(torch.randn(1, 128, 4, 4)), packed, bias)
     with pytest.raises(ValueError, match="bias: expected 32 float32"):
         conv_x3.run(x, packed, bias[:16])
     with pytest.raises(ValueError, match=r"packed: expected .* a 3×3 kernel"):
@@ -209,7 +202,7 @@ def test_bad_inputs_name_the_argument() -> None:
         conv_x3.run(x, packed, bias, 1, 2, 0, True, residual)
     with pytest.raises(ValueError, match="residual: writing in place needs a channels_last"):
         conv_x3.run(x, packed, bias, 1, 1, 0, True, residual.contiguous(), in_place=True)
-    shared = _nhwc(torch.randn(1, 64, 4, 4))
+    shared = nhwc(torch.randn(1, 64, 4, 4))
     square = conv_x3.pack(torch.randn(64, 64, 1, 1))
     with pytest.raises(ValueError, match="must not share memory with x"):
         conv_x3.run(shared, square, torch.zeros(64), 1, 1, 0, True, shared, in_place=True)
@@ -246,7 +239,7 @@ def test_only_float32_convs_the_kernel_takes_are_eligible() -> None:
 def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() -> None:
     torch.manual_seed(10)
     model = Net().eval()
-    x = _nhwc(torch.randn(2, 3, 8, 8))
+    x = nhwc(torch.randn(2, 3, 8, 8))
     with torch.no_grad():
         want = model(x)
     choices = swap_convs_x3(model, x, mode="on")
@@ -266,7 +259,7 @@ def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() 
     assert not any(isinstance(m, nn.Conv2d) for m in model.modules())
     before = x.clone()
     with torch.no_grad():
-        assert _rel_err(model(x), want) < 1e-5
+        assert rel_err(model(x), want) < 1e-5
     assert torch.equal(x, before)
 
 
@@ -286,7 +279,7 @@ class _Wrap(nn.Module):
 
 @needs_amx
 def test_a_residual_read_after_the_add_or_the_callers_tensor_is_not_overwritten() -> None:
-    x = _nhwc(torch.randn(1, 64, 5, 5))
+    x = nhwc(torch.randn(1, 64, 5, 5))
     for model, variant in (
         (_Wrap(_ReadsShortcutAgain(64, 32, 64, 1)), "bf16x3+add+relu"),
         (_Wrap(Bottleneck(64, 32, 64, 1)), "bf16x3+add+relu, in place"),
@@ -299,7 +292,7 @@ def test_a_residual_read_after_the_add_or_the_callers_tensor_is_not_overwritten(
         assert [c.variant for c in choices if c.name.endswith("conv3")] == [variant]
         before = x.clone()
         with torch.no_grad():
-            assert _rel_err(model(x), want) < 1e-5
+            assert rel_err(model(x), want) < 1e-5
         assert torch.equal(x, before)
 
 
@@ -334,12 +327,12 @@ def test_optimize_swaps_every_dense_conv_and_computes_the_same_function(
     if backend != "jit":  # a traced module no longer shows its Python submodules
         assert sum(isinstance(m, ShortcutConvX3) for m in fast.modules()) == len(projections)
     fresh = torch.randn(3, 3, size, size)
-    mine = _nhwc(fresh.clone())  # already float32 channels_last: handed on as it is
+    mine = nhwc(fresh.clone())  # already float32 channels_last: handed on as it is
     with torch.no_grad():
         want, got = model(fresh), fast(fresh)
         fast(mine)
-    assert torch.equal(mine, _nhwc(fresh))
-    assert _rel_err(got, want) < 1e-4
+    assert torch.equal(mine, nhwc(fresh))
+    assert rel_err(got, want) < 1e-4
 
 
 def test_pass_modes() -> None:
@@ -362,7 +355,7 @@ def test_pass_modes() -> None:
 def test_a_1x1_without_bias_is_timed_and_swapped_like_any_other(mode: str) -> None:
     torch.manual_seed(12)
     model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1, bias=False), nn.ReLU())).eval()
-    x = _nhwc(torch.randn(2, 64, 6, 6))
+    x = nhwc(torch.randn(2, 64, 6, 6))
     with torch.no_grad():
         want = model(x)
     (choice,) = swap_convs_x3(model, x, mode=mode)
@@ -370,7 +363,7 @@ def test_a_1x1_without_bias_is_timed_and_swapped_like_any_other(mode: str) -> No
     assert choice.variant == "bf16x3+relu"
     assert isinstance(model[0].get_submodule("0"), ConvX3) == (choice.chosen == "kernel")
     with torch.no_grad():
-        assert _rel_err(model(x), want) < 1e-5
+        assert rel_err(model(x), want) < 1e-5
 
 
 def test_where_the_kernel_cannot_run_auto_changes_nothing_and_on_says_why(
@@ -379,7 +372,7 @@ def test_where_the_kernel_cannot_run_auto_changes_nothing_and_on_says_why(
     # as on a CPU without AMX (the AMD machine): the float32 path stays oneDNN's, silently
     monkeypatch.setattr(conv_x3, "unavailable_reason", lambda: "this CPU lacks ['amx_bf16']")
     model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU())).eval()
-    x = _nhwc(torch.randn(1, 64, 4, 4))
+    x = nhwc(torch.randn(1, 64, 4, 4))
     assert swap_convs_x3(model, x, mode="auto") == []
     assert isinstance(model[0][0], nn.Conv2d)
     with pytest.raises(ConfigError, match=r"conv_x3: 'on' but the kernel cannot run here: .*amx"):

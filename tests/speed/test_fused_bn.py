@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tensor_checks import rel_err
 from torch import nn
 
 import resnext
@@ -81,11 +82,6 @@ def _fused(
     return _results(out, xg, rg, fused)
 
 
-def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().clamp(min=1e-12)
-    return ((got.double() - expected.double()).abs().max() / scale).item()
-
-
 def _bn(channels: int, seed: int) -> nn.BatchNorm2d:
     torch.manual_seed(seed)
     bn = nn.BatchNorm2d(channels)
@@ -112,10 +108,10 @@ def test_fused_equals_float64_torch(
     tol = 1e-5 if dtype == torch.float32 else 8e-3
     for key in ("out", "dx", "dresidual"):
         if key in expected:
-            assert _rel(got[key], expected[key]) < tol, key
+            assert rel_err(got[key], expected[key]) < tol, key
     # Parameter gradients and statistics are float32 sums over the batch in either dtype.
     for key in ("dweight", "dbias", "running_mean", "running_var"):
-        assert _rel(got[key], expected[key]) < 1e-5, key
+        assert rel_err(got[key], expected[key]) < 1e-5, key
     assert got["dweight"].dtype == torch.float32
 
 
@@ -145,8 +141,8 @@ def test_variance_of_large_offset_channels() -> None:
     use_fused_batchnorm(bn)
     bn.forward_act(x, None, relu=False)
     expected = x.double().var((0, 2, 3), unbiased=True)
-    assert _rel(bn.running_var, expected) < 1e-3
-    assert _rel(bn.running_mean, x.double().mean((0, 2, 3))) < 1e-6
+    assert rel_err(bn.running_var, expected) < 1e-3
+    assert rel_err(bn.running_mean, x.double().mean((0, 2, 3))) < 1e-6
 
 
 @needs_kernel
@@ -161,8 +157,8 @@ def test_running_statistics_follow_torch_over_steps(momentum: float | None) -> N
         plain(x)
         fused(x)
     assert int(fused.num_batches_tracked) == int(plain.num_batches_tracked) == 3
-    assert _rel(fused.running_mean, plain.running_mean) < 1e-5
-    assert _rel(fused.running_var, plain.running_var) < 1e-5
+    assert rel_err(fused.running_mean, plain.running_mean) < 1e-5
+    assert rel_err(fused.running_var, plain.running_var) < 1e-5
 
 
 def _kernel_forbidden(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -270,11 +266,11 @@ def _step_errors(name: str, dtype: torch.dtype, seed: int) -> dict[str, dict[str
     ref = runs["reference"]
     return {
         key: {
-            "loss": _rel(runs[key][0], ref[0]),
-            "dx": _rel(runs[key][1], ref[1]),
-            "grads": _rel(runs[key][2], ref[2]),
+            "loss": rel_err(runs[key][0], ref[0]),
+            "dx": rel_err(runs[key][1], ref[1]),
+            "grads": rel_err(runs[key][2], ref[2]),
             "grads_cosine": _cosine(runs[key][2], ref[2]),
-            "stats": _rel(runs[key][3], ref[3]),
+            "stats": rel_err(runs[key][3], ref[3]),
         }
         for key in ("plain", "fused")
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import rel_err
 from torch import nn
 
 from resnext.speed import autotune, grouped_amx, grouped_train
@@ -13,10 +14,6 @@ from resnext.speed.grouped_swap import FastGroupedConv3x3, runnable_variants
 
 REASON = grouped_amx.unavailable_reason()
 needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailable: {REASON}")
-
-
-def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got.float() - expected).abs().max() / expected.abs().max()).item()
 
 
 def _inputs(n: int, c: int, cpg: int, h: int, w: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -48,7 +45,7 @@ def test_amx_kernel_equals_conv2d_of_the_same_bf16_values(
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     assert got.is_contiguous(memory_format=torch.channels_last)
     # float32 accumulation, one rounding to bf16 at the end (2^-8 relative)
-    assert _rel_err(got, want) < 2**-7
+    assert rel_err(got, want) < 2**-7
 
 
 @needs_amx
@@ -57,7 +54,7 @@ def test_resnext50_stage_shapes_at_batch_16_equal_conv2d() -> None:
         x, weight, _ = _inputs(16, c, c // 32, h, h, seed=c)
         want = F.conv2d(x.float(), weight.float(), None, stride, 1, 1, 32)
         got = grouped_amx.run_kernel(x, grouped_amx.pack_weights(weight, 32), None, 32, stride)
-        assert _rel_err(got, want) < 2**-7, (c, h, stride)
+        assert rel_err(got, want) < 2**-7, (c, h, stride)
 
 
 def test_packing_puts_each_weight_where_the_kernel_reads_it() -> None:
@@ -106,7 +103,7 @@ def test_inference_module_amx_variant_equals_conv2d() -> None:
     x = torch.randn(2, 128, 18, 18).bfloat16().contiguous(memory_format=torch.channels_last)
     want = F.conv2d(x.float(), conv.weight.detach().bfloat16().float(), conv.bias, 2, 1, 1, 32)
     with torch.no_grad():
-        assert _rel_err(module(x), want) < 2**-7
+        assert rel_err(module(x), want) < 2**-7
 
 
 @needs_amx
@@ -136,8 +133,8 @@ def test_training_forward_and_input_gradient_by_the_amx_kernel(
     x2 = x.clone().requires_grad_()
     y2 = F.conv2d(x2, weight.bfloat16(), None, 1, 1, 1, 16)
     y2.backward(grad)
-    assert _rel_err(y1, y2.float()) < 2**-6
-    assert _rel_err(x1.grad, x2.grad.float()) < 2**-6
+    assert rel_err(y1, y2.float()) < 2**-6
+    assert rel_err(x1.grad, x2.grad.float()) < 2**-6
 
 
 @needs_amx

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import rel_err
 from torch import nn
 
 import resnext
@@ -29,10 +30,6 @@ needs_bf16_kernel = pytest.mark.skipif(
     grouped_kernel.unavailable_reason(torch.bfloat16) is not None,
     reason=f"bf16 kernel unavailable: {grouped_kernel.unavailable_reason(torch.bfloat16)}",
 )
-
-
-def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got.float() - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.fixture(params=[grouped_kernel.AVX512, grouped_kernel.AVX2], ids=lambda isa: isa.name)
@@ -82,7 +79,7 @@ def test_kernel_equals_conv2d(
             expected = expected.relu()
         assert got.shape == expected.shape
         assert got.is_contiguous(memory_format=torch.channels_last)
-        assert _rel_err(got, expected) < 1e-5
+        assert rel_err(got, expected) < 1e-5
 
 
 @needs_kernel
@@ -97,7 +94,7 @@ def test_bf16_kernel_matches_fp32_of_the_same_inputs(cpg: int) -> None:
     assert got.dtype == torch.bfloat16
     # The kernel accumulates in fp32 and rounds once: error of one bf16 rounding (2^-8).
     expected = F.conv2d(x.float(), w, stride=1, padding=1, groups=groups)
-    assert _rel_err(got, expected) < 2**-7
+    assert rel_err(got, expected) < 2**-7
 
 
 def test_empty_batch_and_nchw_input(isa: grouped_kernel.Isa) -> None:
@@ -111,7 +108,7 @@ def test_empty_batch_and_nchw_input(isa: grouped_kernel.Isa) -> None:
     )
     x = torch.randn(1, 64, 6, 6)  # NCHW contiguous: converted, same result
     expected = F.conv2d(x, w, padding=1, groups=16)
-    assert _rel_err(grouped_kernel.run_kernel(x, packed, None, 16, 1), expected) < 1e-5
+    assert rel_err(grouped_kernel.run_kernel(x, packed, None, 16, 1), expected) < 1e-5
 
 
 def test_bad_inputs_name_the_argument(isa: grouped_kernel.Isa) -> None:
@@ -141,7 +138,7 @@ def test_the_avx2_build_takes_channels_in_blocks_of_8(isa: grouped_kernel.Isa) -
         w = torch.randn(channels, channels // groups, 3, 3)
         got = grouped_kernel.run_kernel(x, grouped_kernel.pack_weights(w, groups), None, groups, 2)
         expected = F.conv2d(x, w, stride=2, padding=1, groups=groups)
-        assert _rel_err(got, expected) < 1e-5
+        assert rel_err(got, expected) < 1e-5
 
 
 def test_the_avx2_build_refuses_bf16(isa: grouped_kernel.Isa) -> None:
@@ -201,7 +198,7 @@ def test_swap_on_fuses_the_relu_and_keeps_the_function() -> None:
     assert [c.chosen for c in choices] == ["kernel+relu"]
     assert isinstance(model[0].conv2, FastGroupedConv3x3) and model[0].conv2.relu
     with torch.no_grad():
-        assert _rel_err(model(x), expected) < 1e-5
+        assert rel_err(model(x), expected) < 1e-5
 
 
 @needs_kernel
@@ -243,7 +240,7 @@ def test_optimize_with_the_kernel_same_function(backend: str) -> None:
     assert [c.chosen for c in fast.grouped_choices] == ["kernel+relu"] * 2
     fresh = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert _rel_err(fast(fresh), model(fresh)) < 1e-4
+        assert rel_err(fast(fresh), model(fresh)) < 1e-4
 
 
 @needs_kernel
@@ -261,7 +258,7 @@ def test_bf16_pair_kernel_equals_conv2d(stride: int, size: tuple[int, int]) -> N
     got = grouped_kernel.run_kernel(x, packed, b, groups, stride, relu=True)
     expected = F.conv2d(x.float(), w, b, stride=stride, padding=1, groups=groups).relu()
     assert got.shape == expected.shape
-    assert _rel_err(got, expected) < 2**-7
+    assert rel_err(got, expected) < 2**-7
     with pytest.raises(ValueError, match="packed"):  # pair weights with fp32 activations
         grouped_kernel.run_kernel(x.float(), packed, b, groups, stride)
     with pytest.raises(ValueError, match="weight"):  # 8 channels per group cannot be paired
@@ -280,7 +277,7 @@ def test_optimize_bf16_with_the_kernel_close_to_fp32() -> None:
     fast = optimize(model, "bf16", backend="none", example_input=x, grouped_kernel="on")
     assert [c.chosen for c in fast.grouped_choices] == ["kernel+relu"] * 2
     with torch.no_grad():
-        assert _rel_err(fast(x), model(x)) < 3e-2
+        assert rel_err(fast(x), model(x)) < 3e-2
 
 
 @needs_kernel
@@ -297,7 +294,7 @@ def test_inference_module_widening_and_pair_variants_both_equal_conv2d() -> None
         FastGroupedConv3x3(conv, dtype=torch.float32, variant="pairs")
     with torch.no_grad():
         for module in (pair, widening):
-            assert _rel_err(module(x), want) < 2**-7
+            assert rel_err(module(x), want) < 2**-7
 
 
 @needs_kernel
@@ -318,7 +315,7 @@ def test_auto_records_which_kernel_variant_it_swapped_in() -> None:
         swapped = next(m for m in fast.modules() if isinstance(m, FastGroupedConv3x3))
         assert swapped.variant == choice.variant
     with torch.no_grad():
-        assert _rel_err(fast(x), model(x)) < 3e-2
+        assert rel_err(fast(x), model(x)) < 3e-2
 
 
 @pytest.mark.skipif(
@@ -337,7 +334,7 @@ def test_every_swapped_layer_has_an_amx_form_for_the_fusion_passes() -> None:
     assert (amx is chosen) == (choice.variant == "amx")
     assert all(m.variant == choice.variant for m in model.modules() if hasattr(m, "variant"))
     with torch.no_grad():
-        assert _rel_err(amx(x), chosen(x)) < 2**-7
+        assert rel_err(amx(x), chosen(x)) < 2**-7
 
 
 @pytest.mark.skipif(
@@ -366,7 +363,7 @@ def test_where_onednn_wins_alone_its_conv_is_kept_with_an_amx_form_beside_it(
     assert amx is not None and amx.variant == "amx" and amx.relu
     with torch.no_grad():
         assert torch.equal(model(x), want)  # exactly the convolution it was
-        assert _rel_err(amx(x), want) < 2**-7
+        assert rel_err(amx(x), want) < 2**-7
 
 
 def test_the_choosers_time_their_ways_in_turns_and_keep_each_ones_best(

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import rel_err
 from torch import nn
 
 import resnext
@@ -50,10 +51,6 @@ def _cl(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return t.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want).abs().max() / want.abs().max())
-
-
 def _dtypes() -> list[torch.dtype]:
     return [torch.float32] + ([torch.bfloat16] if BF16_REASON is None else [])
 
@@ -89,7 +86,7 @@ def _check_weight_gradient(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     )[1]  # fmt: skip
     got = grouped_wgrad.weight_grad(x, grad, groups, stride)
     assert got.dtype == torch.float32 and got.shape == weight.shape
-    assert _rel(got, want) < 1e-5  # float32 sums of exact products
+    assert rel_err(got, want) < 1e-5  # float32 sums of exact products
 
 
 def test_weight_gradient_refuses_what_it_does_not_take() -> None:
@@ -178,12 +175,12 @@ def test_module_forward_and_gradients_match_torch(shape, amp, path, monkeypatch)
     assert got["out"].dtype == (torch.bfloat16 if amp else torch.float32)
     if not amp:
         for key, want in ref.items():
-            assert _rel(got[key], want) < 2e-6, key
+            assert rel_err(got[key], want) < 2e-6, key
         return
     # bf16: the fast path must be as close to float64 as torch's own bf16 path is.
     base = _step(plain, x, grad, amp)
     for key, want in ref.items():
-        assert _rel(got[key], want) <= 1.5 * _rel(base[key], want) + 1e-3, key
+        assert rel_err(got[key], want) <= 1.5 * rel_err(base[key], want) + 1e-3, key
 
 
 @needs_kernels

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from block_nets import Bottleneck, Net
+from tensor_checks import nhwc, rel_err
 from torch import nn
 
 import resnext
@@ -19,14 +20,6 @@ from resnext.speed.fastpath import optimize
 
 REASON = pointwise_fma.unavailable_reason()
 needs_fma = pytest.mark.skipif(REASON is not None, reason=f"FMA kernel unavailable: {REASON}")
-
-
-def _nhwc(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last)
-
-
-def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got.double() - expected.double()).abs().max() / expected.abs().max()).item()
 
 
 def _bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None, s: int):
@@ -64,11 +57,11 @@ def test_matches_float64_within_the_float32_summation_bound(
     in_place: bool,
 ) -> None:
     gen = torch.Generator().manual_seed(cin * cout + h)
-    x = _nhwc(torch.randn(n, cin, h, w, generator=gen))
+    x = nhwc(torch.randn(n, cin, h, w, generator=gen))
     weight = torch.randn(cout, cin, 1, 1, generator=gen)
     bias = torch.randn(cout, generator=gen)
     want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride)
-    res = _nhwc(torch.randn(want.shape, generator=gen)) if residual else None
+    res = nhwc(torch.randn(want.shape, generator=gen)) if residual else None
     bound = _bound(x, weight, bias, res, stride)
     if res is not None:
         want = want + res.double()
@@ -98,11 +91,11 @@ def test_pack_puts_each_panels_16_outputs_side_by_side() -> None:
 @needs_fma
 def test_the_operators_compute_it_under_torch_compile() -> None:
     gen = torch.Generator().manual_seed(3)
-    x = _nhwc(torch.randn(2, 32, 6, 6, generator=gen))
+    x = nhwc(torch.randn(2, 32, 6, 6, generator=gen))
     weight = torch.randn(64, 32, 1, 1, generator=gen)
     bias = torch.randn(64, generator=gen)
     packed = pointwise_fma.pack(weight)
-    residual = _nhwc(torch.randn(2, 64, 6, 6, generator=gen))
+    residual = nhwc(torch.randn(2, 64, 6, 6, generator=gen))
 
     def f(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return torch.ops.resnext.pointwise_fma(x * 2, packed, bias, 1, True, r) + 1
@@ -110,7 +103,7 @@ def test_the_operators_compute_it_under_torch_compile() -> None:
     want = (F.conv2d(x.double() * 2, weight.double(), bias.double()) + residual).relu() + 1
     with torch.no_grad():
         got = torch.compile(f, backend="inductor", fullgraph=True)(x, residual)
-    assert _rel_err(got, want) < 1e-5
+    assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -129,12 +122,12 @@ def test_the_operators_compute_it_under_torch_compile() -> None:
 )
 def test_bad_inputs_are_refused_by_name(change: Callable[[dict], dict], message: str) -> None:
     args = {
-        "x": _nhwc(torch.randn(1, 32, 3, 3)),
+        "x": nhwc(torch.randn(1, 32, 3, 3)),
         "packed": pointwise_fma.pack(torch.randn(32, 32, 1, 1)),
         "bias": torch.zeros(32),
         "stride": 1,
         "relu": False,
-        "residual": _nhwc(torch.randn(1, 32, 3, 3)),
+        "residual": nhwc(torch.randn(1, 32, 3, 3)),
         "in_place": False,
     }
     with pytest.raises(ValueError, match=message):
@@ -170,7 +163,7 @@ def test_only_float32_1x1s_with_whole_panels_are_eligible() -> None:
 def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() -> None:
     torch.manual_seed(10)
     model = Net().eval()
-    x = _nhwc(torch.randn(2, 3, 8, 8))
+    x = nhwc(torch.randn(2, 3, 8, 8))
     with torch.no_grad():
         want = model(x)
     choices = swap_convs_fma(model, x, mode="on")
@@ -188,7 +181,7 @@ def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() 
     assert [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)] == ["stem"]
     before = x.clone()
     with torch.no_grad():
-        assert _rel_err(model(x), want) < 1e-5
+        assert rel_err(model(x), want) < 1e-5
     assert torch.equal(x, before)
 
 
@@ -213,17 +206,17 @@ def test_optimize_swaps_every_1x1_and_computes_the_same_function(
     blocks = [c for c in fast.pointwise_choices if c.name.endswith("conv3")]
     assert len(in_place) == (0 if backend == "jit" else len(blocks))
     fresh = torch.randn(3, 3, 32, 32)
-    mine = _nhwc(fresh.clone())
+    mine = nhwc(fresh.clone())
     with torch.no_grad():
         want, got = model(fresh), fast(fresh)
         fast(mine)
-    assert torch.equal(mine, _nhwc(fresh))  # the caller's tensor is never written over
-    assert _rel_err(got, want) < 1e-4
+    assert torch.equal(mine, nhwc(fresh))  # the caller's tensor is never written over
+    assert rel_err(got, want) < 1e-4
 
 
 def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU())).eval()
-    x = _nhwc(torch.randn(1, 64, 4, 4))
+    x = nhwc(torch.randn(1, 64, 4, 4))
     assert swap_convs_fma(model, x, mode="off") == []
     assert swap_convs_fma(model, x.bfloat16(), mode="on") == []  # float32 only
     with pytest.raises(ConfigError, match="pointwise_fma: expected one of"):
@@ -255,7 +248,7 @@ def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.Monk
     model = nn.Sequential(
         nn.Conv2d(3, 64, 3, padding=1), *(Bottleneck(64, 32, 64, 1) for _ in range(3))
     ).eval()
-    x = _nhwc(torch.randn(1, 3, 6, 6))
+    x = nhwc(torch.randn(1, 3, 6, 6))
     with torch.no_grad():
         want = model(x)
     choices = swap_convs_fma(model, x, mode="auto")
@@ -266,7 +259,7 @@ def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.Monk
         twins = [c for c in choices if (c.input_shape, c.variant) == kind]
         assert len({(c.chosen, c.native_ms, c.kernel_ms) for c in twins}) == 1, twins
     with torch.no_grad():
-        assert _rel_err(model(x), want) < 1e-5
+        assert rel_err(model(x), want) < 1e-5
 
 
 @needs_fma
@@ -279,7 +272,7 @@ def test_auto_leaves_the_1x1s_to_onednn_on_a_cpu_with_avx512(monkeypatch) -> Non
     monkeypatch.setattr(swap, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     monkeypatch.setattr(swap, "time_each_ms", never)
     model = Net().eval()
-    x = _nhwc(torch.randn(1, 3, 6, 6))
+    x = nhwc(torch.randn(1, 3, 6, 6))
     assert swap_convs_fma(model, x, mode="auto") == []
     assert not any(isinstance(m, FmaConv1x1) for m in model.modules())
     monkeypatch.setattr(swap, "time_each_ms", lambda fns, x, repeats, before=None: [1.0, 2.0])

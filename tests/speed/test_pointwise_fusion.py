@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import rel_err
 from torch import nn
 
 import resnext
@@ -23,10 +24,6 @@ from resnext.speed.pointwise_fusion import (
 
 REASON = grouped_amx.unavailable_reason()
 needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailable: {REASON}")
-
-
-def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got.float() - expected).abs().max() / expected.abs().max()).item()
 
 
 def _chain(n: int, cin: int, c: int, cpg: int, size: tuple[int, int], seed: int):
@@ -74,7 +71,7 @@ def test_fused_kernel_equals_the_two_convolutions(
         )
         assert got.shape == want.shape and got.dtype == torch.bfloat16
         assert got.is_contiguous(memory_format=torch.channels_last)
-        assert _rel_err(got, want) < 2**-7, (cin, c)
+        assert rel_err(got, want) < 2**-7, (cin, c)
 
 
 @needs_amx
@@ -95,7 +92,7 @@ def test_resnext50_block_shapes_at_batch_16() -> None:
             stride,
             relu=True,
         )
-        assert _rel_err(got, want) < 2**-7, (cin, c, h, stride)
+        assert rel_err(got, want) < 2**-7, (cin, c, h, stride)
 
 
 def test_pointwise_packing_puts_each_weight_where_the_kernel_reads_it() -> None:
@@ -182,8 +179,8 @@ def test_optimize_fuses_every_block_and_computes_the_same_function(
     with torch.no_grad():
         want, plain, got = model(fresh), unfused(fresh), fused(fresh)
     # the same bf16 roundings in a different order: as close to the unfused path as that is to fp32
-    assert _rel_err(got, plain) < 0.02
-    assert _rel_err(got, want) < 0.05
+    assert rel_err(got, plain) < 0.02
+    assert rel_err(got, want) < 0.05
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.75
 
 
@@ -197,7 +194,7 @@ def test_fused_model_compiles_with_inductor(randomize_bn: Callable[[nn.Module], 
     assert fast.fusion_choices and all(c.chosen == "fused" for c in fast.fusion_choices)
     fresh = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert _rel_err(fast(fresh), model(fresh)) < 0.05
+        assert rel_err(fast(fresh), model(fresh)) < 0.05
 
 
 def test_fusion_modes() -> None:

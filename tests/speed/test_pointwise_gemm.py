@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import rel_err
 
 from resnext.speed import pointwise_gemm
 
@@ -34,10 +35,6 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
 
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want).abs().max() / want.abs().max())
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 def test_forward_and_input_gradient_match_torch_in_float64(shape, weight_dtype) -> None:
@@ -51,11 +48,11 @@ def test_forward_and_input_gradient_match_torch_in_float64(shape, weight_dtype) 
     y = pointwise_gemm.matmul_channels(x, pointwise_gemm.pack_forward(weight))
     assert y.shape == (n, cout, h, w) and y.dtype == torch.bfloat16
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert _rel(y, F.conv2d(x.double(), rounded)) < TOLERANCE
+    assert rel_err(y, F.conv2d(x.double(), rounded)) < TOLERANCE
 
     dx = pointwise_gemm.matmul_channels(grad, pointwise_gemm.pack_input_grad(weight))
     want = torch.nn.grad.conv2d_input(x.shape, rounded, grad.double())
-    assert dx.shape == x.shape and _rel(dx, want) < TOLERANCE
+    assert dx.shape == x.shape and rel_err(dx, want) < TOLERANCE
 
 
 def test_every_output_element_is_written_and_no_row_is_mixed_up() -> None:
@@ -138,7 +135,7 @@ def test_weight_gradient_matches_float64(shape) -> None:
         assert torch.equal(got, torch.zeros_like(got))
         return
     # float32 sums of exact bf16 products: far tighter than a bf16 result
-    assert _rel(got, want) < 1e-5
+    assert rel_err(got, want) < 1e-5
 
 
 def test_weight_gradient_is_the_same_with_one_thread_or_two() -> None:

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import rel_err
 from torch import nn
 
 import resnext
@@ -33,10 +34,6 @@ def _cl(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return t.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want).abs().max() / want.abs().max())
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemm_weight_gradient_matches_torch_in_float64(shape, dtype) -> None:
@@ -53,7 +50,7 @@ def test_gemm_weight_gradient_matches_torch_in_float64(shape, dtype) -> None:
     )  # fmt: skip
     got = gemm_weight_grad(x, grad, stride)
     assert got.shape == (cout, cin, 1, 1) and got.dtype == dtype
-    assert _rel(got, want) < (2e-6 if dtype == torch.float32 else 8e-3)
+    assert rel_err(got, want) < (2e-6 if dtype == torch.float32 else 8e-3)
 
 
 def _pair(cin: int = 32, cout: int = 48, seed: int = 0) -> tuple[nn.Conv2d, nn.Conv2d]:
@@ -89,7 +86,7 @@ def _assert_as_close_to_float64_as_torch(
     upstream = torch.randn(y64.shape, generator=torch.Generator().manual_seed(9))
     y64.backward(upstream.to(torch.bfloat16).double())
     for got, torch_bf16, want in zip(fast, plain, (y64.detach(), xr.grad, wr.grad), strict=True):
-        assert _rel(got, want) <= max(1.5 * _rel(torch_bf16, want), 1e-3)
+        assert rel_err(got, want) <= max(1.5 * rel_err(torch_bf16, want), 1e-3)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -288,7 +285,7 @@ def test_block_sums_both_input_gradients_in_the_fork(path, projection, monkeypat
     # The input's gradient is the sum of the conv1 path's and the shortcut's: a fork that
     # dropped either would be off by the whole of one of them.
     for g, b, w in zip(got, base, want, strict=True):
-        assert _rel(g, w) <= max(1.5 * _rel(b, w), 2e-3)
+        assert rel_err(g, w) <= max(1.5 * rel_err(b, w), 2e-3)
 
 
 @pytest.mark.parametrize("case", ["eval", "stride", "float32_input", "frozen"])
@@ -336,4 +333,4 @@ def test_float32_block_sums_the_shortcuts_gradient_inside_our_fma_product(monkey
     assert sorted(adds) == [False, False, False, True]
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float32
-        assert _rel(g, w) < 1e-5
+        assert rel_err(g, w) < 1e-5

@@ -23,7 +23,7 @@ REASON = grouped_amx.unavailable_reason()
 needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailable: {REASON}")
 
 
-def _nhwc(t: torch.Tensor) -> torch.Tensor:
+def _bf16_nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.bfloat16().contiguous(memory_format=torch.channels_last)
 
 
@@ -83,7 +83,7 @@ def _err(
     block: _Bottleneck, n: int, size: tuple[int, int], stride: int, whole: bool = True
 ) -> float:
     cin = block.w1.shape[1]
-    x = _nhwc(torch.randn(n, cin, *size, generator=torch.Generator().manual_seed(n + cin)))
+    x = _bf16_nhwc(torch.randn(n, cin, *size, generator=torch.Generator().manual_seed(n + cin)))
     want = block.reference(x, stride)
     got = block.kernel(x, stride, whole)
     assert got.shape == want.shape and got.dtype == torch.bfloat16
@@ -138,7 +138,7 @@ def test_any_thread_count(
 @needs_amx
 def test_bad_inputs_name_the_argument() -> None:
     block = _Bottleneck(64, 32, 64, 4, seed=1)
-    x = _nhwc(torch.randn(1, 64, 5, 5))
+    x = _bf16_nhwc(torch.randn(1, 64, 5, 5))
     with pytest.raises(ValueError, match="shortcut: expected 64 outputs"):
         block.kernel(x, 1, shortcut=grouped_amx.pack_pointwise(torch.randn(48, 64, 1, 1)))
     with pytest.raises(ValueError, match="shortcut"):
@@ -176,7 +176,7 @@ def _fused_model(leak: bool, pointwise: str = "on") -> tuple[nn.Module, torch.Te
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 64, 1), _Projected(leak)).eval().bfloat16()
     model = model.to(memory_format=torch.channels_last)
-    x = _nhwc(torch.randn(2, 3, 9, 9))
+    x = _bf16_nhwc(torch.randn(2, 3, 9, 9))
     swap_grouped_convs(model, x, mode="on")
     fuse_pointwise_convs(model, x, mode=pointwise)
     fuse_blocks(model, x, mode="on")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tensor_checks import rel_err
 from torch import nn
 
 import resnext
@@ -42,10 +43,6 @@ def _randomize_bn(model: nn.Module) -> None:
             m.bias.data.normal_(0.0, 0.1)
 
 
-def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got - expected).abs().max() / expected.abs().max()).item()
-
-
 @pytest.mark.parametrize("name", resnext.list_models())
 def test_fp32_same_function_every_registry_model(name: str) -> None:
     if _param_count(name) > _MAX_PARAMS:
@@ -59,7 +56,7 @@ def test_fp32_same_function_every_registry_model(name: str) -> None:
     with torch.no_grad():
         got = fast(torch.randn_like(x).copy_(x))
     assert got.dtype == torch.float32
-    assert _rel_err(got, expected) < 1e-4
+    assert rel_err(got, expected) < 1e-4
 
 
 # The large zoo models above are skipped; their building blocks are covered here at tiny width.
@@ -91,7 +88,7 @@ def test_fp32_same_function_every_spec_option(option: str) -> None:
     with torch.no_grad():
         expected = model(x)
         got = optimize(model, torch.float32, backend="none", grouped_kernel=KERNEL)(x.clone())
-    assert _rel_err(got, expected) < 1e-4
+    assert rel_err(got, expected) < 1e-4
 
 
 @pytest.mark.parametrize("backend", ["jit", "inductor", "inductor-py"])
@@ -105,7 +102,7 @@ def test_compiled_backends_same_function(backend: str) -> None:
         assert fast.cpp_wrapper is cpp
     fresh = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert _rel_err(fast(fresh), model(fresh)) < 1e-4
+        assert rel_err(fast(fresh), model(fresh)) < 1e-4
 
 
 @pytest.mark.skipif(not bf16_supported(), reason="this CPU has no native bf16")
@@ -117,7 +114,7 @@ def test_bf16_agrees_with_fp32() -> None:
     with torch.no_grad():
         expected, got = model(x), fast(x)
     # bf16 keeps 8 mantissa bits: a few per cent of the output range, far from fp32's 1e-6.
-    assert 0 < _rel_err(got, expected) < 0.05
+    assert 0 < rel_err(got, expected) < 0.05
 
 
 def test_original_model_untouched_and_bad_arguments() -> None:
@@ -144,7 +141,7 @@ def test_compile_failure_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch
     with pytest.warns(RuntimeWarning, match="compiler broke"):
         fast = optimize(model, backend="jit", example_input=x)
     with torch.no_grad():
-        assert _rel_err(fast(x), model(x)) < 1e-4
+        assert rel_err(fast(x), model(x)) < 1e-4
 
 
 def test_capability_reports_threads() -> None:

@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import nhwc
 from torch import nn
 
 import resnext
@@ -23,15 +24,11 @@ needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailab
 DTYPES = [torch.bfloat16, torch.float32]
 
 
-def _nhwc(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last)
-
-
 def _case(
     n: int, cin: int, c: int, h: int, w: int, k: int, dtype: torch.dtype, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    x = _nhwc(torch.randn(n, cin, h, w, generator=gen).to(dtype))
+    x = nhwc(torch.randn(n, cin, h, w, generator=gen).to(dtype))
     weight = (torch.randn(c, cin, k, k, generator=gen) / (cin * k * k) ** 0.5).to(dtype)
     return x, weight, torch.randn(c, generator=gen)
 
@@ -105,7 +102,7 @@ def test_each_thread_count_gives_the_same_bits(
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_buffers_kept_across_calls_leave_no_trace(dtype: torch.dtype) -> None:
     # a wider call on NaNs fills every thread's padded rows and ring with NaN first
-    nan = _nhwc(torch.full((4, 3, 96, 96), float("nan"), dtype=dtype))
+    nan = nhwc(torch.full((4, 3, 96, 96), float("nan"), dtype=dtype))
     packed = stem.pack(torch.randn(64, 3, 7, 7))
     assert torch.isnan(stem.run(nan, packed, torch.zeros(64), 7, 2, 3)).all()
     x, weight, bias = _case(1, 3, 64, 13, 10, 7, dtype, seed=4)
@@ -128,15 +125,15 @@ def test_every_input_dtype_and_layout_gives_the_same_bits(bf16: bool, cin: int, 
     weight = torch.randn(32, cin, 7, 7, generator=gen)
     dtype = torch.bfloat16 if bf16 else torch.float32
     packed, bias = stem.pack(weight.to(dtype)), torch.randn(32, generator=gen)
-    want = stem.run(_nhwc(image.to(dtype)), packed, bias, 7, 2, 3)
+    want = stem.run(nhwc(image.to(dtype)), packed, bias, 7, 2, 3)
     assert want.dtype == dtype
     strided = image.transpose(2, 3).contiguous().transpose(2, 3)  # neither layout: copied first
-    for form in (image, _nhwc(image), strided):
+    for form in (image, nhwc(image), strided):
         assert torch.equal(stem.run(form, packed, bias, 7, 2, 3, bf16), want)
     # a bf16 image: for bf16 products the same bits; for float32 ones, its exact float32 values
     rounded = image.bfloat16()
-    want = stem.run(_nhwc(rounded.to(dtype)), packed, bias, 7, 2, 3)
-    for form in (rounded, _nhwc(rounded)):
+    want = stem.run(nhwc(rounded.to(dtype)), packed, bias, 7, 2, 3)
+    for form in (rounded, nhwc(rounded)):
         assert torch.equal(stem.run(form, packed, bias, 7, 2, 3, bf16), want)
 
 
@@ -164,7 +161,7 @@ def test_bad_inputs_name_the_argument() -> None:
     with pytest.raises(ValueError, match="x: expected a 4-d bf16 or float32"):
         stem.run(x.half(), packed, bias, 7, 2, 3)
     with pytest.raises(ValueError, match=r"packed: expected .* 12 input channels"):
-        stem.run(_nhwc(torch.randn(1, 12, 16, 16)), packed, bias, 7, 2, 3)  # 3 K steps a row
+        stem.run(nhwc(torch.randn(1, 12, 16, 16)), packed, bias, 7, 2, 3)  # 3 K steps a row
     with pytest.raises(ValueError, match=r"packed: expected .* a 5×5 kernel"):
         stem.run(x, packed, bias, 5, 2, 2)
     with pytest.raises(ValueError, match="bias: expected 64 float32"):
@@ -172,7 +169,7 @@ def test_bad_inputs_name_the_argument() -> None:
     with pytest.raises(ValueError, match="kernel, stride, padding: expected a stem"):
         stem.run(x, packed, bias, 7, 2, 7)
     with pytest.raises(ValueError, match="x: 2×2 is smaller than the 7×7 kernel"):
-        stem.run(_nhwc(torch.randn(1, 3, 2, 2)), packed, bias, 7, 2, 2)
+        stem.run(nhwc(torch.randn(1, 3, 2, 2)), packed, bias, 7, 2, 2)
     with pytest.raises(ValueError, match="weight: expected a \\(C, Cin, k, k\\)"):
         stem.pack(torch.randn(48, 3, 7, 7))  # outputs not a multiple of 32
     with pytest.raises(ValueError, match="stem: an inference kernel"):
@@ -231,7 +228,7 @@ def test_optimize_fuses_the_stem_and_computes_the_same_function(dtype: str) -> N
         assert rel < (1e-4 if dtype == "fp32" else 5e-2)
         # the image goes to the fused stem as it is, in any float dtype and layout
         mine = x.clone()
-        assert torch.equal(fast(_nhwc(x)), got) and torch.equal(fast(x.double()), got)
+        assert torch.equal(fast(nhwc(x)), got) and torch.equal(fast(x.double()), got)
         fast(mine)
         assert torch.equal(mine, x)
 
@@ -252,7 +249,7 @@ def test_auto_records_both_timings_and_strict_float32_keeps_the_stem() -> None:
 
 def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     model = fold_batchnorm(_small_model())
-    x = _nhwc(torch.randn(1, 3, 32, 32))
+    x = nhwc(torch.randn(1, 3, 32, 32))
     with pytest.raises(ConfigError, match="fuse_stem: expected one of"):
         fuse_stem(model, x, mode="yes")
     with pytest.raises(ConfigError, match="fuse_stem: expected one of"):
