@@ -398,11 +398,17 @@ def test_the_choosers_time_their_ways_in_turns_and_keep_each_ones_best(
     assert a_ms == pytest.approx(3.0) and b_ms == pytest.approx(2.0)
 
 
-def test_evicting_writes_a_buffer_larger_than_a_last_level_cache() -> None:
-    grouped_swap.evict_caches()
-    buffer = grouped_swap._sweep_buffer()
-    assert buffer.numel() * buffer.element_size() >= 32 * 2**20  # an EPYC CCX's L3: 32 MB
-    assert bool((buffer == 1.0).all())
-    grouped_swap.release_eviction_buffer()  # freed: the next sweep allocates a new one
-    assert grouped_swap._sweep_buffer() is not buffer
-    grouped_swap.release_eviction_buffer()
+def test_evicting_writes_a_buffer_larger_than_a_last_level_cache_freed_after() -> None:
+    with grouped_swap.cache_evictor() as evict:
+        evict()
+        (cell,) = evict.__closure__
+        (buffer,) = cell.cell_contents
+        assert buffer.numel() * buffer.element_size() >= 32 * 2**20  # an EPYC CCX's L3: 32 MB
+        assert bool((buffer == 1.0).all())
+        del buffer
+    with pytest.raises(IndexError):  # the buffer was freed when the block ended...
+        evict()
+    with pytest.raises(KeyError), grouped_swap.cache_evictor() as evict:
+        raise KeyError("a timing failed")
+    with pytest.raises(IndexError):  # ...however it ended
+        evict()

@@ -32,9 +32,8 @@ from resnext.speed.fold import install_graph, module_call_counts, set_module
 from resnext.speed.grouped_swap import (
     KernelLeafTracer,
     LayerChoice,
-    evict_caches,
+    cache_evictor,
     input_shapes,
-    release_eviction_buffer,
     time_each_ms,
 )
 from resnext.speed.pointwise_fusion import MODES, is_relu, onednn_weights, single_input
@@ -416,6 +415,22 @@ def swap_dense_convs(
         return []
     sites = _sites(model, kernel.eligible)
     shapes = input_shapes(model, [s.name for s in sites], example)
+    with cache_evictor() as evict:
+        return _choose(model, kernel, sites, shapes, mode, in_place, repeats, evict)
+
+
+def _choose(
+    model: nn.Module,
+    kernel: DenseKernel,
+    sites: list[_Site],
+    shapes: dict[str, tuple],
+    mode: str,
+    in_place: bool,
+    repeats: int,
+    evict: Callable[[], None],
+) -> list[LayerChoice]:
+    """Time each site's convolution both ways (`evict` before each timed call) and rewrite the
+    ones the kernel takes; the choices made."""
     choices = []
     # Layers alike (a stage's later blocks) are timed once and get the same pick: half the
     # timing, and no coin flips between twins that a noisy machine would otherwise make.
@@ -448,7 +463,7 @@ def swap_dense_convs(
             ways = [lambda x, f=native, r=res: f(x, r), lambda x, f=fast, r=res: f(x, r)]
             # caches cold: in the network each layer's weights arrive from memory, which
             # cost oneDNN's batch-1 1×1s more than ours (RESULTS.md, stop 28)
-            native_ms, kernel_ms = time_each_ms(ways, x, repeats, before=evict_caches)
+            native_ms, kernel_ms = time_each_ms(ways, x, repeats, before=evict)
             timed[alike] = (native_ms, kernel_ms)
         native_ms, kernel_ms = timed[alike]
         use = mode == "on" or kernel_ms < native_ms
@@ -460,5 +475,4 @@ def swap_dense_convs(
         choices.append(
             LayerChoice(site.name, shapes[site.name], native_ms, kernel_ms, chosen, variant)
         )
-    release_eviction_buffer()
     return choices

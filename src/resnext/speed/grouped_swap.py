@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -167,7 +167,7 @@ def time_each_ms(
     """The best of `repeats` timed calls of each fn(x), in ms, after two untimed ones each; the
     ways take turns, so that a slow moment of the machine (which moves by tens of per cent
     within seconds) falls on all of them instead of deciding which one wins. `before`, if
-    given, runs untimed before each timed call (`evict_caches`: time a layer as a whole
+    given, runs untimed before each timed call (`cache_evictor`: time a layer as a whole
     network runs it, its weights not left in cache by the call before)."""
     best = [float("inf")] * len(fns)
     with torch.no_grad():
@@ -187,20 +187,19 @@ def time_each_ms(
 EVICT_BYTES = 64 * 2**20  # more than the last-level cache of the CPUs this was measured on
 
 
-@functools.lru_cache(maxsize=1)
-def _sweep_buffer() -> torch.Tensor:
-    return torch.empty(EVICT_BYTES // 4)
+@contextlib.contextmanager
+def cache_evictor() -> Iterator[Callable[[], None]]:
+    """A function that writes a buffer larger than the caches, pushing out what earlier calls
+    left there; the buffer lives for the block only and is freed however the block ends."""
+    buffer = [torch.empty(EVICT_BYTES // 4)]
 
+    def evict() -> None:
+        buffer[0].fill_(1.0)
 
-def evict_caches() -> None:
-    """Write a buffer larger than the caches, pushing out what earlier calls left there (the
-    buffer is kept for the next call until `release_eviction_buffer`)."""
-    _sweep_buffer().fill_(1.0)
-
-
-def release_eviction_buffer() -> None:
-    """Free `evict_caches`'s buffer (a pass that timed with it calls this when done)."""
-    _sweep_buffer.cache_clear()
+    try:
+        yield evict
+    finally:
+        buffer.clear()  # `evict` holds the list: calling it after the block is an error
 
 
 def input_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
