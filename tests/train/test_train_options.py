@@ -149,3 +149,11 @@ def test_planned_pipeline_trains_from_uint8_batches(tmp_path):
 def test_planned_pipeline_needs_an_image_folder(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.planned.*imagefolder"):
         load_config("cifar10_mini_cpu", [f"data.root={tmp_path}", "data.planned=true"])
+
+
+def test_cudnn_benchmark_is_a_typed_train_option(tmp_path):
+    assert load_config("digits_demo").train.cudnn_benchmark is True  # as timm and torchvision
+    cfg = load_config("digits_demo", ["train.cudnn_benchmark=false"])
+    assert cfg.train.cudnn_benchmark is False
+    with pytest.raises(ConfigError, match=r"train\.cudnn_benchmark"):
+        load_config("digits_demo", ["train.cudnn_benchmark=sometimes"])

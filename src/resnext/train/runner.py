@@ -136,6 +136,8 @@ def _run(
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.keep_memory and info.device.type == "cpu":
         keep_freed_memory()
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     run_dir = Path(cfg.resolved_output_dir())
     last_path, best_path = _checkpoint_paths(run_dir)
     if info.is_main:
