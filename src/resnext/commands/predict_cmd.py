@@ -28,7 +28,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--optimize",
         choices=("off", "fp32", "bf16"),
         default="off",
-        help="classify with the CPU fast path (resnext.optimize) in this precision",
+        help="classify with the fast path (resnext.optimize) in this precision, on --device",
     )
     parser.add_argument(
         "--compile", action="store_true", help="with --optimize: also compile it (inductor)"

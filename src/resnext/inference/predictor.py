@@ -54,9 +54,9 @@ OPTIMIZE_CHOICES = ("off", "fp32", "bf16")
 class Predictor:
     """A model with its preprocessing and class names, ready to classify images in batches.
 
-    `optimize='fp32'` or `'bf16'` classifies with `resnext.optimize`'s CPU fast path (BN folded,
-    channels-last, our grouped 3×3 kernel where faster; `compile=True` also compiles it with
-    inductor, worth it for many images); `features()` always uses the plain model.
+    `optimize='fp32'` or `'bf16'` classifies with `resnext.optimize`'s fast path on the device
+    (BN folded, channels-last; on CPU our kernels where faster; `compile=True` also compiles it
+    with inductor, worth it for many images); `features()` always uses the plain model.
     """
 
     def __init__(
@@ -75,11 +75,6 @@ class Predictor:
         if optimize not in OPTIMIZE_CHOICES:
             raise ConfigError(f"optimize: expected one of {OPTIMIZE_CHOICES}, got {optimize!r}")
         self.device = torch.device(device)
-        if optimize != "off" and self.device.type != "cpu":
-            raise ConfigError(
-                f"optimize: the fast path is for CPU inference, got device {self.device}; "
-                "use optimize='off'"
-            )
         self.loaded = loaded or load_model(model, weights, device=self.device)
         self.loaded.model.to(self.device).eval()
         prep = self.loaded.preprocessing
@@ -103,6 +98,7 @@ class Predictor:
                 optimize,
                 backend="inductor" if compile else "none",
                 example_input=example,
+                device=self.device,
             )
 
     @property

@@ -1,4 +1,4 @@
-"""CPU fast paths: `optimize` (BN folding, channels_last, bf16, compiled graph), allocator, benchmarks."""
+"""Fast paths: `optimize` (BN folding, channels_last, bf16, compiled graph; CPU kernels), allocator, benchmarks."""
 
 from __future__ import annotations
 

@@ -226,6 +226,8 @@ def optimize(
         raise ConfigError(f"pointwise_fma: expected one of {MODES}, got {pointwise_fma!r}")
     dtype = resolve_dtype(dtype)
     target = model_device(model, device)
+    if target.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
     on_cpu = target.type == "cpu"
     if dtype == torch.bfloat16 and not bf16_runs_on(target):
         warnings.warn(
