@@ -157,3 +157,27 @@ def test_cudnn_benchmark_is_a_typed_train_option(tmp_path):
     assert cfg.train.cudnn_benchmark is False
     with pytest.raises(ConfigError, match=r"train\.cudnn_benchmark"):
         load_config("digits_demo", ["train.cudnn_benchmark=sometimes"])
+
+
+def test_grad_checkpointing_trains_the_same_weights(tmp_path, tiny_cfg, tiny_data, monkeypatch):
+    from resnext.models import network
+    from resnext.train import train
+
+    calls = []
+    original = network.checkpointed
+    monkeypatch.setattr(
+        network, "checkpointed", lambda stage, x: calls.append(1) or original(stage, x)
+    )
+    weights = {}
+    for enabled in (False, True):
+        out = tmp_path / str(enabled)
+        cfg = tiny_cfg(out, train={"epochs": 2, "grad_checkpointing": enabled})
+        assert cfg.train.grad_checkpointing is enabled
+        train(cfg, train_set=tiny_data(64), val_set=tiny_data(40, seed=2))
+        assert bool(calls) is enabled  # the stages ran checkpointed in the second run only
+        last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+        weights[enabled] = last["model"]
+    assert list(weights[False]) == list(weights[True])
+    for name, value in weights[False].items():
+        # recomputation changes no value: float32 rounding at most; BN statistics counted once
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from resnext.models.blocks import BLOCKS, BlockGeometry, PreActBottleneck
+from resnext.models.checkpointing import checkpointed
 from resnext.models.layers import conv3x3, norm_act
 from resnext.models.spec import ModelSpec
 
@@ -85,6 +86,7 @@ class ResNeXt(nn.Module):
         self.num_features = in_ch
         self.num_classes = spec.num_classes
         self.fc: nn.Module = self._make_classifier(spec.num_classes)
+        self.grad_checkpointing = False
         self.reset_parameters()
 
     # ---- initialisation ----------------------------------------------------------------------
@@ -132,6 +134,17 @@ class ResNeXt(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage's activations in backward instead of keeping them (timm's name):
+        training memory falls to about the stage inputs plus one stage's activations, for one
+        more forward pass per step. Values, gradients and batch-norm statistics are unchanged."""
+        self.grad_checkpointing = bool(enable)
+
+    def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpointed(stage, x)
+        return stage(x)
+
     # ---- structure ---------------------------------------------------------------------------
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, name) for name in self.stage_names]
@@ -159,7 +172,7 @@ class ResNeXt(nn.Module):
         x = self.forward_stem(x)
         outs = []
         for stage in self.stages():
-            x = stage(x)
+            x = self._stage(stage, x)
             outs.append(x)
         if self.final_bn is not None:
             outs[-1] = self.relu(self.final_bn(outs[-1]))
@@ -169,7 +182,7 @@ class ResNeXt(nn.Module):
         """The last feature map, before pooling."""
         x = self.forward_stem(x)
         for stage in self.stages():
-            x = stage(x)
+            x = self._stage(stage, x)
         if self.final_bn is not None:
             x = self.relu(self.final_bn(x))
         return x

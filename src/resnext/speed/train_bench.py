@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import resnext
 from resnext.config import OptimConfig
@@ -33,6 +32,7 @@ VARIANTS = (
     "cl-fp32-grouped-gemm",
     "cl-fp32-fused-grouped-gemm-pool",
     "cl-fp32-compile",
+    "cl-fp32-ckpt",
 )
 DEFAULT_VARIANTS = ("eager-fp32", "cl-bf16", "cl-bf16-compile")
 # Where the CPU has no native bf16 (bf16 autocast is emulated there, several times slower).
@@ -59,23 +59,6 @@ class TrainConfig:
             raise ConfigError("warmup_rounds: expected an integer >= 0")
 
 
-class CheckpointedStages(nn.Module):
-    """Runs each stage under activation checkpointing: its activations are recomputed in backward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        x = m.forward_stem(x)
-        for stage in m.stages():
-            x = checkpoint(stage, x, use_reentrant=False)
-        if m.final_bn is not None:
-            x = m.relu(m.final_bn(x))
-        return m.forward_head(x)
-
-
 def make_step(
     model: nn.Module, variant: str, x: torch.Tensor, y: torch.Tensor
 ) -> Callable[[], float]:
@@ -92,7 +75,9 @@ def make_step(
         gemm_weight_grad="-gemm" in variant,
         fast_maxpool=variant.endswith("-pool"),
     )
-    net: nn.Module = CheckpointedStages(model) if variant.endswith("-ckpt") else model
+    # -ckpt: each stage's activations recomputed in backward (`train.grad_checkpointing`)
+    model.set_grad_checkpointing(variant.endswith("-ckpt"))
+    net: nn.Module = model
     if variant.endswith("-compile"):
         net = torch.compile(net)
     opt = build_optimizer(model, OptimConfig(weight_decay=1e-4), lr=0.01)  # as `resnext train`

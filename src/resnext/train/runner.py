@@ -149,6 +149,7 @@ def _run(
     seed_everything(cfg.train.seed)
     raw = build_network(cfg, class_count(train_set))
     raw = place(raw, info.device, cfg.train.channels_last)
+    raw.set_grad_checkpointing(cfg.train.grad_checkpointing)
     use_training_fast_paths(
         raw,
         fused_bn=cfg.train.fused_bn,
