@@ -42,7 +42,7 @@ def test_checkpointed_stages_train_as_the_plain_network(preact: bool) -> None:
 
 def test_checkpointing_keeps_fewer_activations() -> None:
     """Saved for backward: the plain network keeps every layer's activations; the checkpointed
-    one keeps the stage inputs (its recomputation runs inside backward)."""
+    one keeps the block inputs (their recomputation runs inside backward)."""
     torch.manual_seed(0)
     model = resnext.create_model("resnext_tiny").train()
     x = torch.randn(8, 3, 32, 32)

@@ -98,7 +98,7 @@ class TrainConfig:
     # CPU training fast path: max pooling with one-byte argmax taps instead of int64 indices.
     fast_maxpool: bool = False
     zero_init_residual: bool = False
-    # Recompute each stage's activations in backward instead of keeping them: less memory for
+    # Recompute each block's activations in backward instead of keeping them: less memory for
     # one more forward per step (the role of the paper's Torch -shareGradInput/-optnet).
     grad_checkpointing: bool = False
     checkpoint_every: int = 0

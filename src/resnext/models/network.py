@@ -135,15 +135,20 @@ class ResNeXt(nn.Module):
         return self.fc
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each stage's activations in backward instead of keeping them (timm's name):
-        training memory falls to about the stage inputs plus one stage's activations, for one
+        """Recompute each block's activations in backward instead of keeping them (timm's name):
+        training memory falls to about the block outputs plus one block's activations, for one
         more forward pass per step. Values, gradients and batch-norm statistics are unchanged."""
         self.grad_checkpointing = bool(enable)
 
-    def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpointed(stage, x)
-        return stage(x)
+    def _stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return stage(x)
+        # Block by block rather than the stage at once: a bottleneck keeps ~8 maps for its
+        # backward, so only its output is kept between blocks (a stage would keep all of them
+        # while it is recomputed, and a 3-stage CIFAR network has one stage of half its maps).
+        for block in stage:
+            x = checkpointed(block, x)
+        return x
 
     # ---- structure ---------------------------------------------------------------------------
     def stages(self) -> list[nn.Sequential]:

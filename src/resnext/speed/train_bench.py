@@ -75,7 +75,7 @@ def make_step(
         gemm_weight_grad="-gemm" in variant,
         fast_maxpool=variant.endswith("-pool"),
     )
-    # -ckpt: each stage's activations recomputed in backward (`train.grad_checkpointing`)
+    # -ckpt: each block's activations recomputed in backward (`train.grad_checkpointing`)
     model.set_grad_checkpointing(variant.endswith("-ckpt"))
     net: nn.Module = model
     if variant.endswith("-compile"):
