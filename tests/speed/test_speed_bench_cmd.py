@@ -131,3 +131,29 @@ def test_git_commit_outside_git_comes_from_the_environment(
     if (repo / ".git").exists():  # inside a clone, git's own answer wins over the variable
         inside = git_commit(repo)
         assert inside is not None and inside.split("-")[0] != "0123abc"
+
+
+def test_a_checkout_is_dirty_for_changed_tracked_files_only(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from resnext.checkout import source_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "results.json").write_text("{}")  # a new result file is not a code change
+    assert source_commit(tmp_path) == (head, False)
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert source_commit(tmp_path) == (head, True)

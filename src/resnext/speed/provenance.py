@@ -6,12 +6,12 @@ import datetime as _dt
 import json
 import os
 import platform
-import subprocess
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from resnext.checkout import source_commit
 from resnext.speed.allocator import loaded_allocator
 from resnext.speed.capability import cpu_capability
 
@@ -19,19 +19,11 @@ _OPTIONAL = ("numpy", "pillow", "onnxruntime", "openvino", "onnx", "timm", "torc
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
-    """The current commit hash (with '-dirty' when the tree has changes); outside git, the
+    """The current commit hash, with '-dirty' when a tracked file has changed; outside git the
     `RESNEXT_GIT_COMMIT` environment variable (set where a copy of the tree runs without its
     .git, e.g. a lent GPU machine), else None."""
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("RESNEXT_GIT_COMMIT") or None
-    return f"{rev}-dirty" if dirty else rev
+    commit, dirty = source_commit(cwd)
+    return f"{commit}-dirty" if commit and dirty else commit
 
 
 def versions() -> dict[str, str | None]:

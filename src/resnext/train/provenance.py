@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,23 +13,13 @@ import numpy as np
 import torch
 
 import resnext
+from resnext.checkout import source_commit
 
 
 def git_commit(path: Path | None = None) -> dict[str, Any]:
     """The commit of the checkout holding the package (and whether it has local changes), if any."""
-    where = path or Path(resnext.__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
-        )
-        status = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=where, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    if commit.returncode != 0:
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    commit, dirty = source_commit(path)
+    return {"commit": commit, "dirty": dirty}
 
 
 def collect(device: torch.device, world_size: int) -> dict[str, Any]:

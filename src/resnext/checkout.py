@@ -1,0 +1,34 @@
+"""Which commit of the project's source is running: what every run and benchmark records."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import resnext
+
+ENV = "RESNEXT_GIT_COMMIT"  # for a copy of the tree without its .git (e.g. a lent GPU machine)
+
+
+def source_commit(path: Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the git checkout holding `path` (default: the package): dirty when a
+    tracked file differs from the commit (new untracked files, such as results, do not count).
+    Outside git: ($RESNEXT_GIT_COMMIT or None, None)."""
+    where = path or Path(resnext.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if commit is None or commit.returncode != 0 or status.returncode != 0:
+        return os.environ.get(ENV) or None, None
+    return commit.stdout.strip(), bool(status.stdout.strip())
