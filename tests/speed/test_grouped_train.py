@@ -34,6 +34,9 @@ needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"kernels unavaila
 BF16_REASON = grouped_kernel.unavailable_reason(torch.bfloat16)
 AMX = grouped_amx.unavailable_reason() is None and grouped_wgrad_amx.unavailable_reason() is None
 DGRAD_AMX = grouped_dgrad_amx.unavailable_reason() is None
+# Whether groups of 16 or more channels are taken: by the AMX kernels (bf16), or by the AVX2
+# build of the vector kernels (float32) where that is the build this CPU runs.
+WIDE = AMX or (REASON is None and grouped_kernel.ISA.name == "avx2")
 
 # (batch, channels, groups, height, width, stride): 4 and 8 channels per group, odd and unequal
 # sizes so that every border case of the padding is met, batch 1 and several threads' rows.
@@ -90,9 +93,10 @@ def _check_weight_gradient(shape: tuple[int, ...], dtype: torch.dtype) -> None:
 
 
 def test_weight_gradient_refuses_what_it_does_not_take() -> None:
+    x48 = _cl(torch.randn(1, 48, 4, 4))  # 12 channels per group: no build takes it
+    with pytest.raises(ValueError, match=r"x: expected .*C/groups in \(4, 8"):
+        grouped_wgrad.weight_grad(x48, torch.randn(1, 48, 4, 4), groups=4, stride=1)
     x = _cl(torch.randn(1, 32, 4, 4))
-    with pytest.raises(ValueError, match=r"x: expected .*C/groups in \(4, 8\)"):
-        grouped_wgrad.weight_grad(x, torch.randn(1, 32, 4, 4), groups=2, stride=1)
     with pytest.raises(ValueError, match=r"x: expected .*gradient of the same dtype"):
         grouped_wgrad.weight_grad(x, torch.randn(1, 32, 4, 4).double(), groups=8, stride=1)
     with pytest.raises(ValueError, match=r"grad: expected shape \(1, 32, 2, 2\)"):
@@ -104,8 +108,18 @@ def test_weight_gradient_refuses_what_it_does_not_take() -> None:
 AVX2_MISSING = grouped_kernel.AVX2.required - cpu_flags()
 
 
+# Groups of 16, 32 and 64 channels, which only the AVX2 build takes (as small matrix products),
+# at both strides; the last has more output rows than one chunk of the kernel (a partial one too).
+WIDE_SHAPES = [
+    (2, 64, 4, 9, 7, 1),
+    (3, 64, 2, 8, 6, 2),
+    (1, 128, 2, 5, 5, 1),
+    (4, 32, 2, 16, 7, 1),
+]
+
+
 @pytest.mark.skipif(bool(AVX2_MISSING), reason=f"the AVX2 build needs {sorted(AVX2_MISSING)}")
-@pytest.mark.parametrize("shape", [*SHAPES, (2, 24, 6, 5, 7, 1), (1, 40, 5, 6, 6, 2)])
+@pytest.mark.parametrize("shape", [*SHAPES, (2, 24, 6, 5, 7, 1), (1, 40, 5, 6, 6, 2), *WIDE_SHAPES])
 def test_the_avx2_build_of_the_weight_gradient(shape, monkeypatch) -> None:
     # Also on AVX-512 CPUs, which run it where made the module's build; 24 and 40 channels are
     # blocks of 8 that only this build takes.
@@ -117,6 +131,30 @@ def test_the_avx2_build_of_the_weight_gradient(shape, monkeypatch) -> None:
     x = _cl(torch.randn(1, 32, 4, 4), torch.bfloat16)
     with pytest.raises(ValueError, match=r"x: expected float32 with C % 8 == 0"):
         grouped_wgrad.weight_grad(x, x, groups=8, stride=1)
+
+
+@pytest.mark.skipif(bool(AVX2_MISSING), reason=f"the AVX2 build needs {sorted(AVX2_MISSING)}")
+@pytest.mark.parametrize("shape", WIDE_SHAPES[:2])
+def test_wide_groups_train_on_the_avx2_build(shape, monkeypatch) -> None:
+    monkeypatch.setattr(grouped_kernel, "ISA", grouped_kernel.AVX2)
+    if grouped_wgrad.unavailable_reason() or grouped_kernel.unavailable_reason(torch.float32):
+        pytest.skip("the AVX2 builds are unavailable here")
+    n, c, groups, h, w, stride = shape
+    torch.manual_seed(sum(shape))
+    plain = nn.Conv2d(c, c, 3, stride, 1, groups=groups, bias=False)
+    fast = copy.deepcopy(plain)
+    assert use_grouped_kernels(fast) == 1  # 16 or more channels per group: taken on AVX2
+    x = _cl(torch.randn(n, c, h, w))
+    grad = _cl(torch.randn(n, c, (h - 1) // stride + 1, (w - 1) // stride + 1))
+    ref = _step(copy.deepcopy(plain).double(), x.double(), grad.double(), amp=False)
+    calls = []
+    fn = grouped_wgrad.weight_grad
+    monkeypatch.setattr(grouped_wgrad, "weight_grad", lambda *a: calls.append(1) or fn(*a))
+    with autotune.CHOOSER.prefer("ours"):
+        got = _step(fast, x, grad, amp=False)
+    assert calls == [1]
+    for key, want in ref.items():
+        assert rel_err(got[key], want) < 2e-6, key
 
 
 def test_transposed_weight_maps_the_output_gradient_to_the_input_gradient() -> None:
@@ -233,9 +271,10 @@ def test_swap_takes_exactly_the_grouped_convs_it_can_run_and_keeps_keys() -> Non
     model = resnext.create_model("resnext50_32x4d")
     keys = list(model.state_dict())
     # Table 1: 32 groups of 4 channels in stage 1 (3 blocks), of 8 in stage 2 (4 blocks); stages
-    # 3 and 4 (6 and 3 blocks) have 16 and 32 channels per group, which only the AMX kernels take.
-    stages = ("layer1.", "layer2.", "layer3.", "layer4.") if AMX else ("layer1.", "layer2.")
-    count = 3 + 4 + (6 + 3 if AMX else 0)
+    # 3 and 4 (6 and 3 blocks) have 16 and 32 channels per group, which only the AMX kernels and
+    # the AVX2 build take.
+    stages = ("layer1.", "layer2.", "layer3.", "layer4.") if WIDE else ("layer1.", "layer2.")
+    count = 3 + 4 + (6 + 3 if WIDE else 0)
     assert use_grouped_kernels(model) == count
     swapped = [n for n, m in model.named_modules() if isinstance(m, TrainingGroupedConv2d)]
     assert all(n.startswith(stages) and n.endswith("conv2") for n in swapped)
@@ -253,8 +292,9 @@ def test_network_training_step_matches_the_plain_step() -> None:
     spec = resnext.create_model("resnext_tiny", cardinality=4, base_width=4, num_classes=4)
     plain = spec.to(memory_format=torch.channels_last)
     fast = copy.deepcopy(plain)
-    # stages 1 and 2 (4 per group), and with AMX stage 3 (16 per group: torch's conv in float32)
-    assert use_grouped_kernels(fast) == 2 + AMX
+    # stages 1 and 2 (4 per group), and with AMX or on AVX2 stage 3 (16 per group; with AMX in
+    # bf16 only: torch's convolution in this float32 step)
+    assert use_grouped_kernels(fast) == 2 + WIDE
     x = _cl(torch.randn(4, 3, 12, 12))
     y = torch.tensor([0, 1, 2, 3])
     for model in (plain, fast):

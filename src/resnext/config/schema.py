@@ -87,9 +87,9 @@ class TrainConfig:
     # CPU training fast path: batch norm with its ReLU and residual add in our C kernels
     # (channels-last fp32/bf16 tensors; other layers and devices keep torch's ops).
     fused_bn: bool = False
-    # CPU training fast path: grouped 3x3 convolutions with 4 or 8 channels per group use our
-    # C kernels for the forward, input gradient and weight gradient where they beat oneDNN
-    # (timed per shape on this CPU).
+    # CPU training fast path: grouped 3x3 convolutions with 4 or 8 channels per group (on AVX2
+    # CPUs also 16-64 in float32; with AMX any width in bf16) use our C kernels for the forward,
+    # input gradient and weight gradient where they beat oneDNN (timed per shape on this CPU).
     grouped_kernels: bool = False
     # CPU training fast path: bf16 1x1 convolutions' forward, input and weight gradients each
     # by the fastest of oneDNN, one GEMM and our AVX512-BF16 product, timed per shape; an

@@ -1,8 +1,9 @@
 """The training fast path's grouped 3×3 convolution: each product by the fastest of oneDNN and ours.
 
 `use_grouped_kernels(model)` turns each grouped 3×3 `nn.Conv2d` the kernels take (padding 1,
-no bias, 4 or 8 channels per group, stride 1 or 2; on a CPU with AMX also 16 or more channels
-per group, for bf16 only) into a `TrainingGroupedConv2d` in place (same
+no bias, 4 or 8 channels per group, stride 1 or 2; with the AVX2 build also 16, 32 or 64 in
+float32; on a CPU with AMX also 16 or more channels per group, for bf16 only) into a
+`TrainingGroupedConv2d` in place (same
 parameters and state-dict keys). In training mode on channels-last float32/bfloat16 CPU tensors
 (bf16 from autocast included), each of its three products has these implementations:
 

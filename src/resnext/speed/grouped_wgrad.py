@@ -1,9 +1,10 @@
 """The grouped 3×3 convolution's weight gradient: `kernels/grouped3x3_wgrad*.c` via ctypes.
 
 Built on first use like the other C parts (`resnext.native`); runs on torch's OpenMP threads.
-Takes channels-last float32 or bfloat16 CPU tensors with 4 or 8 channels per group and returns
-the float32 gradient; `resnext.speed.grouped_train` decides when it applies. bf16 tensors with a
-multiple of 32 channels use AVX512-BF16's pair dot product where the CPU has it. Like the
+Takes channels-last float32 or bfloat16 CPU tensors with 4 or 8 channels per group (the AVX2
+build also 16, 32 or 64, float32) and returns the float32 gradient;
+`resnext.speed.grouped_train` decides when it applies. bf16 tensors with a multiple of 32
+channels use AVX512-BF16's pair dot product where the CPU has it. Like the
 forward kernel it has an AVX-512 build and an AVX2 one (float32 only); it runs the build of the
 forward kernel's `grouped_kernel.ISA`, whose channel blocks it shares.
 """
@@ -27,6 +28,8 @@ BUILDS = {
     "avx2": (KERNELS / "grouped3x3_wgrad_avx2.c", grouped_kernel.AVX2.flags),
 }
 SUPPORTED_CPG = (4, 8)
+# Groups the AVX2 build also takes, as small matrix products (its `wgrad_wide`).
+WIDE_CPG = (16, 32, 64)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -58,10 +61,17 @@ def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
     return _library_problem(grouped_kernel.ISA)
 
 
+def group_widths() -> tuple[int, ...]:
+    """The channels per group this process's build takes: 4 and 8, and on AVX2 also 16–64."""
+    return SUPPORTED_CPG + (WIDE_CPG if grouped_kernel.ISA.name == "avx2" else ())
+
+
 def supports(channels: int, groups: int, stride: int) -> bool:
     """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride."""
-    # The forward kernel's shapes (its channel blocks, strides 1 and 2), fewer group widths.
-    return grouped_kernel.supports(channels, groups, stride) and channels // groups in SUPPORTED_CPG
+    # The forward kernel's shapes (its channel blocks, strides 1 and 2), maybe fewer group widths.
+    return (
+        grouped_kernel.supports(channels, groups, stride) and channels // groups in group_widths()
+    )
 
 
 def check_output_grad(x: torch.Tensor, grad: torch.Tensor, stride: int) -> None:
@@ -101,7 +111,7 @@ def weight_grad(
     ):
         raise ValueError(
             f"x: expected {dtypes} with C % {grouped_kernel.ISA.lanes} == 0, C/groups in "
-            f"{SUPPORTED_CPG}, stride 1 or 2 and a gradient of the same dtype; got "
+            f"{group_widths()}, stride 1 or 2 and a gradient of the same dtype; got "
             f"{tuple(x.shape)} {x.dtype}, groups={groups}, stride={stride}, gradient {grad.dtype}"
         )
     check_output_grad(x, grad, stride)
