@@ -31,13 +31,18 @@ def test_checkpointed_stages_train_as_the_plain_network(preact: bool) -> None:
         loss_plain.backward()
         loss_ckpt.backward()
         assert torch.allclose(loss_plain, loss_ckpt, rtol=1e-6, atol=1e-7)
-    grads = dict(ckpt.named_parameters())
+    _assert_same_state(plain, ckpt, rtol=1e-5, atol=1e-7)
+    assert int(dict(ckpt.named_buffers())["layer1.0.bn1.num_batches_tracked"]) == 2
+
+
+def _assert_same_state(plain: nn.Module, other: nn.Module, rtol: float, atol: float) -> None:
+    """The same parameter gradients and buffers (batch-norm statistics and counts)."""
+    grads = dict(other.named_parameters())
     for name, p in plain.named_parameters():
-        assert torch.allclose(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7), name
-    buffers = dict(ckpt.named_buffers())
+        assert torch.allclose(p.grad, grads[name].grad, rtol=rtol, atol=atol), name
+    buffers = dict(other.named_buffers())
     for name, b in plain.named_buffers():
-        assert torch.allclose(b.double(), buffers[name].double(), rtol=1e-6, atol=1e-7), name
-    assert int(buffers["layer1.0.bn1.num_batches_tracked"]) == 2
+        assert torch.allclose(b.double(), buffers[name].double(), rtol=rtol, atol=atol), name
 
 
 def test_checkpointing_keeps_fewer_activations() -> None:
@@ -87,9 +92,4 @@ def test_compiled_checkpointed_stages_train_as_the_plain_network() -> None:
     for _ in range(2):
         nn.functional.cross_entropy(plain(x), y).backward()
         nn.functional.cross_entropy(compiled(x), y).backward()
-    grads = dict(ckpt.named_parameters())
-    for name, p in plain.named_parameters():
-        assert torch.allclose(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6), name
-    buffers = dict(ckpt.named_buffers())
-    for name, b in plain.named_buffers():
-        assert torch.allclose(b.double(), buffers[name].double(), rtol=1e-5, atol=1e-6), name
+    _assert_same_state(plain, ckpt, rtol=1e-4, atol=1e-6)

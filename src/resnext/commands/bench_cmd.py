@@ -101,6 +101,26 @@ def _models_and_variants(
     return parse_list(args.models), variants
 
 
+def _timed_config(
+    config_class: type,
+    args: argparse.Namespace,
+    allowed: tuple[str, ...],
+    default: tuple[str, ...],
+    **own: object,
+) -> object:
+    """A model benchmark's config: the options infer, train and gpu share, then its `own`."""
+    models, variants = _models_and_variants(args, allowed, default)
+    return config_class(
+        models=models,
+        variants=variants,
+        batch=args.batch,
+        image_size=args.image_size,
+        rounds=args.rounds,
+        iters=args.iters,
+        **own,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the chosen benchmark, print a summary, write the JSON record."""
     allocator = reexec_with_allocator(args.allocator)
@@ -111,44 +131,23 @@ def run(args: argparse.Namespace) -> int:
         from resnext.speed import infer_bench as bench
 
         default = default_variants(bench, bf16_supported())
-        models, variants = _models_and_variants(args, bench.VARIANTS, default)
-        config = bench.InferConfig(
-            models=models,
-            variants=variants,
-            batch=args.batch,
-            image_size=args.image_size,
-            rounds=args.rounds,
-            iters=args.iters,
-            latency_rounds=args.latency_rounds,
+        config = _timed_config(
+            bench.InferConfig, args, bench.VARIANTS, default, latency_rounds=args.latency_rounds
         )
         result = bench.run_infer_bench(config)
     elif args.bench == "train":
         from resnext.speed import train_bench as bench
 
         default = default_variants(bench, bf16_supported())
-        models, variants = _models_and_variants(args, bench.VARIANTS, default)
-        config = bench.TrainConfig(
-            models=models,
-            variants=variants,
-            batch=args.batch,
-            image_size=args.image_size,
-            rounds=args.rounds,
-            iters=args.iters,
-            warmup_rounds=args.warmup_rounds,
+        config = _timed_config(
+            bench.TrainConfig, args, bench.VARIANTS, default, warmup_rounds=args.warmup_rounds
         )
         result = bench.run_train_bench(config)
     elif args.bench == "gpu":
         from resnext.speed import gpu_bench as bench
 
-        models, variants = _models_and_variants(args, bench.VARIANTS, bench.DEFAULT_VARIANTS)
-        config = bench.GpuBenchConfig(
-            models=models,
-            variants=variants,
-            batch=args.batch,
-            image_size=args.image_size,
-            rounds=args.rounds,
-            iters=args.iters,
-            device=args.device,
+        config = _timed_config(
+            bench.GpuBenchConfig, args, bench.VARIANTS, bench.DEFAULT_VARIANTS, device=args.device
         )
         result = bench.run_gpu_bench(config)
     else:
