@@ -166,7 +166,7 @@ def test_grad_checkpointing_trains_the_same_weights(tmp_path, tiny_cfg, tiny_dat
     calls = []
     original = network.checkpointed
     monkeypatch.setattr(
-        network, "checkpointed", lambda stage, x: calls.append(1) or original(stage, x)
+        network, "checkpointed", lambda part, x: calls.append(1) or original(part, x)
     )
     weights = {}
     for enabled in (False, True):

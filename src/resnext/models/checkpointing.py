@@ -1,4 +1,4 @@
-"""Activation checkpointing of a stage: its activations recomputed in backward instead of kept."""
+"""Activation checkpointing of a network part (a block): its activations recomputed in backward."""
 
 from __future__ import annotations
 
@@ -24,17 +24,16 @@ def buffers_restored(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-def checkpointed(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`stage(x)`, keeping only `x` for backward, where the stage runs again to rebuild what its
-    gradients need: memory for one extra forward of the stage. The same values and gradients as
-    `stage(x)`, the same buffer updates, and random draws replayed as they were."""
-
+def checkpointed(part: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`part(x)`, keeping only `x` for backward, where the part runs again to rebuild what its
+    gradients need: memory for one extra forward of the part. The same values and gradients as
+    `part(x)`, the same buffer updates, and random draws replayed as they were."""
     if torch.compiler.is_compiling():
         # A compiled graph's recomputation reruns only what the gradients need (AOT autograd
         # applies buffer updates once, after the forward), and dynamo takes no context_fn.
-        return checkpoint(stage, x, use_reentrant=False)
+        return checkpoint(part, x, use_reentrant=False)
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), buffers_restored(stage)
+        return contextlib.nullcontext(), buffers_restored(part)
 
-    return checkpoint(stage, x, use_reentrant=False, context_fn=contexts)
+    return checkpoint(part, x, use_reentrant=False, context_fn=contexts)

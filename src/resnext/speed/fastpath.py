@@ -212,30 +212,6 @@ def optimize(
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if grouped_kernel not in MODES:
-        raise ConfigError(f"grouped_kernel: expected one of {MODES}, got {grouped_kernel!r}")
-    if fuse_pointwise not in MODES:
-        raise ConfigError(f"fuse_pointwise: expected one of {MODES}, got {fuse_pointwise!r}")
-    if fuse_block not in MODES:
-        raise ConfigError(f"fuse_block: expected one of {MODES}, got {fuse_block!r}")
-    if conv_x3 not in MODES:
-        raise ConfigError(f"conv_x3: expected one of {MODES}, got {conv_x3!r}")
-    if fuse_stem not in MODES:
-        raise ConfigError(f"fuse_stem: expected one of {MODES}, got {fuse_stem!r}")
-    if pointwise_fma not in MODES:
-        raise ConfigError(f"pointwise_fma: expected one of {MODES}, got {pointwise_fma!r}")
-    dtype = resolve_dtype(dtype)
-    target = model_device(model, device)
-    if target.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
-    on_cpu = target.type == "cpu"
-    if dtype == torch.bfloat16 and not bf16_runs_on(target):
-        warnings.warn(
-            f"bf16 requested but {target.type} has no native bf16 arithmetic; using float32",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        dtype = torch.float32
     kernels = {
         "grouped_kernel": grouped_kernel,
         "fuse_pointwise": fuse_pointwise,
@@ -245,8 +221,23 @@ def optimize(
         "pointwise_fma": pointwise_fma,
     }
     for name, mode in kernels.items():
+        if mode not in MODES:
+            raise ConfigError(f"{name}: expected one of {MODES}, got {mode!r}")
+    dtype = resolve_dtype(dtype)
+    target = model_device(model, device)
+    if target.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
+    on_cpu = target.type == "cpu"
+    for name, mode in kernels.items():
         if mode == "on" and not on_cpu:
             raise ConfigError(f"{name}: 'on' is a CPU kernel; {target} takes 'auto' or 'off'")
+    if dtype == torch.bfloat16 and not bf16_runs_on(target):
+        warnings.warn(
+            f"bf16 requested but {target.type} has no native bf16 arithmetic; using float32",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        dtype = torch.float32
     work = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
     work.requires_grad_(False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
