@@ -2,14 +2,16 @@
 # Issue 5's target 5 on a lent GPU machine: ResNeXt-50 and ResNet-50, ours against timm's and
 # torchvision's, inference and training, bf16 + channels_last (`resnext bench gpu`). The package
 # runs from src/ without installing (that machine has torch, torchvision and timm). Three short
-# runs, each writing its own JSON, so that a time limit loses at most the last one.
+# runs, each writing its own JSON, so that a time limit loses at most the last one; a run that
+# fails does not stop the next (the exit status says whether all three passed).
 #   RESNEXT_GIT_COMMIT=<commit> bash benchmarks/gpu_device_run.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmarks/results}}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 python="${PYTHON:-python}"
-bench() { "$python" benchmarks/bench_gpu.py --allocator none --out "$out" "$@"; }
+failed=0
+bench() { "$python" benchmarks/bench_gpu.py --allocator none --out "$out" "$@" || failed=1; }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv || true
 "$python" -c 'import torch, timm, torchvision; print(torch.__version__, timm.__version__, torchvision.__version__)' || true
@@ -19,3 +21,4 @@ bench --variants infer-ours-eager,infer-timm-eager,infer-torchvision-eager,train
 bench --variants infer-ours-optimize,infer-timm-compile,infer-ours-eager
 # 3. training compiled, ours and timm's
 bench --variants train-ours-compile,train-timm-compile --rounds 3
+exit $failed
