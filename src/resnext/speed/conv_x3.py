@@ -42,13 +42,9 @@ def _library() -> ctypes.CDLL:
 
 
 @functools.lru_cache(maxsize=1)
-def _library_problem() -> str | None:
-    return native.problem(_library)
-
-
 def unavailable_reason() -> str | None:
-    """None if the kernel can run here, else why not (one line)."""
-    return _library_problem()
+    """None if the kernel can run here, else why not (one line; decided once per process)."""
+    return native.problem(_library)
 
 
 def depth(in_channels: int, kernel: int) -> int:
