@@ -92,3 +92,45 @@ def test_eval_missing_data_is_a_data_error(tmp_path: Path) -> None:
     ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
     with pytest.raises(DataError, match="nowhere"):
         eval_cmd.run(_parse(["--weights", str(ckpt), "--data", str(tmp_path / "nowhere")]))
+
+
+@pytest.mark.parametrize("protocol", ["center", "tencrop"])
+def test_eval_with_the_fast_path_scores_as_the_plain_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    from resnext.speed import fastpath
+
+    _image_folder(tmp_path)
+    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
+    built = []
+    original = fastpath.optimize
+    monkeypatch.setattr(fastpath, "optimize", lambda *a, **k: built.append(k) or original(*a, **k))
+    reports = {}
+    for mode in ("off", "fp32"):
+        argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
+        argv += ["--protocol", protocol, "--optimize", mode, "--batch-size", "4"]
+        assert eval_cmd.run(_parse(argv)) == 0
+        reports[mode] = json.loads(capsys.readouterr().out)
+    assert len(built) == 1 and built[0]["backend"] == "none"  # built once, for the fp32 run
+    views = 10 if protocol == "tencrop" else 1
+    assert built[0]["example_input"].shape[0] == 4 * views  # timed at the batch's shape
+    assert reports["fp32"]["fast_path"] == "fp32" and reports["off"]["fast_path"] == "off"
+    # float32 fast path: the same function to ~1e-6, so the same hits on these 9 images
+    assert reports["fp32"]["counts"] == reports["off"]["counts"]
+
+
+def test_eval_fast_path_refuses_the_dense_protocol(tmp_path: Path) -> None:
+    from resnext.errors import ConfigError
+
+    _image_folder(tmp_path)
+    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
+    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--protocol", "dense"]
+    with pytest.raises(ConfigError, match="--optimize: the dense protocol"):
+        eval_cmd.run(_parse([*argv, "--optimize", "fp32"]))
+    # the library refuses it too, by name
+    from resnext.evaluate.protocols import get_protocol
+    from resnext.evaluate.scoring import Scorer
+
+    model = resnext.create_model("resnext_tiny", num_classes=3)
+    with pytest.raises(ConfigError, match="optimize: the dense protocol"):
+        Scorer(model, get_protocol("dense", resize=32, crop=32), fast=model)

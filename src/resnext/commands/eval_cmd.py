@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from resnext.errors import ConfigError
 from resnext.evaluate import (
     PROTOCOLS,
     DistContext,
@@ -23,6 +25,7 @@ from resnext.evaluate import (
     write_outputs,
 )
 from resnext.evaluate.data_source import open_dataset
+from resnext.evaluate.protocols import Protocol
 from resnext.inference.loading import load_model
 
 
@@ -59,6 +62,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--optimize",
+        choices=("off", "fp32", "bf16"),
+        default="off",
+        help="score with the fast path (resnext.optimize) in this precision; crop protocols only",
+    )
     parser.add_argument("--output", help="folder for report.json, per_class.csv, confusion.png")
     parser.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     parser.add_argument("--no-progress", action="store_true")
@@ -78,6 +87,26 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def _fast_path(
+    precision: str, model: torch.nn.Module, protocol: Protocol, batch: int, device: str
+) -> torch.nn.Module | None:
+    """`resnext.optimize`'s eager module for a crop protocol's batches (None when off): our
+    kernels chosen by timing at the batch's shape, no compiled graph (a last short batch would
+    compile again)."""
+    if precision == "off":
+        return None
+    if protocol.kind == "dense":
+        raise ConfigError(
+            "--optimize: the dense protocol runs the network fully convolutionally on whole "
+            "images of several sizes; use --optimize off with it"
+        )
+    from resnext.speed.fastpath import optimize  # torch.compile's import is slow
+
+    chans = getattr(getattr(model, "spec", None), "in_chans", 3)
+    example = torch.zeros(batch * protocol.views_per_image, chans, protocol.crop, protocol.crop)
+    return optimize(model, precision, backend="none", example_input=example, device=device)
+
+
 def _run(args: argparse.Namespace, ctx: DistContext) -> int:
     loaded = load_model(args.model, args.weights, device=args.device)
     prep = loaded.preprocessing
@@ -94,6 +123,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
     head = int(getattr(loaded.model, "num_classes", len(loaded.class_names)))
     indices = read_class_subset(args.classes_subset) if args.classes_subset else None
     subset = LabelSubset(indices, head, args.subset_labels) if indices is not None else None
+    fast = _fast_path(args.optimize, loaded.model, protocol, args.batch_size, args.device)
     result = evaluate(
         loaded.model,
         dataset,
@@ -106,6 +136,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         device=args.device,
         progress=not args.no_progress and not args.json,
         context=ctx,
+        fast=fast,
     )
     if not ctx.is_main:
         return 0
@@ -116,6 +147,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         preprocessing={**prep.to_dict(), "weights_format": loaded.source_format},
         dataset=description,
         subset=indices,
+        fast_path=args.optimize,
     )
     if args.output:
         names = loaded.class_names

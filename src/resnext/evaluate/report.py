@@ -25,6 +25,7 @@ def build_report(
     preprocessing: dict[str, Any],
     dataset: dict[str, Any],
     subset: Sequence[int] | None = None,
+    fast_path: str = "off",
 ) -> dict[str, Any]:
     """The JSON-ready report: what was evaluated, how, on what, and the accuracies as fractions."""
     c = result.counter
@@ -33,6 +34,7 @@ def build_report(
         "model": model,
         "weights": weights,
         "protocol": result.protocol.to_dict(),
+        "fast_path": fast_path,  # `resnext.optimize` precision, or "off" (the plain model)
         "preprocessing": preprocessing,
         "dataset": dataset,
         "restricted_classes": list(subset) if subset is not None else None,

@@ -69,15 +69,19 @@ def evaluate(
     device: str | torch.device = "cpu",
     progress: bool = False,
     context: DistContext | None = None,
+    fast: nn.Module | None = None,
 ) -> EvalResult:
-    """Score every image of `dataset` (PIL image, label) once, across ranks when distributed."""
+    """Score every image of `dataset` (PIL image, label) once, across ranks when distributed.
+
+    `fast`: `resnext.optimize(model, ...)`'s module, run instead of `model` for the crop
+    protocols (center, ten-crop); the dense protocol refuses it."""
     ctx = context or current_context()
     device = torch.device(device)
     model = model.to(device).eval()
     scored = len(subset) if subset is not None else num_classes
     counter = AccuracyCounter(scored, topk=(1, 5))
     index = subset.indices.to(device) if subset is not None else None
-    scorer = Scorer(model, protocol, index)
+    scorer = Scorer(model, protocol, index, fast)
     viewed = _Viewed(dataset, ViewTransform(protocol, normalization))
     loader = DataLoader(
         viewed,
