@@ -11,7 +11,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from resnext.errors import ConfigError
 from resnext.evaluate import (
     PROTOCOLS,
     DistContext,
@@ -26,6 +25,7 @@ from resnext.evaluate import (
 )
 from resnext.evaluate.data_source import open_dataset
 from resnext.evaluate.protocols import Protocol
+from resnext.evaluate.scoring import check_fast_path
 from resnext.inference.loading import load_model
 
 
@@ -95,11 +95,7 @@ def _fast_path(
     compile again)."""
     if precision == "off":
         return None
-    if protocol.kind == "dense":
-        raise ConfigError(
-            "--optimize: the dense protocol runs the network fully convolutionally on whole "
-            "images of several sizes; use --optimize off with it"
-        )
+    check_fast_path(protocol, "--optimize")  # before optimize's timing, not after it
     from resnext.speed.fastpath import optimize  # torch.compile's import is slow
 
     chans = getattr(getattr(model, "spec", None), "in_chans", 3)

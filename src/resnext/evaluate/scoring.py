@@ -11,6 +11,16 @@ from resnext.evaluate.dense import DenseScorer
 from resnext.evaluate.protocols import Protocol
 
 
+def check_fast_path(protocol: Protocol, option: str) -> None:
+    """A ConfigError naming `option` unless `protocol` can score with `resnext.optimize`'s
+    module: the crop protocols can; the dense one runs the network fully convolutionally."""
+    if protocol.kind == "dense":
+        raise ConfigError(
+            f"{option}: the dense protocol runs the network fully convolutionally on whole "
+            f"images of several sizes; use {option} off with it"
+        )
+
+
 class Scorer:
     """Turns collated views into (N, K) probabilities; K is the subset size when one is given."""
 
@@ -21,11 +31,8 @@ class Scorer:
         subset: torch.Tensor | None = None,
         fast: nn.Module | None = None,
     ) -> None:
-        if fast is not None and protocol.kind == "dense":
-            raise ConfigError(
-                "optimize: the dense protocol runs the network fully convolutionally on "
-                "whole images of several sizes; evaluate it with optimize off"
-            )
+        if fast is not None:
+            check_fast_path(protocol, "optimize")
         self.model = model
         # `resnext.optimize`'s module for the crop protocols: the same function, faster
         self.net = fast if fast is not None else model

@@ -130,8 +130,8 @@ int pointwise_fma(const float *x, const float *packed, const float *bias, const 
         for (long r = r0, t = 0; r < r1; r += TILE_ROWS, t++) {
           const int count = r1 - r < TILE_ROWS ? (int)(r1 - r) : TILE_ROWS;
           const long at = r * cout + p * PANEL;
-          tile(slice + t * TILE_ROWS, count, b, kc, y + at, cout, k0 == 0, k0 + kc == cin, bias + p * PANEL,
-               residual ? residual + at : 0, relu, t == 0 ? next : 0);
+          tile(slice + t * TILE_ROWS, count, b, kc, y + at, cout, k0 == 0, k0 + kc == cin,
+               bias + p * PANEL, residual ? residual + at : 0, relu, t == 0 ? next : 0);
         }
       }
     }
