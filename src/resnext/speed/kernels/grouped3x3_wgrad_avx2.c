@@ -135,6 +135,12 @@ static void wide_pass(const float *x, const float *gy, float *acc_at, int H, int
   _mm256_storeu_ps(acc_at + 80, a22), _mm256_storeu_ps(acc_at + 88, a23);
 }
 
+/* The wide layout's block of group g, outputs co..co+3, inputs ci..ci+7 and kernel row kh: its
+ * 96 sums (3 kw x 4 outputs x 8 inputs) start at part + 96 * wide_block(...). */
+static inline long wide_block(int g, int co, int ci, int kh, int cpg) {
+  return ((long)(g * (cpg / 4) + co / 4) * (cpg / 8) + ci / 8) * 3 + kh;
+}
+
 /* One thread's rows [begin, end) into part[C/cpg][cpg/4][cpg/8][3 kh][3 kw][4][8]: for each
  * group, block of 4 outputs and block of 8 inputs, the 9 taps' 4 x 8 sums. */
 static void wgrad_wide(const float *x, const float *gy, float *part, int H, int W, int C, int cpg,
@@ -148,9 +154,8 @@ static void wgrad_wide(const float *x, const float *gy, float *part, int H, int 
       for (int co = 0; co < cpg; co += 4)
         for (int ci = 0; ci < cpg; ci += 8)
           for (int kh = 0; kh < 3; ++kh) {
-            const long block = ((long)(g * (cpg / 4) + co / 4) * (cpg / 8) + ci / 8) * 3 + kh;
-            wide_pass(x + g * cpg + ci, gy + g * cpg + co, part + block * 96, H, W, C, s, Ho, Wo,
-                      kh, c0, c1);
+            float *sums = part + 96 * wide_block(g, co, ci, kh, cpg);
+            wide_pass(x + g * cpg + ci, gy + g * cpg + co, sums, H, W, C, s, Ho, Wo, kh, c0, c1);
           }
   }
 }
@@ -170,7 +175,8 @@ int grouped3x3_wgrad_nhwc(const void *x, const void *gy, float *dw, int bf16, in
   if (!grouped3x3_wgrad_supported(C, cpg, s) || N < 0 || H < 1 || W < 1 || threads < 1) return 1;
   if (bf16 || pairs) return 1;
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
-  const long per_thread = (long)C * 9 * cpg; /* C/8 blocks x 9 taps x cpg diagonals x 8 */
+  /* C/8 blocks x 9 taps x cpg diagonals x 8, or in the wide layout C/cpg groups x cpg^2 x 9 */
+  const long per_thread = (long)C * 9 * cpg;
   float *part = (float *)calloc((size_t)threads * per_thread, sizeof(float));
   if (!part) return 2;
   const wgrad_fn fn = cpg == 4 ? wgrad_g4 : wgrad_g8;
@@ -193,11 +199,10 @@ int grouped3x3_wgrad_nhwc(const void *x, const void *gy, float *dw, int bf16, in
     for (int g = 0; g < C / cpg; ++g)
       for (int co = 0; co < cpg; ++co)
         for (int ci = 0; ci < cpg; ++ci)
-          for (int tap = 0; tap < 9; ++tap) {
-            const long block = ((long)(g * (cpg / 4) + co / 4) * (cpg / 8) + ci / 8) * 3 + tap / 3;
+          for (int tap = 0; tap < 9; ++tap)
             dw[((long)(g * cpg + co) * cpg + ci) * 9 + tap] =
-                part[block * 96 + (tap % 3) * 32 + (co % 4) * 8 + ci % 8];
-          }
+                part[96 * wide_block(g, co, ci, tap / 3, cpg) + (tap % 3) * 32 + (co % 4) * 8 +
+                     ci % 8];
     free(part);
     return 0;
   }
