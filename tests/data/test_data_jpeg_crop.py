@@ -212,3 +212,21 @@ def test_crop_path_breakdown_times_each_step_on_the_files_it_takes(tmp_path: Pat
     assert result["ceiling_decode_only_img_per_s"] == pytest.approx(
         1e3 / ms["entropy_to_crop_bottom"]
     )
+
+
+def test_decoded_crops_are_what_the_crop_path_resamples(tmp_path: Path) -> None:
+    # benchmarks/bench_resample.py times resampling on these; they must be the loader's own work
+    from resnext.speed.data_bench import decoded_crops
+
+    if resample.unavailable_reason() is not None:
+        pytest.skip(f"resampler unavailable: {resample.unavailable_reason()}")
+    files = [_jpeg(tmp_path, kind, (320, 240)) for kind in ("420", "444")]
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (300, 200), (10, 200, 30, 5)).save(cmyk, quality=90)
+    crops = decoded_crops([files[0], cmyk, files[1]], 64, seed=5)
+    assert len(crops) == 2  # the CMYK file is Pillow's
+    transform = PlannedRandomResizedCrop(64, generator=torch.Generator().manual_seed(5))
+    for path, (canvas, box, flip) in zip(files, crops, strict=True):
+        want = load_planned(path, transform, decoder="crop")
+        got = resample.resize_box(canvas, box, (64, 64), "bicubic", flip)
+        assert torch.equal(torch.from_numpy(got), want)

@@ -74,3 +74,36 @@ def test_strided_view_and_bad_arguments() -> None:
         resample.resize_box(big[:, ::2], (0, 0, 40, 50), (30, 20), "bicubic")
     with pytest.raises(ValueError, match="image"):
         resample.resize_box(big.astype(np.float32), (0, 0, 80, 50), (30, 20), "bicubic")
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_mirror_alone_is_exact_where_the_width_is_not_resampled(interpolation: str) -> None:
+    # The flip rides on the horizontal pass; with nothing to resample across, that pass must
+    # weigh each pixel alone (weights 0, 1, 0), whichever pass runs first.
+    image = np.random.default_rng(2).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    for size in ((50, 20), (50, 37), (50, 61)):
+        box = (0.0, 0.0, 50.0, 37.0)
+        want = _pillow(image, box, size, interpolation, flip=True)
+        for order in ("horizontal-first", "vertical-first"):
+            got = resample.resize_box(image, box, size, interpolation, True, order)
+            assert np.array_equal(got, want), (size, order)
+    same = resample.resize_box(image, (0.0, 0.0, 50.0, 37.0), (50, 37), interpolation, True)
+    assert np.array_equal(same, image[:, ::-1])
+
+
+def test_another_build_of_the_kernel_runs_side_by_side(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # benchmarks/bench_resample.py times another revision of the kernel file this way
+    copy = tmp_path / "resample_copy.c"
+    copy.write_bytes(resample.SOURCE.read_bytes())
+    image = np.random.default_rng(3).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    box = (7.5, 3.25, 101.0, 80.5)
+    want = _pillow(image, box, (64, 48), "bicubic", flip=True)
+    got = {
+        order: resample.resize_box(image, box, (64, 48), "bicubic", True, order, source=copy)
+        for order in ("horizontal-first", "vertical-first")
+    }
+    assert any(np.array_equal(g, want) for g in got.values())
+    for order, out in got.items():
+        assert np.array_equal(
+            out, resample.resize_box(image, box, (64, 48), "bicubic", True, order)
+        )

@@ -23,9 +23,9 @@ FILTERS = {"bilinear": 0, "bicubic": 1}
 ORDERS = {"auto": -1, "horizontal-first": 0, "vertical-first": 1}
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL:
-    lib = native.load(SOURCE, FLAGS, LIBS, cpu_needs=frozenset({"avx2", "fma"}))
+@functools.cache
+def _library(source: Path = SOURCE) -> ctypes.CDLL:
+    lib = native.load(source, FLAGS, LIBS, cpu_needs=frozenset({"avx2", "fma"}))
     fn = lib.resample_rgb
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     fn.argtypes += [ctypes.c_float] * 4 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
@@ -46,11 +46,14 @@ def resize_box(
     interpolation: str,
     flip: bool = False,
     order: str = "auto",
+    *,
+    source: Path = SOURCE,
 ) -> np.ndarray:
     """The (h, w, 3) uint8 result of resampling `box` of `image` to `size` = (w, h), then mirroring.
 
     `image` is an (H, W, 3) uint8 array whose rows may be strided (a view into a larger buffer
-    works) but whose pixels are packed.
+    works) but whose pixels are packed. `source` is the kernel file to build and run: another
+    revision of it only for side-by-side benchmarks (`benchmarks/bench_resample.py`).
     """
     if interpolation not in FILTERS:
         raise ValueError(f"interpolation: expected one of {sorted(FILTERS)}, got {interpolation!r}")
@@ -64,7 +67,7 @@ def resize_box(
         raise ValueError("image: pixels must be packed (strides (row, 3, 1))")
     w, h = size
     out = np.empty((h, w, 3), dtype=np.uint8)
-    rc = _library().resample_rgb(
+    rc = _library(source).resample_rgb(
         image.ctypes.data,
         image.shape[1],
         image.shape[0],

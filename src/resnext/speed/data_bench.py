@@ -199,6 +199,22 @@ def _crop_jobs(files: list[Path], size: int, seed: int) -> tuple[list[_CropJobDa
     return jobs, skipped
 
 
+def decoded_crops(
+    files: list[Path], size: int, seed: int = 0
+) -> list[tuple[np.ndarray, tuple[float, float, float, float], bool]]:
+    """Each file's random-resized crop as the crop path hands it to resampling: the decoded
+    region (in a buffer the size of the image at its DCT scale), the box in that buffer's pixels,
+    and the flip. Files the crop decoder does not take are left out."""
+    from resnext.data.planned import decode_job
+
+    out = []
+    for j in _crop_jobs(files, size, seed)[0]:
+        canvas = np.zeros((j.job.scaled[1], j.job.scaled[0], 3), np.uint8)
+        decode_job(j.data, j.job, canvas)
+        out.append((canvas, j.job.box, j.flip))
+    return out
+
+
 def _restart_indexed(data: bytes) -> bytes | None:
     """`data` rewritten with restart markers, or None where that cannot be built or libjpeg
     refuses the file (the loader then takes its usual path for it)."""
