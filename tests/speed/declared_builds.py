@@ -23,6 +23,7 @@ LOADERS = {
         m._library_for(i) for i in (m.grouped_kernel.AVX512, m.grouped_kernel.AVX2)
     ],
     "resnext.speed.pointwise_fma": lambda m: m.load(()),
+    "resnext.speed.bn_kernel": lambda m: [m._library_for.__wrapped__(b) for b in m.BUILDS.values()],
 }
 # What a compiler without an instruction set's options says (then that build is not ours to fix).
 UNKNOWN_OPTION = ("unrecognized command-line option", "unknown argument", "unrecognized argument")

@@ -14,6 +14,7 @@ from resnext.config import load_config
 from resnext.errors import ConfigError
 from resnext.models.layers import norm_act
 from resnext.speed import bn_kernel
+from resnext.speed.capability import cpu_flags
 from resnext.speed.fused_bn import FusedBatchNorm2d, use_fused_batchnorm, use_plain_batchnorm
 
 REASON = bn_kernel.unavailable_reason()
@@ -90,13 +91,31 @@ def _bn(channels: int, seed: int) -> nn.BatchNorm2d:
     return bn
 
 
-@needs_kernel
+@pytest.fixture(params=list(bn_kernel.BUILDS.values()), ids=list(bn_kernel.BUILDS))
+def build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bn_kernel.Build:
+    """Each build this CPU runs, made the module's (an AVX-512 CPU also runs the AVX2 build)."""
+    chosen: bn_kernel.Build = request.param
+    missing = chosen.required - cpu_flags()
+    if missing:
+        pytest.skip(f"the {chosen.name} build needs {sorted(missing)}")
+    monkeypatch.setattr(bn_kernel, "BUILD", chosen)
+    if bn_kernel.unavailable_reason() is not None:
+        pytest.skip(f"bn kernel unavailable: {bn_kernel.unavailable_reason()}")
+    return chosen
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(("with_residual", "relu"), MODES)
 def test_fused_equals_float64_torch(
-    dtype: torch.dtype, shape: tuple[int, ...], with_residual: bool, relu: bool
+    build: bn_kernel.Build,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    with_residual: bool,
+    relu: bool,
 ) -> None:
+    if dtype not in build.dtypes:
+        pytest.skip(f"the {build.name} build takes {build.dtypes}")
     bn = _bn(shape[1], seed=shape[1])
     x = _cl(torch.randn(shape) * 3 + 2, dtype)
     residual = _cl(torch.randn(shape), dtype) if with_residual else None
@@ -116,6 +135,9 @@ def test_fused_equals_float64_torch(
 
 
 @needs_kernel
+@pytest.mark.skipif(
+    torch.bfloat16 not in bn_kernel.BUILD.dtypes, reason="this CPU's build takes float32 only"
+)
 def test_bf16_output_rounds_like_torch() -> None:
     """The bf16 output is the float32 result rounded to nearest even, as torch's .to() rounds it."""
     shape = (2, 32, 6, 6)
@@ -290,6 +312,8 @@ def test_training_step_of_registry_models_as_accurate_as_plain(
     """
     if name not in resnext.list_models():
         pytest.skip(f"{name} is not in the registry")
+    if dtype not in bn_kernel.BUILD.dtypes:  # both sides would be torch's batch norm
+        pytest.skip(f"the {bn_kernel.BUILD.name} build takes {bn_kernel.BUILD.dtypes}")
     seeds = [_step_errors(name, dtype, seed) for seed in range(3)]
 
     def mean(key: str, what: str) -> float:
@@ -313,8 +337,9 @@ def test_config_rejects_fused_bn_with_compile_or_without_channels_last() -> None
     assert load_config("digits_demo", on).train.fused_bn is True
 
 
-@needs_kernel
-def test_mask_bits_are_the_positive_outputs_and_a_wrong_mask_is_refused() -> None:
+def test_mask_bits_are_the_positive_outputs_and_a_wrong_mask_is_refused(
+    build: bn_kernel.Build,
+) -> None:
     torch.manual_seed(5)
     x = _cl(torch.randn(2, 40, 3, 5), torch.float32)
     res = _cl(torch.randn(2, 40, 3, 5), torch.float32)
@@ -331,3 +356,12 @@ def test_mask_bits_are_the_positive_outputs_and_a_wrong_mask_is_refused() -> Non
             bn_kernel.backward(
                 x, x, wrong, None, None, mean, invstd, bn_kernel.MASK_FROM_BITS, True
             )
+
+
+def test_the_avx2_build_refuses_bf16_clearly(build: bn_kernel.Build) -> None:
+    if torch.bfloat16 in build.dtypes:
+        pytest.skip("the AVX-512 build takes bf16")
+    x = _cl(torch.randn(2, 8, 3, 3), torch.bfloat16)
+    assert not bn_kernel.takes(x)  # FusedBatchNorm2d leaves bf16 to torch here
+    with pytest.raises(ValueError, match="avx2 build takes"):
+        bn_kernel.forward(x, None, None, 1e-5, None, True)

@@ -1,34 +1,67 @@
-"""Training-mode batch norm + ReLU (+ residual) on channels-last tensors: `kernels/bn_act.c` via ctypes.
+"""Training-mode batch norm + ReLU (+ residual) on channels-last tensors: `kernels/bn_act*.c` via ctypes.
 
 Built on first use like the other C parts (`resnext.native`); runs on torch's OpenMP threads.
-Each function takes channels-last contiguous CPU tensors of one dtype (float32 or bfloat16) and
-per-channel float32 vectors; `FusedBatchNorm2d` (in `resnext.speed.fused_bn`) decides when they
-apply and falls back to torch otherwise.
+Each function takes channels-last contiguous CPU tensors of one dtype and per-channel float32
+vectors; `FusedBatchNorm2d` (in `resnext.speed.fused_bn`) decides when they apply and falls back
+to torch otherwise. Two builds: `bn_act.c` for AVX-512 (float32 and bfloat16) and
+`bn_act_avx2.c` for CPUs with AVX2 + FMA only (float32); `BUILD` is this CPU's, following the
+grouped kernel's choice (`grouped_kernel.ISA`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from resnext import native
+from resnext.speed import grouped_kernel
 
-SOURCE = Path(__file__).with_name("kernels") / "bn_act.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp")
+KERNELS = Path(__file__).with_name("kernels")
 LIBS = ("-lm",)
-REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MASK_NONE, MASK_FROM_X, MASK_FROM_BITS = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Build:
+    """One build of the kernels: source, compiler flags, the CPU flags it needs, its dtypes."""
+
+    name: str
+    source: Path
+    flags: tuple[str, ...]
+    required: frozenset[str]
+    dtypes: tuple[torch.dtype, ...]
+
+
+BUILDS = {
+    "avx512": Build(
+        "avx512",
+        KERNELS / "bn_act.c",
+        ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"),
+        frozenset({"avx512f", "avx512bw", "avx512vl"}),
+        (torch.float32, torch.bfloat16),
+    ),
+    "avx2": Build(
+        "avx2",
+        KERNELS / "bn_act_avx2.c",
+        grouped_kernel.AVX2.flags,
+        grouped_kernel.AVX2.required,
+        (torch.float32,),
+    ),
+}
+BUILD = BUILDS[grouped_kernel.ISA.name]  # this CPU's; fixed for the process
+SOURCE, FLAGS, REQUIRED_FLAGS = BUILD.source, BUILD.flags, BUILD.required
 
 _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL:
-    lib = native.load(SOURCE, FLAGS, LIBS, cpu_needs=REQUIRED_FLAGS)
+@functools.cache
+def _library_for(build: Build) -> ctypes.CDLL:
+    lib = native.load(build.source, build.flags, LIBS, cpu_needs=build.required)
     lib.bn_act_forward.argtypes = [_P, _P, _P, _I, _L, _L, _P, _P, _D, _I, _P, _P, _P, _I, _P]
     lib.bn_act_forward.restype = _I
     lib.bn_act_backward.argtypes = [_P] * 5 + [_I, _L, _L] + [_P] * 4 + [_I, _P, _P, _I]
@@ -36,18 +69,27 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    return _library_for(BUILD)
+
+
+@functools.cache
+def _library_problem(build: Build) -> str | None:
+    return native.problem(lambda: _library_for(build))
+
+
 def unavailable_reason() -> str | None:
     """None if the kernels can run here, else why not (one line; decided once per process)."""
-    return native.problem(_library)
+    return _library_problem(BUILD)
 
 
 def takes(x: torch.Tensor) -> bool:
-    """Whether `x` is a tensor the kernels read as it is: 4-d, CPU, fp32/bf16, channels-last dense."""
+    """Whether `x` is a tensor the kernels read as it is: 4-d, CPU, a dtype of this build
+    (float32, and bf16 on AVX-512), channels-last dense."""
     return (
         x.dim() == 4
         and x.device.type == "cpu"
-        and x.dtype in DTYPES
+        and x.dtype in BUILD.dtypes
         and x.is_contiguous(memory_format=torch.channels_last)
         and x.shape[1] > 0
         and x.shape[0] * x.shape[2] * x.shape[3] > 1
@@ -73,6 +115,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _check(failed: int, what: str) -> None:
+    if failed == 3:  # the AVX2 build's answer to bf16, which `takes` keeps from it
+        raise ValueError(f"bn_act.{what}: the {BUILD.name} build takes {BUILD.dtypes} only")
     if failed:
         raise MemoryError(f"bn_act.{what}: could not allocate its per-channel sums")
 

@@ -30,6 +30,7 @@ VARIANTS = (
     "cl-fp32-grouped",
     "cl-fp32-fused-grouped",
     "cl-fp32-grouped-gemm",
+    "cl-fp32-fused-grouped-gemm",
     "cl-fp32-fused-grouped-gemm-pool",
     "cl-fp32-compile",
     "cl-fp32-ckpt",
