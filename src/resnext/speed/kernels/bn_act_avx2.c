@@ -6,7 +6,9 @@
  * refused: these CPUs have no native bf16). The forward is two passes (statistics; normalise +
  * add + ReLU) and the backward two (masked gradient sums; input gradient). A channels-last tensor
  * is a row-major (rows, C) matrix; the OpenMP threads split the rows; per-channel sums go through
- * float32 partials over blocks of BLOCK rows into double totals. The ReLU mask bits have
+ * float32 partials over blocks of BLOCK rows into double totals. Unlike bn_act.c, the sums walk
+ * the rows in memory order with their running sums in an L1 array (see CHANNEL_SUMS). The ReLU
+ * mask bits have
  * bn_act.c's format, one 16-bit word per 16-channel block of each row (two 8-lane masks).
  */
 #include <immintrin.h>
@@ -16,8 +18,7 @@
 #include <string.h>
 
 #define AHEAD 2048 /* bytes to prefetch ahead of each load of a streaming pass */
-#define BLOCK 32   /* rows the sums walk once per chunk of channels, and per float32 partial */
-#define CHUNK 4    /* 8-channel vectors per chunk of the sums: 2 x 4 running sums in registers */
+#define BLOCK 32   /* rows per float32 partial sum */
 
 enum { MASK_NONE = 0, MASK_FROM_X = 1, MASK_FROM_BITS = 2 };
 
@@ -74,45 +75,30 @@ static void rows_of(long rows, int threads, int t, long *begin, long *end) {
   *end = *begin + per < rows ? *begin + per : rows;
 }
 
-/* Two per-channel sums of NV 8-channel vectors from channel C0 over rows [R0, R1), added into
- * double totals; BODY reads the element at `at` (load mask `m`) and adds its two summands to
- * `sa` and `sb` (as bn_act.c's CHUNK_SUMS). */
-#define CHUNK_SUMS(NV, R0, R1, C0, CHANNELS, TOTAL_A, TOTAL_B, BODY)                           \
-  {                                                                                            \
-    __m256 acc_a[NV], acc_b[NV];                                                               \
-    for (int j = 0; j < (NV); ++j) acc_a[j] = acc_b[j] = _mm256_setzero_ps();                  \
-    for (long r = (R0); r < (R1); ++r) {                                                       \
-      _Pragma("GCC unroll 4") for (int j = 0; j < (NV); ++j) {                                 \
-        const long c = (C0) + 8L * j;                                                          \
-        const int m = lanes(c, (CHANNELS));                                                \
-        const long at = r * (CHANNELS) + c;                                                    \
-        __m256 sa = acc_a[j], sb = acc_b[j];                                                   \
-        BODY                                                                                   \
-        acc_a[j] = sa;                                                                         \
-        acc_b[j] = sb;                                                                         \
-      }                                                                                        \
-    }                                                                                          \
-    float part[2][8 * (NV)];                                                                   \
-    for (int j = 0; j < (NV); ++j) {                                                           \
-      _mm256_storeu_ps(part[0] + 8 * j, acc_a[j]);                                             \
-      _mm256_storeu_ps(part[1] + 8 * j, acc_b[j]);                                             \
-    }                                                                                          \
-    const long n = (CHANNELS) - (C0) < 8 * (NV) ? (CHANNELS) - (C0) : 8 * (NV);                \
-    for (long i = 0; i < n; ++i) {                                                             \
-      (TOTAL_A)[(C0) + i] += part[0][i];                                                       \
-      (TOTAL_B)[(C0) + i] += part[1][i];                                                       \
-    }                                                                                          \
-  }
-
-#define CHANNEL_SUMS(ROWS_BEGIN, ROWS_END, CHANNELS, TOTAL_A, TOTAL_B, BODY)                    \
+/* Two per-channel sums over rows [ROWS_BEGIN, ROWS_END), added into double totals. BODY reads
+ * the element at `at` (lanes `m`) and adds its two summands to `sa` and `sb`. The rows are read
+ * in memory order; the running float32 sums of a block of BLOCK rows live in PART (2 x CHANNELS
+ * floats, in L1) and are added into the totals after each block. Why not bn_act.c's walk of each
+ * block once per chunk of channels with the sums in registers: on a Zen 3 that walk was 1.0-1.4x
+ * slower (ResNeXt-50's float32 shapes; its strided first touches defeat the prefetcher). */
+#define CHANNEL_SUMS(ROWS_BEGIN, ROWS_END, CHANNELS, TOTAL_A, TOTAL_B, PART, BODY)              \
   {                                                                                            \
     for (long r0 = (ROWS_BEGIN); r0 < (ROWS_END); r0 += BLOCK) {                               \
       const long r1 = r0 + BLOCK < (ROWS_END) ? r0 + BLOCK : (ROWS_END);                       \
-      long c0 = 0;                                                                             \
-      for (; c0 + 8 * CHUNK <= (CHANNELS); c0 += 8 * CHUNK)                                    \
-        CHUNK_SUMS(CHUNK, r0, r1, c0, (CHANNELS), (TOTAL_A), (TOTAL_B), BODY)                  \
-      for (; c0 < (CHANNELS); c0 += 8)                                                         \
-        CHUNK_SUMS(1, r0, r1, c0, (CHANNELS), (TOTAL_A), (TOTAL_B), BODY)                      \
+      memset((PART), 0, 2 * (CHANNELS) * sizeof(float));                                       \
+      for (long r = r0; r < r1; ++r)                                                           \
+        for (long c = 0; c < (CHANNELS); c += 8) {                                             \
+          const int m = lanes(c, (CHANNELS));                                                  \
+          const long at = r * (CHANNELS) + c;                                                  \
+          __m256 sa = load_cached((PART) + c, m), sb = load_cached((PART) + (CHANNELS) + c, m); \
+          BODY                                                                                 \
+          store((PART) + c, m, sa);                                                            \
+          store((PART) + (CHANNELS) + c, m, sb);                                               \
+        }                                                                                      \
+      for (long c = 0; c < (CHANNELS); ++c) {                                                  \
+        (TOTAL_A)[c] += (PART)[c];                                                             \
+        (TOTAL_B)[c] += (PART)[(CHANNELS) + c];                                                \
+      }                                                                                        \
     }                                                                                          \
   }
 
@@ -121,14 +107,16 @@ static void rows_of(long rows, int threads, int t, long *begin, long *end) {
 #define PARALLEL_CHANNEL_SUMS(FAILED, ROWS, CHANNELS, OUT_A, OUT_B, BODY)                       \
   {                                                                                            \
     double *totals = (double *)calloc((size_t)threads * 2 * (CHANNELS), sizeof(double));       \
-    (FAILED) = !totals;                                                                        \
+    float *parts = (float *)malloc((size_t)threads * 2 * (CHANNELS) * sizeof(float));          \
+    (FAILED) = !totals || !parts;                                                              \
     if (!(FAILED)) {                                                                           \
       _Pragma("omp parallel for schedule(static) num_threads(threads)")                        \
       for (int t = 0; t < threads; ++t) {                                                      \
         long begin, end;                                                                       \
         rows_of((ROWS), threads, t, &begin, &end);                                             \
         double *ta = totals + (2 * t) * (CHANNELS), *tb = ta + (CHANNELS);                     \
-        CHANNEL_SUMS(begin, end, (CHANNELS), ta, tb, BODY)                                     \
+        float *part = parts + (2 * t) * (CHANNELS);                                            \
+        CHANNEL_SUMS(begin, end, (CHANNELS), ta, tb, part, BODY)                               \
       }                                                                                        \
       memset((OUT_A), 0, (CHANNELS) * sizeof(double));                                         \
       memset((OUT_B), 0, (CHANNELS) * sizeof(double));                                         \
@@ -139,6 +127,7 @@ static void rows_of(long rows, int threads, int t, long *begin, long *end) {
         }                                                                                      \
     }                                                                                          \
     free(totals);                                                                              \
+    free(parts);                                                                               \
   }
 
 /* sum[c] = sum over rows of (x - pivot[c]), sumsq[c] = sum of its squares. */
