@@ -21,7 +21,11 @@ REASON = bn_kernel.unavailable_reason()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"bn kernel unavailable: {REASON}")
 
 # channel counts that take every chunk of the sums (128 + 64 + 16 + a tail), rows past a block
-SHAPES = [(4, 64, 8, 8), (2, 40, 5, 7), (3, 1000, 1, 2), (1, 17, 3, 3), (2, 216, 9, 11)]
+# Rows and channels chosen to reach both ways of summing, several blocks of rows each, and
+# channel counts that leave a partial 8- and 16-channel block.
+SHAPES = [
+    (4, 64, 8, 8), (2, 40, 5, 7), (3, 1000, 1, 2), (1, 17, 3, 3), (2, 216, 9, 11), (2, 300, 5, 7),
+]  # fmt: skip
 MODES = [(False, True), (True, True), (False, False), (True, False)]  # (residual, relu)
 
 
