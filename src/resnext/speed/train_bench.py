@@ -37,7 +37,7 @@ VARIANTS = (
 )
 DEFAULT_VARIANTS = ("eager-fp32", "cl-bf16", "cl-bf16-compile")
 # Where the CPU has no native bf16 (bf16 autocast is emulated there, several times slower).
-FP32_DEFAULT_VARIANTS = ("eager-fp32", "cl-fp32", "cl-fp32-grouped-gemm")
+FP32_DEFAULT_VARIANTS = ("eager-fp32", "cl-fp32", "cl-fp32-fused-grouped-gemm")
 
 
 @dataclass(frozen=True)
