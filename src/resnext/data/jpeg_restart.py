@@ -100,6 +100,8 @@ def cut(data: bytes, box: tuple[int, int, int, int], margin: int = 16) -> Cut | 
     Inside the box its pixels equal the whole image's; within a sample or two of a cut edge that
     is not the image's edge, chroma upsampling differs, which the margin keeps outside the box.
     """
+    if not is_indexed(data):  # most files: no output buffer allocated (~20 us -> ~1 us each)
+        return None
     x0, y0, x1, y1 = box
     cap = len(data) + 64
     out = ctypes.create_string_buffer(cap)
