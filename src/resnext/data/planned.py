@@ -198,9 +198,9 @@ def _load_with_crop_decoder(
 ) -> torch.Tensor | None:
     """libjpeg decoding only the plan's region (`jpeg_crop`); None when the file is not a JPEG it
     takes. The region's pixels equal a full decode's (at the same DCT scale); the box is then
-    resampled by `resample` (Pillow's arithmetic, ~6x faster on the crop path's crops; where the two passes run in
-    another order than Pillow 13 picks, pixels differ by rounding) or, without it, by Pillow
-    (then the result is bit-identical to the Pillow path)."""
+    resampled by `resample` (Pillow's arithmetic, ~6x faster on these crops; where the two passes
+    run in another order than Pillow 13 picks, pixels differ by rounding) or, without it, by
+    Pillow (then the result is bit-identical to the Pillow path)."""
     from resnext.data import jpeg_crop, resample
 
     data = _read_jpeg(path)
