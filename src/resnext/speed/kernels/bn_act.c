@@ -21,14 +21,11 @@
 #include <string.h>
 
 #include "bf16_io.h"
+#include "bn_act_common.h"
 
 #define AHEAD 2048 /* bytes to prefetch ahead of each load of a streaming pass */
 #define BLOCK 32 /* rows the sums walk once per chunk of channels, and per float32 partial sum */
 
-/* Where the backward takes the ReLU's mask from: none, the input x (the ReLU followed the norm
- * directly), or the bits the forward saved (y > 0, one bit per value; with a residual the ReLU's
- * input cannot be recomputed from x). */
-enum { MASK_NONE = 0, MASK_FROM_X = 1, MASK_FROM_BITS = 2 };
 
 static inline __m512 load(const void *base, int dtype, long offset, __mmask16 m) {
   if (dtype == F32) {
@@ -59,12 +56,6 @@ static inline __mmask16 store_positive(void *base, int dtype, long offset, __mma
   /* After the ReLU y is +0 or positive, never NaN (max returns its 0 for a NaN), so the signed
    * 16-bit compare of the bf16 bits with 0 is y > 0. */
   return _mm256_mask_cmpgt_epi16_mask(m, h, _mm256_setzero_si256());
-}
-
-static void rows_of(long rows, int threads, int t, long *begin, long *end) {
-  long per = (rows + threads - 1) / threads;
-  *begin = per * t < rows ? per * t : rows;
-  *end = *begin + per < rows ? *begin + per : rows;
 }
 
 /* Two per-channel sums of NV 16-channel vectors from channel C0, over rows [R0, R1), added into
@@ -130,17 +121,6 @@ static int scratch_alloc(Scratch *s, int threads, long channels) {
 }
 
 static void scratch_free(Scratch *s) { free(s->totals); }
-
-/* Sum the per-thread totals into out_a and out_b. */
-static void reduce(const double *part, int threads, long channels, double *out_a, double *out_b) {
-  memset(out_a, 0, channels * sizeof(double));
-  memset(out_b, 0, channels * sizeof(double));
-  for (int t = 0; t < threads; ++t)
-    for (long c = 0; c < channels; ++c) {
-      out_a[c] += part[(2 * t) * channels + c];
-      out_b[c] += part[(2 * t + 1) * channels + c];
-    }
-}
 
 /* Runs BODY (see CHANNEL_SUMS) over all rows on the caller's `threads` OpenMP threads and puts
  * the two per-channel sums into OUT_A and OUT_B; FAILED is set to 1 if scratch memory could not
@@ -263,15 +243,6 @@ static float element(const void *x, int dtype, long at) {
   return v;
 }
 
-/* scale = weight * invstd and shift = bias - mean * scale (weight 1 and bias 0 when NULL). */
-static void scale_shift(const float *weight, const float *bias, const float *mean,
-                        const float *invstd, long channels, float *scale, float *shift) {
-  for (long c = 0; c < channels; ++c) {
-    scale[c] = (weight ? weight[c] : 1.0f) * invstd[c];
-    shift[c] = (bias ? bias[c] : 0.0f) - mean[c] * scale[c];
-  }
-}
-
 /* The training forward: batch statistics of x, then y = relu?(BN(x) [+ res]). Writes the batch
  * mean, 1/sqrt(var + eps) and the biased variance per channel (for the running statistics), and
  * with `bits` (not NULL, relu set) the mask y > 0, rows x ceil(channels / 16) 16-bit words, for
@@ -288,13 +259,7 @@ int bn_act_forward(const void *x, const void *res, void *y, int dtype, long rows
     for (long c = 0; c < channels; ++c) pivot[c] = element(x, dtype, c);
     failed = bn_stats(x, dtype, rows, channels, pivot, sums, sums + channels, threads);
     if (!failed) {
-      for (long c = 0; c < channels; ++c) {
-        double d = sums[c] / rows, v = sums[channels + c] / rows - d * d;
-        v = v > 0 ? v : 0;
-        mean[c] = (float)(pivot[c] + d);
-        var[c] = (float)v;
-        invstd[c] = (float)(1.0 / sqrt(v + eps));
-      }
+      batch_statistics(sums, pivot, rows, channels, eps, mean, var, invstd);
       scale_shift(weight, bias, mean, invstd, channels, scale, shift);
       bn_apply(x, res, y, dtype, rows, channels, scale, shift, relu, relu ? bits : NULL, threads);
     }
@@ -322,15 +287,7 @@ int bn_act_backward(const void *g, const void *x, const uint16_t *bits, void *gm
     failed = bn_grad_sums(g, x, bits, gm, dtype, rows, channels, scale, shift, mean, mode, sums,
                           sums + channels, threads);
     if (!failed) {
-      for (long c = 0; c < channels; ++c) {
-        double r = invstd[c], sum_g = sums[c], dw = sums[channels + c] * r;
-        double ac = (weight ? weight[c] : 1.0) * r, bc = -ac * r * dw / rows;
-        a[c] = (float)ac;
-        b[c] = (float)bc;
-        k[c] = (float)(-ac * sum_g / rows);
-        if (dweight) dweight[c] = (float)dw;
-        if (dbias) dbias[c] = (float)sum_g;
-      }
+      grad_coefficients(sums, weight, invstd, rows, channels, a, b, k, dweight, dbias);
       if (gm)
         bn_grad_input(gm, x, bits, dx, dtype, rows, channels, scale, shift, mean, MASK_NONE, a, b, k,
                       threads);

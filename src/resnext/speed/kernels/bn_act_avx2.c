@@ -17,12 +17,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bn_act_common.h"
+
 #define AHEAD 2048 /* bytes to prefetch ahead of each load of a streaming pass */
 #define BLOCK 32   /* rows per float32 partial sum, and per walk of the register-held sums */
 #define CHUNK 4    /* 8-channel vectors per walk of the register-held sums: 2 x 4 in registers */
 #define STREAM_ABOVE 256 /* channels above which the sums read rows in memory order */
-
-enum { MASK_NONE = 0, MASK_FROM_X = 1, MASK_FROM_BITS = 2 };
 
 /* How many of the 8 channels from c lie below `channels` (8 for every block but a last partial
  * one); loads and stores of a full block are plain, only a partial one is masked. Why: masked
@@ -69,12 +69,6 @@ static inline __m256 masked(__m256 gv, const uint16_t *bits, long row_words, lon
     return _mm256_and_ps(gv, _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, bit)));
   }
   return gv;
-}
-
-static void rows_of(long rows, int threads, int t, long *begin, long *end) {
-  long per = (rows + threads - 1) / threads;
-  *begin = per * t < rows ? per * t : rows;
-  *end = *begin + per < rows ? *begin + per : rows;
 }
 
 /* Two per-channel sums of NV 8-channel vectors from channel C0 over rows [R0, R1), added into
@@ -160,13 +154,7 @@ static void rows_of(long rows, int threads, int t, long *begin, long *end) {
         float *part = parts + (2 * t) * (CHANNELS);                                            \
         CHANNEL_SUMS(begin, end, (CHANNELS), ta, tb, part, BODY)                               \
       }                                                                                        \
-      memset((OUT_A), 0, (CHANNELS) * sizeof(double));                                         \
-      memset((OUT_B), 0, (CHANNELS) * sizeof(double));                                         \
-      for (int t = 0; t < threads; ++t)                                                        \
-        for (long c = 0; c < (CHANNELS); ++c) {                                                \
-          (OUT_A)[c] += totals[(2 * t) * (CHANNELS) + c];                                      \
-          (OUT_B)[c] += totals[(2 * t + 1) * (CHANNELS) + c];                                  \
-        }                                                                                      \
+      reduce(totals, threads, (CHANNELS), (OUT_A), (OUT_B));                                   \
     }                                                                                          \
     free(totals);                                                                              \
     free(parts);                                                                               \
@@ -255,15 +243,6 @@ static void bn_grad_input(const float *g, const float *x, const uint16_t *bits, 
   }
 }
 
-/* scale = weight * invstd and shift = bias - mean * scale (weight 1 and bias 0 when NULL). */
-static void scale_shift(const float *weight, const float *bias, const float *mean,
-                        const float *invstd, long channels, float *scale, float *shift) {
-  for (long c = 0; c < channels; ++c) {
-    scale[c] = (weight ? weight[c] : 1.0f) * invstd[c];
-    shift[c] = (bias ? bias[c] : 0.0f) - mean[c] * scale[c];
-  }
-}
-
 /* bn_act.c's bn_act_forward, float32 only. Returns 0, 1 if memory for the per-thread sums could
  * not be allocated, or 3 for a dtype this build does not take. */
 int bn_act_forward(const void *xv, const void *resv, void *yv, int dtype, long rows,
@@ -279,13 +258,7 @@ int bn_act_forward(const void *xv, const void *resv, void *yv, int dtype, long r
     for (long c = 0; c < channels; ++c) pivot[c] = x[c];
     failed = bn_stats(x, rows, channels, pivot, sums, sums + channels, threads);
     if (!failed) {
-      for (long c = 0; c < channels; ++c) {
-        double d = sums[c] / rows, v = sums[channels + c] / rows - d * d;
-        v = v > 0 ? v : 0;
-        mean[c] = (float)(pivot[c] + d);
-        var[c] = (float)v;
-        invstd[c] = (float)(1.0 / sqrt(v + eps));
-      }
+      batch_statistics(sums, pivot, rows, channels, eps, mean, var, invstd);
       scale_shift(weight, bias, mean, invstd, channels, scale, shift);
       bn_apply(x, res, yv, rows, channels, scale, shift, relu, relu ? bits : NULL, threads);
     }
@@ -312,15 +285,7 @@ int bn_act_backward(const void *gv, const void *xv, const uint16_t *bits, void *
     failed = bn_grad_sums(g, x, bits, gm, rows, channels, scale, shift, mean, mode, sums,
                           sums + channels, threads);
     if (!failed) {
-      for (long c = 0; c < channels; ++c) {
-        double r = invstd[c], sum_g = sums[c], dw = sums[channels + c] * r;
-        double ac = (weight ? weight[c] : 1.0) * r, bc = -ac * r * dw / rows;
-        a[c] = (float)ac;
-        b[c] = (float)bc;
-        k[c] = (float)(-ac * sum_g / rows);
-        if (dweight) dweight[c] = (float)dw;
-        if (dbias) dbias[c] = (float)sum_g;
-      }
+      grad_coefficients(sums, weight, invstd, rows, channels, a, b, k, dweight, dbias);
       if (gm)
         bn_grad_input(gm, x, bits, dx, rows, channels, scale, shift, mean, MASK_NONE, a, b, k,
                       threads);
