@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from builds import use_build
 from tensor_checks import rel_err
 from torch import nn
 
@@ -14,7 +15,6 @@ from resnext.config import load_config
 from resnext.errors import ConfigError
 from resnext.models.layers import norm_act
 from resnext.speed import bn_kernel
-from resnext.speed.capability import cpu_flags
 from resnext.speed.fused_bn import FusedBatchNorm2d, use_fused_batchnorm, use_plain_batchnorm
 
 REASON = bn_kernel.unavailable_reason()
@@ -99,12 +99,7 @@ def _bn(channels: int, seed: int) -> nn.BatchNorm2d:
 def build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bn_kernel.Build:
     """Each build this CPU runs, made the module's (an AVX-512 CPU also runs the AVX2 build)."""
     chosen: bn_kernel.Build = request.param
-    missing = chosen.required - cpu_flags()
-    if missing:
-        pytest.skip(f"the {chosen.name} build needs {sorted(missing)}")
-    monkeypatch.setattr(bn_kernel, "BUILD", chosen)
-    if bn_kernel.unavailable_reason() is not None:
-        pytest.skip(f"bn kernel unavailable: {bn_kernel.unavailable_reason()}")
+    use_build(monkeypatch, bn_kernel, "BUILD", chosen, "bn kernel")
     return chosen
 
 

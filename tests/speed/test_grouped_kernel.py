@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from builds import use_build
 from tensor_checks import rel_err
 from torch import nn
 
@@ -12,7 +13,6 @@ import resnext
 from resnext import native
 from resnext.errors import ConfigError
 from resnext.speed import grouped_amx, grouped_kernel, grouped_swap
-from resnext.speed.capability import cpu_flags
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
@@ -36,13 +36,7 @@ needs_bf16_kernel = pytest.mark.skipif(
 def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> grouped_kernel.Isa:
     """Each build this CPU runs, made the module's (an AVX-512 CPU also runs the AVX2 build)."""
     build: grouped_kernel.Isa = request.param
-    missing = build.required - cpu_flags()
-    if missing:
-        pytest.skip(f"the {build.name} build needs {sorted(missing)}")
-    monkeypatch.setattr(grouped_kernel, "ISA", build)
-    problem = grouped_kernel.unavailable_reason()
-    if problem is not None:
-        pytest.skip(f"grouped kernel unavailable: {problem}")
+    use_build(monkeypatch, grouped_kernel, "ISA", build, "grouped kernel")
     return build
 
 
