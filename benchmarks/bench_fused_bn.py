@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import resnext
 from resnext.speed import bn_kernel
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fused_bn import FusedBatchNorm2d, use_fused_batchnorm
+from resnext.speed.measure import interleaved
 from resnext.speed.provenance import write_results
 
 Call = tuple[tuple[int, ...], bool, bool]  # input shape, with a residual, with a ReLU
@@ -110,15 +110,9 @@ def main() -> int:
         totals: Counter[str] = Counter()
         for call, count in sorted(recorded_calls(name, args.batch, args.image_size).items()):
             ways = timed_calls(call, against)
-            for fn in ways.values():
-                fn()
-                fn()
-            ms: dict[str, list[float]] = {way: [] for way in ways}
-            for _ in range(args.rounds):
-                for way, fn in ways.items():
-                    start = time.perf_counter()
-                    fn()
-                    ms[way].append(1e3 * (time.perf_counter() - start))
+            runs = {way: (fn, 1) for way, fn in ways.items()}
+            timings = interleaved(runs, rounds=args.rounds, iters=1, warmup=2)
+            ms = {way: [1e3 * s for s in t.seconds] for way, t in timings.items()}
             median = {way: statistics.median(t) for way, t in ms.items()}
             speedup = statistics.median(t / o for t, o in zip(ms["torch"], ms["ours"], strict=True))
             for way, value in median.items():

@@ -15,7 +15,6 @@ round; the per-round median time per image and the ratios to Pillow are recorded
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from PIL import Image
 import bench_args
 from resnext.data import resample
 from resnext.speed.data_bench import decoded_crops, list_images
+from resnext.speed.measure import interleaved
 from resnext.speed.provenance import write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
@@ -59,14 +59,10 @@ def main() -> int:
     variants = {"pillow": pillow, "ours": lambda: ours(resample.SOURCE)}
     if args.against is not None:
         variants["against"] = lambda: ours(args.against.resolve())
-    for fn in variants.values():
-        fn()  # builds, first touches
-    ms: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            ms[name].append(1e3 * (time.perf_counter() - start) / len(crops))
+    # one untimed call each first: builds, first touches
+    runs = {name: (fn, len(crops)) for name, fn in variants.items()}
+    timings = interleaved(runs, rounds=args.rounds, iters=1, warmup=1)
+    ms = {name: [1e3 * s / len(crops) for s in t.seconds] for name, t in timings.items()}
     median = {name: statistics.median(t) for name, t in ms.items()}
     speedup = {
         name: statistics.median(p / t for p, t in zip(ms["pillow"], ms[name], strict=True))
