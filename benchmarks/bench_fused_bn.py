@@ -100,6 +100,9 @@ def main() -> int:
         print(f"the fused batch norm cannot run here: {bn_kernel.unavailable_reason()}")
         return 1
     against = None
+    if args.against is not None and not args.against.is_file():
+        print(f"--against {args.against}: no such file (expected a bn_act source to build)")
+        return 1
     if args.against is not None:
         against = dataclasses.replace(
             bn_kernel.BUILD, name="against", source=args.against.resolve()

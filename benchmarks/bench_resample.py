@@ -41,6 +41,9 @@ def main() -> int:
     if not args.root.is_dir():
         print(f"--root {args.root}: not a folder (the ImageNet sample lives in ../shared)")
         return 1
+    if args.against is not None and not args.against.is_file():
+        print(f"--against {args.against}: no such file (expected a resample.c to build)")
+        return 1
     size = (args.image_size, args.image_size)
     crops = decoded_crops(list_images(args.root, args.limit), args.image_size)
     pil = [Image.fromarray(canvas) for canvas, _, _ in crops]
