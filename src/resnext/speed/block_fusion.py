@@ -40,6 +40,7 @@ from resnext.speed.pointwise_fusion import (
     onednn_weights,
     single_input,
 )
+from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 ADDS = (operator.add, operator.iadd, torch.add)
 
@@ -306,6 +307,7 @@ def fuse_blocks(
     mode: str = "auto",
     in_place: bool = True,
     repeats: int = 5,
+    timings: TimingCache | None = None,
 ) -> list[LayerChoice]:
     """Replace, in place, each AMX grouped head → 1×1 → add → ReLU chain by `FusedBlock`.
 
@@ -319,7 +321,8 @@ def fuse_blocks(
     `in_place` False never writes over the residual: for graphs that a later pass may rewrite
     without honouring the mutation (torch.jit.optimize_for_inference computes wrong results).
     The timed inputs are overwritten in place by the in-place runs, so their values drift from
-    call to call; only the time is kept.
+    call to call; only the time is kept. With `timings`, times stored there are used instead of
+    measured.
     """
     if mode not in MODES:
         raise ConfigError(f"fuse_block: expected one of {MODES}, got {mode!r}")
@@ -338,7 +341,7 @@ def fuse_blocks(
         tail = model.get_submodule(f"{site.parent}.{site.tail}")
         if not in_place:
             site = replace(site, overwritable=False)
-        choice, fused = _choose(site, name, head, tail, shapes[name], mode, repeats)
+        choice, fused = _choose(site, name, head, tail, shapes[name], mode, repeats, timings)
         if choice.chosen == "fused":
             _fuse(model, site, fused)
         choices.append(choice)
@@ -353,28 +356,32 @@ def _choose(
     shape: tuple[int, ...],
     mode: str,
     repeats: int,
+    timings: TimingCache | None,
 ) -> tuple[LayerChoice, FusedBlock]:
     """The timings of one chain's ways and the fused module of the faster fused way."""
-    x = _channels_last(shape)
-    out = output_for(x, head.stride, tail.out_channels).shape
-    residual = x if site.residual_is_input and x.shape == out else _channels_last(tuple(out))
-    tail_input = (out[0], tail.in_channels, out[2], out[3])
-    separate = _separate_runner(head, tail, tail_input)
     amx = _amx_head(head)
     assert amx is not None  # _sites checked it
     fused = FusedBlock(amx, tail)
-
-    def fused_run(in_place: bool) -> Callable[[torch.Tensor], object]:
-        def run(x: torch.Tensor) -> object:
-            fused.in_place = in_place
-            return fused(x, residual)
-
-        return run
-
     ways = (False, True) if site.overwritable else (False,)
-    separate_ms, *times = time_each_ms(
-        [lambda x: separate(x, residual), *(fused_run(w) for w in ways)], x, repeats
-    )
+
+    def measure() -> list[float]:
+        x = _channels_last(shape)
+        out = output_for(x, head.stride, tail.out_channels).shape
+        residual = x if site.residual_is_input and x.shape == out else _channels_last(tuple(out))
+        separate = _separate_runner(head, tail, (out[0], tail.in_channels, out[2], out[3]))
+
+        def fused_run(in_place: bool) -> Callable[[torch.Tensor], object]:
+            def run(x: torch.Tensor) -> object:
+                fused.in_place = in_place
+                return fused(x, residual)
+
+            return run
+
+        ways_run = [lambda x: separate(x, residual), *(fused_run(w) for w in ways)]
+        return time_each_ms(ways_run, x, repeats)
+
+    key = layer_key("block", shape, torch.bfloat16, head, tail, site.residual_is_input, ways)
+    separate_ms, *times = cached(timings, key, 1 + len(ways), measure)
     timed = dict(zip(ways, times, strict=True))
     in_place = min(timed, key=timed.__getitem__) if mode == "auto" else max(timed)
     fused.in_place, fused_ms = in_place, timed[in_place]

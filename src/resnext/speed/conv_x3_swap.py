@@ -17,6 +17,7 @@ compiler: the pass rewrites a parent's graph, never the model's own.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from resnext.speed.grouped_swap import (
     time_each_ms,
 )
 from resnext.speed.pointwise_fusion import MODES, is_relu, onednn_weights, single_input
+from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 
 class ConvX3(nn.Module):
@@ -358,6 +360,7 @@ def swap_convs_x3(
     mode: str = "auto",
     in_place: bool = True,
     repeats: int = 5,
+    timings: TimingCache | None = None,
 ) -> list[LayerChoice]:
     """Replace, in place, the float32 convolutions of `model` `conv_x3` takes by `ConvX3`.
 
@@ -368,9 +371,12 @@ def swap_convs_x3(
     'bf16x3' plus '+relu', '+add+relu' and ', in place' for what the kernel applies). `in_place`
     False never writes over a residual (for torch.jit, whose optimize_for_inference does not
     honour an operator's in-place write). The timed residuals are overwritten by the in-place
-    runs, so their values drift from call to call; only the time is kept.
+    runs, so their values drift from call to call; only the time is kept. With `timings`, times
+    stored there are used instead of measured.
     """
-    return swap_dense_convs(model, example, X3, mode=mode, in_place=in_place, repeats=repeats)
+    return swap_dense_convs(
+        model, example, X3, mode=mode, in_place=in_place, repeats=repeats, timings=timings
+    )
 
 
 def swap_convs_fma(
@@ -380,6 +386,7 @@ def swap_convs_fma(
     mode: str = "auto",
     in_place: bool = True,
     repeats: int = 5,
+    timings: TimingCache | None = None,
 ) -> list[LayerChoice]:
     """Replace, in place, the float32 1×1 convolutions of `model` that `pointwise_fma` takes by
     `FmaConv1x1`; as `swap_convs_x3` otherwise (variant 'fma…'). Run after `swap_convs_x3`, so
@@ -390,7 +397,9 @@ def swap_convs_fma(
     was level with oneDNN overall, so timing it would only lengthen `optimize`."""
     if mode == "auto" and "avx512f" in cpu_flags():
         return []
-    return swap_dense_convs(model, example, FMA, mode=mode, in_place=in_place, repeats=repeats)
+    return swap_dense_convs(
+        model, example, FMA, mode=mode, in_place=in_place, repeats=repeats, timings=timings
+    )
 
 
 def swap_dense_convs(
@@ -401,9 +410,11 @@ def swap_dense_convs(
     mode: str = "auto",
     in_place: bool = True,
     repeats: int = 5,
+    timings: TimingCache | None = None,
 ) -> list[LayerChoice]:
     """The pass for one kernel (`X3` or `FMA`): see `swap_convs_x3`. Convolutions alike (input
-    shape, outputs, geometry, epilogue) are timed once and share the pick."""
+    shape, outputs, geometry, epilogue) are timed once and share the pick; with `timings`, times
+    stored there are used instead of measured."""
     if mode not in MODES:
         raise ConfigError(f"{kernel.option}: expected one of {MODES}, got {mode!r}")
     if mode == "off" or example.dtype != torch.float32:
@@ -416,7 +427,28 @@ def swap_dense_convs(
     sites = _sites(model, kernel.eligible)
     shapes = input_shapes(model, [s.name for s in sites], example)
     with cache_evictor() as evict:
-        return _choose(model, kernel, sites, shapes, mode, in_place, repeats, evict)
+        return _choose(model, kernel, sites, shapes, mode, in_place, repeats, evict, timings)
+
+
+def _time_site(
+    conv: nn.Conv2d,
+    site: _Site,
+    fast: nn.Module,
+    shape: tuple,
+    repeats: int,
+    evict: Callable[[], None],
+) -> list[float]:
+    """oneDNN's and the kernel's ms for one site, on random inputs of its shape."""
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    geometry = square_geometry(conv)
+    assert geometry is not None  # eligible() checked it
+    out = conv_x3.output_shape(x.shape, conv.out_channels, *geometry)
+    res = torch.randn(out).contiguous(memory_format=torch.channels_last) if site.residual else None
+    native = _onednn_runner(conv, site.relu, shape)
+    ways = [lambda x: native(x, res), lambda x: fast(x, res)]
+    # caches cold: in the network each layer's weights arrive from memory, which cost oneDNN's
+    # batch-1 1×1s more than ours (RESULTS.md, stop 28)
+    return time_each_ms(ways, x, repeats, before=evict)
 
 
 def _choose(
@@ -428,6 +460,7 @@ def _choose(
     in_place: bool,
     repeats: int,
     evict: Callable[[], None],
+    timings: TimingCache | None,
 ) -> list[LayerChoice]:
     """Time each site's convolution both ways (`evict` before each timed call) and rewrite the
     ones the kernel takes; the choices made."""
@@ -452,18 +485,10 @@ def _choose(
             overwrite,
         )
         if alike not in timed:
-            x = torch.randn(shapes[site.name]).contiguous(memory_format=torch.channels_last)
-            out = conv_x3.output_shape(x.shape, conv.out_channels, *geometry)
-            res = (
-                torch.randn(out).contiguous(memory_format=torch.channels_last)
-                if site.residual
-                else None
-            )
-            native = _onednn_runner(conv, site.relu, shapes[site.name])
-            ways = [lambda x, f=native, r=res: f(x, r), lambda x, f=fast, r=res: f(x, r)]
-            # caches cold: in the network each layer's weights arrive from memory, which
-            # cost oneDNN's batch-1 1×1s more than ours (RESULTS.md, stop 28)
-            native_ms, kernel_ms = time_each_ms(ways, x, repeats, before=evict)
+            key = layer_key(kernel.variant, shapes[site.name], torch.float32, *alike[1:])
+            shape = shapes[site.name]
+            measure = functools.partial(_time_site, conv, site, fast, shape, repeats, evict)
+            native_ms, kernel_ms = cached(timings, key, 2, measure)
             timed[alike] = (native_ms, kernel_ms)
         native_ms, kernel_ms = timed[alike]
         use = mode == "on" or kernel_ms < native_ms

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from resnext.speed.fold import fold_batchnorm
 from resnext.speed.grouped_swap import MODES, swap_grouped_convs
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
 from resnext.speed.shortcut_fusion import fuse_shortcuts, fuse_x3_shortcuts
+from resnext.speed.timing_cache import TimingCache
 
 BACKENDS = ("inductor", "jit", "none")
 RECOMPILE_LIMIT = 256
@@ -134,6 +136,22 @@ def bf16_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and bf16_supported()
 
 
+def open_timing_cache(spec: TimingCache | str | Path | bool | None) -> TimingCache | None:
+    """`optimize`'s `timing_cache` argument as a cache (None for None or False)."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return TimingCache()
+    if isinstance(spec, TimingCache):
+        return spec
+    if isinstance(spec, (str, Path)):
+        return TimingCache(spec)
+    raise ConfigError(
+        "timing_cache: expected None, a bool, a folder path or a TimingCache, got "
+        f"{type(spec).__name__}"
+    )
+
+
 def optimize(
     model: nn.Module,
     dtype: torch.dtype | str = torch.float32,
@@ -151,6 +169,7 @@ def optimize(
     fuse_stem: str = "auto",
     pointwise_fma: str = "auto",
     device: torch.device | str | None = None,
+    timing_cache: TimingCache | str | Path | bool | None = None,
 ) -> nn.Module:
     """A module computing the same function as `model` (in eval mode), faster.
 
@@ -205,6 +224,14 @@ def optimize(
     machine it cut ResNeXt-50's batch-1 latency by 3–9 % and raised batch-16 throughput by 1–2 %
     (benchmarks/RESULTS.md, stop 19); False gives the Python wrapper.
 
+    `timing_cache` keeps the per-layer times behind those 'auto' choices on disk
+    (`resnext.speed.timing_cache`): True for the default folder (~/.cache/resnext/timings), a
+    folder, or a `TimingCache`. Layers timed before on this machine (same CPU, threads, torch
+    and kernel sources) are not timed again, which makes a later `optimize` of the same model
+    quicker (the compile remains) and its choices the same. None (the default) times every
+    layer and writes nothing. The returned module's `timing_cache` is the cache used (its `hits`
+    count the comparisons read) or None.
+
     `device` (default: where the model is) places the result; on a GPU only the generic steps
     apply (BN folding, channels_last, `dtype`, the compiled graph, with inductor's Python
     wrapper): the kernel options are CPU kernels, so their 'auto' does nothing there and 'on'
@@ -228,6 +255,7 @@ def optimize(
     if target.type not in ("cpu", "cuda"):
         raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
     on_cpu = target.type == "cpu"
+    timings = open_timing_cache(timing_cache)  # refused here if malformed, used on a CPU only
     for name, mode in kernels.items():
         if mode == "on" and not on_cpu:
             raise ConfigError(f"{name}: 'on' is a CPU kernel; {target} takes 'auto' or 'off'")
@@ -249,20 +277,26 @@ def optimize(
         largest = max(shapes, key=lambda shape: torch.Size(shape).numel())
         probe = torch.randn(largest, dtype=dtype).contiguous(memory_format=memory_format)
         # first: in float32 it weighs the fused stem against conv_x3's convolution too
-        stems = stem_fusion.fuse_stem(work, probe, mode=fuse_stem, conv_x3_mode=conv_x3)
-        choices = swap_grouped_convs(work, probe, mode=grouped_kernel)
-        fusions = fuse_pointwise_convs(work, probe, mode=fuse_pointwise)
+        stems = stem_fusion.fuse_stem(
+            work, probe, mode=fuse_stem, conv_x3_mode=conv_x3, timings=timings
+        )
+        choices = swap_grouped_convs(work, probe, mode=grouped_kernel, timings=timings)
+        fusions = fuse_pointwise_convs(work, probe, mode=fuse_pointwise, timings=timings)
         # torch.jit.optimize_for_inference does not honour an operator's in-place write
-        blocks = fuse_blocks(work, probe, mode=fuse_block, in_place=backend != "jit")
-        blocks += fuse_shortcuts(work, probe, mode=fuse_block)
-        x3 = swap_convs_x3(work, probe, mode=conv_x3, in_place=backend != "jit")
-        x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3)
-        fma = swap_convs_fma(work, probe, mode=pointwise_fma, in_place=backend != "jit")
+        in_place = backend != "jit"
+        blocks = fuse_blocks(work, probe, mode=fuse_block, in_place=in_place, timings=timings)
+        blocks += fuse_shortcuts(work, probe, mode=fuse_block, timings=timings)
+        x3 = swap_convs_x3(work, probe, mode=conv_x3, in_place=in_place, timings=timings)
+        x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)
+        fma = swap_convs_fma(work, probe, mode=pointwise_fma, in_place=in_place, timings=timings)
+        if timings is not None:
+            timings.save()
     elif grouped_kernel == "on":
         raise ConfigError("grouped_kernel: 'on' needs channels_last=True")
     eager = CastInput(work, dtype, channels_last, target).eval()
     eager.grouped_choices, eager.fusion_choices, eager.block_choices = choices, fusions, blocks
     eager.conv_x3_choices, eager.stem_choices, eager.pointwise_choices = x3, stems, fma
+    eager.timing_cache = timings if on_cpu else None
     if backend == "none":
         return eager
     try:
@@ -282,4 +316,5 @@ def optimize(
         return eager
     fast.grouped_choices, fast.fusion_choices, fast.block_choices = choices, fusions, blocks
     fast.conv_x3_choices, fast.stem_choices, fast.pointwise_choices = x3, stems, fma
+    fast.timing_cache = eager.timing_cache
     return fast.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from resnext.errors import ConfigError
 from resnext.speed import grouped_amx, grouped_kernel
 from resnext.speed.capability import has_avx512_bf16
 from resnext.speed.fold import set_module
+from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 MODES = ("auto", "on", "off")
 
@@ -184,6 +186,17 @@ def time_each_ms(
     return [b * 1e3 for b in best]
 
 
+def _time_on_random(
+    fns: Sequence[Callable[[torch.Tensor], object]],
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    repeats: int,
+) -> list[float]:
+    """`time_each_ms` on a random channels-last input of `shape` and `dtype`."""
+    x = torch.randn(tuple(shape), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return time_each_ms(fns, x, repeats)
+
+
 EVICT_BYTES = 64 * 2**20  # more than the last-level cache of the CPUs this was measured on
 
 
@@ -227,6 +240,7 @@ def swap_grouped_convs(
     *,
     mode: str = "auto",
     repeats: int = 5,
+    timings: TimingCache | None = None,
 ) -> list[LayerChoice]:
     """Replace, in place, each grouped 3×3 conv of `model` by `FastGroupedConv3x3` where it pays.
 
@@ -234,7 +248,7 @@ def swap_grouped_convs(
     built for its dtype. 'auto' times torch's convolution and each kernel variant this CPU runs
     (`runnable_variants`) on each layer's real input shape and keeps the fastest; 'on' takes the
     fastest variant on every layer one runs (a ConfigError if our kernels cannot run here at all);
-    'off' changes nothing.
+    'off' changes nothing. With `timings`, times stored there are used instead of measured.
     """
     if mode not in MODES:
         raise ConfigError(f"grouped_kernel: expected one of {MODES}, got {mode!r}")
@@ -257,13 +271,13 @@ def swap_grouped_convs(
         variants = runnable_variants(conv, example.dtype)
         if not variants:  # a shape only the AMX kernel takes, on a CPU without AMX
             continue
-        x = torch.randn(shapes[name], dtype=example.dtype).contiguous(
-            memory_format=torch.channels_last
-        )
         # Which variant is fastest depends on the CPU (measured: the AVX512-BF16 pair kernel is
         # 4x slower per instruction on an Intel Xeon with AMX, where the AMX kernel wins).
         candidates = [FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants]
-        native_ms, *times = time_each_ms([conv, *candidates], x, repeats)
+        ways = [conv, *candidates]
+        measure = functools.partial(_time_on_random, ways, shapes[name], example.dtype, repeats)
+        key = layer_key("grouped", shapes[name], example.dtype, conv, ",".join(variants))
+        native_ms, *times = cached(timings, key, len(ways), measure)
         kernel_ms = min(times)
         fast = candidates[times.index(kernel_ms)]
         amx = candidates[variants.index("amx")] if "amx" in variants else None

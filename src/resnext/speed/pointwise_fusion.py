@@ -10,6 +10,7 @@ prepacked weights and a fused ReLU (what the frozen compiled graph runs) plus ou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from resnext.speed.grouped_swap import (
     input_shapes,
     time_each_ms,
 )
+from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 MODES = ("auto", "on", "off")
 
@@ -262,15 +264,29 @@ def _unfused_runner(
     return lambda x: grouped(pointwise(x))
 
 
+def _time_chain(
+    conv: nn.Module, grouped: nn.Module, fused: nn.Module, shape: tuple, repeats: int
+) -> list[float]:
+    """The chain's ms unfused and fused, on a random bf16 input of `shape`."""
+    x = torch.randn(shape, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    return time_each_ms([_unfused_runner(conv, grouped, x.shape), fused], x, repeats)
+
+
 def fuse_pointwise_convs(
-    model: nn.Module, example: torch.Tensor, *, mode: str = "auto", repeats: int = 5
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    repeats: int = 5,
+    timings: TimingCache | None = None,
 ) -> list[LayerChoice]:
     """Replace, in place, each 1×1 → ReLU → AMX grouped 3×3 chain by `FusedPointwiseGrouped`.
 
     `example` is the model's input (bf16, channels_last). 'auto' times the chain both ways on its
     real input shape and fuses where the fused kernel is faster; 'on' fuses every chain; 'off'
     changes nothing. Each choice is returned as a `LayerChoice` named after the grouped conv
-    (native_ms: unfused, kernel_ms: fused, chosen 'fused' or 'separate').
+    (native_ms: unfused, kernel_ms: fused, chosen 'fused' or 'separate'). With `timings`, times
+    stored there are used instead of measured.
     """
     if mode not in MODES:
         raise ConfigError(f"fuse_pointwise: expected one of {MODES}, got {mode!r}")
@@ -291,12 +307,10 @@ def fuse_pointwise_convs(
         amx = amx_form(grouped)
         assert amx is not None  # _sites checked it
         fused = FusedPointwiseGrouped(conv, amx)
-        x = torch.randn(shapes[name], dtype=torch.bfloat16).contiguous(
-            memory_format=torch.channels_last
-        )
-        separate_ms, fused_ms = time_each_ms(
-            [_unfused_runner(conv, grouped, x.shape), fused], x, repeats
-        )
+        shape = shapes[name]
+        measure = functools.partial(_time_chain, conv, grouped, fused, shape, repeats)
+        key = layer_key("pointwise+grouped", shape, torch.bfloat16, conv, grouped)
+        separate_ms, fused_ms = cached(timings, key, 2, measure)
         use = mode == "on" or fused_ms < separate_ms
         if use:
             _fuse(model, site, fused)

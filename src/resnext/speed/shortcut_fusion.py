@@ -13,6 +13,7 @@ become one product whose depth is both inputs' channels (`fuse_x3_shortcuts`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from resnext.speed.conv_x3_swap import ConvX3, X3Tracer
 from resnext.speed.fold import install_graph, module_call_counts
 from resnext.speed.grouped_swap import MODES, LayerChoice, input_shapes, time_each_ms
 from resnext.speed.pointwise_fusion import amx_1x1, onednn_conv, single_input
+from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 
 class ShortcutBlock(nn.Module):
@@ -194,10 +196,12 @@ def _run_pass(
     kind: _Kind,
     ways: Callable[[nn.Module, nn.Module, Shape], tuple[Runner, nn.Module]],
     variant: str,
+    timings: TimingCache | None,
 ) -> list[LayerChoice]:
     """Each site timed both ways on random inputs of its real shapes (in turns) and fused where
     that is faster (or always, 'on'). `ways(main, projection, projection input shape)` gives the
-    separate way and the fused module, each called with (main input, projection input)."""
+    separate way and the fused module, each called with (main input, projection input). With
+    `timings`, times stored there are used instead of measured."""
     sites = _sites(model, kind)
     if not sites:
         return []
@@ -212,23 +216,35 @@ def _run_pass(
         if not kind.fits(shapes[name], shapes[projection], conv):
             continue
         separate, fused = ways(main, conv, shapes[projection])
-        x = _random(shapes[name], example.dtype)
         same = getattr(main, "pointwise", None) is not None  # one input, read twice
-        b = x if same else _random(shapes[projection], example.dtype)
-        separate_ms, fused_ms = time_each_ms(
-            [
-                lambda x, b=b, separate=separate: separate(x, b),
-                lambda x, b=b, fused=fused: fused(x, b),
-            ],
-            x,
-            repeats,
+        b_shape = None if same else shapes[projection]
+        measure = functools.partial(
+            _time_pair, separate, fused, shapes[name], b_shape, example.dtype, repeats
         )
+        key = layer_key(variant, shapes[name], example.dtype, shapes[projection], same, main, conv)
+        separate_ms, fused_ms = cached(timings, key, 2, measure)
         use = mode == "on" or fused_ms < separate_ms
         if use:
             _fuse(model, site, fused, kind)
         chosen = "fused" if use else "separate"
-        choices.append(LayerChoice(name, tuple(x.shape), separate_ms, fused_ms, chosen, variant))
+        choices.append(
+            LayerChoice(name, tuple(shapes[name]), separate_ms, fused_ms, chosen, variant)
+        )
     return choices
+
+
+def _time_pair(
+    separate: Runner,
+    fused: nn.Module,
+    shape: Shape,
+    b_shape: Shape | None,
+    dtype: torch.dtype,
+    repeats: int,
+) -> list[float]:
+    """Both ways' ms on random inputs: (x, b) of the two shapes, or (x, x) if `b_shape` is None."""
+    x = _random(shape, dtype)
+    b = x if b_shape is None else _random(b_shape, dtype)
+    return time_each_ms([lambda x: separate(x, b), lambda x: fused(x, b)], x, repeats)
 
 
 def _random(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -251,7 +267,12 @@ _BLOCKS = _Kind(BlockTracer, FusedBlock, nn.Conv2d, shortcut_fusable, _same_pixe
 
 
 def fuse_shortcuts(
-    model: nn.Module, example: torch.Tensor, *, mode: str = "auto", repeats: int = 5
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    repeats: int = 5,
+    timings: TimingCache | None = None,
 ) -> list[LayerChoice]:
     """Replace, in place, each projection → `FusedBlock` pair by a `ShortcutBlock`.
 
@@ -270,7 +291,7 @@ def fuse_shortcuts(
         assert isinstance(block, FusedBlock) and isinstance(conv, nn.Conv2d)
         return _separate_runner(block, conv, size), ShortcutBlock(block, conv)
 
-    return _run_pass(model, example, mode, repeats, _BLOCKS, ways, "block+shortcut")
+    return _run_pass(model, example, mode, repeats, _BLOCKS, ways, "block+shortcut", timings)
 
 
 class ShortcutConvX3(nn.Module):
@@ -328,7 +349,12 @@ _X3 = _Kind(X3Tracer, ConvX3, ConvX3, x3_shortcut_fusable, _strided_pixels)
 
 
 def fuse_x3_shortcuts(
-    model: nn.Module, example: torch.Tensor, *, mode: str = "auto", repeats: int = 5
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    repeats: int = 5,
+    timings: TimingCache | None = None,
 ) -> list[LayerChoice]:
     """Replace, in place, each float32 projection `ConvX3` → last 1×1 `ConvX3` pair (the
     projection the last 1×1's residual) by a `ShortcutConvX3`.
@@ -347,4 +373,4 @@ def fuse_x3_shortcuts(
         assert isinstance(last, ConvX3) and isinstance(shortcut, ConvX3)
         return (lambda g, x: last(g, shortcut(x))), ShortcutConvX3(last, shortcut)
 
-    return _run_pass(model, example, mode, repeats, _X3, ways, "bf16x3+shortcut")
+    return _run_pass(model, example, mode, repeats, _X3, ways, "bf16x3+shortcut", timings)

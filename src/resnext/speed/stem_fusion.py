@@ -27,6 +27,7 @@ from resnext.speed.conv_x3_swap import ConvX3, float_bias, square_geometry
 from resnext.speed.conv_x3_swap import eligible as x3_eligible
 from resnext.speed.grouped_swap import MODES, LayerChoice, input_shapes, time_each_ms
 from resnext.speed.pointwise_fusion import onednn_conv
+from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 
 class FusedStem(nn.Module):
@@ -135,6 +136,7 @@ def fuse_stem(
     mode: str = "auto",
     conv_x3_mode: str = "auto",
     repeats: int = 5,
+    timings: TimingCache | None = None,
 ) -> list[LayerChoice]:
     """Put a `FusedStem` in place of `model`'s conv1, ReLU and max pooling (in place).
 
@@ -146,7 +148,8 @@ def fuse_stem(
     `LayerChoice` ('conv1', native_ms: convolution and pooling apart, kernel_ms: the fused stem,
     chosen 'fused' or 'separate', variant 'stem'), or none where the model's stem does not
     qualify or ('auto') the kernel cannot run here. In float32 the kernel computes bf16×3
-    products, so `conv_x3_mode` 'off' (float32 FMAs throughout) leaves the stem alone.
+    products, so `conv_x3_mode` 'off' (float32 FMAs throughout) leaves the stem alone. With
+    `timings`, times stored there are used instead of measured.
     """
     if mode not in MODES:
         raise ConfigError(f"fuse_stem: expected one of {MODES}, got {mode!r}")
@@ -165,11 +168,17 @@ def fuse_stem(
     if shape is None:
         return []
     fused = FusedStem(conv)
-    x = torch.randn(shape, dtype=example.dtype).contiguous(memory_format=torch.channels_last)
     ways = _convolution_ways(conv, shape)
-    if maxpool.unavailable_reason() is None:
+    pool = "ours" if maxpool.unavailable_reason() is None else "torch"
+    if pool == "ours":
         ways = [lambda x, way=way: maxpool.forward(way(x), *stem.POOL) for way in ways]
-    times = time_each_ms([*ways, fused], x, repeats)
+
+    def measure() -> list[float]:
+        x = torch.randn(shape, dtype=example.dtype).contiguous(memory_format=torch.channels_last)
+        return time_each_ms([*ways, fused], x, repeats)
+
+    key = layer_key("stem", shape, example.dtype, conv, f"{len(ways)} ways, {pool} pooling")
+    times = cached(timings, key, len(ways) + 1, measure)
     separate_ms, fused_ms = min(times[:-1]), times[-1]
     use = mode == "on" or fused_ms < separate_ms
     if use:
