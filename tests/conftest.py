@@ -39,3 +39,10 @@ def t7_sample() -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic_seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _private_timing_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    """CLI commands keep optimize's timings in $RESNEXT_TIMING_CACHE: a test's own folder, never
+    the user's ~/.cache."""
+    monkeypatch.setenv("RESNEXT_TIMING_CACHE", str(tmp_path_factory.mktemp("timings")))

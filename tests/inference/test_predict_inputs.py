@@ -123,9 +123,13 @@ def test_imagenet_names_follow_the_sorted_wnids(imagenet_sample: Path) -> None:
     assert list(imagenet1k_wnids()) == wnids
 
 
-@pytest.mark.parametrize("extra", [[], ["--optimize", "fp32"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--optimize", "fp32"], ["--optimize", "fp32", "--no-timing-cache"]]
+)
 def test_predict_cli_recurses_folders(weights_file, tmp_path: Path, capsys, extra) -> None:
     from resnext.commands import predict_cmd
+    from resnext.speed.grouped_kernel import unavailable_reason
+    from resnext.speed.timing_cache import default_folder
 
     path, _ = weights_file
     (tmp_path / "pics" / "deep").mkdir(parents=True)
@@ -144,6 +148,10 @@ def test_predict_cli_recurses_folders(weights_file, tmp_path: Path, capsys, extr
     assert len(lines) == 3
     assert {Path(r["source"]).name for r in lines} == {"0.png", "1.png", "2.png"}
     assert all(r["pred_class"] in NAMES and len(r["topk_labels"]) == 2 for r in lines)
+    # the fast path's per-layer timings are kept for the next run, unless asked not to
+    kept = list(default_folder().glob("*.json"))  # the test's own folder (conftest)
+    timed = "--optimize" in extra and unavailable_reason() is None
+    assert bool(kept) == (timed and "--no-timing-cache" not in extra)
 
 
 @pytest.mark.parametrize("compile_", [False, True])

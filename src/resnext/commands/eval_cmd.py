@@ -68,6 +68,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="off",
         help="score with the fast path (resnext.optimize) in this precision; crop protocols only",
     )
+    parser.add_argument(
+        "--no-timing-cache",
+        action="store_true",
+        help="with --optimize: time every layer afresh instead of reading and keeping the "
+        "timings in $RESNEXT_TIMING_CACHE (default ~/.cache/resnext/timings)",
+    )
     parser.add_argument("--output", help="folder for report.json, per_class.csv, confusion.png")
     parser.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     parser.add_argument("--no-progress", action="store_true")
@@ -88,11 +94,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fast_path(
-    precision: str, model: torch.nn.Module, protocol: Protocol, batch: int, device: str
+    precision: str,
+    model: torch.nn.Module,
+    protocol: Protocol,
+    batch: int,
+    device: str,
+    timing_cache: bool,
 ) -> torch.nn.Module | None:
     """`resnext.optimize`'s eager module for a crop protocol's batches (None when off): our
-    kernels chosen by timing at the batch's shape, no compiled graph (a last short batch would
-    compile again)."""
+    kernels chosen by timing at the batch's shape (or by the timings kept from an earlier run,
+    `timing_cache`), no compiled graph (a last short batch would compile again)."""
     if precision == "off":
         return None
     check_fast_path(protocol, "--optimize")  # before optimize's timing, not after it
@@ -100,7 +111,14 @@ def _fast_path(
 
     chans = getattr(getattr(model, "spec", None), "in_chans", 3)
     example = torch.zeros(batch * protocol.views_per_image, chans, protocol.crop, protocol.crop)
-    return optimize(model, precision, backend="none", example_input=example, device=device)
+    return optimize(
+        model,
+        precision,
+        backend="none",
+        example_input=example,
+        device=device,
+        timing_cache=timing_cache,
+    )
 
 
 def _run(args: argparse.Namespace, ctx: DistContext) -> int:
@@ -119,7 +137,14 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
     head = int(getattr(loaded.model, "num_classes", len(loaded.class_names)))
     indices = read_class_subset(args.classes_subset) if args.classes_subset else None
     subset = LabelSubset(indices, head, args.subset_labels) if indices is not None else None
-    fast = _fast_path(args.optimize, loaded.model, protocol, args.batch_size, args.device)
+    fast = _fast_path(
+        args.optimize,
+        loaded.model,
+        protocol,
+        args.batch_size,
+        args.device,
+        timing_cache=not args.no_timing_cache,
+    )
     result = evaluate(
         loaded.model,
         dataset,

@@ -33,6 +33,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--compile", action="store_true", help="with --optimize: also compile it (inductor)"
     )
+    parser.add_argument(
+        "--no-timing-cache",
+        action="store_true",
+        help="with --optimize: time every layer afresh instead of reading and keeping the "
+        "timings in $RESNEXT_TIMING_CACHE (default ~/.cache/resnext/timings)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.set_defaults(func=run)
     return parser
@@ -50,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         optimize=args.optimize,
         compile=args.compile,
+        timing_cache=not args.no_timing_cache,
     )
     for pred in predictor(files, topk=args.topk):
         if args.json:

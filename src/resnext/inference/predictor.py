@@ -57,6 +57,8 @@ class Predictor:
     `optimize='fp32'` or `'bf16'` classifies with `resnext.optimize`'s fast path on the device
     (BN folded, channels-last; on CPU our kernels where faster; `compile=True` also compiles it
     with inductor, worth it for many images); `features()` always uses the plain model.
+    `timing_cache` is `optimize`'s: True keeps its per-layer timings in ~/.cache/resnext/timings,
+    so that the next Predictor on this machine skips them.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class Predictor:
         batch_size: int = 32,
         optimize: str = "off",
         compile: bool = False,
+        timing_cache: bool | str | Path | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
@@ -99,6 +102,7 @@ class Predictor:
                 backend="inductor" if compile else "none",
                 example_input=example,
                 device=self.device,
+                timing_cache=timing_cache,
             )
 
     @property
