@@ -17,6 +17,8 @@ import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from resnext.cache_folders import user_cache_folder
+
 
 class NativeUnavailable(RuntimeError):
     """A C library cannot be built or loaded here (no compiler, missing headers, ...), with why."""
@@ -24,11 +26,7 @@ class NativeUnavailable(RuntimeError):
 
 def cache_dir() -> Path:
     """Where built libraries are kept: $RESNEXT_KERNEL_CACHE, else ~/.cache/resnext/kernels."""
-    env = os.environ.get("RESNEXT_KERNEL_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "resnext" / "kernels"
+    return user_cache_folder("RESNEXT_KERNEL_CACHE", "kernels")
 
 
 def compiler() -> str:

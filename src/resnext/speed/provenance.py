@@ -13,7 +13,7 @@ import torch
 
 from resnext.checkout import source_commit
 from resnext.speed.allocator import loaded_allocator
-from resnext.speed.capability import cpu_capability
+from resnext.speed.capability import cpu_capability, cpu_model
 
 _OPTIONAL = ("numpy", "pillow", "onnxruntime", "openvino", "onnx", "timm", "torchvision")
 
@@ -39,16 +39,8 @@ def versions() -> dict[str, str | None]:
 
 def machine() -> dict[str, object]:
     """CPU model, core count, load average and allocator: what the numbers depend on."""
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "load_average": os.getloadavg(),
         "allocator": loaded_allocator() or "glibc",

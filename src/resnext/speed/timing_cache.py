@@ -31,7 +31,8 @@ import torch
 
 import resnext
 from resnext import native
-from resnext.speed.capability import cpu_flags
+from resnext.cache_folders import user_cache_folder
+from resnext.speed.capability import cpu_flags, cpu_model
 
 FORMAT = 1
 _SPEED = Path(__file__).parent
@@ -39,21 +40,7 @@ _SPEED = Path(__file__).parent
 
 def default_folder() -> Path:
     """$RESNEXT_TIMING_CACHE, else $XDG_CACHE_HOME/resnext/timings (~/.cache/resnext/timings)."""
-    env = os.environ.get("RESNEXT_TIMING_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "resnext" / "timings"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    return user_cache_folder("RESNEXT_TIMING_CACHE", "timings")
 
 
 def _compiler_version() -> str:
@@ -77,7 +64,7 @@ def context() -> dict[str, object]:
         "format": FORMAT,
         "resnext": resnext.__version__,
         "torch": torch.__version__,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest(),
         "threads": torch.get_num_threads(),
         "compiler": _compiler_version(),
