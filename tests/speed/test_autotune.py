@@ -140,3 +140,43 @@ def test_real_work_is_timed() -> None:
     assert result.shape == (64, 64)
     (decision,) = chooser.decisions()
     assert decision.winner == "small" and decision.ms["big"] > decision.ms["small"]
+
+
+def test_kept_timings_choose_in_a_new_chooser_without_timing(tmp_path) -> None:
+    from resnext.speed.timing_cache import TimingCache
+
+    clock, calls = FakeClock(), {}
+    costs = {"ref": 1.0, "fast": 0.5}
+    first = Chooser(clock=clock, warmup=1, repeats=2)
+    with first.using(TimingCache(tmp_path)):
+        assert first.run("op", (7,), _candidates(clock, costs, calls)) == "fast"
+    assert calls == {"ref": 3, "fast": 3}
+    # Another process: the kept times decide, and only the winner runs, once.
+    calls.clear()
+    second = Chooser(clock=clock, warmup=1, repeats=2)
+    with second.using(TimingCache(tmp_path)):
+        assert second.run("op", (7,), _candidates(clock, costs, calls)) == "fast"
+        assert calls == {"fast": 1}
+        (decision,) = second.decisions()
+        assert decision.winner == "fast" and decision.ms == pytest.approx({"ref": 1e3, "fast": 5e2})
+        # another shape is timed as usual
+        assert second.run("op", (8,), _candidates(clock, costs, calls)) == "fast"
+        assert calls == {"fast": 4, "ref": 3}
+    # outside the block nothing is read: a fresh chooser times again
+    calls.clear()
+    third = Chooser(clock=clock, warmup=1, repeats=2)
+    assert third.run("op", (7,), _candidates(clock, costs, calls)) == "fast"
+    assert calls == {"ref": 3, "fast": 3}
+
+
+def test_kept_timings_keep_the_margin_rule(tmp_path) -> None:
+    from resnext.speed.timing_cache import TimingCache
+
+    clock, calls = FakeClock(), {}
+    close = {"ref": 1.0, "fast": 0.97}  # within the 5 % margin: the reference stays
+    first = Chooser(clock=clock, warmup=0, repeats=1)
+    with first.using(TimingCache(tmp_path)):
+        assert first.run("op", (1,), _candidates(clock, close, calls)) == "ref"
+    second = Chooser(clock=clock, warmup=0, repeats=1)
+    with second.using(TimingCache(tmp_path)):
+        assert second.run("op", (1,), _candidates(clock, close, calls)) == "ref"

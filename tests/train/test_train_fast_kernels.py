@@ -170,3 +170,34 @@ def test_a_fast_run_records_what_the_chooser_picked(tmp_path, tiny_cfg, tiny_dat
     }
     for choice in choices:
         assert choice["winner"] in choice["ms"] and "onednn" in choice["ms"]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_fast_run_keeps_its_timings_for_the_next(
+    tmp_path, tiny_cfg, tiny_data, monkeypatch, keep
+):
+    from resnext.speed.timing_cache import default_folder
+
+    def run(name: str) -> list[dict]:
+        monkeypatch.setattr(autotune, "CHOOSER", autotune.Chooser())  # a new process's chooser
+        cfg = tiny_cfg(
+            tmp_path / name,
+            model={"name": "resnext_tiny", "spec": {"num_classes": 4, "cardinality": 4}},
+            train={
+                "epochs": 1,
+                "channels_last": True,
+                "amp": "bfloat16",
+                "gemm_weight_grad": True,
+                "timing_cache": keep,
+            },
+        )
+        result = train(cfg, train_set=tiny_data(32), val_set=tiny_data(8, seed=2))
+        return json.loads((result.run_dir / "fast_path_choices.json").read_text())
+
+    first = run("first")
+    kept = list(default_folder().glob("*.json"))  # the test's own folder (conftest)
+    assert bool(kept) == keep
+    second = run("second")
+    same = [(c["op"], c["key"], c["winner"], c["ms"]) for c in first]
+    # times equal to the last digit only when read back, not measured again
+    assert ([(c["op"], c["key"], c["winner"], c["ms"]) for c in second] == same) == keep

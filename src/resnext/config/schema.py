@@ -97,6 +97,10 @@ class TrainConfig:
     gemm_weight_grad: bool = False
     # CPU training fast path: max pooling with one-byte argmax taps instead of int64 indices.
     fast_maxpool: bool = False
+    # With grouped_kernels or gemm_weight_grad: keep the per-shape timings that choose between
+    # their implementations in $RESNEXT_TIMING_CACHE (~/.cache/resnext/timings), so that a later
+    # run on this machine skips them (~20 s of ResNeXt-50's first step on a 2-core CPU).
+    timing_cache: bool = True
     zero_init_residual: bool = False
     # Recompute each block's activations in backward instead of keeping them: less memory for
     # one more forward per step (the role of the paper's Torch -shareGradInput/-optnet).

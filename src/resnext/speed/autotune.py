@@ -12,6 +12,10 @@ processes on one machine decide alike.
 
 Every candidate computes the same function to float32 rounding (each is tested against float64
 elsewhere). `decisions()` lists what was chosen and the times behind it, for a run's records.
+Within `CHOOSER.using(timings)` the times are also kept on disk (`resnext.speed.timing_cache`):
+a later process on this machine reads them instead of timing (`resnext train` does this; the
+first step of ResNeXt-50 in float32 otherwise spends ~20 s timing on a 2-core AVX2 CPU) and so
+runs the same implementations.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+
+from resnext.speed.timing_cache import TimingCache
 
 T = TypeVar("T")
 
@@ -74,6 +80,7 @@ class Chooser:
         self._exclude = frozenset(exclude)
         self._decisions: dict[tuple, Decision] = {}
         self._preferred: tuple[str, ...] = ()
+        self._timings: TimingCache | None = None
 
     def run(self, op: str, key: tuple, candidates: Mapping[str, Callable[[], T]]) -> T:
         """The result of the fastest candidate for (op, key); the first candidate is the reference."""
@@ -102,6 +109,13 @@ class Chooser:
     def _time_and_choose(
         self, op: str, key: tuple, full_key: tuple, candidates: Mapping[str, Callable[[], T]]
     ) -> T:
+        stored_key = "|".join(["autotune", op, str(key), ",".join(candidates)])
+        if self._timings is not None:
+            stored = self._timings.times(stored_key, len(candidates))
+            if stored is not None:
+                ms = dict(zip(candidates, stored, strict=True))
+                winner = self._decide(full_key, op, key, ms)
+                return candidates[winner]()
         best = dict.fromkeys(candidates, math.inf)
         results: dict[str, T] = {}
         rounds = self.warmup + self.repeats
@@ -118,14 +132,21 @@ class Chooser:
                 del out
                 if round_ >= self.warmup:
                     best[name] = min(best[name], elapsed)
-        reference = next(iter(candidates))
-        winner = min(best, key=best.__getitem__)
-        if best[winner] > (1 - self.margin) * best[reference]:
-            winner = reference
-        self._decisions[full_key] = Decision(
-            op, key, full_key[2], winner, {n: 1e3 * s for n, s in best.items()}
-        )
+        ms = {name: 1e3 * seconds for name, seconds in best.items()}
+        winner = self._decide(full_key, op, key, ms)
+        if self._timings is not None:
+            self._timings.store(stored_key, list(ms.values()))
+            self._timings.save()  # each new shape at once: a killed run keeps what it timed
         return results[winner]
+
+    def _decide(self, full_key: tuple, op: str, key: tuple, ms: dict[str, float]) -> str:
+        """The winner of candidates timed `ms` (reference first), recorded as a Decision."""
+        reference = next(iter(ms))
+        winner = min(ms, key=ms.__getitem__)
+        if ms[winner] > (1 - self.margin) * ms[reference]:
+            winner = reference
+        self._decisions[full_key] = Decision(op, key, full_key[2], winner, ms)
+        return winner
 
     def decisions(self) -> list[Decision]:
         """Every choice made so far, in the order the shapes were first seen."""
@@ -134,6 +155,16 @@ class Chooser:
     def clear(self) -> None:
         """Forget every choice (the next call of each op times its candidates again)."""
         self._decisions.clear()
+
+    @contextlib.contextmanager
+    def using(self, timings: TimingCache | None) -> Iterator[None]:
+        """Within the block, read candidates' times from `timings` where stored and store the
+        ones measured (None: time in memory only, as outside)."""
+        previous, self._timings = self._timings, timings
+        try:
+            yield
+        finally:
+            self._timings = previous
 
     @contextlib.contextmanager
     def prefer(self, *names: str) -> Iterator[None]:

@@ -21,6 +21,7 @@ from resnext.config import Config, save_config
 from resnext.errors import ConfigError
 from resnext.speed import autotune
 from resnext.speed.allocator import keep_freed_memory
+from resnext.speed.timing_cache import TimingCache
 from resnext.speed.train_paths import use_training_fast_paths
 from resnext.train import provenance
 from resnext.train.checkpoint import atomic_save
@@ -224,14 +225,19 @@ def _run(
     )
     log = MetricsLog(run_dir, pos.history, enabled=info.is_main)
     epoch_start = [time.perf_counter()]
+    chooses = cfg.train.grouped_kernels or cfg.train.gemm_weight_grad
+    timings = TimingCache() if chooses and cfg.train.timing_cache else None
     try:
-        while pos.epoch < cfg.train.epochs:
-            _train_epoch(cfg, info, ctx, parts, pos, loader, sampler, steps, on_step, epoch_start)
-            _end_epoch(
-                cfg, info, ctx, parts, pos, (val_loader, batches.val), sampler, log, epoch_start
-            )
-            if info.is_main and (cfg.train.grouped_kernels or cfg.train.gemm_weight_grad):
-                _save_fast_path_choices(run_dir)
+        with autotune.CHOOSER.using(timings):
+            while pos.epoch < cfg.train.epochs:
+                _train_epoch(
+                    cfg, info, ctx, parts, pos, loader, sampler, steps, on_step, epoch_start
+                )
+                _end_epoch(
+                    cfg, info, ctx, parts, pos, (val_loader, batches.val), sampler, log, epoch_start
+                )
+                if info.is_main and chooses:
+                    _save_fast_path_choices(run_dir)
     finally:
         log.close()
     if info.is_main and pos.history:
