@@ -1,6 +1,6 @@
 """`optimize`'s per-layer timings kept on disk, so that later processes on this machine skip them.
 
-`optimize` times each layer its kernels could take both ways before choosing (14–18 s for
+`optimize` times each layer its kernels could take both ways before choosing (13–16 s for
 ResNeXt-50 at batch 16 on a 2-core AVX2 CPU, RESULTS.md "Stop 31"). Those times depend on the
 machine, the thread count, torch and our kernels, not on the weights, so one JSON file per such
 context holds them: a later `optimize` of a model with the same layers reads the times instead of
