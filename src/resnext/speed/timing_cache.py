@@ -1,11 +1,12 @@
-"""`optimize`'s per-layer timings kept on disk, so that later processes on this machine skip them.
+"""The timings behind the fast paths' kernel choices, kept on disk for later processes on this machine.
 
 `optimize` times each layer its kernels could take both ways before choosing (13–16 s for
-ResNeXt-50 at batch 16 on a 2-core AVX2 CPU, RESULTS.md "Stop 31"). Those times depend on the
-machine, the thread count, torch and our kernels, not on the weights, so one JSON file per such
-context holds them: a later `optimize` of a model with the same layers reads the times instead of
-measuring them, and so also makes the same choices (a noisy machine would otherwise flip close
-calls from one process to the next).
+ResNeXt-50 at batch 16 on a 2-core AVX2 CPU), and the training fast path's chooser
+(`resnext.speed.autotune`) times every product's candidates in the first step (~17 s there;
+RESULTS.md "Stop 31"). Those times depend on the machine, the thread count, torch and our
+kernels, not on the weights, so one JSON file per such context holds them: a later process
+with the same layers reads the times instead of measuring them, and so also makes the same
+choices (a noisy machine would otherwise flip close calls from one process to the next).
 
 The file's name is a digest of the context (CPU model and flags, threads, torch and compiler
 versions, the sources of `resnext.speed` and its kernels): a changed kernel or another machine
