@@ -93,6 +93,11 @@ def test_a_measure_with_the_wrong_count_is_refused(tmp_path: Path) -> None:
         cached(TimingCache(tmp_path), "k", 3, Counter([1.0]))
     with pytest.raises(ValueError, match="finite positive"):
         TimingCache(tmp_path).store("k", [0.0])
+    # a time that cannot be kept is still used, and measured again next time
+    cache, measure = TimingCache(tmp_path), Counter([0.0, float("inf")])
+    assert cached(cache, "k", 2, measure) == [0.0, float("inf")]
+    assert cached(cache, "k", 2, measure) == [0.0, float("inf")]
+    assert measure.calls == 2
 
 
 def test_another_context_uses_another_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

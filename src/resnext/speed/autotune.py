@@ -134,7 +134,7 @@ class Chooser:
                     best[name] = min(best[name], elapsed)
         ms = {name: 1e3 * seconds for name, seconds in best.items()}
         winner = self._decide(full_key, op, key, ms)
-        if self._timings is not None:
+        if self._timings is not None and all(0 < t < math.inf for t in ms.values()):
             self._timings.store(stored_key, list(ms.values()))
             self._timings.save()  # each new shape at once: a killed run keeps what it timed
         return results[winner]

@@ -92,7 +92,7 @@ def cached(
     times = measure()
     if len(times) != count:
         raise ValueError(f"measure: expected {count} times for {key!r}, got {len(times)}")
-    if cache is not None:
+    if cache is not None and _valid_times(times):  # a 0 or inf time is used, never kept
         cache.store(key, times)
     return times
 
