@@ -109,7 +109,8 @@ class Chooser:
     def _time_and_choose(
         self, op: str, key: tuple, full_key: tuple, candidates: Mapping[str, Callable[[], T]]
     ) -> T:
-        stored_key = "|".join(["autotune", op, str(key), ",".join(candidates)])
+        # the threads again: a cache's context has those of when it was opened
+        stored_key = "|".join(["autotune", op, str(key), f"{full_key[2]} threads", *candidates])
         if self._timings is not None:
             stored = self._timings.times(stored_key, len(candidates))
             if stored is not None:
