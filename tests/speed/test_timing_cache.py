@@ -174,3 +174,22 @@ def test_second_optimize_times_nothing_and_chooses_alike(tmp_path: Path) -> None
     with torch.no_grad():
         expected = model(x)
         assert rel_err(second(x), expected) < 1e-4
+
+
+@pytest.mark.skipif(
+    unavailable_reason() is not None, reason="our grouped kernel does not run here: nothing timed"
+)
+def test_without_a_cache_twins_are_timed_once_and_nothing_is_written(tmp_path: Path) -> None:
+    model = resnext.create_model("resnext29_4x16d").eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, backend="none", example_input=x)
+    grouped = fast.grouped_choices
+    # ResNeXt-29's stages have 3 blocks each; layers of one input shape are twins here
+    by_shape: dict[tuple, set] = {}
+    for choice in grouped:
+        by_shape.setdefault(choice.input_shape, set()).add((choice.native_ms, choice.kernel_ms))
+    assert len(grouped) == 9 and all(len(times) == 1 for times in by_shape.values())
+    assert fast.timing_cache.hits >= 9 - len(by_shape) and fast.timing_cache.path is None
+    assert not list(timing_cache.default_folder().glob("*"))  # conftest's folder stays empty
+    with torch.no_grad():
+        assert rel_err(fast(x), model(x)) < 1e-4

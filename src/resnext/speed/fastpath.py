@@ -228,9 +228,10 @@ def optimize(
     (`resnext.speed.timing_cache`): True for the default folder (~/.cache/resnext/timings), a
     folder, or a `TimingCache`. Layers timed before on this machine (same CPU, threads, torch
     and kernel sources) are not timed again, which makes a later `optimize` of the same model
-    quicker (the compile remains) and its choices the same. None (the default) times every
-    layer and writes nothing. The returned module's `timing_cache` is the cache used (its `hits`
-    count the comparisons read) or None.
+    quicker (the compile remains) and its choices the same. None (the default) keeps the times
+    for this call only and writes nothing; either way layers alike (a stage's later blocks) are
+    timed once and get the same pick. The returned module's `timing_cache` is the cache used
+    (its `hits` count the comparisons read rather than timed; None on a GPU).
 
     `device` (default: where the model is) places the result; on a GPU only the generic steps
     apply (BN folding, channels_last, `dtype`, the compiled graph, with inductor's Python
@@ -255,7 +256,8 @@ def optimize(
     if target.type not in ("cpu", "cuda"):
         raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
     on_cpu = target.type == "cpu"
-    timings = open_timing_cache(timing_cache)  # refused here if malformed, used on a CPU only
+    # refused here if malformed; used on a CPU only
+    timings = open_timing_cache(timing_cache) or TimingCache.in_memory()
     for name, mode in kernels.items():
         if mode == "on" and not on_cpu:
             raise ConfigError(f"{name}: 'on' is a CPU kernel; {target} takes 'auto' or 'off'")
@@ -289,8 +291,7 @@ def optimize(
         x3 = swap_convs_x3(work, probe, mode=conv_x3, in_place=in_place, timings=timings)
         x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)
         fma = swap_convs_fma(work, probe, mode=pointwise_fma, in_place=in_place, timings=timings)
-        if timings is not None:
-            timings.save()
+        timings.save()
     elif grouped_kernel == "on":
         raise ConfigError("grouped_kernel: 'on' needs channels_last=True")
     eager = CastInput(work, dtype, channels_last, target).eval()

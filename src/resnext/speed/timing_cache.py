@@ -100,6 +100,9 @@ def cached(
 class TimingCache:
     """The stored times of one context (this machine, threads, versions) in one JSON file."""
 
+    folder: Path | None
+    path: Path | None
+
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = default_folder() if folder is None else Path(folder)
         self.context = context()
@@ -109,7 +112,19 @@ class TimingCache:
         self._added = 0
         self.hits = self.misses = 0
 
+    @classmethod
+    def in_memory(cls) -> TimingCache:
+        """A cache of this process alone, nothing read or written: within one `optimize` call,
+        layers alike (a stage's later blocks) are then timed once and get the same pick."""
+        cache = cls.__new__(cls)
+        cache.folder = cache.path = None
+        cache.context = {}
+        cache._entries, cache._added, cache.hits, cache.misses = {}, 0, 0, 0
+        return cache
+
     def _read(self) -> dict[str, list[float]]:
+        if self.path is None:
+            return {}
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -152,8 +167,9 @@ class TimingCache:
         self._added += 1
 
     def save(self) -> None:
-        """Write the file (entries another process saved meanwhile are kept) if anything is new."""
-        if not self._added:
+        """Write the file (entries another process saved meanwhile are kept) if anything is new
+        (nothing for an `in_memory` cache)."""
+        if self.path is None or self.folder is None or not self._added:
             return
         merged = {**self._read_quietly(), **self._entries}
         payload = json.dumps({"context": self.context, "entries": merged}, indent=1, sort_keys=True)
