@@ -485,8 +485,8 @@ def _choose(
             overwrite,
         )
         if alike not in timed:
-            key = layer_key(kernel.variant, shapes[site.name], torch.float32, *alike[1:])
             shape = shapes[site.name]
+            key = layer_key(kernel.variant, shape, torch.float32, *alike[1:])
             measure = functools.partial(_time_site, conv, site, fast, shape, repeats, evict)
             native_ms, kernel_ms = cached(timings, key, 2, measure)
             timed[alike] = (native_ms, kernel_ms)
