@@ -159,9 +159,11 @@ def test_kept_timings_choose_in_a_new_chooser_without_timing(tmp_path) -> None:
         assert calls == {"fast": 1}
         (decision,) = second.decisions()
         assert decision.winner == "fast" and decision.ms == pytest.approx({"ref": 1e3, "fast": 5e2})
+        assert decision.stored and decision.as_dict()["stored"] is True
         # another shape is timed as usual
         assert second.run("op", (8,), _candidates(clock, costs, calls)) == "fast"
         assert calls == {"fast": 4, "ref": 3}
+        assert not second.decisions()[1].stored
     # outside the block nothing is read: a fresh chooser times again
     calls.clear()
     third = Chooser(clock=clock, warmup=1, repeats=2)

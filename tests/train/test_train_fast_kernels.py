@@ -201,3 +201,6 @@ def test_a_fast_run_keeps_its_timings_for_the_next(
     same = [(c["op"], c["key"], c["winner"], c["ms"]) for c in first]
     # times equal to the last digit only when read back, not measured again
     assert ([(c["op"], c["key"], c["winner"], c["ms"]) for c in second] == same) == keep
+    # the run folder says which choices were read rather than measured
+    assert not any(c["stored"] for c in first)
+    assert all(c["stored"] == keep for c in second)

@@ -47,6 +47,7 @@ class Decision:
     threads: int
     winner: str
     ms: dict[str, float]
+    stored: bool = False  # the times were read from a timing cache, not measured in this process
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -55,6 +56,7 @@ class Decision:
             "threads": self.threads,
             "winner": self.winner,
             "ms": {name: round(ms, 4) for name, ms in self.ms.items()},
+            "stored": self.stored,
         }
 
 
@@ -115,7 +117,7 @@ class Chooser:
             stored = self._timings.times(stored_key, len(candidates))
             if stored is not None:
                 ms = dict(zip(candidates, stored, strict=True))
-                winner = self._decide(full_key, op, key, ms)
+                winner = self._decide(full_key, op, key, ms, stored=True)
                 return candidates[winner]()
         best = dict.fromkeys(candidates, math.inf)
         results: dict[str, T] = {}
@@ -140,13 +142,15 @@ class Chooser:
             self._timings.save()  # each new shape at once: a killed run keeps what it timed
         return results[winner]
 
-    def _decide(self, full_key: tuple, op: str, key: tuple, ms: dict[str, float]) -> str:
+    def _decide(
+        self, full_key: tuple, op: str, key: tuple, ms: dict[str, float], stored: bool = False
+    ) -> str:
         """The winner of candidates timed `ms` (reference first), recorded as a Decision."""
         reference = next(iter(ms))
         winner = min(ms, key=ms.__getitem__)
         if ms[winner] > (1 - self.margin) * ms[reference]:
             winner = reference
-        self._decisions[full_key] = Decision(op, key, full_key[2], winner, ms)
+        self._decisions[full_key] = Decision(op, key, full_key[2], winner, ms, stored)
         return winner
 
     def decisions(self) -> list[Decision]:
