@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from resnext.commands.options import add_no_timing_cache
 from resnext.evaluate import (
     PROTOCOLS,
     DistContext,
@@ -68,12 +69,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="off",
         help="score with the fast path (resnext.optimize) in this precision; crop protocols only",
     )
-    parser.add_argument(
-        "--no-timing-cache",
-        action="store_true",
-        help="with --optimize: time every layer afresh instead of reading and keeping the "
-        "timings in $RESNEXT_TIMING_CACHE (default ~/.cache/resnext/timings)",
-    )
+    add_no_timing_cache(parser)
     parser.add_argument("--output", help="folder for report.json, per_class.csv, confusion.png")
     parser.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     parser.add_argument("--no-progress", action="store_true")

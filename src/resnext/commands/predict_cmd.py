@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from resnext.commands.options import add_no_timing_cache
 from resnext.errors import DataError
 from resnext.inference import Predictor, expand_paths
 
@@ -33,12 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--compile", action="store_true", help="with --optimize: also compile it (inductor)"
     )
-    parser.add_argument(
-        "--no-timing-cache",
-        action="store_true",
-        help="with --optimize: time every layer afresh instead of reading and keeping the "
-        "timings in $RESNEXT_TIMING_CACHE (default ~/.cache/resnext/timings)",
-    )
+    add_no_timing_cache(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.set_defaults(func=run)
     return parser

@@ -1,0 +1,15 @@
+"""Command-line options that several commands share, each defined once."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_no_timing_cache(parser: argparse.ArgumentParser) -> None:
+    """`--no-timing-cache`, for the commands whose `--optimize` times kernels (predict, eval)."""
+    parser.add_argument(
+        "--no-timing-cache",
+        action="store_true",
+        help="with --optimize: time every layer afresh instead of reading and keeping the "
+        "timings in $RESNEXT_TIMING_CACHE (default ~/.cache/resnext/timings)",
+    )
