@@ -186,7 +186,7 @@ def time_each_ms(
     return [b * 1e3 for b in best]
 
 
-def _time_on_random(
+def time_on_random(
     fns: Sequence[Callable[[torch.Tensor], object]],
     shape: Sequence[int],
     dtype: torch.dtype,
@@ -275,7 +275,7 @@ def swap_grouped_convs(
         # 4x slower per instruction on an Intel Xeon with AMX, where the AMX kernel wins).
         candidates = [FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants]
         ways = [conv, *candidates]
-        measure = functools.partial(_time_on_random, ways, shapes[name], example.dtype, repeats)
+        measure = functools.partial(time_on_random, ways, shapes[name], example.dtype, repeats)
         key = layer_key("grouped", shapes[name], example.dtype, conv, ",".join(variants))
         native_ms, *times = cached(timings, key, len(ways), measure)
         kernel_ms = min(times)

@@ -27,7 +27,7 @@ from resnext.speed.grouped_swap import (
     LayerChoice,
     amx_form,
     input_shapes,
-    time_each_ms,
+    time_on_random,
 )
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
@@ -268,8 +268,9 @@ def _time_chain(
     conv: nn.Module, grouped: nn.Module, fused: nn.Module, shape: tuple, repeats: int
 ) -> list[float]:
     """The chain's ms unfused and fused, on a random bf16 input of `shape`."""
-    x = torch.randn(shape, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    return time_each_ms([_unfused_runner(conv, grouped, x.shape), fused], x, repeats)
+    return time_on_random(
+        [_unfused_runner(conv, grouped, shape), fused], shape, torch.bfloat16, repeats
+    )
 
 
 def fuse_pointwise_convs(

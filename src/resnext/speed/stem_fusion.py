@@ -15,6 +15,7 @@ than that difference at both. The model's `conv1` then becomes a `FusedStem`, it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -25,7 +26,7 @@ from resnext.models.network import ResNeXt
 from resnext.speed import conv_x3, maxpool, stem
 from resnext.speed.conv_x3_swap import ConvX3, float_bias, square_geometry
 from resnext.speed.conv_x3_swap import eligible as x3_eligible
-from resnext.speed.grouped_swap import MODES, LayerChoice, input_shapes, time_each_ms
+from resnext.speed.grouped_swap import MODES, LayerChoice, input_shapes, time_on_random
 from resnext.speed.pointwise_fusion import onednn_conv
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
@@ -172,11 +173,7 @@ def fuse_stem(
     pool = "ours" if maxpool.unavailable_reason() is None else "torch"
     if pool == "ours":
         ways = [lambda x, way=way: maxpool.forward(way(x), *stem.POOL) for way in ways]
-
-    def measure() -> list[float]:
-        x = torch.randn(shape, dtype=example.dtype).contiguous(memory_format=torch.channels_last)
-        return time_each_ms([*ways, fused], x, repeats)
-
+    measure = functools.partial(time_on_random, [*ways, fused], shape, example.dtype, repeats)
     key = layer_key("stem", shape, example.dtype, conv, f"{len(ways)} ways, {pool} pooling")
     times = cached(timings, key, len(ways) + 1, measure)
     separate_ms, fused_ms = min(times[:-1]), times[-1]
