@@ -38,6 +38,11 @@ def compiler() -> str:
     return path
 
 
+def compiler_version(cc: str) -> str:
+    """What `cc --version` prints (part of each built library's hash, and of timing contexts)."""
+    return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+
+
 def local_headers(source: Path) -> list[Path]:
     """The files `source` includes with `#include "name"` from its own folder (one level)."""
     names = re.findall(r'^\s*#\s*include\s*"([^"]+)"', source.read_text(), flags=re.MULTILINE)
@@ -49,7 +54,7 @@ def build(
 ) -> Path:
     """Compile `source` into a shared library (unless this source/flags/compiler already was)."""
     cc = compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = compiler_version(cc)
     digest = hashlib.sha256()
     for part in (source.read_bytes(), " ".join([*flags, *libs]).encode(), version.encode()):
         digest.update(part)

@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,8 +45,7 @@ def default_folder() -> Path:
 
 def _compiler_version() -> str:
     try:
-        cc = native.compiler()
-        return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.strip()
+        return native.compiler_version(native.compiler()).strip()
     except (native.NativeUnavailable, OSError):
         return "none"
 
@@ -103,24 +101,22 @@ class TimingCache:
     folder: Path | None
     path: Path | None
 
-    def __init__(self, folder: str | Path | None = None) -> None:
-        self.folder = default_folder() if folder is None else Path(folder)
-        self.context = context()
-        name = hashlib.sha256(json.dumps(self.context, sort_keys=True).encode()).hexdigest()
-        self.path = self.folder / f"{name[:24]}.json"
+    def __init__(self, folder: str | Path | None = None, *, on_disk: bool = True) -> None:
+        self._added = self.hits = self.misses = 0
+        self.context = context() if on_disk else {}
+        if not on_disk:
+            self.folder = self.path = None
+        else:
+            self.folder = default_folder() if folder is None else Path(folder)
+            name = hashlib.sha256(json.dumps(self.context, sort_keys=True).encode()).hexdigest()
+            self.path = self.folder / f"{name[:24]}.json"
         self._entries = self._read()
-        self._added = 0
-        self.hits = self.misses = 0
 
     @classmethod
     def in_memory(cls) -> TimingCache:
         """A cache of this process alone, nothing read or written: within one `optimize` call,
         layers alike (a stage's later blocks) are then timed once and get the same pick."""
-        cache = cls.__new__(cls)
-        cache.folder = cache.path = None
-        cache.context = {}
-        cache._entries, cache._added, cache.hits, cache.misses = {}, 0, 0, 0
-        return cache
+        return cls(on_disk=False)
 
     def _read(self) -> dict[str, list[float]]:
         if self.path is None:
