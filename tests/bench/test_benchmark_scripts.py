@@ -17,14 +17,18 @@ def bench_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/<script>` has it
 
 
+def _run_script(script: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / script), *argv])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
+    return int(stop.value.code or 0)
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_each_script_answers_help(
     script: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / script), "--help"])
-    with pytest.raises(SystemExit) as stop:
-        runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
-    assert stop.value.code == 0
+    assert _run_script(script, ["--help"], monkeypatch) == 0
     assert "usage:" in capsys.readouterr().out
 
 
@@ -43,3 +47,35 @@ def test_the_shared_parser_has_each_option_asked_for_and_writes_beside_the_scrip
     assert args.batch == 3 and args.out == Path("elsewhere")
     with pytest.raises(SystemExit):
         parser.parse_args(["--rounds", "2"])  # not asked for: refused
+
+
+def test_the_grouped_kernel_ab_refuses_a_missing_revision(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    from resnext.speed import grouped_kernel
+
+    if grouped_kernel.unavailable_reason() is not None:
+        pytest.skip(f"grouped kernel unavailable: {grouped_kernel.unavailable_reason()}")
+    missing = tmp_path / "old.c"
+    argv = ["--against", str(missing), "--out", str(tmp_path)]
+    assert _run_script("bench_grouped_ab.py", argv, monkeypatch) == 1
+    assert f"--against {missing}: no such file" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_the_grouped_kernel_ab_times_every_layer_of_resnext50_both_ways(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    from resnext.speed import grouped_kernel
+
+    if grouped_kernel.unavailable_reason() is not None:
+        pytest.skip(f"grouped kernel unavailable: {grouped_kernel.unavailable_reason()}")
+    argv = ["--against", str(grouped_kernel.ISA.source), "--batch", "1", "--rounds", "1"]
+    assert _run_script("bench_grouped_ab.py", [*argv, "--out", str(tmp_path)], monkeypatch) == 0
+    (path,) = tmp_path.glob("bench-grouped-ab-*.json")
+    layers = json.loads(path.read_text())["results"]["layers"]
+    # ResNeXt-50 32x4d has 16 grouped 3x3s (3, 4, 6, 3 blocks), in 7 distinct shapes
+    assert sum(row["layers"] for row in layers) == 16 and len(layers) == 7
+    assert all(set(row["median_ms"]) == {"ours", "against"} for row in layers)

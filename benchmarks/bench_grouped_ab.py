@@ -1,0 +1,123 @@
+"""This CPU's grouped 3×3 kernel against another revision of its source, on ResNeXt-50's layers.
+
+Usage: .venv/bin/python benchmarks/bench_grouped_ab.py --against OLD.c [--batch 16] [--rounds 15]
+
+Every distinct grouped 3×3 of ResNeXt-50 32×4d (channels, input size, stride; the stride-1 ones
+also stand for the training input gradient, which runs the same kernel), float32 channels-last,
+forward through `grouped_kernel.run_kernel`: this CPU's build of the kernel ("ours") and the
+same build of `--against` (e.g. `git show REV:src/resnext/speed/kernels/grouped3x3_avx2.c >
+/tmp/old.c`), in alternating rounds. Both are first checked against `F.conv2d`. Reports each
+layer's median ms and GFLOP/s, the per-round ratio, and the sum over the network's 16 layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import bench_args
+from resnext.speed import grouped, grouped_kernel
+from resnext.speed.allocator import keep_freed_memory
+from resnext.speed.measure import interleaved
+from resnext.speed.provenance import write_results
+
+# (channels, input size, stride, layers of ResNeXt-50 32x4d with this shape)
+LAYERS = [
+    (128, 56, 1, 3),
+    (256, 56, 2, 1),
+    (256, 28, 1, 3),
+    (512, 28, 2, 1),
+    (512, 14, 1, 5),
+    (1024, 14, 2, 1),
+    (1024, 7, 1, 2),
+]
+GROUPS = 32
+
+
+def forward_with(build: grouped_kernel.Isa, x: torch.Tensor, packed: torch.Tensor, stride: int):  # type: ignore[no-untyped-def]
+    """An argument-free call of `build`'s kernel on x (the module's build swapped in for it)."""
+
+    def run() -> torch.Tensor:
+        ours = grouped_kernel.ISA
+        grouped_kernel.ISA = build
+        try:
+            return grouped_kernel.run_kernel(x, packed, None, GROUPS, stride)
+        finally:
+            grouped_kernel.ISA = ours
+
+    return run
+
+
+def main() -> int:
+    parser = bench_args.parser(__doc__, batch=16, rounds=15)
+    parser.add_argument("--against", type=Path, required=True, help="another source of this build")
+    args = parser.parse_args()
+    keep_freed_memory()
+    reason = grouped_kernel.unavailable_reason(torch.float32)
+    if reason is not None:
+        print(f"the grouped kernel cannot run here: {reason}")
+        return 1
+    if not args.against.is_file():
+        print(f"--against {args.against}: no such file (expected a grouped kernel source)")
+        return 1
+    ours = grouped_kernel.ISA
+    against = dataclasses.replace(ours, name="against", source=args.against.resolve())
+    torch.manual_seed(0)
+    rows = []
+    totals = {"ours": 0.0, "against": 0.0}
+    for channels, size, stride, count in LAYERS:
+        x = torch.randn(args.batch, channels, size, size).contiguous(
+            memory_format=torch.channels_last
+        )
+        w = torch.randn(channels, channels // GROUPS, 3, 3) * 0.1
+        packed = grouped_kernel.pack_weights(w, GROUPS)
+        ways = {"ours": forward_with(ours, x, packed, stride)}
+        ways["against"] = forward_with(against, x, packed, stride)
+        reference = F.conv2d(x, w, stride=stride, padding=1, groups=GROUPS)
+        for way, run in ways.items():
+            error = (run() - reference).abs().max().item()
+            if error > 1e-3:
+                print(f"{way}: {channels} channels at {size}² stride {stride} is off by {error}")
+                return 1
+        timings = interleaved(
+            {way: (run, args.batch) for way, run in ways.items()}, rounds=args.rounds, iters=1
+        )
+        ms = {way: [1e3 * s for s in t.seconds] for way, t in timings.items()}
+        median = {way: statistics.median(t) for way, t in ms.items()}
+        gflop = grouped.conv_flops(tuple(x.shape), w, stride) / 1e9
+        per_round = statistics.median(a / o for o, a in zip(ms["ours"], ms["against"], strict=True))
+        for way in totals:
+            totals[way] += count * median[way]
+        rows.append(
+            {
+                "channels": channels,
+                "size": size,
+                "stride": stride,
+                "layers": count,
+                "median_ms": median,
+                "gflops": {way: gflop / (m / 1e3) for way, m in median.items()},
+                "against_over_ours_per_round_median": per_round,
+            }
+        )
+        print(
+            f"{channels:5d} at {size:3d}² s{stride} (×{count}): ours {median['ours']:6.2f} ms "
+            f"({gflop / median['ours'] * 1e3:5.1f} GFLOP/s), against {median['against']:6.2f} ms, "
+            f"against ÷ ours per round {per_round:.3f}"
+        )
+    print(
+        f"ResNeXt-50's 16 grouped 3×3s, a batch: ours {totals['ours']:.1f} ms, "
+        f"against {totals['against']:.1f} ms ({totals['against'] / totals['ours']:.3f})"
+    )
+    config = {**vars(args), "against": str(args.against), "build": ours.name}
+    results = {"layers": rows, "network_ms": totals}
+    path = write_results(args.out, "bench-grouped-ab", config, results)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
