@@ -46,7 +46,11 @@ static inline __m256 swap_blocks(__m256 v) { return _mm256_permute2f128_ps(v, v,
           }                                                                                    \
           _Pragma("GCC unroll 2") for (int r = 0; r < R; ++r) {                                \
             _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) {                              \
-              const __m256 wv = _mm256_loadu_ps(wt + (r * 4 + j) * 8);                         \
+              /* the weight loaded once into a register for all P pixels: left alone,          \
+               * GCC folds it into each FMA, and P + 4P loads per 4P FMAs (not P + 4)          \
+               * made the loop load-bound on Zen 3: 4-10 % slower per layer */                 \
+              __m256 wv = _mm256_loadu_ps(wt + (r * 4 + j) * 8);                               \
+              __asm__("" : "+x"(wv));                                                          \
               _Pragma("GCC unroll 8") for (int p = 0; p < P; ++p) acc[p][j] =                  \
                   _mm256_fmadd_ps(r ? swap_blocks(v[p]) : v[p], wv, acc[p][j]);                \
             }                                                                                  \
@@ -66,11 +70,12 @@ static inline __m256 swap_blocks(__m256 v) { return _mm256_permute2f128_ps(v, v,
       const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
       const int iw0 = ow0 * s - 1;                                                             \
       const int cols_ok = iw0 >= 0 && iw0 + 2 + (P - 1) * s < W;                               \
-      /* the bottom input row is new to this output row: fetch the next pixels early */       \
+      /* the bottom s input rows are new to this output row: fetch their next pixels           \
+       * early (at stride 2 the middle row too: 4-5 % faster at 56x56, ad hoc) */              \
       const int ihb = oh * s + 1, iwn = iw0 + P * s;                                           \
-      if (ihb < H)                                                                             \
+      for (int ih = ihb - (s - 1); ih <= ihb && ih < H; ++ih)                                  \
         for (int q = 0; q < P * s && iwn + q < W; ++q) {                                       \
-          const char *pf = (const char *)(xn + ((long)ihb * W + iwn + q) * C);                 \
+          const char *pf = (const char *)(xn + ((long)ih * W + iwn + q) * C);                  \
           for (long c = 0; c < (long)C * (long)sizeof(float); c += 64)                         \
             _mm_prefetch(pf + c, _MM_HINT_T0);                                                 \
         }                                                                                      \
