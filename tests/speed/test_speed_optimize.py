@@ -189,6 +189,34 @@ def test_many_optimized_models_in_one_process_all_compile(monkeypatch: pytest.Mo
         assert counters["stats"]["unique_graphs"] == before + 1
 
 
+@pytest.mark.parametrize("new_shapes", ["compile", "eager"])
+def test_an_input_of_a_new_shape_compiles_or_runs_eager_as_asked(
+    new_shapes: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch._dynamo.utils import counters
+
+    model = resnext.create_model("resnext_tiny").eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, "fp32", example_input=x, grouped_kernel="off", new_shapes=new_shapes)
+    graph_calls: list[int] = []
+    to_graph = fast._compiled
+    monkeypatch.setattr(fast, "_compiled", lambda t: graph_calls.append(len(t)) or to_graph(t))
+    short = torch.randn(1, 3, 32, 32)  # e.g. a last short batch
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        got, expected = fast(short), model(short)
+        again = fast(x)
+        assert rel_err(again, model(x)) < 1e-4
+    assert rel_err(got, expected) < 1e-4
+    # 'eager' neither compiles for the short batch nor sends it to the graph; the built shape
+    # goes to its graph either way
+    assert counters["stats"]["unique_graphs"] == before + (new_shapes == "compile")
+    assert graph_calls == ([1, 2] if new_shapes == "compile" else [2])
+    with pytest.raises(ConfigError, match="new_shapes: expected one of"):
+        optimize(model, backend="none", new_shapes="never")
+
+
 def test_optimize_is_one_call_away_from_the_package() -> None:
     # The interface: `resnext.optimize(model, dtype=...)`, without importing resnext.speed.
     assert resnext.optimize is optimize

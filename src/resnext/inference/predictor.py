@@ -56,7 +56,8 @@ class Predictor:
 
     `optimize='fp32'` or `'bf16'` classifies with `resnext.optimize`'s fast path on the device
     (BN folded, channels-last; on CPU our kernels where faster; `compile=True` also compiles it
-    with inductor, worth it for many images); `features()` always uses the plain model.
+    with inductor for `batch_size`, worth it for many images; a shorter last batch runs on the
+    fast path without the graph); `features()` always uses the plain model.
     `timing_cache` is `optimize`'s: True keeps its per-layer timings in ~/.cache/resnext/timings,
     so that the next Predictor on this machine skips them.
     """
@@ -103,6 +104,8 @@ class Predictor:
                 example_input=example,
                 device=self.device,
                 timing_cache=timing_cache,
+                # a last short batch runs without the graph rather than compiling one for it
+                new_shapes="eager",
             )
 
     @property
