@@ -119,6 +119,35 @@ def test_eval_with_the_fast_path_scores_as_the_plain_model(
     assert reports["fp32"]["counts"] == reports["off"]["counts"]
 
 
+def test_eval_with_the_compiled_fast_path_scores_as_the_plain_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch._dynamo.utils import counters
+
+    from resnext.errors import ConfigError
+    from resnext.speed.fastpath import FrozenInductor
+
+    to_graph, graph_calls = FrozenInductor._compiled, []
+    monkeypatch.setattr(
+        FrozenInductor, "_compiled", lambda self, x: graph_calls.append(len(x)) or to_graph(self, x)
+    )
+
+    _image_folder(tmp_path)
+    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
+    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
+    argv += ["--batch-size", "4"]  # 9 images: the last batch of 1 runs without the graph
+    with pytest.raises(ConfigError, match="--compile: compiles the fast path, so it needs"):
+        eval_cmd.run(_parse([*argv, "--compile"]))
+    reports = {}
+    graphs = counters["stats"]["unique_graphs"]
+    for extra in ([], ["--optimize", "fp32", "--compile"]):
+        assert eval_cmd.run(_parse([*argv, *extra])) == 0
+        reports[bool(extra)] = json.loads(capsys.readouterr().out)
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, for batches of 4
+    assert graph_calls == [4, 4, 4]  # built on one, then the two full batches
+    assert reports[True]["counts"] == reports[False]["counts"]
+
+
 def test_eval_fast_path_refuses_the_dense_protocol(tmp_path: Path) -> None:
     from resnext.errors import ConfigError
 

@@ -155,18 +155,27 @@ def test_predict_cli_recurses_folders(weights_file, tmp_path: Path, capsys, extr
 
 
 @pytest.mark.parametrize("compile_", [False, True])
-def test_optimized_predictor_agrees_with_hand_pipeline(weights_file, compile_: bool) -> None:
+def test_optimized_predictor_agrees_with_hand_pipeline(
+    weights_file, compile_: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from torch._dynamo.utils import counters
 
+    from resnext.speed.fastpath import FrozenInductor
+
+    to_graph, graph_calls = FrozenInductor._compiled, []
+    monkeypatch.setattr(
+        FrozenInductor, "_compiled", lambda self, x: graph_calls.append(len(x)) or to_graph(self, x)
+    )
     path, model = weights_file
     arrays = _images(4)
     predictor = Predictor(weights=path, batch_size=3, optimize="fp32", compile=compile_)
     assert predictor.fast is not None
     graphs = counters["stats"]["unique_graphs"]
     preds = predictor(arrays, topk=3)
-    # the last batch of 1 runs without a graph of its own: compiling one takes ~10 s for a
-    # ResNeXt-50 on a small CPU
+    # the full batch runs on the graph built for it; the last batch of 1 without a graph of its
+    # own, which would take ~10 s to compile for a ResNeXt-50 on a small CPU
     assert counters["stats"]["unique_graphs"] == graphs
+    assert graph_calls == ([3, 3] if compile_ else [])
     for arr, pred in zip(arrays, preds, strict=True):
         scores, labels = torch.softmax(_hand_logits(model, arr), 0).topk(3)
         assert pred.topk_labels == labels.tolist()
@@ -176,5 +185,7 @@ def test_optimized_predictor_agrees_with_hand_pipeline(weights_file, compile_: b
 def test_optimize_option_is_checked(weights_file) -> None:
     with pytest.raises(ConfigError, match="optimize"):
         Predictor(weights=weights_file[0], optimize="fp16")
+    with pytest.raises(ConfigError, match="compile: compiles the fast path, so it needs"):
+        Predictor(weights=weights_file[0], compile=True)
     with pytest.raises(ConfigError, match="device: the fast path runs on 'cpu' or 'cuda'"):
         Predictor(weights=weights_file[0], optimize="fp32", device="meta")

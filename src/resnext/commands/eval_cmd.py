@@ -11,7 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from resnext.commands.options import add_no_timing_cache
+from resnext.commands.options import add_compile, add_no_timing_cache
+from resnext.errors import ConfigError
 from resnext.evaluate import (
     PROTOCOLS,
     DistContext,
@@ -69,6 +70,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="off",
         help="score with the fast path (resnext.optimize) in this precision; crop protocols only",
     )
+    add_compile(parser)
     add_no_timing_cache(parser)
     parser.add_argument("--output", help="folder for report.json, per_class.csv, confusion.png")
     parser.add_argument("--json", action="store_true", help="print the JSON report on stdout")
@@ -96,11 +98,15 @@ def _fast_path(
     batch: int,
     device: str,
     timing_cache: bool,
+    compile: bool = False,
 ) -> torch.nn.Module | None:
-    """`resnext.optimize`'s eager module for a crop protocol's batches (None when off): our
-    kernels chosen by timing at the batch's shape (or by the timings kept from an earlier run,
-    `timing_cache`), no compiled graph (a last short batch would compile again)."""
+    """`resnext.optimize`'s module for a crop protocol's batches (None when off): our kernels
+    chosen by timing at the batch's shape (or by the timings kept from an earlier run,
+    `timing_cache`); with `compile` also inductor's graph for that shape, a last short batch
+    running without it."""
     if precision == "off":
+        if compile:
+            raise ConfigError("--compile: compiles the fast path, so it needs --optimize fp32|bf16")
         return None
     check_fast_path(protocol, "--optimize")  # before optimize's timing, not after it
     from resnext.speed.fastpath import optimize  # torch.compile's import is slow
@@ -110,10 +116,11 @@ def _fast_path(
     return optimize(
         model,
         precision,
-        backend="none",
+        backend="inductor" if compile else "none",
         example_input=example,
         device=device,
         timing_cache=timing_cache,
+        new_shapes="eager",
     )
 
 
@@ -140,6 +147,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         args.batch_size,
         args.device,
         timing_cache=not args.no_timing_cache,
+        compile=args.compile,
     )
     result = evaluate(
         loaded.model,

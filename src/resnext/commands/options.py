@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 
 
+def add_compile(parser: argparse.ArgumentParser) -> None:
+    """`--compile`, for the commands with an `--optimize` fast path (predict, eval)."""
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --optimize: also compile it (inductor) for --batch-size: seconds up front, "
+        "worth it over many images; a shorter last batch runs without the graph",
+    )
+
+
 def add_no_timing_cache(parser: argparse.ArgumentParser) -> None:
     """`--no-timing-cache`, for the commands whose `--optimize` times kernels (predict, eval)."""
     parser.add_argument(

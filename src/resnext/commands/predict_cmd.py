@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from resnext.commands.options import add_no_timing_cache
+from resnext.commands.options import add_compile, add_no_timing_cache
 from resnext.errors import DataError
 from resnext.inference import Predictor, expand_paths
 
@@ -31,9 +31,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="off",
         help="classify with the fast path (resnext.optimize) in this precision, on --device",
     )
-    parser.add_argument(
-        "--compile", action="store_true", help="with --optimize: also compile it (inductor)"
-    )
+    add_compile(parser)
     add_no_timing_cache(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.set_defaults(func=run)

@@ -78,6 +78,10 @@ class Predictor:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
         if optimize not in OPTIMIZE_CHOICES:
             raise ConfigError(f"optimize: expected one of {OPTIMIZE_CHOICES}, got {optimize!r}")
+        if compile and optimize == "off":
+            raise ConfigError(
+                "compile: compiles the fast path, so it needs optimize='fp32' or 'bf16'"
+            )
         self.device = torch.device(device)
         self.loaded = loaded or load_model(model, weights, device=self.device)
         self.loaded.model.to(self.device).eval()
