@@ -14,31 +14,23 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import bench_args
+from bench_grouped_train import GROUPS, LAYERS  # ResNeXt-50's grouped 3×3 shapes
 from resnext.speed import grouped, grouped_kernel
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
 from resnext.speed.provenance import write_results
 
-# (channels, input size, stride, layers of ResNeXt-50 32x4d with this shape)
-LAYERS = [
-    (128, 56, 1, 3),
-    (256, 56, 2, 1),
-    (256, 28, 1, 3),
-    (512, 28, 2, 1),
-    (512, 14, 1, 5),
-    (1024, 14, 2, 1),
-    (1024, 7, 1, 2),
-]
-GROUPS = 32
 
-
-def forward_with(build: grouped_kernel.Isa, x: torch.Tensor, packed: torch.Tensor, stride: int):  # type: ignore[no-untyped-def]
+def forward_with(
+    build: grouped_kernel.Isa, x: torch.Tensor, packed: torch.Tensor, stride: int
+) -> Callable[[], torch.Tensor]:
     """An argument-free call of `build`'s kernel on x (the module's build swapped in for it)."""
 
     def run() -> torch.Tensor:
