@@ -10,9 +10,8 @@ the times), and with the folder that call left (reading them). The ways:
 - `train`: the first training step of the float32 CPU fast path (channels-last, fused batch
   norm, grouped kernels, chosen 1×1 products; SGD), when `autotune` times every product's
   candidates, and the second step for comparison.
-It reports how many comparisons were read or timed. The inductor build is not cached by us;
-inductor's own FX graph cache keeps it where `fastpath.PREPACK` is off (CPUs without AVX-512),
-since it skips frozen graphs with oneDNN-packed weights.
+It reports how many comparisons were read or timed. The inductor build is not cached by us:
+inductor's own FX graph cache skips frozen graphs with oneDNN-packed weights.
 """
 
 from __future__ import annotations

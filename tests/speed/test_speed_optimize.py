@@ -217,44 +217,6 @@ def test_an_input_of_a_new_shape_compiles_or_runs_eager_as_asked(
         optimize(model, backend="none", new_shapes="never")
 
 
-_TWO_COMPILES = """
-import json, torch, resnext
-from torch._dynamo.utils import counters
-from resnext.speed.fastpath import optimize
-torch.manual_seed(0)
-model = resnext.create_model("resnext_tiny").eval()
-x = torch.randn(2, 3, 32, 32)
-onednn = dict(grouped_kernel="off", pointwise_fma="off", conv_x3="off", fuse_stem="off")
-errors = []
-for _ in range(2):
-    fast = optimize(model, "fp32", example_input=x, **onednn)
-    with torch.no_grad():
-        errors.append(float((fast(x) - model(x)).abs().max() / model(x).abs().max()))
-cache = {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
-print(json.dumps({"errors": errors, "cache": cache}))
-"""
-
-
-def test_a_graph_compiled_before_comes_from_inductors_cache_where_weights_are_not_prepacked() -> (
-    None
-):
-    import json
-    import subprocess
-    import sys
-
-    # a fresh process: inductor decides on pre-packing once per process, at its first frozen graph
-    run = subprocess.run(
-        [sys.executable, "-c", _TWO_COMPILES], capture_output=True, text=True, check=True
-    )
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
-    assert max(seen["errors"]) < 1e-4
-    cache = seen["cache"]
-    if optimize_module.PREPACK:  # packed oneDNN weights cannot be pickled, so never cached
-        assert cache.get("fxgraph_cache_bypass") == 2 and "fxgraph_cache_hit" not in cache
-    else:  # the second compile finds the first's graph (or both an earlier run's)
-        assert cache.get("fxgraph_cache_hit", 0) >= 1 and "fxgraph_cache_bypass" not in cache
-
-
 def test_optimize_is_one_call_away_from_the_package() -> None:
     # The issue's interface: `resnext.optimize(model, dtype=...)`, without importing resnext.speed.
     assert resnext.optimize is optimize

@@ -15,7 +15,7 @@ from torch import nn
 from resnext.errors import ConfigError
 from resnext.speed import stem_fusion
 from resnext.speed.block_fusion import fuse_blocks
-from resnext.speed.capability import bf16_supported, cpu_flags
+from resnext.speed.capability import bf16_supported
 from resnext.speed.conv_x3_swap import swap_convs_fma, swap_convs_x3
 from resnext.speed.fold import fold_batchnorm
 from resnext.speed.grouped_swap import MODES, swap_grouped_convs
@@ -26,14 +26,6 @@ from resnext.speed.timing_cache import TimingCache
 BACKENDS = ("inductor", "jit", "none")
 NEW_SHAPES = ("compile", "eager")
 RECOMPILE_LIMIT = 256
-# Whether the frozen graphs keep oneDNN's convolution weights pre-packed (inductor's
-# cpp.weight_prepack): on CPUs with AVX-512, as inductor does by default, not on AVX2-only ones.
-# There our kernels take most layers and the graph ran as fast without it (ResNeXt-50, batch 1
-# and 16, 0.991-0.994x a batch, Zen 3), and only without it does inductor's FX graph cache keep
-# the compiled graph between processes (packed tensors cannot be pickled): a later `optimize`
-# of the same weights then compiles in ~8 s instead of ~14. One value per process, because
-# inductor registers its pre-packing passes once, at the first frozen compile.
-PREPACK = "avx512f" in cpu_flags()
 
 
 class CastInput(nn.Module):
@@ -69,8 +61,7 @@ class FrozenInductor(nn.Module):
     """A torch.compile'd module whose calls (and so its compilations) run with inductor freezing.
 
     Freezing turns the parameters into constants, so inductor can pre-pack the convolution
-    weights for oneDNN (where `PREPACK`); the flags are patched around each call instead of set
-    process-wide.
+    weights for oneDNN; the flag is patched around each call instead of set process-wide.
     `new_shapes` says what an input unlike every one compiled so far does once `build` is over:
     'compile' (torch.compile's way: a new graph, seconds to tens of seconds on a small CPU) or
     'eager' (it runs on `module`, the same function without the compiled graph).
@@ -112,9 +103,7 @@ class FrozenInductor(nn.Module):
         # after a few optimized models in one process.
         with (
             torch.no_grad(),
-            inductor_config.patch(
-                {"freezing": True, "cpp_wrapper": self.cpp_wrapper, "cpp.weight_prepack": PREPACK}
-            ),
+            inductor_config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper),
             torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
         ):
             return self.compiled(x)
