@@ -146,6 +146,7 @@ def test_eval_with_the_compiled_fast_path_scores_as_the_plain_model(
     assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, for batches of 4
     assert graph_calls == [4, 4, 4]  # built on one, then the two full batches
     assert reports[True]["counts"] == reports[False]["counts"]
+    assert reports[True]["fast_path_compiled"] and not reports[False]["fast_path_compiled"]
 
 
 def test_eval_fast_path_refuses_the_dense_protocol(tmp_path: Path) -> None:

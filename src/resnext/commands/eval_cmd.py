@@ -173,6 +173,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         dataset=description,
         subset=indices,
         fast_path=args.optimize,
+        fast_path_compiled=args.compile,
     )
     if args.output:
         names = loaded.class_names

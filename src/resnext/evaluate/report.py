@@ -26,6 +26,7 @@ def build_report(
     dataset: dict[str, Any],
     subset: Sequence[int] | None = None,
     fast_path: str = "off",
+    fast_path_compiled: bool = False,
 ) -> dict[str, Any]:
     """The JSON-ready report: what was evaluated, how, on what, and the accuracies as fractions."""
     c = result.counter
@@ -35,6 +36,7 @@ def build_report(
         "weights": weights,
         "protocol": result.protocol.to_dict(),
         "fast_path": fast_path,  # `resnext.optimize` precision, or "off" (the plain model)
+        "fast_path_compiled": fast_path_compiled,  # with inductor's graph (`--compile`)
         "preprocessing": preprocessing,
         "dataset": dataset,
         "restricted_classes": list(subset) if subset is not None else None,
