@@ -406,3 +406,46 @@ def test_evicting_writes_a_buffer_larger_than_a_last_level_cache_freed_after() -
         raise KeyError("a timing failed")
     with pytest.raises(IndexError):  # ...however it ended
         evict()
+
+
+def test_layer_input_shapes_come_from_one_and_two_image_forwards() -> None:
+    model = resnext.create_model("resnext_tiny").eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    batches: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    x = torch.randn(5, 3, 32, 32)
+    shapes = grouped_swap.input_shapes(model, names, x)
+    assert batches == [1, 2]  # the shape probes, not the 5-image forward
+    # what hooks on a forward of all 5 images see
+    seen: dict[str, tuple] = {}
+    for name in names:
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, name=name: seen.__setitem__(name, tuple(args[0].shape))
+        )
+    with torch.no_grad():
+        model(x)
+    assert shapes == seen and len(seen) == len(names)
+
+
+class _ImagesAsChannels(nn.Module):
+    """Stacks the batch's images along channels: what `seen` gets depends on the batch."""
+
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        self.seen = nn.LazyConv2d(4, 3, padding=1) if conv else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seen(x.reshape(1, -1, *x.shape[2:]))
+
+
+@pytest.mark.parametrize("conv", [False, True])  # the probes run but differ / the probes fail
+def test_a_model_that_mixes_images_is_measured_on_the_whole_batch(conv: bool) -> None:
+    model = _ImagesAsChannels(conv)
+    batches: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    x = torch.randn(3, 2, 8, 8)
+    with torch.no_grad():
+        model(x)  # the lazy conv takes 3 images × 2 channels
+    batches.clear()
+    assert grouped_swap.input_shapes(model, ["seen"], x) == {"seen": (1, 6, 8, 8)}
+    assert batches[-1] == 3

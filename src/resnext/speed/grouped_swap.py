@@ -216,7 +216,37 @@ def cache_evictor() -> Iterator[Callable[[], None]]:
 
 
 def input_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
-    """The input shape each named submodule sees when `model` runs on `example`."""
+    """The input shape each named submodule sees when `model` runs on `example`.
+
+    Found from forwards of the example's first image and first two where they show every such
+    input with the batch first and the rest unchanged (a 16-image forward of ResNeXt-50 took
+    ~1.2 s on the 2-core AVX2 machine, once per kernel pass); otherwise (a model that mixes
+    images, or fails on fewer) from a forward of `example` itself.
+    """
+    if example.shape[0] > 2:
+        shapes = _probed_shapes(model, names, example)
+        if shapes is not None:
+            return shapes
+    return _seen_shapes(model, names, example)
+
+
+def _probed_shapes(
+    model: nn.Module, names: list[str], example: torch.Tensor
+) -> dict[str, tuple] | None:
+    """`input_shapes` from one- and two-image forwards, or None where they do not tell it."""
+    try:
+        one = _seen_shapes(model, names, example[:1])
+        two = _seen_shapes(model, names, example[:2])
+    except Exception:  # a model built for its batch may refuse fewer images
+        return None
+    if one.keys() != two.keys() or any(
+        one[k][:1] != (1,) or two[k][:1] != (2,) or one[k][1:] != two[k][1:] for k in one
+    ):
+        return None
+    return {k: (example.shape[0], *shape[1:]) for k, shape in one.items()}
+
+
+def _seen_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
     shapes: dict[str, tuple] = {}
     hooks = []
     for name in names:
