@@ -75,8 +75,7 @@ class FrozenInductor(nn.Module):
         new_shapes: str = "compile",
     ) -> None:
         super().__init__()
-        if new_shapes not in NEW_SHAPES:
-            raise ConfigError(f"new_shapes: expected one of {NEW_SHAPES}, got {new_shapes!r}")
+        check_new_shapes(new_shapes)
         self.module = module
         self.cpp_wrapper = cpp_wrapper
         self.new_shapes = new_shapes
@@ -107,6 +106,12 @@ class FrozenInductor(nn.Module):
             torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
         ):
             return self.compiled(x)
+
+
+def check_new_shapes(new_shapes: str) -> None:
+    """A ConfigError naming `new_shapes` unless it is one of NEW_SHAPES."""
+    if new_shapes not in NEW_SHAPES:
+        raise ConfigError(f"new_shapes: expected one of {NEW_SHAPES}, got {new_shapes!r}")
 
 
 def input_key(x: torch.Tensor) -> tuple[object, ...]:
@@ -273,8 +278,7 @@ def optimize(
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if new_shapes not in NEW_SHAPES:
-        raise ConfigError(f"new_shapes: expected one of {NEW_SHAPES}, got {new_shapes!r}")
+    check_new_shapes(new_shapes)  # before the layer timing, not after it
     kernels = {
         "grouped_kernel": grouped_kernel,
         "fuse_pointwise": fuse_pointwise,
