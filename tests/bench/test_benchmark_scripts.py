@@ -79,3 +79,13 @@ def test_the_grouped_kernel_ab_times_every_layer_of_resnext50_both_ways(
     # ResNeXt-50 32x4d has 16 grouped 3x3s (3, 4, 6, 3 blocks), in 7 distinct shapes
     assert sum(row["layers"] for row in layers) == 16 and len(layers) == 7
     assert all(set(row["median_ms"]) == {"ours", "against"} for row in layers)
+
+
+@pytest.mark.parametrize("calls", ["x", "0", "3,-1"])
+def test_the_predictor_batch_benchmark_refuses_bad_call_sizes(
+    calls: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    argv = ["--calls", calls, "--out", str(tmp_path)]
+    assert _run_script("bench_predict_batches.py", argv, monkeypatch) == 1
+    assert f"--calls {calls!r}: expected" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # nothing written
