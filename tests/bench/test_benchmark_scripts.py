@@ -89,3 +89,55 @@ def test_the_predictor_batch_benchmark_refuses_bad_call_sizes(
     assert _run_script("bench_predict_batches.py", argv, monkeypatch) == 1
     assert f"--calls {calls!r}: expected" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def _kernel_source(kernel: str) -> Path:
+    """This CPU's source of `kernel`, or a skip where it cannot run here."""
+    from resnext.speed import grouped_kernel, pointwise_fma
+
+    if kernel == "pointwise_fma":
+        reason, source = pointwise_fma.unavailable_reason(), pointwise_fma.SOURCE
+    else:
+        reason, source = grouped_kernel.unavailable_reason(), grouped_kernel.ISA.source
+    if reason is not None:
+        pytest.skip(f"{kernel} kernel unavailable: {reason}")
+    return source
+
+
+def test_the_network_ab_refuses_a_missing_source(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    missing = tmp_path / "old.c"
+    argv = ["--kernel", "grouped", "--against", str(missing), "--out", str(tmp_path)]
+    assert _run_script("bench_network_ab.py", argv, monkeypatch) == 1
+    assert f"--against {missing}: no such file" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("kernel", "step"), [("pointwise_fma", "infer"), ("grouped", "infer"), ("grouped", "train")]
+)
+def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_otherwise(
+    kernel: str, step: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path
+) -> None:
+    import json
+
+    source = _kernel_source(kernel)
+    text = source.read_text()
+    wrong = tmp_path / "wrong.c"  # every FMA subtracting instead: a kernel computing otherwise
+    wrong.write_text(text.replace("fmadd_ps(", "fnmadd_ps("))
+    assert wrong.read_text() != text
+    same = tmp_path / "same.c"
+    same.write_text(text)
+    out = tmp_path / "out"
+    argv = ["--kernel", kernel, "--models", "resnext29_4x16d", "--batch", "2", "--rounds", "1"]
+    argv += ["--step", step, "--backend", "none", "--out", str(out)]
+    assert _run_script("bench_network_ab.py", [*argv, "--against", str(wrong)], monkeypatch) == 1
+    refused = capsys.readouterr().out
+    assert "against: " in refused and ("output off" in refused or "step differs" in refused)
+    assert not out.exists()  # nothing written
+    assert _run_script("bench_network_ab.py", [*argv, "--against", str(same)], monkeypatch) == 0
+    (path,) = out.glob("bench-network-ab-*.json")
+    row = json.loads(path.read_text())["results"]["resnext29_4x16d"]
+    assert set(row["median_ms"]) == {"ours", "against"}
+    assert len(row["ms"]["ours"]) == len(row["ms"]["against"]) == 1

@@ -31,10 +31,11 @@ def build(out_dir: Path | None = None) -> Path:
     return native.build(SOURCE, FLAGS, out_dir=out_dir)
 
 
-def load(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+def load(defines: tuple[str, ...] = (), source: Path = SOURCE) -> ctypes.CDLL:
     """The kernel built (with extra `-D` compiler defines: other blocking constants, for
-    `benchmarks/bench_pointwise_fma.py`) and loaded, its function's C signature declared."""
-    lib = native.load(SOURCE, (*FLAGS, *defines), cpu_needs=REQUIRED_FLAGS)
+    `benchmarks/bench_pointwise_fma.py`; or from another revision's `source`, for
+    `benchmarks/bench_network_ab.py`) and loaded, its function's C signature declared."""
+    lib = native.load(source, (*FLAGS, *defines), cpu_needs=REQUIRED_FLAGS)
     lib.pointwise_fma.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8
     lib.pointwise_fma.restype = ctypes.c_int
     return lib

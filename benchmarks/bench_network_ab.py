@@ -1,0 +1,239 @@
+"""A whole network run with one of our CPU kernels built from this checkout and from another source.
+
+Usage: .venv/bin/python benchmarks/bench_network_ab.py --kernel pointwise_fma|grouped
+       --against OLD.c [--models resnext50_32x4d] [--batch 16] [--rounds 11]
+       [--step infer|train] [--backend inductor|none]
+
+The kernel-level A/Bs (`bench_grouped_ab.py`, `bench_pointwise_fma.py --blockings`) time each
+layer on its own, its input left in cache by the call before; a change that wins there can still
+be lost in the network (stop 33: prefetches that took 5–8 % off ResNeXt-50's 1×1s timed alone
+changed neither its inference nor its training step). This times what a user gets:
+- `--step infer`: `optimize` builds the model once per source, that source's build in place
+  while it times and compiles, with the kernel forced on (every layer it takes, so that both run
+  it at the same layers rather than at per-layer picks that differ by noise; our other kernels
+  off, for the same reason); the two then run
+  the batch in alternating rounds (3 calls a round), each with its own build swapped in;
+- `--step train`: one fast-path training step (`cl-fp32-fused-grouped-gemm`, as `resnext bench
+  train`), the two builds taking turns step by step on the same model, our kernel pinned wherever
+  the step offers it (and torch's convolutions elsewhere) rather than picked by timing.
+`--kernel pointwise_fma` swaps `kernels/pointwise_fma.c` (the float32 1×1s), `--kernel grouped`
+this CPU's grouped 3×3 forward source (`kernels/grouped3x3_avx2.c` on AVX2; in training also the
+stride-1 input gradient). Outputs are checked to agree first. Reports each build's median, the
+per-round ratio (against ÷ ours, time) and the rounds each won.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+import bench_args
+import resnext
+from resnext.speed import autotune, grouped_kernel, pointwise_fma
+from resnext.speed.allocator import keep_freed_memory
+from resnext.speed.fastpath import default_example, optimize
+from resnext.speed.provenance import write_results
+from resnext.speed.train_bench import make_step
+
+KERNELS = ("pointwise_fma", "grouped")
+TRAIN_VARIANT = "cl-fp32-fused-grouped-gemm"
+# training: the candidates pinned (autotune's names), so that both builds run the kernel wherever
+# it is offered and the rest as torch does, whatever a timing would pick
+PINNED = {"pointwise_fma": ("ours-fma",), "grouped": ("ours",)}
+OPTIMIZE_KERNELS = (
+    "grouped_kernel",
+    "fuse_pointwise",
+    "fuse_block",
+    "conv_x3",
+    "fuse_stem",
+    "pointwise_fma",
+)
+
+Swap = Callable[[str], contextlib.AbstractContextManager[None]]
+
+
+def swapper(kernel: str, against: Path) -> Swap:
+    """`use(build)`: a context in which `kernel` runs this checkout's build ('ours') or
+    `against`'s ('against'), both built before the first use."""
+    if kernel == "pointwise_fma":
+        libs = {"ours": pointwise_fma.load(), "against": pointwise_fma.load(source=against)}
+
+        @contextlib.contextmanager
+        def use_pointwise(build: str) -> Iterator[None]:
+            before = pointwise_fma._library
+            pointwise_fma._library = lambda: libs[build]
+            try:
+                yield
+            finally:
+                pointwise_fma._library = before
+
+        return use_pointwise
+    isas = {"ours": grouped_kernel.ISA}
+    # the same name: the weight gradient and batch-norm builds are looked up by it
+    isas["against"] = dataclasses.replace(grouped_kernel.ISA, source=against)
+    for isa in isas.values():
+        grouped_kernel._library_for(isa)
+
+    @contextlib.contextmanager
+    def use_grouped(build: str) -> Iterator[None]:
+        before = grouped_kernel.ISA
+        grouped_kernel.ISA = isas[build]
+        try:
+            yield
+        finally:
+            grouped_kernel.ISA = before
+
+    return use_grouped
+
+
+def unavailable(kernel: str) -> str | None:
+    """Why `kernel` cannot run on this CPU, or None."""
+    if kernel == "pointwise_fma":
+        return pointwise_fma.unavailable_reason()
+    return grouped_kernel.unavailable_reason(torch.float32)
+
+
+def inference_calls(
+    model: torch.nn.Module, x: torch.Tensor, kernel: str, backend: str, use: Swap
+) -> dict[str, Callable[[], object]]:
+    """Each build's `optimize`d model on x, checked to agree with the plain model."""
+    # the other kernels off: their per-layer picks would differ between the builds by noise
+    forced = dict.fromkeys(OPTIMIZE_KERNELS, "off")
+    forced["grouped_kernel" if kernel == "grouped" else "pointwise_fma"] = "on"
+    with torch.no_grad():
+        reference = model(x)
+    calls = {}
+    for build in ("ours", "against"):
+        with use(build):
+            fast = optimize(model, "fp32", backend=backend, example_input=x, **forced)
+            with torch.no_grad():
+                error = ((fast(x) - reference).abs().max() / reference.abs().max()).item()
+        if error > 1e-4:
+            raise RuntimeError(f"{build}: output off the plain model's by {error:.2e} relative")
+
+        def call(fast: torch.nn.Module = fast, build: str = build) -> object:
+            with use(build), torch.no_grad():
+                return fast(x)
+
+        calls[build] = call
+    return calls
+
+
+def check_training_agrees(
+    model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, kernel: str, use: Swap
+) -> None:
+    """A RuntimeError unless a step from the same weights gives both builds the same loss and
+    the same update (relative to the largest one) to 1e-3."""
+    before = [p.detach().clone() for p in model.parameters()]
+    after: dict[str, tuple[float, list[torch.Tensor]]] = {}
+    for build in ("ours", "against"):
+        twin = copy.deepcopy(model)
+        step = make_step(twin, TRAIN_VARIANT, x, labels)
+        with use(build), autotune.CHOOSER.prefer(*PINNED[kernel]):
+            loss = step()
+        after[build] = (
+            loss,
+            [p.detach() - b for p, b in zip(twin.parameters(), before, strict=True)],
+        )
+    (loss, ours), (other_loss, against) = after["ours"], after["against"]
+    largest = max(d.abs().max().item() for d in ours)
+    off = max((d - e).abs().max().item() for d, e in zip(ours, against, strict=True))
+    if abs(loss - other_loss) > 1e-3 * abs(loss) or off > 1e-3 * largest:
+        raise RuntimeError(
+            f"against: a training step differs from ours (loss {other_loss:.6f} against "
+            f"{loss:.6f}, update off by {off:.2e} of at most {largest:.2e})"
+        )
+
+
+def training_calls(
+    model: torch.nn.Module, x: torch.Tensor, kernel: str, use: Swap
+) -> dict[str, Callable[[], object]]:
+    """One fast-path SGD step on the same model with each build in place, both first checked
+    to compute the same step."""
+    labels = torch.randint(0, model.num_classes, (x.shape[0],))
+    check_training_agrees(model, x, labels, kernel, use)
+    step = make_step(model, TRAIN_VARIANT, x, labels)
+
+    def call_with(build: str) -> Callable[[], object]:
+        def call() -> object:
+            with use(build), autotune.CHOOSER.prefer(*PINNED[kernel]):
+                return step()
+
+        return call
+
+    return {build: call_with(build) for build in ("ours", "against")}
+
+
+def alternate(calls: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict:
+    """Seconds per call of each build, the builds taking turns (and turns about who goes first)."""
+    seconds: dict[str, list[float]] = {build: [] for build in calls}
+    order = list(calls)
+    for build in order:  # untimed: first calls build buffers and warm the caches
+        calls[build]()
+    for r in range(rounds):
+        for build in order if r % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            for _ in range(per_round):
+                calls[build]()
+            seconds[build].append((time.perf_counter() - start) / per_round)
+    return seconds
+
+
+def main() -> int:
+    parser = bench_args.parser(__doc__, models="resnext50_32x4d", batch=16, rounds=11)
+    parser.add_argument("--kernel", choices=KERNELS, required=True)
+    parser.add_argument("--against", type=Path, required=True, help="another source of the kernel")
+    parser.add_argument("--step", choices=("infer", "train"), default="infer")
+    parser.add_argument("--backend", choices=("inductor", "none"), default="inductor")
+    args = parser.parse_args()
+    if not args.against.is_file():
+        print(f"--against {args.against}: no such file (expected a {args.kernel} kernel source)")
+        return 1
+    reason = unavailable(args.kernel)
+    if reason is not None:
+        print(f"the {args.kernel} kernel cannot run here: {reason}")
+        return 1
+    keep_freed_memory()
+    use = swapper(args.kernel, args.against.resolve())
+    results = {}
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = resnext.create_model(name)
+        x = default_example(model, args.batch)  # 224², or 32² for a CIFAR model
+        try:
+            if args.step == "infer":
+                calls = inference_calls(model.eval(), x, args.kernel, args.backend, use)
+            else:
+                calls = training_calls(model, x, args.kernel, use)
+        except RuntimeError as exc:  # the two builds do not compute the same function
+            print(f"{name}: {exc}")
+            return 1
+        seconds = alternate(calls, args.rounds, 3 if args.step == "infer" else 1)
+        ratios = [a / o for o, a in zip(seconds["ours"], seconds["against"], strict=True)]
+        median_ms = {build: 1e3 * statistics.median(s) for build, s in seconds.items()}
+        results[name] = {
+            "median_ms": median_ms,
+            "ms": {build: [1e3 * t for t in s] for build, s in seconds.items()},
+            "against_over_ours_per_round_median": statistics.median(ratios),
+            "ours_faster_rounds": sum(r > 1 for r in ratios),
+        }
+        print(
+            f"{name} {args.step} (batch {args.batch}): ours {median_ms['ours']:.1f} ms, against "
+            f"{median_ms['against']:.1f} ms; against ÷ ours per round {statistics.median(ratios):.3f}"
+            f", ours faster in {results[name]['ours_faster_rounds']} of {args.rounds}"
+        )
+    config = {**vars(args), "against": str(args.against)}
+    path = write_results(args.out, "bench-network-ab", config, results)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
