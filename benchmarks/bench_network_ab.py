@@ -5,21 +5,22 @@ Usage: .venv/bin/python benchmarks/bench_network_ab.py --kernel pointwise_fma|gr
        [--step infer|train] [--backend inductor|none]
 
 The kernel-level A/Bs (`bench_grouped_ab.py`, `bench_pointwise_fma.py --blockings`) time each
-layer on its own, its input left in cache by the call before; a change that wins there can still
-be lost in the network (stop 33: prefetches that took 5–8 % off ResNeXt-50's 1×1s timed alone
-changed neither its inference nor its training step). This times what a user gets:
+layer on its own, its input left in cache by the call before; a change that wins there can be
+lost in the network (stop 33: prefetches that took 5–9 % off ResNeXt-50's 1×1s timed alone gained
+0–3 % in the network, within its noise). This times what a user gets:
 - `--step infer`: `optimize` builds the model once per source, that source's build in place
   while it times and compiles, with the kernel forced on (every layer it takes, so that both run
-  it at the same layers rather than at per-layer picks that differ by noise; our other kernels
-  off, for the same reason); the two then run
-  the batch in alternating rounds (3 calls a round), each with its own build swapped in;
+  it at the same layers rather than at per-layer picks that differ by noise) and our other
+  kernels off (likewise); the two then run the batch in alternating rounds (3 calls a round),
+  each with its own build swapped in;
 - `--step train`: one fast-path training step (`cl-fp32-fused-grouped-gemm`, as `resnext bench
   train`), the two builds taking turns step by step on the same model, our kernel pinned wherever
   the step offers it (and torch's convolutions elsewhere) rather than picked by timing.
 `--kernel pointwise_fma` swaps `kernels/pointwise_fma.c` (the float32 1×1s), `--kernel grouped`
 this CPU's grouped 3×3 forward source (`kernels/grouped3x3_avx2.c` on AVX2; in training also the
-stride-1 input gradient). Outputs are checked to agree first. Reports each build's median, the
-per-round ratio (against ÷ ours, time) and the rounds each won.
+stride-1 input gradient). First both builds are checked to compute the same function (inference
+outputs, or one training step's loss and update from the same weights). Reports each build's
+median, the per-round ratio (against ÷ ours, time) and the rounds each won.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 import bench_args
 import resnext
+from resnext.native import NativeUnavailable
 from resnext.speed import autotune, grouped_kernel, pointwise_fma
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fastpath import default_example, optimize
@@ -201,7 +203,11 @@ def main() -> int:
         print(f"the {args.kernel} kernel cannot run here: {reason}")
         return 1
     keep_freed_memory()
-    use = swapper(args.kernel, args.against.resolve())
+    try:
+        use = swapper(args.kernel, args.against.resolve())
+    except NativeUnavailable as exc:  # e.g. a source that does not compile
+        print(f"--against {args.against}: {exc}")
+        return 1
     results = {}
     for name in args.models.split(","):
         torch.manual_seed(0)

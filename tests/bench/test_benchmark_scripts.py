@@ -141,3 +141,15 @@ def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_othe
     row = json.loads(path.read_text())["results"]["resnext29_4x16d"]
     assert set(row["median_ms"]) == {"ours", "against"}
     assert len(row["ms"]["ours"]) == len(row["ms"]["against"]) == 1
+
+
+def test_the_network_ab_refuses_a_source_that_does_not_compile(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    _kernel_source("pointwise_fma")
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    argv = ["--kernel", "pointwise_fma", "--against", str(broken), "--out", str(tmp_path / "o")]
+    assert _run_script("bench_network_ab.py", argv, monkeypatch) == 1
+    assert f"--against {broken}: compiling broken.c failed" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
