@@ -9,25 +9,30 @@
  * in 15 of the 16 registers; each input channel costs 12 FMAs, 2 vector loads and 6 broadcasts.
  *
  * Blocking, chosen by timing on an AMD Zen 3 (2 cores, 32 KB L1, 512 KB L2): the input channels
- * are taken 256 at a time, so that a panel's slice (16 KB) stays in L1 while 4 tiles (24 pixels)
- * pass over it, and 8 panels' slices (128 KB) stay in L2 while those 24 pixels' rows are read
- * once per panel. Partial sums go to the output between slices; the first slice starts from the
- * bias (and the residual, which is why the output may be the residual itself: each tile reads
- * its residual before it writes there), the last applies the ReLU.
+ * are taken 256 at a time, so that a panel's slice (16 KB) stays in L1 while 16 tiles (96
+ * pixels) pass over it, and 8 panels' slices (128 KB) stay in L2 beside those 96 pixels' rows
+ * (96 KB), read once per panel. 16 tiles rather than the 4 of stops 28–32: a layer's weights
+ * are read once per block of pixels, from memory at batch 1, so fewer blocks mean fewer passes
+ * over them (ResNeXt-50 at batch 1: 1.0–2.5 % off the network's latency per round; batch 16
+ * level; `benchmarks/RESULTS.md`, stop 33). Partial sums go to the output between slices; the
+ * first slice starts from the bias (and the residual, which is why the output may be the
+ * residual itself: each tile reads its residual before it writes there), the last applies the
+ * ReLU.
  *
  * The first tile over each weight slice prefetches the next slice into L2, one cache line per
  * input channel: measured 10–25 % off a batch-1 layer whose weights start in memory, nothing
  * at batch 16.
  *
  * Two more software prefetches, because at batch 16 the activations of the first stages
- * (13–51 MB) come from memory, where the hardware's stream detection loses track of the 24
- * pixel rows and 24 residual rows a block reads at once (measured on that Zen 3, ResNeXt-50's
- * 36 1×1s a batch: 5–8 % less time, up to 1.3× on a 56² or 28² layer with a residual):
+ * (13–51 MB) come from memory, where the hardware's stream detection loses track of the many
+ * pixel rows and residual rows a block reads at once (measured on that Zen 3 with 4 tiles a
+ * block, ResNeXt-50's 36 1×1s a batch: 5–8 % less time, up to 1.3× on a 56² or 28² layer
+ * with a residual; 0–3 % in the whole network):
  *  - over a block's tiles, a few lines per tile of the next block's input rows go to L2 (with
- *    at most 512 input channels: wider rows brought no gain, and their 48 KB and more would
- *    compete with the block's weights there);
- *  - each tile that reads the residual first fetches the residual lines of the tile 4 tiles on
- *    (the same pixels in the next panel, or the next block's in the first), ~1 µs ahead.
+ *    at most 512 input channels: wider rows brought no gain, and would compete with the
+ *    block's weights there);
+ *  - each tile that reads the residual first fetches the residual lines of the tile one panel
+ *    on (the same pixels in the next panel, or the next block's in the first).
  *
  * A stride s > 1 reads every s-th pixel of every s-th row (a projection shortcut): each tile
  * computes its 6 pixels' addresses, so strided rows cost nothing extra.
@@ -40,7 +45,7 @@ enum { TILE_ROWS = 6, PANEL = 16, PREFETCH_MAX_CIN = 512 };
 #define K_SLICE 256
 #endif
 #ifndef TILES_PER_BLOCK
-#define TILES_PER_BLOCK 4
+#define TILES_PER_BLOCK 16
 #endif
 #ifndef PANELS_PER_BLOCK
 #define PANELS_PER_BLOCK 8
@@ -134,7 +139,8 @@ int pointwise_fma(const float *x, const float *packed, const float *bias, const 
     long ahead_lines = 0, ahead_done = 0, ahead_per_tile = 0;
     if (r1 < pixels && cin <= PREFETCH_MAX_CIN) {
       const long count = pixels - r1 < block_rows ? pixels - r1 : block_rows;
-      for (long r = r1; r < r1 + count; r++) next_rows[r - r1] = pixel_row(x, r, h, w, ho, wo, cin, stride);
+      for (long r = r1; r < r1 + count; r++)
+        next_rows[r - r1] = pixel_row(x, r, h, w, ho, wo, cin, stride);
       const long tiles = (cin + K_SLICE - 1) / K_SLICE * (j1 - j0) * TILES_PER_BLOCK;
       ahead_lines = count * row_lines;
       ahead_per_tile = (ahead_lines + tiles - 1) / tiles;
@@ -158,7 +164,7 @@ int pointwise_fma(const float *x, const float *packed, const float *bias, const 
             _mm_prefetch((const char *)next_rows[ahead_done / row_lines] +
                              ahead_done % row_lines * 64,
                          _MM_HINT_T1);
-          if (k0 == 0 && residual) { /* the residual lines of the tile 4 tiles on */
+          if (k0 == 0 && residual) { /* the residual lines of the tile one panel on */
             const long nr = p + 1 < j1 ? r : r + block_rows;
             const float *nres = residual + nr * cout + (p + 1 < j1 ? p + 1 : j0) * PANEL;
             for (long q = nr; q < nr + TILE_ROWS && q < pixels; q++, nres += cout)
