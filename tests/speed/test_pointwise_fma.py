@@ -35,11 +35,13 @@ def _bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor | 
 CASES = [
     # n, cin, cout, h, w, stride, relu, residual, in_place
     (1, 3, 16, 1, 1, 1, False, False, False),  # one pixel: a tile of 1 row
-    (2, 7, 48, 5, 9, 1, True, False, False),  # 90 pixels: a short last block and tile
+    (2, 7, 48, 5, 9, 1, True, False, False),  # 90 pixels: one short block of 96
     (2, 300, 32, 13, 11, 2, False, True, False),  # 2 input slices, the last short; stride 2
     (3, 520, 272, 7, 7, 1, True, True, True),  # 3 slices; 17 panels: a short panel block
+    # 2 × 13 × 11 pixels at stride 2: blocks of 96, the last short, with a short tile
+    (2, 64, 32, 25, 21, 2, True, True, False),
     (1, 64, 256, 9, 10, 3, True, False, False),  # stride 3, odd sizes
-    (2, 256, 128, 12, 12, 1, False, True, True),  # exactly one slice, whole blocks of 24
+    (2, 256, 128, 12, 12, 1, False, True, True),  # exactly one slice, 3 whole blocks of 96
 ]
 
 
