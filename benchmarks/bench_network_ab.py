@@ -61,38 +61,29 @@ OPTIMIZE_KERNELS = (
 Swap = Callable[[str], contextlib.AbstractContextManager[None]]
 
 
+@contextlib.contextmanager
+def replaced(owner: object, attribute: str, value: object) -> Iterator[None]:
+    """`owner.attribute` set to `value` for the block, restored however it ends."""
+    before = getattr(owner, attribute)
+    setattr(owner, attribute, value)
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, before)
+
+
 def swapper(kernel: str, against: Path) -> Swap:
     """`use(build)`: a context in which `kernel` runs this checkout's build ('ours') or
     `against`'s ('against'), both built before the first use."""
     if kernel == "pointwise_fma":
         libs = {"ours": pointwise_fma.load(), "against": pointwise_fma.load(source=against)}
-
-        @contextlib.contextmanager
-        def use_pointwise(build: str) -> Iterator[None]:
-            before = pointwise_fma._library
-            pointwise_fma._library = lambda: libs[build]
-            try:
-                yield
-            finally:
-                pointwise_fma._library = before
-
-        return use_pointwise
+        return lambda build: replaced(pointwise_fma, "_library", lambda: libs[build])
     isas = {"ours": grouped_kernel.ISA}
     # the same name: the weight gradient and batch-norm builds are looked up by it
     isas["against"] = dataclasses.replace(grouped_kernel.ISA, source=against)
     for isa in isas.values():
         grouped_kernel._library_for(isa)
-
-    @contextlib.contextmanager
-    def use_grouped(build: str) -> Iterator[None]:
-        before = grouped_kernel.ISA
-        grouped_kernel.ISA = isas[build]
-        try:
-            yield
-        finally:
-            grouped_kernel.ISA = before
-
-    return use_grouped
+    return lambda build: replaced(grouped_kernel, "ISA", isas[build])
 
 
 def unavailable(kernel: str) -> str | None:
