@@ -8,13 +8,18 @@ from pathlib import Path
 
 import resnext
 
-ENV = "RESNEXT_GIT_COMMIT"  # for a copy of the tree without its .git (e.g. a lent GPU machine)
+# Names the commit where git cannot: a copy of the tree without its .git, or (as on the lent GPU
+# machine) with a .git that is not the copied tree's.
+ENV = "RESNEXT_GIT_COMMIT"
 
 
 def source_commit(path: Path | None = None) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the git checkout holding `path` (default: the package): dirty when a
     tracked file differs from the commit (new untracked files, such as results, do not count).
-    Outside git: ($RESNEXT_GIT_COMMIT or None, None)."""
+    $RESNEXT_GIT_COMMIT, where set, is taken as it is: (its value, None); outside git and
+    without it, (None, None)."""
+    if os.environ.get(ENV):
+        return os.environ[ENV], None
     where = path or Path(resnext.__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -30,5 +35,5 @@ def source_commit(path: Path | None = None) -> tuple[str | None, bool | None]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     if commit is None or commit.returncode != 0 or status.returncode != 0:
-        return os.environ.get(ENV) or None, None
+        return None, None
     return commit.stdout.strip(), bool(status.stdout.strip())

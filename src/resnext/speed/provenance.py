@@ -19,9 +19,9 @@ _OPTIONAL = ("numpy", "pillow", "onnxruntime", "openvino", "onnx", "timm", "torc
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
-    """The current commit hash, with '-dirty' when a tracked file has changed; outside git the
-    `RESNEXT_GIT_COMMIT` environment variable (set where a copy of the tree runs without its
-    .git, e.g. a lent GPU machine), else None."""
+    """The current commit hash, with '-dirty' when a tracked file has changed; the
+    `RESNEXT_GIT_COMMIT` environment variable instead where it is set (a copy of the tree that
+    lacks its own .git, e.g. on a lent GPU machine); None outside git without it."""
     commit, dirty = source_commit(cwd)
     return f"{commit}-dirty" if commit and dirty else commit
 
