@@ -97,6 +97,10 @@ class TrainConfig:
     gemm_weight_grad: bool = False
     # CPU training fast path: max pooling with one-byte argmax taps instead of int64 indices.
     fast_maxpool: bool = False
+    # GPU training fast path: each grouped convolution computed as one of fewer, wider groups
+    # (block-diagonal weights made from the grouped ones on each step; same parameters, keys and
+    # gradients) where a step times faster, chosen per layer before the first step.
+    merge_groups: bool = False
     # With grouped_kernels or gemm_weight_grad: keep the per-shape timings that choose between
     # their implementations in $RESNEXT_TIMING_CACHE (~/.cache/resnext/timings), so that a later
     # run on this machine skips them (~20 s of ResNeXt-50's first step on a 2-core CPU).

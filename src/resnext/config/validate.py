@@ -115,6 +115,11 @@ def validate(cfg: Config) -> Config:
                 f"train.{key}: the {what} read channels-last tensors; "
                 "set train.channels_last: true as well"
             )
+    if t.merge_groups and t.grouped_kernels:
+        raise ConfigError(
+            "train.merge_groups: the GPU's merged groups and the CPU's grouped kernels replace "
+            "the same convolutions; set train.merge_groups or train.grouped_kernels, not both"
+        )
     if any(math.isnan(v) for v in (o.base_lr, o.weight_decay)):
         raise ConfigError("optim: NaN is not a valid value")
     _check_model(cfg)

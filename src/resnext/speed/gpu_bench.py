@@ -21,13 +21,16 @@ from resnext.config import OptimConfig
 from resnext.errors import ConfigError
 from resnext.speed.fastpath import optimize
 from resnext.speed.measure import Timing, interleaved, validate_bench_config
+from resnext.speed.merged_groups import merge_where_faster
 from resnext.speed.peers import available
 from resnext.train.optim import build_optimizer
 
 PEERS = ("timm", "torchvision")
-# "<task>-<library>-<how>": ours-optimize is `resnext.optimize` (BN folded, compiled); eager is
-# channels_last under bf16 autocast; compile is torch.compile of the same; training steps use
-# our optimiser (fused SGD) for ours and torch's default SGD for the peers, as their scripts do.
+# "<task>-<library>-<how>": ours-optimize is `resnext.optimize` (BN folded, grouped convolutions
+# merged where faster, compiled); eager is channels_last under bf16 autocast; compile is
+# torch.compile of the same; ours-fast is our GPU training fast path (`train.merge_groups` and
+# `train.compile`). Training steps use our optimiser (fused SGD) for ours and torch's default
+# SGD for the peers, as their scripts do.
 VARIANTS = (
     "infer-ours-optimize",
     "infer-ours-eager",
@@ -36,6 +39,7 @@ VARIANTS = (
     "infer-torchvision-eager",
     "train-ours-eager",
     "train-ours-compile",
+    "train-ours-fast",
     "train-timm-eager",
     "train-timm-compile",
     "train-torchvision-eager",
@@ -163,7 +167,12 @@ def inference_call(how: str, model: nn.Module, x: torch.Tensor, ours: bool) -> C
         if not ours:
             raise ConfigError("variants: 'optimize' is ours only")
         fast = optimize(model, torch.bfloat16, example_input=x, device=device)
-        return lambda: fast(x)
+
+        def call() -> object:
+            return fast(x)
+
+        call.group_merges = fast.group_merges  # type: ignore[attr-defined]
+        return call
     net = model.eval().to(device, memory_format=torch.channels_last)
     if how == "compile":
         net = torch.compile(net)
@@ -188,8 +197,13 @@ def training_step(
         opt = torch.optim.SGD(
             model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4
         )
-    net = torch.compile(model) if how == "compile" else model
     cl = x.contiguous(memory_format=torch.channels_last)
+    merges: dict[str, int] = {}
+    if how == "fast":
+        if not ours:
+            raise ConfigError("variants: 'fast' is ours only")
+        merges = merge_where_faster(model, cl, dtype=torch.bfloat16)
+    net = torch.compile(model) if how in ("compile", "fast") else model
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> object:
@@ -200,6 +214,7 @@ def training_step(
         opt.step()
         return loss
 
+    step.group_merges = merges  # type: ignore[attr-defined]
     return step
 
 
@@ -257,7 +272,7 @@ def build_calls(
     x = torch.randn(config.batch, 3, size, size, device=device)
     calls: dict[str, tuple[Callable[[], object], int]] = {}
     record: dict[str, dict] = {"parity": {}, "max_rel_err": {}, "peak_memory_mb": {}}
-    record["skipped"] = {}
+    record["skipped"], record["group_merges"] = {}, {}
     peers = sorted({v.split("-")[1] for v in config.variants} - {"ours"})
     installed = {library: peer_missing(library) for library in peers}
     probe = torch.randn(4, 3, size, size, device=device)
@@ -287,6 +302,9 @@ def build_calls(
                 record["max_rel_err"][key] = relative_error(fn(), reference)
             else:
                 fn = training_step(how, model, x, y, ours)
+            merges = getattr(fn, "group_merges", None)
+            if merges:
+                record["group_merges"][key] = merges
             fn = _synchronised(fn, device)
             record["peak_memory_mb"][key] = _peak_memory_mb(fn, device)
             log(f"{key}: ready")
@@ -354,5 +372,8 @@ def summary_lines(result: dict[str, object]) -> list[str]:
         lines.append(f"ours ÷ {key}: {value:.3f}")
     for key, value in result["model_time_ratio"].items():
         lines.append(f"time per image, first model ÷ second, {key}: {value:.3f}")
+    for key, merges in result.get("group_merges", {}).items():
+        counts = {f: list(merges.values()).count(f) for f in sorted(set(merges.values()))}
+        lines.append(f"{key}: grouped layers by groups merged into one {counts}")
     lines += [f"skipped {key}: {why}" for key, why in result["skipped"].items()]
     return lines

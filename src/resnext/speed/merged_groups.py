@@ -180,6 +180,7 @@ def grouped_layers(
     input shape that `example` gives it."""
     found: dict[str, GroupedLayer] = {}
     handles = []
+    training = model.training  # probed in eval mode: no batch-norm statistics move
     for name in grouped_convs(model) if names is None else names:
         conv = model.get_submodule(name)
 
@@ -196,8 +197,9 @@ def grouped_layers(
         handles.append(conv.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            model(example)
+            model.eval()(example)
     finally:
+        model.train(training)
         for handle in handles:
             handle.remove()
     return found
@@ -279,3 +281,34 @@ def choose_factors(
         row = times[layer.label]
         chosen[name] = min(row, key=row.__getitem__)
     return chosen, times
+
+
+def widen_where_faster(
+    model: nn.Module, example: torch.Tensor, *, candidates: Iterable[int] = FACTORS
+) -> dict[str, int]:
+    """`model`'s grouped convolutions (in place) each widened by its fastest factor for inference
+    on inputs like `example` (on its device, in its dtype); the factors (1: left as it is)."""
+    layers = grouped_layers(model, example)
+    factors, _ = choose_factors(
+        layers, example.device, train=False, dtype=example.dtype, candidates=candidates
+    )
+    widen_groups(model, factors)
+    return factors
+
+
+def merge_where_faster(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    candidates: Iterable[int] = FACTORS,
+) -> dict[str, int]:
+    """`model`'s grouped convolutions (in place) each computed by its fastest merge factor for a
+    training step (forward, input and weight gradients) on inputs like `example`, with the
+    products in `dtype` (the autocast dtype; default `example`'s); the factors (1: as it is)."""
+    layers = grouped_layers(model, example)
+    factors, _ = choose_factors(
+        layers, example.device, train=True, dtype=dtype or example.dtype, candidates=candidates
+    )
+    merge_groups(model, factors)
+    return factors

@@ -8,6 +8,7 @@ from torch import nn
 from resnext.config import Config
 from resnext.errors import TrainingError
 from resnext.models import ResNeXt, create_model
+from resnext.speed.merged_groups import merge_where_faster
 from resnext.train.finetune import freeze, load_pretrained, read_state_dict, source_num_classes
 
 
@@ -64,3 +65,20 @@ def wrap_distributed(
     return DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
+
+
+def merge_groups_for_training(
+    model: ResNeXt,
+    *,
+    micro_batch: int,
+    image_size: int,
+    device: torch.device,
+    channels_last: bool,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, int]:
+    """`train.merge_groups`: each grouped convolution given its fastest merge factor for one
+    step of this rank's batch (timed here, on `device`); the factors by layer name."""
+    example = torch.randn(micro_batch, model.spec.in_chans, image_size, image_size, device=device)
+    if channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    return merge_where_faster(model, example, dtype=amp_dtype or torch.float32)

@@ -39,7 +39,12 @@ from resnext.train.logs import MetricsLog
 from resnext.train.loop import StepContext, train_one_epoch
 from resnext.train.metrics import Meter
 from resnext.train.mixing import BatchMixer
-from resnext.train.model_setup import build_network, place, wrap_distributed
+from resnext.train.model_setup import (
+    build_network,
+    merge_groups_for_training,
+    place,
+    wrap_distributed,
+)
 from resnext.train.optim import build_optimizer, build_scheduler, resolve_lr
 from resnext.train.plot import plot_curves
 from resnext.train.precision import make_scaler, resolve_amp
@@ -158,6 +163,17 @@ def _run(
         gemm_weight_grad=cfg.train.gemm_weight_grad,
         fast_maxpool=cfg.train.fast_maxpool,
     )
+    amp_dtype = resolve_amp(cfg.train.amp, info.device)
+    merges: dict[str, int] = {}
+    if cfg.train.merge_groups:
+        merges = merge_groups_for_training(
+            raw,
+            micro_batch=cfg.data.batch_size // (info.world_size * cfg.optim.accum_steps),
+            image_size=cfg.data.image_size,
+            device=info.device,
+            channels_last=cfg.train.channels_last,
+            amp_dtype=amp_dtype,
+        )
     model = wrap_distributed(raw, info.device, info.world_size, cfg.train.sync_bn)
     if cfg.train.sync_bn and info.world_size > 1:
         raw = model.module  # the converted network (SyncBatchNorm layers) inside DDP
@@ -185,7 +201,6 @@ def _run(
     peak_lr = resolve_lr(cfg.optim, cfg.data.batch_size)
     optimizer = build_optimizer(raw, cfg.optim, peak_lr)
     scheduler = build_scheduler(optimizer, cfg.schedule, steps, cfg.train.epochs, peak_lr)
-    amp_dtype = resolve_amp(cfg.train.amp, info.device)
     parts = Trainables(raw, optimizer, scheduler, make_scaler(amp_dtype, info.device))
 
     resume_from = _resume_path(cfg, last_path)
@@ -199,6 +214,7 @@ def _run(
         record["resumed_from"] = str(resume_from) if resume_from else None
         record["resumed_at"] = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch}
         record["peak_lr"] = peak_lr
+        record["group_merges"] = merges
         record["amp_dtype"] = str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"
         name = (
             "provenance.json"
