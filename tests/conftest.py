@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,25 @@ def _private_timing_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch)
     """CLI commands keep optimize's timings in $RESNEXT_TIMING_CACHE: a test's own folder, never
     the user's ~/.cache."""
     monkeypatch.setenv("RESNEXT_TIMING_CACHE", str(tmp_path_factory.mktemp("timings")))
+
+
+@pytest.fixture
+def merge_factor_wins(monkeypatch) -> Callable[[int], None]:
+    """`win(m)`: every grouped layer's timing in `resnext.speed.merged_groups` then finds m groups
+    merged into one fastest, whatever this CPU would measure."""
+    from resnext.speed import merged_groups
+
+    real_call = merged_groups.layer_call
+
+    def tagged(layer, factor, device, dtype, train):
+        fn = real_call(layer, factor, device, dtype, train)
+        fn.factor = factor
+        return fn
+
+    def win(factor: int) -> None:
+        monkeypatch.setattr(merged_groups, "layer_call", tagged)
+        monkeypatch.setattr(
+            merged_groups, "time_ms", lambda fn, device, iters: 0.0 if fn.factor == factor else 1.0
+        )
+
+    return win

@@ -116,22 +116,15 @@ def test_optimize_refuses_cpu_kernels_on_a_gpu_and_places_by_the_model() -> None
         optimize(model, device="cuda", pointwise_fma="on")
 
 
-def test_our_fast_training_step_merges_what_times_fastest_and_is_ours_only(monkeypatch) -> None:
+def test_our_fast_training_step_merges_what_times_fastest_and_is_ours_only(
+    monkeypatch, merge_factor_wins
+) -> None:
     from resnext.speed import merged_groups
 
     x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
     with pytest.raises(ConfigError, match="'fast' is ours only"):
         gpu_bench.training_step("fast", resnext.create_model("resnext_tiny"), x, y, ours=False)
-    # two groups in one timed fastest on every layer
-    real_call = merged_groups.layer_call
-
-    def tagged(layer, factor, device, dtype, train):
-        fn = real_call(layer, factor, device, dtype, train)
-        fn.f = factor
-        return fn
-
-    monkeypatch.setattr(merged_groups, "layer_call", tagged)
-    monkeypatch.setattr(merged_groups, "time_ms", lambda fn, d, i: 0.0 if fn.f == 2 else 1.0)
+    merge_factor_wins(2)
     model = resnext.create_model("resnext_tiny")
     monkeypatch.setattr(torch, "compile", lambda m: m)  # the step itself, not inductor, under test
     step = gpu_bench.training_step("fast", model, x, y, ours=True)

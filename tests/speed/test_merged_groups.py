@@ -155,23 +155,12 @@ def test_the_fastest_factor_of_each_layer_is_kept_and_alike_layers_are_timed_onc
         }
 
 
-def test_widening_where_faster_keeps_the_function(monkeypatch):
+def test_widening_where_faster_keeps_the_function(merge_factor_wins):
     plain = _tiny()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         reference = plain(x)
-    # factor 4 (every group in one: a dense convolution) timed fastest everywhere
-    monkeypatch.setattr(
-        merged_groups, "time_ms", lambda fn, device, iters: 0.0 if fn.f == 4 else 1.0
-    )
-    real_call = merged_groups.layer_call
-
-    def tagged(layer, factor, device, dtype, train):
-        fn = real_call(layer, factor, device, dtype, train)
-        fn.f = factor
-        return fn
-
-    monkeypatch.setattr(merged_groups, "layer_call", tagged)
+    merge_factor_wins(4)  # every group in one: a dense convolution
     model = _tiny()
     factors = widen_where_faster(model, x, candidates=(1, 2, 4))
     assert set(factors.values()) == {4}

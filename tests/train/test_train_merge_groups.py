@@ -7,23 +7,11 @@ import json
 import pytest
 import torch
 
-from resnext.speed import merged_groups
 from resnext.train import train
 
 
-def test_a_merged_run_trains_the_plain_runs_model(tmp_path, monkeypatch, tiny_cfg, tiny_data):
-    # every grouped layer merged two groups at a time, whatever this CPU's timings say
-    monkeypatch.setattr(
-        merged_groups, "time_ms", lambda fn, device, iters: 0.0 if fn.f == 2 else 1.0
-    )
-    real_call = merged_groups.layer_call
-
-    def tagged(layer, factor, device, dtype, train):
-        fn = real_call(layer, factor, device, dtype, train)
-        fn.f = factor
-        return fn
-
-    monkeypatch.setattr(merged_groups, "layer_call", tagged)
+def test_a_merged_run_trains_the_plain_runs_model(tmp_path, merge_factor_wins, tiny_cfg, tiny_data):
+    merge_factor_wins(2)  # every grouped layer two groups at a time, whatever this CPU measures
     finals, weights = {}, {}
     for merged in (False, True):
         name = "merged" if merged else "plain"

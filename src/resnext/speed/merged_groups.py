@@ -53,26 +53,30 @@ def _check_mergeable(conv: nn.Conv2d, factor: int) -> None:
         raise ConfigError(f"factor: expected a divisor of the {conv.groups} groups, got {factor}")
 
 
-def widened(conv: nn.Conv2d, factor: int) -> nn.Conv2d:
-    """A plain convolution of `conv.groups // factor` groups computing what `conv` computes."""
-    _check_mergeable(conv, factor)
-    weight = conv.weight.detach()
-    wide = nn.Conv2d(
+def _like(cls: type[nn.Conv2d], conv: nn.Conv2d, groups: int, **where: object) -> nn.Conv2d:
+    """A `cls` convolution of `conv`'s shape and geometry with `groups` groups and no bias yet."""
+    return cls(
         conv.in_channels,
         conv.out_channels,
         conv.kernel_size,
         stride=conv.stride,
         padding=conv.padding,
         dilation=conv.dilation,
-        groups=conv.groups // factor,
-        bias=conv.bias is not None,
-        device=weight.device,
-        dtype=weight.dtype,
+        groups=groups,
+        bias=False,
+        **where,
     )
+
+
+def widened(conv: nn.Conv2d, factor: int) -> nn.Conv2d:
+    """A plain convolution of `conv.groups // factor` groups computing what `conv` computes."""
+    _check_mergeable(conv, factor)
+    weight = conv.weight.detach()
+    wide = _like(nn.Conv2d, conv, conv.groups // factor, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         wide.weight.copy_(merged_weight(weight, conv.groups, factor))
-        if conv.bias is not None:
-            wide.bias.copy_(conv.bias)
+    if conv.bias is not None:
+        wide.bias = nn.Parameter(conv.bias.detach().clone())
     return wide.requires_grad_(conv.weight.requires_grad)
 
 
@@ -86,17 +90,8 @@ class MergedGroupsConv2d(nn.Conv2d):
     def from_conv(cls, conv: nn.Conv2d, factor: int) -> MergedGroupsConv2d:
         """`conv` computed `factor` groups at a time; it shares `conv`'s parameters."""
         _check_mergeable(conv, factor)
-        out = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=False,
-            device="meta",  # no memory for a weight about to be replaced by conv's
-        )
+        # on the meta device: no memory for a weight about to be replaced by conv's
+        out = _like(cls, conv, conv.groups, device="meta")
         out.weight = conv.weight
         out.bias = conv.bias
         out.merge = factor
