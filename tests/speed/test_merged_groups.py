@@ -3,9 +3,13 @@ parameters and gradients; the fastest factor kept; `optimize` and `resnext train
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from registry_models import MAX_PARAMS, param_count, randomize_bn, small_input
+from tensor_checks import rel_err
 from torch import nn
 
 import resnext
@@ -185,3 +189,27 @@ def test_merge_groups_refuses_the_cpu_grouped_kernels_beside_it():
             "digits_demo",
             ["train.merge_groups=true", "train.grouped_kernels=true", "train.channels_last=true"],
         )
+
+
+@pytest.mark.parametrize("name", resnext.list_models())
+def test_merged_and_widened_groups_same_function_every_registry_model(name: str) -> None:
+    if param_count(name) > MAX_PARAMS:
+        pytest.skip(f"{name}: over {MAX_PARAMS:,} parameters, too slow to build in a fast test")
+    model = resnext.create_model(name).eval()
+    names = merged_groups.grouped_convs(model)
+    if not names:
+        pytest.skip(f"{name} has no grouped convolution")
+    randomize_bn(model)
+    x = small_input(model)
+    with torch.no_grad():
+        expected = model(x)
+    # each layer's largest factor up to 8 (all its groups in one where it has at most 8)
+    factors = {
+        n: max(f for f in (1, 2, 4, 8) if model.get_submodule(n).groups % f == 0) for n in names
+    }
+    merged = merge_groups(copy.deepcopy(model), factors)
+    wide = widen_groups(copy.deepcopy(model), factors)
+    assert list(merged.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        assert rel_err(merged(x), expected) < 1e-5
+        assert rel_err(wide(x), expected) < 1e-5

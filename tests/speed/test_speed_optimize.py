@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from registry_models import MAX_PARAMS, param_count, randomize_bn, small_input
 from tensor_checks import rel_err
 from torch import nn
 
@@ -21,35 +22,14 @@ KERNEL = "on" if unavailable_reason() is None else "off"
 # Likewise our AMX bf16×3 convolution kernel, on CPUs with AMX.
 X3 = "on" if x3_unavailable_reason() is None else "off"
 
-_MAX_PARAMS = 10_000_000  # larger registry models take too long to build for a fast test
-
-
-def _param_count(name: str) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in resnext.create_model(name).parameters())
-
-
-def _small_input(model: nn.Module) -> torch.Tensor:
-    size = 32 if model.spec.stem == "cifar" else 64
-    return torch.randn(2, model.spec.in_chans, size, size)
-
-
-def _randomize_bn(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0.0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0.0, 0.1)
-
 
 @pytest.mark.parametrize("name", resnext.list_models())
 def test_fp32_same_function_every_registry_model(name: str) -> None:
-    if _param_count(name) > _MAX_PARAMS:
-        pytest.skip(f"{name}: over {_MAX_PARAMS:,} parameters, too slow to build in a fast test")
+    if param_count(name) > MAX_PARAMS:
+        pytest.skip(f"{name}: over {MAX_PARAMS:,} parameters, too slow to build in a fast test")
     model = resnext.create_model(name).eval()
-    _randomize_bn(model)
-    x = _small_input(model)
+    randomize_bn(model)
+    x = small_input(model)
     with torch.no_grad():
         expected = model(x)
     fast = optimize(model, torch.float32, backend="none", grouped_kernel=KERNEL, conv_x3=X3)
@@ -83,8 +63,8 @@ def test_fp32_same_function_every_spec_option(option: str) -> None:
         **OPTION_VARIANTS[option],
     )
     model = resnext.build_model(spec).eval()
-    _randomize_bn(model)
-    x = _small_input(model)
+    randomize_bn(model)
+    x = small_input(model)
     with torch.no_grad():
         expected = model(x)
         got = optimize(model, torch.float32, backend="none", grouped_kernel=KERNEL)(x.clone())
@@ -94,7 +74,7 @@ def test_fp32_same_function_every_spec_option(option: str) -> None:
 @pytest.mark.parametrize("backend", ["jit", "inductor", "inductor-py"])
 def test_compiled_backends_same_function(backend: str) -> None:
     model = resnext.create_model("resnext_tiny").eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(3, 3, 32, 32)
     cpp = backend != "inductor-py"  # inductor calling its kernels from generated C++ or Python
     fast = optimize(model, "fp32", backend=backend.split("-")[0], example_input=x, cpp_wrapper=cpp)
@@ -108,7 +88,7 @@ def test_compiled_backends_same_function(backend: str) -> None:
 @pytest.mark.skipif(not bf16_supported(), reason="this CPU has no native bf16")
 def test_bf16_agrees_with_fp32() -> None:
     model = resnext.create_model("resnext_tiny_in").eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(8, 3, 64, 64)
     fast = optimize(model, torch.bfloat16, backend="jit", example_input=x)
     with torch.no_grad():
@@ -196,7 +176,7 @@ def test_an_input_of_a_new_shape_compiles_or_runs_eager_as_asked(
     from torch._dynamo.utils import counters
 
     model = resnext.create_model("resnext_tiny").eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, 32, 32)
     fast = optimize(model, "fp32", example_input=x, grouped_kernel="off", new_shapes=new_shapes)
     graph_calls: list[int] = []
