@@ -144,6 +144,7 @@ class GroupedLayer:
     out_channels: int
     kernel: int
     stride: int
+    padding: int
     groups: int
     input_shape: tuple[int, ...]
 
@@ -151,6 +152,8 @@ class GroupedLayer:
     def label(self) -> str:
         _, c, h, w = self.input_shape
         size = f"{self.kernel}x{self.kernel}/{self.stride}"
+        if self.padding != self.kernel // 2:
+            size += f" pad {self.padding}"
         return f"{c}->{self.out_channels} {size} g{self.groups} @ {h}x{w}"
 
     def conv(self, factor: int, device: torch.device, dtype: torch.dtype) -> nn.Conv2d:
@@ -160,7 +163,7 @@ class GroupedLayer:
             self.out_channels,
             self.kernel,
             stride=self.stride,
-            padding=self.kernel // 2,
+            padding=self.padding,
             groups=self.groups,
             bias=False,
         )
@@ -185,6 +188,7 @@ def grouped_layers(
                 module.out_channels,
                 module.kernel_size[0],
                 module.stride[0],
+                module.padding[0],
                 module.groups,
                 tuple(args[0].shape),
             )
