@@ -268,6 +268,7 @@ def choose_factors(
     """The fastest merge factor of each layer (by name) on `device`, and each layer
     configuration's ms per factor (by label). Alike layers (same configuration and input shape)
     are timed once."""
+    candidates = tuple(candidates)  # read once per layer
     times: dict[str, dict[int, float]] = {}
     chosen: dict[str, int] = {}
     for name, layer in layers.items():
