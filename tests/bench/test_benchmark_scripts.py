@@ -154,3 +154,27 @@ def test_the_network_ab_refuses_a_source_that_does_not_compile(
     assert _run_script("bench_network_ab.py", argv, monkeypatch) == 1
     assert f"--against {broken}: compiling broken.c failed" in capsys.readouterr().out
     assert not (tmp_path / "o").exists()
+
+
+def test_the_projection_reads_a_gpu_result_and_refuses_one_without_the_row(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    import json
+
+    gpu = tmp_path / "bench-gpu.json"
+    row = {"throughput": 2000.0, "batch": 64}
+    gpu.write_text(json.dumps({"results": {"throughput": {"resnet50/train-ours-fast": row}},
+                               "machine": {"gpus": ["test"]}, "git_commit": "abc"}))  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["--gpu-json", str(gpu), "--variant", "resnet50/train-ours-fast", "--devices", "4",
+            "--link-gb-per-s", "100", "--loader-rate", "500", "--out", str(out)]  # fmt: skip
+    assert _run_script("bench_projection.py", argv, monkeypatch) == 0
+    (path,) = out.glob("bench-projection-*.json")
+    (p,) = json.loads(path.read_text())["results"]["projections"]
+    # ResNet-50: 25,557,032 parameters (torchvision's count); 90 × 1,281,167 images at 8,000 img/s
+    assert p["compute_hours"] == pytest.approx(115_305_030 / 8000 / 3600)
+    assert p["allreduce_mb_per_device"] == pytest.approx(2 * 3 / 4 * 25_557_032 * 4 / 1e6)
+    assert p["loader_cores_per_device"] == pytest.approx(4.0)
+    missing = ["--gpu-json", str(gpu), "--out", str(out)]  # the default variant is not in it
+    assert _run_script("bench_projection.py", missing, monkeypatch) == 1
+    assert "expected a bench-gpu result with a training row" in capsys.readouterr().out
