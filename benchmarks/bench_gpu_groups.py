@@ -119,7 +119,7 @@ def _widened_state(plain: torch.nn.Module, factors: dict[str, int]) -> dict[str,
 
 def timed(calls: dict, device: torch.device, args: argparse.Namespace) -> dict:
     """Interleaved timing of `calls` (label -> call); img/s and ratios to the plain ResNeXt-50."""
-    sync = {k: (gpu_bench._synchronised(fn, device), args.batch) for k, fn in calls.items()}
+    sync = {k: (gpu_bench.synchronised(fn, device), args.batch) for k, fn in calls.items()}
     timings = interleaved(sync, rounds=args.rounds, iters=args.iters, warmup=1)
     out = {k: t.as_dict() for k, t in timings.items()}
     for task in ("infer", "train"):

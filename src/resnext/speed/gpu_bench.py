@@ -147,7 +147,7 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return float(diff / reference.float().abs().max().clamp_min(1e-30))
 
 
-def _synchronised(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+def synchronised(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """`fn`, then wait for the device: a timed call ends when its kernels have run."""
     if device.type != "cuda":
         return fn
@@ -305,7 +305,7 @@ def build_calls(
             merges = getattr(fn, "group_merges", None)
             if merges:
                 record["group_merges"][key] = merges
-            fn = _synchronised(fn, device)
+            fn = synchronised(fn, device)
             record["peak_memory_mb"][key] = _peak_memory_mb(fn, device)
             log(f"{key}: ready")
             calls[key] = (fn, config.batch)
