@@ -33,6 +33,7 @@ from resnext.speed.merged_groups import (
     choose_factors,
     grouped_layers,
     merge_groups,
+    merged_weight,
     widen_groups,
 )
 from resnext.speed.provenance import write_results
@@ -108,8 +109,6 @@ def networks(chosen: dict[str, dict], device: torch.device, probe: torch.Tensor)
 
 def _widened_state(plain: torch.nn.Module, factors: dict[str, int]) -> dict[str, torch.Tensor]:
     """`plain`'s state dict with each widened convolution's weight made block-diagonal."""
-    from resnext.speed.merged_groups import merged_weight
-
     state = dict(plain.state_dict())
     for name, factor in factors.items():
         conv = plain.get_submodule(name)
