@@ -178,3 +178,26 @@ def test_the_projection_reads_a_gpu_result_and_refuses_one_without_the_row(
     missing = ["--gpu-json", str(gpu), "--out", str(out)]  # the default variant is not in it
     assert _run_script("bench_projection.py", missing, monkeypatch) == 1
     assert "expected a bench-gpu result with a training row" in capsys.readouterr().out
+
+
+def test_the_gpu_groups_benchmark_runs_on_the_cpu_and_checks_its_merged_networks(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    out = tmp_path / "out"
+    argv = ["--device", "cpu", "--batch", "2", "--image-size", "32", "--rounds", "1",
+            "--iters", "1", "--parts", "layers,eager", "--out", str(out)]  # fmt: skip
+    assert _run_script("bench_gpu_groups.py", argv, monkeypatch) == 0
+    (path,) = out.glob("bench-gpu-groups-*.json")  # rewritten after each part, one file left
+    results = json.loads(path.read_text())["results"]
+    for task in ("infer", "train"):
+        layers = results[f"layers_{task}"]
+        assert len(layers["chosen"]) == 16  # ResNeXt-50's grouped 3×3s
+        assert (
+            sum(layers["count"].values()) == 16 and sum(layers["resnet50_3x3_count"].values()) == 16
+        )
+    assert max(results["parity"].values()) < 1e-4  # the merged networks are the plain one
+    assert set(results["eager"]) == {f"{t}-{n}" for t, n in [
+        ("infer", "resnext50"), ("infer", "resnext50-widened"), ("infer", "resnet50"),
+        ("train", "resnext50"), ("train", "resnext50-merged"), ("train", "resnet50")]}  # fmt: skip
