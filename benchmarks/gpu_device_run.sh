@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # Issue 5's target 5 on a lent GPU machine: ResNeXt-50 and ResNet-50, ours against timm's and
 # torchvision's, inference and training, bf16 + channels_last (`resnext bench gpu`). The package
-# runs from src/ without installing (that machine has torch, torchvision and timm). Three short
+# runs from src/ without installing (that machine has torch, torchvision and timm). Four short
 # runs, each writing its own JSON and each under its own time limit, so that a slow compile loses
 # at most that run; a run that fails does not stop the next (the exit status says whether all
-# three passed). The log goes to OUT_DIR/gpu_device_run.log as well.
+# passed). The log goes to OUT_DIR/gpu_device_run.log as well.
 #   RESNEXT_GIT_COMMIT=<commit> bash benchmarks/gpu_device_run.sh [OUT_DIR]
-# Time limits per run in seconds (a lease is short): GPU_STEP_LIMITS="eager infer-compiled train-compiled".
+# Time limits per run in seconds (a lease is short): GPU_STEP_LIMITS="eager infer-compiled train-compiled ops".
 # On an H200 (stop 34) the three took 61, 64 and 109 s (the last with two training compiles; the
-# merged-groups variant adds a third): the defaults leave room, and a device call of 600 s holds all.
+# merged-groups variant adds a third); the fourth, a profile, is short. The defaults leave room,
+# and a device call of 600 s holds all four.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmarks/results}}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python="${PYTHON:-$(command -v python3 || command -v python)}"
-read -r limit_eager limit_infer limit_train <<<"${GPU_STEP_LIMITS:-120 160 220}"
+read -r limit_eager limit_infer limit_train limit_ops <<<"${GPU_STEP_LIMITS:-110 150 210 80}"
 # extra options for every run, e.g. a smoke run here: "--device cpu --batch 2 --image-size 64"
 extra="${GPU_BENCH_ARGS:-}"
 failed=0
@@ -37,6 +38,10 @@ main() {
   # 3. training compiled, ours (plain, and with grouped convolutions merged where faster) and
   # timm's, ResNeXt-50 only (each training compile takes ~45 s there)
   bench "$limit_train" --models resnext50_32x4d --variants train-ours-fast,train-ours-compile,train-timm-compile --rounds 3
+  # 4. where ResNeXt-50's extra time over ResNet-50's goes, by kind of work (torch.profiler)
+  echo "== $(date -u +%H:%M:%S) bench_gpu_ops.py (limit ${limit_ops} s)"
+  timeout --kill-after=10 "$limit_ops" "$python" benchmarks/bench_gpu_ops.py --out "$out" ||
+    { echo "== that run failed or ran out of time (status $?)"; failed=1; }
   echo "== $(date -u +%H:%M:%S) done"
   return $failed
 }

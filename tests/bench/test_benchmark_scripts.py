@@ -201,3 +201,21 @@ def test_the_gpu_groups_benchmark_runs_on_the_cpu_and_checks_its_merged_networks
     assert set(results["eager"]) == {f"{t}-{n}" for t, n in [
         ("infer", "resnext50"), ("infer", "resnext50-widened"), ("infer", "resnet50"),
         ("train", "resnext50"), ("train", "resnext50-merged"), ("train", "resnet50")]}  # fmt: skip
+
+
+def test_the_gpu_ops_breakdown_runs_on_the_cpu(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    out = tmp_path / "out"
+    argv = ["--device", "cpu", "--models", "resnext_tiny,resnet29_1x45d", "--batch", "2",
+            "--image-size", "16", "--steps", "1", "--out", str(out)]  # fmt: skip
+    assert _run_script("bench_gpu_ops.py", argv, monkeypatch) == 0
+    (path,) = out.glob("bench-gpu-ops-*.json")
+    results = json.loads(path.read_text())["results"]
+    assert set(results) == {"train", "infer"}
+    for task in ("train", "infer"):
+        assert results[task]["resnext_tiny"]["conv 3x3 grouped"] > 0
+        assert "conv 3x3 grouped" not in results[task]["resnet29_1x45d"]  # C = 1: no groups
+    assert _run_script("bench_gpu_ops.py", ["--tasks", "fly", "--out", str(out)], monkeypatch) == 1
