@@ -19,6 +19,8 @@ python="${PYTHON:-$(command -v python3 || command -v python)}"
 read -r limit_eager limit_infer limit_train limit_ops <<<"${GPU_STEP_LIMITS:-110 150 210 80}"
 # extra options for every run, e.g. a smoke run here: "--device cpu --batch 2 --image-size 64"
 extra="${GPU_BENCH_ARGS:-}"
+# and for the profile (its own options), e.g. "--device cpu --batch 2 --image-size 32"
+ops_extra="${GPU_OPS_ARGS:-}"
 failed=0
 bench() {
   local limit=$1
@@ -40,7 +42,7 @@ main() {
   bench "$limit_train" --models resnext50_32x4d --variants train-ours-fast,train-ours-compile,train-timm-compile --rounds 3
   # 4. where ResNeXt-50's extra time over ResNet-50's goes, by kind of work (torch.profiler)
   echo "== $(date -u +%H:%M:%S) bench_gpu_ops.py (limit ${limit_ops} s)"
-  timeout --kill-after=10 "$limit_ops" "$python" benchmarks/bench_gpu_ops.py --out "$out" ||
+  timeout --kill-after=10 "$limit_ops" "$python" benchmarks/bench_gpu_ops.py --out "$out" $ops_extra ||
     { echo "== that run failed or ran out of time (status $?)"; failed=1; }
   echo "== $(date -u +%H:%M:%S) done"
   return $failed
