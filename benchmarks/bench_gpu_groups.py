@@ -33,7 +33,6 @@ from resnext.speed.merged_groups import (
     choose_factors,
     grouped_layers,
     merge_groups,
-    merged_weight,
     widen_groups,
 )
 from resnext.speed.provenance import write_results
@@ -92,10 +91,8 @@ def networks(chosen: dict[str, dict], device: torch.device, probe: torch.Tensor)
     """Plain ResNeXt-50 (BN statistics varied), its merged copies and ResNet-50, checked."""
     plain = resnext.create_model(MODELS[0])
     gpu_bench.vary_batch_norms(plain)
-    wide = widen_groups(resnext.create_model(MODELS[0]), chosen["infer"])
-    wide.load_state_dict(_widened_state(plain, chosen["infer"]))
-    merged = merge_groups(resnext.create_model(MODELS[0]), chosen["train"])
-    merged.load_state_dict(plain.state_dict())
+    wide = widen_groups(copy.deepcopy(plain), chosen["infer"])
+    merged = merge_groups(copy.deepcopy(plain), chosen["train"])
     errors = {}
     with torch.no_grad(), gpu_bench.exact_float32():
         reference = plain.to(device).eval()(probe)
@@ -105,15 +102,6 @@ def networks(chosen: dict[str, dict], device: torch.device, probe: torch.Tensor)
     resnet = resnext.create_model(MODELS[1])
     gpu_bench.vary_batch_norms(resnet)
     return {"plain": plain, "widened": wide, "merged": merged, "resnet50": resnet, "err": errors}
-
-
-def _widened_state(plain: torch.nn.Module, factors: dict[str, int]) -> dict[str, torch.Tensor]:
-    """`plain`'s state dict with each widened convolution's weight made block-diagonal."""
-    state = dict(plain.state_dict())
-    for name, factor in factors.items():
-        conv = plain.get_submodule(name)
-        state[f"{name}.weight"] = merged_weight(conv.weight.detach(), conv.groups, factor)
-    return state
 
 
 def timed(calls: dict, device: torch.device, args: argparse.Namespace) -> dict:

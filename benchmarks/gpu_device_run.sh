@@ -22,12 +22,18 @@ extra="${GPU_BENCH_ARGS:-}"
 # and for the profile (its own options), e.g. "--device cpu --batch 2 --image-size 32"
 ops_extra="${GPU_OPS_ARGS:-}"
 failed=0
+# limited LIMIT SCRIPT ARGS...: one benchmark under its time limit; a failure is noted, not fatal
+limited() {
+  local limit=$1 script=$2
+  shift 2
+  echo "== $(date -u +%H:%M:%S) $script $* (limit ${limit} s)"
+  timeout --kill-after=10 "$limit" "$python" "benchmarks/$script" --out "$out" "$@" ||
+    { echo "== that run failed or ran out of time (status $?)"; failed=1; }
+}
 bench() {
   local limit=$1
   shift
-  echo "== $(date -u +%H:%M:%S) bench gpu $* (limit ${limit} s)"
-  timeout --kill-after=10 "$limit" "$python" benchmarks/bench_gpu.py --allocator none --out "$out" "$@" $extra ||
-    { echo "== that run failed or ran out of time (status $?)"; failed=1; }
+  limited "$limit" bench_gpu.py --allocator none "$@" $extra
 }
 
 main() {
@@ -41,9 +47,7 @@ main() {
   # timm's, ResNeXt-50 only (each training compile takes ~45 s there)
   bench "$limit_train" --models resnext50_32x4d --variants train-ours-fast,train-ours-compile,train-timm-compile --rounds 3
   # 4. where ResNeXt-50's extra time over ResNet-50's goes, by kind of work (torch.profiler)
-  echo "== $(date -u +%H:%M:%S) bench_gpu_ops.py (limit ${limit_ops} s)"
-  timeout --kill-after=10 "$limit_ops" "$python" benchmarks/bench_gpu_ops.py --out "$out" $ops_extra ||
-    { echo "== that run failed or ran out of time (status $?)"; failed=1; }
+  limited "$limit_ops" bench_gpu_ops.py $ops_extra
   echo "== $(date -u +%H:%M:%S) done"
   return $failed
 }

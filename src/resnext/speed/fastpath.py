@@ -325,9 +325,9 @@ def optimize(
     work = work.to(device=target, dtype=dtype, memory_format=memory_format)
     example = default_example(model) if example_input is None else example_input
     shapes = [tuple(example.shape), *(tuple(s) for s in warmup_shapes)]
+    largest = max(shapes, key=lambda shape: torch.Size(shape).numel())  # what layers are timed on
     choices, fusions, blocks, x3, stems, fma = [], [], [], [], [], []
     if channels_last and on_cpu:
-        largest = max(shapes, key=lambda shape: torch.Size(shape).numel())
         probe = torch.randn(largest, dtype=dtype).contiguous(memory_format=memory_format)
         # first: in float32 it weighs the fused stem against conv_x3's convolution too
         stems = stem_fusion.fuse_stem(
@@ -347,7 +347,6 @@ def optimize(
         raise ConfigError("grouped_kernel: 'on' needs channels_last=True")
     merges: dict[str, int] = {}
     if merge_groups == "auto" and not on_cpu:  # CPUs have their own grouped kernels
-        largest = max(shapes, key=lambda shape: torch.Size(shape).numel())
         probe = torch.randn(largest, device=target, dtype=dtype)
         merges = widen_where_faster(work, probe.contiguous(memory_format=memory_format))
     eager = CastInput(work, dtype, channels_last, target).eval()

@@ -12,7 +12,6 @@ state-dict key stay those of the grouped convolution.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from resnext.errors import ConfigError
 from resnext.speed.fold import set_module
+from resnext.speed.measure import time_call
 
 FACTORS = (1, 2, 4, 8, 16, 32)  # groups merged into one; 1 is the grouped convolution itself
 
@@ -220,10 +220,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, iters: int, rounds: 
             end.synchronize()
             per_round.append(start.elapsed_time(end) / iters)
         else:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            per_round.append(1e3 * (time.perf_counter() - t0) / iters)
+            per_round.append(1e3 * time_call(fn, iters))
     return statistics.median(per_round)
 
 
