@@ -22,6 +22,7 @@ import torch
 
 import bench_args
 import resnext
+from resnext.errors import ConfigError
 from resnext.speed.projection import project
 from resnext.speed.provenance import write_results
 
@@ -42,27 +43,35 @@ def main() -> int:
         print(f"--gpu-json {args.gpu_json}: expected a bench-gpu result with a training row "
               f"{args.variant!r} ({type(exc).__name__}: {exc})")  # fmt: skip
         return 1
-    devices = [int(n) for n in args.devices.split(",")]
-    links = [float(b) for b in args.link_gb_per_s.split(",")]
+    try:
+        devices = [int(n) for n in args.devices.split(",")]
+        links = [float(b) for b in args.link_gb_per_s.split(",")]
+    except ValueError as exc:
+        print(f"--devices / --link-gb-per-s: expected comma-separated numbers ({exc})")
+        return 1
     if len(links) != len(devices):
         print(f"--link-gb-per-s: expected {len(devices)} rates, one per device count")
         return 1
     name = args.variant.split("/")[0]
     with torch.device("meta"):
         params = sum(p.numel() for p in resnext.create_model(name).parameters())
-    rows = [
-        project(
-            images_per_s=rate,
-            batch_per_device=batch,
-            params=params,
-            devices=n,
-            link_gb_per_s=link,
-            loader_images_per_core_s=args.loader_rate,
-        )
-        for n, link in zip(devices, links, strict=True)
-    ]
+    try:
+        rows = [
+            project(
+                images_per_s=rate,
+                batch_per_device=batch,
+                params=params,
+                devices=n,
+                link_gb_per_s=link,
+                loader_images_per_core_s=args.loader_rate,
+            )
+            for n, link in zip(devices, links, strict=True)
+        ]
+    except ConfigError as exc:  # a count, rate or batch out of range
+        print(f"projection: {exc}")
+        return 1
     print(f"{args.variant}: {rate:,.1f} img/s per device at batch {batch} "
-          f"({record['machine'].get('gpus')}), {params:,} parameters")  # fmt: skip
+          f"({record.get('machine', {}).get('gpus')}), {params:,} parameters")  # fmt: skip
     for p in rows:
         hidden = "hidden" if p.allreduce_ms_per_step < p.step_ms / 2 else "NOT hidden"
         print(f"  {p.devices:3d} devices, global batch {p.global_batch:,}: {p.compute_hours:.2f} h "

@@ -178,6 +178,15 @@ def test_the_projection_reads_a_gpu_result_and_refuses_one_without_the_row(
     missing = ["--gpu-json", str(gpu), "--out", str(out)]  # the default variant is not in it
     assert _run_script("bench_projection.py", missing, monkeypatch) == 1
     assert "expected a bench-gpu result with a training row" in capsys.readouterr().out
+    written = set(out.iterdir())
+    for bad, message in (
+        (["--devices", "eight"], "expected comma-separated numbers"),
+        (["--devices", "0", "--link-gb-per-s", "1"], "devices: expected a value > 0, got 0"),
+    ):
+        args = ["--gpu-json", str(gpu), "--variant", "resnet50/train-ours-fast", *bad]
+        assert _run_script("bench_projection.py", [*args, "--out", str(out)], monkeypatch) == 1
+        assert message in capsys.readouterr().out
+    assert set(out.iterdir()) == written  # nothing more written
 
 
 def test_the_gpu_groups_benchmark_runs_on_the_cpu_and_checks_its_merged_networks(
