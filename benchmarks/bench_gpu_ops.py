@@ -39,7 +39,15 @@ def main() -> int:
     if set(tasks) - set(TASKS) or args.steps < 1:
         print(f"--tasks: expected some of {list(TASKS)}; --steps: expected >= 1")
         return 1
-    device = torch.device(args.device)
+    unknown = sorted(set(args.models.split(",")) - set(resnext.list_models()))
+    if unknown:
+        print(f"--models: unknown {unknown} (`resnext list` shows them all)")
+        return 1
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        print(f"--device: expected cuda, cuda:N or cpu, got {args.device!r}")
+        return 1
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device: 'cuda' asked for, but torch sees no CUDA device here")
         return 1

@@ -213,7 +213,7 @@ def test_the_gpu_groups_benchmark_runs_on_the_cpu_and_checks_its_merged_networks
 
 
 def test_the_gpu_ops_breakdown_runs_on_the_cpu(
-    bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
 ) -> None:
     import json
 
@@ -227,4 +227,11 @@ def test_the_gpu_ops_breakdown_runs_on_the_cpu(
     for task in ("train", "infer"):
         assert results[task]["resnext_tiny"]["conv 3x3 grouped"] > 0
         assert "conv 3x3 grouped" not in results[task]["resnet29_1x45d"]  # C = 1: no groups
-    assert _run_script("bench_gpu_ops.py", ["--tasks", "fly", "--out", str(out)], monkeypatch) == 1
+    for bad, message in (
+        (["--tasks", "fly"], "--tasks: expected some of"),
+        (["--models", "nope,resnet50"], "--models: unknown ['nope']"),
+        (["--device", "bogus"], "--device: expected cuda, cuda:N or cpu"),
+    ):
+        assert _run_script("bench_gpu_ops.py", [*bad, "--out", str(out)], monkeypatch) == 1
+        assert message in capsys.readouterr().out
+    assert len(list(out.iterdir())) == 1  # nothing more written
