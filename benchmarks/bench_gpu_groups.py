@@ -131,7 +131,12 @@ def main() -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"--parts: unknown {sorted(unknown)}; expected some of {list(PARTS)}")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: expected cuda, cuda:N or cpu, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: 'cuda' asked for, but torch sees no CUDA device here")
     torch.backends.cudnn.benchmark = True
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     record: dict[str, object] = {}

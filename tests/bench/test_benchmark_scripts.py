@@ -198,6 +198,8 @@ def test_the_gpu_groups_benchmark_runs_on_the_cpu_and_checks_its_merged_networks
     argv = ["--device", "cpu", "--batch", "2", "--image-size", "32", "--rounds", "1",
             "--iters", "1", "--parts", "layers,eager", "--out", str(out)]  # fmt: skip
     assert _run_script("bench_gpu_groups.py", argv, monkeypatch) == 0
+    for bad in (["--device", "bogus"], ["--parts", "fly"]):  # refused by the parser (status 2)
+        assert _run_script("bench_gpu_groups.py", [*bad, "--out", str(out)], monkeypatch) == 2
     (path,) = out.glob("bench-gpu-groups-*.json")  # rewritten after each part, one file left
     results = json.loads(path.read_text())["results"]
     for task in ("infer", "train"):
