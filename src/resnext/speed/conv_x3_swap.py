@@ -1,12 +1,14 @@
-"""Putting our float32 dense-convolution kernels in place of oneDNN's, where faster.
+"""Putting our dense-convolution kernels in place of oneDNN's, where faster.
 
-Two kernels take float32 convolutions with groups 1. On the Intel Xeon with AMX, float32
+Two kernels take float32 convolutions with groups 1, one bf16 1×1s. On the Intel Xeon with AMX, float32
 inference is bound by float32 FMAs; 95 % of ResNeXt-50's FLOPs are 1×1 convolutions, and its
 7×7 stem and ResNet-50's dense 3×3s are the rest of the dense ones. `conv_x3` computes them on
 the tile unit as three bf16 products per float32 product (~1e-5 of each product,
 `kernels/conv_x3_amx.c`). On CPUs with AVX2 FMAs and no AMX, `pointwise_fma` computes the 1×1s
 with register tiles oneDNN's float32 convolution did not match on the AMD Zen 3 it was written
-on (`kernels/pointwise_fma.c`). This pass runs on a BN-folded float32 channels_last model: it
+on (`kernels/pointwise_fma.c`). On CPUs with AVX512-BF16, `pointwise_gemm`'s product (pair dot
+products, `kernels/pointwise_gemm.c`) computes bf16 1×1s with the same epilogues. This pass runs
+on a BN-folded channels_last model of the kernel's dtype: it
 times each convolution a kernel takes both ways with what follows it (a ReLU, or a residual add
 and a ReLU, which the kernels apply in their store; in the frozen compiled graph oneDNN fuses
 them the same way), and swaps where ours is faster. Where the graph shows the residual dead
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.errors import ConfigError
-from resnext.speed import conv_x3, pointwise_fma
+from resnext.speed import conv_x3, pointwise_fma, pointwise_gemm
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.capability import cpu_flags
 from resnext.speed.fold import install_graph, module_call_counts, set_module
@@ -119,6 +121,38 @@ class FmaConv1x1(nn.Module):
         )
 
 
+class DotConv1x1(nn.Module):
+    """A bf16 stride-1 1×1 convolution with its bias, then optionally a residual add and a ReLU,
+    computed by `pointwise_gemm.conv1x1` (AVX512-BF16 pair dot products, float32 sums, one
+    rounding). `in_place` and the plain attributes as in `FmaConv1x1`."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, in_place: bool = False) -> None:
+        super().__init__()
+        if not dot_eligible(conv):
+            raise ValueError(
+                "conv: expected a bf16 stride-1 1×1 convolution the kernel takes (groups 1, no "
+                f"padding, inputs and outputs multiples of {pointwise_gemm.COLUMN_BLOCK}), got {conv}"
+            )
+        self.packed = pointwise_gemm.pack_forward(conv.weight)
+        self.bias = float_bias(conv)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.relu, self.in_place = relu, in_place
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        args = (x, self.packed, self.bias, self.relu)
+        if self.in_place and residual is not None:
+            torch.ops.resnext.pointwise_conv_bf16_(*args, residual)
+            return residual
+        return torch.ops.resnext.pointwise_conv_bf16(*args, residual)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), stride=1, bf16 dot"
+            + (", relu" if self.relu else "")
+            + (", in place" if self.in_place else "")
+        )
+
+
 def square_geometry(module: nn.Module) -> tuple[int, int, int] | None:
     """(kernel, stride, padding) of a Conv2d with groups 1, a square kernel, equal strides and
     zero padding on both axes and no dilation (what the AMX convolution kernels take), else
@@ -165,20 +199,39 @@ def fma_eligible(module: nn.Module) -> bool:
     )
 
 
+def dot_eligible(module: nn.Module) -> bool:
+    """Whether `module` is a bf16 Conv2d `pointwise_gemm.conv1x1` computes (1×1, stride 1, groups
+    1, no padding, channels multiples of 64)."""
+    return (
+        square_geometry(module) == (1, 1, 0)
+        and module.weight.dtype == torch.bfloat16
+        and pointwise_gemm.takes(module.in_channels, module.out_channels)
+    )
+
+
 @dataclass(frozen=True)
 class DenseKernel:
-    """One of our float32 dense-convolution kernels, as the pass swaps it in."""
+    """One of our dense-convolution kernels, as the pass swaps it in."""
 
     option: str  # the `optimize` option that controls it, for messages
     variant: str  # the `LayerChoice.variant` its choices start with
     eligible: Callable[[nn.Module], bool]
     module: Callable[[nn.Conv2d, bool, bool], nn.Module]  # (conv, relu, in_place)
     unavailable_reason: Callable[[], str | None]
+    dtype: torch.dtype = torch.float32  # the activations it computes
 
 
 X3 = DenseKernel("conv_x3", "bf16x3", eligible, ConvX3, lambda: conv_x3.unavailable_reason())
 FMA = DenseKernel(
     "pointwise_fma", "fma", fma_eligible, FmaConv1x1, lambda: pointwise_fma.unavailable_reason()
+)
+DOT = DenseKernel(
+    "pointwise_bf16",
+    "dot",
+    dot_eligible,
+    DotConv1x1,
+    lambda: pointwise_gemm.unavailable_reason(),
+    torch.bfloat16,
 )
 
 
@@ -186,7 +239,7 @@ class X3Tracer(KernelLeafTracer):
     """Keeps our kernel modules, these included, as single calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (ConvX3, FmaConv1x1)) or super().is_leaf_module(
+        return isinstance(m, (ConvX3, FmaConv1x1, DotConv1x1)) or super().is_leaf_module(
             m, module_qualified_name
         )
 
@@ -317,12 +370,12 @@ def _rewrite(model: nn.Module, site: _Site, fast: nn.Module) -> None:
 
 
 def _onednn_runner(
-    conv: nn.Conv2d, relu: bool, input_size: Sequence[int]
+    conv: nn.Conv2d, relu: bool, input_size: Sequence[int], dtype: torch.dtype = torch.float32
 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """The convolution and its epilogue as the frozen compiled graph runs them: oneDNN with the
     weight prepacked for this input size (as inductor packs it), the ReLU (or the add and ReLU,
     written over the residual) fused; eager ops where the prepacked op is missing."""
-    weight, bias, packed = onednn_weights(conv, torch.float32, input_size)
+    weight, bias, packed = onednn_weights(conv, dtype, input_size)
     geometry = (list(conv.padding), list(conv.stride), [1, 1], 1)
 
     def eager(x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
@@ -344,7 +397,7 @@ def _onednn_runner(
     if packed is None:
         return eager
     try:
-        probe = torch.randn(*input_size).contiguous(memory_format=torch.channels_last)
+        probe = torch.randn(*input_size, dtype=dtype).contiguous(memory_format=torch.channels_last)
         out = onednn(probe, None)
         if relu:
             onednn(probe, out.clone())
@@ -402,6 +455,23 @@ def swap_convs_fma(
     )
 
 
+def swap_convs_dot(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    in_place: bool = True,
+    repeats: int = 5,
+    timings: TimingCache | None = None,
+) -> list[LayerChoice]:
+    """Replace, in place, the bf16 stride-1 1×1 convolutions of `model` that
+    `pointwise_gemm.conv1x1` takes by `DotConv1x1`; as `swap_convs_x3` otherwise (`example`
+    bf16, variant 'dot…'). Run after the AMX block fusions, which take their 1×1s first."""
+    return swap_dense_convs(
+        model, example, DOT, mode=mode, in_place=in_place, repeats=repeats, timings=timings
+    )
+
+
 def swap_dense_convs(
     model: nn.Module,
     example: torch.Tensor,
@@ -412,12 +482,12 @@ def swap_dense_convs(
     repeats: int = 5,
     timings: TimingCache | None = None,
 ) -> list[LayerChoice]:
-    """The pass for one kernel (`X3` or `FMA`): see `swap_convs_x3`. Convolutions alike (input
+    """The pass for one kernel (`X3`, `FMA` or `DOT`): see `swap_convs_x3`. Convolutions alike (input
     shape, outputs, geometry, epilogue) are timed once and share the pick; with `timings`, times
     stored there are used instead of measured."""
     if mode not in MODES:
         raise ConfigError(f"{kernel.option}: expected one of {MODES}, got {mode!r}")
-    if mode == "off" or example.dtype != torch.float32:
+    if mode == "off" or example.dtype != kernel.dtype:
         return []
     reason = kernel.unavailable_reason()
     if reason is not None:
@@ -439,12 +509,15 @@ def _time_site(
     evict: Callable[[], None],
 ) -> list[float]:
     """oneDNN's and the kernel's ms for one site, on random inputs of its shape."""
-    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    dtype = conv.weight.dtype
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
     geometry = square_geometry(conv)
     assert geometry is not None  # eligible() checked it
     out = conv_x3.output_shape(x.shape, conv.out_channels, *geometry)
-    res = torch.randn(out).contiguous(memory_format=torch.channels_last) if site.residual else None
-    native = _onednn_runner(conv, site.relu, shape)
+    res = None
+    if site.residual:
+        res = torch.randn(out, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    native = _onednn_runner(conv, site.relu, shape, dtype)
     ways = [lambda x: native(x, res), lambda x: fast(x, res)]
     # caches cold: in the network each layer's weights arrive from memory, which cost oneDNN's
     # batch-1 1×1s more than ours (RESULTS.md, stop 28)
@@ -486,7 +559,7 @@ def _choose(
         )
         if alike not in timed:
             shape = shapes[site.name]
-            key = layer_key(kernel.variant, shape, torch.float32, *alike[1:])
+            key = layer_key(kernel.variant, shape, kernel.dtype, *alike[1:])
             measure = functools.partial(_time_site, conv, site, fast, shape, repeats, evict)
             native_ms, kernel_ms = cached(timings, key, 2, measure)
             timed[alike] = (native_ms, kernel_ms)

@@ -16,7 +16,7 @@ from resnext.errors import ConfigError
 from resnext.speed import stem_fusion
 from resnext.speed.block_fusion import fuse_blocks
 from resnext.speed.capability import bf16_supported
-from resnext.speed.conv_x3_swap import swap_convs_fma, swap_convs_x3
+from resnext.speed.conv_x3_swap import swap_convs_dot, swap_convs_fma, swap_convs_x3
 from resnext.speed.fold import fold_batchnorm
 from resnext.speed.grouped_swap import MODES, swap_grouped_convs
 from resnext.speed.merged_groups import widen_where_faster
@@ -204,6 +204,7 @@ def optimize(
     conv_x3: str = "auto",
     fuse_stem: str = "auto",
     pointwise_fma: str = "auto",
+    pointwise_bf16: str = "auto",
     merge_groups: str = "auto",
     device: torch.device | str | None = None,
     timing_cache: TimingCache | str | Path | bool | None = None,
@@ -260,6 +261,12 @@ def optimize(
     each layer both ways with the caches cold, as in the network, and keeps the faster; on a CPU
     with AVX-512 it leaves the 1×1s to oneDNN untimed. Timings: `pointwise_choices`.
 
+    `pointwise_bf16` ('auto', 'on', 'off'; bf16 on CPUs with AVX512-BF16) likewise computes the
+    stride-1 1×1s left to oneDNN (those the AMX block fusions did not take), with their
+    epilogues, as one product of AVX512-BF16 pair dot products (`pointwise_gemm.conv1x1`), which
+    splits the pixels evenly between the threads; 'auto' times each layer both ways, cold, and
+    keeps the faster. Its choices follow `pointwise_fma`'s in `pointwise_choices`.
+
     `merge_groups` ('auto', 'off'; on a GPU) computes each grouped convolution as one of fewer,
     wider groups with block-diagonal weights (`resnext.speed.merged_groups`): the same function
     for more products, which cuDNN runs faster than ResNeXt's narrow groups on some layers.
@@ -296,6 +303,7 @@ def optimize(
         "conv_x3": conv_x3,
         "fuse_stem": fuse_stem,
         "pointwise_fma": pointwise_fma,
+        "pointwise_bf16": pointwise_bf16,
     }
     for name, mode in kernels.items():
         if mode not in MODES:
@@ -342,6 +350,7 @@ def optimize(
         x3 = swap_convs_x3(work, probe, mode=conv_x3, in_place=in_place, timings=timings)
         x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)
         fma = swap_convs_fma(work, probe, mode=pointwise_fma, in_place=in_place, timings=timings)
+        fma += swap_convs_dot(work, probe, mode=pointwise_bf16, in_place=in_place, timings=timings)
         timings.save()
     elif grouped_kernel == "on":
         raise ConfigError("grouped_kernel: 'on' needs channels_last=True")

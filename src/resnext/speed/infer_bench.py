@@ -31,6 +31,7 @@ VARIANTS = (
     "inductor-nostem-fp32",
     "inductor-nostem-bf16",
     "inductor-nofma-fp32",
+    "inductor-nodot-bf16",
     "jit-fp32",
     "jit-bf16",
     "ort-fp32",
@@ -92,6 +93,7 @@ def build_runner(
         "inductor-strict",
         "inductor-nostem",
         "inductor-nofma",
+        "inductor-nodot",
         "jit",
     ):
         # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernels off);
@@ -101,6 +103,7 @@ def build_runner(
         # inductor-strict: float32 FMAs throughout (our AMX bf16×3 convolutions off);
         # inductor-nostem: the stem's convolution and pooling apart (the fused stem off);
         # inductor-nofma: oneDNN for the 1×1s our AVX2 FMA kernel would take (pointwise_fma off)
+        # inductor-nodot: oneDNN for the bf16 1×1s our dot-product kernel would take
         backend = "none" if kind == "eager-fast" else kind.split("-")[0]
         mode = "off" if kind == "inductor-onednn" else "auto"
         fn = optimize(
@@ -115,6 +118,7 @@ def build_runner(
             conv_x3="off" if kind == "inductor-strict" else "auto",
             fuse_stem="off" if kind in ("inductor-strict", "inductor-nostem") else "auto",
             pointwise_fma="off" if kind == "inductor-nofma" else "auto",
+            pointwise_bf16="off" if kind == "inductor-nodot" else "auto",
         )
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from resnext import native
+from resnext.speed import operators
 
 SOURCE = Path(__file__).with_name("kernels") / "pointwise_gemm.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
@@ -34,8 +35,10 @@ def _library() -> ctypes.CDLL:
     for pack in (lib.pack_pairs_rows, lib.pack_pairs_cols):
         pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 3
     lib.pointwise_wgrad_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_int] * 3
+    lib.pointwise_conv_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 4
     for fn in (
         lib.pointwise_gemm_bf16,
+        lib.pointwise_conv_bf16,
         lib.pack_pairs_rows,
         lib.pack_pairs_cols,
         lib.pointwise_wgrad_bf16,
@@ -166,3 +169,92 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     if rc != 0:
         raise ValueError(f"pointwise_wgrad refused x {tuple(x.shape)}, grad {tuple(grad.shape)}")
     return dw
+
+
+def _check_bf16_4d(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if t.dtype != torch.bfloat16 or tuple(t.shape) != shape or t.device.type != "cpu":
+        raise ValueError(
+            f"{name}: expected a bfloat16 CPU tensor of shape {shape}, got {t.dtype} "
+            f"{tuple(t.shape)} on {t.device}"
+        )
+
+
+def conv1x1(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+    in_place: bool = False,
+) -> torch.Tensor:
+    """``relu?(conv2d(x, w, bias) + residual)`` in bf16 (float32 sums, one rounding) for a
+    stride-1 1×1 weight `w` with `packed` = pack_forward(w) and a float32 `bias`; written over
+    `residual` (channels_last, then returned) if `in_place`. For inference: no gradient."""
+    operators.check_no_grad("pointwise_conv_bf16", x, residual)
+    _check_activation("x", x)
+    n, k, h, w = x.shape
+    if packed.dtype != torch.bfloat16 or packed.dim() != 3 or packed.shape[0] * 2 != k:
+        raise ValueError(
+            f"packed: expected a pack_forward weight ({k // 2}, C, 2) for x with {k} channels, "
+            f"got {packed.dtype} {tuple(packed.shape)}"
+        )
+    c = packed.shape[1]
+    operators.check_bias(bias, c)
+    if bias is None:
+        raise ValueError(f"bias: expected {c} float32 values, got None")
+    shape = (n, c, h, w)
+    if residual is not None:
+        _check_bf16_4d("residual", residual, shape)
+    if in_place:
+        if residual is None or not residual.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError("residual: writing in place needs a channels_last residual")
+        if operators.overlap(x, residual):
+            raise ValueError("residual: must not share memory with x when written in place")
+        y = residual
+    else:
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+        y = torch.empty(shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if y.numel():
+        rc = _library().pointwise_conv_bf16(
+            x.data_ptr(), packed.data_ptr(), bias.contiguous().data_ptr(),
+            None if residual is None else residual.data_ptr(), y.data_ptr(),
+            n * h * w, k, c, int(relu), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(f"pointwise_conv_bf16 refused x {tuple(x.shape)} → {c} channels")
+    return y
+
+
+def _conv_in_place(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, relu: bool, residual: torch.Tensor
+) -> None:
+    conv1x1(x, packed, bias, relu, residual, in_place=True)
+
+
+def _conv_fake(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    relu: bool,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    n, _, h, w = x.shape
+    shape = (n, packed.shape[1], h, w)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def _conv_fake_in_place(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, relu: bool, residual: torch.Tensor
+) -> None:
+    return None
+
+
+_ARGS = "Tensor x, Tensor packed, Tensor bias, bool relu"
+operators.define(f"pointwise_conv_bf16({_ARGS}, Tensor? residual) -> Tensor", conv1x1, _conv_fake)
+operators.define(
+    f"pointwise_conv_bf16_({_ARGS}, Tensor(a!) residual) -> ()",
+    _conv_in_place,
+    _conv_fake_in_place,
+)

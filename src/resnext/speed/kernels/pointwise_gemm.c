@@ -28,6 +28,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "bf16_io.h"
 
 #define MR 6
 #define NV 4 /* 16-lane registers per tile row */
@@ -58,7 +59,9 @@ static inline __attribute__((always_inline)) void dot_pairs(__m512 acc[MR][NV],
  * the matrix) and are not stored. */
 static inline __attribute__((always_inline)) void tile(const uint16_t *a, long lda,
                                                        const uint16_t *bp, long n_total, int K,
-                                                       uint16_t *y, long ldy, int rows) {
+                                                       uint16_t *y, long ldy, int rows,
+                                                       const float *bias, const uint16_t *res,
+                                                       int relu) {
   const uint16_t *arow[MR];
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
@@ -74,6 +77,21 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *a, long l
     _mm_prefetch((const char *)(a + (i + MR) * lda), _MM_HINT_T0);
   }
   dot_pairs(acc, arow, 2, bp, 2 * n_total, K / 2);
+  if (bias) { /* a convolution's epilogue: + bias (+ residual), ReLU, then one rounding */
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; i++) {
+      if (i >= rows) break;
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) {
+        acc[i][j] = _mm512_add_ps(acc[i][j], _mm512_loadu_ps(bias + 16 * j));
+        if (res) {
+          const __m256i r = _mm256_loadu_si256((const __m256i *)(res + i * ldy + 16 * j));
+          acc[i][j] = _mm512_add_ps(acc[i][j], widen_bf16(r));
+        }
+        if (relu) acc[i][j] = _mm512_max_ps(acc[i][j], _mm512_setzero_ps());
+      }
+    }
+  }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; i++) {
     if (i >= rows) break;
@@ -87,8 +105,11 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *a, long l
 }
 
 /* Returns 0, or 1 if the shape is not one this kernel takes (N % 64, K odd, K < 2, bad sizes). */
-int pointwise_gemm_bf16(const uint16_t *a, long lda, const uint16_t *bp, uint16_t *y, long ldy,
-                        long M, int K, int N, int threads) {
+/* The product over every row, each thread a contiguous, equal share of the tiles; with `bias`,
+ * each stored value is relu?(sum + bias[n] + res[m][n]) (res, row stride ldy, may be NULL or y:
+ * a tile reads its residual before it writes there). */
+static int product(const uint16_t *a, long lda, const uint16_t *bp, uint16_t *y, long ldy, long M,
+                   int K, int N, const float *bias, const uint16_t *res, int relu, int threads) {
   if (M < 0 || K < 2 || K % 2 || N < NR || N % NR || lda < K || ldy < N || threads < 1) return 1;
 #pragma omp parallel num_threads(threads)
   {
@@ -100,12 +121,31 @@ int pointwise_gemm_bf16(const uint16_t *a, long lda, const uint16_t *bp, uint16_
     for (long m0 = r0; m0 < r1; m0 += MC) {
       const long m1 = m0 + MC < r1 ? m0 + MC : r1;
       for (int n0 = 0; n0 < N; n0 += NR)
-        for (long m = m0; m < m1; m += MR)
-          tile(a + m * lda, lda, bp + 2 * (long)n0, N, K, y + m * ldy + n0, ldy,
-               m1 - m < MR ? (int)(m1 - m) : MR);
+        for (long m = m0; m < m1; m += MR) {
+          const int rows = m1 - m < MR ? (int)(m1 - m) : MR;
+          if (bias)
+            tile(a + m * lda, lda, bp + 2 * (long)n0, N, K, y + m * ldy + n0, ldy, rows,
+                 bias + n0, res ? res + m * ldy + n0 : 0, relu);
+          else /* the plain product, as the training step uses it */
+            tile(a + m * lda, lda, bp + 2 * (long)n0, N, K, y + m * ldy + n0, ldy, rows, 0, 0, 0);
+        }
     }
   }
   return 0;
+}
+
+int pointwise_gemm_bf16(const uint16_t *a, long lda, const uint16_t *bp, uint16_t *y, long ldy,
+                        long M, int K, int N, int threads) {
+  return product(a, lda, bp, y, ldy, M, K, N, 0, 0, 0, threads);
+}
+
+/* A stride-1 1x1 convolution for inference: y = relu?(a b + bias + res), rows of K and N values
+ * (channels-last pixels), res NULL or N-value rows (may be y itself). Returns as the product. */
+int pointwise_conv_bf16(const uint16_t *a, const uint16_t *bp, const float *bias,
+                        const uint16_t *res, uint16_t *y, long M, int K, int N, int relu,
+                        int threads) {
+  if (!bias) return 1;
+  return product(a, K, bp, y, N, M, K, N, bias, res, relu, threads);
 }
 
 /* 32 consecutive values of a weight row as bf16 (rounded to nearest even from float32). */

@@ -1,0 +1,254 @@
+"""bf16 1×1 convolutions for inference on `pointwise_gemm`'s dot-product kernel: the epilogue
+(bias, residual, ReLU, one rounding) against float64 within a bound from the arithmetic, the
+in-place write, its errors, and `optimize`'s pass that swaps it in where faster."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from block_nets import Bottleneck
+from tensor_checks import nhwc, rel_err
+from torch import nn
+
+import resnext
+from resnext.errors import ConfigError
+from resnext.speed import pointwise_gemm
+from resnext.speed.conv_x3_swap import DotConv1x1, dot_eligible, swap_convs_dot
+from resnext.speed.fastpath import optimize
+
+REASON = pointwise_gemm.unavailable_reason()
+needs_dot = pytest.mark.skipif(REASON is not None, reason=f"bf16 dot kernel unavailable: {REASON}")
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return nhwc(t.to(torch.bfloat16))
+
+
+def _reference(x, w, b, r, relu):
+    """The float64 result on the bf16 operands, and each output's error bound: float32 sums of
+    K products, the bias and the residual (each step at most 2^-24 of the running magnitude,
+    Higham's recursive-summation bound), then one rounding to bf16 (at most 2^-8 of the value:
+    8 significant bits, to nearest)."""
+    w64 = w.to(torch.bfloat16).double()
+    exact = F.conv2d(x.double(), w64, b.double())
+    mags = F.conv2d(x.double().abs(), w64.abs(), b.double().abs())
+    if r is not None:
+        exact, mags = exact + r.double(), mags + r.double().abs()
+    if relu:
+        exact = exact.clamp(min=0)
+    summed = (w.shape[1] + 3) * 2.0**-24 * mags
+    return exact, summed + 2.0**-8 * (exact.abs() + summed)
+
+
+CASES = [
+    # n, cin, cout, h, w, relu, residual, in_place
+    (1, 64, 64, 1, 1, False, False, False),  # one pixel: a tile of 1 row
+    (2, 128, 192, 5, 7, True, False, False),  # 70 pixels: a short last tile; 3 column strips
+    (3, 256, 128, 7, 7, True, True, False),
+    (2, 64, 256, 9, 11, True, True, True),  # written over the residual
+    (1, 1024, 64, 3, 5, False, True, True),  # a long reduction, no ReLU
+]
+
+
+@needs_dot
+@pytest.mark.parametrize("n,cin,cout,h,w,relu,residual,in_place", CASES)
+def test_matches_float64_within_the_bound_of_float32_sums_and_one_rounding(
+    n: int, cin: int, cout: int, h: int, w: int, relu: bool, residual: bool, in_place: bool
+) -> None:
+    torch.manual_seed(cin + cout + h)
+    x = _bf16(torch.randn(n, cin, h, w))
+    weight = torch.randn(cout, cin, 1, 1) / cin**0.5
+    bias = torch.randn(cout)
+    r = _bf16(torch.randn(n, cout, h, w)) if residual else None
+    want, bound = _reference(x, weight, bias, r, relu)
+    given = None if r is None else r.clone()
+    before = x.clone()
+    with torch.no_grad():
+        got = pointwise_gemm.conv1x1(
+            x, pointwise_gemm.pack_forward(weight), bias, relu, given, in_place
+        )
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert ((got.double() - want).abs() <= bound).all()
+    assert torch.equal(x, before)
+    if in_place:
+        assert got.data_ptr() == given.data_ptr()
+    elif r is not None:
+        assert torch.equal(given, r)  # read, not written
+
+
+@needs_dot
+def test_the_operators_match_the_function_and_write_in_place() -> None:
+    torch.manual_seed(1)
+    x = _bf16(torch.randn(2, 64, 4, 6))
+    packed, bias = pointwise_gemm.pack_forward(torch.randn(128, 64, 1, 1) / 8), torch.randn(128)
+    r = _bf16(torch.randn(2, 128, 4, 6))
+    with torch.no_grad():
+        want = pointwise_gemm.conv1x1(x, packed, bias, True, r)
+        assert torch.equal(torch.ops.resnext.pointwise_conv_bf16(x, packed, bias, True, r), want)
+        torch.ops.resnext.pointwise_conv_bf16_(x, packed, bias, True, r)
+    assert torch.equal(r, want)
+
+
+def _args() -> dict:
+    return {
+        "x": _bf16(torch.randn(1, 64, 2, 2)),
+        "packed": pointwise_gemm.pack_forward(torch.randn(64, 64, 1, 1)),
+        "bias": torch.randn(64),
+        "relu": True,
+        "residual": None,
+        "in_place": False,
+    }
+
+
+@needs_dot
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: {**a, "x": a["x"].float()}, "x: expected a 4-D bfloat16"),
+        (lambda a: {**a, "x": _bf16(torch.randn(1, 128, 2, 2))}, "packed: expected a pack_forward"),
+        (lambda a: {**a, "bias": torch.randn(32)}, "bias: expected 64 float32 values"),
+        (lambda a: {**a, "bias": None}, "bias: expected 64 float32 values, got None"),
+        (lambda a: {**a, "residual": _bf16(torch.randn(1, 64, 3, 2))}, "residual: expected"),
+        (lambda a: {**a, "residual": torch.randn(1, 64, 2, 2)}, "residual: expected a bfloat16"),
+        (lambda a: {**a, "in_place": True}, "residual: writing in place needs"),
+        (
+            lambda a: {**a, "residual": a["x"], "in_place": True},
+            "residual: must not share memory with x",
+        ),
+    ],
+)
+def test_bad_inputs_are_refused_by_name(change: Callable[[dict], dict], message: str) -> None:
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        pointwise_gemm.conv1x1(**change(_args()))
+
+
+@needs_dot
+def test_an_input_that_needs_a_gradient_is_refused() -> None:
+    args = _args()
+    args["x"].requires_grad_(True)
+    with pytest.raises(ValueError, match="pointwise_conv_bf16: an inference kernel"):
+        pointwise_gemm.conv1x1(**args)
+
+
+def test_only_bf16_stride_1_1x1s_with_channels_in_64s_are_eligible() -> None:
+    assert dot_eligible(nn.Conv2d(64, 128, 1).bfloat16())
+    assert not dot_eligible(nn.Conv2d(64, 128, 1))  # float32
+    assert not dot_eligible(nn.Conv2d(64, 128, 1, stride=2).bfloat16())
+    assert not dot_eligible(nn.Conv2d(64, 96, 1).bfloat16())  # outputs not in 64s
+    assert not dot_eligible(nn.Conv2d(32, 128, 1).bfloat16())
+    assert not dot_eligible(nn.Conv2d(64, 128, 3).bfloat16())
+    assert not dot_eligible(nn.Conv2d(64, 128, 1, groups=2).bfloat16())
+    with pytest.raises(ValueError, match="conv: expected a bf16 stride-1 1×1 convolution"):
+        DotConv1x1(nn.Conv2d(64, 128, 1))
+
+
+class _Net(nn.Module):
+    """A 3×3 stem, then bottlenecks with channels in 64s: a stride-1 projection, an identity
+    shortcut, and a stride-2 projection (which the kernel leaves to oneDNN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.blocks = nn.Sequential(
+            Bottleneck(64, 64, 128, 1), Bottleneck(128, 64, 128, 1), Bottleneck(128, 64, 256, 2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+@needs_dot
+def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() -> None:
+    torch.manual_seed(10)
+    model = _Net().eval().bfloat16()
+    x = _bf16(torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        want = model(x)
+    choices = swap_convs_dot(model, x, mode="on")
+    assert {c.name: c.variant for c in choices} == {
+        "blocks.0.downsample.0": "dot",  # its add is the later 1×1's
+        "blocks.0.conv1": "dot+relu",
+        "blocks.0.conv3": "dot+add+relu, in place",  # over the projection's output
+        "blocks.1.conv1": "dot+relu",
+        "blocks.1.conv3": "dot+add+relu, in place",  # over x: read by conv1 before, then dead
+        "blocks.2.conv1": "dot+relu",  # conv3 and the projection have stride 2
+    }
+    assert sum(isinstance(m, DotConv1x1) for m in model.modules()) == 6
+    before = x.clone()
+    with torch.no_grad():
+        assert rel_err(model(x), want) < 2e-2  # bf16 roundings in another order
+    assert torch.equal(x, before)
+
+
+@needs_dot
+@pytest.mark.parametrize("backend", ["none", "inductor"])
+def test_optimize_swaps_every_eligible_1x1_and_computes_the_same_function(
+    backend: str, randomize_bn: Callable[[nn.Module], None]
+) -> None:
+    torch.manual_seed(11)
+    model = resnext.create_model("resnext29_4x16d").eval()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    options = {"backend": backend, "example_input": x}
+    fast = optimize(model, "bf16", pointwise_bf16="on", **options)
+    plain = optimize(model, "bf16", pointwise_bf16="off", **options)
+    ones = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1)
+    ]
+    dots = [c for c in fast.pointwise_choices if c.variant.startswith("dot")]
+    assert sorted(c.name for c in dots) == sorted(ones)
+    assert all(c.chosen == "kernel" for c in dots)
+    assert not any(c.variant.startswith("dot") for c in plain.pointwise_choices)
+    fresh = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want, got, same = model(fresh), fast(fresh), plain(fresh)
+    assert rel_err(got, same) < 2e-2  # only the 1×1s' float32 summation order differs
+    assert rel_err(got, want) < 5e-2  # bf16 against the float32 model
+
+
+@needs_dot
+def test_auto_keeps_the_faster_way_of_each_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resnext.speed.conv_x3_swap as swap
+
+    def ours_faster_with_a_residual(fns, x, repeats, before=None):
+        fns[0](x)  # oneDNN's way runs (it would fail on a wrong shape)
+        return [2.0, 1.0] if x.shape[1] == 64 and x.shape[2] == 8 else [1.0, 2.0]
+
+    monkeypatch.setattr(swap, "time_each_ms", ours_faster_with_a_residual)
+    model = _Net().eval().bfloat16()
+    x = _bf16(torch.randn(1, 3, 8, 8))
+    choices = swap_convs_dot(model, x, mode="auto")
+    chosen = {c.name: c.chosen for c in choices}
+    # 64-channel inputs at 8²: blocks.0's conv1 and projection, each block's conv3
+    assert chosen == {
+        "blocks.0.downsample.0": "kernel",
+        "blocks.0.conv1": "kernel",
+        "blocks.0.conv3": "kernel",
+        "blocks.1.conv1": "native",
+        "blocks.1.conv3": "kernel",
+        "blocks.2.conv1": "native",
+    }
+    swapped = {n for n, m in model.named_modules() if isinstance(m, DotConv1x1)}
+    assert swapped == {n for n, c in chosen.items() if c == "kernel"}
+
+
+def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 64, 1), nn.ReLU())).eval().bfloat16()
+    x = _bf16(torch.randn(1, 64, 4, 4))
+    assert swap_convs_dot(model, x, mode="off") == []
+    assert swap_convs_dot(model, x.float(), mode="on") == []  # bf16 only
+    with pytest.raises(ConfigError, match="pointwise_bf16: expected one of"):
+        swap_convs_dot(model, x, mode="always")
+    with pytest.raises(ConfigError, match="pointwise_bf16: expected one of"):
+        optimize(model, "fp32", backend="none", pointwise_bf16="yes")
+    # as on a CPU without AVX512-BF16: oneDNN's path stays, silently, unless 'on' asks for ours
+    monkeypatch.setattr(pointwise_gemm, "unavailable_reason", lambda: "lacks ['avx512_bf16']")
+    assert swap_convs_dot(model, x, mode="auto") == []
+    assert isinstance(model[0][0], nn.Conv2d)
+    with pytest.raises(ConfigError, match=r"pointwise_bf16: 'on' but .* cannot run here"):
+        swap_convs_dot(model, x, mode="on")
