@@ -68,7 +68,7 @@ def test_matches_float64_within_the_bound_of_float32_sums_and_one_rounding(
     before = x.clone()
     with torch.no_grad():
         got = pointwise_gemm.conv1x1(
-            x, pointwise_gemm.pack_forward(weight), bias, relu, given, in_place
+            x, pointwise_gemm.pack_conv(weight), bias, relu, given, in_place
         )
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
     assert ((got.double() - want).abs() <= bound).all()
@@ -83,7 +83,7 @@ def test_matches_float64_within_the_bound_of_float32_sums_and_one_rounding(
 def test_the_operators_match_the_function_and_write_in_place() -> None:
     torch.manual_seed(1)
     x = _bf16(torch.randn(2, 64, 4, 6))
-    packed, bias = pointwise_gemm.pack_forward(torch.randn(128, 64, 1, 1) / 8), torch.randn(128)
+    packed, bias = pointwise_gemm.pack_conv(torch.randn(128, 64, 1, 1) / 8), torch.randn(128)
     r = _bf16(torch.randn(2, 128, 4, 6))
     with torch.no_grad():
         want = pointwise_gemm.conv1x1(x, packed, bias, True, r)
@@ -95,7 +95,7 @@ def test_the_operators_match_the_function_and_write_in_place() -> None:
 def _args() -> dict:
     return {
         "x": _bf16(torch.randn(1, 64, 2, 2)),
-        "packed": pointwise_gemm.pack_forward(torch.randn(64, 64, 1, 1)),
+        "packed": pointwise_gemm.pack_conv(torch.randn(64, 64, 1, 1)),
         "bias": torch.randn(64),
         "relu": True,
         "residual": None,
@@ -108,7 +108,7 @@ def _args() -> dict:
     "change,message",
     [
         (lambda a: {**a, "x": a["x"].float()}, "x: expected a 4-D bfloat16"),
-        (lambda a: {**a, "x": _bf16(torch.randn(1, 128, 2, 2))}, "packed: expected a pack_forward"),
+        (lambda a: {**a, "x": _bf16(torch.randn(1, 128, 2, 2))}, "packed: expected a pack_conv"),
         (lambda a: {**a, "bias": torch.randn(32)}, "bias: expected 64 float32 values"),
         (lambda a: {**a, "bias": None}, "bias: expected 64 float32 values, got None"),
         (lambda a: {**a, "residual": _bf16(torch.randn(1, 64, 3, 2))}, "residual: expected"),

@@ -133,7 +133,7 @@ class DotConv1x1(nn.Module):
                 "conv: expected a bf16 stride-1 1×1 convolution the kernel takes (groups 1, no "
                 f"padding, inputs and outputs multiples of {pointwise_gemm.COLUMN_BLOCK}), got {conv}"
             )
-        self.packed = pointwise_gemm.pack_forward(conv.weight)
+        self.packed = pointwise_gemm.pack_conv(conv.weight)
         self.bias = float_bias(conv)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.relu, self.in_place = relu, in_place

@@ -179,6 +179,14 @@ def _check_bf16_4d(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
         )
 
 
+def pack_conv(weight: torch.Tensor) -> torch.Tensor:
+    """`conv1x1`'s bf16 operand (C_out/64, C_in/2, 64, 2) from a (C_out, C_in, 1, 1) weight:
+    `pack_forward`'s pairs, each 64-column strip stored whole, so that it streams in one run."""
+    pairs = pack_forward(weight)
+    k2, n, _ = pairs.shape
+    return pairs.reshape(k2, n // COLUMN_BLOCK, COLUMN_BLOCK, 2).transpose(0, 1).contiguous()
+
+
 def conv1x1(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -188,17 +196,23 @@ def conv1x1(
     in_place: bool = False,
 ) -> torch.Tensor:
     """``relu?(conv2d(x, w, bias) + residual)`` in bf16 (float32 sums, one rounding) for a
-    stride-1 1×1 weight `w` with `packed` = pack_forward(w) and a float32 `bias`; written over
+    stride-1 1×1 weight `w` with `packed` = pack_conv(w) and a float32 `bias`; written over
     `residual` (channels_last, then returned) if `in_place`. For inference: no gradient."""
     operators.check_no_grad("pointwise_conv_bf16", x, residual)
     _check_activation("x", x)
     n, k, h, w = x.shape
-    if packed.dtype != torch.bfloat16 or packed.dim() != 3 or packed.shape[0] * 2 != k:
+    if (
+        packed.dtype != torch.bfloat16
+        or packed.dim() != 4
+        or packed.shape[1:] != (k // 2, COLUMN_BLOCK, 2)
+        or k % 2
+        or not packed.is_contiguous()
+    ):
         raise ValueError(
-            f"packed: expected a pack_forward weight ({k // 2}, C, 2) for x with {k} channels, "
-            f"got {packed.dtype} {tuple(packed.shape)}"
+            f"packed: expected a pack_conv weight (C/{COLUMN_BLOCK}, {k // 2}, {COLUMN_BLOCK}, 2) "
+            f"for x with {k} channels, got {packed.dtype} {tuple(packed.shape)}"
         )
-    c = packed.shape[1]
+    c = packed.shape[0] * COLUMN_BLOCK
     operators.check_bias(bias, c)
     if bias is None:
         raise ValueError(f"bias: expected {c} float32 values, got None")
@@ -241,7 +255,7 @@ def _conv_fake(
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
     n, _, h, w = x.shape
-    shape = (n, packed.shape[1], h, w)
+    shape = (n, packed.shape[0] * COLUMN_BLOCK, h, w)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 

@@ -34,6 +34,9 @@
 #define NV 4 /* 16-lane registers per tile row */
 #define NR (16 * NV)
 #define MC 48
+#ifndef COLUMN_SPLIT_ROWS /* -D overrides are for timing other values */
+#define COLUMN_SPLIT_ROWS 256
+#endif
 
 /* acc[i][.] += sum over kp pairs of (a pair of row i) * (64 columns of b), the pairs of row i
  * at a[i], a[i] + a_step, ... and the column pairs at b, b + b_step, ... (in bf16 elements). */
@@ -58,7 +61,7 @@ static inline __attribute__((always_inline)) void dot_pairs(__m512 acc[MR][NV],
 /* One MR x NR tile of y over all of K. Rows past `rows` repeat the last row's a (no reads beyond
  * the matrix) and are not stored. */
 static inline __attribute__((always_inline)) void tile(const uint16_t *a, long lda,
-                                                       const uint16_t *bp, long n_total, int K,
+                                                       const uint16_t *b, long b_step, int K,
                                                        uint16_t *y, long ldy, int rows,
                                                        const float *bias, const uint16_t *res,
                                                        int relu) {
@@ -76,7 +79,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *a, long l
     _m_prefetchw(y + (i + MR) * ldy);
     _mm_prefetch((const char *)(a + (i + MR) * lda), _MM_HINT_T0);
   }
-  dot_pairs(acc, arow, 2, bp, 2 * n_total, K / 2);
+  dot_pairs(acc, arow, 2, b, b_step, K / 2);
   if (bias) { /* a convolution's epilogue: + bias (+ residual), ReLU, then one rounding */
 #pragma GCC unroll 8
     for (int i = 0; i < MR; i++) {
@@ -105,29 +108,41 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *a, long l
 }
 
 /* Returns 0, or 1 if the shape is not one this kernel takes (N % 64, K odd, K < 2, bad sizes). */
-/* The product over every row, each thread a contiguous, equal share of the tiles; with `bias`,
- * each stored value is relu?(sum + bias[n] + res[m][n]) (res, row stride ldy, may be NULL or y:
- * a tile reads its residual before it writes there). */
-static int product(const uint16_t *a, long lda, const uint16_t *bp, uint16_t *y, long ldy, long M,
-                   int K, int N, const float *bias, const uint16_t *res, int relu, int threads) {
+/* The product over every row, each thread a contiguous, equal share of the tiles (of the column
+ * strips, for few rows). b is bp[K/2][N][2] for the plain product; `strip_major` (the inference
+ * convolution's) takes it as pointwise_conv_bf16 does, with `bias`: each stored value is then
+ * relu?(sum + bias[n] + res[m][n]) (res, row stride ldy, may be NULL or y: a tile reads its
+ * residual before it writes there). */
+static int product(const uint16_t *a, long lda, const uint16_t *bp, int strip_major, uint16_t *y,
+                   long ldy, long M, int K, int N, const float *bias, const uint16_t *res,
+                   int relu, int threads) {
   if (M < 0 || K < 2 || K % 2 || N < NR || N % NR || lda < K || ldy < N || threads < 1) return 1;
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    const long tiles = (M + MR - 1) / MR;
-    const long r0 = tiles * t / T * MR;
-    long r1 = tiles * (t + 1) / T * MR;
-    if (r1 > M) r1 = M;
+    const long tiles = (M + MR - 1) / MR, strips = N / NR;
+    long r0 = 0, r1 = M, s0 = 0, s1 = strips;
+    if (M < COLUMN_SPLIT_ROWS && strips >= T) {
+      /* Few rows (a 7x7 or 14x14 map at batch 1): each thread takes its share of the column
+       * strips over all rows, so that each reads only its part of the weights, which then come
+       * from memory; split by rows, every thread would read all of them. */
+      s0 = strips * t / T;
+      s1 = strips * (t + 1) / T;
+    } else {
+      r0 = tiles * t / T * MR;
+      r1 = tiles * (t + 1) / T * MR;
+      if (r1 > M) r1 = M;
+    }
     for (long m0 = r0; m0 < r1; m0 += MC) {
       const long m1 = m0 + MC < r1 ? m0 + MC : r1;
-      for (int n0 = 0; n0 < N; n0 += NR)
+      for (long n0 = s0 * NR; n0 < s1 * NR; n0 += NR)
         for (long m = m0; m < m1; m += MR) {
           const int rows = m1 - m < MR ? (int)(m1 - m) : MR;
-          if (bias)
-            tile(a + m * lda, lda, bp + 2 * (long)n0, N, K, y + m * ldy + n0, ldy, rows,
+          if (strip_major) /* the inference convolution's packing, with its epilogue */
+            tile(a + m * lda, lda, bp + n0 * K, 2 * NR, K, y + m * ldy + n0, ldy, rows,
                  bias + n0, res ? res + m * ldy + n0 : 0, relu);
           else /* the plain product, as the training step uses it */
-            tile(a + m * lda, lda, bp + 2 * (long)n0, N, K, y + m * ldy + n0, ldy, rows, 0, 0, 0);
+            tile(a + m * lda, lda, bp + 2 * n0, 2L * N, K, y + m * ldy + n0, ldy, rows, 0, 0, 0);
         }
     }
   }
@@ -136,16 +151,19 @@ static int product(const uint16_t *a, long lda, const uint16_t *bp, uint16_t *y,
 
 int pointwise_gemm_bf16(const uint16_t *a, long lda, const uint16_t *bp, uint16_t *y, long ldy,
                         long M, int K, int N, int threads) {
-  return product(a, lda, bp, y, ldy, M, K, N, 0, 0, 0, threads);
+  return product(a, lda, bp, 0, y, ldy, M, K, N, 0, 0, 0, threads);
 }
 
 /* A stride-1 1x1 convolution for inference: y = relu?(a b + bias + res), rows of K and N values
- * (channels-last pixels), res NULL or N-value rows (may be y itself). Returns as the product. */
-int pointwise_conv_bf16(const uint16_t *a, const uint16_t *bp, const float *bias,
+ * (channels-last pixels), res NULL or N-value rows (may be y itself). `bs` holds b strip by
+ * strip, bs[N/64][K/2][64][2], so that each strip's weights are one contiguous run: at batch 1
+ * they come from memory, and strided pair rows (the product's layout) streamed at a fraction of
+ * the bandwidth (7x7 layers took 1.3x oneDNN's time, caches cold). Returns as the product. */
+int pointwise_conv_bf16(const uint16_t *a, const uint16_t *bs, const float *bias,
                         const uint16_t *res, uint16_t *y, long M, int K, int N, int relu,
                         int threads) {
   if (!bias) return 1;
-  return product(a, K, bp, y, N, M, K, N, bias, res, relu, threads);
+  return product(a, K, bs, 1, y, N, M, K, N, bias, res, relu, threads);
 }
 
 /* 32 consecutive values of a weight row as bf16 (rounded to nearest even from float32). */
