@@ -1,0 +1,114 @@
+"""bf16 1×1 convolutions for inference: oneDNN (as the frozen graph runs it) vs our dot-product kernel.
+
+Usage: .venv/bin/python benchmarks/bench_pointwise_bf16.py [--batch 16] [--rounds 7]
+           [--models resnext50_32x4d,resnet50]
+
+Every distinct stride-1 1×1 convolution of the models that `pointwise_gemm.conv1x1` takes (input
+shape, outputs, and whether a residual add follows, taken from the models themselves) is timed
+both ways with its epilogue, interleaved: oneDNN's fused op on the weight prepacked for the
+input size, as inductor packs it, and ours on `pack_conv`'s weight; a block's last 1×1 adds and
+applies the ReLU over its residual in place, the others apply a ReLU into a new output. Caches
+are warm here (`optimize`'s chooser times each layer cold instead, as a network's batch-1 layers
+find their weights in memory). Weighted by how often each model has each: the models' whole
+stride-1 1×1 time a batch, oneDNN's against ours.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+
+import bench_args
+from bench_pointwise_fma import Shape, label, model_shapes
+from resnext.speed import pointwise_gemm
+from resnext.speed.allocator import keep_freed_memory
+from resnext.speed.conv_x3_swap import _onednn_runner
+from resnext.speed.measure import interleaved
+from resnext.speed.provenance import write_results
+
+
+def taken(counts: Counter[Shape]) -> Counter[Shape]:
+    """The shapes the kernel takes (stride 1, channels in 64s)."""
+    return Counter(
+        {s: k for s, k in counts.items() if s[5] == 1 and pointwise_gemm.takes(s[1], s[2])}
+    )
+
+
+def shape_variants(shape: Shape) -> dict[str, tuple]:
+    """oneDNN's and our way of one shape, as `interleaved` takes them."""
+    n, cin, cout, h, w, _, add = shape
+    conv = nn.Conv2d(cin, cout, 1).eval().requires_grad_(False)
+    x = torch.randn(n, cin, h, w, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last
+    )
+    res = None
+    if add:  # written over in place, as in the graph: its values drift from call to call
+        res = torch.randn(n, cout, h, w, dtype=torch.bfloat16)
+        res = res.contiguous(memory_format=torch.channels_last)
+    onednn = _onednn_runner(conv, True, tuple(x.shape), torch.bfloat16)
+    packed = pointwise_gemm.pack_conv(conv.weight)
+    bias = conv.bias.detach().to(torch.bfloat16).float()  # the bf16 model's bias
+
+    def native() -> object:
+        return onednn(x, res)
+
+    def ours() -> object:
+        if res is None:
+            return torch.ops.resnext.pointwise_conv_bf16(x, packed, bias, True, None)
+        torch.ops.resnext.pointwise_conv_bf16_(x, packed, bias, True, res)
+        return res
+
+    return {"onednn": (native, n), "ours": (ours, n)}
+
+
+def main() -> int:
+    parser = bench_args.parser(__doc__, batch=16, rounds=7, models="resnext50_32x4d,resnet50")
+    args = parser.parse_args()
+    kept = keep_freed_memory()  # as `resnext bench` runs
+    print(f"allocator: glibc, freed memory {'kept' if kept else 'returned (not glibc?)'}")
+    reason = pointwise_gemm.unavailable_reason()
+    if reason is not None:
+        print(f"the kernel cannot run here: {reason}")
+        return 1
+    per_model = {name: taken(model_shapes(name, args.batch)) for name in args.models.split(",")}
+    shapes = sorted({s for counts in per_model.values() for s in counts}, key=lambda s: s[1:])
+    layers: dict[str, dict[str, dict[str, float]]] = {}
+    with torch.no_grad():
+        for shape in shapes:
+            n, cin, cout, h, w, _, _ = shape
+            flops = 2 * n * cin * cout * h * w
+            timings = interleaved(shape_variants(shape), rounds=args.rounds, iters=3)
+            key = label(shape)
+            layers[key] = {
+                v: {"median_ms": 1e3 * t.median_s, "gflops": flops / t.median_s / 1e9}
+                for v, t in timings.items()
+            }
+            base = layers[key]["onednn"]["median_ms"]
+            row = "  ".join(
+                f"{v} {r['median_ms']:.3f} ms ({r['gflops']:.0f} GFLOP/s, "
+                f"{base / r['median_ms']:.2f}×)"
+                for v, r in layers[key].items()
+            )
+            print(f"{key:32s} {row}", flush=True)
+    totals: dict[str, dict[str, float]] = {}
+    for name, counts in per_model.items():
+        totals[name] = {
+            v: sum(layers[label(s)][v]["median_ms"] * k for s, k in counts.items())
+            for v in ("onednn", "ours")
+        }
+        base = totals[name]["onednn"]
+        print(
+            f"{name}: its {sum(counts.values())} stride-1 1×1s a batch: "
+            + ", ".join(f"{v} {ms:.1f} ms ({base / ms:.3f}×)" for v, ms in totals[name].items())
+        )
+    path = write_results(
+        args.out, "bench-pointwise-bf16", vars(args), {"layers": layers, "totals": totals}
+    )
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
