@@ -1,17 +1,17 @@
 """Putting our dense-convolution kernels in place of oneDNN's, where faster.
 
-Two kernels take float32 convolutions with groups 1, one bf16 1×1s. On the Intel Xeon with AMX, float32
-inference is bound by float32 FMAs; 95 % of ResNeXt-50's FLOPs are 1×1 convolutions, and its
+Two kernels take float32 convolutions with groups 1, a third bf16 1×1s. On the Intel Xeon with
+AMX, float32 inference is bound by float32 FMAs; 95 % of ResNeXt-50's FLOPs are 1×1s, and its
 7×7 stem and ResNet-50's dense 3×3s are the rest of the dense ones. `conv_x3` computes them on
 the tile unit as three bf16 products per float32 product (~1e-5 of each product,
 `kernels/conv_x3_amx.c`). On CPUs with AVX2 FMAs and no AMX, `pointwise_fma` computes the 1×1s
 with register tiles oneDNN's float32 convolution did not match on the AMD Zen 3 it was written
 on (`kernels/pointwise_fma.c`). On CPUs with AVX512-BF16, `pointwise_gemm`'s product (pair dot
-products, `kernels/pointwise_gemm.c`) computes bf16 1×1s with the same epilogues. This pass runs
-on a BN-folded channels_last model of the kernel's dtype: it
-times each convolution a kernel takes both ways with what follows it (a ReLU, or a residual add
-and a ReLU, which the kernels apply in their store; in the frozen compiled graph oneDNN fuses
-them the same way), and swaps where ours is faster. Where the graph shows the residual dead
+products, `kernels/pointwise_gemm.c`) computes bf16 1×1s with the same epilogues. This pass
+runs on a BN-folded channels_last model of the kernel's dtype: it times each convolution a
+kernel takes both ways with what follows it (a ReLU, or a residual add and a ReLU, which the
+kernels apply in their store; in the frozen compiled graph oneDNN fuses them the same way), and
+swaps where ours is faster. Where the graph shows the residual dead
 after the add, the kernel writes over it, as oneDNN's 1×1 adds into its residual. A convolution
 that is a child of the model itself (torchvision's stem) is swapped alone, its ReLU left to the
 compiler: the pass rewrites a parent's graph, never the model's own.

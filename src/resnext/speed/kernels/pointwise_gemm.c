@@ -107,12 +107,12 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *a, long l
   }
 }
 
-/* Returns 0, or 1 if the shape is not one this kernel takes (N % 64, K odd, K < 2, bad sizes). */
 /* The product over every row, each thread a contiguous, equal share of the tiles (of the column
  * strips, for few rows). b is bp[K/2][N][2] for the plain product; `strip_major` (the inference
  * convolution's) takes it as pointwise_conv_bf16 does, with `bias`: each stored value is then
  * relu?(sum + bias[n] + res[m][n]) (res, row stride ldy, may be NULL or y: a tile reads its
- * residual before it writes there). */
+ * residual before it writes there). Returns 0, or 1 if the shape is not one this kernel takes
+ * (N % 64, K odd, K < 2, bad sizes). */
 static int product(const uint16_t *a, long lda, const uint16_t *bp, int strip_major, uint16_t *y,
                    long ldy, long M, int K, int N, const float *bias, const uint16_t *res,
                    int relu, int threads) {
