@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import bench_args
-from bench_pointwise_fma import Shape, label, model_shapes
+from bench_pointwise_fma import Shape, label, model_shapes, model_totals
 from resnext.speed import pointwise_gemm
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.conv_x3_swap import _onednn_runner
@@ -92,17 +92,7 @@ def main() -> int:
                 for v, r in layers[key].items()
             )
             print(f"{key:32s} {row}", flush=True)
-    totals: dict[str, dict[str, float]] = {}
-    for name, counts in per_model.items():
-        totals[name] = {
-            v: sum(layers[label(s)][v]["median_ms"] * k for s, k in counts.items())
-            for v in ("onednn", "ours")
-        }
-        base = totals[name]["onednn"]
-        print(
-            f"{name}: its {sum(counts.values())} stride-1 1×1s a batch: "
-            + ", ".join(f"{v} {ms:.1f} ms ({base / ms:.3f}×)" for v, ms in totals[name].items())
-        )
+    totals = model_totals(per_model, layers, ("onednn", "ours"), "stride-1 1×1s")
     path = write_results(
         args.out, "bench-pointwise-bf16", vars(args), {"layers": layers, "totals": totals}
     )

@@ -53,6 +53,28 @@ def label(shape: Shape) -> str:
     return f"{cin}->{cout} {h}x{w} s{stride} {'+add+relu' if add else '+relu'}"
 
 
+def model_totals(
+    per_model: dict[str, Counter[Shape]],
+    layers: dict[str, dict[str, dict[str, float]]],
+    variants: tuple[str, ...],
+    what: str,
+) -> dict[str, dict[str, float]]:
+    """Each model's layers summed per variant (ms a batch, each shape as often as the model has
+    it), printed against the first variant."""
+    totals: dict[str, dict[str, float]] = {}
+    for name, counts in per_model.items():
+        totals[name] = {
+            v: sum(layers[label(s)][v]["median_ms"] * k for s, k in counts.items())
+            for v in variants
+        }
+        base = totals[name][variants[0]]
+        print(
+            f"{name}: its {sum(counts.values())} {what} a batch: "
+            + ", ".join(f"{v} {ms:.1f} ms ({base / ms:.3f}×)" for v, ms in totals[name].items())
+        )
+    return totals
+
+
 def shape_variants(shape: Shape, builds: dict[str, ctypes.CDLL]) -> dict[str, tuple]:
     """oneDNN and each build of ours on one shape, as `interleaved` takes them."""
     n, cin, cout, h, w, stride, add = shape
@@ -115,17 +137,7 @@ def main() -> int:
             for v, r in layers[key].items()
         )
         print(f"{key:32s} {row}", flush=True)
-    totals: dict[str, dict[str, float]] = {}
-    for name, counts in per_model.items():
-        totals[name] = {
-            v: sum(layers[label(s)][v]["median_ms"] * k for s, k in counts.items())
-            for v in ("onednn", *builds)
-        }
-        base = totals[name]["onednn"]
-        print(
-            f"{name}: its {sum(counts.values())} 1×1s a batch: "
-            + ", ".join(f"{v} {ms:.1f} ms ({base / ms:.3f}×)" for v, ms in totals[name].items())
-        )
+    totals = model_totals(per_model, layers, ("onednn", *builds), "1×1s")
     config = vars(args)
     path = write_results(
         args.out, "bench-pointwise-fma", config, {"layers": layers, "totals": totals}

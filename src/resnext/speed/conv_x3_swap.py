@@ -85,72 +85,85 @@ class ConvX3(nn.Module):
         )
 
 
-class FmaConv1x1(nn.Module):
-    """A float32 1×1 convolution with its bias, then optionally a residual add and a ReLU,
-    computed by `pointwise_fma` (256-bit FMAs).
+class _Conv1x1Kernel(nn.Module):
+    """A 1×1 convolution with its bias, then optionally a residual add and a ReLU, computed by
+    one of our operators: `OP` into a new output, or `OP_IN_PLACE` written over the residual.
 
     With `in_place` the result is written over the residual, which must then be dead after this
     call (the pass sets it only where the graph shows that). The packed weight and bias are plain
-    attributes, as in `ConvX3`.
+    attributes, as in `ConvX3`, so that a later ``.to(dtype)`` leaves them packed.
     """
 
-    def __init__(self, conv: nn.Conv2d, relu: bool = False, in_place: bool = False) -> None:
+    OP: object  # the torch operator of each kind, set by the subclasses
+    OP_IN_PLACE: object
+    KIND = ""  # what `extra_repr` calls the kernel
+
+    def __init__(self, conv: nn.Conv2d, packed: torch.Tensor, relu: bool, in_place: bool) -> None:
         super().__init__()
-        if not fma_eligible(conv):
-            raise ValueError(
-                "conv: expected a float32 1×1 convolution the kernel takes (groups 1, no "
-                f"padding, outputs a multiple of 16), got {conv}"
-            )
-        self.packed = pointwise_fma.pack(conv.weight)
+        self.packed = packed
         self.bias = float_bias(conv)
         self.stride = conv.stride[0]
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.relu, self.in_place = relu, in_place
 
+    def _args(self, x: torch.Tensor) -> tuple:
+        """The operator's arguments before the residual."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        args = (x, self.packed, self.bias, self.stride, self.relu)
+        args = self._args(x)
         if self.in_place and residual is not None:
-            torch.ops.resnext.pointwise_fma_(*args, residual)
+            self.OP_IN_PLACE(*args, residual)
             return residual
-        return torch.ops.resnext.pointwise_fma(*args, residual)
+        return self.OP(*args, residual)
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), stride={self.stride}, "
-            "fma" + (", relu" if self.relu else "") + (", in place" if self.in_place else "")
+            + self.KIND
+            + (", relu" if self.relu else "")
+            + (", in place" if self.in_place else "")
         )
 
 
-class DotConv1x1(nn.Module):
-    """A bf16 stride-1 1×1 convolution with its bias, then optionally a residual add and a ReLU,
-    computed by `pointwise_gemm.conv1x1` (AVX512-BF16 pair dot products, float32 sums, one
-    rounding). `in_place` and the plain attributes as in `FmaConv1x1`."""
+class FmaConv1x1(_Conv1x1Kernel):
+    """A float32 1×1 convolution (any stride) and its epilogue, computed by `pointwise_fma`
+    (256-bit FMAs)."""
+
+    OP = torch.ops.resnext.pointwise_fma
+    OP_IN_PLACE = torch.ops.resnext.pointwise_fma_
+    KIND = "fma"
 
     def __init__(self, conv: nn.Conv2d, relu: bool = False, in_place: bool = False) -> None:
-        super().__init__()
+        if not fma_eligible(conv):
+            raise ValueError(
+                "conv: expected a float32 1×1 convolution the kernel takes (groups 1, no "
+                f"padding, outputs a multiple of 16), got {conv}"
+            )
+        super().__init__(conv, pointwise_fma.pack(conv.weight), relu, in_place)
+
+    def _args(self, x: torch.Tensor) -> tuple:
+        return (x, self.packed, self.bias, self.stride, self.relu)
+
+
+class DotConv1x1(_Conv1x1Kernel):
+    """A bf16 stride-1 1×1 convolution and its epilogue, computed by `pointwise_gemm.conv1x1`
+    (AVX512-BF16 pair dot products, float32 sums, one rounding)."""
+
+    OP = torch.ops.resnext.pointwise_conv_bf16
+    OP_IN_PLACE = torch.ops.resnext.pointwise_conv_bf16_
+    KIND = "bf16 dot"
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, in_place: bool = False) -> None:
         if not dot_eligible(conv):
             raise ValueError(
                 "conv: expected a bf16 stride-1 1×1 convolution the kernel takes (groups 1, no "
                 f"padding, inputs and outputs multiples of {pointwise_gemm.COLUMN_BLOCK}), got {conv}"
             )
-        self.packed = pointwise_gemm.pack_conv(conv.weight)
-        self.bias = float_bias(conv)
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.relu, self.in_place = relu, in_place
+        super().__init__(conv, pointwise_gemm.pack_conv(conv.weight), relu, in_place)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        args = (x, self.packed, self.bias, self.relu)
-        if self.in_place and residual is not None:
-            torch.ops.resnext.pointwise_conv_bf16_(*args, residual)
-            return residual
-        return torch.ops.resnext.pointwise_conv_bf16(*args, residual)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), stride=1, bf16 dot"
-            + (", relu" if self.relu else "")
-            + (", in place" if self.in_place else "")
-        )
+    def _args(self, x: torch.Tensor) -> tuple:
+        return (x, self.packed, self.bias, self.relu)
 
 
 def square_geometry(module: nn.Module) -> tuple[int, int, int] | None:
