@@ -257,6 +257,46 @@ def test_bf16_pair_kernel_equals_conv2d(stride: int, size: tuple[int, int]) -> N
         grouped_kernel.run_kernel(x.float(), packed, b, groups, stride)
     with pytest.raises(ValueError, match="weight"):  # 8 channels per group cannot be paired
         grouped_kernel.pack_weights(torch.randn(64, 8, 3, 3), 8, pairs=True)
+    assert not grouped_kernel.takes_pairs(48, 3, torch.bfloat16)  # 16 per group, C % 32 != 0
+
+
+@needs_kernel
+@needs_bf16_kernel
+@pytest.mark.parametrize("cpg", [16, 32, 64])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(1, 1), (5, 8), (13, 7), (14, 15)])
+def test_bf16_wide_group_pair_kernel_equals_conv2d(
+    cpg: int, stride: int, size: tuple[int, int]
+) -> None:
+    # 2 to 8 groups; widths that leave a partial tile of 7 pixels, rows and columns at the edges
+    channels = 128
+    groups = channels // cpg
+    torch.manual_seed(cpg + stride + size[0])
+    x = torch.randn(2, channels, *size).to(torch.bfloat16)
+    w = torch.randn(channels, cpg, 3, 3).to(torch.bfloat16).float()  # exactly representable
+    b = torch.randn(channels)
+    assert grouped_kernel.takes_pairs(channels, groups, torch.bfloat16)
+    packed = grouped_kernel.pack_weights(w, groups, pairs=True)
+    assert packed.dtype == torch.bfloat16
+    got = grouped_kernel.run_kernel(x, packed, b, groups, stride, relu=True)
+    expected = F.conv2d(x.double(), w.double(), b.double(), stride, 1, 1, groups).relu()
+    assert got.shape == expected.shape
+    # float32 sums of exact bf16 products, then one rounding to bf16 (2^-8 of the value)
+    mags = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), stride, 1, 1, groups)
+    summed = (9 * cpg + 2) * 2.0**-24 * mags
+    assert ((got.double() - expected).abs() <= summed + 2.0**-8 * (expected.abs() + summed)).all()
+
+
+@needs_kernel
+@needs_bf16_kernel
+def test_wide_pair_packing_puts_each_outputs_pair_where_the_kernel_reads_it() -> None:
+    cpg, groups = 16, 2
+    w = torch.randn(cpg * groups, cpg, 3, 3)
+    packed = grouped_kernel.pack_weights(w, groups, pairs=True)
+    assert packed.shape == (2, 9, cpg // 2, 16, 2)
+    for block, tap, pair, lane, k in ((0, 0, 0, 0, 0), (1, 4, 3, 5, 1), (1, 8, 7, 15, 0)):
+        want = w[16 * block + lane, 2 * pair + k, tap // 3, tap % 3].to(torch.bfloat16)
+        assert packed[block, tap, pair, lane, k] == want
 
 
 @needs_kernel

@@ -206,8 +206,10 @@ def test_module_forward_and_gradients_match_torch(shape, amp, path, monkeypatch)
         with autotune.CHOOSER.prefer(path):
             got = _step(fast, x, grad, amp)
         # The forward and the weight gradient are ours; the input gradient at stride 1 only
-        # (the pair forward takes 4 channels per group, the pair weight gradient 4 and 8).
-        forwards = 1 + (stride == 1) if path == "ours" or c == 4 * groups else 0
+        # (the pair forward takes 4, 16, 32 and 64 channels per group, the pair weight
+        # gradient 4 and 8).
+        pairs = grouped_kernel.takes_pairs(c, groups, torch.bfloat16)
+        forwards = 1 + (stride == 1) if path == "ours" or pairs else 0
         assert sorted(calls) == ["run_kernel"] * forwards + ["weight_grad"]
     assert got["dweight"].dtype == torch.float32  # the parameter's dtype, as with plain autocast
     assert got["out"].dtype == (torch.bfloat16 if amp else torch.float32)
@@ -301,3 +303,23 @@ def test_network_training_step_matches_the_plain_step() -> None:
         F.cross_entropy(model(x), y).backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), fast.named_parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_kernels
+@pytest.mark.skipif(BF16_REASON is not None, reason=f"no bf16 kernels: {BF16_REASON}")
+@pytest.mark.parametrize("cpg,stride", [(16, 1), (32, 2), (64, 1)])
+def test_wide_group_bf16_forward_candidates_compute_the_same_convolution(
+    cpg: int, stride: int
+) -> None:
+    # The training forward (and the stride-1 input gradient, a convolution too) is timed among
+    # these; for 16-64 channels per group the pair kernel is one of them on AVX512-BF16 CPUs.
+    groups = 128 // cpg
+    torch.manual_seed(cpg)
+    x = _cl(torch.randn(2, 128, 7, 9), torch.bfloat16)
+    w = torch.randn(128, cpg, 3, 3).to(torch.bfloat16)
+    candidates = grouped_train.conv_candidates(x, w, groups, stride)
+    assert "ours-pairs" in candidates
+    want = F.conv2d(x.double(), w.double(), None, stride, 1, 1, groups)
+    for name, run in candidates.items():
+        with torch.no_grad():
+            assert rel_err(run(), want) < 2**-7, name

@@ -122,10 +122,15 @@ def _layout(cpg: int, lanes: int) -> tuple[int, int]:
     return max(cpg // lanes, 1), min(cpg // 4, lanes // 4)
 
 
+WIDE_PAIR_CPG = (16, 32, 64)  # the wide-group pair kernel's channels per group
+
+
 def takes_pairs(channels: int, groups: int, dtype: torch.dtype) -> bool:
-    """Whether bf16 activations of this shape use the pair-dot-product kernel (4 channels per
-    group, channels a multiple of 32), which needs its own weight packing."""
-    return ISA.bf16 and dtype == torch.bfloat16 and channels % 32 == 0 and channels == 4 * groups
+    """Whether bf16 activations of this shape have a pair-dot-product kernel (4, 16, 32 or 64
+    channels per group, channels a multiple of 32), which needs its own weight packing."""
+    if not (ISA.bf16 and dtype == torch.bfloat16 and groups >= 1 and channels % 32 == 0):
+        return False
+    return channels % groups == 0 and channels // groups in (4, *WIDE_PAIR_CPG)
 
 
 def pack_weights(weight: torch.Tensor, groups: int, pairs: bool = False) -> torch.Tensor:
@@ -133,9 +138,12 @@ def pack_weights(weight: torch.Tensor, groups: int, pairs: bool = False) -> torc
 
     Default: fp32 [C/L][9][M][R][4][L] for this CPU's build's L lanes (`ISA.lanes`: 16 or 8);
     for output block cb, lane l = 4b + i of diagonal j under block shuffle r holds the weight
-    from input lane 4·σ_r(b) + i (of input register m) to output lane 4b + (i − j) mod 4. With `pairs` (bf16 activations, 4 channels per group; see
-    `takes_pairs`): bf16 [C/32][9][4][32], where value 2l + k of output o's vector is the weight
-    from input channel 2l + k of the 32-channel block to output o of that channel's group.
+    from input lane 4·σ_r(b) + i (of input register m) to output lane 4b + (i − j) mod 4. With
+    `pairs` (bf16 activations; see `takes_pairs`), 4 channels per group: bf16 [C/32][9][4][32],
+    where value 2l + k of output o's vector is the weight from input channel 2l + k of the
+    32-channel block to output o of that channel's group; 16-64 channels per group: bf16
+    [C/16][9][cpg/2][16][2], value k of output l's pair j the weight from group input 2j + k to
+    output 16·block + l.
     """
     out_ch, cpg, kh, kw = weight.shape
     if (kh, kw) != (3, 3) or out_ch != cpg * groups or not supports(out_ch, groups, 1):
@@ -146,9 +154,12 @@ def pack_weights(weight: torch.Tensor, groups: int, pairs: bool = False) -> torc
     if pairs:
         if not takes_pairs(out_ch, groups, torch.bfloat16):
             raise ValueError(
-                f"weight: pair packing needs 4 channels per group and C % 32 == 0, got shape "
-                f"{tuple(weight.shape)} with groups={groups}"
+                f"weight: pair packing needs 4, 16, 32 or 64 channels per group and C % 32 == 0, "
+                f"got shape {tuple(weight.shape)} with groups={groups}"
             )
+        if cpg in WIDE_PAIR_CPG:
+            w = weight.detach().float().reshape(out_ch // 16, 16, cpg // 2, 2, 9)
+            return w.permute(0, 4, 2, 1, 3).contiguous().to(torch.bfloat16)
         block = torch.arange(out_ch // 32).view(-1, 1, 1)
         o = torch.arange(4).view(1, -1, 1)
         q = torch.arange(32).view(1, 1, -1)
@@ -215,8 +226,9 @@ def run_kernel(
     pairs = packed.dtype == torch.bfloat16
     if pairs and not takes_pairs(c, groups, x.dtype):
         raise ValueError(
-            f"packed: pair-packed (bf16) weights need bf16 activations with 4 channels per group "
-            f"and C % 32 == 0, got {x.dtype} x with {c} channels in {groups} groups"
+            f"packed: pair-packed (bf16) weights need bf16 activations with 4, 16, 32 or 64 "
+            f"channels per group and C % 32 == 0, got {x.dtype} x with {c} channels in {groups} "
+            "groups"
         )
     if (
         packed.dtype not in (torch.float32, torch.bfloat16)
@@ -238,7 +250,7 @@ def run_kernel(
             None if bias_c is None else bias_c.data_ptr(),
             y.data_ptr(),
             int(x.dtype == torch.bfloat16),
-            int(pairs),
+            (1 if c == 4 * groups else 2) if pairs else 0,  # the packing
             n,
             h,
             w,

@@ -215,6 +215,97 @@ static void row_bf16dp_c4(const void *xv, const float *wpv, const float *bias, v
   }
 }
 
+/* bf16 with 16, 32 or 64 channels per group (ResNeXt-50's stages 3-4), using the pair dot
+ * product too. A group this wide is a small dense convolution: each block of 16 outputs is a sum
+ * over 9 taps and the group's cpg/2 input pairs of (that pair, broadcast) times (the 16 outputs'
+ * weights for it). A tile is PW output pixels of a row by NB output blocks: per pair, NB weight
+ * loads and PW broadcasts feed PW x NB dot products. PW = 7 divides the 7-, 14-, 28- and 56-pixel
+ * rows, so no tile is partial. A pixel outside the image is a masked (zero) broadcast, its
+ * address clamped inside the row. Packed weights: wq[C/16][9][cpg/2][16][2] bf16 (value k of
+ * output l's pair j is the weight from group input 2j + k to output 16 b + l). */
+#define PW 7
+#define NB 2
+/* One tile's sums over the 9 taps. With `shared` (32 or 64 channels per group) the NB blocks
+ * read the same group's inputs, so each broadcast serves all of them; with 16 the blocks are
+ * NB adjacent groups, 16 channels apart. */
+static inline __attribute__((always_inline)) void wide_tile(
+    const uint16_t *xn, const uint16_t *wq, int H, int W, int C, int cpg, int oh, int ow0, int np,
+    int s, int b0, int shared, __m512 acc[NB][PW]) {
+  const int pairs = cpg / 2;
+  const long tap_size = (long)pairs * 32, group0 = (long)b0 * 16 / cpg * cpg;
+  for (int kh = 0; kh < 3; ++kh) {
+    const int ih = oh * s - 1 + kh;
+    if (ih < 0 || ih >= H) continue;
+    const uint16_t *xrow = xn + (long)ih * W * C + group0;
+    for (int kw = 0; kw < 3; ++kw) {
+      const int32_t *px[PW]; /* each pixel's first input pair, its column clamped inside */
+      __mmask16 in[PW];      /* and whether it is in the image (else a zero broadcast) */
+#pragma GCC unroll 8
+      for (int p = 0; p < PW; ++p) {
+        const int iw = (ow0 + p) * s - 1 + kw;
+        in[p] = p < np && iw >= 0 && iw < W ? 0xFFFF : 0;
+        const int iwc = iw < 0 ? 0 : iw >= W ? W - 1 : iw;
+        px[p] = (const int32_t *)(xrow + (long)iwc * C);
+      }
+      const uint16_t *wt = wq + ((long)b0 * 9 + kh * 3 + kw) * tap_size;
+      for (int j = 0; j < pairs; ++j) {
+        __m512bh w[NB];
+#pragma GCC unroll 4
+        for (int v = 0; v < NB; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wt + v * 9 * tap_size + j * 32);
+#pragma GCC unroll 8
+        for (int p = 0; p < PW; ++p) {
+          if (shared) {
+            const __m512bh a = (__m512bh)_mm512_maskz_set1_epi32(in[p], px[p][j]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NB; ++v) acc[v][p] = _mm512_dpbf16_ps(acc[v][p], a, w[v]);
+          } else {
+#pragma GCC unroll 4
+            for (int v = 0; v < NB; ++v) {
+              const __m512bh a = (__m512bh)_mm512_maskz_set1_epi32(in[p], px[p][j + 8 * v]);
+              acc[v][p] = _mm512_dpbf16_ps(acc[v][p], a, w[v]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+static void row_bf16dp_wide(const void *xv, const float *wpv, const float *bias, void *yv, int H,
+                            int W, int C, int cpg, int Ho, int Wo, int s, int relu, long r) {
+  const uint16_t *x = xv, *wq = (const uint16_t *)wpv;
+  uint16_t *y = yv;
+  const long n = r / Ho;
+  const int oh = (int)(r % Ho);
+  const uint16_t *xn = x + n * (long)H * W * C;
+  uint16_t *yr = y + r * (long)Wo * C;
+  for (int ow0 = 0; ow0 < Wo; ow0 += PW) {
+    const int np = Wo - ow0 < PW ? Wo - ow0 : PW;
+    for (int b0 = 0; b0 < C / 16; b0 += NB) {
+      __m512 acc[NB][PW];
+#pragma GCC unroll 4
+      for (int v = 0; v < NB; ++v)
+#pragma GCC unroll 8
+        for (int p = 0; p < PW; ++p) acc[v][p] = _mm512_setzero_ps();
+      if (cpg == 16)
+        wide_tile(xn, wq, H, W, C, cpg, oh, ow0, np, s, b0, 0, acc);
+      else
+        wide_tile(xn, wq, H, W, C, cpg, oh, ow0, np, s, b0, 1, acc);
+#pragma GCC unroll 4
+      for (int v = 0; v < NB; ++v) {
+        const __m512 b = bias ? load_f32(bias + (b0 + v) * 16) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int p = 0; p < PW; ++p) {
+          if (p >= np) continue;
+          __m512 o = _mm512_add_ps(acc[v][p], b);
+          if (relu) o = _mm512_max_ps(o, _mm512_setzero_ps());
+          store_bf16(yr + (long)(ow0 + p) * C + (b0 + v) * 16, o);
+        }
+      }
+    }
+  }
+}
+
 typedef void (*row_fn)(const void *, const float *, const float *, void *, int, int, int, int,
                        int, int, int, int, long);
 
@@ -241,9 +332,16 @@ int grouped3x3_pairs_supported(int C, int cpg, int s) {
   return C % 32 == 0 && cpg == 4 && (s == 1 || s == 2);
 }
 
+/* 1 if the wide-group pair kernel (packing 2) takes the shape: 16, 32 or 64 channels per group
+ * (so 32-channel blocks of outputs), stride 1 or 2. */
+int grouped3x3_wide_pairs_supported(int C, int cpg, int s) {
+  return C % (16 * NB) == 0 && (cpg == 16 || cpg == 32 || cpg == 64) && (s == 1 || s == 2);
+}
+
 /* y = conv(x) (+ bias, then ReLU if relu). packing 0: fp32 weights for the diagonal kernel
- * (fp32 or bf16 activations); packing 1: bf16 weight pairs for the bf16 dot-product kernel.
- * Returns 0, or -1 for an unsupported shape. */
+ * (fp32 or bf16 activations); packing 1: bf16 weight pairs for the bf16 dot-product kernel of 4
+ * channels per group; packing 2: those of 16-64 channels per group. Returns 0, or -1 for an
+ * unsupported shape. */
 int grouped3x3_nhwc(const void *x, const float *wp, const float *bias, void *y, int bf16,
                     int packing, int N, int H, int W, int C, int cpg, int s, int relu,
                     int threads) {
@@ -252,6 +350,9 @@ int grouped3x3_nhwc(const void *x, const float *wp, const float *bias, void *y, 
   if (packing == 1) {
     if (!bf16 || !grouped3x3_pairs_supported(C, cpg, s)) return -1;
     row = row_bf16dp_c4;
+  } else if (packing == 2) {
+    if (!bf16 || !grouped3x3_wide_pairs_supported(C, cpg, s)) return -1;
+    row = row_bf16dp_wide;
   } else if (packing == 0) {
     if (!grouped3x3_supported(C, cpg, s)) return -1;
     row = pick(cpg, bf16);
