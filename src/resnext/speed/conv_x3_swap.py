@@ -147,8 +147,9 @@ class FmaConv1x1(_Conv1x1Kernel):
 
 
 class DotConv1x1(_Conv1x1Kernel):
-    """A bf16 stride-1 1×1 convolution and its epilogue, computed by `pointwise_gemm.conv1x1`
-    (AVX512-BF16 pair dot products, float32 sums, one rounding)."""
+    """A bf16 1×1 convolution and its epilogue, computed by `pointwise_gemm.conv1x1` (AVX512-BF16
+    pair dot products, float32 sums, one rounding); a strided one (a projection shortcut) on the
+    input's every s-th pixel of every s-th row, gathered first."""
 
     OP = torch.ops.resnext.pointwise_conv_bf16
     OP_IN_PLACE = torch.ops.resnext.pointwise_conv_bf16_
@@ -157,12 +158,14 @@ class DotConv1x1(_Conv1x1Kernel):
     def __init__(self, conv: nn.Conv2d, relu: bool = False, in_place: bool = False) -> None:
         if not dot_eligible(conv):
             raise ValueError(
-                "conv: expected a bf16 stride-1 1×1 convolution the kernel takes (groups 1, no "
-                f"padding, inputs and outputs multiples of {pointwise_gemm.COLUMN_BLOCK}), got {conv}"
+                "conv: expected a bf16 1×1 convolution the kernel takes (groups 1, no padding, "
+                f"inputs and outputs multiples of {pointwise_gemm.COLUMN_BLOCK}), got {conv}"
             )
         super().__init__(conv, pointwise_gemm.pack_conv(conv.weight), relu, in_place)
 
     def _args(self, x: torch.Tensor) -> tuple:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
         return (x, self.packed, self.bias, self.relu)
 
 
@@ -213,10 +216,13 @@ def fma_eligible(module: nn.Module) -> bool:
 
 
 def dot_eligible(module: nn.Module) -> bool:
-    """Whether `module` is a bf16 Conv2d `pointwise_gemm.conv1x1` computes (1×1, stride 1, groups
-    1, no padding, channels multiples of 64)."""
+    """Whether `module` is a bf16 Conv2d `DotConv1x1` computes (1×1, groups 1, no padding,
+    channels multiples of 64, any stride)."""
+    geometry = square_geometry(module)
     return (
-        square_geometry(module) == (1, 1, 0)
+        geometry is not None
+        and geometry[0] == 1
+        and geometry[2] == 0
         and module.weight.dtype == torch.bfloat16
         and pointwise_gemm.takes(module.in_channels, module.out_channels)
     )
@@ -383,11 +389,17 @@ def _rewrite(model: nn.Module, site: _Site, fast: nn.Module) -> None:
 
 
 def _onednn_runner(
-    conv: nn.Conv2d, relu: bool, input_size: Sequence[int], dtype: torch.dtype = torch.float32
+    conv: nn.Conv2d,
+    relu: bool,
+    input_size: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    prepacked: bool = True,
 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """The convolution and its epilogue as the frozen compiled graph runs them: oneDNN with the
     weight prepacked for this input size (as inductor packs it), the ReLU (or the add and ReLU,
-    written over the residual) fused; eager ops where the prepacked op is missing."""
+    written over the residual) fused; eager ops where the prepacked op is missing, or where
+    `prepacked` is False (as the eager fast path runs them: there oneDNN reorders the weight on
+    every call, measured at 4× the compiled graph's time for a 7² bf16 1×1 at batch 1)."""
     weight, bias, packed = onednn_weights(conv, dtype, input_size)
     geometry = (list(conv.padding), list(conv.stride), [1, 1], 1)
 
@@ -407,7 +419,7 @@ def _onednn_runner(
             x, packed, bias, *geometry, unary, [None], ""
         )
 
-    if packed is None:
+    if packed is None or not prepacked:
         return eager
     try:
         probe = torch.randn(*input_size, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -453,6 +465,7 @@ def swap_convs_fma(
     in_place: bool = True,
     repeats: int = 5,
     timings: TimingCache | None = None,
+    compiled: bool = True,
 ) -> list[LayerChoice]:
     """Replace, in place, the float32 1×1 convolutions of `model` that `pointwise_fma` takes by
     `FmaConv1x1`; as `swap_convs_x3` otherwise (variant 'fma…'). Run after `swap_convs_x3`, so
@@ -464,7 +477,14 @@ def swap_convs_fma(
     if mode == "auto" and "avx512f" in cpu_flags():
         return []
     return swap_dense_convs(
-        model, example, FMA, mode=mode, in_place=in_place, repeats=repeats, timings=timings
+        model,
+        example,
+        FMA,
+        mode=mode,
+        in_place=in_place,
+        repeats=repeats,
+        timings=timings,
+        compiled=compiled,
     )
 
 
@@ -476,12 +496,20 @@ def swap_convs_dot(
     in_place: bool = True,
     repeats: int = 5,
     timings: TimingCache | None = None,
+    compiled: bool = True,
 ) -> list[LayerChoice]:
-    """Replace, in place, the bf16 stride-1 1×1 convolutions of `model` that
-    `pointwise_gemm.conv1x1` takes by `DotConv1x1`; as `swap_convs_x3` otherwise (`example`
+    """Replace, in place, the bf16 1×1 convolutions of `model` that `pointwise_gemm.conv1x1`
+    takes by `DotConv1x1`; as `swap_convs_x3` otherwise (`example`
     bf16, variant 'dot…'). Run after the AMX block fusions, which take their 1×1s first."""
     return swap_dense_convs(
-        model, example, DOT, mode=mode, in_place=in_place, repeats=repeats, timings=timings
+        model,
+        example,
+        DOT,
+        mode=mode,
+        in_place=in_place,
+        repeats=repeats,
+        timings=timings,
+        compiled=compiled,
     )
 
 
@@ -494,10 +522,13 @@ def swap_dense_convs(
     in_place: bool = True,
     repeats: int = 5,
     timings: TimingCache | None = None,
+    compiled: bool = True,
 ) -> list[LayerChoice]:
-    """The pass for one kernel (`X3`, `FMA` or `DOT`): see `swap_convs_x3`. Convolutions alike (input
-    shape, outputs, geometry, epilogue) are timed once and share the pick; with `timings`, times
-    stored there are used instead of measured."""
+    """The pass for one kernel (`X3`, `FMA` or `DOT`): see `swap_convs_x3`. Convolutions alike
+    (input shape, outputs, geometry, epilogue) are timed once and share the pick; with
+    `timings`, times stored there are used instead of measured. `compiled` False weighs the
+    kernel against oneDNN as the eager fast path runs it (no prepacked weight, the epilogue as
+    separate ops) rather than as the compiled graph does."""
     if mode not in MODES:
         raise ConfigError(f"{kernel.option}: expected one of {MODES}, got {mode!r}")
     if mode == "off" or example.dtype != kernel.dtype:
@@ -510,7 +541,9 @@ def swap_dense_convs(
     sites = _sites(model, kernel.eligible)
     shapes = input_shapes(model, [s.name for s in sites], example)
     with cache_evictor() as evict:
-        return _choose(model, kernel, sites, shapes, mode, in_place, repeats, evict, timings)
+        return _choose(
+            model, kernel, sites, shapes, mode, in_place, repeats, evict, timings, compiled
+        )
 
 
 def _time_site(
@@ -520,8 +553,10 @@ def _time_site(
     shape: tuple,
     repeats: int,
     evict: Callable[[], None],
+    compiled: bool,
 ) -> list[float]:
-    """oneDNN's and the kernel's ms for one site, on random inputs of its shape."""
+    """oneDNN's (as the compiled graph, or the eager path, runs it) and the kernel's ms for one
+    site, on random inputs of its shape."""
     dtype = conv.weight.dtype
     x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
     geometry = square_geometry(conv)
@@ -530,7 +565,7 @@ def _time_site(
     res = None
     if site.residual:
         res = torch.randn(out, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    native = _onednn_runner(conv, site.relu, shape, dtype)
+    native = _onednn_runner(conv, site.relu, shape, dtype, prepacked=compiled)
     ways = [lambda x: native(x, res), lambda x: fast(x, res)]
     # caches cold: in the network each layer's weights arrive from memory, which cost oneDNN's
     # batch-1 1×1s more than ours (RESULTS.md, stop 28)
@@ -547,6 +582,7 @@ def _choose(
     repeats: int,
     evict: Callable[[], None],
     timings: TimingCache | None,
+    compiled: bool,
 ) -> list[LayerChoice]:
     """Time each site's convolution both ways (`evict` before each timed call) and rewrite the
     ones the kernel takes; the choices made."""
@@ -572,8 +608,11 @@ def _choose(
         )
         if alike not in timed:
             shape = shapes[site.name]
-            key = layer_key(kernel.variant, shape, kernel.dtype, *alike[1:])
-            measure = functools.partial(_time_site, conv, site, fast, shape, repeats, evict)
+            against = kernel.variant if compiled else f"{kernel.variant} vs eager"
+            key = layer_key(against, shape, kernel.dtype, *alike[1:])
+            measure = functools.partial(
+                _time_site, conv, site, fast, shape, repeats, evict, compiled
+            )
             native_ms, kernel_ms = cached(timings, key, 2, measure)
             timed[alike] = (native_ms, kernel_ms)
         native_ms, kernel_ms = timed[alike]

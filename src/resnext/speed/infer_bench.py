@@ -19,6 +19,7 @@ from resnext.speed.measure import interleaved, ratios, validate_bench_config
 VARIANTS = (
     "eager",
     "eager-fast-fp32",
+    "eager-fast-bf16",
     "inductor-fp32",
     "inductor-bf16",
     "inductor-py-fp32",
