@@ -262,10 +262,13 @@ def optimize(
     with AVX-512 it leaves the 1×1s to oneDNN untimed. Timings: `pointwise_choices`.
 
     `pointwise_bf16` ('auto', 'on', 'off'; bf16 on CPUs with AVX512-BF16) likewise computes the
-    stride-1 1×1s left to oneDNN (those the AMX block fusions did not take), with their
-    epilogues, as one product of AVX512-BF16 pair dot products (`pointwise_gemm.conv1x1`), which
-    splits the pixels evenly between the threads; 'auto' times each layer both ways, cold, and
-    keeps the faster. Its choices follow `pointwise_fma`'s in `pointwise_choices`.
+    1×1s left to oneDNN (those the AMX block fusions did not take; a strided one on its gathered
+    pixels), with their epilogues, as one product of AVX512-BF16 pair dot products
+    (`pointwise_gemm.conv1x1`), which splits the pixels evenly between the threads; 'auto' times
+    each layer both ways, cold, and keeps the faster. Its choices follow `pointwise_fma`'s in
+    `pointwise_choices`. Both 1×1 passes weigh their kernel against oneDNN as the returned
+    module will run it: prepacked in the compiled graph, on the plain weight (reordered on every
+    call) for `backend='none'`.
 
     `merge_groups` ('auto', 'off'; on a GPU) computes each grouped convolution as one of fewer,
     wider groups with block-diagonal weights (`resnext.speed.merged_groups`): the same function

@@ -4,8 +4,10 @@ A stride-1 1×1 convolution of a channels-last tensor is the product of its (N·
 pixel rows with the weight matrix; its input gradient is the product of the output gradient's
 rows with the weight transposed. The kernel computes both in bf16 with float32 sums, from a
 weight packed into VDPBF16PS's operand layout (pairs of rows in one 32-bit word), and needs
-AVX512-BF16. Built on first use like the project's other C parts (`resnext.native`); runs on
-torch's OpenMP threads.
+AVX512-BF16. For inference, `conv1x1` (the operators ``torch.ops.resnext.pointwise_conv_bf16``
+and ``pointwise_conv_bf16_``, written over the residual) adds the bias and a residual and applies
+a ReLU in the same store, from a weight packed strip by strip (`pack_conv`). Built on first use
+like the project's other C parts (`resnext.native`); runs on torch's OpenMP threads.
 """
 
 from __future__ import annotations
@@ -213,9 +215,9 @@ def conv1x1(
             f"for x with {k} channels, got {packed.dtype} {tuple(packed.shape)}"
         )
     c = packed.shape[0] * COLUMN_BLOCK
-    operators.check_bias(bias, c)
     if bias is None:
         raise ValueError(f"bias: expected {c} float32 values, got None")
+    operators.check_bias(bias, c)
     shape = (n, c, h, w)
     if residual is not None:
         _check_bf16_4d("residual", residual, shape)
