@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 import bench_args
-from bench_pointwise_fma import Shape, label, model_shapes, model_totals
+from bench_pointwise_fma import Shape, model_shapes, model_totals, time_layers
 from resnext.speed import pointwise_gemm
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.conv_x3_swap import _onednn_runner
-from resnext.speed.measure import interleaved
 from resnext.speed.provenance import write_results
 
 
@@ -74,24 +73,7 @@ def main() -> int:
         return 1
     per_model = {name: taken(model_shapes(name, args.batch)) for name in args.models.split(",")}
     shapes = sorted({s for counts in per_model.values() for s in counts}, key=lambda s: s[1:])
-    layers: dict[str, dict[str, dict[str, float]]] = {}
-    with torch.no_grad():
-        for shape in shapes:
-            n, cin, cout, h, w, _, _ = shape
-            flops = 2 * n * cin * cout * h * w
-            timings = interleaved(shape_variants(shape), rounds=args.rounds, iters=3)
-            key = label(shape)
-            layers[key] = {
-                v: {"median_ms": 1e3 * t.median_s, "gflops": flops / t.median_s / 1e9}
-                for v, t in timings.items()
-            }
-            base = layers[key]["onednn"]["median_ms"]
-            row = "  ".join(
-                f"{v} {r['median_ms']:.3f} ms ({r['gflops']:.0f} GFLOP/s, "
-                f"{base / r['median_ms']:.2f}×)"
-                for v, r in layers[key].items()
-            )
-            print(f"{key:32s} {row}", flush=True)
+    layers = time_layers(shapes, shape_variants, args.rounds, digits=3)
     totals = model_totals(per_model, layers, ("onednn", "ours"), "stride-1 1×1s")
     path = write_results(
         args.out, "bench-pointwise-bf16", vars(args), {"layers": layers, "totals": totals}

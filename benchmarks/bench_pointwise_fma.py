@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -51,6 +52,35 @@ def model_shapes(name: str, batch: int) -> Counter[Shape]:
 def label(shape: Shape) -> str:
     _, cin, cout, h, w, stride, add = shape
     return f"{cin}->{cout} {h}x{w} s{stride} {'+add+relu' if add else '+relu'}"
+
+
+def time_layers(
+    shapes: list[Shape],
+    variants_of: Callable[[Shape], dict[str, tuple]],
+    rounds: int,
+    digits: int = 2,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Each shape's ways (`variants_of`, oneDNN's first) timed interleaved, as ms and GFLOP/s by
+    label, each printed against oneDNN's (ms to `digits` decimals)."""
+    layers: dict[str, dict[str, dict[str, float]]] = {}
+    for shape in shapes:
+        n, cin, cout, h, w, stride, _ = shape
+        flops = 2 * n * cin * cout * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+        with torch.no_grad():
+            timings = interleaved(variants_of(shape), rounds=rounds, iters=3)
+        key = label(shape)
+        layers[key] = {
+            v: {"median_ms": 1e3 * t.median_s, "gflops": flops / t.median_s / 1e9}
+            for v, t in timings.items()
+        }
+        base = layers[key]["onednn"]["median_ms"]
+        row = "  ".join(
+            f"{v} {r['median_ms']:.{digits}f} ms ({r['gflops']:.0f} GFLOP/s, "
+            f"{base / r['median_ms']:.2f}×)"
+            for v, r in layers[key].items()
+        )
+        print(f"{key:32s} {row}", flush=True)
+    return layers
 
 
 def model_totals(
@@ -120,23 +150,7 @@ def main() -> int:
         builds[spec] = pointwise_fma.load(tuple(f"-D{d}" for d in spec.split(",")))
     per_model = {name: model_shapes(name, args.batch) for name in args.models.split(",")}
     shapes = sorted({s for counts in per_model.values() for s in counts}, key=lambda s: s[1:])
-    layers: dict[str, dict[str, dict[str, float]]] = {}
-    for shape in shapes:
-        n, cin, cout, h, w, stride, _ = shape
-        flops = 2 * n * cin * cout * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
-        with torch.no_grad():
-            timings = interleaved(shape_variants(shape, builds), rounds=args.rounds, iters=3)
-        key = label(shape)
-        layers[key] = {
-            v: {"median_ms": 1e3 * t.median_s, "gflops": flops / t.median_s / 1e9}
-            for v, t in timings.items()
-        }
-        base = layers[key]["onednn"]["median_ms"]
-        row = "  ".join(
-            f"{v} {r['median_ms']:.2f} ms ({r['gflops']:.0f} GFLOP/s, {base / r['median_ms']:.2f}×)"
-            for v, r in layers[key].items()
-        )
-        print(f"{key:32s} {row}", flush=True)
+    layers = time_layers(shapes, lambda shape: shape_variants(shape, builds), args.rounds)
     totals = model_totals(per_model, layers, ("onednn", *builds), "1×1s")
     config = vars(args)
     path = write_results(
