@@ -1,6 +1,6 @@
 """A whole network run with one of our CPU kernels built from this checkout and from another source.
 
-Usage: .venv/bin/python benchmarks/bench_network_ab.py --kernel pointwise_fma|grouped
+Usage: .venv/bin/python benchmarks/bench_network_ab.py --kernel pointwise_fma|pointwise_bf16|grouped
        --against OLD.c [--models resnext50_32x4d] [--batch 16] [--rounds 11]
        [--step infer|train] [--backend inductor|none]
 
@@ -16,10 +16,12 @@ lost in the network (stop 33: prefetches that took 5–9 % off ResNeXt-50's 1×1
 - `--step train`: one fast-path training step (`cl-fp32-fused-grouped-gemm`, as `resnext bench
   train`), the two builds taking turns step by step on the same model, our kernel pinned wherever
   the step offers it (and torch's convolutions elsewhere) rather than picked by timing.
-`--kernel pointwise_fma` swaps `kernels/pointwise_fma.c` (the float32 1×1s), `--kernel grouped`
-this CPU's grouped 3×3 forward source (`kernels/grouped3x3_avx2.c` on AVX2; in training also the
-stride-1 input gradient). First both builds are checked to compute the same function (inference
-outputs, or one training step's loss and update from the same weights). Reports each build's
+`--kernel pointwise_fma` swaps `kernels/pointwise_fma.c` (the float32 1×1s), `--kernel
+pointwise_bf16` `kernels/pointwise_gemm.c` (the bf16 1×1s; the network runs in bf16, and in
+training the bf16 step), `--kernel grouped` this CPU's grouped 3×3 forward source
+(`kernels/grouped3x3_avx2.c` on AVX2; in training also the stride-1 input gradient). First both
+builds are checked to compute the same function (inference outputs, or one training step's loss
+and update from the same weights), to float32's or bf16's precision. Reports each build's
 median, the per-round ratio (against ÷ ours, time) and the rounds each won.
 """
 
@@ -38,17 +40,12 @@ import torch
 import bench_args
 import resnext
 from resnext.native import NativeUnavailable
-from resnext.speed import autotune, grouped_kernel, pointwise_fma
+from resnext.speed import autotune, grouped_kernel, pointwise_fma, pointwise_gemm
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fastpath import default_example, optimize
 from resnext.speed.provenance import write_results
 from resnext.speed.train_bench import make_step
 
-KERNELS = ("pointwise_fma", "grouped")
-TRAIN_VARIANT = "cl-fp32-fused-grouped-gemm"
-# training: the candidates pinned (autotune's names), so that both builds run the kernel wherever
-# it is offered and the rest as torch does, whatever a timing would pick
-PINNED = {"pointwise_fma": ("ours-fma",), "grouped": ("ours",)}
 OPTIMIZE_KERNELS = (
     "grouped_kernel",
     "fuse_pointwise",
@@ -56,7 +53,34 @@ OPTIMIZE_KERNELS = (
     "conv_x3",
     "fuse_stem",
     "pointwise_fma",
+    "pointwise_bf16",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """A kernel this bench swaps: the network's dtype, `optimize`'s switch for it, the training
+    variant that runs it, and the agreement asked of the two builds."""
+
+    dtype: str
+    switch: str  # one of OPTIMIZE_KERNELS, forced on (the others off)
+    train_variant: str
+    # training: the candidates pinned (autotune's names), so that both builds run the kernel
+    # wherever it is offered and the rest as torch does, whatever a timing would pick
+    pinned: tuple[str, ...]
+    infer_tolerance: float  # output against the plain float32 model, relative to its largest
+    train_tolerance: float  # loss and update of the two builds, relative
+
+
+FP32 = {"dtype": "fp32", "train_variant": "cl-fp32-fused-grouped-gemm", "infer_tolerance": 1e-4}
+FP32_TRAIN = 1e-3
+# bf16's 8 significant bits through the network (the registry test's bound)
+BF16 = {"dtype": "bf16", "train_variant": "cl-bf16-fused-grouped-gemm", "infer_tolerance": 3e-2}
+SUBJECTS = {
+    "pointwise_fma": Subject(**FP32, switch="pointwise_fma", pinned=("ours-fma",), train_tolerance=FP32_TRAIN),
+    "pointwise_bf16": Subject(**BF16, switch="pointwise_bf16", pinned=("ours",), train_tolerance=2e-2),
+    "grouped": Subject(**FP32, switch="grouped_kernel", pinned=("ours",), train_tolerance=FP32_TRAIN),
+}  # fmt: skip
 
 Swap = Callable[[str], contextlib.AbstractContextManager[None]]
 
@@ -78,6 +102,9 @@ def swapper(kernel: str, against: Path) -> Swap:
     if kernel == "pointwise_fma":
         libs = {"ours": pointwise_fma.load(), "against": pointwise_fma.load(source=against)}
         return lambda build: replaced(pointwise_fma, "_library", lambda: libs[build])
+    if kernel == "pointwise_bf16":
+        libs = {"ours": pointwise_gemm.load(), "against": pointwise_gemm.load(source=against)}
+        return lambda build: replaced(pointwise_gemm, "_library", lambda: libs[build])
     isas = {"ours": grouped_kernel.ISA}
     # the same name: the weight gradient and batch-norm builds are looked up by it
     isas["against"] = dataclasses.replace(grouped_kernel.ISA, source=against)
@@ -90,6 +117,8 @@ def unavailable(kernel: str) -> str | None:
     """Why `kernel` cannot run on this CPU, or None."""
     if kernel == "pointwise_fma":
         return pointwise_fma.unavailable_reason()
+    if kernel == "pointwise_bf16":
+        return pointwise_gemm.unavailable_reason()
     return grouped_kernel.unavailable_reason(torch.float32)
 
 
@@ -98,17 +127,18 @@ def inference_calls(
 ) -> dict[str, Callable[[], object]]:
     """Each build's `optimize`d model on x, checked to agree with the plain model."""
     # the other kernels off: their per-layer picks would differ between the builds by noise
+    subject = SUBJECTS[kernel]
     forced = dict.fromkeys(OPTIMIZE_KERNELS, "off")
-    forced["grouped_kernel" if kernel == "grouped" else "pointwise_fma"] = "on"
+    forced[subject.switch] = "on"
     with torch.no_grad():
         reference = model(x)
     calls = {}
     for build in ("ours", "against"):
         with use(build):
-            fast = optimize(model, "fp32", backend=backend, example_input=x, **forced)
+            fast = optimize(model, subject.dtype, backend=backend, example_input=x, **forced)
             with torch.no_grad():
                 error = ((fast(x) - reference).abs().max() / reference.abs().max()).item()
-        if error > 1e-4:
+        if error > subject.infer_tolerance:
             raise RuntimeError(f"{build}: output off the plain model's by {error:.2e} relative")
 
         def call(fast: torch.nn.Module = fast, build: str = build) -> object:
@@ -123,13 +153,14 @@ def check_training_agrees(
     model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, kernel: str, use: Swap
 ) -> None:
     """A RuntimeError unless a step from the same weights gives both builds the same loss and
-    the same update (relative to the largest one) to 1e-3."""
+    the same update (relative to the largest one), to the subject's tolerance."""
+    subject = SUBJECTS[kernel]
     before = [p.detach().clone() for p in model.parameters()]
     after: dict[str, tuple[float, list[torch.Tensor]]] = {}
     for build in ("ours", "against"):
         twin = copy.deepcopy(model)
-        step = make_step(twin, TRAIN_VARIANT, x, labels)
-        with use(build), autotune.CHOOSER.prefer(*PINNED[kernel]):
+        step = make_step(twin, subject.train_variant, x, labels)
+        with use(build), autotune.CHOOSER.prefer(*subject.pinned):
             loss = step()
         after[build] = (
             loss,
@@ -138,7 +169,8 @@ def check_training_agrees(
     (loss, ours), (other_loss, against) = after["ours"], after["against"]
     largest = max(d.abs().max().item() for d in ours)
     off = max((d - e).abs().max().item() for d, e in zip(ours, against, strict=True))
-    if abs(loss - other_loss) > 1e-3 * abs(loss) or off > 1e-3 * largest:
+    tol = subject.train_tolerance
+    if abs(loss - other_loss) > tol * abs(loss) or off > tol * largest:
         raise RuntimeError(
             f"against: a training step differs from ours (loss {other_loss:.6f} against "
             f"{loss:.6f}, update off by {off:.2e} of at most {largest:.2e})"
@@ -152,11 +184,12 @@ def training_calls(
     to compute the same step."""
     labels = torch.randint(0, model.num_classes, (x.shape[0],))
     check_training_agrees(model, x, labels, kernel, use)
-    step = make_step(model, TRAIN_VARIANT, x, labels)
+    subject = SUBJECTS[kernel]
+    step = make_step(model, subject.train_variant, x, labels)
 
     def call_with(build: str) -> Callable[[], object]:
         def call() -> object:
-            with use(build), autotune.CHOOSER.prefer(*PINNED[kernel]):
+            with use(build), autotune.CHOOSER.prefer(*subject.pinned):
                 return step()
 
         return call
@@ -181,7 +214,7 @@ def alternate(calls: dict[str, Callable[[], object]], rounds: int, per_round: in
 
 def main() -> int:
     parser = bench_args.parser(__doc__, models="resnext50_32x4d", batch=16, rounds=11)
-    parser.add_argument("--kernel", choices=KERNELS, required=True)
+    parser.add_argument("--kernel", choices=tuple(SUBJECTS), required=True)
     parser.add_argument("--against", type=Path, required=True, help="another source of the kernel")
     parser.add_argument("--step", choices=("infer", "train"), default="infer")
     parser.add_argument("--backend", choices=("inductor", "none"), default="inductor")

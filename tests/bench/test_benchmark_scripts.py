@@ -93,10 +93,12 @@ def test_the_predictor_batch_benchmark_refuses_bad_call_sizes(
 
 def _kernel_source(kernel: str) -> Path:
     """This CPU's source of `kernel`, or a skip where it cannot run here."""
-    from resnext.speed import grouped_kernel, pointwise_fma
+    from resnext.speed import grouped_kernel, pointwise_fma, pointwise_gemm
 
     if kernel == "pointwise_fma":
         reason, source = pointwise_fma.unavailable_reason(), pointwise_fma.SOURCE
+    elif kernel == "pointwise_bf16":
+        reason, source = pointwise_gemm.unavailable_reason(), pointwise_gemm.SOURCE
     else:
         reason, source = grouped_kernel.unavailable_reason(), grouped_kernel.ISA.source
     if reason is not None:
@@ -114,8 +116,24 @@ def test_the_network_ab_refuses_a_missing_source(
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+# A source computing otherwise: every FMA subtracting, or every pair dot product against the
+# first 16 columns' weights.
+WRONGS = {
+    "pointwise_fma": ("fmadd_ps(", "fnmadd_ps("),
+    "grouped": ("fmadd_ps(", "fnmadd_ps("),
+    "pointwise_bf16": ("_mm512_dpbf16_ps(acc[i][j], pair, bv[j])", "_mm512_dpbf16_ps(acc[i][j], pair, bv[0])"),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("kernel", "step"), [("pointwise_fma", "infer"), ("grouped", "infer"), ("grouped", "train")]
+    ("kernel", "step"),
+    [
+        ("pointwise_fma", "infer"),
+        ("pointwise_bf16", "infer"),
+        ("pointwise_bf16", "train"),
+        ("grouped", "infer"),
+        ("grouped", "train"),
+    ],
 )
 def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_otherwise(
     kernel: str, step: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path
@@ -124,13 +142,14 @@ def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_othe
 
     source = _kernel_source(kernel)
     text = source.read_text()
-    wrong = tmp_path / "wrong.c"  # every FMA subtracting instead: a kernel computing otherwise
-    wrong.write_text(text.replace("fmadd_ps(", "fnmadd_ps("))
+    wrong = tmp_path / "wrong.c"
+    wrong.write_text(text.replace(*WRONGS[kernel]))
     assert wrong.read_text() != text
     same = tmp_path / "same.c"
     same.write_text(text)
     out = tmp_path / "out"
-    # resnext_tiny: groups of 4 and 8 channels, which every build of the grouped kernel takes
+    # resnext_tiny: groups of 4 and 8 channels, which every build of the grouped kernel takes,
+    # and 1×1s of 64 and 128 outputs, which the bf16 kernel takes
     argv = ["--kernel", kernel, "--models", "resnext_tiny", "--batch", "2", "--rounds", "1"]
     argv += ["--step", step, "--backend", "none", "--out", str(out)]
     assert _run_script("bench_network_ab.py", [*argv, "--against", str(wrong)], monkeypatch) == 1

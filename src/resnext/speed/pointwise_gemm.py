@@ -27,9 +27,12 @@ REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 COLUMN_BLOCK = 64  # the kernel's register tile is 64 output channels wide
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL:
-    lib = native.load(SOURCE, FLAGS, cpu_needs=REQUIRED_FLAGS)
+def load(source: Path = SOURCE) -> ctypes.CDLL:
+    """The kernels built (from this package's source, or another revision's `source` for
+    `benchmarks/bench_network_ab.py`) and loaded, their C signatures declared."""
+    # another revision's source includes its headers by name: ours, from this package
+    flags = FLAGS if source == SOURCE else (*FLAGS, f"-I{SOURCE.parent}")
+    lib = native.load(source, flags, cpu_needs=REQUIRED_FLAGS)
     lib.pointwise_gemm_bf16.argtypes = [
         ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
         ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -47,6 +50,11 @@ def _library() -> ctypes.CDLL:
     ):
         fn.restype = ctypes.c_int
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    return load()
 
 
 @functools.lru_cache(maxsize=1)
