@@ -1,13 +1,14 @@
-"""bf16 inference with and without the pair-dot-product kernel for wide groups (16-64 per group).
+"""bf16 inference with and without a pair-dot-product kernel for grouped 3×3s: the wide groups'
+(16-64 channels per group, the default) or that of 8 channels per group (`--cpg 8`).
 
 Usage: .venv/bin/python benchmarks/bench_wide_pairs.py [--models resnext50_32x4d]
-           [--batch 16] [--rounds 9]
+           [--batch 16] [--rounds 9] [--cpg wide|8]
 
 Two `optimize`d copies of each model (bf16, the compiled graph, every kernel choice made by
-timing as users get it), one with the grouped layers of 16, 32 or 64 channels per group offered
-the pair kernel (`grouped_kernel.WIDE_PAIR_CPG`), one without it, as before that kernel. They
-run the batch, and then one image, in alternating rounds in one process; the per-round time
-ratio is the measure, this machine being noisy.
+timing as users get it), one with the grouped layers of those widths offered the pair kernel
+(`grouped_kernel.WIDE_PAIR_CPG`, or 8 in `NARROW_PAIR_CPG`), one without it, as before that
+kernel. They run the batch, and then one image, in alternating rounds in one process; the
+per-round time ratio is the measure, this machine being noisy.
 """
 
 from __future__ import annotations
@@ -25,17 +26,23 @@ from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fastpath import default_example
 from resnext.speed.provenance import write_results
 
+# each kernel's table of channels per group in `grouped_kernel`, and that table without it
+WITHOUT = {"wide": ("WIDE_PAIR_CPG", ()), "8": ("NARROW_PAIR_CPG", (4,))}
 
-def build(name: str, examples: list[torch.Tensor], wide: bool) -> tuple[list[Callable], list]:
-    """`name` optimised for each example's shape, wide-group pairs offered or not; a runner per
-    example and the grouped layers' choices at the first."""
+
+def build(
+    name: str, examples: list[torch.Tensor], cpg: str, offered: bool
+) -> tuple[list[Callable], list]:
+    """`name` optimised for each example's shape, the `cpg` pair kernel offered or not; a runner
+    per example and the grouped layers' choices at the first."""
     model = resnext.create_model(name).eval()
-    saved = grouped_kernel.WIDE_PAIR_CPG
-    grouped_kernel.WIDE_PAIR_CPG = saved if wide else ()
+    table, without = WITHOUT[cpg]
+    saved = getattr(grouped_kernel, table)
+    setattr(grouped_kernel, table, saved if offered else without)
     try:
         fast = [resnext.optimize(model, torch.bfloat16, example_input=x) for x in examples]
     finally:
-        grouped_kernel.WIDE_PAIR_CPG = saved
+        setattr(grouped_kernel, table, saved)
     runners = []
     for module, x in zip(fast, examples, strict=True):
 
@@ -65,6 +72,7 @@ def alternate(runs: dict[str, Callable], rounds: int, calls: int) -> dict[str, l
 
 def main() -> int:
     parser = bench_args.parser(__doc__, models="resnext50_32x4d", batch=16, rounds=9)
+    parser.add_argument("--cpg", choices=tuple(WITHOUT), default="wide")
     args = parser.parse_args()
     keep_freed_memory()
     reason = grouped_kernel.unavailable_reason(torch.bfloat16)
@@ -75,7 +83,7 @@ def main() -> int:
     for name in args.models.split(","):
         one = default_example(resnext.create_model(name))  # one image of its natural size
         examples = [one.expand(args.batch, -1, -1, -1).clone(), one]
-        arms = {arm: build(name, examples, arm == "with") for arm in ("with", "without")}
+        arms = {arm: build(name, examples, args.cpg, arm == "with") for arm in ("with", "without")}
         paired = {
             arm: [c.name for c in choices if c.chosen != "native" and "pairs" in c.variant]
             for arm, (_, choices) in arms.items()

@@ -239,25 +239,53 @@ def test_optimize_with_the_kernel_same_function(backend: str) -> None:
 
 @needs_kernel
 @needs_bf16_kernel
+@pytest.mark.parametrize("cpg", [4, 8])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("size", [(1, 1), (5, 8), (13, 7)])
-def test_bf16_pair_kernel_equals_conv2d(stride: int, size: tuple[int, int]) -> None:
-    groups, channels = 24, 96  # 4 channels per group, 3 blocks of 32 channels
+@pytest.mark.parametrize("size", [(1, 1), (5, 8), (13, 7), (14, 15)])
+def test_bf16_pair_kernel_equals_conv2d(cpg: int, stride: int, size: tuple[int, int]) -> None:
+    # 3 blocks of 32 channels; odd widths leave a partial tile, rows and columns at the edges
+    channels = 96
+    groups = channels // cpg
+    torch.manual_seed(cpg + stride + size[0])
     x = torch.randn(2, channels, *size).to(torch.bfloat16)
-    w = torch.randn(channels, 4, 3, 3).to(torch.bfloat16).float()  # exactly representable
+    w = torch.randn(channels, cpg, 3, 3).to(torch.bfloat16).float()  # exactly representable
     b = torch.randn(channels)
     assert grouped_kernel.takes_pairs(channels, groups, torch.bfloat16)
     packed = grouped_kernel.pack_weights(w, groups, pairs=True)
     assert packed.dtype == torch.bfloat16
     got = grouped_kernel.run_kernel(x, packed, b, groups, stride, relu=True)
-    expected = F.conv2d(x.float(), w, b, stride=stride, padding=1, groups=groups).relu()
+    expected = F.conv2d(x.double(), w.double(), b.double(), stride, 1, 1, groups).relu()
     assert got.shape == expected.shape
-    assert rel_err(got, expected) < 2**-7
+    # float32 sums of exact bf16 products, then one rounding to bf16 (2^-8 of the value)
+    mags = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), stride, 1, 1, groups)
+    summed = (9 * cpg + 2) * 2.0**-24 * mags
+    assert ((got.double() - expected).abs() <= summed + 2.0**-8 * (expected.abs() + summed)).all()
     with pytest.raises(ValueError, match="packed"):  # pair weights with fp32 activations
         grouped_kernel.run_kernel(x.float(), packed, b, groups, stride)
-    with pytest.raises(ValueError, match="weight"):  # 8 channels per group cannot be paired
-        grouped_kernel.pack_weights(torch.randn(64, 8, 3, 3), 8, pairs=True)
-    assert not grouped_kernel.takes_pairs(48, 3, torch.bfloat16)  # 16 per group, C % 32 != 0
+
+
+@needs_kernel
+@needs_bf16_kernel
+def test_pair_packing_refuses_channels_off_the_32_channel_blocks() -> None:
+    assert not grouped_kernel.takes_pairs(48, 6, torch.bfloat16)  # 8 per group, C % 32 != 0
+    assert not grouped_kernel.takes_pairs(48, 3, torch.bfloat16)  # 16 per group, likewise
+    with pytest.raises(ValueError, match="weight: pair packing needs"):
+        grouped_kernel.pack_weights(torch.randn(48, 8, 3, 3), 6, pairs=True)
+
+
+@needs_kernel
+@needs_bf16_kernel
+@pytest.mark.parametrize("cpg", [4, 8])
+def test_narrow_pair_packing_puts_each_weight_where_the_kernel_reads_it(cpg: int) -> None:
+    groups = 64 // cpg  # two 32-channel blocks
+    w = torch.randn(64, cpg, 3, 3)
+    packed = grouped_kernel.pack_weights(w, groups, pairs=True)
+    assert packed.shape == (2, 9, cpg, 32)
+    # value q of output o's vector: from input channel 32·block + q to output o of its group
+    for block, tap, o, q in ((0, 0, 0, 0), (1, 4, cpg - 1, 13), (1, 8, 2, 31), (0, 5, 1, 17)):
+        channel = 32 * block + q
+        want = w[channel // cpg * cpg + o, channel % cpg, tap // 3, tap % 3].to(torch.bfloat16)
+        assert packed[block, tap, o, q] == want
 
 
 @needs_kernel

@@ -206,7 +206,7 @@ def test_module_forward_and_gradients_match_torch(shape, amp, path, monkeypatch)
         with autotune.CHOOSER.prefer(path):
             got = _step(fast, x, grad, amp)
         # The forward and the weight gradient are ours; the input gradient at stride 1 only
-        # (the pair forward takes 4, 16, 32 and 64 channels per group, the pair weight
+        # (the pair forwards take 4, 8, 16, 32 and 64 channels per group, the pair weight
         # gradient 4 and 8).
         pairs = grouped_kernel.takes_pairs(c, groups, torch.bfloat16)
         forwards = 1 + (stride == 1) if path == "ours" or pairs else 0

@@ -122,15 +122,16 @@ def _layout(cpg: int, lanes: int) -> tuple[int, int]:
     return max(cpg // lanes, 1), min(cpg // 4, lanes // 4)
 
 
+NARROW_PAIR_CPG = (4, 8)  # the pair kernels whose groups share a 32-channel register
 WIDE_PAIR_CPG = (16, 32, 64)  # the wide-group pair kernel's channels per group
 
 
 def takes_pairs(channels: int, groups: int, dtype: torch.dtype) -> bool:
-    """Whether bf16 activations of this shape have a pair-dot-product kernel (4, 16, 32 or 64
+    """Whether bf16 activations of this shape have a pair-dot-product kernel (4, 8, 16, 32 or 64
     channels per group, channels a multiple of 32), which needs its own weight packing."""
     if not (ISA.bf16 and dtype == torch.bfloat16 and groups >= 1 and channels % 32 == 0):
         return False
-    return channels % groups == 0 and channels // groups in (4, *WIDE_PAIR_CPG)
+    return channels % groups == 0 and channels // groups in (*NARROW_PAIR_CPG, *WIDE_PAIR_CPG)
 
 
 def pack_weights(weight: torch.Tensor, groups: int, pairs: bool = False) -> torch.Tensor:
@@ -139,9 +140,9 @@ def pack_weights(weight: torch.Tensor, groups: int, pairs: bool = False) -> torc
     Default: fp32 [C/L][9][M][R][4][L] for this CPU's build's L lanes (`ISA.lanes`: 16 or 8);
     for output block cb, lane l = 4b + i of diagonal j under block shuffle r holds the weight
     from input lane 4·σ_r(b) + i (of input register m) to output lane 4b + (i − j) mod 4. With
-    `pairs` (bf16 activations; see `takes_pairs`), 4 channels per group: bf16 [C/32][9][4][32],
-    where value 2l + k of output o's vector is the weight from input channel 2l + k of the
-    32-channel block to output o of that channel's group; 16-64 channels per group: bf16
+    `pairs` (bf16 activations; see `takes_pairs`), 4 or 8 channels per group: bf16
+    [C/32][9][cpg][32], where value 2l + k of output o's vector is the weight from input channel
+    2l + k of the 32-channel block to output o of that channel's group; 16-64 channels per group: bf16
     [C/16][9][cpg/2][16][2], value k of output l's pair j the weight from group input 2j + k to
     output 16·block + l.
     """
@@ -154,19 +155,21 @@ def pack_weights(weight: torch.Tensor, groups: int, pairs: bool = False) -> torc
     if pairs:
         if not takes_pairs(out_ch, groups, torch.bfloat16):
             raise ValueError(
-                f"weight: pair packing needs 4, 16, 32 or 64 channels per group and C % 32 == 0, "
+                f"weight: pair packing needs 4, 8, 16, 32 or 64 channels per group and C % 32 == 0, "
                 f"got shape {tuple(weight.shape)} with groups={groups}"
             )
         if cpg in WIDE_PAIR_CPG:
             w = weight.detach().float().reshape(out_ch // 16, 16, cpg // 2, 2, 9)
             return w.permute(0, 4, 2, 1, 3).contiguous().to(torch.bfloat16)
         block = torch.arange(out_ch // 32).view(-1, 1, 1)
-        o = torch.arange(4).view(1, -1, 1)
+        o = torch.arange(cpg).view(1, -1, 1)
         q = torch.arange(32).view(1, 1, -1)
         channel = block * 32 + q  # input channel of value q
-        out_idx = (channel // 4) * 4 + o
-        out_idx, in_idx = torch.broadcast_tensors(out_idx, channel % 4)
-        taps = weight.detach().float().reshape(out_ch, 4, 9)[out_idx, in_idx]  # (C/32, 4, 32, 9)
+        out_idx = (channel // cpg) * cpg + o
+        out_idx, in_idx = torch.broadcast_tensors(out_idx, channel % cpg)
+        taps = (
+            weight.detach().float().reshape(out_ch, cpg, 9)[out_idx, in_idx]
+        )  # (C/32, cpg, 32, 9)
         return taps.permute(0, 3, 1, 2).contiguous().to(torch.bfloat16)
     lanes = ISA.lanes
     inputs, shuffles = _layout(cpg, lanes)
@@ -226,7 +229,7 @@ def run_kernel(
     pairs = packed.dtype == torch.bfloat16
     if pairs and not takes_pairs(c, groups, x.dtype):
         raise ValueError(
-            f"packed: pair-packed (bf16) weights need bf16 activations with 4, 16, 32 or 64 "
+            f"packed: pair-packed (bf16) weights need bf16 activations with 4, 8, 16, 32 or 64 "
             f"channels per group and C % 32 == 0, got {x.dtype} x with {c} channels in {groups} "
             "groups"
         )
@@ -250,7 +253,7 @@ def run_kernel(
             None if bias_c is None else bias_c.data_ptr(),
             y.data_ptr(),
             int(x.dtype == torch.bfloat16),
-            (1 if c == 4 * groups else 2) if pairs else 0,  # the packing
+            (1 if c // groups in NARROW_PAIR_CPG else 2) if pairs else 0,  # the packing
             n,
             h,
             w,

@@ -28,7 +28,7 @@ class FastGroupedConv3x3(nn.Module):
     """A grouped 3×3 convolution (padding 1) computed by one of our kernels.
 
     Variants: 'widening' (`kernels/grouped3x3.c`, float32 FMAs; fp32 weights for fp32 or bf16
-    activations), 'pairs' (the same file's AVX512-BF16 pair kernel: bf16, 4 channels per group)
+    activations), 'pairs' (the same file's AVX512-BF16 pair kernels: bf16, 4-64 channels per group)
     and 'amx' (`kernels/grouped3x3_amx.c`: bf16 on AMX tiles). The packed weights and bias are
     plain attributes, not parameters or buffers, so that a later ``.to(dtype)`` leaves them as
     packed.

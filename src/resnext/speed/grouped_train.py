@@ -8,7 +8,7 @@ parameters and state-dict keys). In training mode on channels-last float32/bfloa
 (bf16 from autocast included), each of its three products has these implementations:
 
 - the forward: oneDNN, or `kernels/grouped3x3.c` (the diagonal kernel widening bf16 to float32
-  FMAs; for bf16 with 4 channels per group also the AVX512-BF16 pair dot-product kernel), or for
+  FMAs; for bf16 also the AVX512-BF16 pair dot-product kernels, `grouped_kernel.takes_pairs`), or for
   bf16 on a CPU with AMX `kernels/grouped3x3_amx.c` (block-diagonal tile products);
 - the input gradient at stride 1: oneDNN, or the same kernels applied to the output gradient
   with each group's weight matrix transposed and its taps flipped; at stride 2 oneDNN, or for
@@ -61,7 +61,7 @@ def our_kernel(
     x: torch.Tensor, weight: torch.Tensor, groups: int, stride: int, pairs: bool = False
 ) -> torch.Tensor:
     """conv2d(x, weight, stride, padding=1, groups) by `kernels/grouped3x3.c`, weights packed now;
-    `pairs` picks the AVX512-BF16 pair kernel (bf16, 4 channels per group)."""
+    `pairs` picks the AVX512-BF16 pair kernels (bf16; `grouped_kernel.takes_pairs`)."""
     packed = grouped_kernel.pack_weights(weight, groups, pairs=pairs)
     return grouped_kernel.run_kernel(x, packed, None, groups, stride)
 

@@ -215,6 +215,113 @@ static void row_bf16dp_c4(const void *xv, const float *wpv, const float *bias, v
   }
 }
 
+/* bf16 with 8 channels per group (ResNeXt-50's stage 2), the same way: pair l of a 32-channel
+ * input register belongs to group l / 4, and accumulator o gets, lane by lane, the pair's dot
+ * product with its weights to output o of that group. Summing each group's 4 lanes and
+ * interleaving the 8 accumulators' sums into channel order costs 14 permutes per pixel, against
+ * 72 dot products. Packed weights: wq[C/32][9][8][32] bf16 (value 2l + k of output o's vector is
+ * the weight from input channel 2l + k of the block to output o of that channel's group). */
+#ifndef P8 /* -D overrides are for timing other values */
+#define P8 2 /* 2 x 8 accumulators; 3 ran no faster and leaves partial tiles on 28- and 14-pixel rows */
+#endif
+static inline __attribute__((always_inline)) void bf16dp_c8_block(
+    const uint16_t *xn, const uint16_t *wb, int H, int W, int C, int cb, int oh, int iw0, int s,
+    int cols_ok, __m512 acc[P8][8]) {
+  for (int kh = 0; kh < 3; ++kh) {
+    const int ih = oh * s - 1 + kh;
+    if (ih < 0 || ih >= H) continue;
+    const uint16_t *xrow = xn + (long)ih * W * C + cb * 32;
+    for (int kw = 0; kw < 3; ++kw) {
+      const uint16_t *wt = wb + (kh * 3 + kw) * 8 * 32;
+      __m512bh v[P8];
+#pragma GCC unroll 8
+      for (int p = 0; p < P8; ++p) {
+        const int iw = iw0 + kw + p * s;
+        const __mmask32 in = (cols_ok || (iw >= 0 && iw < W)) ? 0xFFFFFFFFu : 0;
+        v[p] = (__m512bh)_mm512_maskz_loadu_epi16(in, xrow + (long)iw * C);
+      }
+#pragma GCC unroll 8
+      for (int o = 0; o < 8; ++o) {
+        const __m512bh w = (__m512bh)_mm512_loadu_si512(wt + o * 32);
+#pragma GCC unroll 8
+        for (int p = 0; p < P8; ++p) acc[p][o] = _mm512_dpbf16_ps(acc[p][o], v[p], w);
+      }
+    }
+  }
+}
+
+static void row_bf16dp_c8(const void *xv, const float *wpv, const float *bias, void *yv, int H,
+                          int W, int C, int cpg, int Ho, int Wo, int s, int relu, long r) {
+  (void)cpg;
+  const uint16_t *x = xv, *wq = (const uint16_t *)wpv;
+  uint16_t *y = yv;
+  const long n = r / Ho;
+  const int oh = (int)(r % Ho);
+  const uint16_t *xn = x + n * (long)H * W * C;
+  uint16_t *yr = y + r * (long)Wo * C;
+  /* Level 1 (as the 4-channel kernel): from accumulators a, b, lane 2i + k of
+   * a[even lanes] + a[odd lanes] interleaved with b's: the sum of pairs 2i, 2i + 1. */
+  const __m512i even = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  /* Level 2: m01 (outputs 0, 1) and m23 (2, 3) hold lane 4g + 2h + k = half h of group g's sum
+   * for output k (+2); the halves' sum, lane 4g + j = output j of group g. */
+  const __m512i half0 = _mm512_setr_epi32(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+  const __m512i half1 = _mm512_setr_epi32(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  /* Level 3: from m0123 and m4567 (lane 4g + j = output j or 4 + j of group g), channel order:
+   * groups 0-1, then groups 2-3. */
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int ow0 = 0; ow0 < Wo; ow0 += P8) {
+    const int np = Wo - ow0 < P8 ? Wo - ow0 : P8;
+    const int iw0 = ow0 * s - 1;
+    const int cols_ok = iw0 >= 0 && iw0 + 2 + (P8 - 1) * s < W;
+    /* the next tile's pixels of the lowest input row (the others were read by the row above);
+     * without it the stride-2 layer at batch 16 ran 1.35x slower */
+    const int ihb = oh * s + 1, iwn = iw0 + P8 * s;
+    if (ihb < H)
+      for (int q = 0; q < P8 * s && iwn + q < W; ++q) {
+        const char *pf = (const char *)(xn + ((long)ihb * W + iwn + q) * C);
+        for (long c = 0; c < (long)C * 2; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
+      }
+    for (int cb = 0; cb < C / 32; ++cb) {
+      const uint16_t *wb = wq + (long)cb * 9 * 8 * 32;
+      __m512 acc[P8][8];
+#pragma GCC unroll 8
+      for (int p = 0; p < P8; ++p)
+#pragma GCC unroll 8
+        for (int o = 0; o < 8; ++o) acc[p][o] = _mm512_setzero_ps();
+      if (cols_ok)
+        bf16dp_c8_block(xn, wb, H, W, C, cb, oh, iw0, s, 1, acc);
+      else
+        bf16dp_c8_block(xn, wb, H, W, C, cb, oh, iw0, s, 0, acc);
+      const __m512 b0 = bias ? load_f32(bias + cb * 32) : _mm512_setzero_ps();
+      const __m512 b1 = bias ? load_f32(bias + cb * 32 + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int p = 0; p < P8; ++p) {
+        if (p >= np) continue;
+        __m512 m[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q)
+          m[q] = _mm512_add_ps(_mm512_permutex2var_ps(acc[p][2 * q], even, acc[p][2 * q + 1]),
+                               _mm512_permutex2var_ps(acc[p][2 * q], odd, acc[p][2 * q + 1]));
+        const __m512 m0123 = _mm512_add_ps(_mm512_permutex2var_ps(m[0], half0, m[1]),
+                                           _mm512_permutex2var_ps(m[0], half1, m[1]));
+        const __m512 m4567 = _mm512_add_ps(_mm512_permutex2var_ps(m[2], half0, m[3]),
+                                           _mm512_permutex2var_ps(m[2], half1, m[3]));
+        __m512 o0 = _mm512_add_ps(b0, _mm512_permutex2var_ps(m0123, lo, m4567));
+        __m512 o1 = _mm512_add_ps(b1, _mm512_permutex2var_ps(m0123, hi, m4567));
+        if (relu) {
+          o0 = _mm512_max_ps(o0, _mm512_setzero_ps());
+          o1 = _mm512_max_ps(o1, _mm512_setzero_ps());
+        }
+        uint16_t *dst = yr + (long)(ow0 + p) * C + cb * 32;
+        store_bf16(dst, o0);
+        store_bf16(dst + 16, o1);
+      }
+    }
+  }
+}
+
 /* bf16 with 16, 32 or 64 channels per group (ResNeXt-50's stages 3-4), using the pair dot
  * product too. A group this wide is a small dense convolution: each block of 16 outputs is a sum
  * over 9 taps and the group's cpg/2 input pairs of (that pair, broadcast) times (the 16 outputs'
@@ -326,10 +433,10 @@ int grouped3x3_supported(int C, int cpg, int s) {
   return C % 16 == 0 && pick(cpg, 0) != 0 && (s == 1 || s == 2);
 }
 
-/* 1 if the bf16 pair-dot-product kernel (packing 1) takes the shape: 4 channels per group,
- * channels a multiple of 32. */
+/* 1 if the bf16 pair-dot-product kernels of packing 1 take the shape: 4 or 8 channels per
+ * group, channels a multiple of 32. */
 int grouped3x3_pairs_supported(int C, int cpg, int s) {
-  return C % 32 == 0 && cpg == 4 && (s == 1 || s == 2);
+  return C % 32 == 0 && (cpg == 4 || cpg == 8) && (s == 1 || s == 2);
 }
 
 /* 1 if the wide-group pair kernel (packing 2) takes the shape: 16, 32 or 64 channels per group
@@ -339,8 +446,8 @@ int grouped3x3_wide_pairs_supported(int C, int cpg, int s) {
 }
 
 /* y = conv(x) (+ bias, then ReLU if relu). packing 0: fp32 weights for the diagonal kernel
- * (fp32 or bf16 activations); packing 1: bf16 weight pairs for the bf16 dot-product kernel of 4
- * channels per group; packing 2: those of 16-64 channels per group. Returns 0, or -1 for an
+ * (fp32 or bf16 activations); packing 1: bf16 weight pairs for the bf16 dot-product kernels of 4
+ * and 8 channels per group; packing 2: those of 16-64 channels per group. Returns 0, or -1 for an
  * unsupported shape. */
 int grouped3x3_nhwc(const void *x, const float *wp, const float *bias, void *y, int bf16,
                     int packing, int N, int H, int W, int C, int cpg, int s, int relu,
@@ -349,7 +456,7 @@ int grouped3x3_nhwc(const void *x, const float *wp, const float *bias, void *y, 
   row_fn row;
   if (packing == 1) {
     if (!bf16 || !grouped3x3_pairs_supported(C, cpg, s)) return -1;
-    row = row_bf16dp_c4;
+    row = cpg == 4 ? row_bf16dp_c4 : row_bf16dp_c8;
   } else if (packing == 2) {
     if (!bf16 || !grouped3x3_wide_pairs_supported(C, cpg, s)) return -1;
     row = row_bf16dp_wide;
