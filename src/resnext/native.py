@@ -44,9 +44,18 @@ def compiler_version(cc: str) -> str:
 
 
 def local_headers(source: Path) -> list[Path]:
-    """The files `source` includes with `#include "name"` from its own folder (one level)."""
-    names = re.findall(r'^\s*#\s*include\s*"([^"]+)"', source.read_text(), flags=re.MULTILINE)
-    return [source.parent / name for name in names if (source.parent / name).is_file()]
+    """The files `source` includes with `#include "name"` from its own folder, and those they
+    include in turn, each once, in the order first met."""
+    found: list[Path] = []
+    pending = [source]
+    while pending:
+        text = pending.pop(0).read_text()
+        for name in re.findall(r'^\s*#\s*include\s*"([^"]+)"', text, flags=re.MULTILINE):
+            path = source.parent / name
+            if path.is_file() and path not in found and path != source:
+                found.append(path)
+                pending.append(path)
+    return found
 
 
 def build(

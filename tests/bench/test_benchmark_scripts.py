@@ -116,12 +116,15 @@ def test_the_network_ab_refuses_a_missing_source(
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-# A source computing otherwise: every FMA subtracting, or every pair dot product against the
-# first 16 columns' weights.
+# A source computing otherwise: every FMA subtracting, or each product (and weight gradient)
+# tile leaving out the second half of its inputs.
 WRONGS = {
-    "pointwise_fma": ("fmadd_ps(", "fnmadd_ps("),
-    "grouped": ("fmadd_ps(", "fnmadd_ps("),
-    "pointwise_bf16": ("_mm512_dpbf16_ps(acc[i][j], pair, bv[j])", "_mm512_dpbf16_ps(acc[i][j], pair, bv[0])"),
+    "pointwise_fma": [("fmadd_ps(", "fnmadd_ps(")],
+    "grouped": [("fmadd_ps(", "fnmadd_ps(")],
+    "pointwise_bf16": [
+        ("dot_pairs(acc, arow, 2, b, b_step, K / 2)", "dot_pairs(acc, arow, 2, b, b_step, K / 4)"),
+        ("xp + 2 * ci, 2L * Cin, kp)", "xp + 2 * ci, 2L * Cin, kp / 2)"),
+    ],
 }  # fmt: skip
 
 
@@ -143,7 +146,11 @@ def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_othe
     source = _kernel_source(kernel)
     text = source.read_text()
     wrong = tmp_path / "wrong.c"
-    wrong.write_text(text.replace(*WRONGS[kernel]))
+    changed = text
+    for before, after in WRONGS[kernel]:
+        assert before in changed
+        changed = changed.replace(before, after)
+    wrong.write_text(changed)
     assert wrong.read_text() != text
     same = tmp_path / "same.c"
     same.write_text(text)

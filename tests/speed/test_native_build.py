@@ -61,6 +61,29 @@ def test_a_changed_local_header_rebuilds(tmp_path: Path) -> None:
     assert second != first and ctypes.CDLL(str(second)).answer() == 5
 
 
+def test_a_header_included_by_a_header_rebuilds_too(tmp_path: Path) -> None:
+    if native.problem(native.compiler) is not None:
+        pytest.skip(f"no C compiler: {native.problem(native.compiler)}")
+    import ctypes
+
+    inner, outer = tmp_path / "inner.h", tmp_path / "outer.h"
+    inner.write_text("#define VALUE 3\n")
+    outer.write_text(
+        '#ifndef OUTER\n#define OUTER\n#include "inner.h"\n#include "outer.h"\n'
+        "#define TWICE (2 * VALUE)\n#endif\n"
+    )
+    source = _source(
+        tmp_path, '#include "outer.h"\n#include "inner.h"\nint answer(void) { return TWICE; }\n'
+    )
+    assert native.local_headers(source) == [outer, inner]  # each once, however often included
+    out = tmp_path / "cache"
+    first = native.build(source, ("-O2",), out_dir=out)
+    assert ctypes.CDLL(str(first)).answer() == 6
+    inner.write_text("#define VALUE 5\n")
+    second = native.build(source, ("-O2",), out_dir=out)
+    assert second != first and ctypes.CDLL(str(second)).answer() == 10
+
+
 def test_load_checks_the_cpu_before_building(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("RESNEXT_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(native.NativeUnavailable, match=r"this CPU lacks \['no-such-flag'\]"):

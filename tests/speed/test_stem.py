@@ -14,13 +14,24 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import stem
+from resnext.speed import stem, stem_dot
 from resnext.speed.fastpath import optimize
 from resnext.speed.fold import fold_batchnorm
-from resnext.speed.stem_fusion import FusedStem, ReluApplied, eligible, fuse_stem, stem_fusable
+from resnext.speed.stem_fusion import (
+    FusedStem,
+    ReluApplied,
+    backend_for,
+    eligible,
+    fuse_stem,
+    stem_fusable,
+)
 
 REASON = stem.unavailable_reason()
 needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailable: {REASON}")
+DOT_REASON = stem_dot.unavailable_reason()
+needs_dot = pytest.mark.skipif(
+    DOT_REASON is not None, reason=f"AVX512-BF16 stem kernel unavailable: {DOT_REASON}"
+)
 DTYPES = [torch.bfloat16, torch.float32]
 
 
@@ -280,3 +291,158 @@ def test_the_fused_stem_compiles_and_traces(backend: str, dtype: str) -> None:
         assert ((got - eager(x)).abs().max() / want.abs().max()).item() < (
             1e-5 if dtype == "fp32" else 2e-2
         )
+
+
+# The AVX512-BF16 kernel (`stem_dot`): bf16 products of 64-output strips.
+
+
+@needs_dot
+@pytest.mark.parametrize(
+    "n,cin,c,h,w,k,s,p",
+    [
+        (2, 3, 64, 224, 224, 7, 2, 3),  # torchvision's stem at its natural size, whole images
+        (9, 3, 64, 33, 30, 7, 2, 3),  # batch >= 4 per thread: one band per image
+        (1, 3, 64, 37, 50, 7, 2, 3),  # batch 1: bands of rows, odd sizes, a partial 6-pixel tile
+        (3, 5, 64, 20, 17, 3, 1, 1),  # a 3×3 on 5 channels (15 values: odd), stride 1
+        (1, 3, 128, 9, 9, 7, 2, 3),  # 2 strips; windows clipped at every border
+        (2, 3, 64, 5, 4, 7, 2, 3),  # images smaller than the kernel's reach: 2×2 output
+        (1, 16, 64, 12, 11, 5, 2, 0),  # no padding; 80 values per kernel row: 40 pairs
+    ],
+)
+def test_dot_kernel_matches_convolution_relu_and_pooling(
+    n: int, cin: int, c: int, h: int, w: int, k: int, s: int, p: int
+) -> None:
+    x, weight, bias = _case(n, cin, c, h, w, k, torch.bfloat16, seed=h * w + c)
+    got = stem_dot.run(x, stem_dot.pack(weight), bias, k, s, p)
+    exact = _exact(x, weight, bias, s, p)
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    err = (got.double() - exact).abs()
+    assert bool((err <= _bound(x, weight, exact, s, p)).all()), err.max().item()
+    assert (got > 0).any() and (got == 0).any()  # the ReLU cut some windows, not all
+
+
+@needs_dot
+def test_dot_kernel_gives_the_same_bits_on_any_thread_count_and_input_form(
+    on_threads: Callable[[int], AbstractContextManager[None]],
+) -> None:
+    gen = torch.Generator().manual_seed(7)
+    image = torch.randn(2, 3, 61, 47, generator=gen)
+    packed = stem_dot.pack(torch.randn(64, 3, 7, 7, generator=gen).bfloat16())
+    bias = torch.randn(64, generator=gen)
+    want = stem_dot.run(nhwc(image.bfloat16()), packed, bias, 7, 2, 3)
+    for threads in (1, 3, 5):  # bands differ; a band's edge row is recomputed the same way
+        with on_threads(threads):
+            assert torch.equal(stem_dot.run(nhwc(image.bfloat16()), packed, bias, 7, 2, 3), want)
+    # float32 or bf16, NCHW, channels_last or neither: each value rounded as a cast rounds it
+    strided = image.transpose(2, 3).contiguous().transpose(2, 3)
+    for form in (image, nhwc(image), strided, image.bfloat16()):
+        assert torch.equal(stem_dot.run(form, packed, bias, 7, 2, 3), want)
+
+
+@needs_dot
+def test_dot_buffers_kept_across_calls_leave_no_trace() -> None:
+    nan = nhwc(torch.full((4, 3, 96, 96), float("nan"), dtype=torch.bfloat16))
+    packed = stem_dot.pack(torch.randn(64, 3, 7, 7))
+    assert torch.isnan(stem_dot.run(nan, packed, torch.zeros(64), 7, 2, 3)).all()
+    x, weight, bias = _case(1, 3, 64, 13, 10, 7, torch.bfloat16, seed=4)
+    got = stem_dot.run(x, stem_dot.pack(weight), bias, 7, 2, 3)
+    exact = _exact(x, weight, bias, 2, 3)
+    assert bool(((got.double() - exact).abs() <= _bound(x, weight, exact, 2, 3)).all())
+
+
+def test_dot_pack_lays_out_each_kernel_row_in_pairs() -> None:
+    # 7 columns × 3 channels = 21 values per kernel row: 11 pairs, the last value zero
+    weight = torch.arange(128 * 3 * 7 * 7, dtype=torch.float32).reshape(128, 3, 7, 7) / 1024
+    packed = stem_dot.pack(weight)
+    assert packed.shape == (2, 7, 11, 64, 2) and packed.dtype == torch.bfloat16
+    # output o = 64 t + j, kernel row i, value v = kw·3 + ci = 2 q + m: packed[t, i, q, j, m]
+    for o, i, kw, ci in ((0, 0, 0, 0), (70, 4, 5, 2), (127, 6, 6, 1), (5, 2, 3, 0)):
+        v = kw * 3 + ci
+        want = weight[o, ci, i, kw].to(torch.bfloat16)
+        assert packed[o // 64, i, v // 2, o % 64, v % 2] == want
+    assert (packed[:, :, 10, :, 1] == 0).all()  # value 21 of every row
+
+
+@needs_dot
+def test_dot_bad_inputs_name_the_argument() -> None:
+    x, weight, bias = _case(1, 3, 64, 16, 16, 7, torch.bfloat16, seed=5)
+    packed = stem_dot.pack(weight)
+    with pytest.raises(ValueError, match="x: expected a 4-d bf16 or float32"):
+        stem_dot.run(x.half(), packed, bias, 7, 2, 3)
+    with pytest.raises(ValueError, match=r"packed: expected .* 12 input channels"):
+        stem_dot.run(nhwc(torch.randn(1, 12, 16, 16)), packed, bias, 7, 2, 3)
+    with pytest.raises(ValueError, match=r"packed: expected .* a 5×5 kernel"):
+        stem_dot.run(x, packed, bias, 5, 2, 2)
+    with pytest.raises(ValueError, match=r"packed: expected a contiguous bf16 stem_dot.pack"):
+        stem_dot.run(x, stem.pack(weight), bias, 7, 2, 3)  # the AMX kernel's packing
+    with pytest.raises(ValueError, match="bias: expected 64 float32"):
+        stem_dot.run(x, packed, bias[:32], 7, 2, 3)
+    with pytest.raises(ValueError, match="kernel, stride, padding: expected a stem"):
+        stem_dot.run(x, packed, bias, 7, 2, 7)
+    with pytest.raises(ValueError, match="x: 2×2 is smaller than the 7×7 kernel"):
+        stem_dot.run(nhwc(torch.randn(1, 3, 2, 2)), packed, bias, 7, 2, 2)
+    with pytest.raises(
+        ValueError, match="weight: expected a \\(C, Cin, k, k\\) weight with C a multiple of 64"
+    ):
+        stem_dot.pack(torch.randn(96, 3, 7, 7))
+    with pytest.raises(ValueError, match="stem_dot: an inference kernel"):
+        torch.ops.resnext.stem_dot(x.float().requires_grad_(), packed, bias, 7, 2, 3)
+
+
+def test_eligibility_follows_the_backend() -> None:
+    bf16 = nn.Conv2d(3, 64, 7, stride=2, padding=3).to(torch.bfloat16)
+    assert eligible(bf16, "dot") and eligible(bf16, "amx")
+    assert not eligible(nn.Conv2d(3, 64, 7, stride=2, padding=3), "dot")  # float32
+    assert not eligible(nn.Conv2d(3, 96, 7, stride=2, padding=3).to(torch.bfloat16), "dot")
+    assert eligible(nn.Conv2d(3, 96, 7, stride=2, padding=3).to(torch.bfloat16), "amx")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        FusedStem(bf16, "avx")
+    with pytest.raises(ValueError, match="conv: expected a bf16 square convolution"):
+        FusedStem(nn.Conv2d(3, 64, 7, stride=2, padding=3), "dot")
+
+
+def test_the_backend_is_amx_where_it_runs_else_dot_for_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stem, "unavailable_reason", lambda: None)
+    assert backend_for(torch.float32) == ("amx", None)
+    monkeypatch.setattr(stem, "unavailable_reason", lambda: "no AMX")
+    monkeypatch.setattr(stem_dot, "unavailable_reason", lambda: None)
+    assert backend_for(torch.bfloat16) == ("dot", None)
+    assert backend_for(torch.float32) == (None, "float32 needs the AMX kernel: no AMX")
+    monkeypatch.setattr(stem_dot, "unavailable_reason", lambda: "no AVX512-BF16")
+    assert backend_for(torch.bfloat16) == (
+        None,
+        "AMX kernel: no AMX; AVX512-BF16 kernel: no AVX512-BF16",
+    )
+
+
+needs_dot_only = pytest.mark.skipif(
+    DOT_REASON is not None or REASON is None,
+    reason="the AVX512-BF16 stem runs where AMX is absent and AVX512-BF16 present",
+)
+
+
+@needs_dot_only
+@pytest.mark.parametrize("backend", ["none", "inductor"])
+def test_optimize_fuses_the_stem_with_the_dot_kernel(backend: str) -> None:
+    model = resnext.create_model("resnext_tiny_in", stem_width=64).eval()
+    x = torch.randn(2, 3, 64, 80)
+    fast = optimize(model, "bf16", backend=backend, example_input=x, fuse_stem="on")
+    (choice,) = fast.stem_choices
+    assert (choice.name, choice.chosen) == ("conv1", "fused")
+    eager = optimize(model, "bf16", backend="none", example_input=x, fuse_stem="on")
+    assert isinstance(eager.model.conv1, FusedStem) and eager.model.conv1.backend == "dot"
+    # float32 has no fused stem without AMX: 'auto' leaves it, 'on' says why
+    assert optimize(model, "fp32", backend="none", example_input=x).stem_choices == []
+    with pytest.raises(
+        ConfigError, match="fuse_stem: 'on' but the kernel cannot run here: float32"
+    ):
+        optimize(model, "fp32", backend="none", example_input=x, fuse_stem="on")
+    with torch.no_grad():
+        want, got = model(x), fast(x)
+        assert ((got - want).abs().max() / want.abs().max()).item() < 5e-2
+        assert torch.equal(fast(nhwc(x)), got)  # any layout, handed to the kernel as it is
+        # the same kernels compiled or not: the two agree closely
+        assert ((got - eager(x)).abs().max() / want.abs().max()).item() < 2e-2

@@ -250,9 +250,10 @@ def optimize(
     kernel, then become one product where that is faster. Timings: `conv_x3_choices`.
 
     `fuse_stem` ('auto', 'on', 'off'; bf16, and float32 unless `conv_x3` is 'off', on CPUs with
-    AMX) computes an ImageNet stem's convolution, ReLU and 3×3/2 max pooling in one kernel
-    (`resnext.speed.stem`) that writes only the pooled output; 'auto' fuses where that is faster
-    than the convolution and pooling apart. Timings: `stem_choices`.
+    AMX; bf16 on CPUs with AVX512-BF16) computes an ImageNet stem's convolution, ReLU and 3×3/2
+    max pooling in one kernel (`resnext.speed.stem` on AMX, else `resnext.speed.stem_dot`) that
+    writes only the pooled output; 'auto' fuses where that is faster than the convolution and
+    pooling apart. Timings: `stem_choices`.
 
     `pointwise_fma` ('auto', 'on', 'off'; float32 on CPUs with AVX2 and FMA) computes the 1×1
     convolutions that `conv_x3` left to oneDNN, with the ReLU or residual add and ReLU after

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,6 +107,47 @@ def output_shape(
     return (n, out_channels, pooled[0], pooled[1])
 
 
+def check_input(name: str, x: torch.Tensor) -> None:
+    """A ValueError naming x unless it is an image batch a fused stem kernel `name` reads."""
+    operators.check_no_grad(name, x)
+    if x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 4 or x.device.type != "cpu":
+        raise ValueError(
+            f"x: expected a 4-d bf16 or float32 CPU tensor, got {x.dtype} {tuple(x.shape)} on "
+            f"{x.device}"
+        )
+
+
+def checked_io(
+    x: torch.Tensor,
+    c: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    bias: torch.Tensor,
+    dtype: torch.dtype,
+    takes: Callable[[int, int, int, int, int], bool] = supports,
+    multiple: int = 32,
+) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """What a fused stem kernel reads and writes, for `check_input`'s x and c outputs: x as given
+    if NCHW, else channels_last; whether it is NCHW; the uninitialised pooled output in `dtype`.
+    ValueErrors name a bad argument: the geometry (which `takes`, with outputs a multiple of
+    `multiple`), the image's size, the bias."""
+    _, cin, h, w = x.shape
+    if not takes(cin, c, kernel, stride, padding):
+        raise ValueError(
+            f"kernel, stride, padding: expected a stem the kernel takes (outputs a multiple of "
+            f"{multiple}, 0 <= padding < kernel), got {kernel}×{kernel}, stride {stride}, padding "
+            f"{padding}, {c} outputs"
+        )
+    check_fits(h, w, kernel, padding)
+    check_bias(bias, c)
+    nchw = x.is_contiguous()
+    if not nchw:
+        x = x.contiguous(memory_format=torch.channels_last)
+    shape = output_shape(tuple(x.shape), c, kernel, stride, padding)
+    return x, nchw, torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
+
+
 def run(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -119,30 +161,13 @@ def run(
     pack(w), channels_last, in bf16 (`bf16`, one product per step) or float32 (bf16×3);
     `bf16` None follows x's dtype. x may be bf16 or float32, NCHW or channels_last, whatever
     the output's dtype: the kernel converts each input value once as it reads it."""
-    operators.check_no_grad("stem", x)
-    if x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 4 or x.device.type != "cpu":
-        raise ValueError(
-            f"x: expected a 4-d bf16 or float32 CPU tensor, got {x.dtype} {tuple(x.shape)} on "
-            f"{x.device}"
-        )
-    n, cin, h, w = x.shape
-    c = _check_packed(packed, cin, kernel)
-    if not supports(cin, c, kernel, stride, padding):
-        raise ValueError(
-            f"kernel, stride, padding: expected a stem the kernel takes (outputs a multiple of "
-            f"32, 0 <= padding < kernel), got {kernel}×{kernel}, stride {stride}, padding "
-            f"{padding}, {c} outputs"
-        )
-    check_fits(h, w, kernel, padding)
-    check_bias(bias, c)
+    check_input("stem", x)
+    c = _check_packed(packed, x.shape[1], kernel)
     if bf16 is None:
         bf16 = x.dtype == torch.bfloat16
-    nchw = x.is_contiguous()
-    if not nchw:
-        x = x.contiguous(memory_format=torch.channels_last)
-    shape = output_shape(tuple(x.shape), c, kernel, stride, padding)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    y = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
+    x, nchw, y = checked_io(x, c, kernel, stride, padding, bias, dtype)
+    n, cin, h, w = x.shape
     if y.numel():
         rc = _library().stem_amx(
             x.data_ptr(),

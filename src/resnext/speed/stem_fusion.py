@@ -1,8 +1,10 @@
-"""Putting the ImageNet stem (7×7 conv, ReLU, 3×3/2 max pooling) into one AMX kernel, where faster.
+"""Putting the ImageNet stem (7×7 conv, ReLU, 3×3/2 max pooling) into one kernel, where faster.
 
 After BN folding, the stem of a `ResNeXt` is conv1 (with the folded bias), the ReLU and the max
 pooling. Run apart, the convolution writes the network's largest tensor and the pooling reads it
-back; `resnext.speed.stem` computes all three in one pass and writes only the pooled output.
+back; `resnext.speed.stem` (AMX: bf16, or float32 as bf16×3) and `resnext.speed.stem_dot`
+(AVX512-BF16 pair dot products: bf16) compute all three in one pass and write only the pooled
+output.
 This pass times the fused kernel against the two steps apart: the convolution as the compiled
 graph would run it (oneDNN with its weight prepacked and the ReLU fused, and in float32 also our
 bf16×3 `conv_x3`, whichever is faster), then the pooling by the training fast path's max-pool
@@ -23,17 +25,20 @@ from torch import nn
 
 from resnext.errors import ConfigError
 from resnext.models.network import ResNeXt
-from resnext.speed import conv_x3, maxpool, stem
+from resnext.speed import conv_x3, maxpool, stem, stem_dot
 from resnext.speed.conv_x3_swap import ConvX3, float_bias, square_geometry
 from resnext.speed.conv_x3_swap import eligible as x3_eligible
 from resnext.speed.grouped_swap import MODES, LayerChoice, input_shapes, time_on_random
 from resnext.speed.pointwise_fusion import onednn_conv
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
+BACKENDS = ("amx", "dot")  # `stem` on AMX tiles, `stem_dot` on AVX512-BF16 pair dot products
+
 
 class FusedStem(nn.Module):
-    """``max_pool2d(relu(conv(x)), 3, 2, 1)`` in one call of `stem.run`, in the convolution's
-    dtype (bf16, or float32 as bf16×3).
+    """``max_pool2d(relu(conv(x)), 3, 2, 1)`` in one call of a fused stem kernel, in the
+    convolution's dtype: `backend` 'amx' (`stem.run`: bf16, or float32 as bf16×3) or 'dot'
+    (`stem_dot.run`: bf16).
 
     It reads float32 or bf16 input in NCHW or channels_last layout alike (`reads_any_input`),
     so the fast path hands it the caller's image without a cast. The packed weight and bias are
@@ -42,14 +47,19 @@ class FusedStem(nn.Module):
 
     reads_any_input = True
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, backend: str = "amx") -> None:
         super().__init__()
-        if not eligible(conv):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if not eligible(conv, backend):
+            dtypes = "bf16" if backend == "dot" else "float32 or bf16"
             raise ValueError(
-                "conv: expected a square convolution with groups 1, zero padding below the "
-                f"kernel size and outputs a multiple of 32, got {conv}"
+                f"conv: expected a {dtypes} square convolution with groups 1, zero padding below "
+                f"the kernel size and outputs a multiple of {32 if backend == 'amx' else 64}, "
+                f"got {conv}"
             )
-        self.packed = stem.pack(conv.weight)
+        self.backend = backend
+        self.packed = (stem if backend == "amx" else stem_dot).pack(conv.weight)
         self.bias = float_bias(conv)
         geometry = square_geometry(conv)
         assert geometry is not None  # eligible() checked it
@@ -58,6 +68,10 @@ class FusedStem(nn.Module):
         self.bf16 = conv.weight.dtype == torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "dot":
+            return torch.ops.resnext.stem_dot(
+                x, self.packed, self.bias, self.kernel, self.stride, self.padding
+            )
         return torch.ops.resnext.stem(
             x, self.packed, self.bias, self.kernel, self.stride, self.padding, self.bf16
         )
@@ -68,6 +82,7 @@ class FusedStem(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size=({k}, {k}), "
             f"stride={self.stride}, padding={self.padding} → relu → max_pool(3, 2, 1), "
             + ("bf16" if self.bf16 else "bf16x3")
+            + f", {self.backend}"
         )
 
 
@@ -84,19 +99,23 @@ class ReluApplied(nn.Module):
         return x
 
 
-def eligible(conv: nn.Module) -> bool:
-    """Whether `conv` is a convolution the stem kernel computes."""
+def eligible(conv: nn.Module, backend: str = "amx") -> bool:
+    """Whether `conv` is a convolution the `backend` stem kernel computes."""
     geometry = square_geometry(conv)
+    if backend == "dot":
+        dtypes, supports = (torch.bfloat16,), stem_dot.supports
+    else:
+        dtypes, supports = (torch.float32, torch.bfloat16), stem.supports
     return (
         geometry is not None
-        and conv.weight.dtype in (torch.float32, torch.bfloat16)
-        and stem.supports(conv.in_channels, conv.out_channels, *geometry)
+        and conv.weight.dtype in dtypes
+        and supports(conv.in_channels, conv.out_channels, *geometry)
     )
 
 
-def stem_fusable(model: nn.Module) -> bool:
+def stem_fusable(model: nn.Module, backend: str = "amx") -> bool:
     """Whether `model` is a BN-folded `ResNeXt` whose stem is conv → ReLU → 3×3/2 max pooling
-    (padding 1) with a convolution the kernel takes."""
+    (padding 1) with a convolution the `backend` kernel takes."""
     if not isinstance(model, ResNeXt) or not model._stem_act:
         return False
     pool = model.maxpool
@@ -109,7 +128,7 @@ def stem_fusable(model: nn.Module) -> bool:
         and _pair(pool.padding) == (1, 1)
         and _pair(pool.dilation) == (1, 1)
         and not pool.ceil_mode
-        and eligible(model.conv1)
+        and eligible(model.conv1, backend)
     )
 
 
@@ -130,6 +149,20 @@ def _convolution_ways(conv: nn.Conv2d, input_size: tuple[int, ...]) -> list[Runn
     return ways
 
 
+def backend_for(dtype: torch.dtype) -> tuple[str | None, str | None]:
+    """(the fused stem kernel this CPU runs for `dtype`, None) — 'amx' where it can, else 'dot'
+    for bf16 — or (None, why neither can)."""
+    amx = stem.unavailable_reason()
+    if amx is None:
+        return "amx", None
+    if dtype != torch.bfloat16:
+        return None, f"float32 needs the AMX kernel: {amx}"
+    dot = stem_dot.unavailable_reason()
+    if dot is None:
+        return "dot", None
+    return None, f"AMX kernel: {amx}; AVX512-BF16 kernel: {dot}"
+
+
 def fuse_stem(
     model: nn.Module,
     example: torch.Tensor,
@@ -148,18 +181,21 @@ def fuse_stem(
     kernel cannot run here, a ConfigError says why); 'off' changes nothing. Returns one
     `LayerChoice` ('conv1', native_ms: convolution and pooling apart, kernel_ms: the fused stem,
     chosen 'fused' or 'separate', variant 'stem'), or none where the model's stem does not
-    qualify or ('auto') the kernel cannot run here. In float32 the kernel computes bf16×3
-    products, so `conv_x3_mode` 'off' (float32 FMAs throughout) leaves the stem alone. With
-    `timings`, times stored there are used instead of measured.
+    qualify or ('auto') the kernel cannot run here. The kernel is the AMX one where the CPU has
+    AMX, else (bf16 only) the AVX512-BF16 one (`backend_for`). In float32 the AMX kernel computes
+    bf16×3 products, so `conv_x3_mode` 'off' (float32 FMAs throughout) leaves the stem alone.
+    With `timings`, times stored there are used instead of measured.
     """
     if mode not in MODES:
         raise ConfigError(f"fuse_stem: expected one of {MODES}, got {mode!r}")
-    if mode == "off" or not stem_fusable(model):
+    if mode == "off":
         return []
-    reason = stem.unavailable_reason()
-    if reason is not None:
-        if mode == "on":
+    backend, reason = backend_for(example.dtype)
+    if backend is None:
+        if mode == "on" and stem_fusable(model):
             raise ConfigError(f"fuse_stem: 'on' but the kernel cannot run here: {reason}")
+        return []
+    if not stem_fusable(model, backend):
         return []
     if example.dtype == torch.float32 and conv_x3_mode == "off":
         return []  # float32 here is bf16×3 arithmetic, which conv_x3='off' rules out
@@ -168,13 +204,15 @@ def fuse_stem(
     shape = input_shapes(model, ["conv1"], example).get("conv1")
     if shape is None:
         return []
-    fused = FusedStem(conv)
+    fused = FusedStem(conv, backend)
     ways = _convolution_ways(conv, shape)
     pool = "ours" if maxpool.unavailable_reason() is None else "torch"
     if pool == "ours":
         ways = [lambda x, way=way: maxpool.forward(way(x), *stem.POOL) for way in ways]
     measure = functools.partial(time_on_random, [*ways, fused], shape, example.dtype, repeats)
-    key = layer_key("stem", shape, example.dtype, conv, f"{len(ways)} ways, {pool} pooling")
+    key = layer_key(
+        "stem", shape, example.dtype, conv, f"{len(ways)} ways, {pool} pooling, {backend}"
+    )
     times = cached(timings, key, len(ways) + 1, measure)
     separate_ms, fused_ms = min(times[:-1]), times[-1]
     use = mode == "on" or fused_ms < separate_ms

@@ -1,6 +1,6 @@
 /* What the project's AMX kernels share: the OS permission request, one tile configuration (all
  * eight tiles 16 rows of 64 bytes: 16 x 32 bf16 operands, 16 x 16 float32 accumulators), the
- * accumulator read-back and per-thread scratch buffers kept across calls. */
+ * accumulator read-back, and (scratch.h) per-thread scratch buffers kept across calls. */
 #ifndef RESNEXT_AMX_TILES_H
 #define RESNEXT_AMX_TILES_H
 
@@ -10,6 +10,8 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "scratch.h"
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -38,22 +40,6 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void configure(void) 
 }
 
 __attribute__((target("amx-tile"))) static inline void release(void) { _tile_release(); }
-
-#define SCRATCH_SLOTS 5
-
-/* This thread's scratch buffer `slot` (< SCRATCH_SLOTS), at least `bytes` long, 64-byte aligned
- * (NULL if memory runs out). Kept across calls (OpenMP threads live as long as the process) and
- * grown when a call needs more: a call neither allocates nor zeroes its buffers whole. */
-static inline void *scratch(int slot, size_t bytes) {
-  static __thread void *buffer[SCRATCH_SLOTS];
-  static __thread size_t size[SCRATCH_SLOTS];
-  if (size[slot] < bytes) {
-    free(buffer[slot]);
-    buffer[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    size[slot] = buffer[slot] ? bytes : 0;
-  }
-  return buffer[slot];
-}
 
 /* Accumulator tile m (0-3: 16 rows of 16 float32) to acc. */
 __attribute__((target("amx-tile"))) static inline void tile_to(int m, float *acc) {

@@ -29,34 +29,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include "bf16_io.h"
+#include "pair_tile.h"
 
-#define MR 6
-#define NV 4 /* 16-lane registers per tile row */
-#define NR (16 * NV)
 #define MC 48
 #ifndef COLUMN_SPLIT_ROWS /* -D overrides are for timing other values */
 #define COLUMN_SPLIT_ROWS 256
 #endif
-
-/* acc[i][.] += sum over kp pairs of (a pair of row i) * (64 columns of b), the pairs of row i
- * at a[i], a[i] + a_step, ... and the column pairs at b, b + b_step, ... (in bf16 elements). */
-static inline __attribute__((always_inline)) void dot_pairs(__m512 acc[MR][NV],
-                                                            const uint16_t *a[MR], long a_step,
-                                                            const uint16_t *b, long b_step,
-                                                            long kp) {
-  for (long k = 0; k < kp; k++) {
-    __m512bh bv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; j++) bv[j] = (__m512bh)_mm512_loadu_si512(b + 32 * j);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; i++) {
-      const __m512bh pair = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(a[i] + k * a_step));
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], pair, bv[j]);
-    }
-    b += b_step;
-  }
-}
 
 /* One MR x NR tile of y over all of K. Rows past `rows` repeat the last row's a (no reads beyond
  * the matrix) and are not stored. */
