@@ -7,14 +7,17 @@ is timed in turns, `--repeats` calls each (best call kept), in these ways:
   - onednn+pool: oneDNN's convolution with the weight prepacked and the ReLU fused (as the
     frozen compiled graph runs it), then the pooling compiled by inductor (as the graph runs it);
   - x3+pool (float32): our bf16×3 convolution (`conv_x3`) with the ReLU, then the same pooling;
-  - fused: `resnext.speed.stem`, the three in one kernel, on the same input (the model's dtype,
-    channels_last), and on the float32 NCHW image the network hands it (no cast before it);
+  - fused: the three in one kernel, `resnext.speed.stem` on AMX or else (bf16)
+    `resnext.speed.stem_dot` on AVX512-BF16 (`stem_fusion.backend_for`), on the same input (the
+    model's dtype, channels_last), and on the float32 NCHW image the network hands it (no cast
+    before it);
   - onednn alone: the convolution without the pooling, for scale.
 Then the whole network: one `optimize(..., backend="none", fuse_stem="on")` build, and a copy of
 it whose stem is put back apart (the folded conv1, the ReLU and nn.MaxPool2d), each compiled
 with inductor (frozen, C++ wrapper) and timed in turns: every other kernel choice is the same in
 both, so the difference is the stem's alone (separate `optimize` builds time their choices
-anew, and those differ by more than the stem's share). Needs a CPU with AMX.
+anew, and those differ by more than the stem's share). A dtype without a fused stem kernel on
+this CPU (float32 without AMX) is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import nn
 
 import bench_args
 import resnext
-from resnext.speed import conv_x3, stem
+from resnext.speed import conv_x3, stem, stem_dot
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.conv_x3_swap import ConvX3
 from resnext.speed.fastpath import FrozenInductor, optimize
@@ -35,6 +38,7 @@ from resnext.speed.fold import fold_batchnorm
 from resnext.speed.grouped_swap import time_each_ms
 from resnext.speed.pointwise_fusion import onednn_conv
 from resnext.speed.provenance import write_results
+from resnext.speed.stem_fusion import backend_for
 
 
 class _Pool(nn.Module):
@@ -44,24 +48,33 @@ class _Pool(nn.Module):
         return F.max_pool2d(x, *stem.POOL)
 
 
-def _ways(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, object]:
+def _ways(conv: nn.Conv2d, x: torch.Tensor, backend: str) -> dict[str, object]:
     onednn = onednn_conv(conv, list(x.shape), relu=True, dtype=x.dtype)
 
     pool = FrozenInductor(_Pool(), cpp_wrapper=True)
     with torch.no_grad():
         pool(onednn(x))  # compile for this shape first
     ways: dict[str, object] = {"onednn+pool": lambda x: pool(onednn(x))}
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 and conv_x3.unavailable_reason() is None:
         x3 = ConvX3(conv, relu=True)
         ways["x3+pool"] = lambda x: pool(x3(x))
-    fused = stem.pack(conv.weight)
     fused_bias = conv.bias.detach().float()
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    ways["fused"] = lambda x: stem.run(x, fused, fused_bias, k, s, p)
     # the network hands the fused stem the caller's float32 NCHW image, without a cast first
     image = x.float().contiguous()
-    bf16 = x.dtype == torch.bfloat16
-    ways["fused, float32 NCHW image"] = lambda x: stem.run(image, fused, fused_bias, k, s, p, bf16)
+    if backend == "dot":
+        packed = stem_dot.pack(conv.weight)
+        ways["fused"] = lambda x: stem_dot.run(x, packed, fused_bias, k, s, p)
+        ways["fused, float32 NCHW image"] = lambda x: stem_dot.run(
+            image, packed, fused_bias, k, s, p
+        )
+    else:
+        fused = stem.pack(conv.weight)
+        bf16 = x.dtype == torch.bfloat16
+        ways["fused"] = lambda x: stem.run(x, fused, fused_bias, k, s, p)
+        ways["fused, float32 NCHW image"] = lambda x: stem.run(
+            image, fused, fused_bias, k, s, p, bf16
+        )
     ways["onednn alone"] = onednn
     return ways
 
@@ -96,24 +109,24 @@ def main() -> int:
     wanted = args.dtypes.split(",")
     if unknown := [d for d in wanted if d not in dtypes]:
         parser.error(f"--dtypes: expected names from {sorted(dtypes)}, got {unknown}")
-    reason = stem.unavailable_reason() or conv_x3.unavailable_reason()
-    if reason is not None:
-        print(f"skipped: the AMX kernels cannot run here ({reason})")
-        return 0
     keep_freed_memory()  # as `resnext bench` runs: no page faults on each new output
     torch.manual_seed(0)
     model = resnext.create_model("resnext50_32x4d").eval()
     folded = fold_batchnorm(model)
     results: dict[str, object] = {}
     for name in wanted:
+        backend, reason = backend_for(dtypes[name])
+        if backend is None:
+            print(f"{name}: skipped, no fused stem kernel runs here ({reason})")
+            continue
         conv = copy.deepcopy(folded.conv1).to(dtypes[name])
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, 224, 224, dtype=dtypes[name])
             x = x.contiguous(memory_format=torch.channels_last)
-            ways = _ways(conv, x)
+            ways = _ways(conv, x, backend)
             times = time_each_ms(list(ways.values()), x, args.repeats)
             row = dict(zip(ways, times, strict=True))
-            results[f"{name}/batch{batch}"] = row
+            results[f"{name}/batch{batch}"] = {**row, "backend": backend}
             apart = min(v for k, v in row.items() if k.endswith("+pool"))
             print(
                 f"{name} batch {batch}: "
