@@ -1,10 +1,12 @@
-"""The 1×1 convolutions' weight gradient (oneDNN, one GEMM, AMX), and the SGD step (loop vs fused).
+"""The 1×1 convolutions' weight gradient (oneDNN, one GEMM, ours), and the SGD step (loop vs fused).
 
 Usage: .venv/bin/python benchmarks/bench_pointwise_train.py [--models resnext50_32x4d,resnet50]
-       [--batch 16] [--image-size 224] [--rounds 5] [--dtypes bf16,fp32]
+       [--batch 16] [--image-size 224] [--rounds 5] [--dtypes bf16,fp32] [--against OLD.c]
 Part 1: every distinct 1×1 convolution of the models (found by running them once), its weight
 gradient timed with oneDNN (`torch.ops.aten.convolution_backward`), as the GEMM of
-`resnext.speed.pointwise_train` and, in bf16 on a CPU with AMX, by our tile kernel
+`resnext.speed.pointwise_train`, in bf16 on a CPU with AVX512-BF16 by our pair-dot-product
+kernel (`pointwise_gemm.weight_grad`; with `--against`, also built from another source of
+`kernels/pointwise_gemm.c`) and on a CPU with AMX by our tile kernel
 (`resnext.speed.pointwise_wgrad_amx`), interleaved in one process. Each op cycles through 4 sets of
 tensors, so that like in a training step its operands are not all hot in cache.
 (The training fast path times these candidates itself at each shape: `resnext.speed.autotune`.) Part 2: one SGD update (momentum, Nesterov,
@@ -14,15 +16,19 @@ implementations; `resnext train` uses the fused one.
 
 from __future__ import annotations
 
+import ctypes
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import bench_args
 import resnext
-from resnext.speed import pointwise_wgrad_amx
+from bench_network_ab import replaced
+from resnext.native import NativeUnavailable
+from resnext.speed import pointwise_gemm, pointwise_wgrad_amx
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
 from resnext.speed.pointwise_train import gemm_weight_grad
@@ -63,16 +69,22 @@ def tensor_sets(
 
 
 def weight_grad_ops(
-    cin: int, cout: int, size: int, stride: int, batch: int, dtype: torch.dtype
+    cin: int,
+    cout: int,
+    size: int,
+    stride: int,
+    batch: int,
+    dtype: torch.dtype,
+    against: ctypes.CDLL | None = None,
 ) -> dict[str, Callable[[], object]]:
-    """The layer's weight gradient by oneDNN, by the GEMM and (bf16, AMX) by our tile kernel, each
-    cycling through SETS tensors."""
+    """The layer's weight gradient by oneDNN, by the GEMM and (bf16) by our kernels where they
+    run (`against`: our pair kernel from another source too), each cycling through SETS tensors."""
     g = torch.Generator().manual_seed(cin * 7 + cout + size)
     out = (size - 1) // stride + 1
     xs = tensor_sets((batch, cin, size, size), dtype, g)
     gs = tensor_sets((batch, cout, out, out), dtype, g)
     w = torch.randn(cout, cin, 1, 1, generator=g).to(dtype)
-    turn = {"onednn": 0, "gemm": 0, "amx": 0}
+    turn = {"onednn": 0, "gemm": 0, "amx": 0, "ours": 0, "against": 0}
 
     def onednn() -> object:
         i = turn["onednn"] = (turn["onednn"] + 1) % SETS
@@ -89,7 +101,23 @@ def weight_grad_ops(
         i = turn["amx"] = (turn["amx"] + 1) % SETS
         return pointwise_wgrad_amx.weight_grad(xs[i], gs[i], stride)
 
+    def ours(name: str = "ours", lib: ctypes.CDLL | None = None) -> object:
+        i = turn[name] = (turn[name] + 1) % SETS
+        x = xs[i][:, :, ::stride, ::stride]
+        if lib is None:
+            return pointwise_gemm.weight_grad(x, gs[i])
+        with replaced(pointwise_gemm, "_library", lambda: lib):
+            return pointwise_gemm.weight_grad(x, gs[i])
+
     ops = {"onednn": onednn, "gemm": gemm}
+    if (
+        dtype == torch.bfloat16
+        and pointwise_gemm.unavailable_reason() is None
+        and pointwise_gemm.takes_weight_grad(cin)
+    ):
+        ops["ours"] = ours
+        if against is not None:
+            ops["against"] = lambda: ours("against", against)
     if pointwise_wgrad_amx.unavailable_reason() is None and pointwise_wgrad_amx.applies(
         xs[0], gs[0]
     ):
@@ -123,7 +151,20 @@ def main() -> int:
         rounds=5,
         dtypes="bf16,fp32",
     )
+    parser.add_argument(
+        "--against", type=Path, help="another source of kernels/pointwise_gemm.c, timed beside"
+    )
     args = parser.parse_args()
+    against = None
+    if args.against is not None:
+        if not args.against.is_file():
+            print(f"--against {args.against}: no such file (expected a pointwise_gemm.c source)")
+            return 1
+        try:
+            against = pointwise_gemm.load(source=args.against.resolve())
+        except NativeUnavailable as exc:
+            print(f"--against {args.against}: {exc}")
+            return 1
     keep_freed_memory()
     models = args.models.split(",")
     shapes: Counter[tuple[int, int, int, int]] = Counter()
@@ -136,7 +177,7 @@ def main() -> int:
     for dname in args.dtypes.split(","):
         for shape in sorted(shapes, key=lambda s: (-s[2], s)):
             cin, cout, size, stride = shape
-            ops = weight_grad_ops(cin, cout, size, stride, args.batch, DTYPES[dname])
+            ops = weight_grad_ops(cin, cout, size, stride, args.batch, DTYPES[dname], against)
             t = interleaved(
                 {k: (f, args.batch) for k, f in ops.items()}, rounds=args.rounds, iters=SETS
             )
@@ -168,6 +209,11 @@ def main() -> int:
                 line += (
                     f", AMX {1e3 * amx:.2f} ms ({gflop / amx:.0f}), ×{min(onednn, gemm) / amx:.2f}"
                 )
+            for kernel in ("ours", "against"):
+                if kernel in t:
+                    mine = t[kernel].median_s
+                    record |= {f"{kernel}_ms": 1e3 * mine, f"{kernel}_gflops": gflop / mine}
+                    line += f", {kernel} {1e3 * mine:.2f} ms ({gflop / mine:.0f})"
             results["weight_grad"][f"{dname}/{cin}-{cout}/{size}/s{stride}"] = record
             print(line, flush=True)
     for name in models:
@@ -176,7 +222,8 @@ def main() -> int:
         print(
             f"SGD step {name}: " + ", ".join(f"{k} {1e3 * v.median_s:.2f} ms" for k, v in t.items())
         )
-    path = write_results(args.out, "bench-pointwise-train", vars(args), results)
+    config = {**vars(args), "against": str(args.against) if args.against else None}
+    path = write_results(args.out, "bench-pointwise-train", config, results)
     print(f"results: {path}")
     return 0
 

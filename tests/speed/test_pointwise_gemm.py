@@ -109,14 +109,17 @@ def test_bad_inputs_are_refused_by_name() -> None:
 
 
 # (batch, in channels, out channels, height, width): an odd pixel count (a zero-padded last
-# pair), fewer pixels than threads, a partial 6-row tile of output channels, more pixels than one
-# 256-row block, no pixels.
+# pair), fewer pixels than threads, a partial 6-row tile of output channels; with few pixels
+# (at most 1,024) the threads split the outputs, over blocks of at most 256 pixels (also an odd
+# count); with more, the pixels, likewise in blocks, an odd count at the end; no pixels.
 WGRAD_SHAPES = [
     (1, 64, 6, 1, 1),
     (1, 64, 7, 1, 3),
     (2, 128, 64, 5, 7),
     (3, 64, 130, 7, 7),
     (2, 192, 96, 17, 19),
+    (1, 64, 64, 27, 23),
+    (1, 128, 70, 37, 31),
     (0, 64, 64, 3, 3),
 ]
 
@@ -138,9 +141,10 @@ def test_weight_gradient_matches_float64(shape) -> None:
     assert rel_err(got, want) < 1e-5
 
 
-def test_weight_gradient_is_the_same_with_one_thread_or_two() -> None:
-    x = _cl(torch.randn(2, 64, 9, 9, generator=torch.Generator().manual_seed(7)))
-    grad = _cl(torch.randn(2, 64, 9, 9, generator=torch.Generator().manual_seed(8)))
+@pytest.mark.parametrize("size", [9, 25])  # 162 pixels (outputs split), 1,250 (pixels split)
+def test_weight_gradient_is_the_same_with_one_thread_or_two(size: int) -> None:
+    x = _cl(torch.randn(2, 64, size, size, generator=torch.Generator().manual_seed(7)))
+    grad = _cl(torch.randn(2, 64, size, size, generator=torch.Generator().manual_seed(8)))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
