@@ -122,8 +122,8 @@ WRONGS = {
     "pointwise_fma": [("fmadd_ps(", "fnmadd_ps(")],
     "grouped": [("fmadd_ps(", "fnmadd_ps(")],
     "pointwise_bf16": [
-        ("dot_pairs(acc, arow, 2, b, b_step, K / 2)", "dot_pairs(acc, arow, 2, b, b_step, K / 4)"),
-        ("xp + 2 * ci, 2L * Cin, kp)", "xp + 2 * ci, 2L * Cin, kp / 2)"),
+        ("dot_pairs(acc, arow, 2, b, b_step, K / 2, mr)", "dot_pairs(acc, arow, 2, b, b_step, K / 4, mr)"),
+        ("2 * NR, kp, MR);", "2 * NR, kp / 2, MR);"),
     ],
 }  # fmt: skip
 

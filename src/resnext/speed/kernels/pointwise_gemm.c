@@ -14,9 +14,9 @@
  *    has a = the output gradient and b[k][n] = w[k][n].
  * y: M rows of N bf16 values, row stride ldy.
  *
- * The register tile is MR rows x 64 columns (24 float32 accumulators): per pair of k, four
- * loads of b and one broadcast of an a pair per row feed 24 dot products. Each thread takes a
- * contiguous, equal share of the rows, walks it in blocks of MC rows (kept in L2 while every
+ * The register tile is 6 or 7 rows x 64 columns (pair_tile.h): per pair of k, four loads of b and
+ * one broadcast of an a pair per row feed 24 or 28 dot products. Each thread takes a
+ * contiguous, equal share of the rows, walks it in blocks of 8 tiles (kept in L2 while every
  * 64-column strip of b passes over them) and prefetches the next tile's a rows and y rows
  * (the y lines for writing: without it, 56x56 shapes ran ~10 % slower than oneDNN).
  *
@@ -31,22 +31,21 @@
 #include "bf16_io.h"
 #include "pair_tile.h"
 
-#define MC 48
 #ifndef COLUMN_SPLIT_ROWS /* -D overrides are for timing other values */
 #define COLUMN_SPLIT_ROWS 256
 #endif
 
-/* One MR x NR tile of y over all of K. Rows past `rows` repeat the last row's a (no reads beyond
- * the matrix) and are not stored. */
+/* One mr x NR tile of y over all of K (mr 6 or 7, a constant where this is inlined). Rows past
+ * `rows` repeat the last row's a (no reads beyond the matrix) and are not stored. */
 static inline __attribute__((always_inline)) void tile(const uint16_t *a, long lda,
                                                        const uint16_t *b, long b_step, int K,
                                                        uint16_t *y, long ldy, int rows,
                                                        const float *bias, const uint16_t *res,
-                                                       int relu) {
+                                                       int relu, const int mr) {
   const uint16_t *arow[MR];
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; i++) {
+  for (int i = 0; i < mr; i++) {
     arow[i] = a + (i < rows ? i : rows - 1) * lda;
 #pragma GCC unroll 4
     for (int j = 0; j < NV; j++) acc[i][j] = _mm512_setzero_ps();
@@ -55,16 +54,16 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *a, long l
    * each y row's 64 columns, and the first two of each a row, a 64-channel row whole (the
    * hardware prefetcher follows longer rows). One line of each ran 2-10 % slower at 56x56. */
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; i++) {
-    _m_prefetchw(y + (i + MR) * ldy);
-    _m_prefetchw(y + (i + MR) * ldy + 32);
-    _mm_prefetch((const char *)(a + (i + MR) * lda), _MM_HINT_T0);
-    _mm_prefetch((const char *)(a + (i + MR) * lda + 32), _MM_HINT_T0);
+  for (int i = 0; i < mr; i++) {
+    _m_prefetchw(y + (i + mr) * ldy);
+    _m_prefetchw(y + (i + mr) * ldy + 32);
+    _mm_prefetch((const char *)(a + (i + mr) * lda), _MM_HINT_T0);
+    _mm_prefetch((const char *)(a + (i + mr) * lda + 32), _MM_HINT_T0);
   }
-  dot_pairs(acc, arow, 2, b, b_step, K / 2);
+  dot_pairs(acc, arow, 2, b, b_step, K / 2, mr);
   if (bias) { /* a convolution's epilogue: + bias (+ residual), ReLU, then one rounding */
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; i++) {
+    for (int i = 0; i < mr; i++) {
       if (i >= rows) break;
 #pragma GCC unroll 4
       for (int j = 0; j < NV; j++) {
@@ -78,7 +77,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *a, long l
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; i++) {
+  for (int i = 0; i < mr; i++) {
     if (i >= rows) break;
 #pragma GCC unroll 2
     for (int j = 0; j < NV; j += 2) {
@@ -89,12 +88,35 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *a, long l
   }
 }
 
+/* A thread's tiles: rows r0 .. r1 - 1 of column strips s0 .. s1 - 1, in blocks of 8 tiles of rows
+ * (kept in L2 while each strip passes over them), mr rows a tile (a constant where inlined). */
+static inline __attribute__((always_inline)) void walk(const uint16_t *a, long lda,
+                                                       const uint16_t *bp, int strip_major,
+                                                       uint16_t *y, long ldy, int K, int N,
+                                                       const float *bias, const uint16_t *res,
+                                                       int relu, long r0, long r1, long s0,
+                                                       long s1, const int mr) {
+  for (long m0 = r0; m0 < r1; m0 += 8 * mr) {
+    const long m1 = m0 + 8 * mr < r1 ? m0 + 8 * mr : r1;
+    for (long n0 = s0 * NR; n0 < s1 * NR; n0 += NR)
+      for (long m = m0; m < m1; m += mr) {
+        const int rows = m1 - m < mr ? (int)(m1 - m) : mr;
+        if (strip_major) /* the inference convolution's packing, with its epilogue */
+          tile(a + m * lda, lda, bp + n0 * K, 2 * NR, K, y + m * ldy + n0, ldy, rows, bias + n0,
+               res ? res + m * ldy + n0 : 0, relu, mr);
+        else /* the plain product, as the training step uses it */
+          tile(a + m * lda, lda, bp + 2 * n0, 2L * N, K, y + m * ldy + n0, ldy, rows, 0, 0, 0, mr);
+      }
+  }
+}
+
 /* The product over every row, each thread a contiguous, equal share of the tiles (of the column
- * strips, for few rows). b is bp[K/2][N][2] for the plain product; `strip_major` (the inference
- * convolution's) takes it as pointwise_conv_bf16 does, with `bias`: each stored value is then
- * relu?(sum + bias[n] + res[m][n]) (res, row stride ldy, may be NULL or y: a tile reads its
- * residual before it writes there). Returns 0, or 1 if the shape is not one this kernel takes
- * (N % 64, K odd, K < 2, bad sizes). */
+ * strips, for few rows: then in tiles of 7 rows, which divide a 7x7 map's 49, else of 6). b is
+ * bp[K/2][N][2] for the plain product; `strip_major` (the inference convolution's) takes it as
+ * pointwise_conv_bf16 does, with `bias`: each stored value is then relu?(sum + bias[n] +
+ * res[m][n]) (res, row stride ldy, may be NULL or y: a tile reads its residual before it writes
+ * there). Returns 0, or 1 if the shape is not one this kernel takes (N % 64, K odd, K < 2, bad
+ * sizes). */
 static int product(const uint16_t *a, long lda, const uint16_t *bp, int strip_major, uint16_t *y,
                    long ldy, long M, int K, int N, const float *bias, const uint16_t *res,
                    int relu, int threads) {
@@ -102,31 +124,25 @@ static int product(const uint16_t *a, long lda, const uint16_t *bp, int strip_ma
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    const long tiles = (M + MR - 1) / MR, strips = N / NR;
+    const long strips = N / NR;
+    const int few = M < COLUMN_SPLIT_ROWS && strips >= T, mr = few ? MR : 6;
+    const long tiles = (M + mr - 1) / mr;
     long r0 = 0, r1 = M, s0 = 0, s1 = strips;
-    if (M < COLUMN_SPLIT_ROWS && strips >= T) {
+    if (few) {
       /* Few rows (a 7x7 or 14x14 map at batch 1): each thread takes its share of the column
        * strips over all rows, so that each reads only its part of the weights, which then come
        * from memory; split by rows, every thread would read all of them. */
       s0 = strips * t / T;
       s1 = strips * (t + 1) / T;
     } else {
-      r0 = tiles * t / T * MR;
-      r1 = tiles * (t + 1) / T * MR;
+      r0 = tiles * t / T * mr;
+      r1 = tiles * (t + 1) / T * mr;
       if (r1 > M) r1 = M;
     }
-    for (long m0 = r0; m0 < r1; m0 += MC) {
-      const long m1 = m0 + MC < r1 ? m0 + MC : r1;
-      for (long n0 = s0 * NR; n0 < s1 * NR; n0 += NR)
-        for (long m = m0; m < m1; m += MR) {
-          const int rows = m1 - m < MR ? (int)(m1 - m) : MR;
-          if (strip_major) /* the inference convolution's packing, with its epilogue */
-            tile(a + m * lda, lda, bp + n0 * K, 2 * NR, K, y + m * ldy + n0, ldy, rows,
-                 bias + n0, res ? res + m * ldy + n0 : 0, relu);
-          else /* the plain product, as the training step uses it */
-            tile(a + m * lda, lda, bp + 2 * n0, 2L * N, K, y + m * ldy + n0, ldy, rows, 0, 0, 0);
-        }
-    }
+    if (few)
+      walk(a, lda, bp, strip_major, y, ldy, K, N, bias, res, relu, r0, r1, s0, s1, MR);
+    else
+      walk(a, lda, bp, strip_major, y, ldy, K, N, bias, res, relu, r0, r1, s0, s1, 6);
   }
   return 0;
 }
@@ -308,7 +324,7 @@ static void weight_grad_rows(const uint16_t *g, const uint16_t *x, float *d, lon
           for (int j = 0; j < NV; j++)
             acc[i][j] = mb == m0 || i >= nrows ? _mm512_setzero_ps()
                                                : _mm512_loadu_ps(out + i * Cin + 16 * j);
-        dot_pairs(acc, arow, 2L * width, xp + (long)(ci / NR) * kp * 2 * NR, 2 * NR, kp);
+        dot_pairs(acc, arow, 2L * width, xp + (long)(ci / NR) * kp * 2 * NR, 2 * NR, kp, MR);
 #pragma GCC unroll 8
         for (int i = 0; i < MR; i++) {
           if (i >= nrows) break;

@@ -10,7 +10,7 @@
  * k Cin consecutive values of padded row s oh - pad + i, starting s Cin ow values in. Its values
  * are taken in pairs (ceil(k Cin / 2): 11 for 7 x 3 = 21, the 22nd value meeting a zero
  * weight), each pair one 32-bit broadcast from wherever it starts, so the register tile of the
- * 1x1 product (pair_tile.h: 6 pixels x 64 outputs) runs over the k kernel rows with nothing
+ * 1x1 product (pair_tile.h: 7 pixels x 64 outputs) runs over the k kernel rows with nothing
  * gathered: 77 pair steps for a 147-deep product, 95 % of them useful. Kernel rows outside the
  * image are skipped. As in the AMX stem, a NaN or infinity in the input can also reach an output
  * whose window does not include it (the pixel to its left); finite inputs give finite sums.
@@ -43,7 +43,7 @@ static void conv_row(const Stem *st, const uint16_t *wp, const Padded *pd, int o
         const uint16_t *a[MR]; /* pixels past the row repeat its last one (not stored) */
 #pragma GCC unroll 8
         for (int p = 0; p < MR; ++p) a[p] = base + (p < rows ? p : rows - 1) * px;
-        dot_pairs(acc, a, 2, wp + t * strip_values + (long)i * pairs * 2 * NR, 2 * NR, pairs);
+        dot_pairs(acc, a, 2, wp + t * strip_values + (long)i * pairs * 2 * NR, 2 * NR, pairs, MR);
       }
 #pragma GCC unroll 8
       for (int p = 0; p < MR; ++p) {
