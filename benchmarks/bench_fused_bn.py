@@ -1,11 +1,12 @@
 """Training batch norm + ReLU (+ residual add), forward and backward, per layer: torch against ours.
 
 Usage: .venv/bin/python benchmarks/bench_fused_bn.py [--models resnext50_32x4d] [--batch 16]
-           [--image-size 224] [--rounds 7] [--against OLD.c]
+           [--image-size 224] [--rounds 7] [--dtype fp32|bf16] [--against OLD.c]
 
 One forward of each model records every call its blocks make to a batch norm with its ReLU and
-residual (shape, residual or not, ReLU or not). Each distinct call is then timed float32,
-channels-last, forward + backward: torch's `nn.BatchNorm2d` (+ add) (+ ReLU) against
+residual (shape, residual or not, ReLU or not). Each distinct call is then timed in `--dtype`
+(float32, or bf16 activations as the autocast training step gives them), channels-last, forward +
+backward: torch's `nn.BatchNorm2d` (+ add) (+ ReLU) against
 `FusedBatchNorm2d` on this CPU's build of `kernels/bn_act*.c`, and with `--against` another
 revision of that build's source (e.g. `git show REV:src/resnext/speed/kernels/bn_act_avx2.c >
 /tmp/old.c`). Variants alternate in each round; per-layer medians, ratios, and the network's
@@ -54,12 +55,15 @@ def recorded_calls(name: str, batch: int, size: int) -> Counter[Call]:
     return calls
 
 
-def timed_calls(call: Call, against: bn_kernel.Build | None) -> dict[str, object]:
-    """One layer's forward + backward, each way, as argument-free callables."""
+def timed_calls(
+    call: Call, against: bn_kernel.Build | None, dtype: torch.dtype = torch.float32
+) -> dict[str, object]:
+    """One layer's forward + backward on `dtype` activations, each way, as argument-free
+    callables."""
     shape, with_residual, relu = call
 
     def cl(t: torch.Tensor) -> torch.Tensor:
-        return t.contiguous(memory_format=torch.channels_last)
+        return t.to(dtype).contiguous(memory_format=torch.channels_last)
 
     x = cl(torch.randn(shape)).requires_grad_()
     residual = cl(torch.randn(shape)) if with_residual else None
@@ -94,7 +98,9 @@ def main() -> int:
         __doc__, models="resnext50_32x4d", batch=16, image_size=224, rounds=7
     )
     parser.add_argument("--against", type=Path, help="another source of this CPU's build")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     keep_freed_memory()
     if bn_kernel.unavailable_reason() is not None:
         print(f"the fused batch norm cannot run here: {bn_kernel.unavailable_reason()}")
@@ -112,7 +118,7 @@ def main() -> int:
         layers = []
         totals: Counter[str] = Counter()
         for call, count in sorted(recorded_calls(name, args.batch, args.image_size).items()):
-            ways = timed_calls(call, against)
+            ways = timed_calls(call, against, dtype)
             runs = {way: (fn, 1) for way, fn in ways.items()}
             timings = interleaved(runs, rounds=args.rounds, iters=1, warmup=2)
             ms = {way: [1e3 * s for s in t.seconds] for way, t in timings.items()}
