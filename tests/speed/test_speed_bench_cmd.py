@@ -95,17 +95,18 @@ def test_bad_inputs_are_project_errors(tmp_path: Path) -> None:
 def test_interleaved_median_and_ratios() -> None:
     calls: list[str] = []
     timings = interleaved(
-        {"a": (lambda: calls.append("a"), 4), "b": (lambda: calls.append("b"), 8)},
-        rounds=3,
+        {name: (lambda name=name: calls.append(name), 4) for name in "abc"},
+        rounds=4,
         iters=1,
         warmup=0,
     )
-    assert calls == ["a", "b"] * 3  # rounds alternate between variants
+    # each round runs every variant once, starting one further on: no fixed neighbours
+    assert calls == list("abcbcacababc")
     t = Timing(batch=10, seconds=[0.5, 0.1, 0.2])
     assert t.median_s == 0.2 and t.throughput == pytest.approx(50.0)
     fake = {"x": Timing(2, [1.0]), "y": Timing(2, [0.5])}
     assert ratios(fake, "x") == {"x": 1.0, "y": 2.0}
-    assert set(timings) == {"a", "b"}
+    assert set(timings) == set("abc") and all(len(t.seconds) == 4 for t in timings.values())
 
 
 @pytest.mark.parametrize("bench", [infer_bench, train_bench])
