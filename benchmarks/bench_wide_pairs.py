@@ -59,8 +59,10 @@ def alternate(runs: dict[str, Callable], rounds: int, calls: int) -> dict[str, l
     for run in runs.values():  # first calls: memory mapped in
         run()
     seconds: dict[str, list[float]] = {arm: [] for arm in runs}
-    for _ in range(rounds):
-        for arm, run in runs.items():
+    arms = list(runs)
+    for r in range(rounds):
+        for arm in arms if r % 2 == 0 else arms[::-1]:  # neither always follows the other
+            run = runs[arm]
             times = []
             for _ in range(calls):
                 start = time.perf_counter()

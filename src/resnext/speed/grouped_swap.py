@@ -168,20 +168,22 @@ def time_each_ms(
 ) -> list[float]:
     """The best of `repeats` timed calls of each fn(x), in ms, after two untimed ones each; the
     ways take turns, so that a slow moment of the machine (which moves by tens of per cent
-    within seconds) falls on all of them instead of deciding which one wins. `before`, if
-    given, runs untimed before each timed call (`cache_evictor`: time a layer as a whole
+    within seconds) falls on all of them instead of deciding which one wins, each turn starting
+    one way further on (`measure.interleaved`: no way always follows the same one). `before`,
+    if given, runs untimed before each timed call (`cache_evictor`: time a layer as a whole
     network runs it, its weights not left in cache by the call before)."""
     best = [float("inf")] * len(fns)
     with torch.no_grad():
         for fn in fns:
             fn(x)
             fn(x)
-        for _ in range(repeats):
-            for i, fn in enumerate(fns):
+        for turn in range(repeats):
+            for k in range(len(fns)):
+                i = (turn + k) % len(fns)
                 if before is not None:
                     before()
                 start = time.perf_counter()
-                fn(x)
+                fns[i](x)
                 best[i] = min(best[i], time.perf_counter() - start)
     return [b * 1e3 for b in best]
 
