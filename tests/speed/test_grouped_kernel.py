@@ -446,7 +446,9 @@ def test_the_choosers_time_their_ways_in_turns_and_keep_each_ones_best(
 
     monkeypatch.setattr(grouped_swap.time, "perf_counter", lambda: now[0])
     a_ms, b_ms = grouped_swap.time_each_ms([way("a"), way("b")], torch.zeros(1), repeats=3)
-    assert log == ["a", "a", "b", "b"] + ["a", "b"] * 3  # two untimed calls each, then turns
+    # two untimed calls each, then turns, each starting one way further on
+    untimed = ["a", "a", "b", "b"]
+    assert log == [*untimed, "a", "b", "b", "a", "a", "b"]
     assert a_ms == pytest.approx(3.0) and b_ms == pytest.approx(2.0)
     # `before` (cache eviction) runs before every timed call, and its time is not counted
     log.clear()
@@ -456,7 +458,7 @@ def test_the_choosers_time_their_ways_in_turns_and_keep_each_ones_best(
         now[0] += 5.0
 
     a_ms, b_ms = grouped_swap.time_each_ms([way("a"), way("b")], torch.zeros(1), 2, before)
-    assert log == ["a", "a", "b", "b"] + ["evict", "a", "evict", "b"] * 2
+    assert log == [*untimed, "evict", "a", "evict", "b", "evict", "b", "evict", "a"]
     assert a_ms == pytest.approx(3.0) and b_ms == pytest.approx(2.0)
 
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from resnext.commands import bench_cmd
 from resnext.errors import ConfigError, DataError
@@ -108,16 +107,6 @@ def test_interleaved_median_and_ratios() -> None:
     fake = {"x": Timing(2, [1.0]), "y": Timing(2, [0.5])}
     assert ratios(fake, "x") == {"x": 1.0, "y": 2.0}
     assert set(timings) == set("abc") and all(len(t.seconds) == 4 for t in timings.values())
-
-
-def test_the_chooser_timer_takes_turns_starting_one_way_further_on_and_keeps_the_best() -> None:
-    from resnext.speed.grouped_swap import time_each_ms
-
-    calls: list[str] = []
-    fns = [lambda x, name=name: calls.append(name) for name in "abc"]
-    times = time_each_ms(fns, torch.zeros(1), repeats=3)
-    assert calls == list("aabbccabcbcacab")  # two untimed calls each, then turns
-    assert len(times) == 3 and all(t >= 0 for t in times)
 
 
 @pytest.mark.parametrize("bench", [infer_bench, train_bench])
