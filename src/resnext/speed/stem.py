@@ -45,12 +45,15 @@ def unavailable_reason() -> str | None:
     return native.problem(_library)
 
 
-def supports(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int) -> bool:
-    """Whether the kernel takes this square convolution (groups 1, zero padding) as a stem."""
+def supports(
+    in_channels: int, out_channels: int, kernel: int, stride: int, padding: int, multiple: int = 32
+) -> bool:
+    """Whether the kernel takes this square convolution (groups 1, zero padding) as a stem: its
+    outputs a multiple of `multiple` (the AMX kernel's 32; `stem_dot` asks 64)."""
     return (
         in_channels >= 1
-        and out_channels >= 32
-        and out_channels % 32 == 0
+        and out_channels >= multiple
+        and out_channels % multiple == 0
         and kernel >= 1
         and stride >= 1
         and 0 <= padding < kernel

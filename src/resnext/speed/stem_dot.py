@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from resnext import native
-from resnext.speed import operators, pointwise_gemm
+from resnext.speed import operators, pointwise_gemm, stem
 from resnext.speed.conv_x3 import check_rc
 from resnext.speed.stem import check_input, checked_io, output_shape
 
@@ -40,14 +40,7 @@ def unavailable_reason() -> str | None:
 
 def supports(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int) -> bool:
     """Whether the kernel takes this square convolution (groups 1, zero padding) as a stem."""
-    return (
-        in_channels >= 1
-        and out_channels >= COLUMN_BLOCK
-        and out_channels % COLUMN_BLOCK == 0
-        and kernel >= 1
-        and stride >= 1
-        and 0 <= padding < kernel
-    )
+    return stem.supports(in_channels, out_channels, kernel, stride, padding, COLUMN_BLOCK)
 
 
 def row_pairs(in_channels: int, kernel: int) -> int:

@@ -128,29 +128,145 @@ DEFINE_KERNEL(row_bf16_c16, uint16_t, mload_bf16, store_bf16, 4, 1, 4)
 DEFINE_KERNEL(row_bf16_c32, uint16_t, mload_bf16, store_bf16, 4, 2, 4)
 DEFINE_KERNEL(row_bf16_c64, uint16_t, mload_bf16, store_bf16, 4, 4, 4)
 
-/* bf16 with 4 channels per group, using the AVX512-BF16 pair dot product (twice the FMA rate).
- * A 32-channel input register is 16 pairs of channels; pair l belongs to group l / 2. For each
- * output o of a group, accumulator o gets dot(pair l, weights of output o for that pair); at the
- * end the two pairs of each group are summed and the four outputs interleaved into place.
- * Packed weights: wq[C/32][9][4][32] bf16. */
-#define P16 6
-static inline __attribute__((always_inline)) void bf16dp_block(
+/* bf16 with 4 or 8 channels per group (ResNeXt-50's stages 1 and 2), using the AVX512-BF16 pair
+ * dot product (twice the FMA rate). A 32-channel input register is 16 pairs of channels; pair l
+ * belongs to group l / (cpg / 2). For each output o of a group, accumulator o gets, lane by lane,
+ * the pair's dot product with its weights to output o of that pair's group; per pixel the lanes
+ * of each group are then summed and the cpg accumulators' sums interleaved into channel order
+ * (for 8 channels per group 14 permutes in three levels, against 72 dot products). A tile is P
+ * pixels x 32 channels: 6 x 4 accumulators for 4 per group, 2 x 8 for 8 (3 x 8 ran no faster
+ * and leaves partial tiles on 28- and 14-pixel rows). The next tile's pixels of the lowest input
+ * row are prefetched (without, 8 per group at stride 2 ran 1.35x slower at batch 16). Packed
+ * weights: wq[C/32][9][cpg][32] bf16 (value 2l + k of output o's vector is the weight from input
+ * channel 2l + k of the block to output o of that channel's group). */
+#define PAIR_P 6 /* the most pixels of a tile */
+
+/* A tile's sums over the 9 taps (cpg and P constants where inlined). */
+static inline __attribute__((always_inline)) void pairs_block(
     const uint16_t *xn, const uint16_t *wb, int H, int W, int C, int cb, int oh, int iw0, int s,
-    int cols_ok, __m512 acc[P16][4]) {
+    int cols_ok, __m512 acc[PAIR_P][8], const int cpg, const int P) {
   for (int kh = 0; kh < 3; ++kh) {
     const int ih = oh * s - 1 + kh;
     if (ih < 0 || ih >= H) continue;
     const uint16_t *xrow = xn + (long)ih * W * C + cb * 32;
     for (int kw = 0; kw < 3; ++kw) {
-      const uint16_t *wt = wb + (kh * 3 + kw) * 4 * 32;
-      __m512bh wv[4];
+      const uint16_t *wt = wb + (kh * 3 + kw) * cpg * 32;
+      if (cpg == 4) { /* the 4 weight vectors held, each pixel's input loaded as it is used */
+        __m512bh w[4];
 #pragma GCC unroll 4
-      for (int o = 0; o < 4; ++o) wv[o] = (__m512bh)_mm512_loadu_si512(wt + o * 32);
-      _Pragma("GCC unroll 16") for (int p = 0; p < P16; ++p) {
+        for (int o = 0; o < 4; ++o) w[o] = (__m512bh)_mm512_loadu_si512(wt + o * 32);
+#pragma GCC unroll 8
+        for (int p = 0; p < P; ++p) {
+          const int iw = iw0 + kw + p * s;
+          const __mmask32 in = (cols_ok || (iw >= 0 && iw < W)) ? 0xFFFFFFFFu : 0;
+          const __m512bh v = (__m512bh)_mm512_maskz_loadu_epi16(in, xrow + (long)iw * C);
+#pragma GCC unroll 4
+          for (int o = 0; o < 4; ++o) acc[p][o] = _mm512_dpbf16_ps(acc[p][o], v, w[o]);
+        }
+        continue;
+      }
+      /* 8 per group: the P inputs held, each output's weights loaded as they are used */
+      __m512bh v[PAIR_P];
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) {
         const int iw = iw0 + kw + p * s;
         const __mmask32 in = (cols_ok || (iw >= 0 && iw < W)) ? 0xFFFFFFFFu : 0;
-        const __m512bh v = (__m512bh)_mm512_maskz_loadu_epi16(in, xrow + (long)(iw0 + kw + p * s) * C);
-        _Pragma("GCC unroll 4") for (int o = 0; o < 4; ++o) acc[p][o] = _mm512_dpbf16_ps(acc[p][o], v, wv[o]);
+        v[p] = (__m512bh)_mm512_maskz_loadu_epi16(in, xrow + (long)iw * C);
+      }
+#pragma GCC unroll 8
+      for (int o = 0; o < cpg; ++o) {
+        const __m512bh w = (__m512bh)_mm512_loadu_si512(wt + o * 32);
+#pragma GCC unroll 8
+        for (int p = 0; p < P; ++p) acc[p][o] = _mm512_dpbf16_ps(acc[p][o], v[p], w);
+      }
+    }
+  }
+}
+
+/* From accumulators a and b: lane 2i + k holds lanes 2i and 2i + 1 of (a, b)[k] summed. */
+static inline __m512 pair_sums(__m512 a, __m512 b) {
+  const __m512i even = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  return _mm512_add_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b));
+}
+
+/* One pixel's 32 outputs in channel order (the two halves), from its cpg accumulators. */
+static inline __attribute__((always_inline)) void pairs_outputs(const __m512 acc[8], const int cpg,
+                                                                __m512 *o0, __m512 *o1) {
+  if (cpg == 4) {
+    /* m01 = [o0 o1 per group], m23 = [o2 o3 per group]: groups 0-3, then groups 4-7 */
+    const __m512i lo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+    const __m512 m01 = pair_sums(acc[0], acc[1]), m23 = pair_sums(acc[2], acc[3]);
+    *o0 = _mm512_permutex2var_ps(m01, lo, m23);
+    *o1 = _mm512_permutex2var_ps(m01, hi, m23);
+    return;
+  }
+  /* 8 per group: m01 (outputs 0, 1) and m23 (2, 3) hold lane 4g + 2h + k = half h of group g's
+   * sum for output k (+2); the halves' sum, lane 4g + j = output j of group g; then from m0123
+   * and m4567 (outputs 4-7), channel order: groups 0-1, then groups 2-3. */
+  const __m512i half0 = _mm512_setr_epi32(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+  const __m512i half1 = _mm512_setr_epi32(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  __m512 m[4];
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) m[q] = pair_sums(acc[2 * q], acc[2 * q + 1]);
+  const __m512 m0123 = _mm512_add_ps(_mm512_permutex2var_ps(m[0], half0, m[1]),
+                                     _mm512_permutex2var_ps(m[0], half1, m[1]));
+  const __m512 m4567 = _mm512_add_ps(_mm512_permutex2var_ps(m[2], half0, m[3]),
+                                     _mm512_permutex2var_ps(m[2], half1, m[3]));
+  *o0 = _mm512_permutex2var_ps(m0123, lo, m4567);
+  *o1 = _mm512_permutex2var_ps(m0123, hi, m4567);
+}
+
+/* One output row (image n = r / Ho, row r % Ho), every channel (cpg and P constants). */
+static inline __attribute__((always_inline)) void pairs_row(
+    const void *xv, const float *wpv, const float *bias, void *yv, int H, int W, int C, int Ho,
+    int Wo, int s, int relu, long r, const int cpg, const int P) {
+  const uint16_t *x = xv, *wq = (const uint16_t *)wpv;
+  uint16_t *y = yv;
+  const long n = r / Ho;
+  const int oh = (int)(r % Ho);
+  const uint16_t *xn = x + n * (long)H * W * C;
+  uint16_t *yr = y + r * (long)Wo * C;
+  for (int ow0 = 0; ow0 < Wo; ow0 += P) {
+    const int np = Wo - ow0 < P ? Wo - ow0 : P;
+    const int iw0 = ow0 * s - 1;
+    const int cols_ok = iw0 >= 0 && iw0 + 2 + (P - 1) * s < W;
+    const int ihb = oh * s + 1, iwn = iw0 + P * s;
+    if (ihb < H)
+      for (int q = 0; q < P * s && iwn + q < W; ++q) {
+        const char *pf = (const char *)(xn + ((long)ihb * W + iwn + q) * C);
+        for (long c = 0; c < (long)C * 2; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
+      }
+    for (int cb = 0; cb < C / 32; ++cb) {
+      const uint16_t *wb = wq + (long)cb * 9 * cpg * 32;
+      __m512 acc[PAIR_P][8];
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+        for (int o = 0; o < cpg; ++o) acc[p][o] = _mm512_setzero_ps();
+      if (cols_ok)
+        pairs_block(xn, wb, H, W, C, cb, oh, iw0, s, 1, acc, cpg, P);
+      else
+        pairs_block(xn, wb, H, W, C, cb, oh, iw0, s, 0, acc, cpg, P);
+      const __m512 b0 = bias ? load_f32(bias + cb * 32) : _mm512_setzero_ps();
+      const __m512 b1 = bias ? load_f32(bias + cb * 32 + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) {
+        if (p >= np) continue;
+        __m512 o0, o1;
+        pairs_outputs(acc[p], cpg, &o0, &o1);
+        o0 = _mm512_add_ps(b0, o0);
+        o1 = _mm512_add_ps(b1, o1);
+        if (relu) {
+          o0 = _mm512_max_ps(o0, _mm512_setzero_ps());
+          o1 = _mm512_max_ps(o1, _mm512_setzero_ps());
+        }
+        uint16_t *dst = yr + (long)(ow0 + p) * C + cb * 32;
+        store_bf16(dst, o0);
+        store_bf16(dst + 16, o1);
       }
     }
   }
@@ -159,167 +275,13 @@ static inline __attribute__((always_inline)) void bf16dp_block(
 static void row_bf16dp_c4(const void *xv, const float *wpv, const float *bias, void *yv, int H,
                           int W, int C, int cpg, int Ho, int Wo, int s, int relu, long r) {
   (void)cpg;
-  const uint16_t *x = xv, *wq = (const uint16_t *)wpv;
-  uint16_t *y = yv;
-  const long n = r / Ho;
-  const int oh = (int)(r % Ho);
-  const uint16_t *xn = x + n * (long)H * W * C;
-  uint16_t *yr = y + r * (long)Wo * C;
-  /* even/odd lanes of two accumulators, interleaved: [a0 b0 a2 b2 ...] and [a1 b1 a3 b3 ...] */
-  const __m512i even = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-  /* from m01 = [o0 o1 per group] and m23 = [o2 o3 per group]: groups 0-3 and groups 4-7 */
-  const __m512i lo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
-  for (int ow0 = 0; ow0 < Wo; ow0 += P16) {
-    const int np = Wo - ow0 < P16 ? Wo - ow0 : P16;
-    const int iw0 = ow0 * s - 1;
-    const int cols_ok = iw0 >= 0 && iw0 + 2 + (P16 - 1) * s < W;
-    const int ihb = oh * s + 1, iwn = iw0 + P16 * s;
-    if (ihb < H)
-      for (int q = 0; q < P16 * s && iwn + q < W; ++q) {
-        const char *pf = (const char *)(xn + ((long)ihb * W + iwn + q) * C);
-        for (long c = 0; c < (long)C * 2; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
-      }
-    for (int cb = 0; cb < C / 32; ++cb) {
-      const uint16_t *wb = wq + (long)cb * 9 * 4 * 32;
-      __m512 acc[P16][4];
-#pragma GCC unroll 16
-      for (int p = 0; p < P16; ++p)
-#pragma GCC unroll 4
-        for (int o = 0; o < 4; ++o) acc[p][o] = _mm512_setzero_ps();
-      if (cols_ok)
-        bf16dp_block(xn, wb, H, W, C, cb, oh, iw0, s, 1, acc);
-      else
-        bf16dp_block(xn, wb, H, W, C, cb, oh, iw0, s, 0, acc);
-      const __m512 b0 = bias ? load_f32(bias + cb * 32) : _mm512_setzero_ps();
-      const __m512 b1 = bias ? load_f32(bias + cb * 32 + 16) : _mm512_setzero_ps();
-#pragma GCC unroll 16
-      for (int p = 0; p < P16; ++p) {
-        if (p >= np) continue;
-        const __m512 m01 = _mm512_add_ps(_mm512_permutex2var_ps(acc[p][0], even, acc[p][1]),
-                                         _mm512_permutex2var_ps(acc[p][0], odd, acc[p][1]));
-        const __m512 m23 = _mm512_add_ps(_mm512_permutex2var_ps(acc[p][2], even, acc[p][3]),
-                                         _mm512_permutex2var_ps(acc[p][2], odd, acc[p][3]));
-        __m512 o0 = _mm512_add_ps(b0, _mm512_permutex2var_ps(m01, lo, m23));
-        __m512 o1 = _mm512_add_ps(b1, _mm512_permutex2var_ps(m01, hi, m23));
-        if (relu) {
-          o0 = _mm512_max_ps(o0, _mm512_setzero_ps());
-          o1 = _mm512_max_ps(o1, _mm512_setzero_ps());
-        }
-        uint16_t *dst = yr + (long)(ow0 + p) * C + cb * 32;
-        store_bf16(dst, o0);
-        store_bf16(dst + 16, o1);
-      }
-    }
-  }
-}
-
-/* bf16 with 8 channels per group (ResNeXt-50's stage 2), the same way: pair l of a 32-channel
- * input register belongs to group l / 4, and accumulator o gets, lane by lane, the pair's dot
- * product with its weights to output o of that group. Summing each group's 4 lanes and
- * interleaving the 8 accumulators' sums into channel order costs 14 permutes per pixel, against
- * 72 dot products. Packed weights: wq[C/32][9][8][32] bf16 (value 2l + k of output o's vector is
- * the weight from input channel 2l + k of the block to output o of that channel's group). */
-#ifndef P8 /* -D overrides are for timing other values */
-#define P8 2 /* 2 x 8 accumulators; 3 ran no faster and leaves partial tiles on 28- and 14-pixel rows */
-#endif
-static inline __attribute__((always_inline)) void bf16dp_c8_block(
-    const uint16_t *xn, const uint16_t *wb, int H, int W, int C, int cb, int oh, int iw0, int s,
-    int cols_ok, __m512 acc[P8][8]) {
-  for (int kh = 0; kh < 3; ++kh) {
-    const int ih = oh * s - 1 + kh;
-    if (ih < 0 || ih >= H) continue;
-    const uint16_t *xrow = xn + (long)ih * W * C + cb * 32;
-    for (int kw = 0; kw < 3; ++kw) {
-      const uint16_t *wt = wb + (kh * 3 + kw) * 8 * 32;
-      __m512bh v[P8];
-#pragma GCC unroll 8
-      for (int p = 0; p < P8; ++p) {
-        const int iw = iw0 + kw + p * s;
-        const __mmask32 in = (cols_ok || (iw >= 0 && iw < W)) ? 0xFFFFFFFFu : 0;
-        v[p] = (__m512bh)_mm512_maskz_loadu_epi16(in, xrow + (long)iw * C);
-      }
-#pragma GCC unroll 8
-      for (int o = 0; o < 8; ++o) {
-        const __m512bh w = (__m512bh)_mm512_loadu_si512(wt + o * 32);
-#pragma GCC unroll 8
-        for (int p = 0; p < P8; ++p) acc[p][o] = _mm512_dpbf16_ps(acc[p][o], v[p], w);
-      }
-    }
-  }
+  pairs_row(xv, wpv, bias, yv, H, W, C, Ho, Wo, s, relu, r, 4, 6);
 }
 
 static void row_bf16dp_c8(const void *xv, const float *wpv, const float *bias, void *yv, int H,
                           int W, int C, int cpg, int Ho, int Wo, int s, int relu, long r) {
   (void)cpg;
-  const uint16_t *x = xv, *wq = (const uint16_t *)wpv;
-  uint16_t *y = yv;
-  const long n = r / Ho;
-  const int oh = (int)(r % Ho);
-  const uint16_t *xn = x + n * (long)H * W * C;
-  uint16_t *yr = y + r * (long)Wo * C;
-  /* Level 1 (as the 4-channel kernel): from accumulators a, b, lane 2i + k of
-   * a[even lanes] + a[odd lanes] interleaved with b's: the sum of pairs 2i, 2i + 1. */
-  const __m512i even = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-  /* Level 2: m01 (outputs 0, 1) and m23 (2, 3) hold lane 4g + 2h + k = half h of group g's sum
-   * for output k (+2); the halves' sum, lane 4g + j = output j of group g. */
-  const __m512i half0 = _mm512_setr_epi32(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-  const __m512i half1 = _mm512_setr_epi32(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-  /* Level 3: from m0123 and m4567 (lane 4g + j = output j or 4 + j of group g), channel order:
-   * groups 0-1, then groups 2-3. */
-  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int ow0 = 0; ow0 < Wo; ow0 += P8) {
-    const int np = Wo - ow0 < P8 ? Wo - ow0 : P8;
-    const int iw0 = ow0 * s - 1;
-    const int cols_ok = iw0 >= 0 && iw0 + 2 + (P8 - 1) * s < W;
-    /* the next tile's pixels of the lowest input row (the others were read by the row above);
-     * without it the stride-2 layer at batch 16 ran 1.35x slower */
-    const int ihb = oh * s + 1, iwn = iw0 + P8 * s;
-    if (ihb < H)
-      for (int q = 0; q < P8 * s && iwn + q < W; ++q) {
-        const char *pf = (const char *)(xn + ((long)ihb * W + iwn + q) * C);
-        for (long c = 0; c < (long)C * 2; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
-      }
-    for (int cb = 0; cb < C / 32; ++cb) {
-      const uint16_t *wb = wq + (long)cb * 9 * 8 * 32;
-      __m512 acc[P8][8];
-#pragma GCC unroll 8
-      for (int p = 0; p < P8; ++p)
-#pragma GCC unroll 8
-        for (int o = 0; o < 8; ++o) acc[p][o] = _mm512_setzero_ps();
-      if (cols_ok)
-        bf16dp_c8_block(xn, wb, H, W, C, cb, oh, iw0, s, 1, acc);
-      else
-        bf16dp_c8_block(xn, wb, H, W, C, cb, oh, iw0, s, 0, acc);
-      const __m512 b0 = bias ? load_f32(bias + cb * 32) : _mm512_setzero_ps();
-      const __m512 b1 = bias ? load_f32(bias + cb * 32 + 16) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-      for (int p = 0; p < P8; ++p) {
-        if (p >= np) continue;
-        __m512 m[4];
-#pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q)
-          m[q] = _mm512_add_ps(_mm512_permutex2var_ps(acc[p][2 * q], even, acc[p][2 * q + 1]),
-                               _mm512_permutex2var_ps(acc[p][2 * q], odd, acc[p][2 * q + 1]));
-        const __m512 m0123 = _mm512_add_ps(_mm512_permutex2var_ps(m[0], half0, m[1]),
-                                           _mm512_permutex2var_ps(m[0], half1, m[1]));
-        const __m512 m4567 = _mm512_add_ps(_mm512_permutex2var_ps(m[2], half0, m[3]),
-                                           _mm512_permutex2var_ps(m[2], half1, m[3]));
-        __m512 o0 = _mm512_add_ps(b0, _mm512_permutex2var_ps(m0123, lo, m4567));
-        __m512 o1 = _mm512_add_ps(b1, _mm512_permutex2var_ps(m0123, hi, m4567));
-        if (relu) {
-          o0 = _mm512_max_ps(o0, _mm512_setzero_ps());
-          o1 = _mm512_max_ps(o1, _mm512_setzero_ps());
-        }
-        uint16_t *dst = yr + (long)(ow0 + p) * C + cb * 32;
-        store_bf16(dst, o0);
-        store_bf16(dst + 16, o1);
-      }
-    }
-  }
+  pairs_row(xv, wpv, bias, yv, H, W, C, Ho, Wo, s, relu, r, 8, 2);
 }
 
 /* bf16 with 16, 32 or 64 channels per group (ResNeXt-50's stages 3-4), using the pair dot
