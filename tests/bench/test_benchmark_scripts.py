@@ -106,6 +106,24 @@ def _kernel_source(kernel: str) -> Path:
     return source
 
 
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("bench_pointwise_train.py", "pointwise_gemm.c source"),
+        ("bench_fused_bn.py", "bn_act source"),
+    ],
+)
+def test_the_layer_benches_refuse_a_missing_other_source_before_running(
+    script: str, expected: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path
+) -> None:
+    missing = tmp_path / "old.c"
+    argv = ["--against", str(missing), "--out", str(tmp_path / "out")]
+    assert _run_script(script, argv, monkeypatch) == 1
+    out = capsys.readouterr().out
+    assert f"--against {missing}: no such file" in out and expected in out
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
 def test_the_network_ab_refuses_a_missing_source(
     bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
 ) -> None:
