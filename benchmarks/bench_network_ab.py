@@ -1,6 +1,7 @@
 """A whole network run with one of our CPU kernels built from this checkout and from another source.
 
-Usage: .venv/bin/python benchmarks/bench_network_ab.py --kernel pointwise_fma|pointwise_bf16|grouped
+Usage: .venv/bin/python benchmarks/bench_network_ab.py
+       --kernel pointwise_fma|pointwise_bf16|grouped|grouped_bf16
        --against OLD.c [--models resnext50_32x4d] [--batch 16] [--rounds 11]
        [--step infer|train] [--backend inductor|none]
 
@@ -19,7 +20,9 @@ lost in the network (stop 33: prefetches that took 5–9 % off ResNeXt-50's 1×1
 `--kernel pointwise_fma` swaps `kernels/pointwise_fma.c` (the float32 1×1s), `--kernel
 pointwise_bf16` `kernels/pointwise_gemm.c` (the bf16 1×1s; the network runs in bf16, and in
 training the bf16 step), `--kernel grouped` this CPU's grouped 3×3 forward source
-(`kernels/grouped3x3_avx2.c` on AVX2; in training also the stride-1 input gradient). First both
+(`kernels/grouped3x3_avx2.c` on AVX2; in training also the stride-1 input gradient), `--kernel
+grouped_bf16` the same source with the network in bf16 (on AVX-512: its pair kernels where they
+take a layer). First both
 builds are checked to compute the same function (inference outputs, or one training step's loss
 and update from the same weights), to float32's or bf16's precision. Reports each build's
 median, the per-round ratio (against ÷ ours, time) and the rounds each won.
@@ -80,6 +83,7 @@ SUBJECTS = {
     "pointwise_fma": Subject(**FP32, switch="pointwise_fma", pinned=("ours-fma",), train_tolerance=FP32_TRAIN),
     "pointwise_bf16": Subject(**BF16, switch="pointwise_bf16", pinned=("ours",), train_tolerance=2e-2),
     "grouped": Subject(**FP32, switch="grouped_kernel", pinned=("ours",), train_tolerance=FP32_TRAIN),
+    "grouped_bf16": Subject(**BF16, switch="grouped_kernel", pinned=("ours-pairs", "ours"), train_tolerance=2e-2),
 }  # fmt: skip
 
 Swap = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -119,6 +123,8 @@ def unavailable(kernel: str) -> str | None:
         return pointwise_fma.unavailable_reason()
     if kernel == "pointwise_bf16":
         return pointwise_gemm.unavailable_reason()
+    if kernel == "grouped_bf16":
+        return grouped_kernel.unavailable_reason(torch.bfloat16)
     return grouped_kernel.unavailable_reason(torch.float32)
 
 
