@@ -18,6 +18,7 @@ from resnext.speed.block_fusion import fuse_blocks
 from resnext.speed.capability import bf16_supported
 from resnext.speed.conv_x3_swap import swap_convs_dot, swap_convs_fma, swap_convs_x3
 from resnext.speed.fold import fold_batchnorm
+from resnext.speed.group_order import split_group_channels
 from resnext.speed.grouped_swap import MODES, swap_grouped_convs
 from resnext.speed.merged_groups import widen_where_faster
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
@@ -205,6 +206,7 @@ def optimize(
     fuse_stem: str = "auto",
     pointwise_fma: str = "auto",
     pointwise_bf16: str = "auto",
+    split_groups: str = "auto",
     merge_groups: str = "auto",
     device: torch.device | str | None = None,
     timing_cache: TimingCache | str | Path | bool | None = None,
@@ -271,6 +273,15 @@ def optimize(
     module will run it: prepacked in the compiled graph, on the plain weight (reordered on every
     call) for `backend='none'`.
 
+    `split_groups` ('auto', 'on', 'off'; bf16 on CPUs with AVX512-BF16) computes a grouped 3×3
+    of 4 or 8 channels per group that sits between two 1×1s (a ResNeXt bottleneck) on its
+    channels in another order (`resnext.speed.grouped_split`), in which no register lane crosses
+    a group: the 1×1 before writes that order and the 1×1 after reads it, their weights permuted
+    once (`resnext.speed.group_order`), so the block computes the same function. It runs before
+    the `grouped_kernel` pass; 'auto' times it against oneDNN and our other variants on each
+    such layer and keeps it where it is the fastest. Those layers are in `grouped_choices` with
+    the variant 'split'.
+
     `merge_groups` ('auto', 'off'; on a GPU) computes each grouped convolution as one of fewer,
     wider groups with block-diagonal weights (`resnext.speed.merged_groups`): the same function
     for more products, which cuDNN runs faster than ResNeXt's narrow groups on some layers.
@@ -308,6 +319,7 @@ def optimize(
         "fuse_stem": fuse_stem,
         "pointwise_fma": pointwise_fma,
         "pointwise_bf16": pointwise_bf16,
+        "split_groups": split_groups,
     }
     for name, mode in kernels.items():
         if mode not in MODES:
@@ -345,7 +357,8 @@ def optimize(
         stems = stem_fusion.fuse_stem(
             work, probe, mode=fuse_stem, conv_x3_mode=conv_x3, timings=timings
         )
-        choices = swap_grouped_convs(work, probe, mode=grouped_kernel, timings=timings)
+        choices = split_group_channels(work, probe, mode=split_groups, timings=timings)
+        choices += swap_grouped_convs(work, probe, mode=grouped_kernel, timings=timings)
         fusions = fuse_pointwise_convs(work, probe, mode=fuse_pointwise, timings=timings)
         # torch.jit.optimize_for_inference does not honour an operator's in-place write
         in_place = backend != "jit"
@@ -358,8 +371,9 @@ def optimize(
         fma = swap_convs_fma(work, probe, mode=pointwise_fma, **ones)
         fma += swap_convs_dot(work, probe, mode=pointwise_bf16, **ones)
         timings.save()
-    elif grouped_kernel == "on":
-        raise ConfigError("grouped_kernel: 'on' needs channels_last=True")
+    elif grouped_kernel == "on" or split_groups == "on":
+        switch = "grouped_kernel" if grouped_kernel == "on" else "split_groups"
+        raise ConfigError(f"{switch}: 'on' needs channels_last=True")
     merges: dict[str, int] = {}
     if merge_groups == "auto" and not on_cpu:  # CPUs have their own grouped kernels
         probe = torch.randn(largest, device=target, dtype=dtype)

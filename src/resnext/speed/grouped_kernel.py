@@ -81,7 +81,9 @@ def build(out_dir: Path | None = None) -> Path:
 
 @functools.cache
 def _library_for(isa: Isa) -> ctypes.CDLL:
-    lib = native.load(isa.source, isa.flags, cpu_needs=isa.required)
+    # another revision's source (benchmarks' A/B runs) includes its headers by name: ours
+    flags = isa.flags if isa.source.parent == KERNELS else (*isa.flags, f"-I{KERNELS}")
+    lib = native.load(isa.source, flags, cpu_needs=isa.required)
     fn = lib.grouped3x3_nhwc
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
     fn.restype = ctypes.c_int

@@ -33,6 +33,7 @@ VARIANTS = (
     "inductor-nostem-bf16",
     "inductor-nofma-fp32",
     "inductor-nodot-bf16",
+    "inductor-nosplit-bf16",
     "jit-fp32",
     "jit-bf16",
     "ort-fp32",
@@ -95,6 +96,7 @@ def build_runner(
         "inductor-nostem",
         "inductor-nofma",
         "inductor-nodot",
+        "inductor-nosplit",
         "jit",
     ):
         # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernels off);
@@ -105,6 +107,7 @@ def build_runner(
         # inductor-nostem: the stem's convolution and pooling apart (the fused stem off);
         # inductor-nofma: oneDNN for the 1×1s our AVX2 FMA kernel would take (pointwise_fma off)
         # inductor-nodot: oneDNN for the bf16 1×1s our dot-product kernel would take
+        # inductor-nosplit: no grouped 3×3 on the split channel order (split_groups off)
         backend = "none" if kind == "eager-fast" else kind.split("-")[0]
         mode = "off" if kind == "inductor-onednn" else "auto"
         fn = optimize(
@@ -120,6 +123,7 @@ def build_runner(
             fuse_stem="off" if kind in ("inductor-strict", "inductor-nostem") else "auto",
             pointwise_fma="off" if kind == "inductor-nofma" else "auto",
             pointwise_bf16="off" if kind == "inductor-nodot" else "auto",
+            split_groups="off" if kind in ("inductor-onednn", "inductor-nosplit") else "auto",
         )
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)

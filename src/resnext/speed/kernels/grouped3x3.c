@@ -385,6 +385,8 @@ static void row_bf16dp_wide(const void *xv, const float *wpv, const float *bias,
 typedef void (*row_fn)(const void *, const float *, const float *, void *, int, int, int, int,
                        int, int, int, int, long);
 
+#include "grouped3x3_split.h"
+
 static row_fn pick(int cpg, int bf16) {
   switch (cpg) {
   case 4: return bf16 ? (row_fn)row_bf16_c4 : (row_fn)row_f32_c4;
@@ -416,7 +418,8 @@ int grouped3x3_wide_pairs_supported(int C, int cpg, int s) {
 
 /* y = conv(x) (+ bias, then ReLU if relu). packing 0: fp32 weights for the diagonal kernel
  * (fp32 or bf16 activations); packing 1: bf16 weight pairs for the bf16 dot-product kernels of 4
- * and 8 channels per group; packing 2: those of 16-64 channels per group. Returns 0, or -1 for an
+ * and 8 channels per group; packing 2: those of 16-64 channels per group; packing 3: those of the
+ * split-order kernels (grouped3x3_split.h; x and y in that order). Returns 0, or -1 for an
  * unsupported shape. */
 int grouped3x3_nhwc(const void *x, const float *wp, const float *bias, void *y, int bf16,
                     int packing, int N, int H, int W, int C, int cpg, int s, int relu,
@@ -429,6 +432,9 @@ int grouped3x3_nhwc(const void *x, const float *wp, const float *bias, void *y, 
   } else if (packing == 2) {
     if (!bf16 || !grouped3x3_wide_pairs_supported(C, cpg, s)) return -1;
     row = row_bf16dp_wide;
+  } else if (packing == 3) {
+    if (!bf16 || !grouped3x3_split_supported(C, cpg, s)) return -1;
+    row = cpg == 4 ? row_split_c4 : row_split_c8;
   } else if (packing == 0) {
     if (!grouped3x3_supported(C, cpg, s)) return -1;
     row = pick(cpg, bf16);
