@@ -1,10 +1,12 @@
 """This CPU's grouped 3×3 kernel against another revision of its source, on ResNeXt-50's layers.
 
 Usage: .venv/bin/python benchmarks/bench_grouped_ab.py --against OLD.c [--batch 16] [--rounds 15]
+           [--dtype fp32|bf16]
 
 Every distinct grouped 3×3 of ResNeXt-50 32×4d (channels, input size, stride; the stride-1 ones
-also stand for the training input gradient, which runs the same kernel), float32 channels-last,
-forward through `grouped_kernel.run_kernel`: this CPU's build of the kernel ("ours") and the
+also stand for the training input gradient, which runs the same kernel), channels-last float32
+(the widening kernels) or bf16 (the pair-dot-product kernels, on their own packing), forward
+through `grouped_kernel.run_kernel`: this CPU's build of the kernel ("ours") and the
 same build of `--against` (e.g. `git show REV:src/resnext/speed/kernels/grouped3x3_avx2.c >
 /tmp/old.c`), in alternating rounds. Both are first checked against `F.conv2d`. Reports each
 layer's median ms and GFLOP/s, the per-round ratio, and the sum over the network's 16 layers.
@@ -27,6 +29,8 @@ from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
 from resnext.speed.provenance import write_results
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 def forward_with(
     build: grouped_kernel.Isa, x: torch.Tensor, packed: torch.Tensor, stride: int
@@ -47,9 +51,11 @@ def forward_with(
 def main() -> int:
     parser = bench_args.parser(__doc__, batch=16, rounds=15)
     parser.add_argument("--against", type=Path, required=True, help="another source of this build")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     args = parser.parse_args()
     keep_freed_memory()
-    reason = grouped_kernel.unavailable_reason(torch.float32)
+    dtype = DTYPES[args.dtype]
+    reason = grouped_kernel.unavailable_reason(dtype)
     if reason is not None:
         print(f"the grouped kernel cannot run here: {reason}")
         return 1
@@ -62,17 +68,20 @@ def main() -> int:
     rows = []
     totals = {"ours": 0.0, "against": 0.0}
     for channels, size, stride, count in LAYERS:
-        x = torch.randn(args.batch, channels, size, size).contiguous(
+        x = torch.randn(args.batch, channels, size, size, dtype=dtype).contiguous(
             memory_format=torch.channels_last
         )
-        w = torch.randn(channels, channels // GROUPS, 3, 3) * 0.1
-        packed = grouped_kernel.pack_weights(w, GROUPS)
+        w = (torch.randn(channels, channels // GROUPS, 3, 3) * 0.1).to(dtype)
+        pairs = grouped_kernel.takes_pairs(channels, GROUPS, dtype)
+        packed = grouped_kernel.pack_weights(w.float(), GROUPS, pairs)
         ways = {"ours": forward_with(ours, x, packed, stride)}
         ways["against"] = forward_with(against, x, packed, stride)
-        reference = F.conv2d(x, w, stride=stride, padding=1, groups=GROUPS)
+        reference = F.conv2d(x.double(), w.double(), stride=stride, padding=1, groups=GROUPS)
+        # float32 sums; bf16 outputs are rounded once more (8 significant bits)
+        bound = 1e-3 if dtype == torch.float32 else 2**-8 * reference.abs().max().item() + 1e-3
         for way, run in ways.items():
-            error = (run() - reference).abs().max().item()
-            if error > 1e-3:
+            error = (run().double() - reference).abs().max().item()
+            if error > bound:
                 print(f"{way}: {channels} channels at {size}² stride {stride} is off by {error}")
                 return 1
         timings = interleaved(
@@ -105,6 +114,7 @@ def main() -> int:
         f"against {totals['against']:.1f} ms ({totals['against'] / totals['ours']:.3f})"
     )
     config = {**vars(args), "against": str(args.against), "build": ours.name}
+    config["kernels"] = "pairs" if args.dtype == "bf16" else "widening"
     results = {"layers": rows, "network_ms": totals}
     path = write_results(args.out, "bench-grouped-ab", config, results)
     print(f"results: {path}")

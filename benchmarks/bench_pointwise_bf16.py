@@ -1,7 +1,7 @@
 """bf16 1×1 convolutions for inference: oneDNN (as the frozen graph runs it) vs our dot-product kernel.
 
 Usage: .venv/bin/python benchmarks/bench_pointwise_bf16.py [--batch 16] [--rounds 7]
-           [--models resnext50_32x4d,resnet50]
+           [--models resnext50_32x4d,resnet50] [--against OLD.c]
 
 Every distinct stride-1 1×1 convolution of the models that `pointwise_gemm.conv1x1` takes (input
 shape, outputs, and whether a residual add follows, taken from the models themselves) is timed
@@ -10,17 +10,22 @@ input size, as inductor packs it, and ours on `pack_conv`'s weight; a block's la
 applies the ReLU over its residual in place, the others apply a ReLU into a new output. Caches
 are warm here (`optimize`'s chooser times each layer cold instead, as a network's batch-1 layers
 find their weights in memory). Weighted by how often each model has each: the models' whole
-stride-1 1×1 time a batch, oneDNN's against ours.
+stride-1 1×1 time a batch, oneDNN's against ours. `--against` times another source of the
+kernel (`pointwise_gemm.c` of another revision) as a third way, on the same packed weight.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import bench_args
+from bench_network_ab import replaced
 from bench_pointwise_fma import Shape, model_shapes, model_totals, time_layers
 from resnext.speed import pointwise_gemm
 from resnext.speed.allocator import keep_freed_memory
@@ -35,8 +40,9 @@ def taken(counts: Counter[Shape]) -> Counter[Shape]:
     )
 
 
-def shape_variants(shape: Shape) -> dict[str, tuple]:
-    """oneDNN's and our way of one shape, as `interleaved` takes them."""
+def shape_variants(shape: Shape, against: ctypes.CDLL | None = None) -> dict[str, tuple]:
+    """oneDNN's and our way of one shape (and `against`'s build of our kernel), as `interleaved`
+    takes them."""
     n, cin, cout, h, w, _, add = shape
     conv = nn.Conv2d(cin, cout, 1).eval().requires_grad_(False)
     x = torch.randn(n, cin, h, w, dtype=torch.bfloat16).contiguous(
@@ -59,11 +65,20 @@ def shape_variants(shape: Shape) -> dict[str, tuple]:
         torch.ops.resnext.pointwise_conv_bf16_(x, packed, bias, True, res)
         return res
 
-    return {"onednn": (native, n), "ours": (ours, n)}
+    ways = {"onednn": (native, n), "ours": (ours, n)}
+    if against is not None:
+
+        def other() -> object:
+            with replaced(pointwise_gemm, "_library", lambda: against):
+                return ours()
+
+        ways["against"] = (other, n)
+    return ways
 
 
 def main() -> int:
     parser = bench_args.parser(__doc__, batch=16, rounds=7, models="resnext50_32x4d,resnet50")
+    parser.add_argument("--against", type=Path, help="another source of the kernel, timed too")
     args = parser.parse_args()
     kept = keep_freed_memory()  # as `resnext bench` runs
     print(f"allocator: glibc, freed memory {'kept' if kept else 'returned (not glibc?)'}")
@@ -71,10 +86,18 @@ def main() -> int:
     if reason is not None:
         print(f"the kernel cannot run here: {reason}")
         return 1
+    against = None
+    if args.against is not None:
+        if not args.against.is_file():
+            print(f"--against {args.against}: no such file (expected a pointwise_gemm.c source)")
+            return 1
+        against = pointwise_gemm.load(source=args.against.resolve())
     per_model = {name: taken(model_shapes(name, args.batch)) for name in args.models.split(",")}
     shapes = sorted({s for counts in per_model.values() for s in counts}, key=lambda s: s[1:])
-    layers = time_layers(shapes, shape_variants, args.rounds, digits=3)
-    totals = model_totals(per_model, layers, ("onednn", "ours"), "stride-1 1×1s")
+    variants_of = functools.partial(shape_variants, against=against)
+    layers = time_layers(shapes, variants_of, args.rounds, digits=3)
+    ways = ("onednn", "ours") + (("against",) if against is not None else ())
+    totals = model_totals(per_model, layers, ways, "stride-1 1×1s")
     path = write_results(
         args.out, "bench-pointwise-bf16", vars(args), {"layers": layers, "totals": totals}
     )
