@@ -1,7 +1,7 @@
 """A whole network run with one of our CPU kernels built from this checkout and from another source.
 
 Usage: .venv/bin/python benchmarks/bench_network_ab.py
-       --kernel pointwise_fma|pointwise_bf16|grouped|grouped_bf16
+       --kernel pointwise_fma|pointwise_bf16|grouped|grouped_bf16|grouped_split
        --against OLD.c [--models resnext50_32x4d] [--batch 16] [--rounds 11]
        [--step infer|train] [--backend inductor|none]
 
@@ -22,7 +22,9 @@ pointwise_bf16` `kernels/pointwise_gemm.c` (the bf16 1×1s; the network runs in 
 training the bf16 step), `--kernel grouped` this CPU's grouped 3×3 forward source
 (`kernels/grouped3x3_avx2.c` on AVX2; in training also the stride-1 input gradient), `--kernel
 grouped_bf16` the same source with the network in bf16 (on AVX-512: its pair kernels where they
-take a layer). First both
+take a layer), `--kernel grouped_split` the same source with bf16's split-order kernels
+(`kernels/grouped3x3_split.h`, included by name: an old copy beside `--against`'s source is
+the one that build takes; inference only). First both
 builds are checked to compute the same function (inference outputs, or one training step's loss
 and update from the same weights), to float32's or bf16's precision. Reports each build's
 median, the per-round ratio (against ÷ ours, time) and the rounds each won.
@@ -43,7 +45,7 @@ import torch
 import bench_args
 import resnext
 from resnext.native import NativeUnavailable
-from resnext.speed import autotune, grouped_kernel, pointwise_fma, pointwise_gemm
+from resnext.speed import autotune, grouped_kernel, grouped_split, pointwise_fma, pointwise_gemm
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fastpath import default_example, optimize
 from resnext.speed.provenance import write_results
@@ -57,6 +59,7 @@ OPTIMIZE_KERNELS = (
     "fuse_stem",
     "pointwise_fma",
     "pointwise_bf16",
+    "split_groups",
 )
 
 
@@ -84,6 +87,8 @@ SUBJECTS = {
     "pointwise_bf16": Subject(**BF16, switch="pointwise_bf16", pinned=("ours",), train_tolerance=2e-2),
     "grouped": Subject(**FP32, switch="grouped_kernel", pinned=("ours",), train_tolerance=FP32_TRAIN),
     "grouped_bf16": Subject(**BF16, switch="grouped_kernel", pinned=("ours-pairs", "ours"), train_tolerance=2e-2),
+    # inference only: the training step has no split-order kernel
+    "grouped_split": Subject(**BF16, switch="split_groups", pinned=(), train_tolerance=2e-2),
 }  # fmt: skip
 
 Swap = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -125,6 +130,8 @@ def unavailable(kernel: str) -> str | None:
         return pointwise_gemm.unavailable_reason()
     if kernel == "grouped_bf16":
         return grouped_kernel.unavailable_reason(torch.bfloat16)
+    if kernel == "grouped_split":
+        return grouped_split.unavailable_reason()
     return grouped_kernel.unavailable_reason(torch.float32)
 
 
@@ -227,6 +234,9 @@ def main() -> int:
     args = parser.parse_args()
     if not args.against.is_file():
         print(f"--against {args.against}: no such file (expected a {args.kernel} kernel source)")
+        return 1
+    if args.step == "train" and not SUBJECTS[args.kernel].pinned:
+        print(f"--kernel {args.kernel} is an inference kernel: the training step does not run it")
         return 1
     reason = unavailable(args.kernel)
     if reason is not None:

@@ -95,7 +95,7 @@ def _kernel_source(kernel: str) -> Path:
     """This CPU's source of `kernel`, or a skip where it cannot run here."""
     import torch
 
-    from resnext.speed import grouped_kernel, pointwise_fma, pointwise_gemm
+    from resnext.speed import grouped_kernel, grouped_split, pointwise_fma, pointwise_gemm
 
     if kernel == "pointwise_fma":
         reason, source = pointwise_fma.unavailable_reason(), pointwise_fma.SOURCE
@@ -108,6 +108,8 @@ def _kernel_source(kernel: str) -> Path:
         )
         if reason is None and not grouped_kernel.ISA.bf16:
             reason = "this CPU's build has no bf16 pair kernels"
+    elif kernel == "grouped_split":
+        reason, source = grouped_split.unavailable_reason(), grouped_kernel.ISA.source
     else:
         reason, source = grouped_kernel.unavailable_reason(), grouped_kernel.ISA.source
     if reason is not None:
@@ -143,6 +145,19 @@ def test_the_network_ab_refuses_a_missing_source(
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_the_network_ab_refuses_to_train_with_an_inference_kernel(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    source = tmp_path / "same.c"
+    source.write_text("/* not compiled: refused before */\n")
+    argv = ["--kernel", "grouped_split", "--step", "train", "--against", str(source)]
+    assert (
+        _run_script("bench_network_ab.py", [*argv, "--out", str(tmp_path / "o")], monkeypatch) == 1
+    )
+    assert "grouped_split is an inference kernel" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
+
+
 # A source computing otherwise: every FMA subtracting, or each product (and weight gradient)
 # tile leaving out the second half of its inputs.
 WRONGS = {
@@ -154,7 +169,15 @@ WRONGS = {
     ],
     # resnext_tiny's grouped layers are small enough that the widening kernels win them in bf16
     "grouped_bf16": [("fmadd_ps(", "fnmadd_ps(")],
+    "grouped_split": [],  # the source as it is; its header is the wrong one (below)
 }  # fmt: skip
+# a header beside the other source, which it includes by name before ours: every dot product of
+# the split kernels on the group's first input pair
+WRONG_HEADERS = {
+    "grouped_split": ("grouped3x3_split.h", "v[p][q], w)", "v[p][0], w)"),
+}
+# resnext_tiny has no grouped 3×3 the split kernels take (16 groups of 4 or 8 channels and up)
+AB_MODELS = {"grouped_split": "resnext50_32x4d"}
 
 
 @pytest.mark.parametrize(
@@ -166,6 +189,7 @@ WRONGS = {
         ("grouped", "infer"),
         ("grouped", "train"),
         ("grouped_bf16", "infer"),
+        ("grouped_split", "infer"),
     ],
 )
 def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_otherwise(
@@ -175,19 +199,28 @@ def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_othe
 
     source = _kernel_source(kernel)
     text = source.read_text()
-    wrong = tmp_path / "wrong.c"
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "same").mkdir()
+    wrong = tmp_path / "wrong" / "wrong.c"
     changed = text
     for before, after in WRONGS[kernel]:
         assert before in changed
         changed = changed.replace(before, after)
     wrong.write_text(changed)
-    assert wrong.read_text() != text
-    same = tmp_path / "same.c"
+    if kernel in WRONG_HEADERS:
+        name, before, after = WRONG_HEADERS[kernel]
+        header = (source.parent / name).read_text()
+        assert before in header
+        (wrong.parent / name).write_text(header.replace(before, after))
+    else:
+        assert wrong.read_text() != text
+    same = tmp_path / "same" / "same.c"
     same.write_text(text)
     out = tmp_path / "out"
     # resnext_tiny: groups of 4 and 8 channels, which every build of the grouped kernel takes,
     # and 1×1s of 64 and 128 outputs, which the bf16 kernel takes
-    argv = ["--kernel", kernel, "--models", "resnext_tiny", "--batch", "2", "--rounds", "1"]
+    model = AB_MODELS.get(kernel, "resnext_tiny")
+    argv = ["--kernel", kernel, "--models", model, "--batch", "2", "--rounds", "1"]
     argv += ["--step", step, "--backend", "none", "--out", str(out)]
     assert _run_script("bench_network_ab.py", [*argv, "--against", str(wrong)], monkeypatch) == 1
     refused = capsys.readouterr().out
@@ -195,7 +228,7 @@ def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_othe
     assert not out.exists()  # nothing written
     assert _run_script("bench_network_ab.py", [*argv, "--against", str(same)], monkeypatch) == 0
     (path,) = out.glob("bench-network-ab-*.json")
-    row = json.loads(path.read_text())["results"]["resnext_tiny"]
+    row = json.loads(path.read_text())["results"][model]
     assert set(row["median_ms"]) == {"ours", "against"}
     assert len(row["ms"]["ours"]) == len(row["ms"]["against"]) == 1
 
