@@ -1,6 +1,8 @@
 """The grouped-conv tax: grouped 3×3 implementations vs a dense 3×3, per ResNeXt-50 stage shape.
 
 Usage: .venv/bin/python benchmarks/bench_grouped.py [--batch 16] [--rounds 5] [--dtypes fp32,bf16]
+In bf16 on channels-last tensors, `grouped-ours` is the pair kernel in channel order and
+`grouped-split` the split-order kernel (`resnext.speed.grouped_split`, its input permuted once).
 Also profiles whole-model time per layer kind (grouped 3×3, 1×1, other) with forward hooks,
 for ResNeXt-50 with oneDNN's grouped convolution and with our kernel (`grouped_kernel="on"`).
 """
@@ -15,7 +17,7 @@ from torch import nn
 
 import bench_args
 import resnext
-from resnext.speed import grouped, grouped_amx, grouped_kernel
+from resnext.speed import grouped, grouped_amx, grouped_kernel, grouped_split
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_swap import FastGroupedConv3x3
 from resnext.speed.measure import interleaved
@@ -50,6 +52,15 @@ def layer_variants(
             lambda: grouped_kernel.run_kernel(x, packed, None, groups, stride),
             batch,
         )
+    split = cl and dtype == torch.bfloat16 and grouped_split.supports(c, groups, stride)
+    if split and grouped_split.unavailable_reason() is None:
+        x_split = x[:, grouped_split.input_order(c, groups)]  # its input in the split order
+        x_split = x_split.contiguous(memory_format=torch.channels_last)
+        packed_split = grouped_split.pack_weights(w.float(), groups)
+        variants["grouped-split"] = (
+            lambda: grouped_split.run_split(x_split, packed_split, None, groups, stride),
+            batch,
+        )
     if cl and grouped_amx.unavailable_reason(dtype) is None:
         packed_amx = grouped_amx.pack_weights(w, groups)
         variants["grouped-ours-amx"] = (
@@ -81,7 +92,11 @@ def profile_layers(
     name: str, batch: int, dtype: torch.dtype, kernel: str = "off"
 ) -> dict[str, float]:
     """Seconds per image by layer kind in the eager fast path (BN folded, channels_last)."""
-    model = optimize(resnext.create_model(name), dtype, backend="none", grouped_kernel=kernel).model
+    # 'off': oneDNN for every grouped 3×3, the split-order kernels off too
+    split = "off" if kernel == "off" else "auto"
+    model = optimize(
+        resnext.create_model(name), dtype, backend="none", grouped_kernel=kernel, split_groups=split
+    ).model
     totals: dict[str, float] = defaultdict(float)
     starts: dict[int, float] = {}
 
