@@ -1,8 +1,10 @@
-"""Tensor helpers the speed tests share: channels-last copies and relative errors in float64."""
+"""Tensor helpers the speed tests share: channels-last copies, relative errors in float64, and
+the error bound of our bf16 grouped kernels."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -15,3 +17,26 @@ def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     that the measure adds no rounding of its own."""
     scale = expected.double().abs().max().clamp(min=1e-300)
     return ((got.double() - expected.double()).abs().max() / scale).item()
+
+
+def within_bf16_grouped_bound(
+    got: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    stride: int,
+    groups: int,
+    channel_order: torch.Tensor | None = None,
+) -> bool:
+    """Whether `got` is relu(conv2d(x, w, b, stride, padding 1, groups)) (its output channels in
+    `channel_order`, if given) to the bf16 kernels' precision: float32 sums of exact bf16
+    products, then one rounding to bf16 (2^-8 of the value). x and w hold bf16 values."""
+    expected = F.conv2d(x.double(), w.double(), b.double(), stride, 1, 1, groups).relu()
+    mags = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), stride, 1, 1, groups)
+    if channel_order is not None:
+        expected, mags = expected[:, channel_order], mags[:, channel_order]
+    if got.shape != expected.shape:
+        return False
+    summed = (9 * w.shape[1] + 2) * 2.0**-24 * mags
+    bound = summed + 2.0**-8 * (expected.abs() + summed)
+    return bool(((got.double() - expected).abs() <= bound).all())

@@ -23,13 +23,13 @@ from resnext.speed.fold import set_module
 from resnext.speed.grouped_swap import (
     MODES,
     FastGroupedConv3x3,
-    KernelLeafTracer,
     LayerChoice,
     eligible,
     fuse_following_relu,
     input_shapes,
     runnable_variants,
     time_on_random,
+    traced_call,
 )
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
@@ -64,19 +64,13 @@ def find_sandwich(model: nn.Module, name: str) -> Sandwich | None:
     """The 1×1-sided sandwich around the grouped 3×3 at `name`, or None if its block is not one
     (or cannot be traced): its input comes only from a plain convolution whose outputs go
     nowhere else, its output goes only to a plain convolution, through per-channel steps."""
-    parent_name, _, child = name.rpartition(".")
-    if not parent_name:
+    traced = traced_call(model, name)
+    if traced is None:
         return None
-    parent = model.get_submodule(parent_name)
-    try:
-        graph = KernelLeafTracer().trace(parent)
-    except Exception:  # fx raises many kinds of errors on untraceable code
+    parent_name, graph, modules, node = traced
+    if len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
         return None
-    modules = dict(parent.named_modules())
-    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == child), None)
-    if node is None or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
-        return None
-    channels = modules[child].out_channels
+    channels = modules[str(node.target)].out_channels
     before = node.args[0]
     while _per_channel(before, modules) and len(before.users) == 1:
         before = before.args[0]

@@ -221,7 +221,7 @@ def run_kernel(
             f"{tuple(x.shape)} {x.dtype} on {x.device}"
         )
     operators.check_no_grad("the grouped kernel", x)
-    n, c, h, w = x.shape
+    c = x.shape[1]
     if not supports(c, groups, stride):
         raise ValueError(
             f"x: {c} channels in {groups} groups with stride {stride} is not a shape the kernel "
@@ -245,26 +245,31 @@ def run_kernel(
             f"got {packed.dtype} with {packed.numel()}"
         )
     check_bias(bias, c)
+    packing = (1 if c // groups in NARROW_PAIR_CPG else 2) if pairs else 0
+    return call_kernel(x, packed, bias, groups, stride, relu, packing)
+
+
+def call_kernel(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+    packing: int,
+) -> torch.Tensor:
+    """The C entry on arguments already checked (`run_kernel`, `grouped_split.run_split`):
+    packing 0 (widening), 1 and 2 (pairs in channel order), 3 (pairs in the split order)."""
+    n, c, h, w = x.shape
     x = x.contiguous(memory_format=torch.channels_last)
     y = output_for(x, stride)
     if y.numel():
         bias_c = None if bias is None else bias.contiguous()
         rc = _library().grouped3x3_nhwc(
-            x.data_ptr(),
-            packed.data_ptr(),
-            None if bias_c is None else bias_c.data_ptr(),
-            y.data_ptr(),
-            int(x.dtype == torch.bfloat16),
-            (1 if c // groups in NARROW_PAIR_CPG else 2) if pairs else 0,  # the packing
-            n,
-            h,
-            w,
-            c,
-            c // groups,
-            stride,
-            int(relu),
-            torch.get_num_threads(),
-        )
+            x.data_ptr(), packed.data_ptr(), None if bias_c is None else bias_c.data_ptr(),
+            y.data_ptr(), int(x.dtype == torch.bfloat16), packing, n, h, w, c, c // groups,
+            stride, int(relu), torch.get_num_threads(),
+        )  # fmt: skip
         if rc != 0:
             raise ValueError(f"grouped3x3 kernel refused shape {tuple(x.shape)}, groups={groups}")
     return y

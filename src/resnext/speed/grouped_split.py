@@ -107,7 +107,7 @@ def run_split(
             f"x: expected a 4-d bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}"
         )
     operators.check_no_grad("the split grouped kernel", x)
-    n, c, h, w = x.shape
+    c = x.shape[1]
     if not supports(c, groups, stride):
         raise ValueError(
             f"x: {c} channels in {groups} groups with stride {stride} is not a shape the split "
@@ -121,18 +121,7 @@ def run_split(
             f"grouped_split.pack_weights, got {packed.dtype} with {packed.numel()}"
         )
     check_bias(bias, c)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = grouped_kernel.output_for(x, stride)
-    if y.numel():
-        bias_c = None if bias is None else bias.contiguous()
-        rc = grouped_kernel._library().grouped3x3_nhwc(
-            x.data_ptr(), packed.data_ptr(), None if bias_c is None else bias_c.data_ptr(),
-            y.data_ptr(), 1, PACKING, n, h, w, c, c // groups, stride, int(relu),
-            torch.get_num_threads(),
-        )  # fmt: skip
-        if rc != 0:
-            raise ValueError(f"the split kernel refused shape {tuple(x.shape)}, groups={groups}")
-    return y
+    return grouped_kernel.call_kernel(x, packed, bias, groups, stride, relu, PACKING)
 
 
 def _fake(

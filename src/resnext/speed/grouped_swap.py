@@ -361,6 +361,26 @@ class KernelLeafTracer(fx.Tracer):
         return isinstance(m, FastGroupedConv3x3) or super().is_leaf_module(m, module_qualified_name)
 
 
+def traced_call(
+    root: nn.Module, name: str
+) -> tuple[str, fx.Graph, dict[str, nn.Module], fx.Node] | None:
+    """The module that holds `name` traced (our kernels kept whole): its name, graph and
+    modules, and the node calling `name`; None if `name` has no parent, the parent cannot be
+    traced, or it never calls `name`."""
+    parent_name, _, child = name.rpartition(".")
+    if not parent_name:
+        return None
+    parent = root.get_submodule(parent_name)
+    try:
+        graph = KernelLeafTracer().trace(parent)
+    except Exception:  # fx raises many kinds of errors on untraceable code
+        return None
+    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == child), None)
+    if node is None:
+        return None
+    return parent_name, graph, dict(parent.named_modules()), node
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
@@ -372,18 +392,12 @@ def fuse_following_relu(root: nn.Module, name: str) -> bool:
     by the rewritten graph; if it cannot be traced, or anything but a ReLU (possibly after folded-BN
     identities) consumes the convolution, nothing changes and False is returned.
     """
-    parent_name, _, child = name.rpartition(".")
-    if not parent_name:
+    traced = traced_call(root, name)
+    if traced is None:
         return False
+    parent_name, graph, modules, conv_node = traced
+    child = str(conv_node.target)
     parent = root.get_submodule(parent_name)
-    try:
-        graph = KernelLeafTracer().trace(parent)
-    except Exception:  # fx raises many kinds of errors on untraceable code
-        return False
-    modules = dict(parent.named_modules())
-    conv_node = next((n for n in graph.nodes if n.op == "call_module" and n.target == child), None)
-    if conv_node is None:
-        return False
     last, user = conv_node, _only_user(conv_node)
     while (
         user is not None
