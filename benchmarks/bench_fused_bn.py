@@ -113,6 +113,11 @@ def main() -> int:
         against = dataclasses.replace(
             bn_kernel.BUILD, name="against", source=args.against.resolve()
         )
+        # else the fused module would fall back to torch's batch norm without a word
+        problem = bn_kernel._library_problem(against)
+        if problem is not None:
+            print(f"--against {args.against}: {problem}")
+            return 1
     results: dict[str, object] = {"build": bn_kernel.BUILD.name, "models": {}}
     for name in args.models.split(","):
         layers = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import runpy
 import sys
 from pathlib import Path
@@ -133,6 +134,27 @@ def test_the_layer_benches_refuse_a_missing_other_source_before_running(
     out = capsys.readouterr().out
     assert f"--against {missing}: no such file" in out and expected in out
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_the_batch_norm_bench_builds_another_source_with_our_headers_or_refuses_it(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    from resnext.speed import bn_kernel
+
+    if bn_kernel.unavailable_reason() is not None:
+        pytest.skip(f"fused batch norm unavailable: {bn_kernel.unavailable_reason()}")
+    # a copy elsewhere includes the headers by name: built from ours, not silently replaced by
+    # torch's batch norm (which the fused module falls back to when its build fails)
+    copy = tmp_path / "copy.c"
+    copy.write_text(bn_kernel.SOURCE.read_text())
+    against = dataclasses.replace(bn_kernel.BUILD, name="copy", source=copy)
+    assert bn_kernel._library_problem(against) is None
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    argv = ["--against", str(broken), "--out", str(tmp_path / "out")]
+    assert _run_script("bench_fused_bn.py", argv, monkeypatch) == 1
+    assert f"--against {broken}: compiling broken.c failed" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_network_ab_refuses_a_missing_source(

@@ -61,7 +61,9 @@ _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
 
 @functools.cache
 def _library_for(build: Build) -> ctypes.CDLL:
-    lib = native.load(build.source, build.flags, LIBS, cpu_needs=build.required)
+    # another revision's source (`bench_fused_bn.py --against`) includes its headers by name: ours
+    flags = build.flags if build.source.parent == KERNELS else (*build.flags, f"-I{KERNELS}")
+    lib = native.load(build.source, flags, LIBS, cpu_needs=build.required)
     lib.bn_act_forward.argtypes = [_P, _P, _P, _I, _L, _L, _P, _P, _D, _I, _P, _P, _P, _I, _P]
     lib.bn_act_forward.restype = _I
     lib.bn_act_backward.argtypes = [_P] * 5 + [_I, _L, _L] + [_P] * 4 + [_I, _P, _P, _I]
