@@ -202,6 +202,20 @@ def test_the_pass_keeps_the_function_and_permutes_the_neighbours() -> None:
 
 
 @needs_split
+def test_auto_leaves_layers_the_amx_kernel_runs_to_its_fusions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import resnext.speed.group_order as group_order
+
+    model = fold_batchnorm(_model()).to(torch.bfloat16, memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    # as on a CPU with AMX: the AMX variant runs (it is not built here; nothing times it)
+    monkeypatch.setattr(group_order, "runnable_variants", lambda conv, dtype: ("amx",))
+    assert split_group_channels(model, x, mode="auto") == []
+    assert not any(isinstance(m, SplitGroupedConv3x3) for m in model.modules())
+
+
+@needs_split
 @pytest.mark.parametrize("backend", ["none", "inductor"])
 def test_optimize_with_the_split_order_computes_the_same_function(backend: str) -> None:
     model = _model()

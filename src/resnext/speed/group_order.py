@@ -123,7 +123,8 @@ def split_group_channels(
     Runs before `grouped_swap.swap_grouped_convs`, on the model's plain convolutions. 'auto'
     times the split kernel against torch's convolution and each of our other variants on the
     layer's real input shape and takes it where it is the fastest (the others are then left to
-    `swap_grouped_convs`); 'on' takes it wherever it runs; 'off' changes nothing. bf16 only.
+    `swap_grouped_convs`), except where the AMX grouped kernel runs, which the AMX fusion passes
+    need; 'on' takes it wherever it runs; 'off' changes nothing. bf16 only.
     """
     if mode not in MODES:
         raise ConfigError(f"split_groups: expected one of {MODES}, got {mode!r}")
@@ -149,8 +150,12 @@ def split_group_channels(
         if name not in shapes:  # never called on this input
             continue
         conv = model.get_submodule(name)
-        split = grouped_split.SplitGroupedConv3x3(conv)
         variants = runnable_variants(conv, example.dtype)
+        if "amx" in variants and mode != "on":
+            # left to the AMX kernel: the fusion passes build whole bottlenecks on it, which
+            # beat any grouped kernel alone (and the pair dot product is slow on those CPUs)
+            continue
+        split = grouped_split.SplitGroupedConv3x3(conv)
         others = [FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants]
         ways = [conv, split, *others]
         measure = functools.partial(time_on_random, ways, shapes[name], example.dtype, repeats)
