@@ -18,6 +18,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "row_ahead.h"
+
 static inline __m512 load_f32(const float *p) { return _mm512_loadu_ps(p); }
 static inline void store_f32(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
 static inline __m512 load_bf16(const uint16_t *p) {
@@ -81,6 +83,7 @@ static inline __m512 block_shuffle(__m512 v, int R, int r) {
     const int oh = (int)(r % Ho);                                                              \
     const T *xn = x + n * (long)H * W * C;                                                     \
     T *yr = y + r * (long)Wo * C;                                                              \
+    RowAhead ahead = row_ahead(xn, H, W, C, sizeof(T), oh, s, (Wo + P - 1) / P);              \
     for (int ow0 = 0; ow0 < Wo; ow0 += P) {                                                    \
       const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
       const int iw0 = ow0 * s - 1;                                                             \
@@ -94,6 +97,7 @@ static inline __m512 block_shuffle(__m512 v, int R, int r) {
           for (long c = 0; c < (long)C * (long)sizeof(T); c += 64)                             \
             _mm_prefetch(pf + c, _MM_HINT_T0);                                                 \
         }                                                                                      \
+      row_ahead_step(&ahead); /* a tile's share, before its blocks */                          \
       for (int cb = 0; cb < C / 16; ++cb) {                                                    \
         const int ib0 = cpg > 16 ? (cb / M) * M : cb;                                          \
         const float *wb = wp + (long)cb * 9 * M * R * 64;                                      \
@@ -233,6 +237,7 @@ static inline __attribute__((always_inline)) void pairs_row(
   const int oh = (int)(r % Ho);
   const uint16_t *xn = x + n * (long)H * W * C;
   uint16_t *yr = y + r * (long)Wo * C;
+  RowAhead ahead = row_ahead(xn, H, W, C, 2, oh, s, (long)(C / 32) * ((Wo + P - 1) / P));
   for (int ow0 = 0; ow0 < Wo; ow0 += P) {
     const int np = Wo - ow0 < P ? Wo - ow0 : P;
     const int iw0 = ow0 * s - 1;
@@ -244,6 +249,7 @@ static inline __attribute__((always_inline)) void pairs_row(
         for (long c = 0; c < (long)C * 2; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
       }
     for (int cb = 0; cb < C / 32; ++cb) {
+      row_ahead_step(&ahead);
       const uint16_t *wb = wq + (long)cb * 9 * cpg * 32;
       __m512 acc[PAIR_P][8];
 #pragma GCC unroll 8
@@ -359,10 +365,12 @@ static void row_bf16dp_wide(const void *xv, const float *wpv, const float *bias,
   const int oh = (int)(r % Ho);
   const uint16_t *xn = x + n * (long)H * W * C;
   uint16_t *yr = y + r * (long)Wo * C;
+  RowAhead ahead = row_ahead(xn, H, W, C, 2, oh, s, (long)(C / 16 / NB) * ((Wo + PW - 1) / PW));
   for (int ow0 = 0; ow0 < Wo; ow0 += PW) {
     const int np = Wo - ow0 < PW ? Wo - ow0 : PW;
     const int next = (ow0 + PW - 1) * s + 2;
     for (int b0 = 0; b0 < C / 16; b0 += NB) {
+      row_ahead_step(&ahead);
       /* this block's line of the next tile's columns, in the rows this output row is the first
        * to read (the row before read the others) */
       for (int ih = oh * s + 2 - s; ih <= oh * s + 1 && ih < H; ++ih)

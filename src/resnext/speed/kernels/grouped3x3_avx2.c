@@ -18,6 +18,8 @@
  */
 #include <immintrin.h>
 
+#include "row_ahead.h"
+
 #ifndef PIXELS
 #define PIXELS 2
 #endif
@@ -66,6 +68,7 @@ static inline __m256 swap_blocks(__m256 v) { return _mm256_permute2f128_ps(v, v,
     const int oh = (int)(r % Ho);                                                              \
     const float *xn = x + n * (long)H * W * C;                                                 \
     float *yr = y + r * (long)Wo * C;                                                          \
+    RowAhead ahead = row_ahead(xn, H, W, C, sizeof(float), oh, s, (Wo + P - 1) / P);           \
     for (int ow0 = 0; ow0 < Wo; ow0 += P) {                                                    \
       const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
       const int iw0 = ow0 * s - 1;                                                             \
@@ -79,6 +82,7 @@ static inline __m256 swap_blocks(__m256 v) { return _mm256_permute2f128_ps(v, v,
           for (long c = 0; c < (long)C * (long)sizeof(float); c += 64)                         \
             _mm_prefetch(pf + c, _MM_HINT_T0);                                                 \
         }                                                                                      \
+      row_ahead_step(&ahead); /* a tile's share, before its blocks */                          \
       for (int cb = 0; cb < C / 8; ++cb) {                                                     \
         const int ib0 = M > 1 ? (cb / M) * M : cb;                                             \
         const float *wb = wp + (long)cb * 9 * M * R * 32;                                      \
