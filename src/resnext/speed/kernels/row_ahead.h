@@ -2,8 +2,8 @@
  * (2 of its 3), into L2 while the current row computes: a cursor over their lines that each
  * tile advances by its share. The kernels' own prefetches reach one tile ahead, which at stride
  * 2, where each output row needs two new input rows, left them waiting on memory (ResNeXt-50's
- * stride-2 layers 1.4-1.6x slower, the AMD machine). Used by grouped3x3.c and
- * grouped3x3_split.h. */
+ * stride-2 layers 1.4-1.6x slower, the AMD machine). Used by grouped3x3.c, grouped3x3_split.h
+ * and grouped3x3_avx2.c. */
 #ifndef RESNEXT_ROW_AHEAD_H
 #define RESNEXT_ROW_AHEAD_H
 
