@@ -157,6 +157,35 @@ def test_the_batch_norm_bench_builds_another_source_with_our_headers_or_refuses_
     assert not (tmp_path / "out").exists()
 
 
+def test_the_layer_profile_sums_every_layer_into_its_kind(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    import json
+
+    out = tmp_path / "out"
+    argv = ["--models", "resnext_tiny_in,resnext_tiny_in", "--batch", "2", "--image-size", "64"]
+    argv += ["--rounds", "1", "--dtype", "fp32", "--out", str(out)]
+    assert _run_script("bench_infer_layers.py", argv, monkeypatch) == 0
+    (path,) = out.glob("bench-infer-layers-*.json")
+    row = json.loads(path.read_text())["results"]["resnext_tiny_in"]
+    kinds = row["kinds_ms"]
+    # a tiny ImageNet-layout ResNeXt: a stem, 1×1s and grouped 3×3s, no dense 3×3
+    assert kinds["stem"] > 0 and kinds["1x1"] > 0 and kinds["grouped 3x3"] > 0
+    assert kinds["dense 3x3"] == 0
+    assert sum(kinds.values()) == pytest.approx(row["batch_ms"])
+    assert {layer["kind"] for layer in row["layers"]} <= {"1x1", "grouped 3x3", "stem", "other"}
+    assert "ms a batch" in capsys.readouterr().out
+
+
+def test_the_layer_profile_refuses_a_batch_of_nothing(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    argv = ["--batch", "0", "--out", str(tmp_path / "out")]
+    assert _run_script("bench_infer_layers.py", argv, monkeypatch) == 1
+    assert "--rounds and --batch: expected at least 1" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_network_ab_refuses_a_missing_source(
     bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
 ) -> None:
