@@ -18,7 +18,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#include "row_ahead.h"
+#include "input_prefetch.h"
 
 static inline __m512 load_f32(const float *p) { return _mm512_loadu_ps(p); }
 static inline void store_f32(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
@@ -90,13 +90,8 @@ static inline __m512 block_shuffle(__m512 v, int R, int r) {
       const int cols_ok = iw0 >= 0 && iw0 + 2 + (P - 1) * s < W;                               \
       /* The bottom input row is new to this output row: fetch the next pixels' channels      \
        * early, the strided per-block reads below defeat the hardware prefetcher. */          \
-      const int ihb = oh * s + 1, iwn = iw0 + P * s;                                           \
-      if (ihb < H)                                                                             \
-        for (int q = 0; q < P * s && iwn + q < W; ++q) {                                       \
-          const char *pf = (const char *)(xn + ((long)ihb * W + iwn + q) * C);                 \
-          for (long c = 0; c < (long)C * (long)sizeof(T); c += 64)                             \
-            _mm_prefetch(pf + c, _MM_HINT_T0);                                                 \
-        }                                                                                      \
+      prefetch_pixels(xn, H, W, C * (long)sizeof(T), oh * s + 1, oh * s + 1, iw0 + P * s,     \
+                      P * s, 0, C * (long)sizeof(T));                                          \
       row_ahead_step(&ahead); /* a tile's share, before its blocks */                          \
       for (int cb = 0; cb < C / 16; ++cb) {                                                    \
         const int ib0 = cpg > 16 ? (cb / M) * M : cb;                                          \
@@ -242,12 +237,7 @@ static inline __attribute__((always_inline)) void pairs_row(
     const int np = Wo - ow0 < P ? Wo - ow0 : P;
     const int iw0 = ow0 * s - 1;
     const int cols_ok = iw0 >= 0 && iw0 + 2 + (P - 1) * s < W;
-    const int ihb = oh * s + 1, iwn = iw0 + P * s;
-    if (ihb < H)
-      for (int q = 0; q < P * s && iwn + q < W; ++q) {
-        const char *pf = (const char *)(xn + ((long)ihb * W + iwn + q) * C);
-        for (long c = 0; c < (long)C * 2; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
-      }
+    prefetch_pixels(xn, H, W, 2L * C, oh * s + 1, oh * s + 1, iw0 + P * s, P * s, 0, 2L * C);
     for (int cb = 0; cb < C / 32; ++cb) {
       row_ahead_step(&ahead);
       const uint16_t *wb = wq + (long)cb * 9 * cpg * 32;
@@ -373,9 +363,7 @@ static void row_bf16dp_wide(const void *xv, const float *wpv, const float *bias,
       row_ahead_step(&ahead);
       /* this block's line of the next tile's columns, in the rows this output row is the first
        * to read (the row before read the others) */
-      for (int ih = oh * s + 2 - s; ih <= oh * s + 1 && ih < H; ++ih)
-        for (int q = 0; q < PW * s && next + q < W; ++q)
-          _mm_prefetch((const char *)(xn + ((long)ih * W + next + q) * C + b0 * 16), _MM_HINT_T0);
+      prefetch_pixels(xn, H, W, 2L * C, oh * s + 2 - s, oh * s + 1, next, PW * s, 32L * b0, 64);
       __m512 acc[NB][PW];
 #pragma GCC unroll 4
       for (int v = 0; v < NB; ++v)

@@ -18,7 +18,7 @@
  */
 #include <immintrin.h>
 
-#include "row_ahead.h"
+#include "input_prefetch.h"
 
 #ifndef PIXELS
 #define PIXELS 2
@@ -75,13 +75,8 @@ static inline __m256 swap_blocks(__m256 v) { return _mm256_permute2f128_ps(v, v,
       const int cols_ok = iw0 >= 0 && iw0 + 2 + (P - 1) * s < W;                               \
       /* the bottom s input rows are new to this output row: fetch their next pixels           \
        * early (at stride 2 the middle row too: 4-5 % faster at 56x56, ad hoc) */              \
-      const int ihb = oh * s + 1, iwn = iw0 + P * s;                                           \
-      for (int ih = ihb - (s - 1); ih <= ihb && ih < H; ++ih)                                  \
-        for (int q = 0; q < P * s && iwn + q < W; ++q) {                                       \
-          const char *pf = (const char *)(xn + ((long)ih * W + iwn + q) * C);                  \
-          for (long c = 0; c < (long)C * (long)sizeof(float); c += 64)                         \
-            _mm_prefetch(pf + c, _MM_HINT_T0);                                                 \
-        }                                                                                      \
+      prefetch_pixels(xn, H, W, C * (long)sizeof(float), oh * s + 2 - s, oh * s + 1,          \
+                      iw0 + P * s, P * s, 0, C * (long)sizeof(float));                         \
       row_ahead_step(&ahead); /* a tile's share, before its blocks */                          \
       for (int cb = 0; cb < C / 8; ++cb) {                                                     \
         const int ib0 = M > 1 ? (cb / M) * M : cb;                                             \

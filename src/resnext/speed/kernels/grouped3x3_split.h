@@ -25,7 +25,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#include "row_ahead.h"
+#include "input_prefetch.h"
 
 #define SPLIT_P 4 /* the most pixels of a tile (4 per group) */
 /* what a pixel outside the image (or past the row) reads: a block of zeros, 8 per group */
@@ -43,11 +43,7 @@ static inline __attribute__((always_inline)) void split_tile(const uint16_t *xn,
   /* the next tile's columns of the rows this output row is the first to read (the other rows
    * were read by the row before, and are in cache), this block's channels */
   const int next = (ow0 + P - 1) * s + 2;
-  for (int ih = oh * s + 2 - s; ih <= oh * s + 1 && ih < H; ++ih)
-    for (int q = 0; q < P * s && next + q < W; ++q) {
-      const char *pf = (const char *)(xn + ((long)ih * W + next + q) * C + (long)b * B);
-      for (int c = 0; c < B * 2; c += 64) _mm_prefetch(pf + c, _MM_HINT_T0);
-    }
+  prefetch_pixels(xn, H, W, 2L * C, oh * s + 2 - s, oh * s + 1, next, P * s, 2L * b * B, 2L * B);
   __m512 acc[SPLIT_P][8];
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p)
