@@ -36,11 +36,10 @@ from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 @dataclass(frozen=True)
 class Sandwich:
-    """A grouped 3×3 between two 1×1s that only it and per-channel steps separate: names in the
-    model."""
+    """The convolutions around a grouped 3×3 that only it and per-channel steps separate: their
+    names in the model."""
 
     before: str  # the convolution whose outputs the grouped 3×3 reads
-    grouped: str
     after: str  # the convolution that reads the grouped 3×3's outputs
 
 
@@ -92,7 +91,7 @@ def find_sandwich(model: nn.Module, name: str) -> Sandwich | None:
     shared = [m for _, m in model.named_modules(remove_duplicate=False) if m is first or m is last]
     if calls.count(before.target) != 1 or calls.count(after.target) != 1 or len(shared) != 2:
         return None
-    return Sandwich(f"{parent_name}.{before.target}", name, f"{parent_name}.{after.target}")
+    return Sandwich(f"{parent_name}.{before.target}", f"{parent_name}.{after.target}")
 
 
 def permute_neighbours(model: nn.Module, sandwich: Sandwich, groups: int) -> None:
