@@ -64,6 +64,10 @@ def main() -> int:
         return 1
     ours = grouped_kernel.ISA
     against = dataclasses.replace(ours, name="against", source=args.against.resolve())
+    problem = grouped_kernel._library_problem(against)  # before any timing, with its message
+    if problem is not None:
+        print(f"--against {args.against}: {problem}")
+        return 1
     torch.manual_seed(0)
     rows = []
     totals = {"ours": 0.0, "against": 0.0}

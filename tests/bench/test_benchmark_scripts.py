@@ -136,9 +136,7 @@ def test_the_layer_benches_refuse_a_missing_other_source_before_running(
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-def test_the_batch_norm_bench_builds_another_source_with_our_headers_or_refuses_it(
-    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
-) -> None:
+def test_the_batch_norm_bench_builds_another_source_with_our_headers(tmp_path: Path) -> None:
     from resnext.speed import bn_kernel
 
     if bn_kernel.unavailable_reason() is not None:
@@ -149,12 +147,32 @@ def test_the_batch_norm_bench_builds_another_source_with_our_headers_or_refuses_
     copy.write_text(bn_kernel.SOURCE.read_text())
     against = dataclasses.replace(bn_kernel.BUILD, name="copy", source=copy)
     assert bn_kernel._library_problem(against) is None
+
+
+@pytest.mark.parametrize(
+    ("script", "kernel"),
+    [
+        ("bench_fused_bn.py", "bn"),
+        ("bench_pointwise_bf16.py", "pointwise_bf16"),
+        ("bench_grouped_ab.py", "grouped"),
+    ],
+)
+def test_the_layer_benches_refuse_an_other_source_that_does_not_build(
+    script: str, kernel: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path
+) -> None:
+    if kernel == "bn":
+        from resnext.speed import bn_kernel
+
+        if bn_kernel.unavailable_reason() is not None:
+            pytest.skip(f"fused batch norm unavailable: {bn_kernel.unavailable_reason()}")
+    else:
+        _kernel_source(kernel)
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
     argv = ["--against", str(broken), "--out", str(tmp_path / "out")]
-    assert _run_script("bench_fused_bn.py", argv, monkeypatch) == 1
+    assert _run_script(script, argv, monkeypatch) == 1
     assert f"--against {broken}: compiling broken.c failed" in capsys.readouterr().out
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()  # refused before timing anything
 
 
 def test_the_layer_profile_sums_every_layer_into_its_kind(
