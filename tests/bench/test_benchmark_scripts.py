@@ -149,6 +149,26 @@ def test_the_batch_norm_bench_builds_another_source_with_our_headers(tmp_path: P
     assert bn_kernel._library_problem(against) is None
 
 
+def test_the_grouped_ab_times_the_bf16_pair_kernels_of_another_source(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    source = _kernel_source("grouped_bf16")
+    copy = tmp_path / "copy.c"  # elsewhere: its headers come from the package
+    copy.write_text(source.read_text())
+    out = tmp_path / "out"
+    argv = ["--against", str(copy), "--dtype", "bf16", "--batch", "1", "--rounds", "1"]
+    assert _run_script("bench_grouped_ab.py", [*argv, "--out", str(out)], monkeypatch) == 0
+    (path,) = out.glob("bench-grouped-ab-*.json")
+    data = json.loads(path.read_text())
+    assert data["config"]["kernels"] == "pairs"
+    # every one of ResNeXt-50's grouped shapes, each checked against conv2d before timing
+    assert [(r["channels"], r["stride"]) for r in data["results"]["layers"]] == [
+        (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (1024, 2), (1024, 1)
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("script", "kernel"),
     [
