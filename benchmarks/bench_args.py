@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import resnext
+
 RESULTS = Path(__file__).resolve().parent / "results"  # where every script writes its JSON
 
 
@@ -32,3 +34,10 @@ def parser(
         out.add_argument("--dtypes", default=dtypes, help="fp32 and/or bf16, comma-separated")
     out.add_argument("--out", type=Path, default=RESULTS, help="folder for the results JSON")
     return out
+
+
+def unknown_models(models: str) -> str | None:
+    """The message refusing the registry names in `models` (comma-separated) that it does not
+    have, or None when it has them all."""
+    unknown = sorted(set(models.split(",")) - set(resnext.list_models()))
+    return f"--models: unknown {unknown} (`resnext list` shows them all)" if unknown else None

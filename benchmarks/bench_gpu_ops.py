@@ -39,9 +39,9 @@ def main() -> int:
     if set(tasks) - set(TASKS) or args.steps < 1:
         print(f"--tasks: expected some of {list(TASKS)}; --steps: expected >= 1")
         return 1
-    unknown = sorted(set(args.models.split(",")) - set(resnext.list_models()))
-    if unknown:
-        print(f"--models: unknown {unknown} (`resnext list` shows them all)")
+    refused = bench_args.unknown_models(args.models)
+    if refused:
+        print(refused)
         return 1
     try:
         device = torch.device(args.device)

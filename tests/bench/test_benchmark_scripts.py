@@ -215,12 +215,16 @@ def test_the_layer_profile_sums_every_layer_into_its_kind(
     assert "ms a batch" in capsys.readouterr().out
 
 
-def test_the_layer_profile_refuses_a_batch_of_nothing(
+def test_the_layer_profile_refuses_a_batch_of_nothing_and_unknown_models(
     bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
 ) -> None:
-    argv = ["--batch", "0", "--out", str(tmp_path / "out")]
-    assert _run_script("bench_infer_layers.py", argv, monkeypatch) == 1
-    assert "--rounds and --batch: expected at least 1" in capsys.readouterr().out
+    for bad, message in (
+        (["--batch", "0"], "--rounds and --batch: expected at least 1"),
+        (["--models", "resnet50,nope"], "--models: unknown ['nope']"),
+    ):
+        argv = [*bad, "--out", str(tmp_path / "out")]
+        assert _run_script("bench_infer_layers.py", argv, monkeypatch) == 1
+        assert message in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
 
 
