@@ -23,7 +23,9 @@ def parser(
     each shared option whose default is given here (None leaves the option out)."""
     out = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     if models is not None:
-        out.add_argument("--models", default=models, help="registry names, comma-separated")
+        out.add_argument(
+            "--models", type=registry_names, default=models, help="registry names, comma-separated"
+        )
     if batch is not None:
         out.add_argument("--batch", type=int, default=batch)
     if image_size is not None:
@@ -36,8 +38,10 @@ def parser(
     return out
 
 
-def unknown_models(models: str) -> str | None:
-    """The message refusing the registry names in `models` (comma-separated) that it does not
-    have, or None when it has them all."""
+def registry_names(models: str) -> str:
+    """`models` as given when the registry has each of its comma-separated names; otherwise
+    argparse's error naming the ones it lacks, so a script stops before it does anything."""
     unknown = sorted(set(models.split(",")) - set(resnext.list_models()))
-    return f"--models: unknown {unknown} (`resnext list` shows them all)" if unknown else None
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown} (`resnext list` shows them all)")
+    return models

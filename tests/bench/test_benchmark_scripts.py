@@ -215,16 +215,34 @@ def test_the_layer_profile_sums_every_layer_into_its_kind(
     assert "ms a batch" in capsys.readouterr().out
 
 
-def test_the_layer_profile_refuses_a_batch_of_nothing_and_unknown_models(
+def test_the_layer_profile_refuses_a_batch_of_nothing(
     bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
 ) -> None:
-    for bad, message in (
-        (["--batch", "0"], "--rounds and --batch: expected at least 1"),
-        (["--models", "resnet50,nope"], "--models: unknown ['nope']"),
-    ):
-        argv = [*bad, "--out", str(tmp_path / "out")]
-        assert _run_script("bench_infer_layers.py", argv, monkeypatch) == 1
-        assert message in capsys.readouterr().out
+    argv = ["--batch", "0", "--out", str(tmp_path / "out")]
+    assert _run_script("bench_infer_layers.py", argv, monkeypatch) == 1
+    assert "--rounds and --batch: expected at least 1" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+# the scripts whose --models comes from the shared parser
+MODEL_SCRIPTS = [s for s in SCRIPTS if "models=" in (BENCHMARKS / s).read_text()]
+
+
+def test_the_scripts_with_models_are_the_ones_expected() -> None:
+    # guards the text match above: a script losing the shared --models would drop out silently
+    assert len(MODEL_SCRIPTS) >= 14
+    assert {"bench_infer_layers.py", "bench_network_ab.py", "bench_gpu_ops.py"} <= set(
+        MODEL_SCRIPTS
+    )
+
+
+@pytest.mark.parametrize("script", MODEL_SCRIPTS)
+def test_each_script_refuses_an_unknown_model_before_it_starts(
+    script: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    argv = ["--models", "resnet50,nope", "--out", str(tmp_path / "out")]
+    assert _run_script(script, argv, monkeypatch) == 2
+    assert "argument --models: unknown ['nope']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
