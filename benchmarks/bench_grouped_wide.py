@@ -1,12 +1,14 @@
-"""Training steps with and without the AVX2 weight gradient for wide groups (16-64 per group).
+"""Training steps with and without our kernels for wide groups (16-64 channels per group).
 
 Usage: .venv/bin/python benchmarks/bench_grouped_wide.py [--models resnext29_4x16d]
-           [--batch 64] [--image-size 32] [--rounds 8]
+           [--batch 64] [--image-size 32] [--rounds 8] [--dtype fp32|bf16]
 
-Two copies of each model take the float32 CPU training fast path (grouped kernels and the 1×1
-products chosen per shape): in one the grouped layers with 16, 32 or 64 channels per group get
-our kernels as candidates (`grouped_wgrad.WIDE_CPG`), in the other they stay torch's convolution,
-as before that kernel. Their SGD steps alternate in one process; the per-round time ratio is the
+Two copies of each model take the CPU training fast path (grouped kernels, the 1×1 products
+chosen per shape, and in bf16 the fused batch norm), in float32 or under bf16 autocast: in one
+the grouped layers with 16, 32 or 64 channels per group get our kernels as candidates
+(`grouped_wgrad.WIDE_CPG`: the AVX2 build's float32 weight gradient, the AVX512-BF16 pair
+kernel's bf16 one), in the other they stay torch's convolution, as before those kernels. Their
+SGD steps alternate in one process, in alternating order; the per-round time ratio is the
 measure, this machine being noisy.
 """
 
@@ -29,14 +31,16 @@ from resnext.speed.train_paths import use_training_fast_paths
 from resnext.train.optim import build_optimizer
 
 
-def make_step(name: str, x: torch.Tensor, wide: bool) -> tuple[object, int]:
-    """One SGD step of `name` on the fast path, wide groups taken or not; how many grouped
-    layers took the fast path."""
+def make_step(name: str, x: torch.Tensor, wide: bool, bf16: bool) -> tuple[object, int]:
+    """One SGD step of `name` on the fast path (under bf16 autocast if `bf16`), wide groups taken
+    or not; how many grouped layers took the fast path."""
     model = resnext.create_model(name).train().to(memory_format=torch.channels_last)
     saved = grouped_wgrad.WIDE_CPG
     grouped_wgrad.WIDE_CPG = saved if wide else ()
     try:
-        use_training_fast_paths(model, fused_bn=False, grouped_kernels=True, gemm_weight_grad=True)
+        use_training_fast_paths(
+            model, fused_bn=bf16, grouped_kernels=True, gemm_weight_grad=True, fast_maxpool=bf16
+        )
     finally:
         grouped_wgrad.WIDE_CPG = saved
     swapped = sum(isinstance(m, TrainingGroupedConv2d) for m in model.modules())
@@ -45,7 +49,9 @@ def make_step(name: str, x: torch.Tensor, wide: bool) -> tuple[object, int]:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     return step, swapped
@@ -53,25 +59,34 @@ def make_step(name: str, x: torch.Tensor, wide: bool) -> tuple[object, int]:
 
 def main() -> int:
     parser = bench_args.parser(__doc__, models="resnext29_4x16d", batch=64, image_size=32, rounds=8)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     keep_freed_memory()
-    if grouped_wgrad.unavailable_reason() is not None:
-        print(f"the grouped kernels cannot run here: {grouped_wgrad.unavailable_reason()}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if grouped_wgrad.unavailable_reason(dtype) is not None:
+        print(f"the grouped kernels cannot run here: {grouped_wgrad.unavailable_reason(dtype)}")
         return 1
-    if not set(grouped_wgrad.WIDE_CPG) & set(grouped_wgrad.group_widths()):
-        print(f"only the AVX2 build takes wide groups; this CPU runs {grouped_kernel.ISA.name}")
+    if not grouped_wgrad.wide_takes(dtype):
+        print(
+            f"--dtype {args.dtype}: this CPU's build ({grouped_kernel.ISA.name}) takes no wide "
+            "groups in it (the AVX2 build takes float32, AVX512-BF16 CPUs bf16)"
+        )
         return 1
     results = {}
     for name in args.models.split(","):
         x = torch.randn(args.batch, 3, args.image_size, args.image_size)
         x = x.contiguous(memory_format=torch.channels_last)
-        steps = {arm: make_step(name, x, arm == "with") for arm in ("with", "without")}
+        steps = {
+            arm: make_step(name, x, arm == "with", args.dtype == "bf16")
+            for arm in ("with", "without")
+        }
         for _ in range(3):  # first calls: the chooser's timing, memory mapped in
             for step, _ in steps.values():
                 step()
         seconds: dict[str, list[float]] = {arm: [] for arm in steps}
-        for _ in range(args.rounds):
-            for arm, (step, _) in steps.items():
+        for r in range(args.rounds):
+            # alternate which goes first: a fixed order can favour one of two equal steps
+            for arm, (step, _) in list(steps.items())[:: 1 if r % 2 == 0 else -1]:
                 start = time.perf_counter()
                 step()
                 seconds[arm].append(time.perf_counter() - start)

@@ -436,3 +436,34 @@ def test_the_gpu_ops_breakdown_runs_on_the_cpu(
         assert _run_script("bench_gpu_ops.py", [*bad, "--out", str(out)], monkeypatch) == 1
         assert message in capsys.readouterr().out
     assert len(list(out.iterdir())) == 1  # nothing more written
+
+
+def test_the_wide_group_bench_takes_the_layers_only_its_kernels_run(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    import json
+
+    import torch
+
+    from resnext.speed import grouped_wgrad
+
+    out = tmp_path / "out"
+    argv = ["--models", "resnext29_4x16d", "--batch", "2", "--image-size", "16",
+            "--rounds", "1", "--out", str(out)]  # fmt: skip
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    taken = [name for name, dtype in dtypes.items() if grouped_wgrad.wide_takes(dtype)]
+    for name in dtypes:
+        code = _run_script("bench_grouped_wide.py", [*argv, "--dtype", name], monkeypatch)
+        if name not in taken:
+            assert code == 1
+            assert f"--dtype {name}: this CPU's build" in capsys.readouterr().out
+            continue
+        assert code == 0
+        (path,) = out.glob("bench-grouped-wide-*.json")
+        row = json.loads(path.read_text())["results"]["models"]["resnext29_4x16d"]
+        # ResNeXt-29 4×16d: 3 stages of 3 blocks, 16, 32 and 64 channels per group: every grouped
+        # layer taken with the wide kernels, none without
+        assert row["grouped_layers_taken"] == {"with": 9, "without": 0}
+        path.unlink()
+    if not taken:
+        pytest.skip("this CPU's build takes wide groups in no dtype")

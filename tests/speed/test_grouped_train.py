@@ -34,9 +34,11 @@ needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"kernels unavaila
 BF16_REASON = grouped_kernel.unavailable_reason(torch.bfloat16)
 AMX = grouped_amx.unavailable_reason() is None and grouped_wgrad_amx.unavailable_reason() is None
 DGRAD_AMX = grouped_dgrad_amx.unavailable_reason() is None
-# Whether groups of 16 or more channels are taken: by the AMX kernels (bf16), or by the AVX2
-# build of the vector kernels (float32) where that is the build this CPU runs.
-WIDE = AMX or (REASON is None and grouped_kernel.ISA.name == "avx2")
+# Whether groups of 16 or more channels are taken in bf16 by the AVX-512 build's pair kernels.
+WIDE_BF16 = REASON is None and BF16_REASON is None and grouped_wgrad.wide_takes(torch.bfloat16)
+# Whether such groups are taken at all: by the AMX kernels or the pair kernels (bf16), or by the
+# AVX2 build of the vector kernels (float32) where that is the build this CPU runs.
+WIDE = AMX or WIDE_BF16 or (REASON is None and grouped_kernel.ISA.name == "avx2")
 
 # (batch, channels, groups, height, width, stride): 4 and 8 channels per group, odd and unequal
 # sizes so that every border case of the padding is met, batch 1 and several threads' rows.
@@ -90,6 +92,35 @@ def _check_weight_gradient(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     got = grouped_wgrad.weight_grad(x, grad, groups, stride)
     assert got.dtype == torch.float32 and got.shape == weight.shape
     assert rel_err(got, want) < 1e-5  # float32 sums of exact products
+
+
+# Groups of 16, 32 and 64 channels in bf16 (the pair kernel's small matrix products).
+WIDE_SHAPES_BF16 = [
+    (2, 64, 4, 9, 7, 1),  # 16 per group: two groups a 64-byte line, odd width
+    (3, 64, 2, 8, 6, 2),  # 32 per group, stride 2
+    (1, 128, 2, 5, 5, 1),  # 64 per group: a group over two lines
+    (2, 64, 4, 7, 9, 2),  # stride 2, odd sizes: a last pixel pair of one pixel
+    (4, 32, 2, 16, 7, 1),  # several blocks of rows an image
+    (2, 512, 32, 28, 28, 2),  # ResNeXt-50 stage 3's first block, fewer images
+]
+
+
+@needs_kernels
+@pytest.mark.skipif(not WIDE_BF16, reason="this CPU's build takes no wide groups in bf16")
+@pytest.mark.parametrize("shape", WIDE_SHAPES_BF16)
+def test_bf16_weight_gradient_of_wide_groups_matches_torch(shape) -> None:
+    _check_weight_gradient(shape, torch.bfloat16)
+
+
+@needs_kernels
+@pytest.mark.skipif(not WIDE_BF16, reason="this CPU's build takes no wide groups in bf16")
+def test_wide_groups_in_bf16_have_the_pair_kernel_only() -> None:
+    x = _cl(torch.randn(1, 32, 4, 4), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"pairs: 16 channels per group in bf16 take the pair"):
+        grouped_wgrad.weight_grad(x, x, groups=2, stride=1, pairs=False)
+    # float32 with wide groups: the AVX2 build's only
+    with pytest.raises(ValueError, match=r"x: expected .*C/groups in \(4, 8\)"):
+        grouped_wgrad.weight_grad(x.float(), x.float(), groups=2, stride=1)
 
 
 def test_weight_gradient_refuses_what_it_does_not_take() -> None:

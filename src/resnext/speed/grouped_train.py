@@ -2,7 +2,7 @@
 
 `use_grouped_kernels(model)` turns each grouped 3×3 `nn.Conv2d` the kernels take (padding 1,
 no bias, 4 or 8 channels per group, stride 1 or 2; with the AVX2 build also 16, 32 or 64 in
-float32; on a CPU with AMX also 16 or more channels per group, for bf16 only) into a
+float32; with AVX512-BF16 or AMX also 16 or more channels per group, for bf16 only) into a
 `TrainingGroupedConv2d` in place (same
 parameters and state-dict keys). In training mode on channels-last float32/bfloat16 CPU tensors
 (bf16 from autocast included), each of its three products has these implementations:
@@ -15,7 +15,8 @@ parameters and state-dict keys). In training mode on channels-last float32/bfloa
   bf16 on a CPU with AMX four such convolutions, one per pixel parity
   (`resnext.speed.grouped_dgrad_amx`);
 - the weight gradient: oneDNN, or `kernels/grouped3x3_wgrad.c` (widening, or pair dot products
-  for bf16 with a multiple of 32 channels), or for bf16 on a CPU with AMX
+  for bf16 with a multiple of 32 channels, the only form for 16–64 channels per group), or for
+  bf16 on a CPU with AMX
   `kernels/grouped3x3_wgrad_amx.c` (`resnext.speed.grouped_wgrad_amx`: tile products over the
   positions, block-diagonal); its float32 gradient is not rounded to bf16 first.
 
@@ -129,9 +130,10 @@ def weight_grad_candidates(
     """Implementations of the weight gradient, oneDNN's first."""
     candidates = {"onednn": lambda: _onednn_backward(grad, x, w, groups, stride, 1)}
     if grouped_wgrad.unavailable_reason(x.dtype) is None and grouped_wgrad.supports(
-        x.shape[1], groups, stride
+        x.shape[1], groups, stride, x.dtype
     ):
-        candidates["ours"] = lambda: grouped_wgrad.weight_grad(x, grad, groups, stride, False)
+        if x.dtype == torch.float32 or grouped_wgrad.widening_takes(x.shape[1], groups):
+            candidates["ours"] = lambda: grouped_wgrad.weight_grad(x, grad, groups, stride, False)
         if grouped_wgrad.pairs_apply(x):
             candidates["ours-pairs"] = lambda: grouped_wgrad.weight_grad(
                 x, grad, groups, stride, True
@@ -212,14 +214,15 @@ class TrainingGroupedConv2d(TrainingFastConv2d):
             or grouped_kernel.unavailable_reason(dtype) is not None
         ):
             return None
-        if dtype != torch.bfloat16 and not _vector_takes(self):
-            return None  # only the bf16 AMX kernels take its groups: torch's convolution
+        if not (_vector_takes(self, dtype) or (dtype == torch.bfloat16 and _amx_takes(self))):
+            return None  # no kernel of ours for its groups in this dtype: torch's convolution
         return dtype
 
 
-def _vector_takes(conv: nn.Conv2d) -> bool:
-    """Whether the vector kernels (AVX-512, or their AVX2 builds) take every product of `conv`."""
-    return grouped_wgrad.supports(conv.in_channels, conv.groups, conv.stride[0])
+def _vector_takes(conv: nn.Conv2d, dtype: torch.dtype) -> bool:
+    """Whether the vector kernels (AVX-512, or their AVX2 builds) take every product of `conv`
+    in `dtype`."""
+    return grouped_wgrad.supports(conv.in_channels, conv.groups, conv.stride[0], dtype)
 
 
 def _amx_takes(conv: nn.Conv2d) -> bool:
@@ -233,13 +236,14 @@ def _amx_takes(conv: nn.Conv2d) -> bool:
 
 
 def takes_module(conv: nn.Module) -> bool:
-    """Whether `conv` is a grouped 3×3 convolution the training kernels take: 4 or 8 channels per
-    group (the AVX-512 kernels, or their AVX2 builds in float32), or on a CPU with AMX also wider
-    groups (the AMX kernels, bf16)."""
+    """Whether `conv` is a grouped 3×3 convolution the training kernels take in some dtype: 4 or
+    8 channels per group (the AVX-512 kernels, or their AVX2 builds in float32), or wider groups
+    (16–64 per group: the AVX2 builds in float32, the AVX512-BF16 pair kernels or, on a CPU with
+    AMX, the AMX kernels in bf16)."""
     return (
         grouped_swap.eligible(conv)  # the forward kernel's shapes: 3×3, padding 1, in = out, ...
         and conv.bias is None
-        and (_vector_takes(conv) or _amx_takes(conv))
+        and (any(_vector_takes(conv, dtype) for dtype in grouped_wgrad.DTYPES) or _amx_takes(conv))
     )
 
 

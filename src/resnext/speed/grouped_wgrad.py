@@ -1,10 +1,10 @@
 """The grouped 3×3 convolution's weight gradient: `kernels/grouped3x3_wgrad*.c` via ctypes.
 
 Built on first use like the other C parts (`resnext.native`); runs on torch's OpenMP threads.
-Takes channels-last float32 or bfloat16 CPU tensors with 4 or 8 channels per group (the AVX2
-build also 16, 32 or 64, float32) and returns the float32 gradient;
-`resnext.speed.grouped_train` decides when it applies. bf16 tensors with a multiple of 32
-channels use AVX512-BF16's pair dot product where the CPU has it. Like the
+Takes channels-last float32 or bfloat16 CPU tensors with 4 or 8 channels per group and returns
+the float32 gradient; `resnext.speed.grouped_train` decides when it applies. bf16 tensors with a
+multiple of 32 channels use AVX512-BF16's pair dot product where the CPU has it, which also takes
+16, 32 or 64 channels per group (as the AVX2 build does in float32). Like the
 forward kernel it has an AVX-512 build and an AVX2 one (float32 only); it runs the build of the
 forward kernel's `grouped_kernel.ISA`, whose channel blocks it shares.
 """
@@ -28,7 +28,8 @@ BUILDS = {
     "avx2": (KERNELS / "grouped3x3_wgrad_avx2.c", grouped_kernel.AVX2.flags),
 }
 SUPPORTED_CPG = (4, 8)
-# Groups the AVX2 build also takes, as small matrix products (its `wgrad_wide`).
+# Groups also taken as small matrix products: by the AVX2 build in float32 (its `wgrad_wide`), by
+# the AVX-512 build in bf16 with pair dot products (`wgrad_wide_item`).
 WIDE_CPG = (16, 32, 64)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -61,17 +62,33 @@ def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
     return _library_problem(grouped_kernel.ISA)
 
 
-def group_widths() -> tuple[int, ...]:
-    """The channels per group this process's build takes: 4 and 8, and on AVX2 also 16–64."""
-    return SUPPORTED_CPG + (WIDE_CPG if grouped_kernel.ISA.name == "avx2" else ())
+def wide_takes(dtype: torch.dtype) -> bool:
+    """Whether this process's build takes 16–64 channels per group in `dtype`: the AVX2 build in
+    float32, the AVX-512 one in bf16 where the CPU has AVX512-BF16 (the pair kernel only)."""
+    if grouped_kernel.ISA.name == "avx2":
+        return dtype == torch.float32
+    return dtype == torch.bfloat16 and has_avx512_bf16()
 
 
-def supports(channels: int, groups: int, stride: int) -> bool:
-    """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride."""
+def group_widths(dtype: torch.dtype = torch.float32) -> tuple[int, ...]:
+    """The channels per group this process's build takes in `dtype`: 4 and 8, and the wide
+    widths where `wide_takes` says so."""
+    return SUPPORTED_CPG + (WIDE_CPG if wide_takes(dtype) else ())
+
+
+def supports(channels: int, groups: int, stride: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride
+    in `dtype`."""
     # The forward kernel's shapes (its channel blocks, strides 1 and 2), maybe fewer group widths.
-    return (
-        grouped_kernel.supports(channels, groups, stride) and channels // groups in group_widths()
+    return grouped_kernel.supports(channels, groups, stride) and channels // groups in group_widths(
+        dtype
     )
+
+
+def widening_takes(channels: int, groups: int) -> bool:
+    """Whether a bf16 gradient of this shape can also be computed by widening to float32 FMAs
+    (`weight_grad(..., pairs=False)`): 4 or 8 channels per group, on the AVX-512 build."""
+    return grouped_kernel.ISA.name == "avx512" and channels // groups in SUPPORTED_CPG
 
 
 def check_output_grad(x: torch.Tensor, grad: torch.Tensor, stride: int) -> None:
@@ -97,7 +114,8 @@ def weight_grad(
     """float32 gradient of ``conv2d(x, w, stride=stride, padding=1, groups=groups)`` w.r.t. w.
 
     `pairs`: use AVX512-BF16's pair dot product where it applies (`pairs_apply`); None: wherever
-    the CPU has it. False widens bf16 to float32 FMAs, on any AVX-512 CPU.
+    the CPU has it. False widens bf16 to float32 FMAs, on any AVX-512 CPU, for 4 or 8 channels
+    per group (`widening_takes`); wider groups in bf16 have the pair kernel only.
     """
     n, c, h, w = x.shape
     # bf16 only on a build that takes it (a library that fails to build is `_library()`'s to say)
@@ -107,15 +125,21 @@ def weight_grad(
         x.dtype not in DTYPES
         or unsupported_bf16
         or grad.dtype != x.dtype
-        or not supports(c, groups, stride)
+        or not supports(c, groups, stride, x.dtype)
     ):
         raise ValueError(
             f"x: expected {dtypes} with C % {grouped_kernel.ISA.lanes} == 0, C/groups in "
-            f"{group_widths()}, stride 1 or 2 and a gradient of the same dtype; got "
-            f"{tuple(x.shape)} {x.dtype}, groups={groups}, stride={stride}, gradient {grad.dtype}"
+            f"{group_widths(x.dtype) if x.dtype in DTYPES else SUPPORTED_CPG}, stride 1 or 2 and "
+            f"a gradient of the same dtype; got {tuple(x.shape)} {x.dtype}, groups={groups}, "
+            f"stride={stride}, gradient {grad.dtype}"
         )
     check_output_grad(x, grad, stride)
     use_pairs = pairs_apply(x) if pairs is None else pairs and pairs_apply(x)
+    if x.dtype == torch.bfloat16 and not use_pairs and not widening_takes(c, groups):
+        raise ValueError(
+            f"pairs: {c // groups} channels per group in bf16 take the pair kernel only "
+            f"(pairs=True or None on a CPU with AVX512-BF16), got pairs={pairs}"
+        )
     x = x.contiguous(memory_format=torch.channels_last)
     grad = grad.contiguous(memory_format=torch.channels_last)
     dw = torch.empty(c, c // groups, 3, 3, dtype=torch.float32)
