@@ -352,6 +352,49 @@ static void pack_grad(const Wide *wd, const uint16_t *gy, long n, int oh0, int o
     }
 }
 
+/* The lines of a block to come, prefetched a share at a time: its input rows' pixels, then its
+ * gradient rows' pixels (gw / 32 lines each). */
+typedef struct {
+  const char *x, *g; /* the block's first input and gradient row's first line */
+  long xrows_px, px;  /* its input rows' pixels; bytes per pixel */
+  long glines, gpx;   /* its gradient lines; gradient pixels */
+  int per_px;         /* gradient lines per pixel */
+  long done, per_step, total;
+} Ahead;
+
+static Ahead next_block(const Wide *wd, const uint16_t *x, const uint16_t *gy, int N, long n,
+                        int oh, int block, int c0, int g0, int steps) {
+  Ahead a = {0};
+  if (oh >= wd->Ho) oh = 0, ++n;
+  if (n >= N) return a;
+  const int s = wd->s, oh1 = oh + block < wd->Ho ? oh + block : wd->Ho;
+  const int ih0 = oh * s - 1 < 0 ? 0 : oh * s - 1;
+  const int ih1 = (oh1 - 1) * s + 1 < wd->H ? (oh1 - 1) * s + 1 : wd->H - 1;
+  a.px = 2L * wd->C;
+  a.x = (const char *)(x + ((n * wd->H + ih0) * wd->W) * (long)wd->C + c0);
+  a.xrows_px = (long)(ih1 - ih0 + 1) * wd->W;
+  a.g = (const char *)(gy + ((n * wd->Ho + oh) * wd->Wo) * (long)wd->C + g0);
+  a.per_px = wd->gw / 32;
+  a.gpx = (long)(oh1 - oh) * wd->Wo;
+  a.glines = a.gpx * a.per_px;
+  a.total = a.xrows_px + a.glines;
+  a.per_step = (a.total + steps - 1) / steps;
+  return a;
+}
+
+static inline void ahead_step(Ahead *a) {
+  const long end = a->done + a->per_step < a->total ? a->done + a->per_step : a->total;
+  for (long i = a->done; i < end; ++i) {
+    if (i < a->xrows_px) { /* input pixels are consecutive, rows after rows */
+      _mm_prefetch(a->x + i * a->px, _MM_HINT_T1);
+    } else {
+      const long j = i - a->xrows_px;
+      _mm_prefetch(a->g + (j / a->per_px) * a->px + (j % a->per_px) * 64, _MM_HINT_T1);
+    }
+  }
+  a->done = end;
+}
+
 /* Line cb (input channels 32 cb ..) of dw. sums: [G/4][3][2][3][4][16] floats; xp, gp: a block's
  * packed input and gradient. */
 static void wide_line(const Wide *wd, const uint16_t *x, const uint16_t *gy, float *dw,
@@ -367,8 +410,12 @@ static void wide_line(const Wide *wd, const uint16_t *x, const uint16_t *gy, flo
       const int ih1 = (oh1 - 1) * s + 1 < wd->H ? (oh1 - 1) * s + 1 : wd->H - 1;
       pack_input(wd, x, n, ih0, ih1, c0, xp);
       pack_grad(wd, gy, n, oh0, oh1, g0, gp);
+      /* the next block's lines, into L2 a share per pass while this block computes (its copy
+       * otherwise waits on memory) */
+      Ahead ahead = next_block(wd, x, gy, N, n, oh1, block, c0, g0, chunks * 3);
       for (int q = 0; q < chunks; ++q)
         for (int kh = 0; kh < 3; ++kh) {
+          ahead_step(&ahead);
           float *at = sums + (q * 3 + kh) * per_pass;
           if (s == 1) /* the stride a constant in each copy */
             wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, gb, 1);
