@@ -12,9 +12,11 @@
  * group, so every (tap, diagonal) pair is one accumulator fed by plain fused multiply-adds, and
  * the gradient register is rotated once per pixel and diagonal. Threads take whole output rows
  * and keep private sums in the diagonal layout; they are added and scattered to dw at the end.
- * Wider groups (16, 32 or 64 channels, bf16 only) are small matrix products on pair dot products
- * (wgrad_wide): oneDNN runs ResNeXt-50's stage-3 and stage-4 weight gradients at 120-230
- * GFLOP/s on the AMD machine, a quarter to a half of the bf16 peak.
+ *
+ * bf16 with a multiple of 32 channels on a CPU with AVX512-BF16 takes the pair dot product
+ * instead (wgrad_pairs, below), for 4 to 64 channels per group: oneDNN runs ResNeXt-50's stage-3
+ * and stage-4 weight gradients at 120-230 GFLOP/s on the AMD machine, a quarter to a half of the
+ * bf16 peak, and the diagonal pair kernel this replaced ran stages 1-2 at ~40-50 % of it.
  *
  * Layout: x[N][H][W][C] and gy[N][Ho][Wo][C], both fp32 or both bf16; dw[C][G][3][3] fp32.
  */
@@ -128,124 +130,23 @@ DEFINE_WGRAD(wgrad_bf16_g4, 2, mload_bf16, 4, rotate4)
 DEFINE_WGRAD(wgrad_f32_g8, 4, mload_f32, 8, rotate8)
 DEFINE_WGRAD(wgrad_bf16_g8, 2, mload_bf16, 8, rotate8)
 
-/* bf16 with the AVX512-BF16 pair dot product, for C a multiple of 32 (twice the FMA rate, and
- * no widening of the inputs). The sum runs over pixels, so the pairs are pairs of pixels: the
- * 32 channels of two neighbouring output columns are interleaved with one 16-bit unpack, which
- * puts channel pairs of 4 consecutive channels in each 128-bit lane, 8 channels apart between
- * lanes. Unpack "lo" holds channels 8k..8k+3 of lane k, "hi" holds 8k+4..8k+7; a group of 4 sits
- * in one lane of one half, a group of 8 in the same lane of both halves. Diagonal d multiplies
- * input channel i of a group by gradient channel (i + d) mod G. With G = 4 the rotated gradient
- * is an in-lane permute of one half; with G = 8 a two-source permute of (lo, hi) whose index
- * table (pair_index8) is made once per call. Each half keeps
- * 3 * G accumulators; a second pixel past the row's end, or an input column outside the image,
- * reads as zeros.
- * Partial sums: part[C/32][3][3][G][2][16], lane m of half h being channel 8(m/4) + 4h + m%4. */
-static int pair_channel(int h, int m) { return 8 * (m / 4) + 4 * h + m % 4; }
-
-/* idx[d][h]: for lane m of half h, where gradient channel (i + d) mod 8 of its group sits. */
-static void pair_index8(__m512i idx[8][2]) {
-  for (int d = 0; d < 8; ++d)
-    for (int h = 0; h < 2; ++h) {
-      int at[16];
-      for (int m = 0; m < 16; ++m) {
-        const int ch = pair_channel(h, m), co = ch - ch % 8 + (ch % 8 + d) % 8;
-        at[m] = 16 * ((co % 8) / 4) + 4 * (co / 8) + co % 4; /* where co sits in (lo, hi) */
-      }
-      idx[d][h] = _mm512_loadu_si512(at);
-    }
-}
-
-static inline __m512i pixel32(const char *p, int ok) {
-  return _mm512_maskz_loadu_epi16(ok ? 0xFFFFFFFFu : 0, p);
-}
-
-#define DEFINE_WGRAD_PAIRS(NAME, G)                                                              \
-  static void NAME(const char *x, const char *gy, float *part, int H, int W, int C, int s,      \
-                   int Ho, int Wo, long begin, long end) {                                      \
-    const long px = (long)C * 2;                                                                \
-    __m512i idx[8][2];                                                                          \
-    if (G == 8) pair_index8(idx);                                                               \
-    for (long row = begin; row < end; ++row) {                                                  \
-      const long n = row / Ho;                                                                  \
-      const int oh = (int)(row % Ho);                                                           \
-      const char *grow = gy + row * Wo * px;                                                    \
-      const char *gnext, *xnext;                                                                \
-      next_rows(x, gy, row, end, H, W, Ho, Wo, s, px, &gnext, &xnext);                          \
-      for (int kh = 0; kh < 3; ++kh) {                                                          \
-        const int ih = oh * s - 1 + kh;                                                         \
-        if (ih < 0 || ih >= H) continue;                                                        \
-        const char *xrow = x + (n * H + ih) * W * px;                                           \
-        for (int cb = 0; cb < C / 32; ++cb) {                                                   \
-          const long off = (long)cb * 64;                                                       \
-          for (int h = 0; h < 2; ++h) {                                                         \
-            float *acc_at = part + ((long)cb * 9 + kh * 3) * G * 32 + h * 16;                   \
-            __m512 acc[3][G];                                                                   \
-            _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw)                              \
-                _Pragma("GCC unroll 8") for (int d = 0; d < G; ++d) acc[kw][d] =                \
-                    _mm512_loadu_ps(acc_at + (kw * G + d) * 32);                                \
-            __m512i carry = _mm512_setzero_si512();                                             \
-            for (int ow = 0; ow < Wo; ow += 2) {                                                \
-              const int two = ow + 1 < Wo;                                                      \
-              if (kh == 0 && h == 0) prefetch_next(gnext, xnext, ow, 2, s, W, px, off);         \
-              const __m512i ga = pixel32(grow + ow * px + off, 1);                              \
-              const __m512i gb = pixel32(grow + (ow + 1) * px + off, two);                      \
-              __m512i glo, ghi;                                                                 \
-              if (G == 4) /* a group lies in one half: only that half is needed */              \
-                glo = ghi = h ? _mm512_unpackhi_epi16(ga, gb) : _mm512_unpacklo_epi16(ga, gb);  \
-              else {                                                                            \
-                glo = _mm512_unpacklo_epi16(ga, gb);                                            \
-                ghi = _mm512_unpackhi_epi16(ga, gb);                                            \
-              }                                                                                 \
-              __m512i xv[3];                                                                    \
-              _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) {                          \
-                /* at stride 1 the first pair is the previous step's last one */               \
-                if (kw == 0 && s == 1 && ow > 0 && two) {                                       \
-                  xv[0] = carry;                                                                \
-                  continue;                                                                     \
-                }                                                                               \
-                const int iw = ow * s - 1 + kw, jw = iw + s;                                    \
-                const __m512i xa = pixel32(xrow + (long)iw * px + off, iw >= 0 && iw < W);      \
-                const __m512i xb = pixel32(xrow + (long)jw * px + off, two && jw < W);          \
-                xv[kw] = h ? _mm512_unpackhi_epi16(xa, xb) : _mm512_unpacklo_epi16(xa, xb);     \
-              }                                                                                 \
-              carry = xv[2];                                                                    \
-              _Pragma("GCC unroll 8") for (int d = 0; d < G; ++d) {                             \
-                __m512i r;                                                                      \
-                if (G == 4) /* rotation within 128-bit lanes: the cheaper in-lane permute */    \
-                  r = d ? _mm512_castps_si512(rotate4(_mm512_castsi512_ps(glo), d)) : glo;      \
-                else                                                                            \
-                  r = _mm512_permutex2var_epi32(glo, idx[d][h], ghi);                           \
-                _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) acc[kw][d] =             \
-                    _mm512_dpbf16_ps(acc[kw][d], (__m512bh)r, (__m512bh)xv[kw]);                \
-              }                                                                                 \
-            }                                                                                   \
-            _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw)                              \
-                _Pragma("GCC unroll 8") for (int d = 0; d < G; ++d)                             \
-                    _mm512_storeu_ps(acc_at + (kw * G + d) * 32, acc[kw][d]);                   \
-          }                                                                                     \
-        }                                                                                       \
-      }                                                                                         \
-    }                                                                                           \
-  }
-
-DEFINE_WGRAD_PAIRS(wgrad_pairs_g4, 4)
-DEFINE_WGRAD_PAIRS(wgrad_pairs_g8, 8)
-
-/* Groups of 16, 32 or 64 channels (bf16, pair dot products): small matrix products, summed over
+/* bf16 on pair dot products, 4 to 64 channels per group: small matrix products, summed over
  * pairs of neighbouring output pixels. The 32 channels of a 64-byte line of two input pixels a
  * and b become two operands without a lane crossing: lane i of the "even" one holds
- * (a[2i], b[2i]), of the "odd" one (a[2i + 1], b[2i + 1]) (a shift and a 16-bit blend each). The
- * gradient pair (gy[ow][co], gy[ow + 1][co]) is one 32-bit broadcast. With 16 channels per group
- * a line holds two groups, lanes 0-7 one and 8-15 the other, so each lane half takes its own
- * group's gradient (two broadcasts and a blend); wider groups fill a line with one.
+ * (a[2i], b[2i]), of the "odd" one (a[2i + 1], b[2i + 1]) (a shift and a 16-bit blend each). Lane i
+ * multiplies, for output o of its channels' group, the gradient pair (gy[ow][co], gy[ow + 1][co]):
+ * with 32 or more channels per group one 32-bit broadcast for all lanes; with 16 a line holds two
+ * groups, lanes 0-7 one and 8-15 the other (two broadcasts and a blend); with 4 or 8 it holds
+ * several, so each output's 16 lanes of pairs are laid out as a whole vector when the gradient
+ * is packed ("expanded").
  *
- * A thread takes lines of 32 input channels, and each line image by image, in blocks of output
- * rows whose input rows fit in L1. A block's input lines are first copied into one contiguous,
- * zero-padded run (in place, one pixel 1-2 KB from the next, the lines of a few rows fell into
- * the same few L1 sets: the kernel ran at 60 % of the dot-product rate in cache) and its gradient
- * into pairs of pixels. Then every (4 outputs, kernel row) pass runs over the block: 2 parities x
- * 3 taps x 4 outputs = 24 accumulators, kept between blocks in the line's sums, so no thread
- * shares a sum. At stride 1 a step's first-tap operands are the previous step's last-tap ones. */
+ * The work is lines of 32 input channels in blocks of output rows (of one image) whose input rows
+ * fit in L1. A block's input lines are first copied into one contiguous, zero-padded run (in
+ * place, one pixel 1-2 KB from the next, the lines of a few rows fell into the same few L1 sets:
+ * the kernel ran at 60 % of the dot-product rate in cache) and its gradient into pairs of pixels,
+ * while the next block's lines are prefetched into L2. Then every (4 outputs, kernel row) pass
+ * runs over the block: 2 parities x 3 taps x 4 outputs = 24 accumulators, kept between blocks in
+ * the line's sums. At stride 1 a step's first-tap operands are the previous step's last-tap ones. */
 
 /* The even- and odd-channel pair operands of pixels a (low halves) and b (high halves). */
 static inline void pair_operands(__m512i a, __m512i b, __m512i *even, __m512i *odd) {
@@ -259,16 +160,20 @@ typedef struct {
   int xcols;  /* packed pixels per input row: column -1 (zeros), the row, zeros to the last read */
   int gpairs; /* gradient pixel pairs per output row */
   int gw;     /* gradient channels packed per pair: the line's group(s), at least 32 */
+  int gstep;  /* 32-bit values per packed pair: gw, or G x 16 for narrow groups (expanded) */
 } Wide;
 
 /* Kernel row kh over output rows oh0 .. oh1 - 1 of a block into the 24 sums at `at` ([2][3][4][16]:
  * parity, tap, output). xp: the block's input rows from ih0, wd->xcols pixels of 32 channels
  * each; gp: its gradient rows, wd->gpairs pairs of wd->gw channels (uint32: both pixels' values).
- * Lane half 0 takes output channel o0 + o of gp's channels, half 1 channel gb + o0 + o. */
+ * Lane half 0 takes output channel o0 + o of gp's channels, half 1 channel gb + o0 + o; or with
+ * `expanded` (4 or 8 channels per group, several groups a line), gp holds each output's vector
+ * of its 16 lanes' gradient pairs, each lane its own group's. */
 static inline __attribute__((always_inline)) void wide_pass(const Wide *wd, const uint16_t *xp,
                                                             const uint32_t *gp, float *at, int ih0,
                                                             int oh0, int oh1, int kh, int o0,
-                                                            int gb, const int s) {
+                                                            int gb, const int s,
+                                                            const int expanded) {
   __m512 acc[2][3][4];
 #pragma GCC unroll 2
   for (int p = 0; p < 2; ++p)
@@ -280,7 +185,7 @@ static inline __attribute__((always_inline)) void wide_pass(const Wide *wd, cons
     const int ih = oh * s - 1 + kh;
     if (ih < 0 || ih >= wd->H) continue;
     const uint16_t *xr = xp + (long)(ih - ih0) * wd->xcols * 32; /* column c: pixel c - 1 */
-    const uint32_t *gr = gp + (long)(oh - oh0) * wd->gpairs * wd->gw + o0;
+    const uint32_t *gr = gp + (long)(oh - oh0) * wd->gpairs * wd->gstep + o0 * (expanded ? 16 : 1);
     __m512i xv[2][3];
     if (s == 1) /* the first step's first tap: pixels -1 and 0 */
       pair_operands(_mm512_load_si512(xr), _mm512_load_si512(xr + 32), &xv[0][2], &xv[1][2]);
@@ -295,11 +200,16 @@ static inline __attribute__((always_inline)) void wide_pass(const Wide *wd, cons
         pair_operands(_mm512_load_si512(a), _mm512_load_si512(a + 32 * s), &xv[0][kw],
                       &xv[1][kw]);
       }
-      const uint32_t *g = gr + (long)j * wd->gw;
+      const uint32_t *g = gr + (long)j * wd->gstep;
 #pragma GCC unroll 4
       for (int o = 0; o < 4; ++o) {
-        __m512i v = _mm512_set1_epi32((int)g[o]);
-        if (gb) v = _mm512_mask_blend_epi32(0xFF00, v, _mm512_set1_epi32((int)g[gb + o]));
+        __m512i v;
+        if (expanded) {
+          v = _mm512_load_si512(g + 16 * o);
+        } else {
+          v = _mm512_set1_epi32((int)g[o]);
+          if (gb) v = _mm512_mask_blend_epi32(0xFF00, v, _mm512_set1_epi32((int)g[gb + o]));
+        }
 #pragma GCC unroll 2
         for (int p = 0; p < 2; ++p)
 #pragma GCC unroll 3
@@ -330,24 +240,46 @@ static void pack_input(const Wide *wd, const uint16_t *x, long n, int ih0, int i
   }
 }
 
+/* The gradient pairs (pixel a low, the next pixel high, zero unless `two`) of 32 channels at a:
+ * channels 0-15 in *first, 16-31 in *second, one 32-bit pair each. */
+static inline void grad_pairs(const uint16_t *a, long C, int two, __m512i *first,
+                              __m512i *second) {
+  const __m512i va = _mm512_loadu_si512(a);
+  const __m512i vb = two ? _mm512_loadu_si512(a + C) : _mm512_setzero_si512();
+  /* 16-bit interleave within 128-bit lanes, then the lanes put back in channel order */
+  const __m512i lo = _mm512_unpacklo_epi16(va, vb), hi = _mm512_unpackhi_epi16(va, vb);
+  *first = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi);
+  *second = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), hi);
+}
+
 /* Gradient rows oh0 .. oh1 - 1 of image n, channels g0 .. g0 + gw - 1, into gp as pixel pairs
- * (pixel 2j low, 2j + 1 high; zero past the row). */
+ * (pixel 2j low, 2j + 1 high; zero past the row); with 4 or 8 channels per group each pair
+ * expanded instead: gp[row][pair][o][lane] = the pair of output o of the lane's group (lane i
+ * holds channels 2i and 2i + 1 of the line). */
 static void pack_grad(const Wide *wd, const uint16_t *gy, long n, int oh0, int oh1, int g0,
                       uint32_t *gp) {
+  const int G = wd->G, expanded = G < 16;
+  __m512i idx[8];
+  for (int o = 0; expanded && o < G; ++o) {
+    int at[16];
+    for (int i = 0; i < 16; ++i) at[i] = 2 * i - (2 * i) % G + o; /* channel of lane i's output */
+    idx[o] = _mm512_loadu_si512(at);
+  }
   for (int oh = oh0; oh < oh1; ++oh)
     for (int j = 0; j < wd->gpairs; ++j) {
       const uint16_t *a = gy + ((n * wd->Ho + oh) * wd->Wo + 2 * j) * (long)wd->C + g0;
       const int two = 2 * j + 1 < wd->Wo;
-      uint32_t *out = gp + ((long)(oh - oh0) * wd->gpairs + j) * wd->gw;
+      uint32_t *out = gp + ((long)(oh - oh0) * wd->gpairs + j) * wd->gstep;
       for (int c = 0; c < wd->gw; c += 32) {
-        const __m512i va = _mm512_loadu_si512(a + c);
-        const __m512i vb = two ? _mm512_loadu_si512(a + wd->C + c) : _mm512_setzero_si512();
-        /* 16-bit interleave within 128-bit lanes, then the lanes put back in channel order */
-        const __m512i lo = _mm512_unpacklo_epi16(va, vb), hi = _mm512_unpackhi_epi16(va, vb);
-        const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-        const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-        _mm512_storeu_si512(out + c, _mm512_permutex2var_epi64(lo, first, hi));
-        _mm512_storeu_si512(out + c + 16, _mm512_permutex2var_epi64(lo, second, hi));
+        __m512i first, second;
+        grad_pairs(a + c, wd->C, two, &first, &second);
+        if (!expanded) {
+          _mm512_storeu_si512(out + c, first);
+          _mm512_storeu_si512(out + c + 16, second);
+          continue;
+        }
+        for (int o = 0; o < G; ++o)
+          _mm512_store_si512(out + 16 * o, _mm512_permutex2var_epi32(first, idx[o], second));
       }
     }
 }
@@ -365,8 +297,7 @@ typedef struct {
 static Ahead next_block(const Wide *wd, const uint16_t *x, const uint16_t *gy, int N, long n,
                         int oh, int block, int c0, int g0, int steps) {
   Ahead a = {0};
-  if (oh >= wd->Ho) oh = 0, ++n;
-  if (n >= N) return a;
+  if (n >= N) return a; /* no block to come */
   const int s = wd->s, oh1 = oh + block < wd->Ho ? oh + block : wd->Ho;
   const int ih0 = oh * s - 1 < 0 ? 0 : oh * s - 1;
   const int ih1 = (oh1 - 1) * s + 1 < wd->H ? (oh1 - 1) * s + 1 : wd->H - 1;
@@ -395,52 +326,95 @@ static inline void ahead_step(Ahead *a) {
   a->done = end;
 }
 
-/* Line cb (input channels 32 cb ..) of dw. sums: [G/4][3][2][3][4][16] floats; xp, gp: a block's
- * packed input and gradient. */
-static void wide_line(const Wide *wd, const uint16_t *x, const uint16_t *gy, float *dw,
-                      float *sums, uint16_t *xp, uint32_t *gp, int N, int block, int cb) {
-  const int G = wd->G, s = wd->s, c0 = 32 * cb, g0 = c0 - c0 % G;
-  const int gb = G == 16 ? 16 : 0; /* lanes 8-15: the line's second group */
-  const int chunks = G / 4, per_pass = 2 * 3 * 4 * 16;
-  memset(sums, 0, sizeof(float) * chunks * 3 * per_pass);
-  for (long n = 0; n < N; ++n)
-    for (int oh0 = 0; oh0 < wd->Ho; oh0 += block) {
-      const int oh1 = oh0 + block < wd->Ho ? oh0 + block : wd->Ho;
-      const int ih0 = oh0 * s - 1 < 0 ? 0 : oh0 * s - 1;
-      const int ih1 = (oh1 - 1) * s + 1 < wd->H ? (oh1 - 1) * s + 1 : wd->H - 1;
-      pack_input(wd, x, n, ih0, ih1, c0, xp);
-      pack_grad(wd, gy, n, oh0, oh1, g0, gp);
-      /* the next block's lines, into L2 a share per pass while this block computes (its copy
-       * otherwise waits on memory) */
-      Ahead ahead = next_block(wd, x, gy, N, n, oh1, block, c0, g0, chunks * 3);
-      for (int q = 0; q < chunks; ++q)
-        for (int kh = 0; kh < 3; ++kh) {
-          ahead_step(&ahead);
-          float *at = sums + (q * 3 + kh) * per_pass;
-          if (s == 1) /* the stride a constant in each copy */
-            wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, gb, 1);
-          else
-            wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, gb, 2);
-        }
+/* Every (4 outputs, kernel row) pass over a packed block into its sums, the stride and the
+ * gradient's form constants in each copy (one function per form: in one, the four copies ran the
+ * wide groups 10 % slower). */
+static void passes_broadcast(const Wide *wd, const uint16_t *xp, const uint32_t *gp, float *sums,
+                             int ih0, int oh0, int oh1, int gb, Ahead *ahead) {
+  const int per_pass = 2 * 3 * 4 * 16;
+  for (int q = 0; q < wd->G / 4; ++q)
+    for (int kh = 0; kh < 3; ++kh) {
+      ahead_step(ahead);
+      float *at = sums + (q * 3 + kh) * per_pass;
+      if (wd->s == 1)
+        wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, gb, 1, 0);
+      else
+        wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, gb, 2, 0);
     }
-  /* lane i of parity p: input channel c0 + 2i + p, output (i < 8 ? g0 : g0 + gb) + 4q + o */
-  for (int q = 0; q < chunks; ++q)
-    for (int kh = 0; kh < 3; ++kh)
-      for (int p = 0; p < 2; ++p)
-        for (int kw = 0; kw < 3; ++kw)
-          for (int o = 0; o < 4; ++o)
-            for (int i = 0; i < 16; ++i) {
-              const int ci = c0 + 2 * i + p, co = (i < 8 ? g0 : g0 + gb) + 4 * q + o;
-              dw[((long)co * G + ci % G) * 9 + kh * 3 + kw] =
-                  sums[(q * 3 + kh) * per_pass + ((p * 3 + kw) * 4 + o) * 16 + i];
-            }
 }
 
-/* The wide weight gradient, lines shared between the threads. Returns 0, or 2 if memory runs
- * out. */
-static int wgrad_wide(const void *x, const void *gy, float *dw, int N, int H, int W, int C, int G,
+static void passes_expanded(const Wide *wd, const uint16_t *xp, const uint32_t *gp, float *sums,
+                            int ih0, int oh0, int oh1, Ahead *ahead) {
+  const int per_pass = 2 * 3 * 4 * 16;
+  for (int q = 0; q < wd->G / 4; ++q)
+    for (int kh = 0; kh < 3; ++kh) {
+      ahead_step(ahead);
+      float *at = sums + (q * 3 + kh) * per_pass;
+      if (wd->s == 1)
+        wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, 0, 1, 1);
+      else
+        wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, 0, 2, 1);
+    }
+}
+
+/* Line cb (input channels 32 cb ..) over output rows oh0 .. oh1 - 1 of image n, added into the
+ * line's sums ([G/4][3][2][3][4][16] floats), its input and gradient packed into xp and gp first;
+ * the block `next_n`, `next_oh` (if any) of this line prefetched meanwhile. */
+static void line_block(const Wide *wd, const uint16_t *x, const uint16_t *gy, float *sums,
+                       uint16_t *xp, uint32_t *gp, int N, int block, int cb, long n, int oh0,
+                       long next_n, int next_oh) {
+  const int G = wd->G, s = wd->s, c0 = 32 * cb, g0 = c0 - c0 % G;
+  const int gb = G == 16 ? 16 : 0; /* lanes 8-15: the line's second group */
+  const int expanded = G < 16;    /* several groups a line: gp holds whole vectors */
+  const int chunks = G / 4;
+  const int oh1 = oh0 + block < wd->Ho ? oh0 + block : wd->Ho;
+  const int ih0 = oh0 * s - 1 < 0 ? 0 : oh0 * s - 1;
+  const int ih1 = (oh1 - 1) * s + 1 < wd->H ? (oh1 - 1) * s + 1 : wd->H - 1;
+  pack_input(wd, x, n, ih0, ih1, c0, xp);
+  pack_grad(wd, gy, n, oh0, oh1, g0, gp);
+  /* the next block's lines, into L2 a share per pass while this block computes (its copy
+   * otherwise waits on memory) */
+  Ahead ahead = next_block(wd, x, gy, N, next_n, next_oh, block, c0, g0, chunks * 3);
+  if (expanded)
+    passes_expanded(wd, xp, gp, sums, ih0, oh0, oh1, &ahead);
+  else
+    passes_broadcast(wd, xp, gp, sums, ih0, oh0, oh1, gb, &ahead);
+}
+
+/* Line cb's sums into dw: lane i of parity p is input channel 32 cb + 2i + p, and output 4q + o
+ * of that channel's group. */
+static void scatter_line(const Wide *wd, const float *sums, float *dw, int cb) {
+  const int G = wd->G, per_pass = 2 * 3 * 4 * 16, low = G - 1; /* G a power of 2 */
+  for (int p = 0; p < 2; ++p)
+    for (int i = 0; i < 16; ++i) {
+      const int ci = 32 * cb + 2 * i + p; /* (a % or a division per value took 10 % of 7x7s) */
+      float *row = dw + ((long)(ci & ~low) * G + (ci & low)) * 9; /* output 0 of ci's group */
+      for (int q = 0; q < G / 4; ++q)
+        for (int o = 0; o < 4; ++o)
+          for (int kh = 0; kh < 3; ++kh)
+            for (int kw = 0; kw < 3; ++kw)
+              row[(long)(4 * q + o) * G * 9 + kh * 3 + kw] =
+                  sums[(q * 3 + kh) * per_pass + ((p * 3 + kw) * 4 + o) * 16 + i];
+    }
+}
+
+/* The blocks of output rows, image by image: unit u is image u / per_image, rows from
+ * (u % per_image) block. */
+static inline void unit_rows(const Wide *wd, long u, int block, long *n, int *oh) {
+  const int per_image = (wd->Ho + block - 1) / block;
+  *n = u / per_image;
+  *oh = (int)(u % per_image) * block;
+}
+
+/* The wide weight gradient. Returns 0, or 2 if memory runs out. With few lines (every line's sums
+ * within ~96 KB: 128 channels with 4 per group, 256 with 8) the threads share the blocks of rows
+ * and each runs every line over its blocks, so that each pixel's lines are all used while in
+ * cache, then their sums are added; with more, they share the lines, each over every block (the
+ * sums then stay in L1). */
+static int wgrad_pairs(const void *x, const void *gy, float *dw, int N, int H, int W, int C, int G,
                       int s, int Ho, int Wo, int threads) {
-  Wide wd = {H, W, C, G, s, Ho, Wo, 0, (Wo + 1) / 2, G < 32 ? 32 : G};
+  Wide wd = {H, W, C, G, s, Ho, Wo, 0, (Wo + 1) / 2, G < 32 ? 32 : G, 0};
+  wd.gstep = G < 16 ? G * 16 : wd.gw;
   /* the last pair's second pixel reads up to column 2 gpairs s + 1 + s */
   wd.xcols = 2 * wd.gpairs * s + 2 + s;
   if (wd.xcols < W + 2) wd.xcols = W + 2;
@@ -448,21 +422,59 @@ static int wgrad_wide(const void *x, const void *gy, float *dw, int N, int H, in
   int block = (int)((32768 / (64L * wd.xcols) - 1) / s);
   if (block < 1) block = 1;
   if (block > Ho) block = Ho;
-  const int in_rows = (block - 1) * s + 3;
-  const size_t sums_bytes = sizeof(float) * (G / 4) * 3 * 2 * 3 * 4 * 16;
+  const int in_rows = (block - 1) * s + 3, lines = C / 32;
+  const long line_sums = (long)(G / 4) * 3 * 2 * 3 * 4 * 16; /* floats */
   const size_t xp_bytes = (size_t)in_rows * wd.xcols * 64;
-  const size_t gp_bytes = (size_t)block * wd.gpairs * wd.gw * 4;
+  const size_t gp_bytes = (size_t)block * wd.gpairs * wd.gstep * 4;
+  const long units = (long)N * ((Ho + block - 1) / block);
+  const int by_blocks = line_sums * lines * 4 <= 96 * 1024 && units >= threads;
+  float *all = by_blocks ? (float *)scratch(3, sizeof(float) * line_sums * lines * threads) : 0;
+  if (by_blocks && !all) return 2;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
-    float *sums = (float *)scratch(0, sums_bytes);
     uint16_t *xp = (uint16_t *)scratch(1, xp_bytes);
     uint32_t *gp = (uint32_t *)scratch(2, gp_bytes);
-    if (!sums || !xp || !gp) failed = 1;
+    float *sums = by_blocks ? 0 : (float *)scratch(0, sizeof(float) * line_sums);
+    if (!xp || !gp || (!by_blocks && !sums)) failed = 1;
+    if (by_blocks) {
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();
+      float *mine = all + (long)t * line_sums * lines;
+      memset(mine, 0, sizeof(float) * line_sums * lines);
+      const long u0 = units * t / T, u1 = units * (t + 1) / T;
+      for (long u = u0; u < u1 && !failed; ++u) {
+        long n, nn = N;
+        int oh, noh = 0;
+        unit_rows(&wd, u, block, &n, &oh);
+        if (u + 1 < u1) unit_rows(&wd, u + 1, block, &nn, &noh);
+        for (int cb = 0; cb < lines; ++cb)
+          line_block(&wd, (const uint16_t *)x, (const uint16_t *)gy, mine + cb * line_sums, xp,
+                     gp, N, block, cb, n, oh, nn, noh);
+      }
+#pragma omp barrier
 #pragma omp for schedule(static)
-    for (int cb = 0; cb < C / 32; ++cb)
-      if (!failed)
-        wide_line(&wd, (const uint16_t *)x, (const uint16_t *)gy, dw, sums, xp, gp, N, block, cb);
+      for (int cb = 0; cb < lines; ++cb) {
+        float *total = all + cb * line_sums;
+        for (int other = 1; other < T; ++other)
+          for (long i = 0; i < line_sums; ++i) total[i] += all[(long)other * line_sums * lines + cb * line_sums + i];
+        scatter_line(&wd, total, dw, cb);
+      }
+    } else {
+#pragma omp for schedule(static)
+      for (int cb = 0; cb < lines; ++cb) {
+        if (failed) continue;
+        memset(sums, 0, sizeof(float) * line_sums);
+        for (long u = 0; u < units; ++u) {
+          long n, nn = N;
+          int oh, noh = 0;
+          unit_rows(&wd, u, block, &n, &oh);
+          if (u + 1 < units) unit_rows(&wd, u + 1, block, &nn, &noh);
+          line_block(&wd, (const uint16_t *)x, (const uint16_t *)gy, sums, xp, gp, N, block, cb,
+                     n, oh, nn, noh);
+        }
+        scatter_line(&wd, sums, dw, cb);
+      }
+    }
   }
   return failed ? 2 : 0;
 }
@@ -474,7 +486,7 @@ static int wide_pairs(int C, int cpg) {
 typedef void (*wgrad_fn)(const char *, const char *, float *, int, int, int, int, int, int, long,
                          long);
 
-/* 4 or 8 channels per group in any dtype; 16, 32 or 64 only with pairs (bf16). */
+/* 4 or 8 channels per group in any dtype; 16, 32 or 64 only with pairs (bf16, C % 32 == 0). */
 int grouped3x3_wgrad_supported(int C, int cpg, int s) {
   return C > 0 && C % 16 == 0 && (cpg == 4 || cpg == 8 || wide_pairs(C, cpg)) &&
          (s == 1 || s == 2);
@@ -487,18 +499,13 @@ int grouped3x3_wgrad_nhwc(const void *x, const void *gy, float *dw, int bf16, in
   if (!grouped3x3_wgrad_supported(C, cpg, s) || N < 0 || H < 1 || W < 1 || threads < 1) return 1;
   pairs = pairs && bf16 && C % 32 == 0;
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
-  if (wide_pairs(C, cpg)) {
-    if (!pairs) return 1; /* wide groups: the pair kernel only */
-    return wgrad_wide(x, gy, dw, N, H, W, C, cpg, s, Ho, Wo, threads);
-  }
+  if (wide_pairs(C, cpg) && !pairs) return 1; /* wide groups: the pair kernel only */
+  if (pairs) return wgrad_pairs(x, gy, dw, N, H, W, C, cpg, s, Ho, Wo, threads);
   const long per_thread = (long)C * 9 * cpg; /* C/16 blocks x 9 taps x cpg diagonals x 16 */
   float *part = (float *)calloc((size_t)threads * per_thread, sizeof(float));
   if (!part) return 2;
-  wgrad_fn fn;
-  if (pairs)
-    fn = cpg == 4 ? wgrad_pairs_g4 : wgrad_pairs_g8;
-  else
-    fn = cpg == 4 ? (bf16 ? wgrad_bf16_g4 : wgrad_f32_g4) : (bf16 ? wgrad_bf16_g8 : wgrad_f32_g8);
+  const wgrad_fn fn =
+      cpg == 4 ? (bf16 ? wgrad_bf16_g4 : wgrad_f32_g4) : (bf16 ? wgrad_bf16_g8 : wgrad_f32_g8);
   const long rows = (long)N * Ho;
 #pragma omp parallel num_threads(threads)
   {
@@ -508,17 +515,14 @@ int grouped3x3_wgrad_nhwc(const void *x, const void *gy, float *dw, int bf16, in
   }
   for (int t = 1; t < threads; ++t)
     for (long i = 0; i < per_thread; ++i) part[i] += part[t * per_thread + i];
-  /* Diagonal d of input channel c (i = c mod cpg) is output channel c - i + (i + d) mod cpg.
-   * part[cb][tap][d][l] (16-channel blocks, c = 16 cb + l), or with pairs
-   * part[cb][tap][d][h][m] (32-channel blocks, c = 32 cb + pair_channel(h, m)). */
-  const int block = pairs ? 32 : 16;
-  for (int cb = 0; cb < C / block; ++cb)
+  /* Diagonal d of input channel c (i = c mod cpg) is output channel c - i + (i + d) mod cpg;
+   * part[cb][tap][d][l] with c = 16 cb + l. */
+  for (int cb = 0; cb < C / 16; ++cb)
     for (int tap = 0; tap < 9; ++tap)
       for (int d = 0; d < cpg; ++d)
-        for (int l = 0; l < block; ++l) {
-          const int c = cb * block + (pairs ? pair_channel(l / 16, l % 16) : l);
-          const int i = c % cpg, co = c - i + (i + d) % cpg;
-          dw[((long)co * cpg + i) * 9 + tap] = part[(((long)cb * 9 + tap) * cpg + d) * block + l];
+        for (int l = 0; l < 16; ++l) {
+          const int c = cb * 16 + l, i = c % cpg, co = c - i + (i + d) % cpg;
+          dw[((long)co * cpg + i) * 9 + tap] = part[(((long)cb * 9 + tap) * cpg + d) * 16 + l];
         }
   free(part);
   return 0;
