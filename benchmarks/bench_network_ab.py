@@ -1,7 +1,7 @@
 """A whole network run with one of our CPU kernels built from this checkout and from another source.
 
 Usage: .venv/bin/python benchmarks/bench_network_ab.py
-       --kernel pointwise_fma|pointwise_bf16|grouped|grouped_bf16|grouped_split
+       --kernel pointwise_fma|pointwise_bf16|grouped|grouped_bf16|grouped_split|grouped_wgrad_bf16
        --against OLD.c [--models resnext50_32x4d] [--batch 16] [--rounds 11]
        [--step infer|train] [--backend inductor|none]
 
@@ -24,7 +24,9 @@ training the bf16 step), `--kernel grouped` this CPU's grouped 3×3 forward sour
 grouped_bf16` the same source with the network in bf16 (on AVX-512: its pair kernels where they
 take a layer), `--kernel grouped_split` the same source with bf16's split-order kernels
 (`kernels/grouped3x3_split.h`, included by name: an old copy beside `--against`'s source is
-the one that build takes; inference only). First both
+the one that build takes; inference only), `--kernel grouped_wgrad_bf16`
+`kernels/grouped3x3_wgrad.c` (the grouped weight gradient of the bf16 step, its pair kernel
+pinned; training only). First both
 builds are checked to compute the same function (inference outputs, or one training step's loss
 and update from the same weights), to float32's or bf16's precision. Reports each build's
 median, the per-round ratio (against ÷ ours, time) and the rounds each won.
@@ -45,7 +47,14 @@ import torch
 import bench_args
 import resnext
 from resnext.native import NativeUnavailable
-from resnext.speed import autotune, grouped_kernel, grouped_split, pointwise_fma, pointwise_gemm
+from resnext.speed import (
+    autotune,
+    grouped_kernel,
+    grouped_split,
+    grouped_wgrad,
+    pointwise_fma,
+    pointwise_gemm,
+)
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fastpath import default_example, optimize
 from resnext.speed.provenance import write_results
@@ -89,6 +98,8 @@ SUBJECTS = {
     "grouped_bf16": Subject(**BF16, switch="grouped_kernel", pinned=("ours-pairs", "ours"), train_tolerance=2e-2),
     # inference only: the training step has no split-order kernel
     "grouped_split": Subject(**BF16, switch="split_groups", pinned=(), train_tolerance=2e-2),
+    # training only: inference has no weight gradient (its switch: none)
+    "grouped_wgrad_bf16": Subject(**BF16, switch="", pinned=("ours-pairs",), train_tolerance=2e-2),
 }  # fmt: skip
 
 Swap = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -114,6 +125,10 @@ def swapper(kernel: str, against: Path) -> Swap:
     if kernel == "pointwise_bf16":
         libs = {"ours": pointwise_gemm.load(), "against": pointwise_gemm.load(source=against)}
         return lambda build: replaced(pointwise_gemm, "_library", lambda: libs[build])
+    if kernel == "grouped_wgrad_bf16":
+        isa = grouped_kernel.ISA
+        libs = {"ours": grouped_wgrad.load(isa), "against": grouped_wgrad.load(isa, against)}
+        return lambda build: replaced(grouped_wgrad, "_library", lambda: libs[build])
     isas = {"ours": grouped_kernel.ISA}
     # the same name: the weight gradient and batch-norm builds are looked up by it
     isas["against"] = dataclasses.replace(grouped_kernel.ISA, source=against)
@@ -130,6 +145,10 @@ def unavailable(kernel: str) -> str | None:
         return pointwise_gemm.unavailable_reason()
     if kernel == "grouped_bf16":
         return grouped_kernel.unavailable_reason(torch.bfloat16)
+    if kernel == "grouped_wgrad_bf16":
+        if not grouped_wgrad.wide_takes(torch.bfloat16):
+            return "its pair kernel needs AVX512-BF16 and the AVX-512 build"
+        return grouped_wgrad.unavailable_reason(torch.bfloat16)
     if kernel == "grouped_split":
         return grouped_split.unavailable_reason()
     return grouped_kernel.unavailable_reason(torch.float32)
@@ -237,6 +256,9 @@ def main() -> int:
         return 1
     if args.step == "train" and not SUBJECTS[args.kernel].pinned:
         print(f"--kernel {args.kernel} is an inference kernel: the training step does not run it")
+        return 1
+    if args.step == "infer" and not SUBJECTS[args.kernel].switch:
+        print(f"--kernel {args.kernel} is a training kernel: inference does not run it")
         return 1
     reason = unavailable(args.kernel)
     if reason is not None:

@@ -111,6 +111,13 @@ def _kernel_source(kernel: str) -> Path:
             reason = "this CPU's build has no bf16 pair kernels"
     elif kernel == "grouped_split":
         reason, source = grouped_split.unavailable_reason(), grouped_kernel.ISA.source
+    elif kernel == "grouped_wgrad_bf16":
+        from resnext.speed import grouped_wgrad
+
+        reason = grouped_wgrad.unavailable_reason(torch.bfloat16)
+        if reason is None and not grouped_wgrad.wide_takes(torch.bfloat16):
+            reason = "this CPU's build has no bf16 pair weight gradient"
+        source = grouped_wgrad.BUILDS[grouped_kernel.ISA.name][0]
     else:
         reason, source = grouped_kernel.unavailable_reason(), grouped_kernel.ISA.source
     if reason is not None:
@@ -256,16 +263,29 @@ def test_the_network_ab_refuses_a_missing_source(
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_the_network_ab_refuses_to_train_with_an_inference_kernel(
-    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+@pytest.mark.parametrize(
+    ("kernel", "step", "message"),
+    [
+        ("grouped_split", "train", "grouped_split is an inference kernel"),
+        ("grouped_wgrad_bf16", "infer", "grouped_wgrad_bf16 is a training kernel"),
+    ],
+)
+def test_the_network_ab_refuses_a_step_that_does_not_run_the_kernel(
+    kernel: str,
+    step: str,
+    message: str,
+    bench_path: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+    tmp_path: Path,
 ) -> None:
     source = tmp_path / "same.c"
     source.write_text("/* not compiled: refused before */\n")
-    argv = ["--kernel", "grouped_split", "--step", "train", "--against", str(source)]
+    argv = ["--kernel", kernel, "--step", step, "--against", str(source)]
     assert (
         _run_script("bench_network_ab.py", [*argv, "--out", str(tmp_path / "o")], monkeypatch) == 1
     )
-    assert "grouped_split is an inference kernel" in capsys.readouterr().out
+    assert message in capsys.readouterr().out
     assert not (tmp_path / "o").exists()
 
 
@@ -281,6 +301,8 @@ WRONGS = {
     # resnext_tiny's grouped layers are small enough that the widening kernels win them in bf16
     "grouped_bf16": [("fmadd_ps(", "fnmadd_ps(")],
     "grouped_split": [],  # the source as it is; its header is the wrong one (below)
+    # every pair product on the even channels' operand
+    "grouped_wgrad_bf16": [("(__m512bh)v, (__m512bh)xv[p][kw]);", "(__m512bh)v, (__m512bh)xv[0][kw]);")],
 }  # fmt: skip
 # a header beside the other source, which it includes by name before ours: every dot product of
 # the split kernels on the group's first input pair
@@ -301,6 +323,7 @@ AB_MODELS = {"grouped_split": "resnext50_32x4d"}
         ("grouped", "train"),
         ("grouped_bf16", "infer"),
         ("grouped_split", "infer"),
+        ("grouped_wgrad_bf16", "train"),
     ],
 )
 def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_otherwise(

@@ -34,13 +34,21 @@ WIDE_CPG = (16, 32, 64)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
-@functools.cache
-def _library_for(isa: grouped_kernel.Isa) -> ctypes.CDLL:
-    source, flags = BUILDS[isa.name]
-    lib = native.load(source, flags, cpu_needs=isa.required)
+def load(isa: grouped_kernel.Isa, source: Path | None = None) -> ctypes.CDLL:
+    """`isa`'s build of the kernel (from this package's source, or another revision's `source`
+    for `benchmarks/bench_network_ab.py`) loaded, its C signature declared."""
+    own, flags = BUILDS[isa.name]
+    if source is not None and source.parent != KERNELS:
+        flags = (*flags, f"-I{KERNELS}")  # another revision includes its headers by name: ours
+    lib = native.load(source or own, flags, cpu_needs=isa.required)
     lib.grouped3x3_wgrad_nhwc.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 9
     lib.grouped3x3_wgrad_nhwc.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def _library_for(isa: grouped_kernel.Isa) -> ctypes.CDLL:
+    return load(isa)
 
 
 def _library() -> ctypes.CDLL:
