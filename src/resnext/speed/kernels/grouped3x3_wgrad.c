@@ -327,33 +327,23 @@ static inline void ahead_step(Ahead *a) {
 }
 
 /* Every (4 outputs, kernel row) pass over a packed block into its sums, the stride and the
- * gradient's form constants in each copy (one function per form: in one, the four copies ran the
- * wide groups 10 % slower). */
-static void passes_broadcast(const Wide *wd, const uint16_t *xp, const uint32_t *gp, float *sums,
-                             int ih0, int oh0, int oh1, int gb, Ahead *ahead) {
-  const int per_pass = 2 * 3 * 4 * 16;
+ * gradient's form constants in each copy. */
+static void passes(const Wide *wd, const uint16_t *xp, const uint32_t *gp, float *sums, int ih0,
+                   int oh0, int oh1, int gb, Ahead *ahead) {
+  const int per_pass = 2 * 3 * 4 * 16, expanded = wd->G < 16;
   for (int q = 0; q < wd->G / 4; ++q)
     for (int kh = 0; kh < 3; ++kh) {
       ahead_step(ahead);
       float *at = sums + (q * 3 + kh) * per_pass;
-      if (wd->s == 1)
+      if (expanded)
+        if (wd->s == 1)
+          wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, 0, 1, 1);
+        else
+          wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, 0, 2, 1);
+      else if (wd->s == 1)
         wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, gb, 1, 0);
       else
         wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, gb, 2, 0);
-    }
-}
-
-static void passes_expanded(const Wide *wd, const uint16_t *xp, const uint32_t *gp, float *sums,
-                            int ih0, int oh0, int oh1, Ahead *ahead) {
-  const int per_pass = 2 * 3 * 4 * 16;
-  for (int q = 0; q < wd->G / 4; ++q)
-    for (int kh = 0; kh < 3; ++kh) {
-      ahead_step(ahead);
-      float *at = sums + (q * 3 + kh) * per_pass;
-      if (wd->s == 1)
-        wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, 0, 1, 1);
-      else
-        wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, 0, 2, 1);
     }
 }
 
@@ -365,7 +355,6 @@ static void line_block(const Wide *wd, const uint16_t *x, const uint16_t *gy, fl
                        long next_n, int next_oh) {
   const int G = wd->G, s = wd->s, c0 = 32 * cb, g0 = c0 - c0 % G;
   const int gb = G == 16 ? 16 : 0; /* lanes 8-15: the line's second group */
-  const int expanded = G < 16;    /* several groups a line: gp holds whole vectors */
   const int chunks = G / 4;
   const int oh1 = oh0 + block < wd->Ho ? oh0 + block : wd->Ho;
   const int ih0 = oh0 * s - 1 < 0 ? 0 : oh0 * s - 1;
@@ -375,10 +364,7 @@ static void line_block(const Wide *wd, const uint16_t *x, const uint16_t *gy, fl
   /* the next block's lines, into L2 a share per pass while this block computes (its copy
    * otherwise waits on memory) */
   Ahead ahead = next_block(wd, x, gy, N, next_n, next_oh, block, c0, g0, chunks * 3);
-  if (expanded)
-    passes_expanded(wd, xp, gp, sums, ih0, oh0, oh1, &ahead);
-  else
-    passes_broadcast(wd, xp, gp, sums, ih0, oh0, oh1, gb, &ahead);
+  passes(wd, xp, gp, sums, ih0, oh0, oh1, gb, &ahead);
 }
 
 /* Line cb's sums into dw: lane i of parity p is input channel 32 cb + 2i + p, and output 4q + o
