@@ -121,6 +121,11 @@ def test_wide_groups_in_bf16_have_the_pair_kernel_only() -> None:
     # float32 with wide groups: the AVX2 build's only
     with pytest.raises(ValueError, match=r"x: expected .*C/groups in \(4, 8\)"):
         grouped_wgrad.weight_grad(x.float(), x.float(), groups=2, stride=1)
+    # 48 channels in groups of 16: not whole 32-channel lines
+    assert not grouped_wgrad.supports(48, 3, 1, torch.bfloat16)
+    x48 = _cl(torch.randn(1, 48, 4, 4), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"x: expected .*got \(1, 48, 4, 4\)"):
+        grouped_wgrad.weight_grad(x48, x48, groups=3, stride=1)
 
 
 def test_weight_gradient_refuses_what_it_does_not_take() -> None:

@@ -29,7 +29,7 @@ BUILDS = {
 }
 SUPPORTED_CPG = (4, 8)
 # Groups also taken as small matrix products: by the AVX2 build in float32 (its `wgrad_wide`), by
-# the AVX-512 build in bf16 with pair dot products (`wgrad_wide_item`).
+# the AVX-512 build in bf16 with pair dot products (`wgrad_pairs`, which needs C % 32 == 0).
 WIDE_CPG = (16, 32, 64)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -88,9 +88,12 @@ def supports(channels: int, groups: int, stride: int, dtype: torch.dtype = torch
     """Whether the kernel takes a 3×3 conv with this many channels (in = out), groups and stride
     in `dtype`."""
     # The forward kernel's shapes (its channel blocks, strides 1 and 2), maybe fewer group widths.
-    return grouped_kernel.supports(channels, groups, stride) and channels // groups in group_widths(
-        dtype
-    )
+    if not grouped_kernel.supports(channels, groups, stride):
+        return False
+    cpg = channels // groups
+    if cpg in WIDE_CPG and grouped_kernel.ISA.name != "avx2" and channels % 32:
+        return False  # the pair kernel's 32-channel lines
+    return cpg in group_widths(dtype)
 
 
 def widening_takes(channels: int, groups: int) -> bool:
