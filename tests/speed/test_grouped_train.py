@@ -128,6 +128,28 @@ def test_wide_groups_in_bf16_have_the_pair_kernel_only() -> None:
         grouped_wgrad.weight_grad(x48, x48, groups=3, stride=1)
 
 
+@needs_kernels
+@pytest.mark.skipif(not WIDE_BF16, reason="this CPU's build has no bf16 pair weight gradient")
+@pytest.mark.parametrize("cpg", [4, 16])
+def test_bf16_pair_weight_gradient_keeps_an_infinity_to_the_taps_that_read_it(cpg: int) -> None:
+    # An odd width: the last pixel pair has one pixel; its partner (the infinity's column) must
+    # not reach the taps whose windows never include that column.
+    g = torch.Generator().manual_seed(cpg)
+    x = torch.randn(1, 64, 5, 7, generator=g)
+    x[0, :, 2, 6] = float("inf")
+    x = _cl(x, torch.bfloat16)
+    grad = _cl(torch.randn(1, 64, 5, 7, generator=g), torch.bfloat16)
+    want = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), torch.zeros(64, cpg, 3, 3, dtype=torch.float64), None,
+        [1, 1], [1, 1], [1, 1], False, [0, 0], 64 // cpg, [False, True, False],
+    )[1]  # fmt: skip
+    got = grouped_wgrad.weight_grad(x, grad, 64 // cpg, 1)
+    finite = torch.isfinite(want)
+    assert finite.any() and not finite.all()
+    assert torch.equal(torch.isfinite(got), finite)
+    assert rel_err(got[finite], want[finite]) < 1e-5
+
+
 def test_weight_gradient_refuses_what_it_does_not_take() -> None:
     x48 = _cl(torch.randn(1, 48, 4, 4))  # 12 channels per group: no build takes it
     with pytest.raises(ValueError, match=r"x: expected .*C/groups in \(4, 8"):

@@ -187,6 +187,7 @@ static inline __attribute__((always_inline)) void wide_pass(const Wide *wd, cons
     const uint16_t *xr = xp + (long)(ih - ih0) * wd->xcols * 32; /* column c: pixel c - 1 */
     const uint32_t *gr = gp + (long)(oh - oh0) * wd->gpairs * wd->gstep + o0 * (expanded ? 16 : 1);
     __m512i xv[2][3];
+    const int lone = wd->Wo % 2 ? wd->gpairs - 1 : -1; /* the pair with one pixel, if any */
     if (s == 1) /* the first step's first tap: pixels -1 and 0 */
       pair_operands(_mm512_load_si512(xr), _mm512_load_si512(xr + 32), &xv[0][2], &xv[1][2]);
     for (int j = 0; j < wd->gpairs; ++j) {
@@ -200,6 +201,12 @@ static inline __attribute__((always_inline)) void wide_pass(const Wide *wd, cons
         pair_operands(_mm512_load_si512(a), _mm512_load_si512(a + 32 * s), &xv[0][kw],
                       &xv[1][kw]);
       }
+      if (j == lone) /* a last pair of one pixel: its partner's inputs out (a zero gradient pair
+                      * alone would turn an infinity there into NaN in taps that never read it) */
+#pragma GCC unroll 3
+        for (int kw = 0; kw < 3; ++kw)
+          for (int p = 0; p < 2; ++p)
+            xv[p][kw] = _mm512_and_si512(xv[p][kw], _mm512_set1_epi32(0xFFFF));
       const uint32_t *g = gr + (long)j * wd->gstep;
 #pragma GCC unroll 4
       for (int o = 0; o < 4; ++o) {
