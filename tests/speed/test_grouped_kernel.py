@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -433,6 +435,24 @@ def test_the_choosers_time_their_ways_in_turns_and_keep_each_ones_best(
     a_ms, b_ms = grouped_swap.time_each_ms([way("a"), way("b")], torch.zeros(1), 2, before)
     assert log == [*untimed, "evict", "a", "evict", "b", "evict", "b", "evict", "a"]
     assert a_ms == pytest.approx(3.0) and b_ms == pytest.approx(2.0)
+
+
+def test_timing_on_a_random_input_cold_evicts_before_each_timed_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    evictions: list[int] = []
+
+    @contextlib.contextmanager
+    def counting():  # type: ignore[no-untyped-def]
+        yield lambda: evictions.append(1)
+
+    monkeypatch.setattr(grouped_swap, "cache_evictor", counting)
+    calls: list[tuple] = []
+    ways = [lambda x: calls.append(tuple(x.shape)), lambda x: calls.append(tuple(x.shape))]
+    grouped_swap.time_on_random(ways, (1, 8, 3, 3), torch.float32, repeats=3)
+    assert not evictions and calls == [(1, 8, 3, 3)] * 10  # 2 untimed + 3 timed calls each
+    grouped_swap.time_on_random(ways, (1, 8, 3, 3), torch.float32, repeats=3, cold=True)
+    assert len(evictions) == 6  # one before each timed call
 
 
 def test_evicting_writes_a_buffer_larger_than_a_last_level_cache_freed_after() -> None:
