@@ -14,7 +14,7 @@ from torch import nn
 import resnext
 from resnext import native
 from resnext.errors import ConfigError
-from resnext.speed import grouped_amx, grouped_kernel, grouped_swap
+from resnext.speed import grouped_amx, grouped_kernel, grouped_swap, measure
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
@@ -456,7 +456,7 @@ def test_timing_on_a_random_input_cold_evicts_before_each_timed_call(
 
 
 def test_evicting_writes_a_buffer_larger_than_a_last_level_cache_freed_after() -> None:
-    with grouped_swap.cache_evictor() as evict:
+    with measure.cache_evictor() as evict:
         evict()
         (cell,) = evict.__closure__
         (buffer,) = cell.cell_contents
@@ -465,7 +465,7 @@ def test_evicting_writes_a_buffer_larger_than_a_last_level_cache_freed_after() -
         del buffer
     with pytest.raises(IndexError):  # the buffer was freed when the block ended...
         evict()
-    with pytest.raises(KeyError), grouped_swap.cache_evictor() as evict:
+    with pytest.raises(KeyError), measure.cache_evictor() as evict:
         raise KeyError("a timing failed")
     with pytest.raises(IndexError):  # ...however it ended
         evict()

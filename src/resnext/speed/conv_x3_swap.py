@@ -32,13 +32,8 @@ from resnext.speed import conv_x3, pointwise_fma, pointwise_gemm
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.capability import cpu_flags
 from resnext.speed.fold import install_graph, module_call_counts, set_module
-from resnext.speed.grouped_swap import (
-    KernelLeafTracer,
-    LayerChoice,
-    cache_evictor,
-    input_shapes,
-    time_each_ms,
-)
+from resnext.speed.grouped_swap import KernelLeafTracer, LayerChoice, input_shapes, time_each_ms
+from resnext.speed.measure import cache_evictor
 from resnext.speed.pointwise_fusion import MODES, is_relu, onednn_weights, single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 

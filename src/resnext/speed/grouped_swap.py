@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +15,7 @@ from resnext.errors import ConfigError
 from resnext.speed import grouped_amx, grouped_kernel
 from resnext.speed.capability import has_avx512_bf16
 from resnext.speed.fold import set_module
+from resnext.speed.measure import cache_evictor
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 MODES = ("auto", "on", "off")
@@ -202,24 +202,6 @@ def time_on_random(
         return time_each_ms(fns, x, repeats)
     with cache_evictor() as evict:
         return time_each_ms(fns, x, repeats, before=evict)
-
-
-EVICT_BYTES = 64 * 2**20  # more than the last-level cache of the CPUs this was measured on
-
-
-@contextlib.contextmanager
-def cache_evictor() -> Iterator[Callable[[], None]]:
-    """A function that writes a buffer larger than the caches, pushing out what earlier calls
-    left there; the buffer lives for the block only and is freed however the block ends."""
-    buffer = [torch.empty(EVICT_BYTES // 4)]
-
-    def evict() -> None:
-        buffer[0].fill_(1.0)
-
-    try:
-        yield evict
-    finally:
-        buffer.clear()  # `evict` holds the list: calling it after the block is an error
 
 
 def input_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+
+import torch
 
 from resnext.errors import ConfigError
 
@@ -88,3 +91,21 @@ def validate_bench_config(config: object, known_variants: tuple[str, ...]) -> No
     for name in ("batch", "image_size", "rounds", "iters"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name}: expected an integer >= 1")
+
+
+EVICT_BYTES = 64 * 2**20  # more than the last-level cache of the CPUs this was measured on
+
+
+@contextlib.contextmanager
+def cache_evictor() -> Iterator[Callable[[], None]]:
+    """A function that writes a buffer larger than the caches, pushing out what earlier calls
+    left there; the buffer lives for the block only and is freed however the block ends."""
+    buffer = [torch.empty(EVICT_BYTES // 4)]
+
+    def evict() -> None:
+        buffer[0].fill_(1.0)
+
+    try:
+        yield evict
+    finally:
+        buffer.clear()  # `evict` holds the list: calling it after the block is an error
