@@ -146,7 +146,8 @@ DEFINE_WGRAD(wgrad_bf16_g8, 2, mload_bf16, 8, rotate8)
  * the kernel ran at 60 % of the dot-product rate in cache) and its gradient into pairs of pixels,
  * while the next block's lines are prefetched into L2. Then every (4 outputs, kernel row) pass
  * runs over the block: 2 parities x 3 taps x 4 outputs = 24 accumulators, kept between blocks in
- * the line's sums. At stride 1 a step's first-tap operands are the previous step's last-tap ones. */
+ * the line's sums. At stride 1 a step's first-tap operands are the previous step's last-tap
+ * ones. */
 
 /* The even- and odd-channel pair operands of pixels a (low halves) and b (high halves). */
 static inline void pair_operands(__m512i a, __m512i b, __m512i *even, __m512i *odd) {
@@ -161,7 +162,7 @@ typedef struct {
   int gpairs; /* gradient pixel pairs per output row */
   int gw;     /* gradient channels packed per pair: the line's group(s), at least 32 */
   int gstep;  /* 32-bit values per packed pair: gw, or G x 16 for narrow groups (expanded) */
-} Wide;
+} PairGrad;
 
 /* Kernel row kh over output rows oh0 .. oh1 - 1 of a block into the 24 sums at `at` ([2][3][4][16]:
  * parity, tap, output). xp: the block's input rows from ih0, wd->xcols pixels of 32 channels
@@ -169,10 +170,10 @@ typedef struct {
  * Lane half 0 takes output channel o0 + o of gp's channels, half 1 channel gb + o0 + o; or with
  * `expanded` (4 or 8 channels per group, several groups a line), gp holds each output's vector
  * of its 16 lanes' gradient pairs, each lane its own group's. */
-static inline __attribute__((always_inline)) void wide_pass(const Wide *wd, const uint16_t *xp,
-                                                            const uint32_t *gp, float *at, int ih0,
-                                                            int oh0, int oh1, int kh, int o0,
-                                                            int gb, const int s,
+static inline __attribute__((always_inline)) void pair_pass(const PairGrad *wd,
+                                                            const uint16_t *xp, const uint32_t *gp,
+                                                            float *at, int ih0, int oh0, int oh1,
+                                                            int kh, int o0, int gb, const int s,
                                                             const int expanded) {
   __m512 acc[2][3][4];
 #pragma GCC unroll 2
@@ -233,8 +234,8 @@ static inline __attribute__((always_inline)) void wide_pass(const Wide *wd, cons
       for (int o = 0; o < 4; ++o) _mm512_storeu_ps(at + ((p * 3 + kw) * 4 + o) * 16, acc[p][kw][o]);
 }
 
-/* Input rows ih0 .. ih1 of image n, channels c0 .. c0 + 31, into xp (see wide_pass). */
-static void pack_input(const Wide *wd, const uint16_t *x, long n, int ih0, int ih1, int c0,
+/* Input rows ih0 .. ih1 of image n, channels c0 .. c0 + 31, into xp (see pair_pass). */
+static void pack_input(const PairGrad *wd, const uint16_t *x, long n, int ih0, int ih1, int c0,
                        uint16_t *xp) {
   const __m512i zero = _mm512_setzero_si512();
   for (int ih = ih0; ih <= ih1; ++ih) {
@@ -263,7 +264,7 @@ static inline void grad_pairs(const uint16_t *a, long C, int two, __m512i *first
  * (pixel 2j low, 2j + 1 high; zero past the row); with 4 or 8 channels per group each pair
  * expanded instead: gp[row][pair][o][lane] = the pair of output o of the lane's group (lane i
  * holds channels 2i and 2i + 1 of the line). */
-static void pack_grad(const Wide *wd, const uint16_t *gy, long n, int oh0, int oh1, int g0,
+static void pack_grad(const PairGrad *wd, const uint16_t *gy, long n, int oh0, int oh1, int g0,
                       uint32_t *gp) {
   const int G = wd->G, expanded = G < 16;
   __m512i idx[8];
@@ -301,7 +302,7 @@ typedef struct {
   long done, per_step, total;
 } Ahead;
 
-static Ahead next_block(const Wide *wd, const uint16_t *x, const uint16_t *gy, int N, long n,
+static Ahead next_block(const PairGrad *wd, const uint16_t *x, const uint16_t *gy, int N, long n,
                         int oh, int block, int c0, int g0, int steps) {
   Ahead a = {0};
   if (n >= N) return a; /* no block to come */
@@ -335,8 +336,8 @@ static inline void ahead_step(Ahead *a) {
 
 /* Every (4 outputs, kernel row) pass over a packed block into its sums, the stride and the
  * gradient's form constants in each copy. */
-static void passes(const Wide *wd, const uint16_t *xp, const uint32_t *gp, float *sums, int ih0,
-                   int oh0, int oh1, int gb, Ahead *ahead) {
+static void passes(const PairGrad *wd, const uint16_t *xp, const uint32_t *gp, float *sums,
+                   int ih0, int oh0, int oh1, int gb, Ahead *ahead) {
   const int per_pass = 2 * 3 * 4 * 16, expanded = wd->G < 16;
   for (int q = 0; q < wd->G / 4; ++q)
     for (int kh = 0; kh < 3; ++kh) {
@@ -344,20 +345,20 @@ static void passes(const Wide *wd, const uint16_t *xp, const uint32_t *gp, float
       float *at = sums + (q * 3 + kh) * per_pass;
       if (expanded)
         if (wd->s == 1)
-          wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, 0, 1, 1);
+          pair_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, 0, 1, 1);
         else
-          wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, 0, 2, 1);
+          pair_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, 0, 2, 1);
       else if (wd->s == 1)
-        wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, gb, 1, 0);
+        pair_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, gb, 1, 0);
       else
-        wide_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, gb, 2, 0);
+        pair_pass(wd, xp, gp, at, ih0, oh0, oh1, kh, 4 * q, gb, 2, 0);
     }
 }
 
 /* Line cb (input channels 32 cb ..) over output rows oh0 .. oh1 - 1 of image n, added into the
  * line's sums ([G/4][3][2][3][4][16] floats), its input and gradient packed into xp and gp first;
  * the block `next_n`, `next_oh` (if any) of this line prefetched meanwhile. */
-static void line_block(const Wide *wd, const uint16_t *x, const uint16_t *gy, float *sums,
+static void line_block(const PairGrad *wd, const uint16_t *x, const uint16_t *gy, float *sums,
                        uint16_t *xp, uint32_t *gp, int N, int block, int cb, long n, int oh0,
                        long next_n, int next_oh) {
   const int G = wd->G, s = wd->s, c0 = 32 * cb, g0 = c0 - c0 % G;
@@ -376,7 +377,7 @@ static void line_block(const Wide *wd, const uint16_t *x, const uint16_t *gy, fl
 
 /* Line cb's sums into dw: lane i of parity p is input channel 32 cb + 2i + p, and output 4q + o
  * of that channel's group. */
-static void scatter_line(const Wide *wd, const float *sums, float *dw, int cb) {
+static void scatter_line(const PairGrad *wd, const float *sums, float *dw, int cb) {
   const int G = wd->G, per_pass = 2 * 3 * 4 * 16, low = G - 1; /* G a power of 2 */
   for (int p = 0; p < 2; ++p)
     for (int i = 0; i < 16; ++i) {
@@ -393,7 +394,7 @@ static void scatter_line(const Wide *wd, const float *sums, float *dw, int cb) {
 
 /* The blocks of output rows, image by image: unit u is image u / per_image, rows from
  * (u % per_image) block. */
-static inline void unit_rows(const Wide *wd, long u, int block, long *n, int *oh) {
+static inline void unit_rows(const PairGrad *wd, long u, int block, long *n, int *oh) {
   const int per_image = (wd->Ho + block - 1) / block;
   *n = u / per_image;
   *oh = (int)(u % per_image) * block;
@@ -406,7 +407,7 @@ static inline void unit_rows(const Wide *wd, long u, int block, long *n, int *oh
  * sums then stay in L1). */
 static int wgrad_pairs(const void *x, const void *gy, float *dw, int N, int H, int W, int C, int G,
                       int s, int Ho, int Wo, int threads) {
-  Wide wd = {H, W, C, G, s, Ho, Wo, 0, (Wo + 1) / 2, G < 32 ? 32 : G, 0};
+  PairGrad wd = {H, W, C, G, s, Ho, Wo, 0, (Wo + 1) / 2, G < 32 ? 32 : G, 0};
   wd.gstep = G < 16 ? G * 16 : wd.gw;
   /* the last pair's second pixel reads up to column 2 gpairs s + 1 + s */
   wd.xcols = 2 * wd.gpairs * s + 2 + s;
@@ -448,8 +449,10 @@ static int wgrad_pairs(const void *x, const void *gy, float *dw, int N, int H, i
 #pragma omp for schedule(static)
       for (int cb = 0; cb < lines; ++cb) {
         float *total = all + cb * line_sums;
-        for (int other = 1; other < T; ++other)
-          for (long i = 0; i < line_sums; ++i) total[i] += all[(long)other * line_sums * lines + cb * line_sums + i];
+        for (int other = 1; other < T; ++other) {
+          const float *theirs = all + ((long)other * lines + cb) * line_sums;
+          for (long i = 0; i < line_sums; ++i) total[i] += theirs[i];
+        }
         scatter_line(&wd, total, dw, cb);
       }
     } else {
