@@ -240,6 +240,19 @@ def _step(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, amp: bool) -> di
 @pytest.mark.parametrize("amp", [False, True] if BF16_REASON is None else [False])
 @pytest.mark.parametrize("path", ["ours", "ours-pairs", None])
 def test_module_forward_and_gradients_match_torch(shape, amp, path, monkeypatch) -> None:
+    _check_module(shape, amp, path, monkeypatch)
+
+
+@needs_kernels
+@pytest.mark.skipif(not WIDE_BF16, reason="this CPU's build takes no wide groups in bf16")
+@pytest.mark.parametrize("shape", WIDE_SHAPES_BF16[:4])
+@pytest.mark.parametrize("path", ["ours-pairs", None])
+def test_module_with_wide_groups_in_bf16_matches_torch(shape, path, monkeypatch) -> None:
+    # 16-64 channels per group: taken in bf16 only, every product by a pair kernel or oneDNN
+    _check_module(shape, True, path, monkeypatch)
+
+
+def _check_module(shape: tuple[int, ...], amp: bool, path: str | None, monkeypatch) -> None:
     n, c, groups, h, w, stride = shape
     if path == "ours-pairs" and not (amp and c % 32 == 0 and grouped_wgrad.has_avx512_bf16()):
         pytest.skip("the pair kernels take bf16 with C % 32 == 0 on AVX512-BF16 CPUs")
