@@ -384,7 +384,9 @@ def test_where_onednn_wins_alone_its_conv_is_kept_with_an_amx_form_beside_it(
     monkeypatch.setattr(
         grouped_swap,
         "time_each_ms",
-        lambda fns, x, repeats: [0.0 if isinstance(fn, nn.Conv2d) else 1.0 for fn in fns],
+        lambda fns, x, repeats, before=None: [
+            0.0 if isinstance(fn, nn.Conv2d) else 1.0 for fn in fns
+        ],
     )
     block = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1, groups=32), nn.ReLU())
     model = nn.Sequential(block).eval().bfloat16()
@@ -437,22 +439,30 @@ def test_the_choosers_time_their_ways_in_turns_and_keep_each_ones_best(
     assert a_ms == pytest.approx(3.0) and b_ms == pytest.approx(2.0)
 
 
-def test_timing_on_a_random_input_cold_evicts_before_each_timed_call(
+@needs_kernel
+def test_the_grouped_chooser_times_each_call_cold_with_one_buffer_a_pass(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    opened: list[int] = []
     evictions: list[int] = []
 
     @contextlib.contextmanager
     def counting():  # type: ignore[no-untyped-def]
+        opened.append(1)
         yield lambda: evictions.append(1)
 
     monkeypatch.setattr(grouped_swap, "cache_evictor", counting)
-    calls: list[tuple] = []
-    ways = [lambda x: calls.append(tuple(x.shape)), lambda x: calls.append(tuple(x.shape))]
-    grouped_swap.time_on_random(ways, (1, 8, 3, 3), torch.float32, repeats=3)
-    assert not evictions and calls == [(1, 8, 3, 3)] * 10  # 2 untimed + 3 timed calls each
-    grouped_swap.time_on_random(ways, (1, 8, 3, 3), torch.float32, repeats=3, cold=True)
-    assert len(evictions) == 6  # one before each timed call
+    model = resnext.create_model("resnext_tiny").eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    ways = {
+        name: 1 + len(grouped_swap.runnable_variants(m, torch.float32))
+        for name, m in model.named_modules()
+        if grouped_swap.eligible(m)
+    }
+    choices = swap_grouped_convs(model, x, mode="auto", repeats=3)
+    assert choices and opened == [1]  # one eviction buffer for the whole pass
+    # one eviction before each timed call: every way of every layer timed, 3 times each
+    assert len(evictions) == sum(3 * ways[c.name] for c in choices)
 
 
 def test_evicting_writes_a_buffer_larger_than_a_last_level_cache_freed_after() -> None:

@@ -31,6 +31,7 @@ from resnext.speed.grouped_swap import (
     time_on_random,
     traced_call,
 )
+from resnext.speed.measure import cache_evictor
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 
@@ -144,38 +145,42 @@ def split_group_channels(
         return []
     names = [name for name in names if find_sandwich(model, name) is not None]
     shapes = input_shapes(model, names, example)
-    choices = []
-    for name in names:
-        if name not in shapes:  # never called on this input
-            continue
-        conv = model.get_submodule(name)
-        variants = runnable_variants(conv, example.dtype)
-        if "amx" in variants and mode != "on":
-            # left to the AMX kernel: the fusion passes build whole bottlenecks on it, which
-            # beat any grouped kernel alone (and the pair dot product is slow on those CPUs)
-            continue
-        split = grouped_split.SplitGroupedConv3x3(conv)
-        others = [FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants]
-        ways = [conv, split, *others]
-        measure = functools.partial(
-            time_on_random, ways, shapes[name], example.dtype, repeats, cold=True
-        )  # cold, as `swap_grouped_convs` times them
-        key = layer_key("grouped-split", shapes[name], example.dtype, conv, ",".join(variants))
-        native_ms, split_ms, *times = cached(timings, key, len(ways), measure)
-        sandwich = find_sandwich(model, name)  # again: an earlier swap may have traced its block
-        if sandwich is None or (mode != "on" and split_ms >= min([native_ms, *times])):
-            continue
-        permute_neighbours(model, sandwich, conv.groups)
-        set_module(model, name, split)
-        fused = fuse_following_relu(model, name)
-        choices.append(
-            LayerChoice(
-                name,
-                shapes[name],
-                native_ms,
-                split_ms,
-                "kernel+relu" if fused else "kernel",
-                "split",
+    # one eviction buffer for the pass: each layer's ways timed with the caches emptied
+    with cache_evictor() as evict:
+        choices = []
+        for name in names:
+            if name not in shapes:  # never called on this input
+                continue
+            conv = model.get_submodule(name)
+            variants = runnable_variants(conv, example.dtype)
+            if "amx" in variants and mode != "on":
+                # left to the AMX kernel: the fusion passes build whole bottlenecks on it, which
+                # beat any grouped kernel alone (and the pair dot product is slow on those CPUs)
+                continue
+            split = grouped_split.SplitGroupedConv3x3(conv)
+            others = [FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants]
+            ways = [conv, split, *others]
+            measure = functools.partial(
+                time_on_random, ways, shapes[name], example.dtype, repeats, before=evict
+            )  # cold, as `swap_grouped_convs` times them
+            key = layer_key("grouped-split", shapes[name], example.dtype, conv, ",".join(variants))
+            native_ms, split_ms, *times = cached(timings, key, len(ways), measure)
+            sandwich = find_sandwich(
+                model, name
+            )  # again: an earlier swap may have traced its block
+            if sandwich is None or (mode != "on" and split_ms >= min([native_ms, *times])):
+                continue
+            permute_neighbours(model, sandwich, conv.groups)
+            set_module(model, name, split)
+            fused = fuse_following_relu(model, name)
+            choices.append(
+                LayerChoice(
+                    name,
+                    shapes[name],
+                    native_ms,
+                    split_ms,
+                    "kernel+relu" if fused else "kernel",
+                    "split",
+                )
             )
-        )
     return choices

@@ -193,15 +193,12 @@ def time_on_random(
     shape: Sequence[int],
     dtype: torch.dtype,
     repeats: int,
-    cold: bool = False,
+    before: Callable[[], object] | None = None,
 ) -> list[float]:
-    """`time_each_ms` on a random channels-last input of `shape` and `dtype`; with `cold`, the
-    caches emptied before each timed call (`cache_evictor`)."""
+    """`time_each_ms` on a random channels-last input of `shape` and `dtype` (`before` as
+    there: a `cache_evictor`'s function times each call with the caches emptied)."""
     x = torch.randn(tuple(shape), dtype=dtype).contiguous(memory_format=torch.channels_last)
-    if not cold:
-        return time_each_ms(fns, x, repeats)
-    with cache_evictor() as evict:
-        return time_each_ms(fns, x, repeats, before=evict)
+    return time_each_ms(fns, x, repeats, before)
 
 
 def input_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
@@ -282,59 +279,63 @@ def swap_grouped_convs(
             raise ConfigError(f"grouped_kernel: 'on' but the kernel cannot run here: {reason}")
         return []
     shapes = input_shapes(model, names, example)
-    choices = []
-    for name in names:
-        if name not in shapes:  # never called on this input
-            continue
-        conv = model.get_submodule(name)
-        variants = runnable_variants(conv, example.dtype)
-        if not variants:  # a shape only the AMX kernel takes, on a CPU without AMX
-            continue
-        # Which variant is fastest depends on the CPU (measured: the AVX512-BF16 pair kernel is
-        # 4x slower per instruction on an Intel Xeon with AMX, where the AMX kernel wins).
-        candidates = [FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants]
-        ways = [conv, *candidates]
-        # cold: in the network a grouped layer's input, just written by the 1×1 before it, is as
-        # cold as evicted (stage 3: 1.44 ms after its 1×1, 1.48 evicted, 1.19–1.24 in cache), and
-        # in cache oneDNN and the wide pair kernel tied on stage 3, the pick flipping by run
-        measure = functools.partial(
-            time_on_random, ways, shapes[name], example.dtype, repeats, cold=True
-        )
-        key = layer_key("grouped", shapes[name], example.dtype, conv, ",".join(variants))
-        native_ms, *times = cached(timings, key, len(ways), measure)
-        kernel_ms = min(times)
-        fast = candidates[times.index(kernel_ms)]
-        amx = candidates[variants.index("amx")] if "amx" in variants else None
-        if amx is not None and fast is not amx:
-            # Kept for the fusion passes: a fused kernel built on the AMX form can beat this
-            # variant plus the 1×1s around it (measured: stage 1 at batch 1, where the AVX-512
-            # kernel wins alone). A plain attribute, not a submodule, so that no pass sees it.
-            object.__setattr__(fast, "amx_alternative", amx)
-        use = mode == "on" or kernel_ms < native_ms
-        fused = False
-        if use:
-            set_module(model, name, fast)
-            fused = fuse_following_relu(model, name)
-            if amx is not None:
-                amx.relu = fast.relu  # the AMX form kept beside it applies the same ReLU
-        elif amx is not None:
-            # oneDNN wins alone, but the AMX form fused with the 1×1s around it may still win
-            # (measured: stage 3 at batch 16 lost its blocks' fusion when oneDNN won by a hair)
-            native = NativeGroupedConv3x3(conv)
-            object.__setattr__(native, "amx_alternative", amx)
-            set_module(model, name, native)
-            fuse_following_relu(model, name)
-            amx.relu = native.relu
-        choices.append(
-            LayerChoice(
-                name,
-                shapes[name],
-                native_ms,
-                kernel_ms,
-                ("kernel+relu" if fused else "kernel") if use else "native",
-                fast.variant,
+    # one eviction buffer for the pass: each layer's ways timed with the caches emptied
+    with cache_evictor() as evict:
+        choices = []
+        for name in names:
+            if name not in shapes:  # never called on this input
+                continue
+            conv = model.get_submodule(name)
+            variants = runnable_variants(conv, example.dtype)
+            if not variants:  # a shape only the AMX kernel takes, on a CPU without AMX
+                continue
+            # Which variant is fastest depends on the CPU (measured: the AVX512-BF16 pair kernel is
+            # 4x slower per instruction on an Intel Xeon with AMX, where the AMX kernel wins).
+            candidates = [
+                FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants
+            ]
+            ways = [conv, *candidates]
+            # cold: in the network a grouped layer's input, just written by the 1×1 before it, is as
+            # cold as evicted (stage 3: 1.44 ms after its 1×1, 1.48 evicted, 1.19–1.24 in cache), and
+            # in cache oneDNN and the wide pair kernel tied on stage 3, the pick flipping by run
+            measure = functools.partial(
+                time_on_random, ways, shapes[name], example.dtype, repeats, before=evict
             )
-        )
+            key = layer_key("grouped", shapes[name], example.dtype, conv, ",".join(variants))
+            native_ms, *times = cached(timings, key, len(ways), measure)
+            kernel_ms = min(times)
+            fast = candidates[times.index(kernel_ms)]
+            amx = candidates[variants.index("amx")] if "amx" in variants else None
+            if amx is not None and fast is not amx:
+                # Kept for the fusion passes: a fused kernel built on the AMX form can beat this
+                # variant plus the 1×1s around it (measured: stage 1 at batch 1, where the AVX-512
+                # kernel wins alone). A plain attribute, not a submodule, so that no pass sees it.
+                object.__setattr__(fast, "amx_alternative", amx)
+            use = mode == "on" or kernel_ms < native_ms
+            fused = False
+            if use:
+                set_module(model, name, fast)
+                fused = fuse_following_relu(model, name)
+                if amx is not None:
+                    amx.relu = fast.relu  # the AMX form kept beside it applies the same ReLU
+            elif amx is not None:
+                # oneDNN wins alone, but the AMX form fused with the 1×1s around it may still win
+                # (measured: stage 3 at batch 16 lost its blocks' fusion when oneDNN won by a hair)
+                native = NativeGroupedConv3x3(conv)
+                object.__setattr__(native, "amx_alternative", amx)
+                set_module(model, name, native)
+                fuse_following_relu(model, name)
+                amx.relu = native.relu
+            choices.append(
+                LayerChoice(
+                    name,
+                    shapes[name],
+                    native_ms,
+                    kernel_ms,
+                    ("kernel+relu" if fused else "kernel") if use else "native",
+                    fast.variant,
+                )
+            )
     return choices
 
 
