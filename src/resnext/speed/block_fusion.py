@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from resnext.errors import ConfigError
 from resnext.speed import grouped_amx
 from resnext.speed.fold import install_graph, module_call_counts
 from resnext.speed.grouped_kernel import output_for
@@ -28,11 +27,11 @@ from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
     LayerChoice,
     amx_form,
+    check_mode,
     input_shapes,
     time_each_ms,
 )
 from resnext.speed.pointwise_fusion import (
-    MODES,
     FusedPointwiseGrouped,
     FusionTracer,
     amx_1x1,
@@ -324,8 +323,7 @@ def fuse_blocks(
     call to call; only the time is kept. With `timings`, times stored there are used instead of
     measured.
     """
-    if mode not in MODES:
-        raise ConfigError(f"fuse_block: expected one of {MODES}, got {mode!r}")
+    check_mode("fuse_block", mode)
     if mode == "off" or example.dtype != torch.bfloat16:
         return []
     sites = _sites(model)

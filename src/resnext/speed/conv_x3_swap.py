@@ -32,9 +32,15 @@ from resnext.speed import conv_x3, pointwise_fma, pointwise_gemm
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.capability import cpu_flags
 from resnext.speed.fold import install_graph, module_call_counts, set_module
-from resnext.speed.grouped_swap import KernelLeafTracer, LayerChoice, input_shapes, time_each_ms
+from resnext.speed.grouped_swap import (
+    KernelLeafTracer,
+    LayerChoice,
+    check_mode,
+    input_shapes,
+    time_each_ms,
+)
 from resnext.speed.measure import cache_evictor
-from resnext.speed.pointwise_fusion import MODES, is_relu, onednn_weights, single_input
+from resnext.speed.pointwise_fusion import is_relu, onednn_weights, single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 
@@ -524,8 +530,7 @@ def swap_dense_convs(
     `timings`, times stored there are used instead of measured. `compiled` False weighs the
     kernel against oneDNN as the eager fast path runs it (no prepacked weight, the epilogue as
     separate ops) rather than as the compiled graph does."""
-    if mode not in MODES:
-        raise ConfigError(f"{kernel.option}: expected one of {MODES}, got {mode!r}")
+    check_mode(kernel.option, mode)
     if mode == "off" or example.dtype != kernel.dtype:
         return []
     reason = kernel.unavailable_reason()

@@ -19,7 +19,7 @@ from resnext.speed.capability import bf16_supported
 from resnext.speed.conv_x3_swap import swap_convs_dot, swap_convs_fma, swap_convs_x3
 from resnext.speed.fold import fold_batchnorm
 from resnext.speed.group_order import split_group_channels
-from resnext.speed.grouped_swap import MODES, swap_grouped_convs
+from resnext.speed.grouped_swap import check_mode, swap_grouped_convs
 from resnext.speed.merged_groups import widen_where_faster
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
 from resnext.speed.shortcut_fusion import fuse_shortcuts, fuse_x3_shortcuts
@@ -322,8 +322,7 @@ def optimize(
         "split_groups": split_groups,
     }
     for name, mode in kernels.items():
-        if mode not in MODES:
-            raise ConfigError(f"{name}: expected one of {MODES}, got {mode!r}")
+        check_mode(name, mode)
     if merge_groups not in MERGE_MODES:
         raise ConfigError(f"merge_groups: expected one of {MERGE_MODES}, got {merge_groups!r}")
     dtype = resolve_dtype(dtype)

@@ -21,9 +21,9 @@ from resnext.errors import ConfigError
 from resnext.speed import grouped_split
 from resnext.speed.fold import set_module
 from resnext.speed.grouped_swap import (
-    MODES,
     FastGroupedConv3x3,
     LayerChoice,
+    check_mode,
     eligible,
     fuse_following_relu,
     input_shapes,
@@ -126,8 +126,7 @@ def split_group_channels(
     `swap_grouped_convs`), except where the AMX grouped kernel runs, which the AMX fusion passes
     need; 'on' takes it wherever it runs; 'off' changes nothing. bf16 only.
     """
-    if mode not in MODES:
-        raise ConfigError(f"split_groups: expected one of {MODES}, got {mode!r}")
+    check_mode("split_groups", mode)
     if mode == "off":
         return []
     reason = grouped_split.unavailable_reason()

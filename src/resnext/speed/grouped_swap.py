@@ -18,7 +18,13 @@ from resnext.speed.fold import set_module
 from resnext.speed.measure import cache_evictor
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
-MODES = ("auto", "on", "off")
+MODES = ("auto", "on", "off")  # every `optimize` pass's switch
+
+
+def check_mode(option: str, mode: str) -> None:
+    """A ConfigError naming `option` unless `mode` is one of MODES."""
+    if mode not in MODES:
+        raise ConfigError(f"{option}: expected one of {MODES}, got {mode!r}")
 
 
 VARIANTS = ("widening", "pairs", "amx")
@@ -266,8 +272,7 @@ def swap_grouped_convs(
     fastest variant on every layer one runs (a ConfigError if our kernels cannot run here at all);
     'off' changes nothing. With `timings`, times stored there are used instead of measured.
     """
-    if mode not in MODES:
-        raise ConfigError(f"grouped_kernel: expected one of {MODES}, got {mode!r}")
+    check_mode("grouped_kernel", mode)
     if mode == "off":
         return []
     names = [name for name, module in model.named_modules() if eligible(module)]

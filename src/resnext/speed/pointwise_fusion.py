@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from resnext.errors import ConfigError
 from resnext.speed import grouped_amx
 from resnext.speed.fold import install_graph, module_call_counts
 from resnext.speed.grouped_swap import (
@@ -26,12 +25,11 @@ from resnext.speed.grouped_swap import (
     KernelLeafTracer,
     LayerChoice,
     amx_form,
+    check_mode,
     input_shapes,
     time_on_random,
 )
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
-
-MODES = ("auto", "on", "off")
 
 
 class FusedPointwiseGrouped(nn.Module):
@@ -289,8 +287,7 @@ def fuse_pointwise_convs(
     (native_ms: unfused, kernel_ms: fused, chosen 'fused' or 'separate'). With `timings`, times
     stored there are used instead of measured.
     """
-    if mode not in MODES:
-        raise ConfigError(f"fuse_pointwise: expected one of {MODES}, got {mode!r}")
+    check_mode("fuse_pointwise", mode)
     if mode == "off" or example.dtype != torch.bfloat16:
         return []
     sites = _sites(model)

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from resnext.errors import ConfigError
 from resnext.speed import grouped_amx
 from resnext.speed.block_fusion import BlockTracer, FusedBlock
 from resnext.speed.conv_x3_swap import ConvX3, X3Tracer
 from resnext.speed.fold import install_graph, module_call_counts
-from resnext.speed.grouped_swap import MODES, LayerChoice, input_shapes, time_each_ms
+from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_each_ms
 from resnext.speed.pointwise_fusion import amx_1x1, onednn_conv, single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
@@ -282,8 +281,7 @@ def fuse_shortcuts(
     after the block (native_ms: projection then block, kernel_ms: one call, chosen 'fused' or
     'separate', variant 'block+shortcut').
     """
-    if mode not in MODES:
-        raise ConfigError(f"fuse_block: expected one of {MODES}, got {mode!r}")
+    check_mode("fuse_block", mode)
     if mode == "off" or example.dtype != torch.bfloat16:
         return []
 
@@ -364,8 +362,7 @@ def fuse_x3_shortcuts(
     'off' changes nothing. Each choice is a `LayerChoice` named after the last 1×1 (native_ms:
     the two calls, kernel_ms: one, chosen 'fused' or 'separate', variant 'bf16x3+shortcut').
     """
-    if mode not in MODES:
-        raise ConfigError(f"conv_x3: expected one of {MODES}, got {mode!r}")
+    check_mode("conv_x3", mode)
     if mode == "off" or example.dtype != torch.float32:
         return []
 

@@ -28,7 +28,7 @@ from resnext.models.network import ResNeXt
 from resnext.speed import conv_x3, maxpool, stem, stem_dot
 from resnext.speed.conv_x3_swap import ConvX3, float_bias, square_geometry
 from resnext.speed.conv_x3_swap import eligible as x3_eligible
-from resnext.speed.grouped_swap import MODES, LayerChoice, input_shapes, time_on_random
+from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_on_random
 from resnext.speed.pointwise_fusion import onednn_conv
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
@@ -186,8 +186,7 @@ def fuse_stem(
     bf16×3 products, so `conv_x3_mode` 'off' (float32 FMAs throughout) leaves the stem alone.
     With `timings`, times stored there are used instead of measured.
     """
-    if mode not in MODES:
-        raise ConfigError(f"fuse_stem: expected one of {MODES}, got {mode!r}")
+    check_mode("fuse_stem", mode)
     if mode == "off":
         return []
     backend, reason = backend_for(example.dtype)
