@@ -17,7 +17,7 @@ import torch
 
 from resnext import native
 from resnext.speed import operators
-from resnext.speed.grouped_kernel import check_bias, output_for, output_size
+from resnext.speed.grouped_kernel import check_bias, fake_grouped, output_for, output_size
 from resnext.speed.operators import overlap
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_amx.c"
@@ -515,17 +515,6 @@ def run_shortcut_block_kernel(
 # shape, dtype and layout without running the kernel (for torch.compile).
 
 
-def _fake_grouped(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    stride: int,
-    relu: bool,
-) -> torch.Tensor:
-    return output_for(x, stride)
-
-
 def _fake_pointwise(
     x: torch.Tensor,
     pointwise: torch.Tensor,
@@ -602,7 +591,7 @@ operators.define(
     "grouped_conv3x3_amx(Tensor x, Tensor packed, Tensor? bias, int groups, int stride, "
     "bool relu) -> Tensor",
     run_kernel,
-    _fake_grouped,
+    fake_grouped,
 )
 operators.define(
     "pointwise_grouped_conv3x3_amx(Tensor x, Tensor pointwise, Tensor pointwise_bias, "

@@ -124,23 +124,11 @@ def run_split(
     return grouped_kernel.call_kernel(x, packed, bias, groups, stride, relu, PACKING)
 
 
-def _fake(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    stride: int,
-    relu: bool,
-) -> torch.Tensor:
-    """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
-    return grouped_kernel.output_for(x, stride)
-
-
 operators.define(
     "grouped_conv3x3_split(Tensor x, Tensor packed, Tensor? bias, int groups, int stride, "
     "bool relu) -> Tensor",
     run_split,
-    _fake,
+    grouped_kernel.fake_grouped,
 )
 
 
