@@ -182,11 +182,7 @@ def packed_numel(channels: int, groups: int) -> int:
 def _check_x(x: torch.Tensor, *more: torch.Tensor | None) -> None:
     """A ValueError naming `x` unless it is a 4-d bf16 CPU tensor, or if it or one of `more`
     needs a gradient (the kernels have none)."""
-    if x.dim() != 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
-        raise ValueError(
-            f"x: expected a 4-d bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}"
-        )
-    operators.check_no_grad("the AMX kernel", x, *more)
+    operators.check_bf16_input("the AMX kernel", x, *more)
 
 
 def _check_grouped(name: str, c: int, groups: int, stride: int, packed: torch.Tensor) -> None:

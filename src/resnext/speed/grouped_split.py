@@ -102,11 +102,7 @@ def run_split(
     """The grouped 3×3 (padding 1, then ReLU if `relu`) of a bf16 channels-last `x` whose
     channels are in `input_order`, with `packed` = pack_weights(w) and `bias` in `output_order`;
     the output's channels are in `output_order`."""
-    if x.dim() != 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
-        raise ValueError(
-            f"x: expected a 4-d bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}"
-        )
-    operators.check_no_grad("the split grouped kernel", x)
+    operators.check_bf16_input("the split grouped kernel", x)
     c = x.shape[1]
     if not supports(c, groups, stride):
         raise ValueError(

@@ -40,6 +40,16 @@ def check_no_grad(name: str, *tensors: torch.Tensor | None) -> None:
         )
 
 
+def check_bf16_input(kernel: str, x: torch.Tensor, *more: torch.Tensor | None) -> None:
+    """A ValueError naming `x` unless it is a 4-d bf16 CPU tensor, or naming `kernel` if it or
+    one of `more` needs a gradient (`check_no_grad`)."""
+    if x.dim() != 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError(
+            f"x: expected a 4-d bfloat16 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+    check_no_grad(kernel, x, *more)
+
+
 def check_float32_4d(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
     """A ValueError naming `name` unless `t` is a 4-d float32 CPU tensor (of `shape`, if given)."""
     if t.dtype != torch.float32 or t.dim() != 4 or t.device.type != "cpu":
