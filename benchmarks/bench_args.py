@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 from pathlib import Path
 
 import resnext
@@ -45,3 +46,19 @@ def registry_names(models: str) -> str:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown {unknown} (`resnext list` shows them all)")
     return models
+
+
+def pointwise_against(path: Path | None) -> tuple[ctypes.CDLL | None, str | None]:
+    """(`kernels/pointwise_gemm.c` built from another source `path`, None), (None, None) without
+    one, or (None, the message refusing it: no such file, or its build failed)."""
+    from resnext.native import NativeUnavailable
+    from resnext.speed import pointwise_gemm
+
+    if path is None:
+        return None, None
+    if not path.is_file():
+        return None, f"--against {path}: no such file (expected a pointwise_gemm.c source)"
+    try:
+        return pointwise_gemm.load(source=path.resolve()), None
+    except NativeUnavailable as exc:  # e.g. a source that does not compile
+        return None, f"--against {path}: {exc}"

@@ -27,7 +27,6 @@ from torch import nn
 import bench_args
 from bench_network_ab import replaced
 from bench_pointwise_fma import Shape, model_shapes, model_totals, time_layers
-from resnext.native import NativeUnavailable
 from resnext.speed import pointwise_gemm
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.conv_x3_swap import _onednn_runner
@@ -87,16 +86,10 @@ def main() -> int:
     if reason is not None:
         print(f"the kernel cannot run here: {reason}")
         return 1
-    against = None
-    if args.against is not None:
-        if not args.against.is_file():
-            print(f"--against {args.against}: no such file (expected a pointwise_gemm.c source)")
-            return 1
-        try:
-            against = pointwise_gemm.load(source=args.against.resolve())
-        except NativeUnavailable as exc:  # e.g. a source that does not compile
-            print(f"--against {args.against}: {exc}")
-            return 1
+    against, refused = bench_args.pointwise_against(args.against)
+    if refused:
+        print(refused)
+        return 1
     per_model = {name: taken(model_shapes(name, args.batch)) for name in args.models.split(",")}
     shapes = sorted({s for counts in per_model.values() for s in counts}, key=lambda s: s[1:])
     variants_of = functools.partial(shape_variants, against=against)

@@ -27,7 +27,6 @@ from torch import nn
 import bench_args
 import resnext
 from bench_network_ab import replaced
-from resnext.native import NativeUnavailable
 from resnext.speed import pointwise_gemm, pointwise_wgrad_amx
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
@@ -155,16 +154,10 @@ def main() -> int:
         "--against", type=Path, help="another source of kernels/pointwise_gemm.c, timed beside"
     )
     args = parser.parse_args()
-    against = None
-    if args.against is not None:
-        if not args.against.is_file():
-            print(f"--against {args.against}: no such file (expected a pointwise_gemm.c source)")
-            return 1
-        try:
-            against = pointwise_gemm.load(source=args.against.resolve())
-        except NativeUnavailable as exc:
-            print(f"--against {args.against}: {exc}")
-            return 1
+    against, refused = bench_args.pointwise_against(args.against)
+    if refused:
+        print(refused)
+        return 1
     keep_freed_memory()
     models = args.models.split(",")
     shapes: Counter[tuple[int, int, int, int]] = Counter()

@@ -129,6 +129,7 @@ def _kernel_source(kernel: str) -> Path:
     ("script", "expected"),
     [
         ("bench_pointwise_train.py", "pointwise_gemm.c source"),
+        ("bench_pointwise_bf16.py", "pointwise_gemm.c source"),
         ("bench_fused_bn.py", "bn_act source"),
     ],
 )
@@ -181,6 +182,7 @@ def test_the_grouped_ab_times_the_bf16_pair_kernels_of_another_source(
     [
         ("bench_fused_bn.py", "bn"),
         ("bench_pointwise_bf16.py", "pointwise_bf16"),
+        ("bench_pointwise_train.py", "pointwise_bf16"),
         ("bench_grouped_ab.py", "grouped"),
     ],
 )
