@@ -61,8 +61,8 @@ def shape_variants(shape: Shape, against: ctypes.CDLL | None = None) -> dict[str
 
     def ours() -> object:
         if res is None:
-            return torch.ops.resnext.pointwise_conv_bf16(x, packed, bias, True, None)
-        torch.ops.resnext.pointwise_conv_bf16_(x, packed, bias, True, res)
+            return torch.ops.resnext.pointwise_conv_bf16(x, packed, bias, 1, True, None)
+        torch.ops.resnext.pointwise_conv_bf16_(x, packed, bias, 1, True, res)
         return res
 
     ways = {"onednn": (native, n), "ours": (ours, n)}

@@ -27,14 +27,14 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
     return nhwc(t.to(torch.bfloat16))
 
 
-def _reference(x, w, b, r, relu):
+def _reference(x, w, b, r, relu, stride=1):
     """The float64 result on the bf16 operands, and each output's error bound: float32 sums of
     K products, the bias and the residual (each step at most 2^-24 of the running magnitude,
     Higham's recursive-summation bound), then one rounding to bf16 (at most 2^-8 of the value:
     8 significant bits, to nearest)."""
     w64 = w.to(torch.bfloat16).double()
-    exact = F.conv2d(x.double(), w64, b.double())
-    mags = F.conv2d(x.double().abs(), w64.abs(), b.double().abs())
+    exact = F.conv2d(x.double(), w64, b.double(), stride)
+    mags = F.conv2d(x.double().abs(), w64.abs(), b.double().abs(), stride)
     if r is not None:
         exact, mags = exact + r.double(), mags + r.double().abs()
     if relu:
@@ -44,31 +44,48 @@ def _reference(x, w, b, r, relu):
 
 
 CASES = [
-    # n, cin, cout, h, w, relu, residual, in_place
-    (1, 64, 64, 1, 1, False, False, False),  # one pixel: a tile of 1 row
-    (2, 128, 192, 5, 7, True, False, False),  # 70 pixels: a short last tile; 3 column strips
-    (3, 256, 128, 7, 7, True, True, False),
-    (2, 64, 256, 9, 11, True, True, True),  # written over the residual
-    (1, 1024, 64, 3, 5, False, True, True),  # a long reduction, no ReLU
+    # n, cin, cout, h, w, relu, residual, in_place, stride
+    (1, 64, 64, 1, 1, False, False, False, 1),  # one pixel: a tile of 1 row
+    (2, 128, 192, 5, 7, True, False, False, 1),  # 70 pixels: a short last tile; 3 column strips
+    (3, 256, 128, 7, 7, True, True, False, 1),
+    (2, 64, 256, 9, 11, True, True, True, 1),  # written over the residual
+    (1, 1024, 64, 3, 5, False, True, True, 1),  # a long reduction, no ReLU
+    # strided (a projection shortcut's input read in place): odd maps whose last row and column
+    # are dropped or kept; 2 x 14 x 14 outputs split by rows, each thread's blocks prefetching
+    # the next; few rows (split by columns); one pixel
+    (2, 128, 128, 9, 11, False, True, False, 2),
+    (2, 256, 128, 28, 28, True, False, False, 2),
+    (3, 192, 192, 10, 8, True, True, True, 3),
+    (1, 512, 128, 14, 14, False, False, False, 2),
+    (1, 64, 64, 1, 1, True, False, False, 2),
 ]
 
 
 @needs_dot
-@pytest.mark.parametrize("n,cin,cout,h,w,relu,residual,in_place", CASES)
+@pytest.mark.parametrize("n,cin,cout,h,w,relu,residual,in_place,stride", CASES)
 def test_matches_float64_within_the_bound_of_float32_sums_and_one_rounding(
-    n: int, cin: int, cout: int, h: int, w: int, relu: bool, residual: bool, in_place: bool
+    n: int,
+    cin: int,
+    cout: int,
+    h: int,
+    w: int,
+    relu: bool,
+    residual: bool,
+    in_place: bool,
+    stride: int,
 ) -> None:
     torch.manual_seed(cin + cout + h)
     x = _bf16(torch.randn(n, cin, h, w))
     weight = torch.randn(cout, cin, 1, 1) / cin**0.5
     bias = torch.randn(cout)
-    r = _bf16(torch.randn(n, cout, h, w)) if residual else None
-    want, bound = _reference(x, weight, bias, r, relu)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    r = _bf16(torch.randn(n, cout, ho, wo)) if residual else None
+    want, bound = _reference(x, weight, bias, r, relu, stride)
     given = None if r is None else r.clone()
     before = x.clone()
     with torch.no_grad():
         got = pointwise_gemm.conv1x1(
-            x, pointwise_gemm.pack_conv(weight), bias, relu, given, in_place
+            x, pointwise_gemm.pack_conv(weight), bias, relu, given, in_place, stride
         )
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
     assert ((got.double() - want).abs() <= bound).all()
@@ -85,11 +102,16 @@ def test_the_operators_match_the_function_and_write_in_place() -> None:
     x = _bf16(torch.randn(2, 64, 4, 6))
     packed, bias = pointwise_gemm.pack_conv(torch.randn(128, 64, 1, 1) / 8), torch.randn(128)
     r = _bf16(torch.randn(2, 128, 4, 6))
+    r2 = _bf16(torch.randn(2, 128, 2, 3))
     with torch.no_grad():
         want = pointwise_gemm.conv1x1(x, packed, bias, True, r)
-        assert torch.equal(torch.ops.resnext.pointwise_conv_bf16(x, packed, bias, True, r), want)
-        torch.ops.resnext.pointwise_conv_bf16_(x, packed, bias, True, r)
-    assert torch.equal(r, want)
+        assert torch.equal(torch.ops.resnext.pointwise_conv_bf16(x, packed, bias, 1, True, r), want)
+        torch.ops.resnext.pointwise_conv_bf16_(x, packed, bias, 1, True, r)
+        want2 = pointwise_gemm.conv1x1(x, packed, bias, False, r2, stride=2)
+        got2 = torch.ops.resnext.pointwise_conv_bf16(x, packed, bias, 2, False, r2)
+        assert got2.shape == (2, 128, 2, 3) and torch.equal(got2, want2)
+        torch.ops.resnext.pointwise_conv_bf16_(x, packed, bias, 2, False, r2)
+    assert torch.equal(r, want) and torch.equal(r2, want2)
 
 
 def _args() -> dict:
@@ -114,6 +136,12 @@ def _args() -> dict:
         (lambda a: {**a, "residual": _bf16(torch.randn(1, 64, 3, 2))}, "residual: expected"),
         (lambda a: {**a, "residual": torch.randn(1, 64, 2, 2)}, "residual: expected a bfloat16"),
         (lambda a: {**a, "in_place": True}, "residual: writing in place needs"),
+        (lambda a: {**a, "stride": 0}, "stride: expected a positive integer, got 0"),
+        (lambda a: {**a, "stride": True}, "stride: expected a positive integer, got True"),
+        (
+            lambda a: {**a, "stride": 2, "residual": _bf16(torch.randn(1, 64, 2, 2))},
+            r"residual: expected .*\(1, 64, 1, 1\)",
+        ),
         (
             lambda a: {**a, "residual": a["x"], "in_place": True},
             "residual: must not share memory with x",

@@ -149,8 +149,8 @@ class FmaConv1x1(_Conv1x1Kernel):
 
 class DotConv1x1(_Conv1x1Kernel):
     """A bf16 1×1 convolution and its epilogue, computed by `pointwise_gemm.conv1x1` (AVX512-BF16
-    pair dot products, float32 sums, one rounding); a strided one (a projection shortcut) on the
-    input's every s-th pixel of every s-th row, gathered first."""
+    pair dot products, float32 sums, one rounding); a strided one (a projection shortcut) reads
+    the input's every s-th pixel of every s-th row where it lies."""
 
     OP = torch.ops.resnext.pointwise_conv_bf16
     OP_IN_PLACE = torch.ops.resnext.pointwise_conv_bf16_
@@ -165,9 +165,7 @@ class DotConv1x1(_Conv1x1Kernel):
         super().__init__(conv, pointwise_gemm.pack_conv(conv.weight), relu, in_place)
 
     def _args(self, x: torch.Tensor) -> tuple:
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        return (x, self.packed, self.bias, self.relu)
+        return (x, self.packed, self.bias, self.stride, self.relu)
 
 
 def square_geometry(module: nn.Module) -> tuple[int, int, int] | None:

@@ -6,7 +6,8 @@ rows with the weight transposed. The kernel computes both in bf16 with float32 s
 weight packed into VDPBF16PS's operand layout (pairs of rows in one 32-bit word), and needs
 AVX512-BF16. For inference, `conv1x1` (the operators ``torch.ops.resnext.pointwise_conv_bf16``
 and ``pointwise_conv_bf16_``, written over the residual) adds the bias and a residual and applies
-a ReLU in the same store, from a weight packed strip by strip (`pack_conv`). Built on first use
+a ReLU in the same store, from a weight packed strip by strip (`pack_conv`), and reads a strided
+one's pixels (a projection shortcut's) in place. Built on first use
 like the project's other C parts (`resnext.native`); runs on torch's OpenMP threads.
 """
 
@@ -40,7 +41,9 @@ def load(source: Path = SOURCE) -> ctypes.CDLL:
     for pack in (lib.pack_pairs_rows, lib.pack_pairs_cols):
         pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 3
     lib.pointwise_wgrad_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_int] * 3
-    lib.pointwise_conv_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 4
+    lib.pointwise_conv_bf16.argtypes = (
+        [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int] * 5
+    )
     for fn in (
         lib.pointwise_gemm_bf16,
         lib.pointwise_conv_bf16,
@@ -204,12 +207,15 @@ def conv1x1(
     relu: bool = False,
     residual: torch.Tensor | None = None,
     in_place: bool = False,
+    stride: int = 1,
 ) -> torch.Tensor:
-    """``relu?(conv2d(x, w, bias) + residual)`` in bf16 (float32 sums, one rounding) for a
-    stride-1 1×1 weight `w` with `packed` = pack_conv(w) and a float32 `bias`; written over
-    `residual` (channels_last, then returned) if `in_place`. For inference: no gradient."""
+    """``relu?(conv2d(x, w, bias, stride) + residual)`` in bf16 (float32 sums, one rounding) for
+    a 1×1 weight `w` with `packed` = pack_conv(w) and a float32 `bias`; written over `residual`
+    (channels_last, then returned) if `in_place`. For inference: no gradient."""
     operators.check_no_grad("pointwise_conv_bf16", x, residual)
     _check_activation("x", x)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride: expected a positive integer, got {stride!r}")
     n, k, h, w = x.shape
     if (
         packed.dtype != torch.bfloat16
@@ -226,7 +232,7 @@ def conv1x1(
     if bias is None:
         raise ValueError(f"bias: expected {c} float32 values, got None")
     operators.check_bias(bias, c)
-    shape = (n, c, h, w)
+    shape = (n, c, (h - 1) // stride + 1, (w - 1) // stride + 1)
     if residual is not None:
         _check_bf16_4d("residual", residual, shape)
     if in_place:
@@ -244,39 +250,65 @@ def conv1x1(
         rc = _library().pointwise_conv_bf16(
             x.data_ptr(), packed.data_ptr(), bias.contiguous().data_ptr(),
             None if residual is None else residual.data_ptr(), y.data_ptr(),
-            n * h * w, k, c, int(relu), torch.get_num_threads(),
+            n, h, w, k, c, stride, int(relu), torch.get_num_threads(),
         )  # fmt: skip
+        if rc == 2:
+            raise MemoryError("pointwise_conv_bf16: could not allocate a strided input's row table")
         if rc != 0:
-            raise ValueError(f"pointwise_conv_bf16 refused x {tuple(x.shape)} → {c} channels")
+            raise ValueError(
+                f"pointwise_conv_bf16 refused x {tuple(x.shape)} → {c} channels, stride {stride}"
+            )
     return y
 
 
+def _conv(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int,
+    relu: bool,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    return conv1x1(x, packed, bias, relu, residual, stride=stride)
+
+
 def _conv_in_place(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, relu: bool, residual: torch.Tensor
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int,
+    relu: bool,
+    residual: torch.Tensor,
 ) -> None:
-    conv1x1(x, packed, bias, relu, residual, in_place=True)
+    conv1x1(x, packed, bias, relu, residual, in_place=True, stride=stride)
 
 
 def _conv_fake(
     x: torch.Tensor,
     packed: torch.Tensor,
     bias: torch.Tensor,
+    stride: int,
     relu: bool,
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
     n, _, h, w = x.shape
-    shape = (n, packed.shape[0] * COLUMN_BLOCK, h, w)
+    shape = (n, packed.shape[0] * COLUMN_BLOCK, (h - 1) // stride + 1, (w - 1) // stride + 1)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 def _conv_fake_in_place(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, relu: bool, residual: torch.Tensor
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int,
+    relu: bool,
+    residual: torch.Tensor,
 ) -> None:
     return None
 
 
-_ARGS = "Tensor x, Tensor packed, Tensor bias, bool relu"
-operators.define(f"pointwise_conv_bf16({_ARGS}, Tensor? residual) -> Tensor", conv1x1, _conv_fake)
+_ARGS = "Tensor x, Tensor packed, Tensor bias, int stride, bool relu"
+operators.define(f"pointwise_conv_bf16({_ARGS}, Tensor? residual) -> Tensor", _conv, _conv_fake)
 operators.define(
     f"pointwise_conv_bf16_({_ARGS}, Tensor(a!) residual) -> ()",
     _conv_in_place,

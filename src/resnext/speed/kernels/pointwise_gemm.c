@@ -36,17 +36,19 @@
 #endif
 
 /* One mr x NR tile of y over all of K (mr 6 or 7, a constant where this is inlined). Rows past
- * `rows` repeat the last row's a (no reads beyond the matrix) and are not stored. */
+ * `rows` repeat the last row's a (no reads beyond the matrix) and are not stored. Row i of a is at
+ * a + i * lda, or with `offs` (a strided convolution's rows) at a + offs[i], offs holding the
+ * next tile's rows too. */
 static inline __attribute__((always_inline)) void tile(const uint16_t *a, long lda,
                                                        const uint16_t *b, long b_step, int K,
                                                        uint16_t *y, long ldy, int rows,
                                                        const float *bias, const uint16_t *res,
-                                                       int relu, const int mr) {
+                                                       int relu, const long *offs, const int mr) {
   const uint16_t *arow[MR];
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < mr; i++) {
-    arow[i] = a + (i < rows ? i : rows - 1) * lda;
+    arow[i] = offs ? a + offs[i < rows ? i : rows - 1] : a + (i < rows ? i : rows - 1) * lda;
 #pragma GCC unroll 4
     for (int j = 0; j < NV; j++) acc[i][j] = _mm512_setzero_ps();
   }
@@ -55,10 +57,11 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *a, long l
    * hardware prefetcher follows longer rows). One line of each ran 2-10 % slower at 56x56. */
 #pragma GCC unroll 8
   for (int i = 0; i < mr; i++) {
+    const uint16_t *next = offs ? a + offs[i + mr] : a + (i + mr) * lda;
     _m_prefetchw(y + (i + mr) * ldy);
     _m_prefetchw(y + (i + mr) * ldy + 32);
-    _mm_prefetch((const char *)(a + (i + mr) * lda), _MM_HINT_T0);
-    _mm_prefetch((const char *)(a + (i + mr) * lda + 32), _MM_HINT_T0);
+    _mm_prefetch((const char *)next, _MM_HINT_T0);
+    _mm_prefetch((const char *)(next + 32), _MM_HINT_T0);
   }
   dot_pairs(acc, arow, 2, b, b_step, K / 2, mr);
   if (bias) { /* a convolution's epilogue: + bias (+ residual), ReLU, then one rounding */
@@ -88,12 +91,15 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *a, long l
   }
 }
 
-/* Rows i0 .. i1 - 1 (below `end`) of a, all K values, into L2. Out of line: inlined into `walk`,
- * its loops cost the tiles of the shapes that never call it ~1 %. */
-static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *a, long lda, int K, long i0,
-                                                    long i1, long end) {
-  for (long i = i0; i < i1 && i < end; i++)
-    for (int k = 0; k < K; k += 32) _mm_prefetch((const char *)(a + i * lda + k), _MM_HINT_T1);
+/* Rows i0 .. i1 - 1 (below `end`) of a (as `tile` finds them), all K values, into L2. Called
+ * out of line (not inlined) it gained nothing; why is not known. */
+static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *a, long lda,
+                                                                const long *offs, int K, long i0,
+                                                                long i1, long end) {
+  for (long i = i0; i < i1 && i < end; i++) {
+    const uint16_t *row = offs ? a + offs[i] : a + i * lda;
+    for (int k = 0; k < K; k += 32) _mm_prefetch((const char *)(row + k), _MM_HINT_T1);
+  }
 }
 
 /* A thread's tiles: rows r0 .. r1 - 1 of column strips s0 .. s1 - 1, in blocks of 8 tiles of rows
@@ -102,25 +108,49 @@ static inline __attribute__((always_inline)) void walk(const uint16_t *a, long l
                                                        const uint16_t *bp, int strip_major,
                                                        uint16_t *y, long ldy, int K, int N,
                                                        const float *bias, const uint16_t *res,
-                                                       int relu, long r0, long r1, long s0,
-                                                       long s1, const int mr) {
+                                                       int relu, const long *offs, long r0,
+                                                       long r1, long s0, long s1, const int mr) {
   for (long m0 = r0; m0 < r1; m0 += 8 * mr) {
     const long m1 = m0 + 8 * mr < r1 ? m0 + 8 * mr : r1;
     for (long n0 = s0 * NR; n0 < s1 * NR; n0 += NR)
       for (long m = m0; m < m1; m += mr) {
         const int rows = m1 - m < mr ? (int)(m1 - m) : mr;
-        if (K > 64 && n0 == s0 * NR) prefetch_rows(a, lda, K, m + 8 * mr, m + 9 * mr, r1);
+        if (K > 64 && n0 == s0 * NR) prefetch_rows(a, lda, offs, K, m + 8 * mr, m + 9 * mr, r1);
         if (strip_major) /* the inference convolution's packing, with its epilogue */
-          tile(a + m * lda, lda, bp + n0 * K, 2 * NR, K, y + m * ldy + n0, ldy, rows, bias + n0,
-               res ? res + m * ldy + n0 : 0, relu, mr);
+          tile(offs ? a : a + m * lda, lda, bp + n0 * K, 2 * NR, K, y + m * ldy + n0, ldy, rows,
+               bias + n0, res ? res + m * ldy + n0 : 0, relu, offs ? offs + m : 0, mr);
         else /* the plain product, as the training step uses it */
-          tile(a + m * lda, lda, bp + 2 * n0, 2L * N, K, y + m * ldy + n0, ldy, rows, 0, 0, 0, mr);
+          tile(a + m * lda, lda, bp + 2 * n0, 2L * N, K, y + m * ldy + n0, ldy, rows, 0, 0, 0, 0,
+               mr);
       }
   }
 }
 
-/* The product over every row, each thread a contiguous, equal share of the tiles (of the column
- * strips, for few rows: then in tiles of 7 rows, which divide a 7x7 map's 49, else of 6). b is
+/* Thread t of T's share of the work: rows [r0, r1) of strips [s0, s1), and the tile height; few
+ * rows (a 7x7 or 14x14 map at batch 1) are split by column strips, so that each thread reads
+ * only its part of the weights, which then come from memory (split by rows, every thread would
+ * read all of them); else by rows, in tiles of 7 rows (which divide a 7x7 map's 49) or 6. */
+static inline int share(long M, int N, int t, int T, long *r0, long *r1, long *s0, long *s1) {
+  const long strips = N / NR;
+  const int few = M < COLUMN_SPLIT_ROWS && strips >= T, mr = few ? MR : 6;
+  const long tiles = (M + mr - 1) / mr;
+  *r0 = 0, *r1 = M, *s0 = 0, *s1 = strips;
+  if (few) {
+    *s0 = strips * t / T;
+    *s1 = strips * (t + 1) / T;
+  } else {
+    *r0 = tiles * t / T * mr;
+    *r1 = tiles * (t + 1) / T * mr;
+    if (*r1 > M) *r1 = M;
+  }
+  return mr;
+}
+
+static int shape_refused(long M, int K, int N, long lda, long ldy, int threads) {
+  return M < 0 || K < 2 || K % 2 || N < NR || N % NR || lda < K || ldy < N || threads < 1;
+}
+
+/* The product over every row, each thread a contiguous, equal share of the tiles (`share`). b is
  * bp[K/2][N][2] for the plain product; `strip_major` (the inference convolution's) takes it as
  * pointwise_conv_bf16 does, with `bias`: each stored value is then relu?(sum + bias[n] +
  * res[m][n]) (res, row stride ldy, may be NULL or y: a tile reads its residual before it writes
@@ -129,29 +159,32 @@ static inline __attribute__((always_inline)) void walk(const uint16_t *a, long l
 static int product(const uint16_t *a, long lda, const uint16_t *bp, int strip_major, uint16_t *y,
                    long ldy, long M, int K, int N, const float *bias, const uint16_t *res,
                    int relu, int threads) {
-  if (M < 0 || K < 2 || K % 2 || N < NR || N % NR || lda < K || ldy < N || threads < 1) return 1;
+  if (shape_refused(M, K, N, lda, ldy, threads)) return 1;
 #pragma omp parallel num_threads(threads)
   {
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    const long strips = N / NR;
-    const int few = M < COLUMN_SPLIT_ROWS && strips >= T, mr = few ? MR : 6;
-    const long tiles = (M + mr - 1) / mr;
-    long r0 = 0, r1 = M, s0 = 0, s1 = strips;
-    if (few) {
-      /* Few rows (a 7x7 or 14x14 map at batch 1): each thread takes its share of the column
-       * strips over all rows, so that each reads only its part of the weights, which then come
-       * from memory; split by rows, every thread would read all of them. */
-      s0 = strips * t / T;
-      s1 = strips * (t + 1) / T;
-    } else {
-      r0 = tiles * t / T * mr;
-      r1 = tiles * (t + 1) / T * mr;
-      if (r1 > M) r1 = M;
-    }
-    if (few)
-      walk(a, lda, bp, strip_major, y, ldy, K, N, bias, res, relu, r0, r1, s0, s1, MR);
+    long r0, r1, s0, s1;
+    if (share(M, N, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1, &s0, &s1) == MR)
+      walk(a, lda, bp, strip_major, y, ldy, K, N, bias, res, relu, 0, r0, r1, s0, s1, MR);
     else
-      walk(a, lda, bp, strip_major, y, ldy, K, N, bias, res, relu, r0, r1, s0, s1, 6);
+      walk(a, lda, bp, strip_major, y, ldy, K, N, bias, res, relu, 0, r0, r1, s0, s1, 6);
+  }
+  return 0;
+}
+
+/* `product` of the inference convolution with row m of a at a + offs[m] (a strided input), the
+ * table padded with 9 MR more entries for the prefetches. Its own parallel region: sharing
+ * `product`'s, the plain rows ran 3 % slower. */
+static int strided_product(const uint16_t *a, const long *offs, const uint16_t *bs, uint16_t *y,
+                           long M, int K, int N, const float *bias, const uint16_t *res, int relu,
+                           int threads) {
+  if (shape_refused(M, K, N, K, N, threads)) return 1;
+#pragma omp parallel num_threads(threads)
+  {
+    long r0, r1, s0, s1;
+    if (share(M, N, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1, &s0, &s1) == MR)
+      walk(a, K, bs, 1, y, N, K, N, bias, res, relu, offs, r0, r1, s0, s1, MR);
+    else
+      walk(a, K, bs, 1, y, N, K, N, bias, res, relu, offs, r0, r1, s0, s1, 6);
   }
   return 0;
 }
@@ -161,16 +194,30 @@ int pointwise_gemm_bf16(const uint16_t *a, long lda, const uint16_t *bp, uint16_
   return product(a, lda, bp, 0, y, ldy, M, K, N, 0, 0, 0, threads);
 }
 
-/* A stride-1 1x1 convolution for inference: y = relu?(a b + bias + res), rows of K and N values
- * (channels-last pixels), res NULL or N-value rows (may be y itself). `bs` holds b strip by
- * strip, bs[N/64][K/2][64][2], so that each strip's weights are one contiguous run: at batch 1
- * they come from memory, and strided pair rows (the product's layout) streamed at a fraction of
- * the bandwidth (7x7 layers took 1.3x oneDNN's time, caches cold). Returns as the product. */
+/* A 1x1 convolution for inference: y = relu?(a b + bias + res) over n channels-last h x w maps
+ * of K channels, every `stride`-th pixel of every stride-th row (a projection shortcut's stride
+ * read in place, not gathered into a copy first), y and res (NULL, or y itself) n x ho x wo rows
+ * of N values, ho = (h - 1) / stride + 1. `bs` holds b strip by strip, bs[N/64][K/2][64][2], so
+ * that each strip's weights are one contiguous run: at batch 1 they come from memory, and
+ * strided pair rows (the product's layout) streamed at a fraction of the bandwidth (7x7 layers
+ * took 1.3x oneDNN's time, caches cold). Returns as the product, or 2 if the row table of a
+ * strided one could not be allocated. */
 int pointwise_conv_bf16(const uint16_t *a, const uint16_t *bs, const float *bias,
-                        const uint16_t *res, uint16_t *y, long M, int K, int N, int relu,
-                        int threads) {
-  if (!bias) return 1;
-  return product(a, K, bs, 1, y, N, M, K, N, bias, res, relu, threads);
+                        const uint16_t *res, uint16_t *y, long n, long h, long w, int K, int N,
+                        int stride, int relu, int threads) {
+  if (!bias || n < 0 || h < 1 || w < 1 || stride < 1) return 1;
+  const long ho = (h - 1) / stride + 1, wo = (w - 1) / stride + 1, M = n * ho * wo;
+  if (stride == 1) return product(a, K, bs, 1, y, N, M, K, N, bias, res, relu, threads);
+  long *offs = (long *)malloc(sizeof(long) * (M + 9 * MR));
+  if (!offs) return 2;
+  long m = 0;
+  for (long img = 0; img < n; img++)
+    for (long i = 0; i < ho; i++)
+      for (long j = 0; j < wo; j++) offs[m++] = ((img * h + i * stride) * w + j * stride) * K;
+  for (; m < M + 9 * MR; m++) offs[m] = M ? offs[M - 1] : 0;
+  const int rc = strided_product(a, offs, bs, y, M, K, N, bias, res, relu, threads);
+  free(offs);
+  return rc;
 }
 
 /* 32 consecutive values of a weight row as bf16 (rounded to nearest even from float32). */
