@@ -1,11 +1,13 @@
 """The training fast path's 1×1 convolution: each product by the fastest of oneDNN, one GEMM or ours.
 
 A 1×1 convolution's three training products each have several exact implementations:
-- the forward: oneDNN's convolution, or, at stride 1 with multiples of 64 channels, our bf16
-  product (`resnext.speed.pointwise_gemm`, AVX512-BF16 pair dot products), or in float32 our
-  AVX2 FMA product (`resnext.speed.pointwise_fma`, outputs a multiple of 16, any stride);
+- the forward: oneDNN's convolution, or, with multiples of 64 channels, our bf16 product
+  (`resnext.speed.pointwise_gemm`, AVX512-BF16 pair dot products; at stride 2, a projection
+  shortcut's, on the input's pixels at the stride gathered first), or in float32 our AVX2 FMA
+  product (`resnext.speed.pointwise_fma`, outputs a multiple of 16, any stride);
 - the input gradient: oneDNN's convolution backward, or our product with the weight transposed
-  (in float32 the FMA product, at stride 1 with inputs a multiple of 16);
+  (at stride 2 spread into a zeroed input-sized gradient; in float32 the FMA product, at stride 1
+  with inputs a multiple of 16);
 - the weight gradient dW = Gᵀ·X, with the output gradient G viewed as (N·H·W) × C_out and the
   input X as (N·H·W) × C_in (subsampled first at stride 2): oneDNN's convolution backward, one
   `torch.mm`, our kernel (pixel pairs, float32 sums; C_in a multiple of 64), or on a CPU with
@@ -40,9 +42,10 @@ DTYPES = (torch.bfloat16, torch.float32)
 
 
 def our_product_applies(dtype: torch.dtype, weight: torch.Tensor, stride: int) -> bool:
-    """Whether `kernels/pointwise_gemm.c` computes this convolution and its input gradient."""
+    """Whether `kernels/pointwise_gemm.c` computes this convolution and its input gradient (at
+    any stride: on the pixels at the stride, gathered, and spread back)."""
     return (
-        stride == 1
+        stride >= 1
         and dtype == torch.bfloat16
         and pointwise_gemm.takes(weight.shape[1], weight.shape[0])
         and pointwise_gemm.unavailable_reason() is None
@@ -102,6 +105,23 @@ def from_rows(r: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return r.view(n, h, w, r.shape[1]).permute(0, 3, 1, 2)
 
 
+def subsampled(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """x's pixels a strided 1×1 convolution reads, as a dense channels-last tensor."""
+    if stride == 1:
+        return x
+    return x[:, :, ::stride, ::stride].contiguous(memory_format=torch.channels_last)
+
+
+def spread(dense: torch.Tensor, like: torch.Tensor, stride: int) -> torch.Tensor:
+    """A strided 1×1 convolution's input gradient from its value at the pixels it read (`dense`):
+    zero at every other pixel of an input shaped like `like`."""
+    if stride == 1:
+        return dense
+    dx = torch.zeros_like(like, dtype=dense.dtype, memory_format=torch.channels_last)
+    dx[:, :, ::stride, ::stride] = dense
+    return dx
+
+
 def _matrix(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1])  # (C_out, C_in)
 
@@ -144,7 +164,7 @@ def forward_candidates(
     if our_product_applies(x.dtype, weight, stride):
         # Packed straight from the parameter, rounded to bf16 while packing.
         candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
-            x, pointwise_gemm.pack_forward(weight)
+            subsampled(x, stride), pointwise_gemm.pack_forward(weight)
         )
     if fma_product_applies(x.dtype, w, stride):
         candidates["ours-fma"] = lambda: fma_product(x, w, stride)
@@ -159,8 +179,8 @@ def input_grad_candidates(
     if stride == 1:
         candidates["gemm"] = lambda: gemm_input_grad(grad, w, x)
     if our_product_applies(x.dtype, weight, stride):
-        candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
-            grad, pointwise_gemm.pack_input_grad(weight)
+        candidates["ours"] = lambda: spread(
+            pointwise_gemm.matmul_channels(grad, pointwise_gemm.pack_input_grad(weight)), x, stride
         )
     if stride == 1 and fma_product_applies(grad.dtype, w.transpose(0, 1), 1):
         candidates["ours-fma"] = lambda: fma_product(grad, w.transpose(0, 1), 1)
