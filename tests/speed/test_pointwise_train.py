@@ -264,16 +264,24 @@ def _bottleneck(projection: bool = False) -> nn.Module:
     return block.to(memory_format=torch.channels_last).train()
 
 
-@pytest.mark.parametrize("path", ["onednn", "gemm"])
+@pytest.mark.parametrize("path", ["onednn", "gemm", "ours"])
 @pytest.mark.parametrize("projection", [False, True])
 def test_block_sums_both_input_gradients_in_the_fork(path, projection, monkeypatch) -> None:
+    if path == "ours" and not OUR_PRODUCT:
+        pytest.skip(f"our 1×1 product is unavailable here: {pointwise_gemm.unavailable_reason()}")
     plain = _bottleneck(projection)
     fast = copy.deepcopy(plain)
     use_gemm_weight_grad(fast)
-    forks = []
+    forks, residuals = [], []
     fork = pointwise_train._PointwiseConvFork.apply
     monkeypatch.setattr(
         pointwise_train._PointwiseConvFork, "apply", lambda *a: forks.append(1) or fork(*a)
+    )
+    conv = pointwise_gemm.conv1x1
+    monkeypatch.setattr(
+        pointwise_gemm,
+        "conv1x1",
+        lambda *a, **k: residuals.append(a[4] is not None) or conv(*a, **k),
     )
     # bf16 activations, as the block gets them from the previous block under autocast.
     x = _cl(torch.randn(2, 64, 7, 6, generator=torch.Generator().manual_seed(3)), torch.bfloat16)
@@ -282,6 +290,8 @@ def test_block_sums_both_input_gradients_in_the_fork(path, projection, monkeypat
     with autotune.CHOOSER.prefer(path):
         got = _block_grads(fast, x)
     assert forks == [1]
+    # ours: the fork's input gradient is the one conv1x1 call, the shortcut's gradient added in
+    assert residuals == ([True] if path == "ours" else [])
     # The input's gradient is the sum of the conv1 path's and the shortcut's: a fork that
     # dropped either would be off by the whole of one of them.
     for g, b, w in zip(got, base, want, strict=True):

@@ -192,12 +192,21 @@ def _check_bf16_4d(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
         )
 
 
+def _strips(pairs: torch.Tensor) -> torch.Tensor:
+    k2, n, _ = pairs.shape
+    return pairs.reshape(k2, n // COLUMN_BLOCK, COLUMN_BLOCK, 2).transpose(0, 1).contiguous()
+
+
 def pack_conv(weight: torch.Tensor) -> torch.Tensor:
     """`conv1x1`'s bf16 operand (C_out/64, C_in/2, 64, 2) from a (C_out, C_in, 1, 1) weight:
     `pack_forward`'s pairs, each 64-column strip stored whole, so that it streams in one run."""
-    pairs = pack_forward(weight)
-    k2, n, _ = pairs.shape
-    return pairs.reshape(k2, n // COLUMN_BLOCK, COLUMN_BLOCK, 2).transpose(0, 1).contiguous()
+    return _strips(pack_forward(weight))
+
+
+def pack_conv_input_grad(weight: torch.Tensor) -> torch.Tensor:
+    """`conv1x1`'s operand (C_in/64, C_out/2, 64, 2) for the input gradient of a stride-1 1×1
+    convolution with this (C_out, C_in, 1, 1) weight: conv1x1(grad, it, 0) is that gradient."""
+    return _strips(pack_input_grad(weight))
 
 
 def conv1x1(

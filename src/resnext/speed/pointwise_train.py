@@ -203,15 +203,25 @@ def weight_grad_candidates(
 
 
 def fork_input_grad_candidates(
-    grad: torch.Tensor, shortcut_grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor
+    grad: torch.Tensor,
+    shortcut_grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w: torch.Tensor,
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """The input gradient of a stride-1 1×1 convolution plus the gradient that reached its input
     along the block's shortcut: oneDNN's then an addition (what autograd does for a tensor used
-    twice), or one GEMM that adds the product to the shortcut's gradient as it writes it."""
+    twice), or one product that adds the shortcut's gradient as it writes (one GEMM; in bf16 our
+    product, the sum rounded once)."""
     candidates = {
         "onednn": lambda: _onednn_backward(grad, x, w, 1, 0) + shortcut_grad,
         "gemm": lambda: gemm_input_grad(grad, w, x, add=shortcut_grad),
     }
+    if our_product_applies(grad.dtype, weight, 1) and shortcut_grad.dtype == torch.bfloat16:
+        zero = torch.zeros(weight.shape[1])
+        candidates["ours"] = lambda: pointwise_gemm.conv1x1(
+            grad, pointwise_gemm.pack_conv_input_grad(weight), zero, False, shortcut_grad
+        )
     if fma_product_applies(grad.dtype, w.transpose(0, 1), 1):
         candidates["ours-fma"] = lambda: fma_product(grad, w.transpose(0, 1), 1, shortcut_grad)
     return candidates
@@ -303,7 +313,7 @@ class _PointwiseConvFork(torch.autograd.Function):
             )
         elif want_x:
             shortcut_grad = shortcut_grad.contiguous(memory_format=torch.channels_last)
-            candidates = fork_input_grad_candidates(grad, shortcut_grad, x, w)
+            candidates = fork_input_grad_candidates(grad, shortcut_grad, x, weight, w)
             dx = autotune.run("conv1x1.input_grad+shortcut", key, candidates)
         if want_w:
             dw = _weight_grad(ctx, grad, x, weight, w, 1)
