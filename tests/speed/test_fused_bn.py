@@ -364,3 +364,21 @@ def test_the_avx2_build_refuses_bf16_clearly(build: bn_kernel.Build) -> None:
     assert not bn_kernel.takes(x)  # FusedBatchNorm2d leaves bf16 to torch here
     with pytest.raises(ValueError, match="avx2 build takes"):
         bn_kernel.forward(x, None, None, 1e-5, None, True)
+
+
+@needs_kernel
+def test_update_running_follows_batchnorms_formula_and_refuses_other_dtypes() -> None:
+    g = torch.Generator().manual_seed(5)
+    mean, var = torch.randn(48, generator=g), torch.rand(48, generator=g) + 0.1
+    rm, rv = torch.randn(48, generator=g), torch.rand(48, generator=g) + 0.5
+    # nn.BatchNorm2d's update, by hand in float64: 0.9·old + 0.1·batch, variance × n/(n − 1)
+    want_m = 0.9 * rm.double() + 0.1 * mean.double()
+    want_v = 0.9 * rv.double() + 0.1 * var.double() * 200 / 199
+    got_m, got_v = rm.clone(), rv.clone()
+    assert bn_kernel.update_running(got_m, got_v, mean, var, 0.1, 200)
+    assert rel_err(got_m, want_m) < 1e-6 and rel_err(got_v, want_v) < 1e-6
+    # float64 buffers (or a length mismatch) are left to torch's ops: nothing written
+    m64, v64 = rm.double(), rv.double()
+    assert not bn_kernel.update_running(m64, v64, mean, var, 0.1, 200)
+    assert torch.equal(m64, rm.double()) and torch.equal(v64, rv.double())
+    assert not bn_kernel.update_running(rm.clone(), rv.clone(), mean[:47], var[:47], 0.1, 200)

@@ -68,6 +68,8 @@ def _library_for(build: Build) -> ctypes.CDLL:
     lib.bn_act_forward.restype = _I
     lib.bn_act_backward.argtypes = [_P] * 5 + [_I, _L, _L] + [_P] * 4 + [_I, _P, _P, _I]
     lib.bn_act_backward.restype = _I
+    lib.bn_update_running.argtypes = [_P, _P, _P, _P, _L, _D, _L]
+    lib.bn_update_running.restype = None
     return lib
 
 
@@ -109,7 +111,9 @@ def mask_words(channels: int) -> int:
 
 
 def _vec(v: torch.Tensor | None) -> torch.Tensor | None:
-    return None if v is None else v.detach().to(torch.float32).contiguous()
+    if v is None or (v.dtype == torch.float32 and v.is_contiguous()):
+        return v  # read through data_ptr only: a parameter as it is, no detach op per call
+    return v.detach().to(torch.float32).contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -190,3 +194,31 @@ def backward(
     _check(failed, "bn_act_backward")
     d_residual = (masked if masked is not None else grad) if residual_grad else None
     return dx, dweight, dbias, d_residual
+
+
+def update_running(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    factor: float,
+    count: int,
+) -> bool:
+    """running ← (1 − factor)·running + factor·batch, the variance unbiased over `count` values
+    per channel, in place, as nn.BatchNorm2d does; False (nothing written) unless all four are
+    contiguous float32 CPU vectors of one length."""
+    vectors = (running_mean, running_var, mean, var)
+    n = mean.numel()
+    if any(
+        v.dtype != torch.float32
+        or v.device.type != "cpu"
+        or not v.is_contiguous()
+        or v.numel() != n
+        for v in vectors
+    ):
+        return False
+    _library().bn_update_running(
+        mean.data_ptr(), var.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(), n,
+        factor, count,
+    )  # fmt: skip
+    return True

@@ -113,6 +113,8 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         # The same schedule as nn.BatchNorm2d: a fixed momentum, or a cumulative average if None.
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        if bn_kernel.update_running(self.running_mean, self.running_var, mean, var, factor, count):
+            return
         unbiased = var * count / max(count - 1, 1)
         self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
         self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)

@@ -71,4 +71,17 @@ static void grad_coefficients(const double *sums, const float *weight, const flo
   }
 }
 
+/* The module's running statistics after a training forward, as nn.BatchNorm2d updates them:
+ * running = (1 - factor) * running + factor * batch, with the variance made unbiased (count
+ * values per channel). One call where torch ran five small ops per layer and step. */
+void bn_update_running(const float *mean, const float *var, float *running_mean,
+                       float *running_var, long channels, double factor, long count) {
+  const float f = (float)factor, keep = (float)(1.0 - factor);
+  const float n = (float)count, n1 = (float)(count > 1 ? count - 1 : 1);
+  for (long c = 0; c < channels; ++c) {
+    running_mean[c] = running_mean[c] * keep + f * mean[c];
+    running_var[c] = running_var[c] * keep + f * (var[c] * n / n1);
+  }
+}
+
 #endif
