@@ -43,16 +43,19 @@ def compiler_version(cc: str) -> str:
     return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
 
 
-def local_headers(source: Path) -> list[Path]:
-    """The files `source` includes with `#include "name"` from its own folder, and those they
-    include in turn, each once, in the order first met."""
+def local_headers(source: Path, include_dirs: Sequence[Path] = ()) -> list[Path]:
+    """The files `source` includes with `#include "name"`, and those they include in turn, each
+    once, in the order first met: found as the compiler finds them, in the including file's own
+    folder, else in `include_dirs` (the build's -I folders) in order."""
     found: list[Path] = []
     pending = [source]
     while pending:
-        text = pending.pop(0).read_text()
+        including = pending.pop(0)
+        text = including.read_text()
         for name in re.findall(r'^\s*#\s*include\s*"([^"]+)"', text, flags=re.MULTILINE):
-            path = source.parent / name
-            if path.is_file() and path not in found and path != source:
+            candidates = [including.parent / name, *(Path(d) / name for d in include_dirs)]
+            path = next((c for c in candidates if c.is_file()), None)
+            if path is not None and path not in found and path != source:
                 found.append(path)
                 pending.append(path)
     return found
@@ -67,7 +70,9 @@ def build(
     digest = hashlib.sha256()
     for part in (source.read_bytes(), " ".join([*flags, *libs]).encode(), version.encode()):
         digest.update(part)
-    for header in local_headers(source):  # a changed shared header must rebuild its users
+    include_dirs = [Path(f[2:]) for f in flags if f.startswith("-I") and len(f) > 2]
+    # a changed shared header must rebuild its users, another folder's source's too
+    for header in local_headers(source, include_dirs):
         digest.update(header.name.encode() + header.read_bytes())
     folder = cache_dir() if out_dir is None else out_dir
     target = folder / f"{source.stem}-{digest.hexdigest()[:16]}.so"

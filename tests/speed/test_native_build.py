@@ -84,6 +84,31 @@ def test_a_header_included_by_a_header_rebuilds_too(tmp_path: Path) -> None:
     assert second != first and ctypes.CDLL(str(second)).answer() == 10
 
 
+def test_a_header_found_through_an_include_folder_rebuilds_too(tmp_path: Path) -> None:
+    # another revision's source copied elsewhere, built with -I on the package's kernels: its
+    # shared headers are ours, and a changed one must not leave it on a stale cached library
+    if native.problem(native.compiler) is not None:
+        pytest.skip(f"no C compiler: {native.problem(native.compiler)}")
+    import ctypes
+
+    shared = tmp_path / "kernels"
+    shared.mkdir()
+    header = shared / "value.h"
+    header.write_text("#define VALUE 3\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    source = _source(elsewhere, '#include "value.h"\nint answer(void) { return VALUE; }\n')
+    flags = ("-O2", f"-I{shared}")
+    assert native.local_headers(source) == []
+    assert native.local_headers(source, [shared]) == [header]
+    out = tmp_path / "cache"
+    first = native.build(source, flags, out_dir=out)
+    assert ctypes.CDLL(str(first)).answer() == 3
+    header.write_text("#define VALUE 5\n")
+    second = native.build(source, flags, out_dir=out)
+    assert second != first and ctypes.CDLL(str(second)).answer() == 5
+
+
 def test_load_checks_the_cpu_before_building(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("RESNEXT_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(native.NativeUnavailable, match=r"this CPU lacks \['no-such-flag'\]"):
