@@ -3,15 +3,18 @@
 Usage: .venv/bin/python benchmarks/bench_pointwise_bf16.py [--batch 16] [--rounds 7]
            [--models resnext50_32x4d,resnet50] [--against OLD.c]
 
-Every distinct stride-1 1×1 convolution of the models that `pointwise_gemm.conv1x1` takes (input
-shape, outputs, and whether a residual add follows, taken from the models themselves) is timed
+Every distinct 1×1 convolution of the models that `pointwise_gemm.conv1x1` takes (input shape,
+outputs, stride, and whether a residual add follows, taken from the models themselves) is timed
 both ways with its epilogue, interleaved: oneDNN's fused op on the weight prepacked for the
 input size, as inductor packs it, and ours on `pack_conv`'s weight; a block's last 1×1 adds and
 applies the ReLU over its residual in place, the others apply a ReLU into a new output. Caches
 are warm here (`optimize`'s chooser times each layer cold instead, as a network's batch-1 layers
 find their weights in memory). Weighted by how often each model has each: the models' whole
-stride-1 1×1 time a batch, oneDNN's against ours. `--against` times another source of the
-kernel (`pointwise_gemm.c` of another revision) as a third way, on the same packed weight.
+1×1 time a batch, oneDNN's against ours. A strided one (a projection shortcut) is also timed as
+the kernel ran it before stop 39 ("gathered": its pixels at the stride copied into a dense
+tensor, then the stride-1 product; not in the totals). `--against` times another source of the
+kernel (`pointwise_gemm.c` of another revision, with this revision's signatures: stop 39 on) as
+a third way, on the same packed weight.
 """
 
 from __future__ import annotations
@@ -34,24 +37,22 @@ from resnext.speed.provenance import write_results
 
 
 def taken(counts: Counter[Shape]) -> Counter[Shape]:
-    """The shapes the kernel takes (stride 1, channels in 64s)."""
-    return Counter(
-        {s: k for s, k in counts.items() if s[5] == 1 and pointwise_gemm.takes(s[1], s[2])}
-    )
+    """The shapes the kernel takes (channels in 64s, any stride)."""
+    return Counter({s: k for s, k in counts.items() if pointwise_gemm.takes(s[1], s[2])})
 
 
 def shape_variants(shape: Shape, against: ctypes.CDLL | None = None) -> dict[str, tuple]:
     """oneDNN's and our way of one shape (and `against`'s build of our kernel), as `interleaved`
     takes them."""
-    n, cin, cout, h, w, _, add = shape
-    conv = nn.Conv2d(cin, cout, 1).eval().requires_grad_(False)
+    n, cin, cout, h, w, stride, add = shape
+    conv = nn.Conv2d(cin, cout, 1, stride=stride).eval().requires_grad_(False)
     x = torch.randn(n, cin, h, w, dtype=torch.bfloat16).contiguous(
         memory_format=torch.channels_last
     )
     res = None
     if add:  # written over in place, as in the graph: its values drift from call to call
-        res = torch.randn(n, cout, h, w, dtype=torch.bfloat16)
-        res = res.contiguous(memory_format=torch.channels_last)
+        res = torch.randn(n, cout, (h - 1) // stride + 1, (w - 1) // stride + 1)
+        res = res.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     onednn = _onednn_runner(conv, True, tuple(x.shape), torch.bfloat16)
     packed = pointwise_gemm.pack_conv(conv.weight)
     bias = conv.bias.detach().to(torch.bfloat16).float()  # the bf16 model's bias
@@ -61,11 +62,20 @@ def shape_variants(shape: Shape, against: ctypes.CDLL | None = None) -> dict[str
 
     def ours() -> object:
         if res is None:
-            return torch.ops.resnext.pointwise_conv_bf16(x, packed, bias, 1, True, None)
-        torch.ops.resnext.pointwise_conv_bf16_(x, packed, bias, 1, True, res)
+            return torch.ops.resnext.pointwise_conv_bf16(x, packed, bias, stride, True, None)
+        torch.ops.resnext.pointwise_conv_bf16_(x, packed, bias, stride, True, res)
+        return res
+
+    def gathered() -> object:
+        dense = x[:, :, ::stride, ::stride].contiguous(memory_format=torch.channels_last)
+        if res is None:
+            return torch.ops.resnext.pointwise_conv_bf16(dense, packed, bias, 1, True, None)
+        torch.ops.resnext.pointwise_conv_bf16_(dense, packed, bias, 1, True, res)
         return res
 
     ways = {"onednn": (native, n), "ours": (ours, n)}
+    if stride > 1:
+        ways["gathered"] = (gathered, n)
     if against is not None:
 
         def other() -> object:
@@ -95,7 +105,7 @@ def main() -> int:
     variants_of = functools.partial(shape_variants, against=against)
     layers = time_layers(shapes, variants_of, args.rounds, digits=3)
     ways = ("onednn", "ours") + (("against",) if against is not None else ())
-    totals = model_totals(per_model, layers, ways, "stride-1 1×1s")
+    totals = model_totals(per_model, layers, ways, "1×1s")
     path = write_results(
         args.out, "bench-pointwise-bf16", vars(args), {"layers": layers, "totals": totals}
     )

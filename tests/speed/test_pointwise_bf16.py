@@ -318,3 +318,23 @@ def test_the_eager_path_is_weighed_against_onednn_as_it_runs_there(
         assert len([c for c in fast.pointwise_choices if c.variant.startswith("dot")]) == 8
         assert set(asked) == {backend != "none"}, backend
         asked.clear()
+
+
+@needs_dot
+def test_a_source_with_older_signatures_is_refused_before_any_call(tmp_path) -> None:
+    # ctypes would pass this revision's arguments to its functions: a source without the
+    # signature revision (what pointwise_gemm.c was before stop 39) must not load
+    from resnext.native import NativeUnavailable
+
+    text = pointwise_gemm.SOURCE.read_text()
+    marker = "int pointwise_gemm_abi(void) { return 2; }"
+    assert marker in text
+    old = tmp_path / "pointwise_gemm.c"
+    old.write_text(text.replace(marker, ""))
+    with pytest.raises(NativeUnavailable, match=r"revision 1 \(no pointwise_gemm_abi\)"):
+        pointwise_gemm.load(old)
+    newer = tmp_path / "newer" / "pointwise_gemm.c"
+    newer.parent.mkdir()
+    newer.write_text(text.replace(marker, "int pointwise_gemm_abi(void) { return 3; }"))
+    with pytest.raises(NativeUnavailable, match="revision 3, these bindings' 2"):
+        pointwise_gemm.load(newer)

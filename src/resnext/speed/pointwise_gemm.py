@@ -26,6 +26,7 @@ SOURCE = Path(__file__).with_name("kernels") / "pointwise_gemm.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 COLUMN_BLOCK = 64  # the kernel's register tile is 64 output channels wide
+ABI = 2  # pointwise_gemm_abi() of the sources these bindings call
 
 
 def load(source: Path = SOURCE) -> ctypes.CDLL:
@@ -34,6 +35,13 @@ def load(source: Path = SOURCE) -> ctypes.CDLL:
     # another revision's source includes its headers by name: ours, from this package
     flags = FLAGS if source == SOURCE else (*FLAGS, f"-I{SOURCE.parent}")
     lib = native.load(source, flags, cpu_needs=REQUIRED_FLAGS)
+    # ctypes would call an older source's functions with this revision's arguments
+    abi = getattr(lib, "pointwise_gemm_abi", None)
+    if abi is None or abi() != ABI:
+        raise native.NativeUnavailable(
+            f"{source}: its functions' signatures are revision "
+            f"{'1 (no pointwise_gemm_abi)' if abi is None else abi()}, these bindings' {ABI}"
+        )
     lib.pointwise_gemm_bf16.argtypes = [
         ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
         ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int,

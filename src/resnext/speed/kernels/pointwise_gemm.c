@@ -194,6 +194,10 @@ int pointwise_gemm_bf16(const uint16_t *a, long lda, const uint16_t *bp, uint16_
   return product(a, lda, bp, 0, y, ldy, M, K, N, 0, 0, 0, threads);
 }
 
+/* The revision of the exported functions' signatures: 2 since pointwise_conv_bf16 took the
+ * maps' height, width and stride (a source without this function has the first, M rows). */
+int pointwise_gemm_abi(void) { return 2; }
+
 /* A 1x1 convolution for inference: y = relu?(a b + bias + res) over n channels-last h x w maps
  * of K channels, every `stride`-th pixel of every stride-th row (a projection shortcut's stride
  * read in place, not gathered into a copy first), y and res (NULL, or y itself) n x ho x wo rows
