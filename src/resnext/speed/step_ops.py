@@ -60,7 +60,7 @@ def _gemm_product_flop(args: tuple, out: torch.Tensor) -> int:
 
 
 def _pointwise_product_flop(args: tuple, out: torch.Tensor) -> int:
-    x = args[0]  # args: (x, packed); out: (N, C, H, W)
+    x = args[0]  # args: (x, packed, ...); out: (N, C, H', W')
     return 2 * out.numel() * x.shape[1]
 
 
@@ -78,6 +78,8 @@ KERNEL_SPANS = (
     Instrumented(
         pointwise_gemm, "matmul_channels", "pointwise_gemm (ours)", _pointwise_product_flop
     ),
+    # the fork's input gradient with the shortcut's added in the store (the inference product)
+    Instrumented(pointwise_gemm, "conv1x1", "pointwise_gemm conv (ours)", _pointwise_product_flop),
     Instrumented(pointwise_gemm, "pack_forward", "pointwise_gemm pack (ours)"),
     Instrumented(pointwise_gemm, "pack_input_grad", "pointwise_gemm pack (ours)"),
     Instrumented(pointwise_gemm, "weight_grad", "pointwise_wgrad (ours)", _gemm_wgrad_flop),
