@@ -251,7 +251,7 @@ def run_with_shortcut(
     return y
 
 
-def _in_place(
+def _output_shape(
     x: torch.Tensor,
     packed: torch.Tensor,
     bias: torch.Tensor,
@@ -259,41 +259,16 @@ def _in_place(
     stride: int,
     padding: int,
     relu: bool,
-    residual: torch.Tensor,
-) -> None:
-    run(x, packed, bias, kernel, stride, padding, relu, residual, in_place=True)
+) -> tuple[int, ...]:
+    return output_shape(tuple(x.shape), packed.shape[0] * 16, kernel, stride, padding)
 
 
-def _fake(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor,
-    kernel: int,
-    stride: int,
-    padding: int,
-    relu: bool,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
-    shape = output_shape(tuple(x.shape), packed.shape[0] * 16, kernel, stride, padding)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-
-
-def _fake_in_place(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor,
-    kernel: int,
-    stride: int,
-    padding: int,
-    relu: bool,
-    residual: torch.Tensor,
-) -> None:
-    return None
-
-
-_ARGS = "Tensor x, Tensor packed, Tensor bias, int kernel, int stride, int padding, bool relu"
-operators.define(f"conv_x3({_ARGS}, Tensor? residual) -> Tensor", run, _fake)
-operators.define(f"conv_x3_({_ARGS}, Tensor(a!) residual) -> ()", _in_place, _fake_in_place)
+operators.define_over_residual(
+    "conv_x3",
+    "Tensor x, Tensor packed, Tensor bias, int kernel, int stride, int padding, bool relu",
+    run,
+    _output_shape,
+)
 
 
 def _fake_shortcut(

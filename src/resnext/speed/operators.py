@@ -31,6 +31,38 @@ def define(schema: str, impl: Callable[..., object], fake: Callable[..., object]
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIBRARY)
 
 
+def define_over_residual(
+    name: str,
+    args: str,
+    run: Callable[..., torch.Tensor],
+    output_shape: Callable[..., tuple[int, ...]],
+) -> None:
+    """Define a kernel's two operators: ``resnext::<name>(<args>, Tensor? residual) -> Tensor``
+    and ``<name>_(<args>, Tensor(a!) residual) -> ()``, which writes its result over the residual.
+
+    Both call ``run(*arguments, residual, in_place=...)``; the fakes make a channels-last output
+    of ``output_shape(*arguments)`` like x (the first argument).
+    """
+
+    def functional(*arguments: object) -> torch.Tensor:
+        return run(*arguments)
+
+    def in_place(*arguments: object) -> None:
+        run(*arguments, in_place=True)
+
+    def fake(*arguments: object) -> torch.Tensor:
+        x = arguments[0]
+        assert isinstance(x, torch.Tensor)
+        shape = output_shape(*arguments[:-1])
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+    def fake_in_place(*arguments: object) -> None:
+        return None
+
+    define(f"{name}({args}, Tensor? residual) -> Tensor", functional, fake)
+    define(f"{name}_({args}, Tensor(a!) residual) -> ()", in_place, fake_in_place)
+
+
 def check_no_grad(name: str, *tensors: torch.Tensor | None) -> None:
     """A ValueError naming the operator if grad mode is on and an input requires a gradient."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

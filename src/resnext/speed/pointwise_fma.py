@@ -144,40 +144,15 @@ def run(
     return y
 
 
-def _in_place(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor,
-    stride: int,
-    relu: bool,
-    residual: torch.Tensor,
-) -> None:
-    run(x, packed, bias, stride, relu, residual, in_place=True)
+def _output_shape(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, stride: int, relu: bool
+) -> tuple[int, ...]:
+    return output_shape(tuple(x.shape), packed.shape[0] * PANEL, stride)
 
 
-def _fake(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor,
-    stride: int,
-    relu: bool,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
-    shape = output_shape(tuple(x.shape), packed.shape[0] * PANEL, stride)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-
-
-def _fake_in_place(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor,
-    stride: int,
-    relu: bool,
-    residual: torch.Tensor,
-) -> None:
-    return None
-
-
-_ARGS = "Tensor x, Tensor packed, Tensor bias, int stride, bool relu"
-operators.define(f"pointwise_fma({_ARGS}, Tensor? residual) -> Tensor", run, _fake)
-operators.define(f"pointwise_fma_({_ARGS}, Tensor(a!) residual) -> ()", _in_place, _fake_in_place)
+operators.define_over_residual(
+    "pointwise_fma",
+    "Tensor x, Tensor packed, Tensor bias, int stride, bool relu",
+    run,
+    _output_shape,
+)

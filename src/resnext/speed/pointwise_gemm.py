@@ -285,49 +285,21 @@ def _conv(
     stride: int,
     relu: bool,
     residual: torch.Tensor | None,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    return conv1x1(x, packed, bias, relu, residual, stride=stride)
+    return conv1x1(x, packed, bias, relu, residual, in_place, stride)
 
 
-def _conv_in_place(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor,
-    stride: int,
-    relu: bool,
-    residual: torch.Tensor,
-) -> None:
-    conv1x1(x, packed, bias, relu, residual, in_place=True, stride=stride)
-
-
-def _conv_fake(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor,
-    stride: int,
-    relu: bool,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
+def _output_shape(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, stride: int, relu: bool
+) -> tuple[int, ...]:
     n, _, h, w = x.shape
-    shape = (n, packed.shape[0] * COLUMN_BLOCK, (h - 1) // stride + 1, (w - 1) // stride + 1)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return (n, packed.shape[0] * COLUMN_BLOCK, (h - 1) // stride + 1, (w - 1) // stride + 1)
 
 
-def _conv_fake_in_place(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    bias: torch.Tensor,
-    stride: int,
-    relu: bool,
-    residual: torch.Tensor,
-) -> None:
-    return None
-
-
-_ARGS = "Tensor x, Tensor packed, Tensor bias, int stride, bool relu"
-operators.define(f"pointwise_conv_bf16({_ARGS}, Tensor? residual) -> Tensor", _conv, _conv_fake)
-operators.define(
-    f"pointwise_conv_bf16_({_ARGS}, Tensor(a!) residual) -> ()",
-    _conv_in_place,
-    _conv_fake_in_place,
+operators.define_over_residual(
+    "pointwise_conv_bf16",
+    "Tensor x, Tensor packed, Tensor bias, int stride, bool relu",
+    _conv,
+    _output_shape,
 )
