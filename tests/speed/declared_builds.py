@@ -29,6 +29,14 @@ LOADERS = {
 UNKNOWN_OPTION = ("unrecognized command-line option", "unknown argument", "unrecognized argument")
 
 
+def _answers() -> dict[str, int]:
+    """What a declared function answers when its module calls it while loading: a signature
+    revision the module checks (the real library's is checked by the module's own tests)."""
+    from resnext.speed import pointwise_gemm
+
+    return {"pointwise_gemm_abi": pointwise_gemm.ABI}
+
+
 class Declared:
     """Stands in for a library while its module declares functions on it: notes each name."""
 
@@ -37,18 +45,20 @@ class Declared:
 
     def __getattr__(self, name: str) -> Function:
         self._names.add(name)
-        return Function()
+        return Function(_answers().get(name, 1))
 
 
 class Function:
-    """A declared function: takes argtypes/restype; called (e.g. an AMX permission check), 1."""
+    """A declared function: takes argtypes/restype; called (e.g. an AMX permission check), 1
+    unless `_answers` says otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: int = 1) -> None:
         self.argtypes: list = []
         self.restype = None
+        self._answer = answer
 
     def __call__(self, *args: object) -> int:
-        return 1
+        return self._answer
 
 
 def main(modules: list[str]) -> dict[str, object]:
