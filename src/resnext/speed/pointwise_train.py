@@ -41,12 +41,11 @@ from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dt
 DTYPES = (torch.bfloat16, torch.float32)
 
 
-def our_product_applies(dtype: torch.dtype, weight: torch.Tensor, stride: int) -> bool:
+def our_product_applies(dtype: torch.dtype, weight: torch.Tensor) -> bool:
     """Whether `kernels/pointwise_gemm.c` computes this convolution and its input gradient (at
     any stride: on the pixels at the stride, gathered, and spread back)."""
     return (
-        stride >= 1
-        and dtype == torch.bfloat16
+        dtype == torch.bfloat16
         and pointwise_gemm.takes(weight.shape[1], weight.shape[0])
         and pointwise_gemm.unavailable_reason() is None
     )
@@ -161,7 +160,7 @@ def forward_candidates(
     }
     if stride == 1:
         candidates["gemm"] = lambda: gemm_forward(x, w)
-    if our_product_applies(x.dtype, weight, stride):
+    if our_product_applies(x.dtype, weight):
         # Packed straight from the parameter, rounded to bf16 while packing.
         candidates["ours"] = lambda: pointwise_gemm.matmul_channels(
             subsampled(x, stride), pointwise_gemm.pack_forward(weight)
@@ -178,7 +177,7 @@ def input_grad_candidates(
     candidates = {"onednn": lambda: _onednn_backward(grad, x, w, stride, 0)}
     if stride == 1:
         candidates["gemm"] = lambda: gemm_input_grad(grad, w, x)
-    if our_product_applies(x.dtype, weight, stride):
+    if our_product_applies(x.dtype, weight):
         candidates["ours"] = lambda: spread(
             pointwise_gemm.matmul_channels(grad, pointwise_gemm.pack_input_grad(weight)), x, stride
         )
@@ -217,10 +216,13 @@ def fork_input_grad_candidates(
         "onednn": lambda: _onednn_backward(grad, x, w, 1, 0) + shortcut_grad,
         "gemm": lambda: gemm_input_grad(grad, w, x, add=shortcut_grad),
     }
-    if our_product_applies(grad.dtype, weight, 1) and shortcut_grad.dtype == torch.bfloat16:
-        zero = torch.zeros(weight.shape[1])
+    if our_product_applies(grad.dtype, weight) and shortcut_grad.dtype == torch.bfloat16:
         candidates["ours"] = lambda: pointwise_gemm.conv1x1(
-            grad, pointwise_gemm.pack_conv_input_grad(weight), zero, False, shortcut_grad
+            grad,
+            pointwise_gemm.pack_conv_input_grad(weight),
+            torch.zeros(weight.shape[1]),  # no bias: made only when this way runs
+            False,
+            shortcut_grad,
         )
     if fma_product_applies(grad.dtype, w.transpose(0, 1), 1):
         candidates["ours-fma"] = lambda: fma_product(grad, w.transpose(0, 1), 1, shortcut_grad)
