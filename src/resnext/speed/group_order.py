@@ -10,7 +10,6 @@ the same but the last 1×1's, which adds its terms in another order (float32 rou
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +27,11 @@ from resnext.speed.grouped_swap import (
     fuse_following_relu,
     input_shapes,
     runnable_variants,
-    time_on_random,
+    time_ways_cold,
     traced_call,
 )
 from resnext.speed.measure import cache_evictor
-from resnext.speed.timing_cache import TimingCache, cached, layer_key
+from resnext.speed.timing_cache import TimingCache, layer_key
 
 
 @dataclass(frozen=True)
@@ -159,14 +158,12 @@ def split_group_channels(
             split = grouped_split.SplitGroupedConv3x3(conv)
             others = [FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants]
             ways = [conv, split, *others]
-            measure = functools.partial(
-                time_on_random, ways, shapes[name], example.dtype, repeats, before=evict
-            )  # cold, as `swap_grouped_convs` times them
             key = layer_key("grouped-split", shapes[name], example.dtype, conv, ",".join(variants))
-            native_ms, split_ms, *times = cached(timings, key, len(ways), measure)
-            sandwich = find_sandwich(
-                model, name
-            )  # again: an earlier swap may have traced its block
+            native_ms, split_ms, *times = time_ways_cold(
+                ways, shapes[name], example.dtype, repeats, evict, timings, key
+            )
+            # again: an earlier swap may have traced its block
+            sandwich = find_sandwich(model, name)
             if sandwich is None or (mode != "on" and split_ms >= min([native_ms, *times])):
                 continue
             permute_neighbours(model, sandwich, conv.groups)

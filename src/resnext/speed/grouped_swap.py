@@ -207,6 +207,27 @@ def time_on_random(
     return time_each_ms(fns, x, repeats, before)
 
 
+def time_ways_cold(
+    ways: Sequence[Callable[[torch.Tensor], object]],
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    repeats: int,
+    evict: Callable[[], object],
+    timings: TimingCache | None,
+    key: str,
+) -> list[float]:
+    """Each of a layer's `ways` timed in ms on a random input (`time_on_random`) with the caches
+    emptied by `evict` before each call, or the times `timings` holds under `key`.
+
+    Cold, as the grouped choosers time them: in the network a grouped layer's input, just written
+    by the 1×1 before it, is as cold as evicted (stage 3: 1.44 ms after its 1×1, 1.48 evicted,
+    1.19–1.24 in cache), and in cache oneDNN and the wide pair kernel tied on stage 3, the pick
+    flipping by run.
+    """
+    measure = functools.partial(time_on_random, ways, shape, dtype, repeats, before=evict)
+    return cached(timings, key, len(ways), measure)
+
+
 def input_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
     """The input shape each named submodule sees when `model` runs on `example`.
 
@@ -300,14 +321,10 @@ def swap_grouped_convs(
                 FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants
             ]
             ways = [conv, *candidates]
-            # cold: in the network a grouped layer's input, just written by the 1×1 before it, is as
-            # cold as evicted (stage 3: 1.44 ms after its 1×1, 1.48 evicted, 1.19–1.24 in cache), and
-            # in cache oneDNN and the wide pair kernel tied on stage 3, the pick flipping by run
-            measure = functools.partial(
-                time_on_random, ways, shapes[name], example.dtype, repeats, before=evict
-            )
             key = layer_key("grouped", shapes[name], example.dtype, conv, ",".join(variants))
-            native_ms, *times = cached(timings, key, len(ways), measure)
+            native_ms, *times = time_ways_cold(
+                ways, shapes[name], example.dtype, repeats, evict, timings, key
+            )
             kernel_ms = min(times)
             fast = candidates[times.index(kernel_ms)]
             amx = candidates[variants.index("amx")] if "amx" in variants else None
