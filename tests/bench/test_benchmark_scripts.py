@@ -492,3 +492,21 @@ def test_the_wide_group_bench_takes_the_layers_only_its_kernels_run(
         path.unlink()
     if not taken:
         pytest.skip("this CPU's build takes wide groups in no dtype")
+
+
+def test_the_bf16_1x1_bench_times_a_strided_shortcut_in_place_and_gathered(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    _kernel_source("pointwise_bf16")
+    out = tmp_path / "out"
+    argv = ["--models", "resnext_tiny", "--batch", "1", "--rounds", "1", "--out", str(out)]
+    assert _run_script("bench_pointwise_bf16.py", argv, monkeypatch) == 0
+    (path,) = out.glob("bench-pointwise-bf16-*.json")
+    results = json.loads(path.read_text())["results"]
+    # resnext_tiny's one 1×1 of channels in 64s is its stride-2 projection: the old way (pixels
+    # gathered first) timed beside ours and oneDNN's, and left out of the model's total
+    assert set(results["layers"]) == {"64->128 112x112 s2 +relu"}
+    assert set(results["layers"]["64->128 112x112 s2 +relu"]) == {"onednn", "ours", "gathered"}
+    assert set(results["totals"]["resnext_tiny"]) == {"onednn", "ours"}
