@@ -177,6 +177,33 @@ def test_the_grouped_ab_times_the_bf16_pair_kernels_of_another_source(
     ]  # fmt: skip
 
 
+def test_the_grouped_ab_runs_the_split_kernels_cold_where_they_take_the_layer(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    import json
+
+    from resnext.speed import grouped_split
+
+    source = _kernel_source("grouped_bf16")
+    if grouped_split.unavailable_reason() is not None:
+        pytest.skip(f"split kernels unavailable: {grouped_split.unavailable_reason()}")
+    argv = ["--against", str(source), "--batch", "1", "--rounds", "1", "--split", "--cold"]
+    assert _run_script("bench_grouped_ab.py", [*argv, "--out", str(tmp_path)], monkeypatch) == 1
+    assert "--split: the split-order kernels are bf16 only" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # nothing written
+    argv += ["--dtype", "bf16"]
+    assert _run_script("bench_grouped_ab.py", [*argv, "--out", str(tmp_path)], monkeypatch) == 0
+    (path,) = tmp_path.glob("bench-grouped-ab-*.json")
+    data = json.loads(path.read_text())
+    assert data["config"]["cold"] is True
+    # ResNeXt-50 32x4d: 4 channels per group at 128, 8 at 256; wider groups stay on the pairs
+    kernels = [(r["channels"], r["kernel"]) for r in data["results"]["layers"]]
+    assert kernels == [
+        (128, "split"), (256, "split"), (256, "split"), (512, "pairs or widening"),
+        (512, "pairs or widening"), (1024, "pairs or widening"), (1024, "pairs or widening"),
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("script", "kernel"),
     [

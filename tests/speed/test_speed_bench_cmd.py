@@ -109,6 +109,23 @@ def test_interleaved_median_and_ratios() -> None:
     assert set(timings) == set("abc") and all(len(t.seconds) == 4 for t in timings.values())
 
 
+def test_interleaved_runs_before_ahead_of_each_call_outside_its_time() -> None:
+    import time
+
+    calls: list[str] = []
+
+    def before() -> None:
+        calls.append("evict")
+        time.sleep(0.05)
+
+    timings = interleaved(
+        {"a": (lambda: calls.append("a"), 1)}, rounds=2, iters=3, warmup=1, before=before
+    )
+    # the warm-up call unprepared, then each timed call after its own `before`
+    assert calls == ["a"] + ["evict", "a"] * 6
+    assert all(s < 0.025 for s in timings["a"].seconds)  # the 50 ms sleeps are not counted
+
+
 @pytest.mark.parametrize("bench", [infer_bench, train_bench])
 def test_default_variants_run_no_bf16_where_the_cpu_only_emulates_it(bench) -> None:
     for native in (True, False):

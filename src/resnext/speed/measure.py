@@ -54,6 +54,7 @@ def interleaved(
     rounds: int,
     iters: int,
     warmup: int = 1,
+    before: Callable[[], object] | None = None,
 ) -> dict[str, Timing]:
     """Time each variant (a call and the batch it processes) in alternating rounds.
 
@@ -62,6 +63,8 @@ def interleaved(
     variant further on, so that every variant follows each other equally often: in a fixed order
     the last of three identical fused batch norms ran 7 % faster than the second (A/A run of
     `benchmarks/bench_fused_bn.py`, after torch's batch norm had run first).
+
+    `before` (e.g. a `cache_evictor`'s function) runs before each call, outside its time.
     """
     if rounds < 1 or iters < 1:
         raise ValueError(f"rounds and iters must be >= 1, got {rounds} and {iters}")
@@ -73,8 +76,19 @@ def interleaved(
     for r in range(rounds):
         start = r % len(names)
         for name in names[start:] + names[:start]:
-            timings[name].seconds.append(time_call(variants[name][0], iters))
+            timings[name].seconds.append(_time_after(variants[name][0], iters, before))
     return timings
+
+
+def _time_after(fn: Callable[[], object], iters: int, before: Callable[[], object] | None) -> float:
+    """`time_call`, with `before` run untimed before each call where given."""
+    if before is None:
+        return time_call(fn, iters)
+    total = 0.0
+    for _ in range(iters):
+        before()
+        total += time_call(fn, 1)
+    return total / iters
 
 
 def ratios(timings: Mapping[str, Timing], reference: str) -> dict[str, float]:
