@@ -83,7 +83,7 @@ static inline __m512 block_shuffle(__m512 v, int R, int r) {
     const int oh = (int)(r % Ho);                                                              \
     const T *xn = x + n * (long)H * W * C;                                                     \
     T *yr = y + r * (long)Wo * C;                                                              \
-    RowAhead ahead = row_ahead(xn, H, W, C, sizeof(T), oh, s, (Wo + P - 1) / P);              \
+    RowAhead ahead = row_ahead(xn, H, W, C, sizeof(T), oh, s, (Wo + P - 1) / P, 0);           \
     for (int ow0 = 0; ow0 < Wo; ow0 += P) {                                                    \
       const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
       const int iw0 = ow0 * s - 1;                                                             \
@@ -232,7 +232,7 @@ static inline __attribute__((always_inline)) void pairs_row(
   const int oh = (int)(r % Ho);
   const uint16_t *xn = x + n * (long)H * W * C;
   uint16_t *yr = y + r * (long)Wo * C;
-  RowAhead ahead = row_ahead(xn, H, W, C, 2, oh, s, (long)(C / 32) * ((Wo + P - 1) / P));
+  RowAhead ahead = row_ahead(xn, H, W, C, 2, oh, s, (long)(C / 32) * ((Wo + P - 1) / P), 0);
   for (int ow0 = 0; ow0 < Wo; ow0 += P) {
     const int np = Wo - ow0 < P ? Wo - ow0 : P;
     const int iw0 = ow0 * s - 1;
@@ -355,7 +355,8 @@ static void row_bf16dp_wide(const void *xv, const float *wpv, const float *bias,
   const int oh = (int)(r % Ho);
   const uint16_t *xn = x + n * (long)H * W * C;
   uint16_t *yr = y + r * (long)Wo * C;
-  RowAhead ahead = row_ahead(xn, H, W, C, 2, oh, s, (long)(C / 16 / NB) * ((Wo + PW - 1) / PW));
+  const long tiles = (long)(C / 16 / NB) * ((Wo + PW - 1) / PW);
+  RowAhead ahead = row_ahead(xn, H, W, C, 2, oh, s, tiles, 1);
   for (int ow0 = 0; ow0 < Wo; ow0 += PW) {
     const int np = Wo - ow0 < PW ? Wo - ow0 : PW;
     const int next = (ow0 + PW - 1) * s + 2;

@@ -68,7 +68,7 @@ static inline __m256 swap_blocks(__m256 v) { return _mm256_permute2f128_ps(v, v,
     const int oh = (int)(r % Ho);                                                              \
     const float *xn = x + n * (long)H * W * C;                                                 \
     float *yr = y + r * (long)Wo * C;                                                          \
-    RowAhead ahead = row_ahead(xn, H, W, C, sizeof(float), oh, s, (Wo + P - 1) / P);           \
+    RowAhead ahead = row_ahead(xn, H, W, C, sizeof(float), oh, s, (Wo + P - 1) / P, 0);        \
     for (int ow0 = 0; ow0 < Wo; ow0 += P) {                                                    \
       const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
       const int iw0 = ow0 * s - 1;                                                             \

@@ -99,7 +99,7 @@ static inline __attribute__((always_inline)) void split_row(const uint16_t *x, c
   uint16_t *yr = y + r * (long)Wo * C;
   /* block by block along the row: a block's weights stay in L1 (18 KB with 8 per group; tile by
    * tile over every block instead, 256 channels' 36 KB did not, and ran 1.2x slower) */
-  RowAhead ahead = row_ahead(xn, H, W, C, 2, oh, s, (long)(C / B) * ((Wo + P - 1) / P));
+  RowAhead ahead = row_ahead(xn, H, W, C, 2, oh, s, (long)(C / B) * ((Wo + P - 1) / P), 0);
   for (int b = 0; b < C / B; ++b)
     for (int ow0 = 0; ow0 < Wo; ow0 += P) {
       row_ahead_step(&ahead); /* stride 2: 1.46x faster in cache, 1.54x evicted */
