@@ -365,6 +365,7 @@ static void row_bf16dp_wide(const void *xv, const float *wpv, const float *bias,
       /* this block's line of the next tile's columns, in the rows this output row is the first
        * to read (the row before read the others) */
       prefetch_pixels(xn, H, W, 2L * C, oh * s + 2 - s, oh * s + 1, next, PW * s, 32L * b0, 64);
+      prefetch_outputs(yr, 2L * C, ow0 + PW, PW, Wo, 32L * b0, 64);
       __m512 acc[NB][PW];
 #pragma GCC unroll 4
       for (int v = 0; v < NB; ++v)

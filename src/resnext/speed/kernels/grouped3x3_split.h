@@ -44,6 +44,7 @@ static inline __attribute__((always_inline)) void split_tile(const uint16_t *xn,
    * were read by the row before, and are in cache), this block's channels */
   const int next = (ow0 + P - 1) * s + 2;
   prefetch_pixels(xn, H, W, 2L * C, oh * s + 2 - s, oh * s + 1, next, P * s, 2L * b * B, 2L * B);
+  prefetch_outputs(yr, 2L * C, ow0 + P, P, Wo, 2L * b * B, 2L * B);
   __m512 acc[SPLIT_P][8];
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p)
