@@ -6,7 +6,8 @@ Usage: .venv/bin/python benchmarks/bench_infer_layers.py [--models resnext50_32x
 
 Each model is `optimize`d without a compiled graph (`backend="none"`: the same kernels the
 compiled path calls, one module each) and run `--rounds` times after two warm-up batches, each
-leaf module timed by a clock read in forward hooks (a few microseconds each). Every layer gets
+leaf module timed by a clock read in forward hooks (a few microseconds each); a layer's time and
+the batch's are medians over the rounds. Every layer gets
 its FLOPs from the plain model's convolutions and linear layers of the same name, so its rate
 shows beside its time; layers are summed into kinds (1×1 convolutions, grouped 3×3s, dense
 3×3s, the stem, the rest). With two models, their kinds are printed side by side with the
@@ -17,6 +18,7 @@ model and batch are summed by node type too: a peer's breakdown measured the sam
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -105,15 +107,20 @@ def profile(name: str, batch: int, size: int, dtype: torch.dtype, rounds: int) -
         for _ in range(2):
             fast(x)
         with leaf_timer(fast) as seconds:
-            start = time.perf_counter()
+            batches, by_round = [], []
             for _ in range(rounds):
+                before = dict(seconds)
+                start = time.perf_counter()
                 fast(x)
-            total = (time.perf_counter() - start) / rounds
+                batches.append(time.perf_counter() - start)
+                by_round.append({leaf: s - before.get(leaf, 0.0) for leaf, s in seconds.items()})
+    # medians over the rounds: a mean takes in every burst of load on a shared machine
+    total = statistics.median(batches)
     layers = []
-    for leaf, spent in seconds.items():
+    for leaf in seconds:
         plain = leaf.removeprefix("model.")  # the fast path wraps the model
         kind, flop = flops.get(plain, ("other", 0))
-        ms = 1e3 * spent / rounds
+        ms = 1e3 * statistics.median(r.get(leaf, 0.0) for r in by_round)
         row = {"layer": plain, "module": type(fast.get_submodule(leaf)).__name__, "kind": kind}
         row |= {"ms": ms, "gflops": flop / ms / 1e6 if flop and ms else 0.0}
         layers.append(row)
