@@ -13,7 +13,7 @@ find their weights in memory). Weighted by how often each model has each: the mo
 1×1 time a batch, oneDNN's against ours. A strided one (a projection shortcut) is also timed as
 the kernel ran it before stop 39 ("gathered": its pixels at the stride copied into a dense
 tensor, then the stride-1 product; not in the totals). `--against` times another source of the
-kernel (`pointwise_gemm.c` of another revision, with this revision's signatures: stop 39 on) as
+kernel (`pointwise_gemm.c` of another revision, with this revision's signatures: stop 40 on) as
 a third way, on the same packed weight.
 """
 

@@ -229,9 +229,14 @@ def test_optimize_swaps_every_eligible_1x1_and_computes_the_same_function(
     ones = [
         n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
     ]
-    dots = [c for c in fast.pointwise_choices if c.variant.startswith("dot")]
+    dots = [
+        c for c in fast.pointwise_choices if c.variant.startswith("dot") and "+sh" not in c.variant
+    ]
     assert sorted(c.name for c in dots) == sorted(ones)
     assert all(c.chosen == "kernel" for c in dots)
+    # then each stage's projection into its first block's last 1×1 ('on': all three)
+    fused = [c.name for c in fast.pointwise_choices if c.variant == "dot+shortcut"]
+    assert fused == ["layer1.0.conv3", "layer2.0.conv3", "layer3.0.conv3"]
     assert not any(c.variant.startswith("dot") for c in plain.pointwise_choices)
     in_place = [c for c in dots if c.variant.endswith("in place")]
     blocks = [c for c in dots if c.name.endswith("conv3")]
@@ -315,7 +320,8 @@ def test_the_eager_path_is_weighed_against_onednn_as_it_runs_there(
     asked.clear()
     for backend in ("none", "inductor"):
         fast = optimize(_Net().eval(), "bf16", backend=backend, example_input=x.float())
-        assert len([c for c in fast.pointwise_choices if c.variant.startswith("dot")]) == 8
+        swapped = [c for c in fast.pointwise_choices if c.variant.startswith("dot")]
+        assert len([c for c in swapped if c.variant != "dot+shortcut"]) == 8
         assert set(asked) == {backend != "none"}, backend
         asked.clear()
 
@@ -327,7 +333,7 @@ def test_a_source_with_older_signatures_is_refused_before_any_call(tmp_path) -> 
     from resnext.native import NativeUnavailable
 
     text = pointwise_gemm.SOURCE.read_text()
-    marker = "int pointwise_gemm_abi(void) { return 2; }"
+    marker = "int pointwise_gemm_abi(void) { return 3; }"
     assert marker in text
     old = tmp_path / "pointwise_gemm.c"
     old.write_text(text.replace(marker, ""))
@@ -335,6 +341,12 @@ def test_a_source_with_older_signatures_is_refused_before_any_call(tmp_path) -> 
         pointwise_gemm.load(old)
     newer = tmp_path / "newer" / "pointwise_gemm.c"
     newer.parent.mkdir()
-    newer.write_text(text.replace(marker, "int pointwise_gemm_abi(void) { return 3; }"))
-    with pytest.raises(NativeUnavailable, match="revision 3, these bindings' 2"):
+    newer.write_text(text.replace(marker, "int pointwise_gemm_abi(void) { return 4; }"))
+    with pytest.raises(NativeUnavailable, match="revision 4, these bindings' 3"):
         pointwise_gemm.load(newer)
+    # stop 39's revision, without the shortcut product these bindings declare
+    older = tmp_path / "older" / "pointwise_gemm.c"
+    older.parent.mkdir()
+    older.write_text(text.replace(marker, "int pointwise_gemm_abi(void) { return 2; }"))
+    with pytest.raises(NativeUnavailable, match="revision 2, these bindings' 3"):
+        pointwise_gemm.load(older)

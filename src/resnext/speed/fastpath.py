@@ -22,7 +22,7 @@ from resnext.speed.group_order import split_group_channels
 from resnext.speed.grouped_swap import check_mode, swap_grouped_convs
 from resnext.speed.merged_groups import widen_where_faster
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
-from resnext.speed.shortcut_fusion import fuse_shortcuts, fuse_x3_shortcuts
+from resnext.speed.shortcut_fusion import fuse_dot_shortcuts, fuse_shortcuts, fuse_x3_shortcuts
 from resnext.speed.timing_cache import TimingCache
 
 BACKENDS = ("inductor", "jit", "none")
@@ -369,6 +369,7 @@ def optimize(
         ones = {"in_place": in_place, "timings": timings, "compiled": backend != "none"}
         fma = swap_convs_fma(work, probe, mode=pointwise_fma, **ones)
         fma += swap_convs_dot(work, probe, mode=pointwise_bf16, **ones)
+        fma += fuse_dot_shortcuts(work, probe, mode=pointwise_bf16, timings=timings)
         timings.save()
     elif grouped_kernel == "on" or split_groups == "on":
         switch = "grouped_kernel" if grouped_kernel == "on" else "split_groups"

@@ -26,7 +26,7 @@ SOURCE = Path(__file__).with_name("kernels") / "pointwise_gemm.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 COLUMN_BLOCK = 64  # the kernel's register tile is 64 output channels wide
-ABI = 2  # pointwise_gemm_abi() of the sources these bindings call
+ABI = 3  # pointwise_gemm_abi() of the sources these bindings call
 
 
 def load(source: Path = SOURCE) -> ctypes.CDLL:
@@ -52,9 +52,13 @@ def load(source: Path = SOURCE) -> ctypes.CDLL:
     lib.pointwise_conv_bf16.argtypes = (
         [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int] * 5
     )
+    lib.pointwise_conv_bf16_shortcut.argtypes = (
+        [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int] * 6
+    )
     for fn in (
         lib.pointwise_gemm_bf16,
         lib.pointwise_conv_bf16,
+        lib.pointwise_conv_bf16_shortcut,
         lib.pack_pairs_rows,
         lib.pack_pairs_cols,
         lib.pointwise_wgrad_bf16,
@@ -302,4 +306,96 @@ operators.define_over_residual(
     "Tensor x, Tensor packed, Tensor bias, int stride, bool relu",
     _conv,
     _output_shape,
+)
+
+
+def pack_conv_shortcut(last: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """`conv1x1_shortcut`'s operand from a block's last 1×1 weight (C_out, C1, 1, 1) and its
+    projection's (C_out, C2, 1, 1): both `pack_conv`ed, each strip's pairs of the last 1×1
+    followed by the projection's, (C_out/64, (C1 + C2)/2, 64, 2)."""
+    if last.shape[0] != shortcut.shape[0]:
+        raise ValueError(
+            f"shortcut: expected {last.shape[0]} outputs as the last 1×1 has, got "
+            f"{tuple(shortcut.shape)}"
+        )
+    return torch.cat([pack_conv(last), pack_conv(shortcut)], dim=1).contiguous()
+
+
+def conv1x1_shortcut(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int = 1,
+    relu: bool = True,
+) -> torch.Tensor:
+    """``relu?(conv2d(g, w1) + conv2d(x, w2, stride=stride) + bias)`` in bf16 (float32 sums, one
+    rounding): a block's last 1×1 `w1` and its projection shortcut `w2` as one product, with
+    `packed` = pack_conv_shortcut(w1, w2) and `bias` (float32) the sum of their biases. The
+    projection's output never goes to memory. For inference: no gradient."""
+    operators.check_no_grad("pointwise_conv_bf16_shortcut", g, x)
+    _check_activation("g", g)
+    _check_activation("x", x)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride: expected a positive integer, got {stride!r}")
+    n, k1, h, w = g.shape
+    k2 = x.shape[1]
+    out_h, out_w = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+    if x.shape[0] != n or (out_h, out_w) != (h, w):
+        raise ValueError(
+            f"x: expected {n} images whose {stride}-strided pixels are g's {h}x{w}, got "
+            f"{tuple(x.shape)}"
+        )
+    if (
+        packed.dtype != torch.bfloat16
+        or packed.dim() != 4
+        or packed.shape[1:] != ((k1 + k2) // 2, COLUMN_BLOCK, 2)
+        or k1 % 2
+        or k2 % 2
+        or not packed.is_contiguous()
+    ):
+        raise ValueError(
+            f"packed: expected a pack_conv_shortcut weight (C/{COLUMN_BLOCK}, {(k1 + k2) // 2}, "
+            f"{COLUMN_BLOCK}, 2) for g with {k1} and x with {k2} channels, got {packed.dtype} "
+            f"{tuple(packed.shape)}"
+        )
+    c = packed.shape[0] * COLUMN_BLOCK
+    operators.check_bias(bias, c)
+    g = g.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.empty(n, c, h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    if y.numel():
+        rc = _library().pointwise_conv_bf16_shortcut(
+            g.data_ptr(), x.data_ptr(), packed.data_ptr(), bias.contiguous().data_ptr(),
+            y.data_ptr(), n, x.shape[2], x.shape[3], k1, k2, c, stride, int(relu),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if rc == 2:
+            raise MemoryError("pointwise_conv_bf16_shortcut: could not allocate its row table")
+        if rc != 0:
+            raise ValueError(
+                f"pointwise_conv_bf16_shortcut refused g {tuple(g.shape)} and x "
+                f"{tuple(x.shape)} → {c} channels, stride {stride}"
+            )
+    return y
+
+
+def _shortcut_shape(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    n, _, h, w = g.shape
+    shape = (n, packed.shape[0] * COLUMN_BLOCK, h, w)
+    return g.new_empty(shape).contiguous(memory_format=torch.channels_last)
+
+
+operators.define(
+    "pointwise_conv_bf16_shortcut(Tensor g, Tensor x, Tensor packed, Tensor bias, int stride, "
+    "bool relu) -> Tensor",
+    conv1x1_shortcut,
+    _shortcut_shape,
 )

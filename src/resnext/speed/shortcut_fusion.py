@@ -8,7 +8,8 @@ kernel can accumulate the projection's products onto the last 1×1's (`grouped_a
 `block_amx_shortcut`): the shortcut's output never goes to memory, and one call replaces two. The
 pass times each such block both ways on its real input shape and fuses where that is faster.
 In float32 the same holds for our bf16×3 1×1s (`conv_x3`): the last 1×1 and the projection
-become one product whose depth is both inputs' channels (`fuse_x3_shortcuts`).
+become one product whose depth is both inputs' channels (`fuse_x3_shortcuts`), and in bf16 for
+our pair-dot-product 1×1s on CPUs without AMX (`pointwise_gemm`, `fuse_dot_shortcuts`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from resnext.speed import grouped_amx
+from resnext.speed import grouped_amx, pointwise_gemm
 from resnext.speed.block_fusion import BlockTracer, FusedBlock
-from resnext.speed.conv_x3_swap import ConvX3, X3Tracer
+from resnext.speed.conv_x3_swap import ConvX3, DotConv1x1, X3Tracer
 from resnext.speed.fold import install_graph, module_call_counts
 from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_each_ms
 from resnext.speed.pointwise_fusion import amx_1x1, onednn_conv, single_input
@@ -371,3 +372,79 @@ def fuse_x3_shortcuts(
         return (lambda g, x: last(g, shortcut(x))), ShortcutConvX3(last, shortcut)
 
     return _run_pass(model, example, mode, repeats, _X3, ways, "bf16x3+shortcut", timings)
+
+
+class ShortcutDotConv1x1(nn.Module):
+    """``relu?(last(g) + shortcut(x))`` in bf16 as one pair-dot product (`pointwise_gemm`): a
+    block's last 1×1 (`DotConv1x1`, the add's other operand its residual) and its 1×1 projection
+    shortcut (`DotConv1x1`, read at its stride), their packed weights side by side along each
+    strip's pairs."""
+
+    def __init__(self, last: DotConv1x1, shortcut: DotConv1x1) -> None:
+        super().__init__()
+        if not dot_shortcut_fusable(last, shortcut):
+            raise ValueError(
+                "shortcut: expected a 1×1 DotConv1x1 without ReLU with "
+                f"{last.out_channels} outputs, beside a stride-1 DotConv1x1, got {shortcut} "
+                f"beside {last}"
+            )
+        self.packed = torch.cat([last.packed, shortcut.packed], dim=1).contiguous()
+        self.bias = (last.bias + shortcut.bias).contiguous()
+        self.stride, self.relu = shortcut.stride, last.relu
+        self.channels = (last.in_channels, shortcut.in_channels, last.out_channels)
+
+    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.resnext.pointwise_conv_bf16_shortcut(
+            g, x, self.packed, self.bias, self.stride, self.relu
+        )
+
+    def extra_repr(self) -> str:
+        c, cin, cout = self.channels
+        relu = ", relu" if self.relu else ""
+        return (
+            f"1×1 {c} → {cout} + 1×1 shortcut {cin} → {cout} (stride {self.stride}), bf16 dot{relu}"
+        )
+
+
+def dot_shortcut_fusable(last: nn.Module, shortcut: nn.Module) -> bool:
+    """Whether `pointwise_conv_bf16_shortcut` computes the 1×1 `last` plus the projection
+    `shortcut` (both our bf16 pair-dot 1×1s, whose packings then line up)."""
+    return (
+        isinstance(last, DotConv1x1)
+        and isinstance(shortcut, DotConv1x1)
+        and last.stride == 1
+        and not shortcut.relu
+        and shortcut.out_channels == last.out_channels
+        and last.packed.shape[0] == shortcut.packed.shape[0]
+    )
+
+
+_DOT = _Kind(X3Tracer, DotConv1x1, DotConv1x1, dot_shortcut_fusable, _strided_pixels)
+
+
+def fuse_dot_shortcuts(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    repeats: int = 5,
+    timings: TimingCache | None = None,
+) -> list[LayerChoice]:
+    """Replace, in place, each bf16 projection `DotConv1x1` → last 1×1 `DotConv1x1` pair (the
+    projection the last 1×1's residual) by a `ShortcutDotConv1x1`.
+
+    Run after `swap_convs_dot`. `example` is the model's input (bf16, channels_last). 'auto'
+    times each pair both ways (in turns) and fuses where that is faster; 'on' fuses every pair;
+    'off' changes nothing. Each choice is a `LayerChoice` named after the last 1×1 (native_ms:
+    the projection, then the last 1×1 over it in place; kernel_ms: one call; chosen 'fused' or
+    'separate', variant 'dot+shortcut').
+    """
+    check_mode("pointwise_bf16", mode)
+    if mode == "off" or example.dtype != torch.bfloat16 or pointwise_gemm.unavailable_reason():
+        return []
+
+    def ways(last: nn.Module, shortcut: nn.Module, size: Shape) -> tuple[Runner, nn.Module]:
+        assert isinstance(last, DotConv1x1) and isinstance(shortcut, DotConv1x1)
+        return (lambda g, x: last(g, shortcut(x))), ShortcutDotConv1x1(last, shortcut)
+
+    return _run_pass(model, example, mode, repeats, _DOT, ways, "dot+shortcut", timings)

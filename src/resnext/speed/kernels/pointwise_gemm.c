@@ -35,15 +35,25 @@
 #define COLUMN_SPLIT_ROWS 256
 #endif
 
+/* A second product summed into a tile's sums (a projection shortcut's, `shortcut_product`):
+ * row i of its input at a + offs[i] (offs holding the next tile's rows too), K values. */
+typedef struct {
+  const uint16_t *a;
+  const long *offs;
+  int K;
+} Second;
+
 /* One mr x NR tile of y over all of K (mr 6 or 7, a constant where this is inlined). Rows past
  * `rows` repeat the last row's a (no reads beyond the matrix) and are not stored. Row i of a is at
  * a + i * lda, or with `offs` (a strided convolution's rows) at a + offs[i], offs holding the
- * next tile's rows too. */
+ * next tile's rows too. With `second` (NULL where inlined without), its product over the next
+ * second->K pair rows of b is added before the epilogue. */
 static inline __attribute__((always_inline)) void tile(const uint16_t *a, long lda,
                                                        const uint16_t *b, long b_step, int K,
                                                        uint16_t *y, long ldy, int rows,
                                                        const float *bias, const uint16_t *res,
-                                                       int relu, const long *offs, const int mr) {
+                                                       int relu, const long *offs,
+                                                       const Second *second, const int mr) {
   const uint16_t *arow[MR];
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
@@ -62,8 +72,18 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *a, long l
     _m_prefetchw(y + (i + mr) * ldy + 32);
     _mm_prefetch((const char *)next, _MM_HINT_T0);
     _mm_prefetch((const char *)(next + 32), _MM_HINT_T0);
+    if (second) {
+      const uint16_t *next2 = second->a + second->offs[i + mr];
+      _mm_prefetch((const char *)next2, _MM_HINT_T0);
+      _mm_prefetch((const char *)(next2 + 32), _MM_HINT_T0);
+    }
   }
   dot_pairs(acc, arow, 2, b, b_step, K / 2, mr);
+  if (second) {
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) arow[i] = second->a + second->offs[i < rows ? i : rows - 1];
+    dot_pairs(acc, arow, 2, b + (long)(K / 2) * b_step, b_step, second->K / 2, mr);
+  }
   if (bias) { /* a convolution's epilogue: + bias (+ residual), ReLU, then one rounding */
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
@@ -108,20 +128,27 @@ static inline __attribute__((always_inline)) void walk(const uint16_t *a, long l
                                                        const uint16_t *bp, int strip_major,
                                                        uint16_t *y, long ldy, int K, int N,
                                                        const float *bias, const uint16_t *res,
-                                                       int relu, const long *offs, long r0,
-                                                       long r1, long s0, long s1, const int mr) {
+                                                       int relu, const long *offs,
+                                                       const Second *second, long r0, long r1,
+                                                       long s0, long s1, const int mr) {
+  const long depth = K + (second ? second->K : 0); /* values per packed strip row */
   for (long m0 = r0; m0 < r1; m0 += 8 * mr) {
     const long m1 = m0 + 8 * mr < r1 ? m0 + 8 * mr : r1;
     for (long n0 = s0 * NR; n0 < s1 * NR; n0 += NR)
       for (long m = m0; m < m1; m += mr) {
         const int rows = m1 - m < mr ? (int)(m1 - m) : mr;
         if (K > 64 && n0 == s0 * NR) prefetch_rows(a, lda, offs, K, m + 8 * mr, m + 9 * mr, r1);
+        if (second && second->K > 64 && n0 == s0 * NR)
+          prefetch_rows(second->a, 0, second->offs, second->K, m + 8 * mr, m + 9 * mr, r1);
+        const Second at = {second ? second->a : 0, second ? second->offs + m : 0,
+                           second ? second->K : 0};
         if (strip_major) /* the inference convolution's packing, with its epilogue */
-          tile(offs ? a : a + m * lda, lda, bp + n0 * K, 2 * NR, K, y + m * ldy + n0, ldy, rows,
-               bias + n0, res ? res + m * ldy + n0 : 0, relu, offs ? offs + m : 0, mr);
+          tile(offs ? a : a + m * lda, lda, bp + n0 * depth, 2 * NR, K, y + m * ldy + n0, ldy,
+               rows, bias + n0, res ? res + m * ldy + n0 : 0, relu, offs ? offs + m : 0,
+               second ? &at : 0, mr);
         else /* the plain product, as the training step uses it */
           tile(a + m * lda, lda, bp + 2 * n0, 2L * N, K, y + m * ldy + n0, ldy, rows, 0, 0, 0, 0,
-               mr);
+               0, mr);
       }
   }
 }
@@ -164,9 +191,9 @@ static int product(const uint16_t *a, long lda, const uint16_t *bp, int strip_ma
   {
     long r0, r1, s0, s1;
     if (share(M, N, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1, &s0, &s1) == MR)
-      walk(a, lda, bp, strip_major, y, ldy, K, N, bias, res, relu, 0, r0, r1, s0, s1, MR);
+      walk(a, lda, bp, strip_major, y, ldy, K, N, bias, res, relu, 0, 0, r0, r1, s0, s1, MR);
     else
-      walk(a, lda, bp, strip_major, y, ldy, K, N, bias, res, relu, 0, r0, r1, s0, s1, 6);
+      walk(a, lda, bp, strip_major, y, ldy, K, N, bias, res, relu, 0, 0, r0, r1, s0, s1, 6);
   }
   return 0;
 }
@@ -182,9 +209,9 @@ static int strided_product(const uint16_t *a, const long *offs, const uint16_t *
   {
     long r0, r1, s0, s1;
     if (share(M, N, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1, &s0, &s1) == MR)
-      walk(a, K, bs, 1, y, N, K, N, bias, res, relu, offs, r0, r1, s0, s1, MR);
+      walk(a, K, bs, 1, y, N, K, N, bias, res, relu, offs, 0, r0, r1, s0, s1, MR);
     else
-      walk(a, K, bs, 1, y, N, K, N, bias, res, relu, offs, r0, r1, s0, s1, 6);
+      walk(a, K, bs, 1, y, N, K, N, bias, res, relu, offs, 0, r0, r1, s0, s1, 6);
   }
   return 0;
 }
@@ -195,8 +222,24 @@ int pointwise_gemm_bf16(const uint16_t *a, long lda, const uint16_t *bp, uint16_
 }
 
 /* The revision of the exported functions' signatures: 2 since pointwise_conv_bf16 took the
- * maps' height, width and stride (a source without this function has the first, M rows). */
-int pointwise_gemm_abi(void) { return 2; }
+ * maps' height, width and stride (a source without this function has the first, M rows); 3 since
+ * pointwise_conv_bf16_shortcut exists. */
+int pointwise_gemm_abi(void) { return 3; }
+
+/* Row offsets (in values) of the pixels a stride-s 1x1 convolution reads from n h x w maps of K
+ * channels, one per output pixel, then 9 MR copies of the last for the tiles' prefetches; NULL
+ * if memory runs out. */
+static long *strided_rows(long n, long h, long w, int K, int stride, long M) {
+  const long ho = (h - 1) / stride + 1, wo = (w - 1) / stride + 1;
+  long *offs = (long *)malloc(sizeof(long) * (M + 9 * MR));
+  if (!offs) return 0;
+  long m = 0;
+  for (long img = 0; img < n; img++)
+    for (long i = 0; i < ho; i++)
+      for (long j = 0; j < wo; j++) offs[m++] = ((img * h + i * stride) * w + j * stride) * K;
+  for (; m < M + 9 * MR; m++) offs[m] = M ? offs[M - 1] : 0;
+  return offs;
+}
 
 /* A 1x1 convolution for inference: y = relu?(a b + bias + res) over n channels-last h x w maps
  * of K channels, every `stride`-th pixel of every stride-th row (a projection shortcut's stride
@@ -212,16 +255,41 @@ int pointwise_conv_bf16(const uint16_t *a, const uint16_t *bs, const float *bias
   if (!bias || n < 0 || h < 1 || w < 1 || stride < 1) return 1;
   const long ho = (h - 1) / stride + 1, wo = (w - 1) / stride + 1, M = n * ho * wo;
   if (stride == 1) return product(a, K, bs, 1, y, N, M, K, N, bias, res, relu, threads);
-  long *offs = (long *)malloc(sizeof(long) * (M + 9 * MR));
+  long *offs = strided_rows(n, h, w, K, stride, M);
   if (!offs) return 2;
-  long m = 0;
-  for (long img = 0; img < n; img++)
-    for (long i = 0; i < ho; i++)
-      for (long j = 0; j < wo; j++) offs[m++] = ((img * h + i * stride) * w + j * stride) * K;
-  for (; m < M + 9 * MR; m++) offs[m] = M ? offs[M - 1] : 0;
   const int rc = strided_product(a, offs, bs, y, M, K, N, bias, res, relu, threads);
   free(offs);
   return rc;
+}
+
+/* A block's last 1x1 and its projection shortcut summed in one product, for inference:
+ *   y = relu?(g w1 + x' w2 + bias)
+ * g: n x h x w pixels of K1 channels (the last 1x1's input); x: n x hx x wx pixels of K2
+ * channels, read at `stride` (x' its every stride-th pixel of every stride-th row, h = (hx - 1) /
+ * stride + 1 and the same for w); y: n x h x w pixels of N. bs holds [w1; w2] strip by strip,
+ * bs[N/64][(K1 + K2)/2][64][2] (both packed as pointwise_conv_bf16's, concatenated along the
+ * pairs); bias the sum of both biases. The projection's output never goes to memory, and the
+ * last 1x1 has no residual to read back. Returns 0, 1 for a shape the kernel does not take, 2 if
+ * the row table could not be allocated. */
+int pointwise_conv_bf16_shortcut(const uint16_t *g, const uint16_t *x, const uint16_t *bs,
+                                 const float *bias, uint16_t *y, long n, long hx, long wx, int K1,
+                                 int K2, int N, int stride, int relu, int threads) {
+  if (!bias || n < 0 || hx < 1 || wx < 1 || stride < 1 || K2 < 2 || K2 % 2) return 1;
+  const long h = (hx - 1) / stride + 1, w = (wx - 1) / stride + 1, M = n * h * w;
+  if (shape_refused(M, K1, N, K1, N, threads)) return 1;
+  long *offs = strided_rows(n, hx, wx, K2, stride, M);
+  if (!offs) return 2;
+  const Second second = {x, offs, K2};
+#pragma omp parallel num_threads(threads)
+  {
+    long r0, r1, s0, s1;
+    if (share(M, N, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1, &s0, &s1) == MR)
+      walk(g, K1, bs, 1, y, N, K1, N, bias, 0, relu, 0, &second, r0, r1, s0, s1, MR);
+    else
+      walk(g, K1, bs, 1, y, N, K1, N, bias, 0, relu, 0, &second, r0, r1, s0, s1, 6);
+  }
+  free(offs);
+  return 0;
 }
 
 /* 32 consecutive values of a weight row as bf16 (rounded to nearest even from float32). */
