@@ -9,7 +9,8 @@ kernel can accumulate the projection's products onto the last 1×1's (`grouped_a
 pass times each such block both ways on its real input shape and fuses where that is faster.
 In float32 the same holds for our bf16×3 1×1s (`conv_x3`): the last 1×1 and the projection
 become one product whose depth is both inputs' channels (`fuse_x3_shortcuts`), and in bf16 for
-our pair-dot-product 1×1s on CPUs without AMX (`pointwise_gemm`, `fuse_dot_shortcuts`).
+our pair-dot-product 1×1s on CPUs without AMX (`pointwise_gemm.conv1x1_shortcut`,
+`fuse_dot_shortcuts`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from resnext.speed import grouped_amx, pointwise_gemm
+from resnext.speed import grouped_amx
 from resnext.speed.block_fusion import BlockTracer, FusedBlock
 from resnext.speed.conv_x3_swap import ConvX3, DotConv1x1, X3Tracer
 from resnext.speed.fold import install_graph, module_call_counts
@@ -366,12 +367,20 @@ def fuse_x3_shortcuts(
     check_mode("conv_x3", mode)
     if mode == "off" or example.dtype != torch.float32:
         return []
+    ways = _last_and_shortcut(ShortcutConvX3)
+    return _run_pass(model, example, mode, repeats, _X3, ways, "bf16x3+shortcut", timings)
+
+
+def _last_and_shortcut(
+    fused: Callable[[nn.Module, nn.Module], nn.Module],
+) -> Callable[[nn.Module, nn.Module, Shape], tuple[Runner, nn.Module]]:
+    """`_run_pass`'s ways for a last 1×1 whose residual is its projection: the two modules one
+    after the other, or `fused(last, shortcut)`."""
 
     def ways(last: nn.Module, shortcut: nn.Module, size: Shape) -> tuple[Runner, nn.Module]:
-        assert isinstance(last, ConvX3) and isinstance(shortcut, ConvX3)
-        return (lambda g, x: last(g, shortcut(x))), ShortcutConvX3(last, shortcut)
+        return (lambda g, x: last(g, shortcut(x))), fused(last, shortcut)
 
-    return _run_pass(model, example, mode, repeats, _X3, ways, "bf16x3+shortcut", timings)
+    return ways
 
 
 class ShortcutDotConv1x1(nn.Module):
@@ -415,7 +424,6 @@ def dot_shortcut_fusable(last: nn.Module, shortcut: nn.Module) -> bool:
         and last.stride == 1
         and not shortcut.relu
         and shortcut.out_channels == last.out_channels
-        and last.packed.shape[0] == shortcut.packed.shape[0]
     )
 
 
@@ -440,11 +448,8 @@ def fuse_dot_shortcuts(
     'separate', variant 'dot+shortcut').
     """
     check_mode("pointwise_bf16", mode)
-    if mode == "off" or example.dtype != torch.bfloat16 or pointwise_gemm.unavailable_reason():
+    # no DotConv1x1 (so no site) where swap_convs_dot could not run the kernel
+    if mode == "off" or example.dtype != torch.bfloat16:
         return []
-
-    def ways(last: nn.Module, shortcut: nn.Module, size: Shape) -> tuple[Runner, nn.Module]:
-        assert isinstance(last, DotConv1x1) and isinstance(shortcut, DotConv1x1)
-        return (lambda g, x: last(g, shortcut(x))), ShortcutDotConv1x1(last, shortcut)
-
+    ways = _last_and_shortcut(ShortcutDotConv1x1)
     return _run_pass(model, example, mode, repeats, _DOT, ways, "dot+shortcut", timings)
