@@ -17,6 +17,7 @@ from resnext.speed import stem_fusion
 from resnext.speed.block_fusion import fuse_blocks
 from resnext.speed.capability import bf16_supported
 from resnext.speed.conv_x3_swap import swap_convs_dot, swap_convs_fma, swap_convs_x3
+from resnext.speed.dot_grouped import fuse_dot_pointwise
 from resnext.speed.fold import fold_batchnorm
 from resnext.speed.group_order import split_group_channels
 from resnext.speed.grouped_swap import check_mode, swap_grouped_convs
@@ -230,10 +231,13 @@ def optimize(
     the largest of the example and warm-up shapes and keeps the faster. Which layers got it is in
     the returned module's `grouped_choices` (a list of `LayerChoice`).
 
-    `fuse_pointwise` ('auto', 'on', 'off'; bf16 with the AMX grouped kernel only) computes each
-    bottleneck's first 1×1 convolution and ReLU inside the AMX grouped kernel that consumes them,
-    so that the 1×1's output never goes to memory; 'auto' times each block both ways and fuses
-    where that is faster. The blocks' timings are in `fusion_choices`.
+    `fuse_pointwise` ('auto', 'on', 'off'; bf16 with the AMX grouped kernel, or on CPUs with
+    AVX512-BF16) computes each bottleneck's first 1×1 convolution and ReLU inside the grouped
+    kernel that consumes them: on AMX per image into the grouped kernel's own buffers, so that the
+    1×1's output never goes to memory; on AVX512-BF16 (after `pointwise_bf16` put the 1×1 on our
+    product, `resnext.speed.dot_grouped`) row by row just ahead of the grouped rows that read it,
+    so that they find it in cache. 'auto' times each block both ways and fuses where that is
+    faster. The blocks' timings are in `fusion_choices`.
 
     `fuse_block` ('auto', 'on', 'off'; likewise) then computes the rest of each bottleneck (its
     grouped 3×3, last 1×1, residual add and ReLU) in one AMX kernel, so that the grouped output
@@ -370,6 +374,7 @@ def optimize(
         fma = swap_convs_fma(work, probe, mode=pointwise_fma, **ones)
         fma += swap_convs_dot(work, probe, mode=pointwise_bf16, **ones)
         fma += fuse_dot_shortcuts(work, probe, mode=pointwise_bf16, timings=timings)
+        fusions += fuse_dot_pointwise(work, probe, mode=fuse_pointwise, timings=timings)
         timings.save()
     elif grouped_kernel == "on" or split_groups == "on":
         switch = "grouped_kernel" if grouped_kernel == "on" else "split_groups"

@@ -87,6 +87,12 @@ def _library_for(isa: Isa) -> ctypes.CDLL:
     fn = lib.grouped3x3_nhwc
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
     fn.restype = ctypes.c_int
+    if isa.source == AVX512.source:  # ours only: another revision's may predate it (stop 41)
+        fused = lib.pointwise_grouped3x3_bf16
+        fused.argtypes = (
+            [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
+        )
+        fused.restype = ctypes.c_int
     return lib
 
 
@@ -221,7 +227,22 @@ def run_kernel(
             f"{tuple(x.shape)} {x.dtype} on {x.device}"
         )
     operators.check_no_grad("the grouped kernel", x)
-    c = x.shape[1]
+    packing = packing_of(x.shape[1], groups, stride, packed, bias, x.dtype)
+    return call_kernel(x, packed, bias, groups, stride, relu, packing)
+
+
+def packing_of(
+    channels: int,
+    groups: int,
+    stride: int,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> int:
+    """The C entry's packing number (0 widening, 1 and 2 pairs) for `packed` = pack_weights(w)
+    of this shape, after checking the shape, the packed weight and the bias (a ValueError
+    naming the one that does not fit) for activations of `dtype`."""
+    c = channels  # the messages' name for it
     if not supports(c, groups, stride):
         raise ValueError(
             f"x: {c} channels in {groups} groups with stride {stride} is not a shape the kernel "
@@ -229,10 +250,10 @@ def run_kernel(
         )
     want = packed_numel(c, groups)
     pairs = packed.dtype == torch.bfloat16
-    if pairs and not takes_pairs(c, groups, x.dtype):
+    if pairs and not takes_pairs(c, groups, dtype):
         raise ValueError(
             f"packed: pair-packed (bf16) weights need bf16 activations with 4, 8, 16, 32 or 64 "
-            f"channels per group and C % 32 == 0, got {x.dtype} x with {c} channels in {groups} "
+            f"channels per group and C % 32 == 0, got {dtype} x with {c} channels in {groups} "
             "groups"
         )
     if (
@@ -245,8 +266,7 @@ def run_kernel(
             f"got {packed.dtype} with {packed.numel()}"
         )
     check_bias(bias, c)
-    packing = (1 if c // groups in NARROW_PAIR_CPG else 2) if pairs else 0
-    return call_kernel(x, packed, bias, groups, stride, relu, packing)
+    return (1 if c // groups in NARROW_PAIR_CPG else 2) if pairs else 0
 
 
 def call_kernel(
@@ -272,6 +292,49 @@ def call_kernel(
         )  # fmt: skip
         if rc != 0:
             raise ValueError(f"grouped3x3 kernel refused shape {tuple(x.shape)}, groups={groups}")
+    return y
+
+
+def call_pointwise_kernel(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+    packing: int,
+    ahead: int,
+) -> torch.Tensor:
+    """The fused C entry (a 1×1 + ReLU, then the grouped 3×3 of `packing`) on bf16 arguments
+    already checked (`dot_grouped.run_fused`); `ahead`: the 1×1 pixels computed per step."""
+    n, k, h, w = x.shape
+    c = pointwise_bias.numel()
+    x = x.contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    y = torch.empty(
+        (n, c, output_size(h, stride), output_size(w, stride)),
+        dtype=torch.bfloat16,
+        memory_format=torch.channels_last,
+    )
+    # the 1×1's whole output only where threads share images; else a buffer of theirs holds it
+    mid = None if n % threads == 0 else torch.empty(n * h * w * c, dtype=torch.bfloat16)
+    if y.numel():
+        bias_c = None if bias is None else bias.contiguous()
+        rc = _library().pointwise_grouped3x3_bf16(
+            x.data_ptr(), pointwise.data_ptr(), pointwise_bias.contiguous().data_ptr(), k,
+            None if mid is None else mid.data_ptr(), packed.data_ptr(),
+            None if bias_c is None else bias_c.data_ptr(), y.data_ptr(), packing, n, h, w, c,
+            c // groups, stride, int(relu), ahead, threads,
+        )  # fmt: skip
+        if rc == 2:
+            raise MemoryError("pointwise_grouped3x3_bf16: could not allocate a thread's buffer")
+        if rc != 0:
+            raise ValueError(
+                f"pointwise_grouped3x3_bf16 refused x {tuple(x.shape)} → {c} channels in "
+                f"{groups} groups, stride {stride}, packing {packing}"
+            )
     return y
 
 

@@ -103,7 +103,16 @@ def run_split(
     channels are in `input_order`, with `packed` = pack_weights(w) and `bias` in `output_order`;
     the output's channels are in `output_order`."""
     operators.check_bf16_input("the split grouped kernel", x)
-    c = x.shape[1]
+    check_packed(x.shape[1], groups, stride, packed, bias)
+    return grouped_kernel.call_kernel(x, packed, bias, groups, stride, relu, PACKING)
+
+
+def check_packed(
+    channels: int, groups: int, stride: int, packed: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """A ValueError naming the argument that does not fit unless the split kernels take this
+    shape with `packed` = pack_weights(w) and `bias` in `output_order` (or None)."""
+    c = channels  # the messages' name for it
     if not supports(c, groups, stride):
         raise ValueError(
             f"x: {c} channels in {groups} groups with stride {stride} is not a shape the split "
@@ -117,7 +126,6 @@ def run_split(
             f"grouped_split.pack_weights, got {packed.dtype} with {packed.numel()}"
         )
     check_bias(bias, c)
-    return grouped_kernel.call_kernel(x, packed, bias, groups, stride, relu, PACKING)
 
 
 operators.define(

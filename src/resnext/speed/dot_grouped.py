@@ -1,0 +1,292 @@
+"""A bottleneck's first bf16 1×1 and the grouped 3×3 after it in one kernel call (AVX512-BF16).
+
+Apart, the 1×1 (`DotConv1x1`) writes all of its output (12.8 MB for ResNeXt-50's stage 1 at
+batch 16) before the grouped 3×3 reads it back, by then from memory: in the network each grouped
+layer ran at its cold-cache time, 1.1–1.2× its time in cache (benchmarks/RESULTS.md, stop 40).
+The fused kernel (`pointwise_grouped3x3_bf16` in kernels/grouped3x3.c) has each thread compute
+the 1×1's output rows just before the first of its grouped rows that reads them, so the grouped
+kernel finds them in cache. It runs the same tiles and row kernels as the two calls apart, so
+its output equals theirs bit for bit. `fuse_dot_pointwise` is `optimize`'s pass that puts it in
+where timing says (under `fuse_pointwise`, which fuses the AMX form of the same pair).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from resnext.speed import grouped_kernel, grouped_split, operators, pointwise_gemm
+from resnext.speed.conv_x3_swap import DotConv1x1, X3Tracer
+from resnext.speed.fold import install_graph, module_call_counts
+from resnext.speed.grouped_split import SplitGroupedConv3x3
+from resnext.speed.grouped_swap import (
+    FastGroupedConv3x3,
+    LayerChoice,
+    check_mode,
+    input_shapes,
+    time_on_random,
+)
+from resnext.speed.pointwise_fusion import single_input
+from resnext.speed.timing_cache import TimingCache, cached, layer_key
+
+# The 1×1 pixels computed per step, at least: one block of 8 tiles of 7 rows, as the 1×1's own
+# walk takes them (its weights stay in use). 1, 112 and 224 timed within 0.6 % of it (stop 41).
+AHEAD_PIXELS = 56
+VARIANTS = ("widening", "pairs", "split")  # the grouped kernel forms the fused kernel runs
+NAME = "pointwise_grouped_conv3x3_bf16"
+
+
+def run_fused(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+    split: bool,
+) -> torch.Tensor:
+    """``grouped(relu(conv1x1(x, w1) + pointwise_bias))`` in bf16 for a channels-last `x`, with
+    `pointwise` = pointwise_gemm.pack_conv(w1) and the grouped 3×3 (padding 1, `stride`, then
+    ReLU if `relu`) given as a `FastGroupedConv3x3` holds it: `packed` and `bias` from
+    grouped_kernel.pack_weights, or with `split` from grouped_split.pack_weights (its input and
+    output channels in the split order). For inference: no gradient."""
+    operators.check_bf16_input(NAME, x)
+    k = x.shape[1]
+    block = pointwise_gemm.COLUMN_BLOCK
+    if (
+        pointwise.dtype != torch.bfloat16
+        or pointwise.dim() != 4
+        or pointwise.shape[1:] != (k // 2, block, 2)
+        or k % 2
+        or not pointwise.is_contiguous()
+    ):
+        raise ValueError(
+            f"pointwise: expected a pack_conv weight (C/{block}, {k // 2}, {block}, 2) for x with "
+            f"{k} channels, got {pointwise.dtype} {tuple(pointwise.shape)}"
+        )
+    c = pointwise.shape[0] * block
+    if pointwise_bias is None:
+        raise ValueError(f"pointwise_bias: expected {c} float32 values, got None")
+    operators.check_bias(pointwise_bias, c)
+    if split:
+        grouped_split.check_packed(c, groups, stride, packed, bias)
+        packing = grouped_split.PACKING
+    else:
+        packing = grouped_kernel.packing_of(c, groups, stride, packed, bias, torch.bfloat16)
+    return grouped_kernel.call_pointwise_kernel(
+        x, pointwise, pointwise_bias, packed, bias, groups, stride, relu, packing, AHEAD_PIXELS
+    )
+
+
+def fake_fused(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+    split: bool,
+) -> torch.Tensor:
+    """The output's shape, dtype and layout without running the kernel (for torch.compile)."""
+    return grouped_kernel.output_for(x, stride, pointwise.shape[0] * pointwise_gemm.COLUMN_BLOCK)
+
+
+operators.define(
+    f"{NAME}(Tensor x, Tensor pointwise, Tensor pointwise_bias, Tensor packed, Tensor? bias, "
+    "int groups, int stride, bool relu, bool split) -> Tensor",
+    run_fused,
+    fake_fused,
+)
+
+
+def dot_fusable(pointwise: nn.Module, grouped: nn.Module | None) -> bool:
+    """Whether the fused kernel computes `grouped`(`pointwise`(x)) for these two modules: a
+    stride-1 bf16 1×1 with its ReLU and no residual, then one of our grouped kernels on its
+    output (bf16 activations: `DotConv1x1` exists only in bf16 models)."""
+    return (
+        isinstance(pointwise, DotConv1x1)
+        and isinstance(grouped, FastGroupedConv3x3)
+        and grouped.variant in VARIANTS
+        and pointwise.stride == 1
+        and pointwise.relu
+        and not pointwise.in_place
+        and pointwise.out_channels == grouped.channels
+    )
+
+
+class DotPointwiseGrouped(nn.Module):
+    """``relu(1×1(x))`` on `DotConv1x1`'s product, then our bf16 grouped 3×3, in one kernel call.
+
+    Holds both packed weights as plain attributes (as the two modules do) so that a later
+    ``.to(dtype)`` leaves them packed.
+    """
+
+    def __init__(self, pointwise: DotConv1x1, grouped: FastGroupedConv3x3) -> None:
+        super().__init__()
+        if not dot_fusable(pointwise, grouped):
+            raise ValueError(
+                "pointwise, grouped: expected a stride-1 DotConv1x1 with its ReLU, no residual "
+                f"and the grouped kernel's {getattr(grouped, 'channels', '?')} outputs, then a "
+                f"grouped kernel of variant {VARIANTS}; got {pointwise} before {grouped}"
+            )
+        self.in_channels = pointwise.in_channels
+        self.pointwise_packed, self.pointwise_bias = pointwise.packed, pointwise.bias
+        self.packed, self.bias = grouped.packed, grouped.bias
+        self.groups, self.stride, self.relu = grouped.groups, grouped.stride, grouped.relu
+        self.channels, self.variant = grouped.channels, grouped.variant
+        self.split = isinstance(grouped, SplitGroupedConv3x3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.resnext.pointwise_grouped_conv3x3_bf16(
+            x,
+            self.pointwise_packed,
+            self.pointwise_bias,
+            self.packed,
+            self.bias,
+            self.groups,
+            self.stride,
+            self.relu,
+            self.split,
+        )
+
+    def extra_repr(self) -> str:
+        relu = ", relu=True" if self.relu else ""
+        return (
+            f"1×1 {self.in_channels} → {self.channels} + relu, then grouped 3×3 "
+            f"groups={self.groups}, stride={self.stride}, variant={self.variant}{relu}"
+        )
+
+
+class DotGroupedTracer(X3Tracer):
+    """Keeps our kernel modules, this fusion's included, as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, DotPointwiseGrouped) or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One 1×1 → (identities) → grouped chain inside a traced parent module."""
+
+    parent: str
+    pointwise: str  # child names within the parent
+    grouped: str
+
+
+def _chain(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
+    """From the grouped call's input back to a 1×1 call on one input: [identities..., 1×1],
+    each used only by the next; None if the input is anything else."""
+    chain = []
+    src = single_input(node)
+    while src is not None and len(src.users) == 1 and src.op == "call_module":
+        chain.append(src)
+        module = modules.get(str(src.target))
+        if isinstance(module, DotConv1x1):
+            return chain if single_input(src) is not None else None
+        if not isinstance(module, nn.Identity):
+            return None
+        src = single_input(src)
+    return None
+
+
+def _sites(model: nn.Module) -> list[_Site]:
+    sites = []
+    parents = {
+        name.rpartition(".")[0]
+        for name, module in model.named_modules()
+        if isinstance(module, FastGroupedConv3x3)
+    } - {""}  # a chain is rewritten by replacing its parent, so the root is never one
+    for parent_name in sorted(parents):
+        parent = model.get_submodule(parent_name)
+        try:
+            graph = DotGroupedTracer().trace(parent)
+        except Exception:  # fx raises many kinds of errors on untraceable code
+            continue
+        modules = dict(parent.named_modules())
+        calls = module_call_counts(graph)
+        for node in graph.nodes:
+            grouped = modules.get(str(node.target)) if node.op == "call_module" else None
+            if not isinstance(grouped, FastGroupedConv3x3):
+                continue
+            chain = _chain(node, modules)
+            if chain is None:
+                continue
+            conv = str(chain[-1].target)
+            once = calls[conv] == 1 and calls[str(node.target)] == 1
+            if once and dot_fusable(modules[conv], grouped):
+                sites.append(_Site(parent_name, conv, str(node.target)))
+    return sites
+
+
+def _fuse(model: nn.Module, site: _Site, fused: DotPointwiseGrouped) -> None:
+    """Rewrite the parent's graph: the grouped call reads the 1×1's input; the chain is dropped."""
+    parent = model.get_submodule(site.parent)
+    graph = DotGroupedTracer().trace(parent)
+    modules = dict(parent.named_modules())
+    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.grouped)
+    chain = _chain(node, modules)
+    assert chain is not None and chain[-1].target == site.pointwise
+    node.args = (chain[-1].args[0],)
+    for dead in chain:  # from the grouped call's input down: each is used only by the one before
+        graph.erase_node(dead)
+    install_graph(model, site.parent, graph, site.grouped, fused)
+
+
+def fuse_dot_pointwise(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    repeats: int = 5,
+    timings: TimingCache | None = None,
+) -> list[LayerChoice]:
+    """Replace, in place, each `DotConv1x1` (stride 1, ReLU) → grouped kernel chain by
+    `DotPointwiseGrouped`.
+
+    Run after `swap_convs_dot` and the grouped passes. `example` is the model's input (bf16,
+    channels_last). 'auto' times each chain both ways (in turns, on a random input of its real
+    shape: the separate way writes the 1×1's output and reads it back as in the network) and
+    fuses where that is faster; 'on' fuses every chain; 'off' changes nothing. Each choice is a
+    `LayerChoice` named after the grouped conv (native_ms: the two calls, kernel_ms: the fused
+    one; chosen 'fused' or 'separate', variant 'dot+grouped').
+    """
+    check_mode("fuse_pointwise", mode)
+    # no DotConv1x1 (so no site) where the bf16 1×1 kernel cannot run
+    if mode == "off" or example.dtype != torch.bfloat16:
+        return []
+    sites = _sites(model)
+    if not sites:
+        return []
+    names = [f"{s.parent}.{s.pointwise}" for s in sites]
+    shapes = input_shapes(model, names, example)
+    choices = []
+    for site, name in zip(sites, names, strict=True):
+        if name not in shapes:
+            continue
+        conv = model.get_submodule(name)
+        grouped_name = f"{site.parent}.{site.grouped}"
+        grouped = model.get_submodule(grouped_name)
+        fused = DotPointwiseGrouped(conv, grouped)
+        ways = [lambda x, conv=conv, grouped=grouped: grouped(conv(x)), fused]
+        measure = functools.partial(time_on_random, ways, shapes[name], torch.bfloat16, repeats)
+        key = layer_key("dot+grouped", shapes[name], torch.bfloat16, conv, grouped)
+        separate_ms, fused_ms = cached(timings, key, 2, measure)
+        use = mode == "on" or fused_ms < separate_ms
+        if use:
+            _fuse(model, site, fused)
+        chosen = "fused" if use else "separate"
+        choices.append(
+            LayerChoice(
+                grouped_name, tuple(shapes[name]), separate_ms, fused_ms, chosen, "dot+grouped"
+            )
+        )
+    return choices
