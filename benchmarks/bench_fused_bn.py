@@ -1,7 +1,7 @@
 """Training batch norm + ReLU (+ residual add), forward and backward, per layer: torch against ours.
 
 Usage: .venv/bin/python benchmarks/bench_fused_bn.py [--models resnext50_32x4d] [--batch 16]
-           [--image-size 224] [--rounds 7] [--dtype fp32|bf16] [--against OLD.c]
+           [--image-size 224] [--rounds 7] [--dtype fp32|bf16] [--against OLD.c] [--cold]
 
 One forward of each model records every call its blocks make to a batch norm with its ReLU and
 residual (shape, residual or not, ReLU or not). Each distinct call is then timed in `--dtype`
@@ -10,14 +10,18 @@ backward: torch's `nn.BatchNorm2d` (+ add) (+ ReLU) against
 `FusedBatchNorm2d` on this CPU's build of `kernels/bn_act*.c`, and with `--against` another
 revision of that build's source (e.g. `git show REV:src/resnext/speed/kernels/bn_act_avx2.c >
 /tmp/old.c`). Variants alternate in each round; per-layer medians, ratios, and the network's
-total (each layer's median times its count) are recorded.
+total (each layer's median times its count) are recorded. `--cold` empties the caches before
+each call: in the training step a batch norm's input is the fresh output of a convolution whose
+operands have pushed it out of L2 (stop 39), and alone, repeated, it would sit in cache.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +32,7 @@ import resnext
 from resnext.speed import bn_kernel
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fused_bn import FusedBatchNorm2d, use_fused_batchnorm
-from resnext.speed.measure import interleaved
+from resnext.speed.measure import cache_evictor, interleaved
 from resnext.speed.provenance import write_results
 
 Call = tuple[tuple[int, ...], bool, bool]  # input shape, with a residual, with a ReLU
@@ -99,6 +103,7 @@ def main() -> int:
     )
     parser.add_argument("--against", type=Path, help="another source of this CPU's build")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--cold", action="store_true", help="caches emptied before each call")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     keep_freed_memory()
@@ -118,6 +123,20 @@ def main() -> int:
         if problem is not None:
             print(f"--against {args.against}: {problem}")
             return 1
+    with cache_evictor() as evict:
+        results = run(args, dtype, against, evict if args.cold else None)
+    config = {**vars(args), "against": str(args.against)}
+    print(f"results: {write_results(args.out, 'bench-fused-bn', config, results)}")
+    return 0
+
+
+def run(
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    against: bn_kernel.Build | None,
+    before: Callable[[], object] | None,
+) -> dict[str, object]:
+    """Every model's batch norms timed each way; `before` (if any) runs ahead of each call."""
     results: dict[str, object] = {"build": bn_kernel.BUILD.name, "models": {}}
     for name in args.models.split(","):
         layers = []
@@ -125,7 +144,7 @@ def main() -> int:
         for call, count in sorted(recorded_calls(name, args.batch, args.image_size).items()):
             ways = timed_calls(call, against, dtype)
             runs = {way: (fn, 1) for way, fn in ways.items()}
-            timings = interleaved(runs, rounds=args.rounds, iters=1, warmup=2)
+            timings = interleaved(runs, rounds=args.rounds, iters=1, warmup=2, before=before)
             ms = {way: [1e3 * s for s in t.seconds] for way, t in timings.items()}
             median = {way: statistics.median(t) for way, t in ms.items()}
             speedup = statistics.median(t / o for t, o in zip(ms["torch"], ms["ours"], strict=True))
@@ -154,9 +173,7 @@ def main() -> int:
             + ", ".join(f"{w} {v:.1f} ms" for w, v in totals.items())
             + f"; ours {totals['torch'] / totals['ours']:.2f}× torch"
         )
-    config = {**vars(args), "against": str(args.against)}
-    print(f"results: {write_results(args.out, 'bench-fused-bn', config, results)}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -157,6 +157,35 @@ def test_the_batch_norm_bench_builds_another_source_with_our_headers(tmp_path: P
     assert bn_kernel._library_problem(against) is None
 
 
+@pytest.mark.parametrize("cold", [True, False])
+def test_the_batch_norm_bench_empties_the_caches_before_each_timed_call_when_cold(
+    cold: bool, bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import contextlib
+    import json
+
+    from resnext.speed import bn_kernel, measure
+
+    if bn_kernel.unavailable_reason() is not None:
+        pytest.skip(f"fused batch norm unavailable: {bn_kernel.unavailable_reason()}")
+    evictions = []
+
+    @contextlib.contextmanager
+    def counting_evictor():  # type: ignore[no-untyped-def]
+        yield lambda: evictions.append(1)
+
+    monkeypatch.setattr(measure, "cache_evictor", counting_evictor)
+    out = tmp_path / "out"
+    argv = ["--models", "resnext_tiny", "--batch", "2", "--image-size", "32", "--rounds", "2"]
+    assert _run_script("bench_fused_bn.py", [*argv, "--out", str(out), *(["--cold"] * cold)],
+                       monkeypatch) == 0  # fmt: skip
+    data = json.loads(next(out.glob("bench-fused-bn-*.json")).read_text())
+    layers = data["results"]["models"]["resnext_tiny"]["layers"]
+    assert data["config"]["cold"] is cold and layers
+    # 2 rounds x 2 ways (torch, ours) x each distinct layer; the untimed warm-up calls none
+    assert len(evictions) == (2 * 2 * len(layers) if cold else 0)
+
+
 def test_the_grouped_ab_times_the_bf16_pair_kernels_of_another_source(
     bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -96,17 +97,21 @@ def test_interleaved_median_and_ratios() -> None:
     calls: list[str] = []
     timings = interleaved(
         {name: (lambda name=name: calls.append(name), 4) for name in "abc"},
-        rounds=4,
+        rounds=6,
         iters=1,
         warmup=0,
     )
-    # each round runs every variant once, starting one further on: no fixed neighbours
-    assert calls == list("abcbcacababc")
+    # each round runs every variant once, starting one further on, the second three in reverse
+    rounds = ["".join(calls[i : i + 3]) for i in range(0, 18, 3)]
+    assert rounds == ["abc", "bca", "cab", "cba", "bac", "acb"]
+    # so that within the rounds each variant runs right after each other one equally often
+    after = Counter(r[i : i + 2] for r in rounds for i in range(2))
+    assert after == dict.fromkeys(["ab", "bc", "ca", "cb", "ba", "ac"], 2)
     t = Timing(batch=10, seconds=[0.5, 0.1, 0.2])
     assert t.median_s == 0.2 and t.throughput == pytest.approx(50.0)
     fake = {"x": Timing(2, [1.0]), "y": Timing(2, [0.5])}
     assert ratios(fake, "x") == {"x": 1.0, "y": 2.0}
-    assert set(timings) == set("abc") and all(len(t.seconds) == 4 for t in timings.values())
+    assert set(timings) == set("abc") and all(len(t.seconds) == 6 for t in timings.values())
 
 
 def test_interleaved_runs_before_ahead_of_each_call_outside_its_time() -> None:

@@ -60,9 +60,12 @@ def interleaved(
 
     Rounds alternate between variants so that a burst of load from other processes hits all of
     them alike; the median over rounds is then robust to the bursts. Each round starts one
-    variant further on, so that every variant follows each other equally often: in a fixed order
-    the last of three identical fused batch norms ran 7 % faster than the second (A/A run of
-    `benchmarks/bench_fused_bn.py`, after torch's batch norm had run first).
+    variant further on, and every other n rounds (n variants) go through them in reverse, so that
+    with up to three variants each follows each other equally often: in a fixed order the last of
+    three identical fused batch norms ran 7 % faster than the second (A/A run of
+    `benchmarks/bench_fused_bn.py`, after torch's batch norm had run first), and rotations alone
+    keep the cyclic order (with three, the third always right after the second), which favoured
+    the third by 2–4 % in stop 41's batch-norm runs.
 
     `before` (e.g. a `cache_evictor`'s function) runs before each call, outside its time.
     """
@@ -72,8 +75,8 @@ def interleaved(
         for _ in range(warmup):
             fn()
     timings = {name: Timing(batch) for name, (_, batch) in variants.items()}
-    names = list(variants)
     for r in range(rounds):
+        names = list(variants) if r // len(variants) % 2 == 0 else list(variants)[::-1]
         start = r % len(names)
         for name in names[start:] + names[:start]:
             timings[name].seconds.append(_time_after(variants[name][0], iters, before))
