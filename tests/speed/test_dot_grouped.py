@@ -10,47 +10,19 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from tensor_checks import nhwc, rel_err
+from dot_modules import bf16, pair
+from tensor_checks import rel_err
 from torch import nn
 
 from resnext.errors import ConfigError
 from resnext.speed import dot_grouped, grouped_split, pointwise_gemm
 from resnext.speed.conv_x3_swap import DotConv1x1
 from resnext.speed.dot_grouped import DotPointwiseGrouped, dot_fusable, fuse_dot_pointwise
-from resnext.speed.grouped_split import SplitGroupedConv3x3, input_order, output_order
+from resnext.speed.grouped_split import output_order
 from resnext.speed.grouped_swap import FastGroupedConv3x3
 
 REASON = pointwise_gemm.unavailable_reason() or grouped_split.unavailable_reason()
 needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"bf16 kernels unavailable: {REASON}")
-
-
-def _bf16(t: torch.Tensor) -> torch.Tensor:
-    return nhwc(t.to(torch.bfloat16))
-
-
-def _pair(
-    cin: int, width: int, groups: int, stride: int, variant: str, seed: int
-) -> tuple[DotConv1x1, FastGroupedConv3x3, nn.Conv2d, nn.Conv2d]:
-    """A 1×1 (with its ReLU) on our product and a grouped 3×3 (with its ReLU) of `variant`,
-    and the bf16 convolutions they were made from. For 'split' the 1×1 writes the split input
-    order (its weight rows permuted, as `group_order` does) and the 3×3 writes the output order."""
-    torch.manual_seed(seed)
-    conv1 = nn.Conv2d(cin, width, 1).bfloat16()
-    conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups).bfloat16()
-    with torch.no_grad():
-        conv1.weight.div_(cin**0.5)
-        conv2.weight.div_((9 * width // groups) ** 0.5)
-    pointwise = conv1
-    if variant == "split":
-        order = input_order(width, groups)
-        pointwise = nn.Conv2d(cin, width, 1).bfloat16()
-        with torch.no_grad():
-            pointwise.weight.copy_(conv1.weight[order])
-            pointwise.bias.copy_(conv1.bias[order])
-        grouped: FastGroupedConv3x3 = SplitGroupedConv3x3(conv2, relu=True)
-    else:
-        grouped = FastGroupedConv3x3(conv2, relu=True, dtype=torch.bfloat16, variant=variant)
-    return DotConv1x1(pointwise, relu=True), grouped, conv1, conv2
 
 
 def _float64(x: torch.Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d) -> torch.Tensor:
@@ -90,9 +62,9 @@ def test_equals_the_two_kernels_apart_and_float64(
     ahead: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    pointwise, grouped, conv1, conv2 = _pair(cin, width, groups, stride, variant, seed=h + w + cin)
+    pointwise, grouped, conv1, conv2 = pair(cin, width, groups, stride, variant, seed=h + w + cin)
     fused = DotPointwiseGrouped(pointwise, grouped)
-    x = _bf16(torch.randn(n, cin, h, w))
+    x = bf16(torch.randn(n, cin, h, w))
     before = x.clone()
     monkeypatch.setattr(dot_grouped, "AHEAD_PIXELS", ahead)
     previous = torch.get_num_threads()
@@ -113,9 +85,9 @@ def test_equals_the_two_kernels_apart_and_float64(
 
 
 def _args() -> dict:
-    pointwise, grouped, _, _ = _pair(64, 128, 32, 1, "pairs", seed=0)
+    pointwise, grouped, _, _ = pair(64, 128, 32, 1, "pairs", seed=0)
     return {
-        "x": _bf16(torch.randn(1, 64, 4, 4)),
+        "x": bf16(torch.randn(1, 64, 4, 4)),
         "pointwise": pointwise.packed,
         "pointwise_bias": pointwise.bias,
         "packed": grouped.packed,
@@ -132,7 +104,7 @@ def _args() -> dict:
     "change,message",
     [
         (lambda a: {**a, "x": a["x"].float()}, "x: expected a 4-d bfloat16"),
-        (lambda a: {**a, "x": _bf16(torch.randn(1, 32, 4, 4))}, "pointwise: expected a pack_conv"),
+        (lambda a: {**a, "x": bf16(torch.randn(1, 32, 4, 4))}, "pointwise: expected a pack_conv"),
         (lambda a: {**a, "pointwise_bias": None}, "pointwise_bias: expected 128 float32 values"),
         (lambda a: {**a, "pointwise_bias": torch.randn(64)}, "bias: expected 128 float32 values"),
         (lambda a: {**a, "groups": 4}, "packed: expected a contiguous tensor of"),
@@ -180,12 +152,12 @@ def _model(seed: int) -> tuple[nn.Module, torch.Tensor]:
     """Blocks on 64 channels of 8×8 maps: split order and pairs (fusable), a 1×1 without its
     ReLU, a 1×1 whose output is used twice, and a stride-2 grouped 3×3 (fusable)."""
     torch.manual_seed(seed)
-    split, split_grouped, _, _ = _pair(64, 128, 32, 1, "split", seed)
-    pairs, pairs_grouped, _, _ = _pair(128, 128, 32, 1, "pairs", seed + 1)
+    split, split_grouped, _, _ = pair(64, 128, 32, 1, "split", seed)
+    pairs, pairs_grouped, _, _ = pair(128, 128, 32, 1, "pairs", seed + 1)
     plain = DotConv1x1(nn.Conv2d(128, 128, 1).bfloat16())  # no ReLU
-    _, plain_grouped, _, _ = _pair(128, 128, 32, 1, "pairs", seed + 2)
-    tapped, tapped_grouped, _, _ = _pair(128, 128, 32, 1, "pairs", seed + 3)
-    strided, strided_grouped, _, _ = _pair(128, 128, 32, 2, "pairs", seed + 4)
+    _, plain_grouped, _, _ = pair(128, 128, 32, 1, "pairs", seed + 2)
+    tapped, tapped_grouped, _, _ = pair(128, 128, 32, 1, "pairs", seed + 3)
+    strided, strided_grouped, _, _ = pair(128, 128, 32, 2, "pairs", seed + 4)
     model = nn.Sequential(
         _KernelBlock(split, split_grouped),
         _KernelBlock(pairs, pairs_grouped),
@@ -193,7 +165,7 @@ def _model(seed: int) -> tuple[nn.Module, torch.Tensor]:
         _KernelBlock(tapped, tapped_grouped, tap=True),
         _KernelBlock(strided, strided_grouped),
     ).eval()
-    return model, _bf16(torch.randn(2, 64, 8, 8))
+    return model, bf16(torch.randn(2, 64, 8, 8))
 
 
 @needs_kernels
@@ -229,7 +201,7 @@ def test_auto_fuses_only_where_one_call_is_faster(monkeypatch: pytest.MonkeyPatc
     model, x = _model(31)
 
     def fused_faster_at_stride_1(fns, shape, dtype, repeats, before=None):
-        probe = _bf16(torch.randn(tuple(shape)))
+        probe = bf16(torch.randn(tuple(shape)))
         with torch.no_grad():
             assert torch.equal(fns[0](probe), fns[1](probe))  # both ways run, and agree
         return [2.0, 1.0] if fns[1].stride == 1 else [1.0, 2.0]
@@ -247,7 +219,7 @@ def test_auto_fuses_only_where_one_call_is_faster(monkeypatch: pytest.MonkeyPatc
 
 def test_pass_modes_and_what_is_fusable() -> None:
     model = nn.Sequential(nn.Conv2d(64, 128, 1), nn.ReLU()).eval().bfloat16()
-    x = _bf16(torch.randn(1, 64, 8, 8))
+    x = bf16(torch.randn(1, 64, 8, 8))
     assert fuse_dot_pointwise(model, x, mode="off") == []
     assert fuse_dot_pointwise(model, x.float(), mode="on") == []  # bf16 only
     assert fuse_dot_pointwise(model, x, mode="on") == []  # no kernel modules: no site

@@ -55,6 +55,24 @@ def run_fused(
     ReLU if `relu`) given as a `FastGroupedConv3x3` holds it: `packed` and `bias` from
     grouped_kernel.pack_weights, or with `split` from grouped_split.pack_weights (its input and
     output channels in the split order). For inference: no gradient."""
+    packing = checked_packing(x, pointwise, pointwise_bias, packed, bias, groups, stride, split)
+    return grouped_kernel.call_pointwise_kernel(
+        x, pointwise, pointwise_bias, packed, bias, groups, stride, relu, packing, AHEAD_PIXELS
+    )
+
+
+def checked_packing(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    split: bool,
+) -> int:
+    """The grouped kernel's packing number for `run_fused`'s arguments, after checking them (a
+    ValueError naming the one that does not fit)."""
     operators.check_bf16_input(NAME, x)
     k = x.shape[1]
     block = pointwise_gemm.COLUMN_BLOCK
@@ -75,12 +93,8 @@ def run_fused(
     operators.check_bias(pointwise_bias, c)
     if split:
         grouped_split.check_packed(c, groups, stride, packed, bias)
-        packing = grouped_split.PACKING
-    else:
-        packing = grouped_kernel.packing_of(c, groups, stride, packed, bias, torch.bfloat16)
-    return grouped_kernel.call_pointwise_kernel(
-        x, pointwise, pointwise_bias, packed, bias, groups, stride, relu, packing, AHEAD_PIXELS
-    )
+        return grouped_split.PACKING
+    return grouped_kernel.packing_of(c, groups, stride, packed, bias, torch.bfloat16)
 
 
 def fake_fused(

@@ -17,6 +17,7 @@ from resnext.speed import stem_fusion
 from resnext.speed.block_fusion import fuse_blocks
 from resnext.speed.capability import bf16_supported
 from resnext.speed.conv_x3_swap import swap_convs_dot, swap_convs_fma, swap_convs_x3
+from resnext.speed.dot_block import fuse_dot_blocks
 from resnext.speed.dot_grouped import fuse_dot_pointwise
 from resnext.speed.fold import fold_batchnorm
 from resnext.speed.group_order import split_group_channels
@@ -245,7 +246,11 @@ def optimize(
     residual dead after the block (and the backend is not 'jit'), the block writes over it, as
     oneDNN's 1×1 adds into its residual. A whole bottleneck whose shortcut is a 1×1 projection
     of its input then also takes the projection into the same kernel, its products added onto
-    the last 1×1's, where that is faster. Timings: `block_choices`.
+    the last 1×1's, where that is faster. On CPUs with AVX512-BF16 and no AMX, a stride-1 block
+    with an identity shortcut whose first 1×1 `fuse_pointwise` put in the grouped kernel's call
+    takes its last 1×1 into that call too (`resnext.speed.dot_block`), written over the block's
+    input where it is dead after the block: the grouped rows go to the last 1×1 from a
+    per-thread buffer, not through memory. Timings: `block_choices`.
 
     `conv_x3` ('auto', 'on', 'off'; float32 on CPUs with AMX) computes the dense convolutions
     (the 1×1s, the stem, dense 3×3s), with the ReLU or residual add and ReLU after them, on the
@@ -375,6 +380,7 @@ def optimize(
         fma += swap_convs_dot(work, probe, mode=pointwise_bf16, **ones)
         fma += fuse_dot_shortcuts(work, probe, mode=pointwise_bf16, timings=timings)
         fusions += fuse_dot_pointwise(work, probe, mode=fuse_pointwise, timings=timings)
+        blocks += fuse_dot_blocks(work, probe, mode=fuse_block, timings=timings)
         timings.save()
     elif grouped_kernel == "on" or split_groups == "on":
         switch = "grouped_kernel" if grouped_kernel == "on" else "split_groups"

@@ -93,6 +93,9 @@ def _library_for(isa: Isa) -> ctypes.CDLL:
             [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
         )
         fused.restype = ctypes.c_int
+        block = lib.bottleneck_dot_bf16
+        block.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 9
+        block.restype = ctypes.c_int
     return lib
 
 
@@ -336,6 +339,35 @@ def call_pointwise_kernel(
                 f"{groups} groups, stride {stride}, packing {packing}"
             )
     return y
+
+
+def call_block_kernel(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    last: torch.Tensor,
+    last_bias: torch.Tensor,
+    groups: int,
+    packing: int,
+    ahead: int,
+) -> bool:
+    """The whole-bottleneck C entry on checked bf16 arguments (`dot_grouped.run_block_`), written
+    over the channels-last `x`; False (nothing written) where it does not take the call: images
+    not a multiple of the threads."""
+    n, k, h, w = x.shape
+    c = pointwise_bias.numel()
+    bias_c = None if bias is None else bias.contiguous()
+    rc = _library().bottleneck_dot_bf16(
+        x.data_ptr(), pointwise.data_ptr(), pointwise_bias.contiguous().data_ptr(),
+        packed.data_ptr(), None if bias_c is None else bias_c.data_ptr(), last.data_ptr(),
+        last_bias.contiguous().data_ptr(), packing, n, h, w, k, c, c // groups, ahead,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == 2:
+        raise MemoryError("bottleneck_dot_bf16: could not allocate a thread's buffers")
+    return rc == 0
 
 
 def packed_numel(channels: int, groups: int) -> int:

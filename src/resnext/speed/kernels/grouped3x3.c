@@ -480,16 +480,65 @@ static inline long last_row_read(long r, int H, int Ho, int s) {
   return r / Ho * H + ih;
 }
 
-/* The 1x1's output rows [q0, q1) (each W pixels of C channels) from its input a (K channels):
- * relu(a b + bias), b packed strip by strip as pointwise_conv_bf16 takes it. Tiles of 7 pixels
- * where the rows divide into them (ResNeXt's maps: 56, 28, 14 and 7 wide), else 6. */
-static void pointwise_rows(const uint16_t *a, const uint16_t *bs, const float *bias, uint16_t *mid,
-                           int K, int C, int W, long q0, long q1) {
+/* Rows [q0, q1) (each W pixels) of a 1x1's output y (N channels) from its input a (K channels):
+ * relu(a b + bias [+ res]), b packed strip by strip as pointwise_conv_bf16 takes it; res (NULL,
+ * or y itself) laid out as y. Tiles of 7 pixels where the rows divide into them (ResNeXt's maps:
+ * 56, 28, 14 and 7 wide), else 6. */
+static void pointwise_rows(const uint16_t *a, const uint16_t *bs, const float *bias,
+                           const uint16_t *res, uint16_t *y, int K, int N, int W, long q0,
+                           long q1) {
   if (q0 >= q1) return;
   if (W % MR == 0)
-    walk(a, K, bs, 1, mid, C, K, C, bias, 0, 1, 0, 0, q0 * W, q1 * W, 0, C / NR, MR);
+    walk(a, K, bs, 1, y, N, K, N, bias, res, 1, 0, 0, q0 * W, q1 * W, 0, N / NR, MR);
   else
-    walk(a, K, bs, 1, mid, C, K, C, bias, 0, 1, 0, 0, q0 * W, q1 * W, 0, C / NR, 6);
+    walk(a, K, bs, 1, y, N, K, N, bias, res, 1, 0, 0, q0 * W, q1 * W, 0, N / NR, 6);
+}
+
+/* The grouped row kernel of `packing` (0-3) for bf16 activations, or NULL for a shape it does
+ * not take. */
+static row_fn bf16_row(int packing, int C, int cpg, int s) {
+  if (packing == 0 && grouped3x3_supported(C, cpg, s)) return pick(cpg, 1);
+  if (packing == 1 && grouped3x3_pairs_supported(C, cpg, s))
+    return cpg == 4 ? row_bf16dp_c4 : row_bf16dp_c8;
+  if (packing == 2 && grouped3x3_wide_pairs_supported(C, cpg, s)) return row_bf16dp_wide;
+  if (packing == 3 && grouped3x3_split_supported(C, cpg, s))
+    return cpg == 4 ? row_split_c4 : row_split_c8;
+  return 0;
+}
+
+/* A bottleneck's last 1x1 taken into the image walk (`image_rows`): its packed weight and bias,
+ * and the thread's buffer of one image's grouped rows, which it reads. */
+typedef struct {
+  const uint16_t *bs;
+  const float *bias;
+  uint16_t *rows;
+} Last;
+
+/* One image on one thread: the first 1x1 of an (K channels) into `own` (one image, C channels),
+ * `chunk` rows at a time (at least those the next grouped row needs), each just before the first
+ * grouped row that reads it; the grouped rows into yn, or with `last` into last->rows, and then,
+ * `chunk` rows at a time, the last 1x1 of those with the image's input as its residual, written
+ * over that input (yn == an, K outputs): the rows it writes were all read by the first 1x1. */
+static void image_rows(const uint16_t *an, const uint16_t *bs, const float *bias1, int K,
+                       uint16_t *own, const float *wp, const float *bias2, row_fn row,
+                       uint16_t *yn, int H, int W, int C, int cpg, int s, int relu, long chunk,
+                       const Last *last) {
+  const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
+  long done = 0, done_last = 0;
+  for (int oh = 0; oh < Ho; ++oh) { /* rows of image 0 of (own, yn) */
+    const long need = last_row_read(oh, H, Ho, s) + 1;
+    if (done < need) {
+      long until = done + chunk > need ? done + chunk : need;
+      until = until < H ? until : H;
+      pointwise_rows(an, bs, bias1, 0, own, K, C, W, done, until);
+      done = until;
+    }
+    row(own, wp, bias2, last ? last->rows : yn, H, W, C, cpg, Ho, Wo, s, relu, oh);
+    if (last && (oh + 1 - done_last >= chunk || oh == Ho - 1)) {
+      pointwise_rows(last->rows, last->bs, last->bias, yn, yn, C, K, Wo, done_last, oh + 1);
+      done_last = oh + 1;
+    }
+  }
 }
 
 /* y = grouped 3x3 of relu(conv1x1(a) + bias1), as grouped3x3_nhwc computes it with bf16
@@ -516,17 +565,8 @@ int pointwise_grouped3x3_bf16(const uint16_t *a, const uint16_t *bs, const float
   if (N < 0 || H < 1 || W < 1 || threads < 1 || ahead < 1 || !bias1 || K < 2 || K % 2 ||
       C % NR)
     return -1;
-  row_fn row;
-  if (packing == 0 && grouped3x3_supported(C, cpg, s))
-    row = pick(cpg, 1);
-  else if (packing == 1 && grouped3x3_pairs_supported(C, cpg, s))
-    row = cpg == 4 ? row_bf16dp_c4 : row_bf16dp_c8;
-  else if (packing == 2 && grouped3x3_wide_pairs_supported(C, cpg, s))
-    row = row_bf16dp_wide;
-  else if (packing == 3 && grouped3x3_split_supported(C, cpg, s))
-    row = cpg == 4 ? row_split_c4 : row_split_c8;
-  else
-    return -1;
+  const row_fn row = bf16_row(packing, C, cpg, s);
+  if (!row) return -1;
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
   const long rows = (long)N * Ho, chunk = (ahead + W - 1) / W;
   if (N % threads == 0) {
@@ -536,21 +576,9 @@ int pointwise_grouped3x3_bf16(const uint16_t *a, const uint16_t *bs, const float
       const int T = omp_get_num_threads(), t = omp_get_thread_num();
       uint16_t *own = (uint16_t *)scratch(0, sizeof(uint16_t) * H * W * C);
       failed = !own;
-      for (long n = N * t / T; own && n < N * (t + 1) / T; ++n) {
-        const uint16_t *an = a + n * H * W * K;
-        uint16_t *yn = y + n * Ho * Wo * C;
-        long done = 0;
-        for (int oh = 0; oh < Ho; ++oh) { /* rows of image 0 of (own, yn) */
-          const long need = last_row_read(oh, H, Ho, s) + 1;
-          if (done < need) {
-            long until = done + chunk > need ? done + chunk : need;
-            until = until < H ? until : H;
-            pointwise_rows(an, bs, bias1, own, K, C, W, done, until);
-            done = until;
-          }
-          row(own, wp, bias2, yn, H, W, C, cpg, Ho, Wo, s, relu, oh);
-        }
-      }
+      for (long n = N * t / T; own && n < N * (t + 1) / T; ++n)
+        image_rows(a + n * H * W * K, bs, bias1, K, own, wp, bias2, row, y + n * Ho * Wo * C, H,
+                   W, C, cpg, s, relu, chunk, 0);
     }
     return failed ? 2 : 0;
   }
@@ -568,7 +596,7 @@ int pointwise_grouped3x3_bf16(const uint16_t *a, const uint16_t *bs, const float
       const long f = first_row_read(g1, H, Ho, s);
       shared0 = f > own1 ? own1 : f < own0 ? own0 : f;
     }
-    pointwise_rows(a, bs, bias1, mid, K, C, W, shared0, own1);
+    pointwise_rows(a, bs, bias1, 0, mid, K, C, W, shared0, own1);
 #pragma omp barrier
     long done = own0;
     for (long r = g0; r < g1; ++r) {
@@ -576,11 +604,47 @@ int pointwise_grouped3x3_bf16(const uint16_t *a, const uint16_t *bs, const float
       if (done < need && done < shared0) {
         long until = done + chunk > need ? done + chunk : need;
         until = until < shared0 ? until : shared0;
-        pointwise_rows(a, bs, bias1, mid, K, C, W, done, until);
+        pointwise_rows(a, bs, bias1, 0, mid, K, C, W, done, until);
         done = until;
       }
       row(mid, wp, bias2, y, H, W, C, cpg, Ho, Wo, s, relu, r);
     }
   }
   return 0;
+}
+
+/* A whole stride-1 bottleneck with an identity shortcut, for inference, written over its input:
+ * x = relu(conv1x1_3(g) + bias3 + x) where g = the grouped 3x3 (as pointwise_grouped3x3_bf16,
+ * stride 1, ReLU) of relu(conv1x1_1(x) + bias1); x: N x H x W x K, the middle C channels, bs1 and
+ * bs3 packed as pointwise_conv_bf16 takes them (K -> C and C -> K). Whole images per thread only
+ * (N a multiple of the threads): the grouped rows go into a second buffer of the thread's, one
+ * image, and the last 1x1 takes them `ahead` pixels' worth at a time, so that neither the first
+ * 1x1's output nor the grouped output goes to memory. Returns 0, -1 for a shape it does not take
+ * (the caller then runs pointwise_grouped3x3_bf16 and the last 1x1 apart), or 2 if a buffer
+ * could not be allocated (nothing written). */
+int bottleneck_dot_bf16(uint16_t *x, const uint16_t *bs1, const float *bias1, const float *wp,
+                        const float *bias2, const uint16_t *bs3, const float *bias3, int packing,
+                        int N, int H, int W, int K, int C, int cpg, int ahead, int threads) {
+  const row_fn row = bf16_row(packing, C, cpg, 1);
+  if (!row || N < 0 || H < 1 || W < 1 || threads < 1 || N % threads || ahead < 1 || !bias1 ||
+      !bias3 || K % NR || C % NR)
+    return -1;
+  const long chunk = (ahead + W - 1) / W;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    const int T = omp_get_num_threads(), t = omp_get_thread_num();
+    uint16_t *own = (uint16_t *)scratch(0, sizeof(uint16_t) * H * W * C);
+    const Last last = {bs3, bias3, (uint16_t *)scratch(1, sizeof(uint16_t) * H * W * C)};
+    if (!own || !last.rows) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp barrier /* every thread's buffers, or none written */
+    for (long n = N * t / T; !failed && n < N * (t + 1) / T; ++n) {
+      uint16_t *xn = x + n * H * W * K;
+      image_rows(xn, bs1, bias1, K, own, wp, bias2, row, xn, H, W, C, cpg, 1, 1, chunk, &last);
+    }
+  }
+  return failed ? 2 : 0;
 }

@@ -1,0 +1,280 @@
+"""A whole stride-1 identity bottleneck in one kernel call, written over its input (AVX512-BF16).
+
+After `dot_grouped` fuses a bottleneck's first 1×1 into its grouped 3×3, the grouped output
+still goes to memory (12.8 MB for ResNeXt-50's stage 1 at batch 16) and the last 1×1
+(`DotConv1x1`, its residual the block's input, written over it) reads it back.
+`bottleneck_dot_bf16` (kernels/grouped3x3.c) runs the last 1×1 on each thread's grouped rows a
+few rows behind as they come, from a buffer of the thread's own, one image large, so that the
+grouped output stays in cache too; it writes each output row over the block's input row, which
+the first 1×1 has already read. The same tiles and row kernels as the calls apart: the output
+equals theirs bit for bit. Whole images per thread only; for other batches the operator runs the
+two calls apart. `fuse_dot_blocks` is `optimize`'s pass (under `fuse_block`, which fuses the AMX
+form of the same block).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from resnext.speed import dot_grouped, grouped_kernel, operators, pointwise_gemm
+from resnext.speed.conv_x3_swap import DotConv1x1
+from resnext.speed.dot_grouped import DotGroupedTracer, DotPointwiseGrouped
+from resnext.speed.fold import install_graph, module_call_counts
+from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_on_random
+from resnext.speed.pointwise_fusion import single_input
+from resnext.speed.timing_cache import TimingCache, cached, layer_key
+
+NAME = "bottleneck_dot_bf16_"
+
+
+def run_block_(
+    x: torch.Tensor,
+    pointwise: torch.Tensor,
+    pointwise_bias: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    split: bool,
+    last: torch.Tensor,
+    last_bias: torch.Tensor,
+) -> None:
+    """x = relu(conv1x1(g, w3) + last_bias + x), written over the channels-last bf16 `x`, where
+    g = `dot_grouped.run_fused`(x, pointwise, pointwise_bias, packed, bias, groups, stride 1,
+    ReLU, split) and `last` = pointwise_gemm.pack_conv(w3) (back to x's channels). For
+    inference: no gradient."""
+    operators.check_bf16_input(NAME, x)
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("x: writing in place needs a channels_last tensor")
+    packing = dot_grouped.checked_packing(
+        x, pointwise, pointwise_bias, packed, bias, groups, 1, split
+    )
+    k, c = x.shape[1], pointwise_bias.numel()
+    block = pointwise_gemm.COLUMN_BLOCK
+    if (
+        last.dtype != torch.bfloat16
+        or last.shape != (k // block, c // 2, block, 2)
+        or not last.is_contiguous()
+    ):
+        raise ValueError(
+            f"last: expected a pack_conv weight ({k // block}, {c // 2}, {block}, 2) from the "
+            f"middle {c} channels back to x's {k}, got {last.dtype} {tuple(last.shape)}"
+        )
+    if last_bias is None:
+        raise ValueError(f"last_bias: expected {k} float32 values, got None")
+    operators.check_bias(last_bias, k)
+    ahead = dot_grouped.AHEAD_PIXELS
+    if x.numel() and not grouped_kernel.call_block_kernel(
+        x, pointwise, pointwise_bias, packed, bias, last, last_bias, groups, packing, ahead
+    ):
+        mid = grouped_kernel.call_pointwise_kernel(
+            x, pointwise, pointwise_bias, packed, bias, groups, 1, True, packing, ahead
+        )
+        pointwise_gemm.conv1x1(mid, last, last_bias, relu=True, residual=x, in_place=True)
+
+
+def _fake_block_(*arguments: object) -> None:
+    return None
+
+
+operators.define(
+    f"{NAME}(Tensor(a!) x, Tensor pointwise, Tensor pointwise_bias, Tensor packed, "
+    "Tensor? bias, int groups, bool split, Tensor last, Tensor last_bias) -> ()",
+    run_block_,
+    _fake_block_,
+)
+
+
+def block_fusable(fused: nn.Module, last: nn.Module) -> bool:
+    """Whether `DotBottleneck` computes last(fused(x), x) in place: a stride-1 first 1×1 + grouped
+    3×3 with its ReLU, then a stride-1 `DotConv1x1` with its ReLU written over its residual, back
+    to the block's input channels."""
+    return (
+        isinstance(fused, DotPointwiseGrouped)
+        and isinstance(last, DotConv1x1)
+        and fused.stride == 1
+        and fused.relu
+        and last.stride == 1
+        and last.relu
+        and last.in_place
+        and last.in_channels == fused.channels
+        and last.out_channels == fused.in_channels
+    )
+
+
+class DotBottleneck(nn.Module):
+    """A stride-1 identity bottleneck (first 1×1 + grouped 3×3 as `DotPointwiseGrouped`, then the
+    last 1×1 with the residual and ReLU) in one kernel call, written over its input, which must
+    be dead after the block (the last 1×1 was in place: the pass that made it checked that)."""
+
+    def __init__(self, fused: DotPointwiseGrouped, last: DotConv1x1) -> None:
+        super().__init__()
+        if not block_fusable(fused, last):
+            raise ValueError(
+                "fused, last: expected a stride-1 DotPointwiseGrouped with its ReLU, then a "
+                "stride-1 DotConv1x1 with its ReLU, in place, back to the block's input channels; "
+                f"got {fused} before {last}"
+            )
+        self.fused = fused
+        self.last_packed, self.last_bias = last.packed, last.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.fused
+        torch.ops.resnext.bottleneck_dot_bf16_(
+            x,
+            f.pointwise_packed,
+            f.pointwise_bias,
+            f.packed,
+            f.bias,
+            f.groups,
+            f.split,
+            self.last_packed,
+            self.last_bias,
+        )
+        return x
+
+    def extra_repr(self) -> str:
+        return f"then the last 1×1 {self.fused.channels} → {self.fused.in_channels} + x, relu"
+
+
+class BlockTracer(DotGroupedTracer):
+    """Keeps our kernel modules, this fusion's included, as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, DotBottleneck) or super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One fused first-1×1-and-grouped call → (identities) → last 1×1 (its residual the block's
+    input) inside a traced parent module."""
+
+    parent: str
+    fused: str  # child names within the parent
+    last: str
+
+
+def _chain(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
+    """For a last 1×1 call (main input, residual): [identities..., the fused call] back from its
+    main input, each used only by the next, the fused call reading the residual; else None."""
+    if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    chain = []
+    src = node.args[0]
+    while isinstance(src, fx.Node) and len(src.users) == 1 and src.op == "call_module":
+        chain.append(src)
+        module = modules.get(str(src.target))
+        if isinstance(module, DotPointwiseGrouped):
+            return chain if single_input(src) is node.args[1] else None
+        if not isinstance(module, nn.Identity):
+            return None
+        src = single_input(src)
+    return None
+
+
+def _sites(model: nn.Module) -> list[_Site]:
+    sites = []
+    parents = {
+        name.rpartition(".")[0]
+        for name, module in model.named_modules()
+        if isinstance(module, DotPointwiseGrouped)
+    } - {""}
+    for parent_name in sorted(parents):
+        parent = model.get_submodule(parent_name)
+        try:
+            graph = BlockTracer().trace(parent)
+        except Exception:  # fx raises many kinds of errors on untraceable code
+            continue
+        modules = dict(parent.named_modules())
+        calls = module_call_counts(graph)
+        for node in graph.nodes:
+            last = modules.get(str(node.target)) if node.op == "call_module" else None
+            if not isinstance(last, DotConv1x1):
+                continue
+            chain = _chain(node, modules)
+            if chain is None:
+                continue
+            fused = str(chain[-1].target)
+            once = calls[fused] == 1 and calls[str(node.target)] == 1
+            if once and block_fusable(modules[fused], last):
+                sites.append(_Site(parent_name, fused, str(node.target)))
+    return sites
+
+
+def _fuse(model: nn.Module, site: _Site, block: DotBottleneck) -> None:
+    """Rewrite the parent's graph: one call of the block on its input in place of the chain and
+    the last 1×1."""
+    parent = model.get_submodule(site.parent)
+    graph = BlockTracer().trace(parent)
+    modules = dict(parent.named_modules())
+    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.last)
+    chain = _chain(node, modules)
+    assert chain is not None and chain[-1].target == site.fused
+    with graph.inserting_before(node):
+        call = graph.call_module(site.fused, (node.args[1],))
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+    for dead in chain:  # from the last 1×1's input down: each is used only by the one before
+        graph.erase_node(dead)
+    install_graph(model, site.parent, graph, site.fused, block)
+
+
+def fuse_dot_blocks(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    repeats: int = 5,
+    timings: TimingCache | None = None,
+) -> list[LayerChoice]:
+    """Replace, in place, each `DotPointwiseGrouped` → last `DotConv1x1` (in place over the
+    block's input) by a `DotBottleneck`.
+
+    Run after `dot_grouped.fuse_dot_pointwise`. `example` is the model's input (bf16,
+    channels_last). 'auto' times each block both ways (in turns, each on a fresh copy of a random
+    input of its real shape, as both write over it) and fuses where that is faster; 'on' fuses
+    every block; 'off' changes nothing. Each choice is a `LayerChoice` named after the last 1×1
+    (native_ms: the two calls, kernel_ms: one; chosen 'fused' or 'separate', variant
+    'dot+block').
+    """
+    check_mode("fuse_block", mode)
+    if mode == "off" or example.dtype != torch.bfloat16:
+        return []
+    sites = _sites(model)
+    if not sites:
+        return []
+    names = [f"{s.parent}.{s.fused}" for s in sites]
+    shapes = input_shapes(model, names, example)
+    choices = []
+    for site, name in zip(sites, names, strict=True):
+        if name not in shapes:
+            continue
+        fused, last = model.get_submodule(name), model.get_submodule(f"{site.parent}.{site.last}")
+        block = DotBottleneck(fused, last)
+
+        def separate(x: torch.Tensor, fused: nn.Module = fused, last: nn.Module = last) -> object:
+            x = x.clone()
+            return last(fused(x), x)
+
+        ways = [separate, lambda x, block=block: block(x.clone())]
+        measure = functools.partial(time_on_random, ways, shapes[name], torch.bfloat16, repeats)
+        key = layer_key("dot+block", shapes[name], torch.bfloat16, fused, last)
+        separate_ms, fused_ms = cached(timings, key, 2, measure)
+        use = mode == "on" or fused_ms < separate_ms
+        if use:
+            _fuse(model, site, block)
+        chosen = "fused" if use else "separate"
+        choices.append(
+            LayerChoice(
+                f"{site.parent}.{site.last}",
+                tuple(shapes[name]),
+                separate_ms,
+                fused_ms,
+                chosen,
+                "dot+block",
+            )
+        )
+    return choices
