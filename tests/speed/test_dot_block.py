@@ -15,7 +15,7 @@ from tensor_checks import rel_err
 from torch import nn
 
 from resnext.errors import ConfigError
-from resnext.speed import dot_block, grouped_split, pointwise_gemm
+from resnext.speed import chain_fusion, dot_block, grouped_split, pointwise_gemm
 from resnext.speed.conv_x3_swap import DotConv1x1
 from resnext.speed.dot_block import DotBottleneck, block_fusable, fuse_dot_blocks
 from resnext.speed.dot_grouped import DotPointwiseGrouped
@@ -187,7 +187,7 @@ def test_auto_fuses_only_where_one_call_is_faster(monkeypatch: pytest.MonkeyPatc
         seen.append(1)
         return [2.0, 1.0] if len(seen) == 2 else [1.0, 2.0]
 
-    monkeypatch.setattr(dot_block, "time_on_random", second_block_faster)
+    monkeypatch.setattr(chain_fusion, "time_on_random", second_block_faster)
     choices = fuse_dot_blocks(model, x, mode="auto")
     assert {c.name: c.chosen for c in choices} == {"0.conv3": "separate", "1.conv3": "fused"}
     assert isinstance(model[0].conv2, DotPointwiseGrouped)

@@ -15,7 +15,7 @@ from tensor_checks import rel_err
 from torch import nn
 
 from resnext.errors import ConfigError
-from resnext.speed import dot_grouped, grouped_split, pointwise_gemm
+from resnext.speed import chain_fusion, dot_grouped, grouped_split, pointwise_gemm
 from resnext.speed.conv_x3_swap import DotConv1x1
 from resnext.speed.dot_grouped import DotPointwiseGrouped, dot_fusable, fuse_dot_pointwise
 from resnext.speed.grouped_split import output_order
@@ -206,7 +206,7 @@ def test_auto_fuses_only_where_one_call_is_faster(monkeypatch: pytest.MonkeyPatc
             assert torch.equal(fns[0](probe), fns[1](probe))  # both ways run, and agree
         return [2.0, 1.0] if fns[1].stride == 1 else [1.0, 2.0]
 
-    monkeypatch.setattr(dot_grouped, "time_on_random", fused_faster_at_stride_1)
+    monkeypatch.setattr(chain_fusion, "time_on_random", fused_faster_at_stride_1)
     choices = fuse_dot_pointwise(model, x, mode="auto")
     assert {c.name: c.chosen for c in choices} == {
         "0.conv2": "fused",

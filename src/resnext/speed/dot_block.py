@@ -14,19 +14,15 @@ form of the same block).
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
-from torch import fx, nn
+from torch import nn
 
 from resnext.speed import dot_grouped, grouped_kernel, operators, pointwise_gemm
+from resnext.speed.chain_fusion import Chain, Way, run_pass
 from resnext.speed.conv_x3_swap import DotConv1x1
 from resnext.speed.dot_grouped import DotGroupedTracer, DotPointwiseGrouped
-from resnext.speed.fold import install_graph, module_call_counts
-from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_on_random
-from resnext.speed.pointwise_fusion import single_input
-from resnext.speed.timing_cache import TimingCache, cached, layer_key
+from resnext.speed.grouped_swap import LayerChoice
+from resnext.speed.timing_cache import TimingCache
 
 NAME = "bottleneck_dot_bf16_"
 
@@ -147,79 +143,17 @@ class BlockTracer(DotGroupedTracer):
         return isinstance(m, DotBottleneck) or super().is_leaf_module(m, module_qualified_name)
 
 
-@dataclass(frozen=True)
-class _Site:
-    """One fused first-1×1-and-grouped call → (identities) → last 1×1 (its residual the block's
-    input) inside a traced parent module."""
+def _ways(fused: nn.Module, last: nn.Module) -> tuple[Way, nn.Module, Way]:
+    block = DotBottleneck(fused, last)
 
-    parent: str
-    fused: str  # child names within the parent
-    last: str
+    def separate(x: torch.Tensor) -> object:
+        x = x.clone()  # both ways write over their input: each call gets a fresh copy
+        return last(fused(x), x)
 
-
-def _chain(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
-    """For a last 1×1 call (main input, residual): [identities..., the fused call] back from its
-    main input, each used only by the next, the fused call reading the residual; else None."""
-    if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
-        return None
-    chain = []
-    src = node.args[0]
-    while isinstance(src, fx.Node) and len(src.users) == 1 and src.op == "call_module":
-        chain.append(src)
-        module = modules.get(str(src.target))
-        if isinstance(module, DotPointwiseGrouped):
-            return chain if single_input(src) is node.args[1] else None
-        if not isinstance(module, nn.Identity):
-            return None
-        src = single_input(src)
-    return None
+    return separate, block, lambda x: block(x.clone())
 
 
-def _sites(model: nn.Module) -> list[_Site]:
-    sites = []
-    parents = {
-        name.rpartition(".")[0]
-        for name, module in model.named_modules()
-        if isinstance(module, DotPointwiseGrouped)
-    } - {""}
-    for parent_name in sorted(parents):
-        parent = model.get_submodule(parent_name)
-        try:
-            graph = BlockTracer().trace(parent)
-        except Exception:  # fx raises many kinds of errors on untraceable code
-            continue
-        modules = dict(parent.named_modules())
-        calls = module_call_counts(graph)
-        for node in graph.nodes:
-            last = modules.get(str(node.target)) if node.op == "call_module" else None
-            if not isinstance(last, DotConv1x1):
-                continue
-            chain = _chain(node, modules)
-            if chain is None:
-                continue
-            fused = str(chain[-1].target)
-            once = calls[fused] == 1 and calls[str(node.target)] == 1
-            if once and block_fusable(modules[fused], last):
-                sites.append(_Site(parent_name, fused, str(node.target)))
-    return sites
-
-
-def _fuse(model: nn.Module, site: _Site, block: DotBottleneck) -> None:
-    """Rewrite the parent's graph: one call of the block on its input in place of the chain and
-    the last 1×1."""
-    parent = model.get_submodule(site.parent)
-    graph = BlockTracer().trace(parent)
-    modules = dict(parent.named_modules())
-    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.last)
-    chain = _chain(node, modules)
-    assert chain is not None and chain[-1].target == site.fused
-    with graph.inserting_before(node):
-        call = graph.call_module(site.fused, (node.args[1],))
-    node.replace_all_uses_with(call)
-    graph.erase_node(node)
-    for dead in chain:  # from the last 1×1's input down: each is used only by the one before
-        graph.erase_node(dead)
-    install_graph(model, site.parent, graph, site.fused, block)
+CHAIN = Chain(BlockTracer, DotPointwiseGrouped, DotConv1x1, block_fusable, True, True)
 
 
 def fuse_dot_blocks(
@@ -231,7 +165,7 @@ def fuse_dot_blocks(
     timings: TimingCache | None = None,
 ) -> list[LayerChoice]:
     """Replace, in place, each `DotPointwiseGrouped` → last `DotConv1x1` (in place over the
-    block's input) by a `DotBottleneck`.
+    block's input) by a `DotBottleneck`, under the fused pair's name.
 
     Run after `dot_grouped.fuse_dot_pointwise`. `example` is the model's input (bf16,
     channels_last). 'auto' times each block both ways (in turns, each on a fresh copy of a random
@@ -240,41 +174,14 @@ def fuse_dot_blocks(
     (native_ms: the two calls, kernel_ms: one; chosen 'fused' or 'separate', variant
     'dot+block').
     """
-    check_mode("fuse_block", mode)
-    if mode == "off" or example.dtype != torch.bfloat16:
-        return []
-    sites = _sites(model)
-    if not sites:
-        return []
-    names = [f"{s.parent}.{s.fused}" for s in sites]
-    shapes = input_shapes(model, names, example)
-    choices = []
-    for site, name in zip(sites, names, strict=True):
-        if name not in shapes:
-            continue
-        fused, last = model.get_submodule(name), model.get_submodule(f"{site.parent}.{site.last}")
-        block = DotBottleneck(fused, last)
-
-        def separate(x: torch.Tensor, fused: nn.Module = fused, last: nn.Module = last) -> object:
-            x = x.clone()
-            return last(fused(x), x)
-
-        ways = [separate, lambda x, block=block: block(x.clone())]
-        measure = functools.partial(time_on_random, ways, shapes[name], torch.bfloat16, repeats)
-        key = layer_key("dot+block", shapes[name], torch.bfloat16, fused, last)
-        separate_ms, fused_ms = cached(timings, key, 2, measure)
-        use = mode == "on" or fused_ms < separate_ms
-        if use:
-            _fuse(model, site, block)
-        chosen = "fused" if use else "separate"
-        choices.append(
-            LayerChoice(
-                f"{site.parent}.{site.last}",
-                tuple(shapes[name]),
-                separate_ms,
-                fused_ms,
-                chosen,
-                "dot+block",
-            )
-        )
-    return choices
+    return run_pass(
+        model,
+        example,
+        CHAIN,
+        _ways,
+        switch="fuse_block",
+        mode=mode,
+        variant="dot+block",
+        repeats=repeats,
+        timings=timings,
+    )

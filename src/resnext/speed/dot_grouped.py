@@ -12,25 +12,15 @@ where timing says (under `fuse_pointwise`, which fuses the AMX form of the same 
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
-from torch import fx, nn
+from torch import nn
 
 from resnext.speed import grouped_kernel, grouped_split, operators, pointwise_gemm
+from resnext.speed.chain_fusion import Chain, Way, run_pass
 from resnext.speed.conv_x3_swap import DotConv1x1, X3Tracer
-from resnext.speed.fold import install_graph, module_call_counts
 from resnext.speed.grouped_split import SplitGroupedConv3x3
-from resnext.speed.grouped_swap import (
-    FastGroupedConv3x3,
-    LayerChoice,
-    check_mode,
-    input_shapes,
-    time_on_random,
-)
-from resnext.speed.pointwise_fusion import single_input
-from resnext.speed.timing_cache import TimingCache, cached, layer_key
+from resnext.speed.grouped_swap import FastGroupedConv3x3, LayerChoice
+from resnext.speed.timing_cache import TimingCache
 
 # The 1×1 pixels computed per step, at least: one block of 8 tiles of 7 rows, as the 1×1's own
 # walk takes them (its weights stay in use). 1, 112 and 224 timed within 0.6 % of it (stop 41).
@@ -187,72 +177,12 @@ class DotGroupedTracer(X3Tracer):
         )
 
 
-@dataclass(frozen=True)
-class _Site:
-    """One 1×1 → (identities) → grouped chain inside a traced parent module."""
-
-    parent: str
-    pointwise: str  # child names within the parent
-    grouped: str
+def _ways(pointwise: nn.Module, grouped: nn.Module) -> tuple[Way, nn.Module, Way]:
+    fused = DotPointwiseGrouped(pointwise, grouped)
+    return lambda x: grouped(pointwise(x)), fused, fused
 
 
-def _chain(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
-    """From the grouped call's input back to a 1×1 call on one input: [identities..., 1×1],
-    each used only by the next; None if the input is anything else."""
-    chain = []
-    src = single_input(node)
-    while src is not None and len(src.users) == 1 and src.op == "call_module":
-        chain.append(src)
-        module = modules.get(str(src.target))
-        if isinstance(module, DotConv1x1):
-            return chain if single_input(src) is not None else None
-        if not isinstance(module, nn.Identity):
-            return None
-        src = single_input(src)
-    return None
-
-
-def _sites(model: nn.Module) -> list[_Site]:
-    sites = []
-    parents = {
-        name.rpartition(".")[0]
-        for name, module in model.named_modules()
-        if isinstance(module, FastGroupedConv3x3)
-    } - {""}  # a chain is rewritten by replacing its parent, so the root is never one
-    for parent_name in sorted(parents):
-        parent = model.get_submodule(parent_name)
-        try:
-            graph = DotGroupedTracer().trace(parent)
-        except Exception:  # fx raises many kinds of errors on untraceable code
-            continue
-        modules = dict(parent.named_modules())
-        calls = module_call_counts(graph)
-        for node in graph.nodes:
-            grouped = modules.get(str(node.target)) if node.op == "call_module" else None
-            if not isinstance(grouped, FastGroupedConv3x3):
-                continue
-            chain = _chain(node, modules)
-            if chain is None:
-                continue
-            conv = str(chain[-1].target)
-            once = calls[conv] == 1 and calls[str(node.target)] == 1
-            if once and dot_fusable(modules[conv], grouped):
-                sites.append(_Site(parent_name, conv, str(node.target)))
-    return sites
-
-
-def _fuse(model: nn.Module, site: _Site, fused: DotPointwiseGrouped) -> None:
-    """Rewrite the parent's graph: the grouped call reads the 1×1's input; the chain is dropped."""
-    parent = model.get_submodule(site.parent)
-    graph = DotGroupedTracer().trace(parent)
-    modules = dict(parent.named_modules())
-    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.grouped)
-    chain = _chain(node, modules)
-    assert chain is not None and chain[-1].target == site.pointwise
-    node.args = (chain[-1].args[0],)
-    for dead in chain:  # from the grouped call's input down: each is used only by the one before
-        graph.erase_node(dead)
-    install_graph(model, site.parent, graph, site.grouped, fused)
+CHAIN = Chain(DotGroupedTracer, DotConv1x1, FastGroupedConv3x3, dot_fusable, False, False)
 
 
 def fuse_dot_pointwise(
@@ -271,36 +201,17 @@ def fuse_dot_pointwise(
     shape: the separate way writes the 1×1's output and reads it back as in the network) and
     fuses where that is faster; 'on' fuses every chain; 'off' changes nothing. Each choice is a
     `LayerChoice` named after the grouped conv (native_ms: the two calls, kernel_ms: the fused
-    one; chosen 'fused' or 'separate', variant 'dot+grouped').
+    one; chosen 'fused' or 'separate', variant 'dot+grouped'). No `DotConv1x1`, so no chain,
+    where the bf16 1×1 kernel cannot run.
     """
-    check_mode("fuse_pointwise", mode)
-    # no DotConv1x1 (so no site) where the bf16 1×1 kernel cannot run
-    if mode == "off" or example.dtype != torch.bfloat16:
-        return []
-    sites = _sites(model)
-    if not sites:
-        return []
-    names = [f"{s.parent}.{s.pointwise}" for s in sites]
-    shapes = input_shapes(model, names, example)
-    choices = []
-    for site, name in zip(sites, names, strict=True):
-        if name not in shapes:
-            continue
-        conv = model.get_submodule(name)
-        grouped_name = f"{site.parent}.{site.grouped}"
-        grouped = model.get_submodule(grouped_name)
-        fused = DotPointwiseGrouped(conv, grouped)
-        ways = [lambda x, conv=conv, grouped=grouped: grouped(conv(x)), fused]
-        measure = functools.partial(time_on_random, ways, shapes[name], torch.bfloat16, repeats)
-        key = layer_key("dot+grouped", shapes[name], torch.bfloat16, conv, grouped)
-        separate_ms, fused_ms = cached(timings, key, 2, measure)
-        use = mode == "on" or fused_ms < separate_ms
-        if use:
-            _fuse(model, site, fused)
-        chosen = "fused" if use else "separate"
-        choices.append(
-            LayerChoice(
-                grouped_name, tuple(shapes[name]), separate_ms, fused_ms, chosen, "dot+grouped"
-            )
-        )
-    return choices
+    return run_pass(
+        model,
+        example,
+        CHAIN,
+        _ways,
+        switch="fuse_pointwise",
+        mode=mode,
+        variant="dot+grouped",
+        repeats=repeats,
+        timings=timings,
+    )
