@@ -5,6 +5,7 @@ refusals; and `fuse_dot_blocks`, the pass that puts it in `optimize`'s model."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -14,12 +15,15 @@ from dot_modules import bf16, pair
 from tensor_checks import rel_err
 from torch import nn
 
+import resnext
 from resnext.errors import ConfigError
 from resnext.speed import chain_fusion, dot_block, grouped_split, pointwise_gemm
 from resnext.speed.conv_x3_swap import DotConv1x1
 from resnext.speed.dot_block import DotBottleneck, block_fusable, fuse_dot_blocks
 from resnext.speed.dot_grouped import DotPointwiseGrouped
+from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_split import output_order
+from resnext.speed.timing_cache import TimingCache
 
 REASON = pointwise_gemm.unavailable_reason() or grouped_split.unavailable_reason()
 needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"bf16 kernels unavailable: {REASON}")
@@ -213,3 +217,31 @@ def test_pass_modes_and_what_is_fusable() -> None:
     assert not block_fusable(last, fused)
     with pytest.raises(ValueError, match="fused, last: expected a stride-1 DotPointwiseGrouped"):
         DotBottleneck(strided, last)
+
+
+@needs_kernels
+def test_optimize_fuses_resnext50s_blocks_and_keeps_its_function_bit_for_bit() -> None:
+    torch.manual_seed(42)
+    model = resnext.create_model("resnext50_32x4d").eval()
+    x = torch.randn(2, 3, 64, 64)
+    cache = TimingCache.in_memory()  # the same choices for the other passes both ways
+
+    def build(fusions: str) -> nn.Module:
+        return optimize(
+            model,
+            "bf16",
+            backend="none",
+            example_input=x,
+            fuse_pointwise=fusions,
+            fuse_block=fusions,
+            timing_cache=cache,
+        )
+
+    apart, fused = build("off"), build("on")
+    kinds = Counter(type(m).__name__ for m in fused.modules())
+    # every block's first 1×1 in the grouped call; the 12 identity blocks whole
+    assert kinds["DotBottleneck"] == 12 and kinds["DotPointwiseGrouped"] == 16
+    assert not any(isinstance(m, (DotBottleneck, DotPointwiseGrouped)) for m in apart.modules())
+    assert {c.variant for c in fused.block_choices} >= {"dot+block"}
+    with torch.no_grad():
+        assert torch.equal(fused(x), apart(x))
