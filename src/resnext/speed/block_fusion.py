@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.speed import grouped_amx
-from resnext.speed.fold import install_graph, module_call_counts
+from resnext.speed.fold import install_graph, traced_parents
 from resnext.speed.grouped_kernel import output_for
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
@@ -222,14 +222,7 @@ def _sites(model: nn.Module) -> list[_Site]:
     # A chain is rewritten by replacing its parent module, so the root itself is never one.
     parents = {n.rpartition(".")[0] for n, m in model.named_modules() if _amx_head(m)} - {""}
     consumed = inputs_consumed(model, parents)
-    for parent_name in sorted(parents):
-        parent = model.get_submodule(parent_name)
-        try:
-            graph = BlockTracer().trace(parent)
-        except Exception:  # fx raises many kinds of errors on untraceable code
-            continue
-        modules = dict(parent.named_modules())
-        calls = module_call_counts(graph)
+    for parent_name, graph, modules, calls in traced_parents(model, sorted(parents), BlockTracer):
         for node in graph.nodes:
             head = _amx_head(modules.get(str(node.target)) if node.op == "call_module" else None)
             if head is None or single_input(node) is None:

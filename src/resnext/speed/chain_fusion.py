@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from resnext.speed.fold import install_graph, module_call_counts
+from resnext.speed.fold import install_graph, traced_parents
 from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_on_random
 from resnext.speed.pointwise_fusion import single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
@@ -80,14 +80,7 @@ def find_sites(model: nn.Module, kind: Chain) -> list[Site]:
         for name, module in model.named_modules()
         if isinstance(module, kind.consumer)
     } - {""}  # a chain is rewritten by replacing its parent, so the root is never one
-    for parent_name in sorted(parents):
-        parent = model.get_submodule(parent_name)
-        try:
-            graph = kind.tracer().trace(parent)
-        except Exception:  # fx raises many kinds of errors on untraceable code
-            continue
-        modules = dict(parent.named_modules())
-        calls = module_call_counts(graph)
+    for parent_name, graph, modules, calls in traced_parents(model, sorted(parents), kind.tracer):
         for node in graph.nodes:
             consumer = modules.get(str(node.target)) if node.op == "call_module" else None
             if not isinstance(consumer, kind.consumer):

@@ -31,7 +31,7 @@ from resnext.errors import ConfigError
 from resnext.speed import conv_x3, pointwise_fma, pointwise_gemm
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.capability import cpu_flags
-from resnext.speed.fold import install_graph, module_call_counts, set_module
+from resnext.speed.fold import install_graph, set_module, traced_parents
 from resnext.speed.grouped_swap import (
     KernelLeafTracer,
     LayerChoice,
@@ -324,14 +324,7 @@ def _sites(model: nn.Module, eligible: Callable[[nn.Module], bool]) -> list[_Sit
     parents = sorted(parents, key=lambda p: (p.count("."), p))
     consumed = inputs_consumed(model, set(parents))
     sites: dict[str, _Site] = {}
-    for parent_name in parents:
-        parent = model.get_submodule(parent_name)
-        try:
-            graph = X3Tracer().trace(parent)
-        except Exception:  # fx raises many kinds of errors on untraceable code
-            continue
-        modules = dict(parent.named_modules())
-        calls = module_call_counts(graph)
+    for parent_name, graph, modules, calls in traced_parents(model, parents, X3Tracer):
         found: list[tuple[fx.Node, _Epilogue]] = []
         for node in graph.nodes:
             module = modules.get(str(node.target)) if node.op == "call_module" else None

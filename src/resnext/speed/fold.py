@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import fx, nn
@@ -38,6 +39,20 @@ def module_call_counts(graph: fx.Graph) -> dict[str, int]:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     return calls
+
+
+def traced_parents(
+    model: nn.Module, parents: Iterable[str], tracer: type[fx.Tracer]
+) -> Iterator[tuple[str, fx.Graph, dict[str, nn.Module], dict[str, int]]]:
+    """Each of the named submodules traced with `tracer`, in the order given: its name, graph,
+    own submodules by name and `module_call_counts`; those fx cannot trace are skipped."""
+    for name in parents:
+        parent = model.get_submodule(name)
+        try:
+            graph = tracer().trace(parent)
+        except Exception:  # fx raises many kinds of errors on untraceable code
+            continue
+        yield name, graph, dict(parent.named_modules()), module_call_counts(graph)
 
 
 def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:

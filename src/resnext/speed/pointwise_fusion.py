@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.speed import grouped_amx
-from resnext.speed.fold import install_graph, module_call_counts
+from resnext.speed.fold import install_graph, traced_parents
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
     KernelLeafTracer,
@@ -163,14 +163,7 @@ def _sites(model: nn.Module) -> list[_Site]:
         for name, module in model.named_modules()
         if amx_form(module) is not None
     } - {""}
-    for parent_name in sorted(parents):
-        parent = model.get_submodule(parent_name)
-        try:
-            graph = FusionTracer().trace(parent)
-        except Exception:  # fx raises many kinds of errors on untraceable code
-            continue
-        modules = dict(parent.named_modules())
-        calls = module_call_counts(graph)
+    for parent_name, graph, modules, calls in traced_parents(model, sorted(parents), FusionTracer):
         for node in graph.nodes:
             grouped = modules.get(node.target) if node.op == "call_module" else None
             if not isinstance(grouped, FastGroupedConv3x3):

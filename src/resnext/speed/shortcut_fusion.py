@@ -25,7 +25,7 @@ from torch import fx, nn
 from resnext.speed import grouped_amx
 from resnext.speed.block_fusion import BlockTracer, FusedBlock
 from resnext.speed.conv_x3_swap import ConvX3, DotConv1x1, X3Tracer
-from resnext.speed.fold import install_graph, module_call_counts
+from resnext.speed.fold import install_graph, traced_parents
 from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_each_ms
 from resnext.speed.pointwise_fusion import amx_1x1, onednn_conv, single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
@@ -146,14 +146,9 @@ def _shortcut_chain(
 def _sites(model: nn.Module, kind: _Kind) -> list[_Site]:
     sites = []
     parents = {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, kind.main)}
-    for parent_name in sorted(parents - {""}):
-        parent = model.get_submodule(parent_name)
-        try:
-            graph = kind.tracer().trace(parent)
-        except Exception:  # fx raises many kinds of errors on untraceable code
-            continue
-        modules = dict(parent.named_modules())
-        calls = module_call_counts(graph)
+    for parent_name, graph, modules, calls in traced_parents(
+        model, sorted(parents - {""}), kind.tracer
+    ):
         for node in graph.nodes:
             main = modules.get(str(node.target)) if node.op == "call_module" else None
             if not isinstance(main, kind.main):
