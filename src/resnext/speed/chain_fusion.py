@@ -45,10 +45,6 @@ class Site:
     producer: str
     consumer: str
 
-    def name(self, at_producer: bool) -> str:
-        """The fused module's full name."""
-        return f"{self.parent}.{self.producer if at_producer else self.consumer}"
-
 
 def _chain(node: fx.Node, modules: dict[str, nn.Module], kind: Chain) -> list[fx.Node] | None:
     """From the consumer call's first argument back to a producer call on one input:

@@ -64,23 +64,9 @@ def checked_packing(
     """The grouped kernel's packing number for `run_fused`'s arguments, after checking them (a
     ValueError naming the one that does not fit)."""
     operators.check_bf16_input(NAME, x)
-    k = x.shape[1]
-    block = pointwise_gemm.COLUMN_BLOCK
-    if (
-        pointwise.dtype != torch.bfloat16
-        or pointwise.dim() != 4
-        or pointwise.shape[1:] != (k // 2, block, 2)
-        or k % 2
-        or not pointwise.is_contiguous()
-    ):
-        raise ValueError(
-            f"pointwise: expected a pack_conv weight (C/{block}, {k // 2}, {block}, 2) for x with "
-            f"{k} channels, got {pointwise.dtype} {tuple(pointwise.shape)}"
-        )
-    c = pointwise.shape[0] * block
-    if pointwise_bias is None:
-        raise ValueError(f"pointwise_bias: expected {c} float32 values, got None")
-    operators.check_bias(pointwise_bias, c)
+    c = pointwise_gemm.checked_outputs(
+        "pointwise", pointwise, "pointwise_bias", pointwise_bias, x.shape[1]
+    )
     if split:
         grouped_split.check_packed(c, groups, stride, packed, bias)
         return grouped_split.PACKING

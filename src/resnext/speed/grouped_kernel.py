@@ -316,11 +316,7 @@ def call_pointwise_kernel(
     c = pointwise_bias.numel()
     x = x.contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
-    y = torch.empty(
-        (n, c, output_size(h, stride), output_size(w, stride)),
-        dtype=torch.bfloat16,
-        memory_format=torch.channels_last,
-    )
+    y = output_for(x, stride, c)
     # the 1×1's whole output only where threads share images; else a buffer of theirs holds it
     mid = None if n % threads == 0 else torch.empty(n * h * w * c, dtype=torch.bfloat16)
     if y.numel():
@@ -353,7 +349,7 @@ def call_block_kernel(
     packing: int,
     ahead: int,
 ) -> bool:
-    """The whole-bottleneck C entry on checked bf16 arguments (`dot_grouped.run_block_`), written
+    """The whole-bottleneck C entry on checked bf16 arguments (`dot_block.run_block_`), written
     over the channels-last `x`; False (nothing written) where it does not take the call: images
     not a multiple of the threads."""
     n, k, h, w = x.shape

@@ -221,6 +221,29 @@ def pack_conv_input_grad(weight: torch.Tensor) -> torch.Tensor:
     return _strips(pack_input_grad(weight))
 
 
+def checked_outputs(
+    packed_name: str, packed: torch.Tensor, bias_name: str, bias: torch.Tensor | None, k: int
+) -> int:
+    """The output channels of a `pack_conv` weight for inputs of `k` channels with its float32
+    bias, after checking both (a ValueError naming `packed_name` or `bias_name`)."""
+    if (
+        packed.dtype != torch.bfloat16
+        or packed.dim() != 4
+        or packed.shape[1:] != (k // 2, COLUMN_BLOCK, 2)
+        or k % 2
+        or not packed.is_contiguous()
+    ):
+        raise ValueError(
+            f"{packed_name}: expected a pack_conv weight (C/{COLUMN_BLOCK}, {k // 2}, "
+            f"{COLUMN_BLOCK}, 2) for x with {k} channels, got {packed.dtype} {tuple(packed.shape)}"
+        )
+    c = packed.shape[0] * COLUMN_BLOCK
+    if bias is None:
+        raise ValueError(f"{bias_name}: expected {c} float32 values, got None")
+    operators.check_bias(bias, c)
+    return c
+
+
 def conv1x1(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -238,21 +261,7 @@ def conv1x1(
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride: expected a positive integer, got {stride!r}")
     n, k, h, w = x.shape
-    if (
-        packed.dtype != torch.bfloat16
-        or packed.dim() != 4
-        or packed.shape[1:] != (k // 2, COLUMN_BLOCK, 2)
-        or k % 2
-        or not packed.is_contiguous()
-    ):
-        raise ValueError(
-            f"packed: expected a pack_conv weight (C/{COLUMN_BLOCK}, {k // 2}, {COLUMN_BLOCK}, 2) "
-            f"for x with {k} channels, got {packed.dtype} {tuple(packed.shape)}"
-        )
-    c = packed.shape[0] * COLUMN_BLOCK
-    if bias is None:
-        raise ValueError(f"bias: expected {c} float32 values, got None")
-    operators.check_bias(bias, c)
+    c = checked_outputs("packed", packed, "bias", bias, k)
     shape = (n, c, (h - 1) // stride + 1, (w - 1) // stride + 1)
     if residual is not None:
         _check_bf16_4d("residual", residual, shape)
