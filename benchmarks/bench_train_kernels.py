@@ -1,7 +1,7 @@
 """The training step with and without our AMX gradient kernels, side by side in one process.
 
 Usage: .venv/bin/python benchmarks/bench_train_kernels.py [--models resnext50_32x4d,resnet50]
-       [--batch 16] [--image-size 224] [--rounds 12]
+       [--batch 16] [--image-size 224] [--rounds 12] [--margins 0.05,0]
 Each model's fast training step (`cl-bf16-fused-grouped-gemm-pool`, random data) is built once
 per arm from the same weights; each arm has its own kernel chooser (`resnext.speed.autotune`),
 which never runs the kernels the arm leaves out:
@@ -13,10 +13,15 @@ The arms' steps then alternate, in one order on even rounds and the reverse on o
 this machine's drifts of speed (tens of per cent within minutes) fall on all of them alike; the
 median and best step of each arm and their ratios to `none` are reported. Separate processes
 (`resnext bench train`) cannot resolve differences of a few per cent here.
+
+With `--margins` the arms are instead choosers that keep every kernel and differ in their margin
+(`autotune.Chooser(margin=…)`: how much faster than oneDNN a kernel must time to replace it),
+named `margin=<value>`, the first the baseline of the ratios.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
@@ -48,15 +53,41 @@ def _chooser(kept: tuple[str, ...]) -> autotune.Chooser:
     return autotune.Chooser(exclude=[op for name, op in KERNELS.items() if name not in kept])
 
 
-def run_arms(name: str, batch: int, image_size: int, rounds: int) -> dict[str, dict[str, object]]:
-    """Median and best step time of each arm of model `name`, in alternating rounds."""
+def kernel_arms() -> dict[str, autotune.Chooser]:
+    """The default arms: a chooser per entry of ARMS."""
+    return {arm: _chooser(kept) for arm, kept in ARMS.items()}
+
+
+def margins(text: str) -> list[float]:
+    """`--margins`: two or more distinct fractions in [0, 1), comma-separated."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions like 0.05,0, got {text!r}") from None
+    if len(values) < 2 or len(set(values)) < len(values) or not all(0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected two or more distinct fractions in [0, 1), got {text!r}"
+        )
+    return values
+
+
+def margin_arms(values: list[float]) -> dict[str, autotune.Chooser]:
+    """An arm per margin, every kernel kept."""
+    return {f"margin={v:g}": autotune.Chooser(margin=v) for v in values}
+
+
+def run_arms(
+    name: str, batch: int, image_size: int, rounds: int, choosers: dict[str, autotune.Chooser]
+) -> dict[str, dict[str, object]]:
+    """Median and best step time of each arm of model `name`, in alternating rounds; the first
+    arm is the baseline of the ratios."""
     torch.manual_seed(0)
     x = torch.randn(batch, 3, image_size, image_size)
     y = torch.randint(0, 10, (batch,))
     base = resnext.create_model(name).train()
     arms = {
-        arm: (make_step(copy.deepcopy(base), VARIANT, x, y), _chooser(kept))
-        for arm, kept in ARMS.items()
+        arm: (make_step(copy.deepcopy(base), VARIANT, x, y), chooser)
+        for arm, chooser in choosers.items()
     }
     previous = autotune.CHOOSER
 
@@ -78,7 +109,8 @@ def run_arms(name: str, batch: int, image_size: int, rounds: int) -> dict[str, d
                 times[arm].append(step(arm))
     finally:
         autotune.CHOOSER = previous
-    median0, best0 = statistics.median(times["none"]), min(times["none"])
+    first = next(iter(times))
+    median0, best0 = statistics.median(times[first]), min(times[first])
     results = {}
     for arm, seconds in times.items():
         median, best = statistics.median(seconds), min(seconds)
@@ -86,8 +118,12 @@ def run_arms(name: str, batch: int, image_size: int, rounds: int) -> dict[str, d
             "median_ms": 1e3 * median,
             "min_ms": 1e3 * best,
             "img_per_s": batch / median,
-            "median_over_none": median / median0,
-            "min_over_none": best / best0,
+            "median_over_first": median / median0,
+            "min_over_first": best / best0,
+            # per round, this arm's step ÷ the first arm's in the same round
+            "round_ratio_median": statistics.median(
+                s / s0 for s, s0 in zip(seconds, times[first], strict=True)
+            ),
             "rounds_ms": [1e3 * s for s in seconds],
             "choices": [d.as_dict() for d in arms[arm][1].decisions()],
         }
@@ -98,19 +134,25 @@ def main() -> int:
     parser = bench_args.parser(
         __doc__, models="resnext50_32x4d,resnet50", batch=16, image_size=224, rounds=12
     )
+    parser.add_argument(
+        "--margins", type=margins, default=None, help="arms by chooser margin instead, e.g. 0.05,0"
+    )
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does: otherwise every step page-faults its activations
     results = {}
     for name in args.models.split(","):
-        results[name] = run_arms(name, args.batch, args.image_size, args.rounds)
+        choosers = kernel_arms() if args.margins is None else margin_arms(args.margins)
+        results[name] = run_arms(name, args.batch, args.image_size, args.rounds, choosers)
+        first = next(iter(choosers))
         for arm, r in results[name].items():
             print(
-                f"{name} {arm:7s}: median {r['median_ms']:.1f} ms ({r['img_per_s']:.1f} img/s), "
-                f"best {r['min_ms']:.1f}; ÷ none {r['median_over_none']:.3f} (best "
-                f"{r['min_over_none']:.3f})",
+                f"{name} {arm:11s}: median {r['median_ms']:.1f} ms ({r['img_per_s']:.1f} img/s), "
+                f"best {r['min_ms']:.1f}; ÷ {first} {r['median_over_first']:.3f} (best "
+                f"{r['min_over_first']:.3f}, per round {r['round_ratio_median']:.3f})",
                 flush=True,
             )
-    config = vars(args) | {"out": str(args.out), "variant": VARIANT, "arms": ARMS}
+    arms = ARMS if args.margins is None else list(margin_arms(args.margins))
+    config = vars(args) | {"out": str(args.out), "variant": VARIANT, "arms": arms}
     print(f"results: {write_results(args.out, 'bench-train-kernels', config, results)}")
     return 0
 

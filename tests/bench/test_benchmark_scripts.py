@@ -569,3 +569,29 @@ def test_the_bf16_1x1_bench_times_a_strided_shortcut_in_place_and_gathered(
     assert set(results["layers"]) == {"64->128 112x112 s2 +relu"}
     assert set(results["layers"]["64->128 112x112 s2 +relu"]) == {"onednn", "ours", "gathered"}
     assert set(results["totals"]["resnext_tiny"]) == {"onednn", "ours"}
+
+
+@pytest.mark.parametrize("bad", ["0.05", "0.05,x", "0.05,0.05", "0,1", "-0.1,0"])
+def test_the_train_kernel_bench_refuses_margins_it_cannot_compare(
+    bad: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    argv = ["--margins", bad, "--out", str(tmp_path)]
+    assert _run_script("bench_train_kernels.py", argv, monkeypatch) == 2
+    assert "--margins" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any step ran
+
+
+def test_the_train_kernel_bench_times_one_arm_per_chooser_margin(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    argv = ["--models", "resnext_tiny_in", "--batch", "2", "--image-size", "32", "--rounds", "2",
+            "--margins", "0.05,0", "--out", str(tmp_path)]  # fmt: skip
+    assert _run_script("bench_train_kernels.py", argv, monkeypatch) == 0
+    (record,) = tmp_path.glob("bench-train-kernels-*.json")
+    arms = json.loads(record.read_text())["results"]["resnext_tiny_in"]
+    assert list(arms) == ["margin=0.05", "margin=0"]
+    assert arms["margin=0.05"]["median_over_first"] == 1.0
+    for arm in arms.values():
+        assert len(arm["rounds_ms"]) == 2 and all(ms > 0 for ms in arm["rounds_ms"])
