@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.speed import grouped_amx
-from resnext.speed.fold import install_graph, traced_parents
+from resnext.speed.fold import install_graph, replace_nodes, traced_parents
 from resnext.speed.grouped_kernel import output_for
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
@@ -250,12 +250,7 @@ def _fuse(model: nn.Module, site: _Site, fused: FusedBlock) -> None:
     head = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.head)
     chain = _chain_after(head, modules)
     assert chain is not None and chain.tail.target == site.tail
-    relu = chain.nodes[-1]
-    with graph.inserting_before(relu):
-        block = graph.call_module(site.head, (head.args[0], chain.residual))
-    relu.replace_all_uses_with(block)
-    for dead in reversed([head, *chain.nodes]):  # each is used only by the next one
-        graph.erase_node(dead)
+    replace_nodes(graph, [head, *chain.nodes], site.head, (head.args[0], chain.residual))
     install_graph(model, site.parent, graph, site.head, fused)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from resnext.speed.fold import install_graph, traced_parents
+from resnext.speed.fold import install_graph, replace_nodes, traced_parents
 from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_on_random
 from resnext.speed.pointwise_fusion import single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
@@ -101,12 +101,8 @@ def fuse(model: nn.Module, site: Site, fused: nn.Module, kind: Chain) -> None:
     chain = _chain(node, modules, kind)
     assert chain is not None and chain[-1].target == site.producer
     child = site.producer if kind.at_producer else site.consumer
-    with graph.inserting_before(node):
-        call = graph.call_module(child, (chain[-1].args[0],))
-    node.replace_all_uses_with(call)
-    graph.erase_node(node)
-    for dead in chain:  # from the consumer's input down: each is used only by the one before
-        graph.erase_node(dead)
+    # `chain` runs from the consumer's input back to the producer: graph order reversed
+    replace_nodes(graph, [*reversed(chain), node], child, (chain[-1].args[0],))
     install_graph(model, site.parent, graph, child, fused)
 
 

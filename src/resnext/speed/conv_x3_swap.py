@@ -31,7 +31,7 @@ from resnext.errors import ConfigError
 from resnext.speed import conv_x3, pointwise_fma, pointwise_gemm
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.capability import cpu_flags
-from resnext.speed.fold import install_graph, set_module, traced_parents
+from resnext.speed.fold import install_graph, replace_nodes, set_module, traced_parents
 from resnext.speed.grouped_swap import (
     KernelLeafTracer,
     LayerChoice,
@@ -370,13 +370,8 @@ def _rewrite(model: nn.Module, site: _Site, fast: nn.Module) -> None:
     epi = _epilogue(conv, modules, consumed=False)
     if site.relu:  # else the conv alone, whatever follows it (another 1×1 applies that add)
         assert bool(epi.nodes) and (epi.residual is not None) == site.residual, site
-        last = epi.nodes[-1]
         args = (conv.args[0],) if epi.residual is None else (conv.args[0], epi.residual)
-        with graph.inserting_before(last):
-            call = graph.call_module(site.child, args)
-        last.replace_all_uses_with(call)
-        for dead in reversed([conv, *epi.nodes]):  # each is used only by the next one
-            graph.erase_node(dead)
+        replace_nodes(graph, [conv, *epi.nodes], site.child, args)
     install_graph(model, site.parent, graph, site.child, fast)
 
 

@@ -90,6 +90,17 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def replace_nodes(graph: fx.Graph, nodes: list[fx.Node], child: str, args: tuple) -> None:
+    """Put one call of submodule `child` on `args` in place of `nodes`: nodes in graph order,
+    each used only by the next, the last one's users then reading the call."""
+    last = nodes[-1]
+    with graph.inserting_before(last):
+        call = graph.call_module(child, args)
+    last.replace_all_uses_with(call)
+    for dead in reversed(nodes):  # the last first: then each is used by nothing left
+        graph.erase_node(dead)
+
+
 def install_graph(
     model: nn.Module, parent_name: str, graph: fx.Graph, child: str, module: nn.Module
 ) -> None:

@@ -25,7 +25,7 @@ from torch import fx, nn
 from resnext.speed import grouped_amx
 from resnext.speed.block_fusion import BlockTracer, FusedBlock
 from resnext.speed.conv_x3_swap import ConvX3, DotConv1x1, X3Tracer
-from resnext.speed.fold import install_graph, traced_parents
+from resnext.speed.fold import install_graph, replace_nodes, traced_parents
 from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_each_ms
 from resnext.speed.pointwise_fusion import amx_1x1, onednn_conv, single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
@@ -172,12 +172,7 @@ def _fuse(model: nn.Module, site: _Site, fused: nn.Module, kind: _Kind) -> None:
     node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.main)
     chain = _shortcut_chain(node, modules, kind)
     assert chain is not None and chain[0].target == site.shortcut
-    with graph.inserting_before(node):
-        call = graph.call_module(site.main, (node.args[0], chain[0].args[0]))
-    node.replace_all_uses_with(call)
-    graph.erase_node(node)
-    for dead in reversed(chain):  # each is used only by the next one
-        graph.erase_node(dead)
+    replace_nodes(graph, [*chain, node], site.main, (node.args[0], chain[0].args[0]))
     install_graph(model, site.parent, graph, site.main, fused)
 
 
