@@ -1,14 +1,17 @@
-"""The training step with and without our AMX gradient kernels, side by side in one process.
+"""The training step with and without some of our gradient kernels, side by side in one process.
 
 Usage: .venv/bin/python benchmarks/bench_train_kernels.py [--models resnext50_32x4d,resnet50]
-       [--batch 16] [--image-size 224] [--rounds 12] [--margins 0.05,0]
+       [--batch 16] [--image-size 224] [--rounds 12] [--arms none,wgrads,all] [--margins 0.05,0]
 Each model's fast training step (`cl-bf16-fused-grouped-gemm-pool`, random data) is built once
 per arm from the same weights; each arm has its own kernel chooser (`resnext.speed.autotune`),
 which never runs the kernels the arm leaves out:
-  - none: without the AMX grouped weight gradient, the AMX 1×1 weight gradient and the AMX
-    stride-2 grouped input gradient (what the chooser offered before them);
-  - wgrads: with the two weight gradients;
+  - none: without the AMX grouped weight gradient, the AMX 1×1 weight gradient and the stride-2
+    grouped input gradients in phases (AMX's, and since stop 43 the vector kernels'): what the
+    chooser offered before them;
+  - wgrads: with the two weight gradients (on a CPU without AMX the same kernels as none: an
+    A/A control of the noise);
   - all: with all three.
+`--arms` runs some of them (in that order; the first is the baseline of the ratios).
 The arms' steps then alternate, in one order on even rounds and the reverse on odd ones, so that
 this machine's drifts of speed (tens of per cent within minutes) fall on all of them alike; the
 median and best step of each arm and their ratios to `none` are reported. Separate processes
@@ -36,10 +39,14 @@ from resnext.speed.provenance import write_results
 from resnext.speed.train_bench import make_step
 
 VARIANT = "cl-bf16-fused-grouped-gemm-pool"
+# each kernel left out: the chooser's (op, candidate) pairs it is
 KERNELS = {
-    "grouped-wgrad": ("grouped3x3.weight_grad", "ours-amx"),
-    "pointwise-wgrad": ("conv1x1.weight_grad", "ours-amx"),
-    "grouped-dgrad-s2": ("grouped3x3.input_grad", "ours-amx-phases"),
+    "grouped-wgrad": (("grouped3x3.weight_grad", "ours-amx"),),
+    "pointwise-wgrad": (("conv1x1.weight_grad", "ours-amx"),),
+    "grouped-dgrad-s2": tuple(
+        ("grouped3x3.input_grad", name)
+        for name in ("ours-amx-phases", "ours-phases", "ours-pairs-phases")
+    ),
 }
 ARMS = {
     "none": (),
@@ -50,12 +57,23 @@ ARMS = {
 
 def _chooser(kept: tuple[str, ...]) -> autotune.Chooser:
     """A chooser that never runs the kernels of KERNELS not in `kept`."""
-    return autotune.Chooser(exclude=[op for name, op in KERNELS.items() if name not in kept])
+    left_out = [pair for name, pairs in KERNELS.items() if name not in kept for pair in pairs]
+    return autotune.Chooser(exclude=left_out)
 
 
-def kernel_arms() -> dict[str, autotune.Chooser]:
-    """The default arms: a chooser per entry of ARMS."""
-    return {arm: _chooser(kept) for arm, kept in ARMS.items()}
+def arm_names(text: str) -> list[str]:
+    """`--arms`: one or more of ARMS, comma-separated, each once."""
+    names = text.split(",")
+    if len(set(names)) < len(names) or not set(names) <= set(ARMS):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct names from {', '.join(ARMS)}, got {text!r}"
+        )
+    return names
+
+
+def kernel_arms(names: list[str] | None = None) -> dict[str, autotune.Chooser]:
+    """A chooser per entry of ARMS (or of `names`, in their order)."""
+    return {arm: _chooser(ARMS[arm]) for arm in (names or list(ARMS))}
 
 
 def margins(text: str) -> list[float]:
@@ -135,13 +153,16 @@ def main() -> int:
         __doc__, models="resnext50_32x4d,resnet50", batch=16, image_size=224, rounds=12
     )
     parser.add_argument(
+        "--arms", type=arm_names, default=None, help=f"some of {', '.join(ARMS)} (default: all)"
+    )
+    parser.add_argument(
         "--margins", type=margins, default=None, help="arms by chooser margin instead, e.g. 0.05,0"
     )
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does: otherwise every step page-faults its activations
     results = {}
     for name in args.models.split(","):
-        choosers = kernel_arms() if args.margins is None else margin_arms(args.margins)
+        choosers = kernel_arms(args.arms) if args.margins is None else margin_arms(args.margins)
         results[name] = run_arms(name, args.batch, args.image_size, args.rounds, choosers)
         first = next(iter(choosers))
         for arm, r in results[name].items():
@@ -151,7 +172,11 @@ def main() -> int:
                 f"{r['min_over_first']:.3f}, per round {r['round_ratio_median']:.3f})",
                 flush=True,
             )
-    arms = ARMS if args.margins is None else list(margin_arms(args.margins))
+    arms = (
+        {a: ARMS[a] for a in args.arms or ARMS}
+        if args.margins is None
+        else list(margin_arms(args.margins))
+    )
     config = vars(args) | {"out": str(args.out), "variant": VARIANT, "arms": arms}
     print(f"results: {write_results(args.out, 'bench-train-kernels', config, results)}")
     return 0

@@ -581,6 +581,47 @@ def test_the_train_kernel_bench_refuses_margins_it_cannot_compare(
     assert not list(tmp_path.iterdir())  # refused before any step ran
 
 
+@pytest.mark.parametrize("bad", ["wgrad", "none,none", "none,all,x", ""])
+def test_the_train_kernel_bench_refuses_arms_it_does_not_have(
+    bad: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    argv = ["--arms", bad, "--out", str(tmp_path)]
+    assert _run_script("bench_train_kernels.py", argv, monkeypatch) == 2
+    assert "--arms" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_train_kernel_bench_leaves_the_stride2_phases_out_of_the_none_arm(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    import torch
+
+    from resnext.speed import grouped_kernel
+
+    argv = ["--models", "resnext_tiny_in", "--batch", "2", "--image-size", "32", "--rounds", "1",
+            "--arms", "all,none", "--out", str(tmp_path)]  # fmt: skip
+    assert _run_script("bench_train_kernels.py", argv, monkeypatch) == 0
+    (record,) = tmp_path.glob("bench-train-kernels-*.json")
+    data = json.loads(record.read_text())
+    arms = data["results"]["resnext_tiny_in"]
+    assert list(arms) == ["all", "none"] and list(data["config"]["arms"]) == ["all", "none"]
+
+    def timed(arm: str) -> set[str]:
+        return {
+            name
+            for d in arms[arm]["choices"]
+            if d["op"] == "grouped3x3.input_grad" and d["key"][2] == "2"
+            for name in d["ms"]
+        }
+
+    # left with oneDNN alone, the none arm times nothing there
+    assert not timed("none") & {"ours-phases", "ours-pairs-phases", "ours-amx-phases"}
+    if grouped_kernel.unavailable_reason(torch.bfloat16) is None:
+        assert "ours-phases" in timed("all")
+
+
 def test_the_train_kernel_bench_times_one_arm_per_chooser_margin(
     bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

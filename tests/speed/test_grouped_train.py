@@ -15,6 +15,7 @@ import resnext
 from resnext.speed import (
     autotune,
     grouped_amx,
+    grouped_dgrad,
     grouped_dgrad_amx,
     grouped_kernel,
     grouped_train,
@@ -264,24 +265,32 @@ def _check_module(shape: tuple[int, ...], amp: bool, path: str | None, monkeypat
     grad = _cl(torch.randn(n, c, (h - 1) // stride + 1, (w - 1) // stride + 1))
     ref = _step(copy.deepcopy(plain).double(), x.double(), grad.double(), amp=False)
     calls = []
-    for module, name in ((grouped_kernel, "run_kernel"), (grouped_wgrad, "weight_grad")):
+    for module, name in (
+        (grouped_kernel, "run_kernel"),
+        (grouped_wgrad, "weight_grad"),
+        (grouped_dgrad, "input_grad"),
+    ):
         fn = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+        monkeypatch.setattr(
+            module, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k)
+        )
     if path is None:  # chosen by timing, as in training
         monkeypatch.setattr(autotune, "CHOOSER", autotune.Chooser())
         got = _step(fast, x, grad, amp)
-        # at stride 2 the input gradient has a candidate besides oneDNN only in bf16 with AMX
-        timed_input_grad = stride == 1 or (amp and DGRAD_AMX)
-        assert len(autotune.decisions()) == 2 + timed_input_grad
+        # each of the three products has candidates besides oneDNN (at stride 2 the phases)
+        assert len(autotune.decisions()) == 3
     else:
-        with autotune.CHOOSER.prefer(path):
+        # at stride 2 the input gradient is the same kernels' phases
+        with autotune.CHOOSER.prefer(path, f"{path}-phases"):
             got = _step(fast, x, grad, amp)
-        # The forward and the weight gradient are ours; the input gradient at stride 1 only
-        # (the pair forwards take 4, 8, 16, 32 and 64 channels per group, the pair weight
-        # gradient 4 and 8).
+        # The forward and the weight gradient are ours, and the input gradient: a forward call at
+        # stride 1, the phases at 2 (the pair forwards take 4, 8, 16, 32 and 64 channels per
+        # group, the pair weight gradient 4 and 8).
         pairs = grouped_kernel.takes_pairs(c, groups, torch.bfloat16)
-        forwards = 1 + (stride == 1) if path == "ours" or pairs else 0
-        assert sorted(calls) == ["run_kernel"] * forwards + ["weight_grad"]
+        ours = path == "ours" or pairs
+        forwards = 1 + (stride == 1) if ours else 0
+        phases = ["input_grad"] if ours and stride == 2 else []
+        assert sorted(calls) == sorted(["run_kernel"] * forwards + phases + ["weight_grad"])
     assert got["dweight"].dtype == torch.float32  # the parameter's dtype, as with plain autocast
     assert got["out"].dtype == (torch.bfloat16 if amp else torch.float32)
     if not amp:

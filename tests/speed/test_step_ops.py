@@ -77,9 +77,10 @@ def test_ceiling_is_flop_at_peak_for_compute_and_bytes_at_bandwidth_for_the_rest
 
 
 # Every kernel must be counted, whichever the chooser takes: pinned to oneDNN, to our AMX kernels
-# where they run (else the reference), or chosen by timing.
+# where they run (else our vector kernels, else the reference), or chosen by timing.
 @pytest.mark.parametrize(
-    "pinned", [(), ("onednn",), ("ours-amx", "ours-amx-phases", "ours", "gemm")]
+    "pinned",
+    [(), ("onednn",), ("ours-amx", "ours-amx-phases", "ours", "ours-phases", "gemm")],
 )
 def test_a_real_steps_convolution_flop_is_three_forwards_less_the_stems_input_grad(
     pinned: tuple[str, ...],

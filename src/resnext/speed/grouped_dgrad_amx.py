@@ -17,12 +17,7 @@ import torch
 
 from resnext import native
 from resnext.speed import grouped_amx
-
-# For each parity of an input row (or column), the taps of the stride-1 convolution of the output
-# gradient that computes it: (its kernel row, the original kernel row). Input row 2a takes output
-# row a through kernel row 1; input row 2a + 1 takes output row a + 1 through row 0 and row a
-# through row 2 (with padding 1: input row i = 2·oh − 1 + kh).
-PHASE_TAPS = {0: ((1, 1),), 1: ((2, 0), (1, 2))}
+from resnext.speed.grouped_dgrad import PHASE_TAPS, group_transposed
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,9 +42,7 @@ def supports(channels: int, groups: int) -> bool:
 def phase_weights(weight: torch.Tensor, groups: int) -> list[torch.Tensor]:
     """The four stride-1 weights (phase 2·ph + pw), each (C, C/groups, 3, 3), whose convolutions
     of the output gradient give the input gradient's pixels (2a + ph, 2b + pw)."""
-    c, cpg = weight.shape[:2]
-    # each group's (out, in) matrix transposed: the output gradient's channels are the inputs now
-    transposed = weight.reshape(groups, cpg, cpg, 3, 3).transpose(1, 2).reshape(c, cpg, 3, 3)
+    transposed = group_transposed(weight, groups)
     phases = []
     for ph in (0, 1):
         for pw in (0, 1):

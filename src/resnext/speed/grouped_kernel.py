@@ -87,6 +87,10 @@ def _library_for(isa: Isa) -> ctypes.CDLL:
     fn = lib.grouped3x3_nhwc
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
     fn.restype = ctypes.c_int
+    if isa.source.parent == KERNELS:  # ours only: another revision's may predate it (stop 43)
+        dgrad = lib.grouped3x3_dgrad_s2
+        dgrad.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 8
+        dgrad.restype = ctypes.c_int
     if isa.source == AVX512.source:  # ours only: another revision's may predate it (stop 41)
         fused = lib.pointwise_grouped3x3_bf16
         fused.argtypes = (
@@ -99,7 +103,8 @@ def _library_for(isa: Isa) -> ctypes.CDLL:
     return lib
 
 
-def _library() -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
+    """This CPU's build of the kernel, loaded (compiled on first use)."""
     return _library_for(ISA)
 
 
@@ -213,6 +218,17 @@ def output_for(x: torch.Tensor, stride: int, channels: int | None = None) -> tor
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
+def check_activation(x: torch.Tensor, name: str) -> None:
+    """A ValueError naming `name` unless x is a 4-d CPU tensor of a dtype this build takes."""
+    dtypes = (torch.float32, torch.bfloat16) if ISA.bf16 else (torch.float32,)
+    if x.dim() != 4 or x.dtype not in dtypes or x.device.type != "cpu":
+        names = " or ".join(str(t).removeprefix("torch.") for t in dtypes)
+        raise ValueError(
+            f"{name}: expected a 4-d {names} CPU tensor (the {ISA.name} build), got "
+            f"{tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+
+
 def run_kernel(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -222,13 +238,7 @@ def run_kernel(
     relu: bool = False,
 ) -> torch.Tensor:
     """``conv2d(x, w, bias, stride, padding=1, groups)`` (then ReLU) with `packed` = pack_weights(w)."""
-    dtypes = (torch.float32, torch.bfloat16) if ISA.bf16 else (torch.float32,)
-    if x.dim() != 4 or x.dtype not in dtypes or x.device.type != "cpu":
-        names = " or ".join(str(t).removeprefix("torch.") for t in dtypes)
-        raise ValueError(
-            f"x: expected a 4-d {names} CPU tensor (the {ISA.name} build), got "
-            f"{tuple(x.shape)} {x.dtype} on {x.device}"
-        )
+    check_activation(x, "x")
     operators.check_no_grad("the grouped kernel", x)
     packing = packing_of(x.shape[1], groups, stride, packed, bias, x.dtype)
     return call_kernel(x, packed, bias, groups, stride, relu, packing)
@@ -288,7 +298,7 @@ def call_kernel(
     y = output_for(x, stride)
     if y.numel():
         bias_c = None if bias is None else bias.contiguous()
-        rc = _library().grouped3x3_nhwc(
+        rc = library().grouped3x3_nhwc(
             x.data_ptr(), packed.data_ptr(), None if bias_c is None else bias_c.data_ptr(),
             y.data_ptr(), int(x.dtype == torch.bfloat16), packing, n, h, w, c, c // groups,
             stride, int(relu), torch.get_num_threads(),
@@ -321,7 +331,7 @@ def call_pointwise_kernel(
     mid = None if n % threads == 0 else torch.empty(n * h * w * c, dtype=torch.bfloat16)
     if y.numel():
         bias_c = None if bias is None else bias.contiguous()
-        rc = _library().pointwise_grouped3x3_bf16(
+        rc = library().pointwise_grouped3x3_bf16(
             x.data_ptr(), pointwise.data_ptr(), pointwise_bias.contiguous().data_ptr(), k,
             None if mid is None else mid.data_ptr(), packed.data_ptr(),
             None if bias_c is None else bias_c.data_ptr(), y.data_ptr(), packing, n, h, w, c,
@@ -355,7 +365,7 @@ def call_block_kernel(
     n, k, h, w = x.shape
     c = pointwise_bias.numel()
     bias_c = None if bias is None else bias.contiguous()
-    rc = _library().bottleneck_dot_bf16(
+    rc = library().bottleneck_dot_bf16(
         x.data_ptr(), pointwise.data_ptr(), pointwise_bias.contiguous().data_ptr(),
         packed.data_ptr(), None if bias_c is None else bias_c.data_ptr(), last.data_ptr(),
         last_bias.contiguous().data_ptr(), packing, n, h, w, k, c, c // groups, ahead,

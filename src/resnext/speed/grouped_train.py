@@ -11,9 +11,9 @@ parameters and state-dict keys). In training mode on channels-last float32/bfloa
   FMAs; for bf16 also the AVX512-BF16 pair dot-product kernels, `grouped_kernel.takes_pairs`), or for
   bf16 on a CPU with AMX `kernels/grouped3x3_amx.c` (block-diagonal tile products);
 - the input gradient at stride 1: oneDNN, or the same kernels applied to the output gradient
-  with each group's weight matrix transposed and its taps flipped; at stride 2 oneDNN, or for
-  bf16 on a CPU with AMX four such convolutions, one per pixel parity
-  (`resnext.speed.grouped_dgrad_amx`);
+  with each group's weight matrix transposed and its taps flipped; at stride 2 oneDNN, or four
+  such convolutions, one per pixel parity, on the same kernels (`resnext.speed.grouped_dgrad`)
+  or for bf16 on a CPU with AMX on its tiles (`resnext.speed.grouped_dgrad_amx`);
 - the weight gradient: oneDNN, or `kernels/grouped3x3_wgrad.c` (widening, or pair dot products
   for bf16 with a multiple of 32 channels, the only form for 16–64 channels per group), or for
   bf16 on a CPU with AMX
@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 from resnext.speed import (
     autotune,
     grouped_amx,
+    grouped_dgrad,
     grouped_dgrad_amx,
     grouped_kernel,
     grouped_swap,
@@ -53,9 +54,7 @@ from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dt
 def transposed_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """The weight whose stride-1, padding-1 grouped convolution maps an output gradient to the
     input gradient: each group's (out, in) matrix transposed, the 3×3 taps flipped."""
-    c, cpg = weight.shape[:2]
-    per_group = weight.reshape(groups, c // groups, cpg, 3, 3)
-    return per_group.transpose(1, 2).flip(-1, -2).reshape(c, cpg, 3, 3)
+    return grouped_dgrad.group_transposed(weight, groups).flip(-1, -2)
 
 
 def our_kernel(
@@ -113,13 +112,22 @@ def input_grad_candidates(
         for name, fn in conv_candidates(grad, transposed_weight(w, groups), groups, 1).items():
             if name != "onednn":
                 candidates[name] = fn
-    elif (
+        return candidates
+    # Stride 2: four stride-1 convolutions of the output gradient, one per pixel parity.
+    size = (x.shape[2], x.shape[3])
+    if grouped_kernel.unavailable_reason(grad.dtype) is None and grouped_kernel.supports(
+        x.shape[1], groups, stride
+    ):
+        candidates["ours-phases"] = lambda: grouped_dgrad.input_grad(grad, w, groups, size)
+        if _pairs_apply(grad, groups):
+            candidates["ours-pairs-phases"] = lambda: grouped_dgrad.input_grad(
+                grad, w, groups, size, pairs=True
+            )
+    if (
         grad.dtype == torch.bfloat16
         and grouped_dgrad_amx.unavailable_reason() is None
         and grouped_dgrad_amx.supports(x.shape[1], groups)
     ):
-        # Stride 2: four stride-1 convolutions of the output gradient, one per pixel parity.
-        size = (x.shape[2], x.shape[3])
         candidates["ours-amx-phases"] = lambda: grouped_dgrad_amx.input_grad(grad, w, groups, size)
     return candidates
 

@@ -19,6 +19,7 @@ from resnext.models.network import build_model
 from resnext.models.spec import ModelSpec
 from resnext.speed import (
     bn_kernel,
+    grouped_dgrad,
     grouped_dgrad_amx,
     grouped_train,
     grouped_wgrad,
@@ -86,6 +87,7 @@ KERNEL_SPANS = (
     Instrumented(
         grouped_wgrad_amx, "weight_grad", "grouped_conv3x3_wgrad (ours, AMX)", _grouped_wgrad_flop
     ),
+    Instrumented(grouped_dgrad, "input_grad", "grouped_conv3x3_dgrad (ours)", _grouped_dgrad_flop),
     Instrumented(
         grouped_dgrad_amx, "input_grad", "grouped_conv3x3_dgrad (ours, AMX)", _grouped_dgrad_flop
     ),

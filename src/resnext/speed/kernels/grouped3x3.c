@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "dgrad_phases.h"
 #include "input_prefetch.h"
 
 static inline __m512 load_f32(const float *p) { return _mm512_loadu_ps(p); }
@@ -46,14 +47,16 @@ static inline __m512 block_shuffle(__m512 v, int R, int r) {
   /* P output pixels of one 16-channel output block: all taps into 4 diagonal accumulators. */ \
   static inline __attribute__((always_inline)) void NAME##_block(                              \
       const T *xn, const float *wb, int H, int W, int C, int ib0, int oh, int iw0,                \
-      int s, int cols_ok, __m512 acc[P][4]) {                                                  \
+      int s, int cols_ok, const signed char *taps, __m512 acc[P][4]) {                         \
     for (int kh = 0; kh < 3; ++kh) {                                                           \
       const int ih = oh * s - 1 + kh;                                                          \
       if (ih < 0 || ih >= H) continue;                                                         \
       const T *xrow = xn + (long)ih * W * C + ib0 * 16;                                        \
       for (int kw = 0; kw < 3; ++kw) {                                                         \
+        const int t = TAP(taps, kh, kw);                                                       \
+        if (t < 0) continue;                                                                   \
         _Pragma("GCC unroll 4") for (int e = 0; e < M; ++e) {                                  \
-          const float *wt = wb + ((kh * 3 + kw) * M + e) * R * 64;                             \
+          const float *wt = wb + (t * M + e) * R * 64;                                         \
           const T *xb = xrow + e * 16 + (long)(iw0 + kw) * C;                                  \
           __m512 v[P];                                                                         \
           _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {                               \
@@ -76,13 +79,10 @@ static inline __m512 block_shuffle(__m512 v, int R, int r) {
       }                                                                                        \
     }                                                                                          \
   }                                                                                            \
-  /* One output row (image n = r / Ho, row r % Ho), every channel. */                         \
-  static void NAME(const T *x, const float *wp, const float *bias, T *y, int H, int W, int C,  \
-                   int cpg, int Ho, int Wo, int s, int relu, long r) {                         \
-    const long n = r / Ho;                                                                     \
-    const int oh = (int)(r % Ho);                                                              \
-    const T *xn = x + n * (long)H * W * C;                                                     \
-    T *yr = y + r * (long)Wo * C;                                                              \
+  /* Output row oh of image xn, every channel, into yr (its pixels `spread` apart). */         \
+  static inline __attribute__((always_inline)) void NAME##_at(                                 \
+      const T *xn, const float *wp, const float *bias, T *yr, const int spread, int H, int W,  \
+      int C, int cpg, int oh, int Wo, int s, int relu, const signed char *taps) {              \
     RowAhead ahead = row_ahead(xn, H, W, C, sizeof(T), oh, s, (Wo + P - 1) / P, 0);           \
     for (int ow0 = 0; ow0 < Wo; ow0 += P) {                                                    \
       const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
@@ -100,9 +100,9 @@ static inline __m512 block_shuffle(__m512 v, int R, int r) {
         _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p)                                   \
             _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[p][j] = _mm512_setzero_ps(); \
         if (cols_ok)                                                                           \
-          NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 1, acc);                              \
+          NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 1, taps, acc);                        \
         else                                                                                   \
-          NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 0, acc);                              \
+          NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 0, taps, acc);                        \
         const __m512 b = bias ? load_f32(bias + cb * 16) : _mm512_setzero_ps();                \
         /* fully unrolled (a runtime bound would keep acc in memory instead of registers) */   \
         _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {                                 \
@@ -113,10 +113,21 @@ static inline __m512 block_shuffle(__m512 v, int R, int r) {
           o = _mm512_add_ps(o, _mm512_permute_ps(acc[p][2], 0x4E));                            \
           o = _mm512_add_ps(o, _mm512_permute_ps(acc[p][3], 0x93));                            \
           if (relu) o = _mm512_max_ps(o, _mm512_setzero_ps());                                 \
-          STORE(yr + (long)(ow0 + p) * C + cb * 16, o);                                        \
+          STORE(yr + (long)(ow0 + p) * spread * C + cb * 16, o);                               \
         }                                                                                      \
       }                                                                                        \
     }                                                                                          \
+  }                                                                                            \
+  /* One output row (image n = r / Ho, row r % Ho), every channel. */                         \
+  static void NAME(const T *x, const float *wp, const float *bias, T *y, int H, int W, int C,  \
+                   int cpg, int Ho, int Wo, int s, int relu, long r) {                         \
+    NAME##_at(x + r / Ho * (long)H * W * C, wp, bias, y + r * (long)Wo * C, 1, H, W, C, cpg,   \
+              (int)(r % Ho), Wo, s, relu, 0);                                                  \
+  }                                                                                            \
+  /* Output row oh of one phase of a stride-2 input gradient (see grouped3x3_dgrad_s2). */     \
+  static void NAME##_phase(const void *xn, const float *wp, void *yr, int H, int W, int C,     \
+                           int cpg, int oh, int Wo, const signed char *taps) {                 \
+    NAME##_at((const T *)xn, wp, 0, (T *)yr, 2, H, W, C, cpg, oh, Wo, 1, 0, taps);             \
   }
 
 DEFINE_KERNEL(row_f32_c4, float, load_f32, store_f32, 1, 1, 4)
@@ -146,13 +157,15 @@ DEFINE_KERNEL(row_bf16_c64, uint16_t, load_bf16, store_bf16, 4, 4, 4)
 /* A tile's sums over the 9 taps (cpg and P constants where inlined). */
 static inline __attribute__((always_inline)) void pairs_block(
     const uint16_t *xn, const uint16_t *wb, int H, int W, int C, int cb, int oh, int iw0, int s,
-    int cols_ok, __m512 acc[PAIR_P][8], const int cpg, const int P) {
+    int cols_ok, const signed char *taps, __m512 acc[PAIR_P][8], const int cpg, const int P) {
   for (int kh = 0; kh < 3; ++kh) {
     const int ih = oh * s - 1 + kh;
     if (ih < 0 || ih >= H) continue;
     const uint16_t *xrow = xn + (long)ih * W * C + cb * 32;
     for (int kw = 0; kw < 3; ++kw) {
-      const uint16_t *wt = wb + (kh * 3 + kw) * cpg * 32;
+      const int t = TAP(taps, kh, kw);
+      if (t < 0) continue;
+      const uint16_t *wt = wb + t * cpg * 32;
       if (cpg == 4) { /* the 4 weight vectors held, each pixel's input loaded as it is used */
         __m512bh w[4];
 #pragma GCC unroll 4
@@ -222,16 +235,12 @@ static inline __attribute__((always_inline)) void pairs_outputs(const __m512 acc
   *o1 = _mm512_permutex2var_ps(m0123, hi, m4567);
 }
 
-/* One output row (image n = r / Ho, row r % Ho), every channel (cpg and P constants). */
-static inline __attribute__((always_inline)) void pairs_row(
-    const void *xv, const float *wpv, const float *bias, void *yv, int H, int W, int C, int Ho,
-    int Wo, int s, int relu, long r, const int cpg, const int P) {
-  const uint16_t *x = xv, *wq = (const uint16_t *)wpv;
-  uint16_t *y = yv;
-  const long n = r / Ho;
-  const int oh = (int)(r % Ho);
-  const uint16_t *xn = x + n * (long)H * W * C;
-  uint16_t *yr = y + r * (long)Wo * C;
+/* Output row oh of image xn, every channel, into yr (its pixels `spread` apart; cpg and P
+ * constants). */
+static inline __attribute__((always_inline)) void pairs_row_at(
+    const uint16_t *xn, const uint16_t *wq, const float *bias, uint16_t *yr, const int spread,
+    int H, int W, int C, int oh, int Wo, int s, int relu, const signed char *taps, const int cpg,
+    const int P) {
   RowAhead ahead = row_ahead(xn, H, W, C, 2, oh, s, (long)(C / 32) * ((Wo + P - 1) / P), 0);
   for (int ow0 = 0; ow0 < Wo; ow0 += P) {
     const int np = Wo - ow0 < P ? Wo - ow0 : P;
@@ -247,9 +256,9 @@ static inline __attribute__((always_inline)) void pairs_row(
 #pragma GCC unroll 8
         for (int o = 0; o < cpg; ++o) acc[p][o] = _mm512_setzero_ps();
       if (cols_ok)
-        pairs_block(xn, wb, H, W, C, cb, oh, iw0, s, 1, acc, cpg, P);
+        pairs_block(xn, wb, H, W, C, cb, oh, iw0, s, 1, taps, acc, cpg, P);
       else
-        pairs_block(xn, wb, H, W, C, cb, oh, iw0, s, 0, acc, cpg, P);
+        pairs_block(xn, wb, H, W, C, cb, oh, iw0, s, 0, taps, acc, cpg, P);
       const __m512 b0 = bias ? load_f32(bias + cb * 32) : _mm512_setzero_ps();
       const __m512 b1 = bias ? load_f32(bias + cb * 32 + 16) : _mm512_setzero_ps();
 #pragma GCC unroll 8
@@ -263,12 +272,21 @@ static inline __attribute__((always_inline)) void pairs_row(
           o0 = _mm512_max_ps(o0, _mm512_setzero_ps());
           o1 = _mm512_max_ps(o1, _mm512_setzero_ps());
         }
-        uint16_t *dst = yr + (long)(ow0 + p) * C + cb * 32;
+        uint16_t *dst = yr + (long)(ow0 + p) * spread * C + cb * 32;
         store_bf16(dst, o0);
         store_bf16(dst + 16, o1);
       }
     }
   }
+}
+
+/* Output row r % Ho of image r / Ho, every channel. */
+static inline __attribute__((always_inline)) void pairs_row(
+    const void *xv, const float *wpv, const float *bias, void *yv, int H, int W, int C, int Ho,
+    int Wo, int s, int relu, long r, const int cpg, const int P) {
+  pairs_row_at((const uint16_t *)xv + r / Ho * (long)H * W * C, (const uint16_t *)wpv, bias,
+               (uint16_t *)yv + r * (long)Wo * C, 1, H, W, C, (int)(r % Ho), Wo, s, relu, 0, cpg,
+               P);
 }
 
 static void row_bf16dp_c4(const void *xv, const float *wpv, const float *bias, void *yv, int H,
@@ -281,6 +299,18 @@ static void row_bf16dp_c8(const void *xv, const float *wpv, const float *bias, v
                           int W, int C, int cpg, int Ho, int Wo, int s, int relu, long r) {
   (void)cpg;
   pairs_row(xv, wpv, bias, yv, H, W, C, Ho, Wo, s, relu, r, 8, 2);
+}
+
+static void phase_bf16dp_c4(const void *xn, const float *wp, void *yr, int H, int W, int C,
+                            int cpg, int oh, int Wo, const signed char *taps) {
+  (void)cpg;
+  pairs_row_at(xn, (const uint16_t *)wp, 0, yr, 2, H, W, C, oh, Wo, 1, 0, taps, 4, 6);
+}
+
+static void phase_bf16dp_c8(const void *xn, const float *wp, void *yr, int H, int W, int C,
+                            int cpg, int oh, int Wo, const signed char *taps) {
+  (void)cpg;
+  pairs_row_at(xn, (const uint16_t *)wp, 0, yr, 2, H, W, C, oh, Wo, 1, 0, taps, 8, 2);
 }
 
 /* bf16 with 16, 32 or 64 channels per group (ResNeXt-50's stages 3-4), using the pair dot
@@ -306,7 +336,7 @@ static const int32_t ZERO_PAIRS[64] __attribute__((aligned(64)));
  * NB adjacent groups, 16 channels apart. */
 static inline __attribute__((always_inline)) void wide_tile(
     const uint16_t *xn, const uint16_t *wq, int H, int W, int C, int cpg, int oh, int ow0, int np,
-    int s, int b0, int shared, __m512 acc[NB][PW]) {
+    int s, int b0, int shared, const signed char *taps, __m512 acc[NB][PW]) {
   const int pairs = cpg / 2;
   const long tap_size = (long)pairs * 32, group0 = (long)b0 * 16 / cpg * cpg;
   for (int kh = 0; kh < 3; ++kh) {
@@ -314,6 +344,8 @@ static inline __attribute__((always_inline)) void wide_tile(
     if (ih < 0 || ih >= H) continue;
     const uint16_t *xrow = xn + (long)ih * W * C + group0;
     for (int kw = 0; kw < 3; ++kw) {
+      const int t = TAP(taps, kh, kw);
+      if (t < 0) continue;
       /* each pixel's first input pair; a pixel outside the image (or past the row) reads
        * zeros, so that every broadcast is a plain one (masked ones ran slower) */
       const int32_t *px[PW];
@@ -323,7 +355,7 @@ static inline __attribute__((always_inline)) void wide_tile(
         const int in = p < np && iw >= 0 && iw < W;
         px[p] = in ? (const int32_t *)(xrow + (long)iw * C) : (const int32_t *)ZERO_PAIRS;
       }
-      const uint16_t *wt = wq + ((long)b0 * 9 + kh * 3 + kw) * tap_size;
+      const uint16_t *wt = wq + ((long)b0 * 9 + t) * tap_size;
       for (int j = 0; j < pairs; ++j) {
         __m512bh w[NB];
 #pragma GCC unroll 4
@@ -347,14 +379,10 @@ static inline __attribute__((always_inline)) void wide_tile(
   }
 }
 
-static void row_bf16dp_wide(const void *xv, const float *wpv, const float *bias, void *yv, int H,
-                            int W, int C, int cpg, int Ho, int Wo, int s, int relu, long r) {
-  const uint16_t *x = xv, *wq = (const uint16_t *)wpv;
-  uint16_t *y = yv;
-  const long n = r / Ho;
-  const int oh = (int)(r % Ho);
-  const uint16_t *xn = x + n * (long)H * W * C;
-  uint16_t *yr = y + r * (long)Wo * C;
+/* Output row oh of image xn, every channel, into yr (its pixels `spread` apart). */
+static inline __attribute__((always_inline)) void wide_row_at(
+    const uint16_t *xn, const uint16_t *wq, const float *bias, uint16_t *yr, const int spread,
+    int H, int W, int C, int cpg, int oh, int Wo, int s, int relu, const signed char *taps) {
   const long tiles = (long)(C / 16 / NB) * ((Wo + PW - 1) / PW);
   RowAhead ahead = row_ahead(xn, H, W, C, 2, oh, s, tiles, 1);
   for (int ow0 = 0; ow0 < Wo; ow0 += PW) {
@@ -365,16 +393,16 @@ static void row_bf16dp_wide(const void *xv, const float *wpv, const float *bias,
       /* this block's line of the next tile's columns, in the rows this output row is the first
        * to read (the row before read the others) */
       prefetch_pixels(xn, H, W, 2L * C, oh * s + 2 - s, oh * s + 1, next, PW * s, 32L * b0, 64);
-      prefetch_outputs(yr, 2L * C, ow0 + PW, PW, Wo, 32L * b0, 64);
+      prefetch_outputs(yr, 2L * spread * C, ow0 + PW, PW, Wo, 32L * b0, 64);
       __m512 acc[NB][PW];
 #pragma GCC unroll 4
       for (int v = 0; v < NB; ++v)
 #pragma GCC unroll 8
         for (int p = 0; p < PW; ++p) acc[v][p] = _mm512_setzero_ps();
       if (cpg == 16)
-        wide_tile(xn, wq, H, W, C, cpg, oh, ow0, np, s, b0, 0, acc);
+        wide_tile(xn, wq, H, W, C, cpg, oh, ow0, np, s, b0, 0, taps, acc);
       else
-        wide_tile(xn, wq, H, W, C, cpg, oh, ow0, np, s, b0, 1, acc);
+        wide_tile(xn, wq, H, W, C, cpg, oh, ow0, np, s, b0, 1, taps, acc);
 #pragma GCC unroll 4
       for (int v = 0; v < NB; ++v) {
         const __m512 b = bias ? load_f32(bias + (b0 + v) * 16) : _mm512_setzero_ps();
@@ -383,11 +411,22 @@ static void row_bf16dp_wide(const void *xv, const float *wpv, const float *bias,
           if (p >= np) continue;
           __m512 o = _mm512_add_ps(acc[v][p], b);
           if (relu) o = _mm512_max_ps(o, _mm512_setzero_ps());
-          store_bf16(yr + (long)(ow0 + p) * C + (b0 + v) * 16, o);
+          store_bf16(yr + (long)(ow0 + p) * spread * C + (b0 + v) * 16, o);
         }
       }
     }
   }
+}
+
+static void row_bf16dp_wide(const void *xv, const float *wpv, const float *bias, void *yv, int H,
+                            int W, int C, int cpg, int Ho, int Wo, int s, int relu, long r) {
+  wide_row_at((const uint16_t *)xv + r / Ho * (long)H * W * C, (const uint16_t *)wpv, bias,
+              (uint16_t *)yv + r * (long)Wo * C, 1, H, W, C, cpg, (int)(r % Ho), Wo, s, relu, 0);
+}
+
+static void phase_bf16dp_wide(const void *xn, const float *wp, void *yr, int H, int W, int C,
+                              int cpg, int oh, int Wo, const signed char *taps) {
+  wide_row_at(xn, (const uint16_t *)wp, 0, yr, 2, H, W, C, cpg, oh, Wo, 1, 0, taps);
 }
 
 typedef void (*row_fn)(const void *, const float *, const float *, void *, int, int, int, int,
@@ -453,6 +492,42 @@ int grouped3x3_nhwc(const void *x, const float *wp, const float *bias, void *y, 
   const long rows = (long)N * Ho;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (long r = 0; r < rows; ++r) row(x, wp, bias, y, H, W, C, cpg, Ho, Wo, s, relu, r);
+  return 0;
+}
+
+
+static phase_fn pick_phase(int cpg, int bf16) {
+  switch (cpg) {
+  case 4: return bf16 ? row_bf16_c4_phase : row_f32_c4_phase;
+  case 8: return bf16 ? row_bf16_c8_phase : row_f32_c8_phase;
+  case 16: return bf16 ? row_bf16_c16_phase : row_f32_c16_phase;
+  case 32: return bf16 ? row_bf16_c32_phase : row_f32_c32_phase;
+  case 64: return bf16 ? row_bf16_c64_phase : row_f32_c64_phase;
+  default: return 0;
+  }
+}
+
+/* dx = the input gradient (H x W) of a stride-2 grouped 3x3 convolution from its output gradient
+ * dy, in four phases (dgrad_phases.h): wp is each group's matrix transposed, packed as for the
+ * forward (packing 0, 1 or 2; not flipped), taps[4][9] the phases' tap maps. Returns 0, or -1 for
+ * an unsupported shape. */
+int grouped3x3_dgrad_s2(const void *dy, const float *wp, const signed char *taps, void *dx,
+                        int bf16, int packing, int N, int H, int W, int C, int cpg, int threads) {
+  if (N < 0 || H < 1 || W < 1 || threads < 1) return -1;
+  phase_fn row;
+  if (packing == 1) {
+    if (!bf16 || !grouped3x3_pairs_supported(C, cpg, 2)) return -1;
+    row = cpg == 4 ? phase_bf16dp_c4 : phase_bf16dp_c8;
+  } else if (packing == 2) {
+    if (!bf16 || !grouped3x3_wide_pairs_supported(C, cpg, 2)) return -1;
+    row = phase_bf16dp_wide;
+  } else if (packing == 0) {
+    if (!grouped3x3_supported(C, cpg, 2)) return -1;
+    row = pick_phase(cpg, bf16);
+  } else {
+    return -1;
+  }
+  dgrad_s2_phases(row, dy, wp, taps, dx, bf16 ? 2 : 4, N, H, W, C, cpg, threads);
   return 0;
 }
 

@@ -18,6 +18,7 @@
  */
 #include <immintrin.h>
 
+#include "dgrad_phases.h"
 #include "input_prefetch.h"
 
 #ifndef PIXELS
@@ -27,17 +28,19 @@
 static inline __m256 swap_blocks(__m256 v) { return _mm256_permute2f128_ps(v, v, 0x01); }
 
 #define DEFINE_KERNEL(NAME, R, M, P)                                                              \
-  /* P output pixels of one 8-channel output block: all taps into 4 diagonal accumulators. */   \
+  /* P output pixels of one 8-channel output block: all taps into 4 diagonal accumulators. */  \
   static inline __attribute__((always_inline)) void NAME##_block(                              \
       const float *xn, const float *wb, int H, int W, int C, int ib0, int oh, int iw0, int s,   \
-      int cols_ok, __m256 acc[P][4]) {                                                         \
+      int cols_ok, const signed char *taps, __m256 acc[P][4]) {                                \
     for (int kh = 0; kh < 3; ++kh) {                                                           \
       const int ih = oh * s - 1 + kh;                                                          \
       if (ih < 0 || ih >= H) continue;                                                         \
       const float *xrow = xn + (long)ih * W * C + ib0 * 8;                                     \
       for (int kw = 0; kw < 3; ++kw) {                                                         \
+        const int t = TAP(taps, kh, kw);                                                       \
+        if (t < 0) continue;                                                                   \
         _Pragma("GCC unroll 8") for (int e = 0; e < M; ++e) {                                  \
-          const float *wt = wb + ((kh * 3 + kw) * M + e) * R * 32;                             \
+          const float *wt = wb + (t * M + e) * R * 32;                                         \
           const float *xb = xrow + e * 8 + (long)(iw0 + kw) * C;                               \
           __m256 v[P];                                                                         \
           _Pragma("GCC unroll 8") for (int p = 0; p < P; ++p) {                                \
@@ -61,13 +64,10 @@ static inline __m256 swap_blocks(__m256 v) { return _mm256_permute2f128_ps(v, v,
       }                                                                                        \
     }                                                                                          \
   }                                                                                            \
-  /* One output row (image n = r / Ho, row r % Ho), every channel. */                         \
-  static void NAME(const float *x, const float *wp, const float *bias, float *y, int H, int W, \
-                   int C, int Ho, int Wo, int s, int relu, long r) {                           \
-    const long n = r / Ho;                                                                     \
-    const int oh = (int)(r % Ho);                                                              \
-    const float *xn = x + n * (long)H * W * C;                                                 \
-    float *yr = y + r * (long)Wo * C;                                                          \
+  /* Output row oh of image xn, every channel, into yr (its pixels `spread` apart). */         \
+  static inline __attribute__((always_inline)) void NAME##_at(                                 \
+      const float *xn, const float *wp, const float *bias, float *yr, const int spread, int H, \
+      int W, int C, int oh, int Wo, int s, int relu, const signed char *taps) {                \
     RowAhead ahead = row_ahead(xn, H, W, C, sizeof(float), oh, s, (Wo + P - 1) / P, 0);        \
     for (int ow0 = 0; ow0 < Wo; ow0 += P) {                                                    \
       const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
@@ -85,9 +85,9 @@ static inline __m256 swap_blocks(__m256 v) { return _mm256_permute2f128_ps(v, v,
         _Pragma("GCC unroll 8") for (int p = 0; p < P; ++p)                                    \
             _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[p][j] = _mm256_setzero_ps(); \
         if (cols_ok)                                                                           \
-          NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 1, acc);                              \
+          NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 1, taps, acc);                        \
         else                                                                                   \
-          NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 0, acc);                              \
+          NAME##_block(xn, wb, H, W, C, ib0, oh, iw0, s, 0, taps, acc);                        \
         const __m256 b = bias ? _mm256_loadu_ps(bias + cb * 8) : _mm256_setzero_ps();          \
         /* fully unrolled (a runtime bound would keep acc in memory instead of registers) */   \
         _Pragma("GCC unroll 8") for (int p = 0; p < P; ++p) {                                  \
@@ -98,10 +98,22 @@ static inline __m256 swap_blocks(__m256 v) { return _mm256_permute2f128_ps(v, v,
           o = _mm256_add_ps(o, _mm256_permute_ps(acc[p][2], 0x4E));                            \
           o = _mm256_add_ps(o, _mm256_permute_ps(acc[p][3], 0x93));                            \
           if (relu) o = _mm256_max_ps(o, _mm256_setzero_ps());                                 \
-          _mm256_storeu_ps(yr + (long)(ow0 + p) * C + cb * 8, o);                              \
+          _mm256_storeu_ps(yr + (long)(ow0 + p) * spread * C + cb * 8, o);                     \
         }                                                                                      \
       }                                                                                        \
     }                                                                                          \
+  }                                                                                            \
+  /* One output row (image n = r / Ho, row r % Ho), every channel. */                         \
+  static void NAME(const float *x, const float *wp, const float *bias, float *y, int H, int W, \
+                   int C, int Ho, int Wo, int s, int relu, long r) {                           \
+    NAME##_at(x + r / Ho * (long)H * W * C, wp, bias, y + r * (long)Wo * C, 1, H, W, C,        \
+              (int)(r % Ho), Wo, s, relu, 0);                                                  \
+  }                                                                                            \
+  /* Output row oh of one phase of a stride-2 input gradient (see grouped3x3_dgrad_s2). */     \
+  static void NAME##_phase(const void *xn, const float *wp, void *yr, int H, int W, int C,     \
+                           int cpg, int oh, int Wo, const signed char *taps) {                 \
+    (void)cpg;                                                                                 \
+    NAME##_at((const float *)xn, wp, 0, (float *)yr, 2, H, W, C, oh, Wo, 1, 0, taps);          \
   }
 
 DEFINE_KERNEL(row_c4, 1, 1, PIXELS)
@@ -146,5 +158,27 @@ int grouped3x3_nhwc(const void *x, const float *wp, const float *bias, void *y, 
   const long rows = (long)N * Ho;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (long r = 0; r < rows; ++r) row(x, wp, bias, y, H, W, C, Ho, Wo, s, relu, r);
+  return 0;
+}
+
+
+static phase_fn pick_phase(int cpg) {
+  switch (cpg) {
+  case 4: return row_c4_phase;
+  case 8: return row_c8_phase;
+  case 16: return row_c16_phase;
+  case 32: return row_c32_phase;
+  case 64: return row_c64_phase;
+  default: return 0;
+  }
+}
+
+/* dx = the input gradient of a stride-2 grouped 3x3 convolution, float32 only: the AVX-512
+ * kernel's entry point (grouped3x3.c), which returns -1 here for bf16 or a pair packing. */
+int grouped3x3_dgrad_s2(const void *dy, const float *wp, const signed char *taps, void *dx,
+                        int bf16, int packing, int N, int H, int W, int C, int cpg, int threads) {
+  if (N < 0 || H < 1 || W < 1 || threads < 1 || bf16 || packing != 0) return -1;
+  if (!grouped3x3_supported(C, cpg, 2)) return -1;
+  dgrad_s2_phases(pick_phase(cpg), dy, wp, taps, dx, 4, N, H, W, C, cpg, threads);
   return 0;
 }
