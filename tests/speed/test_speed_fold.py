@@ -77,3 +77,49 @@ def test_conv_used_twice_is_not_folded() -> None:
     assert count_batchnorms(folded) == 1
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x))
+
+
+class _Twice(nn.Module):
+    """Calls its ReLU twice and its convolution once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(self.act(x)))
+
+
+class _Untraceable(nn.Module):
+    """A parent whose forward branches on a tensor's value, which fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x) if x.sum() > 0 else x
+
+
+def test_child_calls_walks_each_parent_of_a_matching_child() -> None:
+    from torch import fx
+
+    from resnext.speed.fold import child_calls, parents_of
+
+    model = nn.Sequential(nn.ReLU(), _Twice(), nn.Sequential(_Twice()), _Untraceable())
+    is_relu = lambda m: isinstance(m, nn.ReLU)  # noqa: E731
+    # the root's own ReLU is never a site; the untraceable parent is listed but yields nothing
+    assert parents_of(model, is_relu) == {"1", "2.0", "3"}
+    calls = [
+        (parent, str(node.target), counts[str(node.target)], counts["conv"])
+        for parent, node, modules, counts in child_calls(model, is_relu, fx.Tracer)
+        if isinstance(modules[str(node.target)], nn.ReLU)
+    ]
+    # each call of a matching child, parents in name order, with the parent's call counts
+    assert calls == [
+        ("1", "act", 2, 1),
+        ("1", "act", 2, 1),
+        ("2.0", "act", 2, 1),
+        ("2.0", "act", 2, 1),
+    ]

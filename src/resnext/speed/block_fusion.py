@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.speed import grouped_amx
-from resnext.speed.fold import install_graph, replace_nodes, traced_parents
+from resnext.speed.fold import child_calls, install_graph, parents_of, replace_nodes
 from resnext.speed.grouped_kernel import output_for
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
@@ -219,25 +219,20 @@ def inputs_consumed(model: nn.Module, parents: set[str]) -> set[str]:
 
 def _sites(model: nn.Module) -> list[_Site]:
     sites = []
-    # A chain is rewritten by replacing its parent module, so the root itself is never one.
-    parents = {n.rpartition(".")[0] for n, m in model.named_modules() if _amx_head(m)} - {""}
-    consumed = inputs_consumed(model, parents)
-    for parent_name, graph, modules, calls in traced_parents(model, sorted(parents), BlockTracer):
-        for node in graph.nodes:
-            head = _amx_head(modules.get(str(node.target)) if node.op == "call_module" else None)
-            if head is None or single_input(node) is None:
-                continue
-            chain = _chain_after(node, modules)
-            if chain is None:
-                continue
-            tail_name = str(chain.tail.target)
-            once = calls[str(node.target)] == 1 and calls[tail_name] == 1
-            if once and block_fusable(head, modules[tail_name]):
-                same = chain.residual is node.args[0]
-                overwritable = dead_after(chain.residual, chain.nodes[-2]) and (
-                    chain.residual.op != "placeholder" or parent_name in consumed
-                )
-                sites.append(_Site(parent_name, str(node.target), tail_name, same, overwritable))
+    consumed = inputs_consumed(model, parents_of(model, _amx_head))
+    for parent_name, node, modules, calls in child_calls(model, _amx_head, BlockTracer):
+        head = _amx_head(modules[str(node.target)])
+        chain = _chain_after(node, modules) if single_input(node) is not None else None
+        if head is None or chain is None:
+            continue
+        tail_name = str(chain.tail.target)
+        once = calls[str(node.target)] == 1 and calls[tail_name] == 1
+        if once and block_fusable(head, modules[tail_name]):
+            same = chain.residual is node.args[0]
+            overwritable = dead_after(chain.residual, chain.nodes[-2]) and (
+                chain.residual.op != "placeholder" or parent_name in consumed
+            )
+            sites.append(_Site(parent_name, str(node.target), tail_name, same, overwritable))
     return sites
 
 

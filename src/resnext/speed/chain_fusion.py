@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from resnext.speed.fold import install_graph, replace_nodes, traced_parents
+from resnext.speed.fold import child_calls, install_graph, replace_nodes
 from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_on_random
 from resnext.speed.pointwise_fusion import single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
@@ -71,23 +71,15 @@ def _chain(node: fx.Node, modules: dict[str, nn.Module], kind: Chain) -> list[fx
 def find_sites(model: nn.Module, kind: Chain) -> list[Site]:
     """Every fusable chain whose two modules are each called once by their parent."""
     sites = []
-    parents = {
-        name.rpartition(".")[0]
-        for name, module in model.named_modules()
-        if isinstance(module, kind.consumer)
-    } - {""}  # a chain is rewritten by replacing its parent, so the root is never one
-    for parent_name, graph, modules, calls in traced_parents(model, sorted(parents), kind.tracer):
-        for node in graph.nodes:
-            consumer = modules.get(str(node.target)) if node.op == "call_module" else None
-            if not isinstance(consumer, kind.consumer):
-                continue
-            chain = _chain(node, modules, kind)
-            if chain is None:
-                continue
-            producer = str(chain[-1].target)
-            once = calls[producer] == 1 and calls[str(node.target)] == 1
-            if once and kind.fusable(modules[producer], consumer):
-                sites.append(Site(parent_name, producer, str(node.target)))
+    consumers = child_calls(model, lambda m: isinstance(m, kind.consumer), kind.tracer)
+    for parent_name, node, modules, calls in consumers:
+        chain = _chain(node, modules, kind)
+        if chain is None:
+            continue
+        producer, consumer = str(chain[-1].target), str(node.target)
+        once = calls[producer] == 1 and calls[consumer] == 1
+        if once and kind.fusable(modules[producer], modules[consumer]):
+            sites.append(Site(parent_name, producer, consumer))
     return sites
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import fx, nn
@@ -53,6 +53,26 @@ def traced_parents(
         except Exception:  # fx raises many kinds of errors on untraceable code
             continue
         yield name, graph, dict(parent.named_modules()), module_call_counts(graph)
+
+
+def parents_of(model: nn.Module, matches: Callable[[nn.Module], object]) -> set[str]:
+    """The names of the modules with a child that `matches`, less the root: a pass rewrites a
+    chain by replacing its parent module, so the root itself is never one."""
+    return {name.rpartition(".")[0] for name, m in model.named_modules() if matches(m)} - {""}
+
+
+def child_calls(
+    model: nn.Module, matches: Callable[[nn.Module], object], tracer: type[fx.Tracer]
+) -> Iterator[tuple[str, fx.Node, dict[str, nn.Module], dict[str, int]]]:
+    """Each call of a child that `matches` in the graphs of `parents_of` (traced with `tracer`,
+    in name order): the parent's name, the call's node, the parent's modules by name and their
+    call counts."""
+    for parent_name, graph, modules, calls in traced_parents(
+        model, sorted(parents_of(model, matches)), tracer
+    ):
+        for node in graph.nodes:
+            if node.op == "call_module" and matches(modules.get(str(node.target))):
+                yield parent_name, node, modules, calls
 
 
 def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:

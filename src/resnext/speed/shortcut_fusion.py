@@ -25,7 +25,7 @@ from torch import fx, nn
 from resnext.speed import grouped_amx
 from resnext.speed.block_fusion import BlockTracer, FusedBlock
 from resnext.speed.conv_x3_swap import ConvX3, DotConv1x1, X3Tracer
-from resnext.speed.fold import install_graph, replace_nodes, traced_parents
+from resnext.speed.fold import child_calls, install_graph, replace_nodes
 from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_each_ms
 from resnext.speed.pointwise_fusion import amx_1x1, onednn_conv, single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
@@ -145,21 +145,15 @@ def _shortcut_chain(
 
 def _sites(model: nn.Module, kind: _Kind) -> list[_Site]:
     sites = []
-    parents = {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, kind.main)}
-    for parent_name, graph, modules, calls in traced_parents(
-        model, sorted(parents - {""}), kind.tracer
-    ):
-        for node in graph.nodes:
-            main = modules.get(str(node.target)) if node.op == "call_module" else None
-            if not isinstance(main, kind.main):
-                continue
-            chain = _shortcut_chain(node, modules, kind)
-            if chain is None:
-                continue
-            conv = str(chain[0].target)
-            once = calls[str(node.target)] == 1 and calls[conv] == 1
-            if once and kind.fusable(main, modules[conv]):
-                sites.append(_Site(parent_name, str(node.target), conv))
+    mains = child_calls(model, lambda m: isinstance(m, kind.main), kind.tracer)
+    for parent_name, node, modules, calls in mains:
+        chain = _shortcut_chain(node, modules, kind)
+        if chain is None:
+            continue
+        main, conv = str(node.target), str(chain[0].target)
+        once = calls[main] == 1 and calls[conv] == 1
+        if once and kind.fusable(modules[main], modules[conv]):
+            sites.append(_Site(parent_name, main, conv))
     return sites
 
 
