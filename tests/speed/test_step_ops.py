@@ -77,13 +77,20 @@ def test_ceiling_is_flop_at_peak_for_compute_and_bytes_at_bandwidth_for_the_rest
 
 
 # Every kernel must be counted, whichever the chooser takes: pinned to oneDNN, to our AMX kernels
-# where they run (else our vector kernels, else the reference), or chosen by timing.
+# where they run (else our vector kernels, else the reference), or chosen by timing; in bf16 and
+# in float32 (where the 1×1 products have our FMA kernel).
+@pytest.mark.parametrize("variant", ["cl-bf16-fused-grouped-gemm", "cl-fp32-fused-grouped-gemm"])
 @pytest.mark.parametrize(
     "pinned",
-    [(), ("onednn",), ("ours-amx", "ours-amx-phases", "ours", "ours-phases", "gemm")],
+    [
+        (),
+        ("onednn",),
+        ("ours-amx", "ours-amx-phases", "ours", "ours-phases", "gemm"),
+        ("ours-fma", "ours-phases", "ours"),
+    ],
 )
 def test_a_real_steps_convolution_flop_is_three_forwards_less_the_stems_input_grad(
-    pinned: tuple[str, ...],
+    pinned: tuple[str, ...], variant: str
 ) -> None:
     # 16 channels in 4 groups of 4 at stage 1: the shapes our grouped kernels take.
     spec = dataclasses.replace(
@@ -93,7 +100,7 @@ def test_a_real_steps_convolution_flop_is_three_forwards_less_the_stems_input_gr
     with contextlib.ExitStack() as stack:
         if pinned:
             stack.enter_context(autotune.CHOOSER.prefer(*pinned))
-        step = measure_step_ops(spec, "cl-bf16-fused-grouped-gemm", batch, size, steps=1, warmup=1)
+        step = measure_step_ops(spec, variant, batch, size, steps=1, warmup=1)
     kinds = by_kind(step, Peaks(2, 500.0, 1000.0, 40.0, 40.0))
     model = resnext.create_model("resnext_tiny_in")
     fc = model.fc.in_features * model.fc.out_features + model.fc.out_features

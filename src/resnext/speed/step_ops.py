@@ -25,6 +25,7 @@ from resnext.speed import (
     grouped_wgrad,
     grouped_wgrad_amx,
     maxpool,
+    pointwise_fma,
     pointwise_gemm,
     pointwise_train,
     pointwise_wgrad_amx,
@@ -82,6 +83,9 @@ KERNEL_SPANS = (
     # the fork's input gradient with the shortcut's added in the store (the inference product)
     Instrumented(pointwise_gemm, "conv1x1", "pointwise_gemm conv (ours)", _pointwise_product_flop),
     Instrumented(pointwise_gemm, "pack_forward", "pointwise_gemm pack (ours)"),
+    # float32: the FMA product (forward, stride-1 input gradients) and its packing, per call
+    Instrumented(pointwise_fma, "run", "pointwise_fma (ours)", _pointwise_product_flop),
+    Instrumented(pointwise_fma, "pack", "pointwise_fma pack (ours)"),
     Instrumented(pointwise_gemm, "pack_input_grad", "pointwise_gemm pack (ours)"),
     Instrumented(pointwise_gemm, "weight_grad", "pointwise_wgrad (ours)", _gemm_wgrad_flop),
     Instrumented(
@@ -150,7 +154,7 @@ def op_kind(label: str, sig: str) -> str:
         return _conv_kind(shapes[1], shapes[2])
     if label.startswith("grouped_conv3x3"):
         return "grouped 3x3 conv"
-    if label.startswith("pointwise_gemm"):  # our 1×1 product and its weight packing
+    if label.startswith(("pointwise_gemm", "pointwise_fma")):  # our 1×1 products, packings
         return "1x1 conv"
     if label.startswith(("gemm_weight_grad", "pointwise_wgrad")):
         return "1x1 weight grad (GEMM)"
