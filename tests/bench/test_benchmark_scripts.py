@@ -591,20 +591,27 @@ def test_the_train_kernel_bench_refuses_arms_it_does_not_have(
     assert not list(tmp_path.iterdir())
 
 
+def _train_kernels_record(
+    options: list[str], rounds: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> dict:
+    """bench_train_kernels.py on resnext_tiny_in (batch 2, 32²) with `options`: its JSON record."""
+    import json
+
+    argv = ["--models", "resnext_tiny_in", "--batch", "2", "--image-size", "32", "--rounds",
+            str(rounds), *options, "--out", str(tmp_path)]  # fmt: skip
+    assert _run_script("bench_train_kernels.py", argv, monkeypatch) == 0
+    (record,) = tmp_path.glob("bench-train-kernels-*.json")
+    return json.loads(record.read_text())
+
+
 def test_the_train_kernel_bench_leaves_the_stride2_phases_out_of_the_none_arm(
     bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import json
-
     import torch
 
     from resnext.speed import grouped_kernel
 
-    argv = ["--models", "resnext_tiny_in", "--batch", "2", "--image-size", "32", "--rounds", "1",
-            "--arms", "all,none", "--out", str(tmp_path)]  # fmt: skip
-    assert _run_script("bench_train_kernels.py", argv, monkeypatch) == 0
-    (record,) = tmp_path.glob("bench-train-kernels-*.json")
-    data = json.loads(record.read_text())
+    data = _train_kernels_record(["--arms", "all,none"], 1, monkeypatch, tmp_path)
     arms = data["results"]["resnext_tiny_in"]
     assert list(arms) == ["all", "none"] and list(data["config"]["arms"]) == ["all", "none"]
 
@@ -625,13 +632,8 @@ def test_the_train_kernel_bench_leaves_the_stride2_phases_out_of_the_none_arm(
 def test_the_train_kernel_bench_times_one_arm_per_chooser_margin(
     bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import json
-
-    argv = ["--models", "resnext_tiny_in", "--batch", "2", "--image-size", "32", "--rounds", "2",
-            "--margins", "0.05,0", "--out", str(tmp_path)]  # fmt: skip
-    assert _run_script("bench_train_kernels.py", argv, monkeypatch) == 0
-    (record,) = tmp_path.glob("bench-train-kernels-*.json")
-    arms = json.loads(record.read_text())["results"]["resnext_tiny_in"]
+    data = _train_kernels_record(["--margins", "0.05,0"], 2, monkeypatch, tmp_path)
+    arms = data["results"]["resnext_tiny_in"]
     assert list(arms) == ["margin=0.05", "margin=0"]
     assert arms["margin=0.05"]["median_over_first"] == 1.0
     for arm in arms.values():
