@@ -382,3 +382,32 @@ def test_update_running_follows_batchnorms_formula_and_refuses_other_dtypes() ->
     assert not bn_kernel.update_running(m64, v64, mean, var, 0.1, 200)
     assert torch.equal(m64, rm.double()) and torch.equal(v64, rv.double())
     assert not bn_kernel.update_running(rm.clone(), rv.clone(), mean[:47], var[:47], 0.1, 200)
+
+
+def test_bf16_rounding_gives_torchs_bits_for_special_values(build: bn_kernel.Build) -> None:
+    """With a zero weight the output is the bias, rounded once to bf16: torch's bits for ties,
+    overflow, infinities and denormals (which the AVX512-BF16 instruction alone would flush to
+    zero), and a NaN for a NaN; on every build that takes bf16."""
+    if torch.bfloat16 not in build.dtypes:
+        pytest.skip(f"the {build.name} build takes float32 only")
+    normal = [1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0000001, -2.5, 3.3895314e38, -3.4e38, 65504.0,
+              0.5, 0.0, float("inf"), float("-inf"), 1.1754944e-38, -1e-3, 7.0, 1e30, -1e-30]  # fmt: skip
+    special = [1e-39, -3e-39, 1e-45, float("nan"), -float("nan"), 2.0**-130, 5.0, -5.0,
+               1.0 + 2.0**-8, 0.1, -1.5, 3.0, 1e-40, float("nan"), 2.0, -1.0]  # fmt: skip
+    bias = torch.tensor(normal + special, dtype=torch.float32)
+    x = _cl(torch.randn(2, 32, 3, 3), torch.bfloat16)
+    y = bn_kernel.forward(x, torch.zeros(32), bias, 1e-5, None, relu=False)[0]
+    got = y.permute(1, 0, 2, 3).reshape(32, -1)
+    nan = bias.isnan()
+    assert got[nan].isnan().all()
+    want = bias[~nan].to(torch.bfloat16).view(torch.int16)
+    assert (got[~nan].view(torch.int16) == want[:, None]).all()
+
+
+def test_the_build_follows_the_cpu() -> None:
+    avx512 = {"avx512f", "avx512bw", "avx512vl"}
+    assert bn_kernel.choose_build("avx512", avx512).name == "avx512"
+    assert bn_kernel.choose_build("avx512", avx512 | {"avx512_bf16"}).name == "avx512"  # no DQ
+    both = avx512 | {"avx512dq", "avx512_bf16"}
+    assert bn_kernel.choose_build("avx512", both).name == "avx512_bf16"
+    assert bn_kernel.choose_build("avx2", both | {"avx2", "fma"}).name == "avx2"
