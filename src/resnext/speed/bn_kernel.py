@@ -3,10 +3,9 @@
 Built on first use like the other C parts (`resnext.native`); runs on torch's OpenMP threads.
 Each function takes channels-last contiguous CPU tensors of one dtype and per-channel float32
 vectors; `FusedBatchNorm2d` (in `resnext.speed.fused_bn`) decides when they apply and falls back
-to torch otherwise. Three builds: `bn_act.c` for AVX-512 (float32 and bfloat16), the same with
-AVX512-BF16's rounding instruction where the CPU has it (the same bits), and `bn_act_avx2.c` for
-CPUs with AVX2 + FMA only (float32); `BUILD` is this CPU's, following the grouped kernel's choice
-(`grouped_kernel.ISA`).
+to torch otherwise. Two builds: `bn_act.c` for AVX-512 (float32 and bfloat16) and
+`bn_act_avx2.c` for CPUs with AVX2 + FMA only (float32); `BUILD` is this CPU's, following the
+grouped kernel's choice (`grouped_kernel.ISA`).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import torch
 
 from resnext import native
 from resnext.speed import grouped_kernel
-from resnext.speed.capability import cpu_flags
 
 KERNELS = Path(__file__).with_name("kernels")
 LIBS = ("-lm",)
@@ -47,24 +45,6 @@ BUILDS = {
         frozenset({"avx512f", "avx512bw", "avx512vl"}),
         (torch.float32, torch.bfloat16),
     ),
-    # AVX-512 with AVX512-BF16 (and DQ, which every such CPU has): bf16 rounding in one
-    # instruction (`to_bf16` in kernels/bf16_io.h), the same bits
-    "avx512_bf16": Build(
-        "avx512_bf16",
-        KERNELS / "bn_act.c",
-        (
-            "-O3",
-            "-mavx512f",
-            "-mavx512bw",
-            "-mavx512vl",
-            "-mavx512dq",
-            "-mavx512bf16",
-            "-mfma",
-            "-fopenmp",
-        ),
-        frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}),
-        (torch.float32, torch.bfloat16),
-    ),
     "avx2": Build(
         "avx2",
         KERNELS / "bn_act_avx2.c",
@@ -73,16 +53,7 @@ BUILDS = {
         (torch.float32,),
     ),
 }
-
-
-def choose_build(isa: str, flags: set[str]) -> Build:
-    """The build a CPU runs: its grouped kernel's ISA's, with native bf16 rounding where it has
-    every flag that build needs."""
-    fast = BUILDS["avx512_bf16"]
-    return fast if isa == "avx512" and fast.required <= flags else BUILDS[isa]
-
-
-BUILD = choose_build(grouped_kernel.ISA.name, cpu_flags())  # this CPU's; fixed for the process
+BUILD = BUILDS[grouped_kernel.ISA.name]  # this CPU's; fixed for the process
 SOURCE, FLAGS, REQUIRED_FLAGS = BUILD.source, BUILD.flags, BUILD.required
 
 _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double

@@ -14,7 +14,7 @@ static inline __m512 widen_bf16(__m256i h) {
 }
 
 /* Round to nearest even, as torch's float -> bfloat16 conversion does; NaN stays a quiet NaN. */
-static inline __m256i to_bf16_exact(__m512 v) {
+static inline __m256i to_bf16(__m512 v) {
   __m512i u = _mm512_castps_si512(v);
   __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
@@ -23,22 +23,6 @@ static inline __m256i to_bf16_exact(__m512 v) {
   r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(r);
 }
-
-#ifdef __AVX512BF16__
-/* to_bf16_exact in one instruction where it gives the same bits: AVX512-BF16's conversion rounds
- * to nearest even too, but reads float32 denormals as zero (torch keeps them as bf16 denormals)
- * and keeps a NaN's sign and payload (torch writes 0x7FC0), so a block holding either takes the
- * exact path. Eight integer operations became one: the batch norm's bf16 passes are bound by
- * their instruction count where their data is in cache. */
-static __attribute__((noinline, cold)) __m256i to_bf16_rare(__m512 v) { return to_bf16_exact(v); }
-static inline __m256i to_bf16(__m512 v) {
-  /* fpclass categories: 0x01 quiet NaN, 0x20 denormal, 0x80 signalling NaN */
-  if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0xA1) != 0, 0)) return to_bf16_rare(v);
-  return (__m256i)_mm512_cvtneps_pbh(v);
-}
-#else
-static inline __m256i to_bf16(__m512 v) { return to_bf16_exact(v); }
-#endif
 
 enum { F32 = 0, BF16 = 1 }; /* the kernels' dtype codes (float32, bfloat16 stored as uint16) */
 
