@@ -463,6 +463,19 @@ int grouped3x3_wide_pairs_supported(int C, int cpg, int s) {
   return C % (16 * NB) == 0 && (cpg == 16 || cpg == 32 || cpg == 64) && (s == 1 || s == 2);
 }
 
+/* The row kernel of `packing` (0: widening, float32 or bf16; 1-3: bf16 pairs, see
+ * grouped3x3_nhwc) for this shape, or NULL where it does not take it. */
+static row_fn row_for(int packing, int bf16, int C, int cpg, int s) {
+  if (packing == 0) return grouped3x3_supported(C, cpg, s) ? pick(cpg, bf16) : 0;
+  if (!bf16) return 0;
+  if (packing == 1 && grouped3x3_pairs_supported(C, cpg, s))
+    return cpg == 4 ? row_bf16dp_c4 : row_bf16dp_c8;
+  if (packing == 2 && grouped3x3_wide_pairs_supported(C, cpg, s)) return row_bf16dp_wide;
+  if (packing == 3 && grouped3x3_split_supported(C, cpg, s))
+    return cpg == 4 ? row_split_c4 : row_split_c8;
+  return 0;
+}
+
 /* y = conv(x) (+ bias, then ReLU if relu). packing 0: fp32 weights for the diagonal kernel
  * (fp32 or bf16 activations); packing 1: bf16 weight pairs for the bf16 dot-product kernels of 4
  * and 8 channels per group; packing 2: those of 16-64 channels per group; packing 3: those of the
@@ -471,23 +484,8 @@ int grouped3x3_wide_pairs_supported(int C, int cpg, int s) {
 int grouped3x3_nhwc(const void *x, const float *wp, const float *bias, void *y, int bf16,
                     int packing, int N, int H, int W, int C, int cpg, int s, int relu,
                     int threads) {
-  if (N < 0 || H < 1 || W < 1 || threads < 1) return -1;
-  row_fn row;
-  if (packing == 1) {
-    if (!bf16 || !grouped3x3_pairs_supported(C, cpg, s)) return -1;
-    row = cpg == 4 ? row_bf16dp_c4 : row_bf16dp_c8;
-  } else if (packing == 2) {
-    if (!bf16 || !grouped3x3_wide_pairs_supported(C, cpg, s)) return -1;
-    row = row_bf16dp_wide;
-  } else if (packing == 3) {
-    if (!bf16 || !grouped3x3_split_supported(C, cpg, s)) return -1;
-    row = cpg == 4 ? row_split_c4 : row_split_c8;
-  } else if (packing == 0) {
-    if (!grouped3x3_supported(C, cpg, s)) return -1;
-    row = pick(cpg, bf16);
-  } else {
-    return -1;
-  }
+  const row_fn row = row_for(packing, bf16, C, cpg, s);
+  if (N < 0 || H < 1 || W < 1 || threads < 1 || !row) return -1;
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
   const long rows = (long)N * Ho;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -569,18 +567,6 @@ static void pointwise_rows(const uint16_t *a, const uint16_t *bs, const float *b
     walk(a, K, bs, 1, y, N, K, N, bias, res, 1, 0, 0, q0 * W, q1 * W, 0, N / NR, 6);
 }
 
-/* The grouped row kernel of `packing` (0-3) for bf16 activations, or NULL for a shape it does
- * not take. */
-static row_fn bf16_row(int packing, int C, int cpg, int s) {
-  if (packing == 0 && grouped3x3_supported(C, cpg, s)) return pick(cpg, 1);
-  if (packing == 1 && grouped3x3_pairs_supported(C, cpg, s))
-    return cpg == 4 ? row_bf16dp_c4 : row_bf16dp_c8;
-  if (packing == 2 && grouped3x3_wide_pairs_supported(C, cpg, s)) return row_bf16dp_wide;
-  if (packing == 3 && grouped3x3_split_supported(C, cpg, s))
-    return cpg == 4 ? row_split_c4 : row_split_c8;
-  return 0;
-}
-
 /* A bottleneck's last 1x1 taken into the image walk (`image_rows`): its packed weight and bias,
  * and the thread's buffer of one image's grouped rows, which it reads. */
 typedef struct {
@@ -640,7 +626,7 @@ int pointwise_grouped3x3_bf16(const uint16_t *a, const uint16_t *bs, const float
   if (N < 0 || H < 1 || W < 1 || threads < 1 || ahead < 1 || !bias1 || K < 2 || K % 2 ||
       C % NR)
     return -1;
-  const row_fn row = bf16_row(packing, C, cpg, s);
+  const row_fn row = row_for(packing, 1, C, cpg, s);
   if (!row) return -1;
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1;
   const long rows = (long)N * Ho, chunk = (ahead + W - 1) / W;
@@ -700,7 +686,7 @@ int pointwise_grouped3x3_bf16(const uint16_t *a, const uint16_t *bs, const float
 int bottleneck_dot_bf16(uint16_t *x, const uint16_t *bs1, const float *bias1, const float *wp,
                         const float *bias2, const uint16_t *bs3, const float *bias3, int packing,
                         int N, int H, int W, int K, int C, int cpg, int ahead, int threads) {
-  const row_fn row = bf16_row(packing, C, cpg, 1);
+  const row_fn row = row_for(packing, 1, C, cpg, 1);
   if (!row || N < 0 || H < 1 || W < 1 || threads < 1 || N % threads || ahead < 1 || !bias1 ||
       !bias3 || K % NR || C % NR)
     return -1;
