@@ -31,9 +31,9 @@ from resnext.speed.grouped_swap import (
     input_shapes,
     time_each_ms,
 )
+from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
 from resnext.speed.pointwise_fusion import (
     FusedPointwiseGrouped,
-    FusionTracer,
     amx_1x1,
     is_relu,
     onednn_weights,
@@ -44,7 +44,7 @@ from resnext.speed.timing_cache import TimingCache, cached, layer_key
 ADDS = (operator.add, operator.iadd, torch.add)
 
 
-class FusedBlock(nn.Module):
+class FusedBlock(KernelModule):
     """``relu(tail(head(x)) + residual)`` in one kernel call, for an AMX grouped head (with or
     without its 1×1 fused in front) that applies its ReLU, and a 1×1 `tail` convolution.
 
@@ -129,13 +129,6 @@ class _Site:
     overwritable: bool  # the residual is dead after the add, so the block may write over it
 
 
-class BlockTracer(FusionTracer):
-    """Keeps our kernel modules, the fused blocks included, as single calls."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, FusedBlock) or super().is_leaf_module(m, module_qualified_name)
-
-
 @dataclass(frozen=True)
 class _Chain:
     """The nodes after a head that the block kernel replaces, and the add's other operand."""
@@ -187,7 +180,7 @@ def dead_after(residual: fx.Node, add: fx.Node) -> bool:
     return all(order[user] < order[add] for user in residual.users if user is not add)
 
 
-class _ParentTracer(BlockTracer):
+class _ParentTracer(KernelLeafTracer):
     """Traces the whole model with the given submodules as single calls."""
 
     def __init__(self, leaves: set[str]) -> None:
@@ -220,7 +213,7 @@ def inputs_consumed(model: nn.Module, parents: set[str]) -> set[str]:
 def _sites(model: nn.Module) -> list[_Site]:
     sites = []
     consumed = inputs_consumed(model, parents_of(model, _amx_head))
-    for parent_name, node, modules, calls in child_calls(model, _amx_head, BlockTracer):
+    for parent_name, node, modules, calls in child_calls(model, _amx_head, KernelLeafTracer):
         head = _amx_head(modules[str(node.target)])
         chain = _chain_after(node, modules) if single_input(node) is not None else None
         if head is None or chain is None:
@@ -240,7 +233,7 @@ def _fuse(model: nn.Module, site: _Site, fused: FusedBlock) -> None:
     """Rewrite the parent's graph: one call of `fused` on the head's input and the residual in
     place of the head, the 1×1, the add and the ReLU."""
     parent = model.get_submodule(site.parent)
-    graph = BlockTracer().trace(parent)
+    graph = KernelLeafTracer().trace(parent)
     modules = dict(parent.named_modules())
     head = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.head)
     chain = _chain_after(head, modules)

@@ -33,18 +33,18 @@ from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.capability import cpu_flags
 from resnext.speed.fold import install_graph, replace_nodes, set_module, traced_parents
 from resnext.speed.grouped_swap import (
-    KernelLeafTracer,
     LayerChoice,
     check_mode,
     input_shapes,
     time_each_ms,
 )
+from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
 from resnext.speed.measure import cache_evictor
 from resnext.speed.pointwise_fusion import is_relu, onednn_weights, single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 
-class ConvX3(nn.Module):
+class ConvX3(KernelModule):
     """A float32 convolution (groups 1) with its bias, then optionally a residual add and a ReLU,
     computed by `conv_x3` (AMX, three bf16 products per float32 product).
 
@@ -86,7 +86,7 @@ class ConvX3(nn.Module):
         )
 
 
-class _Conv1x1Kernel(nn.Module):
+class _Conv1x1Kernel(KernelModule):
     """A 1×1 convolution with its bias, then optionally a residual add and a ReLU, computed by
     one of our operators: `OP` into a new output, or `OP_IN_PLACE` written over the residual.
 
@@ -253,15 +253,6 @@ DOT = DenseKernel(
 )
 
 
-class X3Tracer(KernelLeafTracer):
-    """Keeps our kernel modules, these included, as single calls."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (ConvX3, FmaConv1x1, DotConv1x1)) or super().is_leaf_module(
-            m, module_qualified_name
-        )
-
-
 @dataclass(frozen=True)
 class _Epilogue:
     """What follows a convolution in its parent's graph that the kernel can apply in its store."""
@@ -324,7 +315,7 @@ def _sites(model: nn.Module, eligible: Callable[[nn.Module], bool]) -> list[_Sit
     parents = sorted(parents, key=lambda p: (p.count("."), p))
     consumed = inputs_consumed(model, set(parents))
     sites: dict[str, _Site] = {}
-    for parent_name, graph, modules, calls in traced_parents(model, parents, X3Tracer):
+    for parent_name, graph, modules, calls in traced_parents(model, parents, KernelLeafTracer):
         found: list[tuple[fx.Node, _Epilogue]] = []
         for node in graph.nodes:
             module = modules.get(str(node.target)) if node.op == "call_module" else None
@@ -364,7 +355,7 @@ def _rewrite(model: nn.Module, site: _Site, fast: nn.Module) -> None:
         set_module(model, site.name, fast)
         return
     parent = model.get_submodule(site.parent)
-    graph = X3Tracer().trace(parent)
+    graph = KernelLeafTracer().trace(parent)
     modules = dict(parent.named_modules())
     conv = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.child)
     epi = _epilogue(conv, modules, consumed=False)

@@ -20,8 +20,9 @@ from torch import nn
 from resnext.speed import dot_grouped, grouped_kernel, operators, pointwise_gemm
 from resnext.speed.chain_fusion import Chain, Way, run_pass
 from resnext.speed.conv_x3_swap import DotConv1x1
-from resnext.speed.dot_grouped import DotGroupedTracer, DotPointwiseGrouped
+from resnext.speed.dot_grouped import DotPointwiseGrouped
 from resnext.speed.grouped_swap import LayerChoice
+from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
 from resnext.speed.timing_cache import TimingCache
 
 NAME = "bottleneck_dot_bf16_"
@@ -101,7 +102,7 @@ def block_fusable(fused: nn.Module, last: nn.Module) -> bool:
     )
 
 
-class DotBottleneck(nn.Module):
+class DotBottleneck(KernelModule):
     """A stride-1 identity bottleneck (first 1×1 + grouped 3×3 as `DotPointwiseGrouped`, then the
     last 1×1 with the residual and ReLU) in one kernel call, written over its input, which must
     be dead after the block (the last 1×1 was in place: the pass that made it checked that)."""
@@ -136,13 +137,6 @@ class DotBottleneck(nn.Module):
         return f"then the last 1×1 {self.fused.channels} → {self.fused.in_channels} + x, relu"
 
 
-class BlockTracer(DotGroupedTracer):
-    """Keeps our kernel modules, this fusion's included, as single calls."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, DotBottleneck) or super().is_leaf_module(m, module_qualified_name)
-
-
 def _ways(fused: nn.Module, last: nn.Module) -> tuple[Way, nn.Module, Way]:
     block = DotBottleneck(fused, last)
 
@@ -153,7 +147,7 @@ def _ways(fused: nn.Module, last: nn.Module) -> tuple[Way, nn.Module, Way]:
     return separate, block, lambda x: block(x.clone())
 
 
-CHAIN = Chain(BlockTracer, DotPointwiseGrouped, DotConv1x1, block_fusable, True, True)
+CHAIN = Chain(KernelLeafTracer, DotPointwiseGrouped, DotConv1x1, block_fusable, True, True)
 
 
 def fuse_dot_blocks(

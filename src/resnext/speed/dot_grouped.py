@@ -17,9 +17,10 @@ from torch import nn
 
 from resnext.speed import grouped_kernel, grouped_split, operators, pointwise_gemm
 from resnext.speed.chain_fusion import Chain, Way, run_pass
-from resnext.speed.conv_x3_swap import DotConv1x1, X3Tracer
+from resnext.speed.conv_x3_swap import DotConv1x1
 from resnext.speed.grouped_split import SplitGroupedConv3x3
 from resnext.speed.grouped_swap import FastGroupedConv3x3, LayerChoice
+from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
 from resnext.speed.timing_cache import TimingCache
 
 # The 1×1 pixels computed per step, at least: one block of 8 tiles of 7 rows, as the 1×1's own
@@ -111,7 +112,7 @@ def dot_fusable(pointwise: nn.Module, grouped: nn.Module | None) -> bool:
     )
 
 
-class DotPointwiseGrouped(nn.Module):
+class DotPointwiseGrouped(KernelModule):
     """``relu(1×1(x))`` on `DotConv1x1`'s product, then our bf16 grouped 3×3, in one kernel call.
 
     Holds both packed weights as plain attributes (as the two modules do) so that a later
@@ -154,21 +155,12 @@ class DotPointwiseGrouped(nn.Module):
         )
 
 
-class DotGroupedTracer(X3Tracer):
-    """Keeps our kernel modules, this fusion's included, as single calls."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, DotPointwiseGrouped) or super().is_leaf_module(
-            m, module_qualified_name
-        )
-
-
 def _ways(pointwise: nn.Module, grouped: nn.Module) -> tuple[Way, nn.Module, Way]:
     fused = DotPointwiseGrouped(pointwise, grouped)
     return lambda x: grouped(pointwise(x)), fused, fused
 
 
-CHAIN = Chain(DotGroupedTracer, DotConv1x1, FastGroupedConv3x3, dot_fusable, False, False)
+CHAIN = Chain(KernelLeafTracer, DotConv1x1, FastGroupedConv3x3, dot_fusable, False, False)
 
 
 def fuse_dot_pointwise(

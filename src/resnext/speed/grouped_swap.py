@@ -15,6 +15,7 @@ from resnext.errors import ConfigError
 from resnext.speed import grouped_amx, grouped_kernel
 from resnext.speed.capability import has_avx512_bf16
 from resnext.speed.fold import set_module
+from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
 from resnext.speed.measure import cache_evictor
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
@@ -30,7 +31,7 @@ def check_mode(option: str, mode: str) -> None:
 VARIANTS = ("widening", "pairs", "amx")
 
 
-class FastGroupedConv3x3(nn.Module):
+class FastGroupedConv3x3(KernelModule):
     """A grouped 3×3 convolution (padding 1) computed by one of our kernels.
 
     Variants: 'widening' (`kernels/grouped3x3.c`, float32 FMAs; fp32 weights for fp32 or bf16
@@ -367,13 +368,6 @@ def amx_form(module: nn.Module | None) -> FastGroupedConv3x3 | None:
     if not isinstance(module, FastGroupedConv3x3):
         return None
     return module if module.variant == "amx" else getattr(module, "amx_alternative", None)
-
-
-class KernelLeafTracer(fx.Tracer):
-    """An fx tracer that keeps our kernel modules as single calls."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, FastGroupedConv3x3) or super().is_leaf_module(m, module_qualified_name)
 
 
 def traced_call(

@@ -22,17 +22,17 @@ from resnext.speed import grouped_amx
 from resnext.speed.fold import install_graph, traced_parents
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
-    KernelLeafTracer,
     LayerChoice,
     amx_form,
     check_mode,
     input_shapes,
     time_on_random,
 )
+from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 
-class FusedPointwiseGrouped(nn.Module):
+class FusedPointwiseGrouped(KernelModule):
     """``relu(conv1x1(x))`` then an AMX grouped 3×3 (`FastGroupedConv3x3`), in one kernel call.
 
     Holds both packed weights as plain attributes (as `FastGroupedConv3x3` does) so that a later
@@ -111,15 +111,6 @@ class _Site:
     grouped: str
 
 
-class FusionTracer(KernelLeafTracer):
-    """Keeps our kernel modules, fused or not, as single calls."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, FusedPointwiseGrouped) or super().is_leaf_module(
-            m, module_qualified_name
-        )
-
-
 def single_input(node: fx.Node) -> fx.Node | None:
     """The node's one tensor input, if it has exactly one argument and no keyword arguments."""
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
@@ -163,7 +154,9 @@ def _sites(model: nn.Module) -> list[_Site]:
         for name, module in model.named_modules()
         if amx_form(module) is not None
     } - {""}
-    for parent_name, graph, modules, calls in traced_parents(model, sorted(parents), FusionTracer):
+    for parent_name, graph, modules, calls in traced_parents(
+        model, sorted(parents), KernelLeafTracer
+    ):
         for node in graph.nodes:
             grouped = modules.get(node.target) if node.op == "call_module" else None
             if not isinstance(grouped, FastGroupedConv3x3):
@@ -180,7 +173,7 @@ def _sites(model: nn.Module) -> list[_Site]:
 def _fuse(model: nn.Module, site: _Site, fused: FusedPointwiseGrouped) -> None:
     """Rewrite the parent's graph: the grouped node reads the 1×1's input; the chain is dropped."""
     parent = model.get_submodule(site.parent)
-    graph = FusionTracer().trace(parent)
+    graph = KernelLeafTracer().trace(parent)
     modules = dict(parent.named_modules())
     node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.grouped)
     chain = _chain_to_pointwise(node, modules)

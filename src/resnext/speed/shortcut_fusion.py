@@ -23,15 +23,16 @@ import torch
 from torch import fx, nn
 
 from resnext.speed import grouped_amx
-from resnext.speed.block_fusion import BlockTracer, FusedBlock
-from resnext.speed.conv_x3_swap import ConvX3, DotConv1x1, X3Tracer
+from resnext.speed.block_fusion import FusedBlock
+from resnext.speed.conv_x3_swap import ConvX3, DotConv1x1
 from resnext.speed.fold import child_calls, install_graph, replace_nodes
 from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_each_ms
+from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
 from resnext.speed.pointwise_fusion import amx_1x1, onednn_conv, single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 
-class ShortcutBlock(nn.Module):
+class ShortcutBlock(KernelModule):
     """``relu(tail(head(x)) + shortcut(b))`` in one kernel call: a `FusedBlock` and the 1×1
     projection `shortcut` of the block's input b (x itself where the block's first 1×1 is fused
     in, else what that 1×1 read), whose products the kernel accumulates onto the last 1×1's."""
@@ -248,7 +249,7 @@ def _same_pixels(main: Shape, projection: Shape, conv: nn.Module) -> bool:
     return (main[0], *main[2:]) == (projection[0], *projection[2:])
 
 
-_BLOCKS = _Kind(BlockTracer, FusedBlock, nn.Conv2d, shortcut_fusable, _same_pixels)
+_BLOCKS = _Kind(KernelLeafTracer, FusedBlock, nn.Conv2d, shortcut_fusable, _same_pixels)
 
 
 def fuse_shortcuts(
@@ -278,7 +279,7 @@ def fuse_shortcuts(
     return _run_pass(model, example, mode, repeats, _BLOCKS, ways, "block+shortcut", timings)
 
 
-class ShortcutConvX3(nn.Module):
+class ShortcutConvX3(KernelModule):
     """``relu?(last(g) + shortcut(x))`` in float32 as one bf16×3 product: a block's last 1×1
     (`ConvX3`, the add's other operand its residual) and its 1×1 projection shortcut (`ConvX3`),
     their packed weights side by side along the product's depth."""
@@ -329,7 +330,7 @@ def _strided_pixels(main: Shape, projection: Shape, conv: nn.Module) -> bool:
     return (main[0], *main[2:]) == (projection[0], *((d - 1) // s + 1 for d in projection[2:]))
 
 
-_X3 = _Kind(X3Tracer, ConvX3, ConvX3, x3_shortcut_fusable, _strided_pixels)
+_X3 = _Kind(KernelLeafTracer, ConvX3, ConvX3, x3_shortcut_fusable, _strided_pixels)
 
 
 def fuse_x3_shortcuts(
@@ -367,7 +368,7 @@ def _last_and_shortcut(
     return ways
 
 
-class ShortcutDotConv1x1(nn.Module):
+class ShortcutDotConv1x1(KernelModule):
     """``relu?(last(g) + shortcut(x))`` in bf16 as one pair-dot product (`pointwise_gemm`): a
     block's last 1×1 (`DotConv1x1`, the add's other operand its residual) and its 1×1 projection
     shortcut (`DotConv1x1`, read at its stride), their packed weights side by side along each
@@ -411,7 +412,7 @@ def dot_shortcut_fusable(last: nn.Module, shortcut: nn.Module) -> bool:
     )
 
 
-_DOT = _Kind(X3Tracer, DotConv1x1, DotConv1x1, dot_shortcut_fusable, _strided_pixels)
+_DOT = _Kind(KernelLeafTracer, DotConv1x1, DotConv1x1, dot_shortcut_fusable, _strided_pixels)
 
 
 def fuse_dot_shortcuts(

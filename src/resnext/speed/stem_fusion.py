@@ -29,13 +29,14 @@ from resnext.speed import conv_x3, maxpool, stem, stem_dot
 from resnext.speed.conv_x3_swap import ConvX3, float_bias, square_geometry
 from resnext.speed.conv_x3_swap import eligible as x3_eligible
 from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_on_random
+from resnext.speed.kernel_module import KernelModule
 from resnext.speed.pointwise_fusion import onednn_conv
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 BACKENDS = ("amx", "dot")  # `stem` on AMX tiles, `stem_dot` on AVX512-BF16 pair dot products
 
 
-class FusedStem(nn.Module):
+class FusedStem(KernelModule):
     """``max_pool2d(relu(conv(x)), 3, 2, 1)`` in one call of a fused stem kernel, in the
     convolution's dtype: `backend` 'amx' (`stem.run`: bf16, or float32 as bf16×3) or 'dot'
     (`stem_dot.run`: bf16).
