@@ -7,7 +7,8 @@ Two copies of each model take the CPU training fast path (grouped kernels, the 1
 chosen per shape, and in bf16 the fused batch norm), in float32 or under bf16 autocast: in one
 the grouped layers with 16, 32 or 64 channels per group get our kernels as candidates
 (`grouped_wgrad.WIDE_CPG`: the AVX2 build's float32 weight gradient, the AVX512-BF16 pair
-kernel's bf16 one), in the other they stay torch's convolution, as before those kernels. Their
+kernel's bf16 one), in the other they stay torch's convolution, as before those kernels (in
+bf16 on a CPU with AMX, the AMX tile kernels, which take every width, stay in both). Their
 SGD steps alternate in one process, in alternating order; the per-round time ratio is the
 measure, this machine being noisy.
 """

@@ -43,3 +43,30 @@ def _threads(n: int) -> Iterator[None]:
 def on_threads() -> Callable[[int], AbstractContextManager[None]]:
     """``with on_threads(n):`` runs the block on n threads, then restores the count."""
     return _threads
+
+
+@pytest.fixture
+def without_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every AMX kernel reports itself unavailable, as on a CPU without AMX.
+
+    On a CPU with AMX the fast path's AMX passes run first and take the layers that the vector
+    kernels' passes would take; a test of those passes through `optimize` asks for this so that it
+    tests them on every CPU that has their kernels."""
+    from resnext.speed import (
+        conv_x3,
+        grouped_amx,
+        grouped_dgrad_amx,
+        grouped_wgrad_amx,
+        pointwise_wgrad_amx,
+        stem,
+    )
+
+    for module in (
+        conv_x3,
+        grouped_amx,
+        grouped_dgrad_amx,
+        grouped_wgrad_amx,
+        pointwise_wgrad_amx,
+        stem,
+    ):
+        monkeypatch.setattr(module, "unavailable_reason", lambda *_: "as on a CPU without AMX")

@@ -190,7 +190,7 @@ def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() 
 @needs_fma
 @pytest.mark.parametrize("backend", ["none", "inductor", "jit"])
 def test_optimize_swaps_every_1x1_and_computes_the_same_function(
-    backend: str, randomize_bn: Callable[[nn.Module], None]
+    backend: str, randomize_bn: Callable[[nn.Module], None], without_amx: None
 ) -> None:
     torch.manual_seed(11)
     model = resnext.create_model("resnext29_4x16d").eval()
