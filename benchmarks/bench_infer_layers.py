@@ -5,24 +5,27 @@ Usage: .venv/bin/python benchmarks/bench_infer_layers.py [--models resnext50_32x
            [--openvino]
 
 Each model is `optimize`d without a compiled graph (`backend="none"`: the same kernels the
-compiled path calls, one module each) and run `--rounds` times after two warm-up batches, each
-leaf module timed by a clock read in forward hooks (a few microseconds each); a layer's time and
-the batch's are medians over the rounds. Every layer gets
+compiled path calls, one module each) and, after two warm-up batches, run `--rounds` times, the
+models taking turns within each round (so that a shared machine's slow phase falls on all of
+them); each leaf module is timed by a clock read in forward hooks (a few microseconds each); a
+layer's time and the batch's are medians over the rounds. Every layer gets
 its FLOPs from the plain model's convolutions and linear layers of the same name, so its rate
 shows beside its time; layers are summed into kinds (1×1 convolutions, grouped 3×3s, dense
 3×3s, the stem, the rest). With two models, their kinds are printed side by side with the
-difference, which is where ResNeXt-50's time per image goes beyond ResNet-50's. With
+difference, which is where ResNeXt-50's time per image goes beyond ResNet-50's, and the median
+over the rounds of their batch times' ratio. With
 `--openvino` (where it is installed) OpenVINO's own per-node counters (`PERF_COUNT`) of the same
 model and batch are summed by node type too: a peer's breakdown measured the same way it runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -96,37 +99,66 @@ def leaf_timer(model: nn.Module) -> Iterator[dict[str, float]]:
             handle.remove()
 
 
-def profile(name: str, batch: int, size: int, dtype: torch.dtype, rounds: int) -> dict[str, object]:
-    """One model's batch on the eager fast path: total and per-layer ms, by kind."""
+@dataclasses.dataclass
+class Run:
+    """One model's eager fast path, its input and plain FLOPs, and what its timed batches took."""
+
+    name: str
+    fast: nn.Module
+    x: torch.Tensor
+    flops: dict[str, tuple[str, int]]
+    batches: list[float] = dataclasses.field(default_factory=list)  # seconds, one per round
+    by_round: list[dict[str, float]] = dataclasses.field(default_factory=list)  # per leaf
+
+
+def prepare(name: str, batch: int, size: int, dtype: torch.dtype) -> Run:
+    """`name` optimized on the eager fast path for a random batch, and its layers' FLOPs."""
     torch.manual_seed(0)
     model = resnext.create_model(name).eval()
     x = torch.randn(batch, 3, size, size)
     flops = plain_layers(model, x)
-    fast = optimize(model, dtype, backend="none", example_input=x)
-    with torch.no_grad():
-        for _ in range(2):
-            fast(x)
-        with leaf_timer(fast) as seconds:
-            batches, by_round = [], []
-            for _ in range(rounds):
-                before = dict(seconds)
+    return Run(name, optimize(model, dtype, backend="none", example_input=x), x, flops)
+
+
+def time_rounds(runs: list[Run], rounds: int) -> None:
+    """Each round times one batch of every model, in alternating order, each leaf module on its
+    own clock: a shared machine's slow phases (2x and more on one of them) then fall on every
+    model alike, as one model's rounds after the other's would not."""
+    with ExitStack() as stack, torch.no_grad():
+        clocks = [stack.enter_context(leaf_timer(run.fast)) for run in runs]
+        for run in runs:
+            for _ in range(2):
+                run.fast(run.x)
+        for r in range(rounds):
+            turns = list(zip(runs, clocks, strict=True))
+            for run, clock in turns if r % 2 == 0 else turns[::-1]:
+                before = dict(clock)
                 start = time.perf_counter()
-                fast(x)
-                batches.append(time.perf_counter() - start)
-                by_round.append({leaf: s - before.get(leaf, 0.0) for leaf, s in seconds.items()})
-    # medians over the rounds: a mean takes in every burst of load on a shared machine
-    total = statistics.median(batches)
+                run.fast(run.x)
+                run.batches.append(time.perf_counter() - start)
+                run.by_round.append({leaf: s - before.get(leaf, 0.0) for leaf, s in clock.items()})
+
+
+def summary(run: Run) -> dict[str, object]:
+    """A model's batch and per-layer ms (medians over the rounds), and the layers by kind."""
+    # medians: a mean takes in every burst of load on a shared machine
+    total = statistics.median(run.batches)
     layers = []
-    for leaf in seconds:
+    for leaf in run.by_round[0]:
         plain = leaf.removeprefix("model.")  # the fast path wraps the model
-        kind, flop = flops.get(plain, ("other", 0))
-        ms = 1e3 * statistics.median(r.get(leaf, 0.0) for r in by_round)
-        row = {"layer": plain, "module": type(fast.get_submodule(leaf)).__name__, "kind": kind}
+        kind, flop = run.flops.get(plain, ("other", 0))
+        ms = 1e3 * statistics.median(r.get(leaf, 0.0) for r in run.by_round)
+        row = {"layer": plain, "module": type(run.fast.get_submodule(leaf)).__name__, "kind": kind}
         row |= {"ms": ms, "gflops": flop / ms / 1e6 if flop and ms else 0.0}
         layers.append(row)
     kinds = {kind: sum(r["ms"] for r in layers if r["kind"] == kind) for kind in KINDS}
     kinds["outside the layers"] = 1e3 * total - sum(kinds.values())
-    return {"batch_ms": 1e3 * total, "kinds_ms": kinds, "layers": layers}
+    return {
+        "batch_ms": 1e3 * total,
+        "rounds_ms": [1e3 * b for b in run.batches],
+        "kinds_ms": kinds,
+        "layers": layers,
+    }
 
 
 def openvino_profile(
@@ -174,9 +206,11 @@ def main() -> int:
     keep_freed_memory()  # as `resnext bench` runs: no page faults on every batch
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     names = args.models.split(",")
+    runs = [prepare(name, args.batch, args.image_size, dtype) for name in names]
+    time_rounds(runs, args.rounds)
     results: dict[str, object] = {}
-    for name in names:
-        row = profile(name, args.batch, args.image_size, dtype, args.rounds)
+    for name, run in zip(names, runs, strict=True):
+        row = summary(run)
         if args.openvino:
             row["openvino_ms"] = openvino_profile(
                 name, args.batch, args.image_size, args.dtype, args.rounds
@@ -198,6 +232,12 @@ def main() -> int:
         cells = [results[n]["kinds_ms"][kind] for n in names]
         diff = f"{cells[0] - cells[1]:+10.1f}" if len(cells) == 2 else ""
         print(f"{kind:22s}" + "".join(f"{c:20.1f}" for c in cells) + diff)
+    if len(runs) == 2:
+        # each round's two batches ran back to back: their ratio leaves out the machine's phase
+        per_round = [a / b for a, b in zip(runs[0].batches, runs[1].batches, strict=True)]
+        ratio = statistics.median(per_round)
+        results["time_ratio_per_round"] = {f"{names[0]} / {names[1]}": ratio}
+        print(f"{names[0]} ÷ {names[1]}, batch time per round (median): {ratio:.3f}")
     path = write_results(args.out, "bench-infer-layers", vars(args), results)
     print(f"results: {path}")
     return 0

@@ -280,6 +280,29 @@ def test_the_layer_profile_sums_every_layer_into_its_kind(
     assert "ms a batch" in capsys.readouterr().out
 
 
+def test_the_layer_profile_times_two_models_in_turns_and_their_ratio_per_round(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    import json
+    import statistics
+
+    out = tmp_path / "out"
+    argv = ["--models", "resnext_tiny_in,resnext_tiny", "--batch", "2", "--image-size", "32"]
+    argv += ["--rounds", "3", "--dtype", "fp32", "--out", str(out)]
+    assert _run_script("bench_infer_layers.py", argv, monkeypatch) == 0
+    (path,) = out.glob("bench-infer-layers-*.json")
+    results = json.loads(path.read_text())["results"]
+    first, second = results["resnext_tiny_in"], results["resnext_tiny"]
+    assert len(first["rounds_ms"]) == len(second["rounds_ms"]) == 3
+    assert first["batch_ms"] == pytest.approx(statistics.median(first["rounds_ms"]))
+    ratios = [a / b for a, b in zip(first["rounds_ms"], second["rounds_ms"], strict=True)]
+    ratio = results["time_ratio_per_round"]["resnext_tiny_in / resnext_tiny"]
+    assert ratio == pytest.approx(statistics.median(ratios))
+    assert f"resnext_tiny_in ÷ resnext_tiny, batch time per round (median): {ratio:.3f}" in (
+        capsys.readouterr().out
+    )
+
+
 def test_the_layer_profile_refuses_a_batch_of_nothing(
     bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
 ) -> None:
