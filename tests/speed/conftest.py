@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
@@ -45,6 +46,17 @@ def on_threads() -> Callable[[int], AbstractContextManager[None]]:
     return _threads
 
 
+# the modules whose kernels run on AMX tiles, each with its `unavailable_reason`
+AMX_MODULES = (
+    "conv_x3",
+    "grouped_amx",
+    "grouped_dgrad_amx",
+    "grouped_wgrad_amx",
+    "pointwise_wgrad_amx",
+    "stem",
+)
+
+
 @pytest.fixture
 def without_amx(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every AMX kernel reports itself unavailable, as on a CPU without AMX.
@@ -52,21 +64,6 @@ def without_amx(monkeypatch: pytest.MonkeyPatch) -> None:
     On a CPU with AMX the fast path's AMX passes run first and take the layers that the vector
     kernels' passes would take; a test of those passes through `optimize` asks for this so that it
     tests them on every CPU that has their kernels."""
-    from resnext.speed import (
-        conv_x3,
-        grouped_amx,
-        grouped_dgrad_amx,
-        grouped_wgrad_amx,
-        pointwise_wgrad_amx,
-        stem,
-    )
-
-    for module in (
-        conv_x3,
-        grouped_amx,
-        grouped_dgrad_amx,
-        grouped_wgrad_amx,
-        pointwise_wgrad_amx,
-        stem,
-    ):
+    for name in AMX_MODULES:
+        module = importlib.import_module(f"resnext.speed.{name}")
         monkeypatch.setattr(module, "unavailable_reason", lambda *_: "as on a CPU without AMX")
