@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from resnext.speed.fold import child_calls, install_graph, replace_nodes
 from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_on_random
+from resnext.speed.kernel_module import KernelLeafTracer
 from resnext.speed.pointwise_fusion import single_input
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
@@ -25,11 +26,10 @@ Way = Callable[[torch.Tensor], object]
 
 @dataclass(frozen=True)
 class Chain:
-    """What one pass fuses: the consumer and producer module types, how to trace their parents,
-    whether a pair is fusable (producer, consumer), whether the consumer's second argument must
-    be the producer's input (a residual), and which of the two names the fused module takes."""
+    """What one pass fuses: the consumer and producer module types, whether a pair is fusable
+    (producer, consumer), whether the consumer's second argument must be the producer's input (a
+    residual), and which of the two names the fused module takes."""
 
-    tracer: type[fx.Tracer]
     producer: type[nn.Module]
     consumer: type[nn.Module]
     fusable: Callable[[nn.Module, nn.Module], bool]
@@ -71,7 +71,7 @@ def _chain(node: fx.Node, modules: dict[str, nn.Module], kind: Chain) -> list[fx
 def find_sites(model: nn.Module, kind: Chain) -> list[Site]:
     """Every fusable chain whose two modules are each called once by their parent."""
     sites = []
-    consumers = child_calls(model, lambda m: isinstance(m, kind.consumer), kind.tracer)
+    consumers = child_calls(model, lambda m: isinstance(m, kind.consumer), KernelLeafTracer)
     for parent_name, node, modules, calls in consumers:
         chain = _chain(node, modules, kind)
         if chain is None:
@@ -87,7 +87,7 @@ def fuse(model: nn.Module, site: Site, fused: nn.Module, kind: Chain) -> None:
     """Rewrite the parent's graph: one call of `fused` on the producer's input in place of the
     consumer and its chain."""
     parent = model.get_submodule(site.parent)
-    graph = kind.tracer().trace(parent)
+    graph = KernelLeafTracer().trace(parent)
     modules = dict(parent.named_modules())
     node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.consumer)
     chain = _chain(node, modules, kind)

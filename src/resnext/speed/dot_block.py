@@ -22,7 +22,7 @@ from resnext.speed.chain_fusion import Chain, Way, run_pass
 from resnext.speed.conv_x3_swap import DotConv1x1
 from resnext.speed.dot_grouped import DotPointwiseGrouped
 from resnext.speed.grouped_swap import LayerChoice
-from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
+from resnext.speed.kernel_module import KernelModule
 from resnext.speed.timing_cache import TimingCache
 
 NAME = "bottleneck_dot_bf16_"
@@ -147,7 +147,7 @@ def _ways(fused: nn.Module, last: nn.Module) -> tuple[Way, nn.Module, Way]:
     return separate, block, lambda x: block(x.clone())
 
 
-CHAIN = Chain(KernelLeafTracer, DotPointwiseGrouped, DotConv1x1, block_fusable, True, True)
+CHAIN = Chain(DotPointwiseGrouped, DotConv1x1, block_fusable, True, True)
 
 
 def fuse_dot_blocks(

@@ -20,7 +20,7 @@ from resnext.speed.chain_fusion import Chain, Way, run_pass
 from resnext.speed.conv_x3_swap import DotConv1x1
 from resnext.speed.grouped_split import SplitGroupedConv3x3
 from resnext.speed.grouped_swap import FastGroupedConv3x3, LayerChoice
-from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
+from resnext.speed.kernel_module import KernelModule
 from resnext.speed.timing_cache import TimingCache
 
 # The 1×1 pixels computed per step, at least: one block of 8 tiles of 7 rows, as the 1×1's own
@@ -160,7 +160,7 @@ def _ways(pointwise: nn.Module, grouped: nn.Module) -> tuple[Way, nn.Module, Way
     return lambda x: grouped(pointwise(x)), fused, fused
 
 
-CHAIN = Chain(KernelLeafTracer, DotConv1x1, FastGroupedConv3x3, dot_fusable, False, False)
+CHAIN = Chain(DotConv1x1, FastGroupedConv3x3, dot_fusable, False, False)
 
 
 def fuse_dot_pointwise(

@@ -102,11 +102,10 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class _Kind:
-    """What one of the two passes looks for: the module that adds the residual, how to trace its
-    parent, the projection's module type, whether the two are fusable, and whether the kernel
-    takes their input shapes (main's, the projection's)."""
+    """What one of the two passes looks for: the module that adds the residual, the projection's
+    module type, whether the two are fusable, and whether the kernel takes their input shapes
+    (main's, the projection's)."""
 
-    tracer: type[fx.Tracer]
     main: type[nn.Module]
     projection: type[nn.Module]
     fusable: Callable[[nn.Module, nn.Module], bool]
@@ -146,7 +145,7 @@ def _shortcut_chain(
 
 def _sites(model: nn.Module, kind: _Kind) -> list[_Site]:
     sites = []
-    mains = child_calls(model, lambda m: isinstance(m, kind.main), kind.tracer)
+    mains = child_calls(model, lambda m: isinstance(m, kind.main), KernelLeafTracer)
     for parent_name, node, modules, calls in mains:
         chain = _shortcut_chain(node, modules, kind)
         if chain is None:
@@ -162,7 +161,7 @@ def _fuse(model: nn.Module, site: _Site, fused: nn.Module, kind: _Kind) -> None:
     """Rewrite the parent's graph: one call of `fused` on the main module's input and the
     projection's input in place of the projection (and what follows it) and the main module."""
     parent = model.get_submodule(site.parent)
-    graph = kind.tracer().trace(parent)
+    graph = KernelLeafTracer().trace(parent)
     modules = dict(parent.named_modules())
     node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.main)
     chain = _shortcut_chain(node, modules, kind)
@@ -249,7 +248,7 @@ def _same_pixels(main: Shape, projection: Shape, conv: nn.Module) -> bool:
     return (main[0], *main[2:]) == (projection[0], *projection[2:])
 
 
-_BLOCKS = _Kind(KernelLeafTracer, FusedBlock, nn.Conv2d, shortcut_fusable, _same_pixels)
+_BLOCKS = _Kind(FusedBlock, nn.Conv2d, shortcut_fusable, _same_pixels)
 
 
 def fuse_shortcuts(
@@ -330,7 +329,7 @@ def _strided_pixels(main: Shape, projection: Shape, conv: nn.Module) -> bool:
     return (main[0], *main[2:]) == (projection[0], *((d - 1) // s + 1 for d in projection[2:]))
 
 
-_X3 = _Kind(KernelLeafTracer, ConvX3, ConvX3, x3_shortcut_fusable, _strided_pixels)
+_X3 = _Kind(ConvX3, ConvX3, x3_shortcut_fusable, _strided_pixels)
 
 
 def fuse_x3_shortcuts(
@@ -412,7 +411,7 @@ def dot_shortcut_fusable(last: nn.Module, shortcut: nn.Module) -> bool:
     )
 
 
-_DOT = _Kind(KernelLeafTracer, DotConv1x1, DotConv1x1, dot_shortcut_fusable, _strided_pixels)
+_DOT = _Kind(DotConv1x1, DotConv1x1, dot_shortcut_fusable, _strided_pixels)
 
 
 def fuse_dot_shortcuts(
