@@ -12,8 +12,9 @@ lost in the network (stop 33: prefetches that took 5–9 % off ResNeXt-50's 1×1
 - `--step infer`: `optimize` builds the model once per source, that source's build in place
   while it times and compiles, with the kernel forced on (every layer it takes, so that both run
   it at the same layers rather than at per-layer picks that differ by noise) and our other
-  kernels off (likewise); the two then run the batch in alternating rounds (3 calls a round),
-  each with its own build swapped in;
+  kernels off (likewise; the AMX grouped kernel reported unavailable, or on a CPU with AMX the
+  grouped layers could take it instead of the source under test); the two then run the batch in
+  alternating rounds (3 calls a round), each with its own build swapped in;
 - `--step train`: one fast-path training step (`cl-fp32-fused-grouped-gemm`, as `resnext bench
   train`), the two builds taking turns step by step on the same model, our kernel pinned wherever
   the step offers it (and torch's convolutions elsewhere) rather than picked by timing.
@@ -49,6 +50,7 @@ import resnext
 from resnext.native import NativeUnavailable
 from resnext.speed import (
     autotune,
+    grouped_amx,
     grouped_kernel,
     grouped_split,
     grouped_wgrad,
@@ -154,6 +156,11 @@ def unavailable(kernel: str) -> str | None:
     return grouped_kernel.unavailable_reason(torch.float32)
 
 
+def _amx_off(dtype: torch.dtype = torch.bfloat16) -> str:
+    """`grouped_amx.unavailable_reason` while a build is optimized: every subject is a vector kernel."""
+    return "off in this bench, which times a vector kernel's source"
+
+
 def inference_calls(
     model: torch.nn.Module, x: torch.Tensor, kernel: str, backend: str, use: Swap
 ) -> dict[str, Callable[[], object]]:
@@ -166,7 +173,7 @@ def inference_calls(
         reference = model(x)
     calls = {}
     for build in ("ours", "against"):
-        with use(build):
+        with use(build), replaced(grouped_amx, "unavailable_reason", _amx_off):
             fast = optimize(model, subject.dtype, backend=backend, example_input=x, **forced)
             with torch.no_grad():
                 error = ((fast(x) - reference).abs().max() / reference.abs().max()).item()
