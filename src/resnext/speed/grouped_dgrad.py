@@ -31,6 +31,17 @@ def group_transposed(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return weight.reshape(groups, cpg, cpg, 3, 3).transpose(1, 2).reshape(c, cpg, 3, 3)
 
 
+def check_stride2_grad(grad: torch.Tensor, input_size: tuple[int, int]) -> None:
+    """A ValueError unless the 4-d `grad` has the size of a stride-2, padding-1 3×3
+    convolution's output for an input of `input_size` (H, W)."""
+    ho, wo = grad.shape[2:]
+    h, w = input_size
+    if (ho, wo) != ((h - 1) // 2 + 1, (w - 1) // 2 + 1):
+        raise ValueError(
+            f"grad: a {ho}×{wo} gradient is not the stride-2 output of a {h}×{w} input"
+        )
+
+
 @functools.cache
 def tap_maps() -> torch.Tensor:
     """(4, 9) int8: for phase 2·ph + pw, the weight's tap (3·kh + kw) at each kernel position of
@@ -55,17 +66,14 @@ def input_grad(
     padding=1, groups=groups)`` for an input of `input_size` (H, W), given the output gradient
     `grad`; `pairs` runs the bf16 pair dot-product kernels (`grouped_kernel.takes_pairs`)."""
     grouped_kernel.check_activation(grad, "grad")
-    n, c, ho, wo = grad.shape
+    n, c = grad.shape[:2]
     h, w = input_size
     if weight.shape != (c, c // max(groups, 1), 3, 3) or groups < 1 or c % groups:
         raise ValueError(
             f"weight: expected shape (C, C/groups, 3, 3) = ({c}, {c // max(groups, 1)}, 3, 3) "
             f"for {c} channels in {groups} groups, got {tuple(weight.shape)}"
         )
-    if (ho, wo) != ((h - 1) // 2 + 1, (w - 1) // 2 + 1):
-        raise ValueError(
-            f"grad: a {ho}×{wo} gradient is not the stride-2 output of a {h}×{w} input"
-        )
+    check_stride2_grad(grad, input_size)
     if not grouped_kernel.supports(c, groups, 2):
         raise ValueError(
             f"grad: {c} channels in {groups} groups is not a shape the {grouped_kernel.ISA.name} "

@@ -17,7 +17,7 @@ import torch
 
 from resnext import native
 from resnext.speed import grouped_amx
-from resnext.speed.grouped_dgrad import PHASE_TAPS, group_transposed
+from resnext.speed.grouped_dgrad import PHASE_TAPS, check_stride2_grad, group_transposed
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,7 +97,7 @@ def input_grad(
 ) -> torch.Tensor:
     """The input gradient (bf16, channels-last) of ``conv2d(x, weight, stride=2, padding=1,
     groups=groups)`` for an input of `input_size` (H, W), given the output gradient `grad`."""
-    n, c, ho, wo = grad.shape
+    n, c = grad.shape[:2]
     h, w = input_size
     if grad.dtype != torch.bfloat16 or grad.dim() != 4 or not supports(c, groups):
         raise ValueError(
@@ -108,10 +108,7 @@ def input_grad(
         raise ValueError(
             f"weight: expected shape {(c, c // groups, 3, 3)}, got {tuple(weight.shape)}"
         )
-    if (ho, wo) != ((h - 1) // 2 + 1, (w - 1) // 2 + 1):
-        raise ValueError(
-            f"grad: a {ho}×{wo} gradient is not the stride-2 output of a {h}×{w} input"
-        )
+    check_stride2_grad(grad, input_size)
     packed = pack_phases(weight, groups)
     live = live_steps(c, groups)
     grad = grad.contiguous(memory_format=torch.channels_last)
