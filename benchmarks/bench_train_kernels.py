@@ -152,10 +152,12 @@ def main() -> int:
     parser = bench_args.parser(
         __doc__, models="resnext50_32x4d,resnet50", batch=16, image_size=224, rounds=12
     )
-    parser.add_argument(
+    # one or the other: the margin arms keep every kernel, so --arms would be dropped unsaid
+    arms = parser.add_mutually_exclusive_group()
+    arms.add_argument(
         "--arms", type=arm_names, default=None, help=f"some of {', '.join(ARMS)} (default: all)"
     )
-    parser.add_argument(
+    arms.add_argument(
         "--margins", type=margins, default=None, help="arms by chooser margin instead, e.g. 0.05,0"
     )
     args = parser.parse_args()

@@ -616,6 +616,15 @@ def test_the_train_kernel_bench_refuses_arms_it_does_not_have(
     assert not list(tmp_path.iterdir())
 
 
+def test_the_train_kernel_bench_refuses_arms_and_margins_together(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    argv = ["--arms", "none,all", "--margins", "0.05,0", "--out", str(tmp_path)]
+    assert _run_script("bench_train_kernels.py", argv, monkeypatch) == 2
+    assert "not allowed with argument --arms" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def _train_kernels_record(
     options: list[str], rounds: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> dict:
