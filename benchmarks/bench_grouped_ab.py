@@ -32,7 +32,7 @@ import bench_args
 from bench_grouped_train import GROUPS, LAYERS  # ResNeXt-50's grouped 3×3 shapes
 from resnext.speed import grouped, grouped_kernel, grouped_split
 from resnext.speed.allocator import keep_freed_memory
-from resnext.speed.measure import cache_evictor, interleaved
+from resnext.speed.measure import cache_evictor, interleaved, median_ratio
 from resnext.speed.provenance import write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -153,7 +153,7 @@ def time_layers(
         ms = {way: [1e3 * s for s in t.seconds] for way, t in timings.items()}
         median = {way: statistics.median(t) for way, t in ms.items()}
         gflop = grouped.conv_flops(tuple(x.shape), w, stride) / 1e9
-        per_round = statistics.median(a / o for o, a in zip(ms["ours"], ms["against"], strict=True))
+        per_round = median_ratio(ms["against"], ms["ours"])
         for way in totals:
             totals[way] += count * median[way]
         rows.append(

@@ -27,6 +27,7 @@ from resnext.config import OptimConfig
 from resnext.speed import autotune, grouped_kernel, grouped_wgrad
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.grouped_train import TrainingGroupedConv2d
+from resnext.speed.measure import median_ratio
 from resnext.speed.provenance import write_results
 from resnext.speed.train_paths import use_training_fast_paths
 from resnext.train.optim import build_optimizer
@@ -91,17 +92,16 @@ def main() -> int:
                 start = time.perf_counter()
                 step()
                 seconds[arm].append(time.perf_counter() - start)
-        ratios = [a / b for a, b in zip(seconds["with"], seconds["without"], strict=True)]
         results[name] = {
             "grouped_layers_taken": {arm: n for arm, (_, n) in steps.items()},
             "median_ms": {arm: 1e3 * statistics.median(s) for arm, s in seconds.items()},
             "rounds_ms": {arm: [1e3 * t for t in s] for arm, s in seconds.items()},
-            "with_over_without_per_round_median": statistics.median(ratios),
+            "with_over_without_per_round_median": median_ratio(seconds["with"], seconds["without"]),
         }
         print(
             f"{name}: grouped layers taken {results[name]['grouped_layers_taken']}, median ms "
             f"{ {k: round(v, 1) for k, v in results[name]['median_ms'].items()} }, time with ÷ "
-            f"without per round {statistics.median(ratios):.3f}",
+            f"without per round {results[name]['with_over_without_per_round_median']:.3f}",
             flush=True,
         )
     decisions = [d.as_dict() for d in autotune.decisions()]

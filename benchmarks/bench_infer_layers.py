@@ -34,6 +34,7 @@ import bench_args
 import resnext
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fastpath import optimize
+from resnext.speed.measure import median_ratio
 from resnext.speed.provenance import write_results
 
 KINDS = ("1x1", "grouped 3x3", "dense 3x3", "stem", "other")
@@ -234,8 +235,7 @@ def main() -> int:
         print(f"{kind:22s}" + "".join(f"{c:20.1f}" for c in cells) + diff)
     if len(runs) == 2:
         # each round's two batches ran back to back: their ratio leaves out the machine's phase
-        per_round = [a / b for a, b in zip(runs[0].batches, runs[1].batches, strict=True)]
-        ratio = statistics.median(per_round)
+        ratio = median_ratio(runs[0].batches, runs[1].batches)
         results["time_ratio_per_round"] = {f"{names[0]} / {names[1]}": ratio}
         print(f"{names[0]} ÷ {names[1]}, batch time per round (median): {ratio:.3f}")
     path = write_results(args.out, "bench-infer-layers", vars(args), results)

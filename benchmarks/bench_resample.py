@@ -23,7 +23,7 @@ from PIL import Image
 import bench_args
 from resnext.data import resample
 from resnext.speed.data_bench import decoded_crops, list_images
-from resnext.speed.measure import interleaved
+from resnext.speed.measure import interleaved, median_ratio
 from resnext.speed.provenance import write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
@@ -67,10 +67,7 @@ def main() -> int:
     timings = interleaved(runs, rounds=args.rounds, iters=1, warmup=1)
     ms = {name: [1e3 * s / len(crops) for s in t.seconds] for name, t in timings.items()}
     median = {name: statistics.median(t) for name, t in ms.items()}
-    speedup = {
-        name: statistics.median(p / t for p, t in zip(ms["pillow"], ms[name], strict=True))
-        for name in variants
-    }
+    speedup = {name: median_ratio(ms["pillow"], ms[name]) for name in variants}
     boxes = np.array([(b[2] - b[0], b[3] - b[1]) for _, b, _ in crops])
     results = {
         "crops": len(crops),
@@ -80,8 +77,8 @@ def main() -> int:
         "speedup_over_pillow_per_round_median": speedup,
     }
     if args.against is not None:
-        results["ours_over_against_speedup_per_round_median"] = statistics.median(
-            a / o for a, o in zip(ms["against"], ms["ours"], strict=True)
+        results["ours_over_against_speedup_per_round_median"] = median_ratio(
+            ms["against"], ms["ours"]
         )
     config = {**vars(args), "root": str(args.root), "against": str(args.against)}
     for name in variants:

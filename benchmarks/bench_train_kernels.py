@@ -35,6 +35,7 @@ import bench_args
 import resnext
 from resnext.speed import autotune
 from resnext.speed.allocator import keep_freed_memory
+from resnext.speed.measure import median_ratio
 from resnext.speed.provenance import write_results
 from resnext.speed.train_bench import make_step
 
@@ -139,9 +140,7 @@ def run_arms(
             "median_over_first": median / median0,
             "min_over_first": best / best0,
             # per round, this arm's step ÷ the first arm's in the same round
-            "round_ratio_median": statistics.median(
-                s / s0 for s, s0 in zip(seconds, times[first], strict=True)
-            ),
+            "round_ratio_median": median_ratio(seconds, times[first]),
             "rounds_ms": [1e3 * s for s in seconds],
             "choices": [d.as_dict() for d in arms[arm][1].decisions()],
         }

@@ -12,7 +12,7 @@ import pytest
 from resnext.commands import bench_cmd
 from resnext.errors import ConfigError, DataError
 from resnext.speed import infer_bench, peers, train_bench
-from resnext.speed.measure import Timing, interleaved, ratios
+from resnext.speed.measure import Timing, interleaved, median_ratio, ratios
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -112,6 +112,16 @@ def test_interleaved_median_and_ratios() -> None:
     fake = {"x": Timing(2, [1.0]), "y": Timing(2, [0.5])}
     assert ratios(fake, "x") == {"x": 1.0, "y": 2.0}
     assert set(timings) == set("abc") and all(len(t.seconds) == 6 for t in timings.values())
+
+
+def test_median_ratio_pairs_the_rounds() -> None:
+    # per round 2.0, 0.5, 3.0: median 2.0; the ratio of the medians (2 / 2) would be 1.0
+    assert median_ratio([2.0, 1.0, 6.0], [1.0, 2.0, 2.0]) == 2.0
+    assert median_ratio([3.0], [1.5]) == 2.0
+    with pytest.raises(ValueError, match="top, bottom: expected the same rounds"):
+        median_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        median_ratio([], [])
 
 
 def test_interleaved_runs_before_ahead_of_each_call_outside_its_time() -> None:

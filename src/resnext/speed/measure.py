@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +98,16 @@ def ratios(timings: Mapping[str, Timing], reference: str) -> dict[str, float]:
     """Throughput of each variant divided by that of `reference`."""
     base = timings[reference].throughput
     return {name: t.throughput / base for name, t in timings.items()}
+
+
+def median_ratio(top: Sequence[float], bottom: Sequence[float]) -> float:
+    """The median over rounds of top[i] / bottom[i]: two ways timed in the same rounds, so that
+    each ratio compares times taken in the same phase of a shared machine."""
+    if len(top) != len(bottom) or not top:
+        raise ValueError(
+            f"top, bottom: expected the same rounds, at least one, got {len(top)} and {len(bottom)}"
+        )
+    return statistics.median(t / b for t, b in zip(top, bottom, strict=True))
 
 
 def validate_bench_config(config: object, known_variants: tuple[str, ...]) -> None:
