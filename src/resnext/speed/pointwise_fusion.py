@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.speed import grouped_amx
-from resnext.speed.fold import install_graph, traced_parents
+from resnext.speed.fold import child_calls, install_graph
 from resnext.speed.grouped_swap import (
     FastGroupedConv3x3,
     LayerChoice,
@@ -148,25 +148,15 @@ def _chain_to_pointwise(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx
 
 def _sites(model: nn.Module) -> list[_Site]:
     sites = []
-    # A chain is rewritten by replacing its parent module, so the root itself is never one.
-    parents = {
-        name.rpartition(".")[0]
-        for name, module in model.named_modules()
-        if amx_form(module) is not None
-    } - {""}
-    for parent_name, graph, modules, calls in traced_parents(
-        model, sorted(parents), KernelLeafTracer
-    ):
-        for node in graph.nodes:
-            grouped = modules.get(node.target) if node.op == "call_module" else None
-            if not isinstance(grouped, FastGroupedConv3x3):
-                continue
-            chain = _chain_to_pointwise(node, modules)
-            if chain is None:
-                continue
-            conv = chain[-1].target
-            if calls[conv] == 1 and fusable(modules[conv], amx_form(grouped)):
-                sites.append(_Site(parent_name, conv, node.target))
+    # the grouped convolutions with an AMX form: only those can take a 1×1 in front
+    grouped_calls = child_calls(model, lambda m: amx_form(m) is not None, KernelLeafTracer)
+    for parent_name, node, modules, calls in grouped_calls:
+        chain = _chain_to_pointwise(node, modules)
+        if chain is None:
+            continue
+        conv = chain[-1].target
+        if calls[conv] == 1 and fusable(modules[conv], amx_form(modules[str(node.target)])):
+            sites.append(_Site(parent_name, conv, node.target))
     return sites
 
 
