@@ -260,17 +260,27 @@ def test_the_layer_benches_refuse_an_other_source_that_does_not_build(
     assert not (tmp_path / "out").exists()  # refused before timing anything
 
 
-def test_the_layer_profile_sums_every_layer_into_its_kind(
-    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
-) -> None:
+def _layer_profile_results(
+    models: str, size: int, rounds: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> dict:
+    """bench_infer_layers.py on `models` (batch 2, float32): its JSON record's results."""
     import json
 
     out = tmp_path / "out"
-    argv = ["--models", "resnext_tiny_in,resnext_tiny_in", "--batch", "2", "--image-size", "64"]
-    argv += ["--rounds", "1", "--dtype", "fp32", "--out", str(out)]
+    argv = ["--models", models, "--batch", "2", "--image-size", str(size), "--rounds", str(rounds),
+            "--dtype", "fp32", "--out", str(out)]  # fmt: skip
     assert _run_script("bench_infer_layers.py", argv, monkeypatch) == 0
     (path,) = out.glob("bench-infer-layers-*.json")
-    row = json.loads(path.read_text())["results"]["resnext_tiny_in"]
+    return json.loads(path.read_text())["results"]
+
+
+def test_the_layer_profile_sums_every_layer_into_its_kind(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    results = _layer_profile_results(
+        "resnext_tiny_in,resnext_tiny_in", 64, 1, monkeypatch, tmp_path
+    )
+    row = results["resnext_tiny_in"]
     kinds = row["kinds_ms"]
     # a tiny ImageNet-layout ResNeXt: a stem, 1×1s and grouped 3×3s, no dense 3×3
     assert kinds["stem"] > 0 and kinds["1x1"] > 0 and kinds["grouped 3x3"] > 0
@@ -283,15 +293,9 @@ def test_the_layer_profile_sums_every_layer_into_its_kind(
 def test_the_layer_profile_times_two_models_in_turns_and_their_ratio_per_round(
     bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
 ) -> None:
-    import json
     import statistics
 
-    out = tmp_path / "out"
-    argv = ["--models", "resnext_tiny_in,resnext_tiny", "--batch", "2", "--image-size", "32"]
-    argv += ["--rounds", "3", "--dtype", "fp32", "--out", str(out)]
-    assert _run_script("bench_infer_layers.py", argv, monkeypatch) == 0
-    (path,) = out.glob("bench-infer-layers-*.json")
-    results = json.loads(path.read_text())["results"]
+    results = _layer_profile_results("resnext_tiny_in,resnext_tiny", 32, 3, monkeypatch, tmp_path)
     first, second = results["resnext_tiny_in"], results["resnext_tiny"]
     assert len(first["rounds_ms"]) == len(second["rounds_ms"]) == 3
     assert first["batch_ms"] == pytest.approx(statistics.median(first["rounds_ms"]))
