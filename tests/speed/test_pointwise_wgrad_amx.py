@@ -62,6 +62,24 @@ def test_matches_float64(shape: tuple[int, ...], threads: int) -> None:
 
 
 @needs_amx
+@pytest.mark.parametrize("rows,m,n", [(3000, 64, 32), (200, 64, 32), (2, 32, 32), (300, 512, 256)])
+def test_writes_all_of_out(rows: int, m: int, n: int) -> None:
+    """The kernel neither reads nor keeps what `out` held: a NaN-filled one comes back exact,
+    with rows split between the threads (many) or the output columns (few), one thread or two."""
+    g = torch.Generator().manual_seed(rows + m + n)
+    a = torch.randn(rows, m, generator=g).to(torch.bfloat16)
+    b = torch.randn(rows, n, generator=g).to(torch.bfloat16)
+    want = (a.double().t() @ b.double()).float()
+    for threads in (1, 2):
+        out = torch.full((m, n), float("nan"))
+        rc = pointwise_wgrad_amx._library().pointwise_wgrad_amx(
+            a.data_ptr(), b.data_ptr(), out.data_ptr(), rows, m, n, threads
+        )
+        assert rc == 0
+        assert torch.allclose(out, want, rtol=1e-5, atol=1e-4), threads
+
+
+@needs_amx
 def test_refuses_what_it_does_not_take() -> None:
     x, grad = _inputs((1, 32, 16, 4, 4, 1))
     with pytest.raises(ValueError, match="divisible by 16"):
