@@ -1,7 +1,8 @@
 """A whole network run with one of our CPU kernels built from this checkout and from another source.
 
 Usage: .venv/bin/python benchmarks/bench_network_ab.py
-       --kernel pointwise_fma|pointwise_bf16|grouped|grouped_bf16|grouped_split|grouped_wgrad_bf16
+       --kernel pointwise_fma|pointwise_bf16|grouped|grouped_bf16|grouped_split|grouped_wgrad_bf16|
+                pointwise_wgrad_amx
        --against OLD.c [--models resnext50_32x4d] [--batch 16] [--rounds 11]
        [--step infer|train] [--backend inductor|none]
 
@@ -27,7 +28,9 @@ take a layer), `--kernel grouped_split` the same source with bf16's split-order 
 (`kernels/grouped3x3_split.h`, included by name: an old copy beside `--against`'s source is
 the one that build takes; inference only), `--kernel grouped_wgrad_bf16`
 `kernels/grouped3x3_wgrad.c` (the grouped weight gradient of the bf16 step, its pair kernel
-pinned; training only). First both
+pinned; training only), `--kernel pointwise_wgrad_amx` `kernels/pointwise_wgrad_amx.c` (the 1×1
+weight gradient on AMX tiles, pinned with the other AMX training kernels; training only, on a
+CPU with AMX). First both
 builds are checked to compute the same function (inference outputs, or one training step's loss
 and update from the same weights), to float32's or bf16's precision. Reports each build's
 median, the per-round ratio (against ÷ ours, time) and the rounds each won.
@@ -56,6 +59,7 @@ from resnext.speed import (
     grouped_wgrad,
     pointwise_fma,
     pointwise_gemm,
+    pointwise_wgrad_amx,
 )
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fastpath import default_example, optimize
@@ -102,6 +106,8 @@ SUBJECTS = {
     "grouped_split": Subject(**BF16, switch="split_groups", pinned=(), train_tolerance=2e-2),
     # training only: inference has no weight gradient (its switch: none)
     "grouped_wgrad_bf16": Subject(**BF16, switch="", pinned=("ours-pairs",), train_tolerance=2e-2),
+    # training only; "ours-amx" also pins the grouped products' AMX kernels, the same in both builds
+    "pointwise_wgrad_amx": Subject(**BF16, switch="", pinned=("ours-amx",), train_tolerance=2e-2),
 }  # fmt: skip
 
 Swap = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -127,6 +133,9 @@ def swapper(kernel: str, against: Path) -> Swap:
     if kernel == "pointwise_bf16":
         libs = {"ours": pointwise_gemm.load(), "against": pointwise_gemm.load(source=against)}
         return lambda build: replaced(pointwise_gemm, "_library", lambda: libs[build])
+    if kernel == "pointwise_wgrad_amx":
+        libs = {"ours": pointwise_wgrad_amx.load(), "against": pointwise_wgrad_amx.load(against)}
+        return lambda build: replaced(pointwise_wgrad_amx, "_library", lambda: libs[build])
     if kernel == "grouped_wgrad_bf16":
         isa = grouped_kernel.ISA
         libs = {"ours": grouped_wgrad.load(isa), "against": grouped_wgrad.load(isa, against)}
@@ -153,6 +162,8 @@ def unavailable(kernel: str) -> str | None:
         return grouped_wgrad.unavailable_reason(torch.bfloat16)
     if kernel == "grouped_split":
         return grouped_split.unavailable_reason()
+    if kernel == "pointwise_wgrad_amx":
+        return pointwise_wgrad_amx.unavailable_reason()
     return grouped_kernel.unavailable_reason(torch.float32)
 
 

@@ -118,6 +118,10 @@ def _kernel_source(kernel: str) -> Path:
         if reason is None and not grouped_wgrad.wide_takes(torch.bfloat16):
             reason = "this CPU's build has no bf16 pair weight gradient"
         source = grouped_wgrad.BUILDS[grouped_kernel.ISA.name][0]
+    elif kernel == "pointwise_wgrad_amx":
+        from resnext.speed import pointwise_wgrad_amx
+
+        reason, source = pointwise_wgrad_amx.unavailable_reason(), pointwise_wgrad_amx.SOURCE
     else:
         reason, source = grouped_kernel.unavailable_reason(), grouped_kernel.ISA.source
     if reason is not None:
@@ -385,6 +389,8 @@ WRONGS = {
     "grouped_split": [],  # the source as it is; its header is the wrong one (below)
     # every pair product on the even channels' operand
     "grouped_wgrad_bf16": [("(__m512bh)v, (__m512bh)xv[p][kw]);", "(__m512bh)v, (__m512bh)xv[0][kw]);")],
+    # every block summing the first half of its chunk's rows
+    "pointwise_wgrad_amx": [("for (int s = 0; s < kc / 32; ++s)", "for (int s = 0; s < kc / 64; ++s)")],
 }  # fmt: skip
 # a header beside the other source, which it includes by name before ours: every dot product of
 # the split kernels on the group's first input pair
@@ -412,6 +418,7 @@ AB_MODELS = {"grouped_split": "resnext50_32x4d"}
         ("grouped_bf16", "infer"),
         ("grouped_split", "infer"),
         ("grouped_wgrad_bf16", "train"),
+        ("pointwise_wgrad_amx", "train"),
     ],
 )
 def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_otherwise(

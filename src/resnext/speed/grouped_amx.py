@@ -47,7 +47,10 @@ def load_amx(source: Path, allowed: str) -> ctypes.CDLL:
     """Build and load one of the AMX kernels' libraries (`FLAGS`, on CPUs with
     `REQUIRED_FLAGS`), or NativeUnavailable where the operating system refuses this process the
     tile state (the library's `allowed` function asks for it and returns 0)."""
-    lib = native.load(source, FLAGS, cpu_needs=REQUIRED_FLAGS)
+    # another revision's source (a bench's A/B) includes its headers by name: ours
+    kernels = SOURCE.parent
+    flags = FLAGS if source.parent == kernels else (*FLAGS, f"-I{kernels}")
+    lib = native.load(source, flags, cpu_needs=REQUIRED_FLAGS)
     check = getattr(lib, allowed)
     check.restype = ctypes.c_int
     if not check():

@@ -20,12 +20,18 @@ from resnext.speed.grouped_amx import check_rc, load_amx
 SOURCE = Path(__file__).with_name("kernels") / "pointwise_wgrad_amx.c"
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL:
-    lib = load_amx(SOURCE, "pointwise_wgrad_amx_allowed")
+def load(source: Path = SOURCE) -> ctypes.CDLL:
+    """The kernel built from `source` (this checkout's by default; the benches' A/Bs pass
+    another) and loaded."""
+    lib = load_amx(source, "pointwise_wgrad_amx_allowed")
     lib.pointwise_wgrad_amx.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_int] * 3
     lib.pointwise_wgrad_amx.restype = ctypes.c_int
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    return load()
 
 
 @functools.lru_cache(maxsize=1)
