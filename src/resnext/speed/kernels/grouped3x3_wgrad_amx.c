@@ -19,8 +19,9 @@
  * Output position v = oh * Wq + ow, Wq being the plane's width (W + 2 at stride 1); the columns
  * ow >= Wo have dy = 0 and so add nothing.
  *
- * Each thread adds its items' tiles into float32 sums of its own ([blocks][9][16][16]); the
- * threads' sums are added and the groups' diagonal blocks written out as dw[C][cpg][3][3].
+ * Each thread adds its items' tiles into float32 sums of its own ([blocks][9][16][16], its
+ * scratch); the threads then add them up, a slice each, and write the groups' diagonal blocks
+ * out as dw[C][cpg][3][3], a range of output channels each.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -198,17 +199,26 @@ int grouped3x3_wgrad_amx(const uint16_t *x, const uint16_t *dy, float *dw, int N
    * input tiles of its group, its sums at sums[(to * gt + i) * 9 + tap] */
   const int tiles = C / 16, gt = cpg > 16 ? cpg / 16 : 1, ct = chunk_tiles(tiles, gt);
   const long items = (long)N * (tiles / ct), per_sums = (long)tiles * gt * 9 * 256;
-  float *all = (float *)calloc((size_t)threads * per_sums, sizeof(float));
-  if (!all) return -3;
+  /* each thread's sums, in its scratch (kept across calls: the 1.2 MB a thread of stage 4 needs
+   * were calloc'ed, page-faulted and added by one thread on every call, 16 % of its time) */
+  float **mine = (float **)calloc((size_t)threads, sizeof(float *));
+  if (!mine) return -3;
   int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+#pragma omp parallel num_threads(threads)
   {
-    float *sums = all + omp_get_thread_num() * per_sums;
+    const int me = omp_get_thread_num(), team = omp_get_num_threads();
+    float *sums = (float *)scratch(2, (size_t)per_sums * sizeof(float));
     uint16_t *a = scratch(0, (size_t)(ct * plane_bytes(&g)));
     uint16_t *bv = scratch(1, (size_t)(ct * pair_bytes(&g)));
-    const int ok = a && bv;
-    failed = !ok;
-    if (ok) configure();
+    const int ok = sums && a && bv;
+    if (ok) {
+      memset(sums, 0, (size_t)per_sums * sizeof(float));
+      mine[me] = sums;
+      configure();
+    } else {
+#pragma omp atomic write
+      failed = 1;
+    }
 #pragma omp for schedule(static)
     for (long item = 0; item < items; ++item) {
       if (!ok) continue;
@@ -224,21 +234,32 @@ int grouped3x3_wgrad_amx(const uint16_t *x, const uint16_t *dy, float *dw, int N
       }
     }
     if (ok) release();
+    /* the implicit barrier of the loop above: every thread's sums are done */
+    int bad;
+#pragma omp atomic read
+    bad = failed;
+    if (!bad) {
+      /* the threads' sums added into thread 0's, a slice each */
+      const long per = (per_sums / team + 15) / 16 * 16;
+      const long e0 = per * me < per_sums ? per * me : per_sums;
+      const long e1 = e0 + per < per_sums ? e0 + per : per_sums;
+      for (int t = 1; t < team; ++t)
+        for (long e = e0; e < e1; ++e) mine[0][e] += mine[t][e];
+#pragma omp barrier
+      /* sums[(to * gt + i) * 9 + tap][row][col]: input channel (first + i) * 16 + row, output
+       * to * 16 + col; output o's group starts at input channel o / cpg * cpg */
+      const float *all = mine[0];
+#pragma omp for schedule(static)
+      for (int o = 0; o < C; ++o)
+        for (int j = 0; j < cpg; ++j) {
+          const int in = o / cpg * cpg + j, to = o / 16;
+          const int i = gt > 1 ? in / 16 - o / cpg * cpg / 16 : 0;
+          for (int tap = 0; tap < 9; ++tap)
+            dw[((long)o * cpg + j) * 9 + tap] =
+                all[(((long)to * gt + i) * 9 + tap) * 256 + (in % 16) * 16 + o % 16];
+        }
+    }
   }
-  if (!failed) {
-    for (int t = 1; t < threads; ++t)
-      for (long e = 0; e < per_sums; ++e) all[e] += all[t * per_sums + e];
-    /* sums[(to * gt + i) * 9 + tap][row][col]: input channel (first + i) * 16 + row, output
-     * to * 16 + col; output o's group starts at input channel o / cpg * cpg */
-    for (int o = 0; o < C; ++o)
-      for (int j = 0; j < cpg; ++j) {
-        const int in = o / cpg * cpg + j, to = o / 16;
-        const int i = gt > 1 ? in / 16 - o / cpg * cpg / 16 : 0;
-        for (int tap = 0; tap < 9; ++tap)
-          dw[((long)o * cpg + j) * 9 + tap] =
-              all[(((long)to * gt + i) * 9 + tap) * 256 + (in % 16) * 16 + o % 16];
-      }
-  }
-  free(all);
+  free(mine);
   return failed ? -3 : 0;
 }
