@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.errors import ConfigError
-from resnext.speed import grouped_amx, grouped_kernel
+from resnext.speed import grouped_amx, grouped_kernel, grouped_quads
 from resnext.speed.capability import has_avx512_bf16
 from resnext.speed.fold import set_module
 from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
@@ -28,17 +28,23 @@ def check_mode(option: str, mode: str) -> None:
         raise ConfigError(f"{option}: expected one of {MODES}, got {mode!r}")
 
 
-VARIANTS = ("widening", "pairs", "amx")
+VARIANTS = ("widening", "pairs", "amx", "quads")
+# the variants with an operator of their own (the others run `grouped_conv3x3`)
+OPERATORS = {
+    "amx": torch.ops.resnext.grouped_conv3x3_amx,
+    "quads": torch.ops.resnext.grouped_conv3x3_quads,
+}
 
 
 class FastGroupedConv3x3(KernelModule):
     """A grouped 3×3 convolution (padding 1) computed by one of our kernels.
 
     Variants: 'widening' (`kernels/grouped3x3.c`, float32 FMAs; fp32 weights for fp32 or bf16
-    activations), 'pairs' (the same file's AVX512-BF16 pair kernels: bf16, 4-64 channels per group)
-    and 'amx' (`kernels/grouped3x3_amx.c`: bf16 on AMX tiles). The packed weights and bias are
-    plain attributes, not parameters or buffers, so that a later ``.to(dtype)`` leaves them as
-    packed.
+    activations), 'pairs' (the same file's AVX512-BF16 pair kernels: bf16, 4-64 channels per
+    group), 'amx' (`kernels/grouped3x3_amx.c`: bf16 on AMX tiles) and 'quads'
+    (`kernels/grouped3x3_quads_amx.c`: bf16 on AMX tiles, 4 channels per group at stride 1, half
+    the tile products). The packed weights and bias are plain attributes, not parameters or
+    buffers, so that a later ``.to(dtype)`` leaves them as packed.
     """
 
     def __init__(
@@ -68,16 +74,14 @@ class FastGroupedConv3x3(KernelModule):
         self.variant = variant
         if variant == "amx":
             self.packed = grouped_amx.pack_weights(conv.weight, conv.groups)
+        elif variant == "quads":
+            self.packed = grouped_quads.pack_weights(conv.weight, conv.groups)
         else:
             self.packed = grouped_kernel.pack_weights(conv.weight, conv.groups, variant == "pairs")
         self.bias = None if conv.bias is None else conv.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = (
-            torch.ops.resnext.grouped_conv3x3_amx
-            if self.variant == "amx"
-            else torch.ops.resnext.grouped_conv3x3
-        )
+        op = OPERATORS.get(self.variant, torch.ops.resnext.grouped_conv3x3)
         return op(x, self.packed, self.bias, self.groups, self.stride, self.relu)
 
     def extra_repr(self) -> str:
@@ -119,6 +123,8 @@ def variant_names(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[str, ...]:
             names.append("pairs")
     if dtype == torch.bfloat16 and grouped_amx.supports(c, groups, stride):
         names.append("amx")
+    if dtype == torch.bfloat16 and grouped_quads.supports(c, groups, stride):
+        names.append("quads")
     return tuple(names)
 
 
@@ -128,6 +134,8 @@ def runnable_variants(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[str, ...]:
     for name in variant_names(conv, dtype):
         if name == "amx":
             ok = grouped_amx.unavailable_reason(dtype) is None
+        elif name == "quads":
+            ok = grouped_quads.unavailable_reason(dtype) is None
         elif name == "pairs":
             ok = has_avx512_bf16() and grouped_kernel.unavailable_reason(dtype) is None
         else:
@@ -164,7 +172,7 @@ class LayerChoice:
     native_ms: float
     kernel_ms: float  # the fastest of the kernel's variants
     chosen: str
-    variant: str = ""  # that variant: widening, pairs (AVX512-BF16) or amx
+    variant: str = ""  # that variant: widening, pairs (AVX512-BF16), amx or quads (AMX)
 
 
 def time_each_ms(
