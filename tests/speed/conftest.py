@@ -46,11 +46,13 @@ def on_threads() -> Callable[[int], AbstractContextManager[None]]:
     return _threads
 
 
-# the modules whose kernels run on AMX tiles, each with its `unavailable_reason`
+# the modules whose kernels run on AMX tiles (each loads them with `grouped_amx.load_amx`), each
+# with its `unavailable_reason`; test_without_amx.py checks that none is missing
 AMX_MODULES = (
     "conv_x3",
     "grouped_amx",
     "grouped_dgrad_amx",
+    "grouped_quads",
     "grouped_wgrad_amx",
     "pointwise_wgrad_amx",
     "stem",
