@@ -62,8 +62,24 @@ static Planes make_planes(int H, int W, int C) {
   return p;
 }
 
+/* Zero what fill does not write in `count` planes: row 0, each row's border columns, and row H + 1
+ * on (with the slack the last tiles read). Fill never writes there, so once per call will do. */
+static void zero_borders(uint16_t *planes, const Planes *p, int count) {
+  for (int g = 0; g < count; ++g) {
+    uint16_t *plane = planes + (long)g * p->plane;
+    memset(plane, 0, (size_t)(p->Wq + 1) * 4 * 2); /* row 0 and row 1's first column */
+    for (int r = 1; r <= p->H; ++r) {
+      /* columns W + 1 .. Wq - 1 of row r and column 0 of row r + 1 */
+      const long from = ((long)r * p->Wq + p->W + 1) * 4;
+      memset(plane + from, 0, (size_t)(p->Wq - p->W) * 4 * 2);
+    }
+    const long tail = (long)(p->H + 1) * p->Wq * 4;
+    memset(plane + tail, 0, (size_t)(p->plane - tail) * 2);
+  }
+}
+
 /* The interior of the planes of blocks b0 .. b0 + cb - 1 of image xn (their borders are zero:
- * zeroed once per call, never written). */
+ * zero_borders, once per call). */
 static void fill(uint16_t *planes, const Planes *p, const uint16_t *xn, int b0, int cb) {
   const long gs = p->plane; /* values from one group's plane to the next */
   for (int ih = 0; ih < p->H; ++ih) {
@@ -171,7 +187,7 @@ int grouped3x3_quads_amx(const uint16_t *x, const uint16_t *wp, const float *bia
     const int ok = planes && acc;
     failed = !ok;
     if (ok) {
-      memset(planes, 0, bytes); /* the borders, for every item of this call */
+      zero_borders(planes, &p, 4 * cb); /* for every item of this call */
       configure();
     }
     /* every thread reaches the work-sharing loop (a thread without scratch skips its share) */
