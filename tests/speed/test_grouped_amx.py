@@ -3,13 +3,15 @@ and its use by `optimize` and the training fast path."""
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 import torch.nn.functional as F
 from tensor_checks import rel_err
 from torch import nn
 
-from resnext.speed import autotune, grouped_amx, grouped_train
+from resnext.speed import autotune, grouped_amx, grouped_quads, grouped_train
 from resnext.speed.grouped_swap import FastGroupedConv3x3, runnable_variants
 
 REASON = grouped_amx.unavailable_reason()
@@ -107,26 +109,31 @@ def test_inference_module_amx_variant_equals_conv2d() -> None:
 
 
 @needs_amx
-def test_training_forward_and_input_gradient_by_the_amx_kernel(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("module", "candidate"), [(grouped_amx, "ours-amx"), (grouped_quads, "ours-quads")]
+)
+def test_training_forward_and_input_gradient_by_an_amx_kernel(
+    module: ModuleType, candidate: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Pinned to the AMX candidate, the training conv's forward and input gradient match oneDNN's."""
+    """Pinned to the block-diagonal or the quads AMX candidate, the training conv's forward and
+    stride-1 input gradient (a forward convolution with each group's matrix transposed, taps
+    flipped) match oneDNN's."""
     calls = []
-    real = grouped_amx.run_kernel
+    real = module.run_kernel
 
     def counted(*args, **kwargs):  # a pass-through spy
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(grouped_amx, "run_kernel", counted)
+    monkeypatch.setattr(module, "run_kernel", counted)
     torch.manual_seed(6)
     model = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, groups=16, bias=False))
     weight = model[0].weight.detach().clone()
     assert grouped_train.use_grouped_kernels(model) == 1
-    x = torch.randn(2, 64, 20, 20).bfloat16().contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(2, 64, 20, 20).bfloat16().contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 64, 20, 19).bfloat16().contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 64, 20, 19).bfloat16().contiguous(memory_format=torch.channels_last)
     x1 = x.clone().requires_grad_()
-    with autotune.CHOOSER.prefer("ours-amx"):
+    with autotune.CHOOSER.prefer(candidate):
         y1 = model.train()(x1)
         y1.backward(grad)
     assert len(calls) == 2  # the forward and the stride-1 input gradient

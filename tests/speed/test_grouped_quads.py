@@ -1,6 +1,6 @@
 """The AMX quads kernel (4 channels per group) equals torch's convolution of the same bf16
-values; its packing by hand; what it refuses; its place among the grouped swap's variants and
-the training fast path's candidates."""
+values; its packing by hand; what it refuses; its place among the grouped swap's variants (its
+training candidate: test_grouped_amx.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tensor_checks import rel_err
 from torch import nn
 
-from resnext.speed import autotune, grouped_quads, grouped_train
+from resnext.speed import grouped_quads
 from resnext.speed.grouped_swap import FastGroupedConv3x3, runnable_variants, variant_names
 
 REASON = grouped_quads.unavailable_reason()
@@ -120,35 +120,3 @@ def test_inference_module_quads_variant_equals_conv2d() -> None:
         compiled = torch.compile(module, backend="eager", fullgraph=True)(x)
     assert rel_err(got, want) < 2**-7
     assert torch.equal(compiled, got)  # the operator's fake lets a graph hold it
-
-
-@needs_amx
-def test_training_forward_and_input_gradient_by_the_quads_kernel(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Pinned to the quads candidate, the training conv's forward and stride-1 input gradient
-    (a forward convolution with each group's matrix transposed, taps flipped) match oneDNN's."""
-    calls = []
-    real = grouped_quads.run_kernel
-
-    def counted(*args, **kwargs):  # a pass-through spy
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(grouped_quads, "run_kernel", counted)
-    torch.manual_seed(6)
-    model = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, groups=16, bias=False))
-    weight = model[0].weight.detach().clone()
-    assert grouped_train.use_grouped_kernels(model) == 1
-    x = torch.randn(2, 64, 20, 19).bfloat16().contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(2, 64, 20, 19).bfloat16().contiguous(memory_format=torch.channels_last)
-    x1 = x.clone().requires_grad_()
-    with autotune.CHOOSER.prefer("ours-quads"):
-        y1 = model.train()(x1)
-        y1.backward(grad)
-    assert len(calls) == 2  # the forward and the stride-1 input gradient
-    x2 = x.clone().requires_grad_()
-    y2 = F.conv2d(x2, weight.bfloat16(), None, 1, 1, 1, 16)
-    y2.backward(grad)
-    assert rel_err(y1, y2.float()) < 2**-6
-    assert rel_err(x1.grad, x2.grad.float()) < 2**-6

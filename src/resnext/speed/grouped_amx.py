@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -227,14 +228,28 @@ def run_kernel(
     """``conv2d(x, w, bias, stride, padding=1, groups)`` (then ReLU) in bf16, with
     `packed` = pack_weights(w); float32 accumulation, one rounding to bf16."""
     _check_x(x)
-    n, c, h, w = x.shape
-    _check_grouped("x", c, groups, stride, packed)
-    check_bias(bias, c)
+    _check_grouped("x", x.shape[1], groups, stride, packed)
+    check_bias(bias, x.shape[1])
+    return call_grouped(_library().grouped3x3_amx, x, packed, bias, groups, stride, relu)
+
+
+def call_grouped(
+    fn: Callable[..., int],
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    """A grouped 3×3's output by C function `fn`, which takes (x, packed, bias or NULL, y, N, H,
+    W, C, C/groups, stride, relu, threads), the arguments already checked."""
     x = x.contiguous(memory_format=torch.channels_last)
     y = output_for(x, stride)
     if y.numel():
+        n, c, h, w = x.shape
         bias_c = None if bias is None else bias.contiguous()
-        rc = _library().grouped3x3_amx(
+        rc = fn(
             x.data_ptr(),
             packed.data_ptr(),
             None if bias_c is None else bias_c.data_ptr(),
@@ -248,7 +263,7 @@ def run_kernel(
             int(relu),
             torch.get_num_threads(),
         )
-        check_rc(rc, f"grouped3x3_amx failed on {tuple(x.shape)}, groups={groups}")
+        check_rc(rc, f"{fn.__name__} failed on {tuple(x.shape)}, groups={groups}")
     return y
 
 

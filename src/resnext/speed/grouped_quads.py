@@ -19,8 +19,8 @@ import torch
 
 from resnext import native
 from resnext.speed import operators
-from resnext.speed.grouped_amx import check_rc, load_amx
-from resnext.speed.grouped_kernel import check_bias, fake_grouped, output_for
+from resnext.speed.grouped_amx import call_grouped, load_amx
+from resnext.speed.grouped_kernel import check_bias, fake_grouped
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_quads_amx.c"
 CPG = 4  # channels per group the kernel takes
@@ -84,7 +84,7 @@ def run_kernel(
     """``conv2d(x, w, bias, stride, padding=1, groups)`` (then ReLU) in bf16, with
     `packed` = pack_weights(w); float32 accumulation, one rounding to bf16."""
     operators.check_bf16_input("the quads kernel", x)
-    n, c, h, w = x.shape
+    c = x.shape[1]
     if not supports(c, groups, stride):
         raise ValueError(
             f"x: {c} channels in {groups} groups with stride {stride} is not a shape the quads "
@@ -97,26 +97,7 @@ def run_kernel(
             f"got {packed.dtype} with {packed.numel()}"
         )
     check_bias(bias, c)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = output_for(x, stride)
-    if y.numel():
-        bias_c = None if bias is None else bias.contiguous()
-        rc = _library().grouped3x3_quads_amx(
-            x.data_ptr(),
-            packed.data_ptr(),
-            None if bias_c is None else bias_c.data_ptr(),
-            y.data_ptr(),
-            n,
-            h,
-            w,
-            c,
-            CPG,
-            stride,
-            int(relu),
-            torch.get_num_threads(),
-        )
-        check_rc(rc, f"grouped3x3_quads_amx failed on {tuple(x.shape)}, groups={groups}")
-    return y
+    return call_grouped(_library().grouped3x3_quads_amx, x, packed, bias, groups, stride, relu)
 
 
 operators.define(
