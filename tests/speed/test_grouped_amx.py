@@ -110,14 +110,19 @@ def test_inference_module_amx_variant_equals_conv2d() -> None:
 
 @needs_amx
 @pytest.mark.parametrize(
-    ("module", "candidate"), [(grouped_amx, "ours-amx"), (grouped_quads, "ours-quads")]
+    ("module", "candidate", "groups"),
+    [
+        (grouped_amx, "ours-amx", 16),
+        (grouped_quads, "ours-quads", 16),
+        (grouped_quads, "ours-quads", 8),
+    ],
 )
 def test_training_forward_and_input_gradient_by_an_amx_kernel(
-    module: ModuleType, candidate: str, monkeypatch: pytest.MonkeyPatch
+    module: ModuleType, candidate: str, groups: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Pinned to the block-diagonal or the quads AMX candidate, the training conv's forward and
-    stride-1 input gradient (a forward convolution with each group's matrix transposed, taps
-    flipped) match oneDNN's."""
+    """Pinned to the block-diagonal or the quads AMX candidate (4 and 8 channels per group), the
+    training conv's forward and stride-1 input gradient (a forward convolution with each group's
+    matrix transposed, taps flipped) match oneDNN's."""
     calls = []
     real = module.run_kernel
 
@@ -127,7 +132,7 @@ def test_training_forward_and_input_gradient_by_an_amx_kernel(
 
     monkeypatch.setattr(module, "run_kernel", counted)
     torch.manual_seed(6)
-    model = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, groups=16, bias=False))
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, groups=groups, bias=False))
     weight = model[0].weight.detach().clone()
     assert grouped_train.use_grouped_kernels(model) == 1
     x = torch.randn(2, 64, 20, 19).bfloat16().contiguous(memory_format=torch.channels_last)
@@ -138,7 +143,7 @@ def test_training_forward_and_input_gradient_by_an_amx_kernel(
         y1.backward(grad)
     assert len(calls) == 2  # the forward and the stride-1 input gradient
     x2 = x.clone().requires_grad_()
-    y2 = F.conv2d(x2, weight.bfloat16(), None, 1, 1, 1, 16)
+    y2 = F.conv2d(x2, weight.bfloat16(), None, 1, 1, 1, groups)
     y2.backward(grad)
     assert rel_err(y1, y2.float()) < 2**-6
     assert rel_err(x1.grad, x2.grad.float()) < 2**-6

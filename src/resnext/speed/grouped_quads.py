@@ -1,9 +1,10 @@
-"""Our AMX grouped 3×3 convolution for 4 channels per group (`kernels/grouped3x3_quads_amx.c`).
+"""Our AMX grouped 3×3 convolution for 4 or 8 channels per group (`kernels/grouped3x3_quads_amx.c`).
 
-A tile row is a "quad" of 4 adjacent output pixels of one group and its 16 columns are those
-pixels times the group's 4 outputs, so each kernel row is one 32-deep tile product against a
-Toeplitz weight: half the tile products of `grouped_amx`'s block-diagonal form (see the C source).
-Stride 1, bf16 only; ResNeXt-50's first stage (128 channels in 32 groups) is the shape it is for.
+A tile row is a "quad" of 16 / cpg adjacent output pixels of one group (4 pixels at 4 channels per
+group, 2 at 8) and its 16 columns are those pixels times the group's outputs, so each kernel row
+is one 32-deep tile product against a Toeplitz weight: half the tile products of `grouped_amx`'s
+block-diagonal form (see the C source). Stride 1, bf16 only; ResNeXt-50's first two stages (4 and
+8 channels in 32 groups) are the shapes it is for.
 Exposed as the operator ``torch.ops.resnext.grouped_conv3x3_quads`` and offered to the grouped
 swap's timing as the variant 'quads'. Runs only on CPUs with AMX-BF16 whose OS grants the tile
 state; `unavailable_reason` says why not elsewhere.
@@ -23,8 +24,7 @@ from resnext.speed.grouped_amx import call_grouped, load_amx
 from resnext.speed.grouped_kernel import check_bias, fake_grouped
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_quads_amx.c"
-CPG = 4  # channels per group the kernel takes
-TAPS_ROW = 8  # input pixels a quad's kernel row reads (6 used): one 32-deep K step of 4 channels
+CPG = (4, 8)  # channels per group the kernel takes
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,33 +44,40 @@ def unavailable_reason(dtype: torch.dtype = torch.bfloat16) -> str | None:
 
 
 def supports(channels: int, groups: int, stride: int) -> bool:
-    """Whether the kernel takes this convolution (shape only)."""
-    return groups > 0 and channels == CPG * groups and channels % 16 == 0 and stride == 1
+    """Whether the kernel takes this convolution (shape only): 4 or 8 channels per group, whole
+    sets of 4 groups, stride 1."""
+    if groups <= 0 or channels % groups:
+        return False
+    cpg = channels // groups
+    return cpg in CPG and channels % (4 * cpg) == 0 and stride == 1
 
 
 def pack_weights(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A (C, 4, 3, 3) grouped weight as the kernel reads it: bf16 [C/16][4][3][16][16][2] (16-channel
-    block, group in the block, kernel row, K pair, column, pair member). K index 4 j + c is input
-    pixel j (0–7) of a quad's row, channel c; column 4 d + o is output pixel d (0–3), output o;
-    the value is w[o][c][kh][j − d] where 0 ≤ j − d ≤ 2, else 0."""
+    """A (C, cpg, 3, 3) grouped weight as the kernel reads it: bf16 [C / (4 cpg)][4][3][16][16][2]
+    (set of 4 groups, group in the set, kernel row, K pair, column, pair member). With P = 16 / cpg
+    output pixels a quad, K index cpg·j + c is input pixel j (0 to 32 / cpg − 1) of a quad's row,
+    channel c; column cpg·d + o is output pixel d (0 to P − 1), output o; the value is
+    w[o][c][kh][j − d] where 0 ≤ j − d ≤ 2, else 0."""
     channels = weight.shape[0]
-    if weight.dim() != 4 or weight.shape[1:] != (CPG, 3, 3) or not supports(channels, groups, 1):
+    cpg = weight.shape[1] if weight.dim() == 4 else 0
+    if weight.dim() != 4 or weight.shape[2:] != (3, 3) or not supports(channels, groups, 1):
         raise ValueError(
-            f"weight: expected a ({CPG * groups}, {CPG}, 3, 3) weight of {groups} groups of "
-            f"{CPG} channels (a multiple of 16 channels), got shape {tuple(weight.shape)}"
+            f"weight: expected a (C, C/groups, 3, 3) weight of {groups} groups of 4 or 8 channels "
+            f"(whole sets of 4 groups), got shape {tuple(weight.shape)}"
         )
-    w = weight.detach().float().reshape(channels // 16, 4, CPG, CPG, 3, 3)  # b, g, o, c, kh, kw
-    toeplitz = torch.zeros(channels // 16, 4, 3, TAPS_ROW, CPG, 4, CPG)  # b, g, kh, j, c, d, o
-    for d in range(4):
+    sets, pixels, reach = channels // (4 * cpg), 16 // cpg, 32 // cpg
+    w = weight.detach().float().reshape(sets, 4, cpg, cpg, 3, 3)  # set, g, o, c, kh, kw
+    toeplitz = torch.zeros(sets, 4, 3, reach, cpg, pixels, cpg)  # set, g, kh, j, c, d, o
+    for d in range(pixels):
         for kw in range(3):
             toeplitz[:, :, :, d + kw, :, d, :] = w[..., kw].permute(0, 1, 4, 3, 2)
-    k_by_n = toeplitz.reshape(channels // 16, 4, 3, 16, 2, 16)  # ..., K pair, member, column
+    k_by_n = toeplitz.reshape(sets, 4, 3, 16, 2, 16)  # ..., K pair, member, column
     return k_by_n.permute(0, 1, 2, 3, 5, 4).contiguous().to(torch.bfloat16)
 
 
-def packed_numel(channels: int) -> int:
-    """How many bf16 values pack_weights makes for this many channels."""
-    return channels // 16 * 4 * 3 * 512
+def packed_numel(channels: int, cpg: int) -> int:
+    """How many bf16 values pack_weights makes for this many channels and channels per group."""
+    return channels // (4 * cpg) * 4 * 3 * 512
 
 
 def run_kernel(
@@ -88,9 +95,9 @@ def run_kernel(
     if not supports(c, groups, stride):
         raise ValueError(
             f"x: {c} channels in {groups} groups with stride {stride} is not a shape the quads "
-            f"kernel takes ({CPG} channels per group, a multiple of 16 channels, stride 1)"
+            f"kernel takes (4 or 8 channels per group, whole sets of 4 groups, stride 1)"
         )
-    want = packed_numel(c)
+    want = packed_numel(c, c // groups)
     if packed.dtype != torch.bfloat16 or not packed.is_contiguous() or packed.numel() != want:
         raise ValueError(
             f"packed: expected a contiguous bf16 tensor of {want} values from pack_weights, "

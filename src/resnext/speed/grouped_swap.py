@@ -42,7 +42,7 @@ class FastGroupedConv3x3(KernelModule):
     Variants: 'widening' (`kernels/grouped3x3.c`, float32 FMAs; fp32 weights for fp32 or bf16
     activations), 'pairs' (the same file's AVX512-BF16 pair kernels: bf16, 4-64 channels per
     group), 'amx' (`kernels/grouped3x3_amx.c`: bf16 on AMX tiles) and 'quads'
-    (`kernels/grouped3x3_quads_amx.c`: bf16 on AMX tiles, 4 channels per group at stride 1, half
+    (`kernels/grouped3x3_quads_amx.c`: bf16 on AMX tiles, 4 or 8 channels per group at stride 1, half
     the tile products). The packed weights and bias are plain attributes, not parameters or
     buffers, so that a later ``.to(dtype)`` leaves them as packed.
     """

@@ -10,8 +10,9 @@ parameters and state-dict keys). In training mode on channels-last float32/bfloa
 - the forward: oneDNN, or `kernels/grouped3x3.c` (the diagonal kernel widening bf16 to float32
   FMAs; for bf16 also the AVX512-BF16 pair dot-product kernels, `grouped_kernel.takes_pairs`), or for
   bf16 on a CPU with AMX `kernels/grouped3x3_amx.c` (block-diagonal tile products) and, with 4
-  channels per group at stride 1, `kernels/grouped3x3_quads_amx.c` (`resnext.speed.grouped_quads`:
-  4 pixels × 4 outputs a tile row, half the tile products);
+  or 8 channels per group at stride 1, `kernels/grouped3x3_quads_amx.c`
+  (`resnext.speed.grouped_quads`: 4 or 2 pixels × a group's outputs a tile row, half the tile
+  products);
 - the input gradient at stride 1: oneDNN, or the same kernels applied to the output gradient
   with each group's weight matrix transposed and its taps flipped; at stride 2 oneDNN, or four
   such convolutions, one per pixel parity, on the same kernels (`resnext.speed.grouped_dgrad`)
@@ -76,7 +77,7 @@ def amx_kernel(x: torch.Tensor, weight: torch.Tensor, groups: int, stride: int) 
 
 
 def quads_kernel(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """conv2d(x, weight, padding=1, groups) of 4-channel groups in bf16 by
+    """conv2d(x, weight, padding=1, groups) of 4- or 8-channel groups in bf16 by
     `kernels/grouped3x3_quads_amx.c`, weights packed now."""
     packed = grouped_quads.pack_weights(weight, groups)
     return grouped_quads.run_kernel(x, packed, None, groups, 1)
