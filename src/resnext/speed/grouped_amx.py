@@ -197,7 +197,12 @@ def _check_grouped(name: str, c: int, groups: int, stride: int, packed: torch.Te
             f"{name}: {c} channels in {groups} groups with stride {stride} is not a shape the AMX "
             f"kernel takes (C/groups in {SMALL_CPG} or a multiple of 16, stride 1 or 2)"
         )
-    want = packed_numel(c, groups)
+    check_packed(packed, packed_numel(c, groups))
+
+
+def check_packed(packed: torch.Tensor, want: int) -> None:
+    """A ValueError naming `packed` unless it is a contiguous bf16 tensor of `want` values, as
+    the AMX kernels' pack_weights make them."""
     if packed.dtype != torch.bfloat16 or not packed.is_contiguous() or packed.numel() != want:
         raise ValueError(
             f"packed: expected a contiguous bf16 tensor of {want} values from pack_weights, "

@@ -20,7 +20,7 @@ import torch
 
 from resnext import native
 from resnext.speed import operators
-from resnext.speed.grouped_amx import call_grouped, load_amx
+from resnext.speed.grouped_amx import call_grouped, check_packed, load_amx
 from resnext.speed.grouped_kernel import check_bias, fake_grouped
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_quads_amx.c"
@@ -97,12 +97,7 @@ def run_kernel(
             f"x: {c} channels in {groups} groups with stride {stride} is not a shape the quads "
             f"kernel takes (4 or 8 channels per group, whole sets of 4 groups, stride 1)"
         )
-    want = packed_numel(c, c // groups)
-    if packed.dtype != torch.bfloat16 or not packed.is_contiguous() or packed.numel() != want:
-        raise ValueError(
-            f"packed: expected a contiguous bf16 tensor of {want} values from pack_weights, "
-            f"got {packed.dtype} with {packed.numel()}"
-        )
+    check_packed(packed, packed_numel(c, c // groups))
     check_bias(bias, c)
     return call_grouped(_library().grouped3x3_quads_amx, x, packed, bias, groups, stride, relu)
 
