@@ -101,6 +101,8 @@ def test_refuses_what_it_does_not_take() -> None:
         grouped_quads.pack_weights(torch.zeros(8, 4, 3, 3), 2)  # 8 channels: no set of 4 groups
     with pytest.raises(ValueError, match="weight"):
         grouped_quads.pack_weights(torch.zeros(16, 8, 3, 3), 2)  # 16 channels: half a set
+    with pytest.raises(ValueError, match="weight"):
+        grouped_quads.pack_weights(torch.zeros(32, 8, 3, 3), 8)  # 8 inputs a filter, 4 a group
     assert grouped_quads.unavailable_reason(torch.float32) is not None  # bf16 only
 
 

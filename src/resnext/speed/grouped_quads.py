@@ -60,7 +60,8 @@ def pack_weights(weight: torch.Tensor, groups: int) -> torch.Tensor:
     w[o][c][kh][j − d] where 0 ≤ j − d ≤ 2, else 0."""
     channels = weight.shape[0]
     cpg = weight.shape[1] if weight.dim() == 4 else 0
-    if weight.dim() != 4 or weight.shape[2:] != (3, 3) or not supports(channels, groups, 1):
+    shape_ok = weight.dim() == 4 and weight.shape[2:] == (3, 3) and cpg * groups == channels
+    if not shape_ok or not supports(channels, groups, 1):
         raise ValueError(
             f"weight: expected a (C, C/groups, 3, 3) weight of {groups} groups of 4 or 8 channels "
             f"(whole sets of 4 groups), got shape {tuple(weight.shape)}"
