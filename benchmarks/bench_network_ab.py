@@ -13,8 +13,8 @@ lost in the network (stop 33: prefetches that took 5–9 % off ResNeXt-50's 1×1
 - `--step infer`: `optimize` builds the model once per source, that source's build in place
   while it times and compiles, with the kernel forced on (every layer it takes, so that both run
   it at the same layers rather than at per-layer picks that differ by noise) and our other
-  kernels off (likewise; the AMX grouped kernel reported unavailable, or on a CPU with AMX the
-  grouped layers could take it instead of the source under test); the two then run the batch in
+  kernels off (likewise; the AMX grouped kernels reported unavailable, or on a CPU with AMX the
+  grouped layers could take them instead of the source under test); the two then run the batch in
   alternating rounds (3 calls a round), each with its own build swapped in;
 - `--step train`: one fast-path training step (`cl-fp32-fused-grouped-gemm`, as `resnext bench
   train`), the two builds taking turns step by step on the same model, our kernel pinned wherever
@@ -55,6 +55,7 @@ from resnext.speed import (
     autotune,
     grouped_amx,
     grouped_kernel,
+    grouped_quads,
     grouped_split,
     grouped_wgrad,
     pointwise_fma,
@@ -168,7 +169,8 @@ def unavailable(kernel: str) -> str | None:
 
 
 def _amx_off(dtype: torch.dtype = torch.bfloat16) -> str:
-    """`grouped_amx.unavailable_reason` while a build is optimized: every subject is a vector kernel."""
+    """The AMX grouped kernels' `unavailable_reason` while a build is optimized: every subject is a
+    vector kernel."""
     return "off in this bench, which times a vector kernel's source"
 
 
@@ -184,7 +186,11 @@ def inference_calls(
         reference = model(x)
     calls = {}
     for build in ("ours", "against"):
-        with use(build), replaced(grouped_amx, "unavailable_reason", _amx_off):
+        with (
+            use(build),
+            replaced(grouped_amx, "unavailable_reason", _amx_off),
+            replaced(grouped_quads, "unavailable_reason", _amx_off),
+        ):
             fast = optimize(model, subject.dtype, backend=backend, example_input=x, **forced)
             with torch.no_grad():
                 error = ((fast(x) - reference).abs().max() / reference.abs().max()).item()

@@ -462,6 +462,39 @@ def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_othe
     assert len(row["ms"]["ours"]) == len(row["ms"]["against"]) == 1
 
 
+def test_the_network_ab_offers_no_amx_grouped_kernel_while_it_builds(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a vector grouped source under test, the inference builds are offered neither AMX
+    grouped kernel: on a CPU with AMX either could take the layers the source should run."""
+    import contextlib
+
+    import torch
+
+    import bench_network_ab
+    from resnext.speed import grouped_swap
+
+    _kernel_source("grouped_bf16")
+    offered: list[tuple[str, ...]] = []
+    real = grouped_swap.runnable_variants
+
+    def spy(conv, dtype):  # a pass-through spy
+        offered.append(real(conv, dtype))
+        return offered[-1]
+
+    monkeypatch.setattr(grouped_swap, "runnable_variants", spy)
+    torch.manual_seed(0)
+    # groups of 4 and 8 channels at stride 1, which both AMX grouped kernels take
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(32, 32, 3, 1, 1, groups=8), torch.nn.Conv2d(32, 32, 3, 1, 1, groups=4)
+    ).eval()
+    x = torch.randn(2, 32, 12, 12).contiguous(memory_format=torch.channels_last)
+    use = lambda build: contextlib.nullcontext()  # noqa: E731 (this checkout's build both times)
+    bench_network_ab.inference_calls(model, x, "grouped_bf16", "none", use)
+    assert len(offered) == 4 and all("widening" in v for v in offered)  # 2 layers, 2 builds
+    assert not any({"amx", "quads"} & set(v) for v in offered), offered
+
+
 def test_the_network_ab_refuses_a_source_that_does_not_compile(
     bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
 ) -> None:
