@@ -14,7 +14,7 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import grouped_amx
+from resnext.speed import block_fusion, grouped_amx, grouped_quads
 from resnext.speed.block_fusion import FusedBlock, block_fusable, fuse_blocks
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_swap import FastGroupedConv3x3
@@ -55,12 +55,18 @@ class _Block:
         return F.relu(F.conv2d(g.float(), self.w3.float(), self.b3) + residual.float())
 
     def kernel(
-        self, x: torch.Tensor, residual: torch.Tensor, stride: int, in_place: bool = False
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        stride: int,
+        in_place: bool = False,
+        quads: bool = False,
     ) -> torch.Tensor:
         first = self.w1 is not None
+        pack = grouped_quads.pack_weights if quads else grouped_amx.pack_weights
         return grouped_amx.run_block_kernel(
             x,
-            grouped_amx.pack_weights(self.w2, self.groups),
+            pack(self.w2, self.groups),
             self.b2,
             self.groups,
             stride,
@@ -69,6 +75,7 @@ class _Block:
             residual,
             grouped_amx.pack_pointwise(self.w1) if first else None,
             self.b1 if first else None,
+            quads=quads,
             in_place=in_place,
         )
 
@@ -81,6 +88,7 @@ def _check(
     size: tuple[int, int],
     stride: int,
     in_place: bool = False,
+    quads: bool = False,
 ):
     gen = torch.Generator().manual_seed(n + cin + cout + stride)
     x = _bf16_nhwc(torch.randn(n, cin, *size, generator=gen))
@@ -90,7 +98,7 @@ def _check(
     else:
         residual = _bf16_nhwc(torch.randn(n, cout, *out_size, generator=gen))
     want = block.reference(x, residual, stride)
-    got = block.kernel(x, residual, stride, in_place)
+    got = block.kernel(x, residual, stride, in_place, quads)
     if in_place:
         assert got.data_ptr() == residual.data_ptr()
     assert got.shape == want.shape and got.dtype == torch.bfloat16
@@ -135,6 +143,123 @@ def test_resnext50_block_shapes(n: int, in_place: bool) -> None:
         block = _Block(cin, c, cout, c // 32, True, seed=c + h)
         err = _check(block, n, cin, cout, (h, h), stride, in_place)
         assert err < 2**-7, (cin, c, h, stride)
+
+
+QUADS_REASON = REASON or grouped_quads.unavailable_reason()
+needs_quads = pytest.mark.skipif(
+    QUADS_REASON is not None, reason=f"AMX quads kernel unavailable: {QUADS_REASON}"
+)
+
+
+@needs_quads
+@pytest.mark.parametrize("cpg", [4, 8])
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (7, 7), (14, 17)])
+@pytest.mark.parametrize("first", [False, True], ids=["from-grouped", "whole-block"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_block_kernel_in_the_quads_form_equals_the_convolutions(
+    cpg: int, size: tuple[int, int], first: bool, in_place: bool
+) -> None:
+    """The grouped convolution as quads (4 or 8 channels per group, stride 1) inside the block:
+    widths that leave a last quad part empty, an identity residual overwritten in place, one
+    image (a thread idle) and three (uneven between the threads)."""
+    c = 8 * cpg  # two sets of 4 groups
+    for cin, cout in ((c, c), (96, 48)):  # an identity shortcut; an odd count of output tiles
+        if not first:
+            cin = c
+        block = _Block(cin, c, cout, cpg, first, seed=cpg + cout)
+        for n in (1, 3):
+            err = _check(block, n, cin, cout, size, 1, in_place, quads=True)
+            assert err < 2**-7, (cin, cout, n)
+
+
+@needs_quads
+@pytest.mark.parametrize("n", [1, 3])
+def test_quads_form_at_resnext50_shapes_and_several_strips(n: int) -> None:
+    """Stages 1 (4 channels per group) and 2 (8) of ResNeXt-50, whole block in place over its
+    input; and images tall enough that their output rows go through the last 1×1 in 2-3 strips
+    (z holds at most ~128 KB of rows)."""
+    for cin, c, cout, size in [
+        (256, 128, 256, (56, 56)),
+        (512, 256, 512, (28, 28)),
+        (64, 128, 64, (36, 30)),
+        (64, 256, 32, (20, 21)),
+    ]:
+        block = _Block(cin, c, cout, c // 32, True, seed=c + size[0])
+        err = _check(block, n, cin, cout, size, 1, in_place=cin == cout, quads=True)
+        assert err < 2**-7, (cin, c, size)
+
+
+def test_unpack_weights_inverts_pack_weights() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for channels, groups in ((64, 64), (64, 16), (128, 32), (256, 32), (64, 2), (256, 4)):
+        weight = torch.randn(channels, channels // groups, 3, 3, generator=gen).bfloat16()
+        packed = grouped_amx.pack_weights(weight, groups)
+        assert torch.equal(grouped_amx.unpack_weights(packed, channels, groups), weight)
+    with pytest.raises(ValueError, match="packed"):
+        grouped_amx.unpack_weights(packed[:-1].contiguous(), 256, 4)
+
+
+@needs_quads
+def test_the_quads_form_refuses_what_it_does_not_take() -> None:
+    block = _Block(64, 64, 64, 4, True, seed=2)
+    x = _bf16_nhwc(torch.randn(1, 64, 6, 6))
+    tail = grouped_amx.pack_pointwise(block.w3)
+
+    def run(packed: torch.Tensor, groups: int) -> torch.Tensor:
+        return grouped_amx.run_block_kernel(
+            x, packed, block.b2, groups, 1, tail, block.b3, x, quads=True
+        )
+
+    with pytest.raises(ValueError, match="packed"):  # the block-diagonal pack is half as long
+        run(grouped_amx.pack_weights(block.w2, block.groups), block.groups)
+    with pytest.raises(ValueError, match=r"x: 64 channels in 4 groups .* quads form takes"):
+        run(grouped_quads.pack_weights(block.w2, block.groups), 4)  # 16 channels per group
+    with pytest.raises(ValueError, match=r"pointwise: .* stride 2 .* quads form takes"):
+        block.kernel(x, _bf16_nhwc(torch.randn(1, 64, 3, 3)), 2, quads=True)
+    head = FastGroupedConv3x3(nn.Conv2d(64, 64, 3, 2, 1, groups=16), True, torch.bfloat16, "amx")
+    with pytest.raises(ValueError, match="quads"):
+        FusedBlock(head, nn.Conv2d(64, 64, 1), quads=True)
+
+
+@needs_quads
+@pytest.mark.parametrize("quads_on", [True, False], ids=["quads-here", "no-quads"])
+def test_the_pass_times_the_quads_form_and_keeps_it_where_fastest(
+    quads_on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass times the quads form beside the block-diagonal one where it runs (each writing
+    a new output, and in place where the residual is dead), and a block taken in that form
+    computes the model's function. The timer is replaced by one that makes the last way timed
+    the fastest."""
+    if not quads_on:
+        monkeypatch.setattr(grouped_quads, "unavailable_reason", lambda *_: "off for this test")
+    timed: list[int] = []
+
+    def last_fastest(runs: list[Callable[[torch.Tensor], object]], x: torch.Tensor, repeats: int):
+        timed.append(len(runs))
+        for run in runs:
+            run(x)  # each way runs (and must not fail)
+        return [float(len(runs) - i) for i in range(len(runs))]
+
+    monkeypatch.setattr(block_fusion, "time_each_ms", last_fastest)
+    torch.manual_seed(4)
+    model = nn.Sequential(*(_Residual(_amx(64, 16)) for _ in range(3))).bfloat16()
+    x = _bf16_nhwc(torch.randn(2, 64, 9, 10))
+    with torch.no_grad():
+        want = model(x)
+    choices = fuse_blocks(model, x)
+    # unfused, then each form's ways: the first block's residual is the model's input (a new
+    # output only), the others' the block before's output (also in place)
+    forms = 2 if quads_on else 1
+    assert timed == [1 + forms, 1 + 2 * forms, 1 + 2 * forms]
+    quads = "-quads" if quads_on else ""
+    assert [(c.chosen, c.variant) for c in choices] == [
+        ("fused", "block" + quads),
+        ("fused", "block-in-place" + quads),
+        ("fused", "block-in-place" + quads),
+    ]
+    assert [block.head.quads for block in model] == [quads_on] * 3
+    with torch.no_grad():
+        assert rel_err(model(x), want.float()) < 2**-7
 
 
 @needs_amx
@@ -358,7 +483,7 @@ def test_block_fusion_modes() -> None:
 
 
 @needs_amx
-@pytest.mark.parametrize("kernel", ["grouped", "pointwise", "block"])
+@pytest.mark.parametrize("kernel", ["grouped", "pointwise", "block", "block-quads"])
 def test_scratch_kept_across_calls_leaves_no_trace(kernel: str) -> None:
     """The kernels keep their per-thread buffers between calls and zero only what a call reads
     beyond what it fills: a call after one of another shape on NaN inputs is unaffected."""
@@ -373,14 +498,14 @@ def test_scratch_kept_across_calls_leaves_no_trace(kernel: str) -> None:
             return grouped_amx.run_pointwise_kernel(
                 x, w1, block.b1, packed, block.b2, block.groups, 1, relu=True
             )
-        return block.kernel(x, residual, 1)
+        return block.kernel(x, residual, 1, quads=kernel == "block-quads")
 
     def want(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         s = x.float()
         if kernel != "grouped":
             s = F.relu(F.conv2d(s, block.w1.float(), block.b1)).bfloat16().float()
         g = F.relu(F.conv2d(s, block.w2.float(), block.b2, 1, 1, 1, block.groups))
-        if kernel != "block":
+        if not kernel.startswith("block"):
             return g
         return F.relu(F.conv2d(g.bfloat16().float(), block.w3.float(), block.b3) + residual.float())
 

@@ -9,18 +9,23 @@ from contextlib import AbstractContextManager
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import rel_err
 from torch import nn
 
 import resnext
-from resnext.speed import grouped_amx
+from resnext.speed import grouped_amx, grouped_quads
 from resnext.speed.block_fusion import FusedBlock, fuse_blocks
 from resnext.speed.fastpath import optimize
-from resnext.speed.grouped_swap import swap_grouped_convs
+from resnext.speed.grouped_swap import FastGroupedConv3x3, swap_grouped_convs
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
 from resnext.speed.shortcut_fusion import ShortcutBlock, fuse_shortcuts, shortcut_fusable
 
 REASON = grouped_amx.unavailable_reason()
 needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX kernel unavailable: {REASON}")
+QUADS_REASON = REASON or grouped_quads.unavailable_reason()
+needs_quads = pytest.mark.skipif(
+    QUADS_REASON is not None, reason=f"AMX quads kernel unavailable: {QUADS_REASON}"
+)
 
 
 def _bf16_nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -80,12 +85,21 @@ class _Bottleneck:
 
 
 def _err(
-    block: _Bottleneck, n: int, size: tuple[int, int], stride: int, whole: bool = True
+    block: _Bottleneck,
+    n: int,
+    size: tuple[int, int],
+    stride: int,
+    whole: bool = True,
+    quads: bool = False,
 ) -> float:
     cin = block.w1.shape[1]
     x = _bf16_nhwc(torch.randn(n, cin, *size, generator=torch.Generator().manual_seed(n + cin)))
     want = block.reference(x, stride)
-    got = block.kernel(x, stride, whole)
+    if quads:
+        packed = grouped_quads.pack_weights(block.w2, block.groups)
+        got = block.kernel(x, stride, whole, packed=packed, quads=True)
+    else:
+        got = block.kernel(x, stride, whole)
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     assert got.is_contiguous(memory_format=torch.channels_last)
     return ((got.float() - want).abs().max() / want.abs().max()).item()
@@ -106,6 +120,38 @@ def test_kernel_equals_the_convolutions(
         # weights outweigh it
         for n in (2, 1):
             assert _err(block, n, size, stride, whole) < 2**-7, (cin, cout, n)
+
+
+@needs_quads
+@pytest.mark.parametrize("cpg", [4, 8])
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (14, 17), (56, 56)])
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-block", "from-grouped"])
+def test_the_quads_form_equals_the_convolutions(
+    cpg: int, size: tuple[int, int], whole: bool
+) -> None:
+    """The grouped convolution as quads (stride 1): ResNeXt-50's stage-1 projection block (64 →
+    128 in 32 groups of 4 → 256) at 56 × 56, and smaller ones with a last quad part empty."""
+    c = 32 * cpg if size == (56, 56) else 8 * cpg
+    for cin, cout in ((64, 256), (32, 48)) if size == (56, 56) else ((32, 48), (96, 2 * c)):
+        block = _Bottleneck(cin, c, cout, cpg, seed=cpg + cout)
+        for n in (1, 3):
+            assert _err(block, n, size, 1, whole, quads=True) < 2**-7, (cin, cout, n)
+
+
+@needs_quads
+def test_a_shortcut_block_keeps_its_blocks_quads_form() -> None:
+    torch.manual_seed(6)
+    conv2 = nn.Conv2d(64, 64, 3, 1, 1, groups=16)
+    head = FastGroupedConv3x3(conv2, relu=True, dtype=torch.bfloat16, variant="amx")
+    tail, projection = nn.Conv2d(64, 128, 1), nn.Conv2d(32, 128, 1)
+    x, b = _bf16_nhwc(torch.randn(2, 64, 7, 9)), _bf16_nhwc(torch.randn(2, 32, 7, 9))
+    with torch.no_grad():
+        g = F.relu(F.conv2d(x.float(), conv2.weight.bfloat16().float(), conv2.bias, 1, 1, 1, 16))
+        want = F.relu(tail(g.bfloat16().float()) + projection(b.float()))
+        for quads in (False, True):
+            block = ShortcutBlock(FusedBlock(head, tail, quads=quads), projection)
+            assert block.quads == quads
+            assert rel_err(block(x, b), want) < 2**-7, quads
 
 
 @needs_amx

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from resnext.speed import grouped_amx
+from resnext.speed import grouped_amx, grouped_quads
 from resnext.speed.fold import child_calls, install_graph, parents_of, replace_nodes
 from resnext.speed.grouped_kernel import output_for
 from resnext.speed.grouped_swap import (
@@ -50,8 +50,10 @@ class FusedBlock(KernelModule):
 
     With `in_place` the result is written over `residual` (as oneDNN's 1×1 adds into its
     residual), which must then be dead after this call: the fusion pass sets it only where the
-    graph shows that. Holds the packed weights as plain attributes (as `FastGroupedConv3x3`
-    does) so that a later ``.to(dtype)`` leaves them packed.
+    graph shows that. With `quads` the grouped convolution runs in the quads form
+    (`grouped_quads`: 4 or 8 channels per group, stride 1), repacked from the head's weight.
+    Holds the packed weights as plain attributes (as `FastGroupedConv3x3` does) so that a later
+    ``.to(dtype)`` leaves them packed.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class FusedBlock(KernelModule):
         head: FusedPointwiseGrouped | FastGroupedConv3x3,
         tail: nn.Conv2d,
         in_place: bool = False,
+        quads: bool = False,
     ) -> None:
         super().__init__()
         if not block_fusable(head, tail):
@@ -72,6 +75,15 @@ class FusedBlock(KernelModule):
         self.pointwise_bias = head.pointwise_bias if fused_pointwise else None
         self.packed, self.bias = head.packed, head.bias
         self.groups, self.stride, self.channels = head.groups, head.stride, head.channels
+        if quads:
+            if not grouped_quads.supports(self.channels, self.groups, self.stride):
+                raise ValueError(
+                    f"quads: the quads form takes 4 or 8 channels per group at stride 1, not "
+                    f"{self.channels} channels in {self.groups} groups at stride {self.stride}"
+                )
+            weight = grouped_amx.unpack_weights(head.packed, self.channels, self.groups)
+            self.packed = grouped_quads.pack_weights(weight, self.groups)
+        self.quads = quads
         self.tail = grouped_amx.pack_pointwise(tail.weight)
         assert tail.bias is not None  # block_fusable() checked it
         self.tail_bias = tail.bias.detach().float().contiguous()
@@ -89,6 +101,7 @@ class FusedBlock(KernelModule):
             residual,
             self.pointwise,
             self.pointwise_bias,
+            self.quads,
         )
         if self.in_place:
             torch.ops.resnext.block_amx_(None if x is residual else x, *args)
@@ -101,6 +114,7 @@ class FusedBlock(KernelModule):
             f"{head}grouped 3×3 ({self.channels}, groups={self.groups}, stride={self.stride}) → "
             f"relu → 1×1 → {self.out_channels} → + residual → relu"
             + (", in place" if self.in_place else "")
+            + (", quads" if self.quads else "")
         )
 
 
@@ -288,10 +302,12 @@ def fuse_blocks(
 
     Run after `fuse_pointwise_convs`. `example` is the model's input (bf16, channels_last).
     'auto' times each chain on its real input shape unfused, fused, and fused writing over the
-    residual (where the graph shows the residual dead after the block), and keeps the fastest;
-    'on' fuses every chain (in place where allowed); 'off' changes nothing. Each choice is
-    returned as a `LayerChoice` named after the head (native_ms: unfused, kernel_ms: the faster
-    fused way, chosen 'fused' or 'separate', variant 'block' or 'block-in-place').
+    residual (where the graph shows the residual dead after the block), each fused way also with
+    the grouped convolution in the quads form where that runs here (4 or 8 channels per group,
+    stride 1), and keeps the fastest; 'on' fuses every chain (in place where allowed, the
+    block-diagonal form); 'off' changes nothing. Each choice is returned as a `LayerChoice` named
+    after the head (native_ms: unfused, kernel_ms: the fastest fused way, chosen 'fused' or
+    'separate', variant 'block' or 'block-in-place', with '-quads' for the quads form).
 
     `in_place` False never writes over the residual: for graphs that a later pass may rewrite
     without honouring the mutation (torch.jit.optimize_for_inference computes wrong results).
@@ -332,11 +348,18 @@ def _choose(
     repeats: int,
     timings: TimingCache | None,
 ) -> tuple[LayerChoice, FusedBlock]:
-    """The timings of one chain's ways and the fused module of the faster fused way."""
+    """The timings of one chain's ways and the fused module of the faster fused way. A fused way
+    is (in place, quads form): in place where the residual may be overwritten, the quads form
+    where it runs here and takes the convolution."""
     amx = _amx_head(head)
     assert amx is not None  # _sites checked it
-    fused = FusedBlock(amx, tail)
-    ways = (False, True) if site.overwritable else (False,)
+    forms = {False: FusedBlock(amx, tail)}
+    if grouped_quads.unavailable_reason() is None and grouped_quads.supports(
+        amx.channels, amx.groups, amx.stride
+    ):
+        forms[True] = FusedBlock(amx, tail, quads=True)
+    places = (False, True) if site.overwritable else (False,)
+    ways = [(in_place, quads) for quads in forms for in_place in places]
 
     def measure() -> list[float]:
         x = _channels_last(shape)
@@ -344,21 +367,26 @@ def _choose(
         residual = x if site.residual_is_input and x.shape == out else _channels_last(tuple(out))
         separate = _separate_runner(head, tail, (out[0], tail.in_channels, out[2], out[3]))
 
-        def fused_run(in_place: bool) -> Callable[[torch.Tensor], object]:
+        def fused_run(in_place: bool, quads: bool) -> Callable[[torch.Tensor], object]:
+            fused = forms[quads]
+
             def run(x: torch.Tensor) -> object:
                 fused.in_place = in_place
                 return fused(x, residual)
 
             return run
 
-        ways_run = [lambda x: separate(x, residual), *(fused_run(w) for w in ways)]
+        ways_run = [lambda x: separate(x, residual), *(fused_run(*w) for w in ways)]
         return time_each_ms(ways_run, x, repeats)
 
     key = layer_key("block", shape, torch.bfloat16, head, tail, site.residual_is_input, ways)
     separate_ms, *times = cached(timings, key, 1 + len(ways), measure)
     timed = dict(zip(ways, times, strict=True))
-    in_place = min(timed, key=timed.__getitem__) if mode == "auto" else max(timed)
-    fused.in_place, fused_ms = in_place, timed[in_place]
+    # 'on': in place where allowed, in the block-diagonal form (the quads form only where faster)
+    way = min(timed, key=timed.__getitem__) if mode == "auto" else (max(places), False)
+    (in_place, quads), fused_ms = way, timed[way]
+    fused = forms[quads]
+    fused.in_place = in_place
     chosen = "fused" if mode == "on" or fused_ms < separate_ms else "separate"
-    variant = "block-in-place" if in_place else "block"
+    variant = ("block-in-place" if in_place else "block") + ("-quads" if quads else "")
     return LayerChoice(name, shape, separate_ms, fused_ms, chosen, variant), fused

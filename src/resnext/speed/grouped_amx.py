@@ -70,6 +70,10 @@ def _library() -> ctypes.CDLL:
     lib.block_amx.restype = ctypes.c_int
     lib.block_amx_shortcut.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 10
     lib.block_amx_shortcut.restype = ctypes.c_int
+    lib.block_quads_amx.argtypes = lib.block_amx.argtypes
+    lib.block_quads_amx.restype = ctypes.c_int
+    lib.block_quads_amx_shortcut.argtypes = lib.block_amx_shortcut.argtypes
+    lib.block_quads_amx_shortcut.restype = ctypes.c_int
     lib.grouped3x3_amx_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
     lib.grouped3x3_amx_pack.restype = ctypes.c_int
     return lib
@@ -177,6 +181,18 @@ def pack_reference(flat_bf16: torch.Tensor, channels: int, cpg: int) -> torch.Te
     return torch.cat([flat_bf16, flat_bf16.new_zeros(1)])[pack_index(channels, cpg)]
 
 
+def unpack_weights(packed: torch.Tensor, channels: int, groups: int) -> torch.Tensor:
+    """The (C, C/groups, 3, 3) bf16 weight that pack_weights made `packed` from: its inverse
+    (every weight value is in the pack once), for forms packed from an AMX module's weight."""
+    check_packed(packed, packed_numel(channels, groups))
+    cpg = channels // groups
+    index = pack_index(channels, cpg).reshape(-1)
+    real = index < channels * cpg * 9  # the rest are the pack's zeros
+    flat = torch.zeros(channels * cpg * 9, dtype=torch.bfloat16)
+    flat[index[real]] = packed.reshape(-1)[real]
+    return flat.view(channels, cpg, 3, 3)
+
+
 def packed_numel(channels: int, groups: int) -> int:
     """How many bf16 values pack_weights makes for this many channels and groups."""
     kc = block_channels(channels // groups)
@@ -198,6 +214,18 @@ def _check_grouped(name: str, c: int, groups: int, stride: int, packed: torch.Te
             f"kernel takes (C/groups in {SMALL_CPG} or a multiple of 16, stride 1 or 2)"
         )
     check_packed(packed, packed_numel(c, groups))
+
+
+def _check_quads(name: str, c: int, groups: int, stride: int, packed: torch.Tensor) -> None:
+    """`_check_grouped` for the quads form (`grouped_quads`) of the grouped convolution."""
+    from resnext.speed import grouped_quads  # it imports this module
+
+    if not grouped_quads.supports(c, groups, stride):
+        raise ValueError(
+            f"{name}: {c} channels in {groups} groups with stride {stride} is not a shape the "
+            f"quads form takes (4 or 8 channels per group, whole sets of 4 groups, stride 1)"
+        )
+    check_packed(packed, grouped_quads.packed_numel(c, c // groups))
 
 
 def check_packed(packed: torch.Tensor, want: int) -> None:
@@ -365,9 +393,11 @@ def _check_block(
     tail_bias: torch.Tensor,
     pointwise: torch.Tensor | None,
     pointwise_bias: torch.Tensor | None,
+    quads: bool,
 ) -> tuple[int, int]:
-    """(grouped channels, output channels) of a block kernel's weights for `cin` input channels,
-    a ValueError naming the first argument that does not fit."""
+    """(grouped channels, output channels) of a block kernel's weights for `cin` input channels
+    (`packed` in the quads form where `quads`), a ValueError naming the first argument that does
+    not fit."""
     if pointwise is None:
         c = cin
         if pointwise_bias is not None:
@@ -377,7 +407,11 @@ def _check_block(
         if pointwise_bias is None:
             raise ValueError(f"pointwise_bias: expected {c} float32 values, got None")
         _check_floats("pointwise_bias", pointwise_bias, c)
-    _check_grouped("pointwise" if pointwise is not None else "x", c, groups, stride, packed)
+    source = "pointwise" if pointwise is not None else "x"
+    if quads:
+        _check_quads(source, c, groups, stride, packed)
+    else:
+        _check_grouped(source, c, groups, stride, packed)
     _check_floats("bias", bias, c)
     cout = _check_pointwise("tail", tail, c)
     _check_floats("tail_bias", tail_bias, cout)
@@ -395,6 +429,7 @@ def run_block_kernel(
     residual: torch.Tensor,
     pointwise: torch.Tensor | None = None,
     pointwise_bias: torch.Tensor | None = None,
+    quads: bool = False,
     in_place: bool = False,
 ) -> torch.Tensor:
     """The rest of a bottleneck in one pass, in bf16: ``relu(conv2d(g, w3, tail_bias) + residual)``
@@ -406,11 +441,15 @@ def run_block_kernel(
     `in_place` writes the result over `residual` (channels_last) and returns it: no new output
     to fill, as oneDNN's 1×1 adds into its residual. `residual` may be `x` itself (an identity
     shortcut); then each image is one work item, and x is overwritten.
+
+    With `quads`, `packed` = grouped_quads.pack_weights(w) and the grouped convolution runs in
+    that form (4 or 8 channels per group, stride 1): half the tile products; one image a work
+    item.
     """
     _check_x(x, residual)
     n, cin, h, w = x.shape
     c, cout = _check_block(
-        cin, packed, bias, groups, stride, tail, tail_bias, pointwise, pointwise_bias
+        cin, packed, bias, groups, stride, tail, tail_bias, pointwise, pointwise_bias, quads
     )
     shape = (n, cout, output_size(h, stride), output_size(w, stride))
     if tuple(residual.shape) != shape or residual.dtype != torch.bfloat16:
@@ -435,7 +474,8 @@ def run_block_kernel(
     y = residual if in_place else output_for(x, stride, cout)
     if y.numel():
         b1 = None if pointwise_bias is None else pointwise_bias.contiguous()
-        rc = _library().block_amx(
+        lib = _library()
+        rc = (lib.block_quads_amx if quads else lib.block_amx)(
             x.data_ptr(),
             None if pointwise is None else pointwise.data_ptr(),
             None if b1 is None else b1.data_ptr(),
@@ -455,7 +495,8 @@ def run_block_kernel(
             stride,
             torch.get_num_threads(),
         )
-        check_rc(rc, f"block_amx failed on {tuple(x.shape)} → {c} → {cout} channels")
+        what = "block_quads_amx" if quads else "block_amx"
+        check_rc(rc, f"{what} failed on {tuple(x.shape)} → {c} → {cout} channels")
     return y
 
 
@@ -471,6 +512,7 @@ def run_shortcut_block_kernel(
     shortcut_input: torch.Tensor,
     pointwise: torch.Tensor | None = None,
     pointwise_bias: torch.Tensor | None = None,
+    quads: bool = False,
 ) -> torch.Tensor:
     """A bottleneck with a projection shortcut in one pass, in bf16:
     ``relu(conv2d(g, w3) + conv2d(shortcut_input, wsc, stride) + tail_bias)`` with g as in
@@ -478,11 +520,11 @@ def run_shortcut_block_kernel(
     pack_pointwise(wsc) and `tail_bias` the two 1×1s' biases summed. `shortcut_input` is the
     block's input: x itself where the first 1×1 is fused in, else the tensor that 1×1 read (same
     height and width as x). The shortcut's products are accumulated onto the last 1×1's, so
-    neither its output nor a residual goes to memory."""
+    neither its output nor a residual goes to memory. `quads` as in `run_block_kernel`."""
     _check_x(x, shortcut_input)
     n, cin, h, w = x.shape
     c, cout = _check_block(
-        cin, packed, bias, groups, stride, tail, tail_bias, pointwise, pointwise_bias
+        cin, packed, bias, groups, stride, tail, tail_bias, pointwise, pointwise_bias, quads
     )
     if shortcut_input.dim() != 4 or shortcut_input.dtype != torch.bfloat16:
         raise ValueError(
@@ -504,7 +546,8 @@ def run_shortcut_block_kernel(
     y = output_for(x, stride, cout)
     if y.numel():
         b1 = None if pointwise_bias is None else pointwise_bias.contiguous()
-        rc = _library().block_amx_shortcut(
+        lib = _library()
+        rc = (lib.block_quads_amx_shortcut if quads else lib.block_amx_shortcut)(
             x.data_ptr(),
             None if pointwise is None else pointwise.data_ptr(),
             None if b1 is None else b1.data_ptr(),
@@ -526,7 +569,8 @@ def run_shortcut_block_kernel(
             stride,
             torch.get_num_threads(),
         )
-        check_rc(rc, f"block_amx_shortcut failed on {tuple(x.shape)} → {c} → {cout} channels")
+        what = "block_quads_amx_shortcut" if quads else "block_amx_shortcut"
+        check_rc(rc, f"{what} failed on {tuple(x.shape)} → {c} → {cout} channels")
     return y
 
 
@@ -558,6 +602,7 @@ def _fake_block(
     residual: torch.Tensor,
     pointwise: torch.Tensor | None = None,
     pointwise_bias: torch.Tensor | None = None,
+    quads: bool = False,
 ) -> torch.Tensor:
     return output_for(x, stride, tail.shape[0] * 16)
 
@@ -573,6 +618,7 @@ def _block_in_place(
     residual: torch.Tensor,
     pointwise: torch.Tensor | None = None,
     pointwise_bias: torch.Tensor | None = None,
+    quads: bool = False,
 ) -> None:
     """`run_block_kernel` written over `residual`, for x, or for `residual` itself where x is
     None (an identity shortcut: one tensor in, the same out)."""
@@ -588,6 +634,7 @@ def _block_in_place(
         pointwise,
         pointwise_bias,
         in_place=True,
+        quads=quads,
     )
 
 
@@ -602,6 +649,7 @@ def _fake_block_in_place(
     residual: torch.Tensor,
     pointwise: torch.Tensor | None = None,
     pointwise_bias: torch.Tensor | None = None,
+    quads: bool = False,
 ) -> None:
     return None
 
@@ -618,10 +666,10 @@ operators.define(
     run_pointwise_kernel,
     _fake_pointwise,
 )
-# The block operators take run_block_kernel's arguments in its order.
+# The block operators take run_block_kernel's arguments in its order (`in_place` aside).
 _BLOCK_ARGS = (
     "Tensor packed, Tensor bias, int groups, int stride, Tensor tail, Tensor tail_bias, "
-    "{residual} residual, Tensor? pointwise=None, Tensor? pointwise_bias=None"
+    "{residual} residual, Tensor? pointwise=None, Tensor? pointwise_bias=None, bool quads=False"
 )
 operators.define(
     f"block_amx(Tensor x, {_BLOCK_ARGS.format(residual='Tensor')}) -> Tensor",
@@ -647,6 +695,7 @@ def _fake_shortcut_block(
     shortcut_input: torch.Tensor,
     pointwise: torch.Tensor | None = None,
     pointwise_bias: torch.Tensor | None = None,
+    quads: bool = False,
 ) -> torch.Tensor:
     return output_for(x, stride, tail.shape[0] * 16)
 
@@ -654,7 +703,7 @@ def _fake_shortcut_block(
 operators.define(
     "block_amx_shortcut(Tensor x, Tensor packed, Tensor bias, int groups, int stride, "
     "Tensor tail, Tensor tail_bias, Tensor shortcut, Tensor shortcut_input, "
-    "Tensor? pointwise=None, Tensor? pointwise_bias=None) -> Tensor",
+    "Tensor? pointwise=None, Tensor? pointwise_bias=None, bool quads=False) -> Tensor",
     run_shortcut_block_kernel,
     _fake_shortcut_block,
 )

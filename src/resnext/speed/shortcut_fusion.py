@@ -50,6 +50,7 @@ class ShortcutBlock(KernelModule):
         self.packed, self.bias = block.packed, block.bias
         self.groups, self.stride, self.channels = block.groups, block.stride, block.channels
         self.tail, self.out_channels = block.tail, block.out_channels
+        self.quads = block.quads
         self.shortcut = grouped_amx.pack_pointwise(shortcut.weight)
         # one bias for the two 1×1s, both summed into the same output
         self.tail_bias = (block.tail_bias + shortcut.bias.detach().float()).contiguous()
@@ -68,6 +69,7 @@ class ShortcutBlock(KernelModule):
             shortcut_input,
             self.pointwise,
             self.pointwise_bias,
+            self.quads,
         )
 
     def extra_repr(self) -> str:
@@ -76,6 +78,7 @@ class ShortcutBlock(KernelModule):
             f"{head}grouped 3×3 ({self.channels}, groups={self.groups}, "
             f"stride={self.stride}) → relu → 1×1 → {self.out_channels} → + 1×1 shortcut of the "
             f"input ({self.in_channels} → {self.out_channels}) → relu"
+            + (", quads" if self.quads else "")
         )
 
 

@@ -24,12 +24,17 @@
  * Layout: x[N][H][W][C], y[N][Ho][Wo][C] bf16 (uint16); weights packed by
  * grouped_amx.pack_weights as bf16 [C/kc][kc/16][steps][16][16][2] (block, 16-output tile,
  * 32-deep K step, K pair, output, pair member: AMX's VNNI layout); bias[C] float32 or NULL.
+ *
+ * The block kernels below (a bottleneck from its grouped convolution or its first 1x1 on) also
+ * run the grouped convolution in the quads form of quads_planes.h (block_quads_amx*: 4 or 8
+ * channels per group at stride 1, half the tile products of the block-diagonal form).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "amx_tiles.h"
+#include "quads_planes.h"
 
 #define MT 4 /* 16-pixel tiles per pass over the weights: accumulators 0-3 */
 
@@ -269,22 +274,25 @@ static void store_pointwise(int m, float *acc, const float *bias, uint16_t *p, c
   }
 }
 
-/* The grids of blocks b0 .. b0 + chunk - 1 of one image (its rows the grid holds) from the 1x1
- * convolution of its pixels, in 32-pixel by 32-output blocks. A last 16-pixel tile running past
- * the image is read from `rest` (a zero-padded copy made once) so that no tile load leaves x.
- * The loop order keeps the smaller operand in cache while the other streams: pixels outer when
- * the chunk's 1x1 weight is smaller than the pixels, outputs outer otherwise. */
-static void fill_grids_pointwise(uint16_t *const *p, int chunk, const uint16_t *xn, const Grid *g,
-                                 int b0, const Source *src, uint16_t *rest, float *acc) {
-  const int kc = g->kc, cin = src->cin, tiles = chunk * kc / 16;
-  const long hw = (long)g->H * g->W, per_tile = (long)(cin / 32) * 512;
-  const uint16_t *w0 = src->w1 + (long)b0 * (kc / 16) * per_tile;
-  const float *bias0 = src->b1 + (long)b0 * kc;
-  zero_padding(p, chunk, g);
-  const int first = g->row0 < 0 ? 0 : g->row0;
-  const int end = g->row0 + g->grid_rows < g->H ? g->row0 + g->grid_rows : g->H;
-  const long qa = (long)first * g->W, qe = (long)end * g->W; /* the pixels the grid holds */
-  const long ql = qa + (qe - qa - 1) / 16 * 16;                /* the last tile's first pixel */
+/* Where a 1x1's output tiles go: accumulator m holds 16 pixels from q of the image by 16 outputs
+ * from channel ch (of those the call computes), bias the outputs' own; pixels from qend on are
+ * dropped. */
+typedef struct {
+  void (*store)(const void *to, int m, float *acc, const float *bias, long q, long qend, int ch);
+  const void *to;
+} TileSink;
+
+/* ReLU(conv1x1 + bias) of image xn's pixels qa .. qe - 1 (cin channels each; hw in the image) for
+ * `tiles` 16-output tiles of the packed weight w ([tiles][cin/32][16][16][2]), in 32-pixel by
+ * 32-output blocks, each tile handed to the sink. A last 16-pixel tile running past the image is
+ * read from `rest` (a zero-padded copy made once) so that no tile load leaves x. The loop order
+ * keeps the smaller operand in cache while the other streams: pixels outer when the weight is
+ * smaller than the pixels, outputs outer otherwise. */
+static void pointwise_pixels(const uint16_t *xn, long hw, long qa, long qe, const uint16_t *w,
+                             const float *bias, int cin, int tiles, uint16_t *rest, float *acc,
+                             const TileSink *sink) {
+  const long per_tile = (long)(cin / 32) * 512;
+  const long ql = qa + (qe - qa - 1) / 16 * 16; /* the last tile's first pixel */
   if (ql + 16 > hw) {
     memcpy(rest, xn + ql * cin, (size_t)(hw - ql) * cin * 2);
     memset(rest + (hw - ql) * cin, 0, (size_t)(16 - (hw - ql)) * cin * 2);
@@ -301,15 +309,42 @@ static void fill_grids_pointwise(uint16_t *const *p, int chunk, const uint16_t *
         const long q = q0 + 16 * m;
         a[m] = q + 16 <= hw ? xn + q * cin : rest;
       }
-      b[0] = w0 + t0 * per_tile;
+      b[0] = w + t0 * per_tile;
       b[1] = nt > 1 ? b[0] + per_tile : NULL;
       pointwise_products(a, cin, mt, b, 1);
       for (int m = 0; m < mt; ++m)
         for (int n = 0; n < nt; ++n) {
-          const int ch = (int)(t0 + n) * 16; /* within the chunk */
-          store_pointwise(2 * m + n, acc, bias0 + ch, p[ch / kc], g, q0 + 16 * m, qe, ch % kc);
+          const int ch = (int)(t0 + n) * 16;
+          sink->store(sink->to, 2 * m + n, acc, bias + ch, q0 + 16 * m, qe, ch);
         }
     }
+}
+
+/* The grids a 1x1 fills: `chunk` blocks' grids of geometry g. */
+typedef struct {
+  uint16_t *const *p;
+  const Grid *g;
+} GridSink;
+
+static void store_grids(const void *to, int m, float *acc, const float *bias, long q, long qend,
+                        int ch) {
+  const GridSink *s = to;
+  store_pointwise(m, acc, bias, s->p[ch / s->g->kc], s->g, q, qend, ch % s->g->kc);
+}
+
+/* The grids of blocks b0 .. b0 + chunk - 1 of one image (its rows the grid holds) from the 1x1
+ * convolution of its pixels (see pointwise_pixels). */
+static void fill_grids_pointwise(uint16_t *const *p, int chunk, const uint16_t *xn, const Grid *g,
+                                 int b0, const Source *src, uint16_t *rest, float *acc) {
+  const int kc = g->kc;
+  zero_padding(p, chunk, g);
+  const int first = g->row0 < 0 ? 0 : g->row0;
+  const int end = g->row0 + g->grid_rows < g->H ? g->row0 + g->grid_rows : g->H;
+  const GridSink grids = {p, g};
+  const TileSink sink = {store_grids, &grids};
+  pointwise_pixels(xn, (long)g->H * g->W, (long)first * g->W, (long)end * g->W,
+                   src->w1 + (long)b0 * (kc / 16) * (src->cin / 32) * 512, src->b1 + (long)b0 * kc,
+                   src->cin, chunk * kc / 16, rest, acc, &sink);
 }
 
 #define MAX_CHUNK 128
@@ -720,6 +755,111 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
   return failed ? -3 : 0;
 }
 
+/* The planes a 1x1 fills in the quads form: every group's plane of one image. */
+typedef struct {
+  uint16_t *planes;
+  const Planes *p;
+} PlaneSink;
+
+/* Accumulator m (16 pixels from q, 16 outputs from channel ch: 4 groups of 4 or 2 of 8) + bias,
+ * ReLU, rounded to bf16 into the groups' planes (pixels from qend on are dropped). */
+static void store_planes(const void *to, int m, float *acc, const float *bias, long q, long qend,
+                         int ch) {
+  const PlaneSink *s = to;
+  const Planes *p = s->p;
+  tile_to(m, acc);
+  const __m512 b = _mm512_loadu_ps(bias);
+  uint16_t *first = s->planes + (long)(ch / p->cpg) * p->plane;
+  int ih = (int)(q / p->W), iw = (int)(q % p->W);
+  for (int r = 0; r < 16 && q + r < qend; ++r) {
+    const __m512 val = _mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(acc + r * 16), b),
+                                     _mm512_setzero_ps());
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(val);
+    uint16_t *dst = first + ((long)(ih + 1) * p->Wq + iw + 1) * p->cpg;
+    if (p->cpg == 4) {
+      _mm_storel_epi64((__m128i *)dst, _mm256_castsi256_si128(h));
+      _mm_storeh_pd((double *)(dst + p->plane), _mm_castsi128_pd(_mm256_castsi256_si128(h)));
+      _mm_storel_epi64((__m128i *)(dst + 2 * p->plane), _mm256_extracti128_si256(h, 1));
+      _mm_storeh_pd((double *)(dst + 3 * p->plane),
+                    _mm_castsi128_pd(_mm256_extracti128_si256(h, 1)));
+    } else {
+      _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(h));
+      _mm_storeu_si128((__m128i *)(dst + p->plane), _mm256_extracti128_si256(h, 1));
+    }
+    if (++iw == p->W) iw = 0, ++ih;
+  }
+}
+
+/* run_block with the grouped convolution in the quads form (grouped3x3_quads_amx.c; stride 1,
+ * 4 or 8 channels per group; wq packed by grouped_quads.pack_weights): half the block-diagonal
+ * form's tile products. An item is one image, whose groups' planes (~0.9 MB at ResNeXt-50's stage
+ * 1) are filled from x or from the first 1x1 before its strips of output rows go through the
+ * grouped products into z and z through the last 1x1 (as run_block's). The whole image is read
+ * before any of its output is written, so y may be x. */
+static int run_block_quads(const uint16_t *x, const Source *src, const uint16_t *wq,
+                           const float *b2, const uint16_t *w3, const float *b3,
+                           const uint16_t *res, uint16_t *y, int N, int H, int W, int C, int cout,
+                           int cpg, int threads, const Shortcut *sc) {
+  if (N < 0 || H < 1 || W < 1 || threads < 1 || !quads_supported(C, cpg)) return -1;
+  if (C % 32 || cout < 16 || cout % 16 || !w3 || !b3 || !(sc ? sc->w != NULL : res != NULL))
+    return -1;
+  if (sc && (!sc->x || sc->cin < 32 || sc->cin % 32 || (const uint16_t *)y == x ||
+             y == sc->x))
+    return -1;
+  if (src->w1 ? src->cin < 32 || src->cin % 32 : src->cin != C) return -1;
+  if (!grouped3x3_amx_allowed()) return -2;
+  if (N == 0) return 0;
+  const Planes p = make_planes(H, W, C, cpg);
+  const int groups = C / cpg, set_channels = 4 * cpg, sets = C / set_channels;
+  /* z's bytes: half the 1x1 weight's, at least 128 KB (as run_block) */
+  const long z_target = (long)C * cout > (1L << 17) ? (long)C * cout : (1L << 17);
+  int strip_rows = (int)(z_target / ((long)W * C * 2));
+  if (strip_rows < 1) strip_rows = 1;
+  if (strip_rows > H) strip_rows = H;
+  const long strip_pixels = ((long)strip_rows * W + 31) / 32 * 32;
+  const size_t z_bytes = (size_t)strip_pixels * C * 2;
+  const size_t xs_bytes = sc ? (size_t)strip_pixels * sc->cin * 2 : 64;
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    uint16_t *planes = scratch(0, (size_t)p.plane * groups * 2);
+    uint16_t *rest = scratch(1, src->w1 ? (size_t)16 * src->cin * 2 : 64);
+    float *acc = scratch(2, 4 * 256 * sizeof(float));
+    /* rows past a strip's pixels are read too: whatever they hold, their results are dropped */
+    uint16_t *z = scratch(3, z_bytes), *xs = scratch(4, xs_bytes);
+    const int ok = planes && rest && acc && z && xs;
+    failed = !ok;
+    if (ok) {
+      quads_zero_borders(planes, &p, groups);
+      configure();
+    }
+    const PlaneSink into = {planes, &p};
+    const TileSink sink = {store_planes, &into};
+#pragma omp for schedule(static)
+    for (long n = 0; n < N; ++n) {
+      if (!ok) continue;
+      const uint16_t *xn = x + n * (long)H * W * src->cin;
+      if (src->w1)
+        pointwise_pixels(xn, (long)H * W, 0, (long)H * W, src->w1, src->b1, src->cin, C / 16,
+                         rest, acc, &sink);
+      else
+        quads_fill(planes, &p, xn, 0, C);
+      for (int sa = 0; sa < H; sa += strip_rows) {
+        const int sb = H - sa < strip_rows ? H : sa + strip_rows;
+        for (int k = 0; k < sets; ++k)
+          quads_rows(planes + (long)k * 4 * p.plane, &p, wq + (long)k * 4 * 3 * 512, b2, 1, z,
+                     k * set_channels, acc, sa, sb);
+        const long at = (n * H + sa) * (long)W * cout, pixels = (long)(sb - sa) * W;
+        if (sc) gather_shortcut(n, H, W, 1, W, sa, pixels, sc, xs);
+        block_tail(z, pixels, C, w3, b3, sc ? NULL : res + at, y + at, cout, cout, acc, xs, sc,
+                   sc ? sc->w : NULL);
+      }
+    }
+    if (ok) release();
+  }
+  return failed ? -3 : 0;
+}
+
 /* y = ReLU(conv1x1(ReLU(conv3x3(s) + b2), w3) + b3 + residual), the rest of a bottleneck after
  * its first 1x1, with s = x (w1 NULL; Cin = C) or s = ReLU(conv1x1(x, w1) + b1) (the whole
  * bottleneck; Cin a multiple of 32). w1 and w3 are packed by grouped_amx.pack_pointwise, wp by
@@ -749,6 +889,31 @@ int block_amx_shortcut(const uint16_t *x, const uint16_t *w1, const float *b1, c
   const Source src = {w1, b1, Cin};
   const Shortcut sc = {wsc, xsc, Csc};
   return run_block(x, &src, wp, b2, w3, b3, NULL, y, N, H, W, C, Cout, cpg, s, threads, &sc);
+}
+
+/* block_amx with the grouped convolution in the quads form: wq packed by
+ * grouped_quads.pack_weights, stride 1, 4 or 8 channels per group; otherwise the same arguments,
+ * function and in-place rules. Returns as grouped3x3_amx. */
+int block_quads_amx(const uint16_t *x, const uint16_t *w1, const float *b1, const uint16_t *wq,
+                    const float *b2, const uint16_t *w3, const float *b3, const uint16_t *residual,
+                    uint16_t *y, int N, int H, int W, int Cin, int C, int Cout, int cpg, int s,
+                    int threads) {
+  if ((w1 != NULL && b1 == NULL) || s != 1) return -1;
+  const Source src = {w1, b1, Cin};
+  return run_block_quads(x, &src, wq, b2, w3, b3, residual, y, N, H, W, C, Cout, cpg, threads,
+                         NULL);
+}
+
+/* block_amx_shortcut with the grouped convolution in the quads form (see block_quads_amx). */
+int block_quads_amx_shortcut(const uint16_t *x, const uint16_t *w1, const float *b1,
+                             const uint16_t *wq, const float *b2, const uint16_t *w3,
+                             const float *b3, const uint16_t *wsc, const uint16_t *xsc,
+                             uint16_t *y, int N, int H, int W, int Cin, int C, int Cout, int Csc,
+                             int cpg, int s, int threads) {
+  if ((w1 != NULL && b1 == NULL) || wsc == NULL || xsc == NULL || s != 1) return -1;
+  const Source src = {w1, b1, Cin};
+  const Shortcut sc = {wsc, xsc, Csc};
+  return run_block_quads(x, &src, wq, b2, w3, b3, NULL, y, N, H, W, C, Cout, cpg, threads, &sc);
 }
 
 /* The weight w[C][cpg][9] (bf16) in the kernel's packing (see grouped_amx.pack_weights, whose
