@@ -262,6 +262,28 @@ def test_the_pass_times_the_quads_form_and_keeps_it_where_fastest(
         assert rel_err(model(x), want.float()) < 2**-7
 
 
+@needs_quads
+def test_the_quads_form_never_decides_whether_a_block_is_fused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Separate faster than the block-diagonal form but slower than the quads form: the block is
+    left separate, and its choice reports the block-diagonal time that decided."""
+
+    def quads_fastest(runs: list[Callable[[torch.Tensor], object]], x: torch.Tensor, repeats: int):
+        # unfused 2 ms; block-diagonal (new output, in place) 3 ms; quads 1 ms
+        return [2.0, 3.0, 3.0, 1.0, 1.0][: len(runs)]
+
+    monkeypatch.setattr(block_fusion, "time_each_ms", quads_fastest)
+    model = nn.Sequential(*(_Residual(_amx(64, 16)) for _ in range(2))).bfloat16()
+    x = _bf16_nhwc(torch.randn(1, 64, 6, 6))
+    choices = fuse_blocks(model, x)
+    assert [(c.chosen, c.variant, c.kernel_ms) for c in choices] == [
+        ("separate", "block", 3.0),
+        ("separate", "block", 3.0),
+    ]
+    assert all(isinstance(block.head, FastGroupedConv3x3) for block in model)
+
+
 @needs_amx
 @pytest.mark.parametrize("threads", [3, 5])
 @pytest.mark.parametrize("stride", [1, 2])

@@ -306,8 +306,11 @@ def fuse_blocks(
     the grouped convolution in the quads form where that runs here (4 or 8 channels per group,
     stride 1), and keeps the fastest; 'on' fuses every chain (in place where allowed, the
     block-diagonal form); 'off' changes nothing. Each choice is returned as a `LayerChoice` named
-    after the head (native_ms: unfused, kernel_ms: the fastest fused way, chosen 'fused' or
+    after the head (native_ms: unfused, kernel_ms: the fused way kept, chosen 'fused' or
     'separate', variant 'block' or 'block-in-place', with '-quads' for the quads form).
+    Whether to fuse is decided on the block-diagonal form's times; the quads form only runs a
+    block that is fused anyway, where it is faster (alone, fused stage-1 blocks look faster than
+    they are in the network, and the quads form's gain would tip them).
 
     `in_place` False never writes over the residual: for graphs that a later pass may rewrite
     without honouring the mutation (torch.jit.optimize_for_inference computes wrong results).
@@ -382,11 +385,18 @@ def _choose(
     key = layer_key("block", shape, torch.bfloat16, head, tail, site.residual_is_input, ways)
     separate_ms, *times = cached(timings, key, 1 + len(ways), measure)
     timed = dict(zip(ways, times, strict=True))
+    # Whether to fuse is decided on the block-diagonal form's times alone, as before the quads
+    # form: its faster layer times would tip more blocks to fusion, and alone the fused stage-1
+    # blocks look faster than they are in the network (there, fusing them made the batch 1.04×
+    # slower). Where a block is fused, the faster form runs it.
+    plain = min((w for w in ways if not w[1]), key=timed.__getitem__)
+    chosen = "fused" if mode == "on" or timed[plain] < separate_ms else "separate"
     # 'on': in place where allowed, in the block-diagonal form (the quads form only where faster)
     way = min(timed, key=timed.__getitem__) if mode == "auto" else (max(places), False)
+    if chosen == "separate":
+        way = plain  # reported: the times that decided
     (in_place, quads), fused_ms = way, timed[way]
     fused = forms[quads]
     fused.in_place = in_place
-    chosen = "fused" if mode == "on" or fused_ms < separate_ms else "separate"
     variant = ("block-in-place" if in_place else "block") + ("-quads" if quads else "")
     return LayerChoice(name, shape, separate_ms, fused_ms, chosen, variant), fused
