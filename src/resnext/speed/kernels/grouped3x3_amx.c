@@ -621,6 +621,28 @@ static void gather_shortcut(long n, int H, int W, int s, int Wo, int oh0, long p
   memset(xs + pixels * cin, 0, (size_t)(rounded - pixels) * cin * 2);
 }
 
+/* Whether a block kernel's arguments past the grouped convolution's shape fit: C (the grouped
+ * channels) and cout whole K steps and tiles of the last 1x1, its weight and bias, a residual or
+ * a shortcut (whose input y may not be, nor x), and a first 1x1's input channels or x's own. */
+static int block_args_ok(const uint16_t *x, const Source *src, const uint16_t *w3, const float *b3,
+                         const uint16_t *res, const uint16_t *y, int C, int cout,
+                         const Shortcut *sc) {
+  if (C % 32 || cout < 16 || cout % 16 || !w3 || !b3 || !(sc ? sc->w != NULL : res != NULL))
+    return 0;
+  if (sc && (!sc->x || sc->cin < 32 || sc->cin % 32 || y == x || y == sc->x)) return 0;
+  return src->w1 ? src->cin >= 32 && src->cin % 32 == 0 : src->cin == C;
+}
+
+/* Output rows per strip of z (rows of wo pixels, C channels), at most max_rows: z's bytes half
+ * the last 1x1 weight's, at least 128 KB, so that re-reading the weight per strip costs no more
+ * than re-reading z per 32 outputs. */
+static int block_strip_rows(int C, int cout, int wo, int max_rows) {
+  const long z_target = (long)C * cout > (1L << 17) ? (long)C * cout : (1L << 17);
+  int rows = (int)(z_target / ((long)wo * C * 2));
+  if (rows < 1) rows = 1;
+  return rows > max_rows ? max_rows : rows;
+}
+
 /* run_block for few images and large weights (batch 1 at stages 3-4): bands would each read
  * every weight, so the threads split the channels instead, one image at a time. First each takes
  * units of 32 channels (the first 1x1 and the grouped convolution are block-local) into z, the
@@ -689,12 +711,7 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
                      int H, int W, int C, int cout, int cpg, int s, int threads,
                      const Shortcut *sc) {
   if (N < 0 || H < 1 || W < 1 || threads < 1 || !grouped3x3_amx_supported(C, cpg, s)) return -1;
-  if (C % 32 || cout < 16 || cout % 16 || !w3 || !b3 || !(sc ? sc->w != NULL : res != NULL))
-    return -1;
-  if (sc && (!sc->x || sc->cin < 32 || sc->cin % 32 || (const uint16_t *)y == x ||
-             y == sc->x))
-    return -1;
-  if (src->w1 ? src->cin < 32 || src->cin % 32 : src->cin != C) return -1;
+  if (!block_args_ok(x, src, w3, b3, res, y, C, cout, sc)) return -1;
   const int kc = block_channels(cpg), blocks = C / kc;
   if (blocks > MAX_CHUNK) return -1;
   if (!grouped3x3_amx_allowed()) return -2;
@@ -716,11 +733,7 @@ static int run_block(const uint16_t *x, const Source *src, const uint16_t *wp, c
   bands = (Ho + band_rows - 1) / band_rows;
   const Grid tallest = make_grid(H, W, C, kc, s, 0, band_rows);
   const size_t grid_bytes = ((size_t)tallest.pixels * kc * 2 + 63) / 64 * 64;
-  /* z's bytes: half the 1x1 weight's, at least 128 KB */
-  const long z_target = (long)C * cout > (1L << 17) ? (long)C * cout : (1L << 17);
-  int strip_rows = (int)(z_target / ((long)Wo * C * 2));
-  if (strip_rows < 1) strip_rows = 1;
-  if (strip_rows > band_rows) strip_rows = band_rows;
+  const int strip_rows = block_strip_rows(C, cout, Wo, band_rows);
   const size_t z_bytes = (size_t)(((long)strip_rows * Wo + 31) / 32 * 32) * C * 2;
   const size_t xs_bytes = sc ? (size_t)(((long)strip_rows * Wo + 31) / 32 * 32) * sc->cin * 2 : 64;
   const long items = (long)N * bands;
@@ -801,21 +814,12 @@ static int run_block_quads(const uint16_t *x, const Source *src, const uint16_t 
                            const uint16_t *res, uint16_t *y, int N, int H, int W, int C, int cout,
                            int cpg, int threads, const Shortcut *sc) {
   if (N < 0 || H < 1 || W < 1 || threads < 1 || !quads_supported(C, cpg)) return -1;
-  if (C % 32 || cout < 16 || cout % 16 || !w3 || !b3 || !(sc ? sc->w != NULL : res != NULL))
-    return -1;
-  if (sc && (!sc->x || sc->cin < 32 || sc->cin % 32 || (const uint16_t *)y == x ||
-             y == sc->x))
-    return -1;
-  if (src->w1 ? src->cin < 32 || src->cin % 32 : src->cin != C) return -1;
+  if (!block_args_ok(x, src, w3, b3, res, y, C, cout, sc)) return -1;
   if (!grouped3x3_amx_allowed()) return -2;
   if (N == 0) return 0;
   const Planes p = make_planes(H, W, C, cpg);
   const int groups = C / cpg, set_channels = 4 * cpg, sets = C / set_channels;
-  /* z's bytes: half the 1x1 weight's, at least 128 KB (as run_block) */
-  const long z_target = (long)C * cout > (1L << 17) ? (long)C * cout : (1L << 17);
-  int strip_rows = (int)(z_target / ((long)W * C * 2));
-  if (strip_rows < 1) strip_rows = 1;
-  if (strip_rows > H) strip_rows = H;
+  const int strip_rows = block_strip_rows(C, cout, W, H);
   const long strip_pixels = ((long)strip_rows * W + 31) / 32 * 32;
   const size_t z_bytes = (size_t)strip_pixels * C * 2;
   const size_t xs_bytes = sc ? (size_t)strip_pixels * sc->cin * 2 : 64;
