@@ -4,7 +4,8 @@ Usage: .venv/bin/python benchmarks/bench_block.py [--batch 16] [--rounds 9]
 Per stage (an identity block, and the stride-2 first block of stages 2-4), interleaved: the
 fused first 1×1 + grouped kernel followed by oneDNN's 1×1 with the add and ReLU writing a new
 output or over the residual (as the compiled graph runs it), and the block kernel writing a new
-output or over the residual. Then, on a 1×64×4² block, the time of one call: the C function
+output or over the residual, in the block-diagonal form and (4 or 8 channels per group at
+stride 1: stages 1-2) in the quads form. Then, on a 1×64×4² block, the time of one call: the C function
 alone, through `run_block_kernel`'s checks, and through each operator. Needs a CPU with AMX.
 """
 
@@ -15,7 +16,7 @@ import time
 import torch
 
 import bench_args
-from resnext.speed import grouped_amx
+from resnext.speed import grouped_amx, grouped_quads
 from resnext.speed.measure import interleaved
 from resnext.speed.pointwise_fusion import onednn_weights
 from resnext.speed.provenance import write_results
@@ -44,7 +45,8 @@ def block_variants(cin: int, c: int, cout: int, size: int, stride: int, batch: i
     identity = cin == cout and stride == 1
     w1 = grouped_amx.pack_pointwise(torch.randn(c, cin, 1, 1) * 0.01)
     b1 = torch.randn(c) * 0.1
-    packed = grouped_amx.pack_weights(torch.randn(c, c // GROUPS, 3, 3) * 0.01, GROUPS)
+    w2 = torch.randn(c, c // GROUPS, 3, 3) * 0.01
+    packed = grouped_amx.pack_weights(w2, GROUPS)
     b2 = torch.randn(c) * 0.1
     w3 = torch.randn(cout, c, 1, 1) * 0.01
     tail, b3 = grouped_amx.pack_pointwise(w3), torch.randn(cout) * 0.1
@@ -69,17 +71,22 @@ def block_variants(cin: int, c: int, cout: int, size: int, stride: int, batch: i
             residual, head(), onednn, b3_bf16, *geometry, "add", 1.0, "relu", [None], ""
         )
 
-    def fused(in_place: bool):
+    def fused(in_place: bool, quads: bool = False):
+        weight = grouped_quads.pack_weights(w2, GROUPS) if quads else packed
         return lambda: grouped_amx.run_block_kernel(
-            x, packed, b2, GROUPS, stride, tail, b3, residual, w1, b1, in_place=in_place
+            x, weight, b2, GROUPS, stride, tail, b3, residual, w1, b1, quads, in_place
         )
 
-    return {
+    ways = {
         "onednn 1x1, new output": (onednn_new, batch),
         "onednn 1x1, in place": (onednn_in_place, batch),
         "block kernel, new output": (fused(False), batch),
         "block kernel, in place": (fused(True), batch),
     }
+    if grouped_quads.unavailable_reason() is None and grouped_quads.supports(c, GROUPS, stride):
+        ways["block kernel quads, new output"] = (fused(False, True), batch)
+        ways["block kernel quads, in place"] = (fused(True, True), batch)
+    return ways
 
 
 def call_overhead(calls: int) -> dict[str, float]:
