@@ -391,7 +391,7 @@ def _choose(
     # slower). Where a block is fused, the faster form runs it.
     plain = min((w for w in ways if not w[1]), key=timed.__getitem__)
     chosen = "fused" if mode == "on" or timed[plain] < separate_ms else "separate"
-    # 'on': in place where allowed, in the block-diagonal form (the quads form only where faster)
+    # 'on': in place where allowed, in the block-diagonal form
     way = min(timed, key=timed.__getitem__) if mode == "auto" else (max(places), False)
     if chosen == "separate":
         way = plain  # reported: the times that decided
