@@ -216,18 +216,6 @@ def _check_grouped(name: str, c: int, groups: int, stride: int, packed: torch.Te
     check_packed(packed, packed_numel(c, groups))
 
 
-def _check_quads(name: str, c: int, groups: int, stride: int, packed: torch.Tensor) -> None:
-    """`_check_grouped` for the quads form (`grouped_quads`) of the grouped convolution."""
-    from resnext.speed import grouped_quads  # it imports this module
-
-    if not grouped_quads.supports(c, groups, stride):
-        raise ValueError(
-            f"{name}: {c} channels in {groups} groups with stride {stride} is not a shape the "
-            f"quads form takes (4 or 8 channels per group, whole sets of 4 groups, stride 1)"
-        )
-    check_packed(packed, grouped_quads.packed_numel(c, c // groups))
-
-
 def check_packed(packed: torch.Tensor, want: int) -> None:
     """A ValueError naming `packed` unless it is a contiguous bf16 tensor of `want` values, as
     the AMX kernels' pack_weights make them."""
@@ -409,7 +397,9 @@ def _check_block(
         _check_floats("pointwise_bias", pointwise_bias, c)
     source = "pointwise" if pointwise is not None else "x"
     if quads:
-        _check_quads(source, c, groups, stride, packed)
+        from resnext.speed import grouped_quads  # it imports this module
+
+        grouped_quads.check_grouped(source, c, groups, stride, packed)
     else:
         _check_grouped(source, c, groups, stride, packed)
     _check_floats("bias", bias, c)

@@ -81,6 +81,17 @@ def packed_numel(channels: int, cpg: int) -> int:
     return channels // (4 * cpg) * 4 * 3 * 512
 
 
+def check_grouped(name: str, c: int, groups: int, stride: int, packed: torch.Tensor) -> None:
+    """ValueErrors unless the quads form takes `c` channels in `groups` at `stride` (blamed on the
+    argument `name` that gave c) and `packed` is pack_weights' output for them."""
+    if not supports(c, groups, stride):
+        raise ValueError(
+            f"{name}: {c} channels in {groups} groups with stride {stride} is not a shape the "
+            f"quads form takes (4 or 8 channels per group, whole sets of 4 groups, stride 1)"
+        )
+    check_packed(packed, packed_numel(c, c // groups))
+
+
 def run_kernel(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -93,12 +104,7 @@ def run_kernel(
     `packed` = pack_weights(w); float32 accumulation, one rounding to bf16."""
     operators.check_bf16_input("the quads kernel", x)
     c = x.shape[1]
-    if not supports(c, groups, stride):
-        raise ValueError(
-            f"x: {c} channels in {groups} groups with stride {stride} is not a shape the quads "
-            f"kernel takes (4 or 8 channels per group, whole sets of 4 groups, stride 1)"
-        )
-    check_packed(packed, packed_numel(c, c // groups))
+    check_grouped("x", c, groups, stride, packed)
     check_bias(bias, c)
     return call_grouped(_library().grouped3x3_quads_amx, x, packed, bias, groups, stride, relu)
 
