@@ -284,6 +284,35 @@ def test_the_quads_form_never_decides_whether_a_block_is_fused(
     assert all(isinstance(block.head, FastGroupedConv3x3) for block in model)
 
 
+@needs_quads
+def test_on_builds_and_times_only_the_block_diagonal_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'on' runs every block in the block-diagonal form, so it neither repacks a block's weight
+    for the quads form nor times that form, even where it would be the fastest."""
+    timed: list[int] = []
+    built: list[bool] = []
+    real_init = FusedBlock.__init__
+
+    def quads_fastest(runs: list[Callable[[torch.Tensor], object]], x: torch.Tensor, repeats: int):
+        timed.append(len(runs))
+        return [2.0, 3.0, 3.0, 1.0, 1.0][: len(runs)]
+
+    def recording_init(self: FusedBlock, head: nn.Module, tail: nn.Conv2d, *args, **kw) -> None:
+        real_init(self, head, tail, *args, **kw)
+        built.append(self.quads)
+
+    monkeypatch.setattr(block_fusion, "time_each_ms", quads_fastest)
+    monkeypatch.setattr(FusedBlock, "__init__", recording_init)
+    model = nn.Sequential(*(_Residual(_amx(64, 16)) for _ in range(2))).bfloat16()
+    x = _bf16_nhwc(torch.randn(1, 64, 6, 6))
+    choices = fuse_blocks(model, x, mode="on")
+    # unfused and the block-diagonal ways only: a new output, then also in place
+    assert timed == [2, 3] and built == [False, False]
+    assert [(c.chosen, c.variant) for c in choices] == [
+        ("fused", "block"),
+        ("fused", "block-in-place"),
+    ]
+
+
 @needs_amx
 @pytest.mark.parametrize("threads", [3, 5])
 @pytest.mark.parametrize("stride", [1, 2])

@@ -357,8 +357,11 @@ def _choose(
     amx = _amx_head(head)
     assert amx is not None  # _sites checked it
     forms = {False: FusedBlock(amx, tail)}
-    if grouped_quads.unavailable_reason() is None and grouped_quads.supports(
-        amx.channels, amx.groups, amx.stride
+    # 'on' runs the block-diagonal form untimed: no quads repack for it
+    if (
+        mode == "auto"
+        and grouped_quads.unavailable_reason() is None
+        and grouped_quads.supports(amx.channels, amx.groups, amx.stride)
     ):
         forms[True] = FusedBlock(amx, tail, quads=True)
     places = (False, True) if site.overwritable else (False,)
