@@ -12,7 +12,15 @@ import pytest
 from resnext.commands import bench_cmd
 from resnext.errors import ConfigError, DataError
 from resnext.speed import infer_bench, peers, train_bench
-from resnext.speed.measure import Timing, interleaved, median_ratio, ratios
+from resnext.speed.measure import (
+    Timing,
+    interleaved,
+    matmul_probe,
+    median_ratio,
+    phase_lines,
+    ratios,
+    ratios_by_phase,
+)
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -38,6 +46,13 @@ def test_bench_infer_writes_results_with_provenance(tmp_path: Path) -> None:
     rows = record["results"]["throughput"]
     assert set(rows) == {"resnext_tiny/eager", "resnext_tiny/eager-fast-fp32"}
     assert rows["resnext_tiny/eager-fast-fp32"]["max_rel_err"] < 1e-4
+    # one probe rate per round, the same for every variant, and the per-round ratios by phase
+    rates = rows["resnext_tiny/eager"]["probe_gflops"]
+    assert len(rates) == 2 and all(g > 0 for g in rates)
+    assert rows["resnext_tiny/eager-fast-fp32"]["probe_gflops"] == rates
+    by_phase = record["results"]["by_phase"]
+    assert by_phase["reference"] == "resnext_tiny/eager"
+    assert by_phase["time_ratios"]["resnext_tiny/eager"]["all"] == 1.0
     assert record["config"]["batch"] == 2
     assert record["versions"]["torch"] and "git_commit" in record and "machine" in record
 
@@ -67,6 +82,8 @@ def test_bench_train_runs_a_real_step(tmp_path: Path) -> None:
     record = _record(tmp_path)
     rows = record["results"]["throughput"]
     assert len(rows) == 3 and all(row["throughput"] > 0 for row in rows.values())
+    assert all(len(row["probe_gflops"]) == 1 for row in rows.values())
+    assert set(record["results"]["by_phase"]["time_ratios"]) == set(rows)
     assert record["config"]["warmup_rounds"] == 1
 
 
@@ -139,6 +156,49 @@ def test_interleaved_runs_before_ahead_of_each_call_outside_its_time() -> None:
     # the warm-up call unprepared, then each timed call after its own `before`
     assert calls == ["a"] + ["evict", "a"] * 6
     assert all(s < 0.025 for s in timings["a"].seconds)  # the 50 ms sleeps are not counted
+
+
+def test_interleaved_probes_once_a_round_before_its_calls() -> None:
+    calls: list[str] = []
+    rates = iter([100.0, 300.0, 200.0])
+
+    def probe() -> float:
+        calls.append("probe")
+        return next(rates)
+
+    timings = interleaved(
+        {v: (lambda v=v: calls.append(v), 1) for v in "ab"},
+        rounds=3,
+        iters=1,
+        warmup=0,
+        probe=probe,
+    )
+    assert calls == ["probe", "a", "b", "probe", "b", "a", "probe", "b", "a"]
+    assert timings["a"].probe_gflops == timings["b"].probe_gflops == [100.0, 300.0, 200.0]
+    assert timings["a"].as_dict()["probe_gflops"] == [100.0, 300.0, 200.0]
+    assert "probe_gflops" not in Timing(1, [1.0]).as_dict()  # timed without a probe
+
+
+def test_ratios_by_phase_splits_the_rounds_at_the_probes_median() -> None:
+    # four rounds; the probe's median is 150: rounds 0 and 2 slower, 1 and 3 faster
+    ref = Timing(1, [1.0, 2.0, 1.0, 2.0], probe_gflops=[100.0, 200.0, 120.0, 180.0])
+    other = Timing(1, [1.2, 2.0, 1.4, 1.8], probe_gflops=ref.probe_gflops)
+    got = ratios_by_phase({"ref": ref, "other": other}, "ref")
+    assert got["cut_gflops"] == 150.0 and got["rounds"] == {"slower": 2, "faster": 2}
+    # per round 1.2, 1.0, 1.4, 0.9: slower rounds 1.2 and 1.4, faster 1.0 and 0.9
+    row = got["time_ratios"]["other"]
+    assert row["all"] == pytest.approx(1.1)
+    assert row["slower"] == pytest.approx(1.3) and row["faster"] == pytest.approx(0.95)
+    assert got["time_ratios"]["ref"] == {"all": 1.0, "slower": 1.0, "faster": 1.0}
+    lines = phase_lines(got)
+    assert "150 GFLOP/s" in lines[0] and "slower 1.300" in lines[2] and "faster 0.950" in lines[2]
+    with pytest.raises(ValueError, match="ref: no probe rates"):
+        ratios_by_phase({"ref": Timing(1, [1.0])}, "ref")
+
+
+def test_matmul_probe_reports_a_rate() -> None:
+    probe = matmul_probe(size=64)
+    assert all(probe() > 0 for _ in range(3))
 
 
 @pytest.mark.parametrize("bench", [infer_bench, train_bench])

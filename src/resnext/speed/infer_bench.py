@@ -13,8 +13,16 @@ import resnext
 from resnext.errors import ConfigError
 from resnext.speed import peers
 from resnext.speed.allocator import loaded_allocator
+from resnext.speed.capability import bf16_supported
 from resnext.speed.fastpath import optimize
-from resnext.speed.measure import interleaved, ratios, validate_bench_config
+from resnext.speed.measure import (
+    interleaved,
+    matmul_probe,
+    phase_lines,
+    ratios,
+    ratios_by_phase,
+    validate_bench_config,
+)
 
 VARIANTS = (
     "eager",
@@ -199,11 +207,14 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
                 # Compiled variants and peers specialise on shape: batch 1 gets its own build.
                 fn1 = fn if variant == "eager" else build_runner(variant, model, x1)[0]
                 latency[key] = (_torch_runner(fn1, x1), 1)
-    timings = interleaved(runners, rounds=config.rounds, iters=config.iters)
+    probe = matmul_probe(torch.bfloat16 if bf16_supported() else torch.float32)
+    timings = interleaved(runners, rounds=config.rounds, iters=config.iters, probe=probe)
     result: dict[str, object] = {
         "throughput": {k: {**t.as_dict(), **info[k]} for k, t in timings.items()},
         "ratio_to_first": ratios(timings, next(iter(timings))) if timings else {},
     }
+    if timings:  # the per-round time ratios, in the machine's slower and faster rounds apart
+        result["by_phase"] = ratios_by_phase(timings, next(iter(timings)))
     if latency:
         lat = interleaved(latency, rounds=config.latency_rounds, iters=5)
         result["latency_batch1"] = {k: t.as_dict() for k, t in lat.items()}
@@ -221,6 +232,8 @@ def summary_lines(result: dict[str, object]) -> list[str]:
         )
     for key, row in result.get("latency_batch1", {}).items():
         lines.append(f"{key:42s} batch-1 latency {row['median_ms']:.1f} ms")
+    if "by_phase" in result:
+        lines += phase_lines(result["by_phase"])
     return lines
 
 

@@ -19,6 +19,10 @@ class Timing:
 
     batch: int
     seconds: list[float] = field(default_factory=list)
+    # the machine's rate (GFLOP/s) measured at the start of each round, where `interleaved` had a
+    # probe: on a shared machine whose speed moves by 2× within minutes, it tells which rounds
+    # ran in a slow phase
+    probe_gflops: list[float] = field(default_factory=list)
 
     @property
     def median_s(self) -> float:
@@ -37,6 +41,7 @@ class Timing:
             "max_ms": 1e3 * max(self.seconds),
             "throughput": self.throughput,
             "rounds_ms": [1e3 * s for s in self.seconds],
+            **({"probe_gflops": list(self.probe_gflops)} if self.probe_gflops else {}),
         }
 
 
@@ -55,6 +60,7 @@ def interleaved(
     iters: int,
     warmup: int = 1,
     before: Callable[[], object] | None = None,
+    probe: Callable[[], float] | None = None,
 ) -> dict[str, Timing]:
     """Time each variant (a call and the batch it processes) in alternating rounds.
 
@@ -68,6 +74,8 @@ def interleaved(
     the third by 2–4 % in stop 41's batch-norm runs.
 
     `before` (e.g. a `cache_evictor`'s function) runs before each call, outside its time.
+    `probe` (e.g. `matmul_probe()`) runs untimed at the start of each round; what it returns is
+    kept in every variant's `probe_gflops`, one per round.
     """
     if rounds < 1 or iters < 1:
         raise ValueError(f"rounds and iters must be >= 1, got {rounds} and {iters}")
@@ -76,6 +84,10 @@ def interleaved(
             fn()
     timings = {name: Timing(batch) for name, (_, batch) in variants.items()}
     for r in range(rounds):
+        if probe is not None:
+            rate = probe()
+            for timing in timings.values():
+                timing.probe_gflops.append(rate)
         names = list(variants) if r // len(variants) % 2 == 0 else list(variants)[::-1]
         start = r % len(names)
         for name in names[start:] + names[:start]:
@@ -108,6 +120,67 @@ def median_ratio(top: Sequence[float], bottom: Sequence[float]) -> float:
             f"top, bottom: expected the same rounds, at least one, got {len(top)} and {len(bottom)}"
         )
     return statistics.median(t / b for t, b in zip(top, bottom, strict=True))
+
+
+def matmul_probe(dtype: torch.dtype = torch.float32, size: int = 1024) -> Callable[[], float]:
+    """A function that times two `size`² matrix products in `dtype` and returns GFLOP/s: a few
+    milliseconds that show how fast the machine runs at that moment."""
+    a = torch.randn(size, size).to(dtype)
+
+    def probe() -> float:
+        start = time.perf_counter()
+        torch.mm(a, a)
+        torch.mm(a, a)
+        return 4 * size**3 / (time.perf_counter() - start) / 1e9
+
+    probe()  # the first product allocates and may pick its kernel: not a rate
+    return probe
+
+
+def ratios_by_phase(timings: Mapping[str, Timing], reference: str) -> dict[str, object]:
+    """Each variant's time ÷ `reference`'s, the median over rounds: in all rounds, and apart in
+    the rounds whose probe rate was below the rounds' median ('slower') and at or above it
+    ('faster'). Where the halves differ, the machine's phase moved the comparison."""
+    rates = timings[reference].probe_gflops
+    if not rates:
+        raise ValueError(f"{reference}: no probe rates; time it with interleaved(probe=...)")
+    cut = statistics.median(rates)
+    halves = {
+        "slower": [i for i, g in enumerate(rates) if g < cut],
+        "faster": [i for i, g in enumerate(rates) if g >= cut],
+    }
+    base = timings[reference].seconds
+    table: dict[str, dict[str, float]] = {}
+    for name, timing in timings.items():
+        row = {"all": median_ratio(timing.seconds, base)}
+        for half, rounds in halves.items():
+            if rounds:
+                row[half] = median_ratio(
+                    [timing.seconds[i] for i in rounds], [base[i] for i in rounds]
+                )
+        table[name] = row
+    return {
+        "reference": reference,
+        "cut_gflops": cut,
+        "rounds": {half: len(rounds) for half, rounds in halves.items()},
+        "time_ratios": table,
+    }
+
+
+def phase_lines(by_phase: Mapping[str, object]) -> list[str]:
+    """Human-readable lines of `ratios_by_phase`: each variant's per-round time ratio."""
+    rounds = by_phase["rounds"]
+    lines = [
+        f"time ÷ {by_phase['reference']}, median per round: all, then the {rounds['slower']} "
+        f"rounds below and the {rounds['faster']} at or above the probe's median "
+        f"{by_phase['cut_gflops']:.0f} GFLOP/s"
+    ]
+    for name, row in by_phase["time_ratios"].items():
+        halves = "  ".join(
+            f"{half} {row[half]:.3f}" for half in ("slower", "faster") if half in row
+        )
+        lines.append(f"{name:42s} all {row['all']:.3f}  {halves}")
+    return lines
 
 
 def validate_bench_config(config: object, known_variants: tuple[str, ...]) -> None:

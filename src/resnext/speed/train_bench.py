@@ -13,7 +13,15 @@ import resnext
 from resnext.config import OptimConfig
 from resnext.errors import ConfigError
 from resnext.speed import autotune
-from resnext.speed.measure import interleaved, ratios, validate_bench_config
+from resnext.speed.capability import bf16_supported
+from resnext.speed.measure import (
+    interleaved,
+    matmul_probe,
+    phase_lines,
+    ratios,
+    ratios_by_phase,
+    validate_bench_config,
+)
 from resnext.speed.train_paths import use_training_fast_paths
 from resnext.train.optim import build_optimizer
 
@@ -119,12 +127,15 @@ def run_train_bench(config: TrainConfig, log: Callable[[str], None] = print) -> 
             steps[key] = (step, config.batch)
     if config.warmup_rounds:
         interleaved(steps, rounds=config.warmup_rounds, iters=config.iters, warmup=0)
-    timings = interleaved(steps, rounds=config.rounds, iters=config.iters, warmup=0)
+    probe = matmul_probe(torch.bfloat16 if bf16_supported() else torch.float32)
+    timings = interleaved(steps, rounds=config.rounds, iters=config.iters, warmup=0, probe=probe)
     return {
         "throughput": {
             k: {**t.as_dict(), "peak_rss_growth_mb": memory[k]} for k, t in timings.items()
         },
         "ratio_to_first": ratios(timings, next(iter(timings))),
+        # the per-round time ratios, in the machine's slower and faster rounds apart
+        "by_phase": ratios_by_phase(timings, next(iter(timings))),
         # What the fast paths' chooser picked for each op and shape, and the times behind it.
         "autotune": [d.as_dict() for d in autotune.decisions()],
         "note": "peak RSS growth is process-wide and monotone: it is exact for the first "
@@ -135,8 +146,11 @@ def run_train_bench(config: TrainConfig, log: Callable[[str], None] = print) -> 
 def summary_lines(result: dict[str, object]) -> list[str]:
     """Human-readable lines: img/s, median ms per step, ratio to the first variant."""
     ratio = result["ratio_to_first"]
-    return [
+    lines = [
         f"{key:42s} {row['throughput']:6.1f} img/s  {row['median_ms']:8.1f} ms/step  "
         f"×{ratio[key]:.2f}  peak RSS +{row['peak_rss_growth_mb']:.0f} MB"
         for key, row in result["throughput"].items()
     ]
+    if "by_phase" in result:
+        lines += phase_lines(result["by_phase"])
+    return lines
