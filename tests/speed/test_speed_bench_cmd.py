@@ -17,6 +17,7 @@ from resnext.speed.measure import (
     interleaved,
     matmul_probe,
     median_ratio,
+    model_pairs,
     phase_lines,
     ratios,
     ratios_by_phase,
@@ -192,8 +193,21 @@ def test_ratios_by_phase_splits_the_rounds_at_the_probes_median() -> None:
     assert got["time_ratios"]["ref"] == {"all": 1.0, "slower": 1.0, "faster": 1.0}
     lines = phase_lines(got)
     assert "150 GFLOP/s" in lines[0] and "slower 1.300" in lines[2] and "faster 0.950" in lines[2]
+    # a pair's row: other ÷ ref per round is 1.2, 1.0, 1.4, 0.9, so ref ÷ other is its inverse
+    paired = ratios_by_phase({"ref": ref, "other": other}, "ref", [("ref", "other")])
+    assert paired["time_ratios"]["ref ÷ other"]["slower"] == pytest.approx((1 / 1.2 + 1 / 1.4) / 2)
     with pytest.raises(ValueError, match="ref: no probe rates"):
         ratios_by_phase({"ref": Timing(1, [1.0])}, "ref")
+
+
+def test_model_pairs_pair_the_first_model_with_each_other_on_each_variant_timed() -> None:
+    timed = {"x/a", "x/b", "r/a", "s/a", "s/b"}  # r/b not timed (a peer missing, say)
+    assert model_pairs(["x", "r", "s"], ["a", "b"], timed) == [
+        ("x/a", "r/a"),
+        ("x/a", "s/a"),
+        ("x/b", "s/b"),
+    ]
+    assert model_pairs(["x"], ["a", "b"], timed) == []
 
 
 def test_matmul_probe_reports_a_rate() -> None:

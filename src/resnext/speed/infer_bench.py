@@ -18,6 +18,7 @@ from resnext.speed.fastpath import optimize
 from resnext.speed.measure import (
     interleaved,
     matmul_probe,
+    model_pairs,
     phase_lines,
     ratios,
     ratios_by_phase,
@@ -214,7 +215,9 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
         "ratio_to_first": ratios(timings, next(iter(timings))) if timings else {},
     }
     if timings:  # the per-round time ratios, in the machine's slower and faster rounds apart
-        result["by_phase"] = ratios_by_phase(timings, next(iter(timings)))
+        result["by_phase"] = ratios_by_phase(
+            timings, next(iter(timings)), model_pairs(config.models, config.variants, timings)
+        )
     if latency:
         lat = interleaved(latency, rounds=config.latency_rounds, iters=5)
         result["latency_batch1"] = {k: t.as_dict() for k, t in lat.items()}

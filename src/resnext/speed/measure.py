@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -137,10 +137,15 @@ def matmul_probe(dtype: torch.dtype = torch.float32, size: int = 1024) -> Callab
     return probe
 
 
-def ratios_by_phase(timings: Mapping[str, Timing], reference: str) -> dict[str, object]:
+def ratios_by_phase(
+    timings: Mapping[str, Timing],
+    reference: str,
+    pairs: Sequence[tuple[str, str]] = (),
+) -> dict[str, object]:
     """Each variant's time ÷ `reference`'s, the median over rounds: in all rounds, and apart in
     the rounds whose probe rate was below the rounds' median ('slower') and at or above it
-    ('faster'). Where the halves differ, the machine's phase moved the comparison."""
+    ('faster'). Where the halves differ, the machine's phase moved the comparison. Each (top,
+    bottom) of `pairs` (e.g. one variant on two models) adds the row 'top ÷ bottom'."""
     rates = timings[reference].probe_gflops
     if not rates:
         raise ValueError(f"{reference}: no probe rates; time it with interleaved(probe=...)")
@@ -149,22 +154,36 @@ def ratios_by_phase(timings: Mapping[str, Timing], reference: str) -> dict[str, 
         "slower": [i for i, g in enumerate(rates) if g < cut],
         "faster": [i for i, g in enumerate(rates) if g >= cut],
     }
-    base = timings[reference].seconds
-    table: dict[str, dict[str, float]] = {}
-    for name, timing in timings.items():
-        row = {"all": median_ratio(timing.seconds, base)}
+
+    def row(top: list[float], bottom: list[float]) -> dict[str, float]:
+        out = {"all": median_ratio(top, bottom)}
         for half, rounds in halves.items():
             if rounds:
-                row[half] = median_ratio(
-                    [timing.seconds[i] for i in rounds], [base[i] for i in rounds]
-                )
-        table[name] = row
+                out[half] = median_ratio([top[i] for i in rounds], [bottom[i] for i in rounds])
+        return out
+
+    table = {name: row(t.seconds, timings[reference].seconds) for name, t in timings.items()}
+    for top, bottom in pairs:
+        table[f"{top} ÷ {bottom}"] = row(timings[top].seconds, timings[bottom].seconds)
     return {
         "reference": reference,
         "cut_gflops": cut,
         "rounds": {half: len(rounds) for half, rounds in halves.items()},
         "time_ratios": table,
     }
+
+
+def model_pairs(
+    models: Sequence[str], variants: Sequence[str], timed: Collection[str]
+) -> list[tuple[str, str]]:
+    """(first model, other model) keys of each variant timed on both: with ResNeXt-50 first and
+    ResNet-50 second, the per-round time ratio of target 2."""
+    return [
+        (f"{models[0]}/{v}", f"{other}/{v}")
+        for other in models[1:]
+        for v in variants
+        if f"{models[0]}/{v}" in timed and f"{other}/{v}" in timed
+    ]
 
 
 def phase_lines(by_phase: Mapping[str, object]) -> list[str]:

@@ -17,6 +17,7 @@ from resnext.speed.capability import bf16_supported
 from resnext.speed.measure import (
     interleaved,
     matmul_probe,
+    model_pairs,
     phase_lines,
     ratios,
     ratios_by_phase,
@@ -135,7 +136,9 @@ def run_train_bench(config: TrainConfig, log: Callable[[str], None] = print) -> 
         },
         "ratio_to_first": ratios(timings, next(iter(timings))),
         # the per-round time ratios, in the machine's slower and faster rounds apart
-        "by_phase": ratios_by_phase(timings, next(iter(timings))),
+        "by_phase": ratios_by_phase(
+            timings, next(iter(timings)), model_pairs(config.models, config.variants, timings)
+        ),
         # What the fast paths' chooser picked for each op and shape, and the times behind it.
         "autotune": [d.as_dict() for d in autotune.decisions()],
         "note": "peak RSS growth is process-wide and monotone: it is exact for the first "
