@@ -13,7 +13,6 @@ import resnext
 from resnext.errors import ConfigError
 from resnext.speed import peers
 from resnext.speed.allocator import loaded_allocator
-from resnext.speed.capability import bf16_supported
 from resnext.speed.fastpath import optimize
 from resnext.speed.measure import (
     interleaved,
@@ -208,7 +207,7 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
                 # Compiled variants and peers specialise on shape: batch 1 gets its own build.
                 fn1 = fn if variant == "eager" else build_runner(variant, model, x1)[0]
                 latency[key] = (_torch_runner(fn1, x1), 1)
-    probe = matmul_probe(torch.bfloat16 if bf16_supported() else torch.float32)
+    probe = matmul_probe()
     timings = interleaved(runners, rounds=config.rounds, iters=config.iters, probe=probe)
     result: dict[str, object] = {
         "throughput": {k: {**t.as_dict(), **info[k]} for k, t in timings.items()},

@@ -13,7 +13,6 @@ import resnext
 from resnext.config import OptimConfig
 from resnext.errors import ConfigError
 from resnext.speed import autotune
-from resnext.speed.capability import bf16_supported
 from resnext.speed.measure import (
     interleaved,
     matmul_probe,
@@ -128,7 +127,7 @@ def run_train_bench(config: TrainConfig, log: Callable[[str], None] = print) -> 
             steps[key] = (step, config.batch)
     if config.warmup_rounds:
         interleaved(steps, rounds=config.warmup_rounds, iters=config.iters, warmup=0)
-    probe = matmul_probe(torch.bfloat16 if bf16_supported() else torch.float32)
+    probe = matmul_probe()
     timings = interleaved(steps, rounds=config.rounds, iters=config.iters, warmup=0, probe=probe)
     return {
         "throughput": {
