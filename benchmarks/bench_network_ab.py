@@ -33,7 +33,9 @@ weight gradient on AMX tiles, pinned with the other AMX training kernels; traini
 CPU with AMX). First both
 builds are checked to compute the same function (inference outputs, or one training step's loss
 and update from the same weights), to float32's or bf16's precision. Reports each build's
-median, the per-round ratio (against ÷ ours, time) and the rounds each won.
+median, the per-round ratio (against ÷ ours, time) and the rounds each won, and that ratio in
+the rounds below and at or above the median of a matrix-product probe run before each round
+(`measure.ratios_by_phase`): on a machine whose speed moves, whether the phase moved it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import contextlib
 import copy
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -64,6 +65,7 @@ from resnext.speed import (
 )
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.fastpath import default_example, optimize
+from resnext.speed.measure import interleaved, matmul_probe, phase_lines, ratios_by_phase
 from resnext.speed.provenance import write_results
 from resnext.speed.train_bench import make_step
 
@@ -253,21 +255,6 @@ def training_calls(
     return {build: call_with(build) for build in ("ours", "against")}
 
 
-def alternate(calls: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict:
-    """Seconds per call of each build, the builds taking turns (and turns about who goes first)."""
-    seconds: dict[str, list[float]] = {build: [] for build in calls}
-    order = list(calls)
-    for build in order:  # untimed: first calls build buffers and warm the caches
-        calls[build]()
-    for r in range(rounds):
-        for build in order if r % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            for _ in range(per_round):
-                calls[build]()
-            seconds[build].append((time.perf_counter() - start) / per_round)
-    return seconds
-
-
 def main() -> int:
     parser = bench_args.parser(__doc__, models="resnext50_32x4d", batch=16, rounds=11)
     parser.add_argument("--kernel", choices=tuple(SUBJECTS), required=True)
@@ -307,20 +294,31 @@ def main() -> int:
         except RuntimeError as exc:  # the two builds do not compute the same function
             print(f"{name}: {exc}")
             return 1
-        seconds = alternate(calls, args.rounds, 3 if args.step == "infer" else 1)
+        # the builds take turns (and turns about who goes first), each round tagged by the probe
+        timings = interleaved(
+            {build: (call, args.batch) for build, call in calls.items()},
+            rounds=args.rounds,
+            iters=3 if args.step == "infer" else 1,
+            probe=matmul_probe(),
+        )
+        seconds = {build: t.seconds for build, t in timings.items()}
         ratios = [a / o for o, a in zip(seconds["ours"], seconds["against"], strict=True)]
         median_ms = {build: 1e3 * statistics.median(s) for build, s in seconds.items()}
+        by_phase = ratios_by_phase(timings, "ours")
         results[name] = {
             "median_ms": median_ms,
             "ms": {build: [1e3 * t for t in s] for build, s in seconds.items()},
+            "probe_gflops": timings["ours"].probe_gflops,
             "against_over_ours_per_round_median": statistics.median(ratios),
             "ours_faster_rounds": sum(r > 1 for r in ratios),
+            "by_phase": by_phase,
         }
         print(
             f"{name} {args.step} (batch {args.batch}): ours {median_ms['ours']:.1f} ms, against "
             f"{median_ms['against']:.1f} ms; against ÷ ours per round {statistics.median(ratios):.3f}"
             f", ours faster in {results[name]['ours_faster_rounds']} of {args.rounds}"
         )
+        print("\n".join(phase_lines(by_phase)))
     config = {**vars(args), "against": str(args.against)}
     path = write_results(args.out, "bench-network-ab", config, results)
     print(f"results: {path}")

@@ -459,7 +459,9 @@ def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_othe
     (path,) = out.glob("bench-network-ab-*.json")
     row = json.loads(path.read_text())["results"][model]
     assert set(row["median_ms"]) == {"ours", "against"}
-    assert len(row["ms"]["ours"]) == len(row["ms"]["against"]) == 1
+    assert len(row["ms"]["ours"]) == len(row["ms"]["against"]) == len(row["probe_gflops"]) == 1
+    ratio = row["ms"]["against"][0] / row["ms"]["ours"][0]  # one round: its ratio is the median
+    assert row["by_phase"]["time_ratios"]["against"]["all"] == pytest.approx(ratio)
 
 
 def test_the_network_ab_offers_no_amx_grouped_kernel_while_it_builds(
