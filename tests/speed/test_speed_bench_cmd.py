@@ -17,6 +17,7 @@ from resnext.speed.measure import (
     interleaved,
     matmul_probe,
     median_ratio,
+    medians_by_phase,
     model_pairs,
     phase_lines,
     ratios,
@@ -71,6 +72,12 @@ def test_bench_infer_times_batch_1_for_every_variant(tmp_path: Path) -> None:
     latency = _record(tmp_path)["results"]["latency_batch1"]
     assert set(latency) == {f"resnext_tiny/{v}" for v in variants.split(",")}
     assert all(row["median_ms"] > 0 for row in latency.values())
+    # one round: its probe rate is the median, so the round counts as a faster one
+    assert all(len(row["probe_gflops"]) == 1 for row in latency.values())
+    assert all(
+        row["median_ms_by_phase"] == {"all": row["median_ms"], "faster": row["median_ms"]}
+        for row in latency.values()
+    )
 
 
 def test_bench_train_runs_a_real_step(tmp_path: Path) -> None:
@@ -198,6 +205,16 @@ def test_ratios_by_phase_splits_the_rounds_at_the_probes_median() -> None:
     assert paired["time_ratios"]["ref ÷ other"]["slower"] == pytest.approx((1 / 1.2 + 1 / 1.4) / 2)
     with pytest.raises(ValueError, match="ref: no probe rates"):
         ratios_by_phase({"ref": Timing(1, [1.0])}, "ref")
+
+
+def test_medians_by_phase_gives_each_variants_median_in_either_half() -> None:
+    # probe median 150: rounds 0 and 2 slower (0.004, 0.006 s), 1 and 3 faster (0.002, 0.001 s)
+    a = Timing(1, [0.004, 0.002, 0.006, 0.001], probe_gflops=[100.0, 200.0, 120.0, 180.0])
+    b = Timing(1, [0.010, 0.010, 0.020, 0.030], probe_gflops=a.probe_gflops)
+    got = medians_by_phase({"a": a, "b": b})
+    assert got["a"] == pytest.approx({"all": 3.0, "slower": 5.0, "faster": 1.5})
+    assert got["b"] == pytest.approx({"all": 15.0, "slower": 15.0, "faster": 20.0})
+    assert medians_by_phase({}) == {}
 
 
 def test_model_pairs_pair_the_first_model_with_each_other_on_each_variant_timed() -> None:

@@ -17,6 +17,7 @@ from resnext.speed.fastpath import optimize
 from resnext.speed.measure import (
     interleaved,
     matmul_probe,
+    medians_by_phase,
     model_pairs,
     phase_lines,
     ratios,
@@ -218,8 +219,11 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
             timings, next(iter(timings)), model_pairs(config.models, config.variants, timings)
         )
     if latency:
-        lat = interleaved(latency, rounds=config.latency_rounds, iters=5)
-        result["latency_batch1"] = {k: t.as_dict() for k, t in lat.items()}
+        lat = interleaved(latency, rounds=config.latency_rounds, iters=5, probe=probe)
+        by_phase = medians_by_phase(lat)
+        result["latency_batch1"] = {
+            k: {**t.as_dict(), "median_ms_by_phase": by_phase[k]} for k, t in lat.items()
+        }
     return result
 
 
@@ -233,7 +237,11 @@ def summary_lines(result: dict[str, object]) -> list[str]:
             f"×{ratio[key]:.2f}  err {row['max_rel_err']:.1e}"
         )
     for key, row in result.get("latency_batch1", {}).items():
-        lines.append(f"{key:42s} batch-1 latency {row['median_ms']:.1f} ms")
+        phases = row.get("median_ms_by_phase", {})
+        split = "".join(
+            f", {half} rounds {phases[half]:.1f}" for half in ("slower", "faster") if half in phases
+        )
+        lines.append(f"{key:42s} batch-1 latency {row['median_ms']:.1f} ms{split}")
     if "by_phase" in result:
         lines += phase_lines(result["by_phase"])
     return lines

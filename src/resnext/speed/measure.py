@@ -150,14 +150,7 @@ def ratios_by_phase(
     the rounds whose probe rate was below the rounds' median ('slower') and at or above it
     ('faster'). Where the halves differ, the machine's phase moved the comparison. Each (top,
     bottom) of `pairs` (e.g. one variant on two models) adds the row 'top ÷ bottom'."""
-    rates = timings[reference].probe_gflops
-    if not rates:
-        raise ValueError(f"{reference}: no probe rates; time it with interleaved(probe=...)")
-    cut = statistics.median(rates)
-    halves = {
-        "slower": [i for i, g in enumerate(rates) if g < cut],
-        "faster": [i for i, g in enumerate(rates) if g >= cut],
-    }
+    cut, halves = _phase_halves(timings, reference)
 
     def row(top: list[float], bottom: list[float]) -> dict[str, float]:
         out = {"all": median_ratio(top, bottom)}
@@ -174,6 +167,38 @@ def ratios_by_phase(
         "cut_gflops": cut,
         "rounds": {half: len(rounds) for half, rounds in halves.items()},
         "time_ratios": table,
+    }
+
+
+def medians_by_phase(timings: Mapping[str, Timing]) -> dict[str, dict[str, float]]:
+    """Each variant's median ms per call over all rounds, and apart over the rounds below and at
+    or above the probe's median rate ('slower', 'faster'): an absolute time (a latency target)
+    as the machine gives it in each phase."""
+    if not timings:
+        return {}
+    _, halves = _phase_halves(timings, next(iter(timings)))
+    out = {}
+    for name, timing in timings.items():
+        row = {"all": 1e3 * timing.median_s}
+        for half, rounds in halves.items():
+            if rounds:
+                row[half] = 1e3 * statistics.median(timing.seconds[i] for i in rounds)
+        out[name] = row
+    return out
+
+
+def _phase_halves(
+    timings: Mapping[str, Timing], reference: str
+) -> tuple[float, dict[str, list[int]]]:
+    """The probe's median rate over `reference`'s rounds, and the rounds below it and at or
+    above it."""
+    rates = timings[reference].probe_gflops
+    if not rates:
+        raise ValueError(f"{reference}: no probe rates; time it with interleaved(probe=...)")
+    cut = statistics.median(rates)
+    return cut, {
+        "slower": [i for i, g in enumerate(rates) if g < cut],
+        "faster": [i for i, g in enumerate(rates) if g >= cut],
     }
 
 
