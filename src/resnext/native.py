@@ -120,4 +120,16 @@ def load(
         missing = cpu_needs - cpu_flags()
         if missing:
             raise NativeUnavailable(f"this CPU lacks {sorted(missing)}")
-    return ctypes.CDLL(str(build(source, flags, libs)))
+    lib = ctypes.CDLL(str(build(source, flags, libs)))
+    _LOADED.append(lib)
+    return lib
+
+
+# Every library `load` returned in this process (they stay loaded): what a recording of kernel
+# calls (`resnext.speed.replay`) watches.
+_LOADED: list[ctypes.CDLL] = []
+
+
+def loaded() -> tuple[ctypes.CDLL, ...]:
+    """The libraries `load` has returned in this process, oldest first."""
+    return tuple(_LOADED)

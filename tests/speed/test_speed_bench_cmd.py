@@ -11,7 +11,7 @@ import pytest
 
 from resnext.commands import bench_cmd
 from resnext.errors import ConfigError, DataError
-from resnext.speed import infer_bench, peers, train_bench
+from resnext.speed import infer_bench, peers, replay, train_bench
 from resnext.speed.measure import (
     Timing,
     interleaved,
@@ -63,6 +63,8 @@ def test_bench_infer_times_batch_1_for_every_variant(tmp_path: Path) -> None:
     # ONNX Runtime where installed (OpenVINO, loaded into the test process, made a later training
     # test crash)
     variants = "eager,eager-fast-fp32" + (",ort-fp32" if peers.available("onnxruntime") else "")
+    if replay.unavailable_reason() is None:
+        variants += ",replay-fp32"
     args = _args(
         ["infer", "--models", "resnext_tiny", "--variants", variants, "--batch", "2",
          "--image-size", "32", "--rounds", "1", "--iters", "1", "--latency-rounds", "1",

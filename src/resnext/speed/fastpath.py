@@ -24,11 +24,12 @@ from resnext.speed.group_order import split_group_channels
 from resnext.speed.grouped_swap import check_mode, swap_grouped_convs
 from resnext.speed.merged_groups import widen_where_faster
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
+from resnext.speed.replay import Replayed
+from resnext.speed.shapes import check_new_shapes
 from resnext.speed.shortcut_fusion import fuse_dot_shortcuts, fuse_shortcuts, fuse_x3_shortcuts
 from resnext.speed.timing_cache import TimingCache
 
-BACKENDS = ("inductor", "jit", "none")
-NEW_SHAPES = ("compile", "eager")
+BACKENDS = ("inductor", "jit", "replay", "none")
 MERGE_MODES = ("auto", "off")
 RECOMPILE_LIMIT = 256
 
@@ -111,12 +112,6 @@ class FrozenInductor(nn.Module):
             torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
         ):
             return self.compiled(x)
-
-
-def check_new_shapes(new_shapes: str) -> None:
-    """A ConfigError naming `new_shapes` unless it is one of NEW_SHAPES."""
-    if new_shapes not in NEW_SHAPES:
-        raise ConfigError(f"new_shapes: expected one of {NEW_SHAPES}, got {new_shapes!r}")
 
 
 def input_key(x: torch.Tensor) -> tuple[object, ...]:
@@ -219,13 +214,16 @@ def optimize(
     The model is copied (the original is left untouched), put in eval mode, its BNs are folded
     into the preceding convolutions, it is moved to channels_last and `dtype` (bf16 only where
     the CPU has native bf16, else fp32 with a warning) and compiled with `backend`: 'inductor'
-    (torch.compile with freezing), 'jit' (torch.jit.trace + freeze) or 'none'. The compiled
-    graph is built once on `example_input` (default: batch 1 at the model's natural size) and
-    on each shape of `warmup_shapes`; if compiling fails, the eager fast path is returned with
-    a warning. Inputs may be any float dtype and layout; outputs are float32. With inductor an
-    input of another shape (a last short batch) is compiled for when it comes (`new_shapes`
-    'compile', torch.compile's way: ~10 s for ResNeXt-50 on a 2-core CPU) or runs on the eager
-    fast path without a graph ('eager'; the same function, no wait).
+    (torch.compile with freezing), 'jit' (torch.jit.trace + freeze), 'replay' (the eager fast
+    path's kernel calls recorded once and replayed from C, `resnext.speed.replay`: no Python
+    per layer, for the lowest batch-1 latency; CPU, x86-64 Linux) or 'none'. The compiled
+    graph (or recording) is built once on `example_input` (default: batch 1 at the model's
+    natural size) and on each shape of `warmup_shapes`; if that fails, the eager fast path is
+    returned with a warning. Inputs may be any float dtype and layout; outputs are float32.
+    With inductor or replay an input of another shape (a last short batch) or dtype or layout
+    is built for when it comes (`new_shapes` 'compile': ~10 s of compiling for ResNeXt-50 on a
+    2-core CPU, two forwards' time to record) or runs on the eager fast path ('eager'; the
+    same function, no wait).
 
     `grouped_kernel` ('auto', 'on', 'off') puts our grouped 3×3 kernel (AVX-512, or AVX2) in place of
     oneDNN's for the grouped convolutions (channels_last only): 'auto' times both on each layer at
@@ -339,6 +337,8 @@ def optimize(
     if target.type not in ("cpu", "cuda"):
         raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
     on_cpu = target.type == "cpu"
+    if backend == "replay" and not on_cpu:
+        raise ConfigError(f"backend: 'replay' records CPU kernels; {target} takes another")
     # refused here if malformed; used on a CPU only
     timings = open_timing_cache(timing_cache) or TimingCache.in_memory()
     for name, mode in kernels.items():
@@ -375,7 +375,8 @@ def optimize(
         x3 = swap_convs_x3(work, probe, mode=conv_x3, in_place=in_place, timings=timings)
         x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)
         # the 1×1s' oneDNN way is cheaper in the compiled graph (weights prepacked) than eager
-        ones = {"in_place": in_place, "timings": timings, "compiled": backend != "none"}
+        compiled = backend in ("inductor", "jit")
+        ones = {"in_place": in_place, "timings": timings, "compiled": compiled}
         fma = swap_convs_fma(work, probe, mode=pointwise_fma, **ones)
         fma += swap_convs_dot(work, probe, mode=pointwise_bf16, **ones)
         fma += fuse_dot_shortcuts(work, probe, mode=pointwise_bf16, timings=timings)
@@ -397,8 +398,14 @@ def optimize(
     if backend == "none":
         return eager
     try:
-        if backend == "jit":
-            fast: nn.Module = TracedModule(eager, example)
+        fast: nn.Module
+        if backend == "replay":
+            replayed = Replayed(eager, new_shapes=new_shapes)
+            for shape in shapes:
+                replayed.build(torch.randn(shape))
+            fast = replayed
+        elif backend == "jit":
+            fast = TracedModule(eager, example)
             for shape in shapes:
                 fast(torch.randn(shape, device=target))
         else:
@@ -408,9 +415,10 @@ def optimize(
             for shape in shapes:
                 inductor.build(torch.randn(shape, device=target))
             fast = inductor
-    except Exception as exc:  # any compiler failure falls back to the (still faster) eager path
+    except Exception as exc:  # any build failure falls back to the (still faster) eager path
         warnings.warn(
-            f"optimize: {backend} compilation failed ({type(exc).__name__}: {exc}); "
+            f"optimize: {backend} {'recording' if backend == 'replay' else 'compilation'} failed "
+            f"({type(exc).__name__}: {exc}); "
             "using the eager fast path",
             RuntimeWarning,
             stacklevel=2,

@@ -45,6 +45,8 @@ VARIANTS = (
     "inductor-nosplit-bf16",
     "jit-fp32",
     "jit-bf16",
+    "replay-fp32",
+    "replay-bf16",
     "ort-fp32",
     "openvino-fp32",
     "openvino-bf16",
@@ -107,6 +109,7 @@ def build_runner(
         "inductor-nodot",
         "inductor-nosplit",
         "jit",
+        "replay",
     ):
         # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernels off);
         # inductor-py: with inductor's Python wrapper instead of its C++ one;
@@ -117,6 +120,7 @@ def build_runner(
         # inductor-nofma: oneDNN for the 1×1s our AVX2 FMA kernel would take (pointwise_fma off)
         # inductor-nodot: oneDNN for the bf16 1×1s our dot-product kernel would take
         # inductor-nosplit: no grouped 3×3 on the split channel order (split_groups off)
+        # replay: the eager fast path's kernel calls recorded and replayed (no Python per layer)
         backend = "none" if kind == "eager-fast" else kind.split("-")[0]
         mode = "off" if kind == "inductor-onednn" else "auto"
         fn = optimize(

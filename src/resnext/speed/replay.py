@@ -1,0 +1,411 @@
+"""A network's forward features as one C call: our kernels' calls recorded once, then replayed.
+
+At batch 1 the fast path's time is partly Python: each of ResNeXt-50's ~50 kernel calls costs
+~20 µs of operator dispatch, argument checks, output allocation and ctypes, and the compiled
+graph adds its wrapper and guards. Where every layer of `forward_features` runs on our kernels,
+`capture` runs it once while recording each C call (function, arguments, return value) and
+keeping every tensor those calls touch; `Plan.run` then makes the same calls from a C loop
+(`kernels/replay.c`) on the same memory. `Replayed` is the module `optimize(...,
+backend="replay")` returns: it copies each input into the captured input's memory, replays,
+and runs the classifier head in torch.
+
+A capture is refused (`ReplayUnavailable`, saying why) where replaying could compute something
+else: a torch operator that computes outside our kernels (a layer left to oneDNN, a cast), a
+kernel given memory the capture does not keep, an argument that is not an integer or pointer,
+or a replay that does not reproduce the module's output bit for bit on a fresh input.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import platform
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from resnext import native
+from resnext.speed.operators import NAMESPACE
+from resnext.speed.shapes import check_new_shapes
+
+SOURCE = Path(__file__).with_name("kernels") / "replay.c"
+FLAGS = ("-O2",)
+# ctypes argument types a recorded call may have: each travels as one 64-bit integer
+_INTEGER_TYPES = (
+    ctypes.c_void_p,
+    ctypes.c_int,
+    ctypes.c_uint,
+    ctypes.c_long,
+    ctypes.c_ulong,
+    ctypes.c_longlong,
+    ctypes.c_ulonglong,
+)
+# torch operators that only allocate memory or describe it again (no values computed)
+_PASSIVE = frozenset(
+    {
+        "aten::empty.memory_format",
+        "aten::empty_strided",
+        "aten::empty_like",
+        "aten::new_empty",
+        "aten::new_empty_strided",
+        "aten::detach",
+        "aten::alias",
+        "aten::lift_fresh",
+        "aten::resize_",
+        "aten::as_strided_",
+    }
+)
+
+
+class ReplayUnavailable(RuntimeError):
+    """A forward cannot be recorded for replay here, with why."""
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise native.NativeUnavailable(
+            f"replaying kernel calls needs x86-64 Linux, this is {platform.system()} "
+            f"{platform.machine()}"
+        )
+    lib = native.load(SOURCE, FLAGS)
+    lib.replay_run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    lib.replay_run.restype = ctypes.c_int
+    lib.replay_max_args.argtypes = []
+    lib.replay_max_args.restype = ctypes.c_int
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable_reason() -> str | None:
+    """None if calls can be replayed here, else why not (one line; decided once per process)."""
+    return native.problem(_library)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One recorded C call: the function's name and address, its arguments as 64-bit integers,
+    and the int it returned (None for a function that returns nothing)."""
+
+    name: str
+    address: int
+    args: tuple[int, ...]
+    value: int | None
+
+
+@dataclass(frozen=True)
+class TorchStep:
+    """One recorded torch operator that computes outside our kernels (a layer left to oneDNN, a
+    cast, the classifier): called again on the same tensors, its new outputs copied into the
+    ones it returned when recorded, which later steps read."""
+
+    op: torch._ops.OpOverload
+    args: tuple[object, ...]
+    kwargs: dict[str, object]
+    outs: tuple[torch.Tensor, ...]
+    writes: bool  # the operator writes into an argument (in place or out=) and returns it
+
+    def run(self) -> None:
+        result = self.op(*self.args, **self.kwargs)
+        if not self.writes:
+            new = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+            for kept, value in zip(self.outs, new, strict=True):
+                kept.copy_(value)
+
+
+class Plan:
+    """Recorded steps, ready to be made again in the order they were recorded: each run of
+    consecutive C calls in one call of the C loop, each torch operator from Python."""
+
+    def __init__(self, steps: list[Call | TorchStep], keep: list[torch.Tensor]) -> None:
+        lib = _library()
+        width = lib.replay_max_args()
+        calls = [s for s in steps if isinstance(s, Call)]
+        n = len(calls)
+        self.calls = tuple(calls)
+        self.torch_steps = tuple(s for s in steps if isinstance(s, TorchStep))
+        self._keep = keep  # the memory the steps read and write
+        self._fns = (ctypes.c_void_p * n)(*(c.address for c in calls))
+        self._args = (ctypes.c_long * (n * width))()
+        for i, call in enumerate(calls):
+            if len(call.args) > width:
+                raise ReplayUnavailable(
+                    f"{call.name} takes {len(call.args)} arguments; the replay loop passes {width}"
+                )
+            for j, value in enumerate(call.args):
+                self._args[i * width + j] = value
+        self._returns = (ctypes.c_uint8 * n)(*(c.value is not None for c in calls))
+        self._expect = (ctypes.c_int * n)(*(c.value or 0 for c in calls))
+        # the program: (first call, calls) for a run of C calls, or a torch step
+        self._program: list[tuple[int, int] | TorchStep] = []
+        i = 0
+        for step in steps:
+            if isinstance(step, TorchStep):
+                self._program.append(step)
+                continue
+            last = self._program[-1] if self._program else None
+            if isinstance(last, tuple):
+                self._program[-1] = (last[0], last[1] + 1)
+            else:
+                self._program.append((i, 1))
+            i += 1
+        self._runs = {
+            first: (
+                ctypes.addressof(self._fns) + first * ctypes.sizeof(ctypes.c_void_p),
+                ctypes.addressof(self._args) + first * width * ctypes.sizeof(ctypes.c_long),
+                ctypes.addressof(self._returns) + first,
+                ctypes.addressof(self._expect) + first * ctypes.sizeof(ctypes.c_int),
+            )
+            for first, _ in (p for p in self._program if isinstance(p, tuple))
+        }
+
+    def run(self) -> None:
+        """Make every step again; a RuntimeError naming the first C call whose value differs
+        from the recording (nothing after it is run)."""
+        replay_run = _library().replay_run
+        for step in self._program:
+            if isinstance(step, TorchStep):
+                step.run()
+                continue
+            first, count = step
+            failed = replay_run(*self._runs[first], count)
+            if failed:
+                call = self.calls[first + failed - 1]
+                raise RuntimeError(
+                    f"replay: {call.name} (call {first + failed}) returned another value than "
+                    "when recorded"
+                )
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _as_integer(arg: object, kind: type) -> int:
+    if arg is None:
+        return 0
+    if isinstance(arg, bool) or not isinstance(arg, int):
+        raise ReplayUnavailable(
+            f"an argument of type {type(arg).__name__} where {kind.__name__} was expected"
+        )
+    return _signed64(arg & ((1 << 64) - 1))
+
+
+class _Recording:
+    """While entered, every function of our loaded libraries appends its calls to `steps` (then
+    calls on)."""
+
+    def __init__(self, steps: list[Call | TorchStep]) -> None:
+        self.steps = steps
+        self.pointers: list[tuple[str, int]] = []  # (function, address passed)
+        self.problems: list[str] = []
+        self._patched: list[tuple[ctypes.CDLL, str, object]] = []
+        self._names: list[tuple[ctypes.CDLL, frozenset[str]]] = []
+
+    def __enter__(self) -> _Recording:
+        for lib in native.loaded():
+            for name, fn in list(vars(lib).items()):
+                if isinstance(fn, ctypes._CFuncPtr):
+                    setattr(lib, name, self._wrap(name, fn))
+                    self._patched.append((lib, name, fn))
+            self._names.append((lib, frozenset(vars(lib))))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for lib, name, fn in self._patched:
+            setattr(lib, name, fn)
+        # a function first looked up during the recording was called unrecorded
+        for lib, before in self._names:
+            for name in set(vars(lib)) - before:
+                if isinstance(vars(lib)[name], ctypes._CFuncPtr):
+                    self.problems.append(f"{name} was called without being recorded")
+
+    def _wrap(self, name: str, fn: ctypes._CFuncPtr) -> Callable[..., object]:
+        def recorded(*args: object) -> object:
+            value = fn(*args)
+            self._record(name, fn, args, value)
+            return value
+
+        return recorded
+
+    def _record(
+        self, name: str, fn: ctypes._CFuncPtr, args: tuple[object, ...], value: object
+    ) -> None:
+        kinds = fn.argtypes
+        if kinds is None or len(kinds) != len(args):
+            self.problems.append(f"{name} has no declared argument types")
+            return
+        if fn.restype not in (ctypes.c_int, None):
+            self.problems.append(f"{name} returns {fn.restype.__name__}, not int")
+            return
+        try:
+            ints = []
+            for arg, kind in zip(args, kinds, strict=True):
+                if not issubclass(kind, _INTEGER_TYPES):
+                    raise ReplayUnavailable(f"an argument of type {kind.__name__}")
+                ints.append(_as_integer(arg, kind))
+                if kind is ctypes.c_void_p and arg:
+                    self.pointers.append((name, int(arg)))
+        except ReplayUnavailable as exc:
+            self.problems.append(f"{name}: {exc}")
+            return
+        address = ctypes.cast(fn, ctypes.c_void_p).value
+        assert address is not None
+        self.steps.append(Call(name, address, tuple(ints), value if fn.restype else None))
+
+
+class _Watch(TorchDispatchMode):
+    """Keeps every tensor torch operators return, and appends those that compute outside our
+    kernels to `steps` as TorchSteps (our operators' C calls are recorded by _Recording)."""
+
+    def __init__(self, steps: list[Call | TorchStep]) -> None:
+        super().__init__()
+        self.steps = steps
+        self.kept: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = tuple(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        self.kept.extend(outs)
+        name = func.name()
+        if not (name.startswith(f"{NAMESPACE}::") or name in _PASSIVE or func.is_view):
+            writes = func._schema.is_mutable
+            self.steps.append(TorchStep(func, tuple(args), dict(kwargs), outs, writes))
+        return out
+
+
+def module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every tensor `module` and its submodules hold: parameters, buffers and plain attributes
+    (packed weights)."""
+    found = []
+    for m in module.modules():
+        for value in [*m._parameters.values(), *m._buffers.values(), *vars(m).values()]:
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+            elif isinstance(value, (list, tuple)):
+                found.extend(v for v in value if isinstance(v, torch.Tensor))
+    return found
+
+
+def _spans(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    spans = []
+    for t in tensors:
+        storage = t.untyped_storage()
+        start = storage.data_ptr()
+        spans.append((start, start + storage.nbytes()))
+    return sorted(spans)
+
+
+def _inside(address: int, spans: list[tuple[int, int]]) -> bool:
+    return any(a <= address <= b for a, b in spans)
+
+
+def capture(module: nn.Module, x: torch.Tensor) -> tuple[Plan, torch.Tensor]:
+    """Run ``module(x)`` once without gradients, recording its steps: the plan that repeats them
+    on `x`'s memory (refill `x` first) and the output they write. A ReplayUnavailable says why
+    the forward cannot be replayed."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise ReplayUnavailable(reason)
+    steps: list[Call | TorchStep] = []
+    watch = _Watch(steps)
+    with torch.no_grad(), _Recording(steps) as recording, watch:
+        out = module(x)
+    problems = list(recording.problems)
+    if not isinstance(out, torch.Tensor):
+        problems.append(f"the module returned a {type(out).__name__}, not a tensor")
+    keep = [x, *watch.kept, *module_tensors(module)]
+    spans = _spans(keep)
+    strays = sorted({name for name, address in recording.pointers if not _inside(address, spans)})
+    if strays:
+        problems.append(f"{', '.join(strays)} got memory the capture does not keep")
+    if problems:
+        raise ReplayUnavailable("; ".join(problems))
+    return Plan(steps, keep), out
+
+
+def input_key(x: torch.Tensor) -> tuple[object, ...]:
+    """What a recording is bound to: the input's shape, strides, dtype and device, and the
+    threads the kernels were told to use."""
+    return (tuple(x.shape), x.stride(), x.dtype, x.device, torch.get_num_threads())
+
+
+class Recorded:
+    """One capture of a module on one kind of input: its input's memory, plan and output."""
+
+    def __init__(self, module: nn.Module, example: torch.Tensor) -> None:
+        if example.device.type != "cpu":
+            raise ReplayUnavailable(f"example: expected a CPU tensor, got one on {example.device}")
+        self.input = example.detach().clone()
+        self.plan, self.output = capture(module, self.input)
+        self.check(module, torch.randn_like(self.input))
+
+    def check(self, module: nn.Module, x: torch.Tensor) -> None:
+        """A ReplayUnavailable unless replaying on `x` gives the module's own output bit for bit
+        (a value computed outside the recorded steps would have stayed as recorded)."""
+        with torch.no_grad():
+            want = module(x)
+        got = self(x)
+        if not torch.equal(want, got):
+            raise ReplayUnavailable(
+                "the replay does not reproduce the module's output on a fresh input (largest "
+                f"difference {(want.float() - got.float()).abs().max().item():.3g})"
+            )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.input.copy_(x)
+        self.plan.run()
+        return self.output.clone()
+
+
+class Replayed(nn.Module):
+    """A module run by replaying its recorded steps (`capture`), one recording per kind of input
+    (`input_key`): made in `build`, and for an input unlike every one so far when it comes
+    (`new_shapes` 'compile', ~2 forwards' time) or never ('eager': such inputs run on the module
+    itself, the same function). Where an input cannot be recorded (`ReplayUnavailable`) it runs
+    on the module with a warning, once. Everything runs without gradients; outputs are new
+    tensors; calls are serialised, since a recording reuses its memory.
+    """
+
+    def __init__(self, module: nn.Module, new_shapes: str = "compile") -> None:
+        super().__init__()
+        check_new_shapes(new_shapes)
+        self.module = module
+        self.new_shapes = new_shapes
+        self.recordings: dict[tuple[object, ...], Recorded | None] = {}
+        self._lock = threading.Lock()
+
+    def build(self, x: torch.Tensor) -> torch.Tensor:
+        """Record for inputs like `x` (if not yet) and run it; a ReplayUnavailable says why not."""
+        with self._lock:
+            key = input_key(x)
+            if self.recordings.get(key) is None:
+                self.recordings[key] = Recorded(self.module, x)
+            return self.recordings[key](x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = input_key(x)
+        if key not in self.recordings and self.new_shapes == "compile":
+            try:
+                return self.build(x)
+            except ReplayUnavailable as exc:
+                warnings.warn(
+                    f"replay: inputs like {tuple(x.shape)} {x.dtype} run without it ({exc})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.recordings[key] = None
+        recorded = self.recordings.get(key)
+        if recorded is None:
+            with torch.no_grad():
+                return self.module(x)
+        with self._lock:
+            return recorded(x)

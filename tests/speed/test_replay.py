@@ -1,0 +1,166 @@
+"""Replaying recorded kernel calls (`optimize(..., backend="replay")`, `resnext.speed.replay`)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from registry_models import randomize_bn
+from tensor_checks import rel_err
+from torch import nn
+
+import resnext
+from resnext.errors import ConfigError
+from resnext.speed import replay
+from resnext.speed.capability import bf16_supported
+from resnext.speed.fastpath import optimize
+from resnext.speed.grouped_kernel import unavailable_reason as grouped_unavailable
+from resnext.speed.replay import Call, Plan, Recorded, Replayed, ReplayUnavailable
+
+pytestmark = pytest.mark.skipif(
+    replay.unavailable_reason() is not None, reason=f"no replay here: {replay.unavailable_reason()}"
+)
+KERNEL = "on" if grouped_unavailable() is None else "off"
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = resnext.create_model("resnext_tiny").eval()
+    randomize_bn(model)
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_replay_computes_the_eager_fast_paths_function_bit_for_bit(dtype: str) -> None:
+    if dtype == "bf16" and not bf16_supported():
+        pytest.skip("this CPU has no native bf16")
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, dtype, backend="replay", example_input=x, grouped_kernel=KERNEL)
+    assert isinstance(fast, Replayed)
+    eager = fast.module  # the eager fast path it records
+    (recorded,) = fast.recordings.values()
+    # the grouped layers our kernels took are in the recorded C calls, the rest in torch steps
+    left = [m for m in eager.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    steps = [s for s in recorded.plan.torch_steps if "convolution" in str(s.op)]
+    assert len([s for s in steps if s.args[8] > 1]) == len(left)  # args[8]: groups
+    if KERNEL == "on":
+        assert len(left) < 3 and recorded.plan.calls
+    outs = []
+    for _ in range(3):
+        fresh = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            got, want = fast(fresh), eager(fresh)
+            plain = model(fresh)
+        assert torch.equal(got, want)
+        assert rel_err(got, plain) < (1e-4 if dtype == "fp32" else 3e-2)
+        outs.append(got)
+    # each call returns its own tensor: a later replay does not overwrite an earlier output
+    assert not torch.equal(outs[0], outs[1])
+    assert outs[0].data_ptr() != outs[1].data_ptr()
+
+
+@pytest.mark.parametrize("new_shapes", ["compile", "eager"])
+def test_an_input_unlike_the_recorded_ones_is_recorded_or_runs_eager_as_asked(
+    new_shapes: str,
+) -> None:
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(
+        model,
+        "fp32",
+        backend="replay",
+        example_input=x,
+        grouped_kernel=KERNEL,
+        new_shapes=new_shapes,
+    )
+    assert len(fast.recordings) == 1
+    for other in (torch.randn(1, 3, 32, 32), x.contiguous(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            assert torch.equal(fast(other), fast.module(other))
+    assert len(fast.recordings) == (3 if new_shapes == "compile" else 1)
+
+
+def test_replay_of_torch_operators_alone() -> None:
+    # A module without our kernels replays as torch steps, refreshing every output it computes
+    # (a functional one by copy, an in-place one by running again) on the same tensors.
+    torch.manual_seed(1)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1))
+    module.eval()
+    recorded = Recorded(module, torch.randn(1, 3, 9, 9))
+    ops = [str(step.op) for step in recorded.plan.torch_steps]
+    assert ops[0].startswith("aten.convolution") and "aten.relu_.default" in ops
+    assert recorded.plan.calls == ()
+    for _ in range(2):
+        x = torch.randn(1, 3, 9, 9)
+        with torch.no_grad():
+            assert torch.equal(recorded(x), module(x))
+
+
+class _Untracked(nn.Module):
+    """Computes through numpy, which no torch operator sees: a replay would keep its value."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(x.numpy() * 2.0)
+
+
+def test_a_value_computed_outside_the_recording_is_refused() -> None:
+    with pytest.raises(ReplayUnavailable, match="does not reproduce the module's output"):
+        Recorded(_Untracked(), torch.randn(1, 4))
+
+
+class _StrayPointer(nn.Module):
+    """Calls a C function of ours on a buffer it lets go: replaying would write freed memory."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = replay._library()
+        scratch = ctypes.create_string_buffer(64)  # memory outside torch's
+        p = ctypes.addressof(scratch)
+        assert lib.replay_run(p, p, p, p, 0) == 0  # runs no call: n = 0
+        return x * 2
+
+
+class _CallsMaxArgs(nn.Module):
+    """Calls one of our C functions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert replay._library().replay_max_args() > 0
+        return x * 2
+
+
+def test_memory_the_capture_does_not_keep_is_refused_by_name() -> None:
+    with pytest.raises(ReplayUnavailable, match="replay_run got memory the capture does not keep"):
+        Recorded(_StrayPointer(), torch.randn(2, 2))
+
+
+def test_a_function_without_declared_argument_types_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    Recorded(_CallsMaxArgs(), torch.randn(2, 2))  # declared: recorded
+    monkeypatch.setattr(replay._library().replay_max_args, "argtypes", None)
+    with pytest.raises(ReplayUnavailable, match="replay_max_args has no declared argument types"):
+        Recorded(_CallsMaxArgs(), torch.randn(2, 2))
+
+
+def test_a_call_whose_value_changes_stops_the_replay_by_name() -> None:
+    lib = replay._library()
+    address = ctypes.cast(lib.replay_max_args, ctypes.c_void_p).value
+    width = lib.replay_max_args()
+    Plan([Call("replay_max_args", address, (), width)], []).run()  # as recorded: fine
+    plan = Plan([Call("replay_max_args", address, (), width + 1)], [])
+    with pytest.raises(RuntimeError, match=r"replay_max_args \(call 1\) returned another value"):
+        plan.run()
+
+
+def test_too_many_arguments_for_the_loop_are_refused() -> None:
+    width = replay._library().replay_max_args()
+    with pytest.raises(ReplayUnavailable, match=f"takes {width + 1} arguments"):
+        Plan([Call("f", 1, (0,) * (width + 1), 0)], [])
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError, match="new_shapes: expected one of"):
+        Replayed(nn.Identity(), new_shapes="later")
+    with pytest.raises(ConfigError, match="backend: expected one of"):
+        optimize(_model(), backend="replay-ish")
