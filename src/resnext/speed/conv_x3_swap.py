@@ -417,6 +417,7 @@ def swap_convs_x3(
     in_place: bool = True,
     repeats: int = 5,
     timings: TimingCache | None = None,
+    compiled: bool = True,
 ) -> list[LayerChoice]:
     """Replace, in place, the float32 convolutions of `model` `conv_x3` takes by `ConvX3`.
 
@@ -428,10 +429,18 @@ def swap_convs_x3(
     False never writes over a residual (for torch.jit, whose optimize_for_inference does not
     honour an operator's in-place write). The timed residuals are overwritten by the in-place
     runs, so their values drift from call to call; only the time is kept. With `timings`, times
-    stored there are used instead of measured.
+    stored there are used instead of measured. `compiled` False weighs the kernel against oneDNN
+    as the eager fast path (and a replay of it) runs it, as `swap_dense_convs`.
     """
     return swap_dense_convs(
-        model, example, X3, mode=mode, in_place=in_place, repeats=repeats, timings=timings
+        model,
+        example,
+        X3,
+        mode=mode,
+        in_place=in_place,
+        repeats=repeats,
+        timings=timings,
+        compiled=compiled,
     )
 
 

@@ -372,10 +372,13 @@ def optimize(
         in_place = backend != "jit"
         blocks = fuse_blocks(work, probe, mode=fuse_block, in_place=in_place, timings=timings)
         blocks += fuse_shortcuts(work, probe, mode=fuse_block, timings=timings)
-        x3 = swap_convs_x3(work, probe, mode=conv_x3, in_place=in_place, timings=timings)
-        x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)
-        # the 1×1s' oneDNN way is cheaper in the compiled graph (weights prepacked) than eager
+        # oneDNN's way is cheaper in the compiled graph (weights prepacked) than in the eager
+        # fast path and its replay
         compiled = backend in ("inductor", "jit")
+        x3 = swap_convs_x3(
+            work, probe, mode=conv_x3, in_place=in_place, timings=timings, compiled=compiled
+        )
+        x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)
         ones = {"in_place": in_place, "timings": timings, "compiled": compiled}
         fma = swap_convs_fma(work, probe, mode=pointwise_fma, **ones)
         fma += swap_convs_dot(work, probe, mode=pointwise_bf16, **ones)
