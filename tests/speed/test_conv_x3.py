@@ -15,7 +15,7 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import conv_x3
+from resnext.speed import conv_x3, conv_x3_swap
 from resnext.speed.conv_x3_swap import ConvX3, eligible, swap_convs_x3
 from resnext.speed.fastpath import optimize
 from resnext.speed.shortcut_fusion import ShortcutConvX3, fuse_x3_shortcuts
@@ -379,3 +379,21 @@ def test_where_the_kernel_cannot_run_auto_changes_nothing_and_on_says_why(
         swap_convs_x3(model, x, mode="on")
     fast = optimize(model, "fp32", backend="none", example_input=x)
     assert fast.conv_x3_choices == []
+
+
+@needs_amx
+def test_the_extra_cost_of_oneDNNs_way_moves_a_close_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # oneDNN 1.0 ms against ours 1.1 ms (stubbed): native, unless oneDNN's way costs 0.2 ms more
+    # (a torch operator in a replay, `replay.TORCH_STEP_MS`)
+    monkeypatch.setattr(
+        conv_x3_swap, "time_each_ms", lambda fns, x, repeats, before=None: [1.0, 1.1]
+    )
+    chosen = []
+    for extra in (0.0, 0.2):
+        model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU())).eval()
+        (choice,) = swap_convs_x3(model, nhwc(torch.randn(1, 64, 4, 4)), native_extra_ms=extra)
+        assert (choice.native_ms, choice.kernel_ms) == (1.0, 1.1)  # the times measured, as kept
+        chosen.append(choice.chosen)
+    assert chosen == ["native", "kernel"]

@@ -12,7 +12,7 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import replay
+from resnext.speed import head, replay
 from resnext.speed.capability import bf16_supported
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_kernel import unavailable_reason as grouped_unavailable
@@ -43,10 +43,14 @@ def test_replay_computes_the_eager_fast_paths_function_bit_for_bit(dtype: str) -
     (recorded,) = fast.recordings.values()
     # the grouped layers our kernels took are in the recorded C calls, the rest in torch steps
     left = [m for m in eager.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
-    steps = [s for s in recorded.plan.torch_steps if "convolution" in str(s.op)]
-    assert len([s for s in steps if s.args[8] > 1]) == len(left)  # args[8]: groups
+    steps = recorded.plan.torch_steps
+    convolutions = [s for s in steps if "convolution" in str(s.op)]
+    assert len([s for s in convolutions if s.args[8] > 1]) == len(left)  # args[8]: groups
     if KERNEL == "on":
         assert len(left) < 3 and recorded.plan.calls
+    if head.unavailable_reason() is None:  # the classifier in C too: no torch step after it
+        assert [c.name for c in recorded.plan.calls[-2:]] == ["head_pool", "head_linear"]
+        assert not any("addmm" in str(s.op) or "mean" in str(s.op) for s in steps)
     outs = []
     for _ in range(3):
         fresh = torch.randn(2, 3, 32, 32)

@@ -418,6 +418,7 @@ def swap_convs_x3(
     repeats: int = 5,
     timings: TimingCache | None = None,
     compiled: bool = True,
+    native_extra_ms: float = 0.0,
 ) -> list[LayerChoice]:
     """Replace, in place, the float32 convolutions of `model` `conv_x3` takes by `ConvX3`.
 
@@ -430,7 +431,9 @@ def swap_convs_x3(
     honour an operator's in-place write). The timed residuals are overwritten by the in-place
     runs, so their values drift from call to call; only the time is kept. With `timings`, times
     stored there are used instead of measured. `compiled` False weighs the kernel against oneDNN
-    as the eager fast path (and a replay of it) runs it, as `swap_dense_convs`.
+    as the eager fast path (and a replay of it) runs it, and `native_extra_ms` is added to
+    oneDNN's time (in a replay, what a torch operator costs beyond its own time), as
+    `swap_dense_convs`.
     """
     return swap_dense_convs(
         model,
@@ -441,6 +444,7 @@ def swap_convs_x3(
         repeats=repeats,
         timings=timings,
         compiled=compiled,
+        native_extra_ms=native_extra_ms,
     )
 
 
@@ -453,6 +457,7 @@ def swap_convs_fma(
     repeats: int = 5,
     timings: TimingCache | None = None,
     compiled: bool = True,
+    native_extra_ms: float = 0.0,
 ) -> list[LayerChoice]:
     """Replace, in place, the float32 1×1 convolutions of `model` that `pointwise_fma` takes by
     `FmaConv1x1`; as `swap_convs_x3` otherwise (variant 'fma…'). Run after `swap_convs_x3`, so
@@ -472,6 +477,7 @@ def swap_convs_fma(
         repeats=repeats,
         timings=timings,
         compiled=compiled,
+        native_extra_ms=native_extra_ms,
     )
 
 
@@ -484,6 +490,7 @@ def swap_convs_dot(
     repeats: int = 5,
     timings: TimingCache | None = None,
     compiled: bool = True,
+    native_extra_ms: float = 0.0,
 ) -> list[LayerChoice]:
     """Replace, in place, the bf16 1×1 convolutions of `model` that `pointwise_gemm.conv1x1`
     takes by `DotConv1x1`; as `swap_convs_x3` otherwise (`example`
@@ -497,6 +504,7 @@ def swap_convs_dot(
         repeats=repeats,
         timings=timings,
         compiled=compiled,
+        native_extra_ms=native_extra_ms,
     )
 
 
@@ -510,12 +518,14 @@ def swap_dense_convs(
     repeats: int = 5,
     timings: TimingCache | None = None,
     compiled: bool = True,
+    native_extra_ms: float = 0.0,
 ) -> list[LayerChoice]:
     """The pass for one kernel (`X3`, `FMA` or `DOT`): see `swap_convs_x3`. Convolutions alike
     (input shape, outputs, geometry, epilogue) are timed once and share the pick; with
     `timings`, times stored there are used instead of measured. `compiled` False weighs the
     kernel against oneDNN as the eager fast path runs it (no prepacked weight, the epilogue as
-    separate ops) rather than as the compiled graph does."""
+    separate ops) rather than as the compiled graph does; `native_extra_ms` is added to oneDNN's
+    time before the two are compared (the times kept are those measured)."""
     check_mode(kernel.option, mode)
     if mode == "off" or example.dtype != kernel.dtype:
         return []
@@ -528,7 +538,17 @@ def swap_dense_convs(
     shapes = input_shapes(model, [s.name for s in sites], example)
     with cache_evictor() as evict:
         return _choose(
-            model, kernel, sites, shapes, mode, in_place, repeats, evict, timings, compiled
+            model,
+            kernel,
+            sites,
+            shapes,
+            mode,
+            in_place,
+            repeats,
+            evict,
+            timings,
+            compiled,
+            native_extra_ms,
         )
 
 
@@ -569,6 +589,7 @@ def _choose(
     evict: Callable[[], None],
     timings: TimingCache | None,
     compiled: bool,
+    native_extra_ms: float,
 ) -> list[LayerChoice]:
     """Time each site's convolution both ways (`evict` before each timed call) and rewrite the
     ones the kernel takes; the choices made."""
@@ -602,7 +623,7 @@ def _choose(
             native_ms, kernel_ms = cached(timings, key, 2, measure)
             timed[alike] = (native_ms, kernel_ms)
         native_ms, kernel_ms = timed[alike]
-        use = mode == "on" or kernel_ms < native_ms
+        use = mode == "on" or kernel_ms < native_ms + native_extra_ms
         if use:
             _rewrite(model, site, fast)
         epilogue = ("+add+relu" if site.residual else "+relu") if site.relu else ""

@@ -22,9 +22,10 @@ from resnext.speed.dot_grouped import fuse_dot_pointwise
 from resnext.speed.fold import fold_batchnorm
 from resnext.speed.group_order import split_group_channels
 from resnext.speed.grouped_swap import check_mode, swap_grouped_convs
+from resnext.speed.head import swap_head
 from resnext.speed.merged_groups import widen_where_faster
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
-from resnext.speed.replay import Replayed
+from resnext.speed.replay import TORCH_STEP_MS, Replayed
 from resnext.speed.shapes import check_new_shapes
 from resnext.speed.shortcut_fusion import fuse_dot_shortcuts, fuse_shortcuts, fuse_x3_shortcuts
 from resnext.speed.timing_cache import TimingCache
@@ -375,16 +376,21 @@ def optimize(
         # oneDNN's way is cheaper in the compiled graph (weights prepacked) than in the eager
         # fast path and its replay
         compiled = backend in ("inductor", "jit")
-        x3 = swap_convs_x3(
-            work, probe, mode=conv_x3, in_place=in_place, timings=timings, compiled=compiled
-        )
+        dense = {
+            "in_place": in_place,
+            "timings": timings,
+            "compiled": compiled,
+            "native_extra_ms": TORCH_STEP_MS if backend == "replay" else 0.0,
+        }
+        x3 = swap_convs_x3(work, probe, mode=conv_x3, **dense)
         x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)
-        ones = {"in_place": in_place, "timings": timings, "compiled": compiled}
-        fma = swap_convs_fma(work, probe, mode=pointwise_fma, **ones)
-        fma += swap_convs_dot(work, probe, mode=pointwise_bf16, **ones)
+        fma = swap_convs_fma(work, probe, mode=pointwise_fma, **dense)
+        fma += swap_convs_dot(work, probe, mode=pointwise_bf16, **dense)
         fma += fuse_dot_shortcuts(work, probe, mode=pointwise_bf16, timings=timings)
         fusions += fuse_dot_pointwise(work, probe, mode=fuse_pointwise, timings=timings)
         blocks += fuse_dot_blocks(work, probe, mode=fuse_block, timings=timings)
+        if backend == "replay":  # there each torch operator after the kernels costs the most
+            swap_head(work)
         timings.save()
     elif grouped_kernel == "on" or split_groups == "on":
         switch = "grouped_kernel" if grouped_kernel == "on" else "split_groups"

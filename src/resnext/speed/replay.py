@@ -36,6 +36,11 @@ from resnext.speed.operators import NAMESPACE
 from resnext.speed.shapes import check_new_shapes
 
 SOURCE = Path(__file__).with_name("kernels") / "replay.c"
+# What a torch operator costs a replay beyond its own time, for the choosers to weigh: the first
+# operator after our kernels runs Python and torch's dispatch on caches they have filled (measured
+# on the Xeon at batch 1: a 64-value add took 119 µs there, a pooling 282 against 47 µs when run
+# again at once), and a functional one's output is copied into the recorded tensor.
+TORCH_STEP_MS = 0.2
 FLAGS = ("-O2",)
 # ctypes argument types a recorded call may have: each travels as one 64-bit integer
 _INTEGER_TYPES = (
