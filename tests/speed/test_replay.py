@@ -6,7 +6,7 @@ import ctypes
 
 import pytest
 import torch
-from registry_models import randomize_bn
+from registry_models import MAX_PARAMS, param_count, randomize_bn, small_input
 from tensor_checks import rel_err
 from torch import nn
 
@@ -168,3 +168,20 @@ def test_bad_arguments() -> None:
         Replayed(nn.Identity(), new_shapes="later")
     with pytest.raises(ConfigError, match="backend: expected one of"):
         optimize(_model(), backend="replay-ish")
+
+
+@pytest.mark.parametrize("name", resnext.list_models())
+def test_replay_same_function_every_registry_model(name: str) -> None:
+    if param_count(name) > MAX_PARAMS:
+        pytest.skip(f"{name}: over {MAX_PARAMS:,} parameters, too slow to build in a fast test")
+    torch.manual_seed(4)
+    model = resnext.create_model(name).eval()
+    randomize_bn(model)
+    x = small_input(model)
+    fast = optimize(model, "fp32", backend="replay", example_input=x, grouped_kernel=KERNEL)
+    assert isinstance(fast, Replayed)
+    fresh = torch.randn_like(x)
+    with torch.no_grad():
+        got = fast(fresh)
+        assert torch.equal(got, fast.module(fresh))
+        assert rel_err(got, model(fresh)) < 1e-4
