@@ -60,6 +60,12 @@ def test_replay_computes_the_eager_fast_paths_function_bit_for_bit(dtype: str) -
         assert torch.equal(got, want)
         assert rel_err(got, plain) < (1e-4 if dtype == "fp32" else 3e-2)
         outs.append(got)
+    # a profile replays the same steps, each timed, in order
+    profile = recorded.plan.profile()
+    names = [name for name, _ in profile]
+    assert len(profile) == len(recorded.plan.calls) + len(recorded.plan.torch_steps)
+    assert [c.name for c in recorded.plan.calls] == [n for n in names if not n.startswith("aten")]
+    assert all(ms >= 0 for _, ms in profile)
     # each call returns its own tensor: a later replay does not overwrite an earlier output
     assert not torch.equal(outs[0], outs[1])
     assert outs[0].data_ptr() != outs[1].data_ptr()
@@ -121,7 +127,7 @@ class _StrayPointer(nn.Module):
         lib = replay._library()
         scratch = ctypes.create_string_buffer(64)  # memory outside torch's
         p = ctypes.addressof(scratch)
-        assert lib.replay_run(p, p, p, p, 0) == 0  # runs no call: n = 0
+        assert lib.replay_run(p, p, p, p, 0, None) == 0  # runs no call: n = 0
         return x * 2
 
 

@@ -21,6 +21,7 @@ import ctypes
 import functools
 import platform
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def _library() -> ctypes.CDLL:
             f"{platform.machine()}"
         )
     lib = native.load(SOURCE, FLAGS)
-    lib.replay_run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    lib.replay_run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p]
     lib.replay_run.restype = ctypes.c_int
     lib.replay_max_args.argtypes = []
     lib.replay_max_args.restype = ctypes.c_int
@@ -174,19 +175,36 @@ class Plan:
     def run(self) -> None:
         """Make every step again; a RuntimeError naming the first C call whose value differs
         from the recording (nothing after it is run)."""
+        self._run(None)
+
+    def profile(self) -> list[tuple[str, float]]:
+        """Make every step again, timing each: (C function or torch operator, ms), in order.
+        The C calls are timed inside the loop, so their times are those of the real sequence."""
+        ms = (ctypes.c_double * max(len(self.calls), 1))()
+        return self._run(ms)
+
+    def _run(self, ms: ctypes.Array | None) -> list[tuple[str, float]]:
         replay_run = _library().replay_run
+        times: list[tuple[str, float]] = []
         for step in self._program:
             if isinstance(step, TorchStep):
+                start = time.perf_counter()
                 step.run()
+                if ms is not None:
+                    times.append((str(step.op), (time.perf_counter() - start) * 1e3))
                 continue
             first, count = step
-            failed = replay_run(*self._runs[first], count)
+            at = None if ms is None else ctypes.addressof(ms) + first * ctypes.sizeof(ms._type_)
+            failed = replay_run(*self._runs[first], count, at)
             if failed:
                 call = self.calls[first + failed - 1]
                 raise RuntimeError(
                     f"replay: {call.name} (call {first + failed}) returned another value than "
                     "when recorded"
                 )
+            if ms is not None:
+                times += [(self.calls[i].name, ms[i]) for i in range(first, first + count)]
+        return times
 
 
 def _signed64(value: int) -> int:
