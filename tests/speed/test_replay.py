@@ -12,7 +12,7 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import head, replay
+from resnext.speed import head, replay, replay_memory
 from resnext.speed.capability import bf16_supported
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_kernel import unavailable_reason as grouped_unavailable
@@ -191,3 +191,47 @@ def test_replay_same_function_every_registry_model(name: str) -> None:
         got = fast(fresh)
         assert torch.equal(got, fast.module(fresh))
         assert rel_err(got, model(fresh)) < 1e-4
+
+
+def test_arena_offsets_share_memory_only_between_storages_never_alive_together() -> None:
+    # by hand: A (100 bytes) lives over steps 0-1, B (100) over 1-2, C (50) over 2-3. Largest
+    # first: A at 0 (128 bytes, aligned), B meets A at step 1 so goes above it at 128, C meets
+    # only B and takes A's place at 0: 256 bytes where 300 were kept apart.
+    sizes = {1: 100, 2: 100, 3: 50}
+    offsets, total = replay_memory._offsets(sizes, {1: (0, 1), 2: (1, 2), 3: (2, 3)})
+    assert offsets == {1: 0, 2: 128, 3: 0} and total == 256
+
+
+def test_a_recording_keeps_its_activations_in_one_arena_smaller_than_them_all() -> None:
+    model = _model()
+    x = torch.randn(4, 3, 32, 32)
+    fast = optimize(model, "fp32", backend="replay", example_input=x, grouped_kernel=KERNEL)
+    (recorded,) = fast.recordings.values()
+    arena = next(t for t in recorded.plan._keep if t.dtype == torch.uint8)
+    # every activation the recording used lives in the arena: the output too
+    start, end = arena.data_ptr(), arena.data_ptr() + arena.numel()
+    assert start <= recorded.output.data_ptr() < end
+    for call in recorded.plan.calls:
+        for j in call.pointers:
+            address = call.args[j]
+            if address == 0:  # NULL: no such argument (a residual, say)
+                continue
+            inside_arena = start <= address <= end
+            kept = any(
+                t.untyped_storage().data_ptr()
+                <= address
+                <= t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()
+                for t in recorded.plan._keep
+            )
+            assert inside_arena or kept
+    # the activations the forward makes, each in its own memory, against the arena
+    watch = replay._Watch([])
+    with torch.no_grad(), watch:
+        fast.module(x)
+    weights = {t.untyped_storage().data_ptr() for t in replay.module_tensors(fast.module)}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in watch.kept
+        if t.untyped_storage().data_ptr() not in weights
+    }
+    assert arena.numel() < 0.7 * sum(storages.values())

@@ -24,7 +24,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +32,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from resnext import native
+from resnext.speed import replay_memory
 from resnext.speed.operators import NAMESPACE
+from resnext.speed.replay_steps import Call, TorchStep
 from resnext.speed.shapes import check_new_shapes
 
 SOURCE = Path(__file__).with_name("kernels") / "replay.c"
@@ -93,37 +94,6 @@ def _library() -> ctypes.CDLL:
 def unavailable_reason() -> str | None:
     """None if calls can be replayed here, else why not (one line; decided once per process)."""
     return native.problem(_library)
-
-
-@dataclass(frozen=True)
-class Call:
-    """One recorded C call: the function's name and address, its arguments as 64-bit integers,
-    and the int it returned (None for a function that returns nothing)."""
-
-    name: str
-    address: int
-    args: tuple[int, ...]
-    value: int | None
-
-
-@dataclass(frozen=True)
-class TorchStep:
-    """One recorded torch operator that computes outside our kernels (a layer left to oneDNN, a
-    cast, the classifier): called again on the same tensors, its new outputs copied into the
-    ones it returned when recorded, which later steps read."""
-
-    op: torch._ops.OpOverload
-    args: tuple[object, ...]
-    kwargs: dict[str, object]
-    outs: tuple[torch.Tensor, ...]
-    writes: bool  # the operator writes into an argument (in place or out=) and returns it
-
-    def run(self) -> None:
-        result = self.op(*self.args, **self.kwargs)
-        if not self.writes:
-            new = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
-            for kept, value in zip(self.outs, new, strict=True):
-                kept.copy_(value)
 
 
 class Plan:
@@ -281,7 +251,8 @@ class _Recording:
             return
         address = ctypes.cast(fn, ctypes.c_void_p).value
         assert address is not None
-        self.steps.append(Call(name, address, tuple(ints), value if fn.restype else None))
+        pointers = tuple(j for j, kind in enumerate(kinds) if kind is ctypes.c_void_p)
+        self.steps.append(Call(name, address, tuple(ints), value if fn.restype else None, pointers))
 
 
 class _Watch(TorchDispatchMode):
@@ -352,7 +323,11 @@ def capture(module: nn.Module, x: torch.Tensor) -> tuple[Plan, torch.Tensor]:
         problems.append(f"{', '.join(strays)} got memory the capture does not keep")
     if problems:
         raise ReplayUnavailable("; ".join(problems))
-    return Plan(steps, keep), out
+    weights = module_tensors(module)
+    fixed = {t.untyped_storage().data_ptr() for t in [x, *weights]}
+    made = [t for t in watch.kept if t.untyped_storage().data_ptr() not in fixed]
+    steps, arena, out, left = replay_memory.pack(steps, made, out)
+    return Plan(steps, [x, arena, out, *weights, *left]), out
 
 
 def input_key(x: torch.Tensor) -> tuple[object, ...]:

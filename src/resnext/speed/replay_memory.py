@@ -1,0 +1,132 @@
+"""Where a replay's activations live: one arena, each tensor's memory reused once it is dead.
+
+A recording (`resnext.speed.replay.capture`) keeps every tensor its forward made, so that the
+recorded addresses stay ours: ResNeXt-50 at batch 16 would hold 315–540 MB of activations, each
+layer writing memory no earlier layer warmed. `pack` gives each activation storage the interval
+of steps that use it (a C call passing an address inside it, a torch step taking or returning a
+tensor on it), places the storages in one arena so that two overlap in memory only if their
+intervals do not, and rewrites the steps onto the arena: C addresses by their offset, torch
+steps' tensors as views of it. The recording's own check (a fresh input replayed bit for bit
+against the module) then runs on the packed steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from resnext.speed.replay_steps import Call, TorchStep
+
+ALIGN = 64  # bytes: a cache line, and at least every dtype's alignment
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+def _tensors(step: TorchStep) -> list[torch.Tensor]:
+    leaves = tree_flatten((step.args, step.kwargs))[0] + list(step.outs)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _intervals(
+    steps: list[Call | TorchStep], storages: dict[int, int], last: set[int]
+) -> dict[int, tuple[int, int]]:
+    """Each storage's (first, last) step that uses it; those in `last` live to the end."""
+    starts = sorted(storages)
+    used: dict[int, tuple[int, int]] = {}
+
+    def touch(base: int, i: int) -> None:
+        first, _ = used.get(base, (i, i))
+        used[base] = (first, i)
+
+    for i, step in enumerate(steps):
+        if isinstance(step, Call):
+            for j in step.pointers:
+                address = step.args[j]
+                for base in starts:  # few storages: a scan is enough
+                    if base <= address <= base + storages[base]:
+                        touch(base, i)
+        else:
+            for t in _tensors(step):
+                base = t.untyped_storage().data_ptr()
+                if base in storages:
+                    touch(base, i)
+    for base in last:
+        if base in used:
+            used[base] = (used[base][0], len(steps))
+        else:
+            used[base] = (len(steps), len(steps))
+    return used
+
+
+def _offsets(sizes: dict[int, int], intervals: dict[int, tuple[int, int]]) -> tuple[dict, int]:
+    """Arena offsets: largest first, each at the lowest aligned offset that overlaps no placed
+    storage whose interval meets its own; and the arena's size."""
+    placed: list[tuple[int, int, int, int]] = []  # offset, end, first, last
+    offsets = {}
+    for base in sorted(intervals, key=lambda b: (-sizes[b], b)):
+        size = -(-sizes[base] // ALIGN) * ALIGN
+        first, last = intervals[base]
+        live = sorted((o, e) for o, e, f, la in placed if f <= last and first <= la)
+        at = 0
+        for o, e in live:
+            if at + size <= o:
+                break
+            at = max(at, e)
+        offsets[base] = at
+        placed.append((at, at + size, first, last))
+    return offsets, max((e for _, e, _, _ in placed), default=0)
+
+
+def pack(
+    steps: list[Call | TorchStep], activations: list[torch.Tensor], output: torch.Tensor
+) -> tuple[list[Call | TorchStep], torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """`steps` rewritten so that the storages of `activations` (tensors the forward made; not
+    its input or weights) that any step uses live in one arena: (steps, arena, `output` on the
+    arena, the activations left where they are, which the steps never touch)."""
+    storages = dict(_span(t) for t in activations)
+    storages = {base: size for base, size in storages.items() if size > 0}
+    out_base = output.untyped_storage().data_ptr()
+    intervals = _intervals(steps, storages, {out_base} & set(storages))
+    offsets, total = _offsets(storages, intervals)
+    arena = torch.empty(max(total, ALIGN), dtype=torch.uint8)
+    arena_at = arena.data_ptr()
+
+    def address(a: int) -> int:
+        for base, offset in offsets.items():
+            if base <= a <= base + storages[base]:
+                return arena_at + offset + (a - base)
+        return a
+
+    views: dict[int, torch.Tensor] = {}
+
+    def moved(t: object) -> object:
+        if not isinstance(t, torch.Tensor):
+            return t
+        base = t.untyped_storage().data_ptr()
+        if base not in offsets:
+            return t
+        if id(t) not in views:
+            byte = offsets[base] + (t.data_ptr() - base)
+            view = torch.empty(0, dtype=t.dtype)
+            view.set_(arena.untyped_storage(), byte // t.element_size(), t.shape, t.stride())
+            views[id(t)] = view
+        return views[id(t)]
+
+    packed: list[Call | TorchStep] = []
+    for step in steps:
+        if isinstance(step, Call):
+            args = tuple(address(a) if j in step.pointers else a for j, a in enumerate(step.args))
+            packed.append(replace(step, args=args))
+        else:
+            args, kwargs = tree_map(moved, (step.args, step.kwargs))
+            outs = tuple(moved(t) for t in step.outs)
+            packed.append(replace(step, args=args, kwargs=kwargs, outs=outs))
+    new_output = moved(output)
+    assert isinstance(new_output, torch.Tensor)
+    left = [t for t in activations if t.untyped_storage().data_ptr() not in offsets]
+    return packed, arena, new_output, left
