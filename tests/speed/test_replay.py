@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import time
 
 import pytest
 import torch
@@ -139,6 +140,14 @@ class _CallsMaxArgs(nn.Module):
         return x * 2
 
 
+class _CallsMaxArgsAfterAPause(_CallsMaxArgs):
+    """Lets other threads run (sleeping frees the interpreter) before its call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        return super().forward(x)
+
+
 def test_memory_the_capture_does_not_keep_is_refused_by_name() -> None:
     with pytest.raises(ReplayUnavailable, match="replay_run got memory the capture does not keep"):
         Recorded(_StrayPointer(), torch.randn(2, 2))
@@ -235,3 +244,39 @@ def test_a_recording_keeps_its_activations_in_one_arena_smaller_than_them_all() 
         if t.untyped_storage().data_ptr() not in weights
     }
     assert arena.numel() < 0.7 * sum(storages.values())
+
+
+def test_a_copy_records_again_on_its_own_memory() -> None:
+    import copy
+
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, "fp32", backend="replay", example_input=x, new_shapes="eager")
+    for twin in (copy.deepcopy(fast), copy.deepcopy(fast)):
+        assert twin.recordings == {}
+        fresh = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(twin(fresh), fast(fresh))
+        (recorded,) = twin.recordings.values()  # recorded again, though new_shapes is 'eager'
+        (original,) = fast.recordings.values()
+        assert recorded.input.data_ptr() != original.input.data_ptr()
+
+
+def test_another_threads_kernel_calls_are_not_recorded() -> None:
+    import threading
+
+    lib = replay._library()
+    stop = threading.Event()
+
+    def busy() -> None:  # calls one of our functions over and over while a recording runs
+        while not stop.is_set():
+            lib.replay_max_args()
+
+    other = threading.Thread(target=busy)
+    other.start()
+    try:
+        recorded = Recorded(_CallsMaxArgsAfterAPause(), torch.randn(2, 2))
+    finally:
+        stop.set()
+        other.join()
+    assert [c.name for c in recorded.plan.calls] == ["replay_max_args"]

@@ -71,6 +71,9 @@ _PASSIVE = frozenset(
 )
 
 
+_RECORDING = threading.Lock()
+
+
 class ReplayUnavailable(RuntimeError):
     """A forward cannot be recorded for replay here, with why."""
 
@@ -201,6 +204,7 @@ class _Recording:
         self.problems: list[str] = []
         self._patched: list[tuple[ctypes.CDLL, str, object]] = []
         self._names: list[tuple[ctypes.CDLL, frozenset[str]]] = []
+        self._thread = threading.get_ident()  # other threads' calls are not this forward's
 
     def __enter__(self) -> _Recording:
         for lib in native.loaded():
@@ -223,7 +227,8 @@ class _Recording:
     def _wrap(self, name: str, fn: ctypes._CFuncPtr) -> Callable[..., object]:
         def recorded(*args: object) -> object:
             value = fn(*args)
-            self._record(name, fn, args, value)
+            if threading.get_ident() == self._thread:
+                self._record(name, fn, args, value)
             return value
 
         return recorded
@@ -311,7 +316,8 @@ def capture(module: nn.Module, x: torch.Tensor) -> tuple[Plan, torch.Tensor]:
         raise ReplayUnavailable(reason)
     steps: list[Call | TorchStep] = []
     watch = _Watch(steps)
-    with torch.no_grad(), _Recording(steps) as recording, watch:
+    # one recording at a time: each wraps the libraries' functions for its own thread
+    with _RECORDING, torch.no_grad(), _Recording(steps) as recording, watch:
         out = module(x)
     problems = list(recording.problems)
     if not isinstance(out, torch.Tensor):
@@ -370,7 +376,7 @@ class Replayed(nn.Module):
     (`new_shapes` 'compile', ~2 forwards' time) or never ('eager': such inputs run on the module
     itself, the same function). Where an input cannot be recorded (`ReplayUnavailable`) it runs
     on the module with a warning, once. Everything runs without gradients; outputs are new
-    tensors; calls are serialised, since a recording reuses its memory.
+    tensors; calls are serialised, since a recording reuses its memory; a copy records afresh.
     """
 
     def __init__(self, module: nn.Module, new_shapes: str = "compile") -> None:
@@ -379,6 +385,20 @@ class Replayed(nn.Module):
         self.module = module
         self.new_shapes = new_shapes
         self.recordings: dict[tuple[object, ...], Recorded | None] = {}
+        self._stale: set[tuple[object, ...]] = set()  # recorded by the module this was copied from
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, object]:
+        # A recording's addresses belong to this object's memory: a copy (copy.deepcopy) records
+        # again, when an input of each kind recorded here first comes.
+        state = self.__dict__.copy()
+        state["_stale"] = self._stale | {k for k, r in self.recordings.items() if r is not None}
+        state["recordings"] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        super().__setstate__(state)
         self._lock = threading.Lock()
 
     def build(self, x: torch.Tensor) -> torch.Tensor:
@@ -391,7 +411,7 @@ class Replayed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = input_key(x)
-        if key not in self.recordings and self.new_shapes == "compile":
+        if key not in self.recordings and (self.new_shapes == "compile" or key in self._stale):
             try:
                 return self.build(x)
             except ReplayUnavailable as exc:
