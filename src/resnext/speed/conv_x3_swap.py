@@ -304,7 +304,7 @@ class _Site:
     overwritable: bool
 
 
-def _sites(model: nn.Module, eligible: Callable[[nn.Module], bool]) -> list[_Site]:
+def sites(model: nn.Module, eligible: Callable[[nn.Module], bool]) -> list[_Site]:
     """Each convolution `eligible` accepts once, with its parent: the outermost traceable module whose own
     graph calls it (a block, for the 1×1 in its shortcut's Sequential), and the epilogue found
     there. Where two end in one add (a block's last 1×1 and its projection shortcut), the later
@@ -314,14 +314,14 @@ def _sites(model: nn.Module, eligible: Callable[[nn.Module], bool]) -> list[_Sit
     # a parent's callers first: a block's graph is traced through its shortcut's Sequential
     parents = sorted(parents, key=lambda p: (p.count("."), p))
     consumed = inputs_consumed(model, set(parents))
-    sites: dict[str, _Site] = {}
+    by_name: dict[str, _Site] = {}
     for parent_name, graph, modules, calls in traced_parents(model, parents, KernelLeafTracer):
         found: list[tuple[fx.Node, _Epilogue]] = []
         for node in graph.nodes:
             module = modules.get(str(node.target)) if node.op == "call_module" else None
             full = f"{parent_name}.{node.target}"
             if (
-                full in sites
+                full in by_name
                 or not eligible(module)
                 or calls[str(node.target)] != 1
                 or single_input(node) is None
@@ -333,7 +333,7 @@ def _sites(model: nn.Module, eligible: Callable[[nn.Module], bool]) -> list[_Sit
             if epi.residual is not None and epi.nodes[-2] in claimed:
                 epi = _Epilogue([], None, False)
             claimed.update(epi.nodes)
-            sites[f"{parent_name}.{node.target}"] = _Site(
+            by_name[f"{parent_name}.{node.target}"] = _Site(
                 f"{parent_name}.{node.target}",
                 parent_name,
                 str(node.target),
@@ -343,12 +343,12 @@ def _sites(model: nn.Module, eligible: Callable[[nn.Module], bool]) -> list[_Sit
             )
     for name in names:
         if "." not in name:  # the model's own child: swapped alone
-            sites[name] = _Site(name, "", name, False, False, False)
+            by_name[name] = _Site(name, "", name, False, False, False)
     order = {name: i for i, name in enumerate(names)}
-    return sorted(sites.values(), key=lambda site: order[site.name])
+    return sorted(by_name.values(), key=lambda site: order[site.name])
 
 
-def _rewrite(model: nn.Module, site: _Site, fast: nn.Module) -> None:
+def rewrite_site(model: nn.Module, site: _Site, fast: nn.Module) -> None:
     """Put `fast` in the parent's graph in place of the convolution and the epilogue it applies
     (the model's own child: in its place alone)."""
     if not site.parent:
@@ -534,13 +534,13 @@ def swap_dense_convs(
         if mode == "on":
             raise ConfigError(f"{kernel.option}: 'on' but the kernel cannot run here: {reason}")
         return []
-    sites = _sites(model, kernel.eligible)
-    shapes = input_shapes(model, [s.name for s in sites], example)
+    found = sites(model, kernel.eligible)
+    shapes = input_shapes(model, [s.name for s in found], example)
     with cache_evictor() as evict:
         return _choose(
             model,
             kernel,
-            sites,
+            found,
             shapes,
             mode,
             in_place,
@@ -581,7 +581,7 @@ def _time_site(
 def _choose(
     model: nn.Module,
     kernel: DenseKernel,
-    sites: list[_Site],
+    found: list[_Site],
     shapes: dict[str, tuple],
     mode: str,
     in_place: bool,
@@ -597,7 +597,7 @@ def _choose(
     # Layers alike (a stage's later blocks) are timed once and get the same pick: half the
     # timing, and no coin flips between twins that a noisy machine would otherwise make.
     timed: dict[tuple, tuple[float, float]] = {}
-    for site in sites:
+    for site in found:
         if site.name not in shapes:  # never called on this input
             continue
         conv = model.get_submodule(site.name)
@@ -625,7 +625,7 @@ def _choose(
         native_ms, kernel_ms = timed[alike]
         use = mode == "on" or kernel_ms < native_ms + native_extra_ms
         if use:
-            _rewrite(model, site, fast)
+            rewrite_site(model, site, fast)
         epilogue = ("+add+relu" if site.residual else "+relu") if site.relu else ""
         variant = kernel.variant + epilogue + (", in place" if overwrite else "")
         chosen = "kernel" if use else "native"

@@ -25,6 +25,7 @@ from resnext.speed.grouped_swap import check_mode, swap_grouped_convs
 from resnext.speed.head import swap_head
 from resnext.speed.merged_groups import widen_where_faster
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
+from resnext.speed.prepacked import prepack_convs
 from resnext.speed.replay import TORCH_STEP_MS, Replayed
 from resnext.speed.shapes import check_new_shapes
 from resnext.speed.shortcut_fusion import fuse_dot_shortcuts, fuse_shortcuts, fuse_x3_shortcuts
@@ -373,13 +374,12 @@ def optimize(
         in_place = backend != "jit"
         blocks = fuse_blocks(work, probe, mode=fuse_block, in_place=in_place, timings=timings)
         blocks += fuse_shortcuts(work, probe, mode=fuse_block, timings=timings)
-        # oneDNN's way is cheaper in the compiled graph (weights prepacked) than in the eager
-        # fast path and its replay
-        compiled = backend in ("inductor", "jit")
+        # every backend runs oneDNN's convolutions prepacked with their epilogues fused (the
+        # eager paths through `prepack_convs`, below), as the choosers time them; a replay
+        # leaves its C loop for each
         dense = {
             "in_place": in_place,
             "timings": timings,
-            "compiled": compiled,
             "native_extra_ms": TORCH_STEP_MS if backend == "replay" else 0.0,
         }
         x3 = swap_convs_x3(work, probe, mode=conv_x3, **dense)
@@ -391,6 +391,8 @@ def optimize(
         blocks += fuse_dot_blocks(work, probe, mode=fuse_block, timings=timings)
         if backend == "replay":  # there each torch operator after the kernels costs the most
             swap_head(work)
+        if backend in ("none", "replay"):  # what inductor's freezing does for the graph
+            prepack_convs(work, probe, in_place=in_place)
         timings.save()
     elif grouped_kernel == "on" or split_groups == "on":
         switch = "grouped_kernel" if grouped_kernel == "on" else "split_groups"

@@ -297,6 +297,8 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
 def _spans(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
     spans = []
     for t in tensors:
+        if t.layout != torch.strided:  # oneDNN's packed weights: no address a kernel of ours gets
+            continue
         storage = t.untyped_storage()
         start = storage.data_ptr()
         spans.append((start, start + storage.nbytes()))
@@ -330,8 +332,12 @@ def capture(module: nn.Module, x: torch.Tensor) -> tuple[Plan, torch.Tensor]:
     if problems:
         raise ReplayUnavailable("; ".join(problems))
     weights = module_tensors(module)
-    fixed = {t.untyped_storage().data_ptr() for t in [x, *weights]}
-    made = [t for t in watch.kept if t.untyped_storage().data_ptr() not in fixed]
+    fixed = {t.untyped_storage().data_ptr() for t in [x, *weights] if t.layout == torch.strided}
+    made = [
+        t
+        for t in watch.kept
+        if t.layout == torch.strided and t.untyped_storage().data_ptr() not in fixed
+    ]
     steps, arena, out, left = replay_memory.pack(steps, made, out)
     return Plan(steps, [x, arena, out, *weights, *left]), out
 

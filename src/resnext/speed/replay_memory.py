@@ -29,7 +29,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 def _tensors(step: TorchStep) -> list[torch.Tensor]:
     leaves = tree_flatten((step.args, step.kwargs))[0] + list(step.outs)
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.layout == torch.strided]
 
 
 def _intervals(
@@ -105,7 +105,7 @@ def pack(
     views: dict[int, torch.Tensor] = {}
 
     def moved(t: object) -> object:
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
             return t
         base = t.untyped_storage().data_ptr()
         if base not in offsets:

@@ -1,0 +1,82 @@
+"""The eager fast path's prepacked oneDNN convolutions (`resnext.speed.prepacked`)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensor_checks import nhwc, rel_err
+from torch import nn
+
+import resnext
+from resnext.speed.capability import bf16_supported
+from resnext.speed.fastpath import optimize
+from resnext.speed.prepacked import PrepackedConv, prepack_convs
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if bf16_supported() else [])
+
+
+def _reference(conv: nn.Conv2d, x: torch.Tensor, res: torch.Tensor | None, relu: bool):
+    y = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), conv.stride, conv.padding)
+    if res is not None:
+        y = y + res.double()
+    return y.clamp(min=0) if relu else y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("epilogue", ["none", "relu", "add+relu", "add+relu in place"])
+def test_a_prepacked_convolution_computes_the_convolution_and_its_epilogue(
+    dtype: torch.dtype, epilogue: str
+) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, stride=2, padding=1).to(dtype)
+    x = nhwc(torch.randn(2, 16, 9, 9)).to(dtype)
+    res = nhwc(torch.randn(2, 32, 5, 5)).to(dtype) if "add" in epilogue else None
+    before = None if res is None else res.clone()
+    fast = PrepackedConv(conv, epilogue != "none", "in place" in epilogue, tuple(x.shape))
+    with torch.no_grad():
+        want = _reference(conv, x, res, epilogue != "none")
+        got = fast(x, res)
+    assert rel_err(got.double(), want) < (1e-5 if dtype == torch.float32 else 2e-2)
+    if res is not None:  # written over only in place, and then returned
+        assert (got is res) == ("in place" in epilogue)
+        if "in place" not in epilogue:
+            assert torch.equal(res, before)
+
+
+def test_inputs_it_was_not_packed_for_take_torchs_convolution_and_copies_pack_again() -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 16, 1)
+    fast = PrepackedConv(conv, True, False, (1, 8, 6, 6))
+    nchw = torch.randn(1, 8, 6, 6)  # not channels-last: not what the weight was packed for
+    with torch.no_grad():
+        want = F.relu(conv(nchw))
+        assert rel_err(fast(nchw), want) < 1e-5
+        assert rel_err(fast(nhwc(nchw)), want) < 1e-5
+        twin = copy.deepcopy(fast)
+        assert twin.packed is not None and rel_err(twin(nhwc(nchw)), want) < 1e-5
+    grad_in = nhwc(nchw).requires_grad_()
+    fast(grad_in).sum().backward()  # a gradient through torch's convolution
+    assert grad_in.grad is not None
+    with pytest.raises(ValueError, match="conv: expected a float32 or bf16 groups-1"):
+        PrepackedConv(nn.Conv2d(8, 8, 3, groups=2), False, False, (1, 8, 6, 6))
+
+
+def test_the_pass_packs_every_groups_1_convolution_and_keeps_the_function() -> None:
+    torch.manual_seed(2)
+    model = resnext.create_model("resnext_tiny").eval().to(memory_format=torch.channels_last)
+    x = nhwc(torch.randn(2, 3, 32, 32))
+    with torch.no_grad():
+        want = model(x)
+        names = prepack_convs(model, x)
+        got = model(x)
+    dense = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    assert names and not dense
+    assert all(isinstance(model.get_submodule(n), PrepackedConv) for n in names)
+    assert rel_err(got, want) < 1e-5
+    # optimize's eager fast path runs them the same way
+    plain = resnext.create_model("resnext_tiny").eval()
+    fast = optimize(plain, "fp32", backend="none", example_input=x, grouped_kernel="off")
+    assert not any(isinstance(m, nn.Conv2d) and m.groups == 1 for m in fast.modules())
