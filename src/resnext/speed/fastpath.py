@@ -279,8 +279,9 @@ def optimize(
     (`pointwise_gemm.conv1x1`), which splits the pixels evenly between the threads; 'auto' times
     each layer both ways, cold, and keeps the faster. Its choices follow `pointwise_fma`'s in
     `pointwise_choices`. Both 1×1 passes weigh their kernel against oneDNN as the returned
-    module will run it: prepacked in the compiled graph, on the plain weight (reordered on every
-    call) for `backend='none'`.
+    module runs it: on a prepacked weight with its epilogue fused, in the compiled graph and in
+    the eager paths alike (there `resnext.speed.prepacked` packs the layers oneDNN keeps), plus
+    `replay.TORCH_STEP_MS` for a replay.
 
     `split_groups` ('auto', 'on', 'off'; bf16 on CPUs with AVX512-BF16) computes a grouped 3×3
     of 4 or 8 channels per group that sits between two 1×1s (a ResNeXt bottleneck) on its
