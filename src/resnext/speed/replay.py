@@ -1,18 +1,19 @@
-"""A network's forward features as one C call: our kernels' calls recorded once, then replayed.
+"""A fast-path forward replayed without Python: our kernels' C calls recorded once, made again.
 
 At batch 1 the fast path's time is partly Python: each of ResNeXt-50's ~50 kernel calls costs
 ~20 µs of operator dispatch, argument checks, output allocation and ctypes, and the compiled
-graph adds its wrapper and guards. Where every layer of `forward_features` runs on our kernels,
-`capture` runs it once while recording each C call (function, arguments, return value) and
-keeping every tensor those calls touch; `Plan.run` then makes the same calls from a C loop
-(`kernels/replay.c`) on the same memory. `Replayed` is the module `optimize(...,
-backend="replay")` returns: it copies each input into the captured input's memory, replays,
-and runs the classifier head in torch.
+graph adds its wrapper and guards. `capture` runs a module once while recording each C call of
+our libraries (function, integer and pointer arguments, return value) and each torch operator
+that computes outside them, keeping every tensor they touch; `Plan.run` then makes the C calls
+again from a C loop (`kernels/replay.c`) and the torch operators from Python, on the same
+memory, which `replay_memory` lays out in one arena. `Replayed` is the module `optimize(...,
+backend="replay")` returns: it copies each input into the recorded input's memory, replays,
+and returns a copy of the output.
 
-A capture is refused (`ReplayUnavailable`, saying why) where replaying could compute something
-else: a torch operator that computes outside our kernels (a layer left to oneDNN, a cast), a
-kernel given memory the capture does not keep, an argument that is not an integer or pointer,
-or a replay that does not reproduce the module's output bit for bit on a fresh input.
+A recording is refused (`ReplayUnavailable`, saying why) where replaying could compute something
+else: a kernel given memory the recording does not keep, an argument that is not an integer or
+pointer, a function without declared argument types, or a replay that does not reproduce the
+module's output bit for bit on a fresh input.
 """
 
 from __future__ import annotations
