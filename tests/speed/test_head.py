@@ -33,7 +33,7 @@ def test_pooled_mean_is_torchs_mean(shape: tuple[int, ...], dtype: torch.dtype) 
         assert torch.allclose(got, want, rtol=2**-7, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [1, 4, 0])
+@pytest.mark.parametrize("n", [1, 4, 6, 0])  # 6: four at a time, then two alone
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_kernel_linear_is_torchs_linear(n: int, dtype: torch.dtype, bias: bool) -> None:

@@ -63,30 +63,76 @@ int head_pool(const void *x, float *y, int N, int hw, int C, int bf16, int threa
   return 0;
 }
 
+/* Four dot products of row (C values, float32, or bf16 if `bf16`) with p0..p3 into d[0..3]:
+ * four independent sums, so that each FMA does not wait for the one before (one sum took ~4x
+ * as long per product at batch 16, measured on the Xeon). */
+static void dot4(const float *p0, const float *p1, const float *p2, const float *p3,
+                 const void *row, int C, int bf16, float *d) {
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+  if (bf16) {
+    const uint16_t *w = (const uint16_t *)row;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int c = 0; c < C; ++c) {
+      const float v = from_bf16(w[c]);
+      a0 += p0[c] * v;
+      a1 += p1[c] * v;
+      a2 += p2[c] * v;
+      a3 += p3[c] * v;
+    }
+  } else {
+    const float *w = (const float *)row;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int c = 0; c < C; ++c) {
+      a0 += p0[c] * w[c];
+      a1 += p1[c] * w[c];
+      a2 += p2[c] * w[c];
+      a3 += p3[c] * w[c];
+    }
+  }
+  d[0] = a0, d[1] = a1, d[2] = a2, d[3] = a3;
+}
+
+/* One dot product of row with p (see dot4). */
+static float dot1(const float *p, const void *row, int C, int bf16) {
+  float acc = 0.0f;
+  if (bf16) {
+    const uint16_t *w = (const uint16_t *)row;
+#pragma omp simd reduction(+ : acc)
+    for (int c = 0; c < C; ++c) acc += p[c] * from_bf16(w[c]);
+  } else {
+    const float *w = (const float *)row;
+#pragma omp simd reduction(+ : acc)
+    for (int c = 0; c < C; ++c) acc += p[c] * w[c];
+  }
+  return acc;
+}
+
 /* y[n][k] = sum_c p[n][c] w[k][c] + b[k] for p float32 [N][C], w and b float32, or bf16 if
  * `bf16` (the sum then rounded to bf16); b may be NULL. The threads split the outputs, so each
- * reads its share of w once. Returns 0, or -1 for a shape it does not take. */
+ * reads its share of w once; each weight row meets the inputs four at a time. Returns 0, or -1
+ * for a shape it does not take. */
 int head_linear(const float *p, const void *w, const void *b, float *y, int N, int C, int K,
                 int bf16, int threads) {
   if (N < 0 || C < 1 || K < 1 || threads < 1) return -1;
+  const size_t width = bf16 ? 2 : 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int k = 0; k < K; ++k) {
+    const void *row = (const char *)w + (size_t)k * C * width;
     const float bias = b == NULL ? 0.0f
                        : bf16    ? from_bf16(((const uint16_t *)b)[k])
                                  : ((const float *)b)[k];
-    for (int n = 0; n < N; ++n) {
+    int n = 0;
+    for (; n + 4 <= N; n += 4) {
       const float *pn = p + (long)n * C;
-      float acc = 0.0f;
-      if (bf16) {
-        const uint16_t *row = (const uint16_t *)w + (long)k * C;
-#pragma omp simd reduction(+ : acc)
-        for (int c = 0; c < C; ++c) acc += pn[c] * from_bf16(row[c]);
-      } else {
-        const float *row = (const float *)w + (long)k * C;
-#pragma omp simd reduction(+ : acc)
-        for (int c = 0; c < C; ++c) acc += pn[c] * row[c];
+      float d[4];
+      dot4(pn, pn + C, pn + 2L * C, pn + 3L * C, row, C, bf16, d);
+      for (int i = 0; i < 4; ++i) {
+        const float v = d[i] + bias;
+        y[(long)(n + i) * K + k] = bf16 ? round_bf16(v) : v;
       }
-      const float v = acc + bias;
+    }
+    for (; n < N; ++n) {
+      const float v = dot1(p + (long)n * C, row, C, bf16) + bias;
       y[(long)n * K + k] = bf16 ? round_bf16(v) : v;
     }
   }
