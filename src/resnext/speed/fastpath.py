@@ -27,7 +27,7 @@ from resnext.speed.merged_groups import widen_where_faster
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
 from resnext.speed.prepacked import prepack_convs
 from resnext.speed.replay import TORCH_STEP_MS, Replayed
-from resnext.speed.shapes import check_new_shapes
+from resnext.speed.shapes import check_new_shapes, input_key
 from resnext.speed.shortcut_fusion import fuse_dot_shortcuts, fuse_shortcuts, fuse_x3_shortcuts
 from resnext.speed.timing_cache import TimingCache
 
@@ -114,11 +114,6 @@ class FrozenInductor(nn.Module):
             torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
         ):
             return self.compiled(x)
-
-
-def input_key(x: torch.Tensor) -> tuple[object, ...]:
-    """What a compiled graph's guards tell inputs apart by: shape, strides, dtype, device."""
-    return (tuple(x.shape), x.stride(), x.dtype, x.device)
 
 
 class TracedModule(nn.Module):

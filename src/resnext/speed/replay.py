@@ -36,7 +36,7 @@ from resnext import native
 from resnext.speed import replay_memory
 from resnext.speed.operators import NAMESPACE
 from resnext.speed.replay_steps import Call, TorchStep
-from resnext.speed.shapes import check_new_shapes
+from resnext.speed.shapes import check_new_shapes, input_key
 
 SOURCE = Path(__file__).with_name("kernels") / "replay.c"
 # What a torch operator costs a replay beyond its own time, for the choosers to weigh: the first
@@ -201,7 +201,6 @@ class _Recording:
 
     def __init__(self, steps: list[Call | TorchStep]) -> None:
         self.steps = steps
-        self.pointers: list[tuple[str, int]] = []  # (function, address passed)
         self.problems: list[str] = []
         self._patched: list[tuple[ctypes.CDLL, str, object]] = []
         self._names: list[tuple[ctypes.CDLL, frozenset[str]]] = []
@@ -250,8 +249,6 @@ class _Recording:
                 if not issubclass(kind, _INTEGER_TYPES):
                     raise ReplayUnavailable(f"an argument of type {kind.__name__}")
                 ints.append(_as_integer(arg, kind))
-                if kind is ctypes.c_void_p and arg:
-                    self.pointers.append((name, int(arg)))
         except ReplayUnavailable as exc:
             self.problems.append(f"{name}: {exc}")
             return
@@ -325,14 +322,21 @@ def capture(module: nn.Module, x: torch.Tensor) -> tuple[Plan, torch.Tensor]:
     problems = list(recording.problems)
     if not isinstance(out, torch.Tensor):
         problems.append(f"the module returned a {type(out).__name__}, not a tensor")
-    keep = [x, *watch.kept, *module_tensors(module)]
-    spans = _spans(keep)
-    strays = sorted({name for name, address in recording.pointers if not _inside(address, spans)})
+    weights = module_tensors(module)
+    spans = _spans([x, *watch.kept, *weights])
+    strays = sorted(
+        {
+            step.name
+            for step in steps
+            if isinstance(step, Call)
+            for j in step.pointers
+            if step.args[j] and not _inside(step.args[j], spans)
+        }
+    )
     if strays:
         problems.append(f"{', '.join(strays)} got memory the capture does not keep")
     if problems:
         raise ReplayUnavailable("; ".join(problems))
-    weights = module_tensors(module)
     fixed = {t.untyped_storage().data_ptr() for t in [x, *weights] if t.layout == torch.strided}
     made = [
         t
@@ -343,10 +347,10 @@ def capture(module: nn.Module, x: torch.Tensor) -> tuple[Plan, torch.Tensor]:
     return Plan(steps, [x, arena, out, *weights, *left]), out
 
 
-def input_key(x: torch.Tensor) -> tuple[object, ...]:
-    """What a recording is bound to: the input's shape, strides, dtype and device, and the
-    threads the kernels were told to use."""
-    return (tuple(x.shape), x.stride(), x.dtype, x.device, torch.get_num_threads())
+def recording_key(x: torch.Tensor) -> tuple[object, ...]:
+    """What a recording is bound to: the input as a compiled graph tells inputs apart
+    (`shapes.input_key`), and the threads the kernels were told to use."""
+    return (*input_key(x), torch.get_num_threads())
 
 
 class Recorded:
@@ -379,7 +383,7 @@ class Recorded:
 
 class Replayed(nn.Module):
     """A module run by replaying its recorded steps (`capture`), one recording per kind of input
-    (`input_key`): made in `build`, and for an input unlike every one so far when it comes
+    (`recording_key`): made in `build`, and for an input unlike every one so far when it comes
     (`new_shapes` 'compile', ~2 forwards' time) or never ('eager': such inputs run on the module
     itself, the same function). Where an input cannot be recorded (`ReplayUnavailable`) it runs
     on the module with a warning, once. Everything runs without gradients; outputs are new
@@ -411,13 +415,13 @@ class Replayed(nn.Module):
     def build(self, x: torch.Tensor) -> torch.Tensor:
         """Record for inputs like `x` (if not yet) and run it; a ReplayUnavailable says why not."""
         with self._lock:
-            key = input_key(x)
+            key = recording_key(x)
             if self.recordings.get(key) is None:
                 self.recordings[key] = Recorded(self.module, x)
             return self.recordings[key](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = input_key(x)
+        key = recording_key(x)
         if key not in self.recordings and (self.new_shapes == "compile" or key in self._stale):
             try:
                 return self.build(x)
