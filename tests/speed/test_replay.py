@@ -212,6 +212,14 @@ def test_arena_offsets_share_memory_only_between_storages_never_alive_together()
     assert offsets == {1: 0, 2: 128, 3: 0} and total == 256
 
 
+def test_an_address_belongs_to_the_storage_it_points_into_before_one_it_ends() -> None:
+    # A at 100 (50 bytes) ends where B at 150 (30 bytes) starts: 150 is B's first byte, 180
+    # points just past B (an end pointer), 120 is inside A, 99 and 181 are no one's
+    storages = {100: 50, 150: 30}
+    got = [replay_memory._holder(a, storages) for a in (150, 180, 120, 99, 181)]
+    assert got == [150, 150, 100, None, None]
+
+
 def test_a_recording_keeps_its_activations_in_one_arena_smaller_than_them_all() -> None:
     model = _model()
     x = torch.randn(4, 3, 32, 32)

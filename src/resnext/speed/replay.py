@@ -343,7 +343,7 @@ def capture(module: nn.Module, x: torch.Tensor) -> tuple[Plan, torch.Tensor]:
         for t in watch.kept
         if t.layout == torch.strided and t.untyped_storage().data_ptr() not in fixed
     ]
-    steps, arena, out, left = replay_memory.pack(steps, made, out)
+    steps, arena, out, left = replay_memory.pack(steps, made, out, [x, *weights])
     return Plan(steps, [x, arena, out, *weights, *left]), out
 
 

@@ -12,6 +12,7 @@ against the module) then runs on the packed steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -32,11 +33,24 @@ def _tensors(step: TorchStep) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.layout == torch.strided]
 
 
+def _holder(address: int, storages: dict[int, int]) -> int | None:
+    """The storage (its base) an address points into, else one it points just past the end of
+    (a kernel's end pointer), else None. Inside wins: where one storage ends exactly where
+    another starts, the address is the later one's first byte."""
+    for base, size in storages.items():  # few storages: a scan is enough
+        if base <= address < base + size:
+            return base
+    for base, size in storages.items():
+        if address == base + size:
+            return base
+    return None
+
+
 def _intervals(
-    steps: list[Call | TorchStep], storages: dict[int, int], last: set[int]
+    steps: list[Call | TorchStep], owners: dict[int, int], storages: dict[int, int], last: set[int]
 ) -> dict[int, tuple[int, int]]:
-    """Each storage's (first, last) step that uses it; those in `last` live to the end."""
-    starts = sorted(storages)
+    """Each of `storages`' (first, last) step that uses it (an address is its `owners`' one
+    holding it); those in `last` live to the end."""
     used: dict[int, tuple[int, int]] = {}
 
     def touch(base: int, i: int) -> None:
@@ -46,10 +60,9 @@ def _intervals(
     for i, step in enumerate(steps):
         if isinstance(step, Call):
             for j in step.pointers:
-                address = step.args[j]
-                for base in starts:  # few storages: a scan is enough
-                    if base <= address <= base + storages[base]:
-                        touch(base, i)
+                base = _holder(step.args[j], owners)
+                if base in storages:
+                    touch(base, i)
         else:
             for t in _tensors(step):
                 base = t.untyped_storage().data_ptr()
@@ -83,24 +96,27 @@ def _offsets(sizes: dict[int, int], intervals: dict[int, tuple[int, int]]) -> tu
 
 
 def pack(
-    steps: list[Call | TorchStep], activations: list[torch.Tensor], output: torch.Tensor
+    steps: list[Call | TorchStep],
+    activations: list[torch.Tensor],
+    output: torch.Tensor,
+    fixed: Sequence[torch.Tensor] = (),
 ) -> tuple[list[Call | TorchStep], torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """`steps` rewritten so that the storages of `activations` (tensors the forward made; not
-    its input or weights) that any step uses live in one arena: (steps, arena, `output` on the
-    arena, the activations left where they are, which the steps never touch)."""
+    its input or weights, which are `fixed`: they stay, and an address in them is theirs) that
+    any step uses live in one arena: (steps, arena, `output` on the arena, the activations left
+    where they are, which the steps never touch)."""
     storages = dict(_span(t) for t in activations)
     storages = {base: size for base, size in storages.items() if size > 0}
+    owners = {**dict(_span(t) for t in fixed if t.layout == torch.strided), **storages}
     out_base = output.untyped_storage().data_ptr()
-    intervals = _intervals(steps, storages, {out_base} & set(storages))
+    intervals = _intervals(steps, owners, storages, {out_base} & set(storages))
     offsets, total = _offsets(storages, intervals)
     arena = torch.empty(max(total, ALIGN), dtype=torch.uint8)
     arena_at = arena.data_ptr()
 
     def address(a: int) -> int:
-        for base, offset in offsets.items():
-            if base <= a <= base + storages[base]:
-                return arena_at + offset + (a - base)
-        return a
+        base = _holder(a, owners)
+        return arena_at + offsets[base] + (a - base) if base in offsets else a
 
     views: dict[int, torch.Tensor] = {}
 
