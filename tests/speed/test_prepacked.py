@@ -12,8 +12,9 @@ from torch import nn
 
 import resnext
 from resnext.speed.capability import bf16_supported
+from resnext.speed.conv_x3_swap import prepack_convs
 from resnext.speed.fastpath import optimize
-from resnext.speed.prepacked import PrepackedConv, prepack_convs
+from resnext.speed.prepacked import PrepackedConv
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if bf16_supported() else [])
 

@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.errors import ConfigError
@@ -40,7 +39,9 @@ from resnext.speed.grouped_swap import (
 )
 from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
 from resnext.speed.measure import cache_evictor
-from resnext.speed.pointwise_fusion import is_relu, onednn_weights, single_input
+from resnext.speed.pointwise_fusion import is_relu, single_input
+from resnext.speed.prepacked import PrepackedConv
+from resnext.speed.prepacked import eligible as prepackable
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 
@@ -367,46 +368,26 @@ def rewrite_site(model: nn.Module, site: _Site, fast: nn.Module) -> None:
 
 
 def _onednn_runner(
-    conv: nn.Conv2d,
-    relu: bool,
-    input_size: Sequence[int],
-    dtype: torch.dtype = torch.float32,
-    prepacked: bool = True,
+    conv: nn.Conv2d, relu: bool, input_size: Sequence[int], prepacked: bool = True
 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """The convolution and its epilogue as the frozen compiled graph runs them: oneDNN with the
-    weight prepacked for this input size (as inductor packs it), the ReLU (or the add and ReLU,
-    written over the residual) fused; eager ops where the prepacked op is missing, or where
-    `prepacked` is False (as the eager fast path runs them: there oneDNN reorders the weight on
-    every call, measured at 4× the compiled graph's time for a 7² bf16 1×1 at batch 1)."""
-    weight, bias, packed = onednn_weights(conv, dtype, input_size)
-    geometry = (list(conv.padding), list(conv.stride), [1, 1], 1)
-
-    def eager(x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
-        y = F.conv2d(x, weight, bias, conv.stride, conv.padding)
-        if res is not None:
-            y = y + res
-        return F.relu(y) if relu else y
-
-    def onednn(x: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
-        if res is not None:
-            return torch.ops.mkldnn._convolution_pointwise_.binary(
-                res, x, packed, bias, *geometry, "add", 1.0, "relu", [None], ""
-            )
-        unary = "relu" if relu else "none"
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, bias, *geometry, unary, [None], ""
-        )
-
-    if packed is None or not prepacked:
-        return eager
+    """The convolution and its epilogue as the frozen compiled graph runs them, a `PrepackedConv`:
+    oneDNN with the weight prepacked for this input size (as inductor packs it), the ReLU (or the
+    add and ReLU, written over the residual) fused; its eager ops (`PrepackedConv.unpacked`)
+    where the prepacked op is missing or refuses a probe, or where `prepacked` is False (as the
+    eager fast path ran them until stop 48: oneDNN reordering the weight on every call, measured
+    at 4× the compiled graph's time for a 7² bf16 1×1 at batch 1)."""
+    fast = PrepackedConv(conv, relu, True, tuple(input_size))
+    if fast.packed is None or not prepacked:
+        return fast.unpacked
     try:
-        probe = torch.randn(*input_size, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        out = onednn(probe, None)
+        probe = torch.randn(*input_size, dtype=fast.dtype)
+        probe = probe.contiguous(memory_format=torch.channels_last)
+        out = fast(probe, None)
         if relu:
-            onednn(probe, out.clone())
+            fast(probe, out.clone())
     except (AttributeError, RuntimeError, NotImplementedError):
-        return eager
-    return onednn
+        return fast.unpacked
+    return fast
 
 
 def swap_convs_x3(
@@ -571,7 +552,7 @@ def _time_site(
     res = None
     if site.residual:
         res = torch.randn(out, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    native = _onednn_runner(conv, site.relu, shape, dtype, prepacked=compiled)
+    native = _onednn_runner(conv, site.relu, shape, prepacked=compiled)
     ways = [lambda x: native(x, res), lambda x: fast(x, res)]
     # caches cold: in the network each layer's weights arrive from memory, which cost oneDNN's
     # batch-1 1×1s more than ours (RESULTS.md, stop 28)
@@ -633,3 +614,20 @@ def _choose(
             LayerChoice(site.name, shapes[site.name], native_ms, kernel_ms, chosen, variant)
         )
     return choices
+
+
+def prepack_convs(model: nn.Module, example: torch.Tensor, *, in_place: bool = True) -> list[str]:
+    """Replace, in place, each groups-1 convolution left in `model` (with the ReLU, or add and
+    ReLU, after it in its block) by a `PrepackedConv` packed for the input it sees on `example`;
+    the names replaced. A convolution the example does not reach is left as it is."""
+    found = sites(model, prepackable)
+    shapes = input_shapes(model, [s.name for s in found], example)
+    done = []
+    for site in found:
+        if site.name not in shapes:
+            continue
+        conv = model.get_submodule(site.name)
+        overwrite = in_place and site.overwritable
+        rewrite_site(model, site, PrepackedConv(conv, site.relu, overwrite, shapes[site.name]))
+        done.append(site.name)
+    return done

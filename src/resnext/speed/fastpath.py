@@ -16,7 +16,12 @@ from resnext.errors import ConfigError
 from resnext.speed import stem_fusion
 from resnext.speed.block_fusion import fuse_blocks
 from resnext.speed.capability import bf16_supported
-from resnext.speed.conv_x3_swap import swap_convs_dot, swap_convs_fma, swap_convs_x3
+from resnext.speed.conv_x3_swap import (
+    prepack_convs,
+    swap_convs_dot,
+    swap_convs_fma,
+    swap_convs_x3,
+)
 from resnext.speed.dot_block import fuse_dot_blocks
 from resnext.speed.dot_grouped import fuse_dot_pointwise
 from resnext.speed.fold import fold_batchnorm
@@ -25,7 +30,6 @@ from resnext.speed.grouped_swap import check_mode, swap_grouped_convs
 from resnext.speed.head import swap_head
 from resnext.speed.merged_groups import widen_where_faster
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
-from resnext.speed.prepacked import prepack_convs
 from resnext.speed.replay import TORCH_STEP_MS, Replayed
 from resnext.speed.shapes import check_new_shapes, input_key
 from resnext.speed.shortcut_fusion import fuse_dot_shortcuts, fuse_shortcuts, fuse_x3_shortcuts
@@ -275,7 +279,7 @@ def optimize(
     each layer both ways, cold, and keeps the faster. Its choices follow `pointwise_fma`'s in
     `pointwise_choices`. Both 1×1 passes weigh their kernel against oneDNN as the returned
     module runs it: on a prepacked weight with its epilogue fused, in the compiled graph and in
-    the eager paths alike (there `resnext.speed.prepacked` packs the layers oneDNN keeps), plus
+    the eager paths alike (there `conv_x3_swap.prepack_convs` packs the layers oneDNN keeps), plus
     `replay.TORCH_STEP_MS` for a replay.
 
     `split_groups` ('auto', 'on', 'off'; bf16 on CPUs with AVX512-BF16) computes a grouped 3×3

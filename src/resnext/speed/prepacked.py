@@ -1,11 +1,12 @@
-"""The eager fast path's oneDNN convolutions as the compiled graph runs them: prepacked, fused.
+"""A convolution as the frozen compiled graph runs it: oneDNN's fused operator, weight prepacked.
 
 Without a compiled graph (`optimize(..., backend="none")`, `"replay"`) a convolution left to
 oneDNN ran as `F.conv2d`, which has oneDNN reorder its weight on every call (measured at 4× the
 compiled graph's time for a 7² bf16 1×1 at batch 1), with its ReLU, or its residual add and
-ReLU, as operators of their own. `prepack_convs` puts a `PrepackedConv` in place of each
-groups-1 convolution still there, with the epilogue its block applies after it: oneDNN's fused
-operator on a weight packed once for the layer's input size, as inductor's freezing packs it.
+ReLU, as operators of their own. `PrepackedConv` runs it, with that epilogue, on oneDNN's fused
+operator and a weight packed once for the layer's input size, as inductor's freezing packs it:
+`conv_x3_swap.prepack_convs` puts one in place of each groups-1 convolution the eager paths
+leave to oneDNN, and the dense-convolution choosers time oneDNN through one.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnext.speed.conv_x3_swap import rewrite_site, sites
-from resnext.speed.grouped_swap import input_shapes
 from resnext.speed.kernel_module import KernelModule
 from resnext.speed.pointwise_fusion import onednn_weights, prepack_weight
 
@@ -81,15 +80,17 @@ class PrepackedConv(KernelModule):
             )
         )
 
+    def unpacked(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The same function with `F.conv2d` and separate operators (no packed weight)."""
+        y = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.relu else y
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         geometry = (self.padding, self.stride, [1, 1], 1)
         if not self._packed_runs(x, residual):
-            y = F.conv2d(
-                x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding
-            )
-            if residual is not None:
-                y = y + residual
-            return F.relu(y) if self.relu else y
+            return self.unpacked(x, residual)
         if residual is not None:
             if self.in_place:
                 return torch.ops.mkldnn._convolution_pointwise_.binary(
@@ -110,20 +111,3 @@ class PrepackedConv(KernelModule):
             + (", relu" if self.relu else "")
             + (", in place" if self.in_place else "")
         )
-
-
-def prepack_convs(model: nn.Module, example: torch.Tensor, *, in_place: bool = True) -> list[str]:
-    """Replace, in place, each groups-1 convolution left in `model` (with the ReLU, or add and
-    ReLU, after it in its block) by a `PrepackedConv` packed for the input it sees on `example`;
-    the names replaced. A convolution the example does not reach is left as it is."""
-    found = sites(model, eligible)
-    shapes = input_shapes(model, [s.name for s in found], example)
-    done = []
-    for site in found:
-        if site.name not in shapes:
-            continue
-        conv = model.get_submodule(site.name)
-        overwrite = in_place and site.overwritable
-        rewrite_site(model, site, PrepackedConv(conv, site.relu, overwrite, shapes[site.name]))
-        done.append(site.name)
-    return done
