@@ -18,7 +18,7 @@ import torch
 import bench_args
 from resnext.speed import grouped_amx, grouped_quads
 from resnext.speed.measure import interleaved
-from resnext.speed.pointwise_fusion import onednn_weights
+from resnext.speed.prepacked import onednn_weights
 from resnext.speed.provenance import write_results
 
 # (input channels, width, output channels, input size, stride) of ResNeXt-50 32×4d blocks

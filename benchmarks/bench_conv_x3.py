@@ -18,7 +18,7 @@ import bench_args
 from resnext.speed import conv_x3
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
-from resnext.speed.pointwise_fusion import onednn_weights
+from resnext.speed.prepacked import onednn_weights
 from resnext.speed.provenance import write_results
 
 # (input channels, output channels, input size, kernel, stride, padding)

@@ -17,6 +17,7 @@ from resnext.speed import head, replay, replay_memory
 from resnext.speed.capability import bf16_supported
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_kernel import unavailable_reason as grouped_unavailable
+from resnext.speed.prepacked import PrepackedConv
 from resnext.speed.replay import Call, Plan, Recorded, Replayed, ReplayUnavailable
 
 pytestmark = pytest.mark.skipif(
@@ -43,10 +44,19 @@ def test_replay_computes_the_eager_fast_paths_function_bit_for_bit(dtype: str) -
     eager = fast.module  # the eager fast path it records
     (recorded,) = fast.recordings.values()
     # the grouped layers our kernels took are in the recorded C calls, the rest in torch steps
-    left = [m for m in eager.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    left = [m for m in eager.modules() if isinstance(m, nn.Conv2d | PrepackedConv)]
+    left = [m for m in left if m.groups > 1]
     steps = recorded.plan.torch_steps
-    convolutions = [s for s in steps if str(s.op).startswith("aten.convolution")]
-    assert len([s for s in convolutions if s.args[8] > 1]) == len(left)  # args[8]: groups
+    # where each operator takes its groups
+    groups_at = {
+        "aten.convolution.default": 8,
+        "mkldnn._convolution_pointwise.default": 6,
+        "mkldnn._convolution_pointwise.binary": 7,
+        "mkldnn._convolution_pointwise_.binary": 7,
+    }
+    grouped = [s for s in steps if str(s.op) in groups_at and s.args[groups_at[str(s.op)]] > 1]
+    assert all("conv" not in str(s.op) or str(s.op) in groups_at for s in steps)
+    assert len(grouped) == len(left)
     if KERNEL == "on":
         assert len(left) < 3 and recorded.plan.calls
     if head.unavailable_reason() is None:  # the classifier in C too: no torch step after it

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from resnext.speed import grouped_amx, grouped_quads
@@ -36,9 +35,9 @@ from resnext.speed.pointwise_fusion import (
     FusedPointwiseGrouped,
     amx_1x1,
     is_relu,
-    onednn_weights,
     single_input,
 )
+from resnext.speed.prepacked import PrepackedConv
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 ADDS = (operator.add, operator.iadd, torch.add)
@@ -259,29 +258,10 @@ def _fuse(model: nn.Module, site: _Site, fused: FusedBlock) -> None:
 def _separate_runner(
     head: nn.Module, tail: nn.Conv2d, tail_input: Sequence[int]
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The head, then the 1×1 as the frozen compiled graph runs it (oneDNN, prepacked weight,
-    add and ReLU fused, written over the residual); eager conv2d, add and relu where the
-    prepacked op is missing."""
-    weight, bias, packed = onednn_weights(tail, input_size=tail_input)
-
-    def eager(g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return F.relu(F.conv2d(g, weight, bias) + residual)
-
-    def fused(g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._convolution_pointwise_.binary(
-            residual, g, packed, bias, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, "relu", [None], ""
-        )
-
-    last = eager
-    if packed is not None:
-        try:
-            # channels_last as the real inputs: in NCHW the op falls back to an add_relu
-            # without bf16
-            probe = _channels_last((1, tail.out_channels, 4, 4))
-            fused(_channels_last((1, tail.in_channels, 4, 4)), probe)
-            last = fused
-        except (AttributeError, RuntimeError, NotImplementedError):
-            pass
+    """The head, then the 1×1 as the frozen compiled graph runs it: a `PrepackedConv`, oneDNN
+    with the weight prepacked and the add and ReLU fused, written over the residual (eager
+    conv2d, add and relu where the prepacked operator is missing)."""
+    last = PrepackedConv(tail, True, True, tuple(tail_input))
     return lambda x, residual: last(head(x), residual)
 
 

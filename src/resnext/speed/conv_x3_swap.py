@@ -33,6 +33,7 @@ from resnext.speed.capability import cpu_flags
 from resnext.speed.fold import install_graph, replace_nodes, set_module, traced_parents
 from resnext.speed.grouped_swap import (
     LayerChoice,
+    NativeGroupedConv3x3,
     check_mode,
     input_shapes,
     time_each_ms,
@@ -377,17 +378,7 @@ def _onednn_runner(
     eager fast path ran them until stop 48: oneDNN reordering the weight on every call, measured
     at 4× the compiled graph's time for a 7² bf16 1×1 at batch 1)."""
     fast = PrepackedConv(conv, relu, True, tuple(input_size))
-    if fast.packed is None or not prepacked:
-        return fast.unpacked
-    try:
-        probe = torch.randn(*input_size, dtype=fast.dtype)
-        probe = probe.contiguous(memory_format=torch.channels_last)
-        out = fast(probe, None)
-        if relu:
-            fast(probe, out.clone())
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return fast.unpacked
-    return fast
+    return fast if fast.packed is not None and prepacked else fast.unpacked
 
 
 def swap_convs_x3(
@@ -617,11 +608,13 @@ def _choose(
 
 
 def prepack_convs(model: nn.Module, example: torch.Tensor, *, in_place: bool = True) -> list[str]:
-    """Replace, in place, each groups-1 convolution left in `model` (with the ReLU, or add and
-    ReLU, after it in its block) by a `PrepackedConv` packed for the input it sees on `example`;
-    the names replaced. A convolution the example does not reach is left as it is."""
+    """Replace, in place, each convolution left in `model` to oneDNN (with the ReLU, or add and
+    ReLU, after it in its block; a grouped one kept for its AMX form with its own ReLU) by a
+    `PrepackedConv` packed for the input it sees on `example`; the names replaced. A convolution
+    the example does not reach is left as it is."""
     found = sites(model, prepackable)
-    shapes = input_shapes(model, [s.name for s in found], example)
+    kept = [n for n, m in model.named_modules() if isinstance(m, NativeGroupedConv3x3)]
+    shapes = input_shapes(model, [s.name for s in found] + kept, example)
     done = []
     for site in found:
         if site.name not in shapes:
@@ -630,4 +623,11 @@ def prepack_convs(model: nn.Module, example: torch.Tensor, *, in_place: bool = T
         overwrite = in_place and site.overwritable
         rewrite_site(model, site, PrepackedConv(conv, site.relu, overwrite, shapes[site.name]))
         done.append(site.name)
+    for name in kept:
+        if name in shapes:
+            native = model.get_submodule(name)
+            set_module(
+                model, name, PrepackedConv(native.as_conv(), native.relu, False, shapes[name])
+            )
+            done.append(name)
     return done

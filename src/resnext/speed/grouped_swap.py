@@ -17,6 +17,7 @@ from resnext.speed.capability import has_avx512_bf16
 from resnext.speed.fold import set_module
 from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
 from resnext.speed.measure import cache_evictor
+from resnext.speed.prepacked import PrepackedConv
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 MODES = ("auto", "on", "off")  # every `optimize` pass's switch
@@ -110,6 +111,23 @@ class NativeGroupedConv3x3(FastGroupedConv3x3):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(x, self.weight, self.bias, self.stride, 1, 1, self.groups)
         return F.relu(y) if self.relu else y
+
+    def as_conv(self) -> nn.Conv2d:
+        """The convolution it computes (without its ReLU), sharing its weight and bias."""
+        conv = nn.Conv2d(
+            self.channels,
+            self.channels,
+            3,
+            self.stride,
+            1,
+            groups=self.groups,
+            bias=self.bias is not None,
+            device="meta",
+        )
+        conv.weight = nn.Parameter(self.weight, requires_grad=False)
+        if self.bias is not None:
+            conv.bias = nn.Parameter(self.bias, requires_grad=False)
+        return conv
 
 
 def variant_names(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[str, ...]:
@@ -297,7 +315,8 @@ def swap_grouped_convs(
     """Replace, in place, each grouped 3×3 conv of `model` by `FastGroupedConv3x3` where it pays.
 
     `example` is an input as the model takes it (its dtype and memory format); the kernels are
-    built for its dtype. 'auto' times torch's convolution and each kernel variant this CPU runs
+    built for its dtype. 'auto' times oneDNN's convolution (prepacked, as every backend runs it:
+    `PrepackedConv`) and each kernel variant this CPU runs
     (`runnable_variants`) on each layer's real input shape and keeps the fastest; 'on' takes the
     fastest variant on every layer one runs (a ConfigError if our kernels cannot run here at all);
     'off' changes nothing. With `timings`, times stored there are used instead of measured.
@@ -329,7 +348,8 @@ def swap_grouped_convs(
             candidates = [
                 FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants
             ]
-            ways = [conv, *candidates]
+            # oneDNN as every backend runs it: its weight prepacked for this input size
+            ways = [PrepackedConv(conv, False, False, shapes[name]), *candidates]
             key = layer_key("grouped", shapes[name], example.dtype, conv, ",".join(variants))
             native_ms, *times = time_ways_cold(
                 ways, shapes[name], example.dtype, repeats, evict, timings, key

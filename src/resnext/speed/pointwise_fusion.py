@@ -29,6 +29,7 @@ from resnext.speed.grouped_swap import (
     time_on_random,
 )
 from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
+from resnext.speed.prepacked import PrepackedConv
 from resnext.speed.timing_cache import TimingCache, cached, layer_key
 
 
@@ -174,71 +175,13 @@ def _fuse(model: nn.Module, site: _Site, fused: FusedPointwiseGrouped) -> None:
     install_graph(model, site.parent, graph, site.grouped, fused)
 
 
-def onednn_weights(
-    conv: nn.Conv2d,
-    dtype: torch.dtype = torch.bfloat16,
-    input_size: Sequence[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A groups-1 convolution's weight (`dtype`, channels_last) and bias (`dtype`; zeros where it
-    has none), and the weight as the frozen compiled graph hands it to oneDNN's fused ops
-    (prepacked for its padding, stride and inputs of `input_size`, as inductor packs it), or None
-    where torch lacks the prepacking op. Without the input size oneDNN may pick another
-    algorithm: measured, float32 1024→512 at 14² and batch 1 took 14–19 ms instead of 0.8–1.0."""
-    weight = conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
-    packed = prepack_weight(weight, list(conv.padding), list(conv.stride), input_size)
-    return weight, bias.to(dtype), packed
-
-
-def prepack_weight(
-    weight: torch.Tensor,
-    padding: list[int],
-    stride: list[int],
-    input_size: Sequence[int] | None = None,
-) -> torch.Tensor | None:
-    """A groups-1 convolution's weight packed for oneDNN's fused ops (for inputs of
-    `input_size`), or None where torch lacks the packing op."""
-    size = None if input_size is None else list(input_size)
-    try:
-        return torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.to_mkldnn(), padding, stride, [1, 1], 1, size
-        )
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return None
-
-
 def onednn_conv(
-    conv: nn.Conv2d,
-    input_size: Sequence[int],
-    *,
-    relu: bool,
-    dtype: torch.dtype = torch.bfloat16,
+    conv: nn.Conv2d, input_size: Sequence[int], *, relu: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A groups-1 convolution (then its ReLU, if `relu`) as the frozen compiled graph runs it,
-    for the choosers to time: oneDNN's fused op on the weight prepacked for inputs of
-    `input_size` (`onednn_weights`), into a new channels_last tensor; eager conv2d where that op
-    is missing or refuses a probe."""
-    weight, bias, packed = onednn_weights(conv, dtype, input_size=input_size)
-    stride, padding = list(conv.stride), list(conv.padding)
-
-    def eager(x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x, weight, bias, stride, padding)
-        return (F.relu(y) if relu else y).contiguous(memory_format=torch.channels_last)
-
-    def onednn(x: torch.Tensor) -> torch.Tensor:
-        attr = "relu" if relu else "none"
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, bias, padding, stride, [1, 1], 1, attr, [None], ""
-        )
-
-    if packed is None:
-        return eager
-    try:
-        probe = torch.zeros(1, conv.in_channels, *conv.kernel_size, dtype=dtype)
-        onednn(probe.contiguous(memory_format=torch.channels_last))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return eager
-    return onednn
+    """A convolution (then its ReLU, if `relu`) as the frozen compiled graph runs it, for the
+    choosers to time: a `PrepackedConv`, oneDNN's fused operator on the weight prepacked for
+    inputs of `input_size`, into a new tensor (eager conv2d where that operator is missing)."""
+    return PrepackedConv(conv, relu, False, tuple(input_size))
 
 
 def _unfused_runner(

@@ -144,7 +144,7 @@ def _convolution_ways(conv: nn.Conv2d, input_size: tuple[int, ...]) -> list[Runn
     """The stem's convolution and ReLU as the compiled graph could run them: oneDNN with the
     weight prepacked and the ReLU fused (`onednn_conv`), and in float32 also our bf16×3 kernel."""
     dtype = conv.weight.dtype
-    ways: list[Runner] = [onednn_conv(conv, input_size, relu=True, dtype=dtype)]
+    ways: list[Runner] = [onednn_conv(conv, input_size, relu=True)]
     if dtype == torch.float32 and conv_x3.unavailable_reason() is None and x3_eligible(conv):
         ways.append(ConvX3(conv, relu=True))
     return ways
