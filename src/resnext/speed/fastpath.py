@@ -58,7 +58,12 @@ class CastInput(nn.Module):
         self.model = model
         self.dtype = dtype
         self.device = device or torch.device("cpu")
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # a flag, not the torch.memory_format: torch.save's pickle protocol cannot store one
+        self.channels_last = channels_last
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(getattr(self.model, "conv1", None), "reads_any_input", False):

@@ -121,13 +121,23 @@ def replace_nodes(graph: fx.Graph, nodes: list[fx.Node], child: str, args: tuple
         graph.erase_node(dead)
 
 
+def graph_module(parent: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """`graph` as a module in place of `parent`, with the annotations traced from a string
+    (`from __future__ import annotations`) dropped: fx's code would hold them as globals that
+    are not importable names, and pickling the module (`torch.save`) would fail on them."""
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    return fx.GraphModule(parent, graph, parent.__class__.__name__)
+
+
 def install_graph(
     model: nn.Module, parent_name: str, graph: fx.Graph, child: str, module: nn.Module
 ) -> None:
     """Replace the submodule `parent_name` of `model` by its rewritten `graph`, with `module` at
     `child` (the call the rewrite put in) and the submodules the graph no longer calls dropped."""
     parent = model.get_submodule(parent_name)
-    rewritten = fx.GraphModule(parent, graph, parent.__class__.__name__)
+    rewritten = graph_module(parent, graph)
     set_module(rewritten, child, module)
     rewritten.delete_all_unused_submodules()
     set_module(model, parent_name, rewritten)

@@ -14,7 +14,7 @@ from torch import fx, nn
 from resnext.errors import ConfigError
 from resnext.speed import grouped_amx, grouped_kernel, grouped_quads
 from resnext.speed.capability import has_avx512_bf16
-from resnext.speed.fold import set_module
+from resnext.speed.fold import graph_module, set_module
 from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
 from resnext.speed.measure import cache_evictor
 from resnext.speed.prepacked import PrepackedConv
@@ -451,5 +451,5 @@ def fuse_following_relu(root: nn.Module, name: str) -> bool:
     user.replace_all_uses_with(last)
     graph.erase_node(user)
     modules[child].relu = True
-    set_module(root, parent_name, fx.GraphModule(parent, graph, parent.__class__.__name__))
+    set_module(root, parent_name, graph_module(parent, graph))
     return True
