@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,29 @@ def test_eval_fast_path_refuses_the_dense_protocol(tmp_path: Path) -> None:
     model = resnext.create_model("resnext_tiny", num_classes=3)
     with pytest.raises(ConfigError, match="optimize: the dense protocol"):
         Scorer(model, get_protocol("dense", resize=32, crop=32), fast=model)
+
+
+def test_eval_fast_path_replayed_scores_as_the_plain_model(tmp_path: Path, capsys) -> None:
+    from resnext.errors import ConfigError
+    from resnext.speed import replay
+
+    _image_folder(tmp_path)
+    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
+    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
+    argv += ["--batch-size", "4"]  # 9 images: the last batch of 1 runs without the replay
+    with pytest.raises(ConfigError, match="--replay: replays the fast path, so it needs"):
+        eval_cmd.run(_parse([*argv, "--replay"]))
+    with pytest.raises(SystemExit):  # argparse: --replay not allowed with --compile
+        _parse([*argv, "--optimize", "fp32", "--compile", "--replay"])
+    reports = {}
+    for extra in ([], ["--optimize", "fp32", "--replay"]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert eval_cmd.run(_parse([*argv, *extra])) == 0
+        # where the replay can run, nothing fell back to the eager fast path
+        fallbacks = [w for w in caught if "replay" in str(w.message)]
+        assert not fallbacks or replay.unavailable_reason() is not None
+        reports[bool(extra)] = json.loads(capsys.readouterr().out)
+    assert reports[True]["counts"] == reports[False]["counts"]
+    assert reports[True]["fast_path_replayed"] and not reports[False]["fast_path_replayed"]
+    assert not reports[True]["fast_path_compiled"]

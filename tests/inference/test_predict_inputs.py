@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from PIL import Image
 import resnext
 from resnext.errors import ConfigError, DataError
 from resnext.inference import Predictor, extract_features, imagenet1k_wnids, predict
+from resnext.speed.replay import Replayed
+from resnext.speed.replay import unavailable_reason as replay_unavailable
 from resnext.weights import Preprocessing, save_weights
 
 NAMES = ("ant", "bee", "cat", "dog", "eel")
@@ -187,5 +190,37 @@ def test_optimize_option_is_checked(weights_file) -> None:
         Predictor(weights=weights_file[0], optimize="fp16")
     with pytest.raises(ConfigError, match="compile: compiles the fast path, so it needs"):
         Predictor(weights=weights_file[0], compile=True)
+    with pytest.raises(ConfigError, match="replay: replays the fast path, so it needs"):
+        Predictor(weights=weights_file[0], replay=True)
+    with pytest.raises(ConfigError, match="compile, replay: the fast path is compiled or replayed"):
+        Predictor(weights=weights_file[0], optimize="fp32", compile=True, replay=True)
     with pytest.raises(ConfigError, match="device: the fast path runs on 'cpu' or 'cuda'"):
         Predictor(weights=weights_file[0], optimize="fp32", device="meta")
+
+
+@pytest.mark.skipif(
+    replay_unavailable() is not None, reason=f"no replay here: {replay_unavailable()}"
+)
+def test_a_replayed_predictor_agrees_with_hand_pipeline(weights_file) -> None:
+    path, model = weights_file
+    arrays = _images(4)
+    predictor = Predictor(weights=path, batch_size=3, optimize="fp32", replay=True)
+    assert isinstance(predictor.fast, Replayed)
+    preds = predictor(arrays, topk=3)
+    # recorded for the full batches only: the last batch of 1 runs on the eager fast path
+    assert [key[0] for key in predictor.fast.recordings] == [(3, 3, PREP.crop, PREP.crop)]
+    for arr, pred in zip(arrays, preds, strict=True):
+        scores, labels = torch.softmax(_hand_logits(model, arr), 0).topk(3)
+        assert pred.topk_labels == labels.tolist()
+        assert pred.pred_score == pytest.approx(float(scores[0]), abs=1e-5)
+
+
+def test_predict_cli_takes_compile_or_replay_not_both() -> None:
+    from resnext.commands import predict_cmd
+
+    parser = argparse.ArgumentParser()
+    predict_cmd.add_parser(parser.add_subparsers())
+    with pytest.raises(SystemExit):  # argparse: not allowed with argument --compile
+        parser.parse_args(["predict", "x.jpg", "--optimize", "fp32", "--compile", "--replay"])
+    args = parser.parse_args(["predict", "x.jpg", "--optimize", "fp32", "--replay"])
+    assert args.replay and not args.compile

@@ -11,8 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from resnext.commands.options import add_compile, add_no_timing_cache
-from resnext.errors import ConfigError
+from resnext.commands.options import add_fast_backend, add_no_timing_cache
 from resnext.evaluate import (
     PROTOCOLS,
     DistContext,
@@ -28,6 +27,7 @@ from resnext.evaluate import (
 from resnext.evaluate.data_source import open_dataset
 from resnext.evaluate.protocols import Protocol
 from resnext.evaluate.scoring import check_fast_path
+from resnext.inference.fast_backend import fast_backend
 from resnext.inference.loading import load_model
 
 
@@ -70,7 +70,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="off",
         help="score with the fast path (resnext.optimize) in this precision; crop protocols only",
     )
-    add_compile(parser)
+    add_fast_backend(parser)
     add_no_timing_cache(parser)
     parser.add_argument("--output", help="folder for report.json, per_class.csv, confusion.png")
     parser.add_argument("--json", action="store_true", help="print the JSON report on stdout")
@@ -99,14 +99,14 @@ def _fast_path(
     device: str,
     timing_cache: bool,
     compile: bool = False,
+    replay: bool = False,
 ) -> torch.nn.Module | None:
     """`resnext.optimize`'s module for a crop protocol's batches (None when off): our kernels
     chosen by timing at the batch's shape (or by the timings kept from an earlier run,
-    `timing_cache`); with `compile` also inductor's graph for that shape, a last short batch
-    running without it."""
+    `timing_cache`); with `compile` also inductor's graph for that shape, with `replay` its
+    kernel calls replayed from C, a last short batch running without either."""
+    backend = fast_backend(precision, compile=compile, replay=replay, cli=True)
     if precision == "off":
-        if compile:
-            raise ConfigError("--compile: compiles the fast path, so it needs --optimize fp32|bf16")
         return None
     check_fast_path(protocol, "--optimize")  # before optimize's timing, not after it
     from resnext.speed.fastpath import optimize  # torch.compile's import is slow
@@ -116,7 +116,7 @@ def _fast_path(
     return optimize(
         model,
         precision,
-        backend="inductor" if compile else "none",
+        backend=backend,
         example_input=example,
         device=device,
         timing_cache=timing_cache,
@@ -148,6 +148,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         args.device,
         timing_cache=not args.no_timing_cache,
         compile=args.compile,
+        replay=args.replay,
     )
     result = evaluate(
         loaded.model,
@@ -174,6 +175,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         subset=indices,
         fast_path=args.optimize,
         fast_path_compiled=args.compile,
+        fast_path_replayed=args.replay,
     )
     if args.output:
         names = loaded.class_names

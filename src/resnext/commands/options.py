@@ -5,13 +5,21 @@ from __future__ import annotations
 import argparse
 
 
-def add_compile(parser: argparse.ArgumentParser) -> None:
-    """`--compile`, for the commands with an `--optimize` fast path (predict, eval)."""
-    parser.add_argument(
+def add_fast_backend(parser: argparse.ArgumentParser) -> None:
+    """`--compile` or `--replay`, for the commands with an `--optimize` fast path (predict, eval)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
         "--compile",
         action="store_true",
         help="with --optimize: also compile it (inductor) for --batch-size: seconds up front, "
         "worth it over many images; a shorter last batch runs without the graph",
+    )
+    group.add_argument(
+        "--replay",
+        action="store_true",
+        help="with --optimize: replay its recorded kernel calls from one C loop (x86-64 Linux "
+        "CPUs): no compiling, the lowest latency at small batches; a shorter last batch runs "
+        "without it",
     )
 
 

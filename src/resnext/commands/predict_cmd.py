@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from resnext.commands.options import add_compile, add_no_timing_cache
+from resnext.commands.options import add_fast_backend, add_no_timing_cache
 from resnext.errors import DataError
 from resnext.inference import Predictor, expand_paths
 
@@ -31,7 +31,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="off",
         help="classify with the fast path (resnext.optimize) in this precision, on --device",
     )
-    add_compile(parser)
+    add_fast_backend(parser)
     add_no_timing_cache(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.set_defaults(func=run)
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         optimize=args.optimize,
         compile=args.compile,
+        replay=args.replay,
         timing_cache=not args.no_timing_cache,
     )
     for pred in predictor(files, topk=args.topk):

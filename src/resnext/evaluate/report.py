@@ -27,6 +27,7 @@ def build_report(
     subset: Sequence[int] | None = None,
     fast_path: str = "off",
     fast_path_compiled: bool = False,
+    fast_path_replayed: bool = False,
 ) -> dict[str, Any]:
     """The JSON-ready report: what was evaluated, how, on what, and the accuracies as fractions."""
     c = result.counter
@@ -37,6 +38,7 @@ def build_report(
         "protocol": result.protocol.to_dict(),
         "fast_path": fast_path,  # `resnext.optimize` precision, or "off" (the plain model)
         "fast_path_compiled": fast_path_compiled,  # with inductor's graph (`--compile`)
+        "fast_path_replayed": fast_path_replayed,  # its kernel calls replayed (`--replay`)
         "preprocessing": preprocessing,
         "dataset": dataset,
         "restricted_classes": list(subset) if subset is not None else None,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from resnext.errors import ConfigError
 from resnext.evaluate.protocols import Protocol
 from resnext.evaluate.views import Normalization, ViewTransform
+from resnext.inference.fast_backend import fast_backend
 from resnext.inference.inputs import ImageInput, describe, to_pil
 from resnext.inference.loading import LoadedModel, load_model
 
@@ -56,8 +57,10 @@ class Predictor:
 
     `optimize='fp32'` or `'bf16'` classifies with `resnext.optimize`'s fast path on the device
     (BN folded, channels-last; on CPU our kernels where faster; `compile=True` also compiles it
-    with inductor for `batch_size`, worth it for many images; a shorter last batch runs on the
-    fast path without the graph); `features()` always uses the plain model.
+    with inductor for `batch_size`, worth it for many images; `replay=True` instead replays its
+    recorded kernel calls from one C loop, x86-64 Linux CPUs only: no compiling, and the lowest
+    latency at small batches; a shorter last batch runs on the fast path without either);
+    `features()` always uses the plain model.
     `timing_cache` is `optimize`'s: True keeps its per-layer timings in ~/.cache/resnext/timings,
     so that the next Predictor on this machine skips them.
     """
@@ -72,16 +75,14 @@ class Predictor:
         batch_size: int = 32,
         optimize: str = "off",
         compile: bool = False,
+        replay: bool = False,
         timing_cache: bool | str | Path | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
         if optimize not in OPTIMIZE_CHOICES:
             raise ConfigError(f"optimize: expected one of {OPTIMIZE_CHOICES}, got {optimize!r}")
-        if compile and optimize == "off":
-            raise ConfigError(
-                "compile: compiles the fast path, so it needs optimize='fp32' or 'bf16'"
-            )
+        backend = fast_backend(optimize, compile=compile, replay=replay)
         self.device = torch.device(device)
         self.loaded = loaded or load_model(model, weights, device=self.device)
         self.loaded.model.to(self.device).eval()
@@ -104,7 +105,7 @@ class Predictor:
             self.fast = make_fast(
                 self.model,
                 optimize,
-                backend="inductor" if compile else "none",
+                backend=backend,
                 example_input=example,
                 device=self.device,
                 timing_cache=timing_cache,
