@@ -23,6 +23,7 @@ from resnext.speed.grouped_swap import (
     fuse_following_relu,
     swap_grouped_convs,
 )
+from resnext.speed.prepacked import PrepackedConv
 
 REASON = grouped_kernel.unavailable_reason()
 needs_kernel = pytest.mark.skipif(
@@ -385,7 +386,7 @@ def test_where_onednn_wins_alone_its_conv_is_kept_with_an_amx_form_beside_it(
         grouped_swap,
         "time_each_ms",
         lambda fns, x, repeats, before=None: [
-            0.0 if isinstance(fn, nn.Conv2d) else 1.0 for fn in fns
+            0.0 if isinstance(fn, PrepackedConv) else 1.0 for fn in fns
         ],
     )
     block = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1, groups=32), nn.ReLU())
@@ -403,6 +404,26 @@ def test_where_onednn_wins_alone_its_conv_is_kept_with_an_amx_form_beside_it(
     with torch.no_grad():
         assert torch.equal(model(x), want)  # exactly the convolution it was
         assert rel_err(amx(x), want) < 2**-7
+
+
+@pytest.mark.parametrize(("extra_ms", "chosen"), [(0.0, "native"), (0.2, "kernel")])
+def test_onednn_is_timed_prepacked_and_a_replay_weighs_leaving_its_loop(
+    monkeypatch: pytest.MonkeyPatch, extra_ms: float, chosen: str
+) -> None:
+    # oneDNN (prepacked, as every backend runs it) 1.0 ms, our kernels 1.1: a replay leaves its
+    # C loop for oneDNN, which `native_extra_ms` adds to its time in the choice
+    timed: list[type] = []
+
+    def times(fns, x, repeats, before=None):  # type: ignore[no-untyped-def]
+        timed.extend(type(fn) for fn in fns)
+        return [1.0 if isinstance(fn, PrepackedConv) else 1.1 for fn in fns]
+
+    monkeypatch.setattr(grouped_swap, "time_each_ms", times)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, groups=16)).eval()
+    x = torch.randn(2, 64, 9, 9).contiguous(memory_format=torch.channels_last)
+    (choice,) = swap_grouped_convs(model, x, mode="auto", native_extra_ms=extra_ms)
+    assert timed[0] is PrepackedConv and nn.Conv2d not in timed
+    assert choice.chosen == chosen and choice.native_ms == 1.0  # the time measured
 
 
 def test_the_choosers_time_their_ways_in_turns_and_keep_each_ones_best(

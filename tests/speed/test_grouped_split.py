@@ -216,6 +216,29 @@ def test_auto_leaves_layers_the_amx_kernel_runs_to_its_fusions(
 
 
 @needs_split
+@pytest.mark.parametrize(("extra_ms", "split"), [(0.0, False), (0.2, True)])
+def test_auto_weighs_onednn_prepacked_plus_what_a_replay_adds(
+    monkeypatch: pytest.MonkeyPatch, extra_ms: float, split: bool
+) -> None:
+    import resnext.speed.group_order as group_order
+    from resnext.speed.prepacked import PrepackedConv
+
+    model = fold_batchnorm(_model()).to(torch.bfloat16, memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(group_order, "runnable_variants", lambda conv, dtype: ())
+    firsts: list[type] = []
+
+    def times(ways, shape, dtype, repeats, evict, timings, key):  # type: ignore[no-untyped-def]
+        firsts.append(type(ways[0]))
+        return [1.0, 1.1]  # oneDNN, the split kernel
+
+    monkeypatch.setattr(group_order, "time_ways_cold", times)
+    choices = split_group_channels(model, x, mode="auto", native_extra_ms=extra_ms)
+    assert firsts and set(firsts) == {PrepackedConv}
+    assert len(choices) == (len(firsts) if split else 0)
+
+
+@needs_split
 @pytest.mark.parametrize("backend", ["none", "inductor"])
 def test_optimize_with_the_split_order_computes_the_same_function(backend: str) -> None:
     model = _model()

@@ -13,7 +13,7 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import head, replay, replay_memory
+from resnext.speed import fastpath, head, replay, replay_memory
 from resnext.speed.capability import bf16_supported
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_kernel import unavailable_reason as grouped_unavailable
@@ -301,3 +301,21 @@ def test_another_threads_kernel_calls_are_not_recorded() -> None:
         stop.set()
         other.join()
     assert [c.name for c in recorded.plan.calls] == ["replay_max_args"]
+
+
+def test_the_grouped_choosers_weigh_leaving_the_loop_only_for_a_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: dict[str, list[float]] = {"split": [], "grouped": []}
+    for name, key in (("split_group_channels", "split"), ("swap_grouped_convs", "grouped")):
+        original = getattr(fastpath, name)
+
+        def recording(*args, _original=original, _key=key, **kwargs):  # type: ignore[no-untyped-def]
+            asked[_key].append(kwargs["native_extra_ms"])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(fastpath, name, recording)
+    x = torch.randn(1, 3, 32, 32)
+    for backend in ("none", "replay"):
+        optimize(_model(), "fp32", backend=backend, example_input=x, grouped_kernel=KERNEL)
+    assert asked == {key: [0.0, replay.TORCH_STEP_MS] for key in asked}

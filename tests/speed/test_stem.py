@@ -226,7 +226,8 @@ def test_relu_applied_stands_in_for_the_stems_bn_and_relu() -> None:
 def test_optimize_fuses_the_stem_and_computes_the_same_function(dtype: str) -> None:
     model = _small_model()
     x = torch.randn(2, 3, 64, 80)
-    apart = optimize(model, dtype, backend="none", example_input=x, fuse_stem="off")
+    # conv_x3 off: in float32 it could take the unfused stem's convolution, by timing
+    apart = optimize(model, dtype, backend="none", example_input=x, fuse_stem="off", conv_x3="off")
     fast = optimize(model, dtype, backend="none", example_input=x, fuse_stem="on")
     # left to oneDNN, which the eager fast path runs prepacked
     assert apart.stem_choices == [] and isinstance(apart.model.conv1, PrepackedConv)

@@ -372,8 +372,14 @@ def optimize(
         stems = stem_fusion.fuse_stem(
             work, probe, mode=fuse_stem, conv_x3_mode=conv_x3, timings=timings
         )
-        choices = split_group_channels(work, probe, mode=split_groups, timings=timings)
-        choices += swap_grouped_convs(work, probe, mode=grouped_kernel, timings=timings)
+        # a replay leaves its C loop for each layer oneDNN keeps: its choosers weigh that
+        extra_ms = TORCH_STEP_MS if backend == "replay" else 0.0
+        choices = split_group_channels(
+            work, probe, mode=split_groups, timings=timings, native_extra_ms=extra_ms
+        )
+        choices += swap_grouped_convs(
+            work, probe, mode=grouped_kernel, timings=timings, native_extra_ms=extra_ms
+        )
         fusions = fuse_pointwise_convs(work, probe, mode=fuse_pointwise, timings=timings)
         # torch.jit.optimize_for_inference does not honour an operator's in-place write
         in_place = backend != "jit"
@@ -385,7 +391,7 @@ def optimize(
         dense = {
             "in_place": in_place,
             "timings": timings,
-            "native_extra_ms": TORCH_STEP_MS if backend == "replay" else 0.0,
+            "native_extra_ms": extra_ms,
         }
         x3 = swap_convs_x3(work, probe, mode=conv_x3, **dense)
         x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)

@@ -31,6 +31,7 @@ from resnext.speed.grouped_swap import (
     traced_call,
 )
 from resnext.speed.measure import cache_evictor
+from resnext.speed.prepacked import PrepackedConv
 from resnext.speed.timing_cache import TimingCache, layer_key
 
 
@@ -115,12 +116,14 @@ def split_group_channels(
     mode: str = "auto",
     repeats: int = 5,
     timings: TimingCache | None = None,
+    native_extra_ms: float = 0.0,
 ) -> list[LayerChoice]:
     """Replace, in place, each grouped 3×3 that sits in a 1×1 sandwich by the split-order kernel
     (`grouped_split.SplitGroupedConv3x3`), its neighbours permuted, where that pays.
 
     Runs before `grouped_swap.swap_grouped_convs`, on the model's plain convolutions. 'auto'
-    times the split kernel against torch's convolution and each of our other variants on the
+    times the split kernel against oneDNN's convolution (prepacked, `PrepackedConv`, with
+    `native_extra_ms` added: a replay leaves its C loop for it) and each of our other variants on the
     layer's real input shape and takes it where it is the fastest (the others are then left to
     `swap_grouped_convs`), except where the AMX grouped kernel runs, which the AMX fusion passes
     need; 'on' takes it wherever it runs; 'off' changes nothing. bf16 only.
@@ -157,14 +160,16 @@ def split_group_channels(
                 continue
             split = grouped_split.SplitGroupedConv3x3(conv)
             others = [FastGroupedConv3x3(conv, dtype=example.dtype, variant=v) for v in variants]
-            ways = [conv, split, *others]
+            onednn = PrepackedConv(conv, False, False, shapes[name])
+            ways = [onednn, split, *others]
             key = layer_key("grouped-split", shapes[name], example.dtype, conv, ",".join(variants))
             native_ms, split_ms, *times = time_ways_cold(
                 ways, shapes[name], example.dtype, repeats, evict, timings, key
             )
             # again: an earlier swap may have traced its block
             sandwich = find_sandwich(model, name)
-            if sandwich is None or (mode != "on" and split_ms >= min([native_ms, *times])):
+            fastest_other = min([native_ms + native_extra_ms, *times])
+            if sandwich is None or (mode != "on" and split_ms >= fastest_other):
                 continue
             permute_neighbours(model, sandwich, conv.groups)
             set_module(model, name, split)

@@ -311,6 +311,7 @@ def swap_grouped_convs(
     mode: str = "auto",
     repeats: int = 5,
     timings: TimingCache | None = None,
+    native_extra_ms: float = 0.0,
 ) -> list[LayerChoice]:
     """Replace, in place, each grouped 3×3 conv of `model` by `FastGroupedConv3x3` where it pays.
 
@@ -320,6 +321,8 @@ def swap_grouped_convs(
     (`runnable_variants`) on each layer's real input shape and keeps the fastest; 'on' takes the
     fastest variant on every layer one runs (a ConfigError if our kernels cannot run here at all);
     'off' changes nothing. With `timings`, times stored there are used instead of measured.
+    `native_extra_ms` is added to oneDNN's time in the choice (in a replay, what leaving the C
+    loop for a torch operator costs); the choices report the time measured.
     """
     check_mode("grouped_kernel", mode)
     if mode == "off":
@@ -362,7 +365,7 @@ def swap_grouped_convs(
                 # variant plus the 1×1s around it (measured: stage 1 at batch 1, where the AVX-512
                 # kernel wins alone). A plain attribute, not a submodule, so that no pass sees it.
                 object.__setattr__(fast, "amx_alternative", amx)
-            use = mode == "on" or kernel_ms < native_ms
+            use = mode == "on" or kernel_ms < native_ms + native_extra_ms
             fused = False
             if use:
                 set_module(model, name, fast)
