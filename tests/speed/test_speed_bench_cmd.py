@@ -82,6 +82,33 @@ def test_bench_infer_times_batch_1_for_every_variant(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_bench_infer_shares_one_timing_cache_per_model_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: bool
+) -> None:
+    caches: list[tuple[str, object]] = []
+    original = infer_bench.optimize
+
+    def recording(model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        caches.append((type(model).__name__ + str(model.fc.in_features), kwargs["timing_cache"]))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(infer_bench, "optimize", recording)
+    argv = ["infer", "--models", "resnext_tiny,resnext_tiny_in", "--variants", "eager-fast-fp32",
+            "--batch", "2", "--image-size", "32", "--rounds", "1", "--iters", "1",
+            "--latency-rounds", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert bench_cmd.run(_args([*argv, "--share-timings"] if share else argv)) == 0
+    assert _record(tmp_path)["config"]["share_timings"] is share
+    assert len(caches) == 4  # two models, each built for batch 2 and for batch 1
+    if not share:
+        assert all(cache is None for _, cache in caches)
+        return
+    first, second = caches[:2], caches[2:]
+    assert first[0][1] is first[1][1] and second[0][1] is second[1][1]  # per model, one cache
+    assert first[0][1] is not second[0][1] and first[0][1] is not None
+    assert first[0][1].misses > 0  # the layers timed, their times kept there
+
+
 def test_bench_train_runs_a_real_step(tmp_path: Path) -> None:
     args = _args(
         ["train", "--models", "resnext_tiny", "--variants",

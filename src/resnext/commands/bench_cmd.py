@@ -45,6 +45,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument("--image-size", type=int, default=224)
     infer.add_argument("--iters", type=int, default=2, help="calls per round")
     infer.add_argument("--latency-rounds", type=int, default=0, help="batch-1 latency rounds")
+    infer.add_argument(
+        "--share-timings",
+        action="store_true",
+        help="one set of layer timings per model for all variants: the fast paths make the same "
+        "kernel choices where they time the same ways, rather than each its own",
+    )
     _common(infer)
 
     train = sub.add_parser("train", help="training step img/s (channels_last, bf16, compile)")
@@ -132,7 +138,12 @@ def run(args: argparse.Namespace) -> int:
 
         default = default_variants(bench, bf16_supported())
         config = _timed_config(
-            bench.InferConfig, args, bench.VARIANTS, default, latency_rounds=args.latency_rounds
+            bench.InferConfig,
+            args,
+            bench.VARIANTS,
+            default,
+            latency_rounds=args.latency_rounds,
+            share_timings=args.share_timings,
         )
         result = bench.run_infer_bench(config)
     elif args.bench == "train":

@@ -24,6 +24,7 @@ from resnext.speed.measure import (
     ratios_by_phase,
     validate_bench_config,
 )
+from resnext.speed.timing_cache import TimingCache
 
 VARIANTS = (
     "eager",
@@ -74,6 +75,10 @@ class InferConfig:
     rounds: int = 5
     iters: int = 2
     latency_rounds: int = 0
+    # one in-memory timing cache per model for every variant: builds that time the same layers
+    # the same ways make the same choices, so variants differ by what they are, not by the
+    # moment each build timed its layers in (on machine B the choices follow its phase)
+    share_timings: bool = False
 
     def validate(self) -> None:
         validate_bench_config(self, VARIANTS)
@@ -88,9 +93,10 @@ def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 
 
 def build_runner(
-    variant: str, model: nn.Module, example: torch.Tensor
+    variant: str, model: nn.Module, example: torch.Tensor, timings: TimingCache | None = None
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
-    """A callable computing `model` by `variant` (outputs as a float tensor), and its build time."""
+    """A callable computing `model` by `variant` (outputs as a float tensor), and its build time;
+    our fast paths read and keep their layer timings in `timings` where given."""
     start = time.perf_counter()
     threads = torch.get_num_threads()
     kind, _, dtype = variant.rpartition("-")
@@ -137,6 +143,7 @@ def build_runner(
             pointwise_fma="off" if kind == "inductor-nofma" else "auto",
             pointwise_bf16="off" if kind == "inductor-nodot" else "auto",
             split_groups="off" if kind in ("inductor-onednn", "inductor-nosplit") else "auto",
+            timing_cache=timings,
         )
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)
@@ -167,6 +174,7 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
     info: dict[str, dict[str, object]] = {}
     for name in config.models:
         model = resnext.create_model(name).eval()
+        timings = TimingCache.in_memory() if config.share_timings else None
         with torch.no_grad():
             reference = model(x)
         for variant in config.variants:
@@ -176,7 +184,7 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
                 continue
             key = f"{name}/{variant}"
             try:
-                fn, build_s = build_runner(variant, model, x)
+                fn, build_s = build_runner(variant, model, x, timings)
             except Exception as exc:  # a broken peer must not end the whole run
                 log(f"{key}: skipped, build failed ({type(exc).__name__}: {exc})")
                 continue
@@ -210,7 +218,7 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
             runners[key] = (_torch_runner(fn, x), config.batch)
             if config.latency_rounds:
                 # Compiled variants and peers specialise on shape: batch 1 gets its own build.
-                fn1 = fn if variant == "eager" else build_runner(variant, model, x1)[0]
+                fn1 = fn if variant == "eager" else build_runner(variant, model, x1, timings)[0]
                 latency[key] = (_torch_runner(fn1, x1), 1)
     probe = matmul_probe()
     timings = interleaved(runners, rounds=config.rounds, iters=config.iters, probe=probe)
