@@ -49,7 +49,7 @@ class _Pool(nn.Module):
 
 
 def _ways(conv: nn.Conv2d, x: torch.Tensor, backend: str) -> dict[str, object]:
-    onednn = onednn_conv(conv, list(x.shape), relu=True, dtype=x.dtype)
+    onednn = onednn_conv(conv, list(x.shape), relu=True)
 
     pool = FrozenInductor(_Pool(), cpp_wrapper=True)
     with torch.no_grad():
