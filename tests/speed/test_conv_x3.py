@@ -16,7 +16,7 @@ from torch import nn
 import resnext
 from resnext.errors import ConfigError
 from resnext.speed import conv_x3, conv_x3_swap
-from resnext.speed.conv_x3_swap import ConvX3, eligible, swap_convs_x3
+from resnext.speed.conv_x3_swap import ConvX3, DenseOptions, eligible, swap_convs_x3
 from resnext.speed.fastpath import optimize
 from resnext.speed.shortcut_fusion import ShortcutConvX3, fuse_x3_shortcuts
 
@@ -393,7 +393,16 @@ def test_the_extra_cost_of_oneDNNs_way_moves_a_close_choice(
     chosen = []
     for extra in (0.0, 0.2):
         model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU())).eval()
-        (choice,) = swap_convs_x3(model, nhwc(torch.randn(1, 64, 4, 4)), native_extra_ms=extra)
+        (choice,) = swap_convs_x3(
+            model, nhwc(torch.randn(1, 64, 4, 4)), options=DenseOptions(native_extra_ms=extra)
+        )
         assert (choice.native_ms, choice.kernel_ms) == (1.0, 1.1)  # the times measured, as kept
         chosen.append(choice.chosen)
     assert chosen == ["native", "kernel"]
+
+
+def test_dense_options_refuse_values_out_of_range_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="repeats: expected >= 1, got 0"):
+        DenseOptions(repeats=0)
+    with pytest.raises(ValueError, match=r"native_extra_ms: expected >= 0, got -0\.1"):
+        DenseOptions(native_extra_ms=-0.1)

@@ -16,7 +16,7 @@ from torch import nn
 import resnext
 from resnext.errors import ConfigError
 from resnext.speed import pointwise_gemm
-from resnext.speed.conv_x3_swap import DotConv1x1, dot_eligible, swap_convs_dot
+from resnext.speed.conv_x3_swap import DenseOptions, DotConv1x1, dot_eligible, swap_convs_dot
 from resnext.speed.fastpath import optimize
 
 REASON = pointwise_gemm.unavailable_reason()
@@ -316,7 +316,7 @@ def test_every_backend_is_weighed_against_onednn_as_it_runs_there(
     monkeypatch.setattr(swap, "_onednn_runner", recording)
     model = _Net().eval().bfloat16()
     x = _bf16(torch.randn(1, 3, 8, 8))
-    choices = swap_convs_dot(model, x, mode="auto", compiled=compiled)
+    choices = swap_convs_dot(model, x, mode="auto", options=DenseOptions(compiled=compiled))
     assert len(choices) == 8 and set(asked) == {compiled}
     asked.clear()
     for backend in ("none", "inductor"):

@@ -381,43 +381,54 @@ def _onednn_runner(
     return fast if fast.packed is not None and prepacked else fast.unpacked
 
 
+@dataclass(frozen=True)
+class DenseOptions:
+    """How the dense-convolution passes (`swap_convs_x3`, `swap_convs_fma`, `swap_convs_dot`)
+    weigh their kernel against oneDNN and put it in.
+
+    `in_place` False never writes over a residual (for torch.jit, whose optimize_for_inference
+    does not honour an operator's in-place write). `repeats`: timed calls per way. With
+    `timings`, times stored there are used instead of measured. `compiled` False weighs the
+    kernel against oneDNN as the eager fast path ran it before stop 48 (no prepacked weight, the
+    epilogue as separate ops) rather than as every backend runs it now; `native_extra_ms` is
+    added to oneDNN's time before the two are compared (in a replay, what leaving the C loop for
+    a torch operator costs); the times kept are those measured.
+    """
+
+    in_place: bool = True
+    repeats: int = 5
+    timings: TimingCache | None = None
+    compiled: bool = True
+    native_extra_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats: expected >= 1, got {self.repeats}")
+        if self.native_extra_ms < 0:
+            raise ValueError(f"native_extra_ms: expected >= 0, got {self.native_extra_ms}")
+
+
+DEFAULT_OPTIONS = DenseOptions()
+
+
 def swap_convs_x3(
     model: nn.Module,
     example: torch.Tensor,
     *,
     mode: str = "auto",
-    in_place: bool = True,
-    repeats: int = 5,
-    timings: TimingCache | None = None,
-    compiled: bool = True,
-    native_extra_ms: float = 0.0,
+    options: DenseOptions = DEFAULT_OPTIONS,
 ) -> list[LayerChoice]:
     """Replace, in place, the float32 convolutions of `model` `conv_x3` takes by `ConvX3`.
 
     `example` is the model's input (float32, channels_last). 'auto' times each convolution with
-    its epilogue both ways on its real input shape and keeps the faster; 'on' swaps every one (a
-    ConfigError if the kernel cannot run here); 'off' changes nothing. Each choice is returned as
-    a `LayerChoice` (native_ms: oneDNN, kernel_ms: ours, chosen 'kernel' or 'native', variant
-    'bf16x3' plus '+relu', '+add+relu' and ', in place' for what the kernel applies). `in_place`
-    False never writes over a residual (for torch.jit, whose optimize_for_inference does not
-    honour an operator's in-place write). The timed residuals are overwritten by the in-place
-    runs, so their values drift from call to call; only the time is kept. With `timings`, times
-    stored there are used instead of measured. `compiled` False weighs the kernel against oneDNN
-    as the eager fast path (and a replay of it) runs it, and `native_extra_ms` is added to
-    oneDNN's time (in a replay, what a torch operator costs beyond its own time), as
-    `swap_dense_convs`.
+    its epilogue both ways on its real input shape and keeps the faster (as `options` says);
+    'on' swaps every one (a ConfigError if the kernel cannot run here); 'off' changes nothing.
+    Each choice is returned as a `LayerChoice` (native_ms: oneDNN, kernel_ms: ours, chosen
+    'kernel' or 'native', variant 'bf16x3' plus '+relu', '+add+relu' and ', in place' for what
+    the kernel applies). The timed residuals are overwritten by the in-place runs, so their
+    values drift from call to call; only the time is kept.
     """
-    return swap_dense_convs(
-        model,
-        example,
-        X3,
-        mode=mode,
-        in_place=in_place,
-        repeats=repeats,
-        timings=timings,
-        compiled=compiled,
-        native_extra_ms=native_extra_ms,
-    )
+    return swap_dense_convs(model, example, X3, mode=mode, options=options)
 
 
 def swap_convs_fma(
@@ -425,11 +436,7 @@ def swap_convs_fma(
     example: torch.Tensor,
     *,
     mode: str = "auto",
-    in_place: bool = True,
-    repeats: int = 5,
-    timings: TimingCache | None = None,
-    compiled: bool = True,
-    native_extra_ms: float = 0.0,
+    options: DenseOptions = DEFAULT_OPTIONS,
 ) -> list[LayerChoice]:
     """Replace, in place, the float32 1×1 convolutions of `model` that `pointwise_fma` takes by
     `FmaConv1x1`; as `swap_convs_x3` otherwise (variant 'fma…'). Run after `swap_convs_x3`, so
@@ -440,17 +447,7 @@ def swap_convs_fma(
     was level with oneDNN overall, so timing it would only lengthen `optimize`."""
     if mode == "auto" and "avx512f" in cpu_flags():
         return []
-    return swap_dense_convs(
-        model,
-        example,
-        FMA,
-        mode=mode,
-        in_place=in_place,
-        repeats=repeats,
-        timings=timings,
-        compiled=compiled,
-        native_extra_ms=native_extra_ms,
-    )
+    return swap_dense_convs(model, example, FMA, mode=mode, options=options)
 
 
 def swap_convs_dot(
@@ -458,26 +455,12 @@ def swap_convs_dot(
     example: torch.Tensor,
     *,
     mode: str = "auto",
-    in_place: bool = True,
-    repeats: int = 5,
-    timings: TimingCache | None = None,
-    compiled: bool = True,
-    native_extra_ms: float = 0.0,
+    options: DenseOptions = DEFAULT_OPTIONS,
 ) -> list[LayerChoice]:
     """Replace, in place, the bf16 1×1 convolutions of `model` that `pointwise_gemm.conv1x1`
     takes by `DotConv1x1`; as `swap_convs_x3` otherwise (`example`
     bf16, variant 'dot…'). Run after the AMX block fusions, which take their 1×1s first."""
-    return swap_dense_convs(
-        model,
-        example,
-        DOT,
-        mode=mode,
-        in_place=in_place,
-        repeats=repeats,
-        timings=timings,
-        compiled=compiled,
-        native_extra_ms=native_extra_ms,
-    )
+    return swap_dense_convs(model, example, DOT, mode=mode, options=options)
 
 
 def swap_dense_convs(
@@ -486,18 +469,10 @@ def swap_dense_convs(
     kernel: DenseKernel,
     *,
     mode: str = "auto",
-    in_place: bool = True,
-    repeats: int = 5,
-    timings: TimingCache | None = None,
-    compiled: bool = True,
-    native_extra_ms: float = 0.0,
+    options: DenseOptions = DEFAULT_OPTIONS,
 ) -> list[LayerChoice]:
     """The pass for one kernel (`X3`, `FMA` or `DOT`): see `swap_convs_x3`. Convolutions alike
-    (input shape, outputs, geometry, epilogue) are timed once and share the pick; with
-    `timings`, times stored there are used instead of measured. `compiled` False weighs the
-    kernel against oneDNN as the eager fast path runs it (no prepacked weight, the epilogue as
-    separate ops) rather than as the compiled graph does; `native_extra_ms` is added to oneDNN's
-    time before the two are compared (the times kept are those measured)."""
+    (input shape, outputs, geometry, epilogue) are timed once and share the pick."""
     check_mode(kernel.option, mode)
     if mode == "off" or example.dtype != kernel.dtype:
         return []
@@ -509,19 +484,7 @@ def swap_dense_convs(
     found = sites(model, kernel.eligible)
     shapes = input_shapes(model, [s.name for s in found], example)
     with cache_evictor() as evict:
-        return _choose(
-            model,
-            kernel,
-            found,
-            shapes,
-            mode,
-            in_place,
-            repeats,
-            evict,
-            timings,
-            compiled,
-            native_extra_ms,
-        )
+        return _choose(model, kernel, found, shapes, mode, options, evict)
 
 
 def _time_site(
@@ -556,12 +519,8 @@ def _choose(
     found: list[_Site],
     shapes: dict[str, tuple],
     mode: str,
-    in_place: bool,
-    repeats: int,
+    options: DenseOptions,
     evict: Callable[[], None],
-    timings: TimingCache | None,
-    compiled: bool,
-    native_extra_ms: float,
 ) -> list[LayerChoice]:
     """Time each site's convolution both ways (`evict` before each timed call) and rewrite the
     ones the kernel takes; the choices made."""
@@ -573,7 +532,7 @@ def _choose(
         if site.name not in shapes:  # never called on this input
             continue
         conv = model.get_submodule(site.name)
-        overwrite = in_place and site.overwritable
+        overwrite = options.in_place and site.overwritable
         fast = kernel.module(conv, site.relu, overwrite)
         geometry = square_geometry(conv)
         assert geometry is not None  # eligible() checked it
@@ -587,15 +546,15 @@ def _choose(
         )
         if alike not in timed:
             shape = shapes[site.name]
-            against = kernel.variant if compiled else f"{kernel.variant} vs eager"
+            against = kernel.variant if options.compiled else f"{kernel.variant} vs eager"
             key = layer_key(against, shape, kernel.dtype, *alike[1:])
             measure = functools.partial(
-                _time_site, conv, site, fast, shape, repeats, evict, compiled
+                _time_site, conv, site, fast, shape, options.repeats, evict, options.compiled
             )
-            native_ms, kernel_ms = cached(timings, key, 2, measure)
+            native_ms, kernel_ms = cached(options.timings, key, 2, measure)
             timed[alike] = (native_ms, kernel_ms)
         native_ms, kernel_ms = timed[alike]
-        use = mode == "on" or kernel_ms < native_ms + native_extra_ms
+        use = mode == "on" or kernel_ms < native_ms + options.native_extra_ms
         if use:
             rewrite_site(model, site, fast)
         epilogue = ("+add+relu" if site.residual else "+relu") if site.relu else ""

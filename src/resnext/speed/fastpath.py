@@ -17,6 +17,7 @@ from resnext.speed import stem_fusion
 from resnext.speed.block_fusion import fuse_blocks
 from resnext.speed.capability import bf16_supported
 from resnext.speed.conv_x3_swap import (
+    DenseOptions,
     prepack_convs,
     swap_convs_dot,
     swap_convs_fma,
@@ -388,15 +389,11 @@ def optimize(
         # every backend runs oneDNN's convolutions prepacked with their epilogues fused (the
         # eager paths through `prepack_convs`, below), as the choosers time them; a replay
         # leaves its C loop for each
-        dense = {
-            "in_place": in_place,
-            "timings": timings,
-            "native_extra_ms": extra_ms,
-        }
-        x3 = swap_convs_x3(work, probe, mode=conv_x3, **dense)
+        dense = DenseOptions(in_place=in_place, timings=timings, native_extra_ms=extra_ms)
+        x3 = swap_convs_x3(work, probe, mode=conv_x3, options=dense)
         x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)
-        fma = swap_convs_fma(work, probe, mode=pointwise_fma, **dense)
-        fma += swap_convs_dot(work, probe, mode=pointwise_bf16, **dense)
+        fma = swap_convs_fma(work, probe, mode=pointwise_fma, options=dense)
+        fma += swap_convs_dot(work, probe, mode=pointwise_bf16, options=dense)
         fma += fuse_dot_shortcuts(work, probe, mode=pointwise_bf16, timings=timings)
         fusions += fuse_dot_pointwise(work, probe, mode=fuse_pointwise, timings=timings)
         blocks += fuse_dot_blocks(work, probe, mode=fuse_block, timings=timings)
