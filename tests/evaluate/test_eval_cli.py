@@ -120,6 +120,14 @@ def test_eval_with_the_fast_path_scores_as_the_plain_model(
     assert reports["fp32"]["counts"] == reports["off"]["counts"]
 
 
+def _fast_path_argv(tmp_path: Path) -> list[str]:
+    """eval's arguments for 9 images of 3 classes in batches of 4, written under `tmp_path`."""
+    _image_folder(tmp_path)
+    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
+    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
+    return [*argv, "--batch-size", "4"]
+
+
 def test_eval_with_the_compiled_fast_path_scores_as_the_plain_model(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,10 +141,7 @@ def test_eval_with_the_compiled_fast_path_scores_as_the_plain_model(
         FrozenInductor, "_compiled", lambda self, x: graph_calls.append(len(x)) or to_graph(self, x)
     )
 
-    _image_folder(tmp_path)
-    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
-    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
-    argv += ["--batch-size", "4"]  # 9 images: the last batch of 1 runs without the graph
+    argv = _fast_path_argv(tmp_path)  # the last batch of 1 runs without the graph
     with pytest.raises(ConfigError, match="--compile: compiles the fast path, so it needs"):
         eval_cmd.run(_parse([*argv, "--compile"]))
     reports = {}
@@ -171,10 +176,7 @@ def test_eval_fast_path_replayed_scores_as_the_plain_model(tmp_path: Path, capsy
     from resnext.errors import ConfigError
     from resnext.speed import replay
 
-    _image_folder(tmp_path)
-    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
-    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
-    argv += ["--batch-size", "4"]  # 9 images: the last batch of 1 runs without the replay
+    argv = _fast_path_argv(tmp_path)  # the last batch of 1 runs without the replay
     with pytest.raises(ConfigError, match="--replay: replays the fast path, so it needs"):
         eval_cmd.run(_parse([*argv, "--replay"]))
     with pytest.raises(SystemExit):  # argparse: --replay not allowed with --compile

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -14,6 +15,21 @@ def param_count(name: str) -> int:
     """Parameters of registry model `name`, counted without allocating them."""
     with torch.device("meta"):
         return sum(p.numel() for p in resnext.create_model(name).parameters())
+
+
+def skip_if_too_large(name: str) -> None:
+    """Skip the calling test, with the reason, for a registry model too large to build fast."""
+    if param_count(name) > MAX_PARAMS:
+        pytest.skip(f"{name}: over {MAX_PARAMS:,} parameters, too slow to build in a fast test")
+
+
+def registry_model_and_input(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """Registry model `name` in eval mode with randomized batch norms, and a small input for it;
+    the calling test skipped where the model is too large (`skip_if_too_large`)."""
+    skip_if_too_large(name)
+    model = resnext.create_model(name).eval()
+    randomize_bn(model)
+    return model, small_input(model)
 
 
 def small_input(model: nn.Module) -> torch.Tensor:

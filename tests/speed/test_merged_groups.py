@@ -8,7 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from registry_models import MAX_PARAMS, param_count, randomize_bn, small_input
+from registry_models import (
+    registry_model_and_input,
+)
 from tensor_checks import rel_err
 from torch import nn
 
@@ -193,14 +195,10 @@ def test_merge_groups_refuses_the_cpu_grouped_kernels_beside_it():
 
 @pytest.mark.parametrize("name", resnext.list_models())
 def test_merged_and_widened_groups_same_function_every_registry_model(name: str) -> None:
-    if param_count(name) > MAX_PARAMS:
-        pytest.skip(f"{name}: over {MAX_PARAMS:,} parameters, too slow to build in a fast test")
-    model = resnext.create_model(name).eval()
+    model, x = registry_model_and_input(name)
     names = merged_groups.grouped_convs(model)
     if not names:
         pytest.skip(f"{name} has no grouped convolution")
-    randomize_bn(model)
-    x = small_input(model)
     with torch.no_grad():
         expected = model(x)
     # each layer's largest factor up to 8 (all its groups in one where it has at most 8)

@@ -7,7 +7,10 @@ import time
 
 import pytest
 import torch
-from registry_models import MAX_PARAMS, param_count, randomize_bn, small_input
+from registry_models import (
+    randomize_bn,
+    registry_model_and_input,
+)
 from tensor_checks import rel_err
 from torch import nn
 
@@ -198,12 +201,8 @@ def test_bad_arguments() -> None:
 
 @pytest.mark.parametrize("name", resnext.list_models())
 def test_replay_same_function_every_registry_model(name: str) -> None:
-    if param_count(name) > MAX_PARAMS:
-        pytest.skip(f"{name}: over {MAX_PARAMS:,} parameters, too slow to build in a fast test")
     torch.manual_seed(4)
-    model = resnext.create_model(name).eval()
-    randomize_bn(model)
-    x = small_input(model)
+    model, x = registry_model_and_input(name)
     fast = optimize(model, "fp32", backend="replay", example_input=x, grouped_kernel=KERNEL)
     assert isinstance(fast, Replayed)
     fresh = torch.randn_like(x)

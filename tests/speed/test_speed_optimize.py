@@ -6,7 +6,11 @@ import io
 
 import pytest
 import torch
-from registry_models import MAX_PARAMS, param_count, randomize_bn, small_input
+from registry_models import (
+    randomize_bn,
+    registry_model_and_input,
+    small_input,
+)
 from tensor_checks import rel_err
 from torch import nn
 
@@ -30,11 +34,7 @@ DOT = "on" if pointwise_gemm.unavailable_reason() is None else "off"
 
 @pytest.mark.parametrize("name", resnext.list_models())
 def test_fp32_same_function_every_registry_model(name: str) -> None:
-    if param_count(name) > MAX_PARAMS:
-        pytest.skip(f"{name}: over {MAX_PARAMS:,} parameters, too slow to build in a fast test")
-    model = resnext.create_model(name).eval()
-    randomize_bn(model)
-    x = small_input(model)
+    model, x = registry_model_and_input(name)
     with torch.no_grad():
         expected = model(x)
     fast = optimize(model, torch.float32, backend="none", grouped_kernel=KERNEL, conv_x3=X3)
@@ -47,12 +47,8 @@ def test_fp32_same_function_every_registry_model(name: str) -> None:
 @pytest.mark.skipif(not bf16_supported(), reason="this CPU has no native bf16")
 @pytest.mark.parametrize("name", resnext.list_models())
 def test_bf16_same_function_every_registry_model(name: str) -> None:
-    if param_count(name) > MAX_PARAMS:
-        pytest.skip(f"{name}: over {MAX_PARAMS:,} parameters, too slow to build in a fast test")
     torch.manual_seed(3)
-    model = resnext.create_model(name).eval()
-    randomize_bn(model)
-    x = small_input(model)
+    model, x = registry_model_and_input(name)
     with torch.no_grad():
         expected = model(x)
     # every bf16 kernel that runs here swapped in wherever it takes a layer, as in the fp32 test
