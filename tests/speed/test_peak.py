@@ -74,6 +74,26 @@ def test_amx_kernel_adds_32_products_per_output_per_tile_product() -> None:
 
 
 @needs_amx
+def test_loaded_amx_kernel_does_the_same_products_as_a_2x2_blocked_product() -> None:
+    iters = 250
+    flop, sink = _run(peak.AMX_LOADED_KIND, iters, 1)
+    assert flop == iters * 4 * 16 * 16 * 32 * 2  # 4 output tiles of 16 × 16, 32-deep products
+    # The stored output tile (A1 · B1) gains 32 ones·ones per round, as every other does.
+    assert sink == 32 * iters
+
+
+@needs_amx
+def test_loading_operands_does_not_raise_the_tile_rate() -> None:
+    # The loaded loop does the register-only loop's products plus loads: at most as fast (margin
+    # for clocks), best of turns so that one slow moment cannot decide.
+    register = loaded = 0.0
+    for _ in range(3):
+        register = max(register, peak.amx_peak(1, seconds=0.03))
+        loaded = max(loaded, peak.amx_peak(1, seconds=0.03, loaded=True))
+    assert 0 < loaded <= 1.25 * register
+
+
+@needs_amx
 def test_amx_peak_is_not_beaten_by_a_bf16_matrix_product() -> None:
     rate = peak.amx_peak(seconds=0.05)
     a = torch.randn(1024, 1024).to(torch.bfloat16)

@@ -2,7 +2,8 @@
 product, AMX bf16 tile product) and memory bandwidth.
 
 The arithmetic peak comes from `kernels/peak.c` (independent chains of one vector or tile
-instruction per thread); the bandwidth from reading and copying a buffer much larger than the caches. They
+instruction per thread; for AMX also with its operand tiles loaded each round, as a matrix
+product loads them); the bandwidth from reading and copying a buffer much larger than the caches. They
 are what a speed target is compared with: no convolution can run faster than the first, no
 memory-bound pass faster than the second.
 """
@@ -25,12 +26,14 @@ FLAGS = ("-O3", "-fopenmp")  # each function of the source names the ISA it need
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
 AMX_KIND = 2  # peak_run's kind for AMX bf16 tile products
 AVX2_FP32_KIND = 3  # float32 FMAs on 256-bit registers, for CPUs without AVX-512
+AMX_LOADED_KIND = 4  # AMX bf16 tile products, their operand tiles loaded from L1 each round
 # The CPU flags each of peak_run's kinds needs.
 KIND_NEEDS = {
     0: frozenset({"avx512f"}),
     1: frozenset({"avx512f", "avx512_bf16"}),
     AMX_KIND: frozenset({"amx_tile", "amx_bf16"}),
     AVX2_FP32_KIND: frozenset({"avx2", "fma"}),
+    AMX_LOADED_KIND: frozenset({"amx_tile", "amx_bf16"}),
 }
 BANDWIDTH_MB = 512  # well beyond any L3 of this class of machine
 
@@ -45,6 +48,9 @@ class Peaks:
     read_gbps: float
     copy_gbps: float  # bytes read plus bytes written, per second
     amx_bf16_gflops: float | None = None  # None where the CPU has no AMX-BF16 (or it is refused)
+    # The same with a 1 KB operand tile loaded per tile product (2 x 2 blocking from L1): what a
+    # kernel streaming its operands can reach; None as above.
+    amx_bf16_loaded_gflops: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -107,12 +113,14 @@ def amx_unavailable_reason() -> str | None:
     return native.problem(_library)
 
 
-def amx_peak(threads: int | None = None, seconds: float = 0.2) -> float:
-    """GFLOP/s of `threads` threads doing only AMX bf16 tile products (TDPBF16PS); best of three."""
+def amx_peak(threads: int | None = None, seconds: float = 0.2, *, loaded: bool = False) -> float:
+    """GFLOP/s of `threads` threads doing only AMX bf16 tile products (TDPBF16PS); best of three.
+    With `loaded`, each product also loads one operand tile from L1, as a matrix product's 2 × 2
+    blocked inner loop does."""
     reason = amx_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"amx_peak: {reason}")
-    return _timed_peak(AMX_KIND, threads, seconds)
+    return _timed_peak(AMX_LOADED_KIND if loaded else AMX_KIND, threads, seconds)
 
 
 def _timed_peak(kind: int, threads: int | None, seconds: float) -> float:
@@ -123,7 +131,8 @@ def _timed_peak(kind: int, threads: int | None, seconds: float) -> float:
     if threads < 1:
         raise ValueError(f"threads: expected >= 1, got {threads}")
     lib, sink = _library(), ctypes.c_double()
-    iters = 10_000 if kind != AMX_KIND else 100  # a tile product is 512 vector FMAs' work
+    # a tile product is 512 vector FMAs' work
+    iters = 100 if kind in (AMX_KIND, AMX_LOADED_KIND) else 10_000
     while True:  # grow the run until it is long enough to time
         start = time.perf_counter()
         if lib.peak_run(kind, iters, threads, ctypes.byref(sink)) < 0:
@@ -174,11 +183,12 @@ def measure_peaks(threads: int | None = None, seconds: float = 0.2) -> Peaks:
         read, copy = memory_bandwidth()
     finally:
         torch.set_num_threads(previous)
-    amx = None
+    amx = loaded = None
     if amx_unavailable_reason() is None:
         try:
             amx = amx_peak(threads, seconds)
+            loaded = amx_peak(threads, seconds, loaded=True)
         except RuntimeError:
-            amx = None  # the kernel refused the tile state: report none
+            amx = loaded = None  # the kernel refused the tile state: report none
     fp32 = arithmetic_peak(torch.float32, threads, seconds)
-    return Peaks(threads, fp32, bf16, read, copy, amx)
+    return Peaks(threads, fp32, bf16, read, copy, amx, loaded)
