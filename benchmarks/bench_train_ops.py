@@ -4,7 +4,8 @@ Usage: .venv/bin/python benchmarks/bench_train_ops.py [--models resnext50_32x4d,
        [--variant cl-bf16-fused-grouped-gemm-pool] [--batch 16] [--image-size 224] [--steps 3]
        [--warmup 4] [--top 25]
 First the machine's ceilings are measured (`resnext.speed.peak`: fp32 FMA, bf16 dot-product and,
-where the CPU has AMX, bf16 tile-product GFLOP/s, also with the operand tiles loaded; memory read and copy GB/s). Then each model's step (one of `resnext bench train`'s
+where the CPU has AMX, bf16 tile-product GFLOP/s, also with the operand tiles loaded; memory
+read and copy GB/s). Then each model's step (one of `resnext bench train`'s
 variants) is timed plainly and then operator by operator (`resnext.speed.step_ops`: a wall-clock
 dispatch-mode timer, the project's C kernels as spans, FLOPs by torch's formulas). Per kind of
 work it reports the measured ms per step, the GFLOP and the least bytes moved, and the ms it

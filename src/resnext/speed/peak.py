@@ -3,9 +3,9 @@ product, AMX bf16 tile product) and memory bandwidth.
 
 The arithmetic peak comes from `kernels/peak.c` (independent chains of one vector or tile
 instruction per thread; for AMX also with its operand tiles loaded each round, as a matrix
-product loads them); the bandwidth from reading and copying a buffer much larger than the caches. They
-are what a speed target is compared with: no convolution can run faster than the first, no
-memory-bound pass faster than the second.
+product loads them); the bandwidth from reading and copying a buffer much larger than the
+caches. They are what a speed target is compared with: no convolution can run faster than the
+first, no memory-bound pass faster than the second.
 """
 
 from __future__ import annotations
