@@ -1,4 +1,4 @@
-"""`resnext bench infer|train|data|gpu`: speed benchmarks that write JSON results with provenance."""
+"""`resnext bench infer|train|data|gpu|peaks`: speed benchmarks that write JSON results with provenance."""
 
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `bench` and its four benchmarks."""
+    """Register `bench` and its five benchmarks."""
     parser = subparsers.add_parser(
-        "bench", help="speed benchmarks (CPU inference, training, data; GPU against timm)"
+        "bench",
+        help="speed benchmarks (CPU inference, training, data; GPU against timm; ceilings)",
     )
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
@@ -88,6 +89,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gpu.add_argument("--iters", type=int, default=10, help="calls per round")
     gpu.add_argument("--device", default="cuda", help="cuda, cuda:N (cpu: a smoke run)")
     _common(gpu)
+
+    peaks = sub.add_parser(
+        "peaks", help="this machine's ceilings: arithmetic peaks and memory bandwidth"
+    )
+    peaks.add_argument(
+        "--seconds", type=float, default=0.2, help="per rate and round (best of three)"
+    )
+    _common(peaks)
     parser.set_defaults(func=run)
 
 
@@ -161,6 +170,11 @@ def run(args: argparse.Namespace) -> int:
             bench.GpuBenchConfig, args, bench.VARIANTS, bench.DEFAULT_VARIANTS, device=args.device
         )
         result = bench.run_gpu_bench(config)
+    elif args.bench == "peaks":
+        from resnext.speed import peaks_bench as bench
+
+        config = bench.PeaksConfig(rounds=args.rounds, seconds=args.seconds)
+        result = bench.run_peaks_bench(config)
     else:
         from resnext.speed import data_bench as bench
 
