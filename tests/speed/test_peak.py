@@ -84,13 +84,15 @@ def test_loaded_amx_kernel_does_the_same_products_as_a_2x2_blocked_product() -> 
 
 @needs_amx
 def test_loading_operands_does_not_raise_the_tile_rate() -> None:
-    # The loaded loop does the register-only loop's products plus loads: at most as fast (margin
-    # for clocks), best of turns so that one slow moment cannot decide.
+    # The loaded loop does the register-only loop's products plus loads: at most as fast, best
+    # of turns so that one slow moment cannot decide. The margin covers machine B's phases (the
+    # register-only rate drops to ~0.75x in a slow one, which can begin between two turns); a
+    # FLOP count off by a factor of 2 would still fail.
     register = loaded = 0.0
     for _ in range(3):
         register = max(register, peak.amx_peak(1, seconds=0.03))
         loaded = max(loaded, peak.amx_peak(1, seconds=0.03, loaded=True))
-    assert 0 < loaded <= 1.25 * register
+    assert 0 < loaded <= 1.5 * register
 
 
 @needs_amx
