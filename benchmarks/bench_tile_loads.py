@@ -46,15 +46,6 @@ def conv_probe() -> Callable[[], float]:
     return probe
 
 
-def pearson(a: list[float], b: list[float]) -> float:
-    """Pearson's correlation of two equally long series (nan if either is constant)."""
-    ma, mb = statistics.fmean(a), statistics.fmean(b)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
-    va = sum((x - ma) ** 2 for x in a)
-    vb = sum((y - mb) ** 2 for y in b)
-    return cov / (va * vb) ** 0.5 if va > 0 and vb > 0 else float("nan")
-
-
 def main() -> int:
     parser = bench_args.parser(__doc__, rounds=40)
     parser.add_argument("--seconds", type=float, default=0.05, help="per tile-rate measurement")
@@ -88,7 +79,7 @@ def main() -> int:
             "max": max(loaded_share),
         },
         "correlation": {
-            f"{real}~{tile}": pearson(rates[real], rates[tile])
+            f"{real}~{tile}": statistics.correlation(rates[real], rates[tile])
             for real in ("matmul", "conv1x1")
             for tile in ("register", "loaded")
         },
