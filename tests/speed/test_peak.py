@@ -70,7 +70,7 @@ def test_amx_kernel_adds_32_products_per_output_per_tile_product() -> None:
     iters = 300
     flop, sink = _run(peak.AMX_KIND, iters, 1)
     assert flop == iters * 4 * 16 * 16 * 32 * 2  # 4 accumulator tiles of 16 × 16 outputs
-    assert sink == 32 * iters  # one output of the first accumulator: 32 ones·ones per product
+    assert sink == 32 * iters  # one output of the last accumulator: 32 ones·ones per product
 
 
 @needs_amx

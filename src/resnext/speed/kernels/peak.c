@@ -76,7 +76,7 @@ __attribute__((target("avx512bf16,avx512f"))) static double dot_bf16_thread(long
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define AMX_ACC 4 /* accumulator tiles; tiles 4 and 5 are the two sources */
+#define AMX_ACC 4 /* accumulator tiles 0-3; the sources are tiles 4-5 (4-7 when loaded) */
 
 typedef struct {
   uint8_t palette, start_row, reserved[14];
@@ -87,41 +87,16 @@ typedef struct {
 /* Linux hands out the AMX tile state only on request, once per process. */
 static int amx_allowed(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
 
-/* AMX_ACC independent chains of TDPBF16PS on full 16 x 64-byte tiles; -1 if AMX is refused. */
-__attribute__((target("amx-tile,amx-bf16"))) static double amx_bf16_thread(long iters) {
-  if (!amx_allowed()) return -1.0;
-  TileConfig cfg;
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < AMX_ACC + 2; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  _tile_loadconfig(&cfg);
-  uint16_t ones[16 * 32]; /* bf16 1.0: each output gains exactly 32 per product */
-  for (int i = 0; i < 16 * 32; i++) ones[i] = 0x3f80;
-  _tile_loadd(4, ones, 64);
-  _tile_loadd(5, ones, 64);
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (long k = 0; k < iters; k++) {
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_dpbf16ps(1, 4, 5);
-    _tile_dpbf16ps(2, 4, 5);
-    _tile_dpbf16ps(3, 4, 5);
-  }
-  float out[16 * 16];
-  _tile_stored(0, out, 64);
-  _tile_release();
-  return (double)out[0];
-}
-
-/* The same four tile products a round, but as a matrix product's inner loop runs them: two A and
- * two B operand tiles loaded from memory before each round (4 KB, which stays in L1), each output
- * tile the product of one A and one B (2 x 2 blocking, the most eight tiles allow: one 1 KB tile
- * load per tile product). Why: on the Xeon this was written on, the rate of this loop, not of the
- * register-only one, is what moved with the machine's slow and fast phases (0.41x of it in slow
- * rounds, 1.0x in fast ones), so it is the ceiling of any kernel that streams its operands. */
-__attribute__((target("amx-tile,amx-bf16"))) static double amx_bf16_loaded_thread(long iters) {
+/* AMX_ACC independent chains of TDPBF16PS on full 16 x 64-byte tiles; -1 if AMX is refused.
+ *
+ * With `loaded`, the same four tile products a round as a matrix product's inner loop runs them:
+ * two A and two B operand tiles loaded from memory before each round (4 KB, which stays in L1),
+ * each output tile the product of one A and one B (2 x 2 blocking, the most eight tiles allow:
+ * one 1 KB tile load per tile product). Why: on the Xeon this was written on, the loaded rate,
+ * not the register-only one, is what moved with the machine's slow and fast phases (0.42x of the
+ * register-only rate in slow rounds, 1.0x in fast ones), so it bounds any kernel that streams
+ * its operands. */
+__attribute__((target("amx-tile,amx-bf16"))) static double amx_bf16_thread(long iters, int loaded) {
   if (!amx_allowed()) return -1.0;
   TileConfig cfg;
   memset(&cfg, 0, sizeof cfg);
@@ -135,15 +110,26 @@ __attribute__((target("amx-tile,amx-bf16"))) static double amx_bf16_loaded_threa
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (long k = 0; k < iters; k++) {
+  if (loaded) {
+    for (long k = 0; k < iters; k++) {
+      _tile_loadd(4, operand[0], 64);
+      _tile_loadd(5, operand[1], 64);
+      _tile_loadd(6, operand[2], 64);
+      _tile_loadd(7, operand[3], 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  } else {
     _tile_loadd(4, operand[0], 64);
     _tile_loadd(5, operand[1], 64);
-    _tile_loadd(6, operand[2], 64);
-    _tile_loadd(7, operand[3], 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    for (long k = 0; k < iters; k++) {
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 5);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_dpbf16ps(3, 4, 5);
+    }
   }
   float out[16 * 16];
   _tile_stored(3, out, 64);
@@ -152,8 +138,9 @@ __attribute__((target("amx-tile,amx-bf16"))) static double amx_bf16_loaded_threa
 }
 
 /* kind 0: float32 FMA (AVX-512), 1: bf16 pair dot product, 2: AMX bf16 tile product, 3: float32
- * FMA (AVX2), 4: AMX bf16 tile products with their operand tiles loaded each round. Returns the FLOP done by the threads that ran (OpenMP may grant fewer than asked
- * for), or -1 if AMX was refused. */
+ * FMA (AVX2), 4: AMX bf16 tile products with their operand tiles loaded each round. Returns the
+ * FLOP done by the threads that ran (OpenMP may grant fewer than asked for), or -1 if AMX was
+ * refused. */
 double peak_run(int kind, long iters, int threads, double *sink) {
   double total = 0.0;
   int ran = 0, refused = 0;
@@ -164,8 +151,7 @@ double peak_run(int kind, long iters, int threads, double *sink) {
     double r = kind == 0   ? fma_thread(iters)
                : kind == 1 ? dot_bf16_thread(iters)
                : kind == 3 ? fma256_thread(iters)
-               : kind == 4 ? amx_bf16_loaded_thread(iters)
-                           : amx_bf16_thread(iters);
+                           : amx_bf16_thread(iters, kind == 4);
     if (r < 0) refused = 1; else total += r;
   }
   *sink = total;
