@@ -718,3 +718,30 @@ def test_the_train_kernel_bench_times_one_arm_per_chooser_margin(
     assert arms["margin=0.05"]["median_over_first"] == 1.0
     for arm in arms.values():
         assert len(arm["rounds_ms"]) == 2 and all(ms > 0 for ms in arm["rounds_ms"])
+
+
+def test_the_tile_load_bench_times_four_rates_per_round_or_names_what_it_needs(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
+) -> None:
+    import json
+
+    from resnext.speed import peak
+
+    argv = ["--rounds", "3", "--seconds", "0.01", "--out", str(tmp_path)]
+    if peak.amx_unavailable_reason() is not None:
+        assert _run_script("bench_tile_loads.py", argv, monkeypatch) == 1
+        assert "needs AMX-BF16" in capsys.readouterr().out
+        return
+    # fewer than 3 rounds cannot give a correlation: refused by the parser (status 2)
+    assert _run_script("bench_tile_loads.py", ["--rounds", "2"], monkeypatch) == 2
+    assert _run_script("bench_tile_loads.py", argv, monkeypatch) == 0
+    (path,) = tmp_path.glob("bench-tile-loads-*.json")
+    results = json.loads(path.read_text())["results"]
+    rounds = results["rounds"]
+    assert set(rounds) == {"register", "loaded", "matmul", "conv1x1"}
+    assert all(len(v) == 3 and min(v) > 0 for v in rounds.values())
+    share = results["loaded_over_register"]["per_round"]
+    assert share == [a / b for a, b in zip(rounds["loaded"], rounds["register"], strict=True)]
+    assert set(results["correlation"]) == {
+        "matmul~register", "matmul~loaded", "conv1x1~register", "conv1x1~loaded"
+    }  # fmt: skip
