@@ -50,12 +50,14 @@ def main() -> int:
     parser = bench_args.parser(__doc__, rounds=40)
     parser.add_argument("--seconds", type=float, default=0.05, help="per tile-rate measurement")
     args = parser.parse_args()
+    if args.rounds < 3:  # a correlation needs three rounds
+        parser.error(f"--rounds: expected >= 3, got {args.rounds}")
+    if args.seconds <= 0:
+        parser.error(f"--seconds: expected > 0, got {args.seconds}")
     reason = peak.amx_unavailable_reason()
     if reason is not None:
         print(f"bench_tile_loads: needs AMX-BF16 ({reason})")
         return 1
-    if args.rounds < 3 or args.seconds <= 0:
-        parser.error("--rounds: expected >= 3; --seconds: expected > 0")
     probes = {
         "register": lambda: peak.amx_peak(seconds=args.seconds),
         "loaded": lambda: peak.amx_peak(seconds=args.seconds, loaded=True),

@@ -728,12 +728,15 @@ def test_the_tile_load_bench_times_four_rates_per_round_or_names_what_it_needs(
     from resnext.speed import peak
 
     argv = ["--rounds", "3", "--seconds", "0.01", "--out", str(tmp_path)]
+    # fewer than 3 rounds cannot give a correlation: refused by the parser (status 2), naming it
+    assert _run_script("bench_tile_loads.py", ["--rounds", "2"], monkeypatch) == 2
+    assert "--rounds: expected >= 3, got 2" in capsys.readouterr().err
+    assert _run_script("bench_tile_loads.py", ["--seconds", "0"], monkeypatch) == 2
+    assert "--seconds: expected > 0" in capsys.readouterr().err
     if peak.amx_unavailable_reason() is not None:
         assert _run_script("bench_tile_loads.py", argv, monkeypatch) == 1
         assert "needs AMX-BF16" in capsys.readouterr().out
         return
-    # fewer than 3 rounds cannot give a correlation: refused by the parser (status 2)
-    assert _run_script("bench_tile_loads.py", ["--rounds", "2"], monkeypatch) == 2
     assert _run_script("bench_tile_loads.py", argv, monkeypatch) == 0
     (path,) = tmp_path.glob("bench-tile-loads-*.json")
     results = json.loads(path.read_text())["results"]

@@ -66,20 +66,16 @@ needs_amx = pytest.mark.skipif(
 
 
 @needs_amx
-def test_amx_kernel_adds_32_products_per_output_per_tile_product() -> None:
-    iters = 300
-    flop, sink = _run(peak.AMX_KIND, iters, 1)
+@pytest.mark.parametrize(
+    ("kind", "iters"),
+    [(peak.AMX_KIND, 300), (peak.AMX_LOADED_KIND, 250)],
+    ids=["register", "loaded"],
+)
+def test_amx_kernel_adds_32_products_per_output_per_tile_product(kind: int, iters: int) -> None:
+    # the register-only loop, and the 2 × 2 blocked one that loads its operand tiles each round
+    flop, sink = _run(kind, iters, 1)
     assert flop == iters * 4 * 16 * 16 * 32 * 2  # 4 accumulator tiles of 16 × 16 outputs
     assert sink == 32 * iters  # one output of the last accumulator: 32 ones·ones per product
-
-
-@needs_amx
-def test_loaded_amx_kernel_does_the_same_products_as_a_2x2_blocked_product() -> None:
-    iters = 250
-    flop, sink = _run(peak.AMX_LOADED_KIND, iters, 1)
-    assert flop == iters * 4 * 16 * 16 * 32 * 2  # 4 output tiles of 16 × 16, 32-deep products
-    # The stored output tile (A1 · B1) gains 32 ones·ones per round, as every other does.
-    assert sink == 32 * iters
 
 
 @needs_amx
