@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -70,3 +71,9 @@ def test_bench_peaks_measures_this_machine_and_writes_its_record(tmp_path: Path)
     for row in rates.values():
         assert len(row["rounds"]) == 2 and 0 < row["min"] <= row["median"] <= row["max"]
     assert ("amx_bf16_loaded_gflops" in rates) == (peak.amx_unavailable_reason() is None)
+
+
+def test_the_summary_has_a_line_for_every_rate_peaks_measures() -> None:
+    # a rate added to Peaks but not to the summary's table would be measured and never printed
+    measured = {f.name for f in dataclasses.fields(Peaks)} - {"threads"}
+    assert {name for name, _, _ in peaks_bench._RATES} == measured
