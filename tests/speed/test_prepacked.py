@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from block_nets import Bottleneck
 from tensor_checks import nhwc, rel_err
 from torch import nn
 
@@ -107,6 +108,28 @@ def test_the_pass_packs_every_convolution_left_to_onednn_and_keeps_the_function(
     plain = resnext.create_model("resnext_tiny").eval()
     fast = optimize(plain, "fp32", backend="none", example_input=x, grouped_kernel="off")
     assert not any(isinstance(m, nn.Conv2d) for m in fast.modules())
+
+
+def test_a_shortcut_1x1_is_packed_once_its_block_was_rewritten_and_holds_no_other_conv() -> None:
+    # A pass that fuses a block's last 1×1 with its add reinstalls the block's graph, leaving
+    # the shortcut's Sequential a plain container fx cannot trace. With every other convolution
+    # of the block already taken (here: packed), only the block's graph calls the shortcut's
+    # 1×1; it must still be found and packed, not left to run unpacked (found by a chooser
+    # that, under load, kept oneDNN for the shortcut and our kernel for the last 1×1).
+    torch.manual_seed(5)
+    model = nn.Sequential(Bottleneck(16, 8, 32, 1)).eval().to(memory_format=torch.channels_last)
+    x = nhwc(torch.randn(2, 16, 6, 6))
+    with torch.no_grad():
+        prepack_convs(model, x)
+    container = model[0].downsample
+    assert type(container) is nn.Module  # what the rewrite leaves, as the pass sees it
+    # a fresh shortcut 1×1, as a chooser leaves one to oneDNN
+    setattr(container, "0", nn.Conv2d(16, 32, 1).to(memory_format=torch.channels_last))
+    with torch.no_grad():
+        want = model(x)
+        assert prepack_convs(model, x) == ["0.downsample.0"]
+        assert isinstance(model.get_submodule("0.downsample.0"), PrepackedConv)
+        assert rel_err(model(x), want) < 1e-5
 
 
 def test_a_grouped_convolution_kept_for_its_amx_form_is_packed_with_its_relu() -> None:

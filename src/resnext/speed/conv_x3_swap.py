@@ -306,13 +306,32 @@ class _Site:
     overwritable: bool
 
 
+def _caller(model: nn.Module, name: str, traceable: dict[str, bool]) -> str:
+    """`name`'s parent, or where fx cannot trace that, the nearest ancestor it can (`traceable`
+    memoizes by name). A pass that rewrote a block's graph leaves its shortcut's Sequential a
+    plain container without a forward: the block's graph calls the 1×1 in it."""
+    parent = name.rpartition(".")[0]
+    while parent:
+        if parent not in traceable:
+            try:
+                KernelLeafTracer().trace(model.get_submodule(parent))
+                traceable[parent] = True
+            except Exception:  # fx raises many kinds of errors on untraceable code
+                traceable[parent] = False
+        if traceable[parent]:
+            break
+        parent = parent.rpartition(".")[0]
+    return parent
+
+
 def sites(model: nn.Module, eligible: Callable[[nn.Module], bool]) -> list[_Site]:
     """Each convolution `eligible` accepts once, with its parent: the outermost traceable module whose own
     graph calls it (a block, for the 1×1 in its shortcut's Sequential), and the epilogue found
     there. Where two end in one add (a block's last 1×1 and its projection shortcut), the later
     in the graph (the last 1×1, so that it may write over the shortcut) applies it."""
     names = [n for n, m in model.named_modules() if eligible(m)]
-    parents = sorted({n.rpartition(".")[0] for n in names} - {""})
+    traceable: dict[str, bool] = {}
+    parents = sorted({_caller(model, n, traceable) for n in names} - {""})
     # a parent's callers first: a block's graph is traced through its shortcut's Sequential
     parents = sorted(parents, key=lambda p: (p.count("."), p))
     consumed = inputs_consumed(model, set(parents))
