@@ -45,7 +45,8 @@ def shape_variants(shape: Shape, against: ctypes.CDLL | None = None) -> dict[str
     """oneDNN's and our way of one shape (and `against`'s build of our kernel), as `interleaved`
     takes them."""
     n, cin, cout, h, w, stride, add = shape
-    conv = nn.Conv2d(cin, cout, 1, stride=stride).eval().requires_grad_(False)
+    # a bf16 layer, as in the bf16 model: oneDNN's weight is then packed for bf16 inputs
+    conv = nn.Conv2d(cin, cout, 1, stride=stride).to(torch.bfloat16).eval().requires_grad_(False)
     x = torch.randn(n, cin, h, w, dtype=torch.bfloat16).contiguous(
         memory_format=torch.channels_last
     )
@@ -53,7 +54,7 @@ def shape_variants(shape: Shape, against: ctypes.CDLL | None = None) -> dict[str
     if add:  # written over in place, as in the graph: its values drift from call to call
         res = torch.randn(n, cout, (h - 1) // stride + 1, (w - 1) // stride + 1)
         res = res.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    onednn = _onednn_runner(conv, True, tuple(x.shape), torch.bfloat16)
+    onednn = _onednn_runner(conv, True, tuple(x.shape))
     packed = pointwise_gemm.pack_conv(conv.weight)
     bias = conv.bias.detach().to(torch.bfloat16).float()  # the bf16 model's bias
 

@@ -16,8 +16,9 @@ from torch import nn
 import resnext
 from resnext.errors import ConfigError
 from resnext.speed import pointwise_gemm
-from resnext.speed.conv_x3_swap import DenseOptions, DotConv1x1, dot_eligible, swap_convs_dot
+from resnext.speed.conv_x3_swap import DotConv1x1, dot_eligible, swap_convs_dot
 from resnext.speed.fastpath import optimize
+from resnext.speed.prepacked import PrepackedConv
 
 REASON = pointwise_gemm.unavailable_reason()
 needs_dot = pytest.mark.skipif(REASON is not None, reason=f"bf16 dot kernel unavailable: {REASON}")
@@ -297,36 +298,35 @@ def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @needs_dot
-@pytest.mark.parametrize("compiled", [True, False])
 def test_every_backend_is_weighed_against_onednn_as_it_runs_there(
-    compiled: bool, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The pass can time oneDNN's 1×1 with its weight prepacked (the compiled graph's way) or
-    # reordered on every call (`compiled=False`). Every backend now runs it prepacked, the eager
-    # fast path through `prepack_convs`, so `optimize` times it that way for each.
+    # Every backend runs oneDNN's convolutions prepacked (the eager paths through
+    # `prepack_convs`), so the pass times oneDNN's 1×1 prepacked for each: the runner it times
+    # is the packed module, not its unpacked ops.
     import resnext.speed.conv_x3_swap as swap
 
-    asked = []
+    packed = []
     runner = swap._onednn_runner
 
     def recording(*args, **kwargs):
-        asked.append(kwargs["prepacked"])
-        return runner(*args, **kwargs)
+        way = runner(*args, **kwargs)
+        packed.append(isinstance(way, PrepackedConv) and way.packed is not None)
+        return way
 
     monkeypatch.setattr(swap, "_onednn_runner", recording)
     model = _Net().eval().bfloat16()
     x = _bf16(torch.randn(1, 3, 8, 8))
-    choices = swap_convs_dot(model, x, mode="auto", options=DenseOptions(compiled=compiled))
-    assert len(choices) == 8 and set(asked) == {compiled}
-    asked.clear()
+    choices = swap_convs_dot(model, x, mode="auto")
+    assert len(choices) == 8 and packed and all(packed)
     for backend in ("none", "inductor"):
+        packed.clear()
         fast = optimize(_Net().eval(), "bf16", backend=backend, example_input=x.float())
         swapped = [c for c in fast.pointwise_choices if c.variant.startswith("dot")]
         assert len([c for c in swapped if c.variant != "dot+shortcut"]) == 8
-        assert set(asked) == {True}, backend
+        assert packed and all(packed), backend
         if backend == "none":  # what the chooser timed is what runs: oneDNN's layers prepacked
             assert not any(isinstance(m, nn.Conv2d) and m.groups == 1 for m in fast.modules())
-        asked.clear()
 
 
 @needs_dot

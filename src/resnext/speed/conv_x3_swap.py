@@ -388,16 +388,15 @@ def rewrite_site(model: nn.Module, site: _Site, fast: nn.Module) -> None:
 
 
 def _onednn_runner(
-    conv: nn.Conv2d, relu: bool, input_size: Sequence[int], prepacked: bool = True
+    conv: nn.Conv2d, relu: bool, input_size: Sequence[int]
 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """The convolution and its epilogue as the frozen compiled graph runs them, a `PrepackedConv`:
     oneDNN with the weight prepacked for this input size (as inductor packs it), the ReLU (or the
     add and ReLU, written over the residual) fused; its eager ops (`PrepackedConv.unpacked`)
-    where the prepacked op is missing or refuses a probe, or where `prepacked` is False (as the
-    eager fast path ran them until stop 48: oneDNN reordering the weight on every call, measured
-    at 4× the compiled graph's time for a 7² bf16 1×1 at batch 1)."""
+    where the prepacked op is missing or refuses a probe (unpacked, oneDNN reorders the weight on
+    every call: 4× the compiled graph's time for a 7² bf16 1×1 at batch 1, stop 48)."""
     fast = PrepackedConv(conv, relu, True, tuple(input_size))
-    return fast if fast.packed is not None and prepacked else fast.unpacked
+    return fast if fast.packed is not None else fast.unpacked
 
 
 @dataclass(frozen=True)
@@ -407,17 +406,15 @@ class DenseOptions:
 
     `in_place` False never writes over a residual (for torch.jit, whose optimize_for_inference
     does not honour an operator's in-place write). `repeats`: timed calls per way. With
-    `timings`, times stored there are used instead of measured. `compiled` False weighs the
-    kernel against oneDNN as the eager fast path ran it before stop 48 (no prepacked weight, the
-    epilogue as separate ops) rather than as every backend runs it now; `native_extra_ms` is
-    added to oneDNN's time before the two are compared (in a replay, what leaving the C loop for
-    a torch operator costs); the times kept are those measured.
+    `timings`, times stored there are used instead of measured. oneDNN is timed as every
+    backend runs it (`PrepackedConv`); `native_extra_ms` is added to its time before the two are
+    compared (in a replay, what leaving the C loop for a torch operator costs); the times kept
+    are those measured.
     """
 
     in_place: bool = True
     repeats: int = 5
     timings: TimingCache | None = None
-    compiled: bool = True
     native_extra_ms: float = 0.0
 
     def __post_init__(self) -> None:
@@ -513,10 +510,9 @@ def _time_site(
     shape: tuple,
     repeats: int,
     evict: Callable[[], None],
-    compiled: bool,
 ) -> list[float]:
-    """oneDNN's (as the compiled graph, or the eager path, runs it) and the kernel's ms for one
-    site, on random inputs of its shape."""
+    """oneDNN's (as every backend runs it) and the kernel's ms for one site, on random inputs of
+    its shape."""
     dtype = conv.weight.dtype
     x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
     geometry = square_geometry(conv)
@@ -525,7 +521,7 @@ def _time_site(
     res = None
     if site.residual:
         res = torch.randn(out, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    native = _onednn_runner(conv, site.relu, shape, prepacked=compiled)
+    native = _onednn_runner(conv, site.relu, shape)
     ways = [lambda x: native(x, res), lambda x: fast(x, res)]
     # caches cold: in the network each layer's weights arrive from memory, which cost oneDNN's
     # batch-1 1×1s more than ours (RESULTS.md, stop 28)
@@ -565,11 +561,8 @@ def _choose(
         )
         if alike not in timed:
             shape = shapes[site.name]
-            against = kernel.variant if options.compiled else f"{kernel.variant} vs eager"
-            key = layer_key(against, shape, kernel.dtype, *alike[1:])
-            measure = functools.partial(
-                _time_site, conv, site, fast, shape, options.repeats, evict, options.compiled
-            )
+            key = layer_key(kernel.variant, shape, kernel.dtype, *alike[1:])
+            measure = functools.partial(_time_site, conv, site, fast, shape, options.repeats, evict)
             native_ms, kernel_ms = cached(options.timings, key, 2, measure)
             timed[alike] = (native_ms, kernel_ms)
         native_ms, kernel_ms = timed[alike]
