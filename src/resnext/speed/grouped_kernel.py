@@ -327,18 +327,18 @@ def call_pointwise_kernel(
     x = x.contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     y = output_for(x, stride, c)
-    # the 1×1's whole output only where threads share images; else a buffer of theirs holds it
-    mid = None if n % threads == 0 else torch.empty(n * h * w * c, dtype=torch.bfloat16)
     if y.numel():
         bias_c = None if bias is None else bias.contiguous()
         rc = library().pointwise_grouped3x3_bf16(
-            x.data_ptr(), pointwise.data_ptr(), pointwise_bias.contiguous().data_ptr(), k,
-            None if mid is None else mid.data_ptr(), packed.data_ptr(),
+            # the 1×1's output: a buffer per thread, or where threads share images one the
+            # call allocates (None)
+            x.data_ptr(), pointwise.data_ptr(), pointwise_bias.contiguous().data_ptr(), k, None,
+            packed.data_ptr(),
             None if bias_c is None else bias_c.data_ptr(), y.data_ptr(), packing, n, h, w, c,
             c // groups, stride, int(relu), ahead, threads,
         )  # fmt: skip
         if rc == 2:
-            raise MemoryError("pointwise_grouped3x3_bf16: could not allocate a thread's buffer")
+            raise MemoryError("pointwise_grouped3x3_bf16: could not allocate its buffers")
         if rc != 0:
             raise ValueError(
                 f"pointwise_grouped3x3_bf16 refused x {tuple(x.shape)} → {c} channels in "

@@ -616,9 +616,9 @@ static void image_rows(const uint16_t *an, const uint16_t *bs, const float *bias
  *  - Else (one image, or images that do not divide): each thread takes a contiguous share of
  *    y's rows and computes, into mid (N x H x W x C), the 1x1 rows that its rows are the first
  *    to need (by their last row read); the rows another thread also reads come first, before a
- *    barrier.
- * Returns 0, -1 for a shape either kernel refuses, or 2 if a thread's buffer could not be
- * allocated. */
+ *    barrier. With mid NULL the call allocates it and frees it before returning (memory the
+ *    caller never sees: a recording of the call, `replay.py`, then keeps nothing it lacks).
+ * Returns 0, -1 for a shape either kernel refuses, or 2 if a buffer could not be allocated. */
 int pointwise_grouped3x3_bf16(const uint16_t *a, const uint16_t *bs, const float *bias1, int K,
                               uint16_t *mid, const float *wp, const float *bias2, uint16_t *y,
                               int packing, int N, int H, int W, int C, int cpg, int s, int relu,
@@ -643,7 +643,12 @@ int pointwise_grouped3x3_bf16(const uint16_t *a, const uint16_t *bs, const float
     }
     return failed ? 2 : 0;
   }
-  if (!mid) return -1;
+  uint16_t *allocated = NULL;
+  if (!mid) {
+    allocated = (uint16_t *)aligned_alloc(64, ((size_t)N * H * W * C * 2 + 63) / 64 * 64);
+    if (!allocated) return 2;
+    mid = allocated;
+  }
 #pragma omp parallel num_threads(threads)
   {
     const int T = omp_get_num_threads(), t = omp_get_thread_num();
@@ -671,6 +676,7 @@ int pointwise_grouped3x3_bf16(const uint16_t *a, const uint16_t *bs, const float
       row(mid, wp, bias2, y, H, W, C, cpg, Ho, Wo, s, relu, r);
     }
   }
+  free(allocated);
   return 0;
 }
 
