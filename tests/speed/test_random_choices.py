@@ -141,13 +141,20 @@ def _training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: st
 
 
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("amx", AMX)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_any_mix_of_training_kernels_computes_the_reference_step(
-    seed: int, dtype: str, monkeypatch: pytest.MonkeyPatch
+    seed: int,
+    dtype: str,
+    amx: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     # The training fast path picks each op's implementation by timing (`autotune`); a clock
     # reading random times makes the picks random, per op and shape, and the step must still be
     # the one every op's reference (oneDNN) computes, up to rounding.
+    if amx == "no-amx":
+        request.getfixturevalue("without_amx")
     torch.manual_seed(seed)
     spec = resnext.ModelSpec(depths=(2, 1, 1), cardinality=8, base_width=8, num_classes=10)
     model = resnext.build_model(spec).train().to(memory_format=torch.channels_last)
