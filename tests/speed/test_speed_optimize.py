@@ -17,7 +17,7 @@ from torch import nn
 import resnext
 from resnext.errors import ConfigError
 from resnext.speed import fastpath as optimize_module
-from resnext.speed import pointwise_gemm
+from resnext.speed import pointwise_gemm, replay
 from resnext.speed.capability import bf16_supported, cpu_capability
 from resnext.speed.conv_x3 import unavailable_reason as x3_unavailable_reason
 from resnext.speed.fastpath import optimize
@@ -217,6 +217,31 @@ def test_an_input_of_a_new_shape_compiles_or_runs_eager_as_asked(
     assert graph_calls == ([1, 2] if new_shapes == "compile" else [2])
     with pytest.raises(ConfigError, match="new_shapes: expected one of"):
         optimize(model, backend="none", new_shapes="never")
+
+
+BAD_INPUTS = {
+    "four channels": (torch.randn(2, 4, 32, 32), "expected 3 channels"),
+    "no batch dimension": (torch.randn(3, 32, 32), r"expected an image batch \(N, C, H, W\)"),
+    "integers": (torch.zeros(2, 3, 32, 32, dtype=torch.int64), "floating-point"),
+    "a list": ([[0.0]], "expected a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("backend", ["none", "replay", "jit", "inductor"])
+def test_a_bad_input_is_named_by_every_backend(backend: str) -> None:
+    # Without the check our kernels failed on such inputs with messages about their own operands
+    # (a stem kernel: "packed: expected ... weight for 4 input channels") and a replay on the
+    # random input of its first recording ("normal_kernel_cpu not implemented for 'Long'").
+    if backend == "replay" and replay.unavailable_reason() is not None:
+        pytest.skip(f"no replay here: {replay.unavailable_reason()}")
+    model = resnext.create_model("resnext_tiny").eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, "fp32", backend=backend, example_input=x)
+    for bad, message in BAD_INPUTS.values():
+        with pytest.raises(ValueError, match=f"^input: .*{message}"):
+            fast(bad)
+    with torch.no_grad():  # and a good one still runs, its shape (the built one) unchanged
+        assert rel_err(fast(x), model(x)) < 1e-4
 
 
 def test_optimize_is_one_call_away_from_the_package() -> None:

@@ -41,12 +41,31 @@ MERGE_MODES = ("auto", "off")
 RECOMPILE_LIMIT = 256
 
 
+def check_batch(x: object, channels: int | None) -> None:
+    """A ValueError naming the input unless `x` is a float image batch (N, C, H, W) with
+    `channels` channels (any count where None): our kernels would otherwise fail on it with
+    messages about their own operands, or a replay on its first recording."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"input: expected a torch.Tensor image batch, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"input: expected an image batch (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"input: expected a floating-point image batch, got {x.dtype}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(
+            f"input: expected {channels} channels (N, C, H, W), got shape {tuple(x.shape)}"
+        )
+
+
 class CastInput(nn.Module):
     """Moves the input to the model's device, dtype and memory format; returns float32 outputs.
 
     A model whose first layer reads float32 and bf16 input in either layout itself (a fused
     stem, `reads_any_input`, CPU only) gets the input as it is (other dtypes as float32): the
-    layer converts each value once as it reads it, where a cast would be a pass of its own."""
+    layer converts each value once as it reads it, where a cast would be a pass of its own.
+    Inputs are checked first (`check_batch`, against `in_channels` where given)."""
+
+    in_channels: int | None = None  # modules saved before it was kept check the rest
 
     def __init__(
         self,
@@ -54,6 +73,7 @@ class CastInput(nn.Module):
         dtype: torch.dtype,
         channels_last: bool,
         device: torch.device | None = None,
+        in_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -61,12 +81,15 @@ class CastInput(nn.Module):
         self.device = device or torch.device("cpu")
         # a flag, not the torch.memory_format: torch.save's pickle protocol cannot store one
         self.channels_last = channels_last
+        self.in_channels = in_channels
 
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():  # a trace keeps no check (TracedModule checks itself)
+            check_batch(x, self.in_channels)
         if getattr(getattr(self.model, "conv1", None), "reads_any_input", False):
             if x.dtype not in (torch.float32, torch.bfloat16):
                 x = x.float()
@@ -107,6 +130,8 @@ class FrozenInductor(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.module, CastInput):  # before dynamo, which would retrace to refuse it
+            check_batch(x, self.module.in_channels)
         if self.new_shapes == "eager" and input_key(x) not in self.built:
             with torch.no_grad():
                 return self.module(x)
@@ -131,11 +156,13 @@ class TracedModule(nn.Module):
 
     def __init__(self, module: nn.Module, example: torch.Tensor) -> None:
         super().__init__()
+        self.in_channels = example.shape[1]
         with torch.no_grad():
             traced = torch.jit.trace(module, example, check_trace=False)
             self.traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, self.in_channels)  # the trace kept none of CastInput's checks
         with torch.no_grad():
             return self.traced(x)
 
@@ -409,7 +436,7 @@ def optimize(
     if merge_groups == "auto" and not on_cpu:  # CPUs have their own grouped kernels
         probe = torch.randn(largest, device=target, dtype=dtype)
         merges = widen_where_faster(work, probe.contiguous(memory_format=memory_format))
-    eager = CastInput(work, dtype, channels_last, target).eval()
+    eager = CastInput(work, dtype, channels_last, target, in_channels=example.shape[1]).eval()
     eager.grouped_choices, eager.fusion_choices, eager.block_choices = choices, fusions, blocks
     eager.conv_x3_choices, eager.stem_choices, eager.pointwise_choices = x3, stems, fma
     eager.timing_cache = timings if on_cpu else None

@@ -421,6 +421,8 @@ class Replayed(nn.Module):
             return self.recordings[key](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"input: expected a torch.Tensor, got {type(x).__name__}")
         key = recording_key(x)
         if key not in self.recordings and (self.new_shapes == "compile" or key in self._stale):
             try:
