@@ -6,6 +6,7 @@ import pytest
 
 import resnext
 from resnext import count
+from resnext.models.complexity import param_count
 
 
 def _rounds_to(value: float, published: float, decimals: int) -> bool:
@@ -35,6 +36,7 @@ def test_paper_table1(name: str, params_m: float, gflops: float) -> None:
 )
 def test_torchvision_pycls_exact_params(name: str, params: int) -> None:
     assert count(resnext.get_spec(name)).params == params
+    assert param_count(resnext.get_spec(name)) == params  # the width solver's quick count
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,14 @@ def _hooks(model: nn.Module, counter: _Counter) -> Iterator[None]:
             h.remove()
 
 
+def param_count(spec: ModelSpec) -> int:
+    """The network's parameters, from its modules built on the meta device (no forward: `count`
+    less its FLOPs, ~20× faster for ResNet-101, which a width search counts a dozen times)."""
+    with torch.device("meta"):
+        model = build_model(spec)
+    return sum(p.numel() for p in model.parameters())
+
+
 def count(spec_or_model: ModelSpec | ResNeXt, input_size: int | None = None) -> Complexity:
     """Parameters and per-image FLOPs of a spec or model at `input_size` (224 ImageNet, 32 CIFAR)."""
     spec = spec_or_model.spec if isinstance(spec_or_model, ResNeXt) else spec_or_model

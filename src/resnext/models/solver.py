@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from resnext.errors import SpecError
-from resnext.models.complexity import count, template_params
+from resnext.models.complexity import count, param_count, template_params
 from resnext.models.spec import CIFAR_DEPTHS, IMAGENET_DEPTHS, ModelSpec, cifar_spec, imagenet_spec
 
 MEASURES = ("template", "params", "flops")
@@ -59,24 +59,25 @@ def solve_width(
         if measure == "template":
             width = spec.stage_bottleneck_widths[0] // spec.cardinality
             return template_params(spec.cardinality, width, spec.out_width)
-        c = count(spec)
-        return c.params if measure == "params" else c.macs
+        return param_count(spec) if measure == "params" else count(spec).macs
 
     target = value_of(reference)
+    counted: dict[int, int] = {}  # by width: a whole-network count builds the network (on meta)
+
+    def at(d: int) -> int:
+        if d not in counted:
+            counted[d] = value_of(make(depth, cardinality, d))
+        return counted[d]
+
     # Complexity grows monotonically with d: bisect for the crossing, then take the nearer side.
     lo, hi = 1, 1
-    while value_of(make(depth, cardinality, hi)) < target:
+    while at(hi) < target:
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if value_of(make(depth, cardinality, mid)) < target:
+        if at(mid) < target:
             lo = mid
         else:
             hi = mid
-    best = min((lo, hi), key=lambda d: abs(value_of(make(depth, cardinality, d)) - target))
-    return Solution(
-        width=best,
-        cardinality=cardinality,
-        value=value_of(make(depth, cardinality, best)),
-        reference=target,
-    )
+    best = min((lo, hi), key=lambda d: abs(at(d) - target))
+    return Solution(width=best, cardinality=cardinality, value=at(best), reference=target)
