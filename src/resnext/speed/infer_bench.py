@@ -263,11 +263,14 @@ def config_dict(config: InferConfig) -> dict[str, object]:
     return asdict(config)
 
 
-def parse_list(text: str, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
-    """A comma-separated list; with `allowed`, each item must be one of them."""
+def parse_list(
+    text: str, allowed: Sequence[str] | None = None, what: str = "variants"
+) -> tuple[str, ...]:
+    """A comma-separated list; with `allowed`, each item must be one of them (a ConfigError
+    naming `what`, the option, otherwise)."""
     items = tuple(s.strip() for s in text.split(",") if s.strip())
     if allowed is not None:
         bad = [s for s in items if s not in allowed]
         if bad:
-            raise ConfigError(f"unknown {bad}; expected some of {list(allowed)}")
+            raise ConfigError(f"{what}: unknown {bad}; expected some of {list(allowed)}")
     return items
