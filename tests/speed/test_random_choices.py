@@ -1,6 +1,7 @@
 """optimize() with every chooser's timings drawn at random: whatever mix of our kernels and
 oneDNN the choosers settle on, the fast path computes the plain model's function, and the eager
-paths leave no convolution to run unpacked.
+paths leave no convolution to run unpacked. Likewise the training fast path with each op's
+implementation picked at random takes the step the references take.
 
 The other same-function tests ask for each kernel everywhere it applies ('on'); on a real machine
 'auto' picks per layer by timing, so mixes (a block's last 1×1 ours and its shortcut oneDNN's,
@@ -42,8 +43,8 @@ def _choosers() -> list[ModuleType]:
 
 @pytest.fixture
 def random_timings(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[str]]:
-    """`draw(seed)`: from then on every chooser gets times drawn from `seed`'s generator, none
-    measured; the keys of the comparisons drawn are listed as they come."""
+    """`random_timings(seed)`: from then on every chooser gets times drawn from `seed`'s
+    generator, none measured; it returns the keys of the comparisons drawn, listed as they come."""
 
     def install(seed: int) -> list[str]:
         rng = random.Random(seed)
