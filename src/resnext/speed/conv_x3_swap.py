@@ -30,7 +30,7 @@ from resnext.errors import ConfigError
 from resnext.speed import conv_x3, pointwise_fma, pointwise_gemm
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.capability import cpu_flags
-from resnext.speed.fold import install_graph, replace_nodes, set_module, traced_parents
+from resnext.speed.fold import install_graph, module_call_counts, replace_nodes, set_module
 from resnext.speed.grouped_swap import (
     LayerChoice,
     NativeGroupedConv3x3,
@@ -306,19 +306,19 @@ class _Site:
     overwritable: bool
 
 
-def _caller(model: nn.Module, name: str, traceable: dict[str, bool]) -> str:
-    """`name`'s parent, or where fx cannot trace that, the nearest ancestor it can (`traceable`
-    memoizes by name). A pass that rewrote a block's graph leaves its shortcut's Sequential a
-    plain container without a forward: the block's graph calls the 1×1 in it."""
+def _caller(model: nn.Module, name: str, graphs: dict[str, fx.Graph | None]) -> str:
+    """`name`'s parent, or where fx cannot trace that, the nearest ancestor it can; `graphs`
+    keeps each module traced by name (None: untraceable), for `sites` to read. A pass that
+    rewrote a block's graph leaves its shortcut's Sequential a plain container without a
+    forward: the block's graph calls the 1×1 in it."""
     parent = name.rpartition(".")[0]
     while parent:
-        if parent not in traceable:
+        if parent not in graphs:
             try:
-                KernelLeafTracer().trace(model.get_submodule(parent))
-                traceable[parent] = True
+                graphs[parent] = KernelLeafTracer().trace(model.get_submodule(parent))
             except Exception:  # fx raises many kinds of errors on untraceable code
-                traceable[parent] = False
-        if traceable[parent]:
+                graphs[parent] = None
+        if graphs[parent] is not None:
             break
         parent = parent.rpartition(".")[0]
     return parent
@@ -330,13 +330,17 @@ def sites(model: nn.Module, eligible: Callable[[nn.Module], bool]) -> list[_Site
     there. Where two end in one add (a block's last 1×1 and its projection shortcut), the later
     in the graph (the last 1×1, so that it may write over the shortcut) applies it."""
     names = [n for n, m in model.named_modules() if eligible(m)]
-    traceable: dict[str, bool] = {}
-    parents = sorted({_caller(model, n, traceable) for n in names} - {""})
+    graphs: dict[str, fx.Graph | None] = {}
+    parents = {_caller(model, n, graphs) for n in names} - {""}
     # a parent's callers first: a block's graph is traced through its shortcut's Sequential
     parents = sorted(parents, key=lambda p: (p.count("."), p))
     consumed = inputs_consumed(model, set(parents))
     by_name: dict[str, _Site] = {}
-    for parent_name, graph, modules, calls in traced_parents(model, parents, KernelLeafTracer):
+    for parent_name in parents:
+        graph = graphs[parent_name]
+        assert graph is not None  # _caller returns traced modules only
+        modules = dict(model.get_submodule(parent_name).named_modules())
+        calls = module_call_counts(graph)
         found: list[tuple[fx.Node, _Epilogue]] = []
         for node in graph.nodes:
             module = modules.get(str(node.target)) if node.op == "call_module" else None
