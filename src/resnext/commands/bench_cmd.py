@@ -112,7 +112,7 @@ def _models_and_variants(
     """The --models list and the --variants list checked against `allowed` (default when absent)."""
     from resnext.speed.infer_bench import parse_list
 
-    variants = parse_list(args.variants, allowed) if args.variants else default
+    variants = parse_list(args.variants, allowed, "variants") if args.variants else default
     return parse_list(args.models), variants
 
 

@@ -264,10 +264,10 @@ def config_dict(config: InferConfig) -> dict[str, object]:
 
 
 def parse_list(
-    text: str, allowed: Sequence[str] | None = None, what: str = "variants"
+    text: str, allowed: Sequence[str] | None = None, what: str = "list"
 ) -> tuple[str, ...]:
     """A comma-separated list; with `allowed`, each item must be one of them (a ConfigError
-    naming `what`, the option, otherwise)."""
+    naming `what`, the option it came from, otherwise)."""
     items = tuple(s.strip() for s in text.split(",") if s.strip())
     if allowed is not None:
         bad = [s for s in items if s not in allowed]
