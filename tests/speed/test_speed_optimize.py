@@ -7,6 +7,9 @@ import io
 import pytest
 import torch
 from registry_models import (
+    FULL_WIDTH,
+    MAX_PARAMS,
+    param_count,
     randomize_bn,
     registry_model_and_input,
     small_input,
@@ -61,7 +64,14 @@ def test_bf16_same_function_every_registry_model(name: str) -> None:
     assert rel_err(got, expected) < 3e-2
 
 
-# The large zoo models above are skipped; their building blocks are covered here at tiny width.
+def test_the_full_width_models_are_large_registry_models() -> None:
+    # a renamed or removed model would otherwise drop out of the tests above unnoticed
+    for name in FULL_WIDTH:
+        assert name in resnext.list_models()
+        assert param_count(name) > MAX_PARAMS
+
+
+# The other large zoo models above are skipped; their building blocks are covered here at tiny width.
 OPTION_VARIANTS = {
     "deep_stem_avg_down": {"stem": "deep", "avg_down": True},
     "squeeze_excitation": {"se_reduction": 4},
