@@ -21,6 +21,17 @@ FULL_WIDTH = (
     "seresnext50_32x4d",
 )
 
+# Each spec option the zoo's models use beyond the default bottleneck, as ModelSpec fields.
+OPTION_VARIANTS = {
+    "deep_stem_avg_down": {"stem": "deep", "avg_down": True},
+    "squeeze_excitation": {"se_reduction": 4},
+    "preactivation": {"stem": "cifar", "preact": True},
+    "no_residual": {"residual": False},
+    "stride_in_1x1": {"stride_in_1x1": True},
+    "form_a": {"block_form": "a"},
+    "form_b": {"block_form": "b"},
+}
+
 
 def param_count(name: str) -> int:
     """Parameters of registry model `name`, counted without allocating them."""

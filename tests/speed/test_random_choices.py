@@ -12,6 +12,7 @@ unpacked so. Here the timings are drawn from a seeded generator instead of measu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import random
 import re
@@ -21,7 +22,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from registry_models import randomize_bn
+from registry_models import OPTION_VARIANTS, randomize_bn
 from tensor_checks import rel_err
 from torch import nn
 
@@ -126,6 +127,31 @@ def test_any_mix_of_choices_computes_the_same_function(
     if backend == "replay":  # built (not the eager fallback), both batches recorded
         assert isinstance(fast, replay.Replayed)
         assert len(fast.recordings) == 2 and None not in fast.recordings.values()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("option", sorted(OPTION_VARIANTS))
+def test_any_mix_of_choices_on_every_spec_option(
+    option: str, dtype: str, random_timings: Callable[[int], list[str]]
+) -> None:
+    # the zoo's other blocks (SE, pooled shortcuts, forms a and b, pre-activation, ...) at
+    # ResNeXt-50's widths, where the kernels take their layers, on a non-square input
+    torch.manual_seed(1)
+    spec = dataclasses.replace(LAYOUTS["imagenet"][0], **OPTION_VARIANTS[option])
+    if spec.block_form != "c":  # one module per path: 4 paths of 32 channels build in ~1 s, not 4-9
+        spec = dataclasses.replace(spec, cardinality=4, base_width=32)
+    model = resnext.build_model(spec).eval()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        want = model(x)
+    drawn = random_timings(sorted(OPTION_VARIANTS).index(option))
+    fast = optimize(model, dtype, backend=BACKENDS[-1], example_input=x)
+    assert drawn  # the choosers did weigh ways, with the drawn times
+    bound = 1e-4 if dtype == "fp32" else 3e-2
+    with torch.no_grad():
+        assert rel_err(fast(x.clone()), want) < bound
+        assert rel_err(fast(x[:1].clone()), want[:1]) < bound
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:

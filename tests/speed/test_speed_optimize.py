@@ -9,6 +9,7 @@ import torch
 from registry_models import (
     FULL_WIDTH,
     MAX_PARAMS,
+    OPTION_VARIANTS,
     param_count,
     randomize_bn,
     registry_model_and_input,
@@ -72,15 +73,6 @@ def test_the_full_width_models_are_large_registry_models() -> None:
 
 
 # The other large zoo models above are skipped; their building blocks are covered here at tiny width.
-OPTION_VARIANTS = {
-    "deep_stem_avg_down": {"stem": "deep", "avg_down": True},
-    "squeeze_excitation": {"se_reduction": 4},
-    "preactivation": {"stem": "cifar", "preact": True},
-    "no_residual": {"residual": False},
-    "stride_in_1x1": {"stride_in_1x1": True},
-    "form_a": {"block_form": "a"},
-    "form_b": {"block_form": "b"},
-}
 
 
 @pytest.mark.parametrize("option", sorted(OPTION_VARIANTS))
