@@ -174,8 +174,8 @@ def _check_random_training_step(
     seed: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """One training step of `spec`'s model on an input of `shape` with every op's implementation drawn at random
-    must take the step every op's reference (oneDNN) takes."""
+    """One training step of `spec`'s model on an input of `shape`, every op's implementation
+    drawn at random, must be the step every op's reference (oneDNN) takes."""
     torch.manual_seed(seed)
     model = resnext.build_model(spec).train().to(memory_format=torch.channels_last)
     use_training_fast_paths(

@@ -72,9 +72,7 @@ def test_the_full_width_models_are_large_registry_models() -> None:
         assert param_count(name) > MAX_PARAMS
 
 
-# The other large zoo models above are skipped; their building blocks are covered here at tiny width.
-
-
+# The other large zoo models above are skipped; their blocks are covered here at tiny width.
 @pytest.mark.parametrize("option", sorted(OPTION_VARIANTS))
 def test_fp32_same_function_every_spec_option(option: str) -> None:
     spec = resnext.ModelSpec(
