@@ -14,6 +14,9 @@ JPEG_KINDS: dict[str, dict[str, object]] = {
     "422": {"quality": 85, "subsampling": 1},
     "grey": {"quality": 90, "mode": "L"},
     "progressive": {"quality": 90, "progressive": True},
+    # restart markers every 5 MCUs, as some cameras write them: not aligned to MCU rows at the
+    # tests' sizes (13, 21 and 27 MCUs a row), so not the markers `jpeg_restart` writes
+    "restart": {"quality": 90, "restart_marker_blocks": 5},
 }
 
 

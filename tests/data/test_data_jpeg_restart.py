@@ -84,6 +84,18 @@ def test_files_without_usable_markers_are_not_cut() -> None:
     assert jpeg_restart.cut(jpeg_restart.add_restarts(data), (0, 0, 999, 10)) is None  # outside
 
 
+def test_files_with_markers_of_their_own_are_not_cut_until_rewritten() -> None:
+    # the "restart" flavour: markers every 5 MCUs, which do not start MCU rows here
+    data = _jpeg_bytes("restart")
+    if b"\xff\xdd" not in data:
+        pytest.skip("this Pillow writes no restart markers (restart_marker_blocks)")
+    assert not jpeg_restart.is_indexed(data)
+    assert jpeg_restart.cut(data, (0, 100, 50, 120)) is None
+    rewritten = jpeg_restart.add_restarts(data)
+    piece = jpeg_restart.cut(rewritten, (0, 100, 50, 120), margin=4)
+    assert piece is not None and jpeg_restart.is_indexed(rewritten)
+
+
 def test_rewrite_refuses_cmyk_and_garbage_with_a_reason() -> None:
     buf = io.BytesIO()
     Image.new("CMYK", (40, 30), (1, 2, 3, 4)).save(buf, "JPEG")
