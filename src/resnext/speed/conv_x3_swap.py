@@ -30,7 +30,13 @@ from resnext.errors import ConfigError
 from resnext.speed import conv_x3, pointwise_fma, pointwise_gemm
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.capability import cpu_flags
-from resnext.speed.fold import install_graph, module_call_counts, replace_nodes, set_module
+from resnext.speed.fold import (
+    install_graph,
+    module_call_counts,
+    replace_nodes,
+    set_module,
+    trace_or_none,
+)
 from resnext.speed.grouped_swap import (
     LayerChoice,
     NativeGroupedConv3x3,
@@ -314,10 +320,7 @@ def _caller(model: nn.Module, name: str, graphs: dict[str, fx.Graph | None]) -> 
     parent = name.rpartition(".")[0]
     while parent:
         if parent not in graphs:
-            try:
-                graphs[parent] = KernelLeafTracer().trace(model.get_submodule(parent))
-            except Exception:  # fx raises many kinds of errors on untraceable code
-                graphs[parent] = None
+            graphs[parent] = trace_or_none(KernelLeafTracer, model.get_submodule(parent))
         if graphs[parent] is not None:
             break
         parent = parent.rpartition(".")[0]

@@ -41,6 +41,14 @@ def module_call_counts(graph: fx.Graph) -> dict[str, int]:
     return calls
 
 
+def trace_or_none(tracer: type[fx.Tracer], module: nn.Module) -> fx.Graph | None:
+    """`module`'s graph traced with `tracer`, or None where fx cannot trace it."""
+    try:
+        return tracer().trace(module)
+    except Exception:  # fx raises many kinds of errors on untraceable code
+        return None
+
+
 def traced_parents(
     model: nn.Module, parents: Iterable[str], tracer: type[fx.Tracer]
 ) -> Iterator[tuple[str, fx.Graph, dict[str, nn.Module], dict[str, int]]]:
@@ -48,11 +56,9 @@ def traced_parents(
     own submodules by name and `module_call_counts`; those fx cannot trace are skipped."""
     for name in parents:
         parent = model.get_submodule(name)
-        try:
-            graph = tracer().trace(parent)
-        except Exception:  # fx raises many kinds of errors on untraceable code
-            continue
-        yield name, graph, dict(parent.named_modules()), module_call_counts(graph)
+        graph = trace_or_none(tracer, parent)
+        if graph is not None:
+            yield name, graph, dict(parent.named_modules()), module_call_counts(graph)
 
 
 def parents_of(model: nn.Module, matches: Callable[[nn.Module], object]) -> set[str]:

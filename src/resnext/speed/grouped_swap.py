@@ -14,7 +14,7 @@ from torch import fx, nn
 from resnext.errors import ConfigError
 from resnext.speed import grouped_amx, grouped_kernel, grouped_quads
 from resnext.speed.capability import has_avx512_bf16
-from resnext.speed.fold import graph_module, set_module
+from resnext.speed.fold import graph_module, set_module, trace_or_none
 from resnext.speed.kernel_module import KernelLeafTracer, KernelModule
 from resnext.speed.measure import cache_evictor
 from resnext.speed.prepacked import PrepackedConv
@@ -411,9 +411,8 @@ def traced_call(
     if not parent_name:
         return None
     parent = root.get_submodule(parent_name)
-    try:
-        graph = KernelLeafTracer().trace(parent)
-    except Exception:  # fx raises many kinds of errors on untraceable code
+    graph = trace_or_none(KernelLeafTracer, parent)
+    if graph is None:
         return None
     node = next((n for n in graph.nodes if n.op == "call_module" and n.target == child), None)
     if node is None:
