@@ -1,4 +1,5 @@
-"""`train.amp: auto` picks bf16 only where the CPU runs it natively; explicit choices are kept."""
+"""`train.amp: auto` picks bf16 only where the CPU runs it natively and faster than float32;
+explicit choices are kept."""
 
 from __future__ import annotations
 
@@ -6,24 +7,38 @@ import pytest
 import torch
 
 from resnext.errors import ConfigError
+from resnext.speed import capability
 from resnext.train import precision
 from resnext.train.precision import resolve_amp
 
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, None)])
-def test_auto_on_cpu_is_bf16_only_with_native_bf16(
-    native: bool, expected: torch.dtype | None, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("faster", "expected"), [(True, torch.bfloat16), (False, None)])
+def test_auto_on_cpu_is_bf16_only_where_bf16_is_faster(
+    faster: bool, expected: torch.dtype | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Without AVX512-BF16 or AMX, bf16 autocast is emulated: a convolution ran 8x slower than in
-    # float32 on an AVX2-only CPU (benchmarks/RESULTS.md, stop 27), so auto means float32 there.
-    monkeypatch.setattr(precision, "bf16_supported", lambda: native)
+    # float32 on an AVX2-only CPU (benchmarks/RESULTS.md, stop 27); on a Xeon with AVX512-BF16
+    # but no AMX, native bf16 steps ran 0.8x float32's speed (stop 53). Auto means float32 there.
+    monkeypatch.setattr(precision, "bf16_faster", lambda: faster)
     assert resolve_amp("auto", CPU) is expected
 
 
+def test_auto_on_cpu_is_float32_where_native_bf16_is_slower(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(capability, "bf16_supported", lambda: True)
+    monkeypatch.setattr(capability, "conv_speedup", lambda: 0.6)
+    capability.bf16_speedup.cache_clear()
+    try:
+        assert resolve_amp("auto", CPU) is None
+    finally:
+        capability.bf16_speedup.cache_clear()
+
+
 def test_explicit_choices_are_kept_whatever_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(precision, "bf16_supported", lambda: False)
+    monkeypatch.setattr(precision, "bf16_faster", lambda: False)
     assert resolve_amp("bfloat16", CPU) is torch.bfloat16
     assert resolve_amp("none", CPU) is None
     with pytest.raises(ConfigError, match=r"train\.amp: float16 autocast is for GPUs"):

@@ -13,7 +13,7 @@ from resnext.train.optim import LRFactor
 
 
 def test_run_folder_has_metrics_events_png_and_provenance(tmp_path, tiny_cfg, tiny_data, capsys):
-    cfg = tiny_cfg(tmp_path / "run", train={"epochs": 3, "log_every": 2})
+    cfg = tiny_cfg(tmp_path / "run", train={"epochs": 3, "log_every": 2, "amp": "auto"})
     result = train(cfg, train_set=tiny_data(64), val_set=tiny_data(40, seed=2))
     run = tmp_path / "run"
 
@@ -41,6 +41,8 @@ def test_run_folder_has_metrics_events_png_and_provenance(tmp_path, tiny_cfg, ti
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["torch"] == torch.__version__
     assert "commit" in prov["git"]
+    # the precision `auto` chose, and the measurement it chose by
+    assert prov["amp_dtype"] == ("bfloat16" if prov["bf16_speedup"] >= 1.2 else "float32")
     assert load_config(run / "config.toml") == cfg
     summary = json.loads((run / "result.json").read_text())
     assert summary["final"]["val_top1_err"] == result.final["val_top1_err"]

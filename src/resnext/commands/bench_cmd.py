@@ -10,7 +10,7 @@ from types import ModuleType
 
 from resnext.errors import ResNeXtError
 from resnext.speed.allocator import keep_freed_memory, reexec_with_allocator
-from resnext.speed.capability import bf16_supported
+from resnext.speed.capability import bf16_faster
 from resnext.speed.provenance import write_results
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -100,10 +100,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def default_variants(bench: ModuleType, native_bf16: bool) -> tuple[str, ...]:
+def default_variants(bench: ModuleType, bf16_is_faster: bool) -> tuple[str, ...]:
     """The variants `bench` (infer_bench or train_bench) runs when none are named: its float32
-    ones on a CPU without native bf16, where the bf16 ones would measure emulation."""
-    return bench.DEFAULT_VARIANTS if native_bf16 else bench.FP32_DEFAULT_VARIANTS
+    ones on a CPU where bf16 is not the faster precision (`capability.bf16_faster`), where the
+    bf16 ones would measure emulation or a slower path than float32's."""
+    return bench.DEFAULT_VARIANTS if bf16_is_faster else bench.FP32_DEFAULT_VARIANTS
 
 
 def _models_and_variants(
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "infer":
         from resnext.speed import infer_bench as bench
 
-        default = default_variants(bench, bf16_supported())
+        default = default_variants(bench, bf16_faster())
         config = _timed_config(
             bench.InferConfig,
             args,
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.bench == "train":
         from resnext.speed import train_bench as bench
 
-        default = default_variants(bench, bf16_supported())
+        default = default_variants(bench, bf16_faster())
         config = _timed_config(
             bench.TrainConfig, args, bench.VARIANTS, default, warmup_rounds=args.warmup_rounds
         )

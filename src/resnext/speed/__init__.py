@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from resnext.speed.allocator import find_allocator, loaded_allocator, reexec_with_allocator
-from resnext.speed.capability import bf16_supported, cpu_capability
+from resnext.speed.capability import bf16_faster, bf16_supported, cpu_capability
 from resnext.speed.fastpath import optimize
 from resnext.speed.fold import fold_batchnorm
 
 __all__ = [
+    "bf16_faster",
     "bf16_supported",
     "cpu_capability",
     "find_allocator",

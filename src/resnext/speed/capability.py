@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import platform
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,5 +81,45 @@ def cpu_capability() -> CpuCapability:
 
 
 def bf16_supported() -> bool:
-    """True when bf16 convolutions run natively (faster than fp32), not emulated."""
+    """True when bf16 convolutions run natively (bf16 instructions), not emulated."""
     return cpu_capability().native_bf16
+
+
+# Near parity float32 wins (exact, no casts); every bf16 CPU measured so far is far from it on
+# either side: AMD Zen 4 1.9-2.0×, Xeons with AMX 2-5×, a Xeon with AMX hidden 0.6×.
+BF16_MIN_SPEEDUP = 1.2
+
+
+def conv_speedup(rounds: int = 7) -> float:
+    """float32 time ÷ bf16 time of one oneDNN 1×1 convolution (256 → 256 channels, 8 × 28²,
+    channels-last, as autocast runs a bottleneck's), median of `rounds` alternated pairs."""
+    x = torch.randn(8, 256, 28, 28).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 1, 1).contiguous(memory_format=torch.channels_last) / 16
+    pairs = {dtype: (w.to(dtype), x.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+
+    def once(dtype: torch.dtype) -> float:
+        weight, data = pairs[dtype]
+        start = time.perf_counter()
+        torch.nn.functional.conv2d(data, weight)
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        for dtype in pairs:  # oneDNN builds its kernels on the first call
+            once(dtype)
+            once(dtype)
+        ratios = [once(torch.float32) / once(torch.bfloat16) for _ in range(rounds)]
+    return statistics.median(ratios)
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_speedup() -> float:
+    """How many times faster than float32 bf16 convolutions run here: `conv_speedup()`, measured
+    once per process (~10-70 ms); 0.0 without native bf16 (emulated bf16 is several times slower)."""
+    return conv_speedup() if bf16_supported() else 0.0
+
+
+def bf16_faster() -> bool:
+    """True where bf16 convolutions run natively and at least `BF16_MIN_SPEEDUP`× float32's speed:
+    what the `auto` precision choices ask. Native is not enough: on a Xeon with AVX512-BF16 but no
+    AMX, bf16 ran 0.6-0.65× float32's speed (benchmarks/RESULTS.md, stop 53)."""
+    return bf16_speedup() >= BF16_MIN_SPEEDUP

@@ -15,7 +15,7 @@ from torch import nn
 from resnext.errors import ConfigError
 from resnext.speed import stem_fusion
 from resnext.speed.block_fusion import fuse_blocks
-from resnext.speed.capability import bf16_supported
+from resnext.speed.capability import bf16_faster, bf16_speedup, bf16_supported
 from resnext.speed.conv_x3_swap import (
     DenseOptions,
     prepack_convs,
@@ -247,7 +247,8 @@ def optimize(
 
     The model is copied (the original is left untouched), put in eval mode, its BNs are folded
     into the preceding convolutions, it is moved to channels_last and `dtype` (bf16 only where
-    the CPU has native bf16, else fp32 with a warning) and compiled with `backend`: 'inductor'
+    the CPU has native bf16, else fp32 with a warning; a warning too where native bf16 measures
+    slower than fp32, `capability.bf16_faster`) and compiled with `backend`: 'inductor'
     (torch.compile with freezing), 'jit' (torch.jit.trace + freeze), 'replay' (the eager fast
     path's kernel calls recorded once and replayed from C, `resnext.speed.replay`: no Python
     per layer, for the lowest batch-1 latency; CPU, x86-64 Linux) or 'none'. The compiled
@@ -386,6 +387,14 @@ def optimize(
             stacklevel=2,
         )
         dtype = torch.float32
+    elif dtype == torch.bfloat16 and on_cpu and not bf16_faster():
+        # asked for, so kept; but a user choosing bf16 for speed should know
+        warnings.warn(
+            f"bf16 requested, but this CPU runs bf16 convolutions at {bf16_speedup():.2f}× "
+            "float32's speed (measured): dtype='fp32' is faster here, and exact",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     work = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
     work.requires_grad_(False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from resnext.errors import ConfigError
-from resnext.speed.capability import bf16_supported
+from resnext.speed.capability import bf16_faster
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -16,16 +16,18 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `amp` on `device` (None = full float32).
 
-    `auto` is bfloat16 where the device runs it natively (Ampere+ GPUs; CPUs with AVX512-BF16 or
-    AMX), float16 on older GPUs, and float32 on CPUs without native bf16, where bf16 autocast is
-    emulated and several times slower than float32 (8× for a convolution on an AVX2-only CPU).
+    `auto` is bfloat16 where the device runs it natively and faster (Ampere+ GPUs; CPUs whose bf16
+    convolutions measure at least 1.2× float32's speed: AMX, or AVX512-BF16 on AMD Zen 4), float16
+    on older GPUs, and float32 on other CPUs: without native bf16, autocast is emulated (8× slower
+    for a convolution on an AVX2-only CPU), and on a Xeon with AVX512-BF16 but no AMX native bf16
+    ran at 0.6× float32's speed.
     """
     if amp == "none":
         return None
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if bf16_supported() else None
+        return torch.bfloat16 if bf16_faster() else None
     if amp == "float16" and device.type == "cpu":
         raise ConfigError("train.amp: float16 autocast is for GPUs; use bfloat16 or none on CPU")
     return _DTYPES[amp]

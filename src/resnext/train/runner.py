@@ -21,6 +21,7 @@ from resnext.config import Config, save_config
 from resnext.errors import ConfigError
 from resnext.speed import autotune
 from resnext.speed.allocator import keep_freed_memory
+from resnext.speed.capability import bf16_speedup
 from resnext.speed.timing_cache import TimingCache
 from resnext.speed.train_paths import use_training_fast_paths
 from resnext.train import provenance
@@ -32,7 +33,7 @@ from resnext.train.data_setup import (
     eval_loader,
     train_loader,
 )
-from resnext.train.distributed import DistInfo, barrier, init_distributed
+from resnext.train.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from resnext.train.evaluate import evaluate
 from resnext.train.finetune import frozen_modules
 from resnext.train.logs import MetricsLog
@@ -163,7 +164,8 @@ def _run(
         gemm_weight_grad=cfg.train.gemm_weight_grad,
         fast_maxpool=cfg.train.fast_maxpool,
     )
-    amp_dtype = resolve_amp(cfg.train.amp, info.device)
+    # `auto` measures bf16 against float32 on each process's CPU; one precision for the job
+    amp_dtype = broadcast_object(resolve_amp(cfg.train.amp, info.device))
     merges: dict[str, int] = {}
     if cfg.train.merge_groups:
         merges = merge_groups_for_training(
@@ -216,6 +218,8 @@ def _run(
         record["peak_lr"] = peak_lr
         record["group_merges"] = merges
         record["amp_dtype"] = str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"
+        if cfg.train.amp == "auto" and info.device.type == "cpu":
+            record["bf16_speedup"] = bf16_speedup()  # what `auto` chose by
         name = (
             "provenance.json"
             if resume_from is None
