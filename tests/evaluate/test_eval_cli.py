@@ -120,6 +120,30 @@ def test_eval_with_the_fast_path_scores_as_the_plain_model(
     assert reports["fp32"]["counts"] == reports["off"]["counts"]
 
 
+@pytest.mark.parametrize("faster", [True, False])
+def test_eval_with_the_auto_fast_path_reports_the_precision_it_took(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, faster: bool
+) -> None:
+    from resnext.speed import capability, fastpath
+
+    if faster and not capability.bf16_supported():
+        pytest.skip("this CPU has no native bf16 to score in")
+    monkeypatch.setattr(capability, "bf16_faster", lambda: faster)
+    monkeypatch.setattr(fastpath, "bf16_faster", lambda: faster)
+    built = []
+    original = fastpath.optimize
+    monkeypatch.setattr(
+        fastpath, "optimize", lambda *a, **k: built.append(a[1]) or original(*a, **k)
+    )
+    _image_folder(tmp_path)
+    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
+    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
+    assert eval_cmd.run(_parse([*argv, "--optimize", "auto", "--batch-size", "2"])) == 0
+    want = "bf16" if faster else "fp32"
+    assert json.loads(capsys.readouterr().out)["fast_path"] == want
+    assert built == [want]
+
+
 def _fast_path_argv(tmp_path: Path) -> list[str]:
     """eval's arguments for 9 images of 3 classes in batches of 4, written under `tmp_path`."""
     _image_folder(tmp_path)

@@ -14,6 +14,7 @@ from PIL import Image
 import resnext
 from resnext.errors import ConfigError, DataError
 from resnext.inference import Predictor, extract_features, imagenet1k_wnids, predict
+from resnext.speed import capability
 from resnext.speed.replay import Replayed
 from resnext.speed.replay import unavailable_reason as replay_unavailable
 from resnext.weights import Preprocessing, save_weights
@@ -182,6 +183,21 @@ def test_optimized_predictor_agrees_with_hand_pipeline(
     for arr, pred in zip(arrays, preds, strict=True):
         scores, labels = torch.softmax(_hand_logits(model, arr), 0).topk(3)
         assert pred.topk_labels == labels.tolist()
+        assert pred.pred_score == pytest.approx(float(scores[0]), abs=1e-5)
+
+
+def test_auto_optimize_takes_float32_where_bf16_is_not_faster(
+    weights_file, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(capability, "bf16_faster", lambda: False)
+    path, model = weights_file
+    arrays = _images(2)
+    predictor = Predictor(weights=path, batch_size=2, optimize="auto")
+    assert predictor.fast is not None
+    for arr, pred in zip(arrays, predictor(arrays, topk=3), strict=True):
+        scores, labels = torch.softmax(_hand_logits(model, arr), 0).topk(3)
+        assert pred.topk_labels == labels.tolist()
+        # float32's ~1e-6, where bf16's 8 significant bits would move the score by ~1e-3
         assert pred.pred_score == pytest.approx(float(scores[0]), abs=1e-5)
 
 

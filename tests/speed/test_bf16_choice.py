@@ -91,3 +91,37 @@ def test_optimize_keeps_bf16_but_warns_where_it_is_slower(
     with torch.no_grad():
         err = (fast(x) - model(x)).abs().max() / model(x).abs().max()
     assert 1e-4 < err < 5e-2
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_auto_is_bf16_on_a_cpu_only_where_bf16_is_faster(
+    faster: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(capability, "bf16_faster", lambda: faster)
+    want = torch.bfloat16 if faster else torch.float32
+    assert capability.fastest_dtype(torch.device("cpu")) is want
+    assert fastpath.resolve_dtype("auto", torch.device("cpu")) is want
+    assert capability.dtype_name(want) == ("bf16" if faster else "fp32")
+
+
+def test_auto_needs_the_device_it_is_for() -> None:
+    with pytest.raises(resnext.errors.ConfigError, match=r"dtype: expected one of \[.*'bf16'"):
+        fastpath.resolve_dtype("auto")
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_optimize_auto_builds_in_the_faster_precision(
+    faster: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if faster and not bf16_supported():
+        pytest.skip("this CPU has no native bf16 to build in")
+    monkeypatch.setattr(capability, "bf16_faster", lambda: faster)
+    monkeypatch.setattr(fastpath, "bf16_faster", lambda: faster)  # its warning's check
+    torch.manual_seed(0)
+    model = resnext.create_model("resnext_tiny").eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = resnext.optimize(model, "auto", backend="none", example_input=x)
+    with torch.no_grad():
+        err = ((fast(x) - model(x)).abs().max() / model(x).abs().max()).item()
+    # float32: our kernels' bf16×3 products or oneDNN's, ~1e-6; bf16: 8 significant bits
+    assert (err > 1e-4) is faster and err < 5e-2

@@ -29,6 +29,8 @@ from resnext.evaluate.protocols import Protocol
 from resnext.evaluate.scoring import check_fast_path
 from resnext.inference.fast_backend import fast_backend
 from resnext.inference.loading import load_model
+from resnext.speed.capability import dtype_name, fastest_dtype
+from resnext.train.distributed import broadcast_object
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -66,9 +68,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--optimize",
-        choices=("off", "fp32", "bf16"),
+        choices=("off", "fp32", "bf16", "auto"),
         default="off",
-        help="score with the fast path (resnext.optimize) in this precision; crop protocols only",
+        help="score with the fast path (resnext.optimize) in this precision (auto: bf16 where this "
+        "device runs it faster than fp32); crop protocols only",
     )
     add_fast_backend(parser)
     add_no_timing_cache(parser)
@@ -140,8 +143,12 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
     head = int(getattr(loaded.model, "num_classes", len(loaded.class_names)))
     indices = read_class_subset(args.classes_subset) if args.classes_subset else None
     subset = LabelSubset(indices, head, args.subset_labels) if indices is not None else None
+    precision = args.optimize
+    if precision == "auto":
+        # each process measures its own CPU; rank 0's choice scores every shard alike
+        precision = broadcast_object(dtype_name(fastest_dtype(torch.device(args.device))))
     fast = _fast_path(
-        args.optimize,
+        precision,
         loaded.model,
         protocol,
         args.batch_size,
@@ -173,7 +180,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         preprocessing={**prep.to_dict(), "weights_format": loaded.source_format},
         dataset=description,
         subset=indices,
-        fast_path=args.optimize,
+        fast_path=precision,
         fast_path_compiled=args.compile,
         fast_path_replayed=args.replay,
     )

@@ -10,7 +10,7 @@ def fast_backend(optimize: str, *, compile: bool, replay: bool, cli: bool = Fals
     switch when both are asked or one is asked without a fast path (`optimize` 'off'). `cli`
     spells the switches as the commands' options."""
     compile_, replay_ = ("--compile", "--replay") if cli else ("compile", "replay")
-    need = "--optimize fp32|bf16" if cli else "optimize='fp32' or 'bf16'"
+    need = "--optimize fp32|bf16|auto" if cli else "optimize='fp32', 'bf16' or 'auto'"
     if compile and replay:
         raise ConfigError(f"{compile_}, {replay_}: the fast path is compiled or replayed, not both")
     for switch, verb, asked in ((compile_, "compiles", compile), (replay_, "replays", replay)):

@@ -123,3 +123,16 @@ def bf16_faster() -> bool:
     what the `auto` precision choices ask. Native is not enough: on a Xeon with AVX512-BF16 but no
     AMX, bf16 ran 0.6-0.65× float32's speed (benchmarks/RESULTS.md, stop 53)."""
     return bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
+def fastest_dtype(device: torch.device) -> torch.dtype:
+    """`dtype='auto'`: bf16 where `device` runs it natively and faster than float32 (a CUDA GPU
+    with bf16; a CPU where `capability.bf16_faster()` measures it so), else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and bf16_faster() else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bf16' or 'fp32': the name the predictor and the commands use for a fast path's dtype."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"

@@ -15,7 +15,12 @@ from torch import nn
 from resnext.errors import ConfigError
 from resnext.speed import stem_fusion
 from resnext.speed.block_fusion import fuse_blocks
-from resnext.speed.capability import bf16_faster, bf16_speedup, bf16_supported
+from resnext.speed.capability import (
+    bf16_faster,
+    bf16_speedup,
+    bf16_supported,
+    fastest_dtype,
+)
 from resnext.speed.conv_x3_swap import (
     DenseOptions,
     prepack_convs,
@@ -167,13 +172,17 @@ class TracedModule(nn.Module):
             return self.traced(x)
 
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """torch.float32 / torch.bfloat16 from a dtype or its name ('fp32', 'bf16', 'float32' ...)."""
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device | None = None) -> torch.dtype:
+    """torch.float32 / torch.bfloat16 from a dtype or its name ('fp32', 'bf16', 'float32' ...);
+    'auto' is `fastest_dtype(device)`."""
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16}
     names["bfloat16"] = torch.bfloat16
+    if dtype == "auto" and device is not None:
+        return fastest_dtype(device)
     if isinstance(dtype, str):
         if dtype not in names:
-            raise ConfigError(f"dtype: expected one of {sorted(names)}, got {dtype!r}")
+            choices = sorted(names) + (["auto"] if device is not None else [])
+            raise ConfigError(f"dtype: expected one of {choices}, got {dtype!r}")
         dtype = names[dtype]
     if dtype not in (torch.float32, torch.bfloat16):
         raise ConfigError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
@@ -248,7 +257,7 @@ def optimize(
     The model is copied (the original is left untouched), put in eval mode, its BNs are folded
     into the preceding convolutions, it is moved to channels_last and `dtype` (bf16 only where
     the CPU has native bf16, else fp32 with a warning; a warning too where native bf16 measures
-    slower than fp32, `capability.bf16_faster`) and compiled with `backend`: 'inductor'
+    slower than fp32, `capability.bf16_faster`; 'auto' takes bf16 only where it is faster) and compiled with `backend`: 'inductor'
     (torch.compile with freezing), 'jit' (torch.jit.trace + freeze), 'replay' (the eager fast
     path's kernel calls recorded once and replayed from C, `resnext.speed.replay`: no Python
     per layer, for the lowest batch-1 latency; CPU, x86-64 Linux) or 'none'. The compiled
@@ -368,8 +377,8 @@ def optimize(
         check_mode(name, mode)
     if merge_groups not in MERGE_MODES:
         raise ConfigError(f"merge_groups: expected one of {MERGE_MODES}, got {merge_groups!r}")
-    dtype = resolve_dtype(dtype)
     target = model_device(model, device)
+    dtype = resolve_dtype(dtype, target)
     if target.type not in ("cpu", "cuda"):
         raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
     on_cpu = target.type == "cpu"
