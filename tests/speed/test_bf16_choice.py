@@ -47,6 +47,16 @@ def test_without_native_bf16_it_is_never_faster_nor_measured(
     assert not capability.bf16_faster()
 
 
+def test_a_failing_measurement_means_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused() -> float:
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(capability, "bf16_supported", lambda: True)
+    monkeypatch.setattr(capability, "conv_speedup", refused)
+    assert capability.bf16_speedup() == 0.0
+    assert capability.fastest_dtype(torch.device("cpu")) is torch.float32
+
+
 @pytest.mark.parametrize(
     ("speedup", "faster"), [(0.6, False), (1.0, False), (1.19, False), (1.2, True), (2.0, True)]
 )

@@ -114,8 +114,14 @@ def conv_speedup(rounds: int = 7) -> float:
 @functools.lru_cache(maxsize=1)
 def bf16_speedup() -> float:
     """How many times faster than float32 bf16 convolutions run here: `conv_speedup()`, measured
-    once per process (~10-70 ms); 0.0 without native bf16 (emulated bf16 is several times slower)."""
-    return conv_speedup() if bf16_supported() else 0.0
+    once per process (~10-70 ms); 0.0 without native bf16 (emulated bf16 is several times slower)
+    or where the measurement fails (float32 is the safe choice)."""
+    if not bf16_supported():
+        return 0.0
+    try:
+        return conv_speedup()
+    except RuntimeError:  # oneDNN refusing a bf16 convolution here: not a faster one
+        return 0.0
 
 
 def bf16_faster() -> bool:
