@@ -55,8 +55,8 @@ OPTIMIZE_CHOICES = ("off", "fp32", "bf16", "auto")
 class Predictor:
     """A model with its preprocessing and class names, ready to classify images in batches.
 
-    `optimize='fp32'` or `'bf16'` classifies with `resnext.optimize`'s fast path on the device
-    (`'auto'`: bf16 where the device runs it faster than float32, `fastpath.fastest_dtype`)
+    `optimize='fp32'`, `'bf16'` or `'auto'` (bf16 where the device runs it faster than float32,
+    `capability.fastest_dtype`) classifies with `resnext.optimize`'s fast path on the device
     (BN folded, channels-last; on CPU our kernels where faster; `compile=True` also compiles it
     with inductor for `batch_size`, worth it for many images; `replay=True` instead replays its
     recorded kernel calls from one C loop, x86-64 Linux CPUs only: no compiling, and the lowest

@@ -1,4 +1,5 @@
-"""What this CPU can do fast: native bf16 matrix instructions, the oneDNN (mkldnn) backend."""
+"""What this CPU can do fast: native bf16 matrix instructions, the oneDNN (mkldnn) backend, and
+whether bf16 is the faster precision here (measured, not read from the flags)."""
 
 from __future__ import annotations
 

@@ -257,7 +257,8 @@ def optimize(
     The model is copied (the original is left untouched), put in eval mode, its BNs are folded
     into the preceding convolutions, it is moved to channels_last and `dtype` (bf16 only where
     the CPU has native bf16, else fp32 with a warning; a warning too where native bf16 measures
-    slower than fp32, `capability.bf16_faster`; 'auto' takes bf16 only where it is faster) and compiled with `backend`: 'inductor'
+    slower than fp32, `capability.bf16_faster`; 'auto' takes bf16 only where it is faster,
+    `capability.fastest_dtype`) and compiled with `backend`: 'inductor'
     (torch.compile with freezing), 'jit' (torch.jit.trace + freeze), 'replay' (the eager fast
     path's kernel calls recorded once and replayed from C, `resnext.speed.replay`: no Python
     per layer, for the lowest batch-1 latency; CPU, x86-64 Linux) or 'none'. The compiled
@@ -378,9 +379,9 @@ def optimize(
     if merge_groups not in MERGE_MODES:
         raise ConfigError(f"merge_groups: expected one of {MERGE_MODES}, got {merge_groups!r}")
     target = model_device(model, device)
-    dtype = resolve_dtype(dtype, target)
     if target.type not in ("cpu", "cuda"):
         raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
+    dtype = resolve_dtype(dtype, target)
     on_cpu = target.type == "cpu"
     if backend == "replay" and not on_cpu:
         raise ConfigError(f"backend: 'replay' records CPU kernels; {target} takes another")
