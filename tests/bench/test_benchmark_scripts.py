@@ -609,7 +609,9 @@ def test_the_wide_group_bench_takes_the_layers_only_its_kernels_run(
         code = _run_script("bench_grouped_wide.py", [*argv, "--dtype", name], monkeypatch)
         if name not in taken:
             assert code == 1
-            assert f"--dtype {name}: this CPU's build" in capsys.readouterr().out
+            said = capsys.readouterr().out
+            # the build takes no wide groups in this dtype, or (AVX2-only) no bf16 at all
+            assert f"--dtype {name}: this CPU's build" in said or "cannot run here" in said
             continue
         assert code == 0
         (path,) = out.glob("bench-grouped-wide-*.json")

@@ -198,7 +198,7 @@ def test_auto_fuses_only_where_one_call_is_faster(monkeypatch: pytest.MonkeyPatc
     assert isinstance(model[1].conv2, DotBottleneck)
 
 
-def test_pass_modes_and_what_is_fusable() -> None:
+def test_pass_modes() -> None:
     model = nn.Sequential(nn.Conv2d(64, 128, 1)).eval().bfloat16()
     x = bf16(torch.randn(1, 64, 8, 8))
     assert fuse_dot_blocks(model, x, mode="off") == []
@@ -206,6 +206,10 @@ def test_pass_modes_and_what_is_fusable() -> None:
     assert fuse_dot_blocks(model, x, mode="on") == []  # no fused first 1×1s: no site
     with pytest.raises(ConfigError, match="fuse_block: expected one of"):
         fuse_dot_blocks(model, x, mode="always")
+
+
+@needs_kernels  # the modules below are built on the kernels (on an AVX2-only CPU they refuse)
+def test_what_is_fusable() -> None:
     fused, last, _, _, _ = _block(64, 128, 32, "pairs", seed=1)
     assert block_fusable(fused, last)
     assert not block_fusable(fused, DotConv1x1(nn.Conv2d(128, 64, 1).bfloat16(), relu=True))

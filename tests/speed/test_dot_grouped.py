@@ -217,7 +217,7 @@ def test_auto_fuses_only_where_one_call_is_faster(monkeypatch: pytest.MonkeyPatc
     assert isinstance(model[4].conv1, DotConv1x1)
 
 
-def test_pass_modes_and_what_is_fusable() -> None:
+def test_pass_modes() -> None:
     model = nn.Sequential(nn.Conv2d(64, 128, 1), nn.ReLU()).eval().bfloat16()
     x = bf16(torch.randn(1, 64, 8, 8))
     assert fuse_dot_pointwise(model, x, mode="off") == []
@@ -225,6 +225,10 @@ def test_pass_modes_and_what_is_fusable() -> None:
     assert fuse_dot_pointwise(model, x, mode="on") == []  # no kernel modules: no site
     with pytest.raises(ConfigError, match="fuse_pointwise: expected one of"):
         fuse_dot_pointwise(model, x, mode="always")
+
+
+@needs_kernels  # the modules below are built on the kernels (on an AVX2-only CPU they refuse)
+def test_what_is_fusable() -> None:
     grouped_conv = nn.Conv2d(128, 128, 3, 1, 1, groups=32).bfloat16()
     grouped = FastGroupedConv3x3(grouped_conv, relu=True, dtype=torch.bfloat16)
     pointwise = DotConv1x1(nn.Conv2d(64, 128, 1).bfloat16(), relu=True)

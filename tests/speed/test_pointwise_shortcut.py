@@ -211,13 +211,17 @@ def test_auto_fuses_only_where_one_call_is_faster(monkeypatch: pytest.MonkeyPatc
     assert isinstance(model.blocks[2].conv3, DotConv1x1)
 
 
-def test_pass_modes_and_what_is_fusable() -> None:
+def test_pass_modes() -> None:
     model = _Net().eval().bfloat16()
     x = _bf16(torch.randn(1, 3, 8, 8))
     assert fuse_dot_shortcuts(model, x, mode="off") == []
     assert fuse_dot_shortcuts(model, x.float(), mode="on") == []  # bf16 only
     with pytest.raises(ConfigError, match="pointwise_bf16: expected one of"):
         fuse_dot_shortcuts(model, x, mode="always")
+
+
+@needs_dot  # the modules below are built on the kernel (on an AVX2-only CPU it refuses)
+def test_what_is_fusable() -> None:
     last = DotConv1x1(nn.Conv2d(64, 128, 1).bfloat16(), relu=True, in_place=True)
     projection = DotConv1x1(nn.Conv2d(64, 128, 1, stride=2).bfloat16())
     assert dot_shortcut_fusable(last, projection)
