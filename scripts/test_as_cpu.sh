@@ -19,5 +19,6 @@ esac
 masked="$(mktemp)"
 trap 'rm -f "$masked"' EXIT
 sed -E "s/$drop//g" /proc/cpuinfo > "$masked"
-unshare -m bash -c 'mount --bind "$0" /proc/cpuinfo && shift &&
+# bash -c: "$0" is the masked file, "$@" the pytest arguments
+unshare -m bash -c 'mount --bind "$0" /proc/cpuinfo &&
   PYTHONPATH=scripts .venv/bin/python -m pytest -q -p cpu_mask_plugin "$@"' "$masked" "$@"
