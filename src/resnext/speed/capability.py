@@ -132,12 +132,18 @@ def bf16_faster() -> bool:
     return bf16_speedup() >= BF16_MIN_SPEEDUP
 
 
+def bf16_runs_on(device: torch.device) -> bool:
+    """Whether bf16 convolutions run natively on `device` (native bf16 CPU, or a CUDA GPU with it)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bf16_supported()
+
+
 def fastest_dtype(device: torch.device) -> torch.dtype:
     """`dtype='auto'`: bf16 where `device` runs it natively and faster than float32 (a CUDA GPU
-    with bf16; a CPU where `capability.bf16_faster()` measures it so), else float32."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and bf16_faster() else torch.float32
+    with bf16; a CPU where `bf16_faster()` measures it so), else float32."""
+    faster = device.type == "cuda" or bf16_faster()
+    return torch.bfloat16 if bf16_runs_on(device) and faster else torch.float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -15,12 +15,7 @@ from torch import nn
 from resnext.errors import ConfigError
 from resnext.speed import stem_fusion
 from resnext.speed.block_fusion import fuse_blocks
-from resnext.speed.capability import (
-    bf16_faster,
-    bf16_speedup,
-    bf16_supported,
-    fastest_dtype,
-)
+from resnext.speed.capability import bf16_faster, bf16_runs_on, bf16_speedup, fastest_dtype
 from resnext.speed.conv_x3_swap import (
     DenseOptions,
     prepack_convs,
@@ -204,13 +199,6 @@ def model_device(model: nn.Module, device: torch.device | str | None = None) -> 
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def bf16_runs_on(device: torch.device) -> bool:
-    """Whether bf16 convolutions run natively on `device` (native bf16 CPU, or a CUDA GPU with it)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bf16_supported()
 
 
 def open_timing_cache(spec: TimingCache | str | Path | bool | None) -> TimingCache | None:
