@@ -93,6 +93,20 @@ DTYPES = ["fp32"] + (["bf16"] if bf16_supported() else [])
 AMX = ["amx", "no-amx"] if grouped_amx.unavailable_reason() is None else ["as-found"]
 
 
+def _has_grouped_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+
+
+def _assert_same_function(fast: nn.Module, x: torch.Tensor, want: torch.Tensor, dtype: str) -> None:
+    """`fast` computes `want` on `x` and on its first image alone (a batch it was not built on):
+    float32 to our kernels' bf16×3 products (~1e-5 each); bf16 to 8 significant bits through the
+    network (0.4-0.8 % of the output range measured), as the registry tests bound them."""
+    bound = 1e-4 if dtype == "fp32" else 3e-2
+    with torch.no_grad():
+        assert rel_err(fast(x.clone()), want) < bound
+        assert rel_err(fast(x[:1].clone()), want[:1]) < bound
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("amx", AMX)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,12 +132,7 @@ def test_any_mix_of_choices_computes_the_same_function(
     eager = fast.module if isinstance(fast, replay.Replayed) else fast
     unpacked = [n for n, m in eager.named_modules() if isinstance(m, nn.Conv2d)]
     assert unpacked == [], f"left to oneDNN unpacked: {unpacked}"
-    # float32: our kernels' bf16×3 products (~1e-5 each); bf16: 8 significant bits through the
-    # network (0.4-0.8 % of the output range measured), as the registry tests bound them
-    bound = 1e-4 if dtype == "fp32" else 3e-2
-    with torch.no_grad():
-        assert rel_err(fast(x.clone()), want) < bound
-        assert rel_err(fast(x[:1].clone()), want[:1]) < bound  # a batch it was not built on
+    _assert_same_function(fast, x, want, dtype)
     if backend == "replay":  # built (not the eager fallback), both batches recorded
         assert isinstance(fast, replay.Replayed)
         assert len(fast.recordings) == 2 and None not in fast.recordings.values()
@@ -156,13 +165,9 @@ def test_any_mix_of_choices_on_every_spec_option(
     fast = optimize(model, dtype, backend=BACKENDS[-1], example_input=x)
     # Without AMX, float32's only weighed way is the grouped kernel (1×1s and dense 3×3s go to
     # oneDNN prepacked unweighed), and forms a and b have no grouped layer: nothing to draw there.
-    grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
-    if dtype == "bf16" or amx == "amx" or grouped:
+    if dtype == "bf16" or amx == "amx" or _has_grouped_layers(model):
         assert drawn  # the choosers did weigh ways, with the drawn times
-    bound = 1e-4 if dtype == "fp32" else 3e-2
-    with torch.no_grad():
-        assert rel_err(fast(x.clone()), want) < bound
-        assert rel_err(fast(x[:1].clone()), want[:1]) < bound
+    _assert_same_function(fast, x, want, dtype)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -203,7 +208,7 @@ def _check_random_training_step(
     monkeypatch.setattr(autotune, "CHOOSER", drawn)
     got = _training_step(copy.deepcopy(model), x, y, dtype)
     winners = {(d.op, d.winner) for d in drawn.decisions()}
-    grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+    grouped = _has_grouped_layers(model)
     # forward and both gradients of the 1×1s, and of the grouped 3×3s (forms a and b have none)
     assert len({op for op, _ in winners}) >= (6 if grouped else 3)
     assert any(d.winner != next(iter(d.ms)) for d in drawn.decisions())  # not all references
