@@ -93,6 +93,14 @@ DTYPES = ["fp32"] + (["bf16"] if bf16_supported() else [])
 AMX = ["amx", "no-amx"] if grouped_amx.unavailable_reason() is None else ["as-found"]
 
 
+@pytest.fixture(params=AMX)
+def amx(request: pytest.FixtureRequest) -> str:
+    """Each of `AMX` in turn: 'no-amx' with every AMX kernel reporting itself unavailable."""
+    if request.param == "no-amx":
+        request.getfixturevalue("without_amx")
+    return request.param
+
+
 def _has_grouped_layers(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
 
@@ -108,7 +116,6 @@ def _assert_same_function(fast: nn.Module, x: torch.Tensor, want: torch.Tensor, 
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("amx", AMX)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -119,10 +126,7 @@ def test_any_mix_of_choices_computes_the_same_function(
     amx: str,
     seed: int,
     random_timings: Callable[[int], list[str]],
-    request: pytest.FixtureRequest,
 ) -> None:
-    if amx == "no-amx":
-        request.getfixturevalue("without_amx")
     model, x = _model(layout)
     with torch.no_grad():
         want = model(x)
@@ -138,7 +142,6 @@ def test_any_mix_of_choices_computes_the_same_function(
         assert len(fast.recordings) == 2 and None not in fast.recordings.values()
 
 
-@pytest.mark.parametrize("amx", AMX)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("option", sorted(OPTION_VARIANTS))
 def test_any_mix_of_choices_on_every_spec_option(
@@ -146,12 +149,9 @@ def test_any_mix_of_choices_on_every_spec_option(
     dtype: str,
     amx: str,
     random_timings: Callable[[int], list[str]],
-    request: pytest.FixtureRequest,
 ) -> None:
     # the zoo's other blocks (SE, pooled shortcuts, forms a and b, pre-activation, ...) at
     # ResNeXt-50's widths, where the kernels take their layers, on a non-square input
-    if amx == "no-amx":
-        request.getfixturevalue("without_amx")
     torch.manual_seed(1)
     spec = dataclasses.replace(LAYOUTS["imagenet"][0], **OPTION_VARIANTS[option])
     if spec.block_form != "c":  # one module per path: 4 paths of 32 channels build in ~1 s, not 4-9
@@ -221,20 +221,16 @@ def _check_random_training_step(
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("amx", AMX)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_any_mix_of_training_kernels_computes_the_reference_step(
     seed: int,
     dtype: str,
     amx: str,
     monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
 ) -> None:
     # The training fast path picks each op's implementation by timing (`autotune`); a clock
     # reading random times makes the picks random, per op and shape, and the step must still be
     # the one every op's reference (oneDNN) computes, up to rounding.
-    if amx == "no-amx":
-        request.getfixturevalue("without_amx")
     spec = resnext.ModelSpec(depths=(2, 1, 1), cardinality=8, base_width=8, num_classes=10)
     _check_random_training_step(spec, (4, 3, 64, 64), dtype, seed, monkeypatch)
 
