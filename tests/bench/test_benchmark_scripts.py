@@ -750,3 +750,34 @@ def test_the_tile_load_bench_times_four_rates_per_round_or_names_what_it_needs(
     assert set(results["correlation"]) == {
         "matmul~register", "matmul~loaded", "conv1x1~register", "conv1x1~loaded"
     }  # fmt: skip
+
+
+def test_the_unfused_stem_bench_times_both_stems_on_both_eager_paths(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    import json
+
+    from resnext.speed import maxpool
+    from resnext.speed.replay import unavailable_reason
+
+    if maxpool.unavailable_reason() is not None or unavailable_reason() is not None:
+        pytest.skip("needs the max-pool kernel and the replay")
+    out = tmp_path / "out"
+    argv = ["--models", "resnext_tiny_in", "--batch", "1", "--image-size", "64", "--rounds", "2"]
+    assert _run_script("bench_stem_apart.py", [*argv, "--out", str(out)], monkeypatch) == 0
+    (path,) = out.glob("bench-stem-apart-*.json")
+    row = json.loads(path.read_text())["results"]["resnext_tiny_in"]
+    ways = ("none before", "none now", "replay before", "replay now")
+    assert all(row["network img/s"][way] > 0 for way in ways)
+    assert row["network img/s"]["none: now ÷ before, time"] > 0
+    assert row["stem ms"]["now ÷ before, time"] > 0
+    assert "replay: before" in capsys.readouterr().out
+
+
+def test_the_unfused_stem_bench_refuses_an_unknown_backend(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    argv = ["--backends", "none,jit", "--out", str(tmp_path / "out")]
+    assert _run_script("bench_stem_apart.py", argv, monkeypatch) == 2
+    assert "--backends: expected none and/or replay, got ['jit']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -29,6 +29,7 @@ from resnext.speed.fold import fold_batchnorm
 from resnext.speed.group_order import split_group_channels
 from resnext.speed.grouped_swap import check_mode, swap_grouped_convs
 from resnext.speed.head import swap_head
+from resnext.speed.maxpool import use_inference_maxpool
 from resnext.speed.merged_groups import widen_where_faster
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
 from resnext.speed.replay import TORCH_STEP_MS, Replayed
@@ -435,6 +436,10 @@ def optimize(
             swap_head(work)
         if backend in ("none", "replay"):  # what inductor's freezing does for the graph
             prepack_convs(work, probe, in_place=in_place)
+            # and what its generated code does: the stem's ReLU in its convolution, the
+            # pooling without indices
+            stem_fusion.fuse_stem_relu(work)
+            use_inference_maxpool(work)
         timings.save()
     elif grouped_kernel == "on" or split_groups == "on":
         switch = "grouped_kernel" if grouped_kernel == "on" else "split_groups"

@@ -1,4 +1,5 @@
-"""The training fast path's max pooling: one-byte argmax indices, `kernels/maxpool.c` via ctypes.
+"""The fast paths' max pooling, `kernels/maxpool.c` via ctypes: in training with one-byte argmax
+indices, in inference with none.
 
 `use_fast_maxpool(model)` turns each `nn.MaxPool2d` the kernel takes (square window of at most
 15, padding at most half the window, no dilation, floor sizes) into a `TrainingMaxPool2d` in
@@ -7,6 +8,11 @@ saving the winning tap of each window in one byte instead of torch's int64 index
 has each input value gather the gradients of the windows that chose it, and writes it once.
 Everywhere else (eval mode, other devices, layouts or dtypes, tracing, torch.compile) it is the
 plain `nn.MaxPool2d`.
+
+`use_inference_maxpool(model)` does the same with `InferenceMaxPool2d`, which pools tensors that
+need no gradient (torch's pooling writes an int64 index per value there too, and the eager fast
+paths' replay copied both into its memory). Max pooling is exact, so both compute torch's values
+bit for bit, NaNs included.
 """
 
 from __future__ import annotations
@@ -81,13 +87,14 @@ def output_size(size: int, k: int, s: int, p: int) -> int:
 
 def _run(
     name: str,
-    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     dtype: torch.dtype,
     dims: tuple[int, int, int, int],
     window: tuple[int, int, int],
 ) -> None:
-    """Call the C function `name` on three tensors, (N, H, W, C) of the input map and (k, s, p)."""
-    pointers = [t.data_ptr() for t in tensors]
+    """Call the C function `name` on three tensors (the last may be None: no taps), (N, H, W, C)
+    of the input map and (k, s, p)."""
+    pointers = [None if t is None else t.data_ptr() for t in tensors]
     rc = getattr(_library(), name)(
         *pointers, DTYPES[dtype], *dims, *window, torch.get_num_threads()
     )
@@ -96,17 +103,31 @@ def _run(
         raise ValueError(f"{name} refused window {k}, stride {s}, padding {p}")
 
 
-def forward(x: torch.Tensor, k: int, s: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max_pool2d(x, k, s, p), the winning tap kh·k + kw of each output value as uint8)."""
+def _output(x: torch.Tensor, k: int, s: int, p: int) -> torch.Tensor:
+    """An empty channels-last tensor of the pooled shape, after checking `x` and that it is."""
     _check(x)
     n, c, h, w = x.shape
     ho, wo = output_size(h, k, s, p), output_size(w, k, s, p)
     if ho < 1 or wo < 1:
         raise ValueError(f"x: a {h}×{w} map is smaller than the {k}×{k} window with padding {p}")
-    y = torch.empty(n, c, ho, wo, dtype=x.dtype, memory_format=torch.channels_last)
-    taps = torch.empty(n, c, ho, wo, dtype=torch.uint8, memory_format=torch.channels_last)
+    return torch.empty(n, c, ho, wo, dtype=x.dtype, memory_format=torch.channels_last)
+
+
+def forward(x: torch.Tensor, k: int, s: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max_pool2d(x, k, s, p), the winning tap kh·k + kw of each output value as uint8)."""
+    y = _output(x, k, s, p)
+    taps = torch.empty_like(y, dtype=torch.uint8)
+    n, c, h, w = x.shape
     _run("maxpool_forward", (x, y, taps), x.dtype, (n, h, w, c), (k, s, p))
     return y, taps
+
+
+def pool(x: torch.Tensor, k: int, s: int, p: int) -> torch.Tensor:
+    """max_pool2d(x, k, s, p), without the taps."""
+    y = _output(x, k, s, p)
+    n, c, h, w = x.shape
+    _run("maxpool_forward", (x, y, None), x.dtype, (n, h, w, c), (k, s, p))
+    return y
 
 
 def backward(
@@ -174,6 +195,37 @@ class TrainingMaxPool2d(nn.MaxPool2d):
         if output_size(x.shape[2], k, s, p) < 1 or output_size(x.shape[3], k, s, p) < 1:
             return super().forward(x)  # torch's own error message for a too-small map
         return _MaxPool.apply(x, k, s, p)
+
+
+class InferenceMaxPool2d(nn.MaxPool2d):
+    """A MaxPool2d that pools channels-last tensors needing no gradient with `kernels/maxpool.c`,
+    writing no indices."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        geometry = window(self)
+        if (
+            geometry is None
+            or capturing_graph()
+            or (torch.is_grad_enabled() and x.requires_grad)
+            or x.dim() != 4
+            or x.dtype not in DTYPES
+            or x.device.type != "cpu"
+            or not x.is_contiguous(memory_format=torch.channels_last)
+            or unavailable_reason() is not None
+        ):
+            return super().forward(x)
+        k, s, p = geometry
+        if output_size(x.shape[2], k, s, p) < 1 or output_size(x.shape[3], k, s, p) < 1:
+            return super().forward(x)  # torch's own error message for a too-small map
+        return pool(x, k, s, p)
+
+
+def use_inference_maxpool(model: nn.Module) -> int:
+    """Make every `nn.MaxPool2d` the kernel takes an `InferenceMaxPool2d`, in place, where the
+    kernel runs on this CPU; how many."""
+    if unavailable_reason() is not None:
+        return 0
+    return swap_class(model, nn.MaxPool2d, InferenceMaxPool2d, lambda m: window(m) is not None)
 
 
 def use_fast_maxpool(model: nn.Module) -> int:

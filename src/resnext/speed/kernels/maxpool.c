@@ -1,4 +1,5 @@
-/* Max pooling of channels-last maps for training, with a one-byte argmax per output value.
+/* Max pooling of channels-last maps for training, with a one-byte argmax per output value, and
+ * for inference without one.
  *
  * Why C: torch's max_pool2d saves an int64 index per output value for its backward (8 bytes per
  * value, 4x a bf16 output), and its backward scatters through those indices into a zeroed input
@@ -23,7 +24,9 @@ static inline __m512 load16(const void *base, int dtype, long at, __mmask16 m) {
 
 static int shape_ok(int k, int s, int p) { return k >= 1 && k <= 15 && s >= 1 && p >= 0 && 2 * p <= k; }
 
-/* y = the window maxima, idx = the winning tap of each. Returns 0, or -1 for a shape it refuses. */
+/* y = the window maxima, idx = the winning tap of each (none written where idx is NULL: inference,
+ * where torch's pooling still writes an int64 index per value). Returns 0, or -1 for a shape it
+ * refuses. */
 int maxpool_forward(const void *x, void *y, uint8_t *idx, int dtype, int n, int h, int w, int c,
                     int k, int s, int p, int threads) {
   if (!shape_ok(k, s, p)) return -1;
@@ -53,7 +56,7 @@ int maxpool_forward(const void *x, void *y, uint8_t *idx, int dtype, int n, int 
         }
       }
       store(y, dtype, r * c + ch, m, best);
-      _mm_mask_storeu_epi8(idx + r * c + ch, m, _mm512_cvtepi32_epi8(tap));
+      if (idx) _mm_mask_storeu_epi8(idx + r * c + ch, m, _mm512_cvtepi32_epi8(tap));
     }
   }
   return 0;
