@@ -16,12 +16,13 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import fastpath, head, replay, replay_memory
+from resnext.speed import allocator, fastpath, head, replay, replay_memory
 from resnext.speed.capability import bf16_supported
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_kernel import unavailable_reason as grouped_unavailable
 from resnext.speed.prepacked import PrepackedConv
 from resnext.speed.replay import Call, Plan, Recorded, Replayed, ReplayUnavailable
+from resnext.speed.replay_steps import Donation
 
 pytestmark = pytest.mark.skipif(
     replay.unavailable_reason() is not None, reason=f"no replay here: {replay.unavailable_reason()}"
@@ -233,7 +234,7 @@ def test_a_recording_keeps_its_activations_in_one_arena_smaller_than_them_all() 
     model = _model()
     x = torch.randn(4, 3, 32, 32)
     fast = optimize(model, "fp32", backend="replay", example_input=x, grouped_kernel=KERNEL)
-    (recorded,) = fast.recordings.values()
+    recorded = Recorded(fast.module, x, donate=False)  # no output handed on: all in the arena
     arena = next(t for t in recorded.plan._keep if t.dtype == torch.uint8)
     # every activation the recording used lives in the arena: the output too
     start, end = arena.data_ptr(), arena.data_ptr() + arena.numel()
@@ -318,3 +319,86 @@ def test_the_grouped_choosers_weigh_leaving_the_loop_only_for_a_replay(
     for backend in ("none", "replay"):
         optimize(_model(), "fp32", backend=backend, example_input=x, grouped_kernel=KERNEL)
     assert asked == {key: [0.0, replay.TORCH_STEP_MS] for key in asked}
+
+
+def _arena(recorded: Recorded) -> torch.Tensor:
+    return next(t for t in recorded.plan._keep if t.dtype == torch.uint8)
+
+
+def test_functional_outputs_are_handed_on_where_freed_memory_is_kept() -> None:
+    model = _model()
+    x = torch.randn(4, 3, 32, 32)
+    eager = optimize(model, "fp32", backend="none", example_input=x, grouped_kernel=KERNEL)
+    copied = Recorded(eager, x, donate=False)
+    given = Recorded(eager, x, donate=True)
+    assert copied.plan.donations == ()
+    # the oneDNN convolutions without a residual to write over, and torch's other functional
+    # operators, hand their outputs on: one donation each
+    functional = [s for s in given.plan.torch_steps if not s.writes]
+    assert len(given.plan.donations) == len(functional) > 0
+    if KERNEL == "on":  # a 1×1's output read by our grouped kernel: a C argument rewritten
+        assert any(d.slots for d in given.plan.donations)
+    # ... and no longer take room in the arena
+    assert _arena(given).numel() < _arena(copied).numel()
+    for _ in range(3):
+        fresh = torch.randn_like(x)
+        with torch.no_grad():
+            want = eager(fresh)
+            assert torch.equal(given(fresh), want) and torch.equal(copied(fresh), want)
+        # each output is let go of after the last step that reads it; the module's own (the
+        # classifier's, on this path) is held until the next call
+        steps = len(given.plan.calls) + len(given.plan.torch_steps)
+        for donation in given.plan.donations:
+            held = donation.views[0][0].untyped_storage().nbytes()
+            assert (held > 0) == (donation.last == steps)
+
+
+def test_a_donation_points_the_later_steps_at_each_new_output_and_lets_go() -> None:
+    recorded = torch.zeros(2, 3)
+    later_view = recorded[1]  # a later step's tensor on the same memory
+    donation = Donation(
+        0, 0, ((5, 1, 12),), ((recorded, 0, (2, 3), (3, 1)), (later_view, 3, (3,), (1,))), 1
+    )
+    args = (ctypes.c_long * 4)()
+    new = torch.arange(6.0).reshape(2, 3)
+    donation.give(new, args, {(5, 1): 2})
+    # the C argument now points 12 bytes into the new output, the tensors onto its memory
+    assert args[2] == new.data_ptr() + 12 and args[0] == args[1] == args[3] == 0
+    assert recorded.data_ptr() == new.data_ptr() and torch.equal(recorded, new)
+    assert torch.equal(later_view, new[1])
+    donation.release()
+    assert recorded.numel() == later_view.numel() == 0
+    assert new.untyped_storage().nbytes() == 24  # the output itself is untouched
+    with pytest.raises(
+        RuntimeError, match=r"output is \(3, 2\) strides \(2, 1\), recorded as \(2, 3\)"
+    ):
+        donation.give(torch.zeros(3, 2), args, {(5, 1): 2})
+    # strides of dimensions of size 1 are no difference
+    one = torch.zeros(2, 1)
+    Donation(0, 0, (), ((one, 0, (2, 1), (1, 7)),), 1).give(torch.ones(2, 1), args, {})
+    assert torch.equal(one, torch.ones(2, 1))
+
+
+def test_an_output_handed_on_as_the_modules_own_stays_until_the_next_call() -> None:
+    torch.manual_seed(2)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3)).eval()  # its output is a functional operator's
+    recorded = Recorded(module, torch.randn(1, 3, 9, 9), donate=True)
+    (donation,) = recorded.plan.donations
+    assert donation.last == len(recorded.plan.calls) + len(recorded.plan.torch_steps)
+    outs = []
+    for _ in range(2):
+        x = torch.randn(1, 3, 9, 9)
+        with torch.no_grad():
+            outs.append(recorded(x))
+            assert torch.equal(outs[-1], module(x))
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_freed_memory_counts_as_kept_with_a_keeping_allocator(monkeypatch) -> None:
+    monkeypatch.setattr(allocator, "_KEEPING", False)
+    monkeypatch.setattr(allocator, "loaded_allocator", lambda: None)
+    assert not allocator.freed_memory_kept()
+    monkeypatch.setattr(allocator, "loaded_allocator", lambda: "tcmalloc")
+    assert allocator.freed_memory_kept()
+    monkeypatch.setattr(allocator, "loaded_allocator", lambda: None)
+    assert allocator.keep_freed_memory() and allocator.freed_memory_kept()

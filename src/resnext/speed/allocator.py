@@ -107,6 +107,15 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+_KEEPING = False  # keep_freed_memory() has told glibc to keep freed memory
+
+
+def freed_memory_kept() -> bool:
+    """Whether this process's allocator keeps freed memory for reuse (so a new tensor costs no
+    page faults): tcmalloc or jemalloc loaded, or glibc told to (`keep_freed_memory`)."""
+    return _KEEPING or loaded_allocator() is not None
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc, in this running process, to keep freed memory for reuse.
 
@@ -124,4 +133,6 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    global _KEEPING
+    _KEEPING = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _KEEPING

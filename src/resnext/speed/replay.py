@@ -24,7 +24,7 @@ import platform
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -34,8 +34,9 @@ from torch.utils._pytree import tree_flatten
 
 from resnext import native
 from resnext.speed import replay_memory
+from resnext.speed.allocator import freed_memory_kept
 from resnext.speed.operators import NAMESPACE
-from resnext.speed.replay_steps import Call, TorchStep
+from resnext.speed.replay_steps import Call, Donation, TorchStep
 from resnext.speed.shapes import check_new_shapes, input_key
 
 SOURCE = Path(__file__).with_name("kernels") / "replay.c"
@@ -104,11 +105,17 @@ class Plan:
     """Recorded steps, ready to be made again in the order they were recorded: each run of
     consecutive C calls in one call of the C loop, each torch operator from Python."""
 
-    def __init__(self, steps: list[Call | TorchStep], keep: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        steps: list[Call | TorchStep],
+        keep: list[torch.Tensor],
+        donations: Sequence[Donation] = (),
+    ) -> None:
         lib = _library()
         width = lib.replay_max_args()
         calls = [s for s in steps if isinstance(s, Call)]
         n = len(calls)
+        self.donations = tuple(donations)
         self.calls = tuple(calls)
         self.torch_steps = tuple(s for s in steps if isinstance(s, TorchStep))
         self._keep = keep  # the memory the steps read and write
@@ -125,17 +132,29 @@ class Plan:
         self._expect = (ctypes.c_int * n)(*(c.value or 0 for c in calls))
         # the program: (first call, calls) for a run of C calls, or a torch step
         self._program: list[tuple[int, int] | TorchStep] = []
+        entry_of, slot_index = [], {}  # each step's program entry; (C step, argument) → place
         i = 0
-        for step in steps:
+        for k, step in enumerate(steps):
             if isinstance(step, TorchStep):
                 self._program.append(step)
+                entry_of.append(len(self._program) - 1)
                 continue
+            slot_index.update({(k, j): i * width + j for j in range(len(step.args))})
             last = self._program[-1] if self._program else None
             if isinstance(last, tuple):
                 self._program[-1] = (last[0], last[1] + 1)
             else:
                 self._program.append((i, 1))
+            entry_of.append(len(self._program) - 1)
             i += 1
+        self._slot_index = slot_index
+        # after which program entry each donation is given, and let go of
+        self._gives: dict[int, dict[int, Donation]] = {}
+        self._releases: dict[int, list[Donation]] = {}
+        for donation in self.donations:
+            self._gives.setdefault(entry_of[donation.step], {})[donation.out] = donation
+            if donation.last < len(steps):
+                self._releases.setdefault(entry_of[donation.last], []).append(donation)
         self._runs = {
             first: (
                 ctypes.addressof(self._fns) + first * ctypes.sizeof(ctypes.c_void_p),
@@ -160,24 +179,26 @@ class Plan:
     def _run(self, ms: ctypes.Array | None) -> list[tuple[str, float]]:
         replay_run = _library().replay_run
         times: list[tuple[str, float]] = []
-        for step in self._program:
+        for entry, step in enumerate(self._program):
             if isinstance(step, TorchStep):
                 start = time.perf_counter()
-                step.run()
+                step.run(self._gives.get(entry), self._args, self._slot_index)
                 if ms is not None:
                     times.append((str(step.op), (time.perf_counter() - start) * 1e3))
-                continue
-            first, count = step
-            at = None if ms is None else ctypes.addressof(ms) + first * ctypes.sizeof(ms._type_)
-            failed = replay_run(*self._runs[first], count, at)
-            if failed:
-                call = self.calls[first + failed - 1]
-                raise RuntimeError(
-                    f"replay: {call.name} (call {first + failed}) returned another value than "
-                    "when recorded"
-                )
-            if ms is not None:
-                times += [(self.calls[i].name, ms[i]) for i in range(first, first + count)]
+            else:
+                first, count = step
+                at = None if ms is None else ctypes.addressof(ms) + first * ctypes.sizeof(ms._type_)
+                failed = replay_run(*self._runs[first], count, at)
+                if failed:
+                    call = self.calls[first + failed - 1]
+                    raise RuntimeError(
+                        f"replay: {call.name} (call {first + failed}) returned another value "
+                        "than when recorded"
+                    )
+                if ms is not None:
+                    times += [(self.calls[i].name, ms[i]) for i in range(first, first + count)]
+            for donation in self._releases.get(entry, ()):
+                donation.release()
         return times
 
 
@@ -307,10 +328,16 @@ def _inside(address: int, spans: list[tuple[int, int]]) -> bool:
     return any(a <= address <= b for a, b in spans)
 
 
-def capture(module: nn.Module, x: torch.Tensor) -> tuple[Plan, torch.Tensor]:
+def capture(
+    module: nn.Module, x: torch.Tensor, donate: bool | None = None
+) -> tuple[Plan, torch.Tensor]:
     """Run ``module(x)`` once without gradients, recording its steps: the plan that repeats them
     on `x`'s memory (refill `x` first) and the output they write. A ReplayUnavailable says why
-    the forward cannot be replayed."""
+    the forward cannot be replayed. `donate`: hand functional torch operators' outputs on
+    (`replay_steps.Donation`) rather than copy them; by default where this process keeps freed
+    memory (`allocator.freed_memory_kept`)."""
+    if donate is None:
+        donate = freed_memory_kept()
     reason = unavailable_reason()
     if reason is not None:
         raise ReplayUnavailable(reason)
@@ -343,8 +370,13 @@ def capture(module: nn.Module, x: torch.Tensor) -> tuple[Plan, torch.Tensor]:
         for t in watch.kept
         if t.layout == torch.strided and t.untyped_storage().data_ptr() not in fixed
     ]
-    steps, arena, out, left = replay_memory.pack(steps, made, out, [x, *weights])
-    return Plan(steps, [x, arena, out, *weights, *left]), out
+    # where freed memory is kept for reuse, a functional operator's new output costs no page
+    # faults: hand it on rather than copy it into the arena
+    donated = replay_memory.donatable(steps, made) if donate else []
+    steps, arena, out, left, donations = replay_memory.pack(
+        steps, made, out, [x, *weights], donated
+    )
+    return Plan(steps, [x, arena, out, *weights, *left], donations), out
 
 
 def recording_key(x: torch.Tensor) -> tuple[object, ...]:
@@ -356,11 +388,13 @@ def recording_key(x: torch.Tensor) -> tuple[object, ...]:
 class Recorded:
     """One capture of a module on one kind of input: its input's memory, plan and output."""
 
-    def __init__(self, module: nn.Module, example: torch.Tensor) -> None:
+    def __init__(
+        self, module: nn.Module, example: torch.Tensor, donate: bool | None = None
+    ) -> None:
         if example.device.type != "cpu":
             raise ReplayUnavailable(f"example: expected a CPU tensor, got one on {example.device}")
         self.input = example.detach().clone()
-        self.plan, self.output = capture(module, self.input)
+        self.plan, self.output = capture(module, self.input, donate)
         self.check(module, torch.randn_like(self.input))
 
     def check(self, module: nn.Module, x: torch.Tensor) -> None:
