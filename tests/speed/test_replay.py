@@ -339,7 +339,24 @@ def test_functional_outputs_are_handed_on_where_freed_memory_is_kept() -> None:
     if KERNEL == "on":  # a 1×1's output read by our grouped kernel: a C argument rewritten
         assert any(d.slots for d in given.plan.donations)
     # ... and no longer take room in the arena
-    assert _arena(given).numel() < _arena(copied).numel()
+    arena = _arena(given)
+    assert arena.numel() < _arena(copied).numel()
+    # every C argument the recording made points into the arena or the fixed memory, or is one
+    # a donation rewrites on each run
+    start, end = arena.data_ptr(), arena.data_ptr() + arena.numel()
+    fixed = [t for t in given.plan._keep if t.layout == torch.strided and t is not arena]
+    outside = 0
+    for call in given.plan.calls:
+        for j in call.pointers:
+            address = call.args[j]
+            held = any(
+                t.untyped_storage().data_ptr()
+                <= address
+                <= t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()
+                for t in fixed
+            )
+            outside += address != 0 and not start <= address <= end and not held
+    assert outside == sum(len(d.slots) for d in given.plan.donations)
     for _ in range(3):
         fresh = torch.randn_like(x)
         with torch.no_grad():
