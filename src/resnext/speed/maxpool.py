@@ -173,28 +173,35 @@ class _MaxPool(torch.autograd.Function):
         return backward(grad, taps, size, k, s, p), None, None, None
 
 
+def _kernel_window(pool: nn.MaxPool2d, x: torch.Tensor) -> tuple[int, int, int] | None:
+    """(k, s, p) where the kernel pools `x` for `pool` (a channels-last 4-D float32 or bf16 CPU
+    tensor, outside a graph capture, a window it computes and that fits the map), else None."""
+    geometry = window(pool)
+    if (
+        geometry is None
+        or capturing_graph()
+        or x.dim() != 4
+        or x.dtype not in DTYPES
+        or x.device.type != "cpu"
+        or not x.is_contiguous(memory_format=torch.channels_last)
+        or unavailable_reason() is not None
+    ):
+        return None
+    k, s, p = geometry
+    if output_size(x.shape[2], k, s, p) < 1 or output_size(x.shape[3], k, s, p) < 1:
+        return None  # torch's own error message for a too-small map
+    return geometry
+
+
 class TrainingMaxPool2d(nn.MaxPool2d):
     """A MaxPool2d that pools channels-last training tensors with `kernels/maxpool.c`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        geometry = window(self)
-        if (
-            geometry is None
-            or not self.training
-            or capturing_graph()
-            or not torch.is_grad_enabled()
-            or not x.requires_grad
-            or x.dim() != 4
-            or x.dtype not in DTYPES
-            or x.device.type != "cpu"
-            or not x.is_contiguous(memory_format=torch.channels_last)
-            or unavailable_reason() is not None
-        ):
+        training = self.training and torch.is_grad_enabled() and x.requires_grad
+        geometry = _kernel_window(self, x) if training else None
+        if geometry is None:
             return super().forward(x)
-        k, s, p = geometry
-        if output_size(x.shape[2], k, s, p) < 1 or output_size(x.shape[3], k, s, p) < 1:
-            return super().forward(x)  # torch's own error message for a too-small map
-        return _MaxPool.apply(x, k, s, p)
+        return _MaxPool.apply(x, *geometry)
 
 
 class InferenceMaxPool2d(nn.MaxPool2d):
@@ -202,22 +209,11 @@ class InferenceMaxPool2d(nn.MaxPool2d):
     writing no indices."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        geometry = window(self)
-        if (
-            geometry is None
-            or capturing_graph()
-            or (torch.is_grad_enabled() and x.requires_grad)
-            or x.dim() != 4
-            or x.dtype not in DTYPES
-            or x.device.type != "cpu"
-            or not x.is_contiguous(memory_format=torch.channels_last)
-            or unavailable_reason() is not None
-        ):
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        geometry = None if needs_grad else _kernel_window(self, x)
+        if geometry is None:
             return super().forward(x)
-        k, s, p = geometry
-        if output_size(x.shape[2], k, s, p) < 1 or output_size(x.shape[3], k, s, p) < 1:
-            return super().forward(x)  # torch's own error message for a too-small map
-        return pool(x, k, s, p)
+        return pool(x, *geometry)
 
 
 def use_inference_maxpool(model: nn.Module) -> int:
