@@ -338,9 +338,9 @@ def test_functional_outputs_are_handed_on_where_freed_memory_is_kept() -> None:
     assert len(given.plan.donations) == len(functional) > 0
     if KERNEL == "on":  # a 1×1's output read by our grouped kernel: a C argument rewritten
         assert any(d.slots for d in given.plan.donations)
-    # ... and no longer take room in the arena
+    # ... and take no room in the arena (which is as large as its busiest step: no larger)
     arena = _arena(given)
-    assert arena.numel() < _arena(copied).numel()
+    assert arena.numel() <= _arena(copied).numel()
     # every C argument the recording made points into the arena or the fixed memory, or is one
     # a donation rewrites on each run
     start, end = arena.data_ptr(), arena.data_ptr() + arena.numel()
