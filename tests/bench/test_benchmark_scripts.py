@@ -781,3 +781,32 @@ def test_the_unfused_stem_bench_refuses_an_unknown_backend(
     assert _run_script("bench_stem_apart.py", argv, monkeypatch) == 2
     assert "--backends: expected none and/or replay, got ['jit']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_huge_page_bench_runs_pairs_of_processes_each_way(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    import json
+
+    from resnext.speed.allocator import thp_mode
+
+    out = tmp_path / "out"
+    argv = ["--models", "resnext_tiny_in", "--batches", "1", "--image-size", "32"]
+    argv += ["--backend", "none", "--pairs", "1", "--calls", "2", "--out", str(out)]
+    assert _run_script("bench_huge_pages.py", argv, monkeypatch) == 0
+    (path,) = out.glob("bench-huge-pages-*.json")
+    row = json.loads(path.read_text())["results"]["resnext_tiny_in"]
+    assert len(row["with huge pages"]) == len(row["without"]) == 1
+    assert row["batch1: with ÷ without, time"] > 0
+    offered = thp_mode() in ("always", "madvise")
+    assert row["huge pages in use, with / without"] == [offered, False]
+    assert "with ÷ without" in capsys.readouterr().out
+
+
+def test_the_huge_page_bench_refuses_a_bad_count(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    argv = ["--pairs", "0", "--out", str(tmp_path / "out")]
+    assert _run_script("bench_huge_pages.py", argv, monkeypatch) == 2
+    assert "--batches, --pairs, --calls: expected at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

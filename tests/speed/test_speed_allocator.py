@@ -77,3 +77,89 @@ def test_reexec_runs_once_then_guard_stops_it(
     assert len(calls) == 1
     reexec_with_allocator("none", execve=fake_execve, argv=["python", "x"])
     assert len(calls) == 1
+
+
+def test_thp_mode_is_the_bracketed_word(tmp_path: Path) -> None:
+    setting = tmp_path / "enabled"
+    for text, mode in [
+        ("always [madvise] never\n", "madvise"),
+        ("[always] madvise never\n", "always"),
+        ("always madvise [never]\n", "never"),
+        ("no brackets\n", None),
+    ]:
+        setting.write_text(text)
+        assert allocator.thp_mode(setting) == mode
+    assert allocator.thp_mode(tmp_path / "absent") is None
+
+
+def test_huge_pages_are_asked_for_only_where_the_kernel_gives_them_and_no_one_said_no(
+    tmp_path: Path,
+) -> None:
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    env: dict[str, str] = {}
+    assert allocator.request_huge_pages(env, setting) and env == {"THP_MEM_ALLOC_ENABLE": "1"}
+    setting.write_text("always madvise [never]\n")
+    env = {}
+    assert not allocator.request_huge_pages(env, setting) and env == {}
+    assert not allocator.request_huge_pages(env, tmp_path / "absent") and env == {}
+    setting.write_text("[always] madvise never\n")
+    env = {"THP_MEM_ALLOC_ENABLE": "0"}  # the user's word stands
+    assert not allocator.request_huge_pages(env, setting) and env == {"THP_MEM_ALLOC_ENABLE": "0"}
+    env = {"THP_MEM_ALLOC_ENABLE": "1"}
+    assert allocator.request_huge_pages(env, setting)
+
+
+def test_vm_flags_are_those_of_the_mapping_holding_the_address(tmp_path: Path) -> None:
+    smaps = tmp_path / "smaps"
+    smaps.write_text(
+        "1000-2000 rw-p 00000000 00:00 0\n"
+        "Size:                  4 kB\n"
+        "VmFlags: rd wr mr mw me ac sd\n"
+        "3000-5000 rw-p 00000000 00:00 0 [heap]\n"
+        "AnonHugePages:         0 kB\n"
+        "VmFlags: rd wr mr mw me ac sd hg\n"
+    )
+    assert allocator.vm_flags(0x1800, smaps)[-1] == "sd"
+    assert allocator.vm_flags(0x3000, smaps)[-1] == "hg"
+    assert allocator.vm_flags(0x2800, smaps) == [] and allocator.vm_flags(0x5000, smaps) == []
+    assert allocator.vm_flags(0x1800, tmp_path / "absent") == []
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_a_process_asking_before_its_first_tensor_gets_huge_pages(asked: bool) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if allocator.thp_mode() not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages not offered here ({allocator.thp_mode()})")
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if asked else "0"}
+    code = "from resnext.speed.allocator import huge_pages_in_use as h; print(h())"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == str(asked)
+
+
+def test_a_replayed_console_prediction_asks_for_huge_pages_and_nothing_else_does(
+    monkeypatch,
+) -> None:
+    import os
+    import sys
+
+    from resnext.cli import build_parser, main, wants_huge_pages
+
+    parser = build_parser()
+    assert wants_huge_pages(
+        parser.parse_args(["predict", "a.jpg", "--optimize", "fp32", "--replay"])
+    )
+    assert wants_huge_pages(
+        parser.parse_args(["eval", "--data", "d", "--optimize", "fp32", "--replay"])
+    )
+    assert not wants_huge_pages(parser.parse_args(["predict", "a.jpg", "--optimize", "fp32"]))
+    assert not wants_huge_pages(parser.parse_args(["list"]))
+    # a console run that does not replay leaves the switch alone
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["resnext", "list", "resnext_tiny"])
+    assert main() == 0 and "THP_MEM_ALLOC_ENABLE" not in os.environ

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from resnext.checkout import source_commit
-from resnext.speed.allocator import loaded_allocator
+from resnext.speed.allocator import huge_pages_in_use, loaded_allocator
 from resnext.speed.capability import bf16_speedup, cpu_capability, cpu_model
 
 _OPTIONAL = ("numpy", "pillow", "onnxruntime", "openvino", "onnx", "timm", "torchvision")
@@ -38,13 +38,15 @@ def versions() -> dict[str, str | None]:
 
 
 def machine() -> dict[str, object]:
-    """CPU model, core count, load average, allocator, ISA and how much faster bf16 convolutions
-    run than float32 ones: what the numbers depend on."""
+    """CPU model, core count, load average, allocator (and whether large tensors sit on huge
+    pages), ISA and how much faster bf16 convolutions run than float32 ones: what the numbers
+    depend on."""
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "load_average": os.getloadavg(),
         "allocator": loaded_allocator() or "glibc",
+        "huge_pages": huge_pages_in_use(),
         **cpu_capability().as_dict(),
         "bf16_speedup": bf16_speedup(),
         "gpus": _gpus(),
