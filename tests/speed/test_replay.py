@@ -200,12 +200,20 @@ def test_bad_arguments() -> None:
         optimize(_model(), backend="replay-ish")
 
 
+@pytest.mark.parametrize("handed_on", [True, False], ids=["handed-on", "copied"])
 @pytest.mark.parametrize("name", resnext.list_models())
-def test_replay_same_function_every_registry_model(name: str) -> None:
+def test_replay_same_function_every_registry_model(
+    name: str, handed_on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # both ways of refreshing oneDNN's outputs, whichever this process's allocator would pick
+    monkeypatch.setattr(replay, "freed_memory_kept", lambda: handed_on)
     torch.manual_seed(4)
     model, x = registry_model_and_input(name)
     fast = optimize(model, "fp32", backend="replay", example_input=x, grouped_kernel=KERNEL)
     assert isinstance(fast, Replayed)
+    (recorded,) = fast.recordings.values()
+    functional = any(not step.writes for step in recorded.plan.torch_steps)
+    assert bool(recorded.plan.donations) == (handed_on and functional)
     fresh = torch.randn_like(x)
     with torch.no_grad():
         got = fast(fresh)
