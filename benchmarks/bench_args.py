@@ -11,6 +11,17 @@ import resnext
 RESULTS = Path(__file__).resolve().parent / "results"  # where every script writes its JSON
 
 
+def int_list(text: str) -> list[int]:
+    """An option's comma-separated integers (`--batches 1,16`); otherwise argparse's error naming
+    the option, before the script does anything."""
+    try:
+        return [int(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
 def parser(
     doc: str | None,
     *,

@@ -80,16 +80,13 @@ def main() -> int:
         child(sys.argv[2:])
         return 0
     parser = bench_args.parser(__doc__, models="resnext50_32x4d", image_size=224)
-    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--batches", type=bench_args.int_list, default="1,16")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--backend", choices=BACKENDS, default="replay")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--calls", type=int, default=15)
     args = parser.parse_args()
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.error(f"--batches: expected comma-separated integers, got {args.batches!r}")
+    batches = args.batches
     if min(batches) < 1 or args.pairs < 1 or args.calls < 1:
         parser.error(
             f"--batches, --pairs, --calls: expected at least 1, got {batches}, {args.pairs}, "

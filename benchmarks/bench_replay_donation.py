@@ -27,13 +27,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def main() -> int:
     parser = bench_args.parser(__doc__, models="resnext50_32x4d", image_size=224, rounds=15)
-    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--batches", type=bench_args.int_list, default="1,16")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args()
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.error(f"--batches: expected comma-separated integers, got {args.batches!r}")
+    batches = args.batches
     if args.rounds < 1 or min(batches) < 1:
         parser.error(f"--rounds, --batches: expected at least 1, got {args.rounds}, {batches}")
     keep_freed_memory()

@@ -102,7 +102,7 @@ def _whole(model: nn.Module, dtype: str, batch: int, repeats: int) -> dict[str, 
 
 def main() -> int:
     parser = bench_args.parser(__doc__, dtypes="bf16,fp32")
-    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--batches", type=bench_args.int_list, default="1,16")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -120,7 +120,7 @@ def main() -> int:
             print(f"{name}: skipped, no fused stem kernel runs here ({reason})")
             continue
         conv = copy.deepcopy(folded.conv1).to(dtypes[name])
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in args.batches:
             x = torch.randn(batch, 3, 224, 224, dtype=dtypes[name])
             x = x.contiguous(memory_format=torch.channels_last)
             ways = _ways(conv, x, backend)
@@ -133,7 +133,7 @@ def main() -> int:
                 + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items())
                 + f"; fused ÷ fastest apart ×{row['fused'] / apart:.3f}"
             )
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in args.batches:
             row = _whole(model, name, batch, max(5, args.repeats // 2))
             results[f"{name}/batch{batch}/resnext50_32x4d"] = row
             print(

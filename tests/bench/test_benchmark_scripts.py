@@ -810,3 +810,19 @@ def test_the_huge_page_bench_refuses_a_bad_count(
     assert _run_script("bench_huge_pages.py", argv, monkeypatch) == 2
     assert "--batches, --pairs, --calls: expected at least 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "script", ["bench_stem.py", "bench_replay_donation.py", "bench_huge_pages.py"]
+)
+def test_a_batch_list_that_is_not_integers_is_refused_by_name(
+    script: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    import bench_args
+
+    assert bench_args.int_list("1,16") == [1, 16]
+    argv = ["--batches", "1,x", "--out", str(tmp_path / "out")]
+    assert _run_script(script, argv, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "argument --batches: expected comma-separated integers, got '1,x'" in err
+    assert not (tmp_path / "out").exists()
