@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from resnext.errors import ConfigError
-from resnext.speed import conv_x3, pointwise_fma, pointwise_gemm
+from resnext.speed import conv_x3, pointwise_fma, pointwise_gemm, pointwise_mkl
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.capability import cpu_flags
 from resnext.speed.fold import (
@@ -242,22 +242,40 @@ class DenseKernel:
     option: str  # the `optimize` option that controls it, for messages
     variant: str  # the `LayerChoice.variant` its choices start with
     eligible: Callable[[nn.Module], bool]
-    module: Callable[[nn.Conv2d, bool, bool], nn.Module]  # (conv, relu, in_place)
+    module: Callable[[nn.Conv2d, bool, bool, tuple], nn.Module]  # (conv, relu, in_place, input)
     unavailable_reason: Callable[[], str | None]
     dtype: torch.dtype = torch.float32  # the activations it computes
 
 
-X3 = DenseKernel("conv_x3", "bf16x3", eligible, ConvX3, lambda: conv_x3.unavailable_reason())
+X3 = DenseKernel(
+    "conv_x3",
+    "bf16x3",
+    eligible,
+    lambda conv, relu, in_place, _: ConvX3(conv, relu, in_place),
+    lambda: conv_x3.unavailable_reason(),
+)
 FMA = DenseKernel(
-    "pointwise_fma", "fma", fma_eligible, FmaConv1x1, lambda: pointwise_fma.unavailable_reason()
+    "pointwise_fma",
+    "fma",
+    fma_eligible,
+    lambda conv, relu, in_place, _: FmaConv1x1(conv, relu, in_place),
+    lambda: pointwise_fma.unavailable_reason(),
 )
 DOT = DenseKernel(
     "pointwise_bf16",
     "dot",
     dot_eligible,
-    DotConv1x1,
+    lambda conv, relu, in_place, _: DotConv1x1(conv, relu, in_place),
     lambda: pointwise_gemm.unavailable_reason(),
     torch.bfloat16,
+)
+# packed for the pixel count of the input it is timed on
+MKL = DenseKernel(
+    "pointwise_mkl",
+    "mkl",
+    pointwise_mkl.eligible,
+    pointwise_mkl.MklConv1x1,
+    lambda: pointwise_mkl.unavailable_reason(),
 )
 
 
@@ -486,6 +504,21 @@ def swap_convs_dot(
     return swap_dense_convs(model, example, DOT, mode=mode, options=options)
 
 
+def swap_convs_mkl(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "auto",
+    options: DenseOptions = DEFAULT_OPTIONS,
+) -> list[LayerChoice]:
+    """Replace, in place, the float32 stride-1 1×1 convolutions of `model` that the passes before
+    left to oneDNN by `pointwise_mkl.MklConv1x1` (MKL's product on a weight packed for the
+    layer's pixel count) where that is faster; as `swap_convs_x3` otherwise (variant 'mkl…').
+    Measured on the Xeon without AMX it won the 7² and 14² layers at batch 1 and few at batch 16
+    (RESULTS.md, stop 55)."""
+    return swap_dense_convs(model, example, MKL, mode=mode, options=options)
+
+
 def swap_dense_convs(
     model: nn.Module,
     example: torch.Tensor,
@@ -494,7 +527,7 @@ def swap_dense_convs(
     mode: str = "auto",
     options: DenseOptions = DEFAULT_OPTIONS,
 ) -> list[LayerChoice]:
-    """The pass for one kernel (`X3`, `FMA` or `DOT`): see `swap_convs_x3`. Convolutions alike
+    """The pass for one kernel (`X3`, `FMA`, `DOT` or `MKL`): see `swap_convs_x3`. Convolutions alike
     (input shape, outputs, geometry, epilogue) are timed once and share the pick."""
     check_mode(kernel.option, mode)
     if mode == "off" or example.dtype != kernel.dtype:
@@ -555,7 +588,7 @@ def _choose(
             continue
         conv = model.get_submodule(site.name)
         overwrite = options.in_place and site.overwritable
-        fast = kernel.module(conv, site.relu, overwrite)
+        fast = kernel.module(conv, site.relu, overwrite, shapes[site.name])
         geometry = square_geometry(conv)
         assert geometry is not None  # eligible() checked it
         alike = (

@@ -21,6 +21,7 @@ from resnext.speed.conv_x3_swap import (
     prepack_convs,
     swap_convs_dot,
     swap_convs_fma,
+    swap_convs_mkl,
     swap_convs_x3,
 )
 from resnext.speed.dot_block import fuse_dot_blocks
@@ -234,6 +235,7 @@ def optimize(
     conv_x3: str = "auto",
     fuse_stem: str = "auto",
     pointwise_fma: str = "auto",
+    pointwise_mkl: str = "auto",
     pointwise_bf16: str = "auto",
     split_groups: str = "auto",
     merge_groups: str = "auto",
@@ -305,6 +307,13 @@ def optimize(
     each layer both ways with the caches cold, as in the network, and keeps the faster; on a CPU
     with AVX-512 it leaves the 1×1s to oneDNN untimed. Timings: `pointwise_choices`.
 
+    `pointwise_mkl` ('auto', 'on', 'off'; float32) computes the stride-1 1×1s still left to
+    oneDNN, with their epilogues, as MKL's product on a weight packed once for the layer's pixel
+    count, then one pass for the bias, residual and ReLU (`resnext.speed.pointwise_mkl`); 'auto'
+    times each layer both ways, cold, and keeps the faster. On the Xeon without AMX it took most
+    of ResNeXt-50's 7² and 14² layers at batch 1 (RESULTS.md, stop 55). Its choices follow
+    `pointwise_fma`'s in `pointwise_choices`.
+
     `pointwise_bf16` ('auto', 'on', 'off'; bf16 on CPUs with AVX512-BF16) likewise computes the
     1×1s left to oneDNN (those the AMX block fusions did not take; a strided one on its gathered
     pixels), with their epilogues, as one product of AVX512-BF16 pair dot products
@@ -360,6 +369,7 @@ def optimize(
         "conv_x3": conv_x3,
         "fuse_stem": fuse_stem,
         "pointwise_fma": pointwise_fma,
+        "pointwise_mkl": pointwise_mkl,
         "pointwise_bf16": pointwise_bf16,
         "split_groups": split_groups,
     }
@@ -428,6 +438,7 @@ def optimize(
         x3 = swap_convs_x3(work, probe, mode=conv_x3, options=dense)
         x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)
         fma = swap_convs_fma(work, probe, mode=pointwise_fma, options=dense)
+        fma += swap_convs_mkl(work, probe, mode=pointwise_mkl, options=dense)
         fma += swap_convs_dot(work, probe, mode=pointwise_bf16, options=dense)
         fma += fuse_dot_shortcuts(work, probe, mode=pointwise_bf16, timings=timings)
         fusions += fuse_dot_pointwise(work, probe, mode=fuse_pointwise, timings=timings)

@@ -1,0 +1,257 @@
+"""Float32 1×1 convolutions on MKL's packed product (`kernels/pointwise_mkl.c`) via ctypes.
+
+A stride-1 1×1 convolution of a channels-last tensor is one matrix product of its pixels with the
+transposed weight. MKL (the one inside torch) can pack that weight once for a given number of
+pixel rows and then skip repacking it on every call (`cblas_sgemm_pack` / `cblas_sgemm_compute`,
+what inductor's freezing uses for float32 linear layers). The kernel runs that product and then
+the bias, optionally a residual, and optionally a ReLU in one pass over the output; the residual
+may be the output itself (`in_place`). Exposed as ``torch.ops.resnext.pointwise_mkl`` and
+``pointwise_mkl_`` (written over the residual). `MklConv1x1` is the module the fast path swaps
+in where it measures faster than oneDNN (`conv_x3_swap.swap_convs_mkl`).
+
+MKL's functions are looked up in torch's own library (`libtorch_cpu`), since torch loads its MKL
+privately; a torch built without MKL, or one that does not export them, leaves the kernel
+unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnext import native
+from resnext.speed import operators
+from resnext.speed.kernel_module import KernelModule
+
+SOURCE = Path(__file__).with_name("kernels") / "pointwise_mkl.c"
+FLAGS = ("-O3", "-mavx2", "-fopenmp")
+REQUIRED_FLAGS = frozenset({"avx2"})
+_MKL_FUNCTIONS = ("cblas_sgemm_compute", "cblas_sgemm_pack", "cblas_sgemm_pack_get_size")
+
+
+def torch_mkl_functions() -> tuple[int, int, int]:
+    """The addresses of MKL's packed-product functions in torch's library, or NativeUnavailable
+    saying why there are none."""
+    if not torch.backends.mkl.is_available():
+        raise native.NativeUnavailable("this torch is built without MKL")
+    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        library = ctypes.CDLL(str(path))  # already loaded by torch: this only finds it
+        found = [getattr(library, name) for name in _MKL_FUNCTIONS]
+    except (OSError, AttributeError) as exc:
+        raise native.NativeUnavailable(
+            f"torch's {path.name} does not export MKL's packed product ({exc})"
+        ) from exc
+    return tuple(ctypes.cast(f, ctypes.c_void_p).value or 0 for f in found)  # type: ignore[return-value]
+
+
+def load(source: Path = SOURCE) -> ctypes.CDLL:
+    """The kernel built and loaded, its functions' C signatures declared (not yet bound to MKL)."""
+    lib = native.load(source, FLAGS, cpu_needs=REQUIRED_FLAGS)
+    lib.pointwise_mkl_bind.argtypes = [ctypes.c_void_p] * 3
+    lib.pointwise_mkl_bind.restype = ctypes.c_int
+    lib.pointwise_mkl_packed_bytes.argtypes = [ctypes.c_int] * 3
+    lib.pointwise_mkl_packed_bytes.restype = ctypes.c_size_t
+    lib.pointwise_mkl_pack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
+    lib.pointwise_mkl_pack.restype = ctypes.c_int
+    lib.pointwise_mkl.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
+    lib.pointwise_mkl.restype = ctypes.c_int
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    return load()
+
+
+@functools.lru_cache(maxsize=1)
+def _bound() -> ctypes.CDLL:
+    """The kernel with MKL's functions handed to it (once per process)."""
+    lib = _library()
+    if lib.pointwise_mkl_bind(*torch_mkl_functions()) != 0:
+        raise native.NativeUnavailable("MKL's packed-product functions could not be bound")
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable_reason() -> str | None:
+    """None if the kernel can run here, else why not (one line; decided once per process)."""
+    return native.problem(_bound)
+
+
+def supports(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int) -> bool:
+    """Whether the kernel takes this convolution (groups 1): 1×1, stride 1, no padding."""
+    return kernel == 1 and stride == 1 and padding == 0 and in_channels >= 1 and out_channels >= 1
+
+
+def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """A (C, Cin, 1, 1) float32 weight packed by MKL for products of `rows` pixel rows (bytes,
+    uint8; MKL's layout, which it may make larger than the weight)."""
+    if weight.dim() != 4 or weight.shape[2:] != (1, 1):
+        raise ValueError(f"weight: expected a (C, Cin, 1, 1) weight, got {tuple(weight.shape)}")
+    if rows < 1:
+        raise ValueError(f"rows: expected a positive integer, got {rows}")
+    out_ch, in_ch = weight.shape[:2]
+    w = weight.detach().float().reshape(out_ch, in_ch).contiguous()
+    lib = _bound()
+    size = lib.pointwise_mkl_packed_bytes(rows, out_ch, in_ch)
+    packed = torch.empty(size + 64, dtype=torch.uint8)  # MKL writes no more than it asked for
+    if lib.pointwise_mkl_pack(w.data_ptr(), packed.data_ptr(), rows, out_ch, in_ch) != 0:
+        raise RuntimeError(f"MKL refused to pack a {out_ch}×{in_ch} weight for {rows} rows")
+    return packed
+
+
+def run(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    rows: int,
+    out_channels: int,
+    bias: torch.Tensor,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+    in_place: bool = False,
+) -> torch.Tensor:
+    """``relu?(conv2d(x, w, bias) + residual)`` in float32 for a 1×1 weight `w` of `out_channels`
+    outputs with `packed` = pack(w, rows), x holding `rows` pixels; written over `residual`
+    (channels_last, then returned) if `in_place`."""
+    operators.check_no_grad("pointwise_mkl", x, residual)
+    operators.check_float32_4d("x", x)
+    n, cin, h, w = x.shape
+    if n * h * w != rows:
+        raise ValueError(f"x: packed for {rows} pixels, got {tuple(x.shape)} ({n * h * w})")
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or not packed.is_contiguous():
+        raise ValueError(f"packed: expected pointwise_mkl.pack's bytes, got {packed.dtype}")
+    if bias is None:
+        raise ValueError(f"bias: expected {out_channels} float32 values, got None")
+    operators.check_bias(bias, out_channels)
+    y, residual = operators.float32_output(x, (n, out_channels, h, w), residual, in_place)
+    x = x.contiguous(memory_format=torch.channels_last)
+    rc = _bound().pointwise_mkl(
+        x.data_ptr(),
+        packed.data_ptr(),
+        bias.contiguous().data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        y.data_ptr(),
+        rows,
+        cin,
+        out_channels,
+        int(relu),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"pointwise_mkl refused {tuple(x.shape)} → {out_channels}")
+    return y
+
+
+def _output_shape(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    rows: int,
+    out_channels: int,
+    bias: torch.Tensor,
+    relu: bool,
+) -> tuple[int, ...]:
+    n, _, h, w = x.shape
+    return (n, out_channels, h, w)
+
+
+operators.define_over_residual(
+    "pointwise_mkl",
+    "Tensor x, Tensor packed, int rows, int out_channels, Tensor bias, bool relu",
+    run,
+    _output_shape,
+)
+
+
+class MklConv1x1(KernelModule):
+    """A float32 stride-1 1×1 convolution with its bias, then optionally a residual add and a
+    ReLU, on MKL's product with the weight packed for inputs of `input_shape`'s pixel count.
+    With `in_place` the result is written over the residual (which the pass allows only where it
+    is dead after). Inputs of another pixel count, and inputs needing a gradient, take torch's
+    convolution and separate operators: the same function."""
+
+    def __init__(
+        self, conv: nn.Conv2d, relu: bool, in_place: bool, input_shape: tuple[int, ...]
+    ) -> None:
+        super().__init__()
+        if not eligible(conv):
+            raise ValueError(
+                "conv: expected a float32 1×1 convolution with stride 1, no padding and groups "
+                f"1, got {conv}"
+            )
+        n, _, h, w = input_shape
+        self.rows = n * h * w
+        self.weight = conv.weight.detach().float().contiguous()
+        self.bias = (
+            conv.bias.detach().float().contiguous()
+            if conv.bias is not None
+            else torch.zeros(conv.out_channels)
+        )
+        self.packed = pack(self.weight, self.rows)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.relu, self.in_place = relu, in_place
+
+    def __getstate__(self) -> dict[str, object]:
+        # MKL's packed layout belongs to this process's MKL and CPU: a copy packs again
+        state = self.__dict__.copy()
+        state["packed"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        super().__setstate__(state)
+        self.packed = pack(self.weight, self.rows)
+
+    def unpacked(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The same function with torch's convolution and separate operators."""
+        y = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.relu else y
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if (
+            n * h * w != self.rows
+            or x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return self.unpacked(x, residual)
+        args = (x, self.packed, self.rows, self.out_channels, self.bias, self.relu)
+        if self.in_place and residual is not None:
+            torch.ops.resnext.pointwise_mkl_(*args, residual)
+            return residual
+        return torch.ops.resnext.pointwise_mkl(*args, residual)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), mkl, "
+            f"packed for {self.rows} pixels"
+            + (", relu" if self.relu else "")
+            + (", in place" if self.in_place else "")
+        )
+
+
+def eligible(module: nn.Module) -> bool:
+    """Whether `module` is a float32 Conv2d the kernel computes (1×1, stride 1, no padding,
+    groups 1, no dilation)."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.weight.dtype == torch.float32
+        and module.groups == 1
+        and tuple(module.dilation) == (1, 1)
+        and module.padding_mode == "zeros"
+        and isinstance(module.padding, tuple)
+        and supports(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size[0] if module.kernel_size[0] == module.kernel_size[1] else 0,
+            module.stride[0] if module.stride[0] == module.stride[1] else 0,
+            module.padding[0] if module.padding[0] == module.padding[1] else -1,
+        )
+    )

@@ -1,0 +1,269 @@
+"""Float32 1×1 convolutions on MKL's packed product: float32 accuracy (a bound from the
+arithmetic, not the code), its errors, the module's fallback, and `optimize`'s pass."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from block_nets import Net
+from tensor_checks import nhwc, rel_err
+from torch import nn
+
+import resnext
+from resnext import native
+from resnext.errors import ConfigError
+from resnext.speed import pointwise_mkl
+from resnext.speed.conv_x3_swap import swap_convs_mkl
+from resnext.speed.fastpath import optimize
+from resnext.speed.pointwise_mkl import MklConv1x1
+
+REASON = pointwise_mkl.unavailable_reason()
+needs_mkl = pytest.mark.skipif(REASON is not None, reason=f"MKL kernel unavailable: {REASON}")
+
+
+def _bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None):
+    """Each output's error bound in float32 arithmetic: a sum of K products, then the bias and
+    the residual, each rounding at most 2^-24 of the running magnitude, which never exceeds the
+    sum of the magnitudes (Higham's bound for recursive summation; any order of the sum)."""
+    mags = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs())
+    if r is not None:
+        mags = mags + r.double().abs()
+    return (w.shape[1] + 3) * 2.0**-24 * mags
+
+
+CASES = [
+    # n, cin, cout, h, w, relu, residual, in_place
+    (1, 3, 5, 1, 1, False, False, False),  # one pixel, odd channel counts
+    (2, 7, 48, 5, 9, True, False, False),
+    (2, 300, 33, 13, 11, False, True, False),  # a residual apart from the output
+    (3, 520, 272, 7, 7, True, True, True),  # written over the residual
+    (1, 64, 256, 14, 14, True, True, False),
+]
+
+
+@needs_mkl
+@pytest.mark.parametrize("n,cin,cout,h,w,relu,residual,in_place", CASES)
+def test_matches_float64_within_the_float32_summation_bound(
+    n: int, cin: int, cout: int, h: int, w: int, relu: bool, residual: bool, in_place: bool
+) -> None:
+    gen = torch.Generator().manual_seed(cin * cout + h)
+    x = nhwc(torch.randn(n, cin, h, w, generator=gen))
+    weight = torch.randn(cout, cin, 1, 1, generator=gen)
+    bias = torch.randn(cout, generator=gen)
+    want = F.conv2d(x.double(), weight.double(), bias.double())
+    res = nhwc(torch.randn(want.shape, generator=gen)) if residual else None
+    bound = _bound(x, weight, bias, res)
+    if res is not None:
+        want = want + res.double()
+    if relu:
+        want = want.relu()  # 1-Lipschitz: the bound holds after it
+    given = None if res is None else res.clone()
+    rows = n * h * w
+    packed = pointwise_mkl.pack(weight, rows)
+    got = pointwise_mkl.run(x, packed, rows, cout, bias, relu, given, in_place)
+    assert got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert bool(((got.double() - want).abs() <= bound).all())
+    if in_place:
+        assert got.data_ptr() == given.data_ptr()  # written over the residual it was given
+    elif res is not None:
+        assert torch.equal(given, res)  # the residual left as it was
+
+
+@needs_mkl
+def test_a_nan_stays_nan_through_the_relu_as_in_torch() -> None:
+    x = nhwc(torch.zeros(1, 4, 1, 2))
+    x[0, :, 0, 1] = float("nan")
+    weight, bias = torch.ones(3, 4, 1, 1), torch.full((3,), -1.0)
+    got = pointwise_mkl.run(x, pointwise_mkl.pack(weight, 2), 2, 3, bias, True)
+    assert torch.equal(got[0, :, 0, 0], torch.zeros(3))  # -1 clipped
+    assert bool(got[0, :, 0, 1].isnan().all())
+
+
+@needs_mkl
+def test_the_operators_compute_it_under_torch_compile() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = nhwc(torch.randn(2, 32, 6, 6, generator=gen))
+    weight = torch.randn(64, 32, 1, 1, generator=gen)
+    bias = torch.randn(64, generator=gen)
+    packed = pointwise_mkl.pack(weight, 72)
+    residual = nhwc(torch.randn(2, 64, 6, 6, generator=gen))
+
+    def f(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return torch.ops.resnext.pointwise_mkl(x * 2, packed, 72, 64, bias, True, r) + 1
+
+    want = (F.conv2d(x.double() * 2, weight.double(), bias.double()) + residual).relu() + 1
+    with torch.no_grad():
+        got = torch.compile(f, backend="inductor", fullgraph=True)(x, residual)
+    assert rel_err(got, want) < 1e-5
+
+
+def _inside(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last (1, 16, 3, 3) view of the first values of `x` (1, 32, 3, 3)."""
+    return x.permute(0, 2, 3, 1).reshape(-1)[:144].view(1, 3, 3, 16).permute(0, 3, 1, 2)
+
+
+@needs_mkl
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: {**a, "x": a["x"].double()}, "x: expected a 4-d float32 CPU tensor"),
+        (lambda a: {**a, "x": a["x"][0]}, "x: expected a 4-d float32 CPU tensor"),
+        (lambda a: {**a, "x": a["x"][:, :, :2]}, r"x: packed for 9 pixels, got \(1, 32, 2, 3\)"),
+        (lambda a: {**a, "packed": a["packed"].float()}, "packed: expected pointwise_mkl.pack"),
+        (lambda a: {**a, "bias": a["bias"][:8]}, "bias: expected 16 float32 values"),
+        (lambda a: {**a, "bias": None}, "bias: expected 16 float32 values, got None"),
+        (lambda a: {**a, "residual": a["residual"][:, :, :2]}, r"residual: expected shape"),
+        (lambda a: {**a, "in_place": True, "residual": None}, "residual: writing in place needs"),
+        (lambda a: {**a, "in_place": True, "residual": _inside(a["x"])}, "must not share memory"),
+    ],
+)
+def test_bad_inputs_are_refused_by_name(change: Callable[[dict], dict], message: str) -> None:
+    args = {
+        "x": nhwc(torch.randn(1, 32, 3, 3)),
+        "packed": pointwise_mkl.pack(torch.randn(16, 32, 1, 1), 9),
+        "rows": 9,
+        "out_channels": 16,
+        "bias": torch.zeros(16),
+        "relu": False,
+        "residual": nhwc(torch.randn(1, 16, 3, 3)),
+        "in_place": False,
+    }
+    with pytest.raises(ValueError, match=message):
+        pointwise_mkl.run(**change(args))
+
+
+@needs_mkl
+def test_pack_refuses_what_is_not_a_1x1_or_no_rows() -> None:
+    for shape in ((32, 8, 3, 3), (32, 8)):
+        with pytest.raises(ValueError, match=r"weight: expected a \(C, Cin, 1, 1\) weight"):
+            pointwise_mkl.pack(torch.randn(shape), 4)
+    with pytest.raises(ValueError, match="rows: expected a positive integer, got 0"):
+        pointwise_mkl.pack(torch.randn(8, 8, 1, 1), 0)
+
+
+@needs_mkl
+def test_an_input_that_needs_a_gradient_is_refused() -> None:
+    x = torch.randn(1, 32, 2, 2, requires_grad=True)
+    packed = pointwise_mkl.pack(torch.randn(16, 32, 1, 1), 4)
+    with pytest.raises(ValueError, match="pointwise_mkl: an inference kernel without a gradient"):
+        pointwise_mkl.run(x, packed, 4, 16, torch.zeros(16))
+
+
+def test_only_float32_stride_1_1x1s_are_eligible() -> None:
+    assert pointwise_mkl.eligible(nn.Conv2d(64, 32, 1))
+    assert pointwise_mkl.eligible(nn.Conv2d(3, 5, 1, bias=False))  # any channel counts
+    assert not pointwise_mkl.eligible(nn.Conv2d(64, 32, 1).bfloat16())
+    assert not pointwise_mkl.eligible(nn.Conv2d(64, 32, 1, stride=2))
+    assert not pointwise_mkl.eligible(nn.Conv2d(64, 32, 3, padding=1))
+    assert not pointwise_mkl.eligible(nn.Conv2d(64, 32, 1, padding=1))
+    assert not pointwise_mkl.eligible(nn.Conv2d(64, 32, 1, groups=2))
+    assert not pointwise_mkl.eligible(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="conv: expected a float32 1×1 convolution with stride 1"):
+        MklConv1x1(nn.Conv2d(64, 32, 1, stride=2), False, False, (1, 64, 4, 4))
+
+
+def test_without_mkl_in_torch_the_reason_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    with pytest.raises(native.NativeUnavailable, match="this torch is built without MKL"):
+        pointwise_mkl.torch_mkl_functions()
+
+
+@needs_mkl
+def test_the_module_packs_for_its_pixel_count_and_leaves_others_to_torch() -> None:
+    torch.manual_seed(5)
+    conv = nn.Conv2d(24, 40, 1).eval()
+    module = MklConv1x1(conv, True, False, (2, 24, 3, 5))
+    assert module.rows == 30
+    for shape in ((2, 24, 3, 5), (1, 24, 3, 5), (3, 24, 4, 4)):  # packed for the first only
+        x = nhwc(torch.randn(shape))
+        r = nhwc(torch.randn(shape[0], 40, *shape[2:]))
+        with torch.no_grad():
+            want = (conv(x) + r).relu()
+            assert rel_err(module(x, r), want) < 1e-5
+    with torch.no_grad():  # copies pack again: MKL's layout is not something to copy
+        twin, thawed = copy.deepcopy(module), pickle.loads(pickle.dumps(module))
+        x = nhwc(torch.randn(2, 24, 3, 5))
+        assert twin.packed.data_ptr() != module.packed.data_ptr()
+        assert torch.equal(twin(x), module(x))
+        assert torch.equal(thawed(x), module(x))
+
+
+@needs_mkl
+def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() -> None:
+    torch.manual_seed(10)
+    model = Net().eval()
+    x = nhwc(torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        want = model(x)
+    choices = swap_convs_mkl(model, x, mode="on")
+    # block 2's conv3 and projection have stride 2: they stay convolutions, its add with them
+    assert {c.name: c.variant for c in choices} == {
+        "blocks.0.downsample.0": "mkl",  # its add is the later 1×1's
+        "blocks.0.conv1": "mkl+relu",
+        "blocks.0.conv3": "mkl+add+relu, in place",  # over the projection's output
+        "blocks.1.conv1": "mkl+relu",
+        "blocks.1.conv3": "mkl+add+relu, in place",  # over x: read by conv1 before, then dead
+        "blocks.2.conv1": "mkl+relu",
+    }
+    assert sum(isinstance(m, MklConv1x1) for m in model.modules()) == 6
+    before = x.clone()
+    with torch.no_grad():
+        assert rel_err(model(x), want) < 1e-5
+    assert torch.equal(x, before)
+
+
+@needs_mkl
+@pytest.mark.parametrize("backend", ["none", "replay", "jit"])
+def test_optimize_computes_the_same_function_with_every_eligible_1x1_on_mkl(
+    backend: str, randomize_bn: Callable[[nn.Module], None], without_amx: None
+) -> None:
+    torch.manual_seed(11)
+    model = resnext.create_model("resnext29_4x16d").eval()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(
+        model, "fp32", backend=backend, example_input=x, pointwise_mkl="on", pointwise_fma="off"
+    )
+    eager = fast.module if backend == "replay" else fast
+    ones = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and pointwise_mkl.eligible(m)
+    ]
+    mkl = [c for c in eager.pointwise_choices if c.variant.startswith("mkl")]
+    assert sorted(c.name for c in mkl) == sorted(ones)
+    assert all(c.chosen == "kernel" for c in mkl)
+    if backend != "jit":  # a traced graph keeps no modules
+        assert sum(isinstance(m, MklConv1x1) for m in eager.modules()) == len(ones)
+    fresh = torch.randn(2, 3, 32, 32)
+    mine = nhwc(fresh.clone())
+    with torch.no_grad():
+        want, got = model(fresh), fast(fresh)
+        fast(mine)
+    assert torch.equal(mine, nhwc(fresh))  # the caller's tensor is never written over
+    assert rel_err(got, want) < 1e-4
+
+
+def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU())).eval()
+    x = nhwc(torch.randn(1, 64, 4, 4))
+    assert swap_convs_mkl(model, x, mode="off") == []
+    assert swap_convs_mkl(model, x.bfloat16(), mode="on") == []  # float32 only
+    with pytest.raises(ConfigError, match="pointwise_mkl: expected one of"):
+        swap_convs_mkl(model, x, mode="always")
+    with pytest.raises(ConfigError, match="pointwise_mkl: expected one of"):
+        optimize(model, "fp32", backend="none", pointwise_mkl="yes")
+    # as with a torch without MKL: oneDNN's path stays, silently, unless 'on' asks for ours
+    monkeypatch.setattr(
+        pointwise_mkl, "unavailable_reason", lambda: "this torch is built without MKL"
+    )
+    assert swap_convs_mkl(model, x, mode="auto") == []
+    assert isinstance(model[0][0], nn.Conv2d)
+    with pytest.raises(ConfigError, match=r"pointwise_mkl: 'on' but .* cannot run here: .*MKL"):
+        swap_convs_mkl(model, x, mode="on")
