@@ -186,6 +186,9 @@ def test_the_module_packs_for_its_pixel_count_and_leaves_others_to_torch() -> No
         with torch.no_grad():
             want = (conv(x) + r).relu()
             assert rel_err(module(x, r), want) < 1e-5
+    x = nhwc(torch.randn(2, 24, 3, 5)).requires_grad_()  # a gradient: torch's operators
+    got = module(x)
+    assert got.requires_grad and rel_err(got.detach(), conv(x).relu().detach()) < 1e-5
     with torch.no_grad():  # copies pack again: MKL's layout is not something to copy
         twin, thawed = copy.deepcopy(module), pickle.loads(pickle.dumps(module))
         x = nhwc(torch.randn(2, 24, 3, 5))

@@ -514,8 +514,8 @@ def swap_convs_mkl(
     """Replace, in place, the float32 stride-1 1×1 convolutions of `model` that the passes before
     left to oneDNN by `pointwise_mkl.MklConv1x1` (MKL's product on a weight packed for the
     layer's pixel count) where that is faster; as `swap_convs_x3` otherwise (variant 'mkl…').
-    Measured on the Xeon without AMX it won the 7² and 14² layers at batch 1 and few at batch 16
-    (RESULTS.md, stop 55)."""
+    On the Xeon without AMX it took most of ResNeXt-50's 1×1s at batch 16 and, in a replay, all
+    of them at batch 1 (RESULTS.md, stop 55)."""
     return swap_dense_convs(model, example, MKL, mode=mode, options=options)
 
 

@@ -173,7 +173,7 @@ class MklConv1x1(KernelModule):
     ReLU, on MKL's product with the weight packed for inputs of `input_shape`'s pixel count.
     With `in_place` the result is written over the residual (which the pass allows only where it
     is dead after). Inputs of another pixel count, and inputs needing a gradient, take torch's
-    convolution and separate operators: the same function."""
+    product on the unpacked weight and separate operators (`unpacked`): the same function."""
 
     def __init__(
         self, conv: nn.Conv2d, relu: bool, in_place: bool, input_shape: tuple[int, ...]
@@ -207,8 +207,15 @@ class MklConv1x1(KernelModule):
         self.packed = pack(self.weight, self.rows)
 
     def unpacked(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The same function with torch's convolution and separate operators."""
-        y = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+        """The same function as torch's product (MKL, weight not packed) and separate operators:
+        not `F.conv2d`, which has oneDNN reorder the weight on every call and may pick a slow
+        algorithm for a size it was not packed for (14–19 ms instead of ~1 for a 14² layer at
+        batch 1, `prepacked.onednn_weights`)."""
+        n, _, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)
+        weight = self.weight.reshape(self.out_channels, self.in_channels).t().to(x.dtype)
+        y = torch.addmm(self.bias.to(x.dtype), pixels, weight)
+        y = y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
         if residual is not None:
             y = y + residual
         return F.relu(y) if self.relu else y

@@ -4,9 +4,10 @@
  *
  * Channels-last, a stride-1 1×1 convolution is the product of the (pixels × C_in) input with the
  * transposed (C_out × C_in) weight. On the Xeon without AMX (RESULTS.md, stop 55) MKL's packed
- * product ran the 7² and 14² layers of ResNeXt-50 at batch 1 at 1.1–1.4× oneDNN's fused 1×1
+ * product ran the 7² and 14² layers of ResNeXt-50 at batch 1 at 1.1–1.5× oneDNN's fused 1×1
  * convolution, whose call also costs ~50 µs more. MKL packs for a number of pixel rows: the module
- * (`pointwise_mkl.MklConv1x1`) packs for the rows it is built for and leaves other inputs to torch.
+ * (`pointwise_mkl.MklConv1x1`) packs for the rows it is built for and leaves other inputs to
+ * torch's product.
  *
  * The MKL functions are not linked in: torch loads its MKL privately, so the Python side looks them
  * up in torch's own library and hands their addresses to `pointwise_mkl_bind` once per process.
