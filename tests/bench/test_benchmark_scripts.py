@@ -813,7 +813,8 @@ def test_the_huge_page_bench_refuses_a_bad_count(
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_stem.py", "bench_replay_donation.py", "bench_huge_pages.py"]
+    "script",
+    ["bench_stem.py", "bench_replay_donation.py", "bench_huge_pages.py", "bench_pointwise_mkl.py"],
 )
 def test_a_batch_list_that_is_not_integers_is_refused_by_name(
     script: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
@@ -825,4 +826,37 @@ def test_a_batch_list_that_is_not_integers_is_refused_by_name(
     assert _run_script(script, argv, monkeypatch) == 2
     err = capsys.readouterr().err
     assert "argument --batches: expected comma-separated integers, got '1,x'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_mkl_bench_times_both_builds_on_each_backend(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    import json
+
+    from resnext.speed import pointwise_mkl
+    from resnext.speed.replay import unavailable_reason
+
+    if pointwise_mkl.unavailable_reason() is not None or unavailable_reason() is not None:
+        pytest.skip("needs the MKL 1×1 kernel and the replay")
+    out = tmp_path / "out"
+    argv = ["--models", "resnext_tiny_in", "--batches", "1", "--image-size", "32"]
+    argv += ["--backends", "none,replay", "--rounds", "1", "--out", str(out)]
+    assert _run_script("bench_pointwise_mkl.py", argv, monkeypatch) == 0
+    (path,) = out.glob("bench-pointwise-mkl-*.json")
+    results = json.loads(path.read_text())["results"]
+    assert set(results) == {"resnext_tiny_in/batch1/none", "resnext_tiny_in/batch1/replay"}
+    for row in results.values():
+        assert row["mkl auto"] > 0 and row["mkl off"] > 0 and row["auto ÷ off, time"] > 0
+        assert 0 <= row["1x1s on mkl"] <= row["1x1s weighed"] > 0
+        assert (row["packed MB"] > 0) == (row["1x1s on mkl"] > 0)
+    assert "1×1s on MKL" in capsys.readouterr().out
+
+
+def test_the_mkl_bench_refuses_an_unknown_backend(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    argv = ["--backends", "replay,fast", "--out", str(tmp_path / "out")]
+    assert _run_script("bench_pointwise_mkl.py", argv, monkeypatch) == 2
+    assert "argument --backends: unknown ['fast']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
