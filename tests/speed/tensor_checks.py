@@ -19,6 +19,19 @@ def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected.double()).abs().max() / scale).item()
 
 
+def fast_path_error(model: torch.nn.Module, fast: torch.nn.Module, shape: tuple[int, ...]) -> float:
+    """`rel_err` of `fast` against `model` on a fresh input of `shape`, after asserting that
+    `fast` leaves a float32 channels-last input (which it may take as it is) as it was: the
+    caller's tensor is never written over."""
+    fresh = torch.randn(shape)
+    mine = nhwc(fresh.clone())
+    with torch.no_grad():
+        want, got = model(fresh), fast(fresh)
+        fast(mine)
+    assert torch.equal(mine, nhwc(fresh))
+    return rel_err(got, want)
+
+
 def within_bf16_grouped_bound(
     got: torch.Tensor,
     x: torch.Tensor,
