@@ -26,46 +26,56 @@ REASON = pointwise_mkl.unavailable_reason()
 needs_mkl = pytest.mark.skipif(REASON is not None, reason=f"MKL kernel unavailable: {REASON}")
 
 
-def _bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None):
+def _bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None, s: int):
     """Each output's error bound in float32 arithmetic: a sum of K products, then the bias and
     the residual, each rounding at most 2^-24 of the running magnitude, which never exceeds the
     sum of the magnitudes (Higham's bound for recursive summation; any order of the sum)."""
-    mags = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs())
+    mags = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), stride=s)
     if r is not None:
         mags = mags + r.double().abs()
     return (w.shape[1] + 3) * 2.0**-24 * mags
 
 
 CASES = [
-    # n, cin, cout, h, w, relu, residual, in_place
-    (1, 3, 5, 1, 1, False, False, False),  # one pixel, odd channel counts
-    (2, 7, 48, 5, 9, True, False, False),
-    (2, 300, 33, 13, 11, False, True, False),  # a residual apart from the output
-    (3, 520, 272, 7, 7, True, True, True),  # written over the residual
-    (1, 64, 256, 14, 14, True, True, False),
+    # n, cin, cout, h, w, stride, relu, residual, in_place
+    (1, 3, 5, 1, 1, 1, False, False, False),  # one pixel, odd channel counts
+    (2, 7, 48, 5, 9, 1, True, False, False),
+    (2, 300, 33, 13, 11, 1, False, True, False),  # a residual apart from the output
+    (3, 520, 272, 7, 7, 1, True, True, True),  # written over the residual
+    (1, 64, 256, 14, 14, 1, True, True, False),
+    (2, 64, 32, 13, 11, 2, False, True, False),  # a projection shortcut: odd sizes, stride 2
+    (1, 40, 24, 10, 9, 3, True, True, True),  # stride 3, written over the residual
 ]
 
 
 @needs_mkl
-@pytest.mark.parametrize("n,cin,cout,h,w,relu,residual,in_place", CASES)
+@pytest.mark.parametrize("n,cin,cout,h,w,stride,relu,residual,in_place", CASES)
 def test_matches_float64_within_the_float32_summation_bound(
-    n: int, cin: int, cout: int, h: int, w: int, relu: bool, residual: bool, in_place: bool
+    n: int,
+    cin: int,
+    cout: int,
+    h: int,
+    w: int,
+    stride: int,
+    relu: bool,
+    residual: bool,
+    in_place: bool,
 ) -> None:
     gen = torch.Generator().manual_seed(cin * cout + h)
     x = nhwc(torch.randn(n, cin, h, w, generator=gen))
     weight = torch.randn(cout, cin, 1, 1, generator=gen)
     bias = torch.randn(cout, generator=gen)
-    want = F.conv2d(x.double(), weight.double(), bias.double())
+    want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride)
     res = nhwc(torch.randn(want.shape, generator=gen)) if residual else None
-    bound = _bound(x, weight, bias, res)
+    bound = _bound(x, weight, bias, res, stride)
     if res is not None:
         want = want + res.double()
     if relu:
         want = want.relu()  # 1-Lipschitz: the bound holds after it
     given = None if res is None else res.clone()
-    rows = n * h * w
+    rows = want.shape[0] * want.shape[2] * want.shape[3]
     packed = pointwise_mkl.pack(weight, rows)
-    got = pointwise_mkl.run(x, packed, rows, cout, bias, relu, given, in_place)
+    got = pointwise_mkl.run(x, packed, rows, cout, bias, stride, relu, given, in_place)
     assert got.shape == want.shape
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert bool(((got.double() - want).abs() <= bound).all())
@@ -80,7 +90,7 @@ def test_a_nan_stays_nan_through_the_relu_as_in_torch() -> None:
     x = nhwc(torch.zeros(1, 4, 1, 2))
     x[0, :, 0, 1] = float("nan")
     weight, bias = torch.ones(3, 4, 1, 1), torch.full((3,), -1.0)
-    got = pointwise_mkl.run(x, pointwise_mkl.pack(weight, 2), 2, 3, bias, True)
+    got = pointwise_mkl.run(x, pointwise_mkl.pack(weight, 2), 2, 3, bias, 1, True)
     assert torch.equal(got[0, :, 0, 0], torch.zeros(3))  # -1 clipped
     assert bool(got[0, :, 0, 1].isnan().all())
 
@@ -95,7 +105,7 @@ def test_the_operators_compute_it_under_torch_compile() -> None:
     residual = nhwc(torch.randn(2, 64, 6, 6, generator=gen))
 
     def f(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return torch.ops.resnext.pointwise_mkl(x * 2, packed, 72, 64, bias, True, r) + 1
+        return torch.ops.resnext.pointwise_mkl(x * 2, packed, 72, 64, bias, 1, True, r) + 1
 
     want = (F.conv2d(x.double() * 2, weight.double(), bias.double()) + residual).relu() + 1
     with torch.no_grad():
@@ -114,7 +124,12 @@ def _inside(x: torch.Tensor) -> torch.Tensor:
     [
         (lambda a: {**a, "x": a["x"].double()}, "x: expected a 4-d float32 CPU tensor"),
         (lambda a: {**a, "x": a["x"][0]}, "x: expected a 4-d float32 CPU tensor"),
-        (lambda a: {**a, "x": a["x"][:, :, :2]}, r"x: packed for 9 pixels, got \(1, 32, 2, 3\)"),
+        (
+            lambda a: {**a, "x": a["x"][:, :, :2]},
+            r"x: packed for 9 output pixels, got \(1, 32, 2, 3\)",
+        ),
+        (lambda a: {**a, "stride": 2}, r"x: packed for 9 output pixels, .* at stride 2 \(4\)"),
+        (lambda a: {**a, "stride": 0}, "stride: expected a positive integer, got 0"),
         (lambda a: {**a, "packed": a["packed"].float()}, "packed: expected pointwise_mkl.pack"),
         (lambda a: {**a, "bias": a["bias"][:8]}, "bias: expected 16 float32 values"),
         (lambda a: {**a, "bias": None}, "bias: expected 16 float32 values, got None"),
@@ -130,6 +145,7 @@ def test_bad_inputs_are_refused_by_name(change: Callable[[dict], dict], message:
         "rows": 9,
         "out_channels": 16,
         "bias": torch.zeros(16),
+        "stride": 1,
         "relu": False,
         "residual": nhwc(torch.randn(1, 16, 3, 3)),
         "in_place": False,
@@ -155,17 +171,18 @@ def test_an_input_that_needs_a_gradient_is_refused() -> None:
         pointwise_mkl.run(x, packed, 4, 16, torch.zeros(16))
 
 
-def test_only_float32_stride_1_1x1s_are_eligible() -> None:
+def test_only_float32_1x1s_with_equal_strides_are_eligible() -> None:
     assert pointwise_mkl.eligible(nn.Conv2d(64, 32, 1))
     assert pointwise_mkl.eligible(nn.Conv2d(3, 5, 1, bias=False))  # any channel counts
+    assert pointwise_mkl.eligible(nn.Conv2d(64, 32, 1, stride=2))
+    assert not pointwise_mkl.eligible(nn.Conv2d(64, 32, 1, stride=(1, 2)))
     assert not pointwise_mkl.eligible(nn.Conv2d(64, 32, 1).bfloat16())
-    assert not pointwise_mkl.eligible(nn.Conv2d(64, 32, 1, stride=2))
     assert not pointwise_mkl.eligible(nn.Conv2d(64, 32, 3, padding=1))
     assert not pointwise_mkl.eligible(nn.Conv2d(64, 32, 1, padding=1))
     assert not pointwise_mkl.eligible(nn.Conv2d(64, 32, 1, groups=2))
     assert not pointwise_mkl.eligible(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="conv: expected a float32 1×1 convolution with stride 1"):
-        MklConv1x1(nn.Conv2d(64, 32, 1, stride=2), False, False, (1, 64, 4, 4))
+    with pytest.raises(ValueError, match="conv: expected a float32 1×1 convolution with equal"):
+        MklConv1x1(nn.Conv2d(64, 32, 3), False, False, (1, 64, 4, 4))
 
 
 def test_without_mkl_in_torch_the_reason_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,14 +192,15 @@ def test_without_mkl_in_torch_the_reason_says_so(monkeypatch: pytest.MonkeyPatch
 
 
 @needs_mkl
-def test_the_module_packs_for_its_pixel_count_and_leaves_others_to_torch() -> None:
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_module_packs_for_its_pixel_count_and_leaves_others_to_torch(stride: int) -> None:
     torch.manual_seed(5)
-    conv = nn.Conv2d(24, 40, 1).eval()
+    conv = nn.Conv2d(24, 40, 1, stride=stride).eval()
     module = MklConv1x1(conv, True, False, (2, 24, 3, 5))
-    assert module.rows == 30
+    assert module.rows == (30 if stride == 1 else 2 * 2 * 3)
     for shape in ((2, 24, 3, 5), (1, 24, 3, 5), (3, 24, 4, 4)):  # packed for the first only
         x = nhwc(torch.randn(shape))
-        r = nhwc(torch.randn(shape[0], 40, *shape[2:]))
+        r = nhwc(torch.randn(conv(x).shape))
         with torch.no_grad():
             want = (conv(x) + r).relu()
             assert rel_err(module(x, r), want) < 1e-5
@@ -205,16 +223,17 @@ def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() 
     with torch.no_grad():
         want = model(x)
     choices = swap_convs_mkl(model, x, mode="on")
-    # block 2's conv3 and projection have stride 2: they stay convolutions, its add with them
     assert {c.name: c.variant for c in choices} == {
         "blocks.0.downsample.0": "mkl",  # its add is the later 1×1's
         "blocks.0.conv1": "mkl+relu",
         "blocks.0.conv3": "mkl+add+relu, in place",  # over the projection's output
         "blocks.1.conv1": "mkl+relu",
         "blocks.1.conv3": "mkl+add+relu, in place",  # over x: read by conv1 before, then dead
+        "blocks.2.downsample.0": "mkl",  # stride 2, as conv3
         "blocks.2.conv1": "mkl+relu",
+        "blocks.2.conv3": "mkl+add+relu, in place",
     }
-    assert sum(isinstance(m, MklConv1x1) for m in model.modules()) == 6
+    assert sum(isinstance(m, MklConv1x1) for m in model.modules()) == 8
     before = x.clone()
     with torch.no_grad():
         assert rel_err(model(x), want) < 1e-5

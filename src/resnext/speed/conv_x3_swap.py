@@ -269,7 +269,7 @@ DOT = DenseKernel(
     lambda: pointwise_gemm.unavailable_reason(),
     torch.bfloat16,
 )
-# packed for the pixel count of the input it is timed on
+# packed for the output pixel count of the input it is timed on
 MKL = DenseKernel(
     "pointwise_mkl",
     "mkl",
@@ -511,9 +511,9 @@ def swap_convs_mkl(
     mode: str = "auto",
     options: DenseOptions = DEFAULT_OPTIONS,
 ) -> list[LayerChoice]:
-    """Replace, in place, the float32 stride-1 1×1 convolutions of `model` that the passes before
-    left to oneDNN by `pointwise_mkl.MklConv1x1` (MKL's product on a weight packed for the
-    layer's pixel count) where that is faster; as `swap_convs_x3` otherwise (variant 'mkl…').
+    """Replace, in place, the float32 1×1 convolutions of `model` that the passes before left to
+    oneDNN by `pointwise_mkl.MklConv1x1` (MKL's product on a weight packed for the layer's output
+    pixel count; a stride's pixels gathered first) where that is faster; as `swap_convs_x3` otherwise (variant 'mkl…').
     On the Xeon without AMX it took most of ResNeXt-50's 1×1s at batch 16 and, in a replay, all
     of them at batch 1 (RESULTS.md, stop 55)."""
     return swap_dense_convs(model, example, MKL, mode=mode, options=options)

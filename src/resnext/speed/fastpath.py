@@ -307,9 +307,9 @@ def optimize(
     each layer both ways with the caches cold, as in the network, and keeps the faster; on a CPU
     with AVX-512 it leaves the 1×1s to oneDNN untimed. Timings: `pointwise_choices`.
 
-    `pointwise_mkl` ('auto', 'on', 'off'; float32) computes the stride-1 1×1s still left to
-    oneDNN, with their epilogues, as MKL's product on a weight packed once for the layer's pixel
-    count, then one pass for the bias, residual and ReLU (`resnext.speed.pointwise_mkl`); 'auto'
+    `pointwise_mkl` ('auto', 'on', 'off'; float32) computes the 1×1s still left to oneDNN, with
+    their epilogues, as MKL's product on a weight packed once for the layer's output pixel count
+    (a strided one on its pixels gathered first), then one pass for the bias, residual and ReLU (`resnext.speed.pointwise_mkl`); 'auto'
     times each layer both ways, cold, and keeps the faster. On the Xeon without AMX it took most
     of ResNeXt-50's 7² and 14² layers at batch 1 (RESULTS.md, stop 55). Its choices follow
     `pointwise_fma`'s in `pointwise_choices`.

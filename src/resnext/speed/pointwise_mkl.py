@@ -1,7 +1,7 @@
 """Float32 1×1 convolutions on MKL's packed product (`kernels/pointwise_mkl.c`) via ctypes.
 
-A stride-1 1×1 convolution of a channels-last tensor is one matrix product of its pixels with the
-transposed weight. MKL (the one inside torch) can pack that weight once for a given number of
+A 1×1 convolution of a channels-last tensor is one matrix product of its pixels with the transposed
+weight (with a stride, of the pixels it reads, which the kernel gathers first). MKL (the one inside torch) can pack that weight once for a given number of
 pixel rows and then skip repacking it on every call (`cblas_sgemm_pack` / `cblas_sgemm_compute`,
 what inductor's freezing uses for float32 linear layers). The kernel runs that product and then
 the bias, optionally a residual, and optionally a ReLU in one pass over the output; the residual
@@ -59,7 +59,7 @@ def load(source: Path = SOURCE) -> ctypes.CDLL:
     lib.pointwise_mkl_packed_bytes.restype = ctypes.c_size_t
     lib.pointwise_mkl_pack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
     lib.pointwise_mkl_pack.restype = ctypes.c_int
-    lib.pointwise_mkl.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
+    lib.pointwise_mkl.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8
     lib.pointwise_mkl.restype = ctypes.c_int
     return lib
 
@@ -85,8 +85,8 @@ def unavailable_reason() -> str | None:
 
 
 def supports(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int) -> bool:
-    """Whether the kernel takes this convolution (groups 1): 1×1, stride 1, no padding."""
-    return kernel == 1 and stride == 1 and padding == 0 and in_channels >= 1 and out_channels >= 1
+    """Whether the kernel takes this convolution (groups 1): 1×1, any stride, no padding."""
+    return kernel == 1 and stride >= 1 and padding == 0 and in_channels >= 1 and out_channels >= 1
 
 
 def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -106,30 +106,49 @@ def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return packed
 
 
+def output_shape(x_shape: tuple[int, ...], out_channels: int, stride: int) -> tuple[int, ...]:
+    """The convolution's output shape (N, C, Ho, Wo)."""
+    n, _, h, w = x_shape
+    return (n, out_channels, (h - 1) // stride + 1, (w - 1) // stride + 1)
+
+
+def output_pixels(x_shape: tuple[int, ...], stride: int) -> int:
+    """How many output pixels (the product's rows) an input of `x_shape` gives at `stride`."""
+    n, _, h, w = output_shape(x_shape, 1, stride)
+    return n * h * w
+
+
 def run(
     x: torch.Tensor,
     packed: torch.Tensor,
     rows: int,
     out_channels: int,
     bias: torch.Tensor,
+    stride: int = 1,
     relu: bool = False,
     residual: torch.Tensor | None = None,
     in_place: bool = False,
 ) -> torch.Tensor:
-    """``relu?(conv2d(x, w, bias) + residual)`` in float32 for a 1×1 weight `w` of `out_channels`
-    outputs with `packed` = pack(w, rows), x holding `rows` pixels; written over `residual`
-    (channels_last, then returned) if `in_place`."""
+    """``relu?(conv2d(x, w, bias, stride) + residual)`` in float32 for a 1×1 weight `w` of
+    `out_channels` outputs with `packed` = pack(w, rows), the output holding `rows` pixels;
+    written over `residual` (channels_last, then returned) if `in_place`."""
     operators.check_no_grad("pointwise_mkl", x, residual)
     operators.check_float32_4d("x", x)
     n, cin, h, w = x.shape
-    if n * h * w != rows:
-        raise ValueError(f"x: packed for {rows} pixels, got {tuple(x.shape)} ({n * h * w})")
+    if stride < 1:
+        raise ValueError(f"stride: expected a positive integer, got {stride}")
+    if output_pixels(tuple(x.shape), stride) != rows:
+        raise ValueError(
+            f"x: packed for {rows} output pixels, got {tuple(x.shape)} at stride {stride} "
+            f"({output_pixels(tuple(x.shape), stride)})"
+        )
     if packed.dtype != torch.uint8 or packed.dim() != 1 or not packed.is_contiguous():
         raise ValueError(f"packed: expected pointwise_mkl.pack's bytes, got {packed.dtype}")
     if bias is None:
         raise ValueError(f"bias: expected {out_channels} float32 values, got None")
     operators.check_bias(bias, out_channels)
-    y, residual = operators.float32_output(x, (n, out_channels, h, w), residual, in_place)
+    expected = output_shape(tuple(x.shape), out_channels, stride)
+    y, residual = operators.float32_output(x, expected, residual, in_place)
     x = x.contiguous(memory_format=torch.channels_last)
     rc = _bound().pointwise_mkl(
         x.data_ptr(),
@@ -137,14 +156,20 @@ def run(
         bias.contiguous().data_ptr(),
         None if residual is None else residual.data_ptr(),
         y.data_ptr(),
-        rows,
+        n,
+        h,
+        w,
         cin,
         out_channels,
+        stride,
         int(relu),
         torch.get_num_threads(),
     )
     if rc != 0:
-        raise RuntimeError(f"pointwise_mkl refused {tuple(x.shape)} → {out_channels}")
+        raise RuntimeError(
+            f"pointwise_mkl refused {tuple(x.shape)} → {out_channels}, stride {stride}"
+            + (" (no memory to gather the strided pixels)" if rc == 2 else "")
+        )
     return y
 
 
@@ -154,25 +179,26 @@ def _output_shape(
     rows: int,
     out_channels: int,
     bias: torch.Tensor,
+    stride: int,
     relu: bool,
 ) -> tuple[int, ...]:
-    n, _, h, w = x.shape
-    return (n, out_channels, h, w)
+    return output_shape(tuple(x.shape), out_channels, stride)
 
 
 operators.define_over_residual(
     "pointwise_mkl",
-    "Tensor x, Tensor packed, int rows, int out_channels, Tensor bias, bool relu",
+    "Tensor x, Tensor packed, int rows, int out_channels, Tensor bias, int stride, bool relu",
     run,
     _output_shape,
 )
 
 
 class MklConv1x1(KernelModule):
-    """A float32 stride-1 1×1 convolution with its bias, then optionally a residual add and a
-    ReLU, on MKL's product with the weight packed for inputs of `input_shape`'s pixel count.
+    """A float32 1×1 convolution (any stride) with its bias, then optionally a residual add and a
+    ReLU, on MKL's product with the weight packed for the output pixels of inputs of
+    `input_shape`.
     With `in_place` the result is written over the residual (which the pass allows only where it
-    is dead after). Inputs of another pixel count, and inputs needing a gradient, take torch's
+    is dead after). Inputs giving another output pixel count, and inputs needing a gradient, take torch's
     product on the unpacked weight and separate operators (`unpacked`): the same function."""
 
     def __init__(
@@ -181,11 +207,11 @@ class MklConv1x1(KernelModule):
         super().__init__()
         if not eligible(conv):
             raise ValueError(
-                "conv: expected a float32 1×1 convolution with stride 1, no padding and groups "
-                f"1, got {conv}"
+                "conv: expected a float32 1×1 convolution with equal strides, no padding and "
+                f"groups 1, got {conv}"
             )
-        n, _, h, w = input_shape
-        self.rows = n * h * w
+        self.stride = conv.stride[0]
+        self.rows = output_pixels(tuple(input_shape), self.stride)
         self.weight = conv.weight.detach().float().contiguous()
         self.bias = (
             conv.bias.detach().float().contiguous()
@@ -211,6 +237,7 @@ class MklConv1x1(KernelModule):
         not `F.conv2d`, which has oneDNN reorder the weight on every call and may pick a slow
         algorithm for a size it was not packed for (14–19 ms instead of ~1 for a 14² layer at
         batch 1, `prepacked.onednn_weights`)."""
+        x = x[:, :, :: self.stride, :: self.stride]
         n, _, h, w = x.shape
         pixels = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)
         weight = self.weight.reshape(self.out_channels, self.in_channels).t().to(x.dtype)
@@ -221,15 +248,15 @@ class MklConv1x1(KernelModule):
         return F.relu(y) if self.relu else y
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        n, _, h, w = x.shape
         if (
-            n * h * w != self.rows
+            x.dim() != 4
+            or output_pixels(tuple(x.shape), self.stride) != self.rows
             or x.dtype != torch.float32
             or x.device.type != "cpu"
             or (torch.is_grad_enabled() and x.requires_grad)
         ):
             return self.unpacked(x, residual)
-        args = (x, self.packed, self.rows, self.out_channels, self.bias, self.relu)
+        args = (x, self.packed, self.rows, self.out_channels, self.bias, self.stride, self.relu)
         if self.in_place and residual is not None:
             torch.ops.resnext.pointwise_mkl_(*args, residual)
             return residual
@@ -237,15 +264,15 @@ class MklConv1x1(KernelModule):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), mkl, "
-            f"packed for {self.rows} pixels"
+            f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), stride={self.stride}, "
+            f"mkl, packed for {self.rows} output pixels"
             + (", relu" if self.relu else "")
             + (", in place" if self.in_place else "")
         )
 
 
 def eligible(module: nn.Module) -> bool:
-    """Whether `module` is a float32 Conv2d the kernel computes (1×1, stride 1, no padding,
+    """Whether `module` is a float32 Conv2d the kernel computes (1×1, equal strides, no padding,
     groups 1, no dilation)."""
     return (
         isinstance(module, nn.Conv2d)
