@@ -1,9 +1,10 @@
 """Float32 1×1 convolutions on MKL's packed product (`kernels/pointwise_mkl.c`) via ctypes.
 
 A 1×1 convolution of a channels-last tensor is one matrix product of its pixels with the transposed
-weight (with a stride, of the pixels it reads, which the kernel gathers first). MKL (the one inside torch) can pack that weight once for a given number of
-pixel rows and then skip repacking it on every call (`cblas_sgemm_pack` / `cblas_sgemm_compute`,
-what inductor's freezing uses for float32 linear layers). The kernel runs that product and then
+weight (with a stride, of the pixels it reads, which the kernel gathers first). MKL (the one
+inside torch) can pack that weight once for a given number of pixel rows and then skip repacking
+it on every call (`cblas_sgemm_pack` / `cblas_sgemm_compute`, what inductor's freezing uses for
+float32 linear layers). The kernel runs that product and then
 the bias, optionally a residual, and optionally a ReLU in one pass over the output; the residual
 may be the output itself (`in_place`). Exposed as ``torch.ops.resnext.pointwise_mkl`` and
 ``pointwise_mkl_`` (written over the residual). `MklConv1x1` is the module the fast path swaps
@@ -84,11 +85,6 @@ def unavailable_reason() -> str | None:
     return native.problem(_bound)
 
 
-def supports(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int) -> bool:
-    """Whether the kernel takes this convolution (groups 1): 1×1, any stride, no padding."""
-    return kernel == 1 and stride >= 1 and padding == 0 and in_channels >= 1 and out_channels >= 1
-
-
 def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """A (C, Cin, 1, 1) float32 weight packed by MKL for products of `rows` pixel rows (bytes,
     uint8; MKL's layout, which it may make larger than the weight)."""
@@ -100,7 +96,7 @@ def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
     w = weight.detach().float().reshape(out_ch, in_ch).contiguous()
     lib = _bound()
     size = lib.pointwise_mkl_packed_bytes(rows, out_ch, in_ch)
-    packed = torch.empty(size + 64, dtype=torch.uint8)  # MKL writes no more than it asked for
+    packed = torch.empty(size, dtype=torch.uint8)
     if lib.pointwise_mkl_pack(w.data_ptr(), packed.data_ptr(), rows, out_ch, in_ch) != 0:
         raise RuntimeError(f"MKL refused to pack a {out_ch}×{in_ch} weight for {rows} rows")
     return packed
@@ -277,15 +273,10 @@ def eligible(module: nn.Module) -> bool:
     return (
         isinstance(module, nn.Conv2d)
         and module.weight.dtype == torch.float32
-        and module.groups == 1
-        and tuple(module.dilation) == (1, 1)
+        and module.kernel_size == (1, 1)
+        and module.padding == (0, 0)
         and module.padding_mode == "zeros"
-        and isinstance(module.padding, tuple)
-        and supports(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size[0] if module.kernel_size[0] == module.kernel_size[1] else 0,
-            module.stride[0] if module.stride[0] == module.stride[1] else 0,
-            module.padding[0] if module.padding[0] == module.padding[1] else -1,
-        )
+        and module.groups == 1
+        and module.dilation == (1, 1)
+        and module.stride[0] == module.stride[1]
     )
