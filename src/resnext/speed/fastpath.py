@@ -309,10 +309,11 @@ def optimize(
 
     `pointwise_mkl` ('auto', 'on', 'off'; float32) computes the 1×1s still left to oneDNN, with
     their epilogues, as MKL's product on a weight packed once for the layer's output pixel count
-    (a strided one on its pixels gathered first), then one pass for the bias, residual and ReLU (`resnext.speed.pointwise_mkl`); 'auto'
-    times each layer both ways, cold, and keeps the faster. On the Xeon without AMX it took most
-    of ResNeXt-50's 7² and 14² layers at batch 1 (RESULTS.md, stop 55). Its choices follow
-    `pointwise_fma`'s in `pointwise_choices`.
+    (a strided one on its pixels gathered first), then one pass for the bias, residual and ReLU
+    (`resnext.speed.pointwise_mkl`); 'auto' times each layer both ways, cold, and keeps the
+    faster. On the Xeon without AMX it took every 1×1 of a replayed ResNeXt-50 at batch 1 (0.88×
+    the time) and about two thirds of them at batch 16 (0.93×; RESULTS.md, stop 55). Its choices
+    follow `pointwise_fma`'s in `pointwise_choices`.
 
     `pointwise_bf16` ('auto', 'on', 'off'; bf16 on CPUs with AVX512-BF16) likewise computes the
     1×1s left to oneDNN (those the AMX block fusions did not take; a strided one on its gathered
