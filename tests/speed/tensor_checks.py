@@ -19,6 +19,19 @@ def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected.double()).abs().max() / scale).item()
 
 
+def float32_conv1x1_bound(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None, stride: int
+) -> torch.Tensor:
+    """Each output's error bound for a float32 1×1 convolution (weight `w`, bias `b`, residual
+    `r` or None): a sum of K products, the bias and the residual, each rounding step at most
+    2^-24 of the running magnitude, which never exceeds the sum of the magnitudes (Higham's bound
+    for recursive summation, in any order, with or without FMAs)."""
+    mags = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), stride=stride)
+    if r is not None:
+        mags = mags + r.double().abs()
+    return (w.shape[1] + 3) * 2.0**-24 * mags
+
+
 def fast_path_error(model: torch.nn.Module, fast: torch.nn.Module, shape: tuple[int, ...]) -> float:
     """`rel_err` of `fast` against `model` on a fresh input of `shape`, after asserting that
     `fast` leaves a float32 channels-last input (which it may take as it is) as it was: the

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from block_nets import Net
-from tensor_checks import fast_path_error, nhwc, rel_err
+from tensor_checks import fast_path_error, float32_conv1x1_bound, nhwc, rel_err
 from torch import nn
 
 import resnext
@@ -24,16 +24,6 @@ from resnext.speed.pointwise_mkl import MklConv1x1
 
 REASON = pointwise_mkl.unavailable_reason()
 needs_mkl = pytest.mark.skipif(REASON is not None, reason=f"MKL kernel unavailable: {REASON}")
-
-
-def _bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None, s: int):
-    """Each output's error bound in float32 arithmetic: a sum of K products, then the bias and
-    the residual, each rounding at most 2^-24 of the running magnitude, which never exceeds the
-    sum of the magnitudes (Higham's bound for recursive summation; any order of the sum)."""
-    mags = F.conv2d(x.double().abs(), w.double().abs(), b.double().abs(), stride=s)
-    if r is not None:
-        mags = mags + r.double().abs()
-    return (w.shape[1] + 3) * 2.0**-24 * mags
 
 
 CASES = [
@@ -67,7 +57,7 @@ def test_matches_float64_within_the_float32_summation_bound(
     bias = torch.randn(cout, generator=gen)
     want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride)
     res = nhwc(torch.randn(want.shape, generator=gen)) if residual else None
-    bound = _bound(x, weight, bias, res, stride)
+    bound = float32_conv1x1_bound(x, weight, bias, res, stride)
     if res is not None:
         want = want + res.double()
     if relu:
