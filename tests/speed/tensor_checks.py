@@ -1,5 +1,5 @@
 """Tensor helpers the speed tests share: channels-last copies, relative errors in float64, and
-the error bound of our bf16 grouped kernels."""
+the error bounds of our float32, float16-product and bf16 kernels."""
 
 from __future__ import annotations
 
@@ -30,6 +30,29 @@ def float32_conv1x1_bound(
     if r is not None:
         mags = mags + r.double().abs()
     return (w.shape[1] + 3) * 2.0**-24 * mags
+
+
+def float16_products_conv1x1_bound(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None, stride: int
+) -> torch.Tensor:
+    """Each output's error bound for a 1×1 convolution whose operands are rounded to float16
+    (after exact power-of-two scaling) and whose products are summed in float16 in runs of 64,
+    the runs in float32, then the bias and residual added in float32. With u = 2^-11, each
+    operand's rounding costs at most u of it, a run's recursive float16 sum γ_64 = 64u/(1 − 64u)
+    of its products' magnitudes (Higham, "Accuracy and Stability of Numerical Algorithms", §4.2)
+    and the float32 sums of the runs (K/64 + 1)·2^-24; float16's subnormals add at most 2^-25 of
+    scaled units per operand and product: with the input scaled below 256 and the weight below 1,
+    at most K·2^-23·max|x|·max|w| in all. The bias and residual additions cost 2^-24 each."""
+    u = 2.0**-11
+    k = w.shape[1]
+    gamma = 64 * u / (1 - 64 * u)
+    relative = (1 + u) ** 2 * (1 + gamma) * (1 + (k // 64 + 1) * 2.0**-24) - 1
+    mags = F.conv2d(x.double().abs(), w.double().abs(), stride=stride)
+    subnormal = k * 2.0**-23 * x.double().abs().max() * w.double().abs().max()
+    outer = mags + b.double().abs()[None, :, None, None]
+    if r is not None:
+        outer = outer + r.double().abs()
+    return relative * mags + subnormal + 3 * 2.0**-24 * outer
 
 
 def fast_path_error(model: torch.nn.Module, fast: torch.nn.Module, shape: tuple[int, ...]) -> float:

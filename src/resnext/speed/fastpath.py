@@ -21,6 +21,7 @@ from resnext.speed.conv_x3_swap import (
     prepack_convs,
     swap_convs_dot,
     swap_convs_fma,
+    swap_convs_fp16,
     swap_convs_mkl,
     swap_convs_x3,
 )
@@ -236,6 +237,7 @@ def optimize(
     fuse_stem: str = "auto",
     pointwise_fma: str = "auto",
     pointwise_mkl: str = "auto",
+    pointwise_fp16: str = "off",
     pointwise_bf16: str = "auto",
     split_groups: str = "auto",
     merge_groups: str = "auto",
@@ -315,6 +317,17 @@ def optimize(
     the time) and about two thirds of them at batch 16 (0.93×; RESULTS.md, stop 55). Its choices
     follow `pointwise_fma`'s in `pointwise_choices`.
 
+    `pointwise_fp16` ('off' by default, 'auto', 'on'; float32 on CPUs with AVX512-FP16) trades
+    float32's exactness for speed: it computes the 1×1s left to oneDNN, before `pointwise_fma`
+    and `pointwise_mkl` weigh theirs, with float16 products (the weight and each block of input
+    pixels scaled by powers of two into float16's range, runs of 64 products summed in float16,
+    the runs in float32; `resnext.speed.pointwise_fp16`), their epilogues in float32. Each output
+    is then within about 3 % of the sum of its products' magnitudes (typically ~0.1 % of the
+    output's range), like bf16's, instead of float32's ~1e-6. 'auto' times each layer both ways,
+    cold, and keeps the faster. On the Xeon without AMX, where bf16 runs at float32's rate, it
+    took ResNeXt-50's 1×1s to 0.67× oneDNN's time (RESULTS.md, stop 56). Its choices follow
+    `pointwise_fma`'s in `pointwise_choices`.
+
     `pointwise_bf16` ('auto', 'on', 'off'; bf16 on CPUs with AVX512-BF16) likewise computes the
     1×1s left to oneDNN (those the AMX block fusions did not take; a strided one on its gathered
     pixels), with their epilogues, as one product of AVX512-BF16 pair dot products
@@ -371,6 +384,7 @@ def optimize(
         "fuse_stem": fuse_stem,
         "pointwise_fma": pointwise_fma,
         "pointwise_mkl": pointwise_mkl,
+        "pointwise_fp16": pointwise_fp16,
         "pointwise_bf16": pointwise_bf16,
         "split_groups": split_groups,
     }
@@ -438,7 +452,8 @@ def optimize(
         dense = DenseOptions(in_place=in_place, timings=timings, native_extra_ms=extra_ms)
         x3 = swap_convs_x3(work, probe, mode=conv_x3, options=dense)
         x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)
-        fma = swap_convs_fma(work, probe, mode=pointwise_fma, options=dense)
+        fma = swap_convs_fp16(work, probe, mode=pointwise_fp16, options=dense)
+        fma += swap_convs_fma(work, probe, mode=pointwise_fma, options=dense)
         fma += swap_convs_mkl(work, probe, mode=pointwise_mkl, options=dense)
         fma += swap_convs_dot(work, probe, mode=pointwise_bf16, options=dense)
         fma += fuse_dot_shortcuts(work, probe, mode=pointwise_bf16, timings=timings)

@@ -1,0 +1,307 @@
+/* A float32 1×1 convolution of a channels-last tensor whose products run in float16 (AVX512-FP16),
+ * with float32 sums every 64 products; its bias, optionally a residual, and optionally a ReLU
+ * applied in float32 as the output is written.
+ *
+ * Why: on a Xeon whose AMX is hidden (machine D of benchmarks/RESULTS.md) a 512-bit float16 FMA
+ * does 32 multiply-adds in the time a float32 one does 16 (measured ~460 against ~240 GFLOP/s a
+ * core), while its bf16 pair dot products run at the float32 rate. The 1×1s are most of a
+ * ResNeXt's time; in float16 they can run up to twice as fast, at float16's precision.
+ *
+ * Precision and range. float16 keeps an 11-bit significand (bf16: 8, float32: 24) but reaches
+ * only ±65504. The weight is scaled by a power of two 2^e (exact) so that its
+ * largest magnitude lies in [0.5, 1); each block of input rows is scaled likewise so that its
+ * largest magnitude lies in [128, 256), then both are rounded to float16. A partial sum of 64
+ * products is then below 64 × 256 × 1 = 16384 and cannot overflow; it is converted to float32
+ * and added to the row's float32 sums, which are scaled back (two exact power-of-two products)
+ * before the bias. A block holding an infinity or NaN is computed instead in float32 from the
+ * float16 weights, so the non-finite values come out where torch's would.
+ *
+ * Layout. The weight is packed in panels of 32 output channels, each C_in × 32 float16 (one
+ * 64-byte vector per input channel). A block of up to ROWS pixel rows is converted into tiles of
+ * TILE pixels; within a tile the input channels come in runs of 64, each run holding the tile's
+ * pixels one after another (pixel r's run at r × 64), so a conversion writes whole vectors and
+ * the product broadcasts each value from L1. A register tile is TILE = 12 pixels × 32 outputs:
+ * 12 float16 accumulators and one weight vector; each input channel costs one vector load and 12
+ * FMAs with their input value broadcast from memory. The input channels are taken CHUNK at a
+ * time so that a panel's slice (16 KB) stays in L1 while the block's tiles pass over it; the
+ * float32 sums live in a per-thread buffer (ROWS × the outputs, in L2) until the epilogue writes
+ * the output once. Timing on machine D chose the 12-pixel tile and 64-product runs over 8 or 14
+ * pixels and 32 or 128 (RESULTS.md, stop 56).
+ *
+ * Threads split the pixel rows; with fewer rows than two blocks a thread (batch 1's 7² and 14²
+ * layers) they split the panels instead, so that each reads only its part of the weight.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { PANEL = 32, TILE = 12, RUN = 64, CHUNK = 256, MAX_ROWS = 96 };
+/* the float32 sums a block keeps in its thread's buffer: at most this many floats */
+enum { SUMS = 131072 };
+
+/* The exponent e that puts the largest magnitude (its finite bit pattern) times 2^e in
+ * [2^(top-1), 2^top): top 0 for the weight's [0.5, 1), 8 for the input's [128, 256); 0 for all
+ * zeros; clamped to [-126, 126], where 2^e is a normal float. */
+static int scale_exponent(uint32_t largest_bits, int top) {
+  if (largest_bits == 0) return 0;
+  int exponent; /* of the largest value: it lies in [2^exponent, 2^(exponent+1)) */
+  if (largest_bits < 0x00800000u) {
+    /* subnormal: find the leading bit */
+    exponent = -127;
+    uint32_t m = largest_bits;
+    while (!(m & 0x00400000u)) {
+      m <<= 1;
+      --exponent;
+    }
+  } else {
+    exponent = (int)(largest_bits >> 23) - 127;
+  }
+  int e = top - 1 - exponent;
+  return e > 126 ? 126 : e < -126 ? -126 : e;
+}
+
+static float power_of_two(int e) { /* exact for e in [-126, 127] */
+  uint32_t bits = (uint32_t)(e + 127) << 23;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+static uint32_t largest_bits(const float *v, long n) {
+  __m512i top = _mm512_setzero_si512();
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  long i = 0;
+  for (; i + 16 <= n; i += 16)
+    top = _mm512_max_epu32(top, _mm512_and_si512(_mm512_loadu_si512(v + i), magnitude));
+  uint32_t largest = (uint32_t)_mm512_reduce_max_epu32(top);
+  for (; i < n; ++i) {
+    uint32_t bits;
+    memcpy(&bits, v + i, sizeof bits);
+    bits &= 0x7fffffffu;
+    if (bits > largest) largest = bits;
+  }
+  return largest; /* >= 0x7f800000: an infinity or NaN among them */
+}
+
+/* Pack `w` (n × k row-major float32: C_out × C_in) as float16 panels scaled by 2^exponent into
+ * `dest` (n × k halves); 0, or 1 for bad sizes or a non-finite weight. */
+int pointwise_fp16_pack(const float *w, _Float16 *dest, int n, int k, int *exponent) {
+  if (n < PANEL || n % PANEL || k < 1) return 1;
+  const uint32_t largest = largest_bits(w, (long)n * k);
+  if (largest >= 0x7f800000u) return 1;
+  const int e = scale_exponent(largest, 0);
+  const float scale = power_of_two(e);
+  for (int p = 0; p < n / PANEL; ++p)
+    for (int c = 0; c < k; ++c)
+      for (int j = 0; j < PANEL; ++j)
+        dest[((long)p * k + c) * PANEL + j] = (_Float16)(w[(long)(p * PANEL + j) * k + c] * scale);
+  *exponent = e;
+  return 0;
+}
+
+/* The calling thread's buffers (grown as needed and kept: every call needs them). */
+static _Thread_local void *buffer_ = NULL;
+static _Thread_local size_t buffer_bytes_ = 0;
+
+static void *thread_buffer(size_t bytes) {
+  if (bytes > buffer_bytes_) {
+    void *grown = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!grown) return NULL;
+    free(buffer_);
+    buffer_ = grown;
+    buffer_bytes_ = bytes;
+  }
+  return buffer_;
+}
+
+/* sums (R pixels × 32, stride ld) (+)= the tile's runs over `chunk` input channels × one panel
+ * slice; each run of 64 products summed in float16, then added in float32. */
+static inline __attribute__((always_inline)) void tile_product(int R, const _Float16 *a,
+                                                                const _Float16 *w, int chunk,
+                                                                float *sums, long ld, int fresh) {
+  for (int c0 = 0; c0 < chunk; c0 += RUN) {
+    const int run = chunk - c0 < RUN ? chunk - c0 : RUN;
+    const _Float16 *ar = a + (long)(c0 / RUN) * TILE * RUN;
+    __m512h acc[TILE];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ph();
+    for (int c = 0; c < run; ++c) {
+      const __m512h wv = _mm512_load_ph(w + (long)(c0 + c) * PANEL);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ph(_mm512_set1_ph(ar[r * RUN + c]), wv, acc[r]);
+    }
+    const int first = fresh && c0 == 0;
+    for (int r = 0; r < R; ++r) {
+      float *s = sums + r * ld;
+      const __m512i bits = _mm512_castph_si512(acc[r]);
+      __m512 lo = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(bits)));
+      __m512 hi = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(bits, 1)));
+      if (!first) {
+        lo = _mm512_add_ps(lo, _mm512_load_ps(s));
+        hi = _mm512_add_ps(hi, _mm512_load_ps(s + 16));
+      }
+      _mm512_store_ps(s, lo);
+      _mm512_store_ps(s + 16, hi);
+    }
+  }
+}
+
+static void tile_any(int R, const _Float16 *a, const _Float16 *w, int chunk, float *sums, long ld,
+                     int fresh) {
+  switch (R) { /* constant tile heights, so the accumulators stay in registers */
+#define TILE_CASE(n) \
+  case n:            \
+    tile_product(n, a, w, chunk, sums, ld, fresh); \
+    break;
+    TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6)
+    TILE_CASE(7) TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12)
+#undef TILE_CASE
+  }
+}
+
+typedef struct {
+  const float *x;
+  long height, width, out_h, out_w, stride;
+  int k;
+} Input;
+
+static const float *pixel_row(const Input *in, long p) {
+  const long image = p / (in->out_h * in->out_w);
+  const long i = (p / in->out_w) % in->out_h, j = p % in->out_w;
+  return in->x + ((image * in->height + i * in->stride) * in->width + j * in->stride) * in->k;
+}
+
+/* Convert rows [p0, p0 + rows) scaled by `scale` into tiles of runs (see the header). */
+static void convert_rows(const Input *in, long p0, int rows, float scale, _Float16 *a) {
+  const int k = in->k, runs = (k + RUN - 1) / RUN;
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int r = 0; r < rows; ++r) {
+    const float *src = pixel_row(in, p0 + r);
+    _Float16 *tile = a + (long)(r / TILE) * runs * TILE * RUN;
+    for (int q = 0; q < runs; ++q) {
+      _Float16 *dst = tile + ((long)q * TILE + r % TILE) * RUN;
+      const int c0 = q * RUN, n = k - c0 < RUN ? k - c0 : RUN;
+      int c = 0;
+      for (; c + 16 <= n; c += 16)
+        _mm256_store_ph(dst + c, _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + c0 + c), s)));
+      for (; c < n; ++c) dst[c] = (_Float16)(src[c0 + c] * scale);
+    }
+  }
+}
+
+/* Rows with an infinity or NaN: float32 sums of the float16 weights' products, unscaled after. */
+static void float32_rows(const Input *in, long p0, int rows, const _Float16 *packed, int panel0,
+                         int panels, float *sums, long ld) {
+  const int k = in->k;
+  for (int r = 0; r < rows; ++r) {
+    const float *src = pixel_row(in, p0 + r);
+    for (int p = 0; p < panels; ++p)
+      for (int j = 0; j < PANEL; ++j) {
+        const _Float16 *w = packed + (long)(panel0 + p) * k * PANEL + j;
+        float total = 0.0f;
+        for (int c = 0; c < k; ++c) total += src[c] * (float)w[(long)c * PANEL];
+        sums[r * ld + p * PANEL + j] = total;
+      }
+  }
+}
+
+/* y[rows, columns of panels] = relu?(sums · unscale + bias (+ res)) */
+static void write_rows(const float *sums, long ld, long p0, int rows, int column0, int columns,
+                       float unscale_x, float unscale_w, const float *bias, const float *res,
+                       float *y, int n, int relu) {
+  const __m512 ux = _mm512_set1_ps(unscale_x), uw = _mm512_set1_ps(unscale_w);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int r = 0; r < rows; ++r) {
+    float *out = y + (p0 + r) * (long)n + column0;
+    const float *add = res ? res + (p0 + r) * (long)n + column0 : NULL;
+    for (int c = 0; c < columns; c += 16) {
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(sums + r * ld + c), ux), uw);
+      v = _mm512_add_ps(v, _mm512_loadu_ps(bias + column0 + c));
+      if (add) v = _mm512_add_ps(v, _mm512_loadu_ps(add + c));
+      /* max(v, 0) with v first: a NaN stays NaN through the ReLU, as in torch */
+      if (relu) v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
+      _mm512_storeu_ps(out + c, v);
+    }
+  }
+}
+
+/* One thread's part: pixel rows [row0, row1) × panels [panel0, panel0 + panels). */
+static int run_part(const Input *in, const _Float16 *packed, int weight_exponent, long row0,
+                    long row1, int panel0, int panels, const float *bias, const float *res,
+                    float *y, int n, int relu) {
+  const int k = in->k, runs = (k + RUN - 1) / RUN;
+  const long ld = (long)panels * PANEL;
+  int block = (int)(SUMS / ld) / TILE * TILE;
+  block = block > MAX_ROWS ? MAX_ROWS : block < TILE ? TILE : block;
+  const size_t a_halves = (size_t)(block / TILE) * runs * TILE * RUN;
+  char *buffer = thread_buffer(a_halves * sizeof(_Float16) + (size_t)block * ld * sizeof(float));
+  if (!buffer) return 2;
+  float *sums = (float *)buffer;
+  _Float16 *a = (_Float16 *)(buffer + (size_t)block * ld * sizeof(float));
+  const float unscale_w = power_of_two(-weight_exponent);
+  for (long p0 = row0; p0 < row1; p0 += block) {
+    const int rows = row1 - p0 < block ? (int)(row1 - p0) : block;
+    uint32_t largest = 0;
+    for (int r = 0; r < rows; ++r) {
+      const uint32_t bits = largest_bits(pixel_row(in, p0 + r), k);
+      if (bits > largest) largest = bits;
+    }
+    float unscale_x = 1.0f;
+    if (largest >= 0x7f800000u) {
+      float32_rows(in, p0, rows, packed, panel0, panels, sums, ld);
+    } else {
+      const int e = scale_exponent(largest, 8);
+      unscale_x = power_of_two(-e);
+      convert_rows(in, p0, rows, power_of_two(e), a);
+      for (int c0 = 0; c0 < k; c0 += CHUNK) {
+        const int chunk = k - c0 < CHUNK ? k - c0 : CHUNK;
+        for (int p = 0; p < panels; ++p) {
+          const _Float16 *w = packed + ((long)(panel0 + p) * k + c0) * PANEL;
+          for (int r = 0; r < rows; r += TILE) {
+            const int height = rows - r < TILE ? rows - r : TILE;
+            const _Float16 *tile = a + (long)(r / TILE) * runs * TILE * RUN + (long)(c0 / RUN) * TILE * RUN;
+            tile_any(height, tile, w, chunk, sums + r * ld + p * PANEL, ld, c0 == 0);
+          }
+        }
+      }
+    }
+    write_rows(sums, ld, p0, rows, panel0 * PANEL, panels * PANEL, unscale_x, unscale_w, bias,
+               res, y, n, relu);
+  }
+  return 0;
+}
+
+/* y = relu?(conv1x1(x, w, stride) + bias [+ res]) for a channels-last x of `images` × `height` ×
+ * `width` pixels of k channels (every `stride`-th pixel of every `stride`-th row read), with
+ * `packed` and `weight_exponent` from pointwise_fp16_pack, y and res (output pixels × n,
+ * row-major). `res` may be `y` itself: each row's residual is read before it is written. */
+int pointwise_fp16(const float *x, const _Float16 *packed, const float *bias, const float *res,
+                   float *y, int images, int height, int width, int k, int n, int stride, int relu,
+                   int weight_exponent, int threads) {
+  if (images < 1 || height < 1 || width < 1 || k < 1 || n < PANEL || n % PANEL || stride < 1 ||
+      threads < 1 || weight_exponent < -126 || weight_exponent > 126)
+    return 1;
+  Input in = {x, height, width, (height - 1) / stride + 1, (width - 1) / stride + 1, stride, k};
+  const long rows = images * in.out_h * in.out_w;
+  const int panels = n / PANEL;
+  /* few rows (batch 1's late layers): split the weight, not the rows */
+  const int split_panels = rows < 2L * MAX_ROWS * threads && panels >= threads;
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    const int t = omp_get_thread_num(), count = omp_get_num_threads();
+    if (split_panels) {
+      const int first = panels * t / count, last = panels * (t + 1) / count;
+      if (last > first)
+        failed |= run_part(&in, packed, weight_exponent, 0, rows, first, last - first, bias, res,
+                           y, n, relu);
+    } else {
+      const long first = rows * t / count, last = rows * (t + 1) / count;
+      if (last > first)
+        failed |= run_part(&in, packed, weight_exponent, first, last, 0, panels, bias, res, y, n,
+                           relu);
+    }
+  }
+  return failed;
+}
