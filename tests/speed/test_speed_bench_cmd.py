@@ -8,10 +8,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
+import resnext
 from resnext.commands import bench_cmd
 from resnext.errors import ConfigError, DataError
-from resnext.speed import infer_bench, peers, replay, train_bench
+from resnext.speed import infer_bench, peers, pointwise_fp16, replay, train_bench
 from resnext.speed.measure import (
     Timing,
     interleaved,
@@ -80,6 +82,24 @@ def test_bench_infer_times_batch_1_for_every_variant(tmp_path: Path) -> None:
         row["median_ms_by_phase"] == {"all": row["median_ms"], "faster": row["median_ms"]}
         for row in latency.values()
     )
+
+
+@pytest.mark.skipif(
+    pointwise_fp16.unavailable_reason() is not None,
+    reason=f"fp16 kernel unavailable: {pointwise_fp16.unavailable_reason()}",
+)
+def test_the_fp16_variants_weigh_float16_products_and_the_fp32_ones_do_not() -> None:
+    torch.manual_seed(0)
+    model = resnext.create_model("resnext_tiny").eval()
+    x = torch.randn(2, 3, 32, 32)
+    weighed = {}
+    for variant in ("eager-fast-fp16", "eager-fast-fp32"):
+        fn, _ = infer_bench.build_runner(variant, model, x)
+        weighed[variant] = [c.variant for c in fn.pointwise_choices if c.variant.startswith("fp16")]
+        with torch.no_grad():
+            error = (fn(x) - model(x)).abs().max() / model(x).abs().max()
+        assert error < (1e-2 if variant.endswith("fp16") else 1e-4)
+    assert weighed["eager-fast-fp16"] and not weighed["eager-fast-fp32"]
 
 
 @pytest.mark.parametrize("share", [False, True])

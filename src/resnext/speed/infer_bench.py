@@ -30,8 +30,10 @@ VARIANTS = (
     "eager",
     "eager-fast-fp32",
     "eager-fast-bf16",
+    "eager-fast-fp16",
     "inductor-fp32",
     "inductor-bf16",
+    "inductor-fp16",
     "inductor-py-fp32",
     "inductor-py-bf16",
     "inductor-onednn-fp32",
@@ -48,9 +50,11 @@ VARIANTS = (
     "jit-bf16",
     "replay-fp32",
     "replay-bf16",
+    "replay-fp16",
     "ort-fp32",
     "openvino-fp32",
     "openvino-bf16",
+    "openvino-fp16",
 )
 DEFAULT_VARIANTS = ("eager", "inductor-fp32", "inductor-bf16", "ort-fp32", "openvino-bf16")
 # Where the CPU has no native bf16 (`optimize` would run the bf16 variant in float32 anyway).
@@ -127,11 +131,12 @@ def build_runner(
         # inductor-nodot: oneDNN for the bf16 1×1s our dot-product kernel would take
         # inductor-nosplit: no grouped 3×3 on the split channel order (split_groups off)
         # replay: the eager fast path's kernel calls recorded and replayed (no Python per layer)
+        # …-fp16: float32 with the 1×1s' products in float16 where faster (`pointwise_fp16`)
         backend = "none" if kind == "eager-fast" else kind.split("-")[0]
         mode = "off" if kind == "inductor-onednn" else "auto"
         fn = optimize(
             model,
-            dtype,
+            "fp32" if dtype == "fp16" else dtype,
             backend=backend,
             example_input=example,
             grouped_kernel=mode,
@@ -143,13 +148,16 @@ def build_runner(
             pointwise_fma="off" if kind == "inductor-nofma" else "auto",
             pointwise_bf16="off" if kind == "inductor-nodot" else "auto",
             split_groups="off" if kind in ("inductor-onednn", "inductor-nosplit") else "auto",
+            pointwise_fp16="auto" if dtype == "fp16" else "off",
             timing_cache=timings,
         )
     elif kind == "ort":
         session = peers.onnxruntime_runner(model, example, threads)
         fn = lambda x: torch.from_numpy(session(x.numpy())[0])  # noqa: E731
     else:
-        request = peers.openvino_runner(model, example, threads, {"fp32": "f32"}.get(dtype, dtype))
+        request = peers.openvino_runner(
+            model, example, threads, {"fp32": "f32", "fp16": "f16"}.get(dtype, dtype)
+        )
         fn = lambda x: torch.from_numpy(next(iter(request(x.numpy()).values())))  # noqa: E731
     return fn, time.perf_counter() - start
 

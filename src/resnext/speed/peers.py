@@ -39,7 +39,7 @@ def onnxruntime_runner(model: nn.Module, example: torch.Tensor, threads: int) ->
 def openvino_runner(
     model: nn.Module, example: torch.Tensor, threads: int, precision: str
 ) -> Runner:
-    """An OpenVINO CPU model of `model` with inference precision 'f32' or 'bf16'."""
+    """An OpenVINO CPU model of `model` with inference precision 'f32', 'bf16' or 'f16'."""
     import openvino as ov
 
     with torch.no_grad():
