@@ -14,7 +14,7 @@ from PIL import Image
 import resnext
 from resnext.errors import ConfigError, DataError
 from resnext.inference import Predictor, extract_features, imagenet1k_wnids, predict
-from resnext.speed import capability
+from resnext.speed import capability, pointwise_fp16
 from resnext.speed.replay import Replayed
 from resnext.speed.replay import unavailable_reason as replay_unavailable
 from resnext.weights import Preprocessing, save_weights
@@ -201,9 +201,26 @@ def test_auto_optimize_takes_float32_where_bf16_is_not_faster(
         assert pred.pred_score == pytest.approx(float(scores[0]), abs=1e-5)
 
 
+@pytest.mark.skipif(
+    pointwise_fp16.unavailable_reason() is not None,
+    reason=f"fp16 kernel unavailable: {pointwise_fp16.unavailable_reason()}",
+)
+def test_fp16_optimize_classifies_with_float16_products_to_their_precision(weights_file) -> None:
+    path, model = weights_file
+    arrays = _images(2)
+    predictor = Predictor(weights=path, batch_size=2, optimize="fp16")
+    assert predictor.fast is not None
+    assert any(c.variant.startswith("fp16") for c in predictor.fast.pointwise_choices)
+    for arr, pred in zip(arrays, predictor(arrays, topk=5), strict=True):
+        scores = torch.softmax(_hand_logits(model, arr), 0)
+        got = torch.tensor(pred.topk_scores)[torch.tensor(pred.topk_labels).argsort()]
+        # float16's 11 significant bits: ~1e-3 of the logits, where float32 gives ~1e-6
+        assert (got - scores).abs().max() < 1e-2
+
+
 def test_optimize_option_is_checked(weights_file) -> None:
     with pytest.raises(ConfigError, match="optimize"):
-        Predictor(weights=weights_file[0], optimize="fp16")
+        Predictor(weights=weights_file[0], optimize="fp8")
     with pytest.raises(ConfigError, match="compile: compiles the fast path, so it needs"):
         Predictor(weights=weights_file[0], compile=True)
     with pytest.raises(ConfigError, match="replay: replays the fast path, so it needs"):

@@ -423,3 +423,41 @@ def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(model[0][0], nn.Conv2d)
     with pytest.raises(ConfigError, match=r"pointwise_fp16: 'on' but .* cannot run here: .*fp16"):
         swap_convs_fp16(model, x, mode="on")
+
+
+def _weighed(fast: nn.Module) -> list[str]:
+    return [c.name for c in fast.pointwise_choices if c.variant.startswith("fp16")]
+
+
+@needs_fp16
+def test_dtype_fp16_is_float32_with_the_float16_pass_unless_told_otherwise() -> None:
+    torch.manual_seed(12)
+    model = resnext.create_model("resnext_tiny").eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, "fp16", backend="none", example_input=x)
+    assert _weighed(fast)  # 'auto': weighed, kept where faster
+    assert next(fast.parameters()).dtype == torch.float32
+    assert fast_path_error(model, fast, (2, 3, 32, 32)) < 1e-2
+    told = optimize(model, "fp16", backend="none", example_input=x, pointwise_fp16="off")
+    assert not _weighed(told)
+
+
+def test_dtype_fp16_without_the_kernel_is_float32_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from resnext.speed import fastpath
+
+    monkeypatch.setattr(fastpath, "pointwise_fp16_unavailable", lambda: "this CPU lacks it")
+    monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: "this CPU lacks it")
+    model = resnext.create_model("resnext_tiny").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(RuntimeWarning, match=r"fp16 requested but .* \(this CPU lacks it\); using"):
+        fast = optimize(model, "fp16", backend="none", example_input=x)
+    assert not _weighed(fast)
+    assert fast_path_error(model, fast, (1, 3, 32, 32)) < 1e-4
+
+
+def test_dtype_fp16_on_a_gpu_is_refused_by_name() -> None:
+    model = resnext.create_model("resnext_tiny").eval()
+    with pytest.raises(ConfigError, match=r"dtype: 'fp16' .* is a CPU kernel's"):
+        optimize(model, "fp16", backend="none", device="cuda")

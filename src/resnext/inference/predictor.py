@@ -49,13 +49,14 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return [images]  # type: ignore[list-item]
 
 
-OPTIMIZE_CHOICES = ("off", "fp32", "bf16", "auto")
+OPTIMIZE_CHOICES = ("off", "fp32", "bf16", "fp16", "auto")
 
 
 class Predictor:
     """A model with its preprocessing and class names, ready to classify images in batches.
 
-    `optimize='fp32'`, `'bf16'` or `'auto'` (bf16 where the device runs it faster than float32,
+    `optimize='fp32'`, `'bf16'`, `'fp16'` (float32 with the 1×1s' products in float16, on CPUs
+    with AVX512-FP16) or `'auto'` (bf16 where the device runs it faster than float32,
     `capability.fastest_dtype`) classifies with `resnext.optimize`'s fast path on the device
     (BN folded, channels-last; on CPU our kernels where faster; `compile=True` also compiles it
     with inductor for `batch_size`, worth it for many images; `replay=True` instead replays its

@@ -33,6 +33,7 @@ from resnext.speed.grouped_swap import check_mode, swap_grouped_convs
 from resnext.speed.head import swap_head
 from resnext.speed.maxpool import use_inference_maxpool
 from resnext.speed.merged_groups import widen_where_faster
+from resnext.speed.pointwise_fp16 import unavailable_reason as pointwise_fp16_unavailable
 from resnext.speed.pointwise_fusion import fuse_pointwise_convs
 from resnext.speed.replay import TORCH_STEP_MS, Replayed
 from resnext.speed.shapes import check_new_shapes, input_key
@@ -187,6 +188,26 @@ def resolve_dtype(dtype: torch.dtype | str, device: torch.device | None = None) 
     return dtype
 
 
+def float16_products(
+    dtype: torch.dtype | str, pointwise_fp16: str | None, on_cpu: bool
+) -> tuple[torch.dtype | str, str]:
+    """`optimize`'s dtype and `pointwise_fp16` mode for what was asked: 'fp16' is float32 with
+    the 1×1s' products in float16 where faster (`pointwise_fp16` 'auto' unless given); where the
+    CPU has no float16 kernel it is float32 with a warning, and a GPU refuses it by name."""
+    if not (isinstance(dtype, str) and dtype == "fp16"):
+        return dtype, pointwise_fp16 or "off"
+    if not on_cpu:
+        raise ConfigError("dtype: 'fp16' (float16 products in the 1×1s) is a CPU kernel's")
+    reason = pointwise_fp16_unavailable()
+    if reason is not None:
+        warnings.warn(
+            f"fp16 requested but this CPU has no float16 1×1 kernel ({reason}); using float32",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "fp32", pointwise_fp16 or "auto"
+
+
 def default_example(model: nn.Module, batch: int = 1) -> torch.Tensor:
     """A random input of the model's natural size (from `model.spec` when it has one)."""
     spec = getattr(model, "spec", None)
@@ -237,7 +258,7 @@ def optimize(
     fuse_stem: str = "auto",
     pointwise_fma: str = "auto",
     pointwise_mkl: str = "auto",
-    pointwise_fp16: str = "off",
+    pointwise_fp16: str | None = None,
     pointwise_bf16: str = "auto",
     split_groups: str = "auto",
     merge_groups: str = "auto",
@@ -248,7 +269,8 @@ def optimize(
     """A module computing the same function as `model` (in eval mode), faster.
 
     The model is copied (the original is left untouched), put in eval mode, its BNs are folded
-    into the preceding convolutions, it is moved to channels_last and `dtype` (bf16 only where
+    into the preceding convolutions, it is moved to channels_last and `dtype` ('fp16' is float32
+    with the 1×1s' products in float16, `pointwise_fp16` below; bf16 only where
     the CPU has native bf16, else fp32 with a warning; a warning too where native bf16 measures
     slower than fp32, `capability.bf16_faster`; 'auto' takes bf16 only where it is faster,
     `capability.fastest_dtype`) and compiled with `backend`: 'inductor'
@@ -317,8 +339,8 @@ def optimize(
     the time) and about two thirds of them at batch 16 (0.93×; RESULTS.md, stop 55). Its choices
     follow `pointwise_fma`'s in `pointwise_choices`.
 
-    `pointwise_fp16` ('off' by default, 'auto', 'on'; float32 on CPUs with AVX512-FP16) trades
-    float32's exactness for speed: it computes the 1×1s left to oneDNN, before `pointwise_fma`
+    `pointwise_fp16` ('auto' with dtype 'fp16', else 'off' unless given; 'on'; float32 on CPUs
+    with AVX512-FP16) trades float32's exactness for speed: it computes the 1×1s left to oneDNN, before `pointwise_fma`
     and `pointwise_mkl` weigh theirs, with float16 products (the weight and each block of input
     pixels scaled by powers of two into float16's range, runs of 64 products summed in float16,
     the runs in float32; `resnext.speed.pointwise_fp16`), their epilogues in float32. Each output
@@ -384,7 +406,7 @@ def optimize(
         "fuse_stem": fuse_stem,
         "pointwise_fma": pointwise_fma,
         "pointwise_mkl": pointwise_mkl,
-        "pointwise_fp16": pointwise_fp16,
+        "pointwise_fp16": pointwise_fp16 or "off",
         "pointwise_bf16": pointwise_bf16,
         "split_groups": split_groups,
     }
@@ -395,8 +417,9 @@ def optimize(
     target = model_device(model, device)
     if target.type not in ("cpu", "cuda"):
         raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
-    dtype = resolve_dtype(dtype, target)
     on_cpu = target.type == "cpu"
+    dtype, pointwise_fp16 = float16_products(dtype, pointwise_fp16, on_cpu)
+    dtype = resolve_dtype(dtype, target)
     if backend == "replay" and not on_cpu:
         raise ConfigError(f"backend: 'replay' records CPU kernels; {target} takes another")
     # refused here if malformed; used on a CPU only

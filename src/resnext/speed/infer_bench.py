@@ -136,7 +136,7 @@ def build_runner(
         mode = "off" if kind == "inductor-onednn" else "auto"
         fn = optimize(
             model,
-            "fp32" if dtype == "fp16" else dtype,
+            dtype,
             backend=backend,
             example_input=example,
             grouped_kernel=mode,
@@ -148,7 +148,6 @@ def build_runner(
             pointwise_fma="off" if kind == "inductor-nofma" else "auto",
             pointwise_bf16="off" if kind == "inductor-nodot" else "auto",
             split_groups="off" if kind in ("inductor-onednn", "inductor-nosplit") else "auto",
-            pointwise_fp16="auto" if dtype == "fp16" else "off",
             timing_cache=timings,
         )
     elif kind == "ort":
