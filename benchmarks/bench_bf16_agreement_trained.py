@@ -4,7 +4,8 @@ Usage: .venv/bin/python benchmarks/bench_bf16_agreement_trained.py --run runs/be
 The run folder is a `resnext train` output (config.json + checkpoints/best.pt). Every image of
 its validation and training splits is classified, with the evaluation transform, by the plain
 fp32 model and by `optimize(model, bf16)` (eager fast path with our grouped kernel where it is
-faster, and compiled with inductor); the record has the agreements and both accuracies. It
+faster, and compiled with inductor), and on CPUs with AVX512-FP16 by `optimize(model, "fp16")`
+(float16 products in the 1×1s); the record has the agreements and the accuracies. It
 stands in for the issue's ImageNet measurement, which needs pretrained weights this machine
 cannot download.
 """
@@ -20,6 +21,7 @@ import bench_args
 from resnext.config.io import config_from_dict, read_file
 from resnext.data import build_dataset, default_transforms
 from resnext.inference.loading import load_model
+from resnext.speed import pointwise_fp16
 from resnext.speed.fastpath import optimize
 from resnext.speed.provenance import write_results
 
@@ -46,6 +48,8 @@ def main() -> int:
         "bf16-eager-fast": optimize(model, torch.bfloat16, backend="none", example_input=first),
         "bf16-inductor": optimize(model, torch.bfloat16, backend="inductor", example_input=first),
     }
+    if pointwise_fp16.unavailable_reason() is None:  # float32 with float16 products in the 1×1s
+        variants["fp16-eager-fast"] = optimize(model, "fp16", backend="none", example_input=first)
     result: dict[str, object] = {"run": str(args.run), "checkpoint": args.checkpoint}
     for split, dataset in splits.items():
         labels, ref, outs = [], [], {k: [] for k in variants}
