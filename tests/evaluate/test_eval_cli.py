@@ -120,6 +120,26 @@ def test_eval_with_the_fast_path_scores_as_the_plain_model(
     assert reports["fp32"]["counts"] == reports["off"]["counts"]
 
 
+def test_eval_with_fp16_products_asks_optimize_for_them_and_reports_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from resnext.speed import fastpath
+
+    built = []
+    original = fastpath.optimize
+    monkeypatch.setattr(
+        fastpath, "optimize", lambda *a, **k: built.append(a[1]) or original(*a, **k)
+    )
+    _image_folder(tmp_path)
+    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
+    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
+    with warnings.catch_warnings():  # where the CPU has no float16 kernel: float32, warned
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert eval_cmd.run(_parse([*argv, "--optimize", "fp16", "--batch-size", "2"])) == 0
+    assert json.loads(capsys.readouterr().out)["fast_path"] == "fp16"
+    assert built == ["fp16"]
+
+
 @pytest.mark.parametrize("faster", [True, False])
 def test_eval_with_the_auto_fast_path_reports_the_precision_it_took(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, faster: bool
