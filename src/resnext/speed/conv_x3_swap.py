@@ -551,8 +551,9 @@ def swap_dense_convs(
     mode: str = "auto",
     options: DenseOptions = DEFAULT_OPTIONS,
 ) -> list[LayerChoice]:
-    """The pass for one kernel (`X3`, `FMA`, `FP16`, `DOT` or `MKL`): see `swap_convs_x3`. Convolutions alike
-    (input shape, outputs, geometry, epilogue) are timed once and share the pick."""
+    """The pass for one kernel (`X3`, `FMA`, `FP16`, `DOT` or `MKL`): see `swap_convs_x3`.
+    Convolutions alike (input shape, outputs, geometry, epilogue) are timed once and share the
+    pick."""
     check_mode(kernel.option, mode)
     if mode == "off" or example.dtype != kernel.dtype:
         return []

@@ -340,15 +340,15 @@ def optimize(
     follow `pointwise_fma`'s in `pointwise_choices`.
 
     `pointwise_fp16` ('auto' with dtype 'fp16', else 'off' unless given; 'on'; float32 on CPUs
-    with AVX512-FP16) trades float32's exactness for speed: it computes the 1×1s left to oneDNN, before `pointwise_fma`
-    and `pointwise_mkl` weigh theirs, with float16 products (the weight and each block of input
-    pixels scaled by powers of two into float16's range, runs of 64 products summed in float16,
-    the runs in float32; `resnext.speed.pointwise_fp16`), their epilogues in float32. Each output
-    is then within about 3 % of the sum of its products' magnitudes (typically ~0.1 % of the
-    output's range), like bf16's, instead of float32's ~1e-6. 'auto' times each layer both ways,
-    cold, and keeps the faster. On the Xeon without AMX, where bf16 runs at float32's rate, it
-    took ResNeXt-50's 1×1s to 0.67× oneDNN's time (RESULTS.md, stop 56). Its choices follow
-    `pointwise_fma`'s in `pointwise_choices`.
+    with AVX512-FP16) trades float32's exactness for speed: it computes the 1×1s left to oneDNN,
+    before `pointwise_fma` and `pointwise_mkl` weigh theirs, with float16 products (the weight
+    and each block of input pixels scaled by powers of two into float16's range, runs of 64
+    products summed in float16, the runs in float32; `resnext.speed.pointwise_fp16`), their
+    epilogues in float32. Each output is then within ~3.3 % of the sum of its products'
+    magnitudes (typically ~0.1 % of the output's range), bf16's order, instead of float32's
+    ~1e-6. 'auto' times each layer both ways, cold, and keeps the faster. On the Xeon without
+    AMX, where bf16 runs at float32's rate, it took ResNeXt-50's 1×1s to 0.67× oneDNN's time
+    (RESULTS.md, stop 56). Its choices follow `pointwise_fma`'s in `pointwise_choices`.
 
     `pointwise_bf16` ('auto', 'on', 'off'; bf16 on CPUs with AVX512-BF16) likewise computes the
     1×1s left to oneDNN (those the AMX block fusions did not take; a strided one on its gathered

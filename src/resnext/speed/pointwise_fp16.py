@@ -1,12 +1,13 @@
-"""Float32 1×1 convolutions with float16 products (`kernels/pointwise_fp16.c`, AVX512-FP16) via ctypes.
+"""Float32 1×1 convolutions with float16 products (`kernels/pointwise_fp16.c`, AVX512-FP16).
 
 On a CPU with AVX512-FP16 a 512-bit float16 FMA does twice the multiply-adds of a float32 one. The
 kernel rounds the (power-of-two scaled) weight and input to float16, sums runs of 64 products in
 float16 and the runs in float32, then applies the bias, optionally a residual, and optionally a
 ReLU in float32: inputs and outputs stay float32, and the scaling keeps every partial sum in
-float16's range. The result is float16-precise, not float32-exact, so `optimize` uses it only where asked (`pointwise_fp16`). Exposed as
-``torch.ops.resnext.pointwise_fp16`` and ``pointwise_fp16_`` (written over the residual);
-`Fp16Conv1x1` is the module the pass swaps in (`conv_x3_swap.swap_convs_fp16`).
+float16's range. The result is float16-precise, not float32-exact, so `optimize` uses it only
+where asked (`pointwise_fp16`). Exposed, through ctypes, as ``torch.ops.resnext.pointwise_fp16``
+and ``pointwise_fp16_`` (written over the residual); `Fp16Conv1x1` is the module the pass swaps
+in (`conv_x3_swap.swap_convs_fp16`).
 """
 
 from __future__ import annotations

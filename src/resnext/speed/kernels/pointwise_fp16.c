@@ -8,25 +8,25 @@
  * ResNeXt's time; in float16 they can run up to twice as fast, at float16's precision.
  *
  * Precision and range. float16 keeps an 11-bit significand (bf16: 8, float32: 24) but reaches
- * only ±65504. The weight is scaled by a power of two 2^e (exact) so that its
- * largest magnitude lies in [0.5, 1); each block of input rows is scaled likewise so that its
- * largest magnitude lies in [128, 256), then both are rounded to float16. A partial sum of 64
+ * only ±65504. The weight is scaled by a power of two 2^e (exact) so that its largest magnitude
+ * lies in [0.5, 1); each block of input rows is scaled likewise so that its largest magnitude
+ * lies in [128, 256), then both are rounded to float16. A partial sum of 64
  * products is then below 64 × 256 × 1 = 16384 and cannot overflow; it is converted to float32
  * and added to the row's float32 sums, which are scaled back (two exact power-of-two products)
  * before the bias. A block holding an infinity or NaN is computed instead in float32 from the
  * float16 weights, so the non-finite values come out where torch's would.
  *
  * Layout. The weight is packed in panels of 32 output channels, each C_in × 32 float16 (one
- * 64-byte vector per input channel). A block of up to ROWS pixel rows is converted into tiles of
- * TILE pixels; within a tile the input channels come in runs of 64, each run holding the tile's
- * pixels one after another (pixel r's run at r × 64), so a conversion writes whole vectors and
- * the product broadcasts each value from L1. A register tile is TILE = 12 pixels × 32 outputs:
- * 12 float16 accumulators and one weight vector; each input channel costs one vector load and 12
- * FMAs with their input value broadcast from memory. The input channels are taken CHUNK at a
- * time so that a panel's slice (16 KB) stays in L1 while the block's tiles pass over it; the
- * float32 sums live in a per-thread buffer (ROWS × the outputs, in L2) until the epilogue writes
- * the output once. Timing on machine D chose the 12-pixel tile and 64-product runs over 8 or 14
- * pixels and 32 or 128 (RESULTS.md, stop 56).
+ * 64-byte vector per input channel). A block of up to MAX_ROWS pixel rows is converted into
+ * tiles of TILE pixels; within a tile the input channels come in runs of 64, each run holding the
+ * tile's pixels one after another (pixel r's run at r × 64), so a conversion writes whole vectors
+ * and the product broadcasts each value from L1. A register tile is TILE = 12 pixels × 32
+ * outputs: 12 float16 accumulators and one weight vector; each input channel costs one vector
+ * load and 12 FMAs with their input value broadcast from memory. The input channels are taken
+ * CHUNK at a time so that a panel's slice (16 KB) stays in L1 while the block's tiles pass over
+ * it; the float32 sums live in a per-thread buffer (the block × the outputs, at most SUMS floats,
+ * in L2) until the epilogue writes the output once. Timing on machine D chose the 12-pixel tile
+ * and 64-product runs over 8 or 14 pixels and 32 or 128 (RESULTS.md, stop 56).
  *
  * Threads split the pixel rows; with fewer rows than two blocks a thread (batch 1's 7² and 14²
  * layers) they split the panels instead, so that each reads only its part of the weight.
@@ -260,7 +260,8 @@ static int run_part(const Input *in, const _Float16 *packed, int weight_exponent
           const _Float16 *w = packed + ((long)(panel0 + p) * k + c0) * PANEL;
           for (int r = 0; r < rows; r += TILE) {
             const int height = rows - r < TILE ? rows - r : TILE;
-            const _Float16 *tile = a + (long)(r / TILE) * runs * TILE * RUN + (long)(c0 / RUN) * TILE * RUN;
+            const _Float16 *tile =
+                a + ((long)(r / TILE) * runs + c0 / RUN) * TILE * RUN; /* this chunk's runs */
             tile_any(height, tile, w, chunk, sums + r * ld + p * PANEL, ld, c0 == 0);
           }
         }
