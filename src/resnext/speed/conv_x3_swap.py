@@ -27,7 +27,14 @@ import torch
 from torch import fx, nn
 
 from resnext.errors import ConfigError
-from resnext.speed import conv_x3, pointwise_fma, pointwise_fp16, pointwise_gemm, pointwise_mkl
+from resnext.speed import (
+    conv_x3,
+    operators,
+    pointwise_fma,
+    pointwise_fp16,
+    pointwise_gemm,
+    pointwise_mkl,
+)
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.capability import cpu_flags
 from resnext.speed.fold import (
@@ -79,10 +86,10 @@ class ConvX3(KernelModule):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         args = (x, self.packed, self.bias, self.kernel, self.stride, self.padding, self.relu)
-        if self.in_place and residual is not None:
-            torch.ops.resnext.conv_x3_(*args, residual)
-            return residual
-        return torch.ops.resnext.conv_x3(*args, residual)
+        ops = torch.ops.resnext
+        return operators.call_over_residual(
+            ops.conv_x3, ops.conv_x3_, args, residual, self.in_place
+        )
 
     def extra_repr(self) -> str:
         k = self.kernel
@@ -120,11 +127,9 @@ class _Conv1x1Kernel(KernelModule):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        args = self._args(x)
-        if self.in_place and residual is not None:
-            self.OP_IN_PLACE(*args, residual)
-            return residual
-        return self.OP(*args, residual)
+        return operators.call_over_residual(
+            self.OP, self.OP_IN_PLACE, self._args(x), residual, self.in_place
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -63,6 +63,21 @@ def define_over_residual(
     define(f"{name}_({args}, Tensor(a!) residual) -> ()", in_place, fake_in_place)
 
 
+def call_over_residual(
+    functional: Callable[..., torch.Tensor],
+    over_residual: Callable[..., object],
+    args: tuple[object, ...],
+    residual: torch.Tensor | None,
+    in_place: bool,
+) -> torch.Tensor:
+    """A kernel module's call of its pair of operators (`define_over_residual`): written over
+    `residual`, which it returns, where `in_place` and there is one; else into a new output."""
+    if in_place and residual is not None:
+        over_residual(*args, residual)
+        return residual
+    return functional(*args, residual)
+
+
 def check_no_grad(name: str, *tensors: torch.Tensor | None) -> None:
     """A ValueError naming the operator if grad mode is on and an input requires a gradient."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

@@ -215,10 +215,10 @@ class Fp16Conv1x1(KernelModule):
         ):
             return self.exact(x, residual)
         args = (x, self.packed, self.exponent, self.out_channels, self.bias, self.stride, self.relu)
-        if self.in_place and residual is not None:
-            torch.ops.resnext.pointwise_fp16_(*args, residual)
-            return residual
-        return torch.ops.resnext.pointwise_fp16(*args, residual)
+        ops = torch.ops.resnext
+        return operators.call_over_residual(
+            ops.pointwise_fp16, ops.pointwise_fp16_, args, residual, self.in_place
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -253,10 +253,10 @@ class MklConv1x1(KernelModule):
         ):
             return self.unpacked(x, residual)
         args = (x, self.packed, self.rows, self.out_channels, self.bias, self.stride, self.relu)
-        if self.in_place and residual is not None:
-            torch.ops.resnext.pointwise_mkl_(*args, residual)
-            return residual
-        return torch.ops.resnext.pointwise_mkl(*args, residual)
+        ops = torch.ops.resnext
+        return operators.call_over_residual(
+            ops.pointwise_mkl, ops.pointwise_mkl_, args, residual, self.in_place
+        )
 
     def extra_repr(self) -> str:
         return (
