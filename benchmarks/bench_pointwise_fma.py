@@ -24,7 +24,7 @@ from torch import nn
 
 import bench_args
 import resnext
-from resnext.speed import pointwise_fma
+from resnext.speed import operators, pointwise_fma
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.conv_x3_swap import _onednn_runner, fma_eligible
 from resnext.speed.fold import fold_batchnorm
@@ -113,7 +113,7 @@ def shape_variants(shape: Shape, builds: dict[str, ctypes.CDLL]) -> dict[str, tu
     onednn = _onednn_runner(conv, True, tuple(x.shape))
     packed = pointwise_fma.pack(conv.weight)
     bias = conv.bias.detach().contiguous()
-    out = pointwise_fma.output_shape(tuple(x.shape), cout, stride)
+    out = operators.pointwise_output_shape(tuple(x.shape), cout, stride)
     # written over in place, as in the graph: its values drift from call to call
     res = torch.randn(out).contiguous(memory_format=torch.channels_last) if add else None
     threads = torch.get_num_threads()

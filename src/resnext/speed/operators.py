@@ -63,6 +63,14 @@ def define_over_residual(
     define(f"{name}_({args}, Tensor(a!) residual) -> ()", in_place, fake_in_place)
 
 
+def pointwise_output_shape(
+    x_shape: tuple[int, ...], out_channels: int, stride: int
+) -> tuple[int, ...]:
+    """A 1×1 convolution's output shape (N, C, Ho, Wo) for an input of `x_shape` at `stride`."""
+    n, _, h, w = x_shape
+    return (n, out_channels, (h - 1) // stride + 1, (w - 1) // stride + 1)
+
+
 def call_over_residual(
     functional: Callable[..., torch.Tensor],
     over_residual: Callable[..., object],

@@ -94,12 +94,6 @@ def _check_packed(packed: torch.Tensor, in_ch: int) -> int:
     return packed.shape[0] * PANEL
 
 
-def output_shape(x_shape: tuple[int, ...], out_channels: int, stride: int) -> tuple[int, ...]:
-    """The convolution's output shape (N, C, Ho, Wo)."""
-    n, _, h, w = x_shape
-    return (n, out_channels, (h - 1) // stride + 1, (w - 1) // stride + 1)
-
-
 def run(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -120,7 +114,7 @@ def run(
     if bias is None:
         raise ValueError(f"bias: expected {c} float32 values, got None")
     operators.check_bias(bias, c)
-    expected = output_shape(tuple(x.shape), c, stride)
+    expected = operators.pointwise_output_shape(tuple(x.shape), c, stride)
     y, residual = operators.float32_output(x, expected, residual, in_place)
     x = x.contiguous(memory_format=torch.channels_last)
     if y.numel():
@@ -147,7 +141,7 @@ def run(
 def _output_shape(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, stride: int, relu: bool
 ) -> tuple[int, ...]:
-    return output_shape(tuple(x.shape), packed.shape[0] * PANEL, stride)
+    return operators.pointwise_output_shape(tuple(x.shape), packed.shape[0] * PANEL, stride)
 
 
 operators.define_over_residual(

@@ -306,8 +306,7 @@ def _conv(
 def _output_shape(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, stride: int, relu: bool
 ) -> tuple[int, ...]:
-    n, _, h, w = x.shape
-    return (n, packed.shape[0] * COLUMN_BLOCK, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    return operators.pointwise_output_shape(tuple(x.shape), packed.shape[0] * COLUMN_BLOCK, stride)
 
 
 operators.define_over_residual(

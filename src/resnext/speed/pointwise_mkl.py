@@ -102,15 +102,9 @@ def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return packed
 
 
-def output_shape(x_shape: tuple[int, ...], out_channels: int, stride: int) -> tuple[int, ...]:
-    """The convolution's output shape (N, C, Ho, Wo)."""
-    n, _, h, w = x_shape
-    return (n, out_channels, (h - 1) // stride + 1, (w - 1) // stride + 1)
-
-
 def output_pixels(x_shape: tuple[int, ...], stride: int) -> int:
     """How many output pixels (the product's rows) an input of `x_shape` gives at `stride`."""
-    n, _, h, w = output_shape(x_shape, 1, stride)
+    n, _, h, w = operators.pointwise_output_shape(x_shape, 1, stride)
     return n * h * w
 
 
@@ -143,7 +137,7 @@ def run(
     if bias is None:
         raise ValueError(f"bias: expected {out_channels} float32 values, got None")
     operators.check_bias(bias, out_channels)
-    expected = output_shape(tuple(x.shape), out_channels, stride)
+    expected = operators.pointwise_output_shape(tuple(x.shape), out_channels, stride)
     y, residual = operators.float32_output(x, expected, residual, in_place)
     x = x.contiguous(memory_format=torch.channels_last)
     rc = _bound().pointwise_mkl(
@@ -178,7 +172,7 @@ def _output_shape(
     stride: int,
     relu: bool,
 ) -> tuple[int, ...]:
-    return output_shape(tuple(x.shape), out_channels, stride)
+    return operators.pointwise_output_shape(tuple(x.shape), out_channels, stride)
 
 
 operators.define_over_residual(
