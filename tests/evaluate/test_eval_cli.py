@@ -144,7 +144,7 @@ def test_eval_with_fp16_products_asks_optimize_for_them_and_reports_it(
 def test_eval_with_the_auto_fast_path_reports_the_precision_it_took(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, faster: bool
 ) -> None:
-    from resnext.speed import capability, fastpath
+    from resnext.speed import capability, fastpath, pointwise_fp16
 
     if faster and not capability.bf16_supported():
         pytest.skip("this CPU has no native bf16 to score in")
@@ -159,7 +159,8 @@ def test_eval_with_the_auto_fast_path_reports_the_precision_it_took(
     ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
     argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
     assert eval_cmd.run(_parse([*argv, "--optimize", "auto", "--batch-size", "2"])) == 0
-    want = "bf16" if faster else "fp32"
+    fp16 = pointwise_fp16.unavailable_reason() is None  # float16 products where they run
+    want = "bf16" if faster else "fp16" if fp16 else "fp32"
     assert json.loads(capsys.readouterr().out)["fast_path"] == want
     assert built == [want]
 

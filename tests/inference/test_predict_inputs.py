@@ -186,10 +186,11 @@ def test_optimized_predictor_agrees_with_hand_pipeline(
         assert pred.pred_score == pytest.approx(float(scores[0]), abs=1e-5)
 
 
-def test_auto_optimize_takes_float32_where_bf16_is_not_faster(
+def test_auto_optimize_takes_float32_where_neither_bf16_nor_float16_products_help(
     weights_file, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(capability, "bf16_faster", lambda: False)
+    monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: "as on a CPU without it")
     path, model = weights_file
     arrays = _images(2)
     predictor = Predictor(weights=path, batch_size=2, optimize="auto")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import resnext
-from resnext.speed import capability, fastpath
+from resnext.speed import capability, fastpath, pointwise_fp16
 from resnext.speed.capability import bf16_supported
 
 
@@ -113,7 +113,19 @@ def test_auto_is_bf16_on_a_cpu_only_where_bf16_is_faster(
     want = torch.bfloat16 if faster else torch.float32
     assert capability.fastest_dtype(torch.device("cpu")) is want
     assert fastpath.resolve_dtype("auto", torch.device("cpu")) is want
-    assert capability.dtype_name(want) == ("bf16" if faster else "fp32")
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+@pytest.mark.parametrize("faster", [True, False])
+def test_the_auto_precision_is_bf16_where_faster_else_fp16_products_where_they_run(
+    faster: bool, fp16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if faster and not bf16_supported():
+        pytest.skip("this CPU has no native bf16")
+    monkeypatch.setattr(capability, "bf16_faster", lambda: faster)
+    monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: None if fp16 else "no")
+    want = "bf16" if faster else "fp16" if fp16 else "fp32"
+    assert capability.fastest_precision(torch.device("cpu")) == want
 
 
 def test_auto_needs_the_device_it_is_for() -> None:
@@ -129,6 +141,8 @@ def test_optimize_auto_builds_in_the_faster_precision(
         pytest.skip("this CPU has no native bf16 to build in")
     monkeypatch.setattr(capability, "bf16_faster", lambda: faster)
     monkeypatch.setattr(fastpath, "bf16_faster", lambda: faster)  # its warning's check
+    # where bf16 is not faster, 'auto' would take float16 products where they run: not here
+    monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: "not in this test")
     torch.manual_seed(0)
     model = resnext.create_model("resnext_tiny").eval()
     x = torch.randn(2, 3, 32, 32)
@@ -137,3 +151,19 @@ def test_optimize_auto_builds_in_the_faster_precision(
         err = ((fast(x) - model(x)).abs().max() / model(x).abs().max()).item()
     # float32: our kernels' bf16×3 products or oneDNN's, ~1e-6; bf16: 8 significant bits
     assert (err > 1e-4) is faster and err < 5e-2
+
+
+@pytest.mark.skipif(
+    pointwise_fp16.unavailable_reason() is not None,
+    reason=f"fp16 kernel unavailable: {pointwise_fp16.unavailable_reason()}",
+)
+def test_optimize_auto_takes_float16_products_where_bf16_is_not_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(capability, "bf16_faster", lambda: False)
+    torch.manual_seed(0)
+    model = resnext.create_model("resnext_tiny").eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = resnext.optimize(model, "auto", backend="none", example_input=x)
+    assert any(c.variant.startswith("fp16") for c in fast.pointwise_choices)
+    assert next(fast.parameters()).dtype == torch.float32

@@ -29,7 +29,7 @@ from resnext.evaluate.protocols import Protocol
 from resnext.evaluate.scoring import check_fast_path
 from resnext.inference.fast_backend import fast_backend
 from resnext.inference.loading import load_model
-from resnext.speed.capability import dtype_name, fastest_dtype
+from resnext.speed.capability import fastest_precision
 from resnext.train.distributed import broadcast_object
 
 
@@ -70,9 +70,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--optimize",
         choices=("off", "fp32", "bf16", "fp16", "auto"),
         default="off",
-        help="score with the fast path (resnext.optimize) in this precision (auto: bf16 where this "
-        "device runs it faster than fp32; fp16: fp32 with the 1x1s' products in float16, on CPUs "
-        "with AVX512-FP16); crop protocols only",
+        help="score with the fast path (resnext.optimize) in this precision (fp16: fp32 with the "
+        "1x1s' products in float16, on CPUs with AVX512-FP16; auto: bf16 where this device runs "
+        "it faster than fp32, else fp16 where it runs, else fp32); crop protocols only",
     )
     add_fast_backend(parser)
     add_no_timing_cache(parser)
@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
     precision = args.optimize
     if precision == "auto":
         # each process measures its own CPU; rank 0's choice scores every shard alike
-        precision = broadcast_object(dtype_name(fastest_dtype(torch.device(args.device))))
+        precision = broadcast_object(fastest_precision(torch.device(args.device)))
     fast = _fast_path(
         precision,
         loaded.model,

@@ -29,9 +29,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--optimize",
         choices=("off", "fp32", "bf16", "fp16", "auto"),
         default="off",
-        help="classify with the fast path (resnext.optimize) in this precision, on --device (auto: "
-        "bf16 where the device runs it faster than fp32; fp16: fp32 with the 1x1s' products in "
-        "float16, on CPUs with AVX512-FP16)",
+        help="classify with the fast path (resnext.optimize) in this precision, on --device (fp16: "
+        "fp32 with the 1x1s' products in float16, on CPUs with AVX512-FP16; auto: bf16 where the "
+        "device runs it faster than fp32, else fp16 where it runs, else fp32)",
     )
     add_fast_backend(parser)
     add_no_timing_cache(parser)

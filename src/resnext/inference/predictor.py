@@ -56,8 +56,8 @@ class Predictor:
     """A model with its preprocessing and class names, ready to classify images in batches.
 
     `optimize='fp32'`, `'bf16'`, `'fp16'` (float32 with the 1×1s' products in float16, on CPUs
-    with AVX512-FP16) or `'auto'` (bf16 where the device runs it faster than float32,
-    `capability.fastest_dtype`) classifies with `resnext.optimize`'s fast path on the device
+    with AVX512-FP16) or `'auto'` (bf16 where the device runs it faster than float32, else fp16
+    where its kernel runs, else fp32: `capability.fastest_precision`) classifies with `resnext.optimize`'s fast path on the device
     (BN folded, channels-last; on CPU our kernels where faster; `compile=True` also compiles it
     with inductor for `batch_size`, worth it for many images; `replay=True` instead replays its
     recorded kernel calls from one C loop, x86-64 Linux CPUs only: no compiling, and the lowest

@@ -146,6 +146,15 @@ def fastest_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if bf16_runs_on(device) and faster else torch.float32
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """'bf16' or 'fp32': the name the predictor and the commands use for a fast path's dtype."""
-    return "bf16" if dtype == torch.bfloat16 else "fp32"
+def fastest_precision(device: torch.device) -> str:
+    """The fast path's 'auto': 'bf16' where `fastest_dtype` takes bf16; else, on a CPU with the
+    float16 1×1 kernel (AVX512-FP16), 'fp16' (float32 with float16 products in the 1×1s, which
+    round less than bf16 does); else 'fp32'."""
+    if fastest_dtype(device) == torch.bfloat16:
+        return "bf16"
+    if device.type == "cpu":
+        from resnext.speed import pointwise_fp16  # lazily: its kernel is built on first use
+
+        if pointwise_fp16.unavailable_reason() is None:
+            return "fp16"
+    return "fp32"

@@ -15,7 +15,13 @@ from torch import nn
 from resnext.errors import ConfigError
 from resnext.speed import stem_fusion
 from resnext.speed.block_fusion import fuse_blocks
-from resnext.speed.capability import bf16_faster, bf16_runs_on, bf16_speedup, fastest_dtype
+from resnext.speed.capability import (
+    bf16_faster,
+    bf16_runs_on,
+    bf16_speedup,
+    fastest_dtype,
+    fastest_precision,
+)
 from resnext.speed.conv_x3_swap import (
     DenseOptions,
     prepack_convs,
@@ -272,8 +278,8 @@ def optimize(
     into the preceding convolutions, it is moved to channels_last and `dtype` ('fp16' is float32
     with the 1×1s' products in float16, `pointwise_fp16` below; bf16 only where
     the CPU has native bf16, else fp32 with a warning; a warning too where native bf16 measures
-    slower than fp32, `capability.bf16_faster`; 'auto' takes bf16 only where it is faster,
-    `capability.fastest_dtype`) and compiled with `backend`: 'inductor'
+    slower than fp32, `capability.bf16_faster`; 'auto' takes bf16 only where it is faster, else
+    'fp16' where the CPU has its kernel, else fp32, `capability.fastest_precision`) and compiled with `backend`: 'inductor'
     (torch.compile with freezing), 'jit' (torch.jit.trace + freeze), 'replay' (the eager fast
     path's kernel calls recorded once and replayed from C, `resnext.speed.replay`: no Python
     per layer, for the lowest batch-1 latency; CPU, x86-64 Linux) or 'none'. The compiled
@@ -418,6 +424,8 @@ def optimize(
     if target.type not in ("cpu", "cuda"):
         raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
     on_cpu = target.type == "cpu"
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = fastest_precision(target)
     dtype, pointwise_fp16 = float16_products(dtype, pointwise_fp16, on_cpu)
     dtype = resolve_dtype(dtype, target)
     if backend == "replay" and not on_cpu:
