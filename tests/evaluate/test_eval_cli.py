@@ -120,22 +120,26 @@ def test_eval_with_the_fast_path_scores_as_the_plain_model(
     assert reports["fp32"]["counts"] == reports["off"]["counts"]
 
 
-def test_eval_with_fp16_products_asks_optimize_for_them_and_reports_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _precisions_built(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The precisions `resnext.optimize` is asked for from now on (a list it appends to)."""
     from resnext.speed import fastpath
 
-    built = []
+    built: list[str] = []
     original = fastpath.optimize
     monkeypatch.setattr(
         fastpath, "optimize", lambda *a, **k: built.append(a[1]) or original(*a, **k)
     )
-    _image_folder(tmp_path)
-    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
-    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
+    return built
+
+
+def test_eval_with_fp16_products_asks_optimize_for_them_and_reports_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = _precisions_built(monkeypatch)
+    argv = _fast_path_argv(tmp_path)
     with warnings.catch_warnings():  # where the CPU has no float16 kernel: float32, warned
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert eval_cmd.run(_parse([*argv, "--optimize", "fp16", "--batch-size", "2"])) == 0
+        assert eval_cmd.run(_parse([*argv, "--optimize", "fp16"])) == 0
     assert json.loads(capsys.readouterr().out)["fast_path"] == "fp16"
     assert built == ["fp16"]
 
@@ -150,15 +154,8 @@ def test_eval_with_the_auto_fast_path_reports_the_precision_it_took(
         pytest.skip("this CPU has no native bf16 to score in")
     monkeypatch.setattr(capability, "bf16_faster", lambda: faster)
     monkeypatch.setattr(fastpath, "bf16_faster", lambda: faster)
-    built = []
-    original = fastpath.optimize
-    monkeypatch.setattr(
-        fastpath, "optimize", lambda *a, **k: built.append(a[1]) or original(*a, **k)
-    )
-    _image_folder(tmp_path)
-    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
-    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
-    assert eval_cmd.run(_parse([*argv, "--optimize", "auto", "--batch-size", "2"])) == 0
+    built = _precisions_built(monkeypatch)
+    assert eval_cmd.run(_parse([*_fast_path_argv(tmp_path), "--optimize", "auto"])) == 0
     fp16 = pointwise_fp16.unavailable_reason() is None  # float16 products where they run
     want = "bf16" if faster else "fp16" if fp16 else "fp32"
     assert json.loads(capsys.readouterr().out)["fast_path"] == want
