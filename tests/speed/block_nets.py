@@ -1,4 +1,5 @@
-"""Small float32 networks of 1×1 bottlenecks for the tests of the passes that swap kernels in."""
+"""Small float32 networks of 1×1 bottlenecks for the tests of the passes that swap kernels in,
+and what those passes fuse after each of their 1×1s."""
 
 from __future__ import annotations
 
@@ -35,3 +36,22 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x))
+
+
+# What a dense-kernel pass fuses after each 1×1 of `Net`'s blocks (and of any net with those
+# blocks), from the graph: the suffix the pass adds to its variant's name.
+EPILOGUES = {
+    "blocks.0.downsample.0": "",  # its add is the later 1×1's
+    "blocks.0.conv1": "+relu",
+    "blocks.0.conv3": "+add+relu, in place",  # over the projection's output
+    "blocks.1.conv1": "+relu",
+    "blocks.1.conv3": "+add+relu, in place",  # over x: read by conv1 before, then dead
+    "blocks.2.downsample.0": "",  # stride 2, as conv3
+    "blocks.2.conv1": "+relu",
+    "blocks.2.conv3": "+add+relu, in place",
+}
+
+
+def pointwise_choices(variant: str) -> dict[str, str]:
+    """{layer: variant name} a pass of `variant` makes when it takes every 1×1 of those blocks."""
+    return {name: variant + suffix for name, suffix in EPILOGUES.items()}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from block_nets import Bottleneck
+from block_nets import Bottleneck, pointwise_choices
 from tensor_checks import nhwc, rel_err
 from torch import nn
 
@@ -198,16 +198,7 @@ def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() 
     with torch.no_grad():
         want = model(x)
     choices = swap_convs_dot(model, x, mode="on")
-    assert {c.name: c.variant for c in choices} == {
-        "blocks.0.downsample.0": "dot",  # its add is the later 1×1's
-        "blocks.0.conv1": "dot+relu",
-        "blocks.0.conv3": "dot+add+relu, in place",  # over the projection's output
-        "blocks.1.conv1": "dot+relu",
-        "blocks.1.conv3": "dot+add+relu, in place",  # over x: read by conv1 before, then dead
-        "blocks.2.downsample.0": "dot",  # stride 2, as conv3
-        "blocks.2.conv1": "dot+relu",
-        "blocks.2.conv3": "dot+add+relu, in place",
-    }
+    assert {c.name: c.variant for c in choices} == pointwise_choices("dot")
     assert sum(isinstance(m, DotConv1x1) for m in model.modules()) == 8
     before = x.clone()
     with torch.no_grad():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from block_nets import Net
+from block_nets import Net, pointwise_choices
 from tensor_checks import fast_path_error, float16_products_conv1x1_bound, nhwc, rel_err
 from torch import nn
 
@@ -360,16 +360,7 @@ def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() 
     with torch.no_grad():
         want = model(x)
     choices = swap_convs_fp16(model, x, mode="on")
-    assert {c.name: c.variant for c in choices} == {
-        "blocks.0.downsample.0": "fp16",  # its add is the later 1×1's
-        "blocks.0.conv1": "fp16+relu",
-        "blocks.0.conv3": "fp16+add+relu, in place",  # over the projection's output
-        "blocks.1.conv1": "fp16+relu",
-        "blocks.1.conv3": "fp16+add+relu, in place",  # over x: read by conv1 before, then dead
-        "blocks.2.downsample.0": "fp16",  # stride 2, as conv3
-        "blocks.2.conv1": "fp16+relu",
-        "blocks.2.conv3": "fp16+add+relu, in place",
-    }
+    assert {c.name: c.variant for c in choices} == pointwise_choices("fp16")
     assert sum(isinstance(m, Fp16Conv1x1) for m in model.modules()) == 8
     before = x.clone()
     with torch.no_grad():

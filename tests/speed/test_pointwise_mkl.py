@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from block_nets import Net
+from block_nets import Net, pointwise_choices
 from tensor_checks import fast_path_error, float32_conv1x1_bound, nhwc, rel_err
 from torch import nn
 
@@ -213,16 +213,7 @@ def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() 
     with torch.no_grad():
         want = model(x)
     choices = swap_convs_mkl(model, x, mode="on")
-    assert {c.name: c.variant for c in choices} == {
-        "blocks.0.downsample.0": "mkl",  # its add is the later 1×1's
-        "blocks.0.conv1": "mkl+relu",
-        "blocks.0.conv3": "mkl+add+relu, in place",  # over the projection's output
-        "blocks.1.conv1": "mkl+relu",
-        "blocks.1.conv3": "mkl+add+relu, in place",  # over x: read by conv1 before, then dead
-        "blocks.2.downsample.0": "mkl",  # stride 2, as conv3
-        "blocks.2.conv1": "mkl+relu",
-        "blocks.2.conv3": "mkl+add+relu, in place",
-    }
+    assert {c.name: c.variant for c in choices} == pointwise_choices("mkl")
     assert sum(isinstance(m, MklConv1x1) for m in model.modules()) == 8
     before = x.clone()
     with torch.no_grad():
