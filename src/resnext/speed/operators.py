@@ -71,6 +71,25 @@ def pointwise_output_shape(
     return (n, out_channels, (h - 1) // stride + 1, (w - 1) // stride + 1)
 
 
+def pointwise_operands(
+    x: torch.Tensor,
+    out_channels: int,
+    stride: int,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    in_place: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x channels-last, output, residual) for a float32 1×1 kernel of `out_channels` outputs at
+    `stride`, after refusing by name a bias that is missing or not `out_channels` float32 values
+    (and the residual as `float32_output` does)."""
+    if bias is None:
+        raise ValueError(f"bias: expected {out_channels} float32 values, got None")
+    check_bias(bias, out_channels)
+    shape = pointwise_output_shape(tuple(x.shape), out_channels, stride)
+    y, residual = float32_output(x, shape, residual, in_place)
+    return x.contiguous(memory_format=torch.channels_last), y, residual
+
+
 def call_over_residual(
     functional: Callable[..., torch.Tensor],
     over_residual: Callable[..., object],

@@ -111,12 +111,7 @@ def run(
     c = _check_packed(packed, cin)
     if stride < 1:
         raise ValueError(f"stride: expected a positive integer, got {stride}")
-    if bias is None:
-        raise ValueError(f"bias: expected {c} float32 values, got None")
-    operators.check_bias(bias, c)
-    expected = operators.pointwise_output_shape(tuple(x.shape), c, stride)
-    y, residual = operators.float32_output(x, expected, residual, in_place)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x, y, residual = operators.pointwise_operands(x, c, stride, bias, residual, in_place)
     if y.numel():
         rc = _library().pointwise_fma(
             x.data_ptr(),

@@ -118,12 +118,7 @@ def run(
         )
     if not -126 <= exponent <= 126:
         raise ValueError(f"exponent: expected pack's scale exponent in [-126, 126], got {exponent}")
-    if bias is None:
-        raise ValueError(f"bias: expected {out_channels} float32 values, got None")
-    operators.check_bias(bias, out_channels)
-    expected = operators.pointwise_output_shape(tuple(x.shape), out_channels, stride)
-    y, residual = operators.float32_output(x, expected, residual, in_place)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x, y, residual = operators.pointwise_operands(x, out_channels, stride, bias, residual, in_place)
     rc = _library().pointwise_fp16(
         x.data_ptr(),
         packed.data_ptr(),

@@ -134,12 +134,7 @@ def run(
         )
     if packed.dtype != torch.uint8 or packed.dim() != 1 or not packed.is_contiguous():
         raise ValueError(f"packed: expected pointwise_mkl.pack's bytes, got {packed.dtype}")
-    if bias is None:
-        raise ValueError(f"bias: expected {out_channels} float32 values, got None")
-    operators.check_bias(bias, out_channels)
-    expected = operators.pointwise_output_shape(tuple(x.shape), out_channels, stride)
-    y, residual = operators.float32_output(x, expected, residual, in_place)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x, y, residual = operators.pointwise_operands(x, out_channels, stride, bias, residual, in_place)
     rc = _bound().pointwise_mkl(
         x.data_ptr(),
         packed.data_ptr(),
