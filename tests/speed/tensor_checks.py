@@ -89,3 +89,30 @@ def within_bf16_grouped_bound(
     summed = (9 * w.shape[1] + 2) * 2.0**-24 * mags
     bound = summed + 2.0**-8 * (expected.abs() + summed)
     return bool(((got.double() - expected).abs() <= bound).all())
+
+
+def float16_products_weight_grad_bound(
+    x: torch.Tensor, g: torch.Tensor, stride: int, block: int = 256
+) -> torch.Tensor:
+    """Each entry's error bound for a 1×1 convolution's weight gradient Gᵀ·X whose operands are
+    rounded to float16 after exact power-of-two scaling per block of `block` pixel rows (X below
+    32, G below 16), products summed in float16 in runs of 64 pixels and the runs in float32.
+    With u = 2^-11: each operand's rounding costs u of it, a run's float16 sum γ_64 (Higham §4.2)
+    and the float32 sum of P/64 + 1 runs (P/64 + 1)·2^-24. float16's subnormals cost, per pixel
+    in scaled units, at most 2^-25 of each operand times the other's bound and 2^-25 in the sum:
+    below 2^-19, or 2^-26·max|X_b|·max|G_b| unscaled (2^-ex ≤ max|X_b|/16, 2^-eg ≤ max|G_b|/8)."""
+    u = 2.0**-11
+    rows_x = x[:, :, ::stride, ::stride].permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()
+    rows_g = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]).double()
+    pixels = rows_x.shape[0]
+    gamma = 64 * u / (1 - 64 * u)
+    relative = (1 + u) ** 2 * (1 + gamma) * (1 + (pixels // 64 + 1) * 2.0**-24) - 1
+    mags = rows_g.abs().t() @ rows_x.abs()
+    subnormal = sum(
+        min(block, pixels - p0)
+        * 2.0**-26
+        * rows_x[p0 : p0 + block].abs().max()
+        * rows_g[p0 : p0 + block].abs().max()
+        for p0 in range(0, pixels, block)
+    )
+    return (relative * mags + subnormal)[:, :, None, None]

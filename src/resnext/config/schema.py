@@ -95,6 +95,10 @@ class TrainConfig:
     # by the fastest of oneDNN, one GEMM and our AVX512-BF16 product, timed per shape; an
     # identity block's two input gradients are summed inside one GEMM.
     gemm_weight_grad: bool = False
+    # With gemm_weight_grad, in float32: the 1x1 products may also run with float16 products and
+    # float32 sums (CPUs with AVX512-FP16, timed per shape like the others): faster where
+    # float16's FMAs do twice float32's work, float16-precise rather than float32-exact.
+    fp16_products: bool = False
     # CPU training fast path: max pooling with one-byte argmax taps instead of int64 indices.
     fast_maxpool: bool = False
     # GPU training fast path: each grouped convolution computed as one of fewer, wider groups

@@ -115,6 +115,16 @@ def validate(cfg: Config) -> Config:
                 f"train.{key}: the {what} read channels-last tensors; "
                 "set train.channels_last: true as well"
             )
+    if t.fp16_products and not t.gemm_weight_grad:
+        raise ConfigError(
+            "train.fp16_products: the float16 products are one of the 1×1 products "
+            "train.gemm_weight_grad chooses between; set train.gemm_weight_grad: true as well"
+        )
+    if t.fp16_products and t.amp not in ("none", "auto"):
+        raise ConfigError(
+            f"train.fp16_products: float16 products replace float32 ones; expected train.amp "
+            f"'none' or 'auto' (float32 where bf16 is not faster), got {t.amp!r}"
+        )
     if t.merge_groups and t.grouped_kernels:
         raise ConfigError(
             "train.merge_groups: the GPU's merged groups and the CPU's grouped kernels replace "

@@ -49,6 +49,8 @@ def load(source: Path = SOURCE) -> ctypes.CDLL:
     lib.pointwise_fp16_pack.restype = ctypes.c_int
     lib.pointwise_fp16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 9
     lib.pointwise_fp16.restype = ctypes.c_int
+    lib.pointwise_fp16_wgrad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7
+    lib.pointwise_fp16_wgrad.restype = ctypes.c_int
     return lib
 
 
@@ -68,23 +70,34 @@ def takes(out_channels: int) -> bool:
     return out_channels >= PANEL and out_channels % PANEL == 0
 
 
-def pack(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+def pack(weight: torch.Tensor, transposed: bool = False) -> tuple[torch.Tensor, int]:
     """A (C_out, C_in, 1, 1) float32 weight as the kernel's float16 panels, scaled by 2^e so that
-    its largest magnitude lies in [0.5, 1), and e."""
+    its largest magnitude lies in [0.5, 1), and e. With `transposed`, the panels of its transpose
+    (C_in outputs, C_out inputs: the weight of the convolution's input gradient)."""
     if weight.dim() != 4 or weight.shape[2:] != (1, 1):
         raise ValueError(f"weight: expected a (C, Cin, 1, 1) weight, got {tuple(weight.shape)}")
-    out_ch, in_ch = weight.shape[:2]
+    rows, columns = weight.shape[:2]
+    out_ch, in_ch = (columns, rows) if transposed else (rows, columns)
     if not takes(out_ch):
-        raise ValueError(f"weight: expected a multiple of {PANEL} output channels, got {out_ch}")
-    w = weight.detach().float().reshape(out_ch, in_ch).contiguous()
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("weight: expected finite values, got an infinity or NaN")
+        raise ValueError(
+            f"weight: expected a multiple of {PANEL} "
+            + ("input channels (transposed)" if transposed else "output channels")
+            + f", got {out_ch}"
+        )
+    w = weight.detach().float().reshape(rows, columns)
+    # Panel p holds, for each input channel, its 32 outputs 32p..32p+31 side by side.
+    if transposed:
+        panels = w.reshape(in_ch, out_ch // PANEL, PANEL).transpose(0, 1).contiguous()
+    else:
+        panels = w.reshape(out_ch // PANEL, PANEL, in_ch).transpose(1, 2).contiguous()
     packed = torch.empty(out_ch * in_ch, dtype=torch.float16)
     exponent = ctypes.c_int(0)
+    # The sizes are checked above: the kernel refuses only a non-finite value (its scan is ~8x
+    # faster than torch.isfinite's, and packing runs on every training step).
     if _library().pointwise_fp16_pack(
-        w.data_ptr(), packed.data_ptr(), out_ch, in_ch, ctypes.byref(exponent)
+        panels.data_ptr(), packed.data_ptr(), out_ch, in_ch, ctypes.byref(exponent)
     ):
-        raise RuntimeError(f"pointwise_fp16 refused to pack a {out_ch}×{in_ch} weight")
+        raise ValueError("weight: expected finite values, got an infinity or NaN")
     return packed, exponent.value
 
 
@@ -141,6 +154,40 @@ def run(
             + (" (no memory for its buffers)" if rc == 2 else "")
         )
     return y
+
+
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """The weight gradient (C_out, C_in, 1, 1) of a bias-free float32 1×1 convolution of `x` at
+    `stride`, given its output's gradient `grad`, with float16 products and float32 sums
+    (`pointwise_fp16_wgrad`; C_out a multiple of 32)."""
+    operators.check_no_grad("pointwise_fp16.weight_grad", x, grad)
+    operators.check_float32_4d("x", x)
+    operators.check_float32_4d("grad", grad)
+    if stride < 1:
+        raise ValueError(f"stride: expected a positive integer, got {stride}")
+    n, cin, h, w = x.shape
+    out_shape = operators.pointwise_output_shape(tuple(x.shape), grad.shape[1], stride)
+    if tuple(grad.shape) != out_shape:
+        raise ValueError(
+            f"grad: expected the output's shape {out_shape} for x {tuple(x.shape)} at stride "
+            f"{stride}, got {tuple(grad.shape)}"
+        )
+    cout = grad.shape[1]
+    if not takes(cout):
+        raise ValueError(f"grad: expected a multiple of {PANEL} channels, got {cout}")
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    dw = torch.empty(cout, cin, 1, 1)
+    rc = _library().pointwise_fp16_wgrad(
+        x.data_ptr(), grad.data_ptr(), dw.data_ptr(), n, h, w, cin, cout, stride,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(
+            f"pointwise_fp16_wgrad refused {tuple(x.shape)} → {cout}, stride {stride}"
+            + (" (no memory for its buffers)" if rc == 2 else "")
+        )
+    return dw
 
 
 def _output_shape(

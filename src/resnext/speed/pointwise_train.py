@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from resnext.speed import autotune, pointwise_fma, pointwise_gemm, pointwise_wgrad_amx
+from resnext.speed import (
+    autotune,
+    pointwise_fma,
+    pointwise_fp16,
+    pointwise_gemm,
+    pointwise_wgrad_amx,
+)
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
 # bf16, and float32, where oneDNN, the GEMM and our FMA product compete: MKL's float32 GEMM lost
@@ -70,6 +76,33 @@ def fma_product(
     return pointwise_fma.run(x, pointwise_fma.pack(w), bias, stride, residual=add)
 
 
+def fp16_product_applies(fp16: bool, dtype: torch.dtype, out_channels: int) -> bool:
+    """Whether float16 products (`kernels/pointwise_fp16.c`, asked for with `fp16`) compute a
+    float32 product with `out_channels` outputs here."""
+    return (
+        fp16
+        and dtype == torch.float32
+        and pointwise_fp16.takes(out_channels)
+        and pointwise_fp16.unavailable_reason() is None
+    )
+
+
+def fp16_product(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stride: int,
+    add: torch.Tensor | None = None,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """conv2d(x, w or its transpose, stride) (+ `add`) of a bias-free float32 1×1 weight `w`
+    with float16 products, `add` summed in as it writes; packed on every call, as the weight
+    changes every step."""
+    packed, exponent = pointwise_fp16.pack(w, transposed)
+    out_channels = w.shape[1] if transposed else w.shape[0]
+    bias = torch.zeros(out_channels)
+    return pointwise_fp16.run(x, packed, exponent, out_channels, bias, stride, residual=add)
+
+
 def our_weight_grad_applies(x: torch.Tensor) -> bool:
     """Whether `pointwise_gemm.weight_grad` computes the weight gradient for input `x`."""
     return (
@@ -79,8 +112,9 @@ def our_weight_grad_applies(x: torch.Tensor) -> bool:
     )
 
 
-def _key(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple:
-    return (tuple(x.shape), tuple(weight.shape[:2]), stride, x.dtype)
+def _key(x: torch.Tensor, weight: torch.Tensor, stride: int, fp16: bool) -> tuple:
+    # fp16: the float16 products compete, so a choice made without them is not reused with them
+    return (tuple(x.shape), tuple(weight.shape[:2]), stride, x.dtype) + (("fp16",) if fp16 else ())
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -152,9 +186,10 @@ def _onednn_backward(
 
 
 def forward_candidates(
-    x: torch.Tensor, weight: torch.Tensor, w: torch.Tensor, stride: int
+    x: torch.Tensor, weight: torch.Tensor, w: torch.Tensor, stride: int, fp16: bool = False
 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """The forward's implementations (`w` is `weight` in x's dtype), oneDNN's first."""
+    """The forward's implementations (`w` is `weight` in x's dtype), oneDNN's first; with
+    `fp16`, float16 products among them."""
     candidates = {
         "onednn": lambda: F.conv2d(x, w, None, stride).contiguous(memory_format=torch.channels_last)
     }
@@ -167,13 +202,20 @@ def forward_candidates(
         )
     if fma_product_applies(x.dtype, w, stride):
         candidates["ours-fma"] = lambda: fma_product(x, w, stride)
+    if fp16_product_applies(fp16, x.dtype, w.shape[0]):
+        candidates["ours-fp16"] = lambda: fp16_product(x, w, stride)
     return candidates
 
 
 def input_grad_candidates(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, w: torch.Tensor, stride: int
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w: torch.Tensor,
+    stride: int,
+    fp16: bool = False,
 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """The input gradient's implementations, oneDNN's first."""
+    """The input gradient's implementations, oneDNN's first; with `fp16`, float16 products."""
     candidates = {"onednn": lambda: _onednn_backward(grad, x, w, stride, 0)}
     if stride == 1:
         candidates["gemm"] = lambda: gemm_input_grad(grad, w, x)
@@ -183,13 +225,17 @@ def input_grad_candidates(
         )
     if stride == 1 and fma_product_applies(grad.dtype, w.transpose(0, 1), 1):
         candidates["ours-fma"] = lambda: fma_product(grad, w.transpose(0, 1), 1)
+    if fp16_product_applies(fp16, grad.dtype, w.shape[1]):
+        candidates["ours-fp16"] = lambda: spread(
+            fp16_product(grad, w, 1, transposed=True), x, stride
+        )
     return candidates
 
 
 def weight_grad_candidates(
-    grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int
+    grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, fp16: bool = False
 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """The weight gradient's implementations, oneDNN's first."""
+    """The weight gradient's implementations, oneDNN's first; with `fp16`, float16 products."""
     candidates = {
         "onednn": lambda: _onednn_backward(grad, x, w, stride, 1),
         "gemm": lambda: gemm_weight_grad(x, grad, stride),
@@ -198,6 +244,8 @@ def weight_grad_candidates(
         candidates["ours"] = lambda: pointwise_gemm.weight_grad(x[:, :, ::stride, ::stride], grad)
     if pointwise_wgrad_amx.unavailable_reason() is None and pointwise_wgrad_amx.applies(x, grad):
         candidates["ours-amx"] = lambda: pointwise_wgrad_amx.weight_grad(x, grad, stride)
+    if fp16_product_applies(fp16, x.dtype, w.shape[0]):
+        candidates["ours-fp16"] = lambda: pointwise_fp16.weight_grad(x, grad, stride)
     return candidates
 
 
@@ -207,11 +255,12 @@ def fork_input_grad_candidates(
     x: torch.Tensor,
     weight: torch.Tensor,
     w: torch.Tensor,
+    fp16: bool = False,
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """The input gradient of a stride-1 1×1 convolution plus the gradient that reached its input
     along the block's shortcut: oneDNN's then an addition (what autograd does for a tensor used
     twice), or one product that adds the shortcut's gradient as it writes (one GEMM; in bf16 our
-    product, the sum rounded once)."""
+    product, the sum rounded once; with `fp16`, float16 products)."""
     candidates = {
         "onednn": lambda: _onednn_backward(grad, x, w, 1, 0) + shortcut_grad,
         "gemm": lambda: gemm_input_grad(grad, w, x, add=shortcut_grad),
@@ -226,18 +275,25 @@ def fork_input_grad_candidates(
         )
     if fma_product_applies(grad.dtype, w.transpose(0, 1), 1):
         candidates["ours-fma"] = lambda: fma_product(grad, w.transpose(0, 1), 1, shortcut_grad)
+    if fp16_product_applies(fp16, grad.dtype, w.shape[1]):
+        candidates["ours-fp16"] = lambda: fp16_product(grad, w, 1, shortcut_grad, transposed=True)
     return candidates
 
 
 def _forward(
-    ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, stride: int
+    ctx: torch.autograd.function.FunctionCtx,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int,
+    fp16: bool,
 ) -> torch.Tensor:
     """The chosen forward; saves x, the parameter and its cast for the backward."""
     ctx.weight_dtype = weight.dtype
+    ctx.fp16 = fp16
     w = weight.to(x.dtype)
     ctx.save_for_backward(x, weight, w)
-    key = _key(x, weight, stride)
-    return autotune.run("conv1x1.forward", key, forward_candidates(x, weight, w, stride))
+    key = _key(x, weight, stride, fp16)
+    return autotune.run("conv1x1.forward", key, forward_candidates(x, weight, w, stride, fp16))
 
 
 def _weight_grad(
@@ -249,21 +305,25 @@ def _weight_grad(
     stride: int,
 ) -> torch.Tensor:
     """The chosen weight gradient, in the parameter's dtype."""
-    candidates = weight_grad_candidates(grad, x, w, stride)
-    dw = autotune.run("conv1x1.weight_grad", _key(x, weight, stride), candidates)
+    candidates = weight_grad_candidates(grad, x, w, stride, ctx.fp16)
+    dw = autotune.run("conv1x1.weight_grad", _key(x, weight, stride, ctx.fp16), candidates)
     return dw.to(ctx.weight_dtype)
 
 
 class _PointwiseConv(torch.autograd.Function):
     """conv2d(x, weight, stride) with a 1×1 weight; each product by the implementation that
-    `autotune` found fastest for this shape."""
+    `autotune` found fastest for this shape (float16 products among them if `fp16`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, stride: int
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        stride: int,
+        fp16: bool,
     ) -> torch.Tensor:
         ctx.stride = stride
-        return _forward(ctx, x, weight, stride)
+        return _forward(ctx, x, weight, stride, fp16)
 
     @staticmethod
     @once_differentiable
@@ -276,11 +336,12 @@ class _PointwiseConv(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[:2]
         dx = dw = None
         if want_x:
-            candidates = input_grad_candidates(grad, x, weight, w, stride)
-            dx = autotune.run("conv1x1.input_grad", _key(x, weight, stride), candidates)
+            candidates = input_grad_candidates(grad, x, weight, w, stride, ctx.fp16)
+            key = _key(x, weight, stride, ctx.fp16)
+            dx = autotune.run("conv1x1.input_grad", key, candidates)
         if want_w:
             dw = _weight_grad(ctx, grad, x, weight, w, stride)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 class _PointwiseConvFork(torch.autograd.Function):
@@ -290,9 +351,9 @@ class _PointwiseConvFork(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, fp16: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        y = _forward(ctx, x, weight, 1)
+        y = _forward(ctx, x, weight, 1, fp16)
         return y, x.view_as(x)  # a view: autograd hands its gradient to backward separately
 
     @staticmethod
@@ -304,29 +365,34 @@ class _PointwiseConvFork(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         x, weight, w = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad[:2]
-        key = _key(x, weight, 1)
+        fp16 = ctx.fp16
+        key = _key(x, weight, 1, fp16)
         if grad is None:  # only the shortcut was used
-            return shortcut_grad if want_x else None, None
+            return shortcut_grad if want_x else None, None, None
         grad = grad.contiguous(memory_format=torch.channels_last)
         dx = dw = None
         if want_x and shortcut_grad is None:
             dx = autotune.run(
-                "conv1x1.input_grad", key, input_grad_candidates(grad, x, weight, w, 1)
+                "conv1x1.input_grad", key, input_grad_candidates(grad, x, weight, w, 1, fp16)
             )
         elif want_x:
             shortcut_grad = shortcut_grad.contiguous(memory_format=torch.channels_last)
-            candidates = fork_input_grad_candidates(grad, shortcut_grad, x, weight, w)
+            candidates = fork_input_grad_candidates(grad, shortcut_grad, x, weight, w, fp16)
             dx = autotune.run("conv1x1.input_grad+shortcut", key, candidates)
         if want_w:
             dw = _weight_grad(ctx, grad, x, weight, w, 1)
-        return dx, dw
+        return dx, dw, None
 
 
 class TrainingPointwiseConv2d(TrainingFastConv2d):
     """A 1×1 Conv2d whose training products each run the fastest implementation for its shape."""
 
+    # Whether float16 products (float32 in and out, `pointwise_fp16`) compete for float32
+    # products: set by the subclass `use_gemm_weight_grad(model, fp16_products=True)` swaps in.
+    fp16_products = False
+
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _PointwiseConv.apply(x, self.weight, self.stride[0])
+        return _PointwiseConv.apply(x, self.weight, self.stride[0], self.fp16_products)
 
     def fork(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(x), x) for a block whose shortcut also takes x (as it is, or through a projection):
@@ -336,7 +402,7 @@ class TrainingPointwiseConv2d(TrainingFastConv2d):
         if dtype is None or dtype != x.dtype or self.stride != (1, 1):
             return self(x), x  # casting x here would change the shortcut's dtype too
         with torch.autocast("cpu", enabled=False):
-            return _PointwiseConvFork.apply(x, self.weight)
+            return _PointwiseConvFork.apply(x, self.weight, self.fp16_products)
 
     def _fast_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype the fast path computes `x` in (autocast's, else x's), or None for torch's."""
@@ -362,11 +428,22 @@ def takes_module(conv: nn.Module) -> bool:
     )
 
 
-def use_gemm_weight_grad(model: nn.Module) -> int:
-    """Make every 1×1 `nn.Conv2d` the fast path takes a `TrainingPointwiseConv2d`; how many."""
-    return swap_class(model, nn.Conv2d, TrainingPointwiseConv2d, takes_module)
+class Fp16TrainingPointwiseConv2d(TrainingPointwiseConv2d):
+    """`TrainingPointwiseConv2d` whose float32 products may also run with float16 products and
+    float32 sums (`pointwise_fp16`), where they time faster: float16-precise, not float32-exact."""
+
+    fp16_products = True
+
+
+def use_gemm_weight_grad(model: nn.Module, fp16_products: bool = False) -> int:
+    """Make every 1×1 `nn.Conv2d` the fast path takes a `TrainingPointwiseConv2d` (with
+    `fp16_products`, the float16-products class); how many."""
+    new = Fp16TrainingPointwiseConv2d if fp16_products else TrainingPointwiseConv2d
+    return swap_class(model, nn.Conv2d, new, takes_module)
 
 
 def use_plain_pointwise_conv(model: nn.Module) -> int:
     """Undo `use_gemm_weight_grad`: every `TrainingPointwiseConv2d` becomes an `nn.Conv2d` again."""
-    return swap_class(model, TrainingPointwiseConv2d, nn.Conv2d)
+    return swap_class(model, TrainingPointwiseConv2d, nn.Conv2d) + swap_class(
+        model, Fp16TrainingPointwiseConv2d, nn.Conv2d
+    )

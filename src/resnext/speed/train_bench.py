@@ -40,6 +40,9 @@ VARIANTS = (
     "cl-fp32-grouped-gemm",
     "cl-fp32-fused-grouped-gemm",
     "cl-fp32-fused-grouped-gemm-pool",
+    # the float32 1×1 products may run with float16 products where faster (`train.fp16_products`)
+    "cl-fp32-fused-grouped-gemm-fp16",
+    "cl-fp32-fused-grouped-gemm-fp16-pool",
     "cl-fp32-compile",
     "cl-fp32-ckpt",
 )
@@ -83,6 +86,7 @@ def make_step(
         grouped_kernels="-grouped" in variant,
         gemm_weight_grad="-gemm" in variant,
         fast_maxpool=variant.endswith("-pool"),
+        fp16_products="-fp16" in variant,
     )
     # -ckpt: each block's activations recomputed in backward (`train.grad_checkpointing`)
     model.set_grad_checkpointing(variant.endswith("-ckpt"))

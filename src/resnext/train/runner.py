@@ -163,6 +163,7 @@ def _run(
         grouped_kernels=cfg.train.grouped_kernels,
         gemm_weight_grad=cfg.train.gemm_weight_grad,
         fast_maxpool=cfg.train.fast_maxpool,
+        fp16_products=cfg.train.fp16_products,
     )
     # `auto` measures bf16 against float32 on each process's CPU; one precision for the job
     amp_dtype = broadcast_object(resolve_amp(cfg.train.amp, info.device))

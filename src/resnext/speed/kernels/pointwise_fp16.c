@@ -37,6 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "scratch.h"
+
 enum { PANEL = 32, TILE = 12, RUN = 64, CHUNK = 256, MAX_ROWS = 96 };
 /* the float32 sums a block keeps in its thread's buffer: at most this many floats */
 enum { SUMS = 131072 };
@@ -85,35 +87,20 @@ static uint32_t largest_bits(const float *v, long n) {
   return largest; /* >= 0x7f800000: an infinity or NaN among them */
 }
 
-/* Pack `w` (n × k row-major float32: C_out × C_in) as float16 panels scaled by 2^exponent into
- * `dest` (n × k halves); 0, or 1 for bad sizes or a non-finite weight. */
-int pointwise_fp16_pack(const float *w, _Float16 *dest, int n, int k, int *exponent) {
+/* Pack the weight, given in panel order (n / 32 panels, each k × 32 float32: panel p's row c holds
+ * output channels 32p..32p+31 of input channel c), as float16 scaled by 2^exponent into `dest`
+ * (n × k halves, the same order); 0, or 1 for bad sizes or a non-finite weight. */
+int pointwise_fp16_pack(const float *panels, _Float16 *dest, int n, int k, int *exponent) {
   if (n < PANEL || n % PANEL || k < 1) return 1;
-  const uint32_t largest = largest_bits(w, (long)n * k);
+  const long count = (long)n * k; /* a multiple of 32 */
+  const uint32_t largest = largest_bits(panels, count);
   if (largest >= 0x7f800000u) return 1;
   const int e = scale_exponent(largest, 0);
-  const float scale = power_of_two(e);
-  for (int p = 0; p < n / PANEL; ++p)
-    for (int c = 0; c < k; ++c)
-      for (int j = 0; j < PANEL; ++j)
-        dest[((long)p * k + c) * PANEL + j] = (_Float16)(w[(long)(p * PANEL + j) * k + c] * scale);
+  const __m512 scale = _mm512_set1_ps(power_of_two(e));
+  for (long i = 0; i < count; i += 16)
+    _mm256_storeu_ph(dest + i, _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(panels + i), scale)));
   *exponent = e;
   return 0;
-}
-
-/* The calling thread's buffers (grown as needed and kept: every call needs them). */
-static _Thread_local void *buffer_ = NULL;
-static _Thread_local size_t buffer_bytes_ = 0;
-
-static void *thread_buffer(size_t bytes) {
-  if (bytes > buffer_bytes_) {
-    void *grown = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    if (!grown) return NULL;
-    free(buffer_);
-    buffer_ = grown;
-    buffer_bytes_ = bytes;
-  }
-  return buffer_;
 }
 
 /* sums (R pixels × 32, stride ld) (+)= the tile's runs over `chunk` input channels × one panel
@@ -235,7 +222,7 @@ static int run_part(const Input *in, const _Float16 *packed, int weight_exponent
   int block = (int)(SUMS / ld) / TILE * TILE;
   block = block > MAX_ROWS ? MAX_ROWS : block < TILE ? TILE : block;
   const size_t a_halves = (size_t)(block / TILE) * runs * TILE * RUN;
-  char *buffer = thread_buffer(a_halves * sizeof(_Float16) + (size_t)block * ld * sizeof(float));
+  char *buffer = scratch(0, a_halves * sizeof(_Float16) + (size_t)block * ld * sizeof(float));
   if (!buffer) return 2;
   float *sums = (float *)buffer;
   _Float16 *a = (_Float16 *)(buffer + (size_t)block * ld * sizeof(float));
@@ -305,4 +292,165 @@ int pointwise_fp16(const float *x, const _Float16 *packed, const float *bias, co
     }
   }
   return failed;
+}
+
+/* The weight gradient dW = Gᵀ·X of the same convolution, with float16 products.
+ *
+ * G holds the output's gradient as pixel rows (rows × n, row-major) and X the input's pixels the
+ * convolution read (every `stride`-th). The reduction runs over the pixels, in blocks of up to
+ * WG_BLOCK rows that all threads take together: each thread scans, then converts, its share of
+ * the block's rows (X scaled by 2^ex so that its largest magnitude lies in [16, 32), G by 2^eg
+ * into [8, 16): a product is below 512 and a run of 64 below 32768, in float16's range), then
+ * computes its panels of 32 output channels over the whole block. The scales are the block's, so
+ * the result is the same on any number of threads. A register tile holds 12 input channels × 32
+ * outputs: per pixel one G vector and 12 FMAs with X's values broadcast from their row. Each run
+ * of 64 pixels' float16 sums is scaled back and added to float32 sums Gᵀ·X (C_in × n, the output
+ * channels contiguous), written transposed to dW at the end. A block holding an infinity or NaN
+ * is summed in float32 instead. Two barriers a block; the converted block is double-buffered so
+ * that one thread may convert the next while the other still computes. */
+enum { WG_BLOCK = 256, WG_X_TOP = 5, WG_G_TOP = 4 };
+
+/* sums (R input channels × 32, stride ld) += the products over `pixels` rows of xa (R values of
+ * each row, rows ldx apart) and g (one 32-vector a row), in runs of 64 scaled back by ux · ug. */
+static inline __attribute__((always_inline)) void wgrad_tile(int R, const _Float16 *xa, long ldx,
+                                                              const _Float16 *g, int pixels,
+                                                              float *sums, long ld, __m512 ux,
+                                                              __m512 ug) {
+  for (int p0 = 0; p0 < pixels; p0 += RUN) {
+    const int run = pixels - p0 < RUN ? pixels - p0 : RUN;
+    __m512h acc[TILE];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ph();
+    for (int p = p0; p < p0 + run; ++p) {
+      const __m512h gv = _mm512_load_ph(g + (long)p * PANEL);
+      const _Float16 *xr = xa + (long)p * ldx;
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ph(_mm512_set1_ph(xr[r]), gv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      float *s = sums + r * ld;
+      const __m512i bits = _mm512_castph_si512(acc[r]);
+      __m512 lo = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(bits)));
+      __m512 hi = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(bits, 1)));
+      lo = _mm512_mul_ps(_mm512_mul_ps(lo, ux), ug); /* two exact power-of-two products */
+      hi = _mm512_mul_ps(_mm512_mul_ps(hi, ux), ug);
+      _mm512_store_ps(s, _mm512_add_ps(_mm512_load_ps(s), lo));
+      _mm512_store_ps(s + 16, _mm512_add_ps(_mm512_load_ps(s + 16), hi));
+    }
+  }
+}
+
+static void wgrad_tile_any(int R, const _Float16 *xa, long ldx, const _Float16 *g, int pixels,
+                           float *sums, long ld, __m512 ux, __m512 ug) {
+  switch (R) {
+#define WG_CASE(n) \
+  case n:          \
+    wgrad_tile(n, xa, ldx, g, pixels, sums, ld, ux, ug); \
+    break;
+    WG_CASE(1) WG_CASE(2) WG_CASE(3) WG_CASE(4) WG_CASE(5) WG_CASE(6)
+    WG_CASE(7) WG_CASE(8) WG_CASE(9) WG_CASE(10) WG_CASE(11) WG_CASE(12)
+#undef WG_CASE
+  }
+}
+
+/* sums[:, columns [o0, o1)] += Σ over rows [p0, p0 + rows) of xᵀ·g in float32 (a block with an
+ * infinity or NaN: they land where float32's would). */
+static void wgrad_float32(const Input *in, const float *g, int n, long p0, int rows, int o0,
+                          int o1, float *sums) {
+  const int k = in->k;
+  for (int r = 0; r < rows; ++r) {
+    const float *xr = pixel_row(in, p0 + r), *gr = g + (p0 + r) * (long)n;
+    for (int i = 0; i < k; ++i)
+      for (int o = o0; o < o1; ++o) sums[(long)i * n + o] += xr[i] * gr[o];
+  }
+}
+
+/* dw (n × k row-major float32: C_out × C_in) = Σ over the output pixels of g[p]ᵀ·x[p], for a
+ * channels-last x read as pointwise_fp16 reads it and g (output pixels × n, row-major). */
+int pointwise_fp16_wgrad(const float *x, const float *g, float *dw, int images, int height,
+                         int width, int k, int n, int stride, int threads) {
+  if (images < 1 || height < 1 || width < 1 || k < 1 || n < PANEL || n % PANEL || stride < 1 ||
+      threads < 1)
+    return 1;
+  Input in = {x, height, width, (height - 1) / stride + 1, (width - 1) / stride + 1, stride, k};
+  const long rows = images * in.out_h * in.out_w;
+  const int panels = n / PANEL;
+  if (threads > panels) threads = panels;
+  /* Shared: the float32 sums (k × n), two converted blocks of X (rows × k) and G (panels of
+   * rows × 32), and each thread's largest magnitudes of X and G in the block. */
+  const long ldx = (k + 31) / 32 * 32; /* rows 64-byte aligned */
+  const size_t sums_bytes = (size_t)k * n * sizeof(float);
+  const size_t x_halves = (size_t)WG_BLOCK * ldx, g_halves = (size_t)WG_BLOCK * n;
+  char *shared = scratch(1, sums_bytes + 2 * (x_halves + g_halves) * sizeof(_Float16));
+  if (!shared) return 2;
+  float *sums = (float *)shared;
+  _Float16 *xh[2], *gh[2];
+  xh[0] = (_Float16 *)(shared + sums_bytes);
+  xh[1] = xh[0] + x_halves;
+  gh[0] = xh[1] + x_halves;
+  gh[1] = gh[0] + g_halves;
+  uint32_t largest[2][64][2]; /* [buffer][thread][X or G] */
+  if (threads > 64) threads = 64;
+  memset(sums, 0, sums_bytes);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), count = omp_get_num_threads();
+    const int first = panels * t / count, last = panels * (t + 1) / count;
+    int buffer = 0;
+    for (long p0 = 0; p0 < rows; p0 += WG_BLOCK, buffer ^= 1) {
+      const int block = rows - p0 < WG_BLOCK ? (int)(rows - p0) : WG_BLOCK;
+      const int r0 = block * t / count, r1 = block * (t + 1) / count;
+      uint32_t lx = 0, lg = 0;
+      for (int r = r0; r < r1; ++r) {
+        const uint32_t bx = largest_bits(pixel_row(&in, p0 + r), k);
+        const uint32_t bg = largest_bits(g + (p0 + r) * (long)n, n);
+        lx = bx > lx ? bx : lx;
+        lg = bg > lg ? bg : lg;
+      }
+      largest[buffer][t][0] = lx;
+      largest[buffer][t][1] = lg;
+#pragma omp barrier
+      lx = lg = 0;
+      for (int u = 0; u < count; ++u) {
+        lx = largest[buffer][u][0] > lx ? largest[buffer][u][0] : lx;
+        lg = largest[buffer][u][1] > lg ? largest[buffer][u][1] : lg;
+      }
+      const int finite = lx < 0x7f800000u && lg < 0x7f800000u;
+      const int ex = scale_exponent(lx, WG_X_TOP), eg = scale_exponent(lg, WG_G_TOP);
+      if (finite) {
+        const __m512 sx = _mm512_set1_ps(power_of_two(ex)), sg = _mm512_set1_ps(power_of_two(eg));
+        for (int r = r0; r < r1; ++r) {
+          const float *src = pixel_row(&in, p0 + r);
+          _Float16 *dst = xh[buffer] + r * ldx;
+          int c = 0;
+          for (; c + 16 <= k; c += 16)
+            _mm256_store_ph(dst + c, _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + c), sx)));
+          for (; c < k; ++c) dst[c] = (_Float16)(src[c] * power_of_two(ex));
+          const float *gr = g + (p0 + r) * (long)n;
+          for (int q = 0; q < panels; ++q)
+            for (int c16 = 0; c16 < PANEL; c16 += 16)
+              _mm256_store_ph(gh[buffer] + ((long)q * WG_BLOCK + r) * PANEL + c16,
+                              _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(gr + q * PANEL + c16), sg)));
+        }
+      }
+#pragma omp barrier
+      if (!finite) {
+        wgrad_float32(&in, g, n, p0, block, first * PANEL, last * PANEL, sums);
+        continue;
+      }
+      const __m512 ux = _mm512_set1_ps(power_of_two(-ex)), ug = _mm512_set1_ps(power_of_two(-eg));
+      for (int q = first; q < last; ++q)
+        for (int i0 = 0; i0 < k; i0 += TILE)
+          wgrad_tile_any(k - i0 < TILE ? k - i0 : TILE, xh[buffer] + i0, ldx,
+                         gh[buffer] + (long)q * WG_BLOCK * PANEL, block,
+                         sums + (long)i0 * n + q * PANEL, n, ux, ug);
+    }
+    /* dW's rows of this thread's panels, transposed from the sums 16 × 16 at a time (whole
+     * rows at a time would read one value of each of k cache lines per output row) */
+    for (int o0 = first * PANEL; o0 < last * PANEL; o0 += 16)
+      for (int i0 = 0; i0 < k; i0 += 16) {
+        const int i1 = k - i0 < 16 ? k : i0 + 16;
+        for (int o = o0; o < o0 + 16; ++o)
+          for (int i = i0; i < i1; ++i) dw[(long)o * k + i] = sums[(long)i * n + o];
+      }
+  }
+  return 0;
 }
