@@ -92,7 +92,7 @@ def within_bf16_grouped_bound(
 
 
 def float16_products_weight_grad_bound(
-    x: torch.Tensor, g: torch.Tensor, stride: int, block: int = 256
+    x: torch.Tensor, g: torch.Tensor, stride: int, block: int
 ) -> torch.Tensor:
     """Each entry's error bound for a 1×1 convolution's weight gradient Gᵀ·X whose operands are
     rounded to float16 after exact power-of-two scaling per block of `block` pixel rows (X below

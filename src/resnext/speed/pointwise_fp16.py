@@ -159,7 +159,7 @@ def run(
 def weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """The weight gradient (C_out, C_in, 1, 1) of a bias-free float32 1×1 convolution of `x` at
     `stride`, given its output's gradient `grad`, with float16 products and float32 sums
-    (`pointwise_fp16_wgrad`; C_out a multiple of 32)."""
+    (`pointwise_fp16_wgrad`; C_in a multiple of 32)."""
     operators.check_no_grad("pointwise_fp16.weight_grad", x, grad)
     operators.check_float32_4d("x", x)
     operators.check_float32_4d("grad", grad)
@@ -173,8 +173,8 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int = 1) -> torch.T
             f"{stride}, got {tuple(grad.shape)}"
         )
     cout = grad.shape[1]
-    if not takes(cout):
-        raise ValueError(f"grad: expected a multiple of {PANEL} channels, got {cout}")
+    if not takes(cin):
+        raise ValueError(f"x: expected a multiple of {PANEL} channels, got {cin}")
     x = x.contiguous(memory_format=torch.channels_last)
     grad = grad.contiguous(memory_format=torch.channels_last)
     dw = torch.empty(cout, cin, 1, 1)

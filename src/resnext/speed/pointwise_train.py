@@ -244,7 +244,7 @@ def weight_grad_candidates(
         candidates["ours"] = lambda: pointwise_gemm.weight_grad(x[:, :, ::stride, ::stride], grad)
     if pointwise_wgrad_amx.unavailable_reason() is None and pointwise_wgrad_amx.applies(x, grad):
         candidates["ours-amx"] = lambda: pointwise_wgrad_amx.weight_grad(x, grad, stride)
-    if fp16_product_applies(fp16, x.dtype, w.shape[0]):
+    if fp16_product_applies(fp16, x.dtype, w.shape[1]):  # its panels are of input channels
         candidates["ours-fp16"] = lambda: pointwise_fp16.weight_grad(x, grad, stride)
     return candidates
 

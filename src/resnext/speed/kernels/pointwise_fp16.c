@@ -297,36 +297,42 @@ int pointwise_fp16(const float *x, const _Float16 *packed, const float *bias, co
 /* The weight gradient dW = Gᵀ·X of the same convolution, with float16 products.
  *
  * G holds the output's gradient as pixel rows (rows × n, row-major) and X the input's pixels the
- * convolution read (every `stride`-th). The reduction runs over the pixels, in blocks of up to
- * WG_BLOCK rows that all threads take together: each thread scans, then converts, its share of
- * the block's rows (X scaled by 2^ex so that its largest magnitude lies in [16, 32), G by 2^eg
+ * convolution read (every `stride`-th, k channels, a multiple of 32). The reduction runs over the
+ * pixels, in blocks that all threads take together: each thread scans, then converts, its share
+ * of a block's rows (X scaled by 2^ex so that its largest magnitude lies in [16, 32), G by 2^eg
  * into [8, 16): a product is below 512 and a run of 64 below 32768, in float16's range), then
- * computes its panels of 32 output channels over the whole block. The scales are the block's, so
- * the result is the same on any number of threads. A register tile holds 12 input channels × 32
- * outputs: per pixel one G vector and 12 FMAs with X's values broadcast from their row. Each run
- * of 64 pixels' float16 sums is scaled back and added to float32 sums Gᵀ·X (C_in × n, the output
- * channels contiguous), written transposed to dW at the end. A block holding an infinity or NaN
- * is summed in float32 instead. Two barriers a block; the converted block is double-buffered so
- * that one thread may convert the next while the other still computes. */
-enum { WG_BLOCK = 256, WG_X_TOP = 5, WG_G_TOP = 4 };
+ * computes its panels of 32 input channels over the whole block. The scales are the block's, so
+ * the result is the same on any number of threads.
+ *
+ * A register tile holds 12 output channels × 32 input channels of dW: per pixel one X vector (the
+ * block's X is converted into panels, each pixel's 32 channels one vector) and 12 FMAs with G's
+ * values broadcast from its row. Each run of 64 pixels' float16 sums is scaled back and added to
+ * dW in float32, in place. A block is at least WG_MIN_BLOCK rows, more when dW is large beside
+ * a row (as many as the layer has, up to WG_MAX_BLOCK), so that dW passes through the cache few
+ * times; within it the outputs go OUT_CHUNK tiles at a time, so that those rows of G stay in L2
+ * while the thread's panels of X pass under them. A block holding an infinity or NaN is summed
+ * in float32 instead. Two barriers a block; the converted block is double-buffered so that one
+ * thread may convert the next while the other still computes. */
+enum { WG_MIN_BLOCK = 256, WG_MAX_BLOCK = 1024, WG_X_TOP = 5, WG_G_TOP = 4, OUT_CHUNK = 8 };
 
-/* sums (R input channels × 32, stride ld) += the products over `pixels` rows of xa (R values of
- * each row, rows ldx apart) and g (one 32-vector a row), in runs of 64 scaled back by ux · ug. */
-static inline __attribute__((always_inline)) void wgrad_tile(int R, const _Float16 *xa, long ldx,
-                                                              const _Float16 *g, int pixels,
-                                                              float *sums, long ld, __m512 ux,
+/* dw (R output channels × 32, rows ld apart) += the products over `pixels` rows of g (R values
+ * of each row, rows ldg apart) and xp (one 32-vector a row), in runs of 64 scaled back by
+ * ux · ug. */
+static inline __attribute__((always_inline)) void wgrad_tile(int R, const _Float16 *g, long ldg,
+                                                              const _Float16 *xp, int pixels,
+                                                              float *dw, long ld, __m512 ux,
                                                               __m512 ug) {
   for (int p0 = 0; p0 < pixels; p0 += RUN) {
     const int run = pixels - p0 < RUN ? pixels - p0 : RUN;
     __m512h acc[TILE];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ph();
     for (int p = p0; p < p0 + run; ++p) {
-      const __m512h gv = _mm512_load_ph(g + (long)p * PANEL);
-      const _Float16 *xr = xa + (long)p * ldx;
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ph(_mm512_set1_ph(xr[r]), gv, acc[r]);
+      const __m512h xv = _mm512_load_ph(xp + (long)p * PANEL);
+      const _Float16 *gr = g + (long)p * ldg;
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ph(_mm512_set1_ph(gr[r]), xv, acc[r]);
     }
     for (int r = 0; r < R; ++r) {
-      float *s = sums + r * ld;
+      float *s = dw + r * ld;
       const __m512i bits = _mm512_castph_si512(acc[r]);
       __m512 lo = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(bits)));
       __m512 hi = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(bits, 1)));
@@ -338,12 +344,12 @@ static inline __attribute__((always_inline)) void wgrad_tile(int R, const _Float
   }
 }
 
-static void wgrad_tile_any(int R, const _Float16 *xa, long ldx, const _Float16 *g, int pixels,
-                           float *sums, long ld, __m512 ux, __m512 ug) {
+static void wgrad_tile_any(int R, const _Float16 *g, long ldg, const _Float16 *xp, int pixels,
+                           float *dw, long ld, __m512 ux, __m512 ug) {
   switch (R) {
 #define WG_CASE(n) \
   case n:          \
-    wgrad_tile(n, xa, ldx, g, pixels, sums, ld, ux, ug); \
+    wgrad_tile(n, g, ldg, xp, pixels, dw, ld, ux, ug); \
     break;
     WG_CASE(1) WG_CASE(2) WG_CASE(3) WG_CASE(4) WG_CASE(5) WG_CASE(6)
     WG_CASE(7) WG_CASE(8) WG_CASE(9) WG_CASE(10) WG_CASE(11) WG_CASE(12)
@@ -351,53 +357,54 @@ static void wgrad_tile_any(int R, const _Float16 *xa, long ldx, const _Float16 *
   }
 }
 
-/* sums[:, columns [o0, o1)] += Σ over rows [p0, p0 + rows) of xᵀ·g in float32 (a block with an
+/* dw[:, columns [i0, i1)] += Σ over rows [p0, p0 + rows) of gᵀ·x in float32 (a block with an
  * infinity or NaN: they land where float32's would). */
-static void wgrad_float32(const Input *in, const float *g, int n, long p0, int rows, int o0,
-                          int o1, float *sums) {
+static void wgrad_float32(const Input *in, const float *g, int n, long p0, int rows, int i0,
+                          int i1, float *dw) {
   const int k = in->k;
   for (int r = 0; r < rows; ++r) {
     const float *xr = pixel_row(in, p0 + r), *gr = g + (p0 + r) * (long)n;
-    for (int i = 0; i < k; ++i)
-      for (int o = o0; o < o1; ++o) sums[(long)i * n + o] += xr[i] * gr[o];
+    for (int o = 0; o < n; ++o)
+      for (int i = i0; i < i1; ++i) dw[(long)o * k + i] += gr[o] * xr[i];
   }
 }
 
-/* dw (n × k row-major float32: C_out × C_in) = Σ over the output pixels of g[p]ᵀ·x[p], for a
- * channels-last x read as pointwise_fp16 reads it and g (output pixels × n, row-major). */
+/* dw (n × k row-major float32: C_out × C_in, 64-byte aligned) = Σ over the output pixels of
+ * g[p]ᵀ·x[p], for a channels-last x read as pointwise_fp16 reads it (k a multiple of 32) and g
+ * (output pixels × n, row-major). */
 int pointwise_fp16_wgrad(const float *x, const float *g, float *dw, int images, int height,
                          int width, int k, int n, int stride, int threads) {
-  if (images < 1 || height < 1 || width < 1 || k < 1 || n < PANEL || n % PANEL || stride < 1 ||
+  if (images < 1 || height < 1 || width < 1 || k < PANEL || k % PANEL || n < 1 || stride < 1 ||
       threads < 1)
     return 1;
   Input in = {x, height, width, (height - 1) / stride + 1, (width - 1) / stride + 1, stride, k};
   const long rows = images * in.out_h * in.out_w;
-  const int panels = n / PANEL;
+  const int panels = k / PANEL;
   if (threads > panels) threads = panels;
-  /* Shared: the float32 sums (k × n), two converted blocks of X (rows × k) and G (panels of
-   * rows × 32), and each thread's largest magnitudes of X and G in the block. */
-  const long ldx = (k + 31) / 32 * 32; /* rows 64-byte aligned */
-  const size_t sums_bytes = (size_t)k * n * sizeof(float);
-  const size_t x_halves = (size_t)WG_BLOCK * ldx, g_halves = (size_t)WG_BLOCK * n;
-  char *shared = scratch(1, sums_bytes + 2 * (x_halves + g_halves) * sizeof(_Float16));
-  if (!shared) return 2;
-  float *sums = (float *)shared;
-  _Float16 *xh[2], *gh[2];
-  xh[0] = (_Float16 *)(shared + sums_bytes);
-  xh[1] = xh[0] + x_halves;
-  gh[0] = xh[1] + x_halves;
-  gh[1] = gh[0] + g_halves;
-  uint32_t largest[2][64][2]; /* [buffer][thread][X or G] */
   if (threads > 64) threads = 64;
-  memset(sums, 0, sums_bytes);
+  /* rows a block: dW's n·k floats pass through the cache once a block, against (n + k) halves
+   * of converted operands a row */
+  long block = (long)n * k / (n + k) / RUN * RUN;
+  block = block < WG_MIN_BLOCK ? WG_MIN_BLOCK : block > WG_MAX_BLOCK ? WG_MAX_BLOCK : block;
+  if (block > rows) block = rows;
+  /* Shared: two converted blocks of X (panels of block × 32) and G (block rows, n rounded up to
+   * 32 so that rows stay 64-byte aligned), and each thread's largest magnitudes in the block. */
+  const long ldg = (n + 31) / 32 * 32 + 32; /* + 64 bytes: not a power of two apart */
+  const size_t x_halves = (size_t)block * k, g_halves = (size_t)block * ldg;
+  _Float16 *shared = scratch(1, 2 * (x_halves + g_halves) * sizeof(_Float16));
+  if (!shared) return 2;
+  _Float16 *xh[2] = {shared, shared + x_halves};
+  _Float16 *gh[2] = {shared + 2 * x_halves, shared + 2 * x_halves + g_halves};
+  uint32_t largest[2][64][2]; /* [buffer][thread][X or G] */
+  memset(dw, 0, (size_t)n * k * sizeof(float));
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), count = omp_get_num_threads();
     const int first = panels * t / count, last = panels * (t + 1) / count;
     int buffer = 0;
-    for (long p0 = 0; p0 < rows; p0 += WG_BLOCK, buffer ^= 1) {
-      const int block = rows - p0 < WG_BLOCK ? (int)(rows - p0) : WG_BLOCK;
-      const int r0 = block * t / count, r1 = block * (t + 1) / count;
+    for (long p0 = 0; p0 < rows; p0 += block, buffer ^= 1) {
+      const int size = rows - p0 < block ? (int)(rows - p0) : (int)block;
+      const int r0 = size * t / count, r1 = size * (t + 1) / count;
       uint32_t lx = 0, lg = 0;
       for (int r = r0; r < r1; ++r) {
         const uint32_t bx = largest_bits(pixel_row(&in, p0 + r), k);
@@ -416,41 +423,38 @@ int pointwise_fp16_wgrad(const float *x, const float *g, float *dw, int images, 
       const int finite = lx < 0x7f800000u && lg < 0x7f800000u;
       const int ex = scale_exponent(lx, WG_X_TOP), eg = scale_exponent(lg, WG_G_TOP);
       if (finite) {
-        const __m512 sx = _mm512_set1_ps(power_of_two(ex)), sg = _mm512_set1_ps(power_of_two(eg));
+        const __m512 sx = _mm512_set1_ps(power_of_two(ex));
+        const float scale_g = power_of_two(eg);
+        const __m512 sg = _mm512_set1_ps(scale_g);
         for (int r = r0; r < r1; ++r) {
           const float *src = pixel_row(&in, p0 + r);
-          _Float16 *dst = xh[buffer] + r * ldx;
-          int c = 0;
-          for (; c + 16 <= k; c += 16)
-            _mm256_store_ph(dst + c, _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + c), sx)));
-          for (; c < k; ++c) dst[c] = (_Float16)(src[c] * power_of_two(ex));
-          const float *gr = g + (p0 + r) * (long)n;
           for (int q = 0; q < panels; ++q)
-            for (int c16 = 0; c16 < PANEL; c16 += 16)
-              _mm256_store_ph(gh[buffer] + ((long)q * WG_BLOCK + r) * PANEL + c16,
-                              _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(gr + q * PANEL + c16), sg)));
+            for (int c = 0; c < PANEL; c += 16)
+              _mm256_store_ph(xh[buffer] + ((long)q * block + r) * PANEL + c,
+                              _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + q * PANEL + c), sx)));
+          const float *gr = g + (p0 + r) * (long)n;
+          _Float16 *dst = gh[buffer] + r * ldg;
+          int c = 0;
+          for (; c + 16 <= n; c += 16)
+            _mm256_store_ph(dst + c, _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(gr + c), sg)));
+          for (; c < n; ++c) dst[c] = (_Float16)(gr[c] * scale_g);
         }
       }
 #pragma omp barrier
       if (!finite) {
-        wgrad_float32(&in, g, n, p0, block, first * PANEL, last * PANEL, sums);
+        wgrad_float32(&in, g, n, p0, size, first * PANEL, last * PANEL, dw);
         continue;
       }
       const __m512 ux = _mm512_set1_ps(power_of_two(-ex)), ug = _mm512_set1_ps(power_of_two(-eg));
-      for (int q = first; q < last; ++q)
-        for (int i0 = 0; i0 < k; i0 += TILE)
-          wgrad_tile_any(k - i0 < TILE ? k - i0 : TILE, xh[buffer] + i0, ldx,
-                         gh[buffer] + (long)q * WG_BLOCK * PANEL, block,
-                         sums + (long)i0 * n + q * PANEL, n, ux, ug);
-    }
-    /* dW's rows of this thread's panels, transposed from the sums 16 × 16 at a time (whole
-     * rows at a time would read one value of each of k cache lines per output row) */
-    for (int o0 = first * PANEL; o0 < last * PANEL; o0 += 16)
-      for (int i0 = 0; i0 < k; i0 += 16) {
-        const int i1 = k - i0 < 16 ? k : i0 + 16;
-        for (int o = o0; o < o0 + 16; ++o)
-          for (int i = i0; i < i1; ++i) dw[(long)o * k + i] = sums[(long)i * n + o];
+      for (int o0 = 0; o0 < n; o0 += OUT_CHUNK * TILE) {
+        const int o1 = n - o0 < OUT_CHUNK * TILE ? n : o0 + OUT_CHUNK * TILE;
+        for (int q = first; q < last; ++q)
+          for (int o = o0; o < o1; o += TILE)
+            wgrad_tile_any(o1 - o < TILE ? o1 - o : TILE, gh[buffer] + o, ldg,
+                           xh[buffer] + (long)q * block * PANEL, size, dw + (long)o * k + q * PANEL,
+                           k, ux, ug);
       }
+    }
   }
   return 0;
 }
