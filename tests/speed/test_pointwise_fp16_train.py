@@ -48,27 +48,45 @@ def _exponent(values: np.ndarray, top: int) -> int:
     return 0 if largest == 0 else top - math.frexp(largest)[1]
 
 
-def emulated_weight_grad(x: torch.Tensor, g: torch.Tensor, stride: int) -> torch.Tensor:
-    """What the weight-gradient kernel's header says it computes, in numpy: per block of pixel
-    rows (`block_rows`), X scaled into [16, 32) and G into [8, 16), both rounded to float16; each product
-    added to a float16 sum with one rounding (float64 holds the exact sum), runs of 64 pixels;
-    each run scaled back (two float32 products) and added to float32 sums."""
+def _block_sums(rows_x: np.ndarray, rows_g: np.ndarray) -> np.ndarray:
+    """One block's products: X scaled into [16, 32) and G into [8, 16), both rounded to float16;
+    each product added to a float16 sum with one rounding (float64 holds the exact sum), runs of
+    64 pixels, each run scaled back (two float32 products) and returned as float32 runs."""
+    ex, eg = _exponent(rows_x, 5), _exponent(rows_g, 4)
+    xh = (rows_x * np.float32(2.0**ex)).astype(np.float16).astype(np.float64)
+    gh = (rows_g * np.float32(2.0**eg)).astype(np.float16).astype(np.float64)
+    runs = []
+    for r0 in range(0, len(rows_x), 64):
+        run = np.zeros((rows_g.shape[1], rows_x.shape[1]), np.float16)
+        for p in range(r0, min(r0 + 64, len(rows_x))):
+            run = (run.astype(np.float64) + gh[p, :, None] * xh[p, None, :]).astype(np.float16)
+        runs.append(run.astype(np.float32) * np.float32(2.0**-ex) * np.float32(2.0**-eg))
+    return np.stack(runs)
+
+
+def emulated_weight_grad(
+    x: torch.Tensor, g: torch.Tensor, stride: int, threads: int | None = None
+) -> torch.Tensor:
+    """What the weight-gradient kernel's header says it computes, in numpy: the blocks of pixel
+    rows (`block_rows`), each block's runs (`_block_sums`) added in order to float32 sums; with at
+    least two blocks a thread, each of `threads` threads (torch's count if None) sums a
+    contiguous range of blocks and the sums are added in thread order, else one thread's order."""
+    threads = torch.get_num_threads() if threads is None else threads
     rows_x = x[:, :, ::stride, ::stride].permute(0, 2, 3, 1).reshape(-1, x.shape[1]).numpy()
     rows_g = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]).numpy()
-    sums = np.zeros((g.shape[1], x.shape[1]), np.float32)
     block = block_rows(x.shape[1], g.shape[1], rows_x.shape[0])
-    for b0 in range(0, rows_x.shape[0], block):
-        bx, bg = rows_x[b0 : b0 + block], rows_g[b0 : b0 + block]
-        ex, eg = _exponent(bx, 5), _exponent(bg, 4)
-        xh = (bx * np.float32(2.0**ex)).astype(np.float16).astype(np.float64)
-        gh = (bg * np.float32(2.0**eg)).astype(np.float16).astype(np.float64)
-        for r0 in range(0, len(bx), 64):
-            run = np.zeros(sums.shape, np.float16)
-            for p in range(r0, min(r0 + 64, len(bx))):
-                run = (run.astype(np.float64) + gh[p, :, None] * xh[p, None, :]).astype(np.float16)
-            scaled = run.astype(np.float32) * np.float32(2.0**-ex) * np.float32(2.0**-eg)
-            sums = sums + scaled
-    return torch.from_numpy(sums)[:, :, None, None]
+    starts = list(range(0, rows_x.shape[0], block))
+    if len(starts) < 2 * threads:
+        threads = 1  # the threads split the input channels: every sum in one thread's order
+    total = None
+    for t in range(threads):
+        sums = np.zeros((g.shape[1], x.shape[1]), np.float32)
+        for b0 in starts[len(starts) * t // threads : len(starts) * (t + 1) // threads]:
+            for run in _block_sums(rows_x[b0 : b0 + block], rows_g[b0 : b0 + block]):
+                sums = sums + run
+        total = sums if total is None else total + sums
+    assert total is not None
+    return torch.from_numpy(total)[:, :, None, None]
 
 
 def _bound(x: torch.Tensor, g: torch.Tensor, stride: int) -> torch.Tensor:
@@ -117,15 +135,16 @@ def test_weight_grad_computes_the_documented_arithmetic_bit_for_bit(
 
 
 @needs_fp16
-@pytest.mark.parametrize("threads", [1, 3])
-def test_weight_grad_gives_the_same_bits_on_any_number_of_threads(
-    threads: int, on_threads: Callable[[int], AbstractContextManager[None]]
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("side", [15, 32])  # 2 blocks: panels split; 8 blocks: blocks split
+def test_weight_grad_splits_the_work_between_threads_as_documented(
+    threads: int, side: int, on_threads: Callable[[int], AbstractContextManager[None]]
 ) -> None:
-    gen = torch.Generator().manual_seed(threads)
-    x, g = _operands(gen, 2, 128, 64, 15, 15, 1)  # 450 rows: a whole and a part block
+    gen = torch.Generator().manual_seed(threads + side)
+    x, g = _operands(gen, 2, 128, 64, side, side, 1)
     with on_threads(threads):
         got = pointwise_fp16.weight_grad(x, g, 1)
-    assert torch.equal(got, emulated_weight_grad(x, g, 1))
+    assert torch.equal(got, emulated_weight_grad(x, g, 1, threads))
 
 
 @needs_fp16

@@ -298,21 +298,24 @@ int pointwise_fp16(const float *x, const _Float16 *packed, const float *bias, co
  *
  * G holds the output's gradient as pixel rows (rows × n, row-major) and X the input's pixels the
  * convolution read (every `stride`-th, k channels, a multiple of 32). The reduction runs over the
- * pixels, in blocks that all threads take together: each thread scans, then converts, its share
- * of a block's rows (X scaled by 2^ex so that its largest magnitude lies in [16, 32), G by 2^eg
- * into [8, 16): a product is below 512 and a run of 64 below 32768, in float16's range), then
- * computes its panels of 32 input channels over the whole block. The scales are the block's, so
- * the result is the same on any number of threads.
+ * pixels in blocks (fixed by the layer's shape, not by the threads). Each block is scanned and
+ * converted whole: X scaled by 2^ex so that its largest magnitude lies in [16, 32), G by 2^eg
+ * into [8, 16) (a product is below 512 and a run of 64 below 32768, in float16's range), X into
+ * panels of 32 channels (each pixel's 32 one vector), G as rows.
  *
- * A register tile holds 12 output channels × 32 input channels of dW: per pixel one X vector (the
- * block's X is converted into panels, each pixel's 32 channels one vector) and 12 FMAs with G's
- * values broadcast from its row. Each run of 64 pixels' float16 sums is scaled back and added to
- * dW in float32, in place. A block is at least WG_MIN_BLOCK rows, more when dW is large beside
- * a row (as many as the layer has, up to WG_MAX_BLOCK), so that dW passes through the cache few
- * times; within it the outputs go OUT_CHUNK tiles at a time, so that those rows of G stay in L2
- * while the thread's panels of X pass under them. A block holding an infinity or NaN is summed
- * in float32 instead. Two barriers a block; the converted block is double-buffered so that one
- * thread may convert the next while the other still computes. */
+ * A register tile holds 12 output channels × 32 input channels of dW: per pixel one X vector and
+ * 12 FMAs with G's values broadcast from its row. Each run of 64 pixels' float16 sums is scaled
+ * back and added to float32 sums in place. A block is at least WG_MIN_BLOCK rows, more when dW is
+ * large beside a row (up to WG_MAX_BLOCK), so that the sums pass through the cache few times;
+ * within it the outputs go OUT_CHUNK tiles at a time, so that those rows of G stay in L2 while
+ * the panels of X pass under them. A block holding an infinity or NaN is summed in float32.
+ *
+ * Threads: with at least two blocks a thread, each sums a contiguous range of blocks into sums of
+ * its own (thread 0 into dW), and the sums are added in thread order at the end, each thread a
+ * share of dW's rows; with fewer, each takes a range of X's panels over every block, scanning and
+ * converting every block itself (the scales are the block's either way). One barrier a call, none
+ * a block: a thread descheduled by another process (data-loading workers on the same cores) would
+ * otherwise hold up the other at every block. */
 enum { WG_MIN_BLOCK = 256, WG_MAX_BLOCK = 1024, WG_X_TOP = 5, WG_G_TOP = 4, OUT_CHUNK = 8 };
 
 /* dw (R output channels × 32, rows ld apart) += the products over `pixels` rows of g (R values
@@ -369,9 +372,59 @@ static void wgrad_float32(const Input *in, const float *g, int n, long p0, int r
   }
 }
 
+typedef struct {
+  const Input *in;
+  const float *g;
+  int n, k;
+  long block, ldg;
+} Wgrad;
+
+/* sums[:, panels [q0, q1)] += block `p0`'s products (`size` rows), converted into xh, gh */
+static void wgrad_block(const Wgrad *w, long p0, int size, int q0, int q1, _Float16 *xh,
+                        _Float16 *gh, float *sums) {
+  const int n = w->n, k = w->k;
+  uint32_t lx = 0, lg = 0;
+  for (int r = 0; r < size; ++r) {
+    const uint32_t bx = largest_bits(pixel_row(w->in, p0 + r), k);
+    const uint32_t bg = largest_bits(w->g + (p0 + r) * (long)n, n);
+    lx = bx > lx ? bx : lx;
+    lg = bg > lg ? bg : lg;
+  }
+  if (lx >= 0x7f800000u || lg >= 0x7f800000u) {
+    wgrad_float32(w->in, w->g, n, p0, size, q0 * PANEL, q1 * PANEL, sums);
+    return;
+  }
+  const int ex = scale_exponent(lx, WG_X_TOP), eg = scale_exponent(lg, WG_G_TOP);
+  const __m512 sx = _mm512_set1_ps(power_of_two(ex));
+  const float scale_g = power_of_two(eg);
+  const __m512 sg = _mm512_set1_ps(scale_g);
+  for (int r = 0; r < size; ++r) {
+    const float *src = pixel_row(w->in, p0 + r);
+    for (int q = q0; q < q1; ++q)
+      for (int c = 0; c < PANEL; c += 16)
+        _mm256_store_ph(xh + ((long)(q - q0) * size + r) * PANEL + c,
+                        _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + q * PANEL + c), sx)));
+    const float *gr = w->g + (p0 + r) * (long)n;
+    _Float16 *dst = gh + r * w->ldg;
+    int c = 0;
+    for (; c + 16 <= n; c += 16)
+      _mm256_store_ph(dst + c, _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(gr + c), sg)));
+    for (; c < n; ++c) dst[c] = (_Float16)(gr[c] * scale_g);
+  }
+  const __m512 ux = _mm512_set1_ps(power_of_two(-ex)), ug = _mm512_set1_ps(power_of_two(-eg));
+  for (int o0 = 0; o0 < n; o0 += OUT_CHUNK * TILE) {
+    const int o1 = n - o0 < OUT_CHUNK * TILE ? n : o0 + OUT_CHUNK * TILE;
+    for (int q = q0; q < q1; ++q)
+      for (int o = o0; o < o1; o += TILE)
+        wgrad_tile_any(o1 - o < TILE ? o1 - o : TILE, gh + o, w->ldg,
+                       xh + (long)(q - q0) * size * PANEL, size, sums + (long)o * k + q * PANEL, k,
+                       ux, ug);
+  }
+}
+
 /* dw (n × k row-major float32: C_out × C_in, 64-byte aligned) = Σ over the output pixels of
  * g[p]ᵀ·x[p], for a channels-last x read as pointwise_fp16 reads it (k a multiple of 32) and g
- * (output pixels × n, row-major). */
+ * (output pixels × n, row-major); 0, 1 for bad sizes, 2 without memory for the buffers. */
 int pointwise_fp16_wgrad(const float *x, const float *g, float *dw, int images, int height,
                          int width, int k, int n, int stride, int threads) {
   if (images < 1 || height < 1 || width < 1 || k < PANEL || k % PANEL || n < 1 || stride < 1 ||
@@ -380,81 +433,62 @@ int pointwise_fp16_wgrad(const float *x, const float *g, float *dw, int images, 
   Input in = {x, height, width, (height - 1) / stride + 1, (width - 1) / stride + 1, stride, k};
   const long rows = images * in.out_h * in.out_w;
   const int panels = k / PANEL;
-  if (threads > panels) threads = panels;
-  if (threads > 64) threads = 64;
-  /* rows a block: dW's n·k floats pass through the cache once a block, against (n + k) halves
-   * of converted operands a row */
+  /* rows a block: the sums' n·k floats pass through the cache once a block, against (n + k)
+   * halves of converted operands a row */
   long block = (long)n * k / (n + k) / RUN * RUN;
   block = block < WG_MIN_BLOCK ? WG_MIN_BLOCK : block > WG_MAX_BLOCK ? WG_MAX_BLOCK : block;
   if (block > rows) block = rows;
-  /* Shared: two converted blocks of X (panels of block × 32) and G (block rows, n rounded up to
-   * 32 so that rows stay 64-byte aligned), and each thread's largest magnitudes in the block. */
-  const long ldg = (n + 31) / 32 * 32 + 32; /* + 64 bytes: not a power of two apart */
-  const size_t x_halves = (size_t)block * k, g_halves = (size_t)block * ldg;
-  _Float16 *shared = scratch(1, 2 * (x_halves + g_halves) * sizeof(_Float16));
-  if (!shared) return 2;
-  _Float16 *xh[2] = {shared, shared + x_halves};
-  _Float16 *gh[2] = {shared + 2 * x_halves, shared + 2 * x_halves + g_halves};
-  uint32_t largest[2][64][2]; /* [buffer][thread][X or G] */
-  memset(dw, 0, (size_t)n * k * sizeof(float));
+  const long blocks = (rows + block - 1) / block;
+  const int by_blocks = blocks >= 2L * threads;
+  if (!by_blocks && threads > panels) threads = panels;
+  /* 64 bytes more than a multiple of 32 halves, so that G's rows are not a power of two apart */
+  const Wgrad w = {&in, g, n, k, block, (n + 31) / 32 * 32 + 32};
+  const size_t operand_bytes = (size_t)block * (k + w.ldg) * sizeof(_Float16);
+  const size_t sums_bytes = by_blocks ? (size_t)n * k * sizeof(float) : 0;
+  if (threads > 64) threads = 64;
+  float *partial[64]; /* each thread's sums (thread 0's are dW itself) */
+  int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), count = omp_get_num_threads();
-    const int first = panels * t / count, last = panels * (t + 1) / count;
-    int buffer = 0;
-    for (long p0 = 0; p0 < rows; p0 += block, buffer ^= 1) {
-      const int size = rows - p0 < block ? (int)(rows - p0) : (int)block;
-      const int r0 = size * t / count, r1 = size * (t + 1) / count;
-      uint32_t lx = 0, lg = 0;
-      for (int r = r0; r < r1; ++r) {
-        const uint32_t bx = largest_bits(pixel_row(&in, p0 + r), k);
-        const uint32_t bg = largest_bits(g + (p0 + r) * (long)n, n);
-        lx = bx > lx ? bx : lx;
-        lg = bg > lg ? bg : lg;
-      }
-      largest[buffer][t][0] = lx;
-      largest[buffer][t][1] = lg;
-#pragma omp barrier
-      lx = lg = 0;
-      for (int u = 0; u < count; ++u) {
-        lx = largest[buffer][u][0] > lx ? largest[buffer][u][0] : lx;
-        lg = largest[buffer][u][1] > lg ? largest[buffer][u][1] : lg;
-      }
-      const int finite = lx < 0x7f800000u && lg < 0x7f800000u;
-      const int ex = scale_exponent(lx, WG_X_TOP), eg = scale_exponent(lg, WG_G_TOP);
-      if (finite) {
-        const __m512 sx = _mm512_set1_ps(power_of_two(ex));
-        const float scale_g = power_of_two(eg);
-        const __m512 sg = _mm512_set1_ps(scale_g);
-        for (int r = r0; r < r1; ++r) {
-          const float *src = pixel_row(&in, p0 + r);
-          for (int q = 0; q < panels; ++q)
-            for (int c = 0; c < PANEL; c += 16)
-              _mm256_store_ph(xh[buffer] + ((long)q * block + r) * PANEL + c,
-                              _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + q * PANEL + c), sx)));
-          const float *gr = g + (p0 + r) * (long)n;
-          _Float16 *dst = gh[buffer] + r * ldg;
-          int c = 0;
-          for (; c + 16 <= n; c += 16)
-            _mm256_store_ph(dst + c, _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(gr + c), sg)));
-          for (; c < n; ++c) dst[c] = (_Float16)(gr[c] * scale_g);
-        }
-      }
-#pragma omp barrier
-      if (!finite) {
-        wgrad_float32(&in, g, n, p0, size, first * PANEL, last * PANEL, dw);
-        continue;
-      }
-      const __m512 ux = _mm512_set1_ps(power_of_two(-ex)), ug = _mm512_set1_ps(power_of_two(-eg));
-      for (int o0 = 0; o0 < n; o0 += OUT_CHUNK * TILE) {
-        const int o1 = n - o0 < OUT_CHUNK * TILE ? n : o0 + OUT_CHUNK * TILE;
-        for (int q = first; q < last; ++q)
-          for (int o = o0; o < o1; o += TILE)
-            wgrad_tile_any(o1 - o < TILE ? o1 - o : TILE, gh[buffer] + o, ldg,
-                           xh[buffer] + (long)q * block * PANEL, size, dw + (long)o * k + q * PANEL,
-                           k, ux, ug);
+    char *buffer = scratch(1, operand_bytes + (t > 0 ? sums_bytes : 0));
+    if (!buffer) {
+#pragma omp atomic write
+      failed = 2;
+    }
+    _Float16 *xh = (_Float16 *)buffer;
+    _Float16 *gh = xh + (size_t)block * k;
+    float *sums = t > 0 && by_blocks && buffer ? (float *)(buffer + operand_bytes) : dw;
+    partial[t] = sums;
+    /* the thread's share: blocks [b0, b1) and panels [q0, q1) */
+    const long b0 = by_blocks ? blocks * t / count : 0;
+    const long b1 = by_blocks ? blocks * (t + 1) / count : blocks;
+    const int q0 = by_blocks ? 0 : panels * t / count;
+    const int q1 = by_blocks ? panels : panels * (t + 1) / count;
+    if (buffer) {
+      if (by_blocks)
+        memset(sums, 0, sums_bytes);
+      else
+        for (int o = 0; o < n; ++o)
+          memset(dw + (long)o * k + q0 * PANEL, 0, (size_t)(q1 - q0) * PANEL * sizeof(float));
+      for (long b = b0; b < b1; ++b) {
+        const long p0 = b * block;
+        const int size = rows - p0 < block ? (int)(rows - p0) : (int)block;
+        wgrad_block(&w, p0, size, q0, q1, xh, gh, sums);
       }
     }
+    if (by_blocks) {
+#pragma omp barrier
+      int stop;
+#pragma omp atomic read
+      stop = failed;
+      /* dW's rows [o0, o1) += the other threads' sums, in thread order */
+      const long i0 = (long)k * (n * t / count), i1 = (long)k * (n * (t + 1) / count);
+      for (int u = 1; u < count && !stop; ++u)
+        for (long i = i0; i < i1; i += 16)
+          _mm512_store_ps(dw + i, _mm512_add_ps(_mm512_load_ps(dw + i),
+                                                _mm512_load_ps(partial[u] + i)));
+    }
   }
-  return 0;
+  return failed;
 }
