@@ -21,6 +21,7 @@ from tensor_checks import (
 )
 from torch import nn
 
+import resnext
 from resnext.config import Config, TrainConfig, validate
 from resnext.errors import ConfigError
 from resnext.speed import autotune, pointwise_fp16
@@ -30,6 +31,7 @@ from resnext.speed.pointwise_train import (
     use_gemm_weight_grad,
     use_plain_pointwise_conv,
 )
+from resnext.speed.train_bench import make_step
 from resnext.speed.train_paths import use_training_fast_paths
 
 REASON = pointwise_fp16.unavailable_reason()
@@ -291,3 +293,12 @@ def test_config_refuses_float16_products_without_their_conditions(train, match) 
     cfg = Config(train=TrainConfig(channels_last=True, fp16_products=True, **train))
     with pytest.raises(ConfigError, match=match):
         validate(cfg)
+
+
+def test_the_bench_variant_trains_with_float16_products_offered() -> None:
+    model = resnext.create_model("resnext_tiny").train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, model.num_classes, (2,))
+    step = make_step(model, "cl-fp32-fused-grouped-gemm-fp16", x, y)
+    classes = {type(m) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    assert Fp16TrainingPointwiseConv2d in classes and TrainingPointwiseConv2d not in classes
+    assert math.isfinite(step())

@@ -13,6 +13,11 @@ A 1×1 convolution's three training products each have several exact implementat
   `torch.mm`, our kernel (pixel pairs, float32 sums; C_in a multiple of 64), or on a CPU with
   AMX our tile kernel (`resnext.speed.pointwise_wgrad_amx`, float32 sums).
 
+With `use_gemm_weight_grad(model, fp16_products=True)` (`train.fp16_products`) the float32
+products also offer float16 products with float32 sums (`resnext.speed.pointwise_fp16`: the
+forward, the input gradient with the weight transposed, and the weight gradient; AVX512-FP16),
+which are float16-precise rather than float32-exact, so never offered unless asked.
+
 Which is fastest depends on the CPU (on an AVX512-BF16 AMD EPYC ours won by 1.0–1.3× and the
 GEMM beat oneDNN on 28² maps and smaller; on an Intel Xeon with AMX oneDNN and the GEMM run
 5–10× faster than ours: benchmarks/RESULTS.md), so each product is chosen per shape by timing
