@@ -28,6 +28,7 @@ from resnext.speed import autotune, pointwise_fp16
 from resnext.speed.pointwise_train import (
     Fp16TrainingPointwiseConv2d,
     TrainingPointwiseConv2d,
+    fp16_product,
     use_gemm_weight_grad,
     use_plain_pointwise_conv,
 )
@@ -302,3 +303,16 @@ def test_the_bench_variant_trains_with_float16_products_offered() -> None:
     classes = {type(m) for m in model.modules() if isinstance(m, nn.Conv2d)}
     assert Fp16TrainingPointwiseConv2d in classes and TrainingPointwiseConv2d not in classes
     assert math.isfinite(step())
+
+
+@needs_fp16
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_diverged_weight_takes_torchs_convolution(transposed: bool) -> None:
+    w = torch.randn(64, 64, 1, 1)
+    w[3, 5] = math.nan
+    x = nhwc(torch.randn(1, 64, 4, 4))
+    add = nhwc(torch.randn(1, 64, 4, 4))
+    got = fp16_product(x, w, 1, add, transposed=transposed)
+    want = F.conv2d(x, w.transpose(0, 1) if transposed else w) + add
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(got).any())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())

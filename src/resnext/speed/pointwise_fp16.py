@@ -65,6 +65,10 @@ def unavailable_reason() -> str | None:
     return native.problem(_library)
 
 
+class NonFiniteWeight(ValueError):
+    """`pack` was given a weight holding an infinity or NaN."""
+
+
 def takes(out_channels: int) -> bool:
     """Whether the kernel computes a layer of `out_channels` outputs (a multiple of 32)."""
     return out_channels >= PANEL and out_channels % PANEL == 0
@@ -97,7 +101,7 @@ def pack(weight: torch.Tensor, transposed: bool = False) -> tuple[torch.Tensor, 
     if _library().pointwise_fp16_pack(
         panels.data_ptr(), packed.data_ptr(), out_ch, in_ch, ctypes.byref(exponent)
     ):
-        raise ValueError("weight: expected finite values, got an infinity or NaN")
+        raise NonFiniteWeight("weight: expected finite values, got an infinity or NaN")
     return packed, exponent.value
 
 

@@ -102,7 +102,13 @@ def fp16_product(
     """conv2d(x, w or its transpose, stride) (+ `add`) of a bias-free float32 1×1 weight `w`
     with float16 products, `add` summed in as it writes; packed on every call, as the weight
     changes every step."""
-    packed, exponent = pointwise_fp16.pack(w, transposed)
+    try:
+        packed, exponent = pointwise_fp16.pack(w, transposed)
+    except pointwise_fp16.NonFiniteWeight:
+        # a diverged run's weight: torch's convolution, so its NaNs land where they would
+        y = F.conv2d(x, w.transpose(0, 1) if transposed else w, None, stride)
+        y = y if add is None else y + add
+        return y.contiguous(memory_format=torch.channels_last)
     out_channels = w.shape[1] if transposed else w.shape[0]
     bias = torch.zeros(out_channels)
     return pointwise_fp16.run(x, packed, exponent, out_channels, bias, stride, residual=add)
