@@ -14,9 +14,10 @@ from resnext.speed import (
     grouped_kernel,
     grouped_wgrad,
     maxpool,
+    pointwise_fp16,
     pointwise_train,
 )
-from resnext.train import train
+from resnext.train import runner, train
 
 BN_REASON = bn_kernel.unavailable_reason()
 GROUPED_REASON = grouped_wgrad.unavailable_reason() or grouped_kernel.unavailable_reason()
@@ -204,3 +205,61 @@ def test_a_fast_run_keeps_its_timings_for_the_next(
     # the run folder says which choices were read rather than measured
     assert not any(c["stored"] for c in first)
     assert all(c["stored"] == keep for c in second)
+
+
+@pytest.mark.skipif(
+    pointwise_fp16.unavailable_reason() is not None,
+    reason=f"fp16 kernel: {pointwise_fp16.unavailable_reason()}",
+)
+def test_float16_products_train_no_further_from_float32_than_bf16_does(
+    tmp_path, tiny_cfg, tiny_data, monkeypatch
+) -> None:
+    calls = []
+    for name in ("run", "weight_grad"):
+        original = getattr(pointwise_fp16, name)
+        monkeypatch.setattr(
+            pointwise_fp16, name, lambda *a, _o=original, **k: calls.append(1) or _o(*a, **k)
+        )
+
+    def run(folder: str, amp: str, fp16: bool) -> tuple[dict, dict]:
+        cfg = tiny_cfg(
+            tmp_path / folder,
+            model={"name": "resnext_tiny", "spec": {"num_classes": 4, "cardinality": 4}},
+            train={
+                "epochs": 2,
+                "channels_last": True,
+                "amp": amp,
+                "gemm_weight_grad": fp16,
+                "fp16_products": fp16,
+            },
+        )
+        with autotune.CHOOSER.prefer("ours-fp16"):
+            result = train(cfg, train_set=tiny_data(64), val_set=tiny_data(40, seed=2))
+        weights = torch.load(tmp_path / folder / "checkpoints" / "last.pt", weights_only=True)
+        return result.final, weights["model"]
+
+    fp32, fp32_w = run("float32", "none", False)
+    _, bf16_w = run("bf16", "bfloat16", False)
+    assert not calls
+    fp16, fp16_w = run("fp16", "none", True)
+    assert calls  # the float16 products ran
+    assert _distance(fp16_w, fp32_w) <= _distance(bf16_w, fp32_w)
+    for name, value in fp32.items():
+        if name.endswith("loss"):
+            assert fp16[name] == pytest.approx(value, rel=3e-2), name
+
+
+def test_float16_products_say_so_when_the_run_is_not_float32(
+    tmp_path, tiny_cfg, tiny_data, monkeypatch, capsys
+) -> None:
+    monkeypatch.setattr(runner, "resolve_amp", lambda amp, device: torch.bfloat16)  # auto → bf16
+    cfg = tiny_cfg(
+        tmp_path / "run",
+        model={"name": "resnext_tiny", "spec": {"num_classes": 4, "cardinality": 4}},
+        train={"epochs": 1, "channels_last": True, "gemm_weight_grad": True, "fp16_products": True},
+    )
+    train(cfg, train_set=tiny_data(16), val_set=tiny_data(8, seed=2))
+    assert (
+        "train.fp16_products: not used, this run computes in torch.bfloat16"
+        in capsys.readouterr().out
+    )

@@ -167,6 +167,9 @@ def _run(
     )
     # `auto` measures bf16 against float32 on each process's CPU; one precision for the job
     amp_dtype = broadcast_object(resolve_amp(cfg.train.amp, info.device))
+    if cfg.train.fp16_products and amp_dtype is not None and info.is_main:
+        # float16 products replace float32 ones only; `auto` chose a faster reduced precision
+        print(f"train.fp16_products: not used, this run computes in {amp_dtype}", flush=True)
     merges: dict[str, int] = {}
     if cfg.train.merge_groups:
         merges = merge_groups_for_training(
