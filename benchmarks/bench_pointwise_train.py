@@ -7,7 +7,8 @@ gradient timed with oneDNN (`torch.ops.aten.convolution_backward`), as the GEMM 
 `resnext.speed.pointwise_train`, in bf16 on a CPU with AVX512-BF16 by our pair-dot-product
 kernel (`pointwise_gemm.weight_grad`; with `--against`, also built from another source of
 `kernels/pointwise_gemm.c`) and on a CPU with AMX by our tile kernel
-(`resnext.speed.pointwise_wgrad_amx`), interleaved in one process. Each op cycles through 4 sets of
+(`resnext.speed.pointwise_wgrad_amx`), in float32 on a CPU with AVX512-FP16 with float16 products
+(`pointwise_fp16.weight_grad`, `train.fp16_products`), interleaved in one process. Each op cycles through 4 sets of
 tensors, so that like in a training step its operands are not all hot in cache.
 (The training fast path times these candidates itself at each shape: `resnext.speed.autotune`.) Part 2: one SGD update (momentum, Nesterov,
 weight decay) of each model's parameters with torch's per-parameter loop, foreach and fused
@@ -27,7 +28,7 @@ from torch import nn
 import bench_args
 import resnext
 from bench_network_ab import replaced
-from resnext.speed import pointwise_gemm, pointwise_wgrad_amx
+from resnext.speed import pointwise_fp16, pointwise_gemm, pointwise_wgrad_amx
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.measure import interleaved
 from resnext.speed.pointwise_train import gemm_weight_grad
@@ -83,7 +84,7 @@ def weight_grad_ops(
     xs = tensor_sets((batch, cin, size, size), dtype, g)
     gs = tensor_sets((batch, cout, out, out), dtype, g)
     w = torch.randn(cout, cin, 1, 1, generator=g).to(dtype)
-    turn = {"onednn": 0, "gemm": 0, "amx": 0, "ours": 0, "against": 0}
+    turn = {"onednn": 0, "gemm": 0, "amx": 0, "ours": 0, "against": 0, "fp16": 0}
 
     def onednn() -> object:
         i = turn["onednn"] = (turn["onednn"] + 1) % SETS
@@ -108,7 +109,17 @@ def weight_grad_ops(
         with replaced(pointwise_gemm, "_library", lambda: lib):
             return pointwise_gemm.weight_grad(x, gs[i])
 
+    def fp16() -> object:
+        i = turn["fp16"] = (turn["fp16"] + 1) % SETS
+        return pointwise_fp16.weight_grad(xs[i], gs[i], stride)
+
     ops = {"onednn": onednn, "gemm": gemm}
+    if (
+        dtype == torch.float32
+        and pointwise_fp16.unavailable_reason() is None
+        and pointwise_fp16.takes(cin)
+    ):
+        ops["fp16"] = fp16
     if (
         dtype == torch.bfloat16
         and pointwise_gemm.unavailable_reason() is None
@@ -202,6 +213,14 @@ def main() -> int:
                 line += (
                     f", AMX {1e3 * amx:.2f} ms ({gflop / amx:.0f}), ×{min(onednn, gemm) / amx:.2f}"
                 )
+            if "fp16" in t:
+                fp16 = t["fp16"].median_s
+                record |= {
+                    "fp16_ms": 1e3 * fp16,
+                    "fp16_gflops": gflop / fp16,
+                    "best_other_over_fp16": min(onednn, gemm) / fp16,
+                }
+                line += f", fp16 {1e3 * fp16:.2f} ms ({gflop / fp16:.0f}), ×{min(onednn, gemm) / fp16:.2f}"
             for kernel in ("ours", "against"):
                 if kernel in t:
                     mine = t[kernel].median_s
