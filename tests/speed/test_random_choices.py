@@ -27,7 +27,7 @@ from tensor_checks import rel_err
 from torch import nn
 
 import resnext
-from resnext.speed import autotune, grouped_amx, replay, timing_cache
+from resnext.speed import autotune, grouped_amx, pointwise_fp16, replay, timing_cache
 from resnext.speed.capability import bf16_supported
 from resnext.speed.fastpath import optimize
 from resnext.speed.train_paths import use_training_fast_paths
@@ -88,6 +88,8 @@ def _model(layout: str) -> tuple[nn.Module, torch.Tensor]:
 
 BACKENDS = ["none"] + (["replay"] if replay.unavailable_reason() is None else [])
 DTYPES = ["fp32"] + (["bf16"] if bf16_supported() else [])
+# in training also float32 with float16 products offered (`train.fp16_products`) where they run
+TRAIN_DTYPES = DTYPES + (["fp16"] if pointwise_fp16.unavailable_reason() is None else [])
 # where AMX runs, its passes take layers first: once more as on a CPU without it, so that the
 # vector kernels' mixes are drawn too
 AMX = ["amx", "no-amx"] if grouped_amx.unavailable_reason() is None else ["as-found"]
@@ -195,7 +197,12 @@ def _check_random_training_step(
     torch.manual_seed(seed)
     model = resnext.build_model(spec).train().to(memory_format=torch.channels_last)
     use_training_fast_paths(
-        model, fused_bn=True, grouped_kernels=True, gemm_weight_grad=True, fast_maxpool=True
+        model,
+        fused_bn=True,
+        grouped_kernels=True,
+        gemm_weight_grad=True,
+        fast_maxpool=True,
+        fp16_products=dtype == "fp16",
     )
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, spec.num_classes, (x.shape[0],))
@@ -212,6 +219,8 @@ def _check_random_training_step(
     # forward and both gradients of the 1×1s, and of the grouped 3×3s (forms a and b have none)
     assert len({op for op, _ in winners}) >= (6 if grouped else 3)
     assert any(d.winner != next(iter(d.ms)) for d in drawn.decisions())  # not all references
+    if dtype == "fp16":
+        assert any(winner == "ours-fp16" for _, winner in winners)  # float16 products drawn
     # a ReLU mask flipped by rounding moves a few gradient entries (RESULTS.md, stop 51): the
     # gradients' directions are compared, not their entries
     loss_bound, direction = (1e-4, 0.999) if dtype == "fp32" else (3e-2, 0.97)
@@ -221,7 +230,7 @@ def _check_random_training_step(
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
 def test_any_mix_of_training_kernels_computes_the_reference_step(
     seed: int,
     dtype: str,
