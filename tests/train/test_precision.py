@@ -1,5 +1,5 @@
 """`train.amp: auto` picks bf16 only where the CPU runs it natively and faster than float32;
-explicit choices are kept."""
+explicit choices are kept; `train.fp16_products` says why it cannot act where it cannot."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from resnext.errors import ConfigError
-from resnext.speed import capability
+from resnext.speed import capability, pointwise_fp16
 from resnext.train import precision
-from resnext.train.precision import resolve_amp
+from resnext.train.precision import fp16_products_unused, resolve_amp
 
 CPU = torch.device("cpu")
 
@@ -43,3 +43,15 @@ def test_explicit_choices_are_kept_whatever_the_cpu(monkeypatch: pytest.MonkeyPa
     assert resolve_amp("none", CPU) is None
     with pytest.raises(ConfigError, match=r"train\.amp: float16 autocast is for GPUs"):
         resolve_amp("float16", CPU)
+
+
+def test_float16_products_say_why_they_cannot_act(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: None)
+    assert fp16_products_unused(None, cpu) is None  # float32 on a CPU with the kernel: they act
+    assert fp16_products_unused(torch.bfloat16, cpu) == "this run computes in torch.bfloat16"
+    assert "trains on cuda" in fp16_products_unused(None, cuda)
+    monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: "this CPU lacks X")
+    assert fp16_products_unused(None, cpu) == (
+        "the float16 kernel cannot run here (this CPU lacks X)"
+    )

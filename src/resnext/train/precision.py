@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from resnext.errors import ConfigError
+from resnext.speed import pointwise_fp16
 from resnext.speed.capability import bf16_faster
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,3 +49,14 @@ def autocast(dtype: torch.dtype | None, device: torch.device) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+def fp16_products_unused(amp_dtype: torch.dtype | None, device: torch.device) -> str | None:
+    """Why `train.fp16_products` cannot act in this run (one line), or None where it can: they
+    replace float32 products of CPU 1×1 convolutions, with a kernel that needs AVX512-FP16."""
+    if device.type != "cpu":
+        return f"the 1×1 fast path is a CPU one and this run trains on {device.type}"
+    if amp_dtype is not None:
+        return f"this run computes in {amp_dtype}"
+    reason = pointwise_fp16.unavailable_reason()
+    return None if reason is None else f"the float16 kernel cannot run here ({reason})"

@@ -48,7 +48,7 @@ from resnext.train.model_setup import (
 )
 from resnext.train.optim import build_optimizer, build_scheduler, resolve_lr
 from resnext.train.plot import plot_curves
-from resnext.train.precision import make_scaler, resolve_amp
+from resnext.train.precision import fp16_products_unused, make_scaler, resolve_amp
 from resnext.train.progress import Progress
 from resnext.train.state import Position, Trainables, make_payload, restore
 
@@ -167,9 +167,9 @@ def _run(
     )
     # `auto` measures bf16 against float32 on each process's CPU; one precision for the job
     amp_dtype = broadcast_object(resolve_amp(cfg.train.amp, info.device))
-    if cfg.train.fp16_products and amp_dtype is not None and info.is_main:
-        # float16 products replace float32 ones only; `auto` chose a faster reduced precision
-        print(f"train.fp16_products: not used, this run computes in {amp_dtype}", flush=True)
+    unused = fp16_products_unused(amp_dtype, info.device) if cfg.train.fp16_products else None
+    if unused and info.is_main:
+        print(f"train.fp16_products: not used, {unused}", flush=True)
     merges: dict[str, int] = {}
     if cfg.train.merge_groups:
         merges = merge_groups_for_training(
