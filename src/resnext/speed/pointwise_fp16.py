@@ -105,6 +105,15 @@ def pack(weight: torch.Tensor, transposed: bool = False) -> tuple[torch.Tensor, 
     return packed, exponent.value
 
 
+def _check_rc(rc: int, function: str, x: torch.Tensor, channels: int, stride: int) -> None:
+    """The C function's refusal (1: sizes, 2: no memory for its buffers) as a RuntimeError."""
+    if rc != 0:
+        raise RuntimeError(
+            f"{function} refused {tuple(x.shape)} → {channels}, stride {stride}"
+            + (" (no memory for its buffers)" if rc == 2 else "")
+        )
+
+
 def run(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -152,11 +161,7 @@ def run(
         exponent,
         torch.get_num_threads(),
     )
-    if rc != 0:
-        raise RuntimeError(
-            f"pointwise_fp16 refused {tuple(x.shape)} → {out_channels}, stride {stride}"
-            + (" (no memory for its buffers)" if rc == 2 else "")
-        )
+    _check_rc(rc, "pointwise_fp16", x, out_channels, stride)
     return y
 
 
@@ -186,11 +191,7 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, stride: int = 1) -> torch.T
         x.data_ptr(), grad.data_ptr(), dw.data_ptr(), n, h, w, cin, cout, stride,
         torch.get_num_threads(),
     )  # fmt: skip
-    if rc != 0:
-        raise RuntimeError(
-            f"pointwise_fp16_wgrad refused {tuple(x.shape)} → {cout}, stride {stride}"
-            + (" (no memory for its buffers)" if rc == 2 else "")
-        )
+    _check_rc(rc, "pointwise_fp16_wgrad", x, cout, stride)
     return dw
 
 

@@ -87,6 +87,15 @@ static uint32_t largest_bits(const float *v, long n) {
   return largest; /* >= 0x7f800000: an infinity or NaN among them */
 }
 
+/* dst[0, n) = src[0, n) · scale rounded to float16 (to nearest even; the scale a power of two). */
+static inline void scaled_halves(const float *src, _Float16 *dst, long n, float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
+  long i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_ph(dst + i, _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + i), s)));
+  for (; i < n; ++i) dst[i] = (_Float16)(src[i] * scale);
+}
+
 /* Pack the weight, given in panel order (n / 32 panels, each k × 32 float32: panel p's row c holds
  * output channels 32p..32p+31 of input channel c), as float16 scaled by 2^exponent into `dest`
  * (n × k halves, the same order); 0, or 1 for bad sizes or a non-finite weight. */
@@ -96,9 +105,7 @@ int pointwise_fp16_pack(const float *panels, _Float16 *dest, int n, int k, int *
   const uint32_t largest = largest_bits(panels, count);
   if (largest >= 0x7f800000u) return 1;
   const int e = scale_exponent(largest, 0);
-  const __m512 scale = _mm512_set1_ps(power_of_two(e));
-  for (long i = 0; i < count; i += 16)
-    _mm256_storeu_ph(dest + i, _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(panels + i), scale)));
+  scaled_halves(panels, dest, count, power_of_two(e));
   *exponent = e;
   return 0;
 }
@@ -162,17 +169,13 @@ static const float *pixel_row(const Input *in, long p) {
 /* Convert rows [p0, p0 + rows) scaled by `scale` into tiles of runs (see the header). */
 static void convert_rows(const Input *in, long p0, int rows, float scale, _Float16 *a) {
   const int k = in->k, runs = (k + RUN - 1) / RUN;
-  const __m512 s = _mm512_set1_ps(scale);
   for (int r = 0; r < rows; ++r) {
     const float *src = pixel_row(in, p0 + r);
     _Float16 *tile = a + (long)(r / TILE) * runs * TILE * RUN;
     for (int q = 0; q < runs; ++q) {
-      _Float16 *dst = tile + ((long)q * TILE + r % TILE) * RUN;
-      const int c0 = q * RUN, n = k - c0 < RUN ? k - c0 : RUN;
-      int c = 0;
-      for (; c + 16 <= n; c += 16)
-        _mm256_store_ph(dst + c, _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + c0 + c), s)));
-      for (; c < n; ++c) dst[c] = (_Float16)(src[c0 + c] * scale);
+      const int c0 = q * RUN;
+      scaled_halves(src + c0, tile + ((long)q * TILE + r % TILE) * RUN,
+                    k - c0 < RUN ? k - c0 : RUN, scale);
     }
   }
 }
@@ -395,21 +398,12 @@ static void wgrad_block(const Wgrad *w, long p0, int size, int q0, int q1, _Floa
     return;
   }
   const int ex = scale_exponent(lx, WG_X_TOP), eg = scale_exponent(lg, WG_G_TOP);
-  const __m512 sx = _mm512_set1_ps(power_of_two(ex));
-  const float scale_g = power_of_two(eg);
-  const __m512 sg = _mm512_set1_ps(scale_g);
+  const float scale_x = power_of_two(ex), scale_g = power_of_two(eg);
   for (int r = 0; r < size; ++r) {
     const float *src = pixel_row(w->in, p0 + r);
     for (int q = q0; q < q1; ++q)
-      for (int c = 0; c < PANEL; c += 16)
-        _mm256_store_ph(xh + ((long)(q - q0) * size + r) * PANEL + c,
-                        _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + q * PANEL + c), sx)));
-    const float *gr = w->g + (p0 + r) * (long)n;
-    _Float16 *dst = gh + r * w->ldg;
-    int c = 0;
-    for (; c + 16 <= n; c += 16)
-      _mm256_store_ph(dst + c, _mm512_cvtxps_ph(_mm512_mul_ps(_mm512_loadu_ps(gr + c), sg)));
-    for (; c < n; ++c) dst[c] = (_Float16)(gr[c] * scale_g);
+      scaled_halves(src + q * PANEL, xh + ((long)(q - q0) * size + r) * PANEL, PANEL, scale_x);
+    scaled_halves(w->g + (p0 + r) * (long)n, gh + r * w->ldg, n, scale_g);
   }
   const __m512 ux = _mm512_set1_ps(power_of_two(-ex)), ug = _mm512_set1_ps(power_of_two(-eg));
   for (int o0 = 0; o0 < n; o0 += OUT_CHUNK * TILE) {
