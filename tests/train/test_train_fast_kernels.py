@@ -3,6 +3,7 @@ the same model as torch's own ops would."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -95,12 +96,22 @@ def test_fast_kernel_run_follows_the_plain_run(
             torch.testing.assert_close(weights["fast"][name], value, rtol=1e-3, atol=1e-4)
 
 
-def _tiny_run(tmp_path, tiny_cfg, tiny_data, folder: str, fast: bool, pinned: tuple[str, ...]):
-    amp = "none" if folder == "float32" else "bfloat16"
+def _tiny_run(
+    tmp_path,
+    tiny_cfg,
+    tiny_data,
+    folder: str,
+    fast: bool,
+    pinned: tuple[str, ...],
+    fp16_products: bool = False,
+):
+    # bf16, but for the float32 reference and the float16 products (which replace float32 ones)
+    amp = "none" if folder == "float32" or fp16_products else "bfloat16"
+    train_keys = {"epochs": 2, "channels_last": True, "amp": amp, "gemm_weight_grad": fast}
     cfg = tiny_cfg(
         tmp_path / folder,
         model={"name": "resnext_tiny", "spec": {"num_classes": 4, "cardinality": 4}},
-        train={"epochs": 2, "channels_last": True, "amp": amp, "gemm_weight_grad": fast},
+        train={**train_keys, "fp16_products": fp16_products},
     )
     with autotune.CHOOSER.prefer(*pinned):
         result = train(cfg, train_set=tiny_data(64), val_set=tiny_data(40, seed=2))
@@ -221,27 +232,11 @@ def test_float16_products_train_no_further_from_float32_than_bf16_does(
             pointwise_fp16, name, lambda *a, _o=original, **k: calls.append(1) or _o(*a, **k)
         )
 
-    def run(folder: str, amp: str, fp16: bool) -> tuple[dict, dict]:
-        cfg = tiny_cfg(
-            tmp_path / folder,
-            model={"name": "resnext_tiny", "spec": {"num_classes": 4, "cardinality": 4}},
-            train={
-                "epochs": 2,
-                "channels_last": True,
-                "amp": amp,
-                "gemm_weight_grad": fp16,
-                "fp16_products": fp16,
-            },
-        )
-        with autotune.CHOOSER.prefer("ours-fp16"):
-            result = train(cfg, train_set=tiny_data(64), val_set=tiny_data(40, seed=2))
-        weights = torch.load(tmp_path / folder / "checkpoints" / "last.pt", weights_only=True)
-        return result.final, weights["model"]
-
-    fp32, fp32_w = run("float32", "none", False)
-    _, bf16_w = run("bf16", "bfloat16", False)
+    run = functools.partial(_tiny_run, tmp_path, tiny_cfg, tiny_data)
+    fp32, fp32_w = run("float32", False, ())
+    _, bf16_w = run("bf16", False, ())
     assert not calls
-    fp16, fp16_w = run("fp16", "none", True)
+    fp16, fp16_w = run("fp16", True, ("ours-fp16",), fp16_products=True)
     assert calls  # the float16 products ran
     assert _distance(fp16_w, fp32_w) <= _distance(bf16_w, fp32_w)
     for name, value in fp32.items():
