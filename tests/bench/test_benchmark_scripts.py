@@ -860,3 +860,28 @@ def test_the_mkl_bench_refuses_an_unknown_backend(
     assert _run_script("bench_pointwise_mkl.py", argv, monkeypatch) == 2
     assert "argument --backends: unknown ['fast']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_weight_gradient_bench_times_float16_products_where_they_run(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    from resnext.speed import pointwise_fp16
+
+    if pointwise_fp16.unavailable_reason() is not None:
+        pytest.skip(f"fp16 kernel unavailable: {pointwise_fp16.unavailable_reason()}")
+    out = tmp_path / "out"
+    argv = ["--models", "resnext_tiny", "--batch", "2", "--image-size", "32", "--rounds", "1",
+            "--dtypes", "fp32", "--out", str(out)]  # fmt: skip
+    assert _run_script("bench_pointwise_train.py", argv, monkeypatch) == 0
+    (record,) = out.glob("bench-pointwise-train-*.json")
+    layers = json.loads(record.read_text())["results"]["weight_grad"]
+    with_fp16 = {key for key, row in layers.items() if "fp16_ms" in row}
+    # the kernel's weight gradient takes input channels in multiples of 32 (key: fp32/cin-cout/…)
+    assert with_fp16 == {key for key in layers if int(key.split("/")[1].split("-")[0]) % 32 == 0}
+    assert with_fp16 and len(with_fp16) < len(layers)  # both kinds of layer in resnext_tiny
+    for key in with_fp16:
+        row = layers[key]
+        best = min(row["onednn_ms"], row["gemm_ms"])
+        assert row["best_other_over_fp16"] == pytest.approx(best / row["fp16_ms"])
