@@ -1,7 +1,7 @@
 """Where an inference batch's time goes, layer by layer, on our eager fast path (and OpenVINO's).
 
 Usage: .venv/bin/python benchmarks/bench_infer_layers.py [--models resnext50_32x4d,resnet50]
-           [--batch 16] [--image-size 224] [--rounds 5] [--dtype bf16|fp32] [--top 12]
+           [--batch 16] [--image-size 224] [--rounds 5] [--dtype bf16|fp32|fp16] [--top 12]
            [--openvino]
 
 Each model is `optimize`d without a compiled graph (`backend="none"`: the same kernels the
@@ -112,7 +112,7 @@ class Run:
     by_round: list[dict[str, float]] = dataclasses.field(default_factory=list)  # per leaf
 
 
-def prepare(name: str, batch: int, size: int, dtype: torch.dtype) -> Run:
+def prepare(name: str, batch: int, size: int, dtype: torch.dtype | str) -> Run:
     """`name` optimized on the eager fast path for a random batch, and its layers' FLOPs."""
     torch.manual_seed(0)
     model = resnext.create_model(name).eval()
@@ -177,7 +177,7 @@ def openvino_profile(
     with torch.no_grad():
         converted = ov.convert_model(model, example_input=x)
     config = {
-        "INFERENCE_PRECISION_HINT": {"fp32": "f32"}.get(dtype, dtype),
+        "INFERENCE_PRECISION_HINT": {"fp32": "f32", "fp16": "f16"}.get(dtype, dtype),
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         "PERF_COUNT": "YES",
     }
@@ -197,7 +197,7 @@ def main() -> int:
     parser = bench_args.parser(
         __doc__, models="resnext50_32x4d,resnet50", batch=16, image_size=224, rounds=5
     )
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16")
     parser.add_argument("--top", type=int, default=12, help="slowest layers printed per model")
     parser.add_argument("--openvino", action="store_true", help="also OpenVINO's own counters")
     args = parser.parse_args()
@@ -205,7 +205,8 @@ def main() -> int:
         print(f"--rounds and --batch: expected at least 1, got {args.rounds} and {args.batch}")
         return 1
     keep_freed_memory()  # as `resnext bench` runs: no page faults on every batch
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    # fp16: float32 with the 1x1s' products in float16 (`optimize`'s "fp16")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": "fp16"}[args.dtype]
     names = args.models.split(",")
     runs = [prepare(name, args.batch, args.image_size, dtype) for name in names]
     time_rounds(runs, args.rounds)

@@ -78,8 +78,11 @@ def test_ceiling_is_flop_at_peak_for_compute_and_bytes_at_bandwidth_for_the_rest
 
 # Every kernel must be counted, whichever the chooser takes: pinned to oneDNN, to our AMX kernels
 # where they run (else our vector kernels, else the reference), or chosen by timing; in bf16 and
-# in float32 (where the 1×1 products have our FMA kernel).
-@pytest.mark.parametrize("variant", ["cl-bf16-fused-grouped-gemm", "cl-fp32-fused-grouped-gemm"])
+# in float32 (where the 1×1 products have our FMA kernel), and with float16 products.
+@pytest.mark.parametrize(
+    "variant",
+    ["cl-bf16-fused-grouped-gemm", "cl-fp32-fused-grouped-gemm", "cl-fp32-fused-grouped-gemm-fp16"],
+)
 @pytest.mark.parametrize(
     "pinned",
     [
@@ -87,6 +90,7 @@ def test_ceiling_is_flop_at_peak_for_compute_and_bytes_at_bandwidth_for_the_rest
         ("onednn",),
         ("ours-amx", "ours-amx-phases", "ours", "ours-phases", "gemm"),
         ("ours-fma", "ours-phases", "ours"),
+        ("ours-fp16", "ours-phases", "ours"),
     ],
 )
 def test_a_real_steps_convolution_flop_is_three_forwards_less_the_stems_input_grad(

@@ -26,6 +26,7 @@ from resnext.speed import (
     grouped_wgrad_amx,
     maxpool,
     pointwise_fma,
+    pointwise_fp16,
     pointwise_gemm,
     pointwise_train,
     pointwise_wgrad_amx,
@@ -87,6 +88,10 @@ KERNEL_SPANS = (
     Instrumented(pointwise_fma, "run", "pointwise_fma (ours)", _pointwise_product_flop),
     Instrumented(pointwise_fma, "pack", "pointwise_fma pack (ours)"),
     Instrumented(pointwise_gemm, "pack_input_grad", "pointwise_gemm pack (ours)"),
+    # float16 products (`train.fp16_products`): forward and input gradients, packed per call
+    Instrumented(pointwise_fp16, "run", "pointwise_fp16 (ours)", _pointwise_product_flop),
+    Instrumented(pointwise_fp16, "pack", "pointwise_fp16 pack (ours)"),
+    Instrumented(pointwise_fp16, "weight_grad", "pointwise_wgrad fp16 (ours)", _gemm_wgrad_flop),
     Instrumented(pointwise_gemm, "weight_grad", "pointwise_wgrad (ours)", _gemm_wgrad_flop),
     Instrumented(
         grouped_wgrad_amx, "weight_grad", "grouped_conv3x3_wgrad (ours, AMX)", _grouped_wgrad_flop
@@ -154,7 +159,8 @@ def op_kind(label: str, sig: str) -> str:
         return _conv_kind(shapes[1], shapes[2])
     if label.startswith("grouped_conv3x3"):
         return "grouped 3x3 conv"
-    if label.startswith(("pointwise_gemm", "pointwise_fma")):  # our 1×1 products, packings
+    # our 1×1 products and their packings
+    if label.startswith(("pointwise_gemm", "pointwise_fma", "pointwise_fp16")):
         return "1x1 conv"
     if label.startswith(("gemm_weight_grad", "pointwise_wgrad")):
         return "1x1 weight grad (GEMM)"
