@@ -37,6 +37,7 @@ from resnext.speed import (
 )
 from resnext.speed.block_fusion import ADDS, dead_after, inputs_consumed
 from resnext.speed.capability import cpu_flags
+from resnext.speed.conv1x1_kernel import Conv1x1Kernel, float_bias
 from resnext.speed.fold import (
     install_graph,
     module_call_counts,
@@ -101,46 +102,7 @@ class ConvX3(KernelModule):
         )
 
 
-class _Conv1x1Kernel(KernelModule):
-    """A 1×1 convolution with its bias, then optionally a residual add and a ReLU, computed by
-    one of our operators: `OP` into a new output, or `OP_IN_PLACE` written over the residual.
-
-    With `in_place` the result is written over the residual, which must then be dead after this
-    call (the pass sets it only where the graph shows that). The packed weight and bias are plain
-    attributes, as in `ConvX3`, so that a later ``.to(dtype)`` leaves them packed.
-    """
-
-    OP: object  # the torch operator of each kind, set by the subclasses
-    OP_IN_PLACE: object
-    KIND = ""  # what `extra_repr` calls the kernel
-
-    def __init__(self, conv: nn.Conv2d, packed: torch.Tensor, relu: bool, in_place: bool) -> None:
-        super().__init__()
-        self.packed = packed
-        self.bias = float_bias(conv)
-        self.stride = conv.stride[0]
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.relu, self.in_place = relu, in_place
-
-    def _args(self, x: torch.Tensor) -> tuple:
-        """The operator's arguments before the residual."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return operators.call_over_residual(
-            self.OP, self.OP_IN_PLACE, self._args(x), residual, self.in_place
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), stride={self.stride}, "
-            + self.KIND
-            + (", relu" if self.relu else "")
-            + (", in place" if self.in_place else "")
-        )
-
-
-class FmaConv1x1(_Conv1x1Kernel):
+class FmaConv1x1(Conv1x1Kernel):
     """A float32 1×1 convolution (any stride) and its epilogue, computed by `pointwise_fma`
     (256-bit FMAs)."""
 
@@ -160,7 +122,7 @@ class FmaConv1x1(_Conv1x1Kernel):
         return (x, self.packed, self.bias, self.stride, self.relu)
 
 
-class DotConv1x1(_Conv1x1Kernel):
+class DotConv1x1(Conv1x1Kernel):
     """A bf16 1×1 convolution and its epilogue, computed by `pointwise_gemm.conv1x1` (AVX512-BF16
     pair dot products, float32 sums, one rounding); a strided one (a projection shortcut) reads
     the input's every s-th pixel of every s-th row where it lies."""
@@ -199,12 +161,6 @@ def square_geometry(module: nn.Module) -> tuple[int, int, int] | None:
     ):
         return k[0], s[0], p[0]
     return None
-
-
-def float_bias(conv: nn.Conv2d) -> torch.Tensor:
-    """The convolution's bias as a contiguous float32 tensor (zeros where it has none)."""
-    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
-    return bias.detach().float().contiguous()
 
 
 def eligible(module: nn.Module) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 
 from resnext import native
 from resnext.speed import operators
-from resnext.speed.kernel_module import KernelModule
+from resnext.speed.conv1x1_kernel import Conv1x1Kernel, float32_cpu_inference
 
 SOURCE = Path(__file__).with_name("kernels") / "pointwise_fp16.c"
 FLAGS = (
@@ -215,59 +215,40 @@ operators.define_over_residual(
 )
 
 
-class Fp16Conv1x1(KernelModule):
+class Fp16Conv1x1(Conv1x1Kernel):
     """A float32 1×1 convolution (any stride) with its bias, then optionally a residual add and a
     ReLU, its products in float16 (`pointwise_fp16.run`). With `in_place` the result is written
     over the residual (which the pass allows only where it is dead after). Inputs of another
     dtype or device, and inputs needing a gradient, take torch's float32 convolution: the same
     function, exactly."""
 
+    OP = torch.ops.resnext.pointwise_fp16
+    OP_IN_PLACE = torch.ops.resnext.pointwise_fp16_
+    KIND = "float16 products"
+
     def __init__(self, conv: nn.Conv2d, relu: bool, in_place: bool) -> None:
-        super().__init__()
         if not eligible(conv):
             raise ValueError(
                 "conv: expected a float32 1×1 convolution with equal strides, no padding, groups "
                 f"1, a multiple of {PANEL} outputs and finite weights, got {conv}"
             )
-        self.stride = conv.stride[0]
-        self.weight = conv.weight.detach().float().contiguous()
-        self.bias = (
-            conv.bias.detach().float().contiguous()
-            if conv.bias is not None
-            else torch.zeros(conv.out_channels)
-        )
-        self.packed, self.exponent = pack(self.weight)
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.relu, self.in_place = relu, in_place
+        weight = conv.weight.detach().float().contiguous()
+        packed, exponent = pack(weight)
+        super().__init__(conv, packed, relu, in_place)
+        self.weight, self.exponent = weight, exponent
 
-    def exact(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _args(self, x: torch.Tensor) -> tuple:
+        return (x, self.packed, self.exponent, self.out_channels, self.bias, self.stride, self.relu)
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return float32_cpu_inference(x)
+
+    def fallback(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The same function in float32 with torch's operators."""
         y = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride)
         if residual is not None:
             y = y + residual
         return F.relu(y) if self.relu else y
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if (
-            x.dim() != 4
-            or x.dtype != torch.float32
-            or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and x.requires_grad)
-        ):
-            return self.exact(x, residual)
-        args = (x, self.packed, self.exponent, self.out_channels, self.bias, self.stride, self.relu)
-        ops = torch.ops.resnext
-        return operators.call_over_residual(
-            ops.pointwise_fp16, ops.pointwise_fp16_, args, residual, self.in_place
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), stride={self.stride}, "
-            "float16 products"
-            + (", relu" if self.relu else "")
-            + (", in place" if self.in_place else "")
-        )
 
 
 def eligible(module: nn.Module) -> bool:

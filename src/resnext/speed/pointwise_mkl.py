@@ -27,7 +27,7 @@ from torch import nn
 
 from resnext import native
 from resnext.speed import operators
-from resnext.speed.kernel_module import KernelModule
+from resnext.speed.conv1x1_kernel import Conv1x1Kernel, float32_cpu_inference
 
 SOURCE = Path(__file__).with_name("kernels") / "pointwise_mkl.c"
 FLAGS = ("-O3", "-mavx2", "-fopenmp")
@@ -178,34 +178,31 @@ operators.define_over_residual(
 )
 
 
-class MklConv1x1(KernelModule):
+class MklConv1x1(Conv1x1Kernel):
     """A float32 1×1 convolution (any stride) with its bias, then optionally a residual add and a
     ReLU, on MKL's product with the weight packed for the output pixels of inputs of
     `input_shape`.
     With `in_place` the result is written over the residual (which the pass allows only where it
-    is dead after). Inputs giving another output pixel count, and inputs needing a gradient, take torch's
-    product on the unpacked weight and separate operators (`unpacked`): the same function."""
+    is dead after). Inputs giving another output pixel count, and inputs needing a gradient, take
+    torch's product on the unpacked weight and separate operators (`fallback`): the same
+    function."""
+
+    OP = torch.ops.resnext.pointwise_mkl
+    OP_IN_PLACE = torch.ops.resnext.pointwise_mkl_
 
     def __init__(
         self, conv: nn.Conv2d, relu: bool, in_place: bool, input_shape: tuple[int, ...]
     ) -> None:
-        super().__init__()
         if not eligible(conv):
             raise ValueError(
                 "conv: expected a float32 1×1 convolution with equal strides, no padding and "
                 f"groups 1, got {conv}"
             )
-        self.stride = conv.stride[0]
-        self.rows = output_pixels(tuple(input_shape), self.stride)
-        self.weight = conv.weight.detach().float().contiguous()
-        self.bias = (
-            conv.bias.detach().float().contiguous()
-            if conv.bias is not None
-            else torch.zeros(conv.out_channels)
-        )
-        self.packed = pack(self.weight, self.rows)
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.relu, self.in_place = relu, in_place
+        stride = conv.stride[0]
+        rows = output_pixels(tuple(input_shape), stride)
+        weight = conv.weight.detach().float().contiguous()
+        super().__init__(conv, pack(weight, rows), relu, in_place)
+        self.rows, self.weight = rows, weight
 
     def __getstate__(self) -> dict[str, object]:
         # MKL's packed layout belongs to this process's MKL and CPU: a copy packs again
@@ -217,7 +214,13 @@ class MklConv1x1(KernelModule):
         super().__setstate__(state)
         self.packed = pack(self.weight, self.rows)
 
-    def unpacked(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _args(self, x: torch.Tensor) -> tuple:
+        return (x, self.packed, self.rows, self.out_channels, self.bias, self.stride, self.relu)
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return float32_cpu_inference(x) and output_pixels(tuple(x.shape), self.stride) == self.rows
+
+    def fallback(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The same function as torch's product (MKL, weight not packed) and separate operators:
         not `F.conv2d`, which has oneDNN reorder the weight on every call and may pick a slow
         algorithm for a size it was not packed for (14–19 ms instead of ~1 for a 14² layer at
@@ -232,28 +235,8 @@ class MklConv1x1(KernelModule):
             y = y + residual
         return F.relu(y) if self.relu else y
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if (
-            x.dim() != 4
-            or output_pixels(tuple(x.shape), self.stride) != self.rows
-            or x.dtype != torch.float32
-            or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and x.requires_grad)
-        ):
-            return self.unpacked(x, residual)
-        args = (x, self.packed, self.rows, self.out_channels, self.bias, self.stride, self.relu)
-        ops = torch.ops.resnext
-        return operators.call_over_residual(
-            ops.pointwise_mkl, ops.pointwise_mkl_, args, residual, self.in_place
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), stride={self.stride}, "
-            f"mkl, packed for {self.rows} output pixels"
-            + (", relu" if self.relu else "")
-            + (", in place" if self.in_place else "")
-        )
+    def kind(self) -> str:
+        return f"mkl, packed for {self.rows} output pixels"
 
 
 def eligible(module: nn.Module) -> bool:
