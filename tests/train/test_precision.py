@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from resnext.errors import ConfigError
 from resnext.speed import capability, pointwise_fp16
 from resnext.train import precision
-from resnext.train.precision import fp16_products_unused, resolve_amp
+from resnext.train.precision import fp16_products_offer, fp16_products_unused, resolve_amp
 
 CPU = torch.device("cpu")
 
@@ -55,3 +56,21 @@ def test_float16_products_say_why_they_cannot_act(monkeypatch) -> None:
     assert fp16_products_unused(None, cpu) == (
         "the float16 kernel cannot run here (this CPU lacks X)"
     )
+
+
+def test_float16_products_are_offered_only_where_they_would_act(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: None)
+    wide = nn.Sequential(nn.Conv2d(16, 64, 3), nn.Conv2d(64, 64, 1))  # a 1×1 of 64 outputs
+    offer = fp16_products_offer(wide, None, cpu, gemm_weight_grad=True)
+    assert offer is not None and "train.fp16_products=true" in offer
+    assert "gemm_weight_grad" not in offer
+    assert "train.gemm_weight_grad=true" in fp16_products_offer(wide, None, cpu, False)
+    assert fp16_products_offer(wide, torch.bfloat16, cpu, True) is None  # bf16: they cannot act
+    assert fp16_products_offer(wide, None, cuda, True) is None
+    narrow = nn.Sequential(nn.Conv2d(16, 64, 3), nn.Conv2d(64, 48, 1))  # 48: not a multiple of 32
+    assert fp16_products_offer(narrow, None, cpu, True) is None
+    grouped = nn.Sequential(nn.Conv2d(64, 64, 1, groups=2))
+    assert fp16_products_offer(grouped, None, cpu, True) is None
+    monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: "this CPU lacks X")
+    assert fp16_products_offer(wide, None, cpu, True) is None

@@ -48,7 +48,12 @@ from resnext.train.model_setup import (
 )
 from resnext.train.optim import build_optimizer, build_scheduler, resolve_lr
 from resnext.train.plot import plot_curves
-from resnext.train.precision import fp16_products_unused, make_scaler, resolve_amp
+from resnext.train.precision import (
+    fp16_products_offer,
+    fp16_products_unused,
+    make_scaler,
+    resolve_amp,
+)
 from resnext.train.progress import Progress
 from resnext.train.state import Position, Trainables, make_payload, restore
 
@@ -170,6 +175,13 @@ def _run(
     unused = fp16_products_unused(amp_dtype, info.device) if cfg.train.fp16_products else None
     if unused and info.is_main:
         print(f"train.fp16_products: not used, {unused}", flush=True)
+    offer = (
+        None
+        if cfg.train.fp16_products
+        else fp16_products_offer(raw, amp_dtype, info.device, cfg.train.gemm_weight_grad)
+    )
+    if offer and info.is_main:
+        print(f"note: {offer}", flush=True)
     merges: dict[str, int] = {}
     if cfg.train.merge_groups:
         merges = merge_groups_for_training(
