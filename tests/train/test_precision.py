@@ -62,15 +62,13 @@ def test_float16_products_are_offered_only_where_they_would_act(monkeypatch) -> 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: None)
     wide = nn.Sequential(nn.Conv2d(16, 64, 3), nn.Conv2d(64, 64, 1))  # a 1×1 of 64 outputs
-    offer = fp16_products_offer(wide, None, cpu, gemm_weight_grad=True)
+    offer = fp16_products_offer(wide, None, cpu)
     assert offer is not None and "train.fp16_products=true" in offer
-    assert "gemm_weight_grad" not in offer
-    assert "train.gemm_weight_grad=true" in fp16_products_offer(wide, None, cpu, False)
-    assert fp16_products_offer(wide, torch.bfloat16, cpu, True) is None  # bf16: they cannot act
-    assert fp16_products_offer(wide, None, cuda, True) is None
+    assert fp16_products_offer(wide, torch.bfloat16, cpu) is None  # bf16: they cannot act
+    assert fp16_products_offer(wide, None, cuda) is None
     narrow = nn.Sequential(nn.Conv2d(16, 64, 3), nn.Conv2d(64, 48, 1))  # 48: not a multiple of 32
-    assert fp16_products_offer(narrow, None, cpu, True) is None
+    assert fp16_products_offer(narrow, None, cpu) is None
     grouped = nn.Sequential(nn.Conv2d(64, 64, 1, groups=2))
-    assert fp16_products_offer(grouped, None, cpu, True) is None
+    assert fp16_products_offer(grouped, None, cpu) is None
     monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: "this CPU lacks X")
-    assert fp16_products_offer(wide, None, cpu, True) is None
+    assert fp16_products_offer(wide, None, cpu) is None

@@ -64,10 +64,11 @@ def fp16_products_unused(amp_dtype: torch.dtype | None, device: torch.device) ->
 
 
 def fp16_products_offer(
-    model: nn.Module, amp_dtype: torch.dtype | None, device: torch.device, gemm_weight_grad: bool
+    model: nn.Module, amp_dtype: torch.dtype | None, device: torch.device
 ) -> str | None:
-    """A one-line suggestion of `train.fp16_products` for a float32 CPU run that has it off where
-    it would act (the float16 kernel runs here and `model` has 1×1s it takes), else None."""
+    """A one-line suggestion of `train.fp16_products` for a float32 CPU run on the 1×1 fast path
+    (`train.gemm_weight_grad`) that has them off where they would act (the float16 kernel runs
+    here and `model` has 1×1s it takes), else None."""
     if device.type != "cpu" or amp_dtype is not None or pointwise_fp16.unavailable_reason():
         return None
     takes = any(
@@ -79,11 +80,8 @@ def fp16_products_offer(
     )
     if not takes:
         return None
-    switches = ("" if gemm_weight_grad else "train.gemm_weight_grad=true ") + (
-        "train.fp16_products=true"
-    )
     return (
-        f"this CPU has float16 FMAs (AVX512-FP16): {switches} runs the 1×1 convolutions' "
-        "products in float16 (1.4× the float32 step of ResNeXt-50 on such a Xeon, at float16's "
-        "precision; docs/training.md)"
+        "this CPU has float16 FMAs (AVX512-FP16): train.fp16_products=true runs the 1×1 "
+        "convolutions' products in float16 (1.4× the float32 step of ResNeXt-50 on such a Xeon, "
+        "at float16's precision; docs/training.md)"
     )

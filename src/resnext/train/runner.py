@@ -175,10 +175,11 @@ def _run(
     unused = fp16_products_unused(amp_dtype, info.device) if cfg.train.fp16_products else None
     if unused and info.is_main:
         print(f"train.fp16_products: not used, {unused}", flush=True)
+    # a run on the 1×1 fast path is told of the faster products its CPU has
     offer = (
-        None
-        if cfg.train.fp16_products
-        else fp16_products_offer(raw, amp_dtype, info.device, cfg.train.gemm_weight_grad)
+        fp16_products_offer(raw, amp_dtype, info.device)
+        if cfg.train.gemm_weight_grad and not cfg.train.fp16_products
+        else None
     )
     if offer and info.is_main:
         print(f"note: {offer}", flush=True)
