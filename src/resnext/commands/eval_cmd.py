@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from resnext.commands.options import add_fast_backend, add_no_timing_cache
+from resnext.commands.options import add_fast_backend, add_no_timing_cache, add_optimize
 from resnext.evaluate import (
     PROTOCOLS,
     DistContext,
@@ -66,14 +66,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--optimize",
-        choices=("off", "fp32", "bf16", "fp16", "auto"),
-        default="off",
-        help="score with the fast path (resnext.optimize) in this precision (fp16: fp32 with the "
-        "1x1s' products in float16, on CPUs with AVX512-FP16; auto: bf16 where this device runs "
-        "it faster than fp32, else fp16 where it runs, else fp32); crop protocols only",
-    )
+    add_optimize(parser, "score", limit="crop protocols only")
     add_fast_backend(parser)
     add_no_timing_cache(parser)
     parser.add_argument("--output", help="folder for report.json, per_class.csv, confusion.png")

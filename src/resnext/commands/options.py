@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import argparse
 
+OPTIMIZE_PRECISIONS = ("off", "fp32", "bf16", "fp16", "auto")
+
+
+def add_optimize(parser: argparse.ArgumentParser, purpose: str, limit: str = "") -> None:
+    """`--optimize PRECISION`, the fast path (`resnext.optimize`) for the commands that run a
+    model (predict, eval): `purpose` says what it does it for, `limit` where it does not apply."""
+    parser.add_argument(
+        "--optimize",
+        choices=OPTIMIZE_PRECISIONS,
+        default="off",
+        help=f"{purpose} with the fast path (resnext.optimize) in this precision, on --device "
+        "(fp16: fp32 with the 1x1s' products in float16, on CPUs with AVX512-FP16; auto: bf16 "
+        "where the device runs it faster than fp32, else fp16 where it runs, else fp32)"
+        + (f"; {limit}" if limit else ""),
+    )
+
 
 def add_fast_backend(parser: argparse.ArgumentParser) -> None:
     """`--compile` or `--replay`, for the commands with an `--optimize` fast path (predict, eval)."""

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from resnext.commands.options import add_fast_backend, add_no_timing_cache
+from resnext.commands.options import add_fast_backend, add_no_timing_cache, add_optimize
 from resnext.errors import DataError
 from resnext.inference import Predictor, expand_paths
 
@@ -25,14 +25,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--optimize",
-        choices=("off", "fp32", "bf16", "fp16", "auto"),
-        default="off",
-        help="classify with the fast path (resnext.optimize) in this precision, on --device (fp16: "
-        "fp32 with the 1x1s' products in float16, on CPUs with AVX512-FP16; auto: bf16 where the "
-        "device runs it faster than fp32, else fp16 where it runs, else fp32)",
-    )
+    add_optimize(parser, "classify")
     add_fast_backend(parser)
     add_no_timing_cache(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
