@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+from collections.abc import Callable
 from pathlib import Path
 
 import resnext
@@ -62,14 +63,23 @@ def registry_names(models: str) -> str:
 def pointwise_against(path: Path | None) -> tuple[ctypes.CDLL | None, str | None]:
     """(`kernels/pointwise_gemm.c` built from another source `path`, None), (None, None) without
     one, or (None, the message refusing it: no such file, or its build failed)."""
-    from resnext.native import NativeUnavailable
     from resnext.speed import pointwise_gemm
+
+    return kernel_against(path, pointwise_gemm.load, "pointwise_gemm.c")
+
+
+def kernel_against(
+    path: Path | None, load: Callable[..., ctypes.CDLL], name: str
+) -> tuple[ctypes.CDLL | None, str | None]:
+    """(the kernel `name` built by `load(source=...)` from another source `path`, None), (None,
+    None) without one, or (None, the message refusing it: no such file, or its build failed)."""
+    from resnext.native import NativeUnavailable
 
     if path is None:
         return None, None
     if not path.is_file():
-        return None, f"--against {path}: no such file (expected a pointwise_gemm.c source)"
+        return None, f"--against {path}: no such file (expected a {name} source)"
     try:
-        return pointwise_gemm.load(source=path.resolve()), None
+        return load(source=path.resolve()), None
     except NativeUnavailable as exc:  # e.g. a source that does not compile
         return None, f"--against {path}: {exc}"

@@ -100,6 +100,10 @@ def _kernel_source(kernel: str) -> Path:
 
     if kernel == "pointwise_fma":
         reason, source = pointwise_fma.unavailable_reason(), pointwise_fma.SOURCE
+    elif kernel == "pointwise_fp16":
+        from resnext.speed import pointwise_fp16
+
+        reason, source = pointwise_fp16.unavailable_reason(), pointwise_fp16.SOURCE
     elif kernel == "pointwise_bf16":
         reason, source = pointwise_gemm.unavailable_reason(), pointwise_gemm.SOURCE
     elif kernel == "grouped_bf16":
@@ -134,6 +138,7 @@ def _kernel_source(kernel: str) -> Path:
     [
         ("bench_pointwise_train.py", "pointwise_gemm.c source"),
         ("bench_pointwise_bf16.py", "pointwise_gemm.c source"),
+        ("bench_pointwise_fp16.py", "pointwise_fp16.c source"),
         ("bench_fused_bn.py", "bn_act source"),
     ],
 )
@@ -242,6 +247,7 @@ def test_the_grouped_ab_runs_the_split_kernels_cold_where_they_take_the_layer(
     [
         ("bench_fused_bn.py", "bn"),
         ("bench_pointwise_bf16.py", "pointwise_bf16"),
+        ("bench_pointwise_fp16.py", "pointwise_fp16"),
         ("bench_pointwise_train.py", "pointwise_bf16"),
         ("bench_grouped_ab.py", "grouped"),
     ],
@@ -642,6 +648,42 @@ def test_the_bf16_1x1_bench_times_a_strided_shortcut_in_place_and_gathered(
     assert set(results["layers"]) == {"64->128 112x112 s2 +relu"}
     assert set(results["layers"]["64->128 112x112 s2 +relu"]) == {"onednn", "ours", "gathered"}
     assert set(results["totals"]["resnext_tiny"]) == {"onednn", "ours"}
+
+
+def test_the_fp16_1x1_bench_times_both_builds_of_the_same_kernel_alike(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    import torch
+
+    import resnext
+    from resnext.speed import pointwise_fp16
+
+    source = _kernel_source("pointwise_fp16")
+    copy = tmp_path / "copy.c"  # elsewhere: its header found by name, as another revision's
+    copy.write_text(source.read_text())
+    out = tmp_path / "out"
+    argv = ["--models", "resnext_tiny", "--batch", "1", "--rounds", "1", "--out", str(out)]
+    assert _run_script("bench_pointwise_fp16.py", [*argv, "--against", str(copy)], monkeypatch) == 0
+    (path,) = out.glob("bench-pointwise-fp16-*.json")
+    results = json.loads(path.read_text())["results"]
+    # resnext_tiny's 1×1s with outputs in 32s, each with a residual add or a ReLU
+    tiny = resnext.create_model("resnext_tiny")
+    expected = sum(
+        isinstance(m, torch.nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and pointwise_fp16.takes(m.out_channels)
+        for m in tiny.modules()
+    )
+    assert 0 < len(results["layers"]) <= expected
+    for row in results["layers"].values():
+        assert set(row) == {"onednn", "ours", "against"}
+        assert all(r["median_ms"] > 0 for r in row.values())
+    assert set(results["totals"]["resnext_tiny"]) == {"onednn", "ours", "against"}
+    # the same source built twice computes the same values to the bit
+    assert set(results["against_difference"]) == set(results["layers"])
+    assert all(d == 0.0 for d in results["against_difference"].values())
 
 
 @pytest.mark.parametrize("bad", ["0.05", "0.05,x", "0.05,0.05", "0,1", "-0.1,0"])
