@@ -29,7 +29,7 @@ from torch import nn
 
 import bench_args
 from bench_network_ab import replaced
-from bench_pointwise_fma import Shape, model_shapes, model_totals, time_layers
+from bench_pointwise_fma import Shape, model_shapes, time_models
 from resnext.speed import pointwise_gemm
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.conv_x3_swap import _onednn_runner
@@ -101,11 +101,9 @@ def main() -> int:
         print(f"the kernel cannot run here: {reason}")
         return 1
     per_model = {name: taken(model_shapes(name, args.batch)) for name in args.models.split(",")}
-    shapes = sorted({s for counts in per_model.values() for s in counts}, key=lambda s: s[1:])
     variants_of = functools.partial(shape_variants, against=against)
-    layers = time_layers(shapes, variants_of, args.rounds, digits=3)
     ways = ("onednn", "ours") + (("against",) if against is not None else ())
-    totals = model_totals(per_model, layers, ways, "1×1s")
+    _, layers, totals = time_models(per_model, variants_of, ways, args.rounds, digits=3)
     path = write_results(
         args.out, "bench-pointwise-bf16", vars(args), {"layers": layers, "totals": totals}
     )

@@ -16,6 +16,7 @@ records on another CPU.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections import Counter
 from collections.abc import Callable
 
@@ -105,6 +106,20 @@ def model_totals(
     return totals
 
 
+def time_models(
+    per_model: dict[str, Counter[Shape]],
+    variants_of: Callable[[Shape], dict[str, tuple]],
+    ways: tuple[str, ...],
+    rounds: int,
+    digits: int = 2,
+) -> tuple[list[Shape], dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]]]:
+    """The models' distinct 1×1 shapes, each timed its ways (`time_layers`), and each model's
+    1×1s summed per way (`model_totals`)."""
+    shapes = sorted({s for counts in per_model.values() for s in counts}, key=lambda s: s[1:])
+    layers = time_layers(shapes, variants_of, rounds, digits)
+    return shapes, layers, model_totals(per_model, layers, ways, "1×1s")
+
+
 def shape_variants(shape: Shape, builds: dict[str, ctypes.CDLL]) -> dict[str, tuple]:
     """oneDNN and each build of ours on one shape, as `interleaved` takes them."""
     n, cin, cout, h, w, stride, add = shape
@@ -149,9 +164,8 @@ def main() -> int:
     for spec in filter(None, args.blockings.split(";")):
         builds[spec] = pointwise_fma.load(tuple(f"-D{d}" for d in spec.split(",")))
     per_model = {name: model_shapes(name, args.batch) for name in args.models.split(",")}
-    shapes = sorted({s for counts in per_model.values() for s in counts}, key=lambda s: s[1:])
-    layers = time_layers(shapes, lambda shape: shape_variants(shape, builds), args.rounds)
-    totals = model_totals(per_model, layers, ("onednn", *builds), "1×1s")
+    variants_of = functools.partial(shape_variants, builds=builds)
+    _, layers, totals = time_models(per_model, variants_of, ("onednn", *builds), args.rounds)
     config = vars(args)
     path = write_results(
         args.out, "bench-pointwise-fma", config, {"layers": layers, "totals": totals}
