@@ -83,3 +83,21 @@ def kernel_against(
         return load(source=path.resolve()), None
     except NativeUnavailable as exc:  # e.g. a source that does not compile
         return None, f"--against {path}: {exc}"
+
+
+def kernel_or_refusal(
+    path: Path | None,
+    load: Callable[..., ctypes.CDLL],
+    name: str,
+    unavailable_reason: Callable[[], str | None],
+) -> tuple[ctypes.CDLL | None, str | None]:
+    """For a layer bench of one kernel: (`path`'s build of it or None, None) where the kernel runs
+    here, else (None, the message refusing the run): `kernel_against`'s first, so that a missing
+    or broken other source is named before anything runs, then why the kernel cannot run."""
+    against, refused = kernel_against(path, load, name)
+    if refused:
+        return None, refused
+    reason = unavailable_reason()
+    if reason is not None:
+        return None, f"the kernel cannot run here: {reason}"
+    return against, None

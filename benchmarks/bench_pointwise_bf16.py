@@ -92,13 +92,11 @@ def main() -> int:
     args = parser.parse_args()
     kept = keep_freed_memory()  # as `resnext bench` runs
     print(f"allocator: glibc, freed memory {'kept' if kept else 'returned (not glibc?)'}")
-    against, refused = bench_args.pointwise_against(args.against)  # a missing file named first
+    against, refused = bench_args.kernel_or_refusal(
+        args.against, pointwise_gemm.load, "pointwise_gemm.c", pointwise_gemm.unavailable_reason
+    )
     if refused:
         print(refused)
-        return 1
-    reason = pointwise_gemm.unavailable_reason()
-    if reason is not None:
-        print(f"the kernel cannot run here: {reason}")
         return 1
     per_model = {name: taken(model_shapes(name, args.batch)) for name in args.models.split(",")}
     variants_of = functools.partial(shape_variants, against=against)

@@ -102,16 +102,11 @@ def main() -> int:
     args = parser.parse_args()
     kept = keep_freed_memory()  # as `resnext bench` runs
     print(f"allocator: glibc, freed memory {'kept' if kept else 'returned (not glibc?)'}")
-    # a missing or broken other source is named before anything runs
-    against, refused = bench_args.kernel_against(
-        args.against, pointwise_fp16.load, "pointwise_fp16.c"
+    against, refused = bench_args.kernel_or_refusal(
+        args.against, pointwise_fp16.load, "pointwise_fp16.c", pointwise_fp16.unavailable_reason
     )
     if refused:
         print(refused)
-        return 1
-    reason = pointwise_fp16.unavailable_reason()
-    if reason is not None:
-        print(f"the kernel cannot run here: {reason}")
         return 1
     per_model = {name: taken(model_shapes(name, args.batch)) for name in args.models.split(",")}
     variants_of = functools.partial(shape_variants, against=against)
