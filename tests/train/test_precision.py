@@ -61,14 +61,17 @@ def test_float16_products_say_why_they_cannot_act(monkeypatch) -> None:
 def test_float16_products_are_offered_only_where_they_would_act(monkeypatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: None)
-    wide = nn.Sequential(nn.Conv2d(16, 64, 3), nn.Conv2d(64, 64, 1))  # a 1×1 of 64 outputs
+    # a 1×1 of 64 outputs, bias-free as the fast path takes it
+    wide = nn.Sequential(nn.Conv2d(16, 64, 3), nn.Conv2d(64, 64, 1, bias=False))
     offer = fp16_products_offer(wide, None, cpu)
     assert offer is not None and "train.fp16_products=true" in offer
     assert fp16_products_offer(wide, torch.bfloat16, cpu) is None  # bf16: they cannot act
     assert fp16_products_offer(wide, None, cuda) is None
-    narrow = nn.Sequential(nn.Conv2d(16, 64, 3), nn.Conv2d(64, 48, 1))  # 48: not a multiple of 32
+    narrow = nn.Sequential(nn.Conv2d(16, 64, 3), nn.Conv2d(64, 48, 1, bias=False))  # 48 outputs
     assert fp16_products_offer(narrow, None, cpu) is None
-    grouped = nn.Sequential(nn.Conv2d(64, 64, 1, groups=2))
+    grouped = nn.Sequential(nn.Conv2d(64, 64, 1, groups=2, bias=False))
     assert fp16_products_offer(grouped, None, cpu) is None
+    biased = nn.Sequential(nn.Conv2d(64, 64, 1))  # a bias: the 1×1 fast path leaves it to torch
+    assert fp16_products_offer(biased, None, cpu) is None
     monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: "this CPU lacks X")
     assert fp16_products_offer(wide, None, cpu) is None

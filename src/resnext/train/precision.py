@@ -11,6 +11,7 @@ from torch import nn
 from resnext.errors import ConfigError
 from resnext.speed import pointwise_fp16
 from resnext.speed.capability import bf16_faster
+from resnext.speed.pointwise_train import takes_module
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,16 +70,10 @@ def fp16_products_offer(
     """A one-line suggestion of `train.fp16_products` for a float32 CPU run on the 1×1 fast path
     (`train.gemm_weight_grad`) that has them off where they would act (the float16 kernel runs
     here and `model` has 1×1s it takes), else None."""
-    if device.type != "cpu" or amp_dtype is not None or pointwise_fp16.unavailable_reason():
+    if fp16_products_unused(amp_dtype, device) is not None:
         return None
-    takes = any(
-        isinstance(m, nn.Conv2d)
-        and m.kernel_size == (1, 1)
-        and m.groups == 1
-        and pointwise_fp16.takes(m.out_channels)
-        for m in model.modules()
-    )
-    if not takes:
+    # the 1×1s the fast path takes, of outputs the float16 kernel computes
+    if not any(takes_module(m) and pointwise_fp16.takes(m.out_channels) for m in model.modules()):
         return None
     return (
         "this CPU has float16 FMAs (AVX512-FP16): train.fp16_products=true runs the 1×1 "
