@@ -110,6 +110,13 @@ int pointwise_fp16_pack(const float *panels, _Float16 *dest, int n, int k, int *
   return 0;
 }
 
+/* The 32 halves of `v` as two vectors of 16 floats (exact). */
+static inline void widen(__m512h v, __m512 *lo, __m512 *hi) {
+  const __m512i bits = _mm512_castph_si512(v);
+  *lo = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(bits)));
+  *hi = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(bits, 1)));
+}
+
 /* sums (R pixels × 32, stride ld) (+)= the tile's runs over `chunk` input channels × one panel
  * slice; each run of 64 products summed in float16, then added in float32. */
 static inline __attribute__((always_inline)) void tile_product(int R, const _Float16 *a,
@@ -128,9 +135,8 @@ static inline __attribute__((always_inline)) void tile_product(int R, const _Flo
     const int first = fresh && c0 == 0;
     for (int r = 0; r < R; ++r) {
       float *s = sums + r * ld;
-      const __m512i bits = _mm512_castph_si512(acc[r]);
-      __m512 lo = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(bits)));
-      __m512 hi = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(bits, 1)));
+      __m512 lo, hi;
+      widen(acc[r], &lo, &hi);
       if (!first) {
         lo = _mm512_add_ps(lo, _mm512_load_ps(s));
         hi = _mm512_add_ps(hi, _mm512_load_ps(s + 16));
@@ -164,6 +170,16 @@ static const float *pixel_row(const Input *in, long p) {
   const long image = p / (in->out_h * in->out_w);
   const long i = (p / in->out_w) % in->out_h, j = p % in->out_w;
   return in->x + ((image * in->height + i * in->stride) * in->width + j * in->stride) * in->k;
+}
+
+/* largest_bits over input rows [p0, p0 + rows). */
+static uint32_t rows_largest_bits(const Input *in, long p0, int rows) {
+  uint32_t largest = 0;
+  for (int r = 0; r < rows; ++r) {
+    const uint32_t bits = largest_bits(pixel_row(in, p0 + r), in->k);
+    if (bits > largest) largest = bits;
+  }
+  return largest;
 }
 
 /* Convert rows [p0, p0 + rows) scaled by `scale` into tiles of runs (see the header). */
@@ -232,11 +248,7 @@ static int run_part(const Input *in, const _Float16 *packed, int weight_exponent
   const float unscale_w = power_of_two(-weight_exponent);
   for (long p0 = row0; p0 < row1; p0 += block) {
     const int rows = row1 - p0 < block ? (int)(row1 - p0) : block;
-    uint32_t largest = 0;
-    for (int r = 0; r < rows; ++r) {
-      const uint32_t bits = largest_bits(pixel_row(in, p0 + r), k);
-      if (bits > largest) largest = bits;
-    }
+    const uint32_t largest = rows_largest_bits(in, p0, rows);
     float unscale_x = 1.0f;
     if (largest >= 0x7f800000u) {
       float32_rows(in, p0, rows, packed, panel0, panels, sums, ld);
@@ -339,9 +351,8 @@ static inline __attribute__((always_inline)) void wgrad_tile(int R, const _Float
     }
     for (int r = 0; r < R; ++r) {
       float *s = dw + r * ld;
-      const __m512i bits = _mm512_castph_si512(acc[r]);
-      __m512 lo = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(bits)));
-      __m512 hi = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(bits, 1)));
+      __m512 lo, hi;
+      widen(acc[r], &lo, &hi);
       lo = _mm512_mul_ps(_mm512_mul_ps(lo, ux), ug); /* two exact power-of-two products */
       hi = _mm512_mul_ps(_mm512_mul_ps(hi, ux), ug);
       _mm512_store_ps(s, _mm512_add_ps(_mm512_load_ps(s), lo));
@@ -386,13 +397,8 @@ typedef struct {
 static void wgrad_block(const Wgrad *w, long p0, int size, int q0, int q1, _Float16 *xh,
                         _Float16 *gh, float *sums) {
   const int n = w->n, k = w->k;
-  uint32_t lx = 0, lg = 0;
-  for (int r = 0; r < size; ++r) {
-    const uint32_t bx = largest_bits(pixel_row(w->in, p0 + r), k);
-    const uint32_t bg = largest_bits(w->g + (p0 + r) * (long)n, n);
-    lx = bx > lx ? bx : lx;
-    lg = bg > lg ? bg : lg;
-  }
+  const uint32_t lx = rows_largest_bits(w->in, p0, size);
+  const uint32_t lg = largest_bits(w->g + p0 * (long)n, (long)size * n); /* G's rows are dense */
   if (lx >= 0x7f800000u || lg >= 0x7f800000u) {
     wgrad_float32(w->in, w->g, n, p0, size, q0 * PANEL, q1 * PANEL, sums);
     return;
