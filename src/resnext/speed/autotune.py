@@ -11,7 +11,8 @@ when it is at least `MARGIN` faster, so close calls stay with torch's own kernel
 processes on one machine decide alike.
 
 Every candidate computes the same function to float32 rounding (each is tested against float64
-elsewhere), except the float16 products a caller offers only where asked (`train.fp16_products`). `decisions()` lists what was chosen and the times behind it, for a run's records.
+elsewhere), except the float16 products a caller offers only where asked (`train.fp16_products`).
+`decisions()` lists what was chosen and the times behind it, for a run's records.
 Within `CHOOSER.using(timings)` the times are also kept on disk (`resnext.speed.timing_cache`):
 a later process on this machine reads them instead of timing (`resnext train` does this; the
 first step of ResNeXt-50 in float32 otherwise spends ~20 s timing on a 2-core AVX2 CPU) and so
