@@ -25,13 +25,18 @@ class Bottleneck(nn.Module):
 
 
 class Net(nn.Module):
-    """A 3×3 stem, then three bottlenecks: identity shortcuts and projections, one of stride 2."""
+    """A 3×3 stem, then three bottlenecks: identity shortcuts and projections, one of stride 2.
 
-    def __init__(self) -> None:
+    `width` is the first two bottlenecks' (the third's is 64): 64 gives every 1×1 channels in
+    64s, as the bf16 kernel needs."""
+
+    def __init__(self, width: int = 32) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 64, 3, padding=1)
         self.blocks = nn.Sequential(
-            Bottleneck(64, 32, 128, 1), Bottleneck(128, 32, 128, 1), Bottleneck(128, 64, 256, 2)
+            Bottleneck(64, width, 128, 1),
+            Bottleneck(128, width, 128, 1),
+            Bottleneck(128, 64, 256, 2),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,11 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from block_nets import Bottleneck, Net, pointwise_choices
+from block_nets import Bottleneck, Net
 from tensor_checks import fast_path_error, float32_conv1x1_bound, nhwc, rel_err
 from torch import nn
 
 import resnext
-from resnext.errors import ConfigError
 from resnext.speed import pointwise_fma
 from resnext.speed.conv_x3_swap import FmaConv1x1, fma_eligible, swap_convs_fma
 from resnext.speed.fastpath import optimize
@@ -152,23 +151,6 @@ def test_only_float32_1x1s_with_whole_panels_are_eligible() -> None:
 
 
 @needs_fma
-def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() -> None:
-    torch.manual_seed(10)
-    model = Net().eval()
-    x = nhwc(torch.randn(2, 3, 8, 8))
-    with torch.no_grad():
-        want = model(x)
-    choices = swap_convs_fma(model, x, mode="on")
-    assert {c.name: c.variant for c in choices} == pointwise_choices("fma")
-    assert sum(isinstance(m, FmaConv1x1) for m in model.modules()) == 8
-    assert [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)] == ["stem"]
-    before = x.clone()
-    with torch.no_grad():
-        assert rel_err(model(x), want) < 1e-5
-    assert torch.equal(x, before)
-
-
-@needs_fma
 @pytest.mark.parametrize("backend", ["none", "inductor", "jit"])
 def test_optimize_swaps_every_1x1_and_computes_the_same_function(
     backend: str, randomize_bn: Callable[[nn.Module], None], without_amx: None
@@ -189,25 +171,6 @@ def test_optimize_swaps_every_1x1_and_computes_the_same_function(
     blocks = [c for c in fast.pointwise_choices if c.name.endswith("conv3")]
     assert len(in_place) == (0 if backend == "jit" else len(blocks))
     assert fast_path_error(model, fast, (3, 3, 32, 32)) < 1e-4
-
-
-def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU())).eval()
-    x = nhwc(torch.randn(1, 64, 4, 4))
-    assert swap_convs_fma(model, x, mode="off") == []
-    assert swap_convs_fma(model, x.bfloat16(), mode="on") == []  # float32 only
-    with pytest.raises(ConfigError, match="pointwise_fma: expected one of"):
-        swap_convs_fma(model, x, mode="always")
-    with pytest.raises(ConfigError, match="pointwise_fma: expected one of"):
-        optimize(model, "fp32", backend="none", pointwise_fma="yes")
-    # as on a CPU without AVX2: oneDNN's path stays, silently, unless 'on' asks for ours
-    monkeypatch.setattr(pointwise_fma, "unavailable_reason", lambda: "this CPU lacks ['avx2']")
-    assert swap_convs_fma(model, x, mode="auto") == []
-    assert isinstance(model[0][0], nn.Conv2d)
-    with pytest.raises(ConfigError, match=r"pointwise_fma: 'on' but .* cannot run here: .*avx2"):
-        swap_convs_fma(model, x, mode="on")
-    fast = optimize(model, "fp32", backend="none", example_input=x)
-    assert [c for c in fast.pointwise_choices if c.variant.startswith("fma")] == []
 
 
 @needs_fma

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from block_nets import Net, pointwise_choices
 from tensor_checks import fast_path_error, float16_products_conv1x1_bound, nhwc, rel_err
 from torch import nn
 
@@ -22,7 +21,6 @@ import resnext
 from resnext import native
 from resnext.errors import ConfigError
 from resnext.speed import capability, pointwise_fp16
-from resnext.speed.conv_x3_swap import swap_convs_fp16
 from resnext.speed.fastpath import optimize
 from resnext.speed.pointwise_fp16 import Fp16Conv1x1
 
@@ -353,22 +351,6 @@ def test_the_module_runs_the_kernel_and_leaves_gradients_and_other_dtypes_to_tor
 
 
 @needs_fp16
-def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() -> None:
-    torch.manual_seed(10)
-    model = Net().eval()
-    x = nhwc(torch.randn(2, 3, 8, 8))
-    with torch.no_grad():
-        want = model(x)
-    choices = swap_convs_fp16(model, x, mode="on")
-    assert {c.name: c.variant for c in choices} == pointwise_choices("fp16")
-    assert sum(isinstance(m, Fp16Conv1x1) for m in model.modules()) == 8
-    before = x.clone()
-    with torch.no_grad():
-        assert rel_err(model(x), want) < 1e-2
-    assert torch.equal(x, before)
-
-
-@needs_fp16
 @pytest.mark.parametrize("backend", ["none", "replay", "jit"])
 def test_optimize_takes_float16_products_only_where_asked(
     backend: str, randomize_bn: Callable[[nn.Module], None], without_amx: None
@@ -395,25 +377,6 @@ def test_optimize_takes_float16_products_only_where_asked(
     exact = optimize(model, "fp32", backend="none", example_input=x)  # the default: off
     assert not any(c.variant.startswith("fp16") for c in exact.pointwise_choices)
     assert fast_path_error(model, exact, (2, 3, 32, 32)) < 1e-4
-
-
-def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU())).eval()
-    x = nhwc(torch.randn(1, 64, 4, 4))
-    assert swap_convs_fp16(model, x, mode="off") == []
-    assert swap_convs_fp16(model, x.bfloat16(), mode="on") == []  # float32 only
-    with pytest.raises(ConfigError, match="pointwise_fp16: expected one of"):
-        swap_convs_fp16(model, x, mode="always")
-    with pytest.raises(ConfigError, match="pointwise_fp16: expected one of"):
-        optimize(model, "fp32", backend="none", pointwise_fp16="yes")
-    # as on a CPU without AVX512-FP16: oneDNN's path stays, silently, unless 'on' asks for ours
-    monkeypatch.setattr(
-        pointwise_fp16, "unavailable_reason", lambda: "this CPU lacks ['avx512_fp16']"
-    )
-    assert swap_convs_fp16(model, x, mode="auto") == []
-    assert isinstance(model[0][0], nn.Conv2d)
-    with pytest.raises(ConfigError, match=r"pointwise_fp16: 'on' but .* cannot run here: .*fp16"):
-        swap_convs_fp16(model, x, mode="on")
 
 
 def _weighed(fast: nn.Module) -> list[str]:

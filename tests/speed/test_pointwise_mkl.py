@@ -10,15 +10,12 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from block_nets import Net, pointwise_choices
 from tensor_checks import fast_path_error, float32_conv1x1_bound, nhwc, rel_err
 from torch import nn
 
 import resnext
 from resnext import native
-from resnext.errors import ConfigError
 from resnext.speed import pointwise_mkl
-from resnext.speed.conv_x3_swap import swap_convs_mkl
 from resnext.speed.fastpath import optimize
 from resnext.speed.pointwise_mkl import MklConv1x1
 
@@ -206,22 +203,6 @@ def test_the_module_packs_for_its_pixel_count_and_leaves_others_to_torch(stride:
 
 
 @needs_mkl
-def test_the_pass_fuses_each_epilogue_once_and_overwrites_only_dead_residuals() -> None:
-    torch.manual_seed(10)
-    model = Net().eval()
-    x = nhwc(torch.randn(2, 3, 8, 8))
-    with torch.no_grad():
-        want = model(x)
-    choices = swap_convs_mkl(model, x, mode="on")
-    assert {c.name: c.variant for c in choices} == pointwise_choices("mkl")
-    assert sum(isinstance(m, MklConv1x1) for m in model.modules()) == 8
-    before = x.clone()
-    with torch.no_grad():
-        assert rel_err(model(x), want) < 1e-5
-    assert torch.equal(x, before)
-
-
-@needs_mkl
 @pytest.mark.parametrize("backend", ["none", "replay", "jit"])
 def test_optimize_computes_the_same_function_with_every_eligible_1x1_on_mkl(
     backend: str, randomize_bn: Callable[[nn.Module], None], without_amx: None
@@ -245,22 +226,3 @@ def test_optimize_computes_the_same_function_with_every_eligible_1x1_on_mkl(
     if backend != "jit":  # a traced graph keeps no modules
         assert sum(isinstance(m, MklConv1x1) for m in eager.modules()) == len(ones)
     assert fast_path_error(model, fast, (2, 3, 32, 32)) < 1e-4
-
-
-def test_pass_modes(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU())).eval()
-    x = nhwc(torch.randn(1, 64, 4, 4))
-    assert swap_convs_mkl(model, x, mode="off") == []
-    assert swap_convs_mkl(model, x.bfloat16(), mode="on") == []  # float32 only
-    with pytest.raises(ConfigError, match="pointwise_mkl: expected one of"):
-        swap_convs_mkl(model, x, mode="always")
-    with pytest.raises(ConfigError, match="pointwise_mkl: expected one of"):
-        optimize(model, "fp32", backend="none", pointwise_mkl="yes")
-    # as with a torch without MKL: oneDNN's path stays, silently, unless 'on' asks for ours
-    monkeypatch.setattr(
-        pointwise_mkl, "unavailable_reason", lambda: "this torch is built without MKL"
-    )
-    assert swap_convs_mkl(model, x, mode="auto") == []
-    assert isinstance(model[0][0], nn.Conv2d)
-    with pytest.raises(ConfigError, match=r"pointwise_mkl: 'on' but .* cannot run here: .*MKL"):
-        swap_convs_mkl(model, x, mode="on")
