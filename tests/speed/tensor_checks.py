@@ -3,6 +3,8 @@ the error bounds of our float32, float16-product and bf16 kernels."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,39 @@ def float32_conv1x1_bound(
     if r is not None:
         mags = mags + r.double().abs()
     return (w.shape[1] + 3) * 2.0**-24 * mags
+
+
+Conv1x1Run = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, int, bool, "torch.Tensor | None", bool], torch.Tensor
+]
+
+
+def check_float32_conv1x1(run: Conv1x1Run, case: tuple) -> None:
+    """Check a float32 1×1 kernel, ``run(x, weight, bias, stride, relu, residual, in_place)``,
+    on a random `case` (n, cin, cout, h, w, stride, relu, residual, in_place): within
+    `float32_conv1x1_bound` of float64, channels-last out, and written over the residual it was
+    given only where asked (else that residual left as it was)."""
+    n, cin, cout, h, w, stride, relu, residual, in_place = case
+    gen = torch.Generator().manual_seed(cin * cout + h)
+    x = nhwc(torch.randn(n, cin, h, w, generator=gen))
+    weight = torch.randn(cout, cin, 1, 1, generator=gen)
+    bias = torch.randn(cout, generator=gen)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride)
+    res = nhwc(torch.randn(want.shape, generator=gen)) if residual else None
+    bound = float32_conv1x1_bound(x, weight, bias, res, stride)
+    if res is not None:
+        want = want + res.double()
+    if relu:
+        want = want.relu()  # 1-Lipschitz: the bound holds after it
+    given = None if res is None else res.clone()
+    got = run(x, weight, bias, stride, relu, given, in_place)
+    assert got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert bool(((got.double() - want).abs() <= bound).all())
+    if in_place:
+        assert got.data_ptr() == given.data_ptr()  # written over the residual it was given
+    elif res is not None:
+        assert torch.equal(given, res)  # the residual left as it was
 
 
 def float16_products_conv1x1_bound(
