@@ -67,10 +67,19 @@ def test_the_operators_compute_it_under_torch_compile() -> None:
     def f(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return torch.ops.resnext.pointwise_fma(x * 2, packed, bias, 1, True, r) + 1
 
+    def over_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        # the in-place operator, as `optimize` puts it over a residual that is dead after it
+        dead = r + 1
+        torch.ops.resnext.pointwise_fma_(x * 2, packed, bias, 1, True, dead)
+        return dead * 3
+
     want = (F.conv2d(x.double() * 2, weight.double(), bias.double()) + residual).relu() + 1
+    want_over = (F.conv2d(x.double() * 2, weight.double(), bias.double()) + residual + 1).relu()
     with torch.no_grad():
         got = torch.compile(f, backend="inductor", fullgraph=True)(x, residual)
+        got_over = torch.compile(over_residual, backend="inductor", fullgraph=True)(x, residual)
     assert rel_err(got, want) < 1e-5
+    assert rel_err(got_over, want_over * 3) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -127,7 +136,9 @@ def test_only_float32_1x1s_with_whole_panels_are_eligible() -> None:
 
 
 @needs_fma
-@pytest.mark.parametrize("backend", ["none", "inductor", "jit"])
+# inductor with these operators: test_the_operators_compute_it_under_torch_compile (a compile of
+# the whole network took ~10 s)
+@pytest.mark.parametrize("backend", ["none", "replay", "jit"])
 def test_optimize_swaps_every_1x1_and_computes_the_same_function(
     backend: str, randomize_bn: Callable[[nn.Module], None], without_amx: None
 ) -> None:
@@ -136,15 +147,16 @@ def test_optimize_swaps_every_1x1_and_computes_the_same_function(
     randomize_bn(model)
     x = torch.randn(2, 3, 32, 32)
     fast = optimize(model, "fp32", backend=backend, example_input=x, pointwise_fma="on")
+    choices = (fast.module if backend == "replay" else fast).pointwise_choices
     ones = [
         n
         for n, m in model.named_modules()
         if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
     ]
-    assert sorted(c.name for c in fast.pointwise_choices) == sorted(ones)
-    assert all(c.chosen == "kernel" for c in fast.pointwise_choices)
-    in_place = [c for c in fast.pointwise_choices if c.variant.endswith("in place")]
-    blocks = [c for c in fast.pointwise_choices if c.name.endswith("conv3")]
+    assert sorted(c.name for c in choices) == sorted(ones)
+    assert all(c.chosen == "kernel" for c in choices)
+    in_place = [c for c in choices if c.variant.endswith("in place")]
+    blocks = [c for c in choices if c.name.endswith("conv3")]
     assert len(in_place) == (0 if backend == "jit" else len(blocks))
     assert fast_path_error(model, fast, (3, 3, 32, 32)) < 1e-4
 
