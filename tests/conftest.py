@@ -69,3 +69,15 @@ def merge_factor_wins(monkeypatch) -> Callable[[int], None]:
         )
 
     return win
+
+
+@pytest.fixture(autouse=True)
+def _small_cache_eviction(request: pytest.FixtureRequest, monkeypatch) -> None:
+    """`optimize` empties the caches before each layer it times by writing a 64 MB buffer (about
+    a third of a registry model's optimize in the tests). Tests check which function the fast path
+    computes, not how fast, so a small buffer does: the same calls, less writing. A test marked
+    `real_eviction` keeps the real size."""
+    from resnext.speed import measure
+
+    if request.node.get_closest_marker("real_eviction") is None:
+        monkeypatch.setattr(measure, "EVICT_BYTES", 2**16)

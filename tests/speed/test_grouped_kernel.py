@@ -486,6 +486,7 @@ def test_the_grouped_chooser_times_each_call_cold_with_one_buffer_a_pass(
     assert len(evictions) == sum(3 * ways[c.name] for c in choices)
 
 
+@pytest.mark.real_eviction
 def test_evicting_writes_a_buffer_larger_than_a_last_level_cache_freed_after() -> None:
     with measure.cache_evictor() as evict:
         evict()
