@@ -113,6 +113,9 @@ WGRAD_CASES = [
     (3, 64, 40, 16, 16, 1),  # 768 rows: three blocks of 256
     (1, 32, 70, 10, 9, 3),  # stride 3
     (1, 1024, 512, 24, 24, 1),  # 576 rows: a block of 320, then the rest
+    # 2,048 outputs or more: G converted tile by tile, the last tile of 8; two blocks of 256 and 144
+    (1, 64, 2060, 20, 20, 1),
+    (2, 32, 2048, 9, 9, 2),
 ]
 
 

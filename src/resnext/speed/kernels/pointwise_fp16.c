@@ -316,7 +316,11 @@ int pointwise_fp16(const float *x, const _Float16 *packed, const float *bias, co
  * pixels in blocks (fixed by the layer's shape, not by the threads). Each block is scanned and
  * converted whole: X scaled by 2^ex so that its largest magnitude lies in [16, 32), G by 2^eg
  * into [8, 16) (a product is below 512 and a run of 64 below 32768, in float16's range), X into
- * panels of 32 channels (each pixel's 32 one vector), G as rows.
+ * panels of 32 channels (each pixel's 32 one vector), G as rows; with WG_TILED_G outputs or more,
+ * G tile by tile instead (a tile's 12 values of each row side by side). There a block of G's rows
+ * is larger than L2 and a tile reads 24 bytes of each, a line apiece; tiled, it reads them in
+ * sequence: 0.66-0.88 of the time at ResNeXt-50's 2,048-output layers (RESULTS.md, stop 59), the
+ * same outputs to the bit. With fewer outputs the copying cost more than it saved.
  *
  * A register tile holds 12 output channels × 32 input channels of dW: per pixel one X vector and
  * 12 FMAs with G's values broadcast from its row. Each run of 64 pixels' float16 sums is scaled
@@ -332,6 +336,7 @@ int pointwise_fp16(const float *x, const _Float16 *packed, const float *bias, co
  * a block: a thread descheduled by another process (data-loading workers on the same cores) would
  * otherwise hold up the other at every block. */
 enum { WG_MIN_BLOCK = 256, WG_MAX_BLOCK = 1024, WG_X_TOP = 5, WG_G_TOP = 4, OUT_CHUNK = 8 };
+enum { WG_TILED_G = 2048 };
 
 /* dw (R output channels × 32, rows ld apart) += the products over `pixels` rows of g (R values
  * of each row, rows ldg apart) and xp (one 32-vector a row), in runs of 64 scaled back by
@@ -391,6 +396,7 @@ typedef struct {
   const float *g;
   int n, k;
   long block, ldg;
+  int tiled; /* G's block converted tile by tile (else row by row, rows ldg apart) */
 } Wgrad;
 
 /* sums[:, panels [q0, q1)] += block `p0`'s products (`size` rows), converted into xh, gh */
@@ -405,20 +411,33 @@ static void wgrad_block(const Wgrad *w, long p0, int size, int q0, int q1, _Floa
   }
   const int ex = scale_exponent(lx, WG_X_TOP), eg = scale_exponent(lg, WG_G_TOP);
   const float scale_x = power_of_two(ex), scale_g = power_of_two(eg);
+  _Float16 *row = gh + w->block * w->ldg; /* a row of G converted, before it is tiled */
   for (int r = 0; r < size; ++r) {
     const float *src = pixel_row(w->in, p0 + r);
     for (int q = q0; q < q1; ++q)
       scaled_halves(src + q * PANEL, xh + ((long)(q - q0) * size + r) * PANEL, PANEL, scale_x);
-    scaled_halves(w->g + (p0 + r) * (long)n, gh + r * w->ldg, n, scale_g);
+    if (!w->tiled) {
+      scaled_halves(w->g + (p0 + r) * (long)n, gh + r * w->ldg, n, scale_g);
+      continue;
+    }
+    scaled_halves(w->g + (p0 + r) * (long)n, row, n, scale_g);
+    /* G tile by tile: the tile at output o holds its R values of each row side by side */
+    int o = 0;
+    for (; o + TILE <= n; o += TILE) /* a constant size: two moves, not a call */
+      memcpy(gh + (long)o * size + (long)r * TILE, row + o, TILE * sizeof(_Float16));
+    if (o < n)
+      memcpy(gh + (long)o * size + (long)r * (n - o), row + o, (size_t)(n - o) * sizeof(_Float16));
   }
   const __m512 ux = _mm512_set1_ps(power_of_two(-ex)), ug = _mm512_set1_ps(power_of_two(-eg));
   for (int o0 = 0; o0 < n; o0 += OUT_CHUNK * TILE) {
     const int o1 = n - o0 < OUT_CHUNK * TILE ? n : o0 + OUT_CHUNK * TILE;
     for (int q = q0; q < q1; ++q)
-      for (int o = o0; o < o1; o += TILE)
-        wgrad_tile_any(o1 - o < TILE ? o1 - o : TILE, gh + o, w->ldg,
+      for (int o = o0; o < o1; o += TILE) {
+        const int R = o1 - o < TILE ? o1 - o : TILE;
+        wgrad_tile_any(R, w->tiled ? gh + (long)o * size : gh + o, w->tiled ? R : w->ldg,
                        xh + (long)(q - q0) * size * PANEL, size, sums + (long)o * k + q * PANEL, k,
                        ux, ug);
+      }
   }
 }
 
@@ -442,8 +461,8 @@ int pointwise_fp16_wgrad(const float *x, const float *g, float *dw, int images, 
   const int by_blocks = blocks >= 2L * threads;
   if (!by_blocks && threads > panels) threads = panels;
   /* 64 bytes more than a multiple of 32 halves, so that G's rows are not a power of two apart */
-  const Wgrad w = {&in, g, n, k, block, (n + 31) / 32 * 32 + 32};
-  const size_t operand_bytes = (size_t)block * (k + w.ldg) * sizeof(_Float16);
+  const Wgrad w = {&in, g, n, k, block, (n + 31) / 32 * 32 + 32, n >= WG_TILED_G};
+  const size_t operand_bytes = ((size_t)block * (k + w.ldg) + w.ldg) * sizeof(_Float16);
   const size_t sums_bytes = by_blocks ? (size_t)n * k * sizeof(float) : 0;
   if (threads > 64) threads = 64;
   float *partial[64]; /* each thread's sums (thread 0's are dW itself) */
