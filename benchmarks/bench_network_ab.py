@@ -1,8 +1,8 @@
 """A whole network run with one of our CPU kernels built from this checkout and from another source.
 
 Usage: .venv/bin/python benchmarks/bench_network_ab.py
-       --kernel pointwise_fma|pointwise_bf16|grouped|grouped_bf16|grouped_split|grouped_wgrad_bf16|
-                pointwise_wgrad_amx
+       --kernel pointwise_fma|pointwise_bf16|pointwise_fp16|grouped|grouped_bf16|grouped_split|
+                grouped_wgrad_bf16|pointwise_wgrad_amx
        --against OLD.c [--models resnext50_32x4d] [--batch 16] [--rounds 11]
        [--step infer|train] [--backend inductor|none]
 
@@ -30,7 +30,9 @@ the one that build takes; inference only), `--kernel grouped_wgrad_bf16`
 `kernels/grouped3x3_wgrad.c` (the grouped weight gradient of the bf16 step, its pair kernel
 pinned; training only), `--kernel pointwise_wgrad_amx` `kernels/pointwise_wgrad_amx.c` (the 1×1
 weight gradient on AMX tiles, pinned with the other AMX training kernels; training only, on a
-CPU with AMX). First both
+CPU with AMX), `--kernel pointwise_fp16` `kernels/pointwise_fp16.c` (float16 products in the
+float32 1×1s, `optimize(model, "fp16")` and `train.fp16_products`: the products, both gradients;
+on a CPU with AVX512-FP16). First both
 builds are checked to compute the same function (inference outputs, or one training step's loss
 and update from the same weights), to float32's or bf16's precision. Reports each build's
 median, the per-round ratio (against ÷ ours, time) and the rounds each won, and that ratio in
@@ -60,6 +62,7 @@ from resnext.speed import (
     grouped_split,
     grouped_wgrad,
     pointwise_fma,
+    pointwise_fp16,
     pointwise_gemm,
     pointwise_wgrad_amx,
 )
@@ -77,6 +80,8 @@ OPTIMIZE_KERNELS = (
     "fuse_stem",
     "pointwise_fma",
     "pointwise_bf16",
+    "pointwise_mkl",
+    "pointwise_fp16",
     "split_groups",
 )
 
@@ -111,6 +116,10 @@ SUBJECTS = {
     "grouped_wgrad_bf16": Subject(**BF16, switch="", pinned=("ours-pairs",), train_tolerance=2e-2),
     # training only; "ours-amx" also pins the grouped products' AMX kernels, the same in both builds
     "pointwise_wgrad_amx": Subject(**BF16, switch="", pinned=("ours-amx",), train_tolerance=2e-2),
+    # float32 with float16 products in the 1×1s (forward, input and weight gradients): the
+    # registry test's bound, an eighth of bf16's, against the float32 model
+    "pointwise_fp16": Subject(dtype="fp16", switch="pointwise_fp16", train_variant="cl-fp32-fused-grouped-gemm-fp16",
+                              pinned=("ours-fp16",), infer_tolerance=3e-2 / 8, train_tolerance=FP32_TRAIN),
 }  # fmt: skip
 
 Swap = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -136,6 +145,9 @@ def swapper(kernel: str, against: Path) -> Swap:
     if kernel == "pointwise_bf16":
         libs = {"ours": pointwise_gemm.load(), "against": pointwise_gemm.load(source=against)}
         return lambda build: replaced(pointwise_gemm, "_library", lambda: libs[build])
+    if kernel == "pointwise_fp16":
+        libs = {"ours": pointwise_fp16.load(), "against": pointwise_fp16.load(source=against)}
+        return lambda build: replaced(pointwise_fp16, "_library", lambda: libs[build])
     if kernel == "pointwise_wgrad_amx":
         libs = {"ours": pointwise_wgrad_amx.load(), "against": pointwise_wgrad_amx.load(against)}
         return lambda build: replaced(pointwise_wgrad_amx, "_library", lambda: libs[build])
@@ -157,6 +169,8 @@ def unavailable(kernel: str) -> str | None:
         return pointwise_fma.unavailable_reason()
     if kernel == "pointwise_bf16":
         return pointwise_gemm.unavailable_reason()
+    if kernel == "pointwise_fp16":
+        return pointwise_fp16.unavailable_reason()
     if kernel == "grouped_bf16":
         return grouped_kernel.unavailable_reason(torch.bfloat16)
     if kernel == "grouped_wgrad_bf16":

@@ -397,6 +397,7 @@ WRONGS = {
     "grouped_wgrad_bf16": [("(__m512bh)v, (__m512bh)xv[p][kw]);", "(__m512bh)v, (__m512bh)xv[0][kw]);")],
     # every block summing the first half of its chunk's rows
     "pointwise_wgrad_amx": [("for (int s = 0; s < kc / 32; ++s)", "for (int s = 0; s < kc / 64; ++s)")],
+    "pointwise_fp16": [("_mm512_fmadd_ph(", "_mm512_fnmadd_ph(")],
 }  # fmt: skip
 # a header beside the other source, which it includes by name before ours: every dot product of
 # the split kernels on the group's first input pair
@@ -425,6 +426,8 @@ AB_MODELS = {"grouped_split": "resnext50_32x4d"}
         ("grouped_split", "infer"),
         ("grouped_wgrad_bf16", "train"),
         ("pointwise_wgrad_amx", "train"),
+        ("pointwise_fp16", "infer"),
+        ("pointwise_fp16", "train"),
     ],
 )
 def test_the_network_ab_runs_the_other_source_and_refuses_one_that_computes_otherwise(
