@@ -32,7 +32,7 @@ from bench_network_ab import replaced
 from bench_pointwise_fma import Shape, model_shapes, time_models
 from resnext.speed import pointwise_gemm
 from resnext.speed.allocator import keep_freed_memory
-from resnext.speed.conv_x3_swap import _onednn_runner
+from resnext.speed.dense_swap import onednn_runner
 from resnext.speed.provenance import write_results
 
 
@@ -54,7 +54,7 @@ def shape_variants(shape: Shape, against: ctypes.CDLL | None = None) -> dict[str
     if add:  # written over in place, as in the graph: its values drift from call to call
         res = torch.randn(n, cout, (h - 1) // stride + 1, (w - 1) // stride + 1)
         res = res.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    onednn = _onednn_runner(conv, True, tuple(x.shape))
+    onednn = onednn_runner(conv, True, tuple(x.shape))
     packed = pointwise_gemm.pack_conv(conv.weight)
     bias = conv.bias.detach().to(torch.bfloat16).float()  # the bf16 model's bias
 

@@ -27,7 +27,8 @@ import bench_args
 import resnext
 from resnext.speed import operators, pointwise_fma
 from resnext.speed.allocator import keep_freed_memory
-from resnext.speed.conv_x3_swap import _onednn_runner, fma_eligible
+from resnext.speed.conv_x3_swap import fma_eligible
+from resnext.speed.dense_swap import onednn_runner
 from resnext.speed.fold import fold_batchnorm
 from resnext.speed.grouped_swap import input_shapes
 from resnext.speed.measure import interleaved
@@ -125,7 +126,7 @@ def shape_variants(shape: Shape, builds: dict[str, ctypes.CDLL]) -> dict[str, tu
     n, cin, cout, h, w, stride, add = shape
     conv = nn.Conv2d(cin, cout, 1, stride=stride).eval().requires_grad_(False)
     x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
-    onednn = _onednn_runner(conv, True, tuple(x.shape))
+    onednn = onednn_runner(conv, True, tuple(x.shape))
     packed = pointwise_fma.pack(conv.weight)
     bias = conv.bias.detach().contiguous()
     out = operators.pointwise_output_shape(tuple(x.shape), cout, stride)

@@ -30,7 +30,7 @@ from bench_network_ab import replaced
 from bench_pointwise_fma import Shape, label, model_shapes, time_models
 from resnext.speed import operators, pointwise_fp16
 from resnext.speed.allocator import keep_freed_memory
-from resnext.speed.conv_x3_swap import _onednn_runner
+from resnext.speed.dense_swap import onednn_runner
 from resnext.speed.provenance import write_results
 
 
@@ -56,7 +56,7 @@ def shape_variants(shape: Shape, against: ctypes.CDLL | None = None) -> dict[str
     takes them."""
     n, _, cout, _, _, stride, _ = shape
     conv, x, res = layer(shape)
-    onednn = _onednn_runner(conv, True, tuple(x.shape))
+    onednn = onednn_runner(conv, True, tuple(x.shape))
     packed, exponent = pointwise_fp16.pack(conv.weight)
     bias = conv.bias.detach().contiguous()
     ops = torch.ops.resnext

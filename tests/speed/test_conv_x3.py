@@ -15,8 +15,9 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import conv_x3, conv_x3_swap
-from resnext.speed.conv_x3_swap import ConvX3, DenseOptions, eligible, swap_convs_x3
+from resnext.speed import conv_x3, dense_swap
+from resnext.speed.conv_x3_swap import ConvX3, eligible, swap_convs_x3
+from resnext.speed.dense_swap import DenseOptions
 from resnext.speed.fastpath import optimize
 from resnext.speed.shortcut_fusion import ShortcutConvX3, fuse_x3_shortcuts
 
@@ -372,9 +373,7 @@ def test_the_extra_cost_of_oneDNNs_way_moves_a_close_choice(
 ) -> None:
     # oneDNN 1.0 ms against ours 1.1 ms (stubbed): native, unless oneDNN's way costs 0.2 ms more
     # (a torch operator in a replay, `replay.TORCH_STEP_MS`)
-    monkeypatch.setattr(
-        conv_x3_swap, "time_each_ms", lambda fns, x, repeats, before=None: [1.0, 1.1]
-    )
+    monkeypatch.setattr(dense_swap, "time_each_ms", lambda fns, x, repeats, before=None: [1.0, 1.1])
     chosen = []
     for extra in (0.0, 0.2):
         model = nn.Sequential(nn.Sequential(nn.Conv2d(64, 32, 1), nn.ReLU())).eval()

@@ -213,7 +213,7 @@ def test_optimize_swaps_every_eligible_1x1_and_computes_the_same_function(
 
 @needs_dot
 def test_auto_keeps_the_faster_way_of_each_layer(monkeypatch: pytest.MonkeyPatch) -> None:
-    import resnext.speed.conv_x3_swap as swap
+    import resnext.speed.dense_swap as swap
 
     def ours_faster_with_a_residual(fns, x, repeats, before=None):
         fns[0](x)  # oneDNN's way runs (it would fail on a wrong shape)
@@ -246,17 +246,17 @@ def test_every_backend_is_weighed_against_onednn_as_it_runs_there(
     # Every backend runs oneDNN's convolutions prepacked (the eager paths through
     # `prepack_convs`), so the pass times oneDNN's 1×1 prepacked for each: the runner it times
     # is the packed module, not its unpacked ops.
-    import resnext.speed.conv_x3_swap as swap
+    import resnext.speed.dense_swap as swap
 
     packed = []
-    runner = swap._onednn_runner
+    runner = swap.onednn_runner
 
     def recording(*args, **kwargs):
         way = runner(*args, **kwargs)
         packed.append(isinstance(way, PrepackedConv) and way.packed is not None)
         return way
 
-    monkeypatch.setattr(swap, "_onednn_runner", recording)
+    monkeypatch.setattr(swap, "onednn_runner", recording)
     model = Net(64).eval().bfloat16()
     x = _bf16(torch.randn(1, 3, 8, 8))
     choices = swap_convs_dot(model, x, mode="auto")

@@ -164,6 +164,7 @@ def test_optimize_swaps_every_1x1_and_computes_the_same_function(
 @needs_fma
 def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.MonkeyPatch) -> None:
     import resnext.speed.conv_x3_swap as swap
+    import resnext.speed.dense_swap as dense
 
     calls = []
 
@@ -171,7 +172,7 @@ def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.Monk
         calls.append(len(fns))
         return [1.0, 2.0] if len(calls) % 2 else [2.0, 1.0]
 
-    monkeypatch.setattr(swap, "time_each_ms", alternating)
+    monkeypatch.setattr(dense, "time_each_ms", alternating)
     monkeypatch.setattr(swap, "cpu_flags", lambda: {"avx2", "fma"})  # where 'auto' times it
     torch.manual_seed(13)
     model = nn.Sequential(
@@ -194,15 +195,16 @@ def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.Monk
 @needs_fma
 def test_auto_leaves_the_1x1s_to_onednn_on_a_cpu_with_avx512(monkeypatch) -> None:
     import resnext.speed.conv_x3_swap as swap
+    import resnext.speed.dense_swap as dense
 
     def never(*args, **kwargs):
         raise AssertionError("nothing should be timed")
 
     monkeypatch.setattr(swap, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
-    monkeypatch.setattr(swap, "time_each_ms", never)
+    monkeypatch.setattr(dense, "time_each_ms", never)
     model = Net().eval()
     x = nhwc(torch.randn(1, 3, 6, 6))
     assert swap_convs_fma(model, x, mode="auto") == []
     assert not any(isinstance(m, FmaConv1x1) for m in model.modules())
-    monkeypatch.setattr(swap, "time_each_ms", lambda fns, x, repeats, before=None: [1.0, 2.0])
+    monkeypatch.setattr(dense, "time_each_ms", lambda fns, x, repeats, before=None: [1.0, 2.0])
     assert len(swap_convs_fma(model, x, mode="on")) == 8  # asked for: swapped all the same

@@ -13,7 +13,7 @@ from torch import nn
 
 import resnext
 from resnext.speed.capability import bf16_supported
-from resnext.speed.conv_x3_swap import prepack_convs
+from resnext.speed.dense_swap import prepack_convs
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_swap import NativeGroupedConv3x3
 from resnext.speed.prepacked import PrepackedConv

@@ -66,7 +66,7 @@ def random_timings(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[str]
 def test_every_chooser_module_is_found() -> None:
     # the modules whose passes weigh ways (grouped kernels, 1×1s and 3×3s, every fusion, the stem)
     names = {m.__name__.rpartition(".")[2] for m in _choosers()}
-    assert {"grouped_swap", "conv_x3_swap", "block_fusion", "stem_fusion"} <= names
+    assert {"grouped_swap", "dense_swap", "block_fusion", "stem_fusion"} <= names
     assert len(names) >= 7
 
 

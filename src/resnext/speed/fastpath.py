@@ -23,14 +23,13 @@ from resnext.speed.capability import (
     fastest_precision,
 )
 from resnext.speed.conv_x3_swap import (
-    DenseOptions,
-    prepack_convs,
     swap_convs_dot,
     swap_convs_fma,
     swap_convs_fp16,
     swap_convs_mkl,
     swap_convs_x3,
 )
+from resnext.speed.dense_swap import DenseOptions, prepack_convs
 from resnext.speed.dot_block import fuse_dot_blocks
 from resnext.speed.dot_grouped import fuse_dot_pointwise
 from resnext.speed.fold import fold_batchnorm
@@ -363,7 +362,7 @@ def optimize(
     each layer both ways, cold, and keeps the faster. Its choices follow `pointwise_fma`'s in
     `pointwise_choices`. Both 1×1 passes weigh their kernel against oneDNN as the returned
     module runs it: on a prepacked weight with its epilogue fused, in the compiled graph and in
-    the eager paths alike (there `conv_x3_swap.prepack_convs` packs the layers oneDNN keeps), plus
+    the eager paths alike (there `dense_swap.prepack_convs` packs the layers oneDNN keeps), plus
     `replay.TORCH_STEP_MS` for a replay.
 
     `split_groups` ('auto', 'on', 'off'; bf16 on CPUs with AVX512-BF16) computes a grouped 3×3

@@ -5,7 +5,7 @@ oneDNN ran as `F.conv2d`, which has oneDNN reorder its weight on every call (mea
 compiled graph's time for a 7² bf16 1×1 at batch 1), with its ReLU, or its residual add and
 ReLU, as operators of their own. `PrepackedConv` runs it, with that epilogue, on oneDNN's fused
 operator and a weight packed once for the layer's input size, as inductor's freezing packs it:
-`conv_x3_swap.prepack_convs` puts one in place of each convolution the eager paths leave to
+`dense_swap.prepack_convs` puts one in place of each convolution the eager paths leave to
 oneDNN (grouped ones too), and the choosers time oneDNN through one.
 """
 

@@ -27,8 +27,9 @@ from resnext.errors import ConfigError
 from resnext.models.network import ResNeXt
 from resnext.speed import conv_x3, maxpool, stem, stem_dot
 from resnext.speed.conv1x1_kernel import float_bias
-from resnext.speed.conv_x3_swap import ConvX3, square_geometry
+from resnext.speed.conv_x3_swap import ConvX3
 from resnext.speed.conv_x3_swap import eligible as x3_eligible
+from resnext.speed.dense_swap import square_geometry
 from resnext.speed.grouped_swap import LayerChoice, check_mode, input_shapes, time_on_random
 from resnext.speed.kernel_module import KernelModule
 from resnext.speed.pointwise_fusion import onednn_conv
