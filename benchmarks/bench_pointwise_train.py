@@ -2,13 +2,16 @@
 
 Usage: .venv/bin/python benchmarks/bench_pointwise_train.py [--models resnext50_32x4d,resnet50]
        [--batch 16] [--image-size 224] [--rounds 5] [--dtypes bf16,fp32] [--against OLD.c]
+       [--against-fp16 OLD.c]
 Part 1: every distinct 1×1 convolution of the models (found by running them once), its weight
 gradient timed with oneDNN (`torch.ops.aten.convolution_backward`), as the GEMM of
 `resnext.speed.pointwise_train`, in bf16 on a CPU with AVX512-BF16 by our pair-dot-product
 kernel (`pointwise_gemm.weight_grad`; with `--against`, also built from another source of
 `kernels/pointwise_gemm.c`) and on a CPU with AMX by our tile kernel
 (`resnext.speed.pointwise_wgrad_amx`), in float32 on a CPU with AVX512-FP16 with float16 products
-(`pointwise_fp16.weight_grad`, `train.fp16_products`), interleaved in one process. Each op cycles through 4 sets of
+(`pointwise_fp16.weight_grad`, `train.fp16_products`; with `--against-fp16`, also built from
+another source of `kernels/pointwise_fp16.c`, with the largest difference of its result from this
+build's: 0 where a change keeps the arithmetic), interleaved in one process. Each op cycles through 4 sets of
 tensors, so that like in a training step its operands are not all hot in cache.
 (The training fast path times these candidates itself at each shape: `resnext.speed.autotune`.) Part 2: one SGD update (momentum, Nesterov,
 weight decay) of each model's parameters with torch's per-parameter loop, foreach and fused
@@ -76,15 +79,17 @@ def weight_grad_ops(
     batch: int,
     dtype: torch.dtype,
     against: ctypes.CDLL | None = None,
+    against_fp16: ctypes.CDLL | None = None,
 ) -> dict[str, Callable[[], object]]:
-    """The layer's weight gradient by oneDNN, by the GEMM and (bf16) by our kernels where they
-    run (`against`: our pair kernel from another source too), each cycling through SETS tensors."""
+    """The layer's weight gradient by oneDNN, by the GEMM and by our kernels where they run
+    (`against`, `against_fp16`: our pair or float16 kernel from another source too), each
+    cycling through SETS tensors."""
     g = torch.Generator().manual_seed(cin * 7 + cout + size)
     out = (size - 1) // stride + 1
     xs = tensor_sets((batch, cin, size, size), dtype, g)
     gs = tensor_sets((batch, cout, out, out), dtype, g)
     w = torch.randn(cout, cin, 1, 1, generator=g).to(dtype)
-    turn = {"onednn": 0, "gemm": 0, "amx": 0, "ours": 0, "against": 0, "fp16": 0}
+    turn = dict.fromkeys(("onednn", "gemm", "amx", "ours", "against", "fp16", "fp16_against"), 0)
 
     def onednn() -> object:
         i = turn["onednn"] = (turn["onednn"] + 1) % SETS
@@ -109,9 +114,12 @@ def weight_grad_ops(
         with replaced(pointwise_gemm, "_library", lambda: lib):
             return pointwise_gemm.weight_grad(x, gs[i])
 
-    def fp16() -> object:
-        i = turn["fp16"] = (turn["fp16"] + 1) % SETS
-        return pointwise_fp16.weight_grad(xs[i], gs[i], stride)
+    def fp16(name: str = "fp16", lib: ctypes.CDLL | None = None) -> object:
+        i = turn[name] = (turn[name] + 1) % SETS
+        if lib is None:
+            return pointwise_fp16.weight_grad(xs[i], gs[i], stride)
+        with replaced(pointwise_fp16, "_library", lambda: lib):
+            return pointwise_fp16.weight_grad(xs[i], gs[i], stride)
 
     ops = {"onednn": onednn, "gemm": gemm}
     if (
@@ -120,6 +128,8 @@ def weight_grad_ops(
         and pointwise_fp16.takes(cin)
     ):
         ops["fp16"] = fp16
+        if against_fp16 is not None:
+            ops["fp16_against"] = lambda: fp16("fp16_against", against_fp16)
     if (
         dtype == torch.bfloat16
         and pointwise_gemm.unavailable_reason() is None
@@ -164,10 +174,16 @@ def main() -> int:
     parser.add_argument(
         "--against", type=Path, help="another source of kernels/pointwise_gemm.c, timed beside"
     )
+    parser.add_argument(
+        "--against-fp16", type=Path, help="another source of kernels/pointwise_fp16.c, likewise"
+    )
     args = parser.parse_args()
     against, refused = bench_args.pointwise_against(args.against)
-    if refused:
-        print(refused)
+    against_fp16, refused_fp16 = bench_args.kernel_against(
+        args.against_fp16, pointwise_fp16.load, "pointwise_fp16.c"
+    )
+    if refused or refused_fp16:
+        print(refused or refused_fp16)
         return 1
     keep_freed_memory()
     models = args.models.split(",")
@@ -181,7 +197,9 @@ def main() -> int:
     for dname in args.dtypes.split(","):
         for shape in sorted(shapes, key=lambda s: (-s[2], s)):
             cin, cout, size, stride = shape
-            ops = weight_grad_ops(cin, cout, size, stride, args.batch, DTYPES[dname], against)
+            ops = weight_grad_ops(
+                cin, cout, size, stride, args.batch, DTYPES[dname], against, against_fp16
+            )
             t = interleaved(
                 {k: (f, args.batch) for k, f in ops.items()}, rounds=args.rounds, iters=SETS
             )
@@ -220,6 +238,18 @@ def main() -> int:
                     mine = t[kernel].median_s
                     record |= {f"{kernel}_ms": 1e3 * mine, f"{kernel}_gflops": gflop / mine}
                     line += f", {kernel} {1e3 * mine:.2f} ms ({gflop / mine:.0f})"
+            if "fp16_against" in t:
+                other, mine = t["fp16_against"].median_s, t["fp16"].median_s
+                # the next call of each takes the same set of tensors
+                diff = (ops["fp16_against"]() - ops["fp16"]()).abs().max().item()
+                record |= {
+                    "fp16_against_ms": 1e3 * other,
+                    "fp16_against_over_fp16": other / mine,
+                    "fp16_against_difference": diff,
+                }
+                line += (
+                    f", fp16 against {1e3 * other:.2f} ms (×{other / mine:.3f}, diff {diff:.1e})"
+                )
             results["weight_grad"][f"{dname}/{cin}-{cout}/{size}/s{stride}"] = record
             print(line, flush=True)
     for name in models:
@@ -228,7 +258,11 @@ def main() -> int:
         print(
             f"SGD step {name}: " + ", ".join(f"{k} {1e3 * v.median_s:.2f} ms" for k, v in t.items())
         )
-    config = {**vars(args), "against": str(args.against) if args.against else None}
+    config = {
+        **vars(args),
+        "against": str(args.against) if args.against else None,
+        "against_fp16": str(args.against_fp16) if args.against_fp16 else None,
+    }
     path = write_results(args.out, "bench-pointwise-train", config, results)
     print(f"results: {path}")
     return 0

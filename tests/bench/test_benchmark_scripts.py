@@ -916,17 +916,42 @@ def test_the_weight_gradient_bench_times_float16_products_where_they_run(
 
     if pointwise_fp16.unavailable_reason() is not None:
         pytest.skip(f"fp16 kernel unavailable: {pointwise_fp16.unavailable_reason()}")
-    out = tmp_path / "out"
+    # another source of the kernel: a copy (the same arithmetic), and one summing runs of 32
+    source = pointwise_fp16.SOURCE.read_text()
+    (tmp_path / "same").mkdir()
+    (tmp_path / "runs32").mkdir()
+    same, runs32 = tmp_path / "same" / "k.c", tmp_path / "runs32" / "k.c"
+    same.write_text(source)
+    assert "RUN = 64," in source
+    runs32.write_text(source.replace("RUN = 64,", "RUN = 32,"))
     argv = ["--models", "resnext_tiny", "--batch", "2", "--image-size", "32", "--rounds", "1",
-            "--dtypes", "fp32", "--out", str(out)]  # fmt: skip
-    assert _run_script("bench_pointwise_train.py", argv, monkeypatch) == 0
-    (record,) = out.glob("bench-pointwise-train-*.json")
-    layers = json.loads(record.read_text())["results"]["weight_grad"]
-    with_fp16 = {key for key, row in layers.items() if "fp16_ms" in row}
-    # the kernel's weight gradient takes input channels in multiples of 32 (key: fp32/cin-cout/…)
-    assert with_fp16 == {key for key in layers if int(key.split("/")[1].split("-")[0]) % 32 == 0}
-    assert with_fp16 and len(with_fp16) < len(layers)  # both kinds of layer in resnext_tiny
-    for key in with_fp16:
-        row = layers[key]
-        best = min(row["onednn_ms"], row["gemm_ms"])
-        assert row["best_other_over_fp16"] == pytest.approx(best / row["fp16_ms"])
+            "--dtypes", "fp32"]  # fmt: skip
+    missing = tmp_path / "missing.c"
+    assert (
+        _run_script(
+            "bench_pointwise_train.py", [*argv, "--against-fp16", str(missing)], monkeypatch
+        )
+        == 1
+    )
+    assert not (tmp_path / "out").exists()  # refused before timing anything
+    differences = {}
+    for other in (same, runs32):
+        out = tmp_path / "out" / other.parent.name
+        run = [*argv, "--against-fp16", str(other), "--out", str(out)]
+        assert _run_script("bench_pointwise_train.py", run, monkeypatch) == 0
+        (record,) = out.glob("bench-pointwise-train-*.json")
+        layers = json.loads(record.read_text())["results"]["weight_grad"]
+        with_fp16 = {key for key, row in layers.items() if "fp16_ms" in row}
+        # the kernel's weight gradient takes input channels in multiples of 32 (key: fp32/cin-cout/…)
+        assert with_fp16 == {k for k in layers if int(k.split("/")[1].split("-")[0]) % 32 == 0}
+        assert with_fp16 and len(with_fp16) < len(layers)  # both kinds of layer in resnext_tiny
+        for key in with_fp16:
+            row = layers[key]
+            best = min(row["onednn_ms"], row["gemm_ms"])
+            assert row["best_other_over_fp16"] == pytest.approx(best / row["fp16_ms"])
+            assert row["fp16_against_over_fp16"] == pytest.approx(
+                row["fp16_against_ms"] / row["fp16_ms"]
+            )
+        differences[other.parent.name] = [layers[k]["fp16_against_difference"] for k in with_fp16]
+    assert differences["same"] == [0.0] * len(differences["same"])
+    assert max(differences["runs32"]) > 0  # other runs, other roundings: seen
