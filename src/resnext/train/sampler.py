@@ -129,6 +129,10 @@ class SeededDataset(Dataset):
 
 
 def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
+    # torch's CPU generator alone, which is what a transform draws from: torch.manual_seed also
+    # queues the seed for each accelerator backend, and where one is not started that records a
+    # stack trace per call (179 µs a sample on machine D, against 1.6 µs for the CPU generator:
+    # a sixth of a JPEG's decode and crop in a loader worker)
+    torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % (2**32))

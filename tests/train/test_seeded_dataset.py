@@ -1,0 +1,66 @@
+"""The per-sample seeding of the training loader: each item transformed under torch's RNG seeded for
+(seed, epoch, index), the same in a worker process as in the caller's, the caller's own RNG
+streams left as they were."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from resnext.train.sampler import SeededDataset, _mix
+
+
+class _Draws(Dataset):
+    """Item i: draws from each RNG a transform might use (torch, Python's, numpy's), plus i."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.cat(
+            [
+                torch.rand(3, dtype=torch.float64),
+                torch.tensor([random.random(), float(np.random.rand()), float(index)]),
+            ]
+        )
+
+
+def _as_seeded(seed: int, index: int) -> torch.Tensor:
+    """Item `index` with every RNG seeded from `seed` by the libraries' own seed functions."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    return _Draws()[index]
+
+
+def test_an_item_is_drawn_as_after_seeding_every_rng_with_its_own_seed() -> None:
+    data = SeededDataset(_Draws(), seed=7)
+    for epoch, index in [(0, 0), (0, 5), (3, 2)]:
+        got = data[(epoch, index)]
+        assert torch.equal(got, _as_seeded(_mix(7, epoch, index), index))
+    assert not torch.equal(data[(0, 1)][:5], data[(1, 1)][:5])  # another epoch, other draws
+
+
+def test_the_callers_rng_streams_are_left_as_they_were() -> None:
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    want = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    SeededDataset(_Draws(), seed=7)[(0, 3)]
+    got = (torch.rand(2), random.random(), np.random.rand())
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+def test_a_worker_process_draws_what_the_caller_draws() -> None:
+    data = SeededDataset(_Draws(), seed=11)
+    keys = [(2, i) for i in range(6)]
+    in_process = torch.stack([data[k] for k in keys])
+    loader = DataLoader(data, batch_size=6, sampler=keys, num_workers=1)
+    (in_worker,) = list(loader)
+    assert torch.equal(in_worker, in_process)
