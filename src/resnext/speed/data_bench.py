@@ -142,20 +142,27 @@ class _PlannedFiles(torch.utils.data.Dataset):
 def loader_scaling(
     files: list[Path], size: int, workers: tuple[int, ...], rounds: int, decoder: str = "auto"
 ) -> dict[str, float]:
-    """Images/s through a DataLoader (batch 32, uint8) plus the batch stage, per worker count."""
-    from resnext.data.loader import seed_worker
+    """Images/s through the training's own loader (`train.data_setup.train_loader`: its sampler,
+    each sample's augmentation seeded for its index; batch 32, uint8) plus the batch stage, per
+    worker count."""
     from resnext.data.presets import imagenet_batch
+    from resnext.train.data_setup import train_loader
 
     finish = imagenet_batch(train=True)
     dataset = _PlannedFiles(files, size, decoder)
     rates: dict[str, float] = {}
     for n in workers:
-        loader = torch.utils.data.DataLoader(
+        # the workers kept between passes: the first pass, which starts them, is not counted
+        loader, _ = train_loader(
             dataset,
-            batch_size=32,
-            num_workers=n,
-            worker_init_fn=seed_worker,
-            persistent_workers=n > 0,
+            global_batch=min(32, len(files)),
+            seed=0,
+            rank=0,
+            world_size=1,
+            accum_steps=1,
+            workers=n,
+            pin_memory=False,
+            persistent_workers=True,
         )
         best = 0.0
         for _ in range(rounds + 1):  # the first pass starts the workers: not counted

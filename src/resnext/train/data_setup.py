@@ -92,8 +92,10 @@ def train_loader(
     accum_steps: int,
     workers: int,
     pin_memory: bool,
+    persistent_workers: bool = False,
 ) -> tuple[DataLoader, TrainSampler]:
-    """A loader of this rank's share of each global batch, and its resumable sampler."""
+    """A loader of this rank's share of each global batch, and its resumable sampler (with
+    `persistent_workers`, its worker processes kept from one pass to the next)."""
     if global_batch % (world_size * accum_steps):
         raise ConfigError(
             f"data.batch_size: expected a multiple of world size x optim.accum_steps "
@@ -119,6 +121,7 @@ def train_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         drop_last=False,
+        persistent_workers=persistent_workers and workers > 0,
     )
     return loader, sampler
 
