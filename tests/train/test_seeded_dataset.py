@@ -64,3 +64,12 @@ def test_a_worker_process_draws_what_the_caller_draws() -> None:
     loader = DataLoader(data, batch_size=6, sampler=keys, num_workers=1)
     (in_worker,) = list(loader)
     assert torch.equal(in_worker, in_process)
+
+
+def test_a_batch_fetched_at_once_is_its_items_fetched_one_by_one() -> None:
+    data = SeededDataset(_Draws(), seed=5)
+    keys = [(1, 4), (1, 0), (1, 4)]
+    batch, one_by_one = data.__getitems__(keys), [data[k] for k in keys]
+    assert len(batch) == 3 and all(
+        torch.equal(a, b) for a, b in zip(batch, one_by_one, strict=True)
+    )
