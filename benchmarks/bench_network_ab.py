@@ -3,7 +3,7 @@
 Usage: .venv/bin/python benchmarks/bench_network_ab.py
        --kernel pointwise_fma|pointwise_bf16|pointwise_fp16|grouped|grouped_bf16|grouped_split|
                 grouped_wgrad_bf16|pointwise_wgrad_amx
-       --against OLD.c [--models resnext50_32x4d] [--batch 16] [--rounds 11]
+       --against OLD.c [--models resnext50_32x4d] [--batch 16] [--image-size N] [--rounds 11]
        [--step infer|train] [--backend inductor|none]
 
 The kernel-level A/Bs (`bench_grouped_ab.py`, `bench_pointwise_fma.py --blockings`) time each
@@ -275,7 +275,13 @@ def main() -> int:
     parser.add_argument("--against", type=Path, required=True, help="another source of the kernel")
     parser.add_argument("--step", choices=("infer", "train"), default="infer")
     parser.add_argument("--backend", choices=("inductor", "none"), default="inductor")
+    parser.add_argument(
+        "--image-size", type=int, help="the input's side (default: 224, or 32 for a CIFAR model)"
+    )
     args = parser.parse_args()
+    if args.image_size is not None and args.image_size < 32:
+        print(f"--image-size: expected at least 32 (five stride-2 steps), got {args.image_size}")
+        return 1
     if not args.against.is_file():
         print(f"--against {args.against}: no such file (expected a {args.kernel} kernel source)")
         return 1
@@ -301,6 +307,8 @@ def main() -> int:
         torch.manual_seed(0)
         model = resnext.create_model(name)
         x = default_example(model, args.batch)  # 224², or 32² for a CIFAR model
+        if args.image_size is not None:
+            x = torch.randn(args.batch, x.shape[1], args.image_size, args.image_size)
         try:
             if args.step == "infer":
                 calls = inference_calls(model.eval(), x, args.kernel, args.backend, use)
