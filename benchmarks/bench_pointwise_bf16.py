@@ -20,7 +20,6 @@ a third way, on the same packed weight.
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections import Counter
 from pathlib import Path
 
@@ -29,9 +28,8 @@ from torch import nn
 
 import bench_args
 from bench_network_ab import replaced
-from bench_pointwise_fma import Shape, model_shapes, time_models
+from bench_pointwise_fma import Shape, keep_freed_memory_as_bench_runs, time_ours_against
 from resnext.speed import pointwise_gemm
-from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.dense_swap import onednn_runner
 from resnext.speed.provenance import write_results
 
@@ -90,18 +88,16 @@ def main() -> int:
     parser = bench_args.parser(__doc__, batch=16, rounds=7, models="resnext50_32x4d,resnet50")
     parser.add_argument("--against", type=Path, help="another source of the kernel, timed too")
     args = parser.parse_args()
-    kept = keep_freed_memory()  # as `resnext bench` runs
-    print(f"allocator: glibc, freed memory {'kept' if kept else 'returned (not glibc?)'}")
+    keep_freed_memory_as_bench_runs()
     against, refused = bench_args.kernel_or_refusal(
         args.against, pointwise_gemm.load, "pointwise_gemm.c", pointwise_gemm.unavailable_reason
     )
     if refused:
         print(refused)
         return 1
-    per_model = {name: taken(model_shapes(name, args.batch)) for name in args.models.split(",")}
-    variants_of = functools.partial(shape_variants, against=against)
-    ways = ("onednn", "ours") + (("against",) if against is not None else ())
-    _, layers, totals = time_models(per_model, variants_of, ways, args.rounds, digits=3)
+    _, layers, totals = time_ours_against(
+        args.models, args.batch, args.rounds, taken, shape_variants, against
+    )
     path = write_results(
         args.out, "bench-pointwise-bf16", vars(args), {"layers": layers, "totals": totals}
     )

@@ -121,6 +121,31 @@ def time_models(
     return shapes, layers, model_totals(per_model, layers, ways, "1×1s")
 
 
+def time_ours_against(
+    models: str,
+    batch: int,
+    rounds: int,
+    taken: Callable[[Counter[Shape]], Counter[Shape]],
+    shape_variants: Callable[..., dict[str, tuple]],
+    against: ctypes.CDLL | None,
+) -> tuple[list[Shape], dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]]]:
+    """`time_models` for a kernel's layer bench: each model's (comma-separated `models`) 1×1s
+    that `taken` keeps, oneDNN's way and ours (`shape_variants(shape, against=...)`), and with
+    `against` another build's."""
+    per_model = {name: taken(model_shapes(name, batch)) for name in models.split(",")}
+    variants_of = functools.partial(shape_variants, against=against)
+    ways = ("onednn", "ours") + (("against",) if against is not None else ())
+    return time_models(per_model, variants_of, ways, rounds, digits=3)
+
+
+def keep_freed_memory_as_bench_runs() -> None:
+    """Keep freed memory, as `resnext bench` runs, and say which: without it every new output
+    is a fresh mmap, page-faulted in by whichever kernel writes it first, which is most of a
+    56² layer's time in both ways."""
+    kept = keep_freed_memory()
+    print(f"allocator: glibc, freed memory {'kept' if kept else 'returned (not glibc?)'}")
+
+
 def shape_variants(shape: Shape, builds: dict[str, ctypes.CDLL]) -> dict[str, tuple]:
     """oneDNN and each build of ours on one shape, as `interleaved` takes them."""
     n, cin, cout, h, w, stride, add = shape
@@ -153,10 +178,7 @@ def main() -> int:
     parser = bench_args.parser(__doc__, batch=16, rounds=7, models="resnext50_32x4d,resnet50")
     parser.add_argument("--blockings", default="", help="extra builds: 'A=1,B=2;C=3'")
     args = parser.parse_args()
-    # as `resnext bench` runs: without it every new output is a fresh mmap, page-faulted in
-    # by whichever kernel writes it first, which is most of a 56² layer's time in both ways
-    kept = keep_freed_memory()
-    print(f"allocator: glibc, freed memory {'kept' if kept else 'returned (not glibc?)'}")
+    keep_freed_memory_as_bench_runs()
     reason = pointwise_fma.unavailable_reason()
     if reason is not None:
         print(f"the kernel cannot run here: {reason}")

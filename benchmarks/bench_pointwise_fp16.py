@@ -18,7 +18,6 @@ largest value: 0 where the change keeps the arithmetic, as a change of speed alo
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections import Counter
 from pathlib import Path
 
@@ -27,9 +26,8 @@ from torch import nn
 
 import bench_args
 from bench_network_ab import replaced
-from bench_pointwise_fma import Shape, label, model_shapes, time_models
+from bench_pointwise_fma import Shape, keep_freed_memory_as_bench_runs, label, time_ours_against
 from resnext.speed import operators, pointwise_fp16
-from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.dense_swap import onednn_runner
 from resnext.speed.provenance import write_results
 
@@ -100,18 +98,16 @@ def main() -> int:
     parser = bench_args.parser(__doc__, batch=16, rounds=7, models="resnext50_32x4d,resnet50")
     parser.add_argument("--against", type=Path, help="another source, timed too")
     args = parser.parse_args()
-    kept = keep_freed_memory()  # as `resnext bench` runs
-    print(f"allocator: glibc, freed memory {'kept' if kept else 'returned (not glibc?)'}")
+    keep_freed_memory_as_bench_runs()
     against, refused = bench_args.kernel_or_refusal(
         args.against, pointwise_fp16.load, "pointwise_fp16.c", pointwise_fp16.unavailable_reason
     )
     if refused:
         print(refused)
         return 1
-    per_model = {name: taken(model_shapes(name, args.batch)) for name in args.models.split(",")}
-    variants_of = functools.partial(shape_variants, against=against)
-    ways = ("onednn", "ours") + (("against",) if against is not None else ())
-    shapes, layers, totals = time_models(per_model, variants_of, ways, args.rounds, digits=3)
+    shapes, layers, totals = time_ours_against(
+        args.models, args.batch, args.rounds, taken, shape_variants, against
+    )
     results: dict[str, object] = {"layers": layers, "totals": totals}
     if against is not None:
         differences = {label(s): build_difference(s, against) for s in shapes}
