@@ -358,6 +358,20 @@ def test_the_network_ab_refuses_a_missing_source(
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_the_network_ab_refuses_an_image_too_small_for_the_network(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    source = tmp_path / "old.c"
+    source.write_text("/* never built: refused first */\n")
+    argv = ["--kernel", "grouped", "--against", str(source), "--image-size", "16"]
+    assert (
+        _run_script("bench_network_ab.py", [*argv, "--out", str(tmp_path / "out")], monkeypatch)
+        == 1
+    )
+    assert "--image-size: expected at least 32" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("kernel", "step", "message"),
     [
