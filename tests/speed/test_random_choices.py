@@ -88,8 +88,11 @@ def _model(layout: str) -> tuple[nn.Module, torch.Tensor]:
 
 BACKENDS = ["none"] + (["replay"] if replay.unavailable_reason() is None else [])
 DTYPES = ["fp32"] + (["bf16"] if bf16_supported() else [])
-# in training also float32 with float16 products offered (`train.fp16_products`) where they run
-TRAIN_DTYPES = DTYPES + (["fp16"] if pointwise_fp16.unavailable_reason() is None else [])
+# float32 with the 1×1s' products in float16 where they run: `optimize(model, "fp16")` in
+# inference, `train.fp16_products` in training
+FP16 = ["fp16"] if pointwise_fp16.unavailable_reason() is None else []
+INFER_DTYPES = DTYPES + FP16
+TRAIN_DTYPES = DTYPES + FP16
 # where AMX runs, its passes take layers first: once more as on a CPU without it, so that the
 # vector kernels' mixes are drawn too
 AMX = ["amx", "no-amx"] if grouped_amx.unavailable_reason() is None else ["as-found"]
@@ -110,15 +113,16 @@ def _has_grouped_layers(model: nn.Module) -> bool:
 def _assert_same_function(fast: nn.Module, x: torch.Tensor, want: torch.Tensor, dtype: str) -> None:
     """`fast` computes `want` on `x` and on its first image alone (a batch it was not built on):
     float32 to our kernels' bf16×3 products (~1e-5 each); bf16 to 8 significant bits through the
-    network (0.4-0.8 % of the output range measured), as the registry tests bound them."""
-    bound = 1e-4 if dtype == "fp32" else 3e-2
+    network (0.4-0.8 % of the output range measured), as the registry tests bound them; float16
+    products to their 11 bits (ResNeXt-50's output 4.6e-4 off, RESULTS.md stop 59)."""
+    bound = {"fp32": 1e-4, "fp16": 1e-2}.get(dtype, 3e-2)
     with torch.no_grad():
         assert rel_err(fast(x.clone()), want) < bound
         assert rel_err(fast(x[:1].clone()), want[:1]) < bound
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", INFER_DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_any_mix_of_choices_computes_the_same_function(
@@ -138,13 +142,16 @@ def test_any_mix_of_choices_computes_the_same_function(
     eager = fast.module if isinstance(fast, replay.Replayed) else fast
     unpacked = [n for n, m in eager.named_modules() if isinstance(m, nn.Conv2d)]
     assert unpacked == [], f"left to oneDNN unpacked: {unpacked}"
+    if dtype == "fp16":  # the float16 1×1 weighed, and taken somewhere
+        fp16 = [c.chosen for c in eager.pointwise_choices if c.variant.startswith("fp16")]
+        assert "kernel" in fp16
     _assert_same_function(fast, x, want, dtype)
     if backend == "replay":  # built (not the eager fallback), both batches recorded
         assert isinstance(fast, replay.Replayed)
         assert len(fast.recordings) == 2 and None not in fast.recordings.values()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", INFER_DTYPES)
 @pytest.mark.parametrize("option", sorted(OPTION_VARIANTS))
 def test_any_mix_of_choices_on_every_spec_option(
     option: str,
