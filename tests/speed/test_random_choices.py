@@ -229,8 +229,11 @@ def _check_random_training_step(
     if dtype == "fp16":
         assert any(winner == "ours-fp16" for _, winner in winners)  # float16 products drawn
     # a ReLU mask flipped by rounding moves a few gradient entries (RESULTS.md, stop 51): the
-    # gradients' directions are compared, not their entries
-    loss_bound, direction = (1e-4, 0.999) if dtype == "fp32" else (3e-2, 0.97)
+    # gradients' directions are compared, not their entries. Float16 products against the
+    # float32 reference: cosines 0.977-0.984 with every 1×1 on them, down to 0.956 over ten
+    # draws in a network without residuals, where each gradient passes every layer; bf16
+    # autocast's there 0.86-0.89 (RESULTS.md, stop 60).
+    loss_bound, direction = {"fp32": (1e-4, 0.999), "fp16": (3e-2, 0.94)}.get(dtype, (3e-2, 0.97))
     assert rel_err(got[0], want[0]) < loss_bound
     assert _cosine(got[1], want[1]) > direction
     assert _cosine(got[2], want[2]) > direction
@@ -251,11 +254,12 @@ def test_any_mix_of_training_kernels_computes_the_reference_step(
     _check_random_training_step(spec, (4, 3, 64, 64), dtype, seed, monkeypatch)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", *FP16])
 @pytest.mark.parametrize("option", sorted(OPTION_VARIANTS))
 def test_any_mix_of_training_kernels_on_every_spec_option(
-    option: str, monkeypatch: pytest.MonkeyPatch
+    option: str, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = resnext.ModelSpec(
         depths=(2, 1, 1), cardinality=8, base_width=8, num_classes=10, **OPTION_VARIANTS[option]
     )
-    _check_random_training_step(spec, (4, 3, 64, 48), "fp32", 0, monkeypatch)
+    _check_random_training_step(spec, (4, 3, 64, 48), dtype, 0, monkeypatch)
