@@ -75,3 +75,30 @@ def test_float16_products_are_offered_only_where_they_would_act(monkeypatch) -> 
     assert fp16_products_offer(biased, None, cpu) is None
     monkeypatch.setattr(pointwise_fp16, "unavailable_reason", lambda: "this CPU lacks X")
     assert fp16_products_offer(wide, None, cpu) is None
+
+
+@pytest.mark.parametrize("fast_paths", ["true", "false"])
+def test_a_bf16_cpu_run_on_images_16_pixels_wide_keeps_its_weights_finite(
+    tmp_path, fast_paths: str
+) -> None:
+    # With the ImageNet stem, 16-pixel images reach stage 4's stride-2 3×3 one pixel wide, where
+    # torch's CPU bf16 weight gradient is wrong (`resnext.speed.bf16_wgrad_guard`): unguarded,
+    # such a run wrote NaN weights into its checkpoint with a finite loss.
+    from resnext.config import load_config
+    from resnext.train import train
+
+    overrides = [
+        "data.image_size=16",
+        "model.spec.stem=imagenet",
+        "model.spec.depths=[1,1,1,1]",
+        "train.amp=bfloat16",
+        "epochs=1",
+        *(f"train.{name}={fast_paths}" for name in ("fused_bn", "grouped_kernels")),
+        f"train.channels_last={fast_paths}",
+        f"output_dir={tmp_path}",
+    ]
+    result = train(load_config("digits_demo", overrides))
+    weights = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    # a weight of the layer that meets the narrow input, near its initial scale (~0.1)
+    assert weights["layer4.0.conv2.weight"].abs().max() < 10
