@@ -82,7 +82,7 @@ def test_a_bf16_cpu_run_on_images_16_pixels_wide_keeps_its_weights_finite(
     tmp_path, fast_paths: str
 ) -> None:
     # With the ImageNet stem, 16-pixel images reach stage 4's stride-2 3×3 one pixel wide, where
-    # torch's CPU bf16 weight gradient is wrong (`resnext.speed.bf16_wgrad_guard`): unguarded,
+    # torch's CPU bf16 weight gradient is wrong (`resnext.speed.conv_guard`, case 1): unguarded,
     # such a run wrote NaN weights into its checkpoint with a finite loss.
     from resnext.config import load_config
     from resnext.train import train

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from resnext.speed.allocator import find_allocator, loaded_allocator, reexec_with_allocator
-from resnext.speed.bf16_wgrad_guard import guard_bf16_weight_grads
 from resnext.speed.capability import bf16_faster, bf16_supported, cpu_capability
+from resnext.speed.conv_guard import guard_conv_backward
 from resnext.speed.fastpath import optimize
 from resnext.speed.fold import fold_batchnorm
 
@@ -14,7 +14,7 @@ __all__ = [
     "cpu_capability",
     "find_allocator",
     "fold_batchnorm",
-    "guard_bf16_weight_grads",
+    "guard_conv_backward",
     "loaded_allocator",
     "optimize",
     "reexec_with_allocator",

@@ -51,8 +51,8 @@ from resnext.speed import (
     grouped_wgrad,
     grouped_wgrad_amx,
 )
-from resnext.speed.bf16_wgrad_guard import narrower_than_stride
 from resnext.speed.capability import has_avx512_bf16
+from resnext.speed.conv_guard import narrower_than_stride
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
 
@@ -176,7 +176,7 @@ def _onednn_backward(
 ) -> torch.Tensor:
     """oneDNN's input (which=0) or weight (which=1) gradient of the grouped convolution."""
     if which == 1 and x.dtype == torch.bfloat16 and narrower_than_stride(x.shape[3], 3, stride):
-        # torch's bf16 weight gradient is wrong here (`bf16_wgrad_guard`): float32's is right
+        # torch's bf16 weight gradient is wrong here (`conv_guard`, case 1): float32's is right
         grad, x, w = grad.float(), x.float(), w.float()
         return _onednn_backward(grad, x, w, groups, stride, 1).to(torch.bfloat16)
     mask = [which == 0, which == 1, False]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from resnext.speed.bf16_wgrad_guard import Bf16GuardedConv2d
+from resnext.speed.conv_guard import GuardedConv2d
 
 
 def capturing_graph() -> bool:
@@ -32,10 +32,10 @@ def training_input_dtype(conv: nn.Conv2d, x: torch.Tensor) -> torch.dtype | None
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
-class TrainingFastConv2d(Bf16GuardedConv2d):
+class TrainingFastConv2d(GuardedConv2d):
     """A Conv2d that runs its subclass's fast autograd path in training where `_fast_dtype`
-    allows it, and is the plain `nn.Conv2d` everywhere else (guarded against torch's wrong bf16
-    weight gradients, `bf16_wgrad_guard`)."""
+    allows it, and is the plain `nn.Conv2d` everywhere else (guarded against torch's wrong CPU
+    weight gradients, `conv_guard`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._fast_dtype(x)

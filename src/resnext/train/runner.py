@@ -21,8 +21,8 @@ from resnext.config import Config, save_config
 from resnext.errors import ConfigError
 from resnext.speed import autotune
 from resnext.speed.allocator import keep_freed_memory
-from resnext.speed.bf16_wgrad_guard import guard_bf16_weight_grads
 from resnext.speed.capability import bf16_speedup
+from resnext.speed.conv_guard import guard_conv_backward
 from resnext.speed.timing_cache import TimingCache
 from resnext.speed.train_paths import use_training_fast_paths
 from resnext.train import provenance
@@ -173,8 +173,8 @@ def _run(
     )
     # `auto` measures bf16 against float32 on each process's CPU; one precision for the job
     amp_dtype = broadcast_object(resolve_amp(cfg.train.amp, info.device))
-    if amp_dtype == torch.bfloat16 and info.device.type == "cpu":
-        guard_bf16_weight_grads(raw)  # torch's are wrong on inputs narrower than a stride
+    if info.device.type == "cpu":
+        guard_conv_backward(raw)  # where torch's weight gradients go wrong
     unused = fp16_products_unused(amp_dtype, info.device) if cfg.train.fp16_products else None
     if unused and info.is_main:
         print(f"train.fp16_products: not used, {unused}", flush=True)

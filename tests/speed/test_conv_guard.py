@@ -1,14 +1,20 @@
-"""The guard against torch's CPU bf16 weight gradients of convolutions over inputs narrower than
-their stride: where it acts the weight gradient is float32's, elsewhere nothing changes.
+"""The guards against torch's CPU convolution-backward bugs (`resnext.speed.conv_guard`): where
+they act the weight gradient is right and memory stays whole, elsewhere nothing changes.
 
-The expected gradients are float64 convolutions of the same values; on torch 2.13 the plain
-convolution fails these checks (values up to 1e36 or NaN, varying from call to call), which is
-why each case is repeated.
+Case 1 (bf16 weight gradients over inputs narrower than the stride): the expected gradients are
+float64 convolutions of the same values; on torch 2.13 the plain convolution fails these checks
+(values up to 1e36 or NaN, varying from call to call), which is why each case is repeated. Case 2
+(channels-last float32 weight gradients of strided 1×1s with few inputs, which write past their
+buffers): a fresh process runs the guarded ways many times and must exit cleanly; unguarded, it
+aborts or crashes within those calls.
 """
 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -17,7 +23,7 @@ from torch import nn
 
 import resnext
 from resnext.speed import grouped_train
-from resnext.speed.bf16_wgrad_guard import Bf16GuardedConv2d, guard_bf16_weight_grads
+from resnext.speed.conv_guard import GuardedConv2d, guard_conv_backward, may_meet_a_case
 
 # (kernel, stride, input height, input width, groups): inputs narrower than the stride
 NARROW = [
@@ -54,7 +60,7 @@ def test_guarded_weight_gradient_is_float32s_under_bf16_autocast(
 ) -> None:
     for seed in range(4):
         conv = _conv(kernel, stride, groups, seed)
-        conv.__class__ = Bf16GuardedConv2d
+        conv.__class__ = GuardedConv2d
         x = torch.randn(3, 32, height, width).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = conv(x)
@@ -74,7 +80,7 @@ def test_guarded_weight_gradient_is_right_for_a_bf16_model(
 ) -> None:
     for seed in range(4):
         conv = _conv(kernel, stride, groups, seed).to(torch.bfloat16)
-        conv.__class__ = Bf16GuardedConv2d
+        conv.__class__ = GuardedConv2d
         x = torch.randn(3, 32, height, width, dtype=torch.bfloat16)
         out = conv(x)
         assert out.dtype == torch.bfloat16
@@ -92,7 +98,7 @@ def test_guarded_weight_gradient_is_right_for_a_bf16_model(
 def test_the_guard_changes_nothing_where_it_is_not_needed(case: str) -> None:
     plain = _conv(3, 2, 1, 0)
     guarded = copy.deepcopy(plain)
-    guarded.__class__ = Bf16GuardedConv2d
+    guarded.__class__ = GuardedConv2d
     width = 2 if case.startswith("wide") else 1
     x = torch.randn(2, 32, 3, width)
     if case.endswith("frozen weight"):
@@ -116,15 +122,20 @@ def test_the_guard_changes_nothing_where_it_is_not_needed(case: str) -> None:
             assert mine.grad is None or torch.equal(mine.grad, theirs.grad)
 
 
-def test_the_guard_takes_only_convolutions_that_can_meet_a_narrow_input() -> None:
+def test_the_guard_takes_only_convolutions_that_can_meet_a_case() -> None:
     model = resnext.create_model("resnext50_32x4d")
     keys = list(model.state_dict())
     # ResNeXt-50's convolutions wider than one pixel with a stride: the stem's 7×7 and the
     # stride-2 grouped 3×3 opening stages 2, 3 and 4 (the strided 1×1 shortcuts are one wide)
-    assert guard_bf16_weight_grads(model) == 4
-    guarded = sorted(n for n, m in model.named_modules() if type(m) is Bf16GuardedConv2d)
+    assert guard_conv_backward(model) == 4
+    guarded = sorted(n for n, m in model.named_modules() if type(m) is GuardedConv2d)
     assert guarded == ["conv1", "layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2"]
     assert list(model.state_dict()) == keys
+    # (in, out, kernel, stride): case 2 needs a strided 1×1 with fewer than 16 inputs
+    takes = {(8, 16, 1, 2): True, (15, 8, 1, 3): True, (16, 16, 1, 2): False, (8, 16, 1, 1): False}
+    takes |= {(64, 64, 3, 2): True, (64, 64, 3, 1): False, (3, 64, 7, 2): True}
+    for (cin, cout, kernel, stride), expected in takes.items():
+        assert may_meet_a_case(nn.Conv2d(cin, cout, kernel, stride)) is expected
 
 
 def test_the_grouped_training_kernels_onednn_weight_gradient_is_right_on_narrow_inputs() -> None:
@@ -141,3 +152,44 @@ def test_the_grouped_training_kernels_onednn_weight_gradient_is_right_on_narrow_
         F.conv2d(x.double(), wd, None, 2, 1, 1, 32).backward(g.double())
         assert got.dtype == torch.bfloat16
         assert _relative(got, wd.grad) < 1e-2
+
+
+# A fresh process: the guarded module and the 1×1 training path's oneDNN weight-gradient candidate,
+# each on channels-last float32 inputs of shapes where torch's own weight gradient writes past its
+# buffers (4-12 inputs, 8-16 outputs, stride 2, even sizes), many times, with allocations between
+# so that a write astray meets malloc's checks. Each result is checked against float64.
+FEW_INPUTS_SCRIPT = textwrap.dedent(
+    """
+    import torch, torch.nn.functional as F
+    from resnext.speed import pointwise_train
+    from resnext.speed.conv_guard import GuardedConv2d
+    torch.manual_seed(0)
+    for cin, cout, size in [(4, 16, 14), (8, 8, 14), (12, 16, 56)]:
+        conv = torch.nn.Conv2d(cin, cout, 1, 2)
+        conv.__class__ = GuardedConv2d
+        for i in range(60):
+            x = torch.randn(3, cin, size, size).contiguous(memory_format=torch.channels_last)
+            conv.weight.grad = None
+            out = conv(x)
+            g = torch.randn(out.shape).contiguous(memory_format=torch.channels_last)
+            out.backward(g)
+            wd = conv.weight.detach().double().requires_grad_()
+            F.conv2d(x.double(), wd, conv.bias.detach().double(), 2).backward(g.double())
+            err = (conv.weight.grad.double() - wd.grad).abs().max() / wd.grad.abs().max()
+            assert err < 1e-5, (cin, cout, size, float(err))
+            w = conv.weight.detach()
+            dw = pointwise_train.weight_grad_candidates(g, x, w, 2)["onednn"]()
+            assert (dw.double() - wd.grad).abs().max() / wd.grad.abs().max() < 1e-5
+            junk = [torch.empty(k) for k in (7, 33, 100, 1000)]
+            del junk
+    print("clean")
+    """
+)
+
+
+def test_strided_1x1s_with_few_inputs_train_right_and_leave_memory_whole() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FEW_INPUTS_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("clean")
