@@ -155,9 +155,10 @@ def test_the_grouped_training_kernels_onednn_weight_gradient_is_right_on_narrow_
 
 
 # A fresh process: the guarded module and the 1×1 training path's oneDNN weight-gradient candidate,
-# each on channels-last float32 inputs of shapes where torch's own weight gradient writes past its
-# buffers (4-12 inputs, 8-16 outputs, stride 2, even sizes), many times, with allocations between
-# so that a write astray meets malloc's checks. Each result is checked against float64.
+# each on channels-last float32 and bf16 inputs of shapes where torch's own weight gradient writes
+# past its buffers (3-12 inputs, 8-16 outputs, stride 2, even sizes), many times, with
+# allocations between so that a write astray meets malloc's checks. Each result is checked against
+# float64.
 FEW_INPUTS_SCRIPT = textwrap.dedent(
     """
     import torch, torch.nn.functional as F
@@ -180,6 +181,27 @@ FEW_INPUTS_SCRIPT = textwrap.dedent(
             w = conv.weight.detach()
             dw = pointwise_train.weight_grad_candidates(g, x, w, 2)["onednn"]()
             assert (dw.double() - wd.grad).abs().max() / wd.grad.abs().max() < 1e-5
+            junk = [torch.empty(k) for k in (7, 33, 100, 1000)]
+            del junk
+    # bf16 under autocast, and the candidate on bf16 tensors, from one image on
+    for cin, cout, size in [(3, 8, 12), (8, 16, 12)]:
+        conv = torch.nn.Conv2d(cin, cout, 1, 2)
+        conv.__class__ = GuardedConv2d
+        for i in range(60):
+            x = torch.randn(1, cin, size, size - 4).contiguous(memory_format=torch.channels_last)
+            conv.weight.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = conv(x)
+            g = torch.randn(out.shape).contiguous(memory_format=torch.channels_last)
+            out.float().backward(g)
+            xb, gb = x.bfloat16(), g.bfloat16()
+            wd = conv.weight.detach().bfloat16().double().requires_grad_()
+            F.conv2d(xb.double(), wd, None, 2).backward(gb.double())
+            err = (conv.weight.grad.double() - wd.grad).abs().max() / wd.grad.abs().max()
+            assert err < 3e-2, (cin, cout, size, float(err))
+            w = conv.weight.detach().bfloat16()
+            dw = pointwise_train.weight_grad_candidates(gb, xb, w, 2)["onednn"]()
+            assert (dw.double() - wd.grad).abs().max() / wd.grad.abs().max() < 3e-2
             junk = [torch.empty(k) for k in (7, 33, 100, 1000)]
             del junk
     print("clean")

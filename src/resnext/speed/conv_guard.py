@@ -10,11 +10,11 @@ RESULTS.md`, stop 60); the forward passes and input gradients are right in both.
    with the ImageNet stem meets this at stage 4's stride-2 3×3 on images at most 16 pixels wide:
    a CPU run under bf16 autocast on such images wrote NaN weights into its checkpoint, with a
    finite loss. Such calls are computed in float32.
-2. **float32 channels-last weight gradients of strided 1×1 convolutions with few inputs.** With
-   fewer than 16 input channels (measured: 2-15, with 8-16 outputs, stride 2, even map sizes,
-   two images or more), the weight gradient of a channels-last float32 input writes past its
-   buffers: the process later aborts in `free()` or crashes. The same convolution on a
-   contiguous (NCHW) input is right, so such calls read their input in that layout.
+2. **Channels-last weight gradients of strided 1×1 convolutions with few inputs.** With fewer
+   than 16 input channels (measured: 2-15, with 8-16 outputs, stride 2, even map sizes; in
+   float32 from two images on, in bf16 from one), the weight gradient of a channels-last input
+   writes past its buffers: the process later aborts in `free()` or crashes. The same convolution
+   on a contiguous (NCHW) input is right, so such calls read their input in that layout.
 
 `guard_conv_backward(model)` gives each `nn.Conv2d` that could meet either case the class
 `GuardedConv2d`, which takes the safe way only when a call meets its case with a weight gradient to
@@ -38,7 +38,7 @@ def narrower_than_stride(width: int, kernel_width: int, stride_width: int) -> bo
 
 
 def few_input_channels(in_channels: int, kernel: tuple[int, int], stride: tuple[int, int]) -> bool:
-    """Case 2's shape: a strided 1×1 whose channels-last float32 weight gradient writes astray."""
+    """Case 2's shape: a strided 1×1 whose channels-last weight gradient writes astray."""
     return kernel == (1, 1) and max(stride) > 1 and in_channels < FEW_INPUT_CHANNELS
 
 
@@ -64,13 +64,12 @@ def needs_float32(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 
 def needs_dense_layout(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv` on `x` would take torch's channels-last float32 weight gradient of a strided
-    1×1 with few inputs (case 2)."""
+    """Whether `conv` on `x` would take torch's channels-last weight gradient of a strided 1×1
+    with few inputs (case 2)."""
     return (
         x.dim() == 4
         and few_input_channels(conv.in_channels, conv.kernel_size, conv.stride)
         and _needs_weight_grad(conv, x)
-        and not _computes_bf16(x)
         and not x.is_contiguous()
     )
 

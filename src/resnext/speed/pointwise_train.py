@@ -190,11 +190,7 @@ def _onednn_backward(
     grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, which: int
 ) -> torch.Tensor:
     """oneDNN's input (which=0) or weight (which=1) gradient of conv2d(x, w, stride)."""
-    if (
-        which == 1
-        and x.dtype == torch.float32
-        and few_input_channels(x.shape[1], (1, 1), (stride, stride))
-    ):
+    if which == 1 and few_input_channels(x.shape[1], (1, 1), (stride, stride)):
         # channels-last, torch's writes past its buffers here (`conv_guard`, case 2)
         grad, x = grad.contiguous(), x.contiguous()
     mask = [which == 0, which == 1, False]
