@@ -45,6 +45,21 @@ def _check(
     return len(candidates)
 
 
+def _float64_step(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    stride: int,
+    padding: int,
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The convolution's output, input gradient and weight gradient in float64."""
+    xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
+    out = F.conv2d(xd, wd, None, stride, padding, 1, groups)
+    out.backward(grad.double())
+    return out.detach(), xd.grad, wd.grad
+
+
 def _width(rng: random.Random) -> int:
     return rng.randint(1, 3) if rng.random() < 1 / 3 else rng.randint(1, 14)
 
@@ -68,29 +83,21 @@ def test_every_grouped_candidate_on_random_shapes(seed: int) -> None:
         weight = torch.randn(c, group_width, 3, 3).to(dtype)
         out_shape = F.conv2d(x, weight, None, stride, 1, 1, groups).shape
         grad = _channels_last(torch.randn(out_shape), dtype)
-        xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
-        want = F.conv2d(xd, wd, None, stride, 1, 1, groups)
-        want.backward(grad.double())
+        out, dx, dw = _float64_step(x, weight, grad, stride, 1, groups)
         shape = (n, c, h, w, groups, stride, dtype)
-        bound = BOUNDS[dtype]
-        ran += _check(
-            f"forward {shape}",
-            grouped_train.conv_candidates(x, weight, groups, stride),
-            want.detach(),
-            bound,
-        )
-        ran += _check(
-            f"input gradient {shape}",
-            grouped_train.input_grad_candidates(grad, x, weight, groups, stride),
-            xd.grad,
-            bound,
-        )
-        ran += _check(
-            f"weight gradient {shape}",
-            grouped_train.weight_grad_candidates(grad, x, weight, groups, stride),
-            wd.grad,
-            bound,
-        )
+        ways = {
+            "forward": (grouped_train.conv_candidates(x, weight, groups, stride), out),
+            "input gradient": (
+                grouped_train.input_grad_candidates(grad, x, weight, groups, stride),
+                dx,
+            ),
+            "weight gradient": (
+                grouped_train.weight_grad_candidates(grad, x, weight, groups, stride),
+                dw,
+            ),
+        }
+        for what, (candidates, want) in ways.items():
+            ran += _check(f"{what} {shape}", candidates, want, BOUNDS[dtype])
     assert ran > 3 * SHAPES  # oneDNN's three and some of ours
 
 
@@ -110,37 +117,30 @@ def test_every_pointwise_candidate_on_random_shapes(seed: int) -> None:
         weight = parameter.to(dtype)
         out_shape = F.conv2d(x, weight, None, stride).shape
         grad = _channels_last(torch.randn(out_shape), dtype)
-        xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
-        want = F.conv2d(xd, wd, None, stride)
-        want.backward(grad.double())
+        out, dx, dw = _float64_step(x, weight, grad, stride, 0, 1)
         shape = (n, cin, cout, h, w, stride, dtype, fp16)
-        bound = BOUNDS[dtype]
-        ran += _check(
-            f"forward {shape}",
-            pointwise_train.forward_candidates(x, parameter, weight, stride, fp16),
-            want.detach(),
-            bound,
-        )
-        ran += _check(
-            f"input gradient {shape}",
-            pointwise_train.input_grad_candidates(grad, x, parameter, weight, stride, fp16),
-            xd.grad,
-            bound,
-        )
-        ran += _check(
-            f"weight gradient {shape}",
-            pointwise_train.weight_grad_candidates(grad, x, weight, stride, fp16),
-            wd.grad,
-            bound,
-        )
+        ways = {
+            "forward": (
+                pointwise_train.forward_candidates(x, parameter, weight, stride, fp16),
+                out,
+            ),
+            "input gradient": (
+                pointwise_train.input_grad_candidates(grad, x, parameter, weight, stride, fp16),
+                dx,
+            ),
+            "weight gradient": (
+                pointwise_train.weight_grad_candidates(grad, x, weight, stride, fp16),
+                dw,
+            ),
+        }
         if stride == 1:
             shortcut = _channels_last(torch.randn(x.shape), dtype)
-            ran += _check(
-                f"input gradient with a shortcut's {shape}",
+            ways["input gradient with a shortcut's"] = (
                 pointwise_train.fork_input_grad_candidates(
                     grad, shortcut, x, parameter, weight, fp16
                 ),
-                xd.grad + shortcut.double(),
-                bound,
+                dx + shortcut.double(),
             )
+        for what, (candidates, want) in ways.items():
+            ran += _check(f"{what} {shape}", candidates, want, BOUNDS[dtype])
     assert ran > 4 * SHAPES  # oneDNN's and the GEMM's, and some of ours
