@@ -31,6 +31,7 @@ NARROW = [
     (3, 2, 6, 1, 8),  # grouped, 4 channels a group, as in ResNeXt-50's stage-4 3×3
     (3, 3, 5, 2, 1),
     (7, 2, 4, 1, 1),  # the stem's kernel
+    (1, 3, 2, 1, 1),  # a strided 1×1 (wrong with few inputs)
 ]
 
 
@@ -125,14 +126,15 @@ def test_the_guard_changes_nothing_where_it_is_not_needed(case: str) -> None:
 def test_the_guard_takes_only_convolutions_that_can_meet_a_case() -> None:
     model = resnext.create_model("resnext50_32x4d")
     keys = list(model.state_dict())
-    # ResNeXt-50's convolutions wider than one pixel with a stride: the stem's 7×7 and the
-    # stride-2 grouped 3×3 opening stages 2, 3 and 4 (the strided 1×1 shortcuts are one wide)
-    assert guard_conv_backward(model) == 4
+    # ResNeXt-50's strided convolutions: the stem's 7×7, and the stride-2 grouped 3×3 and the
+    # projection shortcut's 1×1 opening stages 2, 3 and 4
+    assert guard_conv_backward(model) == 7
     guarded = sorted(n for n, m in model.named_modules() if type(m) is GuardedConv2d)
-    assert guarded == ["conv1", "layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2"]
+    stages = [f"layer{s}.0.{name}" for s in (2, 3, 4) for name in ("conv2", "downsample.0")]
+    assert guarded == sorted(["conv1", *stages])
     assert list(model.state_dict()) == keys
-    # (in, out, kernel, stride): case 2 needs a strided 1×1 with fewer than 16 inputs
-    takes = {(8, 16, 1, 2): True, (15, 8, 1, 3): True, (16, 16, 1, 2): False, (8, 16, 1, 1): False}
+    # (in, out, kernel, stride): both cases need a stride
+    takes = {(8, 16, 1, 2): True, (256, 512, 1, 2): True, (8, 16, 1, 1): False}
     takes |= {(64, 64, 3, 2): True, (64, 64, 3, 1): False, (3, 64, 7, 2): True}
     for (cin, cout, kernel, stride), expected in takes.items():
         assert may_meet_a_case(nn.Conv2d(cin, cout, kernel, stride)) is expected

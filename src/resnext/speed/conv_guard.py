@@ -3,9 +3,9 @@
 Both were found by fuzzing our training kernels' candidates against float64 (`benchmarks/
 RESULTS.md`, stop 60); the forward passes and input gradients are right in both.
 
-1. **bf16 weight gradients over inputs narrower than the stride.** Where the kernel is more than
-   one pixel wide and the input narrower than the horizontal stride (a stride-2 3×3 convolution
-   over a map one pixel wide, a stride-3 one over a map two pixels wide), the bf16 weight gradient
+1. **bf16 weight gradients over inputs narrower than the stride.** Where the input is narrower
+   than the horizontal stride (a stride-2 3×3 convolution over a map one pixel wide, a stride-3
+   one over a map two pixels wide; 1×1s too, with few input channels), the bf16 weight gradient
    is wrong: from right to 1e36 or NaN, varying from call to call; float32's is right. A ResNeXt
    with the ImageNet stem meets this at stage 4's stride-2 3×3 on images at most 16 pixels wide:
    a CPU run under bf16 autocast on such images wrote NaN weights into its checkpoint, with a
@@ -32,9 +32,9 @@ from torch import nn
 FEW_INPUT_CHANNELS = 16
 
 
-def narrower_than_stride(width: int, kernel_width: int, stride_width: int) -> bool:
+def narrower_than_stride(width: int, stride_width: int) -> bool:
     """Case 1's shape: an input `width` pixels wide where the bf16 weight gradient goes wrong."""
-    return kernel_width > 1 and width < stride_width
+    return width < stride_width
 
 
 def few_input_channels(in_channels: int, kernel: tuple[int, int], stride: tuple[int, int]) -> bool:
@@ -57,7 +57,7 @@ def needs_float32(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv` on `x` would take torch's wrong bf16 weight gradient (case 1)."""
     return (
         x.dim() >= 3
-        and narrower_than_stride(x.shape[-1], conv.kernel_size[1], conv.stride[1])
+        and narrower_than_stride(x.shape[-1], conv.stride[1])
         and _needs_weight_grad(conv, x)
         and _computes_bf16(x)
     )
@@ -101,9 +101,8 @@ class GuardedConv2d(nn.Conv2d):
 
 
 def may_meet_a_case(conv: nn.Conv2d) -> bool:
-    """Whether some input could put `conv` in one of the two cases."""
-    wide_and_strided = conv.kernel_size[1] > 1 and conv.stride[1] > 1
-    return wide_and_strided or few_input_channels(conv.in_channels, conv.kernel_size, conv.stride)
+    """Whether some input could put `conv` in one of the two cases: both need a stride."""
+    return max(conv.stride) > 1
 
 
 def guard_conv_backward(model: nn.Module) -> int:

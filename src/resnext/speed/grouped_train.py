@@ -175,7 +175,7 @@ def _onednn_backward(
     grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, groups: int, stride: int, which: int
 ) -> torch.Tensor:
     """oneDNN's input (which=0) or weight (which=1) gradient of the grouped convolution."""
-    if which == 1 and x.dtype == torch.bfloat16 and narrower_than_stride(x.shape[3], 3, stride):
+    if which == 1 and x.dtype == torch.bfloat16 and narrower_than_stride(x.shape[3], stride):
         # torch's bf16 weight gradient is wrong here (`conv_guard`, case 1): float32's is right
         grad, x, w = grad.float(), x.float(), w.float()
         return _onednn_backward(grad, x, w, groups, stride, 1).to(torch.bfloat16)
