@@ -42,11 +42,9 @@ def few_input_channels(in_channels: int, kernel: tuple[int, int], stride: tuple[
     return kernel == (1, 1) and max(stride) > 1 and in_channels < FEW_INPUT_CHANNELS
 
 
-def _computes_bf16(x: torch.Tensor) -> bool:
-    autocast = (
-        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    )
-    return x.dtype == torch.bfloat16 or autocast
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU convolution of `x` computes in: autocast's where it is on, else x's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
 def _needs_weight_grad(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -59,7 +57,7 @@ def needs_float32(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         x.dim() >= 3
         and narrower_than_stride(x.shape[-1], conv.stride[1])
         and _needs_weight_grad(conv, x)
-        and _computes_bf16(x)
+        and compute_dtype(x) == torch.bfloat16
     )
 
 
@@ -87,6 +85,31 @@ def dense_layout_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """`conv(x)` on x in the contiguous layout, returned channels-last as x came."""
     out = conv._conv_forward(x.contiguous(), conv.weight, conv.bias)
     return out.contiguous(memory_format=torch.channels_last)
+
+
+def onednn_gradient(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stride: int,
+    padding: int,
+    groups: int,
+    which: int,
+) -> torch.Tensor:
+    """torch's (oneDNN's) input (which=0) or weight (which=1) gradient of the bias-free
+    ``conv2d(x, w, stride, padding, groups=groups)`` for output gradient `grad`; a weight
+    gradient in either case takes the guard's way (what the training fast paths offer as
+    oneDNN's)."""
+    if which == 1 and x.dtype == torch.bfloat16 and narrower_than_stride(x.shape[3], stride):
+        float32 = onednn_gradient(grad.float(), x.float(), w.float(), stride, padding, groups, 1)
+        return float32.to(torch.bfloat16)
+    if which == 1 and few_input_channels(x.shape[1], tuple(w.shape[2:]), (stride, stride)):
+        grad, x = grad.contiguous(), x.contiguous()
+    mask = [which == 0, which == 1, False]
+    out = torch.ops.aten.convolution_backward(
+        grad, x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups, mask
+    )
+    return out[which]
 
 
 class GuardedConv2d(nn.Conv2d):

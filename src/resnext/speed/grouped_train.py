@@ -52,7 +52,7 @@ from resnext.speed import (
     grouped_wgrad_amx,
 )
 from resnext.speed.capability import has_avx512_bf16
-from resnext.speed.conv_guard import narrower_than_stride
+from resnext.speed.conv_guard import onednn_gradient
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
 
@@ -175,15 +175,7 @@ def _onednn_backward(
     grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, groups: int, stride: int, which: int
 ) -> torch.Tensor:
     """oneDNN's input (which=0) or weight (which=1) gradient of the grouped convolution."""
-    if which == 1 and x.dtype == torch.bfloat16 and narrower_than_stride(x.shape[3], stride):
-        # torch's bf16 weight gradient is wrong here (`conv_guard`, case 1): float32's is right
-        grad, x, w = grad.float(), x.float(), w.float()
-        return _onednn_backward(grad, x, w, groups, stride, 1).to(torch.bfloat16)
-    mask = [which == 0, which == 1, False]
-    out = torch.ops.aten.convolution_backward(
-        grad, x, w, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], groups, mask
-    )
-    return out[which]
+    return onednn_gradient(grad, x, w, stride, 1, groups, which)
 
 
 class _GroupedConv3x3(torch.autograd.Function):

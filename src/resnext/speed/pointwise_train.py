@@ -44,7 +44,7 @@ from resnext.speed import (
     pointwise_gemm,
     pointwise_wgrad_amx,
 )
-from resnext.speed.conv_guard import few_input_channels, narrower_than_stride
+from resnext.speed.conv_guard import onednn_gradient
 from resnext.speed.swap import TrainingFastConv2d, swap_class, training_input_dtype
 
 # bf16, and float32, where oneDNN, the GEMM and our FMA product compete: MKL's float32 GEMM lost
@@ -190,18 +190,7 @@ def _onednn_backward(
     grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, which: int
 ) -> torch.Tensor:
     """oneDNN's input (which=0) or weight (which=1) gradient of conv2d(x, w, stride)."""
-    if which == 1 and x.dtype == torch.bfloat16 and narrower_than_stride(x.shape[3], stride):
-        # torch's bf16 weight gradient is wrong here (`conv_guard`, case 1): float32's is right
-        grad, x, w = grad.float(), x.float(), w.float()
-        return _onednn_backward(grad, x, w, stride, 1).to(torch.bfloat16)
-    if which == 1 and few_input_channels(x.shape[1], (1, 1), (stride, stride)):
-        # channels-last, torch's writes past its buffers here (`conv_guard`, case 2)
-        grad, x = grad.contiguous(), x.contiguous()
-    mask = [which == 0, which == 1, False]
-    out = torch.ops.aten.convolution_backward(
-        grad, x, w, None, [stride] * 2, [0, 0], [1, 1], False, [0, 0], 1, mask
-    )
-    return out[which]
+    return onednn_gradient(grad, x, w, stride, 0, 1, which)
 
 
 def forward_candidates(

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from resnext.speed.conv_guard import GuardedConv2d
+from resnext.speed.conv_guard import GuardedConv2d, compute_dtype
 
 
 def capturing_graph() -> bool:
@@ -29,7 +29,7 @@ def training_input_dtype(conv: nn.Conv2d, x: torch.Tensor) -> torch.dtype | None
         or not x.is_contiguous(memory_format=torch.channels_last)
     ):
         return None
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return compute_dtype(x)
 
 
 class TrainingFastConv2d(GuardedConv2d):
