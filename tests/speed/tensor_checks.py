@@ -21,6 +21,25 @@ def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected.double()).abs().max() / scale).item()
 
 
+def float64_conv_grads(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    stride: int,
+    padding: int,
+    groups: int,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``conv2d(x, weight, bias, stride, padding, groups=groups)``'s output, input gradient and
+    weight gradient for output gradient `grad`, all in float64 (the references of gradients)."""
+    xd = x.detach().double().requires_grad_()
+    wd = weight.detach().double().requires_grad_()
+    b = None if bias is None else bias.detach().double()
+    out = F.conv2d(xd, wd, b, stride, padding, 1, groups)
+    out.backward(grad.double())
+    return out.detach(), xd.grad, wd.grad
+
+
 def float32_conv1x1_bound(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None, stride: int
 ) -> torch.Tensor:

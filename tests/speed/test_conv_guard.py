@@ -19,6 +19,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import float64_conv_grads, rel_err
 from torch import nn
 
 import resnext
@@ -44,15 +45,10 @@ def _float64_grads(
     conv: nn.Conv2d, x: torch.Tensor, g: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The output and weight gradient of `conv` on `x` in float64, for output gradient `g`."""
-    w = conv.weight.detach().double().requires_grad_()
-    b = conv.bias.detach().double()
-    out = F.conv2d(x.detach().double(), w, b, conv.stride, conv.padding, 1, conv.groups)
-    out.backward(g.double())
-    return out.detach(), w.grad
-
-
-def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.detach().double() - want).abs().max() / want.abs().max())
+    out, _, dw = float64_conv_grads(
+        x, conv.weight, g, conv.stride, conv.padding, conv.groups, conv.bias
+    )
+    return out, dw
 
 
 @pytest.mark.parametrize(("kernel", "stride", "height", "width", "groups"), NARROW)
@@ -71,8 +67,8 @@ def test_guarded_weight_gradient_is_float32s_under_bf16_autocast(
         want_out, want_dw = _float64_grads(conv, x, g)
         # the output rounded to bf16, and so the gradient reaching it: a right weight gradient
         # at bf16's precision (2e-3 measured), where torch's own is off by 1e10 or more, or NaN
-        assert _relative(out, want_out) < 1e-2
-        assert _relative(conv.weight.grad, want_dw) < 1e-2
+        assert rel_err(out, want_out) < 1e-2
+        assert rel_err(conv.weight.grad, want_dw) < 1e-2
 
 
 @pytest.mark.parametrize(("kernel", "stride", "height", "width", "groups"), NARROW)
@@ -89,7 +85,7 @@ def test_guarded_weight_gradient_is_right_for_a_bf16_model(
         out.float().backward(g)
         _, want_dw = _float64_grads(conv, x, g)
         assert conv.weight.grad.dtype == torch.bfloat16
-        assert _relative(conv.weight.grad, want_dw) < 1e-2  # bf16's rounding of a right value
+        assert rel_err(conv.weight.grad, want_dw) < 1e-2  # bf16's rounding of a right value
 
 
 @pytest.mark.parametrize(
@@ -150,10 +146,9 @@ def test_the_grouped_training_kernels_onednn_weight_gradient_is_right_on_narrow_
         out_shape = F.conv2d(x, w, None, 2, 1, 1, 32).shape
         g = torch.randn(out_shape).bfloat16().contiguous(memory_format=torch.channels_last)
         got = grouped_train.weight_grad_candidates(g, x, w, 32, 2)["onednn"]()
-        wd = w.double().requires_grad_()
-        F.conv2d(x.double(), wd, None, 2, 1, 1, 32).backward(g.double())
+        _, _, want = float64_conv_grads(x, w, g, 2, 1, 32)
         assert got.dtype == torch.bfloat16
-        assert _relative(got, wd.grad) < 1e-2
+        assert rel_err(got, want) < 1e-2
 
 
 # A fresh process: the guarded module and the 1×1 training path's oneDNN weight-gradient candidate,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import float64_conv_grads, rel_err
 
 from resnext.speed import grouped_train, pointwise_train
 
@@ -28,10 +29,6 @@ FP16_BOUND = 1e-2
 SHAPES = 100  # a seed; small maps drawn often (a third of the widths are 1-3 pixels)
 
 
-def _error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-300))
-
-
 def _check(
     what: str, candidates: dict[str, Callable[[], torch.Tensor]], want: torch.Tensor, bound: float
 ) -> int:
@@ -39,25 +36,10 @@ def _check(
     for name, run in candidates.items():
         got = run()
         assert tuple(got.shape) == tuple(want.shape), (what, name)
-        error = _error(got, want)
+        error = rel_err(got, want)
         limit = FP16_BOUND if name.endswith("fp16") else bound
         assert math.isfinite(error) and error < limit, (what, name, error)
     return len(candidates)
-
-
-def _float64_step(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    grad: torch.Tensor,
-    stride: int,
-    padding: int,
-    groups: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The convolution's output, input gradient and weight gradient in float64."""
-    xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
-    out = F.conv2d(xd, wd, None, stride, padding, 1, groups)
-    out.backward(grad.double())
-    return out.detach(), xd.grad, wd.grad
 
 
 def _width(rng: random.Random) -> int:
@@ -83,7 +65,7 @@ def test_every_grouped_candidate_on_random_shapes(seed: int) -> None:
         weight = torch.randn(c, group_width, 3, 3).to(dtype)
         out_shape = F.conv2d(x, weight, None, stride, 1, 1, groups).shape
         grad = _channels_last(torch.randn(out_shape), dtype)
-        out, dx, dw = _float64_step(x, weight, grad, stride, 1, groups)
+        out, dx, dw = float64_conv_grads(x, weight, grad, stride, 1, groups)
         shape = (n, c, h, w, groups, stride, dtype)
         ways = {
             "forward": (grouped_train.conv_candidates(x, weight, groups, stride), out),
@@ -117,7 +99,7 @@ def test_every_pointwise_candidate_on_random_shapes(seed: int) -> None:
         weight = parameter.to(dtype)
         out_shape = F.conv2d(x, weight, None, stride).shape
         grad = _channels_last(torch.randn(out_shape), dtype)
-        out, dx, dw = _float64_step(x, weight, grad, stride, 0, 1)
+        out, dx, dw = float64_conv_grads(x, weight, grad, stride, 0, 1)
         shape = (n, cin, cout, h, w, stride, dtype, fp16)
         ways = {
             "forward": (
