@@ -23,7 +23,10 @@ def test_build_caches_by_source_and_loads(tmp_path: Path) -> None:
     out = tmp_path / "cache"
     first = native.build(_source(tmp_path), ("-O2",), out_dir=out)
     assert ctypes.CDLL(str(first)).answer() == 42
+    stamp = first.stat().st_mtime_ns
     assert native.build(_source(tmp_path), ("-O2",), out_dir=out) == first
+    assert first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in out.iterdir()] == [first.name]  # no temporary left behind
     changed = native.build(
         _source(tmp_path, "int answer(void) { return 7; }\n"), ("-O2",), out_dir=out
     )
