@@ -17,7 +17,15 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import chain_fusion, dot_block, grouped_split, pointwise_gemm
+from resnext.speed import (
+    chain_fusion,
+    dot_block,
+    dot_grouped,
+    grouped_kernel,
+    grouped_split,
+    pointwise_gemm,
+    replay,
+)
 from resnext.speed.conv_x3_swap import DotConv1x1
 from resnext.speed.dot_block import DotBottleneck, block_fusable, fuse_dot_blocks
 from resnext.speed.dot_grouped import DotPointwiseGrouped
@@ -176,6 +184,63 @@ def test_the_pass_fuses_each_identity_block_and_keeps_the_function() -> None:
     assert not hasattr(model[0], "conv3") and isinstance(model[3].conv3, DotConv1x1)
     with torch.no_grad():
         got = model(x.clone())
+    assert torch.equal(got, want)
+
+
+@needs_kernels
+def test_the_block_kernel_takes_what_its_python_rule_says() -> None:
+    # `grouped_kernel.block_kernel_takes` mirrors the C entry's rule, which DotBottleneck asks
+    # before calling it: the C entry itself answers here
+    a = _args()
+    packing = dot_grouped.checked_packing(
+        a["x"], a["pointwise"], a["pointwise_bias"], a["packed"], a["bias"], 32, 1, False
+    )
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for n in range(1, 5):
+                x = bf16(torch.randn(n, 64, 4, 4))
+                taken = grouped_kernel.call_block_kernel(
+                    x, a["pointwise"], a["pointwise_bias"], a["packed"], a["bias"], a["last"],
+                    a["last_bias"], 32, packing, dot_grouped.AHEAD_PIXELS,
+                )  # fmt: skip
+                assert taken == grouped_kernel.block_kernel_takes(n, threads), (n, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _OnACopy(nn.Module):
+    """`model` on a copy of its input (its blocks write over what they read)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.clone())
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_a_replay_records_the_blocks_on_any_batch(n: int) -> None:
+    # On two threads the block kernel gives each whole images: batches of 1 and 3 take the calls
+    # apart, whose middle output the recording must see (it refused those batches while the
+    # operator made that output itself, unseen: the replay then ran eager with a warning).
+    model, x = _model(43)
+    fuse_dot_blocks(model, x.clone(), mode="on")
+    assert isinstance(model[0].conv2, DotBottleneck)
+    wrapped = _OnACopy(model)
+    y = bf16(torch.randn(n, 64, 8, 8))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        recorded = replay.Recorded(wrapped, y)  # checks itself on a fresh input, bit for bit
+        got = recorded(y)
+        with torch.no_grad():
+            want = wrapped(y)
+    finally:
+        torch.set_num_threads(previous)
     assert torch.equal(got, want)
 
 

@@ -120,6 +120,15 @@ class DotBottleneck(KernelModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fused
+        if not grouped_kernel.block_kernel_takes(x.shape[0], torch.get_num_threads()):
+            # The calls apart, here rather than inside the operator (which takes them too): so
+            # the middle output is a tensor of this forward's, which a replay's recording keeps,
+            # not memory the operator allocates and frees unseen (the recording then refused).
+            mid = f(x)
+            torch.ops.resnext.pointwise_conv_bf16_(
+                mid, self.last_packed, self.last_bias, 1, True, x
+            )
+            return x
         torch.ops.resnext.bottleneck_dot_bf16_(
             x,
             f.pointwise_packed,

@@ -347,6 +347,12 @@ def call_pointwise_kernel(
     return y
 
 
+def block_kernel_takes(images: int, threads: int) -> bool:
+    """Whether `call_block_kernel` takes a batch of `images` on `threads` threads: it gives each
+    thread whole images (the C entry's own rule, pinned by a test)."""
+    return threads >= 1 and images % threads == 0
+
+
 def call_block_kernel(
     x: torch.Tensor,
     pointwise: torch.Tensor,
@@ -361,7 +367,7 @@ def call_block_kernel(
 ) -> bool:
     """The whole-bottleneck C entry on checked bf16 arguments (`dot_block.run_block_`), written
     over the channels-last `x`; False (nothing written) where it does not take the call: images
-    not a multiple of the threads."""
+    not a multiple of the threads (`block_kernel_takes`)."""
     n, k, h, w = x.shape
     c = pointwise_bias.numel()
     bias_c = None if bias is None else bias.contiguous()
