@@ -1,0 +1,64 @@
+"""scripts/fuzz_kernels.py: each kind of case runs and passes here, and a wrong kernel is reported."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fuzz_kernels.py"
+
+
+@pytest.fixture
+def fuzz() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fuzz_kernels", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("what", ["optimize", "train"])
+def test_a_case_passes_here_and_leaves_the_process_as_it_was(
+    fuzz: ModuleType, what: str, capsys
+) -> None:
+    from resnext.speed import autotune, grouped_swap, timing_cache
+
+    threads, chooser = torch.get_num_threads(), autotune.CHOOSER
+    assert fuzz.main([what, "--cases", "1", "--seed", "3"]) == 0
+    assert f"{what}: 1 cases, 0 failed" in capsys.readouterr().out
+    # the drawn timings and choosers, and the thread count, are the process's own again
+    assert grouped_swap.cached is timing_cache.cached and autotune.CHOOSER is chooser
+    assert torch.get_num_threads() == threads
+
+
+def test_crop_cases_pass_on_real_jpegs(fuzz: ModuleType, imagenet_sample: Path, capsys) -> None:
+    assert fuzz.main(["crop", "--cases", "20", "--root", str(imagenet_sample)]) == 0
+    assert "crop: 20 cases, 0 failed" in capsys.readouterr().out
+
+
+def test_a_fast_path_computing_something_else_fails_the_run(
+    fuzz: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import resnext
+
+    real = resnext.optimize
+
+    def off_by_a_little(model, *args, **kwargs):
+        fast = real(model, *args, **kwargs)
+        return lambda x: fast(x) * 1.1  # 10 % of the output: over every precision's bound
+
+    monkeypatch.setattr(resnext, "optimize", off_by_a_little)
+    assert fuzz.main(["optimize", "--cases", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "output" in out and "optimize: 1 cases, 1 failed" in out
+
+
+def test_bad_arguments_are_named(fuzz: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"--root: no \.jpg or \.jpeg files under"):
+        fuzz.main(["crop", "--root", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        fuzz.main(["optimize", "--cases", "0"])
