@@ -446,6 +446,8 @@ def test_optimize_fuses_the_stem_with_the_dot_kernel(backend: str) -> None:
     with torch.no_grad():
         want, got = model(x), fast(x)
         assert ((got - want).abs().max() / want.abs().max()).item() < 5e-2
-        assert torch.equal(fast(nhwc(x)), got)  # any layout, handed to the kernel as it is
+        # any layout, handed to the kernel as it is (on the eager path: inductor would compile
+        # a second graph for the other layout, ~3 s)
+        assert torch.equal(eager(nhwc(x)), eager(x))
         # the same kernels compiled or not: the two agree closely
         assert ((got - eager(x)).abs().max() / want.abs().max()).item() < 2e-2
