@@ -132,6 +132,22 @@ def test_bad_inputs_are_refused_by_name_and_leave_x_as_it_was(
 
 
 @needs_kernels
+def test_the_operator_refuses_a_batch_its_kernel_does_not_take_and_leaves_x_as_it_was() -> None:
+    # (DotBottleneck takes the calls apart for such batches, where a replay sees their tensors)
+    args = {**_args(), "x": bf16(torch.randn(3, 64, 4, 4))}
+    before = args["x"].clone()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        refused = pytest.raises(ValueError, match="x: 3 images do not divide between 2 threads")
+        with refused, torch.no_grad():
+            dot_block.run_block_(**args)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(args["x"], before)
+
+
+@needs_kernels
 def test_an_input_that_needs_a_gradient_is_refused() -> None:
     args = _args()
     args["x"].requires_grad_(True)

@@ -7,8 +7,8 @@ still goes to memory (12.8 MB for ResNeXt-50's stage 1 at batch 16) and the last
 few rows behind as they come, from a buffer of the thread's own, one image large, so that the
 grouped output stays in cache too; it writes each output row over the block's input row, which
 the first 1×1 has already read. The same tiles and row kernels as the calls apart: the output
-equals theirs bit for bit. Whole images per thread only; for other batches the operator runs the
-two calls apart. `fuse_dot_blocks` is `optimize`'s pass (under `fuse_block`, which fuses the AMX
+equals theirs bit for bit. Whole images per thread only: for other batches `DotBottleneck` makes
+the two calls apart itself, and the operator refuses them. `fuse_dot_blocks` is `optimize`'s pass (under `fuse_block`, which fuses the AMX
 form of the same block).
 """
 
@@ -67,10 +67,11 @@ def run_block_(
     if x.numel() and not grouped_kernel.call_block_kernel(
         x, pointwise, pointwise_bias, packed, bias, last, last_bias, groups, packing, ahead
     ):
-        mid = grouped_kernel.call_pointwise_kernel(
-            x, pointwise, pointwise_bias, packed, bias, groups, 1, True, packing, ahead
+        # (taking the calls apart here would hide their middle output from a replay's recording)
+        raise ValueError(
+            f"x: {x.shape[0]} images do not divide between {torch.get_num_threads()} threads; "
+            "DotBottleneck takes the calls apart for such batches"
         )
-        pointwise_gemm.conv1x1(mid, last, last_bias, relu=True, residual=x, in_place=True)
 
 
 def _fake_block_(*arguments: object) -> None:
@@ -121,9 +122,9 @@ class DotBottleneck(KernelModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fused
         if not grouped_kernel.block_kernel_takes(x.shape[0], torch.get_num_threads()):
-            # The calls apart, here rather than inside the operator (which takes them too): so
-            # the middle output is a tensor of this forward's, which a replay's recording keeps,
-            # not memory the operator allocates and frees unseen (the recording then refused).
+            # The calls apart, here rather than inside the operator: so the middle output is a
+            # tensor of this forward's, which a replay's recording keeps, not memory an operator
+            # allocates and frees unseen (the recording then refused).
             mid = f(x)
             torch.ops.resnext.pointwise_conv_bf16_(
                 mid, self.last_packed, self.last_bias, 1, True, x
