@@ -57,6 +57,23 @@ def test_a_fast_path_computing_something_else_fails_the_run(
     assert "FAILED" in out and "output" in out and "optimize: 1 cases, 1 failed" in out
 
 
+def test_a_replay_that_cannot_record_fails_the_run(
+    fuzz: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from resnext.speed import replay
+
+    if replay.unavailable_reason() is not None:
+        pytest.skip(f"no replay here: {replay.unavailable_reason()}")
+
+    def refused(*args, **kwargs):
+        raise replay.ReplayUnavailable("refused for this test")
+
+    monkeypatch.setattr(replay, "capture", refused)
+    assert fuzz.main(["optimize", "--cases", "4", "--seed", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "backend replay: optimize: replay recording failed" in out
+
+
 def test_bad_arguments_are_named(fuzz: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"--root: no \.jpg or \.jpeg files under"):
         fuzz.main(["crop", "--root", str(tmp_path)])
