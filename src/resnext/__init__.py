@@ -30,6 +30,10 @@ def __getattr__(name: str) -> object:
         from resnext.speed.fastpath import optimize
 
         return optimize
+    if name == "quantize_int8":
+        from resnext.speed.int8 import quantize_int8
+
+        return quantize_int8
     raise AttributeError(f"module 'resnext' has no attribute {name!r}")
 
 
@@ -47,5 +51,6 @@ __all__ = [
     "list_models",
     "optimize",
     "predict",
+    "quantize_int8",
     "solve_width",
 ]

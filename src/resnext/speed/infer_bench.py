@@ -31,6 +31,7 @@ VARIANTS = (
     "eager-fast-fp32",
     "eager-fast-bf16",
     "eager-fast-fp16",
+    "eager-int8",
     "inductor-fp32",
     "inductor-bf16",
     "inductor-fp16",
@@ -52,6 +53,7 @@ VARIANTS = (
     "replay-bf16",
     "replay-fp16",
     "ort-fp32",
+    "ort-int8",
     "openvino-fp32",
     "openvino-bf16",
     "openvino-fp16",
@@ -106,6 +108,16 @@ def build_runner(
     kind, _, dtype = variant.rpartition("-")
     if variant == "eager":
         fn: Callable[[torch.Tensor], torch.Tensor] = model
+    elif variant in ("eager-int8", "ort-int8"):
+        # int8 after training, its ranges observed on a batch of its own (not the timed one)
+        calibration = torch.randn(example.shape, generator=torch.Generator().manual_seed(1))
+        if variant == "eager-int8":
+            from resnext.speed.int8 import quantize_int8  # torch.ao's quantization, when asked
+
+            fn = quantize_int8(model, [calibration])
+        else:
+            session = peers.onnxruntime_int8_runner(model, example, calibration, threads)
+            fn = lambda x: torch.from_numpy(session(x.numpy())[0])  # noqa: E731
     elif kind in (
         "eager-fast",
         "inductor",

@@ -21,11 +21,16 @@ def available(name: str) -> bool:
 
 def onnxruntime_runner(model: nn.Module, example: torch.Tensor, threads: int) -> Runner:
     """An ONNX Runtime session of `model` (fp32, exported at the example's shape)."""
-    import onnxruntime as ort
-
     path = Path(tempfile.mkdtemp(prefix="resnext-onnx-")) / "model.onnx"
     with torch.no_grad():
         torch.onnx.export(model.eval(), (example,), str(path), input_names=["x"], dynamo=True)
+    return _session(path, threads)
+
+
+def _session(path: Path, threads: int) -> Runner:
+    """An ONNX Runtime CPU session of the model file at `path`, as a callable on numpy inputs."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -34,6 +39,40 @@ def onnxruntime_runner(model: nn.Module, example: torch.Tensor, threads: int) ->
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})
+
+
+def onnxruntime_int8_runner(
+    model: nn.Module, example: torch.Tensor, calibration: torch.Tensor, threads: int
+) -> Runner:
+    """An ONNX Runtime session of `model` quantized to int8 by ONNX Runtime's own static
+    quantization (QDQ, int8 weights per channel, uint8 activations), its ranges observed on
+    `calibration`: the peer of `quantize_int8`."""
+    from onnxruntime import quantization as ortq
+
+    folder = Path(tempfile.mkdtemp(prefix="resnext-onnx-int8-"))
+    with torch.no_grad():
+        torch.onnx.export(
+            model.eval(), (example,), str(folder / "fp32.onnx"), input_names=["x"], dynamo=True
+        )
+    ortq.quant_pre_process(str(folder / "fp32.onnx"), str(folder / "prep.onnx"))
+
+    class _Batches(ortq.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left = [{"x": calibration.numpy()}]
+
+        def get_next(self) -> dict | None:
+            return self.left.pop() if self.left else None
+
+    ortq.quantize_static(
+        str(folder / "prep.onnx"),
+        str(folder / "int8.onnx"),
+        _Batches(),
+        quant_format=ortq.QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=ortq.QuantType.QUInt8,
+        weight_type=ortq.QuantType.QInt8,
+    )
+    return _session(folder / "int8.onnx", threads)
 
 
 def openvino_runner(

@@ -7,6 +7,7 @@ from typing import Any
 
 from resnext.weights.download import default_cache_dir, download
 from resnext.weights.formats import convert_checkpoint, detect_format
+from resnext.weights.int8 import INT8_WEIGHTS, build_int8_with_weights, list_int8_weights
 from resnext.weights.load import LoadReport, apply_weights, load_weights, read_weights_file
 from resnext.weights.loaded import LoadedWeights
 from resnext.weights.native import load_native, save_weights
@@ -43,6 +44,7 @@ def build_with_weights(
 
 
 __all__ = [
+    "INT8_WEIGHTS",
     "WEIGHTS",
     "LoadReport",
     "LoadedWeights",
@@ -50,12 +52,14 @@ __all__ = [
     "Result",
     "WeightsEntry",
     "apply_weights",
+    "build_int8_with_weights",
     "build_with_weights",
     "convert_checkpoint",
     "default_cache_dir",
     "detect_format",
     "download",
     "get_weights",
+    "list_int8_weights",
     "list_weights",
     "load_native",
     "load_weights",

@@ -93,10 +93,24 @@ def _pycls_stride_in_1x1(cfg: str) -> bool:
     return not re.search(r"STRIDE_1X1:\s*false", cfg, re.IGNORECASE)
 
 
+# the fc layer's int8 weight and float bias, as torch.ao's quantized Linear saves them
+PACKED_FC = "fc._packed_params._packed_params"
+
+
+def is_int8_state(state: object) -> bool:
+    """Whether `state` is a quantized ResNet state dict (torchvision's int8 layout)."""
+    return isinstance(state, Mapping) and PACKED_FC in state and "quant.scale" in state
+
+
 def convert_checkpoint(obj: Any, source: str, *, fmt: str | None = None) -> LoadedWeights:
     """Our state dict, spec overrides and preprocessing from a loaded checkpoint of any library."""
     inner, context = _unwrap(obj)
     state = cv.strip_prefix(dict(inner), "module.")
+    if is_int8_state(state):
+        raise WeightsError(
+            f"{source}: an int8 (quantized) checkpoint, which a float model cannot take: load it "
+            "with resnext.weights.build_int8_with_weights(name, weights)"
+        )
     fmt = fmt or _detect(state, context)
     state = _tensors(state, source)
     notes: list[str] = []

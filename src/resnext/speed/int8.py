@@ -1,0 +1,222 @@
+"""Int8 inference: a ResNeXt quantized after training, in torchvision's quantized module tree.
+
+`quantize_int8(model, calibration)` rebuilds a float network as torchvision's quantizable ResNet
+lays it out (`quant` and `dequant` stubs around the network; in each bottleneck `relu1`, `relu2`
+and `skip_add_relu` beside the float model's children), fuses each convolution with its batch
+norm (and ReLU), observes the activations of the calibration batches, and converts it with
+torch.ao's eager-mode quantization: int8 weights per output channel, uint8 activations with one
+scale per tensor, int32 sums (VNNI where the CPU has it, `torch.backends.quantized` engine
+`x86`). Its state-dict keys are then those of torchvision's quantized checkpoints
+(`conv1.scale`, `layer1.0.skip_add_relu.zero_point`, `fc._packed_params._packed_params`, ...),
+so `int8_template` gives the tree such a checkpoint loads into (`resnext.weights.int8`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.ao import quantization as tq
+from torch.ao.nn.quantized import FloatFunctional
+
+from resnext.models.blocks import Bottleneck
+from resnext.models.network import ResNeXt
+
+ENGINES = ("x86", "fbgemm", "onednn")
+OBSERVERS = ("histogram", "minmax")
+
+
+def _refuse(what: str, got: object, allowed: str) -> None:
+    raise ValueError(f"{what}: int8 quantization takes {allowed}, got {got!r}")
+
+
+def check_quantizable(model: nn.Module) -> None:
+    """ValueError naming the first thing of `model` the int8 tree does not take: it takes
+    post-activation form-c ResNeXts (ImageNet or CIFAR stem, no squeeze-and-excitation) in
+    float32 on the CPU."""
+    if not isinstance(model, ResNeXt):
+        _refuse("model", type(model).__name__, "a resnext ResNeXt network")
+    spec = model.spec
+    if spec.preact:
+        _refuse("preact", spec.preact, "post-activation networks (preact=False)")
+    if spec.block_form != "c":
+        _refuse("block_form", spec.block_form, "the grouped form 'c'")
+    if spec.stem not in ("imagenet", "cifar"):
+        _refuse("stem", spec.stem, "the 'imagenet' or 'cifar' stem")
+    if spec.se_reduction:
+        _refuse("se_reduction", spec.se_reduction, "networks without squeeze-and-excitation (0)")
+    param = next(model.parameters())
+    if param.dtype != torch.float32 or param.device.type != "cpu":
+        _refuse("model", f"{param.dtype} on {param.device}", "a float32 model on the CPU")
+    if not isinstance(model.fc, (nn.Linear, nn.Identity)):
+        _refuse("fc", type(model.fc).__name__, "an nn.Linear classifier (or none)")
+
+
+class Int8Bottleneck(nn.Module):
+    """A bottleneck laid out as torchvision's quantizable one: the float block's children, plus
+    `relu1`, `relu2` and `skip_add_relu` (the residual add and ReLU, quantized as one op)."""
+
+    def __init__(self, block: Bottleneck) -> None:
+        super().__init__()
+        for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample"):
+            setattr(self, name, copy.deepcopy(getattr(block, name)))
+        self.residual = block.residual
+        self.relu = nn.ReLU()  # after conv3 where there is no residual; else unused, as there
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.skip_add_relu = FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if not self.residual:
+            return self.relu(out)
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.skip_add_relu.add_relu(out, identity)
+
+    def fuse(self) -> None:
+        """Fold each batch norm into its convolution (and the ReLU after it), in place."""
+        last = ["conv3", "bn3"] if self.residual else ["conv3", "bn3", "relu"]
+        tq.fuse_modules(
+            self, [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu2"], last], inplace=True
+        )
+        if self.downsample is not None:
+            # (conv, bn), or (avg pool, conv, bn) for the average-pool shortcut
+            first = next(i for i, m in enumerate(self.downsample) if isinstance(m, nn.Conv2d))
+            tq.fuse_modules(self.downsample, [str(first), str(first + 1)], inplace=True)
+
+
+class Int8ResNeXt(nn.Module):
+    """A ResNeXt in torchvision's quantizable layout (`quant`, `conv1`, `bn1`, `relu`,
+    `maxpool`, `layer1`…, `avgpool`, `fc`, `dequant`): float until `quantize_int8` or
+    `int8_template` converts it. Takes and returns float tensors."""
+
+    def __init__(self, model: ResNeXt) -> None:
+        super().__init__()
+        check_quantizable(model)
+        self.spec = model.spec
+        self.num_classes = model.num_classes
+        self.stage_names = list(model.stage_names)
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv1, self.bn1 = copy.deepcopy(model.conv1), copy.deepcopy(model.bn1)
+        self.relu = nn.ReLU()
+        self.maxpool = copy.deepcopy(model.maxpool)
+        for name, stage in zip(self.stage_names, model.stages(), strict=True):
+            setattr(self, name, nn.Sequential(*(Int8Bottleneck(b) for b in stage)))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = copy.deepcopy(model.fc)
+        self.preprocessing = getattr(model, "preprocessing", None)
+        self.class_names = getattr(model, "class_names", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the int8 convolutions run channels-last; a quantized NCHW input would be reordered
+        x = self.quant(x.contiguous(memory_format=torch.channels_last))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        x = self.dequant(self.fc(torch.flatten(self.avgpool(x), 1)))
+        scale = self.spec.logit_scale
+        return x * scale if scale != 1.0 and self.num_classes > 0 else x
+
+    def fuse(self) -> None:
+        """Fold every batch norm into its convolution (and ReLU), in place."""
+        tq.fuse_modules(self, ["conv1", "bn1", "relu"], inplace=True)
+        for name in self.stage_names:
+            for block in getattr(self, name):
+                block.fuse()
+
+
+def qconfig(observer: str = "histogram") -> tq.QConfig:
+    """Weights int8 per output channel, symmetric; activations uint8 with one scale per tensor,
+    from a histogram of the calibration values (`histogram`: the range that least distorts
+    them) or their extremes (`minmax`, torchvision's own for its checkpoints). Both keep
+    activations to 7 bits, which the x86 kernels need to sum without overflow."""
+    if observer not in OBSERVERS:
+        _refuse("observer", observer, f"one of {OBSERVERS}")
+    activation = tq.HistogramObserver if observer == "histogram" else tq.MinMaxObserver
+    return tq.QConfig(
+        activation=activation.with_args(dtype=torch.quint8, quant_min=0, quant_max=127),
+        weight=tq.default_per_channel_weight_observer,
+    )
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """torch's quantized engine set to `engine` inside the block, as it was after it (weights
+    are packed for the engine set when they are converted or loaded)."""
+    if engine not in ENGINES:
+        _refuse("engine", engine, f"one of {ENGINES}")
+    if engine not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(
+            f"engine: this torch has no quantized engine {engine!r} "
+            f"(it has {torch.backends.quantized.supported_engines})"
+        )
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def _check_batch(index: int, x: object, channels: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        what = f"a {x.dtype} tensor of {x.dim()} dims" if isinstance(x, torch.Tensor) else type(x)
+        raise ValueError(
+            f"calibration[{index}]: expected a float (N, {channels}, H, W) batch, got {what}"
+        )
+    if x.shape[1] != channels or x.shape[0] < 1:
+        raise ValueError(
+            f"calibration[{index}]: expected a float (N, {channels}, H, W) batch, got "
+            f"{tuple(x.shape)}"
+        )
+    return x.float().cpu()
+
+
+def _converted(
+    model: ResNeXt, batches: Iterable[torch.Tensor], engine: str, observer: str
+) -> Int8ResNeXt:
+    net = Int8ResNeXt(model).eval()
+    net.fuse()
+    net.qconfig = qconfig(observer)
+    with quantized_engine(engine), torch.no_grad(), warnings.catch_warnings():
+        # torch.ao's eager quantization is marked for a move to torchao; torch 2.11–2.13 have it,
+        # and torchvision's own quantized models are built with it
+        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
+        tq.prepare(net, inplace=True)
+        seen = 0
+        for i, x in enumerate(batches):
+            net(_check_batch(i, x, model.spec.in_chans))
+            seen += 1
+        if seen == 0:
+            raise ValueError("calibration: expected at least one batch of images, got none")
+        tq.convert(net, inplace=True)
+    return net
+
+
+def quantize_int8(
+    model: ResNeXt,
+    calibration: Iterable[torch.Tensor],
+    *,
+    engine: str = "x86",
+    observer: str = "histogram",
+) -> Int8ResNeXt:
+    """`model` (left as it is) quantized to int8 after training, its activation ranges observed
+    on the `calibration` batches (float (N, C, H, W), preprocessed as the model expects; a few
+    hundred real images are usual). The result computes in int8 and takes and returns float."""
+    check_quantizable(model)
+    if isinstance(calibration, torch.Tensor):
+        calibration = [calibration]
+    return _converted(model, calibration, engine, observer)
+
+
+def int8_template(model: ResNeXt, *, engine: str = "x86") -> Int8ResNeXt:
+    """The quantized tree of `model` with placeholder scales, for loading a quantized state dict
+    (torchvision's quantized checkpoints) into with `load_state_dict`."""
+    check_quantizable(model)
+    probe = torch.rand(1, model.spec.in_chans, 32, 32)
+    return _converted(model, [probe], engine, "minmax")

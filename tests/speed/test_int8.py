@@ -1,0 +1,164 @@
+"""Int8 inference (`quantize_int8`): the function torch.ao's FX quantization computes, torchvision's
+quantized module tree and keys, and clear refusals."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+import resnext
+from resnext.speed.int8 import int8_template, qconfig, quantize_int8, quantized_engine
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _fx_reference(model: nn.Module, calibration: torch.Tensor, observer: str) -> nn.Module:
+    """torch.ao's graph-mode quantization of the float model: its own tracing, fusion and
+    observer placement, with the same observers."""
+    with quantized_engine("x86"):
+        prepared = prepare_fx(
+            copy.deepcopy(model), QConfigMapping().set_global(qconfig(observer)), (calibration,)
+        )
+        with torch.no_grad():
+            prepared(calibration)
+        return convert_fx(prepared)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("resnext_tiny_in", 64), ("resnext29_4x16d", 32)], ids=["imagenet", "cifar"]
+)
+def test_int8_computes_what_torch_ao_graph_quantization_computes(
+    name: str, size: int, randomize_bn: Callable[[nn.Module], None]
+) -> None:
+    torch.manual_seed(3)
+    model = resnext.create_model(name).eval()
+    randomize_bn(model)
+    calibration, x = torch.randn(8, 3, size, size), torch.randn(4, 3, size, size)
+    ours = quantize_int8(model, [calibration], observer="minmax")
+    fx = _fx_reference(model, calibration, "minmax")
+    with torch.no_grad():
+        want, got, reference = model(x), ours(x), fx(x)
+    if name == "resnext_tiny_in":
+        # the same fusion, observers and int8 ops: the same numbers, up to float rounding after
+        assert _rel(got, reference) < 1e-5
+    # FX places a few observers otherwise in the CIFAR network: as close to it as it is to float
+    assert _rel(got, reference) <= 2 * _rel(reference, want)
+    assert _rel(got, want) < 0.1  # 7-bit activations over ~10 layers
+    assert got.dtype == torch.float32 and not got.is_quantized
+
+
+def _expected_torchvision_keys(depths: tuple[int, ...]) -> set[str]:
+    """The keys of torchvision's quantized ResNet (its QuantizableResNet and QuantizableBottleneck
+    after fuse_model and torch.ao's convert) for these stage depths, from its module names."""
+    conv = ("weight", "bias", "scale", "zero_point")
+    keys = {"quant.scale", "quant.zero_point"} | {f"conv1.{p}" for p in conv}
+    for k, depth in enumerate(depths, start=1):
+        for i in range(depth):
+            block = f"layer{k}.{i}"
+            for layer in ("conv1", "conv2", "conv3") + (("downsample.0",) if i == 0 else ()):
+                keys |= {f"{block}.{layer}.{p}" for p in conv}
+            keys |= {f"{block}.skip_add_relu.scale", f"{block}.skip_add_relu.zero_point"}
+    return keys | {
+        "fc.scale",
+        "fc.zero_point",
+        "fc._packed_params.dtype",
+        "fc._packed_params._packed_params",
+    }
+
+
+def test_state_dict_keys_are_torchvisions_quantized_keys() -> None:
+    spec = resnext.ModelSpec(depths=(2, 1, 1, 1), cardinality=4, base_width=4, num_classes=7)
+    net = int8_template(resnext.build_model(spec))
+    state = net.state_dict()
+    assert set(state) == _expected_torchvision_keys(spec.depths)
+    assert state["layer1.0.conv2.weight"].is_quantized
+    assert state["layer1.0.conv2.weight"].qscheme() == torch.per_channel_affine
+    assert state["fc._packed_params._packed_params"][0].shape == (7, spec.stage_out_widths[-1])
+
+
+def test_the_float_model_is_left_as_it_was_and_the_engine_restored(
+    randomize_bn: Callable[[nn.Module], None],
+) -> None:
+    model = resnext.create_model("resnext_tiny_in").train()
+    randomize_bn(model)
+    before = copy.deepcopy(model.state_dict())
+    engine = torch.backends.quantized.engine
+    quantize_int8(model, torch.randn(2, 3, 32, 32), engine="onednn")
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.backends.quantized.engine == engine
+
+
+def test_logit_scale_and_a_headless_model() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    spec = resnext.get_spec("resnext_tiny_in")
+    scaled = resnext.build_model(spec.replace(logit_scale=4.0)).eval()
+    plain = resnext.build_model(spec).eval()
+    plain.load_state_dict(scaled.state_dict())
+    a = quantize_int8(scaled, [x], observer="minmax")
+    b = quantize_int8(plain, [x], observer="minmax")
+    with torch.no_grad():
+        assert torch.allclose(a(x), 4.0 * b(x))
+    plain.reset_classifier(0)
+    with torch.no_grad():
+        pooled = quantize_int8(plain, [x])(x)
+    assert pooled.shape == (2, plain.num_features)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"se_reduction": 4}, "se_reduction"),
+        ({"preact": True}, "preact"),
+        ({"stem": "deep"}, "stem"),
+        ({"block_form": "a"}, "block_form"),
+    ],
+)
+def test_networks_it_does_not_take_are_refused_by_field(
+    overrides: dict[str, object], field: str
+) -> None:
+    spec = resnext.get_spec("resnext_tiny_in").replace(**overrides)
+    with pytest.raises(ValueError, match=f"^{field}: int8 quantization takes"):
+        quantize_int8(resnext.build_model(spec), [torch.randn(1, 3, 32, 32)])
+
+
+def test_bad_calibration_engine_and_observer_are_named() -> None:
+    model = resnext.create_model("resnext_tiny_in")
+    with pytest.raises(ValueError, match="calibration: expected at least one batch"):
+        quantize_int8(model, [])
+    with pytest.raises(ValueError, match=r"calibration\[1\]: expected a float \(N, 3, H, W\)"):
+        quantize_int8(model, [torch.randn(1, 3, 32, 32), torch.randn(1, 1, 32, 32)])
+    with pytest.raises(ValueError, match=r"calibration\[0\]: .*got a torch.int64 tensor"):
+        quantize_int8(model, [torch.zeros(1, 3, 32, 32, dtype=torch.long)])
+    with pytest.raises(ValueError, match="engine: int8 quantization takes one of"):
+        quantize_int8(model, [torch.randn(1, 3, 32, 32)], engine="tpu")
+    with pytest.raises(ValueError, match="observer: int8 quantization takes one of"):
+        quantize_int8(model, [torch.randn(1, 3, 32, 32)], observer="mean")
+    with pytest.raises(ValueError, match="model: int8 quantization takes a float32 model"):
+        quantize_int8(model.to(torch.bfloat16), [torch.randn(1, 3, 32, 32)])
+
+
+def test_the_inference_benchmark_builds_its_int8_variant_on_a_batch_of_its_own() -> None:
+    from resnext.speed.infer_bench import build_runner
+
+    torch.manual_seed(0)
+    model = resnext.create_model("resnext_tiny_in").eval()
+    x = torch.randn(2, 3, 32, 32)
+    fn, _ = build_runner("eager-int8", model, x)
+    with torch.no_grad():
+        got, want = fn(x), model(x)
+    assert isinstance(fn, nn.Module) and any(
+        m.__class__.__module__.startswith("torch.ao.nn.quantized") for m in fn.modules()
+    )
+    assert _rel(got, want) < 0.1

@@ -1,0 +1,103 @@
+"""torchvision's int8 ResNeXt checkpoints: their table against the zoo facts, loading a file of
+their layout, and the errors of files that do not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import resnext
+from resnext.errors import WeightsError
+from resnext.speed.int8 import quantize_int8
+from resnext.weights import INT8_WEIGHTS, build_int8_with_weights, build_with_weights
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_entries_match_torchvisions_published_quantized_weights() -> None:
+    # zoo-facts: torchvision's QuantizedWeights (URL, hash in the name, acc@1/acc@5, resize)
+    base = "https://download.pytorch.org/models/quantized/"
+    expected = {
+        "resnext101_32x8d.tv_in1k_fbgemm": (
+            "resnext101_32x8_fbgemm_09835ccf.pth",
+            "",
+            78.986,
+            94.480,
+            256,
+        ),
+        "resnext101_32x8d.tv2_in1k_fbgemm": (
+            "resnext101_32x8_fbgemm-ee16d00c.pth",
+            "ee16d00c",
+            82.574,
+            96.132,
+            232,
+        ),
+        "resnext101_64x4d.tv_in1k_fbgemm": (
+            "resnext101_64x4d_fbgemm-605a1cb3.pth",
+            "605a1cb3",
+            82.898,
+            96.326,
+            232,
+        ),
+    }
+    assert set(INT8_WEIGHTS) == set(expected)
+    for tag, (file, hash_, top1, top5, resize) in expected.items():
+        entry = INT8_WEIGHTS[tag]
+        assert entry.url == base + file
+        assert (entry.hash, entry.verified) == (hash_, bool(hash_))
+        assert (entry.top1, entry.top5) == (top1, top5)
+        assert entry.preprocessing.resize == resize and entry.preprocessing.crop == 224
+        assert entry.model in resnext.list_models()
+
+
+@pytest.fixture
+def int8_file(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    """A quantized resnext_tiny_in saved as torchvision saves its quantized checkpoints (the
+    state dict alone), and the network that wrote it."""
+    torch.manual_seed(0)
+    net = quantize_int8(resnext.create_model("resnext_tiny_in"), [torch.randn(4, 3, 32, 32)])
+    path = tmp_path / "tiny_fbgemm.pth"
+    torch.save(net.state_dict(), path)
+    return path, net
+
+
+def test_a_quantized_state_dict_loads_and_computes_as_the_network_that_wrote_it(
+    int8_file: tuple[Path, torch.nn.Module],
+) -> None:
+    path, net = int8_file
+    loaded = build_int8_with_weights("resnext_tiny_in", path)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+    assert loaded.preprocessing.crop == 224
+
+
+def test_files_that_do_not_fit_are_refused_by_name(
+    int8_file: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    path, net = int8_file
+    with pytest.raises(WeightsError, match="different shapes") as info:
+        build_int8_with_weights("resnext_tiny", path)  # the CIFAR-stem twin
+    assert "conv1.weight: weights [16, 3, 7, 7], model [16, 3, 3, 3]" in str(info.value)
+    state = net.state_dict()
+    del state["layer2.0.skip_add_relu.scale"]
+    torch.save(state, tmp_path / "cut.pth")
+    with pytest.raises(WeightsError, match=r"(?s)in the model, not in the weights.*skip_add_relu"):
+        build_int8_with_weights("resnext_tiny_in", tmp_path / "cut.pth")
+    float_file = tmp_path / "float.pth"
+    torch.save(resnext.create_model("resnext_tiny_in").state_dict(), float_file)
+    with pytest.raises(WeightsError, match=r"not an int8 .*load with build_with_weights"):
+        build_int8_with_weights("resnext_tiny_in", float_file)
+    with pytest.raises(WeightsError, match=r"an int8 .*build_int8_with_weights"):
+        build_with_weights("resnext_tiny_in", path)
+
+
+def test_tags_and_missing_files_are_checked_before_any_download(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="for resnext101_32x8d, not resnext50_32x4d"):
+        build_int8_with_weights("resnext50_32x4d", "resnext101_32x8d.tv2_in1k_fbgemm")
+    with pytest.raises(WeightsError, match=r"closest: resnext101_32x8d\.tv2_in1k_fbgemm"):
+        build_int8_with_weights("resnext101_32x8d", "resnext101_32x8d.tv2_in1k_fbgem")
+    with pytest.raises(WeightsError, match=r"int8 weights file .*absent\.pth does not exist"):
+        build_int8_with_weights("resnext101_32x8d", str(tmp_path / "absent.pth"))
