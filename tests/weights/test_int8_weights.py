@@ -101,3 +101,24 @@ def test_tags_and_missing_files_are_checked_before_any_download(tmp_path: Path) 
         build_int8_with_weights("resnext101_32x8d", "resnext101_32x8d.tv2_in1k_fbgem")
     with pytest.raises(WeightsError, match=r"int8 weights file .*absent\.pth does not exist"):
         build_int8_with_weights("resnext101_32x8d", str(tmp_path / "absent.pth"))
+
+
+def test_inference_loads_an_int8_file_and_keeps_the_float_fast_path_off_it(
+    int8_file: tuple[Path, torch.nn.Module],
+) -> None:
+    from resnext.errors import ConfigError
+    from resnext.inference import Predictor
+    from resnext.inference.loading import load_model
+
+    path, net = int8_file
+    loaded = load_model("resnext_tiny_in", path)
+    assert loaded.source_format == "torchvision_int8"
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), net(x))
+    with pytest.raises(WeightsError, match="names no model"):
+        load_model(None, path)
+    with pytest.raises(ConfigError, match="num_classes: an int8 network keeps"):
+        load_model("resnext_tiny_in", path, num_classes=5)
+    with pytest.raises(ConfigError, match=r"model: an int8 .*leave optimize off"):
+        Predictor("resnext_tiny_in", path, optimize="fp32", batch_size=1)

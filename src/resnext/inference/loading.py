@@ -103,9 +103,30 @@ def load_model(
         )
         net, name = create_model(model, num_classes=num_classes), model
     else:
+        from resnext.weights.int8 import (
+            INT8_WEIGHTS,
+            build_int8_from_state,
+            build_int8_with_weights,
+            int8_file_state,
+        )
+
         path = Path(weights)
         payload = _training_checkpoint(path) if path.is_file() else None
-        if payload is not None:
+        int8_tag = INT8_WEIGHTS.get(str(weights)) if not path.is_file() else None
+        int8_state = int8_file_state(path) if payload is None and int8_tag is None else None
+        if (int8_tag or int8_state) is not None and num_classes is not None:
+            raise ConfigError("num_classes: an int8 network keeps the classifier it was saved with")
+        if int8_tag is not None:
+            name, fmt = model or int8_tag.model, "torchvision_int8"
+            net = build_int8_with_weights(name, weights)
+        elif int8_state is not None:
+            if model is None:
+                raise WeightsError(
+                    f"weights {weights}: an int8 state dict names no model; pass one"
+                )
+            name, fmt = model, "torchvision_int8"
+            net = build_int8_from_state(model, int8_state, str(weights))
+        elif payload is not None:
             net = _from_checkpoint(payload, path, model)
             name, fmt = net.resnext_name, "resnext_train_checkpoint"
         else:

@@ -402,6 +402,11 @@ def optimize(
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if any(p.is_quantized for p in model.state_dict().values() if isinstance(p, torch.Tensor)):
+        raise ConfigError(
+            "model: an int8 (quantized) network runs on torch's int8 kernels as it is; "
+            "the float fast path does not take it (leave optimize off)"
+        )
     check_new_shapes(new_shapes)  # before the layer timing, not after it
     kernels = {
         "grouped_kernel": grouped_kernel,

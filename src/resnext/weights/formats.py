@@ -99,7 +99,7 @@ PACKED_FC = "fc._packed_params._packed_params"
 
 def is_int8_state(state: object) -> bool:
     """Whether `state` is a quantized ResNet state dict (torchvision's int8 layout)."""
-    return isinstance(state, Mapping) and PACKED_FC in state and "quant.scale" in state
+    return isinstance(state, dict) and PACKED_FC in state and "quant.scale" in state
 
 
 def convert_checkpoint(obj: Any, source: str, *, fmt: str | None = None) -> LoadedWeights:

@@ -131,6 +131,18 @@ def _shapes(value: object) -> str:
     return type(value).__name__
 
 
+def int8_file_state(path: Path) -> dict | None:
+    """The state dict in `path` if it is a torchvision-layout int8 checkpoint, else None (also
+    for a file that is not a readable PyTorch file: the float loaders name its problem)."""
+    if path.suffix not in (".pth", ".pt") or not path.is_file():
+        return None
+    try:
+        state = _torch_load(path)
+    except WeightsError:
+        return None
+    return state if is_int8_state(state) else None
+
+
 def build_int8_with_weights(
     name: str, weights: str | Path, *, engine: str = "x86", cache_dir: str | Path | None = None
 ) -> torch.nn.Module:
@@ -138,21 +150,32 @@ def build_int8_with_weights(
     quantized weights `weights`: an int8 tag (`list_int8_weights()`, downloaded and checked) or
     a file. The result takes float images preprocessed as its ``preprocessing`` says (for a file,
     ImageNet's usual resize 256 and centre crop 224)."""
-    from resnext.models import create_model
-    from resnext.speed.int8 import int8_template, quantized_engine
-
     tagged = INT8_WEIGHTS.get(str(weights)) if not isinstance(weights, Path) else None
     if tagged is not None and tagged.model != name:  # before any download
         raise WeightsError(f"{tagged.tag}: these weights are for {tagged.model}, not {name}")
     path, entry = _resolve(weights, cache_dir)
-    source = entry.tag if entry else str(path)
-    state = _torch_load(path)
+    net = build_int8_from_state(name, _torch_load(path), entry.tag if entry else str(path), engine)
+    if entry is not None:
+        net.preprocessing = entry.preprocessing
+    return net
+
+
+def build_int8_from_state(
+    name: str, state: object, source: str, engine: str = "x86"
+) -> torch.nn.Module:
+    """The int8 network `name` with the quantized state dict `state` (read from `source`)."""
+    from resnext.models import create_model
+    from resnext.speed.int8 import int8_template, quantized_engine
+
     if not is_int8_state(state):
         what = f"keys such as {', '.join(list(state)[:3])}" if isinstance(state, dict) else ""
         raise WeightsError(
             f"{source}: not an int8 (quantized) checkpoint: it lacks {PACKED_FC} and quant.scale "
             f"({type(state).__name__} {what}); float checkpoints load with build_with_weights"
         )
+    # the object itself, not a copy: its `_metadata` holds the modules' state versions, without
+    # which torch.ao's quantized Linear reads the older layout (fc.weight)
+    assert isinstance(state, dict)  # an OrderedDict as torch.save wrote it; is_int8_state checked
     model = create_model(name, num_classes=_classes(state, source))
     net = int8_template(model, engine=engine)
     own = net.state_dict()
@@ -178,5 +201,5 @@ def build_int8_with_weights(
         except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WeightsError(f"{source} does not fit the int8 {name}: {first}") from None
-    net.preprocessing = entry.preprocessing if entry else imagenet(256, 224)
+    net.preprocessing = imagenet(256, 224)
     return net
