@@ -19,13 +19,14 @@ COMMANDS: tuple[str, ...] = (
     "predict",
     "convert",
     "export",
+    "quantize",
     "bench",
     "index_jpegs",
 )
 
 # Commands that run networks over many batches and have no allocator setting of their own
 # (train and demo follow `train.keep_memory`, bench its `--allocator`).
-HEAVY_COMMANDS = frozenset({"eval", "predict"})
+HEAVY_COMMANDS = frozenset({"eval", "predict", "quantize"})
 
 
 def build_parser() -> argparse.ArgumentParser:

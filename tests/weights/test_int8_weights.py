@@ -122,3 +122,36 @@ def test_inference_loads_an_int8_file_and_keeps_the_float_fast_path_off_it(
         load_model("resnext_tiny_in", path, num_classes=5)
     with pytest.raises(ConfigError, match=r"model: an int8 .*leave optimize off"):
         Predictor("resnext_tiny_in", path, optimize="fp32", batch_size=1)
+
+
+def test_quantize_command_writes_what_predict_then_loads(
+    imagenet_sample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from resnext.cli import main
+
+    images = sorted(imagenet_sample.glob("*.JPEG"))[:6]
+    out = tmp_path / "tiny_int8.pth"
+    args = ["quantize", "resnext_tiny_in", "--calibration", *map(str, images[:4])]
+    assert main([*args, "--batch-size", "3", "--output", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["calibration_images"] == 4 and Path(summary["output"]) == out
+    predict = ["predict", "--model", "resnext_tiny_in", "--weights", str(out), "--json"]
+    assert main([*predict, "--topk", "3", str(images[5])]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    prediction = json.loads(line)
+    assert len(prediction["topk_scores"]) == 3 and images[5].name in json.dumps(prediction)
+    loaded = build_int8_with_weights("resnext_tiny_in", out)
+    assert any(v.is_quantized for v in loaded.state_dict().values() if isinstance(v, torch.Tensor))
+
+
+def test_a_failed_save_leaves_the_file_already_there(tmp_path: Path) -> None:
+    from resnext.weights.int8 import save_int8
+
+    path = tmp_path / "kept.pth"
+    path.write_bytes(b"what was there")
+    with pytest.raises(WeightsError, match="net: expected an int8 network"):
+        save_int8(resnext.create_model("resnext_tiny_in"), path)
+    assert path.read_bytes() == b"what was there"
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.pth"]

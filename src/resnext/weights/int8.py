@@ -203,3 +203,23 @@ def build_int8_from_state(
             raise WeightsError(f"{source} does not fit the int8 {name}: {first}") from None
     net.preprocessing = imagenet(256, 224)
     return net
+
+
+def save_int8(net: torch.nn.Module, path: str | Path) -> Path:
+    """Write the int8 network's state dict to `path` as torchvision's quantized checkpoints are
+    written (the state dict alone, loadable with `build_int8_with_weights`), through a temporary
+    file renamed into place: a failed write leaves any file already at `path` as it was."""
+    state = net.state_dict()
+    if not is_int8_state(state):
+        raise WeightsError(
+            f"net: expected an int8 network (quantize_int8's, or one loaded with "
+            f"build_int8_with_weights), got {type(net).__name__} without quantized state"
+        )
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,87 @@
+"""`resnext quantize`: a float model quantized to int8 on calibration images, saved in torchvision's layout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resnext.errors import ConfigError, DataError
+from resnext.evaluate.protocols import Protocol
+from resnext.evaluate.views import Normalization, ViewTransform
+from resnext.inference.inputs import expand_paths, to_pil
+from resnext.inference.loading import LoadedModel, load_model
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="quantize a model to int8 on calibration images",
+        description="Quantize a float model to int8 after training (weights per output channel, "
+        "activation ranges observed on the calibration images, preprocessed as the weights "
+        "expect), and save it as torchvision saves its quantized checkpoints. Load the file "
+        "with `resnext predict NAME --weights FILE` or resnext.weights.build_int8_with_weights.",
+    )
+    parser.add_argument("name", help="model name")
+    parser.add_argument("--weights", help="weights file, weights tag or `resnext train` checkpoint")
+    parser.add_argument(
+        "--calibration",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="images (files or folders) whose activations set the int8 ranges; a few hundred "
+        "from the training distribution are usual, never the images you evaluate on",
+    )
+    parser.add_argument("--images", type=int, default=256, help="at most this many (default 256)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--observer", choices=("histogram", "minmax"), default="histogram")
+    parser.add_argument("--output", required=True, help="the int8 checkpoint to write (.pth)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def calibration_batches(
+    loaded: LoadedModel, paths: list[str], limit: int, batch_size: int
+) -> list[torch.Tensor]:
+    """Up to `limit` images under `paths`, preprocessed as `loaded`'s weights expect, batched."""
+    if limit < 1 or batch_size < 1:
+        raise ConfigError(f"--images, --batch-size: expected >= 1, got {limit}, {batch_size}")
+    prep = loaded.preprocessing
+    protocol = Protocol(
+        "calibrate", "center", resize=prep.resize, crop=prep.crop, interpolation=prep.interpolation
+    )
+    views = ViewTransform(protocol, Normalization.from_preprocessing(prep))
+    files = list(expand_paths(paths))[:limit]
+    if not files:
+        raise DataError(f"--calibration: no image files under {', '.join(paths)}")
+    images = [views(to_pil(f)) for f in files]
+    return [torch.stack(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]  # type: ignore[misc]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Quantize, save, and print a JSON summary (with the int8 outputs' difference from float)."""
+    from resnext.speed.int8 import quantize_int8
+    from resnext.weights.int8 import save_int8
+
+    if not str(args.output).endswith((".pth", ".pt")):
+        raise ConfigError(f"--output: expected a .pth or .pt file, got {args.output}")
+    loaded = load_model(args.name, args.weights)
+    batches = calibration_batches(loaded, args.calibration, args.images, args.batch_size)
+    net = quantize_int8(loaded.model, batches, observer=args.observer)
+    out = save_int8(net, Path(args.output))
+    with torch.no_grad():
+        want, got = loaded.model(batches[0]), net(batches[0])
+    summary = {
+        "model": loaded.name,
+        "weights": loaded.weights,
+        "calibration_images": sum(len(b) for b in batches),
+        "observer": args.observer,
+        "top1_agreement_on_first_batch": (want.argmax(1) == got.argmax(1)).float().mean().item(),
+        "max_rel_diff_on_first_batch": ((got - want).abs().max() / want.abs().max()).item(),
+        "output": str(out),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
