@@ -5,13 +5,16 @@ The run folder is a `resnext train` output (config.json + checkpoints/best.pt). 
 its validation and training splits is classified, with the evaluation transform, by the plain
 fp32 model and by `optimize(model, bf16)` (eager fast path with our grouped kernel where it is
 faster, and compiled with inductor), and on CPUs with AVX512-FP16 by `optimize(model, "fp16")`
-(float16 products in the 1×1s); the record has the agreements and the accuracies. It
+(float16 products in the 1×1s), and by `quantize_int8(model, …)` with histogram and min-max
+ranges observed on the first `--calibration` training images; the record has the agreements and
+the accuracies. It
 stands in for the issue's ImageNet measurement, which needs pretrained weights this machine
 cannot download.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -22,7 +25,9 @@ from resnext.config.io import config_from_dict, read_file
 from resnext.data import build_dataset, default_transforms
 from resnext.inference.loading import load_model
 from resnext.speed import pointwise_fp16
+from resnext.speed.capability import cpu_flags
 from resnext.speed.fastpath import optimize
+from resnext.speed.int8 import VNNI_FLAGS, quantize_int8
 from resnext.speed.provenance import write_results
 
 
@@ -40,6 +45,7 @@ def main() -> int:
     parser = bench_args.parser(__doc__, batch=128)
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--checkpoint", default="best.pt")
+    parser.add_argument("--calibration", type=int, default=256, help="int8 calibration images")
     args = parser.parse_args()
     model = load_model(weights=args.run / "checkpoints" / args.checkpoint).model.eval()
     splits = _splits(args.run)
@@ -50,6 +56,16 @@ def main() -> int:
     }
     if pointwise_fp16.unavailable_reason() is None:  # float32 with float16 products in the 1×1s
         variants["fp16-eager-fast"] = optimize(model, "fp16", backend="none", example_input=first)
+    # int8 after training, its ranges observed on the first `--calibration` training images
+    # (which the train split's agreement then includes; the test split's does not)
+    train_images = DataLoader(splits["train"], batch_size=args.batch)
+    calibration = [x for x, _ in itertools.islice(train_images, -(-args.calibration // args.batch))]
+    for observer in ("histogram", "minmax"):
+        variants[f"int8-{observer}"] = quantize_int8(model, calibration, observer=observer)
+        if VNNI_FLAGS & cpu_flags():  # activations on 8 bits where products sum in int32
+            variants[f"int8-{observer}-8bit"] = quantize_int8(
+                model, calibration, observer=observer, activation_bits=8
+            )
     result: dict[str, object] = {"run": str(args.run), "checkpoint": args.checkpoint}
     for split, dataset in splits.items():
         labels, ref, outs = [], [], {k: [] for k in variants}

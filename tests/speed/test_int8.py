@@ -162,3 +162,28 @@ def test_the_inference_benchmark_builds_its_int8_variant_on_a_batch_of_its_own()
         m.__class__.__module__.startswith("torch.ao.nn.quantized") for m in fn.modules()
     )
     assert _rel(got, want) < 0.1
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_activations_spread_over_the_bits_asked(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from resnext.speed import int8
+
+    monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx512f", "avx512_vnni"})
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    net = quantize_int8(
+        resnext.create_model("resnext_tiny_in"), [x], observer="minmax", activation_bits=bits
+    )
+    # min-max puts the calibration input's extremes on the ends of the range
+    codes = net.quant(x.contiguous(memory_format=torch.channels_last)).int_repr()
+    assert (codes.min().item(), codes.max().item()) == (0, 2**bits - 1)
+
+
+def test_eight_bit_activations_are_refused_without_vnni(monkeypatch: pytest.MonkeyPatch) -> None:
+    from resnext.speed import int8
+
+    monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx2", "fma"})
+    with pytest.raises(ValueError, match="activation_bits: 8 needs a CPU that sums"):
+        quantize_int8(
+            resnext.create_model("resnext_tiny_in"), [torch.randn(1, 3, 32, 32)], activation_bits=8
+        )

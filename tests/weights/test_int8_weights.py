@@ -120,6 +120,8 @@ def test_inference_loads_an_int8_file_and_keeps_the_float_fast_path_off_it(
         load_model(None, path)
     with pytest.raises(ConfigError, match="num_classes: an int8 network keeps"):
         load_model("resnext_tiny_in", path, num_classes=5)
+    with pytest.raises(ConfigError, match="device: int8 networks run on the CPU"):
+        load_model("resnext_tiny_in", path, device="meta")
     with pytest.raises(ConfigError, match=r"model: an int8 .*leave optimize off"):
         Predictor("resnext_tiny_in", path, optimize="fp32", batch_size=1)
 

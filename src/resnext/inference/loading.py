@@ -114,8 +114,13 @@ def load_model(
         payload = _training_checkpoint(path) if path.is_file() else None
         int8_tag = INT8_WEIGHTS.get(str(weights)) if not path.is_file() else None
         int8_state = int8_file_state(path) if payload is None and int8_tag is None else None
-        if (int8_tag or int8_state) is not None and num_classes is not None:
-            raise ConfigError("num_classes: an int8 network keeps the classifier it was saved with")
+        if (int8_tag or int8_state) is not None:
+            if num_classes is not None:
+                raise ConfigError(
+                    "num_classes: an int8 network keeps the classifier it was saved with"
+                )
+            if torch.device(device).type != "cpu":
+                raise ConfigError(f"device: int8 networks run on the CPU, got {str(device)!r}")
         if int8_tag is not None:
             name, fmt = model or int8_tag.model, "torchvision_int8"
             net = build_int8_with_weights(name, weights)

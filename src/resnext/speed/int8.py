@@ -25,6 +25,7 @@ from torch.ao.nn.quantized import FloatFunctional
 
 from resnext.models.blocks import Bottleneck
 from resnext.models.network import ResNeXt
+from resnext.speed.capability import cpu_flags
 
 ENGINES = ("x86", "fbgemm", "onednn")
 OBSERVERS = ("histogram", "minmax")
@@ -130,16 +131,24 @@ class Int8ResNeXt(nn.Module):
                 block.fuse()
 
 
-def qconfig(observer: str = "histogram") -> tq.QConfig:
+# CPU flags with which int8 products are summed straight into int32 (no int16 pair sums)
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def qconfig(observer: str = "histogram", activation_bits: int = 7) -> tq.QConfig:
     """Weights int8 per output channel, symmetric; activations uint8 with one scale per tensor,
     from a histogram of the calibration values (`histogram`: the range that least distorts
-    them) or their extremes (`minmax`, torchvision's own for its checkpoints). Both keep
-    activations to 7 bits, which the x86 kernels need to sum without overflow."""
+    them) or their extremes (`minmax`, torchvision's own for its checkpoints), spread over
+    `activation_bits` bits. 7 (torchvision's) keeps the pair sums of x86 CPUs without VNNI
+    within int16; 8 halves the activations' rounding where products are summed in int32."""
     if observer not in OBSERVERS:
         _refuse("observer", observer, f"one of {OBSERVERS}")
+    if activation_bits not in (7, 8):
+        _refuse("activation_bits", activation_bits, "7 or 8")
     activation = tq.HistogramObserver if observer == "histogram" else tq.MinMaxObserver
+    top = 2**activation_bits - 1
     return tq.QConfig(
-        activation=activation.with_args(dtype=torch.quint8, quant_min=0, quant_max=127),
+        activation=activation.with_args(dtype=torch.quint8, quant_min=0, quant_max=top),
         weight=tq.default_per_channel_weight_observer,
     )
 
@@ -178,11 +187,15 @@ def _check_batch(index: int, x: object, channels: int) -> torch.Tensor:
 
 
 def _converted(
-    model: ResNeXt, batches: Iterable[torch.Tensor], engine: str, observer: str
+    model: ResNeXt,
+    batches: Iterable[torch.Tensor],
+    engine: str,
+    observer: str,
+    activation_bits: int = 7,
 ) -> Int8ResNeXt:
     net = Int8ResNeXt(model).eval()
     net.fuse()
-    net.qconfig = qconfig(observer)
+    net.qconfig = qconfig(observer, activation_bits)
     with quantized_engine(engine), torch.no_grad(), warnings.catch_warnings():
         # torch.ao's eager quantization is marked for a move to torchao; torch 2.11–2.13 have it,
         # and torchvision's own quantized models are built with it
@@ -204,14 +217,22 @@ def quantize_int8(
     *,
     engine: str = "x86",
     observer: str = "histogram",
+    activation_bits: int = 7,
 ) -> Int8ResNeXt:
     """`model` (left as it is) quantized to int8 after training, its activation ranges observed
     on the `calibration` batches (float (N, C, H, W), preprocessed as the model expects; a few
-    hundred real images are usual). The result computes in int8 and takes and returns float."""
+    hundred real images are usual). The result computes in int8 and takes and returns float.
+    `activation_bits` 8 is refused on a CPU without VNNI (see `qconfig`); a network quantized so
+    should run only on CPUs with it."""
     check_quantizable(model)
+    if activation_bits == 8 and not VNNI_FLAGS & cpu_flags():
+        raise ValueError(
+            "activation_bits: 8 needs a CPU that sums int8 products in int32 (one of "
+            f"{sorted(VNNI_FLAGS)}); this one has none, so use 7"
+        )
     if isinstance(calibration, torch.Tensor):
         calibration = [calibration]
-    return _converted(model, calibration, engine, observer)
+    return _converted(model, calibration, engine, observer, activation_bits)
 
 
 def int8_template(model: ResNeXt, *, engine: str = "x86") -> Int8ResNeXt:
