@@ -9,6 +9,10 @@ scale per tensor, int32 sums (VNNI where the CPU has it, `torch.backends.quantiz
 `x86`). Its state-dict keys are then those of torchvision's quantized checkpoints
 (`conv1.scale`, `layer1.0.skip_add_relu.zero_point`, `fc._packed_params._packed_params`, ...),
 so `int8_template` gives the tree such a checkpoint loads into (`resnext.weights.int8`).
+
+torch marks both torch.ao's eager quantization and quantized tensors as deprecated (torch 2.13
+still has them, as 2.11 and 2.12 do): this module works as long as torch keeps them, and says so
+in its warnings' place (docs/speed.md, "Int8 inference").
 """
 
 from __future__ import annotations
@@ -200,6 +204,8 @@ def _converted(
         # torch.ao's eager quantization is marked for a move to torchao; torch 2.11–2.13 have it,
         # and torchvision's own quantized models are built with it
         warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
+        # and quantized tensors themselves are marked deprecated since torch 2.13 (pytorch#184982)
+        warnings.filterwarnings("ignore", ".*quantized tensor creation functions", UserWarning)
         tq.prepare(net, inplace=True)
         seen = 0
         for i, x in enumerate(batches):
