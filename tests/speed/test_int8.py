@@ -25,7 +25,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _fx_reference(model: nn.Module, calibration: torch.Tensor, observer: str) -> nn.Module:
     """torch.ao's graph-mode quantization of the float model: its own tracing, fusion and
     observer placement, with the same observers."""
-    with quantized_engine("x86"):
+    with quantized_engine("auto"):
         prepared = prepare_fx(
             copy.deepcopy(model), QConfigMapping().set_global(qconfig(observer)), (calibration,)
         )

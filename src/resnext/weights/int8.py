@@ -144,7 +144,7 @@ def int8_file_state(path: Path) -> dict | None:
 
 
 def build_int8_with_weights(
-    name: str, weights: str | Path, *, engine: str = "x86", cache_dir: str | Path | None = None
+    name: str, weights: str | Path, *, engine: str = "auto", cache_dir: str | Path | None = None
 ) -> torch.nn.Module:
     """The int8 network `name` (a registry name, e.g. "resnext101_32x8d") with torchvision's
     quantized weights `weights`: an int8 tag (`list_int8_weights()`, downloaded and checked) or
@@ -161,7 +161,7 @@ def build_int8_with_weights(
 
 
 def build_int8_from_state(
-    name: str, state: object, source: str, engine: str = "x86"
+    name: str, state: object, source: str, engine: str = "auto"
 ) -> torch.nn.Module:
     """The int8 network `name` with the quantized state dict `state` (read from `source`)."""
     from resnext.models import create_model
