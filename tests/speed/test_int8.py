@@ -187,3 +187,21 @@ def test_eight_bit_activations_are_refused_without_vnni(monkeypatch: pytest.Monk
         quantize_int8(
             resnext.create_model("resnext_tiny_in"), [torch.randn(1, 3, 32, 32)], activation_bits=8
         )
+
+
+def test_the_uniform_interface_gives_forwards_numbers(
+    randomize_bn: Callable[[nn.Module], None],
+) -> None:
+    torch.manual_seed(1)
+    model = resnext.create_model("resnext_tiny_in").eval()
+    randomize_bn(model)
+    net = quantize_int8(model, [torch.randn(4, 3, 32, 32)])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps, logits = net.forward_stages(x), net(x)
+        # the dequantized map is exactly representable on the last block's scale
+        assert torch.equal(net.forward_head(net.forward_features(x)), logits)
+        pooled = net.forward_head(maps[-1], pre_logits=True)
+    want = [m.shape for m in model.forward_stages(x)]
+    assert [m.shape for m in maps] == want and not maps[-1].is_quantized
+    assert torch.allclose(pooled, maps[-1].mean((2, 3)))

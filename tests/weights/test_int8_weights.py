@@ -124,6 +124,8 @@ def test_inference_loads_an_int8_file_and_keeps_the_float_fast_path_off_it(
         load_model("resnext_tiny_in", path, device="meta")
     with pytest.raises(ConfigError, match=r"model: an int8 .*leave optimize off"):
         Predictor("resnext_tiny_in", path, optimize="fp32", batch_size=1)
+    features = Predictor("resnext_tiny_in", path, batch_size=2).features([torch.rand(3, 40, 40)])
+    assert features.pooled.shape == (1, net.fc.in_features) and len(features.stages) == 4
 
 
 def test_quantize_command_writes_what_predict_then_loads(

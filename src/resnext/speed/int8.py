@@ -21,6 +21,7 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ ENGINES = ("auto", "onednn", "x86", "fbgemm")
 OBSERVERS = ("histogram", "minmax")
 
 
-def _refuse(what: str, got: object, allowed: str) -> None:
+def _refuse(what: str, got: object, allowed: str) -> NoReturn:
     raise ValueError(f"{what}: int8 quantization takes {allowed}, got {got!r}")
 
 
@@ -117,15 +118,44 @@ class Int8ResNeXt(nn.Module):
         self.preprocessing = getattr(model, "preprocessing", None)
         self.class_names = getattr(model, "class_names", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
         # the int8 convolutions run channels-last; a quantized NCHW input would be reordered
         x = self.quant(x.contiguous(memory_format=torch.channels_last))
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-        x = self.dequant(self.fc(torch.flatten(self.avgpool(x), 1)))
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def _head(self, q: torch.Tensor) -> torch.Tensor:
+        x = self.dequant(self.fc(torch.flatten(self.avgpool(q), 1)))
         scale = self.spec.logit_scale
         return x * scale if scale != 1.0 and self.num_classes > 0 else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._stem(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return self._head(x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output map, dequantized to float (as `ResNeXt.forward_stages`)."""
+        x, outs = self._stem(x), []
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            outs.append(x.dequantize())
+        return outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map, dequantized to float."""
+        return self.forward_stages(x)[-1]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool, then the int8 classifier unless `pre_logits`, of a float map
+        (`forward_features`'s), requantized on the last block's own scale: the logits are
+        `forward`'s."""
+        if pre_logits:
+            return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        last = getattr(self, self.stage_names[-1])[-1]
+        out = last.skip_add_relu if last.residual else last.conv3
+        q = torch.quantize_per_tensor(x, float(out.scale), int(out.zero_point), torch.quint8)
+        return self._head(q)
 
     def fuse(self) -> None:
         """Fold every batch norm into its convolution (and ReLU), in place."""
