@@ -205,3 +205,28 @@ def test_the_uniform_interface_gives_forwards_numbers(
     want = [m.shape for m in model.forward_stages(x)]
     assert [m.shape for m in maps] == want and not maps[-1].is_quantized
     assert torch.allclose(pooled, maps[-1].mean((2, 3)))
+
+
+def _quantizable_50_layer_or_smaller() -> list[str]:
+    """The registry's networks `quantize_int8` takes, up to 50 layers (the deeper ones repeat
+    their blocks); the rest are refused by field above."""
+    names = []
+    for name in resnext.list_models():
+        spec = resnext.get_spec(name)
+        plain = not (spec.preact or spec.se_reduction or spec.stem == "deep")
+        if plain and spec.block_form == "c" and sum(spec.depths) <= 16:
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("name", _quantizable_50_layer_or_smaller())
+def test_every_registry_network_it_takes_stays_near_its_float_function(
+    name: str, randomize_bn: Callable[[nn.Module], None]
+) -> None:
+    model = resnext.create_model(name).eval()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    net = quantize_int8(model, [torch.randn(2, 3, 32, 32)], observer="minmax")
+    with torch.no_grad():
+        # a wrong fold, block or requantization is off by the output's own size
+        assert _rel(net(x), model(x)) < 0.15
