@@ -71,7 +71,7 @@ def test_a_quantized_state_dict_loads_and_computes_as_the_network_that_wrote_it(
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
-    assert loaded.preprocessing.crop == 224
+    assert loaded.preprocessing is None  # a state dict holds none
 
 
 def test_files_that_do_not_fit_are_refused_by_name(
@@ -92,6 +92,8 @@ def test_files_that_do_not_fit_are_refused_by_name(
         build_int8_with_weights("resnext_tiny_in", float_file)
     with pytest.raises(WeightsError, match=r"an int8 .*build_int8_with_weights"):
         build_with_weights("resnext_tiny_in", path)
+    with pytest.raises(WeightsError, match=r"is an int8 .*build_int8_with_weights"):
+        build_with_weights("resnext101_32x8d", "resnext101_32x8d.tv2_in1k_fbgemm")
 
 
 def test_tags_and_missing_files_are_checked_before_any_download(tmp_path: Path) -> None:
@@ -159,3 +161,32 @@ def test_a_failed_save_leaves_the_file_already_there(tmp_path: Path) -> None:
         save_int8(resnext.create_model("resnext_tiny_in"), path)
     assert path.read_bytes() == b"what was there"
     assert [p.name for p in tmp_path.iterdir()] == ["kept.pth"]
+
+
+def test_eval_scores_an_int8_file_on_real_cifar_as_its_network_classifies(
+    cifar10_mini: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from resnext.cli import main
+    from resnext.weights.int8 import save_int8
+
+    torch.manual_seed(0)
+    net = quantize_int8(resnext.create_model("resnext_tiny"), [torch.randn(8, 3, 32, 32)])
+    path = save_int8(net, tmp_path / "cifar_int8.pth")
+    argv = ["eval", "--model", "resnext_tiny", "--weights", str(path), "--json"]
+    assert main([*argv, "--data", str(cifar10_mini.parent), "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"]["images"] == 509  # the test split of cifar10-mini (its SOURCE.md)
+    # the same images through the training package's evaluation transform and the network
+    from torch.utils.data import DataLoader
+
+    from resnext.data import build_dataset, default_transforms
+
+    tf = default_transforms("cifar10", "val", image_size=32)
+    data = build_dataset("cifar10", str(cifar10_mini.parent), "test", tf, image_size=32)
+    right = 0
+    with torch.no_grad():
+        for x, y in DataLoader(data, batch_size=128):
+            right += int((net(x).argmax(1) == y).sum())
+    assert report["top1"] == pytest.approx(right / 509, abs=1e-9)

@@ -148,8 +148,9 @@ def build_int8_with_weights(
 ) -> torch.nn.Module:
     """The int8 network `name` (a registry name, e.g. "resnext101_32x8d") with torchvision's
     quantized weights `weights`: an int8 tag (`list_int8_weights()`, downloaded and checked) or
-    a file. The result takes float images preprocessed as its ``preprocessing`` says (for a file,
-    ImageNet's usual resize 256 and centre crop 224)."""
+    a file. The result takes float images preprocessed as its ``preprocessing`` says: the tag's,
+    or None for a file, which holds none (`resnext predict` and `eval` then use their default for
+    the network's layout: ImageNet's 256/224, or CIFAR-10's statistics at 32 pixels)."""
     tagged = INT8_WEIGHTS.get(str(weights)) if not isinstance(weights, Path) else None
     if tagged is not None and tagged.model != name:  # before any download
         raise WeightsError(f"{tagged.tag}: these weights are for {tagged.model}, not {name}")
@@ -201,7 +202,7 @@ def build_int8_from_state(
         except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WeightsError(f"{source} does not fit the int8 {name}: {first}") from None
-    net.preprocessing = imagenet(256, 224)
+    net.preprocessing = None  # a state dict alone does not say; the caller's default applies
     return net
 
 

@@ -141,6 +141,13 @@ def load_weights(
         return dataclasses.replace(loaded, model_name=loaded.model_name or model_name)
     if text not in WEIGHTS and (os.sep in text or text.endswith(_FILE_SUFFIXES)):
         raise WeightsError(f"weights file {text} does not exist (and it is not a weights tag)")
+    from resnext.weights.int8 import INT8_WEIGHTS  # it builds on this module
+
+    if text in INT8_WEIGHTS:
+        raise WeightsError(
+            f"{text} is an int8 (quantized) checkpoint, which a float model cannot take: load it "
+            "with resnext.weights.build_int8_with_weights (resnext predict and eval take it as is)"
+        )
     entry = get_weights(text)  # an unknown tag raises, naming the closest tags
     with warnings.catch_warnings():
         if not entry.verified:
