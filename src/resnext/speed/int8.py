@@ -6,13 +6,14 @@ and `skip_add_relu` beside the float model's children), fuses each convolution w
 norm (and ReLU), observes the activations of the calibration batches, and converts it with
 torch.ao's eager-mode quantization: int8 weights per output channel, uint8 activations with one
 scale per tensor, int32 sums (VNNI where the CPU has it; `torch.backends.quantized` engine
-`onednn` where torch has it, else `x86`). Its state-dict keys are then those of torchvision's quantized checkpoints
-(`conv1.scale`, `layer1.0.skip_add_relu.zero_point`, `fc._packed_params._packed_params`, ...),
-so `int8_template` gives the tree such a checkpoint loads into (`resnext.weights.int8`).
+`onednn` where torch has it, else `x86`). Its state-dict keys are then those of torchvision's
+quantized checkpoints (`conv1.scale`, `layer1.0.skip_add_relu.zero_point`,
+`fc._packed_params._packed_params`, ...), so `int8_template` gives the tree such a checkpoint
+loads into (`resnext.weights.int8`).
 
 torch marks both torch.ao's eager quantization and quantized tensors as deprecated (torch 2.13
-still has them, as 2.11 and 2.12 do): this module works as long as torch keeps them, and says so
-in its warnings' place (docs/speed.md, "Int8 inference").
+still has them, as 2.11 and 2.12 do): this module works while torch keeps them. It silences
+those two warnings; docs/speed.md ("Int8 inference") says so instead.
 """
 
 from __future__ import annotations
@@ -188,8 +189,9 @@ def qconfig(observer: str = "histogram", activation_bits: int = 7) -> tq.QConfig
 
 
 def resolve_engine(engine: str) -> str:
-    """`engine`, with 'auto' as 'onednn' where this torch has it (ResNeXt-50 at 1.12× 'x86''s
-    speed and 1.43× 'fbgemm''s on the Xeon of RESULTS.md's stop 62), else 'x86'."""
+    """`engine`, with 'auto' as 'onednn' where this torch has it (ResNeXt-50 ran at 1.12× the
+    speed of the x86 engine and 1.43× that of fbgemm on the Xeon of RESULTS.md's stop 62), else
+    'x86'."""
     if engine not in ENGINES:
         _refuse("engine", engine, f"one of {ENGINES}")
     if engine != "auto":
