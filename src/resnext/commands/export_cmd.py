@@ -9,11 +9,8 @@ from typing import Any
 
 import torch
 
-from resnext.errors import DataError
-from resnext.evaluate.protocols import Protocol
-from resnext.evaluate.views import Normalization, ViewTransform
 from resnext.export import export_onnx, export_program, onnx_parity, save_program
-from resnext.inference.inputs import expand_paths, to_pil
+from resnext.inference.inputs import preprocessed_images
 from resnext.inference.loading import LoadedModel, load_model
 
 
@@ -70,13 +67,4 @@ def run(args: argparse.Namespace) -> int:
 
 def _real_batch(loaded: LoadedModel, paths: list[str], size: int) -> torch.Tensor:
     """The images under `paths`, preprocessed as the weights expect, at `size`."""
-    prep = loaded.preprocessing
-    resize = max(size, round(size * prep.resize / prep.crop))
-    protocol = Protocol(
-        "check", "center", resize=resize, crop=size, interpolation=prep.interpolation
-    )
-    views = ViewTransform(protocol, Normalization.from_preprocessing(prep))
-    files = list(expand_paths(paths))
-    if not files:
-        raise DataError(f"--check-images: no image files under {', '.join(paths)}")
-    return torch.stack([views(to_pil(f)) for f in files])  # type: ignore[misc]
+    return preprocessed_images(paths, loaded.preprocessing, "--check-images", size=size)

@@ -9,10 +9,8 @@ from typing import Any
 
 import torch
 
-from resnext.errors import ConfigError, DataError
-from resnext.evaluate.protocols import Protocol
-from resnext.evaluate.views import Normalization, ViewTransform
-from resnext.inference.inputs import expand_paths, to_pil
+from resnext.errors import ConfigError
+from resnext.inference.inputs import preprocessed_images
 from resnext.inference.loading import LoadedModel, load_model
 
 
@@ -56,16 +54,8 @@ def calibration_batches(
     """Up to `limit` images under `paths`, preprocessed as `loaded`'s weights expect, batched."""
     if limit < 1 or batch_size < 1:
         raise ConfigError(f"--images, --batch-size: expected >= 1, got {limit}, {batch_size}")
-    prep = loaded.preprocessing
-    protocol = Protocol(
-        "calibrate", "center", resize=prep.resize, crop=prep.crop, interpolation=prep.interpolation
-    )
-    views = ViewTransform(protocol, Normalization.from_preprocessing(prep))
-    files = list(expand_paths(paths))[:limit]
-    if not files:
-        raise DataError(f"--calibration: no image files under {', '.join(paths)}")
-    images = [views(to_pil(f)) for f in files]
-    return [torch.stack(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]  # type: ignore[misc]
+    images = preprocessed_images(paths, loaded.preprocessing, "--calibration", limit=limit)
+    return list(images.split(batch_size))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -103,6 +103,16 @@ class ViewTransform:
         self.protocol = protocol
         self.normalize = normalization
 
+    @classmethod
+    def center_of(cls, name: str, prep: object, size: int | None = None) -> ViewTransform:
+        """The centre crop a weights' `Preprocessing` describes (resize, crop, interpolation,
+        normalisation), or of side `size` with the short side scaled in the same ratio."""
+        crop = size or prep.crop  # type: ignore[attr-defined]
+        resize = max(crop, round(crop * prep.resize / prep.crop))  # type: ignore[attr-defined]
+        interpolation = prep.interpolation  # type: ignore[attr-defined]
+        protocol = Protocol(name, "center", resize=resize, crop=crop, interpolation=interpolation)
+        return cls(protocol, Normalization.from_preprocessing(prep))
+
     def __call__(self, image: Image.Image) -> torch.Tensor | tuple[torch.Tensor, ...]:
         p = self.protocol
         image = image.convert("RGB")

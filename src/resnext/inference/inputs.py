@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,6 +12,9 @@ from PIL import Image
 
 from resnext.data.images import load_rgb, to_rgb
 from resnext.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from resnext.weights.preprocess import Preprocessing
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -81,3 +85,23 @@ def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield p
         else:
             raise DataError(f"{p}: no such file or folder")
+
+
+def preprocessed_images(
+    paths: Sequence[str | Path],
+    prep: Preprocessing,
+    option: str,
+    *,
+    size: int | None = None,
+    limit: int | None = None,
+) -> torch.Tensor:
+    """The first `limit` images under `paths` (all without a limit), centre-cropped and
+    normalised as `prep` says (at side `size` if given), stacked; none is a DataError naming the
+    command-line `option` they came from."""
+    from resnext.evaluate.views import ViewTransform
+
+    views = ViewTransform.center_of(option, prep, size)
+    files = list(expand_paths(paths))[:limit]
+    if not files:
+        raise DataError(f"{option}: no image files under {', '.join(map(str, paths))}")
+    return torch.stack([views(to_pil(f)) for f in files])  # type: ignore[misc]

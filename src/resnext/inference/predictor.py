@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from resnext.errors import ConfigError
-from resnext.evaluate.protocols import Protocol
-from resnext.evaluate.views import Normalization, ViewTransform
+from resnext.evaluate.views import ViewTransform
 from resnext.inference.fast_backend import fast_backend
 from resnext.inference.inputs import ImageInput, describe, to_pil
 from resnext.inference.loading import LoadedModel, load_model
@@ -89,14 +88,7 @@ class Predictor:
         self.loaded = loaded or load_model(model, weights, device=self.device)
         self.loaded.model.to(self.device).eval()
         prep = self.loaded.preprocessing
-        protocol = Protocol(
-            "predict",
-            "center",
-            resize=prep.resize,
-            crop=prep.crop,
-            interpolation=prep.interpolation,
-        )
-        self.transform = ViewTransform(protocol, Normalization.from_preprocessing(prep))
+        self.transform = ViewTransform.center_of("predict", prep)
         self.batch_size = batch_size
         self.fast: torch.nn.Module | None = None
         if optimize != "off":
