@@ -44,17 +44,22 @@ def default_preprocessing(model: nn.Module) -> Preprocessing:
     return imagenet()
 
 
-def _training_checkpoint(path: Path) -> dict[str, Any] | None:
-    # A `resnext train` checkpoint is a torch file holding {'model': state_dict, 'config': {...}}.
-    if path.suffix not in (".pt", ".pth", ".ckpt", ".tar"):
+def _torch_payload(path: Path) -> Any:
+    """What a torch file at `path` holds, read once, or None (another kind of file, or one
+    torch cannot read: the weights loaders then name its problem)."""
+    if path.suffix not in (".pt", ".pth", ".ckpt", ".tar") or not path.is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None
-    if isinstance(payload, dict) and isinstance(payload.get("model"), dict) and "config" in payload:
-        return payload
-    return None
+
+
+def _is_training_checkpoint(payload: Any) -> bool:
+    # A `resnext train` checkpoint is a torch file holding {'model': state_dict, 'config': {...}}.
+    return (
+        isinstance(payload, dict) and isinstance(payload.get("model"), dict) and "config" in payload
+    )
 
 
 def _from_checkpoint(payload: dict[str, Any], path: Path, model_name: str | None) -> nn.Module:
@@ -103,17 +108,18 @@ def load_model(
         )
         net, name = create_model(model, num_classes=num_classes), model
     else:
+        from resnext.weights.formats import is_int8_state
         from resnext.weights.int8 import (
             INT8_WEIGHTS,
             build_int8_from_state,
             build_int8_with_weights,
-            int8_file_state,
         )
 
         path = Path(weights)
-        payload = _training_checkpoint(path) if path.is_file() else None
+        read = _torch_payload(path)
+        payload = read if _is_training_checkpoint(read) else None
         int8_tag = INT8_WEIGHTS.get(str(weights)) if not path.is_file() else None
-        int8_state = int8_file_state(path) if payload is None and int8_tag is None else None
+        int8_state = read if path.suffix in (".pth", ".pt") and is_int8_state(read) else None
         if (int8_tag or int8_state) is not None:
             if num_classes is not None:
                 raise ConfigError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ def _pycls_stride_in_1x1(cfg: str) -> bool:
 PACKED_FC = "fc._packed_params._packed_params"
 
 
-def is_int8_state(state: object) -> bool:
+def is_int8_state(state: object) -> TypeGuard[dict]:
     """Whether `state` is a quantized ResNet state dict (torchvision's int8 layout)."""
     return isinstance(state, dict) and PACKED_FC in state and "quant.scale" in state
 

@@ -131,18 +131,6 @@ def _shapes(value: object) -> str:
     return type(value).__name__
 
 
-def int8_file_state(path: Path) -> dict | None:
-    """The state dict in `path` if it is a torchvision-layout int8 checkpoint, else None (also
-    for a file that is not a readable PyTorch file: the float loaders name its problem)."""
-    if path.suffix not in (".pth", ".pt") or not path.is_file():
-        return None
-    try:
-        state = _torch_load(path)
-    except WeightsError:
-        return None
-    return state if is_int8_state(state) else None
-
-
 def build_int8_with_weights(
     name: str, weights: str | Path, *, engine: str = "auto", cache_dir: str | Path | None = None
 ) -> torch.nn.Module:
@@ -174,9 +162,8 @@ def build_int8_from_state(
             f"{source}: not an int8 (quantized) checkpoint: it lacks {PACKED_FC} and quant.scale "
             f"({type(state).__name__} {what}); float checkpoints load with build_with_weights"
         )
-    # the object itself, not a copy: its `_metadata` holds the modules' state versions, without
-    # which torch.ao's quantized Linear reads the older layout (fc.weight)
-    assert isinstance(state, dict)  # an OrderedDict as torch.save wrote it; is_int8_state checked
+    # `state` itself is loaded, not a copy: its `_metadata` holds the modules' state versions,
+    # without which torch.ao's quantized Linear reads the older layout (fc.weight)
     model = create_model(name, num_classes=_classes(state, source))
     net = int8_template(model, engine=engine)
     own = net.state_dict()
