@@ -21,10 +21,15 @@ def available(name: str) -> bool:
 
 def onnxruntime_runner(model: nn.Module, example: torch.Tensor, threads: int) -> Runner:
     """An ONNX Runtime session of `model` (fp32, exported at the example's shape)."""
-    path = Path(tempfile.mkdtemp(prefix="resnext-onnx-")) / "model.onnx"
+    return _session(_exported(model, example, "resnext-onnx-"), threads)
+
+
+def _exported(model: nn.Module, example: torch.Tensor, prefix: str) -> Path:
+    """`model` in eval mode exported to ONNX at the example's shape, in a new temporary folder."""
+    path = Path(tempfile.mkdtemp(prefix=prefix)) / "fp32.onnx"
     with torch.no_grad():
         torch.onnx.export(model.eval(), (example,), str(path), input_names=["x"], dynamo=True)
-    return _session(path, threads)
+    return path
 
 
 def _session(path: Path, threads: int) -> Runner:
@@ -49,12 +54,9 @@ def onnxruntime_int8_runner(
     `calibration`: the peer of `quantize_int8`."""
     from onnxruntime import quantization as ortq
 
-    folder = Path(tempfile.mkdtemp(prefix="resnext-onnx-int8-"))
-    with torch.no_grad():
-        torch.onnx.export(
-            model.eval(), (example,), str(folder / "fp32.onnx"), input_names=["x"], dynamo=True
-        )
-    ortq.quant_pre_process(str(folder / "fp32.onnx"), str(folder / "prep.onnx"))
+    fp32 = _exported(model, example, "resnext-onnx-int8-")
+    folder = fp32.parent
+    ortq.quant_pre_process(str(fp32), str(folder / "prep.onnx"))
 
     class _Batches(ortq.CalibrationDataReader):
         def __init__(self) -> None:

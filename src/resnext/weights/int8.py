@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import difflib
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from resnext.errors import WeightsError
-from resnext.weights.download import download
 from resnext.weights.formats import PACKED_FC, is_int8_state
-from resnext.weights.load import _listing, _torch_load
+from resnext.weights.load import _listing, _torch_load, fetch
 from resnext.weights.preprocess import imagenet
 from resnext.weights.table import Result, WeightsEntry
 
@@ -102,13 +100,7 @@ def _resolve(source: str | Path, cache_dir: str | Path | None) -> tuple[Path, We
         hint = f"closest: {', '.join(close)}" if close else f"known: {', '.join(INT8_WEIGHTS)}"
         raise WeightsError(f"{text!r} is neither an int8 weights file nor an int8 tag; {hint}")
     entry = INT8_WEIGHTS[text]
-    with warnings.catch_warnings():
-        if not entry.verified:
-            warnings.simplefilter("always")
-        path = download(
-            entry.url, expected_hash=entry.hash, hash_kind=entry.hash_kind, cache_dir=cache_dir
-        )
-    return path, entry
+    return fetch(entry, cache_dir), entry
 
 
 def _classes(state: dict, source: str) -> int:

@@ -26,7 +26,7 @@ from resnext.weights.loaded import LoadedWeights
 from resnext.weights.native import FORMAT_NAME, load_native, read_safetensors, sidecar_path
 from resnext.weights.t7 import load_t7
 from resnext.weights.t7_mapping import map_resnext
-from resnext.weights.table import WEIGHTS, get_weights
+from resnext.weights.table import WEIGHTS, WeightsEntry, get_weights
 
 _FILE_SUFFIXES = (".pth", ".pt", ".pyth", ".bin", ".ckpt", ".pkl", ".t7", ".safetensors", ".json")
 _LIST_LIMIT = 12
@@ -131,6 +131,17 @@ def _read_weights_file(path: Path) -> LoadedWeights:
     return convert_checkpoint(obj, str(path))
 
 
+def fetch(entry: WeightsEntry, cache_dir: str | Path | None = None) -> Path:
+    """The table entry's file in the download cache, downloaded and checked first if needed;
+    an entry without a published hash warns each time that it cannot be checked."""
+    with warnings.catch_warnings():
+        if not entry.verified:
+            warnings.simplefilter("always")
+        return download(
+            entry.url, expected_hash=entry.hash, hash_kind=entry.hash_kind, cache_dir=cache_dir
+        )
+
+
 def load_weights(
     source: str | Path, *, model_name: str | None = None, cache_dir: str | Path | None = None
 ) -> LoadedWeights:
@@ -149,16 +160,7 @@ def load_weights(
             "with resnext.weights.build_int8_with_weights (resnext predict and eval take it as is)"
         )
     entry = get_weights(text)  # an unknown tag raises, naming the closest tags
-    with warnings.catch_warnings():
-        if not entry.verified:
-            warnings.simplefilter("always")
-        path = download(
-            entry.url,
-            expected_hash=entry.hash,
-            hash_kind=entry.hash_kind,
-            cache_dir=cache_dir,
-        )
-    loaded = read_weights_file(path)
+    loaded = read_weights_file(fetch(entry, cache_dir))
     return dataclasses.replace(
         loaded,
         source_format=entry.source_format,
