@@ -32,6 +32,7 @@ VARIANTS = (
     "eager-fast-bf16",
     "eager-fast-fp16",
     "eager-int8",
+    "eager-engine-int8",
     "inductor-fp32",
     "inductor-bf16",
     "inductor-fp16",
@@ -108,13 +109,14 @@ def build_runner(
     kind, _, dtype = variant.rpartition("-")
     if variant == "eager":
         fn: Callable[[torch.Tensor], torch.Tensor] = model
-    elif variant in ("eager-int8", "ort-int8"):
+    elif variant in ("eager-int8", "eager-engine-int8", "ort-int8"):
         # int8 after training, its ranges observed on a batch of its own (not the timed one)
         calibration = torch.randn(example.shape, generator=torch.Generator().manual_seed(1))
-        if variant == "eager-int8":
+        if variant != "ort-int8":
             from resnext.speed.int8 import quantize_int8  # torch.ao's quantization, when asked
 
-            fn = quantize_int8(model, [calibration])
+            # eager-engine-int8: every convolution on torch's quantized engine, none on our kernel
+            fn = quantize_int8(model, [calibration]).use_grouped_kernel(variant == "eager-int8")
         else:
             session = peers.onnxruntime_int8_runner(model, example, calibration, threads)
             fn = lambda x: torch.from_numpy(session(x.numpy())[0])  # noqa: E731

@@ -31,6 +31,7 @@ from torch.ao.nn.quantized import FloatFunctional
 
 from resnext.models.blocks import Bottleneck
 from resnext.models.network import ResNeXt
+from resnext.speed import grouped_int8
 from resnext.speed.capability import cpu_flags
 
 ENGINES = ("auto", "onednn", "x86", "fbgemm")
@@ -65,7 +66,11 @@ def check_quantizable(model: nn.Module) -> None:
 
 class Int8Bottleneck(nn.Module):
     """A bottleneck laid out as torchvision's quantizable one: the float block's children, plus
-    `relu1`, `relu2` and `skip_add_relu` (the residual add and ReLU, quantized as one op)."""
+    `relu1`, `relu2` and `skip_add_relu` (the residual add and ReLU, quantized as one op).
+
+    Once quantized, its grouped 3×3 runs on our int8 kernel (`resnext.speed.grouped_int8`) where
+    the CPU has AVX512-VNNI and the kernel takes the layer, unless `grouped_kernel` is False; the
+    kernel reads `conv2`'s own weights, so the state dict is the same either way."""
 
     def __init__(self, block: Bottleneck) -> None:
         super().__init__()
@@ -75,10 +80,26 @@ class Int8Bottleneck(nn.Module):
         self.relu = nn.ReLU()  # after conv3 where there is no residual; else unused, as there
         self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
         self.skip_add_relu = FloatFunctional()
+        self.grouped_kernel = True
+        # (the quantized conv2's packed weights, our kernel for them or None): not a module, so
+        # neither in the state dict nor stale after new weights are loaded into conv2
+        self._kernel: tuple[object, grouped_int8.GroupedInt8 | None] | None = None
+
+    def _conv2(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv2
+        if self.grouped_kernel and x.is_quantized:
+            packed = getattr(conv, "_packed_params", None)
+            if self._kernel is None or self._kernel[0] is not packed:
+                takes = grouped_int8.unavailable_reason() is None and grouped_int8.supports(conv)
+                self._kernel = (packed, grouped_int8.GroupedInt8(conv) if takes else None)
+            kernel = self._kernel[1]
+            if kernel is not None:
+                return kernel(x, float(conv.scale), int(conv.zero_point))
+        return self.relu2(self.bn2(conv(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self._conv2(out)
         out = self.bn3(self.conv3(out))
         if not self.residual:
             return self.relu(out)
@@ -157,6 +178,14 @@ class Int8ResNeXt(nn.Module):
         out = last.skip_add_relu if last.residual else last.conv3
         q = torch.quantize_per_tensor(x, float(out.scale), int(out.zero_point), torch.quint8)
         return self._head(q)
+
+    def use_grouped_kernel(self, enabled: bool = True) -> Int8ResNeXt:
+        """Whether the grouped 3×3s run on our int8 kernel where it runs (the default) or on
+        torch's quantized engine (for comparison); returns the network."""
+        for name in self.stage_names:
+            for block in getattr(self, name):
+                block.grouped_kernel = enabled
+        return self
 
     def fuse(self) -> None:
         """Fold every batch norm into its convolution (and ReLU), in place."""

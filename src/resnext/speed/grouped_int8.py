@@ -1,0 +1,152 @@
+"""Our int8 grouped 3×3 convolution (AVX512-VNNI) in place of torch's quantized one.
+
+`kernels/grouped3x3_int8.c` is compiled on first use (`resnext.native`) and called through
+ctypes on uint8 channels-last maps. `GroupedInt8` is built from a converted torch.ao quantized
+convolution (`Conv2d` or `ConvReLU2d`, int8 weights symmetric per output channel) and computes
+what it computes, reading that module's weights, bias and output scale: `Int8Bottleneck` calls it
+in place of its `conv2` where it takes the layer, so the module tree and its state-dict keys stay
+torchvision's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from resnext import native
+from resnext.speed.capability import cpu_flags
+
+SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_int8.c"
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp")
+CPU_NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
+SUPPORTED_CPG = (4, 8, 16, 32, 64)
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The kernel, built for this CPU and loaded (NativeUnavailable where it cannot be)."""
+    lib = native.load(SOURCE, FLAGS, cpu_needs=CPU_NEEDS)
+    fn = lib.grouped3x3_u8s8
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 10
+    fn.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None where the kernel runs on this machine, else why not (one line); checked once."""
+    missing = CPU_NEEDS - cpu_flags()
+    if missing:
+        return f"this CPU lacks {sorted(missing)}"
+    return native.problem(library)
+
+
+def supports(conv: nn.Module) -> bool:
+    """Whether `conv` is a quantized grouped 3×3 (padding 1, stride 1 or 2, channels in = out, a
+    multiple of 16, 4–64 per group) with symmetric per-channel int8 weights."""
+    from torch.ao.nn.quantized import Conv2d as QConv2d  # ConvReLU2d derives from it
+
+    if not isinstance(conv, QConv2d):
+        return False
+    channels, groups = conv.out_channels, conv.groups
+    if conv.in_channels != channels or groups < 1 or channels % groups or channels % 16:
+        return False
+    shape_ok = (
+        conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.stride in ((1, 1), (2, 2))
+        and conv.padding_mode == "zeros"
+        and channels // groups in SUPPORTED_CPG
+    )
+    if not shape_ok:
+        return False
+    w = conv.weight()
+    return w.qscheme() == torch.per_channel_affine and bool(
+        (w.q_per_channel_zero_points() == 0).all()
+    )
+
+
+def pack_weights(codes: torch.Tensor) -> torch.Tensor:
+    """(C, cpg, 3, 3) int8 weight codes as the kernel reads them: [C/16][9][R][16][4], value k
+    of register r's lane j at tap t the weight from input i to output o of output block cb, where
+    - 4 channels a group (R = 1): o = 16 cb + 4 (j % 4) + j / 4, i = k;
+    - 8 channels a group (R = 2, a register per group): o = 16 cb + 8 r + j / 2, i = 4 (j % 2) + k;
+    - 16 or more (R = cpg / 4 quads): o = 16 cb + j, i = 4 r + k."""
+    out_ch, cpg = codes.shape[:2]
+    j = torch.arange(16)
+    if cpg == 4:
+        o, i = (4 * (j % 4) + j // 4).view(1, 16, 1), torch.arange(4).view(1, 1, 4)
+    elif cpg == 8:
+        r = torch.arange(2).view(2, 1, 1)
+        o = 8 * r + (j // 2).view(1, 16, 1)
+        i = 4 * (j % 2).view(1, 16, 1) + torch.arange(4).view(1, 1, 4)
+    else:
+        r = torch.arange(cpg // 4).view(-1, 1, 1)
+        o, i = j.view(1, 16, 1), 4 * r + torch.arange(4).view(1, 1, 4)
+    o, i = torch.broadcast_tensors(o, i)  # (R, 16, 4)
+    blocks = torch.arange(out_ch // 16).view(-1, 1, 1, 1) * 16
+    taps = codes.reshape(out_ch, cpg, 9)[blocks + o, i]  # (C/16, R, 16, 4, 9)
+    return taps.permute(0, 4, 1, 2, 3).contiguous()
+
+
+class GroupedInt8:
+    """One quantized grouped 3×3's int8 weights packed for the kernel, with the per-channel
+    constants of its requantization. Not a module: it holds nothing the quantized convolution it
+    was built from does not already save."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        if not supports(conv):
+            raise ValueError(
+                f"conv: expected a quantized grouped 3×3 the int8 kernel takes, got {conv!r}"
+            )
+        w = conv.weight()
+        codes = w.int_repr()
+        self.weights = pack_weights(codes)
+        self.wsum = codes.sum(dim=(1, 2, 3), dtype=torch.int32).contiguous()
+        self.weight_scale = w.q_per_channel_scales().double()
+        bias = conv.bias()
+        self.bias = (
+            torch.zeros(conv.out_channels, dtype=torch.float64) if bias is None else bias.double()
+        )
+        self.cpg = conv.out_channels // conv.groups
+        self.stride = conv.stride[0]
+        self.relu = type(conv).__name__ == "ConvReLU2d"
+        self._constants: tuple[tuple[float, float], torch.Tensor, torch.Tensor] | None = None
+
+    def _requant(self, in_scale: float, out_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (in_scale, out_scale)
+        if self._constants is None or self._constants[0] != key:
+            m = (self.weight_scale * (in_scale / out_scale)).float().contiguous()
+            b = (self.bias / out_scale).float().contiguous()
+            self._constants = (key, m, b)
+        return self._constants[1], self._constants[2]
+
+    def __call__(self, x: torch.Tensor, out_scale: float, out_zero_point: int) -> torch.Tensor:
+        """The convolution of `x` (quint8, (N, C, H, W), per-tensor scale), requantized to
+        `out_scale` and `out_zero_point` as the source convolution's output is."""
+        if x.dtype != torch.quint8 or x.qscheme() != torch.per_tensor_affine:
+            raise ValueError(f"x: expected a per-tensor quint8 map, got {x.dtype}")
+        x = x.contiguous(memory_format=torch.channels_last)
+        n, c, h, w = x.shape
+        s = self.stride
+        y = torch._empty_affine_quantized(
+            (n, c, (h - 1) // s + 1, (w - 1) // s + 1),
+            scale=out_scale,
+            zero_point=out_zero_point,
+            dtype=torch.quint8,
+            memory_format=torch.channels_last,
+        )
+        m, b = self._requant(x.q_scale(), out_scale)
+        rc = library().grouped3x3_u8s8(
+            x.data_ptr(), self.weights.data_ptr(), self.wsum.data_ptr(), m.data_ptr(),
+            b.data_ptr(), y.data_ptr(), n, h, w, c, self.cpg, s, x.q_zero_point(),
+            out_zero_point, int(self.relu), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"grouped3x3_u8s8 failed ({rc}) on {tuple(x.shape)}, cpg {self.cpg}")
+        return y

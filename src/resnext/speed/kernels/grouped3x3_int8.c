@@ -1,0 +1,158 @@
+/* Int8 grouped 3x3 convolution (padding 1, stride 1 or 2) on channels-last uint8 maps, AVX512-VNNI.
+ *
+ * Why this kernel exists: torch's quantized engines (oneDNN, x86, fbgemm) run ResNeXt's grouped
+ * 3x3s far below their dense int8 rate, so int8 ResNeXt-50 took 1.14x ResNet-50's time per image
+ * (RESULTS.md, stop 62). Here one 512-bit register holds the int32 sums of 16 consecutive output
+ * channels, and each VPDPBUSD adds, per lane, the products of four uint8 input channels of the
+ * lane's group with its four int8 weights: 64 multiply-adds an instruction, at every group width.
+ *  - 4 or 8 channels per group: the 16 lanes span 4 or 2 groups. One 16-byte load holds the
+ *    block's input channels; a dword permute gives each lane its group's quad (8 channels: two
+ *    permutes, one per quad).
+ *  - 16 or more: all 16 lanes share one group, and each of its quads is broadcast from memory.
+ *
+ * Quantized arithmetic, as torch's engines define it: with input codes x (zero point zx), weight
+ * codes w (symmetric, per output channel), sum = sum_taps,ci (x - zx) w = sum x w - zx * wsum,
+ * where pixels outside the image read the code zx (the real value 0) so that wsum holds every
+ * tap. Then y = clamp(round(sum * m + b) + zy, lo, 255), m = sx sw / sy and b = bias / sy per
+ * output channel, rounded to nearest even; lo = zy where a ReLU is fused, else 0.
+ *
+ * Layout: x[N][H][W][C] and y[N][Ho][Wo][C] uint8; packed weights wp[C/16][9][Q][16][4] int8
+ * (Q = cpg / 4 quads per lane and tap, built by grouped_int8.pack_weights); wsum, m, b per channel.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Lanes of a 16-channel output block, 4 channels a group: lane j sums output 4 (j % 4) + j / 4,
+ * so that a 16-byte input load broadcast to the register's four 128-bit lanes gives every lane
+ * its group's quad. One permute per output pixel (a 4x4 transpose of dwords) puts them back in
+ * channel order. */
+static inline __m512i transpose4x4(__m512i v) {
+  return _mm512_permutexvar_epi32(
+      _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), v);
+}
+/* 8 channels a group: one register per group, lane j summing quad j % 2 of output j / 2 (the
+ * group's 8 input bytes broadcast to every 64-bit lane); output c of the block is the sum of
+ * lanes 2c and 2c + 1 of its group's register. */
+static inline __m512i pair_sums(__m512i a, __m512i b) {
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  return _mm512_add_epi32(_mm512_permutex2var_epi32(a, even, b),
+                          _mm512_permutex2var_epi32(a, odd, b));
+}
+
+/* MODE 4 or 8: channels per group (the layouts above; A registers per pixel: 1 or 2); MODE 0:
+ * 16 or more, all 16 lanes in one group, each of its Q quads broadcast. P pixels a block. */
+#define DEFINE_ROW(NAME, MODE, Q, P)                                                           \
+  static void NAME(const uint8_t *xn, const int8_t *wp, const int32_t *wsum, const float *m,  \
+                   const float *b, uint8_t *yr, const uint8_t *pad, int H, int W, int C,       \
+                   int cpg, int oh, int Wo, int s, int zx, int zy, int lo) {                   \
+    enum { A = MODE == 8 ? 2 : 1, WR = MODE == 0 ? Q : A };                                    \
+    for (int ow0 = 0; ow0 < Wo; ow0 += P) {                                                    \
+      const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
+      /* each output pixel's 9 input pixels (the pad row outside the image) */                 \
+      const uint8_t *src[9][P];                                                                \
+      for (int kh = 0; kh < 3; ++kh) {                                                         \
+        const int ih = oh * s - 1 + kh;                                                        \
+        for (int kw = 0; kw < 3; ++kw)                                                         \
+          for (int p = 0; p < P; ++p) {                                                        \
+            const int iw = (ow0 + (p < np ? p : 0)) * s - 1 + kw;                              \
+            src[kh * 3 + kw][p] = ih >= 0 && ih < H && iw >= 0 && iw < W                       \
+                                      ? xn + ((long)ih * W + iw) * C                           \
+                                      : pad;                                                   \
+          }                                                                                    \
+      }                                                                                        \
+      for (int cb = 0; cb < C / 16; ++cb) {                                                    \
+        /* the block's own 16 channels (4 or 8 a group), else its group's first channel */     \
+        const int off = MODE ? cb * 16 : (cb * 16 / cpg) * cpg;                                \
+        const int8_t *wb = wp + (long)cb * 9 * WR * 64;                                        \
+        __m512i acc[A][P];                                                                     \
+        _Pragma("GCC unroll 2") for (int a = 0; a < A; ++a)                                    \
+            _Pragma("GCC unroll 8") for (int p = 0; p < P; ++p) acc[a][p] =                    \
+                _mm512_setzero_si512();                                                        \
+        for (int t = 0; t < 9; ++t) {                                                          \
+          __m512i wv[WR];                                                                      \
+          _Pragma("GCC unroll 16") for (int q = 0; q < WR; ++q)                                \
+              wv[q] = _mm512_loadu_si512(wb + (t * WR + q) * 64);                              \
+          _Pragma("GCC unroll 8") for (int p = 0; p < P; ++p) {                                \
+            const uint8_t *xp = src[t][p] + off;                                               \
+            if (MODE == 4) {                                                                   \
+              const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xp));  \
+              acc[0][p] = _mm512_dpbusd_epi32(acc[0][p], v, wv[0]);                            \
+            } else if (MODE == 8) {                                                            \
+              _Pragma("GCC unroll 2") for (int a = 0; a < A; ++a) {                            \
+                int64_t pair;                                                                  \
+                memcpy(&pair, xp + 8 * a, 8);                                                  \
+                acc[a][p] = _mm512_dpbusd_epi32(acc[a][p], _mm512_set1_epi64(pair), wv[a]);    \
+              }                                                                                \
+            } else {                                                                           \
+              _Pragma("GCC unroll 16") for (int q = 0; q < Q; ++q) {                           \
+                int32_t quad;                                                                  \
+                memcpy(&quad, xp + 4 * q, 4);                                                  \
+                acc[0][p] = _mm512_dpbusd_epi32(acc[0][p], _mm512_set1_epi32(quad), wv[q]);    \
+              }                                                                                \
+            }                                                                                  \
+          }                                                                                    \
+        }                                                                                      \
+        const int c0 = cb * 16;                                                                \
+        const __m512i comp = _mm512_mullo_epi32(_mm512_set1_epi32(zx),                         \
+                                                _mm512_loadu_si512(wsum + c0));                \
+        const __m512 mv = _mm512_loadu_ps(m + c0), bv = _mm512_loadu_ps(b + c0);               \
+        const __m512i zyv = _mm512_set1_epi32(zy), lov = _mm512_set1_epi32(lo);                \
+        const __m512i hiv = _mm512_set1_epi32(255);                                            \
+        _Pragma("GCC unroll 8") for (int p = 0; p < P; ++p) {                                  \
+          if (p >= np) continue;                                                               \
+          const __m512i sum = MODE == 4   ? transpose4x4(acc[0][p])                            \
+                              : MODE == 8 ? pair_sums(acc[0][p], acc[A - 1][p])                \
+                                          : acc[0][p];                                         \
+          const __m512 f =                                                                     \
+              _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, comp)), mv, bv);        \
+          __m512i q8 = _mm512_add_epi32(_mm512_cvtps_epi32(f), zyv);                           \
+          q8 = _mm512_min_epi32(_mm512_max_epi32(q8, lov), hiv);                               \
+          _mm_storeu_si128((__m128i *)(yr + (long)(ow0 + p) * C + c0),                         \
+                           _mm512_cvtepi32_epi8(q8));                                          \
+        }                                                                                      \
+      }                                                                                        \
+    }                                                                                          \
+  }
+
+/* P = 7 where a row is a multiple of 7 pixels (every ResNet stage: 56, 28, 14, 7), else 8 */
+#define DEFINE_ROWS(NAME, MODE, Q)       \
+  DEFINE_ROW(NAME##_p7, MODE, Q, 7)      \
+  DEFINE_ROW(NAME##_p8, MODE, Q, 8)
+DEFINE_ROWS(row_c4, 4, 1)
+DEFINE_ROWS(row_c8, 8, 2)
+DEFINE_ROWS(row_c16, 0, 4)
+DEFINE_ROWS(row_c32, 0, 8)
+DEFINE_ROWS(row_c64, 0, 16)
+
+typedef void (*row_fn)(const uint8_t *, const int8_t *, const int32_t *, const float *,
+                       const float *, uint8_t *, const uint8_t *, int, int, int, int, int, int,
+                       int, int, int, int);
+
+/* y = requantized grouped 3x3 of x (see the top of this file). Returns 0, or -1 for a shape the
+ * kernel does not take (C not a multiple of 16, cpg not 4, 8, 16, 32 or 64, stride not 1 or 2,
+ * codes out of range) and -2 where memory for the pad row could not be had. */
+int grouped3x3_u8s8(const uint8_t *x, const int8_t *wp, const int32_t *wsum, const float *m,
+                    const float *b, uint8_t *y, int N, int H, int W, int C, int cpg, int s, int zx,
+                    int zy, int relu, int threads) {
+  const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, lo = relu ? zy : 0, p7 = Wo % 7 == 0;
+  row_fn row = cpg == 4    ? (p7 ? row_c4_p7 : row_c4_p8)
+               : cpg == 8  ? (p7 ? row_c8_p7 : row_c8_p8)
+               : cpg == 16 ? (p7 ? row_c16_p7 : row_c16_p8)
+               : cpg == 32 ? (p7 ? row_c32_p7 : row_c32_p8)
+               : cpg == 64 ? (p7 ? row_c64_p7 : row_c64_p8)
+                           : 0;
+  if (!row || C % 16 || (s != 1 && s != 2) || zx < 0 || zx > 255 || zy < 0 || zy > 255) return -1;
+  uint8_t *pad = (uint8_t *)malloc(C);
+  if (!pad) return -2;
+  memset(pad, zx, C);
+  const long rows = (long)N * Ho;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (long r = 0; r < rows; ++r)
+    row(x + r / Ho * (long)H * W * C, wp, wsum, m, b, y + r * (long)Wo * C, pad, H, W, C, cpg,
+        (int)(r % Ho), Wo, s, zx, zy, lo);
+  free(pad);
+  return 0;
+}

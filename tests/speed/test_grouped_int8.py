@@ -1,0 +1,173 @@
+"""Our int8 grouped 3×3 kernel (`resnext.speed.grouped_int8`): the quantized convolution by hand
+and by torch's engine, inside the int8 network, and the layers it leaves to torch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.ao import quantization as tq
+
+import resnext
+from resnext.speed import grouped_int8
+from resnext.speed.int8 import qconfig, quantize_int8, quantized_engine
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+needs_kernel = pytest.mark.skipif(
+    grouped_int8.unavailable_reason() is not None,
+    reason=f"our int8 grouped kernel does not run here: {grouped_int8.unavailable_reason()}",
+)
+
+
+def _quantized_conv(
+    channels: int, groups: int, stride: int, relu: bool, x: torch.Tensor, bias: bool = True
+) -> tuple[nn.Module, torch.Tensor]:
+    """A quantized (conv [+ ReLU]) converted by torch.ao with random weights, and x quantized
+    as its input."""
+    conv = nn.Conv2d(channels, channels, 3, stride, 1, groups=groups, bias=bias)
+    layers = [conv, nn.ReLU()] if relu else [conv]
+    net = nn.Sequential(tq.QuantStub(), *layers, tq.DeQuantStub()).eval()
+    if relu:
+        tq.fuse_modules(net, [["1", "2"]], inplace=True)
+    net.qconfig = qconfig("minmax", 8)
+    with quantized_engine("auto"):
+        tq.prepare(net, inplace=True)
+        net(x)
+        tq.convert(net, inplace=True)
+    return net[1], net[0](x.contiguous(memory_format=torch.channels_last))
+
+
+def _by_hand(conv: nn.Module, qx: torch.Tensor) -> torch.Tensor:
+    """The quantized convolution's definition in float64: dequantize input and weights, convolve
+    (zero padding), add the bias, ReLU if fused, requantize to the output's scale (round to
+    nearest even, clamp to uint8)."""
+    w = conv.weight().dequantize().double()
+    bias = conv.bias()
+    y = nn.functional.conv2d(
+        qx.dequantize().double(),
+        w,
+        None if bias is None else bias.double(),
+        conv.stride,
+        1,
+        1,
+        conv.groups,
+    )
+    if type(conv).__name__ == "ConvReLU2d":
+        y = y.clamp(min=0)
+    return (torch.round(y / conv.scale) + conv.zero_point).clamp(0, 255)
+
+
+CASES = [
+    (cpg, stride, relu, size)
+    for cpg in grouped_int8.SUPPORTED_CPG
+    for stride in (1, 2)
+    for relu, size in (((True, (9, 13)), (False, (6, 5))) if stride == 1 else ((True, (10, 7)),))
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("cpg", "stride", "relu", "size"),
+    CASES,
+    ids=[f"cpg{c}-s{s}-relu{r}-{h}x{w}" for c, s, r, (h, w) in CASES],
+)
+def test_the_kernel_computes_the_quantized_convolution(
+    cpg: int, stride: int, relu: bool, size: tuple[int, int]
+) -> None:
+    torch.manual_seed(cpg + 10 * stride)
+    channels = 32 if cpg < 32 else 2 * cpg
+    x = torch.randn(3, channels, *size) * 2 + 0.7  # an input zero point far from 0
+    conv, qx = _quantized_conv(channels, channels // cpg, stride, relu, x)
+    assert grouped_int8.supports(conv)
+    got = grouped_int8.GroupedInt8(conv)(qx, float(conv.scale), int(conv.zero_point))
+    assert got.dtype == torch.quint8 and got.q_scale() == conv.scale
+    codes = got.int_repr().double()
+    hand = _by_hand(conv, qx)
+    with quantized_engine("auto"):
+        engine = conv(qx).int_repr().double()
+    assert codes.shape == engine.shape == hand.shape
+    # float rounding of products summed in another order can move a value across a .5 boundary:
+    # one code, rarely
+    for reference in (hand, engine):
+        diff = (codes - reference).abs()
+        assert diff.max() <= 1
+        assert (diff > 0).double().mean() < 2e-3
+    if relu:
+        assert codes.min() >= conv.zero_point
+
+
+@needs_kernel
+def test_a_one_pixel_image_reads_the_zero_point_all_around() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 64, 1, 1) + 1.0  # all positive: the input's zero point is its code for 0
+    conv, qx = _quantized_conv(64, 8, 1, False, x, bias=False)
+    got = grouped_int8.GroupedInt8(conv)(qx, float(conv.scale), int(conv.zero_point))
+    # only the centre tap sees the image
+    assert (got.int_repr().double() - _by_hand(conv, qx)).abs().max() <= 1
+
+
+def test_layers_it_does_not_take_are_left_to_torch() -> None:
+    x = torch.randn(1, 48, 6, 6)
+    dense, _ = _quantized_conv(48, 1, 1, True, x)  # 48 channels in one group
+    odd, _ = _quantized_conv(48, 16, 1, True, x)  # 3 channels a group
+    assert not grouped_int8.supports(dense) and not grouped_int8.supports(odd)
+    assert not grouped_int8.supports(nn.Conv2d(64, 64, 3, padding=1, groups=16))  # float
+    with pytest.raises(ValueError, match="conv: expected a quantized grouped 3×3"):
+        grouped_int8.GroupedInt8(dense)
+
+
+# 4, 8, 16 and 32 channels per group in stages 1-4, the stride-2 first blocks among them
+SPEC = resnext.ModelSpec(
+    depths=(1, 2, 1, 1), cardinality=4, base_width=4, stem_width=16, out_width=32, num_classes=10
+)
+
+
+def _quantized() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(5)
+    model = resnext.build_model(SPEC).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    calibration = torch.randn(4, 3, 64, 64)
+    return quantize_int8(model, [calibration]), torch.randn(2, 3, 64, 64)
+
+
+@needs_kernel
+def test_the_network_on_our_kernel_computes_what_it_computes_on_torchs_engine() -> None:
+    net, x = _quantized()
+    keys = set(net.state_dict())
+    with torch.no_grad():
+        ours = net(x)
+        blocks = [b for s in net.stage_names for b in getattr(net, s)]
+        assert all(b._kernel is not None and b._kernel[1] is not None for b in blocks)
+        engine = net.use_grouped_kernel(False)(x)
+    assert set(net.state_dict()) == keys  # the kernel adds nothing to the state dict
+    assert ((ours - engine).abs().max() / engine.abs().max()).item() < 0.02
+    assert (ours.argmax(1) == engine.argmax(1)).all()
+
+
+@needs_kernel
+def test_weights_loaded_after_a_forward_are_the_ones_it_runs() -> None:
+    net, x = _quantized()
+    other, _ = _quantized()
+    with torch.no_grad():
+        other.layer1[0].conv2.set_weight_bias(
+            torch.quantize_per_channel(
+                torch.randn_like(other.layer1[0].conv2.weight().dequantize()),
+                torch.full((other.layer1[0].conv2.out_channels,), 0.02),
+                torch.zeros(other.layer1[0].conv2.out_channels, dtype=torch.long),
+                0,
+                torch.qint8,
+            ),
+            other.layer1[0].conv2.bias(),
+        )
+        net(x)  # packs net's own grouped weights
+        net.load_state_dict(copy.deepcopy(other.state_dict()))
+        got, want = net(x), other.use_grouped_kernel(False)(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 0.02
