@@ -113,7 +113,7 @@ def test_a_one_pixel_image_reads_the_zero_point_all_around() -> None:
 
 def test_layers_it_does_not_take_are_left_to_torch() -> None:
     x = torch.randn(1, 48, 6, 6)
-    dense, _ = _quantized_conv(48, 1, 1, True, x)  # 48 channels in one group
+    dense, _ = _quantized_conv(64, 1, 1, True, torch.randn(1, 64, 6, 6))  # one group of 64
     odd, _ = _quantized_conv(48, 16, 1, True, x)  # 3 channels a group
     assert not grouped_int8.supports(dense) and not grouped_int8.supports(odd)
     assert not grouped_int8.supports(nn.Conv2d(64, 64, 3, padding=1, groups=16))  # float

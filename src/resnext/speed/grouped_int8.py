@@ -47,13 +47,14 @@ def unavailable_reason() -> str | None:
 
 def supports(conv: nn.Module) -> bool:
     """Whether `conv` is a quantized grouped 3×3 (padding 1, stride 1 or 2, channels in = out, a
-    multiple of 16, 4–64 per group) with symmetric per-channel int8 weights."""
+    multiple of 16, 4–64 per group, at least 2 groups) with symmetric per-channel int8 weights.
+    A dense 3×3 (one group) stays on torch's engine, whose dense int8 rate is above ours."""
     from torch.ao.nn.quantized import Conv2d as QConv2d  # ConvReLU2d derives from it
 
     if not isinstance(conv, QConv2d):
         return False
     channels, groups = conv.out_channels, conv.groups
-    if conv.in_channels != channels or groups < 1 or channels % groups or channels % 16:
+    if conv.in_channels != channels or groups < 2 or channels % groups or channels % 16:
         return False
     shape_ok = (
         conv.kernel_size == (3, 3)
