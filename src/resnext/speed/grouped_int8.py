@@ -31,7 +31,7 @@ def library() -> ctypes.CDLL:
     """The kernel, built for this CPU and loaded (NativeUnavailable where it cannot be)."""
     lib = native.load(SOURCE, FLAGS, cpu_needs=CPU_NEEDS)
     fn = lib.grouped3x3_u8s8
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 10
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10
     fn.restype = ctypes.c_int
     return lib
 
@@ -117,14 +117,19 @@ class GroupedInt8:
         self.cpg = conv.out_channels // conv.groups
         self.stride = conv.stride[0]
         self.relu = type(conv).__name__ == "ConvReLU2d"
-        self._constants: tuple[tuple[float, float], torch.Tensor, torch.Tensor] | None = None
+        self._constants: tuple[tuple[float, int, float, int], torch.Tensor, torch.Tensor] | None = (
+            None
+        )
 
-    def _requant(self, in_scale: float, out_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (in_scale, out_scale)
+    def _requant(
+        self, in_scale: float, in_zero: int, out_scale: float, out_zero: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, b) per output channel: the kernel's y = round(sum x w · m + b) (see its source)."""
+        key = (in_scale, in_zero, out_scale, out_zero)
         if self._constants is None or self._constants[0] != key:
-            m = (self.weight_scale * (in_scale / out_scale)).float().contiguous()
-            b = (self.bias / out_scale).float().contiguous()
-            self._constants = (key, m, b)
+            m = self.weight_scale * (in_scale / out_scale)
+            b = self.bias / out_scale + out_zero - in_zero * self.wsum.double() * m
+            self._constants = (key, m.float().contiguous(), b.float().contiguous())
         return self._constants[1], self._constants[2]
 
     def __call__(self, x: torch.Tensor, out_scale: float, out_zero_point: int) -> torch.Tensor:
@@ -142,11 +147,11 @@ class GroupedInt8:
             dtype=torch.quint8,
             memory_format=torch.channels_last,
         )
-        m, b = self._requant(x.q_scale(), out_scale)
+        m, b = self._requant(x.q_scale(), x.q_zero_point(), out_scale, out_zero_point)
         rc = library().grouped3x3_u8s8(
-            x.data_ptr(), self.weights.data_ptr(), self.wsum.data_ptr(), m.data_ptr(),
-            b.data_ptr(), y.data_ptr(), n, h, w, c, self.cpg, s, x.q_zero_point(),
-            out_zero_point, int(self.relu), torch.get_num_threads(),
+            x.data_ptr(), self.weights.data_ptr(), m.data_ptr(), b.data_ptr(), y.data_ptr(),
+            n, h, w, c, self.cpg, s, x.q_zero_point(), out_zero_point, int(self.relu),
+            torch.get_num_threads(),
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"grouped3x3_u8s8 failed ({rc}) on {tuple(x.shape)}, cpg {self.cpg}")

@@ -13,11 +13,13 @@
  * Quantized arithmetic, as torch's engines define it: with input codes x (zero point zx), weight
  * codes w (symmetric, per output channel), sum = sum_taps,ci (x - zx) w = sum x w - zx * wsum,
  * where pixels outside the image read the code zx (the real value 0) so that wsum holds every
- * tap. Then y = clamp(round(sum * m + b) + zy, lo, 255), m = sx sw / sy and b = bias / sy per
- * output channel, rounded to nearest even; lo = zy where a ReLU is fused, else 0.
+ * tap. Then y = clamp(round(sum * m + bias / sy) + zy, lo, 255) with m = sx sw / sy per output
+ * channel, rounded to nearest even; lo = zy where a ReLU is fused, else 0. The kernel is given m
+ * and b = bias / sy + zy - zx wsum m per channel, and computes clamp(round(sum x w * m + b)):
+ * the same up to float rounding, with three fewer instructions per 16 outputs.
  *
- * Layout: x[N][H][W][C] and y[N][Ho][Wo][C] uint8; packed weights wp[C/16][9][Q][16][4] int8
- * (Q = cpg / 4 quads per lane and tap, built by grouped_int8.pack_weights); wsum, m, b per channel.
+ * Layout: x[N][H][W][C] and y[N][Ho][Wo][C] uint8; packed weights wp[C/16][9][R][16][4] int8
+ * (built by grouped_int8.pack_weights); m, b per channel.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -45,9 +47,9 @@ static inline __m512i pair_sums(__m512i a, __m512i b) {
 /* MODE 4 or 8: channels per group (the layouts above; A registers per pixel: 1 or 2); MODE 0:
  * 16 or more, all 16 lanes in one group, each of its Q quads broadcast. P pixels a block. */
 #define DEFINE_ROW(NAME, MODE, Q, P)                                                           \
-  static void NAME(const uint8_t *xn, const int8_t *wp, const int32_t *wsum, const float *m,  \
-                   const float *b, uint8_t *yr, const uint8_t *pad, int H, int W, int C,       \
-                   int cpg, int oh, int Wo, int s, int zx, int zy, int lo) {                   \
+  static void NAME(const uint8_t *xn, const int8_t *wp, const float *m, const float *b,       \
+                   uint8_t *yr, const uint8_t *pad, int H, int W, int C, int cpg, int oh,      \
+                   int Wo, int s, int lo) {                                                    \
     enum { A = MODE == 8 ? 2 : 1, WR = MODE == 0 ? Q : A };                                    \
     for (int ow0 = 0; ow0 < Wo; ow0 += P) {                                                    \
       const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
@@ -96,22 +98,18 @@ static inline __m512i pair_sums(__m512i a, __m512i b) {
           }                                                                                    \
         }                                                                                      \
         const int c0 = cb * 16;                                                                \
-        const __m512i comp = _mm512_mullo_epi32(_mm512_set1_epi32(zx),                         \
-                                                _mm512_loadu_si512(wsum + c0));                \
         const __m512 mv = _mm512_loadu_ps(m + c0), bv = _mm512_loadu_ps(b + c0);               \
-        const __m512i zyv = _mm512_set1_epi32(zy), lov = _mm512_set1_epi32(lo);                \
-        const __m512i hiv = _mm512_set1_epi32(255);                                            \
+        const __m512i lov = _mm512_set1_epi32(lo);                                             \
         _Pragma("GCC unroll 8") for (int p = 0; p < P; ++p) {                                  \
           if (p >= np) continue;                                                               \
           const __m512i sum = MODE == 4   ? transpose4x4(acc[0][p])                            \
                               : MODE == 8 ? pair_sums(acc[0][p], acc[A - 1][p])                \
                                           : acc[0][p];                                         \
-          const __m512 f =                                                                     \
-              _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, comp)), mv, bv);        \
-          __m512i q8 = _mm512_add_epi32(_mm512_cvtps_epi32(f), zyv);                           \
-          q8 = _mm512_min_epi32(_mm512_max_epi32(q8, lov), hiv);                               \
+          const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), mv, bv);                   \
+          /* below lo: lo; above 255: 255 (the unsigned saturating narrowing) */               \
+          const __m512i q8 = _mm512_max_epi32(_mm512_cvtps_epi32(f), lov);                     \
           _mm_storeu_si128((__m128i *)(yr + (long)(ow0 + p) * C + c0),                         \
-                           _mm512_cvtepi32_epi8(q8));                                          \
+                           _mm512_cvtusepi32_epi8(q8));                                        \
         }                                                                                      \
       }                                                                                        \
     }                                                                                          \
@@ -127,16 +125,15 @@ DEFINE_ROWS(row_c16, 0, 4)
 DEFINE_ROWS(row_c32, 0, 8)
 DEFINE_ROWS(row_c64, 0, 16)
 
-typedef void (*row_fn)(const uint8_t *, const int8_t *, const int32_t *, const float *,
-                       const float *, uint8_t *, const uint8_t *, int, int, int, int, int, int,
-                       int, int, int, int);
+typedef void (*row_fn)(const uint8_t *, const int8_t *, const float *, const float *, uint8_t *,
+                       const uint8_t *, int, int, int, int, int, int, int, int);
 
 /* y = requantized grouped 3x3 of x (see the top of this file). Returns 0, or -1 for a shape the
  * kernel does not take (C not a multiple of 16, cpg not 4, 8, 16, 32 or 64, stride not 1 or 2,
  * codes out of range) and -2 where memory for the pad row could not be had. */
-int grouped3x3_u8s8(const uint8_t *x, const int8_t *wp, const int32_t *wsum, const float *m,
-                    const float *b, uint8_t *y, int N, int H, int W, int C, int cpg, int s, int zx,
-                    int zy, int relu, int threads) {
+int grouped3x3_u8s8(const uint8_t *x, const int8_t *wp, const float *m, const float *b,
+                    uint8_t *y, int N, int H, int W, int C, int cpg, int s, int zx, int zy, int relu,
+                    int threads) {
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, lo = relu ? zy : 0, p7 = Wo % 7 == 0;
   row_fn row = cpg == 4    ? (p7 ? row_c4_p7 : row_c4_p8)
                : cpg == 8  ? (p7 ? row_c8_p7 : row_c8_p8)
@@ -151,8 +148,8 @@ int grouped3x3_u8s8(const uint8_t *x, const int8_t *wp, const int32_t *wsum, con
   const long rows = (long)N * Ho;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (long r = 0; r < rows; ++r)
-    row(x + r / Ho * (long)H * W * C, wp, wsum, m, b, y + r * (long)Wo * C, pad, H, W, C, cpg,
-        (int)(r % Ho), Wo, s, zx, zy, lo);
+    row(x + r / Ho * (long)H * W * C, wp, m, b, y + r * (long)Wo * C, pad, H, W, C, cpg,
+        (int)(r % Ho), Wo, s, lo);
   free(pad);
   return 0;
 }
