@@ -17,12 +17,11 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from torch.ao import quantization as tq
 
 import bench_args
 import resnext
 from resnext.speed import grouped_int8
-from resnext.speed.int8 import qconfig, quantize_int8, quantized_engine, resolve_engine
+from resnext.speed.int8 import quantize_conv, quantize_int8, quantized_engine, resolve_engine
 from resnext.speed.measure import interleaved
 from resnext.speed.provenance import write_results
 
@@ -40,16 +39,11 @@ RESNET_WIDTH = {128: 64, 256: 128, 512: 256, 1024: 512}
 
 
 def quantized_conv(channels: int, groups: int, size: int, stride: int, batch: int):
-    """A converted quantized conv+ReLU with random weights, and a quint8 input for it."""
+    """A quantized conv+ReLU with random weights, and a quint8 input for it."""
     conv = nn.Conv2d(channels, channels, 3, stride, 1, groups=groups)
-    net = nn.Sequential(tq.QuantStub(), conv, nn.ReLU(), tq.DeQuantStub()).eval()
-    tq.fuse_modules(net, [["1", "2"]], inplace=True)
-    net.qconfig = qconfig("minmax")
-    tq.prepare(net, inplace=True)
-    x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last)
-    net(x)
-    tq.convert(net, inplace=True)
-    return net[1], net[0](x)
+    return quantize_conv(
+        conv, torch.randn(batch, channels, size, size), relu=True, activation_bits=7
+    )
 
 
 def layer_rows(batch: int, rounds: int) -> dict[str, dict[str, float]]:

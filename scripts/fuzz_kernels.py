@@ -1,7 +1,7 @@
 """Random cases through our C kernels against reference computations, optionally with every kernel
 built with AddressSanitizer.
 
-    .venv/bin/python scripts/fuzz_kernels.py optimize|train|crop [--cases N] [--seed S] [--asan]
+    .venv/bin/python scripts/fuzz_kernels.py optimize|train|crop|int8 [--cases N] [--seed S] [--asan]
 
 - optimize: `resnext.optimize` on random specs and input sizes, float32, bf16 and float16
   products where this CPU runs them, eager and replayed, every chooser's timings drawn at random;
@@ -13,6 +13,10 @@ built with AddressSanitizer.
 - crop: JPEGs from --root with bytes changed, inserted or cut, through the planned path's crop
   decoder and through Pillow: the same verdict (an image or a DataError), except the documented
   one (damage only below the crop, which the crop decoder never reads: counted, not failed).
+- int8: the int8 grouped 3×3 kernel on random layers (channels, group width, stride, ReLU,
+  bias, map sizes from 1 pixel, input ranges that put the zero point anywhere in 0–255, 1 or 2
+  threads) against the quantized convolution's definition in float64: at most one code off,
+  and only at a few rounding ties.
 
 --asan rebuilds the kernels with -fsanitize=address into their own cache folder and runs again
 with libasan (and libstdc++, whose exceptions torch throws) preloaded: a memory error ends the run
@@ -165,6 +169,33 @@ def fuzz_optimize(rng: random.Random, case: int) -> str | None:
     return None
 
 
+def fuzz_int8(rng: random.Random, case: int) -> str | None:
+    """One random int8 grouped 3×3: None, or what went wrong."""
+    from resnext.speed import grouped_int8
+    from resnext.speed.int8 import quantize_conv
+
+    cpg = rng.choice(grouped_int8.SUPPORTED_CPG)
+    groups = rng.choice([g for g in (2, 3, 4, 8, 32) if g * cpg % 16 == 0 and g * cpg <= 2048])
+    channels, stride, relu = groups * cpg, rng.choice([1, 2]), rng.random() < 0.5
+    n, h, w = rng.randint(1, 3), rng.randint(1, 30), rng.randint(1, 30)
+    torch.manual_seed(case)
+    conv = nn.Conv2d(channels, channels, 3, stride, 1, groups=groups, bias=rng.random() < 0.7)
+    # shifted and scaled so that the input's zero point falls anywhere from 0 to 255
+    x = torch.randn(n, channels, h, w) * rng.uniform(0.1, 5) + rng.uniform(-6, 6)
+    qconv, qx = quantize_conv(conv, x, relu=relu, activation_bits=rng.choice([7, 8]))
+    torch.set_num_threads(rng.choice([1, 2]))
+    got = grouped_int8.GroupedInt8(qconv)(qx, float(qconv.scale), int(qconv.zero_point))
+    diff = (got.int_repr().double() - grouped_int8.reference(qconv, qx)).abs()
+    ties = int((diff > 0).sum())
+    if diff.max() > 1 or ties > max(2, 2e-3 * diff.numel()):
+        return (
+            f"{channels} channels, {cpg} a group, stride {stride}, relu {relu}, "
+            f"{(n, h, w)}, input zero point {qx.q_zero_point()}: {ties} codes off, "
+            f"up to {diff.max().item():.0f}"
+        )
+    return None
+
+
 def _last_map_values(model: nn.Module, shape: tuple[int, ...]) -> int:
     """How many values a channel of the network's smallest map has, for an input of `shape`."""
     with torch.no_grad():
@@ -297,7 +328,7 @@ class CropFuzz:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("optimize", "train", "crop"))
+    parser.add_argument("what", choices=("optimize", "train", "crop", "int8"))
     parser.add_argument("--cases", type=int, default=100, help="how many random cases (100)")
     parser.add_argument("--seed", type=int, default=0, help="the cases' generator seed (0)")
     parser.add_argument("--asan", action="store_true", help="kernels built with AddressSanitizer")
@@ -329,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "optimize":
         restore = _draw_choices(rng)
         run = fuzz_optimize
+    elif args.what == "int8":
+        warnings.simplefilter("ignore")  # torch.ao's and quantized tensors' deprecation notices
+        run = fuzz_int8
     threads = torch.get_num_threads()
     failures = []
     try:

@@ -79,3 +79,29 @@ def test_bad_arguments_are_named(fuzz: ModuleType, tmp_path: Path) -> None:
         fuzz.main(["crop", "--root", str(tmp_path)])
     with pytest.raises(SystemExit):
         fuzz.main(["optimize", "--cases", "0"])
+
+
+def test_int8_cases_pass_here_and_a_kernel_two_codes_off_fails(
+    fuzz: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from resnext.speed import grouped_int8
+
+    if grouped_int8.unavailable_reason() is not None:
+        pytest.skip(
+            f"the int8 grouped kernel does not run here: {grouped_int8.unavailable_reason()}"
+        )
+    threads = torch.get_num_threads()
+    assert fuzz.main(["int8", "--cases", "12", "--seed", "5"]) == 0
+    assert "int8: 12 cases, 0 failed" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads
+    real = grouped_int8.GroupedInt8.__call__
+
+    def two_codes_up(self, x, scale, zero_point):
+        y = real(self, x, scale, zero_point)
+        codes = (y.int_repr().int() + 2).clamp(0, 255).to(torch.uint8)
+        return torch._make_per_tensor_quantized_tensor(codes, scale, zero_point)
+
+    monkeypatch.setattr(grouped_int8.GroupedInt8, "__call__", two_codes_up)
+    assert fuzz.main(["int8", "--cases", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "codes off" in out and "int8: 2 cases, 2 failed" in out

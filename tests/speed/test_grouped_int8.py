@@ -8,11 +8,10 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.ao import quantization as tq
 
 import resnext
 from resnext.speed import grouped_int8
-from resnext.speed.int8 import qconfig, quantize_int8, quantized_engine
+from resnext.speed.int8 import quantize_conv, quantize_int8, quantized_engine
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -27,39 +26,9 @@ needs_kernel = pytest.mark.skipif(
 def _quantized_conv(
     channels: int, groups: int, stride: int, relu: bool, x: torch.Tensor, bias: bool = True
 ) -> tuple[nn.Module, torch.Tensor]:
-    """A quantized (conv [+ ReLU]) converted by torch.ao with random weights, and x quantized
-    as its input."""
+    """A quantized grouped 3×3 (+ ReLU) with random weights, and x quantized as its input."""
     conv = nn.Conv2d(channels, channels, 3, stride, 1, groups=groups, bias=bias)
-    layers = [conv, nn.ReLU()] if relu else [conv]
-    net = nn.Sequential(tq.QuantStub(), *layers, tq.DeQuantStub()).eval()
-    if relu:
-        tq.fuse_modules(net, [["1", "2"]], inplace=True)
-    net.qconfig = qconfig("minmax", 8)
-    with quantized_engine("auto"):
-        tq.prepare(net, inplace=True)
-        net(x)
-        tq.convert(net, inplace=True)
-    return net[1], net[0](x.contiguous(memory_format=torch.channels_last))
-
-
-def _by_hand(conv: nn.Module, qx: torch.Tensor) -> torch.Tensor:
-    """The quantized convolution's definition in float64: dequantize input and weights, convolve
-    (zero padding), add the bias, ReLU if fused, requantize to the output's scale (round to
-    nearest even, clamp to uint8)."""
-    w = conv.weight().dequantize().double()
-    bias = conv.bias()
-    y = nn.functional.conv2d(
-        qx.dequantize().double(),
-        w,
-        None if bias is None else bias.double(),
-        conv.stride,
-        1,
-        1,
-        conv.groups,
-    )
-    if type(conv).__name__ == "ConvReLU2d":
-        y = y.clamp(min=0)
-    return (torch.round(y / conv.scale) + conv.zero_point).clamp(0, 255)
+    return quantize_conv(conv, x, relu=relu)
 
 
 CASES = [
@@ -87,7 +56,7 @@ def test_the_kernel_computes_the_quantized_convolution(
     got = grouped_int8.GroupedInt8(conv)(qx, float(conv.scale), int(conv.zero_point))
     assert got.dtype == torch.quint8 and got.q_scale() == conv.scale
     codes = got.int_repr().double()
-    hand = _by_hand(conv, qx)
+    hand = grouped_int8.reference(conv, qx)
     with quantized_engine("auto"):
         engine = conv(qx).int_repr().double()
     assert codes.shape == engine.shape == hand.shape
@@ -108,7 +77,7 @@ def test_a_one_pixel_image_reads_the_zero_point_all_around() -> None:
     conv, qx = _quantized_conv(64, 8, 1, False, x, bias=False)
     got = grouped_int8.GroupedInt8(conv)(qx, float(conv.scale), int(conv.zero_point))
     # only the centre tap sees the image
-    assert (got.int_repr().double() - _by_hand(conv, qx)).abs().max() <= 1
+    assert (got.int_repr().double() - grouped_int8.reference(conv, qx)).abs().max() <= 1
 
 
 def test_layers_it_does_not_take_are_left_to_torch() -> None:

@@ -156,3 +156,23 @@ class GroupedInt8:
         if rc != 0:
             raise RuntimeError(f"grouped3x3_u8s8 failed ({rc}) on {tuple(x.shape)}, cpg {self.cpg}")
         return y
+
+
+def reference(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The codes a quantized (grouped) 3×3 `conv` should give for the quint8 map `x`, by its
+    definition in float64: dequantize the input and weights, convolve with zero padding, add the
+    bias, ReLU if fused, requantize to the output's scale (round half to even, clamp to uint8).
+    Independent of the kernel and of torch's engines: what tests and the fuzzer check both by."""
+    bias = conv.bias()
+    y = nn.functional.conv2d(
+        x.dequantize().double(),
+        conv.weight().dequantize().double(),
+        None if bias is None else bias.double(),
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+    )
+    if type(conv).__name__ == "ConvReLU2d":
+        y = y.clamp(min=0)
+    return (torch.round(y / conv.scale) + conv.zero_point).clamp(0, 255)

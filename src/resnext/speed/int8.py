@@ -317,3 +317,30 @@ def int8_template(model: ResNeXt, *, engine: str = "auto") -> Int8ResNeXt:
     check_quantizable(model)
     probe = torch.rand(1, model.spec.in_chans, 32, 32)
     return _converted(model, [probe], engine, "minmax")
+
+
+def quantize_conv(
+    conv: nn.Conv2d,
+    x: torch.Tensor,
+    *,
+    relu: bool = False,
+    observer: str = "minmax",
+    activation_bits: int = 8,
+    engine: str = "auto",
+) -> tuple[nn.Module, torch.Tensor]:
+    """One float convolution (and a ReLU after it, fused) quantized as `quantize_int8` quantizes
+    a network's, its input and output ranges observed on `x`; returns the quantized module and
+    `x` quantized as its input (channels-last): one layer's int8 function, for kernels' checks
+    and benchmarks."""
+    layers = [copy.deepcopy(conv).eval()] + ([nn.ReLU()] if relu else [])
+    net = nn.Sequential(tq.QuantStub(), *layers, tq.DeQuantStub()).eval()
+    if relu:
+        tq.fuse_modules(net, [["1", "2"]], inplace=True)
+    net.qconfig = qconfig(observer, activation_bits)
+    with quantized_engine(engine), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", ".*quantized tensor creation functions", UserWarning)
+        tq.prepare(net, inplace=True)
+        net(x)
+        tq.convert(net, inplace=True)
+        return net[1], net[0](x.contiguous(memory_format=torch.channels_last))
