@@ -156,12 +156,25 @@ def test_the_inference_benchmark_builds_its_int8_variant_on_a_batch_of_its_own()
     model = resnext.create_model("resnext_tiny_in").eval()
     x = torch.randn(2, 3, 32, 32)
     fn, _ = build_runner("eager-int8", model, x)
+    engine, _ = build_runner("eager-engine-int8", model, x)
     with torch.no_grad():
         got, want = fn(x), model(x)
     assert isinstance(fn, nn.Module) and any(
         m.__class__.__module__.startswith("torch.ao.nn.quantized") for m in fn.modules()
     )
     assert _rel(got, want) < 0.1
+    # the peer variant: every grouped 3×3 on torch's engine, none on our kernel
+    assert all(b.grouped_kernel for s in fn.stage_names for b in getattr(fn, s))
+    assert not any(b.grouped_kernel for s in engine.stage_names for b in getattr(engine, s))
+
+
+def test_auto_engine_is_onednn_where_torch_has_it_else_x86() -> None:
+    from resnext.speed.int8 import resolve_engine
+
+    assert resolve_engine("auto", ["none", "x86", "onednn"]) == "onednn"
+    assert resolve_engine("auto", ["none", "x86", "fbgemm"]) == "x86"
+    assert resolve_engine("fbgemm", ["none", "x86", "onednn"]) == "fbgemm"  # asked: as asked
+    assert resolve_engine("auto") in torch.backends.quantized.supported_engines
 
 
 @pytest.mark.parametrize("bits", [7, 8])
