@@ -27,7 +27,7 @@ SUPPORTED_CPG = (4, 8, 16, 32, 64)
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
+def _library() -> ctypes.CDLL:
     """The kernel, built for this CPU and loaded (NativeUnavailable where it cannot be)."""
     lib = native.load(SOURCE, FLAGS, cpu_needs=CPU_NEEDS)
     fn = lib.grouped3x3_u8s8
@@ -42,7 +42,7 @@ def unavailable_reason() -> str | None:
     missing = CPU_NEEDS - cpu_flags()
     if missing:
         return f"this CPU lacks {sorted(missing)}"
-    return native.problem(library)
+    return native.problem(_library)
 
 
 def supports(conv: nn.Module) -> bool:
@@ -148,7 +148,7 @@ class GroupedInt8:
             memory_format=torch.channels_last,
         )
         m, b = self._requant(x.q_scale(), x.q_zero_point(), out_scale, out_zero_point)
-        rc = library().grouped3x3_u8s8(
+        rc = _library().grouped3x3_u8s8(
             x.data_ptr(), self.weights.data_ptr(), m.data_ptr(), b.data_ptr(), y.data_ptr(),
             n, h, w, c, self.cpg, s, x.q_zero_point(), out_zero_point, int(self.relu),
             torch.get_num_threads(),
