@@ -6,11 +6,12 @@ Per layer (ResNeXt-50 32×4d's grouped 3×3s, stride 1 and the stride-2 first bl
 (`engine-grouped`), our kernel (`ours-grouped`) and ResNet-50's dense int8 3×3 of the same stage
 (`engine-dense-resnet50`). Then the networks (random weights, calibrated on a batch of their own)
 timed by layer kind with forward hooks: ResNeXt-50 with the grouped 3×3s on the engine and on our
-kernel, and ResNet-50.
+kernel, and ResNet-50, in rounds that alternate their order (medians).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from collections import defaultdict
@@ -71,9 +72,9 @@ def layer_rows(batch: int, rounds: int) -> dict[str, dict[str, float]]:
     return rows
 
 
-def profile(name: str, kernel: bool, batch: int, passes: int = 5) -> dict[str, float]:
-    """ms per image by layer kind in the int8 network (grouped 3×3 timed around the block's
-    conv2 call, whichever runs it)."""
+def timed_network(name: str, kernel: bool, batch: int):
+    """The int8 network (random weights, calibrated on a batch of its own) with its 3×3s timed:
+    (net, per-kind seconds of the last forward, which the hooks fill)."""
     model = resnext.create_model(name).eval()
     calibration = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     net = quantize_int8(model, [calibration]).use_grouped_kernel(kernel)
@@ -88,19 +89,40 @@ def profile(name: str, kernel: bool, batch: int, passes: int = 5) -> dict[str, f
             totals[kind] += time.perf_counter() - start
             return out
 
-        block._conv2 = timed
+        block._conv2 = timed  # around the block's conv2 call, whichever runs it
+    return net, totals
+
+
+def profiles(batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """ms per image by layer kind, median over rounds that alternate the networks' order."""
+    nets = {
+        "resnext50_32x4d": timed_network("resnext50_32x4d", False, batch),
+        "resnext50_32x4d+ours": timed_network("resnext50_32x4d", True, batch),
+        "resnet50": timed_network("resnet50", False, batch),
+    }
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    samples: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in nets}
+    order = list(nets)
     with torch.no_grad():
-        net(x)
-        totals.clear()
-        start = time.perf_counter()
-        for _ in range(passes):
+        for net, _ in nets.values():
             net(x)
-        total = (time.perf_counter() - start) / passes
-    out = {k: 1e3 * v / passes / batch for k, v in totals.items()}
-    out["everything else"] = 1e3 * total / batch - sum(out.values())
-    out["total"] = 1e3 * total / batch
-    return out
+        for r in range(rounds):
+            for label in order[r % 3 :] + order[: r % 3] if r % 2 == 0 else order[::-1]:
+                net, totals = nets[label]
+                totals.clear()
+                start = time.perf_counter()
+                net(x)
+                total = time.perf_counter() - start
+                for kind, seconds in totals.items():
+                    samples[label][kind].append(1e3 * seconds / batch)
+                samples[label]["everything else"].append(
+                    1e3 * (total - sum(totals.values())) / batch
+                )
+                samples[label]["total"].append(1e3 * total / batch)
+    return {
+        label: {kind: statistics.median(v) for kind, v in kinds.items()}
+        for label, kinds in samples.items()
+    }
 
 
 def main() -> int:
@@ -115,18 +137,10 @@ def main() -> int:
     with warnings.catch_warnings(), quantized_engine(engine):
         warnings.simplefilter("ignore")  # torch.ao's and quantized tensors' deprecation notices
         results["layers"] = layer_rows(args.batch, args.rounds)
-        profiles = {}
-        for name, kernel in (
-            ("resnext50_32x4d", False),
-            ("resnext50_32x4d", True),
-            ("resnet50", False),
-        ):
-            label = f"{name}+ours" if kernel else name
-            profiles[label] = profile(name, kernel, args.batch)
-            print(
-                f"{label} ms/img: " + ", ".join(f"{k} {v:.2f}" for k, v in profiles[label].items())
-            )
-        results["profile"] = profiles
+        by_kind = profiles(args.batch, args.rounds)
+        for label, kinds in by_kind.items():
+            print(f"{label} ms/img: " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
+        results["profile"] = by_kind
     path = write_results(args.out, "bench-int8-grouped", vars(args), results)
     print(f"results: {path}")
     return 0
