@@ -117,9 +117,8 @@ class GroupedInt8:
         self.cpg = conv.out_channels // conv.groups
         self.stride = conv.stride[0]
         self.relu = type(conv).__name__ == "ConvReLU2d"
-        self._constants: tuple[tuple[float, int, float, int], torch.Tensor, torch.Tensor] | None = (
-            None
-        )
+        # (input scale and zero point, output scale and zero point): their (m, b), made once
+        self._constants: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def _requant(
         self, in_scale: float, in_zero: int, out_scale: float, out_zero: int

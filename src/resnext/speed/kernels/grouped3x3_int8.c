@@ -5,10 +5,13 @@
  * (RESULTS.md, stop 62). Here one 512-bit register holds the int32 sums of 16 consecutive output
  * channels, and each VPDPBUSD adds, per lane, the products of four uint8 input channels of the
  * lane's group with its four int8 weights: 64 multiply-adds an instruction, at every group width.
- *  - 4 or 8 channels per group: the 16 lanes span 4 or 2 groups. One 16-byte load holds the
- *    block's input channels; a dword permute gives each lane its group's quad (8 channels: two
- *    permutes, one per quad).
+ *  - 4 channels per group: the 16 lanes span 4 groups, laid out so that the block's 16 input
+ *    bytes broadcast to the four 128-bit lanes give each lane its group's quad;
+ *  - 8: one register per group, its 8 input bytes broadcast to every 64-bit lane, each output's
+ *    two quads in neighbouring lanes;
  *  - 16 or more: all 16 lanes share one group, and each of its quads is broadcast from memory.
+ * Every input load is a broadcast from memory: no shuffle in the inner loop (the layouts'
+ * permutes come once per output pixel, with the requantization).
  *
  * Quantized arithmetic, as torch's engines define it: with input codes x (zero point zx), weight
  * codes w (symmetric, per output channel), sum = sum_taps,ci (x - zx) w = sum x w - zx * wsum,
