@@ -130,8 +130,8 @@ def main() -> int:
     args = parser.parse_args()
     reason = grouped_int8.unavailable_reason()
     if reason is not None:
-        print(f"our int8 grouped kernel does not run here: {reason}")
-        return 1
+        print(f"skipped: our int8 grouped kernel cannot run here ({reason})")
+        return 0
     engine = resolve_engine("auto")
     results: dict[str, object] = {"engine": engine}
     with warnings.catch_warnings(), quantized_engine(engine):
