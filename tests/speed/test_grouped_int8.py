@@ -35,7 +35,7 @@ CASES = [
     (cpg, stride, relu, size)
     for cpg in grouped_int8.SUPPORTED_CPG
     for stride in (1, 2)
-    for relu, size in (((True, (9, 13)), (False, (6, 5))) if stride == 1 else ((True, (10, 7)),))
+    for relu, size in (((True, (5, 28)), (False, (6, 5))) if stride == 1 else ((True, (10, 7)),))
 ]
 
 
