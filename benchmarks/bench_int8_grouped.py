@@ -77,7 +77,7 @@ def timed_network(name: str, kernel: bool, batch: int):
     (net, per-kind seconds of the last forward, which the hooks fill)."""
     model = resnext.create_model(name).eval()
     calibration = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    net = quantize_int8(model, [calibration]).use_grouped_kernel(kernel)
+    net = quantize_int8(model, [calibration]).use_kernels(kernel)
     totals: dict[str, float] = defaultdict(float)
     for block in (b for s in net.stage_names for b in getattr(net, s)):
         inner = block._conv2

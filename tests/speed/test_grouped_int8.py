@@ -115,7 +115,7 @@ def test_the_network_on_our_kernel_computes_what_it_computes_on_torchs_engine() 
         ours = net(x)
         blocks = [b for s in net.stage_names for b in getattr(net, s)]
         assert all(b._kernel is not None and b._kernel[1] is not None for b in blocks)
-        engine = net.use_grouped_kernel(False)(x)
+        engine = net.use_kernels(False)(x)
     assert set(net.state_dict()) == keys  # the kernel adds nothing to the state dict
     assert ((ours - engine).abs().max() / engine.abs().max()).item() < 0.02
     assert (ours.argmax(1) == engine.argmax(1)).all()
@@ -138,5 +138,5 @@ def test_weights_loaded_after_a_forward_are_the_ones_it_runs() -> None:
         )
         net(x)  # packs net's own grouped weights
         net.load_state_dict(copy.deepcopy(other.state_dict()))
-        got, want = net(x), other.use_grouped_kernel(False)(x)
+        got, want = net(x), other.use_kernels(False)(x)
     assert ((got - want).abs().max() / want.abs().max()).item() < 0.02

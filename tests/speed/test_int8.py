@@ -164,8 +164,8 @@ def test_the_inference_benchmark_builds_its_int8_variant_on_a_batch_of_its_own()
     )
     assert _rel(got, want) < 0.1
     # the peer variant: every grouped 3×3 on torch's engine, none on our kernel
-    assert all(b.grouped_kernel for s in fn.stage_names for b in getattr(fn, s))
-    assert not any(b.grouped_kernel for s in engine.stage_names for b in getattr(engine, s))
+    assert all(b.kernels for s in fn.stage_names for b in getattr(fn, s))
+    assert not any(b.kernels for s in engine.stage_names for b in getattr(engine, s))
 
 
 def test_auto_engine_is_onednn_where_torch_has_it_else_x86() -> None:

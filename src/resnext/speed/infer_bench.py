@@ -115,8 +115,8 @@ def build_runner(
         if variant != "ort-int8":
             from resnext.speed.int8 import quantize_int8  # torch.ao's quantization, when asked
 
-            # eager-engine-int8: every convolution on torch's quantized engine, none on our kernel
-            fn = quantize_int8(model, [calibration]).use_grouped_kernel(variant == "eager-int8")
+            # eager-engine-int8: every op on torch's quantized engine, none on our int8 kernels
+            fn = quantize_int8(model, [calibration]).use_kernels(variant == "eager-int8")
         else:
             session = peers.onnxruntime_int8_runner(model, example, calibration, threads)
             fn = lambda x: torch.from_numpy(session(x.numpy())[0])  # noqa: E731

@@ -31,7 +31,7 @@ from torch.ao.nn.quantized import FloatFunctional
 
 from resnext.models.blocks import Bottleneck
 from resnext.models.network import ResNeXt
-from resnext.speed import grouped_int8
+from resnext.speed import add_int8, grouped_int8
 from resnext.speed.capability import cpu_flags
 
 ENGINES = ("auto", "onednn", "x86", "fbgemm")
@@ -69,8 +69,10 @@ class Int8Bottleneck(nn.Module):
     `relu1`, `relu2` and `skip_add_relu` (the residual add and ReLU, quantized as one op).
 
     Once quantized, its grouped 3×3 runs on our int8 kernel (`resnext.speed.grouped_int8`) where
-    the CPU has AVX512-VNNI and the kernel takes the layer, unless `grouped_kernel` is False; the
-    kernel reads `conv2`'s own weights, so the state dict is the same either way."""
+    the CPU has AVX512-VNNI and the kernel takes the layer, and its residual add-and-ReLU on ours
+    (`resnext.speed.add_int8`) where the CPU has AVX-512, unless `kernels` is False. They read
+    `conv2`'s and `skip_add_relu`'s own weights and scales, so the state dict is the same either
+    way."""
 
     def __init__(self, block: Bottleneck) -> None:
         super().__init__()
@@ -80,14 +82,14 @@ class Int8Bottleneck(nn.Module):
         self.relu = nn.ReLU()  # after conv3 where there is no residual; else unused, as there
         self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
         self.skip_add_relu = FloatFunctional()
-        self.grouped_kernel = True
+        self.kernels = True
         # (the quantized conv2's packed weights, our kernel for them or None): not a module, so
         # neither in the state dict nor stale after new weights are loaded into conv2
         self._kernel: tuple[object, grouped_int8.GroupedInt8 | None] | None = None
 
     def _conv2(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv2
-        if self.grouped_kernel and x.is_quantized:
+        if self.kernels and x.is_quantized:
             packed = getattr(conv, "_packed_params", None)
             if self._kernel is None or self._kernel[0] is not packed:
                 takes = grouped_int8.unavailable_reason() is None and grouped_int8.supports(conv)
@@ -104,7 +106,10 @@ class Int8Bottleneck(nn.Module):
         if not self.residual:
             return self.relu(out)
         identity = x if self.downsample is None else self.downsample(x)
-        return self.skip_add_relu.add_relu(out, identity)
+        add = self.skip_add_relu
+        if self.kernels and add_int8.unavailable_reason() is None and add_int8.takes(out, identity):
+            return add_int8.add_relu(out, identity, float(add.scale), int(add.zero_point))
+        return add.add_relu(out, identity)
 
     def fuse(self) -> None:
         """Fold each batch norm into its convolution (and the ReLU after it), in place."""
@@ -179,12 +184,13 @@ class Int8ResNeXt(nn.Module):
         q = torch.quantize_per_tensor(x, float(out.scale), int(out.zero_point), torch.quint8)
         return self._head(q)
 
-    def use_grouped_kernel(self, enabled: bool = True) -> Int8ResNeXt:
-        """Whether the grouped 3×3s run on our int8 kernel where it runs (the default) or on
-        torch's quantized engine (for comparison); returns the network."""
+    def use_kernels(self, enabled: bool = True) -> Int8ResNeXt:
+        """Whether the grouped 3×3s and the residual add-and-ReLUs run on our int8 kernels where
+        they run (the default) or on torch's quantized engine (for comparison); returns the
+        network."""
         for name in self.stage_names:
             for block in getattr(self, name):
-                block.grouped_kernel = enabled
+                block.kernels = enabled
         return self
 
     def fuse(self) -> None:
