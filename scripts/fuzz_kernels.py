@@ -15,8 +15,9 @@ built with AddressSanitizer.
   one (damage only below the crop, which the crop decoder never reads: counted, not failed).
 - int8: the int8 grouped 3×3 kernel on random layers (channels, group width, stride, ReLU,
   bias, map sizes from 1 pixel, input ranges that put the zero point anywhere in 0–255, 1 or 2
-  threads) against the quantized convolution's definition in float64: at most one code off,
-  and only at a few rounding ties.
+  threads) against the quantized convolution's definition in float64, and the int8 add-and-ReLU
+  kernel on random pairs of maps (sizes from one value, either layout, scales and zero points
+  anywhere) against the quantized add's: at most one code off, and only at a few rounding ties.
 
 --asan rebuilds the kernels with -fsanitize=address into their own cache folder and runs again
 with libasan (and libstdc++, whose exceptions torch throws) preloaded: a memory error ends the run
@@ -185,14 +186,42 @@ def fuzz_int8(rng: random.Random, case: int) -> str | None:
     qconv, qx = quantize_conv(conv, x, relu=relu, activation_bits=rng.choice([7, 8]))
     torch.set_num_threads(rng.choice([1, 2]))
     got = grouped_int8.GroupedInt8(qconv)(qx, float(qconv.scale), int(qconv.zero_point))
-    diff = (got.int_repr().double() - grouped_int8.reference(qconv, qx)).abs()
-    ties = int((diff > 0).sum())
-    if diff.max() > 1 or ties > max(2, 2e-3 * diff.numel()):
+    problem = _codes_off(got, grouped_int8.reference(qconv, qx))
+    if problem is not None:
         return (
             f"{channels} channels, {cpg} a group, stride {stride}, relu {relu}, "
-            f"{(n, h, w)}, input zero point {qx.q_zero_point()}: {ties} codes off, "
-            f"up to {diff.max().item():.0f}"
+            f"{(n, h, w)}, input zero point {qx.q_zero_point()}: {problem}"
         )
+    return _fuzz_int8_add(rng)
+
+
+def _codes_off(got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None where the codes differ from the reference's by at most one, at a few ties."""
+    diff = (got.int_repr().double() - want).abs()
+    ties = int((diff > 0).sum())
+    if diff.max() > 1 or ties > max(2, 2e-3 * diff.numel()):
+        return f"{ties} codes off, up to {diff.max().item():.0f}"
+    return None
+
+
+def _fuzz_int8_add(rng: random.Random) -> str | None:
+    """One random int8 add-and-ReLU of two maps: None, or what went wrong."""
+    from resnext.speed import add_int8
+
+    shape = (rng.randint(1, 3), rng.randint(1, 70), rng.randint(1, 9), rng.randint(1, 9))
+    fmt = rng.choice([torch.channels_last, torch.contiguous_format])
+    a, b = (
+        torch.quantize_per_tensor(
+            torch.randn(shape) * rng.uniform(0.1, 5), rng.uniform(0.005, 0.2),
+            rng.randint(0, 255), torch.quint8,
+        ).contiguous(memory_format=fmt)
+        for _ in range(2)
+    )  # fmt: skip
+    scale, zero_point, relu = rng.uniform(0.005, 0.2), rng.randint(0, 255), rng.random() < 0.5
+    got = add_int8.add_relu(a, b, scale, zero_point, relu)
+    problem = _codes_off(got, add_int8.reference(a, b, scale, zero_point, relu))
+    if problem is not None:
+        return f"add of {shape}, relu {relu}: {problem}"
     return None
 
 

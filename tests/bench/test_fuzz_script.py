@@ -84,7 +84,7 @@ def test_bad_arguments_are_named(fuzz: ModuleType, tmp_path: Path) -> None:
 def test_int8_cases_pass_here_and_a_kernel_two_codes_off_fails(
     fuzz: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    from resnext.speed import grouped_int8
+    from resnext.speed import add_int8, grouped_int8
 
     if grouped_int8.unavailable_reason() is not None:
         pytest.skip(
@@ -105,3 +105,16 @@ def test_int8_cases_pass_here_and_a_kernel_two_codes_off_fails(
     assert fuzz.main(["int8", "--cases", "2"]) == 1
     out = capsys.readouterr().out
     assert "codes off" in out and "int8: 2 cases, 2 failed" in out
+    # and the add kernel, checked in each case after the convolution
+    monkeypatch.setattr(grouped_int8.GroupedInt8, "__call__", real)
+    real_add = add_int8.add_relu
+
+    def add_two_codes_up(a, b, scale, zero_point, relu=True):
+        y = real_add(a, b, scale, zero_point, relu)
+        codes = (y.int_repr().int() + 2).clamp(0, 255).to(torch.uint8)
+        return torch._make_per_tensor_quantized_tensor(codes, scale, zero_point)
+
+    monkeypatch.setattr(add_int8, "add_relu", add_two_codes_up)
+    assert fuzz.main(["int8", "--cases", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "add of" in out and "int8: 2 cases, 2 failed" in out

@@ -108,15 +108,24 @@ def _quantized() -> tuple[nn.Module, torch.Tensor]:
 
 
 @needs_kernel
-def test_the_network_on_our_kernel_computes_what_it_computes_on_torchs_engine() -> None:
+def test_the_network_on_our_kernels_computes_what_it_computes_on_torchs_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from resnext.speed import add_int8
+
     net, x = _quantized()
     keys = set(net.state_dict())
+    adds = []
+    real_add = add_int8.add_relu
+    monkeypatch.setattr(add_int8, "add_relu", lambda *a: adds.append(1) or real_add(*a))
     with torch.no_grad():
         ours = net(x)
         blocks = [b for s in net.stage_names for b in getattr(net, s)]
         assert all(b._kernel is not None and b._kernel[1] is not None for b in blocks)
+        assert len(adds) == len(blocks) or add_int8.unavailable_reason() is not None
         engine = net.use_kernels(False)(x)
-    assert set(net.state_dict()) == keys  # the kernel adds nothing to the state dict
+    assert len(adds) in (0, len(blocks))  # none with the kernels off
+    assert set(net.state_dict()) == keys  # the kernels add nothing to the state dict
     assert ((ours - engine).abs().max() / engine.abs().max()).item() < 0.02
     assert (ours.argmax(1) == engine.argmax(1)).all()
 

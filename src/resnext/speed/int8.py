@@ -106,6 +106,9 @@ class Int8Bottleneck(nn.Module):
         if not self.residual:
             return self.relu(out)
         identity = x if self.downsample is None else self.downsample(x)
+        return self._add_relu(out, identity)
+
+    def _add_relu(self, out: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
         add = self.skip_add_relu
         if self.kernels and add_int8.unavailable_reason() is None and add_int8.takes(out, identity):
             return add_int8.add_relu(out, identity, float(add.scale), int(add.zero_point))

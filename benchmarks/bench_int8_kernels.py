@@ -1,16 +1,20 @@
-"""Int8 grouped 3×3s: our VNNI kernel vs torch's quantized engine, per ResNeXt-50 layer and in the network.
+"""Our int8 kernels (grouped 3×3s, residual add-and-ReLUs) vs torch's quantized engine, per layer and in the network.
 
-Usage: .venv/bin/python benchmarks/bench_int8_grouped.py [--batch 16] [--rounds 7]
+Usage: .venv/bin/python benchmarks/bench_int8_kernels.py [--batch 16] [--rounds 7]
 Per layer (ResNeXt-50 32×4d's grouped 3×3s, stride 1 and the stride-2 first blocks of stages
 2–4), side by side in interleaved rounds: torch's quantized convolution on its engine
 (`engine-grouped`), our kernel (`ours-grouped`) and ResNet-50's dense int8 3×3 of the same stage
-(`engine-dense-resnet50`). Then the networks (random weights, calibrated on a batch of their own)
-timed by layer kind with forward hooks: ResNeXt-50 with the grouped 3×3s on the engine and on our
-kernel, and ResNet-50, in rounds that alternate their order (medians).
+(`engine-dense-resnet50`). Per residual add (each stage's output shape): torch's add_relu and
+ours. Then the networks (random weights, calibrated on a batch of their own) timed by layer kind
+(the blocks' 3×3s and residual adds, whichever runs them): ResNeXt-50 and ResNet-50, each on
+torch's engine alone and with our kernels, in rounds that alternate their order (medians).
+(Named bench_int8_grouped.py in stop 63 before the add kernel; its records are
+bench-int8-grouped-*.json.)
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 import warnings
@@ -18,10 +22,11 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized import QFunctional
 
 import bench_args
 import resnext
-from resnext.speed import grouped_int8
+from resnext.speed import add_int8, grouped_int8
 from resnext.speed.int8 import quantize_conv, quantize_int8, quantized_engine, resolve_engine
 from resnext.speed.measure import interleaved
 from resnext.speed.provenance import write_results
@@ -72,9 +77,37 @@ def layer_rows(batch: int, rounds: int) -> dict[str, dict[str, float]]:
     return rows
 
 
+# (N-less shape) of each ResNeXt-50 (and ResNet-50) stage's residual add
+ADDS = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
+
+
+def add_rows(batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    rows: dict[str, dict[str, float]] = {}
+    for c, size in ADDS:
+        a, b = (
+            torch.quantize_per_tensor(torch.randn(batch, c, size, size), scale, zp, torch.quint8)
+            for scale, zp in ((0.0513, 117), (0.0731, 96))
+        )
+        a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+        engine = QFunctional()
+        engine.scale, engine.zero_point = 0.0617, 0
+        variants = {
+            "engine-add-relu": (functools.partial(engine.add_relu, a, b), batch),
+            "ours-add-relu": (functools.partial(add_int8.add_relu, a, b, 0.0617, 0), batch),
+        }
+        timings = interleaved(variants, rounds=rounds, iters=5)
+        key = f"c{c}/{size}x{size}"
+        rows[key] = {v: 1e3 * t.median_s / batch for v, t in timings.items()}
+        ours, theirs = rows[key]["ours-add-relu"], rows[key]["engine-add-relu"]
+        print(
+            f"add {key:14s} ms/img: engine {theirs:.3f}  ours {ours:.3f}  engine/ours {theirs / ours:.2f}"
+        )
+    return rows
+
+
 def timed_network(name: str, kernel: bool, batch: int):
-    """The int8 network (random weights, calibrated on a batch of its own) with its 3×3s timed:
-    (net, per-kind seconds of the last forward, which the hooks fill)."""
+    """The int8 network (random weights, calibrated on a batch of its own) with its 3×3s and
+    residual adds timed: (net, per-kind seconds of the last forward, which the wrappers fill)."""
     model = resnext.create_model(name).eval()
     calibration = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     net = quantize_int8(model, [calibration]).use_kernels(kernel)
@@ -90,15 +123,24 @@ def timed_network(name: str, kernel: bool, batch: int):
             return out
 
         block._conv2 = timed  # around the block's conv2 call, whichever runs it
+        if block.residual:
+            block._add_relu = functools.partial(_timed_add, block._add_relu, totals)
     return net, totals
+
+
+def _timed_add(inner, totals, out, identity):
+    start = time.perf_counter()
+    y = inner(out, identity)
+    totals["residual add"] += time.perf_counter() - start
+    return y
 
 
 def profiles(batch: int, rounds: int) -> dict[str, dict[str, float]]:
     """ms per image by layer kind, median over rounds that alternate the networks' order."""
     nets = {
-        "resnext50_32x4d": timed_network("resnext50_32x4d", False, batch),
-        "resnext50_32x4d+ours": timed_network("resnext50_32x4d", True, batch),
-        "resnet50": timed_network("resnet50", False, batch),
+        f"{name}{'+ours' if kernels else ''}": timed_network(name, kernels, batch)
+        for name in ("resnext50_32x4d", "resnet50")
+        for kernels in (False, True)
     }
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     samples: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in nets}
@@ -107,7 +149,8 @@ def profiles(batch: int, rounds: int) -> dict[str, dict[str, float]]:
         for net, _ in nets.values():
             net(x)
         for r in range(rounds):
-            for label in order[r % 3 :] + order[: r % 3] if r % 2 == 0 else order[::-1]:
+            turn = order[r % len(order) :] + order[: r % len(order)]
+            for label in turn if r % 2 == 0 else turn[::-1]:
                 net, totals = nets[label]
                 totals.clear()
                 start = time.perf_counter()
@@ -137,11 +180,12 @@ def main() -> int:
     with warnings.catch_warnings(), quantized_engine(engine):
         warnings.simplefilter("ignore")  # torch.ao's and quantized tensors' deprecation notices
         results["layers"] = layer_rows(args.batch, args.rounds)
+        results["adds"] = add_rows(args.batch, args.rounds)
         by_kind = profiles(args.batch, args.rounds)
         for label, kinds in by_kind.items():
             print(f"{label} ms/img: " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
         results["profile"] = by_kind
-    path = write_results(args.out, "bench-int8-grouped", vars(args), results)
+    path = write_results(args.out, "bench-int8-kernels", vars(args), results)
     print(f"results: {path}")
     return 0
 
