@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from resnext import native
-from resnext.speed.capability import cpu_flags
 
 SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_int8.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp")
@@ -38,10 +37,8 @@ def _library() -> ctypes.CDLL:
 
 @functools.cache
 def unavailable_reason() -> str | None:
-    """None where the kernel runs on this machine, else why not (one line); checked once."""
-    missing = CPU_NEEDS - cpu_flags()
-    if missing:
-        return f"this CPU lacks {sorted(missing)}"
+    """None where the kernel runs on this machine, else why not (one line: the CPU flags it
+    lacks, or why it could not be built); checked once."""
     return native.problem(_library)
 
 
