@@ -71,3 +71,4 @@ def test_maps_it_does_not_take_are_refused_or_left_to_torch() -> None:
     assert not add_int8.takes(qint8, qint8)
     with pytest.raises(ValueError, match="a, b: expected two per-tensor quint8 maps"):
         add_int8.add_relu(a, nchw, 0.1, 0)
+    assert add_int8.add_relu_if_taken(a, nchw, 0.1, 0) is None  # the network's fallback

@@ -88,6 +88,11 @@ def test_layers_it_does_not_take_are_left_to_torch() -> None:
     assert not grouped_int8.supports(nn.Conv2d(64, 64, 3, padding=1, groups=16))  # float
     with pytest.raises(ValueError, match="conv: expected a quantized grouped 3×3"):
         grouped_int8.GroupedInt8(dense)
+    grouped, qx = _quantized_conv(64, 16, 1, True, torch.randn(1, 64, 6, 6))
+    with pytest.raises(
+        ValueError, match=r"x: expected a per-tensor quint8 map, got torch\.float32"
+    ):
+        grouped_int8.GroupedInt8(grouped)(qx.dequantize(), 0.1, 0)
 
 
 # 4, 8, 16 and 32 channels per group in stages 1-4, the stride-2 first blocks among them
@@ -116,8 +121,8 @@ def test_the_network_on_our_kernels_computes_what_it_computes_on_torchs_engine(
     net, x = _quantized()
     keys = set(net.state_dict())
     adds = []
-    real_add = add_int8.add_relu
-    monkeypatch.setattr(add_int8, "add_relu", lambda *a: adds.append(1) or real_add(*a))
+    real_add = add_int8.add_relu_if_taken
+    monkeypatch.setattr(add_int8, "add_relu_if_taken", lambda *a: adds.append(1) or real_add(*a))
     with torch.no_grad():
         ours = net(x)
         blocks = [b for s in net.stage_names for b in getattr(net, s)]

@@ -60,18 +60,29 @@ def add_relu(
     a: torch.Tensor, b: torch.Tensor, scale: float, zero_point: int, relu: bool = True
 ) -> torch.Tensor:
     """a + b (and ReLU) requantized to `scale` and `zero_point`, in a's memory layout."""
-    if not takes(a, b):
+    y = add_relu_if_taken(a, b, scale, zero_point, relu)
+    if y is None:
         raise ValueError(
             "a, b: expected two per-tensor quint8 maps of one shape and memory layout, got "
             f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}"
         )
-    fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) else None
+    return y
+
+
+def add_relu_if_taken(
+    a: torch.Tensor, b: torch.Tensor, scale: float, zero_point: int, relu: bool = True
+) -> torch.Tensor | None:
+    """`add_relu(a, b, …)`, or None where the kernel does not take the pair (`takes`): the
+    network's residual asks once per call, then falls back to torch's add."""
+    if not takes(a, b):
+        return None
+    fmt = (
+        torch.channels_last
+        if a.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
     y = torch._empty_affine_quantized(
-        a.shape,
-        scale=scale,
-        zero_point=zero_point,
-        dtype=torch.quint8,
-        memory_format=fmt or torch.contiguous_format,
+        a.shape, scale=scale, zero_point=zero_point, dtype=torch.quint8, memory_format=fmt
     )
     sa, sb = a.q_scale() / scale, b.q_scale() / scale
     c = zero_point - a.q_zero_point() * sa - b.q_zero_point() * sb

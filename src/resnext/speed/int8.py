@@ -110,8 +110,11 @@ class Int8Bottleneck(nn.Module):
 
     def _add_relu(self, out: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
         add = self.skip_add_relu
-        if self.kernels and add_int8.unavailable_reason() is None and add_int8.takes(out, identity):
-            return add_int8.add_relu(out, identity, float(add.scale), int(add.zero_point))
+        # not while calibrating: float maps, a float add without a scale yet
+        if self.kernels and out.is_quantized and add_int8.unavailable_reason() is None:
+            y = add_int8.add_relu_if_taken(out, identity, float(add.scale), int(add.zero_point))
+            if y is not None:
+                return y
         return add.add_relu(out, identity)
 
     def fuse(self) -> None:
