@@ -143,7 +143,8 @@ def load_model(
         else:
             from resnext.weights import build_with_weights, load_weights
 
-            loaded = load_weights(weights, model_name=model)
+            # A torch file already read above is converted as it is, not read again.
+            loaded = load_weights(weights, model_name=model, payload=read)
             name = model or loaded.model_name
             if not name:
                 raise WeightsError(f"weights {weights}: they name no model; pass a model name")

@@ -17,7 +17,7 @@ import torch
 
 from resnext.errors import WeightsError
 from resnext.weights.formats import PACKED_FC, is_int8_state
-from resnext.weights.load import _listing, _torch_load, fetch
+from resnext.weights.load import _listing, _torch_load, fetch, weights_path
 from resnext.weights.preprocess import imagenet
 from resnext.weights.table import Result, WeightsEntry
 
@@ -87,14 +87,12 @@ def list_int8_weights(model: str | None = None) -> list[str]:
 
 
 def _resolve(source: str | Path, cache_dir: str | Path | None) -> tuple[Path, WeightsEntry | None]:
-    text = str(source)
-    if isinstance(source, Path) or os.path.exists(text):
-        path = Path(source)
+    path = weights_path(source, INT8_WEIGHTS, "int8 weights")
+    if path is not None:
         if not path.is_file():
             raise WeightsError(f"int8 weights file {path} does not exist")
         return path, None
-    if text not in INT8_WEIGHTS and (os.sep in text or text.endswith((".pth", ".pt"))):
-        raise WeightsError(f"int8 weights file {text} does not exist (and it is not an int8 tag)")
+    text = str(source)
     if text not in INT8_WEIGHTS:
         close = difflib.get_close_matches(text, list(INT8_WEIGHTS), n=3, cutoff=0.5)
         hint = f"closest: {', '.join(close)}" if close else f"known: {', '.join(INT8_WEIGHTS)}"

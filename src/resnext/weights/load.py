@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,12 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _CODE_REFUSAL.search(str(exc)):
+            # A malformed pickle (garbage, a truncated legacy file) is damage, not a threat.
+            raise WeightsError(
+                f"{path}: not a readable PyTorch checkpoint (its pickle is malformed: "
+                f"{_unpickler_detail(exc)}). Download or copy it again."
+            ) from None
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f" (it references {found.group(1)})" if found else ""
         raise UnsafeWeightsError(
@@ -77,6 +84,16 @@ def _torch_load(path: Path) -> Any:
         raise WeightsError(
             f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})"
         ) from None
+
+
+# What torch's weights-only unpickler says when a pickle asks for a global, a call or an object.
+_CODE_REFUSAL = re.compile(r"GLOBAL|reduce for unrecognized|create new object|Can only build")
+
+
+def _unpickler_detail(exc: BaseException) -> str:
+    """The unpickler's own reason, without torch's advice around it."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(exc), re.S)
+    return found.group(1) if found else _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -98,10 +115,14 @@ def _read_pickle(path: Path) -> Any:
         raise WeightsError(f"cannot read {path}: {exc}") from None
 
 
-def read_weights_file(path: str | Path) -> LoadedWeights:
-    """Read and convert one weights file; the format is recognised from its suffix and content."""
+def read_weights_file(path: str | Path, *, payload: Any = None) -> LoadedWeights:
+    """Read and convert one weights file; the format is recognised from its suffix and content.
+    `payload`, where not None, is what ``torch.load(path, weights_only=True)`` already returned
+    for it, so that a caller that looked inside the file does not read it a second time."""
     path = Path(path)
     try:
+        if payload is not None:
+            return convert_checkpoint(payload, str(path))
         return _read_weights_file(path)
     except WeightsError as exc:
         if str(path) in str(exc):
@@ -142,16 +163,31 @@ def fetch(entry: WeightsEntry, cache_dir: str | Path | None = None) -> Path:
         )
 
 
-def load_weights(
-    source: str | Path, *, model_name: str | None = None, cache_dir: str | Path | None = None
-) -> LoadedWeights:
-    """Weights from a file path (any supported format) or a weights-table tag (downloaded, cached)."""
+def weights_path(source: str | Path, tags: Container[str], what: str) -> Path | None:
+    """`source` as a file where it names one, None where it can only be one of `tags`; a name
+    that looks like a file and is neither is an error naming it (`what`: "weights", ...)."""
     text = str(source)
     if isinstance(source, Path) or os.path.exists(text):
-        loaded = read_weights_file(source)
+        return Path(source)
+    if text not in tags and (os.sep in text or text.endswith(_FILE_SUFFIXES)):
+        raise WeightsError(f"{what} file {text} does not exist, nor is it one of the {what} tags")
+    return None
+
+
+def load_weights(
+    source: str | Path,
+    *,
+    model_name: str | None = None,
+    cache_dir: str | Path | None = None,
+    payload: Any = None,
+) -> LoadedWeights:
+    """Weights from a file path (any supported format) or a weights-table tag (downloaded, cached);
+    `payload` as for `read_weights_file`."""
+    path = weights_path(source, WEIGHTS, "weights")
+    if path is not None:
+        loaded = read_weights_file(path, payload=payload)
         return dataclasses.replace(loaded, model_name=loaded.model_name or model_name)
-    if text not in WEIGHTS and (os.sep in text or text.endswith(_FILE_SUFFIXES)):
-        raise WeightsError(f"weights file {text} does not exist (and it is not a weights tag)")
+    text = str(source)
     from resnext.weights.int8 import INT8_WEIGHTS  # it builds on this module
 
     if text in INT8_WEIGHTS:
