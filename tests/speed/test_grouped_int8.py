@@ -35,7 +35,11 @@ CASES = [
     (cpg, stride, relu, size)
     for cpg in grouped_int8.SUPPORTED_CPG
     for stride in (1, 2)
-    for relu, size in (((True, (5, 28)), (False, (6, 5))) if stride == 1 else ((True, (10, 7)),))
+    # output rows of 28 and 5 pixels at stride 1, 4 and 14 at stride 2: blocks of 14, 7 and 8
+    # pixels (with a tail) at both strides
+    for relu, size in (
+        ((True, (5, 28)), (False, (6, 5))) if stride == 1 else ((True, (10, 7)), (False, (3, 28)))
+    )
 ]
 
 

@@ -11,7 +11,11 @@
  *    two quads in neighbouring lanes;
  *  - 16 or more: all 16 lanes share one group, and each of its quads is broadcast from memory.
  * Every input load is a broadcast from memory: no shuffle in the inner loop (the layouts'
- * permutes come once per output pixel, with the requantization).
+ * permutes come once per output pixel, with the requantization). A block of P output pixels of
+ * a row is computed kernel row by kernel row: each input pixel of that row is broadcast once and
+ * multiplied by the three weights of the kernel row, held in registers, into every output pixel
+ * it reaches (1.0-1.8x the loop over taps that loaded each input once per tap and output pixel,
+ * RESULTS.md stop 64).
  *
  * Quantized arithmetic, as torch's engines define it: with input codes x (zero point zx), weight
  * codes w (symmetric, per output channel), sum = sum_taps,ci (x - zx) w = sum x w - zx * wsum,
@@ -48,26 +52,31 @@ static inline __m512i pair_sums(__m512i a, __m512i b) {
 }
 
 /* MODE 4 or 8: channels per group (the layouts above; A registers per pixel: 1 or 2); MODE 0:
- * 16 or more, all 16 lanes in one group, each of its Q quads broadcast. P pixels a block. */
-#define DEFINE_ROW(NAME, MODE, Q, P)                                                           \
+ * 16 or more, all 16 lanes in one group, each of its Q quads broadcast. P pixels a block, stride
+ * S. Each input pixel of a block's row is loaded (broadcast) once per register and kernel row,
+ * and used by every output pixel of the block it reaches (up to 3 at stride 1, 2 at stride 2),
+ * with the three weights of that kernel row held in registers. */
+#define DEFINE_ROW(NAME, MODE, Q, P, S)                                                        \
   static void NAME(const uint8_t *xn, const int8_t *wp, const float *m, const float *b,       \
                    uint8_t *yr, const uint8_t *pad, int H, int W, int C, int cpg, int oh,      \
-                   int Wo, int s, int lo) {                                                    \
-    enum { A = MODE == 8 ? 2 : 1, WR = MODE == 0 ? Q : A };                                    \
+                   int Wo, int lo) {                                                           \
+    enum { A = MODE == 8 ? 2 : 1, WR = MODE == 0 ? Q : A, J = (P - 1) * S + 3 };               \
+    const uint8_t *xrow[3];                                                                    \
+    for (int kh = 0; kh < 3; ++kh) {                                                           \
+      const int ih = oh * S - 1 + kh;                                                          \
+      xrow[kh] = ih >= 0 && ih < H ? xn + (long)ih * W * C : 0;                                \
+    }                                                                                          \
     for (int ow0 = 0; ow0 < Wo; ow0 += P) {                                                    \
       const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
-      /* each output pixel's 9 input pixels (the pad row outside the image) */                 \
-      const uint8_t *src[9][P];                                                                \
-      for (int kh = 0; kh < 3; ++kh) {                                                         \
-        const int ih = oh * s - 1 + kh;                                                        \
-        for (int kw = 0; kw < 3; ++kw)                                                         \
-          for (int p = 0; p < P; ++p) {                                                        \
-            const int iw = (ow0 + (p < np ? p : 0)) * s - 1 + kw;                              \
-            src[kh * 3 + kw][p] = ih >= 0 && ih < H && iw >= 0 && iw < W                       \
-                                      ? xn + ((long)ih * W + iw) * C                           \
-                                      : pad;                                                   \
-          }                                                                                    \
-      }                                                                                        \
+      /* the block's input pixels, row by row (the pad row outside the image or the block) */  \
+      const uint8_t *col[3][J];                                                                \
+      for (int kh = 0; kh < 3; ++kh)                                                           \
+        for (int j = 0; j < J; ++j) {                                                          \
+          const int iw = ow0 * S - 1 + j;                                                      \
+          col[kh][j] = xrow[kh] && iw >= 0 && iw < W && j < (np - 1) * S + 3                   \
+                           ? xrow[kh] + (long)iw * C                                           \
+                           : pad;                                                              \
+        }                                                                                      \
       for (int cb = 0; cb < C / 16; ++cb) {                                                    \
         /* the block's own 16 channels (4 or 8 a group), else its group's first channel */     \
         const int off = MODE ? cb * 16 : (cb * 16 / cpg) * cpg;                                \
@@ -76,26 +85,34 @@ static inline __m512i pair_sums(__m512i a, __m512i b) {
         _Pragma("GCC unroll 2") for (int a = 0; a < A; ++a)                                    \
             _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) acc[a][p] =                    \
                 _mm512_setzero_si512();                                                        \
-        for (int t = 0; t < 9; ++t) {                                                          \
-          __m512i wv[WR];                                                                      \
-          _Pragma("GCC unroll 16") for (int q = 0; q < WR; ++q)                                \
-              wv[q] = _mm512_loadu_si512(wb + (t * WR + q) * 64);                              \
-          _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {                                \
-            const uint8_t *xp = src[t][p] + off;                                               \
-            if (MODE == 4) {                                                                   \
-              const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xp));  \
-              acc[0][p] = _mm512_dpbusd_epi32(acc[0][p], v, wv[0]);                            \
-            } else if (MODE == 8) {                                                            \
+        /* one pass per quad in MODE 0; in MODE 8 one pass, both groups side by side in an     \
+         * inner loop of constant trip count (so that their sums stay in registers) */          \
+        for (int r = 0; r < (MODE == 0 ? Q : 1); ++r) {                                        \
+          for (int kh = 0; kh < 3; ++kh) {                                                     \
+            __m512i w[A][3];                                                                   \
+            _Pragma("GCC unroll 2") for (int a = 0; a < A; ++a)                                \
+                _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) w[a][kw] =              \
+                    _mm512_loadu_si512(wb + ((kh * 3 + kw) * WR + r + a) * 64);                \
+            _Pragma("GCC unroll 32") for (int j = 0; j < J; ++j) {                             \
+              const uint8_t *xp = col[kh][j] + off;                                            \
               _Pragma("GCC unroll 2") for (int a = 0; a < A; ++a) {                            \
-                int64_t pair;                                                                  \
-                memcpy(&pair, xp + 8 * a, 8);                                                  \
-                acc[a][p] = _mm512_dpbusd_epi32(acc[a][p], _mm512_set1_epi64(pair), wv[a]);    \
-              }                                                                                \
-            } else {                                                                           \
-              _Pragma("GCC unroll 16") for (int q = 0; q < Q; ++q) {                           \
-                int32_t quad;                                                                  \
-                memcpy(&quad, xp + 4 * q, 4);                                                  \
-                acc[0][p] = _mm512_dpbusd_epi32(acc[0][p], _mm512_set1_epi32(quad), wv[q]);    \
+                __m512i v;                                                                     \
+                if (MODE == 4) {                                                               \
+                  v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xp));            \
+                } else if (MODE == 8) {                                                        \
+                  int64_t pair;                                                                \
+                  memcpy(&pair, xp + 8 * a, 8);                                                \
+                  v = _mm512_set1_epi64(pair);                                                 \
+                } else {                                                                       \
+                  int32_t quad;                                                                \
+                  memcpy(&quad, xp + 4 * r, 4);                                                \
+                  v = _mm512_set1_epi32(quad);                                                 \
+                }                                                                              \
+                _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) {                       \
+                  const int p = (j - kw) / S;                                                  \
+                  if (j >= kw && (j - kw) % S == 0 && p < P)                                   \
+                    acc[a][p] = _mm512_dpbusd_epi32(acc[a][p], v, w[a][kw]);                   \
+                }                                                                              \
               }                                                                                \
             }                                                                                  \
           }                                                                                    \
@@ -118,22 +135,28 @@ static inline __m512i pair_sums(__m512i a, __m512i b) {
     }                                                                                          \
   }
 
-/* P = 7 where a row is a multiple of 7 pixels (every ResNet stage: 56, 28, 14, 7), else 8; with
- * 4 channels a group, 14 where a row is a multiple of 14 (its 9 products per 16 outputs leave
- * the sums' latency exposed with 7 registers: 1.15-1.18x on ResNeXt-50's stage 1, ad hoc; the
- * wider groups were no faster with 14) */
-#define DEFINE_ROWS(NAME, MODE, Q)       \
-  DEFINE_ROW(NAME##_p7, MODE, Q, 7)      \
-  DEFINE_ROW(NAME##_p8, MODE, Q, 8)
+/* P = 7 where a row is a multiple of 7 pixels (every ResNet stage: 56, 28, 14, 7), else 8; 14
+ * where a row is a multiple of 14 with 4 channels a group (the 7-pixel blocks leave the sums'
+ * latency exposed), and at stride 1 with 16 or more (1.06-1.19x on 14-pixel rows, ad hoc); with
+ * 8 channels a group, 14 pixels' two registers each would not fit in 32. */
+#define DEFINE_ROWS(NAME, MODE, Q)        \
+  DEFINE_ROW(NAME##_p7_s1, MODE, Q, 7, 1) \
+  DEFINE_ROW(NAME##_p8_s1, MODE, Q, 8, 1) \
+  DEFINE_ROW(NAME##_p7_s2, MODE, Q, 7, 2) \
+  DEFINE_ROW(NAME##_p8_s2, MODE, Q, 8, 2)
 DEFINE_ROWS(row_c4, 4, 1)
-DEFINE_ROW(row_c4_p14, 4, 1, 14)
+DEFINE_ROW(row_c4_p14_s1, 4, 1, 14, 1)
+DEFINE_ROW(row_c4_p14_s2, 4, 1, 14, 2)
 DEFINE_ROWS(row_c8, 8, 2)
 DEFINE_ROWS(row_c16, 0, 4)
 DEFINE_ROWS(row_c32, 0, 8)
 DEFINE_ROWS(row_c64, 0, 16)
+DEFINE_ROW(row_c16_p14_s1, 0, 4, 14, 1)
+DEFINE_ROW(row_c32_p14_s1, 0, 8, 14, 1)
+DEFINE_ROW(row_c64_p14_s1, 0, 16, 14, 1)
 
 typedef void (*row_fn)(const uint8_t *, const int8_t *, const float *, const float *, uint8_t *,
-                       const uint8_t *, int, int, int, int, int, int, int, int);
+                       const uint8_t *, int, int, int, int, int, int, int);
 
 /* y = requantized grouped 3x3 of x (see the top of this file). Returns 0, or -1 for a shape the
  * kernel does not take (C not a multiple of 16, cpg not 4, 8, 16, 32 or 64, stride not 1 or 2,
@@ -142,12 +165,15 @@ int grouped3x3_u8s8(const uint8_t *x, const int8_t *wp, const float *m, const fl
                     uint8_t *y, int N, int H, int W, int C, int cpg, int s, int zx, int zy, int relu,
                     int threads) {
   const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, lo = relu ? zy : 0, p7 = Wo % 7 == 0;
-  row_fn row = cpg == 4    ? (Wo % 14 == 0 ? row_c4_p14 : p7 ? row_c4_p7 : row_c4_p8)
-               : cpg == 8  ? (p7 ? row_c8_p7 : row_c8_p8)
-               : cpg == 16 ? (p7 ? row_c16_p7 : row_c16_p8)
-               : cpg == 32 ? (p7 ? row_c32_p7 : row_c32_p8)
-               : cpg == 64 ? (p7 ? row_c64_p7 : row_c64_p8)
+  const int s2 = s == 2;
+#define PICK(NAME) (p7 ? (s2 ? NAME##_p7_s2 : NAME##_p7_s1) : (s2 ? NAME##_p8_s2 : NAME##_p8_s1))
+  row_fn row = cpg == 4    ? (Wo % 14 == 0 ? (s2 ? row_c4_p14_s2 : row_c4_p14_s1) : PICK(row_c4))
+               : cpg == 8  ? PICK(row_c8)
+               : cpg == 16 ? (Wo % 14 == 0 && !s2 ? row_c16_p14_s1 : PICK(row_c16))
+               : cpg == 32 ? (Wo % 14 == 0 && !s2 ? row_c32_p14_s1 : PICK(row_c32))
+               : cpg == 64 ? (Wo % 14 == 0 && !s2 ? row_c64_p14_s1 : PICK(row_c64))
                            : 0;
+#undef PICK
   if (!row || C % 16 || (s != 1 && s != 2) || zx < 0 || zx > 255 || zy < 0 || zy > 255) return -1;
   uint8_t *pad = (uint8_t *)malloc(C);
   if (!pad) return -2;
@@ -156,7 +182,7 @@ int grouped3x3_u8s8(const uint8_t *x, const int8_t *wp, const float *m, const fl
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (long r = 0; r < rows; ++r)
     row(x + r / Ho * (long)H * W * C, wp, m, b, y + r * (long)Wo * C, pad, H, W, C, cpg,
-        (int)(r % Ho), Wo, s, lo);
+        (int)(r % Ho), Wo, lo);
   free(pad);
   return 0;
 }
