@@ -1,6 +1,6 @@
 """Our int8 kernels (grouped 3×3s, residual add-and-ReLUs) vs torch's quantized engine, per layer and in the network.
 
-Usage: .venv/bin/python benchmarks/bench_int8_kernels.py [--batch 16] [--rounds 7]
+Usage: .venv/bin/python benchmarks/bench_int8_kernels.py [--batch 16] [--rounds 7] [--against FILE]
 Per layer (ResNeXt-50 32×4d's grouped 3×3s, stride 1 and the stride-2 first blocks of stages
 2–4), side by side in interleaved rounds: torch's quantized convolution on its engine
 (`engine-grouped`), our kernel (`ours-grouped`) and ResNet-50's dense int8 3×3 of the same stage
@@ -8,6 +8,10 @@ Per layer (ResNeXt-50 32×4d's grouped 3×3s, stride 1 and the stride-2 first bl
 ours. Then the networks (random weights, calibrated on a batch of their own) timed by layer kind
 (the blocks' 3×3s and residual adds, whichever runs them): ResNeXt-50 and ResNet-50, each on
 torch's engine alone and with our kernels, in rounds that alternate their order (medians).
+With `--against FILE` (another revision of kernels/grouped3x3_int8.c, e.g. `git show
+REV:src/resnext/speed/kernels/grouped3x3_int8.c > /tmp/old.c`) each layer also times that build
+(`against-grouped`), after checking it gives this checkout's codes exactly; the run stops, writing
+nothing, where it does not.
 (Named bench_int8_grouped.py in stop 63 before the add kernel; its records are
 bench-int8-grouped-*.json.)
 """
@@ -19,6 +23,8 @@ import statistics
 import time
 import warnings
 from collections import defaultdict
+from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -26,6 +32,7 @@ from torch.ao.nn.quantized import QFunctional
 
 import bench_args
 import resnext
+from resnext.native import NativeUnavailable
 from resnext.speed import add_int8, grouped_int8
 from resnext.speed.int8 import quantize_conv, quantize_int8, quantized_engine, resolve_engine
 from resnext.speed.measure import interleaved
@@ -52,8 +59,13 @@ def quantized_conv(channels: int, groups: int, size: int, stride: int, batch: in
     )
 
 
-def layer_rows(batch: int, rounds: int) -> dict[str, dict[str, float]]:
+class DifferentCodes(Exception):
+    """The --against build computes other codes than this checkout's on a layer."""
+
+
+def layer_rows(batch: int, rounds: int, against: Path | None = None) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
+    other = None if against is None else grouped_int8.load(against)
     for c, size, stride in LAYERS:
         grouped, qx = quantized_conv(c, 32, size, stride, batch)
         rn = RESNET_WIDTH[c]
@@ -65,16 +77,31 @@ def layer_rows(batch: int, rounds: int) -> dict[str, dict[str, float]]:
             "ours-grouped": (lambda k=kernel, q=qx, s=scale, z=zp: k(q, s, z), batch),
             "engine-dense-resnet50": (lambda d=dense, q=qxd: d(q), batch),
         }
+        if other is not None:
+            run_other = functools.partial(_with_library, other, kernel, qx, scale, zp)
+            if not torch.equal(run_other().int_repr(), kernel(qx, scale, zp).int_repr()):
+                raise DifferentCodes(
+                    f"{against} gives other codes than this checkout on {c} channels, {size}², stride {stride}"
+                )
+            variants["against-grouped"] = (run_other, batch)
         with torch.no_grad():
             timings = interleaved(variants, rounds=rounds, iters=5)
         key = f"c{c}/{size}x{size}/s{stride}"
         rows[key] = {v: 1e3 * t.median_s / batch for v, t in timings.items()}
         ours, engine = rows[key]["ours-grouped"], rows[key]["engine-grouped"]
+        vs = f"  against/ours {rows[key]['against-grouped'] / ours:.2f}" if other else ""
         print(
             f"{key:18s} ms/img: engine {engine:.3f}  ours {ours:.3f}  "
             f"dense-resnet50 {rows[key]['engine-dense-resnet50']:.3f}  engine/ours {engine / ours:.2f}"
+            + vs
         )
     return rows
+
+
+def _with_library(lib, kernel, qx, scale, zp):
+    """`kernel(qx, scale, zp)` on another build of the kernel's library."""
+    with mock.patch.object(grouped_int8, "_library", lambda: lib):
+        return kernel(qx, scale, zp)
 
 
 # (N-less shape) of each ResNeXt-50 (and ResNet-50) stage's residual add
@@ -170,7 +197,12 @@ def profiles(batch: int, rounds: int) -> dict[str, dict[str, float]]:
 
 def main() -> int:
     parser = bench_args.parser(__doc__, batch=16, rounds=7)
+    parser.add_argument(
+        "--against", type=Path, help="another revision of kernels/grouped3x3_int8.c to time too"
+    )
     args = parser.parse_args()
+    if args.against is not None and not args.against.is_file():
+        parser.error(f"--against: {args.against} is not a file")
     reason = grouped_int8.unavailable_reason()
     if reason is not None:
         print(f"skipped: our int8 grouped kernel cannot run here ({reason})")
@@ -179,7 +211,14 @@ def main() -> int:
     results: dict[str, object] = {"engine": engine}
     with warnings.catch_warnings(), quantized_engine(engine):
         warnings.simplefilter("ignore")  # torch.ao's and quantized tensors' deprecation notices
-        results["layers"] = layer_rows(args.batch, args.rounds)
+        try:
+            results["layers"] = layer_rows(args.batch, args.rounds, args.against)
+        except DifferentCodes as exc:
+            print(f"against: refused: {exc}")
+            return 1
+        except NativeUnavailable as exc:
+            print(f"against: cannot be built: {exc}")
+            return 1
         results["adds"] = add_rows(args.batch, args.rounds)
         by_kind = profiles(args.batch, args.rounds)
         for label, kinds in by_kind.items():

@@ -971,3 +971,42 @@ def test_the_weight_gradient_bench_times_float16_products_where_they_run(
         differences[other.parent.name] = [layers[k]["fp16_against_difference"] for k in with_fp16]
     assert differences["same"] == [0.0] * len(differences["same"])
     assert max(differences["runs32"]) > 0  # other runs, other roundings: seen
+
+
+# a build of the int8 grouped kernel's entry point that writes the output zero point everywhere
+ZERO_POINT_GROUPED_INT8 = """
+#include <string.h>
+int grouped3x3_u8s8(const unsigned char *x, const signed char *wp, const float *m,
+                    const float *b, unsigned char *y, int N, int H, int W, int C, int cpg,
+                    int s, int zx, int zy, int relu, int threads) {
+  memset(y, zy, (long)N * ((H - 1) / s + 1) * ((W - 1) / s + 1) * C);
+  return 0;
+}
+"""
+
+
+def test_the_int8_bench_times_another_build_only_where_it_gives_the_same_codes(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path
+) -> None:
+    from resnext.speed import grouped_int8
+
+    reason = grouped_int8.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"our int8 grouped kernel does not run here: {reason}")
+    import bench_int8_kernels
+
+    same = tmp_path / "same.c"
+    same.write_text(grouped_int8.SOURCE.read_text())
+    rows = bench_int8_kernels.layer_rows(1, 1, same)
+    assert len(rows) == len(bench_int8_kernels.LAYERS)
+    assert all("against-grouped" in row and row["against-grouped"] > 0 for row in rows.values())
+    wrong = tmp_path / "wrong.c"
+    wrong.write_text(ZERO_POINT_GROUPED_INT8)
+    out = tmp_path / "out"
+    argv = ["--batch", "1", "--rounds", "1", "--against", str(wrong), "--out", str(out)]
+    assert _run_script("bench_int8_kernels.py", argv, monkeypatch) == 1
+    assert "against: refused: " in capsys.readouterr().out
+    assert not out.exists()  # nothing written
+    argv[-3] = str(tmp_path / "absent.c")
+    assert _run_script("bench_int8_kernels.py", argv, monkeypatch) == 2
+    assert "--against: " in capsys.readouterr().err and not out.exists()

@@ -25,14 +25,21 @@ CPU_NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
 SUPPORTED_CPG = (4, 8, 16, 32, 64)
 
 
-@functools.cache
-def _library() -> ctypes.CDLL:
-    """The kernel, built for this CPU and loaded (NativeUnavailable where it cannot be)."""
-    lib = native.load(SOURCE, FLAGS, cpu_needs=CPU_NEEDS)
+def load(source: Path = SOURCE) -> ctypes.CDLL:
+    """The kernel built for this CPU and loaded, its C signature declared (NativeUnavailable
+    where it cannot be); from another revision's `source` for `benchmarks/bench_int8_kernels.py
+    --against`."""
+    lib = native.load(source, FLAGS, cpu_needs=CPU_NEEDS)
     fn = lib.grouped3x3_u8s8
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10
     fn.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """This checkout's kernel, built once per process."""
+    return load()
 
 
 @functools.cache
