@@ -14,8 +14,8 @@
  * permutes come once per output pixel, with the requantization). A block of P output pixels of
  * a row is computed kernel row by kernel row: each input pixel of that row is broadcast once and
  * multiplied by the three weights of the kernel row, held in registers, into every output pixel
- * it reaches (1.0-1.8x the loop over taps that loaded each input once per tap and output pixel,
- * RESULTS.md stop 64).
+ * it reaches (1.13-1.65x per layer the loop over taps that loaded each input once per tap and
+ * output pixel, RESULTS.md stop 64).
  *
  * Quantized arithmetic, as torch's engines define it: with input codes x (zero point zx), weight
  * codes w (symmetric, per output channel), sum = sum_taps,ci (x - zx) w = sum x w - zx * wsum,
