@@ -1007,6 +1007,11 @@ def test_the_int8_bench_times_another_build_only_where_it_gives_the_same_codes(
     assert _run_script("bench_int8_kernels.py", argv, monkeypatch) == 1
     assert "against: refused: " in capsys.readouterr().out
     assert not out.exists()  # nothing written
+    unrelated = tmp_path / "unrelated.c"
+    unrelated.write_text("int unrelated(void) { return 0; }\n")
+    argv[-3] = str(unrelated)
+    assert _run_script("bench_int8_kernels.py", argv, monkeypatch) == 1
+    assert "unrelated.c defines no grouped3x3_u8s8" in capsys.readouterr().out
     argv[-3] = str(tmp_path / "absent.c")
     assert _run_script("bench_int8_kernels.py", argv, monkeypatch) == 2
     assert "--against: " in capsys.readouterr().err and not out.exists()

@@ -30,7 +30,10 @@ def load(source: Path = SOURCE) -> ctypes.CDLL:
     where it cannot be); from another revision's `source` for `benchmarks/bench_int8_kernels.py
     --against`."""
     lib = native.load(source, FLAGS, cpu_needs=CPU_NEEDS)
-    fn = lib.grouped3x3_u8s8
+    try:
+        fn = lib.grouped3x3_u8s8
+    except AttributeError:
+        raise native.NativeUnavailable(f"{source} defines no grouped3x3_u8s8") from None
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10
     fn.restype = ctypes.c_int
     return lib
