@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -61,9 +62,14 @@ def test_bench_infer_writes_results_with_provenance(tmp_path: Path) -> None:
     assert record["versions"]["torch"] and "git_commit" in record and "machine" in record
 
 
-def test_bench_infer_times_batch_1_for_every_variant(tmp_path: Path) -> None:
+def test_bench_infer_times_batch_1_for_every_variant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # ONNX Runtime where installed (OpenVINO, loaded into the test process, made a later training
     # test crash)
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
     variants = "eager,eager-fast-fp32" + (",ort-fp32" if peers.available("onnxruntime") else "")
     if replay.unavailable_reason() is None:
         variants += ",replay-fp32"
@@ -73,6 +79,7 @@ def test_bench_infer_times_batch_1_for_every_variant(tmp_path: Path) -> None:
          "--out", str(tmp_path)]
     )  # fmt: skip
     assert bench_cmd.run(args) == 0
+    assert not any(p.name.startswith("resnext") for p in temp_root.iterdir())  # no ONNX files left
     latency = _record(tmp_path)["results"]["latency_batch1"]
     assert set(latency) == {f"resnext_tiny/{v}" for v in variants.split(",")}
     assert all(row["median_ms"] > 0 for row in latency.values())

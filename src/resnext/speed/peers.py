@@ -21,12 +21,14 @@ def available(name: str) -> bool:
 
 def onnxruntime_runner(model: nn.Module, example: torch.Tensor, threads: int) -> Runner:
     """An ONNX Runtime session of `model` (fp32, exported at the example's shape)."""
-    return _session(_exported(model, example, "resnext-onnx-"), threads)
+    # The session holds the model in memory: its file (ResNeXt-50: ~100 MB) goes with the folder.
+    with tempfile.TemporaryDirectory(prefix="resnext-onnx-") as folder:
+        return _session(_exported(model, example, Path(folder)), threads)
 
 
-def _exported(model: nn.Module, example: torch.Tensor, prefix: str) -> Path:
-    """`model` in eval mode exported to ONNX at the example's shape, in a new temporary folder."""
-    path = Path(tempfile.mkdtemp(prefix=prefix)) / "fp32.onnx"
+def _exported(model: nn.Module, example: torch.Tensor, folder: Path) -> Path:
+    """`model` in eval mode exported to ONNX at the example's shape, as `folder`/fp32.onnx."""
+    path = folder / "fp32.onnx"
     with torch.no_grad():
         torch.onnx.export(model.eval(), (example,), str(path), input_names=["x"], dynamo=True)
     return path
@@ -52,10 +54,18 @@ def onnxruntime_int8_runner(
     """An ONNX Runtime session of `model` quantized to int8 by ONNX Runtime's own static
     quantization (QDQ, int8 weights per channel, uint8 activations), its ranges observed on
     `calibration`: the peer of `quantize_int8`."""
+    with tempfile.TemporaryDirectory(prefix="resnext-onnx-int8-") as folder:
+        return _session(_quantized(model, example, calibration, Path(folder)), threads)
+
+
+def _quantized(
+    model: nn.Module, example: torch.Tensor, calibration: torch.Tensor, folder: Path
+) -> Path:
+    """`model` exported and quantized by ONNX Runtime (see `onnxruntime_int8_runner`), as
+    `folder`/int8.onnx."""
     from onnxruntime import quantization as ortq
 
-    fp32 = _exported(model, example, "resnext-onnx-int8-")
-    folder = fp32.parent
+    fp32 = _exported(model, example, folder)
     ortq.quant_pre_process(str(fp32), str(folder / "prep.onnx"))
 
     class _Batches(ortq.CalibrationDataReader):
@@ -74,7 +84,7 @@ def onnxruntime_int8_runner(
         activation_type=ortq.QuantType.QUInt8,
         weight_type=ortq.QuantType.QInt8,
     )
-    return _session(folder / "int8.onnx", threads)
+    return folder / "int8.onnx"
 
 
 def openvino_runner(
