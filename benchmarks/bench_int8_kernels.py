@@ -217,7 +217,7 @@ def main() -> int:
             print(f"against: refused: {exc}")
             return 1
         except NativeUnavailable as exc:
-            print(f"against: cannot be built: {exc}")
+            print(f"against: cannot be used: {exc}")
             return 1
         results["adds"] = add_rows(args.batch, args.rounds)
         by_kind = profiles(args.batch, args.rounds)
