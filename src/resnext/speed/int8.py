@@ -274,6 +274,19 @@ def _check_batch(index: int, x: object, channels: int) -> torch.Tensor:
     return x.float().cpu()
 
 
+@contextlib.contextmanager
+def _quantizing(engine: str) -> Iterator[None]:
+    """Where torch.ao prepares, calibrates and converts: `engine` set, no autograd, and its
+    deprecation notices silenced."""
+    with quantized_engine(engine), torch.no_grad(), warnings.catch_warnings():
+        # torch.ao's eager quantization is marked for a move to torchao; torch 2.11–2.13 have it,
+        # and torchvision's own quantized models are built with it
+        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
+        # and quantized tensors themselves are marked deprecated since torch 2.13 (pytorch#184982)
+        warnings.filterwarnings("ignore", ".*quantized tensor creation functions", UserWarning)
+        yield
+
+
 def _converted(
     model: ResNeXt,
     batches: Iterable[torch.Tensor],
@@ -284,12 +297,7 @@ def _converted(
     net = Int8ResNeXt(model).eval()
     net.fuse()
     net.qconfig = qconfig(observer, activation_bits)
-    with quantized_engine(engine), torch.no_grad(), warnings.catch_warnings():
-        # torch.ao's eager quantization is marked for a move to torchao; torch 2.11–2.13 have it,
-        # and torchvision's own quantized models are built with it
-        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
-        # and quantized tensors themselves are marked deprecated since torch 2.13 (pytorch#184982)
-        warnings.filterwarnings("ignore", ".*quantized tensor creation functions", UserWarning)
+    with _quantizing(engine):
         tq.prepare(net, inplace=True)
         seen = 0
         for i, x in enumerate(batches):
@@ -351,9 +359,7 @@ def quantize_conv(
     if relu:
         tq.fuse_modules(net, [["1", "2"]], inplace=True)
     net.qconfig = qconfig(observer, activation_bits)
-    with quantized_engine(engine), torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
-        warnings.filterwarnings("ignore", ".*quantized tensor creation functions", UserWarning)
+    with _quantizing(engine):
         tq.prepare(net, inplace=True)
         net(x)
         tq.convert(net, inplace=True)
