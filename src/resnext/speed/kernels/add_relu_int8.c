@@ -21,19 +21,14 @@ static inline void narrow(uint8_t *p, __m512 f, __m512i lo) {
   _mm_storeu_si128((__m128i *)p, _mm512_cvtusepi32_epi8(_mm512_max_epi32(_mm512_cvtps_epi32(f), lo)));
 }
 
-/* y[i] for i in [start, end); 16 values a step, the last partial step in plain C */
+/* y[i] for i in [start, end); 16 values a step (four a loop turn), the last partial step in
+ * plain C */
 static void add_range(const uint8_t *a, const uint8_t *b, uint8_t *y, long start, long end,
                       float ma, float mb, float c, int lo) {
   const __m512 mav = _mm512_set1_ps(ma), mbv = _mm512_set1_ps(mb), cv = _mm512_set1_ps(c);
   const __m512i lov = _mm512_set1_epi32(lo);
   long i = start;
-  for (; i + 64 <= end; i += 64) {
 #pragma GCC unroll 4
-    for (int k = 0; k < 64; k += 16) {
-      const __m512 f = _mm512_fmadd_ps(widen(a + i + k), mav, _mm512_fmadd_ps(widen(b + i + k), mbv, cv));
-      narrow(y + i + k, f, lov);
-    }
-  }
   for (; i + 16 <= end; i += 16)
     narrow(y + i, _mm512_fmadd_ps(widen(a + i), mav, _mm512_fmadd_ps(widen(b + i), mbv, cv)), lov);
   for (; i < end; ++i) {
