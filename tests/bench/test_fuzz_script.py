@@ -81,6 +81,12 @@ def test_bad_arguments_are_named(fuzz: ModuleType, tmp_path: Path) -> None:
         fuzz.main(["optimize", "--cases", "0"])
 
 
+def _two_codes_up(y: torch.Tensor) -> torch.Tensor:
+    """A quint8 map with every code two higher (saturating): a kernel gone wrong."""
+    codes = (y.int_repr().int() + 2).clamp(0, 255).to(torch.uint8)
+    return torch._make_per_tensor_quantized_tensor(codes, y.q_scale(), y.q_zero_point())
+
+
 def test_int8_cases_pass_here_and_a_kernel_two_codes_off_fails(
     fuzz: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -97,9 +103,7 @@ def test_int8_cases_pass_here_and_a_kernel_two_codes_off_fails(
     real = grouped_int8.GroupedInt8.__call__
 
     def two_codes_up(self, x, scale, zero_point):
-        y = real(self, x, scale, zero_point)
-        codes = (y.int_repr().int() + 2).clamp(0, 255).to(torch.uint8)
-        return torch._make_per_tensor_quantized_tensor(codes, scale, zero_point)
+        return _two_codes_up(real(self, x, scale, zero_point))
 
     monkeypatch.setattr(grouped_int8.GroupedInt8, "__call__", two_codes_up)
     assert fuzz.main(["int8", "--cases", "2"]) == 1
@@ -110,9 +114,7 @@ def test_int8_cases_pass_here_and_a_kernel_two_codes_off_fails(
     real_add = add_int8.add_relu
 
     def add_two_codes_up(a, b, scale, zero_point, relu=True):
-        y = real_add(a, b, scale, zero_point, relu)
-        codes = (y.int_repr().int() + 2).clamp(0, 255).to(torch.uint8)
-        return torch._make_per_tensor_quantized_tensor(codes, scale, zero_point)
+        return _two_codes_up(real_add(a, b, scale, zero_point, relu))
 
     monkeypatch.setattr(add_int8, "add_relu", add_two_codes_up)
     assert fuzz.main(["int8", "--cases", "2"]) == 1
