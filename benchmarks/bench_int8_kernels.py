@@ -5,10 +5,12 @@ Per layer (ResNeXt-50 32×4d's grouped 3×3s, stride 1 and the stride-2 first bl
 2–4), side by side in interleaved rounds: torch's quantized convolution on its engine
 (`engine-grouped`), our kernel (`ours-grouped`) and ResNet-50's dense int8 3×3 of the same stage
 (`engine-dense-resnet50`). Per residual add (each stage's output shape): torch's add_relu and
-ours. Then the networks (random weights, calibrated on a batch of their own) timed by layer kind
-(the blocks' 3×3s and residual adds, whichever runs them): ResNeXt-50 and ResNet-50, each on
-torch's engine alone and with our kernels, in rounds that alternate their order (medians).
-With `--against FILE` (another revision of kernels/grouped3x3_int8.c, e.g. `git show
+ours (skipped without AVX-512). Then the networks (random weights, calibrated on a batch of their
+own) timed by layer kind (the blocks' 3×3s and residual adds, whichever runs them): ResNeXt-50
+and ResNet-50, each on torch's engine alone and with our kernels where their first forward timed
+them faster, in rounds that alternate their order (medians).
+With `--against FILE` (another revision of the kernel's source this CPU builds,
+kernels/grouped3x3_int8.c with AVX512-VNNI, else kernels/grouped3x3_int8_avx2.c, e.g. `git show
 REV:src/resnext/speed/kernels/grouped3x3_int8.c > /tmp/old.c`) each layer also times that build
 (`against-grouped`), after checking it gives this checkout's codes exactly; the run stops, writing
 nothing, where it does not.
@@ -65,7 +67,8 @@ class DifferentCodes(Exception):
 
 def layer_rows(batch: int, rounds: int, against: Path | None = None) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
-    other = None if against is None else grouped_int8.load(against)
+    # another revision of the build this CPU runs (AVX512-VNNI, else AVX2)
+    other = None if against is None else grouped_int8.load(grouped_int8.active(), against)
     for c, size, stride in LAYERS:
         grouped, qx = quantized_conv(c, 32, size, stride, batch)
         rn = RESNET_WIDTH[c]
@@ -100,7 +103,7 @@ def layer_rows(batch: int, rounds: int, against: Path | None = None) -> dict[str
 
 def _with_library(lib, kernel, qx, scale, zp):
     """`kernel(qx, scale, zp)` on another build of the kernel's library."""
-    with mock.patch.object(grouped_int8, "_library", lambda: lib):
+    with mock.patch.object(grouped_int8, "_library", lambda build: lib):
         return kernel(qx, scale, zp)
 
 
@@ -198,7 +201,7 @@ def profiles(batch: int, rounds: int) -> dict[str, dict[str, float]]:
 def main() -> int:
     parser = bench_args.parser(__doc__, batch=16, rounds=7)
     parser.add_argument(
-        "--against", type=Path, help="another revision of kernels/grouped3x3_int8.c to time too"
+        "--against", type=Path, help="another revision of the grouped kernel's source to time too"
     )
     args = parser.parse_args()
     if args.against is not None and not args.against.is_file():
@@ -208,7 +211,7 @@ def main() -> int:
         print(f"skipped: our int8 grouped kernel cannot run here ({reason})")
         return 0
     engine = resolve_engine("auto")
-    results: dict[str, object] = {"engine": engine}
+    results: dict[str, object] = {"engine": engine, "build": grouped_int8.active().name}
     with warnings.catch_warnings(), quantized_engine(engine):
         warnings.simplefilter("ignore")  # torch.ao's and quantized tensors' deprecation notices
         try:
@@ -219,7 +222,11 @@ def main() -> int:
         except NativeUnavailable as exc:
             print(f"against: cannot be used: {exc}")
             return 1
-        results["adds"] = add_rows(args.batch, args.rounds)
+        add_reason = add_int8.unavailable_reason()
+        if add_reason is None:
+            results["adds"] = add_rows(args.batch, args.rounds)
+        else:
+            print(f"adds skipped: our int8 add kernel cannot run here ({add_reason})")
         by_kind = profiles(args.batch, args.rounds)
         for label, kinds in by_kind.items():
             print(f"{label} ms/img: " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))

@@ -13,7 +13,8 @@ built with AddressSanitizer.
 - crop: JPEGs from --root with bytes changed, inserted or cut, through the planned path's crop
   decoder and through Pillow: the same verdict (an image or a DataError), except the documented
   one (damage only below the crop, which the crop decoder never reads: counted, not failed).
-- int8: the int8 grouped 3×3 kernel on random layers (channels, group width, stride, ReLU,
+- int8: the int8 grouped 3×3 kernel, each of its builds that runs here, on random layers
+  (channels, group width, stride, ReLU,
   bias, map sizes from 1 pixel, input ranges that put the zero point anywhere in 0–255, 1 or 2
   threads) against the quantized convolution's definition in float64, and the int8 add-and-ReLU
   kernel on random pairs of maps (sizes from one value, either layout, scales and zero points
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import importlib
 import os
 import random
@@ -185,14 +187,27 @@ def fuzz_int8(rng: random.Random, case: int) -> str | None:
     x = torch.randn(n, channels, h, w) * rng.uniform(0.1, 5) + rng.uniform(-6, 6)
     qconv, qx = quantize_conv(conv, x, relu=relu, activation_bits=rng.choice([7, 8]))
     torch.set_num_threads(rng.choice([1, 2]))
-    got = grouped_int8.GroupedInt8(qconv)(qx, float(qconv.scale), int(qconv.zero_point))
+    build = rng.choice(_int8_builds())
+    got = grouped_int8.GroupedInt8(qconv, build)(qx, float(qconv.scale), int(qconv.zero_point))
     problem = _codes_off(got, grouped_int8.reference(qconv, qx))
     if problem is not None:
         return (
-            f"{channels} channels, {cpg} a group, stride {stride}, relu {relu}, "
+            f"{build.name}: {channels} channels, {cpg} a group, stride {stride}, relu {relu}, "
             f"{(n, h, w)}, input zero point {qx.q_zero_point()}: {problem}"
         )
-    return _fuzz_int8_add(rng)
+    from resnext.speed import add_int8
+
+    return _fuzz_int8_add(rng) if add_int8.unavailable_reason() is None else None
+
+
+@functools.cache
+def _int8_builds() -> list:
+    """The builds of the int8 grouped kernel that run on this machine."""
+    from resnext import native
+    from resnext.speed import grouped_int8
+
+    builds = grouped_int8.BUILDS
+    return [b for b in builds if native.problem(lambda b=b: grouped_int8.library(b)) is None]
 
 
 def _codes_off(got: torch.Tensor, want: torch.Tensor) -> str | None:

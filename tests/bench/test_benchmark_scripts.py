@@ -996,7 +996,7 @@ def test_the_int8_bench_times_another_build_only_where_it_gives_the_same_codes(
     import bench_int8_kernels
 
     same = tmp_path / "same.c"
-    same.write_text(grouped_int8.SOURCE.read_text())
+    same.write_text(grouped_int8.active().source.read_text())
     rows = bench_int8_kernels.layer_rows(1, 1, same)
     assert len(rows) == len(bench_int8_kernels.LAYERS)
     assert all("against-grouped" in row and row["against-grouped"] > 0 for row in rows.values())

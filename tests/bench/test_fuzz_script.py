@@ -109,7 +109,7 @@ def test_int8_cases_pass_here_and_a_kernel_two_codes_off_fails(
     assert fuzz.main(["int8", "--cases", "2"]) == 1
     out = capsys.readouterr().out
     assert "codes off" in out and "int8: 2 cases, 2 failed" in out
-    # and the add kernel, checked in each case after the convolution
+    # and the add kernel, checked in each case after the convolution where it runs (AVX-512)
     monkeypatch.setattr(grouped_int8.GroupedInt8, "__call__", real)
     real_add = add_int8.add_relu
 
@@ -117,6 +117,9 @@ def test_int8_cases_pass_here_and_a_kernel_two_codes_off_fails(
         return _two_codes_up(real_add(a, b, scale, zero_point, relu))
 
     monkeypatch.setattr(add_int8, "add_relu", add_two_codes_up)
-    assert fuzz.main(["int8", "--cases", "2"]) == 1
-    out = capsys.readouterr().out
-    assert "add of" in out and "int8: 2 cases, 2 failed" in out
+    if add_int8.unavailable_reason() is None:
+        assert fuzz.main(["int8", "--cases", "2"]) == 1
+        out = capsys.readouterr().out
+        assert "add of" in out and "int8: 2 cases, 2 failed" in out
+    else:  # not called where it cannot run
+        assert fuzz.main(["int8", "--cases", "2"]) == 0

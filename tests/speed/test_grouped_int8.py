@@ -4,14 +4,17 @@ and by torch's engine, inside the int8 network, and the layers it leaves to torc
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
 from torch import nn
 
 import resnext
-from resnext.speed import grouped_int8
-from resnext.speed.int8 import quantize_conv, quantize_int8, quantized_engine
+from resnext import native
+from resnext.speed import autotune, grouped_int8
+from resnext.speed.capability import cpu_flags
+from resnext.speed.int8 import VNNI_FLAGS, quantize_conv, quantize_int8, quantized_engine
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -24,11 +27,19 @@ needs_kernel = pytest.mark.skipif(
 
 
 def _quantized_conv(
-    channels: int, groups: int, stride: int, relu: bool, x: torch.Tensor, bias: bool = True
+    channels: int,
+    groups: int,
+    stride: int,
+    relu: bool,
+    x: torch.Tensor,
+    bias: bool = True,
+    bits: int = 8,
 ) -> tuple[nn.Module, torch.Tensor]:
-    """A quantized grouped 3×3 (+ ReLU) with random weights, and x quantized as its input."""
+    """A quantized grouped 3×3 (+ ReLU) with random weights, and x quantized as its input with
+    `bits`-bit codes."""
+    torch.manual_seed(channels * groups + stride)  # the same weights for either bits
     conv = nn.Conv2d(channels, channels, 3, stride, 1, groups=groups, bias=bias)
-    return quantize_conv(conv, x, relu=relu)
+    return quantize_conv(conv, x, relu=relu, activation_bits=bits)
 
 
 CASES = [
@@ -43,35 +54,94 @@ CASES = [
 ]
 
 
-@needs_kernel
+def _build_problem(build: grouped_int8.Build) -> str | None:
+    return native.problem(lambda: grouped_int8.library(build))
+
+
+BUILDS = [
+    pytest.param(
+        build,
+        id=build.name,
+        marks=pytest.mark.skipif(
+            _build_problem(build) is not None,
+            reason=f"the {build.name} build does not run here: {_build_problem(build)}",
+        ),
+    )
+    for build in grouped_int8.BUILDS
+]
+
+
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize(
     ("cpg", "stride", "relu", "size"),
     CASES,
     ids=[f"cpg{c}-s{s}-relu{r}-{h}x{w}" for c, s, r, (h, w) in CASES],
 )
 def test_the_kernel_computes_the_quantized_convolution(
-    cpg: int, stride: int, relu: bool, size: tuple[int, int]
+    cpg: int, stride: int, relu: bool, size: tuple[int, int], build: grouped_int8.Build
 ) -> None:
     torch.manual_seed(cpg + 10 * stride)
     channels = 32 if cpg < 32 else 2 * cpg
     x = torch.randn(3, channels, *size) * 2 + 0.7  # an input zero point far from 0
-    conv, qx = _quantized_conv(channels, channels // cpg, stride, relu, x)
+    conv, qx = _quantized_conv(channels, channels // cpg, stride, relu, x)  # 8-bit codes
     assert grouped_int8.supports(conv)
-    got = grouped_int8.GroupedInt8(conv)(qx, float(conv.scale), int(conv.zero_point))
-    assert got.dtype == torch.quint8 and got.q_scale() == conv.scale
-    codes = got.int_repr().double()
-    hand = grouped_int8.reference(conv, qx)
+    codes = _kernel_codes(conv, qx, build)
+    assert codes.min() >= (conv.zero_point if relu else 0)
+    _assert_codes_near(codes, grouped_int8.reference(conv, qx))
+    if not VNNI_FLAGS & cpu_flags():
+        # torch's engines sum pairs of uint8 x int8 products in int16 without VNNI, which
+        # saturates on codes above 127 (off by up to 92 codes here): compare with them on 7-bit
+        # codes, as `quantize_int8` makes them on such CPUs
+        conv, qx = _quantized_conv(channels, channels // cpg, stride, relu, x, bits=7)
+        codes = _kernel_codes(conv, qx, build)
     with quantized_engine("auto"):
-        engine = conv(qx).int_repr().double()
-    assert codes.shape == engine.shape == hand.shape
-    # float rounding of products summed in another order can move a value across a .5 boundary:
-    # one code, rarely
-    for reference in (hand, engine):
-        diff = (codes - reference).abs()
-        assert diff.max() <= 1
-        assert (diff > 0).double().mean() < 2e-3
-    if relu:
-        assert codes.min() >= conv.zero_point
+        _assert_codes_near(codes, conv(qx).int_repr().double())
+
+
+def _kernel_codes(
+    conv: nn.Module, qx: torch.Tensor, build: grouped_int8.Build | None = None
+) -> torch.Tensor:
+    """The kernel's output codes for `qx` (on `build`, else the one this machine runs first),
+    after checking it keeps the layer's output scale."""
+    got = grouped_int8.GroupedInt8(conv, build)(qx, float(conv.scale), int(conv.zero_point))
+    assert got.dtype == torch.quint8 and got.q_scale() == conv.scale
+    return got.int_repr().double()
+
+
+def _assert_codes_near(codes: torch.Tensor, reference: torch.Tensor) -> None:
+    """Float rounding of products summed in another order can move a value across a .5
+    boundary: one code, rarely."""
+    assert codes.shape == reference.shape
+    diff = (codes - reference).abs()
+    assert diff.max() <= 1
+    assert (diff > 0).double().mean() < 2e-3
+
+
+@pytest.mark.skipif(
+    any(_build_problem(b) for b in grouped_int8.BUILDS),
+    reason="needs every build of the kernel: "
+    + "; ".join(f"{b.name}: {_build_problem(b)}" for b in grouped_int8.BUILDS if _build_problem(b)),
+)
+def test_every_build_gives_the_same_codes() -> None:
+    torch.manual_seed(3)
+    for cpg, stride in ((4, 1), (8, 2), (16, 1), (64, 2)):
+        x = torch.randn(2, 128, 9, 14) * 2 + 0.7
+        conv, qx = _quantized_conv(128, 128 // cpg, stride, True, x)
+        first, *others = (_kernel_codes(conv, qx, build) for build in grouped_int8.BUILDS)
+        assert all(torch.equal(first, other) for other in others)  # the same int32 sums
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_outputs_beyond_uint8_saturate_at_0_and_255(build: grouped_int8.Build) -> None:
+    torch.manual_seed(4)
+    for cpg in (4, 16):
+        conv, qx = _quantized_conv(32, 32 // cpg, 1, False, torch.randn(2, 32, 6, 7))
+        tiny = copy.deepcopy(conv)
+        tiny.scale, tiny.zero_point = conv.scale / 2000, 128  # requantized codes far past 0-255
+        got = grouped_int8.GroupedInt8(conv, build)(qx, tiny.scale, tiny.zero_point)
+        hand = grouped_int8.reference(tiny, qx)
+        assert (hand == 255).double().mean() > 0.3 and (hand == 0).double().mean() > 0.3
+        _assert_codes_near(got.int_repr().double(), hand)
 
 
 @needs_kernel
@@ -127,7 +197,7 @@ def test_the_network_on_our_kernels_computes_what_it_computes_on_torchs_engine(
     adds = []
     real_add = add_int8.add_relu_if_taken
     monkeypatch.setattr(add_int8, "add_relu_if_taken", lambda *a: adds.append(1) or real_add(*a))
-    with torch.no_grad():
+    with torch.no_grad(), autotune.CHOOSER.prefer("ours"):
         ours = net(x)
         blocks = [b for s in net.stage_names for b in getattr(net, s)]
         assert all(b._kernel is not None and b._kernel[1] is not None for b in blocks)
@@ -158,3 +228,41 @@ def test_weights_loaded_after_a_forward_are_the_ones_it_runs() -> None:
         net.load_state_dict(copy.deepcopy(other.state_dict()))
         got, want = net(x), other.use_kernels(False)(x)
     assert ((got - want).abs().max() / want.abs().max()).item() < 0.02
+
+
+@needs_kernel
+@pytest.mark.parametrize("slow", ["ours", "engine"])
+def test_each_shape_runs_the_faster_of_torchs_engine_and_our_kernel(
+    slow: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net, x = _quantized()
+    chooser = autotune.Chooser()
+    monkeypatch.setattr(autotune, "CHOOSER", chooser)
+    calls = {"ours": 0, "engine": 0}
+    real_kernel = grouped_int8.GroupedInt8.__call__
+
+    def ours(kernel, *args):
+        calls["ours"] += 1
+        time.sleep(0.02 if slow == "ours" else 0)
+        return real_kernel(kernel, *args)
+
+    monkeypatch.setattr(grouped_int8.GroupedInt8, "__call__", ours)
+    grouped = [b.conv2 for s in net.stage_names for b in getattr(net, s)]
+    for conv in grouped:
+        real_conv = conv.forward
+
+        def engine(x, real_conv=real_conv):
+            calls["engine"] += 1
+            time.sleep(0.02 if slow == "engine" else 0)
+            return real_conv(x)
+
+        monkeypatch.setattr(conv, "forward", engine)
+    with torch.no_grad():
+        net(x)  # times both at each new shape
+        choices = [d for d in chooser.decisions() if d.op == "grouped3x3.int8"]
+        assert len(choices) == len({d.key for d in choices}) >= 2
+        fast = "engine" if slow == "ours" else "ours"
+        assert all(d.winner == fast and d.ms[slow] > d.ms[fast] for d in choices)
+        calls.update(ours=0, engine=0)
+        net(x)
+    assert calls == {slow: 0, fast: len(grouped)}  # the winner alone once chosen

@@ -1,4 +1,4 @@
-"""Per-shape choice between equivalent implementations of one training op, timed on this CPU.
+"""Per-shape choice between equivalent implementations of one op, timed on this CPU.
 
 Which kernel is fastest depends on the CPU far more than on the shape. On an AMD EPYC with
 AVX512-BF16 and no AMX, our bf16 1×1 product beat oneDNN by 1.0–1.3×; on an Intel Xeon with
@@ -11,8 +11,11 @@ when it is at least `MARGIN` faster, so close calls stay with torch's own kernel
 processes on one machine decide alike.
 
 Every candidate computes the same function to float32 rounding (each is tested against float64
-elsewhere), except the float16 products a caller offers only where asked (`train.fp16_products`).
-`decisions()` lists what was chosen and the times behind it, for a run's records.
+elsewhere; int8 candidates the same codes, one code apart where float rounding differs), except the
+float16 products a caller offers only where asked (`train.fp16_products`).
+`decisions()` lists what was chosen and the times behind it, for a run's records. Int8
+inference's grouped 3×3s (`resnext.speed.int8`) choose between torch's engine and our kernel the
+same way.
 Within `CHOOSER.using(timings)` the times are also kept on disk (`resnext.speed.timing_cache`):
 a later process on this machine reads them instead of timing (`resnext train` does this; the
 first step of ResNeXt-50 in float32 otherwise spends ~20 s timing on a 2-core AVX2 CPU) and so

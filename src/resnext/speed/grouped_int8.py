@@ -1,17 +1,19 @@
-"""Our int8 grouped 3×3 convolution (AVX512-VNNI) in place of torch's quantized one.
+"""Our int8 grouped 3×3 convolution (AVX512-VNNI, else AVX2) in place of torch's quantized one.
 
-`kernels/grouped3x3_int8.c` is compiled on first use (`resnext.native`) and called through
-ctypes on uint8 channels-last maps. `GroupedInt8` is built from a converted torch.ao quantized
-convolution (`Conv2d` or `ConvReLU2d`, int8 weights symmetric per output channel) and computes
-what it computes, reading that module's weights, bias and output scale: `Int8Bottleneck` calls it
-in place of its `conv2` where it takes the layer, so the module tree and its state-dict keys stay
-torchvision's.
+`kernels/grouped3x3_int8.c` (AVX512-VNNI: uint8 × int8 products summed in int32) or, on x86 CPUs
+without it, `kernels/grouped3x3_int8_avx2.c` (int16 products summed in int32) is compiled on
+first use (`resnext.native`) and called through ctypes on uint8 channels-last maps; both compute
+the same codes. `GroupedInt8` is built from a converted torch.ao quantized convolution (`Conv2d`
+or `ConvReLU2d`, int8 weights symmetric per output channel) and computes what it computes,
+reading that module's weights, bias and output scale: `Int8Bottleneck` calls it in place of its
+`conv2` where it takes the layer, so the module tree and its state-dict keys stay torchvision's.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,17 +21,45 @@ from torch import nn
 
 from resnext import native
 
-SOURCE = Path(__file__).with_name("kernels") / "grouped3x3_int8.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp")
-CPU_NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
+KERNELS = Path(__file__).with_name("kernels")
 SUPPORTED_CPG = (4, 8, 16, 32, 64)
 
 
-def load(source: Path = SOURCE) -> ctypes.CDLL:
-    """The kernel built for this CPU and loaded, its C signature declared (NativeUnavailable
-    where it cannot be); from another revision's `source` for `benchmarks/bench_int8_kernels.py
-    --against`."""
-    lib = native.load(source, FLAGS, cpu_needs=CPU_NEEDS)
+@dataclass(frozen=True)
+class Build:
+    """One instruction set's build of the kernel: its source, compiler flags, the CPU flags it
+    needs, and its output blocks' width in channels, which sets how its weights are packed."""
+
+    name: str
+    source: Path
+    flags: tuple[str, ...]
+    cpu_needs: frozenset[str]
+    lanes: int
+
+
+VNNI = Build(
+    "avx512-vnni",
+    KERNELS / "grouped3x3_int8.c",
+    ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp"),
+    frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+    16,
+)
+AVX2 = Build(
+    "avx2",
+    KERNELS / "grouped3x3_int8_avx2.c",
+    ("-O3", "-mavx2", "-mfma", "-fopenmp"),
+    frozenset({"avx2", "fma"}),
+    8,
+)
+BUILDS = (VNNI, AVX2)  # the first this CPU runs is used
+
+
+def load(build: Build, source: Path | None = None) -> ctypes.CDLL:
+    """`build` compiled for this CPU and loaded, its C signature declared (NativeUnavailable
+    where it cannot be); from another revision's `source` of it for
+    `benchmarks/bench_int8_kernels.py --against`."""
+    source = build.source if source is None else source
+    lib = native.load(source, build.flags, cpu_needs=build.cpu_needs)
     try:
         fn = lib.grouped3x3_u8s8
     except AttributeError:
@@ -40,16 +70,35 @@ def load(source: Path = SOURCE) -> ctypes.CDLL:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL:
-    """This checkout's kernel, built once per process."""
-    return load()
+def library(build: Build) -> ctypes.CDLL:
+    """`build`'s library from this checkout's source, built and loaded once per process."""
+    return load(build)
+
+
+@functools.cache
+def active() -> Build:
+    """The first of `BUILDS` that runs on this machine; else NativeUnavailable with each build's
+    reason."""
+    reasons = []
+    for build in BUILDS:
+        try:
+            library(build)
+            return build
+        except (native.NativeUnavailable, OSError) as exc:
+            reasons.append(f"{build.name}: {str(exc).splitlines()[0]}")
+    raise native.NativeUnavailable("; ".join(reasons))
+
+
+def _library(build: Build) -> ctypes.CDLL:
+    """The library a kernel packed for `build` calls (a benchmark swaps in another revision's)."""
+    return library(build)
 
 
 @functools.cache
 def unavailable_reason() -> str | None:
-    """None where the kernel runs on this machine, else why not (one line: the CPU flags it
-    lacks, or why it could not be built); checked once."""
-    return native.problem(_library)
+    """None where the kernel runs on this machine, else why not (one line: each build's missing
+    CPU flags, or why it could not be built); checked once."""
+    return native.problem(active)
 
 
 def supports(conv: nn.Module) -> bool:
@@ -79,42 +128,55 @@ def supports(conv: nn.Module) -> bool:
     )
 
 
-def pack_weights(codes: torch.Tensor) -> torch.Tensor:
-    """(C, cpg, 3, 3) int8 weight codes as the kernel reads them: [C/16][9][R][16][4], value k
-    of register r's lane j at tap t the weight from input i to output o of output block cb, where
+def pack_weights(codes: torch.Tensor, lanes: int = 16) -> torch.Tensor:
+    """(C, cpg, 3, 3) int8 weight codes as a build with `lanes`-channel output blocks reads them.
+
+    16 lanes (AVX512-VNNI), int8 [C/16][9][R][16][4]: value k of register r's lane j at tap t is
+    the weight from input i to output o of output block cb, where
     - 4 channels a group (R = 1): o = 16 cb + 4 (j % 4) + j / 4, i = k;
     - 8 channels a group (R = 2, a register per group): o = 16 cb + 8 r + j / 2, i = 4 (j % 2) + k;
-    - 16 or more (R = cpg / 4 quads): o = 16 cb + j, i = 4 r + k."""
+    - 16 or more (R = cpg / 4 quads): o = 16 cb + j, i = 4 r + k.
+    8 lanes (AVX2), int16 [C/8][9][R][8][2], R pair passes:
+    - 4 channels a group (R = 2): o = 8 cb + 4 (j % 2) + j / 2, i = 2 r + k;
+    - 8 or more (R = cpg / 2): o = 8 cb + j, i = 2 r + k."""
     out_ch, cpg = codes.shape[:2]
-    j = torch.arange(16)
+    if lanes not in (8, 16):
+        raise ValueError(f"lanes: expected 8 or 16, got {lanes}")
+    j = torch.arange(lanes)
+    per = 4 if lanes == 16 else 2  # input channels a lane sums per register
     if cpg == 4:
-        o, i = (4 * (j % 4) + j // 4).view(1, 16, 1), torch.arange(4).view(1, 1, 4)
-    elif cpg == 8:
+        groups = lanes // 4  # in one block
+        r = torch.arange(4 // per).view(-1, 1, 1)
+        o = (4 * (j % groups) + j // groups).view(1, lanes, 1)
+        i = per * r + torch.arange(per).view(1, 1, per)
+    elif cpg == 8 and lanes == 16:
         r = torch.arange(2).view(2, 1, 1)
         o = 8 * r + (j // 2).view(1, 16, 1)
         i = 4 * (j % 2).view(1, 16, 1) + torch.arange(4).view(1, 1, 4)
     else:
-        r = torch.arange(cpg // 4).view(-1, 1, 1)
-        o, i = j.view(1, 16, 1), 4 * r + torch.arange(4).view(1, 1, 4)
-    o, i = torch.broadcast_tensors(o, i)  # (R, 16, 4)
-    blocks = torch.arange(out_ch // 16).view(-1, 1, 1, 1) * 16
-    taps = codes.reshape(out_ch, cpg, 9)[blocks + o, i]  # (C/16, R, 16, 4, 9)
-    return taps.permute(0, 4, 1, 2, 3).contiguous()
+        r = torch.arange(cpg // per).view(-1, 1, 1)
+        o, i = j.view(1, lanes, 1), per * r + torch.arange(per).view(1, 1, per)
+    o, i = torch.broadcast_tensors(o, i)  # (R, lanes, per)
+    blocks = torch.arange(out_ch // lanes).view(-1, 1, 1, 1) * lanes
+    taps = codes.reshape(out_ch, cpg, 9)[blocks + o, i]  # (C/lanes, R, lanes, per, 9)
+    packed = taps.permute(0, 4, 1, 2, 3).contiguous()
+    return packed if lanes == 16 else packed.to(torch.int16)
 
 
 class GroupedInt8:
-    """One quantized grouped 3×3's int8 weights packed for the kernel, with the per-channel
-    constants of its requantization. Not a module: it holds nothing the quantized convolution it
+    """One quantized grouped 3×3's int8 weights packed for a build of the kernel, with the
+    per-channel constants of its requantization. Not a module: it holds nothing the quantized convolution it
     was built from does not already save."""
 
-    def __init__(self, conv: nn.Module) -> None:
+    def __init__(self, conv: nn.Module, build: Build | None = None) -> None:
         if not supports(conv):
             raise ValueError(
                 f"conv: expected a quantized grouped 3×3 the int8 kernel takes, got {conv!r}"
             )
         w = conv.weight()
         codes = w.int_repr()
-        self.weights = pack_weights(codes)
+        self.build = active() if build is None else build  # the one this machine runs first
+        self.weights = pack_weights(codes, self.build.lanes)
         self.wsum = codes.sum(dim=(1, 2, 3), dtype=torch.int32).contiguous()
         self.weight_scale = w.q_per_channel_scales().double()
         bias = conv.bias()
@@ -154,7 +216,7 @@ class GroupedInt8:
             memory_format=torch.channels_last,
         )
         m, b = self._requant(x.q_scale(), x.q_zero_point(), out_scale, out_zero_point)
-        rc = _library().grouped3x3_u8s8(
+        rc = _library(self.build).grouped3x3_u8s8(
             x.data_ptr(), self.weights.data_ptr(), m.data_ptr(), b.data_ptr(), y.data_ptr(),
             n, h, w, c, self.cpg, s, x.q_zero_point(), out_zero_point, int(self.relu),
             torch.get_num_threads(),

@@ -31,7 +31,7 @@ from torch.ao.nn.quantized import FloatFunctional
 
 from resnext.models.blocks import Bottleneck
 from resnext.models.network import ResNeXt
-from resnext.speed import add_int8, grouped_int8
+from resnext.speed import add_int8, autotune, grouped_int8
 from resnext.speed.capability import cpu_flags
 
 ENGINES = ("auto", "onednn", "x86", "fbgemm")
@@ -96,7 +96,14 @@ class Int8Bottleneck(nn.Module):
                 self._kernel = (packed, grouped_int8.GroupedInt8(conv) if takes else None)
             kernel = self._kernel[1]
             if kernel is not None:
-                return kernel(x, float(conv.scale), int(conv.zero_point))
+                # timed against torch's engine at each new shape, which wins some layers on
+                # CPUs without VNNI (RESULTS.md, stop 65)
+                key = (tuple(x.shape), kernel.cpg, kernel.stride, torch.backends.quantized.engine)
+                candidates = {
+                    "engine": lambda: self.relu2(self.bn2(conv(x))),
+                    "ours": lambda: kernel(x, float(conv.scale), int(conv.zero_point)),
+                }
+                return autotune.run("grouped3x3.int8", key, candidates)
         return self.relu2(self.bn2(conv(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
