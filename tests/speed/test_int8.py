@@ -244,3 +244,25 @@ def test_every_small_registry_network_it_takes_stays_near_its_float_function(
     with torch.no_grad():
         # a wrong fold, block or requantization is off by the output's own size
         assert _rel(net(x), model(x)) < 0.15
+
+
+def test_the_inference_benchmark_records_which_int8_grouped_layers_ran_on_our_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from resnext.speed import autotune, grouped_int8
+    from resnext.speed.infer_bench import InferConfig, run_infer_bench
+
+    if grouped_int8.unavailable_reason() is not None:
+        pytest.skip(
+            f"our int8 grouped kernel does not run here: {grouped_int8.unavailable_reason()}"
+        )
+    monkeypatch.setattr(autotune, "CHOOSER", autotune.Chooser())
+    config = InferConfig(
+        models=("resnext_tiny_in",), variants=("eager-int8",), batch=2, image_size=32, rounds=1
+    )
+    result = run_infer_bench(config, log=lambda line: None)
+    choices = result["autotune"]
+    assert choices and {c["op"] for c in choices} == {"grouped3x3.int8"}
+    assert all(
+        c["winner"] in ("engine", "ours") and set(c["ms"]) == {"engine", "ours"} for c in choices
+    )

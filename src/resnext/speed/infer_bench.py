@@ -11,7 +11,7 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import peers
+from resnext.speed import autotune, peers
 from resnext.speed.allocator import loaded_allocator
 from resnext.speed.fastpath import optimize
 from resnext.speed.measure import (
@@ -257,6 +257,8 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
         result["latency_batch1"] = {
             k: {**t.as_dict(), "median_ms_by_phase": by_phase[k]} for k, t in lat.items()
         }
+    if autotune.decisions():  # int8's grouped layers: our kernel or torch's engine, by shape
+        result["autotune"] = [d.as_dict() for d in autotune.decisions()]
     return result
 
 
