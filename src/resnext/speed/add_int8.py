@@ -44,16 +44,21 @@ def unavailable_reason() -> str | None:
 def takes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the kernel adds these two: per-tensor quint8 maps of one shape, both dense in the
     same memory order (so that their bytes pair up one to one)."""
+    return _shared_layout(a, b) is not None
+
+
+def _shared_layout(a: torch.Tensor, b: torch.Tensor) -> torch.memory_format | None:
+    """The memory order both maps are dense in where the kernel takes them (`takes`), else None."""
     if not (a.is_quantized and b.is_quantized) or a.shape != b.shape:
-        return False
+        return None
     if a.dtype != torch.quint8 or b.dtype != torch.quint8:
-        return False
+        return None
     if a.qscheme() != torch.per_tensor_affine or b.qscheme() != torch.per_tensor_affine:
-        return False
+        return None
     for fmt in (torch.channels_last, torch.contiguous_format):
         if a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt):
-            return a.stride() == b.stride()
-    return False
+            return fmt if a.stride() == b.stride() else None
+    return None
 
 
 def add_relu(
@@ -74,13 +79,9 @@ def add_relu_if_taken(
 ) -> torch.Tensor | None:
     """`add_relu(a, b, …)`, or None where the kernel does not take the pair (`takes`): the
     network's residual asks once per call, then falls back to torch's add."""
-    if not takes(a, b):
+    fmt = _shared_layout(a, b)
+    if fmt is None:
         return None
-    fmt = (
-        torch.channels_last
-        if a.is_contiguous(memory_format=torch.channels_last)
-        else torch.contiguous_format
-    )
     y = torch._empty_affine_quantized(
         a.shape, scale=scale, zero_point=zero_point, dtype=torch.quint8, memory_format=fmt
     )
