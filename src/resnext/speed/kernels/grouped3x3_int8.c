@@ -33,6 +33,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "grouped_int8_rows.h"
+
 /* Lanes of a 16-channel output block, 4 channels a group: lane j sums output 4 (j % 4) + j / 4,
  * so that a 16-byte input load broadcast to the register's four 128-bit lanes gives every lane
  * its group's quad. One permute per output pixel (a 4x4 transpose of dwords) puts them back in
@@ -62,21 +64,12 @@ static inline __m512i pair_sums(__m512i a, __m512i b) {
                    int Wo, int lo) {                                                           \
     enum { A = MODE == 8 ? 2 : 1, WR = MODE == 0 ? Q : A, J = (P - 1) * S + 3 };               \
     const uint8_t *xrow[3];                                                                    \
-    for (int kh = 0; kh < 3; ++kh) {                                                           \
-      const int ih = oh * S - 1 + kh;                                                          \
-      xrow[kh] = ih >= 0 && ih < H ? xn + (long)ih * W * C : 0;                                \
-    }                                                                                          \
+    for (int kh = 0; kh < 3; ++kh) xrow[kh] = input_row(xn, oh, S, kh, H, (long)W * C);       \
     for (int ow0 = 0; ow0 < Wo; ow0 += P) {                                                    \
       const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
       /* the block's input pixels, row by row (the pad row outside the image or the block) */  \
       const uint8_t *col[3][J];                                                                \
-      for (int kh = 0; kh < 3; ++kh)                                                           \
-        for (int j = 0; j < J; ++j) {                                                          \
-          const int iw = ow0 * S - 1 + j;                                                      \
-          col[kh][j] = xrow[kh] && iw >= 0 && iw < W && j < (np - 1) * S + 3                   \
-                           ? xrow[kh] + (long)iw * C                                           \
-                           : pad;                                                              \
-        }                                                                                      \
+      for (int kh = 0; kh < 3; ++kh) block_pixels(col[kh], J, xrow[kh], ow0, np, S, W, C, pad); \
       for (int cb = 0; cb < C / 16; ++cb) {                                                    \
         /* the block's own 16 channels (4 or 8 a group), else its group's first channel */     \
         const int off = MODE ? cb * 16 : (cb * 16 / cpg) * cpg;                                \
@@ -174,7 +167,7 @@ int grouped3x3_u8s8(const uint8_t *x, const int8_t *wp, const float *m, const fl
                : cpg == 64 ? (Wo % 14 == 0 && !s2 ? row_c64_p14_s1 : PICK(row_c64))
                            : 0;
 #undef PICK
-  if (!row || C % 16 || (s != 1 && s != 2) || zx < 0 || zx > 255 || zy < 0 || zy > 255) return -1;
+  if (!row || !takes_layer(C, s, zx, zy)) return -1;
   uint8_t *pad = (uint8_t *)malloc(C);
   if (!pad) return -2;
   memset(pad, zx, C);

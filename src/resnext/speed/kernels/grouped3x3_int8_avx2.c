@@ -19,8 +19,8 @@
  * A block of P output pixels of a row is computed kernel row by kernel row: each input pixel of
  * that row is loaded once per channel pair and multiplied by the three weights of the kernel row,
  * held in registers, into every output pixel it reaches (up to 3 at stride 1, 2 at stride 2).
- * Measured against torch's engine on a 2-core AVX2 EPYC (RESULTS.md, stop 65), this is 1.5-2.1x
- * faster with 4 channels a group and on the 56-pixel stride-2 layer, and 0.74-0.87x with 16 or
+ * Measured against torch's engine on a 2-core AVX2 EPYC (RESULTS.md, stop 65), this is 1.6-3.3x
+ * as fast with 4 channels a group and on the 56-pixel stride-2 layer, and 0.76-0.86x with 16 or
  * more: `resnext.speed.int8` times both per shape and keeps the faster.
  *
  * Quantized arithmetic as in grouped3x3_int8.c: the kernel is given m and b per channel and
@@ -33,6 +33,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "grouped_int8_rows.h"
 
 /* A widened pixel's stride in int16s: C and 32 more, so that a block's pixels, 2 C bytes apart
  * (a power of two in ResNeXt), do not all fall in the same few sets of L1 (which made the
@@ -58,8 +60,7 @@ static inline void widen(const uint8_t *src, int16_t *dst, int W, int C) {
     const int R = MODE == 4 ? 2 : cpg / 2;                                                     \
     const uint8_t *xrow[3];                                                                    \
     for (int kh = 0; kh < 3; ++kh) {                                                           \
-      const int ih = oh * S - 1 + kh;                                                          \
-      xrow[kh] = ih >= 0 && ih < H ? xn + (long)ih * W * C : 0;                                \
+      xrow[kh] = input_row(xn, oh, S, kh, H, (long)W * C);                                     \
       /* MODE 0 reads the rows widened to int16: each pair broadcast as it is, no shuffle */   \
       if (MODE == 0 && xrow[kh]) {                                                             \
         widen(xrow[kh], wide + kh * W * wide_stride(C), W, C);                                 \
@@ -84,12 +85,7 @@ static inline void widen(const uint8_t *src, int16_t *dst, int W, int C) {
       const int np = Wo - ow0 < P ? Wo - ow0 : P;                                              \
       const uint8_t *col[3][J];                                                                \
       for (int kh = 0; kh < 3; ++kh)                                                           \
-        for (int j = 0; j < J; ++j) {                                                          \
-          const int iw = ow0 * S - 1 + j;                                                      \
-          col[kh][j] = xrow[kh] && iw >= 0 && iw < W && j < (np - 1) * S + 3                   \
-                           ? xrow[kh] + iw * pixel                                             \
-                           : pad;                                                              \
-        }                                                                                      \
+        block_pixels(col[kh], J, xrow[kh], ow0, np, S, W, pixel, pad);                         \
       for (int cb = 0; cb < C / 8; ++cb) {                                                     \
         /* MODE 4: the block's own 8 channels; MODE 0: its group's first channel */            \
         const int off = MODE ? cb * 8 : (cb * 8 / cpg) * cpg;                                  \
@@ -177,7 +173,7 @@ int grouped3x3_u8s8(const uint8_t *x, const int16_t *wp, const float *m, const f
                : cpg == 8 || cpg == 16 || cpg == 32 || cpg == 64 ? PICK(row_wide)
                                                                  : 0;
 #undef PICK
-  if (!row || C % 16 || (s != 1 && s != 2) || zx < 0 || zx > 255 || zy < 0 || zy > 255) return -1;
+  if (!row || !takes_layer(C, s, zx, zy)) return -1;
   uint8_t *pad = (uint8_t *)malloc(C);
   if (!pad) return -2;
   memset(pad, zx, C);
