@@ -1,10 +1,11 @@
-"""Our int8 residual add-and-ReLU (AVX-512) in place of torch's `quantized::add_relu`.
+"""Our int8 residual add-and-ReLU (AVX-512, else AVX2) in place of torch's `quantized::add_relu`.
 
-`kernels/add_relu_int8.c` is compiled on first use (`resnext.native`) and called through ctypes
-on two uint8 maps of the same shape and memory layout; `add_relu` computes what torch's
-`FloatFunctional.add_relu` computes once converted (the two real values added, requantized to
-the output's scale and zero point, the ReLU as a clamp at the zero point), to within one code at
-rounding ties. `Int8Bottleneck` calls it for its residual where it runs.
+`kernels/add_relu_int8.c` is compiled on first use (`resnext.native`), for AVX-512 where the CPU
+has it, else for AVX2, and called through ctypes on two uint8 maps of the same shape and memory
+layout; `add_relu` computes what torch's `FloatFunctional.add_relu` computes once converted (the
+two real values added, requantized to the output's scale and zero point, the ReLU as a clamp at
+the zero point), to within one code at rounding ties. `Int8Bottleneck` calls it for its residual
+where it runs.
 """
 
 from __future__ import annotations
@@ -18,14 +19,27 @@ import torch
 from resnext import native
 
 SOURCE = Path(__file__).with_name("kernels") / "add_relu_int8.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp")
-CPU_NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl"})
+# (compiler flags, the CPU flags they need): the first this CPU has is built
+BUILDS = (
+    (("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"),
+     frozenset({"avx512f", "avx512bw", "avx512vl"})),
+    (("-O3", "-mavx2", "-mfma", "-fopenmp"), frozenset({"avx2", "fma"})),
+)  # fmt: skip
 
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    """The kernel, built for this CPU and loaded (NativeUnavailable where it cannot be)."""
-    lib = native.load(SOURCE, FLAGS, cpu_needs=CPU_NEEDS)
+    """The kernel, built for this CPU and loaded (NativeUnavailable where no build can be, with
+    each one's reason)."""
+    reasons = []
+    for flags, needs in BUILDS:
+        try:
+            lib = native.load(SOURCE, flags, cpu_needs=needs)
+            break
+        except (native.NativeUnavailable, OSError) as exc:
+            reasons.append(f"{flags[1]}: {str(exc).splitlines()[0]}")
+    else:
+        raise native.NativeUnavailable("; ".join(reasons))
     fn = lib.add_relu_u8
     fn.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_float] * 3 + [ctypes.c_int] * 2
