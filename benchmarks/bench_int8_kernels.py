@@ -5,10 +5,11 @@ Per layer (ResNeXt-50 32×4d's grouped 3×3s, stride 1 and the stride-2 first bl
 2–4), side by side in interleaved rounds: torch's quantized convolution on its engine
 (`engine-grouped`), our kernel (`ours-grouped`) and ResNet-50's dense int8 3×3 of the same stage
 (`engine-dense-resnet50`). Per residual add (each stage's output shape): torch's add_relu and
-ours (skipped without AVX-512). Then the networks (random weights, calibrated on a batch of their
-own) timed by layer kind (the blocks' 3×3s and residual adds, whichever runs them): ResNeXt-50
-and ResNet-50, each on torch's engine alone and with our kernels where their first forward timed
-them faster, in rounds that alternate their order (medians).
+ours (skipped where our add kernel cannot run). Then the networks (random weights, calibrated on
+a batch of their own) timed by layer kind (the blocks' 3×3s and residual adds, whichever runs
+them): ResNeXt-50 and ResNet-50, each on torch's engine alone and with our kernels (the grouped
+layers where their first forward timed ours faster), in rounds that alternate their order
+(medians).
 With `--against FILE` (another revision of the kernel's source this CPU builds,
 kernels/grouped3x3_int8.c with AVX512-VNNI, else kernels/grouped3x3_int8_avx2.c, e.g. `git show
 REV:src/resnext/speed/kernels/grouped3x3_int8.c > /tmp/old.c`) each layer also times that build

@@ -109,7 +109,7 @@ def test_int8_cases_pass_here_and_a_kernel_two_codes_off_fails(
     assert fuzz.main(["int8", "--cases", "2"]) == 1
     out = capsys.readouterr().out
     assert "codes off" in out and "int8: 2 cases, 2 failed" in out
-    # and the add kernel, checked in each case after the convolution where it runs (AVX-512)
+    # and the add kernel, checked in each case after the convolution where it runs (AVX-512 or AVX2)
     monkeypatch.setattr(grouped_int8.GroupedInt8, "__call__", real)
     real_add = add_int8.add_relu
 
