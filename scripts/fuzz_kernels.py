@@ -13,12 +13,12 @@ built with AddressSanitizer.
 - crop: JPEGs from --root with bytes changed, inserted or cut, through the planned path's crop
   decoder and through Pillow: the same verdict (an image or a DataError), except the documented
   one (damage only below the crop, which the crop decoder never reads: counted, not failed).
-- int8: the int8 grouped 3×3 kernel, each of its builds that runs here, on random layers
-  (channels, group width, stride, ReLU,
-  bias, map sizes from 1 pixel, input ranges that put the zero point anywhere in 0–255, 1 or 2
-  threads) against the quantized convolution's definition in float64, and the int8 add-and-ReLU
-  kernel on random pairs of maps (sizes from one value, either layout, scales and zero points
-  anywhere) against the quantized add's: at most one code off, and only at a few rounding ties.
+- int8: the int8 grouped 3×3 kernel, a build that runs here drawn per case, on random layers
+  (channels, group width, stride, ReLU, bias, map sizes from 1 pixel, input ranges that put the
+  zero point anywhere in 0–255, 1 or 2 threads) against the quantized convolution's definition
+  in float64, and the int8 add-and-ReLU kernel on random pairs of maps (sizes from one value,
+  either layout, scales and zero points anywhere) against the quantized add's: at most one code
+  off, and only at a few rounding ties.
 
 --asan rebuilds the kernels with -fsanitize=address into their own cache folder and runs again
 with libasan (and libstdc++, whose exceptions torch throws) preloaded: a memory error ends the run
