@@ -27,25 +27,29 @@ BUILDS = (
 )  # fmt: skip
 
 
-@functools.cache
-def _library() -> ctypes.CDLL:
-    """The kernel, built for this CPU and loaded (NativeUnavailable where no build can be, with
-    each one's reason)."""
-    reasons = []
-    for flags, needs in BUILDS:
-        try:
-            lib = native.load(SOURCE, flags, cpu_needs=needs)
-            break
-        except (native.NativeUnavailable, OSError) as exc:
-            reasons.append(f"{flags[1]}: {str(exc).splitlines()[0]}")
-    else:
-        raise native.NativeUnavailable("; ".join(reasons))
+def _load(flags: tuple[str, ...], needs: frozenset[str]) -> ctypes.CDLL:
+    """One build of the kernel, loaded and its C signature declared (NativeUnavailable where
+    this CPU lacks `needs` or the build fails)."""
+    lib = native.load(SOURCE, flags, cpu_needs=needs)
     fn = lib.add_relu_u8
     fn.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_float] * 3 + [ctypes.c_int] * 2
     )
     fn.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """The first of `BUILDS` this CPU runs, loaded once (NativeUnavailable where none can be,
+    with each one's reason)."""
+    reasons = []
+    for flags, needs in BUILDS:
+        try:
+            return _load(flags, needs)
+        except (native.NativeUnavailable, OSError) as exc:
+            reasons.append(f"{flags[1]}: {str(exc).splitlines()[0]}")
+    raise native.NativeUnavailable("; ".join(reasons))
 
 
 @functools.cache

@@ -59,7 +59,9 @@ def load(build: Build, source: Path | None = None) -> ctypes.CDLL:
     where it cannot be); from another revision's `source` of it for
     `benchmarks/bench_int8_kernels.py --against`."""
     source = build.source if source is None else source
-    lib = native.load(source, build.flags, cpu_needs=build.cpu_needs)
+    # another revision includes our shared header by name
+    flags = build.flags if source.parent == KERNELS else (*build.flags, f"-I{KERNELS}")
+    lib = native.load(source, flags, cpu_needs=build.cpu_needs)
     try:
         fn = lib.grouped3x3_u8s8
     except AttributeError:
