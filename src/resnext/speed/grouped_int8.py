@@ -140,8 +140,10 @@ def pack_weights(codes: torch.Tensor, lanes: int = 16) -> torch.Tensor:
     - 16 or more (R = cpg / 4 quads): o = 16 cb + j, i = 4 r + k.
     8 lanes (AVX2), int16 [C/8][9][R][8][2], R pair passes:
     - 4 channels a group (R = 2): o = 8 cb + 4 (j % 2) + j / 2, i = 2 r + k;
-    - 8 or more (R = cpg / 2): o = 8 cb + j, i = 2 r + k."""
-    out_ch, cpg = codes.shape[:2]
+    - 8 or more (R = cpg / 2): o = 8 cb + j, i = 2 r + k; then, for rows of 7-bit codes, the same
+      weights as int8 quads [C/8][9][cpg/4][8][4], o = 8 cb + j, i = 4 r + k (its bytes in the
+      int16 tensor's tail)."""
+    cpg = codes.shape[1]
     if lanes not in (8, 16):
         raise ValueError(f"lanes: expected 8 or 16, got {lanes}")
     j = torch.arange(lanes)
@@ -156,13 +158,36 @@ def pack_weights(codes: torch.Tensor, lanes: int = 16) -> torch.Tensor:
         o = 8 * r + (j // 2).view(1, 16, 1)
         i = 4 * (j % 2).view(1, 16, 1) + torch.arange(4).view(1, 1, 4)
     else:
-        r = torch.arange(cpg // per).view(-1, 1, 1)
-        o, i = j.view(1, lanes, 1), per * r + torch.arange(per).view(1, 1, per)
-    o, i = torch.broadcast_tensors(o, i)  # (R, lanes, per)
+        return _one_group_blocks(codes, lanes, per)
+    packed = _gathered(codes, lanes, o, i)
+    return packed if lanes == 16 else packed.to(torch.int16)
+
+
+def _one_group_blocks(codes: torch.Tensor, lanes: int, per: int) -> torch.Tensor:
+    """The packing where every lane of a block is in one group (8 or more channels a group):
+    lane j is output j, register r sums inputs per·r … per·r + per − 1; with 8 lanes, the int16
+    pairs and then the int8 quads."""
+    cpg = codes.shape[1]
+    lane = torch.arange(lanes).view(1, lanes, 1)
+
+    def inputs(n: int) -> torch.Tensor:  # n a register: (cpg / n, 1, n)
+        return n * torch.arange(cpg // n).view(-1, 1, 1) + torch.arange(n).view(1, 1, n)
+
+    if lanes == 16:
+        return _gathered(codes, lanes, lane, inputs(per))
+    pairs = _gathered(codes, lanes, lane, inputs(2)).to(torch.int16)
+    quads = _gathered(codes, lanes, lane, inputs(4))
+    return torch.cat([pairs.flatten(), quads.flatten().view(torch.int16)])
+
+
+def _gathered(codes: torch.Tensor, lanes: int, o: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """codes[block·lanes + o, i, tap] as int8 [C/lanes][9][R][lanes][per], o and i broadcast to
+    (R, lanes, per)."""
+    out_ch, cpg = codes.shape[:2]
+    o, i = torch.broadcast_tensors(o, i)
     blocks = torch.arange(out_ch // lanes).view(-1, 1, 1, 1) * lanes
     taps = codes.reshape(out_ch, cpg, 9)[blocks + o, i]  # (C/lanes, R, lanes, per, 9)
-    packed = taps.permute(0, 4, 1, 2, 3).contiguous()
-    return packed if lanes == 16 else packed.to(torch.int16)
+    return taps.permute(0, 4, 1, 2, 3).contiguous()
 
 
 class GroupedInt8:

@@ -13,20 +13,25 @@
  *    so that the two groups' 8 input bytes broadcast to every 64-bit lane give each lane its
  *    group's channels, and a shuffle per channel pair turns them into the pair's two int16 codes
  *    in every lane; one permute per output pixel puts the sums back in channel order;
- *  - 8 or more: all 8 lanes in one group. The three input rows an output row reads are first
- *    widened to int16 (about 2 % of the row's work), so that each channel pair is one 32-bit
- *    broadcast, with no shuffle.
+ *  - 8 or more: all 8 lanes in one group. Where the three input rows an output row reads hold
+ *    codes below 128 only (what `quantize_int8`'s default 7-bit activations give, checked per
+ *    row), VPMADDUBSW cannot saturate (2 x 127 x 128 < 32768): each quad of input channels is
+ *    one 32-bit broadcast into VPMADDUBSW, its pair sums widened by VPMADDWD with ones (1.2-1.45x
+ *    the int16 pairs per layer). Else the rows are first widened to int16 (about 2 % of the
+ *    row's work), so that each channel pair is one 32-bit broadcast, with no shuffle.
  * A block of P output pixels of a row is computed kernel row by kernel row: each input pixel of
  * that row is loaded once per channel pair and multiplied by the three weights of the kernel row,
  * held in registers, into every output pixel it reaches (up to 3 at stride 1, 2 at stride 2).
  * Measured against torch's engine on a 2-core AVX2 EPYC (RESULTS.md, stop 65), this is 1.6-3.3x
- * as fast with 4 channels a group and on the 56-pixel stride-2 layer, and 0.76-0.86x with 16 or
- * more: `resnext.speed.int8` times both per shape and keeps the faster.
+ * as fast with 4 channels a group and on the 56-pixel stride-2 layer; with 16 or more channels
+ * a group the engine and ours are closer: `resnext.speed.int8` times both per shape and keeps
+ * the faster.
  *
  * Quantized arithmetic as in grouped3x3_int8.c: the kernel is given m and b per channel and
  * computes clamp(round(sum x w * m + b), lo, 255), pixels outside the image reading the code zx.
  *
- * Layout: x[N][H][W][C] and y[N][Ho][Wo][C] uint8; packed weights wp[C/8][9][R][8][2] int16
+ * Layout: x[N][H][W][C] and y[N][Ho][Wo][C] uint8; packed weights wp[C/8][9][R][8][2] int16,
+ * then with 8 or more channels a group the same as int8 quads [C/8][9][cpg/4][8][4]
  * (grouped_int8.pack_weights with 8 lanes); m, b per channel.
  */
 #include <immintrin.h>
@@ -50,25 +55,46 @@ static inline void widen(const uint8_t *src, int16_t *dst, int W, int C) {
           _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(src + (long)iw * C + c))));
 }
 
+/* The largest of n uint8 codes (n a multiple of 16) */
+static inline int max_code(const uint8_t *p, long n) {
+  __m128i m = _mm_setzero_si128();
+  for (long i = 0; i < n; i += 16) m = _mm_max_epu8(m, _mm_loadu_si128((const __m128i *)(p + i)));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
+  return _mm_cvtsi128_si32(m) & 0xff;
+}
+
 /* MODE 4: 4 channels a group (2 groups a register, R = 2 pair passes); MODE 0: 8 or more, one
  * group a register, R = cpg / 2 pair passes. P pixels a block, stride S. */
 #define DEFINE_ROW(NAME, MODE, P, S)                                                           \
   static void NAME(const uint8_t *xn, const int16_t *wp, const float *m, const float *b,      \
                    uint8_t *yr, const uint8_t *pad, int16_t *wide, int H, int W, int C,        \
-                   int cpg, int oh, int Wo, int lo) {                                          \
-    enum { J = (P - 1) * S + 3, BYTES = MODE == 4 ? 1 : 2 };                                   \
+                   int cpg, int oh, int Wo, int lo, int zx) {                                  \
+    enum { J = (P - 1) * S + 3 };                                                              \
     const int R = MODE == 4 ? 2 : cpg / 2;                                                     \
     const uint8_t *xrow[3];                                                                    \
+    /* MODE 0: where the row's three input rows (and the pad) hold codes below 128, VPMADDUBSW \
+     * sums uint8 x int8 pairs in int16 without saturating (2 x 127 x 128 < 32768): a quad of  \
+     * channels a broadcast, 1.2-1.45x the pairs' speed per layer; else the exact int16 pairs */ \
+    int quads = MODE == 0 && zx < 128;                                                         \
     for (int kh = 0; kh < 3; ++kh) {                                                           \
       xrow[kh] = input_row(xn, oh, S, kh, H, (long)W * C);                                     \
-      /* MODE 0 reads the rows widened to int16: each pair broadcast as it is, no shuffle */   \
-      if (MODE == 0 && xrow[kh]) {                                                             \
+      if (quads && xrow[kh]) quads = max_code(xrow[kh], (long)W * C) < 128;                    \
+    }                                                                                          \
+    for (int kh = 0; kh < 3; ++kh) {                                                           \
+      /* else MODE 0 reads the rows widened to int16: each pair broadcast as it is, no shuffle */ \
+      if (MODE == 0 && !quads && xrow[kh]) {                                                   \
         widen(xrow[kh], wide + kh * W * wide_stride(C), W, C);                                 \
         xrow[kh] = (const uint8_t *)(wide + kh * W * wide_stride(C));                          \
       }                                                                                        \
     }                                                                                          \
-    if (MODE == 0) pad = (const uint8_t *)(wide + 3 * W * wide_stride(C));                     \
-    const long pixel = MODE == 0 ? 2 * wide_stride(C) : C; /* bytes */                        \
+    const int bytes = MODE == 0 && !quads ? 2 : 1; /* a channel's */                          \
+    if (bytes == 2) pad = (const uint8_t *)(wide + 3 * W * wide_stride(C));                    \
+    const long pixel = bytes == 2 ? 2 * wide_stride(C) : C; /* bytes */                       \
+    const int8_t *wq = (const int8_t *)(wp + (long)(C / 8) * 9 * R * 16); /* MODE 0's quads */ \
+    const __m256i ones = _mm256_set1_epi16(1);                                                 \
     /* MODE 4, pass r's shuffle: every lane's two int16 codes from the broadcast bytes 4 g +   \
      * 2 r, +1 of the lane's group g = lane % 2 */                                             \
     __m256i pick[2];                                                                           \
@@ -92,6 +118,29 @@ static inline void widen(const uint8_t *src, int16_t *dst, int W, int C) {
         const int16_t *wb = wp + (long)cb * 9 * R * 16;                                        \
         __m256i acc[P];                                                                        \
         _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) acc[p] = _mm256_setzero_si256();  \
+        if (quads) {                                                                           \
+          const int Q = cpg / 4;                                                               \
+          const int8_t *wbq = wq + (long)cb * 9 * Q * 32;                                      \
+          for (int q = 0; q < Q; ++q)                                                          \
+            for (int kh = 0; kh < 3; ++kh) {                                                   \
+              __m256i w[3];                                                                    \
+              _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) w[kw] =                   \
+                  _mm256_loadu_si256((const __m256i *)(wbq + ((kh * 3 + kw) * Q + q) * 32));   \
+              _Pragma("GCC unroll 32") for (int j = 0; j < J; ++j) {                           \
+                int32_t quad;                                                                  \
+                memcpy(&quad, col[kh][j] + off + 4 * q, 4);                                    \
+                const __m256i v = _mm256_set1_epi32(quad);                                     \
+                _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) {                       \
+                  const int p = (j - kw) / S;                                                  \
+                  if (j >= kw && (j - kw) % S == 0 && p < P) {                                 \
+                    acc[p] = _mm256_add_epi32(                                                 \
+                        acc[p], _mm256_madd_epi16(_mm256_maddubs_epi16(v, w[kw]), ones));      \
+                    __asm__("" : "+x"(acc[p]));                                                \
+                  }                                                                            \
+                }                                                                              \
+              }                                                                                \
+            }                                                                                  \
+        } else                                                                                 \
         for (int r = 0; r < R; ++r) {                                                          \
           const __m256i sel = pick[r % 2]; /* MODE 4 */                                        \
           const int at = MODE == 4 ? 0 : 4 * r; /* MODE 0: pair r's bytes */                   \
@@ -100,7 +149,7 @@ static inline void widen(const uint8_t *src, int16_t *dst, int W, int C) {
             _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; ++kw) w[kw] =                     \
                 _mm256_loadu_si256((const __m256i *)(wb + ((kh * 3 + kw) * R + r) * 16));      \
             _Pragma("GCC unroll 32") for (int j = 0; j < J; ++j) {                             \
-              const uint8_t *xp = col[kh][j] + off * BYTES + at;                               \
+              const uint8_t *xp = col[kh][j] + off * bytes + at;                               \
               __m256i v;                                                                       \
               if (MODE == 4) {                                                                 \
                 int64_t eight;                                                                 \
@@ -158,7 +207,7 @@ DEFINE_ROWS(row_c4, 4)
 DEFINE_ROWS(row_wide, 0)
 
 typedef void (*row_fn)(const uint8_t *, const int16_t *, const float *, const float *, uint8_t *,
-                       const uint8_t *, int16_t *, int, int, int, int, int, int, int);
+                       const uint8_t *, int16_t *, int, int, int, int, int, int, int, int);
 
 /* y = requantized grouped 3x3 of x (see the top of this file). Returns 0, or -1 for a shape the
  * kernel does not take (C not a multiple of 16, cpg not 4, 8, 16, 32 or 64, stride not 1 or 2,
@@ -192,7 +241,7 @@ int grouped3x3_u8s8(const uint8_t *x, const int16_t *wp, const float *m, const f
     for (long r = 0; r < rows; ++r)
       if (wide)
         row(x + r / Ho * (long)H * W * C, wp, m, b, y + r * (long)Wo * C, pad, wide, H, W, C,
-            cpg, (int)(r % Ho), Wo, lo);
+            cpg, (int)(r % Ho), Wo, lo, zx);
     free(wide);
   }
   free(pad);
