@@ -158,15 +158,15 @@ def pack_weights(codes: torch.Tensor, lanes: int = 16) -> torch.Tensor:
         o = 8 * r + (j // 2).view(1, 16, 1)
         i = 4 * (j % 2).view(1, 16, 1) + torch.arange(4).view(1, 1, 4)
     else:
-        return _one_group_blocks(codes, lanes, per)
+        return _one_group_blocks(codes, lanes)
     packed = _gathered(codes, lanes, o, i)
     return packed if lanes == 16 else packed.to(torch.int16)
 
 
-def _one_group_blocks(codes: torch.Tensor, lanes: int, per: int) -> torch.Tensor:
+def _one_group_blocks(codes: torch.Tensor, lanes: int) -> torch.Tensor:
     """The packing where every lane of a block is in one group (8 or more channels a group):
-    lane j is output j, register r sums inputs per·r … per·r + per − 1; with 8 lanes, the int16
-    pairs and then the int8 quads."""
+    lane j is output j, register r sums inputs n·r … n·r + n − 1: with 16 lanes the int8 quads
+    (n = 4), with 8 the int16 pairs (n = 2) and then the int8 quads."""
     cpg = codes.shape[1]
     lane = torch.arange(lanes).view(1, lanes, 1)
 
@@ -174,7 +174,7 @@ def _one_group_blocks(codes: torch.Tensor, lanes: int, per: int) -> torch.Tensor
         return n * torch.arange(cpg // n).view(-1, 1, 1) + torch.arange(n).view(1, 1, n)
 
     if lanes == 16:
-        return _gathered(codes, lanes, lane, inputs(per))
+        return _gathered(codes, lanes, lane, inputs(4))
     pairs = _gathered(codes, lanes, lane, inputs(2)).to(torch.int16)
     quads = _gathered(codes, lanes, lane, inputs(4))
     return torch.cat([pairs.flatten(), quads.flatten().view(torch.int16)])
