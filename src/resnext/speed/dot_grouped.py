@@ -19,8 +19,14 @@ from resnext.speed import grouped_kernel, grouped_split, operators, pointwise_ge
 from resnext.speed.chain_fusion import Chain, Way, run_pass
 from resnext.speed.conv_x3_swap import DotConv1x1
 from resnext.speed.grouped_split import SplitGroupedConv3x3
-from resnext.speed.grouped_swap import FastGroupedConv3x3, LayerChoice
+from resnext.speed.grouped_swap import (
+    FastGroupedConv3x3,
+    LayerChoice,
+    NativeGroupedConv3x3,
+    kernel_form,
+)
 from resnext.speed.kernel_module import KernelModule
+from resnext.speed.prepacked import PrepackedConv
 from resnext.speed.timing_cache import TimingCache
 
 # The 1×1 pixels computed per step, at least: one block of 8 tiles of 7 rows, as the 1×1's own
@@ -100,10 +106,12 @@ operators.define(
 def dot_fusable(pointwise: nn.Module, grouped: nn.Module | None) -> bool:
     """Whether the fused kernel computes `grouped`(`pointwise`(x)) for these two modules: a
     stride-1 bf16 1×1 with its ReLU and no residual, then one of our grouped kernels on its
-    output (bf16 activations: `DotConv1x1` exists only in bf16 models)."""
+    output, or oneDNN's with one of ours kept beside it (`kernel_form`) (bf16 activations:
+    `DotConv1x1` exists only in bf16 models)."""
+    grouped = kernel_form(grouped)
     return (
         isinstance(pointwise, DotConv1x1)
-        and isinstance(grouped, FastGroupedConv3x3)
+        and grouped is not None
         and grouped.variant in VARIANTS
         and pointwise.stride == 1
         and pointwise.relu
@@ -127,6 +135,7 @@ class DotPointwiseGrouped(KernelModule):
                 f"and the grouped kernel's {getattr(grouped, 'channels', '?')} outputs, then a "
                 f"grouped kernel of variant {VARIANTS}; got {pointwise} before {grouped}"
             )
+        grouped = kernel_form(grouped)  # where oneDNN's is kept, the kernel beside it
         self.in_channels = pointwise.in_channels
         self.pointwise_packed, self.pointwise_bias = pointwise.packed, pointwise.bias
         self.packed, self.bias = grouped.packed, grouped.bias
@@ -157,7 +166,19 @@ class DotPointwiseGrouped(KernelModule):
 
 def _ways(pointwise: nn.Module, grouped: nn.Module) -> tuple[Way, nn.Module, Way]:
     fused = DotPointwiseGrouped(pointwise, grouped)
-    return lambda x: grouped(pointwise(x)), fused, fused
+    if not isinstance(grouped, NativeGroupedConv3x3):
+        return lambda x: grouped(pointwise(x)), fused, fused
+    prepacked: dict[tuple[int, ...], PrepackedConv] = {}
+
+    def separate(x: torch.Tensor) -> object:
+        # oneDNN's grouped convolution as every backend runs it: prepacked for its input
+        y = pointwise(x)
+        shape = tuple(y.shape)
+        if shape not in prepacked:
+            prepacked[shape] = PrepackedConv(grouped.as_conv(), grouped.relu, False, shape)
+        return prepacked[shape](y)
+
+    return separate, fused, fused
 
 
 CHAIN = Chain(DotConv1x1, FastGroupedConv3x3, dot_fusable, False, False)

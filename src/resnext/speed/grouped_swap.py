@@ -94,9 +94,9 @@ class FastGroupedConv3x3(KernelModule):
 
 
 class NativeGroupedConv3x3(FastGroupedConv3x3):
-    """torch's (oneDNN's) grouped 3×3, kept where it beats our kernels alone but an AMX form
-    exists (`amx_alternative`): in this form the fusion passes still time the AMX form fused with
-    the 1×1s around it against it. Computes exactly the convolution it replaces (its ReLU too,
+    """torch's (oneDNN's) grouped 3×3, kept where it beats our kernels alone but one of them may
+    win fused (`kernel_alternative`, the fastest alone; `amx_alternative`, an AMX form): in this
+    form the fusion passes still time that kernel fused with the 1×1s around it against it. Computes exactly the convolution it replaces (its ReLU too,
     once `fuse_following_relu` has moved that in); the weight is a plain attribute as the packed
     ones are."""
 
@@ -372,14 +372,19 @@ def swap_grouped_convs(
                 fused = fuse_following_relu(model, name)
                 if amx is not None:
                     amx.relu = fast.relu  # the AMX form kept beside it applies the same ReLU
-            elif amx is not None:
-                # oneDNN wins alone, but the AMX form fused with the 1×1s around it may still win
-                # (measured: stage 3 at batch 16 lost its blocks' fusion when oneDNN won by a hair)
+            elif amx is not None or example.dtype == torch.bfloat16:
+                # oneDNN wins alone, but our kernel fused with the 1×1s around it may still win
+                # (measured: stage 3 at batch 16 lost its blocks' fusion when oneDNN won by a
+                # hair, on AMX and on the AVX512-BF16 pair kernels (stop 66))
                 native = NativeGroupedConv3x3(conv)
-                object.__setattr__(native, "amx_alternative", amx)
+                object.__setattr__(native, "kernel_alternative", fast)
+                if amx is not None:
+                    object.__setattr__(native, "amx_alternative", amx)
                 set_module(model, name, native)
                 fuse_following_relu(model, name)
-                amx.relu = native.relu
+                fast.relu = native.relu
+                if amx is not None:
+                    amx.relu = native.relu
             choices.append(
                 LayerChoice(
                     name,
@@ -391,6 +396,15 @@ def swap_grouped_convs(
                 )
             )
     return choices
+
+
+def kernel_form(module: nn.Module | None) -> FastGroupedConv3x3 | None:
+    """`module` as one of our grouped kernels: itself if it is one, else the fastest of our forms
+    that `swap_grouped_convs` kept beside oneDNN's convolution (with the same ReLU flag), else
+    None."""
+    if isinstance(module, NativeGroupedConv3x3):
+        return getattr(module, "kernel_alternative", None)
+    return module if isinstance(module, FastGroupedConv3x3) else None
 
 
 def amx_form(module: nn.Module | None) -> FastGroupedConv3x3 | None:
