@@ -16,7 +16,15 @@ from torch import nn
 
 import resnext
 from resnext.errors import ConfigError
-from resnext.speed import allocator, fastpath, head, replay, replay_memory
+from resnext.speed import (
+    allocator,
+    fastpath,
+    grouped_swap,
+    head,
+    kernel_passes,
+    replay,
+    replay_memory,
+)
 from resnext.speed.capability import bf16_supported
 from resnext.speed.fastpath import optimize
 from resnext.speed.grouped_kernel import unavailable_reason as grouped_unavailable
@@ -316,17 +324,76 @@ def test_the_grouped_choosers_weigh_leaving_the_loop_only_for_a_replay(
 ) -> None:
     asked: dict[str, list[float]] = {"split": [], "grouped": []}
     for name, key in (("split_group_channels", "split"), ("swap_grouped_convs", "grouped")):
-        original = getattr(fastpath, name)
+        original = getattr(kernel_passes, name)
 
         def recording(*args, _original=original, _key=key, **kwargs):  # type: ignore[no-untyped-def]
             asked[_key].append(kwargs["native_extra_ms"])
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(fastpath, name, recording)
+        monkeypatch.setattr(kernel_passes, name, recording)
     x = torch.randn(1, 3, 32, 32)
-    for backend in ("none", "replay"):
-        optimize(_model(), "fp32", backend=backend, example_input=x, grouped_kernel=KERNEL)
-    assert asked == {key: [0.0, replay.TORCH_STEP_MS] for key in asked}
+    # a replay runs its choosers with both weights unless given one
+    for backend, weight in (("none", None), ("replay", None), ("replay", 0.05)):
+        optimize(
+            _model(),
+            "fp32",
+            backend=backend,
+            example_input=x,
+            grouped_kernel=KERNEL,
+            replay_exit_ms=weight,
+        )
+    assert asked == {key: [0.0, replay.TORCH_STEP_MS, 0.0, 0.05] for key in asked}
+
+
+@pytest.mark.skipif(KERNEL == "off", reason="needs our grouped kernel")
+@pytest.mark.parametrize(
+    ("kernel_ms", "other_faster", "exit_ms", "chosen"),
+    [
+        # oneDNN 1.0 ms: the kernel wins only with the exit weighed; the faster replay is kept
+        (1.1, True, 0.0, "native"),
+        (1.1, False, replay.TORCH_STEP_MS, "kernel"),
+        (0.5, None, replay.TORCH_STEP_MS, "kernel"),  # both weights choose alike: one build
+    ],
+)
+def test_a_replay_keeps_the_faster_of_its_builds_by_either_exit_weight(
+    monkeypatch: pytest.MonkeyPatch,
+    kernel_ms: float,
+    other_faster: bool | None,
+    exit_ms: float,
+    chosen: str,
+) -> None:
+    monkeypatch.setattr(
+        grouped_swap,
+        "time_each_ms",
+        lambda fns, x, repeats, before=None: [
+            1.0 if isinstance(fn, PrepackedConv) else kernel_ms for fn in fns
+        ],
+    )
+    raced: list[tuple[nn.Module, nn.Module]] = []
+
+    def race(challenger, incumbent, shape):  # type: ignore[no-untyped-def]
+        raced.append((challenger, incumbent))
+        assert isinstance(challenger, Replayed) and isinstance(incumbent, Replayed)
+        return other_faster
+
+    monkeypatch.setattr(fastpath, "replays_faster", race)
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    fast = optimize(model, "fp32", backend="replay", example_input=x, split_groups="off")
+    assert len(raced) == (0 if other_faster is None else 1)
+    assert isinstance(fast, Replayed) and fast.replay_exit_ms == exit_ms
+    assert fast.module.replay_exit_ms == exit_ms
+    assert {c.chosen.split("+")[0] for c in fast.grouped_choices} == {chosen}
+    kept = [m for m in fast.module.modules() if type(m).__name__ == "FastGroupedConv3x3"]
+    assert bool(kept) == (chosen == "kernel")  # the build it reports is the one it runs
+    with torch.no_grad():
+        assert rel_err(fast(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("weight", [-0.1, float("inf"), "0.2", True])
+def test_a_bad_exit_weight_is_refused_by_name(weight: object) -> None:
+    with pytest.raises(ConfigError, match="replay_exit_ms: expected None or a finite number"):
+        optimize(_model(), "fp32", backend="replay", replay_exit_ms=weight)  # type: ignore[arg-type]
 
 
 def _arena(recorded: Recorded) -> torch.Tensor:

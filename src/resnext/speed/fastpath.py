@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from resnext.errors import ConfigError
-from resnext.speed import stem_fusion
-from resnext.speed.block_fusion import fuse_blocks
 from resnext.speed.capability import (
     bf16_faster,
     bf16_runs_on,
@@ -22,27 +20,14 @@ from resnext.speed.capability import (
     fastest_dtype,
     fastest_precision,
 )
-from resnext.speed.conv_x3_swap import (
-    swap_convs_dot,
-    swap_convs_fma,
-    swap_convs_fp16,
-    swap_convs_mkl,
-    swap_convs_x3,
-)
-from resnext.speed.dense_swap import DenseOptions, prepack_convs
-from resnext.speed.dot_block import fuse_dot_blocks
-from resnext.speed.dot_grouped import fuse_dot_pointwise
 from resnext.speed.fold import fold_batchnorm
-from resnext.speed.group_order import split_group_channels
-from resnext.speed.grouped_swap import check_mode, swap_grouped_convs
-from resnext.speed.head import swap_head
-from resnext.speed.maxpool import use_inference_maxpool
+from resnext.speed.grouped_swap import check_mode
+from resnext.speed.kernel_passes import Choices, run_passes
+from resnext.speed.measure import interleaved, median_ratio
 from resnext.speed.merged_groups import widen_where_faster
 from resnext.speed.pointwise_fp16 import unavailable_reason as pointwise_fp16_unavailable
-from resnext.speed.pointwise_fusion import fuse_pointwise_convs
 from resnext.speed.replay import TORCH_STEP_MS, Replayed
 from resnext.speed.shapes import check_new_shapes, input_key
-from resnext.speed.shortcut_fusion import fuse_dot_shortcuts, fuse_shortcuts, fuse_x3_shortcuts
 from resnext.speed.timing_cache import TimingCache
 
 BACKENDS = ("inductor", "jit", "replay", "none")
@@ -246,6 +231,72 @@ def open_timing_cache(spec: TimingCache | str | Path | bool | None) -> TimingCac
     )
 
 
+# interleaved rounds that time a replay's two builds against each other (`replay_exit_ms`)
+REPLAY_ROUNDS = 7
+
+
+def exit_weights(backend: str, replay_exit_ms: float | None) -> tuple[float, ...]:
+    """What leaving a replay's C loop for a torch operator costs, as `optimize`'s choosers are to
+    weigh it: for a replay `replay_exit_ms`, or where that is None both `replay.TORCH_STEP_MS`
+    and 0 (the two builds, where they differ, timed against each other); 0 for the backends that
+    have no such loop."""
+    if replay_exit_ms is not None and (
+        isinstance(replay_exit_ms, bool)
+        or not isinstance(replay_exit_ms, (int, float))
+        or not 0 <= replay_exit_ms < float("inf")
+    ):
+        raise ConfigError(
+            f"replay_exit_ms: expected None or a finite number of ms >= 0, got {replay_exit_ms!r}"
+        )
+    if backend != "replay":
+        return (0.0,)
+    return (TORCH_STEP_MS, 0.0) if replay_exit_ms is None else (float(replay_exit_ms),)
+
+
+def carry_choices(
+    module: nn.Module,
+    choices: Choices,
+    exit_ms: float,
+    timings: TimingCache | None,
+    merges: dict[str, int],
+) -> nn.Module:
+    """`module` carrying what its build chose, as `optimize` documents: each kind's choices, the
+    exit weight they were made with (`replay_exit_ms`), the timing cache, the group merges."""
+    for attr, value in choices.carried().items():
+        setattr(module, attr, value)
+    module.replay_exit_ms = exit_ms
+    module.timing_cache = timings
+    module.group_merges = merges
+    return module
+
+
+def _replayed(eager: nn.Module, shapes: Sequence[tuple[int, ...]], new_shapes: str) -> Replayed:
+    replayed = Replayed(eager, new_shapes=new_shapes)
+    for shape in shapes:
+        replayed.build(torch.randn(shape))
+    return replayed
+
+
+def replays_faster(challenger: nn.Module, incumbent: nn.Module, shape: Sequence[int]) -> bool:
+    """Whether `challenger` computes a random input of `shape` faster than `incumbent`: the median
+    over `REPLAY_ROUNDS` interleaved rounds of their time ratio is below 1."""
+    x = torch.randn(tuple(shape))
+
+    def call(module: nn.Module) -> tuple[Callable[[], object], int]:
+        def run() -> object:
+            with torch.no_grad():
+                return module(x)
+
+        return run, x.shape[0]
+
+    timings = interleaved(
+        {"challenger": call(challenger), "incumbent": call(incumbent)},
+        rounds=REPLAY_ROUNDS,
+        iters=1,
+    )
+    return median_ratio(timings["challenger"].seconds, timings["incumbent"].seconds) < 1
+
+
 def optimize(
     model: nn.Module,
     dtype: torch.dtype | str = torch.float32,
@@ -270,6 +321,7 @@ def optimize(
     device: torch.device | str | None = None,
     timing_cache: TimingCache | str | Path | bool | None = None,
     new_shapes: str = "compile",
+    replay_exit_ms: float | None = None,
 ) -> nn.Module:
     """A module computing the same function as `model` (in eval mode), faster.
 
@@ -395,6 +447,15 @@ def optimize(
     timed once and get the same pick. The returned module's `timing_cache` is the cache used
     (its `hits` count the comparisons read rather than timed; None on a GPU).
 
+    `replay_exit_ms` is what a replay's choosers add to each layer oneDNN keeps, for leaving the
+    C loop to run it as a torch operator: on the Xeon with AMX weighing `replay.TORCH_STEP_MS`
+    (0.2 ms) made bf16 batch 1 2.4 % faster, on the AMD EPYC without AMX it cost float32 batch 1
+    3 %, by giving the 1×1s to a slower kernel (benchmarks/RESULTS.md, stops 49 and 66). None
+    (the default) runs the choosers both ways and, where their picks differ, records both
+    replays and keeps the one that runs the example's shape faster (`REPLAY_ROUNDS` interleaved
+    rounds); a number weighs that. The weight used is the returned module's `replay_exit_ms`
+    (0 for the other backends).
+
     `device` (default: where the model is) places the result; on a GPU the generic steps apply
     (BN folding, channels_last, `dtype`, the compiled graph, with inductor's Python wrapper) and
     `merge_groups`: the other kernel options are CPU kernels, so their 'auto' does nothing there
@@ -408,6 +469,7 @@ def optimize(
             "the float fast path does not take it (leave optimize off)"
         )
     check_new_shapes(new_shapes)  # before the layer timing, not after it
+    exits = exit_weights(backend, replay_exit_ms)
     kernels = {
         "grouped_kernel": grouped_kernel,
         "fuse_pointwise": fuse_pointwise,
@@ -461,47 +523,17 @@ def optimize(
     example = default_example(model) if example_input is None else example_input
     shapes = [tuple(example.shape), *(tuple(s) for s in warmup_shapes)]
     largest = max(shapes, key=lambda shape: torch.Size(shape).numel())  # what layers are timed on
-    choices, fusions, blocks, x3, stems, fma = [], [], [], [], [], []
+    made = Choices()
+    alternative = None  # a replay's other build, by the other exit weight, where it differs
     if channels_last and on_cpu:
         probe = torch.randn(largest, dtype=dtype).contiguous(memory_format=memory_format)
-        # first: in float32 it weighs the fused stem against conv_x3's convolution too
-        stems = stem_fusion.fuse_stem(
-            work, probe, mode=fuse_stem, conv_x3_mode=conv_x3, timings=timings
-        )
-        # a replay leaves its C loop for each layer oneDNN keeps: its choosers weigh that
-        extra_ms = TORCH_STEP_MS if backend == "replay" else 0.0
-        choices = split_group_channels(
-            work, probe, mode=split_groups, timings=timings, native_extra_ms=extra_ms
-        )
-        choices += swap_grouped_convs(
-            work, probe, mode=grouped_kernel, timings=timings, native_extra_ms=extra_ms
-        )
-        fusions = fuse_pointwise_convs(work, probe, mode=fuse_pointwise, timings=timings)
-        # torch.jit.optimize_for_inference does not honour an operator's in-place write
-        in_place = backend != "jit"
-        blocks = fuse_blocks(work, probe, mode=fuse_block, in_place=in_place, timings=timings)
-        blocks += fuse_shortcuts(work, probe, mode=fuse_block, timings=timings)
-        # every backend runs oneDNN's convolutions prepacked with their epilogues fused (the
-        # eager paths through `prepack_convs`, below), as the choosers time them; a replay
-        # leaves its C loop for each
-        dense = DenseOptions(in_place=in_place, timings=timings, native_extra_ms=extra_ms)
-        x3 = swap_convs_x3(work, probe, mode=conv_x3, options=dense)
-        x3 += fuse_x3_shortcuts(work, probe, mode=conv_x3, timings=timings)
-        fma = swap_convs_fp16(work, probe, mode=pointwise_fp16, options=dense)
-        fma += swap_convs_fma(work, probe, mode=pointwise_fma, options=dense)
-        fma += swap_convs_mkl(work, probe, mode=pointwise_mkl, options=dense)
-        fma += swap_convs_dot(work, probe, mode=pointwise_bf16, options=dense)
-        fma += fuse_dot_shortcuts(work, probe, mode=pointwise_bf16, timings=timings)
-        fusions += fuse_dot_pointwise(work, probe, mode=fuse_pointwise, timings=timings)
-        blocks += fuse_dot_blocks(work, probe, mode=fuse_block, timings=timings)
-        if backend == "replay":  # there each torch operator after the kernels costs the most
-            swap_head(work)
-        if backend in ("none", "replay"):  # what inductor's freezing does for the graph
-            prepack_convs(work, probe, in_place=in_place)
-            # and what its generated code does: the stem's ReLU in its convolution, the
-            # pooling without indices
-            stem_fusion.fuse_stem_relu(work)
-            use_inference_maxpool(work)
+        modes = {**kernels, "pointwise_fp16": pointwise_fp16}  # as `dtype` 'fp16' set it
+        pristine = copy.deepcopy(work) if len(exits) > 1 else None
+        made = run_passes(work, probe, modes, timings, backend=backend, exit_ms=exits[0])
+        if pristine is not None:
+            other = run_passes(pristine, probe, modes, timings, backend=backend, exit_ms=exits[1])
+            if other.decisions() != made.decisions():
+                alternative = (pristine, other, exits[1])
         timings.save()
     elif grouped_kernel == "on" or split_groups == "on":
         switch = "grouped_kernel" if grouped_kernel == "on" else "split_groups"
@@ -510,20 +542,22 @@ def optimize(
     if merge_groups == "auto" and not on_cpu:  # CPUs have their own grouped kernels
         probe = torch.randn(largest, device=target, dtype=dtype)
         merges = widen_where_faster(work, probe.contiguous(memory_format=memory_format))
-    eager = CastInput(work, dtype, channels_last, target, in_channels=example.shape[1]).eval()
-    eager.grouped_choices, eager.fusion_choices, eager.block_choices = choices, fusions, blocks
-    eager.conv_x3_choices, eager.stem_choices, eager.pointwise_choices = x3, stems, fma
-    eager.timing_cache = timings if on_cpu else None
-    eager.group_merges = merges
+
+    def wrap(body: nn.Module, choices: Choices, exit_ms: float) -> nn.Module:
+        eager = CastInput(body, dtype, channels_last, target, in_channels=example.shape[1])
+        return carry_choices(eager.eval(), choices, exit_ms, timings if on_cpu else None, merges)
+
+    eager = wrap(work, made, exits[0] if on_cpu and channels_last else 0.0)
     if backend == "none":
         return eager
     try:
         fast: nn.Module
         if backend == "replay":
-            replayed = Replayed(eager, new_shapes=new_shapes)
-            for shape in shapes:
-                replayed.build(torch.randn(shape))
-            fast = replayed
+            fast = _replayed(eager, shapes, new_shapes)
+            if alternative is not None:  # the other exit weight chose otherwise: the faster
+                other = _replayed(wrap(*alternative), shapes, new_shapes)
+                if replays_faster(other, fast, largest):
+                    eager, fast = other.module, other
         elif backend == "jit":
             fast = TracedModule(eager, example)
             for shape in shapes:
@@ -544,8 +578,6 @@ def optimize(
             stacklevel=2,
         )
         return eager
-    fast.grouped_choices, fast.fusion_choices, fast.block_choices = choices, fusions, blocks
-    fast.conv_x3_choices, fast.stem_choices, fast.pointwise_choices = x3, stems, fma
-    fast.timing_cache = eager.timing_cache
-    fast.group_merges = merges
-    return fast.eval()
+    return carry_choices(
+        fast.eval(), Choices.of(eager), eager.replay_exit_ms, eager.timing_cache, eager.group_merges
+    )
