@@ -390,6 +390,39 @@ def test_a_replay_keeps_the_faster_of_its_builds_by_either_exit_weight(
         assert rel_err(fast(x), model(x)) < 1e-5
 
 
+@pytest.mark.skipif(KERNEL == "off", reason="needs our grouped kernel")
+def test_a_second_build_that_cannot_be_recorded_leaves_the_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the two weights choose differently (oneDNN 1.0 ms, ours 1.1); the second recording fails
+    monkeypatch.setattr(
+        grouped_swap,
+        "time_each_ms",
+        lambda fns, x, repeats, before=None: [
+            1.0 if isinstance(fn, PrepackedConv) else 1.1 for fn in fns
+        ],
+    )
+    built = fastpath._replayed
+    calls = []
+
+    def second_fails(eager, shapes, new_shapes):  # type: ignore[no-untyped-def]
+        calls.append(eager)
+        if len(calls) == 2:
+            raise ReplayUnavailable("made to fail")
+        return built(eager, shapes, new_shapes)
+
+    monkeypatch.setattr(fastpath, "_replayed", second_fails)
+    monkeypatch.setattr(fastpath, "replays_faster", lambda *a: pytest.fail("nothing to race"))
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(RuntimeWarning, match="recording failed for the replay built without"):
+        fast = optimize(model, "fp32", backend="replay", example_input=x, split_groups="off")
+    assert len(calls) == 2
+    assert isinstance(fast, Replayed) and fast.replay_exit_ms == replay.TORCH_STEP_MS
+    with torch.no_grad():
+        assert rel_err(fast(x), model(x)) < 1e-5
+
+
 @pytest.mark.parametrize("weight", [-0.1, float("inf"), "0.2", True])
 def test_a_bad_exit_weight_is_refused_by_name(weight: object) -> None:
     with pytest.raises(ConfigError, match="replay_exit_ms: expected None or a finite number"):

@@ -277,6 +277,23 @@ def _replayed(eager: nn.Module, shapes: Sequence[tuple[int, ...]], new_shapes: s
     return replayed
 
 
+def _other_replay(
+    eager: nn.Module, shapes: Sequence[tuple[int, ...]], new_shapes: str
+) -> Replayed | None:
+    """The second build's replay, or None (with a warning) where it cannot be recorded: the
+    first, already recorded, is then kept."""
+    try:
+        return _replayed(eager, shapes, new_shapes)
+    except Exception as exc:  # an optional candidate: its failure must not cost the first
+        warnings.warn(
+            f"optimize: recording failed for the replay built without the exit weight "
+            f"({type(exc).__name__}: {exc}); keeping the one built with it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
 def replays_faster(challenger: nn.Module, incumbent: nn.Module, shape: Sequence[int]) -> bool:
     """Whether `challenger` computes a random input of `shape` faster than `incumbent`: the median
     over `REPLAY_ROUNDS` interleaved rounds of their time ratio is below 1."""
@@ -531,9 +548,11 @@ def optimize(
         pristine = copy.deepcopy(work) if len(exits) > 1 else None
         made = run_passes(work, probe, modes, timings, backend=backend, exit_ms=exits[0])
         if pristine is not None:
-            other = run_passes(pristine, probe, modes, timings, backend=backend, exit_ms=exits[1])
-            if other.decisions() != made.decisions():
-                alternative = (pristine, other, exits[1])
+            unweighed = run_passes(
+                pristine, probe, modes, timings, backend=backend, exit_ms=exits[1]
+            )
+            if unweighed.decisions() != made.decisions():
+                alternative = (pristine, unweighed, exits[1])
         timings.save()
     elif grouped_kernel == "on" or split_groups == "on":
         switch = "grouped_kernel" if grouped_kernel == "on" else "split_groups"
@@ -555,8 +574,8 @@ def optimize(
         if backend == "replay":
             fast = _replayed(eager, shapes, new_shapes)
             if alternative is not None:  # the other exit weight chose otherwise: the faster
-                other = _replayed(wrap(*alternative), shapes, new_shapes)
-                if replays_faster(other, fast, largest):
+                other = _other_replay(wrap(*alternative), shapes, new_shapes)
+                if other is not None and replays_faster(other, fast, largest):
                     eager, fast = other.module, other
         elif backend == "jit":
             fast = TracedModule(eager, example)
