@@ -80,7 +80,11 @@ def test_bench_infer_times_batch_1_for_every_variant(
     )  # fmt: skip
     assert bench_cmd.run(args) == 0
     assert not any(p.name.startswith("resnext") for p in temp_root.iterdir())  # no ONNX files left
-    latency = _record(tmp_path)["results"]["latency_batch1"]
+    results = _record(tmp_path)["results"]
+    if "replay-fp32" in variants:  # which exit weight its choosers used, one of the two tried
+        exit_ms = results["throughput"]["resnext_tiny/replay-fp32"]["replay_exit_ms"]
+        assert exit_ms in (0.0, replay.TORCH_STEP_MS)
+    latency = results["latency_batch1"]
     assert set(latency) == {f"resnext_tiny/{v}" for v in variants.split(",")}
     assert all(row["median_ms"] > 0 for row in latency.values())
     # one round: its probe rate is the median, so the round counts as a faster one

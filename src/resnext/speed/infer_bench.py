@@ -235,6 +235,8 @@ def run_infer_bench(config: InferConfig, log: Callable[[str], None] = print) -> 
             stems = getattr(fn, "stem_choices", [])
             if stems:  # the stem's timings, fused into one kernel or apart
                 info[key]["stem_choices"] = [asdict(c) for c in stems]
+            if variant.startswith("replay"):  # the exit weight its choosers used (`optimize`)
+                info[key]["replay_exit_ms"] = getattr(fn, "replay_exit_ms", None)
             log(f"{key}: built in {build_s:.1f} s, max rel err {err:.2e}")
             runners[key] = (_torch_runner(fn, x), config.batch)
             if config.latency_rounds:
