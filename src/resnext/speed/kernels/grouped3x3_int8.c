@@ -157,20 +157,17 @@ typedef void (*row_fn)(const uint8_t *, const int8_t *, const float *, const flo
 int grouped3x3_u8s8(const uint8_t *x, const int8_t *wp, const float *m, const float *b,
                     uint8_t *y, int N, int H, int W, int C, int cpg, int s, int zx, int zy, int relu,
                     int threads) {
-  const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, lo = relu ? zy : 0, p7 = Wo % 7 == 0;
-  const int s2 = s == 2;
-#define PICK(NAME) (p7 ? (s2 ? NAME##_p7_s2 : NAME##_p7_s1) : (s2 ? NAME##_p8_s2 : NAME##_p8_s1))
-  row_fn row = cpg == 4    ? (Wo % 14 == 0 ? (s2 ? row_c4_p14_s2 : row_c4_p14_s1) : PICK(row_c4))
-               : cpg == 8  ? PICK(row_c8)
-               : cpg == 16 ? (Wo % 14 == 0 && !s2 ? row_c16_p14_s1 : PICK(row_c16))
-               : cpg == 32 ? (Wo % 14 == 0 && !s2 ? row_c32_p14_s1 : PICK(row_c32))
-               : cpg == 64 ? (Wo % 14 == 0 && !s2 ? row_c64_p14_s1 : PICK(row_c64))
+  const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, lo = relu ? zy : 0;
+  const int s2 = s == 2, p14 = Wo % 14 == 0;
+  row_fn row = cpg == 4    ? (p14 ? (s2 ? row_c4_p14_s2 : row_c4_p14_s1) : PICK_ROW(row_c4, Wo, s))
+               : cpg == 8  ? PICK_ROW(row_c8, Wo, s)
+               : cpg == 16 ? (p14 && !s2 ? row_c16_p14_s1 : PICK_ROW(row_c16, Wo, s))
+               : cpg == 32 ? (p14 && !s2 ? row_c32_p14_s1 : PICK_ROW(row_c32, Wo, s))
+               : cpg == 64 ? (p14 && !s2 ? row_c64_p14_s1 : PICK_ROW(row_c64, Wo, s))
                            : 0;
-#undef PICK
   if (!row || !takes_layer(C, s, zx, zy)) return -1;
-  uint8_t *pad = (uint8_t *)malloc(C);
+  uint8_t *pad = zero_point_row(C, zx);
   if (!pad) return -2;
-  memset(pad, zx, C);
   const long rows = (long)N * Ho;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (long r = 0; r < rows; ++r)

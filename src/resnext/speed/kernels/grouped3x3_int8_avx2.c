@@ -215,17 +215,13 @@ typedef void (*row_fn)(const uint8_t *, const int16_t *, const float *, const fl
 int grouped3x3_u8s8(const uint8_t *x, const int16_t *wp, const float *m, const float *b,
                     uint8_t *y, int N, int H, int W, int C, int cpg, int s, int zx, int zy, int relu,
                     int threads) {
-  const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, lo = relu ? zy : 0, p7 = Wo % 7 == 0;
-  const int s2 = s == 2;
-#define PICK(NAME) (p7 ? (s2 ? NAME##_p7_s2 : NAME##_p7_s1) : (s2 ? NAME##_p8_s2 : NAME##_p8_s1))
-  row_fn row = cpg == 4 ? PICK(row_c4)
-               : cpg == 8 || cpg == 16 || cpg == 32 || cpg == 64 ? PICK(row_wide)
+  const int Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, lo = relu ? zy : 0;
+  row_fn row = cpg == 4 ? PICK_ROW(row_c4, Wo, s)
+               : cpg == 8 || cpg == 16 || cpg == 32 || cpg == 64 ? PICK_ROW(row_wide, Wo, s)
                                                                  : 0;
-#undef PICK
   if (!row || !takes_layer(C, s, zx, zy)) return -1;
-  uint8_t *pad = (uint8_t *)malloc(C);
+  uint8_t *pad = zero_point_row(C, zx);
   if (!pad) return -2;
-  memset(pad, zx, C);
   const long rows = (long)N * Ho;
   int failed = 0;
 #pragma omp parallel num_threads(threads)
