@@ -96,9 +96,9 @@ class FastGroupedConv3x3(KernelModule):
 class NativeGroupedConv3x3(FastGroupedConv3x3):
     """torch's (oneDNN's) grouped 3×3, kept where it beats our kernels alone but one of them may
     win fused (`kernel_alternative`, the fastest alone; `amx_alternative`, an AMX form): in this
-    form the fusion passes still time that kernel fused with the 1×1s around it against it. Computes exactly the convolution it replaces (its ReLU too,
-    once `fuse_following_relu` has moved that in); the weight is a plain attribute as the packed
-    ones are."""
+    form the fusion passes still time that kernel fused with the 1×1s around it against it.
+    Computes exactly the convolution it replaces (its ReLU too, once `fuse_following_relu` has
+    moved that in); the weight is a plain attribute as the packed ones are."""
 
     def __init__(self, conv: nn.Conv2d, relu: bool = False) -> None:
         nn.Module.__init__(self)
