@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dot_modules import bf16, pair
+from grouped_timing import time_grouped_ways
 from tensor_checks import rel_err
 from torch import nn
 
 from resnext.errors import ConfigError
-from resnext.speed import chain_fusion, dot_grouped, grouped_split, grouped_swap, pointwise_gemm
+from resnext.speed import chain_fusion, dot_grouped, grouped_split, pointwise_gemm
 from resnext.speed.conv_x3_swap import DotConv1x1
 from resnext.speed.dot_grouped import DotPointwiseGrouped, dot_fusable, fuse_dot_pointwise
 from resnext.speed.grouped_split import output_order
@@ -24,7 +25,6 @@ from resnext.speed.grouped_swap import (
     NativeGroupedConv3x3,
     swap_grouped_convs,
 )
-from resnext.speed.prepacked import PrepackedConv
 
 REASON = pointwise_gemm.unavailable_reason() or grouped_split.unavailable_reason()
 needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"bf16 kernels unavailable: {REASON}")
@@ -247,13 +247,7 @@ def test_a_grouped_layer_left_to_onednn_still_fuses_where_the_pair_is_faster_fus
     with torch.no_grad():
         want = model(x)
         ours = grouped(pointwise(x))  # the kernel that fuses, apart
-    monkeypatch.setattr(
-        grouped_swap,
-        "time_each_ms",
-        lambda fns, x, repeats, before=None: [
-            0.0 if isinstance(fn, PrepackedConv) else 1.0 for fn in fns
-        ],
-    )
+    time_grouped_ways(monkeypatch, 0.0, 1.0)
     (choice,) = swap_grouped_convs(model, x, mode="auto")
     assert choice.chosen == "native"
     kept = model[0].conv2

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from builds import use_build
+from grouped_timing import time_grouped_ways
 from tensor_checks import rel_err, within_bf16_grouped_bound
 from torch import nn
 
@@ -373,13 +374,7 @@ def test_where_onednn_wins_alone_its_conv_is_kept_with_an_amx_form_beside_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # oneDNN made to win every timing: the layer stays oneDNN's, in a form the fusion passes see
-    monkeypatch.setattr(
-        grouped_swap,
-        "time_each_ms",
-        lambda fns, x, repeats, before=None: [
-            0.0 if isinstance(fn, PrepackedConv) else 1.0 for fn in fns
-        ],
-    )
+    time_grouped_ways(monkeypatch, 0.0, 1.0)
     block = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1, groups=32), nn.ReLU())
     model = nn.Sequential(block).eval().bfloat16()
     x = torch.randn(2, 128, 9, 9).bfloat16().contiguous(memory_format=torch.channels_last)

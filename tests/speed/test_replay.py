@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from grouped_timing import time_grouped_ways
 from registry_models import (
     randomize_bn,
     registry_model_and_input,
@@ -19,7 +20,6 @@ from resnext.errors import ConfigError
 from resnext.speed import (
     allocator,
     fastpath,
-    grouped_swap,
     head,
     kernel_passes,
     replay,
@@ -362,13 +362,7 @@ def test_a_replay_keeps_the_faster_of_its_builds_by_either_exit_weight(
     exit_ms: float,
     chosen: str,
 ) -> None:
-    monkeypatch.setattr(
-        grouped_swap,
-        "time_each_ms",
-        lambda fns, x, repeats, before=None: [
-            1.0 if isinstance(fn, PrepackedConv) else kernel_ms for fn in fns
-        ],
-    )
+    time_grouped_ways(monkeypatch, 1.0, kernel_ms)
     raced: list[tuple[nn.Module, nn.Module]] = []
 
     def race(challenger, incumbent, shape):  # type: ignore[no-untyped-def]
@@ -395,13 +389,7 @@ def test_a_second_build_that_cannot_be_recorded_leaves_the_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # the two weights choose differently (oneDNN 1.0 ms, ours 1.1); the second recording fails
-    monkeypatch.setattr(
-        grouped_swap,
-        "time_each_ms",
-        lambda fns, x, repeats, before=None: [
-            1.0 if isinstance(fn, PrepackedConv) else 1.1 for fn in fns
-        ],
-    )
+    time_grouped_ways(monkeypatch, 1.0, 1.1)
     built = fastpath._replayed
     calls = []
 
