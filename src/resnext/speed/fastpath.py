@@ -469,8 +469,8 @@ def optimize(
     (0.2 ms) made bf16 batch 1 2.4 % faster, on the AMD EPYC without AMX it cost float32 batch 1
     3 %, by giving the 1×1s to a slower kernel (benchmarks/RESULTS.md, stops 49 and 66). None
     (the default) runs the choosers both ways and, where their picks differ, records both
-    replays and keeps the one that runs the example's shape faster (`REPLAY_ROUNDS` interleaved
-    rounds); a number weighs that. The weight used is the returned module's `replay_exit_ms`
+    replays and keeps the one faster on the largest shape it is built for (`REPLAY_ROUNDS`
+    interleaved rounds); a number weighs that. The weight used is the returned module's `replay_exit_ms`
     (0 for the other backends).
 
     `device` (default: where the model is) places the result; on a GPU the generic steps apply
