@@ -203,11 +203,9 @@ def fuzz_int8(rng: random.Random, case: int) -> str | None:
 @functools.cache
 def _int8_builds() -> list:
     """The builds of the int8 grouped kernel that run on this machine."""
-    from resnext import native
     from resnext.speed import grouped_int8
 
-    builds = grouped_int8.BUILDS
-    return [b for b in builds if native.problem(lambda b=b: grouped_int8.library(b)) is None]
+    return [b for b in grouped_int8.BUILDS if grouped_int8.build_problem(b) is None]
 
 
 def _codes_off(got: torch.Tensor, want: torch.Tensor) -> str | None:

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import resnext
-from resnext import native
 from resnext.speed import autotune, grouped_int8
 from resnext.speed.capability import cpu_flags
 from resnext.speed.int8 import VNNI_FLAGS, quantize_conv, quantize_int8, quantized_engine
@@ -54,17 +53,13 @@ CASES = [
 ]
 
 
-def _build_problem(build: grouped_int8.Build) -> str | None:
-    return native.problem(lambda: grouped_int8.library(build))
-
-
 BUILDS = [
     pytest.param(
         build,
         id=build.name,
         marks=pytest.mark.skipif(
-            _build_problem(build) is not None,
-            reason=f"the {build.name} build does not run here: {_build_problem(build)}",
+            grouped_int8.build_problem(build) is not None,
+            reason=f"the {build.name} build does not run here: {grouped_int8.build_problem(build)}",
         ),
     )
     for build in grouped_int8.BUILDS
@@ -118,9 +113,13 @@ def _assert_codes_near(codes: torch.Tensor, reference: torch.Tensor) -> None:
 
 
 @pytest.mark.skipif(
-    any(_build_problem(b) for b in grouped_int8.BUILDS),
+    any(grouped_int8.build_problem(b) for b in grouped_int8.BUILDS),
     reason="needs every build of the kernel: "
-    + "; ".join(f"{b.name}: {_build_problem(b)}" for b in grouped_int8.BUILDS if _build_problem(b)),
+    + "; ".join(
+        f"{b.name}: {grouped_int8.build_problem(b)}"
+        for b in grouped_int8.BUILDS
+        if grouped_int8.build_problem(b)
+    ),
 )
 def test_every_build_gives_the_same_codes() -> None:
     torch.manual_seed(3)

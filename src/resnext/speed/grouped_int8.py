@@ -78,17 +78,19 @@ def library(build: Build) -> ctypes.CDLL:
 
 
 @functools.cache
+def build_problem(build: Build) -> str | None:
+    """None where `build` runs on this machine, else why not (one line); checked once."""
+    return native.problem(lambda: library(build))
+
+
+@functools.cache
 def active() -> Build:
     """The first of `BUILDS` that runs on this machine; else NativeUnavailable with each build's
     reason."""
-    reasons = []
     for build in BUILDS:
-        try:
-            library(build)
+        if build_problem(build) is None:
             return build
-        except (native.NativeUnavailable, OSError) as exc:
-            reasons.append(f"{build.name}: {str(exc).splitlines()[0]}")
-    raise native.NativeUnavailable("; ".join(reasons))
+    raise native.NativeUnavailable("; ".join(f"{b.name}: {build_problem(b)}" for b in BUILDS))
 
 
 def _library(build: Build) -> ctypes.CDLL:
@@ -192,8 +194,8 @@ def _gathered(codes: torch.Tensor, lanes: int, o: torch.Tensor, i: torch.Tensor)
 
 class GroupedInt8:
     """One quantized grouped 3×3's int8 weights packed for a build of the kernel, with the
-    per-channel constants of its requantization. Not a module: it holds nothing the quantized convolution it
-    was built from does not already save."""
+    per-channel constants of its requantization. Not a module: it holds nothing the quantized
+    convolution it was built from does not already save."""
 
     def __init__(self, conv: nn.Module, build: Build | None = None) -> None:
         if not supports(conv):
