@@ -62,8 +62,8 @@ def test_two_gloo_ranks_match_one_process_accumulating_two_micro_batches(
             )
         )
     outputs = [p.communicate(timeout=180) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    for rank, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"rank {rank} exit {p.returncode}\n{out[-2000:]}\n{err[-3000:]}"
 
     single = train(
         tiny_cfg(tmp_path / "single", train={"epochs": 2}, optim={"accum_steps": 2}),
