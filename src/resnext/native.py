@@ -15,7 +15,9 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from resnext.cache_folders import user_cache_folder
 
@@ -123,6 +125,48 @@ def load(
     lib = ctypes.CDLL(str(build(source, flags, libs)))
     _LOADED.append(lib)
     return lib
+
+
+@dataclass(frozen=True)
+class Build:
+    """One compiled form of a C source: its name, file, compiler flags and the CPU flags it needs.
+
+    Kernels with several forms (AVX-512, AVX2, ...) keep a `Build` for each, or a subclass that
+    adds what their callers need to know (register lanes, dtypes). `headers` is the folder of the
+    shared headers the source includes by name: another revision's copy of the source (a
+    benchmark's A/B run, `dataclasses.replace(build, source=...)`) is compiled with it on its
+    include path."""
+
+    name: str
+    source: Path
+    flags: tuple[str, ...]
+    cpu_needs: frozenset[str]
+    libs: tuple[str, ...] = field(default=(), kw_only=True)
+    headers: Path | None = field(default=None, kw_only=True)
+
+    def load(self, source: Path | None = None) -> ctypes.CDLL:
+        """This build compiled (on first use) and loaded, from `self.source` or from `source`,
+        another revision's copy of it; NativeUnavailable where it cannot be."""
+        source = self.source if source is None else source
+        flags = self.flags
+        if self.headers is not None and source.parent != self.headers:
+            flags = (*flags, f"-I{self.headers}")
+        return load(source, flags, self.libs, cpu_needs=self.cpu_needs)
+
+
+B = TypeVar("B", bound=Build)
+
+
+def first_that_runs(builds: Sequence[B], load: Callable[[B], object]) -> B:
+    """The first of `builds` for which `load(build)` works on this machine; else NativeUnavailable
+    naming each build and why it does not."""
+    reasons = []
+    for candidate in builds:
+        reason = problem(lambda: load(candidate))  # noqa: B023 (called at once)
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate.name}: {reason}")
+    raise NativeUnavailable("; ".join(reasons))
 
 
 # Every library `load` returned in this process (they stay loaded): what a recording of kernel

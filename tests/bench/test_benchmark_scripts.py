@@ -121,7 +121,7 @@ def _kernel_source(kernel: str) -> Path:
         reason = grouped_wgrad.unavailable_reason(torch.bfloat16)
         if reason is None and not grouped_wgrad.wide_takes(torch.bfloat16):
             reason = "this CPU's build has no bf16 pair weight gradient"
-        source = grouped_wgrad.BUILDS[grouped_kernel.ISA.name][0]
+        source = grouped_wgrad.BUILDS[grouped_kernel.ISA.name].source
     elif kernel == "pointwise_wgrad_amx":
         from resnext.speed import pointwise_wgrad_amx
 

@@ -6,18 +6,19 @@ from types import ModuleType
 
 import pytest
 
+from resnext.native import Build
 from resnext.speed.capability import cpu_flags
 
 
 def use_build(
-    monkeypatch: pytest.MonkeyPatch, module: ModuleType, attr: str, build: object, label: str
+    monkeypatch: pytest.MonkeyPatch, module: ModuleType, attr: str, build: Build, label: str
 ) -> None:
-    """Make `build` (with `.name` and `.required` CPU flags) `module.<attr>`; skip where this CPU
+    """Make `build` `module.<attr>`; skip where this CPU
     lacks its flags or `module.unavailable_reason()` says it cannot run (an AVX-512 CPU also runs
     the AVX2 build)."""
-    missing = build.required - cpu_flags()  # type: ignore[attr-defined]
+    missing = build.cpu_needs - cpu_flags()
     if missing:
-        pytest.skip(f"the {build.name} build needs {sorted(missing)}")  # type: ignore[attr-defined]
+        pytest.skip(f"the {build.name} build needs {sorted(missing)}")
     monkeypatch.setattr(module, attr, build)
     problem = module.unavailable_reason()
     if problem is not None:

@@ -22,11 +22,14 @@ SCRIPT = Path(__file__).with_name("declared_builds.py")
 
 
 def _kernel_modules() -> list[str]:
-    """The package's modules that load a C library (they call native.load or the AMX loader)."""
+    """The package's modules that load a C library (they call native.load, describe a
+    native.Build, or call the AMX loader)."""
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         text = path.read_text()
-        if "native.load(" in text or "load_amx(" in text:
+        if path.name != "native.py" and any(
+            call in text for call in ("native.load(", "native.Build", "load_amx(")
+        ):
             parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
             found.append(".".join(parts))
     return found

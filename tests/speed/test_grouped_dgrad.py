@@ -128,7 +128,7 @@ def test_refuses_bad_input() -> None:
         grouped_dgrad.input_grad(torch.randn(1, 36, 3, 3), torch.randn(36, 4, 3, 3), 9, (6, 6))
 
 
-AVX2_MISSING = grouped_kernel.AVX2.required - cpu_flags()
+AVX2_MISSING = grouped_kernel.AVX2.cpu_needs - cpu_flags()
 
 
 @pytest.mark.skipif(bool(AVX2_MISSING), reason=f"the AVX2 build needs {sorted(AVX2_MISSING)}")

@@ -164,7 +164,7 @@ def test_weight_gradient_refuses_what_it_does_not_take() -> None:
         grouped_wgrad.weight_grad(x.double(), torch.randn(1, 32, 4, 4).double(), 8, 1)
 
 
-AVX2_MISSING = grouped_kernel.AVX2.required - cpu_flags()
+AVX2_MISSING = grouped_kernel.AVX2.cpu_needs - cpu_flags()
 
 
 # Groups of 16, 32 and 64 channels, which only the AVX2 build takes (as small matrix products),

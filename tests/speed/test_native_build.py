@@ -142,3 +142,44 @@ def test_every_kernel_source_and_header_ships_with_the_package() -> None:
     for source in (p for p in kernels if p.suffix == ".c"):
         for header in native.local_headers(source):
             assert header in kernels, f"{source.name} includes {header.name}, not shipped"
+
+
+def test_a_build_compiles_another_revisions_copy_with_its_shared_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if native.problem(native.compiler) is not None:
+        pytest.skip(f"no C compiler: {native.problem(native.compiler)}")
+    monkeypatch.setenv("RESNEXT_KERNEL_CACHE", str(tmp_path / "cache"))
+    ours = tmp_path / "kernels"
+    ours.mkdir()
+    (ours / "value.h").write_text("#define VALUE 5\n")
+    body = '#include "value.h"\nint answer(void) { return VALUE; }\n'
+    (ours / "k.c").write_text(body)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "k.c").write_text(body.replace("VALUE;", "VALUE + 1;"))  # its header is ours
+    build = native.Build("plain", ours / "k.c", ("-O2",), frozenset(), headers=ours)
+    assert build.load().answer() == 5
+    assert build.load(other / "k.c").answer() == 6
+    without = native.Build("plain", ours / "k.c", ("-O2",), frozenset())
+    with pytest.raises(native.NativeUnavailable, match=r"compiling k\.c failed"):
+        without.load(other / "k.c")
+
+
+def test_first_that_runs_takes_the_first_and_names_each_reason(tmp_path: Path) -> None:
+    builds = [
+        native.Build(name, tmp_path / f"{name}.c", (), frozenset())
+        for name in ("wide", "narrow", "plain")
+    ]
+    fails = {"wide": "this CPU lacks ['wide_flag']", "narrow": "compiling narrow.c failed"}
+
+    def load(build: native.Build) -> None:
+        if build.name in fails:
+            raise native.NativeUnavailable(fails[build.name] + "\nsecond line")
+
+    assert native.first_that_runs(builds, load) is builds[2]
+    with pytest.raises(native.NativeUnavailable) as caught:
+        native.first_that_runs(builds[:2], load)
+    assert str(caught.value) == (
+        "wide: this CPU lacks ['wide_flag']; narrow: compiling narrow.c failed"
+    )

@@ -19,18 +19,25 @@ import torch
 from resnext import native
 
 SOURCE = Path(__file__).with_name("kernels") / "add_relu_int8.c"
-# (compiler flags, the CPU flags they need): the first this CPU has is built
+# one source, compiled for AVX-512 or for AVX2: the first this CPU runs is used
 BUILDS = (
-    (("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"),
-     frozenset({"avx512f", "avx512bw", "avx512vl"})),
-    (("-O3", "-mavx2", "-mfma", "-fopenmp"), frozenset({"avx2", "fma"})),
-)  # fmt: skip
+    native.Build(
+        "avx512",
+        SOURCE,
+        ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"),
+        frozenset({"avx512f", "avx512bw", "avx512vl"}),
+    ),
+    native.Build(
+        "avx2", SOURCE, ("-O3", "-mavx2", "-mfma", "-fopenmp"), frozenset({"avx2", "fma"})
+    ),
+)
 
 
-def _load(flags: tuple[str, ...], needs: frozenset[str]) -> ctypes.CDLL:
-    """One build of the kernel, loaded and its C signature declared (NativeUnavailable where
-    this CPU lacks `needs` or the build fails)."""
-    lib = native.load(SOURCE, flags, cpu_needs=needs)
+@functools.cache
+def _load(build: native.Build) -> ctypes.CDLL:
+    """One build of the kernel, loaded once and its C signature declared (NativeUnavailable
+    where this CPU lacks its flags or it cannot be built)."""
+    lib = build.load()
     fn = lib.add_relu_u8
     fn.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_float] * 3 + [ctypes.c_int] * 2
@@ -43,13 +50,7 @@ def _load(flags: tuple[str, ...], needs: frozenset[str]) -> ctypes.CDLL:
 def _library() -> ctypes.CDLL:
     """The first of `BUILDS` this CPU runs, loaded once (NativeUnavailable where none can be,
     with each one's reason)."""
-    reasons = []
-    for flags, needs in BUILDS:
-        try:
-            return _load(flags, needs)
-        except (native.NativeUnavailable, OSError) as exc:
-            reasons.append(f"{flags[1]}: {str(exc).splitlines()[0]}")
-    raise native.NativeUnavailable("; ".join(reasons))
+    return _load(native.first_that_runs(BUILDS, _load))
 
 
 @functools.cache

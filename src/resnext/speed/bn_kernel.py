@@ -27,13 +27,9 @@ MASK_NONE, MASK_FROM_X, MASK_FROM_BITS = 0, 1, 2
 
 
 @dataclass(frozen=True)
-class Build:
-    """One build of the kernels: source, compiler flags, the CPU flags it needs, its dtypes."""
+class Build(native.Build):
+    """One build of the kernels (`native.Build`) and the dtypes it takes."""
 
-    name: str
-    source: Path
-    flags: tuple[str, ...]
-    required: frozenset[str]
     dtypes: tuple[torch.dtype, ...]
 
 
@@ -44,26 +40,28 @@ BUILDS = {
         ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"),
         frozenset({"avx512f", "avx512bw", "avx512vl"}),
         (torch.float32, torch.bfloat16),
+        libs=LIBS,
+        headers=KERNELS,
     ),
     "avx2": Build(
         "avx2",
         KERNELS / "bn_act_avx2.c",
         grouped_kernel.AVX2.flags,
-        grouped_kernel.AVX2.required,
+        grouped_kernel.AVX2.cpu_needs,
         (torch.float32,),
+        libs=LIBS,
+        headers=KERNELS,
     ),
 }
 BUILD = BUILDS[grouped_kernel.ISA.name]  # this CPU's; fixed for the process
-SOURCE, FLAGS, REQUIRED_FLAGS = BUILD.source, BUILD.flags, BUILD.required
+SOURCE = BUILD.source
 
 _P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
 
 
 @functools.cache
 def _library_for(build: Build) -> ctypes.CDLL:
-    # another revision's source (`bench_fused_bn.py --against`) includes its headers by name: ours
-    flags = build.flags if build.source.parent == KERNELS else (*build.flags, f"-I{KERNELS}")
-    lib = native.load(build.source, flags, LIBS, cpu_needs=build.required)
+    lib = build.load()
     lib.bn_act_forward.argtypes = [_P, _P, _P, _I, _L, _L, _P, _P, _D, _I, _P, _P, _P, _I, _P]
     lib.bn_act_forward.restype = _I
     lib.bn_act_backward.argtypes = [_P] * 5 + [_I, _L, _L] + [_P] * 4 + [_I, _P, _P, _I]

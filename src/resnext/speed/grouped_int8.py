@@ -26,14 +26,10 @@ SUPPORTED_CPG = (4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
-class Build:
-    """One instruction set's build of the kernel: its source, compiler flags, the CPU flags it
-    needs, and its output blocks' width in channels, which sets how its weights are packed."""
+class Build(native.Build):
+    """One instruction set's build of the kernel (`native.Build`) and its output blocks' width in
+    channels, which sets how its weights are packed."""
 
-    name: str
-    source: Path
-    flags: tuple[str, ...]
-    cpu_needs: frozenset[str]
     lanes: int
 
 
@@ -43,6 +39,7 @@ VNNI = Build(
     ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp"),
     frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
     16,
+    headers=KERNELS,
 )
 AVX2 = Build(
     "avx2",
@@ -50,6 +47,7 @@ AVX2 = Build(
     ("-O3", "-mavx2", "-mfma", "-fopenmp"),
     frozenset({"avx2", "fma"}),
     8,
+    headers=KERNELS,
 )
 BUILDS = (VNNI, AVX2)  # the first this CPU runs is used
 
@@ -58,10 +56,8 @@ def load(build: Build, source: Path | None = None) -> ctypes.CDLL:
     """`build` compiled for this CPU and loaded, its C signature declared (NativeUnavailable
     where it cannot be); from another revision's `source` of it for
     `benchmarks/bench_int8_kernels.py --against`."""
+    lib = build.load(source)
     source = build.source if source is None else source
-    # another revision includes our shared header by name
-    flags = build.flags if source.parent == KERNELS else (*build.flags, f"-I{KERNELS}")
-    lib = native.load(source, flags, cpu_needs=build.cpu_needs)
     try:
         fn = lib.grouped3x3_u8s8
     except AttributeError:
@@ -87,10 +83,7 @@ def build_problem(build: Build) -> str | None:
 def active() -> Build:
     """The first of `BUILDS` that runs on this machine; else NativeUnavailable with each build's
     reason."""
-    for build in BUILDS:
-        if build_problem(build) is None:
-            return build
-    raise native.NativeUnavailable("; ".join(f"{b.name}: {build_problem(b)}" for b in BUILDS))
+    return native.first_that_runs(BUILDS, library)
 
 
 def _library(build: Build) -> ctypes.CDLL:

@@ -31,13 +31,9 @@ SUPPORTED_CPG = (4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
-class Isa:
-    """One build of the kernel: its source, compiler flags, the CPU flags it needs, its lanes."""
+class Isa(native.Build):
+    """One build of the kernel (`native.Build`) and what its callers need: its lanes, its dtypes."""
 
-    name: str
-    source: Path
-    flags: tuple[str, ...]
-    required: frozenset[str]
     lanes: int  # float32 lanes of a register: the packing's channel block
     bf16: bool  # whether it takes bf16 activations (with the CPU's avx512_bf16)
 
@@ -49,6 +45,7 @@ AVX512 = Isa(
     frozenset({"avx512f", "avx512bw", "avx512vl"}),
     16,
     True,
+    headers=KERNELS,
 )
 AVX2 = Isa(
     "avx2",
@@ -57,13 +54,14 @@ AVX2 = Isa(
     frozenset({"avx2", "fma"}),
     8,
     False,
+    headers=KERNELS,
 )
 
 
 def choose_isa(flags: set[str]) -> Isa:
     """The widest build a CPU with these flags runs (AVX-512 where it has neither, which then
     reports what it lacks)."""
-    if AVX512.required <= flags or not AVX2.required <= flags:
+    if AVX512.cpu_needs <= flags or not AVX2.cpu_needs <= flags:
         return AVX512
     return AVX2
 
@@ -81,9 +79,7 @@ def build(out_dir: Path | None = None) -> Path:
 
 @functools.cache
 def _library_for(isa: Isa) -> ctypes.CDLL:
-    # another revision's source (benchmarks' A/B runs) includes its headers by name: ours
-    flags = isa.flags if isa.source.parent == KERNELS else (*isa.flags, f"-I{KERNELS}")
-    lib = native.load(isa.source, flags, cpu_needs=isa.required)
+    lib = isa.load()
     fn = lib.grouped3x3_nhwc
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
     fn.restype = ctypes.c_int

@@ -22,10 +22,13 @@ from resnext.speed import grouped_kernel
 from resnext.speed.capability import has_avx512_bf16
 
 KERNELS = Path(__file__).with_name("kernels")
-# The source and flags of each build, by the forward kernel's ISA name.
+# Each build, by the forward kernel's ISA name: its flags and CPU needs.
 BUILDS = {
-    "avx512": (KERNELS / "grouped3x3_wgrad.c", grouped_kernel.AVX512.flags),
-    "avx2": (KERNELS / "grouped3x3_wgrad_avx2.c", grouped_kernel.AVX2.flags),
+    isa.name: native.Build(isa.name, KERNELS / source, isa.flags, isa.cpu_needs, headers=KERNELS)
+    for isa, source in (
+        (grouped_kernel.AVX512, "grouped3x3_wgrad.c"),
+        (grouped_kernel.AVX2, "grouped3x3_wgrad_avx2.c"),
+    )
 }
 SUPPORTED_CPG = (4, 8)
 # Groups also taken as small matrix products: by the AVX2 build in float32 (its `wgrad_wide`), by
@@ -37,10 +40,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 def load(isa: grouped_kernel.Isa, source: Path | None = None) -> ctypes.CDLL:
     """`isa`'s build of the kernel (from this package's source, or another revision's `source`
     for `benchmarks/bench_network_ab.py`) loaded, its C signature declared."""
-    own, flags = BUILDS[isa.name]
-    if source is not None and source.parent != KERNELS:
-        flags = (*flags, f"-I{KERNELS}")  # another revision includes its headers by name: ours
-    lib = native.load(source or own, flags, cpu_needs=isa.required)
+    lib = BUILDS[isa.name].load(source)
     lib.grouped3x3_wgrad_nhwc.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 9
     lib.grouped3x3_wgrad_nhwc.restype = ctypes.c_int
     return lib
