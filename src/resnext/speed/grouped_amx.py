@@ -35,6 +35,8 @@ FLAGS = (
 REQUIRED_FLAGS = frozenset(
     {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"}
 )
+# every AMX kernel's build: this source's, or another of ours (`load_amx`)
+BUILD = native.Build("amx-bf16", SOURCE, FLAGS, REQUIRED_FLAGS, headers=SOURCE.parent)
 SMALL_CPG = (1, 2, 4, 8)  # groups packed block-diagonally, 16 channels per block
 MAX_CPG = 256
 
@@ -48,10 +50,7 @@ def load_amx(source: Path, allowed: str) -> ctypes.CDLL:
     """Build and load one of the AMX kernels' libraries (`FLAGS`, on CPUs with
     `REQUIRED_FLAGS`), or NativeUnavailable where the operating system refuses this process the
     tile state (the library's `allowed` function asks for it and returns 0)."""
-    # another revision's source (a bench's A/B) includes its headers by name: ours
-    kernels = SOURCE.parent
-    flags = FLAGS if source.parent == kernels else (*FLAGS, f"-I{kernels}")
-    lib = native.load(source, flags, cpu_needs=REQUIRED_FLAGS)
+    lib = BUILD.load(source)
     check = getattr(lib, allowed)
     check.restype = ctypes.c_int
     if not check():

@@ -36,6 +36,7 @@ FLAGS = (
     "-fopenmp",
 )
 REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_fp16"})
+BUILD = native.Build("avx512-fp16", SOURCE, FLAGS, REQUIRED_FLAGS, headers=SOURCE.parent)
 PANEL = 32  # output channels a packed panel holds: the kernel takes multiples of it
 RUN = 64  # products summed in float16 before they join the float32 sums
 
@@ -43,9 +44,7 @@ RUN = 64  # products summed in float16 before they join the float32 sums
 def load(source: Path = SOURCE) -> ctypes.CDLL:
     """The kernel built (from this package's source, or another revision's `source` for
     `benchmarks/bench_pointwise_fp16.py`) and loaded, its functions' C signatures declared."""
-    # another revision's source includes its headers by name: ours, from this package
-    flags = FLAGS if source == SOURCE else (*FLAGS, f"-I{SOURCE.parent}")
-    lib = native.load(source, flags, cpu_needs=REQUIRED_FLAGS)
+    lib = BUILD.load(source)
     lib.pointwise_fp16_pack.argtypes = (
         [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.POINTER(ctypes.c_int)]
     )

@@ -25,6 +25,7 @@ from resnext.speed import operators
 SOURCE = Path(__file__).with_name("kernels") / "pointwise_gemm.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+BUILD = native.Build("avx512-bf16", SOURCE, FLAGS, REQUIRED_FLAGS, headers=SOURCE.parent)
 COLUMN_BLOCK = 64  # the kernel's register tile is 64 output channels wide
 ABI = 3  # pointwise_gemm_abi() of the sources these bindings call
 
@@ -32,9 +33,7 @@ ABI = 3  # pointwise_gemm_abi() of the sources these bindings call
 def load(source: Path = SOURCE) -> ctypes.CDLL:
     """The kernels built (from this package's source, or another revision's `source` for
     `benchmarks/bench_network_ab.py`) and loaded, their C signatures declared."""
-    # another revision's source includes its headers by name: ours, from this package
-    flags = FLAGS if source == SOURCE else (*FLAGS, f"-I{SOURCE.parent}")
-    lib = native.load(source, flags, cpu_needs=REQUIRED_FLAGS)
+    lib = BUILD.load(source)
     # ctypes would call an older source's functions with this revision's arguments
     abi = getattr(lib, "pointwise_gemm_abi", None)
     if abi is None or abi() != ABI:
