@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent(
 
     cfg = support.tiny_config(sys.argv[2], train={"epochs": 2})
     train(cfg, train_set=support.tiny_dataset(64), val_set=support.tiny_dataset(40, seed=2))
+    print("train() returned", flush=True)  # tells a crash at exit from one in training
     """
 )
 
