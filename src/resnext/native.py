@@ -157,12 +157,13 @@ class Build:
 B = TypeVar("B", bound=Build)
 
 
-def first_that_runs(builds: Sequence[B], load: Callable[[B], object]) -> B:
-    """The first of `builds` for which `load(build)` works on this machine; else NativeUnavailable
-    naming each build and why it does not."""
+def first_that_runs(builds: Sequence[B], why_not: Callable[[B], str | None]) -> B:
+    """The first of `builds` that runs on this machine, `why_not(build)` saying why one does not
+    (None where it runs: a module's own cached check, so that no failing build is tried twice);
+    else NativeUnavailable naming each build and its reason."""
     reasons = []
     for candidate in builds:
-        reason = problem(lambda: load(candidate))  # noqa: B023 (called at once)
+        reason = why_not(candidate)
         if reason is None:
             return candidate
         reasons.append(f"{candidate.name}: {reason}")

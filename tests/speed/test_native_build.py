@@ -172,14 +172,16 @@ def test_first_that_runs_takes_the_first_and_names_each_reason(tmp_path: Path) -
         for name in ("wide", "narrow", "plain")
     ]
     fails = {"wide": "this CPU lacks ['wide_flag']", "narrow": "compiling narrow.c failed"}
+    asked: list[str] = []
 
-    def load(build: native.Build) -> None:
-        if build.name in fails:
-            raise native.NativeUnavailable(fails[build.name] + "\nsecond line")
+    def why_not(build: native.Build) -> str | None:
+        asked.append(build.name)
+        return fails.get(build.name)
 
-    assert native.first_that_runs(builds, load) is builds[2]
+    assert native.first_that_runs(builds, why_not) is builds[2]
+    assert asked == ["wide", "narrow", "plain"]  # in order, each once
     with pytest.raises(native.NativeUnavailable) as caught:
-        native.first_that_runs(builds[:2], load)
+        native.first_that_runs(builds[:2], why_not)
     assert str(caught.value) == (
         "wide: this CPU lacks ['wide_flag']; narrow: compiling narrow.c failed"
     )

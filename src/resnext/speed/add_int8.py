@@ -47,10 +47,16 @@ def _load(build: native.Build) -> ctypes.CDLL:
 
 
 @functools.cache
+def _build_problem(build: native.Build) -> str | None:
+    """None where `build` runs on this machine, else why not (one line); checked once."""
+    return native.problem(lambda: _load(build))
+
+
+@functools.cache
 def _library() -> ctypes.CDLL:
     """The first of `BUILDS` this CPU runs, loaded once (NativeUnavailable where none can be,
     with each one's reason)."""
-    return _load(native.first_that_runs(BUILDS, _load))
+    return _load(native.first_that_runs(BUILDS, _build_problem))
 
 
 @functools.cache

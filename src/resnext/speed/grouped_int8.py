@@ -83,7 +83,7 @@ def build_problem(build: Build) -> str | None:
 def active() -> Build:
     """The first of `BUILDS` that runs on this machine; else NativeUnavailable with each build's
     reason."""
-    return native.first_that_runs(BUILDS, library)
+    return native.first_that_runs(BUILDS, build_problem)
 
 
 def _library(build: Build) -> ctypes.CDLL:
