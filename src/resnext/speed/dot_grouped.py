@@ -12,6 +12,8 @@ where timing says (under `fuse_pointwise`, which fuses the AMX form of the same 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -26,7 +28,7 @@ from resnext.speed.grouped_swap import (
     kernel_form,
 )
 from resnext.speed.kernel_module import KernelModule
-from resnext.speed.prepacked import PrepackedConv
+from resnext.speed.pointwise_fusion import onednn_conv
 from resnext.speed.timing_cache import TimingCache
 
 # The 1×1 pixels computed per step, at least: one block of 8 tiles of 7 rows, as the 1×1's own
@@ -168,14 +170,14 @@ def _ways(pointwise: nn.Module, grouped: nn.Module) -> tuple[Way, nn.Module, Way
     fused = DotPointwiseGrouped(pointwise, grouped)
     if not isinstance(grouped, NativeGroupedConv3x3):
         return lambda x: grouped(pointwise(x)), fused, fused
-    prepacked: dict[tuple[int, ...], PrepackedConv] = {}
+    prepacked: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def separate(x: torch.Tensor) -> object:
         # oneDNN's grouped convolution as every backend runs it: prepacked for its input
         y = pointwise(x)
         shape = tuple(y.shape)
         if shape not in prepacked:
-            prepacked[shape] = PrepackedConv(grouped.as_conv(), grouped.relu, False, shape)
+            prepacked[shape] = onednn_conv(grouped.as_conv(), shape, relu=grouped.relu)
         return prepacked[shape](y)
 
     return separate, fused, fused
