@@ -1,16 +1,18 @@
-"""Float32 1×1 convolutions: oneDNN (as the frozen graph runs it) vs our AVX2 FMA kernel.
+"""Float32 1×1 convolutions: oneDNN (as the frozen graph runs it) vs each build of our FMA kernel.
 
 Usage: .venv/bin/python benchmarks/bench_pointwise_fma.py [--batch 16] [--rounds 7]
            [--models resnext50_32x4d,resnet50] [--blockings "K_SLICE=128;TILES_PER_BLOCK=2"]
 
 Every distinct 1×1 convolution of the models (input shape, outputs, stride, taken from the
-models themselves) is timed both ways with what follows it in the frozen graph, interleaved: a
+models themselves) is timed by oneDNN and by each build of `pointwise_fma` this CPU runs
+(`avx512`: `kernels/pointwise_fma512.c`, `avx2`: `kernels/pointwise_fma.c`; the first is the
+one `optimize` uses) with what follows it in the frozen graph, interleaved: a
 block's last 1×1 with the residual add and ReLU written over the residual, the others with a
 ReLU into a new output (a projection shortcut has none, timed with one all the same). Weighted
 by how often each model has each: the models' whole 1×1 time a batch, oneDNN's against ours. `--blockings`
-adds builds of the kernel with other blocking constants (`;`-separated builds, each a
-`,`-separated list of NAME=VALUE compiler defines), to rerun the choice the kernel's comment
-records on another CPU.
+adds builds of the first build's source with other blocking constants (`;`-separated builds,
+each a `,`-separated list of NAME=VALUE compiler defines), to rerun the choice the kernel's
+comment records on another CPU.
 """
 
 from __future__ import annotations
@@ -183,9 +185,11 @@ def main() -> int:
     if reason is not None:
         print(f"the kernel cannot run here: {reason}")
         return 1
-    builds = {"ours": pointwise_fma.load()}
+    runnable = [b for b in pointwise_fma.BUILDS if pointwise_fma.build_problem(b) is None]
+    builds = {b.name: pointwise_fma.load(build=b) for b in runnable}
     for spec in filter(None, args.blockings.split(";")):
-        builds[spec] = pointwise_fma.load(tuple(f"-D{d}" for d in spec.split(",")))
+        defines = tuple(f"-D{d}" for d in spec.split(","))
+        builds[f"{runnable[0].name} {spec}"] = pointwise_fma.load(defines, build=runnable[0])
     per_model = {name: model_shapes(name, args.batch) for name in args.models.split(",")}
     variants_of = functools.partial(shape_variants, builds=builds)
     _, layers, totals = time_models(per_model, variants_of, ("onednn", *builds), args.rounds)

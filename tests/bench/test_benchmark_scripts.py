@@ -99,7 +99,8 @@ def _kernel_source(kernel: str) -> Path:
     from resnext.speed import grouped_kernel, grouped_split, pointwise_fma, pointwise_gemm
 
     if kernel == "pointwise_fma":
-        reason, source = pointwise_fma.unavailable_reason(), pointwise_fma.SOURCE
+        reason = pointwise_fma.unavailable_reason()
+        source = pointwise_fma.active_build().source if reason is None else Path()
     elif kernel == "pointwise_fp16":
         from resnext.speed import pointwise_fp16
 

@@ -22,7 +22,7 @@ LOADERS = {
     "resnext.speed.grouped_wgrad": lambda m: [
         m._library_for(i) for i in (m.grouped_kernel.AVX512, m.grouped_kernel.AVX2)
     ],
-    "resnext.speed.pointwise_fma": lambda m: m.load(()),
+    "resnext.speed.pointwise_fma": lambda m: [m.load(build=b) for b in m.BUILDS],
     "resnext.speed.bn_kernel": lambda m: [m._library_for.__wrapped__(b) for b in m.BUILDS.values()],
     "resnext.speed.grouped_int8": lambda m: [m.load(b) for b in m.BUILDS],
     "resnext.speed.add_int8": lambda m: [m._load.__wrapped__(b) for b in m.BUILDS],

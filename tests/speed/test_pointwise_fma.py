@@ -1,5 +1,5 @@
-"""Our float32 1×1 convolution on AVX2 FMAs: float32 accuracy (a bound from the arithmetic, not
-the code), its errors, and `optimize`'s pass that swaps it in."""
+"""Our float32 1×1 convolution on FMAs (each build this CPU runs): float32 accuracy (a bound from
+the arithmetic, not the code), its errors, and `optimize`'s pass that swaps it in."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from block_nets import Bottleneck, Net
+from block_nets import Bottleneck
 from tensor_checks import check_float32_conv1x1, fast_path_error, nhwc, rel_err
 from torch import nn
 
@@ -31,18 +31,48 @@ CASES = [
     (2, 64, 32, 25, 21, 2, True, True, False),
     (1, 64, 256, 9, 10, 3, True, False, False),  # stride 3, odd sizes
     (2, 256, 128, 12, 12, 1, False, True, True),  # exactly one slice, 3 whole blocks of 96
+    # the AVX-512 build's shapes: 49 pixels in 7 whole tiles of 7; 5 panels, a 4-panel tile and
+    # a 1-panel one; 126 pixels, two blocks of 56 and a short one of 14; 20 panels in blocks of 8
+    (1, 64, 80, 7, 7, 1, True, True, True),
+    (2, 130, 320, 9, 7, 1, True, False, False),
+    (1, 96, 64, 15, 13, 2, False, True, False),  # 8 × 7 pixels at stride 2: one whole block
 ]
 
 
-@needs_fma
+def _runnable(build) -> str | None:
+    return pointwise_fma.build_problem(build)
+
+
+@pytest.fixture(params=pointwise_fma.BUILDS, ids=lambda b: b.name)
+def fma_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each build of the kernel this CPU runs, put in place of the default one (a skip for each
+    it cannot run, saying why)."""
+    build = request.param
+    reason = _runnable(build)
+    if reason is not None:
+        pytest.skip(f"{build.name} build unavailable: {reason}")
+    lib = pointwise_fma.load(build=build)
+    monkeypatch.setattr(pointwise_fma, "_library", lambda: lib)
+    return build.name
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_matches_float64_within_the_float32_summation_bound(case: tuple) -> None:
+def test_matches_float64_within_the_float32_summation_bound(case: tuple, fma_build: str) -> None:
     check_float32_conv1x1(
         lambda x, w, b, s, relu, r, ip: pointwise_fma.run(
             x, pointwise_fma.pack(w), b, s, relu, r, ip
         ),
         case,
     )
+
+
+def test_the_first_build_this_cpu_runs_is_the_one_used() -> None:
+    runnable = [b for b in pointwise_fma.BUILDS if _runnable(b) is None]
+    if not runnable:
+        pytest.skip(f"FMA kernel unavailable: {REASON}")
+    assert pointwise_fma.active_build() == runnable[0]
+    # the AVX-512 build comes first, so a CPU with it uses it
+    assert [b.name for b in pointwise_fma.BUILDS] == ["avx512", "avx2"]
 
 
 def test_pack_puts_each_panels_16_outputs_side_by_side() -> None:
@@ -146,7 +176,10 @@ def test_optimize_swaps_every_1x1_and_computes_the_same_function(
     model = resnext.create_model("resnext29_4x16d").eval()
     randomize_bn(model)
     x = torch.randn(2, 3, 32, 32)
-    fast = optimize(model, "fp32", backend=backend, example_input=x, pointwise_fma="on")
+    # MKL weighs the 1×1s first: off, so that every one reaches this pass
+    fast = optimize(
+        model, "fp32", backend=backend, example_input=x, pointwise_fma="on", pointwise_mkl="off"
+    )
     choices = (fast.module if backend == "replay" else fast).pointwise_choices
     ones = [
         n
@@ -163,7 +196,6 @@ def test_optimize_swaps_every_1x1_and_computes_the_same_function(
 
 @needs_fma
 def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.MonkeyPatch) -> None:
-    import resnext.speed.conv_x3_swap as swap
     import resnext.speed.dense_swap as dense
 
     calls = []
@@ -173,7 +205,6 @@ def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.Monk
         return [1.0, 2.0] if len(calls) % 2 else [2.0, 1.0]
 
     monkeypatch.setattr(dense, "time_each_ms", alternating)
-    monkeypatch.setattr(swap, "cpu_flags", lambda: {"avx2", "fma"})  # where 'auto' times it
     torch.manual_seed(13)
     model = nn.Sequential(
         nn.Conv2d(3, 64, 3, padding=1), *(Bottleneck(64, 32, 64, 1) for _ in range(3))
@@ -190,21 +221,3 @@ def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.Monk
         assert len({(c.chosen, c.native_ms, c.kernel_ms) for c in twins}) == 1, twins
     with torch.no_grad():
         assert rel_err(model(x), want) < 1e-5
-
-
-@needs_fma
-def test_auto_leaves_the_1x1s_to_onednn_on_a_cpu_with_avx512(monkeypatch) -> None:
-    import resnext.speed.conv_x3_swap as swap
-    import resnext.speed.dense_swap as dense
-
-    def never(*args, **kwargs):
-        raise AssertionError("nothing should be timed")
-
-    monkeypatch.setattr(swap, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
-    monkeypatch.setattr(dense, "time_each_ms", never)
-    model = Net().eval()
-    x = nhwc(torch.randn(1, 3, 6, 6))
-    assert swap_convs_fma(model, x, mode="auto") == []
-    assert not any(isinstance(m, FmaConv1x1) for m in model.modules())
-    monkeypatch.setattr(dense, "time_each_ms", lambda fns, x, repeats, before=None: [1.0, 2.0])
-    assert len(swap_convs_fma(model, x, mode="on")) == 8  # asked for: swapped all the same

@@ -5,8 +5,9 @@ On the Intel Xeon with AMX, float32 inference is bound by float32 FMAs; 95 % of 
 FLOPs are 1×1s, and its 7×7 stem and ResNet-50's dense 3×3s are the rest of the dense ones.
 `conv_x3` computes them on the tile unit as three bf16 products per float32 product (~1e-5 of
 each product, `kernels/conv_x3_amx.c`). On CPUs with AVX2 FMAs and no AMX, `pointwise_fma`
-computes the 1×1s with register tiles oneDNN's float32 convolution did not match on the AMD Zen 3
-it was written on (`kernels/pointwise_fma.c`). On CPUs with AVX512-BF16, `pointwise_gemm`'s
+computes the 1×1s with register tiles where they time faster than oneDNN's float32 convolution
+(`kernels/pointwise_fma.c` on AVX2, `kernels/pointwise_fma512.c` on AVX-512: at batch 1 most
+of ResNeXt-50's on an AVX-512 AMD EPYC). On CPUs with AVX512-BF16, `pointwise_gemm`'s
 product (pair dot products, `kernels/pointwise_gemm.c`) computes bf16 1×1s with the same
 epilogues. `pointwise_mkl` (MKL's packed product) and `pointwise_fp16` (float16 products) take
 float32 1×1s the passes before left to oneDNN.
@@ -25,7 +26,6 @@ from resnext.speed import (
     pointwise_gemm,
     pointwise_mkl,
 )
-from resnext.speed.capability import cpu_flags
 from resnext.speed.conv1x1_kernel import Conv1x1Kernel, float_bias
 from resnext.speed.dense_swap import (
     DEFAULT_OPTIONS,
@@ -82,7 +82,7 @@ class ConvX3(KernelModule):
 
 class FmaConv1x1(Conv1x1Kernel):
     """A float32 1×1 convolution (any stride) and its epilogue, computed by `pointwise_fma`
-    (256-bit FMAs)."""
+    (AVX-512 or AVX2 FMAs)."""
 
     OP = torch.ops.resnext.pointwise_fma
     OP_IN_PLACE = torch.ops.resnext.pointwise_fma_
@@ -224,13 +224,7 @@ def swap_convs_fma(
 ) -> list[LayerChoice]:
     """Replace, in place, the float32 1×1 convolutions of `model` that `pointwise_fma` takes by
     `FmaConv1x1`; as `swap_convs_x3` otherwise (variant 'fma…'). Run after `swap_convs_x3`, so
-    that on a CPU with AMX the 1×1s it took stay with it.
-
-    'auto' times nothing, and changes nothing, on a CPU with AVX-512: there oneDNN's float32
-    1×1s use 16-lane FMAs against our 8, and on the AVX2-only CPU the kernel was written on it
-    was level with oneDNN overall, so timing it would only lengthen `optimize`."""
-    if mode == "auto" and "avx512f" in cpu_flags():
-        return []
+    that on a CPU with AMX the 1×1s it took stay with it."""
     return swap_dense_convs(model, example, FMA, mode=mode, options=options)
 
 

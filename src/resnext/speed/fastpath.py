@@ -398,31 +398,33 @@ def optimize(
     writes only the pooled output; 'auto' fuses where that is faster than the convolution and
     pooling apart. Timings: `stem_choices`.
 
-    `pointwise_fma` ('auto', 'on', 'off'; float32 on CPUs with AVX2 and FMA) computes the 1×1
-    convolutions that `conv_x3` left to oneDNN, with the ReLU or residual add and ReLU after
-    them, in our register-tiled FMA kernel (`resnext.speed.pointwise_fma`), written where
-    oneDNN's float32 1×1s ran at 70–85 % of the FMA peak on an AVX2-only AMD Zen 3. 'auto' times
-    each layer both ways with the caches cold, as in the network, and keeps the faster; on a CPU
-    with AVX-512 it leaves the 1×1s to oneDNN untimed. Timings: `pointwise_choices`.
-
-    `pointwise_mkl` ('auto', 'on', 'off'; float32) computes the 1×1s still left to oneDNN, with
-    their epilogues, as MKL's product on a weight packed once for the layer's output pixel count
-    (a strided one on its pixels gathered first), then one pass for the bias, residual and ReLU
-    (`resnext.speed.pointwise_mkl`); 'auto' times each layer both ways, cold, and keeps the
+    `pointwise_mkl` ('auto', 'on', 'off'; float32) computes the 1×1 convolutions that `conv_x3`
+    left to oneDNN, with the ReLU or residual add and ReLU after them, as MKL's product on a
+    weight packed once for the layer's output pixel count (a strided one on its pixels gathered
+    first), then one pass for the bias, residual and ReLU (`resnext.speed.pointwise_mkl`);
+    'auto' times each layer both ways with the caches cold, as in the network, and keeps the
     faster. On the Xeon without AMX it took every 1×1 of a replayed ResNeXt-50 at batch 1 (0.88×
-    the time) and about two thirds of them at batch 16 (0.93×; RESULTS.md, stop 55). Its choices
-    follow `pointwise_fma`'s in `pointwise_choices`.
+    the time) and about two thirds of them at batch 16 (0.93×; RESULTS.md, stop 55); on an AMD
+    EPYC it took none. Timings: `pointwise_choices`.
+
+    `pointwise_fma` ('auto', 'on', 'off'; float32 on CPUs with AVX2 and FMA) computes the 1×1s
+    still left to oneDNN, with their epilogues, in our register-tiled FMA kernel
+    (`resnext.speed.pointwise_fma`: 7 pixels × 64 outputs a tile on AVX-512, 6 × 16 on AVX2);
+    'auto' times each layer both ways, cold, and keeps the faster. On an AVX-512 AMD EPYC it took
+    all 36 1×1s of a replayed ResNeXt-50 at batch 1 (RESULTS.md, stop 68); its AVX2 build was
+    written on an AVX2-only AMD Zen 3, where oneDNN's float32 1×1s ran at 70–85 % of the FMA
+    peak. Its choices follow `pointwise_mkl`'s in `pointwise_choices`.
 
     `pointwise_fp16` ('auto' with dtype 'fp16', else 'off' unless given; 'on'; float32 on CPUs
     with AVX512-FP16) trades float32's exactness for speed: it computes the 1×1s left to oneDNN,
-    before `pointwise_fma` and `pointwise_mkl` weigh theirs, with float16 products (the weight
+    before `pointwise_mkl` and `pointwise_fma` weigh theirs, with float16 products (the weight
     and each block of input pixels scaled by powers of two into float16's range, runs of 64
     products summed in float16, the runs in float32; `resnext.speed.pointwise_fp16`), their
     epilogues in float32. Each output is then within ~3.3 % of the sum of its products'
     magnitudes (typically ~0.1 % of the output's range), bf16's order, instead of float32's
     ~1e-6. 'auto' times each layer both ways, cold, and keeps the faster. On the Xeon without
     AMX, where bf16 runs at float32's rate, it took ResNeXt-50's 1×1s to 0.67× oneDNN's time
-    (RESULTS.md, stop 56). Its choices follow `pointwise_fma`'s in `pointwise_choices`.
+    (RESULTS.md, stop 56). Its choices come first in `pointwise_choices`.
 
     `pointwise_bf16` ('auto', 'on', 'off'; bf16 on CPUs with AVX512-BF16) likewise computes the
     1×1s left to oneDNN (those the AMX block fusions did not take; a strided one on its gathered

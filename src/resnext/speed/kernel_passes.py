@@ -111,8 +111,11 @@ def run_passes(
     out.x3 = swap_convs_x3(work, probe, mode=modes["conv_x3"], options=dense)
     out.x3 += fuse_x3_shortcuts(work, probe, mode=modes["conv_x3"], timings=timings)
     out.pointwise = swap_convs_fp16(work, probe, mode=modes["pointwise_fp16"], options=dense)
-    out.pointwise += swap_convs_fma(work, probe, mode=modes["pointwise_fma"], options=dense)
+    # MKL before ours: its picks on the Xeon without AMX (RESULTS.md, stop 55) predate our
+    # kernel's AVX-512 build, which has not run there; where MKL loses to oneDNN (AMD) ours
+    # still weighs every 1×1
     out.pointwise += swap_convs_mkl(work, probe, mode=modes["pointwise_mkl"], options=dense)
+    out.pointwise += swap_convs_fma(work, probe, mode=modes["pointwise_fma"], options=dense)
     bf16 = modes["pointwise_bf16"]
     out.pointwise += swap_convs_dot(work, probe, mode=bf16, options=dense)
     out.pointwise += fuse_dot_shortcuts(work, probe, mode=bf16, timings=timings)

@@ -1,17 +1,20 @@
-"""Our float32 1×1 convolution with 256-bit FMAs (`kernels/pointwise_fma.c`, AVX2) via ctypes.
+"""Our float32 1×1 convolution on FMAs (`kernels/pointwise_fma512.c` on AVX-512, else
+`kernels/pointwise_fma.c` on AVX2) via ctypes.
 
 A 1×1 convolution of a channels-last tensor is one matrix product of its pixels with the weight;
 the kernel computes it from a weight packed in panels of 16 output channels, adds the bias and
 optionally a residual, applies an optional ReLU, and takes a stride (a projection shortcut)
 by reading every s-th pixel. The residual may be the output itself (`in_place`), as oneDNN's
 1×1 adds into its residual in the frozen graph. Exposed as ``torch.ops.resnext.pointwise_fma``
-and ``torch.ops.resnext.pointwise_fma_`` (written over the residual). Needs AVX2 and FMA; built
-on first use like the project's other C parts (`resnext.native`), on torch's OpenMP threads.
+and ``torch.ops.resnext.pointwise_fma_`` (written over the residual). Both builds take the same
+packed weight and arguments; the first of `BUILDS` this CPU runs is used. Built on first use
+like the project's other C parts (`resnext.native`), on torch's OpenMP threads.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -20,25 +23,52 @@ import torch
 from resnext import native
 from resnext.speed import operators
 
-SOURCE = Path(__file__).with_name("kernels") / "pointwise_fma.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
-REQUIRED_FLAGS = frozenset({"avx2", "fma"})
+KERNELS = Path(__file__).with_name("kernels")
+BUILDS = (
+    # 7 pixels × 64 outputs a register tile: at batch 1 on an AVX-512 AMD EPYC, ResNeXt-50's 1×1s
+    # in 0.82× oneDNN's time, level with it at batch 16 (benchmarks/RESULTS.md, stop 68)
+    native.Build(
+        "avx512",
+        KERNELS / "pointwise_fma512.c",
+        ("-O3", "-mavx512f", "-mfma", "-fopenmp"),
+        frozenset({"avx512f", "fma"}),
+    ),
+    native.Build(
+        "avx2",
+        KERNELS / "pointwise_fma.c",
+        ("-O3", "-mavx2", "-mfma", "-fopenmp"),
+        frozenset({"avx2", "fma"}),
+    ),
+)
 PANEL = 16  # output channels per packed panel
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile the kernel (unless this source, these flags and this compiler already were)."""
-    return native.build(SOURCE, FLAGS, out_dir=out_dir)
-
-
-def load(defines: tuple[str, ...] = (), source: Path = SOURCE) -> ctypes.CDLL:
-    """The kernel built (with extra `-D` compiler defines: other blocking constants, for
-    `benchmarks/bench_pointwise_fma.py`; or from another revision's `source`, for
-    `benchmarks/bench_network_ab.py`) and loaded, its function's C signature declared."""
-    lib = native.load(source, (*FLAGS, *defines), cpu_needs=REQUIRED_FLAGS)
+def load(
+    defines: tuple[str, ...] = (), source: Path | None = None, build: native.Build | None = None
+) -> ctypes.CDLL:
+    """`build` (default: the first of `BUILDS` this CPU runs) compiled and loaded, its
+    function's C signature declared: with extra `-D` compiler defines (other blocking
+    constants, for `benchmarks/bench_pointwise_fma.py`) or from another revision's copy of its
+    `source` (for `benchmarks/bench_network_ab.py`)."""
+    build = active_build() if build is None else build
+    if defines:
+        build = dataclasses.replace(build, flags=(*build.flags, *defines))
+    lib = build.load(source)
     lib.pointwise_fma.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8
     lib.pointwise_fma.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def build_problem(build: native.Build) -> str | None:
+    """None where `build` runs on this machine, else why not (one line); checked once."""
+    return native.problem(lambda: load(build=build))
+
+
+@functools.cache
+def active_build() -> native.Build:
+    """The first of `BUILDS` this CPU runs (NativeUnavailable naming each one's reason)."""
+    return native.first_that_runs(BUILDS, build_problem)
 
 
 @functools.lru_cache(maxsize=1)
