@@ -53,6 +53,7 @@ VARIANTS = (
     "replay-fp32",
     "replay-bf16",
     "replay-fp16",
+    "replay-nofma-fp32",
     "ort-fp32",
     "ort-int8",
     "openvino-fp32",
@@ -134,6 +135,7 @@ def build_runner(
         "inductor-nosplit",
         "jit",
         "replay",
+        "replay-nofma",
     ):
         # inductor-onednn: the compiled path with oneDNN for every grouped conv (our kernels off);
         # inductor-py: with inductor's Python wrapper instead of its C++ one;
@@ -141,7 +143,8 @@ def build_runner(
         # inductor-pointwise: with the first 1×1 fused in, but not the rest of the block;
         # inductor-strict: float32 FMAs throughout (our AMX bf16×3 convolutions off);
         # inductor-nostem: the stem's convolution and pooling apart (the fused stem off);
-        # inductor-nofma: oneDNN for the 1×1s our AVX2 FMA kernel would take (pointwise_fma off)
+        # inductor-nofma, replay-nofma: oneDNN for the 1×1s our FMA kernel would take
+        # (pointwise_fma off)
         # inductor-nodot: oneDNN for the bf16 1×1s our dot-product kernel would take
         # inductor-nosplit: no grouped 3×3 on the split channel order (split_groups off)
         # replay: the eager fast path's kernel calls recorded and replayed (no Python per layer)
@@ -159,7 +162,7 @@ def build_runner(
             fuse_block="off" if kind in ("inductor-unfused", "inductor-pointwise") else "auto",
             conv_x3="off" if kind == "inductor-strict" else "auto",
             fuse_stem="off" if kind in ("inductor-strict", "inductor-nostem") else "auto",
-            pointwise_fma="off" if kind == "inductor-nofma" else "auto",
+            pointwise_fma="off" if kind.endswith("-nofma") else "auto",
             pointwise_bf16="off" if kind == "inductor-nodot" else "auto",
             split_groups="off" if kind in ("inductor-onednn", "inductor-nosplit") else "auto",
             timing_cache=timings,
