@@ -404,14 +404,16 @@ def optimize(
     first), then one pass for the bias, residual and ReLU (`resnext.speed.pointwise_mkl`);
     'auto' times each layer both ways with the caches cold, as in the network, and keeps the
     faster. On the Xeon without AMX it took every 1×1 of a replayed ResNeXt-50 at batch 1 (0.88×
-    the time) and about two thirds of them at batch 16 (0.93×; RESULTS.md, stop 55); on an AMD
-    EPYC it took none. Timings: `pointwise_choices`.
+    the time) and about two thirds of them at batch 16 (0.93×; RESULTS.md, stop 55); on the
+    AVX-512 AMD EPYC none of ResNeXt-50's (4 of ResNet-50's at batch 16). Timings:
+    `pointwise_choices`.
 
     `pointwise_fma` ('auto', 'on', 'off'; float32 on CPUs with AVX2 and FMA) computes the 1×1s
     still left to oneDNN, with their epilogues, in our register-tiled FMA kernel
     (`resnext.speed.pointwise_fma`: 7 pixels × 64 outputs a tile on AVX-512, 6 × 16 on AVX2);
     'auto' times each layer both ways, cold, and keeps the faster. On an AVX-512 AMD EPYC it took
-    all 36 1×1s of a replayed ResNeXt-50 at batch 1 (RESULTS.md, stop 68); its AVX2 build was
+    33–36 of a replayed ResNeXt-50's 36 1×1s at batch 1, ~3 % off its latency, and 6–11 at
+    batch 16, level (RESULTS.md, stop 68); its AVX2 build was
     written on an AVX2-only AMD Zen 3, where oneDNN's float32 1×1s ran at 70–85 % of the FMA
     peak. Its choices follow `pointwise_mkl`'s in `pointwise_choices`.
 

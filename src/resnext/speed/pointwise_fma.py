@@ -26,7 +26,7 @@ from resnext.speed import operators
 KERNELS = Path(__file__).with_name("kernels")
 BUILDS = (
     # 7 pixels × 64 outputs a register tile: at batch 1 on an AVX-512 AMD EPYC, ResNeXt-50's 1×1s
-    # in 0.82× oneDNN's time, level with it at batch 16 (benchmarks/RESULTS.md, stop 68)
+    # alone in 0.91× oneDNN's time, level with it at batch 16 (benchmarks/RESULTS.md, stop 68)
     native.Build(
         "avx512",
         KERNELS / "pointwise_fma512.c",

@@ -9,8 +9,8 @@
  * one register more than the 32 with the broadcast, so GCC keeps one accumulator on the stack
  * (a load and a store per 28 FMAs). 7 rows because every feature map of a ResNet at 224² has a
  * multiple of 7 pixels (56², 28², 14², 7²), so no tile computes rows it throws away: at batch 1,
- * 7 × 4 ran ResNeXt-50's 36 1×1s in 1.01× the time of 6 × 4 (49 pixels in 9 tiles of 6) and
- * 0.75–0.82× that of 12 × 2 and 14 × 2, whose tiles of 12 or 14 pixels waste rows there
+ * 7 × 4 ran ResNeXt-50's 36 1×1s in 0.99× the time of 6 × 4 (49 pixels in 9 tiles of 6) and
+ * 0.74–0.82× that of 12 × 2 and 14 × 2, whose tiles of 12 or 14 pixels waste rows there
  * (benchmarks/RESULTS.md, stop 68). Outputs left over past the last multiple of 64 take tiles
  * of one panel.
  *
