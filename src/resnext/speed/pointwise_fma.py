@@ -32,12 +32,14 @@ BUILDS = (
         KERNELS / "pointwise_fma512.c",
         ("-O3", "-mavx512f", "-mfma", "-fopenmp"),
         frozenset({"avx512f", "fma"}),
+        headers=KERNELS,
     ),
     native.Build(
         "avx2",
         KERNELS / "pointwise_fma.c",
         ("-O3", "-mavx2", "-mfma", "-fopenmp"),
         frozenset({"avx2", "fma"}),
+        headers=KERNELS,
     ),
 )
 PANEL = 16  # output channels per packed panel

@@ -40,7 +40,9 @@
 #include <immintrin.h>
 #include <omp.h>
 
-enum { TILE_ROWS = 6, PANEL = 16, PREFETCH_MAX_CIN = 512 };
+#include "pointwise_blocks.h"
+
+enum { TILE_ROWS = 6, PREFETCH_MAX_CIN = 512 };
 #ifndef K_SLICE /* the blocking; -D overrides are for benchmarks/bench_pointwise_fma.py */
 #define K_SLICE 256
 #endif
@@ -103,44 +105,30 @@ static void tile(const float *const a[TILE_ROWS], int rows, const float *b, long
 #undef STORE
 }
 
-/* Where output pixel r's input channels start (stride s: every s-th pixel of every s-th row). */
-static inline const float *pixel_row(const float *x, long r, int h, int w, long ho, long wo,
-                                     int cin, int stride) {
-  const long img = r / (ho * wo), i = r / wo % ho, j = r % wo;
-  return x + ((img * h + i * stride) * w + j * stride) * cin;
-}
-
 /* y = relu?(x ⊛ w + bias + residual) for x (n, h, w, cin) channels-last, y and residual
  * (n, ho, wo, cout), ho = (h − 1) / stride + 1. `packed` is (cout / 16, cin, 16); `residual`
  * may be NULL or y itself. Returns 0, or −1 for a refused shape. */
 int pointwise_fma(const float *x, const float *packed, const float *bias, const float *residual,
                   float *y, int n, int h, int w, int cin, int cout, int stride, int relu,
                   int threads) {
-  if (n < 1 || h < 1 || w < 1 || cin < 1 || cout < PANEL || cout % PANEL || stride < 1 ||
-      threads < 1)
+  PointwiseLayer l;
+  if (!pointwise_plan(&l, n, h, w, cin, cout, stride, threads, TILE_ROWS * TILES_PER_BLOCK,
+                      PANELS_PER_BLOCK))
     return -1;
-  const long ho = (h - 1) / stride + 1, wo = (w - 1) / stride + 1;
-  const long pixels = (long)n * ho * wo, block_rows = (long)TILE_ROWS * TILES_PER_BLOCK;
-  const long row_blocks = (pixels + block_rows - 1) / block_rows;
-  const long panels = cout / PANEL;
-  const long panel_blocks = (panels + PANELS_PER_BLOCK - 1) / PANELS_PER_BLOCK;
+  const long pixels = l.pixels, block_rows = l.block_rows;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (long item = 0; item < row_blocks * panel_blocks; item++) {
-    const long r0 = item % row_blocks * block_rows;
-    const long r1 = r0 + block_rows < pixels ? r0 + block_rows : pixels;
-    const long j0 = item / row_blocks * PANELS_PER_BLOCK;
-    const long j1 = j0 + PANELS_PER_BLOCK < panels ? j0 + PANELS_PER_BLOCK : panels;
+  for (long item = 0; item < l.blocks; item++) {
+    const PointwiseBlock blk = pointwise_block(&l, item);
+    const long r0 = blk.r0, r1 = blk.r1, j0 = blk.j0, j1 = blk.j1;
     const float *rows[TILES_PER_BLOCK * TILE_ROWS]; /* each pixel's input channels */
-    for (long r = r0; r < r1; r++) rows[r - r0] = pixel_row(x, r, h, w, ho, wo, cin, stride);
-    for (long r = r1; r < r0 + block_rows; r++) /* a short last tile repeats its last pixel */
-      rows[r - r0] = rows[r1 - 1 - r0];
+    pointwise_rows(rows, &l, r0, r1 - r0, x, h, w, cin, stride);
     const float *next_rows[TILES_PER_BLOCK * TILE_ROWS]; /* the next block's, to prefetch */
     const long row_lines = (cin * (long)sizeof(float) + 63) / 64;
     long ahead_lines = 0, ahead_done = 0, ahead_per_tile = 0;
     if (r1 < pixels && cin <= PREFETCH_MAX_CIN) {
       const long count = pixels - r1 < block_rows ? pixels - r1 : block_rows;
       for (long r = r1; r < r1 + count; r++)
-        next_rows[r - r1] = pixel_row(x, r, h, w, ho, wo, cin, stride);
+        next_rows[r - r1] = pixel_row(x, r, h, w, l.ho, l.wo, cin, stride);
       const long tiles = (cin + K_SLICE - 1) / K_SLICE * (j1 - j0) * TILES_PER_BLOCK;
       ahead_lines = count * row_lines;
       ahead_per_tile = (ahead_lines + tiles - 1) / tiles;
