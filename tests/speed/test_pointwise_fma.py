@@ -13,6 +13,7 @@ from tensor_checks import check_float32_conv1x1, fast_path_error, nhwc, rel_err
 from torch import nn
 
 import resnext
+from resnext import native
 from resnext.speed import pointwise_fma
 from resnext.speed.conv_x3_swap import FmaConv1x1, fma_eligible, swap_convs_fma
 from resnext.speed.fastpath import optimize
@@ -39,7 +40,7 @@ CASES = [
 ]
 
 
-def _runnable(build) -> str | None:
+def _runnable(build: native.Build) -> str | None:
     return pointwise_fma.build_problem(build)
 
 

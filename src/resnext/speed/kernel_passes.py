@@ -112,8 +112,8 @@ def run_passes(
     out.x3 += fuse_x3_shortcuts(work, probe, mode=modes["conv_x3"], timings=timings)
     out.pointwise = swap_convs_fp16(work, probe, mode=modes["pointwise_fp16"], options=dense)
     # MKL before ours: its picks on the Xeon without AMX (RESULTS.md, stop 55) predate our
-    # kernel's AVX-512 build, which has not run there; where MKL loses to oneDNN (AMD) ours
-    # still weighs every 1×1
+    # kernel's AVX-512 build, which has not run there; on the AMD EPYC, where MKL took none of
+    # ResNeXt-50's 1×1s, ours still weighs them all (stop 68)
     out.pointwise += swap_convs_mkl(work, probe, mode=modes["pointwise_mkl"], options=dense)
     out.pointwise += swap_convs_fma(work, probe, mode=modes["pointwise_fma"], options=dense)
     bf16 = modes["pointwise_bf16"]
