@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from block_nets import Bottleneck
+from block_nets import Bottleneck, Net
 from tensor_checks import check_float32_conv1x1, fast_path_error, nhwc, rel_err
 from torch import nn
 
@@ -222,3 +222,22 @@ def test_layers_alike_are_timed_once_and_share_the_pick(monkeypatch: pytest.Monk
         assert len({(c.chosen, c.native_ms, c.kernel_ms) for c in twins}) == 1, twins
     with torch.no_grad():
         assert rel_err(model(x), want) < 1e-5
+
+
+@needs_fma
+def test_mkl_weighs_the_1x1s_before_this_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # MKL's picks on the Xeon without AMX predate the AVX-512 build: its pass comes first, and
+    # this kernel weighs the layers it leaves to oneDNN (here every one: oneDNN always wins)
+    import resnext.speed.dense_swap as dense
+    from resnext.speed import pointwise_mkl
+
+    if pointwise_mkl.unavailable_reason() is not None:
+        pytest.skip(f"MKL kernel unavailable: {pointwise_mkl.unavailable_reason()}")
+    monkeypatch.setattr(dense, "time_each_ms", lambda fns, x, repeats, before=None: [1.0, 2.0])
+    model = Net().eval()
+    x = nhwc(torch.randn(1, 3, 6, 6))
+    fast = optimize(model, "fp32", backend="none", example_input=x, timing_cache=False)
+    kinds = [c.variant.split("+")[0].split(",")[0] for c in fast.pointwise_choices]
+    ones = sum(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in model.modules())
+    assert kinds == ["mkl"] * ones + ["fma"] * ones
+    assert all(c.chosen == "native" for c in fast.pointwise_choices)
