@@ -19,7 +19,8 @@ lost in the network (stop 33: prefetches that took 5–9 % off ResNeXt-50's 1×1
 - `--step train`: one fast-path training step (`cl-fp32-fused-grouped-gemm`, as `resnext bench
   train`), the two builds taking turns step by step on the same model, our kernel pinned wherever
   the step offers it (and torch's convolutions elsewhere) rather than picked by timing.
-`--kernel pointwise_fma` swaps `kernels/pointwise_fma.c` (the float32 1×1s), `--kernel
+`--kernel pointwise_fma` swaps this CPU's build of the float32 1×1s (`kernels/pointwise_fma512.c`
+on AVX-512, `kernels/pointwise_fma.c` on AVX2), `--kernel
 pointwise_bf16` `kernels/pointwise_gemm.c` (the bf16 1×1s; the network runs in bf16, and in
 training the bf16 step), `--kernel grouped` this CPU's grouped 3×3 forward source
 (`kernels/grouped3x3_avx2.c` on AVX2; in training also the stride-1 input gradient), `--kernel
