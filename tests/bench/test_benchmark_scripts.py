@@ -1016,3 +1016,43 @@ def test_the_int8_bench_times_another_build_only_where_it_gives_the_same_codes(
     argv[-3] = str(tmp_path / "absent.c")
     assert _run_script("bench_int8_kernels.py", argv, monkeypatch) == 2
     assert "--against: " in capsys.readouterr().err and not out.exists()
+
+
+def test_the_repeat_bench_runs_fresh_processes_in_alternating_order(
+    bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    import json
+
+    pair = "eager,eager-fast-fp32"
+    argv = ["--pair", pair, "--runs", "2", "--models", "resnext_tiny", "--batch", "2"]
+    argv += ["--image-size", "32", "--rounds", "1", "--latency-rounds", "1", "--out", str(tmp_path)]
+    assert _run_script("bench_infer_repeat.py", argv, monkeypatch) == 0
+    [summary_file] = tmp_path.glob("bench-infer-repeat-*.json")
+    data = json.loads(summary_file.read_text())
+    assert data["config"]["pair"] == pair.split(",")
+    runs = data["results"]["runs"]
+    assert len(runs) == 2
+    orders = []
+    for run, name in zip(runs, data["results"]["run_files"], strict=True):
+        raw = json.loads((tmp_path / name).read_text())
+        orders.append(raw["config"]["variants"])
+        assert raw["config"]["share_timings"] is True
+        # one round each: the run's ratio is the two variants' own times divided
+        a, b = (raw["results"]["throughput"][f"resnext_tiny/{v}"] for v in pair.split(","))
+        assert run["resnext_tiny"]["batch"] == pytest.approx(a["median_ms"] / b["median_ms"])
+        a1, b1 = (raw["results"]["latency_batch1"][f"resnext_tiny/{v}"] for v in pair.split(","))
+        assert run["resnext_tiny"]["batch1"] == pytest.approx(a1["median_ms"] / b1["median_ms"])
+    assert orders == [pair.split(","), pair.split(",")[::-1]]  # the order swapped every other run
+    row = data["results"]["summary"]["resnext_tiny"]["batch"]
+    assert row["min"] <= row["median"] <= row["max"] and len(row["ratios"]) == 2
+    assert "eager faster in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pair", ["eager", "eager,eager", "eager,no-such-variant"])
+def test_the_repeat_bench_refuses_a_pair_that_is_not_two_variants(
+    pair: str, bench_path: None, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    argv = ["--pair", pair, "--out", str(tmp_path / "o")]
+    assert _run_script("bench_infer_repeat.py", argv, monkeypatch) == 2  # argparse's usage error
+    assert "expected two different variants" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
