@@ -4,11 +4,11 @@ Usage: .venv/bin/python benchmarks/bench_infer_repeat.py --pair replay-fp32,repl
            [--runs 5] [--models resnext50_32x4d] [--batch 16] [--rounds 5] [--latency-rounds 15]
 
 Within one process `resnext bench infer` interleaves its variants round by round, so a slow
-phase of a shared machine falls on both. Between processes it does not: on machine A one
-process ran a variant up to 5 % faster or slower against the other than the next process did,
-in either direction (benchmarks/RESULTS.md, stop 68), which is as large as the few per cent a
-kernel change is worth. So this runs `benchmarks/bench_infer.py` `--runs` times, each in a fresh
-interpreter with the two variants only (`--share-timings`), their order swapped every other
+phase of a shared machine falls on both. Between processes it does not: on machine A
+single-process A/Bs of one kernel change, each a ratio of two median times, ranged from 0.90 to
+1.03 (benchmarks/RESULTS.md, stop 68), wider than the few per cent such a change is worth. So
+this runs `benchmarks/bench_infer.py` `--runs` times, each in a fresh interpreter with the two
+variants only (`--share-timings`), their order swapped every other
 run, and takes from each run's JSON, per model, the first variant's time ÷ the second's: the
 median over rounds at `--batch` (the per-round time ratios) and at batch 1 (the latency
 rounds, where `--latency-rounds` > 0). It prints each run's ratios and, over the runs, their

@@ -412,7 +412,7 @@ def optimize(
     still left to oneDNN, with their epilogues, in our register-tiled FMA kernel
     (`resnext.speed.pointwise_fma`: 7 pixels × 64 outputs a tile on AVX-512, 6 × 16 on AVX2);
     'auto' times each layer both ways, cold, and keeps the faster. On an AVX-512 AMD EPYC it took
-    33–36 of a replayed ResNeXt-50's 36 1×1s at batch 1, ~3 % off its latency, and 6–11 at
+    33–36 of a replayed ResNeXt-50's 36 1×1s at batch 1, ~1 % off its latency, and 6–11 at
     batch 16, level (RESULTS.md, stop 68); its AVX2 build was
     written on an AVX2-only AMD Zen 3, where oneDNN's float32 1×1s ran at 70–85 % of the FMA
     peak. Its choices follow `pointwise_mkl`'s in `pointwise_choices`.
