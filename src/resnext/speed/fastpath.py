@@ -413,9 +413,9 @@ def optimize(
     (`resnext.speed.pointwise_fma`: 7 pixels × 64 outputs a tile on AVX-512, 6 × 16 on AVX2);
     'auto' times each layer both ways, cold, and keeps the faster. On an AVX-512 AMD EPYC it took
     33–36 of a replayed ResNeXt-50's 36 1×1s at batch 1, ~1 % off its latency, and 6–11 at
-    batch 16, level (RESULTS.md, stop 68); its AVX2 build was
-    written on an AVX2-only AMD Zen 3, where oneDNN's float32 1×1s ran at 70–85 % of the FMA
-    peak. Its choices follow `pointwise_mkl`'s in `pointwise_choices`.
+    batch 16, level (RESULTS.md, stop 68); its AVX2 build was written on an AVX2-only AMD Zen 3,
+    where oneDNN's float32 1×1s ran at 70–85 % of the FMA peak. Its choices follow
+    `pointwise_mkl`'s in `pointwise_choices`.
 
     `pointwise_fp16` ('auto' with dtype 'fp16', else 'off' unless given; 'on'; float32 on CPUs
     with AVX512-FP16) trades float32's exactness for speed: it computes the 1×1s left to oneDNN,
