@@ -186,7 +186,7 @@ def main() -> int:
         print(f"the kernel cannot run here: {reason}")
         return 1
     runnable = [b for b in pointwise_fma.BUILDS if pointwise_fma.build_problem(b) is None]
-    builds = {b.name: pointwise_fma.load(build=b) for b in runnable}
+    builds = {b.name: pointwise_fma.library(b) for b in runnable}
     for spec in filter(None, args.blockings.split(";")):
         defines = tuple(f"-D{d}" for d in spec.split(","))
         builds[f"{runnable[0].name} {spec}"] = pointwise_fma.load(defines, build=runnable[0])

@@ -13,7 +13,6 @@ from tensor_checks import check_float32_conv1x1, fast_path_error, nhwc, rel_err
 from torch import nn
 
 import resnext
-from resnext import native
 from resnext.speed import pointwise_fma
 from resnext.speed.conv_x3_swap import FmaConv1x1, fma_eligible, swap_convs_fma
 from resnext.speed.fastpath import optimize
@@ -40,19 +39,15 @@ CASES = [
 ]
 
 
-def _runnable(build: native.Build) -> str | None:
-    return pointwise_fma.build_problem(build)
-
-
 @pytest.fixture(params=pointwise_fma.BUILDS, ids=lambda b: b.name)
 def fma_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each build of the kernel this CPU runs, put in place of the default one (a skip for each
     it cannot run, saying why)."""
     build = request.param
-    reason = _runnable(build)
+    reason = pointwise_fma.build_problem(build)
     if reason is not None:
         pytest.skip(f"{build.name} build unavailable: {reason}")
-    lib = pointwise_fma.load(build=build)
+    lib = pointwise_fma.library(build)
     monkeypatch.setattr(pointwise_fma, "_library", lambda: lib)
     return build.name
 
@@ -68,10 +63,12 @@ def test_matches_float64_within_the_float32_summation_bound(case: tuple, fma_bui
 
 
 def test_the_first_build_this_cpu_runs_is_the_one_used() -> None:
-    runnable = [b for b in pointwise_fma.BUILDS if _runnable(b) is None]
+    runnable = [b for b in pointwise_fma.BUILDS if pointwise_fma.build_problem(b) is None]
     if not runnable:
         pytest.skip(f"FMA kernel unavailable: {REASON}")
     assert pointwise_fma.active_build() == runnable[0]
+    # the library the check loaded is the one used: no second copy loaded for the operators
+    assert pointwise_fma._library() is pointwise_fma.library(runnable[0])
     # the AVX-512 build comes first, so a CPU with it uses it
     assert [b.name for b in pointwise_fma.BUILDS] == ["avx512", "avx2"]
 

@@ -62,9 +62,15 @@ def load(
 
 
 @functools.cache
+def library(build: native.Build) -> ctypes.CDLL:
+    """`build` as this package has it, loaded once (NativeUnavailable where it cannot be)."""
+    return load(build=build)
+
+
+@functools.cache
 def build_problem(build: native.Build) -> str | None:
     """None where `build` runs on this machine, else why not (one line); checked once."""
-    return native.problem(lambda: load(build=build))
+    return native.problem(lambda: library(build))
 
 
 @functools.cache
@@ -75,7 +81,8 @@ def active_build() -> native.Build:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    return load()
+    # the library `active_build` already loaded while it checked the build, not a second copy
+    return library(active_build())
 
 
 @functools.lru_cache(maxsize=1)
