@@ -185,7 +185,7 @@ def main() -> int:
     if reason is not None:
         print(f"the kernel cannot run here: {reason}")
         return 1
-    runnable = [b for b in pointwise_fma.BUILDS if pointwise_fma.build_problem(b) is None]
+    runnable = pointwise_fma.CHOICE.runnable()
     builds = {b.name: pointwise_fma.library(b) for b in runnable}
     for spec in filter(None, args.blockings.split(";")):
         defines = tuple(f"-D{d}" for d in spec.split(","))

@@ -205,7 +205,7 @@ def _int8_builds() -> list:
     """The builds of the int8 grouped kernel that run on this machine."""
     from resnext.speed import grouped_int8
 
-    return [b for b in grouped_int8.BUILDS if grouped_int8.build_problem(b) is None]
+    return grouped_int8.CHOICE.runnable()
 
 
 def _codes_off(got: torch.Tensor, want: torch.Tensor) -> str | None:

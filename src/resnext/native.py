@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from resnext.cache_folders import user_cache_folder
 
@@ -168,6 +168,41 @@ def first_that_runs(builds: Sequence[B], why_not: Callable[[B], str | None]) -> 
             return candidate
         reasons.append(f"{candidate.name}: {reason}")
     raise NativeUnavailable("; ".join(reasons))
+
+
+class Builds(Generic[B]):
+    """A kernel's builds in order of preference, each loaded at most once by the module's
+    `load(build)` (which declares the C signatures), and the first that runs on this machine.
+
+    The three steps a module with several builds needs, in one place: a failing build is tried
+    once (its reason kept), and the build the check loaded is the library the module then uses,
+    not a second copy."""
+
+    def __init__(self, builds: Sequence[B], load: Callable[[B], ctypes.CDLL]) -> None:
+        self.builds = tuple(builds)
+        self._load = load
+        self._libraries: dict[B, ctypes.CDLL] = {}
+        self._problems: dict[B, str | None] = {}
+
+    def library(self, build: B) -> ctypes.CDLL:
+        """`build` loaded, once per process (NativeUnavailable where it cannot be, each time)."""
+        if build not in self._libraries:
+            self._libraries[build] = self._load(build)
+        return self._libraries[build]
+
+    def problem(self, build: B) -> str | None:
+        """None where `build` runs on this machine, else why not (one line); checked once."""
+        if build not in self._problems:
+            self._problems[build] = problem(lambda: self.library(build))
+        return self._problems[build]
+
+    def runnable(self) -> list[B]:
+        """The builds that run on this machine, in order of preference."""
+        return [build for build in self.builds if self.problem(build) is None]
+
+    def active(self) -> B:
+        """The first build that runs here; NativeUnavailable naming each build's reason."""
+        return first_that_runs(self.builds, self.problem)
 
 
 # Every library `load` returned in this process (they stay loaded): what a recording of kernel

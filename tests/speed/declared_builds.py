@@ -25,7 +25,7 @@ LOADERS = {
     "resnext.speed.pointwise_fma": lambda m: [m.load(build=b) for b in m.BUILDS],
     "resnext.speed.bn_kernel": lambda m: [m._library_for.__wrapped__(b) for b in m.BUILDS.values()],
     "resnext.speed.grouped_int8": lambda m: [m.load(b) for b in m.BUILDS],
-    "resnext.speed.add_int8": lambda m: [m._load.__wrapped__(b) for b in m.BUILDS],
+    "resnext.speed.add_int8": lambda m: [m._load(b) for b in m.BUILDS],
 }
 # What a compiler without an instruction set's options says (then that build is not ours to fix).
 UNKNOWN_OPTION = ("unrecognized command-line option", "unknown argument", "unrecognized argument")

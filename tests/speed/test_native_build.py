@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,31 @@ def test_first_that_runs_takes_the_first_and_names_each_reason(tmp_path: Path) -
     assert str(caught.value) == (
         "wide: this CPU lacks ['wide_flag']; narrow: compiling narrow.c failed"
     )
+
+
+def test_builds_load_each_once_and_use_the_first_that_runs(tmp_path: Path) -> None:
+    if native.problem(native.compiler) is not None:
+        pytest.skip(f"no C compiler: {native.problem(native.compiler)}")
+    (tmp_path / "k.c").write_text("int answer(void) { return 7; }\n")
+    wide = native.Build("wide", tmp_path / "k.c", ("-O2",), frozenset({"no_such_cpu_flag"}))
+    plain = native.Build("plain", tmp_path / "k.c", ("-O2",), frozenset())
+    other = native.Build("other", tmp_path / "k.c", ("-O1",), frozenset())
+    loads: list[str] = []
+
+    def load(build: native.Build) -> ctypes.CDLL:
+        loads.append(build.name)
+        return build.load()
+
+    choice = native.Builds([wide, plain, other], load)
+    assert choice.active() is plain
+    assert choice.problem(wide) == "this CPU lacks ['no_such_cpu_flag']"
+    assert choice.runnable() == [plain, other]
+    assert loads == ["wide", "plain", "other"]  # each checked once, however often asked
+    lib = choice.library(plain)
+    assert lib.answer() == 7
+    assert choice.library(plain) is lib and choice.active() is plain
+    assert loads == ["wide", "plain", "other"]  # the checked library is the one handed out
+    with pytest.raises(native.NativeUnavailable, match="no_such_cpu_flag"):
+        choice.library(wide)  # a build that fails says why whenever it is asked for
+    with pytest.raises(native.NativeUnavailable, match="wide: this CPU lacks"):
+        native.Builds([wide], load).active()

@@ -33,10 +33,9 @@ BUILDS = (
 )
 
 
-@functools.cache
 def _load(build: native.Build) -> ctypes.CDLL:
-    """One build of the kernel, loaded once and its C signature declared (NativeUnavailable
-    where this CPU lacks its flags or it cannot be built)."""
+    """One build of the kernel, loaded and its C signature declared (NativeUnavailable where
+    this CPU lacks its flags or it cannot be built)."""
     lib = build.load()
     fn = lib.add_relu_u8
     fn.argtypes = (
@@ -46,17 +45,14 @@ def _load(build: native.Build) -> ctypes.CDLL:
     return lib
 
 
-@functools.cache
-def _build_problem(build: native.Build) -> str | None:
-    """None where `build` runs on this machine, else why not (one line); checked once."""
-    return native.problem(lambda: _load(build))
+_CHOICE = native.Builds(BUILDS, _load)  # each build loaded once, the first that runs used
 
 
 @functools.cache
 def _library() -> ctypes.CDLL:
     """The first of `BUILDS` this CPU runs, loaded once (NativeUnavailable where none can be,
     with each one's reason)."""
-    return _load(native.first_that_runs(BUILDS, _build_problem))
+    return _CHOICE.library(_CHOICE.active())
 
 
 @functools.cache

@@ -67,23 +67,9 @@ def load(build: Build, source: Path | None = None) -> ctypes.CDLL:
     return lib
 
 
-@functools.cache
-def library(build: Build) -> ctypes.CDLL:
-    """`build`'s library from this checkout's source, built and loaded once per process."""
-    return load(build)
-
-
-@functools.cache
-def build_problem(build: Build) -> str | None:
-    """None where `build` runs on this machine, else why not (one line); checked once."""
-    return native.problem(lambda: library(build))
-
-
-@functools.cache
-def active() -> Build:
-    """The first of `BUILDS` that runs on this machine; else NativeUnavailable with each build's
-    reason."""
-    return native.first_that_runs(BUILDS, build_problem)
+# each build from this checkout's source, loaded once; the first this CPU runs is the one used
+CHOICE = native.Builds(BUILDS, load)
+library, build_problem, active = CHOICE.library, CHOICE.problem, CHOICE.active
 
 
 def _library(build: Build) -> ctypes.CDLL:

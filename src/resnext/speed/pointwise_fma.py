@@ -61,22 +61,9 @@ def load(
     return lib
 
 
-@functools.cache
-def library(build: native.Build) -> ctypes.CDLL:
-    """`build` as this package has it, loaded once (NativeUnavailable where it cannot be)."""
-    return load(build=build)
-
-
-@functools.cache
-def build_problem(build: native.Build) -> str | None:
-    """None where `build` runs on this machine, else why not (one line); checked once."""
-    return native.problem(lambda: library(build))
-
-
-@functools.cache
-def active_build() -> native.Build:
-    """The first of `BUILDS` this CPU runs (NativeUnavailable naming each one's reason)."""
-    return native.first_that_runs(BUILDS, build_problem)
+# each build as this package has it, loaded once; the first this CPU runs is the one used
+CHOICE = native.Builds(BUILDS, lambda build: load(build=build))
+library, build_problem, active_build = CHOICE.library, CHOICE.problem, CHOICE.active
 
 
 @functools.lru_cache(maxsize=1)
