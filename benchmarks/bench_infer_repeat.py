@@ -113,7 +113,11 @@ def main() -> int:
     runs, files = [], []
     for index in range(args.runs):
         order = (first, second) if index % 2 == 0 else (second, first)
-        path = run_once(order, args)
+        try:
+            path = run_once(order, args)
+        except RuntimeError as exc:  # the runs before keep their JSON; no summary is written
+            print(f"run {index + 1} of {args.runs}: {exc}")
+            return 1
         results = json.loads(path.read_text())["results"]
         runs.append(run_ratios(results, models, first, second))
         files.append(path.name)

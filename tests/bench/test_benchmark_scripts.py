@@ -1056,3 +1056,26 @@ def test_the_repeat_bench_refuses_a_pair_that_is_not_two_variants(
     assert _run_script("bench_infer_repeat.py", argv, monkeypatch) == 2  # argparse's usage error
     assert "expected two different variants" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--runs", "1"], "--runs 1, --rounds 5, --latency-rounds 15: expected at least 2 runs"),
+        # the first run's own bench refuses the model: reported by run, no summary written
+        (["--image-size", "0"], "run 1 of 2: bench_infer.py"),
+    ],
+)
+def test_the_repeat_bench_refuses_what_it_cannot_run(
+    extra: list[str],
+    message: str,
+    bench_path: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+    tmp_path,
+) -> None:
+    argv = ["--pair", "eager,eager-fast-fp32", "--runs", "2", "--models", "resnext_tiny"]
+    argv += [*extra, "--out", str(tmp_path / "o")]
+    assert _run_script("bench_infer_repeat.py", argv, monkeypatch) == 1
+    assert message in capsys.readouterr().out
+    assert not list((tmp_path / "o").glob("bench-infer-repeat-*.json"))
