@@ -118,3 +118,27 @@ def test_stage_table_sizes() -> None:
     assert [s.blocks for s in c.stages] == [3, 4, 6, 3]
     assert c.stages[0].shape == "1x1,128; 3x3,128,C=32; 1x1,256"
     assert sum(s.params for s in c.stages) < c.params
+
+
+@pytest.mark.parametrize("form", ["a", "b"])
+def test_element_operations_do_not_depend_on_the_block_form(form: str) -> None:
+    # The three forms compute the same function (Fig. 3), so every count must agree; before, the
+    # split paths' ReLUs of forms (a) and (b) were functions that the mmcv count did not see.
+    spec = resnext.get_spec("resnext_tiny")
+    grouped, split = count(spec), count(spec.replace(block_form=form))
+    assert (split.params, split.macs, split.mmcv_flops) == (
+        grouped.params,
+        grouped.macs,
+        grouped.mmcv_flops,
+    )
+
+
+@pytest.mark.parametrize("bad", ["resnext50_32x4d", None, 3])
+def test_count_refuses_what_is_not_a_spec_or_model(bad: object) -> None:
+    with pytest.raises(TypeError, match="spec_or_model: expected a ModelSpec or a ResNeXt"):
+        count(bad)  # type: ignore[arg-type]
+
+
+def test_count_refuses_a_bool_size() -> None:
+    with pytest.raises(ValueError, match="input_size"):
+        count(resnext.get_spec("resnext_tiny"), input_size=True)

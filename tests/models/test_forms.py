@@ -65,3 +65,8 @@ def test_form_a_really_has_separate_paths() -> None:
 def test_preact_cannot_change_form() -> None:
     with pytest.raises(SpecError, match="block_form"):
         convert_block_form(resnext.create_model("resnext_tiny", preact=True), "a")
+
+
+def test_convert_refuses_a_name() -> None:
+    with pytest.raises(TypeError, match="model: expected a ResNeXt"):
+        convert_block_form("resnext_tiny", "a")  # type: ignore[arg-type]

@@ -69,12 +69,26 @@ def test_checkpointing_keeps_fewer_activations() -> None:
     assert ckpt < plain / 3
 
 
-def test_no_recomputation_without_gradients() -> None:
+def test_no_recomputation_without_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under no_grad nothing is saved for a backward, so a checkpointed stage must run plainly:
+    # the checkpoint wrapper is not called at all, and the output is the plain network's.
+    from resnext.models import network
+
+    calls: list[int] = []
+
+    def spy(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return block(x)
+
+    monkeypatch.setattr(network, "checkpointed", spy)
     model = resnext.create_model("resnext_tiny").eval()
     model.set_grad_checkpointing()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = model(x)
+    assert calls == []
+    model(x.requires_grad_())  # with gradients on, the same model goes through the wrapper
+    assert calls
     model.set_grad_checkpointing(False)
     with torch.no_grad():
         assert torch.equal(out, model(x))

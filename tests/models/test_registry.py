@@ -56,6 +56,11 @@ def test_duplicate_registration_is_refused() -> None:
         reg.register(entry)
     with pytest.raises(RegistryError, match="already registered"):
         reg.register(ModelEntry("other", entry.spec, "test", aliases=("resnext_tiny",)))
+    # names repeated inside one entry: its own name as an alias, or an alias twice
+    for aliases in (("again",), ("twice", "twice")):
+        with pytest.raises(RegistryError, match="names it twice"):
+            reg.register(ModelEntry("again", entry.spec, "test", aliases=aliases))
+        assert "again" not in reg and "twice" not in reg  # refused whole, nothing half-added
 
 
 def test_list_models_pattern() -> None:

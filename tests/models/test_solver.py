@@ -33,3 +33,23 @@ def test_cifar_equal_complexity_baseline() -> None:
 def test_bad_measure() -> None:
     with pytest.raises(SpecError, match="measure"):
         solve_width(50, 2, measure="speed")
+
+
+def test_reference_widths_are_kept() -> None:
+    # A reference of another output width: the candidates must be built at that width too. The
+    # expected d comes from counting each candidate network's parameters directly.
+    ref = resnext.get_spec("resnext29_2x16d_w128")
+    assert ref.out_width == 128
+    target = resnext.count(ref).params
+    best = min(
+        range(1, 80),
+        key=lambda d: abs(resnext.count(ref.replace(cardinality=1, base_width=d)).params - target),
+    )
+    assert solve_width(29, 1, ref, layout="cifar", measure="params").width == best
+
+
+def test_bad_reference() -> None:
+    with pytest.raises(SpecError, match="reference: expected a ModelSpec"):
+        solve_width(50, 2, reference="resnet50")  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="does not match layout"):
+        solve_width(50, 2, reference=resnext.get_spec("resnext29_8x64d"))

@@ -33,6 +33,9 @@ from resnext.errors import SpecError
         ({"logit_scale": float("nan")}, "logit_scale"),
         ({"logit_scale": "0.1"}, "logit_scale"),
         ({"logit_scale": True}, "logit_scale"),
+        # a zeroed last BN without a shortcut starts every block at 0: the network cannot train
+        ({"zero_init_last_bn": True, "residual": False}, "zero_init_last_bn"),
+        ({"description": 5}, "description"),
     ],
 )
 def test_invalid_spec_names_field(fields: dict, named: str) -> None:
@@ -69,3 +72,34 @@ def test_geometry_follows_the_template() -> None:
     assert spec.depth == 50
     assert get_spec("resnext29_8x64d").depth == 29
     assert get_spec("resnet101").depth == 101
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [({"depths": 5}, "depths"), ({"depths": [1, 1], "bottleneck_widths": 8}, "bottleneck_widths")],
+)
+def test_from_dict_checks_types_before_converting(data: dict, named: str) -> None:
+    with pytest.raises(SpecError, match=named):
+        ModelSpec.from_dict(data)
+
+
+def test_from_dict_takes_lists() -> None:
+    spec = ModelSpec.from_dict({"depths": [1, 2], "cardinality": 2, "bottleneck_widths": [8, 16]})
+    assert spec.depths == (1, 2) and spec.bottleneck_widths == (8, 16)
+
+
+@pytest.mark.parametrize(
+    ("builder", "options", "named"),
+    [
+        ("cifar_spec", {"stem": "imagenet"}, "stem"),
+        ("cifar_spec", {"depths": (1, 1, 1)}, "depths"),
+        ("imagenet_spec", {"depths": (1, 1)}, "depths"),
+    ],
+)
+def test_layout_builders_refuse_fields_they_set(builder: str, options: dict, named: str) -> None:
+    from resnext.models import spec as spec_module
+
+    make = getattr(spec_module, builder)
+    depth = 29 if builder == "cifar_spec" else 50
+    with pytest.raises(SpecError, match=f"{named}: {builder} sets it"):
+        make(depth, 8, 4, **options)

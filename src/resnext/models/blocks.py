@@ -141,10 +141,12 @@ class _SplitPath(nn.Module):
         self.bn1 = nn.BatchNorm2d(d)
         self.conv2 = conv3x3(d, d, s3)
         self.bn2 = nn.BatchNorm2d(d)
+        # a module, not torch.relu, so that hooks (the mmcv FLOP count) see it as in form (c)
+        self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)))
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)))
 
 
 class _AggregatedPath(_SplitPath):

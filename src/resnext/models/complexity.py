@@ -113,10 +113,18 @@ def param_count(spec: ModelSpec) -> int:
 
 def count(spec_or_model: ModelSpec | ResNeXt, input_size: int | None = None) -> Complexity:
     """Parameters and per-image FLOPs of a spec or model at `input_size` (224 ImageNet, 32 CIFAR)."""
-    spec = spec_or_model.spec if isinstance(spec_or_model, ResNeXt) else spec_or_model
+    if isinstance(spec_or_model, ResNeXt):
+        spec = spec_or_model.spec
+    elif isinstance(spec_or_model, ModelSpec):
+        spec = spec_or_model
+    else:
+        raise TypeError(
+            "spec_or_model: expected a ModelSpec or a ResNeXt (resnext.get_spec(name) for a "
+            f"registry name), got {type(spec_or_model).__name__}"
+        )
     if input_size is None:
         input_size = 32 if spec.stem == "cifar" else 224
-    if not isinstance(input_size, int) or input_size < 1:
+    if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 1:
         raise ValueError(f"input_size: expected an int >= 1, got {input_size!r}")
     with torch.device("meta"):
         model = build_model(spec)

@@ -16,6 +16,11 @@ def convert_block_form(model: ResNeXt, form: str) -> ResNeXt:
     1×1 into C slices of d output channels, and the last 1×1 into C slices of d input channels is exact
     (footnote 3 of the paper), BN statistics split per channel.
     """
+    if not isinstance(model, ResNeXt):
+        raise TypeError(
+            "model: expected a ResNeXt (resnext.create_model(name) for a registry name), got "
+            f"{type(model).__name__}"
+        )
     if form not in BLOCK_FORMS:
         raise SpecError(f"block_form: expected one of {', '.join(BLOCK_FORMS)}, got {form!r}")
     if model.spec.preact:

@@ -29,9 +29,15 @@ class Registry:
         self._aliases: dict[str, str] = {}
 
     def register(self, entry: ModelEntry) -> None:
-        for name in (entry.name, *entry.aliases):
+        names = (entry.name, *entry.aliases)
+        for i, name in enumerate(names):
             if name in self._entries or name in self._aliases:
                 raise RegistryError(f"model name {name!r} is already registered")
+            if name in names[:i]:
+                raise RegistryError(
+                    f"model name {name!r}: entry {entry.name!r} names it twice (as its name or "
+                    "among its aliases); expected distinct names"
+                )
         self._entries[entry.name] = entry
         for alias in entry.aliases:
             self._aliases[alias] = entry.name

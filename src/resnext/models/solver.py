@@ -54,6 +54,17 @@ def solve_width(
         raise SpecError(f"depth: expected one of {', '.join(map(str, depths))}, got {depth!r}")
     if reference is None:
         reference = make(depth, 1, 64)
+    elif not isinstance(reference, ModelSpec):
+        raise SpecError(
+            f"reference: expected a ModelSpec (e.g. resnext.get_spec(name)) or None, "
+            f"got {type(reference).__name__}"
+        )
+    elif (reference.stem == "cifar") != (layout == "cifar"):
+        raise SpecError(
+            f"reference: a {reference.stem!r}-stem network does not match layout {layout!r}"
+        )
+    # candidates keep everything of the reference but depth, C and d (its widths, stem, classes)
+    template = reference.replace(depths=depths[depth], bottleneck_widths=None)
 
     def value_of(spec: ModelSpec) -> int:
         if measure == "template":
@@ -66,7 +77,7 @@ def solve_width(
 
     def at(d: int) -> int:
         if d not in counted:
-            counted[d] = value_of(make(depth, cardinality, d))
+            counted[d] = value_of(template.replace(cardinality=cardinality, base_width=d))
         return counted[d]
 
     # Complexity grows monotonically with d: bisect for the crossing, then take the nearer side.

@@ -107,6 +107,14 @@ class ModelSpec:
                         f"cardinality={self.cardinality} groups (expected a positive multiple of "
                         f"{self.cardinality})"
                     )
+        if self.zero_init_last_bn and not self.residual:
+            # with no shortcut a zeroed last BN makes every block output 0: nothing can train
+            raise SpecError(
+                "zero_init_last_bn: needs residual=True (without a shortcut every block would "
+                "start at 0, not the identity); got zero_init_last_bn=True with residual=False"
+            )
+        if not isinstance(self.description, str):
+            raise SpecError(f"description: expected a str, got {self.description!r}")
         if self.preact and self.block_form != "c":
             raise SpecError(
                 f"block_form: pre-activation blocks exist only in form 'c', got {self.block_form!r} "
@@ -198,11 +206,8 @@ class ModelSpec:
             )
         if "depths" not in data:
             raise SpecError("depths: missing (a list of block counts per stage)")
-        values = dict(data)
-        values["depths"] = tuple(values["depths"])
-        if values.get("bottleneck_widths") is not None:
-            values["bottleneck_widths"] = tuple(values["bottleneck_widths"])
-        return cls(**values)
+        # lists (as JSON and TOML give them) become tuples in __post_init__, after its type checks
+        return cls(**data)
 
 
 def _is_int(value: object) -> bool:
@@ -219,12 +224,22 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
         raise SpecError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
 
 
+def _check_options(builder: str, options: Mapping[str, Any], fixed: tuple[str, ...]) -> None:
+    taken = [name for name in fixed if name in options]
+    if taken:
+        raise SpecError(
+            f"{taken[0]}: {builder} sets it from its arguments; pass it there, or build a "
+            "ModelSpec directly for another value"
+        )
+
+
 def imagenet_spec(depth: int, cardinality: int, base_width: int, **options: Any) -> ModelSpec:
     """The paper's ImageNet template network of a standard depth (50, 101, 152, 200, ...)."""
     if depth not in IMAGENET_DEPTHS:
         raise SpecError(
             f"depth: no ImageNet layout for {depth}; allowed: {', '.join(map(str, IMAGENET_DEPTHS))}"
         )
+    _check_options("imagenet_spec", options, ("depths", "cardinality", "base_width"))
     return ModelSpec(
         depths=IMAGENET_DEPTHS[depth], cardinality=cardinality, base_width=base_width, **options
     )
@@ -236,6 +251,7 @@ def cifar_spec(depth: int, cardinality: int, base_width: int, **options: Any) ->
         raise SpecError(
             f"depth: no CIFAR layout for {depth}; allowed: {', '.join(map(str, CIFAR_DEPTHS))}"
         )
+    _check_options("cifar_spec", options, ("depths", "cardinality", "base_width", "stem"))
     options.setdefault("num_classes", 10)
     return ModelSpec(
         depths=CIFAR_DEPTHS[depth],
