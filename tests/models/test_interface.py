@@ -24,6 +24,10 @@ def test_features_head_and_reset() -> None:
     assert model(x).shape == (2, model.num_features)
     with pytest.raises(ValueError, match="num_classes"):
         model.reset_classifier(-2)
+    model.reset_classifier(4, "avg")  # timm's call shape, with its only pooling here
+    assert model(x).shape == (2, 4)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(4, "max")
 
 
 def test_stage_strides_imagenet() -> None:

@@ -120,10 +120,15 @@ class ResNeXt(nn.Module):
             return nn.Identity()
         return nn.Linear(self.num_features, num_classes)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a freshly initialised one (0 removes it: pooled features out)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a freshly initialised one (0 removes it: pooled features out).
+
+        `global_pool` is timm's argument, so timm-style calls work: None or 'avg' (the only pooling
+        this network has)."""
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ValueError(f"num_classes: expected an int >= 0, got {num_classes!r}")
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool: expected None or 'avg', got {global_pool!r}")
         param = next(self.parameters())
         self.fc = self._make_classifier(num_classes).to(device=param.device, dtype=param.dtype)
         if isinstance(self.fc, nn.Linear):
