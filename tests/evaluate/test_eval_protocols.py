@@ -195,3 +195,22 @@ def test_tencrop_logit_average_like_fb_resnet_torch() -> None:
     np.testing.assert_allclose(_scores(model, data, protocol), np.stack(expected), atol=1e-5)
     softmax_mean = _scores(model, data, get_protocol("tencrop", resize=30, crop=20))
     assert not np.allclose(softmax_mean, np.stack(expected), atol=1e-4)
+
+
+def test_dense_keeps_the_logit_scale_of_the_network() -> None:
+    # A scale other than 1 multiplies the classifier's output in the network's own forward:
+    # dense testing at one scale on the whole image must give the very same scores.
+    torch.manual_seed(0)
+    model = resnext.create_model("resnext_tiny_in", num_classes=K, logit_scale=0.25).eval()
+    assert model.spec.logit_scale == 0.25
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        direct = model(x)
+        unscaled = model.fc(model.forward_features(x).mean(dim=(2, 3)))
+        dense = dense_logits(model, x)
+        probs = Scorer(model, get_protocol("dense", scales=(64,)))(
+            [(x[0],), (x[1],)], torch.device("cpu")
+        )
+    torch.testing.assert_close(direct, unscaled * 0.25, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dense, direct, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(probs, torch.softmax(direct, dim=1), atol=1e-6, rtol=1e-5)

@@ -35,9 +35,16 @@ def _classifier(model: nn.Module) -> nn.Linear:
 def class_score_map(
     model: nn.Module, x: torch.Tensor, conv: nn.Conv2d | None = None
 ) -> torch.Tensor:
-    """The (N, classes, h, w) map of class scores of the whole image `x`."""
+    """The (N, classes, h, w) map of class scores of the whole image `x`.
+
+    Scores carry the network's `spec.logit_scale`, as its own forward does after the classifier.
+    """
     conv = conv if conv is not None else fc_as_conv(_classifier(model))
-    return conv(model.forward_features(x))
+    scores = conv(model.forward_features(x))
+    # The scale is part of the classifier (forward_head); without it a dense softmax is sharper or
+    # flatter than the network's and averages over scales weigh differently.
+    scale = float(getattr(getattr(model, "spec", None), "logit_scale", 1.0))
+    return scores * scale if scale != 1.0 else scores
 
 
 def dense_logits(model: nn.Module, x: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor:
