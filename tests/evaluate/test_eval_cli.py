@@ -235,3 +235,85 @@ def test_eval_fast_path_replayed_scores_as_the_plain_model(tmp_path: Path, capsy
     assert reports[True]["counts"] == reports[False]["counts"]
     assert reports[True]["fast_path_replayed"] and not reports[False]["fast_path_replayed"]
     assert not reports[True]["fast_path_compiled"]
+
+
+def _refuse_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("evaluated although the options were bad")
+
+    monkeypatch.setattr(eval_cmd, "evaluate", fail)
+
+
+def test_eval_output_that_is_a_file_fails_before_evaluating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from resnext.errors import ConfigError
+
+    _image_folder(tmp_path)
+    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    _refuse_evaluation(monkeypatch)
+    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--output", str(taken)]
+    with pytest.raises(ConfigError, match="taken: exists and is not a folder"):
+        eval_cmd.run(_parse(argv))
+    assert taken.read_text() == "keep me"
+    # a folder not there yet is made up front, before the run
+    fresh = tmp_path / "fresh" / "out"
+    with pytest.raises(AssertionError, match="evaluated"):
+        eval_cmd.run(_parse([*argv[:-1], str(fresh)]))
+    assert fresh.is_dir()
+
+
+def test_eval_refuses_a_model_whose_head_does_not_fit_the_dataset(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from resnext.errors import ConfigError
+
+    _image_folder(tmp_path)  # 3 classes
+    ckpt, _ = _checkpoint(tmp_path, 10, "imagefolder")
+    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
+    with pytest.raises(ConfigError, match="dataset has 3 classes but the model's head has 10"):
+        eval_cmd.run(_parse(argv))
+    # scoring a subset of the model's classes is what a smaller dataset is for
+    (tmp_path / "subset.txt").write_text("0 1 2\n")
+    assert eval_cmd.run(_parse([*argv, "--classes-subset", str(tmp_path / "subset.txt")])) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["scored_classes"] == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--protocol", "dense", "--scales", "64,x"], "--scales: expected positive"),
+        (["--protocol", "dense", "--scales", "0"], "--scales: expected positive"),
+        (["--batch-size", "0"], "batch_size: expected an integer >= 1, got 0"),
+        (["--workers", "-1"], "num_workers: expected an integer >= 0, got -1"),
+        (["--flip"], "--flip: only --protocol dense uses it"),
+        (["--protocol", "tencrop", "--scales", "32"], "--scales: only --protocol dense"),
+    ],
+)
+def test_eval_bad_options_are_config_errors(tmp_path: Path, extra: list[str], match: str) -> None:
+    from resnext.errors import ConfigError
+
+    _image_folder(tmp_path)
+    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
+    argv = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--no-progress"]
+    with pytest.raises(ConfigError, match=match):
+        eval_cmd.run(_parse([*argv, *extra]))
+
+
+def test_library_evaluate_and_protocol_refuse_bad_settings() -> None:
+    from resnext.errors import ConfigError
+    from resnext.evaluate import Normalization, Protocol, evaluate, get_protocol
+
+    model = resnext.create_model("resnext_tiny", num_classes=3)
+    norm = Normalization([0.5] * 3, [0.25] * 3)
+    data = [(img, 0) for img in random_images(2, seed=1)]
+    protocol = get_protocol("center", resize=32, crop=32)
+    for kwargs in ({"batch_size": 0}, {"batch_size": True}, {"num_workers": -1}):
+        with pytest.raises(ConfigError, match=next(iter(kwargs))):
+            evaluate(model, data, protocol, norm, num_classes=3, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="only dense testing uses them"):
+        get_protocol("center", flip=True)
+    with pytest.raises(ConfigError, match="only dense testing uses them"):
+        Protocol("x", "tencrop", scales=(32,))

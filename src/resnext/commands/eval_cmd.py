@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from resnext.commands.options import add_fast_backend, add_no_timing_cache, add_optimize
+from resnext.errors import ConfigError
 from resnext.evaluate import (
     PROTOCOLS,
     DistContext,
@@ -26,6 +27,7 @@ from resnext.evaluate import (
 )
 from resnext.evaluate.data_source import open_dataset
 from resnext.evaluate.protocols import Protocol
+from resnext.evaluate.report import prepare_output_dir
 from resnext.evaluate.scoring import check_fast_path
 from resnext.inference.fast_backend import fast_backend
 from resnext.inference.loading import load_model
@@ -121,7 +123,33 @@ def _fast_path(
     )
 
 
+def _parse_scales(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        scales = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        scales = ()
+    if not scales or any(s < 1 for s in scales):
+        raise ConfigError(
+            f"--scales: expected positive shorter sides separated by commas (e.g. 224,256), "
+            f"got {text!r}"
+        )
+    return scales
+
+
 def _run(args: argparse.Namespace, ctx: DistContext) -> int:
+    # Only dense testing uses these; on the crop protocols they would be reported but not applied.
+    if PROTOCOLS[args.protocol].kind != "dense":
+        for option, value in (("--flip", args.flip), ("--scales", args.scales)):
+            if value:
+                raise ConfigError(
+                    f"{option}: only --protocol dense uses it (got --protocol {args.protocol})"
+                )
+    scales = _parse_scales(args.scales)
+    if args.output:
+        # Before the run, not after it: a bad folder must not cost a whole evaluation.
+        prepare_output_dir(args.output)
     loaded = load_model(args.model, args.weights, device=args.device)
     prep = loaded.preprocessing
     protocol = get_protocol(
@@ -129,12 +157,19 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         resize=args.resize if args.resize is not None else _default(args.protocol, prep.resize),
         crop=args.crop if args.crop is not None else _default(args.protocol, prep.crop),
         interpolation=args.interpolation or prep.interpolation,
-        scales=tuple(int(s) for s in args.scales.split(",")) if args.scales else None,
+        scales=scales,
         flip=True if args.flip else None,
         average=args.average,
     )
     dataset, description = open_dataset(args.data, image_size=prep.crop)
     head = int(getattr(loaded.model, "num_classes", len(loaded.class_names)))
+    if not args.classes_subset and description["classes"] != head:
+        # Labels would index the wrong classes (or none): accuracies would be meaningless.
+        raise ConfigError(
+            f"--data {args.data}: the dataset has {description['classes']} classes but the "
+            f"model's head has {head}; pick matching weights, or --classes-subset to score "
+            f"some of the model's classes"
+        )
     indices = read_class_subset(args.classes_subset) if args.classes_subset else None
     subset = LabelSubset(indices, head, args.subset_labels) if indices is not None else None
     precision = args.optimize

@@ -42,6 +42,11 @@ class Protocol:
             raise ConfigError(
                 f"interpolation: expected one of {INTERPOLATIONS}, got {self.interpolation!r}"
             )
+        if self.kind != "dense" and (self.flip or self.scales):
+            # Reported but never applied: refused rather than recorded falsely.
+            raise ConfigError(
+                f"flip/scales: only dense testing uses them, not the {self.kind!r} protocol"
+            )
         if self.kind == "dense":
             if not self.scales or any(int(s) < 1 for s in self.scales):
                 raise ConfigError(f"dense scales: expected positive sizes, got {self.scales!r}")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from resnext.errors import ConfigError
 from resnext.evaluate.distributed import (
     DistContext,
     ShardSampler,
@@ -75,6 +76,9 @@ def evaluate(
 
     `fast`: `resnext.optimize(model, ...)`'s module, run instead of `model` for the crop
     protocols (center, ten-crop); the dense protocol refuses it."""
+    for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"{name}: expected an integer >= {least}, got {value!r}")
     ctx = context or current_context()
     device = torch.device(device)
     model = model.to(device).eval()
