@@ -317,3 +317,30 @@ def test_library_evaluate_and_protocol_refuse_bad_settings() -> None:
         get_protocol("center", flip=True)
     with pytest.raises(ConfigError, match="only dense testing uses them"):
         Protocol("x", "tencrop", scales=(32,))
+
+
+def test_eval_reports_why_a_cifar_archive_or_folder_cannot_be_read(tmp_path: Path) -> None:
+    import gzip
+    import io
+    import tarfile
+
+    ckpt, _ = _checkpoint(tmp_path, 10, "cifar10")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        payload = np.random.default_rng(0).bytes(200_000)  # incompressible: truncation bites
+        info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    packed = gzip.compress(buffer.getvalue())
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(DataError) as caught:
+        eval_cmd.run(_parse(["--weights", str(ckpt), "--data", str(archive)]))
+    assert "cifar-10-python.tar.gz" in str(caught.value)
+    assert "ImageFolder" not in str(caught.value)
+    # a batches folder without its meta file: the CIFAR reader's message, not ImageFolder's
+    folder = tmp_path / "batches"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(b"")
+    with pytest.raises(DataError, match="no CIFAR data found"):
+        eval_cmd.run(_parse(["--weights", str(ckpt), "--data", str(folder)]))

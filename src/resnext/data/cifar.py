@@ -47,6 +47,21 @@ def _is_archive(path: Path) -> bool:
     return path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar"))
 
 
+def looks_like_cifar(path: str | Path) -> bool:
+    """Whether `path` is meant as CIFAR data: an archive, or a folder holding batch or meta files,
+    a batches folder or an official archive; a failure to read such a path is a CIFAR error."""
+    path = Path(path)
+    if _is_archive(path):
+        return True
+    if not path.is_dir():
+        return False
+    for layout in _LAYOUT.values():
+        files = [layout["meta"], *layout["train"], *layout["test"], layout["archive"]]
+        if any((path / name).is_file() for name in files) or (path / layout["folder"]).is_dir():
+            return True
+    return False
+
+
 def _extract(archive: Path, extract_dir: Path | None) -> Path:
     stem = archive.name.split(".tar")[0].removesuffix(".tgz")
     target = extract_dir or archive.parent / f"{stem}-extracted"

@@ -29,6 +29,7 @@ def open_dataset(
     The word `digits` names the embedded digits test split, drawn at `image_size` pixels.
     """
     from resnext.data import CIFARDataset, ImageFolderDataset, build_dataset, find_cifar_folder
+    from resnext.data.cifar import looks_like_cifar
 
     if str(path) == "digits" and not Path(path).exists():
         digits = build_dataset("digits", None, "test", keep_pil, image_size=image_size)
@@ -45,6 +46,10 @@ def open_dataset(
     try:
         folder, variant = find_cifar_folder(path)
     except DataError:
+        # An archive or a folder of CIFAR files that cannot be read is CIFAR's error to report
+        # (truncated archive, missing meta), not "neither CIFAR nor an ImageFolder".
+        if looks_like_cifar(path):
+            raise
         folder, variant = None, None
     if folder is not None:
         dataset: Any = CIFARDataset(folder, False, keep_pil, variant)
