@@ -258,3 +258,40 @@ def test_predict_cli_takes_compile_or_replay_not_both() -> None:
         parser.parse_args(["predict", "x.jpg", "--optimize", "fp32", "--compile", "--replay"])
     args = parser.parse_args(["predict", "x.jpg", "--optimize", "fp32", "--replay"])
     assert args.replay and not args.compile
+
+
+def test_rgba_array_pil_and_path_give_the_same_pixels(tmp_path: Path) -> None:
+    from resnext.inference import to_pil
+
+    rgba = np.zeros((4, 6, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2] = 200, 40, 10
+    rgba[:, 3:, 3] = 255  # the right half opaque, the left half fully transparent
+    rgba[0, 0, 3] = 51  # 20 % opaque: 0.2 * colour + 0.8 * white
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    expected = np.empty((4, 6, 3), dtype=np.uint8)
+    expected[:, :3] = 255  # transparent: the white background, as for files
+    expected[:, 3:] = (200, 40, 10)
+    expected[0, 0] = (round(0.2 * 200 + 0.8 * 255), round(0.2 * 40 + 0.8 * 255), 206)
+    kinds = {
+        "array": rgba,
+        "pil": Image.fromarray(rgba),
+        "path": tmp_path / "rgba.png",
+    }
+    for kind, item in kinds.items():
+        got = np.asarray(to_pil(item))
+        np.testing.assert_allclose(got.astype(int), expected.astype(int), atol=1, err_msg=kind)
+    arrays = {kind: np.asarray(to_pil(item)) for kind, item in kinds.items()}
+    assert np.array_equal(arrays["array"], arrays["pil"])
+    assert np.array_equal(arrays["array"], arrays["path"])
+
+
+def test_non_finite_tensor_and_empty_feature_batch_are_config_errors(weights_file) -> None:
+    predictor = Predictor(weights=weights_file[0])
+    nan = torch.full((3, 8, 8), 0.5)
+    nan[1, 2, 3] = float("nan")
+    with pytest.raises(ConfigError, match="finite"):
+        predictor([nan])
+    with pytest.raises(ConfigError, match="finite"):
+        predictor([torch.full((3, 8, 8), float("inf"))])
+    with pytest.raises(ConfigError, match="at least one image"):
+        predictor.features([])

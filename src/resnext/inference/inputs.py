@@ -47,7 +47,9 @@ def to_pil(item: ImageInput) -> Image.Image:
                 f"got {item.dtype} {item.shape}"
             )
         arr = item[:, :, 0] if item.shape[2] == 1 else item
-        return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
+        # to_rgb as for paths and PIL images: alpha composited over white, not dropped, so the
+        # same picture gives the same prediction whatever form it comes in.
+        return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
     if isinstance(item, torch.Tensor):
         if item.ndim != 3 or item.shape[0] not in (1, 3) or not item.is_floating_point():
             raise ConfigError(
@@ -55,6 +57,8 @@ def to_pil(item: ImageInput) -> Image.Image:
                 f"{item.dtype} {tuple(item.shape)}"
             )
         x = item.detach().cpu().float()
+        if not torch.isfinite(x).all():  # NaN passes the range test and would become black
+            raise ConfigError("tensor image: expected finite values, got NaN or infinity")
         if x.min() < 0 or x.max() > 1:
             raise ConfigError("tensor image: expected values in [0, 1] (unnormalised RGB)")
         x = x.expand(3, -1, -1) if x.shape[0] == 1 else x

@@ -151,8 +151,11 @@ class Predictor:
     @torch.no_grad()
     def features(self, images: ImageInput | Sequence[ImageInput]) -> Features:
         """Pooled embeddings (N, C) and the stage maps, for the images as preprocessed for prediction."""
+        items = _as_list(images)
+        if not items:
+            raise ConfigError("images: expected at least one image to extract features from")
         pooled, stages = [], []
-        for batch in self._batches(_as_list(images)):
+        for batch in self._batches(items):
             maps = self.model.forward_stages(batch)
             stages.append(maps)
             pooled.append(self.model.forward_head(maps[-1], pre_logits=True))
