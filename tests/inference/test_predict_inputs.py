@@ -295,3 +295,20 @@ def test_non_finite_tensor_and_empty_feature_batch_are_config_errors(weights_fil
         predictor([torch.full((3, 8, 8), float("inf"))])
     with pytest.raises(ConfigError, match="at least one image"):
         predictor.features([])
+
+
+@pytest.mark.parametrize("names", [["ant", "bee"], [1, 2, 3, 4, 5], [*NAMES, "fox"]])
+def test_class_names_that_do_not_fit_the_head_are_refused(
+    weights_file, tmp_path: Path, names: list
+) -> None:
+    from resnext.errors import WeightsError
+    from resnext.inference.loading import load_model
+    from resnext.weights.native import sidecar_path
+
+    path, _ = weights_file
+    sidecar = sidecar_path(path)
+    meta = json.loads(sidecar.read_text())
+    meta["class_names"] = names
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="class_names"):
+        load_model(weights=path)

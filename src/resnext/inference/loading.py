@@ -88,6 +88,22 @@ def _from_checkpoint(payload: dict[str, Any], path: Path, model_name: str | None
     return model
 
 
+def _check_class_names(names: Any, head: int, weights: str | Path | None) -> None:
+    # Predictions index these by class: a short list fails mid-prediction, a long one misnames.
+    if not isinstance(names, (list, tuple)):
+        got = f"a {type(names).__name__}"
+    elif not all(isinstance(n, str) for n in names):
+        got = "a list with a non-string entry"
+    elif len(names) != head:
+        got = f"{len(names)} names"
+    else:
+        return
+    raise WeightsError(
+        f"weights {weights}: class_names: expected a list of {head} strings (one per class of "
+        f"the model's head), got {got}"
+    )
+
+
 def load_model(
     model: str | None = None,
     weights: str | Path | None = None,
@@ -157,5 +173,7 @@ def load_model(
         from resnext.inference.class_names import default_class_names
 
         names = default_class_names(head)
+    else:
+        _check_class_names(names, head, weights)
     net = net.to(device).eval()
     return LoadedModel(net, name, str(weights) if weights else None, prep, tuple(names), fmt)
