@@ -214,3 +214,17 @@ def test_dense_keeps_the_logit_scale_of_the_network() -> None:
     torch.testing.assert_close(direct, unscaled * 0.25, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(dense, direct, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(probs, torch.softmax(direct, dim=1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mean", "std"),
+    [
+        ([0.5, 0.5], [0.2, 0.2, 0.2]),
+        ([0.5, 0.5, 0.5, 0.5], [0.2, 0.2, 0.2]),
+        ([0.5, 0.5, 0.5], [0.2, 0.0, 0.2]),
+        ([0.5, float("inf"), 0.5], [0.2, 0.2, 0.2]),
+    ],
+)
+def test_normalization_needs_three_finite_means_and_positive_stds(mean: list, std: list) -> None:
+    with pytest.raises(ConfigError, match="expected 3"):
+        Normalization(mean, std)

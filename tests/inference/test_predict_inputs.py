@@ -312,3 +312,33 @@ def test_class_names_that_do_not_fit_the_head_are_refused(
     sidecar.write_text(json.dumps(meta))
     with pytest.raises(WeightsError, match="class_names"):
         load_model(weights=path)
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "match"),
+    [
+        ([0.5, 0.5], [0.2, 0.2, 0.2], "mean: expected 3 finite numbers"),
+        ([0.5, 0.5, 0.5], [0.0, 0.2, 0.2], "std: expected 3 values > 0"),
+        ([0.5, 0.5, 0.5], [-0.2, 0.2, 0.2], "std: expected 3 values > 0"),
+        ([0.5, "x", 0.5], [0.2, 0.2, 0.2], "mean: expected 3 finite numbers"),
+        ("abc", [0.2, 0.2, 0.2], "mean: expected 3 finite numbers"),
+        ([0.5, 0.5, 0.5], 0.2, "std: expected 3 finite numbers"),
+    ],
+)
+def test_preprocessing_mean_and_std_are_checked(
+    weights_file, mean: object, std: object, match: str
+) -> None:
+    from resnext.errors import WeightsError
+    from resnext.weights.native import sidecar_path
+
+    path, _ = weights_file
+    sidecar = sidecar_path(path)
+    meta = json.loads(sidecar.read_text())
+    meta["preprocessing"]["mean"], meta["preprocessing"]["std"] = mean, std
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match=match):
+        Predictor(weights=path)
+    with pytest.raises(WeightsError, match=match):
+        Preprocessing(resize=40, crop=36, mean=mean, std=std)  # type: ignore[arg-type]
+    with pytest.raises(WeightsError):
+        Preprocessing(resize=40, crop=36, std=(0.2, float("nan"), 0.2))

@@ -11,6 +11,7 @@ from PIL import Image
 from resnext.data.functional import center_crop_box, shorter_side_size
 from resnext.errors import ConfigError
 from resnext.evaluate.protocols import Protocol
+from resnext.weights.preprocess import channel_stats_problem
 
 _PIL_FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -31,6 +32,9 @@ class Normalization:
     ) -> None:
         if channel_order not in ("RGB", "BGR"):
             raise ConfigError(f"channel_order: expected 'RGB' or 'BGR', got {channel_order!r}")
+        problem = channel_stats_problem(mean, std)
+        if problem is not None:
+            raise ConfigError(f"normalization {problem}")
         self.mean = torch.tensor([float(m) for m in mean]).view(3, 1, 1)
         self.std = torch.tensor([float(s) for s in std]).view(3, 1, 1)
         self.channel_order = channel_order

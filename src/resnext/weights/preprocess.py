@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -13,6 +15,32 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The same statistics on the 0–255 scale, RGB order (mmpretrain, torchvision-converted detectron2).
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def channel_stats_problem(mean: Any, std: Any) -> str | None:
+    """Why `mean` and `std` cannot normalise RGB input, or None when they can.
+
+    Each must be 3 finite numbers, one per channel (the pipeline always feeds RGB), and every std
+    positive: a zero would turn the scores into NaN or infinity.
+    """
+    for key, values in (("mean", mean), ("std", std)):
+        try:
+            items = None if isinstance(values, (str, bytes, Mapping)) else list(values)
+        except TypeError:
+            items = None
+        if (
+            items is None
+            or len(items) != 3
+            or not all(_is_number(v) and math.isfinite(v) for v in items)
+        ):
+            return f"{key}: expected 3 finite numbers (one per RGB channel), got {values!r}"
+    if any(v <= 0 for v in std):
+        return f"std: expected 3 values > 0, got {list(std)!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -46,6 +74,9 @@ class Preprocessing:
             raise WeightsError(
                 f"resize {self.resize} / crop {self.crop}: expected 1 <= crop <= resize"
             )
+        problem = channel_stats_problem(self.mean, self.std)
+        if problem is not None:
+            raise WeightsError(f"preprocessing {problem}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -68,8 +99,10 @@ class Preprocessing:
             )
         values = dict(data)
         for key in ("mean", "std"):
-            if key in values:
-                values[key] = tuple(float(v) for v in values[key])
+            # Anything but a list of numbers is left for __post_init__ to refuse by name.
+            raw = values.get(key)
+            if isinstance(raw, (list, tuple)) and all(_is_number(v) for v in raw):
+                values[key] = tuple(float(v) for v in raw)
         return cls(**values)
 
 
