@@ -126,3 +126,27 @@ def test_cifar100_layout(tmp_path: Path) -> None:
     assert ds.data[1, 0, 1, 2] == data[1, 2 * 1024 + 1]
     with pytest.raises(DataError, match="cifar-10-batches-py"):
         CIFARDataset(tmp_path, train=True, variant="cifar10")
+
+
+@pytest.mark.parametrize(
+    "labels", [None, [0, 3.7], [0, "3"], [True, False], 5, np.array([0.0, 3.0])]
+)
+def test_labels_that_are_not_integers_are_refused(tmp_path: Path, labels: object) -> None:
+    # int() would have read 3.7 as 3 and "3" as 3: a label is an integer class index or an error
+    folder = _fake_cifar10(tmp_path / "c", np.zeros((2, 3072), np.uint8), labels)
+    with pytest.raises(DataError, match=r"test_batch: 'labels' must be a list of integer"):
+        CIFARDataset(folder, train=False)
+
+
+def test_numpy_integer_labels_are_read(tmp_path: Path) -> None:
+    data = np.zeros((3, 3072), np.uint8)
+    folder = _fake_cifar10(tmp_path / "c", data, np.array([0, 9, 4], dtype=np.int64))
+    assert CIFARDataset(folder, train=False).targets == [0, 9, 4]
+
+
+@pytest.mark.parametrize("names", [5, None, [f"c{i}" for i in range(9)] + [7]])
+def test_class_names_that_are_not_strings_are_refused(tmp_path: Path, names: object) -> None:
+    folder = _fake_cifar10(tmp_path / "c", np.zeros((2, 3072), np.uint8), [0, 1])
+    _write(folder / "batches.meta", {"label_names": names})
+    with pytest.raises(DataError, match=r"batches.meta: 'label_names' must be a list of class"):
+        CIFARDataset(folder, train=False)

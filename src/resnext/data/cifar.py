@@ -101,6 +101,22 @@ def find_cifar_folder(
     )
 
 
+def _int_labels(path: Path, key: str, labels: object) -> list[int]:
+    # int() would truncate 3.7 to 3 and parse "3": only integers are labels.
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        return [int(v) for v in labels]
+    if isinstance(labels, (list, tuple)) and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels
+    ):
+        return [int(v) for v in labels]
+    if isinstance(labels, (list, tuple)):
+        bad = next(v for v in labels if not isinstance(v, (int, np.integer)) or isinstance(v, bool))
+        got = f"an entry {bad!r} ({type(bad).__name__})"
+    else:
+        got = type(labels).__name__
+    raise DataError(f"{path}: {key!r} must be a list of integer class indices, got {got}")
+
+
 def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, list[int]]:
     if not path.is_file():
         raise DataError(f"CIFAR batch file {path} is missing")
@@ -117,7 +133,7 @@ def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarra
     ):
         shape = getattr(data, "shape", None)
         raise DataError(f"{path}: 'data' must be uint8 of shape (N, {_PIXELS}), got {shape}")
-    labels = [int(v) for v in labels]
+    labels = _int_labels(path, label_key, labels)
     if len(labels) != len(data):
         raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
     bad = [v for v in labels if not 0 <= v < num_classes]
@@ -133,8 +149,14 @@ def _read_classes(path: Path, variant: str, label_kind: str) -> list[str]:
     key = "label_names" if variant == "cifar10" else f"{label_kind}_label_names"
     if not isinstance(meta, dict) or key not in meta:
         raise DataError(f"{path}: expected a dict with {key!r}")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
-    return names
+    raw = meta[key]
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(n, (str, bytes)) for n in raw):
+        got = type(raw).__name__ if not isinstance(raw, (list, tuple)) else "a non-string entry"
+        raise DataError(f"{path}: {key!r} must be a list of class names (strings), got {got}")
+    try:
+        return [n.decode() if isinstance(n, bytes) else n for n in raw]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: {key!r} holds a class name that is not UTF-8 ({exc})") from exc
 
 
 class CIFARDataset(InMemoryImages):
