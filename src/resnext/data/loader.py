@@ -30,13 +30,18 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 def _reseed_transform_generators(transform: object, seed: int) -> None:
     # A generator handed to a transform is copied into every worker with the same state, which
     # would give all workers the same augmentations: give each worker its own stream instead.
+    # Steps that share one numpy generator keep sharing one replacement: a replacement per step
+    # would make them draw the same numbers (two flips sharing a stream would always cancel).
     steps = getattr(transform, "transforms", [transform])
+    replaced: dict[int, tuple[np.random.Generator, np.random.Generator]] = {}
     for step in steps:
         gen = getattr(step, "generator", None)
         if isinstance(gen, torch.Generator):
             gen.manual_seed(seed)
         elif isinstance(gen, np.random.Generator):
-            step.generator = np.random.default_rng(seed)
+            # the original is kept in the entry so its id cannot be reused while we look it up
+            _, new = replaced.setdefault(id(gen), (gen, np.random.default_rng(seed)))
+            step.generator = new
 
 
 def seed_worker(worker_id: int) -> None:
