@@ -197,3 +197,24 @@ def test_cut_survives_mutated_headers_and_data() -> None:
             jpeg_crop.decode_region(piece.data, 1, 20 - piece.left, 30 - piece.top, 70, 40)
     for end in range(0, 700, 7):  # every truncation of the header and the first segments
         assert jpeg_restart.cut(rewritten[:end], (0, 0, 10, 10)) is None
+
+
+def test_index_tree_checks_interval_and_dst_before_writing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "notes.txt").write_text("copied first")  # sorted before the JPEG
+    (src / "b.jpg").write_bytes(_jpeg_bytes("420"))
+    dst = tmp_path / "dst"
+    with pytest.raises(ConfigError, match="interval: expected MCUs per restart segment >= 1"):
+        jpeg_restart.index_tree(src, dst, interval=0)
+    assert not dst.exists()  # nothing was copied before the refusal
+    taken = tmp_path / "taken"
+    taken.write_text("keep")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        jpeg_restart.index_tree(src, taken)
+    assert taken.read_text() == "keep"
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "a").write_text("a file where src has a folder")
+    with pytest.raises(ConfigError, match="cannot make the folder"):
+        jpeg_restart.index_tree(src, blocked)

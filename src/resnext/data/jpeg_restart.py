@@ -146,10 +146,18 @@ def index_tree(src: str | Path, dst: str | Path, interval: int = DEFAULT_INTERVA
         raise DataError(f"{src}: not a folder")
     if dst == src or src in dst.parents:
         raise ConfigError(f"dst: expected a folder outside {src}, got {dst}")
+    # Checked before anything is written, not when the first JPEG comes after copied files.
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ConfigError(f"interval: expected MCUs per restart segment >= 1, got {interval!r}")
+    if dst.exists() and not dst.is_dir():
+        raise ConfigError(f"dst: {dst} exists and is not a folder")
     report = IndexReport()
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         target = dst / path.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a file in dst where src has a folder
+            raise ConfigError(f"dst: cannot make the folder {target.parent} ({exc})") from exc
         data = path.read_bytes()
         report.bytes_in += len(data)
         out = data
