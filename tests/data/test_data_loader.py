@@ -129,3 +129,40 @@ def test_steps_sharing_a_numpy_generator_share_one_in_the_workers() -> None:
     # (with a generator each, seeded alike, every pair was equal and two flips always cancelled).
     assert not items[:, 0].eq(items[:, 1]).any()
     assert len(set(items[:, :2].flatten().tolist())) == 32
+
+
+class _TwoGeneratorsDataset(Dataset):
+    """Two transform steps with a generator each (numpy or torch), seeded alike by the user."""
+
+    def __init__(self, kind: str) -> None:
+        def make() -> object:
+            return np.random.default_rng(0) if kind == "numpy" else torch.Generator().manual_seed(0)
+
+        self.transform = Compose([_TorchOrNumpyDraw(make()), _TorchOrNumpyDraw(make())])
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        first, second = self.transform.transforms
+        return torch.tensor([first(None), second(None)], dtype=torch.float64)
+
+
+class _TorchOrNumpyDraw:
+    """A transform step that returns one uniform draw of its generator, of either library."""
+
+    def __init__(self, generator: object) -> None:
+        self.generator = generator
+
+    def __call__(self, _: object) -> float:
+        if isinstance(self.generator, torch.Generator):
+            return float(torch.rand(1, generator=self.generator, dtype=torch.float64))
+        return float(self.generator.random())
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_distinct_generators_get_distinct_streams_in_the_workers(kind: str) -> None:
+    # Reseeded with one seed, two generators would draw equal numbers: a crop's scale and a
+    # flip's coin would move together in every sample.
+    items = torch.cat(list(build_loader(_TwoGeneratorsDataset(kind), 4, shuffle=False, workers=1)))
+    assert not items[:, 0].eq(items[:, 1]).any()

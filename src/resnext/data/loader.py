@@ -30,18 +30,26 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 def _reseed_transform_generators(transform: object, seed: int) -> None:
     # A generator handed to a transform is copied into every worker with the same state, which
     # would give all workers the same augmentations: give each worker its own stream instead.
-    # Steps that share one numpy generator keep sharing one replacement: a replacement per step
-    # would make them draw the same numbers (two flips sharing a stream would always cancel).
+    # Steps that share one generator keep sharing one stream: a replacement per step would make
+    # them draw the same numbers (two flips sharing a stream would always cancel). Distinct
+    # generators get distinct seeds, else their streams would be equal (crop and flip in step).
     steps = getattr(transform, "transforms", [transform])
-    replaced: dict[int, tuple[np.random.Generator, np.random.Generator]] = {}
+    # by id; the original is kept in the entry so its id cannot be reused while we look it up
+    streams: dict[int, tuple[object, object]] = {}
     for step in steps:
         gen = getattr(step, "generator", None)
-        if isinstance(gen, torch.Generator):
-            gen.manual_seed(seed)
-        elif isinstance(gen, np.random.Generator):
-            # the original is kept in the entry so its id cannot be reused while we look it up
-            _, new = replaced.setdefault(id(gen), (gen, np.random.default_rng(seed)))
-            step.generator = new
+        if not isinstance(gen, (torch.Generator, np.random.Generator)):
+            continue
+        if id(gen) not in streams:
+            # the first keeps the worker's seed itself, so a single shared generator is unchanged
+            k = len(streams)
+            stream_seed = seed if k == 0 else epoch_seed(seed, k)
+            if isinstance(gen, torch.Generator):
+                gen.manual_seed(stream_seed)
+                streams[id(gen)] = (gen, gen)
+            else:
+                streams[id(gen)] = (gen, np.random.default_rng(stream_seed))
+        step.generator = streams[id(gen)][1]
 
 
 def seed_worker(worker_id: int) -> None:
