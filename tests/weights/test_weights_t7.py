@@ -295,3 +295,84 @@ def test_truncated_and_foreign_files_give_one_error(tmp_path: Path) -> None:
     write_t7(other, Mod("nn.Sequential", modules=[Mod("nn.Tanh")]))
     with pytest.raises(WeightsError, match=r"unexpected nn\.Tanh"):
         read_weights_file(other)
+
+
+def _tensor_header(
+    w: _T7Writer, index: int, sizes: list[int], strides: list[int], offset: int
+) -> None:
+    """A torch.FloatTensor header up to (not including) its storage reference."""
+    w.i32(4)
+    w.i32(index)
+    w.string("V 1")
+    w.string("torch.FloatTensor")
+    w.i32(len(sizes))
+    for s in sizes:
+        w.i64(s)
+    for s in strides:
+        w.i64(s)
+    w.i64(offset + 1)  # Lua's 1-based offset
+
+
+def test_tensor_whose_storage_is_an_earlier_tensor_is_refused(tmp_path: Path) -> None:
+    # {1: A (a 100x100 tensor over a 10,000-element storage), 2: B whose "storage" is the
+    # reference to tensor A (index 1), viewing 9,900 elements from offset 99. Read as rows of A,
+    # B would reach 99 rows past A's memory; a storage is flat, so this file is corrupt.
+    w = _T7Writer()
+    w.i32(3)
+    w.i32(100)  # the table's index; the writer numbers A 1 and its storage 2
+    w.i32(2)
+    w.obj(1)
+    w.obj(np.ones((100, 100), dtype=np.float32))
+    w.obj(2)
+    _tensor_header(w, 3, [9900], [1], 99)
+    w.i32(4)
+    w.i32(1)
+    path = tmp_path / "oob.t7"
+    path.write_bytes(w.buf.getvalue())
+    with pytest.raises(WeightsError, match=r"must be a torch\.\*Storage, found a tensor"):
+        load_t7(path)
+
+
+def _two_views(tmp_path: Path, sizes: list[int], strides: list[int], offset: int) -> Path:
+    """{1: a 1-D tensor over a 10-element storage (index 2), 2: a tensor over that same storage}."""
+    w = _T7Writer()
+    w.i32(3)
+    w.i32(100)
+    w.i32(2)
+    w.obj(1)
+    w.obj(np.arange(10, dtype=np.float32))
+    w.obj(2)
+    _tensor_header(w, 3, sizes, strides, offset)
+    w.i32(4)
+    w.i32(2)
+    path = tmp_path / "view.t7"
+    path.write_bytes(w.buf.getvalue())
+    return path
+
+
+def test_tensor_views_of_a_shared_storage_are_bounds_checked(tmp_path: Path) -> None:
+    # A 2x3 view at offset 4 with strides (3, 1) reads elements 4..9 of 0..9: it fits exactly.
+    view = load_t7(_two_views(tmp_path, [2, 3], [3, 1], 4))[2]
+    np.testing.assert_array_equal(view, [[4, 5, 6], [7, 8, 9]])
+    # Offset 5 needs element 10 of a 10-element storage: one past the end.
+    with pytest.raises(WeightsError, match="does not fit its storage of 10 elements"):
+        load_t7(_two_views(tmp_path, [2, 3], [3, 1], 5))
+    # Stride 0 repeats one element a million times: a copy far larger than the 40-byte storage
+    # (a crafted file can ask for terabytes this way).
+    with pytest.raises(WeightsError, match="does not fit its storage"):
+        load_t7(_two_views(tmp_path, [10**6], [0], 0))
+
+
+def test_deeply_nested_file_gives_one_error(tmp_path: Path) -> None:
+    # 100,000 tables each holding the next: far past Python's recursion limit.
+    w = _T7Writer()
+    for k in range(100_000):
+        w.i32(3)
+        w.i32(k + 1)
+        w.i32(1)
+        w.obj(1)
+    w.i32(0)
+    path = tmp_path / "deep.t7"
+    path.write_bytes(w.buf.getvalue())
+    with pytest.raises(WeightsError, match="nested more than"):
+        load_t7(path)

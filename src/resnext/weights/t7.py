@@ -33,6 +33,9 @@ _STORAGE_DTYPES = {
 }
 _MAX_STRING = 1 << 20
 _MAX_DIMS = 16
+# A saved ResNeXt nests a few dozen objects deep; the limit turns a crafted deep file into a
+# WeightsError long before Python's own recursion limit.
+_MAX_DEPTH = 200
 
 
 @dataclass
@@ -68,6 +71,10 @@ class T7Reader:
         self.name = name
         self.size = size
         self.memo: dict[int, Any] = {}
+        # ids of the 1-D arrays read as torch.*Storage (the memo keeps them alive, so ids stay
+        # unique): a tensor may only view one of these, never an earlier tensor.
+        self._storages: set[int] = set()
+        self._depth = 0
 
     # ---- primitives ---------------------------------------------------------------------------
     def _read(self, n: int) -> bytes:
@@ -93,6 +100,18 @@ class T7Reader:
 
     # ---- objects ------------------------------------------------------------------------------
     def read_object(self) -> Any:
+        if self._depth >= _MAX_DEPTH:
+            raise WeightsError(
+                f"{self.name}: objects nested more than {_MAX_DEPTH} deep (corrupt file or "
+                "not a network saved by Torch7's nn)"
+            )
+        self._depth += 1
+        try:
+            return self._read_object()
+        finally:
+            self._depth -= 1
+
+    def _read_object(self) -> Any:
         tag = self._int()
         if tag == NIL:
             return None
@@ -159,6 +178,7 @@ class T7Reader:
                 raise WeightsError(f"{self.name}: storage of {n} elements exceeds the file size")
             array = np.frombuffer(self._read(n * dtype.itemsize), dtype=dtype).copy()
             self.memo[index] = array
+            self._storages.add(id(array))
             return array
         return self._read_tensor(index, dtype)
 
@@ -173,21 +193,47 @@ class T7Reader:
         if ndim == 0 or storage is None:
             array = np.zeros((0,), dtype=dtype)
         else:
-            if not isinstance(storage, np.ndarray):
-                raise WeightsError(f"{self.name}: tensor storage is a {type(storage).__name__}")
-            span = offset + sum((s - 1) * st for s, st in zip(sizes, strides, strict=True)) + 1
-            if offset < 0 or min(sizes) < 0 or min(strides) < 0 or span > storage.size:
+            if not isinstance(storage, np.ndarray) or id(storage) not in self._storages:
+                # Only a torch.*Storage is flat memory; anything else (an earlier tensor in
+                # particular) would make the element counts below mean something else.
+                got = "tensor" if isinstance(storage, np.ndarray) else type(storage).__name__
+                raise WeightsError(
+                    f"{self.name}: a tensor's storage must be a torch.*Storage, found a {got} "
+                    "(corrupt file)"
+                )
+            if storage.dtype != dtype:
+                raise WeightsError(
+                    f"{self.name}: tensor of {dtype} over a storage of {storage.dtype} (corrupt file)"
+                )
+            numel = int(np.prod(sizes, dtype=object))
+            last = offset + sum((s - 1) * st for s, st in zip(sizes, strides, strict=True))
+            if (
+                offset < 0
+                or min(sizes) < 0
+                or min(strides) < 0
+                or (numel > 0 and last >= storage.size)
+                or numel > storage.size
+            ):
+                # numel > storage.size: overlapping strides would let a tiny file ask for an
+                # unbounded copy; a saved weight never overlaps itself.
                 raise WeightsError(
                     f"{self.name}: tensor of size {sizes} / stride {strides} at offset {offset} "
                     f"does not fit its storage of {storage.size} elements"
                 )
-            itemsize = storage.dtype.itemsize
-            array = np.lib.stride_tricks.as_strided(
-                storage[offset:],
-                shape=tuple(sizes),
-                strides=tuple(s * itemsize for s in strides),
-                writeable=False,
-            ).copy()
+            if numel == 0:
+                try:
+                    array = np.zeros(tuple(sizes), dtype=dtype)
+                except ValueError:  # e.g. size [0, 2**62]: numpy refuses the shape itself
+                    raise WeightsError(
+                        f"{self.name}: empty tensor of implausible size {sizes} (corrupt file)"
+                    ) from None
+            else:
+                array = np.lib.stride_tricks.as_strided(
+                    storage[offset:],
+                    shape=tuple(sizes),
+                    strides=tuple(s * storage.itemsize for s in strides),
+                    writeable=False,
+                ).copy()
         self.memo[index] = array
         return array
 
