@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import socket
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class _Server:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.requests: list[tuple[str, str | None]] = []
+        self.cut_at: int | None = None  # drop the connection once the body reaches this offset
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -43,6 +45,11 @@ class _Server:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
+                if server.cut_at is not None:
+                    self.wfile.write(data[start : server.cut_at])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self.wfile.write(data[start:])
 
             def log_message(self, *args: object) -> None:
@@ -98,6 +105,26 @@ def test_download_resumes_a_partial_file(server: _Server, tmp_path: Path) -> Non
     )
     assert path.read_bytes() == PAYLOAD
     assert server.requests == [("/w-1234.pth", "bytes=40000-")]
+
+
+@pytest.mark.parametrize("hash_kind", ["sha256", "none"])
+def test_cut_download_is_kept_and_resumed(server: _Server, tmp_path: Path, hash_kind: str) -> None:
+    cache = tmp_path / "cache"
+    url = f"{server.url}/w-1234.pth"
+    expected = _sha(PAYLOAD) if hash_kind == "sha256" else ""
+    server.cut_at = 40_000
+    with pytest.raises(DownloadError, match="cut off at 40000 of 102400 bytes") as info:
+        download(url, expected_hash=expected, hash_kind=hash_kind, cache_dir=cache)
+    assert "resume" in str(info.value)
+    # Neither stored as complete nor thrown away: the 40,000 bytes wait in the .part file.
+    assert not (cache / "w-1234.pth").exists()
+    assert (cache / "w-1234.pth.part").read_bytes() == PAYLOAD[:40_000]
+    server.cut_at = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unhashed download's warning
+        path = download(url, expected_hash=expected, hash_kind=hash_kind, cache_dir=cache)
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests[-1] == ("/w-1234.pth", "bytes=40000-")
 
 
 def test_checksum_mismatch_leaves_nothing_in_place(server: _Server, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.error
 import urllib.request
@@ -75,7 +76,7 @@ def download(
     part = target.with_name(target.name + ".part")
     try:
         _fetch(url, part, timeout)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise DownloadError(
             f"could not download {url} ({reason}). If this machine is offline, download the file "
@@ -116,7 +117,27 @@ def _fetch(url: str, part: Path, timeout: float) -> None:
         raise
     with response:
         # 206: the server honoured the range; 200: it sent the whole file, so start over.
-        mode = "ab" if have and response.status == 206 else "wb"
-        with open(part, mode) as f:
+        resumed = bool(have) and response.status == 206
+        total = _announced_size(response, have if resumed else 0)
+        with open(part, "ab" if resumed else "wb") as f:
             for block in iter(lambda: response.read(_CHUNK), b""):
                 f.write(block)
+    # A dropped connection ends read() with short data instead of an exception, so the only
+    # sign of it is a size other than the one the server announced.
+    received = part.stat().st_size
+    if total is not None and received != total:
+        raise DownloadError(
+            f"download of {url} was cut off at {received} of {total} bytes; the partial file is "
+            f"kept at {part} and the download will resume from there next time"
+        )
+
+
+def _announced_size(response: http.client.HTTPResponse, start: int) -> int | None:
+    """The whole file's size as the server announced it (Content-Range's total, else
+    `start` + Content-Length); None when it announced none (a chunked body)."""
+    if start:
+        _, _, total = response.headers.get("Content-Range", "").rpartition("/")
+        if total.strip().isdigit():
+            return int(total)
+    length = response.headers.get("Content-Length", "").strip()
+    return start + int(length) if length.isdigit() else None
