@@ -169,6 +169,25 @@ def test_detectron2_pickle_of_numpy_arrays(tmp_path: Path) -> None:
     assert torch.equal(_features(model), _features(src))
 
 
+def test_detectron2_c4_model_without_res5_backbone_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip(
+        "resnext.io.safe_pickle", reason="the restricted unpickler is not in the tree"
+    )
+    # A C4 detector keeps res5 under roi_heads, which is not read as the backbone's layer4.
+    src = random_model(depths=(2, 1, 1, 1))
+    arrays = {
+        k.replace("backbone.bottom_up.res5.", "roi_heads.res5.").replace("bottom_up.", ""): (
+            v.numpy().copy()
+        )
+        for k, v in renamed(src, to_d2).items()
+    }
+    path = tmp_path / "model_final_c4.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": arrays, "__author__": "Detectron2 Model Zoo"}, f, protocol=2)
+    with pytest.raises(WeightsError, match=r"(?s)layer4\.0\.conv1\.weight.*roi_heads"):
+        build_with_weights("resnext_tiny_in", path, depths=(2, 1, 1, 1))
+
+
 def _features(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model.eval().forward_features(X)

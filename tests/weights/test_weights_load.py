@@ -91,6 +91,27 @@ def test_new_head_through_build_with_weights(tmp_path: Path) -> None:
         assert torch.equal(model.forward_features(X), src.forward_features(X))
 
 
+def test_new_head_still_requires_the_whole_backbone(tmp_path: Path) -> None:
+    src = resnext.create_model("resnext_tiny_in").eval()
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith("fc.")}
+    headless = tmp_path / "headless.pth"
+    torch.save(state, headless)
+    # Only the classifier is absent: the backbone loads and a new head starts.
+    model = build_with_weights("resnext_tiny_in", headless).eval()
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(X), src.forward_features(X))
+    # Without layer4 the model would keep a random last stage: refused, naming the keys.
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("layer4.")}, partial)
+    n_layer4 = sum(k.startswith("layer4.") for k in src.state_dict())
+    for classes in (None, 5):  # a headless file; a file whose head is replaced
+        with pytest.raises(WeightsError) as info:
+            build_with_weights("resnext_tiny_in", partial, num_classes=classes)
+        msg = str(info.value)
+        assert f"in the model, not in the weights ({n_layer4})" in msg
+        assert "layer4.0.conv1.weight" in msg and "fc." not in msg
+
+
 def test_wrong_architecture_lists_keys_and_shapes(tmp_path: Path) -> None:
     _, path = _tiny_file(tmp_path, "resnext_tiny_in")
     model = resnext.create_model("resnext_tiny")

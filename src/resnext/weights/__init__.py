@@ -37,7 +37,8 @@ def build_with_weights(
     spec_overrides = {**loaded.spec_overrides, **overrides}
     model = create_model(name, num_classes=classes, **spec_overrides)
     new_head = file_classes is None or (num_classes is not None and num_classes != file_classes)
-    apply_weights(model, loaded, strict=not new_head)
+    # A new head may differ from the file's (or be absent from it); nothing else may.
+    apply_weights(model, loaded, new_head=new_head)
     model.preprocessing = loaded.preprocessing
     model.class_names = loaded.class_names if not new_head else None
     return model

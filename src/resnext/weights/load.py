@@ -231,12 +231,14 @@ def _is_head(key: str) -> bool:
 
 
 def apply_weights(
-    model: torch.nn.Module, loaded: LoadedWeights, *, strict: bool = True
+    model: torch.nn.Module, loaded: LoadedWeights, *, strict: bool = True, new_head: bool = False
 ) -> LoadReport:
     """Copy `loaded` into `model`; any mismatch is ONE WeightsError listing keys, shapes and the fix.
 
-    With ``strict=False`` keys missing on either side and a classifier of another size are skipped
-    (a new head for fine-tuning); a backbone shape mismatch is still an error.
+    With ``new_head=True`` only the classifier (``fc.*``) may be missing, extra or of another size
+    (it keeps the model's fresh one); every backbone key must still match. With ``strict=False``
+    keys missing on either side and a classifier of another size are skipped; a backbone shape
+    mismatch is still an error.
     """
     own = model.state_dict()
     theirs = loaded.state_dict
@@ -249,15 +251,20 @@ def apply_weights(
     stride_differs = (
         spec is not None and want_stride is not None and spec.stride_in_1x1 != want_stride
     )
-    problems = bool(mismatched) if not strict else bool(missing or unexpected or mismatched)
-    if not strict and mismatched and head_only:
-        problems = False
+    if new_head:
+        strict = False
+        problems = not head_only
+    else:
+        problems = bool(mismatched) if not strict else bool(missing or unexpected or mismatched)
+        if not strict and mismatched and head_only:
+            problems = False
     if problems or (strict and stride_differs):
-        raise WeightsError(
-            _mismatch_message(
-                loaded, missing, unexpected, mismatched, own, head_only, stride_differs
-            )
-        )
+        # A new head is meant to differ; listing it would hide what is really wrong.
+        shown = [
+            [k for k in keys if not (new_head and _is_head(k))]
+            for keys in (missing, unexpected, mismatched)
+        ]
+        raise WeightsError(_mismatch_message(loaded, *shown, own, head_only, stride_differs))
     if stride_differs:
         warnings.warn(
             f"{loaded.source}: the weights expect stride_in_1x1={want_stride}, the model has "
@@ -304,6 +311,15 @@ def _mismatch_message(
         if n is not None:
             hints.append(f"create the model with num_classes={n} to use the weights' classifier")
         hints.append("or pass strict=False to load the backbone and start a new classifier")
+    elif missing and not (mismatched or unexpected):
+        hint = "the file holds only part of the network (a truncated or partial checkpoint?): use a complete one"
+        if loaded.source_format == "detectron2":
+            # Documented as read: the bottom-up ResNet only (docs/weights.md, "Formats read").
+            hint += (
+                " (a detectron2 C4 model keeps res5 under roi_heads, which is not read as a "
+                "backbone; use the ImageNet-pretrained backbone file it started from)"
+            )
+        hints.append(hint)
     elif mismatched or missing or unexpected:
         named = f" ({loaded.model_name})" if loaded.model_name else ""
         hints.append(
