@@ -95,6 +95,49 @@ def test_write_through_symlink_refused(tmp_path: Path) -> None:
     _assert_nothing_left(tmp_path, target)
 
 
+@pytest.mark.parametrize(
+    "members",
+    [
+        # Textually 'd/..' is the link's own folder; through d -> '.' it is the folder above.
+        [("sym", "d", "."), ("sym", "x", "d/..")],
+        [("sym", "d", "."), ("sym", "x", "d/.."), ("dir", "x/CREATED", "")],
+        # 'a' is missing when x is checked; the later a -> '.' makes x lead to the folder above.
+        [("sym", "x", "a/../b"), ("sym", "a", ".")],
+        [("sym", "x", "a/../b"), ("sym", "a", "."), ("dir", "x/CREATED", "")],
+        [("sym", "x", "a/../b"), ("sym", "a", "."), ("file", "x/evil.txt", "")],
+    ],
+)
+def test_links_resolved_through_earlier_links_are_refused(tmp_path: Path, members: list) -> None:
+    def build(tar: tarfile.TarFile) -> None:
+        for kind, name, arg in members:
+            if kind == "sym":
+                _add_link(tar, name, arg)
+            elif kind == "dir":
+                info = tarfile.TarInfo(name)
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                _add_file(tar, name)
+
+    target = tmp_path / "out" / "x"
+    target.parent.mkdir()
+    with pytest.raises(UnsafeFileError, match=r"outside|leaves the target"):
+        safe_extract(_archive(tmp_path, build), target)
+    _assert_nothing_left(tmp_path, target)
+    assert list(target.parent.iterdir()) == []  # no CREATED, b or evil.txt beside the target
+
+
+def test_link_through_an_earlier_link_inside_extracts(tmp_path: Path) -> None:
+    def build(tar: tarfile.TarFile) -> None:
+        _add_file(tar, "pkg/a.txt", b"A")
+        _add_link(tar, "d", "pkg")
+        _add_link(tar, "x", "d/../pkg/a.txt")
+
+    target = tmp_path / "out" / "x"
+    safe_extract(_archive(tmp_path, build), target)
+    assert (target / "x").read_bytes() == b"A"
+
+
 def test_device_and_fifo_refused(tmp_path: Path) -> None:
     for kind in (tarfile.CHRTYPE, tarfile.FIFOTYPE):
 

@@ -44,9 +44,11 @@ def _check_link(archive: Path, member: tarfile.TarInfo, rel: PurePosixPath, root
         raise UnsafeFileError(
             f"{archive}: refused member {member.name!r}: link to absolute path {target!r}"
         )
-    # A symlink resolves from its own folder, a hard link from the archive's root.
+    # A symlink resolves from its own folder, a hard link from the archive's root. realpath
+    # follows the links already extracted the way the kernel will ('d/..' with d -> '.' is the
+    # parent of the link's folder); a textual normpath would cancel 'd/..' first.
     base = root / rel.parent if member.issym() else root
-    resolved = Path(os.path.normpath(base / target))
+    resolved = Path(os.path.realpath(base / target))
     if not _inside(root, resolved):
         raise UnsafeFileError(
             f"{archive}: refused member {member.name!r}: link {target!r} points outside the target"
@@ -69,6 +71,7 @@ def _extract_members(
     archive: Path, tar: tarfile.TarFile, root: Path, max_members: int, max_total_bytes: int
 ) -> None:
     total = 0
+    links: list[tuple[tarfile.TarInfo, Path]] = []
     for count, member in enumerate(tar, start=1):
         if count > max_members:
             raise UnsafeFileError(
@@ -81,19 +84,17 @@ def _extract_members(
             raise UnsafeFileError(
                 f"{archive}: refused member {member.name!r}: overwrites a link extracted earlier"
             )
+        # Checked before any folder is made: a path through an extracted link may lead outside.
+        if not _inside(root, dest if member.isdir() else dest.parent):
+            raise UnsafeFileError(f"{archive}: refused member {member.name!r}: leaves the target")
         if member.isdir():
             dest.mkdir(parents=True, exist_ok=True)
-            if not _inside(root, dest):
-                raise UnsafeFileError(
-                    f"{archive}: refused member {member.name!r}: leaves the target"
-                )
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if not _inside(root, dest.parent):
-            raise UnsafeFileError(f"{archive}: refused member {member.name!r}: leaves the target")
         if member.issym():
             _check_link(archive, member, rel, root)
             os.symlink(member.linkname, dest)
+            links.append((member, dest))
         elif member.islnk():
             source = _check_link(archive, member, rel, root)
             if not source.is_file():
@@ -120,6 +121,14 @@ def _extract_members(
             raise UnsafeFileError(
                 f"{archive}: refused member {member.name!r}: not a file, folder or link "
                 "(device, fifo or other special file)"
+            )
+    # A link checked while a folder on its path was missing can be redirected by a later link
+    # ('x -> a/../b' first, then 'a -> .'): every link must still resolve inside at the end.
+    for member, dest in links:
+        if not _inside(root, dest):
+            raise UnsafeFileError(
+                f"{archive}: refused member {member.name!r}: link {member.linkname!r} points "
+                "outside the target once the later links are in place"
             )
 
 
