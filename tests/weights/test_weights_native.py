@@ -105,3 +105,31 @@ def test_missing_sidecar_and_wrong_suffix(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match=r"\.safetensors"):
         save_weights(resnext.create_model("resnext_tiny"), tmp_path / "x.pt", preprocessing=None,
                      class_names=None, provenance={"source": "t"})  # fmt: skip
+
+
+def test_the_path_given_is_the_file_read(tmp_path: Path) -> None:
+    model, path = _saved(tmp_path)
+    # The pair renamed by hand: its sidecar still says tensors_file "tiny.safetensors", and a
+    # different network is then saved under the old name.
+    mine = tmp_path / "mine.safetensors"
+    path.rename(mine)
+    path.with_suffix(".json").rename(mine.with_suffix(".json"))
+    other = resnext.create_model("resnext_tiny", stride_in_1x1=True)
+    save_weights(other, path, preprocessing=None, class_names=None, provenance={"source": "B"})
+    loaded = load_native(mine)
+    assert loaded.source == str(mine)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict[key], value), key
+
+
+@pytest.mark.parametrize("name", ["../x.safetensors", "sub/x.safetensors", "..", "", 5])
+def test_sidecar_tensors_file_must_be_a_plain_name(tmp_path: Path, name: object) -> None:
+    _, path = _saved(tmp_path)
+    side = path.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    meta["tensors_file"] = name
+    side.write_text(json.dumps(meta))
+    with pytest.raises(
+        WeightsError, match=r"tensors_file .*plain name of a file in the same folder"
+    ):
+        load_native(side)

@@ -177,12 +177,24 @@ def _read_sidecar(side: Path) -> dict[str, Any]:
     return meta
 
 
+def _tensors_name(side: Path, meta: dict[str, Any]) -> str:
+    """The sidecar's tensors_file, which must name a file in the sidecar's own folder."""
+    name = meta["tensors_file"]
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise WeightsError(
+            f"{side}: tensors_file {name!r}: expected the plain name of a file in the same folder "
+            "(no path separators or '..')"
+        )
+    return name
+
+
 def load_native(path: str | Path) -> LoadedWeights:
     """Read native weights (either file's path), checking size and sha256 before any tensor."""
     path = Path(path)
     side = path if path.suffix == ".json" else sidecar_path(path)
     meta = _read_sidecar(side)
-    tensors = side.with_name(meta["tensors_file"])
+    # The path asked for is the file read: a renamed pair keeps its sidecar's old tensors_file.
+    tensors = path if path.suffix == ".safetensors" else side.with_name(_tensors_name(side, meta))
     try:
         data = tensors.read_bytes()
     except OSError as exc:
