@@ -12,6 +12,7 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 
 import resnext
+from resnext.cli import main
 from resnext.errors import WeightsError
 from resnext.weights import build_with_weights, load_native, save_weights
 from resnext.weights.preprocess import Preprocessing
@@ -133,3 +134,14 @@ def test_sidecar_tensors_file_must_be_a_plain_name(tmp_path: Path, name: object)
         WeightsError, match=r"tensors_file .*plain name of a file in the same folder"
     ):
         load_native(side)
+
+
+def test_convert_refuses_an_existing_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "tv.pth"
+    torch.save(resnext.create_model("resnext_tiny").state_dict(), src)
+    out = tmp_path / "run.safetensors"
+    side = tmp_path / "run.json"
+    side.write_text('{"my": "training config"}')
+    assert main(["convert", str(src), "--model", "resnext_tiny", "--output", str(out)]) == 2
+    assert "run.json exists already" in capsys.readouterr().err
+    assert side.read_text() == '{"my": "training config"}' and not out.exists()

@@ -13,12 +13,18 @@ def convert_weights(source: str, model_name: str, output: str | Path) -> Path:
     """Load `source` (a file in any supported format or a weights tag) and save it natively."""
     from resnext import __version__
     from resnext.weights import build_with_weights, load_weights, save_weights
+    from resnext.weights.native import sidecar_path
 
     output = Path(output)
     if output.suffix != ".safetensors":
         raise WeightsError(f"--output {output}: expected a path ending in .safetensors")
     if output.exists():
         raise WeightsError(f"--output {output}: exists already; remove it or choose another path")
+    side = sidecar_path(output)
+    if side.exists():  # save_weights writes it beside the output: never replace someone's file
+        raise WeightsError(
+            f"--output {output}: its sidecar {side} exists already; remove it or choose another path"
+        )
     loaded = load_weights(source, model_name=model_name)
     model = build_with_weights(model_name, loaded)
     return save_weights(
