@@ -15,7 +15,14 @@ import torch
 
 import resnext
 from resnext.errors import DownloadError, UnsafeFileError, WeightsError
-from resnext.weights import apply_weights, build_with_weights, get_weights, load_weights, table
+from resnext.weights import (
+    apply_weights,
+    build_with_weights,
+    get_weights,
+    load_weights,
+    save_weights,
+    table,
+)
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -123,6 +130,21 @@ def test_wrong_architecture_lists_keys_and_shapes(tmp_path: Path) -> None:
     assert "another architecture" in msg
     with pytest.raises(WeightsError):  # a backbone mismatch is an error even when not strict
         apply_weights(model, load_weights(path), strict=False)
+
+
+def test_mismatch_names_only_the_architecture_the_file_records(tmp_path: Path) -> None:
+    src, path = _tiny_file(tmp_path, "resnext_tiny_in")
+    # A plain state dict records no architecture: the hint must not name the model just built.
+    with pytest.raises(WeightsError) as info:
+        build_with_weights("resnext_tiny", path)
+    hint = str(info.value).splitlines()[-1]
+    assert "another architecture:" in hint and "resnext_tiny" not in hint
+    # A native file records the model it was saved from: that one is named.
+    native = tmp_path / "tiny_in.safetensors"
+    save_weights(src, native, preprocessing=None, class_names=None,
+                 provenance={"source": "test"}, model_name="resnext_tiny_in")  # fmt: skip
+    with pytest.raises(WeightsError, match=r"another architecture \(resnext_tiny_in\)"):
+        build_with_weights("resnext_tiny", native)
 
 
 def test_stride_placement_mismatch_is_reported(tmp_path: Path) -> None:

@@ -182,11 +182,16 @@ def load_weights(
     payload: Any = None,
 ) -> LoadedWeights:
     """Weights from a file path (any supported format) or a weights-table tag (downloaded, cached);
-    `payload` as for `read_weights_file`."""
+    `payload` as for `read_weights_file`.
+
+    `model_name` (the model the caller means to build) is accepted for callers' convenience but
+    not recorded: the result's `model_name` is only the architecture the weights themselves name
+    (a native sidecar, a table entry), so that a mismatch message never presents the requested
+    model as the one the weights were made for."""
+    del model_name
     path = weights_path(source, WEIGHTS, "weights")
     if path is not None:
-        loaded = read_weights_file(path, payload=payload)
-        return dataclasses.replace(loaded, model_name=loaded.model_name or model_name)
+        return read_weights_file(path, payload=payload)
     text = str(source)
     from resnext.weights.int8 import INT8_WEIGHTS  # it builds on this module
 
