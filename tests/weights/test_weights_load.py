@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import http.server
+import io
 import os
+import random
 import socket
 import threading
 from pathlib import Path
@@ -69,6 +72,36 @@ def test_corrupt_and_missing_files(tmp_path: Path) -> None:
         load_weights(tmp_path / "nope.pth")
     with pytest.raises(WeightsError, match="closest"):
         load_weights("resnext50_32x4d.tv3_in1k")
+
+
+def test_damaged_torch_files_give_one_weights_error(tmp_path: Path) -> None:
+    path = tmp_path / "notes.pth"
+    # Text starting with 'h' (pickle's BINGET opcode) made torch's unpickler raise KeyError.
+    path.write_bytes(b"hello world, not a checkpoint\n")
+    with pytest.raises(WeightsError, match=r"notes\.pth: not a readable PyTorch checkpoint"):
+        load_weights(path)
+    # Bytes of a legacy torch.save file flipped or cut at random (seeded): whatever the
+    # unpickler trips on (IndexError, struct.error, KeyError ...), the caller sees a WeightsError.
+    buf = io.BytesIO()
+    torch.save({"conv1.weight": torch.zeros(3)}, buf, _use_new_zipfile_serialization=False)
+    good = buf.getvalue()
+    rng = random.Random(0)
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        path.write_bytes(bytes(data[: rng.randrange(1, len(data) + 1)]))
+        with contextlib.suppress(WeightsError):
+            load_weights(path)
+
+
+def test_state_dict_with_a_non_string_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "intkey.pth"
+    torch.save({1: torch.zeros(3), "conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(
+        WeightsError, match=r"intkey\.pth: state-dict key 1 \(int\) is not a string"
+    ):
+        load_weights(path)
 
 
 def test_wrong_num_classes_message_and_fixes(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -145,3 +146,28 @@ def test_convert_refuses_an_existing_sidecar(tmp_path: Path, capsys: pytest.Capt
     assert main(["convert", str(src), "--model", "resnext_tiny", "--output", str(out)]) == 2
     assert "run.json exists already" in capsys.readouterr().err
     assert side.read_text() == '{"my": "training config"}' and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("class_names", 5, "class_names: expected a list of strings or null, got 5"),
+        ("class_names", ["a", 2], "class_names: expected a list of strings"),
+        # the saved classifier has 10 rows
+        ("class_names", ["a", "b", "c"], "class_names: 3 names for a classifier of 10 classes"),
+        ("model_name", 7, "model_name: expected a string or null, got 7"),
+        ("preprocessing", {"resize": 36, "crop": 32, "mean": "abc"}, "mean: expected three"),
+        ("preprocessing", {"resize": "36", "crop": 32}, "resize: expected an integer"),
+    ],
+)
+def test_sidecar_fields_of_the_wrong_type_are_refused(
+    tmp_path: Path, field: str, value: object, expected: str
+) -> None:
+    _, path = _saved(tmp_path)
+    side = path.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    meta[field] = value
+    side.write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match=re.escape(expected)) as info:
+        load_native(path)
+    assert "tiny.json" in str(info.value)

@@ -23,20 +23,28 @@ FORMATS = ("torchvision", "timm", "mmpretrain", "pycls", "detectron2", "prlz77",
 _D2_KEY = re.compile(r"^(backbone\.(bottom_up\.)?)?(res[2-5]\.\d+\.|stem\.conv1\.)")
 
 
-def _unwrap(obj: Any) -> tuple[Mapping[str, Any], dict[str, Any]]:
+def _unwrap(obj: Any, where: str = "checkpoint") -> tuple[Mapping[str, Any], dict[str, Any]]:
     """The state-dict mapping inside a checkpoint, and the surrounding metadata (cfg, meta, ...)."""
     if not isinstance(obj, Mapping):
         raise WeightsError(
             f"expected a checkpoint dict (a state dict or a dict holding one), got {type(obj).__name__}"
         )
     context: dict[str, Any] = {}
+    inner: Mapping[Any, Any] = obj
     for wrapper in ("model_state", "state_dict", "model", "state_dict_ema"):
-        inner = obj.get(wrapper)
-        if isinstance(inner, Mapping) and inner:
+        candidate = obj.get(wrapper)
+        if isinstance(candidate, Mapping) and candidate:
             context = {k: v for k, v in obj.items() if k != wrapper}
             context["wrapper"] = wrapper
-            return inner, context
-    return obj, context
+            inner = candidate
+            break
+    for key in inner:
+        if not isinstance(key, str):
+            raise WeightsError(
+                f"{where}: state-dict key {key!r} ({type(key).__name__}) is not a string; expected "
+                "parameter names such as 'conv1.weight'"
+            )
+    return inner, context
 
 
 def detect_format(obj: Any) -> str:
@@ -104,7 +112,7 @@ def is_int8_state(state: object) -> TypeGuard[dict]:
 
 def convert_checkpoint(obj: Any, source: str, *, fmt: str | None = None) -> LoadedWeights:
     """Our state dict, spec overrides and preprocessing from a loaded checkpoint of any library."""
-    inner, context = _unwrap(obj)
+    inner, context = _unwrap(obj, source)
     state = cv.strip_prefix(dict(inner), "module.")
     if is_int8_state(state):
         raise WeightsError(
@@ -124,8 +132,15 @@ def convert_checkpoint(obj: Any, source: str, *, fmt: str | None = None) -> Load
         meta = context.get("meta") if isinstance(context.get("meta"), Mapping) else {}
         overrides["stride_in_1x1"] = "style='caffe'" in _text(meta.get("config"))
         prep = MMPRETRAIN
-        classes = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes")
-        if classes and all(isinstance(c, str) for c in classes):
+        dataset_meta = meta.get("dataset_meta")
+        classes = meta.get("CLASSES") or (
+            dataset_meta.get("classes") if isinstance(dataset_meta, Mapping) else None
+        )
+        if (
+            isinstance(classes, (list, tuple))
+            and classes
+            and all(isinstance(c, str) for c in classes)
+        ):
             class_names = tuple(classes)
         if dropped:
             notes.append(f"ignored {len(dropped)} non-backbone keys: {', '.join(dropped[:5])}")
@@ -139,7 +154,7 @@ def convert_checkpoint(obj: Any, source: str, *, fmt: str | None = None) -> Load
             _text(context.get("__author__")).lower() == "torchvision"
         )
         conv2 = next((v for k, v in state.items() if k.endswith(".conv2.weight")), None)
-        grouped = conv2 is not None and conv2.shape[1] < conv2.shape[0]
+        grouped = conv2 is not None and conv2.dim() == 4 and conv2.shape[1] < conv2.shape[0]
         # MSRA ResNets put the stride on the 1×1; FAIR's X-101 configs and converted torchvision don't.
         overrides["stride_in_1x1"] = not (from_tv or grouped)
         prep = DETECTRON2_FROM_TORCHVISION if from_tv else DETECTRON2_CAFFE2

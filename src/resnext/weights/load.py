@@ -11,6 +11,7 @@ import dataclasses
 import os
 import pickle
 import re
+import struct
 import warnings
 from collections.abc import Container
 from pathlib import Path
@@ -80,9 +81,21 @@ def _torch_load(path: Path) -> Any:
             "executed. If you trust the file, re-save only its tensors (a state dict) with the "
             "program that wrote it."
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        # what torch's unpicklers raise on damaged bytes (a text file, a flipped opcode)
+        KeyError,
+        IndexError,
+        TypeError,
+        AssertionError,
+        struct.error,
+    ) as exc:
         raise WeightsError(
-            f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})"
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+            f"{_first_line(exc)}); expected a file written by torch.save"
         ) from None
 
 

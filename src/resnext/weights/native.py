@@ -174,6 +174,17 @@ def _read_sidecar(side: Path) -> dict[str, Any]:
     for key in ("size", "sha256", "tensors_file"):
         if key not in meta:
             raise WeightsError(f"{side}: missing {key!r}")
+    names = meta.get("class_names")
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+    ):
+        raise WeightsError(
+            f"{side}: class_names: expected a list of strings or null, got {names!r}"
+        )
+    if not isinstance(meta.get("model_name"), (str, type(None))):
+        raise WeightsError(
+            f"{side}: model_name: expected a string or null, got {meta['model_name']!r}"
+        )
     return meta
 
 
@@ -215,12 +226,21 @@ def load_native(path: str | Path) -> LoadedWeights:
         overrides["stride_in_1x1"] = spec["stride_in_1x1"]
     prep = meta.get("preprocessing")
     names = meta.get("class_names")
+    fc = state.get("fc.weight")
+    if names is not None and fc is not None and len(names) != fc.shape[0]:
+        raise WeightsError(
+            f"{side}: class_names: {len(names)} names for a classifier of {fc.shape[0]} classes"
+        )
+    try:
+        preprocessing = Preprocessing.from_dict(prep) if prep is not None else None
+    except WeightsError as exc:
+        raise WeightsError(f"{side}: {exc}") from None
     return LoadedWeights(
         state_dict=state,
         source_format="native",
         source=str(tensors),
         spec_overrides=overrides,
-        preprocessing=Preprocessing.from_dict(prep) if prep is not None else None,
+        preprocessing=preprocessing,
         class_names=tuple(names) if names is not None else None,
         model_name=meta.get("model_name"),
         spec=spec,

@@ -98,11 +98,23 @@ class Preprocessing:
                 f"{', '.join(sorted(fields - {'resize', 'crop'}))}; got {data!r}"
             )
         values = dict(data)
+        for key in ("resize", "crop"):
+            if not isinstance(values[key], int) or isinstance(values[key], bool):
+                raise WeightsError(
+                    f"preprocessing: {key}: expected an integer, got {values[key]!r}"
+                )
         for key in ("mean", "std"):
             # Anything but a list of numbers is left for __post_init__ to refuse by name.
             raw = values.get(key)
             if isinstance(raw, (list, tuple)) and all(_is_number(v) for v in raw):
                 values[key] = tuple(float(v) for v in raw)
+        for key in ("interpolation", "channel_order"):
+            if key in values and not isinstance(values[key], str):
+                raise WeightsError(f"preprocessing: {key}: expected a string, got {values[key]!r}")
+        if "value_range" in values and not isinstance(values["value_range"], (int, float)):
+            raise WeightsError(
+                f"preprocessing: value_range: expected 1.0 or 255.0, got {values['value_range']!r}"
+            )
         return cls(**values)
 
 
