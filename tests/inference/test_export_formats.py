@@ -17,7 +17,14 @@ from PIL import Image
 import resnext
 from resnext.commands import export_cmd
 from resnext.errors import ConfigError
-from resnext.export import export_program, load_program, onnx_parity, save_program
+from resnext.export import (
+    ExportError,
+    export_onnx,
+    export_program,
+    load_program,
+    onnx_parity,
+    save_program,
+)
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx")
 
@@ -106,3 +113,30 @@ def test_onnx_file_runs_in_onnxruntime_directly(onnx_export) -> None:
         ref = model(torch.from_numpy(img).permute(0, 3, 1, 2)).numpy()
     assert got.shape == (1, 10)
     assert np.abs(got - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("size", ["0", "-5", "abc"])
+def test_image_size_below_one_is_refused_at_parsing(
+    size: str, capsys: pytest.CaptureFixture
+) -> None:
+    parser = argparse.ArgumentParser()
+    export_cmd.add_parser(parser.add_subparsers())
+    argv = ["export", "resnext_tiny", "--format", "onnx", "--output", "x.onnx"]
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args([*argv, "--image-size", size])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--image-size" in err and "expected a whole number >= 1" in err
+    assert parser.parse_args([*argv, "--image-size", "1"]).image_size == 1
+
+
+def test_output_folder_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    target = blocker / "sub" / "tiny.pt2"  # its folder would have to be made inside a file
+    with pytest.raises(ExportError, match=r"cannot create the output folder .*a_file/sub"):
+        save_program(export_program(_model(), image_size=32), target)
+    if HAS_ORT:
+        with pytest.raises(ExportError, match=r"cannot create the output folder .*a_file/sub"):
+            export_onnx(_model(), target.with_suffix(".onnx"), image_size=32)
+    assert blocker.read_text() == "not a folder"

@@ -14,6 +14,17 @@ from resnext.inference.inputs import preprocessed_images
 from resnext.inference.loading import LoadedModel, load_model
 
 
+def _image_size(text: str) -> int:
+    """--image-size: a whole number of pixels, at least 1 (0 once silently meant the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export",
@@ -25,7 +36,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="weights file, weights tag or `resnext train` checkpoint")
     parser.add_argument("--format", required=True, choices=("onnx", "torch-export"))
     parser.add_argument("--output", required=True, help="output file (.onnx or .pt2)")
-    parser.add_argument("--image-size", type=int, help="input side (default: the weights' crop)")
+    parser.add_argument(
+        "--image-size", type=_image_size, help="input side, >= 1 (default: the weights' crop)"
+    )
     parser.add_argument(
         "--check-images",
         nargs="+",
@@ -40,7 +53,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Export and verify; prints a JSON summary."""
     loaded = load_model(args.name, args.weights)
-    size = args.image_size or loaded.preprocessing.crop
+    size = args.image_size if args.image_size is not None else loaded.preprocessing.crop
     out = Path(args.output)
     summary: dict[str, Any] = {"model": loaded.name, "weights": loaded.weights, "image_size": size}
     if args.format == "onnx":

@@ -16,6 +16,16 @@ class ExportError(ResNeXtError):
     """An export that failed or whose result disagrees with the PyTorch model."""
 
 
+def make_output_folder(path: Path) -> None:
+    """Create the folder that will hold `path`; failing that, an ExportError naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(
+            f"cannot create the output folder {path.parent} for {path}: {exc}"
+        ) from None
+
+
 def _require(module: str) -> object:
     try:
         return __import__(module)
@@ -31,7 +41,7 @@ def export_onnx(
     """Write `model` as ONNX with input 'images' (N,3,S,S), output 'logits' (N,K), N dynamic."""
     _require("onnx")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(path)
     model = model.eval().cpu()
     example = torch.randn(2, 3, image_size, image_size)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from resnext.errors import ConfigError
-from resnext.export.onnx_export import ExportError
+from resnext.export.onnx_export import ExportError, make_output_folder
 
 
 def export_program(model: nn.Module, *, image_size: int = 224) -> torch.export.ExportedProgram:
@@ -27,11 +27,13 @@ def save_program(program: torch.export.ExportedProgram, path: str | Path) -> Pat
     path = Path(path)
     if path.suffix != ".pt2":
         raise ConfigError(f"{path}: torch.export archives end in .pt2")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(path)
     tmp = path.with_name(f".{path.name}.tmp.pt2")
     try:
         torch.export.save(program, tmp)
         tmp.replace(path)
+    except OSError as exc:
+        raise ExportError(f"cannot write the exported program {path}: {exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
