@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import io
 import os
+import pickle
 import random
 import socket
 import threading
@@ -242,3 +243,16 @@ def test_tag_offline_names_url_and_cache_path(
         load_weights(base.tag, cache_dir=tmp_path / "c")
     msg = str(info.value)
     assert url in msg and str(tmp_path / "c" / "resnext50_32x4d-7cdf4587.pth") in msg
+
+
+def test_code_carrying_detectron2_pickle_is_refused_once(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"x": _Payload(marker)}}, f, protocol=2)
+    with pytest.raises(UnsafeFileError) as info:
+        load_weights(path)
+    msg = str(info.value)
+    assert isinstance(info.value, WeightsError) and not marker.exists()
+    # One refusal, naming the file once: "detectron2 weights PATH: refused: ... os.makedirs".
+    assert msg.count("refused") == 1 and msg.count(str(path)) == 1 and "makedirs" in msg

@@ -120,10 +120,11 @@ def _read_pickle(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             return safe_load(f, what=f"detectron2 weights {path}")
+    # safe_load's messages already name the file ("detectron2 weights PATH: refused: ...").
     except UnsafeFileError as exc:
-        raise UnsafeWeightsError(f"{path}: refused: {exc}") from None
+        raise UnsafeWeightsError(str(exc)) from None
     except ResNeXtError as exc:
-        raise WeightsError(f"{path}: not a readable weights pickle: {exc}") from None
+        raise WeightsError(str(exc)) from None
     except OSError as exc:
         raise WeightsError(f"cannot read {path}: {exc}") from None
 
