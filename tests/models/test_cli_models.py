@@ -37,3 +37,11 @@ def test_info_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_unknown_model_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "resnext50_32x5d"]) == 2
     assert "resnext50_32x4d" in capsys.readouterr().err
+
+
+def test_list_without_a_match_exits_1_in_both_forms(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "zzz*"]) == 1
+    assert "no model matches 'zzz*'" in capsys.readouterr().out
+    assert main(["list", "zzz*", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no model matches 'zzz*'" in captured.err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from resnext.models import MODELS, count
 
@@ -39,13 +40,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rows = model_rows(args.pattern)
+    if not rows:
+        # The same exit status with or without --json; stdout stays valid (empty) JSON lines.
+        print(f"no model matches {args.pattern!r}", file=sys.stderr if args.json else sys.stdout)
+        return 1
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
-    if not rows:
-        print(f"no model matches {args.pattern!r}")
-        return 1
     print(f"{'name':<28} {'C x d':>7} {'params':>13} {'GFLOPs':>8} {'input':>6}")
     for r in rows:
         print(
