@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from resnext.config import DataConfig
 from resnext.errors import ConfigError
-from resnext.train.sampler import SeededDataset, ShardSampler, TrainSampler
+from resnext.train.sampler import SeededDataset, ShardSampler, TrainSampler, _mix
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,23 @@ def train_loader(
         pin_memory=pin_memory,
         drop_last=False,
         persistent_workers=persistent_workers and workers > 0,
+        generator=_own_generator(seed, 0),
     )
     return loader, sampler
+
+
+def _own_generator(seed: int, epoch: int) -> torch.Generator:
+    # Each new iterator of a DataLoader draws its workers' base seed from `generator`, or from
+    # the global RNG when it has none: a resumed run creates its iterator right after restoring
+    # the RNGs, which would shift every later global draw (mixup/CutMix) by one.
+    return torch.Generator().manual_seed(_mix(seed, epoch))
+
+
+def seed_loader(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Reseed the loader's own generator for `epoch`, so the workers' base seed of an epoch is
+    the same in a resumed run as in an uninterrupted one."""
+    if loader.generator is not None:
+        loader.generator.manual_seed(_mix(seed, epoch))
 
 
 def eval_loader(
@@ -136,4 +151,5 @@ def eval_loader(
         sampler=ShardSampler(len(dataset), rank, world_size),  # type: ignore[arg-type]
         num_workers=workers,
         pin_memory=pin_memory,
+        generator=_own_generator(0, 0),
     )

@@ -32,6 +32,7 @@ from resnext.train.data_setup import (
     build_splits,
     class_count,
     eval_loader,
+    seed_loader,
     train_loader,
 )
 from resnext.train.distributed import DistInfo, barrier, broadcast_object, init_distributed
@@ -347,6 +348,7 @@ def _train_epoch(
     """Train the rest of epoch `pos.epoch`, saving a step checkpoint every `checkpoint_every` steps."""
     _train_mode(ctx.model, parts.model, cfg.finetune.frozen_stages)
     sampler.set_epoch(pos.epoch, pos.step_in_epoch)
+    seed_loader(loader, cfg.train.seed, pos.epoch)
     epoch_start[0] = time.perf_counter()
     last_path, _ = _checkpoint_paths(Path(cfg.resolved_output_dir()))
     progress = Progress(
