@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
+from resnext.config import load_config
 from resnext.train import load_checkpoint, train
 
 SCRIPT = textwrap.dedent(
@@ -115,3 +118,30 @@ def test_mid_epoch_resume_with_mixup_and_cutmix_is_bit_identical(tmp_path, tiny_
     assert [r["train_loss"] for r in resumed.history] == [
         r["train_loss"] for r in reference.history
     ]
+
+
+@pytest.mark.parametrize("first_resume", ["never", "other"])
+def test_saved_config_resumes_the_run_from_its_own_last_checkpoint(
+    tmp_path, tiny_cfg, tiny_data, first_resume
+):
+    # README: `resnext train --config RUN/config.toml` resumes from RUN/checkpoints/last.pt,
+    # whatever train.resume the run was started with.
+    train_set, val_set = tiny_data(80), tiny_data(40, seed=2)
+    resume = "never"
+    if first_resume == "other":
+        other = train(
+            tiny_cfg(tmp_path / "other", train={"epochs": 1}), train_set=train_set, val_set=val_set
+        )
+        resume = str(other.last_checkpoint)
+    run = tmp_path / "run"
+    first = train(
+        tiny_cfg(run, train={"epochs": 2, "resume": resume}), train_set=train_set, val_set=val_set
+    )
+    assert first.global_step == 10  # 80 images / batch 16 = 5 steps an epoch
+
+    cfg = load_config(run / "config.toml", ["train.epochs=3"])
+    again = train(cfg, train_set=train_set, val_set=val_set)
+    assert again.global_step == 15
+    assert [r["epoch"] for r in again.history] == [1, 2, 3]
+    prov = json.loads((run / "provenance-resume-10.json").read_text())
+    assert prov["resumed_from"] == str(run / "checkpoints" / "last.pt")

@@ -7,7 +7,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +232,9 @@ def _run(
         # Written only now that data, batch and resume point are known good: a run that cannot
         # start leaves nothing behind.
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir)
+        # Saved with resume=auto: `--config RUN/config.toml` continues this run from its own
+        # last.pt (what this start resumed from is in the provenance record).
+        save_config(replace(cfg, train=replace(cfg.train, resume="auto")), run_dir)
         record = provenance.collect(info.device, info.world_size)
         record["resumed_from"] = str(resume_from) if resume_from else None
         record["resumed_at"] = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch}
