@@ -84,3 +84,52 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     torch.save({"model": {}, "hook": math.gcd}, path)
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def test_resume_on_another_device_restores_the_rng_from_cpu_tensors(
+    tmp_path, monkeypatch, tiny_cfg, tiny_data
+):
+    # On CUDA, a checkpoint read onto the run's device would put the RNG states on the GPU, and
+    # torch.set_rng_state / NumPy take CPU tensors only. 'meta' stands in for the GPU here.
+    from resnext.train import runner, state
+
+    train_set, val_set = tiny_data(32), tiny_data(16, seed=2)
+    train(tiny_cfg(tmp_path, train={"epochs": 1}), train_set=train_set, val_set=val_set)
+    real_restore, real_restore_rng = state.restore, state.restore_rng
+    seen = []
+
+    def restore_rng(rng):
+        seen.extend(t.device.type for t in _tensors(rng))
+        real_restore_rng(rng)
+
+    monkeypatch.setattr(state, "restore_rng", restore_rng)
+    monkeypatch.setattr(
+        runner,
+        "restore",
+        lambda path, parts, device: real_restore(path, parts, torch.device("meta")),
+    )
+    result = train(tiny_cfg(tmp_path, train={"epochs": 2}), train_set=train_set, val_set=val_set)
+    assert result.global_step == 4  # 32 images / batch 16: resumed after epoch 1's 2 steps
+    assert seen and set(seen) == {"cpu"}
+
+
+@pytest.mark.parametrize("key", ["rng", "epoch", "global_step"])
+def test_checkpoint_missing_an_entry_is_refused_naming_it(tmp_path, tiny_cfg, tiny_data, key):
+    train_set, val_set = tiny_data(32), tiny_data(16, seed=2)
+    first = train(tiny_cfg(tmp_path, train={"epochs": 1}), train_set=train_set, val_set=val_set)
+    ckpt = load_checkpoint(first.last_checkpoint)
+    del ckpt[key]
+    atomic_save(ckpt, first.last_checkpoint)
+    with pytest.raises(CheckpointError, match=f"last.pt: incomplete, no '{key}' entry"):
+        train(tiny_cfg(tmp_path, train={"epochs": 2}), train_set=train_set, val_set=val_set)

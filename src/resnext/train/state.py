@@ -65,12 +65,33 @@ def make_payload(cfg: Config, parts: Trainables, pos: Position, sampler_state: d
     }
 
 
+# The entries `restore` reads without a default (make_payload writes them all).
+_REQUIRED = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "rng",
+)
+
+
 def restore(path: Path, parts: Trainables, device: torch.device) -> Position:
-    """Load a checkpoint into the run's objects and RNGs; return the position to continue from."""
-    ckpt = load_checkpoint(path, map_location=device)
+    """Load a checkpoint into the run's objects (on `device`) and RNGs; return the position to
+    continue from."""
+    # Read onto the CPU: the RNG states must be CPU tensors (torch.set_rng_state, NumPy), and
+    # load_state_dict copies the rest onto the device the model and optimizer live on.
+    ckpt = load_checkpoint(path, map_location="cpu")
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint {path}: format {ckpt.get('format')!r}, expected {FORMAT}"
+        )
+    missing = [key for key in _REQUIRED if key not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path}: incomplete, no {', '.join(map(repr, missing))} entry"
         )
     try:
         parts.model.load_state_dict(ckpt["model"])
@@ -82,7 +103,10 @@ def restore(path: Path, parts: Trainables, device: torch.device) -> Position:
         raise CheckpointError(
             f"checkpoint {path}: does not fit this run's model/optimizer ({exc})"
         ) from exc
-    restore_rng(ckpt["rng"])
+    try:
+        restore_rng(ckpt["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unusable RNG state ({exc!r})") from exc
     best = ckpt.get("best") or {}
     return Position(
         epoch=int(ckpt["epoch"]),
