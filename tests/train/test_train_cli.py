@@ -51,3 +51,19 @@ def test_train_command_bad_override_is_a_config_error():
 def test_demo_parser_defaults():
     args = _parse(demo_cmd, ["demo", "--epochs", "2"])
     assert args.epochs == 2 and args.output_dir == "runs/digits_demo"
+
+
+def test_demo_run_twice_starts_over_in_its_folder(tmp_path, capsys):
+    # The main job (scripts/run.sh) may run again: the demo replaces its earlier run rather than
+    # being refused (train.resume=never where checkpoints are) or mixing with it.
+    out = tmp_path / "demo"
+    args = _parse(demo_cmd, ["demo", "--epochs", "1", "--output-dir", str(out)])
+    assert demo_cmd.run(args) == 0
+    (out / "provenance-resume-7.json").write_text("{}")  # as if the earlier run had resumed
+    first = (out / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert demo_cmd.run(args) == 0
+    assert "digits test accuracy" in capsys.readouterr().out
+    assert (out / "checkpoints" / "last.pt").stat().st_mtime_ns > first
+    assert not list(out.glob("provenance-resume-*.json"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from resnext.config import load_config
+from resnext.errors import ConfigError
 from resnext.train import load_checkpoint, train
 
 SCRIPT = textwrap.dedent(
@@ -145,3 +147,23 @@ def test_saved_config_resumes_the_run_from_its_own_last_checkpoint(
     assert [r["epoch"] for r in again.history] == [1, 2, 3]
     prov = json.loads((run / "provenance-resume-10.json").read_text())
     assert prov["resumed_from"] == str(run / "checkpoints" / "last.pt")
+
+
+def test_resume_never_into_a_folder_with_checkpoints_refuses_and_changes_nothing(
+    tmp_path, tiny_cfg, tiny_data
+):
+    train_set, val_set = tiny_data(32), tiny_data(16, seed=2)
+    run = tmp_path / "run"
+    train(tiny_cfg(run, train={"epochs": 1}), train_set=train_set, val_set=val_set)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = tiny_cfg(run, train={"epochs": 1, "resume": "never"}, optim={"lr": 0.02})
+    with pytest.raises(ConfigError, match=rf"output_dir: {re.escape(str(run))} already holds"):
+        train(again, train_set=train_set, val_set=val_set)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # A fresh folder is fine.
+    fresh = train(
+        tiny_cfg(tmp_path / "new", train={"epochs": 1, "resume": "never"}),
+        train_set=train_set,
+        val_set=val_set,
+    )
+    assert fresh.global_step == 2

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from resnext.config import load_config
 from resnext.train import TrainResult, train
 
+# What a run leaves in its folder beyond the files a new run rewrites as it starts.
+_EARLIER_RUN = ("checkpoints/last.pt", "checkpoints/best.pt", "result.json", "curves.png")
+
 
 def run_demo(output_dir: str = "runs/digits_demo", epochs: int | None = None) -> TrainResult:
-    """Train `digits_demo` (real handwritten digits, no download) into `output_dir`."""
+    """Train `digits_demo` (real handwritten digits, no download) into `output_dir`, from scratch:
+    the previous demo run there is replaced."""
     overrides = [f"output_dir={output_dir}", "train.resume=never"]
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
-    return train(load_config("digits_demo", overrides))
+    cfg = load_config("digits_demo", overrides)
+    _remove_earlier_run(Path(cfg.resolved_output_dir()))
+    return train(cfg)
+
+
+def _remove_earlier_run(run_dir: Path) -> None:
+    # train() refuses resume=never where a run's checkpoints are (the two runs would mix); the
+    # demo starts over each time, so its earlier run goes first, whole.
+    for name in _EARLIER_RUN:
+        (run_dir / name).unlink(missing_ok=True)
+    for path in run_dir.glob("provenance-resume-*.json"):
+        path.unlink()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -119,6 +119,19 @@ def _check_output_dir(run_dir: Path) -> None:
         )
 
 
+def _refuse_earlier_run(run_dir: Path) -> None:
+    """Refuse to start over in a folder holding another run's checkpoints: its last.pt, best.pt,
+    result.json and curves would stay beside the new run's files, and a later resume=auto would
+    continue the old checkpoint under the new config."""
+    found = [p.name for p in _checkpoint_paths(run_dir) if p.is_file()]
+    if found:
+        raise ConfigError(
+            f"output_dir: {run_dir} already holds a run's checkpoints ({', '.join(found)}); "
+            "train.resume=never starts a new run: pick another output_dir (or name), or remove "
+            f"{run_dir} first (train.resume=auto continues the run there)"
+        )
+
+
 def train(
     config: Config,
     *,
@@ -156,6 +169,8 @@ def _run(
     last_path, best_path = _checkpoint_paths(run_dir)
     if info.is_main:
         _check_output_dir(run_dir)
+        if cfg.train.resume == "never":
+            _refuse_earlier_run(run_dir)
     if train_set is None or val_set is None:
         splits = build_splits(cfg.data)
         train_set = splits.train if train_set is None else train_set
