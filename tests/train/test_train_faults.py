@@ -117,7 +117,7 @@ def test_resume_on_another_device_restores_the_rng_from_cpu_tensors(
     monkeypatch.setattr(
         runner,
         "restore",
-        lambda path, parts, device: real_restore(path, parts, torch.device("meta")),
+        lambda path, parts, device, cfg: real_restore(path, parts, torch.device("meta"), cfg),
     )
     result = train(tiny_cfg(tmp_path, train={"epochs": 2}), train_set=train_set, val_set=val_set)
     assert result.global_step == 4  # 32 images / batch 16: resumed after epoch 1's 2 steps

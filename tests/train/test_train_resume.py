@@ -167,3 +167,29 @@ def test_resume_never_into_a_folder_with_checkpoints_refuses_and_changes_nothing
         val_set=val_set,
     )
     assert fresh.global_step == 2
+
+
+def test_resume_under_a_changed_recipe_is_refused_naming_the_keys(tmp_path, tiny_cfg, tiny_data):
+    # The restored scheduler, sampler and step count follow the checkpoint: a changed lr or batch
+    # would be recorded in config.json but not (or wrongly) used.
+    train_set, val_set = tiny_data(64), tiny_data(16, seed=2)
+    run = tmp_path / "run"
+    train(tiny_cfg(run, train={"epochs": 1}), train_set=train_set, val_set=val_set)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    changed = tiny_cfg(run, train={"epochs": 2}, optim={"lr": 0.01}, data={"batch_size": 32})
+    with pytest.raises(ConfigError) as info:
+        train(changed, train_set=train_set, val_set=val_set)
+    message = str(info.value)
+    assert message.startswith("train.resume: checkpoint ")
+    assert "data.batch_size: 16 -> 32" in message and "optim.lr: 0.05 -> 0.01" in message
+    assert "train.epochs" not in message
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    # Length, logging, validation and checkpoint frequency, threads may change.
+    allowed = tiny_cfg(
+        run,
+        train={"epochs": 2, "log_every": 7, "eval_every": 2, "checkpoint_every": 3, "threads": 2},
+        data={"eval_batch_size": 8},
+    )
+    result = train(allowed, train_set=train_set, val_set=val_set)
+    assert result.global_step == 8  # 64 images / batch 16: 4 steps an epoch

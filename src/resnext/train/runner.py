@@ -242,7 +242,7 @@ def _run(
     parts = Trainables(raw, optimizer, scheduler, make_scaler(amp_dtype, info.device))
 
     resume_from = _resume_path(cfg, last_path)
-    pos = restore(resume_from, parts, info.device) if resume_from is not None else Position()
+    pos = restore(resume_from, parts, info.device, cfg) if resume_from is not None else Position()
     if info.is_main:
         # Written only now that data, batch and resume point are known good: a run that cannot
         # start leaves nothing behind.

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from resnext.config import Config, config_to_dict
-from resnext.errors import CheckpointError
+from resnext.errors import CheckpointError, ConfigError
 from resnext.train.checkpoint import capture_rng, load_checkpoint, restore_rng
 from resnext.train.metrics import Meter
 
@@ -65,6 +65,74 @@ def make_payload(cfg: Config, parts: Trainables, pos: Position, sampler_state: d
     }
 
 
+# The config keys a resumed run may change: where the run and its data are, how long it runs,
+# how often it logs, validates and checkpoints, and how (device, precision, kernels, threads) it
+# computes. Any other difference would make the saved config describe a run that did not happen
+# (the restored schedule, sampler and step count follow the checkpoint); docs/training.md lists these.
+RESUMABLE_KEYS = frozenset(
+    {
+        "name",
+        "output_dir",
+        "data.root",
+        "data.eval_batch_size",
+        "data.workers",
+        "data.pin_memory",
+        "data.strict",
+        "train.epochs",
+        "train.resume",
+        "train.log_every",
+        "train.eval_every",
+        "train.checkpoint_every",
+        "train.device",
+        "train.threads",
+        "train.amp",
+        "train.channels_last",
+        "train.compile",
+        "train.fused_bn",
+        "train.grouped_kernels",
+        "train.gemm_weight_grad",
+        "train.fp16_products",
+        "train.fast_maxpool",
+        "train.merge_groups",
+        "train.timing_cache",
+        "train.grad_checkpointing",
+        "train.keep_memory",
+        "train.cudnn_benchmark",
+    }
+)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: list(tree) if isinstance(tree, tuple) else tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def check_resume_config(path: Path, saved: dict[str, Any] | None, cfg: Config) -> None:
+    """Refuse to resume the checkpoint at `path` (whose run had config `saved`) under a config
+    that differs in a key outside RESUMABLE_KEYS; one ConfigError names every such key."""
+    if not isinstance(saved, dict):
+        return  # a checkpoint without its config: nothing to compare
+    old, new = _flat(saved), _flat(config_to_dict(cfg))
+    changed = sorted(
+        key
+        for key in old.keys() | new.keys()
+        if key not in RESUMABLE_KEYS and old.get(key, "<unset>") != new.get(key, "<unset>")
+    )
+    if changed:
+        diffs = "; ".join(
+            f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}" for key in changed
+        )
+        raise ConfigError(
+            f"train.resume: checkpoint {path} was trained with another config ({diffs}); a "
+            "resumed run keeps its recipe (only where, how long and how it runs may change): "
+            "start a new run in another output_dir to change it"
+        )
+
+
 # The entries `restore` reads without a default (make_payload writes them all).
 _REQUIRED = (
     "model",
@@ -78,9 +146,9 @@ _REQUIRED = (
 )
 
 
-def restore(path: Path, parts: Trainables, device: torch.device) -> Position:
-    """Load a checkpoint into the run's objects (on `device`) and RNGs; return the position to
-    continue from."""
+def restore(path: Path, parts: Trainables, device: torch.device, cfg: Config) -> Position:
+    """Load a checkpoint of a run with config `cfg` (up to RESUMABLE_KEYS) into the run's objects
+    (on `device`) and RNGs; return the position to continue from."""
     # Read onto the CPU: the RNG states must be CPU tensors (torch.set_rng_state, NumPy), and
     # load_state_dict copies the rest onto the device the model and optimizer live on.
     ckpt = load_checkpoint(path, map_location="cpu")
@@ -93,6 +161,7 @@ def restore(path: Path, parts: Trainables, device: torch.device) -> Position:
         raise CheckpointError(
             f"checkpoint {path}: incomplete, no {', '.join(map(repr, missing))} entry"
         )
+    check_resume_config(path, ckpt.get("config"), cfg)
     try:
         parts.model.load_state_dict(ckpt["model"])
         parts.optimizer.load_state_dict(ckpt["optimizer"])
