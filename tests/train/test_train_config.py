@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import tomllib
 
-from resnext.config import config_from_dict, list_recipes, load_config, save_config
+from resnext.config import config_from_dict, list_recipes, load_config, recipe_path, save_config
 from resnext.errors import ConfigError
 from resnext.train import resolve_lr
 
@@ -126,3 +128,14 @@ def test_saved_config_reloads_to_the_same_config(tmp_path):
     assert load_config(toml_path) == cfg
     assert load_config(json_path) == cfg
     assert config_from_dict(tomllib.loads(toml_path.read_text())) == cfg
+
+
+def test_missing_recipe_path_is_not_replaced_by_the_shipped_recipe_of_that_name(tmp_path):
+    missing = tmp_path / "elsewhere" / "cifar10_mini_cpu.toml"
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(missing))}'?: no such file"):
+        recipe_path(missing)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(missing))
+    # A bare name (with or without .toml) is still a shipped recipe.
+    assert recipe_path("cifar10_mini_cpu.toml").name == "cifar10_mini_cpu.toml"
+    assert load_config("cifar10_mini_cpu").name == "cifar10_mini_cpu"

@@ -31,6 +31,13 @@ def recipe_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".toml", ".json") and path.is_file():
         return path
+    if path.parent != Path("."):
+        # A path with a folder names that file: a shipped recipe of the same file name would be
+        # another config than the one asked for.
+        raise ConfigError(
+            f"config {str(name_or_path)!r}: no such file (shipped recipes are named without a "
+            f"folder: {', '.join(list_recipes())})"
+        )
     shipped = resources.files("resnext.configs") / f"{path.name.removesuffix('.toml')}.toml"
     if shipped.is_file():
         return Path(str(shipped))
