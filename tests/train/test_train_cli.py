@@ -67,3 +67,59 @@ def test_demo_run_twice_starts_over_in_its_folder(tmp_path, capsys):
     assert not list(out.glob("provenance-resume-*.json"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_train_command_reports_a_last_epoch_that_was_not_validated(tmp_path, capsys):
+    # Epoch 1 of 3 with eval_every=3 is not validated; resumed with epochs=1 there is nothing left
+    # to train, and the last record has no val errors to print.
+    from resnext.config import load_config
+    from resnext.train import train
+
+    out = tmp_path / "run"
+    common = ["data.image_size=8", "data.batch_size=128", "train.threads=1", "train.eval_every=3"]
+
+    def stop_in_epoch_2(epoch, step, global_step):
+        if epoch == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(
+            load_config("digits_demo", [*common, f"output_dir={out}", "epochs=3"]),
+            on_step=stop_in_epoch_2,
+        )
+    capsys.readouterr()
+    args = _parse(
+        train_cmd, ["train", "--config", "digits_demo", f"output_dir={out}", "epochs=1", *common]
+    )
+    assert train_cmd.run(args) == 0
+    done = capsys.readouterr().out.strip().splitlines()[-1]
+    assert done == (
+        f"done: 1 epochs, last epoch not validated (val top-1 error: none validated yet); "
+        f"run folder {out}"
+    )
+
+
+def test_demo_reports_a_last_epoch_that_was_not_validated(monkeypatch, tmp_path, capsys):
+    from resnext.train import TrainResult
+
+    record = {"epoch": 1, "global_step": 3, "train_loss": 2.0}
+    result = TrainResult(
+        run_dir=tmp_path,
+        epochs_completed=1,
+        global_step=3,
+        final=record,
+        best_val_top1_err=float("inf"),
+        best_epoch=0,
+        history=(record,),
+        last_checkpoint=tmp_path / "last.pt",
+        best_checkpoint=None,
+        wall_time_s=1.0,
+    )
+    monkeypatch.setattr(demo_cmd, "run_demo", lambda output_dir, epochs: result)
+    monkeypatch.setattr(demo_cmd, "_weights", lambda result: {})
+    assert demo_cmd.run(_parse(demo_cmd, ["demo"])) == 0
+    assert capsys.readouterr().out.startswith("digits test accuracy: not validated after 1 epochs")

@@ -47,9 +47,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"resnext demo: error: --epochs must be >= 1, got {args.epochs}")
     result = run_demo(args.output_dir, args.epochs)
     n_params = sum(v.numel() for k, v in _weights(result).items() if "running" not in k)
+    accuracy = (
+        f"{result.val_top1_acc:.2f}% top-1 ({100 - result.final['val_top5_err']:.2f}% top-5)"
+        if "val_top5_err" in result.final
+        else "not validated"
+    )
     print(
-        f"digits test accuracy: {result.val_top1_acc:.2f}% top-1 "
-        f"({100 - result.final['val_top5_err']:.2f}% top-5) after {result.epochs_completed} epochs "
+        f"digits test accuracy: {accuracy} after {result.epochs_completed} epochs "
         f"in {result.wall_time_s:.0f}s, model with {n_params:,} parameters; "
         f"curves: {result.run_dir / 'curves.png'}"
     )

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
+from typing import TYPE_CHECKING
 
 from resnext.config import list_recipes, load_config
+
+if TYPE_CHECKING:
+    from resnext.train import TrainResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,9 +46,21 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg)
     if result.final:
         print(
-            f"done: {result.epochs_completed} epochs, val top-1 error "
-            f"{result.final['val_top1_err']:.2f}% (best {result.best_val_top1_err:.2f}% at epoch "
-            f"{result.best_epoch}), top-5 error {result.final['val_top5_err']:.2f}%; "
-            f"run folder {result.run_dir}"
+            f"done: {result.epochs_completed} epochs, {_errors(result)}; run folder {result.run_dir}"
         )
     return 0
+
+
+def _errors(result: TrainResult) -> str:
+    best = (
+        f"best {result.best_val_top1_err:.2f}% at epoch {result.best_epoch}"
+        if math.isfinite(result.best_val_top1_err)
+        else "none validated yet"
+    )
+    final = result.final
+    if "val_top1_err" not in final:  # train.eval_every skipped the last recorded epoch
+        return f"last epoch not validated (val top-1 error: {best})"
+    return (
+        f"val top-1 error {final['val_top1_err']:.2f}% ({best}), "
+        f"top-5 error {final['val_top5_err']:.2f}%"
+    )
