@@ -89,6 +89,11 @@ def test_overrides_are_parsed_by_field_type():
         ("model.name=resnext9000", r"model: "),
         ("schedule.milestones=30,10", r"schedule\.milestones: expected strictly increasing"),
         ("noequals", r"expected dotted\.key=value"),
+        ("train.device=cpu:x", r"train\.device: expected auto, cpu, cuda or cpu:N / cuda:N"),
+        ("train.device=cuda:-1", r"train\.device: expected .* got 'cuda:-1'"),
+        ("train.device=cuda:", r"train\.device: expected .* got 'cuda:'"),
+        ("train.device=auto:0", r"train\.device: expected .* got 'auto:0'"),
+        ("train.device=cuda:0:1", r"train\.device: expected .* got 'cuda:0:1'"),
     ],
 )
 def test_bad_overrides_are_one_config_error_naming_the_key(override, pattern):
@@ -139,3 +144,8 @@ def test_missing_recipe_path_is_not_replaced_by_the_shipped_recipe_of_that_name(
     # A bare name (with or without .toml) is still a shipped recipe.
     assert recipe_path("cifar10_mini_cpu.toml").name == "cifar10_mini_cpu.toml"
     assert load_config("cifar10_mini_cpu").name == "cifar10_mini_cpu"
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cpu:0", "cuda:1", "cuda:12"])
+def test_device_names_with_an_index_are_accepted(device):
+    assert load_config("digits_demo", [f"train.device={device}"]).train.device == device

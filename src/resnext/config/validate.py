@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from resnext.config.schema import AMP_CHOICES, DATA_KINDS, SCHEDULES, Config
 from resnext.errors import ConfigError, ResNeXtError
@@ -100,6 +101,11 @@ def validate(cfg: Config) -> Config:
         )
     _choice("train.amp", t.amp, AMP_CHOICES)
     _choice("train.device", t.device.split(":")[0], ("auto", "cpu", "cuda"))
+    if not re.fullmatch(r"auto|(cpu|cuda)(:(0|[1-9][0-9]*))?", t.device):
+        raise ConfigError(
+            f"train.device: expected auto, cpu, cuda or cpu:N / cuda:N with N a device index "
+            f"(0, 1, ...), got {t.device!r}"
+        )
     if t.resume not in ("auto", "never") and not t.resume.endswith((".pt", ".pth")):
         raise ConfigError(
             f"train.resume: expected 'auto', 'never' or a checkpoint path (.pt), got {t.resume!r}"
