@@ -94,6 +94,8 @@ def test_overrides_are_parsed_by_field_type():
         ("train.device=cuda:", r"train\.device: expected .* got 'cuda:'"),
         ("train.device=auto:0", r"train\.device: expected .* got 'auto:0'"),
         ("train.device=cuda:0:1", r"train\.device: expected .* got 'cuda:0:1'"),
+        ("name=..", r"name: expected a non-empty name without '/', other than '\.' and '\.\.'"),
+        ("name=.", r"name: expected .* got '\.'"),
     ],
 )
 def test_bad_overrides_are_one_config_error_naming_the_key(override, pattern):
@@ -149,3 +151,26 @@ def test_missing_recipe_path_is_not_replaced_by_the_shipped_recipe_of_that_name(
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cpu:0", "cuda:1", "cuda:12"])
 def test_device_names_with_an_index_are_accepted(device):
     assert load_config("digits_demo", [f"train.device={device}"]).train.device == device
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "digits\U0001f600",  # outside the BMP: JSON would write a surrogate pair TOML refuses
+        "caf\u00e9 \u2603",
+        'quote " backslash \\ tab \t newline \n cr \r',
+        "controls \x00\x01\x1f del \x7f",
+        "C:\\runs\\x",
+    ],
+)
+def test_saved_toml_reloads_any_string(tmp_path, text):
+    cfg = load_config("digits_demo", [f"output_dir={text}"])
+    _, toml_path = save_config(cfg, tmp_path)
+    assert tomllib.loads(toml_path.read_text(encoding="utf-8"))["output_dir"] == text
+    assert load_config(toml_path).output_dir == text
+
+
+def test_a_lone_surrogate_is_a_config_error_naming_toml(tmp_path):
+    cfg = load_config("digits_demo", ["output_dir=run\udcff"])
+    with pytest.raises(ConfigError, match=r"cannot write .* to TOML: not valid Unicode"):
+        save_config(cfg, tmp_path)

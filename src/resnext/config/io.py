@@ -108,6 +108,16 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     return make_config(data)
 
 
+def _toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes (quote, backslash, control characters below U+0020)
+    are TOML's too; other characters stay as they are, since TOML's \\u escapes must name
+    Unicode scalar values (not JSON's surrogate pairs), and DEL, which TOML does not allow raw,
+    is escaped."""
+    if any("\ud800" <= ch <= "\udfff" for ch in text):
+        raise ConfigError(f"cannot write {text!r} to TOML: not valid Unicode (a lone surrogate)")
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007F")
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -118,7 +128,7 @@ def _toml_value(value: Any) -> str:
             raise ConfigError(f"cannot write non-finite float {value} to TOML")
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return _toml_string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise ConfigError(f"cannot write {type(value).__name__} to TOML")

@@ -34,8 +34,11 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> Config:
     """`cfg` itself when every field is in range; otherwise a ConfigError naming the first bad key."""
-    if not cfg.name or "/" in cfg.name:
-        raise ConfigError(f"name: expected a non-empty name without '/', got {cfg.name!r}")
+    # The run folder is runs/<name>: '.' and '..' would be the runs folder or its parent.
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError(
+            f"name: expected a non-empty name without '/', other than '.' and '..', got {cfg.name!r}"
+        )
     d, o, s, t, f = cfg.data, cfg.optim, cfg.schedule, cfg.train, cfg.finetune
     _choice("data.kind", d.kind, DATA_KINDS)
     if d.kind in ("cifar10", "cifar100", "imagefolder") and not d.root:
