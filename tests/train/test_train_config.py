@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -174,3 +175,17 @@ def test_a_lone_surrogate_is_a_config_error_naming_toml(tmp_path):
     cfg = load_config("digits_demo", ["output_dir=run\udcff"])
     with pytest.raises(ConfigError, match=r"cannot write .* to TOML: not valid Unicode"):
         save_config(cfg, tmp_path)
+
+
+def test_a_failed_config_write_keeps_the_saved_config_whole(tmp_path, monkeypatch):
+    old = load_config("digits_demo", ["epochs=3"])
+    save_config(old, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def replace_fails(src, dst):  # the disk fills up, or the process dies, before the rename
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", replace_fails)
+    with pytest.raises(OSError):
+        save_config(load_config("digits_demo", ["epochs=5"]), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left

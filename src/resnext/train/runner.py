@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from resnext.config import Config, save_config
+from resnext.config.io import write_text_atomic
 from resnext.errors import ConfigError
 from resnext.speed import autotune
 from resnext.speed.allocator import keep_freed_memory
@@ -263,7 +264,7 @@ def _run(
             if resume_from is None
             else f"provenance-resume-{pos.global_step}.json"
         )
-        (run_dir / name).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(run_dir / name, json.dumps(record, indent=2) + "\n")
 
     batches = batch_transforms(cfg.data)
     ctx = StepContext(
@@ -322,7 +323,7 @@ def _run(
             "best_epoch": result.best_epoch,
             "wall_time_s": result.wall_time_s,
         }
-        (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
     barrier()
     return result
 
