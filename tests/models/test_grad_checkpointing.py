@@ -96,14 +96,16 @@ def test_no_recomputation_without_gradients(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_compiled_checkpointed_stages_train_as_the_plain_network() -> None:
     # Under torch.compile the recomputation is the compiler's: the buffers must still be
-    # updated once per step, and the gradients must not change.
+    # updated once per step, and the gradients must not change. The reference is the plain
+    # network compiled too: compiled and eager batch norms differ by up to ~1 % in these
+    # gradients on one thread (4 images, 4×4 maps), which is the compiler's, not checkpointing's.
     torch.manual_seed(0)
     plain = resnext.create_model("resnext_tiny").train()
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing()
-    compiled = torch.compile(ckpt)
+    compiled_plain, compiled = torch.compile(plain), torch.compile(ckpt)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     for _ in range(2):
-        nn.functional.cross_entropy(plain(x), y).backward()
+        nn.functional.cross_entropy(compiled_plain(x), y).backward()
         nn.functional.cross_entropy(compiled(x), y).backward()
     _assert_same_state(plain, ckpt, rtol=1e-4, atol=1e-6)

@@ -133,3 +133,22 @@ def test_checkpoint_missing_an_entry_is_refused_naming_it(tmp_path, tiny_cfg, ti
     atomic_save(ckpt, first.last_checkpoint)
     with pytest.raises(CheckpointError, match=f"last.pt: incomplete, no '{key}' entry"):
         train(tiny_cfg(tmp_path, train={"epochs": 2}), train_set=train_set, val_set=val_set)
+
+
+def test_train_threads_hold_for_the_run_only(tmp_path, tiny_cfg, tiny_data):
+    # train.threads=1 (the tiny configs') must not stay set in the caller's process after train()
+    # returns: later work there (another test, a compiled model) would run on one thread.
+    assert tiny_cfg(tmp_path).train.threads == 1
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else before
+    torch.set_num_threads(other)
+    seen = []
+    train(
+        tiny_cfg(tmp_path, train={"epochs": 1}),
+        train_set=tiny_data(16),
+        val_set=tiny_data(8, seed=2),
+        on_step=lambda *_: seen.append(torch.get_num_threads()),
+    )
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == other
+    torch.set_num_threads(before)

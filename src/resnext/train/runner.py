@@ -145,9 +145,12 @@ def train(
     cfg = config
     info = init_distributed(cfg.train.device)
     owns_group = info.distributed
+    # train.threads holds for the run only: a caller's later work keeps its own thread count
+    threads = torch.get_num_threads()
     try:
         return _run(cfg, info, train_set, val_set, on_step, t_start)
     finally:
+        torch.set_num_threads(threads)
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
