@@ -156,7 +156,11 @@ def test_convert_refuses_an_existing_sidecar(tmp_path: Path, capsys: pytest.Capt
         # the saved classifier has 10 rows
         ("class_names", ["a", "b", "c"], "class_names: 3 names for a classifier of 10 classes"),
         ("model_name", 7, "model_name: expected a string or null, got 7"),
-        ("preprocessing", {"resize": 36, "crop": 32, "mean": "abc"}, "mean: expected 3 finite numbers"),
+        (
+            "preprocessing",
+            {"resize": 36, "crop": 32, "mean": "abc"},
+            "mean: expected 3 finite numbers",
+        ),
         ("preprocessing", {"resize": "36", "crop": 32}, "resize: expected an integer"),
     ],
 )
