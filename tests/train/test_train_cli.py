@@ -123,3 +123,19 @@ def test_demo_reports_a_last_epoch_that_was_not_validated(monkeypatch, tmp_path,
     monkeypatch.setattr(demo_cmd, "_weights", lambda result: {})
     assert demo_cmd.run(_parse(demo_cmd, ["demo"])) == 0
     assert capsys.readouterr().out.startswith("digits test accuracy: not validated after 1 epochs")
+
+
+def test_demo_leaves_another_runs_folder_alone(tmp_path, capsys):
+    # --output-dir pointing at a real run's folder: the demo must not delete that run's files.
+    from resnext.config import load_config
+    from resnext.train import train
+
+    out = tmp_path / "mine"
+    cfg = load_config("digits_demo", [f"output_dir={out}", "name=my_run", "train.epochs=1"])
+    train(cfg)
+    last = out / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    args = _parse(demo_cmd, ["demo", "--epochs", "1", "--output-dir", str(out)])
+    with pytest.raises(ConfigError, match="already holds a run's checkpoints"):
+        demo_cmd.run(args)
+    assert last.read_bytes() == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from resnext.config import load_config
@@ -19,8 +20,20 @@ def run_demo(output_dir: str = "runs/digits_demo", epochs: int | None = None) ->
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
     cfg = load_config("digits_demo", overrides)
-    _remove_earlier_run(Path(cfg.resolved_output_dir()))
+    run_dir = Path(cfg.resolved_output_dir())
+    if _is_demo_run(run_dir, cfg.name):
+        _remove_earlier_run(run_dir)
     return train(cfg)
+
+
+def _is_demo_run(run_dir: Path, name: str) -> bool:
+    """Whether `run_dir` holds an earlier demo run (its saved config names the demo recipe).
+    Another run's folder is left alone: train() then refuses to start over in it."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get("name") == name
 
 
 def _remove_earlier_run(run_dir: Path) -> None:
