@@ -79,7 +79,7 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted_run(tmp_path: Path) -
         else:
             # Loadable, and neither older nor newer than the newest complete checkpoint.
             assert load_checkpoint(snap / "last.pt")["global_step"] == newest, point
-        new_tmp = [n for n in res["files"] if ".tmp-" in n and n not in seen]
+        new_tmp = [n for n in res["files"] if ".tmp" in n and n not in seen]
         seen.update(res["files"])
         if point.get("mode") == "partial":
             # The half-written temporary file is refused by name, never loaded.
@@ -96,7 +96,7 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted_run(tmp_path: Path) -
     assert load_checkpoint(chain_last)["global_step"] == TOTAL_STEPS
     differing = same_bits(model_state(ref_last), model_state(chain_last))
     assert differing == [], f"weights differ after kill/resume chain: {differing[:5]}"
-    leftovers = sorted(p.name for p in chain_last.parent.iterdir() if ".tmp-" in p.name)
+    leftovers = sorted(p.name for p in chain_last.parent.iterdir() if ".tmp" in p.name)
     record(
         "kill_points",
         survived,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -20,6 +18,7 @@ from resnext.config.build import build_section, set_dotted, to_dict
 from resnext.config.schema import Config
 from resnext.config.validate import validate
 from resnext.errors import ConfigError
+from resnext.io.atomic import write_text
 
 
 def list_recipes() -> list[str]:
@@ -154,19 +153,6 @@ def to_toml(data: Mapping[str, Any], _prefix: str = "") -> str:
     return "\n".join(lines).strip("\n") + "\n"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` (UTF-8) beside `path` and rename it over `path`: a crash or a failed write
-    leaves the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_config(cfg: Config, folder: str | Path) -> tuple[Path, Path]:
     """Write the resolved config as config.json and config.toml into `folder`; return both paths."""
     folder = Path(folder)
@@ -175,6 +161,6 @@ def save_config(cfg: Config, folder: str | Path) -> tuple[Path, Path]:
     json_path = folder / "config.json"
     toml_path = folder / "config.toml"
     toml_text = to_toml(data)  # before writing either: TOML refuses some values JSON takes
-    write_text_atomic(json_path, json.dumps(data, indent=2) + "\n")
-    write_text_atomic(toml_path, toml_text)
+    write_text(json_path, json.dumps(data, indent=2) + "\n")
+    write_text(toml_path, toml_text)
     return json_path, toml_path

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import platform
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from resnext.errors import ConfigError
 from resnext.evaluate.runner import EvalResult
+from resnext.io.atomic import replacing, write_text
 
 
 def prepare_output_dir(output_dir: str | Path) -> Path:
@@ -80,18 +80,6 @@ def build_report(
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # Write beside the target and rename, so a failure never leaves a half-written report.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def per_class_csv(result: EvalResult, class_names: Sequence[str] | None = None) -> str:
     """CSV text: class index, name, images, correct, top-1 accuracy."""
     rows = [["class", "name", "images", "top1_correct", "top1_accuracy"]]
@@ -131,13 +119,11 @@ def confusion_png(result: EvalResult, path: Path, title: str) -> str | None:
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="fraction of the true class")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return None
 
 
@@ -150,7 +136,7 @@ def write_outputs(
     """Write report.json, per_class.csv and confusion.png into `output_dir`; returns their paths."""
     out = prepare_output_dir(output_dir)
     paths = {"per_class_csv": str(out / "per_class.csv"), "report": str(out / "report.json")}
-    _atomic_write(out / "per_class.csv", per_class_csv(result, class_names))
+    write_text(out / "per_class.csv", per_class_csv(result, class_names), newline="")
     why_not = confusion_png(
         result, out / "confusion.png", f"{report['model']} ({report['protocol']['name']})"
     )
@@ -164,5 +150,5 @@ def write_outputs(
             "confusion_png_skipped": why_not,
         },
     }
-    _atomic_write(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return paths

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from resnext.errors import ConfigError, ResNeXtError
+from resnext.io.atomic import replacing
 
 
 class ExportError(ResNeXtError):
@@ -44,30 +45,27 @@ def export_onnx(
     make_output_folder(path)
     model = model.eval().cpu()
     example = torch.randn(2, 3, image_size, image_size)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.onnx.export(
-            model,
-            (example,),
-            str(tmp),
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-        import onnx
+        with replacing(path) as tmp:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+            import onnx
 
-        onnx.checker.check_model(str(tmp))
-        tmp.replace(path)
+            onnx.checker.check_model(str(tmp))
     except ResNeXtError:
         raise
     except Exception as exc:
         raise ExportError(f"ONNX export of {type(model).__name__} to {path} failed: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from resnext.errors import ConfigError
 from resnext.export.onnx_export import ExportError, make_output_folder
+from resnext.io.atomic import replacing
 
 
 def export_program(model: nn.Module, *, image_size: int = 224) -> torch.export.ExportedProgram:
@@ -28,14 +29,11 @@ def save_program(program: torch.export.ExportedProgram, path: str | Path) -> Pat
     if path.suffix != ".pt2":
         raise ConfigError(f"{path}: torch.export archives end in .pt2")
     make_output_folder(path)
-    tmp = path.with_name(f".{path.name}.tmp.pt2")
     try:
-        torch.export.save(program, tmp)
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            torch.export.save(program, tmp)
     except OSError as exc:
         raise ExportError(f"cannot write the exported program {path}: {exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from resnext.io.atomic import write_text
 
 
 class MetricsLog:
@@ -20,9 +21,7 @@ class MetricsLog:
             return
         # On resume the file is rewritten from the checkpoint's history: records written after
         # the checkpoint (by a run that then died) belong to epochs that will be run again.
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in history))
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(

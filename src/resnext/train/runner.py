@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from resnext.config import Config, save_config
-from resnext.config.io import write_text_atomic
 from resnext.errors import ConfigError
+from resnext.io.atomic import write_text
 from resnext.speed import autotune
 from resnext.speed.allocator import keep_freed_memory
 from resnext.speed.capability import bf16_speedup
@@ -267,7 +267,7 @@ def _run(
             if resume_from is None
             else f"provenance-resume-{pos.global_step}.json"
         )
-        write_text_atomic(run_dir / name, json.dumps(record, indent=2) + "\n")
+        write_text(run_dir / name, json.dumps(record, indent=2) + "\n")
 
     batches = batch_transforms(cfg.data)
     ctx = StepContext(
@@ -326,7 +326,7 @@ def _run(
             "best_epoch": result.best_epoch,
             "wall_time_s": result.wall_time_s,
         }
-        write_text_atomic(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
+        write_text(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
     barrier()
     return result
 
@@ -334,11 +334,8 @@ def _run(
 def _save_fast_path_choices(run_dir: Path) -> None:
     """Write which implementation each fast-path op ran at each shape (timing chose them on this
     CPU) to fast_path_choices.json, replaced whole after every epoch so a killed run keeps it."""
-    path = run_dir / "fast_path_choices.json"
-    tmp = path.with_suffix(".json.tmp")
     choices = [d.as_dict() for d in autotune.decisions()]
-    tmp.write_text(json.dumps(choices, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(run_dir / "fast_path_choices.json", json.dumps(choices, indent=2) + "\n")
 
 
 def _mixer(cfg: Config, num_classes: int) -> BatchMixer | None:

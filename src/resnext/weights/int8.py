@@ -10,12 +10,12 @@ module tree is torchvision's, with `torch.load(weights_only=True)`: no code from
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 
 import torch
 
 from resnext.errors import WeightsError
+from resnext.io.atomic import replacing
 from resnext.weights.formats import PACKED_FC, is_int8_state
 from resnext.weights.load import _listing, _torch_load, fetch, weights_path
 from resnext.weights.preprocess import imagenet
@@ -194,10 +194,6 @@ def save_int8(net: torch.nn.Module, path: str | Path) -> Path:
             f"build_int8_with_weights), got {type(net).__name__} without quantized state"
         )
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from resnext.errors import WeightsError
+from resnext.io.atomic import write_bytes
 from resnext.weights.loaded import LoadedWeights
 from resnext.weights.preprocess import Preprocessing
 
@@ -56,15 +56,6 @@ def _package_version() -> str:
     from resnext import __version__
 
     return __version__
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_weights(
@@ -107,9 +98,9 @@ def save_weights(
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, blob)
+    write_bytes(path, blob, fsync=True)
     side = sidecar_path(path)
-    _atomic_write(side, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(side, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode(), fsync=True)
     return side
 
 
