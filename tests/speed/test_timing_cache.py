@@ -68,6 +68,16 @@ def test_corrupt_file_is_ignored_with_a_warning_and_replaced(tmp_path: Path) -> 
     assert json.loads(path.read_text())["entries"] == {"k": [4.0, 5.0]}
 
 
+def test_a_file_of_undecodable_bytes_is_ignored_with_a_warning_and_replaced(tmp_path: Path) -> None:
+    path = TimingCache(tmp_path).path
+    path.write_bytes(b"\xff\xfe\x00\x81garbage")  # not UTF-8
+    with pytest.warns(RuntimeWarning, match="not a timing cache of this context"):
+        cache = TimingCache(tmp_path)
+    cached(cache, "k", 1, Counter([4.0]))
+    cache.save()
+    assert json.loads(path.read_text())["entries"] == {"k": [4.0]}
+
+
 @pytest.mark.parametrize("bad", ["fast", [1.0, "2"], [1.0, -2.0], [float("nan"), 1.0], [], [True]])
 def test_malformed_entries_are_measured_again(tmp_path: Path, bad: object) -> None:
     cache = TimingCache(tmp_path)

@@ -122,14 +122,16 @@ class TimingCache:
         if self.path is None:
             return {}
         try:
-            text = self.path.read_text()
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as exc:
             warnings.warn(f"timing cache {self.path}: not read ({exc})", RuntimeWarning, 3)
             return {}
         try:
-            data = json.loads(text)
+            # decoded here, so that a file of another encoding or of garbage bytes is "not a
+            # timing cache" like any other bad file (UnicodeDecodeError is a ValueError)
+            data = json.loads(raw.decode("utf-8"))
             if not isinstance(data, dict) or data.get("context") != self.context:
                 raise ValueError("expected an object with this context")
             entries = data["entries"]
