@@ -3,7 +3,12 @@
 Nothing is downloaded: the C sources ship with the package and are compiled with ``$CC`` (else
 ``cc``) into ``$RESNEXT_KERNEL_CACHE`` (else ``~/.cache/resnext/kernels``), one file per hash of
 source, flags and compiler version, written under a private name and renamed into place so that
-concurrent processes never load a half-written library.
+concurrent processes never load a half-written library. Next to each library a small file
+(``<name>.so.sum``) holds its size and SHA-256, written before the library is renamed into
+place: a library that does not match it (cut short by a full disk or a copy, overwritten, or
+left by a version that wrote no such file) is never loaded (a truncated one would kill the
+process with SIGBUS) but built again, once, and so is one that matches yet fails to load; a
+library that still fails is reported like a failed build (`NativeUnavailable`).
 """
 
 from __future__ import annotations
@@ -63,10 +68,40 @@ def local_headers(source: Path, include_dirs: Sequence[Path] = ()) -> list[Path]
     return found
 
 
+def _stamp(library: Path) -> str:
+    data = library.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}\n"
+
+
+def _sum_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sum")
+
+
+def _complete(library: Path) -> bool:
+    """Whether `library` is there and is what its build wrote (size and digest as recorded)."""
+    try:
+        return _sum_file(library).read_text(encoding="ascii") == _stamp(library)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def build(
     source: Path, flags: Sequence[str], libs: Sequence[str] = (), out_dir: Path | None = None
 ) -> Path:
-    """Compile `source` into a shared library (unless this source/flags/compiler already was)."""
+    """Compile `source` into a shared library (unless this source/flags/compiler already was,
+    into a library that is complete)."""
+    return _build(source, flags, libs, out_dir)[0]
+
+
+def _build(
+    source: Path,
+    flags: Sequence[str],
+    libs: Sequence[str] = (),
+    out_dir: Path | None = None,
+    *,
+    again: bool = False,
+) -> tuple[Path, bool]:
+    """The library's path, and whether it was compiled now (always, with `again`)."""
     cc = compiler()
     version = compiler_version(cc)
     digest = hashlib.sha256()
@@ -78,8 +113,8 @@ def build(
         digest.update(header.name.encode() + header.read_bytes())
     folder = cache_dir() if out_dir is None else out_dir
     target = folder / f"{source.stem}-{digest.hexdigest()[:16]}.so"
-    if target.is_file():
-        return target
+    if not again and _complete(target):
+        return target, False
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -96,8 +131,21 @@ def build(
         raise NativeUnavailable(
             f"compiling {source.name} failed ({' '.join(cmd)}):\n{done.stderr.strip()[-2000:]}"
         )
-    os.replace(tmp, target)
-    return target
+    # the record first, then the library: a library in place always has its record, and one
+    # that a concurrent build replaced in between only fails the check and is built again
+    record = _sum_file(target)
+    record_tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    try:
+        record_tmp.write_text(_stamp(tmp), encoding="ascii")
+        os.replace(record_tmp, record)
+        os.replace(tmp, target)  # over a bad library too: never a moment without a library
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        record_tmp.unlink(missing_ok=True)
+        raise NativeUnavailable(
+            f"kernel cache folder {folder}: {target.name} not kept: {exc}"
+        ) from exc
+    return target, True
 
 
 def problem(load: Callable[[], object]) -> str | None:
@@ -122,7 +170,18 @@ def load(
         missing = cpu_needs - cpu_flags()
         if missing:
             raise NativeUnavailable(f"this CPU lacks {sorted(missing)}")
-    lib = ctypes.CDLL(str(build(source, flags, libs)))
+    path, fresh = _build(source, flags, libs)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        if fresh:
+            raise NativeUnavailable(f"loading {path.name} failed: {exc}") from exc
+        # complete as recorded yet not loadable (e.g. changed with its record): build it again
+        path, _ = _build(source, flags, libs, again=True)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            raise NativeUnavailable(f"loading {path.name} failed: {exc}") from exc
     _LOADED.append(lib)
     return lib
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,63 @@ def test_build_caches_by_source_and_loads(tmp_path: Path) -> None:
     stamp = first.stat().st_mtime_ns
     assert native.build(_source(tmp_path), ("-O2",), out_dir=out) == first
     assert first.stat().st_mtime_ns == stamp  # not rebuilt
-    assert [p.name for p in out.iterdir()] == [first.name]  # no temporary left behind
+    # no temporary left behind: the library and the record of its size and digest
+    assert sorted(p.name for p in out.iterdir()) == [first.name, first.name + ".sum"]
     changed = native.build(
         _source(tmp_path, "int answer(void) { return 7; }\n"), ("-O2",), out_dir=out
     )
     assert changed != first and ctypes.CDLL(str(changed)).answer() == 7
+
+
+def _needs_compiler() -> None:
+    if native.problem(native.compiler) is not None:
+        pytest.skip(f"no C compiler: {native.problem(native.compiler)}")
+
+
+def test_a_truncated_library_in_the_cache_is_built_again(tmp_path: Path) -> None:
+    # a cut-short library (full disk, interrupted copy) would be loaded as built: dlopen maps
+    # past its end and the process dies of SIGBUS at the first touch
+    _needs_compiler()
+    out = tmp_path / "cache"
+    first = native.build(_source(tmp_path), ("-O2",), out_dir=out)
+    whole = first.read_bytes()
+    first.write_bytes(whole[:3000])
+    again = native.build(_source(tmp_path), ("-O2",), out_dir=out)
+    assert again == first and again.stat().st_size == len(whole)
+    assert ctypes.CDLL(str(again)).answer() == 42
+
+
+@pytest.mark.parametrize("record", ["missing", "matching"])
+def test_a_garbage_library_in_the_cache_is_built_again_and_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: str
+) -> None:
+    # garbage with no record (a cache from before records, or a copied-in file) fails the check;
+    # garbage whose record matches it (both overwritten) fails dlopen: either is rebuilt once,
+    # never left to disable the kernel in every later process
+    _needs_compiler()
+    monkeypatch.setenv("RESNEXT_KERNEL_CACHE", str(tmp_path / "cache"))
+    library = native.build(_source(tmp_path), ("-O2",))
+    sidecar = library.with_name(library.name + ".sum")
+    garbage = b"garbage\n"
+    library.write_bytes(garbage)
+    if record == "missing":
+        sidecar.unlink()
+    else:
+        sidecar.write_text(f"{len(garbage)} {hashlib.sha256(garbage).hexdigest()}\n")
+    assert native.load(_source(tmp_path), ("-O2",)).answer() == 42
+    assert library.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_a_library_that_cannot_be_loaded_is_a_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a library that fails dlopen even when freshly built (here: a needed symbol nowhere)
+    _needs_compiler()
+    monkeypatch.setenv("RESNEXT_KERNEL_CACHE", str(tmp_path / "cache"))
+    body = "extern int nowhere_xyz(void);\nint answer(void) { return nowhere_xyz(); }\n"
+    flags = ("-O2", "-Wl,-z,now", "-Wl,--unresolved-symbols=ignore-all")
+    with pytest.raises(native.NativeUnavailable, match=r"loading tiny-.*\.so failed"):
+        native.load(_source(tmp_path, body), flags)
 
 
 def test_failures_are_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
