@@ -169,13 +169,71 @@ def test_bench_data_against_pillow(tmp_path: Path, imagenet_sample: Path) -> Non
 
 
 def test_bad_inputs_are_project_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^variants: unknown \['tensorrt'\]"):
+    with pytest.raises(ConfigError, match=r"^--variants: unknown \['tensorrt'\]"):
         bench_cmd.run(_args(["infer", "--variants", "eager,tensorrt", "--out", str(tmp_path)]))
-    with pytest.raises(ConfigError, match=r"warmup_rounds: expected an integer >= 0"):
+    with pytest.raises(ConfigError, match=r"^--warmup-rounds: expected an integer >= 0"):
         bench_cmd.run(_args(["train", "--warmup-rounds", "-1", "--out", str(tmp_path)]))
     with pytest.raises(DataError, match=r"no \.JPEG"):
         bench_cmd.run(_args(["data", "--root", str(tmp_path), "--out", str(tmp_path)]))
     assert not list(tmp_path.glob("*.json"))  # nothing half-written
+
+
+class _Ran(Exception):
+    """Raised by a benchmark's run in place of timing anything."""
+
+
+def _no_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def ran(*args: object, **kwargs: object) -> None:
+        raise _Ran
+
+    monkeypatch.setattr(infer_bench, "run_infer_bench", ran)
+    monkeypatch.setattr(train_bench, "run_train_bench", ran)
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_timing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the folder was made only when writing the record: minutes of timing, then a raw error
+    _no_timing(monkeypatch)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept")
+    for out in (a_file, a_file / "below"):
+        for bench in ("infer", "train"):
+            with pytest.raises(ConfigError, match=rf"^--out {out}: not a folder"):
+                bench_cmd.run(_args([bench, "--models", "resnext_tiny", "--out", str(out)]))
+    assert a_file.read_text() == "kept"
+    made = tmp_path / "new" / "results"
+    with pytest.raises(_Ran):  # a missing folder is made, then the run starts
+        bench_cmd.run(_args(["infer", "--models", "resnext_tiny", "--out", str(made)]))
+    assert made.is_dir()
+
+
+def test_no_models_and_negative_latency_rounds_are_refused_naming_the_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --models "" divided by zero after the run; --latency-rounds -2 failed after every build
+    _no_timing(monkeypatch)
+    small = ["--batch", "1", "--image-size", "32", "--out", str(tmp_path)]
+    with pytest.raises(ConfigError, match=r"^--models: expected at least one name"):
+        bench_cmd.run(_args(["infer", "--models", "", *small]))
+    with pytest.raises(ConfigError, match=r"^--models: expected at least one name"):
+        bench_cmd.run(_args(["train", "--models", " , ", *small]))
+    with pytest.raises(ConfigError, match=r"^--latency-rounds: expected an integer >= 0, got -2"):
+        bench_cmd.run(
+            _args(["infer", "--models", "resnext_tiny", "--latency-rounds", "-2", *small])
+        )
+    with pytest.raises(ConfigError, match=r"^--image-size: expected an integer >= 1"):
+        bench_cmd.run(
+            _args(
+                ["infer", "--models", "resnext_tiny", "--image-size", "0", "--out", str(tmp_path)]
+            )
+        )
+    # the library's own check names its fields, and refuses before building anything
+    with pytest.raises(ConfigError, match=r"^models: expected at least one name"):
+        infer_bench.InferConfig(models=()).validate()
+    with pytest.raises(ConfigError, match=r"^latency_rounds: expected an integer >= 0"):
+        infer_bench.InferConfig(models=("resnext_tiny",), latency_rounds=-1).validate()
+    assert not list(tmp_path.glob("*.json"))
 
 
 def test_interleaved_median_and_ratios() -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
 
-from resnext.errors import ResNeXtError
+from resnext.errors import ConfigError, ResNeXtError
 from resnext.speed.allocator import keep_freed_memory, reexec_with_allocator
 from resnext.speed.capability import bf16_faster
 from resnext.speed.provenance import write_results
@@ -113,7 +115,7 @@ def _models_and_variants(
     """The --models list and the --variants list checked against `allowed` (default when absent)."""
     from resnext.speed.infer_bench import parse_list
 
-    variants = parse_list(args.variants, allowed, "variants") if args.variants else default
+    variants = parse_list(args.variants, allowed, "--variants") if args.variants else default
     return parse_list(args.models), variants
 
 
@@ -137,8 +139,38 @@ def _timed_config(
     )
 
 
+def results_folder(out: Path) -> Path:
+    """`out`, created where missing; a ConfigError naming it where it cannot hold the results (a
+    file in its place, no permission), so that a run fails before its timing, not after it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # FileExistsError where a file is in its place
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: not a folder results can be written to ({exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: folder not writable")
+    return out
+
+
+def _validated(config: object, args: argparse.Namespace) -> None:
+    """`config.validate()`, its errors naming the options typed (--latency-rounds) rather than
+    the config's fields (latency_rounds)."""
+    try:
+        config.validate()  # type: ignore[attr-defined]
+    except ConfigError as exc:
+        fields, sep, why = str(exc).partition(": ")
+        if not sep:
+            raise
+        options = re.sub(
+            r"[a-z_]+",
+            lambda m: f"--{m[0].replace('_', '-')}" if m[0] in vars(args) else m[0],
+            fields,
+        )
+        raise ConfigError(f"{options}: {why}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the chosen benchmark, print a summary, write the JSON record."""
+    results_folder(args.out)
     allocator = reexec_with_allocator(args.allocator)
     if allocator is None and args.allocator != "none" and keep_freed_memory():
         allocator = "glibc, freed memory kept (mallopt)"
@@ -155,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
             latency_rounds=args.latency_rounds,
             share_timings=args.share_timings,
         )
+        _validated(config, args)
         result = bench.run_infer_bench(config)
     elif args.bench == "train":
         from resnext.speed import train_bench as bench
@@ -163,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         config = _timed_config(
             bench.TrainConfig, args, bench.VARIANTS, default, warmup_rounds=args.warmup_rounds
         )
+        _validated(config, args)
         result = bench.run_train_bench(config)
     elif args.bench == "gpu":
         from resnext.speed import gpu_bench as bench
@@ -170,11 +204,13 @@ def run(args: argparse.Namespace) -> int:
         config = _timed_config(
             bench.GpuBenchConfig, args, bench.VARIANTS, bench.DEFAULT_VARIANTS, device=args.device
         )
+        _validated(config, args)
         result = bench.run_gpu_bench(config)
     elif args.bench == "peaks":
         from resnext.speed import peaks_bench as bench
 
         config = bench.PeaksConfig(rounds=args.rounds, seconds=args.seconds)
+        _validated(config, args)
         result = bench.run_peaks_bench(config)
     else:
         from resnext.speed import data_bench as bench
@@ -182,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         config = bench.DataConfig(
             root=args.root, limit=args.limit, rounds=args.rounds, workers=tuple(args.workers)
         )
+        _validated(config, args)
         result = bench.run_data_bench(config)
     print("\n".join(bench.summary_lines(result)))
     record = {**dataclasses.asdict(config), "allocator": allocator or "glibc"}

@@ -90,6 +90,10 @@ class InferConfig:
 
     def validate(self) -> None:
         validate_bench_config(self, VARIANTS)
+        if self.latency_rounds < 0:
+            raise ConfigError(
+                f"latency_rounds: expected an integer >= 0, got {self.latency_rounds}"
+            )
 
 
 def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:

@@ -233,7 +233,11 @@ def phase_lines(by_phase: Mapping[str, object]) -> list[str]:
 
 
 def validate_bench_config(config: object, known_variants: tuple[str, ...]) -> None:
-    """Refuse unknown variants and sizes or counts below 1, naming the field."""
+    """Refuse no models or variants, unknown variants, and sizes or counts below 1, naming the
+    field."""
+    for name in ("models", "variants"):
+        if not getattr(config, name):
+            raise ConfigError(f"{name}: expected at least one name")
     unknown = sorted(set(config.variants) - set(known_variants))  # type: ignore[attr-defined]
     if unknown:
         raise ConfigError(f"variants: unknown {unknown}; expected some of {list(known_variants)}")
