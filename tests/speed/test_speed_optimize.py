@@ -21,7 +21,7 @@ from torch import nn
 import resnext
 from resnext.errors import ConfigError
 from resnext.speed import fastpath as optimize_module
-from resnext.speed import pointwise_fp16, pointwise_gemm, replay
+from resnext.speed import pointwise_fp16, pointwise_gemm, pointwise_mkl, replay
 from resnext.speed.capability import bf16_supported, cpu_capability
 from resnext.speed.conv_x3 import unavailable_reason as x3_unavailable_reason
 from resnext.speed.fastpath import optimize
@@ -155,8 +155,29 @@ def test_original_model_untouched_and_bad_arguments() -> None:
         optimize(model, backend="tensorrt")
 
 
+@pytest.mark.parametrize("new_shapes", ["compile", "eager"])
+def test_jit_runs_other_batch_and_image_sizes(new_shapes: str) -> None:
+    # A trace keeps our 1×1 kernel's weights packed for the example's pixel count: any input of
+    # another pixel count failed in MKL's product. It now gets its own trace, or runs eager.
+    if pointwise_mkl.unavailable_reason() is not None:
+        pytest.skip(f"no MKL 1×1 kernel here: {pointwise_mkl.unavailable_reason()}")
+    model = resnext.create_model("resnext_tiny").eval()
+    randomize_bn(model)
+    example = torch.randn(1, 3, 32, 32)
+    fast = optimize(
+        model, "fp32", backend="jit", example_input=example, pointwise_mkl="on",
+        new_shapes=new_shapes,
+    )  # fmt: skip
+    assert any(c.chosen != "native" for c in fast.pointwise_choices)
+    for shape in [(3, 3, 32, 32), (1, 3, 64, 64), (2, 3, 48, 40), (1, 3, 32, 32)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert rel_err(fast(x), model(x)) < 1e-4, shape
+    assert len(fast.traces) == (4 if new_shapes == "compile" else 1)
+
+
 def test_compile_failure_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_compiler(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    def broken_compiler(module: nn.Module, example: torch.Tensor, **options: object) -> nn.Module:
         raise RuntimeError("compiler broke")
 
     # A compiler failure is simulated: the point is that optimize() still returns a working model.

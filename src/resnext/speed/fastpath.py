@@ -146,19 +146,41 @@ class FrozenInductor(nn.Module):
 
 
 class TracedModule(nn.Module):
-    """A torch.jit.trace'd and frozen module (the TorchScript fast path)."""
+    """A torch.jit.trace'd and frozen module (the TorchScript fast path), one trace per kind of
+    input (`shapes.input_key`).
 
-    def __init__(self, module: nn.Module, example: torch.Tensor) -> None:
+    A trace keeps as constants what `module` computed for the input it was traced on (our 1×1
+    kernels' weights packed for its pixel count), so it runs only inputs like that one: traced in
+    `build`, an input unlike every one so far is traced for when it comes (`new_shapes`
+    'compile', a forward's time and the freezing) or runs on `module`, the same function
+    without the trace ('eager'), as the inductor and replay backends do."""
+
+    def __init__(
+        self, module: nn.Module, example: torch.Tensor, new_shapes: str = "compile"
+    ) -> None:
         super().__init__()
+        check_new_shapes(new_shapes)
+        self.module = module
         self.in_channels = example.shape[1]
+        self.new_shapes = new_shapes
+        self.traces: dict[tuple[object, ...], torch.jit.ScriptModule] = {}
+        self.build(example)
+
+    def build(self, x: torch.Tensor) -> torch.Tensor:
+        """Trace for inputs like `x` (if not yet) and run it."""
+        key = input_key(x)
         with torch.no_grad():
-            traced = torch.jit.trace(module, example, check_trace=False)
-            self.traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            if key not in self.traces:
+                traced = torch.jit.trace(self.module, x, check_trace=False)
+                self.traces[key] = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            return self.traces[key](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_batch(x, self.in_channels)  # the trace kept none of CastInput's checks
-        with torch.no_grad():
-            return self.traced(x)
+        check_batch(x, self.in_channels)  # a trace keeps none of CastInput's checks
+        if self.new_shapes == "eager" and input_key(x) not in self.traces:
+            with torch.no_grad():
+                return self.module(x)
+        return self.build(x)
 
 
 def resolve_dtype(dtype: torch.dtype | str, device: torch.device | None = None) -> torch.dtype:
@@ -354,8 +376,8 @@ def optimize(
     graph (or recording) is built once on `example_input` (default: batch 1 at the model's
     natural size) and on each shape of `warmup_shapes`; if that fails, the eager fast path is
     returned with a warning. Inputs may be any float dtype and layout; outputs are float32.
-    With inductor or replay an input of another shape (a last short batch) or dtype or layout
-    is built for when it comes (`new_shapes` 'compile': ~10 s of compiling for ResNeXt-50 on a
+    With inductor, jit or replay an input of another shape (a last short batch) or dtype or
+    layout is built for when it comes (`new_shapes` 'compile': ~10 s of compiling for ResNeXt-50 on a
     2-core CPU, two forwards' time to record) or runs on the eager fast path ('eager'; the
     same function, no wait).
 
@@ -582,9 +604,10 @@ def optimize(
                 if other is not None and replays_faster(other, fast, largest):
                     eager, fast = other.module, other
         elif backend == "jit":
-            fast = TracedModule(eager, example)
+            traced = TracedModule(eager, example, new_shapes=new_shapes)
             for shape in shapes:
-                fast(torch.randn(shape, device=target))
+                traced.build(torch.randn(shape, device=target))
+            fast = traced
         else:
             inductor = FrozenInductor(
                 eager, cpp_wrapper=cpp_wrapper and on_cpu, new_shapes=new_shapes
