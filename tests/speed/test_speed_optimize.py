@@ -176,6 +176,62 @@ def test_jit_runs_other_batch_and_image_sizes(new_shapes: str) -> None:
     assert len(fast.traces) == (4 if new_shapes == "compile" else 1)
 
 
+BAD_ARGUMENTS = {
+    "a name for a model": (
+        dict(model="resnext50"),
+        r"^model: expected a torch nn\.Module, got str",
+    ),
+    "no model": (dict(model=None), r"^model: expected a torch nn\.Module, got NoneType"),
+    "not an image network": (dict(model=nn.Linear(3, 4)), r"^model: expected an image network"),
+    "device gpu": (dict(device="gpu"), r"^device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    "device 5": (dict(device=5), r"^device: expected 'cpu', 'cuda' or 'cuda:N', got 5"),
+    "device cuda": (dict(device="cuda"), r"^device: 'cuda' asked for, but torch sees no CUDA"),
+    "device mps": (dict(device="mps"), r"^device: the fast path runs on 'cpu' or 'cuda'"),
+    "example of 1 channel": (
+        dict(example_input=torch.randn(1, 1, 32, 32)),
+        r"^example_input: expected 3 channels",
+    ),
+    "example of 3 dims": (
+        dict(example_input=torch.randn(3, 32, 32)),
+        r"^example_input: expected an image batch \(N, C, H, W\)",
+    ),
+    "example a list": (dict(example_input=[1, 2]), r"^example_input: expected a torch\.Tensor"),
+    "warm-up shape of 3 dims": (
+        dict(warmup_shapes=[(2, 3, 32)]),
+        r"^warmup_shapes: expected \(N, 3, H, W\) tuples",
+    ),
+    "warm-up shapes an int": (dict(warmup_shapes=5), r"^warmup_shapes: expected"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_are_named_before_the_model_is_copied(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # they failed as raw AttributeErrors, RuntimeErrors from torch.device or a convolution, or
+    # CUDA's AssertionError, most after the model had been copied and folded
+    def copied(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was copied before the arguments were checked")
+
+    monkeypatch.setattr(optimize_module, "fold_batchnorm", copied)
+    monkeypatch.setattr(optimize_module.copy, "deepcopy", copied)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    arguments, message = BAD_ARGUMENTS[case]
+    arguments = {"model": resnext.create_model("resnext_tiny"), "backend": "none", **arguments}
+    with pytest.raises(ConfigError, match=message):
+        optimize(**arguments)
+
+
+def test_the_input_channels_come_from_the_spec_or_the_first_convolution() -> None:
+    grey = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    fast = optimize(grey, backend="none")  # its default example has 1 channel, not 3
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert rel_err(fast(x), grey.eval()(x)) < 1e-5
+    with pytest.raises(ConfigError, match=r"^example_input: expected 1 channels"):
+        optimize(grey, backend="none", example_input=torch.randn(1, 3, 16, 16))
+
+
 def test_compile_failure_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken_compiler(module: nn.Module, example: torch.Tensor, **options: object) -> nn.Module:
         raise RuntimeError("compiler broke")

@@ -35,20 +35,77 @@ MERGE_MODES = ("auto", "off")
 RECOMPILE_LIMIT = 256
 
 
-def check_batch(x: object, channels: int | None) -> None:
-    """A ValueError naming the input unless `x` is a float image batch (N, C, H, W) with
-    `channels` channels (any count where None): our kernels would otherwise fail on it with
-    messages about their own operands, or a replay on its first recording."""
+def check_batch(
+    x: object, channels: int | None, what: str = "input", error: type[ValueError] = ValueError
+) -> None:
+    """An `error` naming `what` unless `x` is a float image batch (N, C, H, W) with `channels`
+    channels (any count where None): our kernels would otherwise fail on it with messages about
+    their own operands, or a replay on its first recording."""
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"input: expected a torch.Tensor image batch, got {type(x).__name__}")
+        raise error(f"{what}: expected a torch.Tensor image batch, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"input: expected an image batch (N, C, H, W), got shape {tuple(x.shape)}")
+        raise error(f"{what}: expected an image batch (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"input: expected a floating-point image batch, got {x.dtype}")
+        raise error(f"{what}: expected a floating-point image batch, got {x.dtype}")
     if channels is not None and x.shape[1] != channels:
-        raise ValueError(
-            f"input: expected {channels} channels (N, C, H, W), got shape {tuple(x.shape)}"
+        raise error(
+            f"{what}: expected {channels} channels (N, C, H, W), got shape {tuple(x.shape)}"
         )
+
+
+def input_channels(model: nn.Module) -> int:
+    """The channels of the images `model` takes: its spec's `in_chans`, else its first Conv2d's
+    input channels; a ConfigError unless it is an image network (a module with a Conv2d)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected a torch nn.Module, got {type(model).__name__}")
+    chans = getattr(getattr(model, "spec", None), "in_chans", None)
+    if isinstance(chans, int):
+        return chans
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise ConfigError(
+            "model: expected an image network with Conv2d layers (e.g. resnext.create_model's), "
+            f"got {type(model).__name__} without one"
+        )
+    return first.in_channels
+
+
+def check_device(device: torch.device | str | int) -> torch.device:
+    """`device` as a torch.device the fast path can run on here; a ConfigError naming it otherwise
+    (checked before the model is copied, folded and moved)."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if target.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {str(target)!r} asked for, but torch sees no CUDA device")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device: {str(target)!r} asked for, but torch sees "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return target
+
+
+def check_shapes(shapes: object, channels: int) -> list[tuple[int, ...]]:
+    """`warmup_shapes` as a list of (N, C, H, W) tuples of `channels` channels; a ConfigError
+    naming it otherwise."""
+    expected = f"(N, {channels}, H, W) tuples of integers >= 1"
+    try:
+        found = [tuple(shape) for shape in shapes]  # type: ignore[union-attr]
+    except TypeError:
+        raise ConfigError(f"warmup_shapes: expected {expected}, got {shapes!r}") from None
+    for shape in found:
+        if (
+            len(shape) != 4
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
+            or shape[1] != channels
+        ):
+            raise ConfigError(f"warmup_shapes: expected {expected}, got {shape!r}")
+    return found
 
 
 class CastInput(nn.Module):
@@ -223,7 +280,7 @@ def float16_products(
 def default_example(model: nn.Module, batch: int = 1) -> torch.Tensor:
     """A random input of the model's natural size (from `model.spec` when it has one)."""
     spec = getattr(model, "spec", None)
-    chans = getattr(spec, "in_chans", 3)
+    chans = input_channels(model)
     size = 32 if getattr(spec, "stem", "imagenet") == "cifar" else 224
     return torch.randn(batch, chans, size, size)
 
@@ -503,9 +560,19 @@ def optimize(
     (BN folding, channels_last, `dtype`, the compiled graph, with inductor's Python wrapper) and
     `merge_groups`: the other kernel options are CPU kernels, so their 'auto' does nothing there
     and 'on' is refused. The returned module moves its input to the device.
+
+    `model` is an image network: an nn.Module with Conv2d layers (this package's, or e.g.
+    torchvision's), taking images of its spec's `in_chans` channels, else of its first Conv2d's
+    input channels; `example_input` a float (N, C, H, W) batch of those channels, `warmup_shapes`
+    (N, C, H, W) tuples; `device` 'cpu', or 'cuda' / 'cuda:N' where torch sees that device. Each
+    is checked before the model is copied: anything else is a ConfigError naming the argument.
     """
+    channels = input_channels(model)  # refuses what is not an image network
     if backend not in BACKENDS:
         raise ConfigError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if example_input is not None:
+        check_batch(example_input, channels, "example_input", ConfigError)
+    warmup_shapes = check_shapes(warmup_shapes, channels)
     if any(p.is_quantized for p in model.state_dict().values() if isinstance(p, torch.Tensor)):
         raise ConfigError(
             "model: an int8 (quantized) network runs on torch's int8 kernels as it is; "
@@ -529,9 +596,7 @@ def optimize(
         check_mode(name, mode)
     if merge_groups not in MERGE_MODES:
         raise ConfigError(f"merge_groups: expected one of {MERGE_MODES}, got {merge_groups!r}")
-    target = model_device(model, device)
-    if target.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
+    target = check_device(model_device(model) if device is None else device)
     on_cpu = target.type == "cpu"
     if isinstance(dtype, str) and dtype == "auto":
         dtype = fastest_precision(target)
