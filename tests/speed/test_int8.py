@@ -4,7 +4,9 @@ quantized module tree and keys, and clear refusals."""
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import resnext
+from resnext.errors import ConfigError
 from resnext.speed.int8 import int8_template, qconfig, quantize_int8, quantized_engine
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -129,7 +132,9 @@ def test_networks_it_does_not_take_are_refused_by_field(
     overrides: dict[str, object], field: str
 ) -> None:
     spec = resnext.get_spec("resnext_tiny_in").replace(**overrides)
-    with pytest.raises(ValueError, match=f"^{field}: int8 quantization takes"):
+    # a ConfigError, which the command line reports in one line (it showed a plain ValueError's
+    # traceback), still a ValueError
+    with pytest.raises(ConfigError, match=f"^{field}: int8 quantization takes"):
         quantize_int8(resnext.build_model(spec), [torch.randn(1, 3, 32, 32)])
 
 
@@ -147,6 +152,40 @@ def test_bad_calibration_engine_and_observer_are_named() -> None:
         quantize_int8(model, [torch.randn(1, 3, 32, 32)], observer="mean")
     with pytest.raises(ValueError, match="model: int8 quantization takes a float32 model"):
         quantize_int8(model.to(torch.bfloat16), [torch.randn(1, 3, 32, 32)])
+    model.float()
+    for calibration in (None, 5):  # were "'NoneType' object is not iterable"
+        with pytest.raises(ConfigError, match=r"^calibration: expected float \(N, C, H, W\)"):
+            quantize_int8(model, calibration)
+    with pytest.raises(ConfigError, match=r"calibration\[0\]: expected a float"):
+        quantize_int8(model, [None])
+
+
+def test_the_command_refuses_a_network_or_an_output_folder_before_calibrating(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a network it cannot quantize and a missing output folder ended in tracebacks, the second
+    # after the calibration; the calibration images are not even read now
+    from resnext.cli import main
+    from resnext.commands import quantize_cmd
+
+    def read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the calibration images were read")
+
+    monkeypatch.setattr(quantize_cmd, "preprocessed_images", read)
+    missing = tmp_path / "no-such-folder" / "int8.pth"
+    cases = [
+        ("resnext29_8x64d_preact", tmp_path / "int8.pth", r"preact: int8 quantization takes"),
+        ("resnext_tiny_in", missing, rf"--output {missing}: folder \S+ does not exist"),
+        ("resnext_tiny_in", tmp_path, r"--output: expected a \.pth or \.pt file"),
+    ]
+    (tmp_path / "a-folder.pth").mkdir()
+    cases.append(("resnext_tiny_in", tmp_path / "a-folder.pth", r"is a folder, expected a file"))
+    for name, output, message in cases:
+        argv = ["quantize", name, "--calibration", str(tmp_path), "--output", str(output)]
+        assert main(argv) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+        assert re.fullmatch(rf"resnext quantize: error: .*{message}.*", line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder.pth"]
 
 
 def test_the_inference_benchmark_builds_its_int8_variant_on_a_batch_of_its_own() -> None:

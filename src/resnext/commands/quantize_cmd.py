@@ -60,17 +60,24 @@ def calibration_batches(
 
 def run(args: argparse.Namespace) -> int:
     """Quantize, save, and print a JSON summary (with the int8 outputs' difference from float)."""
-    from resnext.speed.int8 import quantize_int8
+    from resnext.speed.int8 import check_quantizable, quantize_int8
     from resnext.weights.int8 import save_int8
 
-    if not str(args.output).endswith((".pth", ".pt")):
+    output = Path(args.output)
+    if not output.name.endswith((".pth", ".pt")):
         raise ConfigError(f"--output: expected a .pth or .pt file, got {args.output}")
+    # before loading and calibrating, not after
+    if not output.parent.is_dir():
+        raise ConfigError(f"--output {args.output}: folder {output.parent} does not exist")
+    if output.is_dir():
+        raise ConfigError(f"--output {args.output}: is a folder, expected a file")
     loaded = load_model(args.name, args.weights)
+    check_quantizable(loaded.model)  # before the calibration images are read
     batches = calibration_batches(loaded, args.calibration, args.images, args.batch_size)
     net = quantize_int8(
         loaded.model, batches, observer=args.observer, activation_bits=args.activation_bits
     )
-    out = save_int8(net, Path(args.output))
+    out = save_int8(net, output)
     with torch.no_grad():
         want, got = loaded.model(batches[0]), net(batches[0])
     summary = {

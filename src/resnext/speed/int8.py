@@ -29,6 +29,7 @@ from torch import nn
 from torch.ao import quantization as tq
 from torch.ao.nn.quantized import FloatFunctional
 
+from resnext.errors import ConfigError
 from resnext.models.blocks import Bottleneck
 from resnext.models.network import ResNeXt
 from resnext.speed import add_int8, autotune, grouped_int8
@@ -39,13 +40,13 @@ OBSERVERS = ("histogram", "minmax")
 
 
 def _refuse(what: str, got: object, allowed: str) -> NoReturn:
-    raise ValueError(f"{what}: int8 quantization takes {allowed}, got {got!r}")
+    raise ConfigError(f"{what}: int8 quantization takes {allowed}, got {got!r}")
 
 
 def check_quantizable(model: nn.Module) -> None:
-    """ValueError naming the first thing of `model` the int8 tree does not take: it takes
-    post-activation form-c ResNeXts (ImageNet or CIFAR stem, no squeeze-and-excitation) in
-    float32 on the CPU."""
+    """ConfigError (a ValueError) naming the first thing of `model` the int8 tree does not
+    take: it takes post-activation form-c ResNeXts (ImageNet or CIFAR stem, no
+    squeeze-and-excitation) in float32 on the CPU."""
     if not isinstance(model, ResNeXt):
         _refuse("model", type(model).__name__, "a resnext ResNeXt network")
     spec = model.spec
@@ -270,11 +271,11 @@ def quantized_engine(engine: str) -> Iterator[None]:
 def _check_batch(index: int, x: object, channels: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
         what = f"a {x.dtype} tensor of {x.dim()} dims" if isinstance(x, torch.Tensor) else type(x)
-        raise ValueError(
+        raise ConfigError(
             f"calibration[{index}]: expected a float (N, {channels}, H, W) batch, got {what}"
         )
     if x.shape[1] != channels or x.shape[0] < 1:
-        raise ValueError(
+        raise ConfigError(
             f"calibration[{index}]: expected a float (N, {channels}, H, W) batch, got "
             f"{tuple(x.shape)}"
         )
@@ -311,7 +312,7 @@ def _converted(
             net(_check_batch(i, x, model.spec.in_chans))
             seen += 1
         if seen == 0:
-            raise ValueError("calibration: expected at least one batch of images, got none")
+            raise ConfigError("calibration: expected at least one batch of images, got none")
         tq.convert(net, inplace=True)
     return net
 
@@ -331,12 +332,17 @@ def quantize_int8(
     should run only on CPUs with it."""
     check_quantizable(model)
     if activation_bits == 8 and not VNNI_FLAGS & cpu_flags():
-        raise ValueError(
+        raise ConfigError(
             "activation_bits: 8 needs a CPU that sums int8 products in int32 (one of "
             f"{sorted(VNNI_FLAGS)}); this one has none, so use 7"
         )
     if isinstance(calibration, torch.Tensor):
         calibration = [calibration]
+    elif not isinstance(calibration, Iterable):
+        raise ConfigError(
+            "calibration: expected float (N, C, H, W) batches (a list, or any iterable), got "
+            f"{type(calibration).__name__}"
+        )
     return _converted(model, calibration, engine, observer, activation_bits)
 
 
