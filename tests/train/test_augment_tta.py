@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from resnext.config import load_config
 from resnext.data import default_transforms
-from resnext.data.trivial_augment import WIDE_SPACE, TrivialAugment
+from resnext.data.trivial_augment import WIDE_SPACE, TrivialAugment, magnitude
 from resnext.errors import ConfigError
 from resnext.train.evaluate import evaluate, shifted, tta_views
 
@@ -24,12 +24,32 @@ def _image(seed: int = 0, mode: str = "RGB") -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
 
 
-@pytest.mark.parametrize("name", sorted(set(WIDE_SPACE) - {"autocontrast", "equalize"}))
+@pytest.mark.parametrize("name", sorted(set(WIDE_SPACE) - {"autocontrast", "equalize", "solarize"}))
 def test_every_operation_is_the_identity_at_magnitude_bin_zero(name):
-    # In the paper's space bin 0 is "no change" for every operation that has a magnitude.
-    op, low, _high, _signed = WIDE_SPACE[name]
+    # In the paper's space bin 0 is "no change" for every operation that has a magnitude (but
+    # torchvision's solarize, which inverts pure white there: below).
+    op, *_ = WIDE_SPACE[name]
     img = _image(1)
-    assert np.array_equal(np.asarray(op(img, low)), np.asarray(img))
+    assert np.array_equal(np.asarray(op(img, magnitude(name, 0))), np.asarray(img))
+
+
+def test_posterize_and_solarize_bins_are_torchvisions():
+    # torchvision's TrivialAugmentWide: posterize keeps 8 - round(bin / 5) bits, solarize inverts
+    # the values >= 255 - 8.5 * bin. Worked out by hand: bits 8 for bins 0-2 (0, 0.2, 0.4 round
+    # to 0), then 7 from bin 3 (0.6) to 7 (1.4), ..., 2 for bins 28-30 (5.6, 5.8, 6).
+    bits = [8] * 3 + [7] * 5 + [6] * 5 + [5] * 5 + [4] * 5 + [3] * 5 + [2] * 3
+    ramp = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16), "L")
+    posterize, *_ = WIDE_SPACE["posterize"]
+    kept = [
+        np.unique(np.asarray(posterize(ramp, magnitude("posterize", b)))).size for b in range(31)
+    ]
+    assert kept == [2**n for n in bits]
+    # the smallest inverted value: 255 - 8.5 * bin rounded up (bin 1: 246.5 -> 247)
+    first_inverted = {0: 255, 1: 247, 2: 238, 3: 230, 15: 128, 29: 9, 30: 0}
+    solarize, *_ = WIDE_SPACE["solarize"]
+    for b, first in first_inverted.items():
+        out = np.asarray(solarize(ramp, magnitude("solarize", b))).ravel()
+        assert out.tolist() == [v if v < first else 255 - v for v in range(256)], b
 
 
 def test_translate_moves_the_content_by_whole_pixels_and_fills_grey():

@@ -3,6 +3,14 @@
 The "wide" search space of the paper: each image gets exactly one of 14 operations, with a
 magnitude bin drawn uniformly from 0..30 and, for signed operations, a random sign. No parameters
 to tune, which is why it suits small datasets such as cifar10-mini.
+
+Each bin's magnitude is that of torchvision's `TrivialAugmentWide` (31 bins), which our users
+know, rather than that of the authors' code (automl/trivialaugment), which differs by a bin's
+rounding: posterize keeps 8 - round(bin / 5) bits (8 bits in bins 0-2, 2 in bins 28-30, 3 bins
+each; the authors' 8 - int(bin * 6 / 30) keeps 2 bits in bin 30 alone) and solarize inverts the
+pixels at or above 255 - 8.5 * bin (bin 0 inverts pure white; the authors' threshold is
+256 - int(bin * 256 / 30)). Areas a geometric operation uncovers are mid-grey, not torchvision's
+black.
 """
 
 from __future__ import annotations
@@ -53,11 +61,13 @@ def _enhance(kind: type) -> Callable[[Image.Image, float], Image.Image]:
 
 
 def _posterize(img: Image.Image, m: float) -> Image.Image:
-    return ImageOps.posterize(img, int(m))
+    # the bits rounded, as torchvision rounds its bins' (truncating kept 8 bits in bin 0 alone)
+    return ImageOps.posterize(img, round(m))
 
 
 def _solarize(img: Image.Image, m: float) -> Image.Image:
-    return ImageOps.solarize(img, int(m))
+    # pixels >= m are inverted, m a fraction in odd bins (PIL compares each value with it)
+    return ImageOps.solarize(img, m)  # type: ignore[arg-type]
 
 
 def _autocontrast(img: Image.Image, m: float) -> Image.Image:
@@ -85,10 +95,17 @@ WIDE_SPACE: dict[str, tuple[Callable[[Image.Image, float], Image.Image], float, 
     "contrast": (_enhance(ImageEnhance.Contrast), 0.0, 0.99, True),
     "sharpness": (_enhance(ImageEnhance.Sharpness), 0.0, 0.99, True),
     "posterize": (_posterize, 8.0, 2.0, False),
-    "solarize": (_solarize, 256.0, 0.0, False),
+    "solarize": (_solarize, 255.0, 0.0, False),
     "autocontrast": (_autocontrast, 0.0, 0.0, False),
     "equalize": (_equalize, 0.0, 0.0, False),
 }
+
+
+def magnitude(name: str, level: int) -> float:
+    """Operation `name`'s magnitude in bin `level` (0..NUM_BINS-1), before any sign: evenly
+    spaced from its first bin's to its last's."""
+    _, low, high, _ = WIDE_SPACE[name]
+    return low + (high - low) * level / (NUM_BINS - 1)
 
 
 class TrivialAugment:
@@ -108,12 +125,11 @@ class TrivialAugment:
                 + (f" in mode {img.mode}" if isinstance(img, Image.Image) else "")
             )
         name = self.names[randint(self.generator, 0, len(self.names) - 1)]
-        op, low, high, signed = WIDE_SPACE[name]
-        level = randint(self.generator, 0, NUM_BINS - 1)
-        magnitude = low + (high - low) * level / (NUM_BINS - 1)
+        op, _, _, signed = WIDE_SPACE[name]
+        m = magnitude(name, randint(self.generator, 0, NUM_BINS - 1))
         if signed and uniform(self.generator, 0.0, 1.0) < 0.5:
-            magnitude = -magnitude
-        return op(img, magnitude)
+            m = -m
+        return op(img, m)
 
     def __repr__(self) -> str:
         return f"TrivialAugment(wide, {len(self.names)} ops, {NUM_BINS} bins)"
