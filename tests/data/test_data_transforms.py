@@ -161,3 +161,15 @@ def test_draft_size_keeps_the_smallest_crop_resolution() -> None:
     assert w < 4000 and h < 3000
     sides = [min(rrc.get_params(w, h)[2:]) for _ in range(3000)]
     assert min(sides) >= 223  # even the smallest possible crop still has ~224 source pixels
+
+
+@pytest.mark.parametrize("ratio", [(0.25, 1.0), (1.0, 4.0)])
+def test_draft_size_with_a_ratio_range_not_symmetric_about_1(ratio: tuple[float, float]) -> None:
+    # The smallest side is that of the smallest area at the most extreme aspect, 1/4 either way:
+    # sqrt(0.08 * 4000 * 3000 / 4) = sqrt(240000) = 489.9 px, so the draft may shrink the image
+    # by 224 / 489.9 = 0.4572 at most: 4000 x 3000 -> 1828.95 x 1371.71, rounded up. (Only the
+    # ratio's top was used: for (0.25, 1) that allowed 0.2286, a quarter of the crops < 224 px.)
+    rrc = RandomResizedCrop(224, ratio=ratio, generator=torch.Generator().manual_seed(3))
+    assert rrc.draft_size(4000, 3000) == (1829, 1372)
+    sides = [min(rrc.get_params(1829, 1372)[2:]) for _ in range(3000)]
+    assert min(sides) >= 223

@@ -143,8 +143,10 @@ class RandomResizedCrop:
         return TF.resize(TF.crop(img, left, top, w, h), self.size, self.interpolation)
 
     def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
-        # The smallest possible crop side is sqrt(min_area * A / max_ratio); it must stay >= size.
-        smallest = math.sqrt(self.scale[0] * width * height / self.ratio[1])
+        # A crop of area a and aspect r (w/h, or h/w when swapped) has sides sqrt(a*r) and
+        # sqrt(a/r): over the ratio range the smallest side is sqrt(min_area * min(r0, 1/r1)),
+        # which must stay >= size (1/r1 alone holds only for a range symmetric about 1).
+        smallest = math.sqrt(self.scale[0] * width * height * min(self.ratio[0], 1 / self.ratio[1]))
         factor = max(self.size) / smallest
         if factor >= 0.5:
             return None
