@@ -208,6 +208,24 @@ def test_an_out_that_is_a_file_is_refused_before_any_timing(
     assert made.is_dir()
 
 
+def test_an_allocator_named_but_not_installed_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # it ran on glibc's malloc, saying so only in the first line of its output
+    _no_timing(monkeypatch)
+    monkeypatch.setattr(bench_cmd, "loaded_allocator", lambda: None)
+    monkeypatch.setattr(bench_cmd, "find_allocator", lambda choice="auto": None)
+    args = _args(["infer", "--models", "resnext_tiny", "--out", str(tmp_path)])
+    for choice in ("tcmalloc", "jemalloc"):
+        args.allocator = choice
+        with pytest.raises(ConfigError, match=rf"^--allocator {choice}: not installed"):
+            bench_cmd.run(args)
+    args.allocator = "auto"  # falls back to glibc, as documented
+    monkeypatch.setattr(bench_cmd, "reexec_with_allocator", lambda choice: None)
+    with pytest.raises(_Ran):
+        bench_cmd.run(args)
+
+
 def test_no_models_and_negative_latency_rounds_are_refused_naming_the_option(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,7 +11,13 @@ from pathlib import Path
 from types import ModuleType
 
 from resnext.errors import ConfigError, ResNeXtError
-from resnext.speed.allocator import keep_freed_memory, reexec_with_allocator
+from resnext.speed.allocator import (
+    LIBRARY_NAMES,
+    find_allocator,
+    keep_freed_memory,
+    loaded_allocator,
+    reexec_with_allocator,
+)
 from resnext.speed.capability import bf16_faster
 from resnext.speed.provenance import write_results
 
@@ -151,6 +157,16 @@ def results_folder(out: Path) -> Path:
     return out
 
 
+def check_allocator(choice: str) -> None:
+    """A ConfigError for an allocator named by --allocator that is neither loaded nor installed:
+    asked for by name it must not quietly become glibc's ('auto' falls back to glibc)."""
+    if choice in LIBRARY_NAMES and loaded_allocator() is None and find_allocator(choice) is None:
+        raise ConfigError(
+            f"--allocator {choice}: not installed (none of {list(LIBRARY_NAMES[choice])} found); "
+            "install it, or pass auto (glibc where neither is installed) or none"
+        )
+
+
 def _validated(config: object, args: argparse.Namespace) -> None:
     """`config.validate()`, its errors naming the options typed (--latency-rounds) rather than
     the config's fields (latency_rounds)."""
@@ -171,6 +187,7 @@ def _validated(config: object, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the chosen benchmark, print a summary, write the JSON record."""
     results_folder(args.out)
+    check_allocator(args.allocator)
     allocator = reexec_with_allocator(args.allocator)
     if allocator is None and args.allocator != "none" and keep_freed_memory():
         allocator = "glibc, freed memory kept (mallopt)"
