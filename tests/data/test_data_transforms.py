@@ -102,6 +102,22 @@ def test_lighting_uses_the_eigen_decomposition() -> None:
     assert shifted[1] == 0 and shifted[2] == 0 and shifted[0] != 0
 
 
+@pytest.mark.parametrize("strength", [1.0, 1.5, -0.1])
+def test_color_jitter_strengths_are_those_batch_pipeline_takes(strength: float) -> None:
+    # at strength 1 the blend weight 1 + U(-1, 1) reaches 0 (a black image), beyond it goes
+    # negative (an inverted one): both paths refuse what the batch pipeline refused
+    from resnext.data.batch_ops import BatchPipeline
+
+    for position in range(3):
+        strengths = [0.4, 0.4, 0.4]
+        strengths[position] = strength
+        with pytest.raises(ConfigError, match=r"expected a strength in \[0, 1\)"):
+            ColorJitter(*strengths)
+    with pytest.raises(ConfigError, match=r"expected a strength in \[0, 1\)"):
+        BatchPipeline(MEAN, STD, jitter=strength)
+    ColorJitter(0.0, 0.99, 0.4)  # the ends it takes
+
+
 def test_color_jitter_blends() -> None:
     gen = torch.Generator().manual_seed(0)
     grey = torch.full((3, 4, 4), 0.5)

@@ -239,7 +239,11 @@ class Normalize:
 
 
 class ColorJitter:
-    """fb.resnet.torch colour jitter: brightness, contrast, saturation blends in random order."""
+    """fb.resnet.torch colour jitter: brightness, contrast, saturation blends in random order.
+
+    Each strength s blends with a weight 1 + U(-s, s) on the image: in [0, 1), as
+    `BatchPipeline`'s `jitter`, since from 1 on the weight can reach 0 (a black or flat image)
+    or go below it (an inverted one)."""
 
     def __init__(
         self,
@@ -248,6 +252,15 @@ class ColorJitter:
         saturation: float = 0.4,
         generator: RandomSource = None,
     ) -> None:
+        for name, strength in (
+            ("brightness", brightness),
+            ("contrast", contrast),
+            ("saturation", saturation),
+        ):
+            if not 0.0 <= strength < 1.0:
+                raise ConfigError(
+                    f"ColorJitter {name}: expected a strength in [0, 1), got {strength!r}"
+                )
         self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
         self.generator = generator
 
