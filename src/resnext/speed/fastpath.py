@@ -70,16 +70,17 @@ def input_channels(model: nn.Module) -> int:
     return first.in_channels
 
 
-def check_device(device: torch.device | str | int) -> torch.device:
-    """`device` as a torch.device the fast path can run on here; a ConfigError naming it otherwise
-    (checked before the model is copied, folded and moved)."""
+def check_device(device: torch.device | str | int, *, present: bool = True) -> torch.device:
+    """`device` as a torch.device the fast path can run on ('cpu' or 'cuda'), and with `present`
+    one torch sees here; a ConfigError naming it otherwise (checked before the model is copied,
+    folded and moved)."""
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if target.type not in ("cpu", "cuda"):
         raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
-    if target.type == "cuda":
+    if present and target.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device: {str(target)!r} asked for, but torch sees no CUDA device")
         if target.index is not None and target.index >= torch.cuda.device_count():
@@ -596,10 +597,11 @@ def optimize(
         check_mode(name, mode)
     if merge_groups not in MERGE_MODES:
         raise ConfigError(f"merge_groups: expected one of {MERGE_MODES}, got {merge_groups!r}")
-    target = check_device(model_device(model) if device is None else device)
+    # whether the GPU is there is asked after the refusals of what cannot run on one at all
+    target = check_device(model_device(model) if device is None else device, present=False)
     on_cpu = target.type == "cpu"
     if isinstance(dtype, str) and dtype == "auto":
-        dtype = fastest_precision(target)
+        dtype = fastest_precision(check_device(target))
     dtype, pointwise_fp16 = float16_products(dtype, pointwise_fp16, on_cpu)
     dtype = resolve_dtype(dtype, target)
     if backend == "replay" and not on_cpu:
@@ -609,6 +611,7 @@ def optimize(
     for name, mode in kernels.items():
         if mode == "on" and not on_cpu:
             raise ConfigError(f"{name}: 'on' is a CPU kernel; {target} takes 'auto' or 'off'")
+    check_device(target)  # before torch asks the GPU anything, and before the model is copied
     if dtype == torch.bfloat16 and not bf16_runs_on(target):
         warnings.warn(
             f"bf16 requested but {target.type} has no native bf16 arithmetic; using float32",
