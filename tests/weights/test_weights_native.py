@@ -175,3 +175,44 @@ def test_sidecar_fields_of_the_wrong_type_are_refused(
     with pytest.raises(WeightsError, match=re.escape(expected)) as info:
         load_native(path)
     assert "tiny.json" in str(info.value)
+
+
+def test_convert_of_a_training_checkpoint_keeps_its_spec_and_preprocessing(
+    tmp_path: Path,
+) -> None:
+    # A `resnext train` checkpoint of a digits run at 16 px with model.spec overrides.
+    from resnext.inference.loading import load_model
+
+    spec = {"cardinality": 4, "depths": [2, 1, 1], "logit_scale": 0.5}
+    torch.manual_seed(0)
+    net = resnext.create_model("resnext_tiny", **spec).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for name, b in net.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+    ckpt = tmp_path / "last.pt"
+    config = {"model": {"name": "resnext_tiny", "spec": spec},
+              "data": {"kind": "digits", "image_size": 16}}  # fmt: skip
+    torch.save({"model": net.state_dict(), "config": config}, ckpt)
+    out = tmp_path / "tiny.safetensors"
+
+    assert main(["convert", str(ckpt), "--model", "resnext_tiny", "--output", str(out)]) == 0
+
+    side = json.loads(out.with_suffix(".json").read_text())
+    prep = side["preprocessing"]
+    # digits images are used whole at the run's 16 px, normalised by the digits statistics
+    # (grey: one value per channel, near 0.3 on [0, 1]), not ImageNet's 224 px crop.
+    assert prep["crop"] == 16 and prep["resize"] == 16
+    assert len(set(prep["mean"])) == 1 and abs(prep["mean"][0] - 0.305) < 0.01
+    assert len(set(prep["std"])) == 1 and abs(prep["std"][0] - 0.32) < 0.01
+    assert side["provenance"]["source_format"] == "resnext_train_checkpoint"
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    converted = load_model(None, out)
+    from_checkpoint = load_model(None, ckpt)
+    assert converted.preprocessing == from_checkpoint.preprocessing
+    with torch.no_grad():
+        expected = net(x)
+        assert torch.equal(converted.model(x), expected)
+        assert torch.equal(from_checkpoint.model(x), expected)

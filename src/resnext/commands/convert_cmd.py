@@ -12,6 +12,7 @@ from resnext.errors import WeightsError
 def convert_weights(source: str, model_name: str, output: str | Path) -> Path:
     """Load `source` (a file in any supported format or a weights tag) and save it natively."""
     from resnext import __version__
+    from resnext.inference.loading import load_training_checkpoint, torch_payload
     from resnext.weights import build_with_weights, load_weights, save_weights
     from resnext.weights.native import sidecar_path
 
@@ -25,16 +26,25 @@ def convert_weights(source: str, model_name: str, output: str | Path) -> Path:
         raise WeightsError(
             f"--output {output}: its sidecar {side} exists already; remove it or choose another path"
         )
-    loaded = load_weights(source, model_name=model_name)
-    model = build_with_weights(model_name, loaded)
+    # A `resnext train` checkpoint is read as eval/predict read it: with its config's spec
+    # overrides and its run's preprocessing (as a plain state dict it would get ImageNet's).
+    read = torch_payload(source)
+    net = load_training_checkpoint(read, source, model_name)
+    if net is not None:
+        model, fmt = net, "resnext_train_checkpoint"
+        preprocessing, class_names = net.preprocessing, None  # a run records no class names
+    else:
+        loaded = load_weights(source, model_name=model_name, payload=read)
+        model, fmt = build_with_weights(model_name, loaded), loaded.source_format
+        preprocessing, class_names = loaded.preprocessing, loaded.class_names
     return save_weights(
         model,
         output,
-        preprocessing=loaded.preprocessing,
-        class_names=loaded.class_names,
+        preprocessing=preprocessing,
+        class_names=class_names,
         provenance={
             "source": str(source),
-            "source_format": loaded.source_format,
+            "source_format": fmt,
             "converted_by": f"resnext {__version__}",
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },

@@ -44,9 +44,10 @@ def default_preprocessing(model: nn.Module) -> Preprocessing:
     return imagenet()
 
 
-def _torch_payload(path: Path) -> Any:
+def torch_payload(path: str | Path) -> Any:
     """What a torch file at `path` holds, read once, or None (another kind of file, or one
     torch cannot read: the weights loaders then name its problem)."""
+    path = Path(path)
     if path.suffix not in (".pt", ".pth", ".ckpt", ".tar") or not path.is_file():
         return None
     try:
@@ -86,6 +87,20 @@ def _from_checkpoint(payload: dict[str, Any], path: Path, model_name: str | None
             str(data_cfg["kind"]), int(data_cfg.get("image_size", 32))
         )
     return model
+
+
+def load_training_checkpoint(
+    payload: Any, path: str | Path, model_name: str | None = None
+) -> nn.Module | None:
+    """The network of a `resnext train` checkpoint whose content (`torch_payload(path)`) is
+    `payload`, built with its config's spec overrides and carrying the preprocessing its run
+    trained with; None where `payload` is not a training checkpoint."""
+    if not _is_training_checkpoint(payload):
+        return None
+    net = _from_checkpoint(payload, Path(path), model_name)
+    if getattr(net, "preprocessing", None) is None:
+        net.preprocessing = default_preprocessing(net)
+    return net
 
 
 def _check_class_names(names: Any, head: int, weights: str | Path | None) -> None:
@@ -132,7 +147,7 @@ def load_model(
         )
 
         path = Path(weights)
-        read = _torch_payload(path)
+        read = torch_payload(path)
         payload = read if _is_training_checkpoint(read) else None
         int8_tag = INT8_WEIGHTS.get(str(weights)) if not path.is_file() else None
         int8_state = read if path.suffix in (".pth", ".pt") and is_int8_state(read) else None

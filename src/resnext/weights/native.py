@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from resnext.errors import WeightsError
+from resnext.errors import RegistryError, WeightsError
 from resnext.io.atomic import write_bytes
 from resnext.weights.loaded import LoadedWeights
 from resnext.weights.preprocess import Preprocessing
@@ -190,6 +190,28 @@ def _tensors_name(side: Path, meta: dict[str, Any]) -> str:
     return name
 
 
+def _spec_overrides(spec: Any, model_name: str | None) -> dict[str, Any]:
+    """What the saved spec changes in its named model's registered spec (a training run's
+    model.spec overrides: cardinality, depths, logit_scale ...), so that the same network is
+    rebuilt; the classifier size follows the saved tensors instead."""
+    if not isinstance(spec, dict):
+        return {}
+    from resnext.models import get_spec  # the models package builds on this one
+
+    try:
+        registered = get_spec(model_name).to_dict() if model_name else {}
+    except RegistryError:
+        registered = {}  # an unknown name fails where the model is created, naming it
+    overrides = {"stride_in_1x1": spec["stride_in_1x1"]} if "stride_in_1x1" in spec else {}
+    ignored = ("num_classes", "description")
+    overrides.update(
+        (k, v)
+        for k, v in spec.items()
+        if k in registered and k not in ignored and registered[k] != v
+    )
+    return overrides
+
+
 def load_native(path: str | Path) -> LoadedWeights:
     """Read native weights (either file's path), checking size and sha256 before any tensor."""
     path = Path(path)
@@ -212,9 +234,7 @@ def load_native(path: str | Path) -> LoadedWeights:
         )
     state = read_safetensors(tensors, data)
     spec = meta.get("spec")
-    overrides = {}
-    if isinstance(spec, dict) and "stride_in_1x1" in spec:
-        overrides["stride_in_1x1"] = spec["stride_in_1x1"]
+    overrides = _spec_overrides(spec, meta.get("model_name"))
     prep = meta.get("preprocessing")
     names = meta.get("class_names")
     fc = state.get("fc.weight")
