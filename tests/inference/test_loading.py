@@ -65,3 +65,50 @@ def test_an_unreadable_torch_file_is_named_by_the_weights_loader(tmp_path: Path)
     )
     with pytest.raises(WeightsError, match=message):
         load_model("resnext_tiny_in", path)
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        ("tpu", "device: expected 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+        ("meta", "device: the network runs on 'cpu' or 'cuda', got 'meta'"),
+        # more CUDA devices than any machine has: refused with or without CUDA
+        ("cuda:99", "device: 'cuda:99' asked for, but torch sees "),
+    ],
+)
+def test_a_device_torch_cannot_run_on_is_refused_before_the_weights_are_read(
+    tmp_path: Path, count_reads: list[str], device: str, expected: str
+) -> None:
+    from resnext.errors import ConfigError
+    from resnext.inference.predictor import Predictor
+
+    path = tmp_path / "last.pt"
+    net = create_model("resnext_tiny_in", num_classes=3)
+    torch.save({"model": net.state_dict(), "config": {"model": {"name": "resnext_tiny_in"}}}, path)
+    count_reads.clear()
+    with pytest.raises(ConfigError) as info:
+        load_model(None, path, device=device)
+    assert str(info.value).startswith(expected)
+    with pytest.raises(ConfigError) as info:
+        Predictor(weights=path, device=device)
+    assert str(info.value).startswith(expected)
+    assert count_reads == []
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_cli_device_errors_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: str
+) -> None:
+    from resnext.cli import main
+
+    path = tmp_path / "last.pt"
+    net = create_model("resnext_tiny", num_classes=10)
+    torch.save({"model": net.state_dict(), "config": {"model": {"name": "resnext_tiny"}}}, path)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    where = ["--data", "digits"] if command == "eval" else [str(tmp_path / "img.png")]
+    assert main([command, "--weights", str(path), *where, "--device", "cuda:99"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"resnext {command}: error: device: 'cuda:99' asked for")
+    assert len(err.strip().splitlines()) == 1

@@ -228,7 +228,9 @@ def test_optimize_option_is_checked(weights_file) -> None:
         Predictor(weights=weights_file[0], replay=True)
     with pytest.raises(ConfigError, match="compile, replay: the fast path is compiled or replayed"):
         Predictor(weights=weights_file[0], optimize="fp32", compile=True, replay=True)
-    with pytest.raises(ConfigError, match="device: the fast path runs on 'cpu' or 'cuda'"):
+    with pytest.raises(
+        ConfigError, match="device: the network runs on 'cpu' or 'cuda', got 'meta'"
+    ):
         Predictor(weights=weights_file[0], optimize="fp32", device="meta")
 
 

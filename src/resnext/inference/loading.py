@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from resnext.devices import check_device
 from resnext.errors import CheckpointError, ConfigError, WeightsError
 from resnext.weights.preprocess import Preprocessing, imagenet
 
@@ -129,6 +130,7 @@ def load_model(
     """The model `model` with `weights` (file or weights tag); the name may come from the weights."""
     from resnext.models import create_model
 
+    device = check_device(device)  # before any file is read: torch would refuse it only at the move
     fmt = "random-init"
     net: nn.Module
     if weights is None:

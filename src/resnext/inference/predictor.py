@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from resnext.devices import check_device
 from resnext.errors import ConfigError
 from resnext.evaluate.views import ViewTransform
 from resnext.inference.fast_backend import fast_backend
@@ -84,7 +85,7 @@ class Predictor:
         if optimize not in OPTIMIZE_CHOICES:
             raise ConfigError(f"optimize: expected one of {OPTIMIZE_CHOICES}, got {optimize!r}")
         backend = fast_backend(optimize, compile=compile, replay=replay)
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.loaded = loaded or load_model(model, weights, device=self.device)
         self.loaded.model.to(self.device).eval()
         prep = self.loaded.preprocessing

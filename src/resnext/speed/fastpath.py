@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from resnext import devices
 from resnext.errors import ConfigError
 from resnext.speed.capability import (
     bf16_faster,
@@ -74,21 +75,7 @@ def check_device(device: torch.device | str | int, *, present: bool = True) -> t
     """`device` as a torch.device the fast path can run on ('cpu' or 'cuda'), and with `present`
     one torch sees here; a ConfigError naming it otherwise (checked before the model is copied,
     folded and moved)."""
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if target.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device: the fast path runs on 'cpu' or 'cuda', got {str(target)!r}")
-    if present and target.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device: {str(target)!r} asked for, but torch sees no CUDA device")
-        if target.index is not None and target.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device: {str(target)!r} asked for, but torch sees "
-                f"{torch.cuda.device_count()} CUDA device(s)"
-            )
-    return target
+    return devices.check_device(device, present=present, runner="the fast path")
 
 
 def check_shapes(shapes: object, channels: int) -> list[tuple[int, ...]]:
