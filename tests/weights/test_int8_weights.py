@@ -3,6 +3,7 @@ their layout, and the errors of files that do not fit."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,19 @@ def test_inference_loads_an_int8_file_and_keeps_the_float_fast_path_off_it(
     assert features.pooled.shape == (1, net.fc.in_features) and len(features.stages) == 4
 
 
+def _help_text(argv: list[str]) -> str:
+    """What `resnext ARGV` prints for --help, as one line (argparse wraps it at any width)."""
+    import contextlib
+    import io
+
+    from resnext.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(argv)
+    return " ".join(out.getvalue().split())
+
+
 def test_quantize_command_writes_what_predict_then_loads(
     imagenet_sample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -145,8 +159,11 @@ def test_quantize_command_writes_what_predict_then_loads(
     assert main([*args, "--batch-size", "3", "--output", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["calibration_images"] == 4 and Path(summary["output"]) == out
-    predict = ["predict", "--model", "resnext_tiny_in", "--weights", str(out), "--json"]
-    assert main([*predict, "--topk", "3", str(images[5])]) == 0
+    # the command `resnext quantize --help` gives for loading the file, as it is written there
+    (help_form,) = re.findall(r"`(resnext predict [^`]*)`", _help_text(["quantize", "--help"]))
+    fill = {"NAME": "resnext_tiny_in", "FILE": str(out), "IMAGES": str(images[5])}
+    predict = [fill.get(word, word) for word in help_form.split()[1:]]
+    assert main([*predict, "--json", "--topk", "3"]) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
     prediction = json.loads(line)
     assert len(prediction["topk_scores"]) == 3 and images[5].name in json.dumps(prediction)

@@ -21,7 +21,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Quantize a float model to int8 after training (weights per output channel, "
         "activation ranges observed on the calibration images, preprocessed as the weights "
         "expect), and save it as torchvision saves its quantized checkpoints. Load the file "
-        "with `resnext predict NAME --weights FILE` or resnext.weights.build_int8_with_weights.",
+        "with `resnext predict --model NAME --weights FILE IMAGES` or "
+        "resnext.weights.build_int8_with_weights.",
     )
     parser.add_argument("name", help="model name")
     parser.add_argument("--weights", help="weights file, weights tag or `resnext train` checkpoint")
