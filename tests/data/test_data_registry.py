@@ -65,3 +65,22 @@ def test_imagefolder_and_digits_by_kind(tmp_path: Path) -> None:
         "digits", None, "test", default_transforms("digits", "train", image_size=16), image_size=16
     )
     assert digits[0][0].shape == (3, 16, 16)
+
+
+def test_interpolation_reaches_the_training_crop_and_bad_names_are_refused() -> None:
+    # A black and white checkerboard: nearest keeps only 0 and 255, bicubic makes greys between.
+    board = np.kron((np.indices((16, 16)).sum(0) % 2) * 255, np.ones((4, 4))).astype(np.uint8)
+    img = Image.fromarray(board).convert("RGB")
+
+    def crop_values(pipeline) -> set[int]:  # type: ignore[no-untyped-def]
+        crop = pipeline.transforms[0]  # the random-resized crop, before any colour step
+        return set(np.unique(np.asarray(crop(img))).tolist())
+
+    nearest = default_transforms("imagefolder", "train", interpolation="nearest")
+    assert crop_values(nearest) <= {0, 255}
+    # unset: fb.resnet.torch's bicubic, as before
+    assert len(crop_values(default_transforms("imagefolder", "train"))) > 2
+    for kind in ("imagefolder", "cifar10", "digits"):
+        for split in ("train", "val"):
+            with pytest.raises(ConfigError, match=r"interpolation 'foo' is not one of \["):
+                default_transforms(kind, split, interpolation="foo")

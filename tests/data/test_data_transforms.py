@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 from resnext.data.presets import cifar_train, imagenet_eval, imagenet_train
 from resnext.data.transforms import (
+    CenterCrop,
     ColorJitter,
     Lighting,
     RandomCrop,
@@ -189,3 +191,32 @@ def test_draft_size_with_a_ratio_range_not_symmetric_about_1(ratio: tuple[float,
     assert rrc.draft_size(4000, 3000) == (1829, 1372)
     sides = [min(rrc.get_params(1829, 1372)[2:]) for _ in range(3000)]
     assert min(sides) >= 223
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: imagenet_eval(size=0), "CenterCrop size: expected an int >= 1"),
+        (lambda: imagenet_eval(size=224, ten_crop=True, resize=0), "Resize size"),
+        (lambda: imagenet_eval(size=-3, ten_crop=True), "TenCrop size"),
+        (lambda: imagenet_train(size=-1), "RandomResizedCrop size: expected an int >= 1"),
+        (lambda: CenterCrop(0), "CenterCrop size"),
+        (lambda: CenterCrop((32, 0)), "CenterCrop size"),
+        (lambda: CenterCrop(2.5), "CenterCrop size"),
+        (lambda: Resize(0), "Resize size: expected an int >= 1"),
+        (lambda: RandomCrop(0), "RandomCrop size"),
+        (lambda: RandomCrop(32, padding=-1), "RandomCrop padding: expected an int >= 0, got -1"),
+        (lambda: imagenet_train(interpolation="foo"), "interpolation 'foo' is not one of"),
+    ],
+)
+def test_bad_sizes_padding_and_filters_are_config_errors_when_made(make, expected: str) -> None:
+    # A size of 0 gave an empty image with no error; -1 PIL's ValueError at the first image.
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        make()
+
+
+def test_sizes_from_1_and_padding_from_0_are_taken() -> None:
+    img, _ = _image(40, 50)
+    assert CenterCrop(1)(img).size == (1, 1) and CenterCrop((3, 2))(img).size == (3, 2)
+    assert CenterCrop(np.int64(4))(img).size == (4, 4)
+    assert RandomCrop(8, padding=0)(img).size == (8, 8)

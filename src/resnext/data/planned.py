@@ -95,7 +95,7 @@ class PlannedRandomResizedCrop(PlannedTransform):
             raise ConfigError(f"flip: expected a probability in [0, 1], got {flip!r}")
         # The standard transform draws the boxes, so both pipelines share one sampling rule.
         self.sampler = RandomResizedCrop(size, scale, ratio, interpolation, generator=generator)
-        self.size, self.interpolation = _pair(size), interpolation
+        self.size, self.interpolation = _pair(size, "PlannedRandomResizedCrop size"), interpolation
         self.flip, self.generator = flip, generator
 
     @property
@@ -127,6 +127,7 @@ class PlannedCenterCrop(PlannedTransform):
     """Resize the shorter side to `resize`, centre-crop `size`: one resampling of the matching box."""
 
     def __init__(self, size: int, resize: int, interpolation: str = "bilinear") -> None:
+        _pair(size, "PlannedCenterCrop size")
         if resize < size:
             raise ConfigError(f"resize: expected >= the crop size {size}, got {resize}")
         TF.pil_interpolation(interpolation)

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from resnext.data import functional as TF
 from resnext.data.cifar import CIFARDataset
 from resnext.data.digits import DigitsDataset
 from resnext.data.folder import ImageFolderDataset
@@ -61,24 +62,30 @@ def default_transforms(
     *,
     image_size: int | None = None,
     resize_size: int | None = None,
-    interpolation: str = "bilinear",
+    interpolation: str | None = None,
     ten_crop: bool = False,
     cutout: int = 0,
     trivial_augment: bool = False,
     generator: RandomSource = None,
 ) -> Callable[[Any], Any]:
-    """The standard train or eval pipeline for a dataset kind (normalised float CHW tensors)."""
+    """The standard train or eval pipeline for a dataset kind (normalised float CHW tensors).
+
+    `interpolation` resamples the ImageFolder crops; None keeps each pipeline's own (bicubic for
+    training, as fb.resnet.torch; bilinear for evaluation). CIFAR and digits images are used
+    whole, unresampled, so it does not act on them, but a bad name is refused for every kind."""
     _check(kind, split)
+    # None keeps the preset's own filter; a name is checked here, whichever kind it is for.
+    resampling = {"interpolation": interpolation} if interpolation is not None else {}
+    if interpolation is not None:
+        TF.pil_interpolation(interpolation)
     mean, std = dataset_stats(kind)
     train = split == "train"
     if kind == "imagefolder":
         size = image_size or DEFAULT_IMAGE_SIZE[kind]
         if train:
-            return imagenet_train(size, mean=mean, std=std, generator=generator)
+            return imagenet_train(size, mean=mean, std=std, generator=generator, **resampling)
         resize = resize_size or round(size * 256 / 224)
-        return imagenet_eval(
-            size, resize, mean=mean, std=std, interpolation=interpolation, ten_crop=ten_crop
-        )
+        return imagenet_eval(size, resize, mean=mean, std=std, ten_crop=ten_crop, **resampling)
     if not train:
         return cifar_eval(mean, std)
     size = image_size or DEFAULT_IMAGE_SIZE[kind]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,10 +22,23 @@ IMAGENET_EIGVEC = (
 )
 
 
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    return int(size[0]), int(size[1])
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _pair(size: int | tuple[int, int], what: str = "size") -> tuple[int, int]:
+    """(w, h) of an int or pair of sizes; a ConfigError naming `what` unless each is >= 1 (a
+    size of 0 gave an empty image silently, a negative one PIL's error at the first image)."""
+    pair = (size, size) if _is_int(size) else size
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(_is_int(s) and s >= 1 for s in pair)
+    ):
+        raise ConfigError(
+            f"{what}: expected an int >= 1 or a (width, height) pair of them, got {size!r}"
+        )
+    return int(pair[0]), int(pair[1])
 
 
 class Compose:
@@ -53,6 +67,8 @@ class Resize:
     """Scale so that the shorter side equals `size` (aspect kept)."""
 
     def __init__(self, size: int, interpolation: str = "bilinear", antialias: bool = True) -> None:
+        if not _is_int(size) or size < 1:
+            raise ConfigError(f"Resize size: expected an int >= 1 (the shorter side), got {size!r}")
         TF.pil_interpolation(interpolation)
         self.size, self.interpolation, self.antialias = size, interpolation, antialias
 
@@ -74,7 +90,7 @@ class CenterCrop:
     """The centred crop of (w, h) pixels."""
 
     def __init__(self, size: int | tuple[int, int]) -> None:
-        self.size = _pair(size)
+        self.size = _pair(size, "CenterCrop size")
 
     def __call__(self, img: TF.Img) -> TF.Img:
         return TF.center_crop(img, self.size)
@@ -107,7 +123,7 @@ class RandomResizedCrop:
                 f"aspect_sampling {aspect_sampling!r} is not 'log-uniform' or 'uniform-swap'"
             )
         TF.pil_interpolation(interpolation)
-        self.size, self.scale, self.ratio = _pair(size), scale, ratio
+        self.size, self.scale, self.ratio = _pair(size, "RandomResizedCrop size"), scale, ratio
         self.interpolation, self.tries = interpolation, tries
         self.aspect_sampling, self.generator = aspect_sampling, generator
 
@@ -178,7 +194,10 @@ class RandomCrop:
     def __init__(
         self, size: int | tuple[int, int], padding: int = 4, generator: RandomSource = None
     ) -> None:
-        self.size, self.padding, self.generator = _pair(size), padding, generator
+        if not _is_int(padding) or padding < 0:
+            raise ConfigError(f"RandomCrop padding: expected an int >= 0, got {padding!r}")
+        self.size, self.padding = _pair(size, "RandomCrop size"), int(padding)
+        self.generator = generator
 
     def __call__(self, img: TF.Img) -> TF.Img:
         w, h = TF.image_size(img)
@@ -321,7 +340,7 @@ class TenCrop:
     """Centre + four corner crops of the image and of its mirror: a (10, C, h, w) tensor."""
 
     def __init__(self, size: int | tuple[int, int]) -> None:
-        self.size = _pair(size)
+        self.size = _pair(size, "TenCrop size")
 
     def __call__(self, img: TF.Img) -> torch.Tensor:
         x = TF.to_tensor(img)
