@@ -45,3 +45,23 @@ def test_list_without_a_match_exits_1_in_both_forms(capsys: pytest.CaptureFixtur
     assert main(["list", "zzz*", "--json"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and "no model matches 'zzz*'" in captured.err
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["demo", "--epochs", "0"], "--epochs"),
+        (["demo", "--epochs", "-2"], "--epochs"),
+        (["info", "resnext_tiny", "--input-size", "0"], "--input-size"),
+        (["info", "resnext_tiny", "--input-size", "two"], "--input-size"),
+    ],
+)
+def test_counts_and_sizes_below_1_are_usage_errors_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], option: str
+) -> None:
+    # docs/reliability.md: bad invocations exit 2 (a SystemExit with a message exits 1)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {option}: expected a whole number >= 1, got" in err

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from resnext.commands.options import positive_int
 from resnext.config import load_config
 from resnext.train import TrainResult, train
 
@@ -51,13 +52,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train a small ResNeXt on the embedded handwritten digits (well under a minute on CPU)",
     )
     p.add_argument("--output-dir", default="runs/digits_demo", help="run folder")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's)")
+    p.add_argument(
+        "--epochs", type=positive_int, default=None, help="epochs, >= 1 (default: the recipe's)"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.epochs is not None and args.epochs < 1:
-        raise SystemExit(f"resnext demo: error: --epochs must be >= 1, got {args.epochs}")
     result = run_demo(args.output_dir, args.epochs)
     n_params = sum(v.numel() for k, v in _weights(result).items() if "running" not in k)
     accuracy = (

@@ -9,20 +9,10 @@ from typing import Any
 
 import torch
 
+from resnext.commands.options import positive_int
 from resnext.export import export_onnx, export_program, onnx_parity, save_program
 from resnext.inference.inputs import preprocessed_images
 from resnext.inference.loading import LoadedModel, load_model
-
-
-def _image_size(text: str) -> int:
-    """--image-size: a whole number of pixels, at least 1 (0 once silently meant the default)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,7 +27,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=("onnx", "torch-export"))
     parser.add_argument("--output", required=True, help="output file (.onnx or .pt2)")
     parser.add_argument(
-        "--image-size", type=_image_size, help="input side, >= 1 (default: the weights' crop)"
+        "--image-size", type=positive_int, help="input side, >= 1 (default: the weights' crop)"
     )
     parser.add_argument(
         "--check-images",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from resnext.commands.options import positive_int
 from resnext.models import MODELS, count
 
 
@@ -50,14 +51,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="model name or alias (see `resnext list`)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
-        "--input-size", type=int, default=None, help="square input side (default 224 / 32)"
+        "--input-size",
+        type=positive_int,
+        default=None,
+        help="square input side, >= 1 (default 224 / 32)",
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.input_size is not None and args.input_size < 1:
-        raise SystemExit(f"resnext info: error: --input-size must be >= 1, got {args.input_size}")
     info = model_info(args.name, args.input_size)
     if args.json:
         print(json.dumps(info, indent=2))

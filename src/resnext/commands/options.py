@@ -7,6 +7,18 @@ import argparse
 OPTIMIZE_PRECISIONS = ("off", "fp32", "bf16", "fp16", "auto")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1, so that a bad count or size is a usage error
+    (exit 2, argparse's message naming the option) rather than a failure inside the command."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def add_optimize(parser: argparse.ArgumentParser, purpose: str, limit: str = "") -> None:
     """`--optimize PRECISION`, the fast path (`resnext.optimize`) for the commands that run a
     model (predict, eval): `purpose` says what it does it for, `limit` where it does not apply."""
