@@ -140,3 +140,19 @@ def test_output_folder_that_cannot_be_made_is_named(tmp_path: Path) -> None:
         with pytest.raises(ExportError, match=r"cannot create the output folder .*a_file/sub"):
             export_onnx(_model(), target.with_suffix(".onnx"), image_size=32)
     assert blocker.read_text() == "not a folder"
+
+
+def test_unreadable_check_images_fail_before_the_onnx_file_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from resnext.cli import main
+
+    if not HAS_ORT:
+        pytest.skip("onnx/onnxruntime not installed (optional export deps)")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "tiny.onnx"
+    argv = ["export", "resnext_tiny", "--format", "onnx", "--output", str(out)]
+    assert main([*argv, "--check-images", str(bad)]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert not out.exists()  # an ONNX file left there would be taken as checked

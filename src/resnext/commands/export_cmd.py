@@ -47,13 +47,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     summary: dict[str, Any] = {"model": loaded.name, "weights": loaded.weights, "image_size": size}
     if args.format == "onnx":
-        export_onnx(loaded.model, out, image_size=size)
         checks = {
             "random_b1": torch.randn(1, 3, size, size),
             "random_b3": torch.randn(3, 3, size, size),
         }
         if args.check_images:
+            # Read before exporting: an unreadable image must not leave an unchecked file behind.
             checks["images"] = _real_batch(loaded, args.check_images, size)
+        export_onnx(loaded.model, out, image_size=size)
         parity = onnx_parity(loaded.model, out, checks)
         summary["onnxruntime_max_abs_diff"] = parity.max_abs_diff
     else:
