@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -14,14 +16,32 @@ from resnext.train import load_checkpoint, read_metrics, train
 
 SCRIPT = textwrap.dedent(
     """
-    import importlib.util, sys
+    import importlib.util, json, sys
     spec = importlib.util.spec_from_file_location("tiny_support", sys.argv[1])
     support = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(support)
     from resnext.train import train
 
-    cfg = support.tiny_config(sys.argv[2], train={"epochs": 2})
-    train(cfg, train_set=support.tiny_dataset(64), val_set=support.tiny_dataset(40, seed=2))
+    class Stop(Exception):
+        pass
+
+    extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    stop_at = extra.pop("stop_at", 0)
+
+    def on_step(epoch, step, global_step):
+        if global_step == stop_at:
+            raise Stop  # both ranks stop after the same step, as a job stopped mid-epoch
+
+    cfg = support.tiny_config(sys.argv[2], train={"epochs": 2, **extra})
+    try:
+        train(
+            cfg,
+            train_set=support.tiny_dataset(64),
+            val_set=support.tiny_dataset(40, seed=2),
+            on_step=on_step,
+        )
+    except Stop:
+        print("stopped", flush=True)
     print("train() returned", flush=True)  # tells a crash at exit from one in training
     """
 )
@@ -33,15 +53,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_match_one_process_accumulating_two_micro_batches(
-    tmp_path, tiny_cfg, tiny_data, support_file
-):
-    # BatchNorm normalises each rank's 8 images with their own statistics, so the single-process
-    # reference must see the same 8-image micro-batches: it accumulates 2 of them per step
-    # (optim.accum_steps=2). The mean of the two gradients is what DDP's all-reduce computes.
-    script = tmp_path / "ddp.py"
-    script.write_text(SCRIPT)
-    ddp_dir = tmp_path / "ddp"
+def _two_ranks(script: Path, support_file: Path, run_dir: Path, **train: object) -> None:
+    """Run SCRIPT as 2 gloo ranks (as torchrun would start them) with `train` overrides."""
     port = str(_free_port())
     procs = []
     for rank in range(2):
@@ -55,7 +68,7 @@ def test_two_gloo_ranks_match_one_process_accumulating_two_micro_batches(
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(script), str(support_file), str(ddp_dir)],
+                [sys.executable, str(script), str(support_file), str(run_dir), json.dumps(train)],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -65,6 +78,18 @@ def test_two_gloo_ranks_match_one_process_accumulating_two_micro_batches(
     outputs = [p.communicate(timeout=180) for p in procs]
     for rank, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"rank {rank} exit {p.returncode}\n{out[-2000:]}\n{err[-3000:]}"
+
+
+def test_two_gloo_ranks_match_one_process_accumulating_two_micro_batches(
+    tmp_path, tiny_cfg, tiny_data, support_file
+):
+    # BatchNorm normalises each rank's 8 images with their own statistics, so the single-process
+    # reference must see the same 8-image micro-batches: it accumulates 2 of them per step
+    # (optim.accum_steps=2). The mean of the two gradients is what DDP's all-reduce computes.
+    script = tmp_path / "ddp.py"
+    script.write_text(SCRIPT)
+    ddp_dir = tmp_path / "ddp"
+    _two_ranks(script, support_file, ddp_dir)
 
     single = train(
         tiny_cfg(tmp_path / "single", train={"epochs": 2}, optim={"accum_steps": 2}),
@@ -89,3 +114,30 @@ def test_two_gloo_ranks_match_one_process_accumulating_two_micro_batches(
     for ra, rb in zip(ddp_log, single.history, strict=True):
         assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
         assert ra["train_top1_err"] == rb["train_top1_err"]
+
+
+def test_two_ranks_stopped_mid_epoch_and_resumed_log_the_uninterrupted_metrics(
+    tmp_path, tiny_cfg, tiny_data, support_file
+):
+    # 64 images in global batches of 16: 4 steps an epoch. The job stops after global step 6
+    # (mid epoch 2) and resumes from the step-6 checkpoint. Each rank saw its own half of
+    # those 2 steps; the resumed epoch's metrics must count both halves once, as one process
+    # accumulating the same two micro-batches per step does without stopping.
+    script = tmp_path / "ddp.py"
+    script.write_text(SCRIPT)
+    ddp_dir = tmp_path / "ddp"
+    _two_ranks(script, support_file, ddp_dir, checkpoint_every=2, stop_at=6)
+    assert load_checkpoint(ddp_dir / "checkpoints" / "last.pt")["global_step"] == 6
+    _two_ranks(script, support_file, ddp_dir, checkpoint_every=2)
+
+    single = train(
+        tiny_cfg(tmp_path / "single", train={"epochs": 2}, optim={"accum_steps": 2}),
+        train_set=tiny_data(64),
+        val_set=tiny_data(40, seed=2),
+    )
+    resumed = read_metrics(ddp_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for ra, rb in zip(resumed, single.history, strict=True):
+        assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
+        assert ra["train_top1_err"] == rb["train_top1_err"]
+        assert ra["train_top5_err"] == rb["train_top5_err"]

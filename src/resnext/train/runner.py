@@ -247,6 +247,8 @@ def _run(
 
     resume_from = _resume_path(cfg, last_path)
     pos = restore(resume_from, parts, info.device, cfg) if resume_from is not None else Position()
+    if not info.is_main:
+        pos.meter = Meter()  # the saved meter is the sum over all ranks: rank 0 carries it on
     if info.is_main:
         # Written only now that data, batch and resume point are known good: a run that cannot
         # start leaves nothing behind.
@@ -380,10 +382,15 @@ def _train_epoch(
     def after_step(epoch: int, step: int, global_step: int, meter: Meter) -> None:
         pos.step_in_epoch, pos.global_step, pos.meter = step, global_step, meter
         every = cfg.train.checkpoint_every
-        if every and global_step % every == 0 and step < steps and info.is_main:
-            seconds = pos.epoch_seconds + time.perf_counter() - epoch_start[0]
-            saved = Position(**{**pos.__dict__, "epoch_seconds": seconds})
-            atomic_save(make_payload(cfg, parts, saved, sampler.state_dict()), last_path)
+        if every and global_step % every == 0 and step < steps:
+            # Each rank's meter holds only its share of the epoch so far: the checkpoint keeps
+            # their sum (a collective, so every rank takes part), which `_run` gives back to
+            # rank 0 alone, so a resumed epoch counts every image once.
+            summed = meter.reduced(info.device)
+            if info.is_main:
+                seconds = pos.epoch_seconds + time.perf_counter() - epoch_start[0]
+                saved = Position(**{**pos.__dict__, "meter": summed, "epoch_seconds": seconds})
+                atomic_save(make_payload(cfg, parts, saved, sampler.state_dict()), last_path)
         if on_step is not None:
             on_step(epoch, step, global_step)
 
