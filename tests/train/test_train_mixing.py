@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from resnext.config import load_config
 from resnext.errors import ConfigError
+from resnext.train.loop import StepContext, train_one_epoch
+from resnext.train.metrics import Meter
 from resnext.train.mixing import BatchMixer
+from resnext.train.progress import Progress
 
 
 def _constant_images(n: int, size: int = 16) -> torch.Tensor:
@@ -97,3 +102,74 @@ def test_training_with_mixing_runs_and_resumes_alike(tmp_path):
     # The mixing draws come from the checkpointed RNG: the resumed run repeats the uninterrupted one.
     assert resumed.final["train_loss"] == pytest.approx(full.final["train_loss"], rel=1e-6)
     assert resumed.final["val_top1_err"] == pytest.approx(full.final["val_top1_err"])
+
+
+class _Recorder(nn.Module):
+    """A linear classifier that keeps every input it is given."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 4 * 4, classes)
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return self.fc(x.flatten(1))
+
+
+def _one_step_inputs(
+    images: torch.Tensor, labels: torch.Tensor, accum_steps: int, alpha: dict
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The micro-batches the model saw, and the soft targets scored, in one training step."""
+    torch.manual_seed(7)  # every rank's global RNG, seeded alike
+    model = _Recorder(4)
+    targets: list[torch.Tensor] = []
+
+    def criterion(logits: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        targets.append(goal.detach().clone())
+        return F.cross_entropy(logits, goal)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = StepContext(
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        scaler=None,
+        criterion=criterion,  # type: ignore[arg-type]
+        device=torch.device("cpu"),
+        amp_dtype=None,
+        channels_last=False,
+        accum_steps=accum_steps,
+        grad_clip=0.0,
+        distributed=False,
+        mixer=BatchMixer(4, **alpha),
+    )
+    train_one_epoch(
+        ctx,
+        [(images, labels)],  # type: ignore[arg-type]
+        epoch=0,
+        start_step=0,
+        global_step=0,
+        meter=Meter(),
+        progress=Progress(1, "test", enabled=False),
+    )
+    return model.inputs, targets
+
+
+@pytest.mark.parametrize("alpha", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}])
+def test_one_process_accumulating_two_micro_batches_mixes_as_two_processes(alpha):
+    # docs/training.md: one process with accum_steps=2 sees exactly the micro-batches that 2
+    # processes see. Rank r of a 2-process job takes micro-batch r alone (accum_steps=1) from the
+    # same seeded RNG; mixing must pair images within each micro-batch, with the same draw.
+    images, labels = _constant_images(8, 4), torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    one_inputs, one_targets = _one_step_inputs(images, labels, 2, alpha)
+    assert len(one_inputs) == 2
+    for rank in range(2):
+        part = slice(4 * rank, 4 * rank + 4)
+        inputs, targets = _one_step_inputs(images[part], labels[part], 1, alpha)
+        assert torch.equal(one_inputs[rank], inputs[0])
+        assert torch.equal(one_targets[rank], targets[0])
+    # mixed, with partners inside the micro-batch only (image i holds the value i)
+    assert not torch.equal(one_inputs[0], images[:4])
+    assert float(one_inputs[0].max()) <= 3.0 + 1e-6
+    assert float(one_inputs[1].min()) >= 4.0 - 1e-6

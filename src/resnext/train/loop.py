@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from resnext.errors import TrainingError
 from resnext.train.distributed import all_reduce_sum
 from resnext.train.metrics import Meter
+from resnext.train.mixing import BatchMixer
 from resnext.train.precision import autocast
 from resnext.train.progress import Progress
 
@@ -34,8 +35,8 @@ class StepContext:
     grad_clip: float
     distributed: bool
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-    # (images, labels) -> (mixed images, soft targets); labels still score the training error.
-    mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Mixes each micro-batch into soft targets; the labels still score the training error.
+    mixer: BatchMixer | None = None
 
 
 def to_model_input(
@@ -82,15 +83,17 @@ def train_one_epoch(
     for images, target in loader:
         images = to_model_input(images, ctx.device, memory_format, ctx.batch_transform)
         target = target.to(ctx.device, non_blocking=True)
-        goal = target
-        if ctx.mixer is not None:
-            images, goal = ctx.mixer(images, target)
+        # One draw per step, every micro-batch mixed within itself: a process accumulating W
+        # micro-batches then mixes exactly as W processes do, one micro-batch each.
+        mix = ctx.mixer.draw(*images.shape[-2:]) if ctx.mixer is not None else None
         ctx.optimizer.zero_grad(set_to_none=True)
         micro_images = images.chunk(ctx.accum_steps)
         micro_targets = target.chunk(ctx.accum_steps)
-        micro_goals = goal.chunk(ctx.accum_steps)
-        for m, (x, y, g) in enumerate(zip(micro_images, micro_targets, micro_goals, strict=True)):
+        for m, (x, y) in enumerate(zip(micro_images, micro_targets, strict=True)):
             last = m == ctx.accum_steps - 1
+            g = y
+            if ctx.mixer is not None and mix is not None:
+                x, g = ctx.mixer.apply(x, y, mix)
             # Gradients are all-reduced once per step, on the last micro-batch.
             sync = (
                 ctx.model.no_sync()

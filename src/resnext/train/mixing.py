@@ -1,14 +1,18 @@
 """Mixup (Zhang et al., 2018) and CutMix (Yun et al., 2019) of training batches, with soft targets.
 
-Each batch is mixed with itself in reverse order, with one λ ~ Beta(α, α) per batch: mixup blends
-whole images, CutMix pastes a box of area fraction 1 − λ (clipped at the border, λ then recomputed
-from the pasted area). With both enabled, each batch uses one of them with probability 1/2. The
-draws come from torch's global RNG, which training checkpoints save, so resumed runs mix alike.
+Each micro-batch (what one process computes at a time) is mixed with itself in reverse order, with
+one λ ~ Beta(α, α) per optimiser step: mixup blends whole images, CutMix pastes a box of area
+fraction 1 − λ (clipped at the border, λ then recomputed from the pasted area). With both enabled,
+each step uses one of them with probability 1/2. The draws come from torch's global RNG, which
+training checkpoints save, so resumed runs mix alike; every process draws the same (the same seed,
+one draw per step whatever the world size), so one process accumulating W micro-batches mixes
+exactly as W processes do.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -31,6 +35,14 @@ def cutmix_box(height: int, width: int, lam: float) -> tuple[int, int, int, int]
     return top, bottom, left, right
 
 
+@dataclass(frozen=True)
+class Mix:
+    """One step's draw: the partner's share is 1 − lam (CutMix: in `box`, (top, bottom, left, right))."""
+
+    lam: float
+    box: tuple[int, int, int, int] | None = None
+
+
 class BatchMixer:
     """Mixes (images, labels) into (mixed images, soft targets) of `num_classes` columns."""
 
@@ -50,23 +62,33 @@ class BatchMixer:
             return bool(torch.rand(()) < 0.5)
         return self.cutmix_alpha > 0
 
+    def draw(self, height: int, width: int) -> Mix:
+        """The random part of one step's mixing, for images of `height` × `width`."""
+        if self._use_cutmix():
+            top, bottom, left, right = box = cutmix_box(height, width, _beta(self.cutmix_alpha))
+            return Mix(1.0 - (bottom - top) * (right - left) / (height * width), box)
+        return Mix(_beta(self.mixup_alpha))
+
+    def apply(
+        self, images: torch.Tensor, labels: torch.Tensor, mix: Mix
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`images` mixed by `mix` with their reverse, and the soft targets of `labels`."""
+        onehot = F.one_hot(labels, self.num_classes).to(torch.float32)
+        partner = images.flip(0)
+        if mix.box is not None:
+            top, bottom, left, right = mix.box
+            mixed = images.clone()
+            mixed[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        else:
+            mixed = images * mix.lam + partner * (1.0 - mix.lam)
+        target = onehot * mix.lam + onehot.flip(0) * (1.0 - mix.lam)
+        return mixed, target.to(images.device)
+
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        onehot = F.one_hot(labels, self.num_classes).to(torch.float32)
-        partner = images.flip(0)
-        if self._use_cutmix():
-            lam = _beta(self.cutmix_alpha)
-            h, w = images.shape[-2:]
-            top, bottom, left, right = cutmix_box(h, w, lam)
-            mixed = images.clone()
-            mixed[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
-            lam = 1.0 - (bottom - top) * (right - left) / (h * w)
-        else:
-            lam = _beta(self.mixup_alpha)
-            mixed = images * lam + partner * (1.0 - lam)
-        target = onehot * lam + onehot.flip(0) * (1.0 - lam)
-        return mixed, target.to(images.device)
+        """`images` (one micro-batch) mixed under a fresh draw."""
+        return self.apply(images, labels, self.draw(*images.shape[-2:]))
 
     def __repr__(self) -> str:
         return f"BatchMixer(mixup_alpha={self.mixup_alpha}, cutmix_alpha={self.cutmix_alpha})"
