@@ -53,8 +53,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_ranks(script: Path, support_file: Path, run_dir: Path, **train: object) -> None:
-    """Run SCRIPT as 2 gloo ranks (as torchrun would start them) with `train` overrides."""
+def _two_ranks(
+    script: Path, support_file: Path, run_dir: Path, *, ok: bool = True, **train: object
+) -> list[tuple[int, str, str]]:
+    """Run SCRIPT as 2 gloo ranks (as torchrun would start them) with `train` overrides; each
+    rank's (exit code, stdout, stderr). `ok`: every rank must exit 0."""
     port = str(_free_port())
     procs = []
     for rank in range(2):
@@ -77,7 +80,10 @@ def _two_ranks(script: Path, support_file: Path, run_dir: Path, **train: object)
         )
     outputs = [p.communicate(timeout=180) for p in procs]
     for rank, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"rank {rank} exit {p.returncode}\n{out[-2000:]}\n{err[-3000:]}"
+        assert p.returncode == 0 or not ok, (
+            f"rank {rank} exit {p.returncode}\n{out[-2000:]}\n{err[-3000:]}"
+        )
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
 
 
 def test_two_gloo_ranks_match_one_process_accumulating_two_micro_batches(
@@ -141,3 +147,19 @@ def test_two_ranks_stopped_mid_epoch_and_resumed_log_the_uninterrupted_metrics(
         assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
         assert ra["train_top1_err"] == rb["train_top1_err"]
         assert ra["train_top5_err"] == rb["train_top5_err"]
+
+
+def test_output_dir_refused_on_rank_0_stops_every_rank_with_its_message(tmp_path, support_file):
+    # Rank 0 alone checks the run folder; rank 1 must end with the same ConfigError, not with a
+    # collective broken by rank 0's exit.
+    script = tmp_path / "ddp.py"
+    script.write_text(SCRIPT)
+    (tmp_path / "afile").write_text("")
+    results = _two_ranks(script, support_file, tmp_path / "afile" / "run", ok=False)
+    for rank, (code, _out, err) in enumerate(results):
+        assert code != 0, f"rank {rank} exited 0"
+        last = err.strip().splitlines()[-1]
+        # torch prefixes a rank's uncaught-exception lines with "[rankN]: "
+        assert "resnext.errors.ConfigError: output_dir:" in last, f"rank {rank}: {err}"
+        assert "RuntimeError" not in err
+        assert "exists and is not a folder" in last

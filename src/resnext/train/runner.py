@@ -171,10 +171,21 @@ def _run(
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     run_dir = Path(cfg.resolved_output_dir())
     last_path, best_path = _checkpoint_paths(run_dir)
+    # Rank 0 checks the run folder and hands its verdict to every rank: the others would
+    # otherwise go on into the next collective and fail there with a broken-connection error.
+    refusal = None
     if info.is_main:
-        _check_output_dir(run_dir)
-        if cfg.train.resume == "never":
-            _refuse_earlier_run(run_dir)
+        try:
+            _check_output_dir(run_dir)
+            if cfg.train.resume == "never":
+                _refuse_earlier_run(run_dir)
+        except ConfigError as exc:
+            if not info.distributed:
+                raise
+            refusal = str(exc)
+    refusal = broadcast_object(refusal)
+    if refusal is not None:
+        raise ConfigError(str(refusal))
     if train_set is None or val_set is None:
         splits = build_splits(cfg.data)
         train_set = splits.train if train_set is None else train_set
