@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from eval_helpers import MEAN, STD, LeftHalfNet, random_images
 
+from resnext.cli import main
 from resnext.evaluate import Normalization, ShardSampler, evaluate, get_protocol
 from resnext.evaluate.distributed import current_context
 
@@ -56,3 +58,32 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     for rank in range(2):
         merged = torch.load(tmp_path / f"counts{rank}.pt")
         assert torch.equal(merged, single)
+
+
+class _Joined(Exception):
+    """Stands in for joining the group: the test stops at the backend choice."""
+
+
+@pytest.mark.parametrize(("device", "backend"), [("cpu", "gloo"), ("cuda", "nccl")])
+def test_eval_under_torchrun_takes_the_backend_of_its_device_not_of_the_host(
+    monkeypatch: pytest.MonkeyPatch, device: str, backend: str
+) -> None:
+    # A GPU host (CUDA present) evaluating with --device cpu must use gloo: NCCL cannot reduce
+    # the CPU count tensors. A bare `cuda` is this rank's GPU, LOCAL_RANK (here 1).
+    chosen: list[tuple[str, object]] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(("set_device", d)))
+
+    def join(backend: str | None = None, **_: object) -> None:
+        chosen.append(("backend", backend))
+        raise _Joined
+
+    monkeypatch.setattr(dist, "init_process_group", join)
+    with pytest.raises(_Joined):
+        main(["eval", "--weights", "unused.pt", "--data", "unused", "--device", device])
+    assert ("backend", backend) in chosen
+    if device == "cuda":
+        assert ("set_device", torch.device("cuda", 1)) in chosen

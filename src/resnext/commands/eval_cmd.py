@@ -26,6 +26,7 @@ from resnext.evaluate import (
     write_outputs,
 )
 from resnext.evaluate.data_source import open_dataset
+from resnext.evaluate.distributed import local_device
 from resnext.evaluate.protocols import Protocol
 from resnext.evaluate.report import prepare_output_dir
 from resnext.evaluate.scoring import check_fast_path
@@ -81,7 +82,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Evaluate as the arguments say; prints a summary (or the JSON report) on rank 0."""
     joined = not (dist.is_available() and dist.is_initialized())
-    ctx = init_from_env()
+    args.device = local_device(args.device)
+    ctx = init_from_env(device=args.device)
     try:
         return _run(args, ctx)
     finally:

@@ -49,29 +49,50 @@ def current_context() -> DistContext:
     return DistContext()
 
 
-def init_from_env(backend: str | None = None) -> DistContext:
-    """Join the group torchrun describes in the environment (WORLD_SIZE > 1); else single process."""
+def local_device(device: str) -> str:
+    """`device` for this process: under torchrun a bare `cuda` is the GPU of LOCAL_RANK (as in
+    training), so the ranks of one host do not all share the first GPU."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def init_from_env(backend: str | None = None, device: str = "cpu") -> DistContext:
+    """Join the group torchrun describes in the environment (WORLD_SIZE > 1); else single process.
+
+    The backend follows `device` (NCCL for CUDA, gloo otherwise), not what the host has: a CPU
+    evaluation on a GPU host must not take NCCL, which reduces CUDA tensors only."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return current_context()
     if not dist.is_initialized():
-        chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        on_cuda = str(device).startswith("cuda")
+        chosen = backend or ("nccl" if on_cuda else "gloo")
+        if on_cuda:
+            torch.cuda.set_device(torch.device(device))
         dist.init_process_group(backend=chosen)
     return current_context()
 
 
+def _collective_device() -> torch.device:
+    # NCCL reduces CUDA tensors only, on this process's GPU; gloo reduces CPU tensors.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_across_ranks(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Element-wise sum over all ranks (int64 counts stay exact)."""
+    """Element-wise sum over all ranks (int64 counts stay exact), on `values`' device."""
     if not ctx.enabled:
         return values
-    out = values.clone()
+    out = values.to(_collective_device(), copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(values.device)
 
 
 def max_across_ranks(value: float, ctx: DistContext) -> float:
     """The largest value over all ranks (wall time of the slowest rank)."""
     if not ctx.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
