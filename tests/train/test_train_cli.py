@@ -139,3 +139,24 @@ def test_demo_leaves_another_runs_folder_alone(tmp_path, capsys):
     with pytest.raises(ConfigError, match="already holds a run's checkpoints"):
         demo_cmd.run(args)
     assert last.read_bytes() == before
+
+
+@pytest.mark.parametrize(("rank", "lines"), [("0", 1), ("1", 0)])
+def test_train_command_prints_done_on_rank_0_only(tmp_path, capsys, monkeypatch, rank, lines):
+    # Every torchrun rank returns from train(): one "done:" line per job, not one per process.
+    from types import SimpleNamespace
+
+    import resnext.train
+
+    result = SimpleNamespace(
+        final={"val_top1_err": 12.5, "val_top5_err": 1.0},
+        epochs_completed=1,
+        best_val_top1_err=12.5,
+        best_epoch=1,
+        run_dir=tmp_path,
+    )
+    monkeypatch.setattr(resnext.train, "train", lambda cfg: result)
+    monkeypatch.setenv("RANK", rank)
+    args = _parse(train_cmd, ["train", "--config", "digits_demo", f"output_dir={tmp_path}"])
+    assert train_cmd.run(args) == 0
+    assert capsys.readouterr().out.count("done:") == lines

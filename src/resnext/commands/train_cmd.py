@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import TYPE_CHECKING
 
 from resnext.config import list_recipes, load_config
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
     result = train(cfg)
-    if result.final:
+    # Under torchrun every rank returns here; rank 0 speaks for the job, as in training.
+    if result.final and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"done: {result.epochs_completed} epochs, {_errors(result)}; run folder {result.run_dir}"
         )
