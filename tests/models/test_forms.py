@@ -70,3 +70,27 @@ def test_preact_cannot_change_form() -> None:
 def test_convert_refuses_a_name() -> None:
     with pytest.raises(TypeError, match="model: expected a ResNeXt"):
         convert_block_form("resnext_tiny", "a")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("form", ["a", "b"])
+def test_convert_keeps_frozen_layers_and_checkpointing(form: str) -> None:
+    # a fine-tuning set-up (stem and first stage frozen, checkpointing on) survives the conversion
+    model = resnext.create_model("resnext_tiny")
+    for module in (model.conv1, model.bn1, model.layer1):
+        module.requires_grad_(False)
+    model.set_grad_checkpointing()
+    out = convert_block_form(model, form)
+    assert out.grad_checkpointing
+    for name, module in out.named_children():
+        expected = name not in ("conv1", "bn1", "layer1")
+        assert all(p.requires_grad == expected for p in module.parameters()), name
+    back = convert_block_form(out, "c")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {n for n, p in back.named_parameters() if not p.requires_grad} == frozen
+
+
+def test_convert_refuses_a_partly_frozen_block() -> None:
+    model = resnext.create_model("resnext_tiny")
+    model.layer1[0].bn1.requires_grad_(False)
+    with pytest.raises(SpecError, match="convert first, then freeze"):
+        convert_block_form(model, "a")

@@ -10,7 +10,8 @@ Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# fb.resnet.torch datasets/cifar10.lua / cifar100.lua: (125.3, 123.0, 113.9)/255 etc.
+# The training sets' per-channel statistics to 4 places; fb.resnet.torch (datasets/cifar10.lua,
+# cifar100.lua) rounds CIFAR-10's mean to (125.3, 123.0, 113.9)/255 = 0.4914, 0.4824, 0.4467.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)

@@ -32,10 +32,28 @@ def convert_block_form(model: ResNeXt, form: str) -> ResNeXt:
         for src_stage, dst_stage in zip(model.stages(), target.stages(), strict=True):
             for src, dst in zip(src_stage, dst_stage, strict=True):
                 dst.load_grouped_state(src.grouped_state())
+                _copy_frozen(src, dst)
         for name in ("conv1", "bn1", "fc"):
             getattr(target, name).load_state_dict(getattr(model, name).state_dict())
+            _copy_frozen(getattr(model, name), getattr(target, name))
+    # the rest of what a user set on the network: train/eval mode and activation checkpointing
     target.train(model.training)
+    target.set_grad_checkpointing(model.grad_checkpointing)
     return target
+
+
+def _copy_frozen(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Give `dst`'s parameters `src`'s requires_grad. A block's parameters are named and split
+    differently in each form, so a block converts whole: all trainable or all frozen."""
+    flags = {p.requires_grad for p in src.parameters()}
+    if len(flags) > 1:
+        raise SpecError(
+            "block_form: a module with some parameters frozen and others not cannot change form "
+            "(its parameters are split differently); convert first, then freeze"
+        )
+    trainable = flags.pop() if flags else True
+    for p in dst.parameters():
+        p.requires_grad_(trainable)
 
 
 def grouped_state_dict(model: ResNeXt) -> dict[str, torch.Tensor]:
