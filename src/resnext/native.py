@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from resnext.cache_folders import user_cache_folder
+from resnext.io.atomic import replacing, write_text
 
 
 class NativeUnavailable(RuntimeError):
@@ -119,29 +120,23 @@ def _build(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise NativeUnavailable(f"kernel cache folder {folder} cannot be created: {exc}") from exc
-    tmp = folder / f".{target.name}.{os.getpid()}.tmp"
-    cmd = [cc, *flags, "-shared", "-fPIC", str(source), "-o", str(tmp), *libs]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        tmp.unlink(missing_ok=True)  # a killed compiler may leave part of a file
-        raise NativeUnavailable(f"compiling {source.name} failed: {exc}") from exc
-    if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise NativeUnavailable(
-            f"compiling {source.name} failed ({' '.join(cmd)}):\n{done.stderr.strip()[-2000:]}"
-        )
-    # the record first, then the library: a library in place always has its record, and one
-    # that a concurrent build replaced in between only fails the check and is built again
-    record = _sum_file(target)
-    record_tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-    try:
-        record_tmp.write_text(_stamp(tmp), encoding="ascii")
-        os.replace(record_tmp, record)
-        os.replace(tmp, target)  # over a bad library too: never a moment without a library
+        with replacing(target) as tmp:  # over a bad library too: never a moment without one
+            cmd = [cc, *flags, "-shared", "-fPIC", str(source), "-o", str(tmp), *libs]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise NativeUnavailable(f"compiling {source.name} failed: {exc}") from exc
+            if done.returncode != 0:
+                raise NativeUnavailable(
+                    f"compiling {source.name} failed ({' '.join(cmd)}):\n"
+                    f"{done.stderr.strip()[-2000:]}"
+                )
+            # the record first, then the library: a library in place always has its record,
+            # and one that a concurrent build replaced in between only fails the check and is
+            # built again
+            write_text(_sum_file(target), _stamp(tmp))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        record_tmp.unlink(missing_ok=True)
         raise NativeUnavailable(
             f"kernel cache folder {folder}: {target.name} not kept: {exc}"
         ) from exc
