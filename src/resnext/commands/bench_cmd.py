@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import sys
 from pathlib import Path
 from types import ModuleType
 
 from resnext.errors import ConfigError, ResNeXtError
+from resnext.io.folders import output_folder
 from resnext.speed.allocator import (
     LIBRARY_NAMES,
     find_allocator,
@@ -146,15 +146,12 @@ def _timed_config(
 
 
 def results_folder(out: Path) -> Path:
-    """`out`, created where missing; a ConfigError naming it where it cannot hold the results (a
-    file in its place, no permission), so that a run fails before its timing, not after it."""
+    """`out`, created where missing; a ConfigError naming --out where it cannot hold the results,
+    so that a run fails before its timing, not after it."""
     try:
-        out.mkdir(parents=True, exist_ok=True)  # FileExistsError where a file is in its place
-    except OSError as exc:
+        return output_folder(out)
+    except ConfigError as exc:
         raise ConfigError(f"--out {out}: not a folder results can be written to ({exc})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: folder not writable")
-    return out
 
 
 def check_allocator(choice: str) -> None:

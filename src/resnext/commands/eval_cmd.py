@@ -28,10 +28,10 @@ from resnext.evaluate import (
 from resnext.evaluate.data_source import open_dataset
 from resnext.evaluate.distributed import local_device
 from resnext.evaluate.protocols import Protocol
-from resnext.evaluate.report import prepare_output_dir
 from resnext.evaluate.scoring import check_fast_path
 from resnext.inference.fast_backend import fast_backend
 from resnext.inference.loading import load_model
+from resnext.io.folders import output_folder
 from resnext.speed.capability import fastest_precision
 from resnext.train.distributed import broadcast_object
 
@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
     scales = _parse_scales(args.scales)
     if args.output:
         # Before the run, not after it: a bad folder must not cost a whole evaluation.
-        prepare_output_dir(args.output)
+        output_folder(args.output)
     loaded = load_model(args.model, args.weights, device=args.device)
     prep = loaded.preprocessing
     protocol = get_protocol(

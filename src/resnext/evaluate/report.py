@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -13,26 +12,9 @@ from typing import Any
 
 import torch
 
-from resnext.errors import ConfigError
 from resnext.evaluate.runner import EvalResult
 from resnext.io.atomic import replacing, write_text
-
-
-def prepare_output_dir(output_dir: str | Path) -> Path:
-    """`output_dir` created if missing; a ConfigError naming it when it cannot hold the outputs.
-
-    Called before evaluating too, so a bad path fails at once rather than after the whole run.
-    """
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output folder {out}: exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"output folder {out}: cannot be created ({exc})") from exc
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f"output folder {out}: not writable")
-    return out
+from resnext.io.folders import output_folder
 
 
 def build_report(
@@ -134,7 +116,7 @@ def write_outputs(
     class_names: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """Write report.json, per_class.csv and confusion.png into `output_dir`; returns their paths."""
-    out = prepare_output_dir(output_dir)
+    out = output_folder(output_dir)
     paths = {"per_class_csv": str(out / "per_class.csv"), "report": str(out / "report.json")}
     write_text(out / "per_class.csv", per_class_csv(result, class_names), newline="")
     why_not = confusion_png(
