@@ -34,7 +34,7 @@ def convert_weights(source: str, model_name: str, output: str | Path) -> Path:
         model, fmt = net, "resnext_train_checkpoint"
         preprocessing, class_names = net.preprocessing, None  # a run records no class names
     else:
-        loaded = load_weights(source, model_name=model_name, payload=read)
+        loaded = load_weights(source, payload=read)
         model, fmt = build_with_weights(model_name, loaded), loaded.source_format
         preprocessing, class_names = loaded.preprocessing, loaded.class_names
     return save_weights(

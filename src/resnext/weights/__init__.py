@@ -29,9 +29,7 @@ def build_with_weights(
     """
     from resnext.models import create_model
 
-    loaded = (
-        weights if isinstance(weights, LoadedWeights) else load_weights(weights, model_name=name)
-    )
+    loaded = weights if isinstance(weights, LoadedWeights) else load_weights(weights)
     file_classes = loaded.num_classes
     classes = num_classes if num_classes is not None else file_classes
     spec_overrides = {**loaded.spec_overrides, **overrides}
