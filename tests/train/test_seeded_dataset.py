@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from resnext.train.sampler import SeededDataset, _mix
+from resnext.train.sampler import SeededDataset, mix_seed
 
 
 class _Draws(Dataset):
@@ -40,7 +40,7 @@ def test_an_item_is_drawn_as_after_seeding_every_rng_with_its_own_seed() -> None
     data = SeededDataset(_Draws(), seed=7)
     for epoch, index in [(0, 0), (0, 5), (3, 2)]:
         got = data[(epoch, index)]
-        assert torch.equal(got, _as_seeded(_mix(7, epoch, index), index))
+        assert torch.equal(got, _as_seeded(mix_seed(7, epoch, index), index))
     assert not torch.equal(data[(0, 1)][:5], data[(1, 1)][:5])  # another epoch, other draws
 
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from resnext.config import DataConfig
 from resnext.errors import ConfigError
-from resnext.train.sampler import SeededDataset, ShardSampler, TrainSampler, _mix
+from resnext.train.sampler import SeededDataset, ShardSampler, TrainSampler, mix_seed
 
 
 @dataclass(frozen=True)
@@ -131,14 +131,14 @@ def _own_generator(seed: int, epoch: int) -> torch.Generator:
     # Each new iterator of a DataLoader draws its workers' base seed from `generator`, or from
     # the global RNG when it has none: a resumed run creates its iterator right after restoring
     # the RNGs, which would shift every later global draw (mixup/CutMix) by one.
-    return torch.Generator().manual_seed(_mix(seed, epoch))
+    return torch.Generator().manual_seed(mix_seed(seed, epoch))
 
 
 def seed_loader(loader: DataLoader, seed: int, epoch: int) -> None:
     """Reseed the loader's own generator for `epoch`, so the workers' base seed of an epoch is
     the same in a resumed run as in an uninterrupted one."""
     if loader.generator is not None:
-        loader.generator.manual_seed(_mix(seed, epoch))
+        loader.generator.manual_seed(mix_seed(seed, epoch))
 
 
 def eval_loader(

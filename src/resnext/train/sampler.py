@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 
-def _mix(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (splitmix-style), so nearby epochs/indices get unrelated streams."""
     x = 0x9E3779B97F4A7C15
     for p in parts:
@@ -72,7 +72,7 @@ class TrainSampler(Sampler[tuple[int, int]]):
     def _order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_samples)
-        gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         return torch.randperm(self.num_samples, generator=gen)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -132,7 +132,7 @@ class SeededDataset(Dataset):
 
     def _seeded(self, key: tuple[int, int]) -> Any:
         epoch, index = key
-        _seed_all(_mix(self.seed, epoch, index))
+        _seed_all(mix_seed(self.seed, epoch, index))
         return self.dataset[index]
 
 
