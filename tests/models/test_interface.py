@@ -87,6 +87,27 @@ def test_preact_block_order() -> None:
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_preact_imagenet_stem_activates_once() -> None:
+    # fb.resnet.torch's pre-activation ImageNet network: conv-BN-ReLU-maxpool stem, then a first
+    # block without its own BN-ReLU ('no_preact'); later stages' first blocks pre-activate both
+    # paths ('both_preact'). A CIFAR stem is a bare conv, so its first block keeps its BN-ReLU.
+    model = resnext.create_model("resnext_tiny_in", preact=True).eval()
+    first = model.layer1[0]
+    assert not any(k.startswith("layer1.0.bn1.") for k in model.state_dict())
+    assert "layer2.0.bn1.weight" in model.state_dict()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        stem = model.maxpool(torch.relu(model.bn1(model.conv1(x))))
+        out = first.conv1(stem)
+        out = first.conv2(torch.relu(first.bn2(out)))
+        out = first.conv3(torch.relu(first.bn3(out)))
+        expected = out + (stem if first.downsample is None else first.downsample(stem))
+        assert torch.allclose(first(model.forward_stem(x)), expected, atol=1e-5)
+    cifar = resnext.create_model("resnext_tiny", preact=True)
+    assert "layer1.0.bn1.weight" in cifar.state_dict()
+    assert isinstance(cifar.bn1, torch.nn.Identity)
+
+
 def test_in_chans_option() -> None:
     model = resnext.create_model("resnext_tiny", in_chans=1)
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)

@@ -224,13 +224,22 @@ class PreActBottleneck(nn.Module):
     """
 
     def __init__(
-        self, geo: BlockGeometry, *, residual: bool, avg_down: bool, se_reduction: int
+        self,
+        geo: BlockGeometry,
+        *,
+        residual: bool,
+        avg_down: bool,
+        se_reduction: int,
+        input_activated: bool = False,
     ) -> None:
         super().__init__()
         self.geometry = geo
         self.residual = residual
+        # After a stem that ends in BN-ReLU (the ImageNet stem) the first block's input is already
+        # activated; a second BN-ReLU would only rescale it (fb.resnet.torch's 'no_preact' block).
+        self.input_activated = bool(input_activated)
         s1, s3 = geo.strides
-        self.bn1 = nn.BatchNorm2d(geo.in_ch)
+        self.bn1: nn.Module = nn.Identity() if input_activated else nn.BatchNorm2d(geo.in_ch)
         self.conv1 = conv1x1(geo.in_ch, geo.width, s1)
         self.bn2 = nn.BatchNorm2d(geo.width)
         self.conv2 = conv3x3(geo.width, geo.width, s3, groups=geo.cardinality)
@@ -243,7 +252,7 @@ class PreActBottleneck(nn.Module):
         self.downsample = shortcut[:-1] if shortcut is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu(self.bn1(x))
+        pre = x if self.input_activated else self.relu(self.bn1(x))
         out = self.conv1(pre)
         out = self.conv2(self.relu(self.bn2(out)))
         out = self.conv3(self.relu(self.bn3(out)))

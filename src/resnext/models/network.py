@@ -42,10 +42,9 @@ def _make_stem(spec: ModelSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
 
 
 def _make_stage(spec: ModelSpec, k: int, in_ch: int) -> nn.Sequential:
-    block_cls = PreActBottleneck if spec.preact else BLOCKS[spec.block_form]
     width = spec.stage_bottleneck_widths[k]
     out_ch = spec.stage_out_widths[k]
-    blocks = []
+    blocks: list[nn.Module] = []
     for i in range(spec.depths[k]):
         geo = BlockGeometry(
             in_ch if i == 0 else out_ch,
@@ -55,14 +54,20 @@ def _make_stage(spec: ModelSpec, k: int, in_ch: int) -> nn.Sequential:
             spec.stage_strides[k] if i == 0 else 1,
             spec.stride_in_1x1,
         )
-        blocks.append(
-            block_cls(
+        if spec.preact:
+            block: nn.Module = PreActBottleneck(
                 geo,
                 residual=spec.residual,
                 avg_down=spec.avg_down,
                 se_reduction=spec.se_reduction,
+                # Only a stem with its own BN-ReLU hands the first block an activated input.
+                input_activated=k == 0 and i == 0 and spec.stem != "cifar",
             )
-        )
+        else:
+            block = BLOCKS[spec.block_form](
+                geo, residual=spec.residual, avg_down=spec.avg_down, se_reduction=spec.se_reduction
+            )
+        blocks.append(block)
     return nn.Sequential(*blocks)
 
 
