@@ -73,3 +73,31 @@ def test_a_batch_fetched_at_once_is_its_items_fetched_one_by_one() -> None:
     assert len(batch) == 3 and all(
         torch.equal(a, b) for a, b in zip(batch, one_by_one, strict=True)
     )
+
+
+def test_the_loaders_generator_is_a_stream_apart_from_the_sampler_order() -> None:
+    # The loader's generator only draws the workers' base seed, but had it shared the sampler's
+    # (seed, epoch) seed, that base seed would have been the permutation's first random draw.
+    from resnext.train.data_setup import seed_loader, train_loader
+
+    loader, sampler = train_loader(
+        list(range(32)),
+        global_batch=8,
+        seed=5,
+        rank=0,
+        world_size=1,
+        accum_steps=1,
+        workers=0,
+        pin_memory=False,
+    )
+    for epoch in (0, 3):
+        seed_loader(loader, 5, epoch)
+        sampler.set_epoch(epoch)
+        permutation_gen = torch.Generator().manual_seed(mix_seed(5, epoch))
+        # this is the generator the sampler's order comes from
+        assert torch.randperm(32, generator=permutation_gen).tolist() == [i for _, i in sampler]
+        permutation_gen.manual_seed(mix_seed(5, epoch))
+        assert not torch.equal(
+            torch.randint(0, 2**62, (4,), generator=loader.generator),
+            torch.randint(0, 2**62, (4,), generator=permutation_gen),
+        )

@@ -102,25 +102,27 @@ def test_resume_on_another_device_restores_the_rng_from_cpu_tensors(
 ):
     # On CUDA, a checkpoint read onto the run's device would put the RNG states on the GPU, and
     # torch.set_rng_state / NumPy take CPU tensors only. 'meta' stands in for the GPU here.
-    from resnext.train import runner, state
+    # The checkpoint must therefore be read onto the CPU whatever the run's device.
+    from resnext.train import state
 
     train_set, val_set = tiny_data(32), tiny_data(16, seed=2)
     train(tiny_cfg(tmp_path, train={"epochs": 1}), train_set=train_set, val_set=val_set)
-    real_restore, real_restore_rng = state.restore, state.restore_rng
-    seen = []
+    real_load, real_restore_rng = state.load_checkpoint, state.restore_rng
+    seen, read_onto = [], []
+
+    def load_checkpoint(path, map_location=None):
+        read_onto.append(map_location)
+        return real_load(path, map_location=map_location)
 
     def restore_rng(rng):
         seen.extend(t.device.type for t in _tensors(rng))
         real_restore_rng(rng)
 
+    monkeypatch.setattr(state, "load_checkpoint", load_checkpoint)
     monkeypatch.setattr(state, "restore_rng", restore_rng)
-    monkeypatch.setattr(
-        runner,
-        "restore",
-        lambda path, parts, device, cfg: real_restore(path, parts, torch.device("meta"), cfg),
-    )
     result = train(tiny_cfg(tmp_path, train={"epochs": 2}), train_set=train_set, val_set=val_set)
     assert result.global_step == 4  # 32 images / batch 16: resumed after epoch 1's 2 steps
+    assert read_onto == ["cpu"]
     assert seen and set(seen) == {"cpu"}
 
 

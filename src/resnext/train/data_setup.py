@@ -127,18 +127,23 @@ def train_loader(
     return loader, sampler
 
 
+# Any constant other than an index works: (seed, epoch, index) seeds each sample's transforms.
+_LOADER_STREAM = -1
+
+
 def _own_generator(seed: int, epoch: int) -> torch.Generator:
     # Each new iterator of a DataLoader draws its workers' base seed from `generator`, or from
     # the global RNG when it has none: a resumed run creates its iterator right after restoring
-    # the RNGs, which would shift every later global draw (mixup/CutMix) by one.
-    return torch.Generator().manual_seed(mix_seed(seed, epoch))
+    # the RNGs, which would shift every later global draw (mixup/CutMix) by one. The stream tag
+    # keeps it apart from the sampler's permutation, which is seeded by (seed, epoch) alone.
+    return torch.Generator().manual_seed(mix_seed(seed, epoch, _LOADER_STREAM))
 
 
 def seed_loader(loader: DataLoader, seed: int, epoch: int) -> None:
     """Reseed the loader's own generator for `epoch`, so the workers' base seed of an epoch is
     the same in a resumed run as in an uninterrupted one."""
     if loader.generator is not None:
-        loader.generator.manual_seed(mix_seed(seed, epoch))
+        loader.generator.manual_seed(mix_seed(seed, epoch, _LOADER_STREAM))
 
 
 def eval_loader(

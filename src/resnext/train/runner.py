@@ -257,7 +257,7 @@ def _run(
     parts = Trainables(raw, optimizer, scheduler, make_scaler(amp_dtype, info.device))
 
     resume_from = _resume_path(cfg, last_path)
-    pos = restore(resume_from, parts, info.device, cfg) if resume_from is not None else Position()
+    pos = restore(resume_from, parts, cfg) if resume_from is not None else Position()
     if not info.is_main:
         pos.meter = Meter()  # the saved meter is the sum over all ranks: rank 0 carries it on
     if info.is_main:

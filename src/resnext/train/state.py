@@ -146,9 +146,9 @@ _REQUIRED = (
 )
 
 
-def restore(path: Path, parts: Trainables, device: torch.device, cfg: Config) -> Position:
+def restore(path: Path, parts: Trainables, cfg: Config) -> Position:
     """Load a checkpoint of a run with config `cfg` (up to RESUMABLE_KEYS) into the run's objects
-    (on `device`) and RNGs; return the position to continue from."""
+    (wherever they live) and RNGs; return the position to continue from."""
     # Read onto the CPU: the RNG states must be CPU tensors (torch.set_rng_state, NumPy), and
     # load_state_dict copies the rest onto the device the model and optimizer live on.
     ckpt = load_checkpoint(path, map_location="cpu")
