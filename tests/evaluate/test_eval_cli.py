@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import warnings
@@ -77,6 +78,14 @@ def test_eval_checkpoint_on_image_folder(tmp_path: Path, capsys: pytest.CaptureF
     assert report["dataset"]["kind"] == "imagefolder"
     assert report["protocol"]["resize"] == 37 and report["protocol"]["crop"] == 32
     assert (out / "report.json").is_file() and (out / "per_class.csv").is_file()
+    # A training checkpoint carries no class names: the rows take the dataset's folder names.
+    with open(out / "per_class.csv", encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["class"], r["name"], r["images"]) for r in rows] == [
+        ("0", "class0", "3"),
+        ("1", "class1", "3"),
+        ("2", "class2", "3"),
+    ]
 
 
 def test_eval_detects_real_cifar(cifar10_mini: Path, tmp_path: Path, capsys) -> None:

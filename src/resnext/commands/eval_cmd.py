@@ -30,7 +30,7 @@ from resnext.evaluate.distributed import local_device
 from resnext.evaluate.protocols import Protocol
 from resnext.evaluate.scoring import check_fast_path
 from resnext.inference.fast_backend import fast_backend
-from resnext.inference.loading import load_model
+from resnext.inference.loading import LoadedModel, load_model
 from resnext.io.folders import output_folder
 from resnext.speed.capability import fastest_precision
 from resnext.train.distributed import broadcast_object
@@ -216,7 +216,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         fast_path_replayed=args.replay,
     )
     if args.output:
-        names = loaded.class_names
+        names = _class_names(loaded, dataset, head)
         scored = [names[i] for i in indices] if indices is not None else names
         write_outputs(report, result, Path(args.output), scored)
     if args.json:
@@ -229,6 +229,16 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
             f"(errors {100 * report['top1_err']:.2f}% / {100 * report['top5_err']:.2f}%)"
         )
     return 0
+
+
+def _class_names(loaded: LoadedModel, dataset: object, head: int) -> tuple[str, ...]:
+    """The names per_class.csv gives: the weights' own, else the dataset's (its folder or meta
+    names, when it has one per class), else the defaults (ImageNet's for a 1000-class head)."""
+    if getattr(loaded.model, "class_names", None) is None and head != 1000:
+        own = getattr(dataset, "classes", None)
+        if isinstance(own, (list, tuple)) and len(own) == head:
+            return tuple(str(name) for name in own)
+    return loaded.class_names
 
 
 def _default(protocol: str, from_weights: int) -> int | None:
