@@ -83,3 +83,45 @@ def test_progress_bar_on_a_terminal_redraws_one_line_with_rate_and_eta():
     assert text.count("\r") == 4 and text.endswith("\n")
     assert "[########################] 4/4" in text
     assert "img/s eta 00:00" in text
+
+
+class _Named(torch.utils.data.Dataset):
+    """A dataset that names its classes, as ImageFolder and CIFAR do."""
+
+    def __init__(self, data, classes):
+        self.data, self.classes = data, classes
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+def test_a_run_keeps_its_class_names_for_prediction_and_conversion(tmp_path, tiny_cfg, tiny_data):
+    from resnext.commands.convert_cmd import convert_weights
+    from resnext.errors import WeightsError
+    from resnext.inference.loading import load_model
+    from resnext.train.checkpoint import atomic_save, load_checkpoint
+
+    names = ["cat", "dog", "fox", "owl"]
+    cfg = tiny_cfg(tmp_path / "run", train={"epochs": 1})
+    result = train(cfg, train_set=_Named(tiny_data(32), names), val_set=tiny_data(16, seed=2))
+    assert load_model(None, result.last_checkpoint).class_names == tuple(names)
+    out = convert_weights(str(result.last_checkpoint), "resnext_tiny", tmp_path / "t.safetensors")
+    assert load_model(None, out).class_names == tuple(names)
+
+    # A set without names leaves the indices. (This config names its class count in
+    # model.spec.num_classes, which load_model once passed to the builder twice.)
+    other = train(
+        tiny_cfg(tmp_path / "other", train={"epochs": 1}),
+        train_set=tiny_data(32),
+        val_set=tiny_data(16, seed=2),
+    )
+    assert load_model(None, other.last_checkpoint).class_names == ("0", "1", "2", "3")
+    # A damaged list is refused by name, not used to misname predictions.
+    ckpt = load_checkpoint(result.last_checkpoint)
+    ckpt["class_names"] = ["cat", "dog"]
+    atomic_save(ckpt, result.last_checkpoint)
+    with pytest.raises(WeightsError, match="class_names: expected a list of 4 strings"):
+        load_model(None, result.last_checkpoint)

@@ -32,7 +32,7 @@ def convert_weights(source: str, model_name: str, output: str | Path) -> Path:
     net = load_training_checkpoint(read, source, model_name)
     if net is not None:
         model, fmt = net, "resnext_train_checkpoint"
-        preprocessing, class_names = net.preprocessing, None  # a run records no class names
+        preprocessing, class_names = net.preprocessing, net.class_names
     else:
         loaded = load_weights(source, payload=read)
         model, fmt = build_with_weights(model_name, loaded), loaded.source_format

@@ -76,12 +76,18 @@ def _from_checkpoint(payload: dict[str, Any], path: Path, model_name: str | None
     fc = state.get("fc.weight")
     classes = int(fc.shape[0]) if isinstance(fc, torch.Tensor) else None
     spec = dict(model_cfg.get("spec") or {})
-    model = create_model(name, num_classes=classes, **spec)
+    if classes is not None:
+        # the saved classifier decides; a config may also name the count (model.spec.num_classes)
+        spec["num_classes"] = classes
+    model = create_model(name, **spec)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: does not fit model {name!r}: {exc}") from exc
     model.resnext_name = name
+    # The run's class names (checkpoints before they were saved have none); load_model checks them.
+    names = payload.get("class_names")
+    model.class_names = tuple(names) if isinstance(names, (list, tuple)) else names
     data_cfg = config.get("data", {}) if isinstance(config, dict) else {}
     if isinstance(data_cfg, dict) and data_cfg.get("kind"):
         model.preprocessing = _dataset_preprocessing(
@@ -99,6 +105,8 @@ def load_training_checkpoint(
     if not _is_training_checkpoint(payload):
         return None
     net = _from_checkpoint(payload, Path(path), model_name)
+    if net.class_names is not None:
+        _check_class_names(net.class_names, int(getattr(net, "num_classes", 0) or 0), path)
     if getattr(net, "preprocessing", None) is None:
         net.preprocessing = default_preprocessing(net)
     return net

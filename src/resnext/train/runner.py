@@ -32,6 +32,7 @@ from resnext.train.data_setup import (
     batch_transforms,
     build_splits,
     class_count,
+    class_names,
     eval_loader,
     seed_loader,
     train_loader,
@@ -254,7 +255,13 @@ def _run(
     peak_lr = resolve_lr(cfg.optim, cfg.data.batch_size)
     optimizer = build_optimizer(raw, cfg.optim, peak_lr)
     scheduler = build_scheduler(optimizer, cfg.schedule, steps, cfg.train.epochs, peak_lr)
-    parts = Trainables(raw, optimizer, scheduler, make_scaler(amp_dtype, info.device))
+    parts = Trainables(
+        raw,
+        optimizer,
+        scheduler,
+        make_scaler(amp_dtype, info.device),
+        class_names=class_names(train_set, raw.num_classes),
+    )
 
     resume_from = _resume_path(cfg, last_path)
     pos = restore(resume_from, parts, cfg) if resume_from is not None else Position()

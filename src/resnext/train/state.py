@@ -39,6 +39,8 @@ class Trainables:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler | None
+    # the training set's class names, if it has them: saved so that predictions can name classes
+    class_names: tuple[str, ...] | None = None
 
 
 def make_payload(cfg: Config, parts: Trainables, pos: Position, sampler_state: dict) -> dict:
@@ -62,6 +64,7 @@ def make_payload(cfg: Config, parts: Trainables, pos: Position, sampler_state: d
         "rng": capture_rng(),
         "sampler": sampler_state,
         "config": config_to_dict(cfg),
+        "class_names": list(parts.class_names) if parts.class_names is not None else None,
     }
 
 
