@@ -65,3 +65,9 @@ def test_counts_and_sizes_below_1_are_usage_errors_exit_2(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"error: argument {option}: expected a whole number >= 1, got" in err
+
+
+def test_info_names_the_stem_width_of_the_network(capsys: pytest.CaptureFixture[str]) -> None:
+    # resnext_tiny_in's 7x7 stem has 16 filters (its registry spec), not ResNet-50's 64
+    assert main(["info", "resnext_tiny_in", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stem"].startswith("7x7, 16, stride 2")

@@ -94,3 +94,35 @@ def test_convert_refuses_a_partly_frozen_block() -> None:
     model.layer1[0].bn1.requires_grad_(False)
     with pytest.raises(SpecError, match="convert first, then freeze"):
         convert_block_form(model, "a")
+
+
+def test_convert_keeps_what_weights_set_and_a_head_replaced_by_hand() -> None:
+    torch.manual_seed(0)
+    model = resnext.create_model("resnext_tiny").eval()
+    # what loading weights or a training checkpoint puts on a network, read by predict and eval
+    model.preprocessing, model.class_names = object(), ("a", "b", "c")
+    # torchvision's fine-tuning idiom: a new head, the spec left saying 10 classes
+    model.fc = torch.nn.Linear(model.num_features, 3)
+    converted = convert_block_form(model, "b").eval()
+    assert converted.preprocessing is model.preprocessing
+    assert converted.class_names == ("a", "b", "c")
+    assert converted.spec.num_classes == 3 and converted.num_classes == 3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(converted(x), model(x), atol=1e-5)
+
+
+def test_convert_refuses_a_custom_head_by_name() -> None:
+    model = resnext.create_model("resnext_tiny")
+    model.fc = torch.nn.Sequential(torch.nn.Dropout(), torch.nn.Linear(model.num_features, 3))
+    with pytest.raises(SpecError, match="fc: expected the network's own classifier"):
+        convert_block_form(model, "a")
+
+
+def test_convert_keeps_synchronised_batch_norm() -> None:
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(resnext.create_model("resnext_tiny"))
+    converted = convert_block_form(model, "a")
+    kinds = {
+        type(m) for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    }
+    assert kinds == {torch.nn.SyncBatchNorm}

@@ -74,3 +74,14 @@ def test_small_cpu_models_exist() -> None:
     # The CPU reference: a 3.2 M-parameter ResNeXt-29 (4x16d).
     params = sum(p.numel() for p in resnext.create_model("resnext29_4x16d").parameters())
     assert round(params / 1e6, 1) == 3.2
+
+
+def test_list_models_takes_timm_style_filters() -> None:
+    every = resnext.list_models()
+    assert resnext.list_models("") == every and len(every) == len(resnext.models.MODELS)
+    both = resnext.list_models(["resnext29_*", "resnet50"])
+    assert both == sorted(set(resnext.list_models("resnext29_*")) | {"resnet50"})
+    # mmpretrain's names match through their aliases; the canonical names come back
+    assert resnext.list_models("resnext50-32x4d*") == ["resnext50_32x4d"]
+    with pytest.raises(TypeError, match="pattern: expected a string or a list of strings"):
+        resnext.list_models(None)

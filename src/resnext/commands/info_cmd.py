@@ -15,7 +15,7 @@ def model_info(name: str, input_size: int | None = None) -> dict[str, object]:
     spec = entry.spec
     c = count(spec, input_size)
     stem = {
-        "imagenet": "7x7, 64, stride 2; 3x3 max pool, stride 2",
+        "imagenet": f"7x7, {spec.stem_width}, stride 2; 3x3 max pool, stride 2",
         "deep": f"3x3 convs {spec.stem_width},{spec.stem_width},{spec.stem_out} (first stride 2); "
         "3x3 max pool, stride 2",
         "cifar": f"3x3, {spec.stem_width}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,18 @@ def create_model(
     return build_model(get_spec(name, **spec_overrides))
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style pattern, sorted."""
-    return MODELS.names(pattern)
+def list_models(pattern: str | Sequence[str] = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern (or any of several), sorted.
+
+    As timm's `list_models`, an empty pattern lists every model. A pattern is matched against the
+    canonical names and their aliases (mmpretrain's), and the canonical names are returned."""
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"pattern: expected a string or a list of strings, got {type(pattern).__name__}"
+        )
+    patterns = [p or "*" for p in patterns]
+    return sorted({name for p in patterns for name in MODELS.names(p)})
 
 
 __all__ = [

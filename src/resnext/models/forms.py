@@ -25,7 +25,9 @@ def convert_block_form(model: ResNeXt, form: str) -> ResNeXt:
         raise SpecError(f"block_form: expected one of {', '.join(BLOCK_FORMS)}, got {form!r}")
     if model.spec.preact:
         raise SpecError("block_form: pre-activation networks exist only in form 'c'")
-    target = build_model(model.spec.replace(block_form=form))
+    target = build_model(model.spec.replace(block_form=form, num_classes=_head_classes(model)))
+    if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        target = torch.nn.SyncBatchNorm.convert_sync_batchnorm(target)
     param = next(model.parameters())
     target.to(device=param.device, dtype=param.dtype)
     with torch.no_grad():
@@ -36,10 +38,37 @@ def convert_block_form(model: ResNeXt, form: str) -> ResNeXt:
         for name in ("conv1", "bn1", "fc"):
             getattr(target, name).load_state_dict(getattr(model, name).state_dict())
             _copy_frozen(getattr(model, name), getattr(target, name))
-    # the rest of what a user set on the network: train/eval mode and activation checkpointing
+    # the rest of what a user set on the network: train/eval mode, activation checkpointing and
+    # what the weights gave it (its preprocessing and class names, read by predict and eval)
     target.train(model.training)
     target.set_grad_checkpointing(model.grad_checkpointing)
+    for name in _CARRIED:
+        if name in vars(model):
+            setattr(target, name, getattr(model, name))
     return target
+
+
+# Plain attributes that weights loading and checkpoint reading set on a network.
+_CARRIED = ("preprocessing", "class_names", "resnext_name")
+
+
+def _head_classes(model: ResNeXt) -> int:
+    """The class count of `model`'s classifier as it is now: torchvision's fine-tuning idiom
+    (`model.fc = nn.Linear(model.num_features, n)`) replaces it without telling the spec."""
+    fc = model.fc
+    if isinstance(fc, torch.nn.Identity):
+        return 0
+    if (
+        isinstance(fc, torch.nn.Linear)
+        and fc.in_features == model.num_features
+        and fc.bias is not None
+    ):
+        return fc.out_features
+    raise SpecError(
+        f"fc: expected the network's own classifier (a Linear with bias from {model.num_features} "
+        f"features, or none), got {fc!r}; a custom head cannot change block form: convert "
+        "first, then replace the head"
+    )
 
 
 def _copy_frozen(src: torch.nn.Module, dst: torch.nn.Module) -> None:

@@ -56,7 +56,10 @@ class Registry:
         )
 
     def names(self, pattern: str = "*") -> list[str]:
-        return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
+        """Canonical names matching `pattern`, directly or through one of their aliases."""
+        hits = {n for n in self._entries if fnmatch.fnmatchcase(n, pattern)}
+        hits |= {n for a, n in self._aliases.items() if fnmatch.fnmatchcase(a, pattern)}
+        return sorted(hits)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries or name in self._aliases
