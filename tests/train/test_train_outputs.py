@@ -125,3 +125,27 @@ def test_a_run_keeps_its_class_names_for_prediction_and_conversion(tmp_path, tin
     atomic_save(ckpt, result.last_checkpoint)
     with pytest.raises(WeightsError, match="class_names: expected a list of 4 strings"):
         load_model(None, result.last_checkpoint)
+
+
+def test_create_model_reads_a_run_checkpoint_as_load_model_does(tmp_path, tiny_cfg, tiny_data):
+    # The run's spec overrides (a logit scale, another cardinality) and inputs must come with its
+    # weights whichever way they are loaded; ImageNet preprocessing or a scale of 1 would be
+    # silently wrong, a cardinality of 2 would not fit.
+    import resnext
+    from resnext.inference.loading import load_model
+
+    spec = {"num_classes": 4, "logit_scale": 0.25, "cardinality": 2}
+    cfg = tiny_cfg(
+        tmp_path / "run",
+        model={"name": "resnext_tiny", "spec": spec},
+        data={"kind": "digits", "image_size": 8},
+        train={"epochs": 1},
+    )
+    ckpt = train(cfg, train_set=tiny_data(32), val_set=tiny_data(16, seed=2)).last_checkpoint
+    built = resnext.create_model("resnext_tiny", weights=ckpt).eval()
+    loaded = load_model(None, ckpt)
+    assert built.spec.logit_scale == 0.25 and built.spec.cardinality == 2
+    assert built.preprocessing == loaded.preprocessing and built.preprocessing.crop == 8
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(built(x), loaded.model(x))

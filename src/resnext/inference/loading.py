@@ -13,16 +13,7 @@ from torch import nn
 from resnext.devices import check_device
 from resnext.errors import CheckpointError, ConfigError, WeightsError
 from resnext.weights.preprocess import Preprocessing, imagenet
-
-
-def _dataset_preprocessing(kind: str, image_size: int) -> Preprocessing:
-    """What training fed the network: the data package's statistics for `kind` at `image_size`."""
-    from resnext.data.stats import dataset_stats
-
-    mean, std = dataset_stats(kind)
-    # Small-image datasets are used whole; ImageFolder crops keep the 256/224 ratio.
-    resize = image_size if kind in ("cifar10", "cifar100", "digits") else round(image_size * 8 / 7)
-    return Preprocessing(resize=resize, crop=image_size, mean=mean, std=std)
+from resnext.weights.run_checkpoint import dataset_preprocessing
 
 
 @dataclass
@@ -41,7 +32,7 @@ def default_preprocessing(model: nn.Module) -> Preprocessing:
     """ImageNet 256/224 for ImageNet layouts, identity geometry at 32 px for CIFAR layouts."""
     spec = getattr(model, "spec", None)
     if getattr(spec, "stem", None) == "cifar":
-        return _dataset_preprocessing("cifar10", 32)
+        return dataset_preprocessing("cifar10", 32)
     return imagenet()
 
 
@@ -65,34 +56,17 @@ def _is_training_checkpoint(payload: Any) -> bool:
 
 
 def _from_checkpoint(payload: dict[str, Any], path: Path, model_name: str | None) -> nn.Module:
-    from resnext.models import create_model
+    # The same reading as any weights file: build_with_weights gives the network the run's spec
+    # overrides, its preprocessing and its class names.
+    from resnext.weights import build_with_weights
+    from resnext.weights.formats import convert_checkpoint
 
-    config = payload["config"]
-    model_cfg = config.get("model", {}) if isinstance(config, dict) else {}
-    name = model_name or model_cfg.get("name")
+    loaded = convert_checkpoint(payload, str(path))
+    name = model_name or loaded.model_name
     if not name:
         raise CheckpointError(f"checkpoint {path}: its config names no model; pass --model")
-    state = payload["model"]
-    fc = state.get("fc.weight")
-    classes = int(fc.shape[0]) if isinstance(fc, torch.Tensor) else None
-    spec = dict(model_cfg.get("spec") or {})
-    if classes is not None:
-        # the saved classifier decides; a config may also name the count (model.spec.num_classes)
-        spec["num_classes"] = classes
-    model = create_model(name, **spec)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path}: does not fit model {name!r}: {exc}") from exc
+    model = build_with_weights(name, loaded)
     model.resnext_name = name
-    # The run's class names (checkpoints before they were saved have none); load_model checks them.
-    names = payload.get("class_names")
-    model.class_names = tuple(names) if isinstance(names, (list, tuple)) else names
-    data_cfg = config.get("data", {}) if isinstance(config, dict) else {}
-    if isinstance(data_cfg, dict) and data_cfg.get("kind"):
-        model.preprocessing = _dataset_preprocessing(
-            str(data_cfg["kind"]), int(data_cfg.get("image_size", 32))
-        )
     return model
 
 
@@ -105,8 +79,6 @@ def load_training_checkpoint(
     if not _is_training_checkpoint(payload):
         return None
     net = _from_checkpoint(payload, Path(path), model_name)
-    if net.class_names is not None:
-        _check_class_names(net.class_names, int(getattr(net, "num_classes", 0) or 0), path)
     if getattr(net, "preprocessing", None) is None:
         net.preprocessing = default_preprocessing(net)
     return net

@@ -18,6 +18,7 @@ from resnext.weights.preprocess import (
     MMPRETRAIN,
     imagenet,
 )
+from resnext.weights.run_checkpoint import from_run, is_run_checkpoint
 
 FORMATS = ("torchvision", "timm", "mmpretrain", "pycls", "detectron2", "prlz77", "native", "lua_t7")
 _D2_KEY = re.compile(r"^(backbone\.(bottom_up\.)?)?(res[2-5]\.\d+\.|stem\.conv1\.)")
@@ -114,6 +115,8 @@ def convert_checkpoint(obj: Any, source: str, *, fmt: str | None = None) -> Load
     """Our state dict, spec overrides and preprocessing from a loaded checkpoint of any library."""
     inner, context = _unwrap(obj, source)
     state = cv.strip_prefix(dict(inner), "module.")
+    if fmt is None and is_run_checkpoint(context):
+        return from_run(_tensors(state, source), context, source)
     if is_int8_state(state):
         raise WeightsError(
             f"{source}: an int8 (quantized) checkpoint, which a float model cannot take: load it "

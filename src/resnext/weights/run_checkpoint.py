@@ -1,0 +1,75 @@
+"""A `resnext train` checkpoint read as weights: its network, the spec its run built, its inputs, its names."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from resnext.errors import WeightsError
+from resnext.weights.loaded import LoadedWeights
+from resnext.weights.preprocess import Preprocessing
+
+SOURCE_FORMAT = "resnext_train_checkpoint"
+
+
+def is_run_checkpoint(context: Mapping[str, Any]) -> bool:
+    """Whether the metadata around a checkpoint's state dict is a `resnext train` run's: the
+    network under 'model' beside the run's resolved config."""
+    return context.get("wrapper") == "model" and isinstance(context.get("config"), Mapping)
+
+
+def dataset_preprocessing(kind: str, image_size: int) -> Preprocessing:
+    """What training fed the network: the data package's statistics for `kind` at `image_size`."""
+    from resnext.data.stats import dataset_stats
+
+    mean, std = dataset_stats(kind)
+    # Small-image datasets are used whole; ImageFolder crops keep the 256/224 ratio.
+    resize = image_size if kind in ("cifar10", "cifar100", "digits") else round(image_size * 8 / 7)
+    return Preprocessing(resize=resize, crop=image_size, mean=mean, std=std)
+
+
+def from_run(
+    state: dict[str, torch.Tensor], context: Mapping[str, Any], source: str
+) -> LoadedWeights:
+    """LoadedWeights of a run checkpoint: its config's model name and spec overrides (less the
+    class count, which the saved classifier decides), its data's preprocessing, its class names."""
+    config = context["config"]
+    model_cfg = config.get("model") if isinstance(config.get("model"), Mapping) else {}
+    spec = model_cfg.get("spec") or {}
+    if not isinstance(spec, Mapping):
+        raise WeightsError(f"{source}: config model.spec: expected a table, got {spec!r}")
+    overrides = {k: v for k, v in spec.items() if k != "num_classes"}
+    name = model_cfg.get("name")
+    data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
+    prep = None
+    if data.get("kind"):
+        prep = dataset_preprocessing(str(data["kind"]), int(data.get("image_size", 32)))
+    fc = state.get("fc.weight")
+    return LoadedWeights(
+        state_dict=state,
+        source_format=SOURCE_FORMAT,
+        source=source,
+        spec_overrides=overrides,
+        preprocessing=prep,
+        class_names=_class_names(context.get("class_names"), fc, source),
+        model_name=str(name) if name else None,
+    )
+
+
+def _class_names(names: Any, fc: Any, source: str) -> tuple[str, ...] | None:
+    # Checkpoints from before runs saved their class names have none.
+    if names is None:
+        return None
+    head = int(fc.shape[0]) if isinstance(fc, torch.Tensor) else None
+    if (
+        not isinstance(names, (list, tuple))
+        or not all(isinstance(n, str) for n in names)
+        or len(names) != head
+    ):
+        raise WeightsError(
+            f"{source}: class_names: expected a list of {head} strings (one per class of the "
+            f"saved classifier), got {names!r}"[:400]
+        )
+    return tuple(names)
