@@ -353,3 +353,20 @@ def test_eval_reports_why_a_cifar_archive_or_folder_cannot_be_read(tmp_path: Pat
     (folder / "test_batch").write_bytes(b"")
     with pytest.raises(DataError, match="no CIFAR data found"):
         eval_cmd.run(_parse(["--weights", str(ckpt), "--data", str(folder)]))
+
+
+def test_tencrop_and_dense_follow_the_weights_crop(tmp_path: Path, capsys) -> None:
+    # A network trained on 32-pixel crops (resize 37) given the paper's 256/224 views, or dense
+    # passes at 224-640 pixels, scores near chance: both protocols follow the weights' sizes.
+    _image_folder(tmp_path)
+    ckpt, _ = _checkpoint(tmp_path, 3, "imagefolder")
+    base = ["--weights", str(ckpt), "--data", str(tmp_path / "data"), "--json"]
+    assert eval_cmd.run(_parse([*base, "--protocol", "tencrop"])) == 0
+    tencrop = json.loads(capsys.readouterr().out)["protocol"]
+    assert (tencrop["resize"], tencrop["crop"]) == (37, 32)
+    assert eval_cmd.run(_parse([*base, "--protocol", "dense"])) == 0
+    dense = json.loads(capsys.readouterr().out)["protocol"]
+    # He et al.'s 224, 256, 384, 480, 640 times 32/224, rounded by hand
+    assert tuple(dense["scales"]) == (32, 37, 55, 69, 91)
+    assert eval_cmd.run(_parse([*base, "--protocol", "dense", "--scales", "40"])) == 0
+    assert tuple(json.loads(capsys.readouterr().out)["protocol"]["scales"]) == (40,)

@@ -27,7 +27,7 @@ from resnext.evaluate import (
 )
 from resnext.evaluate.data_source import open_dataset
 from resnext.evaluate.distributed import local_device
-from resnext.evaluate.protocols import Protocol
+from resnext.evaluate.protocols import DENSE_SCALES, Protocol
 from resnext.evaluate.scoring import check_fast_path
 from resnext.inference.fast_backend import fast_backend
 from resnext.inference.loading import LoadedModel, load_model
@@ -154,6 +154,8 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         output_folder(args.output)
     loaded = load_model(args.model, args.weights, device=args.device)
     prep = loaded.preprocessing
+    if scales is None and args.protocol == "dense":
+        scales = _dense_scales(prep.crop)
     protocol = get_protocol(
         args.protocol,
         resize=args.resize if args.resize is not None else _default(args.protocol, prep.resize),
@@ -242,5 +244,15 @@ def _class_names(loaded: LoadedModel, dataset: object, head: int) -> tuple[str, 
 
 
 def _default(protocol: str, from_weights: int) -> int | None:
-    # The centre protocol follows the weights' own resize/crop; named variants keep theirs.
-    return from_weights if protocol == "center" else None
+    # The centre and ten-crop protocols follow the weights' own resize/crop (ImageNet weights say
+    # 256/224, the paper's); center320 is a size by definition. A 32-pixel CIFAR network given
+    # 224-pixel crops would score at chance.
+    return from_weights if protocol in ("center", "tencrop") else None
+
+
+def _dense_scales(crop: int) -> tuple[int, ...] | None:
+    """He et al.'s shorter sides, which are for a network trained on 224 crops, scaled to one
+    trained on `crop` (None, the protocol's own, for 224)."""
+    if crop == 224:
+        return None
+    return tuple(max(1, round(s * crop / 224)) for s in DENSE_SCALES)
