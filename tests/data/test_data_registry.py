@@ -84,3 +84,20 @@ def test_interpolation_reaches_the_training_crop_and_bad_names_are_refused() -> 
         for split in ("train", "val"):
             with pytest.raises(ConfigError, match=r"interpolation 'foo' is not one of \["):
                 default_transforms(kind, split, interpolation="foo")
+
+
+def test_imagefolder_validation_decodes_in_full_as_eval_does(tmp_path: Path) -> None:
+    # A photo far larger than the validation resize: a reduced-scale (draft) decode would give
+    # other pixels than the full decode `resnext eval` uses, and the run's val errors would differ.
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        pixels = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / split / "a" / "x.jpg", quality=90)
+    tf = default_transforms("imagefolder", "val", image_size=56)
+    val = build_dataset("imagefolder", tmp_path, "val", tf)
+    with Image.open(tmp_path / "val" / "a" / "x.jpg") as img:
+        full = tf(img.convert("RGB"))
+    assert np.array_equal(np.asarray(val[0][0]), np.asarray(full))
+    # training keeps the faster decode where its crop allows it
+    assert build_dataset("imagefolder", tmp_path, "train", tf).use_draft

@@ -61,7 +61,10 @@ def test_demo_run_twice_starts_over_in_its_folder(tmp_path, capsys):
     assert demo_cmd.run(args) == 0
     (out / "provenance-resume-7.json").write_text("{}")  # as if the earlier run had resumed
     first = (out / "checkpoints" / "last.pt").stat().st_mtime_ns
+    events = len(list((out / "tensorboard").iterdir()))
     assert demo_cmd.run(args) == 0
+    # one run's TensorBoard events, not both runs' curves overlaid
+    assert len(list((out / "tensorboard").iterdir())) == events
     assert "digits test accuracy" in capsys.readouterr().out
     assert (out / "checkpoints" / "last.pt").stat().st_mtime_ns > first
     assert not list(out.glob("provenance-resume-*.json"))

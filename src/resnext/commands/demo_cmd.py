@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from resnext.commands.options import positive_int
@@ -44,6 +45,8 @@ def _remove_earlier_run(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
     for path in run_dir.glob("provenance-resume-*.json"):
         path.unlink()
+    # TensorBoard would overlay the earlier run's curves on the new one's
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
