@@ -118,6 +118,9 @@ def test_bad_inputs_are_config_errors(weights_file, bad: object) -> None:
 def test_missing_image_is_a_data_error(weights_file, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"nope\.png"):
         Predictor(weights=weights_file[0])([tmp_path / "nope.png"])
+    # a folder exists: it is not "no such file", it is the wrong kind of input
+    with pytest.raises(DataError, match="a folder; expected an image file"):
+        Predictor(weights=weights_file[0])([tmp_path])
 
 
 def test_imagenet_names_follow_the_sorted_wnids(imagenet_sample: Path) -> None:

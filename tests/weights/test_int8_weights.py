@@ -209,3 +209,18 @@ def test_eval_scores_an_int8_file_on_real_cifar_as_its_network_classifies(
         for x, y in DataLoader(data, batch_size=128):
             right += int((net(x).argmax(1) == y).sum())
     assert report["top1"] == pytest.approx(right / 509, abs=1e-9)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
+def test_export_refuses_an_int8_network_by_name(
+    int8_file: tuple[Path, torch.nn.Module], tmp_path: Path, capsys, fmt: str
+) -> None:
+    # torch.ao's packed int8 layers fail deep inside either exporter; the refusal names the file
+    from resnext.cli import main
+
+    path, _ = int8_file
+    out = tmp_path / "tiny.out"
+    argv = ["export", "resnext_tiny_in", "--weights", str(path), "--format", fmt]
+    assert main([*argv, "--output", str(out)]) == 2
+    assert "an int8 (quantized) network cannot be exported" in capsys.readouterr().err
+    assert not out.exists()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from resnext.commands.options import positive_int
+from resnext.errors import ConfigError
 from resnext.export import export_onnx, export_program, onnx_parity, save_program
 from resnext.inference.inputs import preprocessed_images
 from resnext.inference.loading import LoadedModel, load_model
@@ -43,6 +44,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Export and verify; prints a JSON summary."""
     loaded = load_model(args.name, args.weights)
+    if loaded.source_format == "torchvision_int8":
+        # torch.ao's packed int8 layers have no ONNX or torch.export form: it fails deep inside
+        raise ConfigError(
+            f"--weights {args.weights}: an int8 (quantized) network cannot be exported; export "
+            "the float weights it was quantized from"
+        )
     size = args.image_size if args.image_size is not None else loaded.preprocessing.crop
     out = Path(args.output)
     summary: dict[str, Any] = {"model": loaded.name, "weights": loaded.weights, "image_size": size}

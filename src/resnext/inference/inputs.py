@@ -23,6 +23,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 def open_image(path: str | Path) -> Image.Image:
     """The RGB image stored at `path`; unreadable files end in a DataError naming them."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(
+            f"image {path}: a folder; expected an image file (resnext predict, or "
+            "resnext.inference.inputs.expand_paths, takes folders and recurses into them)"
+        )
     if not path.is_file():
         raise DataError(f"image {path}: no such file")
     # The training loader's decoder: the same pixels for 16-bit, palette and transparent images,
