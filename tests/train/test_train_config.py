@@ -189,3 +189,32 @@ def test_a_failed_config_write_keeps_the_saved_config_whole(tmp_path, monkeypatc
     with pytest.raises(OSError):
         save_config(load_config("digits_demo", ["epochs=5"]), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left
+
+
+def test_a_runs_saved_config_continues_it_from_any_directory(
+    tmp_path, monkeypatch, tiny_cfg, tiny_data
+):
+    # docs/training.md: `--config RUN/config.toml` continues RUN. The run was started with a
+    # relative output_dir; from another directory, or with the folder moved, that path would
+    # name a new, empty run folder.
+    import shutil
+    from pathlib import Path
+
+    from resnext.config import load_config
+    from resnext.train import train
+
+    train_set, val_set = tiny_data(32), tiny_data(16, seed=2)
+    monkeypatch.chdir(tmp_path)
+    train(tiny_cfg("runs/x", train={"epochs": 1}), train_set=train_set, val_set=val_set)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config("../runs/x/config.toml", ["train.epochs=2"])
+    assert Path(cfg.resolved_output_dir()) == (tmp_path / "runs" / "x").resolve()
+    assert train(cfg, train_set=train_set, val_set=val_set).global_step == 4  # 2 + 2 steps
+    assert not (tmp_path / "elsewhere" / "runs").exists()
+    shutil.move(tmp_path / "runs" / "x", tmp_path / "moved")
+    moved = load_config(tmp_path / "moved" / "config.toml", ["train.epochs=3"])
+    assert Path(moved.resolved_output_dir()) == (tmp_path / "moved").resolve()
+    # an explicit output_dir still wins
+    other = load_config(tmp_path / "moved" / "config.toml", [f"output_dir={tmp_path / 'o'}"])
+    assert other.resolved_output_dir() == str(tmp_path / "o")

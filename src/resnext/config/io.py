@@ -96,7 +96,19 @@ def load_config(
     path = recipe_path(name_or_path)
     data = read_file(path)
     data.setdefault("name", path.stem)
+    if is_saved_run_config(path):
+        # A run's own saved config names that run's folder wherever it is now and whatever the
+        # current directory: `--config RUN/config.toml` continues RUN (an override still wins).
+        data["output_dir"] = str(path.parent.resolve())
     return make_config(data, overrides)
+
+
+def is_saved_run_config(path: Path) -> bool:
+    """Whether `path` is the config.toml/config.json a run saved into its folder (beside its
+    provenance record), rather than a recipe."""
+    return (
+        path.name in ("config.toml", "config.json") and (path.parent / "provenance.json").is_file()
+    )
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

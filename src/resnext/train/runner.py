@@ -273,7 +273,7 @@ def _run(
         run_dir.mkdir(parents=True, exist_ok=True)
         # Saved with resume=auto: `--config RUN/config.toml` continues this run from its own
         # last.pt (what this start resumed from is in the provenance record).
-        save_config(replace(cfg, train=replace(cfg.train, resume="auto")), run_dir)
+        save_config(_as_saved(cfg), run_dir)
         record = provenance.collect(info.device, info.world_size)
         record["resumed_from"] = str(resume_from) if resume_from else None
         record["resumed_at"] = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch}
@@ -356,6 +356,15 @@ def _save_fast_path_choices(run_dir: Path) -> None:
     CPU) to fast_path_choices.json, replaced whole after every epoch so a killed run keeps it."""
     choices = [d.as_dict() for d in autotune.decisions()]
     write_text(run_dir / "fast_path_choices.json", json.dumps(choices, indent=2) + "\n")
+
+
+def _as_saved(cfg: Config) -> Config:
+    """The config a run saves: resume=auto, so that `--config RUN/config.toml` continues the run,
+    and a relative data.root made absolute, so that it does from any directory."""
+    root = cfg.data.root
+    if root and not Path(root).is_absolute() and Path(root).exists():
+        root = str(Path(root).resolve())
+    return replace(cfg, train=replace(cfg.train, resume="auto"), data=replace(cfg.data, root=root))
 
 
 def _mixer(cfg: Config, num_classes: int) -> BatchMixer | None:
