@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -224,3 +225,44 @@ def test_export_refuses_an_int8_network_by_name(
     assert main([*argv, "--output", str(out)]) == 2
     assert "an int8 (quantized) network cannot be exported" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_quantize_keeps_a_runs_spec_preprocessing_and_names_beside_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A state dict alone cannot say the run's cardinality, its 16-pixel digits statistics or
+    # its class names: without them the file did not load, or was fed 224-pixel ImageNet crops.
+    from PIL import Image
+
+    from resnext.cli import main
+    from resnext.inference.loading import load_model
+
+    torch.manual_seed(0)
+    net = resnext.create_model("resnext_tiny_in", cardinality=2, num_classes=3)
+    names = ["zero", "one", "two"]
+    config = {
+        "model": {"name": "resnext_tiny_in", "spec": {"cardinality": 2}},
+        "data": {"kind": "digits", "image_size": 16},
+    }
+    ckpt = tmp_path / "last.pt"
+    torch.save({"model": net.state_dict(), "config": config, "class_names": names}, ckpt)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    out = tmp_path / "q.pth"
+    argv = ["quantize", "resnext_tiny_in", "--weights", str(ckpt), "--output", str(out)]
+    assert main([*argv, "--calibration", *(str(tmp_path / f"{i}.png") for i in range(3))]) == 0
+    capsys.readouterr()
+    loaded, float_run = load_model(None, out), load_model(None, ckpt)
+    assert loaded.name == "resnext_tiny_in" and loaded.class_names == tuple(names)
+    assert loaded.preprocessing == float_run.preprocessing and loaded.preprocessing.crop == 16
+    assert build_int8_with_weights("resnext_tiny_in", out).class_names == tuple(names)
+    # someone else's JSON where the sidecar would go is refused, and left as it was
+    other = tmp_path / "r.json"
+    other.write_text('{"mine": true}')
+    argv[-1] = str(tmp_path / "r.pth")
+    assert main([*argv, "--calibration", str(tmp_path / "0.png")]) == 2
+    assert "is not an int8 sidecar" in capsys.readouterr().err
+    assert other.read_text() == '{"mine": true}' and not (tmp_path / "r.pth").exists()

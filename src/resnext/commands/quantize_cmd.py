@@ -20,8 +20,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="quantize a model to int8 on calibration images",
         description="Quantize a float model to int8 after training (weights per output channel, "
         "activation ranges observed on the calibration images, preprocessed as the weights "
-        "expect), and save it as torchvision saves its quantized checkpoints. Load the file "
-        "with `resnext predict --model NAME --weights FILE IMAGES` or "
+        "expect), and save it as torchvision saves its quantized checkpoints, with a JSON "
+        "sidecar (same name, .json) holding the float network's spec, preprocessing and class "
+        "names. Load the file with `resnext predict --weights FILE IMAGES`, `resnext eval` or "
         "resnext.weights.build_int8_with_weights.",
     )
     parser.add_argument("name", help="model name")
@@ -62,7 +63,7 @@ def calibration_batches(
 def run(args: argparse.Namespace) -> int:
     """Quantize, save, and print a JSON summary (with the int8 outputs' difference from float)."""
     from resnext.speed.int8 import check_quantizable, quantize_int8
-    from resnext.weights.int8 import save_int8
+    from resnext.weights.int8 import check_int8_sidecar_free, save_int8
 
     output = Path(args.output)
     if not output.name.endswith((".pth", ".pt")):
@@ -72,13 +73,21 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--output {args.output}: folder {output.parent} does not exist")
     if output.is_dir():
         raise ConfigError(f"--output {args.output}: is a folder, expected a file")
+    check_int8_sidecar_free(output)
     loaded = load_model(args.name, args.weights)
     check_quantizable(loaded.model)  # before the calibration images are read
     batches = calibration_batches(loaded, args.calibration, args.images, args.batch_size)
     net = quantize_int8(
         loaded.model, batches, observer=args.observer, activation_bits=args.activation_bits
     )
-    out = save_int8(net, output)
+    out = save_int8(
+        net,
+        output,
+        model_name=loaded.name,
+        spec=getattr(loaded.model, "spec", None),
+        preprocessing=loaded.preprocessing,
+        class_names=loaded.class_names,
+    )
     with torch.no_grad():
         want, got = loaded.model(batches[0]), net(batches[0])
     summary = {

@@ -126,6 +126,7 @@ def load_model(
             INT8_WEIGHTS,
             build_int8_from_state,
             build_int8_with_weights,
+            read_int8_sidecar,
         )
 
         path = Path(weights)
@@ -144,12 +145,17 @@ def load_model(
             name, fmt = model or int8_tag.model, "torchvision_int8"
             net = build_int8_with_weights(name, weights)
         elif int8_state is not None:
-            if model is None:
+            meta = read_int8_sidecar(path)  # what `resnext quantize` wrote beside it, if anything
+            name = model or (meta.model_name if meta is not None else None)
+            if name is None:
                 raise WeightsError(
                     f"weights {weights}: an int8 state dict names no model; pass one"
                 )
-            name, fmt = model, "torchvision_int8"
-            net = build_int8_from_state(model, int8_state, str(weights))
+            fmt = "torchvision_int8"
+            overrides = meta.overrides(name) if meta is not None else None
+            net = build_int8_from_state(name, int8_state, str(weights), overrides=overrides)
+            if meta is not None:
+                net.preprocessing, net.class_names = meta.preprocessing, meta.class_names
         elif payload is not None:
             net = _from_checkpoint(payload, path, model)
             name, fmt = net.resnext_name, "resnext_train_checkpoint"

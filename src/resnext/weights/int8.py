@@ -10,16 +10,24 @@ module tree is torchvision's, with `torch.load(weights_only=True)`: no code from
 from __future__ import annotations
 
 import difflib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from resnext.errors import WeightsError
-from resnext.io.atomic import replacing
+from resnext.io.atomic import replacing, write_text
 from resnext.weights.formats import PACKED_FC, is_int8_state
 from resnext.weights.load import _listing, _torch_load, fetch, weights_path
-from resnext.weights.preprocess import imagenet
+from resnext.weights.native import spec_overrides
+from resnext.weights.preprocess import Preprocessing, imagenet
 from resnext.weights.table import Result, WeightsEntry
+
+if TYPE_CHECKING:
+    from resnext.models import ModelSpec
 
 _Q = "https://download.pytorch.org/models/quantized/"
 
@@ -127,22 +135,33 @@ def build_int8_with_weights(
     """The int8 network `name` (a registry name, e.g. "resnext101_32x8d") with torchvision's
     quantized weights `weights`: an int8 tag (`list_int8_weights()`, downloaded and checked) or
     a file. The result takes float images preprocessed as its ``preprocessing`` says: the tag's,
-    or None for a file, which holds none (`resnext predict` and `eval` then use their default for
-    the network's layout: ImageNet's 256/224, or CIFAR-10's statistics at 32 pixels)."""
+    a `save_int8` sidecar's, or None for a file without one (`resnext predict` and `eval` then
+    use their default for the network's layout: ImageNet's 256/224, or CIFAR-10's statistics at
+    32 pixels). A sidecar also gives the float network's spec and ``class_names``."""
     tagged = INT8_WEIGHTS.get(str(weights)) if not isinstance(weights, Path) else None
     if tagged is not None and tagged.model != name:  # before any download
         raise WeightsError(f"{tagged.tag}: these weights are for {tagged.model}, not {name}")
     path, entry = _resolve(weights, cache_dir)
-    net = build_int8_from_state(name, _torch_load(path), entry.tag if entry else str(path), engine)
+    meta = read_int8_sidecar(path) if entry is None else None
+    source = entry.tag if entry else str(path)
+    overrides = meta.overrides(name) if meta is not None else None
+    net = build_int8_from_state(name, _torch_load(path), source, engine, overrides)
     if entry is not None:
         net.preprocessing = entry.preprocessing
+    elif meta is not None:
+        net.preprocessing, net.class_names = meta.preprocessing, meta.class_names
     return net
 
 
 def build_int8_from_state(
-    name: str, state: object, source: str, engine: str = "auto"
+    name: str,
+    state: object,
+    source: str,
+    engine: str = "auto",
+    overrides: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """The int8 network `name` with the quantized state dict `state` (read from `source`)."""
+    """The int8 network `name` (with spec `overrides`, e.g. a training run's) with the quantized
+    state dict `state` (read from `source`)."""
     from resnext.models import create_model
     from resnext.speed.int8 import int8_template, quantized_engine
 
@@ -154,7 +173,7 @@ def build_int8_from_state(
         )
     # `state` itself is loaded, not a copy: its `_metadata` holds the modules' state versions,
     # without which torch.ao's quantized Linear reads the older layout (fc.weight)
-    model = create_model(name, num_classes=_classes(state, source))
+    model = create_model(name, num_classes=_classes(state, source), **dict(overrides or {}))
     net = int8_template(model, engine=engine)
     own = net.state_dict()
     missing = [k for k in own if k not in state]
@@ -183,10 +202,22 @@ def build_int8_from_state(
     return net
 
 
-def save_int8(net: torch.nn.Module, path: str | Path) -> Path:
+def save_int8(
+    net: torch.nn.Module,
+    path: str | Path,
+    *,
+    model_name: str | None = None,
+    spec: ModelSpec | None = None,
+    preprocessing: Preprocessing | None = None,
+    class_names: Sequence[str] | None = None,
+) -> Path:
     """Write the int8 network's state dict to `path` as torchvision's quantized checkpoints are
     written (the state dict alone, loadable with `build_int8_with_weights`), through a temporary
-    file renamed into place: a failed write leaves any file already at `path` as it was."""
+    file renamed into place: a failed write leaves any file already at `path` as it was.
+
+    What a state dict cannot say (the float network's name and spec, the preprocessing and class
+    names of its weights) goes into a JSON sidecar beside it (PATH with .json), which loading
+    reads when it is there."""
     state = net.state_dict()
     if not is_int8_state(state):
         raise WeightsError(
@@ -194,6 +225,80 @@ def save_int8(net: torch.nn.Module, path: str | Path) -> Path:
             f"build_int8_with_weights), got {type(net).__name__} without quantized state"
         )
     path = Path(path)
+    side = check_int8_sidecar_free(path)
     with replacing(path) as tmp:
         torch.save(state, tmp)
+    sidecar = {
+        "format": INT8_SIDECAR,
+        "model_name": model_name,
+        "spec": spec.to_dict() if spec is not None else None,
+        "preprocessing": preprocessing.to_dict() if preprocessing is not None else None,
+        "class_names": list(class_names) if class_names is not None else None,
+    }
+    write_text(side, json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def check_int8_sidecar_free(path: str | Path) -> Path:
+    """The sidecar path of int8 file `path`, refused (WeightsError) where another kind of file
+    is there: it is someone else's, never replaced (an earlier int8 sidecar is, with its file)."""
+    side = Path(path).with_suffix(".json")
+    if side.exists() and _sidecar_format(side) != INT8_SIDECAR:
+        raise WeightsError(
+            f"{path}: its sidecar {side} exists and is not an int8 sidecar; choose another path"
+        )
+    return side
+
+
+def _sidecar_format(side: Path) -> object:
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta.get("format") if isinstance(meta, dict) else None
+
+
+INT8_SIDECAR = "resnext-int8"
+
+
+@dataclass(frozen=True)
+class Int8Meta:
+    """What `save_int8`'s sidecar records of the float network an int8 file came from."""
+
+    model_name: str | None
+    spec: dict[str, Any] | None
+    preprocessing: Preprocessing | None
+    class_names: tuple[str, ...] | None
+
+    def overrides(self, name: str) -> dict[str, Any]:
+        """The saved spec's changes to model `name`'s registered spec (the classes excepted)."""
+        return spec_overrides(self.spec, name)
+
+
+def read_int8_sidecar(path: str | Path) -> Int8Meta | None:
+    """The sidecar `save_int8` wrote beside the int8 file `path`, or None where there is none
+    (torchvision's own files); a damaged one is a WeightsError naming it."""
+    side = Path(path).with_suffix(".json")
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{side}: not a readable JSON sidecar ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != INT8_SIDECAR:
+        raise WeightsError(f"{side}: not a {INT8_SIDECAR} sidecar (its 'format' is not that)")
+    names, name, spec = meta.get("class_names"), meta.get("model_name"), meta.get("spec")
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+    ):
+        raise WeightsError(
+            f"{side}: class_names: expected a list of strings or null, got {names!r}"
+        )
+    if not isinstance(name, (str, type(None))) or not isinstance(spec, (dict, type(None))):
+        raise WeightsError(f"{side}: model_name and spec: expected a string and a table, or null")
+    prep = meta.get("preprocessing")
+    try:
+        preprocessing = Preprocessing.from_dict(prep) if prep is not None else None
+    except WeightsError as exc:
+        raise WeightsError(f"{side}: {exc}") from None
+    return Int8Meta(name, spec, preprocessing, tuple(names) if names is not None else None)

@@ -190,7 +190,7 @@ def _tensors_name(side: Path, meta: dict[str, Any]) -> str:
     return name
 
 
-def _spec_overrides(spec: Any, model_name: str | None) -> dict[str, Any]:
+def spec_overrides(spec: Any, model_name: str | None) -> dict[str, Any]:
     """What the saved spec changes in its named model's registered spec (a training run's
     model.spec overrides: cardinality, depths, logit_scale ...), so that the same network is
     rebuilt; the classifier size follows the saved tensors instead."""
@@ -234,7 +234,7 @@ def load_native(path: str | Path) -> LoadedWeights:
         )
     state = read_safetensors(tensors, data)
     spec = meta.get("spec")
-    overrides = _spec_overrides(spec, meta.get("model_name"))
+    overrides = spec_overrides(spec, meta.get("model_name"))
     prep = meta.get("preprocessing")
     names = meta.get("class_names")
     fc = state.get("fc.weight")
