@@ -38,14 +38,29 @@ def test_imagenet_recipe_is_the_papers():
     assert cfg.schedule.gamma == pytest.approx(0.1)
     assert cfg.optim.weight_decay == pytest.approx(1e-4)
     assert cfg.optim.momentum == pytest.approx(0.9)
-    # Sec. 5.3 CIFAR: batch 128, wd 5e-4, lr 0.1, /10 at 150 and 225 of 300 epochs.
+    # Sec. 5.3 CIFAR: batch 128, wd 5e-4, lr 0.1, /10 at the 150th and 225th of 300 epochs.
     cifar = load_config("cifar_resnext29_8x64d")
-    assert (cifar.data.batch_size, cifar.train.epochs, cifar.schedule.milestones) == (
-        128,
-        300,
-        (150, 225),
-    )
+    assert (cifar.data.batch_size, cifar.train.epochs) == (128, 300)
     assert cifar.optim.weight_decay == pytest.approx(5e-4)
+
+
+def test_recipes_lower_the_lr_in_the_epochs_the_official_code_does():
+    # fb.resnext.torch, epochs counted from 1: ImageNet decay = floor((epoch - 1) / 30); CIFAR
+    # decay = epoch >= 0.75 * nEpochs and 2 or epoch >= 0.5 * nEpochs and 1 or 0 (the paper's
+    # "at the 150-th and 225-th epoch" of 300).
+    from resnext.train.optim import LRFactor
+
+    lua = {
+        "imagenet_resnext50_32x4d": lambda e, n: (e - 1) // 30,
+        "cifar_resnext29_8x64d": lambda e, n: 2 if e >= 0.75 * n else 1 if e >= 0.5 * n else 0,
+    }
+    for recipe, decay in lua.items():
+        cfg = load_config(recipe)
+        n = cfg.train.epochs
+        factor = LRFactor(cfg.schedule, steps_per_epoch=3, epochs=n, peak_lr=0.1)
+        for epoch in range(1, n + 1):
+            for step in range(3 * (epoch - 1), 3 * epoch):  # every step of the epoch
+                assert factor(step) == pytest.approx(0.1 ** decay(epoch, n)), (recipe, epoch)
 
 
 def test_linear_lr_scaling_rule():
