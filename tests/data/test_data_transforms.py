@@ -220,3 +220,36 @@ def test_sizes_from_1_and_padding_from_0_are_taken() -> None:
     assert CenterCrop(1)(img).size == (1, 1) and CenterCrop((3, 2))(img).size == (3, 2)
     assert CenterCrop(np.int64(4))(img).size == (4, 4)
     assert RandomCrop(8, padding=0)(img).size == (8, 8)
+
+
+def test_imagenet_train_draws_crops_as_fb_resnet_torch() -> None:
+    # fb.resnet.torch's RandomSizedCrop, in its own draw order: area = uniform(0.08, 1) * image
+    # area; aspect = uniform(3/4, 4/3); w, h = round(sqrt(area * aspect)), round(sqrt(area /
+    # aspect)); swapped if uniform() < 0.5; then the corner. The paper: "implemented by [11]".
+    import math
+
+    preset = imagenet_train(64, generator=torch.Generator().manual_seed(11))
+    crop = preset.transforms[0]
+    lua = torch.Generator().manual_seed(11)
+
+    def draw(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=lua, dtype=torch.float64))
+
+    width, height = 500, 375
+    for _ in range(200):
+        found = False
+        for _try in range(10):  # fb tries 10 times, then takes the centred square
+            area = draw(0.08, 1.0) * width * height
+            aspect = draw(3 / 4, 4 / 3)
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if draw(0.0, 1.0) < 0.5:
+                w, h = h, w
+            found = w <= width and h <= height
+            if found:
+                break
+        if not found:
+            w = h = height
+        assert crop.get_params(width, height)[2:] == (w, h)
+        if found:  # the corner takes two more draws from the same stream
+            torch.randint(0, width - w + 1, (), generator=lua)
+            torch.randint(0, height - h + 1, (), generator=lua)

@@ -89,12 +89,21 @@ class PlannedRandomResizedCrop(PlannedTransform):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         interpolation: str = "bicubic",
         flip: float = 0.5,
+        aspect_sampling: str = "uniform-swap",
         generator: RandomSource = None,
     ) -> None:
         if not 0.0 <= flip <= 1.0:
             raise ConfigError(f"flip: expected a probability in [0, 1], got {flip!r}")
-        # The standard transform draws the boxes, so both pipelines share one sampling rule.
-        self.sampler = RandomResizedCrop(size, scale, ratio, interpolation, generator=generator)
+        # The standard transform draws the boxes, so both pipelines share one sampling rule
+        # (imagenet_train's: fb.resnet.torch's aspect ratios).
+        self.sampler = RandomResizedCrop(
+            size,
+            scale,
+            ratio,
+            interpolation,
+            aspect_sampling=aspect_sampling,
+            generator=generator,
+        )
         self.size, self.interpolation = _pair(size, "PlannedRandomResizedCrop size"), interpolation
         self.flip, self.generator = flip, generator
 

@@ -32,12 +32,22 @@ def imagenet_train(
     interpolation: str = "bicubic",
     jitter: float = 0.4,
     lighting_std: float = 0.1,
+    aspect_sampling: str = "uniform-swap",
     generator: RandomSource = None,
 ) -> Compose:
-    """fb.resnet.torch: random-sized crop, flip, colour jitter, PCA lighting, normalise."""
+    """fb.resnet.torch: random-sized crop, flip, colour jitter, PCA lighting, normalise.
+
+    The crop's aspect ratio is drawn as fb.resnet.torch draws it (uniform in [3/4, 4/3], then
+    width and height swapped with probability 1/2); `aspect_sampling="log-uniform"` is
+    torchvision's rule."""
     return Compose(
         [
-            RandomResizedCrop(size, interpolation=interpolation, generator=generator),
+            RandomResizedCrop(
+                size,
+                interpolation=interpolation,
+                aspect_sampling=aspect_sampling,
+                generator=generator,
+            ),
             RandomHorizontalFlip(0.5, generator=generator),
             ToTensor(),
             ColorJitter(jitter, jitter, jitter, generator=generator),
