@@ -61,13 +61,14 @@ def test_eval_checkpoint_on_image_folder(tmp_path: Path, capsys: pytest.CaptureF
     )
     assert eval_cmd.run(args) == 0
     report = json.loads(capsys.readouterr().out)
-    # Independent pipeline: shorter side 37 (= 32 * 8/7), centre 32 crop, ImageNet statistics.
+    # Independent pipeline: shorter side 37 (= 32 * 8/7), bicubic (fb.resnet.torch's evaluation
+    # filter, which the run's ImageFolder validation used), centre 32 crop, ImageNet statistics.
     hits = 0
     for path, label in items:
         img = Image.open(path).convert("RGB")
         w, h = img.size
         size = (37, math.floor(37 * h / w)) if w <= h else (math.floor(37 * w / h), 37)
-        arr = np.asarray(img.resize(size, Image.Resampling.BILINEAR), dtype=np.float64) / 255
+        arr = np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=np.float64) / 255
         top, left = -(-(size[1] - 32) // 2), -(-(size[0] - 32) // 2)
         arr = (arr[top : top + 32, left : left + 32] - IMAGENET_MEAN) / IMAGENET_STD
         x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)[None]
@@ -77,6 +78,7 @@ def test_eval_checkpoint_on_image_folder(tmp_path: Path, capsys: pytest.CaptureF
     assert report["top1"] == pytest.approx(hits / 9)
     assert report["dataset"]["kind"] == "imagefolder"
     assert report["protocol"]["resize"] == 37 and report["protocol"]["crop"] == 32
+    assert report["protocol"]["interpolation"] == "bicubic"
     assert (out / "report.json").is_file() and (out / "per_class.csv").is_file()
     # A training checkpoint carries no class names: the rows take the dataset's folder names.
     with open(out / "per_class.csv", encoding="utf-8", newline="") as fh:

@@ -135,7 +135,7 @@ class PlannedRandomResizedCrop(PlannedTransform):
 class PlannedCenterCrop(PlannedTransform):
     """Resize the shorter side to `resize`, centre-crop `size`: one resampling of the matching box."""
 
-    def __init__(self, size: int, resize: int, interpolation: str = "bilinear") -> None:
+    def __init__(self, size: int, resize: int, interpolation: str = "bicubic") -> None:
         _pair(size, "PlannedCenterCrop size")
         if resize < size:
             raise ConfigError(f"resize: expected >= the crop size {size}, got {resize}")

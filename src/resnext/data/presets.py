@@ -78,11 +78,13 @@ def imagenet_eval(
     *,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    interpolation: str = "bilinear",
+    interpolation: str = "bicubic",
     antialias: bool = True,
     ten_crop: bool = False,
 ) -> Compose:
-    """Resize the shorter side to `resize`, centre-crop `size` (or ten-crop), normalise."""
+    """Resize the shorter side to `resize`, centre-crop `size` (or ten-crop), normalise.
+
+    Bicubic, as fb.resnet.torch's evaluation resizes (its `Scale` default), like its crops."""
     head = [Resize(resize, interpolation, antialias)]
     if ten_crop:
         return Compose([*head, ToTensor(), Normalize(mean, std), TenCrop(size)])

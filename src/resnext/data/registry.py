@@ -72,8 +72,8 @@ def default_transforms(
 ) -> Callable[[Any], Any]:
     """The standard train or eval pipeline for a dataset kind (normalised float CHW tensors).
 
-    `interpolation` resamples the ImageFolder crops; None keeps each pipeline's own (bicubic for
-    training, as fb.resnet.torch; bilinear for evaluation). CIFAR and digits images are used
+    `interpolation` resamples the ImageFolder crops; None keeps the pipelines' own (bicubic for
+    training and evaluation, as fb.resnet.torch). CIFAR and digits images are used
     whole, unresampled, so it does not act on them, but a bad name is refused for every kind."""
     _check(kind, split)
     # None keeps the preset's own filter; a name is checked here, whichever kind it is for.

@@ -26,8 +26,13 @@ def dataset_preprocessing(kind: str, image_size: int) -> Preprocessing:
 
     mean, std = dataset_stats(kind)
     # Small-image datasets are used whole; ImageFolder crops keep the 256/224 ratio.
-    resize = image_size if kind in ("cifar10", "cifar100", "digits") else round(image_size * 8 / 7)
-    return Preprocessing(resize=resize, crop=image_size, mean=mean, std=std)
+    if kind in ("cifar10", "cifar100", "digits"):
+        return Preprocessing(resize=image_size, crop=image_size, mean=mean, std=std)
+    # ImageFolder runs validate with imagenet_eval: bicubic, as fb.resnet.torch's evaluation
+    resize = round(image_size * 8 / 7)
+    return Preprocessing(
+        resize=resize, crop=image_size, mean=mean, std=std, interpolation="bicubic"
+    )
 
 
 def from_run(
