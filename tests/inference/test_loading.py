@@ -112,3 +112,16 @@ def test_cli_device_errors_exit_2_with_one_line(
     err = capsys.readouterr().err
     assert err.startswith(f"resnext {command}: error: device: 'cuda:99' asked for")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_headless_training_checkpoint_loads_headless(tmp_path: Path) -> None:
+    # A run of a network without classifier (num_classes 0): no fc in its state, and none made up.
+    net = create_model("resnext_tiny_in", num_classes=0)
+    path = tmp_path / "last.pt"
+    config = {"model": {"name": "resnext_tiny_in", "spec": {"num_classes": 0}}}
+    torch.save({"model": net.state_dict(), "config": config}, path)
+    loaded = load_model(None, path).model
+    assert loaded.num_classes == 0 and isinstance(loaded.fc, torch.nn.Identity)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net.eval()(x))

@@ -30,9 +30,11 @@ def build_with_weights(
     from resnext.models import create_model
 
     loaded = weights if isinstance(weights, LoadedWeights) else load_weights(weights)
-    file_classes = loaded.num_classes
-    classes = num_classes if num_classes is not None else file_classes
     spec_overrides = {**loaded.spec_overrides, **overrides}
+    # a count in the overrides speaks for weights without a classifier tensor (0: headless)
+    stated = spec_overrides.pop("num_classes", None)
+    file_classes = loaded.num_classes if loaded.num_classes is not None else stated
+    classes = num_classes if num_classes is not None else file_classes
     model = create_model(name, num_classes=classes, **spec_overrides)
     new_head = file_classes is None or (num_classes is not None and num_classes != file_classes)
     # A new head may differ from the file's (or be absent from it); nothing else may.

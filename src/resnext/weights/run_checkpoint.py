@@ -46,6 +46,8 @@ def from_run(
     if not isinstance(spec, Mapping):
         raise WeightsError(f"{source}: config model.spec: expected a table, got {spec!r}")
     overrides = {k: v for k, v in spec.items() if k != "num_classes"}
+    if "fc.weight" not in state:
+        overrides["num_classes"] = 0  # a headless network stays headless, not given a random head
     name = model_cfg.get("name")
     data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
     prep = None
