@@ -266,3 +266,26 @@ def test_quantize_keeps_a_runs_spec_preprocessing_and_names_beside_the_file(
     assert main([*argv, "--calibration", str(tmp_path / "0.png")]) == 2
     assert "is not an int8 sidecar" in capsys.readouterr().err
     assert other.read_text() == '{"mine": true}' and not (tmp_path / "r.pth").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not a readable JSON sidecar"),
+        ('{"format": "resnext-weights"}', "not a resnext-int8 sidecar"),
+        ('{"format": "resnext-int8", "class_names": [1, 2]}', "class_names: expected a list"),
+        ('{"format": "resnext-int8", "spec": [3]}', "model_name and spec: expected"),
+        ('{"format": "resnext-int8", "preprocessing": {"crop": -1}}', "q.json"),
+    ],
+)
+def test_a_damaged_int8_sidecar_is_named(
+    int8_file: tuple[Path, torch.nn.Module], content: str, message: str
+) -> None:
+    from resnext.inference.loading import load_model
+
+    path, _ = int8_file
+    q = path.with_name("q.pth")
+    q.write_bytes(path.read_bytes())
+    q.with_suffix(".json").write_text(content)
+    with pytest.raises(WeightsError, match=re.escape(message)):
+        load_model("resnext_tiny_in", q)
