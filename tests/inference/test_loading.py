@@ -125,3 +125,25 @@ def test_a_headless_training_checkpoint_loads_headless(tmp_path: Path) -> None:
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), net.eval()(x))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"model": {"name": "resnext_tiny_in", "spec": [1]}},
+            "config model.spec: expected a table",
+        ),
+        ({"model": {"spec": {}}}, "its config names no model"),
+        ({"model": {"name": "resnext_tiny_in", "spec": {"widht": 3}}}, "widht"),
+    ],
+)
+def test_a_run_checkpoint_with_a_damaged_config_is_named(
+    tmp_path: Path, config: dict, message: str
+) -> None:
+    from resnext.errors import ResNeXtError
+
+    path = tmp_path / "last.pt"
+    torch.save({"model": create_model("resnext_tiny_in").state_dict(), "config": config}, path)
+    with pytest.raises(ResNeXtError, match=message):
+        load_model(None, path)
