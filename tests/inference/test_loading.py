@@ -144,6 +144,24 @@ def test_a_run_checkpoint_with_a_damaged_config_is_named(
     from resnext.errors import ResNeXtError
 
     path = tmp_path / "last.pt"
-    torch.save({"model": create_model("resnext_tiny_in").state_dict(), "config": config}, path)
+    state = create_model("resnext_tiny_in").state_dict()
+    # the tag `resnext train` writes: these are run checkpoints, damaged
+    torch.save({"model": state, "config": config, "format": "resnext-train-checkpoint/1"}, path)
     with pytest.raises(ResNeXtError, match=message):
         load_model(None, path)
+
+
+def test_another_trainers_model_and_config_checkpoint_is_read_by_its_keys(tmp_path: Path) -> None:
+    # Swin-style trainers also save {'model', 'optimizer', 'epoch', 'config'}; without our tag
+    # or a config naming one of our models it is a torchvision-keyed state dict, as before.
+    from resnext.weights import load_weights
+
+    net = create_model("resnext_tiny_in")
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "ckpt.pth"
+    config = {"MODEL": {"TYPE": "resnext"}, "model": {"arch": "x"}, "DATA": {"IMG_SIZE": 224}}
+    torch.save({"model": state, "optimizer": {}, "epoch": 3, "config": config}, path)
+    loaded = load_weights(path)
+    assert loaded.source_format == "torchvision"
+    assert (loaded.preprocessing.resize, loaded.preprocessing.crop) == (256, 224)
+    assert loaded.spec_overrides == {"stride_in_1x1": False}

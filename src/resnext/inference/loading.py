@@ -13,7 +13,7 @@ from torch import nn
 from resnext.devices import check_device
 from resnext.errors import CheckpointError, ConfigError, WeightsError
 from resnext.weights.preprocess import Preprocessing, imagenet
-from resnext.weights.run_checkpoint import dataset_preprocessing
+from resnext.weights.run_checkpoint import dataset_preprocessing, is_run_payload
 
 
 @dataclass
@@ -49,10 +49,8 @@ def torch_payload(path: str | Path) -> Any:
 
 
 def _is_training_checkpoint(payload: Any) -> bool:
-    # A `resnext train` checkpoint is a torch file holding {'model': state_dict, 'config': {...}}.
-    return (
-        isinstance(payload, dict) and isinstance(payload.get("model"), dict) and "config" in payload
-    )
+    # A `resnext train` checkpoint: {'model': state_dict, 'config': {...}, 'format': ...}.
+    return is_run_payload(payload)
 
 
 def _from_checkpoint(payload: dict[str, Any], path: Path, model_name: str | None) -> nn.Module:

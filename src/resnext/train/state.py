@@ -13,8 +13,9 @@ from resnext.config import Config, config_to_dict
 from resnext.errors import CheckpointError, ConfigError
 from resnext.train.checkpoint import capture_rng, load_checkpoint, restore_rng
 from resnext.train.metrics import Meter
+from resnext.weights.run_checkpoint import RUN_FORMAT
 
-FORMAT = "resnext-train-checkpoint/1"
+FORMAT = RUN_FORMAT
 
 
 @dataclass

@@ -8,16 +8,33 @@ from typing import Any
 import torch
 
 from resnext.errors import WeightsError
+from resnext.weights import converters as cv
 from resnext.weights.loaded import LoadedWeights
 from resnext.weights.preprocess import Preprocessing
 
 SOURCE_FORMAT = "resnext_train_checkpoint"
+# The "format" entry `resnext train` writes into every checkpoint.
+RUN_FORMAT = "resnext-train-checkpoint/1"
 
 
 def is_run_checkpoint(context: Mapping[str, Any]) -> bool:
     """Whether the metadata around a checkpoint's state dict is a `resnext train` run's: the
-    network under 'model' beside the run's resolved config."""
-    return context.get("wrapper") == "model" and isinstance(context.get("config"), Mapping)
+    network under 'model' beside the run's config, and the run's format tag, or (a checkpoint
+    put together by hand) no tag but a config naming one of our models. Other trainers also save
+    {'model', 'config'} (Swin's); their checkpoints are read by their keys, as before."""
+    if context.get("wrapper") != "model" or not isinstance(context.get("config"), Mapping):
+        return False
+    if "format" in context:
+        return context["format"] == RUN_FORMAT
+    model = context["config"].get("model")
+    return isinstance(model, Mapping) and isinstance(model.get("name"), str)
+
+
+def is_run_payload(obj: Any) -> bool:
+    """`is_run_checkpoint` for a whole loaded checkpoint."""
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("model"), Mapping):
+        return False
+    return is_run_checkpoint({**{k: v for k, v in obj.items() if k != "model"}, "wrapper": "model"})
 
 
 def dataset_preprocessing(kind: str, image_size: int) -> Preprocessing:
@@ -55,7 +72,7 @@ def from_run(
         prep = dataset_preprocessing(str(data["kind"]), int(data.get("image_size", 32)))
     fc = state.get("fc.weight")
     return LoadedWeights(
-        state_dict=state,
+        state_dict=cv.add_missing_bn_counters(state),
         source_format=SOURCE_FORMAT,
         source=source,
         spec_overrides=overrides,
