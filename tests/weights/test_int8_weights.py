@@ -260,7 +260,7 @@ def test_quantize_keeps_a_runs_spec_preprocessing_and_names_beside_the_file(
     assert loaded.preprocessing == float_run.preprocessing and loaded.preprocessing.crop == 16
     assert build_int8_with_weights("resnext_tiny_in", out).class_names == tuple(names)
     # someone else's JSON where the sidecar would go is refused, and left as it was
-    other = tmp_path / "r.json"
+    other = tmp_path / "r.pth.json"
     other.write_text('{"mine": true}')
     argv[-1] = str(tmp_path / "r.pth")
     assert main([*argv, "--calibration", str(tmp_path / "0.png")]) == 2
@@ -272,10 +272,9 @@ def test_quantize_keeps_a_runs_spec_preprocessing_and_names_beside_the_file(
     ("content", "message"),
     [
         ("{not json", "not a readable JSON sidecar"),
-        ('{"format": "resnext-weights"}', "not a resnext-int8 sidecar"),
         ('{"format": "resnext-int8", "class_names": [1, 2]}', "class_names: expected a list"),
         ('{"format": "resnext-int8", "spec": [3]}', "model_name and spec: expected"),
-        ('{"format": "resnext-int8", "preprocessing": {"crop": -1}}', "q.json"),
+        ('{"format": "resnext-int8", "preprocessing": {"crop": -1}}', "q.pth.json"),
     ],
 )
 def test_a_damaged_int8_sidecar_is_named(
@@ -286,6 +285,25 @@ def test_a_damaged_int8_sidecar_is_named(
     path, _ = int8_file
     q = path.with_name("q.pth")
     q.write_bytes(path.read_bytes())
-    q.with_suffix(".json").write_text(content)
+    q.with_name("q.pth.json").write_text(content)
     with pytest.raises(WeightsError, match=re.escape(message)):
         load_model("resnext_tiny_in", q)
+
+
+def test_int8_files_keep_sidecars_of_their_own_and_another_json_is_not_read(
+    int8_file: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    from resnext.inference.loading import load_model
+    from resnext.weights import Preprocessing
+    from resnext.weights.int8 import save_int8
+
+    path, net = int8_file
+    prep = Preprocessing(resize=70, crop=64)
+    save_int8(net, tmp_path / "m.pt", model_name="resnext_tiny_in", preprocessing=prep)
+    save_int8(net, tmp_path / "m.pth", model_name="resnext_tiny_in")
+    # m.pth's sidecar does not replace m.pt's
+    assert load_model(None, tmp_path / "m.pt").preprocessing == prep
+    # a JSON of another program beside a torchvision-style file: ignored, the file loads as before
+    (tmp_path / "tv.pth").write_bytes(path.read_bytes())
+    (tmp_path / "tv.pth.json").write_text('{"format": "something-else"}')
+    assert load_model("resnext_tiny_in", tmp_path / "tv.pth").source_format == "torchvision_int8"

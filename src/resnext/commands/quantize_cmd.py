@@ -21,7 +21,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Quantize a float model to int8 after training (weights per output channel, "
         "activation ranges observed on the calibration images, preprocessed as the weights "
         "expect), and save it as torchvision saves its quantized checkpoints, with a JSON "
-        "sidecar (same name, .json) holding the float network's spec, preprocessing and class "
+        "sidecar (the file name + .json) holding the float network's spec, preprocessing and class "
         "names. Load the file with `resnext predict --weights FILE IMAGES`, `resnext eval` or "
         "resnext.weights.build_int8_with_weights.",
     )

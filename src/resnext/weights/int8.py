@@ -239,10 +239,16 @@ def save_int8(
     return path
 
 
+def int8_sidecar_path(path: str | Path) -> Path:
+    """FILE.json beside int8 file FILE (the whole name: m.pt and m.pth get sidecars of their own)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
 def check_int8_sidecar_free(path: str | Path) -> Path:
     """The sidecar path of int8 file `path`, refused (WeightsError) where another kind of file
     is there: it is someone else's, never replaced (an earlier int8 sidecar is, with its file)."""
-    side = Path(path).with_suffix(".json")
+    side = int8_sidecar_path(path)
     if side.exists() and _sidecar_format(side) != INT8_SIDECAR:
         raise WeightsError(
             f"{path}: its sidecar {side} exists and is not an int8 sidecar; choose another path"
@@ -278,7 +284,7 @@ class Int8Meta:
 def read_int8_sidecar(path: str | Path) -> Int8Meta | None:
     """The sidecar `save_int8` wrote beside the int8 file `path`, or None where there is none
     (torchvision's own files); a damaged one is a WeightsError naming it."""
-    side = Path(path).with_suffix(".json")
+    side = int8_sidecar_path(path)
     if not side.is_file():
         return None
     try:
@@ -286,7 +292,7 @@ def read_int8_sidecar(path: str | Path) -> Int8Meta | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WeightsError(f"{side}: not a readable JSON sidecar ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != INT8_SIDECAR:
-        raise WeightsError(f"{side}: not a {INT8_SIDECAR} sidecar (its 'format' is not that)")
+        return None  # another program's JSON that happens to share the name: not ours to read
     names, name, spec = meta.get("class_names"), meta.get("model_name"), meta.get("spec")
     if names is not None and (
         not isinstance(names, list) or not all(isinstance(n, str) for n in names)
