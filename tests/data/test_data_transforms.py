@@ -253,3 +253,16 @@ def test_imagenet_train_draws_crops_as_fb_resnet_torch() -> None:
         if found:  # the corner takes two more draws from the same stream
             torch.randint(0, width - w + 1, (), generator=lua)
             torch.randint(0, height - h + 1, (), generator=lua)
+
+
+def test_swapped_aspect_draws_stay_inside_a_range_not_closed_under_inversion() -> None:
+    # ratio (1, 2): a swap would give crops of 1/2..1 (taller than wide), outside what was asked
+    crop = RandomResizedCrop(
+        32,
+        ratio=(1.0, 2.0),
+        aspect_sampling="uniform-swap",
+        generator=torch.Generator().manual_seed(1),
+    )
+    for _ in range(300):
+        _, _, w, h = crop.get_params(4000, 4000)  # large enough that rounding stays small
+        assert 1.0 - 0.01 <= w / h <= 2.0 + 0.01

@@ -131,7 +131,12 @@ class RandomResizedCrop:
         lo, hi = self.ratio
         if self.aspect_sampling == "log-uniform":
             return math.exp(uniform(self.generator, math.log(lo), math.log(hi))), False
-        return uniform(self.generator, lo, hi), uniform(self.generator, 0.0, 1.0) < 0.5
+        aspect = uniform(self.generator, lo, hi)
+        # fb.resnet.torch swaps the sides of its 3/4–4/3 crops; a range not closed under
+        # r -> 1/r would leave its bounds that way, so its crops keep their drawn ratio
+        if not math.isclose(lo * hi, 1.0):
+            return aspect, False
+        return aspect, uniform(self.generator, 0.0, 1.0) < 0.5
 
     def get_params(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(left, top, w, h) of the crop for an image of this size."""
