@@ -372,3 +372,29 @@ def test_tencrop_and_dense_follow_the_weights_crop(tmp_path: Path, capsys) -> No
     assert tuple(dense["scales"]) == (32, 37, 55, 69, 91)
     assert eval_cmd.run(_parse([*base, "--protocol", "dense", "--scales", "40"])) == 0
     assert tuple(json.loads(capsys.readouterr().out)["protocol"]["scales"]) == (40,)
+
+
+def test_tencrop_keeps_the_papers_margin_for_weights_with_another_centre_resize(
+    tmp_path: Path, capsys
+) -> None:
+    # torchvision's V2 weights say 232/224: ten-crop stays the paper's 256/224 (corners that differ
+    # from the centre), as it would for weights whose centre crop fills the resize (288/288)
+    from resnext.weights import Preprocessing, save_weights
+
+    _image_folder(tmp_path)
+    model = resnext.create_model("resnext_tiny", num_classes=3)
+    weights = tmp_path / "w.safetensors"
+    save_weights(
+        model,
+        weights,
+        preprocessing=Preprocessing(resize=232, crop=224),
+        class_names=None,
+        provenance={"source": "test"},
+        model_name="resnext_tiny",
+    )
+    base = ["--weights", str(weights), "--data", str(tmp_path / "data"), "--json"]
+    assert eval_cmd.run(_parse([*base, "--protocol", "tencrop"])) == 0
+    tencrop = json.loads(capsys.readouterr().out)["protocol"]
+    assert (tencrop["resize"], tencrop["crop"]) == (256, 224)
+    assert eval_cmd.run(_parse([*base, "--protocol", "tencrop", "--resize", "240"])) == 0
+    assert json.loads(capsys.readouterr().out)["protocol"]["resize"] == 240

@@ -156,10 +156,16 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
     prep = loaded.preprocessing
     if scales is None and args.protocol == "dense":
         scales = _dense_scales(prep.crop)
+    crop = args.crop if args.crop is not None else _default(args.protocol, prep.crop)
+    resize = args.resize if args.resize is not None else _default(args.protocol, prep.resize)
+    if args.protocol == "tencrop" and args.resize is None:
+        # the paper's 256:224 margin around the weights' crop (256/224 for 224-pixel weights,
+        # whatever their own centre resize: 232, 235 ...): corners that differ from the centre
+        resize = round((crop or 224) * 256 / 224)
     protocol = get_protocol(
         args.protocol,
-        resize=args.resize if args.resize is not None else _default(args.protocol, prep.resize),
-        crop=args.crop if args.crop is not None else _default(args.protocol, prep.crop),
+        resize=resize,
+        crop=crop,
         interpolation=args.interpolation or prep.interpolation,
         scales=scales,
         flip=True if args.flip else None,
@@ -244,15 +250,15 @@ def _class_names(loaded: LoadedModel, dataset: object, head: int) -> tuple[str, 
 
 
 def _default(protocol: str, from_weights: int) -> int | None:
-    # The centre and ten-crop protocols follow the weights' own resize/crop (ImageNet weights say
-    # 256/224, the paper's); center320 is a size by definition. A 32-pixel CIFAR network given
+    # The centre and ten-crop protocols follow the weights' own crop (ten-crop with the paper's
+    # margin, above); center320 is a size by definition. A 32-pixel CIFAR network given
     # 224-pixel crops would score at chance.
     return from_weights if protocol in ("center", "tencrop") else None
 
 
 def _dense_scales(crop: int) -> tuple[int, ...] | None:
-    """He et al.'s shorter sides, which are for a network trained on 224 crops, scaled to one
-    trained on `crop` (None, the protocol's own, for 224)."""
+    """He et al.'s shorter sides, which are for a network evaluated on 224 crops, scaled to one
+    whose weights are evaluated on `crop` (None, the protocol's own, for 224)."""
     if crop == 224:
         return None
     return tuple(max(1, round(s * crop / 224)) for s in DENSE_SCALES)
