@@ -230,6 +230,13 @@ def test_a_runs_saved_config_continues_it_from_any_directory(
     shutil.move(tmp_path / "runs" / "x", tmp_path / "moved")
     moved = load_config(tmp_path / "moved" / "config.toml", ["train.epochs=3"])
     assert Path(moved.resolved_output_dir()) == (tmp_path / "moved").resolve()
-    # an explicit output_dir still wins
+    # an explicit output_dir still wins, and so does one edited into the saved file
     other = load_config(tmp_path / "moved" / "config.toml", [f"output_dir={tmp_path / 'o'}"])
     assert other.resolved_output_dir() == str(tmp_path / "o")
+    saved = tmp_path / "moved" / "config.toml"
+    edited, n = re.subn(
+        r'(?m)^output_dir = ".*"$', f'output_dir = "{tmp_path / "e"}"', saved.read_text()
+    )
+    assert n == 1
+    saved.write_text(edited)
+    assert load_config(saved).resolved_output_dir() == str(tmp_path / "e")

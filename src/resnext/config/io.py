@@ -96,11 +96,22 @@ def load_config(
     path = recipe_path(name_or_path)
     data = read_file(path)
     data.setdefault("name", path.stem)
-    if is_saved_run_config(path):
+    if is_saved_run_config(path) and _unedited_output_dir(path, data):
         # A run's own saved config names that run's folder wherever it is now and whatever the
         # current directory: `--config RUN/config.toml` continues RUN (an override still wins).
         data["output_dir"] = str(path.parent.resolve())
     return make_config(data, overrides)
+
+
+def _unedited_output_dir(path: Path, data: Mapping[str, Any]) -> bool:
+    # A run writes config.toml and config.json together: where this file's output_dir is still
+    # its twin's, nobody has edited it to point the run elsewhere.
+    twin = path.with_suffix(".json" if path.suffix == ".toml" else ".toml")
+    try:
+        other = read_file(twin)
+    except ConfigError:
+        return False
+    return other.get("output_dir") == data.get("output_dir")
 
 
 def is_saved_run_config(path: Path) -> bool:
