@@ -12,6 +12,7 @@ from torch import nn
 
 from resnext.devices import check_device
 from resnext.errors import CheckpointError, ConfigError, WeightsError
+from resnext.weights.loaded import check_class_names
 from resnext.weights.preprocess import Preprocessing, imagenet
 from resnext.weights.run_checkpoint import dataset_preprocessing, is_run_payload
 
@@ -80,22 +81,6 @@ def load_training_checkpoint(
     if getattr(net, "preprocessing", None) is None:
         net.preprocessing = default_preprocessing(net)
     return net
-
-
-def _check_class_names(names: Any, head: int, weights: str | Path | None) -> None:
-    # Predictions index these by class: a short list fails mid-prediction, a long one misnames.
-    if not isinstance(names, (list, tuple)):
-        got = f"a {type(names).__name__}"
-    elif not all(isinstance(n, str) for n in names):
-        got = "a list with a non-string entry"
-    elif len(names) != head:
-        got = f"{len(names)} names"
-    else:
-        return
-    raise WeightsError(
-        f"weights {weights}: class_names: expected a list of {head} strings (one per class of "
-        f"the model's head), got {got}"
-    )
 
 
 def load_model(
@@ -175,6 +160,6 @@ def load_model(
 
         names = default_class_names(head)
     else:
-        _check_class_names(names, head, weights)
+        check_class_names(names, head, f"weights {weights}")
     net = net.to(device).eval()
     return LoadedModel(net, name, str(weights) if weights else None, prep, tuple(names), fmt)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from resnext.errors import WeightsError
 from resnext.weights.preprocess import Preprocessing
 
 
@@ -33,3 +34,21 @@ class LoadedWeights:
         """Rows of the classifier weight, or None for a headless checkpoint."""
         fc = self.state_dict.get("fc.weight")
         return int(fc.shape[0]) if fc is not None else None
+
+
+def check_class_names(names: Any, head: int, where: str) -> None:
+    """Refuse class names that are not one string per class of a `head`-class classifier, naming
+    `where` they came from: predictions index them by class, so a short list fails mid-prediction
+    and a long one misnames."""
+    if not isinstance(names, (list, tuple)):
+        got = f"a {type(names).__name__}"
+    elif not all(isinstance(n, str) for n in names):
+        got = "a list with a non-string entry"
+    elif len(names) != head:
+        got = f"{len(names)} names"
+    else:
+        return
+    raise WeightsError(
+        f"{where}: class_names: expected a list of {head} strings (one per class of the "
+        f"model's head), got {got}"
+    )

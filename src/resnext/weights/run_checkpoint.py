@@ -9,7 +9,7 @@ import torch
 
 from resnext.errors import WeightsError
 from resnext.weights import converters as cv
-from resnext.weights.loaded import LoadedWeights
+from resnext.weights.loaded import LoadedWeights, check_class_names
 from resnext.weights.preprocess import Preprocessing
 
 SOURCE_FORMAT = "resnext_train_checkpoint"
@@ -86,14 +86,5 @@ def _class_names(names: Any, fc: Any, source: str) -> tuple[str, ...] | None:
     # Checkpoints from before runs saved their class names have none.
     if names is None:
         return None
-    head = int(fc.shape[0]) if isinstance(fc, torch.Tensor) else None
-    if (
-        not isinstance(names, (list, tuple))
-        or not all(isinstance(n, str) for n in names)
-        or len(names) != head
-    ):
-        raise WeightsError(
-            f"{source}: class_names: expected a list of {head} strings (one per class of the "
-            f"saved classifier), got {names!r}"[:400]
-        )
+    check_class_names(names, int(fc.shape[0]) if isinstance(fc, torch.Tensor) else 0, source)
     return tuple(names)
