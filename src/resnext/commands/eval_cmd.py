@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from resnext.commands.options import add_fast_backend, add_no_timing_cache, add_optimize
+from resnext.data.registry import dataset_class_names
 from resnext.errors import ConfigError
 from resnext.evaluate import (
     PROTOCOLS,
@@ -34,6 +35,7 @@ from resnext.inference.loading import LoadedModel, load_model
 from resnext.io.folders import output_folder
 from resnext.speed.capability import fastest_precision
 from resnext.train.distributed import broadcast_object
+from resnext.weights.preprocess import Preprocessing
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -156,12 +158,8 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
     prep = loaded.preprocessing
     if scales is None and args.protocol == "dense":
         scales = _dense_scales(prep.crop)
-    crop = args.crop if args.crop is not None else _default(args.protocol, prep.crop)
-    resize = args.resize if args.resize is not None else _default(args.protocol, prep.resize)
-    if args.protocol == "tencrop" and args.resize is None:
-        # the paper's 256:224 margin around the weights' crop (256/224 for 224-pixel weights,
-        # whatever their own centre resize: 232, 235 ...): corners that differ from the centre
-        resize = round((crop or 224) * 256 / 224)
+    crop = args.crop if args.crop is not None else _default_crop(args.protocol, prep.crop)
+    resize = args.resize if args.resize is not None else _default_resize(args.protocol, prep, crop)
     protocol = get_protocol(
         args.protocol,
         resize=resize,
@@ -243,17 +241,27 @@ def _class_names(loaded: LoadedModel, dataset: object, head: int) -> tuple[str, 
     """The names per_class.csv gives: the weights' own, else the dataset's (its folder or meta
     names, when it has one per class), else the defaults (ImageNet's for a 1000-class head)."""
     if getattr(loaded.model, "class_names", None) is None and head != 1000:
-        own = getattr(dataset, "classes", None)
-        if isinstance(own, (list, tuple)) and len(own) == head:
-            return tuple(str(name) for name in own)
+        own = dataset_class_names(dataset, head)
+        if own is not None:
+            return own
     return loaded.class_names
 
 
-def _default(protocol: str, from_weights: int) -> int | None:
-    # The centre and ten-crop protocols follow the weights' own crop (ten-crop with the paper's
-    # margin, above); center320 is a size by definition. A 32-pixel CIFAR network given
-    # 224-pixel crops would score at chance.
+def _default_crop(protocol: str, from_weights: int) -> int | None:
+    # The centre and ten-crop protocols follow the weights' own crop; center320 is a size by
+    # definition (None: the protocol's own). A 32-pixel CIFAR network given 224-pixel crops
+    # would score at chance.
     return from_weights if protocol in ("center", "tencrop") else None
+
+
+def _default_resize(protocol: str, prep: Preprocessing, crop: int | None) -> int | None:
+    if protocol == "center":
+        return prep.resize
+    if protocol == "tencrop" and crop is not None:
+        # the paper's 256:224 margin around the crop (256/224 for 224-pixel weights, whatever
+        # their own centre resize: 232, 235 ...): corners that differ from the centre
+        return round(crop * 256 / 224)
+    return None
 
 
 def _dense_scales(crop: int) -> tuple[int, ...] | None:

@@ -104,3 +104,12 @@ def default_transforms(
         trivial_augment=trivial_augment,
         generator=generator,
     )
+
+
+def dataset_class_names(dataset: object, head: int) -> tuple[str, ...] | None:
+    """The dataset's class names (folder or CIFAR meta names), when it has one per class of the
+    model's `head`; None otherwise (a dataset without names, or a head of another size)."""
+    classes = getattr(dataset, "classes", None)
+    if not isinstance(classes, (list, tuple)) or len(classes) != head:
+        return None
+    return tuple(str(name) for name in classes)

@@ -57,15 +57,6 @@ def class_count(dataset: Dataset) -> int | None:
     return len(classes) if classes is not None else None
 
 
-def class_names(dataset: Dataset, head: int) -> tuple[str, ...] | None:
-    """The dataset's class names (folder or CIFAR meta names), when it has one per class of the
-    model's `head`; None otherwise (a dataset without names, or a head of another size)."""
-    classes = getattr(dataset, "classes", None)
-    if not isinstance(classes, (list, tuple)) or len(classes) != head:
-        return None
-    return tuple(str(name) for name in classes)
-
-
 def build_splits(data: DataConfig) -> Splits:
     """The config's training and validation datasets with the data package's default transforms."""
     from resnext.data import build_dataset, default_transforms

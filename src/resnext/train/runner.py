@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from resnext.config import Config, save_config
+from resnext.data.registry import dataset_class_names
 from resnext.errors import ConfigError
 from resnext.io.atomic import write_text
 from resnext.speed import autotune
@@ -32,7 +33,6 @@ from resnext.train.data_setup import (
     batch_transforms,
     build_splits,
     class_count,
-    class_names,
     eval_loader,
     seed_loader,
     train_loader,
@@ -260,7 +260,7 @@ def _run(
         optimizer,
         scheduler,
         make_scaler(amp_dtype, info.device),
-        class_names=class_names(train_set, raw.num_classes),
+        class_names=dataset_class_names(train_set, raw.num_classes),
     )
 
     resume_from = _resume_path(cfg, last_path)
