@@ -273,7 +273,8 @@ def test_quantize_keeps_a_runs_spec_preprocessing_and_names_beside_the_file(
     [
         ("{not json", "not a readable JSON sidecar"),
         ('{"format": "resnext-int8", "class_names": [1, 2]}', "class_names: expected a list"),
-        ('{"format": "resnext-int8", "spec": [3]}', "model_name and spec: expected"),
+        ('{"format": "resnext-int8", "spec": [3]}', "spec: expected a table or null"),
+        ('{"format": "resnext-int8", "model_name": 3}', "model_name: expected a string or null"),
         ('{"format": "resnext-int8", "preprocessing": {"crop": -1}}', "q.pth.json"),
     ],
 )

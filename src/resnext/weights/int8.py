@@ -22,7 +22,7 @@ from resnext.errors import WeightsError
 from resnext.io.atomic import replacing, write_text
 from resnext.weights.formats import PACKED_FC, is_int8_state
 from resnext.weights.load import _listing, _torch_load, fetch, weights_path
-from resnext.weights.native import spec_overrides
+from resnext.weights.native import check_names, spec_overrides
 from resnext.weights.preprocess import Preprocessing, imagenet
 from resnext.weights.table import Result, WeightsEntry
 
@@ -293,15 +293,10 @@ def read_int8_sidecar(path: str | Path) -> Int8Meta | None:
         raise WeightsError(f"{side}: not a readable JSON sidecar ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != INT8_SIDECAR:
         return None  # another program's JSON that happens to share the name: not ours to read
+    check_names(side, meta)
     names, name, spec = meta.get("class_names"), meta.get("model_name"), meta.get("spec")
-    if names is not None and (
-        not isinstance(names, list) or not all(isinstance(n, str) for n in names)
-    ):
-        raise WeightsError(
-            f"{side}: class_names: expected a list of strings or null, got {names!r}"
-        )
-    if not isinstance(name, (str, type(None))) or not isinstance(spec, (dict, type(None))):
-        raise WeightsError(f"{side}: model_name and spec: expected a string and a table, or null")
+    if not isinstance(spec, (dict, type(None))):
+        raise WeightsError(f"{side}: spec: expected a table or null, got {spec!r}")
     prep = meta.get("preprocessing")
     try:
         preprocessing = Preprocessing.from_dict(prep) if prep is not None else None

@@ -165,6 +165,13 @@ def _read_sidecar(side: Path) -> dict[str, Any]:
     for key in ("size", "sha256", "tensors_file"):
         if key not in meta:
             raise WeightsError(f"{side}: missing {key!r}")
+    check_names(side, meta)
+    return meta
+
+
+def check_names(side: Path, meta: dict[str, Any]) -> None:
+    """Refuse a sidecar's class_names other than a list of strings, and a model_name other than
+    a string (either may be null)."""
     names = meta.get("class_names")
     if names is not None and (
         not isinstance(names, list) or not all(isinstance(n, str) for n in names)
@@ -176,7 +183,6 @@ def _read_sidecar(side: Path) -> dict[str, Any]:
         raise WeightsError(
             f"{side}: model_name: expected a string or null, got {meta['model_name']!r}"
         )
-    return meta
 
 
 def _tensors_name(side: Path, meta: dict[str, Any]) -> str:
