@@ -24,6 +24,6 @@ def test_forward_backward(name: str) -> None:
     model.eval()
     with torch.no_grad():
         maps = model.forward_stages(x)
-    for fmap, info in zip(maps, model.feature_info, strict=True):
+    for fmap, info in zip(maps, model.feature_info[1:], strict=True):
         assert fmap.shape[1] == info["num_chs"]
         assert fmap.shape[-1] == -(-size // info["reduction"])

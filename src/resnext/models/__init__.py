@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from resnext.models.complexity import Complexity, count
+from resnext.models.features import FeatureInfo, FeatureNet
 from resnext.models.forms import convert_block_form, grouped_state_dict
 from resnext.models.network import ResNeXt, build_model
 from resnext.models.registry import ModelEntry, Registry
@@ -21,25 +22,62 @@ def get_spec(name: str, **overrides: Any) -> ModelSpec:
     return spec.replace(**overrides) if overrides else spec
 
 
+@overload
 def create_model(
     name: str,
     num_classes: int | None = None,
     weights: str | Path | None = None,
+    *,
+    features_only: Literal[False] = False,
+    out_indices: None = None,
     **spec_overrides: Any,
-) -> ResNeXt:
+) -> ResNeXt: ...
+
+
+@overload
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    weights: str | Path | None = None,
+    *,
+    features_only: Literal[True],
+    out_indices: int | Sequence[int] | None = None,
+    **spec_overrides: Any,
+) -> FeatureNet: ...
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    weights: str | Path | None = None,
+    *,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    **spec_overrides: Any,
+) -> ResNeXt | FeatureNet:
     """A network of a registered name (or mmpretrain alias), spec overridable.
 
     `weights`: a weights-table tag (downloaded into the cache) or a file in any supported format
     (torchvision/timm, mmpretrain, pycls, detectron2, Lua Torch .t7, native safetensors); the spec
     then follows what the weights need (stride placement, number of classes).
+
+    `features_only` (timm's): a `FeatureNet` without the classifier whose forward returns the
+    maps at `out_indices` into the network's `feature_info` (default: all, the stem's activation
+    first, then each stage's output).
     """
+    if not isinstance(features_only, bool):
+        raise TypeError(f"features_only: expected a bool, got {type(features_only).__name__}")
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices: expected only with features_only=True")
     if weights is not None:
         from resnext.weights import build_with_weights  # the weights package builds on this one
 
-        return build_with_weights(name, weights, num_classes=num_classes, **spec_overrides)
-    if num_classes is not None:
-        spec_overrides["num_classes"] = num_classes
-    return build_model(get_spec(name, **spec_overrides))
+        model = build_with_weights(name, weights, num_classes=num_classes, **spec_overrides)
+    else:
+        if num_classes is not None:
+            spec_overrides["num_classes"] = num_classes
+        model = build_model(get_spec(name, **spec_overrides))
+    return FeatureNet(model, out_indices) if features_only else model
 
 
 def list_models(pattern: str | Sequence[str] = "*") -> list[str]:
@@ -59,6 +97,8 @@ def list_models(pattern: str | Sequence[str] = "*") -> list[str]:
 __all__ = [
     "MODELS",
     "Complexity",
+    "FeatureInfo",
+    "FeatureNet",
     "ModelEntry",
     "ModelSpec",
     "Registry",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from resnext.models.blocks import BLOCKS, BlockGeometry, PreActBottleneck
 from resnext.models.checkpointing import checkpointed
+from resnext.models.features import FeatureInfo, FeatureNet, take_indices
 from resnext.models.layers import conv3x3, norm_act
 from resnext.models.spec import ModelSpec
 
@@ -150,25 +152,21 @@ class ResNeXt(nn.Module):
         more forward pass per step. Values, gradients and batch-norm statistics are unchanged."""
         self.grad_checkpointing = bool(enable)
 
-    def _stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if not (self.grad_checkpointing and torch.is_grad_enabled()):
-            return stage(x)
-        # Block by block rather than the stage at once: a bottleneck keeps ~8 maps for its
-        # backward, so only its output is kept between blocks (a stage would keep all of them
-        # while it is recomputed, and a 3-stage CIFAR network has one stage of half its maps).
-        for block in stage:
-            x = checkpointed(block, x)
-        return x
-
     # ---- structure ---------------------------------------------------------------------------
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, name) for name in self.stage_names]
 
     @property
-    def feature_info(self) -> list[dict[str, object]]:
-        """Channels, stride and module name of each stage output (for detection/segmentation necks)."""
-        stem_reduction = 1 if self.spec.stem == "cifar" else 4
-        info, reduction = [], stem_reduction
+    def feature_info(self) -> FeatureInfo:
+        """Channels, stride and module name of each map `forward_intermediates` returns (timm's
+        layout, for detection/segmentation necks): the stem's activation before its pooling (a
+        pre-activation CIFAR network's bare `conv1`), then every stage's output."""
+        stem_reduction = 1 if self.spec.stem == "cifar" else 2
+        stem = "relu" if self._stem_act else "conv1"
+        info = FeatureInfo(
+            [{"module": stem, "num_chs": self.spec.stem_out, "reduction": stem_reduction}]
+        )
+        reduction = 1 if self.spec.stem == "cifar" else 4
         for k, name in enumerate(self.stage_names):
             reduction *= self.spec.stage_strides[k]
             info.append(
@@ -178,26 +176,41 @@ class ResNeXt(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = norm_act(self.bn1, self.relu, x) if self._stem_act else self.bn1(x)
-        return self.maxpool(x)
+        return self.maxpool(stem_activation(self, x))
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The output of every stage (strides 4/8/16/32 for ImageNet layouts, 1/2/4 for CIFAR)."""
-        x = self.forward_stem(x)
-        outs = []
-        for stage in self.stages():
-            x = self._stage(stage, x)
-            outs.append(x)
-        if self.final_bn is not None:
-            outs[-1] = self.relu(self.final_bn(outs[-1]))
-        return outs
+        """The output of every stage (strides 4/8/16/32 for ImageNet layouts, 1/2/4 for CIFAR):
+        `feature_info[1:]`'s maps."""
+        return trunk_maps(self, x, range(1, len(self.stage_names) + 1), stop_early=True)[1]
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature interface: the maps at `indices` into `feature_info` (None: all, n: the
+        last n, a sequence: those, negative from the end), and unless `intermediates_only` also
+        the last map computed: `forward_features`'s, or with `stop_early` the last one taken.
+
+        `norm` is accepted for timm's callers and changes nothing: the network has no final norm
+        of its own (a pre-activation network's last BN-ReLU belongs to its last stage's map)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt: expected 'NCHW' (the only layout), got {output_fmt!r}")
+        if not isinstance(norm, bool):
+            raise TypeError(f"norm: expected a bool, got {type(norm).__name__}")
+        take = take_indices(len(self.feature_info), indices)
+        last, maps = trunk_maps(self, x, take, stop_early=stop_early or intermediates_only)
+        return maps if intermediates_only else (last, maps)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map, before pooling."""
         x = self.forward_stem(x)
         for stage in self.stages():
-            x = self._stage(stage, x)
+            x = run_stage(stage, x, self.grad_checkpointing)
         if self.final_bn is not None:
             x = self.relu(self.final_bn(x))
         return x
@@ -214,6 +227,51 @@ class ResNeXt(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def run_stage(stage: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """`stage(x)`, block by block checkpointed when asked and gradients are being recorded."""
+    if not (grad_checkpointing and torch.is_grad_enabled()):
+        return stage(x)
+    # Block by block rather than the stage at once: a bottleneck keeps ~8 maps for its
+    # backward, so only its output is kept between blocks (a stage would keep all of them
+    # while it is recomputed, and a 3-stage CIFAR network has one stage of half its maps).
+    for block in stage:
+        x = checkpointed(block, x)
+    return x
+
+
+def stem_activation(net: ResNeXt | FeatureNet, x: torch.Tensor) -> torch.Tensor:
+    """The stem's map before its pooling: feature map 0."""
+    x = net.conv1(x)
+    return norm_act(net.bn1, net.relu, x) if net._stem_act else net.bn1(x)
+
+
+def trunk_maps(
+    net: ResNeXt | FeatureNet, x: torch.Tensor, take: Iterable[int], stop_early: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the last map computed, the maps at absolute `take` indices) of `net`'s stem and stages;
+    with `stop_early` nothing past the last map taken is computed."""
+    take = frozenset(take)
+    if 0 in take and getattr(net.conv1, "pools", False):
+        raise ValueError(
+            "indices: map 0 (the stem's activation before its pooling) does not exist in this "
+            "network, whose stem runs fused with its pooling (resnext.optimize); expected indices "
+            "of stage outputs only (1 and up)"
+        )
+    x = stem_activation(net, x)
+    maps = [x] if 0 in take else []
+    stop = max(take) if stop_early else len(net.stage_names)
+    if stop == 0:
+        return x, maps
+    x = net.maxpool(x)
+    for k, name in enumerate(net.stage_names[:stop], start=1):
+        x = run_stage(getattr(net, name), x, net.grad_checkpointing)
+        if k == len(net.stage_names) and net.final_bn is not None:
+            x = net.relu(net.final_bn(x))
+        if k in take:
+            maps.append(x)
+    return x, maps
 
 
 def build_model(spec: ModelSpec) -> ResNeXt:

@@ -14,6 +14,7 @@ from torch import nn
 
 from resnext import devices
 from resnext.errors import ConfigError
+from resnext.models.features import FeatureNet
 from resnext.speed.capability import (
     bf16_faster,
     bf16_runs_on,
@@ -59,6 +60,11 @@ def input_channels(model: nn.Module) -> int:
     input channels; a ConfigError unless it is an image network (a module with a Conv2d)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected a torch nn.Module, got {type(model).__name__}")
+    if isinstance(model, FeatureNet):
+        raise ConfigError(
+            "model: expected a network returning one tensor, got a FeatureNet (features_only), "
+            "which returns a list of maps; optimize the whole network instead"
+        )
     chans = getattr(getattr(model, "spec", None), "in_chans", None)
     if isinstance(chans, int):
         return chans

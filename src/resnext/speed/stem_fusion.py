@@ -50,6 +50,7 @@ class FusedStem(KernelModule):
     packed."""
 
     reads_any_input = True
+    pools = True  # its output is the pooled map: the stem's activation before pooling is gone
 
     def __init__(self, conv: nn.Conv2d, backend: str = "amx") -> None:
         super().__init__()

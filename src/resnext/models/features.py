@@ -1,0 +1,105 @@
+"""Intermediate feature maps in timm's interface: which maps to take, what each is, and a
+feature-extractor network (`features_only`) for detection and segmentation necks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from resnext.models.network import ResNeXt
+
+
+class FeatureInfo(list):
+    """One dict per feature map (`module`, `num_chs`, `reduction`), with timm's accessors."""
+
+    def _column(self, key: str, idx: int | Sequence[int] | None) -> list:
+        if idx is None:
+            return [entry[key] for entry in self]
+        if isinstance(idx, int):
+            return self[idx][key]
+        return [self[i][key] for i in idx]
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> list[int] | int:
+        return self._column("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> list[int] | int:
+        return self._column("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None) -> list[str] | str:
+        return self._column("module", idx)
+
+
+def take_indices(num_maps: int, indices: int | Sequence[int] | None) -> list[int]:
+    """The absolute, ascending indices of the maps `indices` asks for, as timm reads it: None
+    for every map, an int n for the last n, a sequence for those (negative from the end)."""
+    if indices is None:
+        return list(range(num_maps))
+    if isinstance(indices, bool) or not isinstance(indices, (int, Sequence)):
+        raise TypeError(
+            f"indices: expected None, an int or a sequence of ints, got {type(indices).__name__}"
+        )
+    if isinstance(indices, int):
+        if not 1 <= indices <= num_maps:
+            raise ValueError(
+                f"indices: expected a count of last maps in 1..{num_maps}, got {indices}"
+            )
+        return list(range(num_maps - indices, num_maps))
+    taken = set()
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not -num_maps <= i < num_maps:
+            raise ValueError(
+                f"indices: expected map indices in {-num_maps}..{num_maps - 1} "
+                f"(the network has {num_maps} feature maps), got {list(indices)!r}"
+            )
+        taken.add(i % num_maps)
+    if not taken:
+        raise ValueError("indices: expected at least one map index, got an empty sequence")
+    return sorted(taken)
+
+
+class FeatureNet(nn.Module):
+    """A ResNeXt without its head whose forward returns the maps at `out_indices` (timm's
+    `features_only` network): the stem's activation (index 0), then each stage's output.
+
+    Its modules are the network's own, under the same names (`conv1`, `layer1`, …; no `fc`), so
+    a backbone checkpoint's keys load as they are, as in torchvision's detection backbones.
+    Stages past the last map taken are left out."""
+
+    def __init__(self, model: ResNeXt, out_indices: int | Sequence[int] | None = None) -> None:
+        super().__init__()
+        from resnext.models.network import ResNeXt  # the network module imports this one
+
+        if not isinstance(model, ResNeXt):
+            raise TypeError(f"model: expected a resnext ResNeXt, got {type(model).__name__}")
+        self.out_indices = tuple(take_indices(len(model.feature_info), out_indices))
+        self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
+        last = self.out_indices[-1]  # maps past it are not computed, so their stages are not kept
+        self.spec = model.spec
+        self.conv1, self.bn1, self.relu, self.maxpool = (
+            model.conv1,
+            model.bn1,
+            model.relu,
+            model.maxpool,
+        )
+        self.stage_names = model.stage_names[:last]
+        for name in self.stage_names:
+            self.add_module(name, getattr(model, name))
+        self.final_bn = model.final_bn if last == len(model.stage_names) else None
+        self._stem_act = model._stem_act
+        self.grad_checkpointing = model.grad_checkpointing
+        for attr in ("preprocessing", "class_names", "resnext_name"):
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (as `ResNeXt.set_grad_checkpointing`)."""
+        self.grad_checkpointing = bool(enable)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        from resnext.models.network import trunk_maps
+
+        return trunk_maps(self, x, self.out_indices, stop_early=True)[1]
