@@ -10,6 +10,7 @@ from resnext.models import (
     count,
     create_model,
     get_spec,
+    is_model,
     list_models,
     solve_width,
 )
@@ -30,6 +31,10 @@ def __getattr__(name: str) -> object:
         from resnext.speed.fastpath import optimize
 
         return optimize
+    if name == "list_pretrained":
+        from resnext.weights.table import list_pretrained
+
+        return list_pretrained
     if name == "quantize_int8":
         from resnext.speed.int8 import quantize_int8
 
@@ -48,7 +53,9 @@ __all__ = [
     "create_model",
     "extract_features",
     "get_spec",
+    "is_model",
     "list_models",
+    "list_pretrained",
     "optimize",
     "predict",
     "quantize_int8",

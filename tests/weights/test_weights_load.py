@@ -245,6 +245,46 @@ def test_tag_offline_names_url_and_cache_path(
     assert url in msg and str(tmp_path / "c" / "resnext50_32x4d-7cdf4587.pth") in msg
 
 
+def test_default_weights_come_from_torch_hubs_copy_without_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torchvision and timm keep their downloads in $TORCH_HOME/hub/checkpoints under the
+    # published file name: a matching hash there is read in place, offline.
+    src, path = _tiny_file(tmp_path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / f"tiny-{digest[:8]}.pth").write_bytes(path.read_bytes())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/tiny-{digest[:8]}.pth"
+    base = get_weights("resnext50_32x4d.tv_in1k")
+    entry = dataclasses.replace(
+        base, tag="resnext_tiny.test", model="resnext_tiny", url=closed, hash=digest[:8],
+        num_classes=10, stride_in_1x1=False,
+    )  # fmt: skip
+    monkeypatch.setitem(table.WEIGHTS, entry.tag, entry)
+    monkeypatch.setitem(table.DEFAULT_TAGS, "resnext_tiny", entry.tag)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("RESNEXT_HOME", str(tmp_path / "cache"))
+    for model in (
+        resnext.create_model("resnext_tiny", pretrained=True),
+        resnext.create_model("resnext_tiny", weights="DEFAULT"),
+        resnext.Predictor("resnext_tiny", "DEFAULT").model,
+    ):
+        with torch.no_grad():
+            assert torch.equal(model.eval()(X), src(X))
+    assert not (tmp_path / "cache").exists()  # nothing downloaded or copied
+    # Another file under that name is not taken for it: the download is tried (and fails here).
+    (hub / f"tiny-{digest[:8]}.pth").write_bytes(b"not these weights")
+    with pytest.raises(DownloadError, match="could not download"):
+        resnext.create_model("resnext_tiny", pretrained=True)
+    with pytest.raises(WeightsError, match="expected a model name"):
+        load_weights("DEFAULT")
+    with pytest.raises(ValueError, match="pretrained"):
+        resnext.create_model("resnext_tiny", weights=path, pretrained=True)
+
+
 def test_code_carrying_detectron2_pickle_is_refused_once(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "model_final.pkl"

@@ -6,7 +6,7 @@ import pytest
 
 import resnext
 from resnext.errors import WeightsError
-from resnext.weights import WEIGHTS, get_weights, list_weights
+from resnext.weights import WEIGHTS, default_weights, get_weights, list_weights
 
 
 def test_torchvision_entries_match_published_meta() -> None:
@@ -124,3 +124,23 @@ def test_unknown_tag_names_the_closest() -> None:
     with pytest.raises(WeightsError) as info:
         get_weights("resnext50_32x4d.tv_in1")
     assert "resnext50_32x4d.tv_in1k" in str(info.value)
+
+
+def test_default_weights_are_torchvisions_default_else_the_best_verified_permissive() -> None:
+    # torchvision's DEFAULT members (zoo-facts TV/r): V2 for ResNeXt-50 and 101 32x8d (hashes
+    # 1a0047aa, 110c445d), V1 for 101 64x4d (173b62eb).
+    assert get_weights(default_weights("resnext50_32x4d")).url.endswith("-1a0047aa.pth")
+    assert get_weights(default_weights("resnext101_32x8d")).url.endswith("-110c445d.pth")
+    assert get_weights(default_weights("resnext101_64x4d")).url.endswith("-173b62eb.pth")
+    # Without torchvision weights: gluon's 80.336 is the best hashed, permissive-licence
+    # ResNeXt-101 32x4d (fb's semi-supervised ones are CC-BY-NC, pycls's are unhashed).
+    assert default_weights("resnext101_32x4d") == "resnext101_32x4d.gluon_in1k"
+    assert default_weights("resnext50-32x4d_8xb32_in1k") == "resnext50_32x4d.tv2_in1k"  # alias
+    with pytest.raises(WeightsError, match="no published checkpoint of 'resnext29_8x64d'"):
+        default_weights("resnext29_8x64d")
+    assert resnext.list_models("resnext50*", pretrained=True) == [
+        "resnext50_32x4d",
+        "resnext50d_32x4d",
+    ]
+    assert resnext.list_pretrained("resnext101_64x4d.*") == list_weights("resnext101_64x4d")
+    assert resnext.is_model("resnext50_32x4d") and not resnext.is_model("resnext50_32x5d")

@@ -146,7 +146,7 @@ def load_model(
             from resnext.weights import build_with_weights, load_weights
 
             # A torch file already read above is converted as it is, not read again.
-            loaded = load_weights(weights, payload=read)
+            loaded = load_weights(weights, model_name=model, payload=read)
             name = model or loaded.model_name
             if not name:
                 raise WeightsError(f"weights {weights}: they name no model; pass a model name")

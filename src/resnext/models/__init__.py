@@ -28,6 +28,7 @@ def create_model(
     num_classes: int | None = None,
     weights: str | Path | None = None,
     *,
+    pretrained: bool = False,
     features_only: Literal[False] = False,
     out_indices: None = None,
     **spec_overrides: Any,
@@ -40,6 +41,7 @@ def create_model(
     num_classes: int | None = None,
     weights: str | Path | None = None,
     *,
+    pretrained: bool = False,
     features_only: Literal[True],
     out_indices: int | Sequence[int] | None = None,
     **spec_overrides: Any,
@@ -51,6 +53,7 @@ def create_model(
     num_classes: int | None = None,
     weights: str | Path | None = None,
     *,
+    pretrained: bool = False,
     features_only: bool = False,
     out_indices: int | Sequence[int] | None = None,
     **spec_overrides: Any,
@@ -59,14 +62,21 @@ def create_model(
 
     `weights`: a weights-table tag (downloaded into the cache) or a file in any supported format
     (torchvision/timm, mmpretrain, pycls, detectron2, Lua Torch .t7, native safetensors); the spec
-    then follows what the weights need (stride placement, number of classes).
+    then follows what the weights need (stride placement, number of classes). 'DEFAULT', or
+    `pretrained=True` (timm's), is the model's default tag (`resnext.weights.default_weights`:
+    torchvision's DEFAULT where torchvision publishes the model).
 
     `features_only` (timm's): a `FeatureNet` without the classifier whose forward returns the
     maps at `out_indices` into the network's `feature_info` (default: all, the stem's activation
     first, then each stage's output).
     """
-    if not isinstance(features_only, bool):
-        raise TypeError(f"features_only: expected a bool, got {type(features_only).__name__}")
+    for flag, value in (("pretrained", pretrained), ("features_only", features_only)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
+    if pretrained:
+        if weights is not None:
+            raise ValueError(f"pretrained: expected either it or weights, got weights={weights!r}")
+        weights = "DEFAULT"
     if out_indices is not None and not features_only:
         raise ValueError("out_indices: expected only with features_only=True")
     if weights is not None:
@@ -80,8 +90,9 @@ def create_model(
     return FeatureNet(model, out_indices) if features_only else model
 
 
-def list_models(pattern: str | Sequence[str] = "*") -> list[str]:
-    """Registered model names matching a shell-style pattern (or any of several), sorted.
+def list_models(pattern: str | Sequence[str] = "*", pretrained: bool = False) -> list[str]:
+    """Registered model names matching a shell-style pattern (or any of several), sorted; with
+    `pretrained` only those with published weights (`resnext.weights.list_weights(name)`).
 
     As timm's `list_models`, an empty pattern lists every model. A pattern is matched against the
     canonical names and their aliases (mmpretrain's), and the canonical names are returned."""
@@ -90,8 +101,20 @@ def list_models(pattern: str | Sequence[str] = "*") -> list[str]:
         raise TypeError(
             f"pattern: expected a string or a list of strings, got {type(pattern).__name__}"
         )
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"pretrained: expected a bool, got {type(pretrained).__name__}")
     patterns = [p or "*" for p in patterns]
-    return sorted({name for p in patterns for name in MODELS.names(p)})
+    names = {name for p in patterns for name in MODELS.names(p)}
+    if pretrained:
+        from resnext.weights.table import DEFAULT_TAGS  # the weights package builds on this one
+
+        names &= set(DEFAULT_TAGS)
+    return sorted(names)
+
+
+def is_model(name: str) -> bool:
+    """Whether `name` is a registered model name or alias (timm's `is_model`)."""
+    return isinstance(name, str) and name in MODELS
 
 
 __all__ = [
@@ -111,6 +134,7 @@ __all__ = [
     "get_spec",
     "grouped_state_dict",
     "imagenet_spec",
+    "is_model",
     "list_models",
     "solve_width",
 ]

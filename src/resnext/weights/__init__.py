@@ -12,7 +12,16 @@ from resnext.weights.load import LoadReport, apply_weights, load_weights, read_w
 from resnext.weights.loaded import LoadedWeights
 from resnext.weights.native import load_native, save_weights
 from resnext.weights.preprocess import Preprocessing
-from resnext.weights.table import WEIGHTS, Result, WeightsEntry, get_weights, list_weights
+from resnext.weights.table import (
+    DEFAULT_TAGS,
+    WEIGHTS,
+    Result,
+    WeightsEntry,
+    default_weights,
+    get_weights,
+    list_pretrained,
+    list_weights,
+)
 
 
 def build_with_weights(
@@ -29,7 +38,10 @@ def build_with_weights(
     """
     from resnext.models import create_model
 
-    loaded = weights if isinstance(weights, LoadedWeights) else load_weights(weights)
+    if isinstance(weights, LoadedWeights):
+        loaded = weights
+    else:
+        loaded = load_weights(weights, model_name=name)
     spec_overrides = {**loaded.spec_overrides, **overrides}
     # a count in the overrides speaks for weights without a classifier tensor (0: headless)
     stated = spec_overrides.pop("num_classes", None)
@@ -45,6 +57,7 @@ def build_with_weights(
 
 
 __all__ = [
+    "DEFAULT_TAGS",
     "INT8_WEIGHTS",
     "WEIGHTS",
     "LoadReport",
@@ -57,10 +70,12 @@ __all__ = [
     "build_with_weights",
     "convert_checkpoint",
     "default_cache_dir",
+    "default_weights",
     "detect_format",
     "download",
     "get_weights",
     "list_int8_weights",
+    "list_pretrained",
     "list_weights",
     "load_native",
     "load_weights",

@@ -10,6 +10,8 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+import torch
+
 from resnext.errors import DownloadError
 
 _CHUNK = 1 << 20
@@ -54,7 +56,9 @@ def download(
 ) -> Path:
     """The cached path of `url`, downloading it first if needed.
 
-    A cached file with the right hash is used without network. The download goes to
+    A cached file with the right hash is used without network, and so is torch.hub's copy of
+    it (`torch_hub_copy`: torchvision's and timm's downloads) where the hash is published. The
+    download goes to
     ``<name>.part`` (resumed with an HTTP Range request when one exists), is hashed, and only then
     renamed into place, so the cache never holds a partial or unverified file under the real name.
     """
@@ -69,6 +73,9 @@ def download(
             f"cached file {target} does not match the published {_describe(expected_hash, hash_kind)}: "
             "it is corrupt or a different file; delete it and download again"
         )
+    shared = torch_hub_copy(target.name, expected_hash, hash_kind)
+    if shared is not None:
+        return shared
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -97,6 +104,18 @@ def download(
         )
     os.replace(part, target)
     return target
+
+
+def torch_hub_copy(filename: str, expected_hash: str, hash_kind: str) -> Path | None:
+    """The file torch.hub (and so torchvision and timm) downloaded under the same name into its
+    own cache ($TORCH_HOME/hub/checkpoints), where its hash is published and matches: read in
+    place rather than downloaded again. None otherwise."""
+    if hash_kind == "none":
+        return None  # an unverifiable file of another program's is not taken on its name alone
+    candidate = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if candidate.is_file() and hash_matches(candidate, expected_hash, hash_kind):
+        return candidate
+    return None
 
 
 def _describe(expected: str, kind: str) -> str:

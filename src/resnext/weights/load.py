@@ -28,7 +28,7 @@ from resnext.weights.loaded import LoadedWeights
 from resnext.weights.native import FORMAT_NAME, load_native, read_safetensors, sidecar_path
 from resnext.weights.t7 import load_t7
 from resnext.weights.t7_mapping import map_resnext
-from resnext.weights.table import WEIGHTS, WeightsEntry, get_weights
+from resnext.weights.table import WEIGHTS, WeightsEntry, default_weights, get_weights
 
 _FILE_SUFFIXES = (".pth", ".pt", ".pyth", ".bin", ".ckpt", ".pkl", ".t7", ".safetensors", ".json")
 _LIST_LIMIT = 12
@@ -195,18 +195,24 @@ def load_weights(
     cache_dir: str | Path | None = None,
     payload: Any = None,
 ) -> LoadedWeights:
-    """Weights from a file path (any supported format) or a weights-table tag (downloaded, cached);
-    `payload` as for `read_weights_file`.
+    """Weights from a file path (any supported format), a weights-table tag (downloaded, cached)
+    or 'DEFAULT' (`model_name`'s default tag, `default_weights`); `payload` as for
+    `read_weights_file`.
 
-    `model_name` (the model the caller means to build) is accepted for callers' convenience but
-    not recorded: the result's `model_name` is only the architecture the weights themselves name
+    `model_name` (the model the caller means to build) resolves 'DEFAULT' and is otherwise not
+    recorded: the result's `model_name` is only the architecture the weights themselves name
     (a native sidecar, a table entry), so that a mismatch message never presents the requested
     model as the one the weights were made for."""
-    del model_name
     path = weights_path(source, WEIGHTS, "weights")
     if path is not None:
         return read_weights_file(path, payload=payload)
     text = str(source)
+    if text == "DEFAULT":
+        if model_name is None:
+            raise WeightsError(
+                "weights 'DEFAULT': each model has its own default weights; expected a model name"
+            )
+        text = default_weights(model_name)
     from resnext.weights.int8 import INT8_WEIGHTS  # it builds on this module
 
     if text in INT8_WEIGHTS:

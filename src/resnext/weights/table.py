@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from dataclasses import dataclass
 
 from resnext.errors import WeightsError
@@ -457,6 +458,47 @@ if len(WEIGHTS) != len(_ENTRIES):  # pragma: no cover - guards the table itself
     raise WeightsError("duplicate tag in the weights table")
 
 
+# torchvision's DEFAULT member of each ResNeXt weights enum (zoo-facts, TV/r).
+_TORCHVISION_DEFAULTS = {
+    "resnext50_32x4d": "resnext50_32x4d.tv2_in1k",
+    "resnext101_32x8d": "resnext101_32x8d.tv2_in1k",
+    "resnext101_64x4d": "resnext101_64x4d.tv_in1k",
+}
+
+
+def _default_tags() -> dict[str, str]:
+    """Each model's default weights: torchvision's DEFAULT where torchvision publishes the model,
+    else its most accurate checkpoint with a published hash, preferring those a permissive
+    licence covers over the non-commercial ones."""
+    defaults = dict(_TORCHVISION_DEFAULTS)
+    for model in sorted({e.model for e in _ENTRIES} - set(defaults)):
+        verified = [e for e in _ENTRIES if e.model == model and e.verified]
+        permissive = [e for e in verified if not e.license.startswith("cc-by-nc")]
+        pool = permissive or verified
+        if pool:
+            defaults[model] = max(pool, key=lambda e: e.top1 or 0.0).tag
+    return defaults
+
+
+DEFAULT_TAGS: dict[str, str] = _default_tags()
+if any(WEIGHTS[t].model != m for m, t in DEFAULT_TAGS.items()):  # pragma: no cover
+    raise WeightsError("a default weights tag names another model")
+
+
+def default_weights(model: str) -> str:
+    """The tag of `model`'s default weights (torchvision's `weights="DEFAULT"`, timm's
+    `pretrained=True`); a WeightsError where no checkpoint of that model is published."""
+    from resnext.models.zoo import MODELS  # the canonical name of an alias
+
+    name = MODELS.get(model).name
+    if name not in DEFAULT_TAGS:
+        having = ", ".join(sorted(DEFAULT_TAGS))
+        raise WeightsError(
+            f"weights 'DEFAULT': no published checkpoint of {name!r} (models with weights: {having})"
+        )
+    return DEFAULT_TAGS[name]
+
+
 def get_weights(tag: str) -> WeightsEntry:
     """The table entry of `tag`; an unknown tag is a WeightsError naming the closest tags."""
     if tag in WEIGHTS:
@@ -469,3 +511,11 @@ def get_weights(tag: str) -> WeightsEntry:
 def list_weights(model: str | None = None) -> list[str]:
     """All tags, or the tags whose model is `model`, sorted."""
     return sorted(t for t, e in WEIGHTS.items() if model is None or e.model == model)
+
+
+def list_pretrained(pattern: str = "*") -> list[str]:
+    """Weights tags ('model.tag') matching a shell-style pattern, sorted (timm's `list_pretrained`;
+    an empty pattern lists every tag)."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern: expected a string, got {type(pattern).__name__}")
+    return sorted(fnmatch.filter(WEIGHTS, pattern or "*"))
