@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+import resnext
 from resnext.errors import WeightsError
 from resnext.train import load_checkpoint, train
 
@@ -43,3 +46,37 @@ def test_finetune_source_that_does_not_fit_is_a_weights_error(tmp_path, tiny_cfg
     cfg = tiny_cfg(tmp_path / "ft", finetune={"source": str(wrong), "num_classes": 4})
     with pytest.raises(WeightsError, match="do not fit the model"):
         train(cfg, train_set=tiny_data(32), val_set=tiny_data(16))
+
+
+def _mmpretrain_layout(state: dict[str, torch.Tensor]) -> dict[str, object]:
+    # mmpretrain's layout (zoo-facts): {'meta', 'state_dict'}, `backbone.` keys, `head.fc.`.
+    return {
+        "meta": {"epoch": 1},
+        "state_dict": {(f"head.{k}" if k.startswith("fc.") else f"backbone.{k}"): v
+                       for k, v in state.items()},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["mmpretrain", "compiled_ddp"])
+def test_finetune_reads_what_create_model_reads(
+    tmp_path, tiny_cfg, tiny_data, monkeypatch, layout: str
+):
+    src = resnext.create_model("resnext_tiny", num_classes=4)
+    state = src.state_dict()
+    if layout == "mmpretrain":
+        payload: object = _mmpretrain_layout(state)
+    else:  # a torch.compile'd network under DDP saves `module._orig_mod.` keys
+        payload = {f"module._orig_mod.{k}": v for k, v in state.items()}
+    torch.save(payload, tmp_path / "source.pth")
+    monkeypatch.chdir(tmp_path)  # a relative source, saved absolute with the run
+    cfg = tiny_cfg(
+        tmp_path / "ft",
+        train={"epochs": 1},
+        finetune={"source": "source.pth", "num_classes": 3, "frozen_stages": 1},
+    )
+    tuned = train(cfg, train_set=tiny_data(32, classes=3), val_set=tiny_data(16, classes=3))
+    after = load_checkpoint(tuned.last_checkpoint)["model"]
+    assert torch.equal(after["layer1.0.conv2.weight"], state["layer1.0.conv2.weight"])  # frozen
+    assert after["fc.weight"].shape[0] == 3
+    saved = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert saved["finetune"]["source"] == str(tmp_path / "source.pth")

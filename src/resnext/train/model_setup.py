@@ -9,7 +9,7 @@ from resnext.config import Config
 from resnext.errors import TrainingError
 from resnext.models import ResNeXt, create_model
 from resnext.speed.merged_groups import merge_where_faster
-from resnext.train.finetune import freeze, load_pretrained, read_state_dict, source_num_classes
+from resnext.train.finetune import freeze, pretrained_network
 
 
 def build_network(cfg: Config, dataset_classes: int | None) -> ResNeXt:
@@ -26,9 +26,7 @@ def build_network(cfg: Config, dataset_classes: int | None) -> ResNeXt:
     if not cfg.finetune.source:
         model = create_model(cfg.model.name, num_classes=target, **spec)
     else:
-        state = read_state_dict(cfg.finetune.source)
-        model = create_model(cfg.model.name, num_classes=source_num_classes(state), **spec)
-        load_pretrained(model, state, cfg.finetune.source)
+        model = pretrained_network(cfg.model.name, cfg.finetune.source, spec)
         if target is not None:
             model.reset_classifier(int(target))
         freeze(model, cfg.finetune.frozen_stages)

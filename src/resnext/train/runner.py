@@ -360,11 +360,21 @@ def _save_fast_path_choices(run_dir: Path) -> None:
 
 def _as_saved(cfg: Config) -> Config:
     """The config a run saves: resume=auto, so that `--config RUN/config.toml` continues the run,
-    and a relative data.root made absolute, so that it does from any directory."""
-    root = cfg.data.root
-    if root and not Path(root).is_absolute() and Path(root).exists():
-        root = str(Path(root).resolve())
-    return replace(cfg, train=replace(cfg.train, resume="auto"), data=replace(cfg.data, root=root))
+    and a relative data.root and finetune.source (a file; a tag stays) made absolute, so that it
+    does from any directory."""
+    return replace(
+        cfg,
+        train=replace(cfg.train, resume="auto"),
+        data=replace(cfg.data, root=_absolute(cfg.data.root)),
+        finetune=replace(cfg.finetune, source=_absolute(cfg.finetune.source)),
+    )
+
+
+def _absolute(path: str) -> str:
+    """`path` made absolute where it is a relative path to something that exists."""
+    if path and not Path(path).is_absolute() and Path(path).exists():
+        return str(Path(path).resolve())
+    return path
 
 
 def _mixer(cfg: Config, num_classes: int) -> BatchMixer | None:

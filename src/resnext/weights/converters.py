@@ -69,6 +69,21 @@ def strip_prefix(state: StateDict, prefix: str) -> StateDict:
     return {k[len(prefix) :]: v for k, v in state.items()}
 
 
+# What wrapping a network adds to every key: DataParallel/DDP's `module.`, torch.compile's
+# `_orig_mod.`, in either order when both wrap it.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrappers(state: StateDict) -> StateDict:
+    """`state` without the key prefixes of DDP and torch.compile wrappers."""
+    stripped = None
+    while stripped is not state:
+        stripped = state
+        for prefix in WRAPPER_PREFIXES:
+            state = strip_prefix(state, prefix)
+    return state
+
+
 def pycls_key(key: str) -> str:
     """pycls (resnet or AnyNet) key → ours; stage/block indices are 1-based there."""
     if key.startswith("stem.conv."):

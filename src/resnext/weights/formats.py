@@ -51,7 +51,7 @@ def _unwrap(obj: Any, where: str = "checkpoint") -> tuple[Mapping[str, Any], dic
 def detect_format(obj: Any) -> str:
     """The library that wrote `obj` (a loaded checkpoint), judged from its layout and key names."""
     inner, context = _unwrap(obj)
-    return _detect(cv.strip_prefix(dict(inner), "module."), context)
+    return _detect(cv.strip_wrappers(dict(inner)), context)
 
 
 def _detect(state: Mapping[str, Any], context: Mapping[str, Any]) -> str:
@@ -114,7 +114,7 @@ def is_int8_state(state: object) -> TypeGuard[dict]:
 def convert_checkpoint(obj: Any, source: str, *, fmt: str | None = None) -> LoadedWeights:
     """Our state dict, spec overrides and preprocessing from a loaded checkpoint of any library."""
     inner, context = _unwrap(obj, source)
-    state = cv.strip_prefix(dict(inner), "module.")
+    state = cv.strip_wrappers(dict(inner))
     if fmt is None and is_run_checkpoint(context):
         return from_run(_tensors(state, source), context, source)
     if is_int8_state(state):
