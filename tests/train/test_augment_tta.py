@@ -143,6 +143,13 @@ def test_augment_and_shift_options_in_the_config(tmp_path):
         load_config("cifar10_mini_cpu", [f"data.root={tmp_path}", "train.eval_shift=-2"])
     with pytest.raises(ConfigError, match=r"data\.trivial_augment"):
         load_config("cifar10_mini_cpu", [f"data.root={tmp_path}", "data.trivial_augment=maybe"])
+    # Image folders and digits have no such step: a request for one is refused, not ignored.
+    folder = [f"data.root={tmp_path}", "data.kind=imagefolder", "data.cutout=0"]
+    for extra in ("data.trivial_augment=true", "data.cutout=8"):
+        with pytest.raises(ConfigError, match=r"CIFAR training pipeline.*data\.kind='imagefolder'"):
+            load_config("cifar10_mini_cpu", [*folder, extra])
+    with pytest.raises(ConfigError, match=r"data\.cutout.*'digits'"):
+        load_config("digits_demo", ["data.cutout=4"])
 
 
 def test_eval_every_validates_every_nth_epoch_and_the_last(tmp_path, tiny_cfg, tiny_data):

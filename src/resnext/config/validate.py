@@ -62,6 +62,15 @@ def validate(cfg: Config) -> Config:
             f"data.planned: the planned uint8 pipeline reads image files (data.kind='imagefolder'); "
             f"got data.kind={d.kind!r}"
         )
+    if d.kind not in ("cifar10", "cifar100"):
+        # Only the CIFAR training pipeline has these steps; another would train without them.
+        for key, value in (("data.cutout", d.cutout), ("data.trivial_augment", d.trivial_augment)):
+            if value:
+                raise ConfigError(
+                    f"{key}: a step of the CIFAR training pipeline (data.kind 'cifar10' or "
+                    f"'cifar100'), which data.kind={d.kind!r} does not run; expected it off, "
+                    f"got {value!r}"
+                )
     if d.batch_size % o.accum_steps:
         raise ConfigError(
             f"data.batch_size: expected a multiple of optim.accum_steps={o.accum_steps}, "
