@@ -296,3 +296,20 @@ def test_code_carrying_detectron2_pickle_is_refused_once(tmp_path: Path) -> None
     assert isinstance(info.value, WeightsError) and not marker.exists()
     # One refusal, naming the file once: "detectron2 weights PATH: refused: ... os.makedirs".
     assert msg.count("refused") == 1 and msg.count(str(path)) == 1 and "makedirs" in msg
+
+
+@pytest.mark.parametrize("name", ["resnext_tiny_in", "resnext50d_32x4d"])
+def test_rgb_weights_fit_other_input_channels(tmp_path: Path, name: str) -> None:
+    # Expected values by construction: a grey image through the summed filters is the RGB
+    # network on that grey in all three channels; six channels holding the image twice, through
+    # filters repeated and halved, are the RGB network on the image.
+    src, path = _tiny_file(tmp_path, name, num_classes=5)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    grey = x[:, :1]
+    mono = resnext.create_model(name, weights=path, in_chans=1).eval()
+    six = resnext.create_model(name, weights=path, in_chans=6).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mono(grey), src(grey.expand(-1, 3, -1, -1)))
+        torch.testing.assert_close(six(torch.cat([x, x], 1)), src(x))
+    assert mono.preprocessing is None  # RGB normalisation does not describe one channel
+    assert resnext.create_model(name, weights=path).preprocessing is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from resnext.weights.adapt import adapt_input_channels
 from resnext.weights.download import default_cache_dir, download
 from resnext.weights.formats import convert_checkpoint, detect_format
 from resnext.weights.int8 import INT8_WEIGHTS, build_int8_with_weights, list_int8_weights
@@ -34,7 +35,9 @@ def build_with_weights(
     """Create model `name` with the spec the weights need (stride placement, classes) and load them.
 
     `num_classes` different from the weights' keeps the backbone and starts a new classifier.
-    The model gets ``preprocessing`` and ``class_names`` attributes from the weights.
+    The model gets ``preprocessing`` and ``class_names`` attributes from the weights. An
+    ``in_chans`` override other than 3 fits RGB weights' first convolution to it as timm does
+    (`adapt_input_channels`: summed for one channel, repeated and rescaled for more).
     """
     from resnext.models import create_model
 
@@ -48,6 +51,7 @@ def build_with_weights(
     file_classes = loaded.num_classes if loaded.num_classes is not None else stated
     classes = num_classes if num_classes is not None else file_classes
     model = create_model(name, num_classes=classes, **spec_overrides)
+    loaded = adapt_input_channels(loaded, model.spec.in_chans)  # RGB weights for in_chans ≠ 3
     new_head = file_classes is None or (num_classes is not None and num_classes != file_classes)
     # A new head may differ from the file's (or be absent from it); nothing else may.
     apply_weights(model, loaded, new_head=new_head)
@@ -65,6 +69,7 @@ __all__ = [
     "Preprocessing",
     "Result",
     "WeightsEntry",
+    "adapt_input_channels",
     "apply_weights",
     "build_int8_with_weights",
     "build_with_weights",
