@@ -69,6 +69,24 @@ def test_intermediates_are_the_stem_and_stage_maps(name: str, size: int) -> None
     assert torch.equal(last, features)
 
 
+@pytest.mark.parametrize("name", ["resnext_tiny_in", "resnext29_8x64d_preact", "resnet200"])
+def test_hooks_on_the_named_modules_see_the_maps(name: str) -> None:
+    # torchvision's and timm's hook-based extractors find each map by its module's name.
+    model = resnext.create_model(name, preact=True) if name == "resnext_tiny_in" else None
+    model = (model or resnext.create_model(name)).eval()
+    seen: dict[str, list[torch.Tensor]] = {}
+    for entry in model.feature_info:
+        module = model.get_submodule(entry["module"])
+        module.register_forward_hook(
+            lambda m, i, out, key=entry["module"]: seen.setdefault(key, []).append(out.clone())
+        )
+    with torch.no_grad():
+        maps = model.forward_intermediates(torch.randn(1, 3, 32, 32), intermediates_only=True)
+    for entry, fmap in zip(model.feature_info, maps, strict=True):
+        assert len(seen[entry["module"]]) == 1, entry  # each named module runs once
+        assert torch.equal(seen[entry["module"]][0], fmap), entry
+
+
 def test_a_bare_conv_stem_is_map_zero() -> None:
     model = _randomise_bn(resnext.create_model("resnext29_8x64d_preact"))
     x = torch.randn(1, 3, 8, 8)
@@ -87,9 +105,15 @@ def test_indices_read_as_timms() -> None:
     assert [m.shape[1] for m in last_two] == [128, 256]
     assert torch.equal(last_two[0], every[3]) and torch.equal(last_two[1], every[4])
     assert torch.equal(picked[0], every[0]) and torch.equal(picked[1], every[4])  # in map order
-    for bad in (0, 6, [5], [-6], [], [1.0], True):
-        with pytest.raises((ValueError, TypeError), match="indices"):
+    for bad in (0, 6, [5], [-6], []):
+        with pytest.raises(ValueError, match="indices"):
             model.forward_intermediates(x, bad)
+    for bad in ([1.0], [True], True, "12", 2.0):
+        with pytest.raises(TypeError, match="indices"):
+            model.forward_intermediates(x, bad)
+    for flag in ("stop_early", "intermediates_only", "norm"):
+        with pytest.raises(TypeError, match=flag):
+            model.forward_intermediates(x, **{flag: "no"})
     with pytest.raises(ValueError, match="output_fmt"):
         model.forward_intermediates(x, output_fmt="NHWC")
 
@@ -134,7 +158,7 @@ def test_features_only_network(tmp_path: Path) -> None:
     assert len(resnext.create_model("resnext_tiny", features_only=True)(x[:, :, :32, :32])) == 4
     with pytest.raises(ValueError, match="out_indices"):
         resnext.create_model("resnext_tiny", out_indices=(1, 2))
-    with pytest.raises(ValueError, match="indices"):
+    with pytest.raises(ValueError, match=r"out_indices: .* got 4"):
         resnext.create_model("resnext_tiny", features_only=True, out_indices=(4,))
 
 
@@ -177,6 +201,8 @@ def test_a_stem_fused_with_its_pooling_has_no_map_zero() -> None:
         model.bn1, model.maxpool = ReluApplied(), nn.Identity()
         with pytest.raises(ValueError, match="indices: map 0"):
             model.forward_intermediates(x, [0, 1])
+        with pytest.raises(ValueError, match="out_indices: map 0"):
+            FeatureNet(model)
         got = model.forward_intermediates(x, [1], intermediates_only=True)[0]
     torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
 

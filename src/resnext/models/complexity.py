@@ -140,7 +140,7 @@ def count(spec_or_model: ModelSpec | ResNeXt, input_size: int | None = None) -> 
             h = stage(h)
             shapes.append((name, tuple(h.shape[2:]), h.shape[1], counter.macs - before))
         if model.final_bn is not None:
-            h = model.relu(model.final_bn(h))
+            h = model.final_act(model.final_bn(h))
         model.forward_head(h)
     params = sum(p.numel() for p in model.parameters())
     bn_params = sum(

@@ -33,32 +33,35 @@ class FeatureInfo(list):
         return self._column("module", idx)
 
 
-def take_indices(num_maps: int, indices: int | Sequence[int] | None) -> list[int]:
+def take_indices(
+    num_maps: int, indices: int | Sequence[int] | None, name: str = "indices"
+) -> list[int]:
     """The absolute, ascending indices of the maps `indices` asks for, as timm reads it: None
-    for every map, an int n for the last n, a sequence for those (negative from the end)."""
+    for every map, an int n for the last n, a sequence for those (negative from the end). `name`
+    is the argument's, for the messages."""
     if indices is None:
         return list(range(num_maps))
-    if isinstance(indices, bool) or not isinstance(indices, (int, Sequence)):
-        raise TypeError(
-            f"indices: expected None, an int or a sequence of ints, got {type(indices).__name__}"
-        )
-    if isinstance(indices, int):
+    if isinstance(indices, int) and not isinstance(indices, bool):
         if not 1 <= indices <= num_maps:
             raise ValueError(
-                f"indices: expected a count of last maps in 1..{num_maps}, got {indices}"
+                f"{name}: expected a count of last maps in 1..{num_maps}, got {indices}"
             )
         return list(range(num_maps - indices, num_maps))
-    taken = set()
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence):
+        raise TypeError(
+            f"{name}: expected None, an int or a sequence of ints, got {type(indices).__name__}"
+        )
+    if not indices:
+        raise ValueError(f"{name}: expected at least one map index, got an empty sequence")
     for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int) or not -num_maps <= i < num_maps:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"{name}: expected int map indices, got {i!r} in {list(indices)!r}")
+        if not -num_maps <= i < num_maps:
             raise ValueError(
-                f"indices: expected map indices in {-num_maps}..{num_maps - 1} "
-                f"(the network has {num_maps} feature maps), got {list(indices)!r}"
+                f"{name}: expected map indices in {-num_maps}..{num_maps - 1} (the network has "
+                f"{num_maps} feature maps), got {i} in {list(indices)!r}"
             )
-        taken.add(i % num_maps)
-    if not taken:
-        raise ValueError("indices: expected at least one map index, got an empty sequence")
-    return sorted(taken)
+    return sorted({i % num_maps for i in indices})
 
 
 class FeatureNet(nn.Module):
@@ -75,7 +78,12 @@ class FeatureNet(nn.Module):
 
         if not isinstance(model, ResNeXt):
             raise TypeError(f"model: expected a resnext ResNeXt, got {type(model).__name__}")
-        self.out_indices = tuple(take_indices(len(model.feature_info), out_indices))
+        self.out_indices = tuple(take_indices(len(model.feature_info), out_indices, "out_indices"))
+        if self.out_indices[0] == 0 and getattr(model.conv1, "pools", False):
+            raise ValueError(
+                "out_indices: map 0 (the stem's activation before its pooling) does not exist in "
+                "this network, whose stem runs fused with its pooling; expected indices from 1"
+            )
         self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
         last = self.out_indices[-1]  # maps past it are not computed, so their stages are not kept
         self.spec = model.spec
@@ -88,7 +96,9 @@ class FeatureNet(nn.Module):
         self.stage_names = model.stage_names[:last]
         for name in self.stage_names:
             self.add_module(name, getattr(model, name))
-        self.final_bn = model.final_bn if last == len(model.stage_names) else None
+        keeps_last = last == len(model.stage_names)
+        self.final_bn = model.final_bn if keeps_last else None
+        self.final_act = model.final_act if keeps_last else None
         self._stem_act = model._stem_act
         self.grad_checkpointing = model.grad_checkpointing
         for attr in ("preprocessing", "class_names", "resnext_name"):

@@ -89,6 +89,8 @@ class ResNeXt(nn.Module):
             in_ch = spec.stage_out_widths[k]
         # Pre-activation networks end with the BN-ReLU their last block left out.
         self.final_bn = nn.BatchNorm2d(in_ch) if spec.preact else None
+        # Its own module, so that the stem's `relu` runs once and a hook on either sees one map.
+        self.final_act = nn.ReLU(inplace=True) if spec.preact else None
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = in_ch
         self.num_classes = spec.num_classes
@@ -160,7 +162,9 @@ class ResNeXt(nn.Module):
     def feature_info(self) -> FeatureInfo:
         """Channels, stride and module name of each map `forward_intermediates` returns (timm's
         layout, for detection/segmentation necks): the stem's activation before its pooling (a
-        pre-activation CIFAR network's bare `conv1`), then every stage's output."""
+        pre-activation CIFAR network's bare `conv1`), then every stage's output (a pre-activation
+        network's last after its final BN-ReLU, `final_act`). Each names the module whose output
+        the map is, so forward hooks on those modules see the same maps."""
         stem_reduction = 1 if self.spec.stem == "cifar" else 2
         stem = "relu" if self._stem_act else "conv1"
         info = FeatureInfo(
@@ -172,6 +176,8 @@ class ResNeXt(nn.Module):
             info.append(
                 {"module": name, "num_chs": self.spec.stage_out_widths[k], "reduction": reduction}
             )
+        if self.final_act is not None:  # the last map is the one after the final BN-ReLU
+            info[-1]["module"] = "final_act"
         return info
 
     # ---- forward -----------------------------------------------------------------------------
@@ -200,8 +206,13 @@ class ResNeXt(nn.Module):
         of its own (a pre-activation network's last BN-ReLU belongs to its last stage's map)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt: expected 'NCHW' (the only layout), got {output_fmt!r}")
-        if not isinstance(norm, bool):
-            raise TypeError(f"norm: expected a bool, got {type(norm).__name__}")
+        for flag, value in (
+            ("norm", norm),
+            ("stop_early", stop_early),
+            ("intermediates_only", intermediates_only),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
         take = take_indices(len(self.feature_info), indices)
         last, maps = trunk_maps(self, x, take, stop_early=stop_early or intermediates_only)
         return maps if intermediates_only else (last, maps)
@@ -212,7 +223,7 @@ class ResNeXt(nn.Module):
         for stage in self.stages():
             x = run_stage(stage, x, self.grad_checkpointing)
         if self.final_bn is not None:
-            x = self.relu(self.final_bn(x))
+            x = self.final_act(self.final_bn(x))
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -268,7 +279,7 @@ def trunk_maps(
     for k, name in enumerate(net.stage_names[:stop], start=1):
         x = run_stage(getattr(net, name), x, net.grad_checkpointing)
         if k == len(net.stage_names) and net.final_bn is not None:
-            x = net.relu(net.final_bn(x))
+            x = net.final_act(net.final_bn(x))
         if k in take:
             maps.append(x)
     return x, maps
