@@ -16,7 +16,7 @@ import torch
 from rel_helpers import record, tiny_config, tiny_dataset
 
 from resnext import create_model
-from resnext.errors import CheckpointError, WeightsError
+from resnext.errors import CheckpointError, ConfigError, WeightsError
 from resnext.train import atomic_save, load_checkpoint, train
 from resnext.weights import load_native, read_weights_file, save_weights
 
@@ -52,6 +52,19 @@ def test_disk_full_during_checkpoint_write_stops_run_and_keeps_previous(
     folder = tmp_path / "run" / "checkpoints"
     assert load_checkpoint(folder / "last.pt")["global_step"] == 2  # the previous one, intact
     assert [p.name for p in folder.iterdir()] == ["last.pt"]  # no half-written file left
+
+
+def test_a_checkpoint_folder_that_is_a_file_is_named(tmp_path: Path) -> None:
+    # Refused before the run starts, and by a save that meets it later, by name.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("")
+    cfg = tiny_config(run, train={"epochs": 1})
+    with pytest.raises(ConfigError, match=r"checkpoints exists and is not a folder"):
+        train(cfg, train_set=tiny_dataset(32), val_set=tiny_dataset(16, seed=2))
+    with pytest.raises(CheckpointError, match=r"checkpoint .*last\.pt: write failed"):
+        atomic_save({"global_step": 1}, run / "checkpoints" / "last.pt")
+    assert (run / "checkpoints").read_text() == ""
 
 
 def test_file_size_limit_in_a_process_keeps_previous_checkpoint(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from resnext.train import load_checkpoint, read_metrics, train
 
 SCRIPT = textwrap.dedent(
     """
-    import importlib.util, json, sys
+    import importlib.util, json, os, pathlib, shutil, sys
     spec = importlib.util.spec_from_file_location("tiny_support", sys.argv[1])
     support = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(support)
@@ -27,16 +27,25 @@ SCRIPT = textwrap.dedent(
 
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     stop_at = extra.pop("stop_at", 0)
+    block_at = extra.pop("block_at", 0)
+    own = {r: extra.pop(r, {}) for r in ("rank0", "rank1")}["rank" + os.environ["RANK"]]
+    extra.update(own)  # this rank's own overrides
+    n_train = extra.pop("n_train", 64)
 
     def on_step(epoch, step, global_step):
         if global_step == stop_at:
             raise Stop  # both ranks stop after the same step, as a job stopped mid-epoch
+        if global_step == block_at and os.environ["RANK"] == "0":
+            # the checkpoint folder becomes a file: rank 0's next save fails
+            folder = pathlib.Path(sys.argv[2]) / "checkpoints"
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.write_text("")
 
     cfg = support.tiny_config(sys.argv[2], train={"epochs": 2, **extra})
     try:
         train(
             cfg,
-            train_set=support.tiny_dataset(64),
+            train_set=support.tiny_dataset(n_train),
             val_set=support.tiny_dataset(40, seed=2),
             on_step=on_step,
         )
@@ -163,3 +172,42 @@ def test_output_dir_refused_on_rank_0_stops_every_rank_with_its_message(tmp_path
         assert "resnext.errors.ConfigError: output_dir:" in last, f"rank {rank}: {err}"
         assert "RuntimeError" not in err
         assert "exists and is not a folder" in last
+
+
+def test_ranks_given_different_configs_stop_with_one_config_error(tmp_path, support_file):
+    # A node with another config file (here rank 1 alone trains 3 epochs) would otherwise wait
+    # on rank 0's collectives until gloo's 30-minute timeout.
+    script = tmp_path / "ddp.py"
+    script.write_text(SCRIPT)
+    results = _two_ranks(script, support_file, tmp_path / "run", ok=False, rank1={"epochs": 3})
+    for rank, (code, _out, err) in enumerate(results):
+        assert code != 0, f"rank {rank} exited 0"
+        last = err.strip().splitlines()[-1]
+        assert "ConfigError: config: rank 1 was given another config than rank 0" in last, err
+        assert "train.epochs=3 against rank 0's 2" in last and "RuntimeError" not in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_ranks_given_different_data_stop_with_one_config_error(tmp_path, support_file):
+    # Another copy of the dataset on one node: the ranks' shards would overlap or miss images.
+    script = tmp_path / "ddp.py"
+    script.write_text(SCRIPT)
+    results = _two_ranks(script, support_file, tmp_path / "run", ok=False, rank1={"n_train": 48})
+    for rank, (code, _out, err) in enumerate(results):
+        assert code != 0, f"rank {rank} exited 0"
+        last = err.strip().splitlines()[-1]
+        assert "ConfigError: data: rank 1 was given another data than rank 0" in last, err
+        assert "train images=48 against rank 0's 64" in last
+
+
+def test_a_failed_write_on_rank_0_stops_every_rank_with_its_message(tmp_path, support_file):
+    script = tmp_path / "ddp.py"
+    script.write_text(SCRIPT)
+    run = tmp_path / "run"
+    results = _two_ranks(script, support_file, run, ok=False, block_at=2)
+    (c0, _, e0), (c1, _, e1) = results
+    assert c0 != 0 and c1 != 0
+    assert "CheckpointError: checkpoint" in e0.strip().splitlines()[-1], e0
+    last = e1.strip().splitlines()[-1]
+    assert "TrainingError: rank 0 stopped the run: CheckpointError: checkpoint" in last, e1
+    assert "RuntimeError" not in e1  # no broken collective

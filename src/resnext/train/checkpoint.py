@@ -59,8 +59,8 @@ def atomic_save(payload: dict[str, Any], path: str | Path) -> Path:
     (rename is atomic on POSIX), and the folder entry is fsynced too.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path, fsync=True) as tmp, open(tmp, "wb") as fh:
             torch.save(payload, fh)
     except Exception as exc:

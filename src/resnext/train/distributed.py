@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-from resnext.errors import TrainingError
+from resnext.errors import ResNeXtError, TrainingError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -106,3 +110,57 @@ def broadcast_object(obj: object) -> object:
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+def on_main(info: DistInfo, action: Callable[[], None]) -> None:
+    """Run `action` (a write) on rank 0 alone, every rank waiting for its outcome. Where it fails,
+    rank 0 raises its own error and every other rank a TrainingError quoting it, instead of
+    breaking in its next collective with a lost-connection error."""
+    failure: Exception | None = None
+    if info.is_main:
+        try:
+            action()
+        except (ResNeXtError, OSError) as exc:
+            if not info.distributed:
+                raise
+            failure = exc
+    if not info.distributed:
+        return
+    message = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise TrainingError(f"rank 0 stopped the run: {message}")
+
+
+def on_every_rank(info: DistInfo, action: Callable[[], T]) -> T:
+    """`action()` on every rank, each waiting for all outcomes. Where it fails on any rank, every
+    rank stops: a failing one with its own error, the others with a TrainingError naming the
+    first failing rank and quoting it (not a lost connection in their next collective)."""
+    if not info.distributed:
+        return action()
+    failure: Exception | None = None
+    result: T | None = None
+    try:
+        result = action()
+    except (ResNeXtError, OSError) as exc:
+        failure = exc
+    messages: list[object] = [None] * info.world_size
+    dist.all_gather_object(
+        messages, None if failure is None else f"{type(failure).__name__}: {failure}"
+    )
+    if failure is not None:
+        raise failure
+    for rank, message in enumerate(messages):
+        if message is not None:
+            raise TrainingError(f"rank {rank} stopped the run: {message}")
+    return result  # type: ignore[return-value]
+
+
+def gather_object(info: DistInfo, obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order (a one-item list when running alone)."""
+    if not info.distributed:
+        return [obj]
+    out: list[object] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

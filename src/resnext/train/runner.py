@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from resnext.config import Config, save_config
+from resnext.config import Config, config_to_dict, save_config
 from resnext.data.registry import dataset_class_names
 from resnext.errors import ConfigError
 from resnext.io.atomic import write_text
@@ -37,7 +38,14 @@ from resnext.train.data_setup import (
     seed_loader,
     train_loader,
 )
-from resnext.train.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from resnext.train.distributed import (
+    DistInfo,
+    broadcast_object,
+    gather_object,
+    init_distributed,
+    on_every_rank,
+    on_main,
+)
 from resnext.train.evaluate import evaluate
 from resnext.train.finetune import frozen_modules
 from resnext.train.logs import MetricsLog
@@ -115,10 +123,46 @@ def _check_output_dir(run_dir: Path) -> None:
         raise ConfigError(
             f"output_dir: {run_dir} cannot be created: {probe} exists and is not a folder"
         )
-    if not os.access(probe, os.W_OK | os.X_OK):
+    try:  # a folder made and removed: os.access answers yes to root on read-only mounts
+        os.rmdir(tempfile.mkdtemp(prefix=".resnext-probe-", dir=probe))
+    except OSError as exc:
         raise ConfigError(
-            f"output_dir: {probe} is not writable (needed for the run folder {run_dir})"
+            f"output_dir: {probe} is not writable (needed for the run folder {run_dir}): {exc}"
+        ) from exc
+    folder = _checkpoint_paths(run_dir)[0].parent
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            f"output_dir: {folder} exists and is not a folder (the run keeps its checkpoints there)"
         )
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys (`optim.lr`: value)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_same_everywhere(info: DistInfo, what: str, values: dict[str, Any]) -> None:
+    """A ConfigError on every rank where the ranks' `values` differ: processes given different
+    configs (or different copies of the data) would wait on each other's collectives until a
+    timeout, or train on overlapping samples."""
+    every = cast(list[dict[str, Any]], gather_object(info, values))
+    for rank, theirs in enumerate(every[1:], start=1):
+        diff = [
+            f"{key}={theirs.get(key)!r} against rank 0's {value!r}"
+            for key, value in every[0].items()
+            if theirs.get(key) != value
+        ]
+        if diff:
+            raise ConfigError(
+                f"{what}: rank {rank} was given another {what} than rank 0 ({'; '.join(diff[:4])}); "
+                f"expected every process to get the same {what}"
+            )
 
 
 def _refuse_earlier_run(run_dir: Path) -> None:
@@ -170,6 +214,7 @@ def _run(
         keep_freed_memory()
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    _check_same_everywhere(info, "config", _flat(config_to_dict(cfg)))
     run_dir = Path(cfg.resolved_output_dir())
     last_path, best_path = _checkpoint_paths(run_dir)
     # Rank 0 checks the run folder and hands its verdict to every rank: the others would
@@ -188,9 +233,11 @@ def _run(
     if refusal is not None:
         raise ConfigError(str(refusal))
     if train_set is None or val_set is None:
-        splits = build_splits(cfg.data)
+        splits = on_every_rank(info, lambda: build_splits(cfg.data))
         train_set = splits.train if train_set is None else train_set
         val_set = splits.val if val_set is None else val_set
+    sizes = {"train images": len(train_set), "validation images": len(val_set)}  # type: ignore[arg-type]
+    _check_same_everywhere(info, "data", sizes)
     seed_everything(cfg.train.seed)
     raw = build_network(cfg, class_count(train_set))
     raw = place(raw, info.device, cfg.train.channels_last)
@@ -267,7 +314,8 @@ def _run(
     pos = restore(resume_from, parts, cfg) if resume_from is not None else Position()
     if not info.is_main:
         pos.meter = Meter()  # the saved meter is the sum over all ranks: rank 0 carries it on
-    if info.is_main:
+
+    def write_start() -> None:
         # Written only now that data, batch and resume point are known good: a run that cannot
         # start leaves nothing behind.
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -289,6 +337,7 @@ def _run(
         )
         write_text(run_dir / name, json.dumps(record, indent=2) + "\n")
 
+    on_main(info, write_start)
     batches = batch_transforms(cfg.data)
     ctx = StepContext(
         model=net,
@@ -318,12 +367,13 @@ def _run(
                 _end_epoch(
                     cfg, info, ctx, parts, pos, (val_loader, batches.val), sampler, log, epoch_start
                 )
-                if info.is_main and chooses:
-                    _save_fast_path_choices(run_dir)
+                if chooses:
+                    on_main(info, lambda: _save_fast_path_choices(run_dir))
     finally:
         log.close()
-    if info.is_main and pos.history:
-        plot_curves(pos.history, run_dir / "curves.png", title=f"{cfg.name} ({cfg.model.name})")
+    if pos.history:
+        title = f"{cfg.name} ({cfg.model.name})"
+        on_main(info, lambda: plot_curves(pos.history, run_dir / "curves.png", title=title))
     final = pos.history[-1] if pos.history else {}
     result = TrainResult(
         run_dir=run_dir,
@@ -337,17 +387,15 @@ def _run(
         best_checkpoint=best_path if best_path.is_file() else None,
         wall_time_s=time.perf_counter() - t_start,
     )
-    if info.is_main:
-        summary = {
-            "epochs_completed": result.epochs_completed,
-            "global_step": result.global_step,
-            "final": final,
-            "best_val_top1_err": result.best_val_top1_err,
-            "best_epoch": result.best_epoch,
-            "wall_time_s": result.wall_time_s,
-        }
-        write_text(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
-    barrier()
+    summary = {
+        "epochs_completed": result.epochs_completed,
+        "global_step": result.global_step,
+        "final": final,
+        "best_val_top1_err": result.best_val_top1_err,
+        "best_epoch": result.best_epoch,
+        "wall_time_s": result.wall_time_s,
+    }
+    on_main(info, lambda: write_text(run_dir / "result.json", json.dumps(summary, indent=2) + "\n"))
     return result
 
 
@@ -424,10 +472,13 @@ def _train_epoch(
             # their sum (a collective, so every rank takes part), which `_run` gives back to
             # rank 0 alone, so a resumed epoch counts every image once.
             summed = meter.reduced(info.device)
-            if info.is_main:
+
+            def save() -> None:
                 seconds = pos.epoch_seconds + time.perf_counter() - epoch_start[0]
                 saved = Position(**{**pos.__dict__, "meter": summed, "epoch_seconds": seconds})
                 atomic_save(make_payload(cfg, parts, saved, sampler.state_dict()), last_path)
+
+            on_main(info, save)
         if on_step is not None:
             on_step(epoch, step, global_step)
 
@@ -492,7 +543,8 @@ def _end_epoch(
     improved = validate and record["val_top1_err"] < pos.best_top1_err
     if improved:
         pos.best_top1_err, pos.best_epoch = record["val_top1_err"], pos.epoch
-    if info.is_main:
+
+    def record_epoch() -> None:
         last_path, best_path = _checkpoint_paths(Path(cfg.resolved_output_dir()))
         sampler.set_epoch(pos.epoch, 0)
         payload = make_payload(cfg, parts, pos, sampler.state_dict())
@@ -511,4 +563,5 @@ def _end_epoch(
             f"{record['images_per_s']:.0f} img/s {seconds:.1f}s",
             flush=True,
         )
-    barrier()
+
+    on_main(info, record_epoch)
