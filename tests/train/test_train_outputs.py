@@ -83,6 +83,14 @@ def test_progress_bar_on_a_terminal_redraws_one_line_with_rate_and_eta():
     assert text.count("\r") == 4 and text.endswith("\n")
     assert "[########################] 4/4" in text
     assert "img/s eta 00:00" in text
+    # Of a job's processes, rank 0 shows the job's rate: each took the same share of a step.
+    lines = io.StringIO()
+    job = Progress(2, "epoch", stream=lines, every=1, processes=4)
+    job.t0 -= 1.0  # one second in, after two steps of 32 images on each of 4 processes
+    job.update(32)
+    job.update(32)
+    rate = float(lines.getvalue().splitlines()[-1].split()[2])
+    assert 200 < rate <= 256  # 256 images in a little over a second
 
 
 class _Named(torch.utils.data.Dataset):

@@ -193,3 +193,26 @@ def test_resume_under_a_changed_recipe_is_refused_naming_the_keys(tmp_path, tiny
     )
     result = train(allowed, train_set=train_set, val_set=val_set)
     assert result.global_step == 8  # 64 images / batch 16: 4 steps an epoch
+
+
+def test_resume_keeps_the_micro_batch_across_process_counts(tmp_path, tiny_cfg, tiny_data):
+    # Batch norm normalises each micro-batch: a resume may trade processes for accumulation
+    # steps (W processes -> one with accum_steps W), never change the images per micro-batch.
+    train_set, val_set = tiny_data(64), tiny_data(16, seed=2)
+    run = tmp_path / "run"
+    train(tiny_cfg(run, train={"epochs": 1}), train_set=train_set, val_set=val_set)
+    last = run / "checkpoints" / "last.pt"
+    assert load_checkpoint(last)["micro_batch"] == {"world_size": 1, "accum_steps": 1, "images": 16}
+    with pytest.raises(
+        ConfigError, match=r"micro-batches of 16 images .*optim.accum_steps=1 keeps it"
+    ):
+        train(tiny_cfg(run, train={"epochs": 2}, optim={"accum_steps": 2}), train_set=train_set,
+              val_set=val_set)  # fmt: skip
+    # As a checkpoint of two processes (8 images each) records it, resumed on one process.
+    ckpt = load_checkpoint(last)
+    ckpt["micro_batch"] = {"world_size": 2, "accum_steps": 1, "images": 8}
+    torch.save(ckpt, last)
+    with pytest.raises(ConfigError, match=r"accum_steps=2 keeps it"):
+        train(tiny_cfg(run, train={"epochs": 2}), train_set=train_set, val_set=val_set)
+    resumed = tiny_cfg(run, train={"epochs": 2}, optim={"accum_steps": 2})
+    assert train(resumed, train_set=train_set, val_set=val_set).global_step == 8

@@ -130,7 +130,8 @@ def train_one_epoch(
         global_step += 1
         lr = ctx.optimizer.param_groups[0]["lr"]
         mean_loss = meter.loss_sum / max(1, meter.count)
-        progress.update(images.shape[0], f"loss {mean_loss:.4f} lr {lr:.4g}")
+        who = "rank-0 loss" if ctx.distributed else "loss"  # the epoch line sums every rank's
+        progress.update(images.shape[0], f"{who} {mean_loss:.4f} lr {lr:.4g}")
         if on_step is not None:
             on_step(epoch, step, global_step, meter)
     if not math.isfinite(meter.loss_sum):

@@ -15,7 +15,8 @@ def _fmt_time(seconds: float) -> str:
 
 
 class Progress:
-    """Steps done out of `total`, with images/s and time left; silent when not `enabled`."""
+    """Steps done out of `total`, with images/s (of all `processes`) and time left; silent when
+    not `enabled`."""
 
     def __init__(
         self,
@@ -26,6 +27,7 @@ class Progress:
         enabled: bool = True,
         stream: TextIO | None = None,
         start: int = 0,
+        processes: int = 1,
     ) -> None:
         self.total = total
         self.desc = desc
@@ -36,12 +38,14 @@ class Progress:
         self.done = start
         self.start_done = start
         self.images = 0
+        # each of the job's processes takes an equal share of every step: the rate is the job's
+        self.processes = max(1, processes)
         self.t0 = time.perf_counter()
 
     def update(self, images: int, note: str = "") -> None:
         """One more step of `images` images; `note` is shown after the counters (loss, LR)."""
         self.done += 1
-        self.images += images
+        self.images += images * self.processes
         if not self.enabled:
             return
         if self.tty or self.done % self.every == 0 or self.done == self.total:

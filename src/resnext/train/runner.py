@@ -311,7 +311,9 @@ def _run(
     )
 
     resume_from = _resume_path(cfg, last_path)
-    pos = restore(resume_from, parts, cfg) if resume_from is not None else Position()
+    pos = (
+        restore(resume_from, parts, cfg, info.world_size) if resume_from is not None else Position()
+    )
     if not info.is_main:
         pos.meter = Meter()  # the saved meter is the sum over all ranks: rank 0 carries it on
 
@@ -462,6 +464,7 @@ def _train_epoch(
         every=cfg.train.log_every,
         enabled=info.is_main,
         start=pos.step_in_epoch,
+        processes=info.world_size,
     )
 
     def after_step(epoch: int, step: int, global_step: int, meter: Meter) -> None:
@@ -476,7 +479,8 @@ def _train_epoch(
             def save() -> None:
                 seconds = pos.epoch_seconds + time.perf_counter() - epoch_start[0]
                 saved = Position(**{**pos.__dict__, "meter": summed, "epoch_seconds": seconds})
-                atomic_save(make_payload(cfg, parts, saved, sampler.state_dict()), last_path)
+                payload = make_payload(cfg, parts, saved, sampler.state_dict(), info.world_size)
+                atomic_save(payload, last_path)
 
             on_main(info, save)
         if on_step is not None:
@@ -547,7 +551,7 @@ def _end_epoch(
     def record_epoch() -> None:
         last_path, best_path = _checkpoint_paths(Path(cfg.resolved_output_dir()))
         sampler.set_epoch(pos.epoch, 0)
-        payload = make_payload(cfg, parts, pos, sampler.state_dict())
+        payload = make_payload(cfg, parts, pos, sampler.state_dict(), info.world_size)
         atomic_save(payload, last_path)
         if improved:
             atomic_save(payload, best_path)

@@ -44,8 +44,21 @@ class Trainables:
     class_names: tuple[str, ...] | None = None
 
 
-def make_payload(cfg: Config, parts: Trainables, pos: Position, sampler_state: dict) -> dict:
-    """The checkpoint dict of the run at `pos`."""
+def micro_batch(cfg: Config, world_size: int) -> dict[str, int]:
+    """How a global batch is split: processes, micro-batches per process step, and the images
+    in each micro-batch (what batch norm normalises together)."""
+    splits = world_size * cfg.optim.accum_steps
+    return {
+        "world_size": world_size,
+        "accum_steps": cfg.optim.accum_steps,
+        "images": cfg.data.batch_size // splits,
+    }
+
+
+def make_payload(
+    cfg: Config, parts: Trainables, pos: Position, sampler_state: dict, world_size: int = 1
+) -> dict:
+    """The checkpoint dict of the run at `pos`, trained by `world_size` processes."""
     sched = parts.scheduler.state_dict()
     # The schedule's shape comes from the config at load time (a resumed run may extend epochs).
     sched["lr_lambdas"] = [None] * len(sched.get("lr_lambdas", []))
@@ -65,6 +78,7 @@ def make_payload(cfg: Config, parts: Trainables, pos: Position, sampler_state: d
         "rng": capture_rng(),
         "sampler": sampler_state,
         "config": config_to_dict(cfg),
+        "micro_batch": micro_batch(cfg, world_size),
         "class_names": list(parts.class_names) if parts.class_names is not None else None,
     }
 
@@ -115,16 +129,34 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume_config(path: Path, saved: dict[str, Any] | None, cfg: Config) -> None:
-    """Refuse to resume the checkpoint at `path` (whose run had config `saved`) under a config
-    that differs in a key outside RESUMABLE_KEYS; one ConfigError names every such key."""
+def check_resume_config(
+    path: Path,
+    saved: dict[str, Any] | None,
+    cfg: Config,
+    saved_split: dict[str, int] | None = None,
+    world_size: int = 1,
+) -> None:
+    """Refuse to resume the checkpoint at `path` (whose run had config `saved`, its batches split
+    as `saved_split`) under a config that differs in a key outside RESUMABLE_KEYS, or on
+    `world_size` processes whose micro-batches would hold another number of images; one
+    ConfigError names every such key.
+
+    `optim.accum_steps` may change where it keeps the micro-batch: W processes resumed on one
+    with accum_steps W compute the same steps."""
     if not isinstance(saved, dict):
         return  # a checkpoint without its config: nothing to compare
+    split = micro_batch(cfg, world_size)
+    if not (
+        isinstance(saved_split, dict)
+        and all(isinstance(saved_split.get(k), int) and saved_split[k] > 0 for k in split)
+    ):
+        saved_split = None  # a checkpoint from before the split was saved: accum_steps stays
+    free = RESUMABLE_KEYS | ({"optim.accum_steps"} if saved_split is not None else set())
     old, new = _flat(saved), _flat(config_to_dict(cfg))
     changed = sorted(
         key
         for key in old.keys() | new.keys()
-        if key not in RESUMABLE_KEYS and old.get(key, "<unset>") != new.get(key, "<unset>")
+        if key not in free and old.get(key, "<unset>") != new.get(key, "<unset>")
     )
     if changed:
         diffs = "; ".join(
@@ -134,6 +166,21 @@ def check_resume_config(path: Path, saved: dict[str, Any] | None, cfg: Config) -
             f"train.resume: checkpoint {path} was trained with another config ({diffs}); a "
             "resumed run keeps its recipe (only where, how long and how it runs may change): "
             "start a new run in another output_dir to change it"
+        )
+    if saved_split is not None and saved_split["images"] != split["images"]:
+        then = saved_split["world_size"] * saved_split["accum_steps"]
+        hint = (
+            f"; optim.accum_steps={then // world_size} keeps it"
+            if then % world_size == 0 and then // world_size >= 1
+            else ""
+        )
+        raise ConfigError(
+            f"train.resume: checkpoint {path} was trained on micro-batches of "
+            f"{saved_split['images']} images ({saved_split['world_size']} processes × "
+            f"optim.accum_steps {saved_split['accum_steps']}); this start would use "
+            f"{split['images']} ({world_size} × {split['accum_steps']}), which batch norm "
+            f"normalises differently, so the resumed run would not continue the same "
+            f"training{hint}"
         )
 
 
@@ -150,9 +197,10 @@ _REQUIRED = (
 )
 
 
-def restore(path: Path, parts: Trainables, cfg: Config) -> Position:
-    """Load a checkpoint of a run with config `cfg` (up to RESUMABLE_KEYS) into the run's objects
-    (wherever they live) and RNGs; return the position to continue from."""
+def restore(path: Path, parts: Trainables, cfg: Config, world_size: int = 1) -> Position:
+    """Load a checkpoint of a run with config `cfg` (up to RESUMABLE_KEYS), resumed on
+    `world_size` processes, into the run's objects (wherever they live) and RNGs; return the
+    position to continue from."""
     # Read onto the CPU: the RNG states must be CPU tensors (torch.set_rng_state, NumPy), and
     # load_state_dict copies the rest onto the device the model and optimizer live on.
     ckpt = load_checkpoint(path, map_location="cpu")
@@ -165,7 +213,7 @@ def restore(path: Path, parts: Trainables, cfg: Config) -> Position:
         raise CheckpointError(
             f"checkpoint {path}: incomplete, no {', '.join(map(repr, missing))} entry"
         )
-    check_resume_config(path, ckpt.get("config"), cfg)
+    check_resume_config(path, ckpt.get("config"), cfg, ckpt.get("micro_batch"), world_size)
     try:
         parts.model.load_state_dict(ckpt["model"])
         parts.optimizer.load_state_dict(ckpt["optimizer"])
