@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 # Inference pulls in the data and weights packages, the fast path torch.compile's machinery:
 # import them only when first used.
-_LAZY = {"predict", "extract_features", "Predictor"}
+_LAZY = {"predict", "extract_features", "Predictor", "preprocessing_of"}
 
 
 def __getattr__(name: str) -> object:
@@ -58,6 +58,7 @@ __all__ = [
     "list_pretrained",
     "optimize",
     "predict",
+    "preprocessing_of",
     "quantize_int8",
     "solve_width",
 ]

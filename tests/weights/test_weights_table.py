@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import resnext
 from resnext.errors import WeightsError
@@ -144,3 +145,43 @@ def test_default_weights_are_torchvisions_default_else_the_best_verified_permiss
     ]
     assert resnext.list_pretrained("resnext101_64x4d.*") == list_weights("resnext101_64x4d")
     assert resnext.is_model("resnext50_32x4d") and not resnext.is_model("resnext50_32x5d")
+
+
+def _by_hand(image, resize: int, crop: int, scale: float, mean, std, bgr: bool = False):
+    # torchvision's eval recipe written out: short side to `resize` (bilinear), centre `crop`.
+    import numpy as np
+    from PIL import Image
+
+    w, h = image.size
+    size = (resize, round(h * resize / w)) if w < h else (round(w * resize / h), resize)
+    big = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float64)
+    top, left = (big.shape[0] - crop) // 2, (big.shape[1] - crop) // 2
+    x = big[top : top + crop, left : left + crop] / (255.0 / scale)
+    if bgr:
+        x = x[..., ::-1]
+    return torch.from_numpy(((x - np.array(mean)) / np.array(std)).transpose(2, 0, 1).copy())
+
+
+def test_weights_transforms_are_their_evaluation_recipe() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from resnext.weights.preprocess import DETECTRON2_CAFFE2
+
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    tv2 = get_weights("resnext50_32x4d.tv2_in1k")  # resize 232, crop 224 (zoo-facts)
+    want = _by_hand(image, 232, 224, 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    torch.testing.assert_close(tv2.transforms()(image).double(), want, atol=2e-5, rtol=0)
+    mm = get_weights("resnext50_32x4d.mmpretrain_in1k").preprocessing  # 0-255 scale
+    want = _by_hand(image, 256, 224, 255.0, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+    torch.testing.assert_close(mm.transforms()(image).double(), want, atol=2e-4, rtol=0)
+    bgr = _by_hand(image, 256, 224, 255.0, (103.53, 116.28, 123.675), (57.375, 57.12, 58.395), True)
+    torch.testing.assert_close(
+        DETECTRON2_CAFFE2.transforms()(image).double(), bgr, atol=2e-4, rtol=0
+    )
+    assert tv2.preprocessing.transforms(crop=112)(image).shape == (3, 112, 112)
+    model = resnext.create_model("resnext_tiny")  # no weights: its layout's default
+    assert resnext.preprocessing_of(model).crop == 32
+    with pytest.raises(WeightsError, match="crop"):
+        tv2.preprocessing.transforms(crop=0)

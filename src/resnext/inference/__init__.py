@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from resnext.inference.class_names import imagenet1k_class_names, imagenet1k_wnids
 from resnext.inference.inputs import expand_paths, to_pil
-from resnext.inference.loading import LoadedModel, load_model
+from resnext.inference.loading import LoadedModel, load_model, preprocessing_of
 from resnext.inference.predictor import (
     Features,
     Prediction,
@@ -24,5 +24,6 @@ __all__ = [
     "imagenet1k_wnids",
     "load_model",
     "predict",
+    "preprocessing_of",
     "to_pil",
 ]

@@ -29,6 +29,12 @@ class LoadedModel:
     source_format: str
 
 
+def preprocessing_of(model: nn.Module) -> Preprocessing:
+    """The preprocessing `model` expects (timm's `resolve_model_data_config`): its weights' where
+    it was loaded with them, else `default_preprocessing`'s for its layout."""
+    return getattr(model, "preprocessing", None) or default_preprocessing(model)
+
+
 def default_preprocessing(model: nn.Module) -> Preprocessing:
     """ImageNet 256/224 for ImageNet layouts, identity geometry at 32 px for CIFAR layouts."""
     spec = getattr(model, "spec", None)
@@ -152,7 +158,7 @@ def load_model(
                 raise WeightsError(f"weights {weights}: they name no model; pass a model name")
             net = build_with_weights(name, loaded, num_classes=num_classes)
             fmt = loaded.source_format
-    prep = getattr(net, "preprocessing", None) or default_preprocessing(net)
+    prep = preprocessing_of(net)
     head = getattr(net, "num_classes", 0) or 0
     names = getattr(net, "class_names", None)
     if names is None:

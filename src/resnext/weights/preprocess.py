@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -77,6 +77,17 @@ class Preprocessing:
         problem = channel_stats_problem(self.mean, self.std)
         if problem is not None:
             raise WeightsError(f"preprocessing {problem}")
+
+    def transforms(self, crop: int | None = None) -> Callable[[Any], Any]:
+        """PIL image → the normalised (3, S, S) tensor these weights were evaluated on
+        (torchvision's `weights.transforms()`): the short side resized, the centre cropped to
+        `crop` (default: this crop; another keeps the resize-to-crop ratio), scaled, normalised,
+        in the channel order the network expects."""
+        from resnext.evaluate.views import ViewTransform  # evaluation builds on the weights
+
+        if crop is not None and (not isinstance(crop, int) or isinstance(crop, bool) or crop < 1):
+            raise WeightsError(f"crop: expected an int >= 1, got {crop!r}")
+        return ViewTransform.center_of("center", self, crop)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from resnext.errors import WeightsError
 from resnext.weights.preprocess import (
@@ -66,6 +68,10 @@ class WeightsEntry:
     @property
     def filename(self) -> str:
         return self.url.rsplit("/", 1)[-1]
+
+    def transforms(self) -> Callable[[Any], Any]:
+        """The evaluation transform of these weights (PIL image → normalised tensor)."""
+        return self.preprocessing.transforms()
 
     @property
     def verified(self) -> bool:
