@@ -71,3 +71,18 @@ def test_info_names_the_stem_width_of_the_network(capsys: pytest.CaptureFixture[
     # resnext_tiny_in's 7x7 stem has 16 filters (its registry spec), not ResNet-50's 64
     assert main(["info", "resnext_tiny_in", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stem"].startswith("7x7, 16, stride 2")
+
+
+def test_list_weights_shows_the_tags_with_their_published_top1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["list", "resnext101_64x4d", "--weights", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # torchvision's meta (zoo-facts TV/r): IMAGENET1K_V1, the DEFAULT, 83.246 % at 224.
+    tv = next(r for r in rows if r["tag"] == "resnext101_64x4d.tv_in1k")
+    assert tv["top1"] == 83.246 and tv["eval_size"] == 224 and tv["default"] is True
+    assert sum(r["default"] for r in rows) == 1 and len(rows) == 4
+    assert main(["list", "*.fb_t7_in1k", "--weights"]) == 0
+    table = capsys.readouterr().out
+    assert table.count(".fb_t7_in1k") == 3 and " no " in table  # the Lua files: no hash
+    assert main(["list", "resnext29*", "--weights"]) == 1  # no CIFAR checkpoints published
