@@ -211,3 +211,16 @@ def test_the_fast_path_refuses_a_feature_network() -> None:
     net = resnext.create_model("resnext_tiny", features_only=True)
     with pytest.raises(ConfigError, match="FeatureNet"):
         resnext.optimize(net)
+
+
+def test_a_network_pickled_before_final_act_existed_still_runs(tmp_path: Path) -> None:
+    model = resnext.create_model("resnext29_8x64d_preact", depths=(1, 1, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    del model.final_act  # the layout of a network saved whole before it had its own module
+    torch.save(model, tmp_path / "whole.pt")
+    old = torch.load(tmp_path / "whole.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(old(x), want)
+    assert old.feature_info.module_name(-1) == "final_act"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import resnext
+from resnext.config import load_config
 from resnext.errors import WeightsError
 from resnext.train import load_checkpoint, train
 
@@ -80,3 +81,8 @@ def test_finetune_reads_what_create_model_reads(
     assert after["fc.weight"].shape[0] == 3
     saved = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert saved["finetune"]["source"] == str(tmp_path / "source.pth")
+    # The run continues from its own saved config, from another directory.
+    monkeypatch.chdir(tmp_path / "ft")
+    again = load_config(str(tmp_path / "ft" / "config.toml"), ["train.epochs=2"])
+    more = train(again, train_set=tiny_data(32, classes=3), val_set=tiny_data(16, classes=3))
+    assert more.epochs_completed == 2

@@ -98,6 +98,12 @@ class ResNeXt(nn.Module):
         self.grad_checkpointing = False
         self.reset_parameters()
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "final_act" not in self.__dict__ and "final_act" not in self._modules:
+            # pickled whole before the final ReLU had its own module
+            self.final_act = nn.ReLU(inplace=True) if self.final_bn is not None else None
+
     # ---- initialisation ----------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """He et al. (2015) initialisation of every conv (fan-out, as fb.resnet.torch); BN γ=1, β=0."""

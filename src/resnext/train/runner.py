@@ -67,7 +67,7 @@ from resnext.train.precision import (
     resolve_amp,
 )
 from resnext.train.progress import Progress
-from resnext.train.state import Position, Trainables, make_payload, restore
+from resnext.train.state import Position, Trainables, absolute_path, make_payload, restore
 
 # Called after every optimiser step with (epoch, steps done in the epoch, global step).
 UserHook = Callable[[int, int, int], None]
@@ -215,6 +215,13 @@ def _run(
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     _check_same_everywhere(info, "config", _flat(config_to_dict(cfg)))
+    # Relative paths made absolute once, so that the saved config, the checkpoints' copies of it
+    # and a later resume from another directory all name the same files.
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, root=absolute_path(cfg.data.root)),
+        finetune=replace(cfg.finetune, source=absolute_path(cfg.finetune.source)),
+    )
     run_dir = Path(cfg.resolved_output_dir())
     last_path, best_path = _checkpoint_paths(run_dir)
     # Rank 0 checks the run folder and hands its verdict to every rank: the others would
@@ -409,22 +416,9 @@ def _save_fast_path_choices(run_dir: Path) -> None:
 
 
 def _as_saved(cfg: Config) -> Config:
-    """The config a run saves: resume=auto, so that `--config RUN/config.toml` continues the run,
-    and a relative data.root and finetune.source (a file; a tag stays) made absolute, so that it
-    does from any directory."""
-    return replace(
-        cfg,
-        train=replace(cfg.train, resume="auto"),
-        data=replace(cfg.data, root=_absolute(cfg.data.root)),
-        finetune=replace(cfg.finetune, source=_absolute(cfg.finetune.source)),
-    )
-
-
-def _absolute(path: str) -> str:
-    """`path` made absolute where it is a relative path to something that exists."""
-    if path and not Path(path).is_absolute() and Path(path).exists():
-        return str(Path(path).resolve())
-    return path
+    """The config a run saves: resume=auto, so that `--config RUN/config.toml` continues the run
+    (its relative paths were made absolute when it started, so it does from any directory)."""
+    return replace(cfg, train=replace(cfg.train, resume="auto"))
 
 
 def _mixer(cfg: Config, num_classes: int) -> BatchMixer | None:

@@ -129,6 +129,14 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def absolute_path(path: str) -> str:
+    """`path` made absolute where it is a relative path to something that exists (a weights tag
+    or a missing file stays as it is)."""
+    if path and not Path(path).is_absolute() and Path(path).exists():
+        return str(Path(path).resolve())
+    return path
+
+
 def check_resume_config(
     path: Path,
     saved: dict[str, Any] | None,
@@ -153,6 +161,9 @@ def check_resume_config(
         saved_split = None  # a checkpoint from before the split was saved: accum_steps stays
     free = RESUMABLE_KEYS | ({"optim.accum_steps"} if saved_split is not None else set())
     old, new = _flat(saved), _flat(config_to_dict(cfg))
+    for flat in (old, new):  # runs before this one saved their fine-tuning source relative
+        if isinstance(flat.get("finetune.source"), str):
+            flat["finetune.source"] = absolute_path(flat["finetune.source"])
     changed = sorted(
         key
         for key in old.keys() | new.keys()
