@@ -216,3 +216,23 @@ def test_resume_keeps_the_micro_batch_across_process_counts(tmp_path, tiny_cfg, 
         train(tiny_cfg(run, train={"epochs": 2}), train_set=train_set, val_set=val_set)
     resumed = tiny_cfg(run, train={"epochs": 2}, optim={"accum_steps": 2})
     assert train(resumed, train_set=train_set, val_set=val_set).global_step == 8
+
+
+def test_a_run_saved_with_a_cifar_only_step_outside_cifar_resumes_with_it_off(
+    tmp_path, tiny_cfg, tiny_data
+):
+    # Before such steps were refused outside CIFAR, a digits or image-folder run accepted
+    # data.cutout and trained without it; its checkpoint still records the value.
+    train_set, val_set = tiny_data(64), tiny_data(16, seed=2)
+    run = tmp_path / "run"
+    train(tiny_cfg(run, train={"epochs": 1}), train_set=train_set, val_set=val_set)
+    last = run / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    ckpt["config"]["data"]["cutout"] = 8
+    torch.save(ckpt, last)
+    assert (
+        train(
+            tiny_cfg(run, train={"epochs": 2}), train_set=train_set, val_set=val_set
+        ).epochs_completed
+        == 2
+    )

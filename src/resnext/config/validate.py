@@ -69,7 +69,8 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(
                     f"{key}: a step of the CIFAR training pipeline (data.kind 'cifar10' or "
                     f"'cifar100'), which data.kind={d.kind!r} does not run; expected it off, "
-                    f"got {value!r}"
+                    f"got {value!r} (a run saved with it trained without it and resumes with "
+                    f"{key}={'0' if key == 'data.cutout' else 'false'})"
                 )
     if d.batch_size % o.accum_steps:
         raise ConfigError(

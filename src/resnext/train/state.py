@@ -164,6 +164,10 @@ def check_resume_config(
     for flat in (old, new):  # runs before this one saved their fine-tuning source relative
         if isinstance(flat.get("finetune.source"), str):
             flat["finetune.source"] = absolute_path(flat["finetune.source"])
+    if new.get("data.kind") not in ("cifar10", "cifar100"):
+        # Runs saved before these were refused outside CIFAR trained without them: turned off,
+        # they describe what those runs did.
+        free |= {k for k in ("data.cutout", "data.trivial_augment") if not new.get(k)}
     changed = sorted(
         key
         for key in old.keys() | new.keys()
