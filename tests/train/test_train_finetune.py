@@ -9,7 +9,7 @@ import torch
 
 import resnext
 from resnext.config import load_config
-from resnext.errors import WeightsError
+from resnext.errors import ConfigError, WeightsError
 from resnext.train import load_checkpoint, train
 
 
@@ -86,3 +86,31 @@ def test_finetune_reads_what_create_model_reads(
     again = load_config(str(tmp_path / "ft" / "config.toml"), ["train.epochs=2"])
     more = train(again, train_set=tiny_data(32, classes=3), val_set=tiny_data(16, classes=3))
     assert more.epochs_completed == 2
+
+
+def test_a_source_needing_another_network_is_named_not_inherited(tmp_path, tiny_cfg, tiny_data):
+    # A run trained with logit_scale 4: fine-tuned under a config that does not say so, the
+    # network would silently carry the scale the run's own config.toml does not record.
+    source = train(
+        tiny_cfg(tmp_path / "src", model={"spec": {"num_classes": 4, "logit_scale": 4.0}}),
+        train_set=tiny_data(32),
+        val_set=tiny_data(16, seed=2),
+    )
+    finetune = {"source": str(source.last_checkpoint), "num_classes": 3}
+    cfg = tiny_cfg(tmp_path / "ft", train={"epochs": 1}, finetune=finetune)
+    with pytest.raises(
+        ConfigError, match=r"model\.spec\.logit_scale=4\.0, where this config gives 1\.0"
+    ):
+        train(cfg, train_set=tiny_data(32, classes=3), val_set=tiny_data(16, classes=3))
+    said = tiny_cfg(
+        tmp_path / "ft2",
+        model={"spec": {"num_classes": 4, "logit_scale": 4.0}},
+        train={"epochs": 1},
+        finetune=finetune,
+    )
+    tuned = train(said, train_set=tiny_data(32, classes=3), val_set=tiny_data(16, classes=3))
+    assert (
+        json.loads((tmp_path / "ft2" / "config.json").read_text())["model"]["spec"]["logit_scale"]
+        == 4.0
+    )
+    assert tuned.epochs_completed == 1

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
 
-from resnext.errors import DownloadError, WeightsError
-from resnext.models import ResNeXt
+from resnext.errors import ConfigError, DownloadError, WeightsError
+from resnext.models import ResNeXt, get_spec
 
 
 def pretrained_network(name: str, source: str, spec: dict[str, Any]) -> ResNeXt:
@@ -17,9 +18,26 @@ def pretrained_network(name: str, source: str, spec: dict[str, Any]) -> ResNeXt:
     from resnext.weights import build_with_weights  # the weights package builds on training's
 
     try:
-        return build_with_weights(name, source, **spec)
+        model = build_with_weights(name, source, **spec)
     except (WeightsError, DownloadError) as exc:
         raise type(exc)(f"finetune.source: {exc}") from exc
+    # The weights may need a network other than the config's (a run's logit scale, Caffe's
+    # stride placement): the run must record the network it trains, so the config says so.
+    wanted = get_spec(name, **spec)
+    differ = [
+        f.name
+        for f in dataclasses.fields(wanted)
+        if f.name != "num_classes" and getattr(model.spec, f.name) != getattr(wanted, f.name)
+    ]
+    if differ:
+        needs = ", ".join(f"model.spec.{k}={getattr(model.spec, k)!r}" for k in differ)
+        gives = ", ".join(f"{getattr(wanted, k)!r}" for k in differ)
+        raise ConfigError(
+            f"finetune.source {source}: its weights are for a network with {needs}, where this "
+            f"config gives {gives}; set them in the config so that the run records the network "
+            "it trains"
+        )
+    return model
 
 
 def frozen_modules(model: nn.Module, frozen_stages: int) -> list[nn.Module]:
