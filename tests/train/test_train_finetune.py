@@ -114,3 +114,30 @@ def test_a_source_needing_another_network_is_named_not_inherited(tmp_path, tiny_
         == 4.0
     )
     assert tuned.epochs_completed == 1
+
+
+def test_a_tag_source_is_fetched_before_the_ranks_build(tmp_path, monkeypatch):
+    import dataclasses
+    import socket
+
+    from resnext.errors import DownloadError
+    from resnext.train.finetune import prefetch_source
+    from resnext.weights import get_weights, table
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/tiny-0123abcd.pth"
+    entry = dataclasses.replace(
+        get_weights("resnext50_32x4d.tv_in1k"), tag="resnext_tiny.t", model="resnext_tiny",
+        url=closed, hash="0123abcd",
+    )  # fmt: skip
+    monkeypatch.setitem(table.WEIGHTS, entry.tag, entry)
+    monkeypatch.setitem(table.DEFAULT_TAGS, "resnext_tiny", entry.tag)
+    monkeypatch.setenv("RESNEXT_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for source in ("resnext_tiny.t", "DEFAULT"):  # a tag is downloaded (here: offline, refused)
+        with pytest.raises(DownloadError, match=r"finetune\.source: could not download"):
+            prefetch_source("resnext_tiny", source)
+    path = tmp_path / "weights.pth"
+    torch.save(resnext.create_model("resnext_tiny").state_dict(), path)
+    prefetch_source("resnext_tiny", str(path))  # a file: nothing to fetch

@@ -186,3 +186,32 @@ def test_default_cache_dir_follows_environment(
     monkeypatch.delenv("TORCH_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "h"))
     assert default_cache_dir() == tmp_path / "h" / ".cache" / "torch" / "resnext"
+
+
+def test_concurrent_downloads_of_one_file_take_turns(server: _Server, tmp_path: Path) -> None:
+    # The ranks of one job asking for the same weights: one downloads, the others wait for it
+    # and find the verified file, instead of writing the same .part at once.
+    cache = tmp_path / "cache"
+    results: list[Path | Exception] = []
+
+    def fetch() -> None:
+        try:
+            results.append(
+                download(
+                    f"{server.url}/w-1234.pth",
+                    expected_hash=_sha(PAYLOAD),
+                    hash_kind="sha256",
+                    cache_dir=cache,
+                )
+            )
+        except Exception as exc:  # collected: a thread's exception would be lost
+            results.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [cache / "w-1234.pth"] * 4
+    assert (cache / "w-1234.pth").read_bytes() == PAYLOAD
+    assert len(server.requests) == 1

@@ -11,6 +11,20 @@ from resnext.errors import ConfigError, DownloadError, WeightsError
 from resnext.models import ResNeXt, get_spec
 
 
+def prefetch_source(name: str, source: str) -> None:
+    """Download `source` into the weights cache where it is a weights-table tag (or 'DEFAULT',
+    `name`'s default tag); a file, or a tag already cached, is left as it is."""
+    from resnext.weights.load import fetch, weights_path
+    from resnext.weights.table import WEIGHTS, default_weights, get_weights
+
+    try:
+        if weights_path(source, WEIGHTS, "finetune.source") is not None:
+            return
+        fetch(get_weights(default_weights(name) if source == "DEFAULT" else source))
+    except (WeightsError, DownloadError) as exc:
+        raise type(exc)(f"finetune.source: {exc}") from exc
+
+
 def pretrained_network(name: str, source: str, spec: dict[str, Any]) -> ResNeXt:
     """Network `name` (with the `spec` overrides) carrying the weights of `source`, its own
     classifier included: whatever `create_model(name, weights=...)` takes (a `resnext train`

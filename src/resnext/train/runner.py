@@ -47,7 +47,7 @@ from resnext.train.distributed import (
     on_main,
 )
 from resnext.train.evaluate import evaluate
-from resnext.train.finetune import frozen_modules
+from resnext.train.finetune import frozen_modules, prefetch_source
 from resnext.train.logs import MetricsLog
 from resnext.train.loop import StepContext, train_one_epoch
 from resnext.train.metrics import Meter
@@ -246,7 +246,10 @@ def _run(
     sizes = {"train images": len(train_set), "validation images": len(val_set)}  # type: ignore[arg-type]
     _check_same_everywhere(info, "data", sizes)
     seed_everything(cfg.train.seed)
-    raw = build_network(cfg, class_count(train_set))
+    if cfg.finetune.source:
+        # Rank 0 downloads a tag's file first; the other ranks then read it from the cache.
+        on_main(info, lambda: prefetch_source(cfg.model.name, cfg.finetune.source))
+    raw = on_every_rank(info, lambda: build_network(cfg, class_count(train_set)))
     raw = place(raw, info.device, cfg.train.channels_last)
     raw.set_grad_checkpointing(cfg.train.grad_checkpointing)
     use_training_fast_paths(

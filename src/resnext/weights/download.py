@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -80,6 +82,38 @@ def download(
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DownloadError(f"cannot create the weights cache folder {directory}: {exc}") from exc
+    with _exclusive(directory / (target.name + ".lock")):
+        # Another process may have fetched it while this one waited for the lock.
+        if target.exists() and hash_matches(target, expected_hash, hash_kind):
+            return target
+        return _download_into(url, target, expected_hash, hash_kind, timeout)
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (POSIX flock; no lock where there is none), so
+    that processes fetching the same file (the ranks of one job) take turns on its `.part`."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    try:
+        handle = open(lock, "a")  # noqa: SIM115 - held for the block below
+    except OSError as exc:
+        raise DownloadError(f"cannot create the download lock {lock}: {exc}") from exc
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _download_into(
+    url: str, target: Path, expected_hash: str, hash_kind: str, timeout: float
+) -> Path:
+    """Download `url` to `target` through `target`.part, verified, then renamed into place."""
     part = target.with_name(target.name + ".part")
     try:
         _fetch(url, part, timeout)
@@ -102,7 +136,10 @@ def download(
             f"{url}: no hash is published for this file, so the download at {target} is unverified",
             stacklevel=2,
         )
-    os.replace(part, target)
+    try:
+        os.replace(part, target)
+    except OSError as exc:
+        raise DownloadError(f"cannot move the verified download {part} to {target}: {exc}") from exc
     return target
 
 
