@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from resnext.train import load_checkpoint, read_metrics, train
@@ -174,30 +175,29 @@ def test_output_dir_refused_on_rank_0_stops_every_rank_with_its_message(tmp_path
         assert "exists and is not a folder" in last
 
 
-def test_ranks_given_different_configs_stop_with_one_config_error(tmp_path, support_file):
-    # A node with another config file (here rank 1 alone trains 3 epochs) would otherwise wait
-    # on rank 0's collectives until gloo's 30-minute timeout.
+@pytest.mark.parametrize(
+    "rank1, what, differs",
+    [
+        # a node with another config file: it would wait on rank 0's collectives until gloo's
+        # 30-minute timeout
+        ({"epochs": 3}, "config", "train.epochs=3 against rank 0's 2"),
+        # another copy of the dataset: the ranks' shards would overlap or miss images
+        ({"n_train": 48}, "data", "train images=48 against rank 0's 64"),
+    ],
+    ids=["config", "data"],
+)
+def test_ranks_given_different_inputs_stop_with_one_config_error(
+    tmp_path, support_file, rank1: dict, what: str, differs: str
+):
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT)
-    results = _two_ranks(script, support_file, tmp_path / "run", ok=False, rank1={"epochs": 3})
+    results = _two_ranks(script, support_file, tmp_path / "run", ok=False, rank1=rank1)
     for rank, (code, _out, err) in enumerate(results):
         assert code != 0, f"rank {rank} exited 0"
         last = err.strip().splitlines()[-1]
-        assert "ConfigError: config: rank 1 was given another config than rank 0" in last, err
-        assert "train.epochs=3 against rank 0's 2" in last and "RuntimeError" not in err
+        assert f"ConfigError: {what}: rank 1 was given another {what} than rank 0" in last, err
+        assert differs in last and "RuntimeError" not in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
-
-
-def test_ranks_given_different_data_stop_with_one_config_error(tmp_path, support_file):
-    # Another copy of the dataset on one node: the ranks' shards would overlap or miss images.
-    script = tmp_path / "ddp.py"
-    script.write_text(SCRIPT)
-    results = _two_ranks(script, support_file, tmp_path / "run", ok=False, rank1={"n_train": 48})
-    for rank, (code, _out, err) in enumerate(results):
-        assert code != 0, f"rank {rank} exited 0"
-        last = err.strip().splitlines()[-1]
-        assert "ConfigError: data: rank 1 was given another data than rank 0" in last, err
-        assert "train images=48 against rank 0's 64" in last
 
 
 def test_a_failed_write_on_rank_0_stops_every_rank_with_its_message(tmp_path, support_file):
