@@ -113,24 +113,9 @@ def broadcast_object(obj: object) -> object:
 
 
 def on_main(info: DistInfo, action: Callable[[], None]) -> None:
-    """Run `action` (a write) on rank 0 alone, every rank waiting for its outcome. Where it fails,
-    rank 0 raises its own error and every other rank a TrainingError quoting it, instead of
-    breaking in its next collective with a lost-connection error."""
-    failure: Exception | None = None
-    if info.is_main:
-        try:
-            action()
-        except (ResNeXtError, OSError) as exc:
-            if not info.distributed:
-                raise
-            failure = exc
-    if not info.distributed:
-        return
-    message = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise TrainingError(f"rank 0 stopped the run: {message}")
+    """Run `action` (a write) on rank 0 alone, every rank waiting for its outcome (as
+    `on_every_rank`: a failure stops every rank with a message quoting it)."""
+    on_every_rank(info, lambda: action() if info.is_main else None)
 
 
 def on_every_rank(info: DistInfo, action: Callable[[], T]) -> T:
