@@ -126,3 +126,23 @@ def test_logit_scale_multiplies_the_classifier_output_only() -> None:
     assert torch.allclose(plain(x), by_hand / 0.125, atol=1e-5)
     model.reset_classifier(0)
     assert torch.allclose(model(x), pooled, atol=1e-6)
+
+
+def test_drop_rate_drops_pooled_features_in_training_only() -> None:
+    # timm's drop_rate: dropout on the pooled features before the classifier. By hand: each
+    # feature is 0 or kept and scaled by 1 / (1 - p), about p of them dropped.
+    torch.manual_seed(0)
+    model = resnext.create_model("resnext_tiny", drop_rate=0.5)
+    plain = resnext.create_model("resnext_tiny")
+    plain.load_state_dict(model.state_dict())
+    feats = torch.rand(64, model.num_features, 2, 2) + 0.5
+    pooled = feats.mean((2, 3))
+    model.train()
+    out = model.forward_head(feats, pre_logits=True)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], 2 * pooled[kept])
+    assert 0.4 < 1 - kept.float().mean().item() < 0.6
+    model.eval(), plain.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))

@@ -33,6 +33,10 @@ from resnext.errors import SpecError
         ({"logit_scale": float("nan")}, "logit_scale"),
         ({"logit_scale": "0.1"}, "logit_scale"),
         ({"logit_scale": True}, "logit_scale"),
+        ({"drop_rate": 1.0}, "drop_rate"),
+        ({"drop_rate": -0.1}, "drop_rate"),
+        ({"drop_rate": "0.2"}, "drop_rate"),
+        ({"drop_rate": True}, "drop_rate"),
         # a zeroed last BN without a shortcut starts every block at 0: the network cannot train
         ({"zero_init_last_bn": True, "residual": False}, "zero_init_last_bn"),
         ({"description": 5}, "description"),

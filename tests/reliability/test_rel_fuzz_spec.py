@@ -46,6 +46,7 @@ VALID = {
     "num_classes": st.integers(0, 5),
     "in_chans": st.integers(1, 4),
     "logit_scale": st.floats(0.01, 4.0),
+    "drop_rate": st.floats(0.0, 0.9),
     "description": st.text(max_size=5),
 }
 assert set(VALID) == {f.name for f in dataclasses.fields(ModelSpec)}, "ModelSpec fields changed"

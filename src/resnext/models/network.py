@@ -233,8 +233,11 @@ class ResNeXt(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool, then the classifier unless `pre_logits`."""
+        """Global average pool, then (training, `spec.drop_rate`) dropout, then the classifier
+        unless `pre_logits`."""
         x = torch.flatten(self.avgpool(x), 1)
+        if self.spec.drop_rate and self.training:  # a Python check: inference graphs keep none
+            x = nn.functional.dropout(x, self.spec.drop_rate, training=True)
         if pre_logits:
             return x
         x = self.fc(x)

@@ -53,6 +53,8 @@ class ModelSpec:
     # Fixed factor on the logits. Below 1 it slows the classifier's effective learning rate by its
     # square: a wide network's first SGD steps at lr 0.1 otherwise blow its logits up (see docs).
     logit_scale: float = 1.0
+    # Dropout on the pooled features before the classifier, in training only (timm's drop_rate).
+    drop_rate: float = 0.0
     # Free text kept with the spec (not part of the architecture); excluded from equality.
     description: str = field(default="", compare=False)
 
@@ -83,6 +85,12 @@ class ModelSpec:
             object.__setattr__(self, "logit_scale", scale)
         if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
             raise SpecError(f"logit_scale: expected a finite number > 0, got {scale!r}")
+        rate = self.drop_rate
+        if _is_int(rate):
+            rate = float(rate)  # type: ignore[arg-type]
+            object.__setattr__(self, "drop_rate", rate)
+        if not isinstance(rate, float) or not 0.0 <= rate < 1.0:
+            raise SpecError(f"drop_rate: expected a number in [0, 1), got {rate!r}")
         _check_choice("stem", self.stem, STEMS)
         _check_choice("block_form", self.block_form, BLOCK_FORMS)
         for name in ("stride_in_1x1", "preact", "residual", "zero_init_last_bn", "avg_down"):

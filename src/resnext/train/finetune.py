@@ -31,13 +31,14 @@ def pretrained_network(name: str, source: str, spec: dict[str, Any]) -> ResNeXt:
     checkpoint, a file of any supported library, a weights-table tag or 'DEFAULT')."""
     from resnext.weights import build_with_weights  # the weights package builds on training's
 
+    wanted = get_spec(name, **spec)
     try:
-        model = build_with_weights(name, source, **spec)
+        # dropout is the new run's own choice, never the source run's
+        model = build_with_weights(name, source, **{"drop_rate": wanted.drop_rate, **spec})
     except (WeightsError, DownloadError) as exc:
         raise type(exc)(f"finetune.source: {exc}") from exc
     # The weights may need a network other than the config's (a run's logit scale, Caffe's
     # stride placement): the run must record the network it trains, so the config says so.
-    wanted = get_spec(name, **spec)
     differ = [
         f.name
         for f in dataclasses.fields(wanted)
