@@ -55,11 +55,6 @@ def torch_payload(path: str | Path) -> Any:
         return None
 
 
-def _is_training_checkpoint(payload: Any) -> bool:
-    # A `resnext train` checkpoint: {'model': state_dict, 'config': {...}, 'format': ...}.
-    return is_run_payload(payload)
-
-
 def _from_checkpoint(payload: dict[str, Any], path: Path, model_name: str | None) -> nn.Module:
     # The same reading as any weights file: build_with_weights gives the network the run's spec
     # overrides, its preprocessing and its class names.
@@ -81,7 +76,7 @@ def load_training_checkpoint(
     """The network of a `resnext train` checkpoint whose content (`torch_payload(path)`) is
     `payload`, built with its config's spec overrides and carrying the preprocessing its run
     trained with; None where `payload` is not a training checkpoint."""
-    if not _is_training_checkpoint(payload):
+    if not is_run_payload(payload):
         return None
     net = _from_checkpoint(payload, Path(path), model_name)
     if getattr(net, "preprocessing", None) is None:
@@ -120,7 +115,7 @@ def load_model(
 
         path = Path(weights)
         read = torch_payload(path)
-        payload = read if _is_training_checkpoint(read) else None
+        payload = read if is_run_payload(read) else None
         int8_tag = INT8_WEIGHTS.get(str(weights)) if not path.is_file() else None
         int8_state = read if path.suffix in (".pth", ".pt") and is_int8_state(read) else None
         if (int8_tag or int8_state) is not None:

@@ -14,13 +14,12 @@ from resnext.models import ResNeXt, get_spec
 def prefetch_source(name: str, source: str) -> None:
     """Download `source` into the weights cache where it is a weights-table tag (or 'DEFAULT',
     `name`'s default tag); a file, or a tag already cached, is left as it is."""
-    from resnext.weights.load import fetch, weights_path
-    from resnext.weights.table import WEIGHTS, default_weights, get_weights
+    from resnext.weights.load import fetch, table_entry
 
     try:
-        if weights_path(source, WEIGHTS, "finetune.source") is not None:
-            return
-        fetch(get_weights(default_weights(name) if source == "DEFAULT" else source))
+        entry = table_entry(source, name)
+        if entry is not None:
+            fetch(entry)
     except (WeightsError, DownloadError) as exc:
         raise type(exc)(f"finetune.source: {exc}") from exc
 

@@ -188,6 +188,29 @@ def weights_path(source: str | Path, tags: Container[str], what: str) -> Path | 
     return None
 
 
+def table_entry(source: str | Path, model_name: str | None = None) -> WeightsEntry | None:
+    """The weights-table entry `source` names (a tag, or 'DEFAULT': `model_name`'s default tag),
+    or None where `source` is a file; an unknown tag, an int8 tag (which a float model cannot
+    take) or 'DEFAULT' without a model is a WeightsError."""
+    if weights_path(source, WEIGHTS, "weights") is not None:
+        return None
+    text = str(source)
+    if text == "DEFAULT":
+        if model_name is None:
+            raise WeightsError(
+                "weights 'DEFAULT': each model has its own default weights; expected a model name"
+            )
+        text = default_weights(model_name)
+    from resnext.weights.int8 import INT8_WEIGHTS  # it builds on this module
+
+    if text in INT8_WEIGHTS:
+        raise WeightsError(
+            f"{text} is an int8 (quantized) checkpoint, which a float model cannot take: load it "
+            "with resnext.weights.build_int8_with_weights (resnext predict and eval take it as is)"
+        )
+    return get_weights(text)  # an unknown tag raises, naming the closest tags
+
+
 def load_weights(
     source: str | Path,
     *,
@@ -203,24 +226,9 @@ def load_weights(
     recorded: the result's `model_name` is only the architecture the weights themselves name
     (a native sidecar, a table entry), so that a mismatch message never presents the requested
     model as the one the weights were made for."""
-    path = weights_path(source, WEIGHTS, "weights")
-    if path is not None:
-        return read_weights_file(path, payload=payload)
-    text = str(source)
-    if text == "DEFAULT":
-        if model_name is None:
-            raise WeightsError(
-                "weights 'DEFAULT': each model has its own default weights; expected a model name"
-            )
-        text = default_weights(model_name)
-    from resnext.weights.int8 import INT8_WEIGHTS  # it builds on this module
-
-    if text in INT8_WEIGHTS:
-        raise WeightsError(
-            f"{text} is an int8 (quantized) checkpoint, which a float model cannot take: load it "
-            "with resnext.weights.build_int8_with_weights (resnext predict and eval take it as is)"
-        )
-    entry = get_weights(text)  # an unknown tag raises, naming the closest tags
+    entry = table_entry(source, model_name)
+    if entry is None:
+        return read_weights_file(Path(source), payload=payload)
     loaded = read_weights_file(fetch(entry, cache_dir))
     return dataclasses.replace(
         loaded,
