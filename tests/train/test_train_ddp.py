@@ -32,6 +32,7 @@ SCRIPT = textwrap.dedent(
     own = {r: extra.pop(r, {}) for r in ("rank0", "rank1")}["rank" + os.environ["RANK"]]
     extra.update(own)  # this rank's own overrides
     n_train = extra.pop("n_train", 64)
+    model = {"spec": extra.pop("model_spec")} if "model_spec" in extra else {}
 
     def on_step(epoch, step, global_step):
         if global_step == stop_at:
@@ -42,7 +43,7 @@ SCRIPT = textwrap.dedent(
             shutil.rmtree(folder, ignore_errors=True)
             folder.write_text("")
 
-    cfg = support.tiny_config(sys.argv[2], train={"epochs": 2, **extra})
+    cfg = support.tiny_config(sys.argv[2], train={"epochs": 2, **extra}, model=model)
     try:
         train(
             cfg,
@@ -183,8 +184,14 @@ def test_output_dir_refused_on_rank_0_stops_every_rank_with_its_message(tmp_path
         ({"epochs": 3}, "config", "train.epochs=3 against rank 0's 2"),
         # another copy of the dataset: the ranks' shards would overlap or miss images
         ({"n_train": 48}, "data", "train images=48 against rank 0's 64"),
+        # a key one rank's config has and the other's lacks
+        (
+            {"model_spec": {"num_classes": 4, "logit_scale": 2.0}},
+            "config",
+            "model.spec.logit_scale=2.0 against rank 0's '<unset>'",
+        ),
     ],
-    ids=["config", "data"],
+    ids=["config", "data", "config-key"],
 )
 def test_ranks_given_different_inputs_stop_with_one_config_error(
     tmp_path, support_file, rank1: dict, what: str, differs: str

@@ -67,7 +67,14 @@ from resnext.train.precision import (
     resolve_amp,
 )
 from resnext.train.progress import Progress
-from resnext.train.state import Position, Trainables, absolute_path, make_payload, restore
+from resnext.train.state import (
+    Position,
+    Trainables,
+    absolute_path,
+    flat_config,
+    make_payload,
+    restore,
+)
 
 # Called after every optimiser step with (epoch, steps done in the epoch, global step).
 UserHook = Callable[[int, int, int], None]
@@ -136,27 +143,17 @@ def _check_output_dir(run_dir: Path) -> None:
         )
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as dotted keys (`optim.lr`: value)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _check_same_everywhere(info: DistInfo, what: str, values: dict[str, Any]) -> None:
     """A ConfigError on every rank where the ranks' `values` differ: processes given different
     configs (or different copies of the data) would wait on each other's collectives until a
     timeout, or train on overlapping samples."""
     every = cast(list[dict[str, Any]], gather_object(info, values))
     for rank, theirs in enumerate(every[1:], start=1):
+        ours = every[0]
         diff = [
-            f"{key}={theirs.get(key)!r} against rank 0's {value!r}"
-            for key, value in every[0].items()
-            if theirs.get(key) != value
+            f"{key}={theirs.get(key, '<unset>')!r} against rank 0's {ours.get(key, '<unset>')!r}"
+            for key in sorted(ours.keys() | theirs.keys())
+            if theirs.get(key, "<unset>") != ours.get(key, "<unset>")
         ]
         if diff:
             raise ConfigError(
@@ -214,7 +211,7 @@ def _run(
         keep_freed_memory()
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-    _check_same_everywhere(info, "config", _flat(config_to_dict(cfg)))
+    _check_same_everywhere(info, "config", flat_config(config_to_dict(cfg)))
     # Relative paths made absolute once, so that the saved config, the checkpoints' copies of it
     # and a later resume from another directory all name the same files.
     cfg = replace(

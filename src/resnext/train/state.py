@@ -120,12 +120,13 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys (`optim.lr`: value; tuples as lists)."""
     if not isinstance(tree, dict):
         return {prefix: list(tree) if isinstance(tree, tuple) else tree}
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        out.update(flat_config(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
 
 
@@ -160,7 +161,7 @@ def check_resume_config(
     ):
         saved_split = None  # a checkpoint from before the split was saved: accum_steps stays
     free = RESUMABLE_KEYS | ({"optim.accum_steps"} if saved_split is not None else set())
-    old, new = _flat(saved), _flat(config_to_dict(cfg))
+    old, new = flat_config(saved), flat_config(config_to_dict(cfg))
     for flat in (old, new):  # runs before this one saved their fine-tuning source relative
         if isinstance(flat.get("finetune.source"), str):
             flat["finetune.source"] = absolute_path(flat["finetune.source"])
