@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -11,17 +13,24 @@ from resnext.errors import ConfigError, DownloadError, WeightsError
 from resnext.models import ResNeXt, get_spec
 
 
+@contextlib.contextmanager
+def _named_as_source() -> Iterator[None]:
+    """Weights and download errors inside, prefixed with the config key they came from."""
+    try:
+        yield
+    except (WeightsError, DownloadError) as exc:
+        raise type(exc)(f"finetune.source: {exc}") from exc
+
+
 def prefetch_source(name: str, source: str) -> None:
     """Download `source` into the weights cache where it is a weights-table tag (or 'DEFAULT',
     `name`'s default tag); a file, or a tag already cached, is left as it is."""
     from resnext.weights.load import fetch, table_entry
 
-    try:
+    with _named_as_source():
         entry = table_entry(source, name)
         if entry is not None:
             fetch(entry)
-    except (WeightsError, DownloadError) as exc:
-        raise type(exc)(f"finetune.source: {exc}") from exc
 
 
 def pretrained_network(name: str, source: str, spec: dict[str, Any]) -> ResNeXt:
@@ -31,11 +40,9 @@ def pretrained_network(name: str, source: str, spec: dict[str, Any]) -> ResNeXt:
     from resnext.weights import build_with_weights  # the weights package builds on training's
 
     wanted = get_spec(name, **spec)
-    try:
+    with _named_as_source():
         # dropout is the new run's own choice, never the source run's
         model = build_with_weights(name, source, **{"drop_rate": wanted.drop_rate, **spec})
-    except (WeightsError, DownloadError) as exc:
-        raise type(exc)(f"finetune.source: {exc}") from exc
     # The weights may need a network other than the config's (a run's logit scale, Caffe's
     # stride placement): the run must record the network it trains, so the config says so.
     differ = [
