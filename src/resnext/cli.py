@@ -64,6 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from resnext.speed.allocator import keep_freed_memory
 
         keep_freed_memory()
+    code = _run_command(args)
+    if argv is None:
+        from resnext.train.distributed import exit_worker, launched_by_torchrun
+
+        if launched_by_torchrun():
+            exit_worker(code)  # gloo's threads could abort interpreter shutdown after DDP
+    return code
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """The command's exit code, with a library error or Ctrl-C turned into a one-line message."""
     try:
         return int(args.func(args) or 0)
     except ResNeXtError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -281,6 +282,7 @@ def serve(plan_path: Path) -> None:
 def ddp_worker(plan_path: Path) -> None:
     """One torchrun worker of a tiny gloo run; rank `kill_rank` SIGKILLs itself on the first try."""
     from resnext.train import train
+    from resnext.train.distributed import exit_worker
 
     plan = json.loads(plan_path.read_text())
     rank = int(os.environ["RANK"])
@@ -297,6 +299,10 @@ def ddp_worker(plan_path: Path) -> None:
         val_set=tiny_dataset(plan["n_val"], seed=2),
         on_step=on_step,
     )
+    # A finished worker's interpreter finalization would leave this mark, for the test to check
+    # that it was skipped.
+    atexit.register(plan_path.with_name(f"finalized-rank{rank}").touch)
+    exit_worker(0)  # as `resnext train` ends under torchrun
 
 
 if __name__ == "__main__":

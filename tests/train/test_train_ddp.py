@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent(
     support = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(support)
     from resnext.train import train
+    from resnext.train.distributed import exit_worker
 
     class Stop(Exception):
         pass
@@ -54,6 +55,7 @@ SCRIPT = textwrap.dedent(
     except Stop:
         print("stopped", flush=True)
     print("train() returned", flush=True)  # tells a crash at exit from one in training
+    exit_worker(0)  # gloo's threads outlive DDP and could abort the interpreter's shutdown
     """
 )
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -149,3 +151,24 @@ def gather_object(info: DistInfo, obj: object) -> list[object]:
     out: list[object] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several workers torchrun started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a torchrun worker with exit status `code`, skipping interpreter finalization.
+
+    Training under DDP keeps gloo's worker threads alive past `destroy_process_group`. Under load
+    one of them may release the last collective's tensors only once the interpreter is shutting
+    down; taking the GIL then aborts the process (SIGABRT, "terminate called without an active
+    exception"), so torchrun reports a failure, or restarts a run that had finished. Every file a
+    run writes is closed by then, so only the standard streams need flushing.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        # a closed or broken stream has nothing left to save
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
