@@ -37,6 +37,10 @@ from resnext.errors import SpecError
         ({"drop_rate": -0.1}, "drop_rate"),
         ({"drop_rate": "0.2"}, "drop_rate"),
         ({"drop_rate": True}, "drop_rate"),
+        ({"drop_path_rate": 1.0}, "drop_path_rate"),
+        ({"drop_path_rate": "0.1"}, "drop_path_rate"),
+        # stochastic depth drops residual branches: without shortcuts it would drop whole blocks
+        ({"drop_path_rate": 0.1, "residual": False}, "drop_path_rate"),
         # a zeroed last BN without a shortcut starts every block at 0: the network cannot train
         ({"zero_init_last_bn": True, "residual": False}, "zero_init_last_bn"),
         ({"description": 5}, "description"),

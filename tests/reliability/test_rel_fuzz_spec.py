@@ -47,6 +47,7 @@ VALID = {
     "in_chans": st.integers(1, 4),
     "logit_scale": st.floats(0.01, 4.0),
     "drop_rate": st.floats(0.0, 0.9),
+    "drop_path_rate": st.sampled_from([0.0, 0.0, 0.3]),  # needs residual=True when not 0
     "description": st.text(max_size=5),
 }
 assert set(VALID) == {f.name for f in dataclasses.fields(ModelSpec)}, "ModelSpec fields changed"

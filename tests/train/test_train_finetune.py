@@ -90,9 +90,11 @@ def test_finetune_reads_what_create_model_reads(
 
 def test_a_source_needing_another_network_is_named_not_inherited(tmp_path, tiny_cfg, tiny_data):
     # A run trained with logit_scale 4: fine-tuned under a config that does not say so, the
-    # network would silently carry the scale the run's own config.toml does not record.
+    # network would silently carry the scale the run's own config.toml does not record. Its
+    # stochastic depth is a training choice, which the fine-tune makes for itself.
+    spec = {"num_classes": 4, "logit_scale": 4.0, "drop_path_rate": 0.2}
     source = train(
-        tiny_cfg(tmp_path / "src", model={"spec": {"num_classes": 4, "logit_scale": 4.0}}),
+        tiny_cfg(tmp_path / "src", model={"spec": spec}),
         train_set=tiny_data(32),
         val_set=tiny_data(16, seed=2),
     )
@@ -100,8 +102,9 @@ def test_a_source_needing_another_network_is_named_not_inherited(tmp_path, tiny_
     cfg = tiny_cfg(tmp_path / "ft", train={"epochs": 1}, finetune=finetune)
     with pytest.raises(
         ConfigError, match=r"model\.spec\.logit_scale=4\.0, where this config gives 1\.0"
-    ):
+    ) as refused:
         train(cfg, train_set=tiny_data(32, classes=3), val_set=tiny_data(16, classes=3))
+    assert "drop_path_rate" not in str(refused.value)
     said = tiny_cfg(
         tmp_path / "ft2",
         model={"spec": {"num_classes": 4, "logit_scale": 4.0}},

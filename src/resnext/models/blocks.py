@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnext.models.layers import SqueezeExcite, conv1x1, conv3x3, make_shortcut, norm_act
+from resnext.models.layers import (
+    SqueezeExcite,
+    conv1x1,
+    conv3x3,
+    drop_path,
+    make_shortcut,
+    norm_act,
+)
 
 
 class BlockGeometry:
@@ -43,6 +50,10 @@ class BlockGeometry:
 class _PostActBlock(nn.Module):
     """Shared tail of the post-activation forms: BN3, optional SE, shortcut, addition, ReLU."""
 
+    # Stochastic-depth rate of the residual branch in training, which the builder sets from
+    # `spec.drop_path_rate`. A class attribute, so that networks pickled before it still load.
+    drop_path_rate: float = 0.0
+
     def __init__(
         self, geo: BlockGeometry, *, residual: bool, avg_down: bool, se_reduction: int
     ) -> None:
@@ -68,10 +79,21 @@ class _PostActBlock(nn.Module):
         shortcut = None
         if self.residual:
             shortcut = x if self.downsample is None else self.downsample(x)
-        if self.se is None:
-            return norm_act(self.bn3, self.relu, self.transform(x), shortcut)
-        out = self.se(self.bn3(self.transform(x)))
-        return self.relu(out if shortcut is None else out + shortcut)
+        return self._finish(self.transform(x), shortcut)
+
+    def _finish(self, y: torch.Tensor, shortcut: torch.Tensor | None) -> torch.Tensor:
+        """relu(bn3(y) [* se] + shortcut), the branch dropped per image where stochastic depth is on."""
+        drops = shortcut is not None and self.drop_path_rate > 0 and self.training
+        if self.se is None and not drops:
+            return norm_act(self.bn3, self.relu, y, shortcut)
+        out = self.bn3(y)
+        if self.se is not None:
+            out = self.se(out)
+        if shortcut is None:
+            return self.relu(out)
+        if drops:
+            out = drop_path(out, self.drop_path_rate)
+        return self.relu(out + shortcut)
 
     def _tail_state(self) -> dict[str, torch.Tensor]:
         state = {f"bn3.{k}": v for k, v in self.bn3.state_dict().items()}
@@ -112,7 +134,7 @@ class Bottleneck(_PostActBlock):
         # and adds the two gradients of x itself, in one pass.
         out, x = fork(x)
         shortcut = x if self.downsample is None else self.downsample(x)
-        return norm_act(self.bn3, self.relu, self._after_conv1(out), shortcut)
+        return self._finish(self._after_conv1(out), shortcut)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         return self._after_conv1(self.conv1(x))
@@ -223,6 +245,8 @@ class PreActBottleneck(nn.Module):
     pre-activated input, as fb.resnet.torch's pre-activation network does.
     """
 
+    drop_path_rate: float = 0.0  # as _PostActBlock's
+
     def __init__(
         self,
         geo: BlockGeometry,
@@ -260,6 +284,8 @@ class PreActBottleneck(nn.Module):
             out = self.se(out)
         if not self.residual:
             return out
+        if self.drop_path_rate > 0 and self.training:
+            out = drop_path(out, self.drop_path_rate)
         return out + (x if self.downsample is None else self.downsample(pre))
 
 

@@ -35,6 +35,15 @@ def norm_act(
     return act(out)
 
 
+def drop_path(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016) on a residual branch: each image's `x` is zeroed with
+    probability `rate`, or kept and scaled by 1/(1 - rate) so that its expectation is unchanged."""
+    keep = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation gate (Hu et al.): channel weights from globally pooled features."""
 

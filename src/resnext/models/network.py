@@ -46,6 +46,7 @@ def _make_stem(spec: ModelSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
 def _make_stage(spec: ModelSpec, k: int, in_ch: int) -> nn.Sequential:
     width = spec.stage_bottleneck_widths[k]
     out_ch = spec.stage_out_widths[k]
+    drop_rates = spec.block_drop_path_rates[sum(spec.depths[:k]) :]
     blocks: list[nn.Module] = []
     for i in range(spec.depths[k]):
         geo = BlockGeometry(
@@ -69,6 +70,8 @@ def _make_stage(spec: ModelSpec, k: int, in_ch: int) -> nn.Sequential:
             block = BLOCKS[spec.block_form](
                 geo, residual=spec.residual, avg_down=spec.avg_down, se_reduction=spec.se_reduction
             )
+        if drop_rates[i]:
+            block.drop_path_rate = drop_rates[i]
         blocks.append(block)
     return nn.Sequential(*blocks)
 

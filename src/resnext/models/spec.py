@@ -55,6 +55,9 @@ class ModelSpec:
     logit_scale: float = 1.0
     # Dropout on the pooled features before the classifier, in training only (timm's drop_rate).
     drop_rate: float = 0.0
+    # Stochastic depth (timm's drop_path_rate): in training each block's residual branch is dropped
+    # per image, at a rate rising linearly from 0 at the first block to this at the last.
+    drop_path_rate: float = 0.0
     # Free text kept with the spec (not part of the architecture); excluded from equality.
     description: str = field(default="", compare=False)
 
@@ -85,12 +88,13 @@ class ModelSpec:
             object.__setattr__(self, "logit_scale", scale)
         if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
             raise SpecError(f"logit_scale: expected a finite number > 0, got {scale!r}")
-        rate = self.drop_rate
-        if _is_int(rate):
-            rate = float(rate)  # type: ignore[arg-type]
-            object.__setattr__(self, "drop_rate", rate)
-        if not isinstance(rate, float) or not 0.0 <= rate < 1.0:
-            raise SpecError(f"drop_rate: expected a number in [0, 1), got {rate!r}")
+        for name in ("drop_rate", "drop_path_rate"):
+            rate = getattr(self, name)
+            if _is_int(rate):
+                rate = float(rate)
+                object.__setattr__(self, name, rate)
+            if not isinstance(rate, float) or not 0.0 <= rate < 1.0:
+                raise SpecError(f"{name}: expected a number in [0, 1), got {rate!r}")
         _check_choice("stem", self.stem, STEMS)
         _check_choice("block_form", self.block_form, BLOCK_FORMS)
         for name in ("stride_in_1x1", "preact", "residual", "zero_init_last_bn", "avg_down"):
@@ -120,6 +124,11 @@ class ModelSpec:
             raise SpecError(
                 "zero_init_last_bn: needs residual=True (without a shortcut every block would "
                 "start at 0, not the identity); got zero_init_last_bn=True with residual=False"
+            )
+        if self.drop_path_rate and not self.residual:
+            raise SpecError(
+                "drop_path_rate: drops residual branches, so it needs residual=True; got "
+                f"drop_path_rate={self.drop_path_rate!r} with residual=False"
             )
         if not isinstance(self.description, str):
             raise SpecError(f"description: expected a str, got {self.description!r}")
@@ -166,6 +175,13 @@ class ModelSpec:
     @property
     def stage_strides(self) -> tuple[int, ...]:
         return (1,) + (2,) * (self.num_stages - 1)
+
+    @property
+    def block_drop_path_rates(self) -> tuple[float, ...]:
+        """Stochastic-depth rate of every block, in network order: linear from 0 to
+        `drop_path_rate` (timm's ResNet schedule)."""
+        blocks = sum(self.depths)
+        return tuple(self.drop_path_rate * i / max(blocks - 1, 1) for i in range(blocks))
 
     @property
     def num_features(self) -> int:

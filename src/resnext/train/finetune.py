@@ -41,8 +41,9 @@ def pretrained_network(name: str, source: str, spec: dict[str, Any]) -> ResNeXt:
 
     wanted = get_spec(name, **spec)
     with _named_as_source():
-        # dropout is the new run's own choice, never the source run's
-        model = build_with_weights(name, source, **{"drop_rate": wanted.drop_rate, **spec})
+        # dropout and stochastic depth are the new run's own choice, never the source run's
+        own = {"drop_rate": wanted.drop_rate, "drop_path_rate": wanted.drop_path_rate}
+        model = build_with_weights(name, source, **{**own, **spec})
     # The weights may need a network other than the config's (a run's logit scale, Caffe's
     # stride placement): the run must record the network it trains, so the config says so.
     differ = [
