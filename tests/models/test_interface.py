@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -146,3 +147,38 @@ def test_drop_rate_drops_pooled_features_in_training_only() -> None:
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
+
+
+def _timm_groups(model: torch.nn.Module, coarse: bool) -> dict[str, tuple]:
+    """Each parameter's group as timm's group_with_matcher orders them: (matcher entry, the
+    pattern's numbers or fixed ordinal); None where no pattern matches (timm's head group)."""
+    groups: dict[str, tuple] = {}
+    for name, _ in model.named_parameters():
+        groups[name] = None
+        for entry, patterns in enumerate(model.group_matcher(coarse).values()):
+            pairs = [(patterns, None)] if isinstance(patterns, str) else patterns
+            for pattern, ordinal in pairs:
+                found = re.match(pattern, name)
+                if found and groups[name] is None:
+                    groups[name] = (entry, ordinal or tuple(int(g) for g in found.groups() if g))
+    return groups
+
+
+def test_group_matcher_groups_stem_stages_or_blocks_then_head_as_timm() -> None:
+    model = resnext.create_model("resnext50_32x4d", num_classes=10)
+    coarse = _timm_groups(model, coarse=True)
+    assert {n for n, g in coarse.items() if g == (0, ())} == {
+        "conv1.weight",
+        "bn1.weight",
+        "bn1.bias",
+    }
+    for name, group in coarse.items():
+        if name.startswith("layer"):
+            assert group == (1, (int(name[5]),)), name
+    assert {n for n, g in coarse.items() if g is None} == {"fc.weight", "fc.bias"}
+    fine = _timm_groups(model, coarse=False)
+    assert len({g for g in fine.values() if g and g[0] == 1}) == 3 + 4 + 6 + 3  # one per block
+    assert fine["layer3.5.conv2.weight"] == (1, (3, 5))
+    preact = resnext.create_model("resnext_tiny", preact=True)
+    # a pre-activation network's final BN goes with its last block, before the head
+    assert _timm_groups(preact, coarse=True)["final_bn.weight"] == (1, (99999,))

@@ -157,6 +157,16 @@ class ResNeXt(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, object]:
+        """timm's parameter grouping (for layer-wise learning-rate decay): the stem, then one group
+        per stage (`coarse`) or per block, a pre-activation network's final BN with the last
+        block; the classifier, matched by neither, is the head group."""
+        blocks = r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"
+        matcher: dict[str, object] = {"stem": r"^(?:conv1|bn1|maxpool)\b", "blocks": blocks}
+        if self.final_bn is not None:
+            matcher["blocks"] = [(blocks, None), (r"^final_bn\.", (99999,))]
+        return matcher
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward instead of keeping them (timm's name):
         training memory falls to about the block outputs plus one block's activations, for one
