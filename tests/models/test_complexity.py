@@ -97,9 +97,10 @@ def test_paper_table2_template_is_about_70k(c: int, d: int) -> None:
 
 
 def test_timm_gmacs_and_deep_stem_params() -> None:
-    # timm: resnext50d_32x4d has 25.05 M params; resnext101_32x16d 194.03 M.
+    # timm: resnext50d_32x4d has 25.05 M params; resnext101_32x16d 194.03 M, 32x32d 468.53 M.
     assert _rounds_to(count(resnext.get_spec("resnext50d_32x4d")).params / 1e6, 25.05, 2)
     assert _rounds_to(count(resnext.get_spec("resnext101_32x16d")).params / 1e6, 194.03, 2)
+    assert _rounds_to(count(resnext.get_spec("resnext101_32x32d")).params / 1e6, 468.53, 2)
 
 
 def test_se_adds_two_fc_layers_per_block() -> None:

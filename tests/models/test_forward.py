@@ -7,8 +7,12 @@ import torch
 
 import resnext
 
+# 468 M and 828 M parameters: 10-20 s each to build and run here. Their code is 32x16d's at wider
+# layers; test_complexity checks their parameter counts, built on the meta device.
+LARGEST = ("resnext101_32x32d", "resnext101_32x48d")
 
-@pytest.mark.parametrize("name", resnext.list_models())
+
+@pytest.mark.parametrize("name", [n for n in resnext.list_models() if n not in LARGEST])
 def test_forward_backward(name: str) -> None:
     model = resnext.create_model(name, num_classes=7)
     size = 32 if model.spec.stem == "cifar" else 64

@@ -45,6 +45,9 @@ _TABLE: dict[str, tuple] = {
         101, 32, 8, "torchvision; timm; mmpretrain; detectron2", "resnext101-32x8d_8xb32_in1k"
     ),
     "resnext101_32x16d": _in(101, 32, 16, "timm (Instagram/semi-weakly supervised weights)"),
+    # Mahajan et al. 2018's largest Instagram-pretrained ResNeXts (torch.hub WSL-Images; timm)
+    "resnext101_32x32d": _in(101, 32, 32, "timm; WSL-Images (Instagram weakly supervised)"),
+    "resnext101_32x48d": _in(101, 32, 48, "timm; WSL-Images (Instagram weakly supervised)"),
     "resnext152_32x4d": _in(152, 32, 4, "mmpretrain; pycls X-152", "resnext152-32x4d_8xb32_in1k"),
     "resnext50d_32x4d": _in(
         50, 32, 4, "timm (deep stem, avg-pool shortcut)", stem="deep", stem_width=32, avg_down=True

@@ -319,6 +319,20 @@ _ENTRIES: tuple[WeightsEntry, ...] = (
         _NC,
     ),
     _timm(
+        "resnext101_32x32d.fb_wsl_ig1b_ft_in1k",
+        _TV + "ig_resnext101_32x32-e4b90b00.pth",
+        _r((224, 85.090, 97.442)),
+        _TIMM,
+        _NC,
+    ),
+    _timm(
+        "resnext101_32x48d.fb_wsl_ig1b_ft_in1k",
+        _TV + "ig_resnext101_32x48-3e41cc8a.pth",
+        _r(),  # timm's results table has no row for it
+        _TIMM,
+        _NC,
+    ),
+    _timm(
         "resnext101_32x16d.fb_ssl_yfcc100m_ft_in1k",
         _SWSL + "semi_supervised_resnext101_32x16-15fffa57.pth",
         _r((224, 81.856, 96.084)),
