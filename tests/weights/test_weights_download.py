@@ -215,3 +215,48 @@ def test_concurrent_downloads_of_one_file_take_turns(server: _Server, tmp_path: 
     assert results == [cache / "w-1234.pth"] * 4
     assert (cache / "w-1234.pth").read_bytes() == PAYLOAD
     assert len(server.requests) == 1
+
+
+def test_progress_says_where_the_download_goes_and_how_far_it_came(
+    server: _Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"{server.url}/w-1234.pth"
+    path = download(url, expected_hash=_sha(PAYLOAD), hash_kind="sha256", cache_dir=tmp_path,
+                    progress=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"Downloading {url} to {path}" in err
+    assert err.endswith("100.0% (0.1 of 0.1 MB)\n")  # 102,400 bytes of 102,400
+    download(url, expected_hash=_sha(PAYLOAD), hash_kind="sha256", cache_dir=tmp_path,
+             progress=True)  # fmt: skip
+    assert capsys.readouterr().err == ""  # cached: nothing to say
+
+
+def test_a_torchvision_builder_fetches_a_tag_with_progress_and_loads_it(
+    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import dataclasses
+
+    import torch
+
+    import resnext
+    from resnext.weights.table import WEIGHTS
+
+    source = resnext.create_model("resnext_tiny")
+    file = server.root / "tiny-0000.pth"
+    torch.save(source.state_dict(), file)
+    digest = _sha(file.read_bytes())
+    file = file.rename(server.root / f"tiny-{digest[:8]}.pth")
+    entry = dataclasses.replace(
+        WEIGHTS["resnext50_32x4d.tv_in1k"], tag="resnext_tiny.test", model="resnext_tiny",
+        url=f"{server.url}/{file.name}", hash=digest[:8], num_classes=10,
+    )  # fmt: skip
+    monkeypatch.setitem(WEIGHTS, entry.tag, entry)
+    monkeypatch.setenv("RESNEXT_HOME", str(tmp_path / "cache"))
+    from resnext.models import resnext_tiny
+
+    model = resnext_tiny(weights="resnext_tiny.test")
+    assert f"Downloading {entry.url}" in capsys.readouterr().err
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    resnext_tiny(weights="resnext_tiny.test", progress=False)  # from the cache, silently
+    assert capsys.readouterr().err == "" and len(server.requests) == 1

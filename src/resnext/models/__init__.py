@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
+from resnext.models.builders import torchvision_builder
 from resnext.models.complexity import Complexity, count
 from resnext.models.features import FeatureInfo, FeatureNet
 from resnext.models.forms import convert_block_form, grouped_state_dict
@@ -115,6 +116,22 @@ def list_models(pattern: str | Sequence[str] = "*", pretrained: bool = False) ->
 def is_model(name: str) -> bool:
     """Whether `name` is a registered model name or alias (timm's `is_model`)."""
     return isinstance(name, str) and name in MODELS
+
+
+_BUILDERS: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # torchvision's builders: `from resnext.models import resnext50_32x4d`
+    if name in MODELS.names("*"):
+        if name not in _BUILDERS:
+            _BUILDERS[name] = torchvision_builder(MODELS, name)
+        return _BUILDERS[name]
+    raise AttributeError(f"module 'resnext.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *MODELS.names("*")})
 
 
 __all__ = [

@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import http.client
 import os
+import sys
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -55,8 +57,10 @@ def download(
     cache_dir: str | Path | None = None,
     filename: str | None = None,
     timeout: float = 30.0,
+    progress: bool = False,
 ) -> Path:
-    """The cached path of `url`, downloading it first if needed.
+    """The cached path of `url`, downloading it first if needed (`progress`: say how far the
+    download has come on stderr, as torch.hub's does).
 
     A cached file with the right hash is used without network, and so is torch.hub's copy of
     it (`torch_hub_copy`: torchvision's and timm's downloads) where the hash is published. The
@@ -86,7 +90,7 @@ def download(
         # Another process may have fetched it while this one waited for the lock.
         if target.exists() and hash_matches(target, expected_hash, hash_kind):
             return target
-        return _download_into(url, target, expected_hash, hash_kind, timeout)
+        return _download_into(url, target, expected_hash, hash_kind, timeout, progress)
 
 
 @contextlib.contextmanager
@@ -111,12 +115,14 @@ def _exclusive(lock: Path) -> Iterator[None]:
 
 
 def _download_into(
-    url: str, target: Path, expected_hash: str, hash_kind: str, timeout: float
+    url: str, target: Path, expected_hash: str, hash_kind: str, timeout: float, progress: bool
 ) -> Path:
     """Download `url` to `target` through `target`.part, verified, then renamed into place."""
     part = target.with_name(target.name + ".part")
+    if progress:
+        print(f"Downloading {url} to {target}", file=sys.stderr, flush=True)
     try:
-        _fetch(url, part, timeout)
+        _fetch(url, part, timeout, _Progress() if progress else None)
     except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise DownloadError(
@@ -159,7 +165,24 @@ def _describe(expected: str, kind: str) -> str:
     return f"sha256 {expected}" if kind == "sha256" else f"sha256 prefix {expected}"
 
 
-def _fetch(url: str, part: Path, timeout: float) -> None:
+class _Progress:
+    """How much of a download has arrived, on one stderr line rewritten at most twice a second."""
+
+    def __init__(self) -> None:
+        self.shown_at = 0.0
+
+    def update(self, have: int, total: int | None, *, last: bool = False) -> None:
+        now = time.monotonic()
+        if not last and now - self.shown_at < 0.5:
+            return
+        self.shown_at = now
+        done = f"{have / 1e6:.1f} MB"
+        if total:
+            done = f"{100 * have / total:5.1f}% ({have / 1e6:.1f} of {total / 1e6:.1f} MB)"
+        print(f"\r  {done}", end="\n" if last else "", file=sys.stderr, flush=True)
+
+
+def _fetch(url: str, part: Path, timeout: float, progress: _Progress | None = None) -> None:
     """Append the rest of `url` to `part`, resuming from its current size when the server allows."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url)
@@ -175,9 +198,15 @@ def _fetch(url: str, part: Path, timeout: float) -> None:
         # 206: the server honoured the range; 200: it sent the whole file, so start over.
         resumed = bool(have) and response.status == 206
         total = _announced_size(response, have if resumed else 0)
+        have = have if resumed else 0
         with open(part, "ab" if resumed else "wb") as f:
             for block in iter(lambda: response.read(_CHUNK), b""):
                 f.write(block)
+                have += len(block)
+                if progress is not None:
+                    progress.update(have, total)
+        if progress is not None:
+            progress.update(have, total, last=True)
     # A dropped connection ends read() with short data instead of an exception, so the only
     # sign of it is a size other than the one the server announced.
     received = part.stat().st_size

@@ -166,14 +166,21 @@ def _read_weights_file(path: Path) -> LoadedWeights:
     return convert_checkpoint(obj, str(path))
 
 
-def fetch(entry: WeightsEntry, cache_dir: str | Path | None = None) -> Path:
-    """The table entry's file in the download cache, downloaded and checked first if needed;
-    an entry without a published hash warns each time that it cannot be checked."""
+def fetch(
+    entry: WeightsEntry, cache_dir: str | Path | None = None, *, progress: bool = False
+) -> Path:
+    """The table entry's file in the download cache, downloaded and checked first if needed
+    (`progress`: shown on stderr); an entry without a published hash warns each time that it
+    cannot be checked."""
     with warnings.catch_warnings():
         if not entry.verified:
             warnings.simplefilter("always")
         return download(
-            entry.url, expected_hash=entry.hash, hash_kind=entry.hash_kind, cache_dir=cache_dir
+            entry.url,
+            expected_hash=entry.hash,
+            hash_kind=entry.hash_kind,
+            cache_dir=cache_dir,
+            progress=progress,
         )
 
 
