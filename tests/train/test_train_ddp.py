@@ -105,13 +105,21 @@ def test_two_gloo_ranks_match_one_process_accumulating_two_micro_batches(
     # BatchNorm normalises each rank's 8 images with their own statistics, so the single-process
     # reference must see the same 8-image micro-batches: it accumulates 2 of them per step
     # (optim.accum_steps=2). The mean of the two gradients is what DDP's all-reduce computes.
+    # With dropout and stochastic depth the ranks must drop other images than each other, as
+    # the single process does from one micro-batch to the next.
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT)
     ddp_dir = tmp_path / "ddp"
-    _two_ranks(script, support_file, ddp_dir)
+    drops = {"num_classes": 4, "drop_path_rate": 0.5, "drop_rate": 0.3}
+    _two_ranks(script, support_file, ddp_dir, model_spec=drops)
 
     single = train(
-        tiny_cfg(tmp_path / "single", train={"epochs": 2}, optim={"accum_steps": 2}),
+        tiny_cfg(
+            tmp_path / "single",
+            train={"epochs": 2},
+            optim={"accum_steps": 2},
+            model={"spec": drops},
+        ),
         train_set=tiny_data(64),
         val_set=tiny_data(40, seed=2),
     )

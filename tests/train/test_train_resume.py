@@ -93,9 +93,11 @@ class _Stop(Exception):
 def test_mid_epoch_resume_with_mixup_and_cutmix_is_bit_identical(tmp_path, tiny_cfg, tiny_data):
     # Mixup/CutMix draw from the global torch RNG that checkpoints carry: creating the resumed
     # epoch's loader iterator must not draw from it too, or every later mix shifts by one draw.
+    # Dropout and stochastic depth draw from generators of their own, seeded per step.
     overrides = {
         "train": {"epochs": 2, "checkpoint_every": 3},
         "data": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0},
+        "model": {"spec": {"num_classes": 4, "drop_path_rate": 0.3, "drop_rate": 0.2}},
     }
     train_set, val_set = tiny_data(80), tiny_data(40, seed=2)
 

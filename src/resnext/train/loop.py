@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,10 @@ class StepContext:
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     # Mixes each micro-batch into soft targets; the labels still score the training error.
     mixer: BatchMixer | None = None
+    # Seed of the network's own draws (dropout, stochastic depth), None where it makes none, and
+    # this process's first micro-batch stream (rank × accum_steps): see `micro_batch_draws`.
+    draw_seed: int | None = None
+    first_stream: int = 0
 
 
 def to_model_input(
@@ -54,6 +58,24 @@ def to_model_input(
 
 # Called after every optimiser step with (epoch, steps done in this epoch, global step, meter).
 StepHook = Callable[[int, int, int, Meter], None]
+
+
+@contextlib.contextmanager
+def micro_batch_draws(ctx: StepContext, global_step: int, micro: int) -> Iterator[None]:
+    """Inside, the network's random draws come from a generator seeded by (run seed, step,
+    stream), the stream being rank × accum_steps + micro-batch; the global generator is left as
+    it was. Ranks then drop other images than each other (one seed for all would make every rank
+    drop the same ones), a process accumulating W micro-batches draws as W processes do, and a
+    resumed run draws as the uninterrupted one."""
+    if ctx.draw_seed is None:
+        yield
+        return
+    stream = ctx.first_stream + micro
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        # distinct (seed, step, stream) give distinct seeds for any realistic run length
+        torch.manual_seed(((ctx.draw_seed * 1_000_003 + global_step) * 65_537 + stream) % 2**63)
+        yield
 
 
 def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
@@ -100,7 +122,7 @@ def train_one_epoch(
                 if ctx.distributed and not last and hasattr(ctx.model, "no_sync")
                 else contextlib.nullcontext()
             )
-            with sync:
+            with sync, micro_batch_draws(ctx, global_step, m):
                 with autocast(ctx.amp_dtype, ctx.device):
                     logits = ctx.model(x)
                 loss = ctx.criterion(logits.float(), g)

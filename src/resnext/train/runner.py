@@ -362,6 +362,8 @@ def _run(
         distributed=info.distributed,
         batch_transform=batches.train,
         mixer=_mixer(cfg, raw.num_classes),
+        draw_seed=cfg.train.seed if raw.spec.drop_rate or raw.spec.drop_path_rate else None,
+        first_stream=info.rank * cfg.optim.accum_steps,
     )
     log = MetricsLog(run_dir, pos.history, enabled=info.is_main)
     epoch_start = [time.perf_counter()]
