@@ -86,3 +86,35 @@ def test_fused_steps_equal_the_per_parameter_loop_to_rounding():
     for a, b in zip(model.parameters(), loop_model.parameters(), strict=True):
         # The fused kernel may round a multiply-add differently: a few float32 ulps at most.
         torch.testing.assert_close(a, b, rtol=2e-7, atol=1e-7)
+
+
+def test_adamw_update_is_the_hand_computed_decoupled_step():
+    # Loshchilov & Hutter's AdamW, two steps by hand for one weight and one bias, the bias
+    # exempt from decay: p <- p(1 - lr.wd); m = b1.m + (1-b1)g; v = b2.v + (1-b2)g^2;
+    # p <- p - lr . (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
+    lr, wd, (b1, b2), eps = 0.1, 0.05, (0.8, 0.99), 1e-3
+    grads = (0.5, -0.25)
+
+    def by_hand(p: float, decay: float) -> float:
+        m = v = 0.0
+        for t, g in enumerate(grads, start=1):
+            p *= 1 - lr * decay
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            p -= lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)) ** 0.5 + eps)
+        return p
+
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(-2.0)
+    cfg = OptimConfig(
+        name="adamw", weight_decay=wd, wd_exempt_norm_bias=True, betas=(b1, b2), eps=eps
+    )
+    opt = build_optimizer(model, cfg, lr)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["fused"]
+    for g in grads:
+        model.weight.grad = torch.full_like(model.weight, g)
+        model.bias.grad = torch.full_like(model.bias, g)
+        opt.step()
+    assert abs(model.weight.item() - by_hand(1.0, wd)) < 1e-6
+    assert abs(model.bias.item() - by_hand(-2.0, 0.0)) < 1e-6

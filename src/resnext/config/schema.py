@@ -7,6 +7,7 @@ from typing import Any
 
 AMP_CHOICES = ("auto", "bfloat16", "float16", "none")
 SCHEDULES = ("step", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
 DATA_KINDS = ("cifar10", "cifar100", "imagefolder", "digits")
 
 
@@ -49,8 +50,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """SGD with momentum as in the paper; the LR scales linearly with the global batch unless set."""
+    """SGD with momentum as in the paper (or AdamW); the LR scales linearly with the global batch
+    unless set."""
 
+    # `sgd` (the paper's; momentum and nesterov apply) or `adamw` (Loshchilov & Hutter's decoupled
+    # weight decay; betas and eps apply)
+    name: str = "sgd"
     lr: float | None = None
     base_lr: float = 0.1
     base_batch: int = 256
@@ -58,6 +63,8 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 1e-4
     wd_exempt_norm_bias: bool = False
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
     label_smoothing: float = 0.0
     grad_clip: float = 0.0
     accum_steps: int = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from resnext.config.schema import AMP_CHOICES, DATA_KINDS, SCHEDULES, Config
+from resnext.config.schema import AMP_CHOICES, DATA_KINDS, OPTIMIZERS, SCHEDULES, Config
 from resnext.errors import ConfigError, ResNeXtError
 
 # The CPU training fast paths: eager-only kernels on channels-last tensors (key, what it is).
@@ -99,6 +99,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"optim.label_smoothing: expected 0 <= value < 1, got {o.label_smoothing}"
         )
+    _choice("optim.name", o.name, OPTIMIZERS)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(
+            f"optim.betas: expected two numbers, each 0 <= value < 1, got {list(o.betas)}"
+        )
+    if not o.eps > 0:
+        raise ConfigError(f"optim.eps: expected a number > 0, got {o.eps}")
     if not 0 <= o.momentum < 1:
         raise ConfigError(f"optim.momentum: expected 0 <= value < 1, got {o.momentum}")
     if o.nesterov and o.momentum == 0:
