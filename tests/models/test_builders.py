@@ -39,6 +39,19 @@ def test_builders_refuse_what_they_cannot_build_by_name(kwargs: dict, named: str
         resnext.models.resnext50_32x4d(**kwargs)
 
 
+def test_builders_pickle_and_take_torchvisions_older_pretrained_flag() -> None:
+    import pickle
+
+    from resnext.errors import WeightsError
+
+    assert pickle.loads(pickle.dumps(resnext.models.resnext_tiny)) is resnext.models.resnext_tiny
+    # pretrained=True asks for the default weights, which this test model does not have
+    with pytest.raises(WeightsError, match="no published checkpoint of 'resnext_tiny'"):
+        resnext.models.resnext_tiny(pretrained=True)
+    with pytest.raises(ValueError, match="pretrained: expected either it or weights"):
+        resnext.models.resnext_tiny(pretrained=True, weights="x.pth")
+
+
 def test_only_registered_names_have_builders() -> None:
     with pytest.raises(AttributeError, match="resnext50_32x5d"):
         resnext.models.resnext50_32x5d  # noqa: B018

@@ -118,3 +118,18 @@ def test_adamw_update_is_the_hand_computed_decoupled_step():
         opt.step()
     assert abs(model.weight.item() - by_hand(1.0, wd)) < 1e-6
     assert abs(model.bias.item() - by_hand(-2.0, 0.0)) < 1e-6
+
+
+def test_micro_batch_seeds_differ_in_the_32_bits_a_cpu_generator_reads() -> None:
+    from resnext.train.loop import micro_batch_seed
+
+    # torch's CPU generator reads only the low 32 bits of a seed: these must not repeat over a
+    # run's (step, stream) pairs, e.g. step 1000 stream 0 and step 66,535 stream 1.
+    low = {
+        micro_batch_seed(7, step, stream, 2) % 2**32 for step in range(60_000) for stream in (0, 1)
+    }
+    assert len(low) == 120_000
+    assert micro_batch_seed(7, 1000, 0, 2) % 2**32 != micro_batch_seed(7, 66_535, 1, 2) % 2**32
+    # and another run seed draws otherwise at the same step and stream
+    assert micro_batch_seed(8, 1000, 0, 2) % 2**32 != micro_batch_seed(7, 1000, 0, 2) % 2**32
+    assert 0 <= micro_batch_seed(2**40, 10**9, 3, 4) < 2**64

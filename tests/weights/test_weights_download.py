@@ -231,6 +231,27 @@ def test_progress_says_where_the_download_goes_and_how_far_it_came(
     assert capsys.readouterr().err == ""  # cached: nothing to say
 
 
+class _BrokenStream:
+    """A stderr whose reader has gone (a closed pipe)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("stderr", [_BrokenStream(), None], ids=["broken-pipe", "none"])
+def test_a_stderr_that_cannot_be_written_does_not_stop_the_download(
+    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, stderr: object
+) -> None:
+    monkeypatch.setattr("sys.stderr", stderr)
+    path = download(f"{server.url}/w-1234.pth", expected_hash=_sha(PAYLOAD), hash_kind="sha256",
+                    cache_dir=tmp_path, progress=True)  # fmt: skip
+    assert path.read_bytes() == PAYLOAD and not list(tmp_path.glob("*.part"))
+    assert capsys.readouterr().out == ""  # nothing went to stdout instead
+
+
 def test_a_torchvision_builder_fetches_a_tag_with_progress_and_loads_it(
     server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

@@ -30,6 +30,10 @@ def torchvision_builder(models: Registry, name: str) -> Callable[..., ResNeXt]:
     ) -> ResNeXt:
         if not isinstance(progress, bool):
             raise TypeError(f"progress: expected a bool, got {type(progress).__name__}")
+        if kwargs.pop("pretrained", False):  # torchvision's older spelling of the default weights
+            if weights is not None:
+                raise ValueError(f"pretrained: expected either it or weights, got {weights!r}")
+            weights = "DEFAULT"
         overrides: dict[str, Any] = {}
         for key, value in kwargs.items():
             if key in _REFUSED:
@@ -49,6 +53,7 @@ def torchvision_builder(models: Registry, name: str) -> Callable[..., ResNeXt]:
         return create_model(name, weights=weights, **overrides)
 
     build.__name__ = build.__qualname__ = name
+    build.__module__ = "resnext.models"  # where pickle finds it again (the module's __getattr__)
     build.__doc__ = (
         f"{name} ({models.get(name).source}), as torchvision's builder: `weights` a weights-table "
         "tag, 'DEFAULT' or a file (`resnext.create_model`'s), `progress` shows a download on "

@@ -41,6 +41,7 @@ class StepContext:
     # this process's first micro-batch stream (rank × accum_steps): see `micro_batch_draws`.
     draw_seed: int | None = None
     first_stream: int = 0
+    streams: int = 1  # micro-batch streams of the job: world size × accum_steps
 
 
 def to_model_input(
@@ -70,12 +71,21 @@ def micro_batch_draws(ctx: StepContext, global_step: int, micro: int) -> Iterato
     if ctx.draw_seed is None:
         yield
         return
-    stream = ctx.first_stream + micro
+    seed = micro_batch_seed(ctx.draw_seed, global_step, ctx.first_stream + micro, ctx.streams)
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        # distinct (seed, step, stream) give distinct seeds for any realistic run length
-        torch.manual_seed(((ctx.draw_seed * 1_000_003 + global_step) * 65_537 + stream) % 2**63)
+        torch.manual_seed(seed)
         yield
+
+
+def micro_batch_seed(run_seed: int, global_step: int, stream: int, streams: int) -> int:
+    """The seed of one micro-batch's draws. Its low 32 bits, all that torch's CPU generator
+    reads, count (step, stream) pairs one to one from an offset the run seed gives, so no two
+    micro-batches of a run draw alike for 2**32 / `streams` steps; the run seed's hash fills
+    the high 32 bits, which CUDA's generator reads too."""
+    mixed = (run_seed * 0x9E3779B1) % 2**32  # odd multiplier: one to one on 32-bit seeds
+    low = (global_step * streams + stream + mixed) % 2**32
+    return (mixed << 32) | low
 
 
 def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:

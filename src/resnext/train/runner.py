@@ -364,6 +364,7 @@ def _run(
         mixer=_mixer(cfg, raw.num_classes),
         draw_seed=cfg.train.seed if raw.spec.drop_rate or raw.spec.drop_path_rate else None,
         first_stream=info.rank * cfg.optim.accum_steps,
+        streams=info.world_size * cfg.optim.accum_steps,
     )
     log = MetricsLog(run_dir, pos.history, enabled=info.is_main)
     epoch_start = [time.perf_counter()]

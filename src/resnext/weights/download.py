@@ -119,10 +119,8 @@ def _download_into(
 ) -> Path:
     """Download `url` to `target` through `target`.part, verified, then renamed into place."""
     part = target.with_name(target.name + ".part")
-    if progress:
-        print(f"Downloading {url} to {target}", file=sys.stderr, flush=True)
     try:
-        _fetch(url, part, timeout, _Progress() if progress else None)
+        _fetch(url, part, timeout, _Progress(url, target) if progress else None)
     except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise DownloadError(
@@ -166,10 +164,15 @@ def _describe(expected: str, kind: str) -> str:
 
 
 class _Progress:
-    """How much of a download has arrived, on one stderr line rewritten at most twice a second."""
+    """How much of a download has arrived, on one stderr line rewritten at most twice a second.
 
-    def __init__(self) -> None:
+    A stderr that cannot be written (closed, a broken pipe, a full disk) turns it off: the
+    download goes on without it."""
+
+    def __init__(self, url: str, target: Path) -> None:
         self.shown_at = 0.0
+        self.on = True
+        self._write(f"Downloading {url} to {target}\n")
 
     def update(self, have: int, total: int | None, *, last: bool = False) -> None:
         now = time.monotonic()
@@ -179,7 +182,17 @@ class _Progress:
         done = f"{have / 1e6:.1f} MB"
         if total:
             done = f"{100 * have / total:5.1f}% ({have / 1e6:.1f} of {total / 1e6:.1f} MB)"
-        print(f"\r  {done}", end="\n" if last else "", file=sys.stderr, flush=True)
+        self._write(f"\r  {done}" + ("\n" if last else ""))
+
+    def _write(self, text: str) -> None:
+        stream = sys.stderr
+        if not self.on or stream is None:
+            return
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            self.on = False
 
 
 def _fetch(url: str, part: Path, timeout: float, progress: _Progress | None = None) -> None:
