@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 
 from resnext.errors import ResNeXtError
@@ -64,13 +65,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from resnext.speed.allocator import keep_freed_memory
 
         keep_freed_memory()
-    code = _run_command(args)
     if argv is None:
         from resnext.train.distributed import exit_worker, launched_by_torchrun
 
         if launched_by_torchrun():
-            exit_worker(code)  # gloo's threads could abort interpreter shutdown after DDP
-    return code
+            # gloo's threads could abort interpreter shutdown after DDP, even after a crash
+            exit_worker(_run_reporting_crashes(args))
+    return _run_command(args)
+
+
+def _run_reporting_crashes(args: argparse.Namespace) -> int:
+    """`_run_command`, an unexpected exception printed with its traceback and exit status 1."""
+    try:
+        return _run_command(args)
+    except Exception:
+        traceback.print_exc()
+        return 1
 
 
 def _run_command(args: argparse.Namespace) -> int:

@@ -103,6 +103,8 @@ CONSOLE = (
     "import atexit, sys; atexit.register(print, 'finalized'); from resnext.cli import main; "
     "sys.argv = ['resnext', *sys.argv[1:]]; sys.exit(main())"
 )
+# ...whose `info` command fails with an exception no command expects
+CRASHING = "import resnext.commands.info_cmd as c; c.run = lambda args: 1 / 0; " + CONSOLE
 
 
 @pytest.mark.parametrize(
@@ -111,16 +113,20 @@ CONSOLE = (
         ("2", ["info", "resnext_tiny"], 0),
         ("2", ["info", "no-such-model"], 2),
         ("1", ["info", "no-such-model"], 2),
+        ("2", ["info", "crash"], 1),
     ],
 )
 def test_console_runs_under_torchrun_skip_interpreter_shutdown(
     world_size: str, argv: list[str], code: int
 ) -> None:
     env = {**os.environ, "WORLD_SIZE": world_size}
+    script = CRASHING if argv[-1] == "crash" else CONSOLE
     proc = subprocess.run(
-        [sys.executable, "-c", CONSOLE, *argv], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == code, proc.stderr[-2000:]
     # What the command printed reached the streams although the worker left at once.
-    assert ("params:" in proc.stdout) if code == 0 else ("no-such-model" in proc.stderr)
+    said = {0: ("params:", proc.stdout), 1: ("ZeroDivisionError", proc.stderr)}
+    wanted, stream = said.get(code, ("no-such-model", proc.stderr))
+    assert wanted in stream, (proc.stdout[-500:], proc.stderr[-1000:])
     assert ("finalized" in proc.stdout) == (world_size == "1"), proc.stdout[-500:]
