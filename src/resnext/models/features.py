@@ -3,7 +3,7 @@ feature-extractor network (`features_only`) for detection and segmentation necks
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,6 +64,17 @@ def take_indices(
     return sorted({i % num_maps for i in indices})
 
 
+def refuse_pooled_stem_map(conv1: nn.Module, take: Collection[int], name: str) -> None:
+    """A ValueError naming `name` where map 0 (the stem's activation before its pooling) is asked
+    of a stem that runs fused with its pooling (resnext.optimize's), which never computes it."""
+    if 0 in take and getattr(conv1, "pools", False):
+        raise ValueError(
+            f"{name}: map 0 (the stem's activation before its pooling) does not exist in this "
+            "network, whose stem runs fused with its pooling (resnext.optimize); expected indices "
+            "of stage outputs only (1 and up)"
+        )
+
+
 class FeatureNet(nn.Module):
     """A ResNeXt without its head whose forward returns the maps at `out_indices` (timm's
     `features_only` network): the stem's activation (index 0), then each stage's output.
@@ -79,11 +90,7 @@ class FeatureNet(nn.Module):
         if not isinstance(model, ResNeXt):
             raise TypeError(f"model: expected a resnext ResNeXt, got {type(model).__name__}")
         self.out_indices = tuple(take_indices(len(model.feature_info), out_indices, "out_indices"))
-        if self.out_indices[0] == 0 and getattr(model.conv1, "pools", False):
-            raise ValueError(
-                "out_indices: map 0 (the stem's activation before its pooling) does not exist in "
-                "this network, whose stem runs fused with its pooling; expected indices from 1"
-            )
+        refuse_pooled_stem_map(model.conv1, self.out_indices, "out_indices")
         self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
         last = self.out_indices[-1]  # maps past it are not computed, so their stages are not kept
         self.spec = model.spec

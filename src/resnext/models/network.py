@@ -10,7 +10,7 @@ from torch import nn
 
 from resnext.models.blocks import BLOCKS, BlockGeometry, PreActBottleneck
 from resnext.models.checkpointing import checkpointed
-from resnext.models.features import FeatureInfo, FeatureNet, take_indices
+from resnext.models.features import FeatureInfo, FeatureNet, refuse_pooled_stem_map, take_indices
 from resnext.models.layers import conv3x3, norm_act
 from resnext.models.spec import ModelSpec
 
@@ -286,12 +286,7 @@ def trunk_maps(
     """(the last map computed, the maps at absolute `take` indices) of `net`'s stem and stages;
     with `stop_early` nothing past the last map taken is computed."""
     take = frozenset(take)
-    if 0 in take and getattr(net.conv1, "pools", False):
-        raise ValueError(
-            "indices: map 0 (the stem's activation before its pooling) does not exist in this "
-            "network, whose stem runs fused with its pooling (resnext.optimize); expected indices "
-            "of stage outputs only (1 and up)"
-        )
+    refuse_pooled_stem_map(net.conv1, take, "indices")
     x = stem_activation(net, x)
     maps = [x] if 0 in take else []
     stop = max(take) if stop_early else len(net.stage_names)
