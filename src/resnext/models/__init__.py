@@ -71,13 +71,9 @@ def create_model(
     maps at `out_indices` into the network's `feature_info` (default: all, the stem's activation
     first, then each stage's output).
     """
-    for flag, value in (("pretrained", pretrained), ("features_only", features_only)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
-    if pretrained:
-        if weights is not None:
-            raise ValueError(f"pretrained: expected either it or weights, got weights={weights!r}")
-        weights = "DEFAULT"
+    if not isinstance(features_only, bool):
+        raise TypeError(f"features_only: expected a bool, got {type(features_only).__name__}")
+    weights = requested_weights(weights, pretrained)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices: expected only with features_only=True")
     if weights is not None:
@@ -89,6 +85,18 @@ def create_model(
             spec_overrides["num_classes"] = num_classes
         model = build_model(get_spec(name, **spec_overrides))
     return FeatureNet(model, out_indices) if features_only else model
+
+
+def requested_weights(weights: str | Path | None, pretrained: bool) -> str | Path | None:
+    """The weights a call asks for: `weights`, or with timm's (and older torchvision's)
+    `pretrained=True` the model's default tag, 'DEFAULT'."""
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"pretrained: expected a bool, got {type(pretrained).__name__}")
+    if not pretrained:
+        return weights
+    if weights is not None:
+        raise ValueError(f"pretrained: expected either it or weights, got weights={weights!r}")
+    return "DEFAULT"
 
 
 def list_models(pattern: str | Sequence[str] = "*", pretrained: bool = False) -> list[str]:

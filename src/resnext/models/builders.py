@@ -30,10 +30,10 @@ def torchvision_builder(models: Registry, name: str) -> Callable[..., ResNeXt]:
     ) -> ResNeXt:
         if not isinstance(progress, bool):
             raise TypeError(f"progress: expected a bool, got {type(progress).__name__}")
-        if kwargs.pop("pretrained", False):  # torchvision's older spelling of the default weights
-            if weights is not None:
-                raise ValueError(f"pretrained: expected either it or weights, got {weights!r}")
-            weights = "DEFAULT"
+        from resnext.models import create_model, requested_weights
+
+        # torchvision's older spelling of the default weights
+        weights = requested_weights(weights, kwargs.pop("pretrained", False))
         overrides: dict[str, Any] = {}
         for key, value in kwargs.items():
             if key in _REFUSED:
@@ -47,9 +47,9 @@ def torchvision_builder(models: Registry, name: str) -> Callable[..., ResNeXt]:
                 continue
             overrides[_RENAMED.get(key, key)] = value
         if weights is not None and progress:
-            _prefetch(name, weights)
-        from resnext.models import create_model
+            from resnext.weights.load import prefetch  # the weights package builds on models
 
+            prefetch(weights, name, progress=True)
         return create_model(name, weights=weights, **overrides)
 
     build.__name__ = build.__qualname__ = name
@@ -61,12 +61,3 @@ def torchvision_builder(models: Registry, name: str) -> Callable[..., ResNeXt]:
         "width_per_group as the model has them) or ModelSpec fields."
     )
     return build
-
-
-def _prefetch(name: str, weights: str | Path) -> None:
-    """Download a tag's file into the cache with progress shown (a file is left as it is)."""
-    from resnext.weights.load import fetch, table_entry  # the weights package builds on models
-
-    entry = table_entry(weights, name)
-    if entry is not None:
-        fetch(entry, progress=True)

@@ -25,12 +25,10 @@ def _named_as_source() -> Iterator[None]:
 def prefetch_source(name: str, source: str) -> None:
     """Download `source` into the weights cache where it is a weights-table tag (or 'DEFAULT',
     `name`'s default tag); a file, or a tag already cached, is left as it is."""
-    from resnext.weights.load import fetch, table_entry
+    from resnext.weights.load import prefetch
 
     with _named_as_source():
-        entry = table_entry(source, name)
-        if entry is not None:
-            fetch(entry)
+        prefetch(source, name)
 
 
 def pretrained_network(name: str, source: str, spec: dict[str, Any]) -> ResNeXt:

@@ -218,6 +218,14 @@ def table_entry(source: str | Path, model_name: str | None = None) -> WeightsEnt
     return get_weights(text)  # an unknown tag raises, naming the closest tags
 
 
+def prefetch(source: str | Path, model_name: str, *, progress: bool = False) -> None:
+    """Download `source` into the weights cache where it is a weights-table tag (or 'DEFAULT',
+    `model_name`'s default tag); a file, or a tag already cached, is left as it is."""
+    entry = table_entry(source, model_name)
+    if entry is not None:
+        fetch(entry, progress=progress)
+
+
 def load_weights(
     source: str | Path,
     *,
