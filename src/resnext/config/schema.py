@@ -8,6 +8,8 @@ from typing import Any
 AMP_CHOICES = ("auto", "bfloat16", "float16", "none")
 SCHEDULES = ("step", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
+# The kinds whose training pipeline has the CIFAR-only steps (data.cutout, data.trivial_augment)
+CIFAR_KINDS = ("cifar10", "cifar100")
 DATA_KINDS = ("cifar10", "cifar100", "imagefolder", "digits")
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 import re
 
-from resnext.config.schema import AMP_CHOICES, DATA_KINDS, OPTIMIZERS, SCHEDULES, Config
+from resnext.config.schema import (
+    AMP_CHOICES,
+    CIFAR_KINDS,
+    DATA_KINDS,
+    OPTIMIZERS,
+    SCHEDULES,
+    Config,
+)
 from resnext.errors import ConfigError, ResNeXtError
 
 # The CPU training fast paths: eager-only kernels on channels-last tensors (key, what it is).
@@ -62,7 +69,7 @@ def validate(cfg: Config) -> Config:
             f"data.planned: the planned uint8 pipeline reads image files (data.kind='imagefolder'); "
             f"got data.kind={d.kind!r}"
         )
-    if d.kind not in ("cifar10", "cifar100"):
+    if d.kind not in CIFAR_KINDS:
         # Only the CIFAR training pipeline has these steps; another would train without them.
         for key, value in (("data.cutout", d.cutout), ("data.trivial_augment", d.trivial_augment)):
             if value:

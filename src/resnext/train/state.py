@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from resnext.config import Config, config_to_dict
+from resnext.config.schema import CIFAR_KINDS
 from resnext.errors import CheckpointError, ConfigError
 from resnext.train.checkpoint import capture_rng, load_checkpoint, restore_rng
 from resnext.train.metrics import Meter
@@ -165,7 +166,7 @@ def check_resume_config(
     for flat in (old, new):  # runs before this one saved their fine-tuning source relative
         if isinstance(flat.get("finetune.source"), str):
             flat["finetune.source"] = absolute_path(flat["finetune.source"])
-    if new.get("data.kind") not in ("cifar10", "cifar100"):
+    if new.get("data.kind") not in CIFAR_KINDS:
         # Runs saved before these were refused outside CIFAR trained without them: turned off,
         # they describe what those runs did.
         free |= {k for k in ("data.cutout", "data.trivial_augment") if not new.get(k)}
